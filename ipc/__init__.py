@@ -1,0 +1,1 @@
+"""Everything that crosses the process boundary: messages, channels, shared tensors, errors."""

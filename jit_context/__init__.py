@@ -1,0 +1,1 @@
+"""The process that owns requests: tokenizer, sampling, stop handling, detokenization, client sockets."""

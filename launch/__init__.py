@@ -1,0 +1,1 @@
+"""The CLI, the process supervisor and the client library."""
