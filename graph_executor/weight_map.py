@@ -1,0 +1,85 @@
+"""Where each HF checkpoint tensor lands in our fused layout (QKV and gate-up fused at load)."""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+import torch
+
+from ipc.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from graph_executor.model import LlamaModel
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+# HF tensors that carry no weights we need (older checkpoints store RoPE frequencies).
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def expected_names(model: LlamaModel) -> list[str]:
+    """Every HF tensor name a complete checkpoint of this config provides."""
+    cfg = model.config
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    if not cfg.tie_word_embeddings:
+        names.append("lm_head.weight")
+    per_layer = ["input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.o_proj.weight",
+                 "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]
+    per_layer += [f"self_attn.{p}_proj.weight" for p in "qkv"]
+    if cfg.qkv_bias:
+        per_layer += [f"self_attn.{p}_proj.bias" for p in "qkv"]
+    for i in range(cfg.num_layers):
+        names += [f"model.layers.{i}.{n}" for n in per_layer]
+    return names
+
+
+def hf_slot(model: LlamaModel, name: str) -> torch.Tensor:
+    """The view of our storage that HF tensor `name` is copied into."""
+    cfg = model.config
+    if name == "model.embed_tokens.weight":
+        return model.embed_tokens
+    if name == "model.norm.weight":
+        return model.norm
+    if name == "lm_head.weight":
+        return model.lm_head
+    m = _LAYER.match(name)
+    if not m or int(m.group(1)) >= cfg.num_layers:
+        raise ModelLoadError(f"checkpoint tensor {name!r} does not belong to a {cfg.model_type} model of this shape")
+    layer, rest = model.layers[int(m.group(1))], m.group(2)
+    q, kv, inter = cfg.q_size, cfg.kv_size, cfg.intermediate_size
+    qkv_rows = {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv)}
+    simple = {"input_layernorm.weight": layer.attn_norm, "post_attention_layernorm.weight": layer.mlp_norm,
+              "self_attn.o_proj.weight": layer.o_proj, "mlp.down_proj.weight": layer.down_proj,
+              "mlp.gate_proj.weight": layer.gate_up_proj[:inter], "mlp.up_proj.weight": layer.gate_up_proj[inter:]}
+    if rest in simple:
+        return simple[rest]
+    am = re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest)
+    if am:
+        start, end = qkv_rows[am.group(1)]
+        target = layer.qkv_proj if am.group(2) == "weight" else layer.qkv_bias
+        if target is None:
+            raise ModelLoadError(f"checkpoint has {name!r} but the config says attention has no bias")
+        return target[start:end]
+    raise ModelLoadError(f"checkpoint tensor {name!r} is not part of a {cfg.model_type} model")
+
+
+def copy_into(model: LlamaModel, name: str, tensor: torch.Tensor) -> None:
+    """Copy one checkpoint tensor into its slot, with a clear error on a shape mismatch."""
+    if name.endswith(IGNORED_SUFFIXES):
+        return
+    if name == "lm_head.weight" and model.config.tie_word_embeddings:
+        return  # some tied checkpoints store the shared matrix twice
+    target = hf_slot(model, name)
+    if tuple(tensor.shape) != tuple(target.shape):
+        raise ModelLoadError(
+            f"shape mismatch for {name}: checkpoint has {tuple(tensor.shape)}, "
+            f"the config expects {tuple(target.shape)}"
+        )
+    target.copy_(tensor)
+
+
+def check_complete(model: LlamaModel, loaded: set[str]) -> None:
+    missing = [n for n in expected_names(model) if n not in loaded]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ModelLoadError(f"checkpoint is missing {', '.join(missing[:3])}{more}")
