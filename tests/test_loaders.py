@@ -1,0 +1,138 @@
+"""Loaders: GGUF round trip through the `gguf` package's writer, dummy weights, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from graph_executor.loader import LoadConfig, load_model
+from graph_executor.presets import PRESETS
+from ipc.errors import DeviceError, ModelLoadError
+from tests.test_model_equivalence import BASE, compare_steps, make_hf_model
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf.py `LlamaModel.permute`, copied as the independent reference."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+GGUF_NAMES = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+              "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+              "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+              "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+              "mlp.down_proj.weight": "ffn_down.weight"}
+
+
+def write_gguf(hf_model, path) -> None:
+    cfg = hf_model.config
+    w = gguf.GGUFWriter(str(path), arch="llama")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    for name, t in hf_model.state_dict().items():
+        a = t.numpy().astype(np.float32)
+        if name == "model.embed_tokens.weight":
+            out = "token_embd.weight"
+        elif name == "model.norm.weight":
+            out = "output_norm.weight"
+        elif name == "lm_head.weight":
+            out = "output.weight"
+        else:
+            layer, rest = name.split(".")[2], ".".join(name.split(".")[3:])
+            out = f"blk.{layer}.{GGUF_NAMES[rest]}"
+            if rest == "self_attn.q_proj.weight":
+                a = llama_cpp_permute(a, cfg.num_attention_heads)
+            elif rest == "self_attn.k_proj.weight":
+                a = llama_cpp_permute(a, cfg.num_key_value_heads)
+        w.add_tensor(out, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_round_trip_matches_transformers(tmp_path) -> None:
+    hf_model = make_hf_model(transformers.LlamaConfig, dict(num_key_value_heads=2), seed=11)
+    path = tmp_path / "tiny.gguf"
+    write_gguf(hf_model, path)
+    loaded = load_model(LoadConfig(model=str(path), device="cpu", dtype="float32", progress=False))
+    assert loaded.source == "gguf"
+    assert loaded.model.config.num_kv_heads == 2 and not loaded.model.config.tie_word_embeddings
+    prompt = torch.randint(0, BASE["vocab_size"], (10,), generator=torch.Generator().manual_seed(4))
+    assert max(compare_steps(hf_model, loaded.model, prompt)) < 1e-4
+
+
+def test_dummy_has_real_shapes_and_is_seeded() -> None:
+    cfg = LoadConfig(model="dummy:smollm2-135m", device="cpu", dtype="float32", max_context=64, progress=False)
+    a, b = load_model(cfg).model, load_model(cfg).model
+    assert a.config == PRESETS["smollm2-135m"]
+    n_params = sum(t.numel() for n, t in a.named_buffers() if n not in ("rope", "kv_cache"))
+    assert n_params == a.config.num_params()
+    assert torch.equal(a.layers[3].qkv_proj, b.layers[3].qkv_proj)
+    logits = a(torch.tensor([1, 2, 3]), torch.arange(3), torch.tensor([2]), 3)
+    assert logits.shape == (1, 49152) and torch.isfinite(logits).all()
+
+
+def test_preset_parameter_counts_are_real() -> None:
+    billions = {name: cfg.num_params() / 1e9 for name, cfg in PRESETS.items()}
+    assert abs(billions["llama-2-7b"] - 6.74) < 0.01
+    assert abs(billions["llama-3-8b"] - 8.03) < 0.01
+    assert abs(billions["llama-3.2-1b"] - 1.24) < 0.01
+    assert abs(billions["qwen2.5-7b"] - 7.62) < 0.01
+
+
+@pytest.mark.parametrize("ref,message", [
+    ("/no/such/model", "does not exist"),
+    ("dummy:llama-9-999b", "unknown dummy model"),
+])
+def test_bad_model_reference(ref: str, message: str) -> None:
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(LoadConfig(model=ref, device="cpu", progress=False))
+
+
+def test_unsupported_architecture(tmp_path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    with pytest.raises(ModelLoadError, match="unsupported architecture 'GPT2LMHeadModel'"):
+        load_model(LoadConfig(model=str(tmp_path), device="cpu", progress=False))
+
+
+def test_shape_mismatch(tmp_path) -> None:
+    make_hf_model(transformers.LlamaConfig, dict(num_key_value_heads=2), seed=5).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["intermediate_size"] = 128  # checkpoint has 96
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=r"shape mismatch for model\.layers\.0\.mlp\.\w+_proj\.weight"):
+        load_model(LoadConfig(model=str(tmp_path), device="cpu", progress=False))
+
+
+def test_missing_tensor(tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    make_hf_model(transformers.LlamaConfig, dict(num_key_value_heads=2), seed=6).save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(ModelLoadError, match="missing model.layers.1.mlp.up_proj.weight"):
+        load_model(LoadConfig(model=str(tmp_path), device="cpu", progress=False))
+
+
+def test_dtype_not_supported_on_device() -> None:
+    with pytest.raises(DeviceError, match="dtype 'float8' is not supported on cpu"):
+        load_model(LoadConfig(model="dummy:smollm2-135m", device="cpu", dtype="float8", progress=False))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_cuda_requested_without_gpu() -> None:
+    with pytest.raises(DeviceError, match="no CUDA GPU"):
+        load_model(LoadConfig(model="dummy:smollm2-135m", device="cuda", progress=False))
