@@ -126,9 +126,11 @@ def _load_safetensors(model: LlamaModel, folder: Path, progress: bool) -> None:
     files = safetensors_files(folder)
     device = str(model.embed_tokens.device)
     loaded: set[str] = set()
-    with tqdm(desc="loading weights", unit="tensor", disable=not progress) as bar:
-        for file in files:
-            with safe_open(str(file), framework="pt", device=device) as f:
+    handles = [safe_open(str(file), framework="pt", device=device) for file in files]
+    total = sum(len(f.keys()) for f in handles)
+    with tqdm(total=total, desc="loading weights", unit="tensor", disable=not progress) as bar:
+        for f in handles:
+            with f:
                 for name in f.keys():
                     copy_into(model, name, f.get_tensor(name).to(model.dtype))
                     loaded.add(name)

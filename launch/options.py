@@ -1,0 +1,53 @@
+"""Flags shared by several subcommands (model loading, sampling), and their conversion to typed configs."""
+
+from __future__ import annotations
+
+import argparse
+
+from graph_executor.default_model import DEFAULT_MODEL_NAME
+from graph_executor.loader import LOAD_FORMATS, LoadConfig
+from jit_context.sampling_params import SamplingParams
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=DEFAULT_MODEL_NAME,
+                   help="HF folder (config.json + *.safetensors), a .gguf file, dummy:<preset> (random weights "
+                        f"in real shapes, e.g. dummy:llama-2-7b), or {DEFAULT_MODEL_NAME} (default, embedded)")
+    g.add_argument("--load-format", choices=LOAD_FORMATS, default="auto",
+                   help="how to read --model; auto decides from the path (default: auto)")
+    g.add_argument("--device", default="auto", help="auto (GPU if present), cuda or cpu (default: auto)")
+    g.add_argument("--dtype", default="auto",
+                   help="auto (float16 on GPU, float32 on CPU), float16, bfloat16 or float32 (default: auto)")
+    g.add_argument("--max-context", type=int, default=None,
+                   help="KV cache length in tokens (default: the model's, capped at 4096)")
+    g.add_argument("--tokenizer", default=None,
+                   help="tokenizer folder or .gguf (default: the model's own; needed for dummy models)")
+    g.add_argument("--seed-weights", type=int, default=0, help="seed of dummy random weights (default: 0)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars or load messages on stderr")
+
+
+def add_sampling_flags(p: argparse.ArgumentParser, default_temperature: float) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default: 256)")
+    g.add_argument("--temperature", type=float, default=default_temperature,
+                   help=f"0 is greedy (default: {default_temperature})")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: 1, off)")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 is off (default: 0)")
+    g.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens under min-p times the top probability (default: 0, off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default: 1)")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed, for reproducible sampling")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not included in output")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+
+
+def load_config(args: argparse.Namespace) -> LoadConfig:
+    return LoadConfig(model=args.model, load_format=args.load_format, device=args.device, dtype=args.dtype,
+                      max_context=args.max_context, seed=args.seed_weights, progress=not args.quiet)
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
