@@ -1,0 +1,38 @@
+"""Shared fixtures: one converted copy of the default model per test session, in a private cache dir."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def hybridrt_cache(tmp_path_factory):
+    """A session cache dir, exported so that child processes (CLI, servers) share the converted model."""
+    path = tmp_path_factory.mktemp("hybridrt-cache")
+    old = os.environ.get("HYBRIDRT_CACHE_DIR")
+    os.environ["HYBRIDRT_CACHE_DIR"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("HYBRIDRT_CACHE_DIR", None)
+    else:
+        os.environ["HYBRIDRT_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="session")
+def default_model_dir(hybridrt_cache):
+    from graph_executor.default_model import ensure_converted
+
+    folder, _ = ensure_converted(progress=False)
+    return folder

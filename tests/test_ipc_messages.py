@@ -1,0 +1,195 @@
+"""Message types and their msgpack codec: round trips, validation, and every way a frame can be bad."""
+
+import dataclasses
+import random
+
+import msgpack
+import pytest
+
+from ipc import messages as m
+from ipc.codec import MAX_FRAME_BYTES, decode, encode
+from ipc.errors import HybridrtError, ProtocolError
+
+SPEC = m.TensorSpec("logits", "float32", (1, 32000), "shm", "hybridrt-1-logits-abcd")
+CUDA_SPEC = m.TensorSpec(
+    "input_ids", "int64", (1,), "cuda_ipc", b"\x01" * 64, offset_bytes=512, device=0,
+    extra={"storage_size_bytes": 1024, "ref_counter_handle": b"/torch_1", "event_sync_required": True},
+)  # fmt: skip
+
+SAMPLES = [
+    m.Handshake(protocol_version=m.PROTOCOL_VERSION, role="jit_context", pid=1234),
+    m.Ready(
+        protocol_version=m.PROTOCOL_VERSION, model_name="SmolLM2-135M", vocab_size=49152, max_context=2048,
+        dtype="float32", device="cpu", buffers={"logits": SPEC, "input_ids": CUDA_SPEC},
+        eos_token_ids=[0, 2], facts={"startup_s": 1.5, "graphs": ["decode"], "nested": {"ok": None}},
+    ),  # fmt: skip
+    m.Shutdown(reason="supervisor exiting"),
+    m.Status(),
+    m.StatusReply(facts={"captured": 3, "pool_bytes": 1 << 40}),
+    m.Ok(),
+    m.Ok(request_id="r1"),
+    m.Error(code="bad_fields", message="nope", request_id=None),
+    m.Prefill(request_id="r1", step=0, num_tokens=17, start_pos=0),
+    m.Prefill(request_id="r1", step=1, num_tokens=3, start_pos=17, token_ids=[5, 6, 7]),
+    m.Decode(request_id="r1", step=2, position=20),
+    m.StepDone(request_id="r1", step=2),
+    m.Reset(request_id="r1"),
+    m.Abort(request_id="r1", reason="client went away"),
+    m.GenerateRequest(request_id="c1", prompt="Hello", params={"temperature": 0.7, "max_tokens": 64}),
+    m.GenerateRequest(request_id="c2", messages=[{"role": "user", "content": "Hi"}]),
+    m.GenerateRequest(request_id="c3", token_ids=[1, 2, 3]),
+    m.TokenChunk(request_id="c1", text=" Paris", token_ids=[7042]),
+    m.Finished(
+        request_id="c1", text="Paris.", token_ids=[7042, 13], finish_reason="stop",
+        usage={"prompt_tokens": 5, "completion_tokens": 2}, timings={"ttft_ms": 12.5},
+    ),  # fmt: skip
+    m.CancelRequest(request_id="c1"),
+]
+
+
+def frame(tag, fields) -> bytes:
+    return msgpack.packb([tag, fields], use_bin_type=True)
+
+
+def fields_of(msg) -> dict:
+    return msgpack.unpackb(encode(msg))[1]
+
+
+@pytest.mark.parametrize("msg", SAMPLES, ids=lambda msg: type(msg).__name__)
+def test_round_trip(msg):
+    back = decode(encode(msg))
+    assert type(back) is type(msg)
+    assert back == msg
+
+
+def test_every_kind_has_a_unique_tag_and_a_sample():
+    tags = [cls.TAG for cls in m.ALL_MESSAGES]
+    assert len(set(tags)) == len(tags)
+    assert set(m.MESSAGE_TYPES) == set(tags)
+    assert {type(s) for s in SAMPLES} == set(m.ALL_MESSAGES)
+    assert not hasattr(m.TensorSpec, "TAG")  # a value type, never a frame of its own
+
+
+def test_messages_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        SAMPLES[0].pid = 1
+
+
+def test_nested_spec_comes_back_as_tensor_spec_with_tuple_shape():
+    ready = decode(encode(SAMPLES[1]))
+    assert isinstance(ready.buffers["logits"], m.TensorSpec)
+    assert ready.buffers["logits"].shape == (1, 32000)
+    assert ready.buffers["input_ids"].handle == b"\x01" * 64
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: m.GenerateRequest(request_id="r"),  # none of prompt/messages/token_ids
+        lambda: m.GenerateRequest(request_id="r", prompt="a", token_ids=[1]),  # two of them
+        lambda: m.Decode(request_id="r", step=True, position=0),  # bool is not an int here
+        lambda: m.Decode(request_id="r", step=0, position=-1),
+        lambda: m.Decode(request_id="", step=0, position=0),
+        lambda: m.Decode(request_id="x" * 1000, step=0, position=0),
+        lambda: m.Prefill(request_id="r", step=0, num_tokens=0, start_pos=0),
+        lambda: m.Prefill(request_id="r", step=0, num_tokens=2, start_pos=0, token_ids=[1]),
+        lambda: m.Error(code="x", message="y", request_id=5),
+        lambda: m.StatusReply(facts={1: "int key"}),
+        lambda: m.StatusReply(facts={"obj": object()}),
+        lambda: m.TokenChunk(request_id="r", text="a", token_ids=[1, "2"]),
+        lambda: m.TensorSpec("t", "float32", (2, -1), "shm", "seg"),
+        lambda: m.TensorSpec("t", "float32", (2,), "nfs", "seg"),
+        lambda: m.TensorSpec("t", "float32", (2,), "shm", b"bytes-for-shm"),
+        lambda: m.TensorSpec("t", "float32", (2,), "cuda_ipc", b"handle"),  # no device
+        lambda: dataclasses.replace(SAMPLES[1], buffers={"x": {"name": "not a spec"}}),
+    ],
+)
+def test_invalid_fields_raise_value_error(build):
+    with pytest.raises(ValueError):
+        build()
+
+
+def test_tensor_spec_accepts_list_shape():
+    assert m.TensorSpec("t", "int64", [2, 3], "shm", "seg").shape == (2, 3)
+
+
+def test_encode_rejects_non_messages_and_oversized():
+    with pytest.raises(TypeError):
+        encode(SPEC)
+    big = m.TokenChunk(request_id="r", text="x" * 2000, token_ids=[])
+    with pytest.raises(ProtocolError) as info:
+        encode(big, max_frame_bytes=1000)
+    assert info.value.code == "oversized"
+    with pytest.raises(ValueError):
+        encode(m.StatusReply(facts={"huge": 1 << 70}))
+
+
+GOOD = encode(m.Decode(request_id="r", step=1, position=2))
+BAD_FRAMES = {
+    "empty": (b"", "malformed"),
+    "not msgpack": (b"\xc1\xc1\xc1", "malformed"),
+    "truncated": (GOOD[:-3], "malformed"),
+    "trailing bytes": (GOOD + b"\x00", "malformed"),
+    "not an array": (msgpack.packb({"tag": 11}), "malformed"),
+    "array of 3": (msgpack.packb([11, {}, 0]), "malformed"),
+    "str tag": (frame("Decode", {}), "malformed"),
+    "bool tag": (frame(True, {}), "malformed"),
+    "fields not a map": (frame(11, ["r", 1, 2]), "malformed"),
+    "int map key": (frame(11, {1: 2}), "malformed"),
+    "ext type": (frame(5, {"facts": {"x": msgpack.ExtType(1, b"pickle?")}}), "malformed"),
+    "too deep": (b"\x91" * 5000 + b"\xc0", "malformed"),
+    "unknown tag": (frame(999, {}), "unknown_type"),
+    "negative tag": (frame(-1, {}), "unknown_type"),
+    "missing field": (frame(11, {"request_id": "r", "step": 1}), "bad_fields"),
+    "unknown field": (frame(11, {**fields_of(m.Decode("r", 1, 2)), "extra": 1}), "bad_fields"),
+    "wrong type": (frame(11, {"request_id": "r", "step": "1", "position": 2}), "bad_fields"),
+    "bad value": (frame(20, {"request_id": "r"}), "bad_fields"),
+    "spec not a map": (frame(2, {**fields_of(SAMPLES[1]), "buffers": {"x": 3}}), "bad_fields"),
+    "spec missing field": (frame(2, {**fields_of(SAMPLES[1]), "buffers": {"x": {"name": "x"}}}), "bad_fields"),
+    "oversized": (b"\x00" * (MAX_FRAME_BYTES + 1), "oversized"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_FRAMES)
+def test_bad_frames_raise_protocol_error_with_code(name):
+    data, code = BAD_FRAMES[name]
+    with pytest.raises(ProtocolError) as info:
+        decode(data)
+    assert info.value.code == code
+    assert isinstance(info.value, HybridrtError)
+
+
+def test_frame_limit_is_configurable_per_call():
+    assert decode(GOOD, max_frame_bytes=len(GOOD)) is not None
+    with pytest.raises(ProtocolError, match="oversized"):
+        decode(GOOD, max_frame_bytes=len(GOOD) - 1)
+
+
+def test_huge_length_header_does_not_allocate():
+    # A str header claiming 4 GiB in a 6-byte frame must fail fast, not try to allocate.
+    with pytest.raises(ProtocolError):
+        decode(b"\xdb\xff\xff\xff\xff" + b"a")
+    with pytest.raises(ProtocolError):
+        decode(b"\xdd\xff\xff\xff\xff")  # array32 of 4G elements
+
+
+def test_fuzz_only_protocol_errors():
+    rng = random.Random(0)
+    valid = [encode(s) for s in SAMPLES]
+    for _ in range(3000):
+        if rng.random() < 0.5:
+            data = rng.randbytes(rng.randrange(0, 64))
+        else:  # flip a few bytes of a valid frame
+            data = bytearray(rng.choice(valid))
+            for _ in range(rng.randrange(1, 4)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+            data = bytes(data)
+        try:
+            assert isinstance(decode(data), m.Message)
+        except ProtocolError:
+            pass
+
+
+def test_protocol_error_codes_are_closed():
+    with pytest.raises(ValueError):
+        ProtocolError("whatever", "detail")

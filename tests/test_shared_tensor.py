@@ -1,0 +1,236 @@
+"""Shared tensors: shared memory on CPU (always tested, with a real second process), CUDA IPC on GPU."""
+
+import gc
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ipc import messages as m
+from ipc.codec import decode, encode
+from ipc.errors import SharedTensorError
+from ipc.shared_tensor import (
+    TORCH_DTYPES,
+    CudaIpcTensor,
+    ShmTensor,
+    dtype_name,
+    import_tensor,
+    segment_dir,
+    torch_dtype,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+CHILD_TIMEOUT_S = 60
+
+
+def ready_with(**buffers) -> m.Ready:
+    specs = {name: shared.spec for name, shared in buffers.items()}
+    return m.Ready(m.PROTOCOL_VERSION, "test", 8, 16, "float32", "cpu", specs, [0])
+
+
+def our_segments() -> set[str]:
+    return {p.name for p in segment_dir().glob(f"hybridrt-{os.getpid()}-*")}
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_segments():
+    before = our_segments()
+    yield
+    gc.collect()
+    assert our_segments() == before
+
+
+def spawn(script: str, *args: str) -> subprocess.Popen:
+    """A real second interpreter, importing this repo's `ipc` the way a sibling process would."""
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *args], cwd=REPO, text=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+
+
+# -- CPU: shared memory -----------------------------------------------------------------------------------
+
+CPU_CHILD = r"""
+import sys
+from ipc.codec import decode
+from ipc.shared_tensor import import_tensor
+with open(sys.argv[1], "rb") as f:
+    ready = decode(f.read())
+ids, logits = import_tensor(ready.buffers["input_ids"]), import_tensor(ready.buffers["logits"])
+print(ids.tensor.tolist(), flush=True)          # the parent's first write, seen here
+sys.stdin.readline()                            # the parent writes again while we both run
+print(logits.tensor.float().sum().item(), flush=True)
+logits.tensor.fill_(-2.5)                       # our writes, for the parent to see
+ids.tensor.mul_(10)
+ids.close()
+print("done", flush=True)                       # exit without closing `logits`: must not matter
+"""
+
+
+def test_second_process_sees_and_makes_writes(tmp_path):
+    ids = ShmTensor.create("input_ids", (4,), "int64")
+    logits = ShmTensor.create("logits", (2, 3), torch.bfloat16)
+    ids.tensor.copy_(torch.arange(4))
+    ready_file = tmp_path / "ready.msgpack"
+    ready_file.write_bytes(encode(ready_with(input_ids=ids, logits=logits)))
+    child = spawn(CPU_CHILD, str(ready_file))
+    try:
+        assert child.stdout.readline() == "[0, 1, 2, 3]\n"
+        logits.tensor.fill_(1.5)
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert float(child.stdout.readline()) == 9.0
+        assert child.stdout.readline() == "done\n"
+        _, err = child.communicate(timeout=CHILD_TIMEOUT_S)
+    finally:
+        child.kill()
+    assert child.returncode == 0, err
+    assert "resource_tracker" not in err and "leaked" not in err, err
+    assert ids.tensor.tolist() == [0, 10, 20, 30]
+    assert torch.equal(logits.tensor, torch.full((2, 3), -2.5, dtype=torch.bfloat16))
+    assert {ids.spec.handle, logits.spec.handle} <= our_segments()  # the importer's exit removed nothing
+    ids.close()
+    logits.close()
+    assert not {ids.spec.handle, logits.spec.handle} & our_segments()
+
+
+def test_importer_never_unlinks():
+    with ShmTensor.create("x", (8,), "float32") as owner:
+        reader = import_tensor(owner.spec)
+        assert isinstance(reader, ShmTensor) and not reader.is_owner
+        with pytest.raises(ValueError):
+            reader.unlink()
+        reader.close()
+        del reader
+        gc.collect()
+        assert owner.spec.handle in our_segments()
+
+
+def test_views_outlive_close_and_unlink():
+    owner = ShmTensor.create("x", (2, 2), "int32")
+    reader = import_tensor(owner.spec)
+    view = reader.tensor
+    owner.tensor.fill_(7)
+    owner.close()
+    reader.close()
+    assert owner.spec.handle not in our_segments()
+    assert view.tolist() == [[7, 7], [7, 7]]  # memory stays mapped while a view lives
+    with pytest.raises(ValueError):
+        owner.tensor
+
+
+def test_collected_owner_unlinks():
+    owner = ShmTensor.create("x", (4,), "uint8")
+    handle = owner.spec.handle
+    del owner
+    gc.collect()
+    assert handle not in our_segments()
+
+
+@pytest.mark.parametrize("dtype", sorted(TORCH_DTYPES))
+def test_every_dtype_shares(dtype):
+    with ShmTensor.create("t", (3, 5), dtype) as owner:
+        reader = import_tensor(owner.spec)
+        assert reader.tensor.dtype == torch_dtype(dtype) and reader.tensor.shape == (3, 5)
+        reader.tensor[1, 2] = 1
+        assert owner.tensor[1, 2].item() == 1 and owner.tensor.sum().item() == 1
+        assert dtype_name(torch_dtype(dtype)) == dtype
+
+
+def test_scalar_and_offset_views():
+    with ShmTensor.create("t", (8,), "int64") as owner:
+        owner.tensor.copy_(torch.arange(8))
+        tail = m.TensorSpec("tail", "int64", (2, 2), "shm", owner.spec.handle, offset_bytes=4 * 8)
+        assert import_tensor(tail).tensor.tolist() == [[4, 5], [6, 7]]
+        one = m.TensorSpec("one", "int64", (), "shm", owner.spec.handle, offset_bytes=8)
+        assert import_tensor(one).tensor.item() == 1
+
+
+def test_unknown_dtypes_raise_value_error():
+    with pytest.raises(ValueError):
+        torch_dtype("float8")
+    with pytest.raises(ValueError):
+        ShmTensor.create("t", (2,), "float8")
+    with pytest.raises(ValueError):
+        dtype_name(torch.complex64)
+
+
+@pytest.mark.parametrize(
+    "change, error",
+    [
+        ({"handle": "hybridrt-0-missing-00000000"}, SharedTensorError),
+        ({"shape": (1000,)}, SharedTensorError),  # more than the segment holds
+        ({"offset_bytes": 2}, ValueError),  # not element-aligned
+        ({"handle": ".."}, ValueError),
+        ({"shape": (0, 4)}, ValueError),
+        ({"dtype": "float8"}, ValueError),
+    ],
+)
+def test_bad_specs_fail_cleanly(change, error):
+    with ShmTensor.create("t", (4,), "float32") as owner:
+        fields = {**{k: getattr(owner.spec, k) for k in ("name", "dtype", "shape", "kind", "handle")}, **change}
+        with pytest.raises(error):
+            import_tensor(m.TensorSpec(**fields))
+
+
+def test_bad_name_hint():
+    with pytest.raises(ValueError):
+        ShmTensor.create("../escape", (2,), "float32")
+
+
+def test_spec_survives_the_wire():
+    with ShmTensor.create("t", (2, 3), "float16") as owner:
+        spec = decode(encode(ready_with(t=owner))).buffers["t"]
+        assert spec == owner.spec
+        assert import_tensor(spec).tensor.shape == (2, 3)
+
+
+# -- GPU: CUDA IPC ----------------------------------------------------------------------------------------
+
+CUDA_CHILD = r"""
+import sys, torch
+from ipc.codec import decode
+from ipc.shared_tensor import import_tensor
+ready = decode(sys.stdin.buffer.read())
+logits = import_tensor(ready.buffers["logits"])
+print(logits.tensor.sum().item(), logits.tensor.device.type, tuple(logits.tensor.shape), flush=True)
+logits.tensor.mul_(2).add_(1)
+torch.cuda.synchronize()
+print("done", flush=True)
+"""
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_ipc_second_process_sees_and_makes_writes():
+    base = torch.zeros(3, 4, 8, dtype=torch.float32, device="cuda")  # export the middle slice: offset > 0
+    shared = CudaIpcTensor.export("logits", base[1])
+    assert shared.spec.kind == "cuda_ipc" and shared.spec.offset_bytes == 4 * 8 * 4
+    base[1].copy_(torch.arange(32, dtype=torch.float32, device="cuda").view(4, 8))
+    torch.cuda.synchronize()
+    child = subprocess.Popen(
+        [sys.executable, "-c", CUDA_CHILD], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        out, err = child.communicate(encode(ready_with(logits=shared)), timeout=CHILD_TIMEOUT_S)
+    finally:
+        child.kill()
+    assert child.returncode == 0, err.decode()
+    assert out.decode().split("\n")[:2] == [f"{float(sum(range(32)))} cuda (4, 8)", "done"]
+    expected = torch.arange(32, dtype=torch.float32, device="cuda").view(4, 8) * 2 + 1
+    assert torch.equal(base[1], expected)
+    assert base[0].abs().sum().item() == 0 and base[2].abs().sum().item() == 0
+    shared.close()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_ipc_rejects_non_contiguous_and_cpu():
+    with pytest.raises(ValueError):
+        CudaIpcTensor.export("t", torch.zeros(4, 4, device="cuda").t())
+    with pytest.raises(ValueError):
+        CudaIpcTensor.export("t", torch.zeros(4))

@@ -1,0 +1,60 @@
+"""The real default model (SmolLM2-135M-Instruct GGUF): greedy ids equal transformers' `generate`, token for token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from graph_executor.default_model import gguf_path
+from graph_executor.loader import LoadConfig
+from jit_context.sampling_params import SamplingParams
+from launch.local import LocalEngine, PromptInput
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain in two sentences why the sky is blue.",
+    "List three prime numbers.",
+    "Translate 'good morning' into Spanish.",
+]
+NEW_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def engine(default_model_dir):
+    return LocalEngine(LoadConfig(device="cpu", dtype="float32", progress=False))
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    path = gguf_path()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    return model.eval()
+
+
+def test_greedy_ids_equal_transformers_generate(engine, hf_model) -> None:
+    # ignore_eos on both sides (eos_token_id=None for transformers), so each makes exactly NEW_TOKENS.
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+    for prompt in PROMPTS:
+        ids = engine.prompt_ids(PromptInput(prompt=prompt))
+        *_, result = engine.generator.generate(ids, params)
+        with torch.no_grad():
+            # An explicit mask: <|im_end|> (id 2) is also SmolLM2's pad id, and transformers would
+            # otherwise infer a mask that hides every <|im_end|> of the chat template.
+            ref = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                    max_new_tokens=NEW_TOKENS, do_sample=False,
+                                    pad_token_id=2, eos_token_id=None)[0, len(ids):].tolist()
+        assert result.token_ids == ref, f"prompt {prompt!r}"
+        assert result.finish_reason == "length" and result.prompt_tokens == len(ids)
+
+
+def test_answer_is_correct_and_stops_at_eos(engine) -> None:
+    ids = engine.prompt_ids(PromptInput(prompt=PROMPTS[0]))
+    chunks = list(engine.generator.generate(ids, SamplingParams(max_tokens=64, temperature=0.0)))
+    result = chunks[-1]
+    assert "Paris" in result.text
+    assert result.finish_reason == "stop" and result.token_ids[-1] in engine.tokenizer.eos_token_ids
+    assert "".join(c.text for c in chunks[:-1]) == result.text
+    assert result.ttft_ms > 0 and result.tokens_per_s > 0

