@@ -1,0 +1,115 @@
+"""Next-token sampling with per-request parameters held in device tensors.
+
+Every request runs the same sequence of device ops: the parameters (temperature, top-k, top-p,
+min-p, repetition penalty, greedy flag) live in tensors written once by `start_request`, and
+`sample` never reads a tensor value on the host (no `.item()`, no branching on values). That keeps
+the step free of host syncs and lets one compiled kernel / CUDA graph serve every request.
+
+Order (as HF transformers' warpers and vLLM): repetition penalty, temperature, top-k, top-p on the
+top-k-renormalised distribution, min-p, then one draw. The kept set is built on a full sort of the
+vocabulary: simple and exact; a partial sort / radix select can replace it once it shows in profiles.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import torch
+
+from jit_context.sampling_params import SamplingParams
+
+# Exponential(1) noise can round to 0 in float32; 0 would turn a masked token's 0/0 into NaN,
+# which argmax treats as the maximum.
+_MIN_NOISE = 1e-20
+
+
+class Sampler:
+    """Picks one token per step from a [V] logits vector; owns the per-request device state."""
+
+    def __init__(self, vocab_size: int, device: torch.device) -> None:
+        if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 1:
+            raise ValueError(f"vocab_size must be an int >= 1, got {vocab_size!r}")
+        self.vocab_size = vocab_size
+        self.device = torch.device(device)
+        f32 = {"dtype": torch.float32, "device": self.device}
+        # Per-request parameters, [1] each so they broadcast against [V] without host reads.
+        self._greedy = torch.ones(1, dtype=torch.bool, device=self.device)
+        self._temperature = torch.ones(1, **f32)
+        self._top_k = torch.full((1,), vocab_size, dtype=torch.int64, device=self.device)
+        self._top_p = torch.ones(1, **f32)
+        self._min_p = torch.zeros(1, **f32)
+        self._repetition_penalty = torch.ones(1, **f32)
+        self._seen = torch.zeros(vocab_size, dtype=torch.bool, device=self.device)  # [V]
+        self._ranks = torch.arange(vocab_size, device=self.device)  # [V] int64, sorted positions
+        self._noise = torch.empty(vocab_size, **f32)  # [V]
+        self._generator = torch.Generator(device=self.device)
+        self._all_greedy = True  # host copy of the request's greedy flag (set from params, never read back)
+        self.seed: int | None = None  # the seed in use, drawn at random when the request gave none
+
+    def start_request(self, params: SamplingParams, prompt_ids: list[int]) -> None:
+        """Write this request's parameters into the device tensors and mark the prompt tokens as seen."""
+        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt_ids must be in [0, {self.vocab_size}), got {bad[:4]}")
+        # fill_ with a Python scalar enqueues a kernel; it does not wait for the device.
+        self._greedy.fill_(params.greedy)
+        self._all_greedy = params.greedy
+        # Greedy still runs the sampled branch (its result is discarded): temperature 1 keeps it finite.
+        self._temperature.fill_(1.0 if params.greedy else params.temperature)
+        self._top_k.fill_(self.vocab_size if params.top_k == 0 else min(params.top_k, self.vocab_size))
+        self._top_p.fill_(params.top_p)
+        self._min_p.fill_(params.min_p)
+        self._repetition_penalty.fill_(params.repetition_penalty)
+        self._seen.zero_()
+        if prompt_ids:
+            ids = torch.tensor(prompt_ids, dtype=torch.int64).to(self.device, non_blocking=True)
+            self._seen.index_fill_(0, ids, True)
+        self.seed = params.seed if params.seed is not None else secrets.randbits(63)
+        self._generator.manual_seed(self.seed)
+
+    def observe(self, token: torch.Tensor) -> None:
+        """Mark a generated token ([1] int64, on the device) as seen for the repetition penalty."""
+        self._seen.index_fill_(0, token.view(-1), True)
+
+    def sample(self, logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Pick the next token from logits [V] (any float dtype); returns [1] int64 on the same device."""
+        if logits.shape != (self.vocab_size,):
+            raise ValueError(f"logits must have shape ({self.vocab_size},), got {tuple(logits.shape)}")
+        x = self._apply_repetition_penalty(logits.float())  # [V] f32
+        greedy_token = torch.argmax(x).view(1)  # [1]
+        if self._all_greedy:
+            # A host-known flag of the request, not a tensor value: greedy requests skip the sort (about
+            # 4.6 ms per token on the CPU at V=49152). The GPU path keeps one graph per variant.
+            token = greedy_token
+        else:
+            sampled_token = self._draw(x / self._temperature)  # [1]
+            token = torch.where(self._greedy, greedy_token, sampled_token)  # [1] int64
+        if out is None:
+            return token
+        return out.copy_(token)
+
+    def _apply_repetition_penalty(self, x: torch.Tensor) -> torch.Tensor:
+        # HF/vLLM rule: dividing a negative logit would raise it, so negatives are multiplied.
+        penalised = torch.where(x > 0, x / self._repetition_penalty, x * self._repetition_penalty)
+        return torch.where(self._seen, penalised, x)  # [V]
+
+    def _draw(self, x: torch.Tensor) -> torch.Tensor:
+        probs, order = torch.softmax(x, dim=-1).sort(descending=True)  # [V], [V] (rank -> token id)
+        keep = self._kept(probs)  # [V] bool, in rank order
+        # Exponential race: argmax(p_i / E_i) with E_i ~ Exp(1) is a draw from p (normalisation not needed).
+        noise = self._noise.exponential_(generator=self._generator).clamp_min_(_MIN_NOISE)
+        rank = torch.argmax(torch.where(keep, probs, 0.0) / noise)  # [] int64
+        return order[rank].view(1)  # [1]
+
+    def _kept(self, probs: torch.Tensor) -> torch.Tensor:
+        """probs [V] sorted descending -> [V] bool: the tokens top-k, top-p and min-p all keep."""
+        keep = self._ranks < self._top_k
+        topk_probs = torch.where(keep, probs, 0.0)
+        topk_probs = topk_probs / topk_probs.sum()
+        # Smallest prefix whose mass reaches top_p: keep a token if the mass ranked before it is short.
+        # top_p = 1 is "off": rounding in the cumulative sum must not drop the tail.
+        mass_before = torch.cumsum(topk_probs, dim=-1) - topk_probs
+        keep &= (mass_before < self._top_p) | (self._top_p >= 1.0)
+        keep &= probs >= self._min_p * probs[0]
+        keep[0] = True  # the top token always survives (also covers ties and rounding)
+        return keep

@@ -1,0 +1,67 @@
+"""`hybridrt generate` as a user runs it: a real process, real default model, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+CLI = [sys.executable, "-m", "launch.cli"]
+
+
+def run_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+
+
+def test_generate_json_answers_correctly(default_model_dir) -> None:
+    out = run_cli("generate", "--json", "--quiet", "--device", "cpu", "--max-tokens", "32",
+                  "What is the capital of France?")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert set(result) == {"text", "token_ids", "finish_reason", "prompt_tokens", "ttft_ms", "tokens_per_s"}
+    assert "Paris" in result["text"]
+    assert result["finish_reason"] == "stop" and result["prompt_tokens"] > 10
+    assert result["ttft_ms"] > 0 and result["tokens_per_s"] > 0
+
+
+def test_generate_streams_text_and_reports_load(default_model_dir) -> None:
+    out = run_cli("generate", "--device", "cpu", "--max-tokens", "8", "--temperature", "0.7", "--top-p", "0.9",
+                  "--top-k", "40", "--seed", "1", "Say hello.")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip()
+    assert "loaded smollm2-135m-instruct [safetensors, cpu, float32]" in out.stderr
+
+
+def test_help_explains_every_flag() -> None:
+    out = run_cli("generate", "--help")
+    assert out.returncode == 0
+    for flag in ("--model", "--device", "--dtype", "--max-tokens", "--temperature", "--top-p", "--top-k",
+                 "--seed", "--json", "--load-format", "--max-context", "--tokenizer", "--stop"):
+        assert flag in out.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "/no/such/dir"], "model path '/no/such/dir' does not exist"),
+    (["--model", "dummy:gpt-5"], "unknown dummy model 'gpt-5'"),
+    (["--dtype", "float8", "--device", "cpu"], "dtype 'float8' is not supported on cpu"),
+    (["--temperature", "-1"], "temperature"),
+    (["--top-p", "1.5"], "top_p"),
+    (["--model", "dummy:smollm2-135m", "--device", "cpu", "--max-context", "64"], "has no tokenizer"),
+])
+def test_bad_input_is_one_clear_line(args: list[str], message: str, hybridrt_cache) -> None:
+    out = run_cli("generate", "--quiet", *args, "hello")
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], out.stderr
+
+
+def test_unsupported_architecture_via_cli(tmp_path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    out = run_cli("generate", "--quiet", "--model", str(tmp_path), "hi")
+    assert out.returncode == 1 and out.stderr.strip() == (
+        "error: unsupported architecture 'GPT2LMHeadModel' (hybridrt runs "
+        "['LlamaForCausalLM', 'MistralForCausalLM', 'Qwen2ForCausalLM'])")
