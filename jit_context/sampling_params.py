@@ -1,0 +1,111 @@
+"""Per-request sampling parameters: one immutable, validated dataclass and its wire (dict) form."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+MAX_STOP_STRINGS = 16
+
+
+def _check_int(name: str, value: Any, minimum: int, allowed: str) -> None:
+    # bool is a subclass of int; `max_tokens=True` is a client bug, not a request for one token.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{name} must be an int {allowed}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be {allowed}, got {value}")
+
+
+def _check_float(name: str, value: Any) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if math.isnan(value):
+        raise ValueError(f"{name} must not be NaN")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens for one request and when to stop; immutable once built."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0  # 0 means greedy (argmax)
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None  # None: a fresh random seed per request
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        _check_int("max_tokens", self.max_tokens, 1, ">= 1")
+        self._check_floats()
+        _check_int("top_k", self.top_k, 0, ">= 0 (0 = off)")
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0, ">= 0 or None")
+        self._check_stops()
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+
+    def _check_floats(self) -> None:
+        temperature = _check_float("temperature", self.temperature)
+        if not 0.0 <= temperature < math.inf:
+            raise ValueError(f"temperature must be in [0, inf) (0 = greedy), got {temperature}")
+        top_p = _check_float("top_p", self.top_p)
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        min_p = _check_float("min_p", self.min_p)
+        if not 0.0 <= min_p < 1.0:
+            raise ValueError(f"min_p must be in [0, 1), got {min_p}")
+        penalty = _check_float("repetition_penalty", self.repetition_penalty)
+        if not 0.0 < penalty < math.inf:
+            raise ValueError(f"repetition_penalty must be in (0, inf), got {penalty}")
+        # JSON clients send `0` for 0.0; store floats so equality and to_dict() don't depend on it.
+        for name, value in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p),
+                            ("repetition_penalty", penalty)):
+            object.__setattr__(self, name, value)
+
+    def _check_stops(self) -> None:
+        if not isinstance(self.stop, tuple):
+            raise ValueError(f"stop must be a tuple of strings, got {type(self.stop).__name__}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop must hold at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop must hold non-empty strings, got {s!r}")
+        if not isinstance(self.stop_token_ids, tuple):
+            raise ValueError(f"stop_token_ids must be a tuple of ints, got {type(self.stop_token_ids).__name__}")
+        for t in self.stop_token_ids:
+            _check_int("stop_token_ids", t, 0, "entries >= 0")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SamplingParams:
+        """Build from a wire dict: unknown keys are an error, lists stand for tuples, `stop` may be one string."""
+        if not isinstance(d, dict):
+            raise ValueError(f"sampling params must be a dict, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(str(k) for k in d if k not in known)
+        if unknown:
+            raise ValueError(f"unknown sampling params: {', '.join(unknown)}")
+        kwargs = dict(d)
+        if isinstance(kwargs.get("stop"), str):
+            kwargs["stop"] = (kwargs["stop"],)
+        for name in ("stop", "stop_token_ids"):
+            if isinstance(kwargs.get(name), list):
+                kwargs[name] = tuple(kwargs[name])
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict:
+        """Wire form for msgpack: plain types only, lists for the tuple fields."""
+        d = dataclasses.asdict(self)
+        d["stop"] = list(self.stop)
+        d["stop_token_ids"] = list(self.stop_token_ids)
+        return d

@@ -1,0 +1,110 @@
+"""The request-side tokenizer: text <-> ids, the chat template and the set of end-of-sequence ids.
+
+Wraps a Hugging Face fast tokenizer loaded from a folder (tokenizer.json, tokenizer_config.json, ...)
+or from the vocabulary embedded in a GGUF file. The HF object stays private so that the rest of
+`jit_context` depends only on this small surface.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ipc.errors import ModelLoadError
+
+# End-of-turn / end-of-text tokens that chat models emit instead of (or besides) their configured eos.
+_EXTRA_EOS_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>")
+_ROLES = ("system", "user", "assistant")
+
+
+def _load_hf_tokenizer(path: Path):
+    # Imported here: transformers takes seconds to import and only this loader needs it.
+    from transformers import AutoTokenizer
+
+    if path.is_file() and path.suffix == ".gguf":
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    if path.is_dir():
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    raise ModelLoadError(f"tokenizer path must be a folder or a .gguf file: {path}")
+
+
+def _check_messages(messages: list[dict]) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ValueError(f"messages[{i}] must be a dict, got {type(m).__name__}")
+        extra = sorted(str(k) for k in m if k not in ("role", "content"))
+        if extra:
+            raise ValueError(f"messages[{i}] has unknown keys: {', '.join(extra)}")
+        if m.get("role") not in _ROLES:
+            raise ValueError(f"messages[{i}].role must be one of {', '.join(_ROLES)}, got {m.get('role')!r}")
+        if not isinstance(m.get("content"), str):
+            raise ValueError(f"messages[{i}].content must be a string, got {type(m.get('content')).__name__}")
+
+
+class Tokenizer:
+    """Text <-> token ids for one model, with its chat template and end-of-sequence ids."""
+
+    def __init__(self, hf_tokenizer) -> None:
+        if not getattr(hf_tokenizer, "is_fast", False):
+            raise ModelLoadError(f"a fast (tokenizers-backed) tokenizer is required, got {type(hf_tokenizer).__name__}")
+        self._tok = hf_tokenizer
+        self.eos_token_ids: frozenset[int] = self._find_eos_ids()
+
+    @classmethod
+    def from_path(cls, path: str | Path) -> Tokenizer:
+        """Load from a folder of tokenizer files or a .gguf file; ModelLoadError if that fails."""
+        path = Path(path)
+        if not path.exists():
+            raise ModelLoadError(f"tokenizer path does not exist: {path}")
+        try:
+            hf = _load_hf_tokenizer(path)
+        except ModelLoadError:
+            raise
+        except Exception as e:  # transformers raises OSError, ValueError, KeyError... depending on the file
+            raise ModelLoadError(f"could not load a tokenizer from {path}: {type(e).__name__}: {e}") from e
+        return cls(hf)
+
+    def _find_eos_ids(self) -> frozenset[int]:
+        # Membership in the vocab, not convert_tokens_to_ids: that returns the unk id for unknown tokens.
+        vocab = self._tok.get_vocab()
+        ids = {vocab[t] for t in _EXTRA_EOS_TOKENS if t in vocab}
+        if self._tok.eos_token_id is not None:
+            ids.add(self._tok.eos_token_id)
+        return frozenset(ids)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids the tokenizer knows (added tokens included); the model's lm_head may be padded wider."""
+        return len(self._tok)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self._tok.chat_template)
+
+    def encode(self, text: str) -> list[int]:
+        """Plain text -> ids; BOS is added only where the tokenizer's own post-processor is set to add it."""
+        if not isinstance(text, str):
+            raise ValueError(f"text must be a string, got {type(text).__name__}")
+        return list(self._tok.encode(text, add_special_tokens=True))
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        """Chat messages -> prompt ids, ending with the assistant turn's opening (add_generation_prompt)."""
+        _check_messages(messages)
+        if not self.has_chat_template:
+            raise ValueError("this tokenizer has no chat template; send a plain prompt instead")
+        ids = self._tok.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        return list(ids)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        # No space clean-up: it rewrites " ." across token boundaries, so streamed pieces would
+        # stop adding up to the full decode.
+        return self._tok.decode(
+            list(ids), skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
+        )
+
+    def save(self, folder: str | Path) -> None:
+        """Write tokenizer.json, tokenizer_config.json and the chat template into folder."""
+        self._tok.save_pretrained(str(folder))
