@@ -11,3 +11,28 @@ class ModelLoadError(HybridrtError):
 
 class DeviceError(HybridrtError):
     """The requested device or dtype is not available here."""
+
+
+class ProtocolError(HybridrtError):
+    """A frame that is not a valid message of this protocol; `code` says how (an `Error` reply carries it)."""
+
+    CODES = ("malformed", "unknown_type", "oversized", "bad_fields")
+
+    def __init__(self, code: str, detail: str):
+        if code not in self.CODES:
+            raise ValueError(f"unknown protocol error code {code!r}; expected one of {self.CODES}")
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+
+
+class ChannelError(HybridrtError):
+    """A socket could not be bound or connected, or was used after it was closed."""
+
+
+class PeerUnreachableError(ChannelError):
+    """A routed reply found no peer: the client disconnected, or stopped reading and its queue is full."""
+
+
+class SharedTensorError(HybridrtError):
+    """A shared tensor could not be created or opened (segment missing, too small, out of shared memory)."""

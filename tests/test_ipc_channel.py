@@ -131,8 +131,10 @@ def test_closed_channel_and_bad_address(ctx, rundir):
 
 def test_no_shared_default_addresses(ctx):
     with RuntimeDir() as a, RuntimeDir() as b:  # two instances bind the "same" name side by side
-        with bind_control(ctx, a.ipc_address("control")), bind_control(ctx, b.ipc_address("control")):
-            pass
+        first = bind_control(ctx, a.ipc_address("control"))
+        second = bind_control(ctx, b.ipc_address("control"))
+        first.close()
+        second.close()
 
 
 # -- client-facing ROUTER / DEALER -----------------------------------------------------------------------
@@ -192,15 +194,18 @@ def test_server_drops_oversized_frames_and_keeps_serving(ctx, rundir):
 
 def test_replies_are_routed_to_the_right_client(ctx, rundir):
     address = rundir.ipc_address("client")
-    with bind_server(ctx, address) as server:
-        with connect_client(ctx, address) as a, connect_client(ctx, address) as b:
-            a.send(m.GenerateRequest("from-a", prompt="a"))
-            b.send(m.GenerateRequest("from-b", prompt="b"))
-            for _ in range(2):
-                answer_one(server)
-            assert a.recv(TIMEOUT_MS).request_id == "from-a"
-            assert b.recv(TIMEOUT_MS).request_id == "from-b"
-            assert a.recv(timeout_ms=50) is None
+    with (
+        bind_server(ctx, address) as server,
+        connect_client(ctx, address) as a,
+        connect_client(ctx, address) as b,
+    ):
+        a.send(m.GenerateRequest("from-a", prompt="a"))
+        b.send(m.GenerateRequest("from-b", prompt="b"))
+        for _ in range(2):
+            answer_one(server)
+        assert a.recv(TIMEOUT_MS).request_id == "from-a"
+        assert b.recv(TIMEOUT_MS).request_id == "from-b"
+        assert a.recv(timeout_ms=50) is None
 
 
 def test_send_to_unknown_client_raises(ctx, rundir):

@@ -12,17 +12,29 @@ from ipc.errors import HybridrtError, ProtocolError
 
 SPEC = m.TensorSpec("logits", "float32", (1, 32000), "shm", "hybridrt-1-logits-abcd")
 CUDA_SPEC = m.TensorSpec(
-    "input_ids", "int64", (1,), "cuda_ipc", b"\x01" * 64, offset_bytes=512, device=0,
+    "input_ids",
+    "int64",
+    (1,),
+    "cuda_ipc",
+    b"\x01" * 64,
+    offset_bytes=512,
+    device=0,
     extra={"storage_size_bytes": 1024, "ref_counter_handle": b"/torch_1", "event_sync_required": True},
-)  # fmt: skip
+)
 
 SAMPLES = [
     m.Handshake(protocol_version=m.PROTOCOL_VERSION, role="jit_context", pid=1234),
     m.Ready(
-        protocol_version=m.PROTOCOL_VERSION, model_name="SmolLM2-135M", vocab_size=49152, max_context=2048,
-        dtype="float32", device="cpu", buffers={"logits": SPEC, "input_ids": CUDA_SPEC},
-        eos_token_ids=[0, 2], facts={"startup_s": 1.5, "graphs": ["decode"], "nested": {"ok": None}},
-    ),  # fmt: skip
+        protocol_version=m.PROTOCOL_VERSION,
+        model_name="SmolLM2-135M",
+        vocab_size=49152,
+        max_context=2048,
+        dtype="float32",
+        device="cpu",
+        buffers={"logits": SPEC, "input_ids": CUDA_SPEC},
+        eos_token_ids=[0, 2],
+        facts={"startup_s": 1.5, "graphs": ["decode"], "nested": {"ok": None}},
+    ),
     m.Shutdown(reason="supervisor exiting"),
     m.Status(),
     m.StatusReply(facts={"captured": 3, "pool_bytes": 1 << 40}),
@@ -40,9 +52,13 @@ SAMPLES = [
     m.GenerateRequest(request_id="c3", token_ids=[1, 2, 3]),
     m.TokenChunk(request_id="c1", text=" Paris", token_ids=[7042]),
     m.Finished(
-        request_id="c1", text="Paris.", token_ids=[7042, 13], finish_reason="stop",
-        usage={"prompt_tokens": 5, "completion_tokens": 2}, timings={"ttft_ms": 12.5},
-    ),  # fmt: skip
+        request_id="c1",
+        text="Paris.",
+        token_ids=[7042, 13],
+        finish_reason="stop",
+        usage={"prompt_tokens": 5, "completion_tokens": 2},
+        timings={"ttft_ms": 12.5},
+    ),
     m.CancelRequest(request_id="c1"),
 ]
 
@@ -145,7 +161,10 @@ BAD_FRAMES = {
     "wrong type": (frame(11, {"request_id": "r", "step": "1", "position": 2}), "bad_fields"),
     "bad value": (frame(20, {"request_id": "r"}), "bad_fields"),
     "spec not a map": (frame(2, {**fields_of(SAMPLES[1]), "buffers": {"x": 3}}), "bad_fields"),
-    "spec missing field": (frame(2, {**fields_of(SAMPLES[1]), "buffers": {"x": {"name": "x"}}}), "bad_fields"),
+    "spec missing field": (
+        frame(2, {**fields_of(SAMPLES[1]), "buffers": {"x": {"name": "x"}}}),
+        "bad_fields",
+    ),
     "oversized": (b"\x00" * (MAX_FRAME_BYTES + 1), "oversized"),
 }
 

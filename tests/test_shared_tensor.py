@@ -46,9 +46,13 @@ def no_leaked_segments():
 def spawn(script: str, *args: str) -> subprocess.Popen:
     """A real second interpreter, importing this repo's `ipc` the way a sibling process would."""
     return subprocess.Popen(
-        [sys.executable, "-c", script, *args], cwd=REPO, text=True,
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
+        [sys.executable, "-c", script, *args],
+        cwd=REPO,
+        text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 # -- CPU: shared memory -----------------------------------------------------------------------------------
@@ -119,7 +123,7 @@ def test_views_outlive_close_and_unlink():
     assert owner.spec.handle not in our_segments()
     assert view.tolist() == [[7, 7], [7, 7]]  # memory stays mapped while a view lives
     with pytest.raises(ValueError):
-        owner.tensor
+        _ = owner.tensor
 
 
 def test_collected_owner_unlinks():
@@ -171,7 +175,10 @@ def test_unknown_dtypes_raise_value_error():
 )
 def test_bad_specs_fail_cleanly(change, error):
     with ShmTensor.create("t", (4,), "float32") as owner:
-        fields = {**{k: getattr(owner.spec, k) for k in ("name", "dtype", "shape", "kind", "handle")}, **change}
+        fields = {
+            **{k: getattr(owner.spec, k) for k in ("name", "dtype", "shape", "kind", "handle")},
+            **change,
+        }
         with pytest.raises(error):
             import_tensor(m.TensorSpec(**fields))
 
@@ -212,9 +219,12 @@ def test_cuda_ipc_second_process_sees_and_makes_writes():
     base[1].copy_(torch.arange(32, dtype=torch.float32, device="cuda").view(4, 8))
     torch.cuda.synchronize()
     child = subprocess.Popen(
-        [sys.executable, "-c", CUDA_CHILD], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        [sys.executable, "-c", CUDA_CHILD],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-    )  # fmt: skip
+    )
     try:
         out, err = child.communicate(encode(ready_with(logits=shared)), timeout=CHILD_TIMEOUT_S)
     finally:
@@ -225,6 +235,31 @@ def test_cuda_ipc_second_process_sees_and_makes_writes():
     assert torch.equal(base[1], expected)
     assert base[0].abs().sum().item() == 0 and base[2].abs().sum().item() == 0
     shared.close()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_ipc_importer_exit_releases_the_block():
+    # The child never closes its import: the exit finalizer must still drop torch's cross-process reference,
+    # or the producer keeps the block (memory_allocated stays up) and warns when it exits.
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    shared = CudaIpcTensor.create("logits", (256, 1024), "float32")
+    child = subprocess.run(
+        [sys.executable, "-c", CUDA_CHILD],
+        cwd=REPO,
+        input=encode(ready_with(logits=shared)),
+        capture_output=True,
+        timeout=CHILD_TIMEOUT_S,
+        check=False,
+    )
+    assert child.returncode == 0, child.stderr.decode()
+    assert shared.tensor.sum().item() == 256 * 1024
+    shared.close()
+    del shared
+    gc.collect()
+    torch.cuda.ipc_collect()
+    assert torch.cuda.memory_allocated() == before
 
 
 @pytest.mark.cuda

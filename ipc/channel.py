@@ -1,0 +1,164 @@
+"""Owns the typed ZeroMQ channels: messages in, messages out, bytes never seen by callers.
+
+Two shapes:
+- control (graph executor <-> JIT context): a PAIR socket each side. There is exactly one peer, traffic is
+  strictly ordered both ways, and PAIR adds no routing frames; it also accepts no second peer while one is
+  connected, so a stray process can't join the step loop.
+- client-facing (JIT context serves many clients): a ROUTER on the server, a DEALER per client, so replies
+  are routed by identity and tokens can stream back without a request/reply lock-step.
+
+Every socket gets LINGER 0 (close never blocks on unsent frames) and MAXMSGSIZE = the frame limit, so zmq
+drops an oversized frame and disconnects its sender before Python sees it; `decode` checks the size again.
+The zmq Context belongs to the caller, who closes every channel before terminating it. A channel refuses to
+send a frame over the limit (`ProtocolError("oversized")`), so well-behaved peers never trip MAXMSGSIZE.
+"""
+
+from __future__ import annotations
+
+import zmq
+
+from ipc.codec import MAX_FRAME_BYTES, decode, encode
+from ipc.errors import ChannelError, PeerUnreachableError, ProtocolError
+from ipc.messages import Error, Message
+
+
+class _SocketChannel:
+    """One zmq socket and its frame limit; closes the socket, never the context."""
+
+    def __init__(self, socket: zmq.Socket, max_frame_bytes: int):
+        self._socket = socket
+        self.max_frame_bytes = max_frame_bytes
+
+    @property
+    def socket(self) -> zmq.Socket:
+        """For registering in a zmq.Poller alongside other sockets; don't send or receive on it directly."""
+        return self._socket
+
+    @property
+    def closed(self) -> bool:
+        return self._socket.closed
+
+    def poll(self, timeout_ms: int = 0) -> bool:
+        """True when a frame is waiting to be received."""
+        self._check_open()
+        return bool(self._socket.poll(timeout_ms, zmq.POLLIN))
+
+    def close(self) -> None:
+        """Close the socket (idempotent); pending frames are discarded (LINGER 0)."""
+        self._socket.close(linger=0)
+
+    def _recv_frames(self, timeout_ms: int | None) -> list[bytes] | None:
+        self._check_open()
+        if timeout_ms is not None and not self._socket.poll(timeout_ms, zmq.POLLIN):
+            return None
+        return self._socket.recv_multipart()
+
+    def _wait_writable(self, timeout_ms: int | None) -> None:
+        if timeout_ms is not None and not self._socket.poll(timeout_ms, zmq.POLLOUT):
+            raise TimeoutError(f"no peer took the message within {timeout_ms} ms")
+
+    def _check_open(self) -> None:
+        if self._socket.closed:
+            raise ChannelError("channel is closed")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class Channel(_SocketChannel):
+    """A point-to-point channel (control PAIR, or a client's DEALER): send and receive whole messages."""
+
+    def send(self, msg: Message, *, timeout_ms: int | None = None) -> None:
+        """Send `msg`; with `timeout_ms`, TimeoutError if no peer can take it in time (else it blocks)."""
+        self._check_open()
+        data = encode(msg, max_frame_bytes=self.max_frame_bytes)
+        self._wait_writable(timeout_ms)
+        self._socket.send(data)
+
+    def recv(self, timeout_ms: int | None = None) -> Message | None:
+        """The next message, or None after `timeout_ms`; a bad frame is consumed and raises ProtocolError."""
+        frames = self._recv_frames(timeout_ms)
+        if frames is None:
+            return None
+        if len(frames) != 1:
+            raise ProtocolError("malformed", f"expected 1 frame, got {len(frames)}")
+        return decode(frames[0], max_frame_bytes=self.max_frame_bytes)
+
+
+class ServerChannel(_SocketChannel):
+    """The client-facing ROUTER: every received frame comes with its sender's identity, bad ones too."""
+
+    def recv_from(self, timeout_ms: int | None = None) -> tuple[bytes, Message | ProtocolError] | None:
+        """(identity, message or the ProtocolError to answer), or None after `timeout_ms`. Never raises
+        for what a client sent, so one bad client can't stop the serving loop."""
+        frames = self._recv_frames(timeout_ms)
+        if frames is None:
+            return None
+        identity, payload = frames[0], frames[1:]
+        if len(payload) != 1:
+            return identity, ProtocolError(
+                "malformed", f"expected 1 frame after identity, got {len(payload)}"
+            )
+        try:
+            return identity, decode(payload[0], max_frame_bytes=self.max_frame_bytes)
+        except ProtocolError as exc:
+            return identity, exc
+
+    def send_to(self, identity: bytes, msg: Message) -> None:
+        """Route `msg` to one client without blocking; PeerUnreachableError if it is gone or not reading
+        (the caller should then abort that client's request rather than stream into the void)."""
+        self._check_open()
+        data = encode(msg, max_frame_bytes=self.max_frame_bytes)
+        try:
+            self._socket.send_multipart([identity, data], flags=zmq.NOBLOCK)
+        except zmq.Again:
+            raise PeerUnreachableError(f"client {identity.hex()} is not reading (send queue full)") from None
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            raise PeerUnreachableError(f"client {identity.hex()} is not connected") from None
+
+    def send_error(self, identity: bytes, error: ProtocolError, request_id: str | None = None) -> None:
+        """Answer a bad frame with an `Error` carrying the ProtocolError's code."""
+        self.send_to(identity, Error(code=error.code, message=error.detail[:1000], request_id=request_id))
+
+
+def _open(ctx: zmq.Context, socket_type: int, address: str, bind: bool, max_frame_bytes: int) -> zmq.Socket:
+    if not isinstance(ctx, zmq.Context):
+        raise TypeError(f"ctx must be a zmq.Context, got {type(ctx).__name__}")
+    if not 0 < max_frame_bytes <= 1 << 30:
+        raise ValueError(f"max_frame_bytes must be in 1..2**30, got {max_frame_bytes}")
+    socket = ctx.socket(socket_type)
+    try:
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
+        if socket_type == zmq.ROUTER:
+            socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable replies raise instead of vanishing
+        (socket.bind if bind else socket.connect)(address)
+    except zmq.ZMQError as exc:
+        socket.close(linger=0)
+        raise ChannelError(f"cannot {'bind' if bind else 'connect'} {address}: {exc}") from None
+    return socket
+
+
+def bind_control(ctx: zmq.Context, address: str, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> Channel:
+    """The control channel's binding side (PAIR)."""
+    return Channel(_open(ctx, zmq.PAIR, address, True, max_frame_bytes), max_frame_bytes)
+
+
+def connect_control(ctx: zmq.Context, address: str, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> Channel:
+    """The control channel's connecting side (PAIR)."""
+    return Channel(_open(ctx, zmq.PAIR, address, False, max_frame_bytes), max_frame_bytes)
+
+
+def bind_server(ctx: zmq.Context, address: str, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> ServerChannel:
+    """The client-facing server (ROUTER)."""
+    return ServerChannel(_open(ctx, zmq.ROUTER, address, True, max_frame_bytes), max_frame_bytes)
+
+
+def connect_client(ctx: zmq.Context, address: str, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> Channel:
+    """A client of the server (DEALER); replies to its requests arrive on it in order."""
+    return Channel(_open(ctx, zmq.DEALER, address, False, max_frame_bytes), max_frame_bytes)

@@ -1,0 +1,116 @@
+"""Owns the wire encoding of messages: one frame = msgpack of [tag, {field: value}], nothing else.
+
+No pickle and no msgpack extension types: a frame holds plain data only, and `decode` rebuilds the message
+class from its tag and nested `TensorSpec`s from the field annotations. Anything a peer can send that is not
+a valid frame raises `ProtocolError` (never another exception), and unpacking is bounded by the frame size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any
+
+import msgpack
+
+from ipc.errors import ProtocolError
+from ipc.messages import MESSAGE_TYPES, Message, TensorSpec, field_types
+
+MAX_FRAME_BYTES = 1 << 20  # control messages and token chunks are far smaller; a long prompt's ids fit
+
+
+def encode(msg: Message, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> bytes:
+    """Message -> frame; ProtocolError("oversized") rather than send what the peer would drop."""
+    cls = type(msg)
+    if MESSAGE_TYPES.get(getattr(cls, "TAG", None)) is not cls:
+        raise TypeError(f"not a registered message: {cls.__name__}")
+    fields = {f.name: _to_wire(getattr(msg, f.name)) for f in dataclasses.fields(msg)}
+    try:
+        data = msgpack.packb([cls.TAG, fields], use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:  # e.g. an int over 64 bits
+        raise ValueError(f"{cls.__name__} cannot be encoded: {exc}") from exc
+    if len(data) > max_frame_bytes:
+        raise ProtocolError("oversized", f"{cls.__name__} is {len(data)} bytes, limit {max_frame_bytes}")
+    return data
+
+
+def decode(data: bytes, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> Message:
+    """Frame -> message, or ProtocolError with code malformed / unknown_type / oversized / bad_fields."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ProtocolError("malformed", f"frame must be bytes, got {type(data).__name__}")
+    if len(data) > max_frame_bytes:
+        raise ProtocolError("oversized", f"frame is {len(data)} bytes, limit {max_frame_bytes}")
+    tag, fields = _unpack_frame(data)
+    cls = MESSAGE_TYPES.get(tag)
+    if cls is None:
+        raise ProtocolError("unknown_type", f"no message has tag {tag}")
+    return _build(cls, fields)
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack extension type {code} is not part of the protocol")
+
+
+def _unpack_frame(data: bytes) -> tuple[int, dict]:
+    # Length limits default to len(data), so a hostile header can't make msgpack allocate beyond the frame.
+    try:
+        frame = msgpack.unpackb(
+            data, raw=False, strict_map_key=True, use_list=True, ext_hook=_reject_ext, timestamp=0
+        )
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise ProtocolError("malformed", f"not a msgpack frame ({type(exc).__name__}: {exc})") from None
+    if not isinstance(frame, list) or len(frame) != 2:
+        raise ProtocolError("malformed", "frame must be a 2-element array [tag, fields]")
+    tag, fields = frame
+    if not isinstance(tag, int) or isinstance(tag, bool):
+        raise ProtocolError("malformed", f"tag must be an int, got {type(tag).__name__}")
+    if not isinstance(fields, dict):
+        raise ProtocolError("malformed", f"fields must be a map, got {type(fields).__name__}")
+    return tag, fields
+
+
+def _build(cls: type, fields: dict) -> Any:
+    """Construct `cls` (a message or TensorSpec) from wire fields; every failure is bad_fields."""
+    hints = field_types(cls)
+    unknown = sorted(str(k) for k in fields if k not in hints)
+    if unknown:
+        raise ProtocolError("bad_fields", f"{cls.__name__} has no fields {unknown}")
+    required = {f.name for f in dataclasses.fields(cls) if _is_required(f)}
+    missing = sorted(required - fields.keys())
+    if missing:
+        raise ProtocolError("bad_fields", f"{cls.__name__} is missing fields {missing}")
+    try:
+        return cls(**{name: _from_wire(value, hints[name]) for name, value in fields.items()})
+    except ValueError as exc:
+        raise ProtocolError("bad_fields", str(exc)) from None
+
+
+def _is_required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _to_wire(value: Any) -> Any:
+    if isinstance(value, TensorSpec):
+        return {f.name: _to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {key: _to_wire(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_wire(item) for item in value]
+    return value
+
+
+def _from_wire(value: Any, hint: Any) -> Any:
+    """Rebuild the TensorSpecs the annotation asks for; all other values pass through to validation."""
+    if hint is TensorSpec:
+        if not isinstance(value, dict):
+            raise ValueError(f"TensorSpec must be a map, got {type(value).__name__}")
+        return _build(TensorSpec, value)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is dict and isinstance(value, dict):
+        return {key: _from_wire(item, args[1]) for key, item in value.items()}
+    if origin is list and isinstance(value, list):
+        return [_from_wire(item, args[0]) for item in value]
+    if value is not None and type(None) in args:  # X | None
+        arms = [arm for arm in args if arm is not type(None)]
+        return _from_wire(value, arms[0]) if len(arms) == 1 else value
+    return value

@@ -1,0 +1,349 @@
+"""Owns the message types that cross a process boundary: one frozen dataclass per kind, each with a wire tag.
+
+Every field is msgpack-friendly (None, bool, int, float, str, bytes, lists and str-keyed dicts of those) or a
+`TensorSpec`. Construction validates field types and values with `ValueError`, so a message decoded from the
+wire is either well-formed or never exists (the codec turns that ValueError into ProtocolError "bad_fields").
+
+Tag scheme: a small int per kind, never reused or renumbered within a protocol version.
+  1-9   session lifecycle and replies (both channels);
+  10-19 executor step control (JIT context <-> graph executor);
+  20-29 client-facing (client <-> JIT context).
+`Handshake` is the one message whose fields never change, so peers of different versions can still read it
+and refuse each other with a clear version mismatch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Union
+
+PROTOCOL_VERSION = 1
+MAX_ID_CHARS = 256
+_MAX_NESTING = 32  # free-form dicts (facts, params, usage) nest this deep at most
+
+
+def _check_plain(value: Any, where: str, depth: int = 0) -> None:
+    """Free-form values (facts, params) must stay plain msgpack data: no objects that a peer can't rebuild."""
+    if depth > _MAX_NESTING:
+        raise ValueError(f"{where}: nested deeper than {_MAX_NESTING}")
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]", depth + 1)
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            check_type(key, str, f"{where} key")
+            _check_plain(item, f"{where}.{key}", depth + 1)
+        return
+    raise ValueError(f"{where}: {type(value).__name__} is not plain msgpack data")
+
+
+def check_type(value: Any, hint: Any, where: str) -> None:
+    """Raise ValueError unless `value` matches the annotation `hint` (the small subset the messages use)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        for arm in args:
+            try:
+                return check_type(value, arm, where)
+            except ValueError:
+                pass
+        raise ValueError(f"{where}: expected {hint}, got {type(value).__name__}")
+    kind = origin or hint
+    if kind is int or kind is float:  # bool is an int to Python, never to the protocol
+        ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise ValueError(f"{where}: expected {kind.__name__}, got {type(value).__name__}")
+    if hint is dict or hint is list:
+        _check_plain(value, where)
+    elif kind is list or kind is tuple:  # list[X] and tuple[X, ...]
+        for i, item in enumerate(value):
+            check_type(item, args[0], f"{where}[{i}]")
+    elif kind is dict:
+        for key, item in value.items():
+            check_type(key, args[0], f"{where} key")
+            check_type(item, args[1], f"{where}[{key!r}]")
+
+
+@functools.cache
+def field_types(cls: type) -> Mapping[str, Any]:
+    """Field name -> resolved annotation, in declaration order (the codec uses it to rebuild nested specs)."""
+    hints = typing.get_type_hints(cls)
+    return types.MappingProxyType({f.name: hints[f.name] for f in dataclasses.fields(cls)})
+
+
+def _check_non_negative(where: str, *values: int) -> None:
+    for value in values:
+        if value < 0:
+            raise ValueError(f"{where}: must be >= 0, got {value}")
+
+
+class _Validated:
+    """Type-checks every field after construction, then runs the class's own value checks."""
+
+    def __post_init__(self) -> None:
+        for name, hint in field_types(type(self)).items():
+            check_type(getattr(self, name), hint, f"{type(self).__name__}.{name}")
+        request_id = getattr(self, "request_id", None)
+        if request_id is not None and not 0 < len(request_id) <= MAX_ID_CHARS:
+            raise ValueError(f"{type(self).__name__}.request_id must be 1..{MAX_ID_CHARS} characters")
+        self._validate()
+
+    def _validate(self) -> None:
+        """Value checks beyond types; each class overrides as needed."""
+
+
+@dataclass(frozen=True)
+class TensorSpec(_Validated):
+    """Where a shared tensor lives (shm segment name or CUDA IPC handle) and its dtype, shape and offset."""
+
+    SHM: ClassVar[str] = "shm"
+    CUDA_IPC: ClassVar[str] = "cuda_ipc"
+
+    name: str
+    dtype: str  # "float32", "bfloat16", ... (shared_tensor.TORCH_DTYPES maps it)
+    shape: tuple[int, ...]
+    kind: str
+    handle: bytes | str  # shm: segment name (str); cuda_ipc: cudaIpcMemHandle bytes
+    offset_bytes: int = 0  # of the first element within the segment / storage
+    device: int | None = None  # cuda_ipc: CUDA device index
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.shape, list):  # msgpack has no tuples
+            object.__setattr__(self, "shape", tuple(self.shape))
+        super().__post_init__()
+
+    def _validate(self) -> None:
+        if not self.name or not self.dtype:
+            raise ValueError("TensorSpec.name and .dtype must be non-empty")
+        _check_non_negative("TensorSpec.shape", *self.shape)
+        _check_non_negative("TensorSpec.offset_bytes", self.offset_bytes)
+        wanted = {self.SHM: str, self.CUDA_IPC: bytes}.get(self.kind)
+        if wanted is None:
+            raise ValueError(f"TensorSpec.kind must be {self.SHM!r} or {self.CUDA_IPC!r}, got {self.kind!r}")
+        if not isinstance(self.handle, wanted) or not self.handle:
+            raise ValueError(f"TensorSpec.handle for kind {self.kind!r} must be non-empty {wanted.__name__}")
+        if self.kind == self.CUDA_IPC and (self.device is None or self.device < 0):
+            raise ValueError("TensorSpec.device must be a CUDA device index for kind 'cuda_ipc'")
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+class Message(_Validated):
+    """Base of every message kind; subclasses are frozen dataclasses with a unique class-level `TAG`."""
+
+    TAG: ClassVar[int]
+
+
+# -- session lifecycle and replies (1-9) -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Handshake(Message):
+    """First message on a channel, each way; its fields never change across protocol versions."""
+
+    TAG: ClassVar[int] = 1
+    protocol_version: int
+    role: str  # "executor", "jit_context", "client"
+    pid: int
+
+
+@dataclass(frozen=True)
+class Ready(Message):
+    """The executor's weights are on the device; `buffers` are its static buffers, exported once."""
+
+    TAG: ClassVar[int] = 2
+    protocol_version: int
+    model_name: str
+    vocab_size: int
+    max_context: int
+    dtype: str
+    device: str
+    buffers: dict[str, TensorSpec]
+    eos_token_ids: list[int]
+    facts: dict = field(default_factory=dict)
+
+    def _validate(self) -> None:
+        if self.vocab_size <= 0 or self.max_context <= 0:
+            raise ValueError("Ready.vocab_size and .max_context must be > 0")
+        _check_non_negative("Ready.eos_token_ids", *self.eos_token_ids)
+
+
+@dataclass(frozen=True)
+class Shutdown(Message):
+    TAG: ClassVar[int] = 3
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Status(Message):
+    TAG: ClassVar[int] = 4
+
+
+@dataclass(frozen=True)
+class StatusReply(Message):
+    TAG: ClassVar[int] = 5
+    facts: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Ok(Message):
+    TAG: ClassVar[int] = 6
+    request_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Error(Message):
+    """Reply to anything that failed; `code` is a ProtocolError code or a subsystem's own short code."""
+
+    TAG: ClassVar[int] = 7
+    code: str
+    message: str
+    request_id: str | None = None
+
+
+# -- executor step control (10-19) -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prefill(Message):
+    """Run prompt positions [start_pos, start_pos + num_tokens) of `request_id`.
+
+    The ids normally sit in the shared input-ids buffer (zero-copy). A chunk that does not fit the buffer is
+    either split into several Prefills (start_pos advancing) or carries its ids inline in `token_ids`, which
+    then take precedence over the buffer; len(token_ids) must equal num_tokens.
+    """
+
+    TAG: ClassVar[int] = 10
+    request_id: str
+    step: int
+    num_tokens: int
+    start_pos: int
+    token_ids: list[int] | None = None
+
+    def _validate(self) -> None:
+        _check_non_negative("Prefill.step/start_pos", self.step, self.start_pos)
+        if self.num_tokens < 1:
+            raise ValueError(f"Prefill.num_tokens must be >= 1, got {self.num_tokens}")
+        if self.token_ids is not None:
+            if len(self.token_ids) != self.num_tokens:
+                raise ValueError(
+                    f"Prefill.token_ids has {len(self.token_ids)} ids, num_tokens={self.num_tokens}"
+                )
+            _check_non_negative("Prefill.token_ids", *self.token_ids)
+
+
+@dataclass(frozen=True)
+class Decode(Message):
+    """One decode step: the input token sits in the shared buffer, to be written at KV position `position`."""
+
+    TAG: ClassVar[int] = 11
+    request_id: str
+    step: int
+    position: int
+
+    def _validate(self) -> None:
+        _check_non_negative("Decode.step/position", self.step, self.position)
+
+
+@dataclass(frozen=True)
+class StepDone(Message):
+    """The executor enqueued `step`: its logits are (or, ordered by an IPC event, will be) in their buffer."""
+
+    TAG: ClassVar[int] = 12
+    request_id: str
+    step: int
+
+
+@dataclass(frozen=True)
+class Reset(Message):
+    TAG: ClassVar[int] = 13
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Abort(Message):
+    TAG: ClassVar[int] = 14
+    request_id: str
+    reason: str = ""
+
+
+# -- client-facing (20-29) -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerateRequest(Message):
+    """A client's request; exactly one of prompt (raw text), messages (chat) or token_ids is given."""
+
+    TAG: ClassVar[int] = 20
+    request_id: str
+    prompt: str | None = None
+    messages: list[dict] | None = None
+    token_ids: list[int] | None = None
+    params: dict = field(default_factory=dict)  # sampling and stop parameters, checked by the JIT context
+
+    def _validate(self) -> None:
+        given = [f for f in ("prompt", "messages", "token_ids") if getattr(self, f) is not None]
+        if len(given) != 1:
+            raise ValueError(f"GenerateRequest needs exactly one of prompt, messages, token_ids; got {given}")
+        if self.token_ids is not None:
+            _check_non_negative("GenerateRequest.token_ids", *self.token_ids)
+
+
+@dataclass(frozen=True)
+class TokenChunk(Message):
+    TAG: ClassVar[int] = 21
+    request_id: str
+    text: str
+    token_ids: list[int]
+
+
+@dataclass(frozen=True)
+class Finished(Message):
+    TAG: ClassVar[int] = 22
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop", "length", "cancelled", "error"
+    usage: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CancelRequest(Message):
+    TAG: ClassVar[int] = 23
+    request_id: str
+
+
+ALL_MESSAGES: tuple[type[Message], ...] = (
+    Handshake, Ready, Shutdown, Status, StatusReply, Ok, Error,
+    Prefill, Decode, StepDone, Reset, Abort,
+    GenerateRequest, TokenChunk, Finished, CancelRequest,
+)  # fmt: skip
+
+
+def _index_by_tag(classes: tuple[type[Message], ...]) -> Mapping[int, type[Message]]:
+    by_tag: dict[int, type[Message]] = {}
+    for cls in classes:
+        tag = cls.__dict__.get("TAG")
+        if not isinstance(tag, int) or isinstance(tag, bool):
+            raise TypeError(f"{cls.__name__} must define its own int TAG")
+        if tag in by_tag:
+            raise TypeError(f"{cls.__name__} and {by_tag[tag].__name__} share tag {tag}")
+        by_tag[tag] = cls
+    return types.MappingProxyType(by_tag)
+
+
+MESSAGE_TYPES: Mapping[int, type[Message]] = _index_by_tag(ALL_MESSAGES)
