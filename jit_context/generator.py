@@ -78,7 +78,7 @@ class Generator:
 
     def generate(self, prompt_ids: list[int], params: SamplingParams,
                  start_time: float | None = None) -> Iterator[Chunk | GenerationResult]:
-        """Yield text chunks as they complete, then one GenerationResult."""
+        """Yield one Chunk per generated token (its text may be empty while held back), then a GenerationResult."""
         start = time.perf_counter() if start_time is None else start_time
         self.check_prompt(prompt_ids)
         n = len(prompt_ids)
@@ -104,9 +104,8 @@ class Generator:
             emit, hit_stop = stops.feed(piece)
             if hit_stop:
                 finish = "stop"
-            if emit:
-                text_parts.append(emit)
-                yield Chunk(emit, [token_id])
+            text_parts.append(emit)
+            yield Chunk(emit, [token_id])  # one chunk per token (text may be ''): a cancel point per step
             if finish is None:
                 self.port.decode(n + len(generated) - 1)
         tail = stops.feed(detok.flush())[0] + stops.flush() if detok and not stops.stopped else ""

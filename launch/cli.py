@@ -9,7 +9,7 @@ from ipc.errors import HybridrtError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from launch import cmd_generate
+    from launch import cmd_generate, cmd_serve
 
     parser = argparse.ArgumentParser(
         prog="hybridrt",
@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     cmd_generate.register(sub)
+    cmd_serve.register(sub)
     return parser
 
 

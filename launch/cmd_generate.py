@@ -1,4 +1,9 @@
-"""`hybridrt generate`: one prompt in, streamed text (or one JSON object) out."""
+"""`hybridrt generate`: one prompt in, streamed text (or one JSON object) out.
+
+By default it starts an ephemeral pair of runtime processes (graph executor + JIT context) and talks to them
+through the native client; `--connect` uses a running `hybridrt serve`; `--in-process` runs both parts in
+this process (no sockets).
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,19 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 
 from launch.options import add_model_flags, add_sampling_flags, load_config, sampling_params
+
+
+@dataclass(frozen=True)
+class Outcome:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    ttft_ms: float
+    tokens_per_s: float
 
 
 def register(sub) -> None:
@@ -20,16 +36,44 @@ def register(sub) -> None:
                         "ttft_ms, tokens_per_s) instead of streaming text")
     p.add_argument("--no-chat-template", action="store_true", help="send the prompt as raw text")
     p.add_argument("--system", default=None, help="system message (chat models)")
+    p.add_argument("--connect", metavar="ADDR", default=None,
+                   help="address of a running `hybridrt serve` (e.g. tcp://127.0.0.1:7461); the model flags "
+                        "are then ignored")
+    p.add_argument("--in-process", action="store_true",
+                   help="run executor and JIT context in this process instead of two processes")
     add_sampling_flags(p, default_temperature=0.0)
     add_model_flags(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from launch.local import LocalEngine, PromptInput
-
     params = sampling_params(args)  # validate flags before the (slow) model load
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    messages = [{"role": "user", "content": prompt}]
+    if args.system is not None:
+        messages.insert(0, {"role": "system", "content": args.system})
+    stream = print_stream if not args.json else (lambda text: None)
+    if args.in_process:
+        outcome = run_in_process(args, prompt, messages, params, stream)
+    else:
+        outcome = run_through_server(args, prompt, messages, params, stream)
+    if args.json:
+        print(json.dumps({"text": outcome.text, "token_ids": outcome.token_ids,
+                          "finish_reason": outcome.finish_reason, "prompt_tokens": outcome.prompt_tokens,
+                          "ttft_ms": round(outcome.ttft_ms, 3), "tokens_per_s": round(outcome.tokens_per_s, 2)}))
+    else:
+        sys.stdout.write("\n")
+    return 0
+
+
+def print_stream(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def run_in_process(args, prompt, messages, params, stream) -> Outcome:
+    from launch.local import LocalEngine, PromptInput
+
     engine = LocalEngine(load_config(args), args.tokenizer)
     loaded = engine.loaded
     if not args.quiet:
@@ -38,22 +82,47 @@ def run(args: argparse.Namespace) -> int:
               f"{str(loaded.model.dtype).removeprefix('torch.')}] in {loaded.load_seconds:.1f} s{what}",
               file=sys.stderr)
     start = time.perf_counter()
-    if args.system is not None and not args.no_chat_template:
-        inp = PromptInput(messages=[{"role": "system", "content": args.system}, {"role": "user", "content": prompt}])
-    else:
-        inp = PromptInput(prompt=prompt, use_chat_template=not args.no_chat_template)
-    ids = engine.prompt_ids(inp)
-    result = None
-    for item in engine.generator.generate(ids, params, start_time=start):
+    use_chat = not args.no_chat_template and engine.tokenizer is not None and engine.tokenizer.has_chat_template
+    inp = PromptInput(messages=messages) if use_chat else PromptInput(prompt=prompt)
+    for item in engine.generator.generate(engine.prompt_ids(inp), params, start_time=start):
         if hasattr(item, "finish_reason"):
-            result = item
-        elif not args.json:
-            sys.stdout.write(item.text)
-            sys.stdout.flush()
-    if args.json:
-        print(json.dumps({"text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
-                          "prompt_tokens": result.prompt_tokens, "ttft_ms": round(result.ttft_ms, 3),
-                          "tokens_per_s": round(result.tokens_per_s, 2)}))
-    else:
-        sys.stdout.write("\n")
-    return 0
+            r = item
+        else:
+            stream(item.text)
+    return Outcome(r.text, r.token_ids, r.finish_reason, r.prompt_tokens, r.ttft_ms, r.tokens_per_s)
+
+
+def run_through_server(args, prompt, messages, params, stream) -> Outcome:
+    from launch.client import Client
+    from launch.supervisor import ServerConfig, Supervisor
+
+    supervisor = None
+    address = args.connect
+    if address is None:
+        supervisor = Supervisor(ServerConfig(load_config(args), tokenizer=args.tokenizer))
+        supervisor.start()
+    try:
+        with Client(address or supervisor.address) as client:
+            facts = supervisor.wait_ready() if supervisor else client.status()
+            if not args.quiet and supervisor:
+                print(f"server ready in {supervisor.ready_seconds:.1f} s", file=sys.stderr)
+            use_chat = not args.no_chat_template and facts.get("chat_template")
+            return stream_request(client, prompt if not use_chat else None, messages if use_chat else None,
+                                  params, stream)
+    finally:
+        if supervisor:
+            supervisor.stop()
+
+
+def stream_request(client, prompt, messages, params, stream) -> Outcome:
+    start = time.perf_counter()
+    first = None
+    for msg in client.generate(prompt, messages=messages, params=params):
+        if first is None:
+            first = time.perf_counter()
+        if hasattr(msg, "finish_reason"):
+            usage, timings = msg.usage, msg.timings
+            return Outcome(msg.text, msg.token_ids, msg.finish_reason, usage.get("prompt_tokens", 0),
+                           (first - start) * 1e3, timings.get("tokens_per_s", 0.0))
+        stream(msg.text)
+    raise RuntimeError("the stream ended without a Finished message")

@@ -1,0 +1,7 @@
+"""`python -m graph_executor`: the executor process (its command line names it, for `ps`)."""
+
+import sys
+
+from graph_executor.server import main
+
+sys.exit(main())

@@ -1,0 +1,151 @@
+"""The graph executor process: loads the model, exports its static step buffers, serves step commands.
+
+Started by the supervisor as `python -m graph_executor ...`. It binds the control channel, waits for the JIT
+context's handshake, answers with `Ready` (model facts + shared buffer specs), then runs Prefill/Decode steps
+and replies `StepDone`. It exits by itself when its JIT context or its supervisor dies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+import torch
+import zmq
+
+from graph_executor.loader import LOAD_FORMATS, LoadConfig, LoadedModel, load_model
+from graph_executor.runner import ModelRunner, StepBuffers
+from ipc.channel import Channel, bind_control
+from ipc.errors import HybridrtError, ProtocolError
+from ipc.liveness import process_alive
+from ipc.messages import (PROTOCOL_VERSION, Abort, Decode, Error, Handshake, Message, Ok, Prefill, Ready, Reset,
+                          Shutdown, Status, StatusReply, StepDone)
+from ipc.shared_tensor import CudaIpcTensor, SharedTensor, ShmTensor, dtype_name
+
+POLL_MS = 100  # how often an idle executor checks that its peers are alive
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="graph_executor", description="hybridrt graph executor process")
+    p.add_argument("--control", required=True, help="control channel address to bind")
+    p.add_argument("--model", required=True)
+    p.add_argument("--load-format", choices=LOAD_FORMATS, default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--max-context", type=int, default=None)
+    p.add_argument("--seed-weights", type=int, default=0)
+    p.add_argument("--supervisor-pid", type=int, default=None)
+    p.add_argument("--quiet", action="store_true")
+    return p.parse_args(argv)
+
+
+def export_buffers(vocab_size: int, max_context: int, device: torch.device) -> tuple[StepBuffers, list[SharedTensor]]:
+    """Allocate the step buffers once, in memory the JIT context can map (shm on CPU, CUDA IPC on GPU)."""
+    shapes = {"input_ids": ((max_context,), torch.int64), "next_token": ((1,), torch.int64),
+              "logits": ((vocab_size,), torch.float32)}
+    shared: list[SharedTensor] = []
+    for name, (shape, dtype) in shapes.items():
+        if device.type == "cuda":
+            shared.append(CudaIpcTensor.create(name, shape, dtype, device=device.index or 0))
+        else:
+            shared.append(ShmTensor.create(name, shape, dtype))
+    views = {name: s.tensor for name, s in zip(shapes, shared)}
+    for view in views.values():
+        view.zero_()
+    return StepBuffers(**views), shared
+
+
+class ExecutorServer:
+    def __init__(self, channel: Channel, loaded: LoadedModel, supervisor_pid: int | None) -> None:
+        self.channel = channel
+        self.loaded = loaded
+        model = loaded.model
+        device = model.embed_tokens.device
+        buffers, self.shared = export_buffers(model.config.vocab_size, model.max_context, device)
+        self.runner = ModelRunner(model, buffers)
+        self.supervisor_pid = supervisor_pid
+        self.peer_pid: int | None = None
+
+    def ready_message(self) -> Ready:
+        model, cfg = self.loaded.model, self.loaded.model.config
+        facts = {"load_seconds": round(self.loaded.load_seconds, 3), "source": self.loaded.source,
+                 "tokenizer_path": str(self.loaded.tokenizer_path or ""), "executor_pid": os.getpid(),
+                 "num_params": cfg.num_params(), "graphs": {}}
+        return Ready(PROTOCOL_VERSION, self.loaded.name, cfg.vocab_size, model.max_context,
+                     dtype_name(model.dtype), str(model.embed_tokens.device),
+                     {s.spec.name: s.spec for s in self.shared}, sorted(cfg.eos_token_ids), facts)
+
+    def peers_alive(self) -> bool:
+        pids = [p for p in (self.peer_pid, self.supervisor_pid) if p is not None]
+        return all(process_alive(p) for p in pids)
+
+    def serve(self) -> None:
+        while True:
+            try:
+                msg = self.channel.recv(timeout_ms=POLL_MS)
+            except ProtocolError as e:
+                self.channel.send(Error(e.code, str(e)))
+                continue
+            if msg is None:
+                if not self.peers_alive():
+                    print("graph_executor: peer process is gone, exiting", file=sys.stderr)
+                    return
+                continue
+            if isinstance(msg, Shutdown):
+                return
+            self.channel.send(self.handle(msg))
+
+    def handle(self, msg: Message) -> Message:
+        try:
+            if isinstance(msg, Prefill):
+                if msg.token_ids is not None:
+                    self.runner.buffers.input_ids[: msg.num_tokens].copy_(torch.tensor(msg.token_ids))
+                self.runner.prefill(msg.num_tokens, msg.start_pos)
+                return StepDone(msg.request_id, msg.step)
+            if isinstance(msg, Decode):
+                self.runner.decode(msg.position)
+                return StepDone(msg.request_id, msg.step)
+            if isinstance(msg, Handshake):
+                self.peer_pid = msg.pid
+                return self.ready_message()
+            if isinstance(msg, (Reset, Abort)):
+                return Ok(msg.request_id)
+            if isinstance(msg, Status):
+                return StatusReply(self.ready_message().facts)
+        except (ValueError, HybridrtError) as e:
+            return Error("step_failed", str(e), getattr(msg, "request_id", None))
+        return Error("unexpected", f"the executor does not handle {type(msg).__name__}")
+
+    def close(self) -> None:
+        for s in self.shared:
+            s.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run the finally blocks: unlink shared memory
+    ctx = zmq.Context()
+    channel = bind_control(ctx, args.control)
+    server = None
+    try:
+        start = time.perf_counter()
+        loaded = load_model(LoadConfig(model=args.model, load_format=args.load_format, device=args.device,
+                                       dtype=args.dtype, max_context=args.max_context, seed=args.seed_weights,
+                                       progress=not args.quiet))
+        server = ExecutorServer(channel, loaded, args.supervisor_pid)
+        if not args.quiet:
+            print(f"graph_executor: {loaded.name} ready on {loaded.model.embed_tokens.device} in "
+                  f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
+        server.serve()
+        return 0
+    except HybridrtError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if server is not None:
+            server.close()
+        channel.close()
+        ctx.term()

@@ -1,0 +1,7 @@
+"""`python -m jit_context`: the JIT context process (its command line names it, for `ps`)."""
+
+import sys
+
+from jit_context.server import main
+
+sys.exit(main())

@@ -1,0 +1,231 @@
+"""The JIT context process: client-facing socket, first-come-first-served request queue, one request at a time
+on the executor, streaming of each token, cancellation, and errors that never stop the server.
+
+Started by the supervisor as `python -m jit_context ...`; exits when its executor dies (after telling every
+waiting client) or on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+
+from ipc.channel import Channel, ServerChannel, bind_server, connect_control
+from ipc.errors import HybridrtError, PeerUnreachableError, ProtocolError
+from ipc.liveness import process_alive
+from ipc.messages import (PROTOCOL_VERSION, CancelRequest, Error, Finished, GenerateRequest, Handshake, Ready,
+                          Status, StatusReply, TokenChunk)
+from ipc.shared_tensor import import_tensor
+from jit_context.generator import GenerationResult, Generator
+from jit_context.remote_executor import ExecutorDied, RemoteExecutor
+from jit_context.sampling_params import SamplingParams
+from jit_context.tokenizer import Tokenizer
+
+IDLE_POLL_MS = 50
+
+
+@dataclass
+class Pending:
+    identity: bytes
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    received: float  # perf_counter at arrival
+
+
+class JitServer:
+    def __init__(self, clients: ServerChannel, executor: RemoteExecutor, generator: Generator,
+                 tokenizer: Tokenizer | None, ready: Ready) -> None:
+        self.clients = clients
+        self.executor = executor
+        self.generator = generator
+        self.tokenizer = tokenizer
+        self.ready = ready
+        self.queue: deque[Pending] = deque()
+        self.active: Pending | None = None
+        self.stream = None  # the active request's generator
+
+    def run(self) -> None:
+        while True:
+            busy = self.active is not None or bool(self.queue)
+            self._drain_clients(0 if busy else IDLE_POLL_MS)
+            if self.active is None and self.queue:
+                self._start(self.queue.popleft())
+            if self.active is not None:
+                self._advance()
+            elif not process_alive(self.executor.executor_pid):
+                raise ExecutorDied("the graph executor process died")
+
+    # -- client messages ----------------------------------------------------------------------------------
+
+    def _drain_clients(self, timeout_ms: int) -> None:
+        while (got := self.clients.recv_from(timeout_ms=timeout_ms)) is not None:
+            timeout_ms = 0
+            identity, msg = got
+            if isinstance(msg, ProtocolError):
+                self.clients.send_error(identity, msg)
+            elif isinstance(msg, GenerateRequest):
+                self._enqueue(identity, msg)
+            elif isinstance(msg, CancelRequest):
+                self._cancel(identity, msg.request_id)
+            elif isinstance(msg, Status):
+                self._reply(identity, StatusReply(self.status()))
+            elif isinstance(msg, Handshake):
+                self._reply(identity, Handshake(PROTOCOL_VERSION, "jit_context", os.getpid()))
+            else:
+                self._reply(identity, Error("unexpected", f"clients may not send {type(msg).__name__}"))
+
+    def status(self) -> dict:
+        return {"ready": True, "model": self.ready.model_name, "max_context": self.ready.max_context,
+                "device": self.ready.device, "dtype": self.ready.dtype, "queued": len(self.queue),
+                "tokenizer": self.tokenizer is not None,
+                "chat_template": bool(self.tokenizer and self.tokenizer.has_chat_template),
+                "active": self.active.request_id if self.active else None, "executor": self.ready.facts,
+                "jit_context_pid": os.getpid()}
+
+    def _enqueue(self, identity: bytes, msg: GenerateRequest) -> None:
+        try:
+            params = SamplingParams.from_dict(msg.params)
+            ids = self._prompt_ids(msg)
+            self.generator.check_prompt(ids)
+        except (ValueError, TypeError, HybridrtError) as e:
+            self._reply(identity, Error("invalid_request", str(e), msg.request_id))
+            return
+        self.queue.append(Pending(identity, msg.request_id, ids, params, time.perf_counter()))
+
+    def _prompt_ids(self, msg: GenerateRequest) -> list[int]:
+        if msg.token_ids is not None:
+            bad = [t for t in msg.token_ids if t >= self.ready.vocab_size]
+            if bad:
+                raise ValueError(f"token ids must be below the vocabulary size {self.ready.vocab_size}: {bad[:4]}")
+            return list(msg.token_ids)
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer; send token_ids")
+        if msg.messages is not None:
+            return self.tokenizer.apply_chat_template(msg.messages)
+        if msg.prompt == "":
+            raise ValueError("the prompt is empty")
+        return self.tokenizer.encode(msg.prompt)
+
+    def _cancel(self, identity: bytes, request_id: str) -> None:
+        if self.active is not None and self.active.request_id == request_id and self.active.identity == identity:
+            self._finish_abort("cancelled by the client")
+            return
+        for pending in list(self.queue):
+            if pending.request_id == request_id and pending.identity == identity:
+                self.queue.remove(pending)
+                self._reply(identity, Finished(request_id, "", [], "abort", {}, {}))
+
+    def _reply(self, identity: bytes, msg) -> bool:
+        try:
+            self.clients.send_to(identity, msg)
+            return True
+        except PeerUnreachableError:
+            return False
+
+    # -- the active request -------------------------------------------------------------------------------
+
+    def _start(self, pending: Pending) -> None:
+        self.active = pending
+        self.executor.request_id = pending.request_id
+        self.stream = self.generator.generate(pending.prompt_ids, pending.params, start_time=pending.received)
+
+    def _advance(self) -> None:
+        active = self.active
+        try:
+            item = next(self.stream)
+        except ExecutorDied:
+            self._fail_everyone("the graph executor process died")
+            raise
+        except (ValueError, HybridrtError) as e:
+            self._end(Error("generation_failed", str(e), active.request_id))
+            return
+        if isinstance(item, GenerationResult):
+            self._end(self._finished(active, item))
+        elif not self._reply(active.identity, TokenChunk(active.request_id, item.text, item.token_ids)):
+            self._finish_abort("client went away")  # nobody to stream to: free the executor
+
+    def _finished(self, active: Pending, result: GenerationResult) -> Finished:
+        usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+                 "total_tokens": result.prompt_tokens + result.completion_tokens}
+        timings = {"ttft_ms": round(result.ttft_ms, 3), "tokens_per_s": round(result.tokens_per_s, 3),
+                   "token_times_ms": [round(t, 3) for t in result.token_times_ms]}
+        return Finished(active.request_id, result.text, result.token_ids, result.finish_reason, usage, timings)
+
+    def _finish_abort(self, reason: str) -> None:
+        self.stream.close()
+        self._end(Finished(self.active.request_id, "", [], "abort", {}, {"reason": reason}))
+
+    def _end(self, msg) -> None:
+        self._reply(self.active.identity, msg)
+        self.active, self.stream = None, None
+
+    def _fail_everyone(self, message: str) -> None:
+        waiting = ([self.active] if self.active else []) + list(self.queue)
+        for pending in waiting:
+            self._reply(pending.identity, Error("executor_died", message, pending.request_id))
+        self.active, self.stream = None, None
+        self.queue.clear()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="jit_context", description="hybridrt JIT context process")
+    p.add_argument("--control", required=True, help="the executor's control channel address")
+    p.add_argument("--listen", required=True, help="client-facing address to bind")
+    p.add_argument("--executor-pid", type=int, required=True)
+    p.add_argument("--tokenizer", default=None)
+    return p.parse_args(argv)
+
+
+def wait_ready(control: Channel, executor_pid: int) -> Ready:
+    control.send(Handshake(PROTOCOL_VERSION, "jit_context", os.getpid()))
+    while True:
+        msg = control.recv(timeout_ms=IDLE_POLL_MS)
+        if isinstance(msg, Ready):
+            if msg.protocol_version != PROTOCOL_VERSION:
+                raise HybridrtError(f"executor speaks protocol {msg.protocol_version}, we speak {PROTOCOL_VERSION}")
+            return msg
+        if msg is None and not process_alive(executor_pid):
+            raise ExecutorDied("the graph executor exited before it was ready")
+
+
+def build_server(args: argparse.Namespace, ctx: zmq.Context, control: Channel) -> JitServer:
+    ready = wait_ready(control, args.executor_pid)
+    shared = {name: import_tensor(spec) for name, spec in ready.buffers.items()}
+    executor = RemoteExecutor(control, shared, ready.max_context, args.executor_pid)
+    tokenizer_path = args.tokenizer or ready.facts.get("tokenizer_path")
+    tokenizer = Tokenizer.from_path(Path(tokenizer_path)) if tokenizer_path else None
+    eos = set(ready.eos_token_ids) | (tokenizer.eos_token_ids if tokenizer else set())
+    generator = Generator(executor, tokenizer, frozenset(eos))
+    return JitServer(bind_server(ctx, args.listen), executor, generator, tokenizer, ready)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    ctx = zmq.Context()
+    control = connect_control(ctx, args.control)
+    server = None
+    try:
+        server = build_server(args, ctx, control)
+        server.run()
+        return 0
+    except ExecutorDied as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except HybridrtError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if server is not None:
+            server.clients.close()
+        control.close()
+        ctx.term()

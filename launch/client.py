@@ -1,0 +1,78 @@
+"""The native Python client: one DEALER socket per request, streaming `TokenChunk`s then one `Finished`.
+
+    from launch.client import Client
+    with Client("tcp://127.0.0.1:7461") as client:
+        for chunk in client.generate(messages=[{"role": "user", "content": "Hi"}], params={"max_tokens": 32}):
+            print(chunk.text, end="")
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import zmq
+
+from ipc.channel import connect_client
+from ipc.errors import HybridrtError
+from ipc.messages import CancelRequest, Error, Finished, GenerateRequest, Status, StatusReply, TokenChunk
+from jit_context.sampling_params import SamplingParams
+
+
+class ServerError(HybridrtError):
+    """The server answered with an error (bad request, executor died, ...) or did not answer in time."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Client:
+    def __init__(self, address: str, timeout_s: float = 60.0) -> None:
+        self.address = address
+        self.timeout_ms = int(timeout_s * 1000)
+        self._ctx = zmq.Context()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._ctx.term()
+
+    def status(self, timeout_s: float = 5.0) -> dict:
+        with connect_client(self._ctx, self.address) as sock:
+            sock.send(Status(), timeout_ms=int(timeout_s * 1000))
+            reply = sock.recv(timeout_ms=int(timeout_s * 1000))
+        if not isinstance(reply, StatusReply):
+            raise ServerError("no_answer", f"no status answer from {self.address} within {timeout_s} s")
+        return reply.facts
+
+    def generate(self, prompt: str | None = None, *, messages: list[dict] | None = None,
+                 token_ids: list[int] | None = None,
+                 params: dict | SamplingParams | None = None) -> Iterator[TokenChunk | Finished]:
+        """Yield a TokenChunk per generated token, then the Finished message; raises ServerError."""
+        wire_params = params.to_dict() if isinstance(params, SamplingParams) else dict(params or {})
+        request = GenerateRequest(uuid.uuid4().hex, prompt, messages, token_ids, wire_params)
+        finished = False
+        sock = connect_client(self._ctx, self.address)
+        try:
+            sock.send(request, timeout_ms=self.timeout_ms)
+            while not finished:
+                msg = sock.recv(timeout_ms=self.timeout_ms)
+                if msg is None:
+                    raise ServerError("timeout", f"no answer from {self.address} within {self.timeout_ms / 1e3} s")
+                if isinstance(msg, Error):
+                    finished = True
+                    raise ServerError(msg.code, msg.message)
+                finished = isinstance(msg, Finished)
+                yield msg
+        finally:
+            if not finished:  # the caller stopped early: free the server for the next request
+                try:
+                    sock.send(CancelRequest(request.request_id), timeout_ms=100)
+                except (TimeoutError, HybridrtError, zmq.ZMQError):
+                    pass
+            sock.close()

@@ -1,0 +1,92 @@
+"""`hybridrt serve`: start the graph executor and JIT context, print the endpoints, serve until stopped.
+
+Ctrl-C or SIGTERM stops both children cleanly (exit 0). If either child dies, serve reports which and how,
+stops the other and exits 1 (no automatic restart: a supervisor such as systemd decides that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+from launch.options import add_model_flags, load_config
+from launch.supervisor import ChildDied, ServerConfig, Supervisor
+
+DEFAULT_PORT = 7461
+DEFAULT_HTTP_PORT = 8000
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="run the two-process server (native socket + OpenAI-compatible HTTP)",
+                       description=__doc__.strip().splitlines()[0])
+    p.add_argument("--host", default="127.0.0.1", help="interface for both sockets (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT,
+                   help=f"native (ZeroMQ) client port (default: {DEFAULT_PORT})")
+    p.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT,
+                   help=f"OpenAI-compatible HTTP port; 0 disables HTTP (default: {DEFAULT_HTTP_PORT})")
+    p.add_argument("--api-key", default=None,
+                   help="require `Authorization: Bearer KEY` on the HTTP API (default: no key)")
+    p.add_argument("--ready-timeout", type=float, default=600.0,
+                   help="seconds to wait for the model to load before giving up (default: 600)")
+    add_model_flags(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = ServerConfig(load_config(args), listen=f"tcp://{args.host}:{args.port}", tokenizer=args.tokenizer,
+                          ready_timeout_s=args.ready_timeout)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    supervisor = Supervisor(config)
+    try:
+        supervisor.start()
+        facts = supervisor.wait_ready()
+        print(f"hybridrt serving {facts['model']} on {facts['device']} (ready in {supervisor.ready_seconds:.1f} s)",
+              flush=True)
+        print(f"  native: {supervisor.address}", flush=True)
+        if args.http_port:
+            print(f"  http:   http://{args.host}:{args.http_port}/v1", flush=True)
+            return serve_http(args, supervisor, facts, stop)
+        return watch(supervisor, stop)
+    except ChildDied as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        supervisor.stop()
+
+
+def watch(supervisor: Supervisor, stop: threading.Event) -> int:
+    while not stop.wait(0.2):
+        supervisor.check_children()
+    return 0
+
+
+def serve_http(args: argparse.Namespace, supervisor: Supervisor, facts: dict, stop: threading.Event) -> int:
+    """uvicorn in this thread; a watcher thread ends it when a child dies or SIGTERM arrives."""
+    import uvicorn
+
+    from launch.http_api import create_app
+
+    app = create_app(supervisor.address, facts["model"], api_key=args.api_key, max_context=facts["max_context"])
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.http_port, log_level="warning"))
+    failure: list[ChildDied] = []
+
+    def watcher() -> None:
+        while not stop.wait(0.2) and not server.should_exit:
+            try:
+                supervisor.check_children()
+            except ChildDied as e:
+                failure.append(e)
+                break
+        server.should_exit = True
+
+    threading.Thread(target=watcher, daemon=True).start()
+    server.run()
+    stop.set()
+    if failure:
+        raise failure[0]
+    return 0

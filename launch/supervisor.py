@@ -1,0 +1,125 @@
+"""The supervisor: starts the graph executor and JIT context processes, waits for ready, watches them, and
+stops them (and cleans their shared memory) however they end.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from graph_executor.loader import LoadConfig
+from ipc.errors import HybridrtError
+from ipc.runtime_dir import RuntimeDir
+from ipc.shared_tensor import segment_dir
+from launch.client import Client, ServerError
+
+STOP_GRACE_S = 5.0
+
+
+class ChildDied(HybridrtError):
+    """A runtime process exited while the server was running or starting."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    load: LoadConfig
+    listen: str | None = None  # client-facing address; None: an ipc:// socket in the runtime dir
+    tokenizer: str | None = None
+    ready_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.ready_timeout_s <= 0:
+            raise ValueError("ready_timeout_s must be > 0")
+
+
+def _describe_exit(name: str, code: int) -> str:
+    if code < 0:
+        return f"{name} was killed by {signal.Signals(-code).name}"
+    return f"{name} exited with code {code}"
+
+
+class Supervisor:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.runtime = RuntimeDir()
+        self.address = config.listen or self.runtime.ipc_address("client")
+        self.children: dict[str, subprocess.Popen] = {}
+        self.ready_facts: dict = {}
+        self.started_at = time.perf_counter()
+        self.ready_seconds: float | None = None
+
+    def start(self) -> None:
+        load = self.config.load
+        control = self.runtime.ipc_address("control")
+        executor = [sys.executable, "-m", "graph_executor", "--control", control, "--model", load.model,
+                    "--load-format", load.load_format, "--device", load.device, "--dtype", load.dtype,
+                    "--seed-weights", str(load.seed), "--supervisor-pid", str(os.getpid())]
+        if load.max_context:
+            executor += ["--max-context", str(load.max_context)]
+        if not load.progress:
+            executor.append("--quiet")
+        self.children["graph_executor"] = subprocess.Popen(executor)
+        jit = [sys.executable, "-m", "jit_context", "--control", control, "--listen", self.address,
+               "--executor-pid", str(self.children["graph_executor"].pid)]
+        if self.config.tokenizer:
+            jit += ["--tokenizer", self.config.tokenizer]
+        self.children["jit_context"] = subprocess.Popen(jit)
+
+    def wait_ready(self) -> dict:
+        deadline = time.monotonic() + self.config.ready_timeout_s
+        with Client(self.address) as client:
+            while time.monotonic() < deadline:
+                self.check_children()
+                try:
+                    self.ready_facts = client.status(timeout_s=0.5)
+                    self.ready_seconds = time.perf_counter() - self.started_at
+                    return self.ready_facts
+                except ServerError:
+                    continue
+        raise HybridrtError(f"the server was not ready within {self.config.ready_timeout_s:.0f} s")
+
+    def check_children(self) -> None:
+        for name, proc in self.children.items():
+            code = proc.poll()
+            if code is not None:
+                raise ChildDied(_describe_exit(name, code))
+
+    def watch(self, poll_s: float = 0.2) -> None:
+        """Block until a child exits (raises ChildDied)."""
+        while True:
+            self.check_children()
+            time.sleep(poll_s)
+
+    def stop(self) -> None:
+        for proc in self.children.values():
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + STOP_GRACE_S
+        for proc in self.children.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._remove_leftover_segments()
+        self.runtime.close()
+
+    def _remove_leftover_segments(self) -> None:
+        """Segments of an executor that was killed before it could unlink them."""
+        executor = self.children.get("graph_executor")
+        if executor is None:
+            return
+        for path in Path(segment_dir()).glob(f"hybridrt-{executor.pid}-*"):
+            path.unlink(missing_ok=True)
+
+    def __enter__(self) -> Supervisor:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
