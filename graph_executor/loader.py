@@ -81,6 +81,23 @@ def load_model(cfg: LoadConfig) -> LoadedModel:
     return LoadedModel(model, name, source, tokenizer, time.perf_counter() - start, bool(converted))
 
 
+def check_load_config(cfg: LoadConfig) -> ModelConfig:
+    """The cheap checks of `load_model` (device, dtype, model reference, config), reading no weights, so that a
+    launcher can report bad input in one line before it starts any process."""
+    device = resolve_device(cfg.device)
+    resolve_dtype(cfg.dtype, device)
+    ref = cfg.model
+    if ref.startswith("dummy:") or cfg.load_format == "dummy":
+        return preset(ref.removeprefix("dummy:"))
+    if ref.lower() == default_model.DEFAULT_MODEL_NAME:
+        default_model.gguf_path()
+        return preset("smollm2-135m")
+    source, path, _ = _resolve_source(cfg)
+    if source == "gguf":
+        return gguf_config(open_gguf(path))
+    return ModelConfig.from_json_file(Path(path) / "config.json")
+
+
 def _resolve_source(cfg: LoadConfig) -> tuple[str, str, bool | None]:
     """(format, path-or-preset, converted?) where converted is None unless this is the default model."""
     ref = cfg.model

@@ -58,6 +58,7 @@ class LlamaModel(nn.Module):
         )
         self.rope = nn.Buffer(rope_tables(config, max_context, device))  # [C, 2, hd] float32
         # [layers, 2 (k, v), kv_heads, C, hd]; zeroed so that never-written slots hold finite values.
+        self._decode_attention = None  # Triton workspace, made at the first decode_step
         self.kv_cache = nn.Buffer(torch.zeros(
             config.num_layers, 2, config.num_kv_heads, max_context, config.head_dim, device=device, dtype=dtype
         ))
@@ -74,14 +75,48 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions: [T] int64; logits_index: [n] int64 rows of the step to project to logits;
         kv_len: static bound on positions attended (>= max position + 1). Returns logits [n, vocab]."""
+        mask = self._attention_mask(positions, kv_len)  # [T, kv_len] bool
+
+        def attend(q: torch.Tensor, index: int) -> torch.Tensor:  # q [T, nh, hd] -> [T, nh * hd]
+            cache = self.kv_cache[index]
+            keys, values = cache[0, :, :kv_len], cache[1, :, :kv_len]  # [nkv, S, hd]
+            out = F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask, enable_gqa=True
+            )  # [1, nh, T, hd]
+            return out[0].transpose(0, 1).reshape(q.shape[0], -1)
+
+        return self._run(input_ids, positions, logits_index, attend)
+
+    @torch.inference_mode()
+    def decode_step(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One token: input_ids, positions [1] int64 (device). Attention runs the Triton flash-decoding kernel,
+        which reads the position from device memory: one captured graph serves every position, and the cost
+        follows the real context. Returns logits [1, vocab]."""
+        if self._decode_attention is None:
+            from graph_executor.kernels.decode_attention import DecodeAttention
+
+            cfg = self.config
+            self._decode_attention = DecodeAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                                     self.max_context, positions.device, cfg.sliding_window)
+
+        def attend(q: torch.Tensor, index: int) -> torch.Tensor:  # q [1, nh, hd] -> [1, nh * hd]
+            cache = self.kv_cache[index]
+            out = torch.empty_like(q[0])  # [nh, hd]
+            self._decode_attention(q[0], cache[0], cache[1], positions, out)
+            return out.view(1, -1)
+
+        return self._run(input_ids, positions, positions.new_zeros(1), attend)
+
+    def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, logits_index: torch.Tensor,
+             attend) -> torch.Tensor:
         cfg = self.config
         x = F.embedding(input_ids, self.embed_tokens)  # [T, H]
         cos_sin = self.rope.index_select(0, positions)  # [T, 2, hd]
         cos, sin = cos_sin[:, 0:1], cos_sin[:, 1:2]  # [T, 1, hd]
-        mask = self._attention_mask(positions, kv_len)  # [T, kv_len] bool
         for index, layer in enumerate(self.layers):
-            x = x + self._attention(layer, index, rms_norm(x, layer.attn_norm, cfg.rms_norm_eps),
-                                    positions, cos, sin, mask, kv_len)
+            h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
+            x = x + F.linear(attend(self._qkv_rope_append(layer, index, h, positions, cos, sin), index),
+                             layer.o_proj)
             x = x + self._mlp(layer, rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps))
         x = rms_norm(x.index_select(0, logits_index), self.norm, cfg.rms_norm_eps)  # [n, H]
         return F.linear(x, self.lm_head)  # [n, V]
@@ -93,8 +128,9 @@ class LlamaModel(nn.Module):
             mask &= key_pos[None, :] > positions[:, None] - self.config.sliding_window
         return mask
 
-    def _attention(self, layer: DecoderLayer, index: int, x: torch.Tensor, positions: torch.Tensor,
-                   cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, kv_len: int) -> torch.Tensor:
+    def _qkv_rope_append(self, layer: DecoderLayer, index: int, x: torch.Tensor, positions: torch.Tensor,
+                         cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """QKV projection and RoPE; K and V are written into the cache at `positions`. Returns q [T, nh, hd]."""
         cfg = self.config
         t = x.shape[0]
         qkv = F.linear(x, layer.qkv_proj, layer.qkv_bias)  # [T, q + 2kv]
@@ -104,11 +140,7 @@ class LlamaModel(nn.Module):
         cache = self.kv_cache[index]  # [2, nkv, C, hd]
         cache[0].index_copy_(1, positions, k.transpose(0, 1))
         cache[1].index_copy_(1, positions, v.view(t, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1))
-        keys, values = cache[0, :, :kv_len], cache[1, :, :kv_len]  # [nkv, S, hd]
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask, enable_gqa=True
-        )  # [1, nh, T, hd]
-        return F.linear(out[0].transpose(0, 1).reshape(t, cfg.q_size), layer.o_proj)
+        return q
 
     def _mlp(self, layer: DecoderLayer, x: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(x, layer.gate_up_proj).chunk(2, dim=-1)  # [T, I] each

@@ -12,12 +12,15 @@ import os
 import signal
 import sys
 import time
+from contextlib import contextmanager
 
 import torch
 import zmq
 
 from graph_executor.loader import LOAD_FORMATS, LoadConfig, LoadedModel, load_model
+from graph_executor.graphs import GraphRunner
 from graph_executor.runner import ModelRunner, StepBuffers
+from ipc.events import StepEvents
 from ipc.channel import Channel, bind_control
 from ipc.errors import HybridrtError, ProtocolError
 from ipc.liveness import process_alive
@@ -39,6 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed-weights", type=int, default=0)
     p.add_argument("--supervisor-pid", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--no-graphs", action="store_true", help="run every step eagerly (no CUDA graphs)")
     return p.parse_args(argv)
 
 
@@ -59,21 +63,29 @@ def export_buffers(vocab_size: int, max_context: int, device: torch.device) -> t
 
 
 class ExecutorServer:
-    def __init__(self, channel: Channel, loaded: LoadedModel, supervisor_pid: int | None) -> None:
+    def __init__(self, channel: Channel, loaded: LoadedModel, supervisor_pid: int | None,
+                 graphs: bool = True) -> None:
         self.channel = channel
         self.loaded = loaded
         model = loaded.model
         device = model.embed_tokens.device
         buffers, self.shared = export_buffers(model.config.vocab_size, model.max_context, device)
-        self.runner = ModelRunner(model, buffers)
+        self.cuda = device.type == "cuda"
+        self.runner = GraphRunner(model, buffers) if self.cuda and graphs else ModelRunner(model, buffers)
+        # GPU hand-over: the JIT context records `jit_event` after writing inputs / sampling; we wait on it
+        # before a step and record `exec_event` after it. Neither side's host ever waits for the device.
+        self.events = StepEvents.create(device) if self.cuda else None
         self.supervisor_pid = supervisor_pid
         self.peer_pid: int | None = None
+        self.busy = False  # a request is between its Prefill and its Reset: no graph capture then
 
     def ready_message(self) -> Ready:
         model, cfg = self.loaded.model, self.loaded.model.config
         facts = {"load_seconds": round(self.loaded.load_seconds, 3), "source": self.loaded.source,
                  "tokenizer_path": str(self.loaded.tokenizer_path or ""), "executor_pid": os.getpid(),
-                 "num_params": cfg.num_params(), "graphs": {}}
+                 "num_params": cfg.num_params(),
+                 "graphs": self.runner.facts() if isinstance(self.runner, GraphRunner) else {},
+                 "events": self.events.handles() if self.events else {}}
         return Ready(PROTOCOL_VERSION, self.loaded.name, cfg.vocab_size, model.max_context,
                      dtype_name(model.dtype), str(model.embed_tokens.device),
                      {s.spec.name: s.spec for s in self.shared}, sorted(cfg.eos_token_ids), facts)
@@ -93,6 +105,7 @@ class ExecutorServer:
                 if not self.peers_alive():
                     print("graph_executor: peer process is gone, exiting", file=sys.stderr)
                     return
+                self.capture_when_idle()
                 continue
             if isinstance(msg, Shutdown):
                 return
@@ -101,23 +114,44 @@ class ExecutorServer:
     def handle(self, msg: Message) -> Message:
         try:
             if isinstance(msg, Prefill):
-                if msg.token_ids is not None:
-                    self.runner.buffers.input_ids[: msg.num_tokens].copy_(torch.tensor(msg.token_ids))
-                self.runner.prefill(msg.num_tokens, msg.start_pos)
+                self.busy = True
+                with self.ordered():
+                    if msg.token_ids is not None:
+                        self.runner.buffers.input_ids[: msg.num_tokens].copy_(torch.tensor(msg.token_ids))
+                    self.runner.prefill(msg.num_tokens, msg.start_pos)
                 return StepDone(msg.request_id, msg.step)
             if isinstance(msg, Decode):
-                self.runner.decode(msg.position)
+                with self.ordered():
+                    self.runner.decode(msg.position)
                 return StepDone(msg.request_id, msg.step)
             if isinstance(msg, Handshake):
                 self.peer_pid = msg.pid
                 return self.ready_message()
             if isinstance(msg, (Reset, Abort)):
+                self.busy = False
                 return Ok(msg.request_id)
             if isinstance(msg, Status):
                 return StatusReply(self.ready_message().facts)
         except (ValueError, HybridrtError) as e:
             return Error("step_failed", str(e), getattr(msg, "request_id", None))
         return Error("unexpected", f"the executor does not handle {type(msg).__name__}")
+
+    @contextmanager
+    def ordered(self):
+        """Order a step after the JIT context's last GPU work and publish its completion as an event."""
+        if self.events:
+            torch.cuda.current_stream().wait_event(self.events.jit)
+        yield
+        if self.events:
+            self.events.executor.record()
+
+    def capture_when_idle(self) -> None:
+        if self.busy or not isinstance(self.runner, GraphRunner):
+            return
+        name = self.runner.capture_next()
+        if name is not None:
+            print(f"graph_executor: captured {name} in {self.runner.stats.seconds[name] * 1e3:.0f} ms",
+                  file=sys.stderr)
 
     def close(self) -> None:
         for s in self.shared:
@@ -135,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_model(LoadConfig(model=args.model, load_format=args.load_format, device=args.device,
                                        dtype=args.dtype, max_context=args.max_context, seed=args.seed_weights,
                                        progress=not args.quiet))
-        server = ExecutorServer(channel, loaded, args.supervisor_pid)
+        server = ExecutorServer(channel, loaded, args.supervisor_pid, graphs=not args.no_graphs)
         if not args.quiet:
             print(f"graph_executor: {loaded.name} ready on {loaded.model.embed_tokens.device} in "
                   f"{time.perf_counter() - start:.1f} s", file=sys.stderr)

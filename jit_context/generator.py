@@ -6,6 +6,7 @@ two-process runtime) and only touches the executor's shared step buffers.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ import torch
 from jit_context.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from jit_context.sampler import Sampler
 from jit_context.sampling_params import SamplingParams
+from jit_context.token_reader import TokenReader
 
 
 class StepBuffersView(Protocol):
@@ -78,7 +80,10 @@ class Generator:
 
     def generate(self, prompt_ids: list[int], params: SamplingParams,
                  start_time: float | None = None) -> Iterator[Chunk | GenerationResult]:
-        """Yield one Chunk per generated token (its text may be empty while held back), then a GenerationResult."""
+        """Yield one Chunk per generated token (its text may be empty while held back), then a GenerationResult.
+
+        The host learns each token one step late (TokenReader): decode k is enqueued before token k-1 is read,
+        so the device never waits for the host; after a stop the one step in flight is discarded."""
         start = time.perf_counter() if start_time is None else start_time
         self.check_prompt(prompt_ids)
         n = len(prompt_ids)
@@ -86,40 +91,61 @@ class Generator:
         buffers = self.port.buffers
         buffers.input_ids[:n].copy_(torch.tensor(prompt_ids, dtype=torch.int64))
         self.port.prefill(n, 0)
-        detok = IncrementalDetokenizer(self.tokenizer, prompt_ids) if self.tokenizer else None
-        stops = StopStringMatcher(params.stop)
-        generated: list[int] = []
-        times: list[float] = []
-        text_parts: list[str] = []
-        finish = None
-        while finish is None:
-            token = self.sampler.sample(buffers.logits, out=buffers.next_token)
+        out = _Output(self, params, prompt_ids, start)
+        reader = TokenReader(buffers.logits.device)
+        for k in itertools.count():
+            token = self.sampler.sample(buffers.logits, out=buffers.next_token)  # [1], on the device
             self.sampler.observe(token)
-            token_id = int(token)  # host sync: the GPU path replaces this by a copy one step behind
-            times.append((time.perf_counter() - start) * 1e3)
-            generated.append(token_id)
-            finish = self._finish_reason(token_id, params, n, len(generated))
-            is_stop_token = finish == "stop"
-            piece = detok.add(token_id) if detok and not is_stop_token else ""
-            emit, hit_stop = stops.feed(piece)
-            if hit_stop:
-                finish = "stop"
-            text_parts.append(emit)
-            yield Chunk(emit, [token_id])  # one chunk per token (text may be ''): a cancel point per step
-            if finish is None:
-                self.port.decode(n + len(generated) - 1)
-        tail = stops.feed(detok.flush())[0] + stops.flush() if detok and not stops.stopped else ""
-        if tail:
-            text_parts.append(tail)
-            yield Chunk(tail, [])
-        yield GenerationResult("".join(text_parts), generated, finish, n, times[0], _rate(times), times)
+            reader.push(token)
+            last = k + 1 >= params.max_tokens or n + k + 1 >= self.port.max_context
+            if not last:
+                self.port.decode(n + k)  # consumes next_token; enqueued before the host reads a token
+            if k > 0:
+                yield out.add(reader.pop())  # token k-1
+                if out.finish:
+                    break  # token k and decode k, in flight, are discarded
+            if last:
+                yield out.add(reader.pop())  # token k
+                break
+        yield from out.close()
 
-    def _finish_reason(self, token_id: int, params: SamplingParams, prompt_len: int, generated: int) -> str | None:
-        if token_id in params.stop_token_ids or (token_id in self.eos_token_ids and not params.ignore_eos):
-            return "stop"
-        if generated >= params.max_tokens or prompt_len + generated >= self.port.max_context:
-            return "length"
-        return None
+
+
+class _Output:
+    """The host side of one request: stop checks, detokenization, stop strings, timings."""
+
+    def __init__(self, gen: Generator, params: SamplingParams, prompt_ids: list[int], start: float) -> None:
+        self.params, self.eos, self.max_context = params, gen.eos_token_ids, gen.port.max_context
+        self.prompt_len, self.start = len(prompt_ids), start
+        self.detok = IncrementalDetokenizer(gen.tokenizer, prompt_ids) if gen.tokenizer else None
+        self.stops = StopStringMatcher(params.stop)
+        self.token_ids: list[int] = []
+        self.times: list[float] = []
+        self.parts: list[str] = []
+        self.finish: str | None = None
+
+    def add(self, token_id: int) -> Chunk:
+        self.times.append((time.perf_counter() - self.start) * 1e3)
+        self.token_ids.append(token_id)
+        p = self.params
+        if token_id in p.stop_token_ids or (token_id in self.eos and not p.ignore_eos):
+            self.finish = "stop"
+            return Chunk("", [token_id])
+        if len(self.token_ids) >= p.max_tokens or self.prompt_len + len(self.token_ids) >= self.max_context:
+            self.finish = "length"
+        emit, hit_stop = self.stops.feed(self.detok.add(token_id) if self.detok else "")
+        if hit_stop:
+            self.finish = "stop"
+        self.parts.append(emit)
+        return Chunk(emit, [token_id])
+
+    def close(self) -> Iterator[Chunk | GenerationResult]:
+        tail = self.stops.feed(self.detok.flush())[0] + self.stops.flush() if self.detok else ""
+        if tail:
+            self.parts.append(tail)
+            yield Chunk(tail, [])
+        yield GenerationResult("".join(self.parts), self.token_ids, self.finish, self.prompt_len, self.times[0],
+                               _rate(self.times), self.times)
 
 
 def _rate(times_ms: list[float]) -> float:

@@ -12,7 +12,8 @@ import torch
 from ipc.channel import Channel
 from ipc.errors import HybridrtError
 from ipc.liveness import process_alive
-from ipc.messages import Decode, Error, Message, Prefill, StepDone
+from ipc.events import StepEvents
+from ipc.messages import Decode, Error, Message, Ok, Prefill, Reset, StepDone
 from ipc.shared_tensor import SharedTensor
 
 POLL_MS = 50  # how often a waiting step checks that the executor is alive
@@ -31,7 +32,7 @@ class RemoteBuffers:
 
 class RemoteExecutor:
     def __init__(self, channel: Channel, shared: dict[str, SharedTensor], max_context: int,
-                 executor_pid: int) -> None:
+                 executor_pid: int, events: StepEvents | None = None) -> None:
         self.channel = channel
         self._shared = shared  # keeps the mappings alive while the views are used
         self.buffers = RemoteBuffers(shared["input_ids"].tensor, shared["next_token"].tensor,
@@ -40,6 +41,11 @@ class RemoteExecutor:
         self.executor_pid = executor_pid
         self.request_id = ""
         self._step = 0
+        self.events = events  # GPU: order our sampling and the executor's steps by IPC events
+
+    def finish_request(self) -> None:
+        """Tell the executor the request is over (it may capture graphs while idle)."""
+        self._call(Reset(self.request_id))
 
     def prefill(self, num_tokens: int, start_pos: int = 0) -> None:
         self._call(Prefill(self.request_id, self._next_step(), num_tokens, start_pos))
@@ -52,6 +58,9 @@ class RemoteExecutor:
         return self._step
 
     def _call(self, msg: Message) -> None:
+        """Send a step (or Reset) and wait for the executor to have *enqueued* it, not to have run it."""
+        if self.events:
+            self.events.jit.record()  # our writes (prompt ids, sampled token) come before the step
         self.channel.send(msg)
         while True:
             reply = self.channel.recv(timeout_ms=POLL_MS)
@@ -59,8 +68,12 @@ class RemoteExecutor:
                 if not process_alive(self.executor_pid):
                     raise ExecutorDied("the graph executor process died")
                 continue
-            if isinstance(reply, StepDone) and reply.step == self._step:
-                return
             if isinstance(reply, Error):
                 raise HybridrtError(f"executor: {reply.message}")
+            if isinstance(msg, Reset) and isinstance(reply, Ok):
+                return
+            if isinstance(reply, StepDone) and reply.step == self._step:
+                if self.events:
+                    torch.cuda.current_stream().wait_event(self.events.executor)  # logits before sampling
+                return
             # A stale reply (e.g. of a step whose request was cancelled) is dropped.

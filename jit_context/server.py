@@ -16,7 +16,10 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import zmq
+
+from ipc.events import StepEvents
 
 from ipc.channel import Channel, ServerChannel, bind_server, connect_control
 from ipc.errors import HybridrtError, PeerUnreachableError, ProtocolError
@@ -167,6 +170,7 @@ class JitServer:
     def _end(self, msg) -> None:
         self._reply(self.active.identity, msg)
         self.active, self.stream = None, None
+        self.executor.finish_request()
 
     def _fail_everyone(self, message: str) -> None:
         waiting = ([self.active] if self.active else []) + list(self.queue)
@@ -200,7 +204,8 @@ def wait_ready(control: Channel, executor_pid: int) -> Ready:
 def build_server(args: argparse.Namespace, ctx: zmq.Context, control: Channel) -> JitServer:
     ready = wait_ready(control, args.executor_pid)
     shared = {name: import_tensor(spec) for name, spec in ready.buffers.items()}
-    executor = RemoteExecutor(control, shared, ready.max_context, args.executor_pid)
+    events = StepEvents.open(ready.facts["events"], torch.device(ready.device)) if ready.facts.get("events") else None
+    executor = RemoteExecutor(control, shared, ready.max_context, args.executor_pid, events)
     tokenizer_path = args.tokenizer or ready.facts.get("tokenizer_path")
     tokenizer = Tokenizer.from_path(Path(tokenizer_path)) if tokenizer_path else None
     eos = set(ready.eos_token_ids) | (tokenizer.eos_token_ids if tokenizer else set())

@@ -30,13 +30,16 @@ def register(sub) -> None:
                    help="require `Authorization: Bearer KEY` on the HTTP API (default: no key)")
     p.add_argument("--ready-timeout", type=float, default=600.0,
                    help="seconds to wait for the model to load before giving up (default: 600)")
+    p.add_argument("--mps", choices=("auto", "on", "off"), default="auto",
+                   help="run a private CUDA MPS daemon for the two processes (GPU only): auto starts it where "
+                        "possible and logs why not otherwise; on fails if it cannot start (default: auto)")
     add_model_flags(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     config = ServerConfig(load_config(args), listen=f"tcp://{args.host}:{args.port}", tokenizer=args.tokenizer,
-                          ready_timeout_s=args.ready_timeout)
+                          ready_timeout_s=args.ready_timeout, mps=args.mps)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     supervisor = Supervisor(config)

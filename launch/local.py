@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from graph_executor.loader import LoadConfig, LoadedModel, load_model
+from graph_executor.graphs import GraphRunner
 from graph_executor.runner import ModelRunner
 from ipc.errors import HybridrtError
 from jit_context.generator import Generator
@@ -31,9 +32,12 @@ class PromptInput:
 
 
 class LocalEngine:
-    def __init__(self, load: LoadConfig, tokenizer_path: str | None = None) -> None:
+    def __init__(self, load: LoadConfig, tokenizer_path: str | None = None, graphs: bool = True) -> None:
         self.loaded: LoadedModel = load_model(load)
-        self.runner = ModelRunner(self.loaded.model)
+        on_gpu = self.loaded.model.embed_tokens.device.type == "cuda"
+        self.runner = GraphRunner(self.loaded.model) if on_gpu and graphs else ModelRunner(self.loaded.model)
+        if isinstance(self.runner, GraphRunner):
+            self.runner.capture_all()
         path = tokenizer_path or self.loaded.tokenizer_path
         self.tokenizer = Tokenizer.from_path(Path(path)) if path else None
         eos = set(self.loaded.model.config.eos_token_ids)

@@ -12,11 +12,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from graph_executor.loader import LoadConfig
+from graph_executor.device import resolve_device
+from graph_executor.loader import LoadConfig, check_load_config
 from ipc.errors import HybridrtError
 from ipc.runtime_dir import RuntimeDir
 from ipc.shared_tensor import segment_dir
 from launch.client import Client, ServerError
+from launch.mps import MpsDaemon
 
 STOP_GRACE_S = 5.0
 
@@ -31,6 +33,7 @@ class ServerConfig:
     listen: str | None = None  # client-facing address; None: an ipc:// socket in the runtime dir
     tokenizer: str | None = None
     ready_timeout_s: float = 600.0
+    mps: str = "auto"  # auto | on | off: a private MPS daemon for the two processes (GPU only)
 
     def __post_init__(self) -> None:
         if self.ready_timeout_s <= 0:
@@ -52,9 +55,17 @@ class Supervisor:
         self.ready_facts: dict = {}
         self.started_at = time.perf_counter()
         self.ready_seconds: float | None = None
+        self.mps: MpsDaemon | None = None
 
     def start(self) -> None:
         load = self.config.load
+        check_load_config(load)  # bad input fails here, in one line, before any process starts
+        gpu = resolve_device(load.device).type == "cuda"
+        self.mps = MpsDaemon.start(self.config.mps, self.runtime.subdir("mps-pipe"), self.runtime.subdir("mps-log"),
+                                   gpu)
+        if gpu and not self.mps.running and load.progress:
+            print(f"hybridrt: running without MPS ({self.mps.reason})", file=sys.stderr)
+        env = {**os.environ, **self.mps.env()}
         control = self.runtime.ipc_address("control")
         executor = [sys.executable, "-m", "graph_executor", "--control", control, "--model", load.model,
                     "--load-format", load.load_format, "--device", load.device, "--dtype", load.dtype,
@@ -63,12 +74,12 @@ class Supervisor:
             executor += ["--max-context", str(load.max_context)]
         if not load.progress:
             executor.append("--quiet")
-        self.children["graph_executor"] = subprocess.Popen(executor)
+        self.children["graph_executor"] = subprocess.Popen(executor, env=env)
         jit = [sys.executable, "-m", "jit_context", "--control", control, "--listen", self.address,
                "--executor-pid", str(self.children["graph_executor"].pid)]
         if self.config.tokenizer:
             jit += ["--tokenizer", self.config.tokenizer]
-        self.children["jit_context"] = subprocess.Popen(jit)
+        self.children["jit_context"] = subprocess.Popen(jit, env=env)
 
     def wait_ready(self) -> dict:
         deadline = time.monotonic() + self.config.ready_timeout_s
@@ -107,6 +118,8 @@ class Supervisor:
                 proc.kill()
                 proc.wait()
         self._remove_leftover_segments()
+        if self.mps is not None:
+            self.mps.stop()
         self.runtime.close()
 
     def _remove_leftover_segments(self) -> None:

@@ -32,6 +32,14 @@ def test_generate_streams_text_and_reports_load(default_model_dir) -> None:
                   "--top-k", "40", "--seed", "1", "Say hello.")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip()
+    assert "graph_executor: smollm2-135m-instruct ready on cpu" in out.stderr
+    assert "server ready in" in out.stderr
+
+
+def test_generate_in_process_reports_load(default_model_dir) -> None:
+    out = run_cli("generate", "--in-process", "--device", "cpu", "--max-tokens", "4", "Say hello.")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip()
     assert "loaded smollm2-135m-instruct [safetensors, cpu, float32]" in out.stderr
 
 
@@ -49,7 +57,8 @@ def test_help_explains_every_flag() -> None:
     (["--dtype", "float8", "--device", "cpu"], "dtype 'float8' is not supported on cpu"),
     (["--temperature", "-1"], "temperature"),
     (["--top-p", "1.5"], "top_p"),
-    (["--model", "dummy:smollm2-135m", "--device", "cpu", "--max-context", "64"], "has no tokenizer"),
+    (["--in-process", "--model", "dummy:smollm2-135m", "--device", "cpu", "--max-context", "64"],
+     "has no tokenizer"),
 ])
 def test_bad_input_is_one_clear_line(args: list[str], message: str, hybridrt_cache) -> None:
     out = run_cli("generate", "--quiet", *args, "hello")

@@ -1,0 +1,176 @@
+"""CUDA graphs for the static part of each step: one decode graph, prefill graphs per length bucket, and a
+chunk graph for prompts longer than the largest bucket. One class owns capture and replay.
+
+Graphs are captured one at a time when the executor is idle (`capture_next`), decode first, then prefill
+buckets by demand; a shape without its graph runs the same model code eagerly, so no request waits for a
+graph. All graphs share one memory pool.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from graph_executor.model import LlamaModel
+from graph_executor.runner import ModelRunner, StepBuffers
+
+DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512)
+WARMUP_RUNS = 2
+
+
+@dataclass(frozen=True)
+class GraphStatic:
+    """Inputs the graphs read besides the shared step buffers, at fixed addresses."""
+
+    position: torch.Tensor  # [1] int64: the decode position
+    arange: torch.Tensor  # [max bucket] int64: 0..B-1, the positions of a start-0 prefill
+    chunk_positions: torch.Tensor  # [max bucket] int64: positions of a chunk (clamped to the cache)
+    chunk_ids: torch.Tensor  # [max bucket] int64: token ids of a chunk
+    logits_index: torch.Tensor  # [1] int64: the row whose logits a prefill keeps
+
+    @classmethod
+    def allocate(cls, max_bucket: int, device: torch.device) -> GraphStatic:
+        def zeros(n: int) -> torch.Tensor:
+            return torch.zeros(n, dtype=torch.int64, device=device)
+
+        return cls(zeros(1), torch.arange(max_bucket, device=device), zeros(max_bucket), zeros(max_bucket), zeros(1))
+
+
+@dataclass
+class CaptureStats:
+    seconds: dict[str, float] = field(default_factory=dict)  # graph name -> capture time
+    pool_bytes: int = 0  # memory reserved by captures (the shared pool grows as graphs are added)
+
+
+class GraphRunner:
+    """Same interface as ModelRunner (`buffers`, `max_context`, `prefill`, `decode`), replaying graphs."""
+
+    def __init__(self, model: LlamaModel, buffers: StepBuffers | None = None,
+                 buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> None:
+        self.eager = ModelRunner(model, buffers)
+        self.model = model
+        self.buffers = self.eager.buffers
+        self.max_context = model.max_context
+        self.buckets = tuple(b for b in sorted(buckets) if b < model.max_context)
+        self.chunk = self.buckets[-1] if self.buckets else 0
+        self.static = GraphStatic.allocate(max(self.chunk, 1), self.buffers.logits.device)
+        self.stream = torch.cuda.Stream(self.buffers.logits.device)
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
+        self.demand: Counter[int] = Counter()
+        self.stats = CaptureStats()
+
+    # -- replay ------------------------------------------------------------------------------------------
+
+    def decode(self, position: int) -> None:
+        graph = self.graphs.get("decode")
+        if graph is None:
+            self.eager.check_span(position, 1)
+            self.static.position.fill_(position)
+            self._decode_body()
+            return
+        self.eager.check_span(position, 1)
+        self.static.position.fill_(position)
+        graph.replay()
+
+    def prefill(self, num_tokens: int, start_pos: int = 0) -> None:
+        self.eager.check_span(start_pos, num_tokens)
+        bucket = next((b for b in self.buckets if b >= num_tokens), None)
+        if start_pos == 0 and bucket is not None:
+            self.demand[bucket] += 1
+            graph = self.graphs.get(f"prefill_{bucket}")
+            if graph is None:
+                self.eager.prefill(num_tokens, start_pos)
+                return
+            self.static.logits_index.fill_(num_tokens - 1)
+            graph.replay()
+            return
+        self._chunked_prefill(num_tokens, start_pos)
+
+    def _chunked_prefill(self, num_tokens: int, start_pos: int) -> None:
+        graph = self.graphs.get("chunk")
+        if graph is None:
+            self.eager.prefill(num_tokens, start_pos)
+            return
+        for offset in range(0, num_tokens, self.chunk):
+            n = min(self.chunk, num_tokens - offset)
+            self.static.chunk_ids[:n].copy_(self.buffers.input_ids[offset:offset + n])
+            # Padding rows write their K/V into the last cache slot, which no valid token of a prompt uses.
+            torch.add(self.static.arange, start_pos + offset, out=self.static.chunk_positions)
+            self.static.chunk_positions.clamp_(max=self.max_context - 1)
+            self.static.logits_index.fill_(n - 1)
+            graph.replay()
+
+    # -- the step bodies (captured as graphs, or run eagerly) ----------------------------------------------
+
+    def _decode_body(self) -> None:
+        logits = self.model.decode_step(self.buffers.next_token, self.static.position)  # [1, V]
+        self.buffers.logits.copy_(logits[0])
+
+    def _prefill_body(self, bucket: int) -> None:
+        logits = self.model(self.buffers.input_ids[:bucket], self.static.arange[:bucket],
+                            self.static.logits_index, bucket)
+        self.buffers.logits.copy_(logits[0])
+
+    def _chunk_body(self) -> None:
+        logits = self.model(self.static.chunk_ids, self.static.chunk_positions, self.static.logits_index,
+                            self.max_context)
+        self.buffers.logits.copy_(logits[0])
+
+    # -- capture ------------------------------------------------------------------------------------------
+
+    def pending(self) -> list[str]:
+        """Graphs not captured yet, in capture order: decode, then buckets by demand (larger first on ties)."""
+        order = ["decode"]
+        order += [f"prefill_{b}" for b in sorted(self.buckets, key=lambda b: (-self.demand[b], -b))]
+        if self.chunk:
+            order.append("chunk")
+        return [name for name in order if name not in self.graphs]
+
+    def capture_next(self) -> str | None:
+        """Capture the next pending graph; returns its name, or None when all are captured."""
+        pending = self.pending()
+        if not pending:
+            return None
+        name = pending[0]
+        body = self._body(name)
+        start = time.perf_counter()
+        reserved = torch.cuda.memory_reserved()
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            for _ in range(WARMUP_RUNS):  # compiles the Triton kernels, settles the allocator
+                body()
+        torch.cuda.current_stream().wait_stream(self.stream)
+        graph = torch.cuda.CUDAGraph()
+        gc.collect()
+        gc.freeze()  # objects made before capture are not scanned by collections during it
+        try:
+            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+                body()
+        finally:
+            gc.unfreeze()
+        torch.cuda.synchronize()
+        self.graphs[name] = graph
+        self.stats.seconds[name] = round(time.perf_counter() - start, 4)
+        self.stats.pool_bytes += max(0, torch.cuda.memory_reserved() - reserved)
+        return name
+
+    def capture_all(self) -> None:
+        while self.capture_next() is not None:
+            pass
+
+    def _body(self, name: str):
+        if name == "decode":
+            return self._decode_body
+        if name == "chunk":
+            return self._chunk_body
+        bucket = int(name.removeprefix("prefill_"))
+        return lambda: self._prefill_body(bucket)
+
+    def facts(self) -> dict:
+        return {"captured": dict(self.stats.seconds), "pending": self.pending(),
+                "graph_pool_bytes": self.stats.pool_bytes}

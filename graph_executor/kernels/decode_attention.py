@@ -1,0 +1,100 @@
+"""Decode attention over the static KV cache (flash-decoding): one query token, positions [start, pos].
+
+The current position is read from device memory, so one captured graph serves every step while the cache
+grows; splits that lie wholly beyond the position exit at once, so the cost grows with the real context, not
+with the cache length. Grouped-query attention maps query head h to KV head h // (heads / kv_heads).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+SPLIT_SIZE = 256  # positions per split: enough work per program, enough programs at long contexts
+BLOCK_N = 64
+
+
+@triton.jit
+def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, acc_ptr, m_ptr, l_ptr,
+                  stride_kh, stride_kn, stride_vh, stride_vn,
+                  scale, window,
+                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
+                  NUM_SPLITS: tl.constexpr):
+    head = tl.program_id(0)
+    split = tl.program_id(1)
+    kv_head = head // GROUP
+    pos = tl.load(pos_ptr)  # the query's position: keys [start, pos] are visible
+    start = tl.maximum(pos + 1 - window, 0)
+    lo = tl.maximum(split * SPLIT, start)
+    hi = tl.minimum((split + 1) * SPLIT, pos + 1)
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + head * HEAD_DIM + d).to(tl.float32) * scale  # [hd]
+    m_i = -float("inf")
+    l_i = 0.0
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for block_start in range(lo, hi, BLOCK):
+        n = block_start + tl.arange(0, BLOCK)
+        valid = n < hi
+        k = tl.load(k_ptr + kv_head * stride_kh + n[:, None] * stride_kn + d[None, :],
+                    mask=valid[:, None], other=0.0).to(tl.float32)  # [BLOCK, hd]
+        s = tl.sum(k * q[None, :], axis=1)  # [BLOCK]
+        s = tl.where(valid, s, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new)  # [BLOCK]
+        v = tl.load(v_ptr + kv_head * stride_vh + n[:, None] * stride_vn + d[None, :],
+                    mask=valid[:, None], other=0.0).to(tl.float32)  # [BLOCK, hd]
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        m_i = m_new
+    out = head * NUM_SPLITS + split
+    tl.store(acc_ptr + out * HEAD_DIM + d, acc)
+    tl.store(m_ptr + out, m_i)
+    tl.store(l_ptr + out, l_i)
+
+
+@triton.jit
+def _reduce_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    head = tl.program_id(0)
+    s = tl.arange(0, NUM_SPLITS)
+    d = tl.arange(0, HEAD_DIM)
+    m = tl.load(m_ptr + head * NUM_SPLITS + s)  # [S]; -inf for empty splits
+    l = tl.load(l_ptr + head * NUM_SPLITS + s)  # [S]
+    m_max = tl.max(m, axis=0)
+    w = tl.where(l > 0, tl.exp(m - m_max), 0.0)  # [S]
+    acc = tl.load(acc_ptr + (head * NUM_SPLITS + s)[:, None] * HEAD_DIM + d[None, :])  # [S, hd]
+    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+    tl.store(out_ptr + head * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
+
+
+class DecodeAttention:
+    """Workspace sized once for a cache length; `__call__` is graph-safe (no allocation, no host reads)."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, max_context: int,
+                 device: torch.device, sliding_window: int | None = None) -> None:
+        if head_dim & (head_dim - 1):
+            raise ValueError(f"decode attention needs a power-of-two head_dim, got {head_dim}")
+        self.num_heads, self.group, self.head_dim = num_heads, num_heads // num_kv_heads, head_dim
+        self.num_splits = triton.next_power_of_2(triton.cdiv(max_context, SPLIT_SIZE))
+        self.window = sliding_window or (1 << 30)
+        self.scale = head_dim ** -0.5
+        f32 = dict(device=device, dtype=torch.float32)
+        self.acc = torch.empty(num_heads, self.num_splits, head_dim, **f32)
+        self.m = torch.empty(num_heads, self.num_splits, **f32)
+        self.l = torch.empty(num_heads, self.num_splits, **f32)
+
+    def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, position: torch.Tensor,
+                 out: torch.Tensor) -> torch.Tensor:
+        """q: [heads, hd]; k/v_cache: [kv_heads, C, hd] (unit stride in hd); position: [1] int64;
+        out: [heads, hd], written in q's dtype."""
+        _split_kernel[(self.num_heads, self.num_splits)](
+            q, k_cache, v_cache, position, self.acc, self.m, self.l,
+            k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+            self.scale, self.window,
+            GROUP=self.group, HEAD_DIM=self.head_dim, SPLIT=SPLIT_SIZE, BLOCK=BLOCK_N,
+            NUM_SPLITS=self.num_splits,
+        )
+        _reduce_kernel[(self.num_heads,)](self.acc, self.m, self.l, out, HEAD_DIM=self.head_dim,
+                                          NUM_SPLITS=self.num_splits)
+        return out

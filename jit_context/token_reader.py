@@ -1,0 +1,43 @@
+"""Sampled tokens reach the host without stalling the device: an asynchronous copy into pinned memory per
+step, read one step later, by which time the device has long finished it (and already runs the next step).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+RING = 4  # host slots; the loop keeps at most two copies in flight
+
+
+class TokenReader:
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._in_flight: deque[int] = deque()
+        self._next_slot = 0
+        if self.cuda:
+            self._host = torch.zeros(RING, dtype=torch.int64, pin_memory=True)  # [RING]
+            self._events = [torch.cuda.Event() for _ in range(RING)]
+        self._values: deque[int] = deque()
+
+    def push(self, token: torch.Tensor) -> None:
+        """Start moving token ([1] int64, on the device) to the host; no synchronisation on the device."""
+        if not self.cuda:
+            self._values.append(int(token))
+            return
+        if len(self._in_flight) == RING:
+            raise RuntimeError("too many token copies in flight")
+        slot = self._next_slot
+        self._next_slot = (slot + 1) % RING
+        self._host[slot : slot + 1].copy_(token, non_blocking=True)
+        self._events[slot].record()
+        self._in_flight.append(slot)
+
+    def pop(self) -> int:
+        """The oldest pushed token, waiting only for its own copy."""
+        if not self.cuda:
+            return self._values.popleft()
+        slot = self._in_flight.popleft()
+        self._events[slot].synchronize()
+        return int(self._host[slot])

@@ -1,0 +1,125 @@
+"""The asyncio native client (for the HTTP API): one DEALER socket per request, like `launch.client.Client`.
+
+    client = AsyncClient("tcp://127.0.0.1:7461")
+    async for msg in client.generate(prompt="Hi", params={"max_tokens": 8}):
+        ...  # TokenChunk per generated token, then one Finished
+    client.close()
+
+A consumer that stops early (breaks out, is cancelled because its HTTP client went away, or closes the
+generator) makes the generator send `CancelRequest`, so the JIT context frees the executor for the next
+request. That send never awaits: under a cancelled task every await would be cancelled again.
+
+No total deadline: a request may wait in the server's FCFS queue behind long generations. Instead, after
+`probe_after_s` without a message the client asks the server for its status on a second socket, and gives up
+with ServerError("unreachable") only when that goes unanswered.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import zmq
+import zmq.asyncio
+
+from ipc.codec import MAX_FRAME_BYTES, decode, encode
+from ipc.errors import ProtocolError
+from ipc.messages import (CancelRequest, Error, Finished, GenerateRequest, Message, Status, StatusReply,
+                          TokenChunk)
+from launch.client import ServerError
+
+CANCEL_LINGER_MS = 200  # let the CancelRequest leave before the socket's pending frames are dropped
+
+
+class AsyncClient:
+    def __init__(self, address: str, probe_after_s: float = 10.0, probe_timeout_s: float = 5.0) -> None:
+        if probe_after_s <= 0 or probe_timeout_s <= 0:
+            raise ValueError("probe_after_s and probe_timeout_s must be > 0")
+        self.address = address
+        self.probe_after_s = probe_after_s
+        self.probe_timeout_s = probe_timeout_s
+        self._ctx = zmq.asyncio.Context()
+
+    def close(self) -> None:
+        """Close every socket still open (LINGER 0) and the context; idempotent."""
+        if not self._ctx.closed:
+            self._ctx.destroy(linger=0)
+
+    def _connect(self) -> zmq.asyncio.Socket:
+        # The same options as ipc.channel: close never blocks, zmq drops oversized frames itself.
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+        sock.connect(self.address)
+        return sock
+
+    async def status(self, timeout_s: float = 5.0) -> dict:
+        """The server's facts; ServerError("unreachable") if it does not answer within timeout_s."""
+        sock = self._connect()
+        try:
+            await sock.send(encode(Status()))
+            reply = await _recv(sock, timeout_s)
+        finally:
+            sock.close()
+        if not isinstance(reply, StatusReply):
+            raise ServerError("unreachable", f"no status answer from {self.address} within {timeout_s} s")
+        return reply.facts
+
+    async def generate(self, prompt: str | None = None, *, messages: list[dict] | None = None,
+                       token_ids: list[int] | None = None, params: dict | None = None,
+                       request_id: str | None = None) -> AsyncIterator[TokenChunk | Finished]:
+        """Yield a TokenChunk per generated token, then the Finished message; raises ServerError.
+
+        A request that can't even be encoded (bad types, over the frame limit) is ServerError("invalid_request").
+        """
+        try:
+            request = GenerateRequest(request_id or uuid.uuid4().hex, prompt, messages, token_ids,
+                                      dict(params or {}))
+            frame = encode(request)
+        except (ValueError, ProtocolError) as e:
+            raise ServerError("invalid_request", str(e)) from None
+        sock = self._connect()
+        finished = False
+        try:
+            await sock.send(frame)
+            while not finished:
+                msg = await self._next(sock)
+                if isinstance(msg, Error):
+                    finished = True
+                    raise ServerError(msg.code, msg.message)
+                if not isinstance(msg, (TokenChunk, Finished)):
+                    finished = True
+                    raise ServerError("protocol", f"unexpected {type(msg).__name__} from the server")
+                finished = isinstance(msg, Finished)
+                yield msg
+        finally:
+            if not finished:
+                _send_cancel(sock, request.request_id)
+            sock.close()
+
+    async def _next(self, sock: zmq.asyncio.Socket) -> Message:
+        """The request's next message, probing the server's liveness while none comes."""
+        while True:
+            msg = await _recv(sock, self.probe_after_s)
+            if msg is not None:
+                return msg
+            await self.status(self.probe_timeout_s)  # raises ServerError("unreachable") if it is gone
+
+
+async def _recv(sock: zmq.asyncio.Socket, timeout_s: float) -> Message | None:
+    """The next message, or None after timeout_s; a frame that isn't a valid message is ServerError."""
+    if not await sock.poll(int(timeout_s * 1000), zmq.POLLIN):
+        return None
+    try:
+        return decode(await sock.recv())
+    except ProtocolError as e:
+        raise ServerError("protocol", f"bad frame from the server: {e}") from None
+
+
+def _send_cancel(sock: zmq.asyncio.Socket, request_id: str) -> None:
+    """Synchronous, non-blocking send on the same socket: safe in a cancelled task or a closing generator."""
+    try:
+        zmq.Socket.shadow(sock.underlying).send(encode(CancelRequest(request_id)), zmq.NOBLOCK)
+        sock.setsockopt(zmq.LINGER, CANCEL_LINGER_MS)
+    except zmq.ZMQError:
+        pass  # the server also aborts a request whose client socket has gone away

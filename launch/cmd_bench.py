@@ -1,0 +1,104 @@
+"""`hybridrt bench`: TTFT and per-token latency of hybridrt vs HF transformers and vs this card's floors.
+
+Flags become a `bench.resolve.BenchOptions`; the harness (bench/) does the rest. Heavy imports wait for `run`
+so that `hybridrt --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from bench.spec import DEFAULTS, ENGINE_HELP, MPS_MODES, WORKLOAD_HELP
+
+_GPU, _CPU = DEFAULTS["cuda"], DEFAULTS["cpu"]
+
+
+def _ints(values: tuple[int, ...]) -> str:
+    return ",".join(map(str, values))
+
+
+def _epilog() -> str:
+    engines = "\n".join(f"  {name:<18} {text}" for name, text in ENGINE_HELP.items())
+    workloads = "\n".join(f"  {name:<18} {text}" for name, text in WORKLOAD_HELP.items())
+    return (f"engines (each runs in its own process, one after another, with its own time limit):\n{engines}\n\n"
+            f"workloads:\n{workloads}\n\n"
+            "Prompts are random token ids from a fixed seed, decoding is greedy and ignores EOS; dummy models "
+            "have random weights in real shapes (latency does not depend on values). Writes results.json, "
+            "results.md, ttft.png, context.png, decode_cdf.png (plots need matplotlib) and logs/ into --out.\n"
+            "Defaults differ by device (GPU / CPU smoke run): shown as 'GPU ... / CPU ...'.")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark TTFT and per-token latency against floors and HF transformers",
+                       description=__doc__.strip().splitlines()[0], epilog=_epilog(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model and device")
+    g.add_argument("--model", default=None,
+                   help=f"dummy:<preset>, HF folder, .gguf file or smollm2-135m-instruct "
+                        f"(default: GPU {_GPU.model} / CPU {_CPU.model})")
+    g.add_argument("--device", default="auto", help="auto (GPU if present), cuda, cuda:N or cpu (default: auto)")
+    g.add_argument("--dtype", default="auto",
+                   help="auto (float16 on GPU, float32 on CPU), float16, bfloat16 or float32 (default: auto)")
+    g.add_argument("--max-context", type=int, default=None,
+                   help="KV cache length of every engine (default: what the workloads need, rounded up to 256)")
+    g.add_argument("--tokenizer", default=None, help="tokenizer for hybridrt engines (default: none for dummy "
+                                                     "models; prompts are token ids either way)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the prompt ids and dummy weights (default: 0)")
+    w = p.add_argument_group("what to run")
+    w.add_argument("--engines", default=None,
+                   help=f"comma list of {', '.join(ENGINE_HELP)}, or all (default: all this device runs)")
+    w.add_argument("--workloads", default="all", help=f"comma list of {', '.join(WORKLOAD_HELP)} (default: all)")
+    w.add_argument("--prompt-lens", default=None, help="TTFT prompt lengths, comma list "
+                   f"(default: GPU {_ints(_GPU.prompt_lens)} / CPU {_ints(_CPU.prompt_lens)})")
+    w.add_argument("--repeats", type=int, default=None,
+                   help=f"timed TTFT runs per prompt length (default: GPU {_GPU.repeats} / CPU {_CPU.repeats})")
+    w.add_argument("--decode-tokens", type=int, default=None,
+                   help=f"tokens timed by the decode workload (default: GPU {_GPU.decode_tokens} / "
+                        f"CPU {_CPU.decode_tokens})")
+    w.add_argument("--decode-prompt-len", type=int, default=None,
+                   help=f"prompt before them (default: GPU {_GPU.decode_prompt_len} / CPU {_CPU.decode_prompt_len})")
+    w.add_argument("--contexts", default=None, help="context lengths of the context workload, comma list "
+                   f"(default: GPU {_ints(_GPU.contexts)} / CPU {_ints(_CPU.contexts)})")
+    w.add_argument("--context-steps", type=int, default=None,
+                   help=f"decode steps timed at each context (default: GPU {_GPU.context_steps} / "
+                        f"CPU {_CPU.context_steps})")
+    r = p.add_argument_group("running")
+    r.add_argument("--out", default=None,
+                   help="results folder (default: bench/results/<date>-<gpu or cpu>-<model>/)")
+    r.add_argument("--mps", choices=MPS_MODES, default="auto",
+                   help="CUDA MPS daemon for the hybridrt end-to-end engine (default: auto)")
+    r.add_argument("--timeout", type=float, default=240.0,
+                   help="seconds each engine process may take, model load and warm-up included (default: 240)")
+    r.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.set_defaults(run=run)
+
+
+def options(args: argparse.Namespace):
+    from bench.resolve import BenchOptions
+
+    return BenchOptions(
+        model=args.model, device=args.device, dtype=args.dtype, engines=args.engines, workloads=args.workloads,
+        prompt_lens=args.prompt_lens, decode_tokens=args.decode_tokens, decode_prompt_len=args.decode_prompt_len,
+        contexts=args.contexts, context_steps=args.context_steps, repeats=args.repeats,
+        max_context=args.max_context, seed=args.seed, timeout_s=args.timeout, mps=args.mps,
+        tokenizer=args.tokenizer)
+
+
+def run(args: argparse.Namespace) -> int:
+    from bench.harness import run_bench
+    from bench.report import markdown
+    from bench.resolve import default_out_dir, resolve_spec
+
+    spec = resolve_spec(options(args))  # bad input fails here, before any process starts
+    out = Path(args.out) if args.out else default_out_dir(spec)
+
+    def log(line: str) -> None:
+        if not args.quiet:
+            print(line, file=sys.stderr, flush=True)
+
+    results = run_bench(spec, out, log)
+    print(markdown(results))
+    print(f"results: {out}")
+    return 0

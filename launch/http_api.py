@@ -1,0 +1,229 @@
+"""The OpenAI-compatible HTTP API of `hybridrt serve`: a FastAPI app that forwards each request to the JIT
+context over the native protocol (`AsyncClient`, one DEALER socket per request).
+
+Endpoints: GET /health (no key needed), GET /v1/models, POST /v1/completions, POST /v1/chat/completions,
+the last two streamed as server-sent events when `stream` is true. Errors carry OpenAI's body
+{"error": {"message", "type", "param", "code"}}: 400 invalid or unsupported request, 401 missing or wrong
+API key, 404 unknown model or route, 503 the JIT context or executor is gone, 500 anything else.
+
+A streamed request waits for its first message before answering, so a request the JIT context refuses is
+still a 400 rather than an error event in a 200 stream. A client that disconnects mid-stream cancels its
+generation (the stream's generator is closed, and closing it sends CancelRequest).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing, asynccontextmanager
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ipc.messages import Finished, TokenChunk
+from launch.async_client import AsyncClient
+from launch.client import ServerError
+from launch.openai_protocol import (ChatCompletionRequest, ChunkMaker, CompletionRequest, Unsupported,
+                                    chat_body, completion_body, error_body, models_body)
+
+log = logging.getLogger("hybridrt.http")
+HEALTH_TIMEOUT_S = 2.0
+UNAVAILABLE_CODES = frozenset({"executor_died", "unreachable", "timeout"})
+MAX_REPORTED_ERRORS = 4
+
+
+class ApiError(Exception):
+    """An error answer with OpenAI's body; raised anywhere in a handler."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(error_body(self.message, self.type, self.param, self.code), status_code=self.status)
+
+    @classmethod
+    def from_server(cls, e: ServerError) -> ApiError:
+        if e.code == "invalid_request":
+            return cls(400, str(e), code=e.code)
+        if e.code in UNAVAILABLE_CODES:
+            return cls(503, f"the inference server is unavailable: {e}", "service_unavailable", code=e.code)
+        return cls(500, f"inference failed: {e}", "server_error", code=e.code)
+
+
+def create_app(client_address: str, model_name: str, api_key: str | None, max_context: int) -> FastAPI:
+    """The app for one served model; `client_address` is the JIT context's native (ZeroMQ) address."""
+    client = AsyncClient(client_address)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        client.close()
+
+    app = FastAPI(title="hybridrt", lifespan=lifespan)
+    _install_error_handlers(app)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_key_checker(api_key))])
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        try:
+            await client.status(timeout_s=HEALTH_TIMEOUT_S)
+        except ServerError as e:
+            return JSONResponse({"status": "unavailable", "message": str(e)}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @v1.get("/models")
+    async def models() -> dict:
+        return models_body(model_name, max_context, created)
+
+    @v1.post("/completions")
+    async def completions(body: CompletionRequest) -> Any:
+        _check(body, model_name)
+        params = body.sampling_params(max_context if body.max_tokens is None else body.max_tokens)
+        return await _respond(client, body, body.prompt_kwargs(), params, chat=False)
+
+    @v1.post("/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest) -> Any:
+        _check(body, model_name)
+        max_tokens = body.requested_max_tokens()
+        params = body.sampling_params(max_context if max_tokens is None else max_tokens)
+        messages = [m.native() for m in body.messages]
+        return await _respond(client, body, {"messages": messages}, params, chat=True)
+
+    app.include_router(v1)
+    return app
+
+
+def _check(body: CompletionRequest | ChatCompletionRequest, model_name: str) -> None:
+    if body.model != model_name:
+        raise ApiError(404, f"The model `{body.model}` does not exist; this server serves `{model_name}`.",
+                       param="model", code="model_not_found")
+    try:
+        body.check_supported()
+    except Unsupported as e:
+        raise ApiError(400, str(e), param=e.param, code="unsupported") from None
+
+
+async def _respond(client: AsyncClient, body: CompletionRequest | ChatCompletionRequest,
+                   prompt: dict[str, Any], params: dict[str, Any], chat: bool) -> Any:
+    request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    events = client.generate(**prompt, params=params, request_id=request_id)
+    first = await _next_or_error(events)
+    if body.stream:
+        chunks = ChunkMaker(request_id, body.model, chat, body.include_usage)
+        return _ClosingStreamingResponse(_sse(first, events, chunks), media_type="text/event-stream")
+    item = first
+    async with aclosing(events):
+        while not isinstance(item, Finished):
+            item = await _next_or_error(events)
+    make = chat_body if chat else completion_body
+    return make(request_id, body.model, item.text, item.finish_reason, item.usage)
+
+
+async def _next_or_error(events: AsyncIterator[TokenChunk | Finished]) -> TokenChunk | Finished:
+    try:
+        return await anext(events)
+    except ServerError as e:
+        raise ApiError.from_server(e) from None
+    except StopAsyncIteration:
+        raise ApiError(500, "the inference server ended the request without a result", "server_error") from None
+
+
+async def _sse(first: TokenChunk | Finished, events: AsyncIterator[TokenChunk | Finished],
+               chunks: ChunkMaker) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's order: role, content deltas, finish reason, usage (if asked), [DONE]."""
+    async with aclosing(events):
+        if (opening := chunks.first()) is not None:
+            yield _event(opening)
+        item = first
+        try:
+            while not isinstance(item, Finished):
+                if item.text:  # a token whose text is held back (partial UTF-8, possible stop) sends nothing
+                    yield _event(chunks.text(item.text))
+                item = await anext(events)
+            yield _event(chunks.final(item.finish_reason))
+            if chunks.include_usage:
+                yield _event(chunks.usage(item.usage))
+        except ServerError as e:  # headers are gone: the error becomes an event, as OpenAI does
+            err = ApiError.from_server(e)
+            yield _event(error_body(err.message, err.type, err.param, err.code))
+    yield "data: [DONE]\n\n"
+
+
+def _event(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+class _ClosingStreamingResponse(StreamingResponse):
+    """Closes its body generator however the response ends. Starlette cancels the sending task when the
+    client disconnects, which may leave the generator suspended at a `yield` instead of raising inside it."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+
+
+def _key_checker(api_key: str | None):
+    """A dependency that accepts only `Authorization: Bearer <api_key>` (anything, without a key)."""
+    expected = f"Bearer {api_key}".encode() if api_key is not None else None
+
+    def check(request: Request) -> None:
+        if expected is None:
+            return
+        given = request.headers.get("authorization", "").encode()
+        if not secrets.compare_digest(given, expected):
+            raise ApiError(401, "missing or incorrect API key (send `Authorization: Bearer <key>`)",
+                           code="invalid_api_key")
+
+    return check
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _describe_validation(exc)
+        return ApiError(400, message, param=param, code="invalid_request").response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return ApiError(exc.status_code, str(exc.detail), type_).response()
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error in the HTTP API")
+        return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error").response()
+
+
+def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
+    """One readable line from pydantic's errors, one part per offending top-level field."""
+    by_field: dict[str, list[dict]] = {}
+    for err in exc.errors():
+        if err["type"] == "json_invalid":
+            return f"the body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}", None
+        loc = [str(p) for p in err["loc"] if p != "body"]
+        by_field.setdefault(loc[0] if loc else "body", []).append({**err, "loc": loc})
+    parts = []
+    for name, errs in list(by_field.items())[:MAX_REPORTED_ERRORS]:
+        if errs[0]["type"] == "extra_forbidden":
+            parts.append(f"{name}: unknown field (not supported)")
+        elif len(errs) == 1:
+            parts.append(f"{'.'.join(errs[0]['loc']) or name}: {errs[0]['msg']}")
+        else:  # one error per arm of a union (e.g. prompt: string | token ids | [string])
+            parts.append(f"{name}: not any accepted form ({errs[0]['msg'].lower()}, ...)")
+    return "; ".join(parts) or "invalid request body", next(iter(by_field), None)

@@ -1,0 +1,210 @@
+"""The OpenAI wire format of the HTTP API: request bodies (pydantic, unknown fields refused), their translation
+into the native protocol's prompt and sampling params, and the response, chunk and error bodies.
+
+Only what hybridrt can honour is accepted. Fields that clients send with neutral values (penalties of 0, an
+empty logit_bias, n=1, echo=false, ...) pass; any other value is an `Unsupported` error (HTTP 400) rather than
+being silently ignored. vLLM's extras (top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids) pass through.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+TokenId = Annotated[int, Field(ge=0)]
+FINISH_REASONS = {"stop": "stop", "length": "length"}  # anything else (e.g. "abort") passes through as is
+
+
+class Unsupported(ValueError):
+    """A well-formed request asking for something hybridrt does not do; `param` names the field."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class _SamplingRequest(BaseModel):
+    """Fields shared by completions and chat completions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # vLLM extras
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[TokenId] | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def check_supported(self) -> None:
+        if self.n not in (None, 1):
+            raise Unsupported("n", "only n=1 is supported (one completion per request)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0):
+                raise Unsupported(name, f"{name} is not supported (use repetition_penalty)")
+        if self.logit_bias:
+            raise Unsupported("logit_bias", "logit_bias is not supported")
+
+    def sampling_params(self, max_tokens: int) -> dict[str, Any]:
+        """The native params dict; None means the JIT context's default. Values are checked there."""
+        params: dict[str, Any] = {
+            "max_tokens": max_tokens,
+            "temperature": 1.0 if self.temperature is None else self.temperature,  # OpenAI's default
+            "top_p": self.top_p, "seed": self.seed, "min_p": self.min_p,
+            "top_k": 0 if self.top_k == -1 else self.top_k,  # vLLM spells "off" -1, hybridrt 0
+            "repetition_penalty": self.repetition_penalty, "ignore_eos": self.ignore_eos,
+            "stop": [self.stop] if isinstance(self.stop, str) else self.stop,
+            "stop_token_ids": self.stop_token_ids,
+        }
+        return {key: value for key, value in params.items() if value is not None}
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: str | list[TokenId] | list[str]
+    max_tokens: int | None = 16  # OpenAI's default for completions
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str) and len(self.prompt) != 1:
+            raise Unsupported("prompt", "a list of prompts must hold exactly one string (batch-1 server)")
+        if self.echo:
+            raise Unsupported("echo", "echo is not supported")
+        if self.logprobs is not None:
+            raise Unsupported("logprobs", "logprobs are not supported")
+        if self.best_of not in (None, 1):
+            raise Unsupported("best_of", "only best_of=1 is supported")
+        if self.suffix is not None:
+            raise Unsupported("suffix", "suffix is not supported")
+
+    def prompt_kwargs(self) -> dict[str, Any]:
+        """AsyncClient.generate's prompt argument: raw text or token ids."""
+        if isinstance(self.prompt, str):
+            return {"prompt": self.prompt}
+        if self.prompt and isinstance(self.prompt[0], str):
+            return {"prompt": self.prompt[0]}
+        return {"token_ids": list(self.prompt)}
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None  # accepted and ignored: chat templates have no place for it
+
+    def native(self) -> dict[str, str]:
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": self.role, "content": content}
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.logprobs or self.top_logprobs:
+            raise Unsupported("logprobs", "logprobs are not supported")
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+# -- response bodies ---------------------------------------------------------------------------------------
+
+
+def finish_reason(native: str) -> str:
+    return FINISH_REASONS.get(native, native)
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def models_body(model_name: str, max_context: int, created: int) -> dict:
+    return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                        "owned_by": "hybridrt", "max_model_len": max_context}]}
+
+
+def completion_body(request_id: str, model: str, text: str, reason: str, usage: dict) -> dict:
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason(reason)}
+    return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [choice], "usage": usage}
+
+
+def chat_body(request_id: str, model: str, text: str, reason: str, usage: dict) -> dict:
+    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+              "finish_reason": finish_reason(reason)}
+    return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [choice], "usage": usage}
+
+
+class ChunkMaker:
+    """Builds one streamed response's chunks (same id and `created` on every chunk, as OpenAI does)."""
+
+    def __init__(self, request_id: str, model: str, chat: bool, include_usage: bool) -> None:
+        self.head = {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
+                     "created": int(time.time()), "model": model}
+        self.chat = chat
+        self.include_usage = include_usage
+
+    def _chunk(self, choices: list[dict], usage: dict | None = None) -> dict:
+        body = {**self.head, "choices": choices}
+        if self.include_usage:
+            body["usage"] = usage
+        return body
+
+    def _choice(self, text: str | None, reason: str | None, role: bool = False) -> dict:
+        if not self.chat:
+            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+        delta: dict[str, str] = {"role": "assistant", "content": ""} if role else {}
+        if text:
+            delta["content"] = text
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+
+    def first(self) -> dict | None:
+        """Chat streams open with the assistant role; completions have no opening chunk."""
+        return self._chunk([self._choice(None, None, role=True)]) if self.chat else None
+
+    def text(self, text: str) -> dict:
+        return self._chunk([self._choice(text, None)])
+
+    def final(self, native_reason: str) -> dict:
+        return self._chunk([self._choice(None, finish_reason(native_reason))])
+
+    def usage(self, usage: dict) -> dict:
+        return self._chunk([], usage)

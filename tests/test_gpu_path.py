@@ -1,0 +1,137 @@
+"""The GPU path (marked `cuda`): graph replay vs eager, a LLaMA-shaped model vs transformers in fp16, sampling on
+the device, and the two-process server on the GPU (CUDA IPC buffers and events, MPS)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from graph_executor.graphs import GraphRunner
+from graph_executor.loader import LoadConfig, load_model
+from graph_executor.runner import ModelRunner
+from jit_context.sampler import Sampler
+from jit_context.sampling_params import SamplingParams
+from tests.test_sampling import chi_square, reference_allowed
+
+pytestmark = pytest.mark.cuda
+CUDA = torch.device("cuda")
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def run_steps(runner, prompt: list[int], steps: int) -> tuple[list[torch.Tensor], list[int]]:
+    """Greedy prefill + decode through a runner's buffers; logits of every step and the tokens."""
+    b = runner.buffers
+    b.input_ids[: len(prompt)].copy_(torch.tensor(prompt))
+    runner.prefill(len(prompt))
+    logits, tokens = [b.logits.clone()], []
+    for i in range(steps):
+        b.next_token.copy_(torch.argmax(b.logits).view(1))
+        tokens.append(int(b.next_token))
+        runner.decode(len(prompt) + i)
+        logits.append(b.logits.clone())
+    return logits, tokens
+
+
+def test_graph_replay_matches_eager() -> None:
+    cfg = LoadConfig(model="dummy:smollm2-135m", device="cuda", dtype="float32", max_context=1024, progress=False)
+    model = load_model(cfg).model
+    prompt = torch.randint(100, 40000, (37,), generator=torch.Generator().manual_seed(0)).tolist()
+    eager_logits, eager_tokens = run_steps(ModelRunner(model), prompt, 128)
+    graphs = GraphRunner(model)
+    graphs.capture_all()
+    assert {"decode", "prefill_64", "chunk"} <= set(graphs.graphs)
+    graph_logits, graph_tokens = run_steps(graphs, prompt, 128)
+    assert graph_tokens == eager_tokens
+    worst = max(relative_error(g, e) for g, e in zip(graph_logits, eager_logits))
+    assert worst < 1e-3, worst
+
+
+def test_chunked_prefill_through_graph_matches_eager() -> None:
+    cfg = LoadConfig(model="dummy:smollm2-135m", device="cuda", dtype="float32", max_context=2048, progress=False)
+    model = load_model(cfg).model
+    prompt = torch.randint(100, 40000, (1100,), generator=torch.Generator().manual_seed(1)).tolist()
+    eager_logits, _ = run_steps(ModelRunner(model), prompt, 4)
+    graphs = GraphRunner(model)
+    graphs.capture_all()
+    graph_logits, _ = run_steps(graphs, prompt, 4)
+    assert max(relative_error(g, e) for g, e in zip(graph_logits, eager_logits)) < 1e-3
+
+
+def test_llama_shaped_fp16_matches_transformers(tmp_path) -> None:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                                      num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=32,
+                                      max_position_embeddings=4096)
+    hf = transformers.LlamaForCausalLM(config).to(CUDA, torch.float16).eval()
+    hf.save_pretrained(tmp_path)
+    model = load_model(LoadConfig(model=str(tmp_path), device="cuda", dtype="float16", max_context=512,
+                                  progress=False)).model
+    runner = GraphRunner(model)
+    runner.capture_all()
+    prompt = torch.randint(0, 32000, (50,), generator=torch.Generator().manual_seed(2))
+    ours, tokens = run_steps(runner, prompt.tolist(), 64)
+    with torch.no_grad():
+        ids = torch.cat([prompt, torch.tensor(tokens)]).to(CUDA)[None]
+        ref = hf(ids).logits[0].float()  # [T, V]
+    refs = [ref[len(prompt) - 1 + i] for i in range(65)]
+    worst = max(relative_error(o, r) for o, r in zip(ours, refs))
+    assert worst < 1e-2, worst
+
+
+def draw_counts(sampler: Sampler, logits: torch.Tensor, n: int) -> np.ndarray:
+    out = torch.empty(1, dtype=torch.int64, device=CUDA)
+    counts = np.zeros(logits.shape[0], dtype=np.int64)
+    for _ in range(n):
+        counts[int(sampler.sample(logits, out=out))] += 1
+    return counts
+
+
+@pytest.mark.parametrize("filters", [{"top_k": 10}, {"top_p": 0.5}, {"min_p": 0.3},
+                                     {"top_k": 16, "top_p": 0.7, "min_p": 0.1}])
+def test_gpu_sampling_never_leaves_the_allowed_set(filters) -> None:
+    logits = torch.randn(64, generator=torch.Generator().manual_seed(7))
+    allowed, _ = reference_allowed(logits.numpy(), 1.0, **filters)
+    sampler = Sampler(64, CUDA)
+    sampler.start_request(SamplingParams(temperature=1.0, seed=3, **filters), [])
+    counts = draw_counts(sampler, logits.to(CUDA), 10_000)
+    assert not ((counts > 0) & ~allowed).any()
+
+
+def test_gpu_sampling_chi_square() -> None:
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, 0.8])
+    _, probs = reference_allowed(logits.numpy(), 1.0)
+    sampler = Sampler(8, CUDA)
+    sampler.start_request(SamplingParams(temperature=1.0, seed=1234), [])
+    assert chi_square(draw_counts(sampler, logits.to(CUDA), 20_000), probs) < 24.32
+
+
+def test_serve_on_gpu_streams_native_and_http(default_model_dir) -> None:
+    openai = pytest.importorskip("openai")
+    from launch.client import Client, ServerError
+    from tests.serve_process import ServeProcess, shm_segments
+
+    before = shm_segments()
+    flags = ("--device", "cuda", "--model", "dummy:smollm2-135m", "--tokenizer", str(default_model_dir),
+             "--max-context", "1024")
+    with ServeProcess(model_flags=flags) as server:
+        with Client(server.address) as client:
+            chunks = list(client.generate(messages=[{"role": "user", "content": "Hello there"}],
+                                          params={"max_tokens": 40, "temperature": 0, "ignore_eos": True}))
+            final = chunks[-1]
+            assert final.finish_reason == "length" and len(final.token_ids) == 40
+            assert "".join(c.text for c in chunks[:-1]) == final.text
+            with pytest.raises(ServerError, match="temperature"):
+                list(client.generate("hi", params={"temperature": -1}))
+            assert client.status()["device"].startswith("cuda")
+        api = openai.OpenAI(base_url=f"{server.http}/v1", api_key="none")
+        model_id = api.models.list().data[0].id
+        reply = api.completions.create(model=model_id, prompt="Once upon", max_tokens=8, temperature=0)
+        with Client(server.address) as client:
+            native = list(client.generate("Once upon", params={"max_tokens": 8, "temperature": 0}))[-1]
+        assert reply.choices[0].text == native.text
+    assert shm_segments() <= before
