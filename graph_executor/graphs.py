@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from graph_executor.fused_decoder import FusedDecoder
 from graph_executor.model import LlamaModel
 from graph_executor.runner import ModelRunner, StepBuffers
 
@@ -50,7 +51,7 @@ class GraphRunner:
     """Same interface as ModelRunner (`buffers`, `max_context`, `prefill`, `decode`), replaying graphs."""
 
     def __init__(self, model: LlamaModel, buffers: StepBuffers | None = None,
-                 buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> None:
+                 buckets: tuple[int, ...] = DEFAULT_BUCKETS, fused_decode: bool = True) -> None:
         self.eager = ModelRunner(model, buffers)
         self.model = model
         self.buffers = self.eager.buffers
@@ -62,6 +63,8 @@ class GraphRunner:
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
         self.demand: Counter[int] = Counter()
+        # The fused decode kernels (7 launches per layer); None runs the unfused model code.
+        self.fused = FusedDecoder(model) if fused_decode else None
         self.stats = CaptureStats()
 
     # -- replay ------------------------------------------------------------------------------------------
@@ -108,6 +111,9 @@ class GraphRunner:
     # -- the step bodies (captured as graphs, or run eagerly) ----------------------------------------------
 
     def _decode_body(self) -> None:
+        if self.fused is not None:
+            self.fused.step(self.buffers.next_token, self.static.position, self.buffers.logits)
+            return
         logits = self.model.decode_step(self.buffers.next_token, self.static.position)  # [1, V]
         self.buffers.logits.copy_(logits[0])
 

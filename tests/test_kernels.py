@@ -54,3 +54,84 @@ def test_decode_attention_matches_reference(heads, kv_heads, hd, cache, position
         assert torch.isfinite(out).all()
         err = (out.cpu().double() - ref).norm() / ref.norm()
         assert err < tol, f"pos {pos}: relative error {err:.2e}"
+
+
+from graph_executor.kernels.gemv import GemvConfig, gemv_residual, rmsnorm_gemv, silu_gemv_residual  # noqa: E402
+from graph_executor.kernels.rope_append import rope_append  # noqa: E402
+
+GEMV_SHAPES = [(96, 200), (64, 512), (33, 1030)]  # ragged N and K exercise the masks
+SMALL = GemvConfig(block_n=16, block_k=128, num_warps=4, num_stages=1)
+
+
+def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.cpu().double() - ref).norm() / ref.norm())
+
+
+@pytest.mark.parametrize("n,k", GEMV_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rmsnorm_gemv(n, k, dtype) -> None:
+    gen = torch.Generator().manual_seed(n + k)
+    w, x, nw, b = (torch.randn(*s, generator=gen) for s in ((n, k), (k,), (k,), (n,)))
+    ref = w.double() @ (x.double() * torch.rsqrt(x.double().pow(2).mean() + 1e-5) * nw.double()) + b.double()
+    out = torch.full((n,), float("nan"), device=DEVICE, dtype=torch.float32)
+    rmsnorm_gemv(*(t.to(DEVICE, dtype) for t in (w, x, nw)), 1e-5, out, bias=b.to(DEVICE, dtype), cfg=SMALL)
+    assert rel(out, ref) < (1e-5 if dtype == torch.float32 else 3e-3)
+
+
+@pytest.mark.parametrize("n,k", GEMV_SHAPES)
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_gemv_residual(n, k, swiglu) -> None:
+    gen = torch.Generator().manual_seed(n * k)
+    w, residual = torch.randn(n, k, generator=gen), torch.randn(n, generator=gen)
+    a = torch.randn(2 * k if swiglu else k, generator=gen)
+    act = torch.nn.functional.silu(a[:k].double()) * a[k:].double() if swiglu else a.double()
+    ref = residual.double() + w.double() @ act
+    x = residual.to(DEVICE).clone()
+    fn = silu_gemv_residual if swiglu else gemv_residual
+    fn(w.to(DEVICE), a.to(DEVICE), x, cfg=SMALL)
+    assert rel(x, ref) < 1e-5
+
+
+def test_rope_append_writes_q_and_the_cache_slot() -> None:
+    from graph_executor.config import ModelConfig
+    from graph_executor.rope import apply_rope, rope_tables
+
+    heads, kv_heads, hd, cache_len, pos = 4, 2, 64, 32, 17
+    cfg = ModelConfig("llama", 10, 8, 8, 1, heads, kv_heads, hd, cache_len, rope_theta=500.0)
+    rope = rope_tables(cfg, cache_len, DEVICE)
+    qkv = torch.randn((heads + 2 * kv_heads) * hd, generator=torch.Generator().manual_seed(5))
+    kv = torch.full((2, kv_heads, cache_len, hd), float("nan"))
+    q_out = torch.full((heads, hd), float("nan"))
+    kv_dev, q_dev = kv.to(DEVICE), q_out.to(DEVICE)
+    rope_append(qkv.to(DEVICE), torch.tensor([pos], device=DEVICE), rope, q_dev, kv_dev[0], kv_dev[1], heads,
+                kv_heads, hd)
+    cos, sin = rope[pos, 0].cpu().view(1, 1, hd), rope[pos, 1].cpu().view(1, 1, hd)
+    q, k, v = qkv.split([heads * hd, kv_heads * hd, kv_heads * hd])
+    assert torch.allclose(q_dev.cpu(), apply_rope(q.view(1, heads, hd), cos, sin)[0], atol=1e-5)
+    assert torch.allclose(kv_dev[0, :, pos].cpu(), apply_rope(k.view(1, kv_heads, hd), cos, sin)[0], atol=1e-5)
+    assert torch.equal(kv_dev[1, :, pos].cpu(), v.view(kv_heads, hd))
+    others = torch.cat([kv_dev[:, :, :pos], kv_dev[:, :, pos + 1:]], dim=2)
+    assert torch.isnan(others).all(), "only the slot at `pos` may be written"
+
+
+def test_fused_decoder_matches_model_decode(tmp_path) -> None:
+    import transformers
+
+    from graph_executor.fused_decoder import FusedDecoder
+    from graph_executor.loader import LoadConfig, load_model
+    from tests.test_model_equivalence import BASE, make_hf_model
+
+    hf = make_hf_model(transformers.Qwen2Config, dict(num_key_value_heads=2), seed=21)  # GQA + QKV bias
+    hf.save_pretrained(tmp_path)
+    model = load_model(LoadConfig(model=str(tmp_path), device=str(DEVICE), dtype="float32", max_context=64,
+                                  progress=False)).model
+    prompt = torch.randint(0, BASE["vocab_size"], (9,), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    model(prompt, torch.arange(9, device=DEVICE), torch.tensor([8], device=DEVICE), 9)
+    decoder = FusedDecoder(model)
+    token, position = torch.tensor([5], device=DEVICE), torch.tensor([9], device=DEVICE)
+    logits = torch.full((BASE["vocab_size"],), float("nan"), device=DEVICE)
+    decoder.step(token, position, logits)
+    cache_after_fused = model.kv_cache.clone()
+    ref = model(token, position, torch.tensor([0], device=DEVICE), 10)[0]
+    assert rel(logits, ref.double().cpu()) < 1e-4
+    assert torch.allclose(cache_after_fused, model.kv_cache, atol=1e-5)

@@ -1,0 +1,125 @@
+"""Quick GPU probe of the executor alone: floors (HBM read bandwidth, fp16 matmul rate), decode step latency of
+the graph runner (fused Triton GEMVs vs unfused torch/cuBLAS step) at several contexts, GEMV block configs,
+prefill bucket latency, capture times and graph memory. One process, one card, printed as a table.
+
+    python -m bench.gpu_probe [--model dummy:llama-2-7b] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from graph_executor.fused_decoder import FusedDecoder
+from graph_executor.graphs import GraphRunner
+from graph_executor.kernels.gemv import GemvConfig
+from graph_executor.loader import LoadConfig, load_model
+
+
+def bandwidth_tbs() -> float:
+    x = torch.empty(2 * 1024**3, dtype=torch.float16, device="cuda").normal_()  # 4 GiB
+    return x.numel() * 2 / time_ms(lambda: x.sum()) / 1e9
+
+
+def matmul_tflops() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
+    return 2 * 8192**3 / time_ms(lambda: a @ a) / 1e9
+
+
+def time_ms(fn, reps: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    return statistics.median(times)
+
+
+def decode_latency(runner: GraphRunner, context: int, steps: int = 200) -> dict:
+    """Per-step device time of decode replays at `context`, one event pair per step."""
+    b = runner.buffers
+    b.input_ids[:context].random_(100, 30000)
+    runner.prefill(context)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(steps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(steps)]
+    for i in range(steps):
+        starts[i].record()
+        runner.decode(context + i)
+        torch.argmax(b.logits).view(1)
+        b.next_token.copy_(torch.argmax(b.logits).view(1))
+        ends[i].record()
+    torch.cuda.synchronize()
+    t = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
+    return {"p50_ms": t[len(t) // 2], "p99_ms": t[int(len(t) * 0.99)], "min_ms": t[0]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="dummy:llama-2-7b")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    res: dict = {"card": torch.cuda.get_device_name(), "torch": torch.__version__}
+    res["bandwidth_tbs"] = bandwidth_tbs()
+    res["matmul_tflops"] = matmul_tflops()
+    torch.cuda.empty_cache()
+    t = time.perf_counter()
+    loaded = load_model(LoadConfig(model=args.model, device="cuda", dtype="float16", max_context=4096,
+                                   progress=False))
+    res["load_s"] = time.perf_counter() - t
+    model = loaded.model
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_buffers() if n not in ("rope", "kv_cache"))
+    res["weight_gb"] = weight_bytes / 1e9
+    cfg = model.config
+    kv_per_token = 2 * cfg.num_layers * cfg.kv_size * 2
+    runner = GraphRunner(model)
+    t = time.perf_counter()
+    runner.capture_all()
+    res["capture_all_s"] = time.perf_counter() - t
+    res["capture"] = runner.facts()
+    res["decode"] = {}
+    for ctx in (128, 512, 2048):
+        floor = (weight_bytes + kv_per_token * ctx) / (res["bandwidth_tbs"] * 1e12) * 1e3
+        lat = decode_latency(runner, ctx)
+        lat["floor_ms"] = floor
+        lat["ratio"] = lat["p50_ms"] / floor
+        res["decode"][f"fused_{ctx}"] = lat
+    unfused = GraphRunner(model, fused_decode=False, buckets=())
+    unfused.capture_next()
+    res["decode"]["unfused_512"] = decode_latency(unfused, 512)
+    res["gemv_sweep"] = {}
+    for bn, bk, w, st in [(8, 512, 4, 3), (16, 256, 4, 3), (16, 512, 4, 2), (32, 256, 8, 3), (4, 1024, 4, 3),
+                          (8, 1024, 8, 2), (16, 1024, 8, 3), (32, 128, 4, 4)]:
+        g = GemvConfig(bn, bk, w, st)
+        r = GraphRunner(model, buckets=())
+        r.fused = FusedDecoder(model, g)
+        r.capture_next()
+        res["gemv_sweep"][f"{bn}x{bk}w{w}s{st}"] = decode_latency(r, 512, steps=100)["p50_ms"]
+        del r
+    res["prefill_ms"] = {}
+    for n in (10, 25, 50, 100, 200, 300, 400, 500):
+        b = runner.buffers
+        b.input_ids[:n].random_(100, 30000)
+        ms = time_ms(lambda: runner.prefill(n))
+        flops = 2 * cfg.num_params() * n / (res["matmul_tflops"] * 1e12) * 1e3
+        floor = max(weight_bytes / (res["bandwidth_tbs"] * 1e12) * 1e3, flops)
+        res["prefill_ms"][n] = {"ms": ms, "floor_ms": floor}
+    res["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "gpu_probe.json").write_text(json.dumps(res, indent=1, default=str))
+    print(json.dumps({k: v for k, v in res.items() if k not in ("capture",)}, indent=1, default=str))
+    print("capture:", json.dumps(res["capture"], default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""The decode step on the GPU as 7 fused kernel launches per layer (see kernels/gemv.py), over a workspace
+allocated once: the body of the decode CUDA graph. Numerically the same function as `LlamaModel.decode_step`
+(up to rounding: RMSNorm is applied inside the GEMV in float32)."""
+
+from __future__ import annotations
+
+import torch
+
+from graph_executor.kernels.decode_attention import DecodeAttention
+from graph_executor.kernels.gemv import DEFAULT, GemvConfig, gemv_residual, rmsnorm_gemv, silu_gemv_residual
+from graph_executor.kernels.rope_append import rope_append
+from graph_executor.model import LlamaModel
+
+
+class FusedDecoder:
+    def __init__(self, model: LlamaModel, gemv: GemvConfig = DEFAULT) -> None:
+        cfg = model.config
+        self.model = model
+        self.gemv = gemv
+        device, dtype = model.embed_tokens.device, model.dtype
+
+        def empty(*shape: int) -> torch.Tensor:
+            return torch.empty(*shape, device=device, dtype=dtype)
+
+        self.x = empty(1, cfg.hidden_size)  # the residual stream, [1, H]
+        self.qkv = empty(cfg.q_size + 2 * cfg.kv_size)
+        self.q = empty(cfg.num_heads, cfg.head_dim)
+        self.attn = empty(cfg.num_heads, cfg.head_dim)
+        self.gate_up = empty(2 * cfg.intermediate_size)
+        self.attention = DecodeAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, model.max_context,
+                                         device, cfg.sliding_window)
+
+    @torch.inference_mode()
+    def step(self, token: torch.Tensor, position: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """token, position: [1] int64 on the device; logits: [vocab] (float32) written in place."""
+        m, cfg = self.model, self.model.config
+        eps, g = cfg.rms_norm_eps, self.gemv
+        torch.index_select(m.embed_tokens, 0, token, out=self.x)
+        x = self.x[0]  # [H]
+        for index, layer in enumerate(m.layers):
+            cache = m.kv_cache[index]  # [2, nkv, C, hd]
+            rmsnorm_gemv(layer.qkv_proj, x, layer.attn_norm, eps, self.qkv, bias=layer.qkv_bias, cfg=g)
+            rope_append(self.qkv, position, m.rope, self.q, cache[0], cache[1], cfg.num_heads, cfg.num_kv_heads,
+                        cfg.head_dim)
+            self.attention(self.q, cache[0], cache[1], position, self.attn)
+            gemv_residual(layer.o_proj, self.attn.view(-1), x, cfg=g)
+            rmsnorm_gemv(layer.gate_up_proj, x, layer.mlp_norm, eps, self.gate_up, cfg=g)
+            silu_gemv_residual(layer.down_proj, self.gate_up, x, cfg=g)
+        return rmsnorm_gemv(m.lm_head, x, m.norm, eps, logits, cfg=g)
