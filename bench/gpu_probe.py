@@ -63,6 +63,47 @@ def decode_latency(runner: GraphRunner, context: int, steps: int = 200) -> dict:
     return {"p50_ms": t[len(t) // 2], "p99_ms": t[int(len(t) * 0.99)], "min_ms": t[0]}
 
 
+CONFIGS = [GemvConfig(*c) for c in [(8, 512, 4, 3), (16, 512, 4, 3), (16, 512, 4, 2), (4, 1024, 4, 3),
+                                       (8, 1024, 8, 2), (16, 256, 4, 3), (2, 2048, 4, 3), (32, 512, 8, 3)]]
+
+
+def gemv_sweep(model, bandwidth_tbs: float):
+    """Per projection: each config over every layer's weight in one graph (no L2 reuse) -> TB/s; best plan."""
+    from graph_executor.kernels.gemv import GemvPlan, gemv_residual, rmsnorm_gemv, silu_gemv_residual
+
+    cfg, layers = model.config, model.layers
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    dev, dt = model.embed_tokens.device, model.dtype
+    x, nw = torch.randn(h, device=dev, dtype=dt), torch.ones(h, device=dev, dtype=dt)
+    outs = {"qkv": torch.empty(cfg.q_size + 2 * cfg.kv_size, device=dev, dtype=dt),
+            "gate_up": torch.empty(2 * i, device=dev, dtype=dt), "lm_head": torch.empty(cfg.vocab_size, device=dev)}
+    a, gu, r = torch.randn(h, device=dev, dtype=dt), torch.randn(2 * i, device=dev, dtype=dt), x.clone()
+    ops = {
+        "qkv": lambda c: [rmsnorm_gemv(l.qkv_proj, x, nw, 1e-5, outs["qkv"], cfg=c) for l in layers],
+        "o": lambda c: [gemv_residual(l.o_proj, a, r, cfg=c) for l in layers],
+        "gate_up": lambda c: [rmsnorm_gemv(l.gate_up_proj, x, nw, 1e-5, outs["gate_up"], cfg=c) for l in layers],
+        "down": lambda c: [silu_gemv_residual(l.down_proj, gu, r, cfg=c) for l in layers],
+        "lm_head": lambda c: [rmsnorm_gemv(model.lm_head, x, nw, 1e-5, outs["lm_head"], cfg=c) for _ in range(4)],
+    }
+    nbytes = {"qkv": layers[0].qkv_proj, "o": layers[0].o_proj, "gate_up": layers[0].gate_up_proj,
+              "down": layers[0].down_proj, "lm_head": model.lm_head}
+    table, best = {}, {}
+    for op, fn in ops.items():
+        reps = 4 if op == "lm_head" else len(layers)
+        total = nbytes[op].numel() * nbytes[op].element_size() * reps
+        for c in CONFIGS:
+            fn(c)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn(c)
+            ms = time_ms(g.replay, reps=10)
+            tbs = total / ms / 1e9
+            table[f"{op} {c.block_n}x{c.block_k}w{c.num_warps}s{c.num_stages}"] = round(tbs, 3)
+            if op not in best or tbs > best[op][0]:
+                best[op] = (tbs, c)
+    return table, GemvPlan(**{op: c for op, (_, c) in best.items()})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="dummy:llama-2-7b")
@@ -93,17 +134,17 @@ def main() -> None:
         lat["floor_ms"] = floor
         lat["ratio"] = lat["p50_ms"] / floor
         res["decode"][f"fused_{ctx}"] = lat
-    unfused = GraphRunner(model, fused_decode=False, buckets=())
+    unfused = GraphRunner(model, fused=False, buckets=())
     unfused.capture_next()
     res["decode"]["unfused_512"] = decode_latency(unfused, 512)
-    res["gemv_sweep"] = {}
-    for bn, bk, w, st in [(8, 512, 4, 3), (16, 256, 4, 3), (16, 512, 4, 2), (32, 256, 8, 3), (4, 1024, 4, 3),
-                          (8, 1024, 8, 2), (16, 1024, 8, 3), (32, 128, 4, 4)]:
-        g = GemvConfig(bn, bk, w, st)
+    res["gemv_sweep"], plan = gemv_sweep(model, res["bandwidth_tbs"])
+    res["best_plan"] = {k: vars(v) for k, v in vars(plan).items()}
+    res["split_sweep"] = {}
+    for split in (64, 128, 256):
         r = GraphRunner(model, buckets=())
-        r.fused = FusedDecoder(model, g)
+        r.fused = FusedDecoder(model, plan, split_size=split)
         r.capture_next()
-        res["gemv_sweep"][f"{bn}x{bk}w{w}s{st}"] = decode_latency(r, 512, steps=100)["p50_ms"]
+        res["split_sweep"][split] = {c: decode_latency(r, c, steps=100)["p50_ms"] for c in (512, 2048)}
         del r
     res["prefill_ms"] = {}
     for n in (10, 25, 50, 100, 200, 300, 400, 500):

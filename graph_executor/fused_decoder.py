@@ -7,16 +7,16 @@ from __future__ import annotations
 import torch
 
 from graph_executor.kernels.decode_attention import DecodeAttention
-from graph_executor.kernels.gemv import DEFAULT, GemvConfig, gemv_residual, rmsnorm_gemv, silu_gemv_residual
+from graph_executor.kernels.gemv import DEFAULT_PLAN, GemvPlan, gemv_residual, rmsnorm_gemv, silu_gemv_residual
 from graph_executor.kernels.rope_append import rope_append
 from graph_executor.model import LlamaModel
 
 
 class FusedDecoder:
-    def __init__(self, model: LlamaModel, gemv: GemvConfig = DEFAULT) -> None:
+    def __init__(self, model: LlamaModel, plan: GemvPlan = DEFAULT_PLAN, split_size: int | None = None) -> None:
         cfg = model.config
         self.model = model
-        self.gemv = gemv
+        self.plan = plan
         device, dtype = model.embed_tokens.device, model.dtype
 
         def empty(*shape: int) -> torch.Tensor:
@@ -28,22 +28,22 @@ class FusedDecoder:
         self.attn = empty(cfg.num_heads, cfg.head_dim)
         self.gate_up = empty(2 * cfg.intermediate_size)
         self.attention = DecodeAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, model.max_context,
-                                         device, cfg.sliding_window)
+                                         device, cfg.sliding_window, split_size)
 
     @torch.inference_mode()
     def step(self, token: torch.Tensor, position: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """token, position: [1] int64 on the device; logits: [vocab] (float32) written in place."""
         m, cfg = self.model, self.model.config
-        eps, g = cfg.rms_norm_eps, self.gemv
+        eps, g = cfg.rms_norm_eps, self.plan
         torch.index_select(m.embed_tokens, 0, token, out=self.x)
         x = self.x[0]  # [H]
         for index, layer in enumerate(m.layers):
             cache = m.kv_cache[index]  # [2, nkv, C, hd]
-            rmsnorm_gemv(layer.qkv_proj, x, layer.attn_norm, eps, self.qkv, bias=layer.qkv_bias, cfg=g)
+            rmsnorm_gemv(layer.qkv_proj, x, layer.attn_norm, eps, self.qkv, bias=layer.qkv_bias, cfg=g.qkv)
             rope_append(self.qkv, position, m.rope, self.q, cache[0], cache[1], cfg.num_heads, cfg.num_kv_heads,
                         cfg.head_dim)
             self.attention(self.q, cache[0], cache[1], position, self.attn)
-            gemv_residual(layer.o_proj, self.attn.view(-1), x, cfg=g)
-            rmsnorm_gemv(layer.gate_up_proj, x, layer.mlp_norm, eps, self.gate_up, cfg=g)
-            silu_gemv_residual(layer.down_proj, self.gate_up, x, cfg=g)
-        return rmsnorm_gemv(m.lm_head, x, m.norm, eps, logits, cfg=g)
+            gemv_residual(layer.o_proj, self.attn.view(-1), x, cfg=g.o)
+            rmsnorm_gemv(layer.gate_up_proj, x, layer.mlp_norm, eps, self.gate_up, cfg=g.gate_up)
+            silu_gemv_residual(layer.down_proj, self.gate_up, x, cfg=g.down)
+        return rmsnorm_gemv(m.lm_head, x, m.norm, eps, logits, cfg=g.lm_head)

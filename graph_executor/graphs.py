@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 import torch
 
 from graph_executor.fused_decoder import FusedDecoder
+from graph_executor.fused_prefill import FusedPrefill
 from graph_executor.model import LlamaModel
 from graph_executor.runner import ModelRunner, StepBuffers
 
-DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512)
+DEFAULT_BUCKETS = (16, 32, 64, 128, 192, 256, 320, 384, 448, 512)
 WARMUP_RUNS = 2
 
 
@@ -51,7 +52,7 @@ class GraphRunner:
     """Same interface as ModelRunner (`buffers`, `max_context`, `prefill`, `decode`), replaying graphs."""
 
     def __init__(self, model: LlamaModel, buffers: StepBuffers | None = None,
-                 buckets: tuple[int, ...] = DEFAULT_BUCKETS, fused_decode: bool = True) -> None:
+                 buckets: tuple[int, ...] = DEFAULT_BUCKETS, fused: bool = True) -> None:
         self.eager = ModelRunner(model, buffers)
         self.model = model
         self.buffers = self.eager.buffers
@@ -63,40 +64,37 @@ class GraphRunner:
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
         self.demand: Counter[int] = Counter()
-        # The fused decode kernels (7 launches per layer); None runs the unfused model code.
-        self.fused = FusedDecoder(model) if fused_decode else None
+        # Fused kernels (7 launches per decoder layer in decode, ~10 in prefill); None runs the model code.
+        self.fused = FusedDecoder(model) if fused else None
+        self.fused_prefill = FusedPrefill(model, max(self.chunk, 1)) if fused else None
         self.stats = CaptureStats()
 
-    # -- replay ------------------------------------------------------------------------------------------
+    # -- replay (or, until a graph exists, the same body run eagerly) -------------------------------------
+
+    def _launch(self, name: str, body) -> None:
+        graph = self.graphs.get(name)
+        if graph is None:
+            body()
+        else:
+            graph.replay()
 
     def decode(self, position: int) -> None:
-        graph = self.graphs.get("decode")
-        if graph is None:
-            self.eager.check_span(position, 1)
-            self.static.position.fill_(position)
-            self._decode_body()
-            return
         self.eager.check_span(position, 1)
         self.static.position.fill_(position)
-        graph.replay()
+        self._launch("decode", self._decode_body)
 
     def prefill(self, num_tokens: int, start_pos: int = 0) -> None:
         self.eager.check_span(start_pos, num_tokens)
         bucket = next((b for b in self.buckets if b >= num_tokens), None)
-        if start_pos == 0 and bucket is not None:
-            self.demand[bucket] += 1
-            graph = self.graphs.get(f"prefill_{bucket}")
-            if graph is None:
-                self.eager.prefill(num_tokens, start_pos)
-                return
-            self.static.logits_index.fill_(num_tokens - 1)
-            graph.replay()
+        if start_pos != 0 or bucket is None:
+            self._chunked_prefill(num_tokens, start_pos)
             return
-        self._chunked_prefill(num_tokens, start_pos)
+        self.demand[bucket] += 1
+        self.static.logits_index.fill_(num_tokens - 1)
+        self._launch(f"prefill_{bucket}", lambda: self._prefill_body(bucket))
 
     def _chunked_prefill(self, num_tokens: int, start_pos: int) -> None:
-        graph = self.graphs.get("chunk")
-        if graph is None:
+        if not self.chunk:
             self.eager.prefill(num_tokens, start_pos)
             return
         for offset in range(0, num_tokens, self.chunk):
@@ -106,7 +104,7 @@ class GraphRunner:
             torch.add(self.static.arange, start_pos + offset, out=self.static.chunk_positions)
             self.static.chunk_positions.clamp_(max=self.max_context - 1)
             self.static.logits_index.fill_(n - 1)
-            graph.replay()
+            self._launch("chunk", self._chunk_body)
 
     # -- the step bodies (captured as graphs, or run eagerly) ----------------------------------------------
 
@@ -118,13 +116,20 @@ class GraphRunner:
         self.buffers.logits.copy_(logits[0])
 
     def _prefill_body(self, bucket: int) -> None:
-        logits = self.model(self.buffers.input_ids[:bucket], self.static.arange[:bucket],
-                            self.static.logits_index, bucket)
+        ids, positions = self.buffers.input_ids[:bucket], self.static.arange[:bucket]
+        if self.fused_prefill is not None:
+            self.fused_prefill.run(ids, positions, self.static.logits_index, self.buffers.logits)
+            return
+        logits = self.model(ids, positions, self.static.logits_index, bucket)
         self.buffers.logits.copy_(logits[0])
 
     def _chunk_body(self) -> None:
-        logits = self.model(self.static.chunk_ids, self.static.chunk_positions, self.static.logits_index,
-                            self.max_context)
+        s = self.static
+        if self.fused_prefill is not None:
+            self.fused_prefill.run(s.chunk_ids, s.chunk_positions, s.logits_index, self.buffers.logits,
+                                   kv_len=self.max_context)
+            return
+        logits = self.model(s.chunk_ids, s.chunk_positions, s.logits_index, self.max_context)
         self.buffers.logits.copy_(logits[0])
 
     # -- capture ------------------------------------------------------------------------------------------

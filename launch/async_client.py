@@ -17,7 +17,7 @@ with ServerError("unreachable") only when that goes unanswered.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import zmq
 import zmq.asyncio
@@ -67,10 +67,11 @@ class AsyncClient:
 
     async def generate(self, prompt: str | None = None, *, messages: list[dict] | None = None,
                        token_ids: list[int] | None = None, params: dict | None = None,
-                       request_id: str | None = None) -> AsyncIterator[TokenChunk | Finished]:
+                       request_id: str | None = None) -> AsyncGenerator[TokenChunk | Finished, None]:
         """Yield a TokenChunk per generated token, then the Finished message; raises ServerError.
 
-        A request that can't even be encoded (bad types, over the frame limit) is ServerError("invalid_request").
+        A request that can't even be encoded (bad types, over the frame limit) is
+        ServerError("invalid_request").
         """
         try:
             request = GenerateRequest(request_id or uuid.uuid4().hex, prompt, messages, token_ids,

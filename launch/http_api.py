@@ -18,7 +18,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
@@ -33,10 +33,16 @@ from launch.client import ServerError
 from launch.openai_protocol import (ChatCompletionRequest, ChunkMaker, CompletionRequest, Unsupported,
                                     chat_body, completion_body, error_body, models_body)
 
+Events = AsyncGenerator[TokenChunk | Finished, None]  # one request's messages, from AsyncClient.generate
 log = logging.getLogger("hybridrt.http")
 HEALTH_TIMEOUT_S = 2.0
 UNAVAILABLE_CODES = frozenset({"executor_died", "unreachable", "timeout"})
 MAX_REPORTED_ERRORS = 4
+UNION_HINTS = {  # fields with several accepted forms: one clear line instead of an error per form
+    "prompt": "must be a string, a list holding one string, or a list of token ids (ints >= 0)",
+    "content": 'must be a string or a list of {"type": "text", "text": ...} parts (only text is supported)',
+    "stop": "must be a string or a list of strings",
+}
 
 
 class ApiError(Exception):
@@ -48,7 +54,8 @@ class ApiError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
     def response(self) -> JSONResponse:
-        return JSONResponse(error_body(self.message, self.type, self.param, self.code), status_code=self.status)
+        body = error_body(self.message, self.type, self.param, self.code)
+        return JSONResponse(body, status_code=self.status)
 
     @classmethod
     def from_server(cls, e: ServerError) -> ApiError:
@@ -120,7 +127,7 @@ async def _respond(client: AsyncClient, body: CompletionRequest | ChatCompletion
     first = await _next_or_error(events)
     if body.stream:
         chunks = ChunkMaker(request_id, body.model, chat, body.include_usage)
-        return _ClosingStreamingResponse(_sse(first, events, chunks), media_type="text/event-stream")
+        return _ClosingStreamingResponse(_sse(first, events, chunks), events)
     item = first
     async with aclosing(events):
         while not isinstance(item, Finished):
@@ -129,17 +136,18 @@ async def _respond(client: AsyncClient, body: CompletionRequest | ChatCompletion
     return make(request_id, body.model, item.text, item.finish_reason, item.usage)
 
 
-async def _next_or_error(events: AsyncIterator[TokenChunk | Finished]) -> TokenChunk | Finished:
+async def _next_or_error(events: Events) -> TokenChunk | Finished:
     try:
         return await anext(events)
     except ServerError as e:
         raise ApiError.from_server(e) from None
     except StopAsyncIteration:
-        raise ApiError(500, "the inference server ended the request without a result", "server_error") from None
+        message = "the inference server ended the request without a result"
+        raise ApiError(500, message, "server_error") from None
 
 
-async def _sse(first: TokenChunk | Finished, events: AsyncIterator[TokenChunk | Finished],
-               chunks: ChunkMaker) -> AsyncIterator[str]:
+async def _sse(first: TokenChunk | Finished, events: Events,
+               chunks: ChunkMaker) -> AsyncGenerator[str, None]:
     """Server-sent events in OpenAI's order: role, content deltas, finish reason, usage (if asked), [DONE]."""
     async with aclosing(events):
         if (opening := chunks.first()) is not None:
@@ -164,14 +172,19 @@ def _event(data: dict) -> str:
 
 
 class _ClosingStreamingResponse(StreamingResponse):
-    """Closes its body generator however the response ends. Starlette cancels the sending task when the
-    client disconnects, which may leave the generator suspended at a `yield` instead of raising inside it."""
+    """Closes its body and the request's events however the response ends. Starlette cancels the sending
+    task when the client disconnects, which may leave them suspended at a `yield`, or never started."""
+
+    def __init__(self, body: AsyncGenerator[str, None], events: Events) -> None:
+        super().__init__(body, media_type="text/event-stream")
+        self._body, self._events = body, events
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            await self._body.aclose()
+            await self._events.aclose()  # sends CancelRequest if the request is unfinished
 
 
 def _key_checker(api_key: str | None):
@@ -211,19 +224,21 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
-    """One readable line from pydantic's errors, one part per offending top-level field."""
-    by_field: dict[str, list[dict]] = {}
+    """One readable line from pydantic's errors; the top-level field of the first one is the `param`."""
+    parts: list[str] = []
+    params: list[str] = []
     for err in exc.errors():
         if err["type"] == "json_invalid":
             return f"the body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}", None
         loc = [str(p) for p in err["loc"] if p != "body"]
-        by_field.setdefault(loc[0] if loc else "body", []).append({**err, "loc": loc})
-    parts = []
-    for name, errs in list(by_field.items())[:MAX_REPORTED_ERRORS]:
-        if errs[0]["type"] == "extra_forbidden":
-            parts.append(f"{name}: unknown field (not supported)")
-        elif len(errs) == 1:
-            parts.append(f"{'.'.join(errs[0]['loc']) or name}: {errs[0]['msg']}")
-        else:  # one error per arm of a union (e.g. prompt: string | token ids | [string])
-            parts.append(f"{name}: not any accepted form ({errs[0]['msg'].lower()}, ...)")
-    return "; ".join(parts) or "invalid request body", next(iter(by_field), None)
+        union = next((i for i, p in enumerate(loc) if p in UNION_HINTS), None)
+        if union is not None and len(loc) > union + 1:  # pydantic reports one error per arm of the union
+            part = f"{'.'.join(loc[: union + 1])}: {UNION_HINTS[loc[union]]}"
+        elif err["type"] == "extra_forbidden":
+            part = f"{'.'.join(loc)}: unknown field (not supported)"
+        else:
+            part = f"{'.'.join(loc) or 'body'}: {err['msg']}"
+        if part not in parts:
+            parts.append(part)
+            params.append(loc[0] if loc else "body")
+    return "; ".join(parts[:MAX_REPORTED_ERRORS]) or "invalid request body", (params[0] if params else None)

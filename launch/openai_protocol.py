@@ -1,9 +1,10 @@
-"""The OpenAI wire format of the HTTP API: request bodies (pydantic, unknown fields refused), their translation
-into the native protocol's prompt and sampling params, and the response, chunk and error bodies.
+"""The OpenAI wire format of the HTTP API: request bodies (pydantic, unknown fields refused), their
+translation into the native protocol's prompt and sampling params, and the response, chunk and error bodies.
 
 Only what hybridrt can honour is accepted. Fields that clients send with neutral values (penalties of 0, an
-empty logit_bias, n=1, echo=false, ...) pass; any other value is an `Unsupported` error (HTTP 400) rather than
-being silently ignored. vLLM's extras (top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids) pass through.
+empty logit_bias, n=1, echo=false, ...) pass; any other value is an `Unsupported` error (HTTP 400) rather
+than being silently ignored. vLLM's extras (top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids)
+pass through.
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ class CompletionRequest(_SamplingRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str) and len(self.prompt) != 1:
+        texts = isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str)
+        if texts and len(self.prompt) != 1:
             raise Unsupported("prompt", "a list of prompts must hold exactly one string (batch-1 server)")
         if self.echo:
             raise Unsupported("echo", "echo is not supported")

@@ -135,3 +135,44 @@ def test_fused_decoder_matches_model_decode(tmp_path) -> None:
     ref = model(token, position, torch.tensor([0], device=DEVICE), 10)[0]
     assert rel(logits, ref.double().cpu()) < 1e-4
     assert torch.allclose(cache_after_fused, model.kv_cache, atol=1e-5)
+
+
+from graph_executor.kernels.rows import rmsnorm_rows, silu_mul_rows  # noqa: E402
+
+
+def test_rmsnorm_and_silu_rows() -> None:
+    gen = torch.Generator().manual_seed(8)
+    x, w, gu = torch.randn(5, 300, generator=gen), torch.randn(300, generator=gen), torch.randn(5, 2 * 1500, generator=gen)
+    out = torch.full((5, 300), float("nan"), device=DEVICE)
+    rmsnorm_rows(x.to(DEVICE), w.to(DEVICE), 1e-6, out)
+    ref = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
+    assert rel(out, ref) < 1e-6
+    act = torch.full((5, 1500), float("nan"), device=DEVICE)
+    silu_mul_rows(gu.to(DEVICE), act)
+    assert rel(act, torch.nn.functional.silu(gu[:, :1500].double()) * gu[:, 1500:].double()) < 1e-6
+
+
+@pytest.mark.parametrize("case", ["from_zero", "chunk"])
+def test_fused_prefill_matches_model_forward(case, tmp_path) -> None:
+    import transformers
+
+    from graph_executor.fused_prefill import FusedPrefill
+    from graph_executor.loader import LoadConfig, load_model
+    from tests.test_model_equivalence import BASE, make_hf_model
+
+    make_hf_model(transformers.LlamaConfig, dict(num_key_value_heads=2), seed=22).save_pretrained(tmp_path)
+    model = load_model(LoadConfig(model=str(tmp_path), device=str(DEVICE), dtype="float32", max_context=64,
+                                  progress=False)).model
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, BASE["vocab_size"], (20,), generator=gen).to(DEVICE)
+    prefill = FusedPrefill(model, 16)
+    logits = torch.full((BASE["vocab_size"],), float("nan"), device=DEVICE)
+    if case == "from_zero":
+        prefill.run(ids[:12], torch.arange(12, device=DEVICE), torch.tensor([11], device=DEVICE), logits)
+        ref = model(ids[:12], torch.arange(12, device=DEVICE), torch.tensor([11], device=DEVICE), 12)[0]
+    else:  # the first 8 tokens through the model, then 12 more as a chunk attending to the cache
+        model(ids[:8], torch.arange(8, device=DEVICE), torch.tensor([7], device=DEVICE), 8)
+        positions = torch.arange(8, 20, device=DEVICE)
+        prefill.run(ids[8:], positions, torch.tensor([11], device=DEVICE), logits, kv_len=64)
+        ref = model(ids[8:], positions, torch.tensor([11], device=DEVICE), 20)[0]
+    assert rel(logits, ref.double().cpu()) < 1e-4

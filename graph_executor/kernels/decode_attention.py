@@ -72,11 +72,12 @@ class DecodeAttention:
     """Workspace sized once for a cache length; `__call__` is graph-safe (no allocation, no host reads)."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, max_context: int,
-                 device: torch.device, sliding_window: int | None = None) -> None:
+                 device: torch.device, sliding_window: int | None = None, split_size: int | None = None) -> None:
         if head_dim & (head_dim - 1):
             raise ValueError(f"decode attention needs a power-of-two head_dim, got {head_dim}")
         self.num_heads, self.group, self.head_dim = num_heads, num_heads // num_kv_heads, head_dim
-        self.num_splits = triton.next_power_of_2(triton.cdiv(max_context, SPLIT_SIZE))
+        self.split = split_size or SPLIT_SIZE
+        self.num_splits = triton.next_power_of_2(triton.cdiv(max_context, self.split))
         self.window = sliding_window or (1 << 30)
         self.scale = head_dim ** -0.5
         f32 = dict(device=device, dtype=torch.float32)
@@ -92,7 +93,7 @@ class DecodeAttention:
             q, k_cache, v_cache, position, self.acc, self.m, self.l,
             k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
             self.scale, self.window,
-            GROUP=self.group, HEAD_DIM=self.head_dim, SPLIT=SPLIT_SIZE, BLOCK=BLOCK_N,
+            GROUP=self.group, HEAD_DIM=self.head_dim, SPLIT=self.split, BLOCK=min(BLOCK_N, self.split),
             NUM_SPLITS=self.num_splits,
         )
         _reduce_kernel[(self.num_heads,)](self.acc, self.m, self.l, out, HEAD_DIM=self.head_dim,

@@ -29,6 +29,20 @@ class GemvConfig:
 DEFAULT = GemvConfig()
 
 
+@dataclass(frozen=True)
+class GemvPlan:
+    """A block config per projection of the decode step (chosen by bench/gpu_probe.py's sweep)."""
+
+    qkv: GemvConfig = DEFAULT
+    o: GemvConfig = DEFAULT
+    gate_up: GemvConfig = DEFAULT
+    down: GemvConfig = DEFAULT
+    lm_head: GemvConfig = DEFAULT
+
+
+DEFAULT_PLAN = GemvPlan()
+
+
 @triton.jit
 def _rmsnorm_gemv_kernel(w_ptr, x_ptr, nw_ptr, b_ptr, out_ptr, N, K, eps,
                          HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):

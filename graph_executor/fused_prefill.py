@@ -1,0 +1,69 @@
+"""The prefill step on the GPU with fused row kernels and cuBLAS GEMMs (about 10 launches per layer instead
+of ~45): the body of the prefill and chunk CUDA graphs. Residual adds ride in the GEMM (`addmm_`), RMSNorm and
+SwiGLU are one Triton kernel each, RoPE + KV append one kernel, and the lm_head runs on the last valid row only
+through the fused RMSNorm-GEMV, straight into the float32 logits buffer."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from graph_executor.kernels.gemv import rmsnorm_gemv
+from graph_executor.kernels.rope_append import rope_append
+from graph_executor.kernels.rows import rmsnorm_rows, silu_mul_rows
+from graph_executor.model import LlamaModel
+
+
+class FusedPrefill:
+    def __init__(self, model: LlamaModel, max_tokens: int) -> None:
+        cfg = model.config
+        self.model = model
+        device, dtype = model.embed_tokens.device, model.dtype
+
+        def empty(*shape: int) -> torch.Tensor:
+            return torch.empty(*shape, device=device, dtype=dtype)
+
+        self.x = empty(max_tokens, cfg.hidden_size)  # residual stream [T, H]
+        self.h = empty(max_tokens, cfg.hidden_size)  # normalised [T, H]
+        self.qkv = empty(max_tokens, cfg.q_size + 2 * cfg.kv_size)
+        self.q = empty(max_tokens, cfg.num_heads, cfg.head_dim)
+        self.gate_up = empty(max_tokens, 2 * cfg.intermediate_size)
+        self.act = empty(max_tokens, cfg.intermediate_size)
+        self.key_pos = torch.arange(model.max_context, device=device)
+
+    @torch.inference_mode()
+    def run(self, ids: torch.Tensor, positions: torch.Tensor, logits_index: torch.Tensor, logits: torch.Tensor,
+            kv_len: int | None = None) -> torch.Tensor:
+        """ids, positions [T] int64; logits_index [1] int64; logits [vocab] float32, written in place.
+        kv_len None: a prompt from position 0 (positions = 0..T-1), causal attention over the T new tokens;
+        else attention over cache slots [0, kv_len) masked by position (a chunk of a longer prompt)."""
+        m, cfg = self.model, self.model.config
+        t, eps = ids.shape[0], cfg.rms_norm_eps
+        x, h, qkv, q = self.x[:t], self.h[:t], self.qkv[:t], self.q[:t]
+        gate_up, act = self.gate_up[:t], self.act[:t]
+        mask = None
+        if kv_len is not None:
+            mask = self.key_pos[None, :kv_len] <= positions[:, None]  # [T, S]
+            if cfg.sliding_window is not None:
+                mask &= self.key_pos[None, :kv_len] > positions[:, None] - cfg.sliding_window
+        torch.index_select(m.embed_tokens, 0, ids, out=x)
+        for index, layer in enumerate(m.layers):
+            cache = m.kv_cache[index]  # [2, nkv, C, hd]
+            rmsnorm_rows(x, layer.attn_norm, eps, h)
+            if layer.qkv_bias is not None:
+                torch.addmm(layer.qkv_bias, h, layer.qkv_proj.t(), out=qkv)
+            else:
+                torch.mm(h, layer.qkv_proj.t(), out=qkv)
+            rope_append(qkv, positions, m.rope, q, cache[0], cache[1], cfg.num_heads, cfg.num_kv_heads,
+                        cfg.head_dim)
+            span = t if kv_len is None else kv_len
+            out = F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None], cache[0, :, :span][None], cache[1, :, :span][None], attn_mask=mask,
+                is_causal=mask is None, enable_gqa=True)  # [1, nh, T, hd]
+            x.addmm_(out[0].transpose(0, 1).reshape(t, cfg.q_size), layer.o_proj.t())
+            rmsnorm_rows(x, layer.mlp_norm, eps, h)
+            torch.mm(h, layer.gate_up_proj.t(), out=gate_up)
+            silu_mul_rows(gate_up, act)
+            x.addmm_(act, layer.down_proj.t())
+        last = x.index_select(0, logits_index)  # [1, H]
+        return rmsnorm_gemv(m.lm_head, last[0], m.norm, eps, logits)

@@ -1,0 +1,179 @@
+"""The OpenAI-compatible HTTP API of a real `hybridrt serve` (default model, CPU), driven by the official
+`openai` client and by raw HTTP for what that client won't send."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import aclosing
+
+import httpx
+import openai
+import pytest
+
+from ipc.messages import Finished
+from launch.async_client import AsyncClient
+from launch.client import Client, ServerError
+from launch.http_api import create_app
+from tests.serve_process import ServeProcess, free_port
+
+PROMPT = "The capital of France is"
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def server(default_model_dir):
+    with ServeProcess() as serve:
+        yield serve
+
+
+@pytest.fixture(scope="module")
+def model(server) -> str:
+    with Client(server.address) as client:
+        return client.status()["model"]
+
+
+def openai_client(serve: ServeProcess, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{serve.http}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def native_finished(address: str, **request) -> Finished:
+    with Client(address) as client:
+        *_, finished = client.generate(**request)
+    return finished
+
+
+def wait_idle(address: str, timeout_s: float = 10.0) -> None:
+    """Until the server runs no request: a cancelled one of 3000 tokens must stop well before timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    with Client(address) as client:
+        while client.status()["active"] is not None:
+            assert time.monotonic() < deadline, "the generation went on after its client left"
+            time.sleep(0.05)
+
+
+def test_health_and_models(server, model) -> None:
+    health = httpx.get(f"{server.http}/health")
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
+    models = openai_client(server).models.list()
+    assert [m.id for m in models.data] == [model]
+
+
+def test_health_is_503_without_a_jit_context() -> None:
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(f"tcp://127.0.0.1:{free_port()}", "m", None, 128)) as client:
+        reply = client.get("/health")
+    assert reply.status_code == 503 and reply.json()["status"] == "unavailable"
+
+
+def test_completion_equals_native_client(server, model) -> None:
+    api = openai_client(server)
+    completion = api.completions.create(model=model, prompt=PROMPT, max_tokens=8, temperature=0)
+    native = native_finished(server.address, prompt=PROMPT, params={"max_tokens": 8, "temperature": 0.0})
+    choice = completion.choices[0]
+    assert choice.text == native.text and choice.text.strip()
+    assert choice.finish_reason == "length" and completion.object == "text_completion"
+    assert completion.usage.completion_tokens == 8
+    assert completion.usage.total_tokens == completion.usage.prompt_tokens + 8
+
+    streamed = api.completions.create(model=model, prompt=PROMPT, max_tokens=8, temperature=0, stream=True)
+    chunks = list(streamed)
+    assert "".join(c.choices[0].text for c in chunks) == native.text
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+    by_ids = api.completions.create(model=model, prompt=native.token_ids, max_tokens=4, temperature=0)
+    params = {"max_tokens": 4, "temperature": 0.0}
+    again = native_finished(server.address, token_ids=native.token_ids, params=params)
+    assert by_ids.choices[0].text == again.text
+
+
+def test_chat_completion_streamed_and_not(server, model) -> None:
+    api = openai_client(server)
+    answer = api.chat.completions.create(model=model, messages=QUESTION, max_tokens=24, temperature=0)
+    text = answer.choices[0].message.content
+    assert "Paris" in text and answer.choices[0].message.role == "assistant"
+    assert answer.choices[0].finish_reason == "stop" and answer.usage.completion_tokens > 0
+
+    # The same question in text parts, which the API flattens to the same string.
+    parts = [{"type": "text", "text": "What is the capital "}, {"type": "text", "text": "of France?"}]
+    stream = api.chat.completions.create(model=model, messages=[{"role": "user", "content": parts}],
+                                         max_completion_tokens=24, temperature=0, stream=True,
+                                         stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == ["stop"]
+    assert chunks[-1].choices == [] and chunks[-1].usage == answer.usage
+
+
+BAD_REQUESTS = [  # (endpoint, change to a good body, status, error param)
+    ("completions", {"temperature": -1}, 400, None),
+    ("completions", {"top_p": 2}, 400, None),
+    ("completions", {"frobnicate": True}, 400, "frobnicate"),
+    ("completions", {"prompt": ""}, 400, None),
+    ("completions", {"n": 2}, 400, "n"),
+    ("completions", {"echo": True}, 400, "echo"),
+    ("completions", {"prompt": ["a", "b"]}, 400, "prompt"),
+    ("completions", {"model": "gpt-5"}, 404, "model"),
+    ("chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages"),
+    ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+     "messages"),
+    ("chat/completions", {"temperature": -1, "stream": True}, 400, None),
+]
+
+
+def test_bad_requests_are_openai_errors(server, model) -> None:
+    bodies = {"completions": {"model": model, "max_tokens": 2, "prompt": "Hi"},
+              "chat/completions": {"model": model, "max_tokens": 2, "messages": QUESTION}}
+    for path, change, status, param in BAD_REQUESTS:
+        reply = httpx.post(f"{server.http}/v1/{path}", json={**bodies[path], **change}, timeout=60)
+        assert reply.status_code == status, (change, reply.text)
+        error = reply.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"], change
+        assert error["type"] == "invalid_request_error" and error["param"] == param, (change, error)
+    for path, body in bodies.items():  # the server still answers
+        good = httpx.post(f"{server.http}/v1/{path}", json=body, timeout=60)
+        assert good.status_code == 200, good.text
+
+
+def test_client_disconnect_cancels_generation(server, model) -> None:
+    body = {"model": model, "prompt": "Once upon a time", "max_tokens": 3000, "ignore_eos": True,
+            "stream": True}
+    with httpx.stream("POST", f"{server.http}/v1/completions", json=body, timeout=60) as reply:
+        events = (line for line in reply.iter_lines() if line)
+        assert all(next(events).startswith("data: {") for _ in range(3))  # tokens are flowing: now hang up
+    wait_idle(server.address)
+
+
+def test_async_client_cancels_when_closed_early(server) -> None:
+    async def scenario() -> str:
+        client = AsyncClient(server.address)
+        try:
+            params = {"max_tokens": 3000, "ignore_eos": True}
+            async with aclosing(client.generate(prompt="Once upon a time", params=params)) as events:
+                async for _ in events:
+                    break  # stop after one token; closing the generator sends CancelRequest
+            wait_idle(server.address)
+            try:
+                await anext(client.generate(prompt="Hi", params={"temperature": -1}))
+            except ServerError as e:
+                return e.code
+            return "no error"
+        finally:
+            client.close()
+
+    assert asyncio.run(scenario()) == "invalid_request"
+
+
+def test_api_key(default_model_dir) -> None:
+    with ServeProcess("--api-key", "secret") as serve:
+        with pytest.raises(openai.AuthenticationError):
+            openai_client(serve, "wrong").models.list()
+        bare = httpx.get(f"{serve.http}/v1/models")
+        assert bare.status_code == 401 and bare.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(f"{serve.http}/health").status_code == 200
+        api = openai_client(serve, "secret")
+        model = api.models.list().data[0].id
+        assert api.completions.create(model=model, prompt=PROMPT, max_tokens=2, temperature=0).choices[0].text
