@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-SPLIT_SIZE = 256  # positions per split: enough work per program, enough programs at long contexts
+SPLIT_SIZE = 64  # positions per split; H200 LLaMA-2-7B decode at ctx 512/2048: 64 -> 4.09/4.44 ms, 256 -> 4.44/4.60
 BLOCK_N = 64
 
 

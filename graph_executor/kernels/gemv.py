@@ -40,7 +40,15 @@ class GemvPlan:
     lm_head: GemvConfig = DEFAULT
 
 
-DEFAULT_PLAN = GemvPlan()
+# Measured on an H200 (bench/NOTES.md, probe 2): each projection over all 32 layers of LLaMA-2-7B in one graph.
+# Small-N projections (o_proj: 4096 rows) need more, thinner programs to keep enough loads in flight.
+DEFAULT_PLAN = GemvPlan(
+    qkv=GemvConfig(16, 256, 4, 3),  # 3.93 TB/s (16x512: 3.81)
+    o=GemvConfig(2, 2048, 4, 3),  # 3.00 TB/s (16x512: 2.39)
+    gate_up=GemvConfig(16, 256, 4, 3),  # 3.99 TB/s
+    down=GemvConfig(16, 512, 4, 3),  # 3.28 TB/s
+    lm_head=GemvConfig(16, 512, 4, 2),  # 3.92 TB/s
+)
 
 
 @triton.jit
