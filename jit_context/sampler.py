@@ -44,6 +44,7 @@ class Sampler:
         self._noise = torch.empty(vocab_size, **f32)  # [V]
         self._generator = torch.Generator(device=self.device)
         self._all_greedy = True  # host copy of the request's greedy flag (set from params, never read back)
+        self._penalize = False  # host copy: does the request use a repetition penalty?
         self.seed: int | None = None  # the seed in use, drawn at random when the request gave none
 
     def start_request(self, params: SamplingParams, prompt_ids: list[int]) -> None:
@@ -54,6 +55,7 @@ class Sampler:
         # fill_ with a Python scalar enqueues a kernel; it does not wait for the device.
         self._greedy.fill_(params.greedy)
         self._all_greedy = params.greedy
+        self._penalize = params.repetition_penalty != 1.0
         # Greedy still runs the sampled branch (its result is discarded): temperature 1 keeps it finite.
         self._temperature.fill_(1.0 if params.greedy else params.temperature)
         self._top_k.fill_(self.vocab_size if params.top_k == 0 else min(params.top_k, self.vocab_size))
@@ -75,7 +77,9 @@ class Sampler:
         """Pick the next token from logits [V] (any float dtype); returns [1] int64 on the same device."""
         if logits.shape != (self.vocab_size,):
             raise ValueError(f"logits must have shape ({self.vocab_size},), got {tuple(logits.shape)}")
-        x = self._apply_repetition_penalty(logits.float())  # [V] f32
+        x = logits.float()  # [V] f32
+        if self._penalize:  # host-known per request: no penalty, no three passes over the vocabulary
+            x = self._apply_repetition_penalty(x)
         greedy_token = torch.argmax(x).view(1)  # [1]
         if self._all_greedy:
             # A host-known flag of the request, not a tensor value: greedy requests skip the sort (about
