@@ -34,7 +34,20 @@ def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmark TTFT and per-token latency against floors and HF transformers",
                        description=__doc__.strip().splitlines()[0], epilog=_epilog(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("model and device")
+    _model_flags(p.add_argument_group("model and device"))
+    _workload_flags(p.add_argument_group("what to run"))
+    r = p.add_argument_group("running")
+    r.add_argument("--out", default=None,
+                   help="results folder (default: bench/results/<date>-<gpu or cpu>-<model>/)")
+    r.add_argument("--mps", choices=MPS_MODES, default="auto",
+                   help="CUDA MPS daemon for the hybridrt end-to-end engine (default: auto)")
+    r.add_argument("--timeout", type=float, default=240.0,
+                   help="seconds each engine process may take, model load and warm-up included (default: 240)")
+    r.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.set_defaults(run=run)
+
+
+def _model_flags(g) -> None:
     g.add_argument("--model", default=None,
                    help=f"dummy:<preset>, HF folder, .gguf file or smollm2-135m-instruct "
                         f"(default: GPU {_GPU.model} / CPU {_CPU.model})")
@@ -43,10 +56,12 @@ def register(sub) -> None:
                    help="auto (float16 on GPU, float32 on CPU), float16, bfloat16 or float32 (default: auto)")
     g.add_argument("--max-context", type=int, default=None,
                    help="KV cache length of every engine (default: what the workloads need, rounded up to 256)")
-    g.add_argument("--tokenizer", default=None, help="tokenizer for hybridrt engines (default: none for dummy "
-                                                     "models; prompts are token ids either way)")
+    g.add_argument("--tokenizer", default=None, help="tokenizer for the hybridrt engines (default: the model's; "
+                                                     "none for dummy models; prompts are token ids either way)")
     g.add_argument("--seed", type=int, default=0, help="seed of the prompt ids and dummy weights (default: 0)")
-    w = p.add_argument_group("what to run")
+
+
+def _workload_flags(w) -> None:
     w.add_argument("--engines", default=None,
                    help=f"comma list of {', '.join(ENGINE_HELP)}, or all (default: all this device runs)")
     w.add_argument("--workloads", default="all", help=f"comma list of {', '.join(WORKLOAD_HELP)} (default: all)")
@@ -64,15 +79,6 @@ def register(sub) -> None:
     w.add_argument("--context-steps", type=int, default=None,
                    help=f"decode steps timed at each context (default: GPU {_GPU.context_steps} / "
                         f"CPU {_CPU.context_steps})")
-    r = p.add_argument_group("running")
-    r.add_argument("--out", default=None,
-                   help="results folder (default: bench/results/<date>-<gpu or cpu>-<model>/)")
-    r.add_argument("--mps", choices=MPS_MODES, default="auto",
-                   help="CUDA MPS daemon for the hybridrt end-to-end engine (default: auto)")
-    r.add_argument("--timeout", type=float, default=240.0,
-                   help="seconds each engine process may take, model load and warm-up included (default: 240)")
-    r.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    p.set_defaults(run=run)
 
 
 def options(args: argparse.Namespace):

@@ -74,12 +74,14 @@ class Supervisor:
             executor += ["--max-context", str(load.max_context)]
         if not load.progress:
             executor.append("--quiet")
-        self.children["graph_executor"] = subprocess.Popen(executor, env=env)
+        # Own session: a terminal Ctrl-C reaches only this process, which stops the children in order (and
+        # `hybridrt chat` can cancel a reply without its server dying of the same SIGINT).
+        self.children["graph_executor"] = subprocess.Popen(executor, env=env, start_new_session=True)
         jit = [sys.executable, "-m", "jit_context", "--control", control, "--listen", self.address,
                "--executor-pid", str(self.children["graph_executor"].pid)]
         if self.config.tokenizer:
             jit += ["--tokenizer", self.config.tokenizer]
-        self.children["jit_context"] = subprocess.Popen(jit, env=env)
+        self.children["jit_context"] = subprocess.Popen(jit, env=env, start_new_session=True)
 
     def wait_ready(self) -> dict:
         deadline = time.monotonic() + self.config.ready_timeout_s
@@ -95,10 +97,11 @@ class Supervisor:
         raise HybridrtError(f"the server was not ready within {self.config.ready_timeout_s:.0f} s")
 
     def check_children(self) -> None:
-        for name, proc in self.children.items():
-            code = proc.poll()
-            if code is not None:
-                raise ChildDied(_describe_exit(name, code))
+        # Name every child that has exited: when one dies its peer soon exits by itself, and reporting only the
+        # first in order could blame the peer ("graph_executor exited with code 0") and hide the cause.
+        exited = [(name, proc.poll()) for name, proc in self.children.items() if proc.poll() is not None]
+        if exited:
+            raise ChildDied("; ".join(_describe_exit(name, code) for name, code in exited))
 
     def watch(self, poll_s: float = 0.2) -> None:
         """Block until a child exits (raises ChildDied)."""

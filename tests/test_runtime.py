@@ -1,0 +1,243 @@
+"""The two-process runtime end to end: a real `hybridrt serve` (graph executor + JIT context) on the default
+model, real sockets, the native client and hand-made frames. One server serves the whole module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+import zmq
+
+from ipc.codec import decode, encode
+from ipc.messages import CancelRequest, Error, Finished, GenerateRequest, Shutdown, TokenChunk
+from launch.client import Client, ServerError
+from tests.serve_process import ServeProcess
+
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]
+GREEDY_32 = {"max_tokens": 32, "temperature": 0.0, "ignore_eos": True}
+CLI = [sys.executable, "-m", "launch.cli"]
+
+
+@pytest.fixture(scope="module")
+def server(default_model_dir):
+    server = ServeProcess(http=False)
+    server.wait_ready()
+    yield server
+    assert server.stop() == 0, server.proc.stderr.read()
+
+
+@pytest.fixture(scope="module")
+def reference(default_model_dir) -> list:
+    """The single-process output (what `generate --in-process` runs) for each prompt: GenerationResults."""
+    from graph_executor.loader import LoadConfig
+    from jit_context.sampling_params import SamplingParams
+    from launch.local import LocalEngine, PromptInput
+
+    engine = LocalEngine(LoadConfig(device="cpu", progress=False))
+    params = SamplingParams(**GREEDY_32)
+    results = []
+    for prompt in PROMPTS:
+        ids = engine.prompt_ids(PromptInput(messages=[{"role": "user", "content": prompt}]))
+        results.append(list(engine.generator.generate(ids, params))[-1])
+    return results
+
+
+def chat(prompt: str) -> list[dict]:
+    return [{"role": "user", "content": prompt}]
+
+
+def run_request(address: str, **kwargs) -> tuple[list[TokenChunk], Finished]:
+    with Client(address) as client:
+        *chunks, final = client.generate(**kwargs)
+    assert isinstance(final, Finished) and all(isinstance(c, TokenChunk) for c in chunks)
+    return chunks, final
+
+
+def assert_serves(server: ServeProcess) -> None:
+    """The server still answers a request correctly."""
+    _, final = run_request(server.address, prompt="Hi", params={"max_tokens": 2, "temperature": 0})
+    assert final.finish_reason == "length" and len(final.token_ids) == 2
+
+
+# -- correctness ----------------------------------------------------------------------------------------------
+
+
+def test_serve_equals_in_process_output(server, reference) -> None:
+    for prompt, ref in zip(PROMPTS, reference):
+        chunks, final = run_request(server.address, messages=chat(prompt), params=GREEDY_32)
+        assert final.token_ids == ref.token_ids, prompt
+        assert final.text == ref.text
+        assert "".join(c.text for c in chunks) == final.text
+        assert [t for c in chunks for t in c.token_ids] == final.token_ids
+        assert final.finish_reason == "length"
+        assert final.usage["completion_tokens"] == 32 and final.usage["prompt_tokens"] == ref.prompt_tokens
+        assert final.timings["ttft_ms"] > 0 and len(final.timings["token_times_ms"]) == 32
+    assert "Paris" in reference[0].text
+
+
+def test_generate_cli_ephemeral_and_connect_match_in_process(server) -> None:
+    # One after the other: in parallel, several torch processes on few cores run far slower than in turn.
+    flags = ["--json", "--quiet", "--device", "cpu", "--max-tokens", "16", "--ignore-eos", PROMPTS[0]]
+    expected = in_process_cli(["generate", "--in-process", *flags])
+    assert len(expected["token_ids"]) == 16
+    for mode in (["--connect", server.address], []):  # a running server; an ephemeral pair of processes
+        out = subprocess.run([*CLI, "generate", *mode, *flags], capture_output=True, text=True, timeout=180,
+                             env=os.environ.copy(), check=False)
+        assert out.returncode == 0, out.stderr
+        result = json.loads(out.stdout)
+        assert result["token_ids"] == expected["token_ids"] and result["text"] == expected["text"], mode
+
+
+def in_process_cli(argv: list[str]) -> dict:
+    """`hybridrt ARGV` run in this process (the modules are loaded already), its --json output parsed."""
+    from launch.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(argv) == 0
+    return json.loads(out.getvalue())
+
+
+# -- concurrency and cancellation -----------------------------------------------------------------------------
+
+
+def test_two_concurrent_clients_get_their_own_correct_output(server, reference) -> None:
+    results: dict[int, Finished] = {}
+    start = threading.Barrier(2)
+
+    def client(i: int) -> None:
+        start.wait()
+        results[i] = run_request(server.address, messages=chat(PROMPTS[i]), params=GREEDY_32)[1]
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(results) == [1, 2]
+    for i in (1, 2):
+        assert results[i].token_ids == reference[i].token_ids and results[i].text == reference[i].text
+
+
+def test_queued_request_can_be_cancelled(server) -> None:
+    long = GenerateRequest("long", prompt="Tell me a story.", params={"max_tokens": 2000, "ignore_eos": True})
+    queued = GenerateRequest("queued", prompt="Hi", params={"max_tokens": 4})
+    with raw_socket(server.address) as a, raw_socket(server.address) as b, Client(server.address) as client:
+        a.send(encode(long))
+        assert isinstance(recv(a), TokenChunk)  # the long request is active
+        b.send(encode(queued))
+        wait_for(lambda: client.status()["queued"] == 1)
+        b.send(encode(CancelRequest("queued")))
+        reply = recv(b)
+        assert isinstance(reply, Finished) and reply.request_id == "queued" and reply.finish_reason == "abort"
+        status = client.status()
+        assert status["queued"] == 0 and status["active"] == "long"
+        a.send(encode(CancelRequest("long")))
+        while isinstance(reply := recv(a), TokenChunk):
+            pass
+        assert isinstance(reply, Finished) and reply.finish_reason == "abort"
+        wait_for(lambda: client.status()["active"] is None)
+    assert_serves(server)
+
+
+# -- bad input ------------------------------------------------------------------------------------------------
+
+BAD_REQUESTS = {
+    "empty prompt": ({"prompt": ""}, "the prompt is empty"),
+    "empty token ids": ({"token_ids": []}, "the prompt is empty"),
+    "prompt over the max context": ({"prompt": "hello " * 5000}, "maximum context"),
+    "token ids over the max context": ({"token_ids": [42] * 5000}, "maximum context"),
+    "token id over the vocabulary": ({"token_ids": [1, 10**9]}, "vocabulary"),
+    "temperature < 0": ({"prompt": "Hi", "params": {"temperature": -0.5}}, "temperature"),
+    "top_p = 0": ({"prompt": "Hi", "params": {"top_p": 0.0}}, "top_p"),
+    "top_p > 1": ({"prompt": "Hi", "params": {"top_p": 1.5}}, "top_p"),
+    "max_tokens = 0": ({"prompt": "Hi", "params": {"max_tokens": 0}}, "max_tokens"),
+    "unknown params field": ({"prompt": "Hi", "params": {"temprature": 0.5}}, "unknown sampling params: temprature"),
+}
+
+
+@pytest.mark.parametrize("kwargs,message", BAD_REQUESTS.values(), ids=BAD_REQUESTS.keys())
+def test_bad_request_is_answered_and_server_keeps_serving(server, kwargs, message) -> None:
+    with pytest.raises(ServerError) as err, Client(server.address, timeout_s=30) as client:
+        list(client.generate(**kwargs))
+    assert err.value.code == "invalid_request" and message in str(err.value), str(err.value)
+    assert_serves(server)
+
+
+BAD_FRAMES = {
+    "malformed msgpack": ([b"\xc1\x93\x01"], "malformed"),
+    "random bytes": ([random.Random(0).randbytes(256)], "malformed"),
+    "not [tag, fields]": ([msgpack.packb({"prompt": "hi"})], "malformed"),
+    "two frames": ([encode(GenerateRequest("r", prompt="hi")), b"extra"], "malformed"),
+    "unknown message type": ([msgpack.packb([99, {}])], "unknown_type"),
+    "unknown message field": ([msgpack.packb([20, {"request_id": "r", "prompt": "hi", "bogus": 1}])], "bad_fields"),
+    "wrong field type": ([msgpack.packb([20, {"request_id": "r", "prompt": 7}])], "bad_fields"),
+    "no prompt": ([msgpack.packb([20, {"request_id": "r"}])], "bad_fields"),
+    "server-only message": ([encode(Shutdown("from a client"))], "unexpected"),
+}
+
+
+@pytest.mark.parametrize("frames,code", BAD_FRAMES.values(), ids=BAD_FRAMES.keys())
+def test_bad_frame_gets_an_error_reply_and_server_keeps_serving(server, frames, code) -> None:
+    with raw_socket(server.address) as sock:
+        sock.send_multipart(frames)
+        reply = recv(sock)
+    assert isinstance(reply, Error) and reply.code == code and reply.message, reply
+    assert_serves(server)
+
+
+def test_oversized_frame_is_dropped_and_server_keeps_serving(server) -> None:
+    # zmq enforces MAXMSGSIZE (1 MiB) below Python: it drops the frame and disconnects the sender, so no reply.
+    with raw_socket(server.address) as sock:
+        sock.send(encode(GenerateRequest("big", prompt="x")) + b"\x00" * (2 << 20))
+        assert not sock.poll(500)
+    assert_serves(server)
+
+
+# -- processes ------------------------------------------------------------------------------------------------
+
+
+def test_children_are_named_in_ps(server) -> None:
+    cmdlines = [Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in server.children()]
+    modules = sorted(args[args.index(b"-m") + 1].decode() for args in cmdlines if b"-m" in args)
+    assert modules == ["graph_executor", "jit_context"], cmdlines
+
+
+# -- helpers --------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def raw_socket(address: str):
+    """A bare DEALER, as any program could open one: frames go out exactly as given."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    try:
+        yield sock
+    finally:
+        sock.close()
+        ctx.term()
+
+
+def recv(sock: zmq.Socket, timeout_s: float = 30.0):
+    assert sock.poll(int(timeout_s * 1000)), "no reply"
+    return decode(sock.recv())
+
+
+def wait_for(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
