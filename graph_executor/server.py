@@ -86,6 +86,8 @@ class ExecutorServer:
                  "num_params": cfg.num_params(),
                  "graphs": self.runner.facts() if isinstance(self.runner, GraphRunner) else {},
                  "events": self.events.handles() if self.events else {}}
+        if self.cuda:
+            facts["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
         return Ready(PROTOCOL_VERSION, self.loaded.name, cfg.vocab_size, model.max_context,
                      dtype_name(model.dtype), str(model.embed_tokens.device),
                      {s.spec.name: s.spec for s in self.shared}, sorted(cfg.eos_token_ids), facts)

@@ -13,7 +13,7 @@ from ipc.channel import Channel
 from ipc.errors import HybridrtError
 from ipc.liveness import process_alive
 from ipc.events import StepEvents
-from ipc.messages import Decode, Error, Message, Ok, Prefill, Reset, StepDone
+from ipc.messages import Decode, Error, Message, Ok, Prefill, Reset, Status, StatusReply, StepDone
 from ipc.shared_tensor import SharedTensor
 
 POLL_MS = 50  # how often a waiting step checks that the executor is alive
@@ -52,6 +52,17 @@ class RemoteExecutor:
 
     def decode(self, position: int) -> None:
         self._call(Decode(self.request_id, self._next_step(), position))
+
+    def status(self) -> dict:
+        """The executor's current facts (graphs captured and pending, memory); call between requests only."""
+        self.channel.send(Status())
+        while True:
+            reply = self.channel.recv(timeout_ms=POLL_MS)
+            if reply is None:
+                if not process_alive(self.executor_pid):
+                    raise ExecutorDied("the graph executor process died")
+            elif isinstance(reply, StatusReply):
+                return reply.facts
 
     def _next_step(self) -> int:
         self._step += 1

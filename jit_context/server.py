@@ -55,6 +55,7 @@ class JitServer:
         self.queue: deque[Pending] = deque()
         self.active: Pending | None = None
         self.stream = None  # the active request's generator
+        self._executor_facts_cache = {k: v for k, v in ready.facts.items() if k != "events"}
 
     def run(self) -> None:
         while True:
@@ -91,8 +92,17 @@ class JitServer:
                 "device": self.ready.device, "dtype": self.ready.dtype, "queued": len(self.queue),
                 "tokenizer": self.tokenizer is not None,
                 "chat_template": bool(self.tokenizer and self.tokenizer.has_chat_template),
-                "active": self.active.request_id if self.active else None, "executor": self.ready.facts,
+                "active": self.active.request_id if self.active else None, "executor": self._executor_facts(),
                 "jit_context_pid": os.getpid()}
+
+    def _executor_facts(self) -> dict:
+        """Live facts (captured graphs, memory) when the executor is idle; the ready-time ones mid-request,
+        where a status round trip would interleave with the steps."""
+        if self.active is None:
+            facts = self.executor.status()
+            # CUDA IPC handles are for the JIT context alone, never for clients.
+            self._executor_facts_cache = {k: v for k, v in facts.items() if k != "events"}
+        return self._executor_facts_cache
 
     def _enqueue(self, identity: bytes, msg: GenerateRequest) -> None:
         try:

@@ -9,7 +9,7 @@ from ipc.errors import HybridrtError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from launch import cmd_chat, cmd_generate, cmd_serve
+    from launch import cmd_bench, cmd_chat, cmd_generate, cmd_serve
 
     parser = argparse.ArgumentParser(
         prog="hybridrt",
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     cmd_generate.register(sub)
     cmd_serve.register(sub)
+    cmd_bench.register(sub)
     cmd_chat.register(sub)
     return parser
 

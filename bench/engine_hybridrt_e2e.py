@@ -1,0 +1,114 @@
+"""Engine `hybridrt`: the two-process runtime end to end. This process starts a private server (supervisor ->
+graph executor + JIT context) and sends prompts through the native client socket; TTFT and per-token gaps are
+measured here, at the client. The server's own timings come back in `Finished.timings` and are kept as facts.
+
+Prompts go as token ids (the same random ids every engine gets; dummy models have no tokenizer).
+"""
+
+from __future__ import annotations
+
+import time
+
+from bench.procinfo import Timeline
+from bench.spec import BenchSpec
+from bench.workloads import EngineUnavailable
+
+WARMUP_PROMPT = 16
+WARMUP_TOKENS = 4
+GRAPH_POLL_S = 0.1
+# A live report changes with every capture (each takes seconds at most); one frozen this long is stale (a
+# server that reports its startup facts only) and the wait ends: about 10 s of captures fit in it.
+GRAPH_STALL_S = 30.0
+
+
+def _runtime():
+    try:
+        from ipc.messages import Finished
+        from launch.client import Client
+        from launch.supervisor import ServerConfig, Supervisor
+    except ImportError as e:
+        raise EngineUnavailable(f"hybridrt end to end is not available yet ({e})") from None
+    return Client, Finished, ServerConfig, Supervisor
+
+
+class HybridrtE2EEngine:
+    def __init__(self, spec: BenchSpec, timeline: Timeline) -> None:
+        from graph_executor.loader import LoadConfig
+
+        Client, self._finished_type, ServerConfig, Supervisor = _runtime()
+        self.spec = spec
+        load = LoadConfig(model=spec.model, device=spec.device, dtype=spec.dtype, max_context=spec.max_context,
+                          seed=spec.seed, progress=False)
+        config = ServerConfig(load, tokenizer=spec.tokenizer, ready_timeout_s=spec.timeout_s, mps=spec.mps)
+        self.supervisor = Supervisor(config)
+        self.client = None
+        self.last_server_timings: dict = {}
+        try:
+            timeline.mark("server_start")
+            self.supervisor.start()
+            self.supervisor.wait_ready()
+            timeline.mark("ready")
+            self.client = Client(self.supervisor.address, timeout_s=spec.timeout_s)
+            if self._wait_for_graphs(spec.timeout_s):
+                timeline.mark("graphs_captured")
+            self.generate(list(range(100, 100 + WARMUP_PROMPT)), WARMUP_TOKENS)
+            timeline.mark("warm")
+        except BaseException:
+            self.close()
+            raise
+
+    def _wait_for_graphs(self, limit_s: float) -> bool:
+        """Measure only once the executor has captured its graphs (it captures while idle, after ready).
+        Gives up when its report stops changing for GRAPH_STALL_S. True when it reported none pending."""
+        last, changed_at = None, time.monotonic()
+        deadline = changed_at + limit_s
+        while time.monotonic() < deadline:
+            graphs = self.client.status().get("executor", {}).get("graphs") or {}
+            if not graphs or not graphs.get("pending"):
+                return bool(graphs)
+            if graphs["pending"] != last:
+                last, changed_at = graphs["pending"], time.monotonic()
+            elif time.monotonic() - changed_at > GRAPH_STALL_S:
+                return False
+            time.sleep(GRAPH_POLL_S)
+        return False
+
+    def generate(self, prompt_ids: list[int], new_tokens: int) -> list[float]:
+        params = {"max_tokens": new_tokens, "temperature": 0.0, "ignore_eos": True}
+        times: list[float] = []
+        start = time.perf_counter()
+        for msg in self.client.generate(token_ids=prompt_ids, params=params):
+            now = (time.perf_counter() - start) * 1e3
+            if isinstance(msg, self._finished_type):
+                self.last_server_timings = dict(msg.timings)
+                if len(times) < len(msg.token_ids):  # tokens that came only with Finished
+                    times += [now] * (len(msg.token_ids) - len(times))
+            else:
+                times += [now] * len(msg.token_ids)
+        return times
+
+    def facts(self) -> dict:
+        status = self.client.status()
+        mps = self.supervisor.mps
+        return {"server_status": status, "mps": {"asked": self.spec.mps, "running": bool(mps and mps.running),
+                                                 "reason": getattr(mps, "reason", None)},
+                "last_request_server_ttft_ms": self.last_server_timings.get("ttft_ms"),
+                "graphs": status.get("executor", {}).get("graphs", {})}
+
+    def memory(self) -> dict:
+        """The model lives in the executor process; its status carries whatever memory figures it reports."""
+        executor = self.client.status().get("executor", {})
+        found = {k: v for k, v in executor.items() if k.endswith("_bytes")}
+        pool = (executor.get("graphs") or {}).get("graph_pool_bytes")
+        return {**found, **({"graph_pool_bytes": pool} if pool is not None else {})}
+
+    def close(self) -> None:
+        try:
+            if self.client is not None:
+                self.client.close()
+        finally:
+            self.supervisor.stop()
+
+
+def open_engine(spec: BenchSpec, name: str, timeline: Timeline) -> HybridrtE2EEngine:
+    return HybridrtE2EEngine(spec, timeline)

@@ -1,0 +1,143 @@
+"""results.md: the figures of one run as Markdown tables (the same numbers as results.json)."""
+
+from __future__ import annotations
+
+GiB = 1024**3
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join("-" if v is None else str(v) for v in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _ms(summary: dict | None, key: str, spread: str | None = None) -> str | None:
+    if not summary or key not in summary:
+        return None
+    return f"{summary[key]:.2f}" + (f" ({summary[spread]:.2f})" if spread else "")
+
+
+def _engines_with(results: dict, workload: str) -> list[str]:
+    return [n for n, r in results["engines"].items() if workload in r]
+
+
+def header(results: dict) -> list[str]:
+    env, spec, model = results["env"], results["spec"], results["model"]
+    git = env["git"]
+    facts = (f"{results['created']}; driver {env['driver'] or '-'}, torch {env['torch']} "
+             f"(CUDA {env['cuda'] or '-'}), transformers {env['transformers']}, commit "
+             f"{(git['commit'] or '-')[:12]}{' (dirty)' if git['dirty'] else ''}; "
+             f"{model['params'] / 1e9:.3g} B params, {model['decode_weight_bytes'] / 1e9:.3g} GB read per "
+             f"decoded token, {model['kv_bytes_per_token'] / 1e6:.3g} MB KV per token of context; batch 1, greedy, "
+             f"EOS ignored, random prompt ids (seed {spec['seed']}), max context {spec['max_context']}.")
+    return [f"# hybridrt bench: {spec['model']} ({spec['dtype']}) on {env['card']}", "", facts, ""]
+
+
+def floors_section(results: dict) -> list[str]:
+    f = results.get("floors")
+    if not f:
+        return []
+    if "bandwidth_gb_s" not in f:
+        return ["## Floors", "", f"not measured: {f.get('status')}: {f.get('error')}", ""]
+    decode = ", ".join(f"{c}: {v:.3f}" for c, v in f["decode_ms"].items())
+    rates = (f"HBM read bandwidth {f['bandwidth_gb_s']} GB/s ({f['how']['reduction']}), matmul "
+             f"{f['matmul_tflop_s']} TFLOP/s ({f['how']['gemm']}), {f['how']['statistic']}.")
+    return ["## Floors", "", rates, "", f"Decode floor (ms) by context: {decode}.", ""]
+
+
+def ttft_section(results: dict) -> list[str]:
+    names = _engines_with(results, "ttft")
+    if not names:
+        return []
+    floor = (results.get("floors") or {}).get("prefill_ms", {})
+    lens = results["spec"]["prompt_lens"]
+    rows = [[n, floor.get(str(n))] + [_ms(results["engines"][e]["ttft"].get(str(n)), "median_ms", "p99_ms")
+                                      for e in names] for n in lens]
+    return ([f"## TTFT (ms): median (P99) of {results['spec']['repeats']}", ""]
+            + _table(["prompt tokens", "floor"] + names, rows))
+
+
+def decode_section(results: dict) -> list[str]:
+    names = _engines_with(results, "decode")
+    if not names:
+        return []
+    vs_floor = results["ratios"]["vs_floor"]
+    rows = []
+    for e in names:
+        d = results["engines"][e]["decode"]
+        rows.append([e, *(f"{d[k]:.2f}" for k in ("p50_ms", "p90_ms", "p99_ms", "max_ms")), d["tokens_per_s"],
+                     vs_floor.get(e, {}).get("decode_p50")])
+    spec = results["spec"]
+    title = (f"## Decode: per-token latency (ms) over {spec['decode_tokens']} tokens after a "
+             f"{spec['decode_prompt_len']}-token prompt")
+    return [title, ""] + _table(["engine", "P50", "P90", "P99", "max", "tokens/s", "P50 / floor"], rows)
+
+
+def context_section(results: dict) -> list[str]:
+    names = _engines_with(results, "context")
+    if not names:
+        return []
+    floor = (results.get("floors") or {}).get("decode_ms", {})
+    rows = [[c, floor.get(str(c))] + [_ms(results["engines"][e]["context"].get(str(c)), "p50_ms", "p99_ms")
+                                      for e in names] for c in results["spec"]["contexts"]]
+    return ([f"## Per-token latency (ms) vs context: P50 (P99) of {results['spec']['context_steps']} steps", ""]
+            + _table(["context", "floor"] + names, rows))
+
+
+def ratio_section(results: dict) -> list[str]:
+    cols = {f"{e} / floor": r for e, r in results["ratios"]["vs_floor"].items()}
+    cols.update(results["ratios"]["vs_peer"])
+    if not cols:
+        return []
+    metrics = [("ttft", f"TTFT {n}", str(n)) for n in results["spec"]["prompt_lens"]]
+    metrics += [("decode_p50", "decode P50", None)]
+    metrics += [("context_p50", f"P50 at context {c}", str(c)) for c in results["spec"]["contexts"]]
+    rows = [[label] + [(r.get(key, {}) or {}).get(sub) if sub else r.get(key) for r in cols.values()]
+            for key, label, sub in metrics]
+    return ["## Ratios (below 1: the left one is faster)", ""] + _table(["figure"] + list(cols), rows)
+
+
+def _graphs(startup: dict) -> str | None:
+    captured = (startup.get("graphs") or {}).get("captured") or {}
+    done = f", all done at {startup['graphs_captured']} s" if "graphs_captured" in startup else ""
+    return f"{len(captured)} in {sum(captured.values()):.2f} s{done}" if captured else None
+
+
+def _one_line(text: str | None, limit: int = 200) -> str | None:
+    """A table cell: no newlines or pipes."""
+    return " ".join(text.replace("|", "/").split())[:limit] if text else None
+
+
+def _gib(value: int | None) -> str | None:
+    return f"{value / GiB:.2f}" if value else None
+
+
+def status_section(results: dict) -> list[str]:
+    rows = []
+    for e, r in results["engines"].items():
+        s, m = r.get("startup", {}), r.get("memory", {})
+        rows.append([e, r["status"], r["wall_s"], s.get("weights_ready"), s.get("ready"), _graphs(s),
+                     s.get("warm"), _gib(m.get("peak_allocated_bytes", m.get("peak_rss_bytes"))),
+                     _gib(m.get("graph_pool_bytes")), _one_line(r.get("error"))])
+    head = ["engine", "status", "wall s", "weights ready s", "ready s", "graphs captured", "warm s", "peak GiB",
+            "graph pool GiB", "error"]
+    return (["## Engines: status, startup (s since spawn), memory (GPU: peak allocated; CPU: peak RSS)", ""]
+            + _table(head, rows))
+
+
+def overhead_section(results: dict) -> list[str]:
+    o = results.get("overhead")
+    if not o:
+        return []
+    if "note" in o:
+        return ["## Two-process overhead", "", o["note"], ""]
+    rows = [[f"TTFT {n}", v] for n, v in o.get("ttft", {}).items()]
+    rows += [["decode P50", o.get("decode_p50")]]
+    rows += [[f"P50 at context {c}", v] for c, v in o.get("context_p50", {}).items()]
+    return ["## Two-process overhead (ms, hybridrt minus hybridrt-executor)", ""] + _table(["figure", "ms"], rows)
+
+
+def markdown(results: dict) -> str:
+    sections = [header, floors_section, ttft_section, decode_section, context_section, ratio_section,
+                overhead_section, status_section]
+    return "\n".join(line for section in sections for line in section(results))

@@ -1,0 +1,139 @@
+"""From what the user asked (`BenchOptions`, 'auto' and None allowed) to a `BenchSpec` this machine can run:
+device and dtype resolved, device defaults filled in, GPU-only engines refused on a CPU, and the model
+checked against free GPU memory (or RAM) before any engine process starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.envinfo import REPO_ROOT, available_ram_bytes, card_slug, gpu_info
+from bench.model_info import ModelCost, model_config
+from bench.spec import DEFAULTS, ENGINES, GPU_ONLY_ENGINES, WORKLOADS, BenchSpec, parse_ints, parse_names
+from ipc.errors import DeviceError, HybridrtError
+
+CONTEXT_ROUND = 256  # default max context: what the workloads need, rounded up to this
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """Flags as given; None means the device's default."""
+
+    model: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    engines: str | None = None  # comma list; None: every engine this device runs
+    workloads: str = "all"
+    prompt_lens: str | None = None
+    decode_tokens: int | None = None
+    decode_prompt_len: int | None = None
+    contexts: str | None = None
+    context_steps: int | None = None
+    repeats: int | None = None
+    max_context: int | None = None
+    seed: int = 0
+    timeout_s: float = 240.0
+    mps: str = "auto"
+    tokenizer: str | None = None
+
+
+def resolve_device_name(name: str) -> str:
+    from graph_executor.device import resolve_device
+
+    return str(resolve_device(name))
+
+
+def resolve_dtype_name(name: str, device: str) -> str:
+    """Canonical dtype name; on a GPU without touching CUDA (the parent must not hold a CUDA context)."""
+    import torch
+
+    from graph_executor.device import DTYPE_NAMES, resolve_dtype
+
+    if not device.startswith("cuda"):
+        return str(resolve_dtype(name, torch.device(device))).removeprefix("torch.")
+    if name == "auto":
+        return "float16"
+    if name not in DTYPE_NAMES:
+        raise DeviceError(f"dtype {name!r} is not supported (choose float16, bfloat16 or float32)")
+    return str(DTYPE_NAMES[name]).removeprefix("torch.")
+
+
+def _engines(text: str | None, device: str) -> tuple[str, ...]:
+    on_gpu = device.startswith("cuda")
+    engines = (parse_names(text, ENGINES, "engine") if text
+               else tuple(e for e in ENGINES if on_gpu or e not in GPU_ONLY_ENGINES))
+    for e in engines:
+        if e in GPU_ONLY_ENGINES and not on_gpu:
+            raise DeviceError(f"engine {e} needs a CUDA GPU (torch.compile reduce-overhead captures CUDA graphs); "
+                              f"this run is on {device}")
+    return engines
+
+
+def resolve_spec(opts: BenchOptions) -> BenchSpec:
+    device = resolve_device_name(opts.device)
+    d = DEFAULTS["cuda" if device.startswith("cuda") else "cpu"]
+    engines = _engines(opts.engines, device)
+    workloads = parse_names(opts.workloads, WORKLOADS, "workload")
+    model = opts.model or d.model
+    cfg = model_config(model)
+    # First with an unbounded context, to learn what the workloads need.
+    spec = BenchSpec(
+        model=model, device=device, dtype=resolve_dtype_name(opts.dtype, device), engines=engines,
+        workloads=workloads,
+        prompt_lens=parse_ints(opts.prompt_lens, "prompt-lens") if opts.prompt_lens else d.prompt_lens,
+        decode_tokens=_pick(opts.decode_tokens, d.decode_tokens),
+        decode_prompt_len=_pick(opts.decode_prompt_len, d.decode_prompt_len),
+        contexts=parse_ints(opts.contexts, "contexts") if opts.contexts else d.contexts,
+        context_steps=_pick(opts.context_steps, d.context_steps), repeats=_pick(opts.repeats, d.repeats),
+        max_context=1 << 30, model_config=cfg.to_hf_dict(), seed=opts.seed, timeout_s=opts.timeout_s,
+        mps=opts.mps, tokenizer=opts.tokenizer,
+    )
+    limit, needed = cfg.max_position_embeddings, spec.needed_context
+    if max(needed, opts.max_context or 0) > limit:
+        raise HybridrtError(f"{model} supports a context of {limit} tokens; these workloads need {needed} "
+                            f"(max-context {opts.max_context or 'default'}): use shorter --prompt-lens, "
+                            f"--contexts or --decode-tokens")
+    rounded = min(-(-needed // CONTEXT_ROUND) * CONTEXT_ROUND, limit)
+    spec = dataclasses.replace(spec, max_context=opts.max_context or rounded)  # validates it again
+    check_fits(spec, ModelCost.of(cfg, spec.dtype))
+    return spec
+
+
+def _pick(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
+def check_fits(spec: BenchSpec, cost: ModelCost, available: int | None = None) -> None:
+    """Raise HybridrtError when one engine process could not hold the model; skip where memory is unknown."""
+    need = cost.process_bytes(spec.max_context)
+    if available is None:
+        gpu = gpu_info(spec.device) if spec.on_gpu else None
+        available = gpu.free_bytes if gpu else (None if spec.on_gpu else available_ram_bytes())
+    if available is None or need <= available:
+        return
+    where = "free GPU memory" if spec.on_gpu else "available RAM"
+    raise HybridrtError(
+        f"{spec.model} ({spec.dtype}) does not fit: it needs about {need / 1024**3:.1f} GiB (weights "
+        f"{cost.weight_bytes / 1024**3:.1f} GiB + KV cache for {spec.max_context} tokens "
+        f"{cost.kv_bytes_per_token * spec.max_context / 1024**3:.1f} GiB + headroom) but {where} is "
+        f"{available / 1024**3:.1f} GiB"
+    )
+
+
+def default_out_dir(spec: BenchSpec) -> Path:
+    """bench/results/<date>-<card>-<model>/; a numbered suffix keeps earlier runs of the same day."""
+    card = "cpu"
+    if spec.on_gpu:
+        gpu = gpu_info(spec.device)
+        card = card_slug(gpu.name) if gpu else "gpu"
+    model = Path(spec.model.removeprefix("dummy:")).name.removesuffix(".gguf").lower()
+    base = REPO_ROOT / "bench" / "results" / f"{datetime.date.today().isoformat()}-{card}-{model}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+

@@ -1,0 +1,154 @@
+"""What one benchmark run measures: engine and workload names, device-dependent defaults, and `BenchSpec`,
+the validated, immutable description of a run that the harness hands (as JSON) to every engine process.
+
+Light on imports on purpose: `hybridrt bench --help` and the parent process read it without torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+ENGINES = ("hybridrt", "hybridrt-executor", "hf-eager", "hf-compile")
+ENGINE_HELP = {
+    "hybridrt": "hybridrt end to end: the two-process server, prompts through its client socket",
+    "hybridrt-executor": "hybridrt in one process (runner with its graphs + generation loop), no sockets",
+    "hf-eager": "HF transformers eager, a generate-equivalent greedy loop with its DynamicCache",
+    "hf-compile": "HF transformers StaticCache + torch.compile(mode='reduce-overhead') decode (GPU only)",
+}
+GPU_ONLY_ENGINES = frozenset({"hf-compile"})  # reduce-overhead means CUDA graphs
+OURS = ("hybridrt", "hybridrt-executor")
+PEERS = ("hf-eager", "hf-compile")
+
+WORKLOADS = ("ttft", "decode", "context", "startup", "memory", "overhead", "floors")
+WORKLOAD_HELP = {
+    "ttft": "time to first token per prompt length (median, P99, min over --repeats)",
+    "decode": "per-token latency over --decode-tokens after a prompt (P50/P90/P99/max, tokens/s, CDF)",
+    "context": "per-token latency at each --contexts length (prefill c tokens, time --context-steps steps)",
+    "startup": "process start -> weights ready -> ready to serve (-> each graph captured, when reported)",
+    "memory": "peak GPU memory (torch.cuda.max_memory_allocated), graph memory when reported; CPU: peak RSS",
+    "overhead": "two-process cost: hybridrt end to end minus hybridrt-executor (TTFT and per-token)",
+    "floors": "HBM read bandwidth and matmul rate on this card, hence decode and prefill floors",
+}
+MPS_MODES = ("auto", "on", "off")
+# Generated after each timed decode run but not timed: an engine that reads tokens one step behind hands the
+# last ones over at once as its pipeline drains, which would understate its per-token latency.
+DRAIN_TOKENS = 2
+WARMUP_CONTEXT = 32  # each engine warms up on a 16-token prompt and a few tokens before it is timed
+GiB = 1024**3
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Per-device defaults: the real shapes on a GPU, a smoke-sized run on the CPU."""
+
+    model: str
+    prompt_lens: tuple[int, ...]
+    decode_tokens: int
+    decode_prompt_len: int
+    contexts: tuple[int, ...]
+    context_steps: int
+    repeats: int
+
+
+DEFAULTS = {
+    "cuda": Defaults("dummy:llama-2-7b", (10, 25, 50, 100, 200, 300, 400, 500), 256, 50,
+                     (128, 512, 1024, 2048), 64, 10),
+    "cpu": Defaults("dummy:smollm2-135m", (10, 25, 50), 32, 16, (32, 64, 128), 16, 1),
+}
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    """One run, fully resolved (no 'auto' left); validated on construction."""
+
+    model: str
+    device: str  # "cuda", "cuda:N" or "cpu"
+    dtype: str  # canonical torch name, e.g. "float16"
+    engines: tuple[str, ...]
+    workloads: tuple[str, ...]
+    prompt_lens: tuple[int, ...]
+    decode_tokens: int
+    decode_prompt_len: int
+    contexts: tuple[int, ...]
+    context_steps: int
+    repeats: int
+    max_context: int
+    model_config: dict = field(default_factory=dict)  # HF config.json of the model shapes (peers build from it)
+    seed: int = 0  # prompt ids and dummy weights
+    timeout_s: float = 240.0
+    mps: str = "auto"
+    tokenizer: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_names(self.engines, ENGINES, "engine")
+        _check_names(self.workloads, WORKLOADS, "workload")
+        for name in ("prompt_lens", "contexts"):
+            values = getattr(self, name)
+            if not values or any(not isinstance(v, int) or v < 1 for v in values):
+                raise ValueError(f"{name.replace('_', '-')} must be positive integers, got {values!r}")
+        _check_positive("decode_tokens", self.decode_tokens, 2)
+        _check_positive("decode_prompt_len", self.decode_prompt_len, 1)
+        _check_positive("context_steps", self.context_steps, 2)
+        _check_positive("repeats", self.repeats, 1)
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {self.timeout_s}")
+        if self.mps not in MPS_MODES:
+            raise ValueError(f"mps must be one of {', '.join(MPS_MODES)}, got {self.mps!r}")
+        if self.max_context < self.needed_context:
+            raise ValueError(f"max-context {self.max_context} is too small for these workloads "
+                             f"(they need {self.needed_context} tokens)")
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.startswith("cuda")
+
+    @property
+    def needed_context(self) -> int:
+        """Longest prompt + generated tokens any workload runs, + 1 (Generator keeps one slot spare)."""
+        steps = 1 + DRAIN_TOKENS  # the first token, from the prefill, and the untimed drain
+        return 1 + max(max(self.prompt_lens) + 1 if "ttft" in self.workloads else 0,
+                       self.decode_prompt_len + self.decode_tokens + steps if "decode" in self.workloads else 0,
+                       max(self.contexts) + self.context_steps + steps if "context" in self.workloads else 0,
+                       WARMUP_CONTEXT)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BenchSpec:
+        tuples = ("engines", "workloads", "prompt_lens", "contexts")
+        return cls(**{k: tuple(v) if k in tuples else v for k, v in d.items()})
+
+
+def _check_names(values: tuple[str, ...], known: tuple[str, ...], what: str) -> None:
+    if not values:
+        raise ValueError(f"no {what}s given (choose from: {', '.join(known)})")
+    for v in values:
+        if v not in known:
+            raise ValueError(f"unknown {what} {v!r} (choose from: {', '.join(known)})")
+
+
+def _check_positive(name: str, value: int, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name.replace('_', '-')} must be an integer >= {minimum}, got {value!r}")
+
+
+def parse_names(text: str, known: tuple[str, ...], what: str) -> tuple[str, ...]:
+    """A comma list of names; 'all' means every known one. Order follows `known`, duplicates dropped."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if names == ["all"]:
+        return known
+    _check_names(tuple(names), known, what)
+    return tuple(n for n in known if n in names)
+
+
+def parse_ints(text: str, what: str) -> tuple[int, ...]:
+    """A comma list of positive integers, sorted, duplicates dropped."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{what} must be a comma list of integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"{what} must be a comma list of positive integers, got {text!r}")
+    return tuple(sorted(set(values)))

@@ -1,0 +1,87 @@
+"""The timed workloads, the same for every engine: TTFT sweep, decode latency, decode latency vs context.
+
+An engine only has to generate greedily, ignoring EOS, and say when each token reached the host; prompts are
+random token ids from a fixed seed, so every engine (in its own process) sees the same prompts.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Protocol
+
+from bench.spec import DRAIN_TOKENS, BenchSpec
+from bench.stats import gaps_ms, r3, token_summary, ttft_summary
+
+ID_MARGIN = 100  # keep clear of special tokens at both ends of the vocabulary
+
+
+class EngineUnavailable(Exception):
+    """The runtime an engine drives is not there (yet): the run records a skip, not an error."""
+
+
+class Engine(Protocol):
+    def generate(self, prompt_ids: list[int], new_tokens: int) -> list[float]:
+        """Greedy, EOS ignored; for each of `new_tokens` tokens, ms from the request start until the host
+        held it (so entry 0 is the TTFT)."""
+        ...
+
+    def facts(self) -> dict:
+        """What the engine knows about itself: versions, graph captures, compile time, ..."""
+        ...
+
+    def memory(self) -> dict:
+        """Peak memory figures of the process(es) that hold the model."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def prompt_ids(length: int, vocab_size: int, seed: int) -> list[int]:
+    """Random ids in [100, vocab - 100), one fixed sequence per (seed, length) in every process."""
+    rng = random.Random(seed * 1_000_003 + length)
+    hi = max(vocab_size - ID_MARGIN, ID_MARGIN + 1)
+    return [rng.randrange(min(ID_MARGIN, hi - 1), hi) for _ in range(length)]
+
+
+def _check(times_ms: list[float], expected: int) -> list[float]:
+    if len(times_ms) != expected:
+        raise RuntimeError(f"the engine returned {len(times_ms)} tokens, expected {expected}")
+    return times_ms
+
+
+def timed_steps(engine: Engine, prompt: list[int], steps: int) -> list[float]:
+    """Token times of the first token and `steps` decode steps after it; the drain tokens are cut off."""
+    return _check(engine.generate(prompt, steps + 1 + DRAIN_TOKENS), steps + 1 + DRAIN_TOKENS)[: steps + 1]
+
+
+def ttft_sweep(engine: Engine, spec: BenchSpec) -> dict:
+    """{prompt length: median/P99/min over `repeats`}; one untimed run per length first (new shapes)."""
+    vocab = spec.model_config["vocab_size"]
+    out = {}
+    for n in spec.prompt_lens:
+        ids = prompt_ids(n, vocab, spec.seed)
+        engine.generate(ids, 1)
+        samples = [_check(engine.generate(ids, 1), 1)[0] for _ in range(spec.repeats)]
+        out[str(n)] = ttft_summary(samples)
+    return out
+
+
+def decode(engine: Engine, spec: BenchSpec) -> dict:
+    """Per-token gaps over `decode_tokens` steps after a `decode_prompt_len` prompt; every gap kept."""
+    ids = prompt_ids(spec.decode_prompt_len, spec.model_config["vocab_size"], spec.seed)
+    times = timed_steps(engine, ids, spec.decode_tokens)
+    summary = token_summary(gaps_ms(times), keep=True)
+    return {"prompt_len": spec.decode_prompt_len, "ttft_ms": r3(times[0]), **summary}
+
+
+def context_sweep(engine: Engine, spec: BenchSpec) -> dict:
+    """{context length c: per-token summary of `context_steps` steps after a c-token prompt}."""
+    vocab = spec.model_config["vocab_size"]
+    out = {}
+    for c in spec.contexts:
+        times = timed_steps(engine, prompt_ids(c, vocab, spec.seed), spec.context_steps)
+        out[str(c)] = token_summary(gaps_ms(times))
+    return out
+
+
+TIMED_WORKLOADS = {"ttft": ttft_sweep, "decode": decode, "context": context_sweep}

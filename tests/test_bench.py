@@ -1,0 +1,185 @@
+"""`hybridrt bench` on the CPU: the whole harness end to end on a tiny model (so it cannot rot), engine
+isolation (time limits, an engine that is not there), and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bench.stats import percentile
+from ipc.errors import HybridrtError
+from launch import cmd_bench
+
+SMOKE = ["--device", "cpu", "--max-context", "256", "--prompt-lens", "10,25", "--decode-tokens", "16",
+         "--decode-prompt-len", "8", "--contexts", "32,64", "--context-steps", "8", "--repeats", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    """A 2-layer Llama (HF folder, random weights): the harness's code paths at a fraction of a second per engine
+    (dummy:smollm2-135m takes longer to fill with random weights than this whole run)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return str(folder)
+
+
+def bench_args(*argv: str) -> argparse.Namespace:
+    """Parse as `hybridrt bench ...` would (independent of which subcommands launch/cli.py registers)."""
+    parser = argparse.ArgumentParser(prog="hybridrt")
+    cmd_bench.register(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(["bench", *argv])
+
+
+def run_bench(*argv: str) -> int:
+    args = bench_args(*argv)
+    return args.run(args)
+
+
+def test_cpu_smoke_run_writes_every_figure(tiny_model, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    assert run_bench(*SMOKE, "--model", tiny_model, "--engines", "hybridrt-executor,hf-eager", "--out", str(out)) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["env"]["card"].startswith("cpu") and results["env"]["torch"] == torch.__version__
+    assert results["env"]["transformers"] and "commit" in results["env"]["git"]
+    assert results["model"]["name"] == tiny_model and results["model"]["dtype"] == "float32"
+    assert results["model"]["params"] == 2 * (64 * (64 + 2 * 32) + 64 * 64 + 3 * 64 * 128 + 2 * 64) + 2 * 512 * 64 + 64
+
+    floors = results["floors"]
+    assert floors["status"] == "ok" and floors["bandwidth_gb_s"] > 0 and floors["matmul_tflop_s"] > 0
+    assert set(floors["prefill_ms"]) == {"10", "25"} and {"32", "64"} <= set(floors["decode_ms"])
+
+    for name in ("hybridrt-executor", "hf-eager"):
+        r = results["engines"][name]
+        assert r["status"] == "ok", r.get("error")
+        assert set(r["ttft"]) == {"10", "25"} and r["ttft"]["10"]["median_ms"] > 0
+        assert r["decode"]["count"] == 16 and len(r["decode"]["gaps_ms"]) == 16
+        assert r["decode"]["p50_ms"] <= r["decode"]["p99_ms"] <= r["decode"]["max_ms"]
+        assert set(r["context"]) == {"32", "64"} and r["context"]["64"]["count"] == 8
+        s = r["startup"]
+        assert 0 <= s["process_started"] <= s["weights_ready"] <= s["ready"] <= s["warm"]
+        assert r["memory"]["peak_rss_bytes"] > 0
+        vs_floor = results["ratios"]["vs_floor"][name]
+        assert vs_floor["ttft"]["10"] == pytest.approx(r["ttft"]["10"]["median_ms"] / floors["prefill_ms"]["10"],
+                                                       rel=1e-2)
+        assert vs_floor["decode_p50"] > 0 and set(vs_floor["context_p50"]) == {"32", "64"}
+
+    ours, peer = results["engines"]["hybridrt-executor"], results["engines"]["hf-eager"]
+    vs_peer = results["ratios"]["vs_peer"]["hybridrt-executor/hf-eager"]
+    assert vs_peer["decode_p50"] == pytest.approx(ours["decode"]["p50_ms"] / peer["decode"]["p50_ms"], rel=1e-2)
+    assert "needs figures from both" in results["overhead"]["note"]
+
+    md = (out / "results.md").read_text()
+    for heading in ("## Floors", "## TTFT", "## Decode", "## Per-token latency", "## Ratios", "## Engines"):
+        assert heading in md
+    assert md in capsys.readouterr().out
+    pytest.importorskip("matplotlib")
+    assert all((out / f).stat().st_size > 0 for f in ("ttft.png", "context.png", "decode_cdf.png"))
+
+
+def test_engine_over_its_time_limit_is_recorded_and_run_completes(tiny_model, tmp_path) -> None:
+    out = tmp_path / "run"
+    assert run_bench(*SMOKE, "--model", tiny_model, "--engines", "hybridrt-executor", "--workloads", "floors,ttft",
+                     "--timeout", "0.3", "--out", str(out)) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["engines"]["hybridrt-executor"]["status"] == "timeout"
+    assert "no result within 0.3 s" in results["engines"]["hybridrt-executor"]["error"]
+    assert results["floors"]["status"] == "timeout"
+    assert "timeout" in (out / "results.md").read_text()
+
+
+def test_end_to_end_engine_without_its_runtime_is_a_skip(tmp_path, monkeypatch) -> None:
+    from bench import run_engine
+    from bench.resolve import BenchOptions, resolve_spec
+
+    spec = resolve_spec(BenchOptions(device="cpu", model="dummy:smollm2-135m", engines="hybridrt"))
+    spec_path, result_path = tmp_path / "spec.json", tmp_path / "result.json"
+    spec_path.write_text(json.dumps(spec.to_dict()))
+    monkeypatch.setitem(sys.modules, "launch.client", None)  # as if the client were not written yet
+    assert run_engine.main(["--spec", str(spec_path), "--engine", "hybridrt", "--result", str(result_path)]) == 0
+    result = json.loads(result_path.read_text())
+    assert result["status"] == "skipped" and "not available yet" in result["error"]
+
+
+def test_engine_that_fails_records_its_error(tiny_model, tmp_path) -> None:
+    from bench import run_engine
+    from bench.resolve import BenchOptions, resolve_spec
+
+    spec = resolve_spec(BenchOptions(device="cpu", model=tiny_model, engines="hybridrt-executor",
+                                     tokenizer=str(tmp_path / "no-such-tokenizer")))
+    spec_path, result_path = tmp_path / "spec.json", tmp_path / "result.json"
+    spec_path.write_text(json.dumps(spec.to_dict()))
+    argv = ["--spec", str(spec_path), "--engine", "hybridrt-executor", "--result", str(result_path)]
+    assert run_engine.main(argv) == 0
+    result = json.loads(result_path.read_text())
+    assert result["status"] == "error" and "no-such-tokenizer" in result["error"]
+
+
+def test_result_file_survives_facts_that_are_not_json(tmp_path) -> None:
+    from bench.run_engine import ResultFile
+
+    result = ResultFile(tmp_path / "r.json", "hybridrt")
+    result.update(facts={"handle": b"\x00" * 8, "ok": 1})
+    assert json.loads((tmp_path / "r.json").read_text())["facts"] == {"handle": "<8 bytes>", "ok": 1}
+
+
+@pytest.mark.parametrize("argv,error,message", [
+    (["--engines", "hybridrt,vllm"], ValueError, "unknown engine 'vllm'"),
+    (["--workloads", "ttft,throughput"], ValueError, "unknown workload 'throughput'"),
+    (["--engines", "hf-compile"], HybridrtError, "engine hf-compile needs a CUDA GPU"),
+    (["--prompt-lens", "10,ten"], ValueError, "prompt-lens must be a comma list of integers"),
+    (["--max-context", "64"], ValueError, "max-context 64 is too small"),
+    (["--mps", "on", "--timeout", "0"], ValueError, "timeout must be > 0"),
+    (["--model", "dummy:gpt-5"], HybridrtError, "unknown dummy model 'gpt-5'"),
+])
+def test_bad_input_is_a_clear_error(argv, error, message) -> None:
+    with pytest.raises(error, match=message):
+        run_bench("--device", "cpu", *argv)
+
+
+def test_model_that_does_not_fit_is_refused(monkeypatch) -> None:
+    monkeypatch.setattr("bench.resolve.available_ram_bytes", lambda: 8 * 1024**3)
+    with pytest.raises(HybridrtError, match=r"dummy:llama-2-7b \(float32\) does not fit: it needs about 2\d\.\d GiB"):
+        run_bench("--device", "cpu", "--model", "dummy:llama-2-7b", "--dtype", "float32")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_gpu_is_refused() -> None:
+    with pytest.raises(HybridrtError, match="no CUDA GPU"):
+        run_bench("--device", "cuda")
+
+
+def test_help_explains_every_flag_engine_and_workload(capsys) -> None:
+    with pytest.raises(SystemExit):
+        bench_args("--help")
+    text = capsys.readouterr().out
+    for word in ("--model", "--device", "--dtype", "--engines", "--workloads", "--prompt-lens", "--decode-tokens",
+                 "--contexts", "--repeats", "--out", "--mps", "--timeout", "--tokenizer", "hybridrt-executor",
+                 "hf-eager", "hf-compile", "ttft", "decode", "context", "startup", "memory", "overhead", "floors"):
+        assert word in text
+
+
+def test_cli_prints_one_line_error() -> None:
+    from launch.cli import build_parser
+
+    if "bench" not in build_parser().format_help():
+        pytest.skip("launch/cli.py does not register `bench` yet")
+    out = subprocess.run([sys.executable, "-m", "launch.cli", "bench", "--device", "cpu", "--engines", "nope"],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 1 and out.stderr.strip() == ("error: unknown engine 'nope' (choose from: hybridrt, "
+                                                          "hybridrt-executor, hf-eager, hf-compile)")
+
+
+def test_percentile_interpolates_like_numpy() -> None:
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert percentile([5.0], 99) == 5.0
+    assert percentile(list(range(101)), 99) == pytest.approx(99.0)
