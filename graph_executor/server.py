@@ -8,6 +8,7 @@ and replies `StepDone`. It exits by itself when its JIT context or its superviso
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import signal
 import sys
@@ -18,7 +19,6 @@ import torch
 import zmq
 
 from graph_executor.loader import LOAD_FORMATS, LoadConfig, LoadedModel, load_model
-from graph_executor.graphs import GraphRunner
 from graph_executor.runner import ModelRunner, StepBuffers
 from ipc.events import StepEvents
 from ipc.channel import Channel, bind_control
@@ -71,7 +71,12 @@ class ExecutorServer:
         device = model.embed_tokens.device
         buffers, self.shared = export_buffers(model.config.vocab_size, model.max_context, device)
         self.cuda = device.type == "cuda"
-        self.runner = GraphRunner(model, buffers) if self.cuda and graphs else ModelRunner(model, buffers)
+        if self.cuda and graphs:
+            from graph_executor.graphs import GraphRunner  # needs Triton: GPU path only
+
+            self.runner = GraphRunner(model, buffers)
+        else:
+            self.runner = ModelRunner(model, buffers)
         # GPU hand-over: the JIT context records `jit_event` after writing inputs / sampling; we wait on it
         # before a step and record `exec_event` after it. Neither side's host ever waits for the device.
         self.events = StepEvents.create(device) if self.cuda else None
@@ -84,7 +89,7 @@ class ExecutorServer:
         facts = {"load_seconds": round(self.loaded.load_seconds, 3), "source": self.loaded.source,
                  "tokenizer_path": str(self.loaded.tokenizer_path or ""), "executor_pid": os.getpid(),
                  "num_params": cfg.num_params(),
-                 "graphs": self.runner.facts() if isinstance(self.runner, GraphRunner) else {},
+                 "graphs": self.runner.facts() if hasattr(self.runner, "capture_next") else {},
                  "events": self.events.handles() if self.events else {}}
         if self.cuda:
             facts["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
@@ -148,7 +153,7 @@ class ExecutorServer:
             self.events.executor.record()
 
     def capture_when_idle(self) -> None:
-        if self.busy or not isinstance(self.runner, GraphRunner):
+        if self.busy or not hasattr(self.runner, "capture_next"):
             return
         name = self.runner.capture_next()
         if name is not None:
@@ -175,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quiet:
             print(f"graph_executor: {loaded.name} ready on {loaded.model.embed_tokens.device} in "
                   f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
+        gc.collect()
+        gc.freeze()  # start-up objects (torch, the model) are never scanned again: no long GC pauses mid-stream
         server.serve()
         return 0
     except HybridrtError as e:

@@ -68,6 +68,7 @@ class Generator:
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
         self.sampler = Sampler(port.buffers.logits.shape[0], port.buffers.logits.device)
+        self.reader = TokenReader(port.buffers.logits.device)  # pinned memory and events, made once
 
     def check_prompt(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
@@ -82,8 +83,8 @@ class Generator:
                  start_time: float | None = None) -> Iterator[Chunk | GenerationResult]:
         """Yield one Chunk per generated token (its text may be empty while held back), then a GenerationResult.
 
-        The host learns each token one step late (TokenReader): decode k is enqueued before token k-1 is read,
-        so the device never waits for the host; after a stop the one step in flight is discarded."""
+        The host reads token k (TokenReader, an asynchronous copy) only after decode k is enqueued, so the
+        device never waits for the host; after a stop the one step in flight is discarded."""
         start = time.perf_counter() if start_time is None else start_time
         self.check_prompt(prompt_ids)
         n = len(prompt_ids)
@@ -92,21 +93,18 @@ class Generator:
         buffers.input_ids[:n].copy_(torch.tensor(prompt_ids, dtype=torch.int64))
         self.port.prefill(n, 0)
         out = _Output(self, params, prompt_ids, start)
-        reader = TokenReader(buffers.logits.device)
+        reader = self.reader
+        reader.reset()
         for k in itertools.count():
             token = self.sampler.sample(buffers.logits, out=buffers.next_token)  # [1], on the device
             self.sampler.observe(token)
             reader.push(token)
             last = k + 1 >= params.max_tokens or n + k + 1 >= self.port.max_context
             if not last:
-                self.port.decode(n + k)  # consumes next_token; enqueued before the host reads a token
-            if k > 0:
-                yield out.add(reader.pop())  # token k-1
-                if out.finish:
-                    break  # token k and decode k, in flight, are discarded
-            if last:
-                yield out.add(reader.pop())  # token k
-                break
+                self.port.decode(n + k)  # consumes next_token; enqueued before the host waits for token k
+            yield out.add(reader.pop())  # token k: the device already has decode k queued behind it
+            if out.finish:
+                break  # after a stop, decode k (in flight) is discarded
         yield from out.close()
 
 

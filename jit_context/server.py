@@ -8,6 +8,7 @@ waiting client) or on SIGTERM.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import signal
 import sys
@@ -231,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     server = None
     try:
         server = build_server(args, ctx, control)
+        gc.collect()
+        gc.freeze()  # start-up objects (torch, tokenizer) are never scanned again: no long GC pauses mid-stream
         server.run()
         return 0
     except ExecutorDied as e:

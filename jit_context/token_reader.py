@@ -1,5 +1,5 @@
 """Sampled tokens reach the host without stalling the device: an asynchronous copy into pinned memory per
-step, read one step later, by which time the device has long finished it (and already runs the next step).
+step, read once the next step is already queued on the device, so the host wait never leaves the GPU idle.
 """
 
 from __future__ import annotations
@@ -20,6 +20,11 @@ class TokenReader:
             self._host = torch.zeros(RING, dtype=torch.int64, pin_memory=True)  # [RING]
             self._events = [torch.cuda.Event() for _ in range(RING)]
         self._values: deque[int] = deque()
+
+    def reset(self) -> None:
+        """Forget tokens of a previous (e.g. cancelled) request."""
+        self._in_flight.clear()
+        self._values.clear()
 
     def push(self, token: torch.Tensor) -> None:
         """Start moving token ([1] int64, on the device) to the host; no synchronisation on the device."""

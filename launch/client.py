@@ -1,4 +1,4 @@
-"""The native Python client: one DEALER socket per request, streaming `TokenChunk`s then one `Finished`.
+"""The native Python client: a DEALER socket, streaming `TokenChunk`s then one `Finished` per request.
 
     from launch.client import Client
     with Client("tcp://127.0.0.1:7461") as client:
@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import zmq
 
-from ipc.channel import connect_client
+from ipc.channel import Channel, connect_client
 from ipc.errors import HybridrtError
 from ipc.messages import CancelRequest, Error, Finished, GenerateRequest, Status, StatusReply, TokenChunk
 from jit_context.sampling_params import SamplingParams
@@ -28,10 +28,15 @@ class ServerError(HybridrtError):
 
 
 class Client:
+    """Not thread-safe: one request at a time per Client (use one Client per thread). Keeps one socket open
+    across requests, so a request pays no connection set-up; replies to earlier, abandoned requests are
+    skipped by request id."""
+
     def __init__(self, address: str, timeout_s: float = 60.0) -> None:
         self.address = address
         self.timeout_ms = int(timeout_s * 1000)
         self._ctx = zmq.Context()
+        self._sock: Channel | None = None
 
     def __enter__(self) -> Client:
         return self
@@ -40,7 +45,21 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
         self._ctx.term()
+
+    def _socket(self) -> Channel:
+        if self._sock is None:
+            self._sock = connect_client(self._ctx, self.address)
+        return self._sock
+
+    def _drop_socket(self) -> None:
+        """After a timeout the socket may hold a late reply: start afresh."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
     def status(self, timeout_s: float = 5.0) -> dict:
         with connect_client(self._ctx, self.address) as sock:
@@ -57,22 +76,24 @@ class Client:
         wire_params = params.to_dict() if isinstance(params, SamplingParams) else dict(params or {})
         request = GenerateRequest(uuid.uuid4().hex, prompt, messages, token_ids, wire_params)
         finished = False
-        sock = connect_client(self._ctx, self.address)
+        sock = self._socket()
         try:
             sock.send(request, timeout_ms=self.timeout_ms)
             while not finished:
                 msg = sock.recv(timeout_ms=self.timeout_ms)
                 if msg is None:
+                    self._drop_socket()
                     raise ServerError("timeout", f"no answer from {self.address} within {self.timeout_ms / 1e3} s")
+                if getattr(msg, "request_id", request.request_id) not in (request.request_id, None):
+                    continue  # a late reply to an earlier request that was abandoned
                 if isinstance(msg, Error):
                     finished = True
                     raise ServerError(msg.code, msg.message)
                 finished = isinstance(msg, Finished)
                 yield msg
         finally:
-            if not finished:  # the caller stopped early: free the server for the next request
+            if not finished and self._sock is not None:  # the caller stopped early: free the server
                 try:
                     sock.send(CancelRequest(request.request_id), timeout_ms=100)
                 except (TimeoutError, HybridrtError, zmq.ZMQError):
-                    pass
-            sock.close()
+                    self._drop_socket()

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from graph_executor.loader import LoadConfig, LoadedModel, load_model
-from graph_executor.graphs import GraphRunner
 from graph_executor.runner import ModelRunner
 from ipc.errors import HybridrtError
 from jit_context.generator import Generator
@@ -35,9 +34,13 @@ class LocalEngine:
     def __init__(self, load: LoadConfig, tokenizer_path: str | None = None, graphs: bool = True) -> None:
         self.loaded: LoadedModel = load_model(load)
         on_gpu = self.loaded.model.embed_tokens.device.type == "cuda"
-        self.runner = GraphRunner(self.loaded.model) if on_gpu and graphs else ModelRunner(self.loaded.model)
-        if isinstance(self.runner, GraphRunner):
+        if on_gpu and graphs:
+            from graph_executor.graphs import GraphRunner  # needs Triton: GPU path only
+
+            self.runner = GraphRunner(self.loaded.model)
             self.runner.capture_all()
+        else:
+            self.runner = ModelRunner(self.loaded.model)
         path = tokenizer_path or self.loaded.tokenizer_path
         self.tokenizer = Tokenizer.from_path(Path(path)) if path else None
         eos = set(self.loaded.model.config.eos_token_ids)
