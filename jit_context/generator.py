@@ -54,6 +54,7 @@ class GenerationResult:
     ttft_ms: float
     tokens_per_s: float
     token_times_ms: list[float] = field(default_factory=list)  # per token, from the request start
+    prefill_enqueued_ms: float = 0.0  # when the executor had the prefill queued, from the request start
 
     @property
     def completion_tokens(self) -> int:
@@ -69,6 +70,19 @@ class Generator:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.sampler = Sampler(port.buffers.logits.shape[0], port.buffers.logits.device)
         self.reader = TokenReader(port.buffers.logits.device)  # pinned memory and events, made once
+        on_gpu = port.buffers.input_ids.device.type == "cuda"
+        self._staging = torch.empty(port.max_context, dtype=torch.int64, pin_memory=True) if on_gpu else None
+
+    def _write_prompt(self, prompt_ids: list[int]) -> None:
+        """Prompt ids into the executor's input buffer; on a GPU through pinned memory, so the copy is a
+        plain asynchronous DMA on our stream (the IPC event recorded next orders it before the prefill)."""
+        ids = torch.tensor(prompt_ids, dtype=torch.int64)
+        n = len(prompt_ids)
+        if self._staging is None:
+            self.port.buffers.input_ids[:n].copy_(ids)
+            return
+        self._staging[:n].copy_(ids)
+        self.port.buffers.input_ids[:n].copy_(self._staging[:n], non_blocking=True)
 
     def check_prompt(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
@@ -90,9 +104,10 @@ class Generator:
         n = len(prompt_ids)
         self.sampler.start_request(params, prompt_ids)
         buffers = self.port.buffers
-        buffers.input_ids[:n].copy_(torch.tensor(prompt_ids, dtype=torch.int64))
+        self._write_prompt(prompt_ids)
         self.port.prefill(n, 0)
         out = _Output(self, params, prompt_ids, start)
+        out.prefill_enqueued_ms = (time.perf_counter() - start) * 1e3
         reader = self.reader
         reader.reset()
         for k in itertools.count():
@@ -121,6 +136,7 @@ class _Output:
         self.times: list[float] = []
         self.parts: list[str] = []
         self.finish: str | None = None
+        self.prefill_enqueued_ms = 0.0
 
     def add(self, token_id: int) -> Chunk:
         self.times.append((time.perf_counter() - self.start) * 1e3)
@@ -143,7 +159,7 @@ class _Output:
             self.parts.append(tail)
             yield Chunk(tail, [])
         yield GenerationResult("".join(self.parts), self.token_ids, self.finish, self.prompt_len, self.times[0],
-                               _rate(self.times), self.times)
+                               _rate(self.times), self.times, self.prefill_enqueued_ms)
 
 
 def _rate(times_ms: list[float]) -> float:

@@ -43,6 +43,7 @@ class Pending:
     prompt_ids: list[int]
     params: SamplingParams
     received: float  # perf_counter at arrival
+    started: float = 0.0  # perf_counter when it reached the executor's turn
 
 
 class JitServer:
@@ -148,6 +149,7 @@ class JitServer:
     # -- the active request -------------------------------------------------------------------------------
 
     def _start(self, pending: Pending) -> None:
+        pending.started = time.perf_counter()
         self.active = pending
         self.executor.request_id = pending.request_id
         self.stream = self.generator.generate(pending.prompt_ids, pending.params, start_time=pending.received)
@@ -171,6 +173,8 @@ class JitServer:
         usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
                  "total_tokens": result.prompt_tokens + result.completion_tokens}
         timings = {"ttft_ms": round(result.ttft_ms, 3), "tokens_per_s": round(result.tokens_per_s, 3),
+                   "queue_ms": round((active.started - active.received) * 1e3, 3),
+                   "prefill_enqueued_ms": round(result.prefill_enqueued_ms, 3),
                    "token_times_ms": [round(t, 3) for t in result.token_times_ms]}
         return Finished(active.request_id, result.text, result.token_ids, result.finish_reason, usage, timings)
 
