@@ -78,6 +78,9 @@ class GraphRunner:
         else:
             graph.replay()
 
+    def wait_enqueued(self) -> None:
+        """In-process steps are enqueued when prefill/decode return: nothing to wait for."""
+
     def decode(self, position: int) -> None:
         self.eager.check_span(position, 1)
         self.static.position.fill_(position)

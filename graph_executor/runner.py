@@ -62,6 +62,9 @@ class ModelRunner:
             logits = self.model(ids, positions, last, start_pos + chunk_end)  # [1, V]
         self.buffers.logits.copy_(logits[0])
 
+    def wait_enqueued(self) -> None:
+        """In-process steps are enqueued when prefill/decode return: nothing to wait for."""
+
     def decode(self, position: int) -> None:
         """Run `next_token` at `position`; its logits land in `logits`."""
         self.check_span(position, 1)

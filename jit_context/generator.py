@@ -34,6 +34,8 @@ class ExecutorPort(Protocol):
 
     def decode(self, position: int) -> None: ...
 
+    def wait_enqueued(self) -> None: ...
+
 
 class Detokenizing(Protocol):
     def decode(self, ids: list[int], skip_special_tokens: bool = ...) -> str: ...
@@ -102,15 +104,17 @@ class Generator:
         start = time.perf_counter() if start_time is None else start_time
         self.check_prompt(prompt_ids)
         n = len(prompt_ids)
-        self.sampler.start_request(params, prompt_ids)
         buffers = self.port.buffers
         self._write_prompt(prompt_ids)
         self.port.prefill(n, 0)
+        self.sampler.start_request(params, prompt_ids)  # overlaps with the executor launching the prefill
         out = _Output(self, params, prompt_ids, start)
-        out.prefill_enqueued_ms = (time.perf_counter() - start) * 1e3
         reader = self.reader
         reader.reset()
         for k in itertools.count():
+            self.port.wait_enqueued()  # the step's logits are ordered before our sampling
+            if k == 0:
+                out.prefill_enqueued_ms = (time.perf_counter() - start) * 1e3
             token = self.sampler.sample(buffers.logits, out=buffers.next_token)  # [1], on the device
             self.sampler.observe(token)
             reader.push(token)

@@ -41,17 +41,31 @@ class RemoteExecutor:
         self.executor_pid = executor_pid
         self.request_id = ""
         self._step = 0
+        self._outstanding = False  # a step sent whose StepDone has not been read yet
         self.events = events  # GPU: order our sampling and the executor's steps by IPC events
 
     def finish_request(self) -> None:
         """Tell the executor the request is over (it may capture graphs while idle)."""
-        self._call(Reset(self.request_id))
+        self.wait_enqueued()  # a step of a cancelled request may still be unanswered
+        self._send(Reset(self.request_id))
+        self._await(lambda reply: isinstance(reply, Ok))
 
     def prefill(self, num_tokens: int, start_pos: int = 0) -> None:
-        self._call(Prefill(self.request_id, self._next_step(), num_tokens, start_pos))
+        """Send the step and return at once: the caller overlaps its own set-up with the executor's launch."""
+        self._send_step(Prefill(self.request_id, self._step + 1, num_tokens, start_pos))
 
     def decode(self, position: int) -> None:
-        self._call(Decode(self.request_id, self._next_step(), position))
+        self._send_step(Decode(self.request_id, self._step + 1, position))
+
+    def wait_enqueued(self) -> None:
+        """Wait for the executor to have *enqueued* the last step (not run it); our stream then waits on its
+        event, so sampling reads the step's logits. Nothing on the host waits for the device."""
+        if not self._outstanding:
+            return
+        self._await(lambda reply: isinstance(reply, StepDone) and reply.step == self._step)
+        self._outstanding = False
+        if self.events:
+            torch.cuda.current_stream().wait_event(self.events.executor)
 
     def status(self) -> dict:
         """The executor's current facts (graphs captured and pending, memory); call between requests only."""
@@ -64,15 +78,18 @@ class RemoteExecutor:
             elif isinstance(reply, StatusReply):
                 return reply.facts
 
-    def _next_step(self) -> int:
+    def _send_step(self, msg: Message) -> None:
+        self.wait_enqueued()
         self._step += 1
-        return self._step
+        self._send(msg)
+        self._outstanding = True
 
-    def _call(self, msg: Message) -> None:
-        """Send a step (or Reset) and wait for the executor to have *enqueued* it, not to have run it."""
+    def _send(self, msg: Message) -> None:
         if self.events:
             self.events.jit.record()  # our writes (prompt ids, sampled token) come before the step
         self.channel.send(msg)
+
+    def _await(self, wanted) -> None:
         while True:
             reply = self.channel.recv(timeout_ms=POLL_MS)
             if reply is None:
@@ -80,11 +97,8 @@ class RemoteExecutor:
                     raise ExecutorDied("the graph executor process died")
                 continue
             if isinstance(reply, Error):
+                self._outstanding = False
                 raise HybridrtError(f"executor: {reply.message}")
-            if isinstance(msg, Reset) and isinstance(reply, Ok):
-                return
-            if isinstance(reply, StepDone) and reply.step == self._step:
-                if self.events:
-                    torch.cuda.current_stream().wait_event(self.events.executor)  # logits before sampling
+            if wanted(reply):
                 return
             # A stale reply (e.g. of a step whose request was cancelled) is dropped.
