@@ -15,6 +15,8 @@ send a frame over the limit (`ProtocolError("oversized")`), so well-behaved peer
 
 from __future__ import annotations
 
+import time
+
 import zmq
 
 from ipc.codec import MAX_FRAME_BYTES, decode, encode
@@ -47,11 +49,22 @@ class _SocketChannel:
         """Close the socket (idempotent); pending frames are discarded (LINGER 0)."""
         self._socket.close(linger=0)
 
-    def _recv_frames(self, timeout_ms: int | None) -> list[bytes] | None:
+    def _recv_frames(self, timeout_ms: int | None, spin_us: int = 0) -> list[bytes] | None:
         self._check_open()
+        if spin_us and self._spin_until_readable(spin_us):
+            return self._socket.recv_multipart()
         if timeout_ms is not None and not self._socket.poll(timeout_ms, zmq.POLLIN):
             return None
         return self._socket.recv_multipart()
+
+    def _spin_until_readable(self, spin_us: int) -> bool:
+        """Poll without sleeping for up to spin_us: saves the thread wake-up (tens to hundreds of us on a VM)
+        when a reply is due shortly. Costs a busy core while it spins; callers use it only on the GPU path."""
+        deadline = time.perf_counter_ns() + spin_us * 1000
+        while time.perf_counter_ns() < deadline:
+            if self._socket.poll(0, zmq.POLLIN):
+                return True
+        return False
 
     def _wait_writable(self, timeout_ms: int | None) -> None:
         if timeout_ms is not None and not self._socket.poll(timeout_ms, zmq.POLLOUT):
@@ -78,9 +91,10 @@ class Channel(_SocketChannel):
         self._wait_writable(timeout_ms)
         self._socket.send(data)
 
-    def recv(self, timeout_ms: int | None = None) -> Message | None:
-        """The next message, or None after `timeout_ms`; a bad frame is consumed and raises ProtocolError."""
-        frames = self._recv_frames(timeout_ms)
+    def recv(self, timeout_ms: int | None = None, *, spin_us: int = 0) -> Message | None:
+        """The next message, or None after `timeout_ms`; a bad frame is consumed and raises ProtocolError.
+        `spin_us`: first busy-poll that long (no sleep), then wait normally."""
+        frames = self._recv_frames(timeout_ms, spin_us)
         if frames is None:
             return None
         if len(frames) != 1:

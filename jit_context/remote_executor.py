@@ -17,6 +17,7 @@ from ipc.messages import Decode, Error, Message, Ok, Prefill, Reset, Status, Sta
 from ipc.shared_tensor import SharedTensor
 
 POLL_MS = 50  # how often a waiting step checks that the executor is alive
+SPIN_US = 2000  # busy-poll for the executor's StepDone this long before sleeping (GPU only)
 
 
 class ExecutorDied(HybridrtError):
@@ -90,8 +91,10 @@ class RemoteExecutor:
         self.channel.send(msg)
 
     def _await(self, wanted) -> None:
+        # On the GPU a reply is due within a fraction of a millisecond (the executor only enqueues): spin for it.
+        spin = SPIN_US if self.events else 0  # on the CPU the executor computes meanwhile: never steal its core
         while True:
-            reply = self.channel.recv(timeout_ms=POLL_MS)
+            reply = self.channel.recv(timeout_ms=POLL_MS, spin_us=spin)
             if reply is None:
                 if not process_alive(self.executor_pid):
                     raise ExecutorDied("the graph executor process died")
