@@ -20,12 +20,26 @@ import zmq
 
 from graph_executor.loader import LOAD_FORMATS, LoadConfig, LoadedModel, load_model
 from graph_executor.runner import ModelRunner, StepBuffers
-from ipc.events import StepEvents
 from ipc.channel import Channel, bind_control
 from ipc.errors import HybridrtError, ProtocolError
+from ipc.events import StepEvents
 from ipc.liveness import process_alive
-from ipc.messages import (PROTOCOL_VERSION, Abort, Decode, Error, Handshake, Message, Ok, Prefill, Ready, Reset,
-                          Shutdown, Status, StatusReply, StepDone)
+from ipc.messages import (
+    PROTOCOL_VERSION,
+    Abort,
+    Decode,
+    Error,
+    Handshake,
+    Message,
+    Ok,
+    Prefill,
+    Ready,
+    Reset,
+    Shutdown,
+    Status,
+    StatusReply,
+    StepDone,
+)
 from ipc.shared_tensor import CudaIpcTensor, SharedTensor, ShmTensor, dtype_name
 
 POLL_MS = 100  # how often an idle executor checks that its peers are alive

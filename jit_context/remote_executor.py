@@ -11,8 +11,8 @@ import torch
 
 from ipc.channel import Channel
 from ipc.errors import HybridrtError
-from ipc.liveness import process_alive
 from ipc.events import StepEvents
+from ipc.liveness import process_alive
 from ipc.messages import Decode, Error, Message, Ok, Prefill, Reset, Status, StatusReply, StepDone
 from ipc.shared_tensor import SharedTensor
 

@@ -20,13 +20,22 @@ from pathlib import Path
 import torch
 import zmq
 
-from ipc.events import StepEvents
-
 from ipc.channel import Channel, ServerChannel, bind_server, connect_control
 from ipc.errors import HybridrtError, PeerUnreachableError, ProtocolError
+from ipc.events import StepEvents
 from ipc.liveness import process_alive
-from ipc.messages import (PROTOCOL_VERSION, CancelRequest, Error, Finished, GenerateRequest, Handshake, Ready,
-                          Status, StatusReply, TokenChunk)
+from ipc.messages import (
+    PROTOCOL_VERSION,
+    CancelRequest,
+    Error,
+    Finished,
+    GenerateRequest,
+    Handshake,
+    Ready,
+    Status,
+    StatusReply,
+    TokenChunk,
+)
 from ipc.shared_tensor import import_tensor
 from jit_context.generator import GenerationResult, Generator
 from jit_context.remote_executor import ExecutorDied, RemoteExecutor

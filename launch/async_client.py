@@ -24,8 +24,7 @@ import zmq.asyncio
 
 from ipc.codec import MAX_FRAME_BYTES, decode, encode
 from ipc.errors import ProtocolError
-from ipc.messages import (CancelRequest, Error, Finished, GenerateRequest, Message, Status, StatusReply,
-                          TokenChunk)
+from ipc.messages import CancelRequest, Error, Finished, GenerateRequest, Message, Status, StatusReply, TokenChunk
 from launch.client import ServerError
 
 CANCEL_LINGER_MS = 200  # let the CancelRequest leave before the socket's pending frames are dropped

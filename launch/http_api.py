@@ -30,8 +30,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ipc.messages import Finished, TokenChunk
 from launch.async_client import AsyncClient
 from launch.client import ServerError
-from launch.openai_protocol import (ChatCompletionRequest, ChunkMaker, CompletionRequest, Unsupported,
-                                    chat_body, completion_body, error_body, models_body)
+from launch.openai_protocol import (
+    ChatCompletionRequest,
+    ChunkMaker,
+    CompletionRequest,
+    Unsupported,
+    chat_body,
+    completion_body,
+    error_body,
+    models_body,
+)
 
 Events = AsyncGenerator[TokenChunk | Finished, None]  # one request's messages, from AsyncClient.generate
 log = logging.getLogger("hybridrt.http")
