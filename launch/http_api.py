@@ -13,12 +13,14 @@ generation (the stream's generator is closed, and closing it sends CancelRequest
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
 from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
@@ -44,6 +46,7 @@ from launch.openai_protocol import (
 Events = AsyncGenerator[TokenChunk | Finished, None]  # one request's messages, from AsyncClient.generate
 log = logging.getLogger("hybridrt.http")
 HEALTH_TIMEOUT_S = 2.0
+DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its HTTP client is still there
 UNAVAILABLE_CODES = frozenset({"executor_died", "unreachable", "timeout"})
 MAX_REPORTED_ERRORS = 4
 UNION_HINTS = {  # fields with several accepted forms: one clear line instead of an error per form
@@ -101,18 +104,18 @@ def create_app(client_address: str, model_name: str, api_key: str | None, max_co
         return models_body(model_name, max_context, created)
 
     @v1.post("/completions")
-    async def completions(body: CompletionRequest) -> Any:
+    async def completions(body: CompletionRequest, request: Request) -> Any:
         _check(body, model_name)
         params = body.sampling_params(max_context if body.max_tokens is None else body.max_tokens)
-        return await _respond(client, body, body.prompt_kwargs(), params, chat=False)
+        return await _respond(client, body, body.prompt_kwargs(), params, chat=False, request=request)
 
     @v1.post("/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest) -> Any:
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         _check(body, model_name)
         max_tokens = body.requested_max_tokens()
         params = body.sampling_params(max_context if max_tokens is None else max_tokens)
         messages = [m.native() for m in body.messages]
-        return await _respond(client, body, {"messages": messages}, params, chat=True)
+        return await _respond(client, body, {"messages": messages}, params, chat=True, request=request)
 
     app.include_router(v1)
     return app
@@ -129,19 +132,37 @@ def _check(body: CompletionRequest | ChatCompletionRequest, model_name: str) -> 
 
 
 async def _respond(client: AsyncClient, body: CompletionRequest | ChatCompletionRequest,
-                   prompt: dict[str, Any], params: dict[str, Any], chat: bool) -> Any:
+                   prompt: dict[str, Any], params: dict[str, Any], chat: bool, request: Request) -> Any:
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     events = client.generate(**prompt, params=params, request_id=request_id)
-    first = await _next_or_error(events)
     if body.stream:
+        first = await _next_or_error(events)
         chunks = ChunkMaker(request_id, body.model, chat, body.include_usage)
         return _ClosingStreamingResponse(_sse(first, events, chunks), events)
-    item = first
-    async with aclosing(events):
-        while not isinstance(item, Finished):
-            item = await _next_or_error(events)
+    item = await _unless_disconnected(request, _until_finished(events))
     make = chat_body if chat else completion_body
     return make(request_id, body.model, item.text, item.finish_reason, item.usage)
+
+
+async def _until_finished(events: Events) -> Finished:
+    async with aclosing(events):  # closing sends CancelRequest if we stop early
+        item = await _next_or_error(events)
+        while not isinstance(item, Finished):
+            item = await _next_or_error(events)
+    return item
+
+
+async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, Finished]) -> Finished:
+    """Run a non-streamed request, cancelling it (and so its generation) if the HTTP client hangs up."""
+    task = asyncio.ensure_future(work)
+    while not task.done():
+        await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+        if not task.done() and await request.is_disconnected():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise ApiError(499, "the client closed the connection", code="client_closed")
+    return task.result()
 
 
 async def _next_or_error(events: Events) -> TokenChunk | Finished:

@@ -147,6 +147,15 @@ def test_client_disconnect_cancels_generation(server, model) -> None:
     wait_idle(server.address)
 
 
+def test_client_disconnect_cancels_non_streamed_generation(server, model) -> None:
+    body = {"model": model, "prompt": "Once upon a time", "max_tokens": 3000, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection mid-generation
+        httpx.post(f"{server.http}/v1/completions", json=body, timeout=httpx.Timeout(60, read=2.0))
+    wait_idle(server.address)
+    reply = httpx.post(f"{server.http}/v1/completions", json={**body, "max_tokens": 4}, timeout=60)
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 4
+
+
 def test_async_client_cancels_when_closed_early(server) -> None:
     async def scenario() -> str:
         client = AsyncClient(server.address)
