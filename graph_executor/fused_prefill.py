@@ -41,6 +41,8 @@ class FusedPrefill:
         t, eps = ids.shape[0], cfg.rms_norm_eps
         x, h, qkv, q = self.x[:t], self.h[:t], self.qkv[:t], self.q[:t]
         gate_up, act = self.gate_up[:t], self.act[:t]
+        if kv_len is None and cfg.sliding_window is not None and t > cfg.sliding_window:
+            kv_len = t  # causal attention alone would see past the window: take the masked path
         mask = None
         if kv_len is not None:
             mask = self.key_pos[None, :kv_len] <= positions[:, None]  # [T, S]

@@ -152,15 +152,24 @@ def test_rmsnorm_and_silu_rows() -> None:
     assert rel(act, torch.nn.functional.silu(gu[:, :1500].double()) * gu[:, 1500:].double()) < 1e-6
 
 
+PREFILL_ARCHS = {  # GQA; QKV bias; a sliding window shorter than the prompt
+    "llama": ("LlamaConfig", dict(num_key_value_heads=2)),
+    "qwen2": ("Qwen2Config", dict(num_key_value_heads=2)),
+    "mistral-window-6": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=6)),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(PREFILL_ARCHS))
 @pytest.mark.parametrize("case", ["from_zero", "chunk"])
-def test_fused_prefill_matches_model_forward(case, tmp_path) -> None:
+def test_fused_prefill_matches_model_forward(case, arch, tmp_path) -> None:
     import transformers
 
     from graph_executor.fused_prefill import FusedPrefill
     from graph_executor.loader import LoadConfig, load_model
     from tests.test_model_equivalence import BASE, make_hf_model
 
-    make_hf_model(transformers.LlamaConfig, dict(num_key_value_heads=2), seed=22).save_pretrained(tmp_path)
+    config_name, extra = PREFILL_ARCHS[arch]
+    make_hf_model(getattr(transformers, config_name), extra, seed=22).save_pretrained(tmp_path)
     model = load_model(LoadConfig(model=str(tmp_path), device=str(DEVICE), dtype="float32", max_context=64,
                                   progress=False)).model
     gen = torch.Generator().manual_seed(4)
