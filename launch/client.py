@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Iterator
 
@@ -28,15 +29,17 @@ class ServerError(HybridrtError):
 
 
 class Client:
-    """Not thread-safe: one request at a time per Client (use one Client per thread). Keeps one socket open
-    across requests, so a request pays no connection set-up; replies to earlier, abandoned requests are
-    skipped by request id."""
+    """Requests reuse an idle socket of the calling thread, so a request pays no connection set-up; a request
+    started while another is in flight on the same thread (two generators interleaved), or on another thread,
+    gets a socket of its own. Replies to earlier, abandoned requests are skipped by request id."""
 
     def __init__(self, address: str, timeout_s: float = 60.0) -> None:
         self.address = address
         self.timeout_ms = int(timeout_s * 1000)
         self._ctx = zmq.Context()
-        self._sock: Channel | None = None
+        self._idle = threading.local()  # .sock: this thread's idle socket, or None
+        self._lock = threading.Lock()
+        self._open: set[Channel] = set()  # every socket not yet closed, to close them all on close()
 
     def __enter__(self) -> Client:
         return self
@@ -45,21 +48,29 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        with self._lock:
+            for sock in self._open:
+                sock.close()
+            self._open.clear()
         self._ctx.term()
 
-    def _socket(self) -> Channel:
-        if self._sock is None:
-            self._sock = connect_client(self._ctx, self.address)
-        return self._sock
+    def _take_socket(self) -> Channel:
+        sock = getattr(self._idle, "sock", None)
+        self._idle.sock = None
+        if sock is None:
+            sock = connect_client(self._ctx, self.address)
+            with self._lock:
+                self._open.add(sock)
+        return sock
 
-    def _drop_socket(self) -> None:
-        """After a timeout the socket may hold a late reply: start afresh."""
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+    def _give_back(self, sock: Channel, reusable: bool) -> None:
+        """Keep the socket as this thread's idle one, unless it may hold a late reply or one is kept already."""
+        if reusable and getattr(self._idle, "sock", None) is None:
+            self._idle.sock = sock
+            return
+        sock.close()
+        with self._lock:
+            self._open.discard(sock)
 
     def status(self, timeout_s: float = 5.0) -> dict:
         with connect_client(self._ctx, self.address) as sock:
@@ -75,14 +86,14 @@ class Client:
         """Yield a TokenChunk per generated token, then the Finished message; raises ServerError."""
         wire_params = params.to_dict() if isinstance(params, SamplingParams) else dict(params or {})
         request = GenerateRequest(uuid.uuid4().hex, prompt, messages, token_ids, wire_params)
-        finished = False
-        sock = self._socket()
+        finished, reusable = False, True
+        sock = self._take_socket()
         try:
             sock.send(request, timeout_ms=self.timeout_ms)
             while not finished:
                 msg = sock.recv(timeout_ms=self.timeout_ms)
                 if msg is None:
-                    self._drop_socket()
+                    reusable = False  # a late reply may still come
                     raise ServerError("timeout", f"no answer from {self.address} within {self.timeout_ms / 1e3} s")
                 if getattr(msg, "request_id", request.request_id) not in (request.request_id, None):
                     continue  # a late reply to an earlier request that was abandoned
@@ -92,8 +103,9 @@ class Client:
                 finished = isinstance(msg, Finished)
                 yield msg
         finally:
-            if not finished and self._sock is not None:  # the caller stopped early: free the server
+            if not finished:  # the caller stopped early: free the server
                 try:
                     sock.send(CancelRequest(request.request_id), timeout_ms=100)
                 except (TimeoutError, HybridrtError, zmq.ZMQError):
-                    self._drop_socket()
+                    reusable = False
+            self._give_back(sock, reusable)

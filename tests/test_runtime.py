@@ -241,3 +241,31 @@ def wait_for(condition, timeout_s: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.05)
+
+
+def test_one_client_interleaved_and_threaded_requests(server) -> None:
+    """Two generators of one Client advanced in turn on one thread, and the same Client from two threads:
+    every request gets exactly its own reply stream."""
+    import threading
+
+    params = {"max_tokens": 6, "temperature": 0.0, "ignore_eos": True}
+    prompts = [[1, 2, 3, 4], [50, 60, 70]]
+    with Client(server.address) as client:
+        alone = [list(client.generate(token_ids=p, params=params))[-1].token_ids for p in prompts]
+        a, b = (client.generate(token_ids=p, params=params) for p in prompts)
+        got: dict[int, list] = {0: [], 1: []}
+        for pair in zip(a, b):  # interleaved on one thread
+            for i, msg in enumerate(pair):
+                got[i].append(msg)
+        assert [got[i][-1].token_ids for i in (0, 1)] == alone
+        results: dict[int, list[int]] = {}
+
+        def run(i: int) -> None:
+            results[i] = list(client.generate(token_ids=prompts[i], params=params))[-1].token_ids
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert [results[0], results[1]] == alone
