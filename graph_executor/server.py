@@ -79,7 +79,8 @@ def export_buffers(vocab_size: int, max_context: int, device: torch.device) -> t
 
 class ExecutorServer:
     def __init__(self, channel: Channel, loaded: LoadedModel, supervisor_pid: int | None,
-                 graphs: bool = True) -> None:
+                 graphs: bool = True, quiet: bool = False) -> None:
+        self.quiet = quiet
         self.channel = channel
         self.loaded = loaded
         model = loaded.model
@@ -124,7 +125,8 @@ class ExecutorServer:
             try:
                 msg = self.channel.recv(timeout_ms=POLL_MS, spin_us=spin)
             except ProtocolError as e:
-                self.channel.send(Error(e.code, str(e)))
+                if not self.reply(Error(e.code, str(e))):
+                    return
                 continue
             if msg is None:
                 if not self.peers_alive():
@@ -134,7 +136,13 @@ class ExecutorServer:
                 continue
             if isinstance(msg, Shutdown):
                 return
-            self.channel.send(self.handle(msg))
+            if not self.reply(self.handle(msg)):
+                print("graph_executor: peer process is gone, exiting", file=sys.stderr)
+                return
+
+    def reply(self, msg: Message) -> bool:
+        """Send to the JIT context; False once it is gone."""
+        return self.channel.send_while(msg, self.peers_alive, POLL_MS)
 
     def handle(self, msg: Message) -> Message:
         try:
@@ -174,7 +182,7 @@ class ExecutorServer:
         if self.busy or not hasattr(self.runner, "capture_next"):
             return
         name = self.runner.capture_next()
-        if name is not None:
+        if name is not None and not self.quiet:
             print(f"graph_executor: captured {name} in {self.runner.stats.seconds[name] * 1e3:.0f} ms",
                   file=sys.stderr)
 
@@ -194,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_model(LoadConfig(model=args.model, load_format=args.load_format, device=args.device,
                                        dtype=args.dtype, max_context=args.max_context, seed=args.seed_weights,
                                        progress=not args.quiet))
-        server = ExecutorServer(channel, loaded, args.supervisor_pid, graphs=not args.no_graphs)
+        server = ExecutorServer(channel, loaded, args.supervisor_pid, graphs=not args.no_graphs, quiet=args.quiet)
         if not args.quiet:
             print(f"graph_executor: {loaded.name} ready on {loaded.model.embed_tokens.device} in "
                   f"{time.perf_counter() - start:.1f} s", file=sys.stderr)

@@ -16,6 +16,7 @@ send a frame over the limit (`ProtocolError("oversized")`), so well-behaved peer
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import zmq
 
@@ -90,6 +91,17 @@ class Channel(_SocketChannel):
         data = encode(msg, max_frame_bytes=self.max_frame_bytes)
         self._wait_writable(timeout_ms)
         self._socket.send(data)
+
+    def send_while(self, msg: Message, alive: Callable[[], bool], poll_ms: int = 50) -> bool:
+        """Send, waiting only while `alive()` holds: a PAIR send blocks for as long as its peer is gone.
+        False if the peer was found dead before the message could go."""
+        while True:
+            try:
+                self.send(msg, timeout_ms=poll_ms)
+                return True
+            except TimeoutError:
+                if not alive():
+                    return False
 
     def recv(self, timeout_ms: int | None = None, *, spin_us: int = 0) -> Message | None:
         """The next message, or None after `timeout_ms`; a bad frame is consumed and raises ProtocolError.

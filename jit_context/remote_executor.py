@@ -70,7 +70,7 @@ class RemoteExecutor:
 
     def status(self) -> dict:
         """The executor's current facts (graphs captured and pending, memory); call between requests only."""
-        self.channel.send(Status())
+        self._send_raw(Status())
         while True:
             reply = self.channel.recv(timeout_ms=POLL_MS)
             if reply is None:
@@ -88,7 +88,11 @@ class RemoteExecutor:
     def _send(self, msg: Message) -> None:
         if self.events:
             self.events.jit.record()  # our writes (prompt ids, sampled token) come before the step
-        self.channel.send(msg)
+        self._send_raw(msg)
+
+    def _send_raw(self, msg: Message) -> None:
+        if not self.channel.send_while(msg, lambda: process_alive(self.executor_pid), POLL_MS):
+            raise ExecutorDied("the graph executor process died")
 
     def _await(self, wanted) -> None:
         # On the GPU a reply is due within a fraction of a millisecond (the executor only enqueues): spin for it.

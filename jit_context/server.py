@@ -214,7 +214,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def wait_ready(control: Channel, executor_pid: int) -> Ready:
-    control.send(Handshake(PROTOCOL_VERSION, "jit_context", os.getpid()))
+    if not control.send_while(Handshake(PROTOCOL_VERSION, "jit_context", os.getpid()),
+                              lambda: process_alive(executor_pid), IDLE_POLL_MS):
+        raise ExecutorDied("the graph executor exited before it was ready")
     while True:
         msg = control.recv(timeout_ms=IDLE_POLL_MS)
         if isinstance(msg, Ready):

@@ -211,3 +211,15 @@ def test_replies_are_routed_to_the_right_client(ctx, rundir):
 def test_send_to_unknown_client_raises(ctx, rundir):
     with bind_server(ctx, rundir.ipc_address("client")) as server, pytest.raises(PeerUnreachableError):
         server.send_to(b"\x00nobody", m.Ok())
+
+
+def test_send_while_gives_up_once_the_peer_is_dead(ctx, rundir):
+    """A PAIR send blocks while no peer is connected; send_while must return instead of hanging."""
+    address = rundir.ipc_address("lonely")
+    with bind_control(ctx, address) as lonely:
+        checks = []
+        assert lonely.send_while(m.Shutdown("x"), lambda: checks.append(1) or len(checks) < 3, poll_ms=20) is False
+        assert len(checks) == 3
+        with connect_control(ctx, address) as peer:
+            assert lonely.send_while(m.Shutdown("y"), lambda: True, poll_ms=20) is True
+            assert peer.recv(timeout_ms=2000) == m.Shutdown("y")
