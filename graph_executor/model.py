@@ -1,7 +1,7 @@
 """The Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2, TinyLlama) with a static KV cache.
 
 Weights are stored fused (QKV, gate-up) and allocated once on the target device; loaders copy each checkpoint
-tensor into its slice (`LlamaModel.slot`). The step is graph-safe: no `.item()`, no host branching on tensor
+tensor into its slice (`weight_map.hf_slot`). The step is graph-safe: no `.item()`, no host branching on tensor
 values; the KV cache is written by position index and read up to `kv_len`, a host-side static bound.
 """
 
@@ -62,12 +62,6 @@ class LlamaModel(nn.Module):
         self.kv_cache = nn.Buffer(torch.zeros(
             config.num_layers, 2, config.num_kv_heads, max_context, config.head_dim, device=device, dtype=dtype
         ))
-
-    def slot(self, name: str) -> torch.Tensor:
-        """The tensor (or slice of a fused tensor) that an HF checkpoint tensor `name` fills."""
-        from graph_executor.weight_map import hf_slot  # one owner for the HF name mapping
-
-        return hf_slot(self, name)
 
     @torch.inference_mode()
     def forward(
