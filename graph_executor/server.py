@@ -87,12 +87,12 @@ class ExecutorServer:
         device = model.embed_tokens.device
         buffers, self.shared = export_buffers(model.config.vocab_size, model.max_context, device)
         self.cuda = device.type == "cuda"
+        self.graphs = None  # the GraphRunner on the GPU path: it captures while idle and reports its graphs
         if self.cuda and graphs:
             from graph_executor.graphs import GraphRunner  # needs Triton: GPU path only
 
-            self.runner = GraphRunner(model, buffers)
-        else:
-            self.runner = ModelRunner(model, buffers)
+            self.graphs = GraphRunner(model, buffers)
+        self.runner = self.graphs if self.graphs is not None else ModelRunner(model, buffers)
         # GPU hand-over: the JIT context records `jit_event` after writing inputs / sampling; we wait on it
         # before a step and record `exec_event` after it. Neither side's host ever waits for the device.
         self.events = StepEvents.create(device) if self.cuda else None
@@ -105,7 +105,7 @@ class ExecutorServer:
         facts = {"load_seconds": round(self.loaded.load_seconds, 3), "source": self.loaded.source,
                  "tokenizer_path": str(self.loaded.tokenizer_path or ""), "executor_pid": os.getpid(),
                  "num_params": cfg.num_params(),
-                 "graphs": self.runner.facts() if hasattr(self.runner, "capture_next") else {},
+                 "graphs": self.graphs.facts() if self.graphs is not None else {},
                  "events": self.events.handles() if self.events else {}}
         if self.cuda:
             facts["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
@@ -179,11 +179,11 @@ class ExecutorServer:
             self.events.executor.record()
 
     def capture_when_idle(self) -> None:
-        if self.busy or not hasattr(self.runner, "capture_next"):
+        if self.busy or self.graphs is None:
             return
-        name = self.runner.capture_next()
+        name = self.graphs.capture_next()
         if name is not None and not self.quiet:
-            print(f"graph_executor: captured {name} in {self.runner.stats.seconds[name] * 1e3:.0f} ms",
+            print(f"graph_executor: captured {name} in {self.graphs.stats.seconds[name] * 1e3:.0f} ms",
                   file=sys.stderr)
 
     def close(self) -> None:
