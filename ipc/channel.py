@@ -46,9 +46,10 @@ class _SocketChannel:
         self._check_open()
         return bool(self._socket.poll(timeout_ms, zmq.POLLIN))
 
-    def close(self) -> None:
-        """Close the socket (idempotent); pending frames are discarded (LINGER 0)."""
-        self._socket.close(linger=0)
+    def close(self, linger_ms: int = 0) -> None:
+        """Close the socket (idempotent). Pending frames are discarded (LINGER 0) unless `linger_ms` lets them
+        leave for that long: a process that exits right after its last replies (errors to its clients) must."""
+        self._socket.close(linger=linger_ms)
 
     def _recv_frames(self, timeout_ms: int | None, spin_us: int = 0) -> list[bytes] | None:
         self._check_open()

@@ -43,6 +43,7 @@ from jit_context.sampling_params import SamplingParams
 from jit_context.tokenizer import Tokenizer
 
 IDLE_POLL_MS = 50
+FINAL_REPLY_LINGER_MS = 1000  # on exit, let the last replies (errors for every waiting client) leave
 
 
 @dataclass
@@ -259,6 +260,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         if server is not None:
-            server.clients.close()
+            server.clients.close(linger_ms=FINAL_REPLY_LINGER_MS)  # the executor_died errors just queued
         control.close()
         ctx.term()

@@ -21,6 +21,7 @@ from launch.client import Client, ServerError
 from launch.mps import MpsDaemon
 
 STOP_GRACE_S = 5.0
+PEER_EXIT_GRACE_S = 2.0  # once one child died, the other gets this long to tell its clients and exit by itself
 
 
 class ChildDied(HybridrtError):
@@ -99,6 +100,13 @@ class Supervisor:
     def check_children(self) -> None:
         # Name every child that has exited: when one dies its peer soon exits by itself, and reporting only the
         # first in order could blame the peer ("graph_executor exited with code 0") and hide the cause.
+        if not any(proc.poll() is not None for proc in self.children.values()):
+            return
+        # The survivor notices within ~50 ms, answers its clients (executor_died) and exits; terminating it at
+        # once could cut those answers off and leave the clients waiting for their own time-outs.
+        deadline = time.monotonic() + PEER_EXIT_GRACE_S
+        while any(proc.poll() is None for proc in self.children.values()) and time.monotonic() < deadline:
+            time.sleep(0.02)
         exited = [(name, proc.poll()) for name, proc in self.children.items() if proc.poll() is not None]
         if exited:
             raise ChildDied("; ".join(_describe_exit(name, code) for name, code in exited))
