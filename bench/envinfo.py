@@ -6,6 +6,7 @@ engine processes get the whole card.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import os
 import platform
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+SOURCE_PACKAGES = ("graph_executor", "jit_context", "ipc", "launch", "bench")
 
 
 @dataclass(frozen=True)
@@ -86,10 +88,19 @@ def version(package: str) -> str | None:
         return None
 
 
+def source_digest(root: Path = REPO_ROOT) -> str:
+    """sha256 over the runtime's Python sources (relative path and bytes, in path order): identifies the code
+    of a run made on a copy of the tree without `.git` (the GPU machine); recompute it at a commit to match."""
+    digest = hashlib.sha256()
+    for path in sorted(p for pkg in SOURCE_PACKAGES for p in (root / pkg).rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def git_commit() -> dict:
     commit = _run(["git", "rev-parse", "HEAD"], REPO_ROOT)
     status = _run(["git", "status", "--porcelain", "--untracked-files=no"], REPO_ROOT)
-    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+    return {"commit": commit, "dirty": bool(status) if status is not None else None, "source_sha256": source_digest()}
 
 
 def environment(device: str) -> dict:

@@ -21,12 +21,19 @@ def _engines_with(results: dict, workload: str) -> list[str]:
     return [n for n, r in results["engines"].items() if workload in r]
 
 
+def _code_id(git: dict) -> str:
+    if git["commit"]:
+        return git["commit"][:12] + (" (dirty)" if git["dirty"] else "")
+    digest = git.get("source_sha256")  # a tree copied without .git (the GPU machine)
+    return f"- (sources sha256 {digest[:12]})" if digest else "-"
+
+
 def header(results: dict) -> list[str]:
     env, spec, model = results["env"], results["spec"], results["model"]
     git = env["git"]
     facts = (f"{results['created']}; driver {env['driver'] or '-'}, torch {env['torch']} "
              f"(CUDA {env['cuda'] or '-'}), transformers {env['transformers']}, commit "
-             f"{(git['commit'] or '-')[:12]}{' (dirty)' if git['dirty'] else ''}; "
+             f"{_code_id(git)}; "
              f"{model['params'] / 1e9:.3g} B params, {model['decode_weight_bytes'] / 1e9:.3g} GB read per "
              f"decoded token, {model['kv_bytes_per_token'] / 1e6:.3g} MB KV per token of context; batch 1, greedy, "
              f"EOS ignored, random prompt ids (seed {spec['seed']}), max context {spec['max_context']}.")

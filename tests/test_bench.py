@@ -183,3 +183,20 @@ def test_percentile_interpolates_like_numpy() -> None:
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
     assert percentile([5.0], 99) == 5.0
     assert percentile(list(range(101)), 99) == pytest.approx(99.0)
+
+
+def test_source_digest_identifies_the_code(tmp_path) -> None:
+    """A run on a tree copied without .git is still tied to its code: the digest changes with any source."""
+    from bench.envinfo import source_digest
+
+    for pkg in ("graph_executor", "jit_context", "ipc", "launch", "bench"):
+        (tmp_path / pkg).mkdir()
+        (tmp_path / pkg / "a.py").write_text(f"# {pkg}\n")
+    first = source_digest(tmp_path)
+    assert source_digest(tmp_path) == first and len(first) == 64
+    (tmp_path / "ipc" / "a.py").write_text("# ipc changed\n")
+    assert source_digest(tmp_path) != first
+    (tmp_path / "ipc" / "a.py").write_text("# ipc\n")
+    assert source_digest(tmp_path) == first
+    (tmp_path / "ipc" / "notes.txt").write_text("not code")
+    assert source_digest(tmp_path) == first
