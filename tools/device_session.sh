@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One call on the GPU machine (the `device` tool): cuda tests, the full bench and the two-process probe, with
+# logs under $OUT and a short table last. Needs the wheels in .whl/ (../shared/device/wheels.sh pyzmq gguf
+# fastapi uvicorn openai ...) and SmolLM2's tokenizer files in .gpu/tokenizer/ (carry: [".whl", ".gpu"]).
+#
+#   run: bash tools/device_session.sh [tests|bench|probe ...]   (default: all three, about 6-7 minutes)
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD
+export HYBRIDRT_TEST_TOKENIZER=$PWD/.gpu/tokenizer
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(tests bench probe)
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"
+python3 -c "from bench.envinfo import source_digest; print('sources sha256', source_digest())" | tee -a "$OUT/card.txt"
+for step in "${steps[@]}"; do
+  case $step in
+    tests) timeout 240 python3 -m pytest -q -m cuda -p no:cacheprovider > "$OUT/cuda_tests.log" 2>&1
+           echo "cuda tests: rc=$? $(tail -1 "$OUT/cuda_tests.log")" ;;
+    bench) timeout 420 python3 -m launch.cli bench --quiet --out "$OUT/run" > "$OUT/bench.log" 2>&1
+           echo "bench: rc=$?"; rm -rf "$OUT/run/logs" ;;
+    probe) timeout 120 python3 -m bench.e2e_probe > "$OUT/e2e_probe.log" 2>&1; echo "e2e probe: rc=$?" ;;
+    *) echo "unknown step $step (tests, bench, probe)"; exit 2 ;;
+  esac
+done
+[ -f "$OUT/run/results.md" ] && sed -n '/^## TTFT/,/^## Two-process/p' "$OUT/run/results.md" | head -60
+[ -f "$OUT/e2e_probe.log" ] && tail -8 "$OUT/e2e_probe.log"
+exit 0
