@@ -169,7 +169,7 @@ class JitServer:
         try:
             item = next(self.stream)
         except ExecutorDied:
-            self._fail_everyone("the graph executor process died")
+            self.fail_everyone("executor_died", "the graph executor process died")
             raise
         except (ValueError, HybridrtError) as e:
             self._end(Error("generation_failed", str(e), active.request_id))
@@ -197,12 +197,23 @@ class JitServer:
         self.active, self.stream = None, None
         self.executor.finish_request()
 
-    def _fail_everyone(self, message: str) -> None:
+    def fail_everyone(self, code: str, message: str) -> None:
+        """Answer the active and every queued request with an `Error` (the process is about to exit)."""
         waiting = ([self.active] if self.active else []) + list(self.queue)
         for pending in waiting:
-            self._reply(pending.identity, Error("executor_died", message, pending.request_id))
+            self._reply(pending.identity, Error(code, message, pending.request_id))
         self.active, self.stream = None, None
         self.queue.clear()
+
+
+class Terminated(BaseException):
+    """SIGTERM (the supervisor stopping), raised in the main thread wherever it is; a BaseException, like
+    KeyboardInterrupt, so that no `except Exception` on the way turns it into an ordinary error."""
+
+
+def _terminate(*_) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the final replies
+    raise Terminated
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -242,7 +253,7 @@ def build_server(args: argparse.Namespace, ctx: zmq.Context, control: Channel) -
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGTERM, _terminate)
     ctx = zmq.Context()
     control = connect_control(ctx, args.control)
     server = None
@@ -252,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
         gc.freeze()  # start-up objects (torch, tokenizer) are never scanned again: no long GC pauses mid-stream
         server.run()
         return 0
+    except Terminated:
+        if server is not None:  # every request in flight or queued hears why, instead of timing out
+            server.fail_everyone("shutting_down", "the server is shutting down")
+        return 0
     except ExecutorDied as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
@@ -260,6 +275,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         if server is not None:
-            server.clients.close(linger_ms=FINAL_REPLY_LINGER_MS)  # the executor_died errors just queued
+            server.clients.close(linger_ms=FINAL_REPLY_LINGER_MS)  # the final errors just queued
         control.close()
         ctx.term()

@@ -120,3 +120,42 @@ def assert_served_promptly(client: Client) -> None:
     *_, final = client.generate(prompt="Hi", params={"max_tokens": 4, "temperature": 0.0})
     assert final.finish_reason == "length" and len(final.token_ids) == 4
     assert time.monotonic() - start < 10.0  # the abandoned request would hold the executor for minutes
+
+
+
+def drain(stream, outcome: list) -> None:
+    """Read a stream to its end; record the ServerError that ends it (or None) and when it came."""
+    try:
+        for _ in stream:
+            pass
+        outcome.append((None, time.monotonic()))
+    except ServerError as e:
+        outcome.append((e, time.monotonic()))
+
+
+def test_sigterm_answers_running_and_queued_requests(server) -> None:
+    """Stopping the server tells every client with a request running or queued, instead of leaving them to
+    their own time-outs."""
+    import threading
+
+    executor, jit = pids(server)
+    with Client(server.address, timeout_s=10) as client:
+        running = client.generate(prompt="Tell me a long story.", params=LONG)
+        assert isinstance(next(running), TokenChunk)
+        outcomes: dict[str, list] = {"running": [], "queued": []}
+        queued = threading.Thread(target=drain, args=(client.generate(prompt="Another one.", params=LONG),
+                                                      outcomes["queued"]))
+        queued.start()
+        deadline = time.monotonic() + 10
+        while client.status()["queued"] < 1:
+            assert time.monotonic() < deadline, "the second request was never queued"
+            time.sleep(0.02)
+        server.proc.send_signal(signal.SIGTERM)
+        stopped = time.monotonic()
+        drain(running, outcomes["running"])
+        queued.join(timeout=15)
+    for name, [(error, when)] in outcomes.items():
+        assert isinstance(error, ServerError) and error.code == "shutting_down", (name, error)
+        assert when - stopped < 2.0, name
+    assert server.proc.wait(timeout=15) == 0, server.proc.stderr.read()
+    assert_nothing_left(server, executor, jit)
