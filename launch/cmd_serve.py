@@ -14,6 +14,8 @@ import threading
 from launch.options import add_model_flags, load_config
 from launch.supervisor import ChildDied, ServerConfig, Supervisor
 
+HTTP_SHUTDOWN_TIMEOUT_S = 5.0
+
 DEFAULT_PORT = 7461
 DEFAULT_HTTP_PORT = 8000
 
@@ -75,7 +77,9 @@ def serve_http(args: argparse.Namespace, supervisor: Supervisor, facts: dict, st
     from launch.http_api import create_app
 
     app = create_app(supervisor.address, facts["model"], api_key=args.api_key, max_context=facts["max_context"])
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.http_port, log_level="warning"))
+    # Graceful shutdown waits for open streams; the watcher ends them first (below), the time-out is a backstop.
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.http_port, log_level="warning",
+                                           timeout_graceful_shutdown=HTTP_SHUTDOWN_TIMEOUT_S))
     failure: list[ChildDied] = []
 
     def watcher() -> None:
@@ -85,6 +89,11 @@ def serve_http(args: argparse.Namespace, supervisor: Supervisor, facts: dict, st
             except ChildDied as e:
                 failure.append(e)
                 break
+        if not failure:
+            # Stopping (SIGTERM, or Ctrl-C which uvicorn caught): stop the children first, so that the JIT
+            # context answers every running request with `shutting_down` and their HTTP streams end, instead
+            # of uvicorn's graceful shutdown waiting for whole generations.
+            supervisor.stop()
         server.should_exit = True
 
     threading.Thread(target=watcher, daemon=True).start()

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,8 @@ class Supervisor:
         self.started_at = time.perf_counter()
         self.ready_seconds: float | None = None
         self.mps: MpsDaemon | None = None
+        self._stop_lock = threading.Lock()  # stop() may come from the HTTP watcher thread and from the main one
+        self._stopped = False
 
     def start(self) -> None:
         load = self.config.load
@@ -118,6 +121,13 @@ class Supervisor:
             time.sleep(poll_s)
 
     def stop(self) -> None:
+        """Stop both children (the JIT context answers its clients first), then clean up; idempotent."""
+        with self._stop_lock:
+            if not self._stopped:
+                self._stop()
+                self._stopped = True
+
+    def _stop(self) -> None:
         for proc in self.children.values():
             if proc.poll() is None:
                 proc.terminate()

@@ -186,3 +186,30 @@ def test_api_key(default_model_dir) -> None:
         api = openai_client(serve, "secret")
         model = api.models.list().data[0].id
         assert api.completions.create(model=model, prompt=PROMPT, max_tokens=2, temperature=0).choices[0].text
+
+
+def test_sigterm_ends_open_streams_promptly(default_model_dir) -> None:
+    """Stopping serve must not wait for the generations of open HTTP streams (uvicorn's graceful shutdown
+    would, for minutes on the CPU): each stream ends at once with a shutting_down error event."""
+    import signal
+
+    serve = ServeProcess()
+    try:
+        serve.wait_ready()
+        model = openai_client(serve).models.list().data[0].id
+        stream = openai_client(serve).chat.completions.create(
+            model=model, messages=QUESTION, max_tokens=2000, temperature=0, stream=True,
+            extra_body={"ignore_eos": True})
+        for _, _chunk in zip(range(3), stream):
+            pass
+        serve.proc.send_signal(signal.SIGTERM)
+        stopped = time.monotonic()
+        with pytest.raises(openai.APIError, match="shutting down"):
+            for _chunk in stream:
+                pass
+        assert time.monotonic() - stopped < 3.0
+        assert serve.proc.wait(timeout=10) == 0
+    finally:
+        serve.stop()
+        serve.proc.stdout.close()
+        serve.proc.stderr.close()
