@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import socket
 import sys
 import threading
 
@@ -44,6 +45,11 @@ def run(args: argparse.Namespace) -> int:
                           ready_timeout_s=args.ready_timeout, mps=args.mps)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:  # before the children start: a taken HTTP port is a one-line error, not a failure after loading
+        http_socket = bind_http_socket(args.host, args.http_port) if args.http_port else None
+    except OSError as e:
+        print(f"error: cannot bind http://{args.host}:{args.http_port}: {e.strerror or e}", file=sys.stderr)
+        return 1
     supervisor = Supervisor(config)
     try:
         supervisor.start()
@@ -53,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  native: {supervisor.address}", flush=True)
         if args.http_port:
             print(f"  http:   http://{args.host}:{args.http_port}/v1", flush=True)
-            return serve_http(args, supervisor, facts, stop)
+            return serve_http(args, supervisor, facts, stop, http_socket)
         return watch(supervisor, stop)
     except ChildDied as e:
         print(f"error: {e}", file=sys.stderr)
@@ -62,6 +68,20 @@ def run(args: argparse.Namespace) -> int:
         return 0
     finally:
         supervisor.stop()
+        if http_socket is not None:
+            http_socket.close()
+
+
+def bind_http_socket(host: str, port: int) -> socket.socket:
+    """The HTTP listening socket, bound now and handed to uvicorn later (as uvicorn binds it: SO_REUSEADDR)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def watch(supervisor: Supervisor, stop: threading.Event) -> int:
@@ -70,7 +90,8 @@ def watch(supervisor: Supervisor, stop: threading.Event) -> int:
     return 0
 
 
-def serve_http(args: argparse.Namespace, supervisor: Supervisor, facts: dict, stop: threading.Event) -> int:
+def serve_http(args: argparse.Namespace, supervisor: Supervisor, facts: dict, stop: threading.Event,
+               sock: socket.socket) -> int:
     """uvicorn in this thread; a watcher thread ends it when a child dies or SIGTERM arrives."""
     import uvicorn
 
@@ -97,7 +118,7 @@ def serve_http(args: argparse.Namespace, supervisor: Supervisor, facts: dict, st
         server.should_exit = True
 
     threading.Thread(target=watcher, daemon=True).start()
-    server.run()
+    server.run(sockets=[sock])
     stop.set()
     if failure:
         raise failure[0]

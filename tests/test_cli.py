@@ -74,3 +74,16 @@ def test_unsupported_architecture_via_cli(tmp_path) -> None:
     assert out.returncode == 1 and out.stderr.strip() == (
         "error: unsupported architecture 'GPT2LMHeadModel' (hybridrt runs "
         "['LlamaForCausalLM', 'MistralForCausalLM', 'Qwen2ForCausalLM'])")
+
+
+def test_serve_with_a_taken_http_port_fails_at_once() -> None:
+    """Checked before the children start (before the model loads): one line, exit 1, nothing left behind."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("serve", "--device", "cpu", "--port", "0", "--http-port", str(port), timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip() == f"error: cannot bind http://127.0.0.1:{port}: Address already in use"
