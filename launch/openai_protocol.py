@@ -136,11 +136,26 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    # Sent by many SDKs and frameworks with their neutral values, which pass; anything else is refused.
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
         if self.logprobs or self.top_logprobs:
             raise Unsupported("logprobs", "logprobs are not supported")
+        if self.response_format not in (None, {"type": "text"}):
+            raise Unsupported("response_format", 'only response_format {"type": "text"} is supported')
+        if self.tools:
+            raise Unsupported("tools", "tool calling is not supported")
+        if self.tool_choice not in (None, "none", "auto"):  # with no tools, "auto" means no tool call
+            raise Unsupported("tool_choice", "tool calling is not supported")
+        if self.store:
+            raise Unsupported("store", "stored completions are not supported")
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

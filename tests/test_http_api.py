@@ -121,7 +121,13 @@ BAD_REQUESTS = [  # (endpoint, change to a good body, status, error param)
     ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
      "messages"),
     ("chat/completions", {"temperature": -1, "stream": True}, 400, None),
+    ("chat/completions", {"response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    ("chat/completions", {"tool_choice": "required"}, 400, "tool_choice"),
 ]
+NEUTRAL_CHAT_FIELDS = {"response_format": {"type": "text"}, "tools": [], "tool_choice": "none",
+                       "parallel_tool_calls": True, "store": False, "metadata": {"k": "v"}, "n": 1,
+                       "frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "user": "u"}
 
 
 def test_bad_requests_are_openai_errors(server, model) -> None:
@@ -136,6 +142,10 @@ def test_bad_requests_are_openai_errors(server, model) -> None:
     for path, body in bodies.items():  # the server still answers
         good = httpx.post(f"{server.http}/v1/{path}", json=body, timeout=60)
         assert good.status_code == 200, good.text
+    # What SDKs send by default passes.
+    chat = httpx.post(f"{server.http}/v1/chat/completions", json={**bodies["chat/completions"], **NEUTRAL_CHAT_FIELDS},
+                      timeout=60)
+    assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["content"], chat.text
 
 
 def test_client_disconnect_cancels_generation(server, model) -> None:
