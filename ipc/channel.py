@@ -7,8 +7,11 @@ Two shapes:
 - client-facing (JIT context serves many clients): a ROUTER on the server, a DEALER per client, so replies
   are routed by identity and tokens can stream back without a request/reply lock-step.
 
-Every socket gets LINGER 0 (close never blocks on unsent frames) and MAXMSGSIZE = the frame limit, so zmq
-drops an oversized frame and disconnects its sender before Python sees it; `decode` checks the size again.
+Every socket gets LINGER 0 (close never blocks on unsent frames) and a MAXMSGSIZE, above which zmq drops a
+frame and disconnects its sender before Python sees it. On the control channel that is the frame limit. The
+client-facing server takes frames up to 16x the limit, so that an oversized request (a prompt too long for a
+frame, a bug in a client) gets an `oversized` error reply from `decode`; only frames beyond that are dropped
+unanswered (they are held in memory whole before anyone can look at them).
 The zmq Context belongs to the caller, who closes every channel before terminating it. A channel refuses to
 send a frame over the limit (`ProtocolError("oversized")`), so well-behaved peers never trip MAXMSGSIZE.
 """
@@ -153,7 +156,11 @@ class ServerChannel(_SocketChannel):
         self.send_to(identity, Error(code=error.code, message=error.detail[:1000], request_id=request_id))
 
 
-def _open(ctx: zmq.Context, socket_type: int, address: str, bind: bool, max_frame_bytes: int) -> zmq.Socket:
+ANSWERED_OVERSIZE_FACTOR = 16  # the server reads frames up to this many times its limit, to answer them
+
+
+def _open(ctx: zmq.Context, socket_type: int, address: str, bind: bool, max_frame_bytes: int,
+          recv_cap_bytes: int | None = None) -> zmq.Socket:
     if not isinstance(ctx, zmq.Context):
         raise TypeError(f"ctx must be a zmq.Context, got {type(ctx).__name__}")
     if not 0 < max_frame_bytes <= 1 << 30:
@@ -161,7 +168,7 @@ def _open(ctx: zmq.Context, socket_type: int, address: str, bind: bool, max_fram
     socket = ctx.socket(socket_type)
     try:
         socket.setsockopt(zmq.LINGER, 0)
-        socket.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
+        socket.setsockopt(zmq.MAXMSGSIZE, recv_cap_bytes or max_frame_bytes)
         if socket_type == zmq.ROUTER:
             socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable replies raise instead of vanishing
         (socket.bind if bind else socket.connect)(address)
@@ -183,7 +190,8 @@ def connect_control(ctx: zmq.Context, address: str, *, max_frame_bytes: int = MA
 
 def bind_server(ctx: zmq.Context, address: str, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> ServerChannel:
     """The client-facing server (ROUTER)."""
-    return ServerChannel(_open(ctx, zmq.ROUTER, address, True, max_frame_bytes), max_frame_bytes)
+    cap = max_frame_bytes * ANSWERED_OVERSIZE_FACTOR
+    return ServerChannel(_open(ctx, zmq.ROUTER, address, True, max_frame_bytes, cap), max_frame_bytes)
 
 
 def connect_client(ctx: zmq.Context, address: str, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> Channel:

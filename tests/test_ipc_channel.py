@@ -9,7 +9,7 @@ import zmq
 
 from ipc import messages as m
 from ipc.channel import bind_control, bind_server, connect_client, connect_control
-from ipc.codec import encode
+from ipc.codec import decode, encode
 from ipc.errors import ChannelError, PeerUnreachableError, ProtocolError
 from ipc.runtime_dir import RuntimeDir
 
@@ -175,15 +175,22 @@ def test_server_answers_bad_frames_and_keeps_serving(ctx, rundir):
         assert client.recv(TIMEOUT_MS) == m.Finished("ok-1", "ok", [1], "stop")
 
 
-def test_server_drops_oversized_frames_and_keeps_serving(ctx, rundir):
+def test_server_answers_oversized_frames_drops_huge_ones_and_keeps_serving(ctx, rundir):
     address = rundir.ipc_address("client")
     limit = 4096
     with bind_server(ctx, address, max_frame_bytes=limit) as server:
-        # A raw client bypasses the channel's own size check; zmq drops the frame and disconnects it.
+        # A raw client bypasses the channel's own size check.
         raw = ctx.socket(zmq.DEALER)
         raw.setsockopt(zmq.LINGER, 0)
         raw.connect(address)
-        raw.send(encode(m.GenerateRequest("huge", prompt="x" * (2 * limit)), max_frame_bytes=1 << 20))
+        # Over the limit: read, refused by decode, answered.
+        raw.send(encode(m.GenerateRequest("big", prompt="x" * (2 * limit)), max_frame_bytes=1 << 20))
+        identity, error = server.recv_from(timeout_ms=TIMEOUT_MS)
+        assert isinstance(error, ProtocolError) and error.code == "oversized"
+        server.send_error(identity, error)
+        assert raw.poll(TIMEOUT_MS) and decode(raw.recv()).code == "oversized"
+        # Beyond what the server reads at all: zmq drops the frame and disconnects the sender.
+        raw.send(encode(m.GenerateRequest("huge", prompt="x" * (17 * limit)), max_frame_bytes=1 << 20))
         assert server.recv_from(timeout_ms=300) is None
         raw.close()
         with connect_client(ctx, address, max_frame_bytes=limit) as client:

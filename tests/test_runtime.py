@@ -197,10 +197,13 @@ def test_bad_frame_gets_an_error_reply_and_server_keeps_serving(server, frames, 
     assert_serves(server)
 
 
-def test_oversized_frame_is_dropped_and_server_keeps_serving(server) -> None:
-    # zmq enforces MAXMSGSIZE (1 MiB) below Python: it drops the frame and disconnects the sender, so no reply.
-    with raw_socket(server.address) as sock:
-        sock.send(encode(GenerateRequest("big", prompt="x")) + b"\x00" * (2 << 20))
+def test_oversized_frame_is_answered_and_server_keeps_serving(server) -> None:
+    with raw_socket(server.address) as sock:  # over the 1 MiB frame limit: an `oversized` error reply
+        sock.send(encode(GenerateRequest("big", prompt="x" * (2 << 20)), max_frame_bytes=4 << 20))
+        reply = recv(sock)
+        assert isinstance(reply, Error) and reply.code == "oversized", reply
+    with raw_socket(server.address) as sock:  # beyond 16 MiB zmq drops it (and the sender) before Python
+        sock.send(encode(GenerateRequest("big", prompt="x")) + b"\x00" * (17 << 20))
         assert not sock.poll(500)
     assert_serves(server)
 
