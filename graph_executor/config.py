@@ -18,6 +18,7 @@ SUPPORTED_ARCHITECTURES = {
 }
 SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2"}
 SUPPORTED_ROPE_TYPES = {"default", "llama3", "linear"}
+FREQ_FACTORS_KEY = "hybridrt_rope_freq_factors"  # in config.json files we write (the default model's cache)
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,9 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    # Per-frequency divisors of the inverse frequencies, as llama.cpp stores Llama 3.1+ scaling in GGUF files
+    # (the `rope_freqs` tensor, [head_dim / 2]); applied after `rope_type`'s own scaling.
+    freq_factors: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.rope_type not in SUPPORTED_ROPE_TYPES:
@@ -37,6 +41,8 @@ class RopeScaling:
             )
         if not (self.factor > 0 and math.isfinite(self.factor)):
             raise ModelLoadError(f"rope scaling factor must be a positive number, got {self.factor}")
+        if self.freq_factors is not None and not all(f > 0 and math.isfinite(f) for f in self.freq_factors):
+            raise ModelLoadError("rope frequency factors must be positive numbers")
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,10 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ModelLoadError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        factors = self.rope_scaling.freq_factors
+        if factors is not None and len(factors) != self.head_dim // 2:
+            raise ModelLoadError(f"rope frequency factors: expected head_dim / 2 = {self.head_dim // 2}, "
+                                 f"got {len(factors)}")
 
     @property
     def q_size(self) -> int:
@@ -119,6 +129,8 @@ class ModelConfig:
             "attention_bias": self.qkv_bias, "sliding_window": self.sliding_window,
             "bos_token_id": self.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
             "hidden_act": "silu",
+            # Our own key (transformers ignores it): GGUF frequency factors have no HF config equivalent.
+            **({FREQ_FACTORS_KEY: list(self.rope_scaling.freq_factors)} if self.rope_scaling.freq_factors else {}),
         }
 
     @classmethod
@@ -185,9 +197,12 @@ def _rope_dict(d: dict[str, Any]) -> dict[str, Any]:
 def _rope_scaling_of(d: dict[str, Any]) -> RopeScaling:
     r = _rope_dict(d)
     rope_type = r.get("rope_type", r.get("type", "default"))
+    factors = d.get(FREQ_FACTORS_KEY)
+    freq_factors = tuple(float(f) for f in factors) if factors else None
     if rope_type == "default":
-        return RopeScaling()
+        return RopeScaling(freq_factors=freq_factors)
     return RopeScaling(
+        freq_factors=freq_factors,
         rope_type=rope_type,
         factor=float(r.get("factor", 1.0)),
         low_freq_factor=float(r.get("low_freq_factor", 1.0)),

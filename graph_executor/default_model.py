@@ -67,13 +67,13 @@ def _convert(source: Path, out: Path, progress: bool) -> None:
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from graph_executor.gguf_loader import gguf_config, iter_gguf_tensors, open_gguf
+    from graph_executor.gguf_loader import gguf_config, iter_gguf_tensors, open_gguf, weight_tensor_count
 
     reader = open_gguf(source)
     config = gguf_config(reader)
     tensors = {
         name: torch.from_numpy(array)
-        for name, array in tqdm(iter_gguf_tensors(reader, config), total=len(reader.tensors),
+        for name, array in tqdm(iter_gguf_tensors(reader, config), total=weight_tensor_count(reader),
                                 desc="converting default model (once)", unit="tensor", disable=not progress)
     }
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})

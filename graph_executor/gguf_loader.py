@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from graph_executor.config import ModelConfig
+from graph_executor.config import ModelConfig, RopeScaling
 from ipc.errors import ModelLoadError
 
 _GGUF_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
@@ -25,6 +25,7 @@ _LAYER = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post
           "attn_output.weight": "self_attn.o_proj.weight", "ffn_gate.weight": "mlp.gate_proj.weight",
           "ffn_up.weight": "mlp.up_proj.weight", "ffn_down.weight": "mlp.down_proj.weight"}
 _BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
+ROPE_FREQS = "rope_freqs.weight"
 
 
 def open_gguf(path: Path):
@@ -46,9 +47,6 @@ def gguf_config(reader) -> ModelConfig:
     if arch not in _GGUF_ARCHS:
         raise ModelLoadError(f"unsupported architecture {arch!r} in GGUF file (hybridrt runs {sorted(_GGUF_ARCHS)})")
     names = {t.name for t in reader.tensors}
-    if "rope_freqs.weight" in names:
-        raise ModelLoadError("GGUF files with a rope_freqs tensor (Llama 3.1+ scaling) are not supported yet; "
-                             "use the model's HF safetensors folder")
     heads = int(_field(reader, f"{arch}.attention.head_count"))
     hidden = int(_field(reader, f"{arch}.embedding_length"))
     tokens = _field(reader, "tokenizer.ggml.tokens") or []
@@ -65,11 +63,36 @@ def gguf_config(reader) -> ModelConfig:
         max_position_embeddings=int(_field(reader, f"{arch}.context_length", 4096)),
         rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        rope_scaling=_rope_scaling(reader, arch),
         tie_word_embeddings="output.weight" not in names,
         qkv_bias="blk.0.attn_q.bias" in names,
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_ids=(int(eos),) if eos is not None else (),
     )
+
+
+def _rope_scaling(reader, arch: str) -> RopeScaling:
+    """llama.cpp writes linear scaling as metadata and Llama 3.1+ scaling as the `rope_freqs` tensor (per-
+    frequency divisors it computed from the HF llama3 parameters, which the file does not keep)."""
+    kind = _field(reader, f"{arch}.rope.scaling.type", "none")
+    if kind not in ("none", "linear"):
+        raise ModelLoadError(f"unsupported rope scaling type {kind!r} in GGUF file (supported: none, linear, "
+                             f"and Llama 3.1+ rope_freqs)")
+    freqs = next((t for t in reader.tensors if t.name == ROPE_FREQS), None)
+    factors = None
+    if freqs is not None:
+        from gguf.quants import dequantize
+
+        factors = tuple(float(f) for f in np.asarray(dequantize(freqs.data, freqs.tensor_type)).reshape(-1))
+    if kind == "linear":
+        return RopeScaling(rope_type="linear", factor=float(_field(reader, f"{arch}.rope.scaling.factor", 1.0)),
+                           freq_factors=factors)
+    return RopeScaling(freq_factors=factors)
+
+
+def weight_tensor_count(reader) -> int:
+    """Tensors `iter_gguf_tensors` yields (for progress bars)."""
+    return sum(t.name != ROPE_FREQS for t in reader.tensors)
 
 
 def hf_name(gguf_name: str) -> str | None:
@@ -92,6 +115,8 @@ def iter_gguf_tensors(reader, config: ModelConfig) -> Iterator[tuple[str, np.nda
     from gguf.quants import dequantize
 
     for t in reader.tensors:
+        if t.name == ROPE_FREQS:
+            continue  # not a weight: part of the config (`_rope_scaling`)
         name = hf_name(t.name)
         if name is None:
             raise ModelLoadError(f"GGUF tensor {t.name!r} is not part of a {config.model_type} model")

@@ -13,7 +13,7 @@ from tqdm import tqdm
 from graph_executor import default_model
 from graph_executor.config import ModelConfig
 from graph_executor.device import resolve_device, resolve_dtype
-from graph_executor.gguf_loader import gguf_config, iter_gguf_tensors, open_gguf
+from graph_executor.gguf_loader import gguf_config, iter_gguf_tensors, open_gguf, weight_tensor_count
 from graph_executor.model import LlamaModel
 from graph_executor.presets import preset
 from graph_executor.weight_map import check_complete, copy_into
@@ -159,7 +159,7 @@ def _load_gguf(model: LlamaModel, reader, progress: bool) -> None:
     loaded: set[str] = set()
     device = model.embed_tokens.device
     tensors = iter_gguf_tensors(reader, model.config)
-    for name, array in tqdm(tensors, total=len(reader.tensors), desc="loading weights", unit="tensor",
+    for name, array in tqdm(tensors, total=weight_tensor_count(reader), desc="loading weights", unit="tensor",
                             disable=not progress):
         copy_into(model, name, torch.from_numpy(array).to(device=device, dtype=model.dtype))
         loaded.add(name)

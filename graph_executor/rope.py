@@ -12,7 +12,14 @@ from graph_executor.config import ModelConfig
 def inverse_frequencies(config: ModelConfig) -> torch.Tensor:
     """[head_dim/2] float32, as transformers computes them for the same config."""
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    base = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))  # [hd/2]
+    inv_freq = _scaled(config, base)
+    factors = config.rope_scaling.freq_factors
+    # llama.cpp: theta = position * inv_freq / factor (its `rope_freqs` tensor).
+    return inv_freq if factors is None else inv_freq / torch.tensor(factors, dtype=torch.float32)
+
+
+def _scaled(config: ModelConfig, inv_freq: torch.Tensor) -> torch.Tensor:
     scaling = config.rope_scaling
     if scaling.rope_type == "linear":
         return inv_freq / scaling.factor

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import gguf
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 import torch
 import transformers
 
+from graph_executor.config import ModelConfig
 from graph_executor.loader import LoadConfig, load_model
 from graph_executor.presets import PRESETS
 from ipc.errors import DeviceError, ModelLoadError
@@ -28,16 +30,44 @@ GGUF_NAMES = {"input_layernorm.weight": "attn_norm.weight", "post_attention_laye
               "mlp.down_proj.weight": "ffn_down.weight"}
 
 
-def write_gguf(hf_model, path) -> None:
+def llama_cpp_rope_factors(cfg) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf.py `LlamaModel.generate_extra_tensors` for rope_type llama3, copied as the
+    independent reference: the `rope_freqs` tensor of Llama 3.1+ GGUF files."""
+    rope = cfg.rope_parameters
+    base, dim = rope["rope_theta"], cfg.hidden_size // cfg.num_attention_heads
+    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old_context_len = rope["original_max_position_embeddings"]
+    low_freq_wavelen, high_freq_wavelen = old_context_len / low, old_context_len / high
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_freq_wavelen:
+            factors.append(1)
+        elif wavelen > low_freq_wavelen:
+            factors.append(factor)
+        else:
+            smooth = (old_context_len / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+def write_gguf(hf_model, path, rope_theta: float = 10000.0, rope_freqs: np.ndarray | None = None,
+               linear_factor: float | None = None) -> None:
     cfg = hf_model.config
     w = gguf.GGUFWriter(str(path), arch="llama")
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs)
+    if linear_factor is not None:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(linear_factor)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(10000.0)
+    w.add_rope_freq_base(rope_theta)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
     for name, t in hf_model.state_dict().items():
@@ -70,6 +100,38 @@ def test_gguf_round_trip_matches_transformers(tmp_path) -> None:
     assert loaded.source == "gguf"
     assert loaded.model.config.num_kv_heads == 2 and not loaded.model.config.tie_word_embeddings
     prompt = torch.randint(0, BASE["vocab_size"], (10,), generator=torch.Generator().manual_seed(4))
+    assert max(compare_steps(hf_model, loaded.model, prompt)) < 1e-4
+
+
+def test_gguf_llama31_rope_freqs_match_transformers_llama3_scaling(tmp_path) -> None:
+    """A Llama 3.1+ GGUF keeps its RoPE scaling only as the rope_freqs tensor (the file has no llama3 parameters).
+    head_dim 16 with original context 64 gives factors of 1, 8 and in between."""
+    extra = {"num_key_value_heads": 2, "rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}
+    hf_model = make_hf_model(transformers.LlamaConfig, extra, seed=12)
+    factors = llama_cpp_rope_factors(hf_model.config)
+    assert factors.min() == 1.0 and factors.max() == 8.0 and len(set(factors.tolist())) > 2  # all three kinds
+    path = tmp_path / "llama31.gguf"
+    write_gguf(hf_model, path, rope_theta=500000.0, rope_freqs=factors)
+    loaded = load_model(LoadConfig(model=str(path), device="cpu", dtype="float32", progress=False))
+    assert loaded.model.config.rope_scaling.freq_factors is not None
+    prompt = torch.randint(0, BASE["vocab_size"], (10,), generator=torch.Generator().manual_seed(5))
+    assert max(compare_steps(hf_model, loaded.model, prompt)) < 1e-4
+    # The factors survive a round trip through the config.json we write (the default model's cache).
+    config = loaded.model.config
+    assert ModelConfig.from_hf_dict(json.loads(json.dumps(config.to_hf_dict()))) == config
+
+
+def test_gguf_linear_rope_scaling_matches_transformers(tmp_path) -> None:
+    extra = {"num_key_value_heads": 2, "rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0,
+                                                           "factor": 2.0}}
+    hf_model = make_hf_model(transformers.LlamaConfig, extra, seed=13)
+    path = tmp_path / "linear.gguf"
+    write_gguf(hf_model, path, linear_factor=2.0)
+    loaded = load_model(LoadConfig(model=str(path), device="cpu", dtype="float32", progress=False))
+    assert loaded.model.config.rope_scaling.rope_type == "linear"
+    prompt = torch.randint(0, BASE["vocab_size"], (10,), generator=torch.Generator().manual_seed(6))
     assert max(compare_steps(hf_model, loaded.model, prompt)) < 1e-4
 
 
