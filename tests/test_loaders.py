@@ -27,7 +27,8 @@ GGUF_NAMES = {"input_layernorm.weight": "attn_norm.weight", "post_attention_laye
               "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
               "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
               "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-              "mlp.down_proj.weight": "ffn_down.weight"}
+              "mlp.down_proj.weight": "ffn_down.weight", "self_attn.q_proj.bias": "attn_q.bias",
+              "self_attn.k_proj.bias": "attn_k.bias", "self_attn.v_proj.bias": "attn_v.bias"}
 
 
 def llama_cpp_rope_factors(cfg) -> np.ndarray:
@@ -53,9 +54,10 @@ def llama_cpp_rope_factors(cfg) -> np.ndarray:
 
 
 def write_gguf(hf_model, path, rope_theta: float = 10000.0, rope_freqs: np.ndarray | None = None,
-               linear_factor: float | None = None) -> None:
+               linear_factor: float | None = None, arch: str = "llama") -> None:
+    """As llama.cpp's converter writes it: Q/K rows permuted for llama (not for qwen2), biases kept."""
     cfg = hf_model.config
-    w = gguf.GGUFWriter(str(path), arch="llama")
+    w = gguf.GGUFWriter(str(path), arch=arch)
     if rope_freqs is not None:
         w.add_tensor("rope_freqs.weight", rope_freqs)
     if linear_factor is not None:
@@ -81,7 +83,9 @@ def write_gguf(hf_model, path, rope_theta: float = 10000.0, rope_freqs: np.ndarr
         else:
             layer, rest = name.split(".")[2], ".".join(name.split(".")[3:])
             out = f"blk.{layer}.{GGUF_NAMES[rest]}"
-            if rest == "self_attn.q_proj.weight":
+            if arch != "llama":
+                pass
+            elif rest == "self_attn.q_proj.weight":
                 a = llama_cpp_permute(a, cfg.num_attention_heads)
             elif rest == "self_attn.k_proj.weight":
                 a = llama_cpp_permute(a, cfg.num_key_value_heads)
@@ -100,6 +104,17 @@ def test_gguf_round_trip_matches_transformers(tmp_path) -> None:
     assert loaded.source == "gguf"
     assert loaded.model.config.num_kv_heads == 2 and not loaded.model.config.tie_word_embeddings
     prompt = torch.randint(0, BASE["vocab_size"], (10,), generator=torch.Generator().manual_seed(4))
+    assert max(compare_steps(hf_model, loaded.model, prompt)) < 1e-4
+
+
+def test_gguf_qwen2_with_qkv_bias_matches_transformers(tmp_path) -> None:
+    """Qwen2 GGUFs carry Q/K/V biases and, unlike llama, no Q/K row permutation."""
+    hf_model = make_hf_model(transformers.Qwen2Config, {"num_key_value_heads": 2}, seed=14)
+    path = tmp_path / "qwen2.gguf"
+    write_gguf(hf_model, path, rope_theta=hf_model.config.rope_parameters["rope_theta"], arch="qwen2")
+    loaded = load_model(LoadConfig(model=str(path), device="cpu", dtype="float32", progress=False))
+    assert loaded.model.config.model_type == "qwen2" and loaded.model.config.qkv_bias
+    prompt = torch.randint(0, BASE["vocab_size"], (10,), generator=torch.Generator().manual_seed(7))
     assert max(compare_steps(hf_model, loaded.model, prompt)) < 1e-4
 
 
