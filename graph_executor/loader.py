@@ -14,6 +14,7 @@ from graph_executor import default_model
 from graph_executor.config import ModelConfig
 from graph_executor.device import resolve_device, resolve_dtype
 from graph_executor.gguf_loader import gguf_config, iter_gguf_tensors, open_gguf, weight_tensor_count
+from graph_executor.memory import check_fits
 from graph_executor.model import LlamaModel
 from graph_executor.presets import preset
 from graph_executor.weight_map import check_complete, copy_into
@@ -64,7 +65,8 @@ def load_model(cfg: LoadConfig) -> LoadedModel:
         config = gguf_config(reader)
     else:
         config = ModelConfig.from_json_file(Path(path) / "config.json")
-    max_context = cfg.max_context or min(config.max_position_embeddings, DEFAULT_MAX_CONTEXT)
+    max_context = _max_context(cfg, config)
+    check_fits(cfg.model, config, dtype, max_context, device)
     model = LlamaModel(config, max_context, device, dtype)
     if source == "dummy":
         _fill_random(model, cfg.seed)
@@ -82,10 +84,17 @@ def load_model(cfg: LoadConfig) -> LoadedModel:
 
 
 def check_load_config(cfg: LoadConfig) -> ModelConfig:
-    """The cheap checks of `load_model` (device, dtype, model reference, config), reading no weights, so that a
-    launcher can report bad input in one line before it starts any process."""
+    """The cheap checks of `load_model` (device, dtype, model reference, config, and on the CPU whether it fits),
+    reading no weights, so that a launcher can report bad input in one line before it starts any process."""
     device = resolve_device(cfg.device)
-    resolve_dtype(cfg.dtype, device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    config = _config_only(cfg)
+    if device.type == "cpu":  # a GPU's free memory would cost this process a CUDA context: the executor checks
+        check_fits(cfg.model, config, dtype, _max_context(cfg, config), device)
+    return config
+
+
+def _config_only(cfg: LoadConfig) -> ModelConfig:
     ref = cfg.model
     if ref.startswith("dummy:") or cfg.load_format == "dummy":
         return preset(ref.removeprefix("dummy:"))
@@ -96,6 +105,10 @@ def check_load_config(cfg: LoadConfig) -> ModelConfig:
     if source == "gguf":
         return gguf_config(open_gguf(path))
     return ModelConfig.from_json_file(Path(path) / "config.json")
+
+
+def _max_context(cfg: LoadConfig, config: ModelConfig) -> int:
+    return cfg.max_context or min(config.max_position_embeddings, DEFAULT_MAX_CONTEXT)
 
 
 def _resolve_source(cfg: LoadConfig) -> tuple[str, str, bool | None]:

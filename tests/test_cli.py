@@ -59,6 +59,10 @@ def test_help_explains_every_flag() -> None:
     (["--top-p", "1.5"], "top_p"),
     (["--in-process", "--model", "dummy:smollm2-135m", "--device", "cpu", "--max-context", "64"],
      "has no tokenizer"),
+    # 3.9 TiB of KV cache fits no machine: refused before any process starts or anything is allocated.
+    (["--model", "dummy:llama-2-7b", "--device", "cpu", "--max-context", "4000000"], "does not fit on cpu"),
+    (["--in-process", "--model", "dummy:llama-2-7b", "--device", "cpu", "--max-context", "4000000"],
+     "does not fit on cpu"),
 ])
 def test_bad_input_is_one_clear_line(args: list[str], message: str, hybridrt_cache) -> None:
     out = run_cli("generate", "--quiet", *args, "hello")

@@ -1,0 +1,50 @@
+"""Will the model fit? Weights plus the static KV cache against the memory available on the target device,
+checked before anything is allocated, so that a model too big is one clear line rather than an OOM kill."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from graph_executor.config import ModelConfig
+from ipc.errors import ModelLoadError
+
+HEADROOM_BYTES = 256 << 20  # activations, workspaces, the allocator's slack (graphs add ~0.1 GiB on a GPU)
+GIB = 1024**3
+
+
+def needed_bytes(config: ModelConfig, dtype: torch.dtype, max_context: int) -> tuple[int, int]:
+    """(weight bytes, KV-cache bytes) that loading `config` with a `max_context` cache allocates."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    kv = 2 * config.num_layers * config.num_kv_heads * config.head_dim * max_context * elt
+    return config.num_params() * elt, kv
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory on a GPU, MemAvailable on the host; None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        m = re.search(r"^MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(m.group(1)) * 1024 if m else None
+
+
+def check_fits(name: str, config: ModelConfig, dtype: torch.dtype, max_context: int, device: torch.device,
+               available: int | None = None) -> None:
+    """ModelLoadError when the weights and KV cache can't fit in what `device` has free."""
+    weights, kv = needed_bytes(config, dtype, max_context)
+    need = weights + kv + HEADROOM_BYTES
+    available = available_bytes(device) if available is None else available
+    if available is None or need <= available:
+        return
+    where = "free GPU memory" if device.type == "cuda" else "available RAM"
+    dtype_name = str(dtype).removeprefix("torch.")
+    raise ModelLoadError(
+        f"{name} ({dtype_name}) does not fit on {device.type}: it needs about {need / GIB:.1f} GiB (weights "
+        f"{weights / GIB:.1f} GiB + KV cache for {max_context} tokens {kv / GIB:.1f} GiB + headroom) but "
+        f"{where} is {available / GIB:.1f} GiB; try a smaller --max-context or --dtype, or another device"
+    )
