@@ -222,6 +222,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--listen", required=True, help="client-facing address to bind")
     p.add_argument("--executor-pid", type=int, required=True)
     p.add_argument("--tokenizer", default=None)
+    p.add_argument("--chat-template", default=None, help="template text replacing the tokenizer's own")
     return p.parse_args(argv)
 
 
@@ -246,6 +247,13 @@ def build_server(args: argparse.Namespace, ctx: zmq.Context, control: Channel) -
     executor = RemoteExecutor(control, shared, ready.max_context, args.executor_pid, events)
     tokenizer_path = args.tokenizer or ready.facts.get("tokenizer_path")
     tokenizer = Tokenizer.from_path(Path(tokenizer_path)) if tokenizer_path else None
+    if args.chat_template is not None:
+        if tokenizer is None:
+            raise HybridrtError(f"model {ready.model_name} has no tokenizer to use a chat template with")
+        try:
+            tokenizer.use_chat_template(args.chat_template)
+        except ValueError as e:
+            raise HybridrtError(str(e)) from None
     eos = set(ready.eos_token_ids) | (tokenizer.eos_token_ids if tokenizer else set())
     generator = Generator(executor, tokenizer, frozenset(eos))
     return JitServer(bind_server(ctx, args.listen), executor, generator, tokenizer, ready)

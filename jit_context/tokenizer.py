@@ -50,6 +50,7 @@ class Tokenizer:
             raise ModelLoadError(f"a fast (tokenizers-backed) tokenizer is required, got {type(hf_tokenizer).__name__}")
         self._tok = hf_tokenizer
         self.eos_token_ids: frozenset[int] = self._find_eos_ids()
+        self._chat_template: str | None = None  # replaces the tokenizer's own (`use_chat_template`)
 
     @classmethod
     def from_path(cls, path: str | Path) -> Tokenizer:
@@ -80,7 +81,18 @@ class Tokenizer:
 
     @property
     def has_chat_template(self) -> bool:
-        return bool(self._tok.chat_template)
+        return bool(self._chat_template or self._tok.chat_template)
+
+    def use_chat_template(self, template: str) -> None:
+        """Format chat messages with `template` (Jinja, as in HF tokenizer configs) instead of the tokenizer's
+        own; ValueError if it does not compile."""
+        import jinja2
+
+        try:
+            jinja2.Environment().parse(template)
+        except jinja2.TemplateSyntaxError as e:
+            raise ValueError(f"the chat template does not compile: {e.message} (line {e.lineno})") from None
+        self._chat_template = template
 
     def encode(self, text: str) -> list[int]:
         """Plain text -> ids; BOS is added only where the tokenizer's own post-processor is set to add it."""
@@ -94,7 +106,8 @@ class Tokenizer:
         if not self.has_chat_template:
             raise ValueError("this tokenizer has no chat template; send a plain prompt instead")
         ids = self._tok.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            messages, chat_template=self._chat_template, add_generation_prompt=True, tokenize=True,
+            return_dict=False,
         )
         return list(ids)
 

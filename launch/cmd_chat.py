@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ipc.errors import HybridrtError
-from launch.options import add_model_flags, add_sampling_flags, load_config, sampling_params
+from launch.options import add_model_flags, add_sampling_flags, chat_template, load_config, sampling_params
 
 PROMPT = "> "
 COMMANDS = "/reset clears the history, /exit or Ctrl-D quits, Ctrl-C cancels a reply"
@@ -66,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     params = sampling_params(args)  # validate flags before the (slow) model load
     supervisor = None
     if args.connect is None:
-        supervisor = Supervisor(ServerConfig(load_config(args), tokenizer=args.tokenizer))
+        supervisor = Supervisor(ServerConfig(load_config(args), tokenizer=args.tokenizer,
+                                             chat_template=chat_template(args)))
         supervisor.start()
     try:
         with Client(args.connect or supervisor.address) as client:

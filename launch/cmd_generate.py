@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from launch.options import add_model_flags, add_sampling_flags, load_config, sampling_params
+from launch.options import add_model_flags, add_sampling_flags, chat_template, load_config, sampling_params
 
 
 @dataclass(frozen=True)
@@ -48,15 +48,16 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     params = sampling_params(args)  # validate flags before the (slow) model load
+    template = chat_template(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     messages = [{"role": "user", "content": prompt}]
     if args.system is not None:
         messages.insert(0, {"role": "system", "content": args.system})
     stream = print_stream if not args.json else (lambda text: None)
     if args.in_process:
-        outcome = run_in_process(args, prompt, messages, params, stream)
+        outcome = run_in_process(args, prompt, messages, params, stream, template)
     else:
-        outcome = run_through_server(args, prompt, messages, params, stream)
+        outcome = run_through_server(args, prompt, messages, params, stream, template)
     if args.json:
         print(json.dumps({"text": outcome.text, "token_ids": outcome.token_ids,
                           "finish_reason": outcome.finish_reason, "prompt_tokens": outcome.prompt_tokens,
@@ -71,10 +72,10 @@ def print_stream(text: str) -> None:
     sys.stdout.flush()
 
 
-def run_in_process(args, prompt, messages, params, stream) -> Outcome:
+def run_in_process(args, prompt, messages, params, stream, template: str | None) -> Outcome:
     from launch.local import LocalEngine, PromptInput
 
-    engine = LocalEngine(load_config(args), args.tokenizer)
+    engine = LocalEngine(load_config(args), args.tokenizer, chat_template=template)
     loaded = engine.loaded
     if not args.quiet:
         what = " (first run: converted and cached the default model)" if loaded.converted_default else ""
@@ -92,14 +93,14 @@ def run_in_process(args, prompt, messages, params, stream) -> Outcome:
     return Outcome(r.text, r.token_ids, r.finish_reason, r.prompt_tokens, r.ttft_ms, r.tokens_per_s)
 
 
-def run_through_server(args, prompt, messages, params, stream) -> Outcome:
+def run_through_server(args, prompt, messages, params, stream, template: str | None) -> Outcome:
     from launch.client import Client
     from launch.supervisor import ServerConfig, Supervisor
 
     supervisor = None
     address = args.connect
     if address is None:
-        supervisor = Supervisor(ServerConfig(load_config(args), tokenizer=args.tokenizer))
+        supervisor = Supervisor(ServerConfig(load_config(args), tokenizer=args.tokenizer, chat_template=template))
         supervisor.start()
     try:
         with Client(address or supervisor.address) as client:

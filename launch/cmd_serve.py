@@ -12,7 +12,7 @@ import socket
 import sys
 import threading
 
-from launch.options import add_model_flags, load_config
+from launch.options import add_model_flags, chat_template, load_config
 from launch.supervisor import ChildDied, ServerConfig, Supervisor
 
 HTTP_SHUTDOWN_TIMEOUT_S = 5.0
@@ -42,6 +42,7 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = ServerConfig(load_config(args), listen=f"tcp://{args.host}:{args.port}", tokenizer=args.tokenizer,
+                          chat_template=chat_template(args),
                           ready_timeout_s=args.ready_timeout, mps=args.mps)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -31,7 +31,8 @@ class PromptInput:
 
 
 class LocalEngine:
-    def __init__(self, load: LoadConfig, tokenizer_path: str | None = None, graphs: bool = True) -> None:
+    def __init__(self, load: LoadConfig, tokenizer_path: str | None = None, graphs: bool = True,
+                 chat_template: str | None = None) -> None:
         self.loaded: LoadedModel = load_model(load)
         on_gpu = self.loaded.model.embed_tokens.device.type == "cuda"
         if on_gpu and graphs:
@@ -43,6 +44,10 @@ class LocalEngine:
             self.runner = ModelRunner(self.loaded.model)
         path = tokenizer_path or self.loaded.tokenizer_path
         self.tokenizer = Tokenizer.from_path(Path(path)) if path else None
+        if chat_template is not None:
+            if self.tokenizer is None:
+                raise HybridrtError(f"model {self.loaded.name} has no tokenizer to use a chat template with")
+            self.tokenizer.use_chat_template(chat_template)
         eos = set(self.loaded.model.config.eos_token_ids)
         if self.tokenizer:
             eos |= self.tokenizer.eos_token_ids

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from graph_executor.default_model import DEFAULT_MODEL_NAME
 from graph_executor.loader import LOAD_FORMATS, LoadConfig
@@ -23,6 +24,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="KV cache length in tokens (default: the model's, capped at 4096)")
     g.add_argument("--tokenizer", default=None,
                    help="tokenizer folder or .gguf (default: the model's own; needed for dummy models)")
+    g.add_argument("--chat-template", default=None, metavar="TEMPLATE",
+                   help="a Jinja chat template, or a file holding one, used instead of the tokenizer's own "
+                        "(as vLLM's --chat-template; for models without one or to change it)")
     g.add_argument("--seed-weights", type=int, default=0, help="seed of dummy random weights (default: 0)")
     g.add_argument("--quiet", action="store_true", help="no progress bars or load messages on stderr")
 
@@ -51,3 +55,27 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                           seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+
+
+def chat_template(args: argparse.Namespace) -> str | None:
+    """--chat-template as template text: a file's contents, or the value itself if it is a Jinja template."""
+    value = args.chat_template
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if path.is_file():
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--chat-template: cannot read {path}: {e}") from None
+    elif "{{" in value or "{%" in value:
+        text = value
+    else:
+        raise ValueError(f"--chat-template: {value!r} is neither a file nor a Jinja template")
+    import jinja2
+
+    try:
+        jinja2.Environment().parse(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"--chat-template: the template does not compile: {e.message} (line {e.lineno})") from None
+    return text

@@ -34,6 +34,7 @@ class ServerConfig:
     load: LoadConfig
     listen: str | None = None  # client-facing address; None: an ipc:// socket in the runtime dir
     tokenizer: str | None = None
+    chat_template: str | None = None  # template text replacing the tokenizer's own
     ready_timeout_s: float = 600.0
     mps: str = "auto"  # auto | on | off: a private MPS daemon for the two processes (GPU only)
 
@@ -85,6 +86,8 @@ class Supervisor:
                "--executor-pid", str(self.children["graph_executor"].pid)]
         if self.config.tokenizer:
             jit += ["--tokenizer", self.config.tokenizer]
+        if self.config.chat_template is not None:
+            jit += ["--chat-template", self.config.chat_template]
         self.children["jit_context"] = subprocess.Popen(jit, env=env, start_new_session=True)
 
     def wait_ready(self) -> dict:

@@ -47,7 +47,7 @@ def test_help_explains_every_flag() -> None:
     out = run_cli("generate", "--help")
     assert out.returncode == 0
     for flag in ("--model", "--device", "--dtype", "--max-tokens", "--temperature", "--top-p", "--top-k",
-                 "--seed", "--json", "--load-format", "--max-context", "--tokenizer", "--stop"):
+                 "--seed", "--json", "--load-format", "--max-context", "--tokenizer", "--stop", "--chat-template"):
         assert flag in out.stdout
 
 
@@ -63,6 +63,8 @@ def test_help_explains_every_flag() -> None:
     (["--model", "dummy:llama-2-7b", "--device", "cpu", "--max-context", "4000000"], "does not fit on cpu"),
     (["--in-process", "--model", "dummy:llama-2-7b", "--device", "cpu", "--max-context", "4000000"],
      "does not fit on cpu"),
+    (["--chat-template", "hello"], "--chat-template: 'hello' is neither a file nor a Jinja template"),
+    (["--chat-template", "{% for %}"], "--chat-template: the template does not compile"),
 ])
 def test_bad_input_is_one_clear_line(args: list[str], message: str, hybridrt_cache) -> None:
     out = run_cli("generate", "--quiet", *args, "hello")
@@ -91,3 +93,19 @@ def test_serve_with_a_taken_http_port_fails_at_once() -> None:
         result = run_cli("serve", "--device", "cpu", "--port", "0", "--http-port", str(port), timeout=60)
     assert result.returncode == 1, result.stderr
     assert result.stderr.strip() == f"error: cannot bind http://127.0.0.1:{port}: Address already in use"
+
+
+def test_chat_template_flag_in_both_modes(default_model_dir, tmp_path) -> None:
+    """The same override reaches the in-process engine and the JIT context of an ephemeral server."""
+    from jit_context.tokenizer import Tokenizer
+
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}[assistant]")
+    expected = len(Tokenizer.from_path(default_model_dir).encode("[user] What is 2+2?\n[assistant]"))
+    counts = []
+    for mode in (["--in-process"], []):
+        out = run_cli("generate", "--quiet", "--json", "--max-tokens", "2", "--chat-template", str(template), *mode,
+                      "What is 2+2?")
+        assert out.returncode == 0, out.stderr
+        counts.append(json.loads(out.stdout)["prompt_tokens"])
+    assert counts == [expected, expected]

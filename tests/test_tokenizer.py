@@ -110,3 +110,19 @@ def test_load_errors_are_model_load_errors(tmp_path):
     corrupt.write_bytes(b"GGUF" + b"\xff" * 60)
     with pytest.raises(HybridrtError):
         Tokenizer.from_path(corrupt)
+
+
+PLAIN_TEMPLATE = ("{%- for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+                  "{% if add_generation_prompt %}[assistant]{% endif %}")
+
+
+def test_chat_template_override(gguf_path) -> None:
+    """--chat-template: the given template formats the messages instead of the tokenizer's own."""
+    tok = Tokenizer.from_path(gguf_path)  # its own instance: the override must not leak into other tests
+    own = tok.apply_chat_template(CONVERSATION)
+    tok.use_chat_template(PLAIN_TEMPLATE)
+    rendered = "".join(f"[{m['role']}] {m['content']}\n" for m in CONVERSATION) + "[assistant]"
+    assert tok.apply_chat_template(CONVERSATION) == tok.encode(rendered) != own
+    with pytest.raises(ValueError, match="does not compile"):
+        tok.use_chat_template("{% for %}")
+    assert tok.apply_chat_template(CONVERSATION) == tok.encode(rendered)  # a bad one leaves the last good one
