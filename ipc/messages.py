@@ -327,10 +327,51 @@ class CancelRequest(Message):
     request_id: str
 
 
+@dataclass(frozen=True)
+class TokenizeRequest(Message):
+    """Text or chat messages -> token ids, as a generation would see them; answered at once (never queued)."""
+
+    TAG: ClassVar[int] = 24
+    request_id: str
+    prompt: str | None = None
+    messages: list[dict] | None = None
+    add_generation_prompt: bool = True  # chat: end with the assistant turn's opening
+
+    def _validate(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("TokenizeRequest needs exactly one of prompt, messages")
+
+
+@dataclass(frozen=True)
+class TokenizeReply(Message):
+    TAG: ClassVar[int] = 25
+    request_id: str
+    token_ids: list[int]
+    max_context: int
+
+
+@dataclass(frozen=True)
+class DetokenizeRequest(Message):
+    TAG: ClassVar[int] = 26
+    request_id: str
+    token_ids: list[int]
+
+    def _validate(self) -> None:
+        _check_non_negative("DetokenizeRequest.token_ids", *self.token_ids)
+
+
+@dataclass(frozen=True)
+class DetokenizeReply(Message):
+    TAG: ClassVar[int] = 27
+    request_id: str
+    text: str
+
+
 ALL_MESSAGES: tuple[type[Message], ...] = (
     Handshake, Ready, Shutdown, Status, StatusReply, Ok, Error,
     Prefill, Decode, StepDone, Reset, Abort,
     GenerateRequest, TokenChunk, Finished, CancelRequest,
+    TokenizeRequest, TokenizeReply, DetokenizeRequest, DetokenizeReply,
 )  # fmt: skip
 
 

@@ -27,6 +27,8 @@ from ipc.liveness import process_alive
 from ipc.messages import (
     PROTOCOL_VERSION,
     CancelRequest,
+    DetokenizeReply,
+    DetokenizeRequest,
     Error,
     Finished,
     GenerateRequest,
@@ -35,6 +37,8 @@ from ipc.messages import (
     Status,
     StatusReply,
     TokenChunk,
+    TokenizeReply,
+    TokenizeRequest,
 )
 from ipc.shared_tensor import import_tensor
 from jit_context.generator import GenerationResult, Generator
@@ -94,6 +98,8 @@ class JitServer:
                 self._cancel(identity, msg.request_id)
             elif isinstance(msg, Status):
                 self._reply(identity, StatusReply(self.status()))
+            elif isinstance(msg, (TokenizeRequest, DetokenizeRequest)):
+                self._reply(identity, self._tokenize(msg))  # cheap: answered now, even mid-generation
             elif isinstance(msg, Handshake):
                 self._reply(identity, Handshake(PROTOCOL_VERSION, "jit_context", os.getpid()))
             else:
@@ -139,6 +145,23 @@ class JitServer:
         if msg.prompt == "":
             raise ValueError("the prompt is empty")
         return self.tokenizer.encode(msg.prompt)
+
+    def _tokenize(self, msg: TokenizeRequest | DetokenizeRequest):
+        try:
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer")
+            if isinstance(msg, DetokenizeRequest):
+                bad = [t for t in msg.token_ids if t >= self.ready.vocab_size]
+                if bad:
+                    raise ValueError(f"token ids must be below the vocabulary size {self.ready.vocab_size}: {bad[:4]}")
+                return DetokenizeReply(msg.request_id, self.tokenizer.decode(msg.token_ids, skip_special_tokens=False))
+            if msg.messages is not None:
+                ids = self.tokenizer.apply_chat_template(msg.messages, msg.add_generation_prompt)
+            else:
+                ids = self.tokenizer.encode(msg.prompt)
+            return TokenizeReply(msg.request_id, ids, self.ready.max_context)
+        except (ValueError, TypeError) as e:
+            return Error("invalid_request", str(e), msg.request_id)
 
     def _cancel(self, identity: bytes, request_id: str) -> None:
         if self.active is not None and self.active.request_id == request_id and self.active.identity == identity:

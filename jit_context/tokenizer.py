@@ -100,13 +100,13 @@ class Tokenizer:
             raise ValueError(f"text must be a string, got {type(text).__name__}")
         return list(self._tok.encode(text, add_special_tokens=True))
 
-    def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        """Chat messages -> prompt ids, ending with the assistant turn's opening (add_generation_prompt)."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Chat messages -> prompt ids, by default ending with the assistant turn's opening."""
         _check_messages(messages)
         if not self.has_chat_template:
             raise ValueError("this tokenizer has no chat template; send a plain prompt instead")
         ids = self._tok.apply_chat_template(
-            messages, chat_template=self._chat_template, add_generation_prompt=True, tokenize=True,
+            messages, chat_template=self._chat_template, add_generation_prompt=add_generation_prompt, tokenize=True,
             return_dict=False,
         )
         return list(ids)

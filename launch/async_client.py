@@ -64,6 +64,24 @@ class AsyncClient:
             raise ServerError("unreachable", f"no status answer from {self.address} within {timeout_s} s")
         return reply.facts
 
+    async def ask(self, request: Message, timeout_s: float = 30.0) -> Message:
+        """One request, one reply (tokenize, detokenize); an `Error` reply becomes ServerError."""
+        try:
+            frame = encode(request)
+        except (ValueError, ProtocolError) as e:
+            raise ServerError("invalid_request", str(e)) from None
+        sock = self._connect()
+        try:
+            await sock.send(frame)
+            reply = await _recv(sock, timeout_s)
+        finally:
+            sock.close()
+        if reply is None:
+            raise ServerError("unreachable", f"no answer from {self.address} within {timeout_s} s")
+        if isinstance(reply, Error):
+            raise ServerError(reply.code, reply.message)
+        return reply
+
     async def generate(self, prompt: str | None = None, *, messages: list[dict] | None = None,
                        token_ids: list[int] | None = None, params: dict | None = None,
                        request_id: str | None = None) -> AsyncGenerator[TokenChunk | Finished, None]:

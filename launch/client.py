@@ -16,7 +16,20 @@ import zmq
 
 from ipc.channel import Channel, connect_client
 from ipc.errors import HybridrtError
-from ipc.messages import CancelRequest, Error, Finished, GenerateRequest, Status, StatusReply, TokenChunk
+from ipc.messages import (
+    CancelRequest,
+    DetokenizeReply,
+    DetokenizeRequest,
+    Error,
+    Finished,
+    GenerateRequest,
+    Message,
+    Status,
+    StatusReply,
+    TokenChunk,
+    TokenizeReply,
+    TokenizeRequest,
+)
 from jit_context.sampling_params import SamplingParams
 
 
@@ -79,6 +92,34 @@ class Client:
         if not isinstance(reply, StatusReply):
             raise ServerError("no_answer", f"no status answer from {self.address} within {timeout_s} s")
         return reply.facts
+
+    def tokenize(self, prompt: str | None = None, *, messages: list[dict] | None = None,
+                 add_generation_prompt: bool = True) -> list[int]:
+        """The token ids a generation would see for `prompt` (raw) or `messages` (chat template applied)."""
+        try:
+            request = TokenizeRequest(uuid.uuid4().hex, prompt, messages, add_generation_prompt)
+        except ValueError as e:
+            raise ServerError("invalid_request", str(e)) from None
+        return self._ask(request, TokenizeReply).token_ids
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        """The text of `token_ids`, special tokens included."""
+        try:
+            request = DetokenizeRequest(uuid.uuid4().hex, list(token_ids))
+        except ValueError as e:
+            raise ServerError("invalid_request", str(e)) from None
+        return self._ask(request, DetokenizeReply).text
+
+    def _ask(self, request: Message, reply_type: type) -> Message:
+        """One request, one reply (answered by the server at once, even while it generates)."""
+        with connect_client(self._ctx, self.address) as sock:
+            sock.send(request, timeout_ms=self.timeout_ms)
+            reply = sock.recv(timeout_ms=self.timeout_ms)
+        if isinstance(reply, Error):
+            raise ServerError(reply.code, reply.message)
+        if not isinstance(reply, reply_type):
+            raise ServerError("timeout", f"no answer from {self.address} within {self.timeout_ms / 1e3} s")
+        return reply
 
     def generate(self, prompt: str | None = None, *, messages: list[dict] | None = None,
                  token_ids: list[int] | None = None,

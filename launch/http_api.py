@@ -29,13 +29,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ipc.messages import Finished, TokenChunk
+from ipc.messages import DetokenizeRequest, Finished, TokenChunk, TokenizeRequest
 from launch.async_client import AsyncClient
 from launch.client import ServerError
 from launch.openai_protocol import (
     ChatCompletionRequest,
     ChunkMaker,
     CompletionRequest,
+    DetokenizeBody,
+    TokenizeBody,
     Unsupported,
     chat_body,
     completion_body,
@@ -118,13 +120,41 @@ def create_app(client_address: str, model_name: str, api_key: str | None, max_co
         return await _respond(client, body, {"messages": messages}, params, chat=True, request=request)
 
     app.include_router(v1)
+
+    # vLLM's token endpoints (outside /v1, as there), behind the same key.
+    @app.post("/tokenize", dependencies=[Depends(_key_checker(api_key))])
+    async def tokenize(body: TokenizeBody) -> dict:
+        _check_model(body.model, model_name)
+        if (body.prompt is None) == (body.messages is None):
+            raise ApiError(400, "give exactly one of prompt, messages", param="prompt")
+        messages = [m.native() for m in body.messages] if body.messages is not None else None
+        try:
+            reply = await client.ask(TokenizeRequest(uuid.uuid4().hex, body.prompt, messages,
+                                                     body.add_generation_prompt))
+        except ServerError as e:
+            raise ApiError.from_server(e) from None
+        return {"count": len(reply.token_ids), "max_model_len": reply.max_context, "tokens": reply.token_ids}
+
+    @app.post("/detokenize", dependencies=[Depends(_key_checker(api_key))])
+    async def detokenize(body: DetokenizeBody) -> dict:
+        _check_model(body.model, model_name)
+        try:
+            reply = await client.ask(DetokenizeRequest(uuid.uuid4().hex, body.tokens))
+        except ServerError as e:
+            raise ApiError.from_server(e) from None
+        return {"prompt": reply.text}
+
     return app
 
 
-def _check(body: CompletionRequest | ChatCompletionRequest, model_name: str) -> None:
-    if body.model != model_name:
-        raise ApiError(404, f"The model `{body.model}` does not exist; this server serves `{model_name}`.",
+def _check_model(model: str | None, model_name: str) -> None:
+    if model is not None and model != model_name:
+        raise ApiError(404, f"The model `{model}` does not exist; this server serves `{model_name}`.",
                        param="model", code="model_not_found")
+
+
+def _check(body: CompletionRequest | ChatCompletionRequest, model_name: str) -> None:
+    _check_model(body.model, model_name)
     try:
         body.check_supported()
     except Unsupported as e:

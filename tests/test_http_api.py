@@ -148,6 +148,23 @@ def test_bad_requests_are_openai_errors(server, model) -> None:
     assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["content"], chat.text
 
 
+def test_tokenize_and_detokenize_endpoints(server, model) -> None:
+    """vLLM's shapes: /tokenize -> count, max_model_len, tokens; /detokenize -> prompt."""
+    with Client(server.address) as client:
+        expected = client.tokenize(messages=QUESTION)
+        max_context = client.status()["max_context"]
+    got = httpx.post(f"{server.http}/tokenize", json={"model": model, "messages": QUESTION}, timeout=60)
+    assert got.status_code == 200, got.text
+    assert got.json() == {"count": len(expected), "max_model_len": max_context, "tokens": expected}
+    text = httpx.post(f"{server.http}/detokenize", json={"tokens": expected}, timeout=60)
+    assert text.status_code == 200 and "What is the capital of France?" in text.json()["prompt"], text.text
+    for path, body, status in (("tokenize", {}, 400), ("tokenize", {"prompt": "a", "messages": QUESTION}, 400),
+                               ("tokenize", {"model": "other", "prompt": "a"}, 404),
+                               ("detokenize", {"tokens": [10**6]}, 400), ("detokenize", {"tokens": [-1]}, 400)):
+        reply = httpx.post(f"{server.http}/{path}", json=body, timeout=60)
+        assert reply.status_code == status and reply.json()["error"]["message"], (path, body, reply.text)
+
+
 def test_client_disconnect_cancels_generation(server, model) -> None:
     body = {"model": model, "prompt": "Once upon a time", "max_tokens": 3000, "ignore_eos": True,
             "stream": True}
@@ -193,6 +210,7 @@ def test_api_key(default_model_dir) -> None:
         bare = httpx.get(f"{serve.http}/v1/models")
         assert bare.status_code == 401 and bare.json()["error"]["code"] == "invalid_api_key"
         assert httpx.get(f"{serve.http}/health").status_code == 200
+        assert httpx.post(f"{serve.http}/tokenize", json={"prompt": "a"}).status_code == 401
         api = openai_client(serve, "secret")
         model = api.models.list().data[0].id
         assert api.completions.create(model=model, prompt=PROMPT, max_tokens=2, temperature=0).choices[0].text

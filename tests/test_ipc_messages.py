@@ -60,6 +60,11 @@ SAMPLES = [
         timings={"ttft_ms": 12.5},
     ),
     m.CancelRequest(request_id="c1"),
+    m.TokenizeRequest(request_id="t1", prompt="héllo"),
+    m.TokenizeRequest(request_id="t2", messages=[{"role": "user", "content": "hi"}], add_generation_prompt=False),
+    m.TokenizeReply(request_id="t1", token_ids=[1, 2, 3], max_context=4096),
+    m.DetokenizeRequest(request_id="d1", token_ids=[1, 2, 3]),
+    m.DetokenizeReply(request_id="d1", text="héllo"),
 ]
 
 
@@ -113,6 +118,9 @@ def test_nested_spec_comes_back_as_tensor_spec_with_tuple_shape():
         lambda: m.StatusReply(facts={1: "int key"}),
         lambda: m.StatusReply(facts={"obj": object()}),
         lambda: m.TokenChunk(request_id="r", text="a", token_ids=[1, "2"]),
+        lambda: m.TokenizeRequest(request_id="r"),  # neither prompt nor messages
+        lambda: m.TokenizeRequest(request_id="r", prompt="a", messages=[]),  # both
+        lambda: m.DetokenizeRequest(request_id="r", token_ids=[-1]),
         lambda: m.TensorSpec("t", "float32", (2, -1), "shm", "seg"),
         lambda: m.TensorSpec("t", "float32", (2,), "nfs", "seg"),
         lambda: m.TensorSpec("t", "float32", (2,), "shm", b"bytes-for-shm"),

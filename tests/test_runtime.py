@@ -130,6 +130,32 @@ def test_two_concurrent_clients_get_their_own_correct_output(server, reference) 
         assert results[i].token_ids == reference[i].token_ids and results[i].text == reference[i].text
 
 
+def test_tokenize_and_detokenize_answer_at_once_even_mid_generation(server, default_model_dir) -> None:
+    from jit_context.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_path(default_model_dir)
+    long = {"max_tokens": 2000, "ignore_eos": True, "temperature": 0.0}  # minutes on the CPU
+    with Client(server.address, timeout_s=10) as client:
+        stream = client.generate(prompt="Tell me a long story.", params=long)
+        assert isinstance(next(stream), TokenChunk)  # the executor is busy with it from here on
+        start = time.monotonic()
+        assert client.tokenize("Hello world, 日本") == tok.encode("Hello world, 日本")
+        assert client.tokenize(messages=chat("Hi")) == tok.apply_chat_template(chat("Hi"))
+        without = client.tokenize(messages=chat("Hi"), add_generation_prompt=False)
+        assert without == tok.apply_chat_template(chat("Hi"), add_generation_prompt=False)
+        assert len(without) < len(client.tokenize(messages=chat("Hi")))
+        ids = tok.apply_chat_template(chat("Hi"))
+        assert client.detokenize(ids) == tok.decode(ids, skip_special_tokens=False)
+        assert time.monotonic() - start < 5.0  # not queued behind the 2000-token generation
+        for bad, code in ((lambda: client.detokenize([10**6]), "invalid_request"),
+                          (lambda: client.tokenize(messages=[{"role": "robot", "content": "x"}]), "invalid_request"),
+                          (lambda: client.tokenize(), "invalid_request")):
+            with pytest.raises(ServerError) as err:
+                bad()
+            assert err.value.code == code
+        stream.close()  # cancels the generation
+
+
 def test_queued_request_can_be_cancelled(server) -> None:
     long = GenerateRequest("long", prompt="Tell me a story.", params={"max_tokens": 2000, "ignore_eos": True})
     queued = GenerateRequest("queued", prompt="Hi", params={"max_tokens": 4})
