@@ -42,6 +42,7 @@ from ipc.messages import (
 )
 from ipc.shared_tensor import import_tensor
 from jit_context.generator import GenerationResult, Generator
+from jit_context.metrics import ServingMetrics
 from jit_context.remote_executor import ExecutorDied, RemoteExecutor
 from jit_context.sampling_params import SamplingParams
 from jit_context.tokenizer import Tokenizer
@@ -72,6 +73,7 @@ class JitServer:
         self.active: Pending | None = None
         self.stream = None  # the active request's generator
         self._executor_facts_cache = {k: v for k, v in ready.facts.items() if k != "events"}
+        self.metrics = ServingMetrics()
 
     def run(self) -> None:
         while True:
@@ -111,7 +113,8 @@ class JitServer:
                 "tokenizer": self.tokenizer is not None,
                 "chat_template": bool(self.tokenizer and self.tokenizer.has_chat_template),
                 "active": self.active.request_id if self.active else None, "executor": self._executor_facts(),
-                "jit_context_pid": os.getpid()}
+                "jit_context_pid": os.getpid(),
+                "metrics": self.metrics.snapshot(running=int(self.active is not None), waiting=len(self.queue))}
 
     def _executor_facts(self) -> dict:
         """Live facts (captured graphs, memory) when the executor is idle; the ready-time ones mid-request,
@@ -215,8 +218,13 @@ class JitServer:
         self.stream.close()
         self._end(Finished(self.active.request_id, "", [], "abort", {}, {"reason": reason}))
 
-    def _end(self, msg) -> None:
+    def _end(self, msg: Finished | Error) -> None:
         self._reply(self.active.identity, msg)
+        if isinstance(msg, Finished):
+            self.metrics.record(msg.finish_reason, msg.usage.get("prompt_tokens", len(self.active.prompt_ids)),
+                                msg.timings.get("token_times_ms", []), time.perf_counter() - self.active.received)
+        else:
+            self.metrics.record("error", len(self.active.prompt_ids), [], time.perf_counter() - self.active.received)
         self.active, self.stream = None, None
         self.executor.finish_request()
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import json
 import logging
 import secrets
@@ -26,10 +27,11 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ipc.messages import DetokenizeRequest, Finished, TokenChunk, TokenizeRequest
+from launch import prometheus
 from launch.async_client import AsyncClient
 from launch.client import ServerError
 from launch.openai_protocol import (
@@ -101,6 +103,19 @@ def create_app(client_address: str, model_name: str, api_key: str | None, max_co
             return JSONResponse({"status": "unavailable", "message": str(e)}, status_code=503)
         return JSONResponse({"status": "ok"})
 
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus text (unauthenticated, as vLLM's); 503 while the inference server does not answer."""
+        try:
+            facts = await client.status(timeout_s=HEALTH_TIMEOUT_S)
+        except ServerError as e:
+            return JSONResponse({"status": "unavailable", "message": str(e)}, status_code=503)
+        return Response(prometheus.render(facts["metrics"], model_name), media_type=prometheus.CONTENT_TYPE)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": _package_version()}
+
     @v1.get("/models")
     async def models() -> dict:
         return models_body(model_name, max_context, created)
@@ -145,6 +160,13 @@ def create_app(client_address: str, model_name: str, api_key: str | None, max_co
         return {"prompt": reply.text}
 
     return app
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("hybridrt")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree without installing it
+        return "unknown"
 
 
 def _check_model(model: str | None, model_name: str) -> None:

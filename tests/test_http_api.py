@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from contextlib import aclosing
 
@@ -163,6 +164,27 @@ def test_tokenize_and_detokenize_endpoints(server, model) -> None:
                                ("detokenize", {"tokens": [10**6]}, 400), ("detokenize", {"tokens": [-1]}, 400)):
         reply = httpx.post(f"{server.http}/{path}", json=body, timeout=60)
         assert reply.status_code == status and reply.json()["error"]["message"], (path, body, reply.text)
+
+
+def test_metrics_count_requests_and_tokens(server, model) -> None:
+    def samples() -> dict[str, float]:
+        reply = httpx.get(f"{server.http}/metrics", timeout=60)
+        assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/plain"), reply.text
+        return {k: float(v) for k, v in re.findall(r"^(hybridrt:\S+) (\S+)$", reply.text, re.MULTILINE)}
+
+    label = f'{{model_name="{model}"}}'
+    before = samples()
+    api = openai_client(server)
+    for _ in range(3):
+        api.completions.create(model=model, prompt=PROMPT, max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    after = samples()
+    delta = {k: after[k] - before.get(k, 0.0) for k in after}
+    assert delta[f"hybridrt:generation_tokens_total{label}"] == 12
+    assert delta[f'hybridrt:request_success_total{{model_name="{model}",finished_reason="length"}}'] == 3
+    assert delta[f"hybridrt:time_to_first_token_seconds_count{label}"] == 3
+    assert delta[f"hybridrt:time_per_output_token_seconds_count{label}"] == 9
+    assert after[f"hybridrt:num_requests_running{label}"] == 0
+    assert httpx.get(f"{server.http}/version").json()["version"]
 
 
 def test_client_disconnect_cancels_generation(server, model) -> None:
