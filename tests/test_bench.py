@@ -200,3 +200,15 @@ def test_source_digest_identifies_the_code(tmp_path) -> None:
     assert source_digest(tmp_path) == first
     (tmp_path / "ipc" / "notes.txt").write_text("not code")
     assert source_digest(tmp_path) == first
+
+
+def test_kernel_profile_cpu_smoke(capsys) -> None:
+    """The per-kernel profiler runs end to end (on the CPU it lists torch ops) and prints both tables."""
+    from bench.kernel_profile import main
+
+    main(["--model", "dummy:smollm2-135m", "--device", "cpu", "--context", "32", "--prompt", "16", "--steps", "2",
+          "--top", "5"])
+    out = capsys.readouterr().out
+    assert "### decode at context 32:" in out and "### prefill of 16 tokens:" in out
+    rows = [line for line in out.splitlines() if line.startswith("| `")]
+    assert len(rows) == 10 and any("aten::" in r for r in rows), out

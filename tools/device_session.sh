@@ -3,7 +3,7 @@
 # logs under $OUT and a short table last. Needs the wheels in .whl/ (../shared/device/wheels.sh pyzmq gguf
 # fastapi uvicorn openai ...) and SmolLM2's tokenizer files in .gpu/tokenizer/ (carry: [".whl", ".gpu"]).
 #
-#   run: bash tools/device_session.sh [tests|bench|probe ...]   (default: all three, about 6-7 minutes)
+#   run: bash tools/device_session.sh [tests|bench|probe|profile ...]   (default: the first three, ~6-7 min)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -21,7 +21,9 @@ for step in "${steps[@]}"; do
     bench) timeout 420 python3 -m launch.cli bench --quiet --out "$OUT/run" > "$OUT/bench.log" 2>&1
            echo "bench: rc=$?"; rm -rf "$OUT/run/logs" ;;
     probe) timeout 120 python3 -m bench.e2e_probe > "$OUT/e2e_probe.log" 2>&1; echo "e2e probe: rc=$?" ;;
-    *) echo "unknown step $step (tests, bench, probe)"; exit 2 ;;
+    profile) timeout 180 python3 -m bench.kernel_profile > "$OUT/kernel_profile.md" 2>&1
+             echo "kernel profile: rc=$?"; cat "$OUT/kernel_profile.md" ;;
+    *) echo "unknown step $step (tests, bench, probe, profile)"; exit 2 ;;
   esac
 done
 [ -f "$OUT/run/results.md" ] && sed -n '/^## TTFT/,/^## Two-process/p' "$OUT/run/results.md" | head -60
