@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.metadata
 import json
 import logging
 import secrets
@@ -27,19 +26,17 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ipc.messages import DetokenizeRequest, Finished, TokenChunk, TokenizeRequest
-from launch import prometheus
+from ipc.messages import Finished, TokenChunk
 from launch.async_client import AsyncClient
 from launch.client import ServerError
+from launch.http_extras import add_extra_routes
 from launch.openai_protocol import (
     ChatCompletionRequest,
     ChunkMaker,
     CompletionRequest,
-    DetokenizeBody,
-    TokenizeBody,
     Unsupported,
     chat_body,
     completion_body,
@@ -103,19 +100,6 @@ def create_app(client_address: str, model_name: str, api_key: str | None, max_co
             return JSONResponse({"status": "unavailable", "message": str(e)}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        """Prometheus text (unauthenticated, as vLLM's); 503 while the inference server does not answer."""
-        try:
-            facts = await client.status(timeout_s=HEALTH_TIMEOUT_S)
-        except ServerError as e:
-            return JSONResponse({"status": "unavailable", "message": str(e)}, status_code=503)
-        return Response(prometheus.render(facts["metrics"], model_name), media_type=prometheus.CONTENT_TYPE)
-
-    @app.get("/version")
-    async def version() -> dict:
-        return {"version": _package_version()}
-
     @v1.get("/models")
     async def models() -> dict:
         return models_body(model_name, max_context, created)
@@ -136,37 +120,8 @@ def create_app(client_address: str, model_name: str, api_key: str | None, max_co
 
     app.include_router(v1)
 
-    # vLLM's token endpoints (outside /v1, as there), behind the same key.
-    @app.post("/tokenize", dependencies=[Depends(_key_checker(api_key))])
-    async def tokenize(body: TokenizeBody) -> dict:
-        _check_model(body.model, model_name)
-        if (body.prompt is None) == (body.messages is None):
-            raise ApiError(400, "give exactly one of prompt, messages", param="prompt")
-        messages = [m.native() for m in body.messages] if body.messages is not None else None
-        try:
-            reply = await client.ask(TokenizeRequest(uuid.uuid4().hex, body.prompt, messages,
-                                                     body.add_generation_prompt))
-        except ServerError as e:
-            raise ApiError.from_server(e) from None
-        return {"count": len(reply.token_ids), "max_model_len": reply.max_context, "tokens": reply.token_ids}
-
-    @app.post("/detokenize", dependencies=[Depends(_key_checker(api_key))])
-    async def detokenize(body: DetokenizeBody) -> dict:
-        _check_model(body.model, model_name)
-        try:
-            reply = await client.ask(DetokenizeRequest(uuid.uuid4().hex, body.tokens))
-        except ServerError as e:
-            raise ApiError.from_server(e) from None
-        return {"prompt": reply.text}
-
+    add_extra_routes(app, client, model_name, _key_checker(api_key), _check_model)
     return app
-
-
-def _package_version() -> str:
-    try:
-        return importlib.metadata.version("hybridrt")
-    except importlib.metadata.PackageNotFoundError:  # run from a source tree without installing it
-        return "unknown"
 
 
 def _check_model(model: str | None, model_name: str) -> None:
