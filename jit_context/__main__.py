@@ -2,6 +2,6 @@
 
 import sys
 
-from jit_context.server import main
+from jit_context.process import main
 
 sys.exit(main())

@@ -1,0 +1,112 @@
+"""The JIT context process: `python -m jit_context ...`, started by the supervisor. It connects to its
+executor's control channel, waits for the ready handshake, imports the shared step buffers, builds the
+`JitServer` and runs it; it exits when its executor dies (after telling every waiting client) or on SIGTERM
+(after answering every running and queued request with `shutting_down`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+import zmq
+
+from ipc.channel import Channel, bind_server, connect_control
+from ipc.errors import HybridrtError
+from ipc.events import StepEvents
+from ipc.liveness import process_alive
+from ipc.messages import PROTOCOL_VERSION, Handshake, Ready
+from ipc.shared_tensor import import_tensor
+from jit_context.generator import Generator
+from jit_context.remote_executor import ExecutorDied, RemoteExecutor
+from jit_context.server import IDLE_POLL_MS, JitServer
+from jit_context.tokenizer import Tokenizer
+
+FINAL_REPLY_LINGER_MS = 1000  # on exit, let the last replies (errors for every waiting client) leave
+
+
+class Terminated(BaseException):
+    """SIGTERM (the supervisor stopping), raised in the main thread wherever it is; a BaseException, like
+    KeyboardInterrupt, so that no `except Exception` on the way turns it into an ordinary error."""
+
+
+def _terminate(*_) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the final replies
+    raise Terminated
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="jit_context", description="hybridrt JIT context process")
+    p.add_argument("--control", required=True, help="the executor's control channel address")
+    p.add_argument("--listen", required=True, help="client-facing address to bind")
+    p.add_argument("--executor-pid", type=int, required=True)
+    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--chat-template", default=None, help="template text replacing the tokenizer's own")
+    return p.parse_args(argv)
+
+
+def wait_ready(control: Channel, executor_pid: int) -> Ready:
+    if not control.send_while(Handshake(PROTOCOL_VERSION, "jit_context", os.getpid()),
+                              lambda: process_alive(executor_pid), IDLE_POLL_MS):
+        raise ExecutorDied("the graph executor exited before it was ready")
+    while True:
+        msg = control.recv(timeout_ms=IDLE_POLL_MS)
+        if isinstance(msg, Ready):
+            if msg.protocol_version != PROTOCOL_VERSION:
+                raise HybridrtError(f"executor speaks protocol {msg.protocol_version}, we speak {PROTOCOL_VERSION}")
+            return msg
+        if msg is None and not process_alive(executor_pid):
+            raise ExecutorDied("the graph executor exited before it was ready")
+
+
+def build_server(args: argparse.Namespace, ctx: zmq.Context, control: Channel) -> JitServer:
+    ready = wait_ready(control, args.executor_pid)
+    shared = {name: import_tensor(spec) for name, spec in ready.buffers.items()}
+    events = StepEvents.open(ready.facts["events"], torch.device(ready.device)) if ready.facts.get("events") else None
+    executor = RemoteExecutor(control, shared, ready.max_context, args.executor_pid, events)
+    tokenizer_path = args.tokenizer or ready.facts.get("tokenizer_path")
+    tokenizer = Tokenizer.from_path(Path(tokenizer_path)) if tokenizer_path else None
+    if args.chat_template is not None:
+        if tokenizer is None:
+            raise HybridrtError(f"model {ready.model_name} has no tokenizer to use a chat template with")
+        try:
+            tokenizer.use_chat_template(args.chat_template)
+        except ValueError as e:
+            raise HybridrtError(str(e)) from None
+    eos = set(ready.eos_token_ids) | (tokenizer.eos_token_ids if tokenizer else set())
+    generator = Generator(executor, tokenizer, frozenset(eos))
+    return JitServer(bind_server(ctx, args.listen), executor, generator, tokenizer, ready)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    ctx = zmq.Context()
+    control = connect_control(ctx, args.control)
+    server = None
+    try:
+        server = build_server(args, ctx, control)
+        gc.collect()
+        gc.freeze()  # start-up objects (torch, tokenizer) are never scanned again: no long GC pauses mid-stream
+        server.run()
+        return 0
+    except Terminated:
+        if server is not None:  # every request in flight or queued hears why, instead of timing out
+            server.fail_everyone("shutting_down", "the server is shutting down")
+        return 0
+    except ExecutorDied as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except HybridrtError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if server is not None:
+            server.clients.close(linger_ms=FINAL_REPLY_LINGER_MS)  # the final errors just queued
+        control.close()
+        ctx.term()
