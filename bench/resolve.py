@@ -10,9 +10,10 @@ import datetime
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.envinfo import REPO_ROOT, available_ram_bytes, card_slug, gpu_info
+from bench.envinfo import REPO_ROOT, card_slug, gpu_info
 from bench.model_info import ModelCost, model_config
 from bench.spec import DEFAULTS, ENGINES, GPU_ONLY_ENGINES, WORKLOADS, BenchSpec, parse_ints, parse_names
+from graph_executor.memory import host_available_bytes
 from ipc.errors import DeviceError, HybridrtError
 
 CONTEXT_ROUND = 256  # default max context: what the workloads need, rounded up to this
@@ -111,7 +112,7 @@ def check_fits(spec: BenchSpec, cost: ModelCost, available: int | None = None) -
     need = cost.process_bytes(spec.max_context)
     if available is None:
         gpu = gpu_info(spec.device) if spec.on_gpu else None
-        available = gpu.free_bytes if gpu else (None if spec.on_gpu else available_ram_bytes())
+        available = gpu.free_bytes if gpu else (None if spec.on_gpu else host_available_bytes())
     if available is None or need <= available:
         return
     where = "free GPU memory" if spec.on_gpu else "available RAM"

@@ -26,6 +26,11 @@ def available_bytes(device: torch.device) -> int | None:
     """Free memory on a GPU, MemAvailable on the host; None where unknown."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    return host_available_bytes()
+
+
+def host_available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo; None where there is no procfs."""
     try:
         m = re.search(r"^MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.MULTILINE)
     except OSError:

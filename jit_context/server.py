@@ -124,9 +124,7 @@ class JitServer:
 
     def _prompt_ids(self, msg: GenerateRequest) -> list[int]:
         if msg.token_ids is not None:
-            bad = [t for t in msg.token_ids if t >= self.ready.vocab_size]
-            if bad:
-                raise ValueError(f"token ids must be below the vocabulary size {self.ready.vocab_size}: {bad[:4]}")
+            self._check_vocab(msg.token_ids)
             return list(msg.token_ids)
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer; send token_ids")
@@ -136,14 +134,17 @@ class JitServer:
             raise ValueError("the prompt is empty")
         return self.tokenizer.encode(msg.prompt)
 
+    def _check_vocab(self, token_ids: list[int]) -> None:
+        bad = [t for t in token_ids if t >= self.ready.vocab_size]
+        if bad:
+            raise ValueError(f"token ids must be below the vocabulary size {self.ready.vocab_size}: {bad[:4]}")
+
     def _tokenize(self, msg: TokenizeRequest | DetokenizeRequest):
         try:
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer")
             if isinstance(msg, DetokenizeRequest):
-                bad = [t for t in msg.token_ids if t >= self.ready.vocab_size]
-                if bad:
-                    raise ValueError(f"token ids must be below the vocabulary size {self.ready.vocab_size}: {bad[:4]}")
+                self._check_vocab(msg.token_ids)
                 return DetokenizeReply(msg.request_id, self.tokenizer.decode(msg.token_ids, skip_special_tokens=False))
             if msg.messages is not None:
                 ids = self.tokenizer.apply_chat_template(msg.messages, msg.add_generation_prompt)

@@ -42,6 +42,16 @@ def _check_messages(messages: list[dict]) -> None:
             raise ValueError(f"messages[{i}].content must be a string, got {type(m.get('content')).__name__}")
 
 
+def check_chat_template(template: str) -> None:
+    """ValueError unless `template` compiles as Jinja (what transformers renders chat templates with)."""
+    import jinja2
+
+    try:
+        jinja2.Environment().parse(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"the template does not compile: {e.message} (line {e.lineno})") from None
+
+
 class Tokenizer:
     """Text <-> token ids for one model, with its chat template and end-of-sequence ids."""
 
@@ -86,12 +96,7 @@ class Tokenizer:
     def use_chat_template(self, template: str) -> None:
         """Format chat messages with `template` (Jinja, as in HF tokenizer configs) instead of the tokenizer's
         own; ValueError if it does not compile."""
-        import jinja2
-
-        try:
-            jinja2.Environment().parse(template)
-        except jinja2.TemplateSyntaxError as e:
-            raise ValueError(f"the chat template does not compile: {e.message} (line {e.lineno})") from None
+        check_chat_template(template)
         self._chat_template = template
 
     def encode(self, text: str) -> list[int]:

@@ -8,6 +8,7 @@ from pathlib import Path
 from graph_executor.default_model import DEFAULT_MODEL_NAME
 from graph_executor.loader import LOAD_FORMATS, LoadConfig
 from jit_context.sampling_params import SamplingParams
+from jit_context.tokenizer import check_chat_template
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -72,10 +73,8 @@ def chat_template(args: argparse.Namespace) -> str | None:
         text = value
     else:
         raise ValueError(f"--chat-template: {value!r} is neither a file nor a Jinja template")
-    import jinja2
-
     try:
-        jinja2.Environment().parse(text)
-    except jinja2.TemplateSyntaxError as e:
-        raise ValueError(f"--chat-template: the template does not compile: {e.message} (line {e.lineno})") from None
+        check_chat_template(text)
+    except ValueError as e:
+        raise ValueError(f"--chat-template: {e}") from None
     return text

@@ -147,7 +147,7 @@ def test_bad_input_is_a_clear_error(argv, error, message) -> None:
 
 
 def test_model_that_does_not_fit_is_refused(monkeypatch) -> None:
-    monkeypatch.setattr("bench.resolve.available_ram_bytes", lambda: 8 * 1024**3)
+    monkeypatch.setattr("bench.resolve.host_available_bytes", lambda: 8 * 1024**3)
     with pytest.raises(HybridrtError, match=r"dummy:llama-2-7b \(float32\) does not fit: it needs about 2\d\.\d GiB"):
         run_bench("--device", "cpu", "--model", "dummy:llama-2-7b", "--dtype", "float32")
 
