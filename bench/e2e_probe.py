@@ -10,7 +10,7 @@ import argparse
 import statistics
 import time
 
-from graph_executor.loader import LoadConfig
+from graph_executor.loading.loader import LoadConfig
 from jit_context.sampling_params import SamplingParams
 from launch.client import Client
 from launch.local import LocalEngine

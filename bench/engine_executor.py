@@ -16,7 +16,7 @@ WARMUP_TOKENS = 4
 
 class ExecutorEngine:
     def __init__(self, spec: BenchSpec, timeline: Timeline) -> None:
-        from graph_executor.loader import LoadConfig
+        from graph_executor.loading.loader import LoadConfig
         from jit_context.sampling_params import SamplingParams
         from launch.local import LocalEngine
 

@@ -33,7 +33,7 @@ def _runtime():
 
 class HybridrtE2EEngine:
     def __init__(self, spec: BenchSpec, timeline: Timeline) -> None:
-        from graph_executor.loader import LoadConfig
+        from graph_executor.loading.loader import LoadConfig
 
         Client, self._finished_type, ServerConfig, Supervisor = _runtime()
         self.spec = spec

@@ -1,5 +1,5 @@
 """Quick GPU probe of the executor alone: floors (HBM read bandwidth, fp16 matmul rate), decode step latency of
-the graph runner (fused Triton GEMVs vs unfused torch/cuBLAS step) at several contexts, GEMV block configs,
+the graph runner (fused Triton GEMVs) at several contexts, GEMV block configs,
 prefill bucket latency, capture times and graph memory. One process, one card, printed as a table.
 
     python -m bench.gpu_probe [--model dummy:llama-2-7b] [--out DIR]
@@ -18,7 +18,7 @@ import torch
 from graph_executor.fused_decoder import FusedDecoder
 from graph_executor.graphs import GraphRunner
 from graph_executor.kernels.gemv import GemvConfig
-from graph_executor.loader import LoadConfig, load_model
+from graph_executor.loading.loader import LoadConfig, load_model
 
 
 def bandwidth_tbs() -> float:
@@ -134,15 +134,11 @@ def main() -> None:
         lat["floor_ms"] = floor
         lat["ratio"] = lat["p50_ms"] / floor
         res["decode"][f"fused_{ctx}"] = lat
-    unfused = GraphRunner(model, fused=False, buckets=())
-    unfused.capture_next()
-    res["decode"]["unfused_512"] = decode_latency(unfused, 512)
     res["gemv_sweep"], plan = gemv_sweep(model, res["bandwidth_tbs"])
     res["best_plan"] = {k: vars(v) for k, v in vars(plan).items()}
     res["split_sweep"] = {}
     for split in (64, 128, 256):
-        r = GraphRunner(model, buckets=())
-        r.fused = FusedDecoder(model, plan, split_size=split)
+        r = GraphRunner(model, buckets=(), decoder=FusedDecoder(model, plan, split_size=split))
         r.capture_next()
         res["split_sweep"][split] = {c: decode_latency(r, c, steps=100)["p50_ms"] for c in (512, 2048)}
         del r

@@ -99,7 +99,7 @@ def run_bench(spec: BenchSpec, out_dir: Path, log: Callable[[str], None]) -> dic
             children[name] = run_child(name, spec, spec_path, Path(tmp), out_dir / "logs" / f"{name}.log")
             r = children[name]
             log(f"bench: {name} {r['status']} in {r['wall_s']:.1f} s" + (f": {r['error']}" if "error" in r else ""))
-    from graph_executor.config import ModelConfig
+    from graph_executor.loading.config import ModelConfig
 
     cost = ModelCost.of(ModelConfig.from_hf_dict(spec.model_config), spec.dtype)
     floors_result = children.pop("floors", None)

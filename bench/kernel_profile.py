@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from graph_executor.loader import LoadConfig, load_model
+from graph_executor.loading.loader import LoadConfig, load_model
 from graph_executor.runner import ModelRunner
 
 

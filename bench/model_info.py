@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from graph_executor.config import ModelConfig
+from graph_executor.loading.config import ModelConfig
 from ipc.errors import ModelLoadError
 
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
@@ -16,8 +16,8 @@ HEADROOM_BYTES = 1024**3 // 2  # CUDA context, cuBLAS workspace, prefill activat
 
 def model_config(ref: str) -> ModelConfig:
     """The ModelConfig of `dummy:<preset>`, an HF folder, a .gguf file, or the default model."""
-    from graph_executor import default_model
-    from graph_executor.presets import preset
+    from graph_executor.loading import default_model
+    from graph_executor.loading.presets import preset
 
     if ref.startswith("dummy:"):
         return preset(ref.removeprefix("dummy:"))
@@ -26,7 +26,7 @@ def model_config(ref: str) -> ModelConfig:
         return ModelConfig.from_json_file(folder / "config.json")
     path = Path(ref).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        from graph_executor.gguf_loader import gguf_config, open_gguf
+        from graph_executor.loading.gguf_loader import gguf_config, open_gguf
 
         return gguf_config(open_gguf(path))
     if path.is_dir():

@@ -2,6 +2,6 @@
 
 import sys
 
-from graph_executor.server import main
+from graph_executor.process import main
 
 sys.exit(main())

@@ -1,5 +1,6 @@
-"""CUDA graphs for the static part of each step: one decode graph, prefill graphs per length bucket, and a
-chunk graph for prompts longer than the largest bucket. One class owns capture and replay.
+"""The GPU path's step: fused Triton kernels (`FusedDecoder`, `FusedPrefill`) captured as CUDA graphs, the
+static part of each step: one decode graph, prefill graphs per length bucket, and a chunk graph for prompts
+longer than the largest bucket. One class owns capture and replay.
 
 Graphs are captured one at a time when the executor is idle (`capture_next`), decode first, then prefill
 buckets by demand; a shape without its graph runs the same model code eagerly, so no request waits for a
@@ -18,7 +19,8 @@ import torch
 from graph_executor.fused_decoder import FusedDecoder
 from graph_executor.fused_prefill import FusedPrefill
 from graph_executor.model import LlamaModel
-from graph_executor.runner import ModelRunner, StepBuffers
+from graph_executor.runner import check_span, eager_prefill
+from ipc.step_buffers import StepBuffers
 
 # Every 32 tokens: a 200-token prompt pays for 224, not 256 (prefill is compute-bound past ~100 tokens).
 DEFAULT_BUCKETS = (16, *range(32, 513, 32))
@@ -50,13 +52,16 @@ class CaptureStats:
 
 
 class GraphRunner:
-    """Same interface as ModelRunner (`buffers`, `max_context`, `prefill`, `decode`), replaying graphs."""
+    """Same interface as ModelRunner (`buffers`, `max_context`, `prefill`, `decode`), replaying graphs.
+
+    `decoder`: the fused decode step to capture (default: `FusedDecoder(model)`; the GEMV probe passes its own
+    block plan)."""
 
     def __init__(self, model: LlamaModel, buffers: StepBuffers | None = None,
-                 buckets: tuple[int, ...] = DEFAULT_BUCKETS, fused: bool = True) -> None:
-        self.eager = ModelRunner(model, buffers)
+                 buckets: tuple[int, ...] = DEFAULT_BUCKETS, decoder: FusedDecoder | None = None) -> None:
         self.model = model
-        self.buffers = self.eager.buffers
+        device = model.embed_tokens.device
+        self.buffers = buffers or StepBuffers.allocate(model.config.vocab_size, model.max_context, device)
         self.max_context = model.max_context
         self.buckets = tuple(b for b in sorted(buckets) if b < model.max_context)
         self.chunk = self.buckets[-1] if self.buckets else 0
@@ -65,9 +70,9 @@ class GraphRunner:
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
         self.demand: Counter[int] = Counter()
-        # Fused kernels (7 launches per decoder layer in decode, ~10 in prefill); None runs the model code.
-        self.fused = FusedDecoder(model) if fused else None
-        self.fused_prefill = FusedPrefill(model, max(self.chunk, 1)) if fused else None
+        # Fused kernels: 7 launches per decoder layer in decode, ~10 in prefill.
+        self.decoder = decoder or FusedDecoder(model)
+        self.prefiller = FusedPrefill(model, max(self.chunk, 1))
         self.stats = CaptureStats()
 
     # -- replay (or, until a graph exists, the same body run eagerly) -------------------------------------
@@ -83,12 +88,12 @@ class GraphRunner:
         """In-process steps are enqueued when prefill/decode return: nothing to wait for."""
 
     def decode(self, position: int) -> None:
-        self.eager.check_span(position, 1)
+        check_span(self.max_context, position, 1)
         self.static.position.fill_(position)
         self._launch("decode", self._decode_body)
 
     def prefill(self, num_tokens: int, start_pos: int = 0) -> None:
-        self.eager.check_span(start_pos, num_tokens)
+        check_span(self.max_context, start_pos, num_tokens)
         bucket = next((b for b in self.buckets if b >= num_tokens), None)
         if start_pos != 0 or bucket is None:
             self._chunked_prefill(num_tokens, start_pos)
@@ -98,8 +103,8 @@ class GraphRunner:
         self._launch(f"prefill_{bucket}", lambda: self._prefill_body(bucket))
 
     def _chunked_prefill(self, num_tokens: int, start_pos: int) -> None:
-        if not self.chunk:
-            self.eager.prefill(num_tokens, start_pos)
+        if not self.chunk:  # a context too short for any bucket: the reference step
+            eager_prefill(self.model, self.buffers, num_tokens, start_pos)
             return
         for offset in range(0, num_tokens, self.chunk):
             n = min(self.chunk, num_tokens - offset)
@@ -113,28 +118,16 @@ class GraphRunner:
     # -- the step bodies (captured as graphs, or run eagerly) ----------------------------------------------
 
     def _decode_body(self) -> None:
-        if self.fused is not None:
-            self.fused.step(self.buffers.next_token, self.static.position, self.buffers.logits)
-            return
-        logits = self.model.decode_step(self.buffers.next_token, self.static.position)  # [1, V]
-        self.buffers.logits.copy_(logits[0])
+        self.decoder.step(self.buffers.next_token, self.static.position, self.buffers.logits)
 
     def _prefill_body(self, bucket: int) -> None:
         ids, positions = self.buffers.input_ids[:bucket], self.static.arange[:bucket]
-        if self.fused_prefill is not None:
-            self.fused_prefill.run(ids, positions, self.static.logits_index, self.buffers.logits)
-            return
-        logits = self.model(ids, positions, self.static.logits_index, bucket)
-        self.buffers.logits.copy_(logits[0])
+        self.prefiller.run(ids, positions, self.static.logits_index, self.buffers.logits)
 
     def _chunk_body(self) -> None:
         s = self.static
-        if self.fused_prefill is not None:
-            self.fused_prefill.run(s.chunk_ids, s.chunk_positions, s.logits_index, self.buffers.logits,
-                                   kv_len=self.max_context)
-            return
-        logits = self.model(s.chunk_ids, s.chunk_positions, s.logits_index, self.max_context)
-        self.buffers.logits.copy_(logits[0])
+        self.prefiller.run(s.chunk_ids, s.chunk_positions, s.logits_index, self.buffers.logits,
+                           kv_len=self.max_context)
 
     # -- capture ------------------------------------------------------------------------------------------
 

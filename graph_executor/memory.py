@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from graph_executor.config import ModelConfig
+from graph_executor.loading.config import ModelConfig
 from ipc.errors import ModelLoadError
 
 HEADROOM_BYTES = 256 << 20  # activations, workspaces, the allocator's slack (graphs add ~0.1 GiB on a GPU)

@@ -3,6 +3,7 @@
 Weights are stored fused (QKV, gate-up) and allocated once on the target device; loaders copy each checkpoint
 tensor into its slice (`weight_map.hf_slot`). The step is graph-safe: no `.item()`, no host branching on tensor
 values; the KV cache is written by position index and read up to `kv_len`, a host-side static bound.
+`forward` is the reference step (the CPU path runs it; the GPU path's fused kernels are tested against it).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graph_executor.config import ModelConfig
+from graph_executor.loading.config import ModelConfig
 from graph_executor.rope import apply_rope, rope_tables
 
 
@@ -58,7 +59,6 @@ class LlamaModel(nn.Module):
         )
         self.rope = nn.Buffer(rope_tables(config, max_context, device))  # [C, 2, hd] float32
         # [layers, 2 (k, v), kv_heads, C, hd]; zeroed so that never-written slots hold finite values.
-        self._decode_attention = None  # Triton workspace, made at the first decode_step
         self.kv_cache = nn.Buffer(torch.zeros(
             config.num_layers, 2, config.num_kv_heads, max_context, config.head_dim, device=device, dtype=dtype
         ))
@@ -80,26 +80,6 @@ class LlamaModel(nn.Module):
             return out[0].transpose(0, 1).reshape(q.shape[0], -1)
 
         return self._run(input_ids, positions, logits_index, attend)
-
-    @torch.inference_mode()
-    def decode_step(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """One token: input_ids, positions [1] int64 (device). Attention runs the Triton flash-decoding kernel,
-        which reads the position from device memory: one captured graph serves every position, and the cost
-        follows the real context. Returns logits [1, vocab]."""
-        if self._decode_attention is None:
-            from graph_executor.kernels.decode_attention import DecodeAttention
-
-            cfg = self.config
-            self._decode_attention = DecodeAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                                                     self.max_context, positions.device, cfg.sliding_window)
-
-        def attend(q: torch.Tensor, index: int) -> torch.Tensor:  # q [1, nh, hd] -> [1, nh * hd]
-            cache = self.kv_cache[index]
-            out = torch.empty_like(q[0])  # [nh, hd]
-            self._decode_attention(q[0], cache[0], cache[1], positions, out)
-            return out.view(1, -1)
-
-        return self._run(input_ids, positions, positions.new_zeros(1), attend)
 
     def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, logits_index: torch.Tensor,
              attend) -> torch.Tensor:

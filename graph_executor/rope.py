@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from graph_executor.config import ModelConfig
+from graph_executor.loading.config import ModelConfig
 
 
 def inverse_frequencies(config: ModelConfig) -> torch.Tensor:

@@ -1,38 +1,44 @@
-"""The executor's step interface: static buffers allocated once, and prefill/decode steps that fill `logits`.
+"""The executor's reference step: the model code run eagerly over the step buffers (`ipc.step_buffers`).
 
-The JIT context writes prompt ids into `input_ids` and the sampled token into `next_token`, and reads `logits`;
-the buffers never move, so they can be shared across processes (shared memory on CPU, CUDA IPC on GPU).
+It is what the CPU path runs, and what the GPU path falls back to for a shape it has no kernels for; the GPU
+path's own step (fused Triton kernels replayed as CUDA graphs) is `graph_executor.graphs.GraphRunner`, and
+both fill the same buffers the same way: prompt ids in `input_ids`, the decode token in `next_token`, the
+logits of the last position in `logits`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from graph_executor.model import LlamaModel
+from ipc.step_buffers import StepBuffers
 
 # Prompt tokens per forward pass: bounds the activation memory of long prompts (chunked prefill).
 PREFILL_CHUNK = 1024
 
 
-@dataclass(frozen=True)
-class StepBuffers:
-    input_ids: torch.Tensor  # [max_context] int64: prompt tokens of a prefill, from index 0
-    next_token: torch.Tensor  # [1] int64: the token a decode step consumes (written by the sampler)
-    logits: torch.Tensor  # [vocab] float32: logits of the last position of the last step
-
-    @classmethod
-    def allocate(cls, vocab_size: int, max_context: int, device: torch.device) -> StepBuffers:
-        return cls(
-            input_ids=torch.zeros(max_context, dtype=torch.int64, device=device),
-            next_token=torch.zeros(1, dtype=torch.int64, device=device),
-            logits=torch.zeros(vocab_size, dtype=torch.float32, device=device),
+def check_span(max_context: int, start_pos: int, num_tokens: int) -> None:
+    """ValueError unless positions [start_pos, start_pos + num_tokens) fit the KV cache."""
+    if num_tokens < 1 or start_pos < 0 or start_pos + num_tokens > max_context:
+        raise ValueError(
+            f"positions [{start_pos}, {start_pos + num_tokens}) do not fit the context of {max_context}"
         )
 
 
+def eager_prefill(model: LlamaModel, buffers: StepBuffers, num_tokens: int, start_pos: int = 0) -> None:
+    """Run input_ids[:num_tokens] at positions start_pos... in chunks; the last one's logits land in `logits`."""
+    device = buffers.input_ids.device
+    for chunk_start in range(0, num_tokens, PREFILL_CHUNK):
+        chunk_end = min(chunk_start + PREFILL_CHUNK, num_tokens)
+        ids = buffers.input_ids[chunk_start:chunk_end]  # [t]
+        positions = torch.arange(start_pos + chunk_start, start_pos + chunk_end, device=device)  # [t]
+        last = torch.full((1,), chunk_end - chunk_start - 1, dtype=torch.int64, device=device)
+        logits = model(ids, positions, last, start_pos + chunk_end)  # [1, V]
+    buffers.logits.copy_(logits[0])
+
+
 class ModelRunner:
-    """Runs steps of one model over its static buffers (eagerly; the GPU path adds graphs on top)."""
+    """Runs steps of one model over its step buffers, eagerly (the CPU path)."""
 
     def __init__(self, model: LlamaModel, buffers: StepBuffers | None = None) -> None:
         self.model = model
@@ -44,30 +50,17 @@ class ModelRunner:
     def max_context(self) -> int:
         return self.model.max_context
 
-    def check_span(self, start_pos: int, num_tokens: int) -> None:
-        if num_tokens < 1 or start_pos < 0 or start_pos + num_tokens > self.max_context:
-            raise ValueError(
-                f"positions [{start_pos}, {start_pos + num_tokens}) do not fit the context of {self.max_context}"
-            )
-
     def prefill(self, num_tokens: int, start_pos: int = 0) -> None:
         """Run input_ids[:num_tokens] at positions start_pos...; logits of the last one land in `logits`."""
-        self.check_span(start_pos, num_tokens)
-        device = self.buffers.input_ids.device
-        for chunk_start in range(0, num_tokens, PREFILL_CHUNK):
-            chunk_end = min(chunk_start + PREFILL_CHUNK, num_tokens)
-            ids = self.buffers.input_ids[chunk_start:chunk_end]  # [t]
-            positions = torch.arange(start_pos + chunk_start, start_pos + chunk_end, device=device)  # [t]
-            last = torch.full((1,), chunk_end - chunk_start - 1, dtype=torch.int64, device=device)
-            logits = self.model(ids, positions, last, start_pos + chunk_end)  # [1, V]
-        self.buffers.logits.copy_(logits[0])
+        check_span(self.max_context, start_pos, num_tokens)
+        eager_prefill(self.model, self.buffers, num_tokens, start_pos)
 
     def wait_enqueued(self) -> None:
         """In-process steps are enqueued when prefill/decode return: nothing to wait for."""
 
     def decode(self, position: int) -> None:
         """Run `next_token` at `position`; its logits land in `logits`."""
-        self.check_span(position, 1)
+        check_span(self.max_context, position, 1)
         positions = torch.full((1,), position, dtype=torch.int64, device=self.buffers.next_token.device)
         logits = self.model(self.buffers.next_token, positions, self._last_row, position + 1)  # [1, V]
         self.buffers.logits.copy_(logits[0])

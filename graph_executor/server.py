@@ -1,32 +1,24 @@
-"""The graph executor process: loads the model, exports its static step buffers, serves step commands.
-
-Started by the supervisor as `python -m graph_executor ...`. It binds the control channel, waits for the JIT
-context's handshake, answers with `Ready` (model facts + shared buffer specs), then runs Prefill/Decode steps
-and replies `StepDone`. It exits by itself when its JIT context or its supervisor dies.
+"""The graph executor's serving loop: answers the JIT context's handshake with `Ready` (model facts and the
+step buffers' specs), then runs Prefill/Decode steps and replies `StepDone`; captures graphs while idle. The
+process around it (arguments, loading, signals) is `graph_executor.process`.
 """
 
 from __future__ import annotations
 
-import argparse
-import gc
 import os
-import signal
 import sys
-import time
 from contextlib import contextmanager
 
 import torch
-import zmq
 
-from graph_executor.loader import LOAD_FORMATS, LoadConfig, LoadedModel, load_model
-from graph_executor.runner import ModelRunner, StepBuffers
-from ipc.channel import Channel, bind_control
+from graph_executor.loading.loader import LoadedModel
+from graph_executor.runner import ModelRunner
+from ipc.channel import Channel
 from ipc.errors import HybridrtError, ProtocolError
 from ipc.events import StepEvents
 from ipc.liveness import process_alive
 from ipc.messages import (
     PROTOCOL_VERSION,
-    Abort,
     Decode,
     Error,
     Handshake,
@@ -35,46 +27,15 @@ from ipc.messages import (
     Prefill,
     Ready,
     Reset,
-    Shutdown,
     Status,
     StatusReply,
     StepDone,
 )
-from ipc.shared_tensor import CudaIpcTensor, SharedTensor, ShmTensor, dtype_name
+from ipc.shared_tensor import dtype_name
+from ipc.step_buffers import SharedStepBuffers
 
 POLL_MS = 100  # how often an idle executor checks that its peers are alive
 SPIN_US = 20_000  # while a request runs on the GPU, busy-poll this long for the next step before sleeping
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="graph_executor", description="hybridrt graph executor process")
-    p.add_argument("--control", required=True, help="control channel address to bind")
-    p.add_argument("--model", required=True)
-    p.add_argument("--load-format", choices=LOAD_FORMATS, default="auto")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--max-context", type=int, default=None)
-    p.add_argument("--seed-weights", type=int, default=0)
-    p.add_argument("--supervisor-pid", type=int, default=None)
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--no-graphs", action="store_true", help="run every step eagerly (no CUDA graphs)")
-    return p.parse_args(argv)
-
-
-def export_buffers(vocab_size: int, max_context: int, device: torch.device) -> tuple[StepBuffers, list[SharedTensor]]:
-    """Allocate the step buffers once, in memory the JIT context can map (shm on CPU, CUDA IPC on GPU)."""
-    shapes = {"input_ids": ((max_context,), torch.int64), "next_token": ((1,), torch.int64),
-              "logits": ((vocab_size,), torch.float32)}
-    shared: list[SharedTensor] = []
-    for name, (shape, dtype) in shapes.items():
-        if device.type == "cuda":
-            shared.append(CudaIpcTensor.create(name, shape, dtype, device=device.index or 0))
-        else:
-            shared.append(ShmTensor.create(name, shape, dtype))
-    views = {name: s.tensor for name, s in zip(shapes, shared)}
-    for view in views.values():
-        view.zero_()
-    return StepBuffers(**views), shared
 
 
 class ExecutorServer:
@@ -85,7 +46,8 @@ class ExecutorServer:
         self.loaded = loaded
         model = loaded.model
         device = model.embed_tokens.device
-        buffers, self.shared = export_buffers(model.config.vocab_size, model.max_context, device)
+        self.shared = SharedStepBuffers.export(model.config.vocab_size, model.max_context, device)
+        buffers = self.shared.buffers
         self.cuda = device.type == "cuda"
         self.graphs = None  # the GraphRunner on the GPU path: it captures while idle and reports its graphs
         if self.cuda and graphs:
@@ -100,18 +62,22 @@ class ExecutorServer:
         self.peer_pid: int | None = None
         self.busy = False  # a request is between its Prefill and its Reset: no graph capture then
 
-    def ready_message(self) -> Ready:
-        model, cfg = self.loaded.model, self.loaded.model.config
+    def facts(self) -> dict:
+        """What `status` shows about the executor (informational: nothing the protocol depends on)."""
         facts = {"load_seconds": round(self.loaded.load_seconds, 3), "source": self.loaded.source,
-                 "tokenizer_path": str(self.loaded.tokenizer_path or ""), "executor_pid": os.getpid(),
-                 "num_params": cfg.num_params(),
-                 "graphs": self.graphs.facts() if self.graphs is not None else {},
-                 "events": self.events.handles() if self.events else {}}
+                 "executor_pid": os.getpid(), "num_params": self.loaded.model.config.num_params(),
+                 "graphs": self.graphs.facts() if self.graphs is not None else {}}
         if self.cuda:
             facts["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+        return facts
+
+    def ready_message(self) -> Ready:
+        model, cfg = self.loaded.model, self.loaded.model.config
+        tokenizer = str(self.loaded.tokenizer_path) if self.loaded.tokenizer_path else None
         return Ready(PROTOCOL_VERSION, self.loaded.name, cfg.vocab_size, model.max_context,
-                     dtype_name(model.dtype), str(model.embed_tokens.device),
-                     {s.spec.name: s.spec for s in self.shared}, sorted(cfg.eos_token_ids), facts)
+                     dtype_name(model.dtype), str(model.embed_tokens.device), self.shared.specs(),
+                     sorted(cfg.eos_token_ids), events=self.events.handles() if self.events else None,
+                     tokenizer_path=tokenizer, facts=self.facts())
 
     def peers_alive(self) -> bool:
         pids = [p for p in (self.peer_pid, self.supervisor_pid) if p is not None]
@@ -134,8 +100,6 @@ class ExecutorServer:
                     return
                 self.capture_when_idle()
                 continue
-            if isinstance(msg, Shutdown):
-                return
             if not self.reply(self.handle(msg)):
                 print("graph_executor: peer process is gone, exiting", file=sys.stderr)
                 return
@@ -149,8 +113,6 @@ class ExecutorServer:
             if isinstance(msg, Prefill):
                 self.busy = True
                 with self.ordered():
-                    if msg.token_ids is not None:
-                        self.runner.buffers.input_ids[: msg.num_tokens].copy_(torch.tensor(msg.token_ids))
                     self.runner.prefill(msg.num_tokens, msg.start_pos)
                 return StepDone(msg.request_id, msg.step)
             if isinstance(msg, Decode):
@@ -160,11 +122,11 @@ class ExecutorServer:
             if isinstance(msg, Handshake):
                 self.peer_pid = msg.pid
                 return self.ready_message()
-            if isinstance(msg, (Reset, Abort)):
+            if isinstance(msg, Reset):
                 self.busy = False
                 return Ok(msg.request_id)
             if isinstance(msg, Status):
-                return StatusReply(self.ready_message().facts)
+                return StatusReply(self.facts())
         except (ValueError, HybridrtError) as e:
             return Error("step_failed", str(e), getattr(msg, "request_id", None))
         return Error("unexpected", f"the executor does not handle {type(msg).__name__}")
@@ -187,34 +149,4 @@ class ExecutorServer:
                   file=sys.stderr)
 
     def close(self) -> None:
-        for s in self.shared:
-            s.close()
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run the finally blocks: unlink shared memory
-    ctx = zmq.Context()
-    channel = bind_control(ctx, args.control)
-    server = None
-    try:
-        start = time.perf_counter()
-        loaded = load_model(LoadConfig(model=args.model, load_format=args.load_format, device=args.device,
-                                       dtype=args.dtype, max_context=args.max_context, seed=args.seed_weights,
-                                       progress=not args.quiet))
-        server = ExecutorServer(channel, loaded, args.supervisor_pid, graphs=not args.no_graphs, quiet=args.quiet)
-        if not args.quiet:
-            print(f"graph_executor: {loaded.name} ready on {loaded.model.embed_tokens.device} in "
-                  f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
-        gc.collect()
-        gc.freeze()  # start-up objects (torch, the model) are never scanned again: no long GC pauses mid-stream
-        server.serve()
-        return 0
-    except HybridrtError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if server is not None:
-            server.close()
-        channel.close()
-        ctx.term()
+        self.shared.close()

@@ -31,9 +31,10 @@ from ipc.messages import Error, Message
 class _SocketChannel:
     """One zmq socket and its frame limit; closes the socket, never the context."""
 
-    def __init__(self, socket: zmq.Socket, max_frame_bytes: int):
+    def __init__(self, socket: zmq.Socket, max_frame_bytes: int, trusted: bool = False):
         self._socket = socket
         self.max_frame_bytes = max_frame_bytes
+        self.trusted = trusted  # the peer is our other process: structural decode only (codec.decode)
 
     @property
     def socket(self) -> zmq.Socket:
@@ -115,7 +116,7 @@ class Channel(_SocketChannel):
             return None
         if len(frames) != 1:
             raise ProtocolError("malformed", f"expected 1 frame, got {len(frames)}")
-        return decode(frames[0], max_frame_bytes=self.max_frame_bytes)
+        return decode(frames[0], max_frame_bytes=self.max_frame_bytes, trusted=self.trusted)
 
 
 class ServerChannel(_SocketChannel):
@@ -179,13 +180,13 @@ def _open(ctx: zmq.Context, socket_type: int, address: str, bind: bool, max_fram
 
 
 def bind_control(ctx: zmq.Context, address: str, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> Channel:
-    """The control channel's binding side (PAIR)."""
-    return Channel(_open(ctx, zmq.PAIR, address, True, max_frame_bytes), max_frame_bytes)
+    """The control channel's binding side (PAIR); its peer is the JIT context (trusted after the handshake)."""
+    return Channel(_open(ctx, zmq.PAIR, address, True, max_frame_bytes), max_frame_bytes, trusted=True)
 
 
 def connect_control(ctx: zmq.Context, address: str, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> Channel:
-    """The control channel's connecting side (PAIR)."""
-    return Channel(_open(ctx, zmq.PAIR, address, False, max_frame_bytes), max_frame_bytes)
+    """The control channel's connecting side (PAIR); its peer is the executor (trusted after the handshake)."""
+    return Channel(_open(ctx, zmq.PAIR, address, False, max_frame_bytes), max_frame_bytes, trusted=True)
 
 
 def bind_server(ctx: zmq.Context, address: str, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> ServerChannel:

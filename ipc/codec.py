@@ -1,20 +1,23 @@
 """Owns the wire encoding of messages: one frame = msgpack of [tag, {field: value}], nothing else.
 
 No pickle and no msgpack extension types: a frame holds plain data only, and `decode` rebuilds the message
-class from its tag and nested `TensorSpec`s from the field annotations. Anything a peer can send that is not
-a valid frame raises `ProtocolError` (never another exception), and unpacking is bounded by the frame size.
+class from its tag and nested records (`TensorSpec`, ...) from the field annotations. Anything a peer can send
+that is not a valid frame raises `ProtocolError` (never another exception), and unpacking is bounded by the
+frame size. `decode(..., trusted=True)` (the control channel, after its handshake) builds the message without
+the per-field checks: a structural decode, ~3x plain msgpack instead of ~10x.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from typing import Any
 
 import msgpack
 
 from ipc.errors import ProtocolError
-from ipc.messages import MESSAGE_TYPES, Message, TensorSpec, field_types
+from ipc.messages import MESSAGE_TYPES, SESSION_MESSAGES, Message, Record, field_types
 
 MAX_FRAME_BYTES = 1 << 20  # control messages and token chunks are far smaller; a long prompt's ids fit
 
@@ -24,7 +27,10 @@ def encode(msg: Message, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> bytes:
     cls = type(msg)
     if MESSAGE_TYPES.get(getattr(cls, "TAG", None)) is not cls:
         raise TypeError(f"not a registered message: {cls.__name__}")
-    fields = {f.name: _to_wire(getattr(msg, f.name)) for f in dataclasses.fields(msg)}
+    if _has_records(cls):
+        fields = {name: _to_wire(getattr(msg, name)) for name in field_types(cls)}
+    else:  # the per-step messages: their fields are plain values already
+        fields = {name: getattr(msg, name) for name in field_types(cls)}
     try:
         data = msgpack.packb([cls.TAG, fields], use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as exc:  # e.g. an int over 64 bits
@@ -34,8 +40,11 @@ def encode(msg: Message, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> bytes:
     return data
 
 
-def decode(data: bytes, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> Message:
-    """Frame -> message, or ProtocolError with code malformed / unknown_type / oversized / bad_fields."""
+def decode(data: bytes, *, max_frame_bytes: int = MAX_FRAME_BYTES, trusted: bool = False) -> Message:
+    """Frame -> message, or ProtocolError with code malformed / unknown_type / oversized / bad_fields.
+
+    `trusted`: the peer runs this same code and has passed the versioned handshake, so field types and
+    values are not re-checked (the session messages, Handshake and Ready, always are)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ProtocolError("malformed", f"frame must be bytes, got {type(data).__name__}")
     if len(data) > max_frame_bytes:
@@ -44,6 +53,11 @@ def decode(data: bytes, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> Message:
     cls = MESSAGE_TYPES.get(tag)
     if cls is None:
         raise ProtocolError("unknown_type", f"no message has tag {tag}")
+    if trusted and cls not in SESSION_MESSAGES and not _has_records(cls):
+        try:
+            return cls(**fields)
+        except TypeError as exc:  # unknown or missing fields
+            raise ProtocolError("bad_fields", f"{cls.__name__}: {exc}") from None
     return _build(cls, fields)
 
 
@@ -70,7 +84,7 @@ def _unpack_frame(data: bytes) -> tuple[int, dict]:
 
 
 def _build(cls: type, fields: dict) -> Any:
-    """Construct `cls` (a message or TensorSpec) from wire fields; every failure is bad_fields."""
+    """Construct and validate `cls` (a message or a record) from wire fields; every failure is bad_fields."""
     hints = field_types(cls)
     unknown = sorted(str(k) for k in fields if k not in hints)
     if unknown:
@@ -80,7 +94,9 @@ def _build(cls: type, fields: dict) -> Any:
     if missing:
         raise ProtocolError("bad_fields", f"{cls.__name__} is missing fields {missing}")
     try:
-        return cls(**{name: _from_wire(value, hints[name]) for name, value in fields.items()})
+        built = cls(**{name: _from_wire(value, hints[name]) for name, value in fields.items()})
+        built.validate()
+        return built
     except ValueError as exc:
         raise ProtocolError("bad_fields", str(exc)) from None
 
@@ -89,9 +105,21 @@ def _is_required(f: dataclasses.Field) -> bool:
     return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
+@functools.cache
+def _has_records(cls: type) -> bool:
+    """Whether any field of `cls` may hold a record (a nested dataclass the codec must take apart)."""
+
+    def holds(hint: Any) -> bool:
+        if isinstance(hint, type) and issubclass(hint, Record):
+            return True
+        return any(holds(arg) for arg in typing.get_args(hint))
+
+    return any(holds(hint) for hint in field_types(cls).values())
+
+
 def _to_wire(value: Any) -> Any:
-    if isinstance(value, TensorSpec):
-        return {f.name: _to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Record):
+        return {name: _to_wire(getattr(value, name)) for name in field_types(type(value))}
     if isinstance(value, dict):
         return {key: _to_wire(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
@@ -100,11 +128,11 @@ def _to_wire(value: Any) -> Any:
 
 
 def _from_wire(value: Any, hint: Any) -> Any:
-    """Rebuild the TensorSpecs the annotation asks for; all other values pass through to validation."""
-    if hint is TensorSpec:
+    """Rebuild the records the annotation asks for; all other values pass through to validation."""
+    if isinstance(hint, type) and issubclass(hint, Record):
         if not isinstance(value, dict):
-            raise ValueError(f"TensorSpec must be a map, got {type(value).__name__}")
-        return _build(TensorSpec, value)
+            raise ValueError(f"{hint.__name__} must be a map, got {type(value).__name__}")
+        return _build(hint, value)
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is dict and isinstance(value, dict):
         return {key: _from_wire(item, args[1]) for key, item in value.items()}

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ipc.messages import EventHandles
+
 
 @dataclass(frozen=True)
 class StepEvents:
@@ -24,10 +26,10 @@ class StepEvents:
             jit.record()
         return cls(executor, jit)
 
-    def handles(self) -> dict:
-        return {"executor": bytes(self.executor.ipc_handle()), "jit": bytes(self.jit.ipc_handle())}
+    def handles(self) -> EventHandles:
+        return EventHandles(executor=bytes(self.executor.ipc_handle()), jit=bytes(self.jit.ipc_handle()))
 
     @classmethod
-    def open(cls, handles: dict, device: torch.device) -> StepEvents:
-        return cls(torch.cuda.Event.from_ipc_handle(device, handles["executor"]),
-                   torch.cuda.Event.from_ipc_handle(device, handles["jit"]))
+    def open(cls, handles: EventHandles, device: torch.device) -> StepEvents:
+        return cls(torch.cuda.Event.from_ipc_handle(device, handles.executor),
+                   torch.cuda.Event.from_ipc_handle(device, handles.jit))

@@ -1,8 +1,11 @@
 """Owns the message types that cross a process boundary: one frozen dataclass per kind, each with a wire tag.
 
 Every field is msgpack-friendly (None, bool, int, float, str, bytes, lists and str-keyed dicts of those) or a
-`TensorSpec`. Construction validates field types and values with `ValueError`, so a message decoded from the
-wire is either well-formed or never exists (the codec turns that ValueError into ProtocolError "bad_fields").
+record (`TensorSpec`, `StepBufferSpecs`, `EventHandles`). `validate()` checks field types and values with
+`ValueError`; the codec calls it on every frame from an untrusted peer (clients, and the handshake of the
+control channel), so such a message is either well-formed or never exists (ProtocolError "bad_fields").
+Frames between the two processes after the versioned handshake are only decoded structurally: both sides
+are built from this file, and a full check costs ~20x the msgpack decode itself (bench.probes.codec_cost).
 
 Tag scheme: a small int per kind, never reused or renumbered within a protocol version.
   1-9   session lifecycle and replies (both channels);
@@ -23,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: Ready carries typed buffers/events/tokenizer_path; Abort, Shutdown gone
 MAX_ID_CHARS = 256
 _MAX_NESTING = 32  # free-form dicts (facts, params, usage) nest this deep at most
 
@@ -87,12 +90,15 @@ def _check_non_negative(where: str, *values: int) -> None:
             raise ValueError(f"{where}: must be >= 0, got {value}")
 
 
-class _Validated:
-    """Type-checks every field after construction, then runs the class's own value checks."""
+class Record:
+    """`validate()` type-checks every field (records recursively), then runs the class's own value checks."""
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         for name, hint in field_types(type(self)).items():
-            check_type(getattr(self, name), hint, f"{type(self).__name__}.{name}")
+            value = getattr(self, name)
+            check_type(value, hint, f"{type(self).__name__}.{name}")
+            if isinstance(value, Record):
+                value.validate()
         request_id = getattr(self, "request_id", None)
         if request_id is not None and not 0 < len(request_id) <= MAX_ID_CHARS:
             raise ValueError(f"{type(self).__name__}.request_id must be 1..{MAX_ID_CHARS} characters")
@@ -103,7 +109,7 @@ class _Validated:
 
 
 @dataclass(frozen=True)
-class TensorSpec(_Validated):
+class TensorSpec(Record):
     """Where a shared tensor lives (shm segment name or CUDA IPC handle) and its dtype, shape and offset."""
 
     SHM: ClassVar[str] = "shm"
@@ -121,7 +127,6 @@ class TensorSpec(_Validated):
     def __post_init__(self) -> None:
         if isinstance(self.shape, list):  # msgpack has no tuples
             object.__setattr__(self, "shape", tuple(self.shape))
-        super().__post_init__()
 
     def _validate(self) -> None:
         if not self.name or not self.dtype:
@@ -141,7 +146,34 @@ class TensorSpec(_Validated):
         return math.prod(self.shape)
 
 
-class Message(_Validated):
+@dataclass(frozen=True)
+class StepBufferSpecs(Record):
+    """The executor's step buffers as exported in `Ready`; `ipc.step_buffers.StepBuffers` is their one
+    description (shapes, dtypes, who writes what) and opens them."""
+
+    input_ids: TensorSpec
+    next_token: TensorSpec
+    logits: TensorSpec
+
+
+@dataclass(frozen=True)
+class EventHandles(Record):
+    """cudaIpcEventHandle bytes of the two events that order the steps on the GPU (`ipc.events.StepEvents`)."""
+
+    executor: bytes
+    jit: bytes
+
+
+class FinishReason:
+    """The closed set of reasons a `Finished` carries; the HTTP layer maps them onto OpenAI's."""
+
+    STOP = "stop"  # EOS, a stop token or a stop string
+    LENGTH = "length"  # max_tokens or the context is full
+    ABORT = "abort"  # cancelled by its client, its client went away (vLLM's name)
+    ALL = (STOP, LENGTH, ABORT)
+
+
+class Message(Record):
     """Base of every message kind; subclasses are frozen dataclasses with a unique class-level `TAG`."""
 
     TAG: ClassVar[int]
@@ -162,7 +194,9 @@ class Handshake(Message):
 
 @dataclass(frozen=True)
 class Ready(Message):
-    """The executor's weights are on the device; `buffers` are its static buffers, exported once."""
+    """The executor's weights are on the device; `buffers` are its static step buffers, exported once, and
+    `events` (GPU only) the IPC events that order steps and sampling. `facts` is informational only (load
+    time, graphs, memory: what `status` shows); nothing the protocol needs rides in it."""
 
     TAG: ClassVar[int] = 2
     protocol_version: int
@@ -171,20 +205,16 @@ class Ready(Message):
     max_context: int
     dtype: str
     device: str
-    buffers: dict[str, TensorSpec]
+    buffers: StepBufferSpecs
     eos_token_ids: list[int]
+    events: EventHandles | None = None
+    tokenizer_path: str | None = None  # a folder or file the tokenizer loads from; None: the model has none
     facts: dict = field(default_factory=dict)
 
     def _validate(self) -> None:
         if self.vocab_size <= 0 or self.max_context <= 0:
             raise ValueError("Ready.vocab_size and .max_context must be > 0")
         _check_non_negative("Ready.eos_token_ids", *self.eos_token_ids)
-
-
-@dataclass(frozen=True)
-class Shutdown(Message):
-    TAG: ClassVar[int] = 3
-    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -219,30 +249,18 @@ class Error(Message):
 
 @dataclass(frozen=True)
 class Prefill(Message):
-    """Run prompt positions [start_pos, start_pos + num_tokens) of `request_id`.
-
-    The ids normally sit in the shared input-ids buffer (zero-copy). A chunk that does not fit the buffer is
-    either split into several Prefills (start_pos advancing) or carries its ids inline in `token_ids`, which
-    then take precedence over the buffer; len(token_ids) must equal num_tokens.
-    """
+    """Run the ids in the shared input-ids buffer (zero-copy) at positions [start_pos, start_pos + num_tokens)."""
 
     TAG: ClassVar[int] = 10
     request_id: str
     step: int
     num_tokens: int
     start_pos: int
-    token_ids: list[int] | None = None
 
     def _validate(self) -> None:
         _check_non_negative("Prefill.step/start_pos", self.step, self.start_pos)
         if self.num_tokens < 1:
             raise ValueError(f"Prefill.num_tokens must be >= 1, got {self.num_tokens}")
-        if self.token_ids is not None:
-            if len(self.token_ids) != self.num_tokens:
-                raise ValueError(
-                    f"Prefill.token_ids has {len(self.token_ids)} ids, num_tokens={self.num_tokens}"
-                )
-            _check_non_negative("Prefill.token_ids", *self.token_ids)
 
 
 @dataclass(frozen=True)
@@ -271,13 +289,6 @@ class StepDone(Message):
 class Reset(Message):
     TAG: ClassVar[int] = 13
     request_id: str
-
-
-@dataclass(frozen=True)
-class Abort(Message):
-    TAG: ClassVar[int] = 14
-    request_id: str
-    reason: str = ""
 
 
 # -- client-facing (20-29) -------------------------------------------------------------------------------
@@ -316,9 +327,13 @@ class Finished(Message):
     request_id: str
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop", "length", "cancelled", "error"
+    finish_reason: str  # one of FinishReason.ALL (a failed request gets an `Error` instead)
     usage: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+
+    def _validate(self) -> None:
+        if self.finish_reason not in FinishReason.ALL:
+            raise ValueError(f"Finished.finish_reason must be one of {FinishReason.ALL}, got {self.finish_reason!r}")
 
 
 @dataclass(frozen=True)
@@ -368,8 +383,8 @@ class DetokenizeReply(Message):
 
 
 ALL_MESSAGES: tuple[type[Message], ...] = (
-    Handshake, Ready, Shutdown, Status, StatusReply, Ok, Error,
-    Prefill, Decode, StepDone, Reset, Abort,
+    Handshake, Ready, Status, StatusReply, Ok, Error,
+    Prefill, Decode, StepDone, Reset,
     GenerateRequest, TokenChunk, Finished, CancelRequest,
     TokenizeRequest, TokenizeReply, DetokenizeRequest, DetokenizeReply,
 )  # fmt: skip
@@ -388,3 +403,5 @@ def _index_by_tag(classes: tuple[type[Message], ...]) -> Mapping[int, type[Messa
 
 
 MESSAGE_TYPES: Mapping[int, type[Message]] = _index_by_tag(ALL_MESSAGES)
+# Retired tags, never to be reused: 3 (Shutdown) and 14 (Abort), protocol version 1.
+SESSION_MESSAGES: frozenset[type[Message]] = frozenset({Handshake, Ready})  # always validated in full

@@ -14,20 +14,18 @@ from typing import Protocol
 
 import torch
 
+from ipc.messages import FinishReason
+from ipc.step_buffers import StepBuffers
 from jit_context.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from jit_context.sampler import Sampler
 from jit_context.sampling_params import SamplingParams
 from jit_context.token_reader import TokenReader
 
 
-class StepBuffersView(Protocol):
-    input_ids: torch.Tensor  # [max_context] int64
-    next_token: torch.Tensor  # [1] int64
-    logits: torch.Tensor  # [vocab] float32
-
-
 class ExecutorPort(Protocol):
-    buffers: StepBuffersView
+    """What the generation loop needs of an executor: its step buffers, and steps it can enqueue."""
+
+    buffers: StepBuffers
     max_context: int
 
     def prefill(self, num_tokens: int, start_pos: int = 0) -> None: ...
@@ -51,7 +49,7 @@ class Chunk:
 class GenerationResult:
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # FinishReason.STOP or .LENGTH
     prompt_tokens: int
     ttft_ms: float
     tokens_per_s: float
@@ -147,13 +145,13 @@ class _Output:
         self.token_ids.append(token_id)
         p = self.params
         if token_id in p.stop_token_ids or (token_id in self.eos and not p.ignore_eos):
-            self.finish = "stop"
+            self.finish = FinishReason.STOP
             return Chunk("", [token_id])
         if len(self.token_ids) >= p.max_tokens or self.prompt_len + len(self.token_ids) >= self.max_context:
-            self.finish = "length"
+            self.finish = FinishReason.LENGTH
         emit, hit_stop = self.stops.feed(self.detok.add(token_id) if self.detok else "")
         if hit_stop:
-            self.finish = "stop"
+            self.finish = FinishReason.STOP
         self.parts.append(emit)
         return Chunk(emit, [token_id])
 

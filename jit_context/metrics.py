@@ -9,6 +9,11 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
+from ipc.messages import FinishReason
+
+FAILED = "error"  # a request answered with an `Error` (it has no finish reason)
+OUTCOMES = (*FinishReason.ALL, FAILED)  # the `finished_reason` label values of /metrics
+
 # Bucket upper bounds in seconds, as vLLM's histograms for the same figures.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
@@ -42,7 +47,9 @@ class ServingMetrics:
     e2e_latency: Histogram = field(default_factory=lambda: Histogram(E2E_BUCKETS))
 
     def record(self, finish_reason: str, prompt_tokens: int, token_times_ms: list[float], e2e_s: float) -> None:
-        """One finished request: its finish reason, prompt size, the time of each token since its arrival."""
+        """One finished request: its outcome (one of OUTCOMES), prompt size, each token's time since arrival."""
+        if finish_reason not in OUTCOMES:
+            raise ValueError(f"unknown request outcome {finish_reason!r}; one of {OUTCOMES}")
         self.finished[finish_reason] = self.finished.get(finish_reason, 0) + 1
         self.prompt_tokens += prompt_tokens
         self.generation_tokens += len(token_times_ms)

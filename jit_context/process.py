@@ -11,7 +11,6 @@ import gc
 import os
 import signal
 import sys
-from pathlib import Path
 
 import torch
 import zmq
@@ -21,11 +20,10 @@ from ipc.errors import HybridrtError
 from ipc.events import StepEvents
 from ipc.liveness import process_alive
 from ipc.messages import PROTOCOL_VERSION, Handshake, Ready
-from ipc.shared_tensor import import_tensor
-from jit_context.generator import Generator
+from ipc.step_buffers import SharedStepBuffers
 from jit_context.remote_executor import ExecutorDied, RemoteExecutor
+from jit_context.request_side import build_request_side
 from jit_context.server import IDLE_POLL_MS, JitServer
-from jit_context.tokenizer import Tokenizer
 
 FINAL_REPLY_LINGER_MS = 1000  # on exit, let the last replies (errors for every waiting client) leave
 
@@ -66,21 +64,12 @@ def wait_ready(control: Channel, executor_pid: int) -> Ready:
 
 def build_server(args: argparse.Namespace, ctx: zmq.Context, control: Channel) -> JitServer:
     ready = wait_ready(control, args.executor_pid)
-    shared = {name: import_tensor(spec) for name, spec in ready.buffers.items()}
-    events = StepEvents.open(ready.facts["events"], torch.device(ready.device)) if ready.facts.get("events") else None
+    shared = SharedStepBuffers.open(ready.buffers, ready.vocab_size, ready.max_context)
+    events = StepEvents.open(ready.events, torch.device(ready.device)) if ready.events is not None else None
     executor = RemoteExecutor(control, shared, ready.max_context, args.executor_pid, events)
-    tokenizer_path = args.tokenizer or ready.facts.get("tokenizer_path")
-    tokenizer = Tokenizer.from_path(Path(tokenizer_path)) if tokenizer_path else None
-    if args.chat_template is not None:
-        if tokenizer is None:
-            raise HybridrtError(f"model {ready.model_name} has no tokenizer to use a chat template with")
-        try:
-            tokenizer.use_chat_template(args.chat_template)
-        except ValueError as e:
-            raise HybridrtError(str(e)) from None
-    eos = set(ready.eos_token_ids) | (tokenizer.eos_token_ids if tokenizer else set())
-    generator = Generator(executor, tokenizer, frozenset(eos))
-    return JitServer(bind_server(ctx, args.listen), executor, generator, tokenizer, ready)
+    side = build_request_side(executor, ready.model_name, ready.vocab_size, ready.eos_token_ids,
+                              args.tokenizer or ready.tokenizer_path, args.chat_template)
+    return JitServer(bind_server(ctx, args.listen), executor, side, ready)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,8 +5,6 @@ Implements `ExecutorPort`, so the same `Generator` drives an in-process runner o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from ipc.channel import Channel
@@ -14,7 +12,7 @@ from ipc.errors import HybridrtError
 from ipc.events import StepEvents
 from ipc.liveness import process_alive
 from ipc.messages import Decode, Error, Message, Ok, Prefill, Reset, Status, StatusReply, StepDone
-from ipc.shared_tensor import SharedTensor
+from ipc.step_buffers import SharedStepBuffers
 
 POLL_MS = 50  # how often a waiting step checks that the executor is alive
 SPIN_US = 2000  # busy-poll for the executor's StepDone this long before sleeping (GPU only)
@@ -24,20 +22,12 @@ class ExecutorDied(HybridrtError):
     """The graph executor process exited; nothing more can be served."""
 
 
-@dataclass(frozen=True)
-class RemoteBuffers:
-    input_ids: torch.Tensor  # [max_context] int64
-    next_token: torch.Tensor  # [1] int64
-    logits: torch.Tensor  # [vocab] float32
-
-
 class RemoteExecutor:
-    def __init__(self, channel: Channel, shared: dict[str, SharedTensor], max_context: int,
+    def __init__(self, channel: Channel, shared: SharedStepBuffers, max_context: int,
                  executor_pid: int, events: StepEvents | None = None) -> None:
         self.channel = channel
-        self._shared = shared  # keeps the mappings alive while the views are used
-        self.buffers = RemoteBuffers(shared["input_ids"].tensor, shared["next_token"].tensor,
-                                     shared["logits"].tensor)
+        self.shared = shared  # keeps the mappings alive while the views are used
+        self.buffers = shared.buffers
         self.max_context = max_context
         self.executor_pid = executor_pid
         self.request_id = ""

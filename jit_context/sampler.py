@@ -3,7 +3,9 @@
 Every request runs the same sequence of device ops: the parameters (temperature, top-k, top-p,
 min-p, repetition penalty, greedy flag) live in tensors written once by `start_request`, and
 `sample` never reads a tensor value on the host (no `.item()`, no branching on values). That keeps
-the step free of host syncs and lets one compiled kernel / CUDA graph serve every request.
+the step free of host syncs: the ops run eagerly on the JIT context's stream (dynamic, per-request work,
+not captured), ordered after the executor's step by an IPC event, and only the token's asynchronous copy
+reaches the host.
 
 Order (as HF transformers' warpers and vLLM): repetition penalty, temperature, top-k, top-p on the
 top-k-renormalised distribution, min-p, then one draw. The kept set is built on a full sort of the
@@ -83,7 +85,7 @@ class Sampler:
         greedy_token = torch.argmax(x).view(1)  # [1]
         if self._all_greedy:
             # A host-known flag of the request, not a tensor value: greedy requests skip the sort (about
-            # 4.6 ms per token on the CPU at V=49152). The GPU path keeps one graph per variant.
+            # 4.6 ms per token on the CPU at V=49152).
             token = greedy_token
         else:
             sampled_token = self._draw(x / self._temperature)  # [1]

@@ -20,6 +20,7 @@ from ipc.messages import (
     DetokenizeRequest,
     Error,
     Finished,
+    FinishReason,
     GenerateRequest,
     Handshake,
     Ready,
@@ -29,11 +30,11 @@ from ipc.messages import (
     TokenizeReply,
     TokenizeRequest,
 )
-from jit_context.generator import GenerationResult, Generator
-from jit_context.metrics import ServingMetrics
+from jit_context.generator import GenerationResult
+from jit_context.metrics import FAILED, ServingMetrics
 from jit_context.remote_executor import ExecutorDied, RemoteExecutor
+from jit_context.request_side import PromptInput, RequestSide
 from jit_context.sampling_params import SamplingParams
-from jit_context.tokenizer import Tokenizer
 
 IDLE_POLL_MS = 50
 
@@ -49,17 +50,17 @@ class Pending:
 
 
 class JitServer:
-    def __init__(self, clients: ServerChannel, executor: RemoteExecutor, generator: Generator,
-                 tokenizer: Tokenizer | None, ready: Ready) -> None:
+    def __init__(self, clients: ServerChannel, executor: RemoteExecutor, side: RequestSide, ready: Ready) -> None:
         self.clients = clients
         self.executor = executor
-        self.generator = generator
-        self.tokenizer = tokenizer
+        self.side = side
+        self.generator = side.generator
+        self.tokenizer = side.tokenizer
         self.ready = ready
         self.queue: deque[Pending] = deque()
         self.active: Pending | None = None
         self.stream = None  # the active request's generator
-        self._executor_facts_cache = {k: v for k, v in ready.facts.items() if k != "events"}
+        self._executor_facts_cache = ready.facts
         self.metrics = ServingMetrics()
 
     def run(self) -> None:
@@ -107,44 +108,25 @@ class JitServer:
         """Live facts (captured graphs, memory) when the executor is idle; the ready-time ones mid-request,
         where a status round trip would interleave with the steps."""
         if self.active is None:
-            facts = self.executor.status()
-            # CUDA IPC handles are for the JIT context alone, never for clients.
-            self._executor_facts_cache = {k: v for k, v in facts.items() if k != "events"}
+            self._executor_facts_cache = self.executor.status()
         return self._executor_facts_cache
 
     def _enqueue(self, identity: bytes, msg: GenerateRequest) -> None:
         try:
             params = SamplingParams.from_dict(msg.params)
-            ids = self._prompt_ids(msg)
+            ids = self.side.prompt_ids(PromptInput(msg.prompt, msg.messages, msg.token_ids, use_chat_template=False))
             self.generator.check_prompt(ids)
         except (ValueError, TypeError, HybridrtError) as e:
             self._reply(identity, Error("invalid_request", str(e), msg.request_id))
             return
         self.queue.append(Pending(identity, msg.request_id, ids, params, time.perf_counter()))
 
-    def _prompt_ids(self, msg: GenerateRequest) -> list[int]:
-        if msg.token_ids is not None:
-            self._check_vocab(msg.token_ids)
-            return list(msg.token_ids)
-        if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer; send token_ids")
-        if msg.messages is not None:
-            return self.tokenizer.apply_chat_template(msg.messages)
-        if msg.prompt == "":
-            raise ValueError("the prompt is empty")
-        return self.tokenizer.encode(msg.prompt)
-
-    def _check_vocab(self, token_ids: list[int]) -> None:
-        bad = [t for t in token_ids if t >= self.ready.vocab_size]
-        if bad:
-            raise ValueError(f"token ids must be below the vocabulary size {self.ready.vocab_size}: {bad[:4]}")
-
     def _tokenize(self, msg: TokenizeRequest | DetokenizeRequest):
         try:
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer")
             if isinstance(msg, DetokenizeRequest):
-                self._check_vocab(msg.token_ids)
+                self.side.check_token_ids(msg.token_ids)
                 return DetokenizeReply(msg.request_id, self.tokenizer.decode(msg.token_ids, skip_special_tokens=False))
             if msg.messages is not None:
                 ids = self.tokenizer.apply_chat_template(msg.messages, msg.add_generation_prompt)
@@ -161,7 +143,7 @@ class JitServer:
         for pending in list(self.queue):
             if pending.request_id == request_id and pending.identity == identity:
                 self.queue.remove(pending)
-                self._reply(identity, Finished(request_id, "", [], "abort", {}, {}))
+                self._reply(identity, Finished(request_id, "", [], FinishReason.ABORT, {}, {}))
 
     def _reply(self, identity: bytes, msg) -> bool:
         try:
@@ -204,7 +186,7 @@ class JitServer:
 
     def _finish_abort(self, reason: str) -> None:
         self.stream.close()
-        self._end(Finished(self.active.request_id, "", [], "abort", {}, {"reason": reason}))
+        self._end(Finished(self.active.request_id, "", [], FinishReason.ABORT, {}, {"reason": reason}))
 
     def _end(self, msg: Finished | Error) -> None:
         self._reply(self.active.identity, msg)
@@ -212,7 +194,7 @@ class JitServer:
             self.metrics.record(msg.finish_reason, msg.usage.get("prompt_tokens", len(self.active.prompt_ids)),
                                 msg.timings.get("token_times_ms", []), time.perf_counter() - self.active.received)
         else:
-            self.metrics.record("error", len(self.active.prompt_ids), [], time.perf_counter() - self.active.received)
+            self.metrics.record(FAILED, len(self.active.prompt_ids), [], time.perf_counter() - self.active.received)
         self.active, self.stream = None, None
         self.executor.finish_request()
 

@@ -84,7 +84,7 @@ def run_in_process(args, prompt, messages, params, stream, template: str | None)
               file=sys.stderr)
     start = time.perf_counter()
     use_chat = not args.no_chat_template and engine.tokenizer is not None and engine.tokenizer.has_chat_template
-    inp = PromptInput(messages=messages) if use_chat else PromptInput(prompt=prompt)
+    inp = PromptInput(messages=messages) if use_chat else PromptInput(prompt=prompt, use_chat_template=False)
     for item in engine.generator.generate(engine.prompt_ids(inp), params, start_time=start):
         if hasattr(item, "finish_reason"):
             r = item

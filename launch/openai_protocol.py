@@ -14,8 +14,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ipc.messages import FinishReason
+
 TokenId = Annotated[int, Field(ge=0)]
-FINISH_REASONS = {"stop": "stop", "length": "length"}  # anything else (e.g. "abort") passes through as is
+# Native finish reason -> OpenAI's; "abort" has no OpenAI name and keeps vLLM's.
+FINISH_REASONS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.ABORT: "abort"}
 
 
 class Unsupported(ValueError):
@@ -183,7 +186,7 @@ class DetokenizeBody(BaseModel):
 
 
 def finish_reason(native: str) -> str:
-    return FINISH_REASONS.get(native, native)
+    return FINISH_REASONS[native]
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:

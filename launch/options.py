@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from graph_executor.default_model import DEFAULT_MODEL_NAME
-from graph_executor.loader import LOAD_FORMATS, LoadConfig
+from graph_executor.loading.default_model import DEFAULT_MODEL_NAME
+from graph_executor.loading.loader import LOAD_FORMATS, LoadConfig
 from jit_context.sampling_params import SamplingParams
 from jit_context.tokenizer import check_chat_template
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from graph_executor.device import resolve_device
-from graph_executor.loader import LoadConfig, check_load_config
+from graph_executor.loading.loader import LoadConfig, check_load_config
 from ipc.errors import HybridrtError
 from ipc.runtime_dir import RuntimeDir
 from ipc.shared_tensor import segment_dir

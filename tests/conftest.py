@@ -36,7 +36,7 @@ def hybridrt_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def default_model_dir(hybridrt_cache):
-    from graph_executor.default_model import ensure_converted
+    from graph_executor.loading.default_model import ensure_converted
 
     folder, _ = ensure_converted(progress=False)
     return folder

@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from graph_executor.graphs import GraphRunner
-from graph_executor.loader import LoadConfig, load_model
+from graph_executor.loading.loader import LoadConfig, load_model
 from graph_executor.runner import ModelRunner
 from jit_context.sampler import Sampler
 from jit_context.sampling_params import SamplingParams

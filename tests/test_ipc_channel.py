@@ -79,7 +79,7 @@ def test_control_pair_round_trip(ctx, rundir):
     with bind_control(ctx, address) as executor, connect_control(ctx, address) as jit:
         jit.send(m.Handshake(m.PROTOCOL_VERSION, "jit_context", os.getpid()), timeout_ms=TIMEOUT_MS)
         assert executor.recv(TIMEOUT_MS) == m.Handshake(m.PROTOCOL_VERSION, "jit_context", os.getpid())
-        ready = m.Ready(m.PROTOCOL_VERSION, "tiny", 8, 16, "float32", "cpu", {"logits": spec}, [0])
+        ready = m.Ready(m.PROTOCOL_VERSION, "tiny", 8, 16, "float32", "cpu", m.StepBufferSpecs(spec, spec, spec), [0])
         executor.send(ready)
         assert jit.recv(TIMEOUT_MS) == ready
         for step in range(3):  # messages stay in order both ways
@@ -225,8 +225,8 @@ def test_send_while_gives_up_once_the_peer_is_dead(ctx, rundir):
     address = rundir.ipc_address("lonely")
     with bind_control(ctx, address) as lonely:
         checks = []
-        assert lonely.send_while(m.Shutdown("x"), lambda: checks.append(1) or len(checks) < 3, poll_ms=20) is False
+        assert lonely.send_while(m.Reset("x"), lambda: checks.append(1) or len(checks) < 3, poll_ms=20) is False
         assert len(checks) == 3
         with connect_control(ctx, address) as peer:
-            assert lonely.send_while(m.Shutdown("y"), lambda: True, poll_ms=20) is True
-            assert peer.recv(timeout_ms=2000) == m.Shutdown("y")
+            assert lonely.send_while(m.Reset("y"), lambda: True, poll_ms=20) is True
+            assert peer.recv(timeout_ms=2000) == m.Reset("y")

@@ -31,22 +31,21 @@ SAMPLES = [
         max_context=2048,
         dtype="float32",
         device="cpu",
-        buffers={"logits": SPEC, "input_ids": CUDA_SPEC},
+        buffers=m.StepBufferSpecs(input_ids=CUDA_SPEC, next_token=CUDA_SPEC, logits=SPEC),
         eos_token_ids=[0, 2],
+        events=m.EventHandles(executor=b"\x02" * 64, jit=b"\x03" * 64),
+        tokenizer_path="/models/smollm2",
         facts={"startup_s": 1.5, "graphs": ["decode"], "nested": {"ok": None}},
     ),
-    m.Shutdown(reason="supervisor exiting"),
     m.Status(),
     m.StatusReply(facts={"captured": 3, "pool_bytes": 1 << 40}),
     m.Ok(),
     m.Ok(request_id="r1"),
     m.Error(code="bad_fields", message="nope", request_id=None),
     m.Prefill(request_id="r1", step=0, num_tokens=17, start_pos=0),
-    m.Prefill(request_id="r1", step=1, num_tokens=3, start_pos=17, token_ids=[5, 6, 7]),
     m.Decode(request_id="r1", step=2, position=20),
     m.StepDone(request_id="r1", step=2),
     m.Reset(request_id="r1"),
-    m.Abort(request_id="r1", reason="client went away"),
     m.GenerateRequest(request_id="c1", prompt="Hello", params={"temperature": 0.7, "max_tokens": 64}),
     m.GenerateRequest(request_id="c2", messages=[{"role": "user", "content": "Hi"}]),
     m.GenerateRequest(request_id="c3", token_ids=[1, 2, 3]),
@@ -66,6 +65,8 @@ SAMPLES = [
     m.DetokenizeRequest(request_id="d1", token_ids=[1, 2, 3]),
     m.DetokenizeReply(request_id="d1", text="héllo"),
 ]
+
+FINISHED = next(s for s in SAMPLES if isinstance(s, m.Finished))
 
 
 def frame(tag, fields) -> bytes:
@@ -96,11 +97,19 @@ def test_messages_are_frozen():
         SAMPLES[0].pid = 1
 
 
-def test_nested_spec_comes_back_as_tensor_spec_with_tuple_shape():
+def test_nested_records_come_back_typed_with_tuple_shape():
     ready = decode(encode(SAMPLES[1]))
-    assert isinstance(ready.buffers["logits"], m.TensorSpec)
-    assert ready.buffers["logits"].shape == (1, 32000)
-    assert ready.buffers["input_ids"].handle == b"\x01" * 64
+    assert isinstance(ready.buffers, m.StepBufferSpecs) and isinstance(ready.buffers.logits, m.TensorSpec)
+    assert ready.buffers.logits.shape == (1, 32000)
+    assert ready.buffers.input_ids.handle == b"\x01" * 64
+    assert isinstance(ready.events, m.EventHandles) and ready.events.jit == b"\x03" * 64
+
+
+def test_finish_reasons_are_one_closed_set():
+    for reason in m.FinishReason.ALL:
+        assert decode(encode(dataclasses.replace(FINISHED, finish_reason=reason))).finish_reason == reason
+    with pytest.raises(ProtocolError, match="finish_reason"):
+        decode(encode(dataclasses.replace(FINISHED, finish_reason="cancelled")))
 
 
 @pytest.mark.parametrize(
@@ -113,7 +122,6 @@ def test_nested_spec_comes_back_as_tensor_spec_with_tuple_shape():
         lambda: m.Decode(request_id="", step=0, position=0),
         lambda: m.Decode(request_id="x" * 1000, step=0, position=0),
         lambda: m.Prefill(request_id="r", step=0, num_tokens=0, start_pos=0),
-        lambda: m.Prefill(request_id="r", step=0, num_tokens=2, start_pos=0, token_ids=[1]),
         lambda: m.Error(code="x", message="y", request_id=5),
         lambda: m.StatusReply(facts={1: "int key"}),
         lambda: m.StatusReply(facts={"obj": object()}),
@@ -126,11 +134,16 @@ def test_nested_spec_comes_back_as_tensor_spec_with_tuple_shape():
         lambda: m.TensorSpec("t", "float32", (2,), "shm", b"bytes-for-shm"),
         lambda: m.TensorSpec("t", "float32", (2,), "cuda_ipc", b"handle"),  # no device
         lambda: dataclasses.replace(SAMPLES[1], buffers={"x": {"name": "not a spec"}}),
+        lambda: dataclasses.replace(SAMPLES[1], events={"executor": b"x", "jit": b"y"}),
+        lambda: dataclasses.replace(SAMPLES[1], buffers=m.StepBufferSpecs(SPEC, SPEC, "not a spec")),
     ],
 )
-def test_invalid_fields_raise_value_error(build):
+def test_invalid_fields_fail_validation(build):
+    """Construction never checks (our own messages are built on the hot path); `validate` does, and decoding
+    a frame from an untrusted peer runs it."""
+    msg = build()
     with pytest.raises(ValueError):
-        build()
+        msg.validate()
 
 
 def test_tensor_spec_accepts_list_shape():
@@ -168,11 +181,15 @@ BAD_FRAMES = {
     "unknown field": (frame(11, {**fields_of(m.Decode("r", 1, 2)), "extra": 1}), "bad_fields"),
     "wrong type": (frame(11, {"request_id": "r", "step": "1", "position": 2}), "bad_fields"),
     "bad value": (frame(20, {"request_id": "r"}), "bad_fields"),
-    "spec not a map": (frame(2, {**fields_of(SAMPLES[1]), "buffers": {"x": 3}}), "bad_fields"),
+    "buffers not a map": (frame(2, {**fields_of(SAMPLES[1]), "buffers": 3}), "bad_fields"),
+    "buffers missing one": (frame(2, {**fields_of(SAMPLES[1]), "buffers": {"logits": fields_of(SAMPLES[1])["buffers"]["logits"]}}),
+                            "bad_fields"),
     "spec missing field": (
-        frame(2, {**fields_of(SAMPLES[1]), "buffers": {"x": {"name": "x"}}}),
+        frame(2, {**fields_of(SAMPLES[1]),
+                  "buffers": {**fields_of(SAMPLES[1])["buffers"], "logits": {"name": "x"}}}),
         "bad_fields",
     ),
+    "bad finish reason": (frame(22, {**fields_of(FINISHED), "finish_reason": "cancelled"}), "bad_fields"),
     "oversized": (b"\x00" * (MAX_FRAME_BYTES + 1), "oversized"),
 }
 
@@ -220,3 +237,20 @@ def test_fuzz_only_protocol_errors():
 def test_protocol_error_codes_are_closed():
     with pytest.raises(ValueError):
         ProtocolError("whatever", "detail")
+
+
+def test_trusted_decode_skips_value_checks_but_not_structure():
+    """The control channel (our own two processes, after the handshake) decodes structurally only."""
+    unchecked = frame(11, {"request_id": "r", "step": -1, "position": 2})
+    with pytest.raises(ProtocolError):
+        decode(unchecked)
+    assert decode(unchecked, trusted=True) == m.Decode("r", -1, 2)
+    for data, code in [(frame(11, {"request_id": "r"}), "bad_fields"), (frame(999, {}), "unknown_type"),
+                       (b"\xc1", "malformed")]:
+        with pytest.raises(ProtocolError) as info:
+            decode(data, trusted=True)
+        assert info.value.code == code
+    # The session messages are checked in full even on a trusted channel: versions may differ there.
+    bad_ready = frame(2, {**fields_of(SAMPLES[1]), "vocab_size": 0})
+    with pytest.raises(ProtocolError, match="vocab_size"):
+        decode(bad_ready, trusted=True)

@@ -93,7 +93,7 @@ def test_gemv_residual(n, k, swiglu) -> None:
 
 
 def test_rope_append_writes_q_and_the_cache_slot() -> None:
-    from graph_executor.config import ModelConfig
+    from graph_executor.loading.config import ModelConfig
     from graph_executor.rope import apply_rope, rope_tables
 
     heads, kv_heads, hd, cache_len, pos = 4, 2, 64, 32, 17
@@ -118,7 +118,7 @@ def test_fused_decoder_matches_model_decode(tmp_path) -> None:
     import transformers
 
     from graph_executor.fused_decoder import FusedDecoder
-    from graph_executor.loader import LoadConfig, load_model
+    from graph_executor.loading.loader import LoadConfig, load_model
     from tests.test_model_equivalence import BASE, make_hf_model
 
     hf = make_hf_model(transformers.Qwen2Config, dict(num_key_value_heads=2), seed=21)  # GQA + QKV bias
@@ -165,7 +165,7 @@ def test_fused_prefill_matches_model_forward(case, arch, tmp_path) -> None:
     import transformers
 
     from graph_executor.fused_prefill import FusedPrefill
-    from graph_executor.loader import LoadConfig, load_model
+    from graph_executor.loading.loader import LoadConfig, load_model
     from tests.test_model_equivalence import BASE, make_hf_model
 
     config_name, extra = PREFILL_ARCHS[arch]

@@ -11,9 +11,9 @@ import pytest
 import torch
 import transformers
 
-from graph_executor.config import ModelConfig
-from graph_executor.loader import LoadConfig, load_model
-from graph_executor.presets import PRESETS
+from graph_executor.loading.config import ModelConfig
+from graph_executor.loading.loader import LoadConfig, load_model
+from graph_executor.loading.presets import PRESETS
 from ipc.errors import DeviceError, ModelLoadError
 from tests.test_model_equivalence import BASE, compare_steps, make_hf_model
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from graph_executor.loading.presets import preset
 from graph_executor.memory import HEADROOM_BYTES, check_fits, needed_bytes
-from graph_executor.presets import preset
 from ipc.errors import ModelLoadError
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from graph_executor.loader import LoadConfig, load_model
+from graph_executor.loading.loader import LoadConfig, load_model
 
 PROMPT_LEN, DECODE_STEPS = 12, 20
 BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

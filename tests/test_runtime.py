@@ -20,7 +20,7 @@ import pytest
 import zmq
 
 from ipc.codec import decode, encode
-from ipc.messages import CancelRequest, Error, Finished, GenerateRequest, Shutdown, TokenChunk
+from ipc.messages import CancelRequest, Error, Finished, GenerateRequest, Reset, TokenChunk
 from launch.client import Client, ServerError
 from tests.serve_process import ServeProcess
 
@@ -40,7 +40,7 @@ def server(default_model_dir):
 @pytest.fixture(scope="module")
 def reference(default_model_dir) -> list:
     """The single-process output (what `generate --in-process` runs) for each prompt: GenerationResults."""
-    from graph_executor.loader import LoadConfig
+    from graph_executor.loading.loader import LoadConfig
     from jit_context.sampling_params import SamplingParams
     from launch.local import LocalEngine, PromptInput
 
@@ -210,7 +210,7 @@ BAD_FRAMES = {
     "unknown message field": ([msgpack.packb([20, {"request_id": "r", "prompt": "hi", "bogus": 1}])], "bad_fields"),
     "wrong field type": ([msgpack.packb([20, {"request_id": "r", "prompt": 7}])], "bad_fields"),
     "no prompt": ([msgpack.packb([20, {"request_id": "r"}])], "bad_fields"),
-    "server-only message": ([encode(Shutdown("from a client"))], "unexpected"),
+    "executor-only message": ([encode(Reset("from a client"))], "unexpected"),
 }
 
 

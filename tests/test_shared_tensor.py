@@ -11,7 +11,7 @@ import torch
 
 from ipc import messages as m
 from ipc.codec import decode, encode
-from ipc.errors import SharedTensorError
+from ipc.errors import ProtocolError, SharedTensorError
 from ipc.shared_tensor import (
     TORCH_DTYPES,
     CudaIpcTensor,
@@ -26,9 +26,15 @@ REPO = Path(__file__).resolve().parents[1]
 CHILD_TIMEOUT_S = 60
 
 
+UNUSED = m.TensorSpec("unused", "int64", (1,), "shm", "unused")
+
+
 def ready_with(**buffers) -> m.Ready:
-    specs = {name: shared.spec for name, shared in buffers.items()}
-    return m.Ready(m.PROTOCOL_VERSION, "test", 8, 16, "float32", "cpu", specs, [0])
+    """A Ready frame carrying these shared tensors' specs as step buffers (the rest unused), as the executor
+    sends it to a second process."""
+    specs = {name: UNUSED for name in ("input_ids", "next_token", "logits")}
+    specs.update({name: shared.spec for name, shared in buffers.items()})
+    return m.Ready(m.PROTOCOL_VERSION, "test", 8, 16, "float32", "cpu", m.StepBufferSpecs(**specs), [0])
 
 
 def our_segments() -> set[str]:
@@ -63,7 +69,7 @@ from ipc.codec import decode
 from ipc.shared_tensor import import_tensor
 with open(sys.argv[1], "rb") as f:
     ready = decode(f.read())
-ids, logits = import_tensor(ready.buffers["input_ids"]), import_tensor(ready.buffers["logits"])
+ids, logits = import_tensor(ready.buffers.input_ids), import_tensor(ready.buffers.logits)
 print(ids.tensor.tolist(), flush=True)          # the parent's first write, seen here
 sys.stdin.readline()                            # the parent writes again while we both run
 print(logits.tensor.float().sum().item(), flush=True)
@@ -190,7 +196,7 @@ def test_bad_name_hint():
 
 def test_spec_survives_the_wire():
     with ShmTensor.create("t", (2, 3), "float16") as owner:
-        spec = decode(encode(ready_with(t=owner))).buffers["t"]
+        spec = decode(encode(ready_with(logits=owner))).buffers.logits
         assert spec == owner.spec
         assert import_tensor(spec).tensor.shape == (2, 3)
 
@@ -202,7 +208,7 @@ import sys, torch
 from ipc.codec import decode
 from ipc.shared_tensor import import_tensor
 ready = decode(sys.stdin.buffer.read())
-logits = import_tensor(ready.buffers["logits"])
+logits = import_tensor(ready.buffers.logits)
 print(logits.tensor.sum().item(), logits.tensor.device.type, tuple(logits.tensor.shape), flush=True)
 logits.tensor.mul_(2).add_(1)
 torch.cuda.synchronize()
@@ -269,3 +275,29 @@ def test_cuda_ipc_rejects_non_contiguous_and_cpu():
         CudaIpcTensor.export("t", torch.zeros(4, 4, device="cuda").t())
     with pytest.raises(ValueError):
         CudaIpcTensor.export("t", torch.zeros(4))
+
+
+# -- the step buffers: one layout, exported by the executor, opened by the JIT context ---------------------
+
+
+def test_step_buffers_export_and_open_share_memory():
+    from ipc.step_buffers import SharedStepBuffers, buffer_layout
+
+    exported = SharedStepBuffers.export(vocab_size=10, max_context=32, device=torch.device("cpu"))
+    try:
+        specs = decode(encode(m.Ready(m.PROTOCOL_VERSION, "t", 10, 32, "float32", "cpu", exported.specs(), [0])))
+        opened = SharedStepBuffers.open(specs.buffers, vocab_size=10, max_context=32)
+        for name, (shape, dtype) in buffer_layout(10, 32).items():
+            mine, theirs = getattr(exported.buffers, name), getattr(opened.buffers, name)
+            assert mine.shape == theirs.shape == shape and mine.dtype == theirs.dtype == dtype
+            assert torch.count_nonzero(theirs) == 0  # zeroed at export
+        opened.buffers.input_ids[:3].copy_(torch.tensor([7, 8, 9]))
+        exported.buffers.logits.fill_(0.5)
+        assert exported.buffers.input_ids[:3].tolist() == [7, 8, 9]
+        assert opened.buffers.logits.sum().item() == 5.0
+        opened.close()
+        # A JIT context that expects another model's vocabulary refuses the buffers instead of misreading them.
+        with pytest.raises(ProtocolError, match="logits"):
+            SharedStepBuffers.open(specs.buffers, vocab_size=11, max_context=32)
+    finally:
+        exported.close()

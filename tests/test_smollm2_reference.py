@@ -6,8 +6,8 @@ import pytest
 import torch
 import transformers
 
-from graph_executor.default_model import gguf_path
-from graph_executor.loader import LoadConfig
+from graph_executor.loading.default_model import gguf_path
+from graph_executor.loading.loader import LoadConfig
 from jit_context.sampling_params import SamplingParams
 from launch.local import LocalEngine, PromptInput
 

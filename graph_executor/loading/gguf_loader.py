@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from graph_executor.config import ModelConfig, RopeScaling
+from graph_executor.loading.config import ModelConfig, RopeScaling
 from ipc.errors import ModelLoadError
 
 _GGUF_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}

@@ -10,14 +10,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from graph_executor import default_model
-from graph_executor.config import ModelConfig
 from graph_executor.device import resolve_device, resolve_dtype
-from graph_executor.gguf_loader import gguf_config, iter_gguf_tensors, open_gguf, weight_tensor_count
+from graph_executor.loading import default_model
+from graph_executor.loading.config import ModelConfig
+from graph_executor.loading.gguf_loader import gguf_config, iter_gguf_tensors, open_gguf, weight_tensor_count
+from graph_executor.loading.presets import preset
+from graph_executor.loading.weight_map import check_complete, copy_into
 from graph_executor.memory import check_fits
 from graph_executor.model import LlamaModel
-from graph_executor.presets import preset
-from graph_executor.weight_map import check_complete, copy_into
 from ipc.errors import ModelLoadError
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")

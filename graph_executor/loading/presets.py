@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from graph_executor.config import ModelConfig, RopeScaling
+from graph_executor.loading.config import ModelConfig, RopeScaling
 from ipc.errors import ModelLoadError
 
 _LLAMA3_ROPE = RopeScaling("llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,

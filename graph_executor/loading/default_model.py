@@ -67,7 +67,7 @@ def _convert(source: Path, out: Path, progress: bool) -> None:
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from graph_executor.gguf_loader import gguf_config, iter_gguf_tensors, open_gguf, weight_tensor_count
+    from graph_executor.loading.gguf_loader import gguf_config, iter_gguf_tensors, open_gguf, weight_tensor_count
 
     reader = open_gguf(source)
     config = gguf_config(reader)

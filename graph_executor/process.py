@@ -1,0 +1,63 @@
+"""The graph executor process: `python -m graph_executor ...`, started by the supervisor. It binds the control
+channel, loads the model, builds the `ExecutorServer` and runs it; it exits when its JIT context or its
+supervisor dies, or on SIGTERM (after unlinking its shared memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import signal
+import sys
+import time
+
+import zmq
+
+from graph_executor.loading.loader import LOAD_FORMATS, LoadConfig, load_model
+from graph_executor.server import ExecutorServer
+from ipc.channel import bind_control
+from ipc.errors import HybridrtError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="graph_executor", description="hybridrt graph executor process")
+    p.add_argument("--control", required=True, help="control channel address to bind")
+    p.add_argument("--model", required=True)
+    p.add_argument("--load-format", choices=LOAD_FORMATS, default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--max-context", type=int, default=None)
+    p.add_argument("--seed-weights", type=int, default=0)
+    p.add_argument("--supervisor-pid", type=int, default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--no-graphs", action="store_true", help="run every step eagerly (no CUDA graphs)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run the finally blocks: unlink shared memory
+    ctx = zmq.Context()
+    channel = bind_control(ctx, args.control)
+    server = None
+    try:
+        start = time.perf_counter()
+        loaded = load_model(LoadConfig(model=args.model, load_format=args.load_format, device=args.device,
+                                       dtype=args.dtype, max_context=args.max_context, seed=args.seed_weights,
+                                       progress=not args.quiet))
+        server = ExecutorServer(channel, loaded, args.supervisor_pid, graphs=not args.no_graphs, quiet=args.quiet)
+        if not args.quiet:
+            print(f"graph_executor: {loaded.name} ready on {loaded.model.embed_tokens.device} in "
+                  f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
+        gc.collect()
+        gc.freeze()  # start-up objects (torch, the model) are never scanned again: no long GC pauses mid-stream
+        server.serve()
+        return 0
+    except HybridrtError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if server is not None:
+            server.close()
+        channel.close()
+        ctx.term()

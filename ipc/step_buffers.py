@@ -1,0 +1,90 @@
+"""The one description of the executor's step buffers: the tensors a step reads and writes, their shapes and
+dtypes, who writes each, and how they cross the process boundary (a `TensorSpec` each in `Ready.buffers`).
+
+The executor allocates them once, before any graph is captured, at fixed addresses (the graphs read and write
+them in place); the JIT context writes prompt ids and the sampled token into them and reads the logits. In one
+process (`hybridrt generate` without a server) they are plain tensors; across processes, shared memory on the
+CPU and CUDA IPC on a GPU. Nothing is copied per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from ipc.errors import ProtocolError
+from ipc.messages import StepBufferSpecs, TensorSpec
+from ipc.shared_tensor import CudaIpcTensor, SharedTensor, ShmTensor, dtype_name, import_tensor
+
+
+def buffer_layout(vocab_size: int, max_context: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of every step buffer, in `StepBuffers` field order."""
+    return {
+        "input_ids": ((max_context,), torch.int64),  # prompt tokens of a prefill, from index 0 (JIT writes)
+        "next_token": ((1,), torch.int64),  # the token a decode step consumes (the sampler writes)
+        "logits": ((vocab_size,), torch.float32),  # logits of the last position of the last step (executor writes)
+    }
+
+
+@dataclass(frozen=True)
+class StepBuffers:
+    input_ids: torch.Tensor  # [max_context] int64
+    next_token: torch.Tensor  # [1] int64
+    logits: torch.Tensor  # [vocab] float32
+
+    @classmethod
+    def allocate(cls, vocab_size: int, max_context: int, device: torch.device) -> StepBuffers:
+        """Plain tensors, for an executor and a JIT context in one process."""
+        return cls(**{name: torch.zeros(shape, dtype=dtype, device=device)
+                      for name, (shape, dtype) in buffer_layout(vocab_size, max_context).items()})
+
+
+@dataclass
+class SharedStepBuffers:
+    """Step buffers in memory another process can map, with the mappings that keep them alive."""
+
+    buffers: StepBuffers
+    shared: dict[str, SharedTensor]  # name -> owner (executor) or mapping (JIT context)
+
+    @classmethod
+    def export(cls, vocab_size: int, max_context: int, device: torch.device) -> SharedStepBuffers:
+        """The executor's side: allocate every buffer once (shm on the CPU, CUDA IPC on a GPU), zeroed."""
+        shared: dict[str, SharedTensor] = {}
+        try:
+            for name, (shape, dtype) in buffer_layout(vocab_size, max_context).items():
+                if device.type == "cuda":
+                    shared[name] = CudaIpcTensor.create(name, shape, dtype, device=device.index or 0)
+                else:
+                    shared[name] = ShmTensor.create(name, shape, dtype)
+                shared[name].tensor.zero_()
+        except BaseException:
+            for s in shared.values():
+                s.close()
+            raise
+        return cls(StepBuffers(**{name: s.tensor for name, s in shared.items()}), shared)
+
+    @classmethod
+    def open(cls, specs: StepBufferSpecs, vocab_size: int, max_context: int) -> SharedStepBuffers:
+        """The JIT context's side: map what `Ready` names, refusing any buffer that does not match the layout."""
+        layout = buffer_layout(vocab_size, max_context)
+        shared: dict[str, SharedTensor] = {}
+        try:
+            for name, (shape, dtype) in layout.items():
+                spec: TensorSpec = getattr(specs, name)
+                if tuple(spec.shape) != shape or spec.dtype != dtype_name(dtype):
+                    raise ProtocolError("bad_fields", f"step buffer {name} is {spec.dtype}{list(spec.shape)}, "
+                                                      f"expected {dtype_name(dtype)}{list(shape)}")
+                shared[name] = import_tensor(spec)
+        except BaseException:
+            for s in shared.values():
+                s.close()
+            raise
+        return cls(StepBuffers(**{name: s.tensor for name, s in shared.items()}), shared)
+
+    def specs(self) -> StepBufferSpecs:
+        return StepBufferSpecs(**{f.name: self.shared[f.name].spec for f in fields(StepBufferSpecs)})
+
+    def close(self) -> None:
+        for s in self.shared.values():
+            s.close()

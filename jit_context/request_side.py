@@ -1,0 +1,75 @@
+"""The one way to build the request side over an executor: tokenizer (with an optional replacement chat
+template), the EOS set, the `Generator`, and the one rule from a prompt (text, chat messages or token ids) to
+prompt ids. The JIT context process builds it over its `RemoteExecutor`, `hybridrt generate` without a server
+over an in-process runner.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ipc.errors import HybridrtError
+from jit_context.generator import ExecutorPort, Generator
+from jit_context.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class PromptInput:
+    """Exactly one of: text, chat messages, or token ids. `use_chat_template`: wrap text as one user turn in
+    the tokenizer's chat template (where it has one); a native `GenerateRequest.prompt` is raw text."""
+
+    prompt: str | None = None
+    messages: list[dict] | None = None
+    token_ids: list[int] | None = None
+    use_chat_template: bool = True
+
+    def __post_init__(self) -> None:
+        given = [x is not None for x in (self.prompt, self.messages, self.token_ids)]
+        if sum(given) != 1:
+            raise ValueError("give exactly one of prompt, messages or token_ids")
+
+
+@dataclass(frozen=True)
+class RequestSide:
+    model_name: str
+    vocab_size: int
+    tokenizer: Tokenizer | None
+    eos_token_ids: frozenset[int]  # the model's and the tokenizer's end-of-turn tokens
+    generator: Generator
+
+    def prompt_ids(self, inp: PromptInput) -> list[int]:
+        """ValueError for what the user got wrong (empty prompt, ids out of the vocabulary, no tokenizer)."""
+        if inp.token_ids is not None:
+            self.check_token_ids(inp.token_ids)
+            return list(inp.token_ids)
+        if self.tokenizer is None:
+            raise ValueError(f"model {self.model_name} has no tokenizer; pass --tokenizer PATH or token ids")
+        if inp.messages is not None:
+            return self.tokenizer.apply_chat_template(inp.messages)
+        if inp.prompt == "":
+            raise ValueError("the prompt is empty")
+        if inp.use_chat_template and self.tokenizer.has_chat_template:
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": inp.prompt}])
+        return self.tokenizer.encode(inp.prompt)
+
+    def check_token_ids(self, token_ids: Iterable[int]) -> None:
+        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token ids must be in [0, {self.vocab_size}) (the vocabulary): {bad[:4]}")
+
+
+def build_request_side(port: ExecutorPort, model_name: str, vocab_size: int, model_eos_ids: Iterable[int],
+                       tokenizer_path: str | Path | None, chat_template: str | None = None) -> RequestSide:
+    """HybridrtError (one line for the user) when a chat template is given without a tokenizer or is invalid."""
+    tokenizer = Tokenizer.from_path(Path(tokenizer_path)) if tokenizer_path else None
+    if chat_template is not None:
+        if tokenizer is None:
+            raise HybridrtError(f"model {model_name} has no tokenizer to use a chat template with")
+        try:
+            tokenizer.use_chat_template(chat_template)
+        except ValueError as e:
+            raise HybridrtError(str(e)) from None
+    eos = frozenset(model_eos_ids) | (tokenizer.eos_token_ids if tokenizer else frozenset())
+    return RequestSide(model_name, vocab_size, tokenizer, eos, Generator(port, tokenizer, eos))
