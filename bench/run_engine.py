@@ -23,10 +23,10 @@ import traceback
 from pathlib import Path
 
 ENGINE_MODULES = {
-    "hybridrt": "bench.engine_hybridrt_e2e",
-    "hybridrt-executor": "bench.engine_executor",
-    "hf-eager": "bench.engine_hf",
-    "hf-compile": "bench.engine_hf",
+    "hybridrt": "bench.engines.hybridrt_e2e",
+    "hybridrt-executor": "bench.engines.executor",
+    "hf-eager": "bench.engines.hf",
+    "hf-compile": "bench.engines.hf",
 }
 FLOORS = "floors"
 

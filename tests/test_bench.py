@@ -204,7 +204,7 @@ def test_source_digest_identifies_the_code(tmp_path) -> None:
 
 def test_kernel_profile_cpu_smoke(capsys) -> None:
     """The per-kernel profiler runs end to end (on the CPU it lists torch ops) and prints both tables."""
-    from bench.kernel_profile import main
+    from bench.probes.kernel_profile import main
 
     main(["--model", "dummy:smollm2-135m", "--device", "cpu", "--context", "32", "--prompt", "16", "--steps", "2",
           "--top", "5"])

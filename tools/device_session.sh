@@ -20,8 +20,8 @@ for step in "${steps[@]}"; do
            echo "cuda tests: rc=$? $(tail -1 "$OUT/cuda_tests.log")" ;;
     bench) timeout 420 python3 -m launch.cli bench --quiet --out "$OUT/run" > "$OUT/bench.log" 2>&1
            echo "bench: rc=$?"; rm -rf "$OUT/run/logs" ;;
-    probe) timeout 120 python3 -m bench.e2e_probe > "$OUT/e2e_probe.log" 2>&1; echo "e2e probe: rc=$?" ;;
-    profile) timeout 180 python3 -m bench.kernel_profile > "$OUT/kernel_profile.md" 2>&1
+    probe) timeout 120 python3 -m bench.probes.e2e_probe > "$OUT/e2e_probe.log" 2>&1; echo "e2e probe: rc=$?" ;;
+    profile) timeout 180 python3 -m bench.probes.kernel_profile > "$OUT/kernel_profile.md" 2>&1
              echo "kernel profile: rc=$?"; cat "$OUT/kernel_profile.md" ;;
     *) echo "unknown step $step (tests, bench, probe, profile)"; exit 2 ;;
   esac

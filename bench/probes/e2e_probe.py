@@ -1,7 +1,7 @@
 """Where does the two-process TTFT go? Client-side TTFT vs the JIT context's own timings (queue, prefill
 enqueued, first token) vs the in-process engine, for short prompts, on one GPU in one run.
 
-    python -m bench.e2e_probe [--model dummy:llama-2-7b] [--mps auto]
+    python -m bench.probes.e2e_probe [--model dummy:llama-2-7b] [--mps auto]
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ figure sits far from its floor (e.g. the 200-token prefill at about 2x).
 On a GPU the steps run the executor's fused kernels launched one by one (the bodies its CUDA graphs capture),
 so each kernel is timed on its own; the step time of the graph replay is printed beside them for reference.
 
-    python -m bench.kernel_profile [--model dummy:llama-2-7b] [--context 2048] [--prompt 200] [--steps 20]
+    python -m bench.probes.kernel_profile [--model dummy:llama-2-7b] [--context 2048] [--prompt 200] [--steps 20]
 """
 
 from __future__ import annotations

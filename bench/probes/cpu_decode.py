@@ -1,6 +1,6 @@
 """CPU decode speed on the default model: hybridrt's in-process loop vs transformers `generate`, one run.
 
-    python -m bench.cpu_decode [--tokens 128] [--repeats 3]
+    python -m bench.probes.cpu_decode [--tokens 128] [--repeats 3]
 
 Same prompt, same greedy tokens (EOS ignored on both sides), same thread count. Prints a table.
 """

@@ -2,7 +2,7 @@
 the graph runner (fused Triton GEMVs) at several contexts, GEMV block configs,
 prefill bucket latency, capture times and graph memory. One process, one card, printed as a table.
 
-    python -m bench.gpu_probe [--model dummy:llama-2-7b] [--out DIR]
+    python -m bench.probes.gpu_probe [--model dummy:llama-2-7b] [--out DIR]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The cost of the two-process split on CPU: tokens/s of the same greedy generation in-process vs through
 `serve` (graph executor + JIT context + native client), interleaved in one run; and serve start-to-ready.
 
-    python -m bench.cpu_split [--tokens 128] [--repeats 3]
+    python -m bench.probes.cpu_split [--tokens 128] [--repeats 3]
 """
 
 from __future__ import annotations
