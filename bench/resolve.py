@@ -1,6 +1,7 @@
 """From what the user asked (`BenchOptions`, 'auto' and None allowed) to a `BenchSpec` this machine can run:
 device and dtype resolved, device defaults filled in, GPU-only engines refused on a CPU, and the model
-checked against free GPU memory (or RAM) before any engine process starts.
+checked against free GPU memory (or RAM) before any engine process starts, by the rules loading uses:
+the loader's model resolution and graph_executor.memory's `check_fits`.
 """
 
 from __future__ import annotations
@@ -10,10 +11,13 @@ import datetime
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from bench.envinfo import REPO_ROOT, card_slug, gpu_info
-from bench.model_info import ModelCost, model_config
 from bench.spec import DEFAULTS, ENGINES, GPU_ONLY_ENGINES, WORKLOADS, BenchSpec, parse_ints, parse_names
-from graph_executor.memory import host_available_bytes
+from graph_executor.loading import default_model
+from graph_executor.loading.loader import resolve_model_config
+from graph_executor.memory import check_fits, host_available_bytes
 from ipc.errors import DeviceError, HybridrtError
 
 CONTEXT_ROUND = 256  # default max context: what the workloads need, rounded up to this
@@ -49,8 +53,6 @@ def resolve_device_name(name: str) -> str:
 
 def resolve_dtype_name(name: str, device: str) -> str:
     """Canonical dtype name; on a GPU without touching CUDA (the parent must not hold a CUDA context)."""
-    import torch
-
     from graph_executor.device import DTYPE_NAMES, resolve_dtype
 
     if not device.startswith("cuda"):
@@ -79,7 +81,9 @@ def resolve_spec(opts: BenchOptions) -> BenchSpec:
     engines = _engines(opts.engines, device)
     workloads = parse_names(opts.workloads, WORKLOADS, "workload")
     model = opts.model or d.model
-    cfg = model_config(model)
+    name, cfg = resolve_model_config(model)
+    if name == default_model.DEFAULT_MODEL_NAME:  # converted here, once, so no engine's timed start-up does it
+        default_model.ensure_converted(progress=False)
     # First with an unbounded context, to learn what the workloads need.
     spec = BenchSpec(
         model=model, device=device, dtype=resolve_dtype_name(opts.dtype, device), engines=engines,
@@ -99,7 +103,9 @@ def resolve_spec(opts: BenchOptions) -> BenchSpec:
                             f"--contexts or --decode-tokens")
     rounded = min(-(-needed // CONTEXT_ROUND) * CONTEXT_ROUND, limit)
     spec = dataclasses.replace(spec, max_context=opts.max_context or rounded)  # validates it again
-    check_fits(spec, ModelCost.of(cfg, spec.dtype))
+    available = free_bytes(spec)
+    if available is not None:  # unknown: skipped (asking CUDA would give this process a context)
+        check_fits(model, cfg, getattr(torch, spec.dtype), spec.max_context, torch.device(device), available)
     return spec
 
 
@@ -107,21 +113,13 @@ def _pick(value: int | None, default: int) -> int:
     return default if value is None else value
 
 
-def check_fits(spec: BenchSpec, cost: ModelCost, available: int | None = None) -> None:
-    """Raise HybridrtError when one engine process could not hold the model; skip where memory is unknown."""
-    need = cost.process_bytes(spec.max_context)
-    if available is None:
-        gpu = gpu_info(spec.device) if spec.on_gpu else None
-        available = gpu.free_bytes if gpu else (None if spec.on_gpu else host_available_bytes())
-    if available is None or need <= available:
-        return
-    where = "free GPU memory" if spec.on_gpu else "available RAM"
-    raise HybridrtError(
-        f"{spec.model} ({spec.dtype}) does not fit: it needs about {need / 1024**3:.1f} GiB (weights "
-        f"{cost.weight_bytes / 1024**3:.1f} GiB + KV cache for {spec.max_context} tokens "
-        f"{cost.kv_bytes_per_token * spec.max_context / 1024**3:.1f} GiB + headroom) but {where} is "
-        f"{available / 1024**3:.1f} GiB"
-    )
+def free_bytes(spec: BenchSpec) -> int | None:
+    """Free GPU memory (from nvidia-smi: the parent must not hold a CUDA context) or available RAM; None where
+    unknown."""
+    if not spec.on_gpu:
+        return host_available_bytes()
+    gpu = gpu_info(spec.device)
+    return gpu.free_bytes if gpu else None
 
 
 def default_out_dir(spec: BenchSpec) -> Path:

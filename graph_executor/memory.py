@@ -22,6 +22,13 @@ def needed_bytes(config: ModelConfig, dtype: torch.dtype, max_context: int) -> t
     return config.num_params() * elt, kv
 
 
+def required_bytes(config: ModelConfig, dtype: torch.dtype, max_context: int) -> int:
+    """What one process needs to hold `config` with a `max_context` cache: weights + KV cache + headroom. The one
+    rule of "will it fit", for loading and for the bench alike."""
+    weights, kv = needed_bytes(config, dtype, max_context)
+    return weights + kv + HEADROOM_BYTES
+
+
 def available_bytes(device: torch.device) -> int | None:
     """Free memory on a GPU, MemAvailable on the host; None where unknown."""
     if device.type == "cuda":
@@ -40,9 +47,10 @@ def host_available_bytes() -> int | None:
 
 def check_fits(name: str, config: ModelConfig, dtype: torch.dtype, max_context: int, device: torch.device,
                available: int | None = None) -> None:
-    """ModelLoadError when the weights and KV cache can't fit in what `device` has free."""
+    """ModelLoadError when the weights and KV cache can't fit in what `device` has free; `available` (bytes)
+    replaces asking the device, e.g. a GPU's free memory read by a process that must not hold a CUDA context."""
     weights, kv = needed_bytes(config, dtype, max_context)
-    need = weights + kv + HEADROOM_BYTES
+    need = required_bytes(config, dtype, max_context)
     available = available_bytes(device) if available is None else available
     if available is None or need <= available:
         return

@@ -148,8 +148,24 @@ def test_bad_input_is_a_clear_error(argv, error, message) -> None:
 
 def test_model_that_does_not_fit_is_refused(monkeypatch) -> None:
     monkeypatch.setattr("bench.resolve.host_available_bytes", lambda: 8 * 1024**3)
-    with pytest.raises(HybridrtError, match=r"dummy:llama-2-7b \(float32\) does not fit: it needs about 2\d\.\d GiB"):
+    with pytest.raises(HybridrtError, match=r"dummy:llama-2-7b \(float32\) does not fit on cpu: it needs about "
+                                            r"2\d\.\d GiB .* but available RAM is 8\.0 GiB"):
         run_bench("--device", "cpu", "--model", "dummy:llama-2-7b", "--dtype", "float32")
+
+
+def test_fit_check_is_the_loaders_rule(monkeypatch) -> None:
+    """The bench refuses exactly what loading would: graph_executor.memory's bytes for the same context."""
+    from bench.resolve import BenchOptions, resolve_spec
+    from graph_executor.loading.presets import preset
+    from graph_executor.memory import required_bytes
+
+    need = required_bytes(preset("smollm2-135m"), torch.float32, 256)
+    opts = BenchOptions(device="cpu", model="dummy:smollm2-135m", max_context=256)
+    monkeypatch.setattr("bench.resolve.host_available_bytes", lambda: need)
+    assert resolve_spec(opts).max_context == 256
+    monkeypatch.setattr("bench.resolve.host_available_bytes", lambda: need - 1)
+    with pytest.raises(HybridrtError, match="does not fit on cpu"):
+        resolve_spec(opts)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")

@@ -88,23 +88,25 @@ def check_load_config(cfg: LoadConfig) -> ModelConfig:
     reading no weights, so that a launcher can report bad input in one line before it starts any process."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    config = _config_only(cfg)
+    _, config = resolve_model_config(cfg.model, cfg.load_format)
     if device.type == "cpu":  # a GPU's free memory would cost this process a CUDA context: the executor checks
         check_fits(cfg.model, config, dtype, _max_context(cfg, config), device)
     return config
 
 
-def _config_only(cfg: LoadConfig) -> ModelConfig:
-    ref = cfg.model
-    if ref.startswith("dummy:") or cfg.load_format == "dummy":
-        return preset(ref.removeprefix("dummy:"))
-    if ref.lower() == default_model.DEFAULT_MODEL_NAME:
-        default_model.gguf_path()
-        return preset("smollm2-135m")
-    source, path, _ = _resolve_source(cfg)
+def resolve_model_config(reference: str, load_format: str = "auto") -> tuple[str, ModelConfig]:
+    """(name, config) of a model reference as `load_model` resolves it (`dummy:<name>`, the default model, an HF
+    folder, a .gguf file), reading no weights and converting nothing; the name is the one `load_model` reports.
+    The default model's config is its preset (the converted copy's config.json may not exist yet)."""
+    if reference.startswith("dummy:") or load_format == "dummy":
+        return reference, preset(reference.removeprefix("dummy:"))
+    if reference.lower() == default_model.DEFAULT_MODEL_NAME:
+        default_model.gguf_path()  # installed, or one clear line now
+        return default_model.DEFAULT_MODEL_NAME, preset("smollm2-135m")
+    source, path, _ = _resolve_source(LoadConfig(model=reference, load_format=load_format, progress=False))
     if source == "gguf":
-        return gguf_config(open_gguf(path))
-    return ModelConfig.from_json_file(Path(path) / "config.json")
+        return reference, gguf_config(open_gguf(path))
+    return reference, ModelConfig.from_json_file(Path(path) / "config.json")
 
 
 def _max_context(cfg: LoadConfig, config: ModelConfig) -> int:
