@@ -4,7 +4,8 @@
     decode floor(c)  = (weight bytes read per token + KV bytes per token * c) / bandwidth
     prefill floor(n) = max(weight bytes / bandwidth, 2 * matmul params * n / matmul rate)
 
-On a CPU the same, with host timers and smaller sizes (a smoke path, not a figure to quote).
+On a CPU the same, with host timers and smaller sizes (a smoke path, not a figure to quote). The probes in
+bench/probes/ take their floors, timers and floor formulas from here too.
 """
 
 from __future__ import annotations
@@ -23,14 +24,14 @@ CPU_GEMM = 1024
 WARMUP, REPEATS = 3, 10
 
 
-def _time_gpu(fn, device) -> float:
-    """Median seconds of fn() between CUDA events."""
+def time_gpu(fn, device, repeats: int = REPEATS) -> float:
+    """Median seconds of fn() between CUDA events, after WARMUP untimed calls."""
     import torch
 
     for _ in range(WARMUP):
         fn()
     times = []
-    for _ in range(REPEATS):
+    for _ in range(repeats):
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begin.record()
         fn()
@@ -40,7 +41,7 @@ def _time_gpu(fn, device) -> float:
     return statistics.median(times)
 
 
-def _time_cpu(fn) -> float:
+def time_cpu(fn) -> float:
     fn()
     times = []
     for _ in range(max(3, REPEATS // 2)):
@@ -67,18 +68,23 @@ def _matmul_rate(device: str, n: int, dtype, timer) -> float:
 
 def measure(spec: BenchSpec) -> dict:
     """{bandwidth_bytes_per_s, matmul_flops_per_s, how}: run in its own process, alone on the card."""
+    return measure_device(spec.device, spec.dtype)
+
+
+def measure_device(device: str, dtype: str) -> dict:
+    """`measure` for a device name ("cuda", "cuda:N", "cpu") and a torch dtype name, without a BenchSpec."""
     import torch
 
-    gpu = spec.on_gpu
+    gpu = device.startswith("cuda")
     reduce_bytes, n = (GPU_REDUCE_BYTES, GPU_GEMM) if gpu else (CPU_REDUCE_BYTES, CPU_GEMM)
-    timer = (lambda fn: _time_gpu(fn, spec.device)) if gpu else _time_cpu
-    bandwidth = _bandwidth(spec.device, reduce_bytes, timer)  # its 4 GiB are freed before the GEMM
-    rate = _matmul_rate(spec.device, n, getattr(torch, spec.dtype), timer)
+    timer = (lambda fn: time_gpu(fn, device)) if gpu else time_cpu
+    bandwidth = _bandwidth(device, reduce_bytes, timer)  # its 4 GiB are freed before the GEMM
+    rate = _matmul_rate(device, n, getattr(torch, dtype), timer)
     how = {"reduction": f"sum over {reduce_bytes / 1024**3:g} GiB float32",
-           "gemm": f"{n}x{n}x{n} {spec.dtype}", "timer": "CUDA events" if gpu else "perf_counter",
+           "gemm": f"{n}x{n}x{n} {dtype}", "timer": "CUDA events" if gpu else "perf_counter",
            "statistic": f"median of {REPEATS if gpu else max(3, REPEATS // 2)}"}
     if gpu:
-        how["device_name"] = torch.cuda.get_device_name(spec.device)
+        how["device_name"] = torch.cuda.get_device_name(device)
     return {"bandwidth_bytes_per_s": bandwidth, "matmul_flops_per_s": rate, "how": how}
 
 

@@ -35,11 +35,16 @@ def gaps_ms(token_times_ms: list[float]) -> list[float]:
     return [b - a for a, b in itertools.pairwise(token_times_ms)]
 
 
+def tokens_per_s(gaps: list[float]) -> float:
+    """The rate that per-token gaps (ms) give: tokens over the time they span."""
+    return 1e3 * len(gaps) / sum(gaps)
+
+
 def token_summary(gaps: list[float], keep: bool = False) -> dict:
     """P50/P90/P99/max/mean of per-token gaps and the rate they give; `keep` stores every gap (for a CDF)."""
     out = {"p50_ms": r3(percentile(gaps, 50)), "p90_ms": r3(percentile(gaps, 90)),
            "p99_ms": r3(percentile(gaps, 99)), "max_ms": r3(max(gaps)),
-           "mean_ms": r3(sum(gaps) / len(gaps)), "tokens_per_s": round(1e3 * len(gaps) / sum(gaps), 2),
+           "mean_ms": r3(sum(gaps) / len(gaps)), "tokens_per_s": round(tokens_per_s(gaps), 2),
            "count": len(gaps)}
     if keep:
         out["gaps_ms"] = [r3(g) for g in gaps]

@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from bench.stats import gaps_ms, tokens_per_s
 from graph_executor.loading.loader import LoadConfig
 from jit_context.sampling_params import SamplingParams
 from launch.client import Client
@@ -22,7 +23,7 @@ MESSAGES = [{"role": "user", "content": "Explain in a few sentences how a CPU ca
 
 
 def decode_rate(token_times_ms: list[float]) -> float:
-    return (len(token_times_ms) - 1) / ((token_times_ms[-1] - token_times_ms[0]) / 1e3)
+    return tokens_per_s(gaps_ms(token_times_ms))
 
 
 def main() -> None:

@@ -7,9 +7,9 @@ enqueued, first token) vs the in-process engine, for short prompts, on one GPU i
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
+from bench.stats import gaps_ms, percentile
 from graph_executor.loading.loader import LoadConfig
 from jit_context.sampling_params import SamplingParams
 from launch.client import Client
@@ -49,7 +49,7 @@ def main() -> None:
     for _ in range(args.repeats + 2):
         *_, result = local.generator.generate(ids, SamplingParams(**params))
         local_ttft.append(result.ttft_ms)
-    med = lambda xs: statistics.median(xs[2:])  # noqa: E731
+    med = lambda xs: percentile(xs[2:], 50)  # noqa: E731 - the first two runs warm up
     print(f"mps={sup.mps.running if sup.mps else None} reason={sup.mps.reason if sup.mps else ''}")
     print("| measure (10-token prompt, 1 token) | median ms |")
     print("|---|---|")
@@ -58,10 +58,9 @@ def main() -> None:
     print(f"| JIT queue | {med([r[1]['queue_ms'] for r in rows]):.3f} |")
     print(f"| JIT prefill enqueued | {med([r[1]['prefill_enqueued_ms'] for r in rows]):.3f} |")
     print(f"| in-process TTFT | {med(local_ttft):.3f} |")
-    gaps = [b - a for a, b in zip(decode["token_times_ms"], decode["token_times_ms"][1:])]
-    gaps.sort()
-    print(f"JIT-side decode gaps over 200 tokens: p50 {gaps[len(gaps)//2]:.3f} p99 {gaps[int(len(gaps)*0.99)]:.3f} "
-          f"max {gaps[-1]:.3f}")
+    gaps = gaps_ms(decode["token_times_ms"])
+    print(f"JIT-side decode gaps over 200 tokens: p50 {percentile(gaps, 50):.3f} p99 {percentile(gaps, 99):.3f} "
+          f"max {max(gaps):.3f}")
 
 
 if __name__ == "__main__":

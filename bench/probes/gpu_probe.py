@@ -1,6 +1,8 @@
 """Quick GPU probe of the executor alone: floors (HBM read bandwidth, fp16 matmul rate), decode step latency of
 the graph runner (fused Triton GEMVs) at several contexts, GEMV block configs,
 prefill bucket latency, capture times and graph memory. One process, one card, printed as a table.
+Floors, timers, percentiles and the model's byte counts are the harness's (bench/floors.py, bench/stats.py,
+bench/model_info.py), so the probe's ratios mean what the bench's do.
 
     python -m bench.probes.gpu_probe [--model dummy:llama-2-7b] [--out DIR]
 """
@@ -9,40 +11,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from bench.floors import decode_floor_ms, measure_device, prefill_floor_ms, time_gpu
+from bench.model_info import ModelCost
+from bench.stats import percentile
 from graph_executor.fused_decoder import FusedDecoder
 from graph_executor.graphs import GraphRunner
 from graph_executor.kernels.gemv import GemvConfig
 from graph_executor.loading.loader import LoadConfig, load_model
 
 
-def bandwidth_tbs() -> float:
-    x = torch.empty(2 * 1024**3, dtype=torch.float16, device="cuda").normal_()  # 4 GiB
-    return x.numel() * 2 / time_ms(lambda: x.sum()) / 1e9
-
-
-def matmul_tflops() -> float:
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
-    return 2 * 8192**3 / time_ms(lambda: a @ a) / 1e9
-
-
 def time_ms(fn, reps: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times)
+    """Median ms of fn() on the current CUDA device (the harness's timer)."""
+    return time_gpu(fn, torch.cuda.current_device(), reps) * 1e3
 
 
 def decode_latency(runner: GraphRunner, context: int, steps: int = 200) -> dict:
@@ -59,8 +44,8 @@ def decode_latency(runner: GraphRunner, context: int, steps: int = 200) -> dict:
         b.next_token.copy_(torch.argmax(b.logits).view(1))
         ends[i].record()
     torch.cuda.synchronize()
-    t = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
-    return {"p50_ms": t[len(t) // 2], "p99_ms": t[int(len(t) * 0.99)], "min_ms": t[0]}
+    t = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    return {"p50_ms": percentile(t, 50), "p99_ms": percentile(t, 99), "min_ms": min(t)}
 
 
 CONFIGS = [GemvConfig(*c) for c in [(8, 512, 4, 3), (16, 512, 4, 3), (16, 512, 4, 2), (4, 1024, 4, 3),
@@ -110,18 +95,17 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     res: dict = {"card": torch.cuda.get_device_name(), "torch": torch.__version__}
-    res["bandwidth_tbs"] = bandwidth_tbs()
-    res["matmul_tflops"] = matmul_tflops()
+    measured = measure_device("cuda", "float16")
+    bandwidth, rate = measured["bandwidth_bytes_per_s"], measured["matmul_flops_per_s"]
+    res["bandwidth_tbs"], res["matmul_tflops"] = bandwidth / 1e12, rate / 1e12
     torch.cuda.empty_cache()
     t = time.perf_counter()
     loaded = load_model(LoadConfig(model=args.model, device="cuda", dtype="float16", max_context=4096,
                                    progress=False))
     res["load_s"] = time.perf_counter() - t
     model = loaded.model
-    weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_buffers() if n not in ("rope", "kv_cache"))
-    res["weight_gb"] = weight_bytes / 1e9
-    cfg = model.config
-    kv_per_token = 2 * cfg.num_layers * cfg.kv_size * 2
+    cost = ModelCost.of(model.config, "float16")
+    res["weight_gb"] = cost.weight_bytes / 1e9
     runner = GraphRunner(model)
     t = time.perf_counter()
     runner.capture_all()
@@ -129,7 +113,7 @@ def main() -> None:
     res["capture"] = runner.facts()
     res["decode"] = {}
     for ctx in (128, 512, 2048):
-        floor = (weight_bytes + kv_per_token * ctx) / (res["bandwidth_tbs"] * 1e12) * 1e3
+        floor = decode_floor_ms(cost, bandwidth, ctx)
         lat = decode_latency(runner, ctx)
         lat["floor_ms"] = floor
         lat["ratio"] = lat["p50_ms"] / floor
@@ -147,9 +131,7 @@ def main() -> None:
         b = runner.buffers
         b.input_ids[:n].random_(100, 30000)
         ms = time_ms(lambda: runner.prefill(n))
-        flops = 2 * cfg.num_params() * n / (res["matmul_tflops"] * 1e12) * 1e3
-        floor = max(weight_bytes / (res["bandwidth_tbs"] * 1e12) * 1e3, flops)
-        res["prefill_ms"][n] = {"ms": ms, "floor_ms": floor}
+        res["prefill_ms"][n] = {"ms": ms, "floor_ms": prefill_floor_ms(cost, bandwidth, rate, n)}
     res["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
