@@ -67,6 +67,7 @@ class AsyncClient:
     async def ask(self, request: Message, timeout_s: float = 30.0) -> Message:
         """One request, one reply (tokenize, detokenize); an `Error` reply becomes ServerError."""
         try:
+            request.validate()
             frame = encode(request)
         except (ValueError, ProtocolError) as e:
             raise ServerError("invalid_request", str(e)) from None
@@ -93,6 +94,7 @@ class AsyncClient:
         try:
             request = GenerateRequest(request_id or uuid.uuid4().hex, prompt, messages, token_ids,
                                       dict(params or {}))
+            request.validate()
             frame = encode(request)
         except (ValueError, ProtocolError) as e:
             raise ServerError("invalid_request", str(e)) from None

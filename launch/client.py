@@ -98,6 +98,7 @@ class Client:
         """The token ids a generation would see for `prompt` (raw) or `messages` (chat template applied)."""
         try:
             request = TokenizeRequest(uuid.uuid4().hex, prompt, messages, add_generation_prompt)
+            request.validate()
         except ValueError as e:
             raise ServerError("invalid_request", str(e)) from None
         return self._ask(request, TokenizeReply).token_ids
@@ -106,6 +107,7 @@ class Client:
         """The text of `token_ids`, special tokens included."""
         try:
             request = DetokenizeRequest(uuid.uuid4().hex, list(token_ids))
+            request.validate()
         except ValueError as e:
             raise ServerError("invalid_request", str(e)) from None
         return self._ask(request, DetokenizeReply).text
@@ -127,6 +129,7 @@ class Client:
         """Yield a TokenChunk per generated token, then the Finished message; raises ServerError."""
         wire_params = params.to_dict() if isinstance(params, SamplingParams) else dict(params or {})
         request = GenerateRequest(uuid.uuid4().hex, prompt, messages, token_ids, wire_params)
+        request.validate()  # ValueError here, before anything is sent
         finished, reusable = False, True
         sock = self._take_socket()
         try:
