@@ -31,7 +31,7 @@ DEFAULT = GemvConfig()
 
 @dataclass(frozen=True)
 class GemvPlan:
-    """A block config per projection of the decode step (chosen by bench/gpu_probe.py's sweep)."""
+    """A block config per projection of the decode step (chosen by the sweep in bench/probes/gpu_probe.py)."""
 
     qkv: GemvConfig = DEFAULT
     o: GemvConfig = DEFAULT
