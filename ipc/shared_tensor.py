@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ipc import cuda_ipc
 from ipc.errors import SharedTensorError
 from ipc.messages import TensorSpec
 
@@ -73,10 +74,6 @@ def _nbytes(spec: TensorSpec) -> int:
     if nbytes == 0:
         raise ValueError(f"tensor {spec.name!r} has no elements; there is nothing to share")
     return nbytes
-
-
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
 
 
 class SharedTensor:
@@ -210,45 +207,50 @@ def _view(mapping: mmap.mmap, spec: TensorSpec) -> torch.Tensor:
     return flat.view(spec.shape)
 
 
-class CudaIpcTensor(SharedTensor):
-    """A CUDA tensor shared by CUDA IPC handle, through the same calls torch.multiprocessing uses.
+class _Lease:
+    """Releases a device buffer (free, or unmap) when collected: it is held, through cupy's array and the DLPack
+    capsule, by the torch storage of every view, so the memory goes away only after the last view."""
 
-    The handle covers the caching allocator's whole block: `extra` carries the storage's size and offset in
-    it, torch's cross-process ref counter and the producer's IPC event (the importer waits on it once).
-    The producer frees the block only once every importer's storage is gone, and an interpreter exit does
-    not free it by itself: so an imported tensor's view is also dropped at exit (atexit finalizer), and
-    the importer must drop any views of its own before then. Keep the exporter alive until importers exit.
+    def __init__(self, buffer: cuda_ipc.DeviceBuffer) -> None:
+        weakref.finalize(self, _release_quietly, buffer)
+
+
+def _release_quietly(buffer: cuda_ipc.DeviceBuffer) -> None:
+    try:
+        cuda_ipc.release(buffer)
+    except Exception:  # at interpreter exit the CUDA context may already be gone: nothing left to free
+        pass
+
+
+def _torch_view(buffer: cuda_ipc.DeviceBuffer, spec: TensorSpec) -> torch.Tensor:
+    raw = torch.from_dlpack(buffer.as_cupy(keepalive=_Lease(buffer)))  # [nbytes] uint8 on cuda:device
+    nbytes = _nbytes(spec)
+    return raw[spec.offset_bytes:spec.offset_bytes + nbytes].view(torch_dtype(spec.dtype)).view(spec.shape)
+
+
+class CudaIpcTensor(SharedTensor):
+    """A CUDA tensor in a device buffer of its own (`ipc.cuda_ipc`, cupy's public runtime API), shared by the
+    buffer's CUDA IPC handle; torch sees it through DLPack.
+
+    The exporter's buffer is freed, and an importer's mapping closed, once the last torch view of it is gone
+    (also at interpreter exit); `close()` drops this object's view. Keep the exporter alive while importers
+    run: freeing a buffer under a mapping leaves the importer reading freed memory.
     """
 
     @classmethod
-    def export(cls, name: str, tensor: torch.Tensor) -> CudaIpcTensor:
-        """Share an existing contiguous CUDA tensor; keep the result alive while any importer runs."""
-        if not tensor.is_cuda or not tensor.is_contiguous():
-            raise ValueError(f"{name!r}: CUDA IPC export needs a contiguous CUDA tensor")
-        (device, handle, storage_size, storage_offset, ref_handle, ref_offset, event_handle, event_sync) = (
-            tensor.untyped_storage()._share_cuda_()
-        )
-        extra = {
-            "storage_size_bytes": storage_size,
-            "storage_offset_bytes": storage_offset,
-            "ref_counter_handle": ref_handle,
-            "ref_counter_offset": ref_offset,
-            "event_handle": event_handle,
-            "event_sync_required": bool(event_sync),
-        }
-        offset = tensor.storage_offset() * tensor.element_size()
-        spec = TensorSpec(name, dtype_name(tensor.dtype), tuple(tensor.shape), TensorSpec.CUDA_IPC, handle,
-                          offset_bytes=offset, device=device, extra=extra)  # fmt: skip
-        return cls(spec, tensor)
-
-    @classmethod
-    def create(
-        cls, name: str, shape: tuple[int, ...], dtype: str | torch.dtype, device: int = 0
-    ) -> CudaIpcTensor:
-        """A new zero-filled CUDA tensor, exported."""
-        return cls.export(
-            name, torch.zeros(shape, dtype=torch_dtype(dtype_name(dtype)), device=f"cuda:{device}")
-        )
+    def create(cls, name: str, shape: tuple[int, ...], dtype: str | torch.dtype, device: int = 0) -> CudaIpcTensor:
+        """A new zero-filled CUDA tensor in its own buffer, exported."""
+        dtype = dtype_name(dtype)
+        nbytes = math.prod(shape) * torch_dtype(dtype).itemsize
+        buffer = cuda_ipc.allocate(nbytes, device)
+        try:
+            handle = cuda_ipc.ipc_handle(buffer)
+        except BaseException:
+            cuda_ipc.release(buffer)
+            raise
+        spec = TensorSpec(name, dtype, tuple(shape), TensorSpec.CUDA_IPC, handle, device=device,
+                          extra={"buffer_bytes": nbytes})
+        return cls(spec, _torch_view(buffer, spec))
 
     @classmethod
     def open(cls, spec: TensorSpec) -> CudaIpcTensor:
@@ -256,27 +258,13 @@ class CudaIpcTensor(SharedTensor):
             raise ValueError(f"CudaIpcTensor.open needs a {TensorSpec.CUDA_IPC!r} spec, got {spec.kind!r}")
         if not torch.cuda.is_available():
             raise SharedTensorError(f"cannot open CUDA tensor {spec.name!r}: no CUDA device in this process")
-        from torch.multiprocessing.reductions import rebuild_cuda_tensor  # caches handles opened twice
-
-        dtype = torch_dtype(spec.dtype)
-        if spec.offset_bytes % dtype.itemsize:
+        if spec.offset_bytes % torch_dtype(spec.dtype).itemsize:
             raise ValueError(f"offset_bytes {spec.offset_bytes} is not a multiple of the itemsize")
-        x = spec.extra
-        size = x.get("storage_size_bytes")
-        if not isinstance(size, int) or spec.offset_bytes + _nbytes(spec) > size:
-            raise SharedTensorError(f"CUDA tensor {spec.name!r} does not fit the storage its spec names")
-        try:
-            tensor = rebuild_cuda_tensor(
-                torch.Tensor, torch.Size(spec.shape), _contiguous_strides(spec.shape),
-                spec.offset_bytes // dtype.itemsize, torch.UntypedStorage, dtype, spec.device, spec.handle,
-                x["storage_size_bytes"], x["storage_offset_bytes"], False, x["ref_counter_handle"],
-                x["ref_counter_offset"], x["event_handle"], x["event_sync_required"],
-            )  # fmt: skip
-        except (KeyError, TypeError, RuntimeError) as exc:
-            raise SharedTensorError(f"cannot open CUDA tensor {spec.name!r}: {exc!r}") from None
-        shared = cls(spec, tensor)
-        weakref.finalize(shared, shared._views.clear)  # runs at exit too, releasing the producer's block
-        return shared
+        size = spec.extra.get("buffer_bytes")
+        if not isinstance(size, int) or isinstance(size, bool) or spec.offset_bytes + _nbytes(spec) > size:
+            raise SharedTensorError(f"CUDA tensor {spec.name!r} does not fit the buffer its spec names")
+        buffer = cuda_ipc.open_handle(spec.handle, size, spec.device)
+        return cls(spec, _torch_view(buffer, spec))
 
 
 def import_tensor(spec: TensorSpec) -> SharedTensor:
