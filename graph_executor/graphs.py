@@ -108,7 +108,8 @@ class GraphRunner:
             return
         for offset in range(0, num_tokens, self.chunk):
             n = min(self.chunk, num_tokens - offset)
-            self.static.chunk_ids[:n].copy_(self.buffers.input_ids[offset:offset + n])
+            first = start_pos + offset
+            self.static.chunk_ids[:n].copy_(self.buffers.input_ids[first:first + n])
             # Padding rows write their K/V into the last cache slot, which no valid token of a prompt uses.
             torch.add(self.static.arange, start_pos + offset, out=self.static.chunk_positions)
             self.static.chunk_positions.clamp_(max=self.max_context - 1)

@@ -26,11 +26,12 @@ def check_span(max_context: int, start_pos: int, num_tokens: int) -> None:
 
 
 def eager_prefill(model: LlamaModel, buffers: StepBuffers, num_tokens: int, start_pos: int = 0) -> None:
-    """Run input_ids[:num_tokens] at positions start_pos... in chunks; the last one's logits land in `logits`."""
+    """Run input_ids[start_pos:start_pos + num_tokens] at their positions, in chunks; the last one's logits
+    land in `logits`."""
     device = buffers.input_ids.device
     for chunk_start in range(0, num_tokens, PREFILL_CHUNK):
         chunk_end = min(chunk_start + PREFILL_CHUNK, num_tokens)
-        ids = buffers.input_ids[chunk_start:chunk_end]  # [t]
+        ids = buffers.input_ids[start_pos + chunk_start:start_pos + chunk_end]  # [t]
         positions = torch.arange(start_pos + chunk_start, start_pos + chunk_end, device=device)  # [t]
         last = torch.full((1,), chunk_end - chunk_start - 1, dtype=torch.int64, device=device)
         logits = model(ids, positions, last, start_pos + chunk_end)  # [1, V]
@@ -51,7 +52,8 @@ class ModelRunner:
         return self.model.max_context
 
     def prefill(self, num_tokens: int, start_pos: int = 0) -> None:
-        """Run input_ids[:num_tokens] at positions start_pos...; logits of the last one land in `logits`."""
+        """Run the prompt tokens at positions [start_pos, start_pos + num_tokens); the last one's logits land in
+        `logits`."""
         check_span(self.max_context, start_pos, num_tokens)
         eager_prefill(self.model, self.buffers, num_tokens, start_pos)
 

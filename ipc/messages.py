@@ -249,7 +249,8 @@ class Error(Message):
 
 @dataclass(frozen=True)
 class Prefill(Message):
-    """Run the ids in the shared input-ids buffer (zero-copy) at positions [start_pos, start_pos + num_tokens)."""
+    """Run prompt positions [start_pos, start_pos + num_tokens); their ids are at the same indices of the shared
+    input-ids buffer (zero-copy). A long prompt may come as several Prefills, start_pos advancing."""
 
     TAG: ClassVar[int] = 10
     request_id: str

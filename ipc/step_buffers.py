@@ -21,7 +21,7 @@ from ipc.shared_tensor import CudaIpcTensor, SharedTensor, ShmTensor, dtype_name
 def buffer_layout(vocab_size: int, max_context: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Name -> (shape, dtype) of every step buffer, in `StepBuffers` field order."""
     return {
-        "input_ids": ((max_context,), torch.int64),  # prompt tokens of a prefill, from index 0 (JIT writes)
+        "input_ids": ((max_context,), torch.int64),  # the prompt: [p] is the token at position p (JIT writes)
         "next_token": ((1,), torch.int64),  # the token a decode step consumes (the sampler writes)
         "logits": ((vocab_size,), torch.float32),  # logits of the last position of the last step (executor writes)
     }

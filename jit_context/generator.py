@@ -46,6 +46,15 @@ class Chunk:
 
 
 @dataclass(frozen=True)
+class PrefillProgress:
+    """Yielded between prefill chunks (only when `generate(..., yield_during_prefill=True)`), so the caller can
+    answer other clients while a long prompt prefills."""
+
+    done: int  # prompt tokens prefilled so far
+    total: int
+
+
+@dataclass(frozen=True)
 class GenerationResult:
     text: str
     token_ids: list[int]
@@ -61,10 +70,19 @@ class GenerationResult:
         return len(self.token_ids)
 
 
+# Prompt tokens per Prefill on the CPU, where a step computes before it returns: the JIT context answers other
+# clients between chunks, so they wait at most one chunk. None on a GPU (the executor only enqueues there).
+CPU_PREFILL_CHUNK = 256
+
+
 class Generator:
     """One request at a time over one executor."""
 
-    def __init__(self, port: ExecutorPort, tokenizer: Detokenizing | None, eos_token_ids: frozenset[int]):
+    def __init__(self, port: ExecutorPort, tokenizer: Detokenizing | None, eos_token_ids: frozenset[int],
+                 prefill_chunk: int | None = None):
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1 or None, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         self.port = port
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -93,9 +111,10 @@ class Generator:
                 f"(prompt plus at least one generated token)"
             )
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams,
-                 start_time: float | None = None) -> Iterator[Chunk | GenerationResult]:
-        """Yield one Chunk per generated token (its text may be empty while held back), then a GenerationResult.
+    def generate(self, prompt_ids: list[int], params: SamplingParams, start_time: float | None = None,
+                 yield_during_prefill: bool = False) -> Iterator[Chunk | PrefillProgress | GenerationResult]:
+        """Yield one Chunk per generated token (its text may be empty while held back), then a GenerationResult;
+        with `yield_during_prefill`, also a PrefillProgress after each prefill chunk but the last.
 
         The host reads token k (TokenReader, an asynchronous copy) only after decode k is enqueued, so the
         device never waits for the host; after a stop the one step in flight is discarded."""
@@ -104,7 +123,14 @@ class Generator:
         n = len(prompt_ids)
         buffers = self.port.buffers
         self._write_prompt(prompt_ids)
-        self.port.prefill(n, 0)
+        chunk = self.prefill_chunk or n
+        for chunk_start in range(0, n - chunk, chunk):  # every chunk but the last
+            self.port.prefill(chunk, chunk_start)
+            self.port.wait_enqueued()
+            if yield_during_prefill:
+                yield PrefillProgress(chunk_start + chunk, n)
+        last_start = (n - 1) // chunk * chunk
+        self.port.prefill(n - last_start, last_start)  # its logits are the first token's
         self.sampler.start_request(params, prompt_ids)  # overlaps with the executor launching the prefill
         out = _Output(self, params, prompt_ids, start)
         reader = self.reader

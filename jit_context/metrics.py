@@ -40,6 +40,7 @@ class Histogram:
 @dataclass
 class ServingMetrics:
     finished: dict[str, int] = field(default_factory=dict)  # finish reason -> requests
+    errors: dict[str, int] = field(default_factory=dict)  # Error replies to clients, by code
     prompt_tokens: int = 0
     generation_tokens: int = 0
     ttft: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))
@@ -59,8 +60,12 @@ class ServingMetrics:
             self.time_per_output_token.observe((after - before) / 1e3)
         self.e2e_latency.observe(e2e_s)
 
+    def record_error(self, code: str) -> None:
+        """One `Error` reply sent to a client (a bad frame, an invalid request, a failed generation)."""
+        self.errors[code] = self.errors.get(code, 0) + 1
+
     def snapshot(self, running: int, waiting: int) -> dict:
-        return {"running": running, "waiting": waiting, "finished": dict(self.finished),
+        return {"running": running, "waiting": waiting, "finished": dict(self.finished), "errors": dict(self.errors),
                 "prompt_tokens": self.prompt_tokens, "generation_tokens": self.generation_tokens,
                 "ttft_s": self.ttft.snapshot(), "time_per_output_token_s": self.time_per_output_token.snapshot(),
                 "e2e_latency_s": self.e2e_latency.snapshot()}

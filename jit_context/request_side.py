@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ipc.errors import HybridrtError
-from jit_context.generator import ExecutorPort, Generator
+from jit_context.generator import CPU_PREFILL_CHUNK, ExecutorPort, Generator
 from jit_context.tokenizer import Tokenizer
 
 
@@ -72,4 +72,6 @@ def build_request_side(port: ExecutorPort, model_name: str, vocab_size: int, mod
         except ValueError as e:
             raise HybridrtError(str(e)) from None
     eos = frozenset(model_eos_ids) | (tokenizer.eos_token_ids if tokenizer else frozenset())
-    return RequestSide(model_name, vocab_size, tokenizer, eos, Generator(port, tokenizer, eos))
+    on_cpu = port.buffers.logits.device.type == "cpu"
+    generator = Generator(port, tokenizer, eos, prefill_chunk=CPU_PREFILL_CHUNK if on_cpu else None)
+    return RequestSide(model_name, vocab_size, tokenizer, eos, generator)

@@ -8,19 +8,31 @@ from dataclasses import dataclass
 from typing import Any
 
 MAX_STOP_STRINGS = 16
+QUOTE_CHARS = 200  # an error message quotes at most this much of a value a client sent
+# Sampling runs in float32 on the device: every parameter must stay finite there and keep the logits finite
+# when they are divided or multiplied by it (logits are O(1e2); float32 holds up to 3.4e38).
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-5, 1e5  # besides 0, greedy
+MIN_PENALTY, MAX_PENALTY = 1e-5, 1e5
+MAX_SEED = 2**63 - 1
+
+
+def quote(value: Any) -> str:
+    """repr of a client's value, cut to QUOTE_CHARS (a 400 KB value must not make a 400 KB error message)."""
+    text = repr(value)
+    return text if len(text) <= QUOTE_CHARS else f"{text[:QUOTE_CHARS]}... ({len(text)} characters)"
 
 
 def _check_int(name: str, value: Any, minimum: int, allowed: str) -> None:
     # bool is a subclass of int; `max_tokens=True` is a client bug, not a request for one token.
     if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"{name} must be an int {allowed}, got {value!r}")
+        raise ValueError(f"{name} must be an int {allowed}, got {quote(value)}")
     if value < minimum:
         raise ValueError(f"{name} must be {allowed}, got {value}")
 
 
 def _check_float(name: str, value: Any) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+        raise ValueError(f"{name} must be a number, got {quote(value)}")
     if math.isnan(value):
         raise ValueError(f"{name} must not be NaN")
     return float(value)
@@ -46,15 +58,18 @@ class SamplingParams:
         self._check_floats()
         _check_int("top_k", self.top_k, 0, ">= 0 (0 = off)")
         if self.seed is not None:
-            _check_int("seed", self.seed, 0, ">= 0 or None")
+            _check_int("seed", self.seed, 0, f"in [0, {MAX_SEED}] or None")
+            if self.seed > MAX_SEED:
+                raise ValueError(f"seed must be in [0, {MAX_SEED}] or None, got {quote(self.seed)}")
         self._check_stops()
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
 
     def _check_floats(self) -> None:
         temperature = _check_float("temperature", self.temperature)
-        if not 0.0 <= temperature < math.inf:
-            raise ValueError(f"temperature must be in [0, inf) (0 = greedy), got {temperature}")
+        if temperature != 0.0 and not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], "
+                             f"got {temperature:g}")
         top_p = _check_float("top_p", self.top_p)
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
@@ -62,8 +77,9 @@ class SamplingParams:
         if not 0.0 <= min_p < 1.0:
             raise ValueError(f"min_p must be in [0, 1), got {min_p}")
         penalty = _check_float("repetition_penalty", self.repetition_penalty)
-        if not 0.0 < penalty < math.inf:
-            raise ValueError(f"repetition_penalty must be in (0, inf), got {penalty}")
+        if not MIN_PENALTY <= penalty <= MAX_PENALTY:
+            raise ValueError(f"repetition_penalty must be in [{MIN_PENALTY:g}, {MAX_PENALTY:g}] (1 = off), "
+                             f"got {penalty:g}")
         # JSON clients send `0` for 0.0; store floats so equality and to_dict() don't depend on it.
         for name, value in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p),
                             ("repetition_penalty", penalty)):
@@ -76,7 +92,7 @@ class SamplingParams:
             raise ValueError(f"stop must hold at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
         for s in self.stop:
             if not isinstance(s, str) or not s:
-                raise ValueError(f"stop must hold non-empty strings, got {s!r}")
+                raise ValueError(f"stop must hold non-empty strings, got {quote(s)}")
         if not isinstance(self.stop_token_ids, tuple):
             raise ValueError(f"stop_token_ids must be a tuple of ints, got {type(self.stop_token_ids).__name__}")
         for t in self.stop_token_ids:
@@ -94,7 +110,7 @@ class SamplingParams:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(str(k) for k in d if k not in known)
         if unknown:
-            raise ValueError(f"unknown sampling params: {', '.join(unknown)}")
+            raise ValueError(f"unknown sampling params: {quote(', '.join(unknown))}")
         kwargs = dict(d)
         if isinstance(kwargs.get("stop"), str):
             kwargs["stop"] = (kwargs["stop"],)

@@ -1,11 +1,16 @@
 """The JIT context's serving loop: client-facing socket, first-come-first-served request queue, one request at a
 time on the executor, streaming of each token, cancellation, tokenization requests, metrics, and errors that
 never stop the server. The process around it (arguments, handshake, signals) is `jit_context.process`.
+
+One rule: no exception from one request ends the process. Whatever fails while handling a client's frame or
+advancing its request becomes an `Error` reply to that request (dropped if its client is gone) and is counted
+in the metrics; only the executor's death or a signal ends the loop.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -30,11 +35,19 @@ from ipc.messages import (
     TokenizeReply,
     TokenizeRequest,
 )
-from jit_context.generator import GenerationResult
+from jit_context.generator import GenerationResult, PrefillProgress
 from jit_context.metrics import FAILED, ServingMetrics
 from jit_context.remote_executor import ExecutorDied, RemoteExecutor
 from jit_context.request_side import PromptInput, RequestSide
-from jit_context.sampling_params import SamplingParams
+from jit_context.sampling_params import SamplingParams, quote
+
+MAX_ERROR_CHARS = 1000  # an Error reply's message is cut here (it may quote what a client sent)
+
+
+def _request_level(e: BaseException) -> bool:
+    """Failures that belong to one request. The tokenizers library reports Rust panics as PanicException, a
+    BaseException; KeyboardInterrupt, SystemExit and the SIGTERM exception are the process's, not a request's."""
+    return isinstance(e, Exception) or type(e).__name__ == "PanicException"
 
 IDLE_POLL_MS = 50
 
@@ -80,20 +93,33 @@ class JitServer:
         while (got := self.clients.recv_from(timeout_ms=timeout_ms)) is not None:
             timeout_ms = 0
             identity, msg = got
-            if isinstance(msg, ProtocolError):
-                self.clients.send_error(identity, msg)
-            elif isinstance(msg, GenerateRequest):
-                self._enqueue(identity, msg)
-            elif isinstance(msg, CancelRequest):
-                self._cancel(identity, msg.request_id)
-            elif isinstance(msg, Status):
-                self._reply(identity, StatusReply(self.status()))
-            elif isinstance(msg, (TokenizeRequest, DetokenizeRequest)):
-                self._reply(identity, self._tokenize(msg))  # cheap: answered now, even mid-generation
-            elif isinstance(msg, Handshake):
-                self._reply(identity, Handshake(PROTOCOL_VERSION, "jit_context", os.getpid()))
-            else:
-                self._reply(identity, Error("unexpected", f"clients may not send {type(msg).__name__}"))
+            try:
+                self._handle_client(identity, msg)
+            except ExecutorDied:
+                raise
+            except BaseException as e:
+                if not _request_level(e):
+                    raise
+                print(f"jit_context: {type(msg).__name__} failed: {type(e).__name__}: {quote(str(e))}",
+                      file=sys.stderr)
+                self._reply(identity, Error("internal_error", f"{type(e).__name__}: {e}",
+                                            getattr(msg, "request_id", None)))
+
+    def _handle_client(self, identity: bytes, msg) -> None:
+        if isinstance(msg, ProtocolError):
+            self._reply(identity, Error(msg.code, msg.detail))
+        elif isinstance(msg, GenerateRequest):
+            self._enqueue(identity, msg)
+        elif isinstance(msg, CancelRequest):
+            self._cancel(identity, msg.request_id)
+        elif isinstance(msg, Status):
+            self._reply(identity, StatusReply(self.status()))
+        elif isinstance(msg, (TokenizeRequest, DetokenizeRequest)):
+            self._reply(identity, self._tokenize(msg))  # cheap: answered now, even mid-generation
+        elif isinstance(msg, Handshake):
+            self._reply(identity, Handshake(PROTOCOL_VERSION, "jit_context", os.getpid()))
+        else:
+            self._reply(identity, Error("unexpected", f"clients may not send {type(msg).__name__}"))
 
     def status(self) -> dict:
         return {"ready": True, "model": self.ready.model_name, "max_context": self.ready.max_context,
@@ -146,11 +172,22 @@ class JitServer:
                 self._reply(identity, Finished(request_id, "", [], FinishReason.ABORT, {}, {}))
 
     def _reply(self, identity: bytes, msg) -> bool:
+        """Send to one client; False if it is gone. A reply too big for a frame becomes an `oversized` error."""
+        if isinstance(msg, Error):
+            self.metrics.record_error(msg.code)
+            if len(msg.message) > MAX_ERROR_CHARS:
+                msg = Error(msg.code, msg.message[:MAX_ERROR_CHARS] + "...", msg.request_id)
         try:
             self.clients.send_to(identity, msg)
             return True
         except PeerUnreachableError:
             return False
+        except (ProtocolError, ValueError) as e:  # too large for a frame, or not encodable (e.g. an int > 64 bits)
+            if isinstance(msg, Error) and msg.code in ("oversized", "internal_error"):
+                return False  # the replacement failed too: give up on this reply rather than loop
+            code = "oversized" if isinstance(e, ProtocolError) else "internal_error"
+            return self._reply(identity, Error(code, f"the reply cannot be sent: {quote(str(e))}",
+                                               getattr(msg, "request_id", None)))
 
     # -- the active request -------------------------------------------------------------------------------
 
@@ -158,7 +195,8 @@ class JitServer:
         pending.started = time.perf_counter()
         self.active = pending
         self.executor.request_id = pending.request_id
-        self.stream = self.generator.generate(pending.prompt_ids, pending.params, start_time=pending.received)
+        self.stream = self.generator.generate(pending.prompt_ids, pending.params, start_time=pending.received,
+                                              yield_during_prefill=True)
 
     def _advance(self) -> None:
         active = self.active
@@ -167,9 +205,16 @@ class JitServer:
         except ExecutorDied:
             self.fail_everyone("executor_died", "the graph executor process died")
             raise
-        except (ValueError, HybridrtError) as e:
+        except BaseException as e:
+            if not _request_level(e):
+                raise
+            if not isinstance(e, (ValueError, HybridrtError)):
+                print(f"jit_context: request {active.request_id} failed: {type(e).__name__}: {quote(str(e))}",
+                      file=sys.stderr)
             self._end(Error("generation_failed", str(e), active.request_id))
             return
+        if isinstance(item, PrefillProgress):
+            return  # a long prompt between two prefill chunks: the loop answers other clients now
         if isinstance(item, GenerationResult):
             self._end(self._finished(active, item))
         elif not self._reply(active.identity, TokenChunk(active.request_id, item.text, item.token_ids)):
@@ -196,7 +241,12 @@ class JitServer:
         else:
             self.metrics.record(FAILED, len(self.active.prompt_ids), [], time.perf_counter() - self.active.received)
         self.active, self.stream = None, None
-        self.executor.finish_request()
+        try:
+            self.executor.finish_request()
+        except ExecutorDied:
+            raise
+        except HybridrtError as e:  # e.g. the executor refused a step of the request just ended
+            print(f"jit_context: ending a request: {quote(str(e))}", file=sys.stderr)
 
     def fail_everyone(self, code: str, message: str) -> None:
         """Answer the active and every queued request with an `Error` (the process is about to exit)."""

@@ -57,6 +57,14 @@ UNION_HINTS = {  # fields with several accepted forms: one clear line instead of
 }
 
 
+class AsciiJSONResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped: an error message may quote what a client sent, and a lone
+    surrogate (valid in a JSON string, not in UTF-8) would make the UTF-8 body unencodable (a 500)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 class ApiError(Exception):
     """An error answer with OpenAI's body; raised anywhere in a handler."""
 
@@ -67,7 +75,7 @@ class ApiError(Exception):
 
     def response(self) -> JSONResponse:
         body = error_body(self.message, self.type, self.param, self.code)
-        return JSONResponse(body, status_code=self.status)
+        return AsciiJSONResponse(body, status_code=self.status)
 
     @classmethod
     def from_server(cls, e: ServerError) -> ApiError:
@@ -224,13 +232,15 @@ class _ClosingStreamingResponse(StreamingResponse):
 
 
 def _key_checker(api_key: str | None):
-    """A dependency that accepts only `Authorization: Bearer <api_key>` (anything, without a key)."""
-    expected = f"Bearer {api_key}".encode() if api_key is not None else None
+    """A dependency that accepts only `Authorization: Bearer <api_key>` (anything, without a key). The scheme is
+    case-insensitive (RFC 7235); the key is compared in constant time."""
+    expected = api_key.encode() if api_key is not None else None
 
     def check(request: Request) -> None:
         if expected is None:
             return
-        given = request.headers.get("authorization", "").encode()
+        scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+        given = token.strip().encode("utf-8", "surrogateescape") if scheme.lower() == "bearer" else b""
         if not secrets.compare_digest(given, expected):
             raise ApiError(401, "missing or incorrect API key (send `Authorization: Bearer <key>`)",
                            code="invalid_api_key")

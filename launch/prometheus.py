@@ -43,6 +43,10 @@ def render(metrics: dict, model: str) -> str:
     ]
     for reason, count in sorted(m["finished"].items()):
         lines.append(f"{PREFIX}request_success_total{_labels(model_name=model, finished_reason=reason)} {count}")
+    lines += _head("request_errors_total", "counter", "Error replies to clients by code (bad frames, invalid "
+                   "requests, failed generations).")
+    for code, count in sorted(m.get("errors", {}).items()):
+        lines.append(f"{PREFIX}request_errors_total{_labels(model_name=model, code=code)} {count}")
     lines += _histogram("time_to_first_token_seconds", "Time to first token, from arrival at the JIT context.",
                         m["ttft_s"], model)
     lines += _histogram("time_per_output_token_seconds", "Time between two generated tokens.",

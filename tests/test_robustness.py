@@ -1,0 +1,69 @@
+"""No request can take the server down: sampling parameters stay inside what float32 sampling can hold, and
+the JIT context's loop turns every request-level failure into an error reply (in-process, on the `Rig` of
+test_jit_server.py: the real executor on a thread, the real JitServer)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from jit_context.sampler import Sampler
+from jit_context.sampling_params import (
+    MAX_PENALTY,
+    MAX_TEMPERATURE,
+    MIN_PENALTY,
+    MIN_TEMPERATURE,
+    QUOTE_CHARS,
+    SamplingParams,
+)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("temperature", 1e308), ("temperature", 1e-40), ("temperature", MAX_TEMPERATURE * 2),
+    ("temperature", MIN_TEMPERATURE / 2), ("repetition_penalty", 1e308), ("repetition_penalty", 1e-300),
+    ("repetition_penalty", MAX_PENALTY * 2), ("seed", 2**64), ("seed", 10**30),
+])
+def test_values_float32_sampling_cannot_hold_are_refused_with_the_range(field, value) -> None:
+    with pytest.raises(ValueError, match=rf"{field} must .*in \["):
+        SamplingParams(**{field: value})
+
+
+@pytest.mark.parametrize("params", [
+    dict(temperature=MIN_TEMPERATURE), dict(temperature=MAX_TEMPERATURE),
+    dict(temperature=1.0, repetition_penalty=MIN_PENALTY), dict(temperature=1.0, repetition_penalty=MAX_PENALTY),
+    dict(temperature=MIN_TEMPERATURE, repetition_penalty=MIN_PENALTY, top_k=3, top_p=0.5, min_p=0.1),
+    dict(temperature=0.0, repetition_penalty=MAX_PENALTY),
+])
+def test_sampling_at_the_edges_of_the_ranges_stays_finite(params) -> None:
+    """Logits as large as real ones (|x| ~ 1e3, negative too), every prompt token seen: each draw is a valid id,
+    and the smallest temperature picks the argmax of the penalised logits."""
+    vocab = 1000
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(vocab, generator=gen) * 300  # [V]
+    sampler = Sampler(vocab, torch.device("cpu"))
+    sampler.start_request(SamplingParams(seed=1, **params), list(range(0, vocab, 3)))
+    for _ in range(20):
+        token = int(sampler.sample(logits))
+        assert 0 <= token < vocab
+    if params.get("temperature") == MIN_TEMPERATURE and "top_k" not in params:
+        penalty = params.get("repetition_penalty", 1.0)
+        seen = torch.zeros(vocab, dtype=torch.bool)
+        seen[::3] = True
+        x = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+        assert token == int(torch.argmax(x))
+
+
+def test_error_messages_quote_at_most_a_bounded_part_of_a_value() -> None:
+    for bad in ({"temperature": "x" * 400_000}, {"stop": ["", "y" * 400_000]}, {"z" * 400_000: 1}):
+        with pytest.raises(ValueError) as info:
+            SamplingParams.from_dict(bad)
+        assert len(str(info.value)) < QUOTE_CHARS + 120, len(str(info.value))
+
+
+def test_nan_and_inf_still_refused() -> None:
+    for field in ("temperature", "repetition_penalty", "top_p", "min_p"):
+        for value in (math.nan, math.inf, -math.inf):
+            with pytest.raises(ValueError):
+                SamplingParams(**{field: value})
