@@ -67,3 +67,47 @@ def test_nan_and_inf_still_refused() -> None:
         for value in (math.nan, math.inf, -math.inf):
             with pytest.raises(ValueError):
                 SamplingParams(**{field: value})
+
+
+def tiny_runner(max_context: int = 96):
+    from graph_executor.loading.config import ModelConfig
+    from graph_executor.loading.loader import _fill_random
+    from graph_executor.model import LlamaModel
+    from graph_executor.runner import ModelRunner
+
+    cfg = ModelConfig("llama", 300, 64, 128, 2, 4, 2, 16, 256, eos_token_ids=(2,))
+    model = LlamaModel(cfg, max_context, torch.device("cpu"), torch.float32)
+    _fill_random(model, seed=3)
+    return ModelRunner(model)
+
+
+def test_prefill_in_chunks_equals_one_prefill_and_yields_between_chunks() -> None:
+    """A long CPU prompt is prefilled 256 tokens per Prefill so that the JIT context can answer other clients in
+    between: the chunks must give the same first-token logits and the same tokens as one prefill."""
+    from jit_context.generator import Generator, PrefillProgress
+
+    runner = tiny_runner()
+    prompt = torch.randint(3, 300, (61,), generator=torch.Generator().manual_seed(5)).tolist()
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    whole = Generator(runner, None, frozenset({2}))
+    items = list(whole.generate(prompt, params, yield_during_prefill=True))
+    assert not any(isinstance(i, PrefillProgress) for i in items)
+    for chunk in (8, 16, 60, 61, 100):
+        gen = Generator(runner, None, frozenset({2}), prefill_chunk=chunk)
+        stream = gen.generate(prompt, params, yield_during_prefill=True)
+        progress = []
+        for item in stream:
+            if not isinstance(item, PrefillProgress):
+                break
+            progress.append(item.done)
+        expected = list(range(chunk, len(prompt), chunk))
+        assert progress == expected, chunk
+        rest = [item, *stream]
+        assert rest[-1].token_ids == items[-1].token_ids, chunk
+    # Chunked attention over the cache is the same arithmetic as one pass, up to float32 rounding
+    # (max_tokens=1: no decode step runs, so `logits` keeps the prefill's).
+    list(Generator(runner, None, frozenset({2})).generate(prompt, SamplingParams(max_tokens=1, temperature=0.0)))
+    one = runner.buffers.logits.clone()
+    list(Generator(runner, None, frozenset({2}), prefill_chunk=8).generate(
+        prompt, SamplingParams(max_tokens=1, temperature=0.0)))
+    assert torch.allclose(runner.buffers.logits, one, atol=1e-5, rtol=1e-5)
