@@ -97,19 +97,6 @@ def test_engine_over_its_time_limit_is_recorded_and_run_completes(tiny_model, tm
     assert "timeout" in (out / "results.md").read_text()
 
 
-def test_end_to_end_engine_without_its_runtime_is_a_skip(tmp_path, monkeypatch) -> None:
-    from bench import run_engine
-    from bench.resolve import BenchOptions, resolve_spec
-
-    spec = resolve_spec(BenchOptions(device="cpu", model="dummy:smollm2-135m", engines="hybridrt"))
-    spec_path, result_path = tmp_path / "spec.json", tmp_path / "result.json"
-    spec_path.write_text(json.dumps(spec.to_dict()))
-    monkeypatch.setitem(sys.modules, "launch.client", None)  # as if the client were not written yet
-    assert run_engine.main(["--spec", str(spec_path), "--engine", "hybridrt", "--result", str(result_path)]) == 0
-    result = json.loads(result_path.read_text())
-    assert result["status"] == "skipped" and "not available yet" in result["error"]
-
-
 def test_engine_that_fails_records_its_error(tiny_model, tmp_path) -> None:
     from bench import run_engine
     from bench.resolve import BenchOptions, resolve_spec
@@ -185,10 +172,6 @@ def test_help_explains_every_flag_engine_and_workload(capsys) -> None:
 
 
 def test_cli_prints_one_line_error() -> None:
-    from launch.cli import build_parser
-
-    if "bench" not in build_parser().format_help():
-        pytest.skip("launch/cli.py does not register `bench` yet")
     out = subprocess.run([sys.executable, "-m", "launch.cli", "bench", "--device", "cpu", "--engines", "nope"],
                          capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 1 and out.stderr.strip() == ("error: unknown engine 'nope' (choose from: hybridrt, "

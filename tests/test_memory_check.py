@@ -10,12 +10,6 @@ from graph_executor.memory import HEADROOM_BYTES, check_fits, needed_bytes, requ
 from ipc.errors import ModelLoadError
 
 
-def test_needed_bytes_of_llama_2_7b() -> None:
-    weights, kv = needed_bytes(preset("llama-2-7b"), torch.float16, 4096)
-    assert weights == preset("llama-2-7b").num_params() * 2
-    assert kv == 2 * 32 * 32 * 128 * 4096 * 2  # K and V, 32 layers, 32 KV heads of 128, fp16: 2 GiB
-
-
 def test_check_fits_at_the_boundary() -> None:
     cfg = preset("llama-2-7b")
     weights, kv = needed_bytes(cfg, torch.float16, 4096)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import msgpack
@@ -47,8 +46,6 @@ def test_params_defaults_and_greedy():
     assert SamplingParams(temperature=0).greedy
     assert isinstance(SamplingParams(temperature=0).temperature, float)  # JSON `0` stored as 0.0
     assert SamplingParams(top_k=1, top_p=1.0, min_p=0.0, seed=0, stop=("x",) * 16).top_k == 1
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        p.temperature = 0.5
 
 
 def test_params_from_dict_rejects_unknown_keys():
