@@ -220,6 +220,7 @@ class Ready(Message):
 @dataclass(frozen=True)
 class Status(Message):
     TAG: ClassVar[int] = 4
+    api_key: str | None = field(default=None, repr=False)  # the server's --api-key, if any (`AUTHENTICATED`)
 
 
 @dataclass(frozen=True)
@@ -305,6 +306,7 @@ class GenerateRequest(Message):
     messages: list[dict] | None = None
     token_ids: list[int] | None = None
     params: dict = field(default_factory=dict)  # sampling and stop parameters, checked by the JIT context
+    api_key: str | None = field(default=None, repr=False)  # the server's --api-key, if any (`AUTHENTICATED`)
 
     def _validate(self) -> None:
         given = [f for f in ("prompt", "messages", "token_ids") if getattr(self, f) is not None]
@@ -341,6 +343,7 @@ class Finished(Message):
 class CancelRequest(Message):
     TAG: ClassVar[int] = 23
     request_id: str
+    api_key: str | None = field(default=None, repr=False)  # the server's --api-key, if any (`AUTHENTICATED`)
 
 
 @dataclass(frozen=True)
@@ -352,6 +355,7 @@ class TokenizeRequest(Message):
     prompt: str | None = None
     messages: list[dict] | None = None
     add_generation_prompt: bool = True  # chat: end with the assistant turn's opening
+    api_key: str | None = field(default=None, repr=False)  # the server's --api-key, if any (`AUTHENTICATED`)
 
     def _validate(self) -> None:
         if (self.prompt is None) == (self.messages is None):
@@ -371,6 +375,7 @@ class DetokenizeRequest(Message):
     TAG: ClassVar[int] = 26
     request_id: str
     token_ids: list[int]
+    api_key: str | None = field(default=None, repr=False)  # the server's --api-key, if any (`AUTHENTICATED`)
 
     def _validate(self) -> None:
         _check_non_negative("DetokenizeRequest.token_ids", *self.token_ids)
@@ -405,4 +410,7 @@ def _index_by_tag(classes: tuple[type[Message], ...]) -> Mapping[int, type[Messa
 
 MESSAGE_TYPES: Mapping[int, type[Message]] = _index_by_tag(ALL_MESSAGES)
 # Retired tags, never to be reused: 3 (Shutdown) and 14 (Abort), protocol version 1.
+# What a client sends that a server with an API key refuses without it (a native client's only requests).
+AUTHENTICATED: frozenset[type[Message]] = frozenset(
+    {Status, GenerateRequest, CancelRequest, TokenizeRequest, DetokenizeRequest})
 SESSION_MESSAGES: frozenset[type[Message]] = frozenset({Handshake, Ready})  # always validated in full

@@ -10,6 +10,7 @@ in the metrics; only the executor's death or a signal ends the loop.
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 import time
 from collections import deque
@@ -19,6 +20,7 @@ from ipc.channel import ServerChannel
 from ipc.errors import HybridrtError, PeerUnreachableError, ProtocolError
 from ipc.liveness import process_alive
 from ipc.messages import (
+    AUTHENTICATED,
     PROTOCOL_VERSION,
     CancelRequest,
     DetokenizeReply,
@@ -63,8 +65,10 @@ class Pending:
 
 
 class JitServer:
-    def __init__(self, clients: ServerChannel, executor: RemoteExecutor, side: RequestSide, ready: Ready) -> None:
+    def __init__(self, clients: ServerChannel, executor: RemoteExecutor, side: RequestSide, ready: Ready,
+                 api_key: str | None = None) -> None:
         self.clients = clients
+        self._api_key = api_key.encode() if api_key is not None else None  # None: every client is served
         self.executor = executor
         self.side = side
         self.generator = side.generator
@@ -108,6 +112,10 @@ class JitServer:
     def _handle_client(self, identity: bytes, msg) -> None:
         if isinstance(msg, ProtocolError):
             self._reply(identity, Error(msg.code, msg.detail))
+        elif type(msg) in AUTHENTICATED and not self._authorized(msg):
+            self._reply(identity, Error("unauthorized", "missing or incorrect API key (the server runs with "
+                                        "--api-key: pass --api-key or set HYBRIDRT_API_KEY)",
+                                        getattr(msg, "request_id", None)))
         elif isinstance(msg, GenerateRequest):
             self._enqueue(identity, msg)
         elif isinstance(msg, CancelRequest):
@@ -120,6 +128,12 @@ class JitServer:
             self._reply(identity, Handshake(PROTOCOL_VERSION, "jit_context", os.getpid()))
         else:
             self._reply(identity, Error("unexpected", f"clients may not send {type(msg).__name__}"))
+
+    def _authorized(self, msg) -> bool:
+        if self._api_key is None:
+            return True
+        given = (msg.api_key or "").encode("utf-8", "surrogateescape")
+        return secrets.compare_digest(given, self._api_key)
 
     def status(self) -> dict:
         return {"ready": True, "model": self.ready.model_name, "max_context": self.ready.max_context,
