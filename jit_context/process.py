@@ -1,10 +1,16 @@
 """The JIT context process: `python -m jit_context ...`, started by the supervisor. It connects to its
 executor's control channel, waits for the ready handshake, imports the shared step buffers, builds the
 `JitServer` and runs it; it exits when its executor dies (after telling every waiting client) or on SIGTERM
-(after answering every running and queued request with `shutting_down`).
+(after answering every running and queued request with `shutting_down`). The supervisor's death sends it
+SIGTERM at once (PR_SET_PDEATHSIG, armed below before the seconds of torch imports): the request in flight
+is abandoned and its client told.
 """
 
 from __future__ import annotations
+
+from ipc.parent_death import exit_with_parent
+
+exit_with_parent()  # first: a supervisor dying while we import must not leave us behind
 
 import argparse
 import gc
@@ -21,7 +27,7 @@ from ipc.events import StepEvents
 from ipc.liveness import process_alive
 from ipc.messages import PROTOCOL_VERSION, Handshake, Ready
 from ipc.step_buffers import SharedStepBuffers
-from jit_context.remote_executor import ExecutorDied, RemoteExecutor
+from jit_context.remote_executor import DEFAULT_STEP_TIMEOUT_S, ExecutorDied, RemoteExecutor
 from jit_context.request_side import build_request_side
 from jit_context.server import IDLE_POLL_MS, JitServer
 
@@ -45,7 +51,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--executor-pid", type=int, required=True)
     p.add_argument("--tokenizer", default=None)
     p.add_argument("--chat-template", default=None, help="template text replacing the tokenizer's own")
-    return p.parse_args(argv)
+    p.add_argument("--step-timeout", type=float, default=DEFAULT_STEP_TIMEOUT_S,
+                   help="seconds to wait for the executor to answer a step before failing the request")
+    args = p.parse_args(argv)
+    if not args.step_timeout > 0:
+        p.error("--step-timeout must be > 0")
+    return args
 
 
 def wait_ready(control: Channel, executor_pid: int) -> Ready:
@@ -66,7 +77,8 @@ def build_server(args: argparse.Namespace, ctx: zmq.Context, control: Channel) -
     ready = wait_ready(control, args.executor_pid)
     shared = SharedStepBuffers.open(ready.buffers, ready.vocab_size, ready.max_context)
     events = StepEvents.open(ready.events, torch.device(ready.device)) if ready.events is not None else None
-    executor = RemoteExecutor(control, shared, ready.max_context, args.executor_pid, events)
+    executor = RemoteExecutor(control, shared, ready.max_context, args.executor_pid, events,
+                              step_timeout_s=args.step_timeout)
     side = build_request_side(executor, ready.model_name, ready.vocab_size, ready.eos_token_ids,
                               args.tokenizer or ready.tokenizer_path, args.chat_template)
     return JitServer(bind_server(ctx, args.listen), executor, side, ready)

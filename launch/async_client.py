@@ -11,7 +11,9 @@ request. That send never awaits: under a cancelled task every await would be can
 
 No total deadline: a request may wait in the server's FCFS queue behind long generations. Instead, after
 `probe_after_s` without a message the client asks the server for its status on a second socket, and gives up
-with ServerError("unreachable") only when that goes unanswered.
+with ServerError("unreachable") only when that goes unanswered. A server that dies mid-request (its
+connection drops, watched with a zmq socket monitor as in `launch.client`) is ServerError("server_died")
+within a fraction of a second, after whatever it sent before has been read.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ from collections.abc import AsyncGenerator
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from ipc.codec import MAX_FRAME_BYTES, decode, encode
 from ipc.errors import ProtocolError
 from ipc.messages import CancelRequest, Error, Finished, GenerateRequest, Message, Status, StatusReply, TokenChunk
-from launch.client import ServerError
+from launch.client import LOST_DRAIN_MS, SERVER_DIED, ServerError
 
 CANCEL_LINGER_MS = 200  # let the CancelRequest leave before the socket's pending frames are dropped
 
@@ -99,11 +102,17 @@ class AsyncClient:
         except (ValueError, ProtocolError) as e:
             raise ServerError("invalid_request", str(e)) from None
         sock = self._connect()
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        monitor.setsockopt(zmq.LINGER, 0)
         finished = False
         try:
             await sock.send(frame)
             while not finished:
-                msg = await self._next(sock)
+                try:
+                    msg = await self._next(sock, monitor)
+                except ServerError as e:
+                    finished = e.code == SERVER_DIED  # nobody left to cancel at
+                    raise
                 if isinstance(msg, Error):
                     finished = True
                     raise ServerError(msg.code, msg.message)
@@ -115,14 +124,28 @@ class AsyncClient:
         finally:
             if not finished:
                 _send_cancel(sock, request.request_id)
+            _close_monitor(sock, monitor)
             sock.close()
 
-    async def _next(self, sock: zmq.asyncio.Socket) -> Message:
-        """The request's next message, probing the server's liveness while none comes."""
+    async def _next(self, sock: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket) -> Message:
+        """The request's next message, probing the server's liveness while none comes; ServerError
+        ("server_died") once the connection dropped and what came before it has been read."""
+        poller = zmq.asyncio.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
         while True:
-            msg = await _recv(sock, self.probe_after_s)
-            if msg is not None:
-                return msg
+            ready = dict(await poller.poll(int(self.probe_after_s * 1000)))
+            if sock in ready:
+                return await _recv(sock, 0)
+            if monitor in ready:
+                event = parse_monitor_message(await monitor.recv_multipart())
+                if event["event"] == zmq.EVENT_DISCONNECTED:
+                    msg = await _recv(sock, LOST_DRAIN_MS / 1e3)
+                    if msg is not None:
+                        return msg
+                    raise ServerError(SERVER_DIED, f"the server at {self.address} went away (connection lost) "
+                                                   "before answering")
+                continue
             await self.status(self.probe_timeout_s)  # raises ServerError("unreachable") if it is gone
 
 
@@ -134,6 +157,14 @@ async def _recv(sock: zmq.asyncio.Socket, timeout_s: float) -> Message | None:
         return decode(await sock.recv())
     except ProtocolError as e:
         raise ServerError("protocol", f"bad frame from the server: {e}") from None
+
+
+def _close_monitor(sock: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket) -> None:
+    try:
+        sock.disable_monitor()
+    except zmq.ZMQError:
+        pass
+    monitor.close(linger=0)
 
 
 def _send_cancel(sock: zmq.asyncio.Socket, request_id: str) -> None:

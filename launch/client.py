@@ -4,17 +4,25 @@
     with Client("tcp://127.0.0.1:7461") as client:
         for chunk in client.generate(messages=[{"role": "user", "content": "Hi"}], params={"max_tokens": 32}):
             print(chunk.text, end="")
+
+A server that dies mid-request (the JIT context killed, its host gone) is reported within a fraction of a
+second as ServerError("server_died"), not after the time-out: each socket's connection is watched with a zmq
+socket monitor, and a connection lost while a request waits for its answer means the answer can never come
+(the server routes replies by connection, so even a restarted server could not deliver it). Whatever the
+server sent before the connection dropped (e.g. an `executor_died` error) is still read first.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
-from ipc.channel import Channel, connect_client
+from ipc.channel import connect_client
 from ipc.errors import HybridrtError
 from ipc.messages import (
     CancelRequest,
@@ -32,13 +40,84 @@ from ipc.messages import (
 )
 from jit_context.sampling_params import SamplingParams
 
+LOST_DRAIN_MS = 100  # after the connection dropped, read what the server sent before it for this long
+
+SERVER_DIED = "server_died"
+
 
 class ServerError(HybridrtError):
-    """The server answered with an error (bad request, executor died, ...) or did not answer in time."""
+    """The server answered with an error (bad request, executor died, ...), died with the request unanswered
+    (`server_died`) or did not answer in time (`timeout`)."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class WatchedChannel:
+    """A client DEALER channel plus a monitor of its connection: `recv` raises ServerError("server_died") once
+    the connection to the server drops while an answer is awaited."""
+
+    EVENTS = zmq.EVENT_DISCONNECTED
+
+    def __init__(self, ctx: zmq.Context, address: str) -> None:
+        self.address = address
+        self.channel = connect_client(ctx, address)
+        self.monitor = self.channel.socket.get_monitor_socket(self.EVENTS)
+        self.monitor.setsockopt(zmq.LINGER, 0)
+        self.poller = zmq.Poller()
+        self.poller.register(self.channel.socket, zmq.POLLIN)
+        self.poller.register(self.monitor, zmq.POLLIN)
+        self.lost = False  # the connection dropped since this socket was made: no reply can still come
+
+    def send(self, msg: Message, *, timeout_ms: int | None = None) -> None:
+        self.channel.send(msg, timeout_ms=timeout_ms)
+
+    def check(self) -> bool:
+        """Read pending monitor events; True while the connection has not been lost."""
+        while self.monitor.poll(0, zmq.POLLIN):
+            self._event()
+        return not self.lost
+
+    def recv(self, timeout_ms: int) -> Message | None:
+        """The next message; None after timeout_ms; ServerError("server_died") once the connection is lost and
+        everything that came before that has been read."""
+        deadline = time.monotonic() + timeout_ms / 1e3
+        while not self.lost:
+            left_ms = max(0, int((deadline - time.monotonic()) * 1e3))
+            ready = dict(self.poller.poll(left_ms))
+            if self.channel.socket in ready:
+                return self.channel.recv(timeout_ms=0)
+            if self.monitor in ready:
+                self._event()
+            elif left_ms == 0:
+                return None
+        msg = self.channel.recv(timeout_ms=LOST_DRAIN_MS)
+        if msg is None:
+            raise ServerError(SERVER_DIED, f"the server at {self.address} went away (connection lost) before "
+                                           "answering")
+        return msg
+
+    def _event(self) -> None:
+        event = parse_monitor_message(self.monitor.recv_multipart())
+        if event["event"] == zmq.EVENT_DISCONNECTED:
+            self.lost = True
+
+    def close(self) -> None:
+        if self.channel.closed:
+            return
+        try:
+            self.channel.socket.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self.monitor.close(linger=0)
+        self.channel.close()
+
+    def __enter__(self) -> WatchedChannel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class Client:
@@ -52,7 +131,7 @@ class Client:
         self._ctx = zmq.Context()
         self._idle = threading.local()  # .sock: this thread's idle socket, or None
         self._lock = threading.Lock()
-        self._open: set[Channel] = set()  # every socket not yet closed, to close them all on close()
+        self._open: set[WatchedChannel] = set()  # every socket not yet closed, to close them all on close()
 
     def __enter__(self) -> Client:
         return self
@@ -67,18 +146,21 @@ class Client:
             self._open.clear()
         self._ctx.term()
 
-    def _take_socket(self) -> Channel:
+    def _take_socket(self) -> WatchedChannel:
         sock = getattr(self._idle, "sock", None)
         self._idle.sock = None
+        if sock is not None and not sock.check():  # the server went away while it was idle
+            self._give_back(sock, reusable=False)
+            sock = None
         if sock is None:
-            sock = connect_client(self._ctx, self.address)
+            sock = WatchedChannel(self._ctx, self.address)
             with self._lock:
                 self._open.add(sock)
         return sock
 
-    def _give_back(self, sock: Channel, reusable: bool) -> None:
+    def _give_back(self, sock: WatchedChannel, reusable: bool) -> None:
         """Keep the socket as this thread's idle one, unless it may hold a late reply or one is kept already."""
-        if reusable and getattr(self._idle, "sock", None) is None:
+        if reusable and not sock.lost and getattr(self._idle, "sock", None) is None:
             self._idle.sock = sock
             return
         sock.close()
@@ -114,7 +196,7 @@ class Client:
 
     def _ask(self, request: Message, reply_type: type) -> Message:
         """One request, one reply (answered by the server at once, even while it generates)."""
-        with connect_client(self._ctx, self.address) as sock:
+        with WatchedChannel(self._ctx, self.address) as sock:
             sock.send(request, timeout_ms=self.timeout_ms)
             reply = sock.recv(timeout_ms=self.timeout_ms)
         if isinstance(reply, Error):
@@ -135,7 +217,11 @@ class Client:
         try:
             sock.send(request, timeout_ms=self.timeout_ms)
             while not finished:
-                msg = sock.recv(timeout_ms=self.timeout_ms)
+                try:
+                    msg = sock.recv(timeout_ms=self.timeout_ms)
+                except ServerError:
+                    finished = True  # nothing to cancel: the server is gone
+                    raise
                 if msg is None:
                     reusable = False  # a late reply may still come
                     raise ServerError("timeout", f"no answer from {self.address} within {self.timeout_ms / 1e3} s")

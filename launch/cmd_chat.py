@@ -15,7 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ipc.errors import HybridrtError
-from launch.options import add_model_flags, add_sampling_flags, chat_template, load_config, sampling_params
+from launch.options import (
+    add_model_flags,
+    add_sampling_flags,
+    add_step_timeout_flag,
+    chat_template,
+    load_config,
+    sampling_params,
+)
 
 PROMPT = "> "
 COMMANDS = "/reset clears the history, /exit or Ctrl-D quits, Ctrl-C cancels a reply"
@@ -29,6 +36,7 @@ def register(sub) -> None:
     p.add_argument("--connect", metavar="ADDR", default=None,
                    help="address of a running `hybridrt serve` (e.g. tcp://127.0.0.1:7461); the model flags "
                         "are then ignored")
+    add_step_timeout_flag(p, note="; not used with --connect")
     add_sampling_flags(p, default_temperature=0.7)
     add_model_flags(p)
     p.set_defaults(run=run)
@@ -67,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     supervisor = None
     if args.connect is None:
         supervisor = Supervisor(ServerConfig(load_config(args), tokenizer=args.tokenizer,
-                                             chat_template=chat_template(args)))
+                                             chat_template=chat_template(args),
+                                             step_timeout_s=args.step_timeout))
         supervisor.start()
     try:
         with Client(args.connect or supervisor.address) as client:

@@ -13,7 +13,14 @@ import sys
 import time
 from dataclasses import dataclass
 
-from launch.options import add_model_flags, add_sampling_flags, chat_template, load_config, sampling_params
+from launch.options import (
+    add_model_flags,
+    add_sampling_flags,
+    add_step_timeout_flag,
+    chat_template,
+    load_config,
+    sampling_params,
+)
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,7 @@ def register(sub) -> None:
                         "are then ignored")
     p.add_argument("--in-process", action="store_true",
                    help="run executor and JIT context in this process instead of two processes")
+    add_step_timeout_flag(p, note="; not used with --in-process or --connect")
     add_sampling_flags(p, default_temperature=0.0)
     add_model_flags(p)
     p.set_defaults(run=run)
@@ -100,9 +108,12 @@ def run_through_server(args, prompt, messages, params, stream, template: str | N
     supervisor = None
     address = args.connect
     if address is None:
-        supervisor = Supervisor(ServerConfig(load_config(args), tokenizer=args.tokenizer, chat_template=template))
-        supervisor.start()
+        # If this process dies, the ephemeral pair goes with it (see launch.supervisor).
+        supervisor = Supervisor(ServerConfig(load_config(args), tokenizer=args.tokenizer, chat_template=template,
+                                             step_timeout_s=args.step_timeout))
     try:
+        if supervisor:
+            supervisor.start()  # inside the try: a failure half-way still stops what did start
         with Client(address or supervisor.address) as client:
             facts = supervisor.wait_ready() if supervisor else client.status()
             if not args.quiet and supervisor:

@@ -12,7 +12,7 @@ import socket
 import sys
 import threading
 
-from launch.options import add_model_flags, chat_template, load_config
+from launch.options import add_model_flags, add_step_timeout_flag, chat_template, load_config
 from launch.supervisor import ChildDied, ServerConfig, Supervisor
 
 HTTP_SHUTDOWN_TIMEOUT_S = 5.0
@@ -36,6 +36,7 @@ def register(sub) -> None:
     p.add_argument("--mps", choices=("auto", "on", "off"), default="auto",
                    help="run a private CUDA MPS daemon for the two processes (GPU only): auto starts it where "
                         "possible and logs why not otherwise; on fails if it cannot start (default: auto)")
+    add_step_timeout_flag(p)
     add_model_flags(p)
     p.set_defaults(run=run)
 
@@ -43,7 +44,7 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     config = ServerConfig(load_config(args), listen=f"tcp://{args.host}:{args.port}", tokenizer=args.tokenizer,
                           chat_template=chat_template(args),
-                          ready_timeout_s=args.ready_timeout, mps=args.mps)
+                          ready_timeout_s=args.ready_timeout, mps=args.mps, step_timeout_s=args.step_timeout)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:  # before the children start: a taken HTTP port is a one-line error, not a failure after loading

@@ -3,6 +3,10 @@ touches a system-wide daemon; started before the children, quit after them.
 
 With MPS both processes' kernels share the GPU without context switches, which is what makes the
 two-process hand-over free (DESIGN.md: +0.25 ms per token without it).
+
+The daemon forks away from us (it is nobody's child), so no parent-death signal can reach it: if the
+supervisor dies without stopping it, its reaper (`launch/reaper.py`) sends it `quit` through the same pipe
+directory (`quit_daemon`).
 """
 
 from __future__ import annotations
@@ -65,7 +69,15 @@ class MpsDaemon:
     def stop(self) -> None:
         if not self.running:
             return
-        env = {**os.environ, **self.env()}
-        subprocess.run(["nvidia-cuda-mps-control"], input="quit\n", env=env, capture_output=True, text=True,
-                       timeout=15)
+        quit_daemon(self.pipe_dir, self.log_dir)
         self.running = False
+
+
+def quit_daemon(pipe_dir: Path, log_dir: Path, timeout_s: float = 15.0) -> None:
+    """Tell the MPS daemon of `pipe_dir` to quit (it stops its server once the clients are gone)."""
+    env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(pipe_dir), "CUDA_MPS_LOG_DIRECTORY": str(log_dir)}
+    try:
+        subprocess.run(["nvidia-cuda-mps-control"], input="quit\n", env=env, capture_output=True, text=True,
+                       timeout=timeout_s)
+    except (OSError, subprocess.TimeoutExpired):
+        pass

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from graph_executor.loading.default_model import DEFAULT_MODEL_NAME
 from graph_executor.loading.loader import LOAD_FORMATS, LoadConfig
+from jit_context.remote_executor import DEFAULT_STEP_TIMEOUT_S
 from jit_context.sampling_params import SamplingParams
 from jit_context.tokenizer import check_chat_template
 
@@ -30,6 +31,23 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                         "(as vLLM's --chat-template; for models without one or to change it)")
     g.add_argument("--seed-weights", type=int, default=0, help="seed of dummy random weights (default: 0)")
     g.add_argument("--quiet", action="store_true", help="no progress bars or load messages on stderr")
+
+
+def add_step_timeout_flag(p: argparse.ArgumentParser, note: str = "") -> None:
+    p.add_argument("--step-timeout", type=positive_seconds, default=DEFAULT_STEP_TIMEOUT_S, metavar="S",
+                   help="seconds the JIT context waits for the graph executor to answer one step before that "
+                        "request fails (an executor that is alive but hung; the server stays up)"
+                        f"{note} (default: {DEFAULT_STEP_TIMEOUT_S:g})")
+
+
+def positive_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if not seconds > 0 or seconds == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {value}")
+    return seconds
 
 
 def add_sampling_flags(p: argparse.ArgumentParser, default_temperature: float) -> None:

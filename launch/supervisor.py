@@ -1,5 +1,19 @@
 """The supervisor: starts the graph executor and JIT context processes, waits for ready, watches them, and
 stops them (and cleans their shared memory) however they end.
+
+Children never outlive the supervisor, however it ends (a signal, an exception, SIGKILL, a time-out killing
+it), and nothing is left behind within 3 s:
+- each child arms PR_SET_PDEATHSIG = SIGTERM first thing (`ipc/parent_death.py`, from the supervisor's pid in
+  its environment, before its slow imports), so the kernel stops it the moment the supervisor dies: the JIT
+  context answers its clients `shutting_down` and abandons the request in flight, the executor unlinks its
+  shared memory. Elsewhere than Linux, their liveness watch of each other and of the supervisor (the
+  executor polls the supervisor's pid) does the same, more slowly. The children must be started from a thread
+  that lives as long as the supervisor (the kernel signals when the forking *thread* exits): the main one.
+- a reaper (`launch/reaper.py`), started first in its own session and told on a pipe what exists (runtime
+  directory, children, their segments, the MPS daemon), sees end-of-file when the supervisor dies without
+  saying `done`: it SIGKILLs a child still alive after 1.5 s, unlinks the segments, quits the MPS daemon
+  (which forked away from us, so no parent-death signal reaches it) and removes the runtime directory.
+An orderly `stop()` does all of that itself and then tells the reaper `done`.
 """
 
 from __future__ import annotations
@@ -16,8 +30,10 @@ from pathlib import Path
 from graph_executor.device import resolve_device
 from graph_executor.loading.loader import LoadConfig, check_load_config
 from ipc.errors import HybridrtError
+from ipc.parent_death import SUPERVISOR_PID_ENV
 from ipc.runtime_dir import RuntimeDir
 from ipc.shared_tensor import segment_dir
+from jit_context.remote_executor import DEFAULT_STEP_TIMEOUT_S
 from launch.client import Client, ServerError
 from launch.mps import MpsDaemon
 
@@ -37,10 +53,13 @@ class ServerConfig:
     chat_template: str | None = None  # template text replacing the tokenizer's own
     ready_timeout_s: float = 600.0
     mps: str = "auto"  # auto | on | off: a private MPS daemon for the two processes (GPU only)
+    step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S  # a step the executor has not answered by then fails its request
 
     def __post_init__(self) -> None:
         if self.ready_timeout_s <= 0:
             raise ValueError("ready_timeout_s must be > 0")
+        if not self.step_timeout_s > 0:
+            raise ValueError("step_timeout_s must be > 0")
 
 
 def _describe_exit(name: str, code: int) -> str:
@@ -53,6 +72,8 @@ class Supervisor:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.runtime = RuntimeDir()
+        self.reaper = _start_reaper()  # from here on, a SIGKILL of this process leaves nothing behind
+        self._tell_reaper(f"runtime {self.runtime.path}")
         self.address = config.listen or self.runtime.ipc_address("client")
         self.children: dict[str, subprocess.Popen] = {}
         self.ready_facts: dict = {}
@@ -66,11 +87,12 @@ class Supervisor:
         load = self.config.load
         check_load_config(load)  # bad input fails here, in one line, before any process starts
         gpu = resolve_device(load.device).type == "cuda"
-        self.mps = MpsDaemon.start(self.config.mps, self.runtime.subdir("mps-pipe"), self.runtime.subdir("mps-log"),
-                                   gpu)
+        pipe_dir = self.runtime.subdir("mps-pipe")
+        self._tell_reaper(f"mps {pipe_dir}")  # before it starts: it quits a daemon only where one answers there
+        self.mps = MpsDaemon.start(self.config.mps, pipe_dir, self.runtime.subdir("mps-log"), gpu)
         if gpu and not self.mps.running and load.progress:
             print(f"hybridrt: running without MPS ({self.mps.reason})", file=sys.stderr)
-        env = {**os.environ, **self.mps.env()}
+        env = {**os.environ, **self.mps.env(), SUPERVISOR_PID_ENV: str(os.getpid())}
         control = self.runtime.ipc_address("control")
         executor = [sys.executable, "-m", "graph_executor", "--control", control, "--model", load.model,
                     "--load-format", load.load_format, "--device", load.device, "--dtype", load.dtype,
@@ -81,14 +103,17 @@ class Supervisor:
             executor.append("--quiet")
         # Own session: a terminal Ctrl-C reaches only this process, which stops the children in order (and
         # `hybridrt chat` can cancel a reply without its server dying of the same SIGINT).
-        self.children["graph_executor"] = subprocess.Popen(executor, env=env, start_new_session=True)
+        self.children["graph_executor"] = executor_proc = subprocess.Popen(executor, env=env,
+                                                                            start_new_session=True)
+        self._tell_reaper(f"child {executor_proc.pid}", f"segments {segment_dir()} hybridrt-{executor_proc.pid}-")
         jit = [sys.executable, "-m", "jit_context", "--control", control, "--listen", self.address,
-               "--executor-pid", str(self.children["graph_executor"].pid)]
+               "--executor-pid", str(executor_proc.pid), "--step-timeout", repr(self.config.step_timeout_s)]
         if self.config.tokenizer:
             jit += ["--tokenizer", self.config.tokenizer]
         if self.config.chat_template is not None:
             jit += ["--chat-template", self.config.chat_template]
         self.children["jit_context"] = subprocess.Popen(jit, env=env, start_new_session=True)
+        self._tell_reaper(f"child {self.children['jit_context'].pid}")
 
     def wait_ready(self) -> dict:
         deadline = time.monotonic() + self.config.ready_timeout_s
@@ -145,6 +170,17 @@ class Supervisor:
         if self.mps is not None:
             self.mps.stop()
         self.runtime.close()
+        self._tell_reaper("done")
+        _close_reaper(self.reaper)
+
+    def _tell_reaper(self, *lines: str) -> None:
+        if self.reaper is None or self.reaper.stdin.closed:
+            return
+        try:
+            self.reaper.stdin.write("".join(line + "\n" for line in lines))
+            self.reaper.stdin.flush()
+        except OSError:  # the reaper is gone (killed with us by a process-group signal): nothing to tell
+            pass
 
     def _remove_leftover_segments(self) -> None:
         """Segments of an executor that was killed before it could unlink them."""
@@ -160,3 +196,27 @@ class Supervisor:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _start_reaper() -> subprocess.Popen | None:
+    try:
+        # Its own session: a terminal's Ctrl-C or a signal to our process group can't take it with us.
+        return subprocess.Popen([sys.executable, "-m", "launch.reaper"], stdin=subprocess.PIPE, text=True,
+                                start_new_session=True, stdout=subprocess.DEVNULL)
+    except OSError as e:
+        print(f"hybridrt: no reaper ({e}); a killed supervisor may leave its runtime directory", file=sys.stderr)
+        return None
+
+
+def _close_reaper(reaper: subprocess.Popen | None) -> None:
+    """Close our end of its pipe; it exits at once (after `done`) or cleans up (without), then is reaped."""
+    if reaper is None:
+        return
+    try:
+        reaper.stdin.close()
+    except OSError:
+        pass
+    try:
+        reaper.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
