@@ -225,7 +225,9 @@ class JitServer:
             if not isinstance(e, (ValueError, HybridrtError)):
                 print(f"jit_context: request {active.request_id} failed: {type(e).__name__}: {quote(str(e))}",
                       file=sys.stderr)
-            self._end(Error("generation_failed", str(e), active.request_id))
+            # A subsystem's error says its own code (e.g. executor_timeout); anything else failed the generation.
+            code = getattr(e, "code", None) if isinstance(e, HybridrtError) else None
+            self._end(Error(code if isinstance(code, str) else "generation_failed", str(e), active.request_id))
             return
         if isinstance(item, PrefillProgress):
             return  # a long prompt between two prefill chunks: the loop answers other clients now

@@ -48,7 +48,8 @@ Events = AsyncGenerator[TokenChunk | Finished, None]  # one request's messages, 
 log = logging.getLogger("hybridrt.http")
 HEALTH_TIMEOUT_S = 2.0
 DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its HTTP client is still there
-UNAVAILABLE_CODES = frozenset({"executor_died", "shutting_down", "unreachable", "timeout"})
+UNAVAILABLE_CODES = frozenset({"executor_died", "executor_timeout", "server_died", "shutting_down", "unreachable",
+                               "timeout"})
 MAX_REPORTED_ERRORS = 4
 UNION_HINTS = {  # fields with several accepted forms: one clear line instead of an error per form
     "prompt": "must be a string, a list holding one string, or a list of token ids (ints >= 0)",
