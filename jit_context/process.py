@@ -27,6 +27,7 @@ from ipc.events import StepEvents
 from ipc.liveness import process_alive
 from ipc.messages import PROTOCOL_VERSION, Handshake, Ready
 from ipc.step_buffers import SharedStepBuffers
+from jit_context import SERVER_API_KEY_ENV
 from jit_context.remote_executor import DEFAULT_STEP_TIMEOUT_S, ExecutorDied, RemoteExecutor
 from jit_context.request_side import build_request_side
 from jit_context.server import IDLE_POLL_MS, JitServer
@@ -81,7 +82,8 @@ def build_server(args: argparse.Namespace, ctx: zmq.Context, control: Channel) -
                               step_timeout_s=args.step_timeout)
     side = build_request_side(executor, ready.model_name, ready.vocab_size, ready.eos_token_ids,
                               args.tokenizer or ready.tokenizer_path, args.chat_template)
-    return JitServer(bind_server(ctx, args.listen), executor, side, ready)
+    return JitServer(bind_server(ctx, args.listen), executor, side, ready,
+                     api_key=os.environ.pop(SERVER_API_KEY_ENV, None) or None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ within a fraction of a second, after whatever it sent before has been read.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncGenerator
 
@@ -28,16 +29,19 @@ from zmq.utils.monitor import parse_monitor_message
 from ipc.codec import MAX_FRAME_BYTES, decode, encode
 from ipc.errors import ProtocolError
 from ipc.messages import CancelRequest, Error, Finished, GenerateRequest, Message, Status, StatusReply, TokenChunk
-from launch.client import LOST_DRAIN_MS, SERVER_DIED, ServerError
+from launch.client import API_KEY_ENV, LOST_DRAIN_MS, SERVER_DIED, ServerError
 
 CANCEL_LINGER_MS = 200  # let the CancelRequest leave before the socket's pending frames are dropped
 
 
 class AsyncClient:
-    def __init__(self, address: str, probe_after_s: float = 10.0, probe_timeout_s: float = 5.0) -> None:
+    def __init__(self, address: str, probe_after_s: float = 10.0, probe_timeout_s: float = 5.0,
+                 api_key: str | None = None) -> None:
+        """`api_key`: the server's --api-key (default: $HYBRIDRT_API_KEY), sent with every request."""
         if probe_after_s <= 0 or probe_timeout_s <= 0:
             raise ValueError("probe_after_s and probe_timeout_s must be > 0")
         self.address = address
+        self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
         self.probe_after_s = probe_after_s
         self.probe_timeout_s = probe_timeout_s
         self._ctx = zmq.asyncio.Context()
@@ -59,10 +63,12 @@ class AsyncClient:
         """The server's facts; ServerError("unreachable") if it does not answer within timeout_s."""
         sock = self._connect()
         try:
-            await sock.send(encode(Status()))
+            await sock.send(encode(Status(api_key=self.api_key)))
             reply = await _recv(sock, timeout_s)
         finally:
             sock.close()
+        if isinstance(reply, Error):
+            raise ServerError(reply.code, reply.message)
         if not isinstance(reply, StatusReply):
             raise ServerError("unreachable", f"no status answer from {self.address} within {timeout_s} s")
         return reply.facts
@@ -96,7 +102,7 @@ class AsyncClient:
         """
         try:
             request = GenerateRequest(request_id or uuid.uuid4().hex, prompt, messages, token_ids,
-                                      dict(params or {}))
+                                      dict(params or {}), self.api_key)
             request.validate()
             frame = encode(request)
         except (ValueError, ProtocolError) as e:
@@ -123,7 +129,7 @@ class AsyncClient:
                 yield msg
         finally:
             if not finished:
-                _send_cancel(sock, request.request_id)
+                _send_cancel(sock, request.request_id, self.api_key)
             _close_monitor(sock, monitor)
             sock.close()
 
@@ -167,10 +173,10 @@ def _close_monitor(sock: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket) -> Non
     monitor.close(linger=0)
 
 
-def _send_cancel(sock: zmq.asyncio.Socket, request_id: str) -> None:
+def _send_cancel(sock: zmq.asyncio.Socket, request_id: str, api_key: str | None) -> None:
     """Synchronous, non-blocking send on the same socket: safe in a cancelled task or a closing generator."""
     try:
-        zmq.Socket.shadow(sock.underlying).send(encode(CancelRequest(request_id)), zmq.NOBLOCK)
+        zmq.Socket.shadow(sock.underlying).send(encode(CancelRequest(request_id, api_key)), zmq.NOBLOCK)
         sock.setsockopt(zmq.LINGER, CANCEL_LINGER_MS)
     except zmq.ZMQError:
         pass  # the server also aborts a request whose client socket has gone away

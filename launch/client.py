@@ -14,6 +14,7 @@ server sent before the connection dropped (e.g. an `executor_died` error) is sti
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -43,6 +44,7 @@ from jit_context.sampling_params import SamplingParams
 LOST_DRAIN_MS = 100  # after the connection dropped, read what the server sent before it for this long
 
 SERVER_DIED = "server_died"
+API_KEY_ENV = "HYBRIDRT_API_KEY"  # the key a server started with --api-key wants, for clients
 
 
 class ServerError(HybridrtError):
@@ -125,8 +127,10 @@ class Client:
     started while another is in flight on the same thread (two generators interleaved), or on another thread,
     gets a socket of its own. Replies to earlier, abandoned requests are skipped by request id."""
 
-    def __init__(self, address: str, timeout_s: float = 60.0) -> None:
+    def __init__(self, address: str, timeout_s: float = 60.0, api_key: str | None = None) -> None:
+        """`api_key`: the server's --api-key (default: $HYBRIDRT_API_KEY), sent with every request."""
         self.address = address
+        self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
         self.timeout_ms = int(timeout_s * 1000)
         self._ctx = zmq.Context()
         self._idle = threading.local()  # .sock: this thread's idle socket, or None
@@ -169,8 +173,10 @@ class Client:
 
     def status(self, timeout_s: float = 5.0) -> dict:
         with connect_client(self._ctx, self.address) as sock:
-            sock.send(Status(), timeout_ms=int(timeout_s * 1000))
+            sock.send(Status(api_key=self.api_key), timeout_ms=int(timeout_s * 1000))
             reply = sock.recv(timeout_ms=int(timeout_s * 1000))
+        if isinstance(reply, Error):
+            raise ServerError(reply.code, reply.message)
         if not isinstance(reply, StatusReply):
             raise ServerError("no_answer", f"no status answer from {self.address} within {timeout_s} s")
         return reply.facts
@@ -179,7 +185,7 @@ class Client:
                  add_generation_prompt: bool = True) -> list[int]:
         """The token ids a generation would see for `prompt` (raw) or `messages` (chat template applied)."""
         try:
-            request = TokenizeRequest(uuid.uuid4().hex, prompt, messages, add_generation_prompt)
+            request = TokenizeRequest(uuid.uuid4().hex, prompt, messages, add_generation_prompt, self.api_key)
             request.validate()
         except ValueError as e:
             raise ServerError("invalid_request", str(e)) from None
@@ -188,7 +194,7 @@ class Client:
     def detokenize(self, token_ids: list[int]) -> str:
         """The text of `token_ids`, special tokens included."""
         try:
-            request = DetokenizeRequest(uuid.uuid4().hex, list(token_ids))
+            request = DetokenizeRequest(uuid.uuid4().hex, list(token_ids), self.api_key)
             request.validate()
         except ValueError as e:
             raise ServerError("invalid_request", str(e)) from None
@@ -210,7 +216,7 @@ class Client:
                  params: dict | SamplingParams | None = None) -> Iterator[TokenChunk | Finished]:
         """Yield a TokenChunk per generated token, then the Finished message; raises ServerError."""
         wire_params = params.to_dict() if isinstance(params, SamplingParams) else dict(params or {})
-        request = GenerateRequest(uuid.uuid4().hex, prompt, messages, token_ids, wire_params)
+        request = GenerateRequest(uuid.uuid4().hex, prompt, messages, token_ids, wire_params, self.api_key)
         request.validate()  # ValueError here, before anything is sent
         finished, reusable = False, True
         sock = self._take_socket()
@@ -235,7 +241,7 @@ class Client:
         finally:
             if not finished:  # the caller stopped early: free the server
                 try:
-                    sock.send(CancelRequest(request.request_id), timeout_ms=100)
+                    sock.send(CancelRequest(request.request_id, self.api_key), timeout_ms=100)
                 except (TimeoutError, HybridrtError, zmq.ZMQError):
                     reusable = False
             self._give_back(sock, reusable)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from ipc.errors import HybridrtError
 from launch.options import (
+    add_api_key_flag,
     add_model_flags,
     add_sampling_flags,
     add_step_timeout_flag,
@@ -37,6 +38,7 @@ def register(sub) -> None:
                    help="address of a running `hybridrt serve` (e.g. tcp://127.0.0.1:7461); the model flags "
                         "are then ignored")
     add_step_timeout_flag(p, note="; not used with --connect")
+    add_api_key_flag(p)
     add_sampling_flags(p, default_temperature=0.7)
     add_model_flags(p)
     p.set_defaults(run=run)
@@ -79,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
                                              step_timeout_s=args.step_timeout))
         supervisor.start()
     try:
-        with Client(args.connect or supervisor.address) as client:
+        with Client(args.connect or supervisor.address, api_key=args.api_key) as client:
             facts = supervisor.wait_ready() if supervisor else client.status()
             if not facts.get("chat_template"):
                 raise HybridrtError(f"model {facts.get('model')} has no chat template; use "

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 from launch.options import (
+    add_api_key_flag,
     add_model_flags,
     add_sampling_flags,
     add_step_timeout_flag,
@@ -49,6 +50,7 @@ def register(sub) -> None:
     p.add_argument("--in-process", action="store_true",
                    help="run executor and JIT context in this process instead of two processes")
     add_step_timeout_flag(p, note="; not used with --in-process or --connect")
+    add_api_key_flag(p)
     add_sampling_flags(p, default_temperature=0.0)
     add_model_flags(p)
     p.set_defaults(run=run)
@@ -114,7 +116,7 @@ def run_through_server(args, prompt, messages, params, stream, template: str | N
     try:
         if supervisor:
             supervisor.start()  # inside the try: a failure half-way still stops what did start
-        with Client(address or supervisor.address) as client:
+        with Client(address or supervisor.address, api_key=args.api_key) as client:
             facts = supervisor.wait_ready() if supervisor else client.status()
             if not args.quiet and supervisor:
                 print(f"server ready in {supervisor.ready_seconds:.1f} s", file=sys.stderr)

@@ -7,11 +7,14 @@ stops the other and exits 1 (no automatic restart: a supervisor such as systemd 
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import os
 import signal
 import socket
 import sys
 import threading
 
+from launch.client import API_KEY_ENV
 from launch.options import add_model_flags, add_step_timeout_flag, chat_template, load_config
 from launch.supervisor import ChildDied, ServerConfig, Supervisor
 
@@ -29,8 +32,10 @@ def register(sub) -> None:
                    help=f"native (ZeroMQ) client port (default: {DEFAULT_PORT})")
     p.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT,
                    help=f"OpenAI-compatible HTTP port; 0 disables HTTP (default: {DEFAULT_HTTP_PORT})")
-    p.add_argument("--api-key", default=None,
-                   help="require `Authorization: Bearer KEY` on the HTTP API (default: no key)")
+    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
+                   help="require KEY of every client: `Authorization: Bearer KEY` on the HTTP API, and on the native "
+                        f"socket in each request (clients: --api-key or ${API_KEY_ENV}) (default: ${API_KEY_ENV}, "
+                        "else no key)")
     p.add_argument("--ready-timeout", type=float, default=600.0,
                    help="seconds to wait for the model to load before giving up (default: 600)")
     p.add_argument("--mps", choices=("auto", "on", "off"), default="auto",
@@ -44,7 +49,11 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     config = ServerConfig(load_config(args), listen=f"tcp://{args.host}:{args.port}", tokenizer=args.tokenizer,
                           chat_template=chat_template(args),
-                          ready_timeout_s=args.ready_timeout, mps=args.mps, step_timeout_s=args.step_timeout)
+                          ready_timeout_s=args.ready_timeout, mps=args.mps, step_timeout_s=args.step_timeout,
+                          api_key=args.api_key)
+    if args.api_key is None and not is_loopback(args.host):
+        print(f"warning: serving on {args.host} without --api-key: anyone who can reach this host can use the "
+              "server", file=sys.stderr)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:  # before the children start: a taken HTTP port is a one-line error, not a failure after loading
@@ -72,6 +81,14 @@ def run(args: argparse.Namespace) -> int:
         supervisor.stop()
         if http_socket is not None:
             http_socket.close()
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address or a name) only ever reaches this machine."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def bind_http_socket(host: str, port: int) -> socket.socket:

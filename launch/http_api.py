@@ -89,7 +89,7 @@ class ApiError(Exception):
 
 def create_app(client_address: str, model_name: str, api_key: str | None, max_context: int) -> FastAPI:
     """The app for one served model; `client_address` is the JIT context's native (ZeroMQ) address."""
-    client = AsyncClient(client_address)
+    client = AsyncClient(client_address, api_key=api_key)  # the JIT context wants the same key natively
     created = int(time.time())
 
     @asynccontextmanager

@@ -45,7 +45,7 @@ def add_extra_routes(app: FastAPI, client: AsyncClient, model_name: str, key_che
         messages = [m.native() for m in body.messages] if body.messages is not None else None
         try:
             reply = await client.ask(TokenizeRequest(uuid.uuid4().hex, body.prompt, messages,
-                                                     body.add_generation_prompt))
+                                                     body.add_generation_prompt, client.api_key))
         except ServerError as e:
             raise ApiError.from_server(e) from None
         return {"count": len(reply.token_ids), "max_model_len": reply.max_context, "tokens": reply.token_ids}
@@ -54,7 +54,7 @@ def add_extra_routes(app: FastAPI, client: AsyncClient, model_name: str, key_che
     async def detokenize(body: DetokenizeBody) -> dict:
         check_model(body.model, model_name)
         try:
-            reply = await client.ask(DetokenizeRequest(uuid.uuid4().hex, body.tokens))
+            reply = await client.ask(DetokenizeRequest(uuid.uuid4().hex, body.tokens, client.api_key))
         except ServerError as e:
             raise ApiError.from_server(e) from None
         return {"prompt": reply.text}

@@ -40,6 +40,11 @@ def add_step_timeout_flag(p: argparse.ArgumentParser, note: str = "") -> None:
                         f"{note} (default: {DEFAULT_STEP_TIMEOUT_S:g})")
 
 
+def add_api_key_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="the --api-key of the server given with --connect (default: $HYBRIDRT_API_KEY)")
+
+
 def positive_seconds(value: str) -> float:
     try:
         seconds = float(value)

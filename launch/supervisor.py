@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from graph_executor.device import resolve_device
@@ -33,6 +33,7 @@ from ipc.errors import HybridrtError
 from ipc.parent_death import SUPERVISOR_PID_ENV
 from ipc.runtime_dir import RuntimeDir
 from ipc.shared_tensor import segment_dir
+from jit_context import SERVER_API_KEY_ENV
 from jit_context.remote_executor import DEFAULT_STEP_TIMEOUT_S
 from launch.client import Client, ServerError
 from launch.mps import MpsDaemon
@@ -54,6 +55,7 @@ class ServerConfig:
     ready_timeout_s: float = 600.0
     mps: str = "auto"  # auto | on | off: a private MPS daemon for the two processes (GPU only)
     step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S  # a step the executor has not answered by then fails its request
+    api_key: str | None = field(default=None, repr=False)  # required of every native (and HTTP) client if set
 
     def __post_init__(self) -> None:
         if self.ready_timeout_s <= 0:
@@ -112,12 +114,15 @@ class Supervisor:
             jit += ["--tokenizer", self.config.tokenizer]
         if self.config.chat_template is not None:
             jit += ["--chat-template", self.config.chat_template]
-        self.children["jit_context"] = subprocess.Popen(jit, env=env, start_new_session=True)
+        jit_env = {k: v for k, v in env.items() if k != SERVER_API_KEY_ENV}
+        if self.config.api_key is not None:
+            jit_env[SERVER_API_KEY_ENV] = self.config.api_key
+        self.children["jit_context"] = subprocess.Popen(jit, env=jit_env, start_new_session=True)
         self._tell_reaper(f"child {self.children['jit_context'].pid}")
 
     def wait_ready(self) -> dict:
         deadline = time.monotonic() + self.config.ready_timeout_s
-        with Client(self.address) as client:
+        with Client(self.address, api_key=self.config.api_key) as client:
             while time.monotonic() < deadline:
                 self.check_children()
                 try:

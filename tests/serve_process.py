@@ -44,6 +44,7 @@ class ServeProcess:
         self.http_port = free_port() if http else 0
         self.address = f"tcp://127.0.0.1:{self.port}"
         self.http = f"http://127.0.0.1:{self.http_port}" if http else None
+        self.api_key = extra[extra.index("--api-key") + 1] if "--api-key" in extra else None
         cmd = [sys.executable, "-m", "launch.cli", "serve", "--quiet", "--port", str(self.port),
                "--http-port", str(self.http_port), *model_flags, *extra]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -51,7 +52,7 @@ class ServeProcess:
 
     def wait_ready(self, timeout_s: float = 120.0) -> dict:
         deadline = time.monotonic() + timeout_s
-        with Client(self.address) as client:
+        with Client(self.address, api_key=self.api_key) as client:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"serve exited with {self.proc.returncode}: {self.proc.stderr.read()}")

@@ -236,6 +236,19 @@ def test_api_key(default_model_dir) -> None:
         api = openai_client(serve, "secret")
         model = api.models.list().data[0].id
         assert api.completions.create(model=model, prompt=PROMPT, max_tokens=2, temperature=0).choices[0].text
+        # The scheme is case-insensitive (RFC 7235); the key is not.
+        assert httpx.get(f"{serve.http}/v1/models", headers={"authorization": "bearer secret"}).status_code == 200
+        assert httpx.get(f"{serve.http}/v1/models", headers={"authorization": "Bearer SECRET"}).status_code == 401
+        # The native socket wants the same key in every request: without it nothing is served or revealed.
+        with Client(serve.address, api_key="wrong") as client:
+            for call in (client.status, lambda: client.tokenize("a"), lambda: list(client.generate("a"))):
+                with pytest.raises(ServerError) as info:
+                    call()
+                assert info.value.code == "unauthorized"
+        with Client(serve.address, api_key="secret") as client:
+            assert client.tokenize("a") and client.status()["ready"]
+            *_, final = client.generate("Hi", params={"max_tokens": 2, "temperature": 0})
+            assert len(final.token_ids) == 2
 
 
 def test_sigterm_ends_open_streams_promptly(default_model_dir) -> None:

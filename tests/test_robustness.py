@@ -111,3 +111,32 @@ def test_prefill_in_chunks_equals_one_prefill_and_yields_between_chunks() -> Non
     list(Generator(runner, None, frozenset({2}), prefill_chunk=8).generate(
         prompt, SamplingParams(max_tokens=1, temperature=0.0)))
     assert torch.allclose(runner.buffers.logits, one, atol=1e-5, rtol=1e-5)
+
+
+def test_clients_take_the_key_from_the_environment(monkeypatch) -> None:
+    from launch.async_client import AsyncClient
+    from launch.client import API_KEY_ENV, Client
+
+    monkeypatch.setenv(API_KEY_ENV, "from-env")
+    with Client("tcp://127.0.0.1:9") as client:
+        assert client.api_key == "from-env"
+    with Client("tcp://127.0.0.1:9", api_key="given") as client:
+        assert client.api_key == "given"
+    assert AsyncClient("tcp://127.0.0.1:9").api_key == "from-env"
+    monkeypatch.delenv(API_KEY_ENV)
+    assert AsyncClient("tcp://127.0.0.1:9").api_key is None
+
+
+def test_api_key_never_shows_in_a_message_repr() -> None:
+    from ipc.messages import GenerateRequest
+
+    assert "hunter2" not in repr(GenerateRequest("r", prompt="x", api_key="hunter2"))
+
+
+@pytest.mark.parametrize("host,loopback", [("127.0.0.1", True), ("127.0.0.2", True), ("::1", True),
+                                           ("localhost", True), ("0.0.0.0", False), ("::", False),
+                                           ("192.168.1.5", False), ("example.com", False)])
+def test_non_loopback_hosts_are_recognised(host, loopback) -> None:
+    from launch.cmd_serve import is_loopback
+
+    assert is_loopback(host) is loopback
