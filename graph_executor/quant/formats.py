@@ -1,0 +1,397 @@
+"""The packed weight formats of the low-bit path, and everything that makes or reads them outside a kernel:
+
+- `Int4Groups`: 4-bit codes two per byte, a scale and an (optional) offset per group of `group` weights.
+- `Int8Groups`: int8 codes, a scale and an (optional) offset per group of `group` weights.
+- `from_gguf` / `from_reader_tensor`: GGUF blocks (Q4_0, Q4_1, Q4_K -> Int4Groups; Q8_0, Q5_0, Q5_1, Q5_K,
+  Q6_K -> Int8Groups) converted with torch ops on any device.
+- `quantize_int4` / `quantize_int8`: round-to-nearest group-wise quantization of float weights (HF
+  checkpoints, dummy models), on the device the weights are on.
+- `.dequantize()` on each format: float32 weights for references and the CPU path.
+
+Every weight matrix is [N, K] as the GEMVs see it (N output rows, K inputs, unit stride along K), groups run
+along K. Value of a weight = scale * q + offset, computed in float32 from the stored scale and offset.
+
+Exactness against `gguf.quants.dequantize` (which computes in float32): Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 are
+bit-exact with float16 scales (their scale and offset are the block's own float16 d and m). The K-quants
+(Q4_K, Q5_K, Q6_K) store a float16 super-block d times a 6-bit (8-bit for Q6_K) sub-block scale; that product
+needs up to 17 (18) significant bits, so it is exact in float32 but not in float16. With
+`scale_dtype=torch.float32` they are bit-exact too (one more byte per scale); with the default float16 each
+group's scale and offset carry a relative rounding error <= 2**-11 (tests/test_quant.py measures it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+GROUPS = (16, 32, 64, 128, 256)  # powers of two: the kernels reshape a K tile into groups
+SCALE_DTYPES = (torch.float16, torch.float32)
+INT4_ZERO = 8  # symmetric Int4Groups (offset None): value = scale * (q - 8), q in 0..15 (Q4_0's convention)
+
+
+def _check_scales(kind: str, n: int, k: int, group: int, codes: torch.Tensor, scale: torch.Tensor,
+                  offset: torch.Tensor | None) -> None:
+    if group not in GROUPS:
+        raise ValueError(f"{kind}: group {group} is not one of {GROUPS}")
+    if k % group:
+        raise ValueError(f"{kind}: K = {k} is not a multiple of the group ({group})")
+    for name, t in (("scale", scale), ("offset", offset)):
+        if t is None:
+            continue
+        if t.dtype not in SCALE_DTYPES:
+            raise ValueError(f"{kind}: {name} dtype {t.dtype} is not float16 or float32")
+        if tuple(t.shape) != (n, k // group):
+            raise ValueError(f"{kind}: {name} shape {tuple(t.shape)} != {(n, k // group)}")
+        if not t.is_contiguous() or t.device != codes.device:
+            raise ValueError(f"{kind}: {name} must be contiguous and on {codes.device}")
+    if offset is not None and offset.dtype != scale.dtype:
+        raise ValueError(f"{kind}: offset dtype {offset.dtype} != scale dtype {scale.dtype}")
+
+
+def _group_values(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, group: int,
+                  zero: int, dtype: torch.dtype) -> torch.Tensor:
+    """q [N, K] integer codes -> [N, K] of scale * (q - zero) + offset, in float32 (the GGUF reference's order
+    of operations, so mapped types come out bit-exact), then cast to dtype."""
+    n, k = q.shape
+    q = q.view(n, k // group, group).float()  # [N, K/G, G]
+    if zero:
+        q = q - zero
+    w = scale.float()[..., None] * q
+    if offset is not None:
+        w = w + offset.float()[..., None]
+    return w.view(n, k).to(dtype)
+
+
+@dataclass(frozen=True)
+class Int4Groups:
+    """4-bit codes q in 0..15, two per byte; value = scale * q + offset (offset None: scale * (q - 8))."""
+
+    codes: torch.Tensor  # uint8 [N, K // 2]: w[n, k] is nibble k % 2 (low nibble first) of codes[n, k // 2]
+    scale: torch.Tensor  # float16 (float32 for exact K-quants) [N, K // group]
+    offset: torch.Tensor | None  # like scale, or None (symmetric)
+    group: int = 32
+
+    def __post_init__(self) -> None:
+        if self.codes.dtype != torch.uint8 or self.codes.dim() != 2 or not self.codes.is_contiguous():
+            raise ValueError(f"Int4Groups: codes must be a contiguous 2-D uint8 tensor, got {self.codes.dtype} "
+                             f"{tuple(self.codes.shape)}")
+        _check_scales("Int4Groups", *self.shape, self.group, self.codes, self.scale, self.offset)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.codes.shape[0], 2 * self.codes.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes a GEMV reads for this matrix (codes + scales + offsets)."""
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.offset) if t is not None)
+
+    @property
+    def bits_per_weight(self) -> float:
+        n, k = self.shape
+        return 8 * self.nbytes / (n * k)
+
+    def unpack(self) -> torch.Tensor:
+        """uint8 [N, K] codes 0..15."""
+        n, k = self.shape
+        return torch.stack([self.codes & 0xF, self.codes >> 4], dim=-1).view(n, k)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[N, K] weights (computed in float32)."""
+        zero = INT4_ZERO if self.offset is None else 0
+        return _group_values(self.unpack(), self.scale, self.offset, self.group, zero, dtype)
+
+    def to(self, device: torch.device | str) -> Int4Groups:
+        return Int4Groups(self.codes.to(device), self.scale.to(device),
+                          None if self.offset is None else self.offset.to(device), self.group)
+
+
+@dataclass(frozen=True)
+class Int8Groups:
+    """int8 codes q; value = scale * q + offset (offset None: scale * q)."""
+
+    codes: torch.Tensor  # int8 [N, K]
+    scale: torch.Tensor  # float16 (float32 for exact K-quants) [N, K // group]
+    offset: torch.Tensor | None  # like scale, or None (symmetric)
+    group: int = 32
+
+    def __post_init__(self) -> None:
+        if self.codes.dtype != torch.int8 or self.codes.dim() != 2 or not self.codes.is_contiguous():
+            raise ValueError(f"Int8Groups: codes must be a contiguous 2-D int8 tensor, got {self.codes.dtype} "
+                             f"{tuple(self.codes.shape)}")
+        _check_scales("Int8Groups", *self.shape, self.group, self.codes, self.scale, self.offset)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.codes.shape[0], self.codes.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes a GEMV reads for this matrix (codes + scales + offsets)."""
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.offset) if t is not None)
+
+    @property
+    def bits_per_weight(self) -> float:
+        n, k = self.shape
+        return 8 * self.nbytes / (n * k)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[N, K] weights (computed in float32)."""
+        return _group_values(self.codes, self.scale, self.offset, self.group, 0, dtype)
+
+    def to(self, device: torch.device | str) -> Int8Groups:
+        return Int8Groups(self.codes.to(device), self.scale.to(device),
+                          None if self.offset is None else self.offset.to(device), self.group)
+
+
+PackedWeight = Int4Groups | Int8Groups
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GGUF blocks -> packed formats. Each converter takes the raw blocks as uint8 [N, K / block, type_size] and
+# mirrors the block layout of gguf.quants (ggml-quants.c); the tests hold them to gguf.quants.dequantize.
+
+def _f16(blocks: torch.Tensor, at: int) -> torch.Tensor:
+    """The float16 at byte `at` of every block: [N, nb]."""
+    return blocks[..., at:at + 2].contiguous().view(torch.float16)[..., 0]
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., L] -> [..., 2, L]: low nibbles, then high nibbles."""
+    return torch.stack([qs & 0xF, qs >> 4], dim=-2)
+
+
+def _bits(qh: torch.Tensor, count: int) -> torch.Tensor:
+    """Little-endian bit j of the byte string qh [..., count // 8], for j < count: uint8 [..., count]."""
+    j = torch.arange(count, device=qh.device)
+    return (qh[..., j // 8] >> (j % 8).to(torch.uint8)) & 1
+
+
+def _pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K] codes 0..15 -> [N, K // 2], even k in the low nibble."""
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+
+
+def _scales(t: torch.Tensor, n: int, dtype: torch.dtype, what: str) -> torch.Tensor:
+    """[N, nb, groups per block] float32 -> [N, K // group] in dtype, refusing float16 overflow."""
+    out = t.reshape(n, -1).to(dtype).contiguous()
+    if not torch.isfinite(out).all():
+        raise ValueError(f"{what}: a scale or offset is not finite in {dtype} (use scale_dtype=torch.float32)")
+    return out
+
+
+def _q4_0(b: torch.Tensor, n: int, k: int, sd: torch.dtype) -> Int4Groups:
+    q = _nibbles(b[..., 2:18]).reshape(n, k)  # block of 32: d, 16 bytes (weight j low, j + 16 high)
+    return Int4Groups(_pack_int4(q), _scales(_f16(b, 0).float(), n, sd, "Q4_0"), None, 32)
+
+
+def _q4_1(b: torch.Tensor, n: int, k: int, sd: torch.dtype) -> Int4Groups:
+    q = _nibbles(b[..., 4:20]).reshape(n, k)  # d, m, 16 bytes
+    return Int4Groups(_pack_int4(q), _scales(_f16(b, 0).float(), n, sd, "Q4_1"),
+                      _scales(_f16(b, 2).float(), n, sd, "Q4_1"), 32)
+
+
+def _q5(b: torch.Tensor, n: int, at: int) -> torch.Tensor:
+    """Q5_0/Q5_1 5-bit codes 0..31: 4 bytes of high bits at `at`, then 16 bytes of low nibbles -> [N, nb, 32]."""
+    low = _nibbles(b[..., at + 4:at + 20]).reshape(n, -1, 32)
+    return low | (_bits(b[..., at:at + 4], 32) << 4)
+
+
+def _q5_0(b: torch.Tensor, n: int, k: int, sd: torch.dtype) -> Int8Groups:
+    codes = (_q5(b, n, 2).to(torch.int16) - 16).to(torch.int8).reshape(n, k)
+    return Int8Groups(codes, _scales(_f16(b, 0).float(), n, sd, "Q5_0"), None, 32)
+
+
+def _q5_1(b: torch.Tensor, n: int, k: int, sd: torch.dtype) -> Int8Groups:
+    codes = _q5(b, n, 4).to(torch.int8).reshape(n, k)
+    return Int8Groups(codes, _scales(_f16(b, 0).float(), n, sd, "Q5_1"),
+                      _scales(_f16(b, 2).float(), n, sd, "Q5_1"), 32)
+
+
+def _q8_0(b: torch.Tensor, n: int, k: int, sd: torch.dtype) -> Int8Groups:
+    codes = b[..., 2:34].contiguous().view(torch.int8).reshape(n, k)
+    return Int8Groups(codes, _scales(_f16(b, 0).float(), n, sd, "Q8_0"), None, 32)
+
+
+def _k_scale_min(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K: the 8 six-bit sub-block scales and mins packed in bytes 4..15 -> two float32 [N, nb, 8]."""
+    s = b[..., 4:16].reshape(*b.shape[:2], 3, 4)
+    d, m, md = s[..., 0, :], s[..., 1, :], s[..., 2, :]
+    sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=-1)
+    mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=-1)
+    return sc.float(), mn.float()
+
+
+def _k_scale_offset(b: torch.Tensor, n: int, sd: torch.dtype, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    sc, mn = _k_scale_min(b)
+    scale = _f16(b, 0).float()[..., None] * sc  # exact in float32 (11 + 6 significant bits)
+    offset = -(_f16(b, 2).float()[..., None] * mn)
+    return _scales(scale, n, sd, what), _scales(offset, n, sd, what)
+
+
+def _q4_k_low(qs: torch.Tensor, n: int) -> torch.Tensor:
+    """Q4_K/Q5_K low nibbles: 4 chunks of 32 bytes, each low = sub-block 2j, high = 2j + 1 -> [N, nb, 256]."""
+    return _nibbles(qs.reshape(n, -1, 4, 32)).reshape(n, -1, 256)
+
+
+def _q4_k(b: torch.Tensor, n: int, k: int, sd: torch.dtype) -> Int4Groups:
+    scale, offset = _k_scale_offset(b, n, sd, "Q4_K")  # block of 256: d, dmin, scales[12], qs[128]
+    return Int4Groups(_pack_int4(_q4_k_low(b[..., 16:144], n).reshape(n, k)), scale, offset, 32)
+
+
+def _q5_k(b: torch.Tensor, n: int, k: int, sd: torch.dtype) -> Int8Groups:
+    scale, offset = _k_scale_offset(b, n, sd, "Q5_K")  # d, dmin, scales[12], qh[32], qs[128]
+    # bit i of qh[l] is the high bit of weight 32 i + l
+    high = ((b[..., 16:48, None] >> torch.arange(8, device=b.device, dtype=torch.uint8)) & 1).transpose(-1, -2)
+    q = _q4_k_low(b[..., 48:176], n) | (high.reshape(n, -1, 256) << 4)
+    return Int8Groups(q.to(torch.int8).reshape(n, k), scale, offset, 32)
+
+
+def _q6_k(b: torch.Tensor, n: int, k: int, sd: torch.dtype) -> Int8Groups:
+    # block of 256: ql[128], qh[64], scales[16] (int8, one per 16 weights), d. Each half of 128 weights has
+    # 64 ql bytes (low nibbles: weights 0..63, high: 64..127) and 32 qh bytes (bits 2s..2s+1: weights 32 s + l).
+    ql = _nibbles(b[..., 0:128].reshape(n, -1, 2, 64)).reshape(n, -1, 256)
+    shifts = torch.tensor([0, 2, 4, 6], device=b.device, dtype=torch.uint8)[:, None]
+    qh = ((b[..., 128:192].reshape(n, -1, 2, 1, 32) >> shifts) & 3).reshape(n, -1, 256)
+    codes = ((ql | (qh << 4)).to(torch.int16) - 32).to(torch.int8).reshape(n, k)
+    sub = b[..., 192:208].contiguous().view(torch.int8).float()  # [N, nb, 16]
+    scale = _f16(b, 208).float()[..., None] * sub  # exact in float32 (11 + 7 significant bits)
+    return Int8Groups(codes, _scales(scale, n, sd, "Q6_K"), None, 16)
+
+
+_CONVERTERS = {
+    GGMLQuantizationType.Q4_0: _q4_0,
+    GGMLQuantizationType.Q4_1: _q4_1,
+    GGMLQuantizationType.Q4_K: _q4_k,
+    GGMLQuantizationType.Q5_0: _q5_0,
+    GGMLQuantizationType.Q5_1: _q5_1,
+    GGMLQuantizationType.Q5_K: _q5_k,
+    GGMLQuantizationType.Q6_K: _q6_k,
+    GGMLQuantizationType.Q8_0: _q8_0,
+}
+PACKED_GGUF_TYPES = frozenset(_CONVERTERS)
+
+
+def from_gguf(data: np.ndarray, qtype: GGMLQuantizationType | int, shape: Sequence[int] | None = None, *,
+              scale_dtype: torch.dtype = torch.float16, device: torch.device | str = "cpu") -> PackedWeight:
+    """GGUF tensor bytes (uint8 [N, K / block * type_size], as GGUFReader's `tensor.data`) -> packed weight.
+
+    shape: the weight's (N, K) in torch order (GGUFReader's `tensor.shape` reversed); default: from data's
+    shape. The unpacking runs with torch ops on `device`.
+    """
+    try:
+        qtype = GGMLQuantizationType(qtype)
+    except ValueError:
+        raise ValueError(f"unknown GGUF tensor type {qtype!r}") from None
+    if qtype not in _CONVERTERS:
+        raise ValueError(f"GGUF type {qtype.name} has no packed format (packed: "
+                         f"{', '.join(sorted(t.name for t in _CONVERTERS))}); dequantize it at load")
+    if scale_dtype not in SCALE_DTYPES:
+        raise ValueError(f"scale_dtype {scale_dtype} is not float16 or float32")
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    raw = np.asarray(data)
+    if raw.dtype != np.uint8:
+        raise ValueError(f"{qtype.name}: GGUF data must be uint8 bytes, got {raw.dtype}")
+    if shape is None:
+        if raw.ndim < 1 or raw.shape[-1] % type_size:
+            raise ValueError(f"{qtype.name}: {raw.shape[-1:]} bytes per row is not a multiple of {type_size}")
+        shape = (raw.size // raw.shape[-1], raw.shape[-1] // type_size * block)
+    if len(shape) != 2:
+        raise ValueError(f"{qtype.name}: packed weights are 2-D, got shape {tuple(shape)}")
+    n, k = (int(d) for d in shape)
+    if n <= 0 or k <= 0 or k % block:
+        raise ValueError(f"{qtype.name}: shape {(n, k)}: K is not a positive multiple of the block ({block})")
+    if raw.size != n * (k // block) * type_size:
+        raise ValueError(f"{qtype.name}: {raw.size} bytes do not hold a {(n, k)} tensor "
+                         f"({n * (k // block) * type_size} bytes)")
+    raw = np.ascontiguousarray(raw).reshape(n, k // block, type_size)
+    if not raw.flags.writeable:  # GGUFReader's data is a read-only memmap view; torch wants writable memory
+        raw = raw.copy()
+    return _CONVERTERS[qtype](torch.from_numpy(raw).to(device), n, k, scale_dtype)
+
+
+def from_reader_tensor(tensor, *, scale_dtype: torch.dtype = torch.float16,
+                       device: torch.device | str = "cpu") -> PackedWeight:
+    """A `gguf.GGUFReader` tensor (its .data, .tensor_type and .shape, which lists K first) -> packed weight."""
+    dims = tuple(int(d) for d in reversed(list(tensor.shape)))
+    if len(dims) != 2:
+        raise ValueError(f"GGUF tensor {tensor.name!r}: packed weights are 2-D, got shape {dims}")
+    try:
+        return from_gguf(tensor.data, tensor.tensor_type, dims, scale_dtype=scale_dtype, device=device)
+    except ValueError as e:
+        raise ValueError(f"GGUF tensor {tensor.name!r}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Round-to-nearest group-wise quantization of float weights.
+
+def _fp16_up(x: torch.Tensor) -> torch.Tensor:
+    """The smallest float16 >= x (x float64)."""
+    h = x.to(torch.float16)
+    return torch.where(h.double() < x, torch.nextafter(h, torch.full_like(h, float("inf"))), h)
+
+
+def _fp16_down(x: torch.Tensor) -> torch.Tensor:
+    """The largest float16 <= x (x float64)."""
+    h = x.to(torch.float16)
+    return torch.where(h.double() > x, torch.nextafter(h, torch.full_like(h, float("-inf"))), h)
+
+
+def _groups(w: torch.Tensor, group: int, what: str) -> torch.Tensor:
+    """w [N, K] float -> float32 [N, K / group, group], refusing bad input."""
+    if not w.is_floating_point() or w.dim() != 2:
+        raise ValueError(f"{what}: weights must be a 2-D float tensor, got {w.dtype} {tuple(w.shape)}")
+    if group not in GROUPS:
+        raise ValueError(f"{what}: group {group} is not one of {GROUPS}")
+    n, k = w.shape
+    if k % group:
+        raise ValueError(f"{what}: K = {k} is not a multiple of the group ({group})")
+    g = w.detach().float().reshape(n, k // group, group)
+    if not torch.isfinite(g).all():
+        raise ValueError(f"{what}: weights contain inf or nan")
+    return g
+
+
+def _finite16(what: str, *ts: torch.Tensor) -> None:
+    if not all(torch.isfinite(t).all() for t in ts):
+        raise ValueError(f"{what}: weights exceed the float16 range of scales and offsets")
+
+
+def quantize_int4(w: torch.Tensor, group: int = 32) -> Int4Groups:
+    """Asymmetric round-to-nearest: per group, offset = min (rounded down to float16), scale = (max - offset)
+    / 15 (rounded up), so the 16 levels cover the group and |w - dequantized| <= scale / 2 (up to float32
+    rounding of the dequantization). w [N, K] on any device; K a multiple of group."""
+    g = _groups(w, group, "quantize_int4")  # [N, K/G, G] float32
+    n, k = w.shape
+    offset = _fp16_down(g.amin(-1).double())  # [N, K/G]; the per-group arithmetic in float64 is exact
+    scale = _fp16_up((g.amax(-1).double() - offset.double()) / 15)
+    _finite16("quantize_int4", offset, scale)
+    s = scale.float()[..., None]
+    q = torch.where(s > 0, (g - offset.float()[..., None]) / torch.where(s > 0, s, 1.0), 0.0)
+    codes = q.round().clamp(0, 15).to(torch.uint8).view(n, k)
+    return Int4Groups(_pack_int4(codes), scale.contiguous(), offset.contiguous(), group)
+
+
+def quantize_int8(w: torch.Tensor, group: int = 32) -> Int8Groups:
+    """Symmetric round-to-nearest: per group, scale = max |w| / 127 (rounded up to float16), codes in
+    -127..127, |w - dequantized| <= scale / 2. w [N, K] on any device; K a multiple of group."""
+    g = _groups(w, group, "quantize_int8")
+    n, k = w.shape
+    scale = _fp16_up(g.abs().amax(-1).double() / 127)  # [N, K/G]
+    _finite16("quantize_int8", scale)
+    s = scale.float()[..., None]
+    q = torch.where(s > 0, g / torch.where(s > 0, s, 1.0), 0.0)
+    codes = q.round().clamp(-127, 127).to(torch.int8).view(n, k)
+    return Int8Groups(codes, scale.contiguous(), None, group)
