@@ -388,11 +388,21 @@ class DetokenizeReply(Message):
     text: str
 
 
+@dataclass(frozen=True)
+class Started(Message):
+    """The request leaves the queue for the executor. Sent first, so that a client gone while its request
+    waited is found (its identity no longer routes) before its prompt is prefilled; clients skip it."""
+
+    TAG: ClassVar[int] = 28
+    request_id: str
+    queue_ms: float
+
+
 ALL_MESSAGES: tuple[type[Message], ...] = (
     Handshake, Ready, Status, StatusReply, Ok, Error,
     Prefill, Decode, StepDone, Reset,
     GenerateRequest, TokenChunk, Finished, CancelRequest,
-    TokenizeRequest, TokenizeReply, DetokenizeRequest, DetokenizeReply,
+    TokenizeRequest, TokenizeReply, DetokenizeRequest, DetokenizeReply, Started,
 )  # fmt: skip
 
 

@@ -31,6 +31,7 @@ from ipc.messages import (
     GenerateRequest,
     Handshake,
     Ready,
+    Started,
     Status,
     StatusReply,
     TokenChunk,
@@ -207,6 +208,11 @@ class JitServer:
 
     def _start(self, pending: Pending) -> None:
         pending.started = time.perf_counter()
+        queue_ms = round((pending.started - pending.received) * 1e3, 3)
+        if not self._reply(pending.identity, Started(pending.request_id, queue_ms)):
+            # Its client left while it waited: nobody to answer, so no prefill for it.
+            self.metrics.record(FinishReason.ABORT, len(pending.prompt_ids), [], pending.started - pending.received)
+            return
         self.active = pending
         self.executor.request_id = pending.request_id
         self.stream = self.generator.generate(pending.prompt_ids, pending.params, start_time=pending.received,

@@ -28,7 +28,17 @@ from zmq.utils.monitor import parse_monitor_message
 
 from ipc.codec import MAX_FRAME_BYTES, decode, encode
 from ipc.errors import ProtocolError
-from ipc.messages import CancelRequest, Error, Finished, GenerateRequest, Message, Status, StatusReply, TokenChunk
+from ipc.messages import (
+    CancelRequest,
+    Error,
+    Finished,
+    GenerateRequest,
+    Message,
+    Started,
+    Status,
+    StatusReply,
+    TokenChunk,
+)
 from launch.client import API_KEY_ENV, LOST_DRAIN_MS, SERVER_DIED, ServerError
 
 CANCEL_LINGER_MS = 200  # let the CancelRequest leave before the socket's pending frames are dropped
@@ -122,6 +132,8 @@ class AsyncClient:
                 if isinstance(msg, Error):
                     finished = True
                     raise ServerError(msg.code, msg.message)
+                if isinstance(msg, Started):
+                    continue  # the server's check that we are still here
                 if not isinstance(msg, (TokenChunk, Finished)):
                     finished = True
                     raise ServerError("protocol", f"unexpected {type(msg).__name__} from the server")

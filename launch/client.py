@@ -33,6 +33,7 @@ from ipc.messages import (
     Finished,
     GenerateRequest,
     Message,
+    Started,
     Status,
     StatusReply,
     TokenChunk,
@@ -233,6 +234,8 @@ class Client:
                     raise ServerError("timeout", f"no answer from {self.address} within {self.timeout_ms / 1e3} s")
                 if getattr(msg, "request_id", request.request_id) not in (request.request_id, None):
                     continue  # a late reply to an earlier request that was abandoned
+                if isinstance(msg, Started):
+                    continue  # the server's check that we are still here
                 if isinstance(msg, Error):
                     finished = True
                     raise ServerError(msg.code, msg.message)

@@ -64,6 +64,7 @@ SAMPLES = [
     m.TokenizeReply(request_id="t1", token_ids=[1, 2, 3], max_context=4096),
     m.DetokenizeRequest(request_id="d1", token_ids=[1, 2, 3]),
     m.DetokenizeReply(request_id="d1", text="héllo"),
+    m.Started(request_id="c1", queue_ms=12.5),
 ]
 
 FINISHED = next(s for s in SAMPLES if isinstance(s, m.Finished))
