@@ -185,6 +185,8 @@ class JitServer:
             if pending.request_id == request_id and pending.identity == identity:
                 self.queue.remove(pending)
                 self._reply(identity, Finished(request_id, "", [], FinishReason.ABORT, {}, {}))
+                self.metrics.record(FinishReason.ABORT, len(pending.prompt_ids), [],
+                                    time.perf_counter() - pending.received)
 
     def _reply(self, identity: bytes, msg) -> bool:
         """Send to one client; False if it is gone. A reply too big for a frame becomes an `oversized` error."""

@@ -140,3 +140,67 @@ def test_non_loopback_hosts_are_recognised(host, loopback) -> None:
     from launch.cmd_serve import is_loopback
 
     assert is_loopback(host) is loopback
+
+
+# -- the JIT context's loop, in-process (the Rig of test_jit_server.py: real executor thread, real JitServer) --
+
+from tests.test_jit_server import PROMPTS, Rig, greedy, loaded, reference, tok  # noqa: E402, F401 (fixtures)
+
+
+@pytest.fixture(scope="module")
+def rig(loaded):  # noqa: F811
+    rig = Rig(loaded)
+    yield rig
+    rig.close()
+
+
+def test_queued_request_whose_client_left_is_dropped_before_its_prefill(rig, reference) -> None:  # noqa: F811
+    from ipc.messages import Started
+
+    a, b, c = rig.peer(), rig.peer(), rig.peer()
+    a.generate("a", PROMPTS["a"], params=greedy(6))
+    rig.until(lambda: rig.active_id() == "a")
+    b.generate("b", PROMPTS["b"], params=greedy(6))
+    c.generate("c", PROMPTS["c"], params=greedy(3))
+    rig.until(lambda: rig.queued_ids() == ["b", "c"])
+    b.close()  # gone while queued, without a cancel
+    rig.until(lambda: a.final("a") is not None)
+    steps = rig.jit.executor._step
+    rig.until(rig.idle)
+    assert c.final("c").token_ids == reference(PROMPTS["c"], 3).token_ids
+    assert rig.jit.executor._step - steps == 3  # c's prefill and two decodes: nothing ran for b
+    assert [type(m) for m in c.replies("c")][:2] == [Started, type(c.chunks("c")[0])]
+    assert rig.jit.status()["metrics"]["finished"].get("abort") == 1
+
+
+def test_long_cpu_prompt_prefills_in_chunks_with_clients_answered_between(rig, reference) -> None:  # noqa: F811
+    from ipc.messages import Status, StatusReply, TokenChunk
+
+    prompt = [(7 * i) % 3000 + 3 for i in range(40)]
+    rig.jit.generator.prefill_chunk = 8
+    try:
+        a, asker = rig.peer(), rig.peer()
+        a.generate("long", prompt, params=greedy(2))
+        rig.until(lambda: rig.active_id() == "long")
+        asker.send(Status())
+        rig.until(lambda: len(asker.inbox) == 1, turns=2)  # answered after at most one 8-token chunk
+        assert isinstance(asker.inbox[0], StatusReply) and not a.chunks("long")
+        rig.until(rig.idle)
+        assert [m for m in a.replies("long") if isinstance(m, TokenChunk)]
+        assert a.final("long").token_ids == reference(prompt, 2).token_ids
+    finally:
+        rig.jit.generator.prefill_chunk = None
+
+
+def test_a_reply_too_big_for_a_frame_is_an_error_and_the_server_serves_on(rig, reference) -> None:  # noqa: F811
+    from ipc.messages import Error, TokenizeRequest
+
+    asker, a = rig.peer(), rig.peer()
+    asker.send(TokenizeRequest("big", prompt="日本" * 160_000))  # 960 KB of text: 1.1 MB of token ids
+    rig.until(lambda: len(asker.inbox) == 1)
+    reply = asker.inbox[0]
+    assert isinstance(reply, Error) and reply.code == "oversized" and reply.request_id == "big", reply
+    a.generate("a", PROMPTS["a"], params=greedy(3))
+    rig.until(lambda: a.final("a") is not None)
+    assert a.final("a").token_ids == reference(PROMPTS["a"], 3).token_ids
+    assert rig.jit.status()["metrics"]["errors"].get("oversized") == 1

@@ -11,7 +11,9 @@ import time
 
 from bench.procinfo import Timeline
 from bench.spec import BenchSpec
-from bench.workloads import EngineUnavailable
+from ipc.messages import Finished
+from launch.client import Client
+from launch.supervisor import ServerConfig, Supervisor
 
 WARMUP_PROMPT = 16
 WARMUP_TOKENS = 4
@@ -21,21 +23,10 @@ GRAPH_POLL_S = 0.1
 GRAPH_STALL_S = 30.0
 
 
-def _runtime():
-    try:
-        from ipc.messages import Finished
-        from launch.client import Client
-        from launch.supervisor import ServerConfig, Supervisor
-    except ImportError as e:
-        raise EngineUnavailable(f"hybridrt end to end is not available yet ({e})") from None
-    return Client, Finished, ServerConfig, Supervisor
-
-
 class HybridrtE2EEngine:
     def __init__(self, spec: BenchSpec, timeline: Timeline) -> None:
         from graph_executor.loading.loader import LoadConfig
 
-        Client, self._finished_type, ServerConfig, Supervisor = _runtime()
         self.spec = spec
         load = LoadConfig(model=spec.model, device=spec.device, dtype=spec.dtype, max_context=spec.max_context,
                           seed=spec.seed, progress=False)
@@ -79,7 +70,7 @@ class HybridrtE2EEngine:
         start = time.perf_counter()
         for msg in self.client.generate(token_ids=prompt_ids, params=params):
             now = (time.perf_counter() - start) * 1e3
-            if isinstance(msg, self._finished_type):
+            if isinstance(msg, Finished):
                 self.last_server_timings = dict(msg.timings)
                 if len(times) < len(msg.token_ids):  # tokens that came only with Finished
                     times += [now] * (len(msg.token_ids) - len(times))
