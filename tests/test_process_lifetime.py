@@ -244,17 +244,21 @@ def _read(path: Path) -> bytes:
 @pytest.mark.cuda
 @pytest.mark.parametrize("command", ["serve", "generate"])
 @pytest.mark.parametrize("moment", ["start-up", "capture", "request"])
-def test_gpu_sigkill_frees_processes_mps_and_memory(default_model_dir, command: str, moment: str) -> None:
+def test_gpu_sigkill_frees_processes_mps_and_memory(request, command: str, moment: str) -> None:
     """start-up: while the children import and load; capture: serve just ready (it captures graphs while
-    idle), generate once the weights are on the GPU; request: while tokens stream."""
+    idle), generate once the weights are on the GPU; request: while tokens stream. The model is SmolLM2's
+    shape with random weights and its real tokenizer ($HYBRIDRT_TEST_TOKENIZER on GPU machines without the
+    default model's package)."""
+    tokenizer = os.environ.get("HYBRIDRT_TEST_TOKENIZER") or str(request.getfixturevalue("default_model_dir"))
+    model = ["--model", "dummy:smollm2-135m", "--tokenizer", tokenizer]
     mps_before = set(mps_processes())
     baseline = gpu_used_mib()
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     if command == "serve":
-        cmd = ["serve", "--quiet", "--port", str(port), "--http-port", "0", "--device", "cuda"]
+        cmd = ["serve", "--quiet", "--port", str(port), "--http-port", "0", "--device", "cuda", *model]
     else:
-        cmd = ["generate", "--quiet", "--device", "cuda", "--max-tokens", "100000", "--ignore-eos",
+        cmd = ["generate", "--quiet", "--device", "cuda", *model, "--max-tokens", "100000", "--ignore-eos",
                "Tell me a long story."]
     proc = subprocess.Popen([sys.executable, "-m", "launch.cli", *cmd], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=os.environ.copy())

@@ -15,7 +15,7 @@ import zmq
 
 from ipc.codec import decode, encode
 from ipc.liveness import process_alive
-from ipc.messages import GenerateRequest, TokenChunk
+from ipc.messages import GenerateRequest, Started, TokenChunk
 from ipc.runtime_dir import default_base
 from launch.client import Client, ServerError
 from tests.serve_process import ServeProcess, shm_segments
@@ -126,6 +126,7 @@ def test_clients_going_away_free_the_server_then_sigterm_answers_running_and_que
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(server.address)
         sock.send(encode(GenerateRequest("vanishing", prompt="Tell me a long story.", params=LONG)))
+        assert sock.poll(30_000) and isinstance(decode(sock.recv()), Started)  # it left the queue
         assert sock.poll(30_000) and isinstance(decode(sock.recv()), TokenChunk)
         sock.close()
         ctx.term()

@@ -1,0 +1,98 @@
+"""First GPU measurement of the packed low-bit GEMVs (graph_executor/kernels/gemv_lowbit.py) on LLaMA-2-7B's
+decode projections: for fp16 (the shipped kernels), int8 and int4 (groups of 32), each projection over all 32
+layers' weights in one CUDA graph (no L2 reuse), a few block configs each; read bandwidth = bytes the format
+reads (codes + scales + offsets) / time, and the best config's time per layer-stack against the fp16 one.
+
+    python -m bench.probes.lowbit_gemv [--layers 32] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from bench.floors import measure_device, time_gpu
+from graph_executor.kernels import gemv, gemv_lowbit
+from graph_executor.kernels.gemv import GemvConfig
+from graph_executor.quant.formats import quantize_int4, quantize_int8
+
+H, I = 4096, 11008  # LLaMA-2-7B
+SHAPES = {"qkv": (3 * H, H), "o": (H, H), "gate_up": (2 * I, H), "down": (H, I)}
+CONFIGS = [GemvConfig(*c) for c in [(16, 256, 4, 3), (8, 512, 4, 3), (16, 512, 4, 3), (32, 256, 4, 3),
+                                       (4, 1024, 4, 3), (2, 2048, 4, 3), (8, 256, 4, 2), (32, 512, 8, 3)]]
+
+
+def _nbytes(w) -> int:
+    if isinstance(w, torch.Tensor):
+        return w.numel() * w.element_size()
+    return w.nbytes
+
+
+def _op(name: str, fmt: str, w, vecs: dict, cfg: GemvConfig):
+    lib = gemv if fmt == "fp16" else gemv_lowbit
+    if name in ("qkv", "gate_up"):
+        return lambda: lib.rmsnorm_gemv(w, vecs["x"], vecs["nw"], 1e-5, vecs[f"out_{name}"], cfg=cfg)
+    if name == "o":
+        return lambda: lib.gemv_residual(w, vecs["a"], vecs["r"], cfg=cfg)
+    return lambda: lib.silu_gemv_residual(w, vecs["gu"], vecs["r"], cfg=cfg)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    bandwidth = measure_device("cuda", "float16")["bandwidth_bytes_per_s"]
+    res: dict = {"card": torch.cuda.get_device_name(), "bandwidth_tbs": bandwidth / 1e12, "rows": []}
+    print(f"{res['card']}: read bandwidth {bandwidth / 1e12:.2f} TB/s (float32 sum over 4 GiB)", flush=True)
+    g = torch.Generator(device=dev).manual_seed(0)
+    vecs = {"x": torch.randn(H, device=dev, dtype=torch.float16, generator=g),
+            "nw": torch.ones(H, device=dev, dtype=torch.float16),
+            "a": torch.randn(H, device=dev, dtype=torch.float16, generator=g),
+            "r": torch.randn(H, device=dev, dtype=torch.float16, generator=g),
+            "gu": torch.randn(2 * I, device=dev, dtype=torch.float16, generator=g),
+            "out_qkv": torch.empty(3 * H, device=dev, dtype=torch.float16),
+            "out_gate_up": torch.empty(2 * I, device=dev, dtype=torch.float16)}
+    for name, (n, k) in SHAPES.items():
+        for fmt in ("fp16", "int8", "int4"):
+            weights = []
+            for _ in range(args.layers):
+                w = torch.randn(n, k, device=dev, dtype=torch.float16, generator=g) * 0.02
+                weights.append(w if fmt == "fp16" else (quantize_int8(w) if fmt == "int8" else quantize_int4(w)))
+                del w
+            total = sum(_nbytes(w) for w in weights)
+            best = None
+            for cfg in CONFIGS:
+                try:
+                    ops = [_op(name, fmt, w, vecs, cfg) for w in weights]
+                    for op in ops:
+                        op()
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        for op in ops:
+                            op()
+                    ms = time_gpu(graph.replay, dev) * 1e3
+                except Exception as e:  # a config the format refuses (block_k vs group) or fails to compile
+                    res["rows"].append({"proj": name, "fmt": fmt, "cfg": vars(cfg), "error": repr(e)[:200]})
+                    continue
+                tbs = total / ms / 1e9
+                res["rows"].append({"proj": name, "fmt": fmt, "cfg": vars(cfg), "ms": ms, "tbs": tbs})
+                if best is None or ms < best[0]:
+                    best = (ms, cfg, tbs)
+            if best:
+                print(f"{name:8s} {fmt:5s} {total / args.layers / 1e6:8.2f} MB/layer  best {best[0]:.3f} ms "
+                      f"({best[2]:.2f} TB/s, {best[2] * 1e12 / bandwidth:.0%} of the reduction) with {best[1]}",
+                      flush=True)
+            del weights
+            torch.cuda.empty_cache()
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "lowbit_gemv.json").write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
