@@ -66,12 +66,23 @@ def test_help_explains_every_flag() -> None:
     (["--chat-template", "hello"], "--chat-template: 'hello' is neither a file nor a Jinja template"),
     (["--chat-template", "{% for %}"], "--chat-template: the template does not compile"),
 ])
-def test_bad_input_is_one_clear_line(args: list[str], message: str, hybridrt_cache) -> None:
-    out = run_cli("generate", "--quiet", *args, "hello")
+def test_bad_input_is_one_clear_line(args: list[str], message: str, hybridrt_cache, capsys) -> None:
+    """In-process (`launch.cli.main`, what the console script calls): every case fails before any model
+    process would start; one case below goes through a real process."""
+    from launch.cli import main
+
+    assert main(["generate", "--quiet", *args, "hello"]) == 1
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+
+
+def test_bad_input_in_a_real_process_is_one_line_and_exit_1(hybridrt_cache) -> None:
+    out = run_cli("generate", "--quiet", "--model", "/no/such/dir", "hello")
     assert out.returncode == 1
     assert "Traceback" not in out.stderr
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], out.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: model path '/no/such/dir' does not exist"), out.stderr
 
 
 def test_unsupported_architecture_via_cli(tmp_path) -> None:

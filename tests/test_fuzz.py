@@ -10,7 +10,7 @@ from tests.fuzz import Fuzzer, reference_request
 from tests.serve_process import ServeProcess
 
 SEED = 20261130
-FRAMES, HTTP_REQUESTS = 1500, 400
+FRAMES, HTTP_REQUESTS = 800, 200
 
 
 @pytest.fixture(scope="module")
