@@ -249,6 +249,29 @@ class Fuzzer:
         self.ctx.term()
 
 
+def runtime_pids(address: str) -> tuple[int, int]:
+    """(graph executor, JIT context) pids, as the server reports them."""
+    from launch.client import Client
+
+    with Client(address, timeout_s=30) as client:
+        facts = client.status()
+    return facts["executor"]["executor_pid"], facts["jit_context_pid"]
+
+
+def dead_process(serve, pids: tuple[int, int]) -> str | None:
+    """None while `hybridrt serve` and both of its runtime children live; else which one is gone."""
+    import os
+
+    if serve.poll() is not None:
+        return f"serve exited with {serve.returncode}"
+    for name, pid in zip(("graph executor", "JIT context"), pids):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return f"the {name} (pid {pid}) exited"
+    return None
+
+
 def reference_request(address: str) -> list[int]:
     """A normal request (greedy, 4 tokens); its ids must not change while the server is fuzzed."""
     from launch.client import Client
@@ -270,10 +293,11 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     with ServeProcess() as server:
         expected = reference_request(server.address)
+        pids = runtime_pids(server.address)
 
         def healthy() -> str | None:
-            if server.proc.poll() is not None or len(server.children()) < 2:
-                return f"a process exited (serve rc={server.proc.poll()}, children {server.children()})"
+            if (dead := dead_process(server.proc, pids)) is not None:
+                return dead
             got = reference_request(server.address)
             return None if got == expected else f"the reference request changed: {got} != {expected}"
 
@@ -283,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             fuzzer.http(args.http)
         finally:
             fuzzer.close()
-        alive = server.proc.poll() is None and len(server.children()) == 2
+        alive = dead_process(server.proc, pids) is None
     print(json.dumps({"seed": args.seed, "sent": fuzzer.sent, "failures": len(fuzzer.failures),
                       "server_alive": alive, "seconds": round(time.monotonic() - start, 1)}))
     for failure in fuzzer.failures[:20]:

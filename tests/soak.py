@@ -4,6 +4,7 @@ sampled every 100 requests. Passes when the RSS of each process grows by less th
 requests and the fd counts end where they were after them.
 
     python -m tests.soak [--requests 1000] [--seed 0]
+    python -m tests.soak --long-prompt      (a ~3,500-token prompt over HTTP while /health is polled)
 """
 
 from __future__ import annotations
@@ -62,11 +63,52 @@ def one_request(rng: random.Random, client: Client, http: httpx.Client, model: s
     return kind
 
 
+def long_prompt(server: ServeProcess) -> dict:
+    """A prompt of ~3,500 tokens through /v1/completions (it prefills for seconds on a CPU) while /health and
+    the native status are asked every 0.25 s: every answer must be 200 / a reply, and come within a second."""
+    import threading
+
+    prompt = " ".join(f"word{i % 97}" for i in range(1200))  # about 3,500 tokens for SmolLM2's tokenizer
+    result: dict = {}
+
+    def complete() -> None:
+        start = time.monotonic()
+        with httpx.Client(base_url=server.http, timeout=120) as http:
+            reply = http.post("/v1/completions", json={"model": "smollm2-135m-instruct", "prompt": prompt,
+                                                       "max_tokens": 2, "temperature": 0})
+        result.update(status=reply.status_code, seconds=round(time.monotonic() - start, 2),
+                      prompt_tokens=reply.json().get("usage", {}).get("prompt_tokens"))
+
+    worker = threading.Thread(target=complete)
+    worker.start()
+    health, status = [], []
+    with httpx.Client(base_url=server.http, timeout=30) as http, Client(server.address, timeout_s=30) as client:
+        while worker.is_alive():
+            t = time.monotonic()
+            code = http.get("/health").status_code
+            health.append((code, time.monotonic() - t))
+            t = time.monotonic()
+            client.status(timeout_s=30)
+            status.append(time.monotonic() - t)
+            time.sleep(0.25)
+    worker.join()
+    return {"completion": result, "health_answers": len(health),
+            "health_codes": sorted({c for c, _ in health}), "health_max_s": round(max(s for _, s in health), 3),
+            "status_max_s": round(max(status), 3)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tests.soak", description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--long-prompt", action="store_true", help="only the long-prompt check")
     args = p.parse_args(argv)
+    if args.long_prompt:
+        with ServeProcess() as server:
+            report = long_prompt(server)
+        print(json.dumps(report))
+        ok = report["completion"].get("status") == 200 and report["health_codes"] == [200]
+        return 0 if ok and report["health_max_s"] < 1.0 and report["status_max_s"] < 1.0 else 1
     rng = random.Random(args.seed)
     start = time.monotonic()
     samples: list[dict] = []

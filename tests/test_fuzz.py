@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.fuzz import Fuzzer, reference_request
+from tests.fuzz import Fuzzer, dead_process, reference_request, runtime_pids
 from tests.serve_process import ServeProcess
 
 SEED = 20261130
@@ -22,10 +22,11 @@ def server(default_model_dir):
 
 def test_fuzzed_frames_and_http_requests_never_take_the_server_down(server) -> None:
     expected = reference_request(server.address)
+    pids = runtime_pids(server.address)
 
     def healthy() -> str | None:
-        if server.proc.poll() is not None or len(server.children()) < 2:
-            return f"a process exited (serve rc={server.proc.poll()}, children {server.children()})"
+        if (dead := dead_process(server.proc, pids)) is not None:
+            return dead
         got = reference_request(server.address)
         return None if got == expected else f"the reference request changed: {got} != {expected}"
 
