@@ -149,6 +149,10 @@ class GraphRunner:
         body = self._body(name)
         start = time.perf_counter()
         reserved = torch.cuda.memory_reserved()
+        # The warm-up runs read the static inputs as the last request left them: a 200-token prompt leaves
+        # logits_index at 199, out of range for a 16-row bucket (a device-side assert that kills the context).
+        # Row 0 is valid for every shape; a replay always sets its own row first.
+        self.static.logits_index.zero_()
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):
             for _ in range(WARMUP_RUNS):  # compiles the Triton kernels, settles the allocator

@@ -51,6 +51,24 @@ def test_graph_replay_matches_eager() -> None:
     assert worst < 1e-3, worst
 
 
+def test_capture_after_a_long_prompt_ran_eagerly() -> None:
+    """Graphs are captured while idle, after whatever requests came first: a long prompt served before the small
+    buckets were captured must not break their capture (its logits row is out of their range)."""
+    cfg = LoadConfig(model="dummy:smollm2-135m", device="cuda", dtype="float32", max_context=1024, progress=False)
+    model = load_model(cfg).model
+    graphs = GraphRunner(model)
+    long = torch.randint(100, 40000, (200,), generator=torch.Generator().manual_seed(3)).tolist()
+    run_steps(graphs, long, 2)  # nothing captured yet: eager; logits_index is left at 199
+    graphs.capture_all()
+    torch.cuda.synchronize()
+    assert {"prefill_16", "prefill_224"} <= set(graphs.graphs)
+    short = long[:10]
+    eager_logits, eager_tokens = run_steps(ModelRunner(model), short, 8)
+    graph_logits, graph_tokens = run_steps(graphs, short, 8)
+    assert graph_tokens == eager_tokens
+    assert max(relative_error(g, e) for g, e in zip(graph_logits, eager_logits)) < 1e-3
+
+
 def test_chunked_prefill_through_graph_matches_eager() -> None:
     cfg = LoadConfig(model="dummy:smollm2-135m", device="cuda", dtype="float32", max_context=2048, progress=False)
     model = load_model(cfg).model
