@@ -66,8 +66,35 @@ def _group_values(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | N
     return w.view(n, k).to(dtype)
 
 
+class _GroupedCodes:
+    """What both packed formats share: integer codes with per-group scale (and offset) tensors."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    offset: torch.Tensor | None
+    group: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes a GEMV reads for this matrix (codes + scales + offsets)."""
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.offset) if t is not None)
+
+    @property
+    def bits_per_weight(self) -> float:
+        n, k = self.shape
+        return 8 * self.nbytes / (n * k)
+
+    def to(self, device: torch.device | str) -> _GroupedCodes:
+        return type(self)(self.codes.to(device), self.scale.to(device),
+                          None if self.offset is None else self.offset.to(device), self.group)
+
+
 @dataclass(frozen=True)
-class Int4Groups:
+class Int4Groups(_GroupedCodes):
     """4-bit codes q in 0..15, two per byte; value = scale * q + offset (offset None: scale * (q - 8))."""
 
     codes: torch.Tensor  # uint8 [N, K // 2]: w[n, k] is nibble k % 2 (low nibble first) of codes[n, k // 2]
@@ -85,20 +112,6 @@ class Int4Groups:
     def shape(self) -> tuple[int, int]:
         return self.codes.shape[0], 2 * self.codes.shape[1]
 
-    @property
-    def device(self) -> torch.device:
-        return self.codes.device
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes a GEMV reads for this matrix (codes + scales + offsets)."""
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.offset) if t is not None)
-
-    @property
-    def bits_per_weight(self) -> float:
-        n, k = self.shape
-        return 8 * self.nbytes / (n * k)
-
     def unpack(self) -> torch.Tensor:
         """uint8 [N, K] codes 0..15."""
         n, k = self.shape
@@ -109,13 +122,9 @@ class Int4Groups:
         zero = INT4_ZERO if self.offset is None else 0
         return _group_values(self.unpack(), self.scale, self.offset, self.group, zero, dtype)
 
-    def to(self, device: torch.device | str) -> Int4Groups:
-        return Int4Groups(self.codes.to(device), self.scale.to(device),
-                          None if self.offset is None else self.offset.to(device), self.group)
-
 
 @dataclass(frozen=True)
-class Int8Groups:
+class Int8Groups(_GroupedCodes):
     """int8 codes q; value = scale * q + offset (offset None: scale * q)."""
 
     codes: torch.Tensor  # int8 [N, K]
@@ -133,27 +142,9 @@ class Int8Groups:
     def shape(self) -> tuple[int, int]:
         return self.codes.shape[0], self.codes.shape[1]
 
-    @property
-    def device(self) -> torch.device:
-        return self.codes.device
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes a GEMV reads for this matrix (codes + scales + offsets)."""
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.offset) if t is not None)
-
-    @property
-    def bits_per_weight(self) -> float:
-        n, k = self.shape
-        return 8 * self.nbytes / (n * k)
-
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """[N, K] weights (computed in float32)."""
         return _group_values(self.codes, self.scale, self.offset, self.group, 0, dtype)
-
-    def to(self, device: torch.device | str) -> Int8Groups:
-        return Int8Groups(self.codes.to(device), self.scale.to(device),
-                          None if self.offset is None else self.offset.to(device), self.group)
 
 
 PackedWeight = Int4Groups | Int8Groups
