@@ -83,14 +83,20 @@ class JitServer:
 
     def run(self) -> None:
         while True:
-            busy = self.active is not None or bool(self.queue)
-            self._drain_clients(0 if busy else IDLE_POLL_MS)
-            if self.active is None and self.queue:
-                self._start(self.queue.popleft())
-            if self.active is not None:
-                self._advance()
-            elif not process_alive(self.executor.executor_pid):
+            if not self.turn(IDLE_POLL_MS) and not process_alive(self.executor.executor_pid):
                 raise ExecutorDied("the graph executor process died")
+
+    def turn(self, idle_wait_ms: int) -> bool:
+        """One pass of the loop: answer clients (waiting up to idle_wait_ms when there is nothing to do), start
+        the next queued request, advance the active one by one item. True if a request was advanced."""
+        busy = self.active is not None or bool(self.queue)
+        self._drain_clients(0 if busy else idle_wait_ms)
+        if self.active is None and self.queue:
+            self._start(self.queue.popleft())
+        if self.active is None:
+            return False
+        self._advance()
+        return True
 
     # -- client messages ----------------------------------------------------------------------------------
 

@@ -5,9 +5,9 @@ invalid requests and bad frames, mid-generation status and tokenization, metrics
 Nothing is faked: the real graph executor (`ExecutorServer`) serves a tiny random Llama on a thread, over a
 PAIR control channel on `inproc://` and real shared step buffers (shm); the JIT side is built by
 `jit_context.process.build_server` itself; clients are DEALER channels on `inproc://` in the same zmq context.
-The test thread drives the server one loop turn at a time (`Rig.turn`: the body of `JitServer.run`, without
-its executor-liveness check, which needs a second process), so queue order, the moment of a cancel and a client
-vanishing mid-stream are deterministic; one test runs `JitServer.run` itself on a thread. A step error is the
+The test thread drives the server one loop turn at a time (`Rig.turn` calls `JitServer.turn`, the body of
+`JitServer.run` without its executor-liveness check, which needs a second process), so queue order, the
+moment of a cancel and a client vanishing mid-stream are deterministic; one test runs `JitServer.run` itself on a thread. A step error is the
 executor's own: its runner is swapped for one with a shorter context, whose real check refuses a late decode.
 Outputs are checked against the in-process `Generator` over a `ModelRunner` of the same model. What needs real
 processes (a peer killed, SIGTERM, TCP frame limits, the CLI) is in test_runtime.py and test_runtime_faults.py.
@@ -180,13 +180,7 @@ class Rig:
 
     def turn(self, wait_ms: int = 0) -> None:
         """One turn of `JitServer.run`'s loop: take client messages, start the next request, advance one token."""
-        jit = self.jit
-        busy = jit.active is not None or bool(jit.queue)
-        jit._drain_clients(0 if busy else wait_ms)
-        if jit.active is None and jit.queue:
-            jit._start(jit.queue.popleft())
-        if jit.active is not None:
-            jit._advance()
+        self.jit.turn(wait_ms)
         self.collect()
 
     def collect(self) -> None:
