@@ -8,8 +8,8 @@ PAIR control channel on `inproc://` and real shared step buffers (shm); the JIT 
 The test thread drives the server one loop turn at a time (`Rig.turn` calls `JitServer.turn`, the body of
 `JitServer.run` without its executor-liveness check, which needs a second process), so queue order, the
 moment of a cancel and a client vanishing mid-stream are deterministic; one test runs `JitServer.run` itself
-on a thread. A step error is the executor's own: its runner is swapped for one with a shorter context, whose real check refuses a late decode.
-Outputs are checked against the in-process `Generator` over a `ModelRunner` of the same model. What needs real
+on a thread. A step error is the executor's own: its runner is swapped for one with a shorter context, whose
+real check refuses a late decode. Outputs are checked against the in-process `Generator` over a `ModelRunner` of the same model. What needs real
 processes (a peer killed, SIGTERM, TCP frame limits, the CLI) is in test_runtime.py and test_runtime_faults.py.
 """
 
