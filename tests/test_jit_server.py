@@ -2,15 +2,16 @@
 invalid requests and bad frames, mid-generation status and tokenization, metrics, executor step errors and
 `fail_everyone`.
 
-Nothing is faked: the real graph executor (`ExecutorServer`) serves a tiny random Llama on a thread, over a
-PAIR control channel on `inproc://` and real shared step buffers (shm); the JIT side is built by
+Nothing is faked: the real graph executor (`ExecutorServer`) serves a tiny random Llama on a thread, over a PAIR
+control channel on `inproc://` and real shared step buffers (shm); the JIT side is built by
 `jit_context.process.build_server` itself; clients are DEALER channels on `inproc://` in the same zmq context.
 The test thread drives the server one loop turn at a time (`Rig.turn` calls `JitServer.turn`, the body of
-`JitServer.run` without its executor-liveness check, which needs a second process), so queue order, the
-moment of a cancel and a client vanishing mid-stream are deterministic; one test runs `JitServer.run` itself
-on a thread. A step error is the executor's own: its runner is swapped for one with a shorter context, whose
-real check refuses a late decode. Outputs are checked against the in-process `Generator` over a `ModelRunner` of the same model. What needs real
-processes (a peer killed, SIGTERM, TCP frame limits, the CLI) is in test_runtime.py and test_runtime_faults.py.
+`JitServer.run` without its executor-liveness check, which needs a second process), so queue order, the moment
+of a cancel and a client vanishing mid-stream are deterministic; one test runs `JitServer.run` itself on a
+thread. A step error is the executor's own: its runner is swapped for one with a shorter context, whose real
+check refuses a late decode. Outputs are checked against the in-process `Generator` over a `ModelRunner` of the
+same model. What needs real processes (a peer killed, SIGTERM, TCP frame limits, the CLI) is in test_runtime.py
+and test_runtime_faults.py.
 """
 
 from __future__ import annotations
@@ -478,7 +479,8 @@ def test_status_tokenize_and_detokenize_are_answered_mid_generation(rig, referen
     chat = [{"role": "user", "content": "Hi"}]
     ids = tok.apply_chat_template(chat)
     questions = [Status(), Handshake(1, "client", 1), TokenizeRequest("t1", prompt="Hello world, 日本"),
-                 TokenizeRequest("t2", messages=chat), TokenizeRequest("t3", messages=chat, add_generation_prompt=False),
+                 TokenizeRequest("t2", messages=chat),
+                 TokenizeRequest("t3", messages=chat, add_generation_prompt=False),
                  DetokenizeRequest("d1", ids), DetokenizeRequest("d2", [TINY.vocab_size]),
                  TokenizeRequest("t4", messages=[{"role": "robot", "content": "x"}])]
     for q in questions:
