@@ -282,6 +282,28 @@ def reference_request(address: str) -> list[int]:
     return final.token_ids
 
 
+def fuzz_server(server, frames: int, http: int, seed: int) -> tuple[Fuzzer, bool]:
+    """Send `frames` native and `http` HTTP cases to a running ServeProcess, checking after every batch that it
+    is whole (AssertionError naming the seed and the cases otherwise). Returns the fuzzer (its `sent` and
+    `failures`) and whether serve and both runtime children are alive at the end."""
+    expected = reference_request(server.address)
+    pids = runtime_pids(server.address)
+
+    def healthy() -> str | None:
+        if (dead := dead_process(server.proc, pids)) is not None:
+            return dead
+        got = reference_request(server.address)
+        return None if got == expected else f"the reference request changed: {got} != {expected}"
+
+    fuzzer = Fuzzer(server.address, server.http, healthy, seed)
+    try:
+        fuzzer.native(frames)
+        fuzzer.http(http)
+    finally:
+        fuzzer.close()
+    return fuzzer, dead_process(server.proc, pids) is None
+
+
 def main(argv: list[str] | None = None) -> int:
     from tests.serve_process import ServeProcess
 
@@ -292,22 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     start = time.monotonic()
     with ServeProcess() as server:
-        expected = reference_request(server.address)
-        pids = runtime_pids(server.address)
-
-        def healthy() -> str | None:
-            if (dead := dead_process(server.proc, pids)) is not None:
-                return dead
-            got = reference_request(server.address)
-            return None if got == expected else f"the reference request changed: {got} != {expected}"
-
-        fuzzer = Fuzzer(server.address, server.http, healthy, args.seed)
-        try:
-            fuzzer.native(args.frames)
-            fuzzer.http(args.http)
-        finally:
-            fuzzer.close()
-        alive = dead_process(server.proc, pids) is None
+        fuzzer, alive = fuzz_server(server, args.frames, args.http, args.seed)
     print(json.dumps({"seed": args.seed, "sent": fuzzer.sent, "failures": len(fuzzer.failures),
                       "server_alive": alive, "seconds": round(time.monotonic() - start, 1)}))
     for failure in fuzzer.failures[:20]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.fuzz import Fuzzer, dead_process, reference_request, runtime_pids
+from tests.fuzz import fuzz_server
 from tests.serve_process import ServeProcess
 
 SEED = 20261130
@@ -21,20 +21,7 @@ def server(default_model_dir):
 
 
 def test_fuzzed_frames_and_http_requests_never_take_the_server_down(server) -> None:
-    expected = reference_request(server.address)
-    pids = runtime_pids(server.address)
-
-    def healthy() -> str | None:
-        if (dead := dead_process(server.proc, pids)) is not None:
-            return dead
-        got = reference_request(server.address)
-        return None if got == expected else f"the reference request changed: {got} != {expected}"
-
-    fuzzer = Fuzzer(server.address, server.http, healthy, SEED)
-    try:
-        fuzzer.native(FRAMES)
-        fuzzer.http(HTTP_REQUESTS)
-    finally:
-        fuzzer.close()
+    fuzzer, alive = fuzz_server(server, FRAMES, HTTP_REQUESTS, SEED)
+    assert alive
     assert fuzzer.sent == {"native": FRAMES, "http": HTTP_REQUESTS}
     assert not fuzzer.failures, "\n".join(fuzzer.failures[:10])
