@@ -25,7 +25,7 @@ import zmq
 
 from ipc.codec import MAX_FRAME_BYTES, decode, encode
 from ipc.errors import ChannelError, PeerUnreachableError, ProtocolError
-from ipc.messages import Error, Message
+from ipc.messages import Message
 
 
 class _SocketChannel:
@@ -151,10 +151,6 @@ class ServerChannel(_SocketChannel):
             if exc.errno != zmq.EHOSTUNREACH:
                 raise
             raise PeerUnreachableError(f"client {identity.hex()} is not connected") from None
-
-    def send_error(self, identity: bytes, error: ProtocolError, request_id: str | None = None) -> None:
-        """Answer a bad frame with an `Error` carrying the ProtocolError's code."""
-        self.send_to(identity, Error(code=error.code, message=error.detail[:1000], request_id=request_id))
 
 
 ANSWERED_OVERSIZE_FACTOR = 16  # the server reads frames up to this many times its limit, to answer them

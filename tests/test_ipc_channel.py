@@ -147,7 +147,7 @@ def answer_one(server):
         return None
     identity, msg = got
     if isinstance(msg, ProtocolError):
-        server.send_error(identity, msg)
+        server.send_to(identity, m.Error(msg.code, msg.detail))
         return msg
     server.send_to(identity, m.Finished(msg.request_id, "ok", [1], "stop"))
     return msg
@@ -187,7 +187,7 @@ def test_server_answers_oversized_frames_drops_huge_ones_and_keeps_serving(ctx, 
         raw.send(encode(m.GenerateRequest("big", prompt="x" * (2 * limit)), max_frame_bytes=1 << 20))
         identity, error = server.recv_from(timeout_ms=TIMEOUT_MS)
         assert isinstance(error, ProtocolError) and error.code == "oversized"
-        server.send_error(identity, error)
+        server.send_to(identity, m.Error(error.code, error.detail))
         assert raw.poll(TIMEOUT_MS) and decode(raw.recv()).code == "oversized"
         # Beyond what the server reads at all: zmq drops the frame and disconnects the sender.
         raw.send(encode(m.GenerateRequest("huge", prompt="x" * (17 * limit)), max_frame_bytes=1 << 20))
