@@ -1,0 +1,140 @@
+"""GPU measurement of the packed low-bit prefill GEMM (graph_executor/kernels/gemm_lowbit.py) on LLaMA-2-7B's
+projection shapes: for int4 and int8 (groups of 32), fp8 (per-row scales) and fp16 (torch.mm on the fp16 weight,
+the baseline), out = x @ W^T at a few token counts T. Each timing replays a CUDA graph that runs the projection
+over enough copies of the weights to overflow L2 (a real prefill reads each layer's weights once), so small T
+reads weights from HBM as it would in the model. Per row: ms per projection, TFLOP/s (2 T N K), effective
+weight read bandwidth (the format's bytes / time), the speed-up over fp16 torch.mm and the default tile; each
+kernel is first checked against a float64 matmul of the format's dequantized weights. --sweep also times a
+handful of block configs per (shape, T, format) and prints the best.
+
+    python -m bench.probes.lowbit_gemm [--tokens 16,64,128,256,512] [--sweep] [--reps 20] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from bench.floors import time_gpu
+from graph_executor.kernels import gemm_lowbit
+from graph_executor.kernels.gemm_lowbit import GemmConfig
+from graph_executor.quant.formats import quantize_fp8, quantize_int4, quantize_int8
+
+H, I = 4096, 11008  # LLaMA-2-7B
+SHAPES = {"qkv": (3 * H, H), "o": (H, H), "gate_up": (2 * I, H), "down": (H, I)}  # (N, K)
+FORMATS = ("fp16", "int4", "int8", "fp8")
+L2_FLUSH_BYTES = 256 * 1024**2  # over 4x the H200's 60 MB L2
+MAX_COPIES = 32
+SWEEP = [GemmConfig(*c) for c in [  # (block_m, block_n, block_k, group_m, num_warps, num_stages)
+    (16, 32, 128, 8, 4, 4), (16, 64, 128, 8, 4, 4), (16, 32, 256, 8, 4, 3), (32, 64, 128, 8, 4, 4),
+    (32, 32, 128, 8, 4, 4), (64, 64, 64, 8, 4, 4), (64, 64, 32, 8, 4, 4), (128, 64, 64, 8, 4, 3),
+    (128, 64, 32, 8, 4, 4), (64, 128, 64, 8, 4, 3), (128, 128, 64, 8, 8, 3), (128, 128, 32, 8, 8, 4),
+    (256, 128, 64, 8, 8, 3)]]
+
+
+def _quantize(fmt: str, w: torch.Tensor):
+    return {"fp16": lambda: w, "int4": lambda: quantize_int4(w, 32), "int8": lambda: quantize_int8(w, 32),
+            "fp8": lambda: quantize_fp8(w)}[fmt]()
+
+
+def _nbytes(w) -> int:
+    return w.numel() * w.element_size() if isinstance(w, torch.Tensor) else w.nbytes
+
+
+def _op(w, x: torch.Tensor, out: torch.Tensor, cfg: GemmConfig | None):
+    if isinstance(w, torch.Tensor):
+        return lambda: torch.mm(x, w.t(), out=out)
+    return lambda: gemm_lowbit.gemm(x, w, out, cfg=cfg)
+
+
+def _rel_error(w, x: torch.Tensor, out: torch.Tensor) -> float:
+    """max |out - ref| / max(|ref|, rms(ref)) against float64 x @ W^T."""
+    ref = x.double() @ (w if isinstance(w, torch.Tensor) else w.dequantize(torch.float32)).double().T
+    return float(((out.double() - ref).abs() / torch.maximum(ref.abs(), ref.pow(2).mean().sqrt())).max())
+
+
+def _time(weights: list, x: torch.Tensor, out: torch.Tensor, cfg: GemmConfig | None, reps: int) -> float:
+    """ms per projection: one graph runs it over every copy of the weights."""
+    ops = [_op(w, x, out, cfg) for w in weights]
+    for op in ops:  # compile and warm up outside the capture
+        op()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for op in ops:
+            op()
+    return time_gpu(graph.replay, x.device, repeats=reps) * 1e3 / len(weights)
+
+
+def _candidates(w, tokens: int) -> list[GemmConfig]:
+    """Sweep configs this weight accepts (block_k a multiple of its group) and T can fill (block_m <= 2 T)."""
+    group = getattr(w, "group", 1)
+    return [c for c in SWEEP if c.block_k % group == 0 and c.block_m <= max(16, 2 * tokens)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", default="16,64,128,256,512", help="comma-separated token counts T")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
+    ap.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated, of {', '.join(FORMATS)}")
+    ap.add_argument("--sweep", action="store_true", help="time the block configs in SWEEP too, print the best")
+    ap.add_argument("--reps", type=int, default=20, help="timed graph replays per measurement (median)")
+    ap.add_argument("--out", default=None, help="folder for lowbit_gemm.json")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("lowbit_gemm: needs a CUDA GPU; none is visible")
+    tokens = [int(t) for t in args.tokens.split(",")]
+    dev = torch.device("cuda")
+    res: dict = {"card": torch.cuda.get_device_name(), "rows": []}
+    print(f"{res['card']}; ms per projection, weights read from HBM (copies rotate past L2)", flush=True)
+    print(f"{'shape':8s} {'N x K':>12s} {'T':>4s} {'fmt':5s} {'ms':>8s} {'TFLOP/s':>8s} {'w TB/s':>7s} "
+          f"{'vs fp16':>7s} {'rel err':>8s} {'tile':>11s}  best config (--sweep)", flush=True)
+    g = torch.Generator(device=dev).manual_seed(0)
+    for name in args.shapes.split(","):
+        n, k = SHAPES[name]
+        w16 = torch.randn(n, k, device=dev, dtype=torch.float16, generator=g) * 0.02
+        fp16_ms: dict[int, float] = {}
+        for fmt in args.formats.split(","):
+            w = _quantize(fmt, w16)
+            copies = max(1, min(MAX_COPIES, -(-L2_FLUSH_BYTES // _nbytes(w))))
+            weights = [w] + [_quantize(fmt, w16 + 0.001 * i) for i in range(1, copies)]
+            for t in tokens:
+                x = torch.randn(t, k, device=dev, dtype=torch.float16, generator=g)
+                out = torch.empty(t, n, device=dev, dtype=torch.float16)
+                _op(w, x, out, None)()
+                err = _rel_error(w, x, out)
+                ms = _time(weights, x, out, None, args.reps)
+                best = ""
+                if args.sweep and fmt != "fp16":
+                    timed = []
+                    for cfg in _candidates(w, t):
+                        try:
+                            timed.append((_time(weights, x, out, cfg, args.reps), cfg))
+                        except Exception as e:  # a config that fails to compile (shared memory) is skipped
+                            res["rows"].append({"shape": name, "T": t, "fmt": fmt, "cfg": vars(cfg),
+                                                "error": repr(e)[:200]})
+                    best_ms, best_cfg = min(timed, key=lambda r: r[0])
+                    best = f"{best_ms:.4f} ms with {best_cfg}"
+                    res["rows"] += [{"shape": name, "T": t, "fmt": fmt, "cfg": vars(c), "ms": m} for m, c in timed]
+                if fmt == "fp16":
+                    fp16_ms[t] = ms
+                ratio = f"{fp16_ms[t] / ms:7.2f}" if t in fp16_ms else f"{'-':>7s}"
+                tflops = 2 * t * n * k / ms / 1e9
+                tbs = _nbytes(w) / ms / 1e9
+                d = gemm_lowbit.default_config(t, n)
+                tile = "torch.mm" if fmt == "fp16" else f"{d.block_m}x{d.block_n}x{d.block_k}"
+                print(f"{name:8s} {f'{n}x{k}':>12s} {t:4d} {fmt:5s} {ms:8.4f} {tflops:8.1f} {tbs:7.2f} {ratio} "
+                      f"{err:8.1e} {tile:>11s}  {best}", flush=True)
+                res["rows"].append({"shape": name, "T": t, "fmt": fmt, "cfg": "default", "ms": ms, "tflops": tflops,
+                                    "weight_tbs": tbs, "rel_err": err, "copies": copies})
+            del weights, w
+            torch.cuda.empty_cache()
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "lowbit_gemm.json").write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
