@@ -20,7 +20,7 @@ from pathlib import Path
 
 from bench.analysis import analyze
 from bench.envinfo import REPO_ROOT, environment
-from bench.model_info import ModelCost
+from bench.model_info import ModelCost, weight_plan
 from bench.spec import BenchSpec
 
 KILL_GRACE_S = 15.0  # time to unwind after SIGTERM: the e2e engine stops its server (5 s grace)
@@ -101,7 +101,7 @@ def run_bench(spec: BenchSpec, out_dir: Path, log: Callable[[str], None]) -> dic
             log(f"bench: {name} {r['status']} in {r['wall_s']:.1f} s" + (f": {r['error']}" if "error" in r else ""))
     from graph_executor.loading.config import ModelConfig
 
-    cost = ModelCost.of(ModelConfig.from_hf_dict(spec.model_config), spec.dtype)
+    cost = ModelCost.of(ModelConfig.from_hf_dict(spec.model_config), spec.dtype, weight_plan(spec))
     floors_result = children.pop("floors", None)
     results = {
         "schema": "hybridrt-bench/1",

@@ -1,16 +1,34 @@
 """What a model's shapes cost the floors, without loading its weights: bytes read per decoded token, KV bytes
-per token of context, parameters. Byte counts come from graph_executor.memory, the rule loading uses; what a
-process needs to hold the model ("will it fit") is graph_executor.memory's `required_bytes` / `check_fits`.
+per token of context, parameters. Byte counts come from graph_executor.memory, the rule loading uses, in the
+weights' storage format (`graph_executor.quant.specs.WeightPlan`: codes + scales + offsets for packed slots);
+what a process needs to hold the model ("will it fit") is graph_executor.memory's `required_bytes` /
+`check_fits`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from bench.spec import BenchSpec
 from graph_executor.loading.config import ModelConfig
 from graph_executor.memory import needed_bytes
+from graph_executor.quant.specs import WeightPlan, describe, quantize_plan
+
+
+def weight_plan(spec: BenchSpec) -> WeightPlan:
+    """How the hybridrt engines of `spec` store the weights, as the loader decides it (without loading)."""
+    cfg = ModelConfig.from_hf_dict(spec.model_config)
+    if spec.quantize:
+        plan = quantize_plan(spec.quantize, spec.quantize_group, cfg)  # validates the group on any device
+        return plan if spec.on_gpu else WeightPlan()  # the CPU path dequantizes at load
+    if spec.model.endswith(".gguf") and spec.on_gpu and not spec.dequantize:
+        from graph_executor.loading.gguf_loader import gguf_plan, open_gguf
+
+        return gguf_plan(open_gguf(Path(spec.model)), cfg)
+    return WeightPlan()
 
 
 @dataclass(frozen=True)
@@ -19,29 +37,33 @@ class ModelCost:
     dtype_bytes: int
     decode_weight_bytes: int  # weights read by one decode step: all but the embedding rows not looked up
     kv_bytes_per_token: int  # K and V of one position, all layers
+    weight_bytes: int = 0  # all weights as stored
+    matmul_params: int = 0  # parameters that take part in a token's matmuls (2 FLOPs each per token)
+    weight_format: str = ""  # e.g. "float16", "int4-g32+offset (embed_tokens: int8-g32)"
 
     @classmethod
-    def of(cls, cfg: ModelConfig, dtype: str) -> ModelCost:
-        """`dtype` is a torch dtype name, e.g. "float16"."""
+    def of(cls, cfg: ModelConfig, dtype: str, plan: WeightPlan | None = None) -> ModelCost:
+        """`dtype` is a torch dtype name, e.g. "float16"; `plan` the weights' storage (None: all in dtype)."""
         torch_dtype = getattr(torch, dtype, None)
         if not isinstance(torch_dtype, torch.dtype):
             raise ValueError(f"unknown dtype {dtype!r}")
-        elt = torch_dtype.itemsize
-        weight_bytes, kv = needed_bytes(cfg, torch_dtype, 1)
+        plan = plan or WeightPlan()
+        weight_bytes, kv = needed_bytes(cfg, torch_dtype, 1, plan)
         # An untied embedding table is only indexed (one row per token), so a step does not read it;
         # a tied one is read whole by the lm_head.
-        unread = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size * elt
-        return cls(cfg.num_params(), elt, weight_bytes - unread, kv)
+        table = cfg.vocab_size * cfg.hidden_size
+        unread = 0 if cfg.tie_word_embeddings else plan.spec("embed_tokens").nbytes(cfg.vocab_size, cfg.hidden_size,
+                                                                                       torch_dtype)
+        matmul = cfg.num_params() - (0 if cfg.tie_word_embeddings else table)
+        return cls(cfg.num_params(), torch_dtype.itemsize, weight_bytes - unread, kv, weight_bytes, matmul,
+                   describe(plan, torch_dtype))
 
     @property
-    def weight_bytes(self) -> int:
-        return self.params * self.dtype_bytes
-
-    @property
-    def matmul_params(self) -> int:
-        """Parameters that take part in a token's matmuls (2 FLOPs each per token)."""
-        return self.decode_weight_bytes // self.dtype_bytes
+    def bits_per_weight(self) -> float:
+        """Bits read per matmul weight by a decode step (norms and biases included)."""
+        return 8 * self.decode_weight_bytes / self.matmul_params
 
     def to_dict(self) -> dict:
         return {"params": self.params, "dtype_bytes": self.dtype_bytes, "weight_bytes": self.weight_bytes,
-                "decode_weight_bytes": self.decode_weight_bytes, "kv_bytes_per_token": self.kv_bytes_per_token}
+                "decode_weight_bytes": self.decode_weight_bytes, "kv_bytes_per_token": self.kv_bytes_per_token,
+                "weight_format": self.weight_format, "bits_per_weight": round(self.bits_per_weight, 3)}

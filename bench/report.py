@@ -34,10 +34,13 @@ def header(results: dict) -> list[str]:
     facts = (f"{results['created']}; driver {env['driver'] or '-'}, torch {env['torch']} "
              f"(CUDA {env['cuda'] or '-'}), transformers {env['transformers']}, commit "
              f"{_code_id(git)}; "
-             f"{model['params'] / 1e9:.3g} B params, {model['decode_weight_bytes'] / 1e9:.3g} GB read per "
-             f"decoded token, {model['kv_bytes_per_token'] / 1e6:.3g} MB KV per token of context; batch 1, greedy, "
+             f"{model['params'] / 1e9:.3g} B params, weights {model.get('weight_format') or spec['dtype']} "
+             f"({model.get('bits_per_weight', 8 * model['dtype_bytes']):.3g} bits per weight read), "
+             f"{model['decode_weight_bytes'] / 1e9:.3g} GB read per decoded token, "
+             f"{model['kv_bytes_per_token'] / 1e6:.3g} MB KV per token of context; batch 1, greedy, "
              f"EOS ignored, random prompt ids (seed {spec['seed']}), max context {spec['max_context']}.")
-    return [f"# hybridrt bench: {spec['model']} ({spec['dtype']}) on {env['card']}", "", facts, ""]
+    quantize = f", --quantize {spec['quantize']}" if spec.get("quantize") else ""
+    return [f"# hybridrt bench: {spec['model']} ({spec['dtype']}{quantize}) on {env['card']}", "", facts, ""]
 
 
 def floors_section(results: dict) -> list[str]:
@@ -148,3 +151,30 @@ def markdown(results: dict) -> str:
     sections = [header, floors_section, ttft_section, decode_section, context_section, ratio_section,
                 overhead_section, status_section]
     return "\n".join(line for section in sections for line in section(results))
+
+
+def formats_table(runs: dict[str, dict]) -> str:
+    """One line per weight format of a `--quantize` axis: bits per weight read, the decode floor at the
+    decode workload's context, P50 of each hybridrt engine and its ratio to that floor, TTFT at the shortest
+    and longest prompt."""
+    rows = []
+    first = next(iter(runs.values()), {})
+    prompts = sorted(first.get("spec", {}).get("prompt_lens", []))
+    ends = [str(n) for n in prompts[:1] + prompts[-1:]] if "ttft" in first.get("spec", {}).get("workloads", ()) else []
+    for label, results in runs.items():
+        model, floors = results["model"], results.get("floors") or {}
+        context = floors.get("decode_context")
+        floor = (floors.get("decode_ms") or {}).get(str(context))
+        for name in ("hybridrt-executor", "hybridrt"):
+            decode = results["engines"].get(name, {}).get("decode")
+            if not decode:
+                continue
+            ttft = results["engines"][name].get("ttft", {})
+            p50 = decode["p50_ms"]
+            rows.append([label, model.get("weight_format", "-"), f"{model.get('bits_per_weight', 0):.2f}",
+                         f"{model['weight_bytes'] / 1e9:.2f}", name, f"{floor:.3f}" if floor else None,
+                         f"{p50:.3f}", f"{p50 / floor:.2f}" if floor else None,
+                         *(f"{ttft[n]['median_ms']:.2f}" if n in ttft else None for n in ends)])
+    header = ["format", "weights", "bits/weight read", "weight GB", "engine", "decode floor ms", "decode P50 ms",
+              "P50 / floor", *(f"TTFT {n} ms" for n in ends)]
+    return "\n".join(["# hybridrt bench: weight formats side by side", "", *_table(header, rows)])

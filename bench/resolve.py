@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from bench.envinfo import REPO_ROOT, card_slug, gpu_info
-from bench.spec import DEFAULTS, ENGINES, GPU_ONLY_ENGINES, WORKLOADS, BenchSpec, parse_ints, parse_names
+from bench.model_info import weight_plan
+from bench.spec import DEFAULTS, ENGINES, GPU_ONLY_ENGINES, OURS, WORKLOADS, BenchSpec, parse_ints, parse_names
 from graph_executor.loading import default_model
 from graph_executor.loading.loader import resolve_model_config
 from graph_executor.memory import check_fits, host_available_bytes
@@ -43,6 +44,10 @@ class BenchOptions:
     timeout_s: float = 240.0
     mps: str = "auto"
     tokenizer: str | None = None
+    quantize: str | None = None
+    quantize_group: int = 32
+    dequantize: bool = False
+    peers: bool = True  # False: only the hybridrt engines (a quantized run: the peers run the dtype only)
 
 
 def resolve_device_name(name: str) -> str:
@@ -79,6 +84,10 @@ def resolve_spec(opts: BenchOptions) -> BenchSpec:
     device = resolve_device_name(opts.device)
     d = DEFAULTS["cuda" if device.startswith("cuda") else "cpu"]
     engines = _engines(opts.engines, device)
+    if not opts.peers:
+        engines = tuple(e for e in engines if e in OURS)
+        if not engines:
+            raise HybridrtError("--quantize runs only the hybridrt engines; --engines names none of them")
     workloads = parse_names(opts.workloads, WORKLOADS, "workload")
     model = opts.model or d.model
     name, cfg = resolve_model_config(model)
@@ -94,7 +103,8 @@ def resolve_spec(opts: BenchOptions) -> BenchSpec:
         contexts=parse_ints(opts.contexts, "contexts") if opts.contexts else d.contexts,
         context_steps=_pick(opts.context_steps, d.context_steps), repeats=_pick(opts.repeats, d.repeats),
         max_context=1 << 30, model_config=cfg.to_hf_dict(), seed=opts.seed, timeout_s=opts.timeout_s,
-        mps=opts.mps, tokenizer=opts.tokenizer,
+        mps=opts.mps, tokenizer=opts.tokenizer, quantize=opts.quantize, quantize_group=opts.quantize_group,
+        dequantize=opts.dequantize,
     )
     limit, needed = cfg.max_position_embeddings, spec.needed_context
     if max(needed, opts.max_context or 0) > limit:
@@ -103,6 +113,13 @@ def resolve_spec(opts: BenchOptions) -> BenchSpec:
                             f"--contexts or --decode-tokens")
     rounded = min(-(-needed // CONTEXT_ROUND) * CONTEXT_ROUND, limit)
     spec = dataclasses.replace(spec, max_context=opts.max_context or rounded)  # validates it again
+    if spec.quantize and model.endswith(".gguf"):
+        raise HybridrtError("--quantize applies to HF checkpoints and dummy models; a GGUF file is already "
+                            "quantized (--dequantize runs it in --dtype)")
+    try:
+        weight_plan(spec)  # a --quantize-group that does not divide the model's sizes fails here
+    except ValueError as e:
+        raise HybridrtError(str(e)) from None
     available = free_bytes(spec)
     if available is not None:  # unknown: skipped (asking CUDA would give this process a context)
         check_fits(model, cfg, getattr(torch, spec.dtype), spec.max_context, torch.device(device), available)

@@ -31,6 +31,7 @@ WORKLOAD_HELP = {
     "floors": "HBM read bandwidth and matmul rate on this card, hence decode and prefill floors",
 }
 MPS_MODES = ("auto", "on", "off")
+QUANTIZE_METHODS = ("int8", "int4", "fp8")  # graph_executor.quant.specs (not imported: this file stays light)
 # Generated after each timed decode run but not timed: an engine that reads tokens one step behind hands the
 # last ones over at once as its pipeline drains, which would understate its per-token latency.
 DRAIN_TOKENS = 2
@@ -79,8 +80,13 @@ class BenchSpec:
     timeout_s: float = 240.0
     mps: str = "auto"
     tokenizer: str | None = None
+    quantize: str | None = None  # the hybridrt engines' --quantize (the peers run the dtype)
+    quantize_group: int = 32
+    dequantize: bool = False  # a GGUF model dequantized at load instead of kept packed
 
     def __post_init__(self) -> None:
+        if self.quantize is not None and self.quantize not in QUANTIZE_METHODS:
+            raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_METHODS)}, got {self.quantize!r}")
         _check_names(self.engines, ENGINES, "engine")
         _check_names(self.workloads, WORKLOADS, "workload")
         for name in ("prompt_lens", "contexts"):
@@ -98,6 +104,11 @@ class BenchSpec:
         if self.max_context < self.needed_context:
             raise ValueError(f"max-context {self.max_context} is too small for these workloads "
                              f"(they need {self.needed_context} tokens)")
+
+    @property
+    def load_flags(self) -> dict:
+        """The LoadConfig fields of the weight format, for the hybridrt engines."""
+        return {"quantize": self.quantize, "quantize_group": self.quantize_group, "dequantize": self.dequantize}
 
     @property
     def on_gpu(self) -> bool:

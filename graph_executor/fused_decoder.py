@@ -1,22 +1,46 @@
 """The decode step on the GPU as 7 fused kernel launches per layer (see kernels/gemv.py), over a workspace
-allocated once: the body of the decode CUDA graph. Numerically the same function as `LlamaModel.decode_step`
-(up to rounding: RMSNorm is applied inside the GEMV in float32)."""
+allocated once: the body of the decode CUDA graph. Numerically the same function as `LlamaModel.forward` on
+one token (up to rounding: RMSNorm is applied inside the GEMV in float32). Dense and packed weights alike:
+`kernels/projections.py` picks each slot's kernel."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from graph_executor.kernels import gemv_lowbit
 from graph_executor.kernels.decode_attention import DecodeAttention
-from graph_executor.kernels.gemv import DEFAULT_PLAN, GemvPlan, gemv_residual, rmsnorm_gemv, silu_gemv_residual
+from graph_executor.kernels.gemv import DEFAULT_PLAN, GemvConfig, GemvPlan
+from graph_executor.kernels.projections import (
+    ProjectionConfig,
+    embedding,
+    gemv_residual,
+    rmsnorm_gemv,
+    silu_gemv_residual,
+)
 from graph_executor.kernels.rope_append import rope_append
 from graph_executor.model import LlamaModel
 
 
+@dataclass(frozen=True)
+class LowbitPlan:
+    """Block configs of the low-bit GEMVs per projection (see bench/NOTES.md for the sweep)."""
+
+    qkv: GemvConfig = gemv_lowbit.DEFAULT
+    o: GemvConfig = gemv_lowbit.DEFAULT
+    gate_up: GemvConfig = gemv_lowbit.DEFAULT
+    down: GemvConfig = gemv_lowbit.DEFAULT
+    lm_head: GemvConfig = gemv_lowbit.DEFAULT
+
+
 class FusedDecoder:
-    def __init__(self, model: LlamaModel, plan: GemvPlan = DEFAULT_PLAN, split_size: int | None = None) -> None:
+    def __init__(self, model: LlamaModel, plan: GemvPlan = DEFAULT_PLAN, split_size: int | None = None,
+                 lowbit: LowbitPlan = LowbitPlan()) -> None:
         cfg = model.config
         self.model = model
-        self.plan = plan
+        self.plan = {name: ProjectionConfig(getattr(plan, name), getattr(lowbit, name))
+                     for name in ("qkv", "o", "gate_up", "down", "lm_head")}
         device, dtype = model.embed_tokens.device, model.dtype
 
         def empty(*shape: int) -> torch.Tensor:
@@ -35,15 +59,15 @@ class FusedDecoder:
         """token, position: [1] int64 on the device; logits: [vocab] (float32) written in place."""
         m, cfg = self.model, self.model.config
         eps, g = cfg.rms_norm_eps, self.plan
-        torch.index_select(m.embed_tokens, 0, token, out=self.x)
+        embedding(m.embed_tokens, token, self.x)
         x = self.x[0]  # [H]
         for index, layer in enumerate(m.layers):
             cache = m.kv_cache[index]  # [2, nkv, C, hd]
-            rmsnorm_gemv(layer.qkv_proj, x, layer.attn_norm, eps, self.qkv, bias=layer.qkv_bias, cfg=g.qkv)
+            rmsnorm_gemv(layer.qkv_proj, x, layer.attn_norm, eps, self.qkv, bias=layer.qkv_bias, cfg=g["qkv"])
             rope_append(self.qkv, position, m.rope, self.q, cache[0], cache[1], cfg.num_heads, cfg.num_kv_heads,
                         cfg.head_dim)
             self.attention(self.q, cache[0], cache[1], position, self.attn)
-            gemv_residual(layer.o_proj, self.attn.view(-1), x, cfg=g.o)
-            rmsnorm_gemv(layer.gate_up_proj, x, layer.mlp_norm, eps, self.gate_up, cfg=g.gate_up)
-            silu_gemv_residual(layer.down_proj, self.gate_up, x, cfg=g.down)
-        return rmsnorm_gemv(m.lm_head, x, m.norm, eps, logits, cfg=g.lm_head)
+            gemv_residual(layer.o_proj, self.attn.view(-1), x, cfg=g["o"])
+            rmsnorm_gemv(layer.gate_up_proj, x, layer.mlp_norm, eps, self.gate_up, cfg=g["gate_up"])
+            silu_gemv_residual(layer.down_proj, self.gate_up, x, cfg=g["down"])
+        return rmsnorm_gemv(m.lm_head, x, m.norm, eps, logits, cfg=g["lm_head"])

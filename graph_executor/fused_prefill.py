@@ -1,14 +1,15 @@
 """The prefill step on the GPU with fused row kernels and cuBLAS GEMMs (about 10 launches per layer instead
 of ~45): the body of the prefill and chunk CUDA graphs. Residual adds ride in the GEMM (`addmm_`), RMSNorm and
 SwiGLU are one Triton kernel each, RoPE + KV append one kernel, and the lm_head runs on the last valid row only
-through the fused RMSNorm-GEMV, straight into the float32 logits buffer."""
+through the fused RMSNorm-GEMV, straight into the float32 logits buffer. Packed weights take the low-bit GEMM
+(`kernels/projections.py`), which unpacks tiles in registers: no layer is ever dequantized whole."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from graph_executor.kernels.gemv import rmsnorm_gemv
+from graph_executor.kernels.projections import embedding, matmul, rmsnorm_gemv
 from graph_executor.kernels.rope_append import rope_append
 from graph_executor.kernels.rows import rmsnorm_rows, silu_mul_rows
 from graph_executor.model import LlamaModel
@@ -48,24 +49,21 @@ class FusedPrefill:
             mask = self.key_pos[None, :kv_len] <= positions[:, None]  # [T, S]
             if cfg.sliding_window is not None:
                 mask &= self.key_pos[None, :kv_len] > positions[:, None] - cfg.sliding_window
-        torch.index_select(m.embed_tokens, 0, ids, out=x)
+        embedding(m.embed_tokens, ids, x)
         for index, layer in enumerate(m.layers):
             cache = m.kv_cache[index]  # [2, nkv, C, hd]
             rmsnorm_rows(x, layer.attn_norm, eps, h)
-            if layer.qkv_bias is not None:
-                torch.addmm(layer.qkv_bias, h, layer.qkv_proj.t(), out=qkv)
-            else:
-                torch.mm(h, layer.qkv_proj.t(), out=qkv)
+            matmul(h, layer.qkv_proj, qkv, bias=layer.qkv_bias)
             rope_append(qkv, positions, m.rope, q, cache[0], cache[1], cfg.num_heads, cfg.num_kv_heads,
                         cfg.head_dim)
             span = t if kv_len is None else kv_len
             out = F.scaled_dot_product_attention(
                 q.transpose(0, 1)[None], cache[0, :, :span][None], cache[1, :, :span][None], attn_mask=mask,
                 is_causal=mask is None, enable_gqa=True)  # [1, nh, T, hd]
-            x.addmm_(out[0].transpose(0, 1).reshape(t, cfg.q_size), layer.o_proj.t())
+            matmul(out[0].transpose(0, 1).reshape(t, cfg.q_size), layer.o_proj, x, accumulate=True)
             rmsnorm_rows(x, layer.mlp_norm, eps, h)
-            torch.mm(h, layer.gate_up_proj.t(), out=gate_up)
+            matmul(h, layer.gate_up_proj, gate_up)
             silu_mul_rows(gate_up, act)
-            x.addmm_(act, layer.down_proj.t())
+            matmul(act, layer.down_proj, x, accumulate=True)
         last = x.index_select(0, logits_index)  # [1, H]
         return rmsnorm_gemv(m.lm_head, last[0], m.norm, eps, logits)

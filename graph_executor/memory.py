@@ -9,23 +9,27 @@ from pathlib import Path
 import torch
 
 from graph_executor.loading.config import ModelConfig
+from graph_executor.quant.specs import WeightPlan, weight_bytes
 from ipc.errors import ModelLoadError
 
 HEADROOM_BYTES = 256 << 20  # activations, workspaces, the allocator's slack (graphs add ~0.1 GiB on a GPU)
 GIB = 1024**3
 
 
-def needed_bytes(config: ModelConfig, dtype: torch.dtype, max_context: int) -> tuple[int, int]:
-    """(weight bytes, KV-cache bytes) that loading `config` with a `max_context` cache allocates."""
+def needed_bytes(config: ModelConfig, dtype: torch.dtype, max_context: int,
+                 plan: WeightPlan | None = None) -> tuple[int, int]:
+    """(weight bytes, KV-cache bytes) that loading `config` with a `max_context` cache allocates; `plan`: the
+    weights' storage formats (None: all dense in `dtype`)."""
     elt = torch.empty((), dtype=dtype).element_size()
     kv = 2 * config.num_layers * config.num_kv_heads * config.head_dim * max_context * elt
-    return config.num_params() * elt, kv
+    return weight_bytes(config, plan or WeightPlan(), dtype), kv
 
 
-def required_bytes(config: ModelConfig, dtype: torch.dtype, max_context: int) -> int:
+def required_bytes(config: ModelConfig, dtype: torch.dtype, max_context: int,
+                   plan: WeightPlan | None = None) -> int:
     """What one process needs to hold `config` with a `max_context` cache: weights + KV cache + headroom. The one
     rule of "will it fit", for loading and for the bench alike."""
-    weights, kv = needed_bytes(config, dtype, max_context)
+    weights, kv = needed_bytes(config, dtype, max_context, plan)
     return weights + kv + HEADROOM_BYTES
 
 
@@ -46,11 +50,13 @@ def host_available_bytes() -> int | None:
 
 
 def check_fits(name: str, config: ModelConfig, dtype: torch.dtype, max_context: int, device: torch.device,
-               available: int | None = None) -> None:
+               available: int | None = None, plan: WeightPlan | None = None) -> None:
     """ModelLoadError when the weights and KV cache can't fit in what `device` has free; `available` (bytes)
     replaces asking the device, e.g. a GPU's free memory read by a process that must not hold a CUDA context."""
-    weights, kv = needed_bytes(config, dtype, max_context)
-    need = required_bytes(config, dtype, max_context)
+    if device.type == "cpu":
+        plan = None  # the CPU path dequantizes packed weights at load
+    weights, kv = needed_bytes(config, dtype, max_context, plan)
+    need = required_bytes(config, dtype, max_context, plan)
     available = available_bytes(device) if available is None else available
     if available is None or need <= available:
         return

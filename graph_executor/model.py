@@ -4,6 +4,10 @@ Weights are stored fused (QKV, gate-up) and allocated once on the target device;
 tensor into its slice (`weight_map.hf_slot`). The step is graph-safe: no `.item()`, no host branching on tensor
 values; the KV cache is written by position index and read up to `kv_len`, a host-side static bound.
 `forward` is the reference step (the CPU path runs it; the GPU path's fused kernels are tested against it).
+
+A weight slot holds a dense tensor in the activation dtype or, where the model's `WeightPlan` says so, a packed
+low-bit weight (`graph_executor/quant/formats.py`): the GPU kernels read those packed; the reference step
+dequantizes them per use (correct, slow: the CPU path dequantizes at load instead).
 """
 
 from __future__ import annotations
@@ -13,7 +17,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from graph_executor.loading.config import ModelConfig
+from graph_executor.quant import rows
+from graph_executor.quant.specs import WeightPlan
 from graph_executor.rope import apply_rope, rope_tables
+
+Weight = rows.Weight  # [N, K]: a dense tensor or a packed weight
+
+
+def set_weight(module: nn.Module, name: str, w: Weight) -> None:
+    """Store `w` as `module.<name>`: a dense tensor as a buffer, a packed weight as a plain attribute (its parts
+    are tensors of its own); replaces what was there (quantization at load swaps dense for packed)."""
+    module._buffers.pop(name, None)
+    if name in module.__dict__:
+        del module.__dict__[name]
+    if isinstance(w, torch.Tensor):
+        module.register_buffer(name, w)
+    else:
+        object.__setattr__(module, name, w)
+
+
+def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, K] @ w [N, K]^T (+ bias) -> [T, N]; packed weights dequantized for this call."""
+    return F.linear(x, rows.dequantize(w, x.dtype), bias)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -24,7 +49,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
+    qkv_proj: Weight
+    o_proj: Weight
+    gate_up_proj: Weight
+    down_proj: Weight
+
+    def __init__(self, config: ModelConfig, device: torch.device, dtype: torch.dtype, plan: WeightPlan,
+                 index: int) -> None:
         super().__init__()
         h, i = config.hidden_size, config.intermediate_size
         qkv = config.q_size + 2 * config.kv_size
@@ -33,30 +64,34 @@ class DecoderLayer(nn.Module):
             return torch.empty(*shape, device=device, dtype=dtype)
 
         self.attn_norm = nn.Buffer(buf(h))
-        self.qkv_proj = nn.Buffer(buf(qkv, h))
         self.qkv_bias = nn.Buffer(buf(qkv)) if config.qkv_bias else None
-        self.o_proj = nn.Buffer(buf(h, config.q_size))
         self.mlp_norm = nn.Buffer(buf(h))
-        self.gate_up_proj = nn.Buffer(buf(2 * i, h))
-        self.down_proj = nn.Buffer(buf(h, i))
+        for name, (n, k) in (("qkv_proj", (qkv, h)), ("o_proj", (h, config.q_size)),
+                             ("gate_up_proj", (2 * i, h)), ("down_proj", (h, i))):
+            set_weight(self, name, plan.spec(f"layers.{index}.{name}").empty(n, k, device, dtype))
 
 
 class LlamaModel(nn.Module):
     """Weights, RoPE tables and the KV cache of one model; `forward` runs one prefill or decode step."""
 
-    def __init__(self, config: ModelConfig, max_context: int, device: torch.device, dtype: torch.dtype):
+    embed_tokens: Weight
+    lm_head: Weight
+
+    def __init__(self, config: ModelConfig, max_context: int, device: torch.device, dtype: torch.dtype,
+                 plan: WeightPlan | None = None):
         super().__init__()
+        plan = plan or WeightPlan()
         self.config = config
         self.max_context = max_context
         self.dtype = dtype
-        h = config.hidden_size
-        self.embed_tokens = nn.Buffer(torch.empty(config.vocab_size, h, device=device, dtype=dtype))
-        self.layers = nn.ModuleList(DecoderLayer(config, device, dtype) for _ in range(config.num_layers))
+        self.device = device
+        h, v = config.hidden_size, config.vocab_size
+        set_weight(self, "embed_tokens", plan.spec("embed_tokens").empty(v, h, device, dtype))
+        self.layers = nn.ModuleList(DecoderLayer(config, device, dtype, plan, i) for i in range(config.num_layers))
         self.norm = nn.Buffer(torch.empty(h, device=device, dtype=dtype))
-        self.lm_head = (
-            self.embed_tokens if config.tie_word_embeddings
-            else nn.Buffer(torch.empty(config.vocab_size, h, device=device, dtype=dtype))
-        )
+        set_weight(self, "lm_head", self.embed_tokens if config.tie_word_embeddings
+                   else plan.spec("lm_head").empty(v, h, device, dtype))
+        self.plan = plan
         self.rope = nn.Buffer(rope_tables(config, max_context, device))  # [C, 2, hd] float32
         # [layers, 2 (k, v), kv_heads, C, hd]; zeroed so that never-written slots hold finite values.
         self.kv_cache = nn.Buffer(torch.zeros(
@@ -84,16 +119,16 @@ class LlamaModel(nn.Module):
     def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, logits_index: torch.Tensor,
              attend) -> torch.Tensor:
         cfg = self.config
-        x = F.embedding(input_ids, self.embed_tokens)  # [T, H]
+        x = rows.dequantize(rows.select_rows(self.embed_tokens, input_ids), self.dtype)  # [T, H]
         cos_sin = self.rope.index_select(0, positions)  # [T, 2, hd]
         cos, sin = cos_sin[:, 0:1], cos_sin[:, 1:2]  # [T, 1, hd]
         for index, layer in enumerate(self.layers):
             h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
-            x = x + F.linear(attend(self._qkv_rope_append(layer, index, h, positions, cos, sin), index),
-                             layer.o_proj)
+            x = x + linear(attend(self._qkv_rope_append(layer, index, h, positions, cos, sin), index),
+                           layer.o_proj)
             x = x + self._mlp(layer, rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps))
         x = rms_norm(x.index_select(0, logits_index), self.norm, cfg.rms_norm_eps)  # [n, H]
-        return F.linear(x, self.lm_head)  # [n, V]
+        return linear(x, self.lm_head)  # [n, V]
 
     def _attention_mask(self, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         key_pos = torch.arange(kv_len, device=positions.device)  # [S]
@@ -107,7 +142,7 @@ class LlamaModel(nn.Module):
         """QKV projection and RoPE; K and V are written into the cache at `positions`. Returns q [T, nh, hd]."""
         cfg = self.config
         t = x.shape[0]
-        qkv = F.linear(x, layer.qkv_proj, layer.qkv_bias)  # [T, q + 2kv]
+        qkv = linear(x, layer.qkv_proj, layer.qkv_bias)  # [T, q + 2kv]
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         q = apply_rope(q.view(t, cfg.num_heads, cfg.head_dim), cos, sin)  # [T, nh, hd]
         k = apply_rope(k.view(t, cfg.num_kv_heads, cfg.head_dim), cos, sin)  # [T, nkv, hd]
@@ -117,5 +152,5 @@ class LlamaModel(nn.Module):
         return q
 
     def _mlp(self, layer: DecoderLayer, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, layer.gate_up_proj).chunk(2, dim=-1)  # [T, I] each
-        return F.linear(F.silu(gate) * up, layer.down_proj)
+        gate, up = linear(x, layer.gate_up_proj).chunk(2, dim=-1)  # [T, I] each
+        return linear(F.silu(gate) * up, layer.down_proj)

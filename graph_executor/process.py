@@ -33,6 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--max-context", type=int, default=None)
     p.add_argument("--seed-weights", type=int, default=0)
+    p.add_argument("--quantize", default=None)
+    p.add_argument("--quantize-group", type=int, default=32)
+    p.add_argument("--dequantize", action="store_true")
     p.add_argument("--supervisor-pid", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--no-graphs", action="store_true", help="run every step eagerly (no CUDA graphs)")
@@ -49,10 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         loaded = load_model(LoadConfig(model=args.model, load_format=args.load_format, device=args.device,
                                        dtype=args.dtype, max_context=args.max_context, seed=args.seed_weights,
-                                       progress=not args.quiet))
+                                       progress=not args.quiet, quantize=args.quantize,
+                                       quantize_group=args.quantize_group, dequantize=args.dequantize))
         server = ExecutorServer(channel, loaded, args.supervisor_pid, graphs=not args.no_graphs, quiet=args.quiet)
         if not args.quiet:
-            print(f"graph_executor: {loaded.name} ready on {loaded.model.embed_tokens.device} in "
+            print(f"graph_executor: {loaded.name} ({loaded.weight_format}) ready on {loaded.model.device} in "
                   f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
         gc.collect()
         gc.freeze()  # start-up objects (torch, the model) are never scanned again: no long GC pauses mid-stream

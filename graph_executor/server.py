@@ -66,6 +66,7 @@ class ExecutorServer:
         """What `status` shows about the executor (informational: nothing the protocol depends on)."""
         facts = {"load_seconds": round(self.loaded.load_seconds, 3), "source": self.loaded.source,
                  "executor_pid": os.getpid(), "num_params": self.loaded.model.config.num_params(),
+                 "weight_format": self.loaded.weight_format,
                  "graphs": self.graphs.facts() if self.graphs is not None else {}}
         if self.cuda:
             facts["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench.spec import DEFAULTS, ENGINE_HELP, MPS_MODES, WORKLOAD_HELP
+from bench.spec import DEFAULTS, ENGINE_HELP, MPS_MODES, QUANTIZE_METHODS, WORKLOAD_HELP
 
 _GPU, _CPU = DEFAULTS["cuda"], DEFAULTS["cpu"]
 
@@ -59,6 +59,15 @@ def _model_flags(g) -> None:
     g.add_argument("--tokenizer", default=None, help="tokenizer for the hybridrt engines (default: the model's; "
                                                      "none for dummy models; prompts are token ids either way)")
     g.add_argument("--seed", type=int, default=0, help="seed of the prompt ids and dummy weights (default: 0)")
+    g.add_argument("--quantize", default="none", metavar="LIST",
+                   help=f"weight formats of the hybridrt engines, a comma list of none (the dtype), "
+                        f"{', '.join(QUANTIZE_METHODS)}: one run per format, one after another (the peers "
+                        f"only with none), into <out>/<format>/, and a side-by-side formats.md; a single "
+                        f"format writes into <out> itself (default: none)")
+    g.add_argument("--quantize-group", type=int, default=32, metavar="N",
+                   help="weights per scale for int8/int4 (default: 32)")
+    g.add_argument("--dequantize", action="store_true",
+                   help="a GGUF --model dequantized at load instead of kept packed on the GPU")
 
 
 def _workload_flags(w) -> None:
@@ -89,22 +98,44 @@ def options(args: argparse.Namespace):
         prompt_lens=args.prompt_lens, decode_tokens=args.decode_tokens, decode_prompt_len=args.decode_prompt_len,
         contexts=args.contexts, context_steps=args.context_steps, repeats=args.repeats,
         max_context=args.max_context, seed=args.seed, timeout_s=args.timeout, mps=args.mps,
-        tokenizer=args.tokenizer)
+        tokenizer=args.tokenizer, quantize_group=args.quantize_group, dequantize=args.dequantize)
+
+
+def formats(text: str) -> list[str | None]:
+    """`--quantize`'s comma list -> [None (the dtype), "int8", ...] in the order given, duplicates dropped."""
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    known = ("none", *QUANTIZE_METHODS)
+    bad = [n for n in names if n not in known]
+    if not names or bad:
+        raise ValueError(f"--quantize takes a comma list of {', '.join(known)}, got {text!r}")
+    return [None if n == "none" else n for n in names]
 
 
 def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from bench.harness import run_bench
-    from bench.report import markdown
+    from bench.report import formats_table, markdown
     from bench.resolve import default_out_dir, resolve_spec
 
-    spec = resolve_spec(options(args))  # bad input fails here, before any process starts
-    out = Path(args.out) if args.out else default_out_dir(spec)
+    methods = formats(args.quantize)
+    # every format's spec is resolved (bad input fails here) before any process starts
+    specs = [resolve_spec(replace(options(args), quantize=q, peers=q is None)) for q in methods]
+    out = Path(args.out) if args.out else default_out_dir(specs[0])
 
     def log(line: str) -> None:
         if not args.quiet:
             print(line, file=sys.stderr, flush=True)
 
-    results = run_bench(spec, out, log)
-    print(markdown(results))
+    if len(specs) == 1:
+        print(markdown(run_bench(specs[0], out, log)))
+        print(f"results: {out}")
+        return 0
+    runs = {}
+    for q, spec in zip(methods, specs):
+        runs[q or spec.dtype] = run_bench(spec, out / (q or spec.dtype), log)
+    table = formats_table(runs)
+    (out / "formats.md").write_text(table + "\n")
+    print(table)
     print(f"results: {out}")
     return 0

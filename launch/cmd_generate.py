@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from launch.options import (
     add_api_key_flag,
@@ -32,6 +32,7 @@ class Outcome:
     prompt_tokens: int
     ttft_ms: float
     tokens_per_s: float
+    weight_format: str = ""
 
 
 def register(sub) -> None:
@@ -71,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"text": outcome.text, "token_ids": outcome.token_ids,
                           "finish_reason": outcome.finish_reason, "prompt_tokens": outcome.prompt_tokens,
-                          "ttft_ms": round(outcome.ttft_ms, 3), "tokens_per_s": round(outcome.tokens_per_s, 2)}))
+                          "ttft_ms": round(outcome.ttft_ms, 3), "tokens_per_s": round(outcome.tokens_per_s, 2),
+                          "weight_format": outcome.weight_format}))
     else:
         sys.stdout.write("\n")
     return 0
@@ -89,8 +91,8 @@ def run_in_process(args, prompt, messages, params, stream, template: str | None)
     loaded = engine.loaded
     if not args.quiet:
         what = " (first run: converted and cached the default model)" if loaded.converted_default else ""
-        print(f"loaded {loaded.name} [{loaded.source}, {loaded.model.embed_tokens.device}, "
-              f"{str(loaded.model.dtype).removeprefix('torch.')}] in {loaded.load_seconds:.1f} s{what}",
+        print(f"loaded {loaded.name} [{loaded.source}, {loaded.model.device}, {loaded.weight_format}] in "
+              f"{loaded.load_seconds:.1f} s{what}",
               file=sys.stderr)
     start = time.perf_counter()
     use_chat = not args.no_chat_template and engine.tokenizer is not None and engine.tokenizer.has_chat_template
@@ -100,7 +102,8 @@ def run_in_process(args, prompt, messages, params, stream, template: str | None)
             r = item
         else:
             stream(item.text)
-    return Outcome(r.text, r.token_ids, r.finish_reason, r.prompt_tokens, r.ttft_ms, r.tokens_per_s)
+    return Outcome(r.text, r.token_ids, r.finish_reason, r.prompt_tokens, r.ttft_ms, r.tokens_per_s,
+                   loaded.weight_format)
 
 
 def run_through_server(args, prompt, messages, params, stream, template: str | None) -> Outcome:
@@ -121,8 +124,9 @@ def run_through_server(args, prompt, messages, params, stream, template: str | N
             if not args.quiet and supervisor:
                 print(f"server ready in {supervisor.ready_seconds:.1f} s", file=sys.stderr)
             use_chat = not args.no_chat_template and facts.get("chat_template")
-            return stream_request(client, prompt if not use_chat else None, messages if use_chat else None,
-                                  params, stream)
+            outcome = stream_request(client, prompt if not use_chat else None, messages if use_chat else None,
+                                     params, stream)
+            return replace(outcome, weight_format=facts.get("executor", {}).get("weight_format", ""))
     finally:
         if supervisor:
             supervisor.stop()

@@ -87,7 +87,8 @@ class ApiError(Exception):
         return cls(500, f"inference failed: {e}", "server_error", code=e.code)
 
 
-def create_app(client_address: str, model_name: str, api_key: str | None, max_context: int) -> FastAPI:
+def create_app(client_address: str, model_name: str, api_key: str | None, max_context: int,
+               weight_format: str | None = None) -> FastAPI:
     """The app for one served model; `client_address` is the JIT context's native (ZeroMQ) address."""
     client = AsyncClient(client_address, api_key=api_key)  # the JIT context wants the same key natively
     created = int(time.time())
@@ -111,7 +112,7 @@ def create_app(client_address: str, model_name: str, api_key: str | None, max_co
 
     @v1.get("/models")
     async def models() -> dict:
-        return models_body(model_name, max_context, created)
+        return models_body(model_name, max_context, created, weight_format)
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:

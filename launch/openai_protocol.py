@@ -193,9 +193,12 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def models_body(model_name: str, max_context: int, created: int) -> dict:
-    return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                        "owned_by": "hybridrt", "max_model_len": max_context}]}
+def models_body(model_name: str, max_context: int, created: int, weight_format: str | None = None) -> dict:
+    model = {"id": model_name, "object": "model", "created": created, "owned_by": "hybridrt",
+             "max_model_len": max_context}
+    if weight_format:
+        model["weight_format"] = weight_format  # e.g. "float16", "int4-g32+offset (embed_tokens: int8-g32)"
+    return {"object": "list", "data": [model]}
 
 
 def completion_body(request_id: str, model: str, text: str, reason: str, usage: dict) -> dict:

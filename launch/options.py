@@ -7,6 +7,8 @@ from pathlib import Path
 
 from graph_executor.loading.default_model import DEFAULT_MODEL_NAME
 from graph_executor.loading.loader import LOAD_FORMATS, LoadConfig
+from graph_executor.quant.formats import GROUPS
+from graph_executor.quant.specs import DEFAULT_GROUP, QUANTIZE_METHODS
 from jit_context.remote_executor import DEFAULT_STEP_TIMEOUT_S
 from jit_context.sampling_params import SamplingParams
 from jit_context.tokenizer import check_chat_template
@@ -30,6 +32,17 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="a Jinja chat template, or a file holding one, used instead of the tokenizer's own "
                         "(as vLLM's --chat-template; for models without one or to change it)")
     g.add_argument("--seed-weights", type=int, default=0, help="seed of dummy random weights (default: 0)")
+    g.add_argument("--quantize", choices=QUANTIZE_METHODS, default=None,
+                   help="quantize an HF or dummy model at load (round-to-nearest, on the device): int8 (a scale "
+                        "per group), int4 (scale and offset per group; embedding and lm_head in int8) or fp8 "
+                        "(e4m3, a scale per row). The GPU reads the packed weights; the CPU dequantizes them at "
+                        "load (same values, no speed-up). GGUF files keep their own quantized types")
+    g.add_argument("--quantize-group", type=int, choices=GROUPS, default=DEFAULT_GROUP, metavar="N",
+                   help=f"weights per scale for --quantize int8/int4: one of {', '.join(map(str, GROUPS))}; "
+                        f"must divide the hidden and intermediate sizes (default: {DEFAULT_GROUP})")
+    g.add_argument("--dequantize", action="store_true",
+                   help="GGUF: dequantize every tensor to --dtype at load instead of keeping the packed types "
+                        "(Q4_0/Q4_1/Q4_K/Q5_*/Q6_K/Q8_0) packed on the GPU")
     g.add_argument("--quiet", action="store_true", help="no progress bars or load messages on stderr")
 
 
@@ -72,7 +85,23 @@ def add_sampling_flags(p: argparse.ArgumentParser, default_temperature: float) -
 
 def load_config(args: argparse.Namespace) -> LoadConfig:
     return LoadConfig(model=args.model, load_format=args.load_format, device=args.device, dtype=args.dtype,
-                      max_context=args.max_context, seed=args.seed_weights, progress=not args.quiet)
+                      max_context=args.max_context, seed=args.seed_weights, progress=not args.quiet,
+                      quantize=args.quantize, quantize_group=args.quantize_group, dequantize=args.dequantize)
+
+
+def load_argv(load: LoadConfig) -> list[str]:
+    """`load` as the graph executor's command-line flags (the inverse of its parser's model flags)."""
+    argv = ["--model", load.model, "--load-format", load.load_format, "--device", load.device, "--dtype",
+            load.dtype, "--seed-weights", str(load.seed), "--quantize-group", str(load.quantize_group)]
+    if load.max_context:
+        argv += ["--max-context", str(load.max_context)]
+    if load.quantize:
+        argv += ["--quantize", load.quantize]
+    if load.dequantize:
+        argv.append("--dequantize")
+    if not load.progress:
+        argv.append("--quiet")
+    return argv
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:

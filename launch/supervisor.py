@@ -37,6 +37,7 @@ from jit_context import SERVER_API_KEY_ENV
 from jit_context.remote_executor import DEFAULT_STEP_TIMEOUT_S
 from launch.client import Client, ServerError
 from launch.mps import MpsDaemon
+from launch.options import load_argv
 
 STOP_GRACE_S = 5.0
 PEER_EXIT_GRACE_S = 2.0  # once one child died, the other gets this long to tell its clients and exit by itself
@@ -96,13 +97,8 @@ class Supervisor:
             print(f"hybridrt: running without MPS ({self.mps.reason})", file=sys.stderr)
         env = {**os.environ, **self.mps.env(), SUPERVISOR_PID_ENV: str(os.getpid())}
         control = self.runtime.ipc_address("control")
-        executor = [sys.executable, "-m", "graph_executor", "--control", control, "--model", load.model,
-                    "--load-format", load.load_format, "--device", load.device, "--dtype", load.dtype,
-                    "--seed-weights", str(load.seed), "--supervisor-pid", str(os.getpid())]
-        if load.max_context:
-            executor += ["--max-context", str(load.max_context)]
-        if not load.progress:
-            executor.append("--quiet")
+        executor = [sys.executable, "-m", "graph_executor", "--control", control, *load_argv(load),
+                    "--supervisor-pid", str(os.getpid())]
         # Own session: a terminal Ctrl-C reaches only this process, which stops the children in order (and
         # `hybridrt chat` can cancel a reply without its server dying of the same SIGINT).
         self.children["graph_executor"] = executor_proc = subprocess.Popen(executor, env=env,

@@ -23,7 +23,7 @@ class ExecutorEngine:
         self.spec = spec
         self._params = SamplingParams
         load = LoadConfig(model=spec.model, device=spec.device, dtype=spec.dtype, max_context=spec.max_context,
-                          seed=spec.seed, progress=False)
+                          seed=spec.seed, progress=False, **spec.load_flags)
         before = time.time()
         self.local = LocalEngine(load, spec.tokenizer)
         timeline.mark("weights_ready", at=before + self.local.loaded.load_seconds)

@@ -29,7 +29,7 @@ class HybridrtE2EEngine:
 
         self.spec = spec
         load = LoadConfig(model=spec.model, device=spec.device, dtype=spec.dtype, max_context=spec.max_context,
-                          seed=spec.seed, progress=False)
+                          seed=spec.seed, progress=False, **spec.load_flags)
         config = ServerConfig(load, tokenizer=spec.tokenizer, ready_timeout_s=spec.timeout_s, mps=spec.mps)
         self.supervisor = Supervisor(config)
         self.client = None

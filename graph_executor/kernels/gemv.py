@@ -6,7 +6,8 @@ nothing but the weights moves through memory and a decoder layer takes 7 launche
 - `silu_gemv_residual`: x += W @ (silu(g) * u), [g, u] = gu    (down_proj: SwiGLU in the prologue)
 
 Each program owns BLOCK_N output rows and walks K in BLOCK_K chunks with a 2-D float32 accumulator, reduced
-once at the end. W is [N, K] row-major (unit stride along K).
+once at the end. W is [N, K] row-major (unit stride along K). W may also be FP8 (e4m3) codes with a float32
+scale per row (`row_scale`, the `Fp8Rows` format): the same loop, one multiply per row at the end.
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ DEFAULT_PLAN = GemvPlan(
 
 
 @triton.jit
-def _rmsnorm_gemv_kernel(w_ptr, x_ptr, nw_ptr, b_ptr, out_ptr, N, K, eps,
-                         HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _rmsnorm_gemv_kernel(w_ptr, x_ptr, nw_ptr, b_ptr, s_ptr, out_ptr, N, K, eps, HAS_BIAS: tl.constexpr,
+                         ROW_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -69,13 +70,15 @@ def _rmsnorm_gemv_kernel(w_ptr, x_ptr, nw_ptr, b_ptr, out_ptr, N, K, eps,
         acc += w.to(tl.float32) * (x * nw)[None, :]
     scale = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
     out = tl.sum(acc, axis=1) * scale
+    if ROW_SCALE:
+        out *= tl.load(s_ptr + rows, mask=row_ok, other=0.0)
     if HAS_BIAS:
         out += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
 @triton.jit
-def _gemv_residual_kernel(w_ptr, a_ptr, x_ptr, N, K, SWIGLU: tl.constexpr,
+def _gemv_residual_kernel(w_ptr, a_ptr, s_ptr, x_ptr, N, K, SWIGLU: tl.constexpr, ROW_SCALE: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -90,36 +93,46 @@ def _gemv_residual_kernel(w_ptr, a_ptr, x_ptr, N, K, SWIGLU: tl.constexpr,
         w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
                     other=0.0)
         acc += w.to(tl.float32) * a[None, :]
+    out = tl.sum(acc, axis=1)
+    if ROW_SCALE:
+        out *= tl.load(s_ptr + rows, mask=row_ok, other=0.0)
     residual = tl.load(x_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    tl.store(x_ptr + rows, (residual + tl.sum(acc, axis=1)).to(x_ptr.dtype.element_ty), mask=row_ok)
+    tl.store(x_ptr + rows, (residual + out).to(x_ptr.dtype.element_ty), mask=row_ok)
 
 
 def _grid(n: int, cfg: GemvConfig) -> tuple[int]:
     return (triton.cdiv(n, cfg.block_n),)
 
 
+def _launch(cfg: GemvConfig) -> dict:
+    return dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
 def rmsnorm_gemv(w: torch.Tensor, x: torch.Tensor, norm_w: torch.Tensor, eps: float, out: torch.Tensor,
-                 bias: torch.Tensor | None = None, cfg: GemvConfig = DEFAULT) -> torch.Tensor:
-    """w [N, K], x [K], norm_w [K], bias [N] or None -> out [N] (any float dtype: logits may be float32)."""
+                 bias: torch.Tensor | None = None, cfg: GemvConfig = DEFAULT,
+                 row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """w [N, K], x [K], norm_w [K], bias [N] or None, row_scale [N] float32 or None -> out [N] (any float dtype:
+    logits may be float32)."""
     n, k = w.shape
-    _rmsnorm_gemv_kernel[_grid(n, cfg)](w, x, norm_w, bias if bias is not None else w, out, n, k, eps,
-                                        HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                                        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _rmsnorm_gemv_kernel[_grid(n, cfg)](w, x, norm_w, bias if bias is not None else w,
+                                        row_scale if row_scale is not None else w, out, n, k, eps,
+                                        HAS_BIAS=bias is not None, ROW_SCALE=row_scale is not None, **_launch(cfg))
     return out
 
 
-def gemv_residual(w: torch.Tensor, a: torch.Tensor, x: torch.Tensor, cfg: GemvConfig = DEFAULT) -> torch.Tensor:
-    """x [N] += w [N, K] @ a [K], in place."""
+def gemv_residual(w: torch.Tensor, a: torch.Tensor, x: torch.Tensor, cfg: GemvConfig = DEFAULT,
+                  row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [N] += (w [N, K] @ a [K]) [* row_scale], in place."""
     n, k = w.shape
-    _gemv_residual_kernel[_grid(n, cfg)](w, a, x, n, k, SWIGLU=False, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _gemv_residual_kernel[_grid(n, cfg)](w, a, row_scale if row_scale is not None else w, x, n, k, SWIGLU=False,
+                                         ROW_SCALE=row_scale is not None, **_launch(cfg))
     return x
 
 
-def silu_gemv_residual(w: torch.Tensor, gate_up: torch.Tensor, x: torch.Tensor,
-                       cfg: GemvConfig = DEFAULT) -> torch.Tensor:
-    """x [N] += w [N, K] @ (silu(gate_up[:K]) * gate_up[K:]), in place."""
+def silu_gemv_residual(w: torch.Tensor, gate_up: torch.Tensor, x: torch.Tensor, cfg: GemvConfig = DEFAULT,
+                       row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [N] += (w [N, K] @ (silu(gate_up[:K]) * gate_up[K:])) [* row_scale], in place."""
     n, k = w.shape
-    _gemv_residual_kernel[_grid(n, cfg)](w, gate_up, x, n, k, SWIGLU=True, BLOCK_N=cfg.block_n,
-                                         BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _gemv_residual_kernel[_grid(n, cfg)](w, gate_up, row_scale if row_scale is not None else w, x, n, k,
+                                         SWIGLU=True, ROW_SCALE=row_scale is not None, **_launch(cfg))
     return x

@@ -1,7 +1,9 @@
-"""GGUF files: config from metadata, tensors dequantised with the `gguf` package and renamed to HF names.
+"""GGUF files: config from metadata, tensors renamed to HF names and either kept packed (the types that map onto
+`graph_executor/quant/formats.py` exactly, on the GPU) or dequantised with the `gguf` package.
 
 llama.cpp's converter permutes the Q and K rows of Llama-architecture models (interleaved RoPE); we undo it so
-that the weights match the HF rotate-half layout our model uses.
+that the weights match the HF rotate-half layout our model uses (for packed tensors: the same row permutation
+of their codes and scales).
 """
 
 from __future__ import annotations
@@ -11,8 +13,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from graph_executor.loading.config import ModelConfig, RopeScaling
+from graph_executor.loading.weight_map import slot_of
+from graph_executor.quant import rows
+from graph_executor.quant.formats import from_reader_tensor
+from graph_executor.quant.specs import DENSE, WeightPlan, WeightSpec, join
 from ipc.errors import ModelLoadError
 
 _GGUF_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
@@ -110,19 +117,75 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def iter_gguf_tensors(reader, config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
-    """(HF name, float32 array in HF orientation) for every tensor of the file."""
+# The exact packed spec of each GGUF type (formats.py's converters produce these).
+_PACKED_SPECS = {
+    "Q4_0": WeightSpec("int4", 32, offset=False), "Q4_1": WeightSpec("int4", 32, offset=True),
+    "Q4_K": WeightSpec("int4", 32, offset=True), "Q5_0": WeightSpec("int8", 32, offset=False),
+    "Q5_1": WeightSpec("int8", 32, offset=True), "Q5_K": WeightSpec("int8", 32, offset=True),
+    "Q6_K": WeightSpec("int8", 16, offset=False), "Q8_0": WeightSpec("int8", 32, offset=False),
+}
+_FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
+
+
+def gguf_plan(reader, config: ModelConfig) -> WeightPlan:
+    """Which fused slots stay packed: those whose every part has a packed type, in the spec that holds all of
+    them exactly (`quant.specs.join`). Slots with a part of another quantized type (IQ*, Q2_K, Q3_K, ...) are
+    dequantized whole; `dequantized` names those tensors and their types."""
+    parts: dict[str, list[tuple[str, str]]] = {}
+    for t in reader.tensors:
+        name = hf_name(t.name)
+        slot = slot_of(name) if name else None
+        if slot is not None:
+            parts.setdefault(slot, []).append((t.name, t.tensor_type.name))
+    specs: dict[str, WeightSpec] = {}
+    dequantized: list[str] = []
+    for slot, members in parts.items():
+        if all(kind in _PACKED_SPECS for _, kind in members):
+            specs[slot] = join(_PACKED_SPECS[kind] for _, kind in members)
+            continue
+        specs[slot] = DENSE
+        dequantized += [f"{name} ({kind})" for name, kind in members if kind not in _FLOAT_TYPES]
+    if config.tie_word_embeddings:
+        specs.pop("lm_head", None)
+    return WeightPlan(specs, tuple(dequantized))
+
+
+def _permuted_rows(name: str, config: ModelConfig) -> np.ndarray | None:
+    """The row order that undoes llama.cpp's Q/K permutation (None: the tensor is stored in HF order)."""
+    if config.model_type == "qwen2" or not (".q_proj." in name or ".k_proj." in name):
+        return None
+    heads = config.num_heads if ".q_proj." in name else config.num_kv_heads
+    n = (config.num_heads if ".q_proj." in name else config.num_kv_heads) * config.head_dim
+    return _unpermute(np.arange(n), heads)
+
+
+def iter_gguf_tensors(reader, config: ModelConfig, plan: WeightPlan | None = None,
+                      device: str | torch.device = "cpu") -> Iterator[tuple[str, np.ndarray | rows.Weight]]:
+    """(HF name, tensor in HF orientation) for every tensor of the file: a packed weight on `device` for a
+    tensor whose slot `plan` keeps packed, else a float32 numpy array."""
     from gguf.quants import dequantize
 
+    plan = plan or WeightPlan()
     for t in reader.tensors:
         if t.name == ROPE_FREQS:
             continue  # not a weight: part of the config (`_rope_scaling`)
         name = hf_name(t.name)
         if name is None:
             raise ModelLoadError(f"GGUF tensor {t.name!r} is not part of a {config.model_type} model")
+        order = _permuted_rows(name, config)
+        slot = slot_of(name)
+        if slot is not None and plan.spec(slot).packed:
+            try:
+                packed = from_reader_tensor(t, device=device)
+            except ValueError as e:
+                raise ModelLoadError(str(e)) from None
+            if order is not None:
+                packed = rows.select_rows(packed, torch.from_numpy(order).to(device))
+            yield name, packed
+            continue
         w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
         if not w.flags.writeable:  # unquantised tensors come back as read-only views of the mmap
             w = w.copy()
-        if config.model_type != "qwen2" and (".q_proj." in name or ".k_proj." in name):
-            w = _unpermute(w, config.num_heads if ".q_proj." in name else config.num_kv_heads)
+        if order is not None:
+            w = w[order]
         yield name, w

@@ -7,17 +7,27 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from graph_executor.device import resolve_device, resolve_dtype
 from graph_executor.loading import default_model
 from graph_executor.loading.config import ModelConfig
-from graph_executor.loading.gguf_loader import gguf_config, iter_gguf_tensors, open_gguf, weight_tensor_count
+from graph_executor.loading.gguf_loader import (
+    gguf_config,
+    gguf_plan,
+    iter_gguf_tensors,
+    open_gguf,
+    weight_tensor_count,
+)
 from graph_executor.loading.presets import preset
 from graph_executor.loading.weight_map import check_complete, copy_into
 from graph_executor.memory import check_fits
 from graph_executor.model import LlamaModel
+from graph_executor.quant.apply import quantize_model
+from graph_executor.quant.formats import GROUPS
+from graph_executor.quant.specs import DEFAULT_GROUP, QUANTIZE_METHODS, WeightPlan, describe, quantize_plan
 from ipc.errors import ModelLoadError
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
@@ -35,12 +45,22 @@ class LoadConfig:
     max_context: int | None = None  # None: min(model's max positions, DEFAULT_MAX_CONTEXT)
     seed: int = 0  # random weights of `dummy`
     progress: bool = True
+    quantize: str | None = None  # int8 | int4 | fp8: round-to-nearest at load (HF checkpoints, dummy models)
+    quantize_group: int = DEFAULT_GROUP  # weights per scale of int8 / int4
+    dequantize: bool = False  # GGUF: every tensor to the activation dtype at load (else packed types stay packed)
 
     def __post_init__(self) -> None:
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         if self.max_context is not None and self.max_context < 2:
             raise ValueError(f"max_context must be at least 2, got {self.max_context}")
+        if self.quantize is not None and self.quantize not in QUANTIZE_METHODS:
+            raise ValueError(f"--quantize must be one of {', '.join(QUANTIZE_METHODS)}, got {self.quantize!r}")
+        if self.quantize_group not in GROUPS:
+            raise ValueError(f"--quantize-group must be one of {', '.join(map(str, GROUPS))}, "
+                             f"got {self.quantize_group}")
+        if self.quantize is not None and self.dequantize:
+            raise ValueError("--quantize and --dequantize exclude each other")
 
 
 @dataclass(frozen=True)
@@ -51,6 +71,7 @@ class LoadedModel:
     tokenizer_path: Path | None  # folder with tokenizer files or a .gguf; None for dummy weights
     load_seconds: float
     converted_default: bool  # True when this load built the cached copy of the default model
+    weight_format: str = ""  # e.g. "float16", "int4-g32+offset (embed_tokens: int8-g32)"; see quant/specs.py
 
 
 def load_model(cfg: LoadConfig) -> LoadedModel:
@@ -58,6 +79,7 @@ def load_model(cfg: LoadConfig) -> LoadedModel:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     source, path, converted = _resolve_source(cfg)
+    reader = None
     if source == "dummy":
         config = preset(path)
     elif source == "gguf":
@@ -65,22 +87,49 @@ def load_model(cfg: LoadConfig) -> LoadedModel:
         config = gguf_config(reader)
     else:
         config = ModelConfig.from_json_file(Path(path) / "config.json")
+    plan = _weight_plan(cfg, source, config, reader)
     max_context = _max_context(cfg, config)
-    check_fits(cfg.model, config, dtype, max_context, device)
-    model = LlamaModel(config, max_context, device, dtype)
+    # --quantize loads dense first: the peak is the dense model; a packed GGUF is allocated packed
+    check_fits(cfg.model, config, dtype, max_context, device, plan=None if cfg.quantize else plan)
+    model = LlamaModel(config, max_context, device, dtype, plan=None if cfg.quantize or device.type == "cpu"
+                       else plan)
     if source == "dummy":
         _fill_random(model, cfg.seed)
         tokenizer = None
     elif source == "gguf":
+        if plan.dequantized and device.type == "cuda" and cfg.progress:
+            print(f"dequantizing at load (no packed format for their types): {', '.join(plan.dequantized)}",
+                  flush=True)
         _load_gguf(model, reader, cfg.progress)
         tokenizer = Path(path)
     else:
         _load_safetensors(model, Path(path), cfg.progress)
         tokenizer = Path(path) if (Path(path) / "tokenizer_config.json").exists() else None
+    if cfg.quantize:
+        quantize_model(model, plan, cfg.progress)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     name = default_model.DEFAULT_MODEL_NAME if converted is not None else cfg.model
-    return LoadedModel(model, name, source, tokenizer, time.perf_counter() - start, bool(converted))
+    weight_format = describe(plan, dtype)
+    if plan.packed and device.type == "cpu":
+        weight_format += f" (dequantized to {str(dtype).removeprefix('torch.')} on the cpu)"
+    return LoadedModel(model, name, source, tokenizer, time.perf_counter() - start, bool(converted),
+                       weight_format)
+
+
+def _weight_plan(cfg: LoadConfig, source: str, config: ModelConfig, reader) -> WeightPlan:
+    """Which slots are stored packed, and how (one line of error for a flag that does not apply)."""
+    if cfg.quantize:
+        if source == "gguf":
+            raise ModelLoadError("--quantize applies to HF checkpoints and dummy models; a GGUF file is already "
+                                 "quantized (its packed types are kept packed; --dequantize runs it in --dtype)")
+        try:
+            return quantize_plan(cfg.quantize, cfg.quantize_group, config)
+        except ValueError as e:
+            raise ModelLoadError(str(e)) from None
+    if source == "gguf" and not cfg.dequantize:
+        return gguf_plan(reader, config)
+    return WeightPlan()
 
 
 def check_load_config(cfg: LoadConfig) -> ModelConfig:
@@ -89,6 +138,9 @@ def check_load_config(cfg: LoadConfig) -> ModelConfig:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     _, config = resolve_model_config(cfg.model, cfg.load_format)
+    if cfg.quantize:
+        source = "gguf" if cfg.load_format == "gguf" or cfg.model.endswith(".gguf") else "other"
+        _weight_plan(cfg, source, config, None)
     if device.type == "cpu":  # a GPU's free memory would cost this process a CUDA context: the executor checks
         check_fits(cfg.model, config, dtype, _max_context(cfg, config), device)
     return config
@@ -171,12 +223,15 @@ def _load_safetensors(model: LlamaModel, folder: Path, progress: bool) -> None:
 
 
 def _load_gguf(model: LlamaModel, reader, progress: bool) -> None:
+    """Packed slots of the model's plan get the file's blocks converted on the device; the rest is dequantized."""
     loaded: set[str] = set()
-    device = model.embed_tokens.device
-    tensors = iter_gguf_tensors(reader, model.config)
-    for name, array in tqdm(tensors, total=weight_tensor_count(reader), desc="loading weights", unit="tensor",
-                            disable=not progress):
-        copy_into(model, name, torch.from_numpy(array).to(device=device, dtype=model.dtype))
+    device = model.device
+    tensors = iter_gguf_tensors(reader, model.config, model.plan, device)
+    for name, w in tqdm(tensors, total=weight_tensor_count(reader), desc="loading weights", unit="tensor",
+                        disable=not progress):
+        if isinstance(w, np.ndarray):  # float32, dequantized by the gguf package
+            w = torch.from_numpy(w).to(device=device, dtype=model.dtype)
+        copy_into(model, name, w)
         loaded.add(name)
     check_complete(model, loaded)
 

@@ -1,4 +1,5 @@
-"""Where each HF checkpoint tensor lands in our fused layout (QKV and gate-up fused at load)."""
+"""Where each HF checkpoint tensor lands in our fused layout (QKV and gate-up fused at load): a row range of one
+fused weight slot (dense or packed: `graph_executor/quant/rows.py` treats both alike)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from graph_executor.quant import rows
+from graph_executor.quant.specs import fit, spec_of
 from ipc.errors import ModelLoadError
 
 if TYPE_CHECKING:
@@ -33,8 +36,26 @@ def expected_names(model: LlamaModel) -> list[str]:
     return names
 
 
-def hf_slot(model: LlamaModel, name: str) -> torch.Tensor:
-    """The view of our storage that HF tensor `name` is copied into."""
+_PARTS = {"self_attn.q_proj.weight": "qkv_proj", "self_attn.k_proj.weight": "qkv_proj",
+          "self_attn.v_proj.weight": "qkv_proj", "self_attn.o_proj.weight": "o_proj",
+          "mlp.gate_proj.weight": "gate_up_proj", "mlp.up_proj.weight": "gate_up_proj",
+          "mlp.down_proj.weight": "down_proj"}
+
+
+def slot_of(name: str) -> str | None:
+    """The fused weight slot (`quant.specs.slot_shapes`) HF tensor `name` is part of; None for norms and biases."""
+    if name == "model.embed_tokens.weight":
+        return "embed_tokens"
+    if name == "lm_head.weight":
+        return "lm_head"
+    m = _LAYER.match(name)
+    if m and m.group(2) in _PARTS:
+        return f"layers.{m.group(1)}.{_PARTS[m.group(2)]}"
+    return None
+
+
+def hf_slot(model: LlamaModel, name: str) -> rows.Weight:
+    """The view of our storage that HF tensor `name` is copied into (rows of a dense or packed weight)."""
     cfg = model.config
     if name == "model.embed_tokens.weight":
         return model.embed_tokens
@@ -50,7 +71,8 @@ def hf_slot(model: LlamaModel, name: str) -> torch.Tensor:
     qkv_rows = {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv)}
     simple = {"input_layernorm.weight": layer.attn_norm, "post_attention_layernorm.weight": layer.mlp_norm,
               "self_attn.o_proj.weight": layer.o_proj, "mlp.down_proj.weight": layer.down_proj,
-              "mlp.gate_proj.weight": layer.gate_up_proj[:inter], "mlp.up_proj.weight": layer.gate_up_proj[inter:]}
+              "mlp.gate_proj.weight": rows.row_slice(layer.gate_up_proj, 0, inter),
+              "mlp.up_proj.weight": rows.row_slice(layer.gate_up_proj, inter, 2 * inter)}
     if rest in simple:
         return simple[rest]
     am = re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest)
@@ -59,12 +81,14 @@ def hf_slot(model: LlamaModel, name: str) -> torch.Tensor:
         target = layer.qkv_proj if am.group(2) == "weight" else layer.qkv_bias
         if target is None:
             raise ModelLoadError(f"checkpoint has {name!r} but the config says attention has no bias")
-        return target[start:end]
+        return rows.row_slice(target, start, end)
     raise ModelLoadError(f"checkpoint tensor {name!r} is not part of a {cfg.model_type} model")
 
 
-def copy_into(model: LlamaModel, name: str, tensor: torch.Tensor) -> None:
-    """Copy one checkpoint tensor into its slot, with a clear error on a shape mismatch."""
+def copy_into(model: LlamaModel, name: str, tensor: rows.Weight) -> None:
+    """Copy one checkpoint tensor (dense, or packed from a GGUF file) into its slot, with a clear error on a shape
+    mismatch; a packed tensor is converted exactly to its slot's format (`quant.specs.fit`), or dequantized
+    into a dense slot."""
     if name.endswith(IGNORED_SUFFIXES):
         return
     if name == "lm_head.weight" and model.config.tie_word_embeddings:
@@ -75,7 +99,15 @@ def copy_into(model: LlamaModel, name: str, tensor: torch.Tensor) -> None:
             f"shape mismatch for {name}: checkpoint has {tuple(tensor.shape)}, "
             f"the config expects {tuple(target.shape)}"
         )
-    target.copy_(tensor)
+    if isinstance(target, torch.Tensor):
+        target.copy_(rows.dequantize(tensor, target.dtype))
+        return
+    if isinstance(tensor, torch.Tensor):
+        raise ModelLoadError(f"{name}: a dense tensor cannot fill a packed slot ({spec_of(target).label})")
+    try:
+        rows.copy_(target, fit(tensor, spec_of(target)))
+    except ValueError as e:
+        raise ModelLoadError(f"{name}: {e}") from None
 
 
 def check_complete(model: LlamaModel, loaded: set[str]) -> None:

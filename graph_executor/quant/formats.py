@@ -147,7 +147,50 @@ class Int8Groups(_GroupedCodes):
         return _group_values(self.codes, self.scale, self.offset, self.group, 0, dtype)
 
 
-PackedWeight = Int4Groups | Int8Groups
+@dataclass(frozen=True)
+class Fp8Rows:
+    """float8 e4m3 codes with one float32 scale per output row (Hopper's FP8; per-row scaling as in vLLM's
+    `fp8` with per-channel weight scales); value = scale[n] * float(codes[n, k])."""
+
+    codes: torch.Tensor  # float8_e4m3fn [N, K]
+    scale: torch.Tensor  # float32 [N]
+
+    def __post_init__(self) -> None:
+        if self.codes.dtype != torch.float8_e4m3fn or self.codes.dim() != 2 or not self.codes.is_contiguous():
+            raise ValueError(f"Fp8Rows: codes must be a contiguous 2-D float8_e4m3fn tensor, got "
+                             f"{self.codes.dtype} {tuple(self.codes.shape)}")
+        n = self.codes.shape[0]
+        if (self.scale.dtype != torch.float32 or tuple(self.scale.shape) != (n,) or not self.scale.is_contiguous()
+                or self.scale.device != self.codes.device):
+            raise ValueError(f"Fp8Rows: scale must be a contiguous float32 [{n}] tensor on {self.codes.device}, "
+                             f"got {self.scale.dtype} {tuple(self.scale.shape)} on {self.scale.device}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.codes.shape[0], self.codes.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.numel() + 4 * self.scale.numel()
+
+    @property
+    def bits_per_weight(self) -> float:
+        n, k = self.shape
+        return 8 * self.nbytes / (n * k)
+
+    def to(self, device: torch.device | str) -> Fp8Rows:
+        return Fp8Rows(self.codes.to(device), self.scale.to(device))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[N, K] weights (computed in float32)."""
+        return (self.codes.float() * self.scale[:, None]).to(dtype)
+
+
+PackedWeight = Int4Groups | Int8Groups | Fp8Rows
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -386,3 +429,20 @@ def quantize_int8(w: torch.Tensor, group: int = 32) -> Int8Groups:
     q = torch.where(s > 0, g / torch.where(s > 0, s, 1.0), 0.0)
     codes = q.round().clamp(-127, 127).to(torch.int8).view(n, k)
     return Int8Groups(codes, scale.contiguous(), None, group)
+
+
+FP8_MAX = 448.0  # the largest finite float8 e4m3fn
+
+
+def quantize_fp8(w: torch.Tensor) -> Fp8Rows:
+    """Per-row scaling: scale = max |w| / 448, codes = w / scale rounded to the nearest e4m3 value (relative
+    error <= 2**-4 for normal codes). w [N, K] float on any device."""
+    if not w.is_floating_point() or w.dim() != 2:
+        raise ValueError(f"quantize_fp8: weights must be a 2-D float tensor, got {w.dtype} {tuple(w.shape)}")
+    wf = w.detach().float()
+    if not torch.isfinite(wf).all():
+        raise ValueError("quantize_fp8: weights contain inf or nan")
+    amax = wf.abs().amax(dim=1)  # [N]
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    codes = (wf / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return Fp8Rows(codes.contiguous(), scale.contiguous())

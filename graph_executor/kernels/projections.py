@@ -1,0 +1,82 @@
+"""One entry per projection kind of the fused steps, whatever the weight's storage: dense weights go to the
+fp16 GEMVs (`gemv.py`) and cuBLAS, `Int4Groups` / `Int8Groups` to the low-bit GEMVs (`gemv_lowbit.py`), FP8
+rows to the fp16 GEMVs with a per-row scale, and packed weights in prefill to the low-bit GEMM
+(`gemm_lowbit.py`). The fused decoder and prefill call only these, so a model may mix formats per slot.
+
+Each decode projection takes a `ProjectionConfig`: a block config for dense/FP8 weights and one for the
+low-bit kernels (whose BLOCK_K must be a multiple of the group).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from graph_executor.kernels import gemm_lowbit, gemv, gemv_lowbit
+from graph_executor.kernels.gemv import GemvConfig
+from graph_executor.quant.formats import Fp8Rows, Int4Groups, Int8Groups
+from graph_executor.quant.rows import Weight
+
+
+@dataclass(frozen=True)
+class ProjectionConfig:
+    dense: GemvConfig = gemv.DEFAULT
+    lowbit: GemvConfig = gemv_lowbit.DEFAULT
+
+
+def _lowbit_cfg(w: Int4Groups | Int8Groups, cfg: GemvConfig) -> GemvConfig:
+    """A block K that holds whole groups (Q6_K's group of 16 and a 256-wide block are both fine)."""
+    if cfg.block_k % w.group == 0:
+        return cfg
+    return GemvConfig(cfg.block_n, max(w.group, cfg.block_k - cfg.block_k % w.group), cfg.num_warps,
+                      cfg.num_stages)
+
+
+def rmsnorm_gemv(w: Weight, x: torch.Tensor, norm_w: torch.Tensor, eps: float, out: torch.Tensor,
+                 bias: torch.Tensor | None = None, cfg: ProjectionConfig = ProjectionConfig()) -> torch.Tensor:
+    """out [N] = W @ (rmsnorm(x [K]) * norm_w) [+ bias]."""
+    if isinstance(w, (Int4Groups, Int8Groups)):
+        return gemv_lowbit.rmsnorm_gemv(w, x, norm_w, eps, out, bias, _lowbit_cfg(w, cfg.lowbit))
+    if isinstance(w, Fp8Rows):
+        return gemv.rmsnorm_gemv(w.codes, x, norm_w, eps, out, bias, cfg.dense, row_scale=w.scale)
+    return gemv.rmsnorm_gemv(w, x, norm_w, eps, out, bias, cfg.dense)
+
+
+def gemv_residual(w: Weight, a: torch.Tensor, x: torch.Tensor,
+                  cfg: ProjectionConfig = ProjectionConfig()) -> torch.Tensor:
+    """x [N] += W @ a [K]."""
+    if isinstance(w, (Int4Groups, Int8Groups)):
+        return gemv_lowbit.gemv_residual(w, a, x, _lowbit_cfg(w, cfg.lowbit))
+    if isinstance(w, Fp8Rows):
+        return gemv.gemv_residual(w.codes, a, x, cfg.dense, row_scale=w.scale)
+    return gemv.gemv_residual(w, a, x, cfg.dense)
+
+
+def silu_gemv_residual(w: Weight, gate_up: torch.Tensor, x: torch.Tensor,
+                       cfg: ProjectionConfig = ProjectionConfig()) -> torch.Tensor:
+    """x [N] += W @ (silu(gate_up[:K]) * gate_up[K:])."""
+    if isinstance(w, (Int4Groups, Int8Groups)):
+        return gemv_lowbit.silu_gemv_residual(w, gate_up, x, _lowbit_cfg(w, cfg.lowbit))
+    if isinstance(w, Fp8Rows):
+        return gemv.silu_gemv_residual(w.codes, gate_up, x, cfg.dense, row_scale=w.scale)
+    return gemv.silu_gemv_residual(w, gate_up, x, cfg.dense)
+
+
+def matmul(x: torch.Tensor, w: Weight, out: torch.Tensor, bias: torch.Tensor | None = None,
+           accumulate: bool = False) -> torch.Tensor:
+    """Prefill projection: out [T, N] = x [T, K] @ W^T (+ bias), or out += x @ W^T (a residual add)."""
+    if not isinstance(w, torch.Tensor):
+        return gemm_lowbit.gemm(x, w, out, bias=bias, accumulate=accumulate)
+    if accumulate:
+        return out.addmm_(x, w.t())
+    if bias is not None:
+        return torch.addmm(bias, x, w.t(), out=out)
+    return torch.mm(x, w.t(), out=out)
+
+
+def embedding(w: Weight, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out [T, H] = rows `ids` [T] of the embedding table."""
+    if isinstance(w, torch.Tensor):
+        return torch.index_select(w, 0, ids, out=out)
+    return gemm_lowbit.embedding(w, ids, out)
