@@ -128,9 +128,10 @@ def status_section(results: dict) -> list[str]:
         s, m = r.get("startup", {}), r.get("memory", {})
         rows.append([e, r["status"], r["wall_s"], s.get("weights_ready"), s.get("ready"), _graphs(s),
                      s.get("warm"), _gib(m.get("peak_allocated_bytes", m.get("peak_rss_bytes"))),
+                     _gib(m.get("weights_resident_bytes")), _gib(m.get("weight_bytes")),
                      _gib(m.get("graph_pool_bytes")), _one_line(r.get("error"))])
     head = ["engine", "status", "wall s", "weights ready s", "ready s", "graphs captured", "warm s", "peak GiB",
-            "graph pool GiB", "error"]
+            "weights resident GiB", "weights as stored GiB", "graph pool GiB", "error"]
     return (["## Engines: status, startup (s since spawn), memory (GPU: peak allocated; CPU: peak RSS)", ""]
             + _table(head, rows))
 

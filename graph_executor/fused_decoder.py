@@ -25,7 +25,7 @@ from graph_executor.model import LlamaModel
 
 @dataclass(frozen=True)
 class LowbitPlan:
-    """Block configs of the low-bit GEMVs per projection (see bench/NOTES.md for the sweep)."""
+    """Block configs of the low-bit GEMVs per projection."""
 
     qkv: GemvConfig = gemv_lowbit.DEFAULT
     o: GemvConfig = gemv_lowbit.DEFAULT
@@ -34,9 +34,20 @@ class LowbitPlan:
     lm_head: GemvConfig = gemv_lowbit.DEFAULT
 
 
+# The best of bench/probes/lowbit_gemv.py's sweep for int4 g32 on LLaMA-2-7B shapes on an H200 (bench/NOTES.md;
+# int8's best differ by one config at most). Read TB/s per projection over 32 layers in one graph.
+DEFAULT_LOWBIT_PLAN = LowbitPlan(
+    qkv=GemvConfig(16, 512, 4, 3),  # int4 1.26 TB/s, int8 2.57 (its best: 32x512, 8 warps)
+    o=GemvConfig(4, 1024, 4, 3),  # int4 0.91, int8 2.09
+    gate_up=GemvConfig(16, 512, 4, 3),  # int4 1.38, int8 2.70
+    down=GemvConfig(4, 1024, 4, 3),  # int4 0.88, int8 2.01
+    lm_head=GemvConfig(16, 512, 4, 3),
+)
+
+
 class FusedDecoder:
     def __init__(self, model: LlamaModel, plan: GemvPlan = DEFAULT_PLAN, split_size: int | None = None,
-                 lowbit: LowbitPlan = LowbitPlan()) -> None:
+                 lowbit: LowbitPlan = DEFAULT_LOWBIT_PLAN) -> None:
         cfg = model.config
         self.model = model
         self.plan = {name: ProjectionConfig(getattr(plan, name), getattr(lowbit, name))

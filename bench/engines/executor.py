@@ -49,7 +49,13 @@ class ExecutorEngine:
 
     def memory(self) -> dict:
         pool = self._graphs().get("graph_pool_bytes")
-        return {**process_memory(self.spec.device), **({"graph_pool_bytes": pool} if pool is not None else {})}
+        loaded = self.local.loaded
+        weights = {"weight_bytes": loaded.weight_bytes}
+        if loaded.allocated_bytes is not None:  # what the GPU holds after load, less the KV cache
+            kv = loaded.model.kv_cache
+            weights["weights_resident_bytes"] = loaded.allocated_bytes - kv.numel() * kv.element_size()
+        return {**process_memory(self.spec.device), **weights,
+                **({"graph_pool_bytes": pool} if pool is not None else {})}
 
     def close(self) -> None:
         self.local = None

@@ -6,12 +6,12 @@ the same fusions as the fp16 kernels in `gemv.py`:
 - `silu_gemv_residual`: x += W @ (silu(g) * u), [g, u] = gate_up
 
 The codes are unpacked in registers and never dequantized one by one: a program owns BLOCK_N rows and walks K
-in chunks of BLOCK_K codes, read as 32-bit words; per word it forms sum(q * a) and sum(a) over the word's codes
-and applies its group's scale and offset once: sum of (scale * q + offset) * a = scale * sum(q * a) + offset *
+in BLOCK_K chunks (a multiple of the group); per group it forms sum(q * a) and sum(a), and applies the scale
+and offset once per group: sum over the group of (scale * q + offset) * a = scale * sum(q * a) + offset *
 sum(a). Accumulation is float32. K must be a multiple of the group, not of BLOCK_K; N needs no multiple.
 
-Int4: byte b of a row holds weights 2b (low nibble) and 2b + 1 (high nibble), so nibble j of 32-bit word w
-(little-endian) is weight 8w + j; int8: byte j of word w is weight 4w + j.
+Int4: byte j of a row holds weights 2j (low nibble) and 2j + 1 (high nibble), so a program loads BLOCK_K / 2
+contiguous bytes per row and the activation at even and odd positions.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ import triton.language as tl
 
 from graph_executor.kernels.gemv import GemvConfig
 from graph_executor.quant.formats import INT4_ZERO, Int4Groups, Int8Groups
+
+MAGIC: tl.constexpr = tl.constexpr(0x4B000000)  # the bits of float 2**23
+MAGIC_F: tl.constexpr = tl.constexpr(8388608.0)
 
 # Not tuned yet: a starting point for the GPU sweep (bench/probes/gpu_probe.py sweeps the fp16 kernels).
 DEFAULT = GemvConfig(block_n=16, block_k=256, num_warps=4, num_stages=3)
@@ -37,75 +40,84 @@ def _act(a_ptr, cols, ok, K, SWIGLU: tl.constexpr):
     return a
 
 
-# Codes are read as 32-bit words (8 int4 or 4 int8 codes) and turned into floats without an int->float convert
-# (I2F issues at a fraction of the FMA rate and bound the first version of these kernels at ~1.2 TB/s): a code
-# c < 2**8 or'ed into the bits of 2**23 reads as the float 2**23 + c, and one subtraction leaves c. A weight
-# then costs a shift, a LOP3 (mask and magic in one), an FADD and the FMA.
-MAGIC: tl.constexpr = tl.constexpr(0x4B000000)  # the bits of float 2**23
-MAGIC_F: tl.constexpr = tl.constexpr(8388608.0)
-
-
 @triton.jit
-def _word_terms(words, j: tl.constexpr, BITS: tl.constexpr):
-    """Code j of each 32-bit word as float32: int4 codes 0..15; int8 codes -128..127 (stored two's complement:
-    the xor with 0x80 biases them to 0..255 in the same LOP3)."""
-    if BITS == 4:
-        bits = ((words >> (4 * j)) & 0xF) | MAGIC
-        return bits.to(tl.float32, bitcast=True) - MAGIC_F
-    else:
-        bits = ((words >> (8 * j)) & 0xFF) ^ (MAGIC | 0x80)
-        return bits.to(tl.float32, bitcast=True) - (MAGIC_F + 128.0)
-
-
-@triton.jit
-def _chunk(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, w0, K, a_ptr, x_ptr, nw_ptr, ss,
-           RMSNORM: tl.constexpr, SWIGLU: tl.constexpr, BITS: tl.constexpr, HAS_OFFSET: tl.constexpr,
-           ZERO: tl.constexpr, GROUP: tl.constexpr, BLOCK_W: tl.constexpr):
-    """One chunk of BLOCK_W words per row: returns (the chunk's [BLOCK_N, BLOCK_W] contribution, ss).
-
-    Per word: qa = sum_j q_j a_j over its PER codes, then scale * qa + offset * sum_j a_j with the word's group
-    scale and offset (a group holds whole words: GROUP >= 8 int4 / 4 int8 codes)."""
-    PER: tl.constexpr = 32 // BITS  # codes per word
-    KW = K // PER  # words per row
-    wcols = w0 + tl.arange(0, BLOCK_W)
-    wok = wcols < KW
-    words = tl.load(codes_ptr + rows[:, None] * KW + wcols[None, :], mask=row_ok[:, None] & wok[None, :],
-                    other=0)  # int32 [BLOCK_N, BLOCK_W]
-    qa = tl.zeros(words.shape, dtype=tl.float32)
-    a_sum = tl.zeros([BLOCK_W], dtype=tl.float32)
-    for j in tl.static_range(PER):
-        cols = wcols * PER + j
-        if RMSNORM:
-            x = tl.load(x_ptr + cols, mask=wok, other=0.0).to(tl.float32)
-            ss += tl.sum(x * x, axis=0)
-            a = x * tl.load(nw_ptr + cols, mask=wok, other=0.0).to(tl.float32)
-        else:
-            a = _act(a_ptr, cols, wok, K, SWIGLU)
-        qa += _word_terms(words, j, BITS) * a[None, :]
-        a_sum += a
-    at = rows[:, None] * (K // GROUP) + (wcols * PER // GROUP)[None, :]  # the word's group
-    mask = row_ok[:, None] & wok[None, :]
+def _group_terms(scale_ptr, offset_ptr, rows, row_ok, k0, K, qa, a_sum, HAS_OFFSET: tl.constexpr,
+                 ZERO: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """scale * sum(q a) + offset * sum(a) per group of this K chunk: qa [BLOCK_N, NG], a_sum [NG] -> [BLOCK_N, NG].
+    Groups past K load scale 0 (their q and a are masked to 0 as well)."""
+    NG: tl.constexpr = BLOCK_K // GROUP
+    groups = k0 // GROUP + tl.arange(0, NG)
+    mask = row_ok[:, None] & (groups < K // GROUP)[None, :]
+    at = rows[:, None] * (K // GROUP) + groups[None, :]
     s = tl.load(scale_ptr + at, mask=mask, other=0.0).to(tl.float32)
     if HAS_OFFSET:
         o = tl.load(offset_ptr + at, mask=mask, other=0.0).to(tl.float32)
-        return s * qa + o * a_sum[None, :], ss
+        return s * qa + o * a_sum[None, :]
     else:
-        return s * (qa - ZERO * a_sum[None, :]), ss
+        return s * (qa - ZERO * a_sum[None, :])
+
+
+@triton.jit
+def _int4_chunk(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, k0, K, a_even, a_odd, HAS_OFFSET: tl.constexpr,
+                ZERO: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One BLOCK_K chunk of Int4Groups rows times the activation (even and odd positions, [BLOCK_K / 2] each)."""
+    NG: tl.constexpr = BLOCK_K // GROUP
+    half = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    b = tl.load(codes_ptr + rows[:, None] * (K // 2) + half[None, :],
+                mask=row_ok[:, None] & (half < K // 2)[None, :], other=0)  # uint8 [BLOCK_N, BLOCK_K / 2]
+    bi = b.to(tl.int32)
+    # nibble | bits of 2**23 reads as the float 2**23 + nibble: no int->float convert (I2F is a slow pipe)
+    lo = ((bi & 0xF) | MAGIC).to(tl.float32, bitcast=True) - MAGIC_F
+    hi = ((bi >> 4) | MAGIC).to(tl.float32, bitcast=True) - MAGIC_F
+    qa = lo * a_even[None, :] + hi * a_odd[None, :]
+    qa = tl.sum(tl.reshape(qa, [BLOCK_N, NG, GROUP // 2]), axis=2)  # [BLOCK_N, NG]
+    a_sum = tl.sum(tl.reshape(a_even + a_odd, [NG, GROUP // 2]), axis=1)  # [NG]
+    return _group_terms(scale_ptr, offset_ptr, rows, row_ok, k0, K, qa, a_sum, HAS_OFFSET, ZERO, GROUP, BLOCK_K)
+
+
+@triton.jit
+def _int8_chunk(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, k0, K, a, HAS_OFFSET: tl.constexpr,
+                GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One BLOCK_K chunk of Int8Groups rows times the activation a [BLOCK_K]."""
+    NG: tl.constexpr = BLOCK_K // GROUP
+    cols = k0 + tl.arange(0, BLOCK_K)
+    q = tl.load(codes_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :],
+                other=0)  # int8 [BLOCK_N, BLOCK_K]
+    # two's complement byte ^ 0x80 = q + 128, or'ed into the bits of 2**23 (one LOP3): no int->float convert
+    qf = ((q.to(tl.int32) & 0xFF) ^ (MAGIC | 0x80)).to(tl.float32, bitcast=True) - (MAGIC_F + 128.0)
+    qa = tl.sum(tl.reshape(qf * a[None, :], [BLOCK_N, NG, GROUP]), axis=2)  # [BLOCK_N, NG]
+    a_sum = tl.sum(tl.reshape(a, [NG, GROUP]), axis=1)
+    return _group_terms(scale_ptr, offset_ptr, rows, row_ok, k0, K, qa, a_sum, HAS_OFFSET, 0.0, GROUP, BLOCK_K)
 
 
 @triton.jit
 def _rmsnorm_gemv_lowbit_kernel(codes_ptr, scale_ptr, offset_ptr, x_ptr, nw_ptr, b_ptr, out_ptr, N, K, eps,
-                                BITS: tl.constexpr, HAS_OFFSET: tl.constexpr, ZERO: tl.constexpr,
+                                INT4: tl.constexpr, HAS_OFFSET: tl.constexpr, ZERO: tl.constexpr,
                                 HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                                BLOCK_W: tl.constexpr):
+                                BLOCK_K: tl.constexpr):
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # N * K may pass 2**31
     row_ok = rows < N
-    acc = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_K // GROUP], dtype=tl.float32)
     ss = tl.zeros([1], dtype=tl.float32)
-    for w0 in range(0, K // (32 // BITS), BLOCK_W):
-        part, ss = _chunk(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, w0, K, x_ptr, x_ptr, nw_ptr, ss, True,
-                          False, BITS, HAS_OFFSET, ZERO, GROUP, BLOCK_W)
-        acc += part
+    for k0 in range(0, K, BLOCK_K):
+        if INT4:
+            even = k0 + 2 * tl.arange(0, BLOCK_K // 2)
+            ok = even < K  # K is even (a multiple of the group), so even < K implies even + 1 < K
+            xe = _act(x_ptr, even, ok, K, False)
+            xo = _act(x_ptr, even + 1, ok, K, False)
+            ss += tl.sum(xe * xe + xo * xo, axis=0)
+            ae = xe * tl.load(nw_ptr + even, mask=ok, other=0.0).to(tl.float32)
+            ao = xo * tl.load(nw_ptr + even + 1, mask=ok, other=0.0).to(tl.float32)
+            acc += _int4_chunk(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, k0, K, ae, ao, HAS_OFFSET, ZERO,
+                               GROUP, BLOCK_N, BLOCK_K)
+        else:
+            cols = k0 + tl.arange(0, BLOCK_K)
+            ok = cols < K
+            x = _act(x_ptr, cols, ok, K, False)
+            ss += tl.sum(x * x, axis=0)
+            a = x * tl.load(nw_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+            acc += _int8_chunk(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, k0, K, a, HAS_OFFSET, GROUP,
+                               BLOCK_N, BLOCK_K)
     # rmsnorm(x) * nw = (x * nw) / rms(x): the 1 / rms factor is common to every row, applied once at the end
     inv_rms = 1.0 / tl.sqrt(ss / K + eps)  # [1]
     out = tl.sum(acc, axis=1) * inv_rms
@@ -115,17 +127,26 @@ def _rmsnorm_gemv_lowbit_kernel(codes_ptr, scale_ptr, offset_ptr, x_ptr, nw_ptr,
 
 
 @triton.jit
-def _gemv_residual_lowbit_kernel(codes_ptr, scale_ptr, offset_ptr, a_ptr, x_ptr, N, K, BITS: tl.constexpr,
+def _gemv_residual_lowbit_kernel(codes_ptr, scale_ptr, offset_ptr, a_ptr, x_ptr, N, K, INT4: tl.constexpr,
                                  HAS_OFFSET: tl.constexpr, ZERO: tl.constexpr, SWIGLU: tl.constexpr,
-                                 GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+                                 GROUP: tl.constexpr,
+                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_ok = rows < N
-    acc = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
-    ss = tl.zeros([1], dtype=tl.float32)  # unused here
-    for w0 in range(0, K // (32 // BITS), BLOCK_W):
-        part, ss = _chunk(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, w0, K, a_ptr, a_ptr, a_ptr, ss, False,
-                          SWIGLU, BITS, HAS_OFFSET, ZERO, GROUP, BLOCK_W)
-        acc += part
+    acc = tl.zeros([BLOCK_N, BLOCK_K // GROUP], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if INT4:
+            even = k0 + 2 * tl.arange(0, BLOCK_K // 2)
+            ok = even < K
+            ae = _act(a_ptr, even, ok, K, SWIGLU)
+            ao = _act(a_ptr, even + 1, ok, K, SWIGLU)
+            acc += _int4_chunk(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, k0, K, ae, ao, HAS_OFFSET, ZERO,
+                               GROUP, BLOCK_N, BLOCK_K)
+        else:
+            cols = k0 + tl.arange(0, BLOCK_K)
+            a = _act(a_ptr, cols, cols < K, K, SWIGLU)
+            acc += _int8_chunk(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, k0, K, a, HAS_OFFSET, GROUP,
+                               BLOCK_N, BLOCK_K)
     residual = tl.load(x_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(x_ptr + rows, (residual + tl.sum(acc, axis=1)).to(x_ptr.dtype.element_ty), mask=row_ok)
 
@@ -142,20 +163,16 @@ def _check(w: Int4Groups | Int8Groups, cfg: GemvConfig, vectors: dict[str, tuple
 
 
 def _weights(w: Int4Groups | Int8Groups) -> tuple:
-    """The kernel's pointer arguments (codes as 32-bit words) and the format's constexprs."""
+    """The kernel's pointer arguments and the format's constexprs."""
     int4 = isinstance(w, Int4Groups)
     offset = w.offset if w.offset is not None else w.scale  # unused when HAS_OFFSET is False
     # without an offset, value = scale * (q - ZERO): Int4Groups' symmetric codes are centred on 8
     zero = float(INT4_ZERO) if int4 and w.offset is None else 0.0
-    words = w.codes.view(torch.int32)  # [N, K / 8] (int4) or [N, K / 4] (int8): rows hold whole groups
-    return (words, w.scale, offset), dict(BITS=4 if int4 else 8, HAS_OFFSET=w.offset is not None, ZERO=zero,
-                                          GROUP=w.group)
+    return (w.codes, w.scale, offset), dict(INT4=int4, HAS_OFFSET=w.offset is not None, ZERO=zero, GROUP=w.group)
 
 
-def _launch(cfg: GemvConfig, w: Int4Groups | Int8Groups) -> dict:
-    per_word = 8 if isinstance(w, Int4Groups) else 4
-    return dict(BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_k // per_word, num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages)
+def _launch(cfg: GemvConfig) -> dict:
+    return dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def rmsnorm_gemv(w: Int4Groups | Int8Groups, x: torch.Tensor, norm_w: torch.Tensor, eps: float, out: torch.Tensor,
@@ -169,7 +186,7 @@ def rmsnorm_gemv(w: Int4Groups | Int8Groups, x: torch.Tensor, norm_w: torch.Tens
     ptrs, fmt = _weights(w)
     _rmsnorm_gemv_lowbit_kernel[(triton.cdiv(n, cfg.block_n),)](
         *ptrs, x, norm_w, bias if bias is not None else out, out, n, k, eps, HAS_BIAS=bias is not None, **fmt,
-        **_launch(cfg, w))
+        **_launch(cfg))
     return out
 
 
@@ -180,7 +197,7 @@ def gemv_residual(w: Int4Groups | Int8Groups, a: torch.Tensor, x: torch.Tensor,
     _check(w, cfg, dict(a=(a, k), x=(x, n)))
     ptrs, fmt = _weights(w)
     _gemv_residual_lowbit_kernel[(triton.cdiv(n, cfg.block_n),)](*ptrs, a, x, n, k, SWIGLU=False, **fmt,
-                                                                 **_launch(cfg, w))
+                                                                 **_launch(cfg))
     return x
 
 
@@ -191,5 +208,5 @@ def silu_gemv_residual(w: Int4Groups | Int8Groups, gate_up: torch.Tensor, x: tor
     _check(w, cfg, dict(gate_up=(gate_up, 2 * k), x=(x, n)))
     ptrs, fmt = _weights(w)
     _gemv_residual_lowbit_kernel[(triton.cdiv(n, cfg.block_n),)](*ptrs, gate_up, x, n, k, SWIGLU=True, **fmt,
-                                                                 **_launch(cfg, w))
+                                                                 **_launch(cfg))
     return x

@@ -25,6 +25,7 @@ from graph_executor.loading.presets import preset
 from graph_executor.loading.weight_map import check_complete, copy_into
 from graph_executor.memory import check_fits
 from graph_executor.model import LlamaModel
+from graph_executor.quant import rows
 from graph_executor.quant.apply import quantize_model
 from graph_executor.quant.formats import GROUPS
 from graph_executor.quant.specs import DEFAULT_GROUP, QUANTIZE_METHODS, WeightPlan, describe, quantize_plan
@@ -72,6 +73,18 @@ class LoadedModel:
     load_seconds: float
     converted_default: bool  # True when this load built the cached copy of the default model
     weight_format: str = ""  # e.g. "float16", "int4-g32+offset (embed_tokens: int8-g32)"; see quant/specs.py
+    allocated_bytes: int | None = None  # GPU: torch.cuda.memory_allocated after the load (weights + KV cache)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the weights as stored (packed slots: codes + scales + offsets), counted from the tensors."""
+        m = self.model
+        slots = {id(w): rows.nbytes(w) for w in [m.embed_tokens, m.lm_head]
+                 + [getattr(layer, n) for layer in m.layers for n in ("qkv_proj", "o_proj", "gate_up_proj",
+                                                                       "down_proj")]}
+        dense = sum(b.numel() * b.element_size() for name, b in m.named_buffers()
+                    if name not in ("rope", "kv_cache") and not name.endswith(("_proj", "embed_tokens", "lm_head")))
+        return sum(slots.values()) + dense
 
 
 def load_model(cfg: LoadConfig) -> LoadedModel:
@@ -107,14 +120,16 @@ def load_model(cfg: LoadConfig) -> LoadedModel:
         tokenizer = Path(path) if (Path(path) / "tokenizer_config.json").exists() else None
     if cfg.quantize:
         quantize_model(model, plan, cfg.progress)
+    allocated = None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+        allocated = torch.cuda.memory_allocated(device)
     name = default_model.DEFAULT_MODEL_NAME if converted is not None else cfg.model
     weight_format = describe(plan, dtype)
     if plan.packed and device.type == "cpu":
         weight_format += f" (dequantized to {str(dtype).removeprefix('torch.')} on the cpu)"
     return LoadedModel(model, name, source, tokenizer, time.perf_counter() - start, bool(converted),
-                       weight_format)
+                       weight_format, allocated)
 
 
 def _weight_plan(cfg: LoadConfig, source: str, config: ModelConfig, reader) -> WeightPlan:
