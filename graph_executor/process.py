@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
                                        quantize_group=args.quantize_group, dequantize=args.dequantize))
         server = ExecutorServer(channel, loaded, args.supervisor_pid, graphs=not args.no_graphs, quiet=args.quiet)
         if not args.quiet:
-            print(f"graph_executor: {loaded.name} ({loaded.weight_format}) ready on {loaded.model.device} in "
-                  f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
+            print(f"graph_executor: {loaded.name} ready on {loaded.model.device} in "
+                  f"{time.perf_counter() - start:.1f} s (weights {loaded.weight_format})", file=sys.stderr)
         gc.collect()
         gc.freeze()  # start-up objects (torch, the model) are never scanned again: no long GC pauses mid-stream
         server.serve()

@@ -21,7 +21,9 @@ def test_generate_json_answers_correctly(default_model_dir) -> None:
                   "What is the capital of France?")
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
-    assert set(result) == {"text", "token_ids", "finish_reason", "prompt_tokens", "ttft_ms", "tokens_per_s"}
+    assert set(result) == {"text", "token_ids", "finish_reason", "prompt_tokens", "ttft_ms", "tokens_per_s",
+                           "weight_format"}
+    assert result["weight_format"] == "float32"  # what the executor loaded, reported through its status
     assert "Paris" in result["text"]
     assert result["finish_reason"] == "stop" and result["prompt_tokens"] > 10
     assert result["ttft_ms"] > 0 and result["tokens_per_s"] > 0

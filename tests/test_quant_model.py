@@ -59,8 +59,8 @@ def test_quantize_at_load_cpu_computes_with_the_packed_values(hf_folder, method:
     quantize_model(packed, quantize_plan(method, 32, packed.config), progress=False, keep_packed=True)
     kind = {"int4": Int4Groups, "int8": Int8Groups, "fp8": Fp8Rows}[method]
     assert isinstance(packed.layers[0].gate_up_proj, kind)
-    vocab = Fp8Rows if method == "fp8" else Int8Groups  # int4 keeps the embedding and lm_head at 8 bits
-    assert isinstance(packed.embed_tokens, vocab) and isinstance(packed.lm_head, vocab)
+    # int4 and fp8 keep the embedding and lm_head at int8
+    assert isinstance(packed.embed_tokens, Int8Groups) and isinstance(packed.lm_head, Int8Groups)
     a, b, ref = logits_of(quant.model, PROMPT), logits_of(packed, PROMPT), logits_of(dense, PROMPT)
     assert rel(a, b) < 1e-6
     assert rel(a, ref) < {"int4": 0.2, "int8": 0.02, "fp8": 0.1}[method]

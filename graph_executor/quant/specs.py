@@ -191,21 +191,24 @@ def weight_bytes(config: ModelConfig, plan: WeightPlan, dtype: torch.dtype) -> i
 
 
 def quantize_plan(method: str, group: int, config: ModelConfig) -> WeightPlan:
-    """`--quantize`: projections in `method`; the embedding and lm_head in int8 for int4 (as llama.cpp keeps
-    them at 6-8 bits in its 4-bit types: a 4-bit vocabulary projection costs the most quality per byte)."""
+    """`--quantize`: projections in `method`; the embedding and lm_head in int8 g32 for int4 and fp8 (as
+    llama.cpp keeps them at 6-8 bits in its 4-bit types: the vocabulary projection costs the most quality per
+    byte; on SmolLM2-135M an FP8 lm_head alone cost 2.2% perplexity, int8 0.6% for the whole model)."""
     if method not in QUANTIZE_METHODS:
         raise ValueError(f"--quantize must be one of {', '.join(QUANTIZE_METHODS)}, got {method!r}")
     if group not in GROUPS:
         raise ValueError(f"--quantize-group must be one of {', '.join(map(str, GROUPS))}, got {group}")
     specs: dict[str, WeightSpec] = {}
     for slot, (n, k) in slot_shapes(config).items():
-        if method != "fp8" and k % group:
+        if method != "fp8" and k % group and not slot.endswith(("embed_tokens", "lm_head")):
             what = "the intermediate size" if slot.endswith("down_proj") else "the hidden size"
             raise ValueError(f"--quantize-group {group} does not divide {what} ({k}) of this model")
         vocab = slot in ("embed_tokens", "lm_head")
-        if method == "fp8":
+        if vocab:
+            specs[slot] = WeightSpec("int8", DEFAULT_GROUP if method != "int8" else group, offset=False)
+        elif method == "fp8":
             specs[slot] = WeightSpec("fp8")
-        elif method == "int8" or vocab:
+        elif method == "int8":
             specs[slot] = WeightSpec("int8", group, offset=False)
         else:
             specs[slot] = WeightSpec("int4", group, offset=True)
