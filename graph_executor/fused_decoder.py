@@ -5,11 +5,8 @@ one token (up to rounding: RMSNorm is applied inside the GEMV in float32). Dense
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from graph_executor.kernels import gemv_lowbit
 from graph_executor.kernels.decode_attention import DecodeAttention
 from graph_executor.kernels.gemv import DEFAULT_PLAN, GemvConfig, GemvPlan
 from graph_executor.kernels.projections import (
@@ -22,35 +19,38 @@ from graph_executor.kernels.projections import (
 from graph_executor.kernels.rope_append import rope_append
 from graph_executor.model import LlamaModel
 
-
-@dataclass(frozen=True)
-class LowbitPlan:
-    """Block configs of the low-bit GEMVs per projection."""
-
-    qkv: GemvConfig = gemv_lowbit.DEFAULT
-    o: GemvConfig = gemv_lowbit.DEFAULT
-    gate_up: GemvConfig = gemv_lowbit.DEFAULT
-    down: GemvConfig = gemv_lowbit.DEFAULT
-    lm_head: GemvConfig = gemv_lowbit.DEFAULT
-
-
-# The best of bench/probes/lowbit_gemv.py's sweep for int4 g32 on LLaMA-2-7B shapes on an H200 (bench/NOTES.md;
-# int8's best differ by one config at most). Read TB/s per projection over 32 layers in one graph.
-DEFAULT_LOWBIT_PLAN = LowbitPlan(
-    qkv=GemvConfig(16, 512, 4, 3),  # int4 1.26 TB/s, int8 2.57 (its best: 32x512, 8 warps)
-    o=GemvConfig(4, 1024, 4, 3),  # int4 0.91, int8 2.09
-    gate_up=GemvConfig(16, 512, 4, 3),  # int4 1.38, int8 2.70
-    down=GemvConfig(4, 1024, 4, 3),  # int4 0.88, int8 2.01
+# Block configs per projection for the packed formats: the best of bench/probes/lowbit_gemv.py's sweep on
+# LLaMA-2-7B shapes on an H200, each projection over 32 layers in one graph (read TB/s in the comments; the
+# fp16 kernels reach 2.8-4.0 TB/s on the same shapes). See bench/NOTES.md.
+INT4_PLAN = GemvPlan(
+    qkv=GemvConfig(32, 512, 4, 3),  # 1.24 TB/s
+    o=GemvConfig(8, 512, 4, 3),  # 1.06
+    gate_up=GemvConfig(32, 512, 4, 3),  # 1.29
+    down=GemvConfig(16, 1024, 4, 3),  # 1.15
+    lm_head=GemvConfig(32, 512, 4, 3),
+)
+INT8_PLAN = GemvPlan(
+    qkv=GemvConfig(16, 512, 4, 3),  # 2.57 TB/s
+    o=GemvConfig(4, 1024, 4, 3),  # 2.09
+    gate_up=GemvConfig(16, 512, 4, 3),  # 2.70
+    down=GemvConfig(4, 1024, 4, 3),  # 2.01
     lm_head=GemvConfig(16, 512, 4, 3),
+)
+FP8_PLAN = GemvPlan(  # FP8 codes through the fp16 GEMVs
+    qkv=GemvConfig(16, 256, 4, 3),  # 2.88 TB/s
+    o=GemvConfig(8, 1024, 4, 3),  # 2.20
+    gate_up=GemvConfig(8, 512, 4, 3),  # 3.16
+    down=GemvConfig(8, 1024, 4, 3),  # 2.71
+    lm_head=GemvConfig(8, 512, 4, 3),
 )
 
 
 class FusedDecoder:
     def __init__(self, model: LlamaModel, plan: GemvPlan = DEFAULT_PLAN, split_size: int | None = None,
-                 lowbit: LowbitPlan = DEFAULT_LOWBIT_PLAN) -> None:
+                 int4: GemvPlan = INT4_PLAN, int8: GemvPlan = INT8_PLAN, fp8: GemvPlan = FP8_PLAN) -> None:
         cfg = model.config
         self.model = model
-        self.plan = {name: ProjectionConfig(getattr(plan, name), getattr(lowbit, name))
+        self.plan = {name: ProjectionConfig(*(getattr(p, name) for p in (plan, int4, int8, fp8)))
                      for name in ("qkv", "o", "gate_up", "down", "lm_head")}
         device, dtype = model.embed_tokens.device, model.dtype
 

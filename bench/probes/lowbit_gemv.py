@@ -15,14 +15,17 @@ from pathlib import Path
 import torch
 
 from bench.floors import measure_device, time_gpu
-from graph_executor.kernels import gemv, gemv_lowbit
+from graph_executor.kernels import projections
 from graph_executor.kernels.gemv import GemvConfig
-from graph_executor.quant.formats import quantize_int4, quantize_int8
+from graph_executor.kernels.projections import ProjectionConfig
+from graph_executor.quant.formats import quantize_fp8, quantize_int4, quantize_int8
 
 H, I = 4096, 11008  # LLaMA-2-7B
 SHAPES = {"qkv": (3 * H, H), "o": (H, H), "gate_up": (2 * I, H), "down": (H, I)}
 CONFIGS = [GemvConfig(*c) for c in [(16, 256, 4, 3), (8, 512, 4, 3), (16, 512, 4, 3), (32, 256, 4, 3),
-                                       (4, 1024, 4, 3), (2, 2048, 4, 3), (8, 256, 4, 2), (32, 512, 8, 3)]]
+                                       (4, 1024, 4, 3), (2, 2048, 4, 3), (8, 256, 4, 2), (32, 512, 8, 3),
+                                       (16, 1024, 4, 3), (32, 512, 4, 3), (8, 1024, 4, 3), (16, 512, 8, 3)]]
+FORMATS = ("fp16", "int8", "int4", "fp8")
 
 
 def _nbytes(w) -> int:
@@ -32,18 +35,25 @@ def _nbytes(w) -> int:
 
 
 def _op(name: str, fmt: str, w, vecs: dict, cfg: GemvConfig):
-    lib = gemv if fmt == "fp16" else gemv_lowbit
+    """The decode step's kernel for this projection, through kernels/projections.py as the decoder calls it."""
+    pc = ProjectionConfig(dense=cfg, int4=cfg, int8=cfg, fp8=cfg)
     if name in ("qkv", "gate_up"):
-        return lambda: lib.rmsnorm_gemv(w, vecs["x"], vecs["nw"], 1e-5, vecs[f"out_{name}"], cfg=cfg)
+        return lambda: projections.rmsnorm_gemv(w, vecs["x"], vecs["nw"], 1e-5, vecs[f"out_{name}"], cfg=pc)
     if name == "o":
-        return lambda: lib.gemv_residual(w, vecs["a"], vecs["r"], cfg=cfg)
-    return lambda: lib.silu_gemv_residual(w, vecs["gu"], vecs["r"], cfg=cfg)
+        return lambda: projections.gemv_residual(w, vecs["a"], vecs["r"], cfg=pc)
+    return lambda: projections.silu_gemv_residual(w, vecs["gu"], vecs["r"], cfg=pc)
+
+
+def _make(fmt: str, w: torch.Tensor):
+    return {"fp16": lambda: w, "int8": lambda: quantize_int8(w), "int4": lambda: quantize_int4(w),
+            "fp8": lambda: quantize_fp8(w)}[fmt]()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--formats", default=",".join(FORMATS), help=f"comma list of {', '.join(FORMATS)}")
     args = ap.parse_args()
     dev = torch.device("cuda")
     bandwidth = measure_device("cuda", "float16")["bandwidth_bytes_per_s"]
@@ -58,11 +68,11 @@ def main() -> None:
             "out_qkv": torch.empty(3 * H, device=dev, dtype=torch.float16),
             "out_gate_up": torch.empty(2 * I, device=dev, dtype=torch.float16)}
     for name, (n, k) in SHAPES.items():
-        for fmt in ("fp16", "int8", "int4"):
+        for fmt in args.formats.split(","):
             weights = []
             for _ in range(args.layers):
                 w = torch.randn(n, k, device=dev, dtype=torch.float16, generator=g) * 0.02
-                weights.append(w if fmt == "fp16" else (quantize_int8(w) if fmt == "int8" else quantize_int4(w)))
+                weights.append(_make(fmt, w))
                 del w
             total = sum(_nbytes(w) for w in weights)
             best = None

@@ -58,13 +58,25 @@ def _group_terms(scale_ptr, offset_ptr, rows, row_ok, k0, K, qa, a_sum, HAS_OFFS
 
 
 @triton.jit
-def _int4_chunk(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, k0, K, a_even, a_odd, HAS_OFFSET: tl.constexpr,
+def _codes(codes_ptr, rows, row_ok, k0, K, INT4: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The codes of chunk k0: uint8 [BLOCK_N, BLOCK_K / 2] (int4) or int8 [BLOCK_N, BLOCK_K]; zeros past K (a
+    masked load moves no data, so the prefetch past the last chunk is free)."""
+    if INT4:
+        half = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        return tl.load(codes_ptr + rows[:, None] * (K // 2) + half[None, :],
+                       mask=row_ok[:, None] & (half < K // 2)[None, :], other=0)
+    else:
+        cols = k0 + tl.arange(0, BLOCK_K)
+        return tl.load(codes_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :],
+                       other=0)
+
+
+@triton.jit
+def _int4_chunk(b, scale_ptr, offset_ptr, rows, row_ok, k0, K, a_even, a_odd, HAS_OFFSET: tl.constexpr,
                 ZERO: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One BLOCK_K chunk of Int4Groups rows times the activation (even and odd positions, [BLOCK_K / 2] each)."""
+    """One BLOCK_K chunk of Int4Groups rows (its codes b, uint8 [BLOCK_N, BLOCK_K / 2]) times the activation
+    (even and odd positions, [BLOCK_K / 2] each)."""
     NG: tl.constexpr = BLOCK_K // GROUP
-    half = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-    b = tl.load(codes_ptr + rows[:, None] * (K // 2) + half[None, :],
-                mask=row_ok[:, None] & (half < K // 2)[None, :], other=0)  # uint8 [BLOCK_N, BLOCK_K / 2]
     bi = b.to(tl.int32)
     # nibble | bits of 2**23 reads as the float 2**23 + nibble: no int->float convert (I2F is a slow pipe)
     lo = ((bi & 0xF) | MAGIC).to(tl.float32, bitcast=True) - MAGIC_F
@@ -76,13 +88,10 @@ def _int4_chunk(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, k0, K, a_even, a
 
 
 @triton.jit
-def _int8_chunk(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, k0, K, a, HAS_OFFSET: tl.constexpr,
+def _int8_chunk(q, scale_ptr, offset_ptr, rows, row_ok, k0, K, a, HAS_OFFSET: tl.constexpr,
                 GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One BLOCK_K chunk of Int8Groups rows times the activation a [BLOCK_K]."""
+    """One BLOCK_K chunk of Int8Groups rows (its codes q, int8 [BLOCK_N, BLOCK_K]) times the activation a."""
     NG: tl.constexpr = BLOCK_K // GROUP
-    cols = k0 + tl.arange(0, BLOCK_K)
-    q = tl.load(codes_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :],
-                other=0)  # int8 [BLOCK_N, BLOCK_K]
     # two's complement byte ^ 0x80 = q + 128, or'ed into the bits of 2**23 (one LOP3): no int->float convert
     qf = ((q.to(tl.int32) & 0xFF) ^ (MAGIC | 0x80)).to(tl.float32, bitcast=True) - (MAGIC_F + 128.0)
     qa = tl.sum(tl.reshape(qf * a[None, :], [BLOCK_N, NG, GROUP]), axis=2)  # [BLOCK_N, NG]
@@ -99,7 +108,16 @@ def _rmsnorm_gemv_lowbit_kernel(codes_ptr, scale_ptr, offset_ptr, x_ptr, nw_ptr,
     row_ok = rows < N
     acc = tl.zeros([BLOCK_N, BLOCK_K // GROUP], dtype=tl.float32)
     ss = tl.zeros([1], dtype=tl.float32)
+    codes = _codes(codes_ptr, rows, row_ok, 0, K, INT4, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
+        if INT4:
+            # the next chunk's codes are requested before this one is used: two chunks in flight per program
+            # (plain loads are not software-pipelined by num_stages; at 4 bits a chunk is half an fp16 one's
+            # bytes). Measured on the H200: int4 +5% over its four projections; int8 -10%, so int8 loads in place.
+            b = codes
+            codes = _codes(codes_ptr, rows, row_ok, k0 + BLOCK_K, K, INT4, BLOCK_K)
+        else:
+            b = _codes(codes_ptr, rows, row_ok, k0, K, INT4, BLOCK_K)
         if INT4:
             even = k0 + 2 * tl.arange(0, BLOCK_K // 2)
             ok = even < K  # K is even (a multiple of the group), so even < K implies even + 1 < K
@@ -108,7 +126,7 @@ def _rmsnorm_gemv_lowbit_kernel(codes_ptr, scale_ptr, offset_ptr, x_ptr, nw_ptr,
             ss += tl.sum(xe * xe + xo * xo, axis=0)
             ae = xe * tl.load(nw_ptr + even, mask=ok, other=0.0).to(tl.float32)
             ao = xo * tl.load(nw_ptr + even + 1, mask=ok, other=0.0).to(tl.float32)
-            acc += _int4_chunk(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, k0, K, ae, ao, HAS_OFFSET, ZERO,
+            acc += _int4_chunk(b, scale_ptr, offset_ptr, rows, row_ok, k0, K, ae, ao, HAS_OFFSET, ZERO,
                                GROUP, BLOCK_N, BLOCK_K)
         else:
             cols = k0 + tl.arange(0, BLOCK_K)
@@ -116,7 +134,7 @@ def _rmsnorm_gemv_lowbit_kernel(codes_ptr, scale_ptr, offset_ptr, x_ptr, nw_ptr,
             x = _act(x_ptr, cols, ok, K, False)
             ss += tl.sum(x * x, axis=0)
             a = x * tl.load(nw_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-            acc += _int8_chunk(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, k0, K, a, HAS_OFFSET, GROUP,
+            acc += _int8_chunk(b, scale_ptr, offset_ptr, rows, row_ok, k0, K, a, HAS_OFFSET, GROUP,
                                BLOCK_N, BLOCK_K)
     # rmsnorm(x) * nw = (x * nw) / rms(x): the 1 / rms factor is common to every row, applied once at the end
     inv_rms = 1.0 / tl.sqrt(ss / K + eps)  # [1]
@@ -134,18 +152,24 @@ def _gemv_residual_lowbit_kernel(codes_ptr, scale_ptr, offset_ptr, a_ptr, x_ptr,
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_ok = rows < N
     acc = tl.zeros([BLOCK_N, BLOCK_K // GROUP], dtype=tl.float32)
+    codes = _codes(codes_ptr, rows, row_ok, 0, K, INT4, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
+        if INT4:  # int4 prefetches the next chunk, as in the kernel above
+            b = codes
+            codes = _codes(codes_ptr, rows, row_ok, k0 + BLOCK_K, K, INT4, BLOCK_K)
+        else:
+            b = _codes(codes_ptr, rows, row_ok, k0, K, INT4, BLOCK_K)
         if INT4:
             even = k0 + 2 * tl.arange(0, BLOCK_K // 2)
             ok = even < K
             ae = _act(a_ptr, even, ok, K, SWIGLU)
             ao = _act(a_ptr, even + 1, ok, K, SWIGLU)
-            acc += _int4_chunk(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, k0, K, ae, ao, HAS_OFFSET, ZERO,
+            acc += _int4_chunk(b, scale_ptr, offset_ptr, rows, row_ok, k0, K, ae, ao, HAS_OFFSET, ZERO,
                                GROUP, BLOCK_N, BLOCK_K)
         else:
             cols = k0 + tl.arange(0, BLOCK_K)
             a = _act(a_ptr, cols, cols < K, K, SWIGLU)
-            acc += _int8_chunk(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, k0, K, a, HAS_OFFSET, GROUP,
+            acc += _int8_chunk(b, scale_ptr, offset_ptr, rows, row_ok, k0, K, a, HAS_OFFSET, GROUP,
                                BLOCK_N, BLOCK_K)
     residual = tl.load(x_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(x_ptr + rows, (residual + tl.sum(acc, axis=1)).to(x_ptr.dtype.element_ty), mask=row_ok)

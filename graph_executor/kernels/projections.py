@@ -3,8 +3,8 @@ fp16 GEMVs (`gemv.py`) and cuBLAS, `Int4Groups` / `Int8Groups` to the low-bit GE
 rows to the fp16 GEMVs with a per-row scale, and packed weights in prefill to the low-bit GEMM
 (`gemm_lowbit.py`). The fused decoder and prefill call only these, so a model may mix formats per slot.
 
-Each decode projection takes a `ProjectionConfig`: a block config for dense/FP8 weights and one for the
-low-bit kernels (whose BLOCK_K must be a multiple of the group).
+Each decode projection takes a `ProjectionConfig`: a block config per format (the low-bit kernels' BLOCK_K is
+rounded to a multiple of the group).
 """
 
 from __future__ import annotations
@@ -22,11 +22,15 @@ from graph_executor.quant.rows import Weight
 @dataclass(frozen=True)
 class ProjectionConfig:
     dense: GemvConfig = gemv.DEFAULT
-    lowbit: GemvConfig = gemv_lowbit.DEFAULT
+    int4: GemvConfig = gemv_lowbit.DEFAULT
+    int8: GemvConfig = gemv_lowbit.DEFAULT
+    fp8: GemvConfig = gemv.DEFAULT  # the fp16 kernel over 1-byte codes
 
 
-def _lowbit_cfg(w: Int4Groups | Int8Groups, cfg: GemvConfig) -> GemvConfig:
-    """A block K that holds whole groups (Q6_K's group of 16 and a 256-wide block are both fine)."""
+def _lowbit_cfg(w: Int4Groups | Int8Groups, plan: ProjectionConfig) -> GemvConfig:
+    """The format's config with a block K that holds whole groups (Q6_K's group of 16 and a 256-wide block are
+    both fine)."""
+    cfg = plan.int4 if isinstance(w, Int4Groups) else plan.int8
     if cfg.block_k % w.group == 0:
         return cfg
     return GemvConfig(cfg.block_n, max(w.group, cfg.block_k - cfg.block_k % w.group), cfg.num_warps,
@@ -37,9 +41,9 @@ def rmsnorm_gemv(w: Weight, x: torch.Tensor, norm_w: torch.Tensor, eps: float, o
                  bias: torch.Tensor | None = None, cfg: ProjectionConfig = ProjectionConfig()) -> torch.Tensor:
     """out [N] = W @ (rmsnorm(x [K]) * norm_w) [+ bias]."""
     if isinstance(w, (Int4Groups, Int8Groups)):
-        return gemv_lowbit.rmsnorm_gemv(w, x, norm_w, eps, out, bias, _lowbit_cfg(w, cfg.lowbit))
+        return gemv_lowbit.rmsnorm_gemv(w, x, norm_w, eps, out, bias, _lowbit_cfg(w, cfg))
     if isinstance(w, Fp8Rows):
-        return gemv.rmsnorm_gemv(w.codes, x, norm_w, eps, out, bias, cfg.dense, row_scale=w.scale)
+        return gemv.rmsnorm_gemv(w.codes, x, norm_w, eps, out, bias, cfg.fp8, row_scale=w.scale)
     return gemv.rmsnorm_gemv(w, x, norm_w, eps, out, bias, cfg.dense)
 
 
@@ -47,9 +51,9 @@ def gemv_residual(w: Weight, a: torch.Tensor, x: torch.Tensor,
                   cfg: ProjectionConfig = ProjectionConfig()) -> torch.Tensor:
     """x [N] += W @ a [K]."""
     if isinstance(w, (Int4Groups, Int8Groups)):
-        return gemv_lowbit.gemv_residual(w, a, x, _lowbit_cfg(w, cfg.lowbit))
+        return gemv_lowbit.gemv_residual(w, a, x, _lowbit_cfg(w, cfg))
     if isinstance(w, Fp8Rows):
-        return gemv.gemv_residual(w.codes, a, x, cfg.dense, row_scale=w.scale)
+        return gemv.gemv_residual(w.codes, a, x, cfg.fp8, row_scale=w.scale)
     return gemv.gemv_residual(w, a, x, cfg.dense)
 
 
@@ -57,9 +61,9 @@ def silu_gemv_residual(w: Weight, gate_up: torch.Tensor, x: torch.Tensor,
                        cfg: ProjectionConfig = ProjectionConfig()) -> torch.Tensor:
     """x [N] += W @ (silu(gate_up[:K]) * gate_up[K:])."""
     if isinstance(w, (Int4Groups, Int8Groups)):
-        return gemv_lowbit.silu_gemv_residual(w, gate_up, x, _lowbit_cfg(w, cfg.lowbit))
+        return gemv_lowbit.silu_gemv_residual(w, gate_up, x, _lowbit_cfg(w, cfg))
     if isinstance(w, Fp8Rows):
-        return gemv.silu_gemv_residual(w.codes, gate_up, x, cfg.dense, row_scale=w.scale)
+        return gemv.silu_gemv_residual(w.codes, gate_up, x, cfg.fp8, row_scale=w.scale)
     return gemv.silu_gemv_residual(w, gate_up, x, cfg.dense)
 
 
