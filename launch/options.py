@@ -32,12 +32,13 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="a Jinja chat template, or a file holding one, used instead of the tokenizer's own "
                         "(as vLLM's --chat-template; for models without one or to change it)")
     g.add_argument("--seed-weights", type=int, default=0, help="seed of dummy random weights (default: 0)")
-    g.add_argument("--quantize", choices=QUANTIZE_METHODS, default=None,
+    # No argparse `choices`: a bad value is LoadConfig's one-line error (exit 1), checked before any process starts
+    g.add_argument("--quantize", default=None, metavar="{" + ",".join(QUANTIZE_METHODS) + "}",
                    help="quantize an HF or dummy model at load (round-to-nearest, on the device): int8 (a scale "
                         "per group), int4 (scale and offset per group; embedding and lm_head in int8) or fp8 "
                         "(e4m3, a scale per row). The GPU reads the packed weights; the CPU dequantizes them at "
                         "load (same values, no speed-up). GGUF files keep their own quantized types")
-    g.add_argument("--quantize-group", type=int, choices=GROUPS, default=DEFAULT_GROUP, metavar="N",
+    g.add_argument("--quantize-group", type=int, default=DEFAULT_GROUP, metavar="N",
                    help=f"weights per scale for --quantize int8/int4: one of {', '.join(map(str, GROUPS))}; "
                         f"must divide the hidden and intermediate sizes (default: {DEFAULT_GROUP})")
     g.add_argument("--dequantize", action="store_true",

@@ -334,3 +334,20 @@ def test_smollm2_q4_1_kept_packed_matches_the_file_dequantized(smollm2_gguf, smo
         _, have = run_steps(packed16, p, None, 32)
         same += have == want
     assert same >= 4, same
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--quantize", "int3"], "--quantize must be one of int8, int4, fp8, got 'int3'"),
+    (["--quantize", "int4", "--quantize-group", "48"], "--quantize-group must be one of 16, 32, 64, 128, 256"),
+    (["--quantize", "int4", "--quantize-group", "256", "--model", "dummy:smollm2-135m"],
+     "--quantize-group 256 does not divide the hidden size (576)"),
+    (["--quantize", "int8", "--model", "GGUF"], "a GGUF file is already quantized"),
+])
+def test_bad_quantize_flags_are_one_line_and_exit_1(args, message, quantized_gguf, capsys) -> None:
+    """Through the CLI's entry point: refused before any process starts (nothing is allocated anywhere)."""
+    from launch.cli import main
+
+    args = [str(quantized_gguf) if a == "GGUF" else a for a in args]
+    assert main(["generate", "--quiet", "--device", "cpu", *args, "hello"]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
