@@ -351,3 +351,16 @@ def test_bad_quantize_flags_are_one_line_and_exit_1(args, message, quantized_ggu
     assert main(["generate", "--quiet", "--device", "cpu", *args, "hello"]) == 1
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+
+
+def test_models_endpoint_reports_the_weight_format() -> None:
+    """`/v1/models` carries what the executor's status says it loaded (the app is given it at start)."""
+    from fastapi.testclient import TestClient
+
+    from launch.http_api import create_app
+    from tests.serve_process import free_port
+
+    app = create_app(f"tcp://127.0.0.1:{free_port()}", "m", None, 128, weight_format="int4-g32+offset")
+    with TestClient(app) as client:
+        model = client.get("/v1/models").json()["data"][0]
+    assert model["id"] == "m" and model["weight_format"] == "int4-g32+offset"
