@@ -3,7 +3,11 @@
 # logs under $OUT and a short table last. Needs the wheels in .whl/ (../shared/device/wheels.sh pyzmq gguf
 # fastapi uvicorn openai ...) and SmolLM2's tokenizer files in .gpu/tokenizer/ (carry: [".whl", ".gpu"]).
 #
-#   run: bash tools/device_session.sh [tests|bench|probe|profile ...]   (default: the first three, ~6-7 min)
+#   run: bash tools/device_session.sh [tests|bench|probe|profile|quant|gemv ...]   (default: the first three, ~6-7 min)
+#   quant: the packed-weight tests and `bench --quantize none,int8,int4,fp8` on dummy:llama-2-7b (executor, ~3 min);
+#   gemv: the low-bit GEMV block sweep per projection and format (~1 min). The SmolLM2 Q4_1 cuda test and the
+#   quality report need the 94 MiB GGUF: split it in two (split -b 48M), carry one half per call while the
+#   machine is warm, `cat` them into /tmp and export HYBRIDRT_TEST_GGUF (see bench/NOTES.md, issue 10).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -23,7 +27,17 @@ for step in "${steps[@]}"; do
     probe) timeout 120 python3 -m bench.probes.e2e_probe > "$OUT/e2e_probe.log" 2>&1; echo "e2e probe: rc=$?" ;;
     profile) timeout 180 python3 -m bench.probes.kernel_profile > "$OUT/kernel_profile.md" 2>&1
              echo "kernel profile: rc=$?"; cat "$OUT/kernel_profile.md" ;;
-    *) echo "unknown step $step (tests, bench, probe, profile)"; exit 2 ;;
+    quant) timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_quant.py tests/test_quant_gemm.py \
+             tests/test_quant_model.py > "$OUT/quant_tests.log" 2>&1
+           echo "quant tests: rc=$? $(tail -1 "$OUT/quant_tests.log")"
+           timeout 360 python3 -m launch.cli bench --quiet --model dummy:llama-2-7b --engines hybridrt-executor \
+             --workloads floors,decode,ttft,context,memory --prompt-lens 10,50,100,500 --repeats 3 --contexts 512 \
+             --context-steps 32 --decode-tokens 128 --decode-prompt-len 50 --timeout 150 \
+             --quantize none,int8,int4,fp8 --out "$OUT/formats" > "$OUT/formats.log" 2>&1
+           echo "formats bench: rc=$?"; rm -rf "$OUT"/formats/*/logs; cat "$OUT/formats/formats.md" ;;
+    gemv) timeout 300 python3 -m bench.probes.lowbit_gemv --out "$OUT/gemv" > "$OUT/gemv.log" 2>&1
+          echo "gemv sweep: rc=$?"; cat "$OUT/gemv.log" ;;
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemv)"; exit 2 ;;
   esac
 done
 [ -f "$OUT/run/results.md" ] && sed -n '/^## TTFT/,/^## Two-process/p' "$OUT/run/results.md" | head -60
