@@ -1,9 +1,9 @@
 """The JIT context process: `python -m jit_context ...`, started by the supervisor. It connects to its
-executor's control channel, waits for the ready handshake, imports the shared step buffers, builds the
-`JitServer` and runs it; it exits when its executor dies (after telling every waiting client) or on SIGTERM
-(after answering every running and queued request with `shutting_down`). The supervisor's death sends it
-SIGTERM at once (PR_SET_PDEATHSIG, armed below before the seconds of torch imports): the request in flight
-is abandoned and its client told.
+executor's control channel, imports the tokenizer's modules while the executor loads, waits for the ready
+handshake, imports the shared step buffers, builds the `JitServer` and runs it; it exits when its executor
+dies (after telling every waiting client) or on SIGTERM (after answering every running and queued request
+with `shutting_down`). The supervisor's death sends it SIGTERM at once (PR_SET_PDEATHSIG, armed below before
+the seconds of torch imports): the request in flight is abandoned and its client told.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from jit_context import SERVER_API_KEY_ENV
 from jit_context.remote_executor import DEFAULT_STEP_TIMEOUT_S, ExecutorDied, RemoteExecutor
 from jit_context.request_side import build_request_side
 from jit_context.server import IDLE_POLL_MS, JitServer
+from jit_context.tokenizer import import_tokenizer_modules
 
 FINAL_REPLY_LINGER_MS = 1000  # on exit, let the last replies (errors for every waiting client) leave
 
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     control = connect_control(ctx, args.control)
     server = None
     try:
+        import_tokenizer_modules()  # while the executor still loads: after its Ready, only the tokenizer's files
         server = build_server(args, ctx, control)
         gc.collect()
         gc.freeze()  # start-up objects (torch, tokenizer) are never scanned again: no long GC pauses mid-stream

@@ -27,6 +27,13 @@ def _load_hf_tokenizer(path: Path):
     raise ModelLoadError(f"tokenizer path must be a folder or a .gguf file: {path}")
 
 
+def import_tokenizer_modules() -> None:
+    """Import what the first `Tokenizer.from_path` would: AutoTokenizer and, through the config class that its
+    AutoConfig lookup loads (any of them), transformers' model-loading stack; seconds on a small CPU. A process
+    calls it while it waits for something else, so that loading the tokenizer later takes a fraction of that."""
+    from transformers import AutoTokenizer, LlamaConfig  # noqa: F401
+
+
 def _check_messages(messages: list[dict]) -> None:
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
