@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import os
 
+# One intra-op thread per process (before torch starts its pool): the suite runs this process, servers' executor
+# and JIT context, CLI and bench subprocesses side by side, and on a 2-core machine torch's default of one thread
+# per core has them spin against each other; a CPU decode step measured 3-4x slower that way (the environment is
+# inherited by every child process; an OMP_NUM_THREADS already set wins).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 import torch
 
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 if not torch.cuda.is_available():
     # Triton kernels run on CPU tensors in interpreter mode; it must be set before any kernel is decorated.
     os.environ.setdefault("TRITON_INTERPRET", "1")
