@@ -1,5 +1,6 @@
-"""Shared fixtures: one converted copy of the default model per test session, in a private cache dir, and the
-default model's GGUF tokenizer (seconds to load, used by several files)."""
+"""Shared fixtures: one converted copy of the default model per test session, in a private cache dir, and what
+several test files would otherwise each build again at a cost of seconds on a small CPU box: one in-process
+engine on the default model, the default model's GGUF tokenizer."""
 
 from __future__ import annotations
 
@@ -48,6 +49,15 @@ def default_model_dir(hybridrt_cache):
 
     folder, _ = ensure_converted(progress=False)
     return folder
+
+
+@pytest.fixture(scope="session")
+def cpu_engine(default_model_dir):
+    """The default model in this process (float32, CPU): what `generate --in-process` runs."""
+    from graph_executor.loading.loader import LoadConfig
+    from launch.local import LocalEngine
+
+    return LocalEngine(LoadConfig(device="cpu", dtype="float32", progress=False))
 
 
 @pytest.fixture(scope="session")

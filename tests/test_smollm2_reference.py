@@ -1,4 +1,5 @@
-"""The real default model (SmolLM2-135M-Instruct GGUF): greedy ids equal transformers' `generate`, token for token."""
+"""The real default model (SmolLM2-135M-Instruct GGUF) against transformers' own load of the same GGUF: our greedy
+ids are transformers' greedy choice at every step, and equal its `generate`, token for token."""
 
 from __future__ import annotations
 
@@ -7,9 +8,8 @@ import torch
 import transformers
 
 from graph_executor.loading.default_model import gguf_path
-from graph_executor.loading.loader import LoadConfig
 from jit_context.sampling_params import SamplingParams
-from launch.local import LocalEngine, PromptInput
+from launch.local import PromptInput
 
 PROMPTS = [
     "What is the capital of France?",
@@ -18,16 +18,18 @@ PROMPTS = [
     "List three prime numbers.",
     "Translate 'good morning' into Spanish.",
 ]
-NEW_TOKENS = 32
+NEW_TOKENS = 16
 
 
 @pytest.fixture(scope="module")
-def engine(default_model_dir):
-    return LocalEngine(LoadConfig(device="cpu", dtype="float32", progress=False))
+def engine(cpu_engine):
+    """The default model in this process, float32 (conftest: one per session, shared with test_runtime.py)."""
+    return cpu_engine
 
 
 @pytest.fixture(scope="module")
 def hf_model():
+    """transformers' own GGUF reader and weight mapping (tens of seconds on 2 cores: it parses the file twice)."""
     path = gguf_path()
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32)
@@ -35,19 +37,27 @@ def hf_model():
 
 
 def test_greedy_ids_equal_transformers_generate(engine, hf_model) -> None:
-    # ignore_eos on both sides (eos_token_id=None for transformers), so each makes exactly NEW_TOKENS.
+    """Each of our ids is the argmax of transformers' logits for the prompt and our ids before it (one forward
+    pass over the whole sequence per prompt: that is greedy decoding, checked at every step); for the first
+    prompt transformers' `generate` gives the same ids too."""
+    # ignore_eos, so that ours makes exactly NEW_TOKENS (eos_token_id=None for transformers' generate).
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
-    for prompt in PROMPTS:
+    for i, prompt in enumerate(PROMPTS):
         ids = engine.prompt_ids(PromptInput(prompt=prompt))
         *_, result = engine.generator.generate(ids, params)
-        with torch.no_grad():
-            # An explicit mask: <|im_end|> (id 2) is also SmolLM2's pad id, and transformers would
-            # otherwise infer a mask that hides every <|im_end|> of the chat template.
-            ref = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                    max_new_tokens=NEW_TOKENS, do_sample=False,
-                                    pad_token_id=2, eos_token_id=None)[0, len(ids):].tolist()
-        assert result.token_ids == ref, f"prompt {prompt!r}"
         assert result.finish_reason == "length" and result.prompt_tokens == len(ids)
+        assert len(result.token_ids) == NEW_TOKENS
+        with torch.no_grad():
+            logits = hf_model(torch.tensor([ids + result.token_ids[:-1]])).logits[0]  # [len(ids) + N - 1, V]
+        assert logits[len(ids) - 1:].argmax(-1).tolist() == result.token_ids, f"prompt {prompt!r}"
+        if i == 0:
+            with torch.no_grad():
+                # An explicit mask: <|im_end|> (id 2) is also SmolLM2's pad id, and transformers would
+                # otherwise infer a mask that hides every <|im_end|> of the chat template.
+                ref = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                        max_new_tokens=NEW_TOKENS, do_sample=False,
+                                        pad_token_id=2, eos_token_id=None)[0, len(ids):].tolist()
+            assert result.token_ids == ref, f"prompt {prompt!r}"
 
 
 def test_answer_is_correct_and_stops_at_eos(engine) -> None:
