@@ -1,6 +1,6 @@
 """Shared fixtures: one converted copy of the default model per test session, in a private cache dir, and what
-several test files would otherwise each build again at a cost of seconds on a small CPU box: one in-process
-engine on the default model, the default model's GGUF tokenizer."""
+several test files would otherwise each build again at a cost of seconds on a small CPU box: one plain
+`hybridrt serve`, one in-process engine on the default model, the default model's GGUF tokenizer."""
 
 from __future__ import annotations
 
@@ -49,6 +49,25 @@ def default_model_dir(hybridrt_cache):
 
     folder, _ = ensure_converted(progress=False)
     return folder
+
+
+@pytest.fixture(scope="session")
+def shared_server(default_model_dir):
+    """One plain `hybridrt serve` (default model, CPU, native socket and HTTP) for every test that neither kills
+    nor reconfigures its server (test_runtime, test_http_api, test_fuzz): each start is two processes importing
+    torch and loading the model. After all of them, SIGTERM must still end it with exit status 0."""
+    from tests.serve_process import ServeProcess
+
+    server = ServeProcess()
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        code = server.stop()
+        stderr = server.proc.stderr.read()
+        server.proc.stdout.close()
+        server.proc.stderr.close()
+    assert code == 0, stderr
 
 
 @pytest.fixture(scope="session")

@@ -23,9 +23,9 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def server(default_model_dir):
-    with ServeProcess() as serve:
-        yield serve
+def server(shared_server):
+    """The session's plain server (conftest), shared with test_runtime.py and test_fuzz.py."""
+    return shared_server
 
 
 @pytest.fixture(scope="module")

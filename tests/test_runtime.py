@@ -1,5 +1,6 @@
 """The two-process runtime end to end: a real `hybridrt serve` (graph executor + JIT context) on the default
-model, real sockets, the native client and hand-made frames. One server serves the whole module.
+model, real sockets, the native client and hand-made frames. The session's plain server (conftest, shared with
+test_http_api.py and test_fuzz.py) serves the whole module.
 """
 
 from __future__ import annotations
@@ -24,27 +25,23 @@ from launch.client import Client, ServerError
 from tests.serve_process import ServeProcess
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]
-GREEDY_32 = {"max_tokens": 32, "temperature": 0.0, "ignore_eos": True}
+GREEDY_16 = {"max_tokens": 16, "temperature": 0.0, "ignore_eos": True}
 CLI = [sys.executable, "-m", "launch.cli"]
 
 
 @pytest.fixture(scope="module")
-def server(default_model_dir):
-    server = ServeProcess(http=False)
-    server.wait_ready()
-    yield server
-    assert server.stop() == 0, server.proc.stderr.read()
+def server(shared_server) -> ServeProcess:
+    return shared_server
 
 
 @pytest.fixture(scope="module")
-def reference(default_model_dir) -> list:
+def reference(cpu_engine) -> list:
     """The single-process output (what `generate --in-process` runs) for each prompt: GenerationResults."""
-    from graph_executor.loading.loader import LoadConfig
     from jit_context.sampling_params import SamplingParams
-    from launch.local import LocalEngine, PromptInput
+    from launch.local import PromptInput
 
-    engine = LocalEngine(LoadConfig(device="cpu", progress=False))
-    params = SamplingParams(**GREEDY_32)
+    engine = cpu_engine
+    params = SamplingParams(**GREEDY_16)
     results = []
     for prompt in PROMPTS:
         ids = engine.prompt_ids(PromptInput(messages=[{"role": "user", "content": prompt}]))
@@ -74,14 +71,14 @@ def assert_serves(server: ServeProcess) -> None:
 
 def test_serve_equals_in_process_output(server, reference) -> None:
     for prompt, ref in zip(PROMPTS, reference):
-        chunks, final = run_request(server.address, messages=chat(prompt), params=GREEDY_32)
+        chunks, final = run_request(server.address, messages=chat(prompt), params=GREEDY_16)
         assert final.token_ids == ref.token_ids, prompt
         assert final.text == ref.text
         assert "".join(c.text for c in chunks) == final.text
         assert [t for c in chunks for t in c.token_ids] == final.token_ids
         assert final.finish_reason == "length"
-        assert final.usage["completion_tokens"] == 32 and final.usage["prompt_tokens"] == ref.prompt_tokens
-        assert final.timings["ttft_ms"] > 0 and len(final.timings["token_times_ms"]) == 32
+        assert final.usage["completion_tokens"] == 16 and final.usage["prompt_tokens"] == ref.prompt_tokens
+        assert final.timings["ttft_ms"] > 0 and len(final.timings["token_times_ms"]) == 16
     assert "Paris" in reference[0].text
 
 
