@@ -16,24 +16,26 @@ def run_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
 
 
-def test_generate_json_answers_correctly(default_model_dir) -> None:
-    out = run_cli("generate", "--json", "--quiet", "--device", "cpu", "--max-tokens", "32",
-                  "What is the capital of France?")
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout)
-    assert set(result) == {"text", "token_ids", "finish_reason", "prompt_tokens", "ttft_ms", "tokens_per_s",
-                           "weight_format"}
-    assert result["weight_format"] == "float32"  # what the executor loaded, reported through its status
-    assert "Paris" in result["text"]
-    assert result["finish_reason"] == "stop" and result["prompt_tokens"] > 10
-    assert result["ttft_ms"] > 0 and result["tokens_per_s"] > 0
+def test_generate_ephemeral_pair_streams_the_in_process_text(default_model_dir, tmp_path, capsys) -> None:
+    """`hybridrt generate` with its own ephemeral pair of processes, as a user runs it (text streamed to stdout,
+    the load reported on stderr), with sampling flags and a --chat-template: it prints the text that the
+    in-process engine (run in this process, through `launch.cli.main`) gives for the same seed and flags, and
+    that engine's prompt is the given template's, so the template reached the JIT context as well (another prompt
+    would not sample the same text)."""
+    from jit_context.tokenizer import Tokenizer
+    from launch.cli import main
 
-
-def test_generate_streams_text_and_reports_load(default_model_dir) -> None:
-    out = run_cli("generate", "--device", "cpu", "--max-tokens", "8", "--temperature", "0.7", "--top-p", "0.9",
-                  "--top-k", "40", "--seed", "1", "Say hello.")
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}[assistant]")
+    expected_prompt = len(Tokenizer.from_path(default_model_dir).encode("[user] What is 2+2?\n[assistant]"))
+    flags = ["--device", "cpu", "--max-tokens", "12", "--ignore-eos", "--temperature", "0.7", "--top-p", "0.9",
+             "--top-k", "40", "--seed", "1", "--chat-template", str(template), "What is 2+2?"]
+    assert main(["generate", "--in-process", "--json", "--quiet", *flags]) == 0
+    expected = json.loads(capsys.readouterr().out)
+    assert expected["prompt_tokens"] == expected_prompt and len(expected["token_ids"]) == 12
+    out = run_cli("generate", *flags)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip()
+    assert out.stdout == expected["text"] + "\n"
     assert "graph_executor: smollm2-135m-instruct ready on cpu" in out.stderr
     assert "server ready in" in out.stderr
 
@@ -45,12 +47,16 @@ def test_generate_in_process_reports_load(default_model_dir) -> None:
     assert "loaded smollm2-135m-instruct [safetensors, cpu, float32]" in out.stderr
 
 
-def test_help_explains_every_flag() -> None:
-    out = run_cli("generate", "--help")
-    assert out.returncode == 0
+def test_help_explains_every_flag(capsys) -> None:
+    from launch.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["generate", "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
     for flag in ("--model", "--device", "--dtype", "--max-tokens", "--temperature", "--top-p", "--top-k",
                  "--seed", "--json", "--load-format", "--max-context", "--tokenizer", "--stop", "--chat-template"):
-        assert flag in out.stdout
+        assert flag in out
 
 
 @pytest.mark.parametrize("args,message", [
@@ -87,10 +93,12 @@ def test_bad_input_in_a_real_process_is_one_line_and_exit_1(hybridrt_cache) -> N
     assert len(lines) == 1 and lines[0].startswith("error: model path '/no/such/dir' does not exist"), out.stderr
 
 
-def test_unsupported_architecture_via_cli(tmp_path) -> None:
+def test_unsupported_architecture_via_cli(tmp_path, capsys) -> None:
+    from launch.cli import main
+
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
-    out = run_cli("generate", "--quiet", "--model", str(tmp_path), "hi")
-    assert out.returncode == 1 and out.stderr.strip() == (
+    assert main(["generate", "--quiet", "--model", str(tmp_path), "hi"]) == 1
+    assert capsys.readouterr().err.strip() == (
         "error: unsupported architecture 'GPT2LMHeadModel' (hybridrt runs "
         "['LlamaForCausalLM', 'MistralForCausalLM', 'Qwen2ForCausalLM'])")
 
@@ -106,19 +114,3 @@ def test_serve_with_a_taken_http_port_fails_at_once() -> None:
         result = run_cli("serve", "--device", "cpu", "--port", "0", "--http-port", str(port), timeout=60)
     assert result.returncode == 1, result.stderr
     assert result.stderr.strip() == f"error: cannot bind http://127.0.0.1:{port}: Address already in use"
-
-
-def test_chat_template_flag_in_both_modes(default_model_dir, tmp_path) -> None:
-    """The same override reaches the in-process engine and the JIT context of an ephemeral server."""
-    from jit_context.tokenizer import Tokenizer
-
-    template = tmp_path / "plain.jinja"
-    template.write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}[assistant]")
-    expected = len(Tokenizer.from_path(default_model_dir).encode("[user] What is 2+2?\n[assistant]"))
-    counts = []
-    for mode in (["--in-process"], []):
-        out = run_cli("generate", "--quiet", "--json", "--max-tokens", "2", "--chat-template", str(template), *mode,
-                      "What is 2+2?")
-        assert out.returncode == 0, out.stderr
-        counts.append(json.loads(out.stdout)["prompt_tokens"])
-    assert counts == [expected, expected]

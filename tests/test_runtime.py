@@ -82,17 +82,23 @@ def test_serve_equals_in_process_output(server, reference) -> None:
     assert "Paris" in reference[0].text
 
 
-def test_generate_cli_ephemeral_and_connect_match_in_process(server) -> None:
-    # One after the other: in parallel, several torch processes on few cores run far slower than in turn.
+def test_generate_cli_connect_matches_in_process(server) -> None:
+    """`hybridrt generate --json --connect` to a running server gives the in-process answer, and that answer is
+    right (the JSON of the user's view in full); the ephemeral pair of `generate` is test_cli.py's."""
     flags = ["--json", "--quiet", "--device", "cpu", "--max-tokens", "16", "--ignore-eos", PROMPTS[0]]
     expected = in_process_cli(["generate", "--in-process", *flags])
-    assert len(expected["token_ids"]) == 16
-    for mode in (["--connect", server.address], []):  # a running server; an ephemeral pair of processes
-        out = subprocess.run([*CLI, "generate", *mode, *flags], capture_output=True, text=True, timeout=180,
-                             env=os.environ.copy(), check=False)
-        assert out.returncode == 0, out.stderr
-        result = json.loads(out.stdout)
-        assert result["token_ids"] == expected["token_ids"] and result["text"] == expected["text"], mode
+    assert len(expected["token_ids"]) == 16 and expected["finish_reason"] == "length"  # past the answer's EOS
+    assert "Paris" in expected["text"]
+    out = subprocess.run([*CLI, "generate", "--connect", server.address, *flags], capture_output=True, text=True,
+                         timeout=180, env=os.environ.copy(), check=False)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["token_ids"] == expected["token_ids"] and result["text"] == expected["text"]
+    assert set(result) == {"text", "token_ids", "finish_reason", "prompt_tokens", "ttft_ms", "tokens_per_s",
+                           "weight_format"}
+    assert result["weight_format"] == "float32"  # what the executor loaded, reported through its status
+    assert result["finish_reason"] == "length" and result["prompt_tokens"] == expected["prompt_tokens"] > 10
+    assert result["ttft_ms"] > 0 and result["tokens_per_s"] > 0
 
 
 def in_process_cli(argv: list[str]) -> dict:
