@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from ipc.liveness import process_alive
+from ipc.runtime_dir import default_base
 from launch.client import Client, ServerError
 
 
@@ -83,6 +85,18 @@ class ServeProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def assert_nothing_left(server: ServeProcess, executor_pid: int, jit_pid: int) -> None:
+    """serve has exited: its children are gone, and so are their segments and the runtime directory."""
+    assert server.proc.poll() is not None
+    deadline = time.monotonic() + 5
+    while any(process_alive(p) for p in (executor_pid, jit_pid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not process_alive(executor_pid) and not process_alive(jit_pid)
+    # Other servers (other tests, other users) may own segments too: only this executor's count.
+    assert not [s for s in shm_segments() if s.startswith(f"hybridrt-{executor_pid}-")]
+    assert not list(default_base().glob(f"hybridrt-{server.proc.pid}-*"))
 
 
 def _port_open(port: int) -> bool:

@@ -16,7 +16,7 @@ from ipc.messages import Finished
 from launch.async_client import AsyncClient
 from launch.client import Client, ServerError
 from launch.http_api import create_app
-from tests.serve_process import ServeProcess, free_port
+from tests.serve_process import ServeProcess, assert_nothing_left, free_port
 
 PROMPT = "The capital of France is"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -26,6 +26,20 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 def server(shared_server):
     """The session's plain server (conftest), shared with test_runtime.py and test_fuzz.py."""
     return shared_server
+
+
+@pytest.fixture(scope="module")
+def keyed_server(default_model_dir):
+    """A server with --api-key: test_api_key checks the key on it, then test_sigterm_tells_open_requests_at_once
+    (last in this file) ends it."""
+    serve = ServeProcess("--api-key", "secret")
+    try:
+        serve.wait_ready()
+        yield serve
+    finally:
+        serve.stop()
+        serve.proc.stdout.close()
+        serve.proc.stderr.close()
 
 
 @pytest.fixture(scope="module")
@@ -225,54 +239,75 @@ def test_async_client_cancels_when_closed_early(server) -> None:
     assert asyncio.run(scenario()) == "invalid_request"
 
 
-def test_api_key(default_model_dir) -> None:
-    with ServeProcess("--api-key", "secret") as serve:
-        with pytest.raises(openai.AuthenticationError):
-            openai_client(serve, "wrong").models.list()
-        bare = httpx.get(f"{serve.http}/v1/models")
-        assert bare.status_code == 401 and bare.json()["error"]["code"] == "invalid_api_key"
-        assert httpx.get(f"{serve.http}/health").status_code == 200
-        assert httpx.post(f"{serve.http}/tokenize", json={"prompt": "a"}).status_code == 401
+def test_api_key(keyed_server) -> None:
+    serve = keyed_server
+    with pytest.raises(openai.AuthenticationError):
+        openai_client(serve, "wrong").models.list()
+    bare = httpx.get(f"{serve.http}/v1/models")
+    assert bare.status_code == 401 and bare.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{serve.http}/health").status_code == 200
+    assert httpx.post(f"{serve.http}/tokenize", json={"prompt": "a"}).status_code == 401
+    api = openai_client(serve, "secret")
+    model = api.models.list().data[0].id
+    assert api.completions.create(model=model, prompt=PROMPT, max_tokens=2, temperature=0).choices[0].text
+    # The scheme is case-insensitive (RFC 7235); the key is not.
+    assert httpx.get(f"{serve.http}/v1/models", headers={"authorization": "bearer secret"}).status_code == 200
+    assert httpx.get(f"{serve.http}/v1/models", headers={"authorization": "Bearer SECRET"}).status_code == 401
+    # The native socket wants the same key in every request: without it nothing is served or revealed.
+    with Client(serve.address, api_key="wrong") as client:
+        for call in (client.status, lambda: client.tokenize("a"), lambda: list(client.generate("a"))):
+            with pytest.raises(ServerError) as info:
+                call()
+            assert info.value.code == "unauthorized"
+    with Client(serve.address, api_key="secret") as client:
+        assert client.tokenize("a") and client.status()["ready"]
+        *_, final = client.generate("Hi", params={"max_tokens": 2, "temperature": 0})
+        assert len(final.token_ids) == 2
+
+
+def test_sigterm_tells_open_requests_at_once(keyed_server) -> None:
+    """SIGTERM on serve with an HTTP stream running and a native request queued behind it: stopping must not wait
+    for their generations (uvicorn's graceful shutdown would wait for the open stream, for minutes on the CPU).
+    The stream ends at once with a shutting_down error event, the queued client is told `shutting_down` instead of
+    being left to its own time-out, and serve exits 0 leaving nothing behind. It ends the module's keyed server
+    (the key plays no part in stopping)."""
+    import signal
+    import threading
+
+    serve = keyed_server
+    outcome: list = []
+
+    def queued(client: Client) -> None:
+        try:
+            list(client.generate(prompt="Another one.", params={"max_tokens": 2000, "ignore_eos": True}))
+            outcome.append((None, time.monotonic()))
+        except ServerError as e:
+            outcome.append((e, time.monotonic()))
+
+    with Client(serve.address, api_key="secret", timeout_s=10) as client:
+        facts = client.status()
+        executor, jit = facts["executor"]["executor_pid"], facts["jit_context_pid"]
         api = openai_client(serve, "secret")
         model = api.models.list().data[0].id
-        assert api.completions.create(model=model, prompt=PROMPT, max_tokens=2, temperature=0).choices[0].text
-        # The scheme is case-insensitive (RFC 7235); the key is not.
-        assert httpx.get(f"{serve.http}/v1/models", headers={"authorization": "bearer secret"}).status_code == 200
-        assert httpx.get(f"{serve.http}/v1/models", headers={"authorization": "Bearer SECRET"}).status_code == 401
-        # The native socket wants the same key in every request: without it nothing is served or revealed.
-        with Client(serve.address, api_key="wrong") as client:
-            for call in (client.status, lambda: client.tokenize("a"), lambda: list(client.generate("a"))):
-                with pytest.raises(ServerError) as info:
-                    call()
-                assert info.value.code == "unauthorized"
-        with Client(serve.address, api_key="secret") as client:
-            assert client.tokenize("a") and client.status()["ready"]
-            *_, final = client.generate("Hi", params={"max_tokens": 2, "temperature": 0})
-            assert len(final.token_ids) == 2
-
-
-def test_sigterm_ends_open_streams_promptly(default_model_dir) -> None:
-    """Stopping serve must not wait for the generations of open HTTP streams (uvicorn's graceful shutdown
-    would, for minutes on the CPU): each stream ends at once with a shutting_down error event."""
-    import signal
-
-    serve = ServeProcess()
-    try:
-        serve.wait_ready()
-        model = openai_client(serve).models.list().data[0].id
-        stream = openai_client(serve).chat.completions.create(
-            model=model, messages=QUESTION, max_tokens=2000, temperature=0, stream=True,
-            extra_body={"ignore_eos": True})
+        stream = api.chat.completions.create(model=model, messages=QUESTION, max_tokens=2000, temperature=0,
+                                             stream=True, extra_body={"ignore_eos": True})
         for _, _chunk in zip(range(3), stream):
             pass
+        waiter = threading.Thread(target=queued, args=(client,))
+        waiter.start()
+        deadline = time.monotonic() + 10
+        while client.status()["queued"] < 1:
+            assert time.monotonic() < deadline, "the native request was never queued"
+            time.sleep(0.02)
         serve.proc.send_signal(signal.SIGTERM)
         stopped = time.monotonic()
         with pytest.raises(openai.APIError, match="shutting down"):
             for _chunk in stream:
                 pass
         assert time.monotonic() - stopped < 3.0
-        assert serve.proc.wait(timeout=10) == 0
-    finally:
-        serve.stop()
-        serve.proc.stdout.close()
-        serve.proc.stderr.close()
+        waiter.join(timeout=15)
+    [(error, when)] = outcome
+    assert isinstance(error, ServerError) and error.code == "shutting_down", error
+    assert when - stopped < 2.0
+    assert serve.proc.wait(timeout=10) == 0, serve.proc.stderr.read()
+    assert_nothing_left(serve, executor, jit)

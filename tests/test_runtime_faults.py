@@ -1,13 +1,12 @@
-"""Faults of the two-process runtime, on real `hybridrt serve` processes: a child killed with SIGKILL, SIGTERM
-on serve, a client that goes away mid-generation. After serve ends, no child process, shared-memory segment
-or runtime directory may be left.
+"""Faults of the two-process runtime, on real `hybridrt serve` processes: a child killed with SIGKILL (a dead JIT
+context is reported to its native clients within 2 s), a client that goes away mid-generation (SIGTERM on serve:
+test_http_api.py). After serve ends, no child process, shared-memory segment or runtime directory may be left.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 
 import pytest
@@ -16,9 +15,8 @@ import zmq
 from ipc.codec import decode, encode
 from ipc.liveness import process_alive
 from ipc.messages import GenerateRequest, Started, TokenChunk
-from ipc.runtime_dir import default_base
 from launch.client import Client, ServerError
-from tests.serve_process import ServeProcess, shm_segments
+from tests.serve_process import ServeProcess, assert_nothing_left, shm_segments
 
 LONG = {"max_tokens": 2000, "ignore_eos": True, "temperature": 0.0}  # minutes on CPU: always cut short here
 
@@ -43,18 +41,6 @@ def pids(server: ServeProcess) -> tuple[int, int]:
     return executor, jit
 
 
-def assert_nothing_left(server: ServeProcess, executor_pid: int, jit_pid: int) -> None:
-    """serve has exited: its children are gone, and so are their segments and the runtime directory."""
-    assert server.proc.poll() is not None
-    deadline = time.monotonic() + 5
-    while any(process_alive(p) for p in (executor_pid, jit_pid)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not process_alive(executor_pid) and not process_alive(jit_pid)
-    # Other servers (other tests, other users) may own segments too: only this executor's count.
-    assert not [s for s in shm_segments() if s.startswith(f"hybridrt-{executor_pid}-")]
-    assert not list(default_base().glob(f"hybridrt-{server.proc.pid}-*"))
-
-
 def test_executor_killed_mid_generation(server) -> None:
     executor, jit = pids(server)
     assert any(s.startswith(f"hybridrt-{executor}-") for s in shm_segments())  # the step buffers
@@ -75,21 +61,36 @@ def test_executor_killed_mid_generation(server) -> None:
     assert_nothing_left(server, executor, jit)
 
 
-def test_jit_context_killed_executor_exits_by_itself(server) -> None:
+def test_jit_context_killed_mid_request(server) -> None:
+    """The JIT context SIGKILLed while it streams a reply: its native client is told `server_died` within 2 s, and
+    the executor exits by itself (serve is held stopped meanwhile, so that it can't be the one stopping it); then
+    serve names both, exits non-zero and leaves nothing behind."""
     executor, jit = pids(server)
-    os.kill(server.proc.pid, signal.SIGSTOP)  # so that the supervisor can't be the one stopping the executor
-    try:
-        os.kill(jit, signal.SIGKILL)
-        deadline = time.monotonic() + 5
-        while process_alive(executor) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not process_alive(executor), "the executor did not exit after its JIT context died"
-    finally:
-        os.kill(server.proc.pid, signal.SIGCONT)
+    with Client(server.address, timeout_s=10) as client:
+        stream = client.generate(prompt="Tell me a long story.", params=LONG)
+        for _ in range(3):
+            assert isinstance(next(stream), TokenChunk)
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        try:
+            os.kill(jit, signal.SIGKILL)
+            killed = time.monotonic()
+            with pytest.raises(ServerError) as err:
+                for _ in stream:
+                    assert time.monotonic() - killed < 2.0, "the request was still streaming"
+            told = time.monotonic() - killed
+            assert err.value.code == "server_died", err.value
+            assert told < 2.0, told
+            deadline = time.monotonic() + 5
+            while process_alive(executor) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not process_alive(executor), "the executor did not exit after its JIT context died"
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
     assert server.proc.wait(timeout=15) != 0
     stderr = server.proc.stderr.read()
     assert "jit_context was killed by SIGKILL" in stderr and "graph_executor exited" in stderr, stderr
     assert_nothing_left(server, executor, jit)
+    print(f"\nSIGKILL of the JIT context mid-request: the client was told in {told * 1e3:.0f} ms")
 
 
 def assert_served_promptly(client: Client) -> None:
@@ -99,22 +100,12 @@ def assert_served_promptly(client: Client) -> None:
     assert time.monotonic() - start < 10.0  # the abandoned request would hold the executor for minutes
 
 
-def drain(stream, outcome: list) -> None:
-    """Read a stream to its end; record the ServerError that ends it (or None) and when it came."""
-    try:
-        for _ in stream:
-            pass
-        outcome.append((None, time.monotonic()))
-    except ServerError as e:
-        outcome.append((e, time.monotonic()))
-
-
-def test_clients_going_away_free_the_server_then_sigterm_answers_running_and_queued(server) -> None:
-    """Over TCP to the real processes: a client that closes its stream (the library cancels) and one that
-    vanishes without a word each free the executor at once (the logic: test_jit_server.py). Then stopping the
-    server tells every client with a request running or queued, instead of leaving them to their own
-    time-outs, and serve exits 0 leaving nothing behind."""
-    executor, jit = pids(server)
+def test_clients_going_away_free_the_server(shared_server) -> None:
+    """Over TCP to the real processes (the session's plain server, which this leaves serving): a client that
+    closes its stream (the library cancels) and one that vanishes without a word each free the executor at once
+    (the logic: test_jit_server.py). SIGTERM with requests running and queued: test_http_api.py."""
+    server = shared_server
+    pids(server)
     with Client(server.address, timeout_s=10) as client:
         stream = client.generate(prompt="Tell me a long story.", params=LONG)
         for _ in range(3):
@@ -131,23 +122,3 @@ def test_clients_going_away_free_the_server_then_sigterm_answers_running_and_que
         sock.close()
         ctx.term()
         assert_served_promptly(client)
-
-        running = client.generate(prompt="Tell me a long story.", params=LONG)
-        assert isinstance(next(running), TokenChunk)
-        outcomes: dict[str, list] = {"running": [], "queued": []}
-        queued = threading.Thread(target=drain, args=(client.generate(prompt="Another one.", params=LONG),
-                                                      outcomes["queued"]))
-        queued.start()
-        deadline = time.monotonic() + 10
-        while client.status()["queued"] < 1:
-            assert time.monotonic() < deadline, "the second request was never queued"
-            time.sleep(0.02)
-        server.proc.send_signal(signal.SIGTERM)
-        stopped = time.monotonic()
-        drain(running, outcomes["running"])
-        queued.join(timeout=15)
-    for name, [(error, when)] in outcomes.items():
-        assert isinstance(error, ServerError) and error.code == "shutting_down", (name, error)
-        assert when - stopped < 2.0, name
-    assert server.proc.wait(timeout=15) == 0, server.proc.stderr.read()
-    assert_nothing_left(server, executor, jit)
