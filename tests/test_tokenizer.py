@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from ipc.errors import HybridrtError, ModelLoadError
 from jit_context.tokenizer import Tokenizer
-
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 CONVERSATION = [
     {"role": "system", "content": "You are terse."},
@@ -21,22 +18,18 @@ CONVERSATION = [
 
 
 @pytest.fixture(scope="module")
-def gguf_path(default_model_gguf) -> Path:
-    assert default_model_gguf.name == GGUF_NAME
-    return default_model_gguf
-
-
-@pytest.fixture(scope="module")
 def tok(gguf_tokenizer) -> Tokenizer:
     """Loaded from the GGUF file (conftest: one load per session, shared with test_detokenizer.py)."""
     return gguf_tokenizer
 
 
 @pytest.fixture(scope="module")
-def hf_reference(gguf_path):
+def hf_reference(default_model_dir):
+    """transformers' own tokenizer for the default model, from the converted folder that servers load it from (a
+    second load from the GGUF would go through the same transformers code as `tok`, for seconds more)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    return AutoTokenizer.from_pretrained(str(default_model_dir))
 
 
 @pytest.mark.parametrize("messages", [CONVERSATION, [{"role": "user", "content": "hi"}]], ids=["multi", "one"])
