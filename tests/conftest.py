@@ -1,4 +1,4 @@
-"""Shared fixtures: one converted copy of the default model per test session, in a private cache dir, and what
+"""Shared fixtures: one converted copy of the default model per test run, in a private cache dir, and what
 several test files would otherwise each build again at a cost of seconds on a small CPU box: one plain
 `hybridrt serve`, one in-process engine on the default model, the default model's GGUF tokenizer."""
 
@@ -21,19 +21,70 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pyproject): two pytest-xdist workers where there is no GPU and at least two cores; none where
+    there is a GPU (its tests measure the card's memory and look for MPS daemons, which another worker's tests
+    would disturb)."""
+    if torch.cuda.is_available() or (os.cpu_count() or 1) < 2:
+        return 0
+    return 2
+
+
+# Session fixtures expensive enough that the files using them should run on one pytest-xdist worker, which then
+# builds each once (see pytest_xdist_make_scheduler).
+SHARED_ACROSS_FILES = ("shared_server", "gguf_tokenizer")
+
+
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadfile (pyproject): whole files per worker, in the order of the workers' collection (sorted below),
+    and the test files that name one of SHARED_ACROSS_FILES as one unit per fixture."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from pathlib import Path
+
+    from xdist.scheduler import LoadFileScheduling
+
+    root = Path(config.rootpath)
+    unit_of = {}
+    for path in sorted(Path(__file__).parent.glob("test_*.py")):
+        text = path.read_text()
+        shared = next((name for name in SHARED_ACROSS_FILES if name in text), None)
+        if shared is not None:
+            unit_of[path.relative_to(root).as_posix()] = shared
+
+    class FileUnitScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            return unit_of.get(path, path)
+
+    return FileUnitScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
+    gpu = torch.cuda.is_available()
     skip = pytest.mark.skip(reason="needs an NVIDIA GPU")
     for item in items:
-        if "cuda" in item.keywords:
+        if "cuda" in item.keywords and not gpu:
             item.add_marker(skip)
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker: the controller schedules in its collection order
+        # The shared server's files first (the longest unit), then the other files that start real model processes
+        # or load the real model, then the rest: the last units to run are short ones.
+        heavy = {item.path for item in items if "default_model_dir" in getattr(item, "fixturenames", ())}
+        shared = {item.path for item in items if "shared_server" in getattr(item, "fixturenames", ())}
+        items.sort(key=lambda item: (item.path not in shared, item.path not in heavy))
 
 
 @pytest.fixture(scope="session")
 def hybridrt_cache(tmp_path_factory):
-    """A session cache dir, exported so that child processes (CLI, servers) share the converted model."""
-    path = tmp_path_factory.mktemp("hybridrt-cache")
+    """A cache dir for the test run, exported so that child processes (CLI, servers) share the converted model;
+    one for all pytest-xdist workers (their base temp dirs share a parent), so that the model is converted once."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    path = root / "hybridrt-cache"
+    path.mkdir(exist_ok=True)
     old = os.environ.get("HYBRIDRT_CACHE_DIR")
     os.environ["HYBRIDRT_CACHE_DIR"] = str(path)
     yield path
@@ -45,9 +96,12 @@ def hybridrt_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def default_model_dir(hybridrt_cache):
+    from filelock import FileLock
+
     from graph_executor.loading.default_model import ensure_converted
 
-    folder, _ = ensure_converted(progress=False)
+    with FileLock(f"{hybridrt_cache}.lock"):  # one xdist worker converts, the others wait and find its copy
+        folder, _ = ensure_converted(progress=False)
     return folder
 
 
