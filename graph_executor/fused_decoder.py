@@ -9,6 +9,7 @@ import torch
 
 from graph_executor.kernels.decode_attention import DecodeAttention
 from graph_executor.kernels.gemv import DEFAULT_PLAN, GemvConfig, GemvPlan
+from graph_executor.kernels.gemv_int4 import SplitKConfig, SplitKPlan, SplitKScratch
 from graph_executor.kernels.projections import (
     ProjectionConfig,
     embedding,
@@ -18,16 +19,17 @@ from graph_executor.kernels.projections import (
 )
 from graph_executor.kernels.rope_append import rope_append
 from graph_executor.model import LlamaModel
+from graph_executor.quant.formats import Int4Groups
 
 # Block configs per projection for the packed formats: the best of bench/probes/lowbit_gemv.py's sweep on
 # LLaMA-2-7B shapes on an H200, each projection over 32 layers in one graph (read TB/s in the comments; the
 # fp16 kernels reach 2.8-4.0 TB/s on the same shapes). See bench/NOTES.md.
-INT4_PLAN = GemvPlan(
-    qkv=GemvConfig(32, 512, 4, 3),  # 1.24 TB/s
-    o=GemvConfig(8, 512, 4, 3),  # 1.06
-    gate_up=GemvConfig(32, 512, 4, 3),  # 1.29
-    down=GemvConfig(16, 1024, 4, 3),  # 1.15
-    lm_head=GemvConfig(32, 512, 4, 3),
+INT4_PLAN = SplitKPlan(  # split-K dp4a kernels (kernels/gemv_int4.py; bench/probes/int4_splitk.py --layout shipped)
+    qkv=SplitKConfig(32, 64, 4),  # 2.19 TB/s (the float kernel of gemv_lowbit.py: 1.27)
+    o=SplitKConfig(32, 64, 4),  # 1.55 (0.96)
+    gate_up=SplitKConfig(32, 64, 4),  # 2.46 (1.50)
+    down=SplitKConfig(32, 64, 4),  # 2.05 (1.01)
+    lm_head=SplitKConfig(32, 64, 4),
 )
 INT8_PLAN = GemvPlan(
     qkv=GemvConfig(16, 512, 4, 3),  # 2.57 TB/s
@@ -47,7 +49,7 @@ FP8_PLAN = GemvPlan(  # FP8 codes through the fp16 GEMVs
 
 class FusedDecoder:
     def __init__(self, model: LlamaModel, plan: GemvPlan = DEFAULT_PLAN, split_size: int | None = None,
-                 int4: GemvPlan = INT4_PLAN, int8: GemvPlan = INT8_PLAN, fp8: GemvPlan = FP8_PLAN) -> None:
+                 int4: SplitKPlan = INT4_PLAN, int8: GemvPlan = INT8_PLAN, fp8: GemvPlan = FP8_PLAN) -> None:
         cfg = model.config
         self.model = model
         self.plan = {name: ProjectionConfig(*(getattr(p, name) for p in (plan, int4, int8, fp8)))
@@ -64,21 +66,28 @@ class FusedDecoder:
         self.gate_up = empty(2 * cfg.intermediate_size)
         self.attention = DecodeAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, model.max_context,
                                          device, cfg.sliding_window, split_size)
+        # int4 slots run split-K kernels that share one scratch (they run one after another on one stream)
+        slots = [(getattr(layer, f"{name}_proj"), name) for layer in model.layers
+                 for name in ("qkv", "o", "gate_up", "down")] + [(model.lm_head, "lm_head")]
+        int4_slots = [(w.shape, self.plan[name].int4) for w, name in slots if isinstance(w, Int4Groups)]
+        self.scratch = (SplitKScratch.allocate([shape for shape, _ in int4_slots], [c for _, c in int4_slots], device)
+                        if int4_slots else None)
 
     @torch.inference_mode()
     def step(self, token: torch.Tensor, position: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """token, position: [1] int64 on the device; logits: [vocab] (float32) written in place."""
         m, cfg = self.model, self.model.config
-        eps, g = cfg.rms_norm_eps, self.plan
+        eps, g, sc = cfg.rms_norm_eps, self.plan, self.scratch
         embedding(m.embed_tokens, token, self.x)
         x = self.x[0]  # [H]
         for index, layer in enumerate(m.layers):
             cache = m.kv_cache[index]  # [2, nkv, C, hd]
-            rmsnorm_gemv(layer.qkv_proj, x, layer.attn_norm, eps, self.qkv, bias=layer.qkv_bias, cfg=g["qkv"])
+            rmsnorm_gemv(layer.qkv_proj, x, layer.attn_norm, eps, self.qkv, bias=layer.qkv_bias, cfg=g["qkv"],
+                         scratch=sc)
             rope_append(self.qkv, position, m.rope, self.q, cache[0], cache[1], cfg.num_heads, cfg.num_kv_heads,
                         cfg.head_dim)
             self.attention(self.q, cache[0], cache[1], position, self.attn)
-            gemv_residual(layer.o_proj, self.attn.view(-1), x, cfg=g["o"])
-            rmsnorm_gemv(layer.gate_up_proj, x, layer.mlp_norm, eps, self.gate_up, cfg=g["gate_up"])
-            silu_gemv_residual(layer.down_proj, self.gate_up, x, cfg=g["down"])
-        return rmsnorm_gemv(m.lm_head, x, m.norm, eps, logits, cfg=g["lm_head"])
+            gemv_residual(layer.o_proj, self.attn.view(-1), x, cfg=g["o"], scratch=sc)
+            rmsnorm_gemv(layer.gate_up_proj, x, layer.mlp_norm, eps, self.gate_up, cfg=g["gate_up"], scratch=sc)
+            silu_gemv_residual(layer.down_proj, self.gate_up, x, cfg=g["down"], scratch=sc)
+        return rmsnorm_gemv(m.lm_head, x, m.norm, eps, logits, cfg=g["lm_head"], scratch=sc)

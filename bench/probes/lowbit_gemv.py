@@ -36,7 +36,7 @@ def _nbytes(w) -> int:
 
 def _op(name: str, fmt: str, w, vecs: dict, cfg: GemvConfig):
     """The decode step's kernel for this projection, through kernels/projections.py as the decoder calls it."""
-    pc = ProjectionConfig(dense=cfg, int4=cfg, int8=cfg, fp8=cfg)
+    pc = ProjectionConfig(dense=cfg, int8=cfg, fp8=cfg)  # int4: the split-K kernel's default (int4_splitk.py sweeps it)
     if name in ("qkv", "gate_up"):
         return lambda: projections.rmsnorm_gemv(w, vecs["x"], vecs["nw"], 1e-5, vecs[f"out_{name}"], cfg=pc)
     if name == "o":
