@@ -9,7 +9,7 @@ import torch
 
 from graph_executor.kernels.decode_attention import DecodeAttention
 from graph_executor.kernels.gemv import DEFAULT_PLAN, GemvConfig, GemvPlan
-from graph_executor.kernels.gemv_int4 import SplitKConfig, SplitKPlan, SplitKScratch
+from graph_executor.kernels.gemv_splitk import SplitKConfig, SplitKPlan, SplitKScratch
 from graph_executor.kernels.projections import (
     ProjectionConfig,
     embedding,
@@ -19,24 +19,24 @@ from graph_executor.kernels.projections import (
 )
 from graph_executor.kernels.rope_append import rope_append
 from graph_executor.model import LlamaModel
-from graph_executor.quant.formats import Int4Groups
+from graph_executor.quant.formats import Int4Groups, Int8Groups
 
-# Block configs per projection for the packed formats: the best of bench/probes/lowbit_gemv.py's sweep on
-# LLaMA-2-7B shapes on an H200, each projection over 32 layers in one graph (read TB/s in the comments; the
-# fp16 kernels reach 2.8-4.0 TB/s on the same shapes). See bench/NOTES.md.
-INT4_PLAN = SplitKPlan(  # split-K dp4a kernels (kernels/gemv_int4.py; bench/probes/int4_splitk.py --layout shipped)
-    qkv=SplitKConfig(32, 64, 4),  # 2.19 TB/s (the float kernel of gemv_lowbit.py: 1.27)
+# Block configs per projection for the packed formats: the best of the probes' sweeps (bench/probes/int4_splitk.py,
+# lowbit_gemv.py) on LLaMA-2-7B shapes on an H200, each projection over 32 layers in one graph (read TB/s in the
+# comments; the fp16 kernels reach 2.8-4.0 TB/s on the same shapes). See bench/NOTES.md.
+INT4_PLAN = SplitKPlan(  # split-K dp4a kernels (kernels/gemv_splitk.py; bench/probes/int4_splitk.py --layout shipped)
+    qkv=SplitKConfig(32, 64, 4),  # 2.19 TB/s (the float kernel, bench/probes/float_lowbit_gemv.py: 1.27)
     o=SplitKConfig(32, 64, 4),  # 1.55 (0.96)
     gate_up=SplitKConfig(32, 64, 4),  # 2.46 (1.50)
     down=SplitKConfig(32, 64, 4),  # 2.05 (1.01)
     lm_head=SplitKConfig(32, 64, 4),
 )
-INT8_PLAN = GemvPlan(
-    qkv=GemvConfig(16, 512, 4, 3),  # 2.57 TB/s
-    o=GemvConfig(4, 1024, 4, 3),  # 2.09
-    gate_up=GemvConfig(16, 512, 4, 3),  # 2.70
-    down=GemvConfig(4, 1024, 4, 3),  # 2.01
-    lm_head=GemvConfig(16, 512, 4, 3),
+INT8_PLAN = SplitKPlan(  # the same kernels over int8 codes (int4_splitk.py --bits 8; the float kernel in brackets)
+    qkv=SplitKConfig(32, 128, 4),  # 3.01 TB/s (2.99)
+    o=SplitKConfig(32, 128, 4),  # 2.06 (2.05)
+    gate_up=SplitKConfig(64, 128, 8),  # 3.34 (3.13)
+    down=SplitKConfig(32, 256, 8),  # 2.80 (2.72)
+    lm_head=SplitKConfig(32, 128, 4),
 )
 FP8_PLAN = GemvPlan(  # FP8 codes through the fp16 GEMVs
     qkv=GemvConfig(16, 256, 4, 3),  # 2.88 TB/s
@@ -49,7 +49,7 @@ FP8_PLAN = GemvPlan(  # FP8 codes through the fp16 GEMVs
 
 class FusedDecoder:
     def __init__(self, model: LlamaModel, plan: GemvPlan = DEFAULT_PLAN, split_size: int | None = None,
-                 int4: SplitKPlan = INT4_PLAN, int8: GemvPlan = INT8_PLAN, fp8: GemvPlan = FP8_PLAN) -> None:
+                 int4: SplitKPlan = INT4_PLAN, int8: SplitKPlan = INT8_PLAN, fp8: GemvPlan = FP8_PLAN) -> None:
         cfg = model.config
         self.model = model
         self.plan = {name: ProjectionConfig(*(getattr(p, name) for p in (plan, int4, int8, fp8)))
@@ -66,12 +66,13 @@ class FusedDecoder:
         self.gate_up = empty(2 * cfg.intermediate_size)
         self.attention = DecodeAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, model.max_context,
                                          device, cfg.sliding_window, split_size)
-        # int4 slots run split-K kernels that share one scratch (they run one after another on one stream)
+        # packed int4/int8 slots run split-K kernels that share one scratch (one after another on one stream)
         slots = [(getattr(layer, f"{name}_proj"), name) for layer in model.layers
                  for name in ("qkv", "o", "gate_up", "down")] + [(model.lm_head, "lm_head")]
-        int4_slots = [(w.shape, self.plan[name].int4) for w, name in slots if isinstance(w, Int4Groups)]
-        self.scratch = (SplitKScratch.allocate([shape for shape, _ in int4_slots], [c for _, c in int4_slots], device)
-                        if int4_slots else None)
+        packed = [(w, self.plan[name].int4 if isinstance(w, Int4Groups) else self.plan[name].int8)
+                  for w, name in slots if isinstance(w, (Int4Groups, Int8Groups))]
+        self.scratch = (SplitKScratch.allocate([w for w, _ in packed], [c for _, c in packed], device)
+                        if packed else None)
 
     @torch.inference_mode()
     def step(self, token: torch.Tensor, position: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

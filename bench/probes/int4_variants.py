@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from bench.floors import time_gpu
-from graph_executor.kernels import gemv_lowbit
+from bench.probes import float_lowbit_gemv as gemv_lowbit
 from graph_executor.kernels.gemv import GemvConfig
 from graph_executor.quant.formats import Int4Groups, quantize_int4
 

@@ -1,4 +1,4 @@
-"""First GPU measurement of the packed low-bit GEMVs (graph_executor/kernels/gemv_lowbit.py) on LLaMA-2-7B's
+"""GPU measurement of the packed decode GEMVs (graph_executor/kernels/projections.py) on LLaMA-2-7B's
 decode projections: for fp16 (the shipped kernels), int8 and int4 (groups of 32), each projection over all 32
 layers' weights in one CUDA graph (no L2 reuse), a few block configs each; read bandwidth = bytes the format
 reads (codes + scales + offsets) / time, and the best config's time per layer-stack against the fp16 one.
@@ -36,7 +36,7 @@ def _nbytes(w) -> int:
 
 def _op(name: str, fmt: str, w, vecs: dict, cfg: GemvConfig):
     """The decode step's kernel for this projection, through kernels/projections.py as the decoder calls it."""
-    pc = ProjectionConfig(dense=cfg, int8=cfg, fp8=cfg)  # int4: the split-K kernel's default (int4_splitk.py sweeps it)
+    pc = ProjectionConfig(dense=cfg, fp8=cfg)  # int4, int8: the split-K defaults (int4_splitk.py sweeps them)
     if name in ("qkv", "gate_up"):
         return lambda: projections.rmsnorm_gemv(w, vecs["x"], vecs["nw"], 1e-5, vecs[f"out_{name}"], cfg=pc)
     if name == "o":

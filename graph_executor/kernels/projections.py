@@ -1,11 +1,10 @@
 """One entry per projection kind of the fused steps, whatever the weight's storage: dense weights go to the
-fp16 GEMVs (`gemv.py`) and cuBLAS, `Int4Groups` to the split-K dp4a GEMVs (`gemv_int4.py`), `Int8Groups` to the
-low-bit GEMVs (`gemv_lowbit.py`), FP8 rows to the fp16 GEMVs with a per-row scale, and packed weights in prefill to the low-bit GEMM
+fp16 GEMVs (`gemv.py`) and cuBLAS, `Int4Groups` and `Int8Groups` to the split-K dp4a GEMVs (`gemv_splitk.py`), FP8
+rows to the fp16 GEMVs with a per-row scale, and packed weights in prefill to the low-bit GEMM
 (`gemm_lowbit.py`). The fused decoder and prefill call only these, so a model may mix formats per slot.
 
-Each decode projection takes a `ProjectionConfig`: a block config per format (the low-bit kernels' BLOCK_K is
-rounded to a multiple of the group), and int4 weights a `SplitKScratch` (the decoder owns one; without it a call
-allocates its own, which is fine outside CUDA graphs).
+Each decode projection takes a `ProjectionConfig`: a block config per format, and packed int4/int8 weights a
+`SplitKScratch` (the decoder owns one; without it a call allocates its own, which is fine outside CUDA graphs).
 """
 
 from __future__ import annotations
@@ -14,43 +13,33 @@ from dataclasses import dataclass
 
 import torch
 
-from graph_executor.kernels import gemm_lowbit, gemv, gemv_int4, gemv_lowbit
-from graph_executor.kernels.gemv import GemvConfig
-from graph_executor.kernels.gemv_int4 import SplitKConfig, SplitKScratch
+from graph_executor.kernels import gemm_lowbit, gemv, gemv_splitk
+from graph_executor.kernels.gemv_splitk import SplitKConfig, SplitKScratch
 from graph_executor.quant.formats import Fp8Rows, Int4Groups, Int8Groups
 from graph_executor.quant.rows import Weight
 
 
 @dataclass(frozen=True)
 class ProjectionConfig:
-    dense: GemvConfig = gemv.DEFAULT
-    int4: SplitKConfig = gemv_int4.DEFAULT
-    int8: GemvConfig = gemv_lowbit.DEFAULT
-    fp8: GemvConfig = gemv.DEFAULT  # the fp16 kernel over 1-byte codes
+    dense: gemv.GemvConfig = gemv.DEFAULT
+    int4: SplitKConfig = gemv_splitk.DEFAULT
+    int8: SplitKConfig = gemv_splitk.DEFAULT_INT8
+    fp8: gemv.GemvConfig = gemv.DEFAULT  # the fp16 kernel over 1-byte codes
 
 
-def _scratch(w: Int4Groups, cfg: SplitKConfig, scratch: SplitKScratch | None) -> SplitKScratch:
-    return scratch if scratch is not None else SplitKScratch.allocate([w.shape], [cfg], w.device)
-
-
-def _lowbit_cfg(w: Int8Groups, plan: ProjectionConfig) -> GemvConfig:
-    """The format's config with a block K that holds whole groups (Q6_K's group of 16 and a 256-wide block are
-    both fine)."""
-    cfg = plan.int8
-    if cfg.block_k % w.group == 0:
-        return cfg
-    return GemvConfig(cfg.block_n, max(w.group, cfg.block_k - cfg.block_k % w.group), cfg.num_warps,
-                      cfg.num_stages)
+def _packed(w: Int4Groups | Int8Groups, plan: ProjectionConfig,
+            scratch: SplitKScratch | None) -> tuple[SplitKConfig, SplitKScratch]:
+    cfg = plan.int4 if isinstance(w, Int4Groups) else plan.int8
+    return cfg, scratch if scratch is not None else SplitKScratch.allocate([w], [cfg], w.device)
 
 
 def rmsnorm_gemv(w: Weight, x: torch.Tensor, norm_w: torch.Tensor, eps: float, out: torch.Tensor,
                  bias: torch.Tensor | None = None, cfg: ProjectionConfig = ProjectionConfig(),
                  scratch: SplitKScratch | None = None) -> torch.Tensor:
     """out [N] = W @ (rmsnorm(x [K]) * norm_w) [+ bias]."""
-    if isinstance(w, Int4Groups):
-        return gemv_int4.rmsnorm_gemv(w, x, norm_w, eps, out, _scratch(w, cfg.int4, scratch), bias, cfg.int4)
-    if isinstance(w, Int8Groups):
-        return gemv_lowbit.rmsnorm_gemv(w, x, norm_w, eps, out, bias, _lowbit_cfg(w, cfg))
+    if isinstance(w, (Int4Groups, Int8Groups)):
+        c, sc = _packed(w, cfg, scratch)
+        return gemv_splitk.rmsnorm_gemv(w, x, norm_w, eps, out, sc, bias, c)
     if isinstance(w, Fp8Rows):
         return gemv.rmsnorm_gemv(w.codes, x, norm_w, eps, out, bias, cfg.fp8, row_scale=w.scale)
     return gemv.rmsnorm_gemv(w, x, norm_w, eps, out, bias, cfg.dense)
@@ -59,10 +48,9 @@ def rmsnorm_gemv(w: Weight, x: torch.Tensor, norm_w: torch.Tensor, eps: float, o
 def gemv_residual(w: Weight, a: torch.Tensor, x: torch.Tensor,
                   cfg: ProjectionConfig = ProjectionConfig(), scratch: SplitKScratch | None = None) -> torch.Tensor:
     """x [N] += W @ a [K]."""
-    if isinstance(w, Int4Groups):
-        return gemv_int4.gemv_residual(w, a, x, _scratch(w, cfg.int4, scratch), cfg.int4)
-    if isinstance(w, Int8Groups):
-        return gemv_lowbit.gemv_residual(w, a, x, _lowbit_cfg(w, cfg))
+    if isinstance(w, (Int4Groups, Int8Groups)):
+        c, sc = _packed(w, cfg, scratch)
+        return gemv_splitk.gemv_residual(w, a, x, sc, c)
     if isinstance(w, Fp8Rows):
         return gemv.gemv_residual(w.codes, a, x, cfg.fp8, row_scale=w.scale)
     return gemv.gemv_residual(w, a, x, cfg.dense)
@@ -72,10 +60,9 @@ def silu_gemv_residual(w: Weight, gate_up: torch.Tensor, x: torch.Tensor,
                        cfg: ProjectionConfig = ProjectionConfig(),
                        scratch: SplitKScratch | None = None) -> torch.Tensor:
     """x [N] += W @ (silu(gate_up[:K]) * gate_up[K:])."""
-    if isinstance(w, Int4Groups):
-        return gemv_int4.silu_gemv_residual(w, gate_up, x, _scratch(w, cfg.int4, scratch), cfg.int4)
-    if isinstance(w, Int8Groups):
-        return gemv_lowbit.silu_gemv_residual(w, gate_up, x, _lowbit_cfg(w, cfg))
+    if isinstance(w, (Int4Groups, Int8Groups)):
+        c, sc = _packed(w, cfg, scratch)
+        return gemv_splitk.silu_gemv_residual(w, gate_up, x, sc, c)
     if isinstance(w, Fp8Rows):
         return gemv.silu_gemv_residual(w.codes, gate_up, x, cfg.fp8, row_scale=w.scale)
     return gemv.silu_gemv_residual(w, gate_up, x, cfg.dense)

@@ -1,5 +1,7 @@
-"""Batch-1 GEMVs over packed low-bit weights (`graph_executor/quant/formats.py`: Int4Groups, Int8Groups), with
-the same fusions as the fp16 kernels in `gemv.py`:
+"""The first packed decode GEMVs (issue 10, until the split-K kernels of graph_executor/kernels/gemv_splitk.py
+replaced them), kept as the float baseline the probes compare against. Batch-1 GEMVs over packed low-bit
+weights (`graph_executor/quant/formats.py`: Int4Groups, Int8Groups), with the same fusions as the fp16 kernels
+in `gemv.py`:
 
 - `rmsnorm_gemv`:  out = W @ (rmsnorm(x) * norm_w) [+ bias]
 - `gemv_residual`: x += W @ a
@@ -9,9 +11,6 @@ The codes are unpacked in registers and never dequantized one by one: a program 
 in BLOCK_K chunks (a multiple of the group); per group it forms sum(q * a) and sum(a), and applies the scale
 and offset once per group: sum over the group of (scale * q + offset) * a = scale * sum(q * a) + offset *
 sum(a). Accumulation is float32. K must be a multiple of the group, not of BLOCK_K; N needs no multiple.
-
-The decoder runs Int4Groups through the split-K dp4a kernels of `gemv_int4.py` (1.6-2x faster on the H200);
-the int4 path here stays as the float baseline the probes compare against (bench/probes/int4_splitk.py).
 
 Int4: byte j of a row holds weights 2j (low nibble) and 2j + 1 (high nibble), so a program loads BLOCK_K / 2
 contiguous bytes per row and the activation at even and odd positions.

@@ -1,21 +1,24 @@
-"""Batch-1 GEMVs over `Int4Groups` weights for the decode step: split-K, one shot per program, `dp4a` on an
-int8 copy of the activation (per group of 32, or of the weight's group when smaller). Same three fusions as the other GEMVs:
+"""Batch-1 GEMVs over packed weights (`Int4Groups`, `Int8Groups`) for the decode step: split-K, one shot per
+program, `dp4a` on an integer copy of the activation. Same three fusions as the fp16 GEMVs of gemv.py:
 
 - `rmsnorm_gemv`:  out = W @ (rmsnorm(x) * norm_w) [+ bias]
 - `gemv_residual`: x += W @ a
 - `silu_gemv_residual`: x += W @ (silu(g) * u), [g, u] = gate_up
 
 Why this shape (bench/probes/int4_splitk.py, H200): a program owns BLOCK_N rows and one slice of BLOCK_KW
-32-bit words along K (8 weights a word) and has no loop, so all its loads are in flight at once; the grid is
-N / BLOCK_N x K / (8 BLOCK_KW) programs, enough to fill the card even for N = 4096. The program quantizes its
-slice of the activation per group of 32 into two int8 digits, a ~= d (hi + lo / 256) with d = max|a| / 127
-(error <= d / 512: ~1e-5 of the output, where one digit, llama.cpp's q8_1, gives ~5e-3), packed into words of
-four bytes (even and odd positions); a word of codes then costs two masks, a shift and four `dp4a`:
+32-bit words of codes along K (8 int4 or 4 int8 weights a word) and has no loop, so all its loads are in flight
+at once; the grid is N / BLOCK_N x (words per row / BLOCK_KW) programs, enough to fill the card even for
+N = 4096. The program writes its slice of the activation per group of 32 (or the weight's group when smaller)
+as two int8 digits, a ~= d (hi + lo / 256) with d = max|a| / 127 (error <= d / 512: ~1e-5 of the output, where
+one digit, llama.cpp's q8_1, gives ~5e-3), packed four to a word; then per word of codes:
 
-    sum over a group of (scale q + offset) a  ~=  scale d sum(q (hi + lo / 256)) + offset sum(a)   (sum(a) exact)
+- int4: byte j holds weights 2j (low nibble) and 2j + 1 (high nibble) of the word's eight: two masks, a shift
+  and four `dp4a.u32.s32` against the digits of the even and the odd positions;
+- int8: two `dp4a.s32.s32` against the digits of four consecutive positions;
 
-(symmetric codes: scale (d sum(q ...) - 8 sum(a))). Against the float kernel of gemv_lowbit.py this reads the
-same bytes with a few times fewer instructions per weight (measured in bench/NOTES.md).
+and per group: scale d sum(q (hi + lo / 256)) + offset sum(a) (sum(a) exact; symmetric int4: scale (d sum(...)
+- 8 sum(a))). Against the float kernels this reads the same bytes with a few times fewer instructions per
+weight (bench/NOTES.md).
 
 Each program writes its partial sums to a float32 scratch ([SPLIT, N], plus the sum of squares of its x slice
 for RMSNorm); the last program of a row block to finish (a counter per block) adds the SPLIT partials in order,
@@ -33,7 +36,9 @@ import torch
 import triton
 import triton.language as tl
 
-from graph_executor.quant.formats import INT4_ZERO, Int4Groups
+from graph_executor.quant.formats import INT4_ZERO, Int4Groups, Int8Groups
+
+Packed = Int4Groups | Int8Groups
 
 
 @dataclass(frozen=True)
@@ -43,28 +48,33 @@ class SplitKConfig:
     num_warps: int = 4
 
 
-DEFAULT = SplitKConfig()
+DEFAULT = SplitKConfig()  # int4: 32 x 512 weights a program
+DEFAULT_INT8 = SplitKConfig(block_kw=128)  # int8: the same 512 weights of K, twice the bytes
 
 
 @dataclass(frozen=True)
 class SplitKPlan:
     """A config per projection of the decode step."""
 
-    qkv: SplitKConfig = DEFAULT
-    o: SplitKConfig = DEFAULT
-    gate_up: SplitKConfig = DEFAULT
-    down: SplitKConfig = DEFAULT
-    lm_head: SplitKConfig = DEFAULT
+    qkv: SplitKConfig
+    o: SplitKConfig
+    gate_up: SplitKConfig
+    down: SplitKConfig
+    lm_head: SplitKConfig
 
 
-def _split(k: int, cfg: SplitKConfig) -> int:
-    return triton.cdiv(k // 8, cfg.block_kw)
+def _per_word(w: Packed) -> int:
+    return 8 if isinstance(w, Int4Groups) else 4
 
 
-def scratch_floats(n: int, k: int, cfg: SplitKConfig) -> int:
-    """Float32 scratch one call over an [n, k] weight needs: partial sums and the RMSNorm sums of squares."""
-    split = _split(k, cfg)
-    return split * n + triton.cdiv(n, cfg.block_n) * split
+def _split(w: Packed, cfg: SplitKConfig) -> int:
+    return triton.cdiv(w.shape[1] // _per_word(w), cfg.block_kw)
+
+
+def scratch_floats(w: Packed, cfg: SplitKConfig) -> int:
+    """Float32 scratch one call over w needs: partial sums and the RMSNorm sums of squares."""
+    split = _split(w, cfg)
+    return split * w.shape[0] + triton.cdiv(w.shape[0], cfg.block_n) * split
 
 
 @dataclass(frozen=True)
@@ -76,52 +86,55 @@ class SplitKScratch:
     count: torch.Tensor  # int32 [blocks]
 
     @staticmethod
-    def allocate(shapes: list[tuple[int, int]], cfgs: list[SplitKConfig], device: torch.device) -> "SplitKScratch":
-        """Big enough for every (N, K) weight with its config."""
-        floats = max(scratch_floats(n, k, c) for (n, k), c in zip(shapes, cfgs, strict=True))
-        blocks = max(triton.cdiv(n, c.block_n) for (n, _), c in zip(shapes, cfgs, strict=True))
+    def allocate(weights: list[Packed], cfgs: list[SplitKConfig], device: torch.device) -> SplitKScratch:
+        """Big enough for every weight with its config."""
+        floats = max(scratch_floats(w, c) for w, c in zip(weights, cfgs, strict=True))
+        blocks = max(triton.cdiv(w.shape[0], c.block_n) for w, c in zip(weights, cfgs, strict=True))
         return SplitKScratch(torch.zeros(floats, device=device, dtype=torch.float32),
                              torch.zeros(blocks, device=device, dtype=torch.int32))
 
 
 @triton.jit
-def _dp4a(a, b, c, EMULATE: tl.constexpr):
-    """c + the dot product of a's four unsigned bytes with b's four signed bytes (int32 tensors)."""
+def _dp4a(a, b, c, SIGNED_A: tl.constexpr, EMULATE: tl.constexpr):
+    """c + the dot product of a's four bytes (signed or unsigned) with b's four signed bytes (int32 tensors)."""
     if EMULATE:
         for j in tl.static_range(4):
             ab = (a >> (8 * j)) & 0xFF
+            if SIGNED_A:
+                ab = ab - ((ab & 0x80) << 1)
             bb = (b >> (8 * j)) & 0xFF
             c += ab * (bb - ((bb & 0x80) << 1))
         return c
+    elif SIGNED_A:
+        return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+                                         is_pure=True, pack=1)
     else:
         return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
                                          is_pure=True, pack=1)
 
 
 @triton.jit
-def _pack(q, BLOCK_KW: tl.constexpr):
-    """int32 [n, group] values in -127..127, row-major over K -> int8x4 words of the even and the odd positions,
-    [BLOCK_KW] each (word kw holds positions 8kw + 2j, resp. 8kw + 2j + 1, in byte j)."""
-    even, odd = tl.split(tl.reshape(q, [BLOCK_KW, 4, 2]))
-    shifts = (tl.arange(0, 4) * 8)[None, :]
-    return tl.sum((even & 0xFF) << shifts, axis=1), tl.sum((odd & 0xFF) << shifts, axis=1)  # disjoint bytes
+def _bytes(q, shifts):
+    """int32 [..., 4] values in -127..127 -> int8x4 words [...] (disjoint bytes: the sum is an or)."""
+    return tl.sum((q & 0xFF) << shifts, axis=1)
 
 
 @triton.jit
-def _splitk_int4_kernel(codes_ptr, scale_ptr, offset_ptr, a_ptr, nw_ptr, b_ptr, out_ptr, part_ptr, count_ptr,
-                        N, K, eps, MODE: tl.constexpr, HAS_OFFSET: tl.constexpr, ZERO: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_KW: tl.constexpr, EMULATE: tl.constexpr):
+def _splitk_kernel(codes_ptr, scale_ptr, offset_ptr, a_ptr, nw_ptr, b_ptr, out_ptr, part_ptr, count_ptr, N, K, eps,
+                   MODE: tl.constexpr, HAS_OFFSET: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_KW: tl.constexpr, INT4: tl.constexpr, EMULATE: tl.constexpr):
     """MODE 0: out = W @ (rmsnorm(a) * nw) [+ b]; 1: out += W @ a; 2: out += W @ (silu(a[:K]) * a[K:])."""
-    WPG: tl.constexpr = GROUP // 8  # words per group
+    EPW: tl.constexpr = 8 if INT4 else 4  # weights per word
+    WPG: tl.constexpr = GROUP // EPW  # words per group
     NG: tl.constexpr = BLOCK_KW // WPG
     QGROUP: tl.constexpr = 32 if GROUP > 32 else GROUP  # the activation's quantization group
-    NQ: tl.constexpr = BLOCK_KW * 8 // QGROUP
+    NQ: tl.constexpr = BLOCK_KW * EPW // QGROUP
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    KW = tl.multiple_of(K // 8, WPG)  # a row is whole groups: 16-byte aligned for groups of 32
+    KW = tl.multiple_of(K // EPW, WPG)  # a row is whole groups: 16-byte aligned for groups of 32
     kws = pid_k * BLOCK_KW + tl.arange(0, BLOCK_KW)
     w = tl.load(codes_ptr + rows[:, None].to(tl.int64) * KW + kws[None, :],
                 mask=row_ok[:, None] & (kws < KW)[None, :], other=0)  # int32 [BLOCK_N, BLOCK_KW]
@@ -130,7 +143,7 @@ def _splitk_int4_kernel(codes_ptr, scale_ptr, offset_ptr, a_ptr, nw_ptr, b_ptr, 
     at = rows[:, None].to(tl.int64) * (K // GROUP) + g[None, :]
     s = tl.load(scale_ptr + at, mask=gmask, other=0.0).to(tl.float32)  # [BLOCK_N, NG]
     # this program's slice of the activation, float32 [NG, GROUP]
-    ka = pid_k * BLOCK_KW * 8 + tl.arange(0, BLOCK_KW * 8)
+    ka = pid_k * BLOCK_KW * EPW + tl.arange(0, BLOCK_KW * EPW)
     kok = ka < K
     a = tl.load(a_ptr + ka, mask=kok, other=0.0).to(tl.float32)
     if MODE == 0:
@@ -146,14 +159,22 @@ def _splitk_int4_kernel(codes_ptr, scale_ptr, offset_ptr, a_ptr, nw_ptr, b_ptr, 
     # two int8 digits: a ~= d (hi + lo / 256), |error| <= d / 512 (d = max|a| / 127)
     hi = tl.floor(a * inv[:, None] + 0.5)  # -127..127
     lo = tl.minimum(tl.maximum(tl.floor((a * inv[:, None] - hi) * 256.0 + 0.5), -127.0), 127.0)
-    hi_even, hi_odd = _pack(hi.to(tl.int32), BLOCK_KW)
-    lo_even, lo_odd = _pack(lo.to(tl.int32), BLOCK_KW)
-    # byte j of a code word holds weights 2j (low nibble) and 2j + 1 (high nibble) of the word's eight
-    q_even = w & 0x0F0F0F0F
-    q_odd = (w >> 4) & 0x0F0F0F0F
-    dot = _dp4a(q_odd, hi_odd[None, :], _dp4a(q_even, hi_even[None, :], tl.zeros_like(w), EMULATE), EMULATE)
-    dot = _dp4a(q_odd, lo_odd[None, :], _dp4a(q_even, lo_even[None, :], dot * 256, EMULATE), EMULATE)
-    qsum = tl.sum(tl.reshape(dot, [BLOCK_N, NQ, QGROUP // 8]), axis=2).to(tl.float32) * (amax / 32512.0)[None, :]
+    shifts = (tl.arange(0, 4) * 8)[None, :]
+    if INT4:
+        hi_even, hi_odd = tl.split(tl.reshape(hi.to(tl.int32), [BLOCK_KW, 4, 2]))  # positions 8kw + 2j (+ 1)
+        lo_even, lo_odd = tl.split(tl.reshape(lo.to(tl.int32), [BLOCK_KW, 4, 2]))
+        q_even = w & 0x0F0F0F0F  # byte j: weight 2j of the word's eight
+        q_odd = (w >> 4) & 0x0F0F0F0F  # weight 2j + 1
+        dot = _dp4a(q_odd, _bytes(hi_odd, shifts)[None, :],
+                    _dp4a(q_even, _bytes(hi_even, shifts)[None, :], tl.zeros_like(w), False, EMULATE), False, EMULATE)
+        dot = _dp4a(q_odd, _bytes(lo_odd, shifts)[None, :],
+                    _dp4a(q_even, _bytes(lo_even, shifts)[None, :], dot * 256, False, EMULATE), False, EMULATE)
+    else:
+        dot = _dp4a(w, _bytes(tl.reshape(hi.to(tl.int32), [BLOCK_KW, 4]), shifts)[None, :], tl.zeros_like(w), True,
+                    EMULATE)
+        dot = _dp4a(w, _bytes(tl.reshape(lo.to(tl.int32), [BLOCK_KW, 4]), shifts)[None, :], dot * 256, True,
+                    EMULATE)
+    qsum = tl.sum(tl.reshape(dot, [BLOCK_N, NQ, QGROUP // EPW]), axis=2).to(tl.float32) * (amax / 32512.0)[None, :]
     if NQ != NG:  # weight groups of several activation groups
         qsum = tl.sum(tl.reshape(qsum, [BLOCK_N, NG, NQ // NG]), axis=2)  # [BLOCK_N, NG]
     if HAS_OFFSET:
@@ -184,13 +205,15 @@ def _splitk_int4_kernel(codes_ptr, scale_ptr, offset_ptr, a_ptr, nw_ptr, b_ptr, 
 
 
 
-def _check(w: Int4Groups, scratch: SplitKScratch, cfg: SplitKConfig, vectors: dict[str, tuple[torch.Tensor, int]]) -> None:
-    if not isinstance(w, Int4Groups):
-        raise ValueError(f"expected Int4Groups weights, got {type(w).__name__}")
+def _check(w: Packed, scratch: SplitKScratch, cfg: SplitKConfig, vectors: dict[str, tuple[torch.Tensor, int]]) -> None:
+    if not isinstance(w, (Int4Groups, Int8Groups)):
+        raise ValueError(f"expected Int4Groups or Int8Groups weights, got {type(w).__name__}")
     n, k = w.shape
-    if cfg.block_kw % (w.group // 8) or w.group % 8:
-        raise ValueError(f"block_kw {cfg.block_kw} words does not hold whole groups of {w.group}")
-    if scratch.partial.numel() < scratch_floats(n, k, cfg) or scratch.count.numel() < triton.cdiv(n, cfg.block_n):
+    per_word = _per_word(w)
+    if w.group % per_word or cfg.block_kw % (w.group // per_word):
+        raise ValueError(f"block_kw {cfg.block_kw} words of {per_word} weights does not hold whole groups of "
+                         f"{w.group}")
+    if scratch.partial.numel() < scratch_floats(w, cfg) or scratch.count.numel() < triton.cdiv(n, cfg.block_n):
         raise ValueError(f"split-K scratch too small for a [{n}, {k}] weight with {cfg}")
     for name, (t, size) in vectors.items():
         if t.dim() != 1 or t.numel() != size or not t.is_contiguous() or t.device != w.device:
@@ -198,21 +221,22 @@ def _check(w: Int4Groups, scratch: SplitKScratch, cfg: SplitKConfig, vectors: di
                              f"{tuple(t.shape)} on {t.device}")
 
 
-def _launch(w: Int4Groups, a: torch.Tensor, nw: torch.Tensor | None, bias: torch.Tensor | None, out: torch.Tensor,
+def _launch(w: Packed, a: torch.Tensor, nw: torch.Tensor | None, bias: torch.Tensor | None, out: torch.Tensor,
             eps: float, mode: int, scratch: SplitKScratch, cfg: SplitKConfig) -> torch.Tensor:
     n, k = w.shape
-    split = _split(k, cfg)
+    split = _split(w, cfg)
+    int4 = isinstance(w, Int4Groups)
     offset = w.offset if w.offset is not None else w.scale  # unused when HAS_OFFSET is False
-    _splitk_int4_kernel[(triton.cdiv(n, cfg.block_n), split)](
+    _splitk_kernel[(triton.cdiv(n, cfg.block_n), split)](
         w.codes.view(torch.int32), w.scale, offset, a, nw if nw is not None else a, bias if bias is not None else out,
         out, scratch.partial, scratch.count, n, k, eps, MODE=mode, HAS_OFFSET=w.offset is not None,
-        ZERO=float(INT4_ZERO) if w.offset is None else 0.0, HAS_BIAS=bias is not None, SPLIT=split,
+        ZERO=float(INT4_ZERO) if int4 and w.offset is None else 0.0, HAS_BIAS=bias is not None, SPLIT=split,
         SPLIT_P2=triton.next_power_of_2(split), GROUP=w.group, BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw,
-        EMULATE=not w.codes.is_cuda, num_warps=cfg.num_warps, num_stages=1)
+        INT4=int4, EMULATE=not w.codes.is_cuda, num_warps=cfg.num_warps, num_stages=1)
     return out
 
 
-def rmsnorm_gemv(w: Int4Groups, x: torch.Tensor, norm_w: torch.Tensor, eps: float, out: torch.Tensor,
+def rmsnorm_gemv(w: Packed, x: torch.Tensor, norm_w: torch.Tensor, eps: float, out: torch.Tensor,
                  scratch: SplitKScratch, bias: torch.Tensor | None = None, cfg: SplitKConfig = DEFAULT) -> torch.Tensor:
     """w [N, K], x [K], norm_w [K], bias [N] or None -> out [N] = W @ (rmsnorm(x) * norm_w) [+ bias]."""
     n, k = w.shape
@@ -223,7 +247,7 @@ def rmsnorm_gemv(w: Int4Groups, x: torch.Tensor, norm_w: torch.Tensor, eps: floa
     return _launch(w, x, norm_w, bias, out, eps, 0, scratch, cfg)
 
 
-def gemv_residual(w: Int4Groups, a: torch.Tensor, x: torch.Tensor, scratch: SplitKScratch,
+def gemv_residual(w: Packed, a: torch.Tensor, x: torch.Tensor, scratch: SplitKScratch,
                   cfg: SplitKConfig = DEFAULT) -> torch.Tensor:
     """x [N] += w [N, K] @ a [K], in place."""
     n, k = w.shape
@@ -231,7 +255,7 @@ def gemv_residual(w: Int4Groups, a: torch.Tensor, x: torch.Tensor, scratch: Spli
     return _launch(w, a, None, None, x, 0.0, 1, scratch, cfg)
 
 
-def silu_gemv_residual(w: Int4Groups, gate_up: torch.Tensor, x: torch.Tensor, scratch: SplitKScratch,
+def silu_gemv_residual(w: Packed, gate_up: torch.Tensor, x: torch.Tensor, scratch: SplitKScratch,
                        cfg: SplitKConfig = DEFAULT) -> torch.Tensor:
     """x [N] += w [N, K] @ (silu(gate_up[:K]) * gate_up[K:]), in place."""
     n, k = w.shape
