@@ -100,6 +100,38 @@ def test_gemm_matches_float64_matmul(case, tokens) -> None:
     assert_margins(buf, n, float("nan"))
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_dequantize_gives_the_formats_values(case) -> None:
+    """The dense weights a long prompt's GEMM reads: bit for bit the format's float32 dequantization, and that
+    rounded once in float16."""
+    n, k = 37, k_for(case)
+    w = packed_case(case, n, k, seed=sum(map(ord, case)))
+    want = w.to("cpu").dequantize(torch.float32)
+    for dtype in (torch.float32, torch.float16):
+        out = torch.full((n, k), float("nan"), device=DEVICE, dtype=dtype)
+        assert gemm_lowbit.dequantize(w, out, block_r=16, block_k=64) is out
+        assert torch.equal(out.cpu(), want.to(dtype))
+
+
+@pytest.mark.parametrize("epilogue", ["plain", "bias", "accumulate"])
+def test_long_prompts_multiply_dequantized_weights(epilogue) -> None:
+    """kernels/projections.matmul from DEQUANTIZE_ROWS rows (the dense GEMM over dequantized weights) and below
+    (the low-bit GEMM): the same product either way."""
+    from graph_executor.kernels import projections
+
+    n, k = 21, 96
+    w = packed_case("int4-offset-g32-f16", n, k, seed=11)
+    gen = torch.Generator().manual_seed(12)
+    for tokens in (projections.DEQUANTIZE_ROWS - 1, projections.DEQUANTIZE_ROWS):
+        x, base, bias = (torch.randn(tokens, k, generator=gen), torch.randn(tokens, n, generator=gen),
+                         torch.randn(n, generator=gen))
+        out = base.clone().to(DEVICE)
+        ref = reference(x, w, bias if epilogue == "bias" else None)
+        projections.matmul(x.to(DEVICE), w, out, bias=bias.to(DEVICE) if epilogue == "bias" else None,
+                           accumulate=epilogue == "accumulate")
+        assert_matches(out, ref + base.double() if epilogue == "accumulate" else ref, 1e-5)
+
+
 @pytest.mark.parametrize("epilogue", ["bias", "accumulate"])
 @pytest.mark.parametrize("case", ["int4-offset-g32-f16", "int4-sym-g16-f32", "int8-offset-g16-f32", "fp8"])
 def test_gemm_bias_and_accumulate(case, epilogue) -> None:

@@ -3,6 +3,7 @@ Int8Groups, Fp8Rows):
 
 - `gemm`:      out = x @ W^T [+ bias], or out += x @ W^T (the residual add of o_proj / down_proj)
 - `embedding`: out[t] = W[ids[t]] (a packed token-embedding table, decode and prefill)
+- `dequantize`: the dense weights, for a long prompt's dense GEMM (kernels/projections.py chooses)
 
 `gemm` is tiled like a plain Triton matmul: a program owns a BLOCK_M x BLOCK_N output tile and walks K in
 BLOCK_K steps (whole groups, or a part of one: both are powers of two); each step loads the codes of a
@@ -158,6 +159,25 @@ def _gemm_kernel(x_ptr, codes_ptr, scale_ptr, offset_ptr, b_ptr, out_ptr, M, N, 
 
 
 @triton.jit
+def _dequantize_kernel(codes_ptr, scale_ptr, offset_ptr, out_ptr, N, K, FORMAT: tl.constexpr,
+                       HAS_OFFSET: tl.constexpr, ZERO: tl.constexpr, GROUP: tl.constexpr, STEP_GROUP: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    row_ok = rows < N
+    k0 = tl.program_id(1) * BLOCK_K
+    dtype = out_ptr.dtype.element_ty
+    if FORMAT == 2:  # FP8: the codes times the row's scale, rounded once
+        w = _weight_tile(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, k0, K, FORMAT, HAS_OFFSET, ZERO, GROUP,
+                         STEP_GROUP, BLOCK_R, BLOCK_K, tl.float32)
+        w = (w * tl.load(scale_ptr + rows, mask=row_ok, other=0.0)[:, None]).to(dtype)
+    else:
+        w = _weight_tile(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, k0, K, FORMAT, HAS_OFFSET, ZERO, GROUP,
+                         STEP_GROUP, BLOCK_R, BLOCK_K, dtype)
+    cols = k0 + tl.arange(0, BLOCK_K)
+    tl.store(out_ptr + rows[:, None] * K + cols[None, :], w, mask=row_ok[:, None] & (cols < K)[None, :])
+
+
+@triton.jit
 def _embedding_kernel(codes_ptr, scale_ptr, offset_ptr, ids_ptr, out_ptr, T, V, K, stride_om,
                       FORMAT: tl.constexpr, HAS_OFFSET: tl.constexpr, ZERO: tl.constexpr, GROUP: tl.constexpr,
                       STEP_GROUP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -251,4 +271,16 @@ def embedding(w: PackedWeight, ids: torch.Tensor, out: torch.Tensor,
     # is memory-bound, the separate multiply and add cost nothing)
     _embedding_kernel[grid](*fmt_ptrs, ids, out, t, v, k, out.stride(0), **fmt, BLOCK_T=cfg.block_t,
                             BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, enable_fp_fusion=False)
+    return out
+
+
+def dequantize(w: PackedWeight, out: torch.Tensor, block_r: int = 16, block_k: int = 256) -> torch.Tensor:
+    """out [N, K] (float16, bfloat16 or float32) = the weights w holds, each formed in float32 and rounded once
+    (Fp8Rows: code * row scale). For long prompts, where a dense GEMM on tensor cores beats the low-bit one."""
+    _check_weight(w)
+    n, k = w.shape
+    _check_matrix("out", out, (n, k), w.device, ACT_DTYPES)
+    fmt_ptrs, fmt = _weights(w, block_k)
+    _dequantize_kernel[(triton.cdiv(n, block_r), triton.cdiv(k, block_k))](*fmt_ptrs, out, n, k, **fmt,
+                                                                           BLOCK_R=block_r, BLOCK_K=block_k)
     return out

@@ -68,11 +68,19 @@ def silu_gemv_residual(w: Weight, gate_up: torch.Tensor, x: torch.Tensor,
     return gemv.silu_gemv_residual(w, gate_up, x, cfg.dense)
 
 
+# Prompt rows from which a packed weight is dequantized to x's dtype (a temporary the size of one projection) for
+# cuBLAS, rather than multiplied by the low-bit GEMM: on an H200 the tensor-core GEMM over float16 plus one pass
+# that reads the codes and writes the weights beats the low-bit GEMM from a few dozen rows (bench/NOTES.md).
+DEQUANTIZE_ROWS = 64
+
+
 def matmul(x: torch.Tensor, w: Weight, out: torch.Tensor, bias: torch.Tensor | None = None,
            accumulate: bool = False) -> torch.Tensor:
     """Prefill projection: out [T, N] = x [T, K] @ W^T (+ bias), or out += x @ W^T (a residual add)."""
     if not isinstance(w, torch.Tensor):
-        return gemm_lowbit.gemm(x, w, out, bias=bias, accumulate=accumulate)
+        if x.shape[0] < DEQUANTIZE_ROWS:
+            return gemm_lowbit.gemm(x, w, out, bias=bias, accumulate=accumulate)
+        w = gemm_lowbit.dequantize(w, torch.empty(w.shape, dtype=x.dtype, device=x.device))  # [N, K]
     if accumulate:
         return out.addmm_(x, w.t())
     if bias is not None:
