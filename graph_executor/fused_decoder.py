@@ -14,6 +14,7 @@ from graph_executor.kernels.projections import (
     ProjectionConfig,
     embedding,
     gemv_residual,
+    packed_config,
     rmsnorm_gemv,
     silu_gemv_residual,
 )
@@ -69,8 +70,8 @@ class FusedDecoder:
         # packed int4/int8 slots run split-K kernels that share one scratch (one after another on one stream)
         slots = [(getattr(layer, f"{name}_proj"), name) for layer in model.layers
                  for name in ("qkv", "o", "gate_up", "down")] + [(model.lm_head, "lm_head")]
-        packed = [(w, self.plan[name].int4 if isinstance(w, Int4Groups) else self.plan[name].int8)
-                  for w, name in slots if isinstance(w, (Int4Groups, Int8Groups))]
+        packed = [(w, packed_config(w, self.plan[name])) for w, name in slots
+                  if isinstance(w, (Int4Groups, Int8Groups))]
         self.scratch = (SplitKScratch.allocate([w for w, _ in packed], [c for _, c in packed], device)
                         if packed else None)
 

@@ -44,7 +44,7 @@ Packed = Int4Groups | Int8Groups
 @dataclass(frozen=True)
 class SplitKConfig:
     block_n: int = 32  # output rows per program
-    block_kw: int = 64  # 32-bit words (8 weights each) of K per program
+    block_kw: int = 64  # 32-bit words of codes (8 int4 or 4 int8 weights each) along K per program
     num_warps: int = 4
 
 
@@ -202,7 +202,6 @@ def _splitk_kernel(codes_ptr, scale_ptr, offset_ptr, a_ptr, nw_ptr, b_ptr, out_p
             total += tl.load(out_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=row_ok)
         tl.atomic_xchg(count_ptr + pid_n, 0)
-
 
 
 def _check(w: Packed, scratch: SplitKScratch, cfg: SplitKConfig, vectors: dict[str, tuple[torch.Tensor, int]]) -> None:

@@ -1,7 +1,8 @@
 """One entry per projection kind of the fused steps, whatever the weight's storage: dense weights go to the
 fp16 GEMVs (`gemv.py`) and cuBLAS, `Int4Groups` and `Int8Groups` to the split-K dp4a GEMVs (`gemv_splitk.py`), FP8
-rows to the fp16 GEMVs with a per-row scale, and packed weights in prefill to the low-bit GEMM
-(`gemm_lowbit.py`). The fused decoder and prefill call only these, so a model may mix formats per slot.
+rows to the fp16 GEMVs with a per-row scale, and packed weights in prefill to the low-bit GEMM (`gemm_lowbit.py`)
+for short prompts, to cuBLAS over a dequantized copy for long ones (`matmul`). The fused decoder and prefill call
+only these, so a model may mix formats per slot.
 
 Each decode projection takes a `ProjectionConfig`: a block config per format, and packed int4/int8 weights a
 `SplitKScratch` (the decoder owns one; without it a call allocates its own, which is fine outside CUDA graphs).
@@ -27,9 +28,14 @@ class ProjectionConfig:
     fp8: gemv.GemvConfig = gemv.DEFAULT  # the fp16 kernel over 1-byte codes
 
 
+def packed_config(w: Int4Groups | Int8Groups, plan: ProjectionConfig) -> SplitKConfig:
+    """The split-K config a packed int4/int8 weight runs with (what a decoder sizes its scratch by)."""
+    return plan.int4 if isinstance(w, Int4Groups) else plan.int8
+
+
 def _packed(w: Int4Groups | Int8Groups, plan: ProjectionConfig,
             scratch: SplitKScratch | None) -> tuple[SplitKConfig, SplitKScratch]:
-    cfg = plan.int4 if isinstance(w, Int4Groups) else plan.int8
+    cfg = packed_config(w, plan)
     return cfg, scratch if scratch is not None else SplitKScratch.allocate([w], [cfg], w.device)
 
 
