@@ -1,7 +1,8 @@
 """GPU measurement of the packed decode GEMVs (graph_executor/kernels/projections.py) on LLaMA-2-7B's
 decode projections: for fp16 (the shipped kernels), int8 and int4 (groups of 32), each projection over all 32
-layers' weights in one CUDA graph (no L2 reuse), a few block configs each; read bandwidth = bytes the format
-reads (codes + scales + offsets) / time, and the best config's time per layer-stack against the fp16 one.
+layers' weights in one CUDA graph (no L2 reuse); fp16 and fp8 (the fp16 kernels) over a few block configs each,
+int4 and int8 with the decoder's split-K config for the projection (`bench/probes/int4_splitk.py` sweeps those);
+read bandwidth = bytes the format reads (codes + scales + offsets) / time.
 
     python -m bench.probes.lowbit_gemv [--layers 32] [--out DIR]
 """
@@ -15,8 +16,10 @@ from pathlib import Path
 import torch
 
 from bench.floors import measure_device, time_gpu
+from graph_executor.fused_decoder import INT4_PLAN, INT8_PLAN
 from graph_executor.kernels import projections
 from graph_executor.kernels.gemv import GemvConfig
+from graph_executor.kernels.gemv_splitk import SplitKConfig, SplitKScratch
 from graph_executor.kernels.projections import ProjectionConfig
 from graph_executor.quant.formats import quantize_fp8, quantize_int4, quantize_int8
 
@@ -34,14 +37,24 @@ def _nbytes(w) -> int:
     return w.nbytes
 
 
-def _op(name: str, fmt: str, w, vecs: dict, cfg: GemvConfig):
-    """The decode step's kernel for this projection, through kernels/projections.py as the decoder calls it."""
-    pc = ProjectionConfig(dense=cfg, fp8=cfg)  # int4, int8: the split-K defaults (int4_splitk.py sweeps them)
+def _configs(name: str, fmt: str) -> list:
+    """fp16 / fp8: the sweep; int4 / int8: the decoder's split-K config for this projection."""
+    if fmt in ("int4", "int8"):
+        return [getattr(INT4_PLAN if fmt == "int4" else INT8_PLAN, name)]
+    return CONFIGS
+
+
+def _op(name: str, w, vecs: dict, cfg: GemvConfig | SplitKConfig, scratch: SplitKScratch | None):
+    """The decode step's kernel for this projection, through kernels/projections.py as the decoder calls it (packed
+    weights share one split-K scratch, as in the decoder)."""
+    pc = (ProjectionConfig(int4=cfg, int8=cfg) if isinstance(cfg, SplitKConfig)
+          else ProjectionConfig(dense=cfg, fp8=cfg))
     if name in ("qkv", "gate_up"):
-        return lambda: projections.rmsnorm_gemv(w, vecs["x"], vecs["nw"], 1e-5, vecs[f"out_{name}"], cfg=pc)
+        return lambda: projections.rmsnorm_gemv(w, vecs["x"], vecs["nw"], 1e-5, vecs[f"out_{name}"], cfg=pc,
+                                                scratch=scratch)
     if name == "o":
-        return lambda: projections.gemv_residual(w, vecs["a"], vecs["r"], cfg=pc)
-    return lambda: projections.silu_gemv_residual(w, vecs["gu"], vecs["r"], cfg=pc)
+        return lambda: projections.gemv_residual(w, vecs["a"], vecs["r"], cfg=pc, scratch=scratch)
+    return lambda: projections.silu_gemv_residual(w, vecs["gu"], vecs["r"], cfg=pc, scratch=scratch)
 
 
 def _make(fmt: str, w: torch.Tensor):
@@ -76,9 +89,11 @@ def main() -> None:
                 del w
             total = sum(_nbytes(w) for w in weights)
             best = None
-            for cfg in CONFIGS:
+            for cfg in _configs(name, fmt):
                 try:
-                    ops = [_op(name, fmt, w, vecs, cfg) for w in weights]
+                    scratch = (SplitKScratch.allocate([weights[0]], [cfg], dev) if isinstance(cfg, SplitKConfig)
+                               else None)
+                    ops = [_op(name, w, vecs, cfg, scratch) for w in weights]
                     for op in ops:
                         op()
                     graph = torch.cuda.CUDAGraph()
