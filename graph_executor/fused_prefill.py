@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from graph_executor.kernels.projections import embedding, matmul, rmsnorm_gemv
+from graph_executor.kernels.projections import embedding, matmul, prefill_scratch, rmsnorm_gemv
 from graph_executor.kernels.rope_append import rope_append
 from graph_executor.kernels.rows import rmsnorm_rows, silu_mul_rows
 from graph_executor.model import LlamaModel
@@ -31,6 +31,9 @@ class FusedPrefill:
         self.gate_up = empty(max_tokens, 2 * cfg.intermediate_size)
         self.act = empty(max_tokens, cfg.intermediate_size)
         self.key_pos = torch.arange(model.max_context, device=device)
+        # split-K partials of the low-bit GEMM for short prompts (None when no projection is packed)
+        self.scratch = prefill_scratch([w for layer in model.layers for w in (
+            layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)], max_tokens, device)
 
     @torch.inference_mode()
     def run(self, ids: torch.Tensor, positions: torch.Tensor, logits_index: torch.Tensor, logits: torch.Tensor,
@@ -53,17 +56,18 @@ class FusedPrefill:
         for index, layer in enumerate(m.layers):
             cache = m.kv_cache[index]  # [2, nkv, C, hd]
             rmsnorm_rows(x, layer.attn_norm, eps, h)
-            matmul(h, layer.qkv_proj, qkv, bias=layer.qkv_bias)
+            matmul(h, layer.qkv_proj, qkv, bias=layer.qkv_bias, scratch=self.scratch)
             rope_append(qkv, positions, m.rope, q, cache[0], cache[1], cfg.num_heads, cfg.num_kv_heads,
                         cfg.head_dim)
             span = t if kv_len is None else kv_len
             out = F.scaled_dot_product_attention(
                 q.transpose(0, 1)[None], cache[0, :, :span][None], cache[1, :, :span][None], attn_mask=mask,
                 is_causal=mask is None, enable_gqa=True)  # [1, nh, T, hd]
-            matmul(out[0].transpose(0, 1).reshape(t, cfg.q_size), layer.o_proj, x, accumulate=True)
+            attn = out[0].transpose(0, 1).reshape(t, cfg.q_size)  # [T, nh * hd]
+            matmul(attn, layer.o_proj, x, accumulate=True, scratch=self.scratch)
             rmsnorm_rows(x, layer.mlp_norm, eps, h)
-            matmul(h, layer.gate_up_proj, gate_up)
+            matmul(h, layer.gate_up_proj, gate_up, scratch=self.scratch)
             silu_mul_rows(gate_up, act)
-            matmul(act, layer.down_proj, x, accumulate=True)
+            matmul(act, layer.down_proj, x, accumulate=True, scratch=self.scratch)
         last = x.index_select(0, logits_index)  # [1, H]
         return rmsnorm_gemv(m.lm_head, last[0], m.norm, eps, logits)

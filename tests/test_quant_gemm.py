@@ -18,6 +18,7 @@ triton = pytest.importorskip("triton")
 
 from graph_executor.kernels import gemm_lowbit  # noqa: E402
 from graph_executor.kernels.gemm_lowbit import EmbeddingConfig, GemmConfig  # noqa: E402
+from graph_executor.kernels.gemv_splitk import SplitKScratch  # noqa: E402
 from graph_executor.quant.formats import (  # noqa: E402
     Int4Groups,
     Int8Groups,
@@ -55,8 +56,9 @@ def k_for(case: str) -> int:
 
 
 def cpu_config(case: str) -> GemmConfig:
-    """Small tiles (the interpreter is slow), a ragged last K step of whole groups."""
-    return GemmConfig(block_m=16, block_n=16, block_k=256 if "g128" in case else 64, num_stages=1)
+    """Small tiles (the interpreter is slow), K split over two programs of one step each, the second ragged (whole
+    groups)."""
+    return GemmConfig(block_n=16, block_t=16, block_k=256 if "g128" in case else 64, split=2, num_stages=1)
 
 
 def reference(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -87,7 +89,7 @@ def assert_margins(buf: torch.Tensor, n: int, fill: float) -> None:
 
 # -------------------------------------------------------------------------------------------------------- gemm
 
-@pytest.mark.parametrize("tokens", [1, 3, 17])  # 17: two BLOCK_M = 16 row blocks, the second nearly empty
+@pytest.mark.parametrize("tokens", [1, 3, 17])  # 17: two BLOCK_T = 16 token blocks, the second nearly empty
 @pytest.mark.parametrize("case", CASES)
 def test_gemm_matches_float64_matmul(case, tokens) -> None:
     n, k = 37, k_for(case)  # N not a multiple of BLOCK_N = 16
@@ -95,9 +97,12 @@ def test_gemm_matches_float64_matmul(case, tokens) -> None:
     w = packed_case(case, n, k, seed)
     x = torch.randn(tokens, k, generator=torch.Generator().manual_seed(seed + 1))
     buf, out = wide_out(tokens, n, torch.float32, float("nan"))
-    assert gemm_lowbit.gemm(x.to(DEVICE), w, out, cfg=cpu_config(case)) is out
+    cfg = cpu_config(case)
+    scratch = SplitKScratch.zeros(*gemm_lowbit.scratch_size(tokens, n, k, cfg), DEVICE)
+    assert gemm_lowbit.gemm(x.to(DEVICE), w, out, cfg=cfg, scratch=scratch) is out
     assert_matches(out, reference(x, w), 1e-5)
     assert_margins(buf, n, float("nan"))
+    assert not scratch.count.any()  # the last program of each tile reset its counter
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -153,15 +158,20 @@ def test_gemm_bias_and_accumulate(case, epilogue) -> None:
     assert_margins(buf, n, -3.0)
 
 
-@pytest.mark.parametrize("tile", range(len(gemm_lowbit.TILE_CONFIGS)))
+# the shapes of default_config's choices (64 rows, 16..64 tokens, BLOCK_K 128, split 1..8) and a 3-way split
+TILES = [GemmConfig(64, 64, 128, 1), GemmConfig(64, 16, 128, 8), GemmConfig(64, 32, 128, 2), GemmConfig(16, 32, 32, 3)]
+
+
+@pytest.mark.parametrize("tile", range(len(TILES)))
 def test_gemm_default_tile_configs(tile) -> None:
-    """Each tile default_config picks from (group 128 above BLOCK_K for some, below for others), T = 40."""
-    case = ["int4-offset-g128-f32", "int8-sym-g32-f16", "fp8"][tile % 3]
+    """Tiles of the shipped shapes (group 128 above BLOCK_K for some, below for others), T = 40; a split larger
+    than K's steps runs as fewer programs."""
+    case = ["int4-offset-g128-f32", "int8-sym-g32-f16", "fp8", "int4-sym-g16-f32"][tile]
     n, k, tokens = 70, 256, 40
     w = packed_case(case, n, k, seed=tile)
     x = torch.randn(tokens, k, generator=torch.Generator().manual_seed(tile + 1))
     out = torch.full((tokens, n), float("nan"), device=DEVICE)
-    gemm_lowbit.gemm(x.to(DEVICE), w, out, cfg=gemm_lowbit.TILE_CONFIGS[tile])
+    gemm_lowbit.gemm(x.to(DEVICE), w, out, cfg=TILES[tile])
     assert_matches(out, reference(x, w), 1e-5)
 
 
@@ -191,19 +201,26 @@ def test_gemm_block_k_below_the_group(case) -> None:
     w = packed_case(case, n, k, seed=11)
     x = torch.randn(tokens, k, generator=torch.Generator().manual_seed(12))
     out = torch.full((tokens, n), float("nan"), device=DEVICE)
-    gemm_lowbit.gemm(x.to(DEVICE), w, out, cfg=GemmConfig(block_m=16, block_n=16, block_k=32, num_stages=1))
+    gemm_lowbit.gemm(x.to(DEVICE), w, out, cfg=GemmConfig(block_n=16, block_t=16, block_k=32, split=4, num_stages=1))
     assert_matches(out, reference(x, w), 1e-5)
 
 
 def test_default_config_fills_the_gpu_without_padding_tokens() -> None:
-    for tokens in (1, 3, 16, 17, 64, 100, 512, 4096):
-        for n in (64, 4096, 22016):
-            cfg = gemm_lowbit.default_config(tokens, n)
-            assert cfg in gemm_lowbit.TILE_CONFIGS
-            assert cfg.block_m == 16 or cfg.block_m < 2 * tokens  # at most T rounded up to a power of two
-    # 7B shapes (H200 sweep): few tokens get narrow tiles, many tokens on a wide projection the largest
-    assert gemm_lowbit.default_config(16, 4096).block_m == 16
-    assert gemm_lowbit.default_config(512, 22016).block_m == 256
+    for tokens in (1, 3, 16, 17, 64, 100, 127):
+        for n, k in ((64, 64), (4096, 4096), (12288, 4096), (22016, 4096), (4096, 11008)):
+            cfg = gemm_lowbit.default_config(tokens, n, k)
+            assert cfg.block_t == 16 or cfg.block_t < 2 * tokens  # at most T rounded up to a power of two
+            programs = triton.cdiv(n, cfg.block_n) * triton.cdiv(tokens, cfg.block_t) * cfg.split
+            target = gemm_lowbit.TARGET_PROGRAMS[cfg.block_t]
+            assert cfg.split == 1 or programs <= target
+            assert cfg.split <= max(1, triton.cdiv(k, cfg.block_k))
+            # one more split would pass the target, the cap, or K's steps
+            assert (2 * programs > target or cfg.split == gemm_lowbit.MAX_SPLIT
+                    or 2 * cfg.split > triton.cdiv(k, cfg.block_k))
+    # LLaMA-2-7B's qkv, o, gate_up, down (H200 sweep, bench/probes/lowbit_gemm_swap.py)
+    shapes = ((12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008))
+    assert [gemm_lowbit.default_config(16, n, k).split for n, k in shapes] == [8, 8, 4, 8]
+    assert [gemm_lowbit.default_config(64, n, k).split for n, k in shapes] == [2, 4, 1, 4]
 
 
 # --------------------------------------------------------------------------------------------------- embedding
@@ -257,8 +274,10 @@ def test_gemm_rejects_bad_input() -> None:
             gemm_lowbit.gemm(**({"x": x, "w": w, "out": out} | kwargs))
     with pytest.raises(ValueError, match="^w: expected Int4Groups"):
         gemm_lowbit.gemm(x, torch.zeros(16, 64, device=DEVICE), out)
-    with pytest.raises(ValueError, match="block_m 24"):
-        GemmConfig(block_m=24)
+    with pytest.raises(ValueError, match="block_t 24"):
+        GemmConfig(block_t=24)
+    with pytest.raises(ValueError, match="^scratch: "):
+        gemm_lowbit.gemm(x, w, out, cfg=GemmConfig(16, 16, 32, 2), scratch=SplitKScratch.zeros(16, 1, DEVICE))
     with pytest.raises(ValueError, match="EmbeddingConfig"):
         EmbeddingConfig(block_k=96)
     if DEVICE.type == "cpu":
@@ -356,10 +375,12 @@ def test_gemm_replays_in_a_cuda_graph(case) -> None:
     x = torch.randn(tokens, k, device="cuda", dtype=torch.float16)
     buf = torch.zeros(tokens, 3 * n, device="cuda", dtype=torch.float16)
     out = buf[:, n:2 * n]
-    gemm_lowbit.gemm(x, w, out)  # compile outside the capture
+    scratch = SplitKScratch.zeros(*gemm_lowbit.scratch_size(tokens, n, k, gemm_lowbit.default_config(tokens, n, k)),
+                                  DEVICE)
+    gemm_lowbit.gemm(x, w, out, scratch=scratch)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        gemm_lowbit.gemm(x, w, out)
+        gemm_lowbit.gemm(x, w, out, scratch=scratch)
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.cuda.synchronize()

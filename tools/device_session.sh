@@ -5,7 +5,8 @@
 #
 #   run: bash tools/device_session.sh [tests|bench|probe|profile|quant|gemv ...]   (default: the first three, ~6-7 min)
 #   quant: the packed-weight tests and `bench --quantize none,int8,int4,fp8` on dummy:llama-2-7b (executor, ~3 min);
-#   gemv: the low-bit GEMV block sweep per projection and format (~1 min). The SmolLM2 Q4_1 cuda test and the
+#   gemv: the low-bit GEMV block sweep per projection and format (~1 min); gemm: the low-bit prefill GEMM's default
+#   configs against torch.mm per projection, format and prompt length (~1 min). The SmolLM2 Q4_1 cuda test and the
 #   quality report need the 94 MiB GGUF: split it in two (split -b 48M), carry one half per call while the
 #   machine is warm, `cat` them into /tmp and export HYBRIDRT_TEST_GGUF (see bench/NOTES.md, issue 10).
 set -uo pipefail
@@ -35,9 +36,12 @@ for step in "${steps[@]}"; do
              --context-steps 32 --decode-tokens 128 --decode-prompt-len 50 --timeout 150 \
              --quantize none,int8,int4,fp8 --out "$OUT/formats" > "$OUT/formats.log" 2>&1
            echo "formats bench: rc=$?"; rm -rf "$OUT"/formats/*/logs; cat "$OUT/formats/formats.md" ;;
+    gemm) timeout 240 python3 -m bench.probes.lowbit_gemm --tokens 16,32,64,127,128,512 --out "$OUT/gemm" \
+            > "$OUT/gemm.log" 2>&1
+          echo "gemm probe: rc=$?"; cat "$OUT/gemm.log" ;;
     gemv) timeout 300 python3 -m bench.probes.lowbit_gemv --out "$OUT/gemv" > "$OUT/gemv.log" 2>&1
           echo "gemv sweep: rc=$?"; cat "$OUT/gemv.log" ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemv)"; exit 2 ;;
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv)"; exit 2 ;;
   esac
 done
 [ -f "$OUT/run/results.md" ] && sed -n '/^## TTFT/,/^## Two-process/p' "$OUT/run/results.md" | head -60

@@ -21,6 +21,7 @@ import torch
 from bench.floors import time_gpu
 from graph_executor.kernels import gemm_lowbit
 from graph_executor.kernels.gemm_lowbit import GemmConfig
+from graph_executor.kernels.gemv_splitk import SplitKScratch
 from graph_executor.quant.formats import quantize_fp8, quantize_int4, quantize_int8
 
 H, I = 4096, 11008  # LLaMA-2-7B
@@ -28,11 +29,9 @@ SHAPES = {"qkv": (3 * H, H), "o": (H, H), "gate_up": (2 * I, H), "down": (H, I)}
 FORMATS = ("fp16", "int4", "int8", "fp8")
 L2_FLUSH_BYTES = 256 * 1024**2  # over 4x the H200's 60 MB L2
 MAX_COPIES = 32
-SWEEP = [GemmConfig(*c) for c in [  # (block_m, block_n, block_k, group_m, num_warps, num_stages)
-    (16, 32, 128, 8, 4, 4), (16, 64, 128, 8, 4, 4), (16, 32, 256, 8, 4, 3), (32, 64, 128, 8, 4, 4),
-    (32, 32, 128, 8, 4, 4), (64, 64, 64, 8, 4, 4), (64, 64, 32, 8, 4, 4), (128, 64, 64, 8, 4, 3),
-    (128, 64, 32, 8, 4, 4), (64, 128, 64, 8, 4, 3), (128, 128, 64, 8, 8, 3), (128, 128, 32, 8, 8, 4),
-    (256, 128, 64, 8, 8, 3)]]
+SWEEP = [GemmConfig(*c) for c in [  # (block_n, block_t, block_k, split, num_warps, num_stages)
+    (64, bt, bk, split, 4, 3) for bt in (16, 32, 64) for bk in (64, 128, 256) for split in (1, 2, 4, 8)]]
+SCRATCH_FLOATS = 64 * 1024**2  # enough for every config above at T <= 512 on these shapes
 
 
 def _quantize(fmt: str, w: torch.Tensor):
@@ -44,10 +43,10 @@ def _nbytes(w) -> int:
     return w.numel() * w.element_size() if isinstance(w, torch.Tensor) else w.nbytes
 
 
-def _op(w, x: torch.Tensor, out: torch.Tensor, cfg: GemmConfig | None):
+def _op(w, x: torch.Tensor, out: torch.Tensor, cfg: GemmConfig | None, scratch: SplitKScratch | None = None):
     if isinstance(w, torch.Tensor):
         return lambda: torch.mm(x, w.t(), out=out)
-    return lambda: gemm_lowbit.gemm(x, w, out, cfg=cfg)
+    return lambda: gemm_lowbit.gemm(x, w, out, cfg=cfg, scratch=scratch)
 
 
 def _rel_error(w, x: torch.Tensor, out: torch.Tensor) -> float:
@@ -56,9 +55,11 @@ def _rel_error(w, x: torch.Tensor, out: torch.Tensor) -> float:
     return float(((out.double() - ref).abs() / torch.maximum(ref.abs(), ref.pow(2).mean().sqrt())).max())
 
 
-def _time(weights: list, x: torch.Tensor, out: torch.Tensor, cfg: GemmConfig | None, reps: int) -> float:
-    """ms per projection: one graph runs it over every copy of the weights."""
-    ops = [_op(w, x, out, cfg) for w in weights]
+def _time(weights: list, x: torch.Tensor, out: torch.Tensor, cfg: GemmConfig | None, reps: int,
+          scratch: SplitKScratch | None = None) -> float:
+    """ms per projection: one graph runs it over every copy of the weights (one shared split-K scratch, as in the
+    prefill step: a call without one would add an allocation and a memset to each)."""
+    ops = [_op(w, x, out, cfg, scratch) for w in weights]
     for op in ops:  # compile and warm up outside the capture
         op()
     graph = torch.cuda.CUDAGraph()
@@ -69,9 +70,9 @@ def _time(weights: list, x: torch.Tensor, out: torch.Tensor, cfg: GemmConfig | N
 
 
 def _candidates(w, tokens: int) -> list[GemmConfig]:
-    """Sweep configs this weight accepts (block_k a multiple of its group) and T can fill (block_m <= 2 T)."""
+    """Sweep configs this weight accepts (block_k a multiple of its group) and T can fill (block_t <= 2 T)."""
     group = getattr(w, "group", 1)
-    return [c for c in SWEEP if c.block_k % group == 0 and c.block_m <= max(16, 2 * tokens)]
+    return [c for c in SWEEP if c.block_k % group == 0 and c.block_t <= max(16, 2 * tokens)]
 
 
 def main() -> None:
@@ -92,6 +93,7 @@ def main() -> None:
     print(f"{'shape':8s} {'N x K':>12s} {'T':>4s} {'fmt':5s} {'ms':>8s} {'TFLOP/s':>8s} {'w TB/s':>7s} "
           f"{'vs fp16':>7s} {'rel err':>8s} {'tile':>11s}  best config (--sweep)", flush=True)
     g = torch.Generator(device=dev).manual_seed(0)
+    scratch = SplitKScratch.zeros(SCRATCH_FLOATS, 65536, dev)
     for name in args.shapes.split(","):
         n, k = SHAPES[name]
         w16 = torch.randn(n, k, device=dev, dtype=torch.float16, generator=g) * 0.02
@@ -105,13 +107,13 @@ def main() -> None:
                 out = torch.empty(t, n, device=dev, dtype=torch.float16)
                 _op(w, x, out, None)()
                 err = _rel_error(w, x, out)
-                ms = _time(weights, x, out, None, args.reps)
+                ms = _time(weights, x, out, None, args.reps, scratch)
                 best = ""
                 if args.sweep and fmt != "fp16":
                     timed = []
                     for cfg in _candidates(w, t):
                         try:
-                            timed.append((_time(weights, x, out, cfg, args.reps), cfg))
+                            timed.append((_time(weights, x, out, cfg, args.reps, scratch), cfg))
                         except Exception as e:  # a config that fails to compile (shared memory) is skipped
                             res["rows"].append({"shape": name, "T": t, "fmt": fmt, "cfg": vars(cfg),
                                                 "error": repr(e)[:200]})
@@ -123,8 +125,8 @@ def main() -> None:
                 ratio = f"{fp16_ms[t] / ms:7.2f}" if t in fp16_ms else f"{'-':>7s}"
                 tflops = 2 * t * n * k / ms / 1e9
                 tbs = _nbytes(w) / ms / 1e9
-                d = gemm_lowbit.default_config(t, n)
-                tile = "torch.mm" if fmt == "fp16" else f"{d.block_m}x{d.block_n}x{d.block_k}"
+                d = gemm_lowbit.default_config(t, n, k)
+                tile = "torch.mm" if fmt == "fp16" else f"{d.block_n}x{d.block_t}x{d.block_k}/{d.split}"
                 print(f"{name:8s} {f'{n}x{k}':>12s} {t:4d} {fmt:5s} {ms:8.4f} {tflops:8.1f} {tbs:7.2f} {ratio} "
                       f"{err:8.1e} {tile:>11s}  {best}", flush=True)
                 res["rows"].append({"shape": name, "T": t, "fmt": fmt, "cfg": "default", "ms": ms, "tflops": tflops,

@@ -5,13 +5,18 @@ Int8Groups, Fp8Rows):
 - `embedding`: out[t] = W[ids[t]] (a packed token-embedding table, decode and prefill)
 - `dequantize`: the dense weights, for a long prompt's dense GEMM (kernels/projections.py chooses)
 
-`gemm` is tiled like a plain Triton matmul: a program owns a BLOCK_M x BLOCK_N output tile and walks K in
-BLOCK_K steps (whole groups, or a part of one: both are powers of two); each step loads the codes of a
-[BLOCK_N, BLOCK_K] weight tile, dequantizes it in registers to the activation dtype and hands it to `tl.dot`
-(float32 accumulator), so tensor cores do the math on a GPU and no dequantized weight ever reaches memory.
-Fp8Rows' scale is one per output row, so it multiplies the accumulator once after the K loop instead.
+`gemm` is for short prompts (projections.py sends long ones to cuBLAS over `dequantize`). Its operands are
+swapped against a plain Triton matmul: a program owns BLOCK_N weight rows x BLOCK_T tokens and walks its slice of
+K in BLOCK_K steps (whole groups, or a part of one: both are powers of two); each step loads the codes of a
+[BLOCK_N, BLOCK_K] weight tile, dequantizes it in registers to the activation dtype and makes it the left operand
+of `tl.dot` (float32 accumulator): the weight rows fill the tensor core's M, the few tokens its N (a short prompt
+pads 16, not 64 rows), and no dequantized weight ever reaches memory. K is split over up to `split` programs so
+that even a 4096-row projection fills the card; their partial sums go to a float32 scratch and the last program
+of each tile (a counter) adds them in order, applies the epilogue and resets the counter (the decode GEMVs' scheme,
+gemv_splitk.py). Fp8Rows' scale is one per output row, so it multiplies the sum once, in the epilogue.
 
-Both kernels are CUDA-graph safe: no host sync, no allocation, launch parameters depend on shapes only.
+The kernels are CUDA-graph safe: no host sync, launch parameters depend on shapes only, and `gemm` allocates
+nothing when given its scratch.
 K must be a multiple of the group (the formats guarantee it), not of BLOCK_K: groups past K are masked whole.
 """
 
@@ -23,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from graph_executor.kernels.gemv_splitk import SplitKScratch
 from graph_executor.quant.formats import INT4_ZERO, Fp8Rows, Int4Groups, Int8Groups, PackedWeight
 
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -31,35 +37,30 @@ INT4, INT8, FP8 = 0, 1, 2  # the kernels' FORMAT constexpr
 
 @dataclass(frozen=True)
 class GemmConfig:
-    block_m: int = 64
-    block_n: int = 64
-    block_k: int = 64
-    group_m: int = 8  # output tiles walked GROUP_M row-blocks at a time, so a weight tile is reused from L2
+    block_n: int = 64  # weight rows (output columns) per program: the tensor core's M
+    block_t: int = 16  # tokens per program: its N
+    block_k: int = 128
+    split: int = 1  # programs along K (at most): > 1 sums partials in a SplitKScratch
     num_warps: int = 4
     num_stages: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("block_m", "block_n", "block_k"):
+        for name in ("block_n", "block_t", "block_k"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):  # tl.dot needs every dimension >= 16; tl.arange a power of two
                 raise ValueError(f"GemmConfig: {name} {v} is not a power of two >= 16")
-        if self.group_m < 1 or self.num_warps < 1 or self.num_stages < 1:
-            raise ValueError(f"GemmConfig: group_m, num_warps and num_stages must be >= 1, got {self}")
+        if self.split < 1 or self.num_warps < 1 or self.num_stages < 1:
+            raise ValueError(f"GemmConfig: split, num_warps and num_stages must be >= 1, got {self}")
 
 
-# Measured on an H200 (python -m bench.probes.lowbit_gemm --sweep; LLaMA-2-7B's four projections, T = 16..512, int4,
-# int8 and fp8): the best tile is the largest one that still gives about 1.5 waves of programs over the 132 SMs.
-# Few tokens read each weight tile for little math, so narrow tiles (many programs, each streaming its weights) win
-# there; many tokens want the large tiles of an ordinary matmul. Picking from this list by that rule came within 5%
-# of each case's best config on average (35% in the worst case, down_proj at T = 64).
-TILE_CONFIGS = (  # largest first
-    GemmConfig(block_m=256, block_n=128, block_k=64, num_warps=8, num_stages=3),
-    GemmConfig(block_m=128, block_n=64, block_k=64, num_warps=4, num_stages=3),
-    GemmConfig(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=4),
-    GemmConfig(block_m=32, block_n=64, block_k=128, num_warps=4, num_stages=4),
-    GemmConfig(block_m=16, block_n=32, block_k=256, num_warps=4, num_stages=3),
-)
-MIN_TILES = 200
+# Measured on an H200 (python -m bench.probes.lowbit_gemm_swap; LLaMA-2-7B's four projections, T = 16 and 64, int4
+# and int8, 36-56 configs each; bench/results/2026-11-30-h200-lowbit-gemm-swap): 64 weight rows a program and
+# BLOCK_K = 128 were best or within ~10% everywhere; what varies is the split along K. Fewer tokens a program want
+# more programs: the largest power-of-two split that keeps the grid within TARGET_PROGRAMS[block_t] is the best
+# measured BLOCK_K = 128 split, or within ~3% of it, in each of those cases (at 16 tokens: gate_up 4 ways, qkv 8,
+# o and down 8; at 64: qkv 2, o and down 4, gate_up 1). 32 tokens, unmeasured, sits between.
+TARGET_PROGRAMS = {16: 2048, 32: 1024, 64: 384}
+MAX_SPLIT = 8
 
 
 @dataclass(frozen=True)
@@ -77,11 +78,32 @@ class EmbeddingConfig:
 EMBEDDING_DEFAULT = EmbeddingConfig()
 
 
-def default_config(tokens: int, n: int) -> GemmConfig:
-    """The block config for T = tokens and N = n output columns: the largest of TILE_CONFIGS whose BLOCK_M is at
-    most T rounded up to a power of two and that makes MIN_TILES programs, else the smallest."""
-    fits = [c for c in TILE_CONFIGS if c.block_m == 16 or c.block_m < 2 * tokens]
-    return next((c for c in fits if triton.cdiv(tokens, c.block_m) * triton.cdiv(n, c.block_n) >= MIN_TILES), fits[-1])
+def default_config(tokens: int, n: int, k: int) -> GemmConfig:
+    """The config for T = tokens, an [n, k] weight: 64 rows, T rounded up to a power of two (16..64) tokens, and
+    the largest power-of-two split (<= MAX_SPLIT, <= K's steps) whose grid stays within TARGET_PROGRAMS."""
+    block_t = min(64, max(16, triton.next_power_of_2(tokens)))
+    tiles = triton.cdiv(n, 64) * triton.cdiv(tokens, block_t)
+    split = 1
+    while (split < MAX_SPLIT and tiles * split * 2 <= TARGET_PROGRAMS[block_t]
+           and split * 2 <= triton.cdiv(k, 128)):
+        split *= 2
+    return GemmConfig(block_n=64, block_t=block_t, block_k=128, split=split)
+
+
+def _k_split(k: int, cfg: GemmConfig) -> tuple[int, int]:
+    """(K columns per program, programs along K): whole BLOCK_K steps, at most cfg.split programs."""
+    per = triton.cdiv(triton.cdiv(k, cfg.split), cfg.block_k) * cfg.block_k
+    return per, triton.cdiv(k, per)
+
+
+def scratch_size(tokens: int, n: int, k: int, cfg: GemmConfig) -> tuple[int, int]:
+    """(float32 partials, int32 counters) a gemm over T = tokens and an [n, k] weight needs with cfg; (0, 0) when
+    it runs unsplit."""
+    _, split = _k_split(k, cfg)
+    if split == 1:
+        return 0, 0
+    grid_n, grid_t = triton.cdiv(n, cfg.block_n), triton.cdiv(tokens, cfg.block_t)
+    return split * grid_t * cfg.block_t * grid_n * cfg.block_n, grid_n * grid_t
 
 
 @triton.jit
@@ -122,40 +144,63 @@ def _weight_tile(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, k0, K, FORMAT: 
 
 
 @triton.jit
-def _gemm_kernel(x_ptr, codes_ptr, scale_ptr, offset_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_om,
-                 FORMAT: tl.constexpr, HAS_OFFSET: tl.constexpr, ZERO: tl.constexpr, GROUP: tl.constexpr,
-                 STEP_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    # grouped tile order (Triton tutorial 03): consecutive programs share weight tiles while they sit in L2
-    pid = tl.program_id(0)
-    grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    first_m = pid // (GROUP_M * grid_n) * GROUP_M
-    group_rows = min(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * grid_n)) % group_rows
-    pid_n = (pid % (GROUP_M * grid_n)) // group_rows
-
-    tokens = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    token_ok = tokens < M
-    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # weight rows = output columns; N*K may pass 2**31
+def _gemm_kernel(x_ptr, codes_ptr, scale_ptr, offset_ptr, b_ptr, out_ptr, part_ptr, count_ptr, M, N, K, K_SPLIT, SPLIT,
+                 stride_xm, stride_om, FORMAT: tl.constexpr, HAS_OFFSET: tl.constexpr, ZERO: tl.constexpr,
+                 GROUP: tl.constexpr, STEP_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
+                 PRECISION: tl.constexpr, SPLITTING: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """Program (n, t, s): weight rows n * BLOCK_N.., tokens t * BLOCK_T.., K columns s * K_SPLIT.. (SPLIT programs
+    along K). acc [BLOCK_N, BLOCK_T] = W_tile @ x_tile^T: the dequantized weights are the dot's left operand."""
+    pid_n = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # N * K may pass 2**31
     row_ok = rows < N
+    tokens = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    token_ok = tokens < M
     dtype = x_ptr.dtype.element_ty
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    acc = tl.zeros([BLOCK_N, BLOCK_T], dtype=tl.float32)
+    k_lo = pid_k * K_SPLIT
+    for k0 in range(k_lo, tl.minimum(k_lo + K_SPLIT, K), BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + tokens[:, None] * stride_xm + cols[None, :], mask=token_ok[:, None] & (cols < K)[None, :],
-                    other=0.0)  # [BLOCK_M, BLOCK_K]
+        xt = tl.load(x_ptr + tokens[None, :] * stride_xm + cols[:, None],
+                     mask=token_ok[None, :] & (cols < K)[:, None], other=0.0)  # [BLOCK_K, BLOCK_T]
         w = _weight_tile(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, k0, K, FORMAT, HAS_OFFSET, ZERO, GROUP,
                          STEP_GROUP, BLOCK_N, BLOCK_K, dtype)  # [BLOCK_N, BLOCK_K]
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+        acc = tl.dot(w, xt, acc, input_precision=PRECISION)
+    at = out_ptr + tokens[None, :] * stride_om + rows[:, None]
+    mask = row_ok[:, None] & token_ok[None, :]
+    if SPLITTING:
+        # partials to the scratch (whole tiles: [SPLIT, grid_t * BLOCK_T, grid_n * BLOCK_N]); the last program of
+        # this tile to finish (the counter) adds them in order: deterministic, and it resets the counter
+        grid_n = tl.num_programs(0)
+        m_pad = tl.num_programs(1) * BLOCK_T
+        n_pad = grid_n * BLOCK_N
+        tile = part_ptr + (pid_k * m_pad + tokens[None, :]).to(tl.int64) * n_pad + rows[:, None]
+        tl.store(tile, acc)
+        tl.debug_barrier()  # every thread's stores are issued before the release below
+        counter = count_ptr + pid_t * grid_n + pid_n
+        if tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT - 1:
+            acc = tl.zeros([BLOCK_N, BLOCK_T], dtype=tl.float32)
+            for i in range(SPLIT):
+                acc += tl.load(tile + (i - pid_k) * m_pad * n_pad, cache_modifier=".cg")
+            _epilogue(acc, at, mask, rows, row_ok, scale_ptr, b_ptr, FORMAT, HAS_BIAS, ACCUMULATE)
+            tl.atomic_xchg(counter, 0)
+    else:
+        _epilogue(acc, at, mask, rows, row_ok, scale_ptr, b_ptr, FORMAT, HAS_BIAS, ACCUMULATE)
+
+
+@triton.jit
+def _epilogue(acc, at, mask, rows, row_ok, scale_ptr, b_ptr, FORMAT: tl.constexpr, HAS_BIAS: tl.constexpr,
+              ACCUMULATE: tl.constexpr):
+    """out tile (at, mask) [+]= acc [BLOCK_N, BLOCK_T] (x FP8's row scale) [+ bias]."""
     if FORMAT == 2:  # FP8: one scale per weight row, i.e. per output column
-        acc *= tl.load(scale_ptr + rows, mask=row_ok, other=0.0)[None, :]
+        acc *= tl.load(scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
     if HAS_BIAS:
-        acc += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
-    at = out_ptr + tokens[:, None] * stride_om + rows[None, :]
-    mask = token_ok[:, None] & row_ok[None, :]
+        acc += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
     if ACCUMULATE:
         acc += tl.load(at, mask=mask, other=0.0).to(tl.float32)
-    tl.store(at, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(at, acc.to(at.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -224,9 +269,12 @@ def _check_matrix(name: str, t: torch.Tensor, shape: tuple[int, int], device: to
 
 
 def gemm(x: torch.Tensor, w: PackedWeight, out: torch.Tensor, bias: torch.Tensor | None = None,
-         accumulate: bool = False, cfg: GemmConfig | None = None) -> torch.Tensor:
+         accumulate: bool = False, cfg: GemmConfig | None = None,
+         scratch: SplitKScratch | None = None) -> torch.Tensor:
     """x [T, K] (float16, bfloat16 or float32), w packed [N, K], bias [N] or None -> out [T, N] (x's dtype) =
-    x @ W^T [+ bias]; with accumulate, out += x @ W^T [+ bias] in place. cfg None: `default_config(T, N)`."""
+    x @ W^T [+ bias]; with accumulate, out += x @ W^T [+ bias] in place. cfg None: `default_config(T, N, K)`.
+    A config split along K needs `scratch_size` of scratch (calls on one stream may share one); without it the
+    call allocates its own, which is fine outside CUDA graphs."""
     _check_weight(w)
     n, k = w.shape
     t = x.shape[0] if x.dim() == 2 else -1
@@ -238,15 +286,22 @@ def gemm(x: torch.Tensor, w: PackedWeight, out: torch.Tensor, bias: torch.Tensor
                          f"{tuple(bias.shape)} on {bias.device}")
     if t == 0:
         return out
-    cfg = default_config(t, n) if cfg is None else cfg
+    cfg = default_config(t, n, k) if cfg is None else cfg
+    k_split, split = _k_split(k, cfg)
+    floats, counters = scratch_size(t, n, k, cfg)
+    if scratch is None:
+        scratch = SplitKScratch.zeros(floats, counters, w.device)
+    elif scratch.partial.numel() < floats or scratch.count.numel() < counters:
+        raise ValueError(f"scratch: a [{t}, {k}] x [{n}, {k}] gemm with {cfg} needs {floats} floats and {counters} "
+                         f"counters, got {scratch.partial.numel()} and {scratch.count.numel()}")
     fmt_ptrs, fmt = _weights(w, cfg.block_k)
-    grid = (triton.cdiv(t, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(t, cfg.block_t), split)
     # a float32 dot defaults to tf32 on tensor cores (~1e-3): float32 activations ask for float32 products
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    _gemm_kernel[grid](x, *fmt_ptrs, bias if bias is not None else out, out, t, n, k, x.stride(0), out.stride(0),
-                       **fmt, HAS_BIAS=bias is not None, ACCUMULATE=accumulate, PRECISION=precision,
-                       BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-                       num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _gemm_kernel[grid](x, *fmt_ptrs, bias if bias is not None else out, out, scratch.partial, scratch.count, t, n,
+                       k, k_split, split, x.stride(0), out.stride(0), **fmt, HAS_BIAS=bias is not None,
+                       ACCUMULATE=accumulate, PRECISION=precision, SPLITTING=split > 1, BLOCK_N=cfg.block_n,
+                       BLOCK_T=cfg.block_t, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
@@ -281,6 +336,9 @@ def dequantize(w: PackedWeight, out: torch.Tensor, block_r: int = 16, block_k: i
     n, k = w.shape
     _check_matrix("out", out, (n, k), w.device, ACT_DTYPES)
     fmt_ptrs, fmt = _weights(w, block_k)
+    # no FMA contraction of scale * q + offset (as in `embedding`): the weights match the format's own float32
+    # dequantization bit for bit on a GPU too
     _dequantize_kernel[(triton.cdiv(n, block_r), triton.cdiv(k, block_k))](*fmt_ptrs, out, n, k, **fmt,
-                                                                           BLOCK_R=block_r, BLOCK_K=block_k)
+                                                                           BLOCK_R=block_r, BLOCK_K=block_k,
+                                                                           enable_fp_fusion=False)
     return out

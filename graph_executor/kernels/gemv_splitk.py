@@ -79,8 +79,8 @@ def scratch_floats(w: Packed, cfg: SplitKConfig) -> int:
 
 @dataclass(frozen=True)
 class SplitKScratch:
-    """Scratch the split-K kernels share (one stream): partial sums and the per-row-block counters, zeroed once
-    and left zeroed by every call."""
+    """Scratch the split-K kernels share (one stream): partial sums and the per-row-block (per-tile) counters,
+    zeroed once and left zeroed by every call. The decode GEMVs here and the prefill GEMM (gemm_lowbit) use it."""
 
     partial: torch.Tensor  # float32 [floats]
     count: torch.Tensor  # int32 [blocks]
@@ -90,8 +90,13 @@ class SplitKScratch:
         """Big enough for every weight with its config."""
         floats = max(scratch_floats(w, c) for w, c in zip(weights, cfgs, strict=True))
         blocks = max(triton.cdiv(w.shape[0], c.block_n) for w, c in zip(weights, cfgs, strict=True))
-        return SplitKScratch(torch.zeros(floats, device=device, dtype=torch.float32),
-                             torch.zeros(blocks, device=device, dtype=torch.int32))
+        return SplitKScratch.zeros(floats, blocks, device)
+
+    @staticmethod
+    def zeros(floats: int, counters: int, device: torch.device) -> SplitKScratch:
+        """`floats` float32 partials and `counters` int32 counters, zeroed (at least one of each)."""
+        return SplitKScratch(torch.zeros(max(1, floats), device=device, dtype=torch.float32),
+                             torch.zeros(max(1, counters), device=device, dtype=torch.int32))
 
 
 @triton.jit

@@ -75,17 +75,33 @@ def silu_gemv_residual(w: Weight, gate_up: torch.Tensor, x: torch.Tensor,
 
 
 # Prompt rows from which a packed weight is dequantized to x's dtype (a temporary the size of one projection) for
-# cuBLAS, rather than multiplied by the low-bit GEMM: on an H200 the tensor-core GEMM over float16 plus one pass
-# that reads the codes and writes the weights beats the low-bit GEMM from a few dozen rows (bench/NOTES.md).
-DEQUANTIZE_ROWS = 64
+# cuBLAS, rather than multiplied by the low-bit GEMM: on an H200 (bench/probes/lowbit_gemm_swap.py, LLaMA-2-7B's
+# projections, int4) the low-bit GEMM takes 0.17 ms a layer at 64 rows against 0.28 for dequantize + cuBLAS, and
+# both take 0.30 at 128 rows, where the tensor cores' work starts to outweigh the pass over the weights.
+DEQUANTIZE_ROWS = 128
+
+
+def prefill_scratch(weights: list[Weight], max_tokens: int, device: torch.device) -> SplitKScratch | None:
+    """The scratch `matmul` needs for any prompt of up to max_tokens rows over any of these weights (None when none
+    is packed): the prefill step owns one, so that its CUDA graphs allocate nothing."""
+    shapes = {tuple(w.shape) for w in weights if not isinstance(w, torch.Tensor)}
+    if not shapes:
+        return None
+    floats = counters = 0
+    for t in range(1, min(max_tokens, DEQUANTIZE_ROWS - 1) + 1):
+        for n, k in shapes:
+            f, c = gemm_lowbit.scratch_size(t, n, k, gemm_lowbit.default_config(t, n, k))
+            floats, counters = max(floats, f), max(counters, c)
+    return SplitKScratch.zeros(floats, counters, device)
 
 
 def matmul(x: torch.Tensor, w: Weight, out: torch.Tensor, bias: torch.Tensor | None = None,
-           accumulate: bool = False) -> torch.Tensor:
-    """Prefill projection: out [T, N] = x [T, K] @ W^T (+ bias), or out += x @ W^T (a residual add)."""
+           accumulate: bool = False, scratch: SplitKScratch | None = None) -> torch.Tensor:
+    """Prefill projection: out [T, N] = x [T, K] @ W^T (+ bias), or out += x @ W^T (a residual add). A packed w
+    below DEQUANTIZE_ROWS rows takes the low-bit GEMM with `scratch` (see prefill_scratch)."""
     if not isinstance(w, torch.Tensor):
         if x.shape[0] < DEQUANTIZE_ROWS:
-            return gemm_lowbit.gemm(x, w, out, bias=bias, accumulate=accumulate)
+            return gemm_lowbit.gemm(x, w, out, bias=bias, accumulate=accumulate, scratch=scratch)
         w = gemm_lowbit.dequantize(w, torch.empty(w.shape, dtype=x.dtype, device=x.device))  # [N, K]
     if accumulate:
         return out.addmm_(x, w.t())
