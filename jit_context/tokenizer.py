@@ -7,6 +7,7 @@ or from the vocabulary embedded in a GGUF file. The HF object stays private so t
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ipc.errors import ModelLoadError
@@ -16,8 +17,26 @@ _EXTRA_EOS_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext
 _ROLES = ("system", "user", "assistant")
 
 
+# tokenizer_config.json classes that are transformers' generic fast tokenizer (TokenizersBackend is its name since
+# transformers 5): loaded as that class directly, what AutoTokenizer would load, without AutoTokenizer's config
+# lookup (about 2 s of imports on a small CPU, at every start of a JIT context).
+_GENERIC_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def _generic_class(folder: Path) -> bool:
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("tokenizer_class") in _GENERIC_CLASSES
+
+
 def _load_hf_tokenizer(path: Path):
     # Imported here: transformers takes seconds to import and only this loader needs it.
+    if path.is_dir() and _generic_class(path):
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
     from transformers import AutoTokenizer
 
     if path.is_file() and path.suffix == ".gguf":
@@ -28,10 +47,10 @@ def _load_hf_tokenizer(path: Path):
 
 
 def import_tokenizer_modules() -> None:
-    """Import what the first `Tokenizer.from_path` would: AutoTokenizer and, through the config class that its
-    AutoConfig lookup loads (any of them), transformers' model-loading stack; seconds on a small CPU. A process
-    calls it while it waits for something else, so that loading the tokenizer later takes a fraction of that."""
-    from transformers import AutoTokenizer, LlamaConfig  # noqa: F401
+    """Import what the first `Tokenizer.from_path` of a folder with the generic fast tokenizer (the converted
+    default model's and most recent checkpoints') would: about a second on a small CPU. A process calls it while it
+    waits for something else, so that loading the tokenizer later takes a fraction of that."""
+    from transformers import PreTrainedTokenizerFast  # noqa: F401
 
 
 def _check_messages(messages: list[dict]) -> None:

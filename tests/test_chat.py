@@ -58,7 +58,8 @@ class Pipe:
 
 
 def test_chat_keeps_history_resets_and_survives_ctrl_c(default_model_dir) -> None:
-    chat = Pipe([*CLI, "chat", "--device", "cpu", "--quiet", "--temperature", "0", "--max-tokens", "32"])
+    # 14 tokens a reply (~0.1 s each on this CPU): greedy, the replies name Rex, or not, well within them
+    chat = Pipe([*CLI, "chat", "--device", "cpu", "--quiet", "--temperature", "0", "--max-tokens", "14"])
     try:
         chat.send("Tell me a story about a dragon.\n")
         chat.wait_for(lambda: chat.out, "the first reply to start")

@@ -59,6 +59,19 @@ def test_bad_messages_rejected(tok, messages, match):
         tok.apply_chat_template(messages)
 
 
+def test_converted_folder_gives_the_gguf_tokenizer(tok, default_model_dir):
+    """The default model's converted folder (tokenizer written and read as the generic fast class, without
+    AutoTokenizer's lookups) tokenizes as AutoTokenizer's load of the GGUF does."""
+    folder = Tokenizer.from_path(default_model_dir)
+    texts = ["Hello world", "  leading spaces, tabs\tand\nnewlines", "Ünïcödé — emoji 🙂 and 中文",
+             "<|im_start|>user\nhi<|im_end|>", "numbers 1234567890 and code: def f(x): return x**2"]
+    for text in texts:
+        assert folder.encode(text) == tok.encode(text), text
+        assert folder.decode(tok.encode(text), skip_special_tokens=False) == tok.decode(tok.encode(text), False)
+    assert folder.apply_chat_template(CONVERSATION) == tok.apply_chat_template(CONVERSATION)
+    assert (folder.vocab_size, folder.eos_token_ids) == (tok.vocab_size, tok.eos_token_ids)
+
+
 def test_encode_decode_vocab_and_eos(tok):
     ids = tok.encode("Hello world")
     assert 1 not in ids  # SmolLM2 (add_bos_token false) puts no <|im_start|> BOS on plain text

@@ -65,7 +65,7 @@ def _convert(source: Path, out: Path, progress: bool) -> None:
     import torch
     from safetensors.torch import save_file
     from tqdm import tqdm
-    from transformers import AutoTokenizer
+    from transformers import PreTrainedTokenizerFast
 
     from graph_executor.loading.gguf_loader import gguf_config, iter_gguf_tensors, open_gguf, weight_tensor_count
 
@@ -77,7 +77,10 @@ def _convert(source: Path, out: Path, progress: bool) -> None:
                                 desc="converting default model (once)", unit="tensor", disable=not progress)
     }
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
+    # The generic fast tokenizer, the class AutoTokenizer picks for this file, without AutoTokenizer's config lookup,
+    # which parses the whole GGUF again (~7 s on 2 cores). tests/test_tokenizer.py compares the saved files'
+    # tokenizer with AutoTokenizer's load of the GGUF.
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(source.parent), gguf_file=source.name)
     tokenizer.save_pretrained(str(out))
     # config.json last: its presence marks a complete copy.
     (out / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))

@@ -35,11 +35,28 @@ _BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
 ROPE_FREQS = "rope_freqs.weight"
 
 
-def open_gguf(path: Path):
+def _reader_class():
     import gguf
 
+    class Reader(gguf.GGUFReader):
+        """gguf's reader over a plain ndarray view of its memory map: it parses the header with ~250k small slices
+        (one per vocabulary string), and slicing an np.memmap runs Python code per slice (__array_finalize__),
+        slicing an ndarray does not: the default model's header parses in ~2 s instead of ~4 on a small CPU."""
+
+        @property
+        def data(self) -> np.ndarray:
+            return self._plain
+
+        @data.setter
+        def data(self, value: np.ndarray) -> None:
+            self._plain = value.view(np.ndarray)  # same pages; the view keeps the mapping alive
+
+    return Reader
+
+
+def open_gguf(path: Path):
     try:
-        return gguf.GGUFReader(str(path))
+        return _reader_class()(str(path))
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"cannot read GGUF file {path}: {e}") from None
 
