@@ -29,10 +29,22 @@ def engine(cpu_engine):
 
 @pytest.fixture(scope="module")
 def hf_model():
-    """transformers' own GGUF reader and weight mapping (tens of seconds on 2 cores: it parses the file twice)."""
+    """transformers' own GGUF reader and weight mapping. It parses the file twice and builds gguf's tensor-name map
+    once per module (~400 times): ~30 s on 2 cores. While it loads, two gguf helpers that it imports at call time
+    are swapped for equivalents that compute the same: the reader over a plain ndarray view of its memory map (as
+    our loader uses it) and the name map memoized: ~12 s."""
+    import functools
+
+    import gguf
+
+    from graph_executor.loading.gguf_loader import reader_class
+
     path = gguf_path()
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf, "GGUFReader", reader_class())
+        patch.setattr(gguf, "get_tensor_name_map", functools.cache(gguf.get_tensor_name_map))
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32)
     return model.eval()
 
 
