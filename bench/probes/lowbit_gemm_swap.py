@@ -34,7 +34,8 @@ import triton
 import triton.language as tl
 
 from graph_executor.kernels import gemm_lowbit
-from graph_executor.kernels.gemm_lowbit import _weight_tile, _weights
+from graph_executor.kernels.gemm_lowbit import _epilogue, _weight_tile, _weights
+from graph_executor.kernels.gemv_splitk import SplitKScratch
 from graph_executor.quant.formats import Fp8Rows, Int4Groups, quantize_fp8, quantize_int4, quantize_int8
 
 
@@ -156,28 +157,10 @@ def _swap_kernel(x_ptr, codes_ptr, scale_ptr, offset_ptr, b_ptr, out_ptr, part_p
             acc = tl.zeros([BLOCK_N, BLOCK_T], dtype=tl.float32)
             for i in range(SPLIT):
                 acc += tl.load(tile + (i - pid_k) * m_pad * n_pad, cache_modifier=".cg")
-            if FORMAT == 2:
-                acc *= tl.load(scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-            if ACCUMULATE:
-                acc += tl.load(at, mask=mask, other=0.0).to(tl.float32)
-            tl.store(at, acc.to(out_ptr.dtype.element_ty), mask=mask)
+            _epilogue(acc, at, mask, rows, row_ok, scale_ptr, b_ptr, FORMAT, HAS_BIAS, ACCUMULATE)
             tl.atomic_xchg(count_ptr + pid_t * grid_n + pid_n, 0)
     else:
-        if FORMAT == 2:
-            acc *= tl.load(scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-        if ACCUMULATE:
-            acc += tl.load(at, mask=mask, other=0.0).to(tl.float32)
-        tl.store(at, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-class Scratch:
-    def __init__(self, floats: int, counters: int, device):
-        self.part = torch.zeros(floats, device=device, dtype=torch.float32)
-        self.count = torch.zeros(counters, device=device, dtype=torch.int32)
+        _epilogue(acc, at, mask, rows, row_ok, scale_ptr, b_ptr, FORMAT, HAS_BIAS, ACCUMULATE)
 
 
 def scratch_for(n: int, t: int, cfg: SwapConfig) -> tuple[int, int]:
@@ -185,7 +168,7 @@ def scratch_for(n: int, t: int, cfg: SwapConfig) -> tuple[int, int]:
     return cfg.split * grid_t * cfg.block_t * grid_n * cfg.block_n, grid_n * grid_t
 
 
-def swap_gemm(x, w, out, scratch: Scratch, cfg: SwapConfig, bias=None, accumulate=False):
+def swap_gemm(x, w, out, scratch: SplitKScratch, cfg: SwapConfig, bias=None, accumulate=False):
     n, k = w.shape
     t = x.shape[0]
     group = getattr(w, "group", 1)
@@ -195,7 +178,7 @@ def swap_gemm(x, w, out, scratch: Scratch, cfg: SwapConfig, bias=None, accumulat
     split = triton.cdiv(k, k_split)
     ptrs, fmt = _weights(w, cfg.block_k)
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(t, cfg.block_t), split)
-    _swap_kernel[grid](x, *ptrs, bias if bias is not None else out, out, scratch.part, scratch.count, t, n, k,
+    _swap_kernel[grid](x, *ptrs, bias if bias is not None else out, out, scratch.partial, scratch.count, t, n, k,
                        k_split, split, x.stride(0), out.stride(0), **fmt, HAS_BIAS=bias is not None,
                        ACCUMULATE=accumulate, UNPACK=cfg.unpack, BLOCK_N=cfg.block_n, BLOCK_T=cfg.block_t,
                        BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -227,7 +210,7 @@ def _check(device) -> None:
         cfg = SwapConfig(block_n=16 if device.type != "cuda" else 64, block_t=16, block_k=32, split=split,
                          unpack=unpack)
         f, c = scratch_for(n, t, cfg)
-        sc = Scratch(f, c, device)
+        sc = SplitKScratch.zeros(f, c, device)
         out = out0.clone()
         swap_gemm(x, w, out, sc, cfg, bias=bias, accumulate=acc_mode)
         err = float(((out.double() - ref).abs() / ref.abs().clamp_min(ref.pow(2).mean().sqrt())).max())
@@ -272,7 +255,7 @@ def main() -> None:
 
     res = {"card": torch.cuda.get_device_name(), "rows": []}
     g = torch.Generator(device=dev).manual_seed(0)
-    big = Scratch(64 * 1024 * 1024, 65536, dev)
+    big = SplitKScratch.zeros(64 * 1024 * 1024, 65536, dev)
     print(f"{res['card']}: ms per projection (weights from HBM); swap = best swapped split-K config", flush=True)
     print(f"{'shape':8s} {'T':>4s} {'fmt':5s} {'fp16 mm':>8s} {'shipped':>8s} {'deq+mm':>8s} {'swap':>8s} "
           f"{'w TB/s':>7s}  best / next configs", flush=True)

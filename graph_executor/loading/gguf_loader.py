@@ -8,6 +8,7 @@ of their codes and scales).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,13 +36,16 @@ _BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
 ROPE_FREQS = "rope_freqs.weight"
 
 
+@functools.cache
 def reader_class():
+    """The reader class (made once: it subclasses gguf's, imported on first use)."""
     import gguf
 
     class Reader(gguf.GGUFReader):
-        """gguf's reader over a plain ndarray view of its memory map (the same parse, the same arrays): it parses the header with ~250k small slices
-        (one per vocabulary string), and slicing an np.memmap runs Python code per slice (__array_finalize__),
-        slicing an ndarray does not: the default model's header parses in ~2 s instead of ~4 on a small CPU."""
+        """gguf's reader over a plain ndarray view of its memory map (the same parse, the same arrays): it parses
+        the header with ~250k small slices (one per vocabulary string), and slicing an np.memmap runs Python code
+        per slice (__array_finalize__), slicing an ndarray does not: the default model's header parses in ~2 s
+        instead of ~4 on a small CPU."""
 
         @property
         def data(self) -> np.ndarray:
