@@ -1,10 +1,11 @@
 """The GPU path's step: fused Triton kernels (`FusedDecoder`, `FusedPrefill`) captured as CUDA graphs, the
-static part of each step: one decode graph, prefill graphs per length bucket, and a chunk graph for prompts
-longer than the largest bucket. One class owns capture and replay.
+static part of each step: one decode graph, prefill graphs per length bucket, a chunk graph for prompts
+longer than the largest bucket, and speculative verify graphs per token count (`FusedVerify`). One class owns
+capture and replay.
 
-Graphs are captured one at a time when the executor is idle (`capture_next`), decode first, then prefill
-buckets by demand; a shape without its graph runs the same model code eagerly, so no request waits for a
-graph. All graphs share one memory pool.
+Graphs are captured one at a time when the executor is idle (`capture_next`), decode first, then the verify
+graphs once a request has asked for one, then prefill buckets by demand; a shape without its graph runs the
+same model code eagerly, so no request waits for a graph. All graphs share one memory pool.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import torch
 
 from graph_executor.fused_decoder import FusedDecoder
 from graph_executor.fused_prefill import FusedPrefill
+from graph_executor.fused_verify import FusedVerify
 from graph_executor.model import LlamaModel
-from graph_executor.runner import check_span, eager_prefill
-from ipc.step_buffers import StepBuffers
+from graph_executor.runner import check_span, check_verify, eager_prefill
+from ipc.step_buffers import MAX_VERIFY_TOKENS, StepBuffers
 
 # Every 32 tokens: a 200-token prompt pays for 224, not 256 (prefill is compute-bound past ~100 tokens).
 DEFAULT_BUCKETS = (16, *range(32, 513, 32))
@@ -36,13 +38,16 @@ class GraphStatic:
     chunk_positions: torch.Tensor  # [max bucket] int64: positions of a chunk (clamped to the cache)
     chunk_ids: torch.Tensor  # [max bucket] int64: token ids of a chunk
     logits_index: torch.Tensor  # [1] int64: the row whose logits a prefill keeps
+    verify_ids: torch.Tensor  # [MAX_VERIFY_TOKENS] int64: a verify step's tokens
+    verify_positions: torch.Tensor  # [MAX_VERIFY_TOKENS] int64: their positions
 
     @classmethod
     def allocate(cls, max_bucket: int, device: torch.device) -> GraphStatic:
         def zeros(n: int) -> torch.Tensor:
             return torch.zeros(n, dtype=torch.int64, device=device)
 
-        return cls(zeros(1), torch.arange(max_bucket, device=device), zeros(max_bucket), zeros(max_bucket), zeros(1))
+        return cls(zeros(1), torch.arange(max(max_bucket, MAX_VERIFY_TOKENS), device=device), zeros(max_bucket),
+                   zeros(max_bucket), zeros(1), zeros(MAX_VERIFY_TOKENS), zeros(MAX_VERIFY_TOKENS))
 
 
 @dataclass
@@ -73,6 +78,8 @@ class GraphRunner:
         # Fused kernels: 7 launches per decoder layer in decode, ~10 in prefill.
         self.decoder = decoder or FusedDecoder(model)
         self.prefiller = FusedPrefill(model, max(self.chunk, 1))
+        self.verifier = FusedVerify(model, MAX_VERIFY_TOKENS)
+        self.verify_used = False  # verify graphs are captured once a request has used speculation
         self.stats = CaptureStats()
 
     # -- replay (or, until a graph exists, the same body run eagerly) -------------------------------------
@@ -91,6 +98,14 @@ class GraphRunner:
         check_span(self.max_context, position, 1)
         self.static.position.fill_(position)
         self._launch("decode", self._decode_body)
+
+    def verify(self, position: int, num_tokens: int) -> None:
+        check_verify(self.max_context, position, num_tokens)
+        self.verify_used = True
+        s = self.static
+        s.verify_ids[:num_tokens].copy_(self.buffers.input_ids[position:position + num_tokens])
+        torch.add(s.arange[:MAX_VERIFY_TOKENS], position, out=s.verify_positions)
+        self._launch(f"verify_{num_tokens}", lambda: self._verify_body(num_tokens))
 
     def prefill(self, num_tokens: int, start_pos: int = 0) -> None:
         check_span(self.max_context, start_pos, num_tokens)
@@ -125,6 +140,11 @@ class GraphRunner:
         ids, positions = self.buffers.input_ids[:bucket], self.static.arange[:bucket]
         self.prefiller.run(ids, positions, self.static.logits_index, self.buffers.logits)
 
+    def _verify_body(self, num_tokens: int) -> None:
+        s = self.static
+        self.verifier.run(s.verify_ids[:num_tokens], s.verify_positions[:num_tokens],
+                          self.buffers.verify_logits[:num_tokens])
+
     def _chunk_body(self) -> None:
         s = self.static
         self.prefiller.run(s.chunk_ids, s.chunk_positions, s.logits_index, self.buffers.logits,
@@ -133,11 +153,14 @@ class GraphRunner:
     # -- capture ------------------------------------------------------------------------------------------
 
     def pending(self) -> list[str]:
-        """Graphs not captured yet, in capture order: decode, then buckets by demand (larger first on ties)."""
-        order = ["decode"]
+        """Graphs not captured yet, in capture order: decode, verify (once used), then buckets by demand (larger
+        first on ties), the chunk graph, and verify graphs last when no request has used them yet."""
+        verify = [f"verify_{n}" for n in range(MAX_VERIFY_TOKENS, 1, -1)]
+        order = ["decode"] + (verify if self.verify_used else [])
         order += [f"prefill_{b}" for b in sorted(self.buckets, key=lambda b: (-self.demand[b], -b))]
         if self.chunk:
             order.append("chunk")
+        order += [] if self.verify_used else verify
         return [name for name in order if name not in self.graphs]
 
     def capture_next(self) -> str | None:
@@ -181,6 +204,9 @@ class GraphRunner:
             return self._decode_body
         if name == "chunk":
             return self._chunk_body
+        if name.startswith("verify_"):
+            num_tokens = int(name.removeprefix("verify_"))
+            return lambda: self._verify_body(num_tokens)
         bucket = int(name.removeprefix("prefill_"))
         return lambda: self._prefill_body(bucket)
 

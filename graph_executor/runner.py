@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from graph_executor.model import LlamaModel
-from ipc.step_buffers import StepBuffers
+from ipc.step_buffers import MAX_VERIFY_TOKENS, StepBuffers
 
 # Prompt tokens per forward pass: bounds the activation memory of long prompts (chunked prefill).
 PREFILL_CHUNK = 1024
@@ -23,6 +23,23 @@ def check_span(max_context: int, start_pos: int, num_tokens: int) -> None:
         raise ValueError(
             f"positions [{start_pos}, {start_pos + num_tokens}) do not fit the context of {max_context}"
         )
+
+
+def check_verify(max_context: int, position: int, num_tokens: int) -> None:
+    """ValueError unless a verify step of num_tokens at `position` fits the cache and the verify buffer."""
+    if not 1 <= num_tokens <= MAX_VERIFY_TOKENS:
+        raise ValueError(f"a verify step takes 1..{MAX_VERIFY_TOKENS} tokens, got {num_tokens}")
+    check_span(max_context, position, num_tokens)
+
+
+def eager_verify(model: LlamaModel, buffers: StepBuffers, position: int, num_tokens: int) -> None:
+    """Run input_ids[position:position + num_tokens] at their positions; every row's logits land in
+    verify_logits[:num_tokens]."""
+    device = buffers.input_ids.device
+    ids = buffers.input_ids[position:position + num_tokens]  # [T]
+    positions = torch.arange(position, position + num_tokens, device=device)  # [T]
+    rows = torch.arange(num_tokens, device=device)  # [T]: every row's logits
+    buffers.verify_logits[:num_tokens].copy_(model(ids, positions, rows, position + num_tokens))  # [T, V]
 
 
 def eager_prefill(model: LlamaModel, buffers: StepBuffers, num_tokens: int, start_pos: int = 0) -> None:
@@ -66,3 +83,9 @@ class ModelRunner:
         positions = torch.full((1,), position, dtype=torch.int64, device=self.buffers.next_token.device)
         logits = self.model(self.buffers.next_token, positions, self._last_row, position + 1)  # [1, V]
         self.buffers.logits.copy_(logits[0])
+
+    def verify(self, position: int, num_tokens: int) -> None:
+        """Run input_ids[position:position + num_tokens] (last accepted token, then proposals); their logits land
+        in verify_logits[:num_tokens]."""
+        check_verify(self.max_context, position, num_tokens)
+        eager_verify(self.model, self.buffers, position, num_tokens)

@@ -1,5 +1,5 @@
 """The graph executor's serving loop: answers the JIT context's handshake with `Ready` (model facts and the
-step buffers' specs), then runs Prefill/Decode steps and replies `StepDone`; captures graphs while idle. The
+step buffers' specs), then runs Prefill/Decode/Verify steps and replies `StepDone`; captures graphs while idle. The
 process around it (arguments, loading, signals) is `graph_executor.process`.
 """
 
@@ -30,6 +30,7 @@ from ipc.messages import (
     Status,
     StatusReply,
     StepDone,
+    Verify,
 )
 from ipc.shared_tensor import dtype_name
 from ipc.step_buffers import SharedStepBuffers
@@ -119,6 +120,10 @@ class ExecutorServer:
             if isinstance(msg, Decode):
                 with self.ordered():
                     self.runner.decode(msg.position)
+                return StepDone(msg.request_id, msg.step)
+            if isinstance(msg, Verify):
+                with self.ordered():
+                    self.runner.verify(msg.position, msg.num_tokens)
                 return StepDone(msg.request_id, msg.step)
             if isinstance(msg, Handshake):
                 self.peer_pid = msg.pid

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
-PROTOCOL_VERSION = 2  # 2: Ready carries typed buffers/events/tokenizer_path; Abort, Shutdown gone
+PROTOCOL_VERSION = 3  # 3: Verify and the verify_logits buffer; 2: typed Ready buffers/events/tokenizer_path
 MAX_ID_CHARS = 256
 _MAX_NESTING = 32  # free-form dicts (facts, params, usage) nest this deep at most
 
@@ -154,6 +154,7 @@ class StepBufferSpecs(Record):
     input_ids: TensorSpec
     next_token: TensorSpec
     logits: TensorSpec
+    verify_logits: TensorSpec
 
 
 @dataclass(frozen=True)
@@ -279,6 +280,24 @@ class Decode(Message):
 
 
 @dataclass(frozen=True)
+class Verify(Message):
+    """A speculative verify step: the tokens at KV positions [position, position + num_tokens) sit at the same
+    indices of the shared input-ids buffer (the last accepted token, then the proposals); the logits after each
+    land in rows [0, num_tokens) of the verify-logits buffer."""
+
+    TAG: ClassVar[int] = 15
+    request_id: str
+    step: int
+    position: int
+    num_tokens: int
+
+    def _validate(self) -> None:
+        _check_non_negative("Verify.step/position", self.step, self.position)
+        if self.num_tokens < 1:
+            raise ValueError(f"Verify.num_tokens must be >= 1, got {self.num_tokens}")
+
+
+@dataclass(frozen=True)
 class StepDone(Message):
     """The executor enqueued `step`: its logits are (or, ordered by an IPC event, will be) in their buffer."""
 
@@ -400,7 +419,7 @@ class Started(Message):
 
 ALL_MESSAGES: tuple[type[Message], ...] = (
     Handshake, Ready, Status, StatusReply, Ok, Error,
-    Prefill, Decode, StepDone, Reset,
+    Prefill, Decode, StepDone, Reset, Verify,
     GenerateRequest, TokenChunk, Finished, CancelRequest,
     TokenizeRequest, TokenizeReply, DetokenizeRequest, DetokenizeReply, Started,
 )  # fmt: skip

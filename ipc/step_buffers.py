@@ -18,12 +18,20 @@ from ipc.messages import StepBufferSpecs, TensorSpec
 from ipc.shared_tensor import CudaIpcTensor, SharedTensor, ShmTensor, dtype_name, import_tensor
 
 
+# Speculative decoding: a verify step runs the last accepted token plus up to this many proposals.
+MAX_SPECULATIVE_TOKENS = 8
+MAX_VERIFY_TOKENS = MAX_SPECULATIVE_TOKENS + 1
+
+
 def buffer_layout(vocab_size: int, max_context: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Name -> (shape, dtype) of every step buffer, in `StepBuffers` field order."""
     return {
-        "input_ids": ((max_context,), torch.int64),  # the prompt: [p] is the token at position p (JIT writes)
+        # the prompt, and a verify step's tokens: [p] is the token at position p (JIT writes)
+        "input_ids": ((max_context,), torch.int64),
         "next_token": ((1,), torch.int64),  # the token a decode step consumes (the sampler writes)
         "logits": ((vocab_size,), torch.float32),  # logits of the last position of the last step (executor writes)
+        # a verify step of T tokens: row t = logits after its token t, rows [0, T) (executor writes)
+        "verify_logits": ((MAX_VERIFY_TOKENS, vocab_size), torch.float32),
     }
 
 
@@ -32,6 +40,7 @@ class StepBuffers:
     input_ids: torch.Tensor  # [max_context] int64
     next_token: torch.Tensor  # [1] int64
     logits: torch.Tensor  # [vocab] float32
+    verify_logits: torch.Tensor  # [MAX_VERIFY_TOKENS, vocab] float32
 
     @classmethod
     def allocate(cls, vocab_size: int, max_context: int, device: torch.device) -> StepBuffers:

@@ -19,6 +19,7 @@ from ipc.step_buffers import StepBuffers
 from jit_context.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from jit_context.sampler import Sampler
 from jit_context.sampling_params import SamplingParams
+from jit_context.speculative import SpeculativeConfig, SpeculativeLoop
 from jit_context.token_reader import TokenReader
 
 
@@ -31,6 +32,8 @@ class ExecutorPort(Protocol):
     def prefill(self, num_tokens: int, start_pos: int = 0) -> None: ...
 
     def decode(self, position: int) -> None: ...
+
+    def verify(self, position: int, num_tokens: int) -> None: ...
 
     def wait_enqueued(self) -> None: ...
 
@@ -64,6 +67,7 @@ class GenerationResult:
     tokens_per_s: float
     token_times_ms: list[float] = field(default_factory=list)  # per token, from the request start
     prefill_enqueued_ms: float = 0.0  # when the executor had the prefill queued, from the request start
+    speculation: dict | None = None  # SpecStats.as_dict() when the request speculated
 
     @property
     def completion_tokens(self) -> int:
@@ -79,10 +83,11 @@ class Generator:
     """One request at a time over one executor."""
 
     def __init__(self, port: ExecutorPort, tokenizer: Detokenizing | None, eos_token_ids: frozenset[int],
-                 prefill_chunk: int | None = None):
+                 prefill_chunk: int | None = None, speculation: SpeculativeConfig | None = None):
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1 or None, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
+        self.speculation = speculation or SpeculativeConfig()
         self.port = port
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -91,16 +96,18 @@ class Generator:
         on_gpu = port.buffers.input_ids.device.type == "cuda"
         self._staging = torch.empty(port.max_context, dtype=torch.int64, pin_memory=True) if on_gpu else None
 
-    def _write_prompt(self, prompt_ids: list[int]) -> None:
-        """Prompt ids into the executor's input buffer; on a GPU through pinned memory, so the copy is a
-        plain asynchronous DMA on our stream (the IPC event recorded next orders it before the prefill)."""
-        ids = torch.tensor(prompt_ids, dtype=torch.int64)
-        n = len(prompt_ids)
+    def write_ids(self, ids: list[int], start: int = 0) -> None:
+        """Token ids into the executor's input buffer at [start, start + len(ids)); on a GPU through pinned
+        memory, so the copy is a plain asynchronous DMA on our stream (the IPC event recorded next orders it
+        before the step). A staging slot is reused only by a later step, after the host has synchronised with
+        this one (the plain loop writes only the prompt; the speculative loop reads each verify's result)."""
+        values = torch.tensor(ids, dtype=torch.int64)
+        end = start + len(ids)
         if self._staging is None:
-            self.port.buffers.input_ids[:n].copy_(ids)
+            self.port.buffers.input_ids[start:end].copy_(values)
             return
-        self._staging[:n].copy_(ids)
-        self.port.buffers.input_ids[:n].copy_(self._staging[:n], non_blocking=True)
+        self._staging[start:end].copy_(values)
+        self.port.buffers.input_ids[start:end].copy_(self._staging[start:end], non_blocking=True)
 
     def check_prompt(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
@@ -122,7 +129,7 @@ class Generator:
         self.check_prompt(prompt_ids)
         n = len(prompt_ids)
         buffers = self.port.buffers
-        self._write_prompt(prompt_ids)
+        self.write_ids(prompt_ids)
         chunk = self.prefill_chunk or n
         for chunk_start in range(0, n - chunk, chunk):  # every chunk but the last
             self.port.prefill(chunk, chunk_start)
@@ -133,6 +140,12 @@ class Generator:
         self.port.prefill(n - last_start, last_start)  # its logits are the first token's
         self.sampler.start_request(params, prompt_ids)  # overlaps with the executor launching the prefill
         out = _Output(self, params, prompt_ids, start)
+        if self.speculation.enabled:
+            loop = SpeculativeLoop(self, self.speculation, out, prompt_ids)
+            yield from loop.run(start)
+            out.speculation = loop.stats.as_dict()
+            yield from out.close()
+            return
         reader = self.reader
         reader.reset()
         for k in itertools.count():
@@ -165,6 +178,7 @@ class _Output:
         self.parts: list[str] = []
         self.finish: str | None = None
         self.prefill_enqueued_ms = 0.0
+        self.speculation: dict | None = None
 
     def add(self, token_id: int) -> Chunk:
         self.times.append((time.perf_counter() - self.start) * 1e3)
@@ -187,7 +201,7 @@ class _Output:
             self.parts.append(tail)
             yield Chunk(tail, [])
         yield GenerationResult("".join(self.parts), self.token_ids, self.finish, self.prompt_len, self.times[0],
-                               _rate(self.times), self.times, self.prefill_enqueued_ms)
+                               _rate(self.times), self.times, self.prefill_enqueued_ms, self.speculation)
 
 
 def _rate(times_ms: list[float]) -> float:

@@ -46,9 +46,17 @@ class ServingMetrics:
     ttft: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))
     time_per_output_token: Histogram = field(default_factory=lambda: Histogram(TPOT_BUCKETS))
     e2e_latency: Histogram = field(default_factory=lambda: Histogram(E2E_BUCKETS))
+    # speculative decoding, as vLLM's spec_decode counters: verify steps, proposals, accepted proposals (in
+    # total and by their index within a verify step)
+    spec_drafts: int = 0
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_accepted_per_position: list[int] = field(default_factory=list)
 
-    def record(self, finish_reason: str, prompt_tokens: int, token_times_ms: list[float], e2e_s: float) -> None:
-        """One finished request: its outcome (one of OUTCOMES), prompt size, each token's time since arrival."""
+    def record(self, finish_reason: str, prompt_tokens: int, token_times_ms: list[float], e2e_s: float,
+               speculation: dict | None = None) -> None:
+        """One finished request: its outcome (one of OUTCOMES), prompt size, each token's time since arrival, and
+        what its speculation did (`SpecStats.as_dict()`, None when it did not speculate)."""
         if finish_reason not in OUTCOMES:
             raise ValueError(f"unknown request outcome {finish_reason!r}; one of {OUTCOMES}")
         self.finished[finish_reason] = self.finished.get(finish_reason, 0) + 1
@@ -59,6 +67,15 @@ class ServingMetrics:
         for before, after in zip(token_times_ms, token_times_ms[1:]):
             self.time_per_output_token.observe((after - before) / 1e3)
         self.e2e_latency.observe(e2e_s)
+        if speculation:
+            self.spec_drafts += speculation["num_drafts"]
+            self.spec_draft_tokens += speculation["num_draft_tokens"]
+            self.spec_accepted_tokens += speculation["num_accepted_tokens"]
+            per = speculation["accepted_per_position"]
+            if len(per) > len(self.spec_accepted_per_position):
+                self.spec_accepted_per_position += [0] * (len(per) - len(self.spec_accepted_per_position))
+            for i, n in enumerate(per):
+                self.spec_accepted_per_position[i] += n
 
     def record_error(self, code: str) -> None:
         """One `Error` reply sent to a client (a bad frame, an invalid request, a failed generation)."""
@@ -68,4 +85,7 @@ class ServingMetrics:
         return {"running": running, "waiting": waiting, "finished": dict(self.finished), "errors": dict(self.errors),
                 "prompt_tokens": self.prompt_tokens, "generation_tokens": self.generation_tokens,
                 "ttft_s": self.ttft.snapshot(), "time_per_output_token_s": self.time_per_output_token.snapshot(),
-                "e2e_latency_s": self.e2e_latency.snapshot()}
+                "e2e_latency_s": self.e2e_latency.snapshot(),
+                "spec_decode": {"num_drafts": self.spec_drafts, "num_draft_tokens": self.spec_draft_tokens,
+                                "num_accepted_tokens": self.spec_accepted_tokens,
+                                "accepted_per_position": list(self.spec_accepted_per_position)}}

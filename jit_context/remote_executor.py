@@ -20,7 +20,7 @@ from ipc.channel import Channel
 from ipc.errors import HybridrtError
 from ipc.events import StepEvents
 from ipc.liveness import process_alive
-from ipc.messages import Decode, Error, Message, Ok, Prefill, Reset, Status, StatusReply, StepDone
+from ipc.messages import Decode, Error, Message, Ok, Prefill, Reset, Status, StatusReply, StepDone, Verify
 from ipc.step_buffers import SharedStepBuffers
 
 POLL_MS = 50  # how often a waiting step checks that the executor is alive
@@ -76,6 +76,9 @@ class RemoteExecutor:
 
     def decode(self, position: int) -> None:
         self._send_step(Decode(self.request_id, self._step + 1, position))
+
+    def verify(self, position: int, num_tokens: int) -> None:
+        self._send_step(Verify(self.request_id, self._step + 1, position, num_tokens))
 
     def wait_enqueued(self) -> None:
         """Wait for the executor to have *enqueued* the last step (not run it); our stream then waits on its

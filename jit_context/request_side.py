@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ipc.errors import HybridrtError
 from jit_context.generator import CPU_PREFILL_CHUNK, ExecutorPort, Generator
+from jit_context.speculative import SpeculativeConfig
 from jit_context.tokenizer import Tokenizer
 
 
@@ -61,7 +62,8 @@ class RequestSide:
 
 
 def build_request_side(port: ExecutorPort, model_name: str, vocab_size: int, model_eos_ids: Iterable[int],
-                       tokenizer_path: str | Path | None, chat_template: str | None = None) -> RequestSide:
+                       tokenizer_path: str | Path | None, chat_template: str | None = None,
+                       speculation: SpeculativeConfig | None = None) -> RequestSide:
     """HybridrtError (one line for the user) when a chat template is given without a tokenizer or is invalid."""
     tokenizer = Tokenizer.from_path(Path(tokenizer_path)) if tokenizer_path else None
     if chat_template is not None:
@@ -73,5 +75,6 @@ def build_request_side(port: ExecutorPort, model_name: str, vocab_size: int, mod
             raise HybridrtError(str(e)) from None
     eos = frozenset(model_eos_ids) | (tokenizer.eos_token_ids if tokenizer else frozenset())
     on_cpu = port.buffers.logits.device.type == "cpu"
-    generator = Generator(port, tokenizer, eos, prefill_chunk=CPU_PREFILL_CHUNK if on_cpu else None)
+    generator = Generator(port, tokenizer, eos, prefill_chunk=CPU_PREFILL_CHUNK if on_cpu else None,
+                          speculation=speculation)
     return RequestSide(model_name, vocab_size, tokenizer, eos, generator)

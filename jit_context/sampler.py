@@ -108,14 +108,54 @@ class Sampler:
         return order[rank].view(1)  # [1]
 
     def _kept(self, probs: torch.Tensor) -> torch.Tensor:
-        """probs [V] sorted descending -> [V] bool: the tokens top-k, top-p and min-p all keep."""
+        """probs [..., V] sorted descending -> [..., V] bool: the tokens top-k, top-p and min-p all keep."""
         keep = self._ranks < self._top_k
         topk_probs = torch.where(keep, probs, 0.0)
-        topk_probs = topk_probs / topk_probs.sum()
+        topk_probs = topk_probs / topk_probs.sum(-1, keepdim=True)
         # Smallest prefix whose mass reaches top_p: keep a token if the mass ranked before it is short.
         # top_p = 1 is "off": rounding in the cumulative sum must not drop the tail.
         mass_before = torch.cumsum(topk_probs, dim=-1) - topk_probs
-        keep &= (mass_before < self._top_p) | (self._top_p >= 1.0)
-        keep &= probs >= self._min_p * probs[0]
-        keep[0] = True  # the top token always survives (also covers ties and rounding)
+        keep = keep & ((mass_before < self._top_p) | (self._top_p >= 1.0))
+        keep &= probs >= self._min_p * probs[..., :1]
+        keep[..., 0] = True  # the top token always survives (also covers ties and rounding)
         return keep
+
+    # -- the target distribution of several rows at once (speculative verification) ----------------------
+
+    @property
+    def greedy(self) -> bool:
+        """The request's greedy flag, as the host knows it."""
+        return self._all_greedy
+
+    @property
+    def generator(self) -> torch.Generator:
+        """The request's random stream (seeded by start_request): acceptance draws from it too."""
+        return self._generator
+
+    def penalized_rows(self, logits: torch.Tensor, proposals: torch.Tensor) -> torch.Tensor:
+        """logits [R, V] of consecutive positions, proposals [R - 1] int64 (the tokens between them) -> [R, V]
+        float32 with the repetition penalty applied as a token-by-token run would: row j also counts
+        proposals[:j] as seen."""
+        x = logits.float()
+        if not self._penalize:
+            return x
+        rows, vocab = x.shape
+        earlier = torch.ones(rows, rows - 1, device=x.device).tril_(-1)  # [R, R-1]: row j sees proposals[:j]
+        marks = torch.zeros(rows, vocab, device=x.device).scatter_add_(1, proposals.view(1, -1).expand(rows, -1),
+                                                                        earlier)  # [R, V]
+        penalised = torch.where(x > 0, x / self._repetition_penalty, x * self._repetition_penalty)
+        return torch.where(self._seen | (marks > 0), penalised, x)
+
+    def filtered_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """Penalized logits [R, V] -> [R, V] float32: the distribution `sample` draws from, per row (temperature,
+        top-k, top-p, min-p applied, renormalised)."""
+        probs, order = torch.softmax(x / self._temperature, dim=-1).sort(dim=-1, descending=True)  # [R, V] each
+        kept = torch.where(self._kept(probs), probs, 0.0)
+        kept = kept / kept.sum(-1, keepdim=True)
+        return torch.zeros_like(kept).scatter_(-1, order, kept)
+
+    def observe_ids(self, ids: list[int]) -> None:
+        """Mark tokens the host knows (accepted proposals) as seen; nothing to do without a penalty."""
+        if self._penalize and ids:
+            self._seen.index_fill_(0, torch.tensor(ids, dtype=torch.int64).to(self.device, non_blocking=True),
+                                   True)

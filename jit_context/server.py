@@ -257,6 +257,8 @@ class JitServer:
                    "queue_ms": round((active.started - active.received) * 1e3, 3),
                    "prefill_enqueued_ms": round(result.prefill_enqueued_ms, 3),
                    "token_times_ms": [round(t, 3) for t in result.token_times_ms]}
+        if result.speculation is not None:
+            timings["speculation"] = result.speculation
         return Finished(active.request_id, result.text, result.token_ids, result.finish_reason, usage, timings)
 
     def _finish_abort(self, reason: str) -> None:
@@ -267,7 +269,8 @@ class JitServer:
         self._reply(self.active.identity, msg)
         if isinstance(msg, Finished):
             self.metrics.record(msg.finish_reason, msg.usage.get("prompt_tokens", len(self.active.prompt_ids)),
-                                msg.timings.get("token_times_ms", []), time.perf_counter() - self.active.received)
+                                msg.timings.get("token_times_ms", []), time.perf_counter() - self.active.received,
+                                msg.timings.get("speculation"))
         else:
             self.metrics.record(FAILED, len(self.active.prompt_ids), [], time.perf_counter() - self.active.received)
         self.active, self.stream = None, None

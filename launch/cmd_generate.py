@@ -17,10 +17,12 @@ from launch.options import (
     add_api_key_flag,
     add_model_flags,
     add_sampling_flags,
+    add_speculative_flags,
     add_step_timeout_flag,
     chat_template,
     load_config,
     sampling_params,
+    speculative_config,
 )
 
 
@@ -33,6 +35,7 @@ class Outcome:
     ttft_ms: float
     tokens_per_s: float
     weight_format: str = ""
+    speculation: dict | None = None  # what speculation did (acceptance rate, ...), None when off
 
 
 def register(sub) -> None:
@@ -42,7 +45,8 @@ def register(sub) -> None:
     p.add_argument("prompt", metavar="PROMPT", help="the prompt text; - reads it from stdin")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object at the end (text, token_ids, finish_reason, prompt_tokens, "
-                        "ttft_ms, tokens_per_s) instead of streaming text")
+                        "ttft_ms, tokens_per_s, weight_format, speculation: its acceptance rate and counts) "
+                        "instead of streaming text")
     p.add_argument("--no-chat-template", action="store_true", help="send the prompt as raw text")
     p.add_argument("--system", default=None, help="system message (chat models)")
     p.add_argument("--connect", metavar="ADDR", default=None,
@@ -53,12 +57,14 @@ def register(sub) -> None:
     add_step_timeout_flag(p, note="; not used with --in-process or --connect")
     add_api_key_flag(p)
     add_sampling_flags(p, default_temperature=0.0)
+    add_speculative_flags(p)
     add_model_flags(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     params = sampling_params(args)  # validate flags before the (slow) model load
+    args.speculation = speculative_config(args)
     template = chat_template(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     messages = [{"role": "user", "content": prompt}]
@@ -73,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"text": outcome.text, "token_ids": outcome.token_ids,
                           "finish_reason": outcome.finish_reason, "prompt_tokens": outcome.prompt_tokens,
                           "ttft_ms": round(outcome.ttft_ms, 3), "tokens_per_s": round(outcome.tokens_per_s, 2),
-                          "weight_format": outcome.weight_format}))
+                          "weight_format": outcome.weight_format, "speculation": outcome.speculation}))
     else:
         sys.stdout.write("\n")
     return 0
@@ -87,7 +93,7 @@ def print_stream(text: str) -> None:
 def run_in_process(args, prompt, messages, params, stream, template: str | None) -> Outcome:
     from launch.local import LocalEngine, PromptInput
 
-    engine = LocalEngine(load_config(args), args.tokenizer, chat_template=template)
+    engine = LocalEngine(load_config(args), args.tokenizer, chat_template=template, speculation=args.speculation)
     loaded = engine.loaded
     if not args.quiet:
         what = " (first run: converted and cached the default model)" if loaded.converted_default else ""
@@ -103,7 +109,7 @@ def run_in_process(args, prompt, messages, params, stream, template: str | None)
         else:
             stream(item.text)
     return Outcome(r.text, r.token_ids, r.finish_reason, r.prompt_tokens, r.ttft_ms, r.tokens_per_s,
-                   loaded.weight_format)
+                   loaded.weight_format, r.speculation)
 
 
 def run_through_server(args, prompt, messages, params, stream, template: str | None) -> Outcome:
@@ -115,7 +121,7 @@ def run_through_server(args, prompt, messages, params, stream, template: str | N
     if address is None:
         # If this process dies, the ephemeral pair goes with it (see launch.supervisor).
         supervisor = Supervisor(ServerConfig(load_config(args), tokenizer=args.tokenizer, chat_template=template,
-                                             step_timeout_s=args.step_timeout))
+                                             step_timeout_s=args.step_timeout, speculation=args.speculation))
     try:
         if supervisor:
             supervisor.start()  # inside the try: a failure half-way still stops what did start
@@ -141,6 +147,7 @@ def stream_request(client, prompt, messages, params, stream) -> Outcome:
         if hasattr(msg, "finish_reason"):
             usage, timings = msg.usage, msg.timings
             return Outcome(msg.text, msg.token_ids, msg.finish_reason, usage.get("prompt_tokens", 0),
-                           (first - start) * 1e3, timings.get("tokens_per_s", 0.0))
+                           (first - start) * 1e3, timings.get("tokens_per_s", 0.0),
+                           speculation=timings.get("speculation"))
         stream(msg.text)
     raise RuntimeError("the stream ended without a Finished message")

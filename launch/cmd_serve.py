@@ -15,7 +15,14 @@ import sys
 import threading
 
 from launch.client import API_KEY_ENV
-from launch.options import add_model_flags, add_step_timeout_flag, chat_template, load_config
+from launch.options import (
+    add_model_flags,
+    add_speculative_flags,
+    add_step_timeout_flag,
+    chat_template,
+    load_config,
+    speculative_config,
+)
 from launch.supervisor import ChildDied, ServerConfig, Supervisor
 
 HTTP_SHUTDOWN_TIMEOUT_S = 5.0
@@ -42,6 +49,7 @@ def register(sub) -> None:
                    help="run a private CUDA MPS daemon for the two processes (GPU only): auto starts it where "
                         "possible and logs why not otherwise; on fails if it cannot start (default: auto)")
     add_step_timeout_flag(p)
+    add_speculative_flags(p)
     add_model_flags(p)
     p.set_defaults(run=run)
 
@@ -50,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     config = ServerConfig(load_config(args), listen=f"tcp://{args.host}:{args.port}", tokenizer=args.tokenizer,
                           chat_template=chat_template(args),
                           ready_timeout_s=args.ready_timeout, mps=args.mps, step_timeout_s=args.step_timeout,
-                          api_key=args.api_key)
+                          api_key=args.api_key, speculation=speculative_config(args))
     if args.api_key is None and not is_loopback(args.host):
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach this host can use the "
               "server", file=sys.stderr)

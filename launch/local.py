@@ -9,13 +9,14 @@ from __future__ import annotations
 from graph_executor.loading.loader import LoadConfig, LoadedModel, load_model
 from graph_executor.runner import ModelRunner
 from jit_context.request_side import PromptInput, RequestSide, build_request_side
+from jit_context.speculative import SpeculativeConfig
 
 __all__ = ["LocalEngine", "PromptInput"]
 
 
 class LocalEngine:
     def __init__(self, load: LoadConfig, tokenizer_path: str | None = None, graphs: bool = True,
-                 chat_template: str | None = None) -> None:
+                 chat_template: str | None = None, speculation: SpeculativeConfig | None = None) -> None:
         self.loaded: LoadedModel = load_model(load)
         model = self.loaded.model
         if model.embed_tokens.device.type == "cuda" and graphs:
@@ -27,7 +28,7 @@ class LocalEngine:
             self.runner = ModelRunner(model)
         self.side: RequestSide = build_request_side(
             self.runner, self.loaded.name, model.config.vocab_size, model.config.eos_token_ids,
-            tokenizer_path or self.loaded.tokenizer_path, chat_template)
+            tokenizer_path or self.loaded.tokenizer_path, chat_template, speculation)
         self.tokenizer = self.side.tokenizer
         self.generator = self.side.generator
 

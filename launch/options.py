@@ -11,6 +11,9 @@ from graph_executor.quant.formats import GROUPS
 from graph_executor.quant.specs import DEFAULT_GROUP, QUANTIZE_METHODS
 from jit_context.remote_executor import DEFAULT_STEP_TIMEOUT_S
 from jit_context.sampling_params import SamplingParams
+from jit_context.speculative import DEFAULT_METHOD, METHODS, SpeculativeConfig
+from jit_context.proposers import DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN
+from ipc.step_buffers import MAX_SPECULATIVE_TOKENS
 from jit_context.tokenizer import check_chat_template
 
 
@@ -45,6 +48,31 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="GGUF: dequantize every tensor to --dtype at load instead of keeping the packed types "
                         "(Q4_0/Q4_1/Q4_K/Q5_*/Q6_K/Q8_0) packed on the GPU")
     g.add_argument("--quiet", action="store_true", help="no progress bars or load messages on stderr")
+
+
+def add_speculative_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speculative decoding")
+    # No argparse `choices` for the numbers: SpeculativeConfig's one-line error names the flag and the range.
+    g.add_argument("--speculative", choices=METHODS, default=DEFAULT_METHOD,
+                   help="propose tokens and verify several per step: ngram proposes what followed the longest "
+                        "earlier repeat of the text's last tokens (prompt lookup; wins where the output quotes "
+                        "the input: code edits, extraction, summaries with quotes). Output is the same as "
+                        f"without it (greedy: token for token; sampled: same distribution) (default: {DEFAULT_METHOD})")
+    g.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
+                   help=f"the most tokens proposed per verify step, 1..{MAX_SPECULATIVE_TOKENS}; the number used "
+                        "follows the recent acceptance rate, down to plain decoding (default: 4)")
+    g.add_argument("--ngram-min", type=int, default=DEFAULT_NGRAM_MIN,
+                   help=f"shortest suffix the ngram proposer matches (default: {DEFAULT_NGRAM_MIN})")
+    g.add_argument("--ngram-max", type=int, default=DEFAULT_NGRAM_MAX,
+                   help=f"longest suffix the ngram proposer tries first (default: {DEFAULT_NGRAM_MAX})")
+
+
+def speculative_config(args: argparse.Namespace) -> SpeculativeConfig:
+    """ValueError (one line naming the flag) for a bad combination."""
+    try:
+        return SpeculativeConfig(args.speculative, args.num_speculative_tokens, args.ngram_min, args.ngram_max)
+    except ValueError as e:
+        raise ValueError(f"--speculative: {e}") from None
 
 
 def add_step_timeout_flag(p: argparse.ArgumentParser, note: str = "") -> None:

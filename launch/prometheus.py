@@ -52,4 +52,15 @@ def render(metrics: dict, model: str) -> str:
     lines += _histogram("time_per_output_token_seconds", "Time between two generated tokens.",
                         m["time_per_output_token_s"], model)
     lines += _histogram("e2e_request_latency_seconds", "Arrival to the end of a request.", m["e2e_latency_s"], model)
+    spec = m.get("spec_decode", {})
+    for name, help_text in (("num_drafts", "Speculative verify steps."),
+                            ("num_draft_tokens", "Proposed tokens verified."),
+                            ("num_accepted_tokens", "Proposed tokens accepted.")):
+        lines += _head(f"spec_decode_{name}_total", "counter", help_text)
+        lines.append(f"{PREFIX}spec_decode_{name}_total{_labels(model_name=model)} {spec.get(name, 0)}")
+    lines += _head("spec_decode_num_accepted_tokens_per_pos_total", "counter",
+                   "Proposed tokens accepted, by their position in a verify step.")
+    for pos, count in enumerate(spec.get("accepted_per_position", [])):
+        lines.append(f"{PREFIX}spec_decode_num_accepted_tokens_per_pos_total"
+                     f"{_labels(model_name=model, position=str(pos))} {count}")
     return "\n".join(lines) + "\n"

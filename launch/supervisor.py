@@ -35,6 +35,7 @@ from ipc.runtime_dir import RuntimeDir
 from ipc.shared_tensor import segment_dir
 from jit_context import SERVER_API_KEY_ENV
 from jit_context.remote_executor import DEFAULT_STEP_TIMEOUT_S
+from jit_context.speculative import SpeculativeConfig
 from launch.client import Client, ServerError
 from launch.mps import MpsDaemon
 from launch.options import load_argv
@@ -57,6 +58,7 @@ class ServerConfig:
     mps: str = "auto"  # auto | on | off: a private MPS daemon for the two processes (GPU only)
     step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S  # a step the executor has not answered by then fails its request
     api_key: str | None = field(default=None, repr=False)  # required of every native (and HTTP) client if set
+    speculation: SpeculativeConfig = field(default_factory=SpeculativeConfig)  # the JIT context's decode loop
 
     def __post_init__(self) -> None:
         if self.ready_timeout_s <= 0:
@@ -105,7 +107,8 @@ class Supervisor:
                                                                             start_new_session=True)
         self._tell_reaper(f"child {executor_proc.pid}", f"segments {segment_dir()} hybridrt-{executor_proc.pid}-")
         jit = [sys.executable, "-m", "jit_context", "--control", control, "--listen", self.address,
-               "--executor-pid", str(executor_proc.pid), "--step-timeout", repr(self.config.step_timeout_s)]
+               "--executor-pid", str(executor_proc.pid), "--step-timeout", repr(self.config.step_timeout_s),
+               *self.config.speculation.argv()]
         if self.config.tokenizer:
             jit += ["--tokenizer", self.config.tokenizer]
         if self.config.chat_template is not None:

@@ -107,13 +107,15 @@ def default_model_dir(hybridrt_cache):
 
 @pytest.fixture(scope="session")
 def shared_server(default_model_dir):
-    """One plain `hybridrt serve` (default model, CPU, native socket and HTTP) for every test that neither kills
-    nor reconfigures its server (test_runtime, test_http_api, test_fuzz, a test of test_runtime_faults): each
-    start is two processes importing torch and loading the model. After all of them, SIGTERM must still end it
-    with exit status 0."""
+    """One `hybridrt serve` (default model, CPU, native socket and HTTP) for every test that neither kills nor
+    reconfigures its server (test_runtime, test_http_api, test_fuzz, test_speculative, a test of
+    test_runtime_faults): each start is two processes importing torch and loading the model. It speculates
+    (`--speculative ngram`), so every test that compares its answers with an in-process run without speculation
+    also checks that speculation changes no token. After all of them, SIGTERM must still end it with exit
+    status 0."""
     from tests.serve_process import ServeProcess
 
-    server = ServeProcess()
+    server = ServeProcess("--speculative", "ngram")
     try:
         server.wait_ready()
         yield server

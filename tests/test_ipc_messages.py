@@ -31,7 +31,7 @@ SAMPLES = [
         max_context=2048,
         dtype="float32",
         device="cpu",
-        buffers=m.StepBufferSpecs(input_ids=CUDA_SPEC, next_token=CUDA_SPEC, logits=SPEC),
+        buffers=m.StepBufferSpecs(input_ids=CUDA_SPEC, next_token=CUDA_SPEC, logits=SPEC, verify_logits=SPEC),
         eos_token_ids=[0, 2],
         events=m.EventHandles(executor=b"\x02" * 64, jit=b"\x03" * 64),
         tokenizer_path="/models/smollm2",
@@ -44,6 +44,7 @@ SAMPLES = [
     m.Error(code="bad_fields", message="nope", request_id=None),
     m.Prefill(request_id="r1", step=0, num_tokens=17, start_pos=0),
     m.Decode(request_id="r1", step=2, position=20),
+    m.Verify(request_id="r1", step=3, position=21, num_tokens=5),
     m.StepDone(request_id="r1", step=2),
     m.Reset(request_id="r1"),
     m.GenerateRequest(request_id="c1", prompt="Hello", params={"temperature": 0.7, "max_tokens": 64}),
@@ -115,6 +116,7 @@ def test_finish_reasons_are_one_closed_set():
         lambda: m.GenerateRequest(request_id="r", prompt="a", token_ids=[1]),  # two of them
         lambda: m.Decode(request_id="r", step=True, position=0),  # bool is not an int here
         lambda: m.Decode(request_id="r", step=0, position=-1),
+        lambda: m.Verify(request_id="r", step=0, position=3, num_tokens=0),
         lambda: m.Decode(request_id="", step=0, position=0),
         lambda: m.Decode(request_id="x" * 1000, step=0, position=0),
         lambda: m.Prefill(request_id="r", step=0, num_tokens=0, start_pos=0),
@@ -131,7 +133,7 @@ def test_finish_reasons_are_one_closed_set():
         lambda: m.TensorSpec("t", "float32", (2,), "cuda_ipc", b"handle"),  # no device
         lambda: dataclasses.replace(SAMPLES[1], buffers={"x": {"name": "not a spec"}}),
         lambda: dataclasses.replace(SAMPLES[1], events={"executor": b"x", "jit": b"y"}),
-        lambda: dataclasses.replace(SAMPLES[1], buffers=m.StepBufferSpecs(SPEC, SPEC, "not a spec")),
+        lambda: dataclasses.replace(SAMPLES[1], buffers=m.StepBufferSpecs(SPEC, SPEC, SPEC, "not a spec")),
     ],
 )
 def test_invalid_fields_fail_validation(build):

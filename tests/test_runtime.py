@@ -95,7 +95,9 @@ def test_generate_cli_connect_matches_in_process(server) -> None:
     result = json.loads(out.stdout)
     assert result["token_ids"] == expected["token_ids"] and result["text"] == expected["text"]
     assert set(result) == {"text", "token_ids", "finish_reason", "prompt_tokens", "ttft_ms", "tokens_per_s",
-                           "weight_format"}
+                           "weight_format", "speculation"}
+    assert expected["speculation"] is None  # off by default; the shared server speculates (n-gram)
+    assert result["speculation"]["num_drafts"] >= 0 and 0 <= result["speculation"]["acceptance_rate"] <= 1
     assert result["weight_format"] == "float32"  # what the executor loaded, reported through its status
     assert result["finish_reason"] == "length" and result["prompt_tokens"] == expected["prompt_tokens"] > 10
     assert result["ttft_ms"] > 0 and result["tokens_per_s"] > 0

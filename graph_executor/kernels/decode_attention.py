@@ -1,8 +1,11 @@
-"""Decode attention over the static KV cache (flash-decoding): one query token, positions [start, pos].
+"""Decode attention over the static KV cache (flash-decoding): a few query tokens, each at its own position
+p, attending to positions [start, p].
 
-The current position is read from device memory, so one captured graph serves every step while the cache
-grows; splits that lie wholly beyond the position exit at once, so the cost grows with the real context, not
-with the cache length. Grouped-query attention maps query head h to KV head h // (heads / kv_heads).
+The positions are read from device memory, so one captured graph serves every step while the cache grows;
+splits that lie wholly beyond a position exit at once, so the cost grows with the real context, not with the
+cache length. Grouped-query attention maps query head h to KV head h // (heads / kv_heads). Decode is one
+token; a speculative verify step is k + 1 tokens at consecutive positions (their programs read the same KV
+tiles, mostly from L2).
 """
 
 from __future__ import annotations
@@ -20,16 +23,18 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, acc_ptr, m_ptr, l_ptr,
                   stride_kh, stride_kn, stride_vh, stride_vn,
                   scale, window,
                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
-                  NUM_SPLITS: tl.constexpr):
+                  NUM_SPLITS: tl.constexpr, NUM_HEADS: tl.constexpr):
     head = tl.program_id(0)
     split = tl.program_id(1)
+    token = tl.program_id(2)
     kv_head = head // GROUP
-    pos = tl.load(pos_ptr)  # the query's position: keys [start, pos] are visible
+    pos = tl.load(pos_ptr + token)  # the query's position: keys [start, pos] are visible
     start = tl.maximum(pos + 1 - window, 0)
     lo = tl.maximum(split * SPLIT, start)
     hi = tl.minimum((split + 1) * SPLIT, pos + 1)
     d = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + head * HEAD_DIM + d).to(tl.float32) * scale  # [hd]
+    row = token * NUM_HEADS + head
+    q = tl.load(q_ptr + row * HEAD_DIM + d).to(tl.float32) * scale  # [hd]
     m_i = -float("inf")
     l_i = 0.0
     acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
@@ -48,15 +53,16 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, acc_ptr, m_ptr, l_ptr,
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
         l_i = l_i * alpha + tl.sum(p, axis=0)
         m_i = m_new
-    out = head * NUM_SPLITS + split
+    out = row * NUM_SPLITS + split
     tl.store(acc_ptr + out * HEAD_DIM + d, acc)
     tl.store(m_ptr + out, m_i)
     tl.store(l_ptr + out, l_i)
 
 
 @triton.jit
-def _reduce_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr):
-    head = tl.program_id(0)
+def _reduce_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                   NUM_HEADS: tl.constexpr):
+    head = tl.program_id(1) * NUM_HEADS + tl.program_id(0)  # token * heads + head: a row of [T * heads, hd]
     s = tl.arange(0, NUM_SPLITS)
     d = tl.arange(0, HEAD_DIM)
     m = tl.load(m_ptr + head * NUM_SPLITS + s)  # [S]; -inf for empty splits
@@ -72,7 +78,8 @@ class DecodeAttention:
     """Workspace sized once for a cache length; `__call__` is graph-safe (no allocation, no host reads)."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, max_context: int,
-                 device: torch.device, sliding_window: int | None = None, split_size: int | None = None) -> None:
+                 device: torch.device, sliding_window: int | None = None, split_size: int | None = None,
+                 max_tokens: int = 1) -> None:
         if head_dim & (head_dim - 1):
             raise ValueError(f"decode attention needs a power-of-two head_dim, got {head_dim}")
         self.num_heads, self.group, self.head_dim = num_heads, num_heads // num_kv_heads, head_dim
@@ -81,21 +88,26 @@ class DecodeAttention:
         self.window = sliding_window or (1 << 30)
         self.scale = head_dim ** -0.5
         f32 = dict(device=device, dtype=torch.float32)
-        self.acc = torch.empty(num_heads, self.num_splits, head_dim, **f32)
-        self.m = torch.empty(num_heads, self.num_splits, **f32)
-        self.l = torch.empty(num_heads, self.num_splits, **f32)
+        self.max_tokens = max_tokens
+        self.acc = torch.empty(max_tokens, num_heads, self.num_splits, head_dim, **f32)
+        self.m = torch.empty(max_tokens, num_heads, self.num_splits, **f32)
+        self.l = torch.empty(max_tokens, num_heads, self.num_splits, **f32)
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, position: torch.Tensor,
                  out: torch.Tensor) -> torch.Tensor:
-        """q: [heads, hd]; k/v_cache: [kv_heads, C, hd] (unit stride in hd); position: [1] int64;
-        out: [heads, hd], written in q's dtype."""
-        _split_kernel[(self.num_heads, self.num_splits)](
+        """q: [T, heads, hd] (or [heads, hd] for T = 1), contiguous; k/v_cache: [kv_heads, C, hd] (unit stride in
+        hd); position: [T] int64, token t's position; out: like q, written in q's dtype."""
+        tokens = position.shape[0]
+        if tokens > self.max_tokens or q.numel() != tokens * self.num_heads * self.head_dim:
+            raise ValueError(f"decode attention sized for {self.max_tokens} tokens of {self.num_heads} x "
+                             f"{self.head_dim}, got q {tuple(q.shape)} for {tokens} positions")
+        _split_kernel[(self.num_heads, self.num_splits, tokens)](
             q, k_cache, v_cache, position, self.acc, self.m, self.l,
             k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
             self.scale, self.window,
             GROUP=self.group, HEAD_DIM=self.head_dim, SPLIT=self.split, BLOCK=min(BLOCK_N, self.split),
-            NUM_SPLITS=self.num_splits,
+            NUM_SPLITS=self.num_splits, NUM_HEADS=self.num_heads,
         )
-        _reduce_kernel[(self.num_heads,)](self.acc, self.m, self.l, out, HEAD_DIM=self.head_dim,
-                                          NUM_SPLITS=self.num_splits)
+        _reduce_kernel[(self.num_heads, tokens)](self.acc, self.m, self.l, out, HEAD_DIM=self.head_dim,
+                                                 NUM_SPLITS=self.num_splits, NUM_HEADS=self.num_heads)
         return out

@@ -1,0 +1,69 @@
+"""The speculative verify step on the GPU: k + 1 tokens at consecutive positions p .. p + k (the last accepted
+token and k proposals), k + 1 rows of logits out. The body of the verify CUDA graphs (one per k).
+
+It is the prefill step's structure (row kernels, cuBLAS or the low-bit GEMM for the projections) with two
+differences that make it cost about one decode step: attention is the decode kernel over the cache with each
+query at its own device-side position (not SDPA over a masked whole cache), and the lm_head runs on every row
+into the float32 verify logits. Rows past the accepted ones write K/V the next step overwrites before anything
+reads them (attention reads each query's own position), so a rejection needs no cache copy.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from graph_executor.kernels.decode_attention import DecodeAttention
+from graph_executor.kernels.projections import embedding, matmul, prefill_scratch
+from graph_executor.kernels.rope_append import rope_append
+from graph_executor.kernels.rows import rmsnorm_rows, silu_mul_rows
+from graph_executor.model import LlamaModel
+
+
+class FusedVerify:
+    def __init__(self, model: LlamaModel, max_tokens: int) -> None:
+        cfg = model.config
+        self.model = model
+        self.max_tokens = max_tokens
+        device, dtype = model.embed_tokens.device, model.dtype
+
+        def empty(*shape: int) -> torch.Tensor:
+            return torch.empty(*shape, device=device, dtype=dtype)
+
+        self.x = empty(max_tokens, cfg.hidden_size)  # residual stream [T, H]
+        self.h = empty(max_tokens, cfg.hidden_size)  # normalised [T, H]
+        self.qkv = empty(max_tokens, cfg.q_size + 2 * cfg.kv_size)
+        self.q = empty(max_tokens, cfg.num_heads, cfg.head_dim)
+        self.attn = empty(max_tokens, cfg.num_heads, cfg.head_dim)
+        self.gate_up = empty(max_tokens, 2 * cfg.intermediate_size)
+        self.act = empty(max_tokens, cfg.intermediate_size)
+        self.logits = empty(max_tokens, cfg.vocab_size)  # in the activation dtype, before the float32 copy
+        self.attention = DecodeAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, model.max_context,
+                                         device, cfg.sliding_window, max_tokens=max_tokens)
+        weights = [w for layer in model.layers
+                   for w in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)]
+        self.scratch = prefill_scratch([*weights, model.lm_head], max_tokens, device)
+
+    @torch.inference_mode()
+    def run(self, ids: torch.Tensor, positions: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """ids, positions [T] int64 on the device (T <= max_tokens; positions consecutive or not, each < the
+        context); logits [T, vocab] float32, written in place: row t is the distribution after token t."""
+        m, cfg = self.model, self.model.config
+        t, eps = ids.shape[0], cfg.rms_norm_eps
+        x, h, qkv, q, attn = self.x[:t], self.h[:t], self.qkv[:t], self.q[:t], self.attn[:t]
+        gate_up, act = self.gate_up[:t], self.act[:t]
+        embedding(m.embed_tokens, ids, x)
+        for index, layer in enumerate(m.layers):
+            cache = m.kv_cache[index]  # [2, nkv, C, hd]
+            rmsnorm_rows(x, layer.attn_norm, eps, h)
+            matmul(h, layer.qkv_proj, qkv, bias=layer.qkv_bias, scratch=self.scratch)
+            rope_append(qkv, positions, m.rope, q, cache[0], cache[1], cfg.num_heads, cfg.num_kv_heads,
+                        cfg.head_dim)
+            self.attention(q, cache[0], cache[1], positions, attn)  # [T, nh, hd]
+            matmul(attn.view(t, cfg.q_size), layer.o_proj, x, accumulate=True, scratch=self.scratch)
+            rmsnorm_rows(x, layer.mlp_norm, eps, h)
+            matmul(h, layer.gate_up_proj, gate_up, scratch=self.scratch)
+            silu_mul_rows(gate_up, act)
+            matmul(act, layer.down_proj, x, accumulate=True, scratch=self.scratch)
+        rmsnorm_rows(x, m.norm, eps, h)
+        matmul(h, m.lm_head, self.logits[:t], scratch=self.scratch)  # [T, V]
+        return logits.copy_(self.logits[:t])

@@ -1,0 +1,304 @@
+"""Speculative decoding (issue 11): the n-gram proposer, adaptive k, acceptance on the device (greedy: the same
+tokens as plain decoding; sampled: the same distribution, by a chi-square test), the verify step against the
+model's own decode steps, and whole requests with speculation on and off: the same tokens, with max_tokens, stop
+tokens, EOS and the end of the context cutting exactly where plain decoding cuts."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from graph_executor.runner import ModelRunner
+from jit_context.acceptance import accept
+from jit_context.generator import Generator, GenerationResult
+from jit_context.proposers import NgramProposer
+from jit_context.sampler import Sampler
+from jit_context.sampling_params import SamplingParams
+from jit_context.speculative import AdaptiveK, SpeculativeConfig
+from tests.test_robustness import tiny_runner
+
+PROMPTS = json.loads((Path(__file__).resolve().parents[1] / "bench/data/spec_prompts.json").read_text())
+CPU = torch.device("cpu")
+
+
+# -- the n-gram proposer ---------------------------------------------------------------------------------
+
+
+def test_ngram_proposes_what_followed_the_longest_most_recent_match() -> None:
+    p = NgramProposer(2, 3)
+    p.reset([1, 2, 3, 4, 9, 2, 3, 5, 7, 2, 3])
+    assert p.propose(3) == [5, 7, 2]  # "2 3" last occurred before "5 7" (the later occurrence wins)
+    p.extend([5])
+    assert p.propose(2) == [7, 2]  # "2 3 5" (3 tokens) beats "3 5"
+    p.reset([1, 2, 3, 1, 2, 3, 4, 1, 2])  # "1 2" occurred twice: the most recent one proposes
+    assert p.propose(8) == [3, 4, 1, 2]  # at most what follows, up to the end of the sequence
+    p.reset([5, 6, 7, 8])
+    assert p.propose(4) == []  # no earlier occurrence of any suffix
+    p.reset([5, 6, 5, 6])
+    assert p.propose(0) == [] and p.propose(1) == [5]
+
+
+def test_ngram_index_matches_a_brute_force_search() -> None:
+    gen = torch.Generator().manual_seed(0)
+    seq = torch.randint(0, 5, (300,), generator=gen).tolist()
+    p = NgramProposer(2, 4)
+    p.reset(seq[:10])
+    for i in range(10, len(seq)):
+        got = p.propose(3)
+        want = []
+        for n in range(4, 1, -1):
+            suffix = seq[i - n:i]
+            ends = [j for j in range(n - 1, i - 1) if seq[j - n + 1:j + 1] == suffix]
+            if ends:
+                want = seq[ends[-1] + 1:min(ends[-1] + 4, i)]  # what followed, as far as the sequence goes
+                break
+        assert got == want, i
+        p.extend([seq[i]])
+
+
+def test_ngram_sizes_are_checked() -> None:
+    with pytest.raises(ValueError, match="n-gram sizes"):
+        NgramProposer(3, 2)
+    with pytest.raises(ValueError, match="num_speculative_tokens must be in 1..8"):
+        SpeculativeConfig("ngram", 9)
+    with pytest.raises(ValueError, match="one of off, ngram"):
+        SpeculativeConfig("medusa")
+
+
+def test_adaptive_k_follows_the_acceptance_rate_and_pauses_with_back_off() -> None:
+    k = AdaptiveK(SpeculativeConfig("ngram", 8))
+    for _ in range(10):
+        k.update(4, 4, 100)
+    assert k.k() == 8  # everything accepted: the most proposals
+    for _ in range(10):
+        k.update(4, 0, 200)
+        if not k.allowed(200):
+            break
+    assert not k.allowed(200) and k.allowed(200 + AdaptiveK.BACKOFF_MIN)  # paused for a back-off
+    for _ in range(10):  # failing again after the pause: the next pause is twice as long
+        k.update(2, 0, 300)
+        if not k.allowed(300):
+            break
+    assert not k.allowed(300 + AdaptiveK.BACKOFF_MIN) and k.allowed(300 + 2 * AdaptiveK.BACKOFF_MIN)
+    k.update(2, 2, 400)
+    assert k.backoff == AdaptiveK.BACKOFF_MIN  # an acceptance resets the back-off
+
+
+# -- acceptance ------------------------------------------------------------------------------------------
+
+
+def sampler_for(vocab: int, params: SamplingParams, seen: list[int] = ()) -> Sampler:
+    s = Sampler(vocab, CPU)
+    s.start_request(params, list(seen))
+    return s
+
+
+def test_greedy_acceptance_keeps_the_prefix_that_matches_the_argmax() -> None:
+    vocab = 10
+    logits = torch.full((4, vocab), -1.0)
+    for row, best in enumerate([3, 5, 6, 9]):
+        logits[row, best] = 2.0
+    s = sampler_for(vocab, SamplingParams(temperature=0.0))
+    for proposals, accepted, tokens in (([3, 5, 6], 3, [3, 5, 6, 9]), ([3, 5, 1], 2, [3, 5, 6]),
+                                        ([4, 5, 6], 0, [3]), ([3, 1, 6], 1, [3, 5])):
+        out = accept(s, logits, torch.tensor(proposals)).tolist()
+        assert out[-1] == accepted and out[:accepted + 1] == tokens
+
+
+def test_penalized_rows_apply_the_penalty_as_a_token_by_token_run_would() -> None:
+    vocab = 12
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(4, vocab, generator=gen) * 3
+    proposals = [4, 7, 4]
+    params = SamplingParams(temperature=0.0, repetition_penalty=1.7)
+    s = sampler_for(vocab, params, seen=[1, 2])
+    rows = s.penalized_rows(logits, torch.tensor(proposals))
+    ref = sampler_for(vocab, params, seen=[1, 2])
+    for j in range(4):
+        x = ref._apply_repetition_penalty(logits[j].clone())
+        assert torch.equal(rows[j], x), j
+        if j < 3:
+            ref.observe(torch.tensor([proposals[j]]))
+
+
+def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
+    """Pearson's statistic over the cells with an expected count >= 5, and its degrees of freedom."""
+    n = counts.sum()
+    expected = probs * n
+    cells = expected >= 5
+    assert counts[~cells].sum() <= 0.01 * n  # nothing lands where the target puts (almost) no mass
+    stat = float(((counts[cells] - expected[cells]) ** 2 / expected[cells]).sum())
+    return stat, int(cells.sum()) - 1
+
+
+CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32}  # chi-square quantiles at p = 0.999
+
+
+@pytest.mark.parametrize("soft_q", [False, True], ids=["one-hot q (n-gram)", "soft q (draft)"])
+def test_rejection_sampling_keeps_the_target_distribution(soft_q: bool) -> None:
+    """The first token out of a verify step (an accepted proposal or the added one) is distributed as the
+    target's filtered distribution p_0 however the proposals are drawn; the second, given the first proposal was
+    kept, as p_1. Proposals come from q (soft) or are fixed (one-hot q, as n-gram proposals)."""
+    vocab, k, trials = 8, 2, 6000
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(k + 1, vocab, generator=gen) * 1.5
+    params = SamplingParams(temperature=0.8, top_k=6, top_p=0.95, seed=11)
+    s = sampler_for(vocab, params)
+    fixed = torch.tensor([int(torch.argsort(logits[0])[-2]), int(torch.argmax(logits[1]))])  # plausible, not top
+    q = torch.softmax(torch.randn(k, vocab, generator=gen), -1)
+    first = torch.zeros(vocab)
+    second = torch.zeros(vocab)
+    for _ in range(trials):
+        if soft_q:
+            proposals = torch.multinomial(q, 1, generator=gen).view(-1)
+            out = accept(s, logits, proposals, q)
+        else:
+            proposals = fixed
+            out = accept(s, logits, proposals)
+        first[int(out[0])] += 1
+        if int(out[-1]) >= 1 and not soft_q:
+            second[int(out[1])] += 1
+    p = s.filtered_probs(s.penalized_rows(logits, fixed))
+    stat, df = chi_square(first, p[0])
+    assert stat < CHI2_999[df], (stat, df, first, p[0] * trials)
+    if not soft_q:
+        stat, df = chi_square(second, p[1])
+        assert stat < CHI2_999[df], (stat, df, second, p[1] * second.sum())
+
+
+def test_filtered_probs_is_what_sample_draws_from() -> None:
+    vocab = 6
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    params = SamplingParams(temperature=0.7, top_k=4, top_p=0.9, min_p=0.05, seed=5)
+    s = sampler_for(vocab, params)
+    p = s.filtered_probs(logits.view(1, -1))[0]
+    counts = torch.zeros(vocab)
+    for _ in range(4000):
+        counts[int(s.sample(logits))] += 1
+    stat, df = chi_square(counts, p)
+    assert stat < CHI2_999[df], (counts, p * 4000)
+    assert p[4] == 0 and p[5] == 0 and math.isclose(float(p.sum()), 1.0, rel_tol=1e-6)
+
+
+# -- the verify step and whole requests on a tiny model ---------------------------------------------------
+
+
+def test_verify_step_gives_the_decode_steps_logits() -> None:
+    runner = tiny_runner(max_context=64)
+    ids = torch.randint(3, 300, (20,), generator=torch.Generator().manual_seed(2)).tolist()
+    b = runner.buffers
+    b.input_ids[:20].copy_(torch.tensor(ids))
+    runner.prefill(15)
+    runner.verify(14, 6)  # token 14 again (its K/V rewritten identically), then 15..19
+    verify = b.verify_logits[:6].clone()
+    for pos in range(14, 20):
+        b.next_token.fill_(ids[pos])
+        runner.decode(pos)
+        assert torch.allclose(b.logits, verify[pos - 14], atol=1e-5, rtol=1e-4), pos
+    with pytest.raises(ValueError, match="1..9 tokens"):
+        runner.verify(0, 10)
+    with pytest.raises(ValueError, match="do not fit the context"):
+        runner.verify(60, 5)
+
+
+def run(runner: ModelRunner, prompt: list[int], params: SamplingParams, spec: SpeculativeConfig | None = None,
+        eos: frozenset[int] = frozenset({2})) -> GenerationResult:
+    return list(Generator(runner, None, eos, speculation=spec).generate(prompt, params))[-1]
+
+
+REPETITIVE = [5, 6, 7, 8, 9, 10, 11, 5, 6, 7, 8, 9, 10, 11, 5, 6, 7]
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_greedy_output_is_identical_with_speculation(k: int) -> None:
+    runner = tiny_runner(max_context=160)
+    params = SamplingParams(max_tokens=80, temperature=0.0, ignore_eos=True)
+    base = run(runner, REPETITIVE, params)
+    res = run(runner, REPETITIVE, params, SpeculativeConfig("ngram", k))
+    assert res.token_ids == base.token_ids
+    assert res.speculation["num_accepted_tokens"] > 10  # it did speculate
+    assert res.finish_reason == base.finish_reason == "length" and len(res.token_ids) == 80
+
+
+def test_stops_cut_inside_an_accepted_run_exactly_where_plain_decoding_cuts() -> None:
+    runner = tiny_runner(max_context=160)
+    spec = SpeculativeConfig("ngram", 6)
+    base = run(runner, REPETITIVE, SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True))
+    for stop in sorted(set(base.token_ids[5:40])):  # stop tokens and EOS that first appear at many offsets
+        cut = base.token_ids.index(stop) + 1
+        for params, eos in ((SamplingParams(max_tokens=60, temperature=0.0, stop_token_ids=(stop,)), {2}),
+                            (SamplingParams(max_tokens=60, temperature=0.0), {stop})):
+            res = run(runner, REPETITIVE, params, spec, frozenset(eos))
+            assert res.token_ids == base.token_ids[:cut] and res.finish_reason == "stop", stop
+    for max_tokens in range(1, 30, 3):
+        res = run(runner, REPETITIVE, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True), spec)
+        assert res.token_ids == base.token_ids[:max_tokens] and res.finish_reason == "length"
+
+
+def test_the_context_ends_inside_a_run_as_without_speculation() -> None:
+    for context in (40, 41, 45):
+        runner = tiny_runner(max_context=context)
+        params = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
+        base = run(runner, REPETITIVE, params)
+        res = run(runner, REPETITIVE, params, SpeculativeConfig("ngram", 8))
+        assert res.token_ids == base.token_ids and len(res.token_ids) == context - len(REPETITIVE)
+
+
+def test_sampled_requests_speculate_reproducibly_with_a_seed() -> None:
+    runner = tiny_runner(max_context=160)
+    params = SamplingParams(max_tokens=60, temperature=0.01, top_k=20, seed=9, ignore_eos=True)
+    spec = SpeculativeConfig("ngram", 4)
+    a, b = run(runner, REPETITIVE, params, spec), run(runner, REPETITIVE, params, spec)
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 60
+    assert a.speculation["num_drafts"] > 0 and all(0 <= t < 300 for t in a.token_ids)
+
+
+# -- real weights ----------------------------------------------------------------------------------------
+
+
+def test_smollm2_greedy_tokens_are_identical_with_ngram_speculation(cpu_engine) -> None:
+    """SmolLM2-135M real weights (CPU, float32): the input-grounded prompts of the bench, speculation on and
+    off, the same tokens; speculation accepts proposals on them (the GPU test runs all 8 x 128 tokens)."""
+    from launch.local import PromptInput
+
+    spec = Generator(cpu_engine.runner, cpu_engine.tokenizer, cpu_engine.generator.eos_token_ids,
+                     speculation=SpeculativeConfig("ngram", 4))
+    params = SamplingParams(max_tokens=24, temperature=0.0)
+    accepted = 0
+    for prompt in PROMPTS["grounded"][:3]:
+        ids = cpu_engine.prompt_ids(PromptInput(messages=[{"role": "user", "content": prompt}]))
+        base = list(cpu_engine.generator.generate(ids, params))[-1]
+        res = list(spec.generate(ids, params))[-1]
+        assert res.token_ids == base.token_ids and res.text == base.text
+        accepted += res.speculation["num_accepted_tokens"]
+    assert accepted >= 10
+
+
+def test_a_speculating_server_streams_the_plain_tokens_and_counts_acceptance(shared_server, cpu_engine) -> None:
+    """The shared server speculates (n-gram): real processes, the Verify step over the control channel and the
+    shared verify-logits buffer. Its tokens equal an in-process run without speculation; each accepted token is
+    its own chunk; /metrics carries vLLM's spec_decode counters."""
+    import httpx
+
+    from launch.client import Client
+    from launch.local import PromptInput
+
+    messages = [{"role": "user", "content": PROMPTS["grounded"][1]}]
+    params = SamplingParams(max_tokens=24, temperature=0.0)
+    base = list(cpu_engine.generator.generate(cpu_engine.prompt_ids(PromptInput(messages=messages)), params))[-1]
+    with Client(shared_server.address) as client:
+        chunks = list(client.generate(messages=messages, params=params))
+    final = chunks[-1]
+    assert final.token_ids == base.token_ids and final.text == base.text
+    streamed = [t for c in chunks[:-1] for t in c.token_ids]
+    assert streamed == base.token_ids and all(len(c.token_ids) <= 1 for c in chunks[:-1])
+    spec = final.timings["speculation"]
+    assert spec["num_accepted_tokens"] > 0, spec
+    metrics = httpx.get(f"{shared_server.http}/metrics", timeout=30).text
+    accepted = next(line for line in metrics.splitlines()
+                    if line.startswith("hybridrt:spec_decode_num_accepted_tokens_total"))
+    assert int(accepted.rsplit(" ", 1)[1]) >= spec["num_accepted_tokens"]
