@@ -148,10 +148,67 @@ def overhead_section(results: dict) -> list[str]:
     return ["## Two-process overhead (ms, hybridrt minus hybridrt-executor)", ""] + _table(["figure", "ms"], rows)
 
 
+def _ran(results: dict, workload: str) -> list[str]:
+    """Engines that ran `workload` (not the ones that recorded a skip)."""
+    return [n for n, r in results["engines"].items() if workload in r and "skipped" not in r[workload]]
+
+
+def speculative_section(results: dict) -> list[str]:
+    names = _ran(results, "speculative")
+    if not names:
+        return []
+    rows = []
+    for e in names:
+        s = results["engines"][e]["speculative"]
+        rows.append([e, s["method"], *(x for kind in ("grounded", "open")
+                                       for x in (s[kind]["tokens_per_s"], s[kind]["tokens"], s[kind]["acceptance_rate"]))])
+    head = ["engine", "speculative", "grounded tokens/s", "grounded tokens", "grounded acceptance", "open tokens/s",
+            "open tokens", "open acceptance"]
+    spec = results["spec"]
+    return ([f"## Speculative workload: chat prompts, greedy, up to {spec.get('spec_tokens')} tokens each "
+             "(tokens/s over the decode part, summed over prompts)", ""] + _table(head, rows))
+
+
+def verify_section(results: dict) -> list[str]:
+    names = _ran(results, "verify")
+    if not names:
+        return []
+    v = results["engines"][names[0]]["verify"]
+    rows = [[k, f"{r['verify_ms']:.3f}", f"{r['vs_decode']:.3f}", r["break_even_acceptance"]]
+            for k, r in v["k"].items()]
+    return ([f"## Verify step of k + 1 tokens vs a decode step ({names[0]}, graph replays at context "
+             f"{v['context']}; decode {v['decode_ms']:.3f} ms)", ""]
+            + _table(["k", "verify ms", "verify / decode", "break-even acceptance rate"], rows))
+
+
 def markdown(results: dict) -> str:
     sections = [header, floors_section, ttft_section, decode_section, context_section, ratio_section,
-                overhead_section, status_section]
+                speculative_section, verify_section, overhead_section, status_section]
     return "\n".join(line for section in sections for line in section(results))
+
+
+def speculative_table(runs: dict[str, dict]) -> str:
+    """One line per engine and --speculative method: tokens/s of each prompt kind, its ratio to the same
+    engine's run without speculation, acceptance, and how many prompts gave the same tokens as that run."""
+    base = runs.get("off", {})
+    rows = []
+    for method, results in runs.items():
+        for name, r in results["engines"].items():
+            s = r.get("speculative")
+            if not s or "skipped" in s:
+                continue
+            b = (base.get("engines", {}).get(name) or {}).get("speculative") or {}
+            cells = [method, name]
+            for kind in ("grounded", "open"):
+                rate, ref = s[kind]["tokens_per_s"], (b.get(kind) or {}).get("tokens_per_s")
+                same = sum(p["token_ids"] == q["token_ids"] for p, q in zip(s[kind]["prompts"],
+                                                                             (b.get(kind) or {}).get("prompts", [])))
+                cells += [rate, f"{rate / ref:.2f}" if rate and ref else None, s[kind]["acceptance_rate"],
+                          f"{same}/{len(s[kind]['prompts'])}" if b else None]
+            rows.append(cells)
+    header = ["speculative", "engine", "grounded tokens/s", "vs off", "acceptance", "same tokens as off",
+              "open tokens/s", "vs off", "acceptance", "same tokens as off"]
+    return "\n".join(["# hybridrt bench: speculative decoding side by side", "", *_table(header, rows)])
 
 
 def formats_table(runs: dict[str, dict]) -> str:

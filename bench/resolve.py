@@ -15,7 +15,17 @@ import torch
 
 from bench.envinfo import REPO_ROOT, card_slug, gpu_info
 from bench.model_info import weight_plan
-from bench.spec import DEFAULTS, ENGINES, GPU_ONLY_ENGINES, OURS, WORKLOADS, BenchSpec, parse_ints, parse_names
+from bench.spec import (
+    DEFAULTS,
+    ENGINES,
+    GPU_ONLY_ENGINES,
+    OPT_IN_WORKLOADS,
+    OURS,
+    WORKLOADS,
+    BenchSpec,
+    parse_ints,
+    parse_names,
+)
 from graph_executor.loading import default_model
 from graph_executor.loading.loader import resolve_model_config
 from graph_executor.memory import check_fits, host_available_bytes
@@ -48,6 +58,9 @@ class BenchOptions:
     quantize_group: int = 32
     dequantize: bool = False
     peers: bool = True  # False: only the hybridrt engines (a quantized run: the peers run the dtype only)
+    speculative: str = "off"
+    num_speculative_tokens: int = 4
+    spec_tokens: int = 128
 
 
 def resolve_device_name(name: str) -> str:
@@ -88,7 +101,7 @@ def resolve_spec(opts: BenchOptions) -> BenchSpec:
         engines = tuple(e for e in engines if e in OURS)
         if not engines:
             raise HybridrtError("--quantize runs only the hybridrt engines; --engines names none of them")
-    workloads = parse_names(opts.workloads, WORKLOADS, "workload")
+    workloads = parse_names(opts.workloads, WORKLOADS, "workload", OPT_IN_WORKLOADS)
     model = opts.model or d.model
     name, cfg = resolve_model_config(model)
     if name == default_model.DEFAULT_MODEL_NAME:  # converted here, once, so no engine's timed start-up does it
@@ -104,7 +117,8 @@ def resolve_spec(opts: BenchOptions) -> BenchSpec:
         context_steps=_pick(opts.context_steps, d.context_steps), repeats=_pick(opts.repeats, d.repeats),
         max_context=1 << 30, model_config=cfg.to_hf_dict(), seed=opts.seed, timeout_s=opts.timeout_s,
         mps=opts.mps, tokenizer=opts.tokenizer, quantize=opts.quantize, quantize_group=opts.quantize_group,
-        dequantize=opts.dequantize,
+        dequantize=opts.dequantize, speculative=opts.speculative,
+        num_speculative_tokens=opts.num_speculative_tokens, spec_tokens=opts.spec_tokens,
     )
     limit, needed = cfg.max_position_embeddings, spec.needed_context
     if max(needed, opts.max_context or 0) > limit:

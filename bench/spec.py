@@ -20,7 +20,7 @@ GPU_ONLY_ENGINES = frozenset({"hf-compile"})  # reduce-overhead means CUDA graph
 OURS = ("hybridrt", "hybridrt-executor")
 PEERS = ("hf-eager", "hf-compile")
 
-WORKLOADS = ("ttft", "decode", "context", "startup", "memory", "overhead", "floors")
+WORKLOADS = ("ttft", "decode", "context", "startup", "memory", "overhead", "floors", "speculative", "verify")
 WORKLOAD_HELP = {
     "ttft": "time to first token per prompt length (median, P99, min over --repeats)",
     "decode": "per-token latency over --decode-tokens after a prompt (P50/P90/P99/max, tokens/s, CDF)",
@@ -29,7 +29,16 @@ WORKLOAD_HELP = {
     "memory": "peak GPU memory (torch.cuda.max_memory_allocated), graph memory when reported; CPU: peak RSS",
     "overhead": "two-process cost: hybridrt end to end minus hybridrt-executor (TTFT and per-token)",
     "floors": "HBM read bandwidth and matmul rate on this card, hence decode and prefill floors",
+    "speculative": "hybridrt engines with a tokenizer: tokens/s on 8 input-grounded and 4 open-ended chat "
+                   "prompts (bench/data/spec_prompts.json), greedy, up to --spec-tokens each, with the run's "
+                   "--speculative method; tokens kept so runs with and without it can be compared",
+    "verify": "hybridrt-executor on a GPU: one verify step of k + 1 tokens (k = 1..8) against one decode step, "
+              "graph replays at context 512, and the acceptance rate at which speculating breaks even",
 }
+OPT_IN_WORKLOADS = ("speculative",)  # not in "all": it needs a tokenizer and a longer context
+SPECULATIVE_METHODS = ("off", "ngram")  # jit_context.speculative.METHODS (not imported: this file stays light)
+SPEC_PROMPT_CONTEXT = 384  # room for the longest chat prompt of the speculative workload
+VERIFY_CONTEXT = 512  # the verify workload's steps run at this position
 MPS_MODES = ("auto", "on", "off")
 QUANTIZE_METHODS = ("int8", "int4", "fp8")  # graph_executor.quant.specs (not imported: this file stays light)
 # Generated after each timed decode run but not timed: an engine that reads tokens one step behind hands the
@@ -83,8 +92,14 @@ class BenchSpec:
     quantize: str | None = None  # the hybridrt engines' --quantize (the peers run the dtype)
     quantize_group: int = 32
     dequantize: bool = False  # a GGUF model dequantized at load instead of kept packed
+    speculative: str = "off"  # the hybridrt engines' --speculative
+    num_speculative_tokens: int = 4
+    spec_tokens: int = 128  # most tokens per prompt of the speculative workload
 
     def __post_init__(self) -> None:
+        if self.speculative not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE_METHODS)}, got {self.speculative!r}")
+        _check_positive("spec_tokens", self.spec_tokens, 2)
         if self.quantize is not None and self.quantize not in QUANTIZE_METHODS:
             raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_METHODS)}, got {self.quantize!r}")
         _check_names(self.engines, ENGINES, "engine")
@@ -121,6 +136,8 @@ class BenchSpec:
         return 1 + max(max(self.prompt_lens) + 1 if "ttft" in self.workloads else 0,
                        self.decode_prompt_len + self.decode_tokens + steps if "decode" in self.workloads else 0,
                        max(self.contexts) + self.context_steps + steps if "context" in self.workloads else 0,
+                       SPEC_PROMPT_CONTEXT + self.spec_tokens if "speculative" in self.workloads else 0,
+                       VERIFY_CONTEXT + 16 if "verify" in self.workloads and self.on_gpu else 0,
                        WARMUP_CONTEXT)
 
     def to_dict(self) -> dict:
@@ -145,11 +162,12 @@ def _check_positive(name: str, value: int, minimum: int) -> None:
         raise ValueError(f"{name.replace('_', '-')} must be an integer >= {minimum}, got {value!r}")
 
 
-def parse_names(text: str, known: tuple[str, ...], what: str) -> tuple[str, ...]:
-    """A comma list of names; 'all' means every known one. Order follows `known`, duplicates dropped."""
+def parse_names(text: str, known: tuple[str, ...], what: str, opt_in: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """A comma list of names; 'all' means every known one but those only run when named (`opt_in`). Order
+    follows `known`, duplicates dropped."""
     names = [n.strip() for n in text.split(",") if n.strip()]
     if names == ["all"]:
-        return known
+        return tuple(n for n in known if n not in opt_in)
     _check_names(tuple(names), known, what)
     return tuple(n for n in known if n in names)
 

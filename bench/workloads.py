@@ -1,4 +1,6 @@
-"""The timed workloads, the same for every engine: TTFT sweep, decode latency, decode latency vs context.
+"""The timed workloads, the same for every engine: TTFT sweep, decode latency, decode latency vs context; and
+two that only engines with the matching methods run: the speculative workload (chat prompts through the
+tokenizer, `generate_chat`) and the verify-step cost (`verify_cost`).
 
 An engine only has to generate greedily, ignoring EOS, and say when each token reached the host; prompts are
 random token ids from a fixed seed, so every engine (in its own process) sees the same prompts.
@@ -6,10 +8,14 @@ random token ids from a fixed seed, so every engine (in its own process) sees th
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 from typing import Protocol
 
 from bench.spec import DRAIN_TOKENS, BenchSpec
+
+SPEC_PROMPTS = Path(__file__).resolve().parent / "data" / "spec_prompts.json"
 from bench.stats import gaps_ms, r3, token_summary, ttft_summary
 
 ID_MARGIN = 100  # keep clear of special tokens at both ends of the vocabulary
@@ -84,4 +90,42 @@ def context_sweep(engine: Engine, spec: BenchSpec) -> dict:
     return out
 
 
-TIMED_WORKLOADS = {"ttft": ttft_sweep, "decode": decode, "context": context_sweep}
+def speculative(engine: Engine, spec: BenchSpec) -> dict:
+    """Per prompt kind (grounded, open): tokens/s over the decode part of each chat (first token to last),
+    summed over prompts; per prompt its tokens, time, acceptance and token ids (runs with and without
+    speculation compare them). Engines without `generate_chat` (or without a tokenizer) are skipped."""
+    run = getattr(engine, "generate_chat", None)
+    if run is None:
+        return {"skipped": "this engine has no chat generation"}
+    prompts = json.loads(SPEC_PROMPTS.read_text())
+    try:
+        run([{"role": "user", "content": prompts["open"][0]}], 8)  # warm-up: the verify graphs are captured
+    except EngineUnavailable as e:
+        return {"skipped": str(e)}
+    out: dict = {"method": spec.speculative, "max_tokens": spec.spec_tokens}
+    for kind in ("grounded", "open"):
+        rows = []
+        for text in prompts[kind]:
+            token_ids, times_ms, stats = run([{"role": "user", "content": text}], spec.spec_tokens)
+            rows.append({"tokens": len(token_ids), "ttft_ms": r3(times_ms[0]),
+                         "decode_ms": r3(times_ms[-1] - times_ms[0]), "speculation": stats, "token_ids": token_ids})
+        decoded = sum(r["tokens"] - 1 for r in rows)
+        ms = sum(r["decode_ms"] for r in rows)
+        drafted = sum((r["speculation"] or {}).get("num_draft_tokens", 0) for r in rows)
+        accepted = sum((r["speculation"] or {}).get("num_accepted_tokens", 0) for r in rows)
+        out[kind] = {"tokens_per_s": round(decoded / ms * 1e3, 2) if ms > 0 else None,
+                     "acceptance_rate": round(accepted / drafted, 4) if drafted else None,
+                     "tokens": sum(r["tokens"] for r in rows), "prompts": rows}
+    return out
+
+
+def verify_cost(engine: Engine, spec: BenchSpec) -> dict:
+    """Verify step of k + 1 tokens vs one decode step (engines with `verify_cost`: the executor on a GPU)."""
+    measure = getattr(engine, "verify_cost", None)
+    if measure is None or not spec.on_gpu:
+        return {"skipped": "needs hybridrt-executor on a GPU"}
+    return measure()
+
+
+TIMED_WORKLOADS = {"ttft": ttft_sweep, "decode": decode, "context": context_sweep, "speculative": speculative,
+                   "verify": verify_cost}

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench.spec import DEFAULTS, ENGINE_HELP, MPS_MODES, QUANTIZE_METHODS, WORKLOAD_HELP
+from bench.spec import DEFAULTS, ENGINE_HELP, MPS_MODES, QUANTIZE_METHODS, SPECULATIVE_METHODS, WORKLOAD_HELP
 
 _GPU, _CPU = DEFAULTS["cuda"], DEFAULTS["cpu"]
 
@@ -68,12 +68,19 @@ def _model_flags(g) -> None:
                    help="weights per scale for int8/int4 (default: 32)")
     g.add_argument("--dequantize", action="store_true",
                    help="a GGUF --model dequantized at load instead of kept packed on the GPU")
+    g.add_argument("--speculative", default="off", metavar="LIST",
+                   help=f"speculative decoding of the hybridrt engines, a comma list of "
+                        f"{', '.join(SPECULATIVE_METHODS)}: one run per method (like --quantize) and a side-by-"
+                        f"side speculative.md; one axis at a time (default: off)")
+    g.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
+                   help="most proposals per verify step (default: 4)")
 
 
 def _workload_flags(w) -> None:
     w.add_argument("--engines", default=None,
                    help=f"comma list of {', '.join(ENGINE_HELP)}, or all (default: all this device runs)")
-    w.add_argument("--workloads", default="all", help=f"comma list of {', '.join(WORKLOAD_HELP)} (default: all)")
+    w.add_argument("--workloads", default="all", help=f"comma list of {', '.join(WORKLOAD_HELP)}; all is every "
+                                                      f"one but speculative (default: all)")
     w.add_argument("--prompt-lens", default=None, help="TTFT prompt lengths, comma list "
                    f"(default: GPU {_ints(_GPU.prompt_lens)} / CPU {_ints(_CPU.prompt_lens)})")
     w.add_argument("--repeats", type=int, default=None,
@@ -85,6 +92,8 @@ def _workload_flags(w) -> None:
                    help=f"prompt before them (default: GPU {_GPU.decode_prompt_len} / CPU {_CPU.decode_prompt_len})")
     w.add_argument("--contexts", default=None, help="context lengths of the context workload, comma list "
                    f"(default: GPU {_ints(_GPU.contexts)} / CPU {_ints(_CPU.contexts)})")
+    w.add_argument("--spec-tokens", type=int, default=128,
+                   help="most tokens per prompt of the speculative workload (default: 128)")
     w.add_argument("--context-steps", type=int, default=None,
                    help=f"decode steps timed at each context (default: GPU {_GPU.context_steps} / "
                         f"CPU {_CPU.context_steps})")
@@ -98,7 +107,8 @@ def options(args: argparse.Namespace):
         prompt_lens=args.prompt_lens, decode_tokens=args.decode_tokens, decode_prompt_len=args.decode_prompt_len,
         contexts=args.contexts, context_steps=args.context_steps, repeats=args.repeats,
         max_context=args.max_context, seed=args.seed, timeout_s=args.timeout, mps=args.mps,
-        tokenizer=args.tokenizer, quantize_group=args.quantize_group, dequantize=args.dequantize)
+        tokenizer=args.tokenizer, quantize_group=args.quantize_group, dequantize=args.dequantize,
+        num_speculative_tokens=args.num_speculative_tokens, spec_tokens=args.spec_tokens)
 
 
 def formats(text: str) -> list[str | None]:
@@ -111,6 +121,13 @@ def formats(text: str) -> list[str | None]:
     return [None if n == "none" else n for n in names]
 
 
+def speculative_methods(text: str) -> list[str]:
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not names or any(n not in SPECULATIVE_METHODS for n in names):
+        raise ValueError(f"--speculative takes a comma list of {', '.join(SPECULATIVE_METHODS)}, got {text!r}")
+    return names
+
+
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -119,8 +136,14 @@ def run(args: argparse.Namespace) -> int:
     from bench.resolve import default_out_dir, resolve_spec
 
     methods = formats(args.quantize)
+    spec_methods = speculative_methods(args.speculative)
+    if len(methods) > 1 and len(spec_methods) > 1:
+        raise ValueError("--quantize and --speculative: give a list to one of them at a time")
+    if len(spec_methods) > 1:
+        return _speculative_runs(args, spec_methods)
     # every format's spec is resolved (bad input fails here) before any process starts
-    specs = [resolve_spec(replace(options(args), quantize=q, peers=q is None)) for q in methods]
+    specs = [resolve_spec(replace(options(args), quantize=q, peers=q is None, speculative=spec_methods[0]))
+             for q in methods]
     out = Path(args.out) if args.out else default_out_dir(specs[0])
 
     def log(line: str) -> None:
@@ -136,6 +159,28 @@ def run(args: argparse.Namespace) -> int:
         runs[q or spec.dtype] = run_bench(spec, out / (q or spec.dtype), log)
     table = formats_table(runs)
     (out / "formats.md").write_text(table + "\n")
+    print(table)
+    print(f"results: {out}")
+    return 0
+
+
+def _speculative_runs(args: argparse.Namespace, methods: list[str]) -> int:
+    """One run per --speculative method into <out>/<method>/ (the peers with the first only), speculative.md."""
+    from dataclasses import replace
+
+    from bench.harness import run_bench
+    from bench.report import speculative_table
+    from bench.resolve import default_out_dir, resolve_spec
+
+    quantize = formats(args.quantize)[0]
+    specs = [resolve_spec(replace(options(args), quantize=quantize, speculative=m,
+                                  peers=quantize is None and i == 0)) for i, m in enumerate(methods)]
+    out = Path(args.out) if args.out else default_out_dir(specs[0])
+    runs = {m: run_bench(spec, out / m, lambda line: None if args.quiet else print(line, file=sys.stderr,
+                                                                                      flush=True))
+            for m, spec in zip(methods, specs)}
+    table = speculative_table(runs)
+    (out / "speculative.md").write_text(table + "\n")
     print(table)
     print(f"results: {out}")
     return 0

@@ -147,7 +147,7 @@ def test_serve_on_gpu_streams_native_and_http(smollm2_tokenizer) -> None:
     before = shm_segments()
     flags = ("--device", "cuda", "--model", "dummy:smollm2-135m", "--tokenizer", smollm2_tokenizer,
              "--max-context", "1024")
-    with ServeProcess(model_flags=flags) as server:
+    with ServeProcess("--speculative", "ngram", model_flags=flags) as server:  # verify logits over CUDA IPC too
         with Client(server.address) as client:
             chunks = list(client.generate(messages=[{"role": "user", "content": "Hello there"}],
                                           params={"max_tokens": 40, "temperature": 0, "ignore_eos": True}))

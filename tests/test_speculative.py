@@ -302,3 +302,125 @@ def test_a_speculating_server_streams_the_plain_tokens_and_counts_acceptance(sha
     accepted = next(line for line in metrics.splitlines()
                     if line.startswith("hybridrt:spec_decode_num_accepted_tokens_total"))
     assert int(accepted.rsplit(" ", 1)[1]) >= spec["num_accepted_tokens"]
+
+
+# -- GPU: verify graphs, and SmolLM2 real weights through them ------------------------------------------------
+
+
+def decode_logits(runner, prompt: list[int], tokens: list[int]) -> list[torch.Tensor]:
+    """Logits after the prompt's last token and after each of `tokens`, by prefill + decode steps."""
+    b = runner.buffers
+    b.input_ids[:len(prompt)].copy_(torch.tensor(prompt))
+    runner.prefill(len(prompt))
+    out = [b.logits.clone()]
+    for i, t in enumerate(tokens[:-1]):
+        b.next_token.fill_(t)
+        runner.decode(len(prompt) + i)
+        out.append(b.logits.clone())
+    return out
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,quantize,tol", [("float32", None, 1e-4), ("float16", None, 1e-2),
+                                                ("float16", "int4", 2e-2)])
+def test_verify_graphs_give_the_decode_steps_logits(dtype: str, quantize: str | None, tol: float) -> None:
+    """Every verify graph (2..9 tokens), replayed at a position inside a prompt's continuation, gives the logits
+    of the decode graph at each of its positions (one row per token), over dense and packed weights."""
+    from graph_executor.graphs import GraphRunner
+    from graph_executor.loading.loader import LoadConfig, load_model
+
+    loaded = load_model(LoadConfig(model="dummy:smollm2-135m", device="cuda", dtype=dtype, max_context=512,
+                                   quantize=quantize, progress=False))
+    graphs = GraphRunner(loaded.model)
+    graphs.capture_all()
+    assert {f"verify_{n}" for n in range(2, 10)} <= set(graphs.graphs)
+    gen = torch.Generator().manual_seed(4)
+    prompt = torch.randint(100, 40000, (100,), generator=gen).tolist()
+    tokens = torch.randint(100, 40000, (20,), generator=gen).tolist()
+    reference = decode_logits(graphs, prompt, tokens)  # [21] rows: after prompt[-1], tokens[0], ...
+    b = graphs.buffers
+    seq = prompt + tokens
+    for n in range(2, 10):
+        position = len(prompt) - 1 + n  # the verify starts after a few decoded tokens; earlier KV is valid
+        b.input_ids[:len(seq)].copy_(torch.tensor(seq))
+        graphs.verify(position, n)
+        for row in range(n):
+            want = reference[position - len(prompt) + 1 + row]
+            err = float((b.verify_logits[row].double() - want.double()).norm() / want.double().norm())
+            assert err < tol, (n, row, err)
+
+
+@pytest.fixture
+def smollm2_real(request):
+    """SmolLM2-135M-Instruct real weights: $HYBRIDRT_TEST_GGUF (GPU machines without the model package) or the
+    default model's GGUF, dequantized; tokenizer from $HYBRIDRT_TEST_TOKENIZER or the converted default model."""
+    import os
+
+    from graph_executor.loading.default_model import gguf_path
+
+    gguf = os.environ.get("HYBRIDRT_TEST_GGUF") or str(gguf_path())
+    tokenizer = os.environ.get("HYBRIDRT_TEST_TOKENIZER") or str(request.getfixturevalue("default_model_dir"))
+    return gguf, tokenizer
+
+
+@pytest.mark.cuda
+def test_smollm2_on_gpu_greedy_8_prompts_x_128_tokens_identical_with_speculation(smollm2_real) -> None:
+    """The issue's check on the GPU path (graphs for decode and verify), float32 so that no argmax is a rounding
+    tie between the two step shapes: 8 input-grounded prompts x 128 tokens, speculation on and off."""
+    from graph_executor.loading.loader import LoadConfig
+    from launch.local import LocalEngine, PromptInput
+
+    gguf, tokenizer = smollm2_real
+    engine = LocalEngine(LoadConfig(model=gguf, device="cuda", dtype="float32", max_context=1024, dequantize=True,
+                                    progress=False), tokenizer)
+    spec = Generator(engine.runner, engine.tokenizer, engine.generator.eos_token_ids,
+                     speculation=SpeculativeConfig("ngram", 8))
+    params = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
+    accepted = 0
+    for prompt in PROMPTS["grounded"]:
+        ids = engine.prompt_ids(PromptInput(messages=[{"role": "user", "content": prompt}]))
+        base = list(engine.generator.generate(ids, params))[-1]
+        res = list(spec.generate(ids, params))[-1]
+        assert res.token_ids == base.token_ids and len(res.token_ids) == 128
+        accepted += res.speculation["num_accepted_tokens"]
+    assert accepted > 8 * 16
+
+
+# -- the bench's speculative workloads --------------------------------------------------------------------
+
+
+def test_break_even_acceptance_solves_the_expected_tokens() -> None:
+    from bench.engines.executor import break_even
+
+    assert break_even(0.9, 4) == 0.0 and break_even(5.0, 4) is None
+    a = break_even(1.15, 4)
+    assert abs(sum(a ** i for i in range(5)) - 1.15) < 1e-3
+
+
+def test_speculative_workload_runs_the_shipped_prompts_and_compares_runs(default_model_dir) -> None:
+    """The bench's workload in-process (the executor engine, CPU, a few tokens per prompt): every prompt runs,
+    the summary adds up, and the side-by-side table counts prompts whose tokens match the run without it."""
+    from bench.engines.executor import ExecutorEngine
+    from bench.procinfo import Timeline
+    from bench.report import speculative_table
+    from bench.resolve import BenchOptions, resolve_spec
+    from bench.workloads import speculative
+
+    spec = resolve_spec(BenchOptions(model="smollm2-135m-instruct", device="cpu", engines="hybridrt-executor",
+                                     workloads="speculative", spec_tokens=6, speculative="ngram"))
+    engine = ExecutorEngine(spec, Timeline(0.0))
+    try:
+        result = speculative(engine, spec)
+    finally:
+        engine.close()
+    assert result["method"] == "ngram"
+    assert len(result["grounded"]["prompts"]) == 8 and len(result["open"]["prompts"]) == 4
+    assert result["grounded"]["tokens"] == sum(len(p["token_ids"]) for p in result["grounded"]["prompts"])
+    assert all(1 <= len(p["token_ids"]) <= 6 for p in result["grounded"]["prompts"])
+    off = {kind: {**result[kind], "prompts": [{**p, "token_ids": p["token_ids"][:1] + [-1]} if i == 0 else p
+                                             for i, p in enumerate(result[kind]["prompts"])]}
+           for kind in ("grounded", "open")}
+    runs = {"off": {"engines": {"hybridrt-executor": {"speculative": {**result, **off, "method": "off"}}}},
+            "ngram": {"engines": {"hybridrt-executor": {"speculative": result}}}}
+    table = speculative_table(runs)
+    assert "| ngram | hybridrt-executor |" in table and "7/8" in table and "3/4" in table

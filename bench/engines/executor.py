@@ -8,7 +8,8 @@ from __future__ import annotations
 import time
 
 from bench.procinfo import Timeline, process_memory
-from bench.spec import BenchSpec
+from bench.spec import VERIFY_CONTEXT, BenchSpec
+from bench.workloads import EngineUnavailable, prompt_ids
 
 WARMUP_PROMPT = 16
 WARMUP_TOKENS = 4
@@ -18,6 +19,7 @@ class ExecutorEngine:
     def __init__(self, spec: BenchSpec, timeline: Timeline) -> None:
         from graph_executor.loading.loader import LoadConfig
         from jit_context.sampling_params import SamplingParams
+        from jit_context.speculative import SpeculativeConfig
         from launch.local import LocalEngine
 
         self.spec = spec
@@ -25,7 +27,8 @@ class ExecutorEngine:
         load = LoadConfig(model=spec.model, device=spec.device, dtype=spec.dtype, max_context=spec.max_context,
                           seed=spec.seed, progress=False, **spec.load_flags)
         before = time.time()
-        self.local = LocalEngine(load, spec.tokenizer)
+        speculation = SpeculativeConfig(spec.speculative, spec.num_speculative_tokens)
+        self.local = LocalEngine(load, spec.tokenizer, speculation=speculation)
         timeline.mark("weights_ready", at=before + self.local.loaded.load_seconds)
         timeline.mark("ready")
         self.generate(list(range(100, 100 + WARMUP_PROMPT)), WARMUP_TOKENS)
@@ -36,6 +39,55 @@ class ExecutorEngine:
         start = time.perf_counter()
         *_, result = self.local.generator.generate(prompt_ids, params, start_time=start)
         return result.token_times_ms
+
+    def generate_chat(self, messages: list[dict], max_tokens: int) -> tuple[list[int], list[float], dict | None]:
+        """A chat through the tokenizer's template, greedy, EOS respected: token ids, their times (ms from the
+        request start) and what speculation did."""
+        from launch.local import PromptInput
+
+        if self.local.tokenizer is None:
+            raise EngineUnavailable("the model has no tokenizer (pass --tokenizer)")
+        start = time.perf_counter()
+        ids = self.local.prompt_ids(PromptInput(messages=messages))
+        *_, result = self.local.generator.generate(ids, self._params(max_tokens=max_tokens, temperature=0.0),
+                                                   start_time=start)
+        return result.token_ids, result.token_times_ms, result.speculation
+
+    def verify_cost(self) -> dict:
+        """One verify step of k + 1 tokens (k = 1..8) against one decode step, each replayed back to back at
+        position VERIFY_CONTEXT after a prompt of that length (CUDA events over REPLAYS replays), and the
+        acceptance rate a at which a verify step yields as many tokens per unit of time as decoding:
+        1 + a + ... + a^k = verify ms / decode ms."""
+        import torch
+
+        runner = self.local.runner
+        if not hasattr(runner, "verify") or not hasattr(runner, "graphs"):
+            return {"skipped": "needs the GPU path's graphs"}
+        runner.capture_all()
+        b, n = runner.buffers, VERIFY_CONTEXT
+        ids = prompt_ids(n + 16, self.spec.model_config["vocab_size"], self.spec.seed)
+        b.input_ids[:n + 16].copy_(torch.tensor(ids))
+        runner.prefill(n)
+        b.next_token.fill_(ids[n])
+
+        def timed(step) -> float:
+            for _ in range(5):
+                step()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(REPLAYS):
+                step()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / REPLAYS
+
+        decode_ms = timed(lambda: runner.decode(n))
+        rows = {}
+        for k in range(1, 9):
+            ms = timed(lambda: runner.verify(n, k + 1))
+            rows[str(k)] = {"verify_ms": round(ms, 4), "vs_decode": round(ms / decode_ms, 4),
+                            "break_even_acceptance": break_even(ms / decode_ms, k)}
+        return {"context": n, "replays": REPLAYS, "decode_ms": round(decode_ms, 4), "k": rows}
 
     def _graphs(self) -> dict:
         """The GPU path's capture facts (captured: name -> seconds, pending, graph_pool_bytes); {} when eager."""
@@ -59,6 +111,26 @@ class ExecutorEngine:
 
     def close(self) -> None:
         self.local = None
+
+
+REPLAYS = 50
+
+
+def break_even(cost: float, k: int) -> float | None:
+    """The a in [0, 1) with 1 + a + ... + a^k = cost (expected tokens per verify of k proposals with a per-token
+    acceptance rate a); 0 when the verify costs no more than a decode, None when even a = 1 does not pay."""
+    if cost <= 1:
+        return 0.0
+    if cost >= k + 1:
+        return None
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        if sum(mid ** i for i in range(k + 1)) < cost:
+            lo = mid
+        else:
+            hi = mid
+    return round(lo, 4)
 
 
 def open_engine(spec: BenchSpec, name: str, timeline: Timeline) -> ExecutorEngine:

@@ -11,6 +11,7 @@ import time
 
 from bench.procinfo import Timeline
 from bench.spec import BenchSpec
+from bench.workloads import EngineUnavailable
 from ipc.messages import Finished
 from launch.client import Client
 from launch.supervisor import ServerConfig, Supervisor
@@ -30,7 +31,10 @@ class HybridrtE2EEngine:
         self.spec = spec
         load = LoadConfig(model=spec.model, device=spec.device, dtype=spec.dtype, max_context=spec.max_context,
                           seed=spec.seed, progress=False, **spec.load_flags)
-        config = ServerConfig(load, tokenizer=spec.tokenizer, ready_timeout_s=spec.timeout_s, mps=spec.mps)
+        from jit_context.speculative import SpeculativeConfig
+
+        config = ServerConfig(load, tokenizer=spec.tokenizer, ready_timeout_s=spec.timeout_s, mps=spec.mps,
+                              speculation=SpeculativeConfig(spec.speculative, spec.num_speculative_tokens))
         self.supervisor = Supervisor(config)
         self.client = None
         self.last_server_timings: dict = {}
@@ -77,6 +81,24 @@ class HybridrtE2EEngine:
             else:
                 times += [now] * len(msg.token_ids)
         return times
+
+    def generate_chat(self, messages: list[dict], max_tokens: int) -> tuple[list[int], list[float], dict | None]:
+        """A chat through the server's tokenizer and template, greedy, EOS respected: token ids, their times at
+        this client (ms from the request start) and the server's speculation report."""
+        from launch.client import ServerError
+
+        times: list[float] = []
+        start = time.perf_counter()
+        try:
+            for msg in self.client.generate(messages=messages, params={"max_tokens": max_tokens, "temperature": 0.0}):
+                now = (time.perf_counter() - start) * 1e3
+                if isinstance(msg, Finished):
+                    times += [now] * (len(msg.token_ids) - len(times))
+                    return msg.token_ids, times, msg.timings.get("speculation")
+                times += [now] * len(msg.token_ids)
+        except ServerError as e:
+            raise EngineUnavailable(f"the server cannot run chats: {e}") from None
+        raise RuntimeError("the stream ended without a Finished message")
 
     def facts(self) -> dict:
         status = self.client.status()
