@@ -9,18 +9,18 @@ import torch
 
 from graph_executor.kernels.decode_attention import DecodeAttention
 from graph_executor.kernels.gemv import DEFAULT_PLAN, GemvConfig, GemvPlan
+from graph_executor.kernels.gemv_fp8 import Fp8Config, Fp8Plan
 from graph_executor.kernels.gemv_splitk import SplitKConfig, SplitKPlan, SplitKScratch
 from graph_executor.kernels.projections import (
     ProjectionConfig,
+    decode_scratch_size,
     embedding,
     gemv_residual,
-    packed_config,
     rmsnorm_gemv,
     silu_gemv_residual,
 )
 from graph_executor.kernels.rope_append import rope_append
 from graph_executor.model import LlamaModel
-from graph_executor.quant.formats import Int4Groups, Int8Groups
 
 # Block configs per projection for the packed formats: the best of the probes' sweeps (bench/probes/int4_splitk.py,
 # lowbit_gemv.py) on LLaMA-2-7B shapes on an H200, each projection over 32 layers in one graph (read TB/s in the
@@ -39,7 +39,17 @@ INT8_PLAN = SplitKPlan(  # the same kernels over int8 codes (int4_splitk.py --bi
     down=SplitKConfig(32, 256, 8),  # 2.80 (2.72)
     lm_head=SplitKConfig(32, 128, 4),
 )
-FP8_PLAN = GemvPlan(  # FP8 codes through the fp16 GEMVs
+# FP8 rows through the split-K FP8 kernels (kernels/gemv_fp8.py). Not yet measured: 32 rows x 1024 codes a program
+# (32 KB, 16 16-byte loads a thread at 4 warps, no spills in the offline sm_90 compile) gives 1024-2750 programs on
+# these shapes; replace with the best of `python -m bench.probes.fp8_splitk` on the H200.
+FP8_PLAN = Fp8Plan(
+    qkv=Fp8Config(32, 1024, 4),
+    o=Fp8Config(32, 512, 4),  # 4096 rows: a thinner K slice for twice the programs
+    gate_up=Fp8Config(32, 1024, 4),
+    down=Fp8Config(32, 1024, 4),
+    lm_head=Fp8Config(32, 1024, 4),
+)
+FP8_GEMV_PLAN = GemvPlan(  # FP8 codes through the fp16 GEMVs: the path before FP8_PLAN, kept as the probe's baseline
     qkv=GemvConfig(16, 256, 4, 3),  # 2.88 TB/s
     o=GemvConfig(8, 1024, 4, 3),  # 2.20
     gate_up=GemvConfig(8, 512, 4, 3),  # 3.16
@@ -50,7 +60,10 @@ FP8_PLAN = GemvPlan(  # FP8 codes through the fp16 GEMVs
 
 class FusedDecoder:
     def __init__(self, model: LlamaModel, plan: GemvPlan = DEFAULT_PLAN, split_size: int | None = None,
-                 int4: SplitKPlan = INT4_PLAN, int8: SplitKPlan = INT8_PLAN, fp8: GemvPlan = FP8_PLAN) -> None:
+                 int4: SplitKPlan = INT4_PLAN, int8: SplitKPlan = INT8_PLAN,
+                 fp8: Fp8Plan | GemvPlan = FP8_PLAN) -> None:
+        """`fp8`: an Fp8Plan runs FP8 slots through the split-K kernels, a GemvPlan (FP8_GEMV_PLAN) through the fp16
+        kernels, the old path."""
         cfg = model.config
         self.model = model
         self.plan = {name: ProjectionConfig(*(getattr(p, name) for p in (plan, int4, int8, fp8)))
@@ -67,13 +80,12 @@ class FusedDecoder:
         self.gate_up = empty(2 * cfg.intermediate_size)
         self.attention = DecodeAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, model.max_context,
                                          device, cfg.sliding_window, split_size)
-        # packed int4/int8 slots run split-K kernels that share one scratch (one after another on one stream)
+        # packed int4/int8 and FP8 slots run split-K kernels that share one scratch (one after another on one stream)
         slots = [(getattr(layer, f"{name}_proj"), name) for layer in model.layers
                  for name in ("qkv", "o", "gate_up", "down")] + [(model.lm_head, "lm_head")]
-        packed = [(w, packed_config(w, self.plan[name])) for w, name in slots
-                  if isinstance(w, (Int4Groups, Int8Groups))]
-        self.scratch = (SplitKScratch.allocate([w for w, _ in packed], [c for _, c in packed], device)
-                        if packed else None)
+        sizes = [decode_scratch_size(w, self.plan[name]) for w, name in slots]
+        floats, counters = max(f for f, _ in sizes), max(c for _, c in sizes)
+        self.scratch = SplitKScratch.zeros(floats, counters, device) if floats or counters else None
 
     @torch.inference_mode()
     def step(self, token: torch.Tensor, position: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

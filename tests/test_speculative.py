@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # the fused verify step's Triton kernels run under the interpreter here
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from graph_executor.runner import ModelRunner
 from jit_context.acceptance import accept
@@ -203,6 +207,25 @@ def test_verify_step_gives_the_decode_steps_logits() -> None:
         runner.verify(0, 10)
     with pytest.raises(ValueError, match="do not fit the context"):
         runner.verify(60, 5)
+
+
+def test_fused_verify_step_equals_the_reference_step() -> None:
+    """The GPU path's verify body (FusedVerify: row kernels, the multi-query decode attention, cuBLAS or torch.mm)
+    against the model's reference step, every logit; on the CPU its Triton kernels run under the interpreter."""
+    from graph_executor.fused_verify import FusedVerify
+
+    runner = tiny_runner(max_context=64)
+    device = runner.buffers.input_ids.device
+    ids = torch.randint(3, 300, (30,), generator=torch.Generator().manual_seed(2)).to(device)
+    b = runner.buffers
+    b.input_ids[:30].copy_(ids)
+    runner.prefill(20)
+    runner.verify(19, 9)
+    reference = b.verify_logits[:9].clone()
+    runner.prefill(20)  # the cache as before the verify
+    out = torch.full((9, 300), float("nan"), device=device)
+    FusedVerify(runner.model, 9).run(ids[19:28].clone(), torch.arange(19, 28, device=device), out)
+    assert float((out - reference).norm() / reference.norm()) < 1e-5
 
 
 def run(runner: ModelRunner, prompt: list[int], params: SamplingParams, spec: SpeculativeConfig | None = None,

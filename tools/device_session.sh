@@ -3,12 +3,14 @@
 # logs under $OUT and a short table last. Needs the wheels in .whl/ (../shared/device/wheels.sh pyzmq gguf
 # fastapi uvicorn openai ...) and SmolLM2's tokenizer files in .gpu/tokenizer/ (carry: [".whl", ".gpu"]).
 #
-#   run: bash tools/device_session.sh [tests|bench|probe|profile|quant|gemv ...]   (default: the first three, ~6-7 min)
+#   run: bash tools/device_session.sh [tests|bench|probe|profile|quant|gemv|gemm|fp8 ...]   (default: the first three,
+#   ~6-7 min)
 #   quant: the packed-weight tests and `bench --quantize none,int8,int4,fp8` on dummy:llama-2-7b (executor, ~3 min);
 #   gemv: the low-bit GEMV block sweep per projection and format (~1 min); gemm: the low-bit prefill GEMM's default
-#   configs against torch.mm per projection, format and prompt length (~1 min). The SmolLM2 Q4_1 cuda test and the
-#   quality report need the 94 MiB GGUF: split it in two (split -b 48M), carry one half per call while the
-#   machine is warm, `cat` them into /tmp and export HYBRIDRT_TEST_GGUF (see bench/NOTES.md, issue 10).
+#   configs against torch.mm per projection, format and prompt length (~1 min); fp8: the FP8 split-K GEMV sweep
+#   against the old fp16-kernel path (bench/probes/fp8_splitk.py, < 2 min) and tests/test_gemv_fp8.py. The SmolLM2
+#   Q4_1 cuda test and the quality report need the 94 MiB GGUF: split it in two (split -b 48M), carry one half per
+#   call while the machine is warm, `cat` them into /tmp and export HYBRIDRT_TEST_GGUF (see bench/NOTES.md, issue 10).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -41,7 +43,11 @@ for step in "${steps[@]}"; do
           echo "gemm probe: rc=$?"; cat "$OUT/gemm.log" ;;
     gemv) timeout 300 python3 -m bench.probes.lowbit_gemv --out "$OUT/gemv" > "$OUT/gemv.log" 2>&1
           echo "gemv sweep: rc=$?"; cat "$OUT/gemv.log" ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv)"; exit 2 ;;
+    fp8) timeout 200 python3 -m bench.probes.fp8_splitk --out "$OUT/fp8" > "$OUT/fp8_splitk.log" 2>&1
+         echo "fp8 split-K probe: rc=$?"; sed -n '/^| projection/,$p' "$OUT/fp8_splitk.log"
+         timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gemv_fp8.py > "$OUT/fp8_tests.log" 2>&1
+         echo "fp8 tests: rc=$? $(tail -1 "$OUT/fp8_tests.log")" ;;
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8)"; exit 2 ;;
   esac
 done
 [ -f "$OUT/run/results.md" ] && sed -n '/^## TTFT/,/^## Two-process/p' "$OUT/run/results.md" | head -60

@@ -71,16 +71,22 @@ def _split(w: Packed, cfg: SplitKConfig) -> int:
     return triton.cdiv(w.shape[1] // _per_word(w), cfg.block_kw)
 
 
+def splitk_floats(n: int, split: int, block_n: int) -> int:
+    """Float32 scratch of one split-K call over n rows in `split` K slices and row blocks of block_n: the [split, n]
+    partial sums, then one RMSNorm sum of squares per (row block, slice). The FP8 kernels (gemv_fp8) share it."""
+    return split * n + triton.cdiv(n, block_n) * split
+
+
 def scratch_floats(w: Packed, cfg: SplitKConfig) -> int:
     """Float32 scratch one call over w needs: partial sums and the RMSNorm sums of squares."""
-    split = _split(w, cfg)
-    return split * w.shape[0] + triton.cdiv(w.shape[0], cfg.block_n) * split
+    return splitk_floats(w.shape[0], _split(w, cfg), cfg.block_n)
 
 
 @dataclass(frozen=True)
 class SplitKScratch:
     """Scratch the split-K kernels share (one stream): partial sums and the per-row-block (per-tile) counters,
-    zeroed once and left zeroed by every call. The decode GEMVs here and the prefill GEMM (gemm_lowbit) use it."""
+    zeroed once and left zeroed by every call. The decode GEMVs here and in gemv_fp8 and the prefill GEMM
+    (gemm_lowbit) use it."""
 
     partial: torch.Tensor  # float32 [floats]
     count: torch.Tensor  # int32 [blocks]

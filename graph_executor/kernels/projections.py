@@ -1,11 +1,13 @@
 """One entry per projection kind of the fused steps, whatever the weight's storage: dense weights go to the
 fp16 GEMVs (`gemv.py`) and cuBLAS, `Int4Groups` and `Int8Groups` to the split-K dp4a GEMVs (`gemv_splitk.py`), FP8
-rows to the fp16 GEMVs with a per-row scale, and packed weights in prefill to the low-bit GEMM (`gemm_lowbit.py`)
+rows to the split-K FP8 GEMVs (`gemv_fp8.py`), and packed weights in prefill to the low-bit GEMM (`gemm_lowbit.py`)
 for short prompts, to cuBLAS over a dequantized copy for long ones (`matmul`). The fused decoder and prefill call
 only these, so a model may mix formats per slot.
 
-Each decode projection takes a `ProjectionConfig`: a block config per format, and packed int4/int8 weights a
-`SplitKScratch` (the decoder owns one; without it a call allocates its own, which is fine outside CUDA graphs).
+Each decode projection takes a `ProjectionConfig`: a block config per format, and packed weights a `SplitKScratch`
+(the decoder owns one, sized by `decode_scratch_size`; without it a call allocates its own, which is fine outside
+CUDA graphs). An FP8 slot whose config is a `GemvConfig` instead of an `Fp8Config` runs the fp16 GEMVs over its
+codes with the row scale: the path before the split-K kernels, kept for comparison (bench/probes/fp8_splitk.py).
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import triton
 
-from graph_executor.kernels import gemm_lowbit, gemv, gemv_splitk
+from graph_executor.kernels import gemm_lowbit, gemv, gemv_fp8, gemv_splitk
+from graph_executor.kernels.gemv_fp8 import Fp8Config
 from graph_executor.kernels.gemv_splitk import SplitKConfig, SplitKScratch
 from graph_executor.quant.formats import Fp8Rows, Int4Groups, Int8Groups
 from graph_executor.quant.rows import Weight
@@ -25,18 +29,34 @@ class ProjectionConfig:
     dense: gemv.GemvConfig = gemv.DEFAULT
     int4: SplitKConfig = gemv_splitk.DEFAULT
     int8: SplitKConfig = gemv_splitk.DEFAULT_INT8
-    fp8: gemv.GemvConfig = gemv.DEFAULT  # the fp16 kernel over 1-byte codes
+    fp8: Fp8Config | gemv.GemvConfig = gemv_fp8.DEFAULT  # a GemvConfig: the fp16 kernels over the codes (old path)
 
 
 def packed_config(w: Int4Groups | Int8Groups, plan: ProjectionConfig) -> SplitKConfig:
-    """The split-K config a packed int4/int8 weight runs with (what a decoder sizes its scratch by)."""
+    """The split-K config a packed int4/int8 weight runs with."""
     return plan.int4 if isinstance(w, Int4Groups) else plan.int8
+
+
+def decode_scratch_size(w: Weight, plan: ProjectionConfig) -> tuple[int, int]:
+    """(float32 partials, int32 counters) of SplitKScratch a decode GEMV over this slot needs with this plan; (0, 0)
+    for the kernels that need none (dense weights, FP8 through the fp16 kernels). A decoder's one scratch holds the
+    largest of each over its slots."""
+    if isinstance(w, (Int4Groups, Int8Groups)):
+        cfg = packed_config(w, plan)
+        return gemv_splitk.scratch_floats(w, cfg), triton.cdiv(w.shape[0], cfg.block_n)
+    if isinstance(w, Fp8Rows) and isinstance(plan.fp8, Fp8Config):
+        return gemv_fp8.scratch_size(w, plan.fp8)
+    return 0, 0
 
 
 def _packed(w: Int4Groups | Int8Groups, plan: ProjectionConfig,
             scratch: SplitKScratch | None) -> tuple[SplitKConfig, SplitKScratch]:
     cfg = packed_config(w, plan)
     return cfg, scratch if scratch is not None else SplitKScratch.allocate([w], [cfg], w.device)
+
+
+def _fp8(w: Fp8Rows, plan: ProjectionConfig, scratch: SplitKScratch | None) -> tuple[Fp8Config, SplitKScratch]:
+    return plan.fp8, scratch if scratch is not None else gemv_fp8.allocate_scratch(w, plan.fp8)
 
 
 def rmsnorm_gemv(w: Weight, x: torch.Tensor, norm_w: torch.Tensor, eps: float, out: torch.Tensor,
@@ -46,8 +66,11 @@ def rmsnorm_gemv(w: Weight, x: torch.Tensor, norm_w: torch.Tensor, eps: float, o
     if isinstance(w, (Int4Groups, Int8Groups)):
         c, sc = _packed(w, cfg, scratch)
         return gemv_splitk.rmsnorm_gemv(w, x, norm_w, eps, out, sc, bias, c)
-    if isinstance(w, Fp8Rows):
+    if isinstance(w, Fp8Rows) and isinstance(cfg.fp8, gemv.GemvConfig):
         return gemv.rmsnorm_gemv(w.codes, x, norm_w, eps, out, bias, cfg.fp8, row_scale=w.scale)
+    if isinstance(w, Fp8Rows):
+        c, sc = _fp8(w, cfg, scratch)
+        return gemv_fp8.rmsnorm_gemv(w, x, norm_w, eps, out, sc, bias, c)
     return gemv.rmsnorm_gemv(w, x, norm_w, eps, out, bias, cfg.dense)
 
 
@@ -57,8 +80,11 @@ def gemv_residual(w: Weight, a: torch.Tensor, x: torch.Tensor,
     if isinstance(w, (Int4Groups, Int8Groups)):
         c, sc = _packed(w, cfg, scratch)
         return gemv_splitk.gemv_residual(w, a, x, sc, c)
-    if isinstance(w, Fp8Rows):
+    if isinstance(w, Fp8Rows) and isinstance(cfg.fp8, gemv.GemvConfig):
         return gemv.gemv_residual(w.codes, a, x, cfg.fp8, row_scale=w.scale)
+    if isinstance(w, Fp8Rows):
+        c, sc = _fp8(w, cfg, scratch)
+        return gemv_fp8.gemv_residual(w, a, x, sc, c)
     return gemv.gemv_residual(w, a, x, cfg.dense)
 
 
@@ -69,8 +95,11 @@ def silu_gemv_residual(w: Weight, gate_up: torch.Tensor, x: torch.Tensor,
     if isinstance(w, (Int4Groups, Int8Groups)):
         c, sc = _packed(w, cfg, scratch)
         return gemv_splitk.silu_gemv_residual(w, gate_up, x, sc, c)
-    if isinstance(w, Fp8Rows):
+    if isinstance(w, Fp8Rows) and isinstance(cfg.fp8, gemv.GemvConfig):
         return gemv.silu_gemv_residual(w.codes, gate_up, x, cfg.fp8, row_scale=w.scale)
+    if isinstance(w, Fp8Rows):
+        c, sc = _fp8(w, cfg, scratch)
+        return gemv_fp8.silu_gemv_residual(w, gate_up, x, sc, c)
     return gemv.silu_gemv_residual(w, gate_up, x, cfg.dense)
 
 

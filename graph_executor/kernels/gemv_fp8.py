@@ -1,0 +1,208 @@
+"""Batch-1 GEMVs over FP8 rows (`Fp8Rows`: e4m3 codes, one float32 scale per output row) for the decode step:
+split-K, one shot per program. Same three fusions as the fp16 GEMVs of gemv.py and the int4/int8 ones of
+gemv_splitk.py:
+
+- `rmsnorm_gemv`:  out = W @ (rmsnorm(x) * norm_w) [+ bias]
+- `gemv_residual`: x += W @ a
+- `silu_gemv_residual`: x += W @ (silu(g) * u), [g, u] = gate_up
+
+Why this shape: through the fp16 kernels (a program owns a few rows and loops over K) FP8 codes read at only
+2.2-3.2 TB/s on an H200 (bench/NOTES.md, issue 10); the suspects are those the int4 kernels had: at one byte per
+weight a loop iteration has half the fp16 kernel's bytes in flight, and the 4096-row projections have too few
+programs to fill the card. What fixed int4/int8 (gemv_splitk.py) is done here too: a program owns BLOCK_N rows and
+one slice of BLOCK_K codes along K and has no loop, so all its loads are in flight at once, and the grid is
+N / BLOCK_N x K / BLOCK_K programs (bench/probes/fp8_splitk.py measures it against the old path). Per program: the codes become float32 in registers (e4m3 -> f16 -> f32 converts, exact), are multiplied
+by the slice's activation and summed per row in float32; the row scale is one multiply per row, in the fixup.
+
+Partial sums go to the float32 scratch of gemv_splitk (`SplitKScratch`: [SPLIT, N] partials, then the sum of
+squares of each program's x slice for RMSNorm); the last program of a row block to finish (a counter per block)
+adds the SPLIT partials in order, applies the row scale, 1 / rms and the bias or the residual, writes the output
+and resets the counter: deterministic, and the scratch is clean for the next call (and the next graph replay).
+Calls on one stream may share a scratch with each other and with the int4/int8 split-K kernels.
+
+Under the Triton interpreter (CPU tests) the e4m3 codes of a CPU tensor convert exactly, as compiled
+(tests/test_gemv_fp8.py reads every finite code back through the kernel).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from graph_executor.kernels.gemv_splitk import SplitKScratch, splitk_floats
+from graph_executor.quant.formats import Fp8Rows
+
+
+@dataclass(frozen=True)
+class Fp8Config:
+    block_n: int = 32  # output rows per program
+    block_k: int = 512  # codes (one byte each) along K per program: the K slice
+    num_warps: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("block_n", "block_k", "num_warps"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):  # tl.arange and the warp layout need powers of two
+                raise ValueError(f"Fp8Config.{name} must be a power of two >= 1, got {v}")
+
+
+DEFAULT = Fp8Config()
+
+RMSNORM, RESIDUAL, SILU_RESIDUAL = 0, 1, 2  # the kernel's MODE: which fusion
+
+
+@dataclass(frozen=True)
+class Fp8Plan:
+    """A config per projection of the decode step."""
+
+    qkv: Fp8Config = DEFAULT
+    o: Fp8Config = DEFAULT
+    gate_up: Fp8Config = DEFAULT
+    down: Fp8Config = DEFAULT
+    lm_head: Fp8Config = DEFAULT
+
+
+def split(w: Fp8Rows, cfg: Fp8Config) -> int:
+    """K slices (programs along K) of one call."""
+    return triton.cdiv(w.shape[1], cfg.block_k)
+
+
+def scratch_size(w: Fp8Rows, cfg: Fp8Config) -> tuple[int, int]:
+    """(float32 partials, int32 counters) one call over w needs: what a shared SplitKScratch must hold."""
+    n = w.shape[0]
+    return splitk_floats(n, split(w, cfg), cfg.block_n), triton.cdiv(n, cfg.block_n)
+
+
+def allocate_scratch(w: Fp8Rows, cfg: Fp8Config) -> SplitKScratch:
+    """A scratch for calls over w alone (a decoder sizes one shared scratch over all its slots instead)."""
+    return SplitKScratch.zeros(*scratch_size(w, cfg), w.device)
+
+
+@triton.jit
+def _fp8_splitk_kernel(codes_ptr, scale_ptr, a_ptr, nw_ptr, b_ptr, out_ptr, part_ptr, count_ptr, N, K, eps,
+                       MODE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """MODE 0 (RMSNORM): out = W @ (rmsnorm(a) * nw) [+ b]; 1 (RESIDUAL): out += W @ a; 2 (SILU_RESIDUAL):
+    out += W @ (silu(a[:K]) * a[K:]). Codes [N, K] row-major e4m3, scale [N] float32."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    col_ok = cols < K
+    # the codes first, so that the bulk of the bytes is in flight while the activation is prepared
+    q = tl.load(codes_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
+                mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # e4m3 [BLOCK_N, BLOCK_K]
+    a = tl.load(a_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
+    if MODE == 0:
+        ss = tl.sum(a * a, axis=0)  # this slice's share of sum(x^2); 1 / rms is applied once, at the end
+        a = a * tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if MODE == 2:
+        up = tl.load(a_ptr + K + cols, mask=col_ok, other=0.0).to(tl.float32)
+        a = a / (1.0 + tl.exp(-a)) * up
+    partial = tl.sum(q.to(tl.float32) * a[None, :], axis=1)  # [BLOCK_N], in code units (no row scale yet)
+    tl.store(part_ptr + pid_k * N + rows, partial, mask=row_ok)
+    if MODE == 0:
+        tl.store(part_ptr + SPLIT * N + pid_n * SPLIT + pid_k, ss)
+    tl.debug_barrier()  # every thread's stores are issued before the release below
+    done = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
+    if done == SPLIT - 1:  # the last program of this row block: add the partials in order
+        total = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for i in tl.static_range(SPLIT):
+            total += tl.load(part_ptr + i * N + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
+        total *= tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
+        if MODE == 0:
+            sq = tl.load(part_ptr + SPLIT * N + pid_n * SPLIT + tl.arange(0, SPLIT_P2),
+                         mask=tl.arange(0, SPLIT_P2) < SPLIT, other=0.0, cache_modifier=".cg")
+            total = total / tl.sqrt(tl.sum(sq, axis=0) / K + eps)
+            if HAS_BIAS:
+                total += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        else:
+            total += tl.load(out_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=row_ok)
+        tl.atomic_xchg(count_ptr + pid_n, 0)
+
+
+def _check(w: Fp8Rows, scratch: SplitKScratch, cfg: Fp8Config, vectors: dict[str, tuple[torch.Tensor, int]]) -> None:
+    if not isinstance(w, Fp8Rows):
+        raise ValueError(f"expected Fp8Rows weights, got {type(w).__name__}")
+    if not isinstance(cfg, Fp8Config):
+        raise ValueError(f"expected an Fp8Config, got {type(cfg).__name__}")
+    n, k = w.shape
+    floats, counters = scratch_size(w, cfg)
+    if scratch.partial.numel() < floats or scratch.count.numel() < counters:
+        raise ValueError(f"split-K scratch too small for a [{n}, {k}] weight with {cfg}")
+    if scratch.partial.device != w.device or scratch.count.device != w.device:
+        raise ValueError(f"split-K scratch on {scratch.partial.device}, weights on {w.device}")
+    for name, (t, size) in vectors.items():
+        if t.dim() != 1 or t.numel() != size or not t.is_contiguous() or t.device != w.device:
+            raise ValueError(f"{name}: expected a contiguous [{size}] tensor on {w.device}, got "
+                             f"{tuple(t.shape)} on {t.device}")
+
+
+def _kernel_call(codes, scale, a, nw, bias, out, partial, count, n: int, k: int, eps: float, mode: int,
+                 cfg: Fp8Config) -> tuple[tuple[int, int], tuple, dict]:
+    """(grid, arguments, meta-parameters) of one launch. The pointer arguments are tensors, or their torch dtypes
+    for `precompile` (Triton's warmup takes a dtype for a tensor)."""
+    s = triton.cdiv(k, cfg.block_k)
+    args = (codes, scale, a, nw if nw is not None else a, bias if bias is not None else out, out, partial, count,
+            n, k, eps)
+    meta = dict(MODE=mode, HAS_BIAS=bias is not None, SPLIT=s, SPLIT_P2=triton.next_power_of_2(s),
+                BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=1)
+    return (triton.cdiv(n, cfg.block_n), s), args, meta
+
+
+def _launch(w: Fp8Rows, a: torch.Tensor, nw: torch.Tensor | None, bias: torch.Tensor | None, out: torch.Tensor,
+            eps: float, mode: int, scratch: SplitKScratch, cfg: Fp8Config) -> torch.Tensor:
+    n, k = w.shape
+    grid, args, meta = _kernel_call(w.codes, w.scale, a, nw, bias, out, scratch.partial, scratch.count, n, k, eps,
+                                    mode, cfg)
+    _fp8_splitk_kernel[grid](*args, **meta)
+    return out
+
+
+def precompile(n: int, k: int, cfg: Fp8Config, mode: int, act_dtype: torch.dtype, out_dtype: torch.dtype,
+               bias_dtype: torch.dtype | None = None) -> None:
+    """Compile (into Triton's cache, without launching) the kernel one call over an [n, k] weight with cfg takes:
+    `mode` one of RMSNORM, RESIDUAL, SILU_RESIDUAL, the activation (and norm weight) in act_dtype, the output in
+    out_dtype. A sweep can fill the cache from a pool of processes first (compiling is CPU-bound and holds the
+    GIL). Needs a GPU: the interpreter compiles nothing."""
+    if mode not in (RMSNORM, RESIDUAL, SILU_RESIDUAL):
+        raise ValueError(f"precompile: unknown mode {mode}")
+    if bias_dtype is not None and mode != RMSNORM:
+        raise ValueError("precompile: only rmsnorm_gemv takes a bias")
+    grid, args, meta = _kernel_call(torch.float8_e4m3fn, torch.float32, act_dtype,
+                                    act_dtype if mode == RMSNORM else None, bias_dtype, out_dtype, torch.float32,
+                                    torch.int32, n, k, 1e-5 if mode == RMSNORM else 0.0, mode, cfg)
+    _fp8_splitk_kernel.warmup(*args, grid=grid, **meta)
+
+
+def rmsnorm_gemv(w: Fp8Rows, x: torch.Tensor, norm_w: torch.Tensor, eps: float, out: torch.Tensor,
+                 scratch: SplitKScratch, bias: torch.Tensor | None = None, cfg: Fp8Config = DEFAULT) -> torch.Tensor:
+    """w [N, K], x [K], norm_w [K], bias [N] or None -> out [N] = W @ (rmsnorm(x) * norm_w) [+ bias] (any float
+    dtype: logits may be float32)."""
+    n, k = w.shape
+    vectors = dict(x=(x, k), norm_w=(norm_w, k), out=(out, n))
+    if bias is not None:
+        vectors["bias"] = (bias, n)
+    _check(w, scratch, cfg, vectors)
+    return _launch(w, x, norm_w, bias, out, eps, RMSNORM, scratch, cfg)
+
+
+def gemv_residual(w: Fp8Rows, a: torch.Tensor, x: torch.Tensor, scratch: SplitKScratch,
+                  cfg: Fp8Config = DEFAULT) -> torch.Tensor:
+    """x [N] += w [N, K] @ a [K], in place."""
+    n, k = w.shape
+    _check(w, scratch, cfg, dict(a=(a, k), x=(x, n)))
+    return _launch(w, a, None, None, x, 0.0, RESIDUAL, scratch, cfg)
+
+
+def silu_gemv_residual(w: Fp8Rows, gate_up: torch.Tensor, x: torch.Tensor, scratch: SplitKScratch,
+                       cfg: Fp8Config = DEFAULT) -> torch.Tensor:
+    """x [N] += w [N, K] @ (silu(gate_up[:K]) * gate_up[K:]), in place."""
+    n, k = w.shape
+    _check(w, scratch, cfg, dict(gate_up=(gate_up, 2 * k), x=(x, n)))
+    return _launch(w, gate_up, None, None, x, 0.0, SILU_RESIDUAL, scratch, cfg)
