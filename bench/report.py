@@ -174,11 +174,14 @@ def verify_section(results: dict) -> list[str]:
     if not names:
         return []
     v = results["engines"][names[0]]["verify"]
-    rows = [[k, f"{r['verify_ms']:.3f}", f"{r['vs_decode']:.3f}", r["break_even_acceptance"]]
-            for k, r in v["k"].items()]
+    draft = v.get("draft_model")
+    rows = [[k, f"{r['verify_ms']:.3f}", f"{r['vs_decode']:.3f}", r["break_even_acceptance"],
+             *([f"{r['with_draft_ms']:.3f}", f"{r['with_draft_vs_decode']:.3f}", r["with_draft_break_even"]]
+               if draft else [])] for k, r in v["k"].items()]
+    head = ["k", "verify ms", "verify / decode", "break-even acceptance rate"]
+    head += [f"draft {draft} + verify ms", "/ decode", "break-even"] if draft else []
     return ([f"## Verify step of k + 1 tokens vs a decode step ({names[0]}, graph replays at context "
-             f"{v['context']}; decode {v['decode_ms']:.3f} ms)", ""]
-            + _table(["k", "verify ms", "verify / decode", "break-even acceptance rate"], rows))
+             f"{v['context']}; decode {v['decode_ms']:.3f} ms)", ""] + _table(head, rows))
 
 
 def markdown(results: dict) -> str:

@@ -61,6 +61,7 @@ class BenchOptions:
     speculative: str = "off"
     num_speculative_tokens: int = 4
     spec_tokens: int = 128
+    draft_model: str | None = None
 
 
 def resolve_device_name(name: str) -> str:
@@ -119,6 +120,7 @@ def resolve_spec(opts: BenchOptions) -> BenchSpec:
         mps=opts.mps, tokenizer=opts.tokenizer, quantize=opts.quantize, quantize_group=opts.quantize_group,
         dequantize=opts.dequantize, speculative=opts.speculative,
         num_speculative_tokens=opts.num_speculative_tokens, spec_tokens=opts.spec_tokens,
+        draft_model=opts.draft_model if opts.speculative == "draft" else None,
     )
     limit, needed = cfg.max_position_embeddings, spec.needed_context
     if max(needed, opts.max_context or 0) > limit:

@@ -36,7 +36,7 @@ WORKLOAD_HELP = {
               "graph replays at context 512, and the acceptance rate at which speculating breaks even",
 }
 OPT_IN_WORKLOADS = ("speculative",)  # not in "all": it needs a tokenizer and a longer context
-SPECULATIVE_METHODS = ("off", "ngram")  # jit_context.speculative.METHODS (not imported: this file stays light)
+SPECULATIVE_METHODS = ("off", "ngram", "draft")  # jit_context.speculative.METHODS (not imported: this file stays light)
 SPEC_PROMPT_CONTEXT = 384  # room for the longest chat prompt of the speculative workload
 VERIFY_CONTEXT = 512  # the verify workload's steps run at this position
 MPS_MODES = ("auto", "on", "off")
@@ -95,11 +95,14 @@ class BenchSpec:
     speculative: str = "off"  # the hybridrt engines' --speculative
     num_speculative_tokens: int = 4
     spec_tokens: int = 128  # most tokens per prompt of the speculative workload
+    draft_model: str | None = None  # the hybridrt engines' --draft-model (runs with --speculative draft)
 
     def __post_init__(self) -> None:
         if self.speculative not in SPECULATIVE_METHODS:
             raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE_METHODS)}, got {self.speculative!r}")
         _check_positive("spec_tokens", self.spec_tokens, 2)
+        if (self.speculative == "draft") != (self.draft_model is not None):
+            raise ValueError("a draft run needs --draft-model, and --draft-model only serves draft runs")
         if self.quantize is not None and self.quantize not in QUANTIZE_METHODS:
             raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_METHODS)}, got {self.quantize!r}")
         _check_names(self.engines, ENGINES, "engine")

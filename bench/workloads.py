@@ -99,7 +99,7 @@ def speculative(engine: Engine, spec: BenchSpec) -> dict:
         return {"skipped": "this engine has no chat generation"}
     prompts = json.loads(SPEC_PROMPTS.read_text())
     try:
-        run([{"role": "user", "content": prompts["open"][0]}], 8)  # warm-up: the verify graphs are captured
+        run([{"role": "user", "content": prompts["grounded"][0]}], 16)  # warm-up: verify and acceptance run
     except EngineUnavailable as e:
         return {"skipped": str(e)}
     out: dict = {"method": spec.speculative, "max_tokens": spec.spec_tokens}

@@ -18,7 +18,8 @@ import time
 
 import zmq
 
-from graph_executor.loading.loader import LOAD_FORMATS, LoadConfig, load_model
+from graph_executor.draft import check_draft
+from graph_executor.loading.loader import LOAD_FORMATS, LoadConfig, LoadedModel, draft_config, load_model
 from graph_executor.server import ExecutorServer
 from ipc.channel import bind_control
 from ipc.errors import HybridrtError
@@ -39,7 +40,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--supervisor-pid", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--no-graphs", action="store_true", help="run every step eagerly (no CUDA graphs)")
+    p.add_argument("--draft-model", default=None, help="a draft model for speculative decoding (same tokenizer)")
     return p.parse_args(argv)
+
+
+def load_draft(model: str, target: LoadedModel, args: argparse.Namespace) -> LoadedModel:
+    """The draft on the target's device, in its dtype, with its context; HybridrtError if it cannot serve it."""
+    draft = load_model(draft_config(model, target, args.device, args.seed_weights, not args.quiet))
+    check_draft(draft, target)
+    return draft
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
                                        dtype=args.dtype, max_context=args.max_context, seed=args.seed_weights,
                                        progress=not args.quiet, quantize=args.quantize,
                                        quantize_group=args.quantize_group, dequantize=args.dequantize))
-        server = ExecutorServer(channel, loaded, args.supervisor_pid, graphs=not args.no_graphs, quiet=args.quiet)
+        draft = load_draft(args.draft_model, loaded, args) if args.draft_model else None
+        server = ExecutorServer(channel, loaded, args.supervisor_pid, graphs=not args.no_graphs, quiet=args.quiet,
+                                draft=draft)
         if not args.quiet:
             print(f"graph_executor: {loaded.name} ready on {loaded.model.device} in "
                   f"{time.perf_counter() - start:.1f} s (weights {loaded.weight_format})", file=sys.stderr)

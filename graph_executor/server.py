@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from contextlib import contextmanager
 
 import torch
 
+from graph_executor.draft import DraftingRunner, DraftProposer
 from graph_executor.loading.loader import LoadedModel
 from graph_executor.runner import ModelRunner
 from ipc.channel import Channel
@@ -41,7 +43,7 @@ SPIN_US = 20_000  # while a request runs on the GPU, busy-poll this long for the
 
 class ExecutorServer:
     def __init__(self, channel: Channel, loaded: LoadedModel, supervisor_pid: int | None,
-                 graphs: bool = True, quiet: bool = False) -> None:
+                 graphs: bool = True, quiet: bool = False, draft: LoadedModel | None = None) -> None:
         self.quiet = quiet
         self.channel = channel
         self.loaded = loaded
@@ -55,7 +57,10 @@ class ExecutorServer:
             from graph_executor.graphs import GraphRunner  # needs Triton: GPU path only
 
             self.graphs = GraphRunner(model, buffers)
-        self.runner = self.graphs if self.graphs is not None else ModelRunner(model, buffers)
+        self.draft = draft
+        proposer = DraftProposer(draft.model, buffers.input_ids, graphs) if draft is not None else None
+        self.runner = DraftingRunner(self.graphs if self.graphs is not None else ModelRunner(model, buffers),
+                                     proposer)
         # GPU hand-over: the JIT context records `jit_event` after writing inputs / sampling; we wait on it
         # before a step and record `exec_event` after it. Neither side's host ever waits for the device.
         self.events = StepEvents.create(device) if self.cuda else None
@@ -68,7 +73,11 @@ class ExecutorServer:
         facts = {"load_seconds": round(self.loaded.load_seconds, 3), "source": self.loaded.source,
                  "executor_pid": os.getpid(), "num_params": self.loaded.model.config.num_params(),
                  "weight_format": self.loaded.weight_format,
-                 "graphs": self.graphs.facts() if self.graphs is not None else {}}
+                 "graphs": self.runner.facts()}
+        if self.draft is not None:
+            facts["draft"] = {"model": self.draft.name, "source": self.draft.source,
+                              "num_params": self.draft.model.config.num_params(),
+                              "load_seconds": round(self.draft.load_seconds, 3)}
         if self.cuda:
             facts["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
         return facts
@@ -79,7 +88,9 @@ class ExecutorServer:
         return Ready(PROTOCOL_VERSION, self.loaded.name, cfg.vocab_size, model.max_context,
                      dtype_name(model.dtype), str(model.embed_tokens.device), self.shared.specs(),
                      sorted(cfg.eos_token_ids), events=self.events.handles() if self.events else None,
-                     tokenizer_path=tokenizer, facts=self.facts())
+                     tokenizer_path=tokenizer, facts=self.facts(),
+                     draft_model=self.draft.name if self.draft is not None else None,
+                     draft_params=self.draft.model.config.num_params() if self.draft is not None else 0)
 
     def peers_alive(self) -> bool:
         pids = [p for p in (self.peer_pid, self.supervisor_pid) if p is not None]
@@ -123,7 +134,7 @@ class ExecutorServer:
                 return StepDone(msg.request_id, msg.step)
             if isinstance(msg, Verify):
                 with self.ordered():
-                    self.runner.verify(msg.position, msg.num_tokens)
+                    self.runner.verify(msg.position, msg.num_tokens, msg.draft_start)
                 return StepDone(msg.request_id, msg.step)
             if isinstance(msg, Handshake):
                 self.peer_pid = msg.pid
@@ -149,9 +160,10 @@ class ExecutorServer:
     def capture_when_idle(self) -> None:
         if self.busy or self.graphs is None:
             return
-        name = self.graphs.capture_next()
+        start = time.perf_counter()
+        name = self.runner.capture_next()
         if name is not None and not self.quiet:
-            print(f"graph_executor: captured {name} in {self.graphs.stats.seconds[name] * 1e3:.0f} ms",
+            print(f"graph_executor: captured {name} in {(time.perf_counter() - start) * 1e3:.0f} ms",
                   file=sys.stderr)
 
     def close(self) -> None:

@@ -211,11 +211,14 @@ class Ready(Message):
     events: EventHandles | None = None
     tokenizer_path: str | None = None  # a folder or file the tokenizer loads from; None: the model has none
     facts: dict = field(default_factory=dict)
+    draft_model: str | None = None  # the executor's draft model for speculative decoding, if it has one
+    draft_params: int = 0  # its parameter count (the JIT context's cost model compares it with the target's)
 
     def _validate(self) -> None:
         if self.vocab_size <= 0 or self.max_context <= 0:
             raise ValueError("Ready.vocab_size and .max_context must be > 0")
         _check_non_negative("Ready.eos_token_ids", *self.eos_token_ids)
+        _check_non_negative("Ready.draft_params", self.draft_params)
 
 
 @dataclass(frozen=True)
@@ -283,16 +286,20 @@ class Decode(Message):
 class Verify(Message):
     """A speculative verify step: the tokens at KV positions [position, position + num_tokens) sit at the same
     indices of the shared input-ids buffer (the last accepted token, then the proposals); the logits after each
-    land in rows [0, num_tokens) of the verify-logits buffer."""
+    land in rows [0, num_tokens) of the verify-logits buffer. With `draft_start`, the executor's draft model first
+    writes the num_tokens - 1 proposals itself (after catching up on positions [draft_start, position])."""
 
     TAG: ClassVar[int] = 15
     request_id: str
     step: int
     position: int
     num_tokens: int
+    draft_start: int | None = None
 
     def _validate(self) -> None:
         _check_non_negative("Verify.step/position", self.step, self.position)
+        if self.draft_start is not None and not 0 <= self.draft_start <= self.position:
+            raise ValueError(f"Verify.draft_start must be in [0, position], got {self.draft_start}")
         if self.num_tokens < 1:
             raise ValueError(f"Verify.num_tokens must be >= 1, got {self.num_tokens}")
 

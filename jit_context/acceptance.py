@@ -23,6 +23,20 @@ from jit_context.sampler import Sampler
 _MIN_NOISE = 1e-20  # as the sampler: Exponential(1) noise must not round to 0
 
 
+def warm_up(vocab_size: int, device: torch.device) -> None:
+    """Run both acceptance paths once on throwaway state, so that a server's first speculating request does not
+    pay for loading their kernels (CUDA loads each kernel's module at its first launch: ~ms each)."""
+    from jit_context.sampling_params import SamplingParams
+
+    sampler = Sampler(vocab_size, device)
+    logits = torch.zeros(3, vocab_size, device=device)
+    proposals = torch.zeros(2, dtype=torch.int64, device=device)
+    for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, top_p=0.9, seed=0,
+                                                                    repetition_penalty=1.1)):
+        sampler.start_request(params, [0])
+        accept(sampler, logits, proposals)
+
+
 def accept(sampler: Sampler, logits: torch.Tensor, proposals: torch.Tensor,
            q: torch.Tensor | None = None) -> torch.Tensor:
     """logits [k + 1, V] (row j: the target after the last accepted token and proposals[:j]); proposals [k] int64;

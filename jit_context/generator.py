@@ -19,6 +19,7 @@ from ipc.step_buffers import StepBuffers
 from jit_context.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from jit_context.sampler import Sampler
 from jit_context.sampling_params import SamplingParams
+from jit_context.acceptance import warm_up
 from jit_context.speculative import SpeculativeConfig, SpeculativeLoop
 from jit_context.token_reader import TokenReader
 
@@ -33,7 +34,9 @@ class ExecutorPort(Protocol):
 
     def decode(self, position: int) -> None: ...
 
-    def verify(self, position: int, num_tokens: int) -> None: ...
+    def verify(self, position: int, num_tokens: int, draft_start: int | None = None) -> None:
+        """num_tokens at `position` (the last token, then proposals); draft_start: an executor's draft model
+        writes the proposals first (graph_executor.draft). Only speculating requests call it."""
 
     def wait_enqueued(self) -> None: ...
 
@@ -88,6 +91,8 @@ class Generator:
             raise ValueError(f"prefill_chunk must be >= 1 or None, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
         self.speculation = speculation or SpeculativeConfig()
+        if self.speculation.enabled:
+            warm_up(port.buffers.logits.shape[0], port.buffers.logits.device)
         self.port = port
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)

@@ -31,7 +31,7 @@ from jit_context import SERVER_API_KEY_ENV
 from jit_context.remote_executor import DEFAULT_STEP_TIMEOUT_S, ExecutorDied, RemoteExecutor
 from jit_context.request_side import build_request_side
 from jit_context.server import IDLE_POLL_MS, JitServer
-from jit_context.speculative import SpeculativeConfig
+from jit_context.speculative import SpeculativeConfig, with_draft_cost
 from jit_context.tokenizer import import_tokenizer_modules
 
 FINAL_REPLY_LINGER_MS = 1000  # on exit, let the last replies (errors for every waiting client) leave
@@ -60,12 +60,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-speculative-tokens", type=int, default=4)
     p.add_argument("--ngram-min", type=int, default=2)
     p.add_argument("--ngram-max", type=int, default=4)
+    p.add_argument("--no-adaptive-k", action="store_true")
     args = p.parse_args(argv)
     if not args.step_timeout > 0:
         p.error("--step-timeout must be > 0")
     try:
         args.speculation = SpeculativeConfig(args.speculative, args.num_speculative_tokens, args.ngram_min,
-                                             args.ngram_max)
+                                             args.ngram_max, adaptive=not args.no_adaptive_k)
     except ValueError as e:
         p.error(str(e))
     return args
@@ -91,8 +92,12 @@ def build_server(args: argparse.Namespace, ctx: zmq.Context, control: Channel) -
     events = StepEvents.open(ready.events, torch.device(ready.device)) if ready.events is not None else None
     executor = RemoteExecutor(control, shared, ready.max_context, args.executor_pid, events,
                               step_timeout_s=args.step_timeout)
+    try:
+        speculation = with_draft_cost(args.speculation, ready.facts.get("num_params", 0), ready.draft_params)
+    except ValueError as e:
+        raise HybridrtError(str(e)) from None
     side = build_request_side(executor, ready.model_name, ready.vocab_size, ready.eos_token_ids,
-                              args.tokenizer or ready.tokenizer_path, args.chat_template, args.speculation)
+                              args.tokenizer or ready.tokenizer_path, args.chat_template, speculation)
     return JitServer(bind_server(ctx, args.listen), executor, side, ready,
                      api_key=os.environ.pop(SERVER_API_KEY_ENV, None) or None)
 

@@ -77,8 +77,8 @@ class RemoteExecutor:
     def decode(self, position: int) -> None:
         self._send_step(Decode(self.request_id, self._step + 1, position))
 
-    def verify(self, position: int, num_tokens: int) -> None:
-        self._send_step(Verify(self.request_id, self._step + 1, position, num_tokens))
+    def verify(self, position: int, num_tokens: int, draft_start: int | None = None) -> None:
+        self._send_step(Verify(self.request_id, self._step + 1, position, num_tokens, draft_start))
 
     def wait_enqueued(self) -> None:
         """Wait for the executor to have *enqueued* the last step (not run it); our stream then waits on its

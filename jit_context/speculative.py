@@ -2,6 +2,9 @@
 (`Verify`: k + 1 positions, k + 1 logits rows, one CUDA graph per k), accept on the device (`acceptance.accept`),
 stream every accepted token.
 
+Proposals come from the n-gram proposer (host) or from a draft model that the executor runs right before the
+verify step, writing its proposals into the shared input ids (no extra round trip; `graph_executor.draft`).
+
 The loop has two modes. While proposals pay, it runs verify steps; each needs the accepted tokens on the host
 before the next proposal (one device-to-host read per step, which the plain loop avoids). While there is
 nothing to propose, or the adaptive k is 0, it runs plain decode steps pipelined exactly as `Generator` does
@@ -17,6 +20,7 @@ a back-off of tokens that doubles while it keeps failing.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,7 +35,7 @@ from jit_context.proposers import DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN, NgramPro
 if TYPE_CHECKING:  # the generator imports this module
     from jit_context.generator import Chunk, Generator, _Output
 
-METHODS = ("off", "ngram")
+METHODS = ("off", "ngram", "draft")
 DEFAULT_METHOD = "off"  # the committed bench decides (README): see bench/NOTES.md, issue 11
 
 
@@ -47,6 +51,8 @@ class SpeculativeConfig:
     # measurements in bench/NOTES.md; the host's read of the accepted tokens is most of the overhead).
     overhead: float = 0.1
     slope: float = 0.03
+    draft_cost: float = 0.0  # a draft decode step relative to a target step (set from the executor's Ready)
+    adaptive: bool = True  # False: always num_tokens proposals (as vLLM), never a pause
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -55,7 +61,7 @@ class SpeculativeConfig:
             raise ValueError(f"num_speculative_tokens must be in 1..{MAX_SPECULATIVE_TOKENS}, got {self.num_tokens}")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ValueError(f"n-gram sizes need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}")
-        if self.overhead < 0 or self.slope < 0:
+        if self.overhead < 0 or self.slope < 0 or self.draft_cost < 0:
             raise ValueError("the verify cost model's overhead and slope must be >= 0")
 
     @property
@@ -65,7 +71,24 @@ class SpeculativeConfig:
     def argv(self) -> list[str]:
         """As the JIT context process's flags (the inverse of `launch.options.speculative_config`)."""
         return ["--speculative", self.method, "--num-speculative-tokens", str(self.num_tokens),
-                "--ngram-min", str(self.ngram_min), "--ngram-max", str(self.ngram_max)]
+                "--ngram-min", str(self.ngram_min), "--ngram-max", str(self.ngram_max),
+                *([] if self.adaptive else ["--no-adaptive-k"])]
+
+
+DRAFT_COST_FLOOR = 0.05  # a draft step costs at least this much of a target step (launch-bound when tiny)
+
+
+def with_draft_cost(config: SpeculativeConfig | None, target_params: int, draft_params: int) -> SpeculativeConfig:
+    """The config with the draft's step cost in its model (draft_params / target_params, at least the floor);
+    ValueError when it asks for a draft the executor does not have, or has a draft it does not use."""
+    config = config or SpeculativeConfig()
+    if config.method != "draft":
+        if draft_params:
+            raise ValueError("a draft model is loaded but --speculative is not draft")
+        return config
+    if not draft_params:
+        raise ValueError("--speculative draft needs a draft model (--draft-model)")
+    return dataclasses.replace(config, draft_cost=max(DRAFT_COST_FLOOR, draft_params / max(target_params, 1)))
 
 
 class AdaptiveK:
@@ -84,9 +107,11 @@ class AdaptiveK:
     def k(self) -> int:
         """The k in 0..num_tokens that maximises expected tokens per unit of step cost (0: a plain step)."""
         a, c = min(self.rate, 0.999), self.config
+        if not c.adaptive:
+            return c.num_tokens
         best_k, best = 0, 1.0
         for k in range(1, c.num_tokens + 1):
-            value = (1 - a ** (k + 1)) / (1 - a) / (1 + c.overhead + c.slope * k)
+            value = (1 - a ** (k + 1)) / (1 - a) / (1 + c.overhead + (c.slope + c.draft_cost) * k)
             if value > best:
                 best_k, best = k, value
         return best_k
@@ -123,36 +148,68 @@ class SpecStats:
 
 class SpeculativeLoop:
     """The decode loop of one request with speculation (see the module docstring); yields what the plain loop of
-    `Generator.generate` yields, one Chunk per token."""
+    `Generator.generate` yields, one Chunk per token.
+
+    The host-known sequence (prompt + output) is the proposer's: tokens join it when the host reads them, before
+    they are streamed, so that the next step can be launched first and the device computes while the host
+    detokenizes and checks stop strings (a step launched for a request that then stops is discarded, as the
+    plain loop discards its step in flight)."""
 
     def __init__(self, gen: Generator, config: SpeculativeConfig, out: _Output, prompt_ids: list[int]) -> None:
-        self.gen, self.config, self.out = gen, config, out
-        self.port, self.sampler, self.reader = gen.port, gen.sampler, gen.reader
+        self.config, self.out = config, out
+        self.gen, self.port, self.sampler, self.reader = gen, gen.port, gen.sampler, gen.reader
         self.buffers = gen.port.buffers
-        self.proposer = NgramProposer(config.ngram_min, config.ngram_max)
+        self.proposer = NgramProposer(config.ngram_min, config.ngram_max)  # also the host-known sequence
         self.proposer.reset(prompt_ids)
+        self.drafting = config.method == "draft"
+        self.draft_end = 0  # the draft's KV cache matches the sequence before this position
         self.k = AdaptiveK(config)
         self.stats = SpecStats(accepted_per_position=[0] * config.num_tokens)
         self.cuda = self.buffers.input_ids.device.type == "cuda"
         self._host = torch.zeros(MAX_SPECULATIVE_TOKENS + 2, dtype=torch.int64, pin_memory=self.cuda)
         self._done = torch.cuda.Event() if self.cuda else None
+        self._ends = set(out.params.stop_token_ids) | (set() if out.params.ignore_eos else set(out.eos))
 
     @property
     def length(self) -> int:
-        """Tokens in the sequence so far (prompt + output); the last one is not in the KV cache yet."""
-        return self.out.prompt_len + len(self.out.token_ids)
+        """Tokens the host knows (prompt + output read so far); the last one is not in the KV cache yet."""
+        return len(self.proposer.tokens)
+
+    @property
+    def produced(self) -> int:
+        return self.length - self.out.prompt_len
 
     def _budget(self) -> int:
         """The most proposals the next verify may carry: its tokens stay within max_tokens and the context."""
-        out, params = self.out, self.out.params
-        return min(MAX_SPECULATIVE_TOKENS, params.max_tokens - len(out.token_ids) - 1,
+        return min(MAX_SPECULATIVE_TOKENS, self.out.params.max_tokens - self.produced - 1,
                    self.port.max_context - self.length)
 
-    def _proposals(self) -> list[int]:
-        if not self.k.allowed(len(self.out.token_ids)):
-            return []
-        k = min(self.k.k(), self._budget())
-        return self.proposer.propose(k) if k >= 1 else []
+    def _k(self) -> int:
+        return min(self.k.k(), self._budget()) if self.k.allowed(self.produced) else 0
+
+    def _launch(self) -> int:
+        """Enqueue the next step after the host-known sequence: a verify of k proposals (returns k), or with none
+        a plain decode of the last token (returns 0). n-gram proposals are written with the last token; a draft
+        model writes its own on the device, after it has run over the tokens it has not seen (written here)."""
+        seq, position = self.proposer.tokens, self.length - 1
+        k = self._k()
+        if self.drafting and k >= 1:
+            self.gen.write_ids(seq[self.draft_end:], self.draft_end)  # input_ids[draft_end:position + 1]
+            self.port.verify(position, k + 1, draft_start=self.draft_end)
+            return k
+        proposals = self.proposer.propose(k) if k >= 1 and not self.drafting else []
+        if proposals:
+            self.gen.write_ids([seq[-1], *proposals], position)  # input_ids[position:position + k + 1]
+            self.port.verify(position, len(proposals) + 1)
+        else:
+            self.port.decode(position)  # consumes next_token, the last token
+        return len(proposals)
+
+    def _continues(self, tokens: list[int]) -> bool:
+        """Whether the request surely goes on after these tokens (no stop or EOS id among them, room left); a stop
+        string can still end it, which only wastes a launched step."""
+        return (not self._ends.intersection(tokens) and self.produced < self.out.params.max_tokens
+                and self.length < self.port.max_context)
 
     def run(self, start: float) -> Iterator[Chunk]:
         """From the prefill's logits (enqueued) to the request's end."""
@@ -165,26 +222,26 @@ class SpeculativeLoop:
         self.reader.push(token)
         first = self.reader.pop()
         self.proposer.extend([first])
+        launched = self._launch() if self._continues([first]) else None
         yield out.add(first)
         while not out.finish:
-            proposals = self._proposals()
-            if proposals:
-                yield from self._verify(proposals)
-            else:
+            if launched is None:
+                launched = self._launch()
+            if launched:
+                launched = yield from self._verify(launched)
+            else:  # a plain decode step is in flight
+                launched = None
                 yield from self._plain()
 
-    def _verify(self, proposals: list[int]) -> Iterator[Chunk]:
-        """One verify step of len(proposals) tokens after the last one; yields the accepted tokens and the added
-        one. next_token holds the last output token afterwards (a plain step may follow)."""
-        k, position = len(proposals), self.length - 1
-        tokens = [self.out.token_ids[-1], *proposals]
-        self.gen.write_ids(tokens, position)  # input_ids[position:position + k + 1]
-        self.port.verify(position, k + 1)
+    def _verify(self, k: int) -> Iterator[Chunk]:
+        """Accept from the verify step of k proposals in flight; launch the next step, then yield the accepted
+        tokens and the added one. Returns what the next launch returned (None: nothing launched). next_token
+        holds the last output token afterwards."""
+        position = self.length - 1
         self.port.wait_enqueued()
         result = accept(self.sampler, self.buffers.verify_logits[:k + 1],
                         self.buffers.input_ids[position + 1:position + k + 1])  # [k + 2]
-        accepted_dev = result[k + 1:]
-        torch.index_select(result, 0, accepted_dev, out=self.buffers.next_token)  # the last output token
+        torch.index_select(result, 0, result[k + 1:], out=self.buffers.next_token)  # the added token
         values = self._read(result)
         accepted = values[k + 1]
         emitted = values[:accepted + 1]
@@ -194,12 +251,16 @@ class SpeculativeLoop:
         self.stats.accepted_tokens += accepted
         for j in range(accepted):
             self.stats.accepted_per_position[j] += 1
-        self.k.update(k, accepted, len(self.out.token_ids) + accepted + 1)
         self.proposer.extend(emitted)
+        self.k.update(k, accepted, self.produced)
+        if self.drafting:  # it ran on position .. position + k - 1: right up to the last accepted proposal
+            self.draft_end = min(position + accepted, position + k - 1) + 1
+        launched = self._launch() if self._continues(emitted) else None
         for t in emitted:
             yield self.out.add(t)
             if self.out.finish:
-                return
+                break
+        return launched
 
     def _read(self, result: torch.Tensor) -> list[int]:
         """result [n] int64 on the device -> host ints, waiting for this copy only."""
@@ -212,11 +273,10 @@ class SpeculativeLoop:
         return self._host[:n].tolist()
 
     def _plain(self) -> Iterator[Chunk]:
-        """Plain decode steps, pipelined as in `Generator.generate` (decode t + 1 is enqueued before the host
-        reads token t), until the request ends or the proposer matches; then the step in flight is drained (its
-        token sampled and read, no further decode) and the caller verifies."""
+        """Plain decode steps from the one launched, pipelined as in `Generator.generate` (decode t + 1 is
+        enqueued before the host reads token t), until the request ends or the proposer matches; then the step in
+        flight is drained (its token sampled and read, no further decode) and the caller verifies."""
         out, params, port = self.out, self.out.params, self.port
-        port.decode(self.length - 1)  # consumes next_token, the last output token
         drain = False
         while True:
             port.wait_enqueued()
@@ -224,7 +284,7 @@ class SpeculativeLoop:
             self.sampler.observe(token)
             self.reader.push(token)
             # the sampled token sits at index self.length; it is the last one if it fills max_tokens or the context
-            last = len(out.token_ids) + 1 >= params.max_tokens or self.length + 1 >= port.max_context
+            last = self.produced + 1 >= params.max_tokens or self.length + 1 >= port.max_context
             if not (last or drain):
                 port.decode(self.length)  # consumes the token just sampled
             value = self.reader.pop()
@@ -232,4 +292,5 @@ class SpeculativeLoop:
             yield out.add(value)
             if out.finish or last or drain:
                 return
-            drain = self.k.allowed(len(out.token_ids)) and self.k.k() > 0 and bool(self.proposer.propose(1))
+            drain = self.k.allowed(self.produced) and self.k.k() > 0 and (self.drafting
+                                                                         or bool(self.proposer.propose(1)))

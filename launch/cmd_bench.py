@@ -74,6 +74,8 @@ def _model_flags(g) -> None:
                         f"side speculative.md; one axis at a time (default: off)")
     g.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
                    help="most proposals per verify step (default: 4)")
+    g.add_argument("--draft-model", default=None, metavar="MODEL",
+                   help="the draft model of the --speculative draft run (same tokenizer as --model)")
 
 
 def _workload_flags(w) -> None:
@@ -108,7 +110,8 @@ def options(args: argparse.Namespace):
         contexts=args.contexts, context_steps=args.context_steps, repeats=args.repeats,
         max_context=args.max_context, seed=args.seed, timeout_s=args.timeout, mps=args.mps,
         tokenizer=args.tokenizer, quantize_group=args.quantize_group, dequantize=args.dequantize,
-        num_speculative_tokens=args.num_speculative_tokens, spec_tokens=args.spec_tokens)
+        num_speculative_tokens=args.num_speculative_tokens, spec_tokens=args.spec_tokens,
+        draft_model=args.draft_model)
 
 
 def formats(text: str) -> list[str | None]:

@@ -93,7 +93,8 @@ def print_stream(text: str) -> None:
 def run_in_process(args, prompt, messages, params, stream, template: str | None) -> Outcome:
     from launch.local import LocalEngine, PromptInput
 
-    engine = LocalEngine(load_config(args), args.tokenizer, chat_template=template, speculation=args.speculation)
+    engine = LocalEngine(load_config(args), args.tokenizer, chat_template=template, speculation=args.speculation,
+                         draft_model=args.draft_model)
     loaded = engine.loaded
     if not args.quiet:
         what = " (first run: converted and cached the default model)" if loaded.converted_default else ""
@@ -121,7 +122,8 @@ def run_through_server(args, prompt, messages, params, stream, template: str | N
     if address is None:
         # If this process dies, the ephemeral pair goes with it (see launch.supervisor).
         supervisor = Supervisor(ServerConfig(load_config(args), tokenizer=args.tokenizer, chat_template=template,
-                                             step_timeout_s=args.step_timeout, speculation=args.speculation))
+                                             step_timeout_s=args.step_timeout, speculation=args.speculation,
+                                             draft_model=args.draft_model))
     try:
         if supervisor:
             supervisor.start()  # inside the try: a failure half-way still stops what did start

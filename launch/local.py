@@ -6,19 +6,25 @@ both build the request side with `jit_context.request_side.build_request_side`.
 
 from __future__ import annotations
 
-from graph_executor.loading.loader import LoadConfig, LoadedModel, load_model
+from graph_executor.draft import DraftingRunner, DraftProposer, check_draft
+from graph_executor.loading.loader import LoadConfig, LoadedModel, draft_config, load_model
 from graph_executor.runner import ModelRunner
 from jit_context.request_side import PromptInput, RequestSide, build_request_side
-from jit_context.speculative import SpeculativeConfig
+from jit_context.speculative import SpeculativeConfig, with_draft_cost
 
 __all__ = ["LocalEngine", "PromptInput"]
 
 
 class LocalEngine:
     def __init__(self, load: LoadConfig, tokenizer_path: str | None = None, graphs: bool = True,
-                 chat_template: str | None = None, speculation: SpeculativeConfig | None = None) -> None:
+                 chat_template: str | None = None, speculation: SpeculativeConfig | None = None,
+                 draft_model: str | None = None) -> None:
         self.loaded: LoadedModel = load_model(load)
         model = self.loaded.model
+        self.draft: LoadedModel | None = None
+        if draft_model is not None:
+            self.draft = load_model(draft_config(draft_model, self.loaded, load.device, load.seed, load.progress))
+            check_draft(self.draft, self.loaded)
         if model.embed_tokens.device.type == "cuda" and graphs:
             from graph_executor.graphs import GraphRunner  # needs Triton: GPU path only
 
@@ -26,8 +32,16 @@ class LocalEngine:
             self.runner.capture_all()
         else:
             self.runner = ModelRunner(model)
+        proposer = None
+        if self.draft is not None:
+            proposer = DraftProposer(self.draft.model, self.runner.buffers.input_ids, graphs)
+            if proposer.graphs is not None:
+                proposer.graphs.capture_all()
+        speculation = with_draft_cost(speculation, model.config.num_params(),
+                                      self.draft.model.config.num_params() if self.draft else 0)
+        self.port = DraftingRunner(self.runner, proposer)  # what the generator drives
         self.side: RequestSide = build_request_side(
-            self.runner, self.loaded.name, model.config.vocab_size, model.config.eos_token_ids,
+            self.port, self.loaded.name, model.config.vocab_size, model.config.eos_token_ids,
             tokenizer_path or self.loaded.tokenizer_path, chat_template, speculation)
         self.tokenizer = self.side.tokenizer
         self.generator = self.side.generator

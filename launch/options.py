@@ -56,11 +56,20 @@ def add_speculative_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--speculative", choices=METHODS, default=DEFAULT_METHOD,
                    help="propose tokens and verify several per step: ngram proposes what followed the longest "
                         "earlier repeat of the text's last tokens (prompt lookup; wins where the output quotes "
-                        "the input: code edits, extraction, summaries with quotes). Output is the same as "
-                        f"without it (greedy: token for token; sampled: same distribution) (default: {DEFAULT_METHOD})")
+                        "the input: code edits, extraction, summaries with quotes); draft has --draft-model propose "
+                        "greedily. Output is the same as without it (greedy: token for token; sampled: same "
+                        f"distribution) (default: {DEFAULT_METHOD})")
+    g.add_argument("--draft-model", default=None, metavar="MODEL",
+                   help="--speculative draft: a small model with the same tokenizer, in any form --model takes "
+                        "(HF folder, .gguf, dummy:<preset>); loaded next to the model on the same device, in its "
+                        "dtype and context, with its own CUDA graphs")
     g.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
                    help=f"the most tokens proposed per verify step, 1..{MAX_SPECULATIVE_TOKENS}; the number used "
                         "follows the recent acceptance rate, down to plain decoding (default: 4)")
+    g.add_argument("--no-adaptive-k", action="store_true",
+                   help="always propose --num-speculative-tokens tokens (as vLLM does) instead of following the "
+                        "acceptance rate and the step costs (which may also pause speculation, e.g. with a draft "
+                        "model as large as the model)")
     g.add_argument("--ngram-min", type=int, default=DEFAULT_NGRAM_MIN,
                    help=f"shortest suffix the ngram proposer matches (default: {DEFAULT_NGRAM_MIN})")
     g.add_argument("--ngram-max", type=int, default=DEFAULT_NGRAM_MAX,
@@ -69,8 +78,11 @@ def add_speculative_flags(p: argparse.ArgumentParser) -> None:
 
 def speculative_config(args: argparse.Namespace) -> SpeculativeConfig:
     """ValueError (one line naming the flag) for a bad combination."""
+    if (args.speculative == "draft") != (args.draft_model is not None):
+        raise ValueError("--speculative draft and --draft-model go together")
     try:
-        return SpeculativeConfig(args.speculative, args.num_speculative_tokens, args.ngram_min, args.ngram_max)
+        return SpeculativeConfig(args.speculative, args.num_speculative_tokens, args.ngram_min, args.ngram_max,
+                                 adaptive=not args.no_adaptive_k)
     except ValueError as e:
         raise ValueError(f"--speculative: {e}") from None
 

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from graph_executor.device import resolve_device
@@ -59,6 +59,7 @@ class ServerConfig:
     step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S  # a step the executor has not answered by then fails its request
     api_key: str | None = field(default=None, repr=False)  # required of every native (and HTTP) client if set
     speculation: SpeculativeConfig = field(default_factory=SpeculativeConfig)  # the JIT context's decode loop
+    draft_model: str | None = None  # the executor's draft model (--speculative draft)
 
     def __post_init__(self) -> None:
         if self.ready_timeout_s <= 0:
@@ -91,6 +92,9 @@ class Supervisor:
     def start(self) -> None:
         load = self.config.load
         check_load_config(load)  # bad input fails here, in one line, before any process starts
+        if self.config.draft_model is not None:
+            check_load_config(replace(load, model=self.config.draft_model, load_format="auto", quantize=None,
+                                      dequantize=False))
         gpu = resolve_device(load.device).type == "cuda"
         pipe_dir = self.runtime.subdir("mps-pipe")
         self._tell_reaper(f"mps {pipe_dir}")  # before it starts: it quits a daemon only where one answers there
@@ -101,6 +105,8 @@ class Supervisor:
         control = self.runtime.ipc_address("control")
         executor = [sys.executable, "-m", "graph_executor", "--control", control, *load_argv(load),
                     "--supervisor-pid", str(os.getpid())]
+        if self.config.draft_model is not None:
+            executor += ["--draft-model", self.config.draft_model]
         # Own session: a terminal Ctrl-C reaches only this process, which stops the children in order (and
         # `hybridrt chat` can cancel a reply without its server dying of the same SIGINT).
         self.children["graph_executor"] = executor_proc = subprocess.Popen(executor, env=env,

@@ -29,6 +29,7 @@ import zmq
 from graph_executor.loading.config import ModelConfig
 from graph_executor.loading.loader import LoadedModel, _fill_random
 from graph_executor.model import LlamaModel
+from graph_executor.draft import DraftingRunner
 from graph_executor.runner import ModelRunner
 from graph_executor.server import ExecutorServer
 from ipc.channel import bind_control, connect_client, connect_control
@@ -543,7 +544,7 @@ def test_executor_step_error_fails_that_request_only(fresh_rig, reference) -> No
     """The executor refuses a step (here its runner has a shorter context than it announced, so a late decode
     does not fit): that request ends with `generation_failed`, the queued one is served."""
     rig = fresh_rig
-    rig.executor.runner = ModelRunner(tiny_model(8), rig.executor.shared.buffers)
+    rig.executor.runner = DraftingRunner(ModelRunner(tiny_model(8), rig.executor.shared.buffers))
     a, b = rig.peer(), rig.peer()
     a.generate("a", PROMPTS["a"], params=greedy(20))  # decode at position 8 fails
     rig.until(lambda: rig.active_id() == "a")

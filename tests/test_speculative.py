@@ -22,7 +22,8 @@ from jit_context.generator import Generator, GenerationResult
 from jit_context.proposers import NgramProposer
 from jit_context.sampler import Sampler
 from jit_context.sampling_params import SamplingParams
-from jit_context.speculative import AdaptiveK, SpeculativeConfig
+from ipc.errors import HybridrtError
+from jit_context.speculative import AdaptiveK, SpeculativeConfig, with_draft_cost
 from tests.test_robustness import tiny_runner
 
 PROMPTS = json.loads((Path(__file__).resolve().parents[1] / "bench/data/spec_prompts.json").read_text())
@@ -90,6 +91,10 @@ def test_adaptive_k_follows_the_acceptance_rate_and_pauses_with_back_off() -> No
     assert not k.allowed(300 + AdaptiveK.BACKOFF_MIN) and k.allowed(300 + 2 * AdaptiveK.BACKOFF_MIN)
     k.update(2, 2, 400)
     assert k.backoff == AdaptiveK.BACKOFF_MIN  # an acceptance resets the back-off
+    fixed = AdaptiveK(SpeculativeConfig("ngram", 5, adaptive=False))
+    for _ in range(20):
+        fixed.update(4, 0, 100)
+    assert fixed.k() == 5 and fixed.allowed(100)  # --no-adaptive-k: always the most, never a pause
 
 
 # -- acceptance ------------------------------------------------------------------------------------------
@@ -236,48 +241,93 @@ def run(runner: ModelRunner, prompt: list[int], params: SamplingParams, spec: Sp
 REPETITIVE = [5, 6, 7, 8, 9, 10, 11, 5, 6, 7, 8, 9, 10, 11, 5, 6, 7]
 
 
+def draft_port(runner: ModelRunner, seed: int):
+    """The runner with a draft model of the same tiny shape: the same weights (seed 3, as tiny_runner's: every
+    proposal right) or others (every proposal a guess)."""
+    from graph_executor.draft import DraftingRunner, DraftProposer
+    from graph_executor.loading.loader import _fill_random
+
+    draft = tiny_runner(runner.max_context).model
+    if seed != 3:
+        _fill_random(draft, seed=seed)
+    return DraftingRunner(runner, DraftProposer(draft, runner.buffers.input_ids))
+
+
+def spec_run(runner: ModelRunner, prompt: list[int], params: SamplingParams, method: str, k: int,
+             draft_seed: int = 3, eos: frozenset[int] = frozenset({2})) -> GenerationResult:
+    if method == "ngram":
+        return run(runner, prompt, params, SpeculativeConfig("ngram", k), eos)
+    config = with_draft_cost(SpeculativeConfig("draft", k), 10, 1)
+    return list(Generator(draft_port(runner, draft_seed), None, eos, speculation=config).generate(prompt, params))[-1]
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
 @pytest.mark.parametrize("k", [1, 3, 8])
-def test_greedy_output_is_identical_with_speculation(k: int) -> None:
+def test_greedy_output_is_identical_with_speculation(method: str, k: int) -> None:
     runner = tiny_runner(max_context=160)
     params = SamplingParams(max_tokens=80, temperature=0.0, ignore_eos=True)
     base = run(runner, REPETITIVE, params)
-    res = run(runner, REPETITIVE, params, SpeculativeConfig("ngram", k))
+    res = spec_run(runner, REPETITIVE, params, method, k)
     assert res.token_ids == base.token_ids
     assert res.speculation["num_accepted_tokens"] > 10  # it did speculate
     assert res.finish_reason == base.finish_reason == "length" and len(res.token_ids) == 80
+    if method == "draft":  # the draft has the target's weights: it proposes what the target picks
+        assert res.speculation["acceptance_rate"] > 0.95, res.speculation
 
 
-def test_stops_cut_inside_an_accepted_run_exactly_where_plain_decoding_cuts() -> None:
+def test_a_draft_that_guesses_wrong_changes_no_token() -> None:
     runner = tiny_runner(max_context=160)
-    spec = SpeculativeConfig("ngram", 6)
+    params = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+    base = run(runner, REPETITIVE, params)
+    res = spec_run(runner, REPETITIVE, params, "draft", 4, draft_seed=11)
+    assert res.token_ids == base.token_ids and res.speculation["num_drafts"] > 0
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_stops_cut_inside_an_accepted_run_exactly_where_plain_decoding_cuts(method: str) -> None:
+    runner = tiny_runner(max_context=160)
     base = run(runner, REPETITIVE, SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True))
     for stop in sorted(set(base.token_ids[5:40])):  # stop tokens and EOS that first appear at many offsets
         cut = base.token_ids.index(stop) + 1
         for params, eos in ((SamplingParams(max_tokens=60, temperature=0.0, stop_token_ids=(stop,)), {2}),
                             (SamplingParams(max_tokens=60, temperature=0.0), {stop})):
-            res = run(runner, REPETITIVE, params, spec, frozenset(eos))
+            res = spec_run(runner, REPETITIVE, params, method, 6, eos=frozenset(eos))
             assert res.token_ids == base.token_ids[:cut] and res.finish_reason == "stop", stop
     for max_tokens in range(1, 30, 3):
-        res = run(runner, REPETITIVE, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True), spec)
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        res = spec_run(runner, REPETITIVE, params, method, 6)
         assert res.token_ids == base.token_ids[:max_tokens] and res.finish_reason == "length"
 
 
-def test_the_context_ends_inside_a_run_as_without_speculation() -> None:
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_the_context_ends_inside_a_run_as_without_speculation(method: str) -> None:
     for context in (40, 41, 45):
         runner = tiny_runner(max_context=context)
         params = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
         base = run(runner, REPETITIVE, params)
-        res = run(runner, REPETITIVE, params, SpeculativeConfig("ngram", 8))
+        res = spec_run(runner, REPETITIVE, params, method, 8)
         assert res.token_ids == base.token_ids and len(res.token_ids) == context - len(REPETITIVE)
 
 
-def test_sampled_requests_speculate_reproducibly_with_a_seed() -> None:
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_sampled_requests_speculate_reproducibly_with_a_seed(method: str) -> None:
     runner = tiny_runner(max_context=160)
     params = SamplingParams(max_tokens=60, temperature=0.01, top_k=20, seed=9, ignore_eos=True)
-    spec = SpeculativeConfig("ngram", 4)
-    a, b = run(runner, REPETITIVE, params, spec), run(runner, REPETITIVE, params, spec)
+    a, b = (spec_run(runner, REPETITIVE, params, method, 4) for _ in range(2))
     assert a.token_ids == b.token_ids and len(a.token_ids) == 60
     assert a.speculation["num_drafts"] > 0 and all(0 <= t < 300 for t in a.token_ids)
+
+
+def test_draft_configuration_errors_are_one_line() -> None:
+    with pytest.raises(ValueError, match="needs a draft model"):
+        with_draft_cost(SpeculativeConfig("draft"), 100, 0)
+    with pytest.raises(ValueError, match="not draft"):
+        with_draft_cost(SpeculativeConfig("ngram"), 100, 10)
+    assert with_draft_cost(SpeculativeConfig("draft"), 100, 10).draft_cost == 0.1
+    with pytest.raises(HybridrtError, match="has no draft model"):
+        from graph_executor.draft import DraftingRunner
+
+        DraftingRunner(tiny_runner()).verify(3, 2, draft_start=0)
 
 
 # -- real weights ----------------------------------------------------------------------------------------
@@ -447,3 +497,62 @@ def test_speculative_workload_runs_the_shipped_prompts_and_compares_runs(default
             "ngram": {"engines": {"hybridrt-executor": {"speculative": result}}}}
     table = speculative_table(runs)
     assert "| ngram | hybridrt-executor |" in table and "7/8" in table and "3/4" in table
+
+
+def test_generate_with_a_draft_model_in_two_processes_gives_the_plain_tokens(cpu_engine) -> None:
+    """`hybridrt generate --speculative draft --draft-model M` (an ephemeral server pair): the executor loads the
+    draft next to the model and runs it before each verify; the draft is the model itself here, so nearly every
+    proposal is kept, and the tokens are the in-process run's without speculation. (A draft as large as the
+    model never pays, so the adaptive k would not use it: --no-adaptive-k.)"""
+    import subprocess
+    import sys
+
+    from launch.local import PromptInput
+
+    prompt = PROMPTS["grounded"][5]
+    params = SamplingParams(max_tokens=20, temperature=0.0)
+    ids = cpu_engine.prompt_ids(PromptInput(messages=[{"role": "user", "content": prompt}]))
+    base = list(cpu_engine.generator.generate(ids, params))[-1]
+    out = subprocess.run([sys.executable, "-m", "launch.cli", "generate", "--json", "--quiet", "--device", "cpu",
+                          "--max-tokens", "20", "--speculative", "draft", "--draft-model", "smollm2-135m-instruct",
+                          "--no-adaptive-k", prompt], capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["token_ids"] == base.token_ids
+    assert result["speculation"]["num_drafts"] > 0 and result["speculation"]["acceptance_rate"] > 0.8
+
+
+def test_draft_flags_are_checked_before_anything_starts() -> None:
+    import subprocess
+    import sys
+
+    for flags, message in ((["--speculative", "draft"], "go together"),
+                           (["--draft-model", "dummy:smollm2-135m"], "go together"),
+                           (["--speculative", "draft", "--draft-model", "/nope/model"], "nope")):
+        out = subprocess.run([sys.executable, "-m", "launch.cli", "generate", "--device", "cpu", *flags, "hi"],
+                             capture_output=True, text=True, timeout=120, check=False)
+        assert out.returncode == 1 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+@pytest.mark.cuda
+def test_smollm2_on_gpu_draft_speculation_keeps_the_tokens(smollm2_real) -> None:
+    """The draft path on the GPU: SmolLM2 drafting for itself (its own weights, cache and graphs), 8 prompts x 128
+    tokens, float32, fixed k = 8: the tokens of plain decoding, nearly every proposal kept."""
+    from graph_executor.loading.loader import LoadConfig
+    from launch.local import LocalEngine, PromptInput
+
+    gguf, tokenizer = smollm2_real
+    engine = LocalEngine(LoadConfig(model=gguf, device="cuda", dtype="float32", max_context=1024, dequantize=True,
+                                    progress=False), tokenizer, draft_model=gguf,
+                         speculation=SpeculativeConfig("draft", 8, adaptive=False))
+    plain = Generator(engine.runner, engine.tokenizer, engine.generator.eos_token_ids)
+    params = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
+    drafted = accepted = 0
+    for prompt in PROMPTS["grounded"]:
+        ids = engine.prompt_ids(PromptInput(messages=[{"role": "user", "content": prompt}]))
+        base = list(plain.generate(ids, params))[-1]
+        res = list(engine.generator.generate(ids, params))[-1]
+        assert res.token_ids == base.token_ids
+        drafted += res.speculation["num_draft_tokens"]
+        accepted += res.speculation["num_accepted_tokens"]
+    assert accepted > 0.9 * drafted > 0

@@ -28,7 +28,7 @@ class ExecutorEngine:
                           seed=spec.seed, progress=False, **spec.load_flags)
         before = time.time()
         speculation = SpeculativeConfig(spec.speculative, spec.num_speculative_tokens)
-        self.local = LocalEngine(load, spec.tokenizer, speculation=speculation)
+        self.local = LocalEngine(load, spec.tokenizer, speculation=speculation, draft_model=spec.draft_model)
         timeline.mark("weights_ready", at=before + self.local.loaded.load_seconds)
         timeline.mark("ready")
         self.generate(list(range(100, 100 + WARMUP_PROMPT)), WARMUP_TOKENS)
@@ -82,12 +82,20 @@ class ExecutorEngine:
             return start.elapsed_time(end) / REPLAYS
 
         decode_ms = timed(lambda: runner.decode(n))
+        port = self.local.port
+        if port.draft is not None:  # the draft's cache holds the prompt too, as after a request's first verify
+            port.draft.runner.prefill(n)
         rows = {}
         for k in range(1, 9):
             ms = timed(lambda: runner.verify(n, k + 1))
             rows[str(k)] = {"verify_ms": round(ms, 4), "vs_decode": round(ms / decode_ms, 4),
                             "break_even_acceptance": break_even(ms / decode_ms, k)}
-        return {"context": n, "replays": REPLAYS, "decode_ms": round(decode_ms, 4), "k": rows}
+            if port.draft is not None:  # the draft runs over one new token and proposes k, then the verify
+                ms = timed(lambda: port.verify(n, k + 1, draft_start=n))
+                rows[str(k)].update(with_draft_ms=round(ms, 4), with_draft_vs_decode=round(ms / decode_ms, 4),
+                                    with_draft_break_even=break_even(ms / decode_ms, k))
+        return {"context": n, "replays": REPLAYS, "decode_ms": round(decode_ms, 4), "k": rows,
+                "draft_model": self.spec.draft_model}
 
     def _graphs(self) -> dict:
         """The GPU path's capture facts (captured: name -> seconds, pending, graph_pool_bytes); {} when eager."""

@@ -34,7 +34,8 @@ class HybridrtE2EEngine:
         from jit_context.speculative import SpeculativeConfig
 
         config = ServerConfig(load, tokenizer=spec.tokenizer, ready_timeout_s=spec.timeout_s, mps=spec.mps,
-                              speculation=SpeculativeConfig(spec.speculative, spec.num_speculative_tokens))
+                              speculation=SpeculativeConfig(spec.speculative, spec.num_speculative_tokens),
+                              draft_model=spec.draft_model)
         self.supervisor = Supervisor(config)
         self.client = None
         self.last_server_timings: dict = {}

@@ -57,6 +57,12 @@ TOL = 1e-3  # per element, relative to max(|ref_i|, rms(ref)) (as tests/test_gem
 EPS = 1e-5
 
 
+def _split_config(name: str) -> Fp8Config:
+    """The decoder's split-K config for a projection, or the default where its plan runs the fp16 kernels."""
+    cfg = getattr(FP8_PLAN, name)
+    return cfg if isinstance(cfg, Fp8Config) else gemv_fp8.DEFAULT
+
+
 def _mode(name: str) -> int:
     """The fusion the decoder uses for this projection."""
     return {"o": gemv_fp8.RESIDUAL, "down": gemv_fp8.SILU_RESIDUAL}.get(name, gemv_fp8.RMSNORM)
@@ -157,7 +163,7 @@ def check(args: argparse.Namespace, report: Report) -> bool:
         w = quantize_fp8(torch.randn(n, k, device=device, generator=g) * 0.02)
         v = _vectors(name, n, k, device, act, seed=200 + index)
         ref = _reference(name, w, v)
-        plan_cfg = getattr(FP8_PLAN, name)
+        plan_cfg = _split_config(name)
         cfgs = ([plan_cfg] + [c for c in GPU_CHECK_CONFIGS if c != plan_cfg]) if gpu else TINY_CONFIGS
         for cfg in [*cfgs, getattr(FP8_GEMV_PLAN, name)]:
             err, same = _checked(name, w, v, ProjectionConfig(fp8=cfg), ref)
@@ -250,7 +256,7 @@ def sweep(args: argparse.Namespace, report: Report) -> bool:
     report.say(f"{report.data['card']}: read bandwidth {bandwidth / 1e12:.2f} TB/s (float32 sum over 4 GiB); "
                f"{args.layers} layers per graph, median of {args.replays} replays")
     if args.processes > 0:
-        precompile_all(names, [*{getattr(FP8_PLAN, n) for n in names}, *configs], args.processes, report)
+        precompile_all(names, [*{_split_config(n) for n in names}, *configs], args.processes, report)
     act = torch.float16
     table, ok = [], True
     for index, name in enumerate(names):
@@ -261,7 +267,7 @@ def sweep(args: argparse.Namespace, report: Report) -> bool:
         total = sum(_read_bytes(name, w, act) for w in weights)
         v = _vectors(name, n, k, device, act, seed=1000 + index)
         ref = _reference(name, weights[0], v)
-        plan_cfg = getattr(FP8_PLAN, name)
+        plan_cfg = _split_config(name)
         best = None
         for cfg in [plan_cfg, *(c for c in configs if c != plan_cfg)]:
             row = {"proj": name, "n": n, "k": k, "path": "split-K", "cfg": asdict(cfg)}

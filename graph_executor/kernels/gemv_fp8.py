@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from graph_executor.kernels.gemv import GemvConfig
 from graph_executor.kernels.gemv_splitk import SplitKScratch, splitk_floats
 from graph_executor.quant.formats import Fp8Rows
 
@@ -56,13 +57,14 @@ RMSNORM, RESIDUAL, SILU_RESIDUAL = 0, 1, 2  # the kernel's MODE: which fusion
 
 @dataclass(frozen=True)
 class Fp8Plan:
-    """A config per projection of the decode step."""
+    """A config per projection of the decode step: an Fp8Config runs the split-K kernels here, a gemv.GemvConfig
+    the fp16 GEMVs over the codes (kernels/projections.py dispatches on the type), so a plan may mix the two."""
 
-    qkv: Fp8Config = DEFAULT
-    o: Fp8Config = DEFAULT
-    gate_up: Fp8Config = DEFAULT
-    down: Fp8Config = DEFAULT
-    lm_head: Fp8Config = DEFAULT
+    qkv: Fp8Config | GemvConfig = DEFAULT
+    o: Fp8Config | GemvConfig = DEFAULT
+    gate_up: Fp8Config | GemvConfig = DEFAULT
+    down: Fp8Config | GemvConfig = DEFAULT
+    lm_head: Fp8Config | GemvConfig = DEFAULT
 
 
 def split(w: Fp8Rows, cfg: Fp8Config) -> int:

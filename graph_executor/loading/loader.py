@@ -147,6 +147,13 @@ def _weight_plan(cfg: LoadConfig, source: str, config: ModelConfig, reader) -> W
     return WeightPlan()
 
 
+def draft_config(model: str, target: LoadedModel, device: str, seed: int, progress: bool) -> LoadConfig:
+    """How a draft model for `target` loads: the target's device, activation dtype and context; GGUF files keep
+    their packed types (a small draft reads few bytes either way)."""
+    return LoadConfig(model=model, device=device, dtype=str(target.model.dtype).removeprefix("torch."),
+                      max_context=target.model.max_context, seed=seed, progress=progress)
+
+
 def check_load_config(cfg: LoadConfig) -> ModelConfig:
     """The cheap checks of `load_model` (device, dtype, model reference, config, and on the CPU whether it fits),
     reading no weights, so that a launcher can report bad input in one line before it starts any process."""
