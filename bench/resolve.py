@@ -59,7 +59,7 @@ class BenchOptions:
     dequantize: bool = False
     peers: bool = True  # False: only the hybridrt engines (a quantized run: the peers run the dtype only)
     speculative: str = "off"
-    num_speculative_tokens: int = 4
+    num_speculative_tokens: int = 8
     spec_tokens: int = 128
     draft_model: str | None = None
 

@@ -93,7 +93,7 @@ class BenchSpec:
     quantize_group: int = 32
     dequantize: bool = False  # a GGUF model dequantized at load instead of kept packed
     speculative: str = "off"  # the hybridrt engines' --speculative
-    num_speculative_tokens: int = 4
+    num_speculative_tokens: int = 8
     spec_tokens: int = 128  # most tokens per prompt of the speculative workload
     draft_model: str | None = None  # the hybridrt engines' --draft-model (runs with --speculative draft)
 

@@ -1,11 +1,12 @@
 """The speculative verify step on the GPU: k + 1 tokens at consecutive positions p .. p + k (the last accepted
 token and k proposals), k + 1 rows of logits out. The body of the verify CUDA graphs (one per k).
 
-It has the decode step's shape, so that it costs about one decode step: dense projections go through the
-multi-row GEMVs with the decode step's fusions (kernels/gemv_rows.py: each weight read once for all rows, 7
-launches per layer), attention is the decode kernel over the cache with each query at its own device-side
-position, and the lm_head writes every row's float32 logits. Packed weights take the prefill step's path
-(row kernels, then the low-bit GEMM). Rows past the accepted ones write K/V the next step overwrites before
+It is the prefill step's structure (row kernels, then cuBLAS or the low-bit GEMM for the projections) with the
+changes that bring it near one decode step: attention is the decode kernel over the cache with each query at
+its own device-side position (not SDPA over a masked whole cache); gate_up and the lm_head, where the multi-row
+GEMV (kernels/gemv_rows.py) reads the weights as fast as cuBLAS at these row counts, take it with the RMSNorm
+fused (two launches fewer per layer; the lm_head writes the float32 logits directly). On qkv, o and down cuBLAS
+reads faster (bench/NOTES.md, issue 11). Packed weights take the prefill step's path throughout. Rows past the accepted ones write K/V the next step overwrites before
 anything reads them (attention reads each query's own position), so a rejection needs no cache copy.
 """
 
@@ -16,12 +17,7 @@ import torch
 from dataclasses import dataclass
 
 from graph_executor.kernels.decode_attention import DecodeAttention
-from graph_executor.kernels.gemv_rows import (
-    RowsConfig,
-    gemv_residual_rows,
-    rmsnorm_gemv_rows,
-    silu_gemv_residual_rows,
-)
+from graph_executor.kernels.gemv_rows import RowsConfig, rmsnorm_gemv_rows
 from graph_executor.kernels.projections import embedding, matmul, prefill_scratch
 from graph_executor.kernels.rope_append import rope_append
 from graph_executor.kernels.rows import rmsnorm_rows, silu_mul_rows
@@ -30,13 +26,12 @@ from graph_executor.model import LlamaModel
 
 @dataclass(frozen=True)
 class RowsPlan:
-    """A multi-row GEMV config per projection (dense weights)."""
+    """Multi-row GEMV configs of the projections that take them (dense weights): the best of the H200 sweep at
+    5 rows on LLaMA-2-7B shapes (bench/probes/gemv_rows.py): gate_up 3.79 TB/s (cuBLAS 3.78), lm_head 3.85
+    (3.80)."""
 
-    qkv: RowsConfig = RowsConfig(32, 128, 4, 3)
-    o: RowsConfig = RowsConfig(16, 128, 4, 3)  # 4096 rows: thinner programs, twice as many
-    gate_up: RowsConfig = RowsConfig(32, 128, 4, 3)
-    down: RowsConfig = RowsConfig(16, 128, 4, 3)
-    lm_head: RowsConfig = RowsConfig(32, 128, 4, 3)
+    gate_up: RowsConfig = RowsConfig(64, 128, 4, 3)
+    lm_head: RowsConfig = RowsConfig(64, 64, 4, 3)
 
 
 DEFAULT_ROWS_PLAN = RowsPlan()
@@ -79,28 +74,19 @@ class FusedVerify:
         p, sc = self.plan, self.scratch
         for index, layer in enumerate(m.layers):
             cache = m.kv_cache[index]  # [2, nkv, C, hd]
-            if dense(layer.qkv_proj):
-                rmsnorm_gemv_rows(layer.qkv_proj, x, layer.attn_norm, eps, qkv, bias=layer.qkv_bias, cfg=p.qkv)
-            else:
-                rmsnorm_rows(x, layer.attn_norm, eps, h)
-                matmul(h, layer.qkv_proj, qkv, bias=layer.qkv_bias, scratch=sc)
+            rmsnorm_rows(x, layer.attn_norm, eps, h)
+            matmul(h, layer.qkv_proj, qkv, bias=layer.qkv_bias, scratch=sc)
             rope_append(qkv, positions, m.rope, q, cache[0], cache[1], cfg.num_heads, cfg.num_kv_heads,
                         cfg.head_dim)
             self.attention(q, cache[0], cache[1], positions, attn)  # [T, nh, hd]
-            if dense(layer.o_proj):
-                gemv_residual_rows(layer.o_proj, attn.view(t, cfg.q_size), x, cfg=p.o)
-            else:
-                matmul(attn.view(t, cfg.q_size), layer.o_proj, x, accumulate=True, scratch=sc)
+            matmul(attn.view(t, cfg.q_size), layer.o_proj, x, accumulate=True, scratch=sc)
             if dense(layer.gate_up_proj):
                 rmsnorm_gemv_rows(layer.gate_up_proj, x, layer.mlp_norm, eps, gate_up, cfg=p.gate_up)
             else:
                 rmsnorm_rows(x, layer.mlp_norm, eps, h)
                 matmul(h, layer.gate_up_proj, gate_up, scratch=sc)
-            if dense(layer.down_proj):
-                silu_gemv_residual_rows(layer.down_proj, gate_up, x, cfg=p.down)
-            else:
-                silu_mul_rows(gate_up, act)
-                matmul(act, layer.down_proj, x, accumulate=True, scratch=sc)
+            silu_mul_rows(gate_up, act)
+            matmul(act, layer.down_proj, x, accumulate=True, scratch=sc)
         if dense(m.lm_head):
             return rmsnorm_gemv_rows(m.lm_head, x, m.norm, eps, logits, cfg=p.lm_head)  # float32 rows
         rmsnorm_rows(x, m.norm, eps, h)

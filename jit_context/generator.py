@@ -90,7 +90,7 @@ class Generator:
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1 or None, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
-        self.speculation = speculation or SpeculativeConfig()
+        self.speculation = (speculation or SpeculativeConfig()).for_device(port.buffers.logits.device.type)
         if self.speculation.enabled:
             warm_up(port.buffers.logits.shape[0], port.buffers.logits.device)
         self.port = port

@@ -14,7 +14,7 @@ runs at the plain loop's speed.
 
 Adaptive k: the acceptance rate a (per proposed token, a moving average) predicts (1 - a^(k+1)) / (1 - a)
 tokens from a verify of k proposals, whose cost relative to a decode step is modelled as 1 + overhead +
-slope * k. k is the value that maximises tokens per cost; when no k beats a plain step, speculation pauses for
+slope * k (measured per device kind, `VERIFY_COSTS`; plus the draft's steps). k is the value that maximises tokens per cost; when no k beats a plain step, speculation pauses for
 a back-off of tokens that doubles while it keeps failing.
 """
 
@@ -36,21 +36,36 @@ if TYPE_CHECKING:  # the generator imports this module
     from jit_context.generator import Chunk, Generator, _Output
 
 METHODS = ("off", "ngram", "draft")
-DEFAULT_METHOD = "off"  # the committed bench decides (README): see bench/NOTES.md, issue 11
+# The command line's default (serve, generate, chat): n-gram speculation won on the committed bench (H200,
+# SmolLM2-135M: 1.6-1.9x tokens/s on input-grounded chats, 1.1-1.2x on open-ended ones, same tokens; bench/NOTES.md,
+# issue 11). A SpeculativeConfig built without a method is plain decoding.
+DEFAULT_METHOD = "ngram"
+
+
+@dataclass(frozen=True)
+class VerifyCost:
+    """A verify step of k proposals costs 1 + overhead + slope * k decode steps (the host's read of the accepted
+    tokens and the extra launches are most of the overhead)."""
+
+    overhead: float
+    slope: float
+
+
+# Measured per device kind (bench/NOTES.md, issue 11): on an H200 a verify of k+1 tokens costs 1.07-1.24x a decode
+# step on LLaMA-2-7B and 1.29-1.38x on SmolLM2-135M (k = 1..8), plus the host's read; on the 2-core CPU machine,
+# SmolLM2 in float32 on one thread, 1.67x at k = 1 and 2.0-2.2x at k = 2..8.
+VERIFY_COSTS = {"cuda": VerifyCost(0.25, 0.015), "cpu": VerifyCost(0.65, 0.1)}
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
     """How a JIT context speculates; `method` "off" is plain decoding."""
 
-    method: str = DEFAULT_METHOD
-    num_tokens: int = 4  # the most proposals per verify step (adaptive k stays at or below it)
+    method: str = "off"
+    num_tokens: int = 8  # the most proposals per verify step (adaptive k stays at or below it)
     ngram_min: int = DEFAULT_NGRAM_MIN
     ngram_max: int = DEFAULT_NGRAM_MAX
-    # Cost of a verify step of k proposals relative to a decode step: 1 + overhead + slope * k (the H200
-    # measurements in bench/NOTES.md; the host's read of the accepted tokens is most of the overhead).
-    overhead: float = 0.1
-    slope: float = 0.03
+    cost: VerifyCost = VERIFY_COSTS["cuda"]  # `for_device` sets the measured one
     draft_cost: float = 0.0  # a draft decode step relative to a target step (set from the executor's Ready)
     adaptive: bool = True  # False: always num_tokens proposals (as vLLM), never a pause
 
@@ -61,8 +76,12 @@ class SpeculativeConfig:
             raise ValueError(f"num_speculative_tokens must be in 1..{MAX_SPECULATIVE_TOKENS}, got {self.num_tokens}")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ValueError(f"n-gram sizes need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}")
-        if self.overhead < 0 or self.slope < 0 or self.draft_cost < 0:
-            raise ValueError("the verify cost model's overhead and slope must be >= 0")
+        if self.cost.overhead < 0 or self.cost.slope < 0 or self.draft_cost < 0:
+            raise ValueError("the verify cost model's overhead, slope and draft cost must be >= 0")
+
+    def for_device(self, kind: str) -> SpeculativeConfig:
+        """With the verify cost measured on this kind of device ("cuda" or "cpu")."""
+        return dataclasses.replace(self, cost=VERIFY_COSTS.get(kind, VERIFY_COSTS["cuda"]))
 
     @property
     def enabled(self) -> bool:
@@ -94,7 +113,7 @@ def with_draft_cost(config: SpeculativeConfig | None, target_params: int, draft_
 class AdaptiveK:
     """The number of proposals to verify next, from the recent acceptance rate."""
 
-    PRIOR = 0.6  # acceptance rate assumed before a request's first verify
+    PRIOR = 0.8  # acceptance rate assumed before a request's first verify: optimistic, so that it gets measured
     WEIGHT = 0.3  # of the newest step in the moving average
     BACKOFF_MIN, BACKOFF_MAX = 8, 256  # plain tokens before speculating again after it stopped paying
 
@@ -111,7 +130,7 @@ class AdaptiveK:
             return c.num_tokens
         best_k, best = 0, 1.0
         for k in range(1, c.num_tokens + 1):
-            value = (1 - a ** (k + 1)) / (1 - a) / (1 + c.overhead + (c.slope + c.draft_cost) * k)
+            value = (1 - a ** (k + 1)) / (1 - a) / (1 + c.cost.overhead + (c.cost.slope + c.draft_cost) * k)
             if value > best:
                 best_k, best = k, value
         return best_k
@@ -246,16 +265,16 @@ class SpeculativeLoop:
         accepted = values[k + 1]
         emitted = values[:accepted + 1]
         self.sampler.observe_ids(emitted)
+        self.proposer.extend(emitted)
+        self.k.update(k, accepted, self.produced)
+        if self.drafting:  # it ran on position .. position + k - 1: right up to the last accepted proposal
+            self.draft_end = min(position + accepted, position + k - 1) + 1
+        launched = self._launch() if self._continues(emitted) else None  # the device idles until this
         self.stats.drafts += 1
         self.stats.draft_tokens += k
         self.stats.accepted_tokens += accepted
         for j in range(accepted):
             self.stats.accepted_per_position[j] += 1
-        self.proposer.extend(emitted)
-        self.k.update(k, accepted, self.produced)
-        if self.drafting:  # it ran on position .. position + k - 1: right up to the last accepted proposal
-            self.draft_end = min(position + accepted, position + k - 1) + 1
-        launched = self._launch() if self._continues(emitted) else None
         for t in emitted:
             yield self.out.add(t)
             if self.out.finish:

@@ -72,8 +72,8 @@ def _model_flags(g) -> None:
                    help=f"speculative decoding of the hybridrt engines, a comma list of "
                         f"{', '.join(SPECULATIVE_METHODS)}: one run per method (like --quantize) and a side-by-"
                         f"side speculative.md; one axis at a time (default: off)")
-    g.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
-                   help="most proposals per verify step (default: 4)")
+    g.add_argument("--num-speculative-tokens", type=int, default=8, metavar="K",
+                   help="most proposals per verify step (default: 8)")
     g.add_argument("--draft-model", default=None, metavar="MODEL",
                    help="the draft model of the --speculative draft run (same tokenizer as --model)")
 

@@ -19,10 +19,12 @@ from launch.options import (
     add_api_key_flag,
     add_model_flags,
     add_sampling_flags,
+    add_speculative_flags,
     add_step_timeout_flag,
     chat_template,
     load_config,
     sampling_params,
+    speculative_config,
 )
 
 PROMPT = "> "
@@ -40,6 +42,7 @@ def register(sub) -> None:
     add_step_timeout_flag(p, note="; not used with --connect")
     add_api_key_flag(p)
     add_sampling_flags(p, default_temperature=0.7)
+    add_speculative_flags(p)
     add_model_flags(p)
     p.set_defaults(run=run)
 
@@ -74,11 +77,13 @@ def run(args: argparse.Namespace) -> int:
     from launch.supervisor import ServerConfig, Supervisor
 
     params = sampling_params(args)  # validate flags before the (slow) model load
+    speculation = speculative_config(args)
     supervisor = None
     if args.connect is None:
         supervisor = Supervisor(ServerConfig(load_config(args), tokenizer=args.tokenizer,
                                              chat_template=chat_template(args),
-                                             step_timeout_s=args.step_timeout))
+                                             step_timeout_s=args.step_timeout, speculation=speculation,
+                                             draft_model=args.draft_model))
         supervisor.start()
     try:
         with Client(args.connect or supervisor.address, api_key=args.api_key) as client:

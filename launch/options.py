@@ -63,9 +63,9 @@ def add_speculative_flags(p: argparse.ArgumentParser) -> None:
                    help="--speculative draft: a small model with the same tokenizer, in any form --model takes "
                         "(HF folder, .gguf, dummy:<preset>); loaded next to the model on the same device, in its "
                         "dtype and context, with its own CUDA graphs")
-    g.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
+    g.add_argument("--num-speculative-tokens", type=int, default=8, metavar="K",
                    help=f"the most tokens proposed per verify step, 1..{MAX_SPECULATIVE_TOKENS}; the number used "
-                        "follows the recent acceptance rate, down to plain decoding (default: 4)")
+                        "follows the recent acceptance rate, down to plain decoding (default: 8)")
     g.add_argument("--no-adaptive-k", action="store_true",
                    help="always propose --num-speculative-tokens tokens (as vLLM does) instead of following the "
                         "acceptance rate and the step costs (which may also pause speculation, e.g. with a draft "

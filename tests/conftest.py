@@ -129,7 +129,8 @@ def shared_server(default_model_dir):
 
 @pytest.fixture(scope="session")
 def cpu_engine(default_model_dir):
-    """The default model in this process (float32, CPU): what `generate --in-process` runs."""
+    """The default model in this process (float32, CPU): what `generate --in-process --speculative off` runs, the
+    plain decoding that speculating runs are compared with."""
     from graph_executor.loading.loader import LoadConfig
     from launch.local import LocalEngine
 

@@ -86,7 +86,7 @@ def test_generate_cli_connect_matches_in_process(server) -> None:
     """`hybridrt generate --json --connect` to a running server gives the in-process answer, and that answer is
     right (the JSON of the user's view in full); the ephemeral pair of `generate` is test_cli.py's."""
     flags = ["--json", "--quiet", "--device", "cpu", "--max-tokens", "16", "--ignore-eos", PROMPTS[0]]
-    expected = in_process_cli(["generate", "--in-process", *flags])
+    expected = in_process_cli(["generate", "--in-process", "--speculative", "off", *flags])
     assert len(expected["token_ids"]) == 16 and expected["finish_reason"] == "length"  # past the answer's EOS
     assert "Paris" in expected["text"]
     out = subprocess.run([*CLI, "generate", "--connect", server.address, *flags], capture_output=True, text=True,
@@ -96,7 +96,7 @@ def test_generate_cli_connect_matches_in_process(server) -> None:
     assert result["token_ids"] == expected["token_ids"] and result["text"] == expected["text"]
     assert set(result) == {"text", "token_ids", "finish_reason", "prompt_tokens", "ttft_ms", "tokens_per_s",
                            "weight_format", "speculation"}
-    assert expected["speculation"] is None  # off by default; the shared server speculates (n-gram)
+    assert expected["speculation"] is None  # plain decoding; the shared server speculates (n-gram)
     assert result["speculation"]["num_drafts"] >= 0 and 0 <= result["speculation"]["acceptance_rate"] <= 1
     assert result["weight_format"] == "float32"  # what the executor loaded, reported through its status
     assert result["finish_reason"] == "length" and result["prompt_tokens"] == expected["prompt_tokens"] > 10

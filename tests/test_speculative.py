@@ -257,7 +257,8 @@ def spec_run(runner: ModelRunner, prompt: list[int], params: SamplingParams, met
              draft_seed: int = 3, eos: frozenset[int] = frozenset({2})) -> GenerationResult:
     if method == "ngram":
         return run(runner, prompt, params, SpeculativeConfig("ngram", k), eos)
-    config = with_draft_cost(SpeculativeConfig("draft", k), 10, 1)
+    config = with_draft_cost(SpeculativeConfig("draft", k, adaptive=False), 10, 1)  # always k: the CPU's costs
+    # would rightly stop a draft costing a tenth of the model at small k
     return list(Generator(draft_port(runner, draft_seed), None, eos, speculation=config).generate(prompt, params))[-1]
 
 
@@ -340,15 +341,15 @@ def test_smollm2_greedy_tokens_are_identical_with_ngram_speculation(cpu_engine) 
 
     spec = Generator(cpu_engine.runner, cpu_engine.tokenizer, cpu_engine.generator.eos_token_ids,
                      speculation=SpeculativeConfig("ngram", 4))
-    params = SamplingParams(max_tokens=24, temperature=0.0)
+    params = SamplingParams(max_tokens=20, temperature=0.0)
     accepted = 0
-    for prompt in PROMPTS["grounded"][:3]:
+    for prompt in PROMPTS["grounded"][1:3]:
         ids = cpu_engine.prompt_ids(PromptInput(messages=[{"role": "user", "content": prompt}]))
         base = list(cpu_engine.generator.generate(ids, params))[-1]
         res = list(spec.generate(ids, params))[-1]
         assert res.token_ids == base.token_ids and res.text == base.text
         accepted += res.speculation["num_accepted_tokens"]
-    assert accepted >= 10
+    assert accepted >= 8
 
 
 def test_a_speculating_server_streams_the_plain_tokens_and_counts_acceptance(shared_server, cpu_engine) -> None:
@@ -480,7 +481,7 @@ def test_speculative_workload_runs_the_shipped_prompts_and_compares_runs(default
     from bench.workloads import speculative
 
     spec = resolve_spec(BenchOptions(model="smollm2-135m-instruct", device="cpu", engines="hybridrt-executor",
-                                     workloads="speculative", spec_tokens=6, speculative="ngram"))
+                                     workloads="speculative", spec_tokens=3, speculative="ngram"))
     engine = ExecutorEngine(spec, Timeline(0.0))
     try:
         result = speculative(engine, spec)
@@ -489,7 +490,7 @@ def test_speculative_workload_runs_the_shipped_prompts_and_compares_runs(default
     assert result["method"] == "ngram"
     assert len(result["grounded"]["prompts"]) == 8 and len(result["open"]["prompts"]) == 4
     assert result["grounded"]["tokens"] == sum(len(p["token_ids"]) for p in result["grounded"]["prompts"])
-    assert all(1 <= len(p["token_ids"]) <= 6 for p in result["grounded"]["prompts"])
+    assert all(1 <= len(p["token_ids"]) <= 3 for p in result["grounded"]["prompts"])
     off = {kind: {**result[kind], "prompts": [{**p, "token_ids": p["token_ids"][:1] + [-1]} if i == 0 else p
                                              for i, p in enumerate(result[kind]["prompts"])]}
            for kind in ("grounded", "open")}
@@ -510,11 +511,11 @@ def test_generate_with_a_draft_model_in_two_processes_gives_the_plain_tokens(cpu
     from launch.local import PromptInput
 
     prompt = PROMPTS["grounded"][5]
-    params = SamplingParams(max_tokens=20, temperature=0.0)
+    params = SamplingParams(max_tokens=12, temperature=0.0)
     ids = cpu_engine.prompt_ids(PromptInput(messages=[{"role": "user", "content": prompt}]))
     base = list(cpu_engine.generator.generate(ids, params))[-1]
     out = subprocess.run([sys.executable, "-m", "launch.cli", "generate", "--json", "--quiet", "--device", "cpu",
-                          "--max-tokens", "20", "--speculative", "draft", "--draft-model", "smollm2-135m-instruct",
+                          "--max-tokens", "12", "--speculative", "draft", "--draft-model", "smollm2-135m-instruct",
                           "--no-adaptive-k", prompt], capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
@@ -522,16 +523,18 @@ def test_generate_with_a_draft_model_in_two_processes_gives_the_plain_tokens(cpu
     assert result["speculation"]["num_drafts"] > 0 and result["speculation"]["acceptance_rate"] > 0.8
 
 
-def test_draft_flags_are_checked_before_anything_starts() -> None:
-    import subprocess
-    import sys
+def test_draft_flags_are_checked_before_anything_starts(capsys) -> None:
+    """Bad speculation flags are one line and exit 1 before any model loads or process starts (the CLI's main in
+    this process: an error here would otherwise come after seconds of loading)."""
+    from launch.cli import main
 
     for flags, message in ((["--speculative", "draft"], "go together"),
                            (["--draft-model", "dummy:smollm2-135m"], "go together"),
-                           (["--speculative", "draft", "--draft-model", "/nope/model"], "nope")):
-        out = subprocess.run([sys.executable, "-m", "launch.cli", "generate", "--device", "cpu", *flags, "hi"],
-                             capture_output=True, text=True, timeout=120, check=False)
-        assert out.returncode == 1 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+                           (["--speculative", "draft", "--draft-model", "/nope/model"], "nope"),
+                           (["--num-speculative-tokens", "9"], "1..8")):
+        assert main(["generate", "--device", "cpu", *flags, "hi"]) == 1
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.cuda
