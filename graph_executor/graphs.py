@@ -38,8 +38,9 @@ class GraphStatic:
     chunk_positions: torch.Tensor  # [max bucket] int64: positions of a chunk (clamped to the cache)
     chunk_ids: torch.Tensor  # [max bucket] int64: token ids of a chunk
     logits_index: torch.Tensor  # [1] int64: the row whose logits a prefill keeps
-    verify_ids: torch.Tensor  # [MAX_VERIFY_TOKENS] int64: a verify step's tokens
-    verify_positions: torch.Tensor  # [MAX_VERIFY_TOKENS] int64: their positions
+    verify_start: torch.Tensor  # [1] int64: a verify step's first position
+    verify_ids: torch.Tensor  # [MAX_VERIFY_TOKENS] int64: its tokens (gathered inside the graph)
+    verify_positions: torch.Tensor  # [MAX_VERIFY_TOKENS] int64: their positions (computed inside the graph)
 
     @classmethod
     def allocate(cls, max_bucket: int, device: torch.device) -> GraphStatic:
@@ -47,7 +48,7 @@ class GraphStatic:
             return torch.zeros(n, dtype=torch.int64, device=device)
 
         return cls(zeros(1), torch.arange(max(max_bucket, MAX_VERIFY_TOKENS), device=device), zeros(max_bucket),
-                   zeros(max_bucket), zeros(1), zeros(MAX_VERIFY_TOKENS), zeros(MAX_VERIFY_TOKENS))
+                   zeros(max_bucket), zeros(1), zeros(1), zeros(MAX_VERIFY_TOKENS), zeros(MAX_VERIFY_TOKENS))
 
 
 @dataclass
@@ -102,9 +103,7 @@ class GraphRunner:
     def verify(self, position: int, num_tokens: int) -> None:
         check_verify(self.max_context, position, num_tokens)
         self.verify_used = True
-        s = self.static
-        s.verify_ids[:num_tokens].copy_(self.buffers.input_ids[position:position + num_tokens])
-        torch.add(s.arange[:MAX_VERIFY_TOKENS], position, out=s.verify_positions)
+        self.static.verify_start.fill_(position)  # the one op outside the graph, as decode's position
         self._launch(f"verify_{num_tokens}", lambda: self._verify_body(num_tokens))
 
     def prefill(self, num_tokens: int, start_pos: int = 0) -> None:
@@ -142,8 +141,10 @@ class GraphRunner:
 
     def _verify_body(self, num_tokens: int) -> None:
         s = self.static
-        self.verifier.run(s.verify_ids[:num_tokens], s.verify_positions[:num_tokens],
-                          self.buffers.verify_logits[:num_tokens])
+        positions, ids = s.verify_positions[:num_tokens], s.verify_ids[:num_tokens]
+        torch.add(s.arange[:num_tokens], s.verify_start, out=positions)
+        torch.index_select(self.buffers.input_ids, 0, positions, out=ids)
+        self.verifier.run(ids, positions, self.buffers.verify_logits[:num_tokens])
 
     def _chunk_body(self) -> None:
         s = self.static
@@ -176,6 +177,7 @@ class GraphRunner:
         # logits_index at 199, out of range for a 16-row bucket (a device-side assert that kills the context).
         # Row 0 is valid for every shape; a replay always sets its own row first.
         self.static.logits_index.zero_()
+        self.static.verify_start.zero_()  # likewise: a late verify's start + 9 rows may pass the cache's end
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):
             for _ in range(WARMUP_RUNS):  # compiles the Triton kernels, settles the allocator
