@@ -14,8 +14,9 @@ runs at the plain loop's speed.
 
 Adaptive k: the acceptance rate a (per proposed token, a moving average) predicts (1 - a^(k+1)) / (1 - a)
 tokens from a verify of k proposals, whose cost relative to a decode step is modelled as 1 + overhead +
-slope * k (measured per device kind, `VERIFY_COSTS`; plus the draft's steps). k is the value that maximises tokens per cost; when no k beats a plain step, speculation pauses for
-a back-off of tokens that doubles while it keeps failing.
+slope * k (measured per device kind, `VERIFY_COSTS`; plus the draft's steps). k is the value that maximises
+tokens per cost; when no k beats a plain step, speculation pauses for a back-off of tokens that doubles while
+it keeps failing.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ if TYPE_CHECKING:  # the generator imports this module
 
 METHODS = ("off", "ngram", "draft")
 # The command line's default (serve, generate, chat): n-gram speculation won on the committed bench (H200,
-# SmolLM2-135M: 1.6-1.9x tokens/s on input-grounded chats, 1.1-1.2x on open-ended ones, same tokens; bench/NOTES.md,
+# SmolLM2-135M: 1.9-2.2x tokens/s on input-grounded chats, 1.1-1.2x on open-ended ones, same tokens; bench/NOTES.md,
 # issue 11). A SpeculativeConfig built without a method is plain decoding.
 DEFAULT_METHOD = "ngram"
 
