@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from graph_executor.kernels.gemv import GemvConfig
-from graph_executor.kernels.gemv_splitk import SplitKScratch, splitk_floats
+from graph_executor.kernels.gemv_splitk import SplitKScratch, check_call, fixup, splitk_floats
 from graph_executor.quant.formats import Fp8Rows
 
 
@@ -99,6 +99,7 @@ def _fp8_splitk_kernel(codes_ptr, scale_ptr, a_ptr, nw_ptr, b_ptr, out_ptr, part
     q = tl.load(codes_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
                 mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # e4m3 [BLOCK_N, BLOCK_K]
     a = tl.load(a_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
+    ss = 0.0
     if MODE == 0:
         ss = tl.sum(a * a, axis=0)  # this slice's share of sum(x^2); 1 / rms is applied once, at the end
         a = a * tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -106,26 +107,8 @@ def _fp8_splitk_kernel(codes_ptr, scale_ptr, a_ptr, nw_ptr, b_ptr, out_ptr, part
         up = tl.load(a_ptr + K + cols, mask=col_ok, other=0.0).to(tl.float32)
         a = a / (1.0 + tl.exp(-a)) * up
     partial = tl.sum(q.to(tl.float32) * a[None, :], axis=1)  # [BLOCK_N], in code units (no row scale yet)
-    tl.store(part_ptr + pid_k * N + rows, partial, mask=row_ok)
-    if MODE == 0:
-        tl.store(part_ptr + SPLIT * N + pid_n * SPLIT + pid_k, ss)
-    tl.debug_barrier()  # every thread's stores are issued before the release below
-    done = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
-    if done == SPLIT - 1:  # the last program of this row block: add the partials in order
-        total = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for i in tl.static_range(SPLIT):
-            total += tl.load(part_ptr + i * N + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
-        total *= tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
-        if MODE == 0:
-            sq = tl.load(part_ptr + SPLIT * N + pid_n * SPLIT + tl.arange(0, SPLIT_P2),
-                         mask=tl.arange(0, SPLIT_P2) < SPLIT, other=0.0, cache_modifier=".cg")
-            total = total / tl.sqrt(tl.sum(sq, axis=0) / K + eps)
-            if HAS_BIAS:
-                total += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        else:
-            total += tl.load(out_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=row_ok)
-        tl.atomic_xchg(count_ptr + pid_n, 0)
+    fixup(partial, ss, rows, row_ok, pid_n, pid_k, part_ptr, count_ptr, scale_ptr, b_ptr, out_ptr, N, K, eps,
+          MODE, HAS_BIAS, True, SPLIT, SPLIT_P2, BLOCK_N)
 
 
 def _check(w: Fp8Rows, scratch: SplitKScratch, cfg: Fp8Config, vectors: dict[str, tuple[torch.Tensor, int]]) -> None:
@@ -133,16 +116,9 @@ def _check(w: Fp8Rows, scratch: SplitKScratch, cfg: Fp8Config, vectors: dict[str
         raise ValueError(f"expected Fp8Rows weights, got {type(w).__name__}")
     if not isinstance(cfg, Fp8Config):
         raise ValueError(f"expected an Fp8Config, got {type(cfg).__name__}")
-    n, k = w.shape
-    floats, counters = scratch_size(w, cfg)
-    if scratch.partial.numel() < floats or scratch.count.numel() < counters:
-        raise ValueError(f"split-K scratch too small for a [{n}, {k}] weight with {cfg}")
     if scratch.partial.device != w.device or scratch.count.device != w.device:
         raise ValueError(f"split-K scratch on {scratch.partial.device}, weights on {w.device}")
-    for name, (t, size) in vectors.items():
-        if t.dim() != 1 or t.numel() != size or not t.is_contiguous() or t.device != w.device:
-            raise ValueError(f"{name}: expected a contiguous [{size}] tensor on {w.device}, got "
-                             f"{tuple(t.shape)} on {t.device}")
+    check_call(w, scratch, scratch_size(w, cfg), cfg, vectors)
 
 
 def _kernel_call(codes, scale, a, nw, bias, out, partial, count, n: int, k: int, eps: float, mode: int,

@@ -157,6 +157,7 @@ def _splitk_kernel(codes_ptr, scale_ptr, offset_ptr, a_ptr, nw_ptr, b_ptr, out_p
     ka = pid_k * BLOCK_KW * EPW + tl.arange(0, BLOCK_KW * EPW)
     kok = ka < K
     a = tl.load(a_ptr + ka, mask=kok, other=0.0).to(tl.float32)
+    ss = 0.0
     if MODE == 0:
         ss = tl.sum(a * a, axis=0)  # this slice's share of sum(x^2); 1 / rms is applied once, at the end
         a = a * tl.load(nw_ptr + ka, mask=kok, other=0.0).to(tl.float32)
@@ -194,6 +195,18 @@ def _splitk_kernel(codes_ptr, scale_ptr, offset_ptr, a_ptr, nw_ptr, b_ptr, out_p
     else:
         terms = s * (qsum - ZERO * a_sum[None, :])
     partial = tl.sum(terms, axis=1)  # [BLOCK_N]
+    fixup(partial, ss, rows, row_ok, pid_n, pid_k, part_ptr, count_ptr, scale_ptr, b_ptr, out_ptr, N, K, eps,
+          MODE, HAS_BIAS, False, SPLIT, SPLIT_P2, BLOCK_N)
+
+
+@triton.jit
+def fixup(partial, ss, rows, row_ok, pid_n, pid_k, part_ptr, count_ptr, scale_ptr, b_ptr, out_ptr, N, K, eps,
+          MODE: tl.constexpr, HAS_BIAS: tl.constexpr, ROW_SCALE: tl.constexpr, SPLIT: tl.constexpr,
+          SPLIT_P2: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The end of every split-K decode GEMV (here and in gemv_fp8): store this program's partial sums [BLOCK_N]
+    (and, MODE 0, its slice's sum of squares `ss`); the last program of the row block to arrive adds the SPLIT
+    partials in order, applies the row scale (ROW_SCALE), 1 / rms and the bias (MODE 0) or the residual (MODES 1,
+    2), writes the output and resets the block's counter."""
     tl.store(part_ptr + pid_k * N + rows, partial, mask=row_ok)
     if MODE == 0:
         tl.store(part_ptr + SPLIT * N + pid_n * SPLIT + pid_k, ss)
@@ -203,6 +216,8 @@ def _splitk_kernel(codes_ptr, scale_ptr, offset_ptr, a_ptr, nw_ptr, b_ptr, out_p
         total = tl.zeros([BLOCK_N], dtype=tl.float32)
         for i in tl.static_range(SPLIT):
             total += tl.load(part_ptr + i * N + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
+        if ROW_SCALE:
+            total *= tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
         if MODE == 0:
             sq = tl.load(part_ptr + SPLIT * N + pid_n * SPLIT + tl.arange(0, SPLIT_P2),
                          mask=tl.arange(0, SPLIT_P2) < SPLIT, other=0.0, cache_modifier=".cg")
@@ -223,7 +238,16 @@ def _check(w: Packed, scratch: SplitKScratch, cfg: SplitKConfig, vectors: dict[s
     if w.group % per_word or cfg.block_kw % (w.group // per_word):
         raise ValueError(f"block_kw {cfg.block_kw} words of {per_word} weights does not hold whole groups of "
                          f"{w.group}")
-    if scratch.partial.numel() < scratch_floats(w, cfg) or scratch.count.numel() < triton.cdiv(n, cfg.block_n):
+    check_call(w, scratch, (scratch_floats(w, cfg), triton.cdiv(n, cfg.block_n)), cfg, vectors)
+
+
+def check_call(w, scratch: SplitKScratch, needs: tuple[int, int], cfg, vectors: dict[str, tuple[torch.Tensor, int]]
+               ) -> None:
+    """ValueError unless the scratch holds `needs` (floats, counters) for one split-K call over w with cfg, and
+    every vector (name -> (tensor, length)) is a contiguous 1-D tensor of its length on w's device (the FP8
+    kernels check their calls with it too)."""
+    n, k = w.shape
+    if scratch.partial.numel() < needs[0] or scratch.count.numel() < needs[1]:
         raise ValueError(f"split-K scratch too small for a [{n}, {k}] weight with {cfg}")
     for name, (t, size) in vectors.items():
         if t.dim() != 1 or t.numel() != size or not t.is_contiguous() or t.device != w.device:
