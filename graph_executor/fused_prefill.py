@@ -13,23 +13,14 @@ from graph_executor.kernels.projections import embedding, matmul, prefill_scratc
 from graph_executor.kernels.rope_append import rope_append
 from graph_executor.kernels.rows import rmsnorm_rows, silu_mul_rows
 from graph_executor.model import LlamaModel
+from graph_executor.row_activations import RowActivations
 
 
 class FusedPrefill:
     def __init__(self, model: LlamaModel, max_tokens: int) -> None:
-        cfg = model.config
         self.model = model
-        device, dtype = model.embed_tokens.device, model.dtype
-
-        def empty(*shape: int) -> torch.Tensor:
-            return torch.empty(*shape, device=device, dtype=dtype)
-
-        self.x = empty(max_tokens, cfg.hidden_size)  # residual stream [T, H]
-        self.h = empty(max_tokens, cfg.hidden_size)  # normalised [T, H]
-        self.qkv = empty(max_tokens, cfg.q_size + 2 * cfg.kv_size)
-        self.q = empty(max_tokens, cfg.num_heads, cfg.head_dim)
-        self.gate_up = empty(max_tokens, 2 * cfg.intermediate_size)
-        self.act = empty(max_tokens, cfg.intermediate_size)
+        device = model.embed_tokens.device
+        self.buffers = RowActivations.allocate(model, max_tokens)
         self.key_pos = torch.arange(model.max_context, device=device)
         # split-K partials of the low-bit GEMM for short prompts (None when no projection is packed)
         self.scratch = prefill_scratch([w for layer in model.layers for w in (
@@ -43,8 +34,8 @@ class FusedPrefill:
         else attention over cache slots [0, kv_len) masked by position (a chunk of a longer prompt)."""
         m, cfg = self.model, self.model.config
         t, eps = ids.shape[0], cfg.rms_norm_eps
-        x, h, qkv, q = self.x[:t], self.h[:t], self.qkv[:t], self.q[:t]
-        gate_up, act = self.gate_up[:t], self.act[:t]
+        b = self.buffers.rows(t)
+        x, h, qkv, q, gate_up, act = b.x, b.h, b.qkv, b.q, b.gate_up, b.act
         if kv_len is None and cfg.sliding_window is not None and t > cfg.sliding_window:
             kv_len = t  # causal attention alone would see past the window: take the masked path
         mask = None

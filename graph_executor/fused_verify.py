@@ -22,6 +22,7 @@ from graph_executor.kernels.projections import embedding, matmul, prefill_scratc
 from graph_executor.kernels.rope_append import rope_append
 from graph_executor.kernels.rows import rmsnorm_rows, silu_mul_rows
 from graph_executor.model import LlamaModel
+from graph_executor.row_activations import RowActivations
 
 
 @dataclass(frozen=True)
@@ -48,13 +49,8 @@ class FusedVerify:
         def empty(*shape: int) -> torch.Tensor:
             return torch.empty(*shape, device=device, dtype=dtype)
 
-        self.x = empty(max_tokens, cfg.hidden_size)  # residual stream [T, H]
-        self.h = empty(max_tokens, cfg.hidden_size)  # normalised [T, H]
-        self.qkv = empty(max_tokens, cfg.q_size + 2 * cfg.kv_size)
-        self.q = empty(max_tokens, cfg.num_heads, cfg.head_dim)
-        self.attn = empty(max_tokens, cfg.num_heads, cfg.head_dim)
-        self.gate_up = empty(max_tokens, 2 * cfg.intermediate_size)
-        self.act = empty(max_tokens, cfg.intermediate_size)
+        self.buffers = RowActivations.allocate(model, max_tokens)
+        self.attn = empty(max_tokens, cfg.num_heads, cfg.head_dim)  # attention out [T, heads, hd]
         self.logits = empty(max_tokens, cfg.vocab_size)  # in the activation dtype, before the float32 copy
         self.attention = DecodeAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, model.max_context,
                                          device, cfg.sliding_window, max_tokens=max_tokens)
@@ -68,8 +64,8 @@ class FusedVerify:
         context); logits [T, vocab] float32, written in place: row t is the distribution after token t."""
         m, cfg = self.model, self.model.config
         t, eps = ids.shape[0], cfg.rms_norm_eps
-        x, h, qkv, q, attn = self.x[:t], self.h[:t], self.qkv[:t], self.q[:t], self.attn[:t]
-        gate_up, act = self.gate_up[:t], self.act[:t]
+        b, attn = self.buffers.rows(t), self.attn[:t]
+        x, h, qkv, q, gate_up, act = b.x, b.h, b.qkv, b.q, b.gate_up, b.act
         embedding(m.embed_tokens, ids, x)
         p, sc = self.plan, self.scratch
         for index, layer in enumerate(m.layers):

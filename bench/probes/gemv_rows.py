@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             return lambda: silu_gemv_residual_rows(w, a, out, cfg=cfg)
 
         best = None
-        for cfg in [getattr(DEFAULT_ROWS_PLAN, name), *SWEEP]:
+        planned = getattr(DEFAULT_ROWS_PLAN, name, None)  # the verify step's config, where it takes this kernel
+        for cfg in [*([planned] if planned else []), *SWEEP]:
             ms = graph_ms([rows_call(w, cfg) for w in weights], args.replays)
             results.append({"proj": name, "cfg": dataclasses.asdict(cfg), "ms": ms, "tb_s": gb / ms})
             print(f"  {name:8s} {cfg.block_n}x{cfg.block_k}/{cfg.num_warps}w/{cfg.num_stages}s {ms:.3f} ms "
