@@ -114,39 +114,41 @@ def options(args: argparse.Namespace):
         draft_model=args.draft_model)
 
 
-def formats(text: str) -> list[str | None]:
-    """`--quantize`'s comma list -> [None (the dtype), "int8", ...] in the order given, duplicates dropped."""
+def _names(text: str, known: tuple[str, ...], flag: str) -> list[str]:
+    """A flag's comma list, in the order given, duplicates dropped; ValueError naming the flag otherwise."""
     names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
-    known = ("none", *QUANTIZE_METHODS)
-    bad = [n for n in names if n not in known]
-    if not names or bad:
-        raise ValueError(f"--quantize takes a comma list of {', '.join(known)}, got {text!r}")
-    return [None if n == "none" else n for n in names]
-
-
-def speculative_methods(text: str) -> list[str]:
-    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
-    if not names or any(n not in SPECULATIVE_METHODS for n in names):
-        raise ValueError(f"--speculative takes a comma list of {', '.join(SPECULATIVE_METHODS)}, got {text!r}")
+    if not names or any(n not in known for n in names):
+        raise ValueError(f"{flag} takes a comma list of {', '.join(known)}, got {text!r}")
     return names
 
 
+def formats(text: str) -> list[str | None]:
+    """`--quantize`'s comma list -> [None (the dtype), "int8", ...] in the order given, duplicates dropped."""
+    return [None if n == "none" else n for n in _names(text, ("none", *QUANTIZE_METHODS), "--quantize")]
+
+
 def run(args: argparse.Namespace) -> int:
+    """One run, or one per value of the flag given as a list (--quantize or --speculative) into <out>/<value>/
+    with a side-by-side table; every spec is resolved (bad input fails here) before any process starts."""
     from dataclasses import replace
 
     from bench.harness import run_bench
-    from bench.report import formats_table, markdown
+    from bench.report import formats_table, markdown, speculative_table
     from bench.resolve import default_out_dir, resolve_spec
 
     methods = formats(args.quantize)
-    spec_methods = speculative_methods(args.speculative)
+    spec_methods = _names(args.speculative, SPECULATIVE_METHODS, "--speculative")
     if len(methods) > 1 and len(spec_methods) > 1:
         raise ValueError("--quantize and --speculative: give a list to one of them at a time")
-    if len(spec_methods) > 1:
-        return _speculative_runs(args, spec_methods)
-    # every format's spec is resolved (bad input fails here) before any process starts
-    specs = [resolve_spec(replace(options(args), quantize=q, peers=q is None, speculative=spec_methods[0]))
-             for q in methods]
+    base = options(args)
+    if len(spec_methods) > 1:  # the peers run with the first method only, and only in the dtype
+        q = methods[0]
+        opts = [replace(base, quantize=q, speculative=m, peers=q is None and i == 0) for i, m in enumerate(spec_methods)]
+        labels, side_by_side, table_name = spec_methods, speculative_table, "speculative.md"
+    else:  # the peers run only with the dtype
+        opts = [replace(base, quantize=q, peers=q is None, speculative=spec_methods[0]) for q in methods]
+        labels, side_by_side, table_name = methods, formats_table, "formats.md"
+    specs = [resolve_spec(o) for o in opts]
     out = Path(args.out) if args.out else default_out_dir(specs[0])
 
     def log(line: str) -> None:
@@ -158,32 +160,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"results: {out}")
         return 0
     runs = {}
-    for q, spec in zip(methods, specs):
-        runs[q or spec.dtype] = run_bench(spec, out / (q or spec.dtype), log)
-    table = formats_table(runs)
-    (out / "formats.md").write_text(table + "\n")
-    print(table)
-    print(f"results: {out}")
-    return 0
-
-
-def _speculative_runs(args: argparse.Namespace, methods: list[str]) -> int:
-    """One run per --speculative method into <out>/<method>/ (the peers with the first only), speculative.md."""
-    from dataclasses import replace
-
-    from bench.harness import run_bench
-    from bench.report import speculative_table
-    from bench.resolve import default_out_dir, resolve_spec
-
-    quantize = formats(args.quantize)[0]
-    specs = [resolve_spec(replace(options(args), quantize=quantize, speculative=m,
-                                  peers=quantize is None and i == 0)) for i, m in enumerate(methods)]
-    out = Path(args.out) if args.out else default_out_dir(specs[0])
-    runs = {m: run_bench(spec, out / m, lambda line: None if args.quiet else print(line, file=sys.stderr,
-                                                                                      flush=True))
-            for m, spec in zip(methods, specs)}
-    table = speculative_table(runs)
-    (out / "speculative.md").write_text(table + "\n")
+    for label, spec in zip(labels, specs):
+        runs[label or spec.dtype] = run_bench(spec, out / (label or spec.dtype), log)
+    table = side_by_side(runs)
+    (out / table_name).write_text(table + "\n")
     print(table)
     print(f"results: {out}")
     return 0
