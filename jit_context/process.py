@@ -56,10 +56,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chat-template", default=None, help="template text replacing the tokenizer's own")
     p.add_argument("--step-timeout", type=float, default=DEFAULT_STEP_TIMEOUT_S,
                    help="seconds to wait for the executor to answer a step before failing the request")
-    p.add_argument("--speculative", default="off", help="off, ngram or draft (launch.options explains the flags)")
-    p.add_argument("--num-speculative-tokens", type=int, default=8)
-    p.add_argument("--ngram-min", type=int, default=2)
-    p.add_argument("--ngram-max", type=int, default=4)
+    plain = SpeculativeConfig()  # the defaults of SpeculativeConfig (the supervisor passes every one)
+    p.add_argument("--speculative", default=plain.method, help="off, ngram or draft (launch.options explains them)")
+    p.add_argument("--num-speculative-tokens", type=int, default=plain.num_tokens)
+    p.add_argument("--ngram-min", type=int, default=plain.ngram_min)
+    p.add_argument("--ngram-max", type=int, default=plain.ngram_max)
     p.add_argument("--no-adaptive-k", action="store_true")
     args = p.parse_args(argv)
     if not args.step_timeout > 0:
