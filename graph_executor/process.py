@@ -16,12 +16,14 @@ import signal
 import sys
 import time
 
+import torch
 import zmq
 
 from graph_executor.draft import check_draft
 from graph_executor.loading.loader import LOAD_FORMATS, LoadConfig, LoadedModel, draft_config, load_model
 from graph_executor.server import ExecutorServer
 from ipc.channel import bind_control
+from ipc.doorbell import Doorbell
 from ipc.errors import HybridrtError
 
 
@@ -41,7 +43,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--no-graphs", action="store_true", help="run every step eagerly (no CUDA graphs)")
     p.add_argument("--draft-model", default=None, help="a draft model for speculative decoding (same tokenizer)")
+    p.add_argument("--doorbell", choices=DOORBELL_MODES, default="auto",
+                   help="step commands over shared memory next to the control socket (ipc/doorbell.py): auto = "
+                        "on the GPU, on = also on the CPU (tests), off = ZeroMQ only")
     return p.parse_args(argv)
+
+
+DOORBELL_MODES = ("auto", "on", "off")
+
+
+def open_doorbell(mode: str, control: str, device: torch.device) -> Doorbell | None:
+    """The executor's doorbell file, next to an ipc:// control socket (the launch's private dir), or None."""
+    if mode == "off" or (mode == "auto" and device.type != "cuda") or not control.startswith("ipc://"):
+        return None
+    return Doorbell.create(control[len("ipc://"):] + ".doorbell")
 
 
 def load_draft(model: str, target: LoadedModel, args: argparse.Namespace) -> LoadedModel:
@@ -64,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
                                        progress=not args.quiet, quantize=args.quantize,
                                        quantize_group=args.quantize_group, dequantize=args.dequantize))
         draft = load_draft(args.draft_model, loaded, args) if args.draft_model else None
+        doorbell = open_doorbell(args.doorbell, args.control, loaded.model.device)
         server = ExecutorServer(channel, loaded, args.supervisor_pid, graphs=not args.no_graphs, quiet=args.quiet,
-                                draft=draft)
+                                draft=draft, doorbell=doorbell)
         if not args.quiet:
             print(f"graph_executor: {loaded.name} ready on {loaded.model.device} in "
                   f"{time.perf_counter() - start:.1f} s (weights {loaded.weight_format})", file=sys.stderr)

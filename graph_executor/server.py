@@ -16,6 +16,7 @@ from graph_executor.draft import DraftingRunner, DraftProposer
 from graph_executor.loading.loader import LoadedModel
 from graph_executor.runner import ModelRunner
 from ipc.channel import Channel
+from ipc.doorbell import FAILED, OK, Doorbell
 from ipc.errors import HybridrtError, ProtocolError
 from ipc.events import StepEvents
 from ipc.liveness import process_alive
@@ -43,9 +44,13 @@ SPIN_US = 20_000  # while a request runs on the GPU, busy-poll this long for the
 
 class ExecutorServer:
     def __init__(self, channel: Channel, loaded: LoadedModel, supervisor_pid: int | None,
-                 graphs: bool = True, quiet: bool = False, draft: LoadedModel | None = None) -> None:
+                 graphs: bool = True, quiet: bool = False, draft: LoadedModel | None = None,
+                 doorbell: Doorbell | None = None) -> None:
         self.quiet = quiet
         self.channel = channel
+        self.doorbell = doorbell  # step commands without a ZeroMQ hop (ipc/doorbell.py); None: ZeroMQ only
+        self.promise_ns = 0  # we watch the doorbell until then (CLOCK_MONOTONIC) before sleeping in a poll
+        self.last_step: tuple[str, int] | None = None  # (request id, step) of the last step run: its copy is dropped
         self.loaded = loaded
         model = loaded.model
         device = model.embed_tokens.device
@@ -90,7 +95,8 @@ class ExecutorServer:
                      sorted(cfg.eos_token_ids), events=self.events.handles() if self.events else None,
                      tokenizer_path=tokenizer, facts=self.facts(),
                      draft_model=self.draft.name if self.draft is not None else None,
-                     draft_params=self.draft.model.config.num_params() if self.draft is not None else 0)
+                     draft_params=self.draft.model.config.num_params() if self.draft is not None else 0,
+                     doorbell=str(self.doorbell.path) if self.doorbell is not None else None)
 
     def peers_alive(self) -> bool:
         pids = [p for p in (self.peer_pid, self.supervisor_pid) if p is not None]
@@ -98,24 +104,73 @@ class ExecutorServer:
 
     def serve(self) -> None:
         while True:
-            # Mid-request on the GPU the next step is due within a token time: spin instead of sleeping, so the
-            # command is picked up without a thread wake-up. Idle (or on the CPU) it sleeps in the poll.
-            spin = SPIN_US if self.cuda and self.busy else 0
             try:
-                msg = self.channel.recv(timeout_ms=POLL_MS, spin_us=spin)
+                got = self.next_command()
             except ProtocolError as e:
                 if not self.reply(Error(e.code, str(e))):
                     return
                 continue
-            if msg is None:
+            if got is None:
                 if not self.peers_alive():
                     print("graph_executor: peer process is gone, exiting", file=sys.stderr)
                     return
                 self.capture_when_idle()
                 continue
-            if not self.reply(self.handle(msg)):
+            answer = self.dispatch(*got)
+            if answer is not None and not self.reply(answer):
                 print("graph_executor: peer process is gone, exiting", file=sys.stderr)
                 return
+
+    def next_command(self) -> tuple[int | None, Message] | None:
+        """The next command and its doorbell seq (None: it came over ZeroMQ only), or None after an idle poll.
+
+        Mid-request on the GPU the next step is due within a token time: spin instead of sleeping, so the
+        command is picked up without a thread wake-up (and, rung on the doorbell, without a ZeroMQ hop at all).
+        Idle (or on the CPU) it sleeps in the poll."""
+        spin = self.busy and (self.cuda or self.doorbell is not None)
+        bell = self.doorbell
+        if bell is None:
+            msg = self.channel.recv(timeout_ms=POLL_MS, spin_us=SPIN_US if spin else 0)
+            return None if msg is None else (None, msg)
+        now = time.monotonic_ns()
+        if spin:
+            self.promise_ns = now + SPIN_US * 1000
+            bell.listen_until(self.promise_ns)
+        while True:  # until the promise made runs out (the JIT context may have rung without a ZeroMQ copy)
+            if (taken := bell.take()) is not None:
+                return taken
+            if self.channel.poll(0):
+                return self.rung_copy(self.channel.recv(timeout_ms=0))
+            if time.monotonic_ns() >= self.promise_ns:
+                break
+        if (taken := bell.take()) is not None:  # rung just before the promise ran out
+            return taken
+        msg = self.channel.recv(timeout_ms=POLL_MS)
+        return None if msg is None else self.rung_copy(msg)
+
+    def rung_copy(self, msg: Message | None) -> tuple[int | None, Message] | None:
+        """A message from ZeroMQ, with the doorbell seq of the same step if it was also rung (and not taken)."""
+        if msg is None:
+            return None
+        rung = self.doorbell.peek() if isinstance(msg, (Prefill, Decode, Verify)) else None
+        if rung is not None and _step_key(rung[1]) == _step_key(msg):
+            self.doorbell.take()
+            return rung[0], msg
+        return None, msg
+
+    def dispatch(self, seq: int | None, msg: Message) -> Message | None:
+        """Run one command; the ZeroMQ reply to send, or None (answered on the doorbell, or a duplicate)."""
+        key = _step_key(msg)
+        if key is not None and key == self.last_step:
+            return None  # the other path's copy of the step just run
+        answer = self.handle(msg)
+        if key is not None:
+            self.last_step = key
+        if seq is None:
+            return answer
+        ok = isinstance(answer, StepDone)
+        self.doorbell.answer(seq, OK if ok else FAILED)
+        return None if ok else answer  # an Error also goes over ZeroMQ, with its text
 
     def reply(self, msg: Message) -> bool:
         """Send to the JIT context; False once it is gone."""
@@ -168,3 +223,9 @@ class ExecutorServer:
 
     def close(self) -> None:
         self.shared.close()
+        if self.doorbell is not None:
+            self.doorbell.close()
+
+
+def _step_key(msg: Message) -> tuple[str, int] | None:
+    return (msg.request_id, msg.step) if isinstance(msg, (Prefill, Decode, Verify)) else None

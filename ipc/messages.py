@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
-PROTOCOL_VERSION = 3  # 3: Verify and the verify_logits buffer; 2: typed Ready buffers/events/tokenizer_path
+PROTOCOL_VERSION = 4  # 4: Ready.doorbell; 3: Verify and the verify_logits buffer; 2: typed Ready buffers/events/tokenizer_path
 MAX_ID_CHARS = 256
 _MAX_NESTING = 32  # free-form dicts (facts, params, usage) nest this deep at most
 
@@ -213,6 +213,7 @@ class Ready(Message):
     facts: dict = field(default_factory=dict)
     draft_model: str | None = None  # the executor's draft model for speculative decoding, if it has one
     draft_params: int = 0  # its parameter count (the JIT context's cost model compares it with the target's)
+    doorbell: str | None = None  # the step doorbell's file (ipc/doorbell.py), if the executor watches one
 
     def _validate(self) -> None:
         if self.vocab_size <= 0 or self.max_context <= 0:

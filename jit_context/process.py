@@ -22,6 +22,7 @@ import torch
 import zmq
 
 from ipc.channel import Channel, bind_server, connect_control
+from ipc.doorbell import Doorbell
 from ipc.errors import HybridrtError
 from ipc.events import StepEvents
 from ipc.liveness import process_alive
@@ -91,8 +92,9 @@ def build_server(args: argparse.Namespace, ctx: zmq.Context, control: Channel) -
     ready = wait_ready(control, args.executor_pid)
     shared = SharedStepBuffers.open(ready.buffers, ready.vocab_size, ready.max_context)
     events = StepEvents.open(ready.events, torch.device(ready.device)) if ready.events is not None else None
+    doorbell = Doorbell.open(ready.doorbell) if ready.doorbell is not None else None
     executor = RemoteExecutor(control, shared, ready.max_context, args.executor_pid, events,
-                              step_timeout_s=args.step_timeout)
+                              step_timeout_s=args.step_timeout, doorbell=doorbell)
     try:
         speculation = with_draft_cost(args.speculation, ready.facts.get("num_params", 0), ready.draft_params)
     except ValueError as e:

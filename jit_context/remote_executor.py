@@ -17,6 +17,7 @@ import time
 import torch
 
 from ipc.channel import Channel
+from ipc.doorbell import OK, Doorbell
 from ipc.errors import HybridrtError
 from ipc.events import StepEvents
 from ipc.liveness import process_alive
@@ -42,7 +43,7 @@ class ExecutorTimeout(HybridrtError):
 class RemoteExecutor:
     def __init__(self, channel: Channel, shared: SharedStepBuffers, max_context: int,
                  executor_pid: int, events: StepEvents | None = None,
-                 step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S) -> None:
+                 step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S, doorbell: Doorbell | None = None) -> None:
         if not step_timeout_s > 0:
             raise ValueError("step_timeout_s must be > 0")
         self.channel = channel
@@ -53,6 +54,8 @@ class RemoteExecutor:
         self.request_id = ""
         self._step = 0
         self._outstanding = False  # a step sent whose StepDone has not been read yet
+        self.doorbell = doorbell  # steps rung in shared memory (ipc/doorbell.py); None: ZeroMQ only
+        self._rung: int | None = None  # the doorbell seq of the outstanding step, if it was rung
         self.events = events  # GPU: order our sampling and the executor's steps by IPC events
         self.step_timeout_s = step_timeout_s
         self.unresponsive = False  # a wait timed out and the executor has not answered anything since
@@ -86,7 +89,8 @@ class RemoteExecutor:
         if not self._outstanding:
             return
         self._outstanding = False  # answered, failed or timed out: never waited for again
-        self._await(lambda reply: isinstance(reply, StepDone) and reply.step == self._step, f"step {self._step}")
+        if self._rung is None or not self._await_rung(self._rung):
+            self._await(lambda reply: isinstance(reply, StepDone) and reply.step == self._step, f"step {self._step}")
         if self.events:
             torch.cuda.current_stream().wait_event(self.events.executor)
 
@@ -104,8 +108,39 @@ class RemoteExecutor:
     def _send_step(self, msg: Message) -> None:
         self.wait_enqueued()
         self._step += 1
-        self._send(msg)
+        if self.events:
+            self.events.jit.record()  # our writes (prompt ids, sampled token) come before the step
+        # Ring first, then ask whether the executor still watches the bell: if it promised to for a while yet,
+        # it sees the command before it could sleep, and the ZeroMQ copy is skipped (ipc/doorbell.py).
+        self._rung = self.doorbell.ring(msg) if self.doorbell is not None else None
+        if self._rung is None or not self.doorbell.listening():
+            self._send_raw(msg)
         self._outstanding = True
+
+    def _await_rung(self, seq: int) -> bool:
+        """Wait for the executor's answer to a rung step on the doorbell or, if it came by ZeroMQ, there (the
+        executor answers on one of the two). True when the step is done; False when it failed (the Error is on
+        ZeroMQ). ExecutorDied or ExecutorTimeout as `_await`."""
+        spin_end = time.perf_counter_ns() + (SPIN_US * 1000 if self.events else 0)
+        deadline = time.monotonic() + self.step_timeout_s
+        next_check = time.monotonic() + POLL_MS / 1e3
+        while True:
+            status = self.doorbell.answered(seq)
+            if status is not None:
+                self.unresponsive = False
+                return status == OK
+            spinning = time.perf_counter_ns() < spin_end
+            reply = self.channel.recv(timeout_ms=0 if spinning else 1)
+            if reply is not None:
+                self.unresponsive = False
+                if isinstance(reply, Error) and reply.request_id in (self.request_id, None):
+                    raise HybridrtError(f"executor: {reply.message}")
+                if isinstance(reply, StepDone) and reply.step == self._step:
+                    return True
+                continue  # stale (an abandoned step's answer): dropped
+            if not spinning and time.monotonic() >= next_check:
+                next_check = time.monotonic() + POLL_MS / 1e3
+                self._check_waiting(deadline, f"step {self._step}")
 
     def _send(self, msg: Message) -> None:
         if self.events:
@@ -125,12 +160,7 @@ class RemoteExecutor:
         while True:
             reply = self.channel.recv(timeout_ms=POLL_MS, spin_us=spin)
             if reply is None:
-                if not process_alive(self.executor_pid):
-                    raise ExecutorDied("the graph executor process died")
-                if time.monotonic() >= deadline:
-                    self.unresponsive = True
-                    raise ExecutorTimeout(f"executor_timeout: the graph executor did not answer {what} within "
-                                          f"{timeout_s:g} s (it is alive but hung)")
+                self._check_waiting(deadline, what, timeout_s)
                 continue
             self.unresponsive = False
             if isinstance(reply, Error) and raise_errors and reply.request_id in (self.request_id, None):
@@ -138,3 +168,13 @@ class RemoteExecutor:
             if wanted(reply):
                 return reply
             # A stale reply (of an abandoned step, a cancelled request, an Error for an earlier one) is dropped.
+
+    def _check_waiting(self, deadline: float, what: str, timeout_s: float | None = None) -> None:
+        """While waiting for an answer: ExecutorDied if the executor is gone, ExecutorTimeout past the deadline."""
+        if not process_alive(self.executor_pid):
+            raise ExecutorDied("the graph executor process died")
+        if time.monotonic() >= deadline:
+            self.unresponsive = True
+            timeout_s = self.step_timeout_s if timeout_s is None else timeout_s
+            raise ExecutorTimeout(f"executor_timeout: the graph executor did not answer {what} within "
+                                  f"{timeout_s:g} s (it is alive but hung)")

@@ -60,12 +60,15 @@ class ServerConfig:
     api_key: str | None = field(default=None, repr=False)  # required of every native (and HTTP) client if set
     speculation: SpeculativeConfig = field(default_factory=SpeculativeConfig)  # the JIT context's decode loop
     draft_model: str | None = None  # the executor's draft model (--speculative draft)
+    doorbell: str = "auto"  # auto | on | off: step commands over shared memory (auto: GPU only; on: tests on CPU)
 
     def __post_init__(self) -> None:
         if self.ready_timeout_s <= 0:
             raise ValueError("ready_timeout_s must be > 0")
         if not self.step_timeout_s > 0:
             raise ValueError("step_timeout_s must be > 0")
+        if self.doorbell not in ("auto", "on", "off"):
+            raise ValueError(f"doorbell must be auto, on or off, got {self.doorbell!r}")
 
 
 def _describe_exit(name: str, code: int) -> str:
@@ -104,7 +107,7 @@ class Supervisor:
         env = {**os.environ, **self.mps.env(), SUPERVISOR_PID_ENV: str(os.getpid())}
         control = self.runtime.ipc_address("control")
         executor = [sys.executable, "-m", "graph_executor", "--control", control, *load_argv(load),
-                    "--supervisor-pid", str(os.getpid())]
+                    "--supervisor-pid", str(os.getpid()), "--doorbell", self.config.doorbell]
         if self.config.draft_model is not None:
             executor += ["--draft-model", self.config.draft_model]
         # Own session: a terminal Ctrl-C reaches only this process, which stops the children in order (and

@@ -86,8 +86,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompt", type=int, default=200, help="prefill this many tokens")
     ap.add_argument("--steps", type=int, default=20, help="profiled steps of each kind")
     ap.add_argument("--top", type=int, default=15, help="rows per table")
+    ap.add_argument("--verify", type=int, default=0, help="also profile speculative verify steps of this many "
+                                                           "proposals (k + 1 tokens each); 0: none")
     args = ap.parse_args(argv)
-    max_context = max(args.context + 3 * (args.steps + 1), args.prompt) + 1  # decode positions for three runs
+    # decode and verify positions for three runs each (profile, timing, graph replays)
+    extra = 3 * (args.steps + 1) * (2 + args.verify) + 2 * (args.verify + 1)
+    max_context = max(args.context + extra, args.prompt) + 1
     loaded = load_model(LoadConfig(model=args.model, device=args.device, dtype="auto", max_context=max_context,
                                    progress=False))
     model = loaded.model
@@ -101,8 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     runner.buffers.input_ids.random_(0, model.config.vocab_size)
     runner.prefill(args.context)
     position = iter(range(args.context, max_context))
-    decode = lambda: runner.decode(next(position))  # noqa: E731
-    prefill = lambda: runner.prefill(args.prompt)  # noqa: E731
+    decode = lambda: runner.decode(next(position))
+    prefill = lambda: runner.prefill(args.prompt)
     device = "GPU kernels" if on_gpu else "CPU ops"
     print(f"{loaded.name} on {torch.cuda.get_device_name() if on_gpu else 'cpu'}, "
           f"{str(model.dtype).removeprefix('torch.')}; self time of {device}, eager launches\n")
@@ -111,12 +115,21 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(table(f"prefill of {args.prompt} tokens", profile_steps(prefill, args.steps, on_gpu, args.top),
                 step_ms(prefill, args.steps, on_gpu)))
+    verify = None
+    if args.verify:
+        tokens = args.verify + 1
+        spans = iter(range(args.context + 3 * (args.steps + 1), max_context - tokens, tokens))
+        verify = lambda: runner.verify(next(spans), tokens)
+        print()
+        print(table(f"verify of {tokens} tokens at context ~{args.context}",
+                    profile_steps(verify, args.steps, on_gpu, args.top), step_ms(verify, args.steps, on_gpu)))
     if on_gpu:
         runner.capture_next()  # decode first, then the prompt's bucket once it has demand
         while runner.capture_next() is not None:
             pass
         print(f"\nthe same steps as graph replays: decode {step_ms(decode, args.steps, True):.3f} ms, "
-              f"prefill {step_ms(prefill, args.steps, True):.3f} ms")
+              f"prefill {step_ms(prefill, args.steps, True):.3f} ms"
+              + (f", verify {step_ms(verify, args.steps, True):.3f} ms" if verify else ""))
 
 
 if __name__ == "__main__":

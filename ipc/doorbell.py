@@ -1,0 +1,148 @@
+"""The step doorbell: a page of shared memory that carries the hot control messages (Prefill, Decode, Verify and
+their StepDone) between the JIT context and the graph executor without a ZeroMQ hop.
+
+Why: on the H200 host a ZeroMQ message between the two processes takes ~0.3-0.6 ms (two I/O-thread wake-ups
+on a VM), a shared-memory write seen by a spinning reader well under 1 us (bench/NOTES.md). Plain decode hides
+the message behind the step in flight, but a speculative verify step (its proposals need the previous step's
+accepted tokens on the host) and a prefill (TTFT) wait for it.
+
+ZeroMQ stays the reliable path and carries everything else. The rules that make the pair safe:
+- The JIT context rings the command bell, then also sends the message over ZeroMQ unless the executor has
+  promised to watch the bell for a while yet (`listening`): an idle executor sleeps in its ZeroMQ poll.
+- The executor runs a step at most once: a command equal to the last step it ran (request id and step; the JIT
+  context never has more than one step outstanding) is a duplicate from the other path and is dropped.
+- The executor answers a step that was rung on the done bell (its status too, an Error also goes over ZeroMQ),
+  any other step with a ZeroMQ StepDone. The JIT context waits for either.
+
+Layout (one 4 KiB file in the launch's private runtime dir, little-endian int64 fields):
+- command, at 0: seq, length, crc, then `length` bytes of the message as the codec encodes it.
+- done, at 512: seq (the command it answers), status (1 ok, 2 failed), crc.
+- listening, at 1024: a CLOCK_MONOTONIC deadline in ns and its complement (a torn read is "not listening").
+
+Each writer writes the payload and its crc before the seq; a reader takes a record only when the crc over
+(seq, payload) holds, so a torn read (a write in progress, or any store order the CPU chooses) is retried,
+never used. There is one writer per record.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import time
+import zlib
+from pathlib import Path
+
+from ipc.codec import decode, encode
+from ipc.messages import Message
+
+SIZE = 4096
+_COMMAND, _DONE, _LISTEN = 0, 512, 1024
+_HEADER = struct.Struct("<qqq")  # seq, length or status, crc
+MAX_PAYLOAD = _DONE - _HEADER.size  # an encoded step message is ~40-100 bytes; longer ones go over ZeroMQ only
+OK, FAILED = 1, 2
+_MASK = (1 << 64) - 1
+LISTEN_MARGIN_NS = 1_000_000  # the JIT context skips ZeroMQ only while the executor listens this much longer
+
+
+def _crc(seq: int, value: int, payload: bytes = b"") -> int:
+    return zlib.crc32(payload, zlib.crc32(struct.pack("<qq", seq, value)))
+
+
+class Doorbell:
+    """One side's view of the doorbell file (`create` by the executor, `open` by the JIT context)."""
+
+    def __init__(self, path: Path, fd: int, owner: bool = False) -> None:
+        self.path = path
+        self.owner = owner  # created it: removes the file on close
+        try:
+            self._map = mmap.mmap(fd, SIZE)
+        finally:
+            os.close(fd)
+        self._seq = 0  # the JIT context's last command seq
+        self.taken = 0  # the executor's last command seq taken (from the bell or matched to a ZeroMQ copy)
+
+    @classmethod
+    def create(cls, path: str | os.PathLike) -> Doorbell:
+        """A fresh doorbell file (0600, never an existing one)."""
+        path = Path(path)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, SIZE)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, fd, owner=True)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> Doorbell:
+        path = Path(path)
+        fd = os.open(path, os.O_RDWR)
+        if os.fstat(fd).st_size != SIZE:
+            os.close(fd)
+            raise ValueError(f"{path} is not a doorbell ({SIZE} bytes)")
+        return cls(path, fd)
+
+    def close(self) -> None:
+        if not self._map.closed:
+            self._map.close()
+            if self.owner:
+                self.path.unlink(missing_ok=True)
+
+    # -- JIT context: ring, wait -------------------------------------------------------------------------
+
+    def ring(self, msg: Message) -> int | None:
+        """Write a step command; its seq, or None when it does not fit (it must then go over ZeroMQ only)."""
+        payload = encode(msg)
+        if len(payload) > MAX_PAYLOAD:
+            return None
+        seq = self._seq + 1
+        start = _COMMAND + _HEADER.size
+        self._map[start:start + len(payload)] = payload
+        struct.pack_into("<qq", self._map, _COMMAND + 8, len(payload), _crc(seq, len(payload), payload))
+        struct.pack_into("<q", self._map, _COMMAND, seq)  # last: the reader looks at the seq first
+        self._seq = seq
+        return seq
+
+    def answered(self, seq: int) -> int | None:
+        """OK or FAILED once the executor has answered command `seq`, else None."""
+        done, status, crc = _HEADER.unpack_from(self._map, _DONE)
+        if done != seq or crc != _crc(done, status):
+            return None
+        return status
+
+    def listening(self, now_ns: int | None = None) -> bool:
+        """Whether the executor promised to watch the bell for at least LISTEN_MARGIN_NS more."""
+        deadline, check = struct.unpack_from("<qq", self._map, _LISTEN)
+        if deadline ^ check != -1:  # torn, or never written
+            return False
+        now_ns = time.monotonic_ns() if now_ns is None else now_ns
+        return now_ns + LISTEN_MARGIN_NS < deadline
+
+    # -- executor: take, answer, listen ------------------------------------------------------------------
+
+    def peek(self) -> tuple[int, Message] | None:
+        """The command rung and not taken yet (seq, message), or None (nothing new, or a write in progress)."""
+        seq, length, crc = _HEADER.unpack_from(self._map, _COMMAND)
+        if seq <= self.taken or not 0 < length <= MAX_PAYLOAD:
+            return None
+        start = _COMMAND + _HEADER.size
+        payload = self._map[start:start + length]
+        if crc != _crc(seq, length, payload):
+            return None
+        return seq, decode(payload, trusted=True)
+
+    def take(self) -> tuple[int, Message] | None:
+        """`peek`, marking the command taken."""
+        got = self.peek()
+        if got is not None:
+            self.taken = got[0]
+        return got
+
+    def answer(self, seq: int, status: int) -> None:
+        struct.pack_into("<qq", self._map, _DONE + 8, status, _crc(seq, status))
+        struct.pack_into("<q", self._map, _DONE, seq)
+
+    def listen_until(self, deadline_ns: int) -> None:
+        """Promise to look at the bell until `deadline_ns` (CLOCK_MONOTONIC) before sleeping in a ZeroMQ poll."""
+        struct.pack_into("<qq", self._map, _LISTEN, deadline_ns, ~deadline_ns)

@@ -1,0 +1,196 @@
+"""The step doorbell (ipc/doorbell.py): its records, the executor's rules for a step that comes on both paths
+(run once, answered where it was rung), and a real two-process server with it on (the CPU path otherwise runs
+without it: `--doorbell auto` is GPU only), whose tokens must equal the in-process run's."""
+
+from __future__ import annotations
+
+import struct
+import time
+import uuid
+
+import pytest
+import torch
+import zmq
+
+from graph_executor.loading.loader import LoadedModel
+from graph_executor.server import ExecutorServer
+from ipc.channel import bind_control, connect_control
+from ipc.doorbell import FAILED, MAX_PAYLOAD, OK, SIZE, Doorbell
+from ipc.messages import Decode, Error, Prefill, StepDone, Verify
+from tests.test_jit_server import MAX_CONTEXT, tiny_model
+
+
+@pytest.fixture
+def bells(tmp_path):
+    executor = Doorbell.create(tmp_path / "bell")
+    jit = Doorbell.open(tmp_path / "bell")
+    yield executor, jit
+    jit.close()
+    executor.close()
+
+
+def test_a_rung_command_is_taken_once_and_its_answer_read(bells) -> None:
+    executor, jit = bells
+    assert executor.take() is None and jit.answered(1) is None  # a fresh bell holds nothing
+    for step in (1, 2):
+        msg = Verify("req-1", step, 17, 5, None)
+        seq = jit.ring(msg)
+        assert executor.peek() == (seq, msg)  # peek does not take
+        assert executor.take() == (seq, msg)
+        assert executor.take() is None
+        assert jit.answered(seq) is None
+        executor.answer(seq, OK if step == 1 else FAILED)
+        assert jit.answered(seq) == (OK if step == 1 else FAILED) and jit.answered(seq + 1) is None
+
+
+def test_a_torn_command_is_never_taken(bells, tmp_path) -> None:
+    executor, jit = bells
+    seq = jit.ring(Decode("req-1", 1, 3))
+    with open(tmp_path / "bell", "r+b") as f:  # a byte of the payload changed after the crc: as a write in progress
+        f.seek(30)
+        byte = f.read(1)
+        f.seek(30)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert executor.take() is None and executor.taken == 0
+    msg = Decode("req-1", 2, 4)
+    seq = jit.ring(msg)  # the next write is whole again
+    assert executor.take() == (seq, msg)
+
+
+def test_a_torn_answer_is_not_read(bells, tmp_path) -> None:
+    executor, jit = bells
+    seq = jit.ring(Decode("req-1", 1, 3))
+    executor.take()
+    executor.answer(seq, OK)
+    with open(tmp_path / "bell", "r+b") as f:
+        f.seek(512 + 8)
+        f.write(struct.pack("<q", FAILED))  # status changed, crc not
+    assert jit.answered(seq) is None
+
+
+def test_a_message_too_long_for_the_bell_is_not_rung(bells) -> None:
+    executor, jit = bells
+    assert jit.ring(Decode("x" * (MAX_PAYLOAD + 1), 1, 3)) is None
+    assert executor.take() is None
+
+
+def test_listening_holds_only_well_before_the_promised_deadline(bells) -> None:
+    executor, jit = bells
+    assert not jit.listening()  # never promised
+    executor.listen_until(time.monotonic_ns() + 50_000_000)
+    assert jit.listening()
+    executor.listen_until(time.monotonic_ns() + 500_000)  # within the margin: send the ZeroMQ copy too
+    assert not jit.listening()
+
+
+def test_the_file_is_private_new_and_removed_by_its_creator(tmp_path) -> None:
+    path = tmp_path / "bell"
+    bell = Doorbell.create(path)
+    assert path.stat().st_size == SIZE and path.stat().st_mode & 0o777 == 0o600
+    with pytest.raises(FileExistsError):
+        Doorbell.create(path)
+    (tmp_path / "short").write_bytes(b"\0" * 10)
+    with pytest.raises(ValueError, match="not a doorbell"):
+        Doorbell.open(tmp_path / "short")
+    bell.close()
+    assert not path.exists()
+
+
+@pytest.fixture
+def rig(tmp_path):
+    """An ExecutorServer over a tiny random model with a doorbell, driven from this thread (no serve loop): the
+    test plays the JIT context with a control channel and its own view of the bell."""
+    ctx = zmq.Context()
+    address = f"inproc://control-{uuid.uuid4().hex}"
+    channel = bind_control(ctx, address)
+    control = connect_control(ctx, address)
+    bell = Doorbell.create(tmp_path / "bell")
+    loaded = LoadedModel(tiny_model(MAX_CONTEXT), "tiny", "dummy", None, 0.0, False)
+    server = ExecutorServer(channel, loaded, supervisor_pid=None, quiet=True, doorbell=bell)
+    server.shared.buffers.input_ids[:4].copy_(torch.tensor([5, 6, 7, 8]))
+    jit = Doorbell.open(tmp_path / "bell")
+    yield server, control, jit
+    jit.close()
+    control.close()
+    channel.close()
+    server.close()
+    ctx.term()
+
+
+def _zmq_arrived(server: ExecutorServer) -> None:
+    deadline = time.monotonic() + 5
+    while not server.channel.poll(10):
+        assert time.monotonic() < deadline
+
+
+def test_the_executor_runs_a_step_that_comes_both_ways_once_and_answers_it_on_the_bell(rig) -> None:
+    server, control, jit = rig
+    prefill = Prefill("req-1", 1, 4, 0)
+    seq = jit.ring(prefill)
+    control.send(prefill)  # the ZeroMQ copy, as for an executor that was asleep
+    assert server.next_command() == (seq, prefill)  # the bell is looked at first
+    assert server.dispatch(seq, prefill) is None and jit.answered(seq) == OK
+    _zmq_arrived(server)
+    assert server.next_command() == (None, prefill)  # the copy: not rung any more...
+    assert server.dispatch(None, prefill) is None  # ...and dropped: the step ran already
+    # The ZeroMQ copy first (the bell's seq is then taken with it), the rung one is never seen again.
+    decode = Decode("req-1", 2, 4)
+    control.send(decode)
+    _zmq_arrived(server)
+    seq = jit.ring(decode)
+    assert server.rung_copy(server.channel.recv(timeout_ms=0)) == (seq, decode)
+    assert server.dispatch(seq, decode) is None and jit.answered(seq) == OK
+    assert server.doorbell.take() is None
+    # A step that only came over ZeroMQ is answered there.
+    decode = Decode("req-1", 3, 5)
+    control.send(decode)
+    _zmq_arrived(server)
+    got = server.next_command()
+    assert got == (None, decode)
+    assert server.dispatch(*got) == StepDone("req-1", 3)
+    # A rung step that fails: FAILED on the bell, the Error (with its text) over ZeroMQ.
+    bad = Decode("req-1", 4, MAX_CONTEXT + 5)
+    seq = jit.ring(bad)
+    got = server.next_command()
+    assert got == (seq, bad)
+    answer = server.dispatch(*got)
+    assert isinstance(answer, Error) and jit.answered(seq) == FAILED
+    assert control.recv(timeout_ms=0) is None  # nothing went over ZeroMQ for the steps answered on the bell
+
+
+def test_a_busy_executor_promises_to_watch_the_bell(rig) -> None:
+    server, _, jit = rig
+    prefill = Prefill("req-1", 1, 4, 0)
+    jit.ring(prefill)
+    server.dispatch(*server.next_command())  # busy from here
+    assert not jit.listening()
+    start = time.monotonic()
+    assert server.next_command() is None  # nothing came: it watched the bell, then polled
+    assert time.monotonic() - start >= 0.02
+    assert not jit.listening()  # the promise has run out
+
+
+def test_a_two_process_server_with_the_doorbell_gives_the_in_process_tokens(cpu_engine) -> None:
+    """Real processes with `doorbell="on"` on the CPU: steps rung in shared memory, the executor spinning on it
+    mid-request; plain and speculative requests give the in-process run's tokens."""
+    from graph_executor.loading.loader import LoadConfig
+    from jit_context.sampling_params import SamplingParams
+    from jit_context.speculative import SpeculativeConfig
+    from launch.client import Client
+    from launch.local import PromptInput
+    from launch.supervisor import ServerConfig, Supervisor
+    from tests.test_speculative import PROMPTS
+
+    config = ServerConfig(LoadConfig(device="cpu", dtype="float32", progress=False), doorbell="on",
+                          speculation=SpeculativeConfig("ngram", 4))
+    params = SamplingParams(max_tokens=16, temperature=0.0)
+    with Supervisor(config) as sup:
+        sup.wait_ready()
+        assert any(p.name.endswith(".doorbell") for p in sup.runtime.path.iterdir())
+        with Client(sup.address) as client:
+            for prompt in PROMPTS["grounded"][1:3]:
+                messages = [{"role": "user", "content": prompt}]
+                base = list(cpu_engine.generator.generate(cpu_engine.prompt_ids(PromptInput(messages=messages)),
+                                                          params))[-1]
+                final = list(client.generate(messages=messages, params=params))[-1]
+                assert final.token_ids == base.token_ids
