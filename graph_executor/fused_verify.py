@@ -17,7 +17,7 @@ import torch
 from dataclasses import dataclass
 
 from graph_executor.kernels.decode_attention import DecodeAttention
-from graph_executor.kernels.gemv_rows import RowsConfig, rmsnorm_gemv_rows
+from graph_executor.kernels.gemv_rows import RowsConfig, gemv_residual_rows, rmsnorm_gemv_rows
 from graph_executor.kernels.projections import embedding, matmul, prefill_scratch
 from graph_executor.kernels.rope_append import rope_append
 from graph_executor.kernels.rows import rmsnorm_rows, silu_mul_rows
@@ -33,7 +33,7 @@ class RowsPlan:
 
     gate_up: RowsConfig = RowsConfig(64, 128, 4, 3)
     lm_head: RowsConfig = RowsConfig(64, 64, 4, 3)
-
+    o: RowsConfig | None = None  # o_proj with the residual add fused; None: cuBLAS addmm_
 
 DEFAULT_ROWS_PLAN = RowsPlan()
 
@@ -75,7 +75,10 @@ class FusedVerify:
             rope_append(qkv, positions, m.rope, q, cache[0], cache[1], cfg.num_heads, cfg.num_kv_heads,
                         cfg.head_dim)
             self.attention(q, cache[0], cache[1], positions, attn)  # [T, nh, hd]
-            matmul(attn.view(t, cfg.q_size), layer.o_proj, x, accumulate=True, scratch=sc)
+            if p.o is not None and dense(layer.o_proj):
+                gemv_residual_rows(layer.o_proj, attn.view(t, cfg.q_size), x, cfg=p.o)
+            else:
+                matmul(attn.view(t, cfg.q_size), layer.o_proj, x, accumulate=True, scratch=sc)
             if dense(layer.gate_up_proj):
                 rmsnorm_gemv_rows(layer.gate_up_proj, x, layer.mlp_norm, eps, gate_up, cfg=p.gate_up)
             else:

@@ -52,9 +52,10 @@ class VerifyCost:
     slope: float
 
 
-# Measured per device kind (bench/NOTES.md, issue 11): on an H200 a verify of k+1 tokens costs 1.07-1.24x a decode
-# step on LLaMA-2-7B and 1.29-1.38x on SmolLM2-135M (k = 1..8), plus the host's read; on the 2-core CPU machine,
-# SmolLM2 in float32 on one thread, 1.67x at k = 1 and 2.0-2.2x at k = 2..8.
+# Measured per device kind (bench/NOTES.md, issue 11): on an H200 a verify of k+1 tokens costs 1.06-1.08x a decode
+# step on LLaMA-2-7B and 1.26x on SmolLM2-135M (k = 1..8), plus the host's read (the constant suits the small model,
+# where speculation is most often on: pessimistic for large ones); on the 2-core CPU machine, SmolLM2 in float32 on
+# one thread, 1.67x at k = 1 and 2.0-2.2x at k = 2..8.
 VERIFY_COSTS = {"cuda": VerifyCost(0.25, 0.015), "cpu": VerifyCost(0.65, 0.1)}
 
 

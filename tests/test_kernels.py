@@ -56,6 +56,37 @@ def test_decode_attention_matches_reference(heads, kv_heads, hd, cache, position
         assert err < tol, f"pos {pos}: relative error {err:.2e}"
 
 
+MULTI_CASES = [  # heads, kv_heads, head_dim, cache length, max tokens, the tokens' positions, window, dtype
+    (4, 4, 64, 300, 5, [0, 1, 2, 3, 4], None, torch.float32),
+    (4, 4, 64, 300, 5, [120, 121, 122, 123, 124], None, torch.float32),
+    (9, 3, 64, 512, 9, [250, 251, 252, 253, 254, 255, 256, 257, 258], None, torch.float16),  # SmolLM2's group
+    (8, 2, 128, 256, 9, [63, 64, 65], None, torch.float16),  # 3 of 9 rows; a split boundary inside
+    (8, 2, 128, 256, 9, [63, 64, 65], None, torch.bfloat16),
+    (4, 2, 64, 512, 4, [400, 7, 511, 130], 100, torch.float16),  # not consecutive, a sliding window
+]
+
+
+@pytest.mark.parametrize("heads,kv_heads,hd,cache,max_tokens,positions,window,dtype", MULTI_CASES)
+def test_multi_token_decode_attention_matches_reference(heads, kv_heads, hd, cache, max_tokens, positions, window,
+                                                        dtype) -> None:
+    """The verify step's attention: T queries, each at its own position, one program per KV head and split."""
+    if dtype == torch.bfloat16 and DEVICE.type != "cuda":
+        pytest.skip("the Triton interpreter's tl.dot gives garbage for bfloat16 operands (GPU only)")
+    gen = torch.Generator(device="cpu").manual_seed(heads * 1000 + cache + len(positions))
+    attn = DecodeAttention(heads, kv_heads, hd, cache, DEVICE, sliding_window=window, max_tokens=max_tokens)
+    kv = torch.randn(2, kv_heads, cache, hd, generator=gen).to(DEVICE, dtype)
+    t = len(positions)
+    q = torch.randn(t, heads, hd, generator=gen).to(DEVICE, dtype)
+    out = torch.full((t, heads, hd), float("nan"), device=DEVICE, dtype=dtype)
+    attn(q, kv[0], kv[1], torch.tensor(positions, device=DEVICE), out)
+    assert torch.isfinite(out).all()
+    tol = 1e-4 if dtype == torch.float32 else 1.5e-2
+    for i, pos in enumerate(positions):
+        ref = reference_decode(q[i].cpu(), kv[0].cpu(), kv[1].cpu(), pos, window)
+        err = (out[i].cpu().double() - ref).norm() / ref.norm()
+        assert err < tol, f"token {i} at {pos}: relative error {err:.2e}"
+
+
 from graph_executor.kernels.gemv import GemvConfig, gemv_residual, rmsnorm_gemv, silu_gemv_residual  # noqa: E402
 from graph_executor.kernels.rope_append import rope_append  # noqa: E402
 

@@ -4,8 +4,10 @@ p, attending to positions [start, p].
 The positions are read from device memory, so one captured graph serves every step while the cache grows;
 splits that lie wholly beyond a position exit at once, so the cost grows with the real context, not with the
 cache length. Grouped-query attention maps query head h to KV head h // (heads / kv_heads). Decode is one
-token; a speculative verify step is k + 1 tokens at consecutive positions (their programs read the same KV
-tiles, mostly from L2).
+token (`_split_kernel`: one program per head and split). A speculative verify step is k + 1 tokens, each at its
+own position (`_split_rows_kernel`: one program per KV head and split takes every query of the group for every
+token as rows of one tensor-core product, so each K/V tile is read once per step, as in decode; one program per
+query read it k + 1 times, and on an H200 a 5-token verify's attention took 2.5x decode's, bench/NOTES.md).
 """
 
 from __future__ import annotations
@@ -60,6 +62,57 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, acc_ptr, m_ptr, l_ptr,
 
 
 @triton.jit
+def _split_rows_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, acc_ptr, m_ptr, l_ptr,
+                       stride_kh, stride_kn, stride_vh, stride_vn,
+                       scale, window, T,
+                       GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
+                       NUM_SPLITS: tl.constexpr, NUM_HEADS: tl.constexpr, ROWS: tl.constexpr, IEEE: tl.constexpr):
+    kv_head = tl.program_id(0)
+    split = tl.program_id(1)
+    r = tl.arange(0, ROWS)  # row r: token r // GROUP, query head kv_head * GROUP + r % GROUP; padded to ROWS
+    token = r // GROUP
+    row_ok = token < T
+    pos = tl.load(pos_ptr + token, mask=row_ok, other=-1)  # [ROWS]; keys [start, pos] are visible to the row
+    start = tl.maximum(pos + 1 - window, 0)
+    lo = tl.maximum(split * SPLIT, tl.min(tl.where(row_ok, start, 1 << 30), axis=0))
+    hi = tl.minimum((split + 1) * SPLIT, tl.max(pos, axis=0) + 1)
+    d = tl.arange(0, HEAD_DIM)
+    row = token * NUM_HEADS + kv_head * GROUP + r % GROUP  # [ROWS]: the row of [T * heads, hd]
+    q = tl.load(q_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=row_ok[:, None], other=0.0)  # [ROWS, hd]
+    m_i = tl.full([ROWS], -float("inf"), dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
+    for block_start in range(lo, hi, BLOCK):
+        n = block_start + tl.arange(0, BLOCK)
+        valid = n < hi
+        k = tl.load(k_ptr + kv_head * stride_kh + n[:, None] * stride_kn + d[None, :],
+                    mask=valid[:, None], other=0.0)  # [BLOCK, hd]
+        if IEEE:
+            s = tl.dot(q.to(k.dtype), tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q.to(k.dtype), tl.trans(k))  # [ROWS, BLOCK] float32
+        visible = (n[None, :] <= pos[:, None]) & (n[None, :] >= start[:, None]) & valid[None, :]
+        s = tl.where(visible, s * scale, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # a row with nothing visible yet keeps 0s
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])  # [ROWS, BLOCK]
+        v = tl.load(v_ptr + kv_head * stride_vh + n[:, None] * stride_vn + d[None, :],
+                    mask=valid[:, None], other=0.0)  # [BLOCK, hd]
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+    out = row * NUM_SPLITS + split
+    tl.store(acc_ptr + out[:, None] * HEAD_DIM + d[None, :], acc, mask=row_ok[:, None])
+    tl.store(m_ptr + out, m_i, mask=row_ok)
+    tl.store(l_ptr + out, l_i, mask=row_ok)
+
+
+@triton.jit
 def _reduce_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
                    NUM_HEADS: tl.constexpr):
     head = tl.program_id(1) * NUM_HEADS + tl.program_id(0)  # token * heads + head: a row of [T * heads, hd]
@@ -89,6 +142,7 @@ class DecodeAttention:
         self.scale = head_dim ** -0.5
         f32 = dict(device=device, dtype=torch.float32)
         self.max_tokens = max_tokens
+        self.rows = max(16, triton.next_power_of_2(self.group * max_tokens))  # the multi-token kernel's rows
         self.acc = torch.empty(max_tokens, num_heads, self.num_splits, head_dim, **f32)
         self.m = torch.empty(max_tokens, num_heads, self.num_splits, **f32)
         self.l = torch.empty(max_tokens, num_heads, self.num_splits, **f32)
@@ -101,13 +155,21 @@ class DecodeAttention:
         if tokens > self.max_tokens or q.numel() != tokens * self.num_heads * self.head_dim:
             raise ValueError(f"decode attention sized for {self.max_tokens} tokens of {self.num_heads} x "
                              f"{self.head_dim}, got q {tuple(q.shape)} for {tokens} positions")
-        _split_kernel[(self.num_heads, self.num_splits, tokens)](
-            q, k_cache, v_cache, position, self.acc, self.m, self.l,
-            k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-            self.scale, self.window,
-            GROUP=self.group, HEAD_DIM=self.head_dim, SPLIT=self.split, BLOCK=min(BLOCK_N, self.split),
-            NUM_SPLITS=self.num_splits, NUM_HEADS=self.num_heads,
-        )
+        strides = (k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1))
+        block = min(BLOCK_N, self.split)
+        if self.max_tokens == 1:
+            _split_kernel[(self.num_heads, self.num_splits, tokens)](
+                q, k_cache, v_cache, position, self.acc, self.m, self.l, *strides, self.scale, self.window,
+                GROUP=self.group, HEAD_DIM=self.head_dim, SPLIT=self.split, BLOCK=block,
+                NUM_SPLITS=self.num_splits, NUM_HEADS=self.num_heads,
+            )
+        else:
+            _split_rows_kernel[(self.num_heads // self.group, self.num_splits)](
+                q, k_cache, v_cache, position, self.acc, self.m, self.l, *strides, self.scale, self.window, tokens,
+                GROUP=self.group, HEAD_DIM=self.head_dim, SPLIT=self.split, BLOCK=max(16, block),
+                NUM_SPLITS=self.num_splits, NUM_HEADS=self.num_heads, ROWS=self.rows,
+                IEEE=k_cache.dtype == torch.float32, num_warps=4 if self.rows * self.head_dim <= 4096 else 8,
+            )
         _reduce_kernel[(self.num_heads, tokens)](self.acc, self.m, self.l, out, HEAD_DIM=self.head_dim,
                                                  NUM_SPLITS=self.num_splits, NUM_HEADS=self.num_heads)
         return out
