@@ -184,13 +184,17 @@ class GraphRunner:
                 body()
         torch.cuda.current_stream().wait_stream(self.stream)
         graph = torch.cuda.CUDAGraph()
-        gc.collect()
-        gc.freeze()  # objects made before capture are not scanned by collections during it
+        # No collection during the capture. Disabling the collector (not freeze/unfreeze) leaves the process's own
+        # freeze alone: unfreezing here once put ~170k start-up objects back in the oldest generation, whose
+        # next full collection (~0.1 s) then landed inside some token gap (issue 12).
+        enabled = gc.isenabled()
+        gc.disable()
         try:
             with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
                 body()
         finally:
-            gc.unfreeze()
+            if enabled:
+                gc.enable()
         torch.cuda.synchronize()
         self.graphs[name] = graph
         self.stats.seconds[name] = round(time.perf_counter() - start, 4)

@@ -72,8 +72,10 @@ class Sampler:
         self._generator.manual_seed(self.seed)
 
     def observe(self, token: torch.Tensor) -> None:
-        """Mark a generated token ([1] int64, on the device) as seen for the repetition penalty."""
-        self._seen.index_fill_(0, token.view(-1), True)
+        """Mark a generated token ([1] int64, on the device) as seen for the repetition penalty (only a request
+        with one reads the marks: none is queued without)."""
+        if self._penalize:
+            self._seen.index_fill_(0, token.view(-1), True)
 
     def sample(self, logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Pick the next token from logits [V] (any float dtype); returns [1] int64 on the same device."""
@@ -82,6 +84,8 @@ class Sampler:
         x = logits.float()  # [V] f32
         if self._penalize:  # host-known per request: no penalty, no three passes over the vocabulary
             x = self._apply_repetition_penalty(x)
+        if self._all_greedy and out is not None:  # one kernel: the next step waits on this one only
+            return torch.argmax(x, dim=0, keepdim=True, out=out)
         greedy_token = torch.argmax(x).view(1)  # [1]
         if self._all_greedy:
             # A host-known flag of the request, not a tensor value: greedy requests skip the sort (about
