@@ -12,10 +12,12 @@ anything reads them (attention reads each query's own position), so a rejection 
 
 from __future__ import annotations
 
-import torch
-
+import dataclasses
 from dataclasses import dataclass
 
+import torch
+
+from graph_executor.kernels import pdl as pdl_launch
 from graph_executor.kernels.decode_attention import DecodeAttention
 from graph_executor.kernels.gemv_rows import RowsConfig, gemv_residual_rows, rmsnorm_gemv_rows
 from graph_executor.kernels.projections import embedding, matmul, prefill_scratch
@@ -39,12 +41,19 @@ DEFAULT_ROWS_PLAN = RowsPlan()
 
 
 class FusedVerify:
-    def __init__(self, model: LlamaModel, max_tokens: int, plan: RowsPlan = DEFAULT_ROWS_PLAN) -> None:
+    def __init__(self, model: LlamaModel, max_tokens: int, plan: RowsPlan = DEFAULT_ROWS_PLAN,
+                 pdl: bool | None = None) -> None:
+        """`pdl`: launch the step's Triton kernels with programmatic dependent launch (kernels/pdl.py; it pays
+        between two of them: RoPE -> attention -> its reduction, gate_up -> SwiGLU); None: where the device has it."""
         cfg = model.config
         self.model = model
         self.max_tokens = max_tokens
-        self.plan = plan
         device, dtype = model.embed_tokens.device, model.dtype
+        self.pdl = pdl_launch.supported(device) if pdl is None else pdl
+        if self.pdl:
+            plan = RowsPlan(**{f.name: getattr(plan, f.name) and dataclasses.replace(getattr(plan, f.name), pdl=True)
+                               for f in dataclasses.fields(RowsPlan)})
+        self.plan = plan
 
         def empty(*shape: int) -> torch.Tensor:
             return torch.empty(*shape, device=device, dtype=dtype)
@@ -53,7 +62,7 @@ class FusedVerify:
         self.attn = empty(max_tokens, cfg.num_heads, cfg.head_dim)  # attention out [T, heads, hd]
         self.logits = empty(max_tokens, cfg.vocab_size)  # in the activation dtype, before the float32 copy
         self.attention = DecodeAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, model.max_context,
-                                         device, cfg.sliding_window, max_tokens=max_tokens)
+                                         device, cfg.sliding_window, max_tokens=max_tokens, pdl=self.pdl)
         weights = [w for layer in model.layers
                    for w in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)]
         self.scratch = prefill_scratch([*weights, model.lm_head], max_tokens, device)
@@ -67,13 +76,13 @@ class FusedVerify:
         b, attn = self.buffers.rows(t), self.attn[:t]
         x, h, qkv, q, gate_up, act = b.x, b.h, b.qkv, b.q, b.gate_up, b.act
         embedding(m.embed_tokens, ids, x)
-        p, sc = self.plan, self.scratch
+        p, sc, pdl = self.plan, self.scratch, self.pdl
         for index, layer in enumerate(m.layers):
             cache = m.kv_cache[index]  # [2, nkv, C, hd]
-            rmsnorm_rows(x, layer.attn_norm, eps, h)
+            rmsnorm_rows(x, layer.attn_norm, eps, h, pdl=pdl)
             matmul(h, layer.qkv_proj, qkv, bias=layer.qkv_bias, scratch=sc)
             rope_append(qkv, positions, m.rope, q, cache[0], cache[1], cfg.num_heads, cfg.num_kv_heads,
-                        cfg.head_dim)
+                        cfg.head_dim, pdl=pdl)
             self.attention(q, cache[0], cache[1], positions, attn)  # [T, nh, hd]
             if p.o is not None and dense(layer.o_proj):
                 gemv_residual_rows(layer.o_proj, attn.view(t, cfg.q_size), x, cfg=p.o)
@@ -82,9 +91,9 @@ class FusedVerify:
             if dense(layer.gate_up_proj):
                 rmsnorm_gemv_rows(layer.gate_up_proj, x, layer.mlp_norm, eps, gate_up, cfg=p.gate_up)
             else:
-                rmsnorm_rows(x, layer.mlp_norm, eps, h)
+                rmsnorm_rows(x, layer.mlp_norm, eps, h, pdl=pdl)
                 matmul(h, layer.gate_up_proj, gate_up, scratch=sc)
-            silu_mul_rows(gate_up, act)
+            silu_mul_rows(gate_up, act, pdl=pdl)
             matmul(act, layer.down_proj, x, accumulate=True, scratch=sc)
         if dense(m.lm_head):
             return rmsnorm_gemv_rows(m.lm_head, x, m.norm, eps, logits, cfg=p.lm_head)  # float32 rows

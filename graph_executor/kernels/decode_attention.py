@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from graph_executor.kernels.pdl import launch_options, wait_for_prior
+
 SPLIT_SIZE = 64  # positions per split; H200 LLaMA-2-7B decode at ctx 512/2048: 64 -> 4.09/4.44 ms, 256 -> 4.44/4.60
 BLOCK_N = 64
 
@@ -25,7 +27,8 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, acc_ptr, m_ptr, l_ptr,
                   stride_kh, stride_kn, stride_vh, stride_vn,
                   scale, window,
                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
-                  NUM_SPLITS: tl.constexpr, NUM_HEADS: tl.constexpr):
+                  NUM_SPLITS: tl.constexpr, NUM_HEADS: tl.constexpr, PDL: tl.constexpr):
+    wait_for_prior(PDL)
     head = tl.program_id(0)
     split = tl.program_id(1)
     token = tl.program_id(2)
@@ -66,7 +69,9 @@ def _split_rows_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, acc_ptr, m_ptr, l_ptr,
                        stride_kh, stride_kn, stride_vh, stride_vn,
                        scale, window, T,
                        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
-                       NUM_SPLITS: tl.constexpr, NUM_HEADS: tl.constexpr, ROWS: tl.constexpr, IEEE: tl.constexpr):
+                       NUM_SPLITS: tl.constexpr, NUM_HEADS: tl.constexpr, ROWS: tl.constexpr, IEEE: tl.constexpr,
+                       PDL: tl.constexpr):
+    wait_for_prior(PDL)
     kv_head = tl.program_id(0)
     split = tl.program_id(1)
     r = tl.arange(0, ROWS)  # row r: token r // GROUP, query head kv_head * GROUP + r % GROUP; padded to ROWS
@@ -114,7 +119,8 @@ def _split_rows_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, acc_ptr, m_ptr, l_ptr,
 
 @triton.jit
 def _reduce_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                   NUM_HEADS: tl.constexpr):
+                   NUM_HEADS: tl.constexpr, PDL: tl.constexpr):
+    wait_for_prior(PDL)
     head = tl.program_id(1) * NUM_HEADS + tl.program_id(0)  # token * heads + head: a row of [T * heads, hd]
     s = tl.arange(0, NUM_SPLITS)
     d = tl.arange(0, HEAD_DIM)
@@ -132,7 +138,7 @@ class DecodeAttention:
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, max_context: int,
                  device: torch.device, sliding_window: int | None = None, split_size: int | None = None,
-                 max_tokens: int = 1) -> None:
+                 max_tokens: int = 1, pdl: bool = False) -> None:
         if head_dim & (head_dim - 1):
             raise ValueError(f"decode attention needs a power-of-two head_dim, got {head_dim}")
         self.num_heads, self.group, self.head_dim = num_heads, num_heads // num_kv_heads, head_dim
@@ -142,6 +148,7 @@ class DecodeAttention:
         self.scale = head_dim ** -0.5
         f32 = dict(device=device, dtype=torch.float32)
         self.max_tokens = max_tokens
+        self.pdl = pdl  # launch with programmatic dependent launch (kernels/pdl.py)
         self.rows = max(16, triton.next_power_of_2(self.group * max_tokens))  # the multi-token kernel's rows
         self.acc = torch.empty(max_tokens, num_heads, self.num_splits, head_dim, **f32)
         self.m = torch.empty(max_tokens, num_heads, self.num_splits, **f32)
@@ -161,7 +168,7 @@ class DecodeAttention:
             _split_kernel[(self.num_heads, self.num_splits, tokens)](
                 q, k_cache, v_cache, position, self.acc, self.m, self.l, *strides, self.scale, self.window,
                 GROUP=self.group, HEAD_DIM=self.head_dim, SPLIT=self.split, BLOCK=block,
-                NUM_SPLITS=self.num_splits, NUM_HEADS=self.num_heads,
+                NUM_SPLITS=self.num_splits, NUM_HEADS=self.num_heads, PDL=self.pdl, **launch_options(self.pdl),
             )
         else:
             _split_rows_kernel[(self.num_heads // self.group, self.num_splits)](
@@ -169,7 +176,9 @@ class DecodeAttention:
                 GROUP=self.group, HEAD_DIM=self.head_dim, SPLIT=self.split, BLOCK=max(16, block),
                 NUM_SPLITS=self.num_splits, NUM_HEADS=self.num_heads, ROWS=self.rows,
                 IEEE=k_cache.dtype == torch.float32, num_warps=4 if self.rows * self.head_dim <= 4096 else 8,
+                PDL=self.pdl, **launch_options(self.pdl),
             )
         _reduce_kernel[(self.num_heads, tokens)](self.acc, self.m, self.l, out, HEAD_DIM=self.head_dim,
-                                                 NUM_SPLITS=self.num_splits, NUM_HEADS=self.num_heads)
+                                                 NUM_SPLITS=self.num_splits, NUM_HEADS=self.num_heads, PDL=self.pdl,
+                                                 **launch_options(self.pdl))
         return out

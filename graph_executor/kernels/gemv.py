@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from graph_executor.kernels.pdl import launch_options, wait_for_prior
+
 
 @dataclass(frozen=True)
 class GemvConfig:
@@ -25,6 +27,7 @@ class GemvConfig:
     block_k: int = 512
     num_warps: int = 4
     num_stages: int = 3
+    pdl: bool = False  # launch with programmatic dependent launch (kernels/pdl.py; Hopper and later only)
 
 
 DEFAULT = GemvConfig()
@@ -54,7 +57,8 @@ DEFAULT_PLAN = GemvPlan(
 
 @triton.jit
 def _rmsnorm_gemv_kernel(w_ptr, x_ptr, nw_ptr, b_ptr, s_ptr, out_ptr, N, K, eps, HAS_BIAS: tl.constexpr,
-                         ROW_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                         ROW_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    wait_for_prior(PDL)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -79,7 +83,8 @@ def _rmsnorm_gemv_kernel(w_ptr, x_ptr, nw_ptr, b_ptr, s_ptr, out_ptr, N, K, eps,
 
 @triton.jit
 def _gemv_residual_kernel(w_ptr, a_ptr, s_ptr, x_ptr, N, K, SWIGLU: tl.constexpr, ROW_SCALE: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    wait_for_prior(PDL)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -105,7 +110,8 @@ def _grid(n: int, cfg: GemvConfig) -> tuple[int]:
 
 
 def _launch(cfg: GemvConfig) -> dict:
-    return dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                PDL=cfg.pdl, **launch_options(cfg.pdl))
 
 
 def rmsnorm_gemv(w: torch.Tensor, x: torch.Tensor, norm_w: torch.Tensor, eps: float, out: torch.Tensor,

@@ -34,6 +34,7 @@ import triton.language as tl
 
 from graph_executor.kernels.gemv import GemvConfig
 from graph_executor.kernels.gemv_splitk import SplitKScratch, check_call, fixup, splitk_floats
+from graph_executor.kernels.pdl import launch_options, wait_for_prior
 from graph_executor.quant.formats import Fp8Rows
 
 
@@ -42,6 +43,7 @@ class Fp8Config:
     block_n: int = 32  # output rows per program
     block_k: int = 512  # codes (one byte each) along K per program: the K slice
     num_warps: int = 4
+    pdl: bool = False  # launch with programmatic dependent launch (kernels/pdl.py; Hopper and later only)
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k", "num_warps"):
@@ -86,9 +88,10 @@ def allocate_scratch(w: Fp8Rows, cfg: Fp8Config) -> SplitKScratch:
 @triton.jit
 def _fp8_splitk_kernel(codes_ptr, scale_ptr, a_ptr, nw_ptr, b_ptr, out_ptr, part_ptr, count_ptr, N, K, eps,
                        MODE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """MODE 0 (RMSNORM): out = W @ (rmsnorm(a) * nw) [+ b]; 1 (RESIDUAL): out += W @ a; 2 (SILU_RESIDUAL):
     out += W @ (silu(a[:K]) * a[K:]). Codes [N, K] row-major e4m3, scale [N] float32."""
+    wait_for_prior(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -129,7 +132,8 @@ def _kernel_call(codes, scale, a, nw, bias, out, partial, count, n: int, k: int,
     args = (codes, scale, a, nw if nw is not None else a, bias if bias is not None else out, out, partial, count,
             n, k, eps)
     meta = dict(MODE=mode, HAS_BIAS=bias is not None, SPLIT=s, SPLIT_P2=triton.next_power_of_2(s),
-                BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=1)
+                BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=1, PDL=cfg.pdl,
+                **launch_options(cfg.pdl))
     return (triton.cdiv(n, cfg.block_n), s), args, meta
 
 

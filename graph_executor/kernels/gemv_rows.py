@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from graph_executor.kernels.pdl import launch_options, wait_for_prior
+
 MAX_ROWS = 16  # token rows per call: the dot's N
 
 
@@ -33,6 +35,7 @@ class RowsConfig:
     block_k: int = 128
     num_warps: int = 4
     num_stages: int = 3
+    pdl: bool = False  # launch with programmatic dependent launch (kernels/pdl.py; Hopper and later only)
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1) or self.block_k < 16 or \
@@ -48,7 +51,8 @@ RMSNORM, RESIDUAL, SILU_RESIDUAL = 0, 1, 2  # the kernel's MODE
 @triton.jit
 def _gemv_rows_kernel(w_ptr, a_ptr, nw_ptr, b_ptr, out_ptr, T, N, K, stride_a, stride_out, eps,
                       MODE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr):
+    wait_for_prior(PDL)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     tokens = tl.arange(0, ROWS)
@@ -96,7 +100,7 @@ def _launch(mode: int, w: torch.Tensor, a: torch.Tensor, nw: torch.Tensor | None
         w, a, nw if nw is not None else w, bias if bias is not None else w, out, t, n, k, a.stride(0),
         out.stride(0), eps, MODE=mode, HAS_BIAS=bias is not None, IEEE=w.dtype == torch.float32,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ROWS=MAX_ROWS, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
+        num_stages=cfg.num_stages, PDL=cfg.pdl, **launch_options(cfg.pdl))
     return out
 
 

@@ -11,11 +11,14 @@ import torch
 import triton
 import triton.language as tl
 
+from graph_executor.kernels.pdl import launch_options, wait_for_prior
+
 
 @triton.jit
 def _rope_append_kernel(qkv_ptr, pos_ptr, rope_ptr, q_ptr, k_ptr, v_ptr, stride_qkv, stride_q, stride_kh,
                         stride_kn, stride_vh, stride_vn, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
-                        HEAD_DIM: tl.constexpr):
+                        HEAD_DIM: tl.constexpr, PDL: tl.constexpr):
+    wait_for_prior(PDL)
     token = tl.program_id(0)
     head = tl.program_id(1)
     half: tl.constexpr = HEAD_DIM // 2
@@ -46,12 +49,13 @@ def _rope_append_kernel(qkv_ptr, pos_ptr, rope_ptr, q_ptr, k_ptr, v_ptr, stride_
 
 def rope_append(qkv: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor, q_out: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, num_kv_heads: int,
-                head_dim: int) -> None:
+                head_dim: int, pdl: bool = False) -> None:
     """qkv [T, (heads + 2 kv_heads) * hd] (or 1-D for T = 1); positions [T] int64; rope [C, 2, hd] float32;
-    q_out [T, heads, hd] (or [heads, hd]); k/v_cache [kv_heads, C, hd] (one layer's views)."""
+    q_out [T, heads, hd] (or [heads, hd]); k/v_cache [kv_heads, C, hd] (one layer's views). `pdl`: launched with
+    programmatic dependent launch (kernels/pdl.py)."""
     tokens = positions.shape[0]
     qkv2, q2 = qkv.view(tokens, -1), q_out.view(tokens, -1)
     _rope_append_kernel[(tokens, num_heads + num_kv_heads)](
         qkv2, positions, rope, q2, k_cache, v_cache, qkv2.stride(0), q2.stride(0), k_cache.stride(0),
         k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
-        HEAD_DIM=head_dim)
+        HEAD_DIM=head_dim, PDL=pdl, **launch_options(pdl))
