@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # the generator imports this module
 
 METHODS = ("off", "ngram", "draft")
 # The command line's default (serve, generate, chat): n-gram speculation won on the committed bench (H200,
-# SmolLM2-135M: 2.1-2.4x tokens/s on input-grounded chats, 1.2x on open-ended ones, same tokens; bench/NOTES.md,
+# SmolLM2-135M: 1.9-2.2x tokens/s on input-grounded chats, 1.1-1.2x on open-ended ones, same tokens; bench/NOTES.md,
 # issue 11). A SpeculativeConfig built without a method is plain decoding.
 DEFAULT_METHOD = "ngram"
 
