@@ -24,6 +24,7 @@ from launch.options import (
     chat_template,
     load_config,
     sampling_params,
+    server_address,
     speculative_config,
 )
 
@@ -36,7 +37,7 @@ def register(sub) -> None:
     p = sub.add_parser("chat", help="interactive multi-turn chat with streaming replies",
                        description="Chat with a model, one turn per line, replies streamed. " + COMMANDS + ".")
     p.add_argument("--system", default=None, help="system message at the start of the conversation")
-    p.add_argument("--connect", metavar="ADDR", default=None,
+    p.add_argument("--connect", metavar="ADDR", default=None, type=server_address,
                    help="address of a running `hybridrt serve` (e.g. tcp://127.0.0.1:7461); the model flags "
                         "are then ignored")
     add_step_timeout_flag(p, note="; not used with --connect")

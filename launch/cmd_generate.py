@@ -22,6 +22,7 @@ from launch.options import (
     chat_template,
     load_config,
     sampling_params,
+    server_address,
     speculative_config,
 )
 
@@ -49,7 +50,7 @@ def register(sub) -> None:
                         "instead of streaming text")
     p.add_argument("--no-chat-template", action="store_true", help="send the prompt as raw text")
     p.add_argument("--system", default=None, help="system message (chat models)")
-    p.add_argument("--connect", metavar="ADDR", default=None,
+    p.add_argument("--connect", metavar="ADDR", default=None, type=server_address,
                    help="address of a running `hybridrt serve` (e.g. tcp://127.0.0.1:7461); the model flags "
                         "are then ignored")
     p.add_argument("--in-process", action="store_true",

@@ -21,6 +21,7 @@ from launch.options import (
     add_step_timeout_flag,
     chat_template,
     load_config,
+    port_number,
     speculative_config,
 )
 from launch.supervisor import ChildDied, ServerConfig, Supervisor
@@ -35,9 +36,9 @@ def register(sub) -> None:
     p = sub.add_parser("serve", help="run the two-process server (native socket + OpenAI-compatible HTTP)",
                        description=__doc__.strip().splitlines()[0])
     p.add_argument("--host", default="127.0.0.1", help="interface for both sockets (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT,
+    p.add_argument("--port", type=port_number, default=DEFAULT_PORT,
                    help=f"native (ZeroMQ) client port (default: {DEFAULT_PORT})")
-    p.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT,
+    p.add_argument("--http-port", type=port_number, default=DEFAULT_HTTP_PORT,
                    help=f"OpenAI-compatible HTTP port; 0 disables HTTP (default: {DEFAULT_HTTP_PORT})")
     p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
                    help="require KEY of every client: `Authorization: Bearer KEY` on the HTTP API, and on the native "
@@ -65,7 +66,15 @@ def run(args: argparse.Namespace) -> int:
               "server", file=sys.stderr)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:  # before the children start: a taken HTTP port is a one-line error, not a failure after loading
+    # Before the children start: a taken port is a one-line error, not a failure after loading.
+    if args.port:
+        try:
+            bind_http_socket(args.host, args.port).close()  # the JIT context binds it for real (ZeroMQ)
+        except OSError as e:
+            print(f"error: cannot bind the native port tcp://{args.host}:{args.port}: {e.strerror or e}",
+                  file=sys.stderr)
+            return 1
+    try:
         http_socket = bind_http_socket(args.host, args.http_port) if args.http_port else None
     except OSError as e:
         print(f"error: cannot bind http://{args.host}:{args.http_port}: {e.strerror or e}", file=sys.stderr)
@@ -101,7 +110,8 @@ def is_loopback(host: str) -> bool:
 
 
 def bind_http_socket(host: str, port: int) -> socket.socket:
-    """The HTTP listening socket, bound now and handed to uvicorn later (as uvicorn binds it: SO_REUSEADDR)."""
+    """A TCP listening socket bound as uvicorn and ZeroMQ bind theirs (SO_REUSEADDR): the HTTP one is handed to
+    uvicorn later; a trial bind of the native port shows whether the JIT context will get it."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

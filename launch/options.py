@@ -9,11 +9,11 @@ from graph_executor.loading.default_model import DEFAULT_MODEL_NAME
 from graph_executor.loading.loader import LOAD_FORMATS, LoadConfig
 from graph_executor.quant.formats import GROUPS
 from graph_executor.quant.specs import DEFAULT_GROUP, QUANTIZE_METHODS
+from ipc.step_buffers import MAX_SPECULATIVE_TOKENS
+from jit_context.proposers import DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN
 from jit_context.remote_executor import DEFAULT_STEP_TIMEOUT_S
 from jit_context.sampling_params import SamplingParams
 from jit_context.speculative import DEFAULT_METHOD, METHODS, SpeculativeConfig
-from jit_context.proposers import DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN
-from ipc.step_buffers import MAX_SPECULATIVE_TOKENS
 from jit_context.tokenizer import check_chat_template
 
 
@@ -107,6 +107,27 @@ def positive_seconds(value: str) -> float:
     if not seconds > 0 or seconds == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {value}")
     return seconds
+
+
+def port_number(value: str) -> int:
+    """A TCP port for argparse: 0..65535 (0: the flag's own meaning, e.g. HTTP off)."""
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a port number in 0..65535, got {value!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number in 0..65535, got {port}")
+    return port
+
+
+def server_address(value: str) -> str:
+    """A running server's native address for argparse (`--connect`): a ZeroMQ endpoint, as `hybridrt serve` prints
+    it on its `native:` line."""
+    if "://" not in value:
+        hint = f" (for a TCP port: tcp://{value})" if ":" in value else ""
+        raise argparse.ArgumentTypeError(f"expects the server's native address as `hybridrt serve` prints it, e.g. "
+                                         f"tcp://127.0.0.1:7461 or ipc:///path/client.sock; got {value!r}{hint}")
+    return value
 
 
 def add_sampling_flags(p: argparse.ArgumentParser, default_temperature: float) -> None:

@@ -114,3 +114,75 @@ def test_serve_with_a_taken_http_port_fails_at_once() -> None:
         result = run_cli("serve", "--device", "cpu", "--port", "0", "--http-port", str(port), timeout=60)
     assert result.returncode == 1, result.stderr
     assert result.stderr.strip() == f"error: cannot bind http://127.0.0.1:{port}: Address already in use"
+
+
+@pytest.mark.parametrize("flag", ["--port", "--http-port"])
+@pytest.mark.parametrize("value", ["99999", "70000", "-1", "http"])
+def test_serve_ports_are_range_checked_by_the_parser(flag: str, value: str, capsys) -> None:
+    from launch.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["serve", flag, value])
+    assert done.value.code == 2
+    assert f"argument {flag}: must be a port number in 0..65535" in capsys.readouterr().err
+
+
+def test_serve_with_a_taken_native_port_fails_at_once() -> None:
+    """Like the HTTP port: checked before the children start, one line, exit 1 (it took a banner and three lines,
+    5.8 s later, when only the JIT context found out)."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("serve", "--device", "cpu", "--port", str(port), "--http-port", "0", timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip() == f"error: cannot bind the native port tcp://127.0.0.1:{port}: Address already in use"
+
+
+def test_version_and_did_you_mean(capsys) -> None:
+    from launch.cli import main, version
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"hybridrt {version()}"
+    with pytest.raises(SystemExit) as done:
+        main(["generate", "--temprature", "0.5", "--max-tokns=4", "hi"])
+    err = capsys.readouterr().err
+    assert done.value.code == 2
+    assert "--temprature -> --temperature" in err and "--max-tokns -> --max-tokens" in err, err
+
+
+def test_generate_into_a_closed_pipe_exits_quietly(default_model_dir) -> None:
+    """`hybridrt generate ... | head -c 1`: the reader leaves early; no BrokenPipe traceback, exit 0."""
+    proc = subprocess.Popen([*CLI, "generate", "--in-process", "--quiet", "--device", "cpu", "--max-tokens", "48",
+                             "--ignore-eos", "Count from one to fifty"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=os.environ.copy())
+    assert proc.stdout.read(1)  # the first streamed byte: generation is under way
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err
+    assert b"Traceback" not in err and b"BrokenPipe" not in err, err
+
+
+def test_model_and_connect_errors_point_the_right_way(default_model_dir, capsys) -> None:
+    """A Hub id says there is no download and what to pass; `--connect host:port` shows the tcp:// form."""
+    from launch.cli import main
+
+    assert main(["generate", "--quiet", "--model", "HuggingFaceTB/SmolLM2-135M-Instruct", "hi"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: model 'HuggingFaceTB/SmolLM2-135M-Instruct' looks like a Hugging Face Hub id")
+    assert "--local-dir DIR" in err and len(err.splitlines()) == 1
+    with pytest.raises(SystemExit) as done:
+        main(["generate", "--connect", "127.0.0.1:7461", "hi"])
+    assert done.value.code == 2
+    assert "(for a TCP port: tcp://127.0.0.1:7461)" in capsys.readouterr().err
+
+
+def test_model_naming_a_file_of_a_model_folder_loads_the_folder(default_model_dir, capsys) -> None:
+    from launch.cli import main
+
+    assert main(["generate", "--in-process", "--quiet", "--device", "cpu", "--max-tokens", "2", "--model",
+                 str(default_model_dir / "config.json"), "hi"]) == 0
+    assert capsys.readouterr().out.strip()

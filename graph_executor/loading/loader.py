@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,6 +188,9 @@ def _max_context(cfg: LoadConfig, config: ModelConfig) -> int:
     return cfg.max_context or min(config.max_position_embeddings, DEFAULT_MAX_CONTEXT)
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name, as on the Hugging Face Hub
+
+
 def _resolve_source(cfg: LoadConfig) -> tuple[str, str, bool | None]:
     """(format, path-or-preset, converted?) where converted is None unless this is the default model."""
     ref = cfg.model
@@ -197,10 +201,17 @@ def _resolve_source(cfg: LoadConfig) -> tuple[str, str, bool | None]:
         return "safetensors", str(folder), converted
     path = Path(ref).expanduser()
     if not path.exists():
+        if HUB_ID.fullmatch(ref):
+            raise ModelLoadError(
+                f"model {ref!r} looks like a Hugging Face Hub id, and hybridrt does not download models: fetch it "
+                f"first (e.g. `huggingface-cli download {ref} --local-dir DIR`) and pass --model DIR, or a .gguf file"
+            )
         raise ModelLoadError(
             f"model path {ref!r} does not exist (give an HF folder with config.json and *.safetensors, "
             f"a .gguf file, dummy:<name>, or {default_model.DEFAULT_MODEL_NAME})"
         )
+    if path.is_file() and path.suffix != ".gguf" and (path.parent / "config.json").exists():
+        path = path.parent  # a file of a model folder (its config.json, a .safetensors shard): the folder
     fmt = cfg.load_format
     if fmt == "auto":
         fmt = "gguf" if path.is_file() and path.suffix == ".gguf" else "safetensors"
