@@ -24,7 +24,7 @@ from graph_executor.loading.loader import LOAD_FORMATS, LoadConfig, LoadedModel,
 from graph_executor.server import ExecutorServer
 from ipc.channel import bind_control
 from ipc.doorbell import Doorbell
-from ipc.errors import HybridrtError
+from ipc.errors import HybridrtError, report_fatal
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--no-graphs", action="store_true", help="run every step eagerly (no CUDA graphs)")
     p.add_argument("--draft-model", default=None, help="a draft model for speculative decoding (same tokenizer)")
+    p.add_argument("--error-file", default=None,
+                   help="write a fatal error's one line here (the supervisor reports it) instead of to stderr")
     p.add_argument("--doorbell", choices=DOORBELL_MODES, default="auto",
                    help="step commands over shared memory next to the control socket (ipc/doorbell.py): auto = "
                         "on the GPU, on = also on the CPU (tests), off = ZeroMQ only")
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         server.serve()
         return 0
     except HybridrtError as e:
-        print(f"error: {e}", file=sys.stderr)
+        report_fatal(str(e), args.error_file)
         return 2
     finally:
         if server is not None:

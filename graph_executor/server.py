@@ -112,13 +112,13 @@ class ExecutorServer:
                 continue
             if got is None:
                 if not self.peers_alive():
-                    print("graph_executor: peer process is gone, exiting", file=sys.stderr)
+                    self.say_peer_gone()
                     return
                 self.capture_when_idle()
                 continue
             answer = self.dispatch(*got)
             if answer is not None and not self.reply(answer):
-                print("graph_executor: peer process is gone, exiting", file=sys.stderr)
+                self.say_peer_gone()
                 return
 
     def next_command(self) -> tuple[int | None, Message] | None:
@@ -171,6 +171,10 @@ class ExecutorServer:
         ok = isinstance(answer, StepDone)
         self.doorbell.answer(seq, OK if ok else FAILED)
         return None if ok else answer  # an Error also goes over ZeroMQ, with its text
+
+    def say_peer_gone(self) -> None:
+        if self.supervisor_pid is None:  # supervised, the supervisor reports which process ended and why
+            print("graph_executor: peer process is gone, exiting", file=sys.stderr)
 
     def reply(self, msg: Message) -> bool:
         """Send to the JIT context; False once it is gone."""

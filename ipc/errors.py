@@ -1,5 +1,20 @@
 """User-facing errors shared by every process: one line, no stack trace for the user."""
 
+import sys
+from pathlib import Path
+
+
+def report_fatal(message: str, error_file: str | None) -> None:
+    """A child process's last word before it exits: into the error file its supervisor reads (and reports once, as
+    the cause), or, run on its own, one `error:` line on stderr."""
+    if error_file:
+        try:
+            Path(error_file).write_text(message)
+            return
+        except OSError:
+            pass  # the supervisor's dir is gone: say it here instead
+    print(f"error: {message}", file=sys.stderr)
+
 
 class HybridrtError(Exception):
     """An error caused by the user's input or environment; the CLI prints `error: <message>` and exits 1."""

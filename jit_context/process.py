@@ -16,14 +16,13 @@ import argparse
 import gc
 import os
 import signal
-import sys
 
 import torch
 import zmq
 
 from ipc.channel import Channel, bind_server, connect_control
 from ipc.doorbell import Doorbell
-from ipc.errors import HybridrtError
+from ipc.errors import HybridrtError, report_fatal
 from ipc.events import StepEvents
 from ipc.liveness import process_alive
 from ipc.messages import PROTOCOL_VERSION, Handshake, Ready
@@ -54,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--listen", required=True, help="client-facing address to bind")
     p.add_argument("--executor-pid", type=int, required=True)
     p.add_argument("--tokenizer", default=None)
+    p.add_argument("--error-file", default=None,
+                   help="write a fatal error's one line here (the supervisor reports it) instead of to stderr")
     p.add_argument("--chat-template", default=None, help="template text replacing the tokenizer's own")
     p.add_argument("--step-timeout", type=float, default=DEFAULT_STEP_TIMEOUT_S,
                    help="seconds to wait for the executor to answer a step before failing the request")
@@ -123,10 +124,10 @@ def main(argv: list[str] | None = None) -> int:
             server.fail_everyone("shutting_down", "the server is shutting down")
         return 0
     except ExecutorDied as e:
-        print(f"error: {e}", file=sys.stderr)
+        report_fatal(str(e), args.error_file)
         return 3
     except HybridrtError as e:
-        print(f"error: {e}", file=sys.stderr)
+        report_fatal(str(e), args.error_file)
         return 2
     finally:
         if server is not None:

@@ -107,7 +107,8 @@ class Supervisor:
         env = {**os.environ, **self.mps.env(), SUPERVISOR_PID_ENV: str(os.getpid())}
         control = self.runtime.ipc_address("control")
         executor = [sys.executable, "-m", "graph_executor", "--control", control, *load_argv(load),
-                    "--supervisor-pid", str(os.getpid()), "--doorbell", self.config.doorbell]
+                    "--supervisor-pid", str(os.getpid()), "--doorbell", self.config.doorbell,
+                    "--error-file", str(self.error_file("graph_executor"))]
         if self.config.draft_model is not None:
             executor += ["--draft-model", self.config.draft_model]
         # Own session: a terminal Ctrl-C reaches only this process, which stops the children in order (and
@@ -117,6 +118,7 @@ class Supervisor:
         self._tell_reaper(f"child {executor_proc.pid}", f"segments {segment_dir()} hybridrt-{executor_proc.pid}-")
         jit = [sys.executable, "-m", "jit_context", "--control", control, "--listen", self.address,
                "--executor-pid", str(executor_proc.pid), "--step-timeout", repr(self.config.step_timeout_s),
+               "--error-file", str(self.error_file("jit_context")),
                *self.config.speculation.argv()]
         if self.config.tokenizer:
             jit += ["--tokenizer", self.config.tokenizer]
@@ -153,7 +155,27 @@ class Supervisor:
             time.sleep(0.02)
         exited = [(name, proc.poll()) for name, proc in self.children.items() if proc.poll() is not None]
         if exited:
-            raise ChildDied("; ".join(_describe_exit(name, code) for name, code in exited))
+            raise ChildDied(self._cause(dict(exited)))
+
+    def error_file(self, child: str) -> Path:
+        """Where a child writes its fatal one-line error (`ipc.errors.report_fatal`)."""
+        return self.runtime.path / f"{child}.error"
+
+    def _cause(self, exited: dict[str, int]) -> str:
+        """The one line that says why the server ended: the executor's own error (the JIT context fails after it),
+        else the JIT context's while the executor ended cleanly (it leaves when its peer does), else which process
+        exited how (a signal, a crash without a word)."""
+        said = {}
+        for name in ("graph_executor", "jit_context"):
+            try:
+                said[name] = self.error_file(name).read_text().strip()
+            except OSError:
+                said[name] = ""
+        if said["graph_executor"]:
+            return said["graph_executor"]
+        if said["jit_context"] and exited.get("graph_executor") in (None, 0):
+            return said["jit_context"]
+        return "; ".join(_describe_exit(name, code) for name, code in exited.items())
 
     def watch(self, poll_s: float = 0.2) -> None:
         """Block until a child exits (raises ChildDied)."""

@@ -186,3 +186,35 @@ def test_model_naming_a_file_of_a_model_folder_loads_the_folder(default_model_di
     assert main(["generate", "--in-process", "--quiet", "--device", "cpu", "--max-tokens", "2", "--model",
                  str(default_model_dir / "config.json"), "hi"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+@pytest.mark.parametrize("case", ["truncated weights", "no tokenizer"])
+def test_failures_inside_the_children_are_one_line(case: str, default_model_dir, tmp_path) -> None:
+    """Through the two processes (`generate` starts its own pair): the supervisor reports the failing child's own
+    one-line error, once: the executor's (a truncated model.safetensors: a traceback before) or the JIT context's
+    (a tokenizer path that does not exist: three lines before)."""
+    import shutil
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_model_dir / name, folder / name)
+    if case == "truncated weights":
+        (folder / "model.safetensors").write_bytes((default_model_dir / "model.safetensors").read_bytes()[:100_000])
+        flags, message = ["--model", str(folder)], f"cannot read {folder / 'model.safetensors'}: "
+    else:
+        flags, message = ["--tokenizer", str(tmp_path / "nope")], "tokenizer path does not exist"
+    result = run_cli("generate", "--quiet", "--device", "cpu", *flags, "hi", timeout=120)
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+
+
+def test_a_model_folder_without_weights_is_refused_before_any_process(default_model_dir, tmp_path, capsys) -> None:
+    import shutil
+
+    from launch.cli import main
+
+    shutil.copy(default_model_dir / "config.json", tmp_path / "config.json")
+    assert main(["generate", "--quiet", "--device", "cpu", "--model", str(tmp_path), "hi"]) == 1
+    assert capsys.readouterr().err.strip() == f"error: no *.safetensors files in {tmp_path}"

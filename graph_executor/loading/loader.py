@@ -181,7 +181,9 @@ def resolve_model_config(reference: str, load_format: str = "auto") -> tuple[str
     source, path, _ = _resolve_source(LoadConfig(model=reference, load_format=load_format, progress=False))
     if source == "gguf":
         return reference, gguf_config(open_gguf(path))
-    return reference, ModelConfig.from_json_file(Path(path) / "config.json")
+    config = ModelConfig.from_json_file(Path(path) / "config.json")
+    safetensors_files(Path(path))  # a folder without its weights is one line now, not after a process loads torch
+    return reference, config
 
 
 def _max_context(cfg: LoadConfig, config: ModelConfig) -> int:
@@ -243,16 +245,27 @@ def _load_safetensors(model: LlamaModel, folder: Path, progress: bool) -> None:
     files = safetensors_files(folder)
     device = str(model.embed_tokens.device)
     loaded: set[str] = set()
-    handles = [safe_open(str(file), framework="pt", device=device) for file in files]
+    handles = [_open_safetensors(safe_open, file, device) for file in files]
     total = sum(len(f.keys()) for f in handles)
     with tqdm(total=total, desc="loading weights", unit="tensor", disable=not progress) as bar:
-        for f in handles:
+        for file, f in zip(files, handles, strict=True):
             with f:
                 for name in f.keys():
-                    copy_into(model, name, f.get_tensor(name).to(model.dtype))
+                    try:
+                        tensor = f.get_tensor(name)
+                    except Exception as e:  # safetensors' own error type: a file cut short or damaged
+                        raise ModelLoadError(f"cannot read tensor {name!r} of {file}: {e}") from None
+                    copy_into(model, name, tensor.to(model.dtype))
                     loaded.add(name)
                     bar.update()
     check_complete(model, loaded)
+
+
+def _open_safetensors(safe_open, file: Path, device: str):
+    try:
+        return safe_open(str(file), framework="pt", device=device)
+    except Exception as e:  # SafetensorError (a truncated or damaged file), OSError
+        raise ModelLoadError(f"cannot read {file}: {e} (a truncated or damaged .safetensors file?)") from None
 
 
 def _load_gguf(model: LlamaModel, reader, progress: bool) -> None:
