@@ -213,3 +213,16 @@ def test_dtype_not_supported_on_device() -> None:
 def test_cuda_requested_without_gpu() -> None:
     with pytest.raises(DeviceError, match="no CUDA GPU"):
         load_model(LoadConfig(model="dummy:smollm2-135m", device="cuda", progress=False))
+
+
+def test_a_context_above_the_trained_length_warns(capsys) -> None:
+    """As vLLM does (it refuses without a flag): one warning line, and the model still loads."""
+    from graph_executor.loading.loader import LoadConfig, load_model
+    from graph_executor.loading.presets import preset
+
+    trained = preset("smollm2-135m").max_position_embeddings
+    load_model(LoadConfig(model="dummy:smollm2-135m", device="cpu", dtype="float32", max_context=trained + 64))
+    err = capsys.readouterr().err
+    assert f"warning: --max-context {trained + 64} is above the {trained} positions" in err
+    load_model(LoadConfig(model="dummy:smollm2-135m", device="cpu", dtype="float32", max_context=64))
+    assert "warning" not in capsys.readouterr().err

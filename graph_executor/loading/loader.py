@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,10 @@ def load_model(cfg: LoadConfig) -> LoadedModel:
         config = ModelConfig.from_json_file(Path(path) / "config.json")
     plan = _weight_plan(cfg, source, config, reader)
     max_context = _max_context(cfg, config)
+    if max_context > config.max_position_embeddings and cfg.progress:
+        print(f"warning: --max-context {max_context} is above the {config.max_position_embeddings} positions "
+              f"{cfg.model} was trained for: positions past them extrapolate RoPE, and quality may drop",
+              file=sys.stderr, flush=True)
     # --quantize loads dense first: the peak is the dense model; a packed GGUF is allocated packed
     check_fits(cfg.model, config, dtype, max_context, device, plan=None if cfg.quantize else plan)
     model = LlamaModel(config, max_context, device, dtype, plan=None if cfg.quantize or device.type == "cpu"
