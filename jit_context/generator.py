@@ -16,10 +16,10 @@ import torch
 
 from ipc.messages import FinishReason
 from ipc.step_buffers import StepBuffers
+from jit_context.acceptance import warm_up
 from jit_context.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from jit_context.sampler import Sampler
 from jit_context.sampling_params import SamplingParams
-from jit_context.acceptance import warm_up
 from jit_context.speculative import SpeculativeConfig, SpeculativeLoop
 from jit_context.token_reader import TokenReader
 

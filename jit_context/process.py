@@ -29,6 +29,7 @@ from ipc.messages import PROTOCOL_VERSION, Handshake, Ready
 from ipc.step_buffers import SharedStepBuffers
 from jit_context import SERVER_API_KEY_ENV
 from jit_context.remote_executor import DEFAULT_STEP_TIMEOUT_S, ExecutorDied, RemoteExecutor
+from jit_context.request_log import RequestLog
 from jit_context.request_side import build_request_side
 from jit_context.server import IDLE_POLL_MS, JitServer
 from jit_context.speculative import SpeculativeConfig, with_draft_cost
@@ -53,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--listen", required=True, help="client-facing address to bind")
     p.add_argument("--executor-pid", type=int, required=True)
     p.add_argument("--tokenizer", default=None)
+    p.add_argument("--log-requests", action="store_true",
+                   help="a line per finished request and the throughput every few seconds on stderr (serve)")
     p.add_argument("--error-file", default=None,
                    help="write a fatal error's one line here (the supervisor reports it) instead of to stderr")
     p.add_argument("--chat-template", default=None, help="template text replacing the tokenizer's own")
@@ -103,7 +106,8 @@ def build_server(args: argparse.Namespace, ctx: zmq.Context, control: Channel) -
     side = build_request_side(executor, ready.model_name, ready.vocab_size, ready.eos_token_ids,
                               args.tokenizer or ready.tokenizer_path, args.chat_template, speculation)
     return JitServer(bind_server(ctx, args.listen), executor, side, ready,
-                     api_key=os.environ.pop(SERVER_API_KEY_ENV, None) or None)
+                     api_key=os.environ.pop(SERVER_API_KEY_ENV, None) or None,
+                     log=RequestLog() if args.log_requests else None)
 
 
 def main(argv: list[str] | None = None) -> int:

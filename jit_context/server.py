@@ -41,6 +41,7 @@ from ipc.messages import (
 from jit_context.generator import GenerationResult, PrefillProgress
 from jit_context.metrics import FAILED, ServingMetrics
 from jit_context.remote_executor import ExecutorDied, RemoteExecutor
+from jit_context.request_log import RequestLog
 from jit_context.request_side import PromptInput, RequestSide
 from jit_context.sampling_params import SamplingParams, quote
 
@@ -67,8 +68,9 @@ class Pending:
 
 class JitServer:
     def __init__(self, clients: ServerChannel, executor: RemoteExecutor, side: RequestSide, ready: Ready,
-                 api_key: str | None = None) -> None:
+                 api_key: str | None = None, log: RequestLog | None = None) -> None:
         self.clients = clients
+        self.log = log  # serve's request and throughput lines on stderr; None: quiet
         self._api_key = api_key.encode() if api_key is not None else None  # None: every client is served
         self.executor = executor
         self.side = side
@@ -91,6 +93,8 @@ class JitServer:
         the next queued request, advance the active one by one item. True if a request was advanced."""
         busy = self.active is not None or bool(self.queue)
         self._drain_clients(0 if busy else idle_wait_ms)
+        if self.log is not None:
+            self.log.tick(int(self.active is not None), len(self.queue))
         if self.active is None and self.queue:
             self._start(self.queue.popleft())
         if self.active is None:
@@ -249,6 +253,8 @@ class JitServer:
             self._end(self._finished(active, item))
         elif not self._reply(active.identity, TokenChunk(active.request_id, item.text, item.token_ids)):
             self._finish_abort("client went away")  # nobody to stream to: free the executor
+        elif self.log is not None:
+            self.log.streamed(len(item.token_ids))
 
     def _finished(self, active: Pending, result: GenerationResult) -> Finished:
         usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
@@ -267,6 +273,12 @@ class JitServer:
 
     def _end(self, msg: Finished | Error) -> None:
         self._reply(self.active.identity, msg)
+        if self.log is not None and isinstance(msg, Finished):
+            self.log.finished(msg.request_id, msg.finish_reason, msg.usage.get("prompt_tokens", 0),
+                              msg.usage.get("completion_tokens", 0), msg.timings.get("ttft_ms", 0.0),
+                              msg.timings.get("tokens_per_s", 0.0))
+        elif self.log is not None:
+            self.log.failed(msg.request_id, msg.code)
         if isinstance(msg, Finished):
             self.metrics.record(msg.finish_reason, msg.usage.get("prompt_tokens", len(self.active.prompt_ids)),
                                 msg.timings.get("token_times_ms", []), time.perf_counter() - self.active.received,

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
                           chat_template=chat_template(args),
                           ready_timeout_s=args.ready_timeout, mps=args.mps, step_timeout_s=args.step_timeout,
                           api_key=args.api_key, speculation=speculative_config(args),
-                          draft_model=args.draft_model)
+                          draft_model=args.draft_model, log_requests=not args.quiet)
     if args.api_key is None and not is_loopback(args.host):
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach this host can use the "
               "server", file=sys.stderr)

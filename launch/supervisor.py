@@ -61,6 +61,7 @@ class ServerConfig:
     speculation: SpeculativeConfig = field(default_factory=SpeculativeConfig)  # the JIT context's decode loop
     draft_model: str | None = None  # the executor's draft model (--speculative draft)
     doorbell: str = "auto"  # auto | on | off: step commands over shared memory (auto: GPU only; on: tests on CPU)
+    log_requests: bool = False  # the JIT context logs each finished request and the throughput (serve)
 
     def __post_init__(self) -> None:
         if self.ready_timeout_s <= 0:
@@ -119,6 +120,7 @@ class Supervisor:
         jit = [sys.executable, "-m", "jit_context", "--control", control, "--listen", self.address,
                "--executor-pid", str(executor_proc.pid), "--step-timeout", repr(self.config.step_timeout_s),
                "--error-file", str(self.error_file("jit_context")),
+               *(["--log-requests"] if self.config.log_requests else []),
                *self.config.speculation.argv()]
         if self.config.tokenizer:
             jit += ["--tokenizer", self.config.tokenizer]

@@ -41,13 +41,14 @@ def shm_segments() -> set[str]:
 class ServeProcess:
     """`hybridrt serve` on free ports; `.address` (native), `.http` (base URL, if enabled)."""
 
-    def __init__(self, *extra: str, http: bool = True, model_flags: tuple[str, ...] = ("--device", "cpu")):
+    def __init__(self, *extra: str, http: bool = True, model_flags: tuple[str, ...] = ("--device", "cpu"),
+                 quiet: bool = True):
         self.port = free_port()
         self.http_port = free_port() if http else 0
         self.address = f"tcp://127.0.0.1:{self.port}"
         self.http = f"http://127.0.0.1:{self.http_port}" if http else None
         self.api_key = extra[extra.index("--api-key") + 1] if "--api-key" in extra else None
-        cmd = [sys.executable, "-m", "launch.cli", "serve", "--quiet", "--port", str(self.port),
+        cmd = [sys.executable, "-m", "launch.cli", "serve", *(["--quiet"] if quiet else []), "--port", str(self.port),
                "--http-port", str(self.http_port), *model_flags, *extra]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      env=os.environ.copy())

@@ -218,3 +218,21 @@ def test_a_model_folder_without_weights_is_refused_before_any_process(default_mo
     shutil.copy(default_model_dir / "config.json", tmp_path / "config.json")
     assert main(["generate", "--quiet", "--device", "cpu", "--model", str(tmp_path), "hi"]) == 1
     assert capsys.readouterr().err.strip() == f"error: no *.safetensors files in {tmp_path}"
+
+
+def test_serve_logs_each_finished_request_unless_quiet(default_model_dir) -> None:
+    """Without --quiet, serve's JIT context logs one line per finished request (as vLLM's server does)."""
+    from launch.client import Client
+    from tests.serve_process import ServeProcess
+
+    server = ServeProcess(http=False, quiet=False)
+    try:
+        server.wait_ready()
+        with Client(server.address) as client:
+            final = list(client.generate(token_ids=[5, 6, 7], params={"max_tokens": 3, "temperature": 0.0,
+                                                                         "ignore_eos": True}))[-1]
+    finally:
+        assert server.stop() == 0
+    err = server.proc.stderr.read()
+    line = f"jit_context: request {final.request_id} finished (length): 3 prompt + 3 generated tokens, TTFT "
+    assert line in err, err

@@ -576,3 +576,37 @@ def test_fail_everyone_answers_the_active_and_every_queued_request(fresh_rig) ->
     for _ in range(3):
         rig.turn()
     assert len(rig.log) == sent  # nothing more for anyone
+
+
+def test_request_log_lines_and_throughput(rig, capsys) -> None:
+    """serve's log (`--log-requests`, on unless --quiet): one line per finished or failed request, and the
+    throughput while requests run, every interval (a fake clock here)."""
+    from jit_context.request_log import RequestLog
+
+    now = [0.0]
+    rig.jit.log = RequestLog(interval_s=5.0, clock=lambda: now[0])
+    try:
+        peer = rig.peer()
+        peer.generate("logged", PROMPTS["a"], params=greedy(4))
+        rig.until(lambda: peer.final("logged") is not None)
+        now[0] = 6.0
+        rig.turn()  # idle, but 4 tokens were streamed in the interval: one throughput line
+        now[0] = 12.0
+        rig.turn()  # nothing ran since: no line
+        peer.send(GenerateRequest("bad", prompt=""))
+        rig.until(lambda: peer.final("bad") is not None)
+    finally:
+        rig.jit.log = None
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("jit_context: ")]
+    assert lines[0].startswith("jit_context: request logged finished (length): 4 prompt + 4 generated tokens, TTFT ")
+    assert lines[1] == "jit_context: generation throughput 0.7 tokens/s, 0 running, 0 waiting"
+    assert len(lines) == 2  # an invalid request is answered at once, never started: nothing to log
+
+
+def test_request_log_failures_and_a_bad_interval(capsys) -> None:
+    from jit_context.request_log import RequestLog
+
+    RequestLog().failed("r1", "executor_timeout")
+    assert capsys.readouterr().err == "jit_context: request r1 failed (executor_timeout)\n"
+    with pytest.raises(ValueError, match="interval_s"):
+        RequestLog(interval_s=0)
