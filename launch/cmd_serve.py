@@ -44,6 +44,9 @@ def register(sub) -> None:
                    help="require KEY of every client: `Authorization: Bearer KEY` on the HTTP API, and on the native "
                         f"socket in each request (clients: --api-key or ${API_KEY_ENV}) (default: ${API_KEY_ENV}, "
                         "else no key)")
+    p.add_argument("--served-model-name", metavar="NAME", default=None,
+                   help="the model id of the HTTP API (`model` in requests and responses, /v1/models) "
+                        "(default: the --model value as given)")
     p.add_argument("--ready-timeout", type=float, default=600.0,
                    help="seconds to wait for the model to load before giving up (default: 600)")
     p.add_argument("--mps", choices=("auto", "on", "off"), default="auto",
@@ -87,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
               flush=True)
         print(f"  native: {supervisor.address}", flush=True)
         if args.http_port:
-            print(f"  http:   http://{args.host}:{args.http_port}/v1", flush=True)
+            print(f"  http:   http://{args.host}:{args.http_port}/v1 (model id "
+                  f"{args.served_model_name or facts['model']!r})", flush=True)
             return serve_http(args, supervisor, facts, stop, http_socket)
         return watch(supervisor, stop)
     except ChildDied as e:
@@ -135,7 +139,8 @@ def serve_http(args: argparse.Namespace, supervisor: Supervisor, facts: dict, st
 
     from launch.http_api import create_app
 
-    app = create_app(supervisor.address, facts["model"], api_key=args.api_key, max_context=facts["max_context"],
+    app = create_app(supervisor.address, args.served_model_name or facts["model"], api_key=args.api_key,
+                     max_context=facts["max_context"],
                      weight_format=facts.get("executor", {}).get("weight_format"))
     # Graceful shutdown waits for open streams; the watcher ends them first (below), the time-out is a backstop.
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.http_port, log_level="warning",

@@ -221,13 +221,19 @@ def test_a_model_folder_without_weights_is_refused_before_any_process(default_mo
 
 
 def test_serve_logs_each_finished_request_unless_quiet(default_model_dir) -> None:
-    """Without --quiet, serve's JIT context logs one line per finished request (as vLLM's server does)."""
+    """Without --quiet, serve's JIT context logs one line per finished request (as vLLM's server does); the HTTP
+    API's model id is --served-model-name's."""
+    import httpx
+
     from launch.client import Client
     from tests.serve_process import ServeProcess
 
-    server = ServeProcess(http=False, quiet=False)
+    server = ServeProcess("--served-model-name", "my-model", quiet=False)
     try:
         server.wait_ready()
+        assert [m["id"] for m in httpx.get(f"{server.http}/v1/models", timeout=30).json()["data"]] == ["my-model"]
+        wrong = httpx.post(f"{server.http}/v1/completions", json={"model": "other", "prompt": "hi"}, timeout=30)
+        assert wrong.status_code == 404 and "serves `my-model`" in wrong.json()["error"]["message"]
         with Client(server.address) as client:
             final = list(client.generate(token_ids=[5, 6, 7], params={"max_tokens": 3, "temperature": 0.0,
                                                                          "ignore_eos": True}))[-1]
