@@ -114,15 +114,19 @@ def create_app(client_address: str, model_name: str, api_key: str | None, max_co
     async def models() -> dict:
         return models_body(model_name, max_context, created, weight_format)
 
+    warned: set[str] = set()  # unknown request fields already warned about (once per name per server)
+
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
         _check(body, model_name)
+        warn_unknown(body, warned)
         params = body.sampling_params(max_context if body.max_tokens is None else body.max_tokens)
         return await _respond(client, body, body.prompt_kwargs(), params, chat=False, request=request)
 
     @v1.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         _check(body, model_name)
+        warn_unknown(body, warned)
         max_tokens = body.requested_max_tokens()
         params = body.sampling_params(max_context if max_tokens is None else max_tokens)
         messages = [m.native() for m in body.messages]
@@ -138,6 +142,14 @@ def _check_model(model: str | None, model_name: str) -> None:
     if model is not None and model != model_name:
         raise ApiError(404, f"The model `{model}` does not exist; this server serves `{model_name}`.",
                        param="model", code="model_not_found")
+
+
+def warn_unknown(body: CompletionRequest | ChatCompletionRequest, warned: set[str]) -> None:
+    """Log the request's unknown fields (ignored, as vLLM does) once per name: `warned` holds those logged."""
+    new = [name for name in body.unknown_fields() if name not in warned]
+    if new:
+        warned.update(new)
+        log.warning("ignoring unknown request field(s) %s (warned once per field)", ", ".join(new))
 
 
 def _check(body: CompletionRequest | ChatCompletionRequest, model_name: str) -> None:
@@ -256,8 +268,13 @@ def _install_error_handlers(app: FastAPI) -> None:
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _describe_validation(exc)
+        content_type = request.headers.get("content-type", "")
+        if request.method == "POST" and "json" not in content_type.lower():
+            message += (f" (the body is read as JSON only with the header `Content-Type: application/json`; this "
+                        f"request sent {content_type!r})" if content_type else
+                        " (send the body as JSON with the header `Content-Type: application/json`)")
         return ApiError(400, message, param=param, code="invalid_request").response()
 
     @app.exception_handler(StarletteHTTPException)

@@ -35,9 +35,14 @@ class StreamOptions(BaseModel):
 
 
 class _SamplingRequest(BaseModel):
-    """Fields shared by completions and chat completions."""
+    """Fields shared by completions and chat completions. Fields this API does not know are accepted and ignored
+    (as vLLM does; the server warns once per field name): clients send their SDK's newest fields. Known fields
+    with a meaning hybridrt cannot honour are refused in `check_supported`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")
+
+    def unknown_fields(self) -> list[str]:
+        return sorted(self.model_extra or {})
 
     model: str
     temperature: float | None = None
@@ -124,13 +129,14 @@ class TextPart(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
     name: str | None = None  # accepted and ignored: chat templates have no place for it
 
     def native(self) -> dict[str, str]:
         content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": self.role, "content": content}
+        # OpenAI's newer name for the system role; chat templates know only "system"
+        return {"role": "system" if self.role == "developer" else self.role, "content": content}
 
 
 class ChatCompletionRequest(_SamplingRequest):

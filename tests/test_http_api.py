@@ -126,7 +126,7 @@ def test_chat_completion_streamed_and_not(server, model) -> None:
 BAD_REQUESTS = [  # (endpoint, change to a good body, status, error param)
     ("completions", {"temperature": -1}, 400, None),
     ("completions", {"top_p": 2}, 400, None),
-    ("completions", {"frobnicate": True}, 400, "frobnicate"),
+    ("completions", {"stream_options": {"frobnicate": True}}, 400, "stream_options"),  # top level: ignored
     ("completions", {"prompt": ""}, 400, None),
     ("completions", {"n": 2}, 400, "n"),
     ("completions", {"echo": True}, 400, "echo"),
@@ -311,3 +311,44 @@ def test_sigterm_tells_open_requests_at_once(keyed_server) -> None:
     assert when - stopped < 2.0
     assert serve.proc.wait(timeout=10) == 0, serve.proc.stderr.read()
     assert_nothing_left(serve, executor, jit)
+
+
+def test_unknown_fields_are_ignored_and_warned_once_developer_is_system(server, model, caplog) -> None:
+    """As vLLM: a field the API does not know is accepted (the server logs it once); a known one it cannot honour
+    keeps its 400. The `developer` role is the system role."""
+    import logging
+
+    from launch.http_api import warn_unknown
+    from launch.openai_protocol import ChatCompletionRequest
+
+    messages = [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Name a colour."}]
+    body = {"model": model, "max_tokens": 4, "temperature": 0, "messages": messages}
+    plain = httpx.post(f"{server.http}/v1/chat/completions", json=body, timeout=60)
+    extra = httpx.post(f"{server.http}/v1/chat/completions", json={**body, "some_new_sdk_field": {"x": 1}},
+                       timeout=60)
+    developer = httpx.post(f"{server.http}/v1/chat/completions", timeout=60,
+                           json={**body, "messages": [{**messages[0], "role": "developer"}, messages[1]]})
+    assert plain.status_code == extra.status_code == developer.status_code == 200, (extra.text, developer.text)
+    text = plain.json()["choices"][0]["message"]["content"]
+    assert extra.json()["choices"][0]["message"]["content"] == text
+    assert developer.json()["choices"][0]["message"]["content"] == text
+    refused = httpx.post(f"{server.http}/v1/chat/completions", json={**body, "logprobs": True}, timeout=60)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "logprobs"
+
+    warned: set[str] = set()
+    request = ChatCompletionRequest(**body, some_new_sdk_field=1, other=2)
+    with caplog.at_level(logging.WARNING, logger="hybridrt.http"):
+        warn_unknown(request, warned)
+        warn_unknown(request, warned)
+    assert [r.getMessage() for r in caplog.records] == [
+        "ignoring unknown request field(s) other, some_new_sdk_field (warned once per field)"]
+
+
+def test_a_body_without_the_json_content_type_gets_a_hint() -> None:
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(f"tcp://127.0.0.1:{free_port()}", "m", None, 128)) as client:
+        reply = client.post("/v1/completions", content=b'{"model": "m", "prompt": "hi"}',
+                            headers={"content-type": "text/plain"})
+    assert reply.status_code == 400
+    assert "`Content-Type: application/json`; this request sent 'text/plain'" in reply.json()["error"]["message"]
