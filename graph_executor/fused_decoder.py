@@ -5,8 +5,6 @@ one token (up to rounding: RMSNorm is applied inside the GEMV in float32). Dense
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from graph_executor.kernels import pdl as pdl_launch
@@ -75,8 +73,7 @@ class FusedDecoder:
         device = model.embed_tokens.device
         self.pdl = pdl_launch.supported(device) if pdl is None else pdl
         if self.pdl:  # every config of every format: the launch mode is each kernel call's
-            plan, int4, int8, fp8 = (type(p)(**{f.name: dataclasses.replace(getattr(p, f.name), pdl=True)
-                                               for f in dataclasses.fields(p)}) for p in (plan, int4, int8, fp8))
+            plan, int4, int8, fp8 = (pdl_launch.with_pdl(p) for p in (plan, int4, int8, fp8))
         self.model = model
         self.plan = {name: ProjectionConfig(*(getattr(p, name) for p in (plan, int4, int8, fp8)))
                      for name in ("qkv", "o", "gate_up", "down", "lm_head")}

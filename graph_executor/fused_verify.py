@@ -6,13 +6,13 @@ changes that bring it near one decode step: attention is the decode kernel over 
 its own device-side position (not SDPA over a masked whole cache); gate_up and the lm_head, where the multi-row
 GEMV (kernels/gemv_rows.py) reads the weights as fast as cuBLAS at these row counts, take it with the RMSNorm
 fused (two launches fewer per layer; the lm_head writes the float32 logits directly). On qkv, o and down cuBLAS
-reads faster (bench/NOTES.md, issue 11). Packed weights take the prefill step's path throughout. Rows past the accepted ones write K/V the next step overwrites before
-anything reads them (attention reads each query's own position), so a rejection needs no cache copy.
+reads faster (bench/NOTES.md, issue 11). Packed weights take the prefill step's path throughout. Rows past the
+accepted ones write K/V the next step overwrites before anything reads them (attention reads each query's own
+position), so a rejection needs no cache copy.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -51,8 +51,7 @@ class FusedVerify:
         device, dtype = model.embed_tokens.device, model.dtype
         self.pdl = pdl_launch.supported(device) if pdl is None else pdl
         if self.pdl:
-            plan = RowsPlan(**{f.name: getattr(plan, f.name) and dataclasses.replace(getattr(plan, f.name), pdl=True)
-                               for f in dataclasses.fields(RowsPlan)})
+            plan = pdl_launch.with_pdl(plan)
         self.plan = plan
 
         def empty(*shape: int) -> torch.Tensor:

@@ -11,8 +11,9 @@ Why this shape: through the fp16 kernels (a program owns a few rows and loops ov
 weight a loop iteration has half the fp16 kernel's bytes in flight, and the 4096-row projections have too few
 programs to fill the card. What fixed int4/int8 (gemv_splitk.py) is done here too: a program owns BLOCK_N rows and
 one slice of BLOCK_K codes along K and has no loop, so all its loads are in flight at once, and the grid is
-N / BLOCK_N x K / BLOCK_K programs (bench/probes/fp8_splitk.py measures it against the old path). Per program: the codes become float32 in registers (e4m3 -> f16 -> f32 converts, exact), are multiplied
-by the slice's activation and summed per row in float32; the row scale is one multiply per row, in the fixup.
+N / BLOCK_N x K / BLOCK_K programs (bench/probes/fp8_splitk.py measures it against the old path). Per program:
+the codes become float32 in registers (e4m3 -> f16 -> f32 converts, exact), are multiplied by the slice's
+activation and summed per row in float32; the row scale is one multiply per row, in the fixup.
 
 Partial sums go to the float32 scratch of gemv_splitk (`SplitKScratch`: [SPLIT, N] partials, then the sum of
 squares of each program's x slice for RMSNorm); the last program of a row block to finish (a counter per block)
@@ -33,7 +34,7 @@ import triton
 import triton.language as tl
 
 from graph_executor.kernels.gemv import GemvConfig
-from graph_executor.kernels.gemv_splitk import SplitKScratch, check_call, fixup, splitk_floats
+from graph_executor.kernels.gemv_splitk import SplitKScratch, activation_slice, check_call, fixup, splitk_floats
 from graph_executor.kernels.pdl import launch_options, wait_for_prior
 from graph_executor.quant.formats import Fp8Rows
 
@@ -101,14 +102,7 @@ def _fp8_splitk_kernel(codes_ptr, scale_ptr, a_ptr, nw_ptr, b_ptr, out_ptr, part
     # the codes first, so that the bulk of the bytes is in flight while the activation is prepared
     q = tl.load(codes_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
                 mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # e4m3 [BLOCK_N, BLOCK_K]
-    a = tl.load(a_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
-    ss = 0.0
-    if MODE == 0:
-        ss = tl.sum(a * a, axis=0)  # this slice's share of sum(x^2); 1 / rms is applied once, at the end
-        a = a * tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    if MODE == 2:
-        up = tl.load(a_ptr + K + cols, mask=col_ok, other=0.0).to(tl.float32)
-        a = a / (1.0 + tl.exp(-a)) * up
+    a, ss = activation_slice(a_ptr, nw_ptr, cols, col_ok, K, MODE)  # [BLOCK_K], this slice's share of sum(x^2)
     partial = tl.sum(q.to(tl.float32) * a[None, :], axis=1)  # [BLOCK_N], in code units (no row scale yet)
     fixup(partial, ss, rows, row_ok, pid_n, pid_k, part_ptr, count_ptr, scale_ptr, b_ptr, out_ptr, N, K, eps,
           MODE, HAS_BIAS, True, SPLIT, SPLIT_P2, BLOCK_N)

@@ -158,15 +158,7 @@ def _splitk_kernel(codes_ptr, scale_ptr, offset_ptr, a_ptr, nw_ptr, b_ptr, out_p
     s = tl.load(scale_ptr + at, mask=gmask, other=0.0).to(tl.float32)  # [BLOCK_N, NG]
     # this program's slice of the activation, float32 [NG, GROUP]
     ka = pid_k * BLOCK_KW * EPW + tl.arange(0, BLOCK_KW * EPW)
-    kok = ka < K
-    a = tl.load(a_ptr + ka, mask=kok, other=0.0).to(tl.float32)
-    ss = 0.0
-    if MODE == 0:
-        ss = tl.sum(a * a, axis=0)  # this slice's share of sum(x^2); 1 / rms is applied once, at the end
-        a = a * tl.load(nw_ptr + ka, mask=kok, other=0.0).to(tl.float32)
-    if MODE == 2:
-        up = tl.load(a_ptr + K + ka, mask=kok, other=0.0).to(tl.float32)
-        a = a / (1.0 + tl.exp(-a)) * up
+    a, ss = activation_slice(a_ptr, nw_ptr, ka, ka < K, K, MODE)
     a_sum = tl.sum(tl.reshape(a, [NG, GROUP]), axis=1)  # [NG], exact
     a = tl.reshape(a, [NQ, QGROUP])
     amax = tl.max(tl.abs(a), axis=1)  # [NQ]
@@ -200,6 +192,22 @@ def _splitk_kernel(codes_ptr, scale_ptr, offset_ptr, a_ptr, nw_ptr, b_ptr, out_p
     partial = tl.sum(terms, axis=1)  # [BLOCK_N]
     fixup(partial, ss, rows, row_ok, pid_n, pid_k, part_ptr, count_ptr, scale_ptr, b_ptr, out_ptr, N, K, eps,
           MODE, HAS_BIAS, False, SPLIT, SPLIT_P2, BLOCK_N)
+
+
+@triton.jit
+def activation_slice(a_ptr, nw_ptr, cols, col_ok, K, MODE: tl.constexpr):
+    """The start of every split-K decode GEMV (here and in gemv_fp8): this program's K slice `cols` of the
+    activation, float32, as the projection multiplies it (MODE 0: times the norm weight; 2: SwiGLU of [gate, up]),
+    and with MODE 0 the slice's share of sum(x^2) (1 / rms is applied once, in `fixup`; else 0)."""
+    a = tl.load(a_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    ss = 0.0
+    if MODE == 0:
+        ss = tl.sum(a * a, axis=0)
+        a = a * tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if MODE == 2:
+        up = tl.load(a_ptr + K + cols, mask=col_ok, other=0.0).to(tl.float32)
+        a = a / (1.0 + tl.exp(-a)) * up
+    return a, ss
 
 
 @triton.jit

@@ -11,6 +11,9 @@ with it waits for it as usual, so the two kinds mix freely in one step.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import TypeVar
+
 import torch
 import triton
 import triton.language as tl
@@ -18,6 +21,16 @@ import triton.language as tl
 
 def supported(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+Plan = TypeVar("Plan")
+
+
+def with_pdl(plan: Plan) -> Plan:
+    """A step's plan (a dataclass of per-projection launch configs, each with a `pdl` field; None where a
+    projection takes another path) with every config launched dependently."""
+    return dataclasses.replace(plan, **{f.name: dataclasses.replace(c, pdl=True)
+                                        for f in dataclasses.fields(plan) if (c := getattr(plan, f.name)) is not None})
 
 
 def launch_options(pdl: bool) -> dict:
