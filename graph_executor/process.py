@@ -23,6 +23,7 @@ from graph_executor.draft import check_draft
 from graph_executor.loading.loader import LOAD_FORMATS, LoadConfig, LoadedModel, draft_config, load_model
 from graph_executor.server import ExecutorServer
 from ipc.channel import bind_control
+from ipc.doorbell import MODES as DOORBELL_MODES
 from ipc.doorbell import Doorbell
 from ipc.errors import HybridrtError, report_fatal
 
@@ -50,8 +51,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "on the GPU, on = also on the CPU (tests), off = ZeroMQ only")
     return p.parse_args(argv)
 
-
-DOORBELL_MODES = ("auto", "on", "off")
 
 
 def open_doorbell(mode: str, control: str, device: torch.device) -> Doorbell | None:

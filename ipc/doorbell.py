@@ -36,6 +36,7 @@ from pathlib import Path
 from ipc.codec import decode, encode
 from ipc.messages import Message
 
+MODES = ("auto", "on", "off")  # the executor's --doorbell: auto is on where the device is a GPU
 SIZE = 4096
 _COMMAND, _DONE, _LISTEN = 0, 512, 1024
 _HEADER = struct.Struct("<qqq")  # seq, length or status, crc

@@ -90,7 +90,7 @@ class RemoteExecutor:
             return
         self._outstanding = False  # answered, failed or timed out: never waited for again
         if self._rung is None or not self._await_rung(self._rung):
-            self._await(lambda reply: isinstance(reply, StepDone) and reply.step == self._step, f"step {self._step}")
+            self._await(self._is_step_done, f"step {self._step}")
         if self.events:
             torch.cuda.current_stream().wait_event(self.events.executor)
 
@@ -132,12 +132,9 @@ class RemoteExecutor:
             spinning = time.perf_counter_ns() < spin_end
             reply = self.channel.recv(timeout_ms=0 if spinning else 1)
             if reply is not None:
-                self.unresponsive = False
-                if isinstance(reply, Error) and reply.request_id in (self.request_id, None):
-                    raise HybridrtError(f"executor: {reply.message}")
-                if isinstance(reply, StepDone) and reply.step == self._step:
+                if self._accepts(reply, self._is_step_done):
                     return True
-                continue  # stale (an abandoned step's answer): dropped
+                continue
             if not spinning and time.monotonic() >= next_check:
                 next_check = time.monotonic() + POLL_MS / 1e3
                 self._check_waiting(deadline, f"step {self._step}")
@@ -162,12 +159,20 @@ class RemoteExecutor:
             if reply is None:
                 self._check_waiting(deadline, what, timeout_s)
                 continue
-            self.unresponsive = False
-            if isinstance(reply, Error) and raise_errors and reply.request_id in (self.request_id, None):
-                raise HybridrtError(f"executor: {reply.message}")
-            if wanted(reply):
+            if self._accepts(reply, wanted, raise_errors):
                 return reply
-            # A stale reply (of an abandoned step, a cancelled request, an Error for an earlier one) is dropped.
+
+    def _accepts(self, reply: Message, wanted, raise_errors: bool = True) -> bool:
+        """Whether `wanted` takes this reply; HybridrtError for an Error of the current request (`raise_errors`).
+        A stale reply (of an abandoned step, a cancelled request, an Error for an earlier one) is not taken: the
+        caller drops it and waits on."""
+        self.unresponsive = False
+        if isinstance(reply, Error) and raise_errors and reply.request_id in (self.request_id, None):
+            raise HybridrtError(f"executor: {reply.message}")
+        return wanted(reply)
+
+    def _is_step_done(self, reply: Message) -> bool:
+        return isinstance(reply, StepDone) and reply.step == self._step
 
     def _check_waiting(self, deadline: float, what: str, timeout_s: float | None = None) -> None:
         """While waiting for an answer: ExecutorDied if the executor is gone, ExecutorTimeout past the deadline."""

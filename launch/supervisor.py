@@ -29,6 +29,7 @@ from pathlib import Path
 
 from graph_executor.device import resolve_device
 from graph_executor.loading.loader import LoadConfig, check_load_config
+from ipc.doorbell import MODES as DOORBELL_MODES
 from ipc.errors import HybridrtError
 from ipc.parent_death import SUPERVISOR_PID_ENV
 from ipc.runtime_dir import RuntimeDir
@@ -68,8 +69,8 @@ class ServerConfig:
             raise ValueError("ready_timeout_s must be > 0")
         if not self.step_timeout_s > 0:
             raise ValueError("step_timeout_s must be > 0")
-        if self.doorbell not in ("auto", "on", "off"):
-            raise ValueError(f"doorbell must be auto, on or off, got {self.doorbell!r}")
+        if self.doorbell not in DOORBELL_MODES:
+            raise ValueError(f"doorbell must be one of {', '.join(DOORBELL_MODES)}, got {self.doorbell!r}")
 
 
 def _describe_exit(name: str, code: int) -> str:

@@ -245,12 +245,10 @@ def safetensors_files(folder: Path) -> list[Path]:
 
 
 def _load_safetensors(model: LlamaModel, folder: Path, progress: bool) -> None:
-    from safetensors import safe_open
-
     files = safetensors_files(folder)
     device = str(model.embed_tokens.device)
     loaded: set[str] = set()
-    handles = [_open_safetensors(safe_open, file, device) for file in files]
+    handles = [_open_safetensors(file, device) for file in files]
     total = sum(len(f.keys()) for f in handles)
     with tqdm(total=total, desc="loading weights", unit="tensor", disable=not progress) as bar:
         for file, f in zip(files, handles, strict=True):
@@ -266,7 +264,9 @@ def _load_safetensors(model: LlamaModel, folder: Path, progress: bool) -> None:
     check_complete(model, loaded)
 
 
-def _open_safetensors(safe_open, file: Path, device: str):
+def _open_safetensors(file: Path, device: str):
+    from safetensors import safe_open
+
     try:
         return safe_open(str(file), framework="pt", device=device)
     except Exception as e:  # SafetensorError (a truncated or damaged file), OSError
