@@ -49,7 +49,7 @@ class DraftProposer:
         if device.type == "cuda" and graphs:
             from graph_executor.graphs import GraphRunner  # needs Triton: GPU path only
 
-            self.graphs = GraphRunner(model, buffers)
+            self.graphs = GraphRunner(model, buffers, accepts=False)
         self.runner = self.graphs if self.graphs is not None else ModelRunner(model, buffers)
 
     @torch.inference_mode()
@@ -97,14 +97,21 @@ class DraftingRunner:
     def wait_enqueued(self) -> None:
         """In-process steps are enqueued when they return: nothing to wait for."""
 
-    def verify(self, position: int, num_tokens: int, draft_start: int | None = None) -> None:
+    def verify(self, position: int, num_tokens: int, draft_start: int | None = None, tokens: list[int] | None = None,
+               accept: bool = False) -> None:
         """A verify step of num_tokens at `position`; with draft_start, the draft first proposes its
-        num_tokens - 1 tokens after the one at `position` (see DraftProposer.propose)."""
+        num_tokens - 1 tokens after the one at `position` (see DraftProposer.propose); `tokens` and `accept` as
+        ModelRunner.verify."""
         if draft_start is not None:
             if self.draft is None:
                 raise HybridrtError("this executor has no draft model (start it with --draft-model)")
+            if tokens is not None:
+                raise ValueError("a verify step's ids come from the draft or from the command, not both")
             self.draft.propose(draft_start, position, num_tokens - 1)
-        self.runner.verify(position, num_tokens)
+        self.runner.verify(position, num_tokens, tokens, accept)
+
+    def wait_accepted(self) -> list[int]:
+        return self.runner.wait_accepted()
 
     def capture_next(self) -> str | None:
         """Capture the target's next pending graph, then the draft's; None when both are done (or eager)."""

@@ -20,8 +20,9 @@ import torch
 from graph_executor.fused_decoder import FusedDecoder
 from graph_executor.fused_prefill import FusedPrefill
 from graph_executor.fused_verify import FusedVerify
+from graph_executor.greedy_accept import GreedyAcceptance
 from graph_executor.model import LlamaModel
-from graph_executor.runner import check_span, check_verify, eager_prefill
+from graph_executor.runner import check_span, check_tokens, check_verify, eager_prefill, read_accepted
 from ipc.step_buffers import MAX_VERIFY_TOKENS, StepBuffers
 
 # Every 32 tokens: a 200-token prompt pays for 224, not 256 (prefill is compute-bound past ~100 tokens).
@@ -38,7 +39,8 @@ class GraphStatic:
     chunk_positions: torch.Tensor  # [max bucket] int64: positions of a chunk (clamped to the cache)
     chunk_ids: torch.Tensor  # [max bucket] int64: token ids of a chunk
     logits_index: torch.Tensor  # [1] int64: the row whose logits a prefill keeps
-    verify_start: torch.Tensor  # [1] int64: a verify step's first position
+    verify_in: torch.Tensor  # [2 + MAX_VERIFY_TOKENS] int64: a verify step's first position, whether its ids
+    # follow (1) or are in input_ids already (0), then the ids: copied from pinned memory inside the graph
     verify_ids: torch.Tensor  # [MAX_VERIFY_TOKENS] int64: its tokens (gathered inside the graph)
     verify_positions: torch.Tensor  # [MAX_VERIFY_TOKENS] int64: their positions (computed inside the graph)
 
@@ -48,7 +50,8 @@ class GraphStatic:
             return torch.zeros(n, dtype=torch.int64, device=device)
 
         return cls(zeros(1), torch.arange(max(max_bucket, MAX_VERIFY_TOKENS), device=device), zeros(max_bucket),
-                   zeros(max_bucket), zeros(1), zeros(1), zeros(MAX_VERIFY_TOKENS), zeros(MAX_VERIFY_TOKENS))
+                   zeros(max_bucket), zeros(1), zeros(2 + MAX_VERIFY_TOKENS), zeros(MAX_VERIFY_TOKENS),
+                   zeros(MAX_VERIFY_TOKENS))
 
 
 @dataclass
@@ -61,10 +64,12 @@ class GraphRunner:
     """Same interface as ModelRunner (`buffers`, `max_context`, `prefill`, `decode`), replaying graphs.
 
     `decoder`: the fused decode step to capture (default: `FusedDecoder(model)`; the GEMV probe passes its own
-    block plan)."""
+    block plan). `accepts`: the verify graphs end with the greedy acceptance (`Verify.accept`; a draft model's
+    runner has no use for it)."""
 
     def __init__(self, model: LlamaModel, buffers: StepBuffers | None = None,
-                 buckets: tuple[int, ...] = DEFAULT_BUCKETS, decoder: FusedDecoder | None = None) -> None:
+                 buckets: tuple[int, ...] = DEFAULT_BUCKETS, decoder: FusedDecoder | None = None,
+                 accepts: bool = True) -> None:
         self.model = model
         device = model.embed_tokens.device
         self.buffers = buffers or StepBuffers.allocate(model.config.vocab_size, model.max_context, device)
@@ -81,6 +86,15 @@ class GraphRunner:
         self.prefiller = FusedPrefill(model, max(self.chunk, 1))
         self.verifier = FusedVerify(model, MAX_VERIFY_TOKENS)
         self.verify_used = False  # verify graphs are captured once a request has used speculation
+        self.acceptance = GreedyAcceptance(self.buffers)
+        self.accepts = accepts
+        self._verified = 0  # tokens of the last verify step whose acceptance is to be read
+        # A verify step's inputs (static.verify_in's layout) are written here on the host and copied up by the graph
+        # itself: no CUDA call per step but the replay (each one cost ~25-65 us of host time in the executor, on the
+        # critical path of a verify; bench/NOTES.md, issue 11). Rewritten only once the last replay has read them.
+        self._verify_host = torch.zeros(2 + MAX_VERIFY_TOKENS, dtype=torch.int64, pin_memory=True)
+        self._verify_inputs = self._verify_host.numpy()  # the same memory, written without torch dispatch
+        self._inputs_read = torch.cuda.Event()
         self.stats = CaptureStats()
 
     # -- replay (or, until a graph exists, the same body run eagerly) -------------------------------------
@@ -100,11 +114,27 @@ class GraphRunner:
         self.static.position.fill_(position)
         self._launch("decode", self._decode_body)
 
-    def verify(self, position: int, num_tokens: int) -> None:
+    def verify(self, position: int, num_tokens: int, tokens: list[int] | None = None, accept: bool = False) -> None:
+        """As ModelRunner.verify; the acceptance runs at the end of every verify graph (when `accepts`)."""
         check_verify(self.max_context, position, num_tokens)
+        if accept and not self.accepts:
+            raise ValueError("this runner's verify steps do not run the acceptance")
+        if tokens is not None:
+            check_tokens(tokens, num_tokens, self.model.config.vocab_size)
         self.verify_used = True
-        self.static.verify_start.fill_(position)  # the one op outside the graph, as decode's position
+        if not self._inputs_read.query():
+            self._inputs_read.synchronize()
+        inputs = self._verify_inputs
+        inputs[0], inputs[1] = position, tokens is not None
+        if tokens is not None:
+            inputs[2:2 + num_tokens] = tokens
         self._launch(f"verify_{num_tokens}", lambda: self._verify_body(num_tokens))
+        self._inputs_read.record()
+        self._verified = num_tokens if accept else 0
+
+    def wait_accepted(self) -> list[int]:
+        """The last verify step's acceptance result, once it has run ([T] argmax tokens, then the count kept)."""
+        return read_accepted(self.acceptance, self._verified)
 
     def prefill(self, num_tokens: int, start_pos: int = 0) -> None:
         check_span(self.max_context, start_pos, num_tokens)
@@ -140,11 +170,16 @@ class GraphRunner:
         self.prefiller.run(ids, positions, self.static.logits_index, self.buffers.logits)
 
     def _verify_body(self, num_tokens: int) -> None:
-        s = self.static
-        positions, ids = s.verify_positions[:num_tokens], s.verify_ids[:num_tokens]
-        torch.add(s.arange[:num_tokens], s.verify_start, out=positions)
+        s, n = self.static, num_tokens
+        s.verify_in.copy_(self._verify_host, non_blocking=True)  # the step's inputs, from pinned memory
+        positions, ids = s.verify_positions[:n], s.verify_ids[:n]
+        torch.add(s.arange[:n], s.verify_in[:1], out=positions)
         torch.index_select(self.buffers.input_ids, 0, positions, out=ids)
-        self.verifier.run(ids, positions, self.buffers.verify_logits[:num_tokens])
+        torch.where(s.verify_in[1:2] != 0, s.verify_in[2:2 + n], ids, out=ids)  # the ids sent, if any...
+        self.buffers.input_ids.index_copy_(0, positions, ids)  # ...are where a draft or prefill would find them
+        self.verifier.run(ids, positions, self.buffers.verify_logits[:n])
+        if self.accepts:
+            self.acceptance.run(ids)
 
     def _chunk_body(self) -> None:
         s = self.static
@@ -177,7 +212,8 @@ class GraphRunner:
         # logits_index at 199, out of range for a 16-row bucket (a device-side assert that kills the context).
         # Row 0 is valid for every shape; a replay always sets its own row first.
         self.static.logits_index.zero_()
-        self.static.verify_start.zero_()  # likewise: a late verify's start + 9 rows may pass the cache's end
+        self._inputs_read.synchronize()
+        self._verify_inputs[:] = 0  # likewise: a late verify's start + 9 rows may pass the cache's end
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):
             for _ in range(WARMUP_RUNS):  # compiles the Triton kernels, settles the allocator

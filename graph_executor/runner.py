@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from graph_executor.greedy_accept import GreedyAcceptance
 from graph_executor.model import LlamaModel
 from ipc.step_buffers import MAX_VERIFY_TOKENS, StepBuffers
 
@@ -30,6 +31,19 @@ def check_verify(max_context: int, position: int, num_tokens: int) -> None:
     if not 1 <= num_tokens <= MAX_VERIFY_TOKENS:
         raise ValueError(f"a verify step takes 1..{MAX_VERIFY_TOKENS} tokens, got {num_tokens}")
     check_span(max_context, position, num_tokens)
+
+
+def check_tokens(tokens: list[int], num_tokens: int, vocab_size: int) -> None:
+    """ValueError unless a verify step's ids are num_tokens ids of the vocabulary."""
+    if len(tokens) != num_tokens or not all(0 <= t < vocab_size for t in tokens):
+        raise ValueError(f"a verify step of {num_tokens} tokens needs {num_tokens} ids in [0, {vocab_size}), "
+                         f"got {tokens[:MAX_VERIFY_TOKENS + 1]}")
+
+
+def read_accepted(acceptance: GreedyAcceptance, num_tokens: int) -> list[int]:
+    if not num_tokens:
+        raise ValueError("no verify step with acceptance has run")
+    return acceptance.read(num_tokens)
 
 
 def eager_verify(model: LlamaModel, buffers: StepBuffers, position: int, num_tokens: int) -> None:
@@ -63,6 +77,8 @@ class ModelRunner:
         device = model.embed_tokens.device
         self.buffers = buffers or StepBuffers.allocate(model.config.vocab_size, model.max_context, device)
         self._last_row = torch.zeros(1, dtype=torch.int64, device=device)  # [1]: row 0 of a decode step
+        self.acceptance = GreedyAcceptance(self.buffers)
+        self._verified = 0  # tokens of the last verify step that ran the acceptance
 
     @property
     def max_context(self) -> int:
@@ -84,8 +100,19 @@ class ModelRunner:
         logits = self.model(self.buffers.next_token, positions, self._last_row, position + 1)  # [1, V]
         self.buffers.logits.copy_(logits[0])
 
-    def verify(self, position: int, num_tokens: int) -> None:
-        """Run input_ids[position:position + num_tokens] (last accepted token, then proposals); their logits land
-        in verify_logits[:num_tokens]."""
+    def verify(self, position: int, num_tokens: int, tokens: list[int] | None = None, accept: bool = False) -> None:
+        """Run input_ids[position:position + num_tokens] (last accepted token, then proposals; `tokens` are written
+        there first); their logits land in verify_logits[:num_tokens]. `accept`: then the greedy acceptance
+        (graph_executor/greedy_accept.py), read with `wait_accepted`."""
         check_verify(self.max_context, position, num_tokens)
+        if tokens is not None:
+            check_tokens(tokens, num_tokens, self.model.config.vocab_size)
+            self.buffers.input_ids[position:position + num_tokens].copy_(torch.tensor(tokens, dtype=torch.int64))
         eager_verify(self.model, self.buffers, position, num_tokens)
+        if accept:
+            self.acceptance.run(self.buffers.input_ids[position:position + num_tokens])
+        self._verified = num_tokens if accept else 0
+
+    def wait_accepted(self) -> list[int]:
+        """The last verify step's acceptance result ([T] argmax tokens, then the count kept)."""
+        return read_accepted(self.acceptance, self._verified)

@@ -169,7 +169,7 @@ class ExecutorServer:
         if seq is None:
             return answer
         ok = isinstance(answer, StepDone)
-        self.doorbell.answer(seq, OK if ok else FAILED)
+        self.doorbell.answer(seq, OK if ok else FAILED, (answer.accepted or ()) if ok else ())
         return None if ok else answer  # an Error also goes over ZeroMQ, with its text
 
     def say_peer_gone(self) -> None:
@@ -193,8 +193,10 @@ class ExecutorServer:
                 return StepDone(msg.request_id, msg.step)
             if isinstance(msg, Verify):
                 with self.ordered():
-                    self.runner.verify(msg.position, msg.num_tokens, msg.draft_start)
-                return StepDone(msg.request_id, msg.step)
+                    self.runner.verify(msg.position, msg.num_tokens, msg.draft_start, msg.tokens, msg.accept)
+                # With the acceptance here, answer once it has run, with its result (ipc.messages.Verify).
+                accepted = self.runner.wait_accepted() if msg.accept else None
+                return StepDone(msg.request_id, msg.step, accepted)
             if isinstance(msg, Handshake):
                 self.peer_pid = msg.pid
                 return self.ready_message()
@@ -210,7 +212,7 @@ class ExecutorServer:
     @contextmanager
     def ordered(self):
         """Order a step after the JIT context's last GPU work and publish its completion as an event."""
-        if self.events:
+        if self.events and not self.events.jit.query():  # done already: nothing to wait for (a wait costs ~25 us)
             torch.cuda.current_stream().wait_event(self.events.jit)
         yield
         if self.events:

@@ -16,7 +16,8 @@ ZeroMQ stays the reliable path and carries everything else. The rules that make 
 
 Layout (one 4 KiB file in the launch's private runtime dir, little-endian int64 fields):
 - command, at 0: seq, length, crc, then `length` bytes of the message as the codec encodes it.
-- done, at 512: seq (the command it answers), status (1 ok, 2 failed), crc.
+- done, at 512: seq (the command it answers), status (1 ok, 2 failed), crc, then a count and up to
+  MAX_VALUES int64 values (a greedy verify step's accepted tokens, `Verify.accept`), which the crc covers.
 - listening, at 1024: a CLOCK_MONOTONIC deadline in ns and its complement (a torn read is "not listening").
 
 Each writer writes the payload and its crc before the seq; a reader takes a record only when the crc over
@@ -32,6 +33,7 @@ import struct
 import time
 import zlib
 from pathlib import Path
+from typing import NamedTuple
 
 from ipc.codec import decode, encode
 from ipc.messages import Message
@@ -42,12 +44,19 @@ _COMMAND, _DONE, _LISTEN = 0, 512, 1024
 _HEADER = struct.Struct("<qqq")  # seq, length or status, crc
 MAX_PAYLOAD = _DONE - _HEADER.size  # an encoded step message is ~40-100 bytes; longer ones go over ZeroMQ only
 OK, FAILED = 1, 2
+MAX_VALUES = 16  # values an answer carries (a verify's k + 1 tokens and the count accepted: <= 10)
+_COUNT = struct.Struct("<q")
 _MASK = (1 << 64) - 1
 LISTEN_MARGIN_NS = 1_000_000  # the JIT context skips ZeroMQ only while the executor listens this much longer
 
 
 def _crc(seq: int, value: int, payload: bytes = b"") -> int:
     return zlib.crc32(payload, zlib.crc32(struct.pack("<qq", seq, value)))
+
+
+class Answer(NamedTuple):
+    status: int  # OK or FAILED
+    values: tuple[int, ...]  # what the step returns on the bell (empty for most steps)
 
 
 class Doorbell:
@@ -105,12 +114,19 @@ class Doorbell:
         self._seq = seq
         return seq
 
-    def answered(self, seq: int) -> int | None:
-        """OK or FAILED once the executor has answered command `seq`, else None."""
+    def answered(self, seq: int) -> Answer | None:
+        """The executor's answer to command `seq` once it has answered, else None."""
         done, status, crc = _HEADER.unpack_from(self._map, _DONE)
-        if done != seq or crc != _crc(done, status):
+        if done != seq:
             return None
-        return status
+        start = _DONE + _HEADER.size
+        (count,) = _COUNT.unpack_from(self._map, start)
+        if not 0 <= count <= MAX_VALUES:
+            return None  # torn
+        payload = self._map[start:start + _COUNT.size * (count + 1)]
+        if crc != _crc(done, status, payload):
+            return None
+        return Answer(status, struct.unpack_from(f"<{count}q", payload, _COUNT.size))
 
     def listening(self, now_ns: int | None = None) -> bool:
         """Whether the executor promised to watch the bell for at least LISTEN_MARGIN_NS more."""
@@ -140,8 +156,12 @@ class Doorbell:
             self.taken = got[0]
         return got
 
-    def answer(self, seq: int, status: int) -> None:
-        struct.pack_into("<qq", self._map, _DONE + 8, status, _crc(seq, status))
+    def answer(self, seq: int, status: int, values: tuple[int, ...] | list[int] = ()) -> None:
+        if len(values) > MAX_VALUES:
+            raise ValueError(f"a doorbell answer carries at most {MAX_VALUES} values, got {len(values)}")
+        payload = struct.pack(f"<q{len(values)}q", len(values), *values)
+        self._map[_DONE + _HEADER.size:_DONE + _HEADER.size + len(payload)] = payload
+        struct.pack_into("<qq", self._map, _DONE + 8, status, _crc(seq, status, payload))
         struct.pack_into("<q", self._map, _DONE, seq)
 
     def listen_until(self, deadline_ns: int) -> None:

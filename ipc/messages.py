@@ -26,7 +26,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
-PROTOCOL_VERSION = 4  # 4: Ready.doorbell; 3: Verify and the verify_logits buffer; 2: typed Ready buffers/events/tokenizer_path
+# 5: Verify.tokens/accept, StepDone.accepted; 4: Ready.doorbell; 3: Verify and the verify_logits buffer; 2: typed Ready
+# buffers/events/tokenizer_path
+PROTOCOL_VERSION = 5
 MAX_ID_CHARS = 256
 _MAX_NESTING = 32  # free-form dicts (facts, params, usage) nest this deep at most
 
@@ -288,7 +290,13 @@ class Verify(Message):
     """A speculative verify step: the tokens at KV positions [position, position + num_tokens) sit at the same
     indices of the shared input-ids buffer (the last accepted token, then the proposals); the logits after each
     land in rows [0, num_tokens) of the verify-logits buffer. With `draft_start`, the executor's draft model first
-    writes the num_tokens - 1 proposals itself (after catching up on positions [draft_start, position])."""
+    writes the num_tokens - 1 proposals itself (after catching up on positions [draft_start, position]). With
+    `tokens` (n-gram proposals), the executor writes those ids there itself first.
+
+    `accept`: a greedy request's acceptance runs in the executor right after the step (the longest prefix of the
+    proposals equal to the target's argmax, and the argmax after it, also written to next_token), and StepDone
+    carries the result: the executor answers once the step has *run*, and the JIT context launches no GPU work
+    of its own between two verify steps (bench/NOTES.md, issue 11)."""
 
     TAG: ClassVar[int] = 15
     request_id: str
@@ -296,6 +304,8 @@ class Verify(Message):
     position: int
     num_tokens: int
     draft_start: int | None = None
+    tokens: list[int] | None = None
+    accept: bool = False
 
     def _validate(self) -> None:
         _check_non_negative("Verify.step/position", self.step, self.position)
@@ -303,15 +313,24 @@ class Verify(Message):
             raise ValueError(f"Verify.draft_start must be in [0, position], got {self.draft_start}")
         if self.num_tokens < 1:
             raise ValueError(f"Verify.num_tokens must be >= 1, got {self.num_tokens}")
+        if self.tokens is not None:
+            if self.draft_start is not None:
+                raise ValueError("Verify.tokens and draft_start exclude each other (who writes the proposals?)")
+            if len(self.tokens) != self.num_tokens:
+                raise ValueError(f"Verify.tokens must hold num_tokens ({self.num_tokens}) ids, got {len(self.tokens)}")
+            _check_non_negative("Verify.tokens", *self.tokens)
 
 
 @dataclass(frozen=True)
 class StepDone(Message):
-    """The executor enqueued `step`: its logits are (or, ordered by an IPC event, will be) in their buffer."""
+    """The executor enqueued `step`: its logits are (or, ordered by an IPC event, will be) in their buffer. For a
+    Verify with `accept`, the step has run and `accepted` is its result: the target's argmax per row [k + 1], then
+    the number of proposals kept (the first kept + 1 tokens are the output)."""
 
     TAG: ClassVar[int] = 12
     request_id: str
     step: int
+    accepted: list[int] | None = None
 
 
 @dataclass(frozen=True)

@@ -34,11 +34,17 @@ class ExecutorPort(Protocol):
 
     def decode(self, position: int) -> None: ...
 
-    def verify(self, position: int, num_tokens: int, draft_start: int | None = None) -> None:
+    def verify(self, position: int, num_tokens: int, draft_start: int | None = None, tokens: list[int] | None = None,
+               accept: bool = False) -> None:
         """num_tokens at `position` (the last token, then proposals); draft_start: an executor's draft model
-        writes the proposals first (graph_executor.draft). Only speculating requests call it."""
+        writes the proposals first (graph_executor.draft); tokens: the executor writes these ids there first;
+        accept: the executor also runs the greedy acceptance (read with `wait_accepted`). Only speculating
+        requests call it."""
 
     def wait_enqueued(self) -> None: ...
+
+    def wait_accepted(self) -> list[int]:
+        """After a verify with `accept`: [T] argmax tokens, then the count of proposals kept (the step has run)."""
 
 
 class Detokenizing(Protocol):

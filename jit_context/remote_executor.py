@@ -28,6 +28,7 @@ POLL_MS = 50  # how often a waiting step checks that the executor is alive
 DEFAULT_STEP_TIMEOUT_S = 60.0  # generous: a long CPU prefill; a GPU step is only enqueued (well under 1 ms)
 UNRESPONSIVE_STATUS_WAIT_S = 0.5  # a status request to an executor already known hung doesn't hold the server
 SPIN_US = 2000  # busy-poll for the executor's StepDone this long before sleeping (GPU only)
+SPIN_RUN_US = 100_000  # the same for a step answered once it has *run* (Verify.accept): a whole step, spun on
 
 
 class ExecutorDied(HybridrtError):
@@ -56,6 +57,7 @@ class RemoteExecutor:
         self._outstanding = False  # a step sent whose StepDone has not been read yet
         self.doorbell = doorbell  # steps rung in shared memory (ipc/doorbell.py); None: ZeroMQ only
         self._rung: int | None = None  # the doorbell seq of the outstanding step, if it was rung
+        self._spin_us = SPIN_US  # how long to busy-poll for the outstanding step's answer (GPU)
         self.events = events  # GPU: order our sampling and the executor's steps by IPC events
         self.step_timeout_s = step_timeout_s
         self.unresponsive = False  # a wait timed out and the executor has not answered anything since
@@ -80,19 +82,34 @@ class RemoteExecutor:
     def decode(self, position: int) -> None:
         self._send_step(Decode(self.request_id, self._step + 1, position))
 
-    def verify(self, position: int, num_tokens: int, draft_start: int | None = None) -> None:
-        self._send_step(Verify(self.request_id, self._step + 1, position, num_tokens, draft_start))
+    def verify(self, position: int, num_tokens: int, draft_start: int | None = None, tokens: list[int] | None = None,
+               accept: bool = False) -> None:
+        self._send_step(Verify(self.request_id, self._step + 1, position, num_tokens, draft_start, tokens, accept))
+        self._spin_us = SPIN_RUN_US if accept else SPIN_US
 
     def wait_enqueued(self) -> None:
         """Wait for the executor to have *enqueued* the last step (not run it); our stream then waits on its
         event, so sampling reads the step's logits. Nothing on the host waits for the device."""
+        self._wait_step()
+
+    def wait_accepted(self) -> list[int]:
+        """The result of the last step, a verify with `accept`: the executor answers once it has run."""
+        accepted = self._wait_step()
+        if accepted is None:
+            raise HybridrtError("executor: a verify step with acceptance was answered without its result")
+        return accepted
+
+    def _wait_step(self) -> list[int] | None:
+        """Wait for the outstanding step's answer (if any); its acceptance result, if it carries one."""
         if not self._outstanding:
-            return
+            return None
         self._outstanding = False  # answered, failed or timed out: never waited for again
-        if self._rung is None or not self._await_rung(self._rung):
-            self._await(self._is_step_done, f"step {self._step}")
-        if self.events:
+        done = self._await_rung(self._rung) if self._rung is not None else None
+        if done is None:  # not rung, or failed there (the Error is on ZeroMQ)
+            done = self._await(self._is_step_done, f"step {self._step}")
+        if self.events and done.accepted is None:  # an accepting step has run: nothing to order after
             torch.cuda.current_stream().wait_event(self.events.executor)
+        return done.accepted
 
     def status(self) -> dict:
         """The executor's current facts (graphs captured and pending, memory); call between requests only.
@@ -108,6 +125,7 @@ class RemoteExecutor:
     def _send_step(self, msg: Message) -> None:
         self.wait_enqueued()
         self._step += 1
+        self._spin_us = SPIN_US
         if self.events:
             self.events.jit.record()  # our writes (prompt ids, sampled token) come before the step
         # Ring first, then ask whether the executor still watches the bell: if it promised to for a while yet,
@@ -117,23 +135,25 @@ class RemoteExecutor:
             self._send_raw(msg)
         self._outstanding = True
 
-    def _await_rung(self, seq: int) -> bool:
+    def _await_rung(self, seq: int) -> StepDone | None:
         """Wait for the executor's answer to a rung step on the doorbell or, if it came by ZeroMQ, there (the
-        executor answers on one of the two). True when the step is done; False when it failed (the Error is on
-        ZeroMQ). ExecutorDied or ExecutorTimeout as `_await`."""
-        spin_end = time.perf_counter_ns() + (SPIN_US * 1000 if self.events else 0)
+        executor answers on one of the two). The step's StepDone (rebuilt from the bell's answer), or None when it
+        failed (the Error is on ZeroMQ). ExecutorDied or ExecutorTimeout as `_await`."""
+        spin_end = time.perf_counter_ns() + (self._spin_us * 1000 if self.events else 0)
         deadline = time.monotonic() + self.step_timeout_s
         next_check = time.monotonic() + POLL_MS / 1e3
         while True:
-            status = self.doorbell.answered(seq)
-            if status is not None:
+            answer = self.doorbell.answered(seq)
+            if answer is not None:
                 self.unresponsive = False
-                return status == OK
+                if answer.status != OK:
+                    return None
+                return StepDone(self.request_id, self._step, list(answer.values) or None)
             spinning = time.perf_counter_ns() < spin_end
             reply = self.channel.recv(timeout_ms=0 if spinning else 1)
             if reply is not None:
                 if self._accepts(reply, self._is_step_done):
-                    return True
+                    return reply
                 continue
             if not spinning and time.monotonic() >= next_check:
                 next_check = time.monotonic() + POLL_MS / 1e3

@@ -132,6 +132,12 @@ class Sampler:
         return self._all_greedy
 
     @property
+    def plain_greedy(self) -> bool:
+        """Greedy without a repetition penalty: the token is the argmax of the raw logits, which the executor can
+        take itself (a verify step's acceptance, `Verify.accept`)."""
+        return self._all_greedy and not self._penalize
+
+    @property
     def generator(self) -> torch.Generator:
         """The request's random stream (seeded by start_request): acceptance draws from it too."""
         return self._generator

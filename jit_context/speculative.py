@@ -6,11 +6,12 @@ Proposals come from the n-gram proposer (host) or from a draft model that the ex
 verify step, writing its proposals into the shared input ids (no extra round trip; `graph_executor.draft`).
 
 The loop has two modes. While proposals pay, it runs verify steps; each needs the accepted tokens on the host
-before the next proposal (one device-to-host read per step, which the plain loop avoids). While there is
-nothing to propose, or the adaptive k is 0, it runs plain decode steps pipelined exactly as `Generator` does
-(the host reads token t while the device computes step t + 1), asking the proposer after each token (a hash
-lookup); a proposal then costs one drain of the pipeline. So open-ended text, where n-grams rarely repeat,
-runs at the plain loop's speed.
+before the next proposal (one device-to-host read per step, which the plain loop avoids). A greedy request's
+acceptance runs in the executor, which answers the verify with its result once it has run; a sampled one's here.
+While there is nothing to propose, or the adaptive k is 0, it runs plain decode steps pipelined exactly as
+`Generator` does (the host reads token t while the device computes step t + 1), asking the proposer after each
+token (a hash lookup); a proposal then costs one drain of the pipeline. So open-ended text, where n-grams rarely
+repeat, runs at the plain loop's speed.
 
 Adaptive k: the acceptance rate a (per proposed token, a moving average) predicts (1 - a^(k+1)) / (1 - a)
 tokens from a verify of k proposals, whose cost relative to a decode step is modelled as 1 + overhead +
@@ -186,6 +187,9 @@ class SpeculativeLoop:
         self.draft_end = 0  # the draft's KV cache matches the sequence before this position
         self.k = AdaptiveK(config)
         self.stats = SpecStats(accepted_per_position=[0] * config.num_tokens)
+        # A greedy request without a penalty is accepted in the executor, right after its verify step (no GPU work
+        # of ours between two verify steps: `Verify.accept`); any other here (`acceptance.accept`).
+        self.accepting = self.sampler.plain_greedy
         self.cuda = self.buffers.input_ids.device.type == "cuda"
         self._host = torch.zeros(MAX_SPECULATIVE_TOKENS + 2, dtype=torch.int64, pin_memory=self.cuda)
         self._done = torch.cuda.Event() if self.cuda else None
@@ -216,12 +220,11 @@ class SpeculativeLoop:
         k = self._k()
         if self.drafting and k >= 1:
             self.gen.write_ids(seq[self.draft_end:], self.draft_end)  # input_ids[draft_end:position + 1]
-            self.port.verify(position, k + 1, draft_start=self.draft_end)
+            self.port.verify(position, k + 1, draft_start=self.draft_end, accept=self.accepting)
             return k
         proposals = self.proposer.propose(k) if k >= 1 and not self.drafting else []
-        if proposals:
-            self.gen.write_ids([seq[-1], *proposals], position)  # input_ids[position:position + k + 1]
-            self.port.verify(position, len(proposals) + 1)
+        if proposals:  # the executor writes them to input_ids[position:position + k + 1]
+            self.port.verify(position, len(proposals) + 1, tokens=[seq[-1], *proposals], accept=self.accepting)
         else:
             self.port.decode(position)  # consumes next_token, the last token
         return len(proposals)
@@ -259,11 +262,14 @@ class SpeculativeLoop:
         tokens and the added one. Returns what the next launch returned (None: nothing launched). next_token
         holds the last output token afterwards."""
         position = self.length - 1
-        self.port.wait_enqueued()
-        result = accept(self.sampler, self.buffers.verify_logits[:k + 1],
-                        self.buffers.input_ids[position + 1:position + k + 1])  # [k + 2]
-        torch.index_select(result, 0, result[k + 1:], out=self.buffers.next_token)  # the added token
-        values = self._read(result)
+        if self.accepting:  # the executor accepted, wrote next_token, and answered with the result
+            values = self.port.wait_accepted()
+        else:
+            self.port.wait_enqueued()
+            result = accept(self.sampler, self.buffers.verify_logits[:k + 1],
+                            self.buffers.input_ids[position + 1:position + k + 1])  # [k + 2]
+            torch.index_select(result, 0, result[k + 1:], out=self.buffers.next_token)  # the added token
+            values = self._read(result)
         accepted = values[k + 1]
         emitted = values[:accepted + 1]
         self.sampler.observe_ids(emitted)

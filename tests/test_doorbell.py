@@ -15,7 +15,7 @@ import zmq
 from graph_executor.loading.loader import LoadedModel
 from graph_executor.server import ExecutorServer
 from ipc.channel import bind_control, connect_control
-from ipc.doorbell import FAILED, MAX_PAYLOAD, OK, SIZE, Doorbell
+from ipc.doorbell import FAILED, MAX_PAYLOAD, MAX_VALUES, OK, SIZE, Doorbell
 from ipc.messages import Decode, Error, Prefill, StepDone, Verify
 from tests.test_jit_server import MAX_CONTEXT, tiny_model
 
@@ -40,7 +40,7 @@ def test_a_rung_command_is_taken_once_and_its_answer_read(bells) -> None:
         assert executor.take() is None
         assert jit.answered(seq) is None
         executor.answer(seq, OK if step == 1 else FAILED)
-        assert jit.answered(seq) == (OK if step == 1 else FAILED) and jit.answered(seq + 1) is None
+        assert jit.answered(seq) == (OK if step == 1 else FAILED, ()) and jit.answered(seq + 1) is None
 
 
 def test_a_torn_command_is_never_taken(bells, tmp_path) -> None:
@@ -66,6 +66,27 @@ def test_a_torn_answer_is_not_read(bells, tmp_path) -> None:
         f.seek(512 + 8)
         f.write(struct.pack("<q", FAILED))  # status changed, crc not
     assert jit.answered(seq) is None
+
+
+def test_an_answer_carries_values_and_a_torn_one_is_not_read(bells, tmp_path) -> None:
+    executor, jit = bells
+    seq = jit.ring(Verify("req-1", 1, 17, 3, None, [4, 5, 6], True))
+    executor.take()
+    executor.answer(seq, OK, [9, 5, 11, 1])
+    assert jit.answered(seq) == (OK, (9, 5, 11, 1))
+    seq = jit.ring(Decode("req-1", 2, 20))
+    executor.take()
+    executor.answer(seq, OK)  # a shorter answer after a longer one: no stale values
+    assert jit.answered(seq) == (OK, ())
+    seq = jit.ring(Verify("req-1", 3, 21, 2, None, [4, 5], True))
+    executor.take()
+    executor.answer(seq, OK, [7, 8, 0])
+    with open(tmp_path / "bell", "r+b") as f:  # a value changed after the crc
+        f.seek(512 + 24 + 8)
+        f.write(struct.pack("<q", 99))
+    assert jit.answered(seq) is None
+    with pytest.raises(ValueError, match="at most"):
+        executor.answer(seq, OK, list(range(MAX_VALUES + 1)))
 
 
 def test_a_message_too_long_for_the_bell_is_not_rung(bells) -> None:
@@ -129,7 +150,7 @@ def test_the_executor_runs_a_step_that_comes_both_ways_once_and_answers_it_on_th
     seq = jit.ring(prefill)
     control.send(prefill)  # the ZeroMQ copy, as for an executor that was asleep
     assert server.next_command() == (seq, prefill)  # the bell is looked at first
-    assert server.dispatch(seq, prefill) is None and jit.answered(seq) == OK
+    assert server.dispatch(seq, prefill) is None and jit.answered(seq) == (OK, ())
     _zmq_arrived(server)
     assert server.next_command() == (None, prefill)  # the copy: not rung any more...
     assert server.dispatch(None, prefill) is None  # ...and dropped: the step ran already
@@ -139,7 +160,7 @@ def test_the_executor_runs_a_step_that_comes_both_ways_once_and_answers_it_on_th
     _zmq_arrived(server)
     seq = jit.ring(decode)
     assert server.rung_copy(server.channel.recv(timeout_ms=0)) == (seq, decode)
-    assert server.dispatch(seq, decode) is None and jit.answered(seq) == OK
+    assert server.dispatch(seq, decode) is None and jit.answered(seq) == (OK, ())
     assert server.doorbell.take() is None
     # A step that only came over ZeroMQ is answered there.
     decode = Decode("req-1", 3, 5)
@@ -154,8 +175,38 @@ def test_the_executor_runs_a_step_that_comes_both_ways_once_and_answers_it_on_th
     got = server.next_command()
     assert got == (seq, bad)
     answer = server.dispatch(*got)
-    assert isinstance(answer, Error) and jit.answered(seq) == FAILED
+    assert isinstance(answer, Error) and jit.answered(seq) == (FAILED, ())
     assert control.recv(timeout_ms=0) is None  # nothing went over ZeroMQ for the steps answered on the bell
+
+
+def test_an_accepting_verify_is_answered_with_its_result_on_the_bell_and_over_zeromq(rig) -> None:
+    """Verify.accept: the executor writes the ids it was sent, runs the step and the greedy acceptance, and answers
+    with [argmax per row, count kept]: the result of jit_context.acceptance.accept on the same logits."""
+    from jit_context.acceptance import accept
+    from jit_context.sampler import Sampler
+    from jit_context.sampling_params import SamplingParams
+
+    server, control, jit = rig
+    buffers = server.shared.buffers
+    server.dispatch(None, Prefill("req-1", 1, 4, 0))
+    sampler = Sampler(buffers.logits.shape[0], buffers.logits.device)
+    sampler.start_request(SamplingParams(temperature=0.0), [5, 6, 7, 8])
+    for step, (tokens, rung) in enumerate([([8, 3, 1, 2], True), ([8, 9], False)], start=2):
+        msg = Verify("req-1", step, 3, len(tokens), None, tokens, True)
+        seq = jit.ring(msg) if rung else None
+        answer = server.dispatch(seq, msg)
+        assert buffers.input_ids[3:3 + len(tokens)].tolist() == tokens  # written by the executor
+        expected = accept(sampler, buffers.verify_logits[:len(tokens)], buffers.input_ids[4:3 + len(tokens)])
+        assert buffers.next_token.tolist() == [expected[expected[-1]].item()]  # the added token
+        if rung:
+            assert answer is None and jit.answered(seq) == (OK, tuple(expected.tolist()))
+        else:
+            assert answer == StepDone("req-1", step, expected.tolist())
+    # The proposals' ids must be the step's and in the vocabulary.
+    answer = server.dispatch(None, Verify("req-1", 9, 3, 2, None, [8, 10**6], True))
+    assert isinstance(answer, Error) and "ids in [0," in answer.message
+    with pytest.raises(ValueError, match="num_tokens"):
+        Verify("req-1", 10, 3, 3, None, [8, 9], True).validate()
 
 
 def test_a_busy_executor_promises_to_watch_the_bell(rig) -> None:

@@ -422,6 +422,21 @@ def test_verify_graphs_give_the_decode_steps_logits(dtype: str, quantize: str | 
             want = reference[position - len(prompt) + 1 + row]
             err = float((b.verify_logits[row].double() - want.double()).norm() / want.double().norm())
             assert err < tol, (n, row, err)
+    # Verify.accept: the ids sent with the step, the greedy acceptance; eager (before capture), then as graphs.
+    sampler = Sampler(loaded.model.config.vocab_size, torch.device("cuda"))
+    sampler.start_request(SamplingParams(temperature=0.0), prompt)
+    verify_graphs = {name: graphs.graphs.pop(name) for name in list(graphs.graphs) if name.startswith("verify_")}
+    for captured in (False, True):
+        for n in range(2, 10):
+            position = len(prompt) - 1 + n
+            b.input_ids.zero_()
+            ids = seq[position:position + n - 2] + [7, 8]  # the last two proposals surely wrong
+            graphs.verify(position, n, tokens=ids, accept=True)
+            got = graphs.wait_accepted()
+            assert b.input_ids[position:position + n].tolist() == ids
+            want = accept(sampler, b.verify_logits[:n], b.input_ids[position + 1:position + n]).tolist()
+            assert got == want and b.next_token.tolist() == [want[want[-1]]], (captured, n, got, want)
+        graphs.graphs.update(verify_graphs)
 
 
 @pytest.fixture
