@@ -20,6 +20,7 @@ import torch
 import zmq
 
 from graph_executor.draft import check_draft
+from graph_executor.loading import cache
 from graph_executor.loading.loader import LOAD_FORMATS, LoadConfig, LoadedModel, draft_config, load_model
 from graph_executor.server import ExecutorServer
 from ipc.channel import bind_control
@@ -69,6 +70,7 @@ def load_draft(model: str, target: LoadedModel, args: argparse.Namespace) -> Loa
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    cache.use_for_triton()  # before any kernel compiles: once per machine
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run the finally blocks: unlink shared memory
     ctx = zmq.Context()
     channel = bind_control(ctx, args.control)

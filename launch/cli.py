@@ -45,7 +45,7 @@ def version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from launch import cmd_bench, cmd_chat, cmd_generate, cmd_serve
+    from launch import cmd_bench, cmd_cache, cmd_chat, cmd_generate, cmd_serve
 
     parser = Parser(
         prog="hybridrt",
@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd_serve.register(sub)
     cmd_bench.register(sub)
     cmd_chat.register(sub)
+    cmd_cache.register(sub)
     return parser
 
 

@@ -7,6 +7,7 @@ both build the request side with `jit_context.request_side.build_request_side`.
 from __future__ import annotations
 
 from graph_executor.draft import DraftingRunner, DraftProposer, check_draft
+from graph_executor.loading import cache
 from graph_executor.loading.loader import LoadConfig, LoadedModel, draft_config, load_model
 from graph_executor.runner import ModelRunner
 from jit_context.request_side import PromptInput, RequestSide, build_request_side
@@ -19,6 +20,7 @@ class LocalEngine:
     def __init__(self, load: LoadConfig, tokenizer_path: str | None = None, graphs: bool = True,
                  chat_template: str | None = None, speculation: SpeculativeConfig | None = None,
                  draft_model: str | None = None) -> None:
+        cache.use_for_triton()  # before any kernel compiles: once per machine
         self.loaded: LoadedModel = load_model(load)
         model = self.loaded.model
         self.draft: LoadedModel | None = None

