@@ -29,6 +29,7 @@ from launch.options import (
 )
 
 PROMPT = "> "
+REPLY_ROOM_SHARE = 4  # history is trimmed to leave the reply its --max-tokens, at most a quarter of the context
 COMMANDS = "/reset clears the history, /exit or Ctrl-D quits, Ctrl-C cancels a reply"
 RECOVERABLE = {"invalid_request", "generation_failed"}  # error codes after which the server still serves
 
@@ -95,13 +96,15 @@ def run(args: argparse.Namespace) -> int:
             if not args.quiet:
                 note(f"chatting with {facts.get('model')} ({COMMANDS})")
             check = supervisor.check_children if supervisor else (lambda: None)
-            return repl(client, Conversation(args.system), params, sys.stdin.isatty(), check)
+            return repl(client, Conversation(args.system), params, sys.stdin.isatty(), check,
+                        int(facts.get("max_context") or 0))
     finally:
         if supervisor:
             supervisor.stop()
 
 
-def repl(client, conversation: Conversation, params, interactive: bool, check: Callable[[], None]) -> int:
+def repl(client, conversation: Conversation, params, interactive: bool, check: Callable[[], None],
+         max_context: int = 0) -> int:
     if interactive:
         try:
             import readline  # noqa: F401  (line editing and history for input())
@@ -121,7 +124,7 @@ def repl(client, conversation: Conversation, params, interactive: bool, check: C
             note(f"unknown command {text.split()[0]} ({COMMANDS})")
             continue
         check()  # an ephemeral server whose process died: stop here with its reason
-        chat_turn(client, conversation, text, params)
+        chat_turn(client, conversation, text, params, max_context)
     return 0
 
 
@@ -140,13 +143,42 @@ def read_line(interactive: bool) -> str | None:
         return ""
 
 
-def chat_turn(client, conversation: Conversation, text: str, params) -> None:
-    """Stream one reply and add the exchange to the history; drop the oldest turns while it doesn't fit."""
+def reply_room(params, max_context: int) -> int:
+    """Tokens of context the history leaves free for the reply: its --max-tokens, at most a quarter of the context."""
+    return max(1, min(params.max_tokens, max_context // REPLY_ROOM_SHARE))
+
+
+def fit_history(client, conversation: Conversation, text: str, params, max_context: int) -> int:
+    """Drop the oldest exchanges until the prompt leaves the reply its room (`reply_room`); how many were dropped.
+    With no history left, the new message goes as it is (the server refuses it if it alone is too long)."""
+    dropped = 0
+    while conversation.turns:
+        prompt_tokens = len(client.tokenize(messages=conversation.messages(text)))
+        if prompt_tokens + reply_room(params, max_context) <= max_context:
+            break
+        conversation.drop_oldest()
+        dropped += 1
+    return dropped
+
+
+def length_note(reply_tokens: int, params, max_context: int) -> str:
+    """What cut a reply that ended for its length: --max-tokens, or the context filling up."""
+    if reply_tokens >= params.max_tokens:
+        return f"(reply cut at the --max-tokens limit of {params.max_tokens} tokens)"
+    return (f"(reply cut at the context limit of {max_context} tokens: /reset, or a shorter message, leaves it "
+            "more room)")
+
+
+def chat_turn(client, conversation: Conversation, text: str, params, max_context: int = 0) -> None:
+    """Stream one reply and add the exchange to the history. The oldest exchanges go first while the history does
+    not leave the reply its room (or, without the context size, while the server refuses the prompt)."""
     from launch.client import ServerError
 
+    if max_context and fit_history(client, conversation, text, params, max_context):
+        note("(dropped the oldest turns to leave room for the reply)")
     while True:
         try:
-            reply = stream_reply(client, conversation.messages(text), params)
+            finished = stream_reply(client, conversation.messages(text), params)
         except ServerError as e:
             if e.code == "invalid_request" and "maximum context" in str(e) and conversation.drop_oldest():
                 note("(dropped the oldest turn to fit the context)")
@@ -155,22 +187,22 @@ def chat_turn(client, conversation: Conversation, text: str, params) -> None:
                 raise
             note(f"error: {e}")
             return
-        if reply is not None:
-            conversation.add(text, reply)
+        if finished is not None:
+            if finished.finish_reason == "length":
+                note(length_note(len(finished.token_ids), params, max_context))
+            conversation.add(text, finished.text)
         return
 
 
-def stream_reply(client, messages: list[dict], params) -> str | None:
-    """The reply's text, streamed to stdout as it comes; None if Ctrl-C cancelled it."""
+def stream_reply(client, messages: list[dict], params):
+    """The reply's Finished message (its text streamed to stdout as it came); None if Ctrl-C cancelled it."""
     stream = client.generate(messages=messages, params=params)
     try:
         for msg in stream:
             if hasattr(msg, "finish_reason"):
                 sys.stdout.write("\n")
                 sys.stdout.flush()
-                if msg.finish_reason == "length":
-                    note("(reply cut at the token limit)")
-                return msg.text
+                return msg
             sys.stdout.write(msg.text)
             sys.stdout.flush()
     except KeyboardInterrupt:

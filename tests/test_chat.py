@@ -90,3 +90,4 @@ def test_chat_help_lists_its_flags(capsys) -> None:
     out = capsys.readouterr().out
     for flag in ("--system", "--connect", "--max-tokens", "--temperature", "--model", "--device", "/reset", "/exit"):
         assert flag in out
+
