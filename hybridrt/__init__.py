@@ -1,5 +1,5 @@
 """hybridrt's public Python API: the native clients of a running `hybridrt serve` (blocking and asyncio), their
-messages and errors, and the sampling parameters. The process packages (`graph_executor`, `jit_context`, `ipc`,
+messages and errors, the sampling parameters and the chat template options. The process packages (`graph_executor`, `jit_context`, `ipc`,
 `launch`, `bench`) are the runtime's internals, named by the project's design card.
 
     from hybridrt import Client
@@ -8,9 +8,9 @@ messages and errors, and the sampling parameters. The process packages (`graph_e
             ...
 """
 
-from ipc.messages import Finished, TokenChunk
+from ipc.messages import ChatOptions, Finished, TokenChunk
 from jit_context.sampling_params import SamplingParams
 from launch.async_client import AsyncClient
 from launch.client import Client, ServerError
 
-__all__ = ["AsyncClient", "Client", "Finished", "SamplingParams", "ServerError", "TokenChunk"]
+__all__ = ["AsyncClient", "ChatOptions", "Client", "Finished", "SamplingParams", "ServerError", "TokenChunk"]

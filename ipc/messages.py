@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
-# 5: Verify.tokens/accept, StepDone.accepted; 4: Ready.doorbell; 3: Verify and the verify_logits buffer; 2: typed Ready
+# 5: Verify.tokens/accept, StepDone.accepted, GenerateRequest.chat; 4: Ready.doorbell; 3: Verify and the verify_logits buffer; 2: typed Ready
 # buffers/events/tokenizer_path
 PROTOCOL_VERSION = 5
 MAX_ID_CHARS = 256
@@ -165,6 +165,33 @@ class EventHandles(Record):
 
     executor: bytes
     jit: bytes
+
+
+# Names the chat template renderer passes itself: a request's template kwargs may not replace them.
+RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "add_generation_prompt", "continue_final_message", "chat_template",
+                                      "tokenize", "tools", "documents", "return_dict", "padding", "truncation"})
+
+
+@dataclass(frozen=True)
+class ChatOptions(Record):
+    """How chat messages become a prompt (vLLM's chat request extras): `add_generation_prompt` ends it with the
+    assistant turn's opening; `continue_final_message` instead leaves the last (assistant) message open, so that
+    the reply continues it; `template_kwargs` are extra variables for the chat template (e.g. enable_thinking)."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    template_kwargs: dict = field(default_factory=dict)
+
+    def _validate(self) -> None:
+        if self.add_generation_prompt and self.continue_final_message:
+            raise ValueError("continue_final_message needs add_generation_prompt false (the reply continues the last "
+                             "message instead of opening a new turn)")
+        reserved = sorted(str(k) for k in self.template_kwargs if k in RESERVED_TEMPLATE_KWARGS)
+        if reserved:
+            raise ValueError(f"chat template kwargs may not set {', '.join(reserved)}")
+        bad = sorted(repr(k) for k in self.template_kwargs if not isinstance(k, str))
+        if bad:
+            raise ValueError(f"chat template kwargs need string names, got {', '.join(bad)}")
 
 
 class FinishReason:
@@ -353,11 +380,14 @@ class GenerateRequest(Message):
     token_ids: list[int] | None = None
     params: dict = field(default_factory=dict)  # sampling and stop parameters, checked by the JIT context
     api_key: str | None = field(default=None, repr=False)  # the server's --api-key, if any (`AUTHENTICATED`)
+    chat: ChatOptions | None = None  # with messages only; None: the defaults
 
     def _validate(self) -> None:
         given = [f for f in ("prompt", "messages", "token_ids") if getattr(self, f) is not None]
         if len(given) != 1:
             raise ValueError(f"GenerateRequest needs exactly one of prompt, messages, token_ids; got {given}")
+        if self.chat is not None and self.messages is None:
+            raise ValueError("GenerateRequest.chat (chat template options) applies to messages only")
         if self.token_ids is not None:
             _check_non_negative("GenerateRequest.token_ids", *self.token_ids)
 

@@ -120,6 +120,10 @@ class Generator:
         self._staging[start:end].copy_(values)
         self.port.buffers.input_ids[start:end].copy_(self._staging[start:end], non_blocking=True)
 
+    def _end_ids(self, params: SamplingParams) -> set[int]:
+        """The tokens that end a reply of these params (what min_tokens holds off)."""
+        return set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
+
     def check_prompt(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
             raise ValueError("the prompt is empty")
@@ -149,7 +153,8 @@ class Generator:
                 yield PrefillProgress(chunk_start + chunk, n)
         last_start = (n - 1) // chunk * chunk
         self.port.prefill(n - last_start, last_start)  # its logits are the first token's
-        self.sampler.start_request(params, prompt_ids)  # overlaps with the executor launching the prefill
+        # overlaps with the executor launching the prefill
+        self.sampler.start_request(params, prompt_ids, end_ids=self._end_ids(params))
         out = _Output(self, params, prompt_ids, start)
         if self.speculation.enabled:
             loop = SpeculativeLoop(self, self.speculation, out, prompt_ids)
@@ -200,7 +205,11 @@ class _Output:
             return Chunk("", [token_id])
         if len(self.token_ids) >= p.max_tokens or self.prompt_len + len(self.token_ids) >= self.max_context:
             self.finish = FinishReason.LENGTH
-        emit, hit_stop = self.stops.feed(self.detok.add(token_id) if self.detok else "")
+        text = self.detok.add(token_id) if self.detok else ""
+        if len(self.token_ids) <= p.min_tokens:  # stop strings count only after min_tokens (as vLLM)
+            emit, hit_stop = text, False
+        else:
+            emit, hit_stop = self.stops.feed(text)
         if hit_stop:
             self.finish = FinishReason.STOP
         self.parts.append(emit)

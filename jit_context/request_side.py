@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ipc.errors import HybridrtError
+from ipc.messages import ChatOptions
 from jit_context.generator import CPU_PREFILL_CHUNK, ExecutorPort, Generator
 from jit_context.speculative import SpeculativeConfig
 from jit_context.tokenizer import Tokenizer
@@ -25,11 +26,14 @@ class PromptInput:
     messages: list[dict] | None = None
     token_ids: list[int] | None = None
     use_chat_template: bool = True
+    chat: ChatOptions | None = None  # how messages become the prompt (None: the defaults)
 
     def __post_init__(self) -> None:
         given = [x is not None for x in (self.prompt, self.messages, self.token_ids)]
         if sum(given) != 1:
             raise ValueError("give exactly one of prompt, messages or token_ids")
+        if self.chat is not None and self.messages is None:
+            raise ValueError("chat template options apply to messages only")
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,9 @@ class RequestSide:
         if self.tokenizer is None:
             raise ValueError(f"model {self.model_name} has no tokenizer; pass --tokenizer PATH or token ids")
         if inp.messages is not None:
-            return self.tokenizer.apply_chat_template(inp.messages)
+            chat = inp.chat or ChatOptions()
+            return self.tokenizer.apply_chat_template(inp.messages, chat.add_generation_prompt,
+                                                      chat.continue_final_message, chat.template_kwargs)
         if inp.prompt == "":
             raise ValueError("the prompt is empty")
         if inp.use_chat_template and self.tokenizer.has_chat_template:

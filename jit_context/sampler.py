@@ -15,6 +15,7 @@ vocabulary: simple and exact; a partial sort / radix select can replace it once 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Iterable
 
 import torch
 
@@ -42,6 +43,8 @@ class Sampler:
         self._min_p = torch.zeros(1, **f32)
         self._repetition_penalty = torch.ones(1, **f32)
         self._seen = torch.zeros(vocab_size, dtype=torch.bool, device=self.device)  # [V]
+        self._banned = torch.zeros(vocab_size, dtype=torch.bool, device=self.device)  # [V]: while _ban_left > 0
+        self._ban_left = 0  # host count of the draws that may not pick a banned token (min_tokens)
         self._ranks = torch.arange(vocab_size, device=self.device)  # [V] int64, sorted positions
         self._noise = torch.empty(vocab_size, **f32)  # [V]
         self._generator = torch.Generator(device=self.device)
@@ -49,11 +52,17 @@ class Sampler:
         self._penalize = False  # host copy: does the request use a repetition penalty?
         self.seed: int | None = None  # the seed in use, drawn at random when the request gave none
 
-    def start_request(self, params: SamplingParams, prompt_ids: list[int]) -> None:
-        """Write this request's parameters into the device tensors and mark the prompt tokens as seen."""
+    def start_request(self, params: SamplingParams, prompt_ids: list[int], end_ids: Iterable[int] = ()) -> None:
+        """Write this request's parameters into the device tensors and mark the prompt tokens as seen. `end_ids`:
+        the tokens that end a reply (EOS, stop_token_ids), which the first params.min_tokens draws may not pick."""
         bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"prompt_ids must be in [0, {self.vocab_size}), got {bad[:4]}")
+        banned = sorted({t for t in end_ids if 0 <= t < self.vocab_size}) if params.min_tokens else []
+        self._ban_left = params.min_tokens if banned else 0
+        if banned:
+            self._banned.zero_()
+            self._banned[torch.tensor(banned, dtype=torch.int64)] = True
         # fill_ with a Python scalar enqueues a kernel; it does not wait for the device.
         self._greedy.fill_(params.greedy)
         self._all_greedy = params.greedy
@@ -84,6 +93,9 @@ class Sampler:
         x = logits.float()  # [V] f32
         if self._penalize:  # host-known per request: no penalty, no three passes over the vocabulary
             x = self._apply_repetition_penalty(x)
+        if self._ban_left > 0:  # min_tokens not reached: the reply can't end here
+            self._ban_left -= 1
+            x = x.masked_fill(self._banned, float("-inf"))
         if self._all_greedy and out is not None:  # one kernel: the next step waits on this one only
             return torch.argmax(x, dim=0, keepdim=True, out=out)
         greedy_token = torch.argmax(x).view(1)  # [1]
@@ -133,9 +145,14 @@ class Sampler:
 
     @property
     def plain_greedy(self) -> bool:
-        """Greedy without a repetition penalty: the token is the argmax of the raw logits, which the executor can
-        take itself (a verify step's acceptance, `Verify.accept`)."""
+        """Greedy without a repetition penalty (and past min_tokens): the token is the argmax of the raw logits,
+        which the executor can take itself (a verify step's acceptance, `Verify.accept`)."""
         return self._all_greedy and not self._penalize
+
+    @property
+    def banning(self) -> bool:
+        """Whether the next draw still may not end the reply (min_tokens): only `sample` applies that."""
+        return self._ban_left > 0
 
     @property
     def generator(self) -> torch.Generator:

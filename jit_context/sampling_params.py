@@ -52,9 +52,13 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    min_tokens: int = 0  # EOS and stop_token_ids can't be drawn, nor stop strings end the reply, before this many
 
     def __post_init__(self) -> None:
         _check_int("max_tokens", self.max_tokens, 1, ">= 1")
+        _check_int("min_tokens", self.min_tokens, 0, ">= 0")
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         self._check_floats()
         _check_int("top_k", self.top_k, 0, ">= 0 (0 = off)")
         if self.seed is not None:

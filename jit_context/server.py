@@ -165,7 +165,8 @@ class JitServer:
     def _enqueue(self, identity: bytes, msg: GenerateRequest) -> None:
         try:
             params = SamplingParams.from_dict(msg.params)
-            ids = self.side.prompt_ids(PromptInput(msg.prompt, msg.messages, msg.token_ids, use_chat_template=False))
+            ids = self.side.prompt_ids(PromptInput(msg.prompt, msg.messages, msg.token_ids, use_chat_template=False,
+                                                     chat=msg.chat))
             self.generator.check_prompt(ids)
         except (ValueError, TypeError, HybridrtError) as e:
             self._reply(identity, Error("invalid_request", str(e), msg.request_id))

@@ -210,6 +210,8 @@ class SpeculativeLoop:
                    self.port.max_context - self.length)
 
     def _k(self) -> int:
+        if self.sampler.banning:  # min_tokens: only the sampler's own draw keeps the end tokens out
+            return 0
         return min(self.k.k(), self._budget()) if self.k.allowed(self.produced) else 0
 
     def _launch(self) -> int:
@@ -319,5 +321,4 @@ class SpeculativeLoop:
             yield out.add(value)
             if out.finish or last or drain:
                 return
-            drain = self.k.allowed(self.produced) and self.k.k() > 0 and (self.drafting
-                                                                         or bool(self.proposer.propose(1)))
+            drain = self._k() > 0 and (self.drafting or bool(self.proposer.propose(1)))

@@ -131,15 +131,27 @@ class Tokenizer:
             raise ValueError(f"text must be a string, got {type(text).__name__}")
         return list(self._tok.encode(text, add_special_tokens=True))
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Chat messages -> prompt ids, by default ending with the assistant turn's opening."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            continue_final_message: bool = False, template_kwargs: dict | None = None) -> list[int]:
+        """Chat messages -> prompt ids, by default ending with the assistant turn's opening; with
+        `continue_final_message`, ending inside the last (assistant) message instead, so that a reply continues it.
+        `template_kwargs`: extra variables for the template (ipc.messages.ChatOptions checks their names)."""
         _check_messages(messages)
         if not self.has_chat_template:
             raise ValueError("this tokenizer has no chat template; send a plain prompt instead")
-        ids = self._tok.apply_chat_template(
-            messages, chat_template=self._chat_template, add_generation_prompt=add_generation_prompt, tokenize=True,
-            return_dict=False,
-        )
+        if continue_final_message and messages[-1]["role"] != "assistant":
+            raise ValueError("continue_final_message needs the last message to be the assistant's (the reply "
+                             "continues it)")
+        try:
+            ids = self._tok.apply_chat_template(
+                messages, chat_template=self._chat_template, add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message, tokenize=True, return_dict=False,
+                **(template_kwargs or {}),
+            )
+        except ValueError:
+            raise
+        except Exception as e:  # jinja2 errors raised by the template itself (raise_exception, undefined names)
+            raise ValueError(f"the chat template failed: {type(e).__name__}: {e}") from None
         return list(ids)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:

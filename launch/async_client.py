@@ -30,6 +30,7 @@ from ipc.codec import MAX_FRAME_BYTES, decode, encode
 from ipc.errors import ProtocolError
 from ipc.messages import (
     CancelRequest,
+    ChatOptions,
     Error,
     Finished,
     GenerateRequest,
@@ -104,7 +105,8 @@ class AsyncClient:
 
     async def generate(self, prompt: str | None = None, *, messages: list[dict] | None = None,
                        token_ids: list[int] | None = None, params: dict | None = None,
-                       request_id: str | None = None) -> AsyncGenerator[TokenChunk | Finished, None]:
+                       request_id: str | None = None,
+                       chat: ChatOptions | None = None) -> AsyncGenerator[TokenChunk | Finished, None]:
         """Yield a TokenChunk per generated token, then the Finished message; raises ServerError.
 
         A request that can't even be encoded (bad types, over the frame limit) is
@@ -112,7 +114,7 @@ class AsyncClient:
         """
         try:
             request = GenerateRequest(request_id or uuid.uuid4().hex, prompt, messages, token_ids,
-                                      dict(params or {}), self.api_key)
+                                      dict(params or {}), self.api_key, chat)
             request.validate()
             frame = encode(request)
         except (ValueError, ProtocolError) as e:

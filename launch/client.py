@@ -27,6 +27,7 @@ from ipc.channel import connect_client
 from ipc.errors import HybridrtError
 from ipc.messages import (
     CancelRequest,
+    ChatOptions,
     DetokenizeReply,
     DetokenizeRequest,
     Error,
@@ -213,11 +214,12 @@ class Client:
         return reply
 
     def generate(self, prompt: str | None = None, *, messages: list[dict] | None = None,
-                 token_ids: list[int] | None = None,
-                 params: dict | SamplingParams | None = None) -> Iterator[TokenChunk | Finished]:
-        """Yield a TokenChunk per generated token, then the Finished message; raises ServerError."""
+                 token_ids: list[int] | None = None, params: dict | SamplingParams | None = None,
+                 chat: ChatOptions | None = None) -> Iterator[TokenChunk | Finished]:
+        """Yield a TokenChunk per generated token, then the Finished message; raises ServerError. `chat`: how
+        `messages` become the prompt (continue the last message, template kwargs)."""
         wire_params = params.to_dict() if isinstance(params, SamplingParams) else dict(params or {})
-        request = GenerateRequest(uuid.uuid4().hex, prompt, messages, token_ids, wire_params, self.api_key)
+        request = GenerateRequest(uuid.uuid4().hex, prompt, messages, token_ids, wire_params, self.api_key, chat)
         request.validate()  # ValueError here, before anything is sent
         finished, reusable = False, True
         sock = self._take_socket()

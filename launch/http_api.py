@@ -130,7 +130,11 @@ def create_app(client_address: str, model_name: str, api_key: str | None, max_co
         max_tokens = body.requested_max_tokens()
         params = body.sampling_params(max_context if max_tokens is None else max_tokens)
         messages = [m.native() for m in body.messages]
-        return await _respond(client, body, {"messages": messages}, params, chat=True, request=request)
+        try:
+            chat = body.chat_options()
+        except Unsupported as e:
+            raise ApiError(400, str(e), param=e.param, code="unsupported") from None
+        return await _respond(client, body, {"messages": messages, "chat": chat}, params, chat=True, request=request)
 
     app.include_router(v1)
 

@@ -3,8 +3,8 @@ translation into the native protocol's prompt and sampling params, and the respo
 
 Only what hybridrt can honour is accepted. Fields that clients send with neutral values (penalties of 0, an
 empty logit_bias, n=1, echo=false, ...) pass; any other value is an `Unsupported` error (HTTP 400) rather
-than being silently ignored. vLLM's extras (top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids)
-pass through.
+than being silently ignored. vLLM's extras (top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids,
+min_tokens; for chats add_generation_prompt, continue_final_message, chat_template_kwargs) pass through.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ipc.messages import FinishReason
+from ipc.messages import ChatOptions, FinishReason
 
 TokenId = Annotated[int, Field(ge=0)]
 # Native finish reason -> OpenAI's; "abort" has no OpenAI name and keeps vLLM's.
@@ -62,6 +62,7 @@ class _SamplingRequest(BaseModel):
     repetition_penalty: float | None = None
     ignore_eos: bool | None = None
     stop_token_ids: list[TokenId] | None = None
+    min_tokens: int | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -85,7 +86,7 @@ class _SamplingRequest(BaseModel):
             "top_k": 0 if self.top_k == -1 else self.top_k,  # vLLM spells "off" -1, hybridrt 0
             "repetition_penalty": self.repetition_penalty, "ignore_eos": self.ignore_eos,
             "stop": [self.stop] if isinstance(self.stop, str) else self.stop,
-            "stop_token_ids": self.stop_token_ids,
+            "stop_token_ids": self.stop_token_ids, "min_tokens": self.min_tokens,
         }
         return {key: value for key, value in params.items() if value is not None}
 
@@ -152,6 +153,10 @@ class ChatCompletionRequest(_SamplingRequest):
     parallel_tool_calls: bool | None = None
     store: bool | None = None
     metadata: dict[str, str] | None = None
+    # vLLM's chat extras: how the messages become the prompt
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -168,6 +173,19 @@ class ChatCompletionRequest(_SamplingRequest):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def chat_options(self) -> ChatOptions | None:
+        """The native protocol's chat template options (None: the defaults); Unsupported for a bad combination."""
+        if self.add_generation_prompt and not self.continue_final_message and not self.chat_template_kwargs:
+            return None
+        options = ChatOptions(self.add_generation_prompt, self.continue_final_message,
+                              dict(self.chat_template_kwargs or {}))
+        try:
+            options.validate()
+        except ValueError as e:
+            param = "chat_template_kwargs" if "kwargs" in str(e) else "continue_final_message"
+            raise Unsupported(param, str(e)) from None
+        return options
 
 
 class TokenizeBody(BaseModel):

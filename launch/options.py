@@ -143,6 +143,9 @@ def add_sampling_flags(p: argparse.ArgumentParser, default_temperature: float) -
     g.add_argument("--seed", type=int, default=None, help="sampling seed, for reproducible sampling")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not included in output")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+    g.add_argument("--min-tokens", type=int, default=0, metavar="N",
+                   help="generate at least N tokens before an end-of-sequence token or a stop string may end the "
+                        "reply (default: 0)")
 
 
 def load_config(args: argparse.Namespace) -> LoadConfig:
@@ -169,7 +172,8 @@ def load_argv(load: LoadConfig) -> list[str]:
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                          seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+                          seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
+                          min_tokens=args.min_tokens)
 
 
 def chat_template(args: argparse.Namespace) -> str | None:

@@ -352,3 +352,54 @@ def test_a_body_without_the_json_content_type_gets_a_hint() -> None:
                             headers={"content-type": "text/plain"})
     assert reply.status_code == 400
     assert "`Content-Type: application/json`; this request sent 'text/plain'" in reply.json()["error"]["message"]
+
+
+def test_vllm_chat_template_extras_and_min_tokens(server, model) -> None:
+    """continue_final_message (the reply continues the assistant's last message), chat_template_kwargs, and
+    min_tokens (no EOS and no stop string before it), as vLLM takes them; bad combinations are 400s."""
+    from ipc.messages import ChatOptions
+
+    url = f"{server.http}/v1/chat/completions"
+    started = [*QUESTION, {"role": "assistant", "content": "The capital of France is"}]
+    body = {"model": model, "max_tokens": 3, "temperature": 0, "messages": started,
+            "add_generation_prompt": False, "continue_final_message": True}
+    got = httpx.post(url, json=body, timeout=60)
+    assert got.status_code == 200, got.text
+    native = native_finished(server.address, messages=started, params={"max_tokens": 3, "temperature": 0.0},
+                             chat=ChatOptions(add_generation_prompt=False, continue_final_message=True))
+    assert got.json()["choices"][0]["message"]["content"] == native.text and "Paris" in native.text
+    with Client(server.address) as client:
+        closed = client.tokenize(messages=started, add_generation_prompt=False)  # the message closed by the template
+    assert got.json()["usage"]["prompt_tokens"] < len(closed)  # left open: no end-of-turn tokens after it
+
+    plain = {"model": model, "max_tokens": 4, "temperature": 0, "messages": QUESTION}
+    kwargs = httpx.post(url, json={**plain, "chat_template_kwargs": {"enable_thinking": False}}, timeout=60)
+    assert kwargs.status_code == 200, kwargs.text  # this template has no such variable: same reply
+    assert kwargs.json()["choices"][0]["message"] == httpx.post(url, json=plain, timeout=60).json()["choices"][0][
+        "message"]
+    for extra, param in (({"continue_final_message": True}, "continue_final_message"),  # needs the flag off
+                         ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs")):
+        bad = httpx.post(url, json={**plain, **extra}, timeout=60)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == param, bad.text
+    last_user = httpx.post(url, json={**plain, "add_generation_prompt": False, "continue_final_message": True},
+                           timeout=60)
+    assert last_user.status_code == 400 and "assistant" in last_user.json()["error"]["message"], last_user.text
+
+    # min_tokens: a one-word answer ends at once; with min_tokens the end-of-turn token is held off.
+    word = {"model": model, "max_tokens": 24, "temperature": 0,
+            "messages": [{"role": "system", "content": "Answer in one word."}, *QUESTION]}
+    short = httpx.post(url, json=word, timeout=60).json()
+    ended = short["usage"]["completion_tokens"]
+    assert short["choices"][0]["finish_reason"] == "stop" and ended < 20, short
+    held = httpx.post(url, json={**word, "min_tokens": ended + 3}, timeout=60).json()
+    assert held["usage"]["completion_tokens"] >= ended + 3, held
+    completions = f"{server.http}/v1/completions"
+    stopped = httpx.post(completions, timeout=60, json={"model": model, "prompt": PROMPT, "max_tokens": 6,
+                                                        "temperature": 0, "stop": [" "]}).json()
+    assert stopped["choices"][0]["text"] == "", stopped  # " Paris" holds the stop string: nothing before it
+    kept = httpx.post(completions, timeout=60, json={"model": model, "prompt": PROMPT, "max_tokens": 6,
+                                                     "temperature": 0, "stop": [" "], "min_tokens": 2}).json()
+    assert kept["choices"][0]["text"].startswith(" Paris") and kept["usage"]["completion_tokens"] >= 2, kept
+    too_many = httpx.post(completions, timeout=60, json={"model": model, "prompt": PROMPT, "max_tokens": 2,
+                                                         "min_tokens": 3})
+    assert too_many.status_code == 400 and "min_tokens" in too_many.json()["error"]["message"], too_many.text

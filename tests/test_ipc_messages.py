@@ -49,6 +49,8 @@ SAMPLES = [
     m.Reset(request_id="r1"),
     m.GenerateRequest(request_id="c1", prompt="Hello", params={"temperature": 0.7, "max_tokens": 64}),
     m.GenerateRequest(request_id="c2", messages=[{"role": "user", "content": "Hi"}]),
+    m.GenerateRequest(request_id="c4", messages=[{"role": "assistant", "content": "Once"}],
+                      chat=m.ChatOptions(False, True, {"enable_thinking": False, "style": ["short"]})),
     m.GenerateRequest(request_id="c3", token_ids=[1, 2, 3]),
     m.TokenChunk(request_id="c1", text=" Paris", token_ids=[7042]),
     m.Finished(
@@ -114,6 +116,10 @@ def test_finish_reasons_are_one_closed_set():
     [
         lambda: m.GenerateRequest(request_id="r"),  # none of prompt/messages/token_ids
         lambda: m.GenerateRequest(request_id="r", prompt="a", token_ids=[1]),  # two of them
+        lambda: m.GenerateRequest(request_id="r", prompt="a", chat=m.ChatOptions()),  # chat options without messages
+        lambda: m.GenerateRequest(request_id="r", messages=[], chat=m.ChatOptions(True, True)),  # both
+        lambda: m.GenerateRequest(request_id="r", messages=[], chat=m.ChatOptions(template_kwargs={"tokenize": 1})),
+        lambda: m.GenerateRequest(request_id="r", messages=[], chat=m.ChatOptions(template_kwargs={1: 2})),
         lambda: m.Decode(request_id="r", step=True, position=0),  # bool is not an int here
         lambda: m.Decode(request_id="r", step=0, position=-1),
         lambda: m.Verify(request_id="r", step=0, position=3, num_tokens=0),

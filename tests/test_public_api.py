@@ -15,8 +15,8 @@ def test_the_public_import_names_the_client_api() -> None:
     from launch.client import Client
 
     assert hybridrt.Client is Client and hybridrt.AsyncClient is AsyncClient
-    assert set(hybridrt.__all__) == {"AsyncClient", "Client", "Finished", "SamplingParams", "ServerError",
-                                     "TokenChunk"}
+    assert set(hybridrt.__all__) == {"AsyncClient", "ChatOptions", "Client", "Finished", "SamplingParams",
+                                     "ServerError", "TokenChunk"}
 
 
 def test_the_readme_native_client_example_prints_the_reply_once(shared_server, capsys) -> None:

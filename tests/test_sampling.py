@@ -32,6 +32,7 @@ CPU = torch.device("cpu")
         ("stop", ("",)), ("stop", ("a",) * 17), ("stop", (1,)), ("stop", "abc"), ("stop", ["a"]),
         ("stop_token_ids", (-1,)), ("stop_token_ids", (True,)), ("stop_token_ids", ("2",)), ("stop_token_ids", [2]),
         ("ignore_eos", 1), ("ignore_eos", "yes"),
+        ("min_tokens", -1), ("min_tokens", 1.0), ("min_tokens", 257),  # 257 > the default max_tokens
     ],
 )
 def test_params_reject_bad_field(field, bad):
@@ -233,3 +234,17 @@ def test_observe_marks_generated_tokens_and_new_request_resets():
     assert (int(first), int(second), int(sampler.sample(logits))) == (0, 1, 2)
     sampler.start_request(SamplingParams(temperature=0.0, repetition_penalty=4.0), [])
     assert int(sampler.sample(logits)) == 0
+
+
+def test_min_tokens_holds_the_end_tokens_off_for_that_many_draws():
+    """The first min_tokens draws can't pick an end token (EOS, stop_token_ids), greedy or sampled; later ones can."""
+    logits = torch.zeros(8)
+    logits[2], logits[5], logits[3] = 9.0, 8.0, 7.0  # 2 (EOS) best, then 5 (a stop token id), then 3
+    for temperature in (0.0, 0.05):
+        sampler = Sampler(8, CPU)
+        sampler.start_request(SamplingParams(temperature=temperature, min_tokens=2, seed=1), [1], end_ids={2, 5})
+        assert sampler.banning
+        assert [sampler.sample(logits).item() for _ in range(3)] == [3, 3, 2]
+        assert not sampler.banning
+        sampler.start_request(SamplingParams(temperature=temperature, min_tokens=2), [1])  # nothing to hold off
+        assert not sampler.banning and sampler.sample(logits).item() == 2

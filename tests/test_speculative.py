@@ -285,6 +285,20 @@ def test_a_draft_that_guesses_wrong_changes_no_token() -> None:
 
 
 @pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_min_tokens_holds_off_the_end_with_speculation_as_without(method: str) -> None:
+    """Before min_tokens the loop decodes plainly (only the sampler's draw can hold the end tokens off); after it,
+    it speculates again: the same tokens as without speculation."""
+    runner = tiny_runner(max_context=160)
+    base = run(runner, REPETITIVE, SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True))
+    stop = base.token_ids[3]  # an end token that greedy decoding picks early and often
+    params = SamplingParams(max_tokens=60, temperature=0.0, stop_token_ids=(stop,), min_tokens=30)
+    plain = run(runner, REPETITIVE, params)
+    res = spec_run(runner, REPETITIVE, params, method, 6)
+    assert res.token_ids == plain.token_ids and len(plain.token_ids) > 30 and stop not in plain.token_ids[:30]
+    assert res.speculation["num_drafts"] > 0  # after min_tokens
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
 def test_stops_cut_inside_an_accepted_run_exactly_where_plain_decoding_cuts(method: str) -> None:
     runner = tiny_runner(max_context=160)
     base = run(runner, REPETITIVE, SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True))

@@ -130,3 +130,22 @@ def test_chat_template_override(tok, tmp_path) -> None:
     with pytest.raises(ValueError, match="does not compile"):
         tok.use_chat_template("{% for %}")
     assert tok.apply_chat_template(CONVERSATION) == tok.encode(rendered)  # a bad one leaves the last good one
+
+
+def test_chat_template_kwargs_and_continue_final_message(tok) -> None:
+    """Template variables reach the template; continue_final_message leaves the last (assistant) message open."""
+    from jit_context.tokenizer import Tokenizer
+
+    own = Tokenizer(tok._tok)  # the shared instance stays as it is
+    own.use_chat_template("{{ flavour | default('plain') }}:{% for m in messages %}[{{ m.role }}] {{ m.content }}"
+                          "{% if not loop.last or add_generation_prompt %}<|im_end|>{% endif %}{% endfor %}")
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello th"}]
+    assert own.decode(own.apply_chat_template(messages[:1], template_kwargs={"flavour": "SPICY"}),
+                      skip_special_tokens=False).startswith("SPICY:")
+    assert own.decode(own.apply_chat_template(messages[:1]), skip_special_tokens=False).startswith("plain:")
+    opened = tok.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True)
+    closed = tok.apply_chat_template(messages, add_generation_prompt=False)
+    assert tok.decode(opened, skip_special_tokens=False).endswith("Hello th")
+    assert len(opened) < len(closed) and closed[:len(opened)] == opened
+    with pytest.raises(ValueError, match="assistant"):
+        tok.apply_chat_template(messages[:1], add_generation_prompt=False, continue_final_message=True)
