@@ -184,9 +184,29 @@ def verify_section(results: dict) -> list[str]:
              f"{v['context']}; decode {v['decode_ms']:.3f} ms)", ""] + _table(head, rows))
 
 
+def startup_section(results: dict) -> list[str]:
+    """Each process's start-up phases (seconds, in order) and the first requests' TTFT after ready against steady
+    state, where an engine reports them (the hybridrt server)."""
+    lines = []
+    for e, r in results["engines"].items():
+        s = r.get("startup") or {}
+        for process, facts in (s.get("phases") or {}).items():
+            phases = (facts or {}).get("phases_s") or {}
+            if phases:
+                ready = facts.get("ready_since_spawn_s")
+                lines.append(f"- {e}, {process}: " + ", ".join(f"{name} {sec:.2f}" for name, sec in phases.items())
+                             + (f"; ready {ready:.2f} s after spawn" if ready is not None else ""))
+        first = s.get("first_requests")
+        if first:
+            lines.append(f"- {e}, the first {len(first['ttft_ms'])} requests after ready ({first['prompt_tokens']}-"
+                         f"token prompts): TTFT {', '.join(f'{t:.2f}' for t in first['ttft_ms'])} ms against "
+                         f"{first['steady_ttft_ms']:.2f} steady: worst {first['worst_ratio']:.2f}x")
+    return ["## Start-up phases (s) and the first requests after ready", "", *lines, ""] if lines else []
+
+
 def markdown(results: dict) -> str:
     sections = [header, floors_section, ttft_section, decode_section, context_section, ratio_section,
-                speculative_section, verify_section, overhead_section, status_section]
+                speculative_section, verify_section, overhead_section, status_section, startup_section]
     return "\n".join(line for section in sections for line in section(results))
 
 

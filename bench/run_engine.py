@@ -71,7 +71,9 @@ def run_workloads(name: str, spec, result: ResultFile, timeline) -> None:
         facts = engine.facts()
         result.update(facts=facts)
         if "startup" in spec.workloads:
-            result.update(startup={**timeline.to_dict(), "graphs": facts.get("graphs", [])})
+            result.update(startup={**timeline.to_dict(), "graphs": facts.get("graphs", []),
+                                   "phases": facts.get("startup_phases", {}),
+                                   "first_requests": facts.get("first_requests")})
     finally:
         engine.close()
 

@@ -25,7 +25,9 @@ WORKLOAD_HELP = {
     "ttft": "time to first token per prompt length (median, P99, min over --repeats)",
     "decode": "per-token latency over --decode-tokens after a prompt (P50/P90/P99/max, tokens/s, CDF)",
     "context": "per-token latency at each --contexts length (prefill c tokens, time --context-steps steps)",
-    "startup": "process start -> weights ready -> ready to serve (-> each graph captured, when reported)",
+    "startup": "process start -> weights ready -> ready to serve (-> each graph captured, when reported); the "
+               "server's start-up phases per process, and the TTFT of the first 5 requests after ready against "
+               "steady state",
     "memory": "peak GPU memory (torch.cuda.max_memory_allocated), graph memory when reported; CPU: peak RSS",
     "overhead": "two-process cost: hybridrt end to end minus hybridrt-executor (TTFT and per-token)",
     "floors": "HBM read bandwidth and matmul rate on this card, hence decode and prefill floors",

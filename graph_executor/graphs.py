@@ -56,7 +56,8 @@ class GraphStatic:
 
 @dataclass
 class CaptureStats:
-    seconds: dict[str, float] = field(default_factory=dict)  # graph name -> capture time
+    seconds: dict[str, float] = field(default_factory=dict)  # graph name -> capture time (warm-up included)
+    warmup_seconds: dict[str, float] = field(default_factory=dict)  # graph name -> its warm-up runs (kernel compile)
     pool_bytes: int = 0  # memory reserved by captures (the shared pool grows as graphs are added)
 
 
@@ -204,7 +205,18 @@ class GraphRunner:
         pending = self.pending()
         if not pending:
             return None
-        name = pending[0]
+        self.capture(pending[0])
+        return pending[0]
+
+    def startup_graphs(self, max_tokens: int) -> list[str]:
+        """What a server captures before it is ready: decode and the prefill buckets up to max_tokens (the first
+        requests then run at steady-state speed; the rest are captured while idle)."""
+        return ["decode", *(f"prefill_{b}" for b in self.buckets if b <= max_tokens)]
+
+    def capture(self, name: str) -> None:
+        """Capture one graph (a no-op if it exists): its warm-up runs compile the kernels, then the capture."""
+        if name in self.graphs:
+            return
         body = self._body(name)
         start = time.perf_counter()
         reserved = torch.cuda.memory_reserved()
@@ -219,6 +231,8 @@ class GraphRunner:
             for _ in range(WARMUP_RUNS):  # compiles the Triton kernels, settles the allocator
                 body()
         torch.cuda.current_stream().wait_stream(self.stream)
+        torch.cuda.synchronize()
+        self.stats.warmup_seconds[name] = round(time.perf_counter() - start, 4)
         graph = torch.cuda.CUDAGraph()
         # No collection during the capture. Disabling the collector (not freeze/unfreeze) leaves the process's own
         # freeze alone: unfreezing here once put ~170k start-up objects back in the oldest generation, whose
@@ -235,7 +249,6 @@ class GraphRunner:
         self.graphs[name] = graph
         self.stats.seconds[name] = round(time.perf_counter() - start, 4)
         self.stats.pool_bytes += max(0, torch.cuda.memory_reserved() - reserved)
-        return name
 
     def capture_all(self) -> None:
         while self.capture_next() is not None:
@@ -253,5 +266,5 @@ class GraphRunner:
         return lambda: self._prefill_body(bucket)
 
     def facts(self) -> dict:
-        return {"captured": dict(self.stats.seconds), "pending": self.pending(),
-                "graph_pool_bytes": self.stats.pool_bytes}
+        return {"captured": dict(self.stats.seconds), "warmup": dict(self.stats.warmup_seconds),
+                "pending": self.pending(), "graph_pool_bytes": self.stats.pool_bytes}

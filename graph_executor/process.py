@@ -14,7 +14,6 @@ import argparse
 import gc
 import signal
 import sys
-import time
 
 import torch
 import zmq
@@ -27,6 +26,7 @@ from ipc.channel import bind_control
 from ipc.doorbell import MODES as DOORBELL_MODES
 from ipc.doorbell import Doorbell
 from ipc.errors import HybridrtError, report_fatal
+from ipc.startup import DEFAULT_READY_CAPTURE, StartupPhases
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,6 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--draft-model", default=None, help="a draft model for speculative decoding (same tokenizer)")
     p.add_argument("--error-file", default=None,
                    help="write a fatal error's one line here (the supervisor reports it) instead of to stderr")
+    p.add_argument("--spawned-at", type=float, default=None,
+                   help="the supervisor's wall-clock time at spawn (the imports phase is measured from it)")
+    p.add_argument("--capture-before-ready", type=int, default=DEFAULT_READY_CAPTURE, metavar="TOKENS",
+                   help="capture the decode graph and the prefill graphs up to TOKENS before ready, so that the first "
+                        f"requests run at full speed (default {DEFAULT_READY_CAPTURE}; 0: all while idle, after ready)")
     p.add_argument("--doorbell", choices=DOORBELL_MODES, default="auto",
                    help="step commands over shared memory next to the control socket (ipc/doorbell.py): auto = "
                         "on the GPU, on = also on the CPU (tests), off = ZeroMQ only")
@@ -70,24 +75,28 @@ def load_draft(model: str, target: LoadedModel, args: argparse.Namespace) -> Loa
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    startup = StartupPhases("graph_executor", quiet=args.quiet, spawned_at=args.spawned_at)
     cache.use_for_triton()  # before any kernel compiles: once per machine
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run the finally blocks: unlink shared memory
     ctx = zmq.Context()
     channel = bind_control(ctx, args.control)
     server = None
     try:
-        start = time.perf_counter()
         loaded = load_model(LoadConfig(model=args.model, load_format=args.load_format, device=args.device,
                                        dtype=args.dtype, max_context=args.max_context, seed=args.seed_weights,
                                        progress=not args.quiet, quantize=args.quantize,
                                        quantize_group=args.quantize_group, dequantize=args.dequantize))
-        draft = load_draft(args.draft_model, loaded, args) if args.draft_model else None
+        for name, seconds in loaded.phases.items():
+            startup.add(name, seconds)
+        if args.draft_model:
+            with startup.phase("draft model"):
+                draft = load_draft(args.draft_model, loaded, args)
+        else:
+            draft = None
         doorbell = open_doorbell(args.doorbell, args.control, loaded.model.device)
         server = ExecutorServer(channel, loaded, args.supervisor_pid, graphs=not args.no_graphs, quiet=args.quiet,
-                                draft=draft, doorbell=doorbell)
-        if not args.quiet:
-            print(f"graph_executor: {loaded.name} ready on {loaded.model.device} in "
-                  f"{time.perf_counter() - start:.1f} s (weights {loaded.weight_format})", file=sys.stderr)
+                                draft=draft, doorbell=doorbell, startup=startup)
+        server.capture_before_ready(args.capture_before_ready)
         gc.collect()
         gc.freeze()  # start-up objects (torch, the model) are never scanned again: no long GC pauses mid-stream
         server.serve()

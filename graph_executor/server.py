@@ -36,17 +36,20 @@ from ipc.messages import (
     Verify,
 )
 from ipc.shared_tensor import dtype_name
+from ipc.startup import StartupPhases
 from ipc.step_buffers import SharedStepBuffers
 
 POLL_MS = 100  # how often an idle executor checks that its peers are alive
 SPIN_US = 20_000  # while a request runs on the GPU, busy-poll this long for the next step before sleeping
+CAPTURE_AFTER_IDLE_S = 1.0  # the remaining graphs are captured once no command came for this long
 
 
 class ExecutorServer:
     def __init__(self, channel: Channel, loaded: LoadedModel, supervisor_pid: int | None,
                  graphs: bool = True, quiet: bool = False, draft: LoadedModel | None = None,
-                 doorbell: Doorbell | None = None) -> None:
+                 doorbell: Doorbell | None = None, startup: StartupPhases | None = None) -> None:
         self.quiet = quiet
+        self.startup = startup  # this process's start-up phases, for its facts
         self.channel = channel
         self.doorbell = doorbell  # step commands without a ZeroMQ hop (ipc/doorbell.py); None: ZeroMQ only
         self.promise_ns = 0  # we watch the doorbell until then (CLOCK_MONOTONIC) before sleeping in a poll
@@ -72,22 +75,28 @@ class ExecutorServer:
         self.supervisor_pid = supervisor_pid
         self.peer_pid: int | None = None
         self.busy = False  # a request is between its Prefill and its Reset: no graph capture then
+        self.last_command = time.monotonic()  # captures wait until the executor has been idle a while
 
     def facts(self) -> dict:
         """What `status` shows about the executor (informational: nothing the protocol depends on)."""
         facts = {"load_seconds": round(self.loaded.load_seconds, 3), "source": self.loaded.source,
                  "executor_pid": os.getpid(), "num_params": self.loaded.model.config.num_params(),
-                 "weight_format": self.loaded.weight_format,
+                 "weight_format": self.loaded.weight_format, "kv_cache_bytes": self.loaded.kv_cache_bytes,
                  "graphs": self.runner.facts()}
+        if self.startup is not None:
+            facts["startup"] = self.startup.facts()
         if self.draft is not None:
             facts["draft"] = {"model": self.draft.name, "source": self.draft.source,
                               "num_params": self.draft.model.config.num_params(),
                               "load_seconds": round(self.draft.load_seconds, 3)}
         if self.cuda:
             facts["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+            facts["device_name"] = torch.cuda.get_device_name(self.loaded.model.embed_tokens.device)
         return facts
 
     def ready_message(self) -> Ready:
+        if self.startup is not None:
+            self.startup.ready()
         model, cfg = self.loaded.model, self.loaded.model.config
         tokenizer = str(self.loaded.tokenizer_path) if self.loaded.tokenizer_path else None
         return Ready(PROTOCOL_VERSION, self.loaded.name, cfg.vocab_size, model.max_context,
@@ -116,6 +125,8 @@ class ExecutorServer:
                     return
                 self.capture_when_idle()
                 continue
+            if not isinstance(got[1], Status):  # a status poll (a bench waiting for the graphs) is not work
+                self.last_command = time.monotonic()
             answer = self.dispatch(*got)
             if answer is not None and not self.reply(answer):
                 self.say_peer_gone()
@@ -218,8 +229,25 @@ class ExecutorServer:
         if self.events:
             self.events.executor.record()
 
+    def capture_before_ready(self, max_tokens: int) -> None:
+        """Capture decode and the prefill graphs up to max_tokens before answering the handshake, with a start-up
+        line each for the kernels' compile (the warm-up runs) and the captures; the rest come while idle."""
+        if self.graphs is None or max_tokens <= 0:
+            return
+        names = self.graphs.startup_graphs(max_tokens)
+        for name in names:
+            self.graphs.capture(name)
+        if self.startup is not None:
+            stats = self.graphs.stats
+            warmup = sum(stats.warmup_seconds.get(n, 0.0) for n in names)
+            self.startup.add("kernel compile and warm-up", warmup)
+            self.startup.add(f"graph capture ({len(names)} graphs: decode, prefill up to {max_tokens} tokens)",
+                             sum(stats.seconds.get(n, 0.0) for n in names) - warmup)
+
     def capture_when_idle(self) -> None:
-        if self.busy or self.graphs is None:
+        # Not right after a request or the handshake: a burst of requests (a chat's turns, the first requests after
+        # ready) would otherwise wait for a capture (~0.1-0.3 s each) between them.
+        if self.busy or self.graphs is None or time.monotonic() - self.last_command < CAPTURE_AFTER_IDLE_S:
             return
         start = time.perf_counter()
         name = self.runner.capture_next()

@@ -26,6 +26,7 @@ from ipc.errors import HybridrtError, report_fatal
 from ipc.events import StepEvents
 from ipc.liveness import process_alive
 from ipc.messages import PROTOCOL_VERSION, Handshake, Ready
+from ipc.startup import StartupPhases
 from ipc.step_buffers import SharedStepBuffers
 from jit_context import SERVER_API_KEY_ENV
 from jit_context.remote_executor import DEFAULT_STEP_TIMEOUT_S, ExecutorDied, RemoteExecutor
@@ -59,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--error-file", default=None,
                    help="write a fatal error's one line here (the supervisor reports it) instead of to stderr")
     p.add_argument("--chat-template", default=None, help="template text replacing the tokenizer's own")
+    p.add_argument("--spawned-at", type=float, default=None,
+                   help="the supervisor's wall-clock time at spawn (the imports phase is measured from it)")
+    p.add_argument("--quiet", action="store_true", help="no start-up phase lines")
     p.add_argument("--step-timeout", type=float, default=DEFAULT_STEP_TIMEOUT_S,
                    help="seconds to wait for the executor to answer a step before failing the request")
     plain = SpeculativeConfig()  # the defaults of SpeculativeConfig (the supervisor passes every one)
@@ -92,33 +96,39 @@ def wait_ready(control: Channel, executor_pid: int) -> Ready:
             raise ExecutorDied("the graph executor exited before it was ready")
 
 
-def build_server(args: argparse.Namespace, ctx: zmq.Context, control: Channel) -> JitServer:
-    ready = wait_ready(control, args.executor_pid)
-    shared = SharedStepBuffers.open(ready.buffers, ready.vocab_size, ready.max_context)
-    events = StepEvents.open(ready.events, torch.device(ready.device)) if ready.events is not None else None
-    doorbell = Doorbell.open(ready.doorbell) if ready.doorbell is not None else None
+def build_server(args: argparse.Namespace, ctx: zmq.Context, control: Channel, startup: StartupPhases) -> JitServer:
+    with startup.phase("waiting for the executor (handshake)"):
+        ready = wait_ready(control, args.executor_pid)
+    with startup.phase("step buffers and events (IPC)"):
+        shared = SharedStepBuffers.open(ready.buffers, ready.vocab_size, ready.max_context)
+        events = StepEvents.open(ready.events, torch.device(ready.device)) if ready.events is not None else None
+        doorbell = Doorbell.open(ready.doorbell) if ready.doorbell is not None else None
     executor = RemoteExecutor(control, shared, ready.max_context, args.executor_pid, events,
                               step_timeout_s=args.step_timeout, doorbell=doorbell)
     try:
         speculation = with_draft_cost(args.speculation, ready.facts.get("num_params", 0), ready.draft_params)
     except ValueError as e:
         raise HybridrtError(str(e)) from None
-    side = build_request_side(executor, ready.model_name, ready.vocab_size, ready.eos_token_ids,
-                              args.tokenizer or ready.tokenizer_path, args.chat_template, speculation)
+    with startup.phase("tokenizer and sampler"):
+        side = build_request_side(executor, ready.model_name, ready.vocab_size, ready.eos_token_ids,
+                                  args.tokenizer or ready.tokenizer_path, args.chat_template, speculation)
     return JitServer(bind_server(ctx, args.listen), executor, side, ready,
                      api_key=os.environ.pop(SERVER_API_KEY_ENV, None) or None,
-                     log=RequestLog() if args.log_requests else None)
+                     log=RequestLog() if args.log_requests else None, startup=startup)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    startup = StartupPhases("jit_context", quiet=args.quiet, spawned_at=args.spawned_at)
     signal.signal(signal.SIGTERM, _terminate)
     ctx = zmq.Context()
     control = connect_control(ctx, args.control)
     server = None
     try:
-        import_tokenizer_modules()  # while the executor still loads: after its Ready, only the tokenizer's files
-        server = build_server(args, ctx, control)
+        with startup.phase("tokenizer imports"):
+            import_tokenizer_modules()  # while the executor still loads: after its Ready, only the tokenizer's files
+        server = build_server(args, ctx, control, startup)
+        startup.ready()
         gc.collect()
         gc.freeze()  # start-up objects (torch, tokenizer) are never scanned again: no long GC pauses mid-stream
         server.run()

@@ -38,6 +38,7 @@ from ipc.messages import (
     TokenizeReply,
     TokenizeRequest,
 )
+from ipc.startup import StartupPhases
 from jit_context.generator import GenerationResult, PrefillProgress
 from jit_context.metrics import FAILED, ServingMetrics
 from jit_context.remote_executor import ExecutorDied, RemoteExecutor
@@ -68,8 +69,10 @@ class Pending:
 
 class JitServer:
     def __init__(self, clients: ServerChannel, executor: RemoteExecutor, side: RequestSide, ready: Ready,
-                 api_key: str | None = None, log: RequestLog | None = None) -> None:
+                 api_key: str | None = None, log: RequestLog | None = None,
+                 startup: StartupPhases | None = None) -> None:
         self.clients = clients
+        self.startup = startup  # this process's start-up phases (status reports them)
         self.log = log  # serve's request and throughput lines on stderr; None: quiet
         self._api_key = api_key.encode() if api_key is not None else None  # None: every client is served
         self.executor = executor
@@ -153,6 +156,7 @@ class JitServer:
                 "chat_template": bool(self.tokenizer and self.tokenizer.has_chat_template),
                 "active": self.active.request_id if self.active else None, "executor": self._executor_facts(),
                 "jit_context_pid": os.getpid(),
+                "startup": self.startup.facts() if self.startup is not None else {},
                 "metrics": self.metrics.snapshot(running=int(self.active is not None), waiting=len(self.queue))}
 
     def _executor_facts(self) -> dict:

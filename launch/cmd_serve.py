@@ -86,8 +86,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         supervisor.start()
         facts = supervisor.wait_ready()
-        print(f"hybridrt serving {facts['model']} on {facts['device']} (ready in {supervisor.ready_seconds:.1f} s)",
-              flush=True)
+        print(ready_line(facts, supervisor.ready_seconds), flush=True)
         print(f"  native: {supervisor.address}", flush=True)
         if args.http_port:
             print(f"  http:   http://{args.host}:{args.http_port}/v1 (model id "
@@ -103,6 +102,17 @@ def run(args: argparse.Namespace) -> int:
         supervisor.stop()
         if http_socket is not None:
             http_socket.close()
+
+
+def ready_line(facts: dict, seconds: float) -> str:
+    """What is served, as vLLM and llama-server say it: model, device, dtype, weight format, context, KV cache."""
+    executor = facts.get("executor") or {}
+    device = facts["device"] + (f" ({executor['device_name']})" if executor.get("device_name") else "")
+    details = [f"dtype {facts['dtype']}", f"weights {executor.get('weight_format') or facts['dtype']}",
+               f"context {facts['max_context']} tokens"]
+    if executor.get("kv_cache_bytes") is not None:
+        details.append(f"KV cache {executor['kv_cache_bytes'] / (1 << 20):.1f} MiB")
+    return f"hybridrt serving {facts['model']} on {device} (ready in {seconds:.1f} s): {', '.join(details)}"
 
 
 def is_loopback(host: str) -> bool:

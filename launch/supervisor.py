@@ -34,6 +34,7 @@ from ipc.errors import HybridrtError
 from ipc.parent_death import SUPERVISOR_PID_ENV
 from ipc.runtime_dir import RuntimeDir
 from ipc.shared_tensor import segment_dir
+from ipc.startup import DEFAULT_READY_CAPTURE
 from jit_context import SERVER_API_KEY_ENV
 from jit_context.remote_executor import DEFAULT_STEP_TIMEOUT_S
 from jit_context.speculative import SpeculativeConfig
@@ -63,12 +64,16 @@ class ServerConfig:
     draft_model: str | None = None  # the executor's draft model (--speculative draft)
     doorbell: str = "auto"  # auto | on | off: step commands over shared memory (auto: GPU only; on: tests on CPU)
     log_requests: bool = False  # the JIT context logs each finished request and the throughput (serve)
+    # prompt tokens whose prefill graphs (and decode's) the executor captures before ready (GPU; 0: after ready)
+    capture_before_ready: int = DEFAULT_READY_CAPTURE
 
     def __post_init__(self) -> None:
         if self.ready_timeout_s <= 0:
             raise ValueError("ready_timeout_s must be > 0")
         if not self.step_timeout_s > 0:
             raise ValueError("step_timeout_s must be > 0")
+        if self.capture_before_ready < 0:
+            raise ValueError(f"capture_before_ready must be >= 0, got {self.capture_before_ready}")
         if self.doorbell not in DOORBELL_MODES:
             raise ValueError(f"doorbell must be one of {', '.join(DOORBELL_MODES)}, got {self.doorbell!r}")
 
@@ -110,7 +115,9 @@ class Supervisor:
         control = self.runtime.ipc_address("control")
         executor = [sys.executable, "-m", "graph_executor", "--control", control, *load_argv(load),
                     "--supervisor-pid", str(os.getpid()), "--doorbell", self.config.doorbell,
-                    "--error-file", str(self.error_file("graph_executor"))]
+                    "--error-file", str(self.error_file("graph_executor")),
+                    "--capture-before-ready", str(self.config.capture_before_ready),
+                    "--spawned-at", repr(time.time())]
         if self.config.draft_model is not None:
             executor += ["--draft-model", self.config.draft_model]
         # Own session: a terminal Ctrl-C reaches only this process, which stops the children in order (and
@@ -120,7 +127,8 @@ class Supervisor:
         self._tell_reaper(f"child {executor_proc.pid}", f"segments {segment_dir()} hybridrt-{executor_proc.pid}-")
         jit = [sys.executable, "-m", "jit_context", "--control", control, "--listen", self.address,
                "--executor-pid", str(executor_proc.pid), "--step-timeout", repr(self.config.step_timeout_s),
-               "--error-file", str(self.error_file("jit_context")),
+               "--error-file", str(self.error_file("jit_context")), "--spawned-at", repr(time.time()),
+               *([] if load.progress else ["--quiet"]),
                *(["--log-requests"] if self.config.log_requests else []),
                *self.config.speculation.argv()]
         if self.config.tokenizer:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -36,7 +37,10 @@ def test_generate_ephemeral_pair_streams_the_in_process_text(default_model_dir, 
     out = run_cli("generate", *flags)
     assert out.returncode == 0, out.stderr
     assert out.stdout == expected["text"] + "\n"
-    assert "graph_executor: smollm2-135m-instruct ready on cpu" in out.stderr
+    for phase in ("graph_executor: imports ", "graph_executor: weights ", "graph_executor: allocation (weights and "
+                  "KV cache) ", "jit_context: waiting for the executor (handshake) ", "jit_context: tokenizer and "
+                  "sampler "):
+        assert phase in out.stderr, out.stderr  # one line per start-up phase, with its time
     assert "server ready in" in out.stderr
 
 
@@ -239,6 +243,11 @@ def test_serve_logs_each_finished_request_unless_quiet(default_model_dir) -> Non
                                                                          "ignore_eos": True}))[-1]
     finally:
         assert server.stop() == 0
-    err = server.proc.stderr.read()
+    err, out = server.proc.stderr.read(), server.proc.stdout.read()
     line = f"jit_context: request {final.request_id} finished (length): 3 prompt + 3 generated tokens, TTFT "
     assert line in err, err
+    # The ready line says what is served, as vLLM and llama-server do; each start-up phase has its line before it.
+    ready = re.search(r"hybridrt serving smollm2-135m-instruct on cpu \(ready in [0-9.]+ s\): dtype float32, "
+                      r"weights float32, context 4096 tokens, KV cache ([0-9.]+) MiB", out)
+    assert ready and float(ready.group(1)) == 30 * 2 * 3 * 4096 * 64 * 4 / (1 << 20), out
+    assert re.search(r"graph_executor: weights \d+\.\d\d s", err) and "jit_context: imports " in err, err

@@ -6,7 +6,7 @@ import json
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +76,11 @@ class LoadedModel:
     converted_default: bool  # True when this load built the cached copy of the default model
     weight_format: str = ""  # e.g. "float16", "int4-g32+offset (embed_tokens: int8-g32)"; see quant/specs.py
     allocated_bytes: int | None = None  # GPU: torch.cuda.memory_allocated after the load (weights + KV cache)
+    phases: dict[str, float] = field(default_factory=dict)  # the load's parts -> seconds, in order
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return sum(t.nbytes for t in self.model.kv_cache)
 
     @property
     def weight_bytes(self) -> int:
@@ -91,6 +96,8 @@ class LoadedModel:
 
 def load_model(cfg: LoadConfig) -> LoadedModel:
     start = time.perf_counter()
+    phases: dict[str, float] = {}
+    lap = _Lap(phases)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     source, path, converted = _resolve_source(cfg)
@@ -110,8 +117,10 @@ def load_model(cfg: LoadConfig) -> LoadedModel:
               file=sys.stderr, flush=True)
     # --quantize loads dense first: the peak is the dense model; a packed GGUF is allocated packed
     check_fits(cfg.model, config, dtype, max_context, device, plan=None if cfg.quantize else plan)
+    lap("config" if converted is None else "config (default model conversion included)")
     model = LlamaModel(config, max_context, device, dtype, plan=None if cfg.quantize or device.type == "cpu"
                        else plan)
+    lap("allocation (weights and KV cache)")
     if source == "dummy":
         _fill_random(model, cfg.seed)
         tokenizer = None
@@ -120,12 +129,16 @@ def load_model(cfg: LoadConfig) -> LoadedModel:
             print(f"dequantizing at load (no packed format for their types): {', '.join(plan.dequantized)}",
                   flush=True)
         _load_gguf(model, reader, cfg.progress)
+        lap("weights")
         tokenizer = gguf_tokenizer(Path(path), cfg.progress)
+        lap("tokenizer files")
     else:
         _load_safetensors(model, Path(path), cfg.progress)
         tokenizer = Path(path) if (Path(path) / "tokenizer_config.json").exists() else None
+    lap("weights")
     if cfg.quantize:
         quantize_model(model, plan, cfg.progress)
+        lap("quantization")
     allocated = None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -135,7 +148,20 @@ def load_model(cfg: LoadConfig) -> LoadedModel:
     if plan.packed and device.type == "cpu":
         weight_format += f" (dequantized to {str(dtype).removeprefix('torch.')} on the cpu)"
     return LoadedModel(model, name, source, tokenizer, time.perf_counter() - start, bool(converted),
-                       weight_format, allocated)
+                       weight_format, allocated, phases)
+
+
+class _Lap:
+    """Records the seconds since the previous lap under a name (a load's phases)."""
+
+    def __init__(self, phases: dict[str, float]) -> None:
+        self.phases, self.last = phases, time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        if name not in self.phases:  # "weights" after "tokenizer files": already counted
+            self.phases[name] = round(now - self.last, 3)
+        self.last = now
 
 
 def gguf_tokenizer(path: Path, progress: bool) -> Path:
