@@ -96,7 +96,9 @@ def wait_ready(control: Channel, executor_pid: int) -> Ready:
             raise ExecutorDied("the graph executor exited before it was ready")
 
 
-def build_server(args: argparse.Namespace, ctx: zmq.Context, control: Channel, startup: StartupPhases) -> JitServer:
+def build_server(args: argparse.Namespace, ctx: zmq.Context, control: Channel,
+                 startup: StartupPhases | None = None) -> JitServer:
+    startup = startup or StartupPhases("jit_context", quiet=True)
     with startup.phase("waiting for the executor (handshake)"):
         ready = wait_ready(control, args.executor_pid)
     with startup.phase("step buffers and events (IPC)"):

@@ -130,7 +130,8 @@ def load_model(cfg: LoadConfig) -> LoadedModel:
                   flush=True)
         _load_gguf(model, reader, cfg.progress)
         lap("weights")
-        tokenizer = gguf_tokenizer(Path(path), cfg.progress)
+        tokenizer = gguf_tokenizer(Path(path), cfg.progress) if "tokenizer.ggml.tokens" in reader.fields \
+            else Path(path)  # no vocabulary inside: nothing to convert (a JIT context then needs --tokenizer)
         lap("tokenizer files")
     else:
         _load_safetensors(model, Path(path), cfg.progress)
