@@ -4,6 +4,7 @@ GGUF tokenizer through it, and `hybridrt cache ls|rm`."""
 
 from __future__ import annotations
 
+import importlib.util
 import multiprocessing
 import os
 import shutil
@@ -180,3 +181,16 @@ def test_a_gguf_tokenizer_is_converted_once_and_loads_as_the_gguf_does(cache_dir
     assert tok.encode(text) == gguf_tokenizer.encode(text)
     assert tok.apply_chat_template(messages) == gguf_tokenizer.apply_chat_template(messages)
     assert tok.eos_token_ids == gguf_tokenizer.eos_token_ids and tok.vocab_size == gguf_tokenizer.vocab_size
+
+
+def test_triton_compiles_into_the_cache_dir_unless_told_otherwise(cache_dir, monkeypatch) -> None:
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    cache.use_for_triton()
+    assert os.environ["TRITON_CACHE_DIR"] == str(cache_dir / "triton") and (cache_dir / "triton").is_dir()
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/somewhere/else")
+    cache.use_for_triton()
+    assert os.environ["TRITON_CACHE_DIR"] == "/somewhere/else"
+    if importlib.util.find_spec("triton") is not None:  # Triton reads the variable when it compiles
+        from triton import knobs
+
+        assert knobs.cache.dir == "/somewhere/else"
