@@ -52,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--capture-before-ready", type=int, default=DEFAULT_READY_CAPTURE, metavar="TOKENS",
                    help="capture the decode graph and the prefill graphs up to TOKENS before ready, so that the first "
                         f"requests run at full speed (default {DEFAULT_READY_CAPTURE}; 0: all while idle, after ready)")
+    p.add_argument("--await-go", action="store_true",
+                   help="read a go line on stdin before loading (the supervisor checks the config meanwhile; "
+                        "end of input instead: exit at once, nothing loaded)")
     p.add_argument("--doorbell", choices=DOORBELL_MODES, default="auto",
                    help="step commands over shared memory next to the control socket (ipc/doorbell.py): auto = "
                         "on the GPU, on = also on the CPU (tests), off = ZeroMQ only")
@@ -82,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     channel = bind_control(ctx, args.control)
     server = None
     try:
+        if args.await_go:
+            with startup.phase("waiting for the launcher's checks"):
+                go = sys.stdin.readline()
+            if go.strip() != "go":
+                return 0  # the launcher found the input bad (it reports it) or is gone
         loaded = load_model(LoadConfig(model=args.model, load_format=args.load_format, device=args.device,
                                        dtype=args.dtype, max_context=args.max_context, seed=args.seed_weights,
                                        progress=not args.quiet, quantize=args.quantize,

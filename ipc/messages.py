@@ -30,6 +30,7 @@ from typing import Any, ClassVar, Union
 # buffers/events/tokenizer_path
 PROTOCOL_VERSION = 5
 MAX_ID_CHARS = 256
+MAX_SPECULATIVE_TOKENS = 8  # proposals a Verify step carries at most (its k + 1 tokens fill the verify buffers)
 _MAX_NESTING = 32  # free-form dicts (facts, params, usage) nest this deep at most
 
 

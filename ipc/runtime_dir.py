@@ -90,3 +90,10 @@ class RuntimeDir:
 
     def __repr__(self) -> str:
         return f"RuntimeDir({str(self._path)!r}{', closed' if self.closed else ''})"
+
+
+def segment_dir() -> Path:
+    """Where CPU shared-memory segments live (ipc/shared_tensor.py): /dev/shm (tmpfs) on Linux, else the temp dir
+    (page cache, still shared)."""
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) else Path(tempfile.gettempdir())

@@ -20,7 +20,6 @@ import os
 import re
 import secrets
 import stat
-import tempfile
 import weakref
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import torch
 from ipc import cuda_ipc
 from ipc.errors import SharedTensorError
 from ipc.messages import TensorSpec
+from ipc.runtime_dir import segment_dir
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -61,12 +61,6 @@ def dtype_name(dtype: str | torch.dtype) -> str:
     if dtype not in _DTYPE_NAMES:
         raise ValueError(f"dtype {dtype} cannot be shared; expected one of {sorted(TORCH_DTYPES)}")
     return _DTYPE_NAMES[dtype]
-
-
-def segment_dir() -> Path:
-    """Where CPU segments live: /dev/shm (tmpfs) on Linux, else the temp dir (page cache, still shared)."""
-    shm = Path("/dev/shm")
-    return shm if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) else Path(tempfile.gettempdir())
 
 
 def _nbytes(spec: TensorSpec) -> int:

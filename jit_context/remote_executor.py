@@ -23,9 +23,9 @@ from ipc.events import StepEvents
 from ipc.liveness import process_alive
 from ipc.messages import Decode, Error, Message, Ok, Prefill, Reset, Status, StatusReply, StepDone, Verify
 from ipc.step_buffers import SharedStepBuffers
+from jit_context import DEFAULT_STEP_TIMEOUT_S
 
 POLL_MS = 50  # how often a waiting step checks that the executor is alive
-DEFAULT_STEP_TIMEOUT_S = 60.0  # generous: a long CPU prefill; a GPU step is only enqueued (well under 1 ms)
 UNRESPONSIVE_STATUS_WAIT_S = 0.5  # a status request to an executor already known hung doesn't hold the server
 SPIN_US = 2000  # busy-poll for the executor's StepDone this long before sleeping (GPU only)
 SPIN_RUN_US = 100_000  # the same for a step answered once it has *run* (Verify.accept): a whole step, spun on

@@ -6,14 +6,13 @@ import argparse
 from pathlib import Path
 
 from graph_executor.loading.default_model import DEFAULT_MODEL_NAME
-from graph_executor.loading.loader import LOAD_FORMATS, LoadConfig
-from graph_executor.quant.formats import GROUPS
-from graph_executor.quant.specs import DEFAULT_GROUP, QUANTIZE_METHODS
-from ipc.step_buffers import MAX_SPECULATIVE_TOKENS
+from graph_executor.loading.load_config import LOAD_FORMATS, LoadConfig
+from graph_executor.quant.names import DEFAULT_GROUP, GROUPS, QUANTIZE_METHODS
+from ipc.messages import MAX_SPECULATIVE_TOKENS
+from jit_context import DEFAULT_STEP_TIMEOUT_S
 from jit_context.proposers import DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN
-from jit_context.remote_executor import DEFAULT_STEP_TIMEOUT_S
 from jit_context.sampling_params import SamplingParams
-from jit_context.speculative import DEFAULT_METHOD, METHODS, SpeculativeConfig
+from jit_context.speculative_config import DEFAULT_METHOD, METHODS, SpeculativeConfig
 from jit_context.tokenizer import check_chat_template
 
 

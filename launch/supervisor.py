@@ -18,6 +18,7 @@ An orderly `stop()` does all of that itself and then tells the reaper `done`.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -27,17 +28,14 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from graph_executor.device import resolve_device
-from graph_executor.loading.loader import LoadConfig, check_load_config
+from graph_executor.loading.load_config import LoadConfig
 from ipc.doorbell import MODES as DOORBELL_MODES
 from ipc.errors import HybridrtError
 from ipc.parent_death import SUPERVISOR_PID_ENV
-from ipc.runtime_dir import RuntimeDir
-from ipc.shared_tensor import segment_dir
+from ipc.runtime_dir import RuntimeDir, segment_dir
 from ipc.startup import DEFAULT_READY_CAPTURE
-from jit_context import SERVER_API_KEY_ENV
-from jit_context.remote_executor import DEFAULT_STEP_TIMEOUT_S
-from jit_context.speculative import SpeculativeConfig
+from jit_context import DEFAULT_STEP_TIMEOUT_S, SERVER_API_KEY_ENV
+from jit_context.speculative_config import SpeculativeConfig
 from launch.client import Client, ServerError
 from launch.mps import MpsDaemon
 from launch.options import load_argv
@@ -78,6 +76,22 @@ class ServerConfig:
             raise ValueError(f"doorbell must be one of {', '.join(DOORBELL_MODES)}, got {self.doorbell!r}")
 
 
+GO = b"go\n"  # the executor's stdin line that lets it load (`--await-go`)
+
+
+def gpu_requested(device: str) -> bool:
+    """Whether --device (auto or cuda) will run on a CUDA GPU, asked of the CUDA driver directly (ctypes, ~10 ms) so
+    that the launcher decides about MPS before it imports torch; a bad --device is check_load_config's to report."""
+    if device != "auto" and not device.startswith("cuda"):
+        return False
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    count = ctypes.c_int(0)
+    return driver.cuInit(0) == 0 and driver.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+
+
 def _describe_exit(name: str, code: int) -> str:
     if code < 0:
         return f"{name} was killed by {signal.Signals(-code).name}"
@@ -100,12 +114,11 @@ class Supervisor:
         self._stopped = False
 
     def start(self) -> None:
+        """Spawn both children first, then check the load config while they import (seconds each): the executor
+        allocates nothing until it reads the go line, so bad input still ends in one line with nothing allocated
+        (the children are stopped). This process imports torch only for that check, after the spawn."""
         load = self.config.load
-        check_load_config(load)  # bad input fails here, in one line, before any process starts
-        if self.config.draft_model is not None:
-            check_load_config(replace(load, model=self.config.draft_model, load_format="auto", quantize=None,
-                                      dequantize=False))
-        gpu = resolve_device(load.device).type == "cuda"
+        gpu = gpu_requested(load.device)
         pipe_dir = self.runtime.subdir("mps-pipe")
         self._tell_reaper(f"mps {pipe_dir}")  # before it starts: it quits a daemon only where one answers there
         self.mps = MpsDaemon.start(self.config.mps, pipe_dir, self.runtime.subdir("mps-log"), gpu)
@@ -117,12 +130,12 @@ class Supervisor:
                     "--supervisor-pid", str(os.getpid()), "--doorbell", self.config.doorbell,
                     "--error-file", str(self.error_file("graph_executor")),
                     "--capture-before-ready", str(self.config.capture_before_ready),
-                    "--spawned-at", repr(time.time())]
+                    "--spawned-at", repr(time.time()), "--await-go"]
         if self.config.draft_model is not None:
             executor += ["--draft-model", self.config.draft_model]
         # Own session: a terminal Ctrl-C reaches only this process, which stops the children in order (and
         # `hybridrt chat` can cancel a reply without its server dying of the same SIGINT).
-        self.children["graph_executor"] = executor_proc = subprocess.Popen(executor, env=env,
+        self.children["graph_executor"] = executor_proc = subprocess.Popen(executor, env=env, stdin=subprocess.PIPE,
                                                                             start_new_session=True)
         self._tell_reaper(f"child {executor_proc.pid}", f"segments {segment_dir()} hybridrt-{executor_proc.pid}-")
         jit = [sys.executable, "-m", "jit_context", "--control", control, "--listen", self.address,
@@ -140,6 +153,21 @@ class Supervisor:
             jit_env[SERVER_API_KEY_ENV] = self.config.api_key
         self.children["jit_context"] = subprocess.Popen(jit, env=jit_env, start_new_session=True)
         self._tell_reaper(f"child {self.children['jit_context'].pid}")
+        from graph_executor.loading.loader import check_load_config  # torch: while the children import theirs
+
+        try:
+            check_load_config(load)  # bad input fails here, in one line, before the executor loads anything
+            if self.config.draft_model is not None:
+                check_load_config(replace(load, model=self.config.draft_model, load_format="auto", quantize=None,
+                                          dequantize=False))
+        except BaseException:
+            self.stop()
+            raise
+        try:
+            executor_proc.stdin.write(GO)
+            executor_proc.stdin.close()
+        except OSError:  # it died already: wait_ready reports how
+            pass
 
     def wait_ready(self) -> dict:
         deadline = time.monotonic() + self.config.ready_timeout_s

@@ -23,47 +23,15 @@ from graph_executor.loading.gguf_loader import (
     open_gguf,
     weight_tensor_count,
 )
+from graph_executor.loading.load_config import DEFAULT_MAX_CONTEXT, LOAD_FORMATS, LoadConfig  # noqa: F401
 from graph_executor.loading.presets import preset
 from graph_executor.loading.weight_map import check_complete, copy_into
 from graph_executor.memory import check_fits
 from graph_executor.model import LlamaModel
 from graph_executor.quant import rows
 from graph_executor.quant.apply import quantize_model
-from graph_executor.quant.formats import GROUPS
-from graph_executor.quant.specs import DEFAULT_GROUP, QUANTIZE_METHODS, WeightPlan, describe, quantize_plan
+from graph_executor.quant.specs import WeightPlan, describe, quantize_plan
 from ipc.errors import ModelLoadError
-
-LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
-DEFAULT_MAX_CONTEXT = 4096
-
-
-@dataclass(frozen=True)
-class LoadConfig:
-    """What to load and where; validated on construction."""
-
-    model: str = default_model.DEFAULT_MODEL_NAME
-    load_format: str = "auto"
-    device: str = "auto"
-    dtype: str = "auto"
-    max_context: int | None = None  # None: min(model's max positions, DEFAULT_MAX_CONTEXT)
-    seed: int = 0  # random weights of `dummy`
-    progress: bool = True
-    quantize: str | None = None  # int8 | int4 | fp8: round-to-nearest at load (HF checkpoints, dummy models)
-    quantize_group: int = DEFAULT_GROUP  # weights per scale of int8 / int4
-    dequantize: bool = False  # GGUF: every tensor to the activation dtype at load (else packed types stay packed)
-
-    def __post_init__(self) -> None:
-        if self.load_format not in LOAD_FORMATS:
-            raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
-        if self.max_context is not None and self.max_context < 2:
-            raise ValueError(f"max_context must be at least 2, got {self.max_context}")
-        if self.quantize is not None and self.quantize not in QUANTIZE_METHODS:
-            raise ValueError(f"--quantize must be one of {', '.join(QUANTIZE_METHODS)}, got {self.quantize!r}")
-        if self.quantize_group not in GROUPS:
-            raise ValueError(f"--quantize-group must be one of {', '.join(map(str, GROUPS))}, "
-                             f"got {self.quantize_group}")
-        if self.quantize is not None and self.dequantize:
-            raise ValueError("--quantize and --dequantize exclude each other")
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-GROUPS = (16, 32, 64, 128, 256)  # powers of two: the kernels reshape a K tile into groups
+from graph_executor.quant.names import GROUPS
+
 SCALE_DTYPES = (torch.float16, torch.float32)
 INT4_ZERO = 8  # symmetric Int4Groups (offset None): value = scale * (q - 8), q in 0..15 (Q4_0's convention)
 

@@ -26,10 +26,9 @@ from graph_executor.quant.formats import (
     Int8Groups,
     PackedWeight,
 )
+from graph_executor.quant.names import DEFAULT_GROUP, QUANTIZE_METHODS
 
 KINDS = ("dense", "int4", "int8", "fp8")
-QUANTIZE_METHODS = ("int8", "int4", "fp8")
-DEFAULT_GROUP = 32
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,41 @@
+"""What to load and where (`LoadConfig`), validated on construction, without torch: the launcher builds and checks
+it from the command line before it imports the loader (graph_executor/loading/loader.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from graph_executor.loading.default_model import DEFAULT_MODEL_NAME
+from graph_executor.quant.names import DEFAULT_GROUP, GROUPS, QUANTIZE_METHODS
+
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+DEFAULT_MAX_CONTEXT = 4096
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    """What to load and where; validated on construction."""
+
+    model: str = DEFAULT_MODEL_NAME
+    load_format: str = "auto"
+    device: str = "auto"
+    dtype: str = "auto"
+    max_context: int | None = None  # None: min(model's max positions, DEFAULT_MAX_CONTEXT)
+    seed: int = 0  # random weights of `dummy`
+    progress: bool = True
+    quantize: str | None = None  # int8 | int4 | fp8: round-to-nearest at load (HF checkpoints, dummy models)
+    quantize_group: int = DEFAULT_GROUP  # weights per scale of int8 / int4
+    dequantize: bool = False  # GGUF: every tensor to the activation dtype at load (else packed types stay packed)
+
+    def __post_init__(self) -> None:
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
+        if self.max_context is not None and self.max_context < 2:
+            raise ValueError(f"max_context must be at least 2, got {self.max_context}")
+        if self.quantize is not None and self.quantize not in QUANTIZE_METHODS:
+            raise ValueError(f"--quantize must be one of {', '.join(QUANTIZE_METHODS)}, got {self.quantize!r}")
+        if self.quantize_group not in GROUPS:
+            raise ValueError(f"--quantize-group must be one of {', '.join(map(str, GROUPS))}, "
+                             f"got {self.quantize_group}")
+        if self.quantize is not None and self.dequantize:
+            raise ValueError("--quantize and --dequantize exclude each other")
