@@ -9,6 +9,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from graph_executor.quant.names import QUANTIZE_METHODS as QUANTIZE_NAMES
+from jit_context.speculative_config import METHODS
+
 ENGINES = ("hybridrt", "hybridrt-executor", "hf-eager", "hf-compile")
 ENGINE_HELP = {
     "hybridrt": "hybridrt end to end: the two-process server, prompts through its client socket",
@@ -38,11 +41,11 @@ WORKLOAD_HELP = {
               "graph replays at context 512, and the acceptance rate at which speculating breaks even",
 }
 OPT_IN_WORKLOADS = ("speculative",)  # not in "all": it needs a tokenizer and a longer context
-SPECULATIVE_METHODS = ("off", "ngram", "draft")  # jit_context.speculative.METHODS (not imported: this file stays light)
+SPECULATIVE_METHODS = METHODS  # jit_context.speculative_config (torch-free, as this file stays)
 SPEC_PROMPT_CONTEXT = 384  # room for the longest chat prompt of the speculative workload
 VERIFY_CONTEXT = 512  # the verify workload's steps run at this position
 MPS_MODES = ("auto", "on", "off")
-QUANTIZE_METHODS = ("int8", "int4", "fp8")  # graph_executor.quant.specs (not imported: this file stays light)
+QUANTIZE_METHODS = QUANTIZE_NAMES  # graph_executor.quant.names (torch-free)
 # Generated after each timed decode run but not timed: an engine that reads tokens one step behind hands the
 # last ones over at once as its pipeline drains, which would understate its per-token latency.
 DRAIN_TOKENS = 2
