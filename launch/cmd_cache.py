@@ -46,6 +46,9 @@ def run_ls(args: argparse.Namespace) -> int:
     for e in entries:
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))
         print(f"{e.folder.name:<{width}}  {_size(e.bytes):>10}  {used:<16}  {e.status:<8}  {e.source}")
+    kernels = cache.triton_bytes()
+    if kernels:
+        print(f"Triton's compiled kernels: {_size(kernels)} in {cache.cache_root() / 'triton'}")
     return 0
 
 

@@ -150,16 +150,17 @@ def test_cache_ls_and_rm(cache_dir, tmp_path, capsys) -> None:
     a, _ = cache.converted("alpha", "safetensors", _source(tmp_path / "a.gguf"), build)
     b, _ = cache.converted("beta", "tokenizer", _source(tmp_path / "b.gguf", seed=1), build)
     os.truncate(b / "weights.bin", 10)
+    (cache_dir / "triton" / "x").mkdir(parents=True)
+    (cache_dir / "triton" / "x" / "k.cubin").write_bytes(b"0" * 100)
     assert cli(["cache", "ls"]) == 0
     out = capsys.readouterr().out
     assert str(cache_dir) in out and "2 entries" in out
-    lines = {line.split()[0]: line for line in out.splitlines()[2:]}
+    assert out.splitlines()[-1] == f"Triton's compiled kernels: 100 B in {cache_dir / 'triton'}", out
+    lines = {line.split()[0]: line for line in out.splitlines()[2:-1]}
     assert " ok " in lines[a.name] and str(tmp_path / "a.gguf") in lines[a.name] and " corrupt " in lines[b.name]
     assert cli(["cache", "rm", "gamma"]) == 1
     assert "no cache entry named gamma" in capsys.readouterr().err
     assert cli(["cache", "rm", "beta"]) == 0 and not b.exists() and a.exists()
-    (cache_dir / "triton" / "x").mkdir(parents=True)
-    (cache_dir / "triton" / "x" / "k.cubin").write_bytes(b"0" * 100)
     assert cli(["cache", "rm", "--all"]) == 0
     assert not a.exists() and not (cache_dir / "triton").exists()
     assert "Triton's kernel cache" in capsys.readouterr().out

@@ -251,6 +251,12 @@ def use_for_triton() -> None:
     os.environ["TRITON_CACHE_DIR"] = str(path)
 
 
+def triton_bytes() -> int:
+    """Bytes of the Triton kernel cache kept in this dir (0 if none)."""
+    path = cache_root() / "triton"
+    return _folder_bytes(path) if path.is_dir() else 0
+
+
 def remove_triton() -> int:
     """Remove the Triton kernel cache kept in this dir; the bytes it held."""
     path = cache_root() / "triton"
