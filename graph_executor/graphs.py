@@ -22,7 +22,7 @@ from graph_executor.fused_prefill import FusedPrefill
 from graph_executor.fused_verify import FusedVerify
 from graph_executor.greedy_accept import GreedyAcceptance
 from graph_executor.model import LlamaModel
-from graph_executor.runner import check_span, check_tokens, check_verify, eager_prefill, read_accepted
+from graph_executor.runner import check_span, check_tokens, check_verify, eager_prefill
 from ipc.step_buffers import MAX_VERIFY_TOKENS, StepBuffers
 
 # Every 32 tokens: a 200-token prompt pays for 224, not 256 (prefill is compute-bound past ~100 tokens).
@@ -135,7 +135,7 @@ class GraphRunner:
 
     def wait_accepted(self) -> list[int]:
         """The last verify step's acceptance result, once it has run ([T] argmax tokens, then the count kept)."""
-        return read_accepted(self.acceptance, self._verified)
+        return self.acceptance.read(self._verified)
 
     def prefill(self, num_tokens: int, start_pos: int = 0) -> None:
         check_span(self.max_context, start_pos, num_tokens)

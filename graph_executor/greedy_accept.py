@@ -43,7 +43,10 @@ class GreedyAcceptance:
             self.host[:t + 1].copy_(self.result[:t + 1], non_blocking=True)
 
     def read(self, num_tokens: int) -> list[int]:
-        """The result of the last `run` of num_tokens, once it has run: [T] argmax tokens, then the count kept."""
+        """The result of the last `run` of num_tokens, once it has run: [T] argmax tokens, then the count kept.
+        num_tokens 0: the caller's last verify step asked for no acceptance (ValueError)."""
+        if not num_tokens:
+            raise ValueError("no verify step with acceptance has run")
         if self._done is not None:
             self._done.record()
             # Busy-poll: the answer is on the critical path of the next step, and an event synchronize measured

@@ -40,12 +40,6 @@ def check_tokens(tokens: list[int], num_tokens: int, vocab_size: int) -> None:
                          f"got {tokens[:MAX_VERIFY_TOKENS + 1]}")
 
 
-def read_accepted(acceptance: GreedyAcceptance, num_tokens: int) -> list[int]:
-    if not num_tokens:
-        raise ValueError("no verify step with acceptance has run")
-    return acceptance.read(num_tokens)
-
-
 def eager_verify(model: LlamaModel, buffers: StepBuffers, position: int, num_tokens: int) -> None:
     """Run input_ids[position:position + num_tokens] at their positions; every row's logits land in
     verify_logits[:num_tokens]."""
@@ -115,4 +109,4 @@ class ModelRunner:
 
     def wait_accepted(self) -> list[int]:
         """The last verify step's acceptance result ([T] argmax tokens, then the count kept)."""
-        return read_accepted(self.acceptance, self._verified)
+        return self.acceptance.read(self._verified)

@@ -20,7 +20,8 @@ from jit_context.acceptance import warm_up
 from jit_context.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from jit_context.sampler import Sampler
 from jit_context.sampling_params import SamplingParams
-from jit_context.speculative import SpeculativeConfig, SpeculativeLoop
+from jit_context.speculative import SpeculativeLoop
+from jit_context.speculative_config import SpeculativeConfig
 from jit_context.token_reader import TokenReader
 
 

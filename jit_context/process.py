@@ -33,7 +33,7 @@ from jit_context.remote_executor import DEFAULT_STEP_TIMEOUT_S, ExecutorDied, Re
 from jit_context.request_log import RequestLog
 from jit_context.request_side import build_request_side
 from jit_context.server import IDLE_POLL_MS, JitServer
-from jit_context.speculative import SpeculativeConfig, with_draft_cost
+from jit_context.speculative_config import SpeculativeConfig, with_draft_cost
 from jit_context.tokenizer import import_tokenizer_modules
 
 FINAL_REPLY_LINGER_MS = 1000  # on exit, let the last replies (errors for every waiting client) leave

@@ -13,7 +13,7 @@ from pathlib import Path
 from ipc.errors import HybridrtError
 from ipc.messages import ChatOptions
 from jit_context.generator import CPU_PREFILL_CHUNK, ExecutorPort, Generator
-from jit_context.speculative import SpeculativeConfig
+from jit_context.speculative_config import SpeculativeConfig
 from jit_context.tokenizer import Tokenizer
 
 

@@ -145,8 +145,8 @@ class Sampler:
 
     @property
     def plain_greedy(self) -> bool:
-        """Greedy without a repetition penalty (and past min_tokens): the token is the argmax of the raw logits,
-        which the executor can take itself (a verify step's acceptance, `Verify.accept`)."""
+        """Greedy without a repetition penalty: the token is the argmax of the raw logits, which the executor can
+        take itself (a verify step's acceptance, `Verify.accept`; speculation waits until min_tokens, `banning`)."""
         return self._all_greedy and not self._penalize
 
     @property

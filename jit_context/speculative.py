@@ -32,15 +32,7 @@ import torch
 from ipc.step_buffers import MAX_SPECULATIVE_TOKENS
 from jit_context.acceptance import accept
 from jit_context.proposers import NgramProposer
-from jit_context.speculative_config import (  # noqa: F401 (the config's names are this module's too)
-    DEFAULT_METHOD,
-    DRAFT_COST_FLOOR,
-    METHODS,
-    VERIFY_COSTS,
-    SpeculativeConfig,
-    VerifyCost,
-    with_draft_cost,
-)
+from jit_context.speculative_config import SpeculativeConfig
 
 if TYPE_CHECKING:  # the generator imports this module
     from jit_context.generator import Chunk, Generator, _Output

@@ -11,7 +11,7 @@ from graph_executor.loading import cache
 from graph_executor.loading.loader import LoadConfig, LoadedModel, draft_config, load_model
 from graph_executor.runner import ModelRunner
 from jit_context.request_side import PromptInput, RequestSide, build_request_side
-from jit_context.speculative import SpeculativeConfig, with_draft_cost
+from jit_context.speculative_config import SpeculativeConfig, with_draft_cost
 
 __all__ = ["LocalEngine", "PromptInput"]
 

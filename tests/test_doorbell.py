@@ -226,7 +226,7 @@ def test_a_two_process_server_with_the_doorbell_gives_the_in_process_tokens(cpu_
     mid-request; plain and speculative requests give the in-process run's tokens."""
     from graph_executor.loading.loader import LoadConfig
     from jit_context.sampling_params import SamplingParams
-    from jit_context.speculative import SpeculativeConfig
+    from jit_context.speculative_config import SpeculativeConfig
     from launch.client import Client
     from launch.local import PromptInput
     from launch.supervisor import ServerConfig, Supervisor

@@ -23,7 +23,8 @@ from jit_context.proposers import NgramProposer
 from jit_context.sampler import Sampler
 from jit_context.sampling_params import SamplingParams
 from ipc.errors import HybridrtError
-from jit_context.speculative import AdaptiveK, SpeculativeConfig, with_draft_cost
+from jit_context.speculative import AdaptiveK
+from jit_context.speculative_config import SpeculativeConfig, with_draft_cost
 from tests.test_robustness import tiny_runner
 
 PROMPTS = json.loads((Path(__file__).resolve().parents[1] / "bench/data/spec_prompts.json").read_text())

@@ -19,7 +19,7 @@ class ExecutorEngine:
     def __init__(self, spec: BenchSpec, timeline: Timeline) -> None:
         from graph_executor.loading.loader import LoadConfig
         from jit_context.sampling_params import SamplingParams
-        from jit_context.speculative import SpeculativeConfig
+        from jit_context.speculative_config import SpeculativeConfig
         from launch.local import LocalEngine
 
         self.spec = spec

@@ -33,7 +33,7 @@ class HybridrtE2EEngine:
         self.spec = spec
         load = LoadConfig(model=spec.model, device=spec.device, dtype=spec.dtype, max_context=spec.max_context,
                           seed=spec.seed, progress=False, **spec.load_flags)
-        from jit_context.speculative import SpeculativeConfig
+        from jit_context.speculative_config import SpeculativeConfig
 
         config = ServerConfig(load, tokenizer=spec.tokenizer, ready_timeout_s=spec.timeout_s, mps=spec.mps,
                               speculation=SpeculativeConfig(spec.speculative, spec.num_speculative_tokens),

@@ -16,7 +16,7 @@ from pathlib import Path
 from graph_executor.loading.loader import LoadConfig
 from jit_context.generator import Generator
 from jit_context.sampling_params import SamplingParams
-from jit_context.speculative import SpeculativeConfig
+from jit_context.speculative_config import SpeculativeConfig
 from launch.local import LocalEngine, PromptInput
 
 PROMPTS = json.loads((Path(__file__).resolve().parents[1] / "data/spec_prompts.json").read_text())["grounded"]

@@ -91,6 +91,7 @@ def load_model(cfg: LoadConfig) -> LoadedModel:
     lap("allocation (weights and KV cache)")
     if source == "dummy":
         _fill_random(model, cfg.seed)
+        lap("weights")
         tokenizer = None
     elif source == "gguf":
         if plan.dequantized and device.type == "cuda" and cfg.progress:
@@ -103,8 +104,8 @@ def load_model(cfg: LoadConfig) -> LoadedModel:
         lap("tokenizer files")
     else:
         _load_safetensors(model, Path(path), cfg.progress)
+        lap("weights")
         tokenizer = Path(path) if (Path(path) / "tokenizer_config.json").exists() else None
-    lap("weights")
     if cfg.quantize:
         quantize_model(model, plan, cfg.progress)
         lap("quantization")
@@ -128,8 +129,7 @@ class _Lap:
 
     def __call__(self, name: str) -> None:
         now = time.perf_counter()
-        if name not in self.phases:  # "weights" after "tokenizer files": already counted
-            self.phases[name] = round(now - self.last, 3)
+        self.phases[name] = round(now - self.last, 3)
         self.last = now
 
 
