@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from graph_executor.loading.config import ModelConfig, RopeScaling
+from graph_executor.loading.gguf_index import GGUFIndex, UnsupportedLayout
 from graph_executor.loading.weight_map import slot_of
 from graph_executor.quant import rows
 from graph_executor.quant.formats import from_reader_tensor
@@ -59,9 +61,13 @@ def reader_class():
 
 
 def open_gguf(path: Path):
+    """The file's metadata and tensors (`GGUFIndex`, or gguf's own reader for a layout it does not parse)."""
     try:
-        return reader_class()(str(path))
-    except (OSError, ValueError, KeyError) as e:
+        try:
+            return GGUFIndex(path)
+        except UnsupportedLayout:
+            return reader_class()(str(path))
+    except (OSError, ValueError, KeyError, struct.error) as e:
         raise ModelLoadError(f"cannot read GGUF file {path}: {e}") from None
 
 
