@@ -184,6 +184,12 @@ def verify_section(results: dict) -> list[str]:
              f"{v['context']}; decode {v['decode_ms']:.3f} ms)", ""] + _table(head, rows))
 
 
+def _server_ttfts(values: list | None) -> str:
+    if not values or any(v is None for v in values):
+        return ""
+    return f" (the JIT context's own TTFT: {', '.join(f'{v:.2f}' for v in values)} ms)"
+
+
 def startup_section(results: dict) -> list[str]:
     """Each process's start-up phases (seconds, in order) and the first requests' TTFT after ready against steady
     state, where an engine reports them (the hybridrt server)."""
@@ -200,7 +206,8 @@ def startup_section(results: dict) -> list[str]:
         if first:
             lines.append(f"- {e}, the first {len(first['ttft_ms'])} requests after ready ({first['prompt_tokens']}-"
                          f"token prompts): TTFT {', '.join(f'{t:.2f}' for t in first['ttft_ms'])} ms against "
-                         f"{first['steady_ttft_ms']:.2f} steady: worst {first['worst_ratio']:.2f}x")
+                         f"{first['steady_ttft_ms']:.2f} steady: worst {first['worst_ratio']:.2f}x"
+                         + _server_ttfts(first.get("server_ttft_ms")))
     return ["## Start-up phases (s) and the first requests after ready", "", *lines, ""] if lines else []
 
 

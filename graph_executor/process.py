@@ -14,13 +14,21 @@ import argparse
 import gc
 import signal
 import sys
+from dataclasses import replace
 
 import torch
 import zmq
 
 from graph_executor.draft import check_draft
 from graph_executor.loading import cache
-from graph_executor.loading.loader import LOAD_FORMATS, LoadConfig, LoadedModel, draft_config, load_model
+from graph_executor.loading.loader import (
+    LOAD_FORMATS,
+    LoadConfig,
+    LoadedModel,
+    check_load_config,
+    draft_config,
+    load_model,
+)
 from graph_executor.server import ExecutorServer
 from ipc.channel import bind_control
 from ipc.doorbell import MODES as DOORBELL_MODES
@@ -52,9 +60,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--capture-before-ready", type=int, default=DEFAULT_READY_CAPTURE, metavar="TOKENS",
                    help="capture the decode graph and the prefill graphs up to TOKENS before ready, so that the first "
                         f"requests run at full speed (default {DEFAULT_READY_CAPTURE}; 0: all while idle, after ready)")
-    p.add_argument("--await-go", action="store_true",
-                   help="read a go line on stdin before loading (the supervisor checks the config meanwhile; "
-                        "end of input instead: exit at once, nothing loaded)")
     p.add_argument("--doorbell", choices=DOORBELL_MODES, default="auto",
                    help="step commands over shared memory next to the control socket (ipc/doorbell.py): auto = "
                         "on the GPU, on = also on the CPU (tests), off = ZeroMQ only")
@@ -85,15 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     channel = bind_control(ctx, args.control)
     server = None
     try:
-        if args.await_go:
-            with startup.phase("waiting for the launcher's checks"):
-                go = sys.stdin.readline()
-            if go.strip() != "go":
-                return 0  # the launcher found the input bad (it reports it) or is gone
-        loaded = load_model(LoadConfig(model=args.model, load_format=args.load_format, device=args.device,
-                                       dtype=args.dtype, max_context=args.max_context, seed=args.seed_weights,
-                                       progress=not args.quiet, quantize=args.quantize,
-                                       quantize_group=args.quantize_group, dequantize=args.dequantize))
+        load = LoadConfig(model=args.model, load_format=args.load_format, device=args.device, dtype=args.dtype,
+                          max_context=args.max_context, seed=args.seed_weights, progress=not args.quiet,
+                          quantize=args.quantize, quantize_group=args.quantize_group, dequantize=args.dequantize)
+        if args.draft_model:  # before the target loads: a bad draft is one line and costs no loaded target
+            check_load_config(replace(load, model=args.draft_model, load_format="auto", quantize=None,
+                                      dequantize=False))
+        loaded = load_model(load)
         for name, seconds in loaded.phases.items():
             startup.add(name, seconds)
         if args.draft_model:

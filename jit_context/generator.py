@@ -19,6 +19,7 @@ from ipc.step_buffers import StepBuffers
 from jit_context.acceptance import warm_up
 from jit_context.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from jit_context.sampler import Sampler
+from jit_context.sampler import warm_up as warm_up_sampling
 from jit_context.sampling_params import SamplingParams
 from jit_context.speculative import SpeculativeLoop
 from jit_context.speculative_config import SpeculativeConfig
@@ -104,6 +105,7 @@ class Generator:
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
         self.sampler = Sampler(port.buffers.logits.shape[0], port.buffers.logits.device)
+        warm_up_sampling(port.buffers.logits)  # the first request's sampling kernels load now, not in its TTFT
         self.reader = TokenReader(port.buffers.logits.device)  # pinned memory and events, made once
         on_gpu = port.buffers.input_ids.device.type == "cuda"
         self._staging = torch.empty(port.max_context, dtype=torch.int64, pin_memory=True) if on_gpu else None

@@ -16,6 +16,8 @@ import argparse
 import gc
 import os
 import signal
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import zmq
@@ -34,7 +36,7 @@ from jit_context.request_log import RequestLog
 from jit_context.request_side import build_request_side
 from jit_context.server import IDLE_POLL_MS, JitServer
 from jit_context.speculative_config import SpeculativeConfig, with_draft_cost
-from jit_context.tokenizer import import_tokenizer_modules
+from jit_context.tokenizer import Tokenizer, import_tokenizer_modules
 
 FINAL_REPLY_LINGER_MS = 1000  # on exit, let the last replies (errors for every waiting client) leave
 
@@ -55,6 +57,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--listen", required=True, help="client-facing address to bind")
     p.add_argument("--executor-pid", type=int, required=True)
     p.add_argument("--tokenizer", default=None)
+    p.add_argument("--tokenizer-hint", default=None,
+                   help="the tokenizer folder the executor will most likely report: loaded while it loads the model "
+                        "(used only if Ready names the same folder)")
+    p.add_argument("--cuda-device", default=None,
+                   help="the GPU the executor will run on (cuda or cuda:N): this process makes its CUDA context there "
+                        "while the executor loads, instead of after the handshake")
     p.add_argument("--log-requests", action="store_true",
                    help="a line per finished request and the throughput every few seconds on stderr (serve)")
     p.add_argument("--error-file", default=None,
@@ -96,8 +104,31 @@ def wait_ready(control: Channel, executor_pid: int) -> Ready:
             raise ExecutorDied("the graph executor exited before it was ready")
 
 
+@dataclass(frozen=True)
+class Preloaded:
+    """A tokenizer loaded before the handshake, and the folder it came from (resolved)."""
+
+    path: Path
+    tokenizer: Tokenizer
+
+
+def preload_tokenizer(args: argparse.Namespace, startup: StartupPhases) -> Preloaded | None:
+    """Load the tokenizer that --tokenizer names, or the one the executor will most likely report, while the
+    executor still loads the model; without either, import what loading one will need."""
+    path = args.tokenizer or args.tokenizer_hint
+    if not path:
+        with startup.phase("tokenizer imports"):
+            import_tokenizer_modules()
+        return None
+    with startup.phase("tokenizer (while the executor loads)"):
+        try:
+            return Preloaded(Path(path).resolve(), Tokenizer.from_path(path))
+        except HybridrtError:  # reported where it is loaded for real, if it is the one to use
+            return None
+
+
 def build_server(args: argparse.Namespace, ctx: zmq.Context, control: Channel,
-                 startup: StartupPhases | None = None) -> JitServer:
+                 startup: StartupPhases | None = None, preloaded: Preloaded | None = None) -> JitServer:
     startup = startup or StartupPhases("jit_context", quiet=True)
     with startup.phase("waiting for the executor (handshake)"):
         ready = wait_ready(control, args.executor_pid)
@@ -112,8 +143,10 @@ def build_server(args: argparse.Namespace, ctx: zmq.Context, control: Channel,
     except ValueError as e:
         raise HybridrtError(str(e)) from None
     with startup.phase("tokenizer and sampler"):
-        side = build_request_side(executor, ready.model_name, ready.vocab_size, ready.eos_token_ids,
-                                  args.tokenizer or ready.tokenizer_path, args.chat_template, speculation)
+        path = args.tokenizer or ready.tokenizer_path
+        early = preloaded.tokenizer if preloaded and path and Path(path).resolve() == preloaded.path else None
+        side = build_request_side(executor, ready.model_name, ready.vocab_size, ready.eos_token_ids, path,
+                                  args.chat_template, speculation, preloaded=early)
     return JitServer(bind_server(ctx, args.listen), executor, side, ready,
                      api_key=os.environ.pop(SERVER_API_KEY_ENV, None) or None,
                      log=RequestLog() if args.log_requests else None, startup=startup)
@@ -127,9 +160,14 @@ def main(argv: list[str] | None = None) -> int:
     control = connect_control(ctx, args.control)
     server = None
     try:
-        with startup.phase("tokenizer imports"):
-            import_tokenizer_modules()  # while the executor still loads: after its Ready, only the tokenizer's files
-        server = build_server(args, ctx, control, startup)
+        if args.cuda_device:
+            with startup.phase("CUDA context (while the executor loads)"):
+                try:
+                    torch.zeros(1, device=args.cuda_device)
+                except (RuntimeError, ValueError):  # no such device: the executor reports that, in one line
+                    pass
+        preloaded = preload_tokenizer(args, startup)  # while the executor still loads
+        server = build_server(args, ctx, control, startup, preloaded)
         startup.ready()
         gc.collect()
         gc.freeze()  # start-up objects (torch, tokenizer) are never scanned again: no long GC pauses mid-stream

@@ -69,9 +69,14 @@ class RequestSide:
 
 def build_request_side(port: ExecutorPort, model_name: str, vocab_size: int, model_eos_ids: Iterable[int],
                        tokenizer_path: str | Path | None, chat_template: str | None = None,
-                       speculation: SpeculativeConfig | None = None) -> RequestSide:
-    """HybridrtError (one line for the user) when a chat template is given without a tokenizer or is invalid."""
-    tokenizer = Tokenizer.from_path(Path(tokenizer_path)) if tokenizer_path else None
+                       speculation: SpeculativeConfig | None = None,
+                       preloaded: Tokenizer | None = None) -> RequestSide:
+    """HybridrtError (one line for the user) when a chat template is given without a tokenizer or is invalid.
+    `preloaded`: the tokenizer of `tokenizer_path`, already loaded (the JIT context loads it early)."""
+    if preloaded is not None:
+        tokenizer = preloaded
+    else:
+        tokenizer = Tokenizer.from_path(Path(tokenizer_path)) if tokenizer_path else None
     if chat_template is not None:
         if tokenizer is None:
             raise HybridrtError(f"model {model_name} has no tokenizer to use a chat template with")
@@ -79,6 +84,8 @@ def build_request_side(port: ExecutorPort, model_name: str, vocab_size: int, mod
             tokenizer.use_chat_template(chat_template)
         except ValueError as e:
             raise HybridrtError(str(e)) from None
+    if tokenizer is not None:
+        tokenizer.warm_up()
     eos = frozenset(model_eos_ids) | (tokenizer.eos_token_ids if tokenizer else frozenset())
     on_cpu = port.buffers.logits.device.type == "cpu"
     generator = Generator(port, tokenizer, eos, prefill_chunk=CPU_PREFILL_CHUNK if on_cpu else None,

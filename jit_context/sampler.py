@@ -186,3 +186,27 @@ class Sampler:
         if self._penalize and ids:
             self._seen.index_fill_(0, torch.tensor(ids, dtype=torch.int64).to(self.device, non_blocking=True),
                                    True)
+
+
+def warm_up(logits: torch.Tensor) -> None:
+    """Run every sampling path once on a throwaway sampler over a zero copy of `logits` ([V], the executor's
+    logits buffer), token read-back included, so that a server's first request does not pay for loading their
+    kernels: CUDA loads a kernel's module at its first launch (~0.1-1 ms each, ~ms per path). A no-op on the CPU."""
+    if logits.device.type != "cuda":
+        return
+    from jit_context.token_reader import TokenReader
+
+    scratch = torch.zeros_like(logits)  # [V]
+    sampler = Sampler(scratch.shape[0], scratch.device)
+    reader = TokenReader(scratch.device)
+    token = torch.zeros(1, dtype=torch.int64, device=scratch.device)
+    for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=0.0, repetition_penalty=1.1),
+                   SamplingParams(temperature=0.7, top_k=40, top_p=0.9, min_p=0.05, seed=0,
+                                  repetition_penalty=1.1, min_tokens=2)):
+        sampler.start_request(params, [0], end_ids=[0])
+        for out in (token, None):
+            picked = sampler.sample(scratch, out=out)
+            sampler.observe(picked)
+            reader.push(picked)
+            reader.pop()
+    torch.cuda.synchronize(scratch.device)

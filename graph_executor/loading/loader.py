@@ -25,6 +25,7 @@ from graph_executor.loading.gguf_loader import (
 )
 from graph_executor.loading.load_config import DEFAULT_MAX_CONTEXT, LOAD_FORMATS, LoadConfig  # noqa: F401
 from graph_executor.loading.presets import preset
+from graph_executor.loading.tokenizer_location import GGUF_TOKENIZER_KIND, tokenizer_files_in
 from graph_executor.loading.weight_map import check_complete, copy_into
 from graph_executor.memory import check_fits
 from graph_executor.model import LlamaModel
@@ -105,7 +106,7 @@ def load_model(cfg: LoadConfig) -> LoadedModel:
     else:
         _load_safetensors(model, Path(path), cfg.progress)
         lap("weights")
-        tokenizer = Path(path) if (Path(path) / "tokenizer_config.json").exists() else None
+        tokenizer = Path(path) if tokenizer_files_in(Path(path)) else None
     if cfg.quantize:
         quantize_model(model, plan, cfg.progress)
         lap("quantization")
@@ -146,7 +147,7 @@ def gguf_tokenizer(path: Path, progress: bool) -> Path:
             .save_pretrained(str(out))
 
     try:
-        folder, _ = cache.converted(path.stem, "tokenizer", path, build, private_fallback=False)
+        folder, _ = cache.converted(path.stem, GGUF_TOKENIZER_KIND, path, build, private_fallback=False)
     except Exception:  # noqa: BLE001 - no usable vocabulary in the file: the JIT context reports it if it needs one
         return path
     return folder or path
