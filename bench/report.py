@@ -208,6 +208,10 @@ def startup_section(results: dict) -> list[str]:
                          f"token prompts): TTFT {', '.join(f'{t:.2f}' for t in first['ttft_ms'])} ms against "
                          f"{first['steady_ttft_ms']:.2f} steady: worst {first['worst_ratio']:.2f}x"
                          + _server_ttfts(first.get("server_ttft_ms")))
+            if first.get("after_idle_ttft_ms") is not None:
+                lines.append(f"- {e}, a request after {first['after_idle_s']:.0f} s idle: TTFT "
+                             f"{first['after_idle_ttft_ms']:.2f} ms (the JIT context's own: "
+                             f"{first.get('after_idle_server_ttft_ms') or float('nan'):.2f})")
     return ["## Start-up phases (s) and the first requests after ready", "", *lines, ""] if lines else []
 
 

@@ -17,7 +17,6 @@ from ipc.errors import ProtocolError
 from ipc.messages import MAX_SPECULATIVE_TOKENS, StepBufferSpecs, TensorSpec
 from ipc.shared_tensor import CudaIpcTensor, SharedTensor, ShmTensor, dtype_name, import_tensor
 
-
 # Speculative decoding: a verify step runs the last accepted token plus up to MAX_SPECULATIVE_TOKENS proposals
 # (ipc/messages.py, the protocol's limit: the launcher checks flags against it without importing torch).
 MAX_VERIFY_TOKENS = MAX_SPECULATIVE_TOKENS + 1

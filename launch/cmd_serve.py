@@ -85,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
     supervisor = Supervisor(config)
     try:
         supervisor.start()
+        if args.http_port:
+            import_http_server()  # while the children load (~0.4-0.6 s): off the path from ready to serving
         facts = supervisor.wait_ready()
         print(ready_line(facts, supervisor.ready_seconds), flush=True)
         print(f"  native: {supervisor.address}", flush=True)
@@ -140,6 +142,13 @@ def watch(supervisor: Supervisor, stop: threading.Event) -> int:
     while not stop.wait(0.2):
         supervisor.check_children()
     return 0
+
+
+def import_http_server() -> None:
+    """uvicorn and the HTTP API's modules (FastAPI, pydantic)."""
+    import uvicorn  # noqa: F401
+
+    import launch.http_api  # noqa: F401
 
 
 def serve_http(args: argparse.Namespace, supervisor: Supervisor, facts: dict, stop: threading.Event,

@@ -211,3 +211,24 @@ def test_kernel_profile_cpu_smoke(tiny_model, capsys) -> None:
     assert "### decode at context 32:" in out and "### prefill of 16 tokens:" in out
     rows = [line for line in out.splitlines() if line.startswith("| `")]
     assert len(rows) == 10 and any("aten::" in r for r in rows), out
+
+
+def test_startup_section_reports_phases_and_the_first_requests() -> None:
+    from bench.report import startup_section
+
+    phases = {"graph_executor": {"phases_s": {"imports": 3.1, "weights": 0.25}, "ready_since_spawn_s": 5.26},
+              "jit_context": {"phases_s": {"imports": 3.0}, "ready_since_spawn_s": 5.59}}
+    first = {"prompt_tokens": 100, "ttft_ms": [4.78, 3.03, 2.63, 2.44, 2.71], "server_ttft_ms": [2.5, 1.76, 1.69,
+                                                                                                  1.57, 1.67],
+             "steady_ttft_ms": 2.73, "worst_ratio": 1.751, "after_idle_s": 2.0, "after_idle_ttft_ms": 4.1,
+             "after_idle_server_ttft_ms": 2.4}
+    lines = startup_section({"engines": {"hybridrt": {"startup": {"phases": phases, "first_requests": first}},
+                                         "hf-eager": {"startup": {}}}})
+    text = "\n".join(lines)
+    assert lines[0] == "## Start-up phases (s) and the first requests after ready"
+    assert "- hybridrt, graph_executor: imports 3.10, weights 0.25; ready 5.26 s after spawn" in text
+    assert "TTFT 4.78, 3.03, 2.63, 2.44, 2.71 ms against 2.73 steady: worst 1.75x" in text
+    assert "(the JIT context's own TTFT: 2.50, 1.76, 1.69, 1.57, 1.67 ms)" in text
+    assert "- hybridrt, a request after 2 s idle: TTFT 4.10 ms (the JIT context's own: 2.40)" in text
+    assert "hf-eager" not in text
+    assert startup_section({"engines": {"hf-eager": {"startup": {}}}}) == []

@@ -195,3 +195,37 @@ def test_triton_compiles_into_the_cache_dir_unless_told_otherwise(cache_dir, mon
         from triton import knobs
 
         assert knobs.cache.dir == "/somewhere/else"
+
+
+def test_the_tokenizer_folder_is_known_before_the_model_loads(cache_dir, tmp_path) -> None:
+    """What the launcher tells the JIT context to preload: the folder load_model will report, where it is known."""
+    from graph_executor.loading.tokenizer_location import GGUF_TOKENIZER_KIND, known_tokenizer_folder
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    assert known_tokenizer_folder(str(folder)) is None  # no tokenizer files: the executor reports none either
+    (folder / "tokenizer_config.json").write_text("{}")
+    assert known_tokenizer_folder(str(folder)) == folder
+    assert known_tokenizer_folder(str(folder / "config.json")) == folder  # a file of the folder: the folder
+    assert known_tokenizer_folder("dummy:smollm2-135m") is None
+    assert known_tokenizer_folder(str(tmp_path / "missing")) is None
+    gguf_file = _source(tmp_path / "m.gguf")
+    assert known_tokenizer_folder(str(gguf_file)) is None  # not converted yet: nothing to preload
+    built, _ = cache.converted("m", GGUF_TOKENIZER_KIND, gguf_file, Builder(tmp_path / "runs"))
+    assert known_tokenizer_folder(str(gguf_file)) == built
+    assert known_tokenizer_folder(str(gguf_file), load_format="safetensors") is None
+
+
+def test_the_launcher_never_imports_torch() -> None:
+    """`hybridrt serve` spawns its children and waits: parsing, the GPU question, the tokenizer folder and the
+    supervisor need no torch (the children import theirs at once, on every core)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, launch.cli, launch.cmd_serve, launch.cmd_generate, launch.supervisor;"
+            "from graph_executor.loading.tokenizer_location import known_tokenizer_folder;"
+            "launch.cli.build_parser(); known_tokenizer_folder('smollm2-135m-instruct');"
+            "launch.supervisor.gpu_requested('auto'); assert 'torch' not in sys.modules, 'torch imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr

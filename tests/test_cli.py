@@ -79,8 +79,9 @@ def test_help_explains_every_flag(capsys) -> None:
     (["--chat-template", "{% for %}"], "--chat-template: the template does not compile"),
 ])
 def test_bad_input_is_one_clear_line(args: list[str], message: str, hybridrt_cache, capsys) -> None:
-    """In-process (`launch.cli.main`, what the console script calls): every case fails before any model
-    process would start; one case below goes through a real process."""
+    """In-process (`launch.cli.main`, what the console script calls): every case fails in one line before any
+    model is allocated (in the launcher, or in the executor's checks, reported by the supervisor); one case below
+    goes through a real process."""
     from launch.cli import main
 
     assert main(["generate", "--quiet", *args, "hello"]) == 1
@@ -214,7 +215,7 @@ def test_failures_inside_the_children_are_one_line(case: str, default_model_dir,
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
 
 
-def test_a_model_folder_without_weights_is_refused_before_any_process(default_model_dir, tmp_path, capsys) -> None:
+def test_a_model_folder_without_weights_is_refused_before_loading(default_model_dir, tmp_path, capsys) -> None:
     import shutil
 
     from launch.cli import main
@@ -251,3 +252,5 @@ def test_serve_logs_each_finished_request_unless_quiet(default_model_dir) -> Non
                       r"weights float32, context 4096 tokens, KV cache ([0-9.]+) MiB", out)
     assert ready and float(ready.group(1)) == 30 * 2 * 3 * 4096 * 64 * 4 / (1 << 20), out
     assert re.search(r"graph_executor: weights \d+\.\d\d s", err) and "jit_context: imports " in err, err
+    # The converted default model's tokenizer folder is known before the executor reports it: loaded meanwhile.
+    assert "jit_context: tokenizer (while the executor loads) " in err, err

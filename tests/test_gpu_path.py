@@ -156,6 +156,7 @@ def test_serve_on_gpu_streams_native_and_http(smollm2_tokenizer) -> None:
                 executor["graphs"]["captured"]), executor["graphs"]
             assert "kernel compile and warm-up" in startup and any(p.startswith("graph capture (6 graphs")
                                                                    for p in startup), startup
+            assert "warm-up request" in client.status()["startup"]["phases_s"]  # the JIT context's, before ready
             chunks = list(client.generate(messages=[{"role": "user", "content": "Hello there"}],
                                           params={"max_tokens": 40, "temperature": 0, "ignore_eos": True}))
             final = chunks[-1]

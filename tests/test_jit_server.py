@@ -26,10 +26,10 @@ import pytest
 import torch
 import zmq
 
+from graph_executor.draft import DraftingRunner
 from graph_executor.loading.config import ModelConfig
 from graph_executor.loading.loader import LoadedModel, _fill_random
 from graph_executor.model import LlamaModel
-from graph_executor.draft import DraftingRunner
 from graph_executor.runner import ModelRunner
 from graph_executor.server import ExecutorServer
 from ipc.channel import bind_control, connect_client, connect_control

@@ -17,12 +17,12 @@ if not torch.cuda.is_available():  # the fused verify step's Triton kernels run 
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from graph_executor.runner import ModelRunner
+from ipc.errors import HybridrtError
 from jit_context.acceptance import accept
-from jit_context.generator import Generator, GenerationResult
+from jit_context.generator import GenerationResult, Generator
 from jit_context.proposers import NgramProposer
 from jit_context.sampler import Sampler
 from jit_context.sampling_params import SamplingParams
-from ipc.errors import HybridrtError
 from jit_context.speculative import AdaptiveK
 from jit_context.speculative_config import SpeculativeConfig, with_draft_cost
 from tests.test_robustness import tiny_runner

@@ -78,6 +78,7 @@ def load_model(cfg: LoadConfig) -> LoadedModel:
         config = gguf_config(reader)
     else:
         config = ModelConfig.from_json_file(Path(path) / "config.json")
+        safetensors_files(Path(path))  # a folder without its weights is one line before anything is allocated
     plan = _weight_plan(cfg, source, config, reader)
     max_context = _max_context(cfg, config)
     if max_context > config.max_position_embeddings and cfg.progress:
