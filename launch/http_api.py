@@ -210,23 +210,25 @@ async def _next_or_error(events: Events) -> TokenChunk | Finished:
 
 async def _sse(first: TokenChunk | Finished, events: Events,
                chunks: ChunkMaker) -> AsyncGenerator[str, None]:
-    """Server-sent events in OpenAI's order: role, content deltas, finish reason, usage (if asked), [DONE]."""
+    """Server-sent events in OpenAI's order: role, content deltas, finish reason, usage (if asked), [DONE]. Events
+    that are ready together leave in one write (the role with the first text; the finish reason, usage and [DONE]):
+    each write is a send system call and a TCP segment, on the way to the client's first token."""
     async with aclosing(events):
-        if (opening := chunks.first()) is not None:
-            yield _event(opening)
+        held = _event(opening) if (opening := chunks.first()) is not None else ""
         item = first
         try:
             while not isinstance(item, Finished):
                 if item.text:  # a token whose text is held back (partial UTF-8, possible stop) sends nothing
-                    yield _event(chunks.text(item.text))
+                    yield held + _event(chunks.text(item.text))
+                    held = ""
                 item = await anext(events)
-            yield _event(chunks.final(item.finish_reason))
+            held += _event(chunks.final(item.finish_reason))
             if chunks.include_usage:
-                yield _event(chunks.usage(item.usage))
+                held += _event(chunks.usage(item.usage))
         except ServerError as e:  # headers are gone: the error becomes an event, as OpenAI does
             err = ApiError.from_server(e)
-            yield _event(error_body(err.message, err.type, err.param, err.code))
-    yield "data: [DONE]\n\n"
+            held += _event(error_body(err.message, err.type, err.param, err.code))
+    yield held + "data: [DONE]\n\n"
 
 
 def _event(data: dict) -> str:

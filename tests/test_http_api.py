@@ -239,6 +239,37 @@ def test_async_client_cancels_when_closed_early(server) -> None:
     assert asyncio.run(scenario()) == "invalid_request"
 
 
+def test_async_client_reuses_the_socket_of_a_finished_request(server) -> None:
+    """A request that ended with Finished leaves its connected socket for the next (no connect per request); one
+    cancelled midway, or ended by an error, does not (its stream may still hold frames)."""
+    async def scenario() -> list:
+        client = AsyncClient(server.address)
+        seen = []
+        try:
+            params = {"max_tokens": 3, "temperature": 0.0, "ignore_eos": True}
+            for _ in range(2):
+                texts = [m.text async for m in client.generate(prompt="Once upon a time", params=params)]
+                seen.append((len(texts), [id(w) for w in client._idle]))
+            async with aclosing(client.generate(prompt="Once upon a time",
+                                                params={"max_tokens": 3000, "ignore_eos": True})) as events:
+                async for _ in events:
+                    break
+            seen.append(len(client._idle))
+            wait_idle(server.address)
+            with pytest.raises(ServerError):
+                await anext(client.generate(prompt="Hi", params={"temperature": -1}))
+            seen.append(len(client._idle))
+            texts = [m.text async for m in client.generate(prompt="Once upon a time", params=params)]
+            seen.append((len(texts), len(client._idle)))
+        finally:
+            client.close()
+        return seen
+
+    first, second, after_cancel, after_error, last = asyncio.run(scenario())
+    assert first[0] == second[0] == 4 and len(first[1]) == 1 and first[1] == second[1]  # 3 tokens + Finished
+    assert after_cancel == 0 and after_error == 0 and last == (4, 1)
+
+
 def test_api_key(keyed_server) -> None:
     serve = keyed_server
     with pytest.raises(openai.AuthenticationError):
@@ -403,3 +434,29 @@ def test_vllm_chat_template_extras_and_min_tokens(server, model) -> None:
     too_many = httpx.post(completions, timeout=60, json={"model": model, "prompt": PROMPT, "max_tokens": 2,
                                                          "min_tokens": 3})
     assert too_many.status_code == 400 and "min_tokens" in too_many.json()["error"]["message"], too_many.text
+
+
+def test_http_connections_send_without_nagle_delays() -> None:
+    """The HTTP socket serve hands to uvicorn makes asyncio set TCP_NODELAY on each connection: without it every
+    small write after the first (a body after its headers, each SSE event) waited for the client's delayed ACK,
+    ~40 ms per non-streamed response."""
+    import socket
+
+    from launch.cmd_serve import bind_http_socket
+
+    async def scenario() -> int:
+        sock = bind_http_socket("127.0.0.1", 0)
+        seen = asyncio.get_running_loop().create_future()
+
+        async def accepted(reader, writer) -> None:
+            seen.set_result(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(accepted, sock=sock)
+        async with server:
+            _, writer = await asyncio.open_connection(*sock.getsockname())
+            result = await asyncio.wait_for(seen, 10)
+            writer.close()
+        return result
+
+    assert asyncio.run(scenario()) == 1
