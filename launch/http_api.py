@@ -253,10 +253,11 @@ class _ClosingStreamingResponse(StreamingResponse):
 
 def _key_checker(api_key: str | None):
     """A dependency that accepts only `Authorization: Bearer <api_key>` (anything, without a key). The scheme is
-    case-insensitive (RFC 7235); the key is compared in constant time."""
+    case-insensitive (RFC 7235); the key is compared in constant time. A coroutine: FastAPI runs a plain function
+    dependency in its thread pool, two thread hops on every request's way in."""
     expected = api_key.encode() if api_key is not None else None
 
-    def check(request: Request) -> None:
+    async def check(request: Request) -> None:
         if expected is None:
             return
         scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
