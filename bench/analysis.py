@@ -14,12 +14,13 @@ from bench.stats import sig
 def headline(result: dict) -> dict:
     """{"ttft": {n: median ms}, "decode_p50": ms, "context_p50": {c: ms}}, whatever the engine measured."""
     out: dict = {}
-    if "ttft" in result:
-        out["ttft"] = {n: s["median_ms"] for n, s in result["ttft"].items()}
-    if "decode" in result:
-        out["decode_p50"] = result["decode"]["p50_ms"]
-    if "context" in result:
-        out["context_p50"] = {c: s["p50_ms"] for c, s in result["context"].items()}
+    ran = {w: result[w] for w in ("ttft", "decode", "context") if w in result and "skipped" not in result[w]}
+    if "ttft" in ran:
+        out["ttft"] = {n: s["median_ms"] for n, s in ran["ttft"].items()}
+    if "decode" in ran:
+        out["decode_p50"] = ran["decode"]["p50_ms"]
+    if "context" in ran:
+        out["context_p50"] = {c: s["p50_ms"] for c, s in ran["context"].items()}
     return out
 
 

@@ -18,7 +18,8 @@ def _ms(summary: dict | None, key: str, spread: str | None = None) -> str | None
 
 
 def _engines_with(results: dict, workload: str) -> list[str]:
-    return [n for n, r in results["engines"].items() if workload in r]
+    """Engines that measured `workload` (one that recorded a skip did not)."""
+    return [n for n, r in results["engines"].items() if workload in r and "skipped" not in r[workload]]
 
 
 def _code_id(git: dict) -> str:
@@ -148,13 +149,8 @@ def overhead_section(results: dict) -> list[str]:
     return ["## Two-process overhead (ms, hybridrt minus hybridrt-executor)", ""] + _table(["figure", "ms"], rows)
 
 
-def _ran(results: dict, workload: str) -> list[str]:
-    """Engines that ran `workload` (not the ones that recorded a skip)."""
-    return [n for n, r in results["engines"].items() if workload in r and "skipped" not in r[workload]]
-
-
 def speculative_section(results: dict) -> list[str]:
-    names = _ran(results, "speculative")
+    names = _engines_with(results, "speculative")
     if not names:
         return []
     rows = []
@@ -169,8 +165,27 @@ def speculative_section(results: dict) -> list[str]:
              "(tokens/s over the decode part, summed over prompts)", ""] + _table(head, rows))
 
 
+def chat_section(results: dict) -> list[str]:
+    """Chat TTFT per engine (text through the server's template and tokenizer), and the HTTP API's cost over the
+    native client when both ran."""
+    names = _engines_with(results, "chat")
+    if not names:
+        return []
+    kinds = ("short", "long")
+    rows = [[e, *(f"{results['engines'][e]['chat'][k][m]:.2f}" for k in kinds for m in ("median_ms", "p99_ms"))]
+            for e in names]
+    head = ["engine", "short chat median ms", "P99", "long chat median ms", "P99"]
+    lines = ["## Chat TTFT: text through the server's chat template and tokenizer, one token generated", "",
+             *_table(head, rows)]
+    if {"hybridrt", "hybridrt-http"} <= set(names):
+        native, http = results["engines"]["hybridrt"]["chat"], results["engines"]["hybridrt-http"]["chat"]
+        lines += ["HTTP API - native client (median): " + ", ".join(
+            f"{k} {http[k]['median_ms'] - native[k]['median_ms']:+.2f} ms" for k in kinds)]
+    return [*lines, ""]
+
+
 def verify_section(results: dict) -> list[str]:
-    names = _ran(results, "verify")
+    names = _engines_with(results, "verify")
     if not names:
         return []
     v = results["engines"][names[0]]["verify"]
@@ -217,7 +232,7 @@ def startup_section(results: dict) -> list[str]:
 
 def markdown(results: dict) -> str:
     sections = [header, floors_section, ttft_section, decode_section, context_section, ratio_section,
-                speculative_section, verify_section, overhead_section, status_section, startup_section]
+                speculative_section, verify_section, chat_section, overhead_section, status_section, startup_section]
     return "\n".join(line for section in sections for line in section(results))
 
 

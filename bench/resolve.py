@@ -19,6 +19,7 @@ from bench.spec import (
     DEFAULTS,
     ENGINES,
     GPU_ONLY_ENGINES,
+    OPT_IN_ENGINES,
     OPT_IN_WORKLOADS,
     OURS,
     WORKLOADS,
@@ -85,8 +86,8 @@ def resolve_dtype_name(name: str, device: str) -> str:
 
 def _engines(text: str | None, device: str) -> tuple[str, ...]:
     on_gpu = device.startswith("cuda")
-    engines = (parse_names(text, ENGINES, "engine") if text
-               else tuple(e for e in ENGINES if on_gpu or e not in GPU_ONLY_ENGINES))
+    engines = (parse_names(text, ENGINES, "engine", OPT_IN_ENGINES) if text
+               else tuple(e for e in ENGINES if (on_gpu or e not in GPU_ONLY_ENGINES) and e not in OPT_IN_ENGINES))
     for e in engines:
         if e in GPU_ONLY_ENGINES and not on_gpu:
             raise DeviceError(f"engine {e} needs a CUDA GPU (torch.compile reduce-overhead captures CUDA graphs); "
@@ -99,7 +100,7 @@ def resolve_spec(opts: BenchOptions) -> BenchSpec:
     d = DEFAULTS["cuda" if device.startswith("cuda") else "cpu"]
     engines = _engines(opts.engines, device)
     if not opts.peers:
-        engines = tuple(e for e in engines if e in OURS)
+        engines = tuple(e for e in engines if e in OURS or e in OPT_IN_ENGINES)
         if not engines:
             raise HybridrtError("--quantize runs only the hybridrt engines; --engines names none of them")
     workloads = parse_names(opts.workloads, WORKLOADS, "workload", OPT_IN_WORKLOADS)

@@ -12,18 +12,21 @@ from dataclasses import dataclass, field
 from graph_executor.quant.names import QUANTIZE_METHODS as QUANTIZE_NAMES
 from jit_context.speculative_config import METHODS
 
-ENGINES = ("hybridrt", "hybridrt-executor", "hf-eager", "hf-compile")
+ENGINES = ("hybridrt", "hybridrt-http", "hybridrt-executor", "hf-eager", "hf-compile")
 ENGINE_HELP = {
     "hybridrt": "hybridrt end to end: the two-process server, prompts through its client socket",
+    "hybridrt-http": "hybridrt end to end through `hybridrt serve`'s OpenAI HTTP API (streamed, over httpx); runs "
+                     "the chat workload only, and only when named",
     "hybridrt-executor": "hybridrt in one process (runner with its graphs + generation loop), no sockets",
     "hf-eager": "HF transformers eager, a generate-equivalent greedy loop with its DynamicCache",
     "hf-compile": "HF transformers StaticCache + torch.compile(mode='reduce-overhead') decode (GPU only)",
 }
 GPU_ONLY_ENGINES = frozenset({"hf-compile"})  # reduce-overhead means CUDA graphs
+OPT_IN_ENGINES = ("hybridrt-http",)  # not in the default list nor in "all": named when wanted
 OURS = ("hybridrt", "hybridrt-executor")
 PEERS = ("hf-eager", "hf-compile")
 
-WORKLOADS = ("ttft", "decode", "context", "startup", "memory", "overhead", "floors", "speculative", "verify")
+WORKLOADS = ("ttft", "decode", "context", "startup", "memory", "overhead", "floors", "speculative", "verify", "chat")
 WORKLOAD_HELP = {
     "ttft": "time to first token per prompt length (median, P99, min over --repeats)",
     "decode": "per-token latency over --decode-tokens after a prompt (P50/P90/P99/max, tokens/s, CDF)",
@@ -39,8 +42,11 @@ WORKLOAD_HELP = {
                    "--speculative method; tokens kept so runs with and without it can be compared",
     "verify": "hybridrt-executor on a GPU: one verify step of k + 1 tokens (k = 1..8) against one decode step, "
               "graph replays at context 512, and the acceptance rate at which speculating breaks even",
+    "chat": "hybridrt engines with a tokenizer: TTFT of a short and a long chat sent as text (the server applies "
+            "the chat template and tokenizes), median/P99/min over --repeats; with hybridrt-http, the OpenAI "
+            "HTTP client's TTFT against the native client's",
 }
-OPT_IN_WORKLOADS = ("speculative",)  # not in "all": it needs a tokenizer and a longer context
+OPT_IN_WORKLOADS = ("speculative", "chat")  # not in "all": they need a tokenizer and a longer context
 SPECULATIVE_METHODS = METHODS  # jit_context.speculative_config (torch-free, as this file stays)
 SPEC_PROMPT_CONTEXT = 384  # room for the longest chat prompt of the speculative workload
 VERIFY_CONTEXT = 512  # the verify workload's steps run at this position
@@ -145,6 +151,7 @@ class BenchSpec:
                        self.decode_prompt_len + self.decode_tokens + steps if "decode" in self.workloads else 0,
                        max(self.contexts) + self.context_steps + steps if "context" in self.workloads else 0,
                        SPEC_PROMPT_CONTEXT + self.spec_tokens if "speculative" in self.workloads else 0,
+                       SPEC_PROMPT_CONTEXT + 2 if "chat" in self.workloads else 0,
                        VERIFY_CONTEXT + 16 if "verify" in self.workloads and self.on_gpu else 0,
                        WARMUP_CONTEXT)
 

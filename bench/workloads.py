@@ -127,5 +127,25 @@ def verify_cost(engine: Engine, spec: BenchSpec) -> dict:
     return measure()
 
 
+def chat(engine: Engine, spec: BenchSpec) -> dict:
+    """TTFT of a short and a long chat sent as text (engines with `chat_ttft`: the server's chat template and
+    tokenizer are in the time), one untimed run each first; median/P99/min over `repeats`."""
+    run = getattr(engine, "chat_ttft", None)
+    if run is None:
+        return {"skipped": "this engine takes no chats"}
+    long_text = json.loads(SPEC_PROMPTS.read_text())["grounded"][0]
+    chats = {"short": [{"role": "system", "content": "You are a helpful assistant."},
+                       {"role": "user", "content": "Name three primary colours."}],
+             "long": [{"role": "user", "content": long_text}]}
+    out = {}
+    for name, messages in chats.items():
+        try:
+            run(messages)
+        except EngineUnavailable as e:
+            return {"skipped": str(e)}
+        out[name] = ttft_summary([run(messages) for _ in range(spec.repeats)])
+    return out
+
+
 TIMED_WORKLOADS = {"ttft": ttft_sweep, "decode": decode, "context": context_sweep, "speculative": speculative,
-                   "verify": verify_cost}
+                   "verify": verify_cost, "chat": chat}

@@ -232,3 +232,21 @@ def test_startup_section_reports_phases_and_the_first_requests() -> None:
     assert "- hybridrt, a request after 2 s idle: TTFT 4.10 ms (the JIT context's own: 2.40)" in text
     assert "hf-eager" not in text
     assert startup_section({"engines": {"hf-eager": {"startup": {}}}}) == []
+
+
+def test_chat_workload_through_the_native_client_and_the_http_api(default_model_dir, tmp_path) -> None:
+    """The chat workload: text through the server's template and tokenizer, natively and through `hybridrt serve`'s
+    HTTP API (its own process); the HTTP engine records the token-level workloads as skipped and the run goes on."""
+    out = tmp_path / "chat"
+    assert run_bench("--device", "cpu", "--model", "smollm2-135m-instruct", "--engines", "hybridrt,hybridrt-http",
+                     "--workloads", "chat,ttft", "--prompt-lens", "10", "--repeats", "1", "--quiet",
+                     "--out", str(out)) == 0
+    results = json.loads((out / "results.json").read_text())
+    native, http = results["engines"]["hybridrt"], results["engines"]["hybridrt-http"]
+    assert native["status"] == http["status"] == "ok", (native.get("error"), http.get("error"))
+    for r in (native, http):
+        assert set(r["chat"]) == {"short", "long"} and all(r["chat"][k]["median_ms"] > 0 for k in r["chat"])
+    assert native["ttft"]["10"]["median_ms"] > 0 and "chat workload only" in http["ttft"]["skipped"]
+    md = (out / "results.md").read_text()
+    assert "## Chat TTFT" in md and "HTTP API - native client (median): short " in md
+    assert "| hybridrt-http |" in md and "| 10 | - | " in md  # the TTFT table has the native engine only

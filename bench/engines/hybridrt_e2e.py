@@ -127,6 +127,18 @@ class HybridrtE2EEngine:
             raise EngineUnavailable(f"the server cannot run chats: {e}") from None
         raise RuntimeError("the stream ended without a Finished message")
 
+    def chat_ttft(self, messages: list[dict]) -> float:
+        """Client TTFT (ms) of a chat sent as text: the server applies the chat template and tokenizes."""
+        from launch.client import ServerError
+
+        start = time.perf_counter()
+        try:
+            for msg in self.client.generate(messages=messages, params={"max_tokens": 1, "temperature": 0.0}):
+                return (time.perf_counter() - start) * 1e3
+        except ServerError as e:
+            raise EngineUnavailable(f"the server cannot run chats: {e}") from None
+        raise RuntimeError("the stream ended without a message")
+
     def facts(self) -> dict:
         status = self.client.status()
         mps = self.supervisor.mps

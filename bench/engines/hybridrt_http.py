@@ -1,0 +1,104 @@
+"""hybridrt through its OpenAI-compatible HTTP API: `hybridrt serve` started as a user starts it (its own process,
+HTTP on a free port), chats streamed over httpx (what the openai SDK uses), the TTFT taken at the first
+server-sent event. Runs the chat workload: token-level workloads need token ids, which the HTTP API does not
+stream."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+
+from bench.procinfo import Timeline
+from bench.spec import BenchSpec
+from bench.workloads import EngineUnavailable
+
+STOP_TIMEOUT_S = 30.0
+
+
+def serve_argv(spec: BenchSpec, port: int, http_port: int) -> list[str]:
+    """`hybridrt serve` with the run's model, device, weight format and speculation (what the `hybridrt` engine
+    passes to its Supervisor)."""
+    argv = [sys.executable, "-m", "launch.cli", "serve", "--quiet", "--port", str(port), "--http-port",
+            str(http_port), "--model", spec.model, "--device", spec.device, "--dtype", spec.dtype,
+            "--max-context", str(spec.max_context), "--seed-weights", str(spec.seed), "--mps", spec.mps,
+            "--ready-timeout", str(spec.timeout_s), "--speculative", spec.speculative,
+            "--num-speculative-tokens", str(spec.num_speculative_tokens)]
+    if spec.tokenizer:
+        argv += ["--tokenizer", spec.tokenizer]
+    if spec.quantize:
+        argv += ["--quantize", spec.quantize, "--quantize-group", str(spec.quantize_group)]
+    if spec.dequantize:
+        argv.append("--dequantize")
+    if spec.draft_model:
+        argv += ["--draft-model", spec.draft_model]
+    return argv
+
+
+class HybridrtHttpEngine:
+    def __init__(self, spec: BenchSpec, timeline: Timeline) -> None:
+        from bench.probes.serve_ready import free_port, health
+
+        self.spec = spec
+        port, http_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{http_port}"
+        timeline.mark("server_start")
+        self.proc = subprocess.Popen(serve_argv(spec, port, http_port), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+        self.http = httpx.Client(timeout=spec.timeout_s)  # one keep-alive connection, as an SDK client keeps
+        try:
+            deadline = time.monotonic() + spec.timeout_s
+            while not health(http_port):
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"serve exited {self.proc.returncode}: {self.proc.stderr.read()[-2000:]}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"serve was not ready within {spec.timeout_s:.0f} s")
+                time.sleep(0.05)
+            timeline.mark("ready")
+            self.model = self.http.get(f"{self.url}/v1/models").json()["data"][0]["id"]
+        except BaseException:
+            self.close()
+            raise
+
+    def generate(self, prompt_ids: list[int], new_tokens: int) -> list[float]:
+        raise EngineUnavailable("hybridrt-http runs the chat workload only (the HTTP API streams text, not "
+                                "token ids)")
+
+    def chat_ttft(self, messages: list[dict]) -> float:
+        """Client TTFT (ms): a streamed chat completion's first server-sent event."""
+        body = {"model": self.model, "messages": messages, "max_tokens": 1, "temperature": 0.0, "stream": True}
+        start = time.perf_counter()
+        with self.http.stream("POST", f"{self.url}/v1/chat/completions", json=body) as reply:
+            if reply.status_code != 200:
+                reply.read()
+                raise EngineUnavailable(f"the server cannot run chats: HTTP {reply.status_code}: {reply.text[:300]}")
+            first = None
+            for line in reply.iter_lines():
+                if first is None and line.startswith("data: {"):
+                    first = (time.perf_counter() - start) * 1e3
+        if first is None:
+            raise RuntimeError("the stream carried no event")
+        return first
+
+    def facts(self) -> dict:
+        return {"url": self.url, "model_id": self.model}
+
+    def memory(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        self.http.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def open_engine(spec: BenchSpec, name: str, timeline: Timeline) -> HybridrtHttpEngine:
+    return HybridrtHttpEngine(spec, timeline)
