@@ -176,7 +176,7 @@ def test_cli_prints_one_line_error(capsys) -> None:
 
     assert main(["bench", "--device", "cpu", "--engines", "nope"]) == 1
     assert capsys.readouterr().err.strip() == ("error: unknown engine 'nope' (choose from: hybridrt, "
-                                               "hybridrt-executor, hf-eager, hf-compile)")
+                                               "hybridrt-http, hybridrt-executor, hf-eager, hf-compile)")
 
 
 def test_percentile_interpolates_like_numpy() -> None:
