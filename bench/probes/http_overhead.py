@@ -22,7 +22,6 @@ from bench.probes.serve_ready import free_port, health
 from launch.client import Client
 
 MESSAGES = [{"role": "user", "content": "Name three primary colours and say why they are called primary."}]
-STREAM = os.environ.get("PROBE_STREAM", "1") == "1"
 TICK_MS = 1000.0 / os.sysconf("SC_CLK_TCK")
 
 
@@ -43,8 +42,9 @@ def native(client: Client, max_tokens: int) -> tuple[float, list[float]]:
     return times[0] * 1e3, [(b - a) * 1e3 for a, b in zip(times, times[1:])]
 
 
-def http(client: httpx.Client, url: str, model: str, max_tokens: int) -> tuple[float, list[float]]:
-    body = {"model": model, "messages": MESSAGES, "max_tokens": max_tokens, "temperature": 0.0, "stream": STREAM,
+def http(client: httpx.Client, url: str, model: str, max_tokens: int, stream: bool) -> tuple[float, list[float]]:
+    """Streamed: TTFT at the first content event; not streamed: the whole response's time (one 'token')."""
+    body = {"model": model, "messages": MESSAGES, "max_tokens": max_tokens, "temperature": 0.0, "stream": stream,
             "ignore_eos": True}
     times = []
     start = time.perf_counter()
@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     ap.add_argument("--requests", type=int, default=30, help="per client kind, alternating (default: 30)")
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--not-streamed", action="store_true",
+                    help="HTTP requests without stream: the HTTP row then times whole responses")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     ap.add_argument("serve_args", nargs=argparse.REMAINDER, help="after --: the arguments of `hybridrt serve`")
     args = ap.parse_args(argv)
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(0.2)
                 status = nat.status()
             runs = {"native": (lambda: native(nat, args.max_tokens)),
-                    "http": (lambda: http(web, url, model, args.max_tokens))}
+                    "http": (lambda: http(web, url, model, args.max_tokens, not args.not_streamed))}
             for run in runs.values():  # warm both paths
                 run()
             out = {k: {"ttft": [], "gaps": [], "launcher_cpu": 0.0, "jit_cpu": 0.0} for k in runs}
