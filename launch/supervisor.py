@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from graph_executor.loading.load_config import LoadConfig
+from graph_executor.loading.model_source import check_reference
 from graph_executor.loading.tokenizer_location import known_tokenizer_folder
 from ipc.doorbell import MODES as DOORBELL_MODES
 from ipc.errors import HybridrtError
@@ -112,10 +113,14 @@ class Supervisor:
         self._stopped = False
 
     def start(self) -> None:
-        """Spawn both children; this process never imports torch. Bad input (a model that is not there, a device
-        that is not, a config that does not fit) is the executor's to find, before it allocates anything: it
-        writes one line to its error file, which `wait_ready` reports (ChildDied)."""
+        """Spawn both children; this process never imports torch. A model reference that names nothing loadable is
+        refused here, before anything starts (`model_source.check_reference`); the rest (a GGUF header, the
+        device, the dtype, whether it fits) is the executor's to find before it allocates anything: it writes one
+        line to its error file, which `wait_ready` reports (ChildDied)."""
         load = self.config.load
+        check_reference(load.model, load.load_format)  # a path that names nothing: one line now, nothing started
+        if self.config.draft_model is not None:
+            check_reference(self.config.draft_model)
         gpu = gpu_requested(load.device)
         pipe_dir = self.runtime.subdir("mps-pipe")
         self._tell_reaper(f"mps {pipe_dir}")  # before it starts: it quits a daemon only where one answers there

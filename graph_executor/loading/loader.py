@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,6 +22,7 @@ from graph_executor.loading.gguf_loader import (
     weight_tensor_count,
 )
 from graph_executor.loading.load_config import DEFAULT_MAX_CONTEXT, LOAD_FORMATS, LoadConfig  # noqa: F401
+from graph_executor.loading.model_source import DEFAULT, safetensors_files, source_of
 from graph_executor.loading.presets import preset
 from graph_executor.loading.tokenizer_location import GGUF_TOKENIZER_KIND, tokenizer_files_in
 from graph_executor.loading.weight_map import check_complete, copy_into
@@ -211,53 +210,14 @@ def _max_context(cfg: LoadConfig, config: ModelConfig) -> int:
     return cfg.max_context or min(config.max_position_embeddings, DEFAULT_MAX_CONTEXT)
 
 
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name, as on the Hugging Face Hub
-
-
 def _resolve_source(cfg: LoadConfig) -> tuple[str, str, bool | None]:
-    """(format, path-or-preset, converted?) where converted is None unless this is the default model."""
-    ref = cfg.model
-    if ref.startswith("dummy:") or cfg.load_format == "dummy":
-        return "dummy", ref.removeprefix("dummy:"), None
-    if ref.lower() == default_model.DEFAULT_MODEL_NAME:
+    """(format, path-or-preset, converted?) where converted is None unless this is the default model (converted to
+    safetensors once per machine, here)."""
+    fmt, path = source_of(cfg.model, cfg.load_format)
+    if fmt == DEFAULT:
         folder, converted = default_model.ensure_converted(progress=cfg.progress)
         return "safetensors", str(folder), converted
-    path = Path(ref).expanduser()
-    if not path.exists():
-        if HUB_ID.fullmatch(ref):
-            raise ModelLoadError(
-                f"model {ref!r} looks like a Hugging Face Hub id, and hybridrt does not download models: fetch it "
-                f"first (e.g. `huggingface-cli download {ref} --local-dir DIR`) and pass --model DIR, or a .gguf file"
-            )
-        raise ModelLoadError(
-            f"model path {ref!r} does not exist (give an HF folder with config.json and *.safetensors, "
-            f"a .gguf file, dummy:<name>, or {default_model.DEFAULT_MODEL_NAME})"
-        )
-    if path.is_file() and path.suffix != ".gguf" and (path.parent / "config.json").exists():
-        path = path.parent  # a file of a model folder (its config.json, a .safetensors shard): the folder
-    fmt = cfg.load_format
-    if fmt == "auto":
-        fmt = "gguf" if path.is_file() and path.suffix == ".gguf" else "safetensors"
-    if fmt == "gguf" and not path.is_file():
-        raise ModelLoadError(f"{ref!r} is not a GGUF file")
-    if fmt == "safetensors" and not (path.is_dir() and (path / "config.json").exists()):
-        raise ModelLoadError(f"{ref!r} is not an HF model folder (no config.json)")
-    return fmt, str(path), None
-
-
-def safetensors_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted({folder / f for f in weight_map.values()})
-    else:
-        files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise ModelLoadError(f"no *.safetensors files in {folder}")
-    missing = [f.name for f in files if not f.exists()]
-    if missing:
-        raise ModelLoadError(f"the safetensors index names missing shards: {', '.join(missing)}")
-    return files
+    return fmt, path, None
 
 
 def _load_safetensors(model: LlamaModel, folder: Path, progress: bool) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from graph_executor.loading import cache, default_model
+from graph_executor.loading.model_source import DEFAULT, source_of
 from ipc.errors import ModelLoadError
 
 # The conversion cache's kind of a GGUF file's tokenizer, converted to HF files (the entry's name: the file's stem)
@@ -23,17 +24,14 @@ def tokenizer_files_in(folder: Path) -> bool:
 def known_tokenizer_folder(model: str, load_format: str = "auto") -> Path | None:
     """The folder `load_model(model)` will report as its tokenizer, when that is known now: an HF folder with
     tokenizer files, or a GGUF file's or the default model's cache entry once converted; else None (a dummy
-    model, a GGUF file seen for the first time, anything unusual)."""
-    if model.startswith("dummy:") or load_format == "dummy":
-        return None
+    model, a GGUF file seen for the first time, a reference that names nothing)."""
     try:
-        if model.lower() == default_model.DEFAULT_MODEL_NAME:
-            return cache.lookup(default_model.DEFAULT_MODEL_NAME, default_model.CACHE_KIND, default_model.gguf_path())
-        path = Path(model).expanduser()
-        if path.is_file() and (load_format == "gguf" or (load_format == "auto" and path.suffix == ".gguf")):
+        fmt, found = source_of(model, load_format)
+        path = Path(found)
+        if fmt == DEFAULT:
+            return cache.lookup(default_model.DEFAULT_MODEL_NAME, default_model.CACHE_KIND, path)
+        if fmt == "gguf":
             return cache.lookup(path.stem, GGUF_TOKENIZER_KIND, path)
-        if path.is_file() and (path.parent / "config.json").exists():
-            path = path.parent  # a file of a model folder: the folder (as load_model resolves it)
-        return path if path.is_dir() and tokenizer_files_in(path) else None
+        return path if fmt == "safetensors" and tokenizer_files_in(path) else None
     except (OSError, ModelLoadError):
         return None
