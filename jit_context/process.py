@@ -140,8 +140,10 @@ def preload_tokenizer(args: argparse.Namespace, startup: StartupPhases) -> Prelo
     with startup.phase("tokenizer (while the executor loads)"):
         try:
             return Preloaded(Path(path).resolve(), Tokenizer.from_path(path))
-        except HybridrtError:  # reported where it is loaded for real, if it is the one to use
-            return None
+        except HybridrtError:
+            if args.tokenizer:
+                raise  # the one to use: its one-line error now, not after the executor has loaded the model
+            return None  # only a guess: the folder Ready names is loaded (and any error reported) after it
 
 
 def warm_up_request(executor: RemoteExecutor, side: RequestSide, vocab_size: int) -> None:
