@@ -4,23 +4,19 @@ from __future__ import annotations
 
 import torch
 
+from graph_executor.device_names import DTYPE_ALIASES, NO_GPU, unknown_device, unsupported_dtype
 from ipc.errors import DeviceError
 
-DEVICES = ("auto", "cuda", "cpu")
-DTYPE_NAMES = {
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-}
+DTYPE_NAMES = {name: getattr(torch, canonical) for name, canonical in DTYPE_ALIASES.items()}
 
 
 def resolve_device(name: str) -> torch.device:
-    if name not in DEVICES and not name.startswith("cuda:"):
-        raise DeviceError(f"unknown device {name!r} (choose auto, cuda or cpu)")
+    if (error := unknown_device(name)) is not None:
+        raise error
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DeviceError("device cuda requested but no CUDA GPU is available here (use --device cpu)")
+        raise DeviceError(NO_GPU)
     return torch.device(name)
 
 
@@ -37,6 +33,5 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     allowed = supported_dtypes(device)
     dtype = DTYPE_NAMES.get(name)
     if dtype is None or dtype not in allowed:
-        names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
-        raise DeviceError(f"dtype {name!r} is not supported on {device.type} (supported: {names})")
+        raise unsupported_dtype(name, device.type, tuple(str(d).removeprefix("torch.") for d in allowed))
     return dtype

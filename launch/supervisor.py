@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from graph_executor.device_names import check_names
 from graph_executor.loading.load_config import LoadConfig
 from graph_executor.loading.model_source import check_reference
 from graph_executor.loading.tokenizer_location import known_tokenizer_folder
@@ -122,6 +123,7 @@ class Supervisor:
         if self.config.draft_model is not None:
             check_reference(self.config.draft_model)
         gpu = gpu_requested(load.device)
+        check_names(load.device, load.dtype, gpu)  # a device or dtype name no machine runs: one line now
         pipe_dir = self.runtime.subdir("mps-pipe")
         self._tell_reaper(f"mps {pipe_dir}")  # before it starts: it quits a daemon only where one answers there
         self.mps = MpsDaemon.start(self.config.mps, pipe_dir, self.runtime.subdir("mps-log"), gpu)

@@ -226,3 +226,22 @@ def test_a_context_above_the_trained_length_warns(capsys) -> None:
     assert f"warning: --max-context {trained + 64} is above the {trained} positions" in err
     load_model(LoadConfig(model="dummy:smollm2-135m", device="cpu", dtype="float32", max_context=64))
     assert "warning" not in capsys.readouterr().err
+
+
+def test_device_and_dtype_names_are_checked_without_torch_as_the_executor_checks_them() -> None:
+    """The launcher's torch-free check (graph_executor/device_names.py) says what the executor would, in the same
+    words, for names no machine runs and for cuda without a GPU (this test runs where there is none)."""
+    from graph_executor.device import resolve_device, resolve_dtype
+    from graph_executor.device_names import check_names
+
+    if torch.cuda.is_available():
+        pytest.skip("compares against the executor's answers on a machine without a GPU")
+    for device, dtype in [("tpu", "auto"), ("cuda", "auto"), ("cuda:1", "float16"), ("cpu", "float8"),
+                          ("auto", "int4")]:
+        with pytest.raises(DeviceError) as ours:
+            check_names(device, dtype, gpu=False)
+        with pytest.raises(DeviceError) as theirs:
+            resolve_dtype(dtype, resolve_device(device))
+        assert str(ours.value) == str(theirs.value)
+    for dtype in ("auto", "bf16", "half", "float32"):
+        check_names("cpu", dtype, gpu=False)  # accepted spellings pass
