@@ -10,8 +10,6 @@ import subprocess
 import sys
 import time
 
-import httpx
-
 from bench.procinfo import Timeline
 from bench.spec import BenchSpec
 from bench.workloads import EngineUnavailable
@@ -40,6 +38,10 @@ def serve_argv(spec: BenchSpec, port: int, http_port: int) -> list[str]:
 
 class HybridrtHttpEngine:
     def __init__(self, spec: BenchSpec, timeline: Timeline) -> None:
+        try:
+            import httpx  # the `dev` extra's HTTP client (what the openai SDK uses), not a runtime dependency
+        except ImportError:
+            raise EngineUnavailable("hybridrt-http needs httpx (pip install httpx)") from None
         from bench.probes.serve_ready import free_port, health
 
         self.spec = spec
