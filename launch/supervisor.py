@@ -81,7 +81,7 @@ class ServerConfig:
 
 def gpu_requested(device: str) -> bool:
     """Whether --device (auto or cuda) will run on a CUDA GPU, asked of the CUDA driver directly (ctypes, ~10 ms) so
-    that the launcher decides about MPS before it imports torch; a bad --device is check_load_config's to report."""
+    that the launcher decides about MPS without torch; a bad --device is `device_names.check_names`'s to report."""
     if device != "auto" and not device.startswith("cuda"):
         return False
     try:
@@ -114,10 +114,19 @@ class Supervisor:
         self._stopped = False
 
     def start(self) -> None:
-        """Spawn both children; this process never imports torch. A model reference that names nothing loadable is
-        refused here, before anything starts (`model_source.check_reference`); the rest (a GGUF header, the
-        device, the dtype, whether it fits) is the executor's to find before it allocates anything: it writes one
-        line to its error file, which `wait_ready` reports (ChildDied)."""
+        """Spawn both children; this process never imports torch. A model reference that names nothing loadable
+        (`model_source.check_reference`) and a device or dtype name no machine runs (`device_names.check_names`) are
+        refused here, before anything starts; the rest (a GGUF header, what this machine's torch supports, whether
+        the model fits) is the executor's to find before it allocates anything: it writes one line to its error
+        file, which `wait_ready` reports (ChildDied). A failure here stops what did start (the reaper, the runtime
+        dir, MPS, a child) before it propagates, whatever the caller does."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
         load = self.config.load
         check_reference(load.model, load.load_format)  # a path that names nothing: one line now, nothing started
         if self.config.draft_model is not None:

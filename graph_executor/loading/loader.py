@@ -70,6 +70,7 @@ def load_model(cfg: LoadConfig) -> LoadedModel:
     dtype = resolve_dtype(cfg.dtype, device)
     source, path, converted = _resolve_source(cfg)
     reader = None
+    files: list[Path] = []
     if source == "dummy":
         config = preset(path)
     elif source == "gguf":
@@ -77,7 +78,7 @@ def load_model(cfg: LoadConfig) -> LoadedModel:
         config = gguf_config(reader)
     else:
         config = ModelConfig.from_json_file(Path(path) / "config.json")
-        safetensors_files(Path(path))  # a folder without its weights is one line before anything is allocated
+        files = safetensors_files(Path(path))  # a folder without its weights is one line before anything is allocated
     plan = _weight_plan(cfg, source, config, reader)
     max_context = _max_context(cfg, config)
     if max_context > config.max_position_embeddings and cfg.progress:
@@ -104,7 +105,7 @@ def load_model(cfg: LoadConfig) -> LoadedModel:
             else Path(path)  # no vocabulary inside: nothing to convert (a JIT context then needs --tokenizer)
         lap("tokenizer files")
     else:
-        _load_safetensors(model, Path(path), cfg.progress)
+        _load_safetensors(model, files, cfg.progress)
         lap("weights")
         tokenizer = Path(path) if tokenizer_files_in(Path(path)) else None
     if cfg.quantize:
@@ -193,12 +194,11 @@ def resolve_model_config(reference: str, load_format: str = "auto") -> tuple[str
     """(name, config) of a model reference as `load_model` resolves it (`dummy:<name>`, the default model, an HF
     folder, a .gguf file), reading no weights and converting nothing; the name is the one `load_model` reports.
     The default model's config is its preset (the converted copy's config.json may not exist yet)."""
-    if reference.startswith("dummy:") or load_format == "dummy":
-        return reference, preset(reference.removeprefix("dummy:"))
-    if reference.lower() == default_model.DEFAULT_MODEL_NAME:
-        default_model.gguf_path()  # installed, or one clear line now
+    source, path = source_of(reference, load_format)  # the default model: installed, or one clear line now
+    if source == "dummy":
+        return reference, preset(path)
+    if source == DEFAULT:
         return default_model.DEFAULT_MODEL_NAME, preset("smollm2-135m")
-    source, path, _ = _resolve_source(LoadConfig(model=reference, load_format=load_format, progress=False))
     if source == "gguf":
         return reference, gguf_config(open_gguf(path))
     config = ModelConfig.from_json_file(Path(path) / "config.json")
@@ -220,8 +220,7 @@ def _resolve_source(cfg: LoadConfig) -> tuple[str, str, bool | None]:
     return fmt, path, None
 
 
-def _load_safetensors(model: LlamaModel, folder: Path, progress: bool) -> None:
-    files = safetensors_files(folder)
+def _load_safetensors(model: LlamaModel, files: list[Path], progress: bool) -> None:
     device = str(model.embed_tokens.device)
     loaded: set[str] = set()
     handles = [_open_safetensors(file, device) for file in files]
