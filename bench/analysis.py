@@ -8,19 +8,18 @@ from __future__ import annotations
 from bench.floors import floors
 from bench.model_info import ModelCost
 from bench.spec import OURS, PEERS, BenchSpec
-from bench.stats import sig
+from bench.stats import measured, sig
 
 
 def headline(result: dict) -> dict:
     """{"ttft": {n: median ms}, "decode_p50": ms, "context_p50": {c: ms}}, whatever the engine measured."""
     out: dict = {}
-    ran = {w: result[w] for w in ("ttft", "decode", "context") if w in result and "skipped" not in result[w]}
-    if "ttft" in ran:
-        out["ttft"] = {n: s["median_ms"] for n, s in ran["ttft"].items()}
-    if "decode" in ran:
-        out["decode_p50"] = ran["decode"]["p50_ms"]
-    if "context" in ran:
-        out["context_p50"] = {c: s["p50_ms"] for c, s in ran["context"].items()}
+    if measured(result, "ttft"):
+        out["ttft"] = {n: s["median_ms"] for n, s in result["ttft"].items()}
+    if measured(result, "decode"):
+        out["decode_p50"] = result["decode"]["p50_ms"]
+    if measured(result, "context"):
+        out["context_p50"] = {c: s["p50_ms"] for c, s in result["context"].items()}
     return out
 
 

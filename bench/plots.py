@@ -12,6 +12,8 @@ import matplotlib
 matplotlib.use("Agg")  # before pyplot: files only, works on a headless GPU box
 import matplotlib.pyplot as plt
 
+from bench.stats import measured
+
 
 def _title(results: dict, what: str) -> str:
     return f"{what}\n{results['spec']['model']} {results['spec']['dtype']}, {results['env']['card']}"
@@ -25,7 +27,7 @@ def _save(fig, path: Path) -> Path:
 
 
 def ttft_plot(results: dict, path: Path) -> Path | None:
-    engines = {n: r["ttft"] for n, r in results["engines"].items() if _ran(r, "ttft")}
+    engines = {n: r["ttft"] for n, r in results["engines"].items() if measured(r, "ttft")}
     if not engines:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -45,7 +47,7 @@ def ttft_plot(results: dict, path: Path) -> Path | None:
 
 
 def context_plot(results: dict, path: Path) -> Path | None:
-    engines = {n: r["context"] for n, r in results["engines"].items() if _ran(r, "context")}
+    engines = {n: r["context"] for n, r in results["engines"].items() if measured(r, "context")}
     if not engines:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -66,7 +68,7 @@ def context_plot(results: dict, path: Path) -> Path | None:
 
 
 def cdf_plot(results: dict, path: Path) -> Path | None:
-    engines = {n: r["decode"]["gaps_ms"] for n, r in results["engines"].items() if _ran(r, "decode")}
+    engines = {n: r["decode"]["gaps_ms"] for n, r in results["engines"].items() if measured(r, "decode")}
     if not engines:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -87,8 +89,3 @@ def write_plots(results: dict, out_dir: Path) -> list[Path]:
     made = [ttft_plot(results, out_dir / "ttft.png"), context_plot(results, out_dir / "context.png"),
             cdf_plot(results, out_dir / "decode_cdf.png")]
     return [p for p in made if p is not None]
-
-
-def _ran(result: dict, workload: str) -> bool:
-    """The engine measured this workload (not absent, not recorded as skipped)."""
-    return bool(result.get(workload)) and "skipped" not in result[workload]

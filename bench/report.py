@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from bench.stats import measured
+
 GiB = 1024**3
 
 
@@ -19,7 +21,7 @@ def _ms(summary: dict | None, key: str, spread: str | None = None) -> str | None
 
 def _engines_with(results: dict, workload: str) -> list[str]:
     """Engines that measured `workload` (one that recorded a skip did not)."""
-    return [n for n, r in results["engines"].items() if workload in r and "skipped" not in r[workload]]
+    return [n for n, r in results["engines"].items() if measured(r, workload)]
 
 
 def _code_id(git: dict) -> str:

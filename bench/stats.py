@@ -49,3 +49,8 @@ def token_summary(gaps: list[float], keep: bool = False) -> dict:
     if keep:
         out["gaps_ms"] = [r3(g) for g in gaps]
     return out
+
+
+def measured(result: dict, workload: str) -> bool:
+    """An engine's result holds this workload's figures (it ran it, and did not record a skip)."""
+    return bool(result.get(workload)) and "skipped" not in result[workload]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 from bench.procinfo import Timeline
@@ -48,14 +49,17 @@ class HybridrtHttpEngine:
         port, http_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{http_port}"
         timeline.mark("server_start")
+        # serve's stderr goes to a file: a pipe nobody reads while it serves could fill and stall it
+        self.stderr = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(serve_argv(spec, port, http_port), stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)
+                                     stderr=self.stderr, text=True)
         self.http = httpx.Client(timeout=spec.timeout_s)  # one keep-alive connection, as an SDK client keeps
         try:
             deadline = time.monotonic() + spec.timeout_s
             while not health(http_port):
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"serve exited {self.proc.returncode}: {self.proc.stderr.read()[-2000:]}")
+                    self.stderr.seek(0)
+                    raise RuntimeError(f"serve exited {self.proc.returncode}: {self.stderr.read()[-2000:]}")
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"serve was not ready within {spec.timeout_s:.0f} s")
                 time.sleep(0.05)
@@ -100,6 +104,7 @@ class HybridrtHttpEngine:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.stderr.close()
 
 
 def open_engine(spec: BenchSpec, name: str, timeline: Timeline) -> HybridrtHttpEngine:
