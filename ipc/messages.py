@@ -52,6 +52,10 @@ def _check_plain(value: Any, where: str, depth: int = 0) -> None:
     raise ValueError(f"{where}: {type(value).__name__} is not plain msgpack data")
 
 
+# Item types whose exact-type check is the whole check (bool is not an int here: `type(True) is not int`).
+_PLAIN_ITEMS: Mapping[Any, type] = {int: int, str: str}
+
+
 def check_type(value: Any, hint: Any, where: str) -> None:
     """Raise ValueError unless `value` matches the annotation `hint` (the small subset the messages use)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -72,6 +76,9 @@ def check_type(value: Any, hint: Any, where: str) -> None:
     if hint is dict or hint is list:
         _check_plain(value, where)
     elif kind is list or kind is tuple:  # list[X] and tuple[X, ...]
+        plain = _PLAIN_ITEMS.get(args[0])
+        if plain is not None and all(type(item) is plain for item in value):
+            return  # token ids: one pass in C instead of a call per id (~4 us per 100 ids, not ~300)
         for i, item in enumerate(value):
             check_type(item, args[0], f"{where}[{i}]")
     elif kind is dict:

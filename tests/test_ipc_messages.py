@@ -130,6 +130,10 @@ def test_finish_reasons_are_one_closed_set():
         lambda: m.StatusReply(facts={1: "int key"}),
         lambda: m.StatusReply(facts={"obj": object()}),
         lambda: m.TokenChunk(request_id="r", text="a", token_ids=[1, "2"]),
+        lambda: m.GenerateRequest(request_id="r", token_ids=[1, 2, True]),  # the ids' one-pass check, then per id
+        lambda: m.GenerateRequest(request_id="r", token_ids=[1, 2.0]),
+        lambda: m.GenerateRequest(request_id="r", token_ids=[1, -2]),
+        lambda: m.GenerateRequest(request_id="r", messages=[{"role": "user", "content": 1.5j}]),
         lambda: m.TokenizeRequest(request_id="r"),  # neither prompt nor messages
         lambda: m.TokenizeRequest(request_id="r", prompt="a", messages=[]),  # both
         lambda: m.DetokenizeRequest(request_id="r", token_ids=[-1]),
