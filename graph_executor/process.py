@@ -84,13 +84,14 @@ def load_draft(model: str, target: LoadedModel, args: argparse.Namespace) -> Loa
 
 def prefetch_triton_key() -> None:
     """Triton hashes its own sources and libtriton at the first kernel lookup of a process (~0.35 s on the H200
-    host, inside the first graph's warm-up): a thread does it now, while the model loads (file reads and hashing
-    release the GIL); the result is cached for the process."""
+    host, inside the first graph's warm-up) and imports its gluon package: a thread does both now, while the model
+    loads (file reads and hashing release the GIL); the results stay for the process."""
     def run() -> None:
         try:
             from triton.runtime.cache import triton_key
 
             triton_key()
+            import triton.experimental.gluon  # noqa: F401 - the first compile lookup imports it (~0.13 s there)
         except Exception:  # noqa: BLE001 - another Triton layout: the first kernel pays for it, as before
             pass
 

@@ -168,6 +168,11 @@ def _open(ctx: zmq.Context, socket_type: int, address: str, bind: bool, max_fram
         socket.setsockopt(zmq.MAXMSGSIZE, recv_cap_bytes or max_frame_bytes)
         if socket_type == zmq.ROUTER:
             socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable replies raise instead of vanishing
+        if not bind:
+            # A peer that binds later (a server still starting: the launcher's ready poll) is reached ~10 ms after it
+            # binds, not up to ZeroMQ's default 100 ms; the interval doubles up to 1 s while it stays away.
+            socket.setsockopt(zmq.RECONNECT_IVL, 10)
+            socket.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         (socket.bind if bind else socket.connect)(address)
     except zmq.ZMQError as exc:
         socket.close(linger=0)

@@ -36,7 +36,7 @@ from ipc.doorbell import MODES as DOORBELL_MODES
 from ipc.errors import HybridrtError
 from ipc.parent_death import SUPERVISOR_PID_ENV
 from ipc.runtime_dir import RuntimeDir, segment_dir
-from ipc.startup import DEFAULT_READY_CAPTURE
+from ipc.startup import DEFAULT_READY_CAPTURE, StartupPhases
 from jit_context import DEFAULT_STEP_TIMEOUT_S, SERVER_API_KEY_ENV
 from jit_context.speculative_config import SpeculativeConfig
 from launch.client import Client, ServerError
@@ -109,6 +109,8 @@ class Supervisor:
         self.ready_facts: dict = {}
         self.started_at = time.perf_counter()
         self.ready_seconds: float | None = None
+        # The launcher's own phases before it spawns the children (theirs are in the ready facts).
+        self.startup = StartupPhases("launcher", quiet=True)
         self.mps: MpsDaemon | None = None
         self._stop_lock = threading.Lock()  # stop() may come from the HTTP watcher thread and from the main one
         self._stopped = False
@@ -128,14 +130,19 @@ class Supervisor:
 
     def _start(self) -> None:
         load = self.config.load
-        check_reference(load.model, load.load_format)  # a path that names nothing: one line now, nothing started
-        if self.config.draft_model is not None:
-            check_reference(self.config.draft_model)
-        gpu = gpu_requested(load.device)
-        check_names(load.device, load.dtype, gpu)  # a device or dtype name no machine runs: one line now
+        self.startup = StartupPhases("launcher", quiet=not load.progress)
+        with self.startup.phase("checks (model reference, device, dtype)"):
+            check_reference(load.model, load.load_format)  # a path that names nothing: one line now, nothing started
+            if self.config.draft_model is not None:
+                check_reference(self.config.draft_model)
+            gpu = gpu_requested(load.device)
+            check_names(load.device, load.dtype, gpu)  # a device or dtype name no machine runs: one line now
         pipe_dir = self.runtime.subdir("mps-pipe")
         self._tell_reaper(f"mps {pipe_dir}")  # before it starts: it quits a daemon only where one answers there
+        start = time.perf_counter()
         self.mps = MpsDaemon.start(self.config.mps, pipe_dir, self.runtime.subdir("mps-log"), gpu)
+        if self.mps.running:
+            self.startup.add("MPS daemon", time.perf_counter() - start)
         if gpu and not self.mps.running and load.progress:
             print(f"hybridrt: running without MPS ({self.mps.reason})", file=sys.stderr)
         env = {**os.environ, **self.mps.env(), SUPERVISOR_PID_ENV: str(os.getpid())}

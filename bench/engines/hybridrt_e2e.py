@@ -146,7 +146,8 @@ class HybridrtE2EEngine:
                                                  "reason": getattr(mps, "reason", None)},
                 "last_request_server_ttft_ms": self.last_server_timings.get("ttft_ms"),
                 "graphs": status.get("executor", {}).get("graphs", {}),
-                "startup_phases": {"graph_executor": status.get("executor", {}).get("startup", {}),
+                "startup_phases": {"launcher": self.supervisor.startup.facts(),
+                                   "graph_executor": status.get("executor", {}).get("startup", {}),
                                    "jit_context": status.get("startup", {})},
                 "first_requests": self.first_requests}
 
