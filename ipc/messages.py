@@ -175,9 +175,12 @@ class EventHandles(Record):
     jit: bytes
 
 
-# Names the chat template renderer passes itself: a request's template kwargs may not replace them.
+# Names the chat template renderer passes itself, or that transformers' apply_chat_template takes as its own
+# arguments: a request's template kwargs may not set them (so both tokenizer paths treat them alike).
 RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "add_generation_prompt", "continue_final_message", "chat_template",
-                                      "tokenize", "tools", "documents", "return_dict", "padding", "truncation"})
+                                      "tokenize", "tools", "documents", "return_dict", "padding", "truncation",
+                                      "max_length", "return_tensors", "return_assistant_tokens_mask",
+                                      "sanitize_control_tokens", "tokenizer_kwargs"})
 
 
 @dataclass(frozen=True)

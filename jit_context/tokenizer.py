@@ -1,56 +1,128 @@
 """The request-side tokenizer: text <-> ids, the chat template and the set of end-of-sequence ids.
 
-Wraps a Hugging Face fast tokenizer loaded from a folder (tokenizer.json, tokenizer_config.json, ...)
-or from the vocabulary embedded in a GGUF file. The HF object stays private so that the rest of
-`jit_context` depends only on this small surface.
+Two backends behind one small surface, so that the rest of `jit_context` depends on neither:
+- a folder with tokenizer.json whose tokenizer_config.json names transformers' generic fast tokenizer (the
+  converted default model's, GGUF conversions', most recent checkpoints'): the `tokenizers` library set up as
+  transformers would set it up (`jit_context.fast_tokenizer`), and chat templates rendered by
+  `jit_context.chat_template`. No transformers import:
+  that takes 1.4-2.4 s, at every start of a JIT context, against ~0.3 s for this whole load.
+- anything else (a GGUF file, tokenizer classes whose Python code changes behaviour, folders without
+  tokenizer.json): a transformers tokenizer, as loaded before.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Protocol
 
 from ipc.errors import ModelLoadError
+from jit_context.chat_template import check_chat_template
+from jit_context.fast_tokenizer import FastBackend, Unsupported
+
+__all__ = ["Tokenizer", "check_chat_template", "import_tokenizer_modules"]
 
 # End-of-turn / end-of-text tokens that chat models emit instead of (or besides) their configured eos.
 _EXTRA_EOS_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>")
 _ROLES = ("system", "user", "assistant")
 
-
 # tokenizer_config.json classes that are transformers' generic fast tokenizer (TokenizersBackend is its name since
-# transformers 5): loaded as that class directly, what AutoTokenizer would load, without AutoTokenizer's config
-# lookup (about 2 s of imports on a small CPU, at every start of a JIT context).
+# transformers 5): what the tokenizers library alone can load (`FastBackend`), and what AutoTokenizer would load.
 _GENERIC_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
-def _generic_class(folder: Path) -> bool:
+def _read_config(folder: Path) -> dict | None:
     try:
-        config = json.loads((folder / "tokenizer_config.json").read_text())
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and config.get("tokenizer_class") in _GENERIC_CLASSES
+        return None
+    return config if isinstance(config, dict) else None
 
 
-def _load_hf_tokenizer(path: Path):
-    # Imported here: transformers takes seconds to import and only this loader needs it.
-    if path.is_dir() and _generic_class(path):
-        from transformers import PreTrainedTokenizerFast
-
-        return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
-    from transformers import AutoTokenizer
-
-    if path.is_file() and path.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
-    if path.is_dir():
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    raise ModelLoadError(f"tokenizer path must be a folder or a .gguf file: {path}")
+def _generic_class(folder: Path) -> bool:
+    config = _read_config(folder)
+    return config is not None and config.get("tokenizer_class") in _GENERIC_CLASSES
 
 
 def import_tokenizer_modules() -> None:
     """Import what the first `Tokenizer.from_path` of a folder with the generic fast tokenizer (the converted
-    default model's and most recent checkpoints') would: about a second on a small CPU. A process calls it while it
-    waits for something else, so that loading the tokenizer later takes a fraction of that."""
-    from transformers import PreTrainedTokenizerFast  # noqa: F401
+    default model's and most recent checkpoints') needs: tokenizers and jinja2, ~0.2 s on a small CPU. A process
+    calls it while it waits for something else."""
+    import jinja2.sandbox  # noqa: F401
+    import tokenizers  # noqa: F401
+
+    from jit_context.chat_template import _environment
+
+    _environment()
+
+
+class _Backend(Protocol):
+    """What `Tokenizer` needs of a loaded tokenizer."""
+
+    chat_template: str | dict[str, str] | None
+
+    def __len__(self) -> int: ...
+    def get_vocab(self) -> dict[str, int]: ...
+    def eos_token_id(self) -> int | None: ...
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: list[int], skip_special_tokens: bool) -> str: ...
+    def apply_chat_template(self, messages: list[dict], chat_template: str | None, add_generation_prompt: bool,
+                            continue_final_message: bool, template_kwargs: dict) -> list[int]: ...
+    def save(self, folder: Path) -> None: ...
+
+
+class _HfBackend:
+    """A transformers tokenizer (GGUF files, tokenizer classes with their own Python behaviour, folders without
+    tokenizer.json)."""
+
+    def __init__(self, hf_tokenizer) -> None:
+        if not getattr(hf_tokenizer, "is_fast", False):
+            raise ModelLoadError(f"a fast (tokenizers-backed) tokenizer is required, got {type(hf_tokenizer).__name__}")
+        self._hf = hf_tokenizer
+
+    @classmethod
+    def load(cls, path: Path) -> _HfBackend:
+        # Imported here: transformers takes seconds to import and only this loader needs it.
+        if path.is_dir() and _generic_class(path):
+            from transformers import PreTrainedTokenizerFast
+
+            return cls(PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True))
+        from transformers import AutoTokenizer
+
+        if path.is_file() and path.suffix == ".gguf":
+            return cls(AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True))
+        if path.is_dir():
+            return cls(AutoTokenizer.from_pretrained(str(path), local_files_only=True))
+        raise ModelLoadError(f"tokenizer path must be a folder or a .gguf file: {path}")
+
+    @property
+    def chat_template(self) -> str | dict[str, str] | None:
+        return self._hf.chat_template
+
+    def __len__(self) -> int:
+        return len(self._hf)
+
+    def get_vocab(self) -> dict[str, int]:
+        return self._hf.get_vocab()
+
+    def eos_token_id(self) -> int | None:
+        return self._hf.eos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._hf.encode(text, add_special_tokens=True))
+
+    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        return self._hf.decode(ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
+
+    def apply_chat_template(self, messages: list[dict], chat_template: str | None, add_generation_prompt: bool,
+                            continue_final_message: bool, template_kwargs: dict) -> list[int]:
+        return list(self._hf.apply_chat_template(
+            messages, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message, tokenize=True, return_dict=False, **template_kwargs,
+        ))
+
+    def save(self, folder: Path) -> None:
+        self._hf.save_pretrained(str(folder))
 
 
 def _check_messages(messages: list[dict]) -> None:
@@ -68,23 +140,11 @@ def _check_messages(messages: list[dict]) -> None:
             raise ValueError(f"messages[{i}].content must be a string, got {type(m.get('content')).__name__}")
 
 
-def check_chat_template(template: str) -> None:
-    """ValueError unless `template` compiles as Jinja (what transformers renders chat templates with)."""
-    import jinja2
-
-    try:
-        jinja2.Environment().parse(template)
-    except jinja2.TemplateSyntaxError as e:
-        raise ValueError(f"the template does not compile: {e.message} (line {e.lineno})") from None
-
-
 class Tokenizer:
     """Text <-> token ids for one model, with its chat template and end-of-sequence ids."""
 
-    def __init__(self, hf_tokenizer) -> None:
-        if not getattr(hf_tokenizer, "is_fast", False):
-            raise ModelLoadError(f"a fast (tokenizers-backed) tokenizer is required, got {type(hf_tokenizer).__name__}")
-        self._tok = hf_tokenizer
+    def __init__(self, backend: _Backend) -> None:
+        self._backend = backend
         self.eos_token_ids: frozenset[int] = self._find_eos_ids()
         self._chat_template: str | None = None  # replaces the tokenizer's own (`use_chat_template`)
 
@@ -95,29 +155,39 @@ class Tokenizer:
         if not path.exists():
             raise ModelLoadError(f"tokenizer path does not exist: {path}")
         try:
-            hf = _load_hf_tokenizer(path)
+            config = _read_config(path) if path.is_dir() and (path / "tokenizer.json").is_file() else None
+            if config is not None and config.get("tokenizer_class") in _GENERIC_CLASSES:
+                try:
+                    return cls(FastBackend(path, config))
+                except Unsupported:
+                    pass
+                except ModelLoadError:
+                    raise
+                except Exception:  # noqa: BLE001 - a config it misreads: transformers' load says what is wrong
+                    pass
+            return cls(_HfBackend.load(path))
         except ModelLoadError:
             raise
         except Exception as e:  # transformers raises OSError, ValueError, KeyError... depending on the file
             raise ModelLoadError(f"could not load a tokenizer from {path}: {type(e).__name__}: {e}") from e
-        return cls(hf)
 
     def _find_eos_ids(self) -> frozenset[int]:
-        # Membership in the vocab, not convert_tokens_to_ids: that returns the unk id for unknown tokens.
-        vocab = self._tok.get_vocab()
+        # Membership in the vocab, not a token -> id lookup: that returns the unk id for unknown tokens.
+        vocab = self._backend.get_vocab()
         ids = {vocab[t] for t in _EXTRA_EOS_TOKENS if t in vocab}
-        if self._tok.eos_token_id is not None:
-            ids.add(self._tok.eos_token_id)
+        eos = self._backend.eos_token_id()
+        if eos is not None:
+            ids.add(eos)
         return frozenset(ids)
 
     @property
     def vocab_size(self) -> int:
         """Number of ids the tokenizer knows (added tokens included); the model's lm_head may be padded wider."""
-        return len(self._tok)
+        return len(self._backend)
 
     @property
     def has_chat_template(self) -> bool:
-        return bool(self._chat_template or self._tok.chat_template)
+        return bool(self._chat_template or self._backend.chat_template)
 
     def use_chat_template(self, template: str) -> None:
         """Format chat messages with `template` (Jinja, as in HF tokenizer configs) instead of the tokenizer's
@@ -129,7 +199,7 @@ class Tokenizer:
         """Plain text -> ids; BOS is added only where the tokenizer's own post-processor is set to add it."""
         if not isinstance(text, str):
             raise ValueError(f"text must be a string, got {type(text).__name__}")
-        return list(self._tok.encode(text, add_special_tokens=True))
+        return self._backend.encode(text)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             continue_final_message: bool = False, template_kwargs: dict | None = None) -> list[int]:
@@ -143,23 +213,17 @@ class Tokenizer:
             raise ValueError("continue_final_message needs the last message to be the assistant's (the reply "
                              "continues it)")
         try:
-            ids = self._tok.apply_chat_template(
-                messages, chat_template=self._chat_template, add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message, tokenize=True, return_dict=False,
-                **(template_kwargs or {}),
-            )
+            return self._backend.apply_chat_template(messages, self._chat_template, add_generation_prompt,
+                                                     continue_final_message, dict(template_kwargs or {}))
         except ValueError:
             raise
         except Exception as e:  # jinja2 errors raised by the template itself (raise_exception, undefined names)
             raise ValueError(f"the chat template failed: {type(e).__name__}: {e}") from None
-        return list(ids)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         # No space clean-up: it rewrites " ." across token boundaries, so streamed pieces would
         # stop adding up to the full decode.
-        return self._tok.decode(
-            list(ids), skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
-        )
+        return self._backend.decode(list(ids), skip_special_tokens)
 
     def warm_up(self) -> None:
         """Encode, decode and render the chat template once: the first render compiles the Jinja template (~5-13 ms
@@ -175,4 +239,4 @@ class Tokenizer:
 
     def save(self, folder: str | Path) -> None:
         """Write tokenizer.json, tokenizer_config.json and the chat template into folder."""
-        self._tok.save_pretrained(str(folder))
+        self._backend.save(Path(folder))
