@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--capture-before-ready", type=int, default=DEFAULT_READY_CAPTURE, metavar="TOKENS",
                    help="capture the decode graph and the prefill graphs up to TOKENS before ready, so that the first "
                         f"requests run at full speed (default {DEFAULT_READY_CAPTURE}; 0: all while idle, after ready)")
+    p.add_argument("--capture-verify", action="store_true",
+                   help="capture the verify graphs before ready too (the JIT context speculates: its first requests "
+                        "verify proposals)")
     p.add_argument("--doorbell", choices=DOORBELL_MODES, default="auto",
                    help="step commands over shared memory next to the control socket (ipc/doorbell.py): auto = "
                         "on the GPU, on = also on the CPU (tests), off = ZeroMQ only")
@@ -126,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         doorbell = open_doorbell(args.doorbell, args.control, loaded.model.device)
         server = ExecutorServer(channel, loaded, args.supervisor_pid, graphs=not args.no_graphs, quiet=args.quiet,
                                 draft=draft, doorbell=doorbell, startup=startup)
-        server.capture_before_ready(args.capture_before_ready)
+        server.capture_before_ready(args.capture_before_ready, args.capture_verify)
         gc.collect()
         gc.freeze()  # start-up objects (torch, the model) are never scanned again: no long GC pauses mid-stream
         server.serve()

@@ -229,19 +229,21 @@ class ExecutorServer:
         if self.events:
             self.events.executor.record()
 
-    def capture_before_ready(self, max_tokens: int) -> None:
-        """Capture decode and the prefill graphs up to max_tokens before answering the handshake, with a start-up
-        line each for the kernels' compile (the warm-up runs) and the captures; the rest come while idle."""
+    def capture_before_ready(self, max_tokens: int, verify: bool = False) -> None:
+        """Capture decode, the prefill graphs up to max_tokens and (`verify`: the JIT context speculates) the verify
+        graphs before answering the handshake, with a start-up line each for the kernels' compile (the warm-up runs)
+        and the captures; the rest come while idle."""
         if self.graphs is None or max_tokens <= 0:
             return
-        names = self.graphs.startup_graphs(max_tokens)
+        names = self.graphs.startup_graphs(max_tokens, verify)
         for name in names:
             self.graphs.capture(name)
         if self.startup is not None:
             stats = self.graphs.stats
             warmup = sum(stats.warmup_seconds.get(n, 0.0) for n in names)
             self.startup.add("kernel compile and warm-up", warmup)
-            self.startup.add(f"graph capture ({len(names)} graphs: decode, prefill up to {max_tokens} tokens)",
+            self.startup.add(f"graph capture ({len(names)} graphs: decode, prefill up to {max_tokens} tokens"
+                             + (", verify" if verify else "") + ")",
                              sum(stats.seconds.get(n, 0.0) for n in names) - warmup)
 
     def capture_when_idle(self) -> None:

@@ -154,6 +154,8 @@ class Supervisor:
                     "--spawned-at", repr(time.time())]
         if self.config.draft_model is not None:
             executor += ["--draft-model", self.config.draft_model]
+        if self.config.speculation.method != "off":
+            executor.append("--capture-verify")  # the first requests verify proposals: graphs, not eager steps
         # Own session: a terminal Ctrl-C reaches only this process, which stops the children in order (and
         # `hybridrt chat` can cancel a reply without its server dying of the same SIGINT).
         self.children["graph_executor"] = executor_proc = subprocess.Popen(executor, env=env, start_new_session=True)
