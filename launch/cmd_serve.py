@@ -148,7 +148,9 @@ def watch(supervisor: Supervisor, stop: threading.Event) -> int:
 
 
 def import_http_server() -> None:
-    """uvicorn and the HTTP API's modules (FastAPI, pydantic)."""
+    """uvicorn and the HTTP API's modules (FastAPI, pydantic), and anyio's asyncio backend: starlette loads it at the
+    first streamed response (its task group), ~30-50 ms inside the first chat's TTFT otherwise."""
+    import anyio._backends._asyncio  # noqa: F401
     import uvicorn  # noqa: F401
 
     import launch.http_api  # noqa: F401

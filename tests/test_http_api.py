@@ -460,3 +460,44 @@ def test_http_connections_send_without_nagle_delays() -> None:
         return result
 
     assert asyncio.run(scenario()) == 1
+
+
+def test_the_first_streamed_response_imports_nothing():
+    """serve imports the HTTP stack while its children load (`import_http_server`): a module that starlette or uvicorn
+    would import at the first streamed response (anyio's asyncio backend, 30-50 ms on the CPU machine) would land in
+    the first chat's TTFT. A fresh interpreter serves one streamed response and lists what that imported."""
+    import subprocess
+    import sys
+
+    code = """
+import http.client, sys, threading, time
+from launch.cmd_serve import import_http_server
+import_http_server()
+import uvicorn
+from starlette.applications import Starlette
+from starlette.responses import StreamingResponse
+from starlette.routing import Route
+from tests.serve_process import free_port
+
+async def chunks():
+    yield b"data: 1\\n\\n"
+
+app = Starlette(routes=[Route("/s", lambda request: StreamingResponse(chunks(), media_type="text/event-stream"))])
+port = free_port()
+server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+thread = threading.Thread(target=server.run)
+thread.start()
+while not server.started:
+    time.sleep(0.01)
+"127.0.0.1".encode("idna")  # what the client's own connect imports (encodings.idna, stringprep, unicodedata)
+before = set(sys.modules)
+conn = http.client.HTTPConnection("127.0.0.1", port)
+conn.request("GET", "/s")
+assert conn.getresponse().read() == b"data: 1\\n\\n"
+print(sorted(set(sys.modules) - before))
+server.should_exit = True
+thread.join()
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", out.stdout
