@@ -42,11 +42,11 @@ from ipc.messages import (
     TokenizeRequest,
 )
 from jit_context.sampling_params import SamplingParams
+from launch import API_KEY_ENV
 
 LOST_DRAIN_MS = 100  # after the connection dropped, read what the server sent before it for this long
 
 SERVER_DIED = "server_died"
-API_KEY_ENV = "HYBRIDRT_API_KEY"  # the key a server started with --api-key wants, for clients
 
 
 class ServerError(HybridrtError):

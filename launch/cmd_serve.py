@@ -14,7 +14,7 @@ import socket
 import sys
 import threading
 
-from launch.client import API_KEY_ENV
+from launch import API_KEY_ENV
 from launch.options import (
     add_model_flags,
     add_speculative_flags,

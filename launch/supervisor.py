@@ -39,7 +39,6 @@ from ipc.runtime_dir import RuntimeDir, segment_dir
 from ipc.startup import DEFAULT_READY_CAPTURE, StartupPhases
 from jit_context import DEFAULT_STEP_TIMEOUT_S, SERVER_API_KEY_ENV
 from jit_context.speculative_config import SpeculativeConfig
-from launch.client import Client, ServerError
 from launch.mps import MpsDaemon
 from launch.options import load_argv
 
@@ -181,6 +180,8 @@ class Supervisor:
 
     def wait_ready(self) -> dict:
         deadline = time.monotonic() + self.config.ready_timeout_s
+        from launch.client import Client, ServerError  # here: ZeroMQ's import comes after the children's spawn
+
         with Client(self.address, api_key=self.config.api_key) as client:
             while time.monotonic() < deadline:
                 self.check_children()
