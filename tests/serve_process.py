@@ -10,15 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+from bench.probes.serve_ready import free_port  # noqa: F401 - the tests import it from here
 from ipc.liveness import process_alive
 from ipc.runtime_dir import default_base
 from launch.client import Client, ServerError
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def child_pids(pid: int) -> list[int]:
