@@ -18,6 +18,7 @@ from ipc.messages import FinishReason
 from ipc.step_buffers import StepBuffers
 from jit_context.acceptance import warm_up
 from jit_context.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from jit_context.kv_contents import KvContents
 from jit_context.sampler import Sampler
 from jit_context.sampler import warm_up as warm_up_sampling
 from jit_context.sampling_params import SamplingParams
@@ -79,6 +80,7 @@ class GenerationResult:
     token_times_ms: list[float] = field(default_factory=list)  # per token, from the request start
     prefill_enqueued_ms: float = 0.0  # when the executor had the prefill queued, from the request start
     speculation: dict | None = None  # SpecStats.as_dict() when the request speculated
+    cached_tokens: int = 0  # leading prompt tokens whose K/V the cache held from the last request (not prefilled)
 
     @property
     def completion_tokens(self) -> int:
@@ -94,10 +96,16 @@ class Generator:
     """One request at a time over one executor."""
 
     def __init__(self, port: ExecutorPort, tokenizer: Detokenizing | None, eos_token_ids: frozenset[int],
-                 prefill_chunk: int | None = None, speculation: SpeculativeConfig | None = None):
+                 prefill_chunk: int | None = None, speculation: SpeculativeConfig | None = None,
+                 prefix_reuse: bool = False):
+        """`prefix_reuse`: a prompt that starts with the tokens the KV cache holds from the last request prefills
+        only the rest (`KvContents`). Only where the executor's steps write nothing but the request's own
+        positions: the CPU path (on a GPU, graph captures while idle run warm-up steps over the cache, and the
+        prefill graphs start at position 0), without a draft model (whose own cache is not tracked)."""
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1 or None, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
+        self.kv = KvContents() if prefix_reuse else None
         self.speculation = (speculation or SpeculativeConfig()).for_device(port.buffers.logits.device.type)
         if self.speculation.enabled:
             warm_up(port.buffers.logits.shape[0], port.buffers.logits.device)
@@ -147,23 +155,28 @@ class Generator:
         self.check_prompt(prompt_ids)
         n = len(prompt_ids)
         buffers = self.port.buffers
-        self.write_ids(prompt_ids)
+        cached = 0
+        if self.kv is not None:
+            cached = self.kv.reusable(prompt_ids)
+            self.kv.forget()  # until this request ends normally
+        self.write_ids(prompt_ids[cached:], cached)
         chunk = self.prefill_chunk or n
-        for chunk_start in range(0, n - chunk, chunk):  # every chunk but the last
+        for chunk_start in range(cached, n - chunk, chunk):  # every chunk but the last
             self.port.prefill(chunk, chunk_start)
             self.port.wait_enqueued()
             if yield_during_prefill:
                 yield PrefillProgress(chunk_start + chunk, n)
-        last_start = (n - 1) // chunk * chunk
+        last_start = cached + (n - 1 - cached) // chunk * chunk
         self.port.prefill(n - last_start, last_start)  # its logits are the first token's
         # overlaps with the executor launching the prefill
         self.sampler.start_request(params, prompt_ids, end_ids=self._end_ids(params))
         out = _Output(self, params, prompt_ids, start)
+        out.cached_tokens = cached
         if self.speculation.enabled:
             loop = SpeculativeLoop(self, self.speculation, out, prompt_ids)
             yield from loop.run(start)
             out.speculation = loop.stats.as_dict()
-            yield from out.close()
+            yield from self._finish(out, prompt_ids)
             return
         reader = self.reader
         reader.reset()
@@ -180,7 +193,15 @@ class Generator:
             yield out.add(reader.pop())  # token k: the device already has decode k queued behind it
             if out.finish:
                 break  # after a stop, decode k (in flight) is discarded
-        yield from out.close()
+        yield from self._finish(out, prompt_ids)
+
+    def _finish(self, out: _Output, prompt_ids: list[int]) -> Iterator[Chunk | GenerationResult]:
+        """The request's last chunk and result; then the KV cache is known to hold the prompt and every output token
+        but the last (each of those was the input of a step that ran: a decode, or a verify that accepted it)."""
+        items = list(out.close())  # the held-back text, then the result: the request is complete here
+        if self.kv is not None:  # before the result goes out: a caller may stop iterating when it has it
+            self.kv.hold(prompt_ids + out.token_ids[:-1])
+        yield from items
 
 
 
@@ -198,6 +219,7 @@ class _Output:
         self.finish: str | None = None
         self.prefill_enqueued_ms = 0.0
         self.speculation: dict | None = None
+        self.cached_tokens = 0
 
     def add(self, token_id: int) -> Chunk:
         self.times.append((time.perf_counter() - self.start) * 1e3)
@@ -224,7 +246,8 @@ class _Output:
             self.parts.append(tail)
             yield Chunk(tail, [])
         yield GenerationResult("".join(self.parts), self.token_ids, self.finish, self.prompt_len, self.times[0],
-                               _rate(self.times), self.times, self.prefill_enqueued_ms, self.speculation)
+                               _rate(self.times), self.times, self.prefill_enqueued_ms, self.speculation,
+                               self.cached_tokens)
 
 
 def _rate(times_ms: list[float]) -> float:

@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cuda-device", default=None,
                    help="the GPU the executor will run on (cuda or cuda:N): this process makes its CUDA context there "
                         "while the executor loads, instead of after the handshake")
+    p.add_argument("--prefix-reuse", action="store_true",
+                   help="a prompt that starts with what the KV cache holds from the last request prefills only the "
+                        "rest (CPU executors only)")
     p.add_argument("--log-requests", action="store_true",
                    help="a line per finished request and the throughput every few seconds on stderr (serve)")
     p.add_argument("--error-file", default=None,
@@ -181,7 +184,7 @@ def build_server(args: argparse.Namespace, ctx: zmq.Context, control: Channel,
         path = args.tokenizer or ready.tokenizer_path
         early = preloaded.tokenizer if preloaded and path and Path(path).resolve() == preloaded.path else None
         side = build_request_side(executor, ready.model_name, ready.vocab_size, ready.eos_token_ids, path,
-                                  args.chat_template, speculation, preloaded=early)
+                                  args.chat_template, speculation, preloaded=early, prefix_reuse=args.prefix_reuse)
     if ready.device.startswith("cuda"):
         with startup.phase("warm-up request"):
             warm_up_request(executor, side, ready.vocab_size)

@@ -70,9 +70,11 @@ class RequestSide:
 def build_request_side(port: ExecutorPort, model_name: str, vocab_size: int, model_eos_ids: Iterable[int],
                        tokenizer_path: str | Path | None, chat_template: str | None = None,
                        speculation: SpeculativeConfig | None = None,
-                       preloaded: Tokenizer | None = None) -> RequestSide:
+                       preloaded: Tokenizer | None = None, prefix_reuse: bool = False) -> RequestSide:
     """HybridrtError (one line for the user) when a chat template is given without a tokenizer or is invalid.
-    `preloaded`: the tokenizer of `tokenizer_path`, already loaded (the JIT context loads it early)."""
+    `preloaded`: the tokenizer of `tokenizer_path`, already loaded (the JIT context loads it early).
+    `prefix_reuse`: where the executor allows it (the CPU path, no draft model), a prompt that starts with what the
+    KV cache holds prefills only the rest (`Generator`)."""
     if preloaded is not None:
         tokenizer = preloaded
     else:
@@ -88,6 +90,7 @@ def build_request_side(port: ExecutorPort, model_name: str, vocab_size: int, mod
         tokenizer.warm_up()
     eos = frozenset(model_eos_ids) | (tokenizer.eos_token_ids if tokenizer else frozenset())
     on_cpu = port.buffers.logits.device.type == "cpu"
+    drafting = speculation is not None and speculation.method == "draft"
     generator = Generator(port, tokenizer, eos, prefill_chunk=CPU_PREFILL_CHUNK if on_cpu else None,
-                          speculation=speculation)
+                          speculation=speculation, prefix_reuse=prefix_reuse and on_cpu and not drafting)
     return RequestSide(model_name, vocab_size, tokenizer, eos, generator)

@@ -268,6 +268,8 @@ class JitServer:
                    "queue_ms": round((active.started - active.received) * 1e3, 3),
                    "prefill_enqueued_ms": round(result.prefill_enqueued_ms, 3),
                    "token_times_ms": [round(t, 3) for t in result.token_times_ms]}
+        if result.cached_tokens:
+            timings["cached_prompt_tokens"] = result.cached_tokens  # prompt tokens not prefilled (prefix reuse)
         if result.speculation is not None:
             timings["speculation"] = result.speculation
         return Finished(active.request_id, result.text, result.token_ids, result.finish_reason, usage, timings)

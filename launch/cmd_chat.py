@@ -18,6 +18,7 @@ from ipc.errors import HybridrtError
 from launch.options import (
     add_api_key_flag,
     add_model_flags,
+    add_prefix_reuse_flag,
     add_sampling_flags,
     add_speculative_flags,
     add_step_timeout_flag,
@@ -42,6 +43,7 @@ def register(sub) -> None:
                    help="address of a running `hybridrt serve` (e.g. tcp://127.0.0.1:7461); the model flags "
                         "are then ignored")
     add_step_timeout_flag(p, note="; not used with --connect")
+    add_prefix_reuse_flag(p)
     add_api_key_flag(p)
     add_sampling_flags(p, default_temperature=0.7)
     add_speculative_flags(p)
@@ -85,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         supervisor = Supervisor(ServerConfig(load_config(args), tokenizer=args.tokenizer,
                                              chat_template=chat_template(args),
                                              step_timeout_s=args.step_timeout, speculation=speculation,
-                                             draft_model=args.draft_model))
+                                             draft_model=args.draft_model, prefix_reuse=not args.no_prefix_reuse))
         supervisor.start()
     try:
         with Client(args.connect or supervisor.address, api_key=args.api_key) as client:

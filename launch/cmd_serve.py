@@ -17,6 +17,7 @@ import threading
 from launch import API_KEY_ENV
 from launch.options import (
     add_model_flags,
+    add_prefix_reuse_flag,
     add_speculative_flags,
     add_step_timeout_flag,
     chat_template,
@@ -53,6 +54,7 @@ def register(sub) -> None:
                    help="run a private CUDA MPS daemon for the two processes (GPU only): auto starts it where "
                         "possible and logs why not otherwise; on fails if it cannot start (default: auto)")
     add_step_timeout_flag(p)
+    add_prefix_reuse_flag(p)
     add_speculative_flags(p)
     add_model_flags(p)
     p.set_defaults(run=run)
@@ -63,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
                           chat_template=chat_template(args),
                           ready_timeout_s=args.ready_timeout, mps=args.mps, step_timeout_s=args.step_timeout,
                           api_key=args.api_key, speculation=speculative_config(args),
-                          draft_model=args.draft_model, log_requests=not args.quiet)
+                          draft_model=args.draft_model, log_requests=not args.quiet,
+                          prefix_reuse=not args.no_prefix_reuse)
     if args.api_key is None and not is_loopback(args.host):
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach this host can use the "
               "server", file=sys.stderr)

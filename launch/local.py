@@ -19,7 +19,7 @@ __all__ = ["LocalEngine", "PromptInput"]
 class LocalEngine:
     def __init__(self, load: LoadConfig, tokenizer_path: str | None = None, graphs: bool = True,
                  chat_template: str | None = None, speculation: SpeculativeConfig | None = None,
-                 draft_model: str | None = None) -> None:
+                 draft_model: str | None = None, prefix_reuse: bool = False) -> None:
         cache.use_for_triton()  # before any kernel compiles: once per machine
         self.loaded: LoadedModel = load_model(load)
         model = self.loaded.model
@@ -44,7 +44,7 @@ class LocalEngine:
         self.port = DraftingRunner(self.runner, proposer)  # what the generator drives
         self.side: RequestSide = build_request_side(
             self.port, self.loaded.name, model.config.vocab_size, model.config.eos_token_ids,
-            tokenizer_path or self.loaded.tokenizer_path, chat_template, speculation)
+            tokenizer_path or self.loaded.tokenizer_path, chat_template, speculation, prefix_reuse=prefix_reuse)
         self.tokenizer = self.side.tokenizer
         self.generator = self.side.generator
 

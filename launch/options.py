@@ -86,6 +86,13 @@ def speculative_config(args: argparse.Namespace) -> SpeculativeConfig:
         raise ValueError(f"--speculative: {e}") from None
 
 
+def add_prefix_reuse_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-prefix-reuse", action="store_true",
+                   help="prefill every prompt whole. By default a prompt that starts with what the KV cache holds from "
+                        "the last request (a chat's earlier turns and reply) prefills only the rest (CPU for now: on "
+                        "a GPU every prompt is prefilled whole)")
+
+
 def add_step_timeout_flag(p: argparse.ArgumentParser, note: str = "") -> None:
     p.add_argument("--step-timeout", type=positive_seconds, default=DEFAULT_STEP_TIMEOUT_S, metavar="S",
                    help="seconds the JIT context waits for the graph executor to answer one step before that "

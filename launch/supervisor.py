@@ -61,6 +61,7 @@ class ServerConfig:
     step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S  # a step the executor has not answered by then fails its request
     api_key: str | None = field(default=None, repr=False)  # required of every native (and HTTP) client if set
     speculation: SpeculativeConfig = field(default_factory=SpeculativeConfig)  # the JIT context's decode loop
+    prefix_reuse: bool = False  # the JIT context skips the prefill of a prompt's start the KV cache holds (CPU)
     draft_model: str | None = None  # the executor's draft model (--speculative draft)
     doorbell: str = "auto"  # auto | on | off: step commands over shared memory (auto: GPU only; on: tests on CPU)
     log_requests: bool = False  # the JIT context logs each finished request and the throughput (serve)
@@ -165,6 +166,7 @@ class Supervisor:
                *([] if load.progress else ["--quiet"]),
                *(["--cuda-device", "cuda" if load.device == "auto" else load.device] if gpu else []),
                *(["--log-requests"] if self.config.log_requests else []),
+               *(["--prefix-reuse"] if self.config.prefix_reuse else []),
                *self.config.speculation.argv()]
         if self.config.tokenizer:
             jit += ["--tokenizer", self.config.tokenizer]

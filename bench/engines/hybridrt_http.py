@@ -21,8 +21,9 @@ STOP_TIMEOUT_S = 30.0
 def serve_argv(spec: BenchSpec, port: int, http_port: int) -> list[str]:
     """`hybridrt serve` with the run's model, device, weight format and speculation (what the `hybridrt` engine
     passes to its Supervisor)."""
-    argv = [sys.executable, "-m", "launch.cli", "serve", "--quiet", "--port", str(port), "--http-port",
-            str(http_port), "--model", spec.model, "--device", spec.device, "--dtype", spec.dtype,
+    # --no-prefix-reuse: the workloads send the same prompts again, which would skip their prefill on a CPU.
+    argv = [sys.executable, "-m", "launch.cli", "serve", "--quiet", "--no-prefix-reuse", "--port", str(port),
+            "--http-port", str(http_port), "--model", spec.model, "--device", spec.device, "--dtype", spec.dtype,
             "--max-context", str(spec.max_context), "--seed-weights", str(spec.seed), "--mps", spec.mps,
             "--ready-timeout", str(spec.timeout_s), "--speculative", spec.speculative,
             "--num-speculative-tokens", str(spec.num_speculative_tokens)]
