@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     serve_args = args.serve_args[1:] if args.serve_args[:1] == ["--"] else args.serve_args
     port, http_port = free_port(), free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "serve", "--quiet", "--port", str(port),
-                             "--http-port", str(http_port), *serve_args],
+    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "serve", "--quiet", "--no-prefix-reuse", "--port",
+                             str(port), "--http-port", str(http_port), *serve_args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{http_port}"
     try:

@@ -63,8 +63,9 @@ def chat_ttft_ms(port: int, model: str) -> float:
 
 def one_run(serve_args: list[str], timeout_s: float, steady: int) -> dict:
     port, http_port = free_port(), free_port()
-    cmd = [sys.executable, "-m", "launch.cli", "serve", "--port", str(port), "--http-port", str(http_port),
-           *serve_args]
+    # --no-prefix-reuse: the steady requests repeat the first one's chat, which would skip its prefill on a CPU.
+    cmd = [sys.executable, "-m", "launch.cli", "serve", "--no-prefix-reuse", "--port", str(port), "--http-port",
+           str(http_port), *serve_args]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
