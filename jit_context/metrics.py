@@ -42,6 +42,7 @@ class ServingMetrics:
     finished: dict[str, int] = field(default_factory=dict)  # finish reason -> requests
     errors: dict[str, int] = field(default_factory=dict)  # Error replies to clients, by code
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens not prefilled: the KV cache held them (prefix reuse)
     generation_tokens: int = 0
     ttft: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))
     time_per_output_token: Histogram = field(default_factory=lambda: Histogram(TPOT_BUCKETS))
@@ -54,13 +55,15 @@ class ServingMetrics:
     spec_accepted_per_position: list[int] = field(default_factory=list)
 
     def record(self, finish_reason: str, prompt_tokens: int, token_times_ms: list[float], e2e_s: float,
-               speculation: dict | None = None) -> None:
-        """One finished request: its outcome (one of OUTCOMES), prompt size, each token's time since arrival, and
-        what its speculation did (`SpecStats.as_dict()`, None when it did not speculate)."""
+               speculation: dict | None = None, cached_prompt_tokens: int = 0) -> None:
+        """One finished request: its outcome (one of OUTCOMES), prompt size, each token's time since arrival, what
+        its speculation did (`SpecStats.as_dict()`, None when it did not speculate), and how many of its prompt
+        tokens the KV cache already held."""
         if finish_reason not in OUTCOMES:
             raise ValueError(f"unknown request outcome {finish_reason!r}; one of {OUTCOMES}")
         self.finished[finish_reason] = self.finished.get(finish_reason, 0) + 1
         self.prompt_tokens += prompt_tokens
+        self.cached_prompt_tokens += cached_prompt_tokens
         self.generation_tokens += len(token_times_ms)
         if token_times_ms:
             self.ttft.observe(token_times_ms[0] / 1e3)
@@ -83,7 +86,8 @@ class ServingMetrics:
 
     def snapshot(self, running: int, waiting: int) -> dict:
         return {"running": running, "waiting": waiting, "finished": dict(self.finished), "errors": dict(self.errors),
-                "prompt_tokens": self.prompt_tokens, "generation_tokens": self.generation_tokens,
+                "prompt_tokens": self.prompt_tokens, "cached_prompt_tokens": self.cached_prompt_tokens,
+                "generation_tokens": self.generation_tokens,
                 "ttft_s": self.ttft.snapshot(), "time_per_output_token_s": self.time_per_output_token.snapshot(),
                 "e2e_latency_s": self.e2e_latency.snapshot(),
                 "spec_decode": {"num_drafts": self.spec_drafts, "num_draft_tokens": self.spec_draft_tokens,

@@ -21,9 +21,10 @@ class RequestLog:
         self.since = clock()
 
     def finished(self, request_id: str, reason: str, prompt_tokens: int, completion_tokens: int, ttft_ms: float,
-                 tokens_per_s: float) -> None:
-        _say(f"request {request_id} finished ({reason}): {prompt_tokens} prompt + {completion_tokens} generated "
-             f"tokens, TTFT {ttft_ms:.1f} ms, {tokens_per_s:.1f} tokens/s")
+                 tokens_per_s: float, cached_tokens: int = 0) -> None:
+        reused = f" ({cached_tokens} reused from the KV cache)" if cached_tokens else ""
+        _say(f"request {request_id} finished ({reason}): {prompt_tokens} prompt{reused} + {completion_tokens} "
+             f"generated tokens, TTFT {ttft_ms:.1f} ms, {tokens_per_s:.1f} tokens/s")
 
     def failed(self, request_id: str, code: str) -> None:
         _say(f"request {request_id} failed ({code})")

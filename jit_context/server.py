@@ -283,13 +283,13 @@ class JitServer:
         if self.log is not None and isinstance(msg, Finished):
             self.log.finished(msg.request_id, msg.finish_reason, msg.usage.get("prompt_tokens", 0),
                               msg.usage.get("completion_tokens", 0), msg.timings.get("ttft_ms", 0.0),
-                              msg.timings.get("tokens_per_s", 0.0))
+                              msg.timings.get("tokens_per_s", 0.0), msg.timings.get("cached_prompt_tokens", 0))
         elif self.log is not None:
             self.log.failed(msg.request_id, msg.code)
         if isinstance(msg, Finished):
             self.metrics.record(msg.finish_reason, msg.usage.get("prompt_tokens", len(self.active.prompt_ids)),
                                 msg.timings.get("token_times_ms", []), time.perf_counter() - self.active.received,
-                                msg.timings.get("speculation"))
+                                msg.timings.get("speculation"), msg.timings.get("cached_prompt_tokens", 0))
         else:
             self.metrics.record(FAILED, len(self.active.prompt_ids), [], time.perf_counter() - self.active.received)
         self.active, self.stream = None, None

@@ -20,7 +20,7 @@ def test_histogram_le_buckets() -> None:
 def test_record_and_render() -> None:
     m = ServingMetrics()
     m.record("length", 7, [20.0, 30.0, 45.0], 0.05)  # TTFT 20 ms, then gaps of 10 and 15 ms
-    m.record("stop", 3, [5.0], 0.006)
+    m.record("stop", 3, [5.0], 0.006, cached_prompt_tokens=2)
     m.record("error", 4, [], 0.001)
     snap = m.snapshot(running=1, waiting=2)
     assert (snap["prompt_tokens"], snap["generation_tokens"]) == (14, 4)
@@ -31,6 +31,7 @@ def test_record_and_render() -> None:
     assert samples['hybridrt:num_requests_waiting{model_name="tiny"}'] == "2"
     assert samples['hybridrt:request_success_total{model_name="tiny",finished_reason="stop"}'] == "1"
     assert samples['hybridrt:generation_tokens_total{model_name="tiny"}'] == "4"
+    assert samples['hybridrt:prefix_cache_hits_total{model_name="tiny"}'] == "2"
     ttft = 'hybridrt:time_to_first_token_seconds'
     assert samples[f'{ttft}_bucket{{model_name="tiny",le="0.005"}}'] == "1"  # 5 ms
     assert samples[f'{ttft}_bucket{{model_name="tiny",le="0.02"}}'] == "2"  # cumulative: 5 and 20 ms

@@ -4,6 +4,9 @@ process and through a real server."""
 
 from __future__ import annotations
 
+import re
+import urllib.request
+
 import pytest
 
 from ipc.messages import Finished
@@ -85,3 +88,7 @@ def test_the_server_reports_the_reused_prompt_tokens(shared_server):
     assert second.timings["cached_prompt_tokens"] >= first.usage["prompt_tokens"]
     assert again.timings["cached_prompt_tokens"] == again.usage["prompt_tokens"] - 1
     assert again.token_ids == second.token_ids
+    with urllib.request.urlopen(f"{shared_server.http}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    hits = int(re.search(r"^hybridrt:prefix_cache_hits_total\{[^}]*\} (\d+)$", text, re.MULTILINE).group(1))
+    assert hits >= second.timings["cached_prompt_tokens"] + again.timings["cached_prompt_tokens"]
