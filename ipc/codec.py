@@ -159,7 +159,8 @@ def _resolve_all() -> None:
         seen.add(cls)
         for hint in field_types(cls).values():
             _holds_records(hint)
-            pending += [arg for arg in (hint, *typing.get_args(hint)) if isinstance(arg, type) and issubclass(arg, Record)]
+            pending += [arg for arg in (hint, *typing.get_args(hint))
+                        if isinstance(arg, type) and issubclass(arg, Record)]
         _has_records(cls)
 
 

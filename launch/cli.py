@@ -37,7 +37,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def version() -> str:
-    from importlib import metadata  # here: ~60 ms of imports that every other command would pay before it starts
+    from importlib import metadata  # here: only --version needs it, and `serve` imports as little as it can first
 
     try:
         return metadata.version("hybridrt")
