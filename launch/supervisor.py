@@ -92,6 +92,39 @@ def gpu_requested(device: str) -> bool:
     return driver.cuInit(0) == 0 and driver.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
 
 
+def executor_argv(config: ServerConfig, control: str, error_file: Path) -> list[str]:
+    """The graph executor's command line for this server (`graph_executor.process.parse_args` reads it)."""
+    argv = [sys.executable, "-m", "graph_executor", "--control", control, *load_argv(config.load),
+            "--supervisor-pid", str(os.getpid()), "--doorbell", config.doorbell, "--error-file", str(error_file),
+            "--capture-before-ready", str(config.capture_before_ready), "--spawned-at", repr(time.time())]
+    if config.draft_model is not None:
+        argv += ["--draft-model", config.draft_model]
+    if config.speculation.method != "off":
+        argv.append("--capture-verify")  # the first requests verify proposals: graphs, not eager steps
+    return argv
+
+
+def jit_argv(config: ServerConfig, control: str, listen: str, executor_pid: int, error_file: Path,
+             gpu: bool) -> list[str]:
+    """The JIT context's command line for this server (`jit_context.process.parse_args` reads it)."""
+    load = config.load
+    argv = [sys.executable, "-m", "jit_context", "--control", control, "--listen", listen,
+            "--executor-pid", str(executor_pid), "--step-timeout", repr(config.step_timeout_s),
+            "--error-file", str(error_file), "--spawned-at", repr(time.time()),
+            *([] if load.progress else ["--quiet"]),
+            *(["--cuda-device", "cuda" if load.device == "auto" else load.device] if gpu else []),
+            *(["--log-requests"] if config.log_requests else []),
+            *(["--prefix-reuse"] if config.prefix_reuse else []),
+            *config.speculation.argv()]
+    if config.tokenizer:
+        argv += ["--tokenizer", config.tokenizer]
+    elif (hint := known_tokenizer_folder(load.model, load.load_format)) is not None:
+        argv += ["--tokenizer-hint", str(hint)]  # loaded while the executor loads the model
+    if config.chat_template is not None:
+        argv += ["--chat-template", config.chat_template]
+    return argv
+
+
 def _describe_exit(name: str, code: int) -> str:
     if code < 0:
         return f"{name} was killed by {signal.Signals(-code).name}"
@@ -147,33 +180,12 @@ class Supervisor:
             print(f"hybridrt: running without MPS ({self.mps.reason})", file=sys.stderr)
         env = {**os.environ, **self.mps.env(), SUPERVISOR_PID_ENV: str(os.getpid())}
         control = self.runtime.ipc_address("control")
-        executor = [sys.executable, "-m", "graph_executor", "--control", control, *load_argv(load),
-                    "--supervisor-pid", str(os.getpid()), "--doorbell", self.config.doorbell,
-                    "--error-file", str(self.error_file("graph_executor")),
-                    "--capture-before-ready", str(self.config.capture_before_ready),
-                    "--spawned-at", repr(time.time())]
-        if self.config.draft_model is not None:
-            executor += ["--draft-model", self.config.draft_model]
-        if self.config.speculation.method != "off":
-            executor.append("--capture-verify")  # the first requests verify proposals: graphs, not eager steps
+        executor = executor_argv(self.config, control, self.error_file("graph_executor"))
         # Own session: a terminal Ctrl-C reaches only this process, which stops the children in order (and
         # `hybridrt chat` can cancel a reply without its server dying of the same SIGINT).
         self.children["graph_executor"] = executor_proc = subprocess.Popen(executor, env=env, start_new_session=True)
         self._tell_reaper(f"child {executor_proc.pid}", f"segments {segment_dir()} hybridrt-{executor_proc.pid}-")
-        jit = [sys.executable, "-m", "jit_context", "--control", control, "--listen", self.address,
-               "--executor-pid", str(executor_proc.pid), "--step-timeout", repr(self.config.step_timeout_s),
-               "--error-file", str(self.error_file("jit_context")), "--spawned-at", repr(time.time()),
-               *([] if load.progress else ["--quiet"]),
-               *(["--cuda-device", "cuda" if load.device == "auto" else load.device] if gpu else []),
-               *(["--log-requests"] if self.config.log_requests else []),
-               *(["--prefix-reuse"] if self.config.prefix_reuse else []),
-               *self.config.speculation.argv()]
-        if self.config.tokenizer:
-            jit += ["--tokenizer", self.config.tokenizer]
-        elif (hint := known_tokenizer_folder(load.model, load.load_format)) is not None:
-            jit += ["--tokenizer-hint", str(hint)]  # loaded while the executor loads the model
-        if self.config.chat_template is not None:
-            jit += ["--chat-template", self.config.chat_template]
+        jit = jit_argv(self.config, control, self.address, executor_proc.pid, self.error_file("jit_context"), gpu)
         jit_env = {k: v for k, v in env.items() if k != SERVER_API_KEY_ENV}
         if self.config.api_key is not None:
             jit_env[SERVER_API_KEY_ENV] = self.config.api_key
