@@ -1,14 +1,10 @@
 """The graph executor process: `python -m graph_executor ...`, started by the supervisor. It binds the control
 channel, loads the model, builds the `ExecutorServer` and runs it; it exits when its JIT context or its
 supervisor dies, or on SIGTERM (after unlinking its shared memory). The supervisor's death sends it SIGTERM
-at once (PR_SET_PDEATHSIG, armed below before the seconds of torch imports); a step in progress is abandoned.
+at once (PR_SET_PDEATHSIG, armed by `__main__` before the seconds of torch imports); a step in progress is abandoned.
 """
 
 from __future__ import annotations
-
-from ipc.parent_death import exit_with_parent
-
-exit_with_parent()  # first: a supervisor dying while we import must not leave us behind
 
 import argparse
 import gc

@@ -2,15 +2,11 @@
 executor's control channel, imports the tokenizer's modules while the executor loads, waits for the ready
 handshake, imports the shared step buffers, builds the `JitServer` and runs it; it exits when its executor
 dies (after telling every waiting client) or on SIGTERM (after answering every running and queued request
-with `shutting_down`). The supervisor's death sends it SIGTERM at once (PR_SET_PDEATHSIG, armed below before
-the seconds of torch imports): the request in flight is abandoned and its client told.
+with `shutting_down`). The supervisor's death sends it SIGTERM at once (PR_SET_PDEATHSIG, armed by `__main__`
+before the seconds of torch imports): the request in flight is abandoned and its client told.
 """
 
 from __future__ import annotations
-
-from ipc.parent_death import exit_with_parent
-
-exit_with_parent()  # first: a supervisor dying while we import must not leave us behind
 
 import argparse
 import gc
