@@ -25,14 +25,25 @@ def device_ordinal(device: str) -> int | None:
     return None
 
 
-def _retain_primary_context(ordinal: int) -> None:
+def initialized_driver() -> ctypes.CDLL | None:
+    """The CUDA driver library, initialised (cuInit), or None where there is none or it fails to start."""
     try:
         driver = ctypes.CDLL("libcuda.so.1")
     except OSError:
-        return  # no driver: torch says so (auto falls back to the CPU)
-    dev, ctx = ctypes.c_int(0), ctypes.c_void_p()
-    if driver.cuInit(0) != 0 or driver.cuDeviceGet(ctypes.byref(dev), ordinal) != 0:
-        return
+        return None
+    return driver if driver.cuInit(0) == 0 else None
+
+
+def gpu_visible() -> bool:
+    """Whether the CUDA driver sees a GPU (~10 ms, no torch)."""
+    driver, count = initialized_driver(), ctypes.c_int(0)
+    return driver is not None and driver.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+
+
+def _retain_primary_context(ordinal: int) -> None:
+    driver, dev, ctx = initialized_driver(), ctypes.c_int(0), ctypes.c_void_p()
+    if driver is None or driver.cuDeviceGet(ctypes.byref(dev), ordinal) != 0:
+        return  # no driver or no such GPU: torch says so (auto falls back to the CPU)
     driver.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev)
 
 

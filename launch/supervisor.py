@@ -18,7 +18,6 @@ An orderly `stop()` does all of that itself and then tells the reaper `done`.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -32,6 +31,7 @@ from graph_executor.device_names import check_names
 from graph_executor.loading.load_config import LoadConfig
 from graph_executor.loading.model_source import check_reference
 from graph_executor.loading.tokenizer_location import known_tokenizer_folder
+from ipc.cuda_context import gpu_visible
 from ipc.doorbell import MODES as DOORBELL_MODES
 from ipc.errors import HybridrtError
 from ipc.parent_death import SUPERVISOR_PID_ENV
@@ -82,14 +82,7 @@ class ServerConfig:
 def gpu_requested(device: str) -> bool:
     """Whether --device (auto or cuda) will run on a CUDA GPU, asked of the CUDA driver directly (ctypes, ~10 ms) so
     that the launcher decides about MPS without torch; a bad --device is `device_names.check_names`'s to report."""
-    if device != "auto" and not device.startswith("cuda"):
-        return False
-    try:
-        driver = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return False
-    count = ctypes.c_int(0)
-    return driver.cuInit(0) == 0 and driver.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+    return (device == "auto" or device.startswith("cuda")) and gpu_visible()
 
 
 def executor_argv(config: ServerConfig, control: str, error_file: Path) -> list[str]:
