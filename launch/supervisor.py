@@ -136,7 +136,7 @@ class Supervisor:
         self.started_at = time.perf_counter()
         self.ready_seconds: float | None = None
         # The launcher's own phases before it spawns the children (theirs are in the ready facts).
-        self.startup = StartupPhases("launcher", quiet=True)
+        self.startup = StartupPhases("launcher", quiet=not config.load.progress)
         self.mps: MpsDaemon | None = None
         self._stop_lock = threading.Lock()  # stop() may come from the HTTP watcher thread and from the main one
         self._stopped = False
@@ -156,7 +156,6 @@ class Supervisor:
 
     def _start(self) -> None:
         load = self.config.load
-        self.startup = StartupPhases("launcher", quiet=not load.progress)
         with self.startup.phase("checks (model reference, device, dtype)"):
             check_reference(load.model, load.load_format)  # a path that names nothing: one line now, nothing started
             if self.config.draft_model is not None:
