@@ -180,6 +180,13 @@ def _open(ctx: zmq.Context, socket_type: int, address: str, bind: bool, max_fram
     return socket
 
 
+def connect_socket(ctx: zmq.Context, socket_type: int, address: str, *,
+                   max_frame_bytes: int = MAX_FRAME_BYTES) -> zmq.Socket:
+    """A connecting socket with every channel's options and no `Channel` around it, for a caller that reads its
+    frames itself (the asyncio client: a `zmq.asyncio.Context` gives an asyncio socket)."""
+    return _open(ctx, socket_type, address, False, max_frame_bytes)
+
+
 def bind_control(ctx: zmq.Context, address: str, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> Channel:
     """The control channel's binding side (PAIR); its peer is the JIT context (trusted after the handshake)."""
     return Channel(_open(ctx, zmq.PAIR, address, True, max_frame_bytes), max_frame_bytes, trusted=True)

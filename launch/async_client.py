@@ -28,7 +28,8 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from ipc.codec import MAX_FRAME_BYTES, decode, encode
+from ipc.channel import connect_socket
+from ipc.codec import decode, encode
 from ipc.errors import ProtocolError
 from ipc.messages import (
     CancelRequest,
@@ -49,12 +50,7 @@ IDLE_SOCKETS = 8  # connected sockets kept for reuse (as many requests at once r
 
 
 def _dealer(ctx: zmq.asyncio.Context, address: str) -> zmq.asyncio.Socket:
-    # The same options as ipc.channel: close never blocks, zmq drops oversized frames itself.
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
-    sock.connect(address)
-    return sock
+    return connect_socket(ctx, zmq.DEALER, address)  # ipc.channel's options (linger, frame cap, reconnect)
 
 
 class _Watched:
