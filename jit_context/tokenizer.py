@@ -39,11 +39,6 @@ def _read_config(folder: Path) -> dict | None:
     return config if isinstance(config, dict) else None
 
 
-def _generic_class(folder: Path) -> bool:
-    config = _read_config(folder)
-    return config is not None and config.get("tokenizer_class") in _GENERIC_CLASSES
-
-
 def import_tokenizer_modules() -> None:
     """Import what the first `Tokenizer.from_path` of a folder with the generic fast tokenizer (the converted
     default model's and most recent checkpoints') needs: tokenizers and jinja2, ~0.2 s on a small CPU. A process
@@ -81,9 +76,10 @@ class _HfBackend:
         self._hf = hf_tokenizer
 
     @classmethod
-    def load(cls, path: Path) -> _HfBackend:
+    def load(cls, path: Path, generic: bool) -> _HfBackend:
+        """`generic`: a folder whose tokenizer_config.json names transformers' generic fast class."""
         # Imported here: transformers takes seconds to import and only this loader needs it.
-        if path.is_dir() and _generic_class(path):
+        if generic:
             from transformers import PreTrainedTokenizerFast
 
             return cls(PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True))
@@ -155,8 +151,9 @@ class Tokenizer:
         if not path.exists():
             raise ModelLoadError(f"tokenizer path does not exist: {path}")
         try:
-            config = _read_config(path) if path.is_dir() and (path / "tokenizer.json").is_file() else None
-            if config is not None and config.get("tokenizer_class") in _GENERIC_CLASSES:
+            config = _read_config(path) if path.is_dir() else None
+            generic = config is not None and config.get("tokenizer_class") in _GENERIC_CLASSES
+            if generic and (path / "tokenizer.json").is_file():
                 try:
                     return cls(FastBackend(path, config))
                 except Unsupported:
@@ -165,7 +162,7 @@ class Tokenizer:
                     raise
                 except Exception:  # noqa: BLE001 - a config it misreads: transformers' load says what is wrong
                     pass
-            return cls(_HfBackend.load(path))
+            return cls(_HfBackend.load(path, generic))
         except ModelLoadError:
             raise
         except Exception as e:  # transformers raises OSError, ValueError, KeyError... depending on the file
