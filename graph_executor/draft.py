@@ -44,7 +44,7 @@ class DraftProposer:
 
         # The draft reads the shared input ids (the target's prompt and tokens) and writes its proposals there.
         buffers = StepBuffers(input_ids=input_ids, next_token=zeros(1, dtype=torch.int64), logits=zeros(vocab),
-                              verify_logits=zeros(MAX_VERIFY_TOKENS, vocab))
+                              batch_logits=zeros(1, vocab), verify_logits=zeros(MAX_VERIFY_TOKENS, vocab))
         self.graphs = None
         if device.type == "cuda" and graphs:
             from graph_executor.graphs import GraphRunner  # needs Triton: GPU path only
@@ -88,11 +88,14 @@ class DraftingRunner:
         self.buffers = runner.buffers
         self.max_context = runner.max_context
 
-    def prefill(self, num_tokens: int, start_pos: int = 0) -> None:
-        self.runner.prefill(num_tokens, start_pos)
+    def prefill(self, num_tokens: int, start_pos: int = 0, slot: int = 0) -> None:
+        self.runner.prefill(num_tokens, start_pos, slot)
 
     def decode(self, position: int) -> None:
         self.runner.decode(position)
+
+    def decode_batch(self, slots: list[int], positions: list[int]) -> None:
+        self.runner.decode_batch(slots, positions)
 
     def wait_enqueued(self) -> None:
         """In-process steps are enqueued when they return: nothing to wait for."""

@@ -22,7 +22,7 @@ from graph_executor.fused_prefill import FusedPrefill
 from graph_executor.fused_verify import FusedVerify
 from graph_executor.greedy_accept import GreedyAcceptance
 from graph_executor.model import LlamaModel
-from graph_executor.runner import check_span, check_tokens, check_verify, eager_prefill
+from graph_executor.runner import check_batch, check_slot, check_span, check_tokens, check_verify, eager_prefill
 from ipc.step_buffers import MAX_VERIFY_TOKENS, StepBuffers
 
 # Every 32 tokens: a 200-token prompt pays for 224, not 256 (prefill is compute-bound past ~100 tokens).
@@ -71,6 +71,8 @@ class GraphRunner:
     def __init__(self, model: LlamaModel, buffers: StepBuffers | None = None,
                  buckets: tuple[int, ...] = DEFAULT_BUCKETS, decoder: FusedDecoder | None = None,
                  accepts: bool = True) -> None:
+        if model.slots != 1:
+            raise ValueError(f"the CUDA graphs decode one sequence so far; this model holds {model.slots} KV slots")
         self.model = model
         device = model.embed_tokens.device
         self.buffers = buffers or StepBuffers.allocate(model.config.vocab_size, model.max_context, device)
@@ -137,7 +139,14 @@ class GraphRunner:
         """The last verify step's acceptance result, once it has run ([T] argmax tokens, then the count kept)."""
         return self.acceptance.read(self._verified)
 
-    def prefill(self, num_tokens: int, start_pos: int = 0) -> None:
+    def decode_batch(self, slots: list[int], positions: list[int]) -> None:
+        """As ModelRunner.decode_batch, for the one KV slot that the GPU path holds so far (its decode graph)."""
+        check_batch(self.model.slots, self.max_context, slots, positions)
+        self.decode(positions[0])
+        self.buffers.batch_logits[0].copy_(self.buffers.logits)
+
+    def prefill(self, num_tokens: int, start_pos: int = 0, slot: int = 0) -> None:
+        check_slot(self.model.slots, slot)
         check_span(self.max_context, start_pos, num_tokens)
         bucket = next((b for b in self.buckets if b >= num_tokens), None)
         if start_pos != 0 or bucket is None:

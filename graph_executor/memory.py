@@ -17,19 +17,19 @@ GIB = 1024**3
 
 
 def needed_bytes(config: ModelConfig, dtype: torch.dtype, max_context: int,
-                 plan: WeightPlan | None = None) -> tuple[int, int]:
-    """(weight bytes, KV-cache bytes) that loading `config` with a `max_context` cache allocates; `plan`: the
-    weights' storage formats (None: all dense in `dtype`)."""
+                 plan: WeightPlan | None = None, slots: int = 1) -> tuple[int, int]:
+    """(weight bytes, KV-cache bytes) that loading `config` with `slots` caches of `max_context` positions
+    allocates; `plan`: the weights' storage formats (None: all dense in `dtype`)."""
     elt = torch.empty((), dtype=dtype).element_size()
-    kv = 2 * config.num_layers * config.num_kv_heads * config.head_dim * max_context * elt
+    kv = 2 * config.num_layers * config.num_kv_heads * config.head_dim * max_context * elt * slots
     return weight_bytes(config, plan or WeightPlan(), dtype), kv
 
 
 def required_bytes(config: ModelConfig, dtype: torch.dtype, max_context: int,
-                   plan: WeightPlan | None = None) -> int:
+                   plan: WeightPlan | None = None, slots: int = 1) -> int:
     """What one process needs to hold `config` with a `max_context` cache: weights + KV cache + headroom. The one
     rule of "will it fit", for loading and for the bench alike."""
-    weights, kv = needed_bytes(config, dtype, max_context, plan)
+    weights, kv = needed_bytes(config, dtype, max_context, plan, slots)
     return weights + kv + HEADROOM_BYTES
 
 
@@ -50,13 +50,13 @@ def host_available_bytes() -> int | None:
 
 
 def check_fits(name: str, config: ModelConfig, dtype: torch.dtype, max_context: int, device: torch.device,
-               available: int | None = None, plan: WeightPlan | None = None) -> None:
+               available: int | None = None, plan: WeightPlan | None = None, slots: int = 1) -> None:
     """ModelLoadError when the weights and KV cache can't fit in what `device` has free; `available` (bytes)
     replaces asking the device, e.g. a GPU's free memory read by a process that must not hold a CUDA context."""
     if device.type == "cpu":
         plan = None  # the CPU path dequantizes packed weights at load
-    weights, kv = needed_bytes(config, dtype, max_context, plan)
-    need = required_bytes(config, dtype, max_context, plan)
+    weights, kv = needed_bytes(config, dtype, max_context, plan, slots)
+    need = required_bytes(config, dtype, max_context, plan, slots)
     available = available_bytes(device) if available is None else available
     if available is None or need <= available:
         return
@@ -64,6 +64,7 @@ def check_fits(name: str, config: ModelConfig, dtype: torch.dtype, max_context: 
     dtype_name = str(dtype).removeprefix("torch.")
     raise ModelLoadError(
         f"{name} ({dtype_name}) does not fit on {device.type}: it needs about {need / GIB:.1f} GiB (weights "
-        f"{weights / GIB:.1f} GiB + KV cache for {max_context} tokens {kv / GIB:.1f} GiB + headroom) but "
+        f"{weights / GIB:.1f} GiB + KV cache for {max_context} tokens"
+        f"{f' x {slots} sequences' if slots > 1 else ''} {kv / GIB:.1f} GiB + headroom) but "
         f"{where} is {available / GIB:.1f} GiB; try a smaller --max-context or --dtype, or another device"
     )

@@ -78,8 +78,11 @@ class LlamaModel(nn.Module):
     lm_head: Weight
 
     def __init__(self, config: ModelConfig, max_context: int, device: torch.device, dtype: torch.dtype,
-                 plan: WeightPlan | None = None):
+                 plan: WeightPlan | None = None, slots: int = 1):
+        """`slots`: KV caches for this many sequences at once (batched decode, `forward_batch`)."""
         super().__init__()
+        if slots < 1:
+            raise ValueError(f"a model needs at least one KV slot, got {slots}")
         plan = plan or WeightPlan()
         self.config = config
         self.max_context = max_context
@@ -93,39 +96,86 @@ class LlamaModel(nn.Module):
                    else plan.spec("lm_head").empty(v, h, device, dtype))
         self.plan = plan
         self.rope = nn.Buffer(rope_tables(config, max_context, device))  # [C, 2, hd] float32
-        # [layers, 2 (k, v), kv_heads, C, hd]; zeroed so that never-written slots hold finite values.
-        self.kv_cache = nn.Buffer(torch.zeros(
-            config.num_layers, 2, config.num_kv_heads, max_context, config.head_dim, device=device, dtype=dtype
+        # [slots, layers, 2 (k, v), kv_heads, C, hd]: each slot's cache is one contiguous block laid out as a batch-1
+        # model's; zeroed so that never-written positions hold finite values.
+        self.kv_caches = nn.Buffer(torch.zeros(
+            slots, config.num_layers, 2, config.num_kv_heads, max_context, config.head_dim, device=device, dtype=dtype
         ))
+
+    @property
+    def slots(self) -> int:
+        return self.kv_caches.shape[0]
+
+    @property
+    def kv_cache(self) -> torch.Tensor:
+        """[layers, 2, kv_heads, C, hd]: slot 0's cache, the one the batch-1 GPU kernels read and write."""
+        return self.kv_caches[0]
 
     @torch.inference_mode()
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, logits_index: torch.Tensor, kv_len: int
+        self, input_ids: torch.Tensor, positions: torch.Tensor, logits_index: torch.Tensor, kv_len: int,
+        slot: int = 0,
     ) -> torch.Tensor:
-        """input_ids, positions: [T] int64; logits_index: [n] int64 rows of the step to project to logits;
-        kv_len: static bound on positions attended (>= max position + 1). Returns logits [n, vocab]."""
+        """input_ids, positions: [T] int64, one sequence, in KV slot `slot`; logits_index: [n] int64 rows of the
+        step to project to logits; kv_len: static bound on positions attended (>= max position + 1). Returns
+        logits [n, vocab]."""
         mask = self._attention_mask(positions, kv_len)  # [T, kv_len] bool
+        caches = self.kv_caches[slot]  # [L, 2, nkv, C, hd]
 
         def attend(q: torch.Tensor, index: int) -> torch.Tensor:  # q [T, nh, hd] -> [T, nh * hd]
-            cache = self.kv_cache[index]
+            cache = caches[index]
             keys, values = cache[0, :, :kv_len], cache[1, :, :kv_len]  # [nkv, S, hd]
             out = F.scaled_dot_product_attention(
                 q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask, enable_gqa=True
             )  # [1, nh, T, hd]
             return out[0].transpose(0, 1).reshape(q.shape[0], -1)
 
-        return self._run(input_ids, positions, logits_index, attend)
+        def append(index: int, k: torch.Tensor, v: torch.Tensor) -> None:  # k, v [T, nkv, hd] at `positions`
+            cache = caches[index]  # [2, nkv, C, hd]
+            cache[0].index_copy_(1, positions, k.transpose(0, 1))
+            cache[1].index_copy_(1, positions, v.transpose(0, 1))
+
+        return self._run(input_ids, positions, logits_index, attend, append)
+
+    @torch.inference_mode()
+    def forward_batch(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: list[int]) -> torch.Tensor:
+        """One decode step of B sequences: row b is the token input_ids[b] at positions[b] of KV slot slots[b]
+        (distinct slots). input_ids, positions: [B] int64. Returns logits [B, vocab]. The projections read each
+        weight once for all rows; attention reads each row's own slot up to its own position."""
+        batch = len(slots)
+        lengths = [int(p) + 1 for p in positions.tolist()]  # host values: the reference step may branch on them
+        window = self.config.sliding_window
+        slot_index = torch.tensor(slots, dtype=torch.int64, device=positions.device)  # [B]
+
+        def attend(q: torch.Tensor, index: int) -> torch.Tensor:  # q [B, nh, hd] -> [B, nh * hd]
+            out = []
+            for b, (slot, length) in enumerate(zip(slots, lengths)):
+                cache = self.kv_caches[slot, index]  # [2, nkv, C, hd]
+                first = 0 if window is None else max(0, length - window)  # as `_attention_mask`
+                keys, values = cache[0, :, first:length], cache[1, :, first:length]  # [nkv, S, hd]
+                o = F.scaled_dot_product_attention(q[b, :, None][None], keys[None], values[None],
+                                                   enable_gqa=True)  # [1, nh, 1, hd]: every position kept
+                out.append(o[0, :, 0].reshape(-1))
+            return torch.stack(out)
+
+        def append(index: int, k: torch.Tensor, v: torch.Tensor) -> None:  # k, v [B, nkv, hd]
+            cache = self.kv_caches[:, index]  # [slots, 2, nkv, C, hd]
+            cache[slot_index, 0, :, positions] = k
+            cache[slot_index, 1, :, positions] = v
+
+        every_row = torch.arange(batch, device=positions.device)  # [B]
+        return self._run(input_ids, positions, every_row, attend, append)
 
     def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, logits_index: torch.Tensor,
-             attend) -> torch.Tensor:
+             attend, append) -> torch.Tensor:
         cfg = self.config
         x = rows.dequantize(rows.select_rows(self.embed_tokens, input_ids), self.dtype)  # [T, H]
         cos_sin = self.rope.index_select(0, positions)  # [T, 2, hd]
         cos, sin = cos_sin[:, 0:1], cos_sin[:, 1:2]  # [T, 1, hd]
         for index, layer in enumerate(self.layers):
             h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
-            x = x + linear(attend(self._qkv_rope_append(layer, index, h, positions, cos, sin), index),
-                           layer.o_proj)
+            q = self._qkv_rope(layer, h, cos, sin, lambda k, v, i=index: append(i, k, v))
+            x = x + linear(attend(q, index), layer.o_proj)
             x = x + self._mlp(layer, rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps))
         x = rms_norm(x.index_select(0, logits_index), self.norm, cfg.rms_norm_eps)  # [n, H]
         return linear(x, self.lm_head)  # [n, V]
@@ -137,18 +187,17 @@ class LlamaModel(nn.Module):
             mask &= key_pos[None, :] > positions[:, None] - self.config.sliding_window
         return mask
 
-    def _qkv_rope_append(self, layer: DecoderLayer, index: int, x: torch.Tensor, positions: torch.Tensor,
-                         cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """QKV projection and RoPE; K and V are written into the cache at `positions`. Returns q [T, nh, hd]."""
+    def _qkv_rope(self, layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  append) -> torch.Tensor:
+        """QKV projection and RoPE; `append(k, v)` ([T, nkv, hd] each) writes K and V into the cache. Returns
+        q [T, nh, hd]."""
         cfg = self.config
         t = x.shape[0]
         qkv = linear(x, layer.qkv_proj, layer.qkv_bias)  # [T, q + 2kv]
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         q = apply_rope(q.view(t, cfg.num_heads, cfg.head_dim), cos, sin)  # [T, nh, hd]
         k = apply_rope(k.view(t, cfg.num_kv_heads, cfg.head_dim), cos, sin)  # [T, nkv, hd]
-        cache = self.kv_cache[index]  # [2, nkv, C, hd]
-        cache[0].index_copy_(1, positions, k.transpose(0, 1))
-        cache[1].index_copy_(1, positions, v.view(t, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1))
+        append(k, v.view(t, cfg.num_kv_heads, cfg.head_dim))
         return q
 
     def _mlp(self, layer: DecoderLayer, x: torch.Tensor) -> torch.Tensor:

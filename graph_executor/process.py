@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quantize", default=None)
     p.add_argument("--quantize-group", type=int, default=32)
     p.add_argument("--dequantize", action="store_true")
+    p.add_argument("--max-num-seqs", type=int, default=1,
+                   help="KV slots: sequences held and decoded together (the GPU graphs hold one so far)")
     p.add_argument("--supervisor-pid", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--no-graphs", action="store_true", help="run every step eagerly (no CUDA graphs)")
@@ -110,7 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         load = LoadConfig(model=args.model, load_format=args.load_format, device=args.device, dtype=args.dtype,
                           max_context=args.max_context, seed=args.seed_weights, progress=not args.quiet,
-                          quantize=args.quantize, quantize_group=args.quantize_group, dequantize=args.dequantize)
+                          quantize=args.quantize, quantize_group=args.quantize_group, dequantize=args.dequantize,
+                          max_num_seqs=args.max_num_seqs)
+        if args.max_num_seqs > 1 and args.device != "cpu" and not args.no_graphs and torch.cuda.is_available():
+            raise HybridrtError(f"--max-num-seqs {args.max_num_seqs}: the GPU path's CUDA graphs decode one sequence "
+                                "so far (batched decode kernels are not built yet); use --max-num-seqs 1 on a GPU")
         if args.draft_model:  # before the target loads: a bad draft is one line and costs no loaded target
             check_load_config(replace(load, model=args.draft_model, load_format="auto", quantize=None,
                                       dequantize=False))

@@ -50,17 +50,35 @@ def eager_verify(model: LlamaModel, buffers: StepBuffers, position: int, num_tok
     buffers.verify_logits[:num_tokens].copy_(model(ids, positions, rows, position + num_tokens))  # [T, V]
 
 
-def eager_prefill(model: LlamaModel, buffers: StepBuffers, num_tokens: int, start_pos: int = 0) -> None:
-    """Run input_ids[start_pos:start_pos + num_tokens] at their positions, in chunks; the last one's logits
+def eager_prefill(model: LlamaModel, buffers: StepBuffers, num_tokens: int, start_pos: int = 0,
+                  slot: int = 0) -> None:
+    """Run slot `slot`'s ids at positions [start_pos, start_pos + num_tokens), in chunks; the last one's logits
     land in `logits`."""
     device = buffers.input_ids.device
+    slot_ids = buffers.slot_ids(slot)  # [C]
     for chunk_start in range(0, num_tokens, PREFILL_CHUNK):
         chunk_end = min(chunk_start + PREFILL_CHUNK, num_tokens)
-        ids = buffers.input_ids[start_pos + chunk_start:start_pos + chunk_end]  # [t]
+        ids = slot_ids[start_pos + chunk_start:start_pos + chunk_end]  # [t]
         positions = torch.arange(start_pos + chunk_start, start_pos + chunk_end, device=device)  # [t]
         last = torch.full((1,), chunk_end - chunk_start - 1, dtype=torch.int64, device=device)
-        logits = model(ids, positions, last, start_pos + chunk_end)  # [1, V]
+        logits = model(ids, positions, last, start_pos + chunk_end, slot=slot)  # [1, V]
     buffers.logits.copy_(logits[0])
+
+
+def check_slot(slots: int, slot: int) -> None:
+    """ValueError unless `slot` is one of the executor's KV slots."""
+    if not 0 <= slot < slots:
+        raise ValueError(f"KV slot {slot} does not exist (the executor holds {slots}: --max-num-seqs)")
+
+
+def check_batch(slots: int, max_context: int, batch_slots: list[int], positions: list[int]) -> None:
+    """ValueError unless a batched decode names distinct existing slots, each with a position in its cache."""
+    if not batch_slots or len(positions) != len(batch_slots) or len(set(batch_slots)) != len(batch_slots):
+        raise ValueError(f"a batched decode needs distinct slots and one position each, got {batch_slots}, "
+                         f"{positions}")
+    for slot, position in zip(batch_slots, positions):
+        check_slot(slots, slot)
+        check_span(max_context, position, 1)
 
 
 class ModelRunner:
@@ -69,7 +87,10 @@ class ModelRunner:
     def __init__(self, model: LlamaModel, buffers: StepBuffers | None = None) -> None:
         self.model = model
         device = model.embed_tokens.device
-        self.buffers = buffers or StepBuffers.allocate(model.config.vocab_size, model.max_context, device)
+        self.buffers = buffers or StepBuffers.allocate(model.config.vocab_size, model.max_context, device,
+                                                       model.slots)
+        if self.buffers.slots != model.slots:
+            raise ValueError(f"step buffers for {self.buffers.slots} slots, a model with {model.slots}")
         self._last_row = torch.zeros(1, dtype=torch.int64, device=device)  # [1]: row 0 of a decode step
         self.acceptance = GreedyAcceptance(self.buffers)
         self._verified = 0  # tokens of the last verify step that ran the acceptance
@@ -78,21 +99,31 @@ class ModelRunner:
     def max_context(self) -> int:
         return self.model.max_context
 
-    def prefill(self, num_tokens: int, start_pos: int = 0) -> None:
-        """Run the prompt tokens at positions [start_pos, start_pos + num_tokens); the last one's logits land in
-        `logits`."""
+    def prefill(self, num_tokens: int, start_pos: int = 0, slot: int = 0) -> None:
+        """Run slot `slot`'s prompt tokens at positions [start_pos, start_pos + num_tokens); the last one's logits
+        land in `logits`."""
+        check_slot(self.model.slots, slot)
         check_span(self.max_context, start_pos, num_tokens)
-        eager_prefill(self.model, self.buffers, num_tokens, start_pos)
+        eager_prefill(self.model, self.buffers, num_tokens, start_pos, slot)
 
     def wait_enqueued(self) -> None:
         """In-process steps are enqueued when prefill/decode return: nothing to wait for."""
 
     def decode(self, position: int) -> None:
-        """Run `next_token` at `position`; its logits land in `logits`."""
+        """Run slot 0's `next_token` at `position`; its logits land in `logits`."""
         check_span(self.max_context, position, 1)
         positions = torch.full((1,), position, dtype=torch.int64, device=self.buffers.next_token.device)
-        logits = self.model(self.buffers.next_token, positions, self._last_row, position + 1)  # [1, V]
+        logits = self.model(self.buffers.next_token[:1], positions, self._last_row, position + 1)  # [1, V]
         self.buffers.logits.copy_(logits[0])
+
+    def decode_batch(self, slots: list[int], positions: list[int]) -> None:
+        """Row b: next_token[slots[b]] at positions[b] of slot slots[b]; its logits land in batch_logits[b]."""
+        check_batch(self.model.slots, self.max_context, slots, positions)
+        device = self.buffers.next_token.device
+        index = torch.tensor(slots, dtype=torch.int64, device=device)  # [B]
+        ids = self.buffers.next_token.index_select(0, index)  # [B]
+        logits = self.model.forward_batch(ids, torch.tensor(positions, dtype=torch.int64, device=device), slots)
+        self.buffers.batch_logits[:len(slots)].copy_(logits)  # [B, V]
 
     def verify(self, position: int, num_tokens: int, tokens: list[int] | None = None, accept: bool = False) -> None:
         """Run input_ids[position:position + num_tokens] (last accepted token, then proposals; `tokens` are written

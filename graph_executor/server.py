@@ -23,6 +23,7 @@ from ipc.liveness import process_alive
 from ipc.messages import (
     PROTOCOL_VERSION,
     Decode,
+    DecodeBatch,
     Error,
     Handshake,
     Message,
@@ -57,7 +58,7 @@ class ExecutorServer:
         self.loaded = loaded
         model = loaded.model
         device = model.embed_tokens.device
-        self.shared = SharedStepBuffers.export(model.config.vocab_size, model.max_context, device)
+        self.shared = SharedStepBuffers.export(model.config.vocab_size, model.max_context, device, model.slots)
         buffers = self.shared.buffers
         self.cuda = device.type == "cuda"
         self.graphs = None  # the GraphRunner on the GPU path: it captures while idle and reports its graphs
@@ -105,7 +106,8 @@ class ExecutorServer:
                      tokenizer_path=tokenizer, facts=self.facts(),
                      draft_model=self.draft.name if self.draft is not None else None,
                      draft_params=self.draft.model.config.num_params() if self.draft is not None else 0,
-                     doorbell=str(self.doorbell.path) if self.doorbell is not None else None)
+                     doorbell=str(self.doorbell.path) if self.doorbell is not None else None,
+                     max_num_seqs=model.slots)
 
     def peers_alive(self) -> bool:
         pids = [p for p in (self.peer_pid, self.supervisor_pid) if p is not None]
@@ -163,7 +165,7 @@ class ExecutorServer:
         """A message from ZeroMQ, with the doorbell seq of the same step if it was also rung (and not taken)."""
         if msg is None:
             return None
-        rung = self.doorbell.peek() if isinstance(msg, (Prefill, Decode, Verify)) else None
+        rung = self.doorbell.peek() if isinstance(msg, STEPS) else None
         if rung is not None and _step_key(rung[1]) == _step_key(msg):
             self.doorbell.take()
             return rung[0], msg
@@ -196,7 +198,11 @@ class ExecutorServer:
             if isinstance(msg, Prefill):
                 self.busy = True
                 with self.ordered():
-                    self.runner.prefill(msg.num_tokens, msg.start_pos)
+                    self.runner.prefill(msg.num_tokens, msg.start_pos, msg.slot)
+                return StepDone(msg.request_id, msg.step)
+            if isinstance(msg, DecodeBatch):
+                with self.ordered():
+                    self.runner.decode_batch(msg.slots, msg.positions)
                 return StepDone(msg.request_id, msg.step)
             if isinstance(msg, Decode):
                 with self.ordered():
@@ -263,5 +269,8 @@ class ExecutorServer:
             self.doorbell.close()
 
 
+STEPS = (Prefill, Decode, DecodeBatch, Verify)  # the commands that run a step (and may come on the doorbell)
+
+
 def _step_key(msg: Message) -> tuple[str, int] | None:
-    return (msg.request_id, msg.step) if isinstance(msg, (Prefill, Decode, Verify)) else None
+    return (msg.request_id, msg.step) if isinstance(msg, STEPS) else None

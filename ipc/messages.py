@@ -26,11 +26,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
-# 5: Verify.tokens/accept, StepDone.accepted, GenerateRequest.chat; 4: Ready.doorbell; 3: Verify and the verify_logits buffer; 2: typed Ready
+# 6: KV slots (Ready.max_num_seqs, Prefill.slot, DecodeBatch, the batch_logits buffer); 5: Verify.tokens/accept, StepDone.accepted, GenerateRequest.chat; 4: Ready.doorbell; 3: Verify and the verify_logits buffer; 2: typed Ready
 # buffers/events/tokenizer_path
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 MAX_ID_CHARS = 256
 MAX_SPECULATIVE_TOKENS = 8  # proposals a Verify step carries at most (its k + 1 tokens fill the verify buffers)
+MAX_NUM_SEQS = 64  # KV slots an executor may hold (sequences decoded together in one DecodeBatch step)
 _MAX_NESTING = 32  # free-form dicts (facts, params, usage) nest this deep at most
 
 
@@ -164,6 +165,7 @@ class StepBufferSpecs(Record):
     input_ids: TensorSpec
     next_token: TensorSpec
     logits: TensorSpec
+    batch_logits: TensorSpec
     verify_logits: TensorSpec
 
 
@@ -254,10 +256,13 @@ class Ready(Message):
     draft_model: str | None = None  # the executor's draft model for speculative decoding, if it has one
     draft_params: int = 0  # its parameter count (the JIT context's cost model compares it with the target's)
     doorbell: str | None = None  # the step doorbell's file (ipc/doorbell.py), if the executor watches one
+    max_num_seqs: int = 1  # KV slots: sequences the executor holds at once (Prefill.slot, DecodeBatch)
 
     def _validate(self) -> None:
         if self.vocab_size <= 0 or self.max_context <= 0:
             raise ValueError("Ready.vocab_size and .max_context must be > 0")
+        if not 1 <= self.max_num_seqs <= MAX_NUM_SEQS:
+            raise ValueError(f"Ready.max_num_seqs must be in 1..{MAX_NUM_SEQS}, got {self.max_num_seqs}")
         _check_non_negative("Ready.eos_token_ids", *self.eos_token_ids)
         _check_non_negative("Ready.draft_params", self.draft_params)
 
@@ -295,17 +300,19 @@ class Error(Message):
 
 @dataclass(frozen=True)
 class Prefill(Message):
-    """Run prompt positions [start_pos, start_pos + num_tokens); their ids are at the same indices of the shared
-    input-ids buffer (zero-copy). A long prompt may come as several Prefills, start_pos advancing."""
+    """Run prompt positions [start_pos, start_pos + num_tokens) of KV slot `slot`; their ids are at the same
+    positions of the slot's row of the shared input-ids buffer (zero-copy). A long prompt may come as several
+    Prefills, start_pos advancing. The last position's logits land in `logits`."""
 
     TAG: ClassVar[int] = 10
     request_id: str
     step: int
     num_tokens: int
     start_pos: int
+    slot: int = 0
 
     def _validate(self) -> None:
-        _check_non_negative("Prefill.step/start_pos", self.step, self.start_pos)
+        _check_non_negative("Prefill.step/start_pos/slot", self.step, self.start_pos, self.slot)
         if self.num_tokens < 1:
             raise ValueError(f"Prefill.num_tokens must be >= 1, got {self.num_tokens}")
 
@@ -321,6 +328,27 @@ class Decode(Message):
 
     def _validate(self) -> None:
         _check_non_negative("Decode.step/position", self.step, self.position)
+
+
+@dataclass(frozen=True)
+class DecodeBatch(Message):
+    """One decode step of several sequences: row b consumes next_token[slots[b]] at KV position positions[b] of
+    slot slots[b], and its logits land in row b of `batch_logits`. Slots are distinct."""
+
+    TAG: ClassVar[int] = 16
+    request_id: str
+    step: int
+    slots: list[int]
+    positions: list[int]
+
+    def _validate(self) -> None:
+        _check_non_negative("DecodeBatch.step", self.step)
+        _check_non_negative("DecodeBatch.slots/positions", *self.slots, *self.positions)
+        if not 1 <= len(self.slots) <= MAX_NUM_SEQS or len(self.positions) != len(self.slots):
+            raise ValueError(f"DecodeBatch needs 1..{MAX_NUM_SEQS} slots and one position per slot, got "
+                             f"{len(self.slots)} slots and {len(self.positions)} positions")
+        if len(set(self.slots)) != len(self.slots):
+            raise ValueError(f"DecodeBatch.slots must be distinct, got {self.slots}")
 
 
 @dataclass(frozen=True)
@@ -487,7 +515,7 @@ class Started(Message):
 
 ALL_MESSAGES: tuple[type[Message], ...] = (
     Handshake, Ready, Status, StatusReply, Ok, Error,
-    Prefill, Decode, StepDone, Reset, Verify,
+    Prefill, Decode, StepDone, Reset, Verify, DecodeBatch,
     GenerateRequest, TokenChunk, Finished, CancelRequest,
     TokenizeRequest, TokenizeReply, DetokenizeRequest, DetokenizeReply, Started,
 )  # fmt: skip

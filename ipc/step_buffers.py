@@ -22,13 +22,18 @@ from ipc.shared_tensor import CudaIpcTensor, SharedTensor, ShmTensor, dtype_name
 MAX_VERIFY_TOKENS = MAX_SPECULATIVE_TOKENS + 1
 
 
-def buffer_layout(vocab_size: int, max_context: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Name -> (shape, dtype) of every step buffer, in `StepBuffers` field order."""
+def buffer_layout(vocab_size: int, max_context: int,
+                  slots: int = 1) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of every step buffer, in `StepBuffers` field order; `slots`: KV slots (sequences the
+    executor holds at once). Slot s's token ids sit at input_ids[s * max_context:(s + 1) * max_context] (`slot_ids`)
+    and its next input token at next_token[s]: with one slot, the layout of a batch-1 executor."""
     return {
-        # the prompt, and a verify step's tokens: [p] is the token at position p (JIT writes)
-        "input_ids": ((max_context,), torch.int64),
-        "next_token": ((1,), torch.int64),  # the token a decode step consumes (the sampler writes)
-        "logits": ((vocab_size,), torch.float32),  # logits of the last position of the last step (executor writes)
+        # the prompt, and a verify step's tokens: [s * C + p] is the token at position p of slot s (JIT writes)
+        "input_ids": ((slots * max_context,), torch.int64),
+        "next_token": ((slots,), torch.int64),  # [s]: the token slot s's next decode step consumes (sampler writes)
+        "logits": ((vocab_size,), torch.float32),  # logits of the last position of the last Prefill/Decode (executor)
+        # a DecodeBatch: row b = logits of its b-th sequence (executor writes)
+        "batch_logits": ((slots, vocab_size), torch.float32),
         # a verify step of T tokens: row t = logits after its token t, rows [0, T) (executor writes)
         "verify_logits": ((MAX_VERIFY_TOKENS, vocab_size), torch.float32),
     }
@@ -36,16 +41,26 @@ def buffer_layout(vocab_size: int, max_context: int) -> dict[str, tuple[tuple[in
 
 @dataclass(frozen=True)
 class StepBuffers:
-    input_ids: torch.Tensor  # [max_context] int64
-    next_token: torch.Tensor  # [1] int64
+    input_ids: torch.Tensor  # [slots * max_context] int64
+    next_token: torch.Tensor  # [slots] int64
     logits: torch.Tensor  # [vocab] float32
+    batch_logits: torch.Tensor  # [slots, vocab] float32
     verify_logits: torch.Tensor  # [MAX_VERIFY_TOKENS, vocab] float32
 
     @classmethod
-    def allocate(cls, vocab_size: int, max_context: int, device: torch.device) -> StepBuffers:
+    def allocate(cls, vocab_size: int, max_context: int, device: torch.device, slots: int = 1) -> StepBuffers:
         """Plain tensors, for an executor and a JIT context in one process."""
         return cls(**{name: torch.zeros(shape, dtype=dtype, device=device)
-                      for name, (shape, dtype) in buffer_layout(vocab_size, max_context).items()})
+                      for name, (shape, dtype) in buffer_layout(vocab_size, max_context, slots).items()})
+
+    @property
+    def slots(self) -> int:
+        return self.next_token.shape[0]
+
+    def slot_ids(self, slot: int) -> torch.Tensor:
+        """[max_context] int64: slot `slot`'s token ids by position (a view)."""
+        context = self.input_ids.shape[0] // self.slots
+        return self.input_ids[slot * context:(slot + 1) * context]
 
 
 @dataclass
@@ -56,11 +71,11 @@ class SharedStepBuffers:
     shared: dict[str, SharedTensor]  # name -> owner (executor) or mapping (JIT context)
 
     @classmethod
-    def export(cls, vocab_size: int, max_context: int, device: torch.device) -> SharedStepBuffers:
+    def export(cls, vocab_size: int, max_context: int, device: torch.device, slots: int = 1) -> SharedStepBuffers:
         """The executor's side: allocate every buffer once (shm on the CPU, CUDA IPC on a GPU), zeroed."""
         shared: dict[str, SharedTensor] = {}
         try:
-            for name, (shape, dtype) in buffer_layout(vocab_size, max_context).items():
+            for name, (shape, dtype) in buffer_layout(vocab_size, max_context, slots).items():
                 if device.type == "cuda":
                     shared[name] = CudaIpcTensor.create(name, shape, dtype, device=device.index or 0)
                 else:
@@ -73,9 +88,9 @@ class SharedStepBuffers:
         return cls(StepBuffers(**{name: s.tensor for name, s in shared.items()}), shared)
 
     @classmethod
-    def open(cls, specs: StepBufferSpecs, vocab_size: int, max_context: int) -> SharedStepBuffers:
+    def open(cls, specs: StepBufferSpecs, vocab_size: int, max_context: int, slots: int = 1) -> SharedStepBuffers:
         """The JIT context's side: map what `Ready` names, refusing any buffer that does not match the layout."""
-        layout = buffer_layout(vocab_size, max_context)
+        layout = buffer_layout(vocab_size, max_context, slots)
         shared: dict[str, SharedTensor] = {}
         try:
             for name, (shape, dtype) in layout.items():

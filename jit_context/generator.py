@@ -170,7 +170,7 @@ class Generator:
         self.port.prefill(n - last_start, last_start)  # its logits are the first token's
         # overlaps with the executor launching the prefill
         self.sampler.start_request(params, prompt_ids, end_ids=self._end_ids(params))
-        out = _Output(self, params, prompt_ids, start)
+        out = RequestOutput(self.tokenizer, self.eos_token_ids, self.port.max_context, params, prompt_ids, start)
         out.cached_tokens = cached
         if self.speculation.enabled:
             loop = SpeculativeLoop(self, self.speculation, out, prompt_ids)
@@ -195,7 +195,7 @@ class Generator:
                 break  # after a stop, decode k (in flight) is discarded
         yield from self._finish(out, prompt_ids)
 
-    def _finish(self, out: _Output, prompt_ids: list[int]) -> Iterator[Chunk | GenerationResult]:
+    def _finish(self, out: RequestOutput, prompt_ids: list[int]) -> Iterator[Chunk | GenerationResult]:
         """The request's last chunk and result; then the KV cache is known to hold the prompt and every output token
         but the last (each of those was the input of a step that ran: a decode, or a verify that accepted it)."""
         items = list(out.close())  # the held-back text, then the result: the request is complete here
@@ -205,13 +205,14 @@ class Generator:
 
 
 
-class _Output:
+class RequestOutput:
     """The host side of one request: stop checks, detokenization, stop strings, timings."""
 
-    def __init__(self, gen: Generator, params: SamplingParams, prompt_ids: list[int], start: float) -> None:
-        self.params, self.eos, self.max_context = params, gen.eos_token_ids, gen.port.max_context
+    def __init__(self, tokenizer: Detokenizing | None, eos_token_ids: frozenset[int], max_context: int,
+                 params: SamplingParams, prompt_ids: list[int], start: float) -> None:
+        self.params, self.eos, self.max_context = params, eos_token_ids, max_context
         self.prompt_len, self.start = len(prompt_ids), start
-        self.detok = IncrementalDetokenizer(gen.tokenizer, prompt_ids) if gen.tokenizer else None
+        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids) if tokenizer else None
         self.stops = StopStringMatcher(params.stop)
         self.token_ids: list[int] = []
         self.times: list[float] = []

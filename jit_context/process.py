@@ -167,7 +167,7 @@ def build_server(args: argparse.Namespace, ctx: zmq.Context, control: Channel,
     with startup.phase("waiting for the executor (handshake)"):
         ready = wait_ready(control, args.executor_pid)
     with startup.phase("step buffers and events (IPC)"):
-        shared = SharedStepBuffers.open(ready.buffers, ready.vocab_size, ready.max_context)
+        shared = SharedStepBuffers.open(ready.buffers, ready.vocab_size, ready.max_context, ready.max_num_seqs)
         events = StepEvents.open(ready.events, torch.device(ready.device)) if ready.events is not None else None
         doorbell = Doorbell.open(ready.doorbell) if ready.doorbell is not None else None
     executor = RemoteExecutor(control, shared, ready.max_context, args.executor_pid, events,

@@ -21,7 +21,7 @@ from ipc.doorbell import OK, Doorbell
 from ipc.errors import HybridrtError
 from ipc.events import StepEvents
 from ipc.liveness import process_alive
-from ipc.messages import Decode, Error, Message, Ok, Prefill, Reset, Status, StatusReply, StepDone, Verify
+from ipc.messages import Decode, DecodeBatch, Error, Message, Ok, Prefill, Reset, Status, StatusReply, StepDone, Verify
 from ipc.step_buffers import SharedStepBuffers
 from jit_context import DEFAULT_STEP_TIMEOUT_S
 
@@ -75,12 +75,15 @@ class RemoteExecutor:
         except ExecutorTimeout:
             pass
 
-    def prefill(self, num_tokens: int, start_pos: int = 0) -> None:
+    def prefill(self, num_tokens: int, start_pos: int = 0, slot: int = 0) -> None:
         """Send the step and return at once: the caller overlaps its own set-up with the executor's launch."""
-        self._send_step(Prefill(self.request_id, self._step + 1, num_tokens, start_pos))
+        self._send_step(Prefill(self.request_id, self._step + 1, num_tokens, start_pos, slot))
 
     def decode(self, position: int) -> None:
         self._send_step(Decode(self.request_id, self._step + 1, position))
+
+    def decode_batch(self, slots: list[int], positions: list[int]) -> None:
+        self._send_step(DecodeBatch(self.request_id, self._step + 1, list(slots), list(positions)))
 
     def verify(self, position: int, num_tokens: int, draft_start: int | None = None, tokens: list[int] | None = None,
                accept: bool = False) -> None:

@@ -1,6 +1,10 @@
-"""The JIT context's serving loop: client-facing socket, first-come-first-served request queue, one request at a
-time on the executor, streaming of each token, cancellation, tokenization requests, metrics, and errors that
-never stop the server. The process around it (arguments, handshake, signals) is `jit_context.process`.
+"""The JIT context's serving loop: client-facing socket, first-come-first-served request queue, streaming of each
+token, cancellation, tokenization requests, metrics, and errors that never stop the server. The process around it
+(arguments, handshake, signals) is `jit_context.process`.
+
+Requests run on the executor one at a time (`Generator`, with speculative decoding) when it holds one KV slot, and
+together (`BatchEngine`: continuous batching, requests join and leave at step boundaries) when it holds several
+(`--max-num-seqs`).
 
 One rule: no exception from one request ends the process. Whatever fails while handling a client's frame or
 advancing its request becomes an `Error` reply to that request (dropped if its client is gone) and is counted
@@ -39,7 +43,8 @@ from ipc.messages import (
     TokenizeRequest,
 )
 from ipc.startup import StartupPhases
-from jit_context.generator import GenerationResult, PrefillProgress
+from jit_context.batch import BatchEngine
+from jit_context.generator import CPU_PREFILL_CHUNK, GenerationResult, PrefillProgress
 from jit_context.metrics import FAILED, ServingMetrics
 from jit_context.remote_executor import ExecutorDied, RemoteExecutor
 from jit_context.request_log import RequestLog
@@ -55,9 +60,10 @@ def _request_level(e: BaseException) -> bool:
     return isinstance(e, Exception) or type(e).__name__ == "PanicException"
 
 IDLE_POLL_MS = 50
+GPU_BATCH_PREFILL_CHUNK = 256  # prompt tokens per step while other requests decode (GPU; the CPU's is its own)
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: a running request's handle in the batch engine
 class Pending:
     identity: bytes
     request_id: str
@@ -81,8 +87,16 @@ class JitServer:
         self.tokenizer = side.tokenizer
         self.ready = ready
         self.queue: deque[Pending] = deque()
-        self.active: Pending | None = None
+        self.active: Pending | None = None  # one slot: the request on the executor
         self.stream = None  # the active request's generator
+        self.engine: BatchEngine | None = None  # several slots: the requests on the executor, batched
+        if ready.max_num_seqs > 1:
+            on_cpu = ready.device == "cpu"
+            self.engine = BatchEngine(executor, self.tokenizer, side.eos_token_ids,
+                                      CPU_PREFILL_CHUNK if on_cpu else GPU_BATCH_PREFILL_CHUNK,
+                                      prefix_reuse=self.generator.kv is not None)
+        self.running: list[Pending] = []  # the engine's requests, in admission order
+        self._batches = 0  # busy periods of the engine (each is one request id on the executor)
         self._executor_facts_cache = ready.facts
         self.metrics = ServingMetrics()
 
@@ -91,13 +105,18 @@ class JitServer:
             if not self.turn(IDLE_POLL_MS) and not process_alive(self.executor.executor_pid):
                 raise ExecutorDied("the graph executor process died")
 
+    def num_running(self) -> int:
+        return len(self.running) if self.engine is not None else int(self.active is not None)
+
     def turn(self, idle_wait_ms: int) -> bool:
         """One pass of the loop: answer clients (waiting up to idle_wait_ms when there is nothing to do), start
-        the next queued request, advance the active one by one item. True if a request was advanced."""
-        busy = self.active is not None or bool(self.queue)
+        queued requests where there is room, advance the running ones by one step. True if a request advanced."""
+        busy = self.num_running() > 0 or bool(self.queue)
         self._drain_clients(0 if busy else idle_wait_ms)
         if self.log is not None:
-            self.log.tick(int(self.active is not None), len(self.queue))
+            self.log.tick(self.num_running(), len(self.queue))
+        if self.engine is not None:
+            return self._turn_batched()
         if self.active is None and self.queue:
             self._start(self.queue.popleft())
         if self.active is None:
@@ -154,15 +173,20 @@ class JitServer:
                 "device": self.ready.device, "dtype": self.ready.dtype, "queued": len(self.queue),
                 "tokenizer": self.tokenizer is not None,
                 "chat_template": bool(self.tokenizer and self.tokenizer.has_chat_template),
-                "active": self.active.request_id if self.active else None, "executor": self._executor_facts(),
+                "active": self._active_ids()[0] if self._active_ids() else None, "running": self._active_ids(),
+                "max_num_seqs": self.ready.max_num_seqs, "executor": self._executor_facts(),
                 "jit_context_pid": os.getpid(),
                 "startup": self.startup.facts() if self.startup is not None else {},
-                "metrics": self.metrics.snapshot(running=int(self.active is not None), waiting=len(self.queue))}
+                "metrics": self.metrics.snapshot(running=self.num_running(), waiting=len(self.queue))}
+
+    def _active_ids(self) -> list[str]:
+        return [p.request_id for p in self.running] if self.engine is not None else \
+            [self.active.request_id] if self.active else []
 
     def _executor_facts(self) -> dict:
         """Live facts (captured graphs, memory) when the executor is idle; the ready-time ones mid-request,
         where a status round trip would interleave with the steps."""
-        if self.active is None:
+        if self.num_running() == 0:
             self._executor_facts_cache = self.executor.status()
         return self._executor_facts_cache
 
@@ -171,7 +195,7 @@ class JitServer:
             params = SamplingParams.from_dict(msg.params)
             ids = self.side.prompt_ids(PromptInput(msg.prompt, msg.messages, msg.token_ids, use_chat_template=False,
                                                      chat=msg.chat))
-            self.generator.check_prompt(ids)
+            (self.engine or self.generator).check_prompt(ids)
         except (ValueError, TypeError, HybridrtError) as e:
             self._reply(identity, Error("invalid_request", str(e), msg.request_id))
             return
@@ -196,6 +220,10 @@ class JitServer:
         if self.active is not None and self.active.request_id == request_id and self.active.identity == identity:
             self._finish_abort("cancelled by the client")
             return
+        for pending in list(self.running):
+            if pending.request_id == request_id and pending.identity == identity:
+                self._abort_running(pending, "cancelled by the client")
+                return
         for pending in list(self.queue):
             if pending.request_id == request_id and pending.identity == identity:
                 self.queue.remove(pending)
@@ -279,7 +307,13 @@ class JitServer:
         self._end(Finished(self.active.request_id, "", [], FinishReason.ABORT, {}, {"reason": reason}))
 
     def _end(self, msg: Finished | Error) -> None:
-        self._reply(self.active.identity, msg)
+        self._report_end(self.active, msg)
+        self.active, self.stream = None, None
+        self._finish_on_executor()
+
+    def _report_end(self, pending: Pending, msg: Finished | Error) -> None:
+        """Send a request's last message; log and count it."""
+        self._reply(pending.identity, msg)
         if self.log is not None and isinstance(msg, Finished):
             self.log.finished(msg.request_id, msg.finish_reason, msg.usage.get("prompt_tokens", 0),
                               msg.usage.get("completion_tokens", 0), msg.timings.get("ttft_ms", 0.0),
@@ -287,12 +321,14 @@ class JitServer:
         elif self.log is not None:
             self.log.failed(msg.request_id, msg.code)
         if isinstance(msg, Finished):
-            self.metrics.record(msg.finish_reason, msg.usage.get("prompt_tokens", len(self.active.prompt_ids)),
-                                msg.timings.get("token_times_ms", []), time.perf_counter() - self.active.received,
+            self.metrics.record(msg.finish_reason, msg.usage.get("prompt_tokens", len(pending.prompt_ids)),
+                                msg.timings.get("token_times_ms", []), time.perf_counter() - pending.received,
                                 msg.timings.get("speculation"), msg.timings.get("cached_prompt_tokens", 0))
         else:
-            self.metrics.record(FAILED, len(self.active.prompt_ids), [], time.perf_counter() - self.active.received)
-        self.active, self.stream = None, None
+            self.metrics.record(FAILED, len(pending.prompt_ids), [], time.perf_counter() - pending.received)
+
+    def _finish_on_executor(self) -> None:
+        """The executor's request (one request, or one busy period of the batch engine) is over."""
         try:
             self.executor.finish_request()
         except ExecutorDied:
@@ -300,10 +336,77 @@ class JitServer:
         except HybridrtError as e:  # e.g. the executor refused a step of the request just ended
             print(f"jit_context: ending a request: {quote(str(e))}", file=sys.stderr)
 
+    # -- the running requests, batched (several KV slots) -------------------------------------------------
+
+    def _turn_batched(self) -> bool:
+        while self.queue and self.engine.has_room():
+            self._admit(self.queue.popleft())
+        if not self.running:
+            return False
+        try:
+            events = self.engine.step()
+        except ExecutorDied:
+            self.fail_everyone("executor_died", "the graph executor process died")
+            raise
+        except BaseException as e:
+            if not _request_level(e):
+                raise
+            self._fail_running(e)
+            return True
+        gone: set[int] = set()  # requests ended while this step's items are delivered
+        for pending, item in events:
+            if id(pending) in gone or isinstance(item, PrefillProgress):
+                continue  # a prefill chunk of a long prompt: nothing to tell its client yet
+            if isinstance(item, GenerationResult):
+                self.running.remove(pending)
+                self._report_end(pending, self._finished(pending, item))
+                gone.add(id(pending))
+            elif not self._reply(pending.identity, TokenChunk(pending.request_id, item.text, item.token_ids)):
+                self._abort_running(pending, "client went away")  # nobody to stream to: free its slot
+                gone.add(id(pending))
+            elif self.log is not None:
+                self.log.streamed(len(item.token_ids))
+        if not self.running:
+            self._finish_on_executor()
+        return True
+
+    def _admit(self, pending: Pending) -> None:
+        pending.started = time.perf_counter()
+        queue_ms = round((pending.started - pending.received) * 1e3, 3)
+        if not self._reply(pending.identity, Started(pending.request_id, queue_ms)):
+            self.metrics.record(FinishReason.ABORT, len(pending.prompt_ids), [], pending.started - pending.received)
+            return
+        if not self.running:  # a new busy period: one request id on the executor for its steps
+            self._batches += 1
+            self.executor.request_id = f"batch-{self._batches}"
+        self.engine.admit(pending, pending.prompt_ids, pending.params, start_time=pending.received)
+        self.running.append(pending)
+
+    def _abort_running(self, pending: Pending, reason: str) -> None:
+        self.engine.cancel(pending)
+        self.running.remove(pending)
+        self._report_end(pending, Finished(pending.request_id, "", [], FinishReason.ABORT, {}, {"reason": reason}))
+        if not self.running:
+            self._finish_on_executor()
+
+    def _fail_running(self, e: BaseException) -> None:
+        """A batched step failed: every request in it fails (what their slots hold is unknown)."""
+        print(f"jit_context: a batched step failed: {type(e).__name__}: {quote(str(e))}", file=sys.stderr)
+        code = getattr(e, "code", None) if isinstance(e, HybridrtError) else None
+        self.engine.abort_all()
+        failed, self.running = self.running, []
+        for pending in failed:
+            self._report_end(pending, Error(code if isinstance(code, str) else "generation_failed", str(e),
+                                            pending.request_id))
+        self._finish_on_executor()
+
     def fail_everyone(self, code: str, message: str) -> None:
-        """Answer the active and every queued request with an `Error` (the process is about to exit)."""
-        waiting = ([self.active] if self.active else []) + list(self.queue)
+        """Answer the running and every queued request with an `Error` (the process is about to exit)."""
+        waiting = ([self.active] if self.active else []) + self.running + list(self.queue)
         for pending in waiting:
             self._reply(pending.identity, Error(code, message, pending.request_id))
         self.active, self.stream = None, None
+        if self.engine is not None:
+            self.engine.abort_all()
+        self.running = []
         self.queue.clear()

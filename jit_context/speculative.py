@@ -35,7 +35,7 @@ from jit_context.proposers import NgramProposer
 from jit_context.speculative_config import SpeculativeConfig
 
 if TYPE_CHECKING:  # the generator imports this module
-    from jit_context.generator import Chunk, Generator, _Output
+    from jit_context.generator import Chunk, Generator, RequestOutput
 
 class AdaptiveK:
     """The number of proposals to verify next, from the recent acceptance rate."""
@@ -101,7 +101,7 @@ class SpeculativeLoop:
     detokenizes and checks stop strings (a step launched for a request that then stops is discarded, as the
     plain loop discards its step in flight)."""
 
-    def __init__(self, gen: Generator, config: SpeculativeConfig, out: _Output, prompt_ids: list[int]) -> None:
+    def __init__(self, gen: Generator, config: SpeculativeConfig, out: RequestOutput, prompt_ids: list[int]) -> None:
         self.config, self.out = config, out
         self.gen, self.port, self.sampler, self.reader = gen, gen.port, gen.sampler, gen.reader
         self.buffers = gen.port.buffers

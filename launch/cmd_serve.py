@@ -16,16 +16,18 @@ import threading
 
 from launch import API_KEY_ENV
 from launch.options import (
+    add_max_num_seqs_flag,
     add_model_flags,
     add_prefix_reuse_flag,
     add_speculative_flags,
     add_step_timeout_flag,
     chat_template,
     load_config,
+    max_num_seqs,
     port_number,
     speculative_config,
 )
-from launch.supervisor import ChildDied, ServerConfig, Supervisor
+from launch.supervisor import ChildDied, ServerConfig, Supervisor, gpu_requested
 
 HTTP_SHUTDOWN_TIMEOUT_S = 5.0
 
@@ -55,16 +57,19 @@ def register(sub) -> None:
                         "possible and logs why not otherwise; on fails if it cannot start (default: auto)")
     add_step_timeout_flag(p)
     add_prefix_reuse_flag(p)
+    add_max_num_seqs_flag(p)
     add_speculative_flags(p)
     add_model_flags(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    config = ServerConfig(load_config(args), listen=f"tcp://{args.host}:{args.port}", tokenizer=args.tokenizer,
+    seqs = max_num_seqs(args, gpu=args.device != "cpu" and gpu_requested(args.device))
+    config = ServerConfig(load_config(args, seqs), listen=f"tcp://{args.host}:{args.port}",
+                          tokenizer=args.tokenizer,
                           chat_template=chat_template(args),
                           ready_timeout_s=args.ready_timeout, mps=args.mps, step_timeout_s=args.step_timeout,
-                          api_key=args.api_key, speculation=speculative_config(args),
+                          api_key=args.api_key, speculation=speculative_config(args, batched=seqs > 1),
                           draft_model=args.draft_model, log_requests=not args.quiet,
                           prefix_reuse=not args.no_prefix_reuse)
     if args.api_key is None and not is_loopback(args.host):
@@ -117,6 +122,8 @@ def ready_line(facts: dict, seconds: float) -> str:
                f"context {facts['max_context']} tokens"]
     if executor.get("kv_cache_bytes") is not None:
         details.append(f"KV cache {executor['kv_cache_bytes'] / (1 << 20):.1f} MiB")
+    seqs = facts.get("max_num_seqs", 1)
+    details.append(f"{seqs} requests at once (batched)" if seqs > 1 else "one request at a time")
     return f"hybridrt serving {facts['model']} on {device} (ready in {seconds:.1f} s): {', '.join(details)}"
 
 

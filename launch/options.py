@@ -8,7 +8,7 @@ from pathlib import Path
 from graph_executor.loading.default_model import DEFAULT_MODEL_NAME
 from graph_executor.loading.load_config import LOAD_FORMATS, LoadConfig
 from graph_executor.quant.names import DEFAULT_GROUP, GROUPS, QUANTIZE_METHODS
-from ipc.messages import MAX_SPECULATIVE_TOKENS
+from ipc.messages import MAX_NUM_SEQS, MAX_SPECULATIVE_TOKENS
 from jit_context import DEFAULT_STEP_TIMEOUT_S
 from jit_context.proposers import DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN
 from jit_context.sampling_params import SamplingParams
@@ -52,12 +52,13 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 def add_speculative_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("speculative decoding")
     # No argparse `choices` for the numbers: SpeculativeConfig's one-line error names the flag and the range.
-    g.add_argument("--speculative", choices=METHODS, default=DEFAULT_METHOD,
+    g.add_argument("--speculative", choices=METHODS, default=None,
                    help="propose tokens and verify several per step: ngram proposes what followed the longest "
                         "earlier repeat of the text's last tokens (prompt lookup; wins where the output quotes "
                         "the input: code edits, extraction, summaries with quotes); draft has --draft-model propose "
                         "greedily. Output is the same as without it (greedy: token for token; sampled: same "
-                        f"distribution) (default: {DEFAULT_METHOD})")
+                        f"distribution). Batch-1 only: a server with --max-num-seqs > 1 decodes plainly "
+                        f"(default: {DEFAULT_METHOD}, or off with --max-num-seqs > 1)")
     g.add_argument("--draft-model", default=None, metavar="MODEL",
                    help="--speculative draft: a small model with the same tokenizer, in any form --model takes "
                         "(HF folder, .gguf, dummy:<preset>); loaded next to the model on the same device, in its "
@@ -75,15 +76,40 @@ def add_speculative_flags(p: argparse.ArgumentParser) -> None:
                    help=f"longest suffix the ngram proposer tries first (default: {DEFAULT_NGRAM_MAX})")
 
 
-def speculative_config(args: argparse.Namespace) -> SpeculativeConfig:
-    """ValueError (one line naming the flag) for a bad combination."""
-    if (args.speculative == "draft") != (args.draft_model is not None):
+def speculative_config(args: argparse.Namespace, batched: bool = False) -> SpeculativeConfig:
+    """ValueError (one line naming the flag) for a bad combination. `batched`: the server holds several sequences
+    (--max-num-seqs > 1), which it decodes without speculation (the default is then off)."""
+    method = args.speculative or ("off" if batched else DEFAULT_METHOD)
+    if batched and method != "off":
+        raise ValueError(f"--speculative {method} needs --max-num-seqs 1: a server that batches requests decodes "
+                         "them without speculation")
+    if (method == "draft") != (args.draft_model is not None):
         raise ValueError("--speculative draft and --draft-model go together")
     try:
-        return SpeculativeConfig(args.speculative, args.num_speculative_tokens, args.ngram_min, args.ngram_max,
+        return SpeculativeConfig(method, args.num_speculative_tokens, args.ngram_min, args.ngram_max,
                                  adaptive=not args.no_adaptive_k)
     except ValueError as e:
         raise ValueError(f"--speculative: {e}") from None
+
+
+CPU_MAX_NUM_SEQS = 2  # `serve`'s default on the CPU (issue 14); a GPU's graphs decode one sequence so far
+
+
+def add_max_num_seqs_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-num-seqs", type=int, default=None, metavar="N",
+                   help=f"requests served at once, 1..{MAX_NUM_SEQS}: N KV caches are allocated at start and the "
+                        "running requests decode together, one step for all (continuous batching: a request joins "
+                        "or leaves between two steps, a new prompt is prefilled in chunks of at most 256 tokens "
+                        "between them). 1 serves one request at a time, with speculative decoding. On a GPU only 1 "
+                        f"for now (default: {CPU_MAX_NUM_SEQS} on the CPU, 1 on a GPU)")
+
+
+def max_num_seqs(args: argparse.Namespace, gpu: bool) -> int:
+    """--max-num-seqs, or its default for the device; ValueError (one line) out of range."""
+    n = args.max_num_seqs if args.max_num_seqs is not None else (1 if gpu else CPU_MAX_NUM_SEQS)
+    if not 1 <= n <= MAX_NUM_SEQS:
+        raise ValueError(f"--max-num-seqs must be in 1..{MAX_NUM_SEQS}, got {n}")
+    return n
 
 
 def add_prefix_reuse_flag(p: argparse.ArgumentParser) -> None:
@@ -154,10 +180,11 @@ def add_sampling_flags(p: argparse.ArgumentParser, default_temperature: float) -
                         "reply (default: 0)")
 
 
-def load_config(args: argparse.Namespace) -> LoadConfig:
+def load_config(args: argparse.Namespace, max_num_seqs: int = 1) -> LoadConfig:
     return LoadConfig(model=args.model, load_format=args.load_format, device=args.device, dtype=args.dtype,
                       max_context=args.max_context, seed=args.seed_weights, progress=not args.quiet,
-                      quantize=args.quantize, quantize_group=args.quantize_group, dequantize=args.dequantize)
+                      quantize=args.quantize, quantize_group=args.quantize_group, dequantize=args.dequantize,
+                      max_num_seqs=max_num_seqs)
 
 
 def load_argv(load: LoadConfig) -> list[str]:
@@ -170,6 +197,8 @@ def load_argv(load: LoadConfig) -> list[str]:
         argv += ["--quantize", load.quantize]
     if load.dequantize:
         argv.append("--dequantize")
+    if load.max_num_seqs != 1:
+        argv += ["--max-num-seqs", str(load.max_num_seqs)]
     if not load.progress:
         argv.append("--quiet")
     return argv

@@ -154,7 +154,7 @@ def test_dummy_has_real_shapes_and_is_seeded() -> None:
     cfg = LoadConfig(model="dummy:smollm2-135m", device="cpu", dtype="float32", max_context=64, progress=False)
     a, b = load_model(cfg).model, load_model(cfg).model
     assert a.config == PRESETS["smollm2-135m"]
-    n_params = sum(t.numel() for n, t in a.named_buffers() if n not in ("rope", "kv_cache"))
+    n_params = sum(t.numel() for n, t in a.named_buffers() if n not in ("rope", "kv_caches"))
     assert n_params == a.config.num_params()
     assert torch.equal(a.layers[3].qkv_proj, b.layers[3].qkv_proj)
     logits = a(torch.tensor([1, 2, 3]), torch.arange(3), torch.tensor([2]), 3)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from graph_executor.loading.default_model import DEFAULT_MODEL_NAME
 from graph_executor.quant.names import DEFAULT_GROUP, GROUPS, QUANTIZE_METHODS
+from ipc.messages import MAX_NUM_SEQS
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 DEFAULT_MAX_CONTEXT = 4096
@@ -26,6 +27,7 @@ class LoadConfig:
     quantize: str | None = None  # int8 | int4 | fp8: round-to-nearest at load (HF checkpoints, dummy models)
     quantize_group: int = DEFAULT_GROUP  # weights per scale of int8 / int4
     dequantize: bool = False  # GGUF: every tensor to the activation dtype at load (else packed types stay packed)
+    max_num_seqs: int = 1  # KV slots: sequences held (and decoded together) at once
 
     def __post_init__(self) -> None:
         if self.load_format not in LOAD_FORMATS:
@@ -39,3 +41,5 @@ class LoadConfig:
                              f"got {self.quantize_group}")
         if self.quantize is not None and self.dequantize:
             raise ValueError("--quantize and --dequantize exclude each other")
+        if not 1 <= self.max_num_seqs <= MAX_NUM_SEQS:
+            raise ValueError(f"--max-num-seqs must be in 1..{MAX_NUM_SEQS}, got {self.max_num_seqs}")

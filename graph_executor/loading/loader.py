@@ -48,7 +48,7 @@ class LoadedModel:
 
     @property
     def kv_cache_bytes(self) -> int:
-        return sum(t.nbytes for t in self.model.kv_cache)
+        return self.model.kv_caches.nbytes  # every slot's
 
     @property
     def weight_bytes(self) -> int:
@@ -58,7 +58,7 @@ class LoadedModel:
                  + [getattr(layer, n) for layer in m.layers for n in ("qkv_proj", "o_proj", "gate_up_proj",
                                                                        "down_proj")]}
         dense = sum(b.numel() * b.element_size() for name, b in m.named_buffers()
-                    if name not in ("rope", "kv_cache") and not name.endswith(("_proj", "embed_tokens", "lm_head")))
+                    if name not in ("rope", "kv_caches") and not name.endswith(("_proj", "embed_tokens", "lm_head")))
         return sum(slots.values()) + dense
 
 
@@ -86,10 +86,11 @@ def load_model(cfg: LoadConfig) -> LoadedModel:
               f"{cfg.model} was trained for: positions past them extrapolate RoPE, and quality may drop",
               file=sys.stderr, flush=True)
     # --quantize loads dense first: the peak is the dense model; a packed GGUF is allocated packed
-    check_fits(cfg.model, config, dtype, max_context, device, plan=None if cfg.quantize else plan)
+    check_fits(cfg.model, config, dtype, max_context, device, plan=None if cfg.quantize else plan,
+               slots=cfg.max_num_seqs)
     lap("config" if converted is None else "config (default model conversion included)")
     model = LlamaModel(config, max_context, device, dtype, plan=None if cfg.quantize or device.type == "cpu"
-                       else plan)
+                       else plan, slots=cfg.max_num_seqs)
     lap("allocation (weights and KV cache)")
     if source == "dummy":
         _fill_random(model, cfg.seed)
@@ -266,7 +267,7 @@ def _fill_random(model: LlamaModel, seed: int) -> None:
     """Random weights in real shapes, made on the target device in the target dtype (fast for 7B)."""
     gen = torch.Generator(device=model.embed_tokens.device).manual_seed(seed)
     for name, buf in model.named_buffers():
-        if name in ("rope", "kv_cache"):
+        if name in ("rope", "kv_caches"):
             continue
         if name.endswith("norm"):
             buf.fill_(1.0)

@@ -1,0 +1,223 @@
+"""Continuous batching over the executor's KV slots (`--max-num-seqs` > 1): several requests decode together in one
+step, and requests join and leave at step boundaries.
+
+Each running request owns one KV slot (its prompt ids in the slot's row of the shared input-ids buffer, its next
+input token at next_token[slot], its own `Sampler` with its parameters and seed) and its own `RequestOutput` (stop
+checks, detokenization). One `step` of the engine is:
+1. at most one prefill chunk (<= `prefill_chunk` tokens) of the oldest request still prefilling: a new request's
+   prompt is spread over several steps, so the running streams wait at most one chunk between two tokens;
+   when the chunk is the prompt's last, the request's first token is sampled from `logits`;
+2. one `DecodeBatch` of every request that has a token to consume: row b's logits land in batch_logits[b], and
+   each request samples its own row.
+Greedy requests therefore produce the tokens they would alone (each row is the same function of its own sequence;
+only floating-point summation order can differ), and seeded sampling draws the same tokens (one generator per
+request, one draw per token, as alone).
+
+Prefix reuse: a slot keeps the K/V of its last request when that request ended normally (`KvContents`); a new
+request takes the free slot whose contents share the longest prefix with its prompt and prefills only the rest.
+
+The engine never speculates (speculative decoding is the batch-1 server's, `Generator`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from ipc.step_buffers import StepBuffers
+from jit_context.generator import Chunk, Detokenizing, GenerationResult, PrefillProgress, RequestOutput
+from jit_context.kv_contents import KvContents
+from jit_context.sampler import Sampler
+from jit_context.sampling_params import SamplingParams
+
+# What `step` reports per request: a streamed token's text, a prefill's progress, or the request's end.
+Item = Chunk | PrefillProgress | GenerationResult
+
+
+class BatchPort(Protocol):
+    """What the engine needs of an executor with KV slots (the in-process `ModelRunner`, or `RemoteExecutor`)."""
+
+    buffers: StepBuffers
+    max_context: int
+
+    def prefill(self, num_tokens: int, start_pos: int = 0, slot: int = 0) -> None: ...
+
+    def decode_batch(self, slots: list[int], positions: list[int]) -> None: ...
+
+    def wait_enqueued(self) -> None: ...
+
+
+@dataclass
+class Lane:
+    """One running request in its KV slot."""
+
+    key: Hashable  # the caller's handle of the request
+    slot: int
+    prompt: list[int]
+    out: RequestOutput
+    prefilled: int  # prompt positions whose K/V the slot holds (reused ones included)
+    admitted: int  # admission order: the oldest prefilling request goes first
+
+    @property
+    def decoding(self) -> bool:
+        """It has a sampled token for the next decode step to consume."""
+        return self.prefilled == len(self.prompt) and self.out.finish is None and bool(self.out.token_ids)
+
+    @property
+    def position(self) -> int:
+        """The KV position of the token the next decode step consumes (the last one sampled)."""
+        return len(self.prompt) + len(self.out.token_ids) - 1
+
+
+@dataclass
+class SlotState:
+    """What a slot keeps between requests."""
+
+    sampler: Sampler
+    contents: KvContents = field(default_factory=KvContents)  # K/V known valid (empty without prefix reuse)
+    last_used: float = 0.0  # when its last request ended (free slots are reused least recently used first)
+
+
+class BatchEngine:
+    def __init__(self, port: BatchPort, tokenizer: Detokenizing | None, eos_token_ids: frozenset[int],
+                 prefill_chunk: int, prefix_reuse: bool = False) -> None:
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.port = port
+        self.tokenizer = tokenizer
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.prefill_chunk = prefill_chunk
+        self.prefix_reuse = prefix_reuse
+        buffers = port.buffers
+        vocab, device = buffers.logits.shape[0], buffers.logits.device
+        self.slots = [SlotState(Sampler(vocab, device)) for _ in range(buffers.slots)]
+        self.lanes: dict[int, Lane] = {}  # slot -> its running request
+        self._admitted = 0
+
+    # -- requests joining and leaving -----------------------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        return len(self.slots)
+
+    @property
+    def running(self) -> int:
+        return len(self.lanes)
+
+    def has_room(self) -> bool:
+        return len(self.lanes) < len(self.slots)
+
+    def check_prompt(self, prompt_ids: list[int]) -> None:
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_ids) >= self.port.max_context:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the maximum context is "
+                             f"{self.port.max_context} (prompt plus at least one generated token)")
+
+    def admit(self, key: Hashable, prompt_ids: list[int], params: SamplingParams,
+              start_time: float | None = None) -> int:
+        """Give the request a free slot (ValueError when none is free or the prompt does not fit); its prefill
+        starts at the next `step`. Returns the prompt tokens reused from the slot's cache."""
+        self.check_prompt(prompt_ids)
+        slot = self._pick_slot(prompt_ids)
+        state = self.slots[slot]
+        cached = state.contents.reusable(prompt_ids) if self.prefix_reuse else 0
+        state.contents.forget()  # until this request ends normally
+        ids = self.port.buffers.slot_ids(slot)  # [C]
+        ids[cached:len(prompt_ids)].copy_(torch.tensor(prompt_ids[cached:], dtype=torch.int64))
+        end_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
+        state.sampler.start_request(params, prompt_ids, end_ids=end_ids)
+        start = time.perf_counter() if start_time is None else start_time
+        out = RequestOutput(self.tokenizer, self.eos_token_ids, self.port.max_context, params, prompt_ids, start)
+        out.cached_tokens = cached
+        self._admitted += 1
+        self.lanes[slot] = Lane(key, slot, list(prompt_ids), out, cached, self._admitted)
+        return cached
+
+    def _pick_slot(self, prompt_ids: list[int]) -> int:
+        free = [s for s in range(len(self.slots)) if s not in self.lanes]
+        if not free:
+            raise ValueError(f"all {len(self.slots)} KV slots are in use")
+        # The longest reusable prefix first, then the slot left idle longest (its contents are the least likely to
+        # be asked for again).
+        return max(free, key=lambda s: (self.slots[s].contents.reusable(prompt_ids) if self.prefix_reuse else 0,
+                                        -self.slots[s].last_used))
+
+    def cancel(self, key: Hashable) -> bool:
+        """End a request without a result (cancelled, or its client left); its slot is free at once. False if the
+        engine does not run it."""
+        for slot, lane in list(self.lanes.items()):
+            if lane.key == key:
+                self._release(slot, keep=None)
+                return True
+        return False
+
+    def abort_all(self) -> list[Hashable]:
+        """Drop every running request (a step failed: what the slots hold is unknown); their keys."""
+        keys = [lane.key for lane in self.lanes.values()]
+        for slot in list(self.lanes):
+            self._release(slot, keep=None)
+        return keys
+
+    def _release(self, slot: int, keep: list[int] | None) -> None:
+        """Free the slot; `keep`: the token ids whose K/V it now holds (a request that ended normally)."""
+        del self.lanes[slot]
+        state = self.slots[slot]
+        if keep is not None and self.prefix_reuse:
+            state.contents.hold(keep)
+        else:
+            state.contents.forget()
+        state.last_used = time.monotonic()
+
+    # -- one step -----------------------------------------------------------------------------------------
+
+    def step(self) -> list[tuple[Hashable, Item]]:
+        """One prefill chunk (if a request is prefilling) and one batched decode (if any request is decoding);
+        what each request produced, in order. A request's GenerationResult is its last item (its slot is free by
+        then). Exceptions from the executor propagate: the caller fails the running requests (`abort_all`)."""
+        events: list[tuple[Hashable, Item]] = []
+        prefilling = [lane for lane in self.lanes.values() if lane.prefilled < len(lane.prompt)]
+        if prefilling:
+            self._prefill_chunk(min(prefilling, key=lambda lane: lane.admitted), events)
+        decoding = sorted((lane for lane in self.lanes.values() if lane.decoding), key=lambda lane: lane.slot)
+        if decoding:
+            self._decode(decoding, events)
+        return events
+
+    def _prefill_chunk(self, lane: Lane, events: list[tuple[Hashable, Item]]) -> None:
+        n = len(lane.prompt)
+        count = min(self.prefill_chunk, n - lane.prefilled)
+        self.port.prefill(count, lane.prefilled, lane.slot)
+        self.port.wait_enqueued()
+        lane.prefilled += count
+        if lane.prefilled < n:
+            events.append((lane.key, PrefillProgress(lane.prefilled, n)))
+            return
+        lane.out.prefill_enqueued_ms = (time.perf_counter() - lane.out.start) * 1e3
+        buffers = self.port.buffers
+        self._sample(lane, buffers.logits, events)
+
+    def _decode(self, lanes: list[Lane], events: list[tuple[Hashable, Item]]) -> None:
+        slots = [lane.slot for lane in lanes]
+        self.port.decode_batch(slots, [lane.position for lane in lanes])
+        self.port.wait_enqueued()
+        logits = self.port.buffers.batch_logits  # [slots, V]: row b is lanes[b]'s
+        for b, lane in enumerate(lanes):
+            self._sample(lane, logits[b], events)
+
+    def _sample(self, lane: Lane, logits: torch.Tensor, events: list[tuple[Hashable, Item]]) -> None:
+        """Draw the lane's next token from its logits [V] into next_token[slot]; report it (and the request's end)."""
+        state = self.slots[lane.slot]
+        token = state.sampler.sample(logits, out=self.port.buffers.next_token[lane.slot:lane.slot + 1])  # [1]
+        state.sampler.observe(token)
+        chunk = lane.out.add(int(token.item()))
+        events.append((lane.key, chunk))
+        if lane.out.finish is None:
+            return
+        events.extend((lane.key, item) for item in lane.out.close())
+        # Every token but the last was the input of a step that ran: the slot holds the prompt and those.
+        self._release(lane.slot, keep=lane.prompt + lane.out.token_ids[:-1])

@@ -1,0 +1,275 @@
+"""Several requests at once (`--max-num-seqs`, issue 14), CPU: KV slots, the batched decode step, and continuous
+batching in the JIT context.
+
+- The model: `forward_batch` (one step of B sequences in B slots) equals each sequence's own step, for MHA, GQA with
+  a QKV bias and a sliding window, with every slot's cache checked.
+- `BatchEngine` over a real `ModelRunner` of a tiny random Llama: every request's tokens equal the tokens it gets
+  alone (greedy, and seeded sampling), with more requests than slots, prompts prefilled in chunks while others
+  decode, stop tokens and max_tokens; a cancelled request frees its slot at once; a follow-up turn reuses its slot's
+  cache and gives the same tokens.
+- `JitServer` with several slots over a real `ExecutorServer` on a thread (test_jit_server's rig): concurrent
+  requests streamed and finished, status, cancel mid-batch.
+The real-process path with SmolLM2's real weights is in test_runtime_batching.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from graph_executor.loading.config import ModelConfig
+from graph_executor.loading.loader import LoadedModel, _fill_random
+from graph_executor.model import LlamaModel
+from graph_executor.runner import ModelRunner
+from ipc.messages import CancelRequest, DecodeBatch, Finished, Status, StatusReply
+from jit_context.batch import BatchEngine
+from jit_context.generator import Chunk, GenerationResult, Generator, PrefillProgress
+from jit_context.sampling_params import SamplingParams
+from tests.test_jit_server import TINY, Rig, greedy
+
+CONTEXT = 64
+GQA = ModelConfig("qwen2", 512, 64, 96, 2, 4, 2, 16, 256, qkv_bias=True, sliding_window=6)
+
+
+def _model(cfg: ModelConfig, slots: int, context: int = CONTEXT) -> LlamaModel:
+    model = LlamaModel(cfg, context, torch.device("cpu"), torch.float32, slots=slots)
+    _fill_random(model, seed=0)  # the same weights for any number of slots
+    return model
+
+
+@pytest.mark.parametrize("cfg", [TINY, GQA], ids=["mha", "gqa-bias-window"])
+def test_a_batched_decode_step_equals_each_sequences_own_step(cfg):
+    model = _model(cfg, slots=3)
+    prompts = {0: [1, 2, 3, 4, 5, 6, 7], 2: [9, 8, 7], 1: list(range(20, 30))}  # slot -> prompt
+    for slot, prompt in prompts.items():
+        n = len(prompt)
+        model(torch.tensor(prompt), torch.arange(n), torch.tensor([n - 1]), n, slot=slot)
+    before = model.kv_caches.clone()
+    tokens = {0: 11, 2: 12, 1: 13}
+    alone = {}
+    for slot, prompt in prompts.items():
+        n = len(prompt)
+        alone[slot] = model(torch.tensor([tokens[slot]]), torch.tensor([n]), torch.tensor([0]), n + 1, slot=slot)[0]
+    caches_alone = model.kv_caches.clone()
+    model.kv_caches.copy_(before)
+    order = [2, 0, 1]
+    batched = model.forward_batch(torch.tensor([tokens[s] for s in order]),
+                                  torch.tensor([len(prompts[s]) for s in order]), order)  # [3, V]
+    for row, slot in enumerate(order):
+        torch.testing.assert_close(batched[row], alone[slot], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.kv_caches, caches_alone, rtol=1e-5, atol=1e-5)  # every slot, every position
+
+
+def test_the_runner_checks_slots_and_batches():
+    runner = ModelRunner(_model(TINY, slots=2))
+    for slots, positions in (([2], [3]), ([0, 0], [1, 2]), ([0, 1], [1]), ([0], [CONTEXT])):
+        with pytest.raises(ValueError):
+            runner.decode_batch(slots, positions)
+    with pytest.raises(ValueError, match="KV slot 5 does not exist"):
+        runner.prefill(3, 0, slot=5)
+    with pytest.raises(ValueError, match="distinct"):
+        DecodeBatch("r", 1, [1, 1], [2, 3]).validate()
+
+
+# -- the engine -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def alone():
+    """prompt, params -> the GenerationResult of the request alone (a one-slot model with the same weights)."""
+    gen = Generator(ModelRunner(_model(TINY, slots=1)), None, frozenset(TINY.eos_token_ids))
+    cache = {}
+
+    def run(prompt: list[int], params: SamplingParams) -> GenerationResult:
+        key = (tuple(prompt), params)
+        if key not in cache:
+            cache[key] = list(gen.generate(list(prompt), params))[-1]
+        return cache[key]
+
+    return run
+
+
+def _engine(slots: int, chunk: int = 4, reuse: bool = False) -> BatchEngine:
+    return BatchEngine(ModelRunner(_model(TINY, slots)), None, frozenset(TINY.eos_token_ids), chunk,
+                       prefix_reuse=reuse)
+
+
+def _drain(engine: BatchEngine, waiting: list[tuple[str, list[int], SamplingParams]] | None = None,
+           steps: int = 500) -> tuple[dict[str, GenerationResult], list[list[tuple[str, object]]]]:
+    """Step until every request (admitted, and `waiting` ones as slots free) ends; results and each step's items."""
+    waiting = list(waiting or [])
+    results: dict[str, GenerationResult] = {}
+    log = []
+    for _ in range(steps):
+        while waiting and engine.has_room():
+            key, prompt, params = waiting.pop(0)
+            engine.admit(key, prompt, params)
+        if not engine.running:
+            return results, log
+        events = engine.step()
+        log.append(events)
+        for key, item in events:
+            if isinstance(item, GenerationResult):
+                assert key not in results
+                results[key] = item
+    raise AssertionError("the engine did not finish")
+
+
+REQUESTS = [  # key, prompt, max_tokens: more requests than slots, prompts of 1..23 tokens
+    ("a", [5, 6, 7, 8], 9), ("b", [900], 3), ("c", list(range(100, 123)), 7), ("d", [17] * 5, 12),
+    ("e", [40000, 3, 1234], 1), ("f", list(range(7, 18)), 6),
+]
+
+
+def test_every_request_gets_the_tokens_it_gets_alone(alone):
+    engine = _engine(slots=3, chunk=4)
+    waiting = [(key, prompt, SamplingParams(**greedy(n))) for key, prompt, n in REQUESTS]
+    results, _ = _drain(engine, waiting)
+    assert sorted(results) == sorted(k for k, _, _ in REQUESTS)
+    for key, prompt, n in REQUESTS:
+        want = alone(prompt, SamplingParams(**greedy(n)))
+        assert results[key].token_ids == want.token_ids, key
+        assert results[key].finish_reason == "length" and results[key].prompt_tokens == len(prompt)
+    assert engine.running == 0 and engine.has_room()
+
+
+def test_seeded_sampling_draws_the_same_tokens_as_alone(alone):
+    engine = _engine(slots=4)
+    params = [SamplingParams(max_tokens=10, temperature=0.9, top_k=50, seed=s, ignore_eos=True) for s in (1, 2, 3)]
+    params.append(SamplingParams(max_tokens=10, temperature=0.7, top_p=0.9, repetition_penalty=1.3, seed=4,
+                                 ignore_eos=True))
+    waiting = [(f"s{i}", [10 + i, 20, 30 + i], p) for i, p in enumerate(params)]
+    results, _ = _drain(engine, waiting)
+    for key, prompt, p in waiting:
+        assert results[key].token_ids == alone(prompt, p).token_ids, key
+
+
+def test_a_stop_token_ends_one_request_and_the_others_go_on(alone):
+    plain = alone([5, 6, 7, 8], SamplingParams(**greedy(9)))
+    stop_at = plain.token_ids[3]
+    engine = _engine(slots=2)
+    stopping = SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True, stop_token_ids=(stop_at,))
+    results, _ = _drain(engine, [("stop", [5, 6, 7, 8], stopping), ("other", [17] * 5, SamplingParams(**greedy(12)))])
+    first = plain.token_ids.index(stop_at)
+    assert results["stop"].token_ids == plain.token_ids[:first + 1] and results["stop"].finish_reason == "stop"
+    assert results["other"].token_ids == alone([17] * 5, SamplingParams(**greedy(12))).token_ids
+
+
+def test_running_streams_wait_at_most_one_prefill_chunk():
+    engine = _engine(slots=2, chunk=4)
+    engine.admit("running", [5, 6, 7], SamplingParams(**greedy(30)))
+    engine.step()  # its prefill and first token, then its first decode
+    engine.admit("long", list(range(100, 122)), SamplingParams(**greedy(5)))  # 22 tokens: 6 chunks
+    for step in range(6):
+        items = engine.step()
+        assert [key for key, item in items if isinstance(item, Chunk)].count("running") == 1  # a token every step
+        long = [item for key, item in items if key == "long"]
+        # chunks 1-5: progress; chunk 6: the first token, which joins the same step's decode: the second
+        assert [type(i) for i in long] == ([PrefillProgress] if step < 5 else [Chunk, Chunk])
+    assert engine.lanes[1].prefilled == 22
+
+
+def test_a_cancelled_request_frees_its_slot_at_once(alone):
+    engine = _engine(slots=2)
+    engine.admit("x", [5, 6, 7, 8], SamplingParams(**greedy(20)))
+    engine.admit("y", [17] * 5, SamplingParams(**greedy(12)))
+    engine.step()
+    engine.step()
+    assert not engine.has_room()
+    assert engine.cancel("x") and engine.has_room() and not engine.cancel("x")
+    results, _ = _drain(engine, [("z", [900, 901], SamplingParams(**greedy(4)))])
+    assert sorted(results) == ["y", "z"]
+    assert results["y"].token_ids == alone([17] * 5, SamplingParams(**greedy(12))).token_ids
+    assert results["z"].token_ids == alone([900, 901], SamplingParams(**greedy(4))).token_ids
+
+
+def test_a_follow_up_turn_reuses_its_slot_and_gives_the_same_tokens(alone):
+    engine = _engine(slots=2, reuse=True)
+    params = SamplingParams(**greedy(6))
+    first, _ = _drain(engine, [("t1", [5, 6, 7, 8, 9], params), ("other", [300, 301, 302], params)])
+    follow = [5, 6, 7, 8, 9, *first["t1"].token_ids, 44, 45]
+    again, _ = _drain(engine, [("t2", follow, params)])
+    assert again["t2"].cached_tokens == 5 + 6 - 1  # the prompt and every reply token but the last
+    assert again["t2"].token_ids == alone(follow, params).token_ids
+    # The other slot's contents are untouched: its follow-up reuses them too.
+    other, _ = _drain(engine, [("o2", [300, 301, 302, *first["other"].token_ids, 7], params)])
+    assert other["o2"].cached_tokens == 3 + 5
+    assert engine.cancel("nobody") is False
+
+
+def test_admission_checks_the_prompt_and_the_room():
+    engine = _engine(slots=1)
+    with pytest.raises(ValueError, match="empty"):
+        engine.admit("e", [], SamplingParams())
+    with pytest.raises(ValueError, match="maximum context"):
+        engine.admit("long", [1] * CONTEXT, SamplingParams())
+    engine.admit("a", [1, 2], SamplingParams(**greedy(3)))
+    with pytest.raises(ValueError, match="KV slots are in use"):
+        engine.admit("b", [1, 2], SamplingParams())
+
+
+# -- the JIT context's server with several slots ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def batch_rig(default_model_dir):
+    model = LlamaModel(TINY, 48, torch.device("cpu"), torch.float32, slots=3)
+    _fill_random(model, seed=0)
+    rig = Rig(LoadedModel(model, "tiny", "dummy", default_model_dir, 0.0, False))
+    yield rig
+    rig.close()
+
+
+def test_the_server_streams_concurrent_requests_each_as_alone(batch_rig):
+    rig = batch_rig
+    assert rig.jit.engine is not None and rig.jit.engine.capacity == 3
+    peer = rig.peer()
+    asks = {"a": ([5, 6, 7, 8], 8), "b": ([900, 901], 5), "c": ([40000, 3, 1234], 10), "d": ([17] * 5, 4)}
+    for request_id, (prompt, n) in asks.items():
+        peer.generate(request_id, prompt, params=greedy(n))
+    rig.until(lambda: rig.jit.num_running() == 3)
+    peer.send(Status())
+    rig.until(lambda: any(isinstance(m, StatusReply) for m in peer.inbox))
+    status = next(m for m in peer.inbox if isinstance(m, StatusReply)).facts
+    assert status["max_num_seqs"] == 3 and len(status["running"]) == 3 and status["queued"] == 1
+    rig.until(lambda: all(peer.final(r) is not None for r in asks))
+    plain = Generator(ModelRunner(_model_like(rig)), None, frozenset(TINY.eos_token_ids))
+    for request_id, (prompt, n) in asks.items():
+        final = peer.final(request_id)
+        assert isinstance(final, Finished), final
+        want = list(plain.generate(prompt, SamplingParams(**greedy(n))))[-1].token_ids
+        assert final.token_ids == want == [t for c in peer.chunks(request_id) for t in c.token_ids]
+    assert rig.jit.num_running() == 0 and not rig.jit.queue
+
+
+def _model_like(rig: Rig) -> LlamaModel:
+    """A one-slot copy of the rig's model weights (the reference runs outside the rig's executor thread)."""
+    model = LlamaModel(TINY, 48, torch.device("cpu"), torch.float32)
+    _fill_random(model, seed=0)
+    return model
+
+
+def test_a_request_cancelled_mid_batch_frees_its_slot_for_the_next(batch_rig):
+    rig = batch_rig
+    peer = rig.peer()
+    for request_id in ("x", "y", "z"):
+        peer.generate(request_id, [5, 6, 7], params=greedy(40))
+    peer.generate("w", [8, 9], params=greedy(3))
+    rig.until(lambda: len(peer.chunks("y")) >= 2)
+    assert "w" in [p.request_id for p in rig.jit.queue]
+    peer.send(CancelRequest("y"))
+    rig.until(lambda: peer.final("y") is not None)
+    assert peer.final("y").finish_reason == "abort"
+    rig.until(lambda: "w" in rig.jit._active_ids() or peer.final("w") is not None, turns=5)
+    for request_id in ("x", "z"):
+        peer.send(CancelRequest(request_id))
+    rig.until(lambda: all(peer.final(r) is not None for r in ("x", "z", "w")))
+    assert peer.final("w").finish_reason == "length" and len(peer.final("w").token_ids) == 3
+    assert rig.jit.num_running() == 0
+
+
+def test_a_model_with_slots_reports_them_in_ready():
+    model = _model(dataclasses.replace(TINY, num_layers=1), slots=2)
+    assert model.slots == 2 and model.kv_caches.shape[0] == 2 and model.kv_cache.shape == model.kv_caches[0].shape
