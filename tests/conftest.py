@@ -111,11 +111,11 @@ def shared_server(default_model_dir):
     reconfigures its server (test_runtime, test_http_api, test_fuzz, test_speculative, a test of
     test_runtime_faults): each start is two processes importing torch and loading the model. It speculates
     (`--speculative ngram`), so every test that compares its answers with an in-process run without speculation
-    also checks that speculation changes no token. After all of them, SIGTERM must still end it with exit
-    status 0."""
+    also checks that speculation changes no token (speculation is batch-1's: one KV slot, `--max-num-seqs 1`).
+    After all of them, SIGTERM must still end it with exit status 0."""
     from tests.serve_process import ServeProcess
 
-    server = ServeProcess("--speculative", "ngram")
+    server = ServeProcess("--speculative", "ngram", "--max-num-seqs", "1")
     try:
         server.wait_ready()
         yield server

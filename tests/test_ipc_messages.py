@@ -31,7 +31,9 @@ SAMPLES = [
         max_context=2048,
         dtype="float32",
         device="cpu",
-        buffers=m.StepBufferSpecs(input_ids=CUDA_SPEC, next_token=CUDA_SPEC, logits=SPEC, verify_logits=SPEC),
+        buffers=m.StepBufferSpecs(input_ids=CUDA_SPEC, next_token=CUDA_SPEC, logits=SPEC, batch_logits=SPEC,
+                                  verify_logits=SPEC),
+        max_num_seqs=4,
         eos_token_ids=[0, 2],
         events=m.EventHandles(executor=b"\x02" * 64, jit=b"\x03" * 64),
         tokenizer_path="/models/smollm2",
@@ -44,6 +46,8 @@ SAMPLES = [
     m.Error(code="bad_fields", message="nope", request_id=None),
     m.Prefill(request_id="r1", step=0, num_tokens=17, start_pos=0),
     m.Decode(request_id="r1", step=2, position=20),
+    m.Prefill(request_id="b1", step=4, num_tokens=3, start_pos=9, slot=2),
+    m.DecodeBatch(request_id="b1", step=5, slots=[2, 0, 3], positions=[12, 40, 7]),
     m.Verify(request_id="r1", step=3, position=21, num_tokens=5),
     m.StepDone(request_id="r1", step=2),
     m.Reset(request_id="r1"),
@@ -126,6 +130,12 @@ def test_finish_reasons_are_one_closed_set():
         lambda: m.Decode(request_id="", step=0, position=0),
         lambda: m.Decode(request_id="x" * 1000, step=0, position=0),
         lambda: m.Prefill(request_id="r", step=0, num_tokens=0, start_pos=0),
+        lambda: m.Prefill(request_id="r", step=0, num_tokens=1, start_pos=0, slot=-1),
+        lambda: m.DecodeBatch(request_id="r", step=0, slots=[0, 0], positions=[1, 2]),  # a slot twice
+        lambda: m.DecodeBatch(request_id="r", step=0, slots=[0, 1], positions=[1]),
+        lambda: m.DecodeBatch(request_id="r", step=0, slots=[], positions=[]),
+        lambda: m.DecodeBatch(request_id="r", step=0, slots=[0], positions=[-3]),
+        lambda: dataclasses.replace(SAMPLES[1], max_num_seqs=0),
         lambda: m.Error(code="x", message="y", request_id=5),
         lambda: m.StatusReply(facts={1: "int key"}),
         lambda: m.StatusReply(facts={"obj": object()}),
@@ -143,7 +153,7 @@ def test_finish_reasons_are_one_closed_set():
         lambda: m.TensorSpec("t", "float32", (2,), "cuda_ipc", b"handle"),  # no device
         lambda: dataclasses.replace(SAMPLES[1], buffers={"x": {"name": "not a spec"}}),
         lambda: dataclasses.replace(SAMPLES[1], events={"executor": b"x", "jit": b"y"}),
-        lambda: dataclasses.replace(SAMPLES[1], buffers=m.StepBufferSpecs(SPEC, SPEC, SPEC, "not a spec")),
+        lambda: dataclasses.replace(SAMPLES[1], buffers=m.StepBufferSpecs(SPEC, SPEC, SPEC, SPEC, "not a spec")),
     ],
 )
 def test_invalid_fields_fail_validation(build):
