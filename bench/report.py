@@ -186,6 +186,29 @@ def chat_section(results: dict) -> list[str]:
     return [*lines, ""]
 
 
+def concurrency_section(results: dict) -> list[str]:
+    """Several streams on one server (the concurrency workload): per-stream latency against one stream, aggregate
+    throughput, and a request arriving while the others decode."""
+    lines = []
+    for e in _engines_with(results, "concurrency"):
+        c = results["engines"][e]["concurrency"]
+        n, a = c["streams"], c["arrival"]
+        rows = [["1 (alone)", f"{c['single']['p50_ms']:.3f}", f"{c['single']['p99_ms']:.3f}", "1.000",
+                 f"{c['single_tokens_per_s']:.1f}"]]
+        rows += [[f"{n} together: stream {i}", f"{s['p50_ms']:.3f}", f"{s['p99_ms']:.3f}",
+                  f"{s['p50_ms'] / c['single']['p50_ms']:.3f}", ""] for i, s in enumerate(c["per_stream"])]
+        rows += [[f"{n} together: all", "", "", f"worst {c['worst_p50_ratio']:.3f}",
+                  f"{c['aggregate_tokens_per_s']:.1f} ({c['aggregate_vs_single']:.2f}x)"]]
+        lines += [f"## Concurrency ({e}, --max-num-seqs {n}, {c['tokens_per_stream']} tokens per stream)", "",
+                  *_table(["streams", "P50 ms/token", "P99", "P50 / alone", "tokens/s"], rows),
+                  f"A {a['prompt_tokens']}-token prompt arriving while {a['running']} other stream"
+                  f"{'s decode' if a['running'] > 1 else ' decodes'}: TTFT "
+                  f"{a['busy_ttft']['median_ms']:.2f} ms against {a['idle_ttft']['median_ms']:.2f} idle "
+                  f"({a['ttft_ratio']:.2f}x); the running streams' worst token gap meanwhile {a['worst_gap_ms']:.2f} "
+                  f"ms against their P50 {a['running_p50_ms']:.2f} ({a['worst_gap_ratio']:.2f}x)", ""]
+    return lines
+
+
 def verify_section(results: dict) -> list[str]:
     names = _engines_with(results, "verify")
     if not names:
@@ -234,7 +257,7 @@ def startup_section(results: dict) -> list[str]:
 
 def markdown(results: dict) -> str:
     sections = [header, floors_section, ttft_section, decode_section, context_section, ratio_section,
-                speculative_section, verify_section, chat_section, overhead_section, status_section, startup_section]
+                speculative_section, verify_section, chat_section, concurrency_section, overhead_section, status_section, startup_section]
     return "\n".join(line for section in sections for line in section(results))
 
 

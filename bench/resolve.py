@@ -63,6 +63,7 @@ class BenchOptions:
     num_speculative_tokens: int = 8
     spec_tokens: int = 128
     draft_model: str | None = None
+    max_num_seqs: int = 1
 
 
 def resolve_device_name(name: str) -> str:
@@ -121,7 +122,7 @@ def resolve_spec(opts: BenchOptions) -> BenchSpec:
         mps=opts.mps, tokenizer=opts.tokenizer, quantize=opts.quantize, quantize_group=opts.quantize_group,
         dequantize=opts.dequantize, speculative=opts.speculative,
         num_speculative_tokens=opts.num_speculative_tokens, spec_tokens=opts.spec_tokens,
-        draft_model=opts.draft_model if opts.speculative == "draft" else None,
+        draft_model=opts.draft_model if opts.speculative == "draft" else None, max_num_seqs=opts.max_num_seqs,
     )
     limit, needed = cfg.max_position_embeddings, spec.needed_context
     if max(needed, opts.max_context or 0) > limit:

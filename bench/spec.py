@@ -26,7 +26,8 @@ OPT_IN_ENGINES = ("hybridrt-http",)  # not in the default list nor in "all": nam
 OURS = ("hybridrt", "hybridrt-executor")
 PEERS = ("hf-eager", "hf-compile")
 
-WORKLOADS = ("ttft", "decode", "context", "startup", "memory", "overhead", "floors", "speculative", "verify", "chat")
+WORKLOADS = ("ttft", "decode", "context", "startup", "memory", "overhead", "floors", "speculative", "verify", "chat",
+             "concurrency")
 WORKLOAD_HELP = {
     "ttft": "time to first token per prompt length (median, P99, min over --repeats)",
     "decode": "per-token latency over --decode-tokens after a prompt (P50/P90/P99/max, tokens/s, CDF)",
@@ -45,11 +46,16 @@ WORKLOAD_HELP = {
     "chat": "hybridrt engines with a tokenizer: TTFT of a short and a long chat sent as text (the server applies "
             "the chat template and tokenizes), median/P99/min over --repeats; with hybridrt-http, the OpenAI "
             "HTTP client's TTFT against the native client's",
+    "concurrency": "the hybridrt engine with --max-num-seqs N >= 2: N streams of --decode-tokens tokens at once "
+                   "(each stream's per-token P50 against one stream alone on the same server, aggregate tokens/s), "
+                   "and a 100-token prompt arriving while N - 1 streams decode (its TTFT against the idle TTFT, and "
+                   "the running streams' worst token gap meanwhile against their P50)",
 }
-OPT_IN_WORKLOADS = ("speculative", "chat")  # not in "all": they need a tokenizer and a longer context
+OPT_IN_WORKLOADS = ("speculative", "chat", "concurrency")  # not in "all": they need a tokenizer and a longer context
 SPECULATIVE_METHODS = METHODS  # jit_context.speculative_config (torch-free, as this file stays)
 SPEC_PROMPT_CONTEXT = 384  # room for the longest chat prompt of the speculative workload
 VERIFY_CONTEXT = 512  # the verify workload's steps run at this position
+ARRIVAL_PROMPT = 100  # the concurrency workload's arriving request (issue 14: a 100-token prompt)
 MPS_MODES = ("auto", "on", "off")
 QUANTIZE_METHODS = QUANTIZE_NAMES  # graph_executor.quant.names (torch-free)
 # Generated after each timed decode run but not timed: an engine that reads tokens one step behind hands the
@@ -107,11 +113,15 @@ class BenchSpec:
     num_speculative_tokens: int = 8
     spec_tokens: int = 128  # most tokens per prompt of the speculative workload
     draft_model: str | None = None  # the hybridrt engines' --draft-model (runs with --speculative draft)
+    max_num_seqs: int = 1  # the hybridrt engine's server holds this many sequences (the concurrency workload)
 
     def __post_init__(self) -> None:
         if self.speculative not in SPECULATIVE_METHODS:
             raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE_METHODS)}, got {self.speculative!r}")
         _check_positive("spec_tokens", self.spec_tokens, 2)
+        _check_positive("max_num_seqs", self.max_num_seqs, 1)
+        if self.max_num_seqs > 1 and self.speculative != "off":
+            raise ValueError("--max-num-seqs > 1 serves requests without speculation: use --speculative off")
         if (self.speculative == "draft") != (self.draft_model is not None):
             raise ValueError("a draft run needs --draft-model, and --draft-model only serves draft runs")
         if self.quantize is not None and self.quantize not in QUANTIZE_METHODS:
@@ -153,6 +163,8 @@ class BenchSpec:
                        SPEC_PROMPT_CONTEXT + self.spec_tokens if "speculative" in self.workloads else 0,
                        SPEC_PROMPT_CONTEXT + 2 if "chat" in self.workloads else 0,
                        VERIFY_CONTEXT + 16 if "verify" in self.workloads and self.on_gpu else 0,
+                       self.decode_prompt_len + 2 * self.decode_tokens + steps if "concurrency" in self.workloads
+                       else 0, ARRIVAL_PROMPT + 2 if "concurrency" in self.workloads else 0,
                        WARMUP_CONTEXT)
 
     def to_dict(self) -> dict:

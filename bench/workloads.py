@@ -13,10 +13,10 @@ import random
 from pathlib import Path
 from typing import Protocol
 
-from bench.spec import DRAIN_TOKENS, BenchSpec
+from bench.spec import ARRIVAL_PROMPT, DRAIN_TOKENS, BenchSpec
 
 SPEC_PROMPTS = Path(__file__).resolve().parent / "data" / "spec_prompts.json"
-from bench.stats import gaps_ms, r3, token_summary, ttft_summary
+from bench.stats import gaps_ms, percentile, r3, token_summary, ttft_summary
 
 ID_MARGIN = 100  # keep clear of special tokens at both ends of the vocabulary
 
@@ -147,5 +147,47 @@ def chat(engine: Engine, spec: BenchSpec) -> dict:
     return out
 
 
+def concurrency(engine: Engine, spec: BenchSpec) -> dict:
+    """N = --max-num-seqs streams at once on one server (engines with `run_concurrent`), against one stream alone on
+    the same server; then a 100-token prompt arriving while N - 1 streams decode."""
+    run = getattr(engine, "run_concurrent", None)
+    if run is None or spec.max_num_seqs < 2:
+        return {"skipped": "needs the hybridrt engine and --max-num-seqs >= 2"}
+    n, steps, vocab = spec.max_num_seqs, spec.decode_tokens, spec.model_config["vocab_size"]
+    prompts = [prompt_ids(spec.decode_prompt_len, vocab, spec.seed + i) for i in range(n)]
+    want = steps + 1 + DRAIN_TOKENS
+    run([(prompts[0], 4, 0.0)] * 1)  # untimed: the server's first request of this shape
+    alone = _check(run([(prompts[0], want, 0.0)])[0], want)[: steps + 1]
+    together = [_check(t, want)[: steps + 1] for t in run([(p, want, 0.0) for p in prompts])]
+    single = token_summary(gaps_ms(alone))
+    streams = [token_summary(gaps_ms(t)) for t in together]
+    wall_ms = max(t[-1] for t in together)  # every stream started at once
+    out = {"streams": n, "tokens_per_stream": steps + 1, "single": single, "per_stream": streams,
+           "worst_p50_ratio": round(max(s["p50_ms"] for s in streams) / single["p50_ms"], 3),
+           "single_tokens_per_s": round((steps + 1) / alone[-1] * 1e3, 2),
+           "aggregate_tokens_per_s": round(n * (steps + 1) / wall_ms * 1e3, 2)}
+    out["aggregate_vs_single"] = round(out["aggregate_tokens_per_s"] / out["single_tokens_per_s"], 3)
+    # The arrival: idle TTFT of the prompt, then the same prompt while n - 1 streams decode.
+    arriving = prompt_ids(ARRIVAL_PROMPT, vocab, spec.seed + 1000)
+    idle = [run([(arriving, 1, 0.0)])[0][0] for _ in range(max(3, spec.repeats))]
+    delay_s = (alone[0] + 8 * single["p50_ms"]) / 1e3  # the others are past their prefill and decoding by then
+    busy_ttft, worst_gap, running_p50 = [], [], []
+    for _ in range(max(3, spec.repeats)):
+        times = run([(p, want, 0.0) for p in prompts[: n - 1]] + [(arriving, 1, delay_s)])
+        first = times[-1][0]
+        busy_ttft.append(first)
+        window = (delay_s * 1e3, delay_s * 1e3 + first)  # while the arriving prompt was prefilled
+        for t in times[:-1]:
+            gaps = gaps_ms(t)
+            running_p50.append(token_summary(gaps)["p50_ms"])
+            worst_gap.append(max((g for a, g in zip(t[1:], gaps) if window[0] <= a <= window[1] + g), default=0.0))
+    out["arrival"] = {"prompt_tokens": ARRIVAL_PROMPT, "running": n - 1, "idle_ttft": ttft_summary(idle),
+                      "busy_ttft": ttft_summary(busy_ttft),
+                      "ttft_ratio": round(percentile(busy_ttft, 50) / percentile(idle, 50), 3),
+                      "running_p50_ms": r3(percentile(running_p50, 50)), "worst_gap_ms": r3(max(worst_gap)),
+                      "worst_gap_ratio": round(max(worst_gap) / percentile(running_p50, 50), 3)}
+    return out
+
+
 TIMED_WORKLOADS = {"ttft": ttft_sweep, "decode": decode, "context": context_sweep, "speculative": speculative,
-                   "verify": verify_cost, "chat": chat}
+                   "verify": verify_cost, "chat": chat, "concurrency": concurrency}

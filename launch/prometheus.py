@@ -33,7 +33,7 @@ def render(metrics: dict, model: str) -> str:
     lines = [
         *_head("num_requests_running", "gauge", "Requests being generated."),
         f"{PREFIX}num_requests_running{_labels(model_name=model)} {m['running']}",
-        *_head("num_requests_waiting", "gauge", "Requests queued behind the running one."),
+        *_head("num_requests_waiting", "gauge", "Requests queued behind the running ones (all KV slots in use)."),
         f"{PREFIX}num_requests_waiting{_labels(model_name=model)} {m['waiting']}",
         *_head("prompt_tokens_total", "counter", "Prompt tokens of finished requests."),
         f"{PREFIX}prompt_tokens_total{_labels(model_name=model)} {m['prompt_tokens']}",

@@ -249,8 +249,9 @@ def test_serve_logs_each_finished_request_unless_quiet(default_model_dir) -> Non
     assert line in err, err
     # The ready line says what is served, as vLLM and llama-server do; each start-up phase has its line before it.
     ready = re.search(r"hybridrt serving smollm2-135m-instruct on cpu \(ready in [0-9.]+ s\): dtype float32, "
-                      r"weights float32, context 4096 tokens, KV cache ([0-9.]+) MiB", out)
-    assert ready and float(ready.group(1)) == 30 * 2 * 3 * 4096 * 64 * 4 / (1 << 20), out
+                      r"weights float32, context 4096 tokens, KV cache ([0-9.]+) MiB, 2 requests at once \(batched\)",
+                      out)
+    assert ready and float(ready.group(1)) == 2 * 30 * 2 * 3 * 4096 * 64 * 4 / (1 << 20), out  # 2 slots on the CPU
     assert re.search(r"graph_executor: weights \d+\.\d\d s", err) and "jit_context: imports " in err, err
     # The converted default model's tokenizer folder is known before the executor reports it: loaded meanwhile.
     assert "jit_context: tokenizer (while the executor loads) " in err, err

@@ -7,6 +7,7 @@ Prompts go as token ids (the same random ids every engine gets; dummy models hav
 
 from __future__ import annotations
 
+import threading
 import time
 
 from bench.procinfo import Timeline
@@ -33,7 +34,7 @@ class HybridrtE2EEngine:
 
         self.spec = spec
         load = LoadConfig(model=spec.model, device=spec.device, dtype=spec.dtype, max_context=spec.max_context,
-                          seed=spec.seed, progress=False, **spec.load_flags)
+                          seed=spec.seed, progress=False, max_num_seqs=spec.max_num_seqs, **spec.load_flags)
         from jit_context.speculative_config import SpeculativeConfig
 
         config = ServerConfig(load, tokenizer=spec.tokenizer, ready_timeout_s=spec.timeout_s, mps=spec.mps,
@@ -108,6 +109,45 @@ class HybridrtE2EEngine:
             else:
                 times += [now] * len(msg.token_ids)
         return times
+
+    def run_concurrent(self, requests: list[tuple[list[int], int, float]]) -> list[list[float]]:
+        """Requests (prompt ids, new tokens, start delay in s) sent together from one thread each, each on its own
+        client socket; per request its token times in ms from its own start (greedy, EOS ignored)."""
+        clients = [Client(self.supervisor.address, timeout_s=self.spec.timeout_s) for _ in requests]
+        results: list[list[float] | BaseException] = [[] for _ in requests]
+        go = threading.Barrier(len(requests) + 1)
+
+        def one(i: int) -> None:
+            prompt, new_tokens, delay = requests[i]
+            params = {"max_tokens": new_tokens, "temperature": 0.0, "ignore_eos": True}
+            try:
+                go.wait()
+                time.sleep(delay)
+                times, start = [], time.perf_counter()
+                for msg in clients[i].generate(token_ids=prompt, params=params):
+                    now = (time.perf_counter() - start) * 1e3
+                    count = len(msg.token_ids) - len(times) if isinstance(msg, Finished) else len(msg.token_ids)
+                    times += [now] * count
+                results[i] = times
+            except BaseException as e:  # noqa: BLE001 - raised in the caller's thread
+                results[i] = e
+
+        try:
+            for c in clients:
+                c.status()  # connected before the timed part
+            threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(len(requests))]
+            for t in threads:
+                t.start()
+            go.wait()
+            for t in threads:
+                t.join()
+        finally:
+            for c in clients:
+                c.close()
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return results
 
     def generate_chat(self, messages: list[dict], max_tokens: int) -> tuple[list[int], list[float], dict | None]:
         """A chat through the server's tokenizer and template, greedy, EOS respected: token ids, their times at

@@ -1,0 +1,82 @@
+"""Several requests at once through a real `hybridrt serve` (issue 14, CPU): SmolLM2-135M's real weights, 8
+concurrent requests of different lengths and parameters on a server with 4 KV slots. Each request's tokens equal
+what it gets alone in process (greedy, and seeded sampling); the status and /metrics show at most 4 running with
+the rest waiting; a follow-up turn reuses its slot's cache. The in-process engine and server logic are tested in
+test_batching.py.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+
+from ipc.messages import Finished
+from jit_context.sampling_params import SamplingParams
+from launch.client import Client
+from tests.serve_process import ServeProcess
+
+SLOTS = 4
+PROMPTS = ["The capital of France is", "List three colours:", "def add(a, b):", "Once upon a time",
+           "Water boils at", "The quick brown fox", "Translate 'cat' to French:", "1, 2, 3, 4,"]
+
+
+def _params(i: int) -> SamplingParams:
+    """Different lengths and parameters: greedy mostly, two seeded sampled requests, a stop string."""
+    if i in (2, 5):
+        return SamplingParams(max_tokens=6 + i, temperature=0.8, top_k=40, seed=100 + i, ignore_eos=True)
+    if i == 7:
+        return SamplingParams(max_tokens=12, temperature=0.0, stop=(" 7",))
+    return SamplingParams(max_tokens=4 + 2 * i, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def batch_server(default_model_dir):
+    with ServeProcess("--max-num-seqs", str(SLOTS), "--device", "cpu") as server:
+        yield server
+    assert server.proc.returncode == 0
+
+
+def test_concurrent_requests_each_get_their_tokens_alone(batch_server, cpu_engine):
+    results: dict[int, Finished] = {}
+    errors: list[BaseException] = []
+    seen = {"running": 0, "waiting": 0}
+
+    def ask(i: int) -> None:
+        try:
+            with Client(batch_server.address) as client:
+                results[i] = list(client.generate(PROMPTS[i], params=_params(i)))[-1]
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    with Client(batch_server.address) as client:
+        while any(t.is_alive() for t in threads):
+            metrics = client.status()["metrics"]
+            seen = {k: max(seen[k], metrics[k]) for k in seen}
+            time.sleep(0.02)
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert seen["running"] == SLOTS and seen["waiting"] >= 1, seen  # never more than the slots at once
+    for i, prompt in enumerate(PROMPTS):
+        ids = cpu_engine.tokenizer.encode(prompt)
+        *_, alone = cpu_engine.generator.generate(ids, _params(i))
+        assert results[i].token_ids == alone.token_ids, (i, results[i].text, alone.text)
+        assert results[i].finish_reason == alone.finish_reason
+    text = httpx.get(f"{batch_server.http}/metrics", timeout=10).text
+    assert "hybridrt:num_requests_running" in text and 'hybridrt:request_success_total' in text
+
+
+def test_a_follow_up_turn_reuses_its_slot(batch_server):
+    turn = [{"role": "user", "content": "Name two planets."}]
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    with Client(batch_server.address) as client:
+        first = list(client.generate(messages=turn, params=params))[-1]
+        follow = [*turn, {"role": "assistant", "content": first.text}, {"role": "user", "content": "And a moon?"}]
+        second = list(client.generate(messages=follow, params=params))[-1]
+    assert second.timings.get("cached_prompt_tokens", 0) >= first.usage["prompt_tokens"]
