@@ -97,10 +97,13 @@ class FusedDecoder:
         self.scratch = SplitKScratch.zeros(floats, counters, device) if floats or counters else None
 
     @torch.inference_mode()
-    def step(self, token: torch.Tensor, position: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """token, position: [1] int64 on the device; logits: [vocab] (float32) written in place."""
+    def step(self, token: torch.Tensor, position: torch.Tensor, logits: torch.Tensor,
+             slot: torch.Tensor | None = None) -> torch.Tensor:
+        """token, position: [1] int64 on the device; logits: [vocab] (float32) written in place. `slot` [1] int64:
+        the KV slot to decode (read from the device; None: slot 0)."""
         m, cfg = self.model, self.model.config
         eps, g, sc = cfg.rms_norm_eps, self.plan, self.scratch
+        stride = m.kv_caches.stride(0)
         embedding(m.embed_tokens, token, self.x)
         x = self.x[0]  # [H]
         for index, layer in enumerate(m.layers):
@@ -108,8 +111,8 @@ class FusedDecoder:
             rmsnorm_gemv(layer.qkv_proj, x, layer.attn_norm, eps, self.qkv, bias=layer.qkv_bias, cfg=g["qkv"],
                          scratch=sc)
             rope_append(self.qkv, position, m.rope, self.q, cache[0], cache[1], cfg.num_heads, cfg.num_kv_heads,
-                        cfg.head_dim, pdl=self.pdl)
-            self.attention(self.q, cache[0], cache[1], position, self.attn)
+                        cfg.head_dim, pdl=self.pdl, slots=slot, slot_stride=stride)
+            self.attention(self.q, cache[0], cache[1], position, self.attn, slots=slot, slot_stride=stride)
             gemv_residual(layer.o_proj, self.attn.view(-1), x, cfg=g["o"], scratch=sc)
             rmsnorm_gemv(layer.gate_up_proj, x, layer.mlp_norm, eps, self.gate_up, cfg=g["gate_up"], scratch=sc)
             silu_gemv_residual(layer.down_proj, self.gate_up, x, cfg=g["down"], scratch=sc)

@@ -28,10 +28,11 @@ class FusedPrefill:
 
     @torch.inference_mode()
     def run(self, ids: torch.Tensor, positions: torch.Tensor, logits_index: torch.Tensor, logits: torch.Tensor,
-            kv_len: int | None = None) -> torch.Tensor:
+            kv_len: int | None = None, slot: int = 0) -> torch.Tensor:
         """ids, positions [T] int64; logits_index [1] int64; logits [vocab] float32, written in place.
         kv_len None: a prompt from position 0 (positions = 0..T-1), causal attention over the T new tokens;
-        else attention over cache slots [0, kv_len) masked by position (a chunk of a longer prompt)."""
+        else attention over cache positions [0, kv_len) masked by position (a chunk of a longer prompt). `slot`: the
+        KV slot whose caches the prompt fills."""
         m, cfg = self.model, self.model.config
         t, eps = ids.shape[0], cfg.rms_norm_eps
         b = self.buffers.rows(t)
@@ -45,7 +46,7 @@ class FusedPrefill:
                 mask &= self.key_pos[None, :kv_len] > positions[:, None] - cfg.sliding_window
         embedding(m.embed_tokens, ids, x)
         for index, layer in enumerate(m.layers):
-            cache = m.kv_cache[index]  # [2, nkv, C, hd]
+            cache = m.kv_caches[slot, index]  # [2, nkv, C, hd]
             rmsnorm_rows(x, layer.attn_norm, eps, h)
             matmul(h, layer.qkv_proj, qkv, bias=layer.qkv_bias, scratch=self.scratch)
             rope_append(qkv, positions, m.rope, q, cache[0], cache[1], cfg.num_heads, cfg.num_kv_heads,

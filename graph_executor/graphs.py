@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from graph_executor.fused_batch_decoder import FusedBatchDecoder
 from graph_executor.fused_decoder import FusedDecoder
 from graph_executor.fused_prefill import FusedPrefill
 from graph_executor.fused_verify import FusedVerify
@@ -71,8 +72,6 @@ class GraphRunner:
     def __init__(self, model: LlamaModel, buffers: StepBuffers | None = None,
                  buckets: tuple[int, ...] = DEFAULT_BUCKETS, decoder: FusedDecoder | None = None,
                  accepts: bool = True) -> None:
-        if model.slots != 1:
-            raise ValueError(f"the CUDA graphs decode one sequence so far; this model holds {model.slots} KV slots")
         self.model = model
         device = model.embed_tokens.device
         self.buffers = buffers or StepBuffers.allocate(model.config.vocab_size, model.max_context, device)
@@ -99,6 +98,19 @@ class GraphRunner:
         self._verify_inputs = self._verify_host.numpy()  # the same memory, written without torch dispatch
         self._inputs_read = torch.cuda.Event()
         self.stats = CaptureStats()
+        # KV slots (--max-num-seqs > 1): a batched decode graph per batch size; a batch is padded to the next size by
+        # repeating its first row (same slot, position and token: the same values written twice). Prompts of slots
+        # other than 0 are prefilled eagerly (the prefill graphs read and write slot 0).
+        self.batch_sizes: tuple[int, ...] = ()
+        if model.slots > 1:
+            self.batch_decoder = FusedBatchDecoder(model, model.slots)
+            self.batch_sizes = tuple(sorted({min(1 << i, model.slots) for i in range(model.slots.bit_length() + 1)}))
+            device = self.buffers.logits.device
+            self._batch_in = torch.zeros(2, model.slots, dtype=torch.int64, device=device)  # [slots, positions]
+            self._batch_tokens = torch.zeros(model.slots, dtype=torch.int64, device=device)
+            self._batch_host = torch.zeros(2, model.slots, dtype=torch.int64, pin_memory=True)
+            self._batch_host_np = self._batch_host.numpy()
+            self._batch_read = torch.cuda.Event()
 
     # -- replay (or, until a graph exists, the same body run eagerly) -------------------------------------
 
@@ -140,14 +152,29 @@ class GraphRunner:
         return self.acceptance.read(self._verified)
 
     def decode_batch(self, slots: list[int], positions: list[int]) -> None:
-        """As ModelRunner.decode_batch, for the one KV slot that the GPU path holds so far (its decode graph)."""
+        """As ModelRunner.decode_batch: one graph replay for the batch, padded to the next captured size."""
         check_batch(self.model.slots, self.max_context, slots, positions)
-        self.decode(positions[0])
-        self.buffers.batch_logits[0].copy_(self.buffers.logits)
+        if self.model.slots == 1:  # the batch-1 decode graph, on slot 0
+            self.decode(positions[0])
+            self.buffers.batch_logits[0].copy_(self.buffers.logits)
+            return
+        size = next(b for b in self.batch_sizes if b >= len(slots))
+        if not self._batch_read.query():  # the last batch's inputs are still to be copied up
+            self._batch_read.synchronize()
+        host = self._batch_host_np
+        host[0, :size] = slots[0]  # padding rows repeat row 0
+        host[1, :size] = positions[0]
+        host[0, :len(slots)], host[1, :len(slots)] = slots, positions
+        self._batch_in[:, :size].copy_(self._batch_host[:, :size], non_blocking=True)
+        self._batch_read.record()
+        self._launch(f"decode_batch_{size}", lambda: self._decode_batch_body(size))
 
     def prefill(self, num_tokens: int, start_pos: int = 0, slot: int = 0) -> None:
         check_slot(self.model.slots, slot)
         check_span(self.max_context, start_pos, num_tokens)
+        if slot != 0:
+            self._slot_prefill(num_tokens, start_pos, slot)
+            return
         bucket = next((b for b in self.buckets if b >= num_tokens), None)
         if start_pos != 0 or bucket is None:
             self._chunked_prefill(num_tokens, start_pos)
@@ -170,7 +197,26 @@ class GraphRunner:
             self.static.logits_index.fill_(n - 1)
             self._launch("chunk", self._chunk_body)
 
+    def _slot_prefill(self, num_tokens: int, start_pos: int, slot: int) -> None:
+        """A prompt of KV slot `slot` > 0, run eagerly by the prefill step's kernels over that slot's caches."""
+        ids, device = self.buffers.slot_ids(slot), self.buffers.logits.device
+        step = max(self.chunk, 1)
+        for offset in range(0, num_tokens, step):
+            first, n = start_pos + offset, min(step, num_tokens - offset)
+            positions = torch.arange(first, first + n, device=device)
+            last = torch.full((1,), n - 1, dtype=torch.int64, device=device)
+            self.prefiller.run(ids[first:first + n], positions, last, self.buffers.logits,
+                               kv_len=None if first == 0 else first + n, slot=slot)
+
     # -- the step bodies (captured as graphs, or run eagerly) ----------------------------------------------
+
+    def _decode_batch_body(self, size: int) -> None:
+        slots, positions = self._batch_in[0, :size], self._batch_in[1, :size]
+        tokens = torch.index_select(self.buffers.next_token, 0, slots, out=self._batch_tokens[:size])
+        if size == 1:  # one sequence: the batch-1 step's GEMVs (tuned for it), in that sequence's slot
+            self.decoder.step(tokens, positions, self.buffers.batch_logits[0], slot=slots)
+        else:
+            self.batch_decoder.step(tokens, positions, slots, self.buffers.batch_logits[:size])
 
     def _decode_body(self) -> None:
         self.decoder.step(self.buffers.next_token, self.static.position, self.buffers.logits)
@@ -202,7 +248,7 @@ class GraphRunner:
         """Graphs not captured yet, in capture order: decode, verify (once used), then buckets by demand (larger
         first on ties), the chunk graph, and verify graphs last when no request has used them yet."""
         verify = [f"verify_{n}" for n in range(MAX_VERIFY_TOKENS, 1, -1)]
-        order = ["decode"] + (verify if self.verify_used else [])
+        order = ["decode", *(f"decode_batch_{b}" for b in self.batch_sizes)] + (verify if self.verify_used else [])
         order += [f"prefill_{b}" for b in sorted(self.buckets, key=lambda b: (-self.demand[b], -b))]
         if self.chunk:
             order.append("chunk")
@@ -221,7 +267,8 @@ class GraphRunner:
         """What a server captures before it is ready: decode, the prefill buckets up to max_tokens and, for a server
         that speculates, the verify graphs (the first requests then run at steady-state speed: a verify step run
         eagerly costs ~15-20 ms on the H200, against ~1 ms replayed; the rest are captured while idle)."""
-        names = ["decode", *(f"prefill_{b}" for b in self.buckets if b <= max_tokens)]
+        names = ["decode", *(f"decode_batch_{b}" for b in self.batch_sizes),
+                 *(f"prefill_{b}" for b in self.buckets if b <= max_tokens)]
         return names + ([f"verify_{n}" for n in range(MAX_VERIFY_TOKENS, 1, -1)] if verify else [])
 
     def capture(self, name: str) -> None:
@@ -237,6 +284,9 @@ class GraphRunner:
         self.static.logits_index.zero_()
         self._inputs_read.synchronize()
         self._verify_inputs[:] = 0  # likewise: a late verify's start + 9 rows may pass the cache's end
+        if self.batch_sizes:
+            self._batch_read.synchronize()
+            self._batch_in.zero_()  # and a batch's rows: slot 0, position 0 is valid for every size
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):
             for _ in range(WARMUP_RUNS):
@@ -271,6 +321,9 @@ class GraphRunner:
             return self._decode_body
         if name == "chunk":
             return self._chunk_body
+        if name.startswith("decode_batch_"):
+            size = int(name.removeprefix("decode_batch_"))
+            return lambda: self._decode_batch_body(size)
         if name.startswith("verify_"):
             num_tokens = int(name.removeprefix("verify_"))
             return lambda: self._verify_body(num_tokens)

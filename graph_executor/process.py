@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quantize-group", type=int, default=32)
     p.add_argument("--dequantize", action="store_true")
     p.add_argument("--max-num-seqs", type=int, default=1,
-                   help="KV slots: sequences held and decoded together (the GPU graphs hold one so far)")
+                   help="KV slots: sequences held and decoded together (on a GPU: dense weights only so far)")
     p.add_argument("--supervisor-pid", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--no-graphs", action="store_true", help="run every step eagerly (no CUDA graphs)")
@@ -114,13 +114,19 @@ def main(argv: list[str] | None = None) -> int:
                           max_context=args.max_context, seed=args.seed_weights, progress=not args.quiet,
                           quantize=args.quantize, quantize_group=args.quantize_group, dequantize=args.dequantize,
                           max_num_seqs=args.max_num_seqs)
-        if args.max_num_seqs > 1 and args.device != "cpu" and not args.no_graphs and torch.cuda.is_available():
-            raise HybridrtError(f"--max-num-seqs {args.max_num_seqs}: the GPU path's CUDA graphs decode one sequence "
-                                "so far (batched decode kernels are not built yet); use --max-num-seqs 1 on a GPU")
+        if args.max_num_seqs > 1 and args.draft_model:
+            raise HybridrtError("--draft-model serves speculative decoding, which needs --max-num-seqs 1")
         if args.draft_model:  # before the target loads: a bad draft is one line and costs no loaded target
             check_load_config(replace(load, model=args.draft_model, load_format="auto", quantize=None,
                                       dequantize=False))
         loaded = load_model(load)
+        if args.max_num_seqs > 1 and loaded.model.device.type == "cuda" and not args.no_graphs:
+            from graph_executor.fused_batch_decoder import check_dense  # needs Triton: GPU path only
+
+            try:
+                check_dense(loaded.model)
+            except ValueError as e:
+                raise HybridrtError(str(e)) from None
         for name, seconds in loaded.phases.items():
             startup.add(name, seconds)
         if args.draft_model:

@@ -198,26 +198,27 @@ class BatchEngine:
             events.append((lane.key, PrefillProgress(lane.prefilled, n)))
             return
         lane.out.prefill_enqueued_ms = (time.perf_counter() - lane.out.start) * 1e3
-        buffers = self.port.buffers
-        self._sample(lane, buffers.logits, events)
+        self._sample([lane], [self.port.buffers.logits], events)
 
     def _decode(self, lanes: list[Lane], events: list[tuple[Hashable, Item]]) -> None:
-        slots = [lane.slot for lane in lanes]
-        self.port.decode_batch(slots, [lane.position for lane in lanes])
+        self.port.decode_batch([lane.slot for lane in lanes], [lane.position for lane in lanes])
         self.port.wait_enqueued()
         logits = self.port.buffers.batch_logits  # [slots, V]: row b is lanes[b]'s
-        for b, lane in enumerate(lanes):
-            self._sample(lane, logits[b], events)
+        self._sample(lanes, [logits[b] for b in range(len(lanes))], events)
 
-    def _sample(self, lane: Lane, logits: torch.Tensor, events: list[tuple[Hashable, Item]]) -> None:
-        """Draw the lane's next token from its logits [V] into next_token[slot]; report it (and the request's end)."""
-        state = self.slots[lane.slot]
-        token = state.sampler.sample(logits, out=self.port.buffers.next_token[lane.slot:lane.slot + 1])  # [1]
-        state.sampler.observe(token)
-        chunk = lane.out.add(int(token.item()))
-        events.append((lane.key, chunk))
-        if lane.out.finish is None:
-            return
-        events.extend((lane.key, item) for item in lane.out.close())
-        # Every token but the last was the input of a step that ran: the slot holds the prompt and those.
-        self._release(lane.slot, keep=lane.prompt + lane.out.token_ids[:-1])
+    def _sample(self, lanes: list[Lane], logits: list[torch.Tensor], events: list[tuple[Hashable, Item]]) -> None:
+        """Draw each lane's next token from its logits [V] into next_token[slot] (the device work of every row is
+        queued before the host reads them, all at once); report them (and the requests that end)."""
+        next_token = self.port.buffers.next_token  # [slots]
+        for lane, row in zip(lanes, logits):
+            sampler = self.slots[lane.slot].sampler
+            sampler.observe(sampler.sample(row, out=next_token[lane.slot:lane.slot + 1]))  # [1], on the device
+        slots = [lane.slot for lane in lanes]
+        tokens = next_token[slots[0]:slots[0] + 1] if len(slots) == 1 else next_token[slots]  # [B]
+        for lane, token in zip(lanes, tokens.tolist()):  # one read of every row's token
+            events.append((lane.key, lane.out.add(token)))
+            if lane.out.finish is None:
+                continue
+            events.extend((lane.key, item) for item in lane.out.close())
+            # Every token but the last was the input of a step that ran: the slot holds the prompt and those.
+            self._release(lane.slot, keep=lane.prompt + lane.out.token_ids[:-1])

@@ -92,7 +92,7 @@ def speculative_config(args: argparse.Namespace, batched: bool = False) -> Specu
         raise ValueError(f"--speculative: {e}") from None
 
 
-CPU_MAX_NUM_SEQS = 2  # `serve`'s default on the CPU (issue 14); a GPU's graphs decode one sequence so far
+CPU_MAX_NUM_SEQS = 2  # `serve`'s default on the CPU (issue 14); 1 on a GPU until batching is measured there
 
 
 def add_max_num_seqs_flag(p: argparse.ArgumentParser) -> None:
@@ -100,8 +100,9 @@ def add_max_num_seqs_flag(p: argparse.ArgumentParser) -> None:
                    help=f"requests served at once, 1..{MAX_NUM_SEQS}: N KV caches are allocated at start and the "
                         "running requests decode together, one step for all (continuous batching: a request joins "
                         "or leaves between two steps, a new prompt is prefilled in chunks of at most 256 tokens "
-                        "between them). 1 serves one request at a time, with speculative decoding. On a GPU only 1 "
-                        f"for now (default: {CPU_MAX_NUM_SEQS} on the CPU, 1 on a GPU)")
+                        "between them). 1 serves one request at a time, with speculative decoding. On a GPU, N > 1 "
+                        f"needs dense weights (no --quantize or packed GGUF) (default: {CPU_MAX_NUM_SEQS} on the CPU, "
+                        "1 on a GPU)")
 
 
 def max_num_seqs(args: argparse.Namespace, gpu: bool) -> int:

@@ -1,12 +1,14 @@
-"""Several requests at once through a real `hybridrt serve` (issue 14, CPU): SmolLM2-135M's real weights, 8
-concurrent requests of different lengths and parameters on a server with 4 KV slots. Each request's tokens equal
-what it gets alone in process (greedy, and seeded sampling); the status and /metrics show at most 4 running with
-the rest waiting; a follow-up turn reuses its slot's cache. The in-process engine and server logic are tested in
-test_batching.py.
+"""Several requests at once through a real `hybridrt serve` (issue 14): SmolLM2-135M's real weights, 8 concurrent
+requests of different lengths and parameters on a server with 4 KV slots. Each request's tokens equal what it gets
+alone in process (greedy, and seeded sampling); the status and /metrics show at most 4 running with the rest
+waiting; a follow-up turn reuses its slot's cache (CPU). On a GPU (`cuda`), the same 8 requests greedy through the
+batched decode graphs, against the file run alone in process. The in-process engine and server logic are tested in
+test_batching.py, the GPU kernels in test_batch_kernels.py.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -21,6 +23,34 @@ from tests.serve_process import ServeProcess
 SLOTS = 4
 PROMPTS = ["The capital of France is", "List three colours:", "def add(a, b):", "Once upon a time",
            "Water boils at", "The quick brown fox", "Translate 'cat' to French:", "1, 2, 3, 4,"]
+
+
+def _concurrently(address: str, prompts: list[str], params) -> tuple[dict[int, Finished], dict]:
+    """Every prompt from its own thread and client at once; the Finished of each, and the most running and
+    waiting requests the server's status showed meanwhile."""
+    results: dict[int, Finished] = {}
+    errors: list[BaseException] = []
+    seen = {"running": 0, "waiting": 0}
+
+    def ask(i: int) -> None:
+        try:
+            with Client(address) as client:
+                results[i] = list(client.generate(prompts[i], params=params(i)))[-1]
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    with Client(address) as client:
+        while any(t.is_alive() for t in threads):
+            metrics = client.status()["metrics"]
+            seen = {k: max(seen[k], metrics[k]) for k in seen}
+            time.sleep(0.02)
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    return results, seen
 
 
 def _params(i: int) -> SamplingParams:
@@ -40,28 +70,7 @@ def batch_server(default_model_dir):
 
 
 def test_concurrent_requests_each_get_their_tokens_alone(batch_server, cpu_engine):
-    results: dict[int, Finished] = {}
-    errors: list[BaseException] = []
-    seen = {"running": 0, "waiting": 0}
-
-    def ask(i: int) -> None:
-        try:
-            with Client(batch_server.address) as client:
-                results[i] = list(client.generate(PROMPTS[i], params=_params(i)))[-1]
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(PROMPTS))]
-    for t in threads:
-        t.start()
-    with Client(batch_server.address) as client:
-        while any(t.is_alive() for t in threads):
-            metrics = client.status()["metrics"]
-            seen = {k: max(seen[k], metrics[k]) for k in seen}
-            time.sleep(0.02)
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    results, seen = _concurrently(batch_server.address, PROMPTS, _params)
     assert seen["running"] == SLOTS and seen["waiting"] >= 1, seen  # never more than the slots at once
     for i, prompt in enumerate(PROMPTS):
         ids = cpu_engine.tokenizer.encode(prompt)
@@ -80,3 +89,31 @@ def test_a_follow_up_turn_reuses_its_slot(batch_server):
         follow = [*turn, {"role": "assistant", "content": first.text}, {"role": "user", "content": "And a moon?"}]
         second = list(client.generate(messages=follow, params=params))[-1]
     assert second.timings.get("cached_prompt_tokens", 0) >= first.usage["prompt_tokens"]
+
+
+@pytest.mark.cuda
+def test_gpu_concurrent_requests_get_their_tokens_alone():
+    """SmolLM2's real weights (the GGUF dequantized to float16: batched decode reads dense weights), 8 greedy
+    requests at once on 4 slots through the batched decode graphs, against each run alone in process (one slot,
+    the batch-1 graphs)."""
+    from graph_executor.loading.default_model import gguf_path
+    from graph_executor.loading.loader import LoadConfig
+    from ipc.errors import ModelLoadError
+    from launch.local import LocalEngine
+
+    try:
+        gguf = os.environ.get("HYBRIDRT_TEST_GGUF") or str(gguf_path())
+    except ModelLoadError:
+        pytest.skip("no SmolLM2 GGUF (set HYBRIDRT_TEST_GGUF)")
+
+    def params(i: int) -> SamplingParams:
+        return SamplingParams(max_tokens=24 + 4 * i, temperature=0.0, ignore_eos=True)
+
+    flags = ("--model", gguf, "--dequantize", "--device", "cuda", "--max-context", "512")
+    with ServeProcess("--max-num-seqs", str(SLOTS), "--mps", "off", model_flags=flags) as server:
+        results, seen = _concurrently(server.address, PROMPTS, params)
+    assert seen["running"] == SLOTS, seen
+    alone = LocalEngine(LoadConfig(model=gguf, device="cuda", dequantize=True, max_context=512, progress=False))
+    for i, prompt in enumerate(PROMPTS):
+        *_, want = alone.generator.generate(alone.tokenizer.encode(prompt), params(i))
+        assert results[i].token_ids == want.token_ids, (i, results[i].text, want.text)

@@ -23,17 +23,20 @@ BLOCK_N = 64
 
 
 @triton.jit
-def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, acc_ptr, m_ptr, l_ptr,
-                  stride_kh, stride_kn, stride_vh, stride_vn,
+def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, acc_ptr, m_ptr, l_ptr,
+                  stride_kh, stride_kn, stride_vh, stride_vn, stride_slot,
                   scale, window,
                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
-                  NUM_SPLITS: tl.constexpr, NUM_HEADS: tl.constexpr, PDL: tl.constexpr):
+                  NUM_SPLITS: tl.constexpr, NUM_HEADS: tl.constexpr, SLOTS: tl.constexpr, PDL: tl.constexpr):
     wait_for_prior(PDL)
     head = tl.program_id(0)
     split = tl.program_id(1)
     token = tl.program_id(2)
     kv_head = head // GROUP
     pos = tl.load(pos_ptr + token)  # the query's position: keys [start, pos] are visible
+    if SLOTS:  # a batched decode: each token attends to its own KV slot
+        k_ptr += tl.load(slot_ptr + token) * stride_slot
+        v_ptr += tl.load(slot_ptr + token) * stride_slot
     start = tl.maximum(pos + 1 - window, 0)
     lo = tl.maximum(split * SPLIT, start)
     hi = tl.minimum((split + 1) * SPLIT, pos + 1)
@@ -138,7 +141,9 @@ class DecodeAttention:
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, max_context: int,
                  device: torch.device, sliding_window: int | None = None, split_size: int | None = None,
-                 max_tokens: int = 1, pdl: bool = False) -> None:
+                 max_tokens: int = 1, pdl: bool = False, batched: bool = False) -> None:
+        """`max_tokens` > 1: a verify step's tokens (one sequence, consecutive positions), or with `batched` the
+        tokens of a batched decode (one per KV slot: `__call__`'s slots)."""
         if head_dim & (head_dim - 1):
             raise ValueError(f"decode attention needs a power-of-two head_dim, got {head_dim}")
         self.num_heads, self.group, self.head_dim = num_heads, num_heads // num_kv_heads, head_dim
@@ -148,6 +153,7 @@ class DecodeAttention:
         self.scale = head_dim ** -0.5
         f32 = dict(device=device, dtype=torch.float32)
         self.max_tokens = max_tokens
+        self.batched = batched
         self.pdl = pdl  # launch with programmatic dependent launch (kernels/pdl.py)
         self.rows = max(16, triton.next_power_of_2(self.group * max_tokens))  # the multi-token kernel's rows
         self.acc = torch.empty(max_tokens, num_heads, self.num_splits, head_dim, **f32)
@@ -155,20 +161,25 @@ class DecodeAttention:
         self.l = torch.empty(max_tokens, num_heads, self.num_splits, **f32)
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, position: torch.Tensor,
-                 out: torch.Tensor) -> torch.Tensor:
+                 out: torch.Tensor, slots: torch.Tensor | None = None, slot_stride: int = 0) -> torch.Tensor:
         """q: [T, heads, hd] (or [heads, hd] for T = 1), contiguous; k/v_cache: [kv_heads, C, hd] (unit stride in
-        hd); position: [T] int64, token t's position; out: like q, written in q's dtype."""
+        hd); position: [T] int64, token t's position; out: like q, written in q's dtype. `slots` [T] int64 (a batched
+        decode): token t attends to the caches of KV slot slots[t], slot_stride elements after k/v_cache."""
+        if self.batched and slots is None or slots is not None and not (self.batched or self.max_tokens == 1):
+            raise ValueError("a batched decode attention takes each token's KV slot (a verify step's tokens share one)")
         tokens = position.shape[0]
         if tokens > self.max_tokens or q.numel() != tokens * self.num_heads * self.head_dim:
             raise ValueError(f"decode attention sized for {self.max_tokens} tokens of {self.num_heads} x "
                              f"{self.head_dim}, got q {tuple(q.shape)} for {tokens} positions")
         strides = (k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1))
         block = min(BLOCK_N, self.split)
-        if self.max_tokens == 1:
+        if self.max_tokens == 1 or self.batched:
             _split_kernel[(self.num_heads, self.num_splits, tokens)](
-                q, k_cache, v_cache, position, self.acc, self.m, self.l, *strides, self.scale, self.window,
+                q, k_cache, v_cache, position, slots if slots is not None else position, self.acc, self.m, self.l,
+                *strides, slot_stride, self.scale, self.window,
                 GROUP=self.group, HEAD_DIM=self.head_dim, SPLIT=self.split, BLOCK=block,
-                NUM_SPLITS=self.num_splits, NUM_HEADS=self.num_heads, PDL=self.pdl, **launch_options(self.pdl),
+                NUM_SPLITS=self.num_splits, NUM_HEADS=self.num_heads, SLOTS=slots is not None, PDL=self.pdl,
+                **launch_options(self.pdl),
             )
         else:
             _split_rows_kernel[(self.num_heads // self.group, self.num_splits)](

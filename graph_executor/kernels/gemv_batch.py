@@ -1,0 +1,149 @@
+"""Batch-M GEMV kernels (M = 1..16 sequences decoded together): each weight tile is read once and multiplied by every
+row on the tensor cores, with the same prologue and epilogue fusions as the batch-1 kernels (`gemv.py`):
+
+- `rmsnorm_gemm`:  out[m] = W @ (rmsnorm(x[m]) * norm_w) [+ bias]
+- `gemm_residual`: x[m] += W @ a[m]
+- `silu_gemm_residual`: x[m] += W @ (silu(g[m]) * u[m]), [g, u] = gate_up[m]
+
+Why tensor cores: at M <= 16 the step is still bound by reading W once, but the batch-1 kernels' multiply-and-sum
+per weight would cost M times the arithmetic; `tl.dot` of a [BLOCK_N, BLOCK_K] weight tile by the [BLOCK_K, 16]
+activations (rows past M are zeros) does all rows in one instruction stream. RMSNorm's per-row scale is applied
+to the product at the end (it is one scalar per row), the sum of squares gathered in the K loop as in `gemv.py`.
+W is [N, K] row-major (dense: the activation dtype). Each program owns BLOCK_N output rows of one block of 16
+sequences.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from graph_executor.kernels.pdl import launch_options, wait_for_prior
+
+BLOCK_M = 16  # sequences per program (the tensor core's minimum; rows past the batch are masked zeros)
+
+
+@dataclass(frozen=True)
+class BatchGemvConfig:
+    block_n: int = 16
+    block_k: int = 256
+    num_warps: int = 4
+    num_stages: int = 3
+    pdl: bool = False
+
+
+@dataclass(frozen=True)
+class BatchGemvPlan:
+    qkv: BatchGemvConfig = BatchGemvConfig()
+    o: BatchGemvConfig = BatchGemvConfig(16, 512)
+    gate_up: BatchGemvConfig = BatchGemvConfig()
+    down: BatchGemvConfig = BatchGemvConfig(16, 512)
+    lm_head: BatchGemvConfig = BatchGemvConfig()
+
+
+@triton.jit
+def _dot(w, a, IEEE: tl.constexpr):
+    """w [BN, BK] @ a^T, a [BM, BK] -> [BN, BM] float32; float32 operands exact (tests), else the tensor cores."""
+    if IEEE:
+        return tl.dot(w, tl.trans(a), input_precision="ieee")
+    return tl.dot(w, tl.trans(a))
+
+
+@triton.jit
+def _rmsnorm_gemm_kernel(w_ptr, x_ptr, nw_ptr, b_ptr, out_ptr, M, N, K, stride_x, stride_out, eps,
+                         HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         BLOCK_M: tl.constexpr, PDL: tl.constexpr):
+    wait_for_prior(PDL)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    seqs = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok, seq_ok = rows < N, seqs < M
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    ss = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < K
+        x = tl.load(x_ptr + seqs[:, None] * stride_x + cols[None, :], mask=seq_ok[:, None] & col_ok[None, :],
+                    other=0.0).to(tl.float32)  # [BM, BK]
+        nw = tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        ss += tl.sum(x * x, axis=1)
+        w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        acc += _dot(w, (x * nw[None, :]).to(w.dtype), IEEE)
+    out = acc * (1.0 / tl.sqrt(ss / K + eps))[None, :]  # [BN, BM]
+    if HAS_BIAS:
+        out += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    tl.store(out_ptr + seqs[None, :] * stride_out + rows[:, None], out.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & seq_ok[None, :])
+
+
+@triton.jit
+def _gemm_residual_kernel(w_ptr, a_ptr, x_ptr, M, N, K, stride_a, stride_x, SWIGLU: tl.constexpr,
+                          IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                          PDL: tl.constexpr):
+    wait_for_prior(PDL)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    seqs = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok, seq_ok = rows < N, seqs < M
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < K
+        mask = seq_ok[:, None] & col_ok[None, :]
+        a = tl.load(a_ptr + seqs[:, None] * stride_a + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if SWIGLU:  # each row of a holds [gate (K), up (K)]
+            up = tl.load(a_ptr + seqs[:, None] * stride_a + K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            a = a / (1.0 + tl.exp(-a)) * up
+        w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        acc += _dot(w, a.to(w.dtype), IEEE)
+    ptrs = x_ptr + seqs[None, :] * stride_x + rows[:, None]
+    mask = row_ok[:, None] & seq_ok[None, :]
+    residual = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(ptrs, (residual + acc).to(x_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch(n: int, m: int, cfg: BatchGemvConfig, w: torch.Tensor) -> tuple[tuple[int, int], dict]:
+    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, BLOCK_M))
+    return grid, dict(IEEE=w.dtype == torch.float32, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_M=BLOCK_M,
+                      num_warps=cfg.num_warps, num_stages=cfg.num_stages, PDL=cfg.pdl, **launch_options(cfg.pdl))
+
+
+def _check(w: torch.Tensor, *rows: torch.Tensor) -> None:
+    if not isinstance(w, torch.Tensor):
+        raise ValueError("batched decode GEMVs take dense weights only (packed formats decode one sequence so far)")
+    for t in rows:
+        if t.dim() != 2 or t.stride(1) != 1:
+            raise ValueError(f"batched GEMV operands are [M, K] rows with unit stride, got {tuple(t.shape)}")
+
+
+def rmsnorm_gemm(w: torch.Tensor, x: torch.Tensor, norm_w: torch.Tensor, eps: float, out: torch.Tensor,
+                 bias: torch.Tensor | None = None, cfg: BatchGemvConfig = BatchGemvConfig()) -> torch.Tensor:
+    """w [N, K], x [M, K], norm_w [K], bias [N] or None -> out [M, N] (any float dtype)."""
+    _check(w, x, out)
+    n, k = w.shape
+    grid, kw = _launch(n, x.shape[0], cfg, w)
+    _rmsnorm_gemm_kernel[grid](w, x, norm_w, bias if bias is not None else w, out, x.shape[0], n, k, x.stride(0),
+                               out.stride(0), eps, HAS_BIAS=bias is not None, **kw)
+    return out
+
+
+def gemm_residual(w: torch.Tensor, a: torch.Tensor, x: torch.Tensor,
+                  cfg: BatchGemvConfig = BatchGemvConfig()) -> torch.Tensor:
+    """x [M, N] += a [M, K] @ w [N, K]^T, in place."""
+    _check(w, a, x)
+    n, k = w.shape
+    grid, kw = _launch(n, a.shape[0], cfg, w)
+    _gemm_residual_kernel[grid](w, a, x, a.shape[0], n, k, a.stride(0), x.stride(0), SWIGLU=False, **kw)
+    return x
+
+
+def silu_gemm_residual(w: torch.Tensor, gate_up: torch.Tensor, x: torch.Tensor,
+                       cfg: BatchGemvConfig = BatchGemvConfig()) -> torch.Tensor:
+    """x [M, N] += (silu(gate_up[:, :K]) * gate_up[:, K:]) @ w [N, K]^T, in place."""
+    _check(w, gate_up, x)
+    n, k = w.shape
+    grid, kw = _launch(n, gate_up.shape[0], cfg, w)
+    _gemm_residual_kernel[grid](w, gate_up, x, gate_up.shape[0], n, k, gate_up.stride(0), x.stride(0), SWIGLU=True,
+                                **kw)
+    return x
