@@ -74,7 +74,8 @@ class GraphRunner:
                  accepts: bool = True) -> None:
         self.model = model
         device = model.embed_tokens.device
-        self.buffers = buffers or StepBuffers.allocate(model.config.vocab_size, model.max_context, device)
+        self.buffers = buffers or StepBuffers.allocate(model.config.vocab_size, model.max_context, device,
+                                                       model.slots)
         self.max_context = model.max_context
         self.buckets = tuple(b for b in sorted(buckets) if b < model.max_context)
         self.chunk = self.buckets[-1] if self.buckets else 0
@@ -219,7 +220,7 @@ class GraphRunner:
             self.batch_decoder.step(tokens, positions, slots, self.buffers.batch_logits[:size])
 
     def _decode_body(self) -> None:
-        self.decoder.step(self.buffers.next_token, self.static.position, self.buffers.logits)
+        self.decoder.step(self.buffers.token, self.static.position, self.buffers.logits)
 
     def _prefill_body(self, bucket: int) -> None:
         ids, positions = self.buffers.input_ids[:bucket], self.static.arange[:bucket]

@@ -38,7 +38,7 @@ class GreedyAcceptance:
         torch.argmax(self.buffers.verify_logits[:t], dim=-1, out=target)
         kept = torch.cumprod((target[:t - 1] == ids[1:]).long(), 0)  # [T - 1]: 1 while the proposals match
         torch.sum(kept, 0, keepdim=True, out=count)
-        torch.index_select(target, 0, count, out=self.buffers.next_token)  # the added token
+        torch.index_select(target, 0, count, out=self.buffers.token)  # the added token
         if self.cuda:
             self.host[:t + 1].copy_(self.result[:t + 1], non_blocking=True)
 

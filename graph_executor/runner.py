@@ -113,7 +113,7 @@ class ModelRunner:
         """Run slot 0's `next_token` at `position`; its logits land in `logits`."""
         check_span(self.max_context, position, 1)
         positions = torch.full((1,), position, dtype=torch.int64, device=self.buffers.next_token.device)
-        logits = self.model(self.buffers.next_token[:1], positions, self._last_row, position + 1)  # [1, V]
+        logits = self.model(self.buffers.token, positions, self._last_row, position + 1)  # [1, V]
         self.buffers.logits.copy_(logits[0])
 
     def decode_batch(self, slots: list[int], positions: list[int]) -> None:

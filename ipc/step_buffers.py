@@ -57,6 +57,12 @@ class StepBuffers:
     def slots(self) -> int:
         return self.next_token.shape[0]
 
+    @property
+    def token(self) -> torch.Tensor:
+        """[1] int64: slot 0's next token, the input of the single-sequence steps (decode, verify's added token).
+        Write it through this view: an `out=` of the whole [slots] buffer would resize it."""
+        return self.next_token[:1]
+
     def slot_ids(self, slot: int) -> torch.Tensor:
         """[max_context] int64: slot `slot`'s token ids by position (a view)."""
         context = self.input_ids.shape[0] // self.slots

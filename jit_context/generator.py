@@ -184,7 +184,7 @@ class Generator:
             self.port.wait_enqueued()  # the step's logits are ordered before our sampling
             if k == 0:
                 out.prefill_enqueued_ms = (time.perf_counter() - start) * 1e3
-            token = self.sampler.sample(buffers.logits, out=buffers.next_token)  # [1], on the device
+            token = self.sampler.sample(buffers.logits, out=buffers.token)  # [1], on the device
             self.sampler.observe(token)
             reader.push(token)
             last = k + 1 >= params.max_tokens or n + k + 1 >= self.port.max_context

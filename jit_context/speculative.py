@@ -167,7 +167,7 @@ class SpeculativeLoop:
         self.reader.reset()
         self.port.wait_enqueued()
         out.prefill_enqueued_ms = (time.perf_counter() - start) * 1e3
-        token = self.sampler.sample(self.buffers.logits, out=self.buffers.next_token)  # [1]
+        token = self.sampler.sample(self.buffers.logits, out=self.buffers.token)  # [1]
         self.sampler.observe(token)
         self.reader.push(token)
         first = self.reader.pop()
@@ -194,7 +194,7 @@ class SpeculativeLoop:
             self.port.wait_enqueued()
             result = accept(self.sampler, self.buffers.verify_logits[:k + 1],
                             self.buffers.input_ids[position + 1:position + k + 1])  # [k + 2]
-            torch.index_select(result, 0, result[k + 1:], out=self.buffers.next_token)  # the added token
+            torch.index_select(result, 0, result[k + 1:], out=self.buffers.token)  # the added token
             values = self._read(result)
         accepted = values[k + 1]
         emitted = values[:accepted + 1]
@@ -233,7 +233,7 @@ class SpeculativeLoop:
         drain = False
         while True:
             port.wait_enqueued()
-            token = self.sampler.sample(self.buffers.logits, out=self.buffers.next_token)  # [1]
+            token = self.sampler.sample(self.buffers.logits, out=self.buffers.token)  # [1]
             self.sampler.observe(token)
             self.reader.push(token)
             # the sampled token sits at index self.length; it is the last one if it fills max_tokens or the context

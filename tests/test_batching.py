@@ -273,3 +273,12 @@ def test_a_request_cancelled_mid_batch_frees_its_slot_for_the_next(batch_rig):
 def test_a_model_with_slots_reports_them_in_ready():
     model = _model(dataclasses.replace(TINY, num_layers=1), slots=2)
     assert model.slots == 2 and model.kv_caches.shape[0] == 2 and model.kv_cache.shape == model.kv_caches[0].shape
+
+
+def test_a_single_sequence_request_keeps_every_slots_token():
+    """The batch-1 loop writes slot 0's token through a [1] view: an `out=` of the whole [slots] buffer would resize
+    it (what the GPU server's warm-up request once did, leaving the JIT context one slot)."""
+    runner = ModelRunner(_model(TINY, slots=3))
+    gen = Generator(runner, None, frozenset(TINY.eos_token_ids))
+    list(gen.generate([5, 6, 7], SamplingParams(**greedy(3))))
+    assert runner.buffers.next_token.shape == (3,) and runner.buffers.slots == 3
