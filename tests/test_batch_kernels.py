@@ -121,7 +121,7 @@ def test_batched_decode_graphs_and_slot_prefills_equal_the_reference(name):
         for slot, prompt in prompts.items():
             runner.buffers.slot_ids(slot)[:len(prompt)].copy_(torch.tensor(prompt))
             runner.prefill(len(prompt), 0, slot)
-        torch.testing.assert_close(graphs.buffers.logits, eager.buffers.logits, **TOL)  # the last slot's prompt
+    torch.testing.assert_close(graphs.buffers.logits, eager.buffers.logits, **TOL)  # the last slot's prompt
     lengths = {s: len(p) for s, p in prompts.items()}
     for step, batch in enumerate([[0, 1, 2, 3], [2, 0, 3], [1], [3, 1], [0, 2, 1]]):
         positions = [lengths[s] for s in batch]
