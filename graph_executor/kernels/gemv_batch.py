@@ -38,11 +38,15 @@ class BatchGemvConfig:
 
 @dataclass(frozen=True)
 class BatchGemvPlan:
-    qkv: BatchGemvConfig = BatchGemvConfig()
-    o: BatchGemvConfig = BatchGemvConfig(16, 512)
-    gate_up: BatchGemvConfig = BatchGemvConfig()
-    down: BatchGemvConfig = BatchGemvConfig(16, 512)
-    lm_head: BatchGemvConfig = BatchGemvConfig()
+    """A config per projection: the best of `bench.probes.batch_gemv` on LLaMA-2-7B's shapes at M = 4 on an H200 (read
+    TB/s; cuBLAS on the same [4, K] @ W^T, and the batch-1 GEMV at M = 1, in brackets). 16 x 256 with 3 stages, the
+    first guess, read at ~1 TB/s: a 7B step of 4 sequences took 14 ms (bench/NOTES.md)."""
+
+    qkv: BatchGemvConfig = BatchGemvConfig(64, 256, 4, 2)  # 3.29 TB/s (cuBLAS 3.68, batch-1 3.94)
+    o: BatchGemvConfig = BatchGemvConfig(64, 256, 4, 4)  # 2.12 (2.61, 2.43)
+    gate_up: BatchGemvConfig = BatchGemvConfig(64, 256, 4, 2)  # as qkv (not swept)
+    down: BatchGemvConfig = BatchGemvConfig(64, 256, 4, 4)  # 2.48 (3.38, 3.56)
+    lm_head: BatchGemvConfig = BatchGemvConfig(64, 256, 4, 2)
 
 
 @triton.jit
