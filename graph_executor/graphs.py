@@ -100,8 +100,9 @@ class GraphRunner:
         self._inputs_read = torch.cuda.Event()
         self.stats = CaptureStats()
         # KV slots (--max-num-seqs > 1): a batched decode graph per batch size; a batch is padded to the next size by
-        # repeating its first row (same slot, position and token: the same values written twice). Prompts of slots
-        # other than 0 are prefilled eagerly (the prefill graphs read and write slot 0).
+        # repeating its first row (same slot, position and token: the same values written twice). Each slot has its
+        # own prefill graphs ("prefill_<bucket>@<slot>", "chunk@<slot>"; slot 0's keep their names), captured while
+        # idle after slot 0's: until then a slot's prompt runs the same body eagerly.
         self.batch_sizes: tuple[int, ...] = ()
         if model.slots > 1:
             self.batch_decoder = FusedBatchDecoder(model, model.slots)
@@ -173,41 +174,28 @@ class GraphRunner:
     def prefill(self, num_tokens: int, start_pos: int = 0, slot: int = 0) -> None:
         check_slot(self.model.slots, slot)
         check_span(self.max_context, start_pos, num_tokens)
-        if slot != 0:
-            self._slot_prefill(num_tokens, start_pos, slot)
-            return
         bucket = next((b for b in self.buckets if b >= num_tokens), None)
         if start_pos != 0 or bucket is None:
-            self._chunked_prefill(num_tokens, start_pos)
+            self._chunked_prefill(num_tokens, start_pos, slot)
             return
         self.demand[bucket] += 1
         self.static.logits_index.fill_(num_tokens - 1)
-        self._launch(f"prefill_{bucket}", lambda: self._prefill_body(bucket))
+        self._launch(_slot_name(f"prefill_{bucket}", slot), lambda: self._prefill_body(bucket, slot))
 
-    def _chunked_prefill(self, num_tokens: int, start_pos: int) -> None:
+    def _chunked_prefill(self, num_tokens: int, start_pos: int, slot: int = 0) -> None:
         if not self.chunk:  # a context too short for any bucket: the reference step
-            eager_prefill(self.model, self.buffers, num_tokens, start_pos)
+            eager_prefill(self.model, self.buffers, num_tokens, start_pos, slot)
             return
+        ids = self.buffers.slot_ids(slot)
         for offset in range(0, num_tokens, self.chunk):
             n = min(self.chunk, num_tokens - offset)
             first = start_pos + offset
-            self.static.chunk_ids[:n].copy_(self.buffers.input_ids[first:first + n])
+            self.static.chunk_ids[:n].copy_(ids[first:first + n])
             # Padding rows write their K/V into the last cache slot, which no valid token of a prompt uses.
             torch.add(self.static.arange, start_pos + offset, out=self.static.chunk_positions)
             self.static.chunk_positions.clamp_(max=self.max_context - 1)
             self.static.logits_index.fill_(n - 1)
-            self._launch("chunk", self._chunk_body)
-
-    def _slot_prefill(self, num_tokens: int, start_pos: int, slot: int) -> None:
-        """A prompt of KV slot `slot` > 0, run eagerly by the prefill step's kernels over that slot's caches."""
-        ids, device = self.buffers.slot_ids(slot), self.buffers.logits.device
-        step = max(self.chunk, 1)
-        for offset in range(0, num_tokens, step):
-            first, n = start_pos + offset, min(step, num_tokens - offset)
-            positions = torch.arange(first, first + n, device=device)
-            last = torch.full((1,), n - 1, dtype=torch.int64, device=device)
-            self.prefiller.run(ids[first:first + n], positions, last, self.buffers.logits,
-                               kv_len=None if first == 0 else first + n, slot=slot)
+            self._launch(_slot_name("chunk", slot), lambda: self._chunk_body(slot))
 
     # -- the step bodies (captured as graphs, or run eagerly) ----------------------------------------------
 
@@ -222,9 +210,9 @@ class GraphRunner:
     def _decode_body(self) -> None:
         self.decoder.step(self.buffers.token, self.static.position, self.buffers.logits)
 
-    def _prefill_body(self, bucket: int) -> None:
-        ids, positions = self.buffers.input_ids[:bucket], self.static.arange[:bucket]
-        self.prefiller.run(ids, positions, self.static.logits_index, self.buffers.logits)
+    def _prefill_body(self, bucket: int, slot: int = 0) -> None:
+        ids, positions = self.buffers.slot_ids(slot)[:bucket], self.static.arange[:bucket]
+        self.prefiller.run(ids, positions, self.static.logits_index, self.buffers.logits, slot=slot)
 
     def _verify_body(self, num_tokens: int) -> None:
         s, n = self.static, num_tokens
@@ -238,10 +226,10 @@ class GraphRunner:
         if self.accepts:
             self.acceptance.run(ids)
 
-    def _chunk_body(self) -> None:
+    def _chunk_body(self, slot: int = 0) -> None:
         s = self.static
         self.prefiller.run(s.chunk_ids, s.chunk_positions, s.logits_index, self.buffers.logits,
-                           kv_len=self.max_context)
+                           kv_len=self.max_context, slot=slot)
 
     # -- capture ------------------------------------------------------------------------------------------
 
@@ -250,9 +238,11 @@ class GraphRunner:
         first on ties), the chunk graph, and verify graphs last when no request has used them yet."""
         verify = [f"verify_{n}" for n in range(MAX_VERIFY_TOKENS, 1, -1)]
         order = ["decode", *(f"decode_batch_{b}" for b in self.batch_sizes)] + (verify if self.verify_used else [])
-        order += [f"prefill_{b}" for b in sorted(self.buckets, key=lambda b: (-self.demand[b], -b))]
-        if self.chunk:
-            order.append("chunk")
+        by_demand = sorted(self.buckets, key=lambda b: (-self.demand[b], -b))
+        for slot in range(self.model.slots):  # KV slots past 0 (--max-num-seqs): their own prefill graphs
+            order += [_slot_name(f"prefill_{b}", slot) for b in by_demand]
+            if self.chunk:
+                order.append(_slot_name("chunk", slot))
         order += [] if self.verify_used else verify
         return [name for name in order if name not in self.graphs]
 
@@ -318,10 +308,12 @@ class GraphRunner:
             pass
 
     def _body(self, name: str):
+        name, _, slot_text = name.partition("@")
+        slot = int(slot_text or 0)
         if name == "decode":
             return self._decode_body
         if name == "chunk":
-            return self._chunk_body
+            return lambda: self._chunk_body(slot)
         if name.startswith("decode_batch_"):
             size = int(name.removeprefix("decode_batch_"))
             return lambda: self._decode_batch_body(size)
@@ -329,8 +321,13 @@ class GraphRunner:
             num_tokens = int(name.removeprefix("verify_"))
             return lambda: self._verify_body(num_tokens)
         bucket = int(name.removeprefix("prefill_"))
-        return lambda: self._prefill_body(bucket)
+        return lambda: self._prefill_body(bucket, slot)
 
     def facts(self) -> dict:
         return {"captured": dict(self.stats.seconds), "warmup": dict(self.stats.warmup_seconds),
                 "pending": self.pending(), "graph_pool_bytes": self.stats.pool_bytes}
+
+
+def _slot_name(name: str, slot: int) -> str:
+    """A single-sequence graph's name for KV slot `slot` (slot 0's is the plain name)."""
+    return name if slot == 0 else f"{name}@{slot}"
