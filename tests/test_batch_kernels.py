@@ -136,4 +136,5 @@ def test_batched_decode_graphs_and_slot_prefills_equal_the_reference(name):
                                    **TOL)
         for s in batch:
             lengths[s] += 1
-    torch.testing.assert_close(model.kv_caches, ref.kv_caches, **TOL)
+    for s, length in lengths.items():  # past a sequence's length the graphs' padding rows leave values of their own
+        torch.testing.assert_close(model.kv_caches[s, :, :, :, :length], ref.kv_caches[s, :, :, :, :length], **TOL)
