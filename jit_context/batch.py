@@ -97,6 +97,7 @@ class BatchEngine:
         self.slots = [SlotState(Sampler(vocab, device)) for _ in range(buffers.slots)]
         self.lanes: dict[int, Lane] = {}  # slot -> its running request
         self._admitted = 0
+        self._inflight: list[Lane] | None = None  # the lanes of a decode sent ahead (row b: lane b), if any
 
     # -- requests joining and leaving -----------------------------------------------------------------
 
@@ -158,6 +159,7 @@ class BatchEngine:
 
     def abort_all(self) -> list[Hashable]:
         """Drop every running request (a step failed: what the slots hold is unknown); their keys."""
+        self._inflight = None
         keys = [lane.key for lane in self.lanes.values()]
         for slot in list(self.lanes):
             self._release(slot, keep=None)
@@ -176,16 +178,27 @@ class BatchEngine:
     # -- one step -----------------------------------------------------------------------------------------
 
     def step(self) -> list[tuple[Hashable, Item]]:
-        """One prefill chunk (if a request is prefilling) and one batched decode (if any request is decoding);
-        what each request produced, in order. A request's GenerationResult is its last item (its slot is free by
-        then). Exceptions from the executor propagate: the caller fails the running requests (`abort_all`)."""
+        """Advance the running requests by one step; what each produced, in order. A request's GenerationResult is
+        its last item (its slot is free by then). Exceptions from the executor propagate: the caller fails the
+        running requests (`abort_all`).
+
+        A step is one prefill chunk (if a request is prefilling) and one batched decode (if any request is decoding).
+        While every running request decodes, the steps are pipelined as the batch-1 loop's are: the next decode is
+        sent as soon as this one's tokens are drawn on the device (it reads them from next_token there), before the
+        host reads them, so the device never waits for the host. A request that then turns out to have ended (EOS,
+        a stop) leaves a wasted row in the step in flight, whose K/V write lands past what its slot keeps."""
         events: list[tuple[Hashable, Item]] = []
+        if self._inflight is not None:  # the decode sent at the end of the last step
+            lanes, self._inflight = self._inflight, None
+            self._finish_decode(lanes, events)
+            return events
         prefilling = [lane for lane in self.lanes.values() if lane.prefilled < len(lane.prompt)]
         if prefilling:
             self._prefill_chunk(min(prefilling, key=lambda lane: lane.admitted), events)
         decoding = sorted((lane for lane in self.lanes.values() if lane.decoding), key=lambda lane: lane.slot)
         if decoding:
-            self._decode(decoding, events)
+            self.port.decode_batch([lane.slot for lane in decoding], [lane.position for lane in decoding])
+            self._finish_decode(decoding, events)
         return events
 
     def _prefill_chunk(self, lane: Lane, events: list[tuple[Hashable, Item]]) -> None:
@@ -198,27 +211,50 @@ class BatchEngine:
             events.append((lane.key, PrefillProgress(lane.prefilled, n)))
             return
         lane.out.prefill_enqueued_ms = (time.perf_counter() - lane.out.start) * 1e3
-        self._sample([lane], [self.port.buffers.logits], events)
+        self._draw([lane], [self.port.buffers.logits])
+        self._read([lane], events)
 
-    def _decode(self, lanes: list[Lane], events: list[tuple[Hashable, Item]]) -> None:
-        self.port.decode_batch([lane.slot for lane in lanes], [lane.position for lane in lanes])
+    def _finish_decode(self, sent: list[Lane], events: list[tuple[Hashable, Item]]) -> None:
+        """The decode of `sent` (row b: sent[b]) was sent: draw each live row's token, send the next decode right away
+        when every running request decodes, then read the tokens."""
         self.port.wait_enqueued()
-        logits = self.port.buffers.batch_logits  # [slots, V]: row b is lanes[b]'s
-        self._sample(lanes, [logits[b] for b in range(len(lanes))], events)
+        logits = self.port.buffers.batch_logits  # [slots, V]
+        rows = [(b, lane) for b, lane in enumerate(sent) if self.lanes.get(lane.slot) is lane]  # not cancelled since
+        lanes = [lane for _, lane in rows]
+        if not lanes:
+            return
+        self._draw(lanes, [logits[b] for b, _ in rows])
+        if all(lane.prefilled == len(lane.prompt) for lane in self.lanes.values()):
+            # Those that go on unless the token just drawn ends them (EOS, a stop: known once read).
+            going = [lane for lane in lanes if not _last_by_length(lane)]
+            if going:
+                # The token just drawn is at position len(prompt) + len(tokens): one past what the host knows.
+                self.port.decode_batch([lane.slot for lane in going], [lane.position + 1 for lane in going])
+                self._inflight = going
+        self._read(lanes, events)
 
-    def _sample(self, lanes: list[Lane], logits: list[torch.Tensor], events: list[tuple[Hashable, Item]]) -> None:
-        """Draw each lane's next token from its logits [V] into next_token[slot] (the device work of every row is
-        queued before the host reads them, all at once); report them (and the requests that end)."""
+    def _draw(self, lanes: list[Lane], logits: list[torch.Tensor]) -> None:
+        """Queue each lane's draw from its logits row [V] into next_token[slot] (device work only)."""
         next_token = self.port.buffers.next_token  # [slots]
         for lane, row in zip(lanes, logits):
             sampler = self.slots[lane.slot].sampler
             sampler.observe(sampler.sample(row, out=next_token[lane.slot:lane.slot + 1]))  # [1], on the device
+
+    def _read(self, lanes: list[Lane], events: list[tuple[Hashable, Item]]) -> None:
+        """Read every lane's drawn token at once; report them (and the requests that end)."""
+        next_token = self.port.buffers.next_token
         slots = [lane.slot for lane in lanes]
         tokens = next_token[slots[0]:slots[0] + 1] if len(slots) == 1 else next_token[slots]  # [B]
-        for lane, token in zip(lanes, tokens.tolist()):  # one read of every row's token
+        for lane, token in zip(lanes, tokens.tolist()):
             events.append((lane.key, lane.out.add(token)))
             if lane.out.finish is None:
                 continue
             events.extend((lane.key, item) for item in lane.out.close())
             # Every token but the last was the input of a step that ran: the slot holds the prompt and those.
             self._release(lane.slot, keep=lane.prompt + lane.out.token_ids[:-1])
+
+
+def _last_by_length(lane: Lane) -> bool:
+    """Whether the token just drawn (not yet read) is the lane's last by max_tokens or the context."""
+    made = len(lane.out.token_ids) + 1
+    return made >= lane.out.params.max_tokens or lane.out.prompt_len + made >= lane.out.max_context
