@@ -182,23 +182,25 @@ class BatchEngine:
         its last item (its slot is free by then). Exceptions from the executor propagate: the caller fails the
         running requests (`abort_all`).
 
-        A step is one prefill chunk (if a request is prefilling) and one batched decode (if any request is decoding).
+        A step is one batched decode (if any request is decoding) and one prefill chunk (if a request is prefilling).
         While every running request decodes, the steps are pipelined as the batch-1 loop's are: the next decode is
         sent as soon as this one's tokens are drawn on the device (it reads them from next_token there), before the
         host reads them, so the device never waits for the host. A request that then turns out to have ended (EOS,
         a stop) leaves a wasted row in the step in flight, whose K/V write lands past what its slot keeps."""
         events: list[tuple[Hashable, Item]] = []
         if self._inflight is not None:  # the decode sent at the end of the last step
-            lanes, self._inflight = self._inflight, None
-            self._finish_decode(lanes, events)
-            return events
+            sent, self._inflight = self._inflight, None
+            self._finish_decode(sent, events)
+        else:
+            decoding = sorted((lane for lane in self.lanes.values() if lane.decoding), key=lambda lane: lane.slot)
+            if decoding:
+                self.port.decode_batch([lane.slot for lane in decoding], [lane.position for lane in decoding])
+                self._finish_decode(decoding, events)
+        # The decode first, then the chunk: a prompt's last chunk gives its first token, which goes out at once (after
+        # a decode it would wait a whole step in `events`).
         prefilling = [lane for lane in self.lanes.values() if lane.prefilled < len(lane.prompt)]
         if prefilling:
             self._prefill_chunk(min(prefilling, key=lambda lane: lane.admitted), events)
-        decoding = sorted((lane for lane in self.lanes.values() if lane.decoding), key=lambda lane: lane.slot)
-        if decoding:
-            self.port.decode_batch([lane.slot for lane in decoding], [lane.position for lane in decoding])
-            self._finish_decode(decoding, events)
         return events
 
     def _prefill_chunk(self, lane: Lane, events: list[tuple[Hashable, Item]]) -> None:
