@@ -8,6 +8,7 @@ test_batching.py, the GPU kernels in test_batch_kernels.py.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -117,3 +118,30 @@ def test_gpu_concurrent_requests_get_their_tokens_alone():
     for i, prompt in enumerate(PROMPTS):
         *_, want = alone.generator.generate(alone.tokenizer.encode(prompt), params(i))
         assert results[i].token_ids == want.token_ids, (i, results[i].text, want.text)
+
+
+def test_concurrent_http_streams_are_batched_and_each_as_alone(batch_server):
+    """The OpenAI API path: 4 streamed completions at once (the HTTP server's async client opens one native stream
+    each), each with the text it gets when sent alone."""
+    model = httpx.get(f"{batch_server.http}/v1/models", timeout=10).json()["data"][0]["id"]
+
+    def complete(prompt: str, max_tokens: int) -> str:
+        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                "ignore_eos": True}
+        text = []
+        with httpx.stream("POST", f"{batch_server.http}/v1/completions", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    text += [c["text"] for c in json.loads(line[6:])["choices"]]
+        return "".join(text)
+
+    asks = [(PROMPTS[i], 6 + 2 * i) for i in range(4)]
+    alone = [complete(p, n) for p, n in asks]
+    together: dict[int, str] = {}
+    threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, complete(*asks[i]))) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [together[i] for i in range(4)] == alone and all(alone)
