@@ -33,8 +33,9 @@ CONFIGS = {
 }
 
 
+@pytest.mark.parametrize("cublas", [False, True], ids=["triton", "cublas"])
 @pytest.mark.parametrize("m,n,k", [(1, 40, 100), (3, 64, 256), (5, 33, 130), (16, 48, 64), (19, 20, 70)])
-def test_batched_gemvs_match_float64(m, n, k):
+def test_batched_gemvs_match_float64(m, n, k, cublas):
     gen = torch.Generator().manual_seed(m * 1000 + n)
 
     def rnd(*shape):
@@ -42,7 +43,7 @@ def test_batched_gemvs_match_float64(m, n, k):
 
     w, x, a, gu, bias = rnd(n, k), rnd(m, k), rnd(m, k), rnd(m, 2 * k), rnd(n)
     nw = (torch.rand(k, generator=gen) + 0.5).to(DEVICE, DTYPE)
-    cfg = gemv_batch.BatchGemvConfig(16, 32, 4, 1)
+    cfg = gemv_batch.BatchGemvConfig(16, 32, 4, 1, cublas=cublas)
     wd, xd = w.double(), x.double()
     out = torch.full((m, n), float("nan"), device=DEVICE, dtype=torch.float32)
     gemv_batch.rmsnorm_gemm(w, x, nw, 1e-5, out, bias, cfg)
@@ -77,8 +78,9 @@ def _prefill(model: LlamaModel, prompts: dict[int, list[int]]) -> None:
               torch.tensor([n - 1], device=DEVICE), n, slot=slot)
 
 
+@pytest.mark.parametrize("plan", ["triton", "cublas"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_the_fused_batched_step_equals_the_reference_step(name):
+def test_the_fused_batched_step_equals_the_reference_step(name, plan):
     cfg = CONFIGS[name]
     model = _model(cfg, slots=3)
     prompts = {0: list(range(1, 8)), 2: [9, 8, 7], 1: list(range(20, 30))}
@@ -91,7 +93,9 @@ def test_the_fused_batched_step_equals_the_reference_step(name):
     caches = model.kv_caches.clone()
     model.kv_caches.copy_(before)
     logits = torch.full((3, cfg.vocab_size), float("nan"), device=DEVICE)
-    FusedBatchDecoder(model, 4).step(tokens, positions, torch.tensor(order, device=DEVICE), logits)
+    cublas = gemv_batch.BatchGemvPlan(*[gemv_batch.CUBLAS] * 5)
+    decoder = FusedBatchDecoder(model, 4, plan=cublas if plan == "cublas" else gemv_batch.BatchGemvPlan())
+    decoder.step(tokens, positions, torch.tensor(order, device=DEVICE), logits)
     torch.testing.assert_close(logits, want, **TOL)
     torch.testing.assert_close(model.kv_caches, caches, **TOL)  # each row wrote its own slot, nothing else
 

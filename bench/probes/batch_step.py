@@ -1,0 +1,85 @@
+"""The whole batched decode step (`FusedBatchDecoder`) on a LLaMA-2-7B-shaped model, per block plan and batch size,
+against the batch-1 step (`FusedDecoder`) in the same process: each captured as a CUDA graph at context ~300 and
+timed over replays. Plans: the tensor-core GEMVs (`BatchGemvPlan()`), cuBLAS for o_proj and down_proj, cuBLAS
+everywhere.
+
+    python -m bench.probes.batch_step [--model dummy:llama-2-7b] [--batches 1,2,4] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from graph_executor.fused_batch_decoder import FusedBatchDecoder
+from graph_executor.fused_decoder import FusedDecoder
+from graph_executor.kernels.gemv_batch import CUBLAS, BatchGemvPlan
+from graph_executor.loading.loader import LoadConfig, load_model
+
+REPLAYS = 50
+POSITION = 300
+
+
+def _time(fn) -> float:
+    """ms per call of fn, replayed from a CUDA graph."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(REPLAYS):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / REPLAYS
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="dummy:llama-2-7b")
+    ap.add_argument("--batches", default="1,2,4")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",")]
+    slots = max(batches)
+    model = load_model(LoadConfig(model=args.model, device="cuda", max_context=512, max_num_seqs=slots,
+                                  progress=False)).model
+    dev, vocab = model.embed_tokens.device, model.config.vocab_size
+    plans = {"tensor-core": BatchGemvPlan(),
+             "cublas o+down": dataclasses.replace(BatchGemvPlan(), o=CUBLAS, down=CUBLAS),
+             "cublas": BatchGemvPlan(*[CUBLAS] * 5)}
+    rows = []
+    one = FusedDecoder(model)
+    token, position = torch.zeros(1, dtype=torch.int64, device=dev), torch.full((1,), POSITION, device=dev)
+    logits1 = torch.empty(vocab, device=dev)
+    ms = _time(lambda: one.step(token, position, logits1))
+    rows.append({"plan": "batch-1 step", "batch": 1, "ms": ms})
+    print(f"| plan | batch | ms/step | ms per sequence-token | vs batch-1 |\n|---|---|---|---|---|\n"
+          f"| batch-1 step | 1 | {ms:.3f} | {ms:.3f} | 1.000 |", flush=True)
+    base = ms
+    for name, plan in plans.items():
+        decoder = FusedBatchDecoder(model, slots, plan=plan)
+        for b in batches:
+            tokens = torch.zeros(b, dtype=torch.int64, device=dev)
+            positions = torch.full((b,), POSITION, device=dev)
+            which = torch.arange(b, device=dev)
+            logits = torch.empty(b, vocab, device=dev)
+            ms = _time(lambda: decoder.step(tokens, positions, which, logits))
+            rows.append({"plan": name, "batch": b, "ms": ms})
+            print(f"| {name} | {b} | {ms:.3f} | {ms / b:.3f} | {ms / base:.3f} |", flush=True)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "batch_step.json").write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
