@@ -20,6 +20,7 @@ from graph_executor.loading.config import ModelConfig
 from graph_executor.quant import rows
 from graph_executor.quant.specs import WeightPlan
 from graph_executor.rope import apply_rope, rope_tables
+from graph_executor.tensor_parallel import TensorParallel
 
 Weight = rows.Weight  # [N, K]: a dense tensor or a packed weight
 
@@ -78,8 +79,11 @@ class LlamaModel(nn.Module):
     lm_head: Weight
 
     def __init__(self, config: ModelConfig, max_context: int, device: torch.device, dtype: torch.dtype,
-                 plan: WeightPlan | None = None, slots: int = 1):
-        """`slots`: KV caches for this many sequences at once (batched decode, `forward_batch`)."""
+                 plan: WeightPlan | None = None, slots: int = 1, tp: TensorParallel | None = None):
+        """`slots`: KV caches for this many sequences at once (batched decode, `forward_batch`). `tp`: this model is
+        one rank's part of a tensor-parallel model (graph_executor/tensor_parallel.py): `config` has the rank's head
+        and intermediate counts (`TensorParallel.local_config`), lm_head holds the rank's vocabulary rows, and a step
+        all-reduces after o_proj and down_proj and gathers the logits."""
         super().__init__()
         if slots < 1:
             raise ValueError(f"a model needs at least one KV slot, got {slots}")
@@ -92,8 +96,9 @@ class LlamaModel(nn.Module):
         set_weight(self, "embed_tokens", plan.spec("embed_tokens").empty(v, h, device, dtype))
         self.layers = nn.ModuleList(DecoderLayer(config, device, dtype, plan, i) for i in range(config.num_layers))
         self.norm = nn.Buffer(torch.empty(h, device=device, dtype=dtype))
-        set_weight(self, "lm_head", self.embed_tokens if config.tie_word_embeddings
-                   else plan.spec("lm_head").empty(v, h, device, dtype))
+        self.tp = tp
+        set_weight(self, "lm_head", self.embed_tokens if config.tie_word_embeddings and tp is None
+                   else plan.spec("lm_head").empty(v // (tp.size if tp else 1), h, device, dtype))
         self.plan = plan
         self.rope = nn.Buffer(rope_tables(config, max_context, device))  # [C, 2, hd] float32
         # [slots, layers, 2 (k, v), kv_heads, C, hd]: each slot's cache is one contiguous block laid out as a batch-1
@@ -175,10 +180,15 @@ class LlamaModel(nn.Module):
         for index, layer in enumerate(self.layers):
             h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
             q = self._qkv_rope(layer, h, cos, sin, lambda k, v, i=index: append(i, k, v))
-            x = x + linear(attend(q, index), layer.o_proj)
-            x = x + self._mlp(layer, rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps))
+            x = x + self._reduce(linear(attend(q, index), layer.o_proj))
+            x = x + self._reduce(self._mlp(layer, rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)))
         x = rms_norm(x.index_select(0, logits_index), self.norm, cfg.rms_norm_eps)  # [n, H]
-        return linear(x, self.lm_head)  # [n, V]
+        logits = linear(x, self.lm_head)  # [n, V] ([n, V / ranks] on a tensor-parallel rank)
+        return logits if self.tp is None else self.tp.gather_vocab(logits)
+
+    def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """A row-split projection's output [T, H]: summed over the tensor-parallel ranks (as is on one rank)."""
+        return partial if self.tp is None else self.tp.all_reduce(partial)
 
     def _attention_mask(self, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         key_pos = torch.arange(kv_len, device=positions.device)  # [S]

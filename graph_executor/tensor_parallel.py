@@ -1,0 +1,132 @@
+"""Tensor parallelism (issue 15): how one model is split over N ranks, and the two collectives its step needs.
+
+Megatron's split, as vLLM, SGLang and gpt-fast do it: QKV and gate_up by output rows (whole heads per rank; KV heads
+split when their count divides by N, else replicated, each rank holding the one its query heads read), o_proj and
+down_proj by input columns, each followed by one all-reduce of the residual's update; lm_head by vocabulary rows,
+the logits gathered. The embedding, the norms and the RoPE tables are whole on every rank. A rank's model is an
+ordinary `LlamaModel` of the rank's shapes (`local_config`) with `tp` set: `LlamaModel._run` adds the collectives.
+
+Torch's process group (gloo on the CPU, NCCL on GPUs) is the transport; `TensorParallel` holds no state of its own
+beyond the rank and size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from graph_executor.loading.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    rank: int
+    size: int
+
+    def __post_init__(self) -> None:
+        if self.size < 1 or not 0 <= self.rank < self.size:
+            raise ValueError(f"tensor-parallel rank {self.rank} of {self.size} does not exist")
+
+    # -- shapes -------------------------------------------------------------------------------------------
+
+    def check(self, config: ModelConfig) -> None:
+        """ValueError (one line) unless the model splits evenly over the ranks."""
+        n = self.size
+        bad = [f"{name} ({value})" for name, value in (("attention heads", config.num_heads),
+                                                       ("intermediate size", config.intermediate_size),
+                                                       ("vocabulary", config.vocab_size)) if value % n]
+        if config.num_kv_heads % n and n % config.num_kv_heads:
+            bad.append(f"KV heads ({config.num_kv_heads}: neither a multiple nor a divisor of {n})")
+        if bad:
+            raise ValueError(f"--tensor-parallel {n} needs the model's sizes to divide by {n}: "
+                             f"{', '.join(bad)} do not")
+
+    def kv_heads(self, config: ModelConfig) -> range:
+        """The KV heads this rank holds (split, or the one replicated head its query heads read)."""
+        kv, n = config.num_kv_heads, self.size
+        if kv % n == 0:
+            return range(self.rank * kv // n, (self.rank + 1) * kv // n)
+        first = self.rank * kv // n
+        return range(first, first + 1)
+
+    def local_config(self, config: ModelConfig) -> ModelConfig:
+        """The shapes of this rank's model (the vocabulary stays whole: it sizes the embedding; lm_head holds
+        `vocab_rows`)."""
+        self.check(config)
+        return dataclasses.replace(config, num_heads=config.num_heads // self.size,
+                                   num_kv_heads=len(self.kv_heads(config)),
+                                   intermediate_size=config.intermediate_size // self.size)
+
+    def vocab_rows(self, config: ModelConfig) -> range:
+        part = config.vocab_size // self.size
+        return range(self.rank * part, (self.rank + 1) * part)
+
+    # -- slices of whole tensors (the loaders' and the dummy fill's) -------------------------------------
+
+    def qkv_rows(self, config: ModelConfig) -> torch.Tensor:
+        """Rows of the fused [q + 2 kv, H] QKV weight (and bias) that this rank holds, in its local layout."""
+        hd, per_rank = config.head_dim, config.num_heads // self.size
+        q = torch.arange(self.rank * per_rank * hd, (self.rank + 1) * per_rank * hd)
+        kv = self.kv_heads(config)
+        k = torch.arange(kv.start * hd, kv.stop * hd) + config.q_size
+        return torch.cat([q, k, k + config.kv_size])
+
+    def q_columns(self, config: ModelConfig) -> slice:
+        """Input columns of o_proj [H, q] for this rank's query heads."""
+        per_rank = config.q_size // self.size
+        return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+
+    def gate_up_rows(self, config: ModelConfig) -> torch.Tensor:
+        """Rows of the fused [2 I, H] gate_up weight: this rank's block of gate, then the same block of up."""
+        i, part = config.intermediate_size, config.intermediate_size // self.size
+        block = torch.arange(self.rank * part, (self.rank + 1) * part)
+        return torch.cat([block, block + i])
+
+    def intermediate_columns(self, config: ModelConfig) -> slice:
+        part = config.intermediate_size // self.size
+        return slice(self.rank * part, (self.rank + 1) * part)
+
+    # -- the collectives of a step ------------------------------------------------------------------------
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum x over the ranks, in place (each rank holds a partial product of the same shape)."""
+        if self.size > 1:
+            dist.all_reduce(x)
+        return x
+
+    def gather_vocab(self, local: torch.Tensor) -> torch.Tensor:
+        """[n, V / N] logits of this rank's vocabulary rows -> [n, V] on every rank."""
+        if self.size == 1:
+            return local
+        parts = [torch.empty_like(local) for _ in range(self.size)]
+        dist.all_gather(parts, local.contiguous())
+        return torch.cat(parts, dim=-1)
+
+
+def shard_model(full, tp: TensorParallel, slots: int = 1):
+    """This rank's `LlamaModel` with its slices of `full`'s dense weights (a whole model built the same way on every
+    rank: tests, and dummy weights). Packed weights are not split here."""
+    from graph_executor.model import LlamaModel
+
+    cfg = full.config
+    local = LlamaModel(tp.local_config(cfg), full.max_context, full.device, full.dtype, slots=slots, tp=tp)
+    qkv, q_cols = tp.qkv_rows(cfg), tp.q_columns(cfg)
+    gate_up, i_cols = tp.gate_up_rows(cfg), tp.intermediate_columns(cfg)
+    vocab = tp.vocab_rows(cfg)
+    with torch.no_grad():
+        local.embed_tokens.copy_(full.embed_tokens)
+        local.norm.copy_(full.norm)
+        local.lm_head.copy_(full.lm_head[vocab.start:vocab.stop])
+        for mine, whole in zip(local.layers, full.layers):
+            mine.attn_norm.copy_(whole.attn_norm)
+            mine.mlp_norm.copy_(whole.mlp_norm)
+            mine.qkv_proj.copy_(whole.qkv_proj.index_select(0, qkv.to(whole.qkv_proj.device)))
+            if whole.qkv_bias is not None:
+                mine.qkv_bias.copy_(whole.qkv_bias.index_select(0, qkv.to(whole.qkv_bias.device)))
+            mine.o_proj.copy_(whole.o_proj[:, q_cols])
+            mine.gate_up_proj.copy_(whole.gate_up_proj.index_select(0, gate_up.to(whole.gate_up_proj.device)))
+            mine.down_proj.copy_(whole.down_proj[:, i_cols])
+    return local
