@@ -12,8 +12,10 @@ import signal
 import sys
 import threading
 from dataclasses import replace
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 import zmq
 
 from graph_executor.draft import check_draft
@@ -27,6 +29,8 @@ from graph_executor.loading.loader import (
     load_model,
 )
 from graph_executor.server import ExecutorServer
+from graph_executor.tensor_parallel import TensorParallel, shard_model
+from graph_executor.tp_relay import follow
 from ipc.channel import bind_control
 from ipc.doorbell import MODES as DOORBELL_MODES
 from ipc.doorbell import Doorbell
@@ -46,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quantize", default=None)
     p.add_argument("--quantize-group", type=int, default=32)
     p.add_argument("--dequantize", action="store_true")
+    p.add_argument("--tensor-parallel", type=int, default=1, help="ranks of a tensor-parallel executor (CPU: gloo)")
+    p.add_argument("--tp-rank", type=int, default=0, help="this process's rank (0 talks to the JIT context)")
+    p.add_argument("--tp-port", type=int, default=0, help="the ranks' rendezvous port on 127.0.0.1")
     p.add_argument("--max-num-seqs", type=int, default=1,
                    help="KV slots: sequences held and decoded together (on a GPU: dense weights only so far)")
     p.add_argument("--supervisor-pid", type=int, default=None)
@@ -74,6 +81,31 @@ def open_doorbell(mode: str, control: str, device: torch.device) -> Doorbell | N
     if mode == "off" or (mode == "auto" and device.type != "cuda") or not control.startswith("ipc://"):
         return None
     return Doorbell.create(control[len("ipc://"):] + ".doorbell")
+
+
+def join_ranks(tp: TensorParallel, args: argparse.Namespace) -> None:
+    """Join the tensor-parallel process group (gloo, rendezvous on 127.0.0.1:--tp-port, hosted by rank 0).
+    HybridrtError for what this build does not run yet."""
+    if args.device != "cpu":
+        raise HybridrtError(f"--tensor-parallel {tp.size} runs on the CPU (gloo) for now: GPU ranks over NCCL, with "
+                            "their steps in CUDA graphs, are not built yet; use --device cpu")
+    if args.draft_model or args.quantize:
+        raise HybridrtError("--tensor-parallel takes neither --draft-model nor --quantize yet")
+    # Long: a rank waits in a collective while the server is idle (a rank that dies ends it at once instead).
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.tp_port}", rank=tp.rank,
+                            world_size=tp.size, timeout=timedelta(days=30))
+
+
+def shard_loaded(loaded: LoadedModel, tp: TensorParallel, slots: int) -> LoadedModel:
+    """This rank's part of the loaded whole model (each rank loads it whole and keeps its slices, for now)."""
+    try:
+        tp.check(loaded.model.config)
+    except ValueError as e:
+        raise HybridrtError(str(e)) from None
+    if any(not isinstance(getattr(layer, name), torch.Tensor) for layer in loaded.model.layers
+           for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")):
+        raise HybridrtError("--tensor-parallel splits dense weights only so far (a packed GGUF: add --dequantize)")
+    return replace(loaded, model=shard_model(loaded.model, tp, slots))
 
 
 def load_draft(model: str, target: LoadedModel, args: argparse.Namespace) -> LoadedModel:
@@ -106,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.device != "cpu" and not args.no_graphs and torch.cuda.is_available():
         prefetch_triton_key()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run the finally blocks: unlink shared memory
+    tp = TensorParallel(args.tp_rank, args.tensor_parallel) if args.tensor_parallel > 1 else None
     ctx = zmq.Context()
-    channel = bind_control(ctx, args.control)
+    channel = bind_control(ctx, args.control) if tp is None or tp.rank == 0 else None  # rank 0 alone serves
     server = None
     try:
         load = LoadConfig(model=args.model, load_format=args.load_format, device=args.device, dtype=args.dtype,
@@ -116,10 +149,17 @@ def main(argv: list[str] | None = None) -> int:
                           max_num_seqs=args.max_num_seqs)
         if args.max_num_seqs > 1 and args.draft_model:
             raise HybridrtError("--draft-model serves speculative decoding, which needs --max-num-seqs 1")
+        if tp is not None:
+            join_ranks(tp, args)
         if args.draft_model:  # before the target loads: a bad draft is one line and costs no loaded target
             check_load_config(replace(load, model=args.draft_model, load_format="auto", quantize=None,
                                       dequantize=False))
         loaded = load_model(load)
+        if tp is not None:
+            loaded = shard_loaded(loaded, tp, args.max_num_seqs)
+            if tp.rank > 0:
+                follow(loaded.model, tp)
+                return 0
         if args.max_num_seqs > 1 and loaded.model.device.type == "cuda" and not args.no_graphs:
             from graph_executor.fused_batch_decoder import check_dense  # needs Triton: GPU path only
 
@@ -136,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             draft = None
         doorbell = open_doorbell(args.doorbell, args.control, loaded.model.device)
         server = ExecutorServer(channel, loaded, args.supervisor_pid, graphs=not args.no_graphs, quiet=args.quiet,
-                                draft=draft, doorbell=doorbell, startup=startup)
+                                draft=draft, doorbell=doorbell, startup=startup, tp=tp)
         server.capture_before_ready(args.capture_before_ready, args.capture_verify)
         gc.collect()
         gc.freeze()  # start-up objects (torch, the model) are never scanned again: no long GC pauses mid-stream
@@ -145,8 +185,23 @@ def main(argv: list[str] | None = None) -> int:
     except HybridrtError as e:
         report_fatal(str(e), args.error_file)
         return 2
+    except RuntimeError as e:
+        if tp is None or not dist.is_initialized():
+            raise
+        # A collective failed: another rank is gone (the supervisor names which one exited).
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        report_fatal(f"graph_executor rank {tp.rank}: a tensor-parallel rank is gone ({first[:200]})", args.error_file)
+        return 3
     finally:
         if server is not None:
+            if server.leader is not None:
+                try:
+                    server.leader.stop()
+                except RuntimeError:
+                    pass  # the others are gone already
             server.close()
-        channel.close()
+        if channel is not None:
+            channel.close()
         ctx.term()
+        if tp is not None and dist.is_initialized():
+            dist.destroy_process_group()

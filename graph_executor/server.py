@@ -15,6 +15,8 @@ import torch
 from graph_executor.draft import DraftingRunner, DraftProposer
 from graph_executor.loading.loader import LoadedModel
 from graph_executor.runner import ModelRunner
+from graph_executor.tensor_parallel import TensorParallel
+from graph_executor.tp_relay import LeaderRunner
 from ipc.channel import Channel
 from ipc.doorbell import FAILED, OK, Doorbell
 from ipc.errors import HybridrtError, ProtocolError
@@ -48,7 +50,10 @@ CAPTURE_AFTER_IDLE_S = 1.0  # the remaining graphs are captured once no command 
 class ExecutorServer:
     def __init__(self, channel: Channel, loaded: LoadedModel, supervisor_pid: int | None,
                  graphs: bool = True, quiet: bool = False, draft: LoadedModel | None = None,
-                 doorbell: Doorbell | None = None, startup: StartupPhases | None = None) -> None:
+                 doorbell: Doorbell | None = None, startup: StartupPhases | None = None,
+                 tp: TensorParallel | None = None) -> None:
+        """`tp`: this is rank 0 of a tensor-parallel executor: each step is relayed to the other ranks
+        (graph_executor/tp_relay.py)."""
         self.quiet = quiet
         self.startup = startup  # this process's start-up phases, for its facts
         self.channel = channel
@@ -68,8 +73,9 @@ class ExecutorServer:
             self.graphs = GraphRunner(model, buffers)
         self.draft = draft
         proposer = DraftProposer(draft.model, buffers.input_ids, graphs) if draft is not None else None
-        self.runner = DraftingRunner(self.graphs if self.graphs is not None else ModelRunner(model, buffers),
-                                     proposer)
+        inner = self.graphs if self.graphs is not None else ModelRunner(model, buffers)
+        self.leader = LeaderRunner(inner, tp) if tp is not None and tp.size > 1 else None
+        self.runner = DraftingRunner(self.leader or inner, proposer)
         # GPU hand-over: the JIT context records `jit_event` after writing inputs / sampling; we wait on it
         # before a step and record `exec_event` after it. Neither side's host ever waits for the device.
         self.events = StepEvents.create(device) if self.cuda else None

@@ -67,8 +67,11 @@ class ServerConfig:
     log_requests: bool = False  # the JIT context logs each finished request and the throughput (serve)
     # prompt tokens whose prefill graphs (and decode's) the executor captures before ready (GPU; 0: after ready)
     capture_before_ready: int = DEFAULT_READY_CAPTURE
+    tensor_parallel: int = 1  # executor ranks (graph_executor/tp_relay.py); rank 0 talks to the JIT context
 
     def __post_init__(self) -> None:
+        if self.tensor_parallel < 1:
+            raise ValueError(f"tensor_parallel must be >= 1, got {self.tensor_parallel}")
         if self.ready_timeout_s <= 0:
             raise ValueError("ready_timeout_s must be > 0")
         if not self.step_timeout_s > 0:
@@ -85,11 +88,14 @@ def gpu_requested(device: str) -> bool:
     return (device == "auto" or device.startswith("cuda")) and gpu_visible()
 
 
-def executor_argv(config: ServerConfig, control: str, error_file: Path) -> list[str]:
-    """The graph executor's command line for this server (`graph_executor.process.parse_args` reads it)."""
+def executor_argv(config: ServerConfig, control: str, error_file: Path, rank: int = 0, tp_port: int = 0) -> list[str]:
+    """The graph executor's command line for this server (`graph_executor.process.parse_args` reads it); `rank` of
+    a tensor-parallel executor, whose ranks meet on 127.0.0.1:`tp_port`."""
     argv = [sys.executable, "-m", "graph_executor", "--control", control, *load_argv(config.load),
             "--supervisor-pid", str(os.getpid()), "--doorbell", config.doorbell, "--error-file", str(error_file),
             "--capture-before-ready", str(config.capture_before_ready), "--spawned-at", repr(time.time())]
+    if config.tensor_parallel > 1:
+        argv += ["--tensor-parallel", str(config.tensor_parallel), "--tp-rank", str(rank), "--tp-port", str(tp_port)]
     if config.draft_model is not None:
         argv += ["--draft-model", config.draft_model]
     if config.speculation.method != "off":
@@ -175,8 +181,16 @@ class Supervisor:
         executor = executor_argv(self.config, control, self.error_file("graph_executor"))
         # Own session: a terminal Ctrl-C reaches only this process, which stops the children in order (and
         # `hybridrt chat` can cancel a reply without its server dying of the same SIGINT).
+        tp_port = _free_port() if self.config.tensor_parallel > 1 else 0
+        if tp_port:
+            executor = executor_argv(self.config, control, self.error_file("graph_executor"), 0, tp_port)
         self.children["graph_executor"] = executor_proc = subprocess.Popen(executor, env=env, start_new_session=True)
         self._tell_reaper(f"child {executor_proc.pid}", f"segments {segment_dir()} hybridrt-{executor_proc.pid}-")
+        for rank in range(1, self.config.tensor_parallel):  # the other ranks: rank 0 relays every step to them
+            name = f"graph_executor rank {rank}"
+            argv = executor_argv(self.config, control, self.error_file(name), rank, tp_port)
+            self.children[name] = proc = subprocess.Popen(argv, env=env, start_new_session=True)
+            self._tell_reaper(f"child {proc.pid}")
         jit = jit_argv(self.config, control, self.address, executor_proc.pid, self.error_file("jit_context"), gpu)
         jit_env = {k: v for k, v in env.items() if k != SERVER_API_KEY_ENV}
         if self.config.api_key is not None:
@@ -215,18 +229,24 @@ class Supervisor:
 
     def error_file(self, child: str) -> Path:
         """Where a child writes its fatal one-line error (`ipc.errors.report_fatal`)."""
-        return self.runtime.path / f"{child}.error"
+        return self.runtime.path / f"{child.replace(' ', '-')}.error"
 
     def _cause(self, exited: dict[str, int]) -> str:
         """The one line that says why the server ended: the executor's own error (the JIT context fails after it),
         else the JIT context's while the executor ended cleanly (it leaves when its peer does), else which process
         exited how (a signal, a crash without a word)."""
         said = {}
-        for name in ("graph_executor", "jit_context"):
+        for name in self.children.keys() | {"graph_executor", "jit_context"}:
             try:
                 said[name] = self.error_file(name).read_text().strip()
             except OSError:
                 said[name] = ""
+        ranks = [name for name in self.children if name.startswith("graph_executor rank ")]
+        # A tensor-parallel rank that died first: it is the cause, and rank 0's line only says that a rank is gone.
+        # (exit 3: a rank that found another gone, rank 0 included: a consequence, not the cause)
+        gone = [name for name in ranks if name in exited and exited[name] not in (0, 3)]
+        if gone:
+            return "; ".join(said[name] or _describe_exit(name, exited[name]) for name in gone)
         if said["graph_executor"]:
             return said["graph_executor"]
         if said["jit_context"] and exited.get("graph_executor") in (None, 0):
@@ -311,3 +331,12 @@ def _close_reaper(reaper: subprocess.Popen | None) -> None:
         reaper.wait(timeout=5)
     except subprocess.TimeoutExpired:
         pass
+
+
+def _free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the tensor-parallel ranks' rendezvous, hosted by rank 0)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,13 +1,19 @@
-"""Tensor parallelism (issue 15), CPU: two real processes joined by torch.distributed over gloo, each running its
-rank's part of a tiny Llama (`shard_model` of the same whole model) through a prefill and 32 decode steps; every
-step's logits equal the whole model's (TP=1) within 1e-5 in float32, for Llama (MHA), Llama 3 (GQA, KV heads split),
-GQA with fewer KV heads than ranks (replicated) and Qwen2 (QKV bias). Shapes that do not divide are one-line errors.
-The served path (N executor processes) is not built yet.
+"""Tensor parallelism (issue 15), CPU:
+- the model's split: two real processes joined by torch.distributed over gloo, each running its rank's part of a tiny
+  Llama (`shard_model` of the same whole model) through a prefill and 32 decode steps; every step's logits equal the
+  whole model's (TP=1) within 1e-5 in float32, for Llama (MHA), Llama 3 (GQA, KV heads split), GQA with fewer KV
+  heads than ranks (replicated) and Qwen2 (QKV bias); shapes that do not divide are one-line errors;
+- the served path: `hybridrt serve --tensor-parallel 3` (SmolLM2-135M's 9 heads and 3 KV heads over 3 executor
+  processes, rank 0 relaying each step) gives the tokens of the whole model in process, for requests batched
+  together; a rank killed mid-request ends the server with one line naming it, nothing left running; a model
+  whose heads do not divide is one line at start.
 """
 
 from __future__ import annotations
 
 import socket
+import threading
+import time
 
 import pytest
 import torch
@@ -101,3 +107,95 @@ def test_the_split_checks_the_shapes():
     assert list(TensorParallel(1, 4).kv_heads(CONFIGS["gqa-replicated-kv"])) == [0]
     assert TensorParallel(1, 2).qkv_rows(cfg).tolist()[:2] == [32, 33]  # query head 2's first row
 
+
+
+# -- the served path ---------------------------------------------------------------------------------------
+
+
+def _ranks(server) -> dict[int, int]:
+    """rank -> pid of the server's executor processes."""
+    from pathlib import Path
+
+    ranks = {}
+    for pid in server.children():
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if b"graph_executor" in argv:
+            ranks[int(argv[argv.index(b"--tp-rank") + 1]) if b"--tp-rank" in argv else 0] = pid
+    return ranks
+
+
+@pytest.fixture(scope="module")
+def tp_server(default_model_dir):
+    from tests.serve_process import ServeProcess
+
+    server = ServeProcess("--tensor-parallel", "3", "--max-num-seqs", "2", http=False)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+def test_three_ranks_serve_the_whole_models_tokens(tp_server, cpu_engine):
+    from jit_context.sampling_params import SamplingParams
+    from launch.client import Client
+
+    assert sorted(_ranks(tp_server)) == [0, 1, 2]
+    prompts = ["The capital of France is", "def fib(n):", "Three colours:"]
+    params = [SamplingParams(max_tokens=6 + 3 * i, temperature=0.0, ignore_eos=True) for i in range(3)]
+    got: dict[int, list[int]] = {}
+
+    def ask(i: int) -> None:
+        with Client(tp_server.address) as client:
+            got[i] = list(client.generate(prompts[i], params=params[i]))[-1].token_ids
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]  # batched: two slots, three requests
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, prompt in enumerate(prompts):
+        *_, alone = cpu_engine.generator.generate(cpu_engine.tokenizer.encode(prompt), params[i])
+        assert got[i] == alone.token_ids, i
+
+
+def test_a_rank_killed_mid_request_ends_the_server_naming_it(default_model_dir):
+    import os
+    import signal
+
+    from ipc.liveness import process_alive
+    from launch.client import Client, ServerError
+    from tests.serve_process import ServeProcess
+
+    server = ServeProcess("--tensor-parallel", "3", "--max-num-seqs", "1", http=False)
+    try:
+        server.wait_ready()
+        ranks = _ranks(server)
+        with Client(server.address) as client:
+            stream = client.generate("Count to fifty:", params={"max_tokens": 200, "temperature": 0.0,
+                                                                 "ignore_eos": True})
+            next(stream)
+            os.kill(ranks[1], signal.SIGKILL)
+            killed = time.monotonic()
+            with pytest.raises(ServerError):
+                list(stream)
+        code = server.proc.wait(timeout=15)
+        ended = time.monotonic() - killed
+    finally:
+        server.stop()
+    err = server.proc.stderr.read()
+    assert code == 1 and "graph_executor rank 1 was killed by SIGKILL" in err, err
+    print(f"server ended {ended:.2f} s after the kill")
+    assert ended < 3.0, ended  # the supervisor's poll and the survivors' exit
+    assert not any(process_alive(pid) for pid in ranks.values())
+
+
+def test_heads_that_do_not_divide_are_one_line_at_start(default_model_dir):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "launch.cli", "serve", "--quiet", "--device", "cpu", "--port", "0",
+                           "--http-port", "0", "--tensor-parallel", "2"], capture_output=True, text=True, timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert "--tensor-parallel 2 needs" in lines[0] and "attention heads (9)" in lines[0], lines

@@ -1,0 +1,101 @@
+"""How the ranks of a tensor-parallel executor run the same steps (issue 15): the JIT context talks to rank 0 only;
+rank 0 (`LeaderRunner`) relays each step to the other ranks over the process group, as a fixed header (the step's kind
+and sizes) and its input ids, then runs its own part; every other rank (`follow`) waits for the next header and runs
+the same step on its own part. The collectives inside the step (`TensorParallel.all_reduce`, `gather_vocab`) then
+meet, and rank 0 writes the logits into the shared step buffers.
+
+CPU (gloo) and eager steps for now: no CUDA graphs (on GPUs the relay would move inside the graphs, as a broadcast
+from a device buffer), no speculative decoding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from graph_executor.runner import ModelRunner, check_batch, check_slot, check_span
+from graph_executor.tensor_parallel import TensorParallel
+from ipc.step_buffers import StepBuffers
+
+HEADER = 6  # int64 fields: kind, then the kind's sizes, then the payload's length
+PREFILL, DECODE, DECODE_BATCH, STOP = 1, 2, 3, 4
+
+
+class LeaderRunner:
+    """Rank 0's runner: the `ModelRunner` interface, each step relayed to the other ranks before it runs here."""
+
+    def __init__(self, inner: ModelRunner, tp: TensorParallel) -> None:
+        self.inner, self.tp = inner, tp
+        self.model, self.buffers, self.max_context = inner.model, inner.buffers, inner.max_context
+
+    def _relay(self, kind: int, sizes: tuple[int, ...], payload: torch.Tensor | None = None) -> None:
+        header = torch.zeros(HEADER, dtype=torch.int64)
+        header[:1 + len(sizes)] = torch.tensor((kind, *sizes))
+        header[-1] = 0 if payload is None else payload.numel()
+        dist.broadcast(header, src=0)
+        if payload is not None:
+            dist.broadcast(payload.contiguous().cpu(), src=0)
+
+    def prefill(self, num_tokens: int, start_pos: int = 0, slot: int = 0) -> None:
+        check_slot(self.model.slots, slot)  # refused here, before the other ranks hear of it
+        check_span(self.max_context, start_pos, num_tokens)
+        self._relay(PREFILL, (num_tokens, start_pos, slot), self.buffers.slot_ids(slot)[start_pos:start_pos + num_tokens])
+        self.inner.prefill(num_tokens, start_pos, slot)
+
+    def decode(self, position: int) -> None:
+        check_span(self.max_context, position, 1)
+        self._relay(DECODE, (position,), self.buffers.token)
+        self.inner.decode(position)
+
+    def decode_batch(self, slots: list[int], positions: list[int]) -> None:
+        check_batch(self.model.slots, self.max_context, slots, positions)
+        tokens = self.buffers.next_token.index_select(0, torch.tensor(slots))
+        self._relay(DECODE_BATCH, (len(slots),), torch.cat([torch.tensor(slots), torch.tensor(positions), tokens]))
+        self.inner.decode_batch(slots, positions)
+
+    def verify(self, position: int, num_tokens: int, tokens: list[int] | None = None, accept: bool = False) -> None:
+        raise ValueError("speculative decoding does not run with --tensor-parallel yet")
+
+    def wait_enqueued(self) -> None:
+        """Steps run when called (the CPU path): nothing to wait for."""
+
+    def wait_accepted(self) -> list[int]:
+        raise ValueError("speculative decoding does not run with --tensor-parallel yet")
+
+    def stop(self) -> None:
+        """Tell the other ranks to leave their loops (the executor is exiting)."""
+        self._relay(STOP, ())
+
+    def facts(self) -> dict:
+        return {"tensor_parallel": self.tp.size}
+
+
+def follow(model, tp: TensorParallel) -> None:
+    """A rank > 0: run every step rank 0 relays, on this rank's part of the model, until it says stop. Raises the
+    process group's error when rank 0 is gone."""
+    runner = ModelRunner(model, StepBuffers.allocate(model.config.vocab_size, model.max_context,
+                                                     model.embed_tokens.device, model.slots))
+    buffers = runner.buffers
+    while True:
+        header = torch.zeros(HEADER, dtype=torch.int64)
+        dist.broadcast(header, src=0)
+        kind, *sizes, count = header.tolist()
+        if kind == STOP:
+            return
+        payload = torch.zeros(count, dtype=torch.int64)
+        if count:
+            dist.broadcast(payload, src=0)
+        if kind == PREFILL:
+            num_tokens, start_pos, slot = sizes[:3]
+            buffers.slot_ids(slot)[start_pos:start_pos + num_tokens].copy_(payload)
+            runner.prefill(num_tokens, start_pos, slot)
+        elif kind == DECODE:
+            buffers.token.copy_(payload)
+            runner.decode(sizes[0])
+        elif kind == DECODE_BATCH:
+            b = sizes[0]
+            slots, positions, tokens = payload[:b], payload[b:2 * b], payload[2 * b:]
+            buffers.next_token.index_copy_(0, slots, tokens)
+            runner.decode_batch(slots.tolist(), positions.tolist())
+        else:
+            raise RuntimeError(f"tensor-parallel rank {tp.rank}: unknown step kind {kind} from rank 0")
