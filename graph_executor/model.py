@@ -79,11 +79,13 @@ class LlamaModel(nn.Module):
     lm_head: Weight
 
     def __init__(self, config: ModelConfig, max_context: int, device: torch.device, dtype: torch.dtype,
-                 plan: WeightPlan | None = None, slots: int = 1, tp: TensorParallel | None = None):
+                 plan: WeightPlan | None = None, slots: int = 1, tp: TensorParallel | None = None,
+                 full_config: ModelConfig | None = None):
         """`slots`: KV caches for this many sequences at once (batched decode, `forward_batch`). `tp`: this model is
         one rank's part of a tensor-parallel model (graph_executor/tensor_parallel.py): `config` has the rank's head
         and intermediate counts (`TensorParallel.local_config`), lm_head holds the rank's vocabulary rows, and a step
-        all-reduces after o_proj and down_proj and gathers the logits."""
+        all-reduces after o_proj and down_proj and gathers the logits; `full_config` is the whole model's (what its
+        checkpoint holds)."""
         super().__init__()
         if slots < 1:
             raise ValueError(f"a model needs at least one KV slot, got {slots}")
@@ -97,6 +99,7 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, device, dtype, plan, i) for i in range(config.num_layers))
         self.norm = nn.Buffer(torch.empty(h, device=device, dtype=dtype))
         self.tp = tp
+        self.full_config = full_config or config
         set_weight(self, "lm_head", self.embed_tokens if config.tie_word_embeddings and tp is None
                    else plan.spec("lm_head").empty(v // (tp.size if tp else 1), h, device, dtype))
         self.plan = plan

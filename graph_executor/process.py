@@ -29,7 +29,7 @@ from graph_executor.loading.loader import (
     load_model,
 )
 from graph_executor.server import ExecutorServer
-from graph_executor.tensor_parallel import TensorParallel, shard_model
+from graph_executor.tensor_parallel import TensorParallel
 from graph_executor.tp_relay import follow
 from ipc.channel import bind_control
 from ipc.doorbell import MODES as DOORBELL_MODES
@@ -96,18 +96,6 @@ def join_ranks(tp: TensorParallel, args: argparse.Namespace) -> None:
                             world_size=tp.size, timeout=timedelta(days=30))
 
 
-def shard_loaded(loaded: LoadedModel, tp: TensorParallel, slots: int) -> LoadedModel:
-    """This rank's part of the loaded whole model (each rank loads it whole and keeps its slices, for now)."""
-    try:
-        tp.check(loaded.model.config)
-    except ValueError as e:
-        raise HybridrtError(str(e)) from None
-    if any(not isinstance(getattr(layer, name), torch.Tensor) for layer in loaded.model.layers
-           for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")):
-        raise HybridrtError("--tensor-parallel splits dense weights only so far (a packed GGUF: add --dequantize)")
-    return replace(loaded, model=shard_model(loaded.model, tp, slots))
-
-
 def load_draft(model: str, target: LoadedModel, args: argparse.Namespace) -> LoadedModel:
     """The draft on the target's device, in its dtype, with its context; HybridrtError if it cannot serve it."""
     draft = load_model(draft_config(model, target, args.device, args.seed_weights, not args.quiet))
@@ -146,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         load = LoadConfig(model=args.model, load_format=args.load_format, device=args.device, dtype=args.dtype,
                           max_context=args.max_context, seed=args.seed_weights, progress=not args.quiet,
                           quantize=args.quantize, quantize_group=args.quantize_group, dequantize=args.dequantize,
-                          max_num_seqs=args.max_num_seqs)
+                          max_num_seqs=args.max_num_seqs, tensor_parallel=args.tensor_parallel, tp_rank=args.tp_rank)
         if args.max_num_seqs > 1 and args.draft_model:
             raise HybridrtError("--draft-model serves speculative decoding, which needs --max-num-seqs 1")
         if tp is not None:
@@ -154,12 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.draft_model:  # before the target loads: a bad draft is one line and costs no loaded target
             check_load_config(replace(load, model=args.draft_model, load_format="auto", quantize=None,
                                       dequantize=False))
-        loaded = load_model(load)
-        if tp is not None:
-            loaded = shard_loaded(loaded, tp, args.max_num_seqs)
-            if tp.rank > 0:
-                follow(loaded.model, tp)
-                return 0
+        loaded = load_model(load)  # a tensor-parallel rank: its part only
+        if tp is not None and tp.rank > 0:
+            follow(loaded.model, tp)
+            return 0
         if args.max_num_seqs > 1 and loaded.model.device.type == "cuda" and not args.no_graphs:
             from graph_executor.fused_batch_decoder import check_dense  # needs Triton: GPU path only
 

@@ -89,6 +89,28 @@ class TensorParallel:
         part = config.intermediate_size // self.size
         return slice(self.rank * part, (self.rank + 1) * part)
 
+    def checkpoint_part(self, name: str, config: ModelConfig) -> tuple[slice, ...] | None:
+        """The index of this rank's part of HF checkpoint tensor `name` of the whole model `config` (rows, or all
+        rows and some columns); None: every rank holds it whole (embedding, norms)."""
+        hd = config.head_dim
+        if name == "lm_head.weight":
+            rows = self.vocab_rows(config)
+            return (slice(rows.start, rows.stop),)
+        if ".self_attn.q_proj." in name:
+            part = config.q_size // self.size
+            return (slice(self.rank * part, (self.rank + 1) * part),)
+        if ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
+            kv = self.kv_heads(config)
+            return (slice(kv.start * hd, kv.stop * hd),)
+        if ".self_attn.o_proj." in name:
+            return (slice(None), self.q_columns(config))
+        if ".mlp.gate_proj." in name or ".mlp.up_proj." in name:
+            cols = self.intermediate_columns(config)
+            return (cols,)
+        if ".mlp.down_proj." in name:
+            return (slice(None), self.intermediate_columns(config))
+        return None
+
     # -- the collectives of a step ------------------------------------------------------------------------
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,7 +134,8 @@ def shard_model(full, tp: TensorParallel, slots: int = 1):
     from graph_executor.model import LlamaModel
 
     cfg = full.config
-    local = LlamaModel(tp.local_config(cfg), full.max_context, full.device, full.dtype, slots=slots, tp=tp)
+    local = LlamaModel(tp.local_config(cfg), full.max_context, full.device, full.dtype, slots=slots, tp=tp,
+                       full_config=cfg)
     qkv, q_cols = tp.qkv_rows(cfg), tp.q_columns(cfg)
     gate_up, i_cols = tp.gate_up_rows(cfg), tp.intermediate_columns(cfg)
     vocab = tp.vocab_rows(cfg)

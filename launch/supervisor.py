@@ -246,7 +246,7 @@ class Supervisor:
         # (exit 3: a rank that found another gone, rank 0 included: a consequence, not the cause)
         gone = [name for name in ranks if name in exited and exited[name] not in (0, 3)]
         if gone:
-            return "; ".join(said[name] or _describe_exit(name, exited[name]) for name in gone)
+            return "; ".join(dict.fromkeys(said[name] or _describe_exit(name, exited[name]) for name in gone))
         if said["graph_executor"]:
             return said["graph_executor"]
         if said["jit_context"] and exited.get("graph_executor") in (None, 0):

@@ -199,3 +199,38 @@ def test_heads_that_do_not_divide_are_one_line_at_start(default_model_dir):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 1 and len(lines) == 1, proc.stderr
     assert "--tensor-parallel 2 needs" in lines[0] and "attention heads (9)" in lines[0], lines
+
+
+# -- each rank loads only its part ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["llama2-mha", "qwen2-qkv-bias", "tied-embeddings"])
+@pytest.mark.parametrize("form", ["safetensors", "gguf"])
+def test_a_rank_loads_its_part_of_a_checkpoint(case, form, tmp_path):
+    """Per rank, a load with tensor_parallel=2 holds exactly the slices `shard_model` cuts from the whole model (HF
+    safetensors read by slice; GGUF tensors cut after reading), for MHA, Qwen2's biases and tied embeddings."""
+    from graph_executor.loading.loader import LoadConfig, load_model
+    from graph_executor.tensor_parallel import shard_model
+    from tests.test_loaders import write_gguf
+    from tests.test_model_equivalence import CASES, make_hf_model
+
+    config_cls, extra = CASES[case]
+    hf = make_hf_model(config_cls, extra, seed=3)
+    if form == "safetensors":
+        hf.save_pretrained(tmp_path)
+        path = str(tmp_path)
+    else:
+        path = str(tmp_path / "m.gguf")
+        arch = "qwen2" if "qwen2" in case else "llama"
+        theta = hf.config.rope_parameters["rope_theta"]
+        write_gguf(hf, path, rope_theta=theta, arch=arch)
+    whole = load_model(LoadConfig(model=path, device="cpu", dtype="float32", progress=False)).model
+    for rank in range(2):
+        part = load_model(LoadConfig(model=path, device="cpu", dtype="float32", progress=False, tensor_parallel=2,
+                                     tp_rank=rank)).model
+        want = shard_model(whole, TensorParallel(rank, 2))
+        got_buffers, want_buffers = dict(part.named_buffers()), dict(want.named_buffers())
+        for name, tensor in want_buffers.items():
+            if name != "kv_caches":
+                assert torch.equal(got_buffers[name], tensor), (case, form, rank, name)
+        assert torch.equal(part.lm_head, want.lm_head)

@@ -28,6 +28,8 @@ class LoadConfig:
     quantize_group: int = DEFAULT_GROUP  # weights per scale of int8 / int4
     dequantize: bool = False  # GGUF: every tensor to the activation dtype at load (else packed types stay packed)
     max_num_seqs: int = 1  # KV slots: sequences held (and decoded together) at once
+    tensor_parallel: int = 1  # ranks the model is split over (graph_executor/tensor_parallel.py)
+    tp_rank: int = 0  # which rank's part this process loads
 
     def __post_init__(self) -> None:
         if self.load_format not in LOAD_FORMATS:
@@ -41,5 +43,7 @@ class LoadConfig:
                              f"got {self.quantize_group}")
         if self.quantize is not None and self.dequantize:
             raise ValueError("--quantize and --dequantize exclude each other")
+        if self.tensor_parallel < 1 or not 0 <= self.tp_rank < self.tensor_parallel:
+            raise ValueError(f"tensor-parallel rank {self.tp_rank} of {self.tensor_parallel} does not exist")
         if not 1 <= self.max_num_seqs <= MAX_NUM_SEQS:
             raise ValueError(f"--max-num-seqs must be in 1..{MAX_NUM_SEQS}, got {self.max_num_seqs}")

@@ -25,12 +25,13 @@ from graph_executor.loading.load_config import DEFAULT_MAX_CONTEXT, LOAD_FORMATS
 from graph_executor.loading.model_source import DEFAULT, safetensors_files, source_of
 from graph_executor.loading.presets import preset
 from graph_executor.loading.tokenizer_location import GGUF_TOKENIZER_KIND, tokenizer_files_in
-from graph_executor.loading.weight_map import check_complete, copy_into
+from graph_executor.loading.weight_map import check_complete, copy_into, tie_lm_head, tp_part
 from graph_executor.memory import check_fits
 from graph_executor.model import LlamaModel
 from graph_executor.quant import rows
 from graph_executor.quant.apply import quantize_model
 from graph_executor.quant.specs import WeightPlan, describe, quantize_plan
+from graph_executor.tensor_parallel import TensorParallel
 from ipc.errors import ModelLoadError
 
 
@@ -86,14 +87,21 @@ def load_model(cfg: LoadConfig) -> LoadedModel:
               f"{cfg.model} was trained for: positions past them extrapolate RoPE, and quality may drop",
               file=sys.stderr, flush=True)
     # --quantize loads dense first: the peak is the dense model; a packed GGUF is allocated packed
+    tp = TensorParallel(cfg.tp_rank, cfg.tensor_parallel) if cfg.tensor_parallel > 1 else None
+    full_config = config
+    if tp is not None:
+        try:
+            config = tp.local_config(config)  # this rank's heads, KV heads and MLP width
+        except ValueError as e:
+            raise ModelLoadError(str(e)) from None
     check_fits(cfg.model, config, dtype, max_context, device, plan=None if cfg.quantize else plan,
                slots=cfg.max_num_seqs)
     lap("config" if converted is None else "config (default model conversion included)")
     model = LlamaModel(config, max_context, device, dtype, plan=None if cfg.quantize or device.type == "cpu"
-                       else plan, slots=cfg.max_num_seqs)
+                       else plan, slots=cfg.max_num_seqs, tp=tp, full_config=full_config)
     lap("allocation (weights and KV cache)")
     if source == "dummy":
-        _fill_random(model, cfg.seed)
+        _fill_random(model, cfg.seed + cfg.tp_rank)  # each rank fills its own part (not the whole model's slices)
         lap("weights")
         tokenizer = None
     elif source == "gguf":
@@ -230,14 +238,16 @@ def _load_safetensors(model: LlamaModel, files: list[Path], progress: bool) -> N
         for file, f in zip(files, handles, strict=True):
             with f:
                 for name in f.keys():
+                    part = tp_part(model, name)  # a tensor-parallel rank reads only its rows or columns
                     try:
-                        tensor = f.get_tensor(name)
+                        tensor = f.get_tensor(name) if part is None else f.get_slice(name)[part]
                     except Exception as e:  # safetensors' own error type: a file cut short or damaged
                         raise ModelLoadError(f"cannot read tensor {name!r} of {file}: {e}") from None
-                    copy_into(model, name, tensor.to(model.dtype))
+                    copy_into(model, name, tensor.to(model.dtype), sliced=True)
                     loaded.add(name)
                     bar.update()
     check_complete(model, loaded)
+    tie_lm_head(model)
 
 
 def _open_safetensors(file: Path, device: str):
@@ -253,7 +263,7 @@ def _load_gguf(model: LlamaModel, reader, progress: bool) -> None:
     """Packed slots of the model's plan get the file's blocks converted on the device; the rest is dequantized."""
     loaded: set[str] = set()
     device = model.device
-    tensors = iter_gguf_tensors(reader, model.config, model.plan, device)
+    tensors = iter_gguf_tensors(reader, model.full_config, model.plan, device)  # whole tensors: cut by copy_into
     for name, w in tqdm(tensors, total=weight_tensor_count(reader), desc="loading weights", unit="tensor",
                         disable=not progress):
         if isinstance(w, np.ndarray):  # float32, dequantized by the gguf package
@@ -261,6 +271,7 @@ def _load_gguf(model: LlamaModel, reader, progress: bool) -> None:
         copy_into(model, name, w)
         loaded.add(name)
     check_complete(model, loaded)
+    tie_lm_head(model)
 
 
 def _fill_random(model: LlamaModel, seed: int) -> None:

@@ -85,14 +85,28 @@ def hf_slot(model: LlamaModel, name: str) -> rows.Weight:
     raise ModelLoadError(f"checkpoint tensor {name!r} is not part of a {cfg.model_type} model")
 
 
-def copy_into(model: LlamaModel, name: str, tensor: rows.Weight) -> None:
+def tp_part(model: LlamaModel, name: str) -> tuple[slice, ...] | None:
+    """The index of this tensor-parallel rank's part of checkpoint tensor `name` (None: whole, or no tensor parallelism):
+    what a loader reads of it."""
+    if model.tp is None or name.endswith(IGNORED_SUFFIXES):
+        return None
+    return model.tp.checkpoint_part(name, model.full_config)
+
+
+def copy_into(model: LlamaModel, name: str, tensor: rows.Weight, sliced: bool = False) -> None:
     """Copy one checkpoint tensor (dense, or packed from a GGUF file) into its slot, with a clear error on a shape
     mismatch; a packed tensor is converted exactly to its slot's format (`quant.specs.fit`), or dequantized
-    into a dense slot."""
+    into a dense slot. On a tensor-parallel rank the whole tensor is cut to the rank's part (`tp_part`) unless the
+    loader read only that part (`sliced`)."""
     if name.endswith(IGNORED_SUFFIXES):
         return
     if name == "lm_head.weight" and model.config.tie_word_embeddings:
         return  # some tied checkpoints store the shared matrix twice
+    part = None if sliced else tp_part(model, name)
+    if part is not None:
+        if not isinstance(tensor, torch.Tensor):
+            raise ModelLoadError(f"{name}: tensor parallelism splits dense tensors only (dequantize the file)")
+        tensor = tensor[part]
     target = hf_slot(model, name)
     if tuple(tensor.shape) != tuple(target.shape):
         raise ModelLoadError(
@@ -115,3 +129,11 @@ def check_complete(model: LlamaModel, loaded: set[str]) -> None:
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise ModelLoadError(f"checkpoint is missing {', '.join(missing[:3])}{more}")
+
+
+def tie_lm_head(model: LlamaModel) -> None:
+    """A tensor-parallel rank of a model with tied embeddings: its lm_head holds its vocabulary rows of the (whole)
+    embedding, copied once the embedding is loaded."""
+    if model.tp is not None and model.config.tie_word_embeddings:
+        rows_ = model.tp.vocab_rows(model.full_config)
+        model.lm_head.copy_(model.embed_tokens[rows_.start:rows_.stop])
