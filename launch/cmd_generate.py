@@ -19,11 +19,13 @@ from launch.options import (
     add_sampling_flags,
     add_speculative_flags,
     add_step_timeout_flag,
+    add_tensor_parallel_flag,
     chat_template,
     load_config,
     sampling_params,
     server_address,
     speculative_config,
+    tensor_parallel,
 )
 
 
@@ -59,13 +61,17 @@ def register(sub) -> None:
     add_api_key_flag(p)
     add_sampling_flags(p, default_temperature=0.0)
     add_speculative_flags(p)
+    add_tensor_parallel_flag(p)
     add_model_flags(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     params = sampling_params(args)  # validate flags before the (slow) model load
-    args.speculation = speculative_config(args)
+    args.ranks = tensor_parallel(args)
+    if args.ranks > 1 and (args.in_process or args.connect):
+        raise ValueError("--tensor-parallel starts its own server's ranks: not with --in-process or --connect")
+    args.speculation = speculative_config(args, batched=args.ranks > 1)
     template = chat_template(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     messages = [{"role": "user", "content": prompt}]
@@ -124,7 +130,7 @@ def run_through_server(args, prompt, messages, params, stream, template: str | N
         # If this process dies, the ephemeral pair goes with it (see launch.supervisor).
         supervisor = Supervisor(ServerConfig(load_config(args), tokenizer=args.tokenizer, chat_template=template,
                                              step_timeout_s=args.step_timeout, speculation=args.speculation,
-                                             draft_model=args.draft_model))
+                                             draft_model=args.draft_model, tensor_parallel=args.ranks))
     try:
         if supervisor:
             supervisor.start()  # inside the try: a failure half-way still stops what did start

@@ -21,11 +21,13 @@ from launch.options import (
     add_prefix_reuse_flag,
     add_speculative_flags,
     add_step_timeout_flag,
+    add_tensor_parallel_flag,
     chat_template,
     load_config,
     max_num_seqs,
     port_number,
     speculative_config,
+    tensor_parallel,
 )
 from launch.supervisor import ChildDied, ServerConfig, Supervisor, gpu_requested
 
@@ -58,11 +60,7 @@ def register(sub) -> None:
     add_step_timeout_flag(p)
     add_prefix_reuse_flag(p)
     add_max_num_seqs_flag(p)
-    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
-                   help="split the model over N executor processes (Megatron-style: heads and the MLP by rank, an "
-                        "all-reduce after o_proj and down_proj), rank 0 relaying each step to the others. CPU only "
-                        "for now (gloo), dense weights, no speculative decoding; every rank loads the whole file and "
-                        "keeps its slices (default: 1)")
+    add_tensor_parallel_flag(p)
     add_speculative_flags(p)
     add_model_flags(p)
     p.set_defaults(run=run)
@@ -70,18 +68,15 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     seqs = max_num_seqs(args, gpu=args.device != "cpu" and gpu_requested(args.device))
-    if args.tensor_parallel < 1:
-        raise ValueError(f"--tensor-parallel must be >= 1, got {args.tensor_parallel}")
-    if args.tensor_parallel > 1 and args.speculative not in (None, "off"):
-        raise ValueError(f"--speculative {args.speculative} needs --tensor-parallel 1 for now")
+    ranks = tensor_parallel(args)
     config = ServerConfig(load_config(args, seqs), listen=f"tcp://{args.host}:{args.port}",
                           tokenizer=args.tokenizer,
                           chat_template=chat_template(args),
                           ready_timeout_s=args.ready_timeout, mps=args.mps, step_timeout_s=args.step_timeout,
                           api_key=args.api_key,
-                          speculation=speculative_config(args, batched=seqs > 1 or args.tensor_parallel > 1),
+                          speculation=speculative_config(args, batched=seqs > 1 or ranks > 1),
                           draft_model=args.draft_model, log_requests=not args.quiet,
-                          prefix_reuse=not args.no_prefix_reuse, tensor_parallel=args.tensor_parallel)
+                          prefix_reuse=not args.no_prefix_reuse, tensor_parallel=ranks)
     if args.api_key is None and not is_loopback(args.host):
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach this host can use the "
               "server", file=sys.stderr)

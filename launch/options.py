@@ -113,6 +113,24 @@ def max_num_seqs(args: argparse.Namespace, gpu: bool) -> int:
     return n
 
 
+def add_tensor_parallel_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="split the model over N executor processes (Megatron-style: attention heads and the MLP by "
+                        "rank, an all-reduce after o_proj and down_proj, the logits gathered), rank 0 relaying each "
+                        "step to the others; each rank loads only its slices. CPU only for now (gloo), dense weights, "
+                        "no speculative decoding (default: 1)")
+
+
+def tensor_parallel(args: argparse.Namespace) -> int:
+    """--tensor-parallel, checked; ValueError (one line) for a bad value or a combination it does not run."""
+    n = args.tensor_parallel
+    if n < 1:
+        raise ValueError(f"--tensor-parallel must be >= 1, got {n}")
+    if n > 1 and args.speculative not in (None, "off"):
+        raise ValueError(f"--speculative {args.speculative} needs --tensor-parallel 1 for now")
+    return n
+
+
 def add_prefix_reuse_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-reuse", action="store_true",
                    help="prefill every prompt whole. By default a prompt that starts with what the KV cache holds from "
