@@ -114,12 +114,16 @@ class BenchSpec:
     spec_tokens: int = 128  # most tokens per prompt of the speculative workload
     draft_model: str | None = None  # the hybridrt engines' --draft-model (runs with --speculative draft)
     max_num_seqs: int = 1  # the hybridrt engine's server holds this many sequences (the concurrency workload)
+    tensor_parallel: int = 1  # the hybridrt engines' server splits the model over this many executor ranks
 
     def __post_init__(self) -> None:
         if self.speculative not in SPECULATIVE_METHODS:
             raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE_METHODS)}, got {self.speculative!r}")
         _check_positive("spec_tokens", self.spec_tokens, 2)
         _check_positive("max_num_seqs", self.max_num_seqs, 1)
+        _check_positive("tensor_parallel", self.tensor_parallel, 1)
+        if self.tensor_parallel > 1 and self.speculative != "off":
+            raise ValueError("--tensor-parallel > 1 serves without speculation: use --speculative off")
         if self.max_num_seqs > 1 and self.speculative != "off":
             raise ValueError("--max-num-seqs > 1 serves requests without speculation: use --speculative off")
         if (self.speculative == "draft") != (self.draft_model is not None):

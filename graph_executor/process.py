@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import signal
 import sys
 import threading
@@ -91,6 +92,9 @@ def join_ranks(tp: TensorParallel, args: argparse.Namespace) -> None:
                             "their steps in CUDA graphs, are not built yet; use --device cpu")
     if args.draft_model or args.quantize:
         raise HybridrtError("--tensor-parallel takes neither --draft-model nor --quantize yet")
+    # The ranks share the machine's cores: each with its own share of threads (the default, every core per rank,
+    # oversubscribes them, and a collective then waits for the slowest rank's descheduled threads).
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp.size))
     # Long: a rank waits in a collective while the server is idle (a rank that dies ends it at once instead).
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.tp_port}", rank=tp.rank,
                             world_size=tp.size, timeout=timedelta(days=30))

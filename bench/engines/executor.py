@@ -22,6 +22,8 @@ class ExecutorEngine:
         from jit_context.speculative_config import SpeculativeConfig
         from launch.local import LocalEngine
 
+        if spec.tensor_parallel > 1:
+            raise EngineUnavailable("the in-process engine runs one rank: --tensor-parallel needs the server engines")
         self.spec = spec
         self._params = SamplingParams
         load = LoadConfig(model=spec.model, device=spec.device, dtype=spec.dtype, max_context=spec.max_context,

@@ -39,7 +39,7 @@ class HybridrtE2EEngine:
 
         config = ServerConfig(load, tokenizer=spec.tokenizer, ready_timeout_s=spec.timeout_s, mps=spec.mps,
                               speculation=SpeculativeConfig(spec.speculative, spec.num_speculative_tokens),
-                              draft_model=spec.draft_model)
+                              draft_model=spec.draft_model, tensor_parallel=spec.tensor_parallel)
         self.supervisor = Supervisor(config)
         self.client = None
         self.last_server_timings: dict = {}

@@ -26,7 +26,8 @@ def serve_argv(spec: BenchSpec, port: int, http_port: int) -> list[str]:
             "--http-port", str(http_port), "--model", spec.model, "--device", spec.device, "--dtype", spec.dtype,
             "--max-context", str(spec.max_context), "--seed-weights", str(spec.seed), "--mps", spec.mps,
             "--ready-timeout", str(spec.timeout_s), "--speculative", spec.speculative,
-            "--num-speculative-tokens", str(spec.num_speculative_tokens), "--max-num-seqs", str(spec.max_num_seqs)]
+            "--num-speculative-tokens", str(spec.num_speculative_tokens), "--max-num-seqs", str(spec.max_num_seqs),
+            "--tensor-parallel", str(spec.tensor_parallel)]
     if spec.tokenizer:
         argv += ["--tokenizer", spec.tokenizer]
     if spec.quantize:
