@@ -3,9 +3,10 @@
   Llama (`shard_model` of the same whole model) through a prefill and 32 decode steps; every step's logits equal the
   whole model's (TP=1) within 1e-5 in float32, for Llama (MHA), Llama 3 (GQA, KV heads split), GQA with fewer KV
   heads than ranks (replicated) and Qwen2 (QKV bias); shapes that do not divide are one-line errors;
-- the served path: `hybridrt serve --tensor-parallel 3` (SmolLM2-135M's 9 heads and 3 KV heads over 3 executor
-  processes, rank 0 relaying each step) gives the tokens of the whole model in process, for requests batched
-  together; a rank killed mid-request ends the server with one line naming it, nothing left running; a model
+- each rank loads only its part of a checkpoint (safetensors by slice, GGUF cut after reading), equal to the
+  whole model's slices;
+- the served path: `hybridrt serve --tensor-parallel 2` on a Llama 3-style HF folder, and `--tensor-parallel 3` on
+  SmolLM2-135M (9 heads, 3 KV heads; batched requests), give the greedy tokens of the whole model in process; a rank killed mid-request ends the server with one line naming it, nothing left running; a model
   whose heads do not divide is one line at start.
 """
 
@@ -234,3 +235,28 @@ def test_a_rank_loads_its_part_of_a_checkpoint(case, form, tmp_path):
             if name != "kv_caches":
                 assert torch.equal(got_buffers[name], tensor), (case, form, rank, name)
         assert torch.equal(part.lm_head, want.lm_head)
+
+
+def test_two_ranks_serve_a_checkpoints_greedy_tokens(tmp_path):
+    """The issue's served check: a Llama 3-style (GQA) HF folder served by two executor ranks gives, for prompts given
+    as token ids, the greedy tokens of the same folder in one process."""
+    import transformers
+
+    from graph_executor.loading.loader import LoadConfig
+    from jit_context.sampling_params import SamplingParams
+    from launch.client import Client
+    from launch.local import LocalEngine
+    from tests.serve_process import ServeProcess
+    from tests.test_model_equivalence import make_hf_model
+
+    make_hf_model(transformers.LlamaConfig, dict(num_key_value_heads=2), seed=5).save_pretrained(tmp_path)
+    params = {"max_tokens": 16, "temperature": 0.0, "ignore_eos": True}
+    prompts = [[5, 9, 200, 17], [100, 3, 3, 3, 3, 41]]
+    alone = LocalEngine(LoadConfig(model=str(tmp_path), device="cpu", dtype="float32", progress=False))
+    want = [list(alone.generator.generate(p, SamplingParams(**params)))[-1].token_ids for p in prompts]
+    with ServeProcess("--tensor-parallel", "2", "--max-num-seqs", "1", http=False,
+                      model_flags=("--model", str(tmp_path), "--device", "cpu", "--dtype", "float32")) as server:
+        assert sorted(_ranks(server)) == [0, 1]
+        with Client(server.address) as client:
+            got = [list(client.generate(token_ids=p, params=params))[-1].token_ids for p in prompts]
+    assert got == want
