@@ -168,6 +168,8 @@ class BatchEngine:
     def _release(self, slot: int, keep: list[int] | None) -> None:
         """Free the slot; `keep`: the token ids whose K/V it now holds (a request that ended normally)."""
         del self.lanes[slot]
+        if not self.lanes:
+            self._inflight = None  # a step sent ahead for requests that all ended: nothing left to read of it
         state = self.slots[slot]
         if keep is not None and self.prefix_reuse:
             state.contents.hold(keep)
