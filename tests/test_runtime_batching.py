@@ -145,3 +145,20 @@ def test_concurrent_http_streams_are_batched_and_each_as_alone(batch_server):
     for t in threads:
         t.join()
     assert [together[i] for i in range(4)] == alone and all(alone)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--max-num-seqs", "0"], "--max-num-seqs must be in 1..64, got 0"),
+    (["--max-num-seqs", "65"], "--max-num-seqs must be in 1..64, got 65"),
+    (["--max-num-seqs", "2", "--speculative", "ngram"], "--speculative ngram needs --max-num-seqs 1"),
+    (["--tensor-parallel", "2", "--speculative", "draft", "--draft-model", "dummy:smollm2-135m"],
+     "--speculative draft needs --tensor-parallel 1"),
+])
+def test_bad_batching_flags_are_one_line_before_anything_starts(flags, message):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "launch.cli", "serve", "--device", "cpu", "--http-port", "0", *flags],
+                          capture_output=True, text=True, timeout=60)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and len(lines) == 1 and message in lines[0], proc.stderr
