@@ -90,6 +90,8 @@ class ExecutorServer:
                  "executor_pid": os.getpid(), "num_params": self.loaded.model.config.num_params(),
                  "weight_format": self.loaded.weight_format, "kv_cache_bytes": self.loaded.kv_cache_bytes,
                  "graphs": self.runner.facts()}
+        if self.leader is not None:
+            facts["tensor_parallel"] = self.leader.tp.size
         if self.startup is not None:
             facts["startup"] = self.startup.facts()
         if self.draft is not None:

@@ -67,7 +67,8 @@ class LeaderRunner:
         self._relay(STOP, ())
 
     def facts(self) -> dict:
-        return {"tensor_parallel": self.tp.size}
+        """Graph facts, as a GraphRunner reports them: none (the ranks run eagerly)."""
+        return {}
 
 
 def follow(model, tp: TensorParallel) -> None:

@@ -129,6 +129,8 @@ def ready_line(facts: dict, seconds: float) -> str:
         details.append(f"KV cache {executor['kv_cache_bytes'] / (1 << 20):.1f} MiB")
     seqs = facts.get("max_num_seqs", 1)
     details.append(f"{seqs} requests at once (batched)" if seqs > 1 else "one request at a time")
+    if executor.get("tensor_parallel"):
+        details.append(f"tensor-parallel over {executor['tensor_parallel']} ranks (KV cache per rank)")
     return f"hybridrt serving {facts['model']} on {device} (ready in {seconds:.1f} s): {', '.join(details)}"
 
 

@@ -142,6 +142,10 @@ def test_three_ranks_serve_the_whole_models_tokens(tp_server, cpu_engine):
     from launch.client import Client
 
     assert sorted(_ranks(tp_server)) == [0, 1, 2]
+    from launch.client import Client as StatusClient
+
+    with StatusClient(tp_server.address) as client:
+        assert client.status()["executor"]["tensor_parallel"] == 3
     prompts = ["The capital of France is", "def fib(n):", "Three colours:"]
     params = [SamplingParams(max_tokens=6 + 3 * i, temperature=0.0, ignore_eos=True) for i in range(3)]
     got: dict[int, list[int]] = {}
