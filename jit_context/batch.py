@@ -84,9 +84,14 @@ class SlotState:
 
 class BatchEngine:
     def __init__(self, port: BatchPort, tokenizer: Detokenizing | None, eos_token_ids: frozenset[int],
-                 prefill_chunk: int, prefix_reuse: bool = False) -> None:
+                 prefill_chunk: int, prefix_reuse: bool = False, whole_prompt_when_idle: bool = False) -> None:
+        """`prefill_chunk`: prompt tokens per step while other requests decode (their token gap is bounded by it).
+        `whole_prompt_when_idle`: with nothing else decoding, a prompt is one step (a GPU, where the executor only
+        enqueues it); else chunked then too (the CPU, where the JIT context waits for each chunk and answers its
+        clients between them)."""
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.whole_prompt_when_idle = whole_prompt_when_idle
         self.port = port
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -207,7 +212,8 @@ class BatchEngine:
 
     def _prefill_chunk(self, lane: Lane, events: list[tuple[Hashable, Item]]) -> None:
         n = len(lane.prompt)
-        count = min(self.prefill_chunk, n - lane.prefilled)
+        whole = self.whole_prompt_when_idle and not any(other.decoding for other in self.lanes.values())
+        count = n - lane.prefilled if whole else min(self.prefill_chunk, n - lane.prefilled)
         self.port.prefill(count, lane.prefilled, lane.slot)
         self.port.wait_enqueued()
         lane.prefilled += count

@@ -186,6 +186,21 @@ def test_running_streams_wait_at_most_one_prefill_chunk():
     assert engine.lanes[1].prefilled == 22
 
 
+def test_an_idle_engine_may_prefill_a_prompt_whole(alone):
+    """`whole_prompt_when_idle` (the GPU's): with nothing decoding, a long prompt is one step; a prompt arriving while
+    another request decodes is still chunked."""
+    engine = BatchEngine(ModelRunner(_model(TINY, 2)), None, frozenset(TINY.eos_token_ids), 4,
+                         whole_prompt_when_idle=True)
+    long = list(range(100, 122))
+    engine.admit("first", long, SamplingParams(**greedy(8)))
+    assert [type(item) for _, item in engine.step()] == [Chunk]  # 22 tokens in one step, then the first token
+    engine.admit("second", long[:10], SamplingParams(**greedy(3)))
+    assert [type(item) for key, item in engine.step() if key == "second"] == [PrefillProgress]  # first decodes
+    results, _ = _drain(engine)
+    assert results["first"].token_ids == alone(long, SamplingParams(**greedy(8))).token_ids
+    assert results["second"].token_ids == alone(long[:10], SamplingParams(**greedy(3))).token_ids
+
+
 def test_a_cancelled_request_frees_its_slot_at_once(alone):
     engine = _engine(slots=2)
     engine.admit("x", [5, 6, 7, 8], SamplingParams(**greedy(20)))
