@@ -352,3 +352,45 @@ def test_random_arrivals_and_cancels_never_change_a_requests_tokens(seed, alone)
     assert sent_ahead > 0  # the pipelined path ran
     for key, result in results.items():
         assert result.token_ids == alone(*asks[key]).token_ids, (seed, key)
+
+
+def test_the_batching_server_survives_random_cancels_and_departures(batch_rig):
+    """Through the JIT server with slots (a real executor on a thread): three clients send ten requests, some
+    cancelled, one client closing its socket mid-stream; every request that is answered to the end has the tokens it
+    gets alone, and the server is idle afterwards."""
+    import random
+
+    rig = batch_rig
+    rng = random.Random(7)
+    peers = [rig.peer() for _ in range(3)]
+    plain = Generator(ModelRunner(_model_like(rig)), None, frozenset(TINY.eos_token_ids))
+    asks = {}
+    for i in range(10):
+        prompt = [rng.randrange(100, 40000) for _ in range(rng.randrange(1, 12))]
+        asks[f"q{i}"] = (peers[i % 3], prompt, rng.randrange(2, 20))
+    for request_id, (peer, prompt, n) in asks.items():
+        peer.generate(request_id, prompt, params=greedy(n))
+    cancelled = set()
+    for turn in range(400):
+        rig.turn(wait_ms=5)
+        if turn == 6:
+            peers[2].close()  # its requests' streams go nowhere: they are aborted
+        if rng.random() < 0.05:
+            request_id = rng.choice([r for r, (p, _, _) in asks.items() if p is not peers[2]])
+            asks[request_id][0].send(CancelRequest(request_id))
+            cancelled.add(request_id)
+        if rig.jit.num_running() == 0 and not rig.jit.queue and turn > 10:
+            break
+    rig.until(lambda: rig.jit.num_running() == 0 and not rig.jit.queue)
+    answered = 0
+    for request_id, (peer, prompt, n) in asks.items():
+        if peer is peers[2]:
+            continue
+        final = peer.final(request_id)
+        assert final is not None, request_id
+        if request_id in cancelled and final.finish_reason == "abort":
+            continue
+        want = list(plain.generate(prompt, SamplingParams(**greedy(n))))[-1].token_ids
+        assert final.finish_reason == "length" and final.token_ids == want, request_id
+        answered += 1
+    assert answered >= 4
