@@ -209,6 +209,18 @@ def concurrency_section(results: dict) -> list[str]:
     return lines
 
 
+def turns_section(results: dict) -> list[str]:
+    """A chat's second turn against a fresh short prompt (the turns workload)."""
+    lines = []
+    for e in _engines_with(results, "turns"):
+        t = results["engines"][e]["turns"]
+        lines += [f"## Second turn of a chat ({e}, prefix reuse {'on' if t['prefix_reuse'] else 'off'})", "",
+                  f"TTFT of a {t['second_turn_tokens']}-token second turn {t['second_turn_ttft']['median_ms']:.2f} ms "
+                  f"(prompt tokens reused: {t['cached_prompt_tokens']}) against {t['short_ttft']['median_ms']:.2f} "
+                  f"ms for a fresh {t['short_tokens']}-token prompt: {t['ratio']:.2f}x", ""]
+    return lines
+
+
 def verify_section(results: dict) -> list[str]:
     names = _engines_with(results, "verify")
     if not names:
@@ -257,7 +269,7 @@ def startup_section(results: dict) -> list[str]:
 
 def markdown(results: dict) -> str:
     sections = [header, floors_section, ttft_section, decode_section, context_section, ratio_section,
-                speculative_section, verify_section, chat_section, concurrency_section, overhead_section, status_section, startup_section]
+                speculative_section, verify_section, chat_section, concurrency_section, turns_section, overhead_section, status_section, startup_section]
     return "\n".join(line for section in sections for line in section(results))
 
 

@@ -65,6 +65,7 @@ class BenchOptions:
     draft_model: str | None = None
     max_num_seqs: int = 1
     tensor_parallel: int = 1
+    prefix_reuse: bool = False
 
 
 def resolve_device_name(name: str) -> str:
@@ -124,7 +125,7 @@ def resolve_spec(opts: BenchOptions) -> BenchSpec:
         dequantize=opts.dequantize, speculative=opts.speculative,
         num_speculative_tokens=opts.num_speculative_tokens, spec_tokens=opts.spec_tokens,
         draft_model=opts.draft_model if opts.speculative == "draft" else None, max_num_seqs=opts.max_num_seqs,
-        tensor_parallel=opts.tensor_parallel,
+        tensor_parallel=opts.tensor_parallel, prefix_reuse=opts.prefix_reuse,
     )
     limit, needed = cfg.max_position_embeddings, spec.needed_context
     if max(needed, opts.max_context or 0) > limit:

@@ -27,7 +27,7 @@ OURS = ("hybridrt", "hybridrt-executor")
 PEERS = ("hf-eager", "hf-compile")
 
 WORKLOADS = ("ttft", "decode", "context", "startup", "memory", "overhead", "floors", "speculative", "verify", "chat",
-             "concurrency")
+             "concurrency", "turns")
 WORKLOAD_HELP = {
     "ttft": "time to first token per prompt length (median, P99, min over --repeats)",
     "decode": "per-token latency over --decode-tokens after a prompt (P50/P90/P99/max, tokens/s, CDF)",
@@ -50,12 +50,16 @@ WORKLOAD_HELP = {
                    "(each stream's per-token P50 against one stream alone on the same server, aggregate tokens/s), "
                    "and a 100-token prompt arriving while N - 1 streams decode (its TTFT against the idle TTFT, and "
                    "the running streams' worst token gap meanwhile against their P50)",
+    "turns": "the hybridrt engine: TTFT of a chat's second turn (the first turn's ~560-token prompt, its 20-token reply "
+             "and 20 new tokens) against a fresh 20-token prompt's; with --prefix-reuse the second turn prefills only "
+             "what the KV cache does not hold",
 }
-OPT_IN_WORKLOADS = ("speculative", "chat", "concurrency")  # not in "all": they need a tokenizer and a longer context
+OPT_IN_WORKLOADS = ("speculative", "chat", "concurrency", "turns")  # not in "all": they need a tokenizer and a longer context
 SPECULATIVE_METHODS = METHODS  # jit_context.speculative_config (torch-free, as this file stays)
 SPEC_PROMPT_CONTEXT = 384  # room for the longest chat prompt of the speculative workload
 VERIFY_CONTEXT = 512  # the verify workload's steps run at this position
 ARRIVAL_PROMPT = 100  # the concurrency workload's arriving request (issue 14: a 100-token prompt)
+TURN_PROMPT, TURN_REPLY, TURN_NEW = 560, 20, 20  # the turns workload's chat (issue 14: ~600 tokens, 20 new)
 MPS_MODES = ("auto", "on", "off")
 QUANTIZE_METHODS = QUANTIZE_NAMES  # graph_executor.quant.names (torch-free)
 # Generated after each timed decode run but not timed: an engine that reads tokens one step behind hands the
@@ -115,6 +119,7 @@ class BenchSpec:
     draft_model: str | None = None  # the hybridrt engines' --draft-model (runs with --speculative draft)
     max_num_seqs: int = 1  # the hybridrt engine's server holds this many sequences (the concurrency workload)
     tensor_parallel: int = 1  # the hybridrt engines' server splits the model over this many executor ranks
+    prefix_reuse: bool = False  # the hybridrt engine's server reuses the KV cache's prefix (the turns workload)
 
     def __post_init__(self) -> None:
         if self.speculative not in SPECULATIVE_METHODS:
@@ -169,6 +174,7 @@ class BenchSpec:
                        VERIFY_CONTEXT + 16 if "verify" in self.workloads and self.on_gpu else 0,
                        self.decode_prompt_len + 2 * self.decode_tokens + steps if "concurrency" in self.workloads
                        else 0, ARRIVAL_PROMPT + 2 if "concurrency" in self.workloads else 0,
+                       TURN_PROMPT + TURN_REPLY + TURN_NEW + 2 if "turns" in self.workloads else 0,
                        WARMUP_CONTEXT)
 
     def to_dict(self) -> dict:

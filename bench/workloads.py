@@ -13,7 +13,7 @@ import random
 from pathlib import Path
 from typing import Protocol
 
-from bench.spec import ARRIVAL_PROMPT, DRAIN_TOKENS, BenchSpec
+from bench.spec import ARRIVAL_PROMPT, DRAIN_TOKENS, TURN_NEW, TURN_PROMPT, TURN_REPLY, BenchSpec
 
 SPEC_PROMPTS = Path(__file__).resolve().parent / "data" / "spec_prompts.json"
 from bench.stats import gaps_ms, percentile, r3, token_summary, ttft_summary
@@ -189,5 +189,29 @@ def concurrency(engine: Engine, spec: BenchSpec) -> dict:
     return out
 
 
+def turns(engine: Engine, spec: BenchSpec) -> dict:
+    """A chat's second turn against a fresh short prompt (engines that report their reply's ids: the hybridrt one).
+    Each repeat is a new conversation (its own first turn), so the cache holds exactly that turn when the second
+    comes."""
+    if not hasattr(engine, "last_token_ids"):
+        return {"skipped": "needs the hybridrt engine"}
+    vocab = spec.model_config["vocab_size"]
+    repeats = max(3, spec.repeats)
+    short = [engine.generate(prompt_ids(TURN_NEW, vocab, spec.seed + 3000 + r), 1)[0] for r in range(repeats + 1)][1:]
+    second, reused = [], []
+    for r in range(repeats + 1):  # the first conversation is untimed (its shapes' first run)
+        first = prompt_ids(TURN_PROMPT, vocab, spec.seed + 4000 + r)
+        engine.generate(first, TURN_REPLY)
+        follow = first + engine.last_token_ids + prompt_ids(TURN_NEW, vocab, spec.seed + 5000 + r)
+        ttft = engine.generate(follow, 1)[0]
+        if r:
+            second.append(ttft)
+            reused.append(engine.last_server_timings.get("cached_prompt_tokens", 0))
+    return {"prefix_reuse": spec.prefix_reuse, "second_turn_tokens": TURN_PROMPT + TURN_REPLY + TURN_NEW,
+            "short_tokens": TURN_NEW, "second_turn_ttft": ttft_summary(second), "short_ttft": ttft_summary(short),
+            "ratio": round(percentile(second, 50) / percentile(short, 50), 3), "cached_prompt_tokens": reused}
+
+
 TIMED_WORKLOADS = {"ttft": ttft_sweep, "decode": decode, "context": context_sweep, "speculative": speculative,
-                   "verify": verify_cost, "chat": chat, "concurrency": concurrency}
+                   "verify": verify_cost, "chat": chat, "concurrency": concurrency,
+                   "turns": turns}

@@ -97,6 +97,9 @@ def _workload_flags(w) -> None:
     w.add_argument("--max-num-seqs", type=int, default=1, metavar="N",
                    help="the hybridrt engine's server holds N sequences and decodes them together (needs "
                         "--speculative off); the concurrency workload runs N streams at once (default: 1)")
+    w.add_argument("--prefix-reuse", action="store_true",
+                   help="the hybridrt engine's server reuses the KV cache's prefix across requests (the turns "
+                        "workload; other workloads repeat prompts, which it would then skip) (default: off)")
     w.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="the server engines (hybridrt, hybridrt-http) split the model over N executor ranks (CPU "
                         "only for now; the in-process engine is skipped) (default: 1)")
@@ -117,7 +120,8 @@ def options(args: argparse.Namespace):
         max_context=args.max_context, seed=args.seed, timeout_s=args.timeout, mps=args.mps,
         tokenizer=args.tokenizer, quantize_group=args.quantize_group, dequantize=args.dequantize,
         num_speculative_tokens=args.num_speculative_tokens, spec_tokens=args.spec_tokens,
-        draft_model=args.draft_model, max_num_seqs=args.max_num_seqs, tensor_parallel=args.tensor_parallel)
+        draft_model=args.draft_model, max_num_seqs=args.max_num_seqs, tensor_parallel=args.tensor_parallel,
+        prefix_reuse=args.prefix_reuse)
 
 
 def _names(text: str, known: tuple[str, ...], flag: str) -> list[str]:

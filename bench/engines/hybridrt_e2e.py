@@ -39,10 +39,12 @@ class HybridrtE2EEngine:
 
         config = ServerConfig(load, tokenizer=spec.tokenizer, ready_timeout_s=spec.timeout_s, mps=spec.mps,
                               speculation=SpeculativeConfig(spec.speculative, spec.num_speculative_tokens),
-                              draft_model=spec.draft_model, tensor_parallel=spec.tensor_parallel)
+                              draft_model=spec.draft_model, tensor_parallel=spec.tensor_parallel,
+                              prefix_reuse=spec.prefix_reuse)
         self.supervisor = Supervisor(config)
         self.client = None
         self.last_server_timings: dict = {}
+        self.last_token_ids: list[int] = []  # the last request's generated ids (the turns workload's reply)
         try:
             timeline.mark("server_start")
             self.supervisor.start()
@@ -104,6 +106,7 @@ class HybridrtE2EEngine:
             now = (time.perf_counter() - start) * 1e3
             if isinstance(msg, Finished):
                 self.last_server_timings = dict(msg.timings)
+                self.last_token_ids = list(msg.token_ids)
                 if len(times) < len(msg.token_ids):  # tokens that came only with Finished
                     times += [now] * (len(msg.token_ids) - len(times))
             else:
