@@ -25,7 +25,7 @@ def tiny_model(tmp_path_factory) -> str:
 
     folder = tmp_path_factory.mktemp("tiny-llama")
     config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
     return str(folder)
@@ -250,3 +250,21 @@ def test_chat_workload_through_the_native_client_and_the_http_api(default_model_
     md = (out / "results.md").read_text()
     assert "## Chat TTFT" in md and "HTTP API - native client (median): short " in md
     assert "| hybridrt-http |" in md and "| 10 | - | " in md  # the TTFT table has the native engine only
+
+
+def test_concurrency_and_turns_workloads_through_a_batching_server(tiny_model, tmp_path) -> None:
+    """The hybridrt engine with 2 slots and prefix reuse: 2 streams at once against one alone, an arrival while
+    the other decodes, and a chat's second turn that reuses the first turn's KV (CPU)."""
+    out = tmp_path / "run"
+    assert run_bench("--device", "cpu", "--model", tiny_model, "--engines", "hybridrt", "--workloads",
+                     "concurrency,turns", "--max-num-seqs", "2", "--prefix-reuse", "--decode-tokens", "8",
+                     "--decode-prompt-len", "8", "--repeats", "1", "--quiet", "--out", str(out)) == 0
+    r = json.loads((out / "results.json").read_text())["engines"]["hybridrt"]
+    assert r["status"] == "ok", r.get("error")
+    c = r["concurrency"]
+    assert c["streams"] == 2 and len(c["per_stream"]) == 2 and c["aggregate_tokens_per_s"] > 0
+    assert c["arrival"]["running"] == 1 and c["arrival"]["busy_ttft"]["median_ms"] > 0
+    t = r["turns"]
+    assert t["prefix_reuse"] and all(n >= 560 for n in t["cached_prompt_tokens"]) and t["ratio"] > 0
+    md = (out / "results.md").read_text()
+    assert "## Concurrency (hybridrt, --max-num-seqs 2" in md and "## Second turn of a chat (hybridrt, prefix reuse on)" in md
