@@ -31,8 +31,9 @@ def server(shared_server):
 @pytest.fixture(scope="module")
 def keyed_server(default_model_dir):
     """A server with --api-key: test_api_key checks the key on it, then test_sigterm_tells_open_requests_at_once
-    (last in this file) ends it."""
-    serve = ServeProcess("--api-key", "secret")
+    (last in this file) ends it. One slot: that test needs a request queued behind a running one (with the CPU's
+    default of two slots the second request would run at once; a batching server's shutdown is test_batching's)."""
+    serve = ServeProcess("--api-key", "secret", "--max-num-seqs", "1")
     try:
         serve.wait_ready()
         yield serve

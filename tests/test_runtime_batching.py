@@ -162,3 +162,45 @@ def test_bad_batching_flags_are_one_line_before_anything_starts(flags, message):
                           capture_output=True, text=True, timeout=60)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 1 and len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_sigterm_tells_every_running_and_queued_request(default_model_dir):
+    """A batching server (2 slots) with two requests running and one queued: SIGTERM answers all three with
+    `shutting_down` at once, and serve exits 0 leaving nothing behind."""
+    import signal
+
+    from launch.client import ServerError
+    from tests.serve_process import assert_nothing_left
+
+    server = ServeProcess("--max-num-seqs", "2", http=False)
+    server.wait_ready()
+    outcome: dict[int, tuple] = {}
+
+    def ask(i: int) -> None:
+        try:
+            with Client(server.address, timeout_s=20) as client:
+                list(client.generate(PROMPTS[i], params={"max_tokens": 2000, "ignore_eos": True}))
+            outcome[i] = (None, time.monotonic())
+        except ServerError as e:
+            outcome[i] = (e, time.monotonic())
+
+    with Client(server.address) as client:
+        facts = client.status()
+        executor, jit = facts["executor"]["executor_pid"], facts["jit_context_pid"]
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 20
+        while (m := client.status()["metrics"])["running"] < 2 or m["waiting"] < 1:
+            assert time.monotonic() < deadline, m
+            time.sleep(0.02)
+    server.proc.send_signal(signal.SIGTERM)
+    stopped = time.monotonic()
+    for t in threads:
+        t.join(timeout=15)
+    assert sorted(outcome) == [0, 1, 2]
+    for error, when in outcome.values():
+        assert isinstance(error, ServerError) and error.code == "shutting_down", error
+        assert when - stopped < 2.0
+    assert server.proc.wait(timeout=10) == 0, server.proc.stderr.read()
+    assert_nothing_left(server, executor, jit)
