@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 
 from bench.procinfo import Timeline
+from bench.serve_command import serve_command
 from bench.spec import BenchSpec
 from bench.workloads import EngineUnavailable
 
@@ -21,13 +21,12 @@ STOP_TIMEOUT_S = 30.0
 def serve_argv(spec: BenchSpec, port: int, http_port: int) -> list[str]:
     """`hybridrt serve` with the run's model, device, weight format and speculation (what the `hybridrt` engine
     passes to its Supervisor)."""
-    # --no-prefix-reuse: the workloads send the same prompts again, which would skip their prefill on a CPU.
-    argv = [sys.executable, "-m", "launch.cli", "serve", "--quiet", "--no-prefix-reuse", "--port", str(port),
-            "--http-port", str(http_port), "--model", spec.model, "--device", spec.device, "--dtype", spec.dtype,
-            "--max-context", str(spec.max_context), "--seed-weights", str(spec.seed), "--mps", spec.mps,
-            "--ready-timeout", str(spec.timeout_s), "--speculative", spec.speculative,
-            "--num-speculative-tokens", str(spec.num_speculative_tokens), "--max-num-seqs", str(spec.max_num_seqs),
-            "--tensor-parallel", str(spec.tensor_parallel)]
+    argv = serve_command(
+        port, http_port, "--model", spec.model, "--device", spec.device, "--dtype", spec.dtype,
+        "--max-context", str(spec.max_context), "--seed-weights", str(spec.seed), "--mps", spec.mps,
+        "--ready-timeout", str(spec.timeout_s), "--speculative", spec.speculative,
+        "--num-speculative-tokens", str(spec.num_speculative_tokens), "--max-num-seqs", str(spec.max_num_seqs),
+        "--tensor-parallel", str(spec.tensor_parallel), quiet=True, prefix_reuse=spec.prefix_reuse)
     if spec.tokenizer:
         argv += ["--tokenizer", spec.tokenizer]
     if spec.quantize:

@@ -19,6 +19,7 @@ import time
 import httpx
 
 from bench.probes.serve_ready import free_port, health
+from bench.serve_command import serve_command
 from launch.client import Client
 
 MESSAGES = [{"role": "user", "content": "Name three primary colours and say why they are called primary."}]
@@ -67,9 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     serve_args = args.serve_args[1:] if args.serve_args[:1] == ["--"] else args.serve_args
     port, http_port = free_port(), free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "serve", "--quiet", "--no-prefix-reuse", "--port",
-                             str(port), "--http-port", str(http_port), *serve_args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(serve_command(port, http_port, *serve_args, quiet=True), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{http_port}"
     try:
         while not health(http_port):

@@ -22,6 +22,8 @@ import time
 import urllib.error
 import urllib.request
 
+from bench.serve_command import serve_command
+
 CHAT = {"messages": [{"role": "user", "content": "Name three primary colours."}], "max_tokens": 8,
         "temperature": 0.0, "stream": True}
 
@@ -63,9 +65,7 @@ def chat_ttft_ms(port: int, model: str) -> float:
 
 def one_run(serve_args: list[str], timeout_s: float, steady: int) -> dict:
     port, http_port = free_port(), free_port()
-    # --no-prefix-reuse: the steady requests repeat the first one's chat, which would skip its prefill on a CPU.
-    cmd = [sys.executable, "-m", "launch.cli", "serve", "--no-prefix-reuse", "--port", str(port), "--http-port",
-           str(http_port), *serve_args]
+    cmd = serve_command(port, http_port, *serve_args)  # no prefix reuse: the steady requests repeat the first chat
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
