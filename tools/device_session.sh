@@ -3,8 +3,10 @@
 # logs under $OUT and a short table last. Needs the wheels in .whl/ (../shared/device/wheels.sh pyzmq gguf
 # fastapi uvicorn openai ...) and SmolLM2's tokenizer files in .gpu/tokenizer/ (carry: [".whl", ".gpu"]).
 #
-#   run: bash tools/device_session.sh [tests|bench|probe|profile|quant|gemv|gemm|fp8 ...]   (default: the first three,
-#   ~6-7 min)
+#   run: bash tools/device_session.sh [tests|bench|probe|profile|quant|gemv|gemm|fp8|batching ...]   (default: the
+#   first three, ~6-7 min)
+#   batching: the batched-decode cuda tests (the SmolLM2 one needs HYBRIDRT_TEST_GGUF), bench.probes.batch_step, and
+#   `bench --workloads decode,concurrency --max-num-seqs 4` then `--max-num-seqs 1` decode on dummy:llama-2-7b (~8 min)
 #   quant: the packed-weight tests and `bench --quantize none,int8,int4,fp8` on dummy:llama-2-7b (executor, ~3 min);
 #   gemv: the low-bit GEMV block sweep per projection and format (~1 min); gemm: the low-bit prefill GEMM's default
 #   configs against torch.mm per projection, format and prompt length (~1 min); fp8: the FP8 split-K GEMV sweep
@@ -47,7 +49,19 @@ for step in "${steps[@]}"; do
          echo "fp8 split-K probe: rc=$?"; sed -n '/^| projection/,$p' "$OUT/fp8_splitk.log"
          timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gemv_fp8.py > "$OUT/fp8_tests.log" 2>&1
          echo "fp8 tests: rc=$? $(tail -1 "$OUT/fp8_tests.log")" ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8)"; exit 2 ;;
+    batching) timeout 150 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_batch_kernels.py \
+                tests/test_runtime_batching.py > "$OUT/batching_tests.log" 2>&1
+              echo "batching tests: rc=$? $(tail -1 "$OUT/batching_tests.log")"
+              timeout 150 python3 -m bench.probes.batch_step --out "$OUT/batch_step" > "$OUT/batch_step.log" 2>&1
+              echo "batch step probe: rc=$?"; cat "$OUT/batch_step.log"
+              for n in 4 1; do w=decode; [ $n = 4 ] && w=decode,concurrency
+                timeout 200 python3 -m launch.cli bench --quiet --model dummy:llama-2-7b --engines hybridrt \
+                  --workloads $w --max-num-seqs $n --decode-tokens 128 --repeats 3 --out "$OUT/slots-$n" \
+                  > "$OUT/slots-$n.log" 2>&1
+                echo "bench --max-num-seqs $n: rc=$?"; rm -rf "$OUT/slots-$n/logs"
+                sed -n '/^## Decode/,/^## Engines/p' "$OUT/slots-$n.log" | grep -v '^$' | grep -v '^|---'
+              done ;;
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching)"; exit 2 ;;
   esac
 done
 [ -f "$OUT/run/results.md" ] && sed -n '/^## TTFT/,/^## Two-process/p' "$OUT/run/results.md" | head -60
