@@ -29,7 +29,15 @@ from typing import Protocol
 import torch
 
 from ipc.step_buffers import StepBuffers
-from jit_context.generator import Chunk, Detokenizing, GenerationResult, PrefillProgress, RequestOutput
+from jit_context.generator import (
+    Chunk,
+    Detokenizing,
+    GenerationResult,
+    PrefillProgress,
+    RequestOutput,
+    check_prompt,
+    end_ids,
+)
 from jit_context.kv_contents import KvContents
 from jit_context.sampler import Sampler
 from jit_context.sampling_params import SamplingParams
@@ -118,11 +126,7 @@ class BatchEngine:
         return len(self.lanes) < len(self.slots)
 
     def check_prompt(self, prompt_ids: list[int]) -> None:
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        if len(prompt_ids) >= self.port.max_context:
-            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the maximum context is "
-                             f"{self.port.max_context} (prompt plus at least one generated token)")
+        check_prompt(prompt_ids, self.port.max_context)
 
     def admit(self, key: Hashable, prompt_ids: list[int], params: SamplingParams,
               start_time: float | None = None) -> int:
@@ -135,8 +139,7 @@ class BatchEngine:
         state.contents.forget()  # until this request ends normally
         ids = self.port.buffers.slot_ids(slot)  # [C]
         ids[cached:len(prompt_ids)].copy_(torch.tensor(prompt_ids[cached:], dtype=torch.int64))
-        end_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
-        state.sampler.start_request(params, prompt_ids, end_ids=end_ids)
+        state.sampler.start_request(params, prompt_ids, end_ids=end_ids(params, self.eos_token_ids))
         start = time.perf_counter() if start_time is None else start_time
         out = RequestOutput(self.tokenizer, self.eos_token_ids, self.port.max_context, params, prompt_ids, start)
         out.cached_tokens = cached

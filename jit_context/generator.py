@@ -87,6 +87,22 @@ class GenerationResult:
         return len(self.token_ids)
 
 
+def check_prompt(prompt_ids: list[int], max_context: int) -> None:
+    """ValueError unless the prompt leaves room in the context for at least one generated token."""
+    if not prompt_ids:
+        raise ValueError("the prompt is empty")
+    if len(prompt_ids) >= max_context:
+        raise ValueError(
+            f"the prompt has {len(prompt_ids)} tokens; the maximum context is {max_context} "
+            f"(prompt plus at least one generated token)"
+        )
+
+
+def end_ids(params: SamplingParams, eos_token_ids: frozenset[int]) -> set[int]:
+    """The tokens that end a reply of these params (what min_tokens holds off)."""
+    return set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
+
+
 # Prompt tokens per Prefill on the CPU, where a step computes before it returns: the JIT context answers other
 # clients between chunks, so they wait at most one chunk. None on a GPU (the executor only enqueues there).
 CPU_PREFILL_CHUNK = 256
@@ -131,18 +147,8 @@ class Generator:
         self._staging[start:end].copy_(values)
         self.port.buffers.input_ids[start:end].copy_(self._staging[start:end], non_blocking=True)
 
-    def _end_ids(self, params: SamplingParams) -> set[int]:
-        """The tokens that end a reply of these params (what min_tokens holds off)."""
-        return set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
-
     def check_prompt(self, prompt_ids: list[int]) -> None:
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        if len(prompt_ids) >= self.port.max_context:
-            raise ValueError(
-                f"the prompt has {len(prompt_ids)} tokens; the maximum context is {self.port.max_context} "
-                f"(prompt plus at least one generated token)"
-            )
+        check_prompt(prompt_ids, self.port.max_context)
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, start_time: float | None = None,
                  yield_during_prefill: bool = False) -> Iterator[Chunk | PrefillProgress | GenerationResult]:
@@ -169,7 +175,7 @@ class Generator:
         last_start = cached + (n - 1 - cached) // chunk * chunk
         self.port.prefill(n - last_start, last_start)  # its logits are the first token's
         # overlaps with the executor launching the prefill
-        self.sampler.start_request(params, prompt_ids, end_ids=self._end_ids(params))
+        self.sampler.start_request(params, prompt_ids, end_ids=end_ids(params, self.eos_token_ids))
         out = RequestOutput(self.tokenizer, self.eos_token_ids, self.port.max_context, params, prompt_ids, start)
         out.cached_tokens = cached
         if self.speculation.enabled:

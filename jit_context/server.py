@@ -59,6 +59,13 @@ def _request_level(e: BaseException) -> bool:
     BaseException; KeyboardInterrupt, SystemExit and the SIGTERM exception are the process's, not a request's."""
     return isinstance(e, Exception) or type(e).__name__ == "PanicException"
 
+def _error_code(e: BaseException) -> str:
+    """The Error code of a failed generation: a subsystem's error says its own (e.g. executor_timeout); anything
+    else failed the generation."""
+    code = getattr(e, "code", None) if isinstance(e, HybridrtError) else None
+    return code if isinstance(code, str) else "generation_failed"
+
+
 IDLE_POLL_MS = 50
 GPU_BATCH_PREFILL_CHUNK = 256  # prompt tokens per step while other requests decode (GPU; the CPU's is its own)
 
@@ -252,12 +259,18 @@ class JitServer:
 
     # -- the active request -------------------------------------------------------------------------------
 
-    def _start(self, pending: Pending) -> None:
+    def _announce(self, pending: Pending) -> bool:
+        """Tell the client its request reaches the executor now; False (counted as aborted) if the client left while
+        it waited: nobody to answer, so no prefill for it."""
         pending.started = time.perf_counter()
         queue_ms = round((pending.started - pending.received) * 1e3, 3)
-        if not self._reply(pending.identity, Started(pending.request_id, queue_ms)):
-            # Its client left while it waited: nobody to answer, so no prefill for it.
-            self.metrics.record(FinishReason.ABORT, len(pending.prompt_ids), [], pending.started - pending.received)
+        if self._reply(pending.identity, Started(pending.request_id, queue_ms)):
+            return True
+        self.metrics.record(FinishReason.ABORT, len(pending.prompt_ids), [], pending.started - pending.received)
+        return False
+
+    def _start(self, pending: Pending) -> None:
+        if not self._announce(pending):
             return
         self.active = pending
         self.executor.request_id = pending.request_id
@@ -277,9 +290,7 @@ class JitServer:
             if not isinstance(e, (ValueError, HybridrtError)):
                 print(f"jit_context: request {active.request_id} failed: {type(e).__name__}: {quote(str(e))}",
                       file=sys.stderr)
-            # A subsystem's error says its own code (e.g. executor_timeout); anything else failed the generation.
-            code = getattr(e, "code", None) if isinstance(e, HybridrtError) else None
-            self._end(Error(code if isinstance(code, str) else "generation_failed", str(e), active.request_id))
+            self._end(Error(_error_code(e), str(e), active.request_id))
             return
         if isinstance(item, PrefillProgress):
             return  # a long prompt between two prefill chunks: the loop answers other clients now
@@ -372,10 +383,7 @@ class JitServer:
         return True
 
     def _admit(self, pending: Pending) -> None:
-        pending.started = time.perf_counter()
-        queue_ms = round((pending.started - pending.received) * 1e3, 3)
-        if not self._reply(pending.identity, Started(pending.request_id, queue_ms)):
-            self.metrics.record(FinishReason.ABORT, len(pending.prompt_ids), [], pending.started - pending.received)
+        if not self._announce(pending):
             return
         if not self.running:  # a new busy period: one request id on the executor for its steps
             self._batches += 1
@@ -393,12 +401,10 @@ class JitServer:
     def _fail_running(self, e: BaseException) -> None:
         """A batched step failed: every request in it fails (what their slots hold is unknown)."""
         print(f"jit_context: a batched step failed: {type(e).__name__}: {quote(str(e))}", file=sys.stderr)
-        code = getattr(e, "code", None) if isinstance(e, HybridrtError) else None
         self.engine.abort_all()
         failed, self.running = self.running, []
         for pending in failed:
-            self._report_end(pending, Error(code if isinstance(code, str) else "generation_failed", str(e),
-                                            pending.request_id))
+            self._report_end(pending, Error(_error_code(e), str(e), pending.request_id))
         self._finish_on_executor()
 
     def fail_everyone(self, code: str, message: str) -> None:
