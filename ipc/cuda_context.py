@@ -13,6 +13,7 @@ Anything that fails here is left to torch to meet and report in its own words: t
 from __future__ import annotations
 
 import ctypes
+import functools
 import threading
 
 
@@ -25,6 +26,7 @@ def device_ordinal(device: str) -> int | None:
     return None
 
 
+@functools.cache  # once per process: the launcher asks whether a GPU is there for several decisions
 def initialized_driver() -> ctypes.CDLL | None:
     """The CUDA driver library, initialised (cuInit), or None where there is none or it fails to start."""
     try:

@@ -67,7 +67,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    seqs = max_num_seqs(args, gpu=args.device != "cpu" and gpu_requested(args.device))
+    seqs = max_num_seqs(args, gpu=gpu_requested(args.device))
     ranks = tensor_parallel(args)
     config = ServerConfig(load_config(args, seqs), listen=f"tcp://{args.host}:{args.port}",
                           tokenizer=args.tokenizer,

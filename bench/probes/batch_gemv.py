@@ -22,8 +22,8 @@ REPLAYS = 20
 SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
 
 
-def _time(fn) -> float:
-    """ms per layer of fn (LAYERS launches), replayed from a graph."""
+def graph_ms(fn, replays: int = REPLAYS) -> float:
+    """ms per call of fn, captured as a CUDA graph (after one eager call: kernel compile) and timed over replays."""
     fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -33,11 +33,16 @@ def _time(fn) -> float:
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(REPLAYS):
+    for _ in range(replays):
         graph.replay()
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) / REPLAYS / LAYERS
+    return start.elapsed_time(end) / replays
+
+
+def _time(fn) -> float:
+    """ms per layer of fn (LAYERS launches)."""
+    return graph_ms(fn) / LAYERS
 
 
 def sweep(name: str, batches: list[int]) -> list[dict]:

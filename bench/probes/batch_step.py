@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from bench.probes.batch_gemv import graph_ms
 from graph_executor.fused_batch_decoder import FusedBatchDecoder
 from graph_executor.fused_decoder import FusedDecoder
 from graph_executor.kernels.gemv_batch import CUBLAS, BatchGemvPlan
@@ -22,24 +23,6 @@ from graph_executor.loading.loader import LoadConfig, load_model
 
 REPLAYS = 50
 POSITION = 300
-
-
-def _time(fn) -> float:
-    """ms per call of fn, replayed from a CUDA graph."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(REPLAYS):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / REPLAYS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     one = FusedDecoder(model)
     token, position = torch.zeros(1, dtype=torch.int64, device=dev), torch.full((1,), POSITION, device=dev)
     logits1 = torch.empty(vocab, device=dev)
-    ms = _time(lambda: one.step(token, position, logits1))
+    ms = graph_ms(lambda: one.step(token, position, logits1), REPLAYS)
     rows.append({"plan": "batch-1 step", "batch": 1, "ms": ms})
     print(f"| plan | batch | ms/step | ms per sequence-token | vs batch-1 |\n|---|---|---|---|---|\n"
           f"| batch-1 step | 1 | {ms:.3f} | {ms:.3f} | 1.000 |", flush=True)
@@ -72,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             positions = torch.full((b,), POSITION, device=dev)
             which = torch.arange(b, device=dev)
             logits = torch.empty(b, vocab, device=dev)
-            ms = _time(lambda: decoder.step(tokens, positions, which, logits))
+            ms = graph_ms(lambda: decoder.step(tokens, positions, which, logits), REPLAYS)
             rows.append({"plan": name, "batch": b, "ms": ms})
             print(f"| {name} | {b} | {ms:.3f} | {ms / b:.3f} | {ms / base:.3f} |", flush=True)
     if args.out:
