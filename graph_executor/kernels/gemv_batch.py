@@ -34,7 +34,6 @@ class BatchGemvConfig:
     num_warps: int = 4
     num_stages: int = 3
     pdl: bool = False
-    fma: bool = False  # CUDA-core multiply-adds over a [BLOCK_N, rows, BLOCK_K] tile instead of tl.dot (probe)
     cublas: bool = False  # cuBLAS for the product, the prologue (RMSNorm, SwiGLU) as a row kernel before it
 
 
@@ -89,35 +88,6 @@ def _rmsnorm_gemm_kernel(w_ptr, x_ptr, nw_ptr, b_ptr, out_ptr, M, N, K, stride_x
 
 
 @triton.jit
-def _rmsnorm_gemm_fma_kernel(w_ptr, x_ptr, nw_ptr, b_ptr, out_ptr, M, N, K, stride_x, stride_out, eps,
-                             HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             PDL: tl.constexpr):
-    """`_rmsnorm_gemm_kernel` without tensor cores: every row of a (padded) power-of-two batch of ROWS multiplies the
-    weight tile on the CUDA cores, a [BLOCK_N, ROWS, BLOCK_K] float32 accumulator reduced once at the end."""
-    wait_for_prior(PDL)
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    seqs = tl.arange(0, ROWS)
-    row_ok, seq_ok = rows < N, seqs < M
-    acc = tl.zeros([BLOCK_N, ROWS, BLOCK_K], dtype=tl.float32)
-    ss = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_ok = cols < K
-        x = tl.load(x_ptr + seqs[:, None] * stride_x + cols[None, :], mask=seq_ok[:, None] & col_ok[None, :],
-                    other=0.0).to(tl.float32)  # [R, BK]
-        nw = tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        ss += x * x
-        w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
-                    other=0.0).to(tl.float32)  # [BN, BK]
-        acc += w[:, None, :] * (x * nw[None, :])[None, :, :]
-    out = tl.sum(acc, axis=2) * (1.0 / tl.sqrt(tl.sum(ss, axis=1) / K + eps))[None, :]  # [BN, R]
-    if HAS_BIAS:
-        out += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-    tl.store(out_ptr + seqs[None, :] * stride_out + rows[:, None], out.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & seq_ok[None, :])
-
-
-@triton.jit
 def _gemm_residual_kernel(w_ptr, a_ptr, x_ptr, M, N, K, stride_a, stride_x, SWIGLU: tl.constexpr,
                           IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
                           PDL: tl.constexpr):
@@ -165,13 +135,6 @@ def rmsnorm_gemm(w: torch.Tensor, x: torch.Tensor, norm_w: torch.Tensor, eps: fl
         h = rmsnorm_rows(x, norm_w, eps, torch.empty_like(x))  # [M, K]
         product = torch.mm(h, w.t()) if bias is None else torch.addmm(bias, h, w.t())  # [M, N] in w's dtype
         return out.copy_(product)
-    if cfg.fma:
-        _rmsnorm_gemm_fma_kernel[(triton.cdiv(n, cfg.block_n),)](
-            w, x, norm_w, bias if bias is not None else w, out, x.shape[0], n, k, x.stride(0), out.stride(0), eps,
-            HAS_BIAS=bias is not None, ROWS=max(2, triton.next_power_of_2(x.shape[0])), BLOCK_N=cfg.block_n,
-            BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages, PDL=cfg.pdl,
-            **launch_options(cfg.pdl))
-        return out
     grid, kw = _launch(n, x.shape[0], cfg, w)
     _rmsnorm_gemm_kernel[grid](w, x, norm_w, bias if bias is not None else w, out, x.shape[0], n, k, x.stride(0),
                                out.stride(0), eps, HAS_BIAS=bias is not None, **kw)
