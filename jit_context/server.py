@@ -177,11 +177,12 @@ class JitServer:
         return secrets.compare_digest(given, self._api_key)
 
     def status(self) -> dict:
+        running = self._active_ids()
         return {"ready": True, "model": self.ready.model_name, "max_context": self.ready.max_context,
                 "device": self.ready.device, "dtype": self.ready.dtype, "queued": len(self.queue),
                 "tokenizer": self.tokenizer is not None,
                 "chat_template": bool(self.tokenizer and self.tokenizer.has_chat_template),
-                "active": self._active_ids()[0] if self._active_ids() else None, "running": self._active_ids(),
+                "active": running[0] if running else None, "running": running,
                 "max_num_seqs": self.ready.max_num_seqs, "executor": self._executor_facts(),
                 "jit_context_pid": os.getpid(),
                 "startup": self.startup.facts() if self.startup is not None else {},

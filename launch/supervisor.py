@@ -178,12 +178,10 @@ class Supervisor:
             print(f"hybridrt: running without MPS ({self.mps.reason})", file=sys.stderr)
         env = {**os.environ, **self.mps.env(), SUPERVISOR_PID_ENV: str(os.getpid())}
         control = self.runtime.ipc_address("control")
-        executor = executor_argv(self.config, control, self.error_file("graph_executor"))
+        tp_port = _free_port() if self.config.tensor_parallel > 1 else 0  # the ranks' rendezvous
+        executor = executor_argv(self.config, control, self.error_file("graph_executor"), 0, tp_port)
         # Own session: a terminal Ctrl-C reaches only this process, which stops the children in order (and
         # `hybridrt chat` can cancel a reply without its server dying of the same SIGINT).
-        tp_port = _free_port() if self.config.tensor_parallel > 1 else 0
-        if tp_port:
-            executor = executor_argv(self.config, control, self.error_file("graph_executor"), 0, tp_port)
         self.children["graph_executor"] = executor_proc = subprocess.Popen(executor, env=env, start_new_session=True)
         self._tell_reaper(f"child {executor_proc.pid}", f"segments {segment_dir()} hybridrt-{executor_proc.pid}-")
         for rank in range(1, self.config.tensor_parallel):  # the other ranks: rank 0 relays every step to them
