@@ -5,8 +5,9 @@
 #
 #   run: bash tools/device_session.sh [tests|bench|probe|profile|quant|gemv|gemm|fp8|batching ...]   (default: the
 #   first three, ~6-7 min)
-#   batching: the batched-decode cuda tests (the SmolLM2 one needs HYBRIDRT_TEST_GGUF), bench.probes.batch_step, and
-#   `bench --workloads decode,concurrency --max-num-seqs 4` then `--max-num-seqs 1` decode on dummy:llama-2-7b (~8 min)
+#   batching: the batched-decode cuda tests (the SmolLM2 one needs HYBRIDRT_TEST_GGUF, ~2.5 min); batchbench:
+#   bench.probes.batch_step, and `bench --workloads decode,concurrency --max-num-seqs 4` then `--max-num-seqs 1` decode
+#   on dummy:llama-2-7b (~6 min); startup: bench.probes.serve_ready on $HYBRIDRT_TEST_GGUF, 3 fresh starts (~1 min)
 #   quant: the packed-weight tests and `bench --quantize none,int8,int4,fp8` on dummy:llama-2-7b (executor, ~3 min);
 #   gemv: the low-bit GEMV block sweep per projection and format (~1 min); gemm: the low-bit prefill GEMM's default
 #   configs against torch.mm per projection, format and prompt length (~1 min); fp8: the FP8 split-K GEMV sweep
@@ -51,8 +52,8 @@ for step in "${steps[@]}"; do
          echo "fp8 tests: rc=$? $(tail -1 "$OUT/fp8_tests.log")" ;;
     batching) timeout 150 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_batch_kernels.py \
                 tests/test_runtime_batching.py > "$OUT/batching_tests.log" 2>&1
-              echo "batching tests: rc=$? $(tail -1 "$OUT/batching_tests.log")"
-              timeout 150 python3 -m bench.probes.batch_step --out "$OUT/batch_step" > "$OUT/batch_step.log" 2>&1
+              echo "batching tests: rc=$? $(tail -1 "$OUT/batching_tests.log")" ;;
+    batchbench) timeout 150 python3 -m bench.probes.batch_step --out "$OUT/batch_step" > "$OUT/batch_step.log" 2>&1
               echo "batch step probe: rc=$?"; cat "$OUT/batch_step.log"
               for n in 4 1; do w=decode; [ $n = 4 ] && w=decode,concurrency
                 timeout 200 python3 -m launch.cli bench --quiet --model dummy:llama-2-7b --engines hybridrt \
@@ -61,7 +62,11 @@ for step in "${steps[@]}"; do
                 echo "bench --max-num-seqs $n: rc=$?"; rm -rf "$OUT/slots-$n/logs"
                 sed -n '/^## Decode/,/^## Engines/p' "$OUT/slots-$n.log" | grep -v '^$' | grep -v '^|---'
               done ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching)"; exit 2 ;;
+    startup) timeout 240 python3 -m bench.probes.serve_ready --runs 3 --json "$OUT/serve_ready.json" -- \
+               --model "$HYBRIDRT_TEST_GGUF" --device cuda > "$OUT/serve_ready.log" 2>&1
+             echo "serve_ready: rc=$?"; tail -6 "$OUT/serve_ready.log" ;;
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, startup)"
+       exit 2 ;;
   esac
 done
 [ -f "$OUT/run/results.md" ] && sed -n '/^## TTFT/,/^## Two-process/p' "$OUT/run/results.md" | head -60
