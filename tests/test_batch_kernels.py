@@ -93,8 +93,8 @@ def test_the_fused_batched_step_equals_the_reference_step(name, plan):
     caches = model.kv_caches.clone()
     model.kv_caches.copy_(before)
     logits = torch.full((3, cfg.vocab_size), float("nan"), device=DEVICE)
-    cublas = gemv_batch.BatchGemvPlan(*[gemv_batch.CUBLAS] * 5)
-    decoder = FusedBatchDecoder(model, 4, plan=cublas if plan == "cublas" else gemv_batch.BatchGemvPlan())
+    plans = {"cublas": gemv_batch.BatchGemvPlan(), "triton": gemv_batch.TENSOR_CORE}
+    decoder = FusedBatchDecoder(model, 4, plan=plans[plan])
     decoder.step(tokens, positions, torch.tensor(order, device=DEVICE), logits)
     torch.testing.assert_close(logits, want, **TOL)
     torch.testing.assert_close(model.kv_caches, caches, **TOL)  # each row wrote its own slot, nothing else

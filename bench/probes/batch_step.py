@@ -1,7 +1,7 @@
 """The whole batched decode step (`FusedBatchDecoder`) on a LLaMA-2-7B-shaped model, per block plan and batch size,
 against the batch-1 step (`FusedDecoder`) in the same process: each captured as a CUDA graph at context ~300 and
-timed over replays. Plans: the tensor-core GEMVs (`BatchGemvPlan()`), cuBLAS for o_proj and down_proj, cuBLAS
-everywhere.
+timed over replays. Plans: the tensor-core GEMVs (`TENSOR_CORE`), cuBLAS for o_proj and down_proj, cuBLAS
+everywhere (the default).
 
     python -m bench.probes.batch_step [--model dummy:llama-2-7b] [--batches 1,2,4] [--out DIR]
 """
@@ -18,7 +18,7 @@ import torch
 from bench.probes.batch_gemv import graph_ms
 from graph_executor.fused_batch_decoder import FusedBatchDecoder
 from graph_executor.fused_decoder import FusedDecoder
-from graph_executor.kernels.gemv_batch import CUBLAS, BatchGemvPlan
+from graph_executor.kernels.gemv_batch import CUBLAS, TENSOR_CORE, BatchGemvPlan
 from graph_executor.loading.loader import LoadConfig, load_model
 
 REPLAYS = 50
@@ -36,9 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(LoadConfig(model=args.model, device="cuda", max_context=512, max_num_seqs=slots,
                                   progress=False)).model
     dev, vocab = model.embed_tokens.device, model.config.vocab_size
-    plans = {"tensor-core": BatchGemvPlan(),
-             "cublas o+down": dataclasses.replace(BatchGemvPlan(), o=CUBLAS, down=CUBLAS),
-             "cublas": BatchGemvPlan(*[CUBLAS] * 5)}
+    plans = {"tensor-core": TENSOR_CORE,
+             "cublas o+down": dataclasses.replace(TENSOR_CORE, o=CUBLAS, down=CUBLAS),
+             "cublas (default)": BatchGemvPlan()}
     rows = []
     one = FusedDecoder(model)
     token, position = torch.zeros(1, dtype=torch.int64, device=dev), torch.full((1,), POSITION, device=dev)

@@ -1,16 +1,17 @@
-"""Batch-M GEMV kernels (M = 1..16 sequences decoded together): each weight tile is read once and multiplied by every
-row on the tensor cores, with the same prologue and epilogue fusions as the batch-1 kernels (`gemv.py`):
+"""The products of the batched decode step (M = 1..16 sequences decoded together), each weight read once for all rows,
+with the batch-1 kernels' fusions (`gemv.py`) where the product is ours:
 
 - `rmsnorm_gemm`:  out[m] = W @ (rmsnorm(x[m]) * norm_w) [+ bias]
 - `gemm_residual`: x[m] += W @ a[m]
 - `silu_gemm_residual`: x[m] += W @ (silu(g[m]) * u[m]), [g, u] = gate_up[m]
 
-Why tensor cores: at M <= 16 the step is still bound by reading W once, but the batch-1 kernels' multiply-and-sum
-per weight would cost M times the arithmetic; `tl.dot` of a [BLOCK_N, BLOCK_K] weight tile by the [BLOCK_K, 16]
-activations (rows past M are zeros) does all rows in one instruction stream. RMSNorm's per-row scale is applied
-to the product at the end (it is one scalar per row), the sum of squares gathered in the K loop as in `gemv.py`.
-W is [N, K] row-major (dense: the activation dtype). Each program owns BLOCK_N output rows of one block of 16
-sequences.
+Two implementations per function, chosen by `BatchGemvConfig.cublas`. cuBLAS (the default plan): RMSNorm and SwiGLU
+as row kernels (`rows.py`) before the product, the residual through `addmm_`'s epilogue, the product written straight
+into the caller's buffer. Triton on the tensor cores: at M <= 16 the step is still bound by reading W once, but the
+batch-1 kernels' multiply-and-sum per weight would cost M times the arithmetic; `tl.dot` of a [BLOCK_N, BLOCK_K]
+weight tile by the [BLOCK_K, 16] activations (rows past M are masked zeros) does all rows in one instruction stream,
+RMSNorm's per-row scale applied to the product at the end. It lost to cuBLAS on the whole step (`BatchGemvPlan`).
+W is [N, K] row-major (dense: the activation dtype).
 """
 
 from __future__ import annotations
@@ -42,15 +43,23 @@ CUBLAS = BatchGemvConfig(cublas=True)
 
 @dataclass(frozen=True)
 class BatchGemvPlan:
-    """A config per projection: the best of `bench.probes.batch_gemv` on LLaMA-2-7B's shapes at M = 4 on an H200 (read
-    TB/s; cuBLAS on the same [4, K] @ W^T, and the batch-1 GEMV at M = 1, in brackets). 16 x 256 with 3 stages, the
-    first guess, read at ~1 TB/s: a 7B step of 4 sequences took 14 ms (bench/NOTES.md)."""
+    """A config per projection. The default runs every product on cuBLAS: the whole 7B step of 4 sequences took
+    4.55 ms that way against 6.21 ms with the best tensor-core configs of the per-projection sweep (`TENSOR_CORE`)
+    and 3.87 ms for the batch-1 step (H200, `bench.probes.batch_step`, bench/NOTES.md)."""
 
-    qkv: BatchGemvConfig = BatchGemvConfig(64, 256, 4, 2)  # 3.29 TB/s (cuBLAS 3.68, batch-1 3.94)
-    o: BatchGemvConfig = BatchGemvConfig(64, 256, 4, 4)  # 2.12 (2.61, 2.43)
-    gate_up: BatchGemvConfig = BatchGemvConfig(64, 256, 4, 2)  # as qkv (not swept)
-    down: BatchGemvConfig = BatchGemvConfig(64, 256, 4, 4)  # 2.48 (3.38, 3.56)
-    lm_head: BatchGemvConfig = BatchGemvConfig(64, 256, 4, 2)
+    qkv: BatchGemvConfig = CUBLAS
+    o: BatchGemvConfig = CUBLAS
+    gate_up: BatchGemvConfig = CUBLAS
+    down: BatchGemvConfig = CUBLAS
+    lm_head: BatchGemvConfig = CUBLAS
+
+
+# The Triton kernels' best configs per projection from `bench.probes.batch_gemv` at M = 4 on an H200 (read TB/s; cuBLAS
+# and the batch-1 GEMV in brackets): qkv 3.29 (3.68, 3.94), o 2.12 (2.61, 2.43), down 2.48 (3.38, 3.56); gate_up and
+# lm_head as qkv, not swept. Kept for the probes' comparison and for hosts where cuBLAS loses.
+TENSOR_CORE = BatchGemvPlan(BatchGemvConfig(64, 256, 4, 2), BatchGemvConfig(64, 256, 4, 4),
+                            BatchGemvConfig(64, 256, 4, 2), BatchGemvConfig(64, 256, 4, 4),
+                            BatchGemvConfig(64, 256, 4, 2))
 
 
 @triton.jit
@@ -131,10 +140,12 @@ def rmsnorm_gemm(w: torch.Tensor, x: torch.Tensor, norm_w: torch.Tensor, eps: fl
     """w [N, K], x [M, K], norm_w [K], bias [N] or None -> out [M, N] (any float dtype)."""
     _check(w, x, out)
     n, k = w.shape
-    if cfg.cublas:  # at 4 rows cuBLAS reads qkv 12% faster than the tensor-core kernel (bench.probes.batch_gemv)
-        h = rmsnorm_rows(x, norm_w, eps, torch.empty_like(x))  # [M, K]
+    if cfg.cublas:
+        h = rmsnorm_rows(x, norm_w, eps, torch.empty_like(x), pdl=cfg.pdl)  # [M, K]
+        if out.dtype == w.dtype and out.is_contiguous():  # straight into out: no copy kernel (qkv, gate_up)
+            return torch.mm(h, w.t(), out=out) if bias is None else torch.addmm(bias, h, w.t(), out=out)
         product = torch.mm(h, w.t()) if bias is None else torch.addmm(bias, h, w.t())  # [M, N] in w's dtype
-        return out.copy_(product)
+        return out.copy_(product)  # lm_head: float32 logits
     grid, kw = _launch(n, x.shape[0], cfg, w)
     _rmsnorm_gemm_kernel[grid](w, x, norm_w, bias if bias is not None else w, out, x.shape[0], n, k, x.stride(0),
                                out.stride(0), eps, HAS_BIAS=bias is not None, **kw)
@@ -145,7 +156,7 @@ def gemm_residual(w: torch.Tensor, a: torch.Tensor, x: torch.Tensor,
                   cfg: BatchGemvConfig = BatchGemvConfig()) -> torch.Tensor:
     """x [M, N] += a [M, K] @ w [N, K]^T, in place."""
     _check(w, a, x)
-    if cfg.cublas:  # o_proj at 4 rows: cuBLAS 2.61 TB/s against 2.12
+    if cfg.cublas:
         return x.addmm_(a, w.t())
     n, k = w.shape
     grid, kw = _launch(n, a.shape[0], cfg, w)
@@ -158,8 +169,9 @@ def silu_gemm_residual(w: torch.Tensor, gate_up: torch.Tensor, x: torch.Tensor,
     """x [M, N] += (silu(gate_up[:, :K]) * gate_up[:, K:]) @ w [N, K]^T, in place."""
     _check(w, gate_up, x)
     n, k = w.shape
-    if cfg.cublas:  # down_proj at 4 rows: cuBLAS 3.38 TB/s against 2.48, plus one SwiGLU row kernel
-        act = silu_mul_rows(gate_up, torch.empty(gate_up.shape[0], k, device=x.device, dtype=gate_up.dtype))
+    if cfg.cublas:
+        act = silu_mul_rows(gate_up, torch.empty(gate_up.shape[0], k, device=x.device, dtype=gate_up.dtype),
+                            pdl=cfg.pdl)
         return x.addmm_(act, w.t())
     grid, kw = _launch(n, gate_up.shape[0], cfg, w)
     _gemm_residual_kernel[grid](w, gate_up, x, gate_up.shape[0], n, k, gate_up.stride(0), x.stride(0), SWIGLU=True,
