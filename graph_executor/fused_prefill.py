@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from graph_executor.kernels.extend_attention import extend_attention
 from graph_executor.kernels.projections import embedding, matmul, prefill_scratch, rmsnorm_gemv
 from graph_executor.kernels.rope_append import rope_append
 from graph_executor.kernels.rows import rmsnorm_rows, silu_mul_rows
@@ -21,29 +22,24 @@ class FusedPrefill:
         self.model = model
         device = model.embed_tokens.device
         self.buffers = RowActivations.allocate(model, max_tokens)
-        self.key_pos = torch.arange(model.max_context, device=device)
         # split-K partials of the low-bit GEMM for short prompts (None when no projection is packed)
         self.scratch = prefill_scratch([w for layer in model.layers for w in (
             layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)], max_tokens, device)
 
     @torch.inference_mode()
     def run(self, ids: torch.Tensor, positions: torch.Tensor, logits_index: torch.Tensor, logits: torch.Tensor,
-            kv_len: int | None = None, slot: int = 0) -> torch.Tensor:
+            from_cache: bool = False, slot: int = 0) -> torch.Tensor:
         """ids, positions [T] int64; logits_index [1] int64; logits [vocab] float32, written in place.
-        kv_len None: a prompt from position 0 (positions = 0..T-1), causal attention over the T new tokens;
-        else attention over cache positions [0, kv_len) masked by position (a chunk of a longer prompt). `slot`: the
-        KV slot whose caches the prompt fills."""
+        from_cache False: a prompt from position 0 (positions = 0..T-1), causal attention over the T new tokens
+        (SDPA); True: any positions (read on the device), attention over the cache up to each token's position
+        (`extend_attention`: a prompt continuing a sequence in the cache, or a chunk of a longer one). `slot`:
+        the KV slot whose caches the prompt fills."""
         m, cfg = self.model, self.model.config
         t, eps = ids.shape[0], cfg.rms_norm_eps
         b = self.buffers.rows(t)
         x, h, qkv, q, gate_up, act = b.x, b.h, b.qkv, b.q, b.gate_up, b.act
-        if kv_len is None and cfg.sliding_window is not None and t > cfg.sliding_window:
-            kv_len = t  # causal attention alone would see past the window: take the masked path
-        mask = None
-        if kv_len is not None:
-            mask = self.key_pos[None, :kv_len] <= positions[:, None]  # [T, S]
-            if cfg.sliding_window is not None:
-                mask &= self.key_pos[None, :kv_len] > positions[:, None] - cfg.sliding_window
+        if cfg.sliding_window is not None and t > cfg.sliding_window:
+            from_cache = True  # causal attention alone would see past the window
         embedding(m.embed_tokens, ids, x)
         for index, layer in enumerate(m.layers):
             cache = m.kv_caches[slot, index]  # [2, nkv, C, hd]
@@ -51,11 +47,14 @@ class FusedPrefill:
             matmul(h, layer.qkv_proj, qkv, bias=layer.qkv_bias, scratch=self.scratch)
             rope_append(qkv, positions, m.rope, q, cache[0], cache[1], cfg.num_heads, cfg.num_kv_heads,
                         cfg.head_dim)
-            span = t if kv_len is None else kv_len
-            out = F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None], cache[0, :, :span][None], cache[1, :, :span][None], attn_mask=mask,
-                is_causal=mask is None, enable_gqa=True)  # [1, nh, T, hd]
-            attn = out[0].transpose(0, 1).reshape(t, cfg.q_size)  # [T, nh * hd]
+            if from_cache:
+                attn = extend_attention(q, cache[0], cache[1], positions, b.attn,
+                                        cfg.sliding_window).view(t, cfg.q_size)  # [T, nh * hd]
+            else:
+                out = F.scaled_dot_product_attention(
+                    q.transpose(0, 1)[None], cache[0, :, :t][None], cache[1, :, :t][None], is_causal=True,
+                    enable_gqa=True)  # [1, nh, T, hd]
+                attn = out[0].transpose(0, 1).reshape(t, cfg.q_size)  # [T, nh * hd]
             matmul(attn, layer.o_proj, x, accumulate=True, scratch=self.scratch)
             rmsnorm_rows(x, layer.mlp_norm, eps, h)
             matmul(h, layer.gate_up_proj, gate_up, scratch=self.scratch)

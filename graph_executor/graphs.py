@@ -1,7 +1,8 @@
 """The GPU path's step: fused Triton kernels (`FusedDecoder`, `FusedPrefill`) captured as CUDA graphs, the
-static part of each step: one decode graph, prefill graphs per length bucket, a chunk graph for prompts
-longer than the largest bucket, and speculative verify graphs per token count (`FusedVerify`). One class owns
-capture and replay.
+static part of each step: one decode graph, prefill graphs per length bucket for prompts from position 0, extend
+graphs per bucket for prompts that continue what the cache holds (prefix reuse, and the chunks of a prompt longer than
+the largest bucket), and speculative verify graphs per token count (`FusedVerify`). One class owns capture and
+replay.
 
 Graphs are captured one at a time when the executor is idle (`capture_next`), decode first, then the verify
 graphs once a request has asked for one, then prefill buckets by demand; a shape without its graph runs the
@@ -37,8 +38,9 @@ class GraphStatic:
 
     position: torch.Tensor  # [1] int64: the decode position
     arange: torch.Tensor  # [max bucket] int64: 0..B-1, the positions of a start-0 prefill
-    chunk_positions: torch.Tensor  # [max bucket] int64: positions of a chunk (clamped to the cache)
-    chunk_ids: torch.Tensor  # [max bucket] int64: token ids of a chunk
+    start: torch.Tensor  # [1] int64: an extend step's first position
+    extend_positions: torch.Tensor  # [max bucket] int64: its positions (computed inside the graph, clamped)
+    extend_ids: torch.Tensor  # [max bucket] int64: its token ids (gathered inside the graph)
     logits_index: torch.Tensor  # [1] int64: the row whose logits a prefill keeps
     verify_in: torch.Tensor  # [2 + MAX_VERIFY_TOKENS] int64: a verify step's first position, whether its ids
     # follow (1) or are in input_ids already (0), then the ids: copied from pinned memory inside the graph
@@ -50,9 +52,9 @@ class GraphStatic:
         def zeros(n: int) -> torch.Tensor:
             return torch.zeros(n, dtype=torch.int64, device=device)
 
-        return cls(zeros(1), torch.arange(max(max_bucket, MAX_VERIFY_TOKENS), device=device), zeros(max_bucket),
-                   zeros(max_bucket), zeros(1), zeros(2 + MAX_VERIFY_TOKENS), zeros(MAX_VERIFY_TOKENS),
-                   zeros(MAX_VERIFY_TOKENS))
+        return cls(zeros(1), torch.arange(max(max_bucket, MAX_VERIFY_TOKENS), device=device), zeros(1),
+                   zeros(max_bucket), zeros(max_bucket), zeros(1), zeros(2 + MAX_VERIFY_TOKENS),
+                   zeros(MAX_VERIFY_TOKENS), zeros(MAX_VERIFY_TOKENS))
 
 
 @dataclass
@@ -83,7 +85,7 @@ class GraphRunner:
         self.stream = torch.cuda.Stream(self.buffers.logits.device)
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
-        self.demand: Counter[int] = Counter()
+        self.demand: Counter[str] = Counter()  # "prefill_<bucket>" / "extend_<bucket>" -> prompts that took it
         # Fused kernels: 7 launches per decoder layer in decode, ~10 in prefill.
         self.decoder = decoder or FusedDecoder(model)
         self.prefiller = FusedPrefill(model, max(self.chunk, 1))
@@ -101,8 +103,8 @@ class GraphRunner:
         self.stats = CaptureStats()
         # KV slots (--max-num-seqs > 1): a batched decode graph per batch size; a batch is padded to the next size by
         # repeating its first row (same slot, position and token: the same values written twice). Each slot has its
-        # own prefill graphs ("prefill_<bucket>@<slot>", "chunk@<slot>"; slot 0's keep their names), captured while
-        # idle after slot 0's: until then a slot's prompt runs the same body eagerly.
+        # own prefill graphs ("prefill_<bucket>@<slot>", "extend_<bucket>@<slot>"; slot 0's keep their names),
+        # captured while idle after slot 0's: until then a slot's prompt runs the same body eagerly.
         self.batch_sizes: tuple[int, ...] = ()
         if model.slots > 1:
             self.batch_decoder = FusedBatchDecoder(model, model.slots)
@@ -172,30 +174,29 @@ class GraphRunner:
         self._launch(f"decode_batch_{size}", lambda: self._decode_batch_body(size))
 
     def prefill(self, num_tokens: int, start_pos: int = 0, slot: int = 0) -> None:
+        """A prompt from position 0 in one bucket: its prefill graph; otherwise (a prompt continuing the cache's
+        contents, or longer than the largest bucket) extend steps of at most the largest bucket each."""
         check_slot(self.model.slots, slot)
         check_span(self.max_context, start_pos, num_tokens)
-        bucket = next((b for b in self.buckets if b >= num_tokens), None)
-        if start_pos != 0 or bucket is None:
-            self._chunked_prefill(num_tokens, start_pos, slot)
-            return
-        self.demand[bucket] += 1
-        self.static.logits_index.fill_(num_tokens - 1)
-        self._launch(_slot_name(f"prefill_{bucket}", slot), lambda: self._prefill_body(bucket, slot))
-
-    def _chunked_prefill(self, num_tokens: int, start_pos: int, slot: int = 0) -> None:
         if not self.chunk:  # a context too short for any bucket: the reference step
             eager_prefill(self.model, self.buffers, num_tokens, start_pos, slot)
             return
-        ids = self.buffers.slot_ids(slot)
+        if start_pos == 0 and num_tokens <= self.chunk:
+            bucket = self._bucket("prefill", num_tokens)
+            self.static.logits_index.fill_(num_tokens - 1)
+            self._launch(_slot_name(f"prefill_{bucket}", slot), lambda: self._prefill_body(bucket, slot))
+            return
         for offset in range(0, num_tokens, self.chunk):
             n = min(self.chunk, num_tokens - offset)
-            first = start_pos + offset
-            self.static.chunk_ids[:n].copy_(ids[first:first + n])
-            # Padding rows write their K/V into the last cache slot, which no valid token of a prompt uses.
-            torch.add(self.static.arange, start_pos + offset, out=self.static.chunk_positions)
-            self.static.chunk_positions.clamp_(max=self.max_context - 1)
+            bucket = self._bucket("extend", n)
+            self.static.start.fill_(start_pos + offset)
             self.static.logits_index.fill_(n - 1)
-            self._launch(_slot_name("chunk", slot), lambda: self._chunk_body(slot))
+            self._launch(_slot_name(f"extend_{bucket}", slot), lambda: self._extend_body(bucket, slot))
+
+    def _bucket(self, kind: str, num_tokens: int) -> int:
+        bucket = next(b for b in self.buckets if b >= num_tokens)
+        self.demand[f"{kind}_{bucket}"] += 1
+        return bucket
 
     # -- the step bodies (captured as graphs, or run eagerly) ----------------------------------------------
 
@@ -226,23 +227,27 @@ class GraphRunner:
         if self.accepts:
             self.acceptance.run(ids)
 
-    def _chunk_body(self, slot: int = 0) -> None:
+    def _extend_body(self, bucket: int, slot: int = 0) -> None:
         s = self.static
-        self.prefiller.run(s.chunk_ids, s.chunk_positions, s.logits_index, self.buffers.logits,
-                           kv_len=self.max_context, slot=slot)
+        positions, ids = s.extend_positions[:bucket], s.extend_ids[:bucket]
+        torch.add(s.arange[:bucket], s.start, out=positions)
+        # Padding rows past the cache's end write their K/V into its last row (the scratch row, SCRATCH_ROWS),
+        # which no prompt token occupies; below it they write positions past the prompt, which no valid row sees.
+        positions.clamp_(max=self.max_context - 1)
+        torch.index_select(self.buffers.slot_ids(slot), 0, positions, out=ids)
+        self.prefiller.run(ids, positions, s.logits_index, self.buffers.logits, from_cache=True, slot=slot)
 
     # -- capture ------------------------------------------------------------------------------------------
 
     def pending(self) -> list[str]:
-        """Graphs not captured yet, in capture order: decode, verify (once used), then buckets by demand (larger
-        first on ties), the chunk graph, and verify graphs last when no request has used them yet."""
+        """Graphs not captured yet, in capture order: decode, verify (once used), then per slot the prefill and
+        extend buckets by demand (larger first on ties), and verify graphs last when no request has used them yet."""
         verify = [f"verify_{n}" for n in range(MAX_VERIFY_TOKENS, 1, -1)]
         order = ["decode", *(f"decode_batch_{b}" for b in self.batch_sizes)] + (verify if self.verify_used else [])
-        by_demand = sorted(self.buckets, key=lambda b: (-self.demand[b], -b))
         for slot in range(self.model.slots):  # KV slots past 0 (--max-num-seqs): their own prefill graphs
-            order += [_slot_name(f"prefill_{b}", slot) for b in by_demand]
-            if self.chunk:
-                order.append(_slot_name("chunk", slot))
+            for kind in ("prefill", "extend"):
+                by_demand = sorted(self.buckets, key=lambda b: (-self.demand[f"{kind}_{b}"], -b))
+                order += [_slot_name(f"{kind}_{b}", slot) for b in by_demand]
         order += [] if self.verify_used else verify
         return [name for name in order if name not in self.graphs]
 
@@ -255,11 +260,12 @@ class GraphRunner:
         return pending[0]
 
     def startup_graphs(self, max_tokens: int, verify: bool = False) -> list[str]:
-        """What a server captures before it is ready: decode, the prefill buckets up to max_tokens and, for a server
+        """What a server captures before it is ready: decode, the prefill and extend buckets up to max_tokens (a chat's
+        next turn after prefix reuse is an extend step) and, for a server
         that speculates, the verify graphs (the first requests then run at steady-state speed: a verify step run
         eagerly costs ~15-20 ms on the H200, against ~1 ms replayed; the rest are captured while idle)."""
         names = ["decode", *(f"decode_batch_{b}" for b in self.batch_sizes),
-                 *(f"prefill_{b}" for b in self.buckets if b <= max_tokens)]
+                 *(f"{kind}_{b}" for kind in ("prefill", "extend") for b in self.buckets if b <= max_tokens)]
         return names + ([f"verify_{n}" for n in range(MAX_VERIFY_TOKENS, 1, -1)] if verify else [])
 
     def capture(self, name: str) -> None:
@@ -269,15 +275,7 @@ class GraphRunner:
         body = self._body(name)
         start = time.perf_counter()
         reserved = torch.cuda.memory_reserved()
-        # The warm-up runs read the static inputs as the last request left them: a 200-token prompt leaves
-        # logits_index at 199, out of range for a 16-row bucket (a device-side assert that kills the context).
-        # Row 0 is valid for every shape; a replay always sets its own row first.
-        self.static.logits_index.zero_()
-        self._inputs_read.synchronize()
-        self._verify_inputs[:] = 0  # likewise: a late verify's start + 9 rows may pass the cache's end
-        if self.batch_sizes:
-            self._batch_read.synchronize()
-            self._batch_in.zero_()  # and a batch's rows: slot 0, position 0 is valid for every size
+        self._aim_at_scratch_row()
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):
             for _ in range(WARMUP_RUNS):
@@ -299,9 +297,28 @@ class GraphRunner:
                 gc.enable()
         graph.replay()  # the first launch uploads the graph (~ms for a large one): here, not in a request's step
         torch.cuda.synchronize()
+        torch.arange(self.static.arange.shape[0], out=self.static.arange)
         self.graphs[name] = graph
         self.stats.seconds[name] = round(time.perf_counter() - start, 4)
         self.stats.pool_bytes += max(0, torch.cuda.memory_reserved() - reserved)
+
+    def _aim_at_scratch_row(self) -> None:
+        """Point every static input at the KV cache's last row (SCRATCH_ROWS) before a graph's warm-up and upload
+        runs: they then write K/V there only, and the prompt a slot holds for prefix reuse stays valid (the executor
+        captures while idle, between a conversation's turns). `capture` restores `arange`; every other input is
+        set by the next step that reads it. Also keeps the warm-ups in range: a 200-token prompt leaves logits_index
+        at 199, past a 16-row bucket (a device-side assert that kills the context)."""
+        last = self.max_context - 1
+        self.static.arange.fill_(last)  # prefill, extend (start 0) and verify (start 0) positions
+        self.static.position.fill_(last)  # decode
+        self.static.start.zero_()
+        self.static.logits_index.zero_()  # row 0 is valid for every shape
+        self._inputs_read.synchronize()
+        self._verify_inputs[:] = 0
+        if self.batch_sizes:
+            self._batch_read.synchronize()
+            self._batch_in[0].zero_()  # slot 0 at its last row, for every batch size
+            self._batch_in[1].fill_(last)
 
     def capture_all(self) -> None:
         while self.capture_next() is not None:
@@ -312,14 +329,15 @@ class GraphRunner:
         slot = int(slot_text or 0)
         if name == "decode":
             return self._decode_body
-        if name == "chunk":
-            return lambda: self._chunk_body(slot)
         if name.startswith("decode_batch_"):
             size = int(name.removeprefix("decode_batch_"))
             return lambda: self._decode_batch_body(size)
         if name.startswith("verify_"):
             num_tokens = int(name.removeprefix("verify_"))
             return lambda: self._verify_body(num_tokens)
+        if name.startswith("extend_"):
+            bucket = int(name.removeprefix("extend_"))
+            return lambda: self._extend_body(bucket, slot)
         bucket = int(name.removeprefix("prefill_"))
         return lambda: self._prefill_body(bucket, slot)
 

@@ -16,6 +16,7 @@ class RowActivations:
     h: torch.Tensor  # normalised [T, H]
     qkv: torch.Tensor  # [T, q + 2 kv]
     q: torch.Tensor  # RoPE'd queries [T, heads, hd]
+    attn: torch.Tensor  # attention out [T, heads, hd] (written by the kernels that take an output buffer)
     gate_up: torch.Tensor  # [T, 2 I]
     act: torch.Tensor  # SwiGLU out [T, I]
 
@@ -28,7 +29,8 @@ class RowActivations:
 
         return cls(empty(max_tokens, cfg.hidden_size), empty(max_tokens, cfg.hidden_size),
                    empty(max_tokens, cfg.q_size + 2 * cfg.kv_size), empty(max_tokens, cfg.num_heads, cfg.head_dim),
-                   empty(max_tokens, 2 * cfg.intermediate_size), empty(max_tokens, cfg.intermediate_size))
+                   empty(max_tokens, cfg.num_heads, cfg.head_dim), empty(max_tokens, 2 * cfg.intermediate_size),
+                   empty(max_tokens, cfg.intermediate_size))
 
     def rows(self, t: int) -> RowActivations:
         """Views of the first t rows."""

@@ -20,6 +20,10 @@ from ipc.shared_tensor import CudaIpcTensor, SharedTensor, ShmTensor, dtype_name
 # Speculative decoding: a verify step runs the last accepted token plus up to MAX_SPECULATIVE_TOKENS proposals
 # (ipc/messages.py, the protocol's limit: the launcher checks flags against it without importing torch).
 MAX_VERIFY_TOKENS = MAX_SPECULATIVE_TOKENS + 1
+# The last position of every KV slot is the executor's scratch row: a graph's warm-up runs and its first (upload)
+# replay write their K/V there, as do the padding rows of a prompt bucket past the cache's end, whenever the executor
+# captures (it captures while idle). No request's tokens are known to stay there (`KvContents`).
+SCRATCH_ROWS = 1
 
 
 def buffer_layout(vocab_size: int, max_context: int,

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -86,7 +86,7 @@ class SlotState:
     """What a slot keeps between requests."""
 
     sampler: Sampler
-    contents: KvContents = field(default_factory=KvContents)  # K/V known valid (empty without prefix reuse)
+    contents: KvContents  # K/V known valid (empty without prefix reuse)
     last_used: float = 0.0  # when its last request ended (free slots are reused least recently used first)
 
 
@@ -107,7 +107,7 @@ class BatchEngine:
         self.prefix_reuse = prefix_reuse
         buffers = port.buffers
         vocab, device = buffers.logits.shape[0], buffers.logits.device
-        self.slots = [SlotState(Sampler(vocab, device)) for _ in range(buffers.slots)]
+        self.slots = [SlotState(Sampler(vocab, device), KvContents(port.max_context)) for _ in range(buffers.slots)]
         self.lanes: dict[int, Lane] = {}  # slot -> its running request
         self._admitted = 0
         self._inflight: list[Lane] | None = None  # the lanes of a decode sent ahead (row b: lane b), if any

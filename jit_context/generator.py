@@ -121,7 +121,7 @@ class Generator:
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1 or None, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
-        self.kv = KvContents() if prefix_reuse else None
+        self.kv = KvContents(port.max_context) if prefix_reuse else None
         self.speculation = (speculation or SpeculativeConfig()).for_device(port.buffers.logits.device.type)
         if self.speculation.enabled:
             warm_up(port.buffers.logits.shape[0], port.buffers.logits.device)

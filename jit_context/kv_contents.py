@@ -6,14 +6,20 @@ The cache holds one sequence (batch 1): the last finished request's prompt and e
 step consumed, at positions [0, len). A request's steps write K/V only at positions at or after its first
 prefilled position, so what lies before it stays valid for the next request. Anything that ends a request
 abnormally (an error, a cancel) forgets the contents: what its steps wrote is not tracked.
+
+The cache's last position is the executor's scratch row (`ipc.step_buffers.SCRATCH_ROWS`): graph warm-ups and
+padding rows write there at any time, so it never counts as held.
 """
 
 from __future__ import annotations
 
+from ipc.step_buffers import SCRATCH_ROWS
+
 
 class KvContents:
-    def __init__(self) -> None:
+    def __init__(self, max_context: int) -> None:
         self._ids: list[int] = []  # token ids whose K/V sit at positions [0, len(_ids))
+        self._rows = max_context - SCRATCH_ROWS  # positions that only a request writes
 
     def reusable(self, prompt_ids: list[int]) -> int:
         """Leading prompt tokens whose K/V the cache already holds; at most all but the last prompt token, whose
@@ -30,7 +36,7 @@ class KvContents:
 
     def hold(self, ids: list[int]) -> None:
         """A request ended normally with K/V for exactly these ids at positions [0, len(ids))."""
-        self._ids = list(ids)
+        self._ids = list(ids[:self._rows])
 
     def __len__(self) -> int:
         return len(self._ids)

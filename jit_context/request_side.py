@@ -73,8 +73,8 @@ def build_request_side(port: ExecutorPort, model_name: str, vocab_size: int, mod
                        preloaded: Tokenizer | None = None, prefix_reuse: bool = False) -> RequestSide:
     """HybridrtError (one line for the user) when a chat template is given without a tokenizer or is invalid.
     `preloaded`: the tokenizer of `tokenizer_path`, already loaded (the JIT context loads it early).
-    `prefix_reuse`: where the executor allows it (the CPU path, no draft model), a prompt that starts with what the
-    KV cache holds prefills only the rest (`Generator`)."""
+    `prefix_reuse`: unless a draft model speculates (its own KV cache is not tracked), a prompt that starts with what
+    the KV cache holds prefills only the rest (`Generator`; on a GPU an extend step, `GraphRunner.prefill`)."""
     if preloaded is not None:
         tokenizer = preloaded
     else:
@@ -92,5 +92,5 @@ def build_request_side(port: ExecutorPort, model_name: str, vocab_size: int, mod
     on_cpu = port.buffers.logits.device.type == "cpu"
     drafting = speculation is not None and speculation.method == "draft"
     generator = Generator(port, tokenizer, eos, prefill_chunk=CPU_PREFILL_CHUNK if on_cpu else None,
-                          speculation=speculation, prefix_reuse=prefix_reuse and on_cpu and not drafting)
+                          speculation=speculation, prefix_reuse=prefix_reuse and not drafting)
     return RequestSide(model_name, vocab_size, tokenizer, eos, generator)

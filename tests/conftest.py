@@ -157,3 +157,16 @@ def gguf_tokenizer(default_model_gguf):
     from jit_context.tokenizer import Tokenizer
 
     return Tokenizer.from_path(default_model_gguf)
+
+
+@pytest.fixture
+def smollm2_real(request):
+    """SmolLM2-135M-Instruct real weights: $HYBRIDRT_TEST_GGUF (GPU machines without the model package) or the
+    default model's GGUF, dequantized; tokenizer from $HYBRIDRT_TEST_TOKENIZER or the converted default model."""
+    import os
+
+    from graph_executor.loading.default_model import gguf_path
+
+    gguf = os.environ.get("HYBRIDRT_TEST_GGUF") or str(gguf_path())
+    tokenizer = os.environ.get("HYBRIDRT_TEST_TOKENIZER") or str(request.getfixturevalue("default_model_dir"))
+    return gguf, tokenizer

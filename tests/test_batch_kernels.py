@@ -121,7 +121,7 @@ def test_batched_decode_graphs_and_slot_prefills_equal_the_reference(name):
     graphs, eager = GraphRunner(model), ModelRunner(ref)
     assert graphs.batch_sizes == (1, 2, 4)
     graphs.capture_all()
-    assert {"decode_batch_1", "decode_batch_2", "decode_batch_4", "prefill_16@3", "chunk@2"} <= set(graphs.graphs)
+    assert {"decode_batch_1", "decode_batch_2", "decode_batch_4", "prefill_16@3", "extend_32@2"} <= set(graphs.graphs)
     prompts = {0: list(range(3, 20)), 1: [5, 6, 7], 2: list(range(40, 80)), 3: [9]}
     for runner in (graphs, eager):
         for slot, prompt in prompts.items():

@@ -44,7 +44,7 @@ def test_graph_replay_matches_eager() -> None:
     eager_logits, eager_tokens = run_steps(ModelRunner(model), prompt, 128)
     graphs = GraphRunner(model)
     graphs.capture_all()
-    assert {"decode", "prefill_64", "chunk"} <= set(graphs.graphs)
+    assert {"decode", "prefill_64", "extend_512"} <= set(graphs.graphs)
     graph_logits, graph_tokens = run_steps(graphs, prompt, 128)
     assert graph_tokens == eager_tokens
     worst = max(relative_error(g, e) for g, e in zip(graph_logits, eager_logits))
@@ -78,6 +78,38 @@ def test_chunked_prefill_through_graph_matches_eager() -> None:
     graphs.capture_all()
     graph_logits, _ = run_steps(graphs, prompt, 4)
     assert max(relative_error(g, e) for g, e in zip(graph_logits, eager_logits)) < 1e-3
+
+
+def test_a_prompt_continuing_the_cache_and_idle_captures_that_leave_it_alone() -> None:
+    """Prefix reuse on the GPU: a prompt whose start the cache holds prefills the rest from its start position
+    (an extend step, eager before its graph exists, replayed after), with the logits of a whole prefill; capturing
+    every graph while a slot holds a conversation (the executor captures while idle, between turns) writes no cache
+    row but the scratch row."""
+    cfg = LoadConfig(model="dummy:smollm2-135m", device="cuda", dtype="float32", max_context=256, progress=False)
+    model, ref = load_model(cfg).model, load_model(cfg).model  # the same seeded weights
+    ids = torch.randint(100, 40000, (110,), generator=torch.Generator().manual_seed(5))
+    graphs, eager = GraphRunner(model), ModelRunner(ref)
+    graphs.capture("decode")
+    graphs.capture("prefill_64")
+    for runner in (graphs, eager):
+        runner.buffers.input_ids[:110].copy_(ids)
+
+    def whole(n: int) -> torch.Tensor:
+        eager.prefill(n)
+        return eager.buffers.logits.clone()
+
+    graphs.prefill(50)  # prefill_64, replayed
+    assert relative_error(graphs.buffers.logits, whole(50)) < 1e-3
+    graphs.prefill(20, 50)  # extend_32, not captured yet: eager
+    assert relative_error(graphs.buffers.logits, whole(70)) < 1e-3
+    torch.cuda.synchronize()
+    held = model.kv_caches[..., :-1, :].clone()  # [slots, layers, 2, kv heads, all rows but the scratch row, hd]
+    graphs.capture_all()
+    assert {"extend_32", "extend_16", "extend_224", "verify_9"} <= set(graphs.graphs)
+    torch.cuda.synchronize()
+    assert torch.equal(model.kv_caches[..., :-1, :], held)
+    graphs.prefill(40, 70)  # extend_64, replayed
+    assert relative_error(graphs.buffers.logits, whole(110)) < 1e-3
 
 
 def test_llama_shaped_fp16_matches_transformers(tmp_path) -> None:

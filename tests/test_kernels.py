@@ -213,6 +213,6 @@ def test_fused_prefill_matches_model_forward(case, arch, tmp_path) -> None:
     else:  # the first 8 tokens through the model, then 12 more as a chunk attending to the cache
         model(ids[:8], torch.arange(8, device=DEVICE), torch.tensor([7], device=DEVICE), 8)
         positions = torch.arange(8, 20, device=DEVICE)
-        prefill.run(ids[8:], positions, torch.tensor([11], device=DEVICE), logits, kv_len=64)
+        prefill.run(ids[8:], positions, torch.tensor([11], device=DEVICE), logits, from_cache=True)
         ref = model(ids[8:], positions, torch.tensor([11], device=DEVICE), 20)[0]
     assert rel(logits, ref.double().cpu()) < 1e-4

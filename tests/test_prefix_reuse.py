@@ -21,7 +21,7 @@ TOKENS = 6
 
 
 def test_kv_contents_reuse_the_common_prefix_and_never_the_last_prompt_token():
-    kv = KvContents()
+    kv = KvContents(max_context=64)
     assert kv.reusable([1, 2, 3]) == 0
     kv.hold([1, 2, 3, 4, 5])
     assert kv.reusable([1, 2, 3, 9, 9]) == 3
@@ -31,6 +31,8 @@ def test_kv_contents_reuse_the_common_prefix_and_never_the_last_prompt_token():
     assert kv.reusable([7, 1, 2]) == 0
     kv.forget()
     assert len(kv) == 0 and kv.reusable([1, 2, 3]) == 0
+    kv.hold(list(range(64)))  # a request that filled the context: the last row is the executor's scratch row
+    assert len(kv) == 63 and kv.reusable(list(range(70))) == 63
 
 
 def _run(gen: Generator, prompt_ids: list[int]) -> GenerationResult:
@@ -92,3 +94,29 @@ def test_the_server_reports_the_reused_prompt_tokens(shared_server):
         text = r.read().decode()
     hits = int(re.search(r"^hybridrt:prefix_cache_hits_total\{[^}]*\} (\d+)$", text, re.MULTILINE).group(1))
     assert hits >= second.timings["cached_prompt_tokens"] + again.timings["cached_prompt_tokens"]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("speculation", [None, SpeculativeConfig("ngram")], ids=["plain", "ngram"])
+def test_gpu_follow_up_turn_extends_the_cache_with_the_tokens_of_a_whole_prefill(smollm2_real, speculation):
+    """The same on the GPU path (SmolLM2 real weights, float32 so that no argmax is a rounding tie between the
+    extend and whole-prompt step shapes): the follow-up turn is an extend step from the cached prefix, and every
+    graph captured between the turns (as an idle server does) leaves the cached prefix valid."""
+    from graph_executor.loading.loader import LoadConfig
+    from launch.local import LocalEngine
+
+    gguf, tokenizer = smollm2_real
+    engine = LocalEngine(LoadConfig(model=gguf, device="cuda", dtype="float32", max_context=1024, dequantize=True,
+                                    progress=False), tokenizer)
+    tok, side = engine.tokenizer, engine.side
+    reuse = Generator(engine.port, tok, side.eos_token_ids, speculation=speculation, prefix_reuse=True)
+    first_prompt = tok.apply_chat_template(TURN_1)
+    engine.runner.graphs.clear()  # the first turn runs eagerly; its graphs are captured between the turns,
+    first = _run(reuse, first_prompt)
+    engine.runner.capture_all()  # as an idle server does: warm-up runs and upload replays over the cache
+    turn_2 = [*TURN_1, {"role": "assistant", "content": tok.decode(first.token_ids)}, FOLLOW_UP]
+    prompt = tok.apply_chat_template(turn_2)
+    second = _run(reuse, prompt)
+    assert len(first_prompt) <= second.cached_tokens <= len(first_prompt) + TOKENS - 1
+    whole = _run(Generator(engine.port, tok, side.eos_token_ids), prompt)
+    assert whole.cached_tokens == 0 and whole.token_ids == second.token_ids

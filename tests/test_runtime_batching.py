@@ -111,13 +111,21 @@ def test_gpu_concurrent_requests_get_their_tokens_alone():
         return SamplingParams(max_tokens=24 + 4 * i, temperature=0.0, ignore_eos=True)
 
     flags = ("--model", gguf, "--dequantize", "--device", "cuda", "--max-context", "512")
+    turn = [{"role": "user", "content": "Name two planets."}]
     with ServeProcess("--max-num-seqs", str(SLOTS), "--mps", "off", model_flags=flags) as server:
         results, seen = _concurrently(server.address, PROMPTS, params)
+        with Client(server.address) as client:  # a follow-up turn: an extend step from its slot's cache
+            first = list(client.generate(messages=turn, params=params(0)))[-1]
+            follow = [*turn, {"role": "assistant", "content": first.text}, {"role": "user", "content": "And a moon?"}]
+            second = list(client.generate(messages=follow, params=params(0)))[-1]
     assert seen["running"] == SLOTS, seen
+    assert second.timings.get("cached_prompt_tokens", 0) >= first.usage["prompt_tokens"]
     alone = LocalEngine(LoadConfig(model=gguf, device="cuda", dequantize=True, max_context=512, progress=False))
     for i, prompt in enumerate(PROMPTS):
         *_, want = alone.generator.generate(alone.tokenizer.encode(prompt), params(i))
         assert results[i].token_ids == want.token_ids, (i, results[i].text, want.text)
+    *_, want = alone.generator.generate(alone.tokenizer.apply_chat_template(follow), params(0))
+    assert second.token_ids == want.token_ids, (second.text, want.text)
 
 
 def test_concurrent_http_streams_are_batched_and_each_as_alone(batch_server):

@@ -454,19 +454,6 @@ def test_verify_graphs_give_the_decode_steps_logits(dtype: str, quantize: str | 
         graphs.graphs.update(verify_graphs)
 
 
-@pytest.fixture
-def smollm2_real(request):
-    """SmolLM2-135M-Instruct real weights: $HYBRIDRT_TEST_GGUF (GPU machines without the model package) or the
-    default model's GGUF, dequantized; tokenizer from $HYBRIDRT_TEST_TOKENIZER or the converted default model."""
-    import os
-
-    from graph_executor.loading.default_model import gguf_path
-
-    gguf = os.environ.get("HYBRIDRT_TEST_GGUF") or str(gguf_path())
-    tokenizer = os.environ.get("HYBRIDRT_TEST_TOKENIZER") or str(request.getfixturevalue("default_model_dir"))
-    return gguf, tokenizer
-
-
 @pytest.mark.cuda
 def test_smollm2_on_gpu_greedy_8_prompts_x_128_tokens_identical_with_speculation(smollm2_real) -> None:
     """The issue's check on the GPU path (graphs for decode and verify), float32 so that no argmax is a rounding

@@ -1,0 +1,61 @@
+"""Prefill attention over the cache at device positions (`kernels/extend_attention.py`) against a float64 reference:
+fresh random inputs, grouped-query heads, sliding windows, starts past 0, padding rows clamped to the last cache
+position, and row counts across the tile boundary. Under the Triton interpreter in float32 without a GPU, float16 on
+one."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from graph_executor.kernels.extend_attention import extend_attention  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DTYPE = torch.float16 if DEVICE.type == "cuda" else torch.float32
+TOL = dict(rtol=1e-2, atol=1e-2) if DTYPE == torch.float16 else dict(rtol=1e-5, atol=1e-5)
+
+
+def reference(q, k, v, positions, window):
+    """q [T, H, hd], k/v [KVH, C, hd] -> [T, H, hd] float64, one query at a time."""
+    t, heads, hd = q.shape
+    group = heads // k.shape[0]
+    out = torch.zeros(t, heads, hd, dtype=torch.float64)
+    keys = torch.arange(k.shape[1])
+    for i, p in enumerate(positions.tolist()):
+        visible = (keys <= p) & (keys > p - (window or 1 << 30))
+        for h in range(heads):
+            kk, vv = k[h // group, visible].double(), v[h // group, visible].double()
+            w = torch.softmax(kk @ q[i, h].double() * hd ** -0.5, dim=0)
+            out[i, h] = w @ vv
+    return out
+
+
+@pytest.mark.parametrize("t,start,heads,kv_heads,window,context", [
+    (1, 0, 4, 4, None, 32), (12, 0, 4, 2, None, 32), (20, 37, 4, 4, None, 96), (70, 5, 4, 1, None, 128),
+    (9, 50, 6, 2, 8, 64), (33, 100, 2, 2, 40, 160), (16, 90, 4, 2, None, 100)])
+def test_extend_attention_matches_float64(t, start, heads, kv_heads, window, context):
+    gen = torch.Generator().manual_seed(t * 131 + start)
+    hd = 16
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to(DTYPE)
+
+    qkv = rnd(t, (heads + 2) * hd)  # q as a strided view of a wider row, as the prefill step holds it
+    q = qkv[:, :heads * hd].view(t, heads, hd)
+    k, v = rnd(kv_heads, context, hd), rnd(kv_heads, context, hd)
+    positions = (torch.arange(t) + start).clamp(max=context - 1)  # padding rows past the cache end: its last row
+    out = torch.full((t, heads, hd), float("nan"), dtype=DTYPE)
+    got = extend_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), positions.to(DEVICE), out.to(DEVICE), window)
+    torch.testing.assert_close(got.double().cpu(), reference(q, k, v, positions, window), **TOL)
+
+
+def test_bad_shapes_are_one_line_errors():
+    q = torch.zeros(3, 4, 16, device=DEVICE, dtype=DTYPE)
+    cache = torch.zeros(3, 8, 16, device=DEVICE, dtype=DTYPE)  # 4 heads over 3 KV heads
+    with pytest.raises(ValueError, match="extend attention"):
+        extend_attention(q, cache, cache, torch.zeros(3, dtype=torch.int64, device=DEVICE), torch.empty_like(q))
