@@ -7,7 +7,7 @@
 #   first three, ~6-7 min)
 #   batching: the batched-decode cuda tests (the SmolLM2 one needs HYBRIDRT_TEST_GGUF, ~2.5 min); batchbench:
 #   bench.probes.batch_step, and `bench --workloads decode,concurrency --max-num-seqs 4` then `--max-num-seqs 1` decode
-#   on dummy:llama-2-7b (~6 min); startup: bench.probes.serve_ready on $HYBRIDRT_TEST_GGUF, 3 fresh starts (~1 min)
+#   on dummy:llama-2-7b, each followed by `--workloads turns --prefix-reuse` (~7 min); startup: bench.probes.serve_ready on $HYBRIDRT_TEST_GGUF, 3 fresh starts (~1 min)
 #   quant: the packed-weight tests and `bench --quantize none,int8,int4,fp8` on dummy:llama-2-7b (executor, ~3 min);
 #   gemv: the low-bit GEMV block sweep per projection and format (~1 min); gemm: the low-bit prefill GEMM's default
 #   configs against torch.mm per projection, format and prompt length (~1 min); fp8: the FP8 split-K GEMV sweep
@@ -61,6 +61,10 @@ for step in "${steps[@]}"; do
                   > "$OUT/slots-$n.log" 2>&1
                 echo "bench --max-num-seqs $n: rc=$?"; rm -rf "$OUT/slots-$n/logs"
                 sed -n '/^## Decode/,/^## Engines/p' "$OUT/slots-$n.log" | grep -v '^$' | grep -v '^|---'
+                timeout 150 python3 -m launch.cli bench --quiet --model dummy:llama-2-7b --engines hybridrt \
+                  --workloads turns --prefix-reuse --max-num-seqs $n --out "$OUT/turns-$n" > "$OUT/turns-$n.log" 2>&1
+                echo "bench turns --prefix-reuse --max-num-seqs $n: rc=$?"; rm -rf "$OUT/turns-$n/logs"
+                grep -i -A4 '^## .*turn' "$OUT/turns-$n.log" | grep -v '^$' | grep -v '^|---'
               done ;;
     startup) timeout 240 python3 -m bench.probes.serve_ready --runs 3 --json "$OUT/serve_ready.json" -- \
                --model "$HYBRIDRT_TEST_GGUF" --device cuda > "$OUT/serve_ready.log" 2>&1
