@@ -39,7 +39,7 @@ def _extend_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, T,
     q = tl.load(q_ptr + rows[:, None] * stride_qt + head * stride_qh + d[None, :], mask=row_ok[:, None],
                 other=0.0)  # [BM, hd]
     hi = tl.max(pos, axis=0) + 1
-    lo = tl.maximum(tl.min(tl.where(row_ok, pos, NO_WINDOW), axis=0) + 1 - window, 0)
+    lo = tl.maximum(tl.min(tl.where(row_ok, pos, 1 << 30), axis=0) + 1 - window, 0)
     lo = (lo // BLOCK_N) * BLOCK_N
     m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
