@@ -256,7 +256,7 @@ class ExecutorServer:
             stats = self.graphs.stats
             warmup = sum(stats.warmup_seconds.get(n, 0.0) for n in names)
             self.startup.add("kernel compile and warm-up", warmup)
-            self.startup.add(f"graph capture ({len(names)} graphs: decode, prefill up to {max_tokens} tokens"
+            self.startup.add(f"graph capture ({len(names)} graphs: decode, prefill and extend up to {max_tokens} tokens"
                              + (", verify" if verify else "") + ")",
                              sum(stats.seconds.get(n, 0.0) for n in names) - warmup)
 

@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "while the executor loads, instead of after the handshake")
     p.add_argument("--prefix-reuse", action="store_true",
                    help="a prompt that starts with what the KV cache holds from the last request prefills only the "
-                        "rest (CPU executors only)")
+                        "rest (not with a draft model)")
     p.add_argument("--log-requests", action="store_true",
                    help="a line per finished request and the throughput every few seconds on stderr (serve)")
     p.add_argument("--error-file", default=None,

@@ -134,8 +134,8 @@ def tensor_parallel(args: argparse.Namespace) -> int:
 def add_prefix_reuse_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-reuse", action="store_true",
                    help="prefill every prompt whole. By default a prompt that starts with what the KV cache holds from "
-                        "the last request (a chat's earlier turns and reply) prefills only the rest (CPU for now: on "
-                        "a GPU every prompt is prefilled whole)")
+                        "the last request (a chat's earlier turns and reply) prefills only the rest (not with a "
+                        "draft model)")
 
 
 def add_step_timeout_flag(p: argparse.ArgumentParser, note: str = "") -> None:

@@ -61,7 +61,7 @@ class ServerConfig:
     step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S  # a step the executor has not answered by then fails its request
     api_key: str | None = field(default=None, repr=False)  # required of every native (and HTTP) client if set
     speculation: SpeculativeConfig = field(default_factory=SpeculativeConfig)  # the JIT context's decode loop
-    prefix_reuse: bool = False  # the JIT context skips the prefill of a prompt's start the KV cache holds (CPU)
+    prefix_reuse: bool = False  # the JIT context skips the prefill of a prompt's start the KV cache holds
     draft_model: str | None = None  # the executor's draft model (--speculative draft)
     doorbell: str = "auto"  # auto | on | off: step commands over shared memory (auto: GPU only; on: tests on CPU)
     log_requests: bool = False  # the JIT context logs each finished request and the throughput (serve)

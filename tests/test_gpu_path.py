@@ -181,13 +181,13 @@ def test_serve_on_gpu_streams_native_and_http(smollm2_tokenizer) -> None:
              "--max-context", "1024")
     with ServeProcess("--speculative", "ngram", model_flags=flags) as server:  # verify logits over CUDA IPC too
         with Client(server.address) as client:
-            # Captured before ready (issue 13): decode, the prefill buckets up to 128 tokens and, since this server
-            # speculates, the 8 verify graphs, with their phases.
+            # Captured before ready (issue 13): decode, the prefill and extend buckets up to 128 tokens and, since
+            # this server speculates, the 8 verify graphs, with their phases.
             executor = client.status()["executor"]
             startup = executor["startup"]["phases_s"]
-            assert {"decode", "prefill_16", "prefill_32", "prefill_64", "prefill_96", "prefill_128",
+            assert {"decode", *(f"{kind}_{b}" for kind in ("prefill", "extend") for b in (16, 32, 64, 96, 128)),
                     *(f"verify_{n}" for n in range(2, 10))} <= set(executor["graphs"]["captured"]), executor["graphs"]
-            assert "kernel compile and warm-up" in startup and any(p.startswith("graph capture (14 graphs")
+            assert "kernel compile and warm-up" in startup and any(p.startswith("graph capture (19 graphs")
                                                                    and p.endswith("verify)") for p in startup), startup
             assert "warm-up request" in client.status()["startup"]["phases_s"]  # the JIT context's, before ready
             chunks = list(client.generate(messages=[{"role": "user", "content": "Hello there"}],
