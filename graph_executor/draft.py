@@ -19,6 +19,7 @@ from graph_executor.loading.loader import LoadedModel
 from graph_executor.model import LlamaModel
 from graph_executor.runner import ModelRunner, check_verify
 from ipc.errors import HybridrtError
+from ipc.messages import PromptChunk
 from ipc.step_buffers import MAX_VERIFY_TOKENS, StepBuffers
 
 
@@ -94,8 +95,8 @@ class DraftingRunner:
     def decode(self, position: int) -> None:
         self.runner.decode(position)
 
-    def decode_batch(self, slots: list[int], positions: list[int]) -> None:
-        self.runner.decode_batch(slots, positions)
+    def decode_batch(self, slots: list[int], positions: list[int], chunk: PromptChunk | None = None) -> None:
+        self.runner.decode_batch(slots, positions, chunk)
 
     def wait_enqueued(self) -> None:
         """In-process steps are enqueued when they return: nothing to wait for."""

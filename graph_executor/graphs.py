@@ -20,11 +20,13 @@ import torch
 
 from graph_executor.fused_batch_decoder import FusedBatchDecoder
 from graph_executor.fused_decoder import FusedDecoder
+from graph_executor.fused_mixed import FusedMixedStep
 from graph_executor.fused_prefill import FusedPrefill
 from graph_executor.fused_verify import FusedVerify
 from graph_executor.greedy_accept import GreedyAcceptance
 from graph_executor.model import LlamaModel
 from graph_executor.runner import check_batch, check_slot, check_span, check_tokens, check_verify, eager_prefill
+from ipc.messages import MAX_CHUNK_TOKENS, PromptChunk
 from ipc.step_buffers import MAX_VERIFY_TOKENS, StepBuffers
 
 # Every 32 tokens: a 200-token prompt pays for 224, not 256 (prefill is compute-bound past ~100 tokens).
@@ -106,11 +108,26 @@ class GraphRunner:
         # own prefill graphs ("prefill_<bucket>@<slot>", "extend_<bucket>@<slot>"; slot 0's keep their names),
         # captured while idle after slot 0's: until then a slot's prompt runs the same body eagerly.
         self.batch_sizes: tuple[int, ...] = ()
+        # A DecodeBatch with a prompt chunk (continuous batching's mixed step) replays "mixed_<bucket>_<size>": the
+        # chunk padded to a bucket of at most MAX_CHUNK_TOKENS, its slot and start read from the device like the
+        # decode rows', so no graph is per slot. Decode rows number at most slots - 1 there (one slot prefills).
+        self.mixed_buckets: tuple[int, ...] = ()
+        self.mixed_sizes: tuple[int, ...] = ()
         if model.slots > 1:
             self.batch_decoder = FusedBatchDecoder(model, model.slots)
             self.batch_sizes = tuple(sorted({min(1 << i, model.slots) for i in range(model.slots.bit_length() + 1)}))
             device = self.buffers.logits.device
             self._batch_in = torch.zeros(2, model.slots, dtype=torch.int64, device=device)  # [slots, positions]
+            if self.chunk:
+                self.mixed = FusedMixedStep(self.prefiller, model.slots)
+                self.mixed_buckets = tuple(b for b in self.buckets if b <= MAX_CHUNK_TOKENS)
+                self.mixed_sizes = tuple(sorted({next(b for b in self.batch_sizes if b >= rows)
+                                                 for rows in range(1, model.slots)}))
+                rows = self.mixed_buckets[-1] + model.slots
+                self._mixed_ids, self._mixed_positions, self._mixed_slots = (
+                    torch.zeros(rows, dtype=torch.int64, device=device) for _ in range(3))  # [T + B] each
+                self._mixed_flat = torch.zeros(rows, dtype=torch.int64, device=device)  # chunk rows' input_ids index
+                self._mixed_slot = torch.zeros(1, dtype=torch.int64, device=device)  # the chunk's slot
             self._batch_tokens = torch.zeros(model.slots, dtype=torch.int64, device=device)
             self._batch_host = torch.zeros(2, model.slots, dtype=torch.int64, pin_memory=True)
             self._batch_host_np = self._batch_host.numpy()
@@ -155,9 +172,13 @@ class GraphRunner:
         """The last verify step's acceptance result, once it has run ([T] argmax tokens, then the count kept)."""
         return self.acceptance.read(self._verified)
 
-    def decode_batch(self, slots: list[int], positions: list[int]) -> None:
-        """As ModelRunner.decode_batch: one graph replay for the batch, padded to the next captured size."""
-        check_batch(self.model.slots, self.max_context, slots, positions)
+    def decode_batch(self, slots: list[int], positions: list[int], chunk: PromptChunk | None = None) -> None:
+        """As ModelRunner.decode_batch: one graph replay for the batch, padded to the next captured size; with a
+        prompt chunk, one mixed step for both (a chunk longer than the mixed buckets: its prefill, then the decode)."""
+        check_batch(self.model.slots, self.max_context, slots, positions, chunk)
+        if chunk is not None and (not self.mixed_buckets or chunk.num_tokens > self.mixed_buckets[-1]):
+            self.prefill(chunk.num_tokens, chunk.start_pos, chunk.slot)
+            chunk = None
         if self.model.slots == 1:  # the batch-1 decode graph, on slot 0
             self.decode(positions[0])
             self.buffers.batch_logits[0].copy_(self.buffers.logits)
@@ -171,7 +192,14 @@ class GraphRunner:
         host[0, :len(slots)], host[1, :len(slots)] = slots, positions
         self._batch_in[:, :size].copy_(self._batch_host[:, :size], non_blocking=True)
         self._batch_read.record()
-        self._launch(f"decode_batch_{size}", lambda: self._decode_batch_body(size))
+        if chunk is None:
+            self._launch(f"decode_batch_{size}", lambda: self._decode_batch_body(size))
+            return
+        bucket = self._bucket("mixed", chunk.num_tokens, self.mixed_buckets)
+        self.static.start.fill_(chunk.start_pos)
+        self._mixed_slot.fill_(chunk.slot)
+        self.static.logits_index.fill_(chunk.num_tokens - 1)
+        self._launch(f"mixed_{bucket}_{size}", lambda: self._mixed_body(bucket, size))
 
     def prefill(self, num_tokens: int, start_pos: int = 0, slot: int = 0) -> None:
         """A prompt from position 0 in one bucket: its prefill graph; otherwise (a prompt continuing the cache's
@@ -193,8 +221,8 @@ class GraphRunner:
             self.static.logits_index.fill_(n - 1)
             self._launch(_slot_name(f"extend_{bucket}", slot), lambda: self._extend_body(bucket, slot))
 
-    def _bucket(self, kind: str, num_tokens: int) -> int:
-        bucket = next(b for b in self.buckets if b >= num_tokens)
+    def _bucket(self, kind: str, num_tokens: int, buckets: tuple[int, ...] | None = None) -> int:
+        bucket = next(b for b in buckets or self.buckets if b >= num_tokens)
         self.demand[f"{kind}_{bucket}"] += 1
         return bucket
 
@@ -207,6 +235,20 @@ class GraphRunner:
             self.decoder.step(tokens, positions, self.buffers.batch_logits[0], slot=slots)
         else:
             self.batch_decoder.step(tokens, positions, slots, self.buffers.batch_logits[:size])
+
+    def _mixed_body(self, bucket: int, size: int) -> None:
+        s, c, t, last = self.static, bucket, bucket + size, self.max_context - 1
+        ids, positions, slots = self._mixed_ids[:t], self._mixed_positions[:t], self._mixed_slots[:t]  # [T + B]
+        torch.add(s.arange[:c], s.start, out=positions[:c])
+        positions[:c].clamp_(max=last)  # padding rows past the cache's end: its scratch row, as in an extend step
+        positions[c:].copy_(self._batch_in[1, :size])
+        slots[:c].copy_(self._mixed_slot.expand(c))
+        slots[c:].copy_(self._batch_in[0, :size])
+        flat = self._mixed_flat[:c]
+        torch.add(positions[:c], slots[:c], alpha=self.max_context, out=flat)  # slot * C + position
+        torch.index_select(self.buffers.input_ids, 0, flat, out=ids[:c])
+        torch.index_select(self.buffers.next_token, 0, self._batch_in[0, :size], out=ids[c:])
+        self.mixed.run(ids, positions, slots, c, s.logits_index, self.buffers.logits, self.buffers.batch_logits[:size])
 
     def _decode_body(self) -> None:
         self.decoder.step(self.buffers.token, self.static.position, self.buffers.logits)
@@ -248,6 +290,9 @@ class GraphRunner:
             for kind in ("prefill", "extend"):
                 by_demand = sorted(self.buckets, key=lambda b: (-self.demand[f"{kind}_{b}"], -b))
                 order += [_slot_name(f"{kind}_{b}", slot) for b in by_demand]
+            if slot == 0:  # the mixed steps, after slot 0's prompts
+                by_demand = sorted(self.mixed_buckets, key=lambda b: (-self.demand[f"mixed_{b}"], -b))
+                order += [f"mixed_{b}_{size}" for b in by_demand for size in self.mixed_sizes]
         order += [] if self.verify_used else verify
         return [name for name in order if name not in self.graphs]
 
@@ -265,7 +310,8 @@ class GraphRunner:
         that speculates, the verify graphs (the first requests then run at steady-state speed: a verify step run
         eagerly costs ~15-20 ms on the H200, against ~1 ms replayed; the rest are captured while idle)."""
         names = ["decode", *(f"decode_batch_{b}" for b in self.batch_sizes),
-                 *(f"{kind}_{b}" for kind in ("prefill", "extend") for b in self.buckets if b <= max_tokens)]
+                 *(f"{kind}_{b}" for kind in ("prefill", "extend") for b in self.buckets if b <= max_tokens),
+                 *(f"mixed_{b}_{size}" for b in self.mixed_buckets if b <= max_tokens for size in self.mixed_sizes)]
         return names + ([f"verify_{n}" for n in range(MAX_VERIFY_TOKENS, 1, -1)] if verify else [])
 
     def capture(self, name: str) -> None:
@@ -319,6 +365,8 @@ class GraphRunner:
             self._batch_read.synchronize()
             self._batch_in[0].zero_()  # slot 0 at its last row, for every batch size
             self._batch_in[1].fill_(last)
+        if self.mixed_buckets:
+            self._mixed_slot.zero_()  # a mixed step's chunk: slot 0 from `start` 0, i.e. its last row (arange)
 
     def capture_all(self) -> None:
         while self.capture_next() is not None:
@@ -335,6 +383,9 @@ class GraphRunner:
         if name.startswith("verify_"):
             num_tokens = int(name.removeprefix("verify_"))
             return lambda: self._verify_body(num_tokens)
+        if name.startswith("mixed_"):
+            bucket, size = map(int, name.removeprefix("mixed_").split("_"))
+            return lambda: self._mixed_body(bucket, size)
         if name.startswith("extend_"):
             bucket = int(name.removeprefix("extend_"))
             return lambda: self._extend_body(bucket, slot)

@@ -12,6 +12,7 @@ import torch
 
 from graph_executor.greedy_accept import GreedyAcceptance
 from graph_executor.model import LlamaModel
+from ipc.messages import MAX_CHUNK_TOKENS, PromptChunk
 from ipc.step_buffers import MAX_VERIFY_TOKENS, StepBuffers
 
 # Prompt tokens per forward pass: bounds the activation memory of long prompts (chunked prefill).
@@ -71,14 +72,22 @@ def check_slot(slots: int, slot: int) -> None:
         raise ValueError(f"KV slot {slot} does not exist (the executor holds {slots}: --max-num-seqs)")
 
 
-def check_batch(slots: int, max_context: int, batch_slots: list[int], positions: list[int]) -> None:
-    """ValueError unless a batched decode names distinct existing slots, each with a position in its cache."""
+def check_batch(slots: int, max_context: int, batch_slots: list[int], positions: list[int],
+                chunk: PromptChunk | None = None) -> None:
+    """ValueError unless a batched decode names distinct existing slots, each with a position in its cache, and its
+    prompt chunk (if any) lies in the cache of another existing slot."""
     if not batch_slots or len(positions) != len(batch_slots) or len(set(batch_slots)) != len(batch_slots):
         raise ValueError(f"a batched decode needs distinct slots and one position each, got {batch_slots}, "
                          f"{positions}")
     for slot, position in zip(batch_slots, positions):
         check_slot(slots, slot)
         check_span(max_context, position, 1)
+    if chunk is not None:
+        check_slot(slots, chunk.slot)
+        check_span(max_context, chunk.start_pos, chunk.num_tokens)
+        if chunk.slot in batch_slots or not 1 <= chunk.num_tokens <= MAX_CHUNK_TOKENS:
+            raise ValueError(f"a batched decode's prompt chunk needs 1..{MAX_CHUNK_TOKENS} tokens of a slot that does "
+                             f"not decode in the step, got {chunk}")
 
 
 class ModelRunner:
@@ -116,9 +125,13 @@ class ModelRunner:
         logits = self.model(self.buffers.token, positions, self._last_row, position + 1)  # [1, V]
         self.buffers.logits.copy_(logits[0])
 
-    def decode_batch(self, slots: list[int], positions: list[int]) -> None:
-        """Row b: next_token[slots[b]] at positions[b] of slot slots[b]; its logits land in batch_logits[b]."""
-        check_batch(self.model.slots, self.max_context, slots, positions)
+    def decode_batch(self, slots: list[int], positions: list[int], chunk: PromptChunk | None = None) -> None:
+        """Row b: next_token[slots[b]] at positions[b] of slot slots[b]; its logits land in batch_logits[b]. `chunk`:
+        a prompt chunk of another slot in the same step (here: its prefill, then the decode; they touch different
+        slots, so the order changes nothing)."""
+        check_batch(self.model.slots, self.max_context, slots, positions, chunk)
+        if chunk is not None:
+            self.prefill(chunk.num_tokens, chunk.start_pos, chunk.slot)
         device = self.buffers.next_token.device
         index = torch.tensor(slots, dtype=torch.int64, device=device)  # [B]
         ids = self.buffers.next_token.index_select(0, index)  # [B]

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from graph_executor.runner import ModelRunner, check_batch, check_slot, check_span
 from graph_executor.tensor_parallel import TensorParallel
+from ipc.messages import PromptChunk
 from ipc.step_buffers import StepBuffers
 
 HEADER = 6  # int64 fields: kind, then the kind's sizes, then the payload's length
@@ -47,8 +48,10 @@ class LeaderRunner:
         self._relay(DECODE, (position,), self.buffers.token)
         self.inner.decode(position)
 
-    def decode_batch(self, slots: list[int], positions: list[int]) -> None:
-        check_batch(self.model.slots, self.max_context, slots, positions)
+    def decode_batch(self, slots: list[int], positions: list[int], chunk: PromptChunk | None = None) -> None:
+        check_batch(self.model.slots, self.max_context, slots, positions, chunk)
+        if chunk is not None:  # relayed as its own prefill: the ranks run eagerly, one step after the other
+            self.prefill(chunk.num_tokens, chunk.start_pos, chunk.slot)
         tokens = self.buffers.next_token.index_select(0, torch.tensor(slots))
         self._relay(DECODE_BATCH, (len(slots),), torch.cat([torch.tensor(slots), torch.tensor(positions), tokens]))
         self.inner.decode_batch(slots, positions)

@@ -3,12 +3,11 @@ step, and requests join and leave at step boundaries.
 
 Each running request owns one KV slot (its prompt ids in the slot's row of the shared input-ids buffer, its next
 input token at next_token[slot], its own `Sampler` with its parameters and seed) and its own `RequestOutput` (stop
-checks, detokenization). One `step` of the engine is:
-1. at most one prefill chunk (<= `prefill_chunk` tokens) of the oldest request still prefilling: a new request's
-   prompt is spread over several steps, so the running streams wait at most one chunk between two tokens;
-   when the chunk is the prompt's last, the request's first token is sampled from `logits`;
-2. one `DecodeBatch` of every request that has a token to consume: row b's logits land in batch_logits[b], and
-   each request samples its own row.
+checks, detokenization). One `step` of the engine is one `DecodeBatch` of every request that has a token to consume
+(row b's logits land in batch_logits[b], and each request samples its own row) carrying at most one prompt chunk
+(<= `prefill_chunk` tokens) of the oldest request still prefilling: a new request's prompt is spread over several
+steps, and the running streams wait for one chunk between two tokens, not for a chunk and a decode step. When the
+chunk is the prompt's last, the request's first token is sampled from `logits`.
 Greedy requests therefore produce the tokens they would alone (each row is the same function of its own sequence;
 only floating-point summation order can differ), and seeded sampling draws the same tokens (one generator per
 request, one draw per token, as alone).
@@ -28,6 +27,7 @@ from typing import Protocol
 
 import torch
 
+from ipc.messages import PromptChunk
 from ipc.step_buffers import StepBuffers
 from jit_context.generator import (
     Chunk,
@@ -54,7 +54,7 @@ class BatchPort(Protocol):
 
     def prefill(self, num_tokens: int, start_pos: int = 0, slot: int = 0) -> None: ...
 
-    def decode_batch(self, slots: list[int], positions: list[int]) -> None: ...
+    def decode_batch(self, slots: list[int], positions: list[int], chunk: PromptChunk | None = None) -> None: ...
 
     def wait_enqueued(self) -> None: ...
 
@@ -192,31 +192,37 @@ class BatchEngine:
         its last item (its slot is free by then). Exceptions from the executor propagate: the caller fails the
         running requests (`abort_all`).
 
-        A step is one batched decode (if any request is decoding) and one prefill chunk (if a request is prefilling).
-        While every running request decodes, the steps are pipelined as the batch-1 loop's are: the next decode is
-        sent as soon as this one's tokens are drawn on the device (it reads them from next_token there), before the
-        host reads them, so the device never waits for the host. A request that then turns out to have ended (EOS,
-        a stop) leaves a wasted row in the step in flight, whose K/V write lands past what its slot keeps."""
+        A step is one `DecodeBatch` of every request that has a token to consume, carrying a prompt chunk of the
+        oldest request still prefilling if there is one (the executor runs both in one pass over the weights: a
+        mixed step), or that chunk alone when nothing decodes. While every running request decodes, the steps are
+        pipelined as the batch-1 loop's are: the next decode is sent as soon as this one's tokens are drawn on the
+        device (it reads them from next_token there), before the host reads them, so the device never waits for the
+        host. A request that then turns out to have ended (EOS, a stop) leaves a wasted row in the step in flight,
+        whose K/V write lands past what its slot keeps."""
         events: list[tuple[Hashable, Item]] = []
         if self._inflight is not None:  # the decode sent at the end of the last step
             sent, self._inflight = self._inflight, None
             self._finish_decode(sent, events)
-        else:
-            decoding = sorted((lane for lane in self.lanes.values() if lane.decoding), key=lambda lane: lane.slot)
-            if decoding:
-                self.port.decode_batch([lane.slot for lane in decoding], [lane.position for lane in decoding])
-                self._finish_decode(decoding, events)
-        # The decode first, then the chunk: a prompt's last chunk gives its first token, which goes out at once (after
-        # a decode it would wait a whole step in `events`).
+            return events  # its tokens go out now; a request admitted meanwhile joins the next step
+        decoding = sorted((lane for lane in self.lanes.values() if lane.decoding), key=lambda lane: lane.slot)
         prefilling = [lane for lane in self.lanes.values() if lane.prefilled < len(lane.prompt)]
-        if prefilling:
-            self._prefill_chunk(min(prefilling, key=lambda lane: lane.admitted), events)
+        lane = min(prefilling, key=lambda lane: lane.admitted) if prefilling else None
+        if decoding:
+            chunk = None
+            if lane is not None:
+                count = min(self.prefill_chunk, len(lane.prompt) - lane.prefilled)
+                chunk = PromptChunk(count, lane.prefilled, lane.slot)
+                lane.prefilled += count
+            self.port.decode_batch([d.slot for d in decoding], [d.position for d in decoding], chunk)
+            self._finish_decode(decoding, events, lane)
+        elif lane is not None:
+            self._prefill_chunk(lane, events)
         return events
 
     def _prefill_chunk(self, lane: Lane, events: list[tuple[Hashable, Item]]) -> None:
+        """A prompt chunk alone (nothing decodes): with `whole_prompt_when_idle`, the rest of the prompt."""
         n = len(lane.prompt)
-        whole = self.whole_prompt_when_idle and not any(other.decoding for other in self.lanes.values())
-        count = n - lane.prefilled if whole else min(self.prefill_chunk, n - lane.prefilled)
+        count = n - lane.prefilled if self.whole_prompt_when_idle else min(self.prefill_chunk, n - lane.prefilled)
         self.port.prefill(count, lane.prefilled, lane.slot)
         self.port.wait_enqueued()
         lane.prefilled += count
@@ -227,16 +233,26 @@ class BatchEngine:
         self._draw([lane], [self.port.buffers.logits])
         self._read([lane], events)
 
-    def _finish_decode(self, sent: list[Lane], events: list[tuple[Hashable, Item]]) -> None:
-        """The decode of `sent` (row b: sent[b]) was sent: draw each live row's token, send the next decode right away
+    def _finish_decode(self, sent: list[Lane], events: list[tuple[Hashable, Item]],
+                       chunk_lane: Lane | None = None) -> None:
+        """The decode of `sent` (row b: sent[b]) was sent, with a chunk of `chunk_lane`'s prompt if given: draw each
+        live row's token (and chunk_lane's first, when the chunk ended its prompt), send the next decode right away
         when every running request decodes, then read the tokens."""
         self.port.wait_enqueued()
         logits = self.port.buffers.batch_logits  # [slots, V]
         rows = [(b, lane) for b, lane in enumerate(sent) if self.lanes.get(lane.slot) is lane]  # not cancelled since
-        lanes = [lane for _, lane in rows]
+        lanes, row_logits = [lane for _, lane in rows], [logits[b] for b, _ in rows]
+        if chunk_lane is not None and self.lanes.get(chunk_lane.slot) is chunk_lane:
+            n = len(chunk_lane.prompt)
+            if chunk_lane.prefilled < n:
+                events.append((chunk_lane.key, PrefillProgress(chunk_lane.prefilled, n)))
+            else:
+                chunk_lane.out.prefill_enqueued_ms = (time.perf_counter() - chunk_lane.out.start) * 1e3
+                lanes.append(chunk_lane)
+                row_logits.append(self.port.buffers.logits)
         if not lanes:
             return
-        self._draw(lanes, [logits[b] for b, _ in rows])
+        self._draw(lanes, row_logits)
         if all(lane.prefilled == len(lane.prompt) for lane in self.lanes.values()):
             # Those that go on unless the token just drawn ends them (EOS, a stop: known once read).
             going = [lane for lane in lanes if not _last_by_length(lane)]

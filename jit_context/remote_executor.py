@@ -21,7 +21,20 @@ from ipc.doorbell import OK, Doorbell
 from ipc.errors import HybridrtError
 from ipc.events import StepEvents
 from ipc.liveness import process_alive
-from ipc.messages import Decode, DecodeBatch, Error, Message, Ok, Prefill, Reset, Status, StatusReply, StepDone, Verify
+from ipc.messages import (
+    Decode,
+    DecodeBatch,
+    Error,
+    Message,
+    Ok,
+    Prefill,
+    PromptChunk,
+    Reset,
+    Status,
+    StatusReply,
+    StepDone,
+    Verify,
+)
 from ipc.step_buffers import SharedStepBuffers
 from jit_context import DEFAULT_STEP_TIMEOUT_S
 
@@ -82,8 +95,10 @@ class RemoteExecutor:
     def decode(self, position: int) -> None:
         self._send_step(Decode(self.request_id, self._step + 1, position))
 
-    def decode_batch(self, slots: list[int], positions: list[int]) -> None:
-        self._send_step(DecodeBatch(self.request_id, self._step + 1, list(slots), list(positions)))
+    def decode_batch(self, slots: list[int], positions: list[int], chunk: PromptChunk | None = None) -> None:
+        c = chunk or PromptChunk(0, 0, 0)
+        self._send_step(DecodeBatch(self.request_id, self._step + 1, list(slots), list(positions), c.num_tokens,
+                                    c.start_pos, c.slot))
 
     def verify(self, position: int, num_tokens: int, draft_start: int | None = None, tokens: list[int] | None = None,
                accept: bool = False) -> None:

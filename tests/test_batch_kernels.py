@@ -23,6 +23,7 @@ from graph_executor.loading.loader import _fill_random  # noqa: E402
 from graph_executor.model import LlamaModel  # noqa: E402
 from graph_executor.quant.formats import quantize_int8  # noqa: E402
 from graph_executor.runner import ModelRunner  # noqa: E402
+from ipc.messages import PromptChunk  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.float16 if DEVICE.type == "cuda" else torch.float32
@@ -100,6 +101,44 @@ def test_the_fused_batched_step_equals_the_reference_step(name, plan):
     torch.testing.assert_close(model.kv_caches, caches, **TOL)  # each row wrote its own slot, nothing else
 
 
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_the_mixed_step_equals_a_prefill_then_a_batched_decode(name):
+    """FusedMixedStep: a prompt chunk of slot 1 continuing what its cache holds (7 real rows padded to 16, as a graph
+    bucket pads them) and decode rows of slots 2 and 0, in one pass; against the reference prefill of the chunk and
+    the reference batched decode. Every logit and every cache row written is compared."""
+    from graph_executor.fused_mixed import FusedMixedStep
+    from graph_executor.fused_prefill import FusedPrefill
+
+    cfg = CONFIGS[name]
+    model = _model(cfg, slots=3)
+    prompts = {0: list(range(1, 8)), 2: [9, 8, 7], 1: list(range(20, 30))}
+    _prefill(model, prompts)
+    chunk_ids, start = [40, 41, 42, 43, 44, 45, 46], len(prompts[1])
+    before = model.kv_caches.clone()
+    # the reference: the chunk as a prefill of slot 1 from `start`, then the decode rows
+    n = len(chunk_ids)
+    want_logits = model(torch.tensor(chunk_ids, device=DEVICE), torch.arange(start, start + n, device=DEVICE),
+                        torch.tensor([n - 1], device=DEVICE), start + n, slot=1)[0].float()
+    order, tokens = [2, 0], torch.tensor([11, 12], device=DEVICE)
+    positions = torch.tensor([len(prompts[s]) for s in order], device=DEVICE)
+    want_batch = model.forward_batch(tokens, positions, order).float()
+    want_caches = model.kv_caches.clone()
+    model.kv_caches.copy_(before)
+    bucket = 16
+    ids = torch.tensor(chunk_ids + [0] * (bucket - n) + tokens.tolist(), device=DEVICE)
+    rows_pos = torch.cat([torch.arange(start, start + bucket, device=DEVICE), positions])
+    rows_slot = torch.tensor([1] * bucket + order, device=DEVICE)
+    logits = torch.full((cfg.vocab_size,), float("nan"), device=DEVICE)
+    batch_logits = torch.full((2, cfg.vocab_size), float("nan"), device=DEVICE)
+    step = FusedMixedStep(FusedPrefill(model, 32), 4)
+    step.run(ids, rows_pos, rows_slot, bucket, torch.tensor([n - 1], device=DEVICE), logits, batch_logits)
+    torch.testing.assert_close(logits, want_logits, **TOL)
+    torch.testing.assert_close(batch_logits, want_batch, **TOL)
+    written = model.kv_caches.clone()
+    written[1, :, :, :, start + n:start + bucket] = want_caches[1, :, :, :, start + n:start + bucket]  # padding rows
+    torch.testing.assert_close(written, want_caches, **TOL)
+
+
 def test_packed_weights_are_refused_for_batching():
     model = _model(CONFIGS["mha"], slots=2)
     layer = model.layers[1]
@@ -112,8 +151,8 @@ def test_packed_weights_are_refused_for_batching():
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_batched_decode_graphs_and_slot_prefills_equal_the_reference(name):
     """GraphRunner with 4 slots: prefill each slot by its own graphs (a 40-token prompt in two chunks), then batched
-    decode steps of 1..4 sequences (size 3 padded to 4) replayed from captured graphs, against ModelRunner on a copy
-    of the weights."""
+    decode steps of 1..4 sequences (size 3 padded to 4) replayed from captured graphs, some carrying a prompt chunk
+    of another slot (mixed steps, chunks of 7 and 20 tokens), against ModelRunner on a copy of the weights."""
     from graph_executor.graphs import GraphRunner
 
     cfg = CONFIGS[name]
@@ -121,7 +160,8 @@ def test_batched_decode_graphs_and_slot_prefills_equal_the_reference(name):
     graphs, eager = GraphRunner(model), ModelRunner(ref)
     assert graphs.batch_sizes == (1, 2, 4)
     graphs.capture_all()
-    assert {"decode_batch_1", "decode_batch_2", "decode_batch_4", "prefill_16@3", "extend_32@2"} <= set(graphs.graphs)
+    assert {"decode_batch_1", "decode_batch_2", "decode_batch_4", "prefill_16@3", "extend_32@2", "mixed_16_4",
+            "mixed_32_1"} <= set(graphs.graphs)
     prompts = {0: list(range(3, 20)), 1: [5, 6, 7], 2: list(range(40, 80)), 3: [9]}
     for runner in (graphs, eager):
         for slot, prompt in prompts.items():
@@ -129,15 +169,26 @@ def test_batched_decode_graphs_and_slot_prefills_equal_the_reference(name):
             runner.prefill(len(prompt), 0, slot)
     torch.testing.assert_close(graphs.buffers.logits, eager.buffers.logits, **TOL)  # the last slot's prompt
     lengths = {s: len(p) for s, p in prompts.items()}
-    for step, batch in enumerate([[0, 1, 2, 3], [2, 0, 3], [1], [3, 1], [0, 2, 1]]):
+    steps = [([0, 1, 2, 3], None), ([2, 0, 3], None), ([1], None), ([0, 1, 2], (3, 7)), ([3, 1], None),
+             ([3], (1, 20)), ([0, 2, 1], None)]  # (decode slots, (chunk slot, chunk tokens) or None)
+    for step, (batch, chunk) in enumerate(steps):
         positions = [lengths[s] for s in batch]
+        if chunk is not None:
+            slot, count = chunk
+            chunk = PromptChunk(count, lengths[slot], slot)
+            lengths[slot] += count
         for runner in (graphs, eager):
             for s in batch:
                 runner.buffers.next_token[s] = 100 + 10 * step + s
-            runner.decode_batch(batch, positions)
+            if chunk is not None:
+                ids = torch.arange(count) + 200 + step
+                runner.buffers.slot_ids(chunk.slot)[chunk.start_pos:chunk.start_pos + count].copy_(ids)
+            runner.decode_batch(batch, positions, chunk)
         torch.cuda.synchronize()
         torch.testing.assert_close(graphs.buffers.batch_logits[:len(batch)], eager.buffers.batch_logits[:len(batch)],
                                    **TOL)
+        if chunk is not None:
+            torch.testing.assert_close(graphs.buffers.logits, eager.buffers.logits, **TOL)
         for s in batch:
             lengths[s] += 1
     for s, length in lengths.items():  # past a sequence's length the graphs' padding rows leave values of their own

@@ -151,9 +151,10 @@ def test_steady_decoding_sends_the_next_step_before_reading_the_tokens():
     engine.admit("a", [5, 6, 7], SamplingParams(**greedy(6)))
     engine.admit("b", [8, 9], SamplingParams(**greedy(3)))
     engine.step()  # a's prefill and first token
-    engine.step()  # a's decode (b still prefills: nothing sent ahead), then b's prefill and first token
-    assert engine._inflight is None
-    engine.step()  # both decode: the next decode goes out before the tokens are read
+    assert engine._inflight is None  # b still prefills: nothing sent ahead
+    engine.step()  # a's decode and b's prompt in one step; then both decode: the next one goes out before reading
+    assert [lane.key for lane in engine._inflight] == ["a", "b"]
+    engine.step()  # a's third and b's second token
     assert [lane.key for lane in engine._inflight] == ["a", "b"]
     engine.step()  # b's third token is its last by max_tokens: not in the step sent ahead
     assert [lane.key for lane in engine._inflight] == ["a"]
@@ -176,13 +177,14 @@ def test_running_streams_wait_at_most_one_prefill_chunk():
     engine.step()  # its prefill and first token
     engine.step()  # its first decode, and (every request decoding) the next one sent ahead
     engine.admit("long", list(range(100, 122)), SamplingParams(**greedy(5)))  # 22 tokens: 6 chunks
-    for step in range(6):
+    assert [key for key, _ in engine.step()] == ["running"]  # the decode sent before it came: its token only
+    for step in range(6):  # then each step is a decode of the running stream carrying one chunk (a mixed step)
         items = engine.step()
         assert [key for key, item in items if isinstance(item, Chunk)].count("running") == 1  # a token every step
         long = [item for key, item in items if key == "long"]
-        # chunks 1-5: progress; chunk 6: the first token, out at once (the running stream's decode came first)
+        # chunks 1-5: progress; chunk 6: the first token, out at once
         assert [type(i) for i in long] == ([PrefillProgress] if step < 5 else [Chunk])
-        assert engine._inflight is None  # nothing is sent ahead while a prompt is prefilled
+        assert (engine._inflight is None) == (step < 5)  # nothing is sent ahead while a prompt is prefilled
     assert engine.lanes[1].prefilled == 22
 
 

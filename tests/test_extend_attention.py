@@ -54,6 +54,18 @@ def test_extend_attention_matches_float64(t, start, heads, kv_heads, window, con
     torch.testing.assert_close(got.double().cpu(), reference(q, k, v, positions, window), **TOL)
 
 
+def test_the_slot_read_from_the_device_picks_its_caches():
+    gen = torch.Generator().manual_seed(9)
+    caches = torch.randn(3, 2, 2, 40, 16, generator=gen).to(DTYPE)  # [slots, K/V, kv heads, C, hd]
+    q = torch.randn(7, 4, 16, generator=gen).to(DTYPE)
+    positions = torch.arange(7) + 20
+    dev = caches.to(DEVICE)
+    out = torch.full((7, 4, 16), float("nan"), dtype=DTYPE, device=DEVICE)
+    extend_attention(q.to(DEVICE), dev[0, 0], dev[0, 1], positions.to(DEVICE), out, None,
+                     slot=torch.tensor([2], device=DEVICE), slot_stride=dev.stride(0))
+    torch.testing.assert_close(out.double().cpu(), reference(q, caches[2, 0], caches[2, 1], positions, None), **TOL)
+
+
 def test_bad_shapes_are_one_line_errors():
     q = torch.zeros(3, 4, 16, device=DEVICE, dtype=DTYPE)
     cache = torch.zeros(3, 8, 16, device=DEVICE, dtype=DTYPE)  # 4 heads over 3 KV heads

@@ -24,14 +24,17 @@ BLOCK_N = 64
 
 
 @triton.jit
-def _extend_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, T,
+def _extend_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, out_ptr, T,
                              stride_qt, stride_qh, stride_kh, stride_kn, stride_vh, stride_vn, stride_ot, stride_oh,
-                             scale, window,
+                             stride_slot, scale, window,
                              GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+                             BLOCK_N: tl.constexpr, IEEE: tl.constexpr, SLOT: tl.constexpr):
     tile = tl.program_id(0)
     head = tl.program_id(1)
     kv_head = head // GROUP
+    if SLOT:  # the KV slot is read from the device (a mixed step's chunk): one graph serves every slot
+        k_ptr += tl.load(slot_ptr) * stride_slot
+        v_ptr += tl.load(slot_ptr) * stride_slot
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < T
     pos = tl.load(pos_ptr + rows, mask=row_ok, other=-1)  # [BM]; -1: a row past T sees nothing
@@ -73,9 +76,11 @@ def _extend_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, T,
 
 
 def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
-                     out: torch.Tensor, window: int | None = None) -> torch.Tensor:
+                     out: torch.Tensor, window: int | None = None, slot: torch.Tensor | None = None,
+                     slot_stride: int = 0) -> torch.Tensor:
     """q [T, heads, hd]; k/v_cache [kv_heads, C, hd] (unit stride in hd); positions [T] int64 on the device (each
-    < C); out [T, heads, hd], written. Graph-safe: no host reads, no allocation."""
+    < C); out [T, heads, hd], written. `slot` ([1] int64 on the device): the caches lie slot * slot_stride elements
+    after k/v_cache. Graph-safe: no host reads, no allocation."""
     t, heads, hd = q.shape
     kv_heads = k_cache.shape[0]
     if heads % kv_heads or out.shape != q.shape or positions.shape != (t,) or q.stride(2) != 1 \
@@ -85,8 +90,9 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     block_m = min(64, max(16, triton.next_power_of_2(t)))
     grid = (triton.cdiv(t, block_m), heads)
     _extend_attention_kernel[grid](
-        q, k_cache, v_cache, positions, out, t, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
-        v_cache.stride(0), v_cache.stride(1), out.stride(0), out.stride(1), hd ** -0.5,
-        NO_WINDOW if window is None else window, GROUP=heads // kv_heads, HEAD_DIM=hd, BLOCK_M=block_m,
-        BLOCK_N=BLOCK_N, IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2)
+        q, k_cache, v_cache, positions, positions if slot is None else slot, out, t, q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), out.stride(0), out.stride(1),
+        slot_stride, hd ** -0.5, NO_WINDOW if window is None else window, GROUP=heads // kv_heads, HEAD_DIM=hd,
+        BLOCK_M=block_m, BLOCK_N=BLOCK_N, IEEE=q.dtype == torch.float32, SLOT=slot is not None, num_warps=4,
+        num_stages=2)
     return out
