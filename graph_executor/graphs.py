@@ -90,7 +90,8 @@ class GraphRunner:
         self.demand: Counter[str] = Counter()  # "prefill_<bucket>" / "extend_<bucket>" -> prompts that took it
         # Fused kernels: 7 launches per decoder layer in decode, ~10 in prefill.
         self.decoder = decoder or FusedDecoder(model)
-        self.prefiller = FusedPrefill(model, max(self.chunk, 1))
+        # Row buffers for the largest bucket; with slots, also for a mixed step's chunk plus its decode rows.
+        self.prefiller = FusedPrefill(model, max(self.chunk, 1) + (model.slots if model.slots > 1 else 0))
         self.verifier = FusedVerify(model, MAX_VERIFY_TOKENS)
         self.verify_used = False  # verify graphs are captured once a request has used speculation
         self.acceptance = GreedyAcceptance(self.buffers)
