@@ -102,7 +102,8 @@ class JitServer:
             self.engine = BatchEngine(executor, self.tokenizer, side.eos_token_ids,
                                       CPU_PREFILL_CHUNK if on_cpu else GPU_BATCH_PREFILL_CHUNK,
                                       prefix_reuse=self.generator.kv is not None,
-                                      whole_prompt_when_idle=not on_cpu)
+                                      whole_prompt_when_idle=not on_cpu,
+                                      incoming=lambda: bool(self.queue) or self.clients.poll(0))
         self.running: list[Pending] = []  # the engine's requests, in admission order
         self._batches = 0  # busy periods of the engine (each is one request id on the executor)
         self._executor_facts_cache = ready.facts

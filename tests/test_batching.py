@@ -160,6 +160,23 @@ def test_steady_decoding_sends_the_next_step_before_reading_the_tokens():
     assert [lane.key for lane in engine._inflight] == ["a"]
 
 
+def test_a_waiting_request_stops_the_send_ahead_so_that_its_prompt_joins_the_next_step():
+    waiting = []
+    engine = BatchEngine(ModelRunner(_model(TINY, 2)), None, frozenset(TINY.eos_token_ids), 4,
+                         incoming=lambda: bool(waiting))
+    engine.admit("a", [5, 6, 7], SamplingParams(**greedy(20)))
+    engine.step()  # its prefill and first token
+    engine.step()  # its first decode; nothing waits: the next one is sent ahead
+    assert [lane.key for lane in engine._inflight] == ["a"]
+    waiting.append("b")  # a request arrives while that decode runs
+    engine.step()  # the decode in flight is read; none sent ahead
+    assert engine._inflight is None
+    engine.admit(waiting.pop(), [8, 9], SamplingParams(**greedy(3)))
+    items = engine.step()  # a's decode carrying b's whole prompt: b's first token in the same step
+    assert [key for key, _ in items] == ["a", "b"]
+    assert [lane.key for lane in engine._inflight] == ["a", "b"]  # all decoding again, nothing waiting
+
+
 def test_a_stop_token_ends_one_request_and_the_others_go_on(alone):
     plain = alone([5, 6, 7, 8], SamplingParams(**greedy(9)))
     stop_at = plain.token_ids[3]
