@@ -93,13 +93,17 @@ class SlotState:
 class BatchEngine:
     def __init__(self, port: BatchPort, tokenizer: Detokenizing | None, eos_token_ids: frozenset[int],
                  prefill_chunk: int, prefix_reuse: bool = False, whole_prompt_when_idle: bool = False,
-                 incoming: Callable[[], bool] | None = None) -> None:
+                 incoming: Callable[[float], bool] | None = None, send_ahead_margin_s: float | None = None) -> None:
         """`prefill_chunk`: prompt tokens per step while other requests decode (their token gap is bounded by it).
         `whole_prompt_when_idle`: with nothing else decoding, a prompt is one step (a GPU, where the executor only
         enqueues it); else chunked then too (the CPU, where the JIT context waits for each chunk and answers its
-        clients between them). `incoming`: whether a request may be waiting to be admitted (the server's queue or
-        socket); while one is and a slot is free, no decode is sent ahead, so that its prompt joins the very next
-        step instead of the one after (a whole decode step less of TTFT)."""
+        clients between them). `incoming(timeout_s)`: whether a request waits to be admitted (the server's queue or
+        socket), watching for one up to timeout_s; while one does and a slot is free, no decode is sent ahead, so that
+        its prompt joins the very next step instead of the one after (a whole decode step less of its TTFT).
+        `send_ahead_margin_s` (a GPU): with a slot free, a decode is sent ahead only this long before the step in
+        flight is expected to end (the last steps' length), watching for arrivals until then: a request that arrives
+        while a step runs then joins the next one, not the one after (sent ahead at the step's start, the next decode
+        would already be queued). The margin covers the send and the executor's launch, so the device stays busy."""
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.whole_prompt_when_idle = whole_prompt_when_idle
@@ -109,6 +113,9 @@ class BatchEngine:
         self.prefill_chunk = prefill_chunk
         self.prefix_reuse = prefix_reuse
         self.incoming = incoming
+        self.send_ahead_margin_s = send_ahead_margin_s
+        self._read_end: float | None = None  # when the last decode's tokens were read (about when the next began)
+        self._step_s: float | None = None  # a pipelined decode step's length (moving average of read-to-read)
         buffers = port.buffers
         vocab, device = buffers.logits.shape[0], buffers.logits.device
         self.slots = [SlotState(Sampler(vocab, device), KvContents(port.max_context)) for _ in range(buffers.slots)]
@@ -206,7 +213,7 @@ class BatchEngine:
         events: list[tuple[Hashable, Item]] = []
         if self._inflight is not None:  # the decode sent at the end of the last step
             sent, self._inflight = self._inflight, None
-            self._finish_decode(sent, events)
+            self._finish_decode(sent, events, pipelined=True)
             return events  # its tokens go out now; a request admitted meanwhile joins the next step
         decoding = sorted((lane for lane in self.lanes.values() if lane.decoding), key=lambda lane: lane.slot)
         prefilling = [lane for lane in self.lanes.values() if lane.prefilled < len(lane.prompt)]
@@ -238,10 +245,11 @@ class BatchEngine:
         self._read([lane], events)
 
     def _finish_decode(self, sent: list[Lane], events: list[tuple[Hashable, Item]],
-                       chunk_lane: Lane | None = None) -> None:
+                       chunk_lane: Lane | None = None, pipelined: bool = False) -> None:
         """The decode of `sent` (row b: sent[b]) was sent, with a chunk of `chunk_lane`'s prompt if given: draw each
         live row's token (and chunk_lane's first, when the chunk ended its prompt), send the next decode right away
-        when every running request decodes, then read the tokens."""
+        when every running request decodes, then read the tokens. `pipelined`: `sent` went out ahead, right behind
+        the step before it (its read-to-read time is a step's length)."""
         self.port.wait_enqueued()
         logits = self.port.buffers.batch_logits  # [slots, V]
         rows = [(b, lane) for b, lane in enumerate(sent) if self.lanes.get(lane.slot) is lane]  # not cancelled since
@@ -257,8 +265,7 @@ class BatchEngine:
         if not lanes:
             return
         self._draw(lanes, row_logits)
-        joining = self.incoming is not None and self.has_room() and self.incoming()
-        if not joining and all(lane.prefilled == len(lane.prompt) for lane in self.lanes.values()):
+        if all(lane.prefilled == len(lane.prompt) for lane in self.lanes.values()) and not self._joining():
             # Those that go on unless the token just drawn ends them (EOS, a stop: known once read).
             going = [lane for lane in lanes if not _last_by_length(lane)]
             if going:
@@ -266,6 +273,21 @@ class BatchEngine:
                 self.port.decode_batch([lane.slot for lane in going], [lane.position + 1 for lane in going])
                 self._inflight = going
         self._read(lanes, events)
+        now = time.perf_counter()
+        if pipelined and self._read_end is not None:
+            took = now - self._read_end
+            self._step_s = took if self._step_s is None else 0.8 * self._step_s + 0.2 * took
+        self._read_end = now
+
+    def _joining(self) -> bool:
+        """Whether a request waits to join (a slot is free for it): then no decode goes ahead. With a margin, watch
+        for one until that long before the step in flight should end."""
+        if self.incoming is None or not self.has_room():
+            return False
+        wait = 0.0
+        if self.send_ahead_margin_s is not None and self._step_s is not None and self._read_end is not None:
+            wait = self._read_end + self._step_s - self.send_ahead_margin_s - time.perf_counter()
+        return self.incoming(max(0.0, wait))
 
     def _draw(self, lanes: list[Lane], logits: list[torch.Tensor]) -> None:
         """Queue each lane's draw from its logits row [V] into next_token[slot] (device work only)."""

@@ -68,6 +68,9 @@ def _error_code(e: BaseException) -> str:
 
 IDLE_POLL_MS = 50
 GPU_BATCH_PREFILL_CHUNK = 256  # prompt tokens per step while other requests decode (GPU; the CPU's is its own)
+# How long before a batched decode step should end the next one is sent (GPU, a slot free): the send and the
+# executor's launch take ~0.1-0.2 ms (bench/NOTES.md, issue 12); the rest of the step is watched for arrivals.
+SEND_AHEAD_MARGIN_S = 0.0005
 
 
 @dataclass(eq=False)  # compared and hashed by identity: a running request's handle in the batch engine
@@ -102,8 +105,8 @@ class JitServer:
             self.engine = BatchEngine(executor, self.tokenizer, side.eos_token_ids,
                                       CPU_PREFILL_CHUNK if on_cpu else GPU_BATCH_PREFILL_CHUNK,
                                       prefix_reuse=self.generator.kv is not None,
-                                      whole_prompt_when_idle=not on_cpu,
-                                      incoming=lambda: bool(self.queue) or self.clients.poll(0))
+                                      whole_prompt_when_idle=not on_cpu, incoming=self._request_waiting,
+                                      send_ahead_margin_s=None if on_cpu else SEND_AHEAD_MARGIN_S)
         self.running: list[Pending] = []  # the engine's requests, in admission order
         self._batches = 0  # busy periods of the engine (each is one request id on the executor)
         self._executor_facts_cache = ready.facts
@@ -351,6 +354,18 @@ class JitServer:
             print(f"jit_context: ending a request: {quote(str(e))}", file=sys.stderr)
 
     # -- the running requests, batched (several KV slots) -------------------------------------------------
+
+    def _request_waiting(self, timeout_s: float) -> bool:
+        """Whether a request is queued or a client message waits on the socket (it may be one), watching up to
+        timeout_s (the batch engine's send-ahead window)."""
+        deadline = time.perf_counter() + timeout_s
+        while True:
+            if self.queue or self.clients.poll(0):
+                return True
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return False
+            time.sleep(min(left, 0.0002))
 
     def _turn_batched(self) -> bool:
         while self.queue and self.engine.has_room():

@@ -163,7 +163,7 @@ def test_steady_decoding_sends_the_next_step_before_reading_the_tokens():
 def test_a_waiting_request_stops_the_send_ahead_so_that_its_prompt_joins_the_next_step():
     waiting = []
     engine = BatchEngine(ModelRunner(_model(TINY, 2)), None, frozenset(TINY.eos_token_ids), 4,
-                         incoming=lambda: bool(waiting))
+                         incoming=lambda timeout: bool(waiting))
     engine.admit("a", [5, 6, 7], SamplingParams(**greedy(20)))
     engine.step()  # its prefill and first token
     engine.step()  # its first decode; nothing waits: the next one is sent ahead
@@ -175,6 +175,29 @@ def test_a_waiting_request_stops_the_send_ahead_so_that_its_prompt_joins_the_nex
     items = engine.step()  # a's decode carrying b's whole prompt: b's first token in the same step
     assert [key for key, _ in items] == ["a", "b"]
     assert [lane.key for lane in engine._inflight] == ["a", "b"]  # all decoding again, nothing waiting
+
+
+def test_with_a_margin_the_engine_watches_for_arrivals_until_just_before_the_step_ends():
+    """`send_ahead_margin_s`: once it knows a pipelined step's length, the engine watches for a request until that
+    step should end less the margin, and sends the next decode then; with every slot taken it does not wait."""
+    waits = []
+
+    def incoming(timeout):
+        waits.append(timeout)
+        return False
+
+    engine = BatchEngine(ModelRunner(_model(TINY, 2)), None, frozenset(TINY.eos_token_ids), 4, incoming=incoming,
+                         send_ahead_margin_s=0.0)
+    engine.admit("a", [5, 6, 7], SamplingParams(**greedy(40)))
+    for _ in range(10):
+        engine.step()
+    assert waits[0] == 0.0 and engine._step_s is not None  # no estimate at first; then a step's length
+    assert any(w > 0 for w in waits) and max(waits) <= 2 * engine._step_s + 0.05
+    engine.admit("b", [8, 9], SamplingParams(**greedy(12)))  # both slots taken: nobody can join, nothing waits
+    before = len(waits)
+    for _ in range(4):
+        engine.step()
+    assert len(waits) == before
 
 
 def test_a_stop_token_ends_one_request_and_the_others_go_on(alone):
