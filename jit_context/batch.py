@@ -21,6 +21,7 @@ The engine never speculates (speculative decoding is the batch-1 server's, `Gene
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Protocol
@@ -101,9 +102,10 @@ class BatchEngine:
         socket), watching for one up to timeout_s; while one does and a slot is free, no decode is sent ahead, so that
         its prompt joins the very next step instead of the one after (a whole decode step less of its TTFT).
         `send_ahead_margin_s` (a GPU): with a slot free, a decode is sent ahead only this long before the step in
-        flight is expected to end (the last steps' length), watching for arrivals until then: a request that arrives
-        while a step runs then joins the next one, not the one after (sent ahead at the step's start, the next decode
-        would already be queued). The margin covers the send and the executor's launch, so the device stays busy."""
+        flight is expected to end (the shortest of the last steps), watching for arrivals until then: a request that
+        arrives while a step runs then joins the next one, not the one after (sent ahead at the step's start, the next
+        decode would already be queued). The margin covers the send and the executor's launch, so the device stays
+        busy."""
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.whole_prompt_when_idle = whole_prompt_when_idle
@@ -115,7 +117,9 @@ class BatchEngine:
         self.incoming = incoming
         self.send_ahead_margin_s = send_ahead_margin_s
         self._read_end: float | None = None  # when the last decode's tokens were read (about when the next began)
-        self._step_s: float | None = None  # a pipelined decode step's length (moving average of read-to-read)
+        # Read-to-read times of the last pipelined decode steps. Their minimum is the step's length: a late send only
+        # ever lengthens one, so a moving average would feed each late send into a later deadline for the next.
+        self._periods: deque[float] = deque(maxlen=16)
         buffers = port.buffers
         vocab, device = buffers.logits.shape[0], buffers.logits.device
         self.slots = [SlotState(Sampler(vocab, device), KvContents(port.max_context)) for _ in range(buffers.slots)]
@@ -275,9 +279,13 @@ class BatchEngine:
         self._read(lanes, events)
         now = time.perf_counter()
         if pipelined and self._read_end is not None:
-            took = now - self._read_end
-            self._step_s = took if self._step_s is None else 0.8 * self._step_s + 0.2 * took
+            self._periods.append(now - self._read_end)
         self._read_end = now
+
+    @property
+    def _step_s(self) -> float | None:
+        """A pipelined decode step's length, as the last steps show it (None before any)."""
+        return min(self._periods) if self._periods else None
 
     def _joining(self) -> bool:
         """Whether a request waits to join (a slot is free for it): then no decode goes ahead. With a margin, watch
