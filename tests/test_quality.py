@@ -5,12 +5,13 @@ GPU the fused decode path agreeing with the prefill path."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import transformers
 
-from bench.quality import QualityConfig, decode_nll, load_config, markdown, prefill_nll, run, text_ids, tokenizer_path
+from bench.quality import QualityConfig, decode_nll, load_config, markdown, prefill_nll, run, text_ids
 from graph_executor.loading.loader import LoadConfig, load_model
 from tests.test_model_equivalence import BASE, make_hf_model
 
@@ -52,10 +53,12 @@ def test_bad_config_is_refused() -> None:
 
 @pytest.mark.cuda
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["dense", "gguf-packed"])
-def test_decode_path_agrees_with_the_prefill_path(default_model_dir, fmt: str) -> None:
-    cfg = QualityConfig(device="cuda", max_tokens=64)
-    ids = text_ids(tokenizer_path(cfg.model), cfg.max_tokens)
+@pytest.mark.parametrize("fmt", ["gguf-dequantized", "gguf-packed"])
+def test_decode_path_agrees_with_the_prefill_path(smollm2_real, fmt: str) -> None:
+    """SmolLM2's GGUF ($HYBRIDRT_TEST_GGUF on GPU machines without the model package), dense and kept packed."""
+    gguf, tokenizer = smollm2_real
+    cfg = QualityConfig(gguf=gguf, device="cuda", max_tokens=64)
+    ids = text_ids(Path(tokenizer), cfg.max_tokens)
     model = load_model(load_config(cfg, fmt, ids.shape[0])).model
     prefill = prefill_nll(model, ids, window=16)
     decode = decode_nll(model, ids)
