@@ -25,10 +25,14 @@ def _engines_with(results: dict, workload: str) -> list[str]:
 
 
 def _code_id(git: dict) -> str:
+    """The commit, and always the sources' digest: the GPU machine's copy of the tree may carry a `.git` of an older
+    commit than its files (the digest is what identifies them; `bench.envinfo.source_digest` at a commit matches)."""
+    digest = git.get("source_sha256")
+    sources = f"sources sha256 {digest[:12]}" if digest else None
     if git["commit"]:
-        return git["commit"][:12] + (" (dirty)" if git["dirty"] else "")
-    digest = git.get("source_sha256")  # a tree copied without .git (the GPU machine)
-    return f"- (sources sha256 {digest[:12]})" if digest else "-"
+        commit = git["commit"][:12] + (" (dirty)" if git["dirty"] else "")
+        return f"{commit} ({sources})" if sources else commit
+    return f"- ({sources})" if sources else "-"
 
 
 def header(results: dict) -> list[str]:

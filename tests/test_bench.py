@@ -79,6 +79,7 @@ def test_cpu_smoke_run_writes_every_figure(tiny_model, tmp_path, capsys) -> None
     md = (out / "results.md").read_text()
     for heading in ("## Floors", "## TTFT", "## Decode", "## Per-token latency", "## Ratios", "## Engines"):
         assert heading in md
+    assert f"sources sha256 {results['env']['git']['source_sha256'][:12]}" in md  # the code run, commit or not
     assert md in capsys.readouterr().out
     pytest.importorskip("matplotlib")
     assert all((out / f).stat().st_size > 0 for f in ("ttft.png", "context.png", "decode_cdf.png"))
