@@ -28,28 +28,33 @@ class FusedPrefill:
 
     @torch.inference_mode()
     def run(self, ids: torch.Tensor, positions: torch.Tensor, logits_index: torch.Tensor, logits: torch.Tensor,
-            from_cache: bool = False, slot: int = 0) -> torch.Tensor:
+            from_cache: bool = False, slot: int = 0, slots: torch.Tensor | None = None) -> torch.Tensor:
         """ids, positions [T] int64; logits_index [1] int64; logits [vocab] float32, written in place.
         from_cache False: a prompt from position 0 (positions = 0..T-1), causal attention over the T new tokens
         (SDPA); True: any positions (read on the device), attention over the cache up to each token's position
         (`extend_attention`: a prompt continuing a sequence in the cache, or a chunk of a longer one). `slot`:
-        the KV slot whose caches the prompt fills."""
+        the KV slot whose caches the prompt fills; or `slots` ([T] int64 on the device, every row the same slot;
+        from_cache only): the slot read on the device, so that one captured graph serves every slot."""
         m, cfg = self.model, self.model.config
         t, eps = ids.shape[0], cfg.rms_norm_eps
         b = self.buffers.rows(t)
         x, h, qkv, q, gate_up, act = b.x, b.h, b.qkv, b.q, b.gate_up, b.act
         if cfg.sliding_window is not None and t > cfg.sliding_window:
             from_cache = True  # causal attention alone would see past the window
+        if slots is not None and not from_cache:
+            raise ValueError("a prompt whose slot is read on the device attends from the cache (from_cache=True)")
+        stride = m.kv_caches.stride(0)  # elements from one slot's caches to the next's
         embedding(m.embed_tokens, ids, x)
         for index, layer in enumerate(m.layers):
-            cache = m.kv_caches[slot, index]  # [2, nkv, C, hd]
+            cache = m.kv_caches[slot if slots is None else 0, index]  # [2, nkv, C, hd]; with `slots`, slot 0's
             rmsnorm_rows(x, layer.attn_norm, eps, h)
             matmul(h, layer.qkv_proj, qkv, bias=layer.qkv_bias, scratch=self.scratch)
             rope_append(qkv, positions, m.rope, q, cache[0], cache[1], cfg.num_heads, cfg.num_kv_heads,
-                        cfg.head_dim)
+                        cfg.head_dim, slots=slots, slot_stride=stride)
             if from_cache:
-                attn = extend_attention(q, cache[0], cache[1], positions, b.attn,
-                                        cfg.sliding_window).view(t, cfg.q_size)  # [T, nh * hd]
+                attn = extend_attention(q, cache[0], cache[1], positions, b.attn, cfg.sliding_window,
+                                        slot=None if slots is None else slots[:1],
+                                        slot_stride=stride).view(t, cfg.q_size)  # [T, nh * hd]
             else:
                 out = F.scaled_dot_product_attention(
                     q.transpose(0, 1)[None], cache[0, :, :t][None], cache[1, :, :t][None], is_causal=True,

@@ -40,8 +40,11 @@ class GraphStatic:
 
     position: torch.Tensor  # [1] int64: the decode position
     arange: torch.Tensor  # [max bucket] int64: 0..B-1, the positions of a start-0 prefill
-    start: torch.Tensor  # [1] int64: an extend step's first position
+    start: torch.Tensor  # [1] int64: an extend step's first position (or a mixed step's chunk's)
+    slot: torch.Tensor  # [1] int64: its KV slot
     extend_positions: torch.Tensor  # [max bucket] int64: its positions (computed inside the graph, clamped)
+    extend_slots: torch.Tensor  # [max bucket] int64: its slot per row
+    extend_flat: torch.Tensor  # [max bucket] int64: its rows' index in input_ids (slot * C + position)
     extend_ids: torch.Tensor  # [max bucket] int64: its token ids (gathered inside the graph)
     logits_index: torch.Tensor  # [1] int64: the row whose logits a prefill keeps
     verify_in: torch.Tensor  # [2 + MAX_VERIFY_TOKENS] int64: a verify step's first position, whether its ids
@@ -54,9 +57,9 @@ class GraphStatic:
         def zeros(n: int) -> torch.Tensor:
             return torch.zeros(n, dtype=torch.int64, device=device)
 
-        return cls(zeros(1), torch.arange(max(max_bucket, MAX_VERIFY_TOKENS), device=device), zeros(1),
-                   zeros(max_bucket), zeros(max_bucket), zeros(1), zeros(2 + MAX_VERIFY_TOKENS),
-                   zeros(MAX_VERIFY_TOKENS), zeros(MAX_VERIFY_TOKENS))
+        return cls(zeros(1), torch.arange(max(max_bucket, MAX_VERIFY_TOKENS), device=device), zeros(1), zeros(1),
+                   zeros(max_bucket), zeros(max_bucket), zeros(max_bucket), zeros(max_bucket), zeros(1),
+                   zeros(2 + MAX_VERIFY_TOKENS), zeros(MAX_VERIFY_TOKENS), zeros(MAX_VERIFY_TOKENS))
 
 
 @dataclass
@@ -105,9 +108,8 @@ class GraphRunner:
         self._inputs_read = torch.cuda.Event()
         self.stats = CaptureStats()
         # KV slots (--max-num-seqs > 1): a batched decode graph per batch size; a batch is padded to the next size by
-        # repeating its first row (same slot, position and token: the same values written twice). Each slot has its
-        # own prefill graphs ("prefill_<bucket>@<slot>", "extend_<bucket>@<slot>"; slot 0's keep their names),
-        # captured while idle after slot 0's: until then a slot's prompt runs the same body eagerly.
+        # repeating its first row (same slot, position and token: the same values written twice). A prompt in a slot
+        # past 0 takes the extend graphs, which read the slot from the device like the start: no graph is per slot.
         self.batch_sizes: tuple[int, ...] = ()
         # A DecodeBatch with a prompt chunk (continuous batching's mixed step) replays "mixed_<bucket>_<size>": the
         # chunk padded to a bucket of at most MAX_CHUNK_TOKENS, its slot and start read from the device like the
@@ -128,7 +130,6 @@ class GraphRunner:
                 self._mixed_ids, self._mixed_positions, self._mixed_slots = (
                     torch.zeros(rows, dtype=torch.int64, device=device) for _ in range(3))  # [T + B] each
                 self._mixed_flat = torch.zeros(rows, dtype=torch.int64, device=device)  # chunk rows' input_ids index
-                self._mixed_slot = torch.zeros(1, dtype=torch.int64, device=device)  # the chunk's slot
             self._batch_tokens = torch.zeros(model.slots, dtype=torch.int64, device=device)
             self._batch_host = torch.zeros(2, model.slots, dtype=torch.int64, pin_memory=True)
             self._batch_host_np = self._batch_host.numpy()
@@ -198,29 +199,31 @@ class GraphRunner:
             return
         bucket = self._bucket("mixed", chunk.num_tokens, self.mixed_buckets)
         self.static.start.fill_(chunk.start_pos)
-        self._mixed_slot.fill_(chunk.slot)
+        self.static.slot.fill_(chunk.slot)
         self.static.logits_index.fill_(chunk.num_tokens - 1)
         self._launch(f"mixed_{bucket}_{size}", lambda: self._mixed_body(bucket, size))
 
     def prefill(self, num_tokens: int, start_pos: int = 0, slot: int = 0) -> None:
-        """A prompt from position 0 in one bucket: its prefill graph; otherwise (a prompt continuing the cache's
-        contents, or longer than the largest bucket) extend steps of at most the largest bucket each."""
+        """A prompt of slot 0 from position 0 in one bucket: its prefill graph (SDPA's causal attention over the new
+        tokens); otherwise (another slot, a prompt continuing the cache's contents, or one longer than the largest
+        bucket) extend steps of at most the largest bucket each, slot and start read from the device."""
         check_slot(self.model.slots, slot)
         check_span(self.max_context, start_pos, num_tokens)
         if not self.chunk:  # a context too short for any bucket: the reference step
             eager_prefill(self.model, self.buffers, num_tokens, start_pos, slot)
             return
-        if start_pos == 0 and num_tokens <= self.chunk:
+        if start_pos == 0 and slot == 0 and num_tokens <= self.chunk:
             bucket = self._bucket("prefill", num_tokens)
             self.static.logits_index.fill_(num_tokens - 1)
-            self._launch(_slot_name(f"prefill_{bucket}", slot), lambda: self._prefill_body(bucket, slot))
+            self._launch(f"prefill_{bucket}", lambda: self._prefill_body(bucket))
             return
+        self.static.slot.fill_(slot)
         for offset in range(0, num_tokens, self.chunk):
             n = min(self.chunk, num_tokens - offset)
             bucket = self._bucket("extend", n)
             self.static.start.fill_(start_pos + offset)
             self.static.logits_index.fill_(n - 1)
-            self._launch(_slot_name(f"extend_{bucket}", slot), lambda: self._extend_body(bucket, slot))
+            self._launch(f"extend_{bucket}", lambda: self._extend_body(bucket))
 
     def _bucket(self, kind: str, num_tokens: int, buckets: tuple[int, ...] | None = None) -> int:
         bucket = next(b for b in buckets or self.buckets if b >= num_tokens)
@@ -243,7 +246,7 @@ class GraphRunner:
         torch.add(s.arange[:c], s.start, out=positions[:c])
         positions[:c].clamp_(max=last)  # padding rows past the cache's end: its scratch row, as in an extend step
         positions[c:].copy_(self._batch_in[1, :size])
-        slots[:c].copy_(self._mixed_slot.expand(c))
+        slots[:c].copy_(s.slot.expand(c))
         slots[c:].copy_(self._batch_in[0, :size])
         flat = self._mixed_flat[:c]
         torch.add(positions[:c], slots[:c], alpha=self.max_context, out=flat)  # slot * C + position
@@ -254,9 +257,9 @@ class GraphRunner:
     def _decode_body(self) -> None:
         self.decoder.step(self.buffers.token, self.static.position, self.buffers.logits)
 
-    def _prefill_body(self, bucket: int, slot: int = 0) -> None:
-        ids, positions = self.buffers.slot_ids(slot)[:bucket], self.static.arange[:bucket]
-        self.prefiller.run(ids, positions, self.static.logits_index, self.buffers.logits, slot=slot)
+    def _prefill_body(self, bucket: int) -> None:
+        ids, positions = self.buffers.slot_ids(0)[:bucket], self.static.arange[:bucket]
+        self.prefiller.run(ids, positions, self.static.logits_index, self.buffers.logits)
 
     def _verify_body(self, num_tokens: int) -> None:
         s, n = self.static, num_tokens
@@ -270,30 +273,32 @@ class GraphRunner:
         if self.accepts:
             self.acceptance.run(ids)
 
-    def _extend_body(self, bucket: int, slot: int = 0) -> None:
+    def _extend_body(self, bucket: int) -> None:
         s = self.static
-        positions, ids = s.extend_positions[:bucket], s.extend_ids[:bucket]
+        positions, slots, flat = s.extend_positions[:bucket], s.extend_slots[:bucket], s.extend_flat[:bucket]
+        ids = s.extend_ids[:bucket]  # [bucket] each
         torch.add(s.arange[:bucket], s.start, out=positions)
         # Padding rows past the cache's end write their K/V into its last row (the scratch row, SCRATCH_ROWS),
         # which no prompt token occupies; below it they write positions past the prompt, which no valid row sees.
         positions.clamp_(max=self.max_context - 1)
-        torch.index_select(self.buffers.slot_ids(slot), 0, positions, out=ids)
-        self.prefiller.run(ids, positions, s.logits_index, self.buffers.logits, from_cache=True, slot=slot)
+        slots.copy_(s.slot.expand(bucket))
+        torch.add(positions, slots, alpha=self.max_context, out=flat)  # slot * C + position
+        torch.index_select(self.buffers.input_ids, 0, flat, out=ids)
+        self.prefiller.run(ids, positions, s.logits_index, self.buffers.logits, from_cache=True, slots=slots)
 
     # -- capture ------------------------------------------------------------------------------------------
 
     def pending(self) -> list[str]:
-        """Graphs not captured yet, in capture order: decode, verify (once used), then per slot the prefill and
-        extend buckets by demand (larger first on ties), and verify graphs last when no request has used them yet."""
+        """Graphs not captured yet, in capture order: decode, verify (once used), then the prefill, extend and mixed
+        buckets by demand (larger first on ties), and verify graphs last when no request has used them yet."""
         verify = [f"verify_{n}" for n in range(MAX_VERIFY_TOKENS, 1, -1)]
         order = ["decode", *(f"decode_batch_{b}" for b in self.batch_sizes)] + (verify if self.verify_used else [])
-        for slot in range(self.model.slots):  # KV slots past 0 (--max-num-seqs): their own prefill graphs
-            for kind in ("prefill", "extend"):
-                by_demand = sorted(self.buckets, key=lambda b: (-self.demand[f"{kind}_{b}"], -b))
-                order += [_slot_name(f"{kind}_{b}", slot) for b in by_demand]
-            if slot == 0:  # the mixed steps, after slot 0's prompts
-                by_demand = sorted(self.mixed_buckets, key=lambda b: (-self.demand[f"mixed_{b}"], -b))
+        for kind, buckets in (("prefill", self.buckets), ("extend", self.buckets), ("mixed", self.mixed_buckets)):
+            by_demand = sorted(buckets, key=lambda b: (-self.demand[f"{kind}_{b}"], -b))
+            if kind == "mixed":
                 order += [f"mixed_{b}_{size}" for b in by_demand for size in self.mixed_sizes]
+            else:
+                order += [f"{kind}_{b}" for b in by_demand]
         order += [] if self.verify_used else verify
         return [name for name in order if name not in self.graphs]
 
@@ -359,6 +364,7 @@ class GraphRunner:
         self.static.arange.fill_(last)  # prefill, extend (start 0) and verify (start 0) positions
         self.static.position.fill_(last)  # decode
         self.static.start.zero_()
+        self.static.slot.zero_()  # extend and mixed steps: slot 0, at its last row (arange)
         self.static.logits_index.zero_()  # row 0 is valid for every shape
         self._inputs_read.synchronize()
         self._verify_inputs[:] = 0
@@ -366,16 +372,12 @@ class GraphRunner:
             self._batch_read.synchronize()
             self._batch_in[0].zero_()  # slot 0 at its last row, for every batch size
             self._batch_in[1].fill_(last)
-        if self.mixed_buckets:
-            self._mixed_slot.zero_()  # a mixed step's chunk: slot 0 from `start` 0, i.e. its last row (arange)
 
     def capture_all(self) -> None:
         while self.capture_next() is not None:
             pass
 
     def _body(self, name: str):
-        name, _, slot_text = name.partition("@")
-        slot = int(slot_text or 0)
         if name == "decode":
             return self._decode_body
         if name.startswith("decode_batch_"):
@@ -389,15 +391,11 @@ class GraphRunner:
             return lambda: self._mixed_body(bucket, size)
         if name.startswith("extend_"):
             bucket = int(name.removeprefix("extend_"))
-            return lambda: self._extend_body(bucket, slot)
+            return lambda: self._extend_body(bucket)
         bucket = int(name.removeprefix("prefill_"))
-        return lambda: self._prefill_body(bucket, slot)
+        return lambda: self._prefill_body(bucket)
 
     def facts(self) -> dict:
         return {"captured": dict(self.stats.seconds), "warmup": dict(self.stats.warmup_seconds),
                 "pending": self.pending(), "graph_pool_bytes": self.stats.pool_bytes}
 
-
-def _slot_name(name: str, slot: int) -> str:
-    """A single-sequence graph's name for KV slot `slot` (slot 0's is the plain name)."""
-    return name if slot == 0 else f"{name}@{slot}"

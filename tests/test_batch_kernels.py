@@ -102,6 +102,36 @@ def test_the_fused_batched_step_equals_the_reference_step(name, plan):
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
+def test_a_prompt_into_a_slot_read_from_the_device_equals_the_reference(name):
+    """FusedPrefill with the slot read on the device (the extend graphs serve every slot): a prompt from position 0
+    and its continuation, into slot 2 of 3, against the reference prefill into that slot; no other slot changes."""
+    from graph_executor.fused_prefill import FusedPrefill
+
+    cfg = CONFIGS[name]
+    model = _model(cfg, slots=3)
+    _prefill(model, {0: list(range(1, 8)), 1: [9, 8, 7]})
+    before = model.kv_caches.clone()
+    ids = torch.arange(50, 62, device=DEVICE)
+    want = []
+    for start, n in ((0, 8), (8, 4)):  # 8 tokens, then 4 more continuing them
+        want.append(model(ids[start:start + n], torch.arange(start, start + n, device=DEVICE),
+                          torch.tensor([n - 1], device=DEVICE), start + n, slot=2)[0].float())
+    want_caches = model.kv_caches.clone()
+    model.kv_caches.copy_(before)
+    prefill = FusedPrefill(model, 16)
+    for (start, n), expected in zip(((0, 8), (8, 4)), want):
+        logits = torch.full((cfg.vocab_size,), float("nan"), device=DEVICE)
+        prefill.run(ids[start:start + n], torch.arange(start, start + n, device=DEVICE),
+                    torch.tensor([n - 1], device=DEVICE), logits, from_cache=True,
+                    slots=torch.full((n,), 2, device=DEVICE))
+        torch.testing.assert_close(logits, expected, **TOL)
+    torch.testing.assert_close(model.kv_caches, want_caches, **TOL)
+    with pytest.raises(ValueError, match="from_cache"):
+        prefill.run(ids[:4], torch.arange(4, device=DEVICE), torch.tensor([3], device=DEVICE), logits,
+                    slots=torch.full((4,), 2, device=DEVICE))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
 def test_the_mixed_step_equals_a_prefill_then_a_batched_decode(name):
     """FusedMixedStep: a prompt chunk of slot 1 continuing what its cache holds (7 real rows padded to 16, as a graph
     bucket pads them) and decode rows of slots 2 and 0, in one pass; against the reference prefill of the chunk and
@@ -150,9 +180,10 @@ def test_packed_weights_are_refused_for_batching():
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_batched_decode_graphs_and_slot_prefills_equal_the_reference(name):
-    """GraphRunner with 4 slots: prefill each slot by its own graphs (a 40-token prompt in two chunks), then batched
-    decode steps of 1..4 sequences (size 3 padded to 4) replayed from captured graphs, some carrying a prompt chunk
-    of another slot (mixed steps, chunks of 7 and 20 tokens), against ModelRunner on a copy of the weights."""
+    """GraphRunner with 4 slots: prefill each slot (slot 0 by its prefill graph, the others by the extend graphs, a
+    40-token prompt in two chunks), then batched decode steps of 1..4 sequences (size 3 padded to 4) replayed from
+    captured graphs, some carrying a prompt chunk of another slot (mixed steps, chunks of 7 and 20 tokens), against
+    ModelRunner on a copy of the weights."""
     from graph_executor.graphs import GraphRunner
 
     cfg = CONFIGS[name]
@@ -160,8 +191,9 @@ def test_batched_decode_graphs_and_slot_prefills_equal_the_reference(name):
     graphs, eager = GraphRunner(model), ModelRunner(ref)
     assert graphs.batch_sizes == (1, 2, 4)
     graphs.capture_all()
-    assert {"decode_batch_1", "decode_batch_2", "decode_batch_4", "prefill_16@3", "extend_32@2", "mixed_16_4",
-            "mixed_32_1"} <= set(graphs.graphs)
+    assert {"decode_batch_1", "decode_batch_2", "decode_batch_4", "prefill_16", "extend_16", "extend_32",
+            "mixed_16_4", "mixed_32_1"} <= set(graphs.graphs)
+    assert not any("@" in name for name in graphs.graphs)  # no graph is per slot: slots are read on the device
     prompts = {0: list(range(3, 20)), 1: [5, 6, 7], 2: list(range(40, 80)), 3: [9]}
     for runner in (graphs, eager):
         for slot, prompt in prompts.items():
