@@ -64,34 +64,12 @@ class TensorParallel:
         part = config.vocab_size // self.size
         return range(self.rank * part, (self.rank + 1) * part)
 
-    # -- slices of whole tensors (the loaders' and the dummy fill's) -------------------------------------
-
-    def qkv_rows(self, config: ModelConfig) -> torch.Tensor:
-        """Rows of the fused [q + 2 kv, H] QKV weight (and bias) that this rank holds, in its local layout."""
-        hd, per_rank = config.head_dim, config.num_heads // self.size
-        q = torch.arange(self.rank * per_rank * hd, (self.rank + 1) * per_rank * hd)
-        kv = self.kv_heads(config)
-        k = torch.arange(kv.start * hd, kv.stop * hd) + config.q_size
-        return torch.cat([q, k, k + config.kv_size])
-
-    def q_columns(self, config: ModelConfig) -> slice:
-        """Input columns of o_proj [H, q] for this rank's query heads."""
-        per_rank = config.q_size // self.size
-        return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
-
-    def gate_up_rows(self, config: ModelConfig) -> torch.Tensor:
-        """Rows of the fused [2 I, H] gate_up weight: this rank's block of gate, then the same block of up."""
-        i, part = config.intermediate_size, config.intermediate_size // self.size
-        block = torch.arange(self.rank * part, (self.rank + 1) * part)
-        return torch.cat([block, block + i])
-
-    def intermediate_columns(self, config: ModelConfig) -> slice:
-        part = config.intermediate_size // self.size
-        return slice(self.rank * part, (self.rank + 1) * part)
+    # -- this rank's parts of whole tensors: one description (`checkpoint_part`), the fused layouts derived -----
 
     def checkpoint_part(self, name: str, config: ModelConfig) -> tuple[slice, ...] | None:
         """The index of this rank's part of HF checkpoint tensor `name` of the whole model `config` (rows, or all
-        rows and some columns); None: every rank holds it whole (embedding, norms)."""
+        rows and some columns): whole heads of q (and of k/v, split or replicated), a block of the intermediate
+        size, a block of the vocabulary. None: every rank holds it whole (embedding, norms)."""
         hd = config.head_dim
         if name == "lm_head.weight":
             rows = self.vocab_rows(config)
@@ -103,13 +81,25 @@ class TensorParallel:
             kv = self.kv_heads(config)
             return (slice(kv.start * hd, kv.stop * hd),)
         if ".self_attn.o_proj." in name:
-            return (slice(None), self.q_columns(config))
+            return (slice(None), self.checkpoint_part(".self_attn.q_proj.", config)[0])
         if ".mlp.gate_proj." in name or ".mlp.up_proj." in name:
-            cols = self.intermediate_columns(config)
-            return (cols,)
+            part = config.intermediate_size // self.size
+            return (slice(self.rank * part, (self.rank + 1) * part),)
         if ".mlp.down_proj." in name:
-            return (slice(None), self.intermediate_columns(config))
+            return (slice(None), self.checkpoint_part(".mlp.gate_proj.", config)[0])
         return None
+
+    def fused_rows(self, fused: str, config: ModelConfig) -> torch.Tensor:
+        """Rows of a whole fused weight that this rank holds, in its local layout: "qkv" ([q + 2 kv, H], its bias
+        too) or "gate_up" ([2 I, H]): each checkpoint part's rows, offset by where that part sits in the fusion."""
+        parts = {"qkv": [("q_proj", 0), ("k_proj", config.q_size), ("v_proj", config.q_size + config.kv_size)],
+                 "gate_up": [("gate_proj", 0), ("up_proj", config.intermediate_size)]}[fused]
+        kind = "self_attn" if fused == "qkv" else "mlp"
+        rows = []
+        for part, offset in parts:
+            index = self.checkpoint_part(f".{kind}.{part}.", config)[0]
+            rows.append(torch.arange(index.start, index.stop) + offset)
+        return torch.cat(rows)
 
     # -- the collectives of a step ------------------------------------------------------------------------
 
@@ -136,8 +126,9 @@ def shard_model(full, tp: TensorParallel, slots: int = 1):
     cfg = full.config
     local = LlamaModel(tp.local_config(cfg), full.max_context, full.device, full.dtype, slots=slots, tp=tp,
                        full_config=cfg)
-    qkv, q_cols = tp.qkv_rows(cfg), tp.q_columns(cfg)
-    gate_up, i_cols = tp.gate_up_rows(cfg), tp.intermediate_columns(cfg)
+    qkv, gate_up = tp.fused_rows("qkv", cfg), tp.fused_rows("gate_up", cfg)
+    q_cols = tp.checkpoint_part(".self_attn.o_proj.", cfg)[1]
+    i_cols = tp.checkpoint_part(".mlp.down_proj.", cfg)[1]
     vocab = tp.vocab_rows(cfg)
     with torch.no_grad():
         local.embed_tokens.copy_(full.embed_tokens)

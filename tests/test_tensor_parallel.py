@@ -106,7 +106,7 @@ def test_the_split_checks_the_shapes():
     local = TensorParallel(1, 2).local_config(cfg)
     assert (local.num_heads, local.num_kv_heads, local.intermediate_size) == (2, 1, 48)
     assert list(TensorParallel(1, 4).kv_heads(CONFIGS["gqa-replicated-kv"])) == [0]
-    assert TensorParallel(1, 2).qkv_rows(cfg).tolist()[:2] == [32, 33]  # query head 2's first row
+    assert TensorParallel(1, 2).fused_rows("qkv", cfg).tolist()[:2] == [32, 33]  # query head 2's first row
 
 
 
