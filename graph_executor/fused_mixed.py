@@ -61,7 +61,7 @@ class FusedMixedStep:
             rope_append(qkv, positions, m.rope, q, cache[0], cache[1], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                         slots=slots, slot_stride=stride)
             extend_attention(q[:c], cache[0], cache[1], positions[:c], attn[:c], cfg.sliding_window, slot=slots[:1],
-                             slot_stride=stride)
+                             slot_stride=stride, workspace=self.prefill.workspace)
             self.attention(q[c:], cache[0], cache[1], positions[c:], attn[c:], slots=slots[c:], slot_stride=stride)
             matmul(attn.view(t, cfg.q_size), layer.o_proj, x, accumulate=True, scratch=scratch)
             rmsnorm_rows(x, layer.mlp_norm, eps, h)

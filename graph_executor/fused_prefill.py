@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from graph_executor.kernels.extend_attention import extend_attention
+from graph_executor.kernels.extend_attention import ExtendWorkspace, extend_attention
 from graph_executor.kernels.projections import embedding, matmul, prefill_scratch, rmsnorm_gemv
 from graph_executor.kernels.rope_append import rope_append
 from graph_executor.kernels.rows import rmsnorm_rows, silu_mul_rows
@@ -22,6 +22,9 @@ class FusedPrefill:
         self.model = model
         device = model.embed_tokens.device
         self.buffers = RowActivations.allocate(model, max_tokens)
+        cfg = model.config
+        # key-split partials of the extend attention for short prompts over a long cache (a chat's next turn)
+        self.workspace = ExtendWorkspace.allocate(cfg.num_heads, cfg.head_dim, model.max_context, device)
         # split-K partials of the low-bit GEMM for short prompts (None when no projection is packed)
         self.scratch = prefill_scratch([w for layer in model.layers for w in (
             layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)], max_tokens, device)
@@ -53,8 +56,8 @@ class FusedPrefill:
                         cfg.head_dim, slots=slots, slot_stride=stride)
             if from_cache:
                 attn = extend_attention(q, cache[0], cache[1], positions, b.attn, cfg.sliding_window,
-                                        slot=None if slots is None else slots[:1],
-                                        slot_stride=stride).view(t, cfg.q_size)  # [T, nh * hd]
+                                        slot=None if slots is None else slots[:1], slot_stride=stride,
+                                        workspace=self.workspace).view(t, cfg.q_size)  # [T, nh * hd]
             else:
                 out = F.scaled_dot_product_attention(
                     q.transpose(0, 1)[None], cache[0, :, :t][None], cache[1, :, :t][None], is_causal=True,

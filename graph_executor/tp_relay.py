@@ -40,7 +40,8 @@ class LeaderRunner:
     def prefill(self, num_tokens: int, start_pos: int = 0, slot: int = 0) -> None:
         check_slot(self.model.slots, slot)  # refused here, before the other ranks hear of it
         check_span(self.max_context, start_pos, num_tokens)
-        self._relay(PREFILL, (num_tokens, start_pos, slot), self.buffers.slot_ids(slot)[start_pos:start_pos + num_tokens])
+        ids = self.buffers.slot_ids(slot)[start_pos:start_pos + num_tokens]
+        self._relay(PREFILL, (num_tokens, start_pos, slot), ids)
         self.inner.prefill(num_tokens, start_pos, slot)
 
     def decode(self, position: int) -> None:

@@ -13,7 +13,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from graph_executor.kernels.extend_attention import extend_attention  # noqa: E402
+from graph_executor.kernels.extend_attention import ExtendWorkspace, extend_attention  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.float16 if DEVICE.type == "cuda" else torch.float32
@@ -38,7 +38,8 @@ def reference(q, k, v, positions, window):
 @pytest.mark.parametrize("t,start,heads,kv_heads,window,context", [
     (1, 0, 4, 4, None, 32), (12, 0, 4, 2, None, 32), (20, 37, 4, 4, None, 96), (70, 5, 4, 1, None, 128),
     (9, 50, 6, 2, 8, 64), (33, 100, 2, 2, 40, 160), (16, 90, 4, 2, None, 100)])
-def test_extend_attention_matches_float64(t, start, heads, kv_heads, window, context):
+@pytest.mark.parametrize("split", [None, 64], ids=["one-pass", "key-splits"])
+def test_extend_attention_matches_float64(t, start, heads, kv_heads, window, context, split):
     gen = torch.Generator().manual_seed(t * 131 + start)
     hd = 16
 
@@ -50,7 +51,9 @@ def test_extend_attention_matches_float64(t, start, heads, kv_heads, window, con
     k, v = rnd(kv_heads, context, hd), rnd(kv_heads, context, hd)
     positions = (torch.arange(t) + start).clamp(max=context - 1)  # padding rows past the cache end: its last row
     out = torch.full((t, heads, hd), float("nan"), dtype=DTYPE)
-    got = extend_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), positions.to(DEVICE), out.to(DEVICE), window)
+    workspace = ExtendWorkspace.allocate(heads, hd, context, DEVICE, split) if split else None  # 64 keys a split
+    got = extend_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), positions.to(DEVICE), out.to(DEVICE), window,
+                           workspace=workspace)
     torch.testing.assert_close(got.double().cpu(), reference(q, k, v, positions, window), **TOL)
 
 
@@ -64,6 +67,15 @@ def test_the_slot_read_from_the_device_picks_its_caches():
     extend_attention(q.to(DEVICE), dev[0, 0], dev[0, 1], positions.to(DEVICE), out, None,
                      slot=torch.tensor([2], device=DEVICE), slot_stride=dev.stride(0))
     torch.testing.assert_close(out.double().cpu(), reference(q, caches[2, 0], caches[2, 1], positions, None), **TOL)
+
+
+def test_the_split_sizes_follow_the_context():
+    small = ExtendWorkspace.allocate(4, 16, 1000, DEVICE)
+    assert (small.split, small.num_splits) == (256, 4)
+    big = ExtendWorkspace.allocate(4, 16, 32768, DEVICE)
+    assert (big.split, big.num_splits) == (2048, 16)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        ExtendWorkspace.allocate(4, 16, 1000, DEVICE, split=100)
 
 
 def test_bad_shapes_are_one_line_errors():

@@ -86,8 +86,8 @@ def hf_slot(model: LlamaModel, name: str) -> rows.Weight:
 
 
 def tp_part(model: LlamaModel, name: str) -> tuple[slice, ...] | None:
-    """The index of this tensor-parallel rank's part of checkpoint tensor `name` (None: whole, or no tensor parallelism):
-    what a loader reads of it."""
+    """The index of this tensor-parallel rank's part of checkpoint tensor `name` (None: whole, or no tensor
+    parallelism): what a loader reads of it."""
     if model.tp is None or name.endswith(IGNORED_SUFFIXES):
         return None
     return model.tp.checkpoint_part(name, model.full_config)
