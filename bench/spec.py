@@ -48,8 +48,9 @@ WORKLOAD_HELP = {
             "HTTP client's TTFT against the native client's",
     "concurrency": "the hybridrt engine with --max-num-seqs N >= 2: N streams of --decode-tokens tokens at once "
                    "(each stream's per-token P50 against one stream alone on the same server, aggregate tokens/s), "
-                   "and a 100-token prompt arriving while N - 1 streams decode (its TTFT against the idle TTFT, and "
-                   "the running streams' worst token gap meanwhile against their P50)",
+                   "and a 100-token prompt arriving while N - 1 streams decode, 6 times at points spread over one of "
+                   "their steps (its median TTFT against the idle TTFT, and the running streams' worst token gap "
+                   "meanwhile against their P50)",
     "turns": "the hybridrt engine: TTFT of a chat's second turn (the first turn's ~560-token prompt, its 20-token reply "
              "and 20 new tokens) against a fresh 20-token prompt's; with --prefix-reuse the second turn prefills only "
              "what the KV cache does not hold",
@@ -59,6 +60,7 @@ SPECULATIVE_METHODS = METHODS  # jit_context.speculative_config (torch-free, as 
 SPEC_PROMPT_CONTEXT = 384  # room for the longest chat prompt of the speculative workload
 VERIFY_CONTEXT = 512  # the verify workload's steps run at this position
 ARRIVAL_PROMPT = 100  # the concurrency workload's arriving request (issue 14: a 100-token prompt)
+ARRIVALS = 6  # arrivals timed (at least; --repeats if more), spread over one decode step of the running streams
 TURN_PROMPT, TURN_REPLY, TURN_NEW = 560, 20, 20  # the turns workload's chat (issue 14: ~600 tokens, 20 new)
 MPS_MODES = ("auto", "on", "off")
 QUANTIZE_METHODS = QUANTIZE_NAMES  # graph_executor.quant.names (torch-free)

@@ -13,7 +13,7 @@ import random
 from pathlib import Path
 from typing import Protocol
 
-from bench.spec import ARRIVAL_PROMPT, DRAIN_TOKENS, TURN_NEW, TURN_PROMPT, TURN_REPLY, BenchSpec
+from bench.spec import ARRIVAL_PROMPT, ARRIVALS, DRAIN_TOKENS, TURN_NEW, TURN_PROMPT, TURN_REPLY, BenchSpec
 
 SPEC_PROMPTS = Path(__file__).resolve().parent / "data" / "spec_prompts.json"
 from bench.stats import gaps_ms, percentile, r3, token_summary, ttft_summary
@@ -169,10 +169,13 @@ def concurrency(engine: Engine, spec: BenchSpec) -> dict:
     out["aggregate_vs_single"] = round(out["aggregate_tokens_per_s"] / out["single_tokens_per_s"], 3)
     # The arrival: idle TTFT of the prompt, then the same prompt while n - 1 streams decode.
     arriving = prompt_ids(ARRIVAL_PROMPT, vocab, spec.seed + 1000)
-    idle = [run([(arriving, 1, 0.0)])[0][0] for _ in range(max(3, spec.repeats))]
-    delay_s = (alone[0] + 8 * single["p50_ms"]) / 1e3  # the others are past their prefill and decoding by then
+    arrivals = max(ARRIVALS, spec.repeats)
+    idle = [run([(arriving, 1, 0.0)])[0][0] for _ in range(arrivals)]
     busy_ttft, worst_gap, running_p50 = [], [], []
-    for _ in range(max(3, spec.repeats)):
+    for r in range(arrivals):
+        # The others are past their prefill and decoding by then; each arrival lands at another point of their
+        # decode step (offsets spread over one step): the TTFT depends on how much of the step in flight is left.
+        delay_s = (alone[0] + (8 + r / arrivals) * single["p50_ms"]) / 1e3
         times = run([(p, want, 0.0) for p in prompts[: n - 1]] + [(arriving, 1, delay_s)])
         first = times[-1][0]
         busy_ttft.append(first)
