@@ -6,7 +6,7 @@
 #   run: bash tools/device_session.sh [tests|bench|probe|profile|quant|gemv|gemm|fp8|batching ...]   (default: the
 #   first three, ~6-7 min)
 #   batching: the batched-decode cuda tests (the SmolLM2 one needs HYBRIDRT_TEST_GGUF, ~2.5 min); batchbench:
-#   bench.probes.batch_step, and `bench --workloads decode,concurrency --max-num-seqs 4` then `--max-num-seqs 1` decode
+#   bench.probes.batch_step and bench.probes.extend_attention, and `bench --workloads decode,concurrency --max-num-seqs 4` then `--max-num-seqs 1` decode
 #   on dummy:llama-2-7b, each followed by `--workloads turns --prefix-reuse` (~7 min); startup: bench.probes.serve_ready on $HYBRIDRT_TEST_GGUF, 3 fresh starts (~1 min)
 #   quant: the packed-weight tests and `bench --quantize none,int8,int4,fp8` on dummy:llama-2-7b (executor, ~3 min);
 #   gemv: the low-bit GEMV block sweep per projection and format (~1 min); gemm: the low-bit prefill GEMM's default
@@ -55,6 +55,8 @@ for step in "${steps[@]}"; do
               echo "batching tests: rc=$? $(tail -1 "$OUT/batching_tests.log")" ;;
     batchbench) timeout 150 python3 -m bench.probes.batch_step --out "$OUT/batch_step" > "$OUT/batch_step.log" 2>&1
               echo "batch step probe: rc=$?"; cat "$OUT/batch_step.log"
+              timeout 100 python3 -m bench.probes.extend_attention --out "$OUT/extend" > "$OUT/extend.log" 2>&1
+              echo "extend attention probe: rc=$?"; cat "$OUT/extend.log"
               for n in 4 1; do w=decode; [ $n = 4 ] && w=decode,concurrency
                 timeout 200 python3 -m launch.cli bench --quiet --model dummy:llama-2-7b --engines hybridrt \
                   --workloads $w --max-num-seqs $n --decode-tokens 128 --repeats 3 --out "$OUT/slots-$n" \

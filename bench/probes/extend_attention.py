@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     k, v = (torch.randn(HEADS, CACHE, HEAD_DIM, device=dev, dtype=torch.float16, generator=gen) for _ in range(2))
     workspace = ExtendWorkspace.allocate(HEADS, HEAD_DIM, CACHE, dev)
     rows = []
-    print("| new tokens | cached | one pass ms/step | key splits ms/step | SDPA (masked) ms/step |\n|---|---|---|---|---|")
+    print("| new tokens | cached | one pass ms/step | key splits ms/step | SDPA (masked) ms/step |\n"
+          "|---|---|---|---|---|")
     for context in (int(c) for c in args.contexts.split(",")):
         for t in (int(x) for x in args.tokens.split(",")):
             q = torch.randn(t, HEADS, HEAD_DIM, device=dev, dtype=torch.float16, generator=gen)
