@@ -6,8 +6,9 @@
 #   run: bash tools/device_session.sh [tests|bench|probe|profile|quant|gemv|gemm|fp8|batching ...]   (default: the
 #   first three, ~6-7 min)
 #   batching: the batched-decode cuda tests (the SmolLM2 one needs HYBRIDRT_TEST_GGUF, ~2.5 min); batchbench:
-#   bench.probes.batch_step and bench.probes.extend_attention, and `bench --workloads decode,concurrency --max-num-seqs 4` then `--max-num-seqs 1` decode
-#   on dummy:llama-2-7b, each followed by `--workloads turns --prefix-reuse` (~7 min); startup: bench.probes.serve_ready on $HYBRIDRT_TEST_GGUF, 3 fresh starts (~1 min)
+#   bench.probes.batch_step and bench.probes.extend_attention, then `bench --workloads decode,concurrency
+#   --max-num-seqs 4` and `--max-num-seqs 1` decode on dummy:llama-2-7b, each followed by `--workloads turns
+#   --prefix-reuse` (~7 min); startup: bench.probes.serve_ready on $HYBRIDRT_TEST_GGUF, 3 fresh starts (~1 min)
 #   quant: the packed-weight tests and `bench --quantize none,int8,int4,fp8` on dummy:llama-2-7b (executor, ~3 min);
 #   gemv: the low-bit GEMV block sweep per projection and format (~1 min); gemm: the low-bit prefill GEMM's default
 #   configs against torch.mm per projection, format and prompt length (~1 min); fp8: the FP8 split-K GEMV sweep
