@@ -1,8 +1,8 @@
 """The decode step of B sequences at once on the GPU (`--max-num-seqs` > 1): the batch-1 step's 7 launches per layer
 (`fused_decoder.py`), with batch-M GEMVs that read each weight tile once for all rows (`kernels/gemv_batch.py`), and
 RoPE + KV append and attention reading each row's own KV slot and position from device memory, so one captured
-graph per batch size serves any choice of slots. Dense weights only so far (the packed formats' split-K kernels
-take one row).
+graph per batch size serves any choice of slots. Packed weights (GGUF kept packed, `--quantize`) take the low-bit
+GEMM for the few rows (`gemv_batch`, default plan).
 
 Numerically each row is `LlamaModel.forward_batch`'s row, i.e. the sequence's own decode step, up to rounding (the
 activations enter the tensor-core product in the weights' dtype).
@@ -15,25 +15,14 @@ import torch
 from graph_executor.kernels import pdl as pdl_launch
 from graph_executor.kernels.decode_attention import DecodeAttention
 from graph_executor.kernels.gemv_batch import BatchGemvPlan, gemm_residual, rmsnorm_gemm, silu_gemm_residual
-from graph_executor.kernels.projections import embedding
+from graph_executor.kernels.projections import embedding, prefill_scratch
 from graph_executor.kernels.rope_append import rope_append
 from graph_executor.model import LlamaModel
-
-
-def check_dense(model: LlamaModel) -> None:
-    """ValueError (one line) unless every projection the batched step reads is a dense tensor."""
-    packed = [name for name, w in [("lm_head", model.lm_head)] + [
-        (f"layers.{i}.{n}", getattr(layer, n)) for i, layer in enumerate(model.layers)
-        for n in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")] if not isinstance(w, torch.Tensor)]
-    if packed:
-        raise ValueError(f"batched decode on the GPU reads dense weights only so far ({packed[0]} is packed): use "
-                         "--max-num-seqs 1 with quantized weights")
 
 
 class FusedBatchDecoder:
     def __init__(self, model: LlamaModel, max_batch: int, plan: BatchGemvPlan = BatchGemvPlan(),
                  pdl: bool | None = None) -> None:
-        check_dense(model)
         cfg = model.config
         device = model.embed_tokens.device
         self.pdl = pdl_launch.supported(device) if pdl is None else pdl
@@ -52,13 +41,16 @@ class FusedBatchDecoder:
         self.attention = DecodeAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, model.max_context, device,
                                          cfg.sliding_window, max_tokens=max_batch, pdl=self.pdl, batched=True)
         self.slot_stride = model.kv_caches.stride(0)  # elements from one slot's caches to the next's
+        # the low-bit GEMM's split-K partials for packed weights (None when every projection is dense)
+        self.scratch = prefill_scratch([model.lm_head] + [w for layer in model.layers for w in (
+            layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)], max_batch, device)
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
              logits: torch.Tensor) -> torch.Tensor:
         """tokens, positions, slots: [B] int64 on the device (distinct slots, or repeats of one row: a repeated
         row computes and writes the same values); logits [B, vocab] (float32) written in place."""
-        m, cfg, g = self.model, self.model.config, self.plan
+        m, cfg, g, sc = self.model, self.model.config, self.plan, self.scratch
         b, eps, stride = tokens.shape[0], cfg.rms_norm_eps, self.slot_stride
         if b > self.max_batch:
             raise ValueError(f"a batch of {b} sequences, the decoder holds {self.max_batch}")
@@ -66,11 +58,11 @@ class FusedBatchDecoder:
         embedding(m.embed_tokens, tokens, x)
         for index, layer in enumerate(m.layers):
             cache = m.kv_caches[0, index]  # [2, nkv, C, hd]: slot 0's; row r's lies slots[r] * stride further
-            rmsnorm_gemm(layer.qkv_proj, x, layer.attn_norm, eps, qkv, bias=layer.qkv_bias, cfg=g.qkv)
+            rmsnorm_gemm(layer.qkv_proj, x, layer.attn_norm, eps, qkv, bias=layer.qkv_bias, cfg=g.qkv, scratch=sc)
             rope_append(qkv, positions, m.rope, q, cache[0], cache[1], cfg.num_heads, cfg.num_kv_heads,
                         cfg.head_dim, pdl=self.pdl, slots=slots, slot_stride=stride)
             self.attention(q, cache[0], cache[1], positions, attn, slots=slots, slot_stride=stride)
-            gemm_residual(layer.o_proj, attn.view(b, -1), x, cfg=g.o)
-            rmsnorm_gemm(layer.gate_up_proj, x, layer.mlp_norm, eps, gate_up, cfg=g.gate_up)
-            silu_gemm_residual(layer.down_proj, gate_up, x, cfg=g.down)
-        return rmsnorm_gemm(m.lm_head, x, m.norm, eps, logits, cfg=g.lm_head)
+            gemm_residual(layer.o_proj, attn.view(b, -1), x, cfg=g.o, scratch=sc)
+            rmsnorm_gemm(layer.gate_up_proj, x, layer.mlp_norm, eps, gate_up, cfg=g.gate_up, scratch=sc)
+            silu_gemm_residual(layer.down_proj, gate_up, x, cfg=g.down, scratch=sc)
+        return rmsnorm_gemm(m.lm_head, x, m.norm, eps, logits, cfg=g.lm_head, scratch=sc)

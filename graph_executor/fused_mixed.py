@@ -20,7 +20,7 @@ from graph_executor.fused_prefill import FusedPrefill
 from graph_executor.kernels.decode_attention import DecodeAttention
 from graph_executor.kernels.extend_attention import extend_attention
 from graph_executor.kernels.gemv_batch import BatchGemvPlan, rmsnorm_gemm
-from graph_executor.kernels.projections import embedding, matmul, rmsnorm_gemv
+from graph_executor.kernels.projections import embedding, matmul, prefill_scratch, rmsnorm_gemv
 from graph_executor.kernels.rope_append import rope_append
 from graph_executor.kernels.rows import rmsnorm_rows, silu_mul_rows
 
@@ -37,6 +37,7 @@ class FusedMixedStep:
                                          cfg.sliding_window, max_tokens=max_decode, batched=True)
         self.slot_stride = model.kv_caches.stride(0)  # elements from one slot's caches to the next's
         self.last = torch.empty(1, cfg.hidden_size, device=device, dtype=model.dtype)  # the chunk's last valid row
+        self.head_scratch = prefill_scratch([model.lm_head], max_decode, device)  # a packed lm_head's partials
 
     @torch.inference_mode()
     def run(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, chunk_rows: int,
@@ -72,4 +73,5 @@ class FusedMixedStep:
         # in its own kind of step (a greedy argmax then picks what it would there).
         torch.index_select(x, 0, logits_index, out=self.last)
         rmsnorm_gemv(m.lm_head, self.last[0], m.norm, eps, logits)
-        rmsnorm_gemm(m.lm_head, x[c:], m.norm, eps, batch_logits, cfg=BatchGemvPlan().lm_head)
+        rmsnorm_gemm(m.lm_head, x[c:], m.norm, eps, batch_logits, cfg=BatchGemvPlan().lm_head,
+                     scratch=self.head_scratch)

@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tp-rank", type=int, default=0, help="this process's rank (0 talks to the JIT context)")
     p.add_argument("--tp-port", type=int, default=0, help="the ranks' rendezvous port on 127.0.0.1")
     p.add_argument("--max-num-seqs", type=int, default=1,
-                   help="KV slots: sequences held and decoded together (on a GPU: dense weights only so far)")
+                   help="KV slots: sequences held and decoded together")
     p.add_argument("--supervisor-pid", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--no-graphs", action="store_true", help="run every step eagerly (no CUDA graphs)")
@@ -150,13 +150,6 @@ def main(argv: list[str] | None = None) -> int:
         if tp is not None and tp.rank > 0:
             follow(loaded.model, tp)
             return 0
-        if args.max_num_seqs > 1 and loaded.model.device.type == "cuda" and not args.no_graphs:
-            from graph_executor.fused_batch_decoder import check_dense  # needs Triton: GPU path only
-
-            try:
-                check_dense(loaded.model)
-            except ValueError as e:
-                raise HybridrtError(str(e)) from None
         for name, seconds in loaded.phases.items():
             startup.add(name, seconds)
         if args.draft_model:

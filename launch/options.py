@@ -100,9 +100,8 @@ def add_max_num_seqs_flag(p: argparse.ArgumentParser) -> None:
                    help=f"requests served at once, 1..{MAX_NUM_SEQS}: N KV caches are allocated at start and the "
                         "running requests decode together, one step for all (continuous batching: a request joins "
                         "or leaves between two steps, a new prompt is prefilled in chunks of at most 256 tokens "
-                        "carried by the decode steps). 1 serves one request at a time, with speculative decoding. On "
-                        "a GPU, N > 1 needs dense weights (no --quantize or packed GGUF) (default: "
-                        f"{CPU_MAX_NUM_SEQS} on the CPU, 1 on a GPU)")
+                        "carried by the decode steps). 1 serves one request at a time, with speculative decoding "
+                        f"(default: {CPU_MAX_NUM_SEQS} on the CPU, 1 on a GPU)")
 
 
 def max_num_seqs(args: argparse.Namespace, gpu: bool) -> int:

@@ -7,11 +7,12 @@ with the batch-1 kernels' fusions (`gemv.py`) where the product is ours:
 
 Two implementations per function, chosen by `BatchGemvConfig.cublas`. cuBLAS (the default plan): RMSNorm and SwiGLU
 as row kernels (`rows.py`) before the product, the residual through `addmm_`'s epilogue, the product written straight
-into the caller's buffer. Triton on the tensor cores: at M <= 16 the step is still bound by reading W once, but the
-batch-1 kernels' multiply-and-sum per weight would cost M times the arithmetic; `tl.dot` of a [BLOCK_N, BLOCK_K]
-weight tile by the [BLOCK_K, 16] activations (rows past M are masked zeros) does all rows in one instruction stream,
-RMSNorm's per-row scale applied to the product at the end. It lost to cuBLAS on the whole step (`BatchGemvPlan`).
-W is [N, K] row-major (dense: the activation dtype).
+into the caller's buffer; packed weights take the low-bit GEMM there instead (`projections.matmul`: tiles unpacked
+in registers, split along K for a few rows). Triton on the tensor cores (dense weights only): at M <= 16 the step is
+still bound by reading W once, but the batch-1 kernels' multiply-and-sum per weight would cost M times the
+arithmetic; `tl.dot` of a [BLOCK_N, BLOCK_K] weight tile by the [BLOCK_K, 16] activations (rows past M are masked
+zeros) does all rows in one instruction stream, RMSNorm's per-row scale applied to the product at the end. It lost to
+cuBLAS on the whole step (`BatchGemvPlan`). W is [N, K] row-major.
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ import torch
 import triton
 import triton.language as tl
 
+from graph_executor.kernels.gemv_splitk import SplitKScratch
 from graph_executor.kernels.pdl import launch_options, wait_for_prior
+from graph_executor.kernels.projections import matmul
 from graph_executor.kernels.rows import rmsnorm_rows, silu_mul_rows
+from graph_executor.quant.rows import Weight
 
 BLOCK_M = 16  # sequences per program (the tensor core's minimum; rows past the batch are masked zeros)
 
@@ -127,24 +131,27 @@ def _launch(n: int, m: int, cfg: BatchGemvConfig, w: torch.Tensor) -> tuple[tupl
                       num_warps=cfg.num_warps, num_stages=cfg.num_stages, PDL=cfg.pdl, **launch_options(cfg.pdl))
 
 
-def _check(w: torch.Tensor, *rows: torch.Tensor) -> None:
-    if not isinstance(w, torch.Tensor):
-        raise ValueError("batched decode GEMVs take dense weights only (packed formats decode one sequence so far)")
+def _check(w: Weight, cfg: BatchGemvConfig, *rows: torch.Tensor) -> None:
+    if not cfg.cublas and not isinstance(w, torch.Tensor):
+        raise ValueError("the Triton batched GEMVs take dense weights (packed ones take the default plan)")
     for t in rows:
         if t.dim() != 2 or t.stride(1) != 1:
             raise ValueError(f"batched GEMV operands are [M, K] rows with unit stride, got {tuple(t.shape)}")
 
 
-def rmsnorm_gemm(w: torch.Tensor, x: torch.Tensor, norm_w: torch.Tensor, eps: float, out: torch.Tensor,
-                 bias: torch.Tensor | None = None, cfg: BatchGemvConfig = BatchGemvConfig()) -> torch.Tensor:
-    """w [N, K], x [M, K], norm_w [K], bias [N] or None -> out [M, N] (any float dtype)."""
-    _check(w, x, out)
+def rmsnorm_gemm(w: Weight, x: torch.Tensor, norm_w: torch.Tensor, eps: float, out: torch.Tensor,
+                 bias: torch.Tensor | None = None, cfg: BatchGemvConfig = BatchGemvConfig(),
+                 scratch: SplitKScratch | None = None) -> torch.Tensor:
+    """w [N, K] (dense, or packed with the default plan), x [M, K], norm_w [K], bias [N] or None -> out [M, N] (any
+    float dtype). `scratch`: the low-bit GEMM's split-K partials for packed weights (`prefill_scratch`)."""
+    _check(w, cfg, x, out)
     n, k = w.shape
     if cfg.cublas:
         h = rmsnorm_rows(x, norm_w, eps, torch.empty_like(x), pdl=cfg.pdl)  # [M, K]
-        if out.dtype == w.dtype and out.is_contiguous():  # straight into out: no copy kernel (qkv, gate_up)
-            return torch.mm(h, w.t(), out=out) if bias is None else torch.addmm(bias, h, w.t(), out=out)
-        product = torch.mm(h, w.t()) if bias is None else torch.addmm(bias, h, w.t())  # [M, N] in w's dtype
+        if out.dtype == x.dtype and out.is_contiguous():  # straight into out: no copy kernel (qkv, gate_up)
+            return matmul(h, w, out, bias=bias, scratch=scratch)
+        product = matmul(h, w, torch.empty(x.shape[0], n, device=x.device, dtype=x.dtype), bias=bias,
+                         scratch=scratch)  # [M, N] in the activations' dtype
         return out.copy_(product)  # lm_head: float32 logits
     grid, kw = _launch(n, x.shape[0], cfg, w)
     _rmsnorm_gemm_kernel[grid](w, x, norm_w, bias if bias is not None else w, out, x.shape[0], n, k, x.stride(0),
@@ -152,27 +159,27 @@ def rmsnorm_gemm(w: torch.Tensor, x: torch.Tensor, norm_w: torch.Tensor, eps: fl
     return out
 
 
-def gemm_residual(w: torch.Tensor, a: torch.Tensor, x: torch.Tensor,
-                  cfg: BatchGemvConfig = BatchGemvConfig()) -> torch.Tensor:
+def gemm_residual(w: Weight, a: torch.Tensor, x: torch.Tensor, cfg: BatchGemvConfig = BatchGemvConfig(),
+                  scratch: SplitKScratch | None = None) -> torch.Tensor:
     """x [M, N] += a [M, K] @ w [N, K]^T, in place."""
-    _check(w, a, x)
+    _check(w, cfg, a, x)
     if cfg.cublas:
-        return x.addmm_(a, w.t())
+        return matmul(a, w, x, accumulate=True, scratch=scratch)
     n, k = w.shape
     grid, kw = _launch(n, a.shape[0], cfg, w)
     _gemm_residual_kernel[grid](w, a, x, a.shape[0], n, k, a.stride(0), x.stride(0), SWIGLU=False, **kw)
     return x
 
 
-def silu_gemm_residual(w: torch.Tensor, gate_up: torch.Tensor, x: torch.Tensor,
-                       cfg: BatchGemvConfig = BatchGemvConfig()) -> torch.Tensor:
+def silu_gemm_residual(w: Weight, gate_up: torch.Tensor, x: torch.Tensor, cfg: BatchGemvConfig = BatchGemvConfig(),
+                       scratch: SplitKScratch | None = None) -> torch.Tensor:
     """x [M, N] += (silu(gate_up[:, :K]) * gate_up[:, K:]) @ w [N, K]^T, in place."""
-    _check(w, gate_up, x)
+    _check(w, cfg, gate_up, x)
     n, k = w.shape
     if cfg.cublas:
         act = silu_mul_rows(gate_up, torch.empty(gate_up.shape[0], k, device=x.device, dtype=gate_up.dtype),
                             pdl=cfg.pdl)
-        return x.addmm_(act, w.t())
+        return matmul(act, w, x, accumulate=True, scratch=scratch)
     grid, kw = _launch(n, gate_up.shape[0], cfg, w)
     _gemm_residual_kernel[grid](w, gate_up, x, gate_up.shape[0], n, k, gate_up.stride(0), x.stride(0), SWIGLU=True,
                                 **kw)
