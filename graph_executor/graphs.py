@@ -113,7 +113,9 @@ class GraphRunner:
         self.batch_sizes: tuple[int, ...] = ()
         # A DecodeBatch with a prompt chunk (continuous batching's mixed step) replays "mixed_<bucket>_<size>": the
         # chunk padded to a bucket of at most MAX_CHUNK_TOKENS, its slot and start read from the device like the
-        # decode rows', so no graph is per slot. Decode rows number at most slots - 1 there (one slot prefills).
+        # decode rows', so no graph is per slot. Its decode rows (at most slots - 1: one slot prefills) are always
+        # padded to one size: next to a chunk of tens of rows a few more cost next to nothing, and each bucket then
+        # needs one graph, not one per batch size (a 4-slot 7B server captured 15 before ready, ~3 s).
         self.mixed_buckets: tuple[int, ...] = ()
         self.mixed_sizes: tuple[int, ...] = ()
         if model.slots > 1:
@@ -124,8 +126,7 @@ class GraphRunner:
             if self.chunk:
                 self.mixed = FusedMixedStep(self.prefiller, model.slots)
                 self.mixed_buckets = tuple(b for b in self.buckets if b <= MAX_CHUNK_TOKENS)
-                self.mixed_sizes = tuple(sorted({next(b for b in self.batch_sizes if b >= rows)
-                                                 for rows in range(1, model.slots)}))
+                self.mixed_sizes = (next(b for b in self.batch_sizes if b >= model.slots - 1),)
                 rows = self.mixed_buckets[-1] + model.slots
                 self._mixed_ids, self._mixed_positions, self._mixed_slots = (
                     torch.zeros(rows, dtype=torch.int64, device=device) for _ in range(3))  # [T + B] each
@@ -185,7 +186,7 @@ class GraphRunner:
             self.decode(positions[0])
             self.buffers.batch_logits[0].copy_(self.buffers.logits)
             return
-        size = next(b for b in self.batch_sizes if b >= len(slots))
+        size = next(b for b in self.batch_sizes if b >= len(slots)) if chunk is None else self.mixed_sizes[0]
         if not self._batch_read.query():  # the last batch's inputs are still to be copied up
             self._batch_read.synchronize()
         host = self._batch_host_np
