@@ -30,8 +30,7 @@ from ipc.step_buffers import SharedStepBuffers
 from jit_context import SERVER_API_KEY_ENV
 from jit_context.remote_executor import DEFAULT_STEP_TIMEOUT_S, ExecutorDied, RemoteExecutor
 from jit_context.request_log import RequestLog
-from jit_context.request_side import RequestSide, build_request_side
-from jit_context.sampling_params import SamplingParams
+from jit_context.request_side import build_request_side
 from jit_context.server import IDLE_POLL_MS, JitServer
 from jit_context.speculative_config import SpeculativeConfig, with_draft_cost
 from jit_context.tokenizer import Tokenizer, import_tokenizer_modules
@@ -145,22 +144,6 @@ def preload_tokenizer(args: argparse.Namespace, startup: StartupPhases) -> Prelo
             return None  # only a guess: the folder Ready names is loaded (and any error reported) after it
 
 
-def warm_up_request(executor: RemoteExecutor, side: RequestSide, vocab_size: int) -> None:
-    """One short greedy request through the whole step path (commands, doorbell, IPC events, prefill and decode
-    graphs, sampling, token read-back) before the first client's: what runs for the first time in either process
-    (~1 ms of one-time costs on the H200) is paid here, not in a user's TTFT. The prompt repeats nothing, so an
-    n-gram proposer proposes nothing; what it writes to the KV cache, the next request's prefill overwrites."""
-    prompt = [i % vocab_size for i in range(1, 9)]
-    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
-    executor.request_id = "warm-up"
-    try:
-        for _ in side.generator.generate(prompt, params):
-            pass
-    finally:
-        executor.finish_request()
-        executor.request_id = ""
-
-
 def build_server(args: argparse.Namespace, ctx: zmq.Context, control: Channel,
                  startup: StartupPhases | None = None, preloaded: Preloaded | None = None) -> JitServer:
     startup = startup or StartupPhases("jit_context", quiet=True)
@@ -181,12 +164,12 @@ def build_server(args: argparse.Namespace, ctx: zmq.Context, control: Channel,
         early = preloaded.tokenizer if preloaded and path and Path(path).resolve() == preloaded.path else None
         side = build_request_side(executor, ready.model_name, ready.vocab_size, ready.eos_token_ids, path,
                                   args.chat_template, speculation, preloaded=early, prefix_reuse=args.prefix_reuse)
-    if ready.device.startswith("cuda"):
-        with startup.phase("warm-up request"):
-            warm_up_request(executor, side, ready.vocab_size)
-    return JitServer(bind_server(ctx, args.listen), executor, side, ready,
-                     api_key=os.environ.pop(SERVER_API_KEY_ENV, None) or None,
-                     log=RequestLog() if args.log_requests else None, startup=startup)
+    server = JitServer(bind_server(ctx, args.listen), executor, side, ready,
+                       api_key=os.environ.pop(SERVER_API_KEY_ENV, None) or None,
+                       log=RequestLog() if args.log_requests else None, startup=startup)
+    with startup.phase("warm-up request"):
+        server.warm_up()
+    return server
 
 
 def main(argv: list[str] | None = None) -> int:

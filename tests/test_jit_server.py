@@ -514,6 +514,23 @@ def test_status_tokenize_and_detokenize_are_answered_mid_generation(rig, referen
 # -- metrics --------------------------------------------------------------------------------------------------
 
 
+def test_the_start_up_request_runs_the_path_and_is_neither_sent_nor_counted(fresh_rig, reference, tok) -> None:
+    """`JitServer.warm_up` (in `build_server`): one request of its own went through the executor before any client
+    came (its phase is timed), nothing of it reached a client or the metrics, and the first client's request is
+    served as the in-process reference serves it."""
+    rig = fresh_rig
+    status = rig.jit.status()
+    assert "warm-up request" in status["startup"]["phases_s"]
+    m = status["metrics"]
+    assert sum(m["finished"].values()) == 0 and m["prompt_tokens"] == m["generation_tokens"] == 0
+    assert rig.idle() and rig.executor.last_step == ("warm-up", 3)  # its prefill and 2 decodes: 3 tokens
+    peer = rig.peer()
+    peer.generate("first", PROMPTS["a"], params=greedy(5))
+    rig.until(lambda: peer.final("first") is not None)
+    assert peer.final("first").token_ids == reference(PROMPTS["a"], 5).token_ids
+    assert [getattr(msg, "request_id", None) for msg in rig.log if getattr(msg, "request_id", "") == "warm-up"] == []
+
+
 def test_metrics_count_each_outcome(rig, reference) -> None:
     metrics = Metrics(rig)
     peer = rig.peer()
