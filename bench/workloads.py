@@ -167,12 +167,13 @@ def concurrency(engine: Engine, spec: BenchSpec) -> dict:
            "single_tokens_per_s": round((steps + 1) / alone[-1] * 1e3, 2),
            "aggregate_tokens_per_s": round(n * (steps + 1) / wall_ms * 1e3, 2)}
     out["aggregate_vs_single"] = round(out["aggregate_tokens_per_s"] / out["single_tokens_per_s"], 3)
-    # The arrival: idle TTFT of the prompt, then the same prompt while n - 1 streams decode.
-    arriving = prompt_ids(ARRIVAL_PROMPT, vocab, spec.seed + 1000)
+    # The arrival: idle TTFTs of 100-token prompts, then as many arriving while n - 1 streams decode; a prompt of its
+    # own each time (with --prefix-reuse a repeated one would find itself in a slot's cache).
     arrivals = max(ARRIVALS, spec.repeats)
-    idle = [run([(arriving, 1, 0.0)])[0][0] for _ in range(arrivals)]
+    idle = [run([(prompt_ids(ARRIVAL_PROMPT, vocab, spec.seed + 1000 + r), 1, 0.0)])[0][0] for r in range(arrivals)]
     busy_ttft, worst_gap, running_p50 = [], [], []
     for r in range(arrivals):
+        arriving = prompt_ids(ARRIVAL_PROMPT, vocab, spec.seed + 2000 + r)
         # The others are past their prefill and decoding by then; each arrival lands at another point of their
         # decode step (offsets spread over one step): the TTFT depends on how much of the step in flight is left.
         delay_s = (alone[0] + (8 + r / arrivals) * single["p50_ms"]) / 1e3

@@ -5,10 +5,11 @@
 #
 #   run: bash tools/device_session.sh [tests|bench|probe|profile|quant|gemv|gemm|fp8|batching ...]   (default: the
 #   first three, ~6-7 min)
-#   batching: the batched-decode cuda tests (the SmolLM2 one needs HYBRIDRT_TEST_GGUF, ~2.5 min); batchbench:
-#   bench.probes.batch_step and bench.probes.extend_attention, then `bench --workloads decode,concurrency
-#   --max-num-seqs 4` and `--max-num-seqs 1` decode on dummy:llama-2-7b, each followed by `--workloads turns
-#   --prefix-reuse` (~7 min); startup: bench.probes.serve_ready on $HYBRIDRT_TEST_GGUF, 3 fresh starts (~1 min)
+#   batching: the batch and extend kernel tests, and the cuda tests of batching, prefix reuse and the GPU path (the
+#   SmolLM2 ones need HYBRIDRT_TEST_GGUF, ~4 min); batchbench:
+#   bench.probes.batch_step and bench.probes.extend_attention, then one `bench --prefix-reuse` per slot count on
+#   dummy:llama-2-7b: `--workloads decode,concurrency,turns --max-num-seqs 4` and `decode,turns --max-num-seqs 1`
+#   (~6 min); startup: bench.probes.serve_ready on $HYBRIDRT_TEST_GGUF, 3 fresh starts (~1 min)
 #   quant: the packed-weight tests and `bench --quantize none,int8,int4,fp8` on dummy:llama-2-7b (executor, ~3 min);
 #   gemv: the low-bit GEMV block sweep per projection and format (~1 min); gemm: the low-bit prefill GEMM's default
 #   configs against torch.mm per projection, format and prompt length (~1 min); fp8: the FP8 split-K GEMV sweep
@@ -51,23 +52,22 @@ for step in "${steps[@]}"; do
          echo "fp8 split-K probe: rc=$?"; sed -n '/^| projection/,$p' "$OUT/fp8_splitk.log"
          timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gemv_fp8.py > "$OUT/fp8_tests.log" 2>&1
          echo "fp8 tests: rc=$? $(tail -1 "$OUT/fp8_tests.log")" ;;
-    batching) timeout 150 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_batch_kernels.py \
-                tests/test_runtime_batching.py > "$OUT/batching_tests.log" 2>&1
-              echo "batching tests: rc=$? $(tail -1 "$OUT/batching_tests.log")" ;;
+    batching) timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_extend_attention.py \
+                tests/test_batch_kernels.py > "$OUT/batch_kernel_tests.log" 2>&1
+              echo "batch kernel tests: rc=$? $(tail -1 "$OUT/batch_kernel_tests.log")"
+              timeout 300 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_runtime_batching.py \
+                tests/test_prefix_reuse.py tests/test_gpu_path.py > "$OUT/batching_tests.log" 2>&1
+              echo "batching cuda tests: rc=$? $(tail -1 "$OUT/batching_tests.log")" ;;
     batchbench) timeout 150 python3 -m bench.probes.batch_step --out "$OUT/batch_step" > "$OUT/batch_step.log" 2>&1
               echo "batch step probe: rc=$?"; cat "$OUT/batch_step.log"
               timeout 100 python3 -m bench.probes.extend_attention --out "$OUT/extend" > "$OUT/extend.log" 2>&1
               echo "extend attention probe: rc=$?"; cat "$OUT/extend.log"
-              for n in 4 1; do w=decode; [ $n = 4 ] && w=decode,concurrency
-                timeout 200 python3 -m launch.cli bench --quiet --model dummy:llama-2-7b --engines hybridrt \
-                  --workloads $w --max-num-seqs $n --decode-tokens 128 --repeats 3 --out "$OUT/slots-$n" \
-                  > "$OUT/slots-$n.log" 2>&1
+              for n in 4 1; do w=decode,turns; [ $n = 4 ] && w=decode,concurrency,turns
+                timeout 260 python3 -m launch.cli bench --quiet --model dummy:llama-2-7b --engines hybridrt \
+                  --workloads $w --prefix-reuse --max-num-seqs $n --decode-tokens 128 --repeats 3 \
+                  --out "$OUT/slots-$n" > "$OUT/slots-$n.log" 2>&1
                 echo "bench --max-num-seqs $n: rc=$?"; rm -rf "$OUT/slots-$n/logs"
                 sed -n '/^## Decode/,/^## Engines/p' "$OUT/slots-$n.log" | grep -v '^$' | grep -v '^|---'
-                timeout 150 python3 -m launch.cli bench --quiet --model dummy:llama-2-7b --engines hybridrt \
-                  --workloads turns --prefix-reuse --max-num-seqs $n --out "$OUT/turns-$n" > "$OUT/turns-$n.log" 2>&1
-                echo "bench turns --prefix-reuse --max-num-seqs $n: rc=$?"; rm -rf "$OUT/turns-$n/logs"
-                grep -i -A4 '^## .*turn' "$OUT/turns-$n.log" | grep -v '^$' | grep -v '^|---'
               done ;;
     startup) timeout 240 python3 -m bench.probes.serve_ready --runs 3 --json "$OUT/serve_ready.json" -- \
                --model "$HYBRIDRT_TEST_GGUF" --device cuda > "$OUT/serve_ready.log" 2>&1
