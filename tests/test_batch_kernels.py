@@ -215,8 +215,8 @@ def test_the_batched_and_mixed_steps_over_packed_weights_equal_the_reference(met
 def test_batched_decode_graphs_and_slot_prefills_equal_the_reference(name):
     """GraphRunner with 4 slots: prefill each slot (slot 0 by its prefill graph, the others by the extend graphs, a
     40-token prompt in two chunks), then batched decode steps of 1..4 sequences (size 3 padded to 4) replayed from
-    captured graphs, some carrying a prompt chunk of another slot (mixed steps, chunks of 7 and 20 tokens), against
-    ModelRunner on a copy of the weights."""
+    captured graphs, some carrying a prompt chunk of another slot (mixed steps, chunks of 7 and 20 tokens; one of 40,
+    past the mixed buckets, runs as a prefill and then the decode), against ModelRunner on a copy of the weights."""
     from graph_executor.graphs import GraphRunner
 
     cfg = CONFIGS[name]
@@ -236,7 +236,9 @@ def test_batched_decode_graphs_and_slot_prefills_equal_the_reference(name):
     torch.testing.assert_close(graphs.buffers.logits, eager.buffers.logits, **TOL)  # the last slot's prompt
     lengths = {s: len(p) for s, p in prompts.items()}
     steps = [([0, 1, 2, 3], None), ([2, 0, 3], None), ([1], None), ([0, 1, 2], (3, 7)), ([3, 1], None),
-             ([3], (1, 20)), ([0, 2, 1], None)]  # (decode slots, (chunk slot, chunk tokens) or None)
+             ([3], (1, 20)), ([0, 2, 1], None),
+             ([0, 2], (3, 40))]  # (decode slots, (chunk slot, chunk tokens) or None); 40 > the largest bucket (32):
+    # its prefill (extend steps of 32 and 8), then the decode
     for step, (batch, chunk) in enumerate(steps):
         positions = [lengths[s] for s in batch]
         if chunk is not None:
