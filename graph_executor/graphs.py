@@ -42,10 +42,11 @@ class GraphStatic:
     arange: torch.Tensor  # [max bucket] int64: 0..B-1, the positions of a start-0 prefill
     start: torch.Tensor  # [1] int64: an extend step's first position (or a mixed step's chunk's)
     slot: torch.Tensor  # [1] int64: its KV slot
-    extend_positions: torch.Tensor  # [max bucket] int64: its positions (computed inside the graph, clamped)
-    extend_slots: torch.Tensor  # [max bucket] int64: its slot per row
-    extend_flat: torch.Tensor  # [max bucket] int64: its rows' index in input_ids (slot * C + position)
-    extend_ids: torch.Tensor  # [max bucket] int64: its token ids (gathered inside the graph)
+    # An extend step's rows, or a mixed step's (its chunk's, then its decode rows): [max bucket + decode rows] each
+    extend_positions: torch.Tensor  # int64: their positions (computed inside the graph, clamped)
+    extend_slots: torch.Tensor  # int64: their KV slot
+    extend_flat: torch.Tensor  # int64: the chunk rows' index in input_ids (slot * C + position)
+    extend_ids: torch.Tensor  # int64: their token ids (gathered inside the graph)
     logits_index: torch.Tensor  # [1] int64: the row whose logits a prefill keeps
     verify_in: torch.Tensor  # [2 + MAX_VERIFY_TOKENS] int64: a verify step's first position, whether its ids
     # follow (1) or are in input_ids already (0), then the ids: copied from pinned memory inside the graph
@@ -53,12 +54,14 @@ class GraphStatic:
     verify_positions: torch.Tensor  # [MAX_VERIFY_TOKENS] int64: their positions (computed inside the graph)
 
     @classmethod
-    def allocate(cls, max_bucket: int, device: torch.device) -> GraphStatic:
+    def allocate(cls, max_bucket: int, device: torch.device, decode_rows: int = 0) -> GraphStatic:
+        """`decode_rows`: the most decode rows a mixed step appends to its chunk (0: no mixed steps)."""
         def zeros(n: int) -> torch.Tensor:
             return torch.zeros(n, dtype=torch.int64, device=device)
 
+        rows = max_bucket + decode_rows
         return cls(zeros(1), torch.arange(max(max_bucket, MAX_VERIFY_TOKENS), device=device), zeros(1), zeros(1),
-                   zeros(max_bucket), zeros(max_bucket), zeros(max_bucket), zeros(max_bucket), zeros(1),
+                   zeros(rows), zeros(rows), zeros(max_bucket), zeros(rows), zeros(1),
                    zeros(2 + MAX_VERIFY_TOKENS), zeros(MAX_VERIFY_TOKENS), zeros(MAX_VERIFY_TOKENS))
 
 
@@ -86,7 +89,8 @@ class GraphRunner:
         self.max_context = model.max_context
         self.buckets = tuple(b for b in sorted(buckets) if b < model.max_context)
         self.chunk = self.buckets[-1] if self.buckets else 0
-        self.static = GraphStatic.allocate(max(self.chunk, 1), self.buffers.logits.device)
+        self.static = GraphStatic.allocate(max(self.chunk, 1), self.buffers.logits.device,
+                                           decode_rows=model.slots if model.slots > 1 else 0)
         self.stream = torch.cuda.Stream(self.buffers.logits.device)
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
@@ -127,10 +131,6 @@ class GraphRunner:
                 self.mixed = FusedMixedStep(self.prefiller, model.slots)
                 self.mixed_buckets = tuple(b for b in self.buckets if b <= MAX_CHUNK_TOKENS)
                 self.mixed_sizes = (next(b for b in self.batch_sizes if b >= model.slots - 1),)
-                rows = self.mixed_buckets[-1] + model.slots
-                self._mixed_ids, self._mixed_positions, self._mixed_slots = (
-                    torch.zeros(rows, dtype=torch.int64, device=device) for _ in range(3))  # [T + B] each
-                self._mixed_flat = torch.zeros(rows, dtype=torch.int64, device=device)  # chunk rows' input_ids index
             self._batch_tokens = torch.zeros(model.slots, dtype=torch.int64, device=device)
             self._batch_host = torch.zeros(2, model.slots, dtype=torch.int64, pin_memory=True)
             self._batch_host_np = self._batch_host.numpy()
@@ -241,17 +241,24 @@ class GraphRunner:
         else:
             self.batch_decoder.step(tokens, positions, slots, self.buffers.batch_logits[:size])
 
+    def _chunk_rows(self, bucket: int) -> None:
+        """Rows [0, bucket) of the extend_* buffers: the prompt chunk at static.start of KV slot static.slot."""
+        s = self.static
+        positions, slots, flat = s.extend_positions[:bucket], s.extend_slots[:bucket], s.extend_flat[:bucket]
+        torch.add(s.arange[:bucket], s.start, out=positions)
+        # Padding rows past the cache's end write their K/V into its last row (the scratch row, SCRATCH_ROWS),
+        # which no prompt token occupies; below it they write positions past the prompt, which no valid row sees.
+        positions.clamp_(max=self.max_context - 1)
+        slots.copy_(s.slot.expand(bucket))
+        torch.add(positions, slots, alpha=self.max_context, out=flat)  # slot * C + position
+        torch.index_select(self.buffers.input_ids, 0, flat, out=s.extend_ids[:bucket])
+
     def _mixed_body(self, bucket: int, size: int) -> None:
-        s, c, t, last = self.static, bucket, bucket + size, self.max_context - 1
-        ids, positions, slots = self._mixed_ids[:t], self._mixed_positions[:t], self._mixed_slots[:t]  # [T + B]
-        torch.add(s.arange[:c], s.start, out=positions[:c])
-        positions[:c].clamp_(max=last)  # padding rows past the cache's end: its scratch row, as in an extend step
+        s, c, t = self.static, bucket, bucket + size
+        self._chunk_rows(c)
+        ids, positions, slots = s.extend_ids[:t], s.extend_positions[:t], s.extend_slots[:t]  # [T + B]
         positions[c:].copy_(self._batch_in[1, :size])
-        slots[:c].copy_(s.slot.expand(c))
         slots[c:].copy_(self._batch_in[0, :size])
-        flat = self._mixed_flat[:c]
-        torch.add(positions[:c], slots[:c], alpha=self.max_context, out=flat)  # slot * C + position
-        torch.index_select(self.buffers.input_ids, 0, flat, out=ids[:c])
         torch.index_select(self.buffers.next_token, 0, self._batch_in[0, :size], out=ids[c:])
         self.mixed.run(ids, positions, slots, c, s.logits_index, self.buffers.logits, self.buffers.batch_logits[:size])
 
@@ -276,16 +283,9 @@ class GraphRunner:
 
     def _extend_body(self, bucket: int) -> None:
         s = self.static
-        positions, slots, flat = s.extend_positions[:bucket], s.extend_slots[:bucket], s.extend_flat[:bucket]
-        ids = s.extend_ids[:bucket]  # [bucket] each
-        torch.add(s.arange[:bucket], s.start, out=positions)
-        # Padding rows past the cache's end write their K/V into its last row (the scratch row, SCRATCH_ROWS),
-        # which no prompt token occupies; below it they write positions past the prompt, which no valid row sees.
-        positions.clamp_(max=self.max_context - 1)
-        slots.copy_(s.slot.expand(bucket))
-        torch.add(positions, slots, alpha=self.max_context, out=flat)  # slot * C + position
-        torch.index_select(self.buffers.input_ids, 0, flat, out=ids)
-        self.prefiller.run(ids, positions, s.logits_index, self.buffers.logits, from_cache=True, slots=slots)
+        self._chunk_rows(bucket)
+        self.prefiller.run(s.extend_ids[:bucket], s.extend_positions[:bucket], s.logits_index, self.buffers.logits,
+                           from_cache=True, slots=s.extend_slots[:bucket])
 
     # -- capture ------------------------------------------------------------------------------------------
 
