@@ -20,9 +20,7 @@ from graph_executor.fused_prefill import FusedPrefill
 from graph_executor.kernels.decode_attention import DecodeAttention
 from graph_executor.kernels.extend_attention import extend_attention
 from graph_executor.kernels.gemv_batch import BatchGemvPlan, rmsnorm_gemm
-from graph_executor.kernels.projections import embedding, matmul, prefill_scratch, rmsnorm_gemv
-from graph_executor.kernels.rope_append import rope_append
-from graph_executor.kernels.rows import rmsnorm_rows, silu_mul_rows
+from graph_executor.kernels.projections import prefill_scratch, rmsnorm_gemv
 
 
 class FusedMixedStep:
@@ -51,24 +49,14 @@ class FusedMixedStep:
         c, b = chunk_rows, ids.shape[0] - chunk_rows
         if not 1 <= b <= self.max_decode or c < 1:
             raise ValueError(f"a mixed step of {c} chunk rows and {b} decode rows; at most {self.max_decode} decode")
-        rows = self.prefill.buffers.rows(t)
-        x, h, qkv, q, attn, gate_up, act = rows.x, rows.h, rows.qkv, rows.q, rows.attn, rows.gate_up, rows.act
-        scratch = self.prefill.scratch
-        embedding(m.embed_tokens, ids, x)
-        for index, layer in enumerate(m.layers):
-            cache = m.kv_caches[0, index]  # [2, nkv, C, hd]: slot 0's; row r's lies slots[r] * stride further
-            rmsnorm_rows(x, layer.attn_norm, eps, h)
-            matmul(h, layer.qkv_proj, qkv, bias=layer.qkv_bias, scratch=scratch)
-            rope_append(qkv, positions, m.rope, q, cache[0], cache[1], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                        slots=slots, slot_stride=stride)
+
+        def attend(q: torch.Tensor, cache: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
             extend_attention(q[:c], cache[0], cache[1], positions[:c], attn[:c], cfg.sliding_window, slot=slots[:1],
                              slot_stride=stride, workspace=self.prefill.workspace)
             self.attention(q[c:], cache[0], cache[1], positions[c:], attn[c:], slots=slots[c:], slot_stride=stride)
-            matmul(attn.view(t, cfg.q_size), layer.o_proj, x, accumulate=True, scratch=scratch)
-            rmsnorm_rows(x, layer.mlp_norm, eps, h)
-            matmul(h, layer.gate_up_proj, gate_up, scratch=scratch)
-            silu_mul_rows(gate_up, act)
-            matmul(act, layer.down_proj, x, accumulate=True, scratch=scratch)
+            return attn.view(t, cfg.q_size)
+
+        x = self.prefill.layers(ids, positions, attend, slots=slots)  # [T + B, H]
         # The chunk's row as FusedPrefill's lm_head, the decode rows as FusedBatchDecoder's: each the same numerics as
         # in its own kind of step (a greedy argmax then picks what it would there).
         torch.index_select(x, 0, logits_index, out=self.last)

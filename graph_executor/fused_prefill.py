@@ -6,6 +6,8 @@ through the fused RMSNorm-GEMV, straight into the float32 logits buffer. Packed 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -38,14 +40,40 @@ class FusedPrefill:
         (`extend_attention`: a prompt continuing a sequence in the cache, or a chunk of a longer one). `slot`:
         the KV slot whose caches the prompt fills; or `slots` ([T] int64 on the device, every row the same slot;
         from_cache only): the slot read on the device, so that one captured graph serves every slot."""
-        m, cfg = self.model, self.model.config
-        t, eps = ids.shape[0], cfg.rms_norm_eps
-        b = self.buffers.rows(t)
-        x, h, qkv, q, gate_up, act = b.x, b.h, b.qkv, b.q, b.gate_up, b.act
+        cfg = self.model.config
+        t = ids.shape[0]
         if cfg.sliding_window is not None and t > cfg.sliding_window:
             from_cache = True  # causal attention alone would see past the window
         if slots is not None and not from_cache:
             raise ValueError("a prompt whose slot is read on the device attends from the cache (from_cache=True)")
+        stride = self.model.kv_caches.stride(0)
+
+        def attend(q: torch.Tensor, cache: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+            if from_cache:
+                return extend_attention(q, cache[0], cache[1], positions, out, cfg.sliding_window,
+                                        slot=None if slots is None else slots[:1], slot_stride=stride,
+                                        workspace=self.workspace).view(t, cfg.q_size)
+            attn = F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None], cache[0, :, :t][None], cache[1, :, :t][None], is_causal=True,
+                enable_gqa=True)  # [1, nh, T, hd]
+            return attn[0].transpose(0, 1).reshape(t, cfg.q_size)
+
+        x = self.layers(ids, positions, attend, slot, slots)
+        last = x.index_select(0, logits_index)  # [1, H]
+        return rmsnorm_gemv(self.model.lm_head, last[0], self.model.norm, cfg.rms_norm_eps, logits)
+
+    def layers(self, ids: torch.Tensor, positions: torch.Tensor,
+               attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], slot: int = 0,
+               slots: torch.Tensor | None = None) -> torch.Tensor:
+        """The embedding and every decoder layer over T token rows (this step's row buffers); returns the residual
+        stream [T, H]. `attend(q, cache, out)`: the attention of the rows' RoPE'd queries q [T, heads, hd] over one
+        layer's cache [2, nkv, C, hd] (slot `slot`'s, or slot 0's when `slots` [T] gives each row's slot on the
+        device), as [T, heads * hd], with out [T, heads, hd] to write into. The mixed step shares it
+        (`fused_mixed.py`): the two differ only in their attention."""
+        m, cfg = self.model, self.model.config
+        t, eps = ids.shape[0], cfg.rms_norm_eps
+        b = self.buffers.rows(t)
+        x, h, qkv, q, gate_up, act = b.x, b.h, b.qkv, b.q, b.gate_up, b.act
         stride = m.kv_caches.stride(0)  # elements from one slot's caches to the next's
         embedding(m.embed_tokens, ids, x)
         for index, layer in enumerate(m.layers):
@@ -54,19 +82,10 @@ class FusedPrefill:
             matmul(h, layer.qkv_proj, qkv, bias=layer.qkv_bias, scratch=self.scratch)
             rope_append(qkv, positions, m.rope, q, cache[0], cache[1], cfg.num_heads, cfg.num_kv_heads,
                         cfg.head_dim, slots=slots, slot_stride=stride)
-            if from_cache:
-                attn = extend_attention(q, cache[0], cache[1], positions, b.attn, cfg.sliding_window,
-                                        slot=None if slots is None else slots[:1], slot_stride=stride,
-                                        workspace=self.workspace).view(t, cfg.q_size)  # [T, nh * hd]
-            else:
-                out = F.scaled_dot_product_attention(
-                    q.transpose(0, 1)[None], cache[0, :, :t][None], cache[1, :, :t][None], is_causal=True,
-                    enable_gqa=True)  # [1, nh, T, hd]
-                attn = out[0].transpose(0, 1).reshape(t, cfg.q_size)  # [T, nh * hd]
+            attn = attend(q, cache, b.attn)  # [T, nh * hd]
             matmul(attn, layer.o_proj, x, accumulate=True, scratch=self.scratch)
             rmsnorm_rows(x, layer.mlp_norm, eps, h)
             matmul(h, layer.gate_up_proj, gate_up, scratch=self.scratch)
             silu_mul_rows(gate_up, act)
             matmul(act, layer.down_proj, x, accumulate=True, scratch=self.scratch)
-        last = x.index_select(0, logits_index)  # [1, H]
-        return rmsnorm_gemv(m.lm_head, last[0], m.norm, eps, logits)
+        return x
