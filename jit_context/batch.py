@@ -241,12 +241,20 @@ class BatchEngine:
         self.port.prefill(count, lane.prefilled, lane.slot)
         self.port.wait_enqueued()
         lane.prefilled += count
+        if self._chunk_ran(lane, events):
+            self._draw([lane], [self.port.buffers.logits])
+            self._read([lane], events)
+
+    @staticmethod
+    def _chunk_ran(lane: Lane, events: list[tuple[Hashable, Item]]) -> bool:
+        """A chunk of the lane's prompt was enqueued: report its progress, or, when it was the prompt's last, note
+        when and say so (its first token is then drawn from `logits`)."""
+        n = len(lane.prompt)
         if lane.prefilled < n:
             events.append((lane.key, PrefillProgress(lane.prefilled, n)))
-            return
+            return False
         lane.out.prefill_enqueued_ms = (time.perf_counter() - lane.out.start) * 1e3
-        self._draw([lane], [self.port.buffers.logits])
-        self._read([lane], events)
+        return True
 
     def _finish_decode(self, sent: list[Lane], events: list[tuple[Hashable, Item]],
                        chunk_lane: Lane | None = None, pipelined: bool = False) -> None:
@@ -258,14 +266,10 @@ class BatchEngine:
         logits = self.port.buffers.batch_logits  # [slots, V]
         rows = [(b, lane) for b, lane in enumerate(sent) if self.lanes.get(lane.slot) is lane]  # not cancelled since
         lanes, row_logits = [lane for _, lane in rows], [logits[b] for b, _ in rows]
-        if chunk_lane is not None and self.lanes.get(chunk_lane.slot) is chunk_lane:
-            n = len(chunk_lane.prompt)
-            if chunk_lane.prefilled < n:
-                events.append((chunk_lane.key, PrefillProgress(chunk_lane.prefilled, n)))
-            else:
-                chunk_lane.out.prefill_enqueued_ms = (time.perf_counter() - chunk_lane.out.start) * 1e3
-                lanes.append(chunk_lane)
-                row_logits.append(self.port.buffers.logits)
+        if chunk_lane is not None and self.lanes.get(chunk_lane.slot) is chunk_lane \
+                and self._chunk_ran(chunk_lane, events):
+            lanes.append(chunk_lane)
+            row_logits.append(self.port.buffers.logits)
         if not lanes:
             return
         self._draw(lanes, row_logits)
