@@ -94,14 +94,16 @@ class SlotState:
 class BatchEngine:
     def __init__(self, port: BatchPort, tokenizer: Detokenizing | None, eos_token_ids: frozenset[int],
                  prefill_chunk: int, prefix_reuse: bool = False, whole_prompt_when_idle: bool = False,
-                 incoming: Callable[[float], bool] | None = None, send_ahead_margin_s: float | None = None) -> None:
+                 incoming: Callable[[float], None] | None = None, send_ahead_margin_s: float | None = None) -> None:
         """`prefill_chunk`: prompt tokens per step while other requests decode (their token gap is bounded by it).
         `whole_prompt_when_idle`: with nothing else decoding, a prompt is one step (a GPU, where the executor only
         enqueues it); else chunked then too (the CPU, where the JIT context waits for each chunk and answers its
-        clients between them). `incoming(timeout_s)`: whether a request waits to be admitted (the server's queue or
-        socket), watching for one up to timeout_s; while one does and a slot is free, no decode is sent ahead, so that
-        its prompt joins the very next step instead of the one after (a whole decode step less of its TTFT).
-        `send_ahead_margin_s` (a GPU): with a slot free, a decode is sent ahead only this long before the step in
+        clients between them). `incoming(timeout_s)`: the server's hook that admits (through `admit`) the requests
+        waiting for a slot, watching for arrivals up to timeout_s; called with a slot free just before a step is sent
+        ahead, so that a request admitted there rides that very step as its first prompt chunk (a mixed step) instead
+        of joining the one after (a whole decode step less of its TTFT), and its admission (tokenized, its sampler
+        set) overlaps the step in flight instead of leaving the device idle.
+        `send_ahead_margin_s` (a GPU): with a slot free, a step is sent ahead only this long before the step in
         flight is expected to end (the shortest of the last steps), watching for arrivals until then: a request that
         arrives while a step runs then joins the next one, not the one after (sent ahead at the step's start, the next
         decode would already be queued). The margin covers the send and the executor's launch, so the device stays
@@ -126,6 +128,14 @@ class BatchEngine:
         self.lanes: dict[int, Lane] = {}  # slot -> its running request
         self._admitted = 0
         self._inflight: list[Lane] | None = None  # the lanes of a decode sent ahead (row b: lane b), if any
+        self._inflight_chunk: Lane | None = None  # the lane whose prompt chunk rides it, if any
+        # Prompt ids go up through pinned memory without a wait: a blocking copy would hold the host until the
+        # stream's queued work (the draws behind the step in flight) is done, and an admission during a step could
+        # not send the next one ahead of the device. One row per slot: two admissions in one step never share one.
+        self._staging: torch.Tensor | None = None
+        if device.type == "cuda":
+            self._staging = torch.empty(len(self.slots), port.max_context, dtype=torch.int64, pin_memory=True)
+            self._staged = [torch.cuda.Event() for _ in self.slots]  # the last copy out of each row has read it
 
     # -- requests joining and leaving -----------------------------------------------------------------
 
@@ -153,7 +163,7 @@ class BatchEngine:
         cached = state.contents.reusable(prompt_ids) if self.prefix_reuse else 0
         state.contents.forget()  # until this request ends normally
         ids = self.port.buffers.slot_ids(slot)  # [C]
-        ids[cached:len(prompt_ids)].copy_(torch.tensor(prompt_ids[cached:], dtype=torch.int64))
+        self._upload(slot, ids[cached:len(prompt_ids)], prompt_ids[cached:])
         state.sampler.start_request(params, prompt_ids, end_ids=end_ids(params, self.eos_token_ids))
         start = time.perf_counter() if start_time is None else start_time
         out = RequestOutput(self.tokenizer, self.eos_token_ids, self.port.max_context, params, prompt_ids, start)
@@ -161,6 +171,17 @@ class BatchEngine:
         self._admitted += 1
         self.lanes[slot] = Lane(key, slot, list(prompt_ids), out, cached, self._admitted)
         return cached
+
+    def _upload(self, slot: int, dest: torch.Tensor, values: list[int]) -> None:
+        """dest [n] int64 on the executor's device <- values, queued on the current stream (the host does not wait)."""
+        if self._staging is None:
+            dest.copy_(torch.tensor(values, dtype=torch.int64))
+            return
+        self._staged[slot].synchronize()  # the slot's last copy (its previous request's: long done) has read the row
+        staged = self._staging[slot, :len(values)]
+        staged.numpy()[:] = values
+        dest.copy_(staged, non_blocking=True)
+        self._staged[slot].record()
 
     def _pick_slot(self, prompt_ids: list[int]) -> int:
         free = [s for s in range(len(self.slots)) if s not in self.lanes]
@@ -182,7 +203,7 @@ class BatchEngine:
 
     def abort_all(self) -> list[Hashable]:
         """Drop every running request (a step failed: what the slots hold is unknown); their keys."""
-        self._inflight = None
+        self._inflight = self._inflight_chunk = None
         keys = [lane.key for lane in self.lanes.values()]
         for slot in list(self.lanes):
             self._release(slot, keep=None)
@@ -192,7 +213,8 @@ class BatchEngine:
         """Free the slot; `keep`: the token ids whose K/V it now holds (a request that ended normally)."""
         del self.lanes[slot]
         if not self.lanes:
-            self._inflight = None  # a step sent ahead for requests that all ended: nothing left to read of it
+            # a step sent ahead for requests that all ended: nothing left to read of it
+            self._inflight = self._inflight_chunk = None
         state = self.slots[slot]
         if keep is not None and self.prefix_reuse:
             state.contents.hold(keep)
@@ -215,24 +237,34 @@ class BatchEngine:
         host. A request that then turns out to have ended (EOS, a stop) leaves a wasted row in the step in flight,
         whose K/V write lands past what its slot keeps."""
         events: list[tuple[Hashable, Item]] = []
-        if self._inflight is not None:  # the decode sent at the end of the last step
-            sent, self._inflight = self._inflight, None
-            self._finish_decode(sent, events, pipelined=True)
-            return events  # its tokens go out now; a request admitted meanwhile joins the next step
+        if self._inflight is not None:  # the step sent at the end of the last one
+            sent, chunk_lane = self._inflight, self._inflight_chunk
+            self._inflight = self._inflight_chunk = None
+            self._finish_decode(sent, events, chunk_lane, pipelined=chunk_lane is None)
+            return events  # its tokens go out now
         decoding = sorted((lane for lane in self.lanes.values() if lane.decoding), key=lambda lane: lane.slot)
-        prefilling = [lane for lane in self.lanes.values() if lane.prefilled < len(lane.prompt)]
-        lane = min(prefilling, key=lambda lane: lane.admitted) if prefilling else None
         if decoding:
-            chunk = None
-            if lane is not None:
-                count = min(self.prefill_chunk, len(lane.prompt) - lane.prefilled)
-                chunk = PromptChunk(count, lane.prefilled, lane.slot)
-                lane.prefilled += count
+            lane, chunk = self._next_chunk()
             self.port.decode_batch([d.slot for d in decoding], [d.position for d in decoding], chunk)
             self._finish_decode(decoding, events, lane)
-        elif lane is not None:
+        elif (lane := self._oldest_prefilling()) is not None:
             self._prefill_chunk(lane, events)
         return events
+
+    def _oldest_prefilling(self) -> Lane | None:
+        prefilling = [lane for lane in self.lanes.values() if lane.prefilled < len(lane.prompt)]
+        return min(prefilling, key=lambda lane: lane.admitted) if prefilling else None
+
+    def _next_chunk(self) -> tuple[Lane | None, PromptChunk | None]:
+        """The next prompt chunk to ride a decode (the oldest prefilling request's; counted as prefilled from here
+        on), or (None, None)."""
+        lane = self._oldest_prefilling()
+        if lane is None:
+            return None, None
+        count = min(self.prefill_chunk, len(lane.prompt) - lane.prefilled)
+        chunk = PromptChunk(count, lane.prefilled, lane.slot)
+        lane.prefilled += count
+        return lane, chunk
 
     def _prefill_chunk(self, lane: Lane, events: list[tuple[Hashable, Item]]) -> None:
         """A prompt chunk alone (nothing decodes): with `whole_prompt_when_idle`, the rest of the prompt."""
@@ -242,7 +274,7 @@ class BatchEngine:
         self.port.wait_enqueued()
         lane.prefilled += count
         if self._chunk_ran(lane, events):
-            self._draw([lane], [self.port.buffers.logits])
+            self._draw([(lane, self.port.buffers.logits[None], 0)])
             self._read([lane], events)
 
     @staticmethod
@@ -264,23 +296,19 @@ class BatchEngine:
         the step before it (its read-to-read time is a step's length)."""
         self.port.wait_enqueued()
         logits = self.port.buffers.batch_logits  # [slots, V]
-        rows = [(b, lane) for b, lane in enumerate(sent) if self.lanes.get(lane.slot) is lane]  # not cancelled since
-        lanes, row_logits = [lane for _, lane in rows], [logits[b] for b, _ in rows]
-        if chunk_lane is not None and self.lanes.get(chunk_lane.slot) is chunk_lane \
-                and self._chunk_ran(chunk_lane, events):
-            lanes.append(chunk_lane)
-            row_logits.append(self.port.buffers.logits)
-        if not lanes:
+        # (lane, logits [R, V], row): each live row of the step (not cancelled since), then the chunk's last token
+        draws = [(lane, logits, b) for b, lane in enumerate(sent) if self._live(lane)]
+        if chunk_lane is not None and self._live(chunk_lane) and self._chunk_ran(chunk_lane, events):
+            draws.append((chunk_lane, self.port.buffers.logits[None], 0))
+        if not draws:
             return
-        self._draw(lanes, row_logits)
-        if all(lane.prefilled == len(lane.prompt) for lane in self.lanes.values()) and not self._joining():
-            # Those that go on unless the token just drawn ends them (EOS, a stop: known once read).
-            going = [lane for lane in lanes if not _last_by_length(lane)]
-            if going:
-                # The token just drawn is at position len(prompt) + len(tokens): one past what the host knows.
-                self.port.decode_batch([lane.slot for lane in going], [lane.position + 1 for lane in going])
-                self._inflight = going
-        self._read(lanes, events)
+        self._draw(draws)
+        lanes = [lane for lane, _, _ in draws]
+        if all(lane.prefilled == len(lane.prompt) for lane in self.lanes.values()):
+            self._send_ahead(lanes)
+        live = [lane for lane in lanes if self._live(lane)]  # (a client may have cancelled meanwhile)
+        if live:
+            self._read(live, events)
         now = time.perf_counter()
         if pipelined and self._read_end is not None:
             self._periods.append(now - self._read_end)
@@ -291,22 +319,48 @@ class BatchEngine:
         """A pipelined decode step's length, as the last steps show it (None before any)."""
         return min(self._periods) if self._periods else None
 
-    def _joining(self) -> bool:
-        """Whether a request waits to join (a slot is free for it): then no decode goes ahead. With a margin, watch
-        for one until that long before the step in flight should end."""
-        if self.incoming is None or not self.has_room():
-            return False
-        wait = 0.0
-        if self.send_ahead_margin_s is not None and self._step_s is not None and self._read_end is not None:
-            wait = self._read_end + self._step_s - self.send_ahead_margin_s - time.perf_counter()
-        return self.incoming(max(0.0, wait))
+    def _live(self, lane: Lane) -> bool:
+        return self.lanes.get(lane.slot) is lane
 
-    def _draw(self, lanes: list[Lane], logits: list[torch.Tensor]) -> None:
-        """Queue each lane's draw from its logits row [V] into next_token[slot] (device work only)."""
+    def _send_ahead(self, lanes: list[Lane]) -> None:
+        """Every running request decodes and `lanes` have their next tokens drawn on the device: send the next step
+        now, before the host reads them (the executor takes them from next_token). With a slot free, first let the
+        server admit arrivals (watching for them until the margin before the step in flight ends): the oldest one's
+        first prompt chunk then rides this step."""
+        if self.incoming is not None and self.has_room():
+            wait = 0.0
+            if self.send_ahead_margin_s is not None and self._step_s is not None and self._read_end is not None:
+                wait = self._read_end + self._step_s - self.send_ahead_margin_s - time.perf_counter()
+            self.incoming(max(0.0, wait))
+        # Those that go on unless the token just drawn ends them (EOS, a stop: known once read).
+        going = [lane for lane in lanes if self._live(lane) and not _last_by_length(lane)]
+        if not going:
+            return
+        chunk_lane, chunk = self._next_chunk()
+        # The token just drawn is at position len(prompt) + len(tokens): one past what the host knows.
+        self.port.decode_batch([lane.slot for lane in going], [lane.position + 1 for lane in going], chunk)
+        self._inflight, self._inflight_chunk = going, chunk_lane
+
+    def _draw(self, draws: list[tuple[Lane, torch.Tensor, int]]) -> None:
+        """Queue each lane's draw from row `row` of its logits [R, V] into next_token[slot] (device work only). Plain
+        greedy lanes in consecutive rows and slots take one argmax for all (one kernel, where one per row cost the
+        4-row step ~26 us more on an H200: bench/NOTES.md), the rest their sampler's draw."""
         next_token = self.port.buffers.next_token  # [slots]
-        for lane, row in zip(lanes, logits):
+        i = 0
+        while i < len(draws):
+            lane, logits, row = draws[i]
             sampler = self.slots[lane.slot].sampler
-            sampler.observe(sampler.sample(row, out=next_token[lane.slot:lane.slot + 1]))  # [1], on the device
+            if not sampler.plain_greedy or sampler.banning:
+                sampler.observe(sampler.sample(logits[row], out=next_token[lane.slot:lane.slot + 1]))  # [1]
+                i += 1
+                continue
+            j = i + 1
+            while j < len(draws) and _greedy_run_goes_on(draws[j], logits, row + j - i, lane.slot + j - i,
+                                                         self.slots[draws[j][0].slot].sampler):
+                j += 1
+            # argmax of each row: what Sampler.sample takes for a plain greedy request (the same first maximum)
+            torch.argmax(logits[row:row + j - i], dim=-1, out=next_token[lane.slot:lane.slot + j - i])
+            i = j
 
     def _read(self, lanes: list[Lane], events: list[tuple[Hashable, Item]]) -> None:
         """Read every lane's drawn token at once; report them (and the requests that end)."""
@@ -320,6 +374,14 @@ class BatchEngine:
             events.extend((lane.key, item) for item in lane.out.close())
             # Every token but the last was the input of a step that ran: the slot holds the prompt and those.
             self._release(lane.slot, keep=lane.prompt + lane.out.token_ids[:-1])
+
+
+def _greedy_run_goes_on(draw: tuple[Lane, torch.Tensor, int], logits: torch.Tensor, row: int, slot: int,
+                        sampler: Sampler) -> bool:
+    """Whether `draw` extends a run of plain greedy draws: the next row of the same logits, into the next slot."""
+    lane, its_logits, its_row = draw
+    return its_logits is logits and its_row == row and lane.slot == slot and sampler.plain_greedy \
+        and not sampler.banning
 
 
 def _last_by_length(lane: Lane) -> bool:

@@ -73,10 +73,11 @@ class Sampler:
         self._top_p.fill_(params.top_p)
         self._min_p.fill_(params.min_p)
         self._repetition_penalty.fill_(params.repetition_penalty)
-        self._seen.zero_()
-        if prompt_ids:
-            ids = torch.tensor(prompt_ids, dtype=torch.int64).to(self.device, non_blocking=True)
-            self._seen.index_fill_(0, ids, True)
+        if self._penalize:  # only the penalty reads the marks: no copy up (and no wait on it) for the rest
+            self._seen.zero_()
+            if prompt_ids:
+                ids = torch.tensor(prompt_ids, dtype=torch.int64).to(self.device, non_blocking=True)
+                self._seen.index_fill_(0, ids, True)
         self.seed = params.seed if params.seed is not None else secrets.randbits(63)
         self._generator.manual_seed(self.seed)
 

@@ -109,7 +109,7 @@ class JitServer:
             self.engine = BatchEngine(executor, self.tokenizer, side.eos_token_ids,
                                       CPU_PREFILL_CHUNK if on_cpu else GPU_BATCH_PREFILL_CHUNK,
                                       prefix_reuse=self.generator.kv is not None,
-                                      whole_prompt_when_idle=not on_cpu, incoming=self._request_waiting,
+                                      whole_prompt_when_idle=not on_cpu, incoming=self._admit_arrivals,
                                       send_ahead_margin_s=None if on_cpu else SEND_AHEAD_MARGIN_S)
         self.running: list[Pending] = []  # the engine's requests, in admission order
         self._batches = 0  # busy periods of the engine (each is one request id on the executor)
@@ -389,16 +389,22 @@ class JitServer:
 
     # -- the running requests, batched (several KV slots) -------------------------------------------------
 
-    def _request_waiting(self, timeout_s: float) -> bool:
-        """Whether a request is queued or a client message waits on the socket (it may be one), watching up to
-        timeout_s (the batch engine's send-ahead window)."""
+    def _admit_arrivals(self, timeout_s: float) -> None:
+        """The batch engine's hook before it sends a step ahead with a slot free: answer the clients' messages and
+        admit the requests that wait while there is room, watching for arrivals up to timeout_s (its send-ahead
+        window). Admitted here, a request's first prompt chunk rides that step (and its tokenization and admission
+        overlap the step in flight)."""
         deadline = time.perf_counter() + timeout_s
         while True:
-            if self.queue or self.clients.poll(0):
-                return True
+            if self.clients.poll(0):
+                self._drain_clients(0)
+            admitted = False
+            while self.queue and self.engine.has_room():
+                self._admit(self.queue.popleft())
+                admitted = True
             left = deadline - time.perf_counter()
-            if left <= 0:
-                return False
+            if admitted or left <= 0 or not self.engine.has_room():
+                return
             time.sleep(min(left, 0.0002))
 
     def _turn_batched(self) -> bool:

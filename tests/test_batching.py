@@ -160,21 +160,83 @@ def test_steady_decoding_sends_the_next_step_before_reading_the_tokens():
     assert [lane.key for lane in engine._inflight] == ["a"]
 
 
-def test_a_waiting_request_stops_the_send_ahead_so_that_its_prompt_joins_the_next_step():
-    waiting = []
-    engine = BatchEngine(ModelRunner(_model(TINY, 2)), None, frozenset(TINY.eos_token_ids), 4,
-                         incoming=lambda timeout: bool(waiting))
+def _hooked(slots: int, hook) -> BatchEngine:
+    """An engine whose `incoming` hook is hook(engine, timeout) (the server's: admit what waits, answer cancels)."""
+    engine = None
+
+    def incoming(timeout):
+        hook(engine, timeout)
+
+    engine = BatchEngine(ModelRunner(_model(TINY, slots)), None, frozenset(TINY.eos_token_ids), 4, incoming=incoming)
+    return engine
+
+
+def test_a_request_admitted_while_a_step_runs_rides_the_step_sent_ahead(alone):
+    arrivals = []
+
+    def admit_arrivals(engine, timeout):
+        while arrivals and engine.has_room():
+            engine.admit(*arrivals.pop())
+
+    engine = _hooked(2, admit_arrivals)
     engine.admit("a", [5, 6, 7], SamplingParams(**greedy(20)))
-    engine.step()  # its prefill and first token
-    engine.step()  # its first decode; nothing waits: the next one is sent ahead
-    assert [lane.key for lane in engine._inflight] == ["a"]
-    waiting.append("b")  # a request arrives while that decode runs
-    engine.step()  # the decode in flight is read; none sent ahead
-    assert engine._inflight is None
-    engine.admit(waiting.pop(), [8, 9], SamplingParams(**greedy(3)))
-    items = engine.step()  # a's decode carrying b's whole prompt: b's first token in the same step
+    results = {}
+
+    def step():
+        items = engine.step()
+        results.update((key, item) for key, item in items if isinstance(item, GenerationResult))
+        return items
+
+    step()  # its prefill and first token
+    step()  # its first decode; nobody arrives: the next one is sent ahead, a decode alone
+    assert [lane.key for lane in engine._inflight] == ["a"] and engine._inflight_chunk is None
+    arrivals.append(("b", [8, 9], SamplingParams(**greedy(3))))  # a request arrives while that decode runs
+    step()  # the hook admits it before the next step goes out: a's decode carries b's whole prompt
+    assert [lane.key for lane in engine._inflight] == ["a"] and engine._inflight_chunk.key == "b"
+    items = step()  # that step: a's token and b's first
     assert [key for key, _ in items] == ["a", "b"]
-    assert [lane.key for lane in engine._inflight] == ["a", "b"]  # all decoding again, nothing waiting
+    assert [lane.key for lane in engine._inflight] == ["a", "b"]  # all decoding again
+    while engine.running:
+        step()
+    assert results["a"].token_ids == alone([5, 6, 7], SamplingParams(**greedy(20))).token_ids
+    assert results["b"].token_ids == alone([8, 9], SamplingParams(**greedy(3))).token_ids
+
+
+def test_a_request_cancelled_from_the_hook_leaves_no_row_in_the_step_sent_ahead(alone):
+    """The server answers clients' messages in the hook: a cancel there ends its request before the next step is
+    sent, and the request admitted in its place prefills alone."""
+    def swap(engine, timeout):
+        if engine.running == 1 and "a" in [lane.key for lane in engine.lanes.values()] and not calls:
+            assert engine.cancel("a")
+            engine.admit("b", [8, 9, 10], SamplingParams(**greedy(4)))
+        calls.append(timeout)
+
+    calls = []
+    engine = _hooked(2, swap)
+    engine.admit("a", [5, 6, 7], SamplingParams(**greedy(20)))
+    engine.step()
+    engine.step()  # the hook's first call: a is cancelled, b admitted
+    assert engine._inflight is None and [lane.key for lane in engine.lanes.values()] == ["b"]
+    results, _ = _drain(engine)
+    assert list(results) == ["b"]
+    assert results["b"].token_ids == alone([8, 9, 10], SamplingParams(**greedy(4))).token_ids
+
+
+def test_greedy_sampled_penalized_and_min_tokens_requests_together_get_their_tokens_alone(alone):
+    """One batch of lanes that draw differently: plain greedy rows share one argmax (consecutive slots), the others
+    take their sampler's draw; every request's tokens are its tokens alone."""
+    engine = _engine(slots=4)
+    eos = sorted(TINY.eos_token_ids)[0]
+    params = [SamplingParams(**greedy(9)), SamplingParams(**greedy(8)),
+              SamplingParams(max_tokens=8, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True),
+              SamplingParams(max_tokens=7, temperature=0.0, repetition_penalty=1.5, ignore_eos=True),
+              SamplingParams(**greedy(10)),
+              SamplingParams(max_tokens=6, temperature=0.0, min_tokens=4, stop_token_ids=(eos,)),
+              SamplingParams(**greedy(5))]
+    waiting = [(f"r{i}", [30 + i, 7, 60 + 2 * i][:1 + i % 3], p) for i, p in enumerate(params)]
+    results, _ = _drain(engine, waiting)
+    for key, prompt, p in waiting:
+        assert results[key].token_ids == alone(prompt, p).token_ids, key
 
 
 def test_with_a_margin_the_engine_watches_for_arrivals_until_just_before_the_step_ends():

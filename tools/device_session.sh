@@ -54,10 +54,12 @@ for step in "${steps[@]}"; do
          echo "fp8 tests: rc=$? $(tail -1 "$OUT/fp8_tests.log")" ;;
     batching) timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_extend_attention.py \
                 tests/test_batch_kernels.py > "$OUT/batch_kernel_tests.log" 2>&1
-              echo "batch kernel tests: rc=$? $(tail -1 "$OUT/batch_kernel_tests.log")"
+              rc=$?; echo "batch kernel tests: rc=$rc $(tail -1 "$OUT/batch_kernel_tests.log")"
+              if [ $rc -ne 0 ]; then grep -E '^(FAILED|ERROR)' "$OUT/batch_kernel_tests.log" | head -20; continue; fi
               timeout 300 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_runtime_batching.py \
                 tests/test_prefix_reuse.py tests/test_gpu_path.py > "$OUT/batching_tests.log" 2>&1
-              echo "batching cuda tests: rc=$? $(tail -1 "$OUT/batching_tests.log")" ;;
+              echo "batching cuda tests: rc=$? $(tail -1 "$OUT/batching_tests.log")"
+              grep -E '^(FAILED|ERROR)' "$OUT/batching_tests.log" | head -20 ;;
     batchbench) timeout 150 python3 -m bench.probes.batch_step --out "$OUT/batch_step" > "$OUT/batch_step.log" 2>&1
               echo "batch step probe: rc=$?"; cat "$OUT/batch_step.log"
               timeout 100 python3 -m bench.probes.extend_attention --out "$OUT/extend" > "$OUT/extend.log" 2>&1
