@@ -66,5 +66,6 @@ def check_fits(name: str, config: ModelConfig, dtype: torch.dtype, max_context: 
         f"{name} ({dtype_name}) does not fit on {device.type}: it needs about {need / GIB:.1f} GiB (weights "
         f"{weights / GIB:.1f} GiB + KV cache for {max_context} tokens"
         f"{f' x {slots} sequences' if slots > 1 else ''} {kv / GIB:.1f} GiB + headroom) but "
-        f"{where} is {available / GIB:.1f} GiB; try a smaller --max-context or --dtype, or another device"
+        f"{where} is {available / GIB:.1f} GiB; try a smaller --max-context"
+        f"{', --max-num-seqs' if slots > 1 else ''} or --dtype, or another device"
     )

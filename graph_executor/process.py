@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tp-port", type=int, default=0, help="the ranks' rendezvous port on 127.0.0.1")
     p.add_argument("--max-num-seqs", type=int, default=1,
                    help="KV slots: sequences held and decoded together")
+    p.add_argument("--fit-slots", action="store_true",
+                   help="--max-num-seqs is a default: take fewer slots where that many do not fit")
     p.add_argument("--supervisor-pid", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--no-graphs", action="store_true", help="run every step eagerly (no CUDA graphs)")
@@ -138,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         load = LoadConfig(model=args.model, load_format=args.load_format, device=args.device, dtype=args.dtype,
                           max_context=args.max_context, seed=args.seed_weights, progress=not args.quiet,
                           quantize=args.quantize, quantize_group=args.quantize_group, dequantize=args.dequantize,
-                          max_num_seqs=args.max_num_seqs, tensor_parallel=args.tensor_parallel, tp_rank=args.tp_rank)
+                          max_num_seqs=args.max_num_seqs, fit_slots=args.fit_slots,
+                          tensor_parallel=args.tensor_parallel, tp_rank=args.tp_rank)
         if args.max_num_seqs > 1 and args.draft_model:
             raise HybridrtError("--draft-model serves speculative decoding, which needs --max-num-seqs 1")
         if tp is not None:

@@ -92,7 +92,8 @@ def speculative_config(args: argparse.Namespace, batched: bool = False) -> Specu
         raise ValueError(f"--speculative: {e}") from None
 
 
-CPU_MAX_NUM_SEQS = 2  # `serve`'s default on the CPU (issue 14); 1 on a GPU until batching is measured there
+CPU_MAX_NUM_SEQS = 2  # `serve`'s default on the CPU (issue 14)
+GPU_MAX_NUM_SEQS = 4  # and on a GPU: 4 streams cost ~1.15x one stream's per-token latency each on an H200 (bench/NOTES.md)
 
 
 def add_max_num_seqs_flag(p: argparse.ArgumentParser) -> None:
@@ -101,12 +102,17 @@ def add_max_num_seqs_flag(p: argparse.ArgumentParser) -> None:
                         "running requests decode together, one step for all (continuous batching: a request joins "
                         "or leaves between two steps, a new prompt is prefilled in chunks of at most 256 tokens "
                         "carried by the decode steps). 1 serves one request at a time, with speculative decoding "
-                        f"(default: {CPU_MAX_NUM_SEQS} on the CPU, 1 on a GPU)")
+                        f"(default: {GPU_MAX_NUM_SEQS} on a GPU, {CPU_MAX_NUM_SEQS} on the CPU; 1 with --speculative "
+                        "ngram or draft)")
 
 
 def max_num_seqs(args: argparse.Namespace, gpu: bool) -> int:
-    """--max-num-seqs, or its default for the device; ValueError (one line) out of range."""
-    n = args.max_num_seqs if args.max_num_seqs is not None else (1 if gpu else CPU_MAX_NUM_SEQS)
+    """--max-num-seqs, or its default: 1 when speculation is asked for (it is batch-1's), else the device's;
+    ValueError (one line) out of range."""
+    n = args.max_num_seqs
+    if n is None:
+        speculating = getattr(args, "speculative", None) not in (None, "off")
+        n = 1 if speculating else GPU_MAX_NUM_SEQS if gpu else CPU_MAX_NUM_SEQS
     if not 1 <= n <= MAX_NUM_SEQS:
         raise ValueError(f"--max-num-seqs must be in 1..{MAX_NUM_SEQS}, got {n}")
     return n
@@ -199,10 +205,12 @@ def add_sampling_flags(p: argparse.ArgumentParser, default_temperature: float) -
 
 
 def load_config(args: argparse.Namespace, max_num_seqs: int = 1) -> LoadConfig:
+    """`max_num_seqs`: the slots to allocate; when --max-num-seqs was not given, fewer that fit are taken."""
     return LoadConfig(model=args.model, load_format=args.load_format, device=args.device, dtype=args.dtype,
                       max_context=args.max_context, seed=args.seed_weights, progress=not args.quiet,
                       quantize=args.quantize, quantize_group=args.quantize_group, dequantize=args.dequantize,
-                      max_num_seqs=max_num_seqs)
+                      max_num_seqs=max_num_seqs,
+                      fit_slots=max_num_seqs > 1 and getattr(args, "max_num_seqs", None) is None)
 
 
 def load_argv(load: LoadConfig) -> list[str]:
@@ -217,6 +225,8 @@ def load_argv(load: LoadConfig) -> list[str]:
         argv.append("--dequantize")
     if load.max_num_seqs != 1:
         argv += ["--max-num-seqs", str(load.max_num_seqs)]
+    if load.fit_slots:
+        argv.append("--fit-slots")
     if not load.progress:
         argv.append("--quiet")
     return argv

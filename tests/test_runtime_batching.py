@@ -172,6 +172,25 @@ def test_bad_batching_flags_are_one_line_before_anything_starts(flags, message):
     assert proc.returncode == 1 and len(lines) == 1 and message in lines[0], proc.stderr
 
 
+@pytest.mark.parametrize("argv,gpu,want", [
+    ([], True, 4), ([], False, 2), (["--speculative", "off"], True, 4), (["--speculative", "ngram"], True, 1),
+    (["--speculative", "draft", "--draft-model", "dummy:smollm2-135m"], False, 1), (["--max-num-seqs", "3"], True, 3),
+    (["--max-num-seqs", "1"], False, 1),
+])
+def test_serve_holds_4_sequences_on_a_gpu_2_on_the_cpu_and_1_when_asked_to_speculate(argv, gpu, want):
+    import argparse
+
+    from launch.options import add_max_num_seqs_flag, add_speculative_flags, max_num_seqs, speculative_config
+
+    p = argparse.ArgumentParser()
+    add_max_num_seqs_flag(p)
+    add_speculative_flags(p)
+    args = p.parse_args(argv)
+    n = max_num_seqs(args, gpu=gpu)
+    assert n == want
+    speculative_config(args, batched=n > 1)  # the defaults never conflict
+
+
 def test_sigterm_tells_every_running_and_queued_request(default_model_dir):
     """A batching server (2 slots) with two requests running and one queued: SIGTERM answers all three with
     `shutting_down` at once, and serve exits 0 leaving nothing behind."""

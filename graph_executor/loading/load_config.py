@@ -28,6 +28,9 @@ class LoadConfig:
     quantize_group: int = DEFAULT_GROUP  # weights per scale of int8 / int4
     dequantize: bool = False  # GGUF: every tensor to the activation dtype at load (else packed types stay packed)
     max_num_seqs: int = 1  # KV slots: sequences held (and decoded together) at once
+    # max_num_seqs is a default, not the user's: fewer slots that fit are taken instead of failing (a model that
+    # fits with one KV cache still loads when `serve`'s default slot count would not fit)
+    fit_slots: bool = False
     tensor_parallel: int = 1  # ranks the model is split over (graph_executor/tensor_parallel.py)
     tp_rank: int = 0  # which rank's part this process loads
 

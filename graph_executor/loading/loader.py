@@ -94,11 +94,10 @@ def load_model(cfg: LoadConfig) -> LoadedModel:
             config = tp.local_config(config)  # this rank's heads, KV heads and MLP width
         except ValueError as e:
             raise ModelLoadError(str(e)) from None
-    check_fits(cfg.model, config, dtype, max_context, device, plan=None if cfg.quantize else plan,
-               slots=cfg.max_num_seqs)
+    slots = _fitting_slots(cfg, config, dtype, max_context, device, None if cfg.quantize else plan)
     lap("config" if converted is None else "config (default model conversion included)")
     model = LlamaModel(config, max_context, device, dtype, plan=None if cfg.quantize or device.type == "cpu"
-                       else plan, slots=cfg.max_num_seqs, tp=tp, full_config=full_config)
+                       else plan, slots=slots, tp=tp, full_config=full_config)
     lap("allocation (weights and KV cache)")
     if source == "dummy":
         _fill_random(model, cfg.seed + cfg.tp_rank)  # each rank fills its own part (not the whole model's slices)
@@ -213,6 +212,26 @@ def resolve_model_config(reference: str, load_format: str = "auto") -> tuple[str
     config = ModelConfig.from_json_file(Path(path) / "config.json")
     safetensors_files(Path(path))  # a folder without its weights is one line now, not after a process loads torch
     return reference, config
+
+
+def _fitting_slots(cfg: LoadConfig, config: ModelConfig, dtype: torch.dtype, max_context: int,
+                   device: torch.device, plan: WeightPlan | None, available: int | None = None) -> int:
+    """cfg.max_num_seqs KV slots, or with `fit_slots` (a default count, one rank) the most of them that fit, halving
+    down to one (one line says so); ModelLoadError when none fits. `available`: as check_fits'."""
+    slots = cfg.max_num_seqs
+    while True:
+        try:
+            check_fits(cfg.model, config, dtype, max_context, device, available=available, plan=plan, slots=slots)
+            break
+        except ModelLoadError:
+            if not cfg.fit_slots or cfg.tensor_parallel > 1 or slots == 1:
+                raise
+            slots //= 2
+    if slots != cfg.max_num_seqs:
+        print(f"note: {cfg.max_num_seqs} KV caches of {max_context} tokens do not fit next to {cfg.model}: serving "
+              f"{slots} sequence{'s' if slots > 1 else ''} at once (--max-num-seqs and --max-context set this)",
+              file=sys.stderr, flush=True)
+    return slots
 
 
 def _max_context(cfg: LoadConfig, config: ModelConfig) -> int:
