@@ -26,10 +26,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
-# Versions: 7: DecodeBatch's prompt chunk (the mixed step); 6: KV slots (Ready.max_num_seqs, Prefill.slot,
+# Versions: 8: GenerateRequest.warm_up; 7: DecodeBatch's prompt chunk (the mixed step); 6: KV slots (Ready.max_num_seqs, Prefill.slot,
 # DecodeBatch, the batch_logits buffer); 5: Verify.tokens/accept, StepDone.accepted, GenerateRequest.chat;
 # 4: Ready.doorbell; 3: Verify and the verify_logits buffer; 2: typed Ready buffers/events/tokenizer_path
-PROTOCOL_VERSION = 7
+PROTOCOL_VERSION = 8
 MAX_ID_CHARS = 256
 MAX_SPECULATIVE_TOKENS = 8  # proposals a Verify step carries at most (its k + 1 tokens fill the verify buffers)
 MAX_NUM_SEQS = 64  # KV slots an executor may hold (sequences decoded together in one DecodeBatch step)
@@ -446,6 +446,8 @@ class GenerateRequest(Message):
     params: dict = field(default_factory=dict)  # sampling and stop parameters, checked by the JIT context
     api_key: str | None = field(default=None, repr=False)  # the server's --api-key, if any (`AUTHENTICATED`)
     chat: ChatOptions | None = None  # with messages only; None: the defaults
+    # a launcher's start-up request through its own HTTP path: served as any other, not logged or counted in metrics
+    warm_up: bool = False
 
     def _validate(self) -> None:
         given = [f for f in ("prompt", "messages", "token_ids") if getattr(self, f) is not None]

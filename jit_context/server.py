@@ -85,6 +85,7 @@ class Pending:
     params: SamplingParams
     received: float  # perf_counter at arrival
     started: float = 0.0  # perf_counter when it reached the executor's turn
+    counted: bool = True  # logged and counted in the metrics (not a start-up request: ours, or a launcher's)
 
 
 class JitServer:
@@ -133,7 +134,7 @@ class JitServer:
         if not ids:
             return  # a context of a few tokens: nothing worth warming
         params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
-        self.queue.append(Pending(WARM_UP, "warm-up", ids, params, time.perf_counter()))
+        self.queue.append(Pending(WARM_UP, "warm-up", ids, params, time.perf_counter(), counted=False))
         while self.queue or self.num_running():
             self._step()  # no client is answered meanwhile: a status reply would tell the launcher "ready" too soon
 
@@ -241,7 +242,7 @@ class JitServer:
         except (ValueError, TypeError, HybridrtError) as e:
             self._reply(identity, Error("invalid_request", str(e), msg.request_id))
             return
-        self.queue.append(Pending(identity, msg.request_id, ids, params, time.perf_counter()))
+        self.queue.append(Pending(identity, msg.request_id, ids, params, time.perf_counter(), counted=not msg.warm_up))
 
     def _tokenize(self, msg: TokenizeRequest | DetokenizeRequest):
         try:
@@ -270,8 +271,9 @@ class JitServer:
             if pending.request_id == request_id and pending.identity == identity:
                 self.queue.remove(pending)
                 self._reply(identity, Finished(request_id, "", [], FinishReason.ABORT, {}, {}))
-                self.metrics.record(FinishReason.ABORT, len(pending.prompt_ids), [],
-                                    time.perf_counter() - pending.received)
+                if pending.counted:
+                    self.metrics.record(FinishReason.ABORT, len(pending.prompt_ids), [],
+                                        time.perf_counter() - pending.received)
 
     def _reply(self, identity: bytes, msg) -> bool:
         """Send to one client; False if it is gone. A reply too big for a frame becomes an `oversized` error."""
@@ -303,7 +305,8 @@ class JitServer:
         queue_ms = round((pending.started - pending.received) * 1e3, 3)
         if self._reply(pending.identity, Started(pending.request_id, queue_ms)):
             return True
-        self.metrics.record(FinishReason.ABORT, len(pending.prompt_ids), [], pending.started - pending.received)
+        if pending.counted:
+            self.metrics.record(FinishReason.ABORT, len(pending.prompt_ids), [], pending.started - pending.received)
         return False
 
     def _start(self, pending: Pending) -> None:
@@ -335,7 +338,7 @@ class JitServer:
             self._end(self._finished(active, item))
         elif not self._reply(active.identity, TokenChunk(active.request_id, item.text, item.token_ids)):
             self._finish_abort("client went away")  # nobody to stream to: free the executor
-        elif self.log is not None:
+        elif self.log is not None and active.counted:
             self.log.streamed(len(item.token_ids))
 
     def _finished(self, active: Pending, result: GenerationResult) -> Finished:
@@ -363,7 +366,7 @@ class JitServer:
     def _report_end(self, pending: Pending, msg: Finished | Error) -> None:
         """Send a request's last message; log and count it (not the start-up's own request)."""
         self._reply(pending.identity, msg)
-        if pending.identity == WARM_UP:
+        if not pending.counted:
             return
         if self.log is not None and isinstance(msg, Finished):
             self.log.finished(msg.request_id, msg.finish_reason, msg.usage.get("prompt_tokens", 0),
@@ -433,7 +436,7 @@ class JitServer:
             elif not self._reply(pending.identity, TokenChunk(pending.request_id, item.text, item.token_ids)):
                 self._abort_running(pending, "client went away")  # nobody to stream to: free its slot
                 gone.add(id(pending))
-            elif self.log is not None:
+            elif self.log is not None and pending.counted:
                 self.log.streamed(len(item.token_ids))
         if not self.running:
             self._finish_on_executor()

@@ -141,16 +141,17 @@ class AsyncClient:
 
     async def generate(self, prompt: str | None = None, *, messages: list[dict] | None = None,
                        token_ids: list[int] | None = None, params: dict | None = None,
-                       request_id: str | None = None,
-                       chat: ChatOptions | None = None) -> AsyncGenerator[TokenChunk | Finished, None]:
-        """Yield a TokenChunk per generated token, then the Finished message; raises ServerError.
+                       request_id: str | None = None, chat: ChatOptions | None = None,
+                       warm_up: bool = False) -> AsyncGenerator[TokenChunk | Finished, None]:
+        """Yield a TokenChunk per generated token, then the Finished message; raises ServerError. `warm_up`: the
+        server neither logs nor counts the request (GenerateRequest.warm_up).
 
         A request that can't even be encoded (bad types, over the frame limit) is
         ServerError("invalid_request").
         """
         try:
             request = GenerateRequest(request_id or uuid.uuid4().hex, prompt, messages, token_ids,
-                                      dict(params or {}), self.api_key, chat)
+                                      dict(params or {}), self.api_key, chat, warm_up)
             request.validate()
             frame = encode(request)
         except (ValueError, ProtocolError) as e:

@@ -9,6 +9,11 @@ API key, 404 unknown model or route, 503 the JIT context or executor is gone, 50
 A streamed request waits for its first message before answering, so a request the JIT context refuses is
 still a 400 rather than an error event in a 200 stream. A client that disconnects mid-stream cancels its
 generation (the stream's generator is closed, and closing it sends CancelRequest).
+
+Before uvicorn takes connections, `serve`'s app sends itself two short streamed chats in-process (`warm_up`): what runs
+for the first time in this process (request validation, the streamed response, the native socket's connect) is then
+paid at start-up, not in the first user's TTFT. The JIT context serves them as any request but neither logs nor
+counts them (GenerateRequest.warm_up); only the app's own start-up knows the header that marks them.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import contextlib
 import json
 import logging
 import secrets
+import sys
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
@@ -51,6 +57,9 @@ DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its HTT
 UNAVAILABLE_CODES = frozenset({"executor_died", "executor_timeout", "server_died", "shutting_down", "unreachable",
                                "timeout"})
 MAX_REPORTED_ERRORS = 4
+WARM_UP_HEADER = "x-hybridrt-warm-up"  # its value: a per-app secret, so that no client can send uncounted requests
+WARM_UP_REQUESTS = 2  # the second one still paid ~1-4 ms of first-time costs on the CPU machine
+WARM_UP_TIMEOUT_S = 30.0
 UNION_HINTS = {  # fields with several accepted forms: one clear line instead of an error per form
     "prompt": "must be a string, a list holding one string, or a list of token ids (ints >= 0)",
     "content": 'must be a string or a list of {"type": "text", "text": ...} parts (only text is supported)',
@@ -88,15 +97,23 @@ class ApiError(Exception):
 
 
 def create_app(client_address: str, model_name: str, api_key: str | None, max_context: int,
-               weight_format: str | None = None) -> FastAPI:
-    """The app for one served model; `client_address` is the JIT context's native (ZeroMQ) address."""
+               weight_format: str | None = None, warm: bool = False) -> FastAPI:
+    """The app for one served model; `client_address` is the JIT context's native (ZeroMQ) address. `warm`: send
+    itself the start-up requests (`warm_up`) before serving (a JIT context must be there to answer them)."""
     client = AsyncClient(client_address, api_key=api_key)  # the JIT context wants the same key natively
     created = int(time.time())
+    warm_key = secrets.token_hex(16)
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app_: FastAPI) -> AsyncIterator[None]:
+        headers = {WARM_UP_HEADER: warm_key} | ({"authorization": f"Bearer {api_key}"} if api_key else {})
+        if warm:
+            await warm_up(app_, model_name, headers)
         yield
         client.close()
+
+    def warming(request: Request) -> bool:
+        return secrets.compare_digest(request.headers.get(WARM_UP_HEADER, ""), warm_key)
 
     app = FastAPI(title="hybridrt", lifespan=lifespan)
     _install_error_handlers(app)
@@ -121,7 +138,8 @@ def create_app(client_address: str, model_name: str, api_key: str | None, max_co
         _check(body, model_name)
         warn_unknown(body, warned)
         params = body.sampling_params(max_context if body.max_tokens is None else body.max_tokens)
-        return await _respond(client, body, body.prompt_kwargs(), params, chat=False, request=request)
+        return await _respond(client, body, body.prompt_kwargs(), params, chat=False, request=request,
+                              warm_up=warming(request))
 
     @v1.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
@@ -134,7 +152,8 @@ def create_app(client_address: str, model_name: str, api_key: str | None, max_co
             chat = body.chat_options()
         except Unsupported as e:
             raise ApiError(400, str(e), param=e.param, code="unsupported") from None
-        return await _respond(client, body, {"messages": messages, "chat": chat}, params, chat=True, request=request)
+        return await _respond(client, body, {"messages": messages, "chat": chat}, params, chat=True, request=request,
+                              warm_up=warming(request))
 
     app.include_router(v1)
 
@@ -164,10 +183,50 @@ def _check(body: CompletionRequest | ChatCompletionRequest, model_name: str) -> 
         raise ApiError(400, str(e), param=e.param, code="unsupported") from None
 
 
+async def warm_up(app: FastAPI, model_name: str, headers: dict[str, str]) -> None:
+    """Send the app WARM_UP_REQUESTS short streamed chats in-process (plain ASGI calls, read to the end); a failure
+    is a one-line warning (the server still serves)."""
+    body = json.dumps({"model": model_name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+                       "temperature": 0, "stream": True}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"",
+             "root_path": "", "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0),
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                         *((k.encode(), v.encode()) for k, v in headers.items())]}
+    for _ in range(WARM_UP_REQUESTS):
+        sent = [{"type": "http.request", "body": body, "more_body": False}]
+        done = asyncio.Event()
+        status: list[int] = []
+
+        async def receive() -> dict:
+            if sent:
+                return sent.pop()
+            await done.wait()  # nothing more to read; the response has ended
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                done.set()
+
+        try:
+            await asyncio.wait_for(app(dict(scope), receive, send), WARM_UP_TIMEOUT_S)
+        except Exception as e:  # noqa: BLE001 - a warm-up never stops the server
+            print(f"warning: the HTTP warm-up request failed ({type(e).__name__}: {e}); the first requests may be "
+                  "slower", file=sys.stderr, flush=True)
+            return
+        if status != [200]:
+            print(f"warning: the HTTP warm-up request was answered {status}; the first requests may be slower",
+                  file=sys.stderr, flush=True)
+            return
+
+
 async def _respond(client: AsyncClient, body: CompletionRequest | ChatCompletionRequest,
-                   prompt: dict[str, Any], params: dict[str, Any], chat: bool, request: Request) -> Any:
+                   prompt: dict[str, Any], params: dict[str, Any], chat: bool, request: Request,
+                   warm_up: bool = False) -> Any:
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    events = client.generate(**prompt, params=params, request_id=request_id)
+    events = client.generate(**prompt, params=params, request_id=request_id, warm_up=warm_up)
     if body.stream:
         first = await _next_or_error(events)
         chunks = ChunkMaker(request_id, body.model, chat, body.include_usage)

@@ -227,7 +227,8 @@ def test_a_model_folder_without_weights_is_refused_before_loading(default_model_
 
 def test_serve_logs_each_finished_request_unless_quiet(default_model_dir) -> None:
     """Without --quiet, serve's JIT context logs one line per finished request (as vLLM's server does); the HTTP
-    API's model id is --served-model-name's."""
+    API's model id is --served-model-name's. The HTTP app's start-up requests (its warm-up) are neither logged nor
+    counted: after one request of ours, the log and /metrics show that one only."""
     import httpx
 
     from launch.client import Client
@@ -242,11 +243,14 @@ def test_serve_logs_each_finished_request_unless_quiet(default_model_dir) -> Non
         with Client(server.address) as client:
             final = list(client.generate(token_ids=[5, 6, 7], params={"max_tokens": 3, "temperature": 0.0,
                                                                          "ignore_eos": True}))[-1]
+        metrics = httpx.get(f"{server.http}/metrics", timeout=30).text
+        assert 'request_success_total{model_name="my-model",finished_reason="length"} 1' in metrics, metrics
+        assert 'generation_tokens_total{model_name="my-model"} 3' in metrics, metrics
     finally:
         assert server.stop() == 0
     err, out = server.proc.stderr.read(), server.proc.stdout.read()
     line = f"jit_context: request {final.request_id} finished (length): 3 prompt + 3 generated tokens, TTFT "
-    assert line in err, err
+    assert line in err and err.count(" finished (") == 1 and "warm-up request failed" not in err, err
     # The ready line says what is served, as vLLM and llama-server do; each start-up phase has its line before it.
     ready = re.search(r"hybridrt serving smollm2-135m-instruct on cpu \(ready in [0-9.]+ s\): dtype float32, "
                       r"weights float32, context 4096 tokens, KV cache ([0-9.]+) MiB, 2 requests at once \(batched\)",

@@ -531,6 +531,25 @@ def test_the_start_up_request_runs_the_path_and_is_neither_sent_nor_counted(fres
     assert [getattr(msg, "request_id", None) for msg in rig.log if getattr(msg, "request_id", "") == "warm-up"] == []
 
 
+def test_a_launchers_warm_up_request_is_served_but_not_counted(rig, reference) -> None:
+    """GenerateRequest.warm_up (the HTTP app's start-up requests): answered in full like any request, neither
+    counted in the metrics nor logged; a queued one cancelled is not counted either."""
+    metrics = Metrics(rig)
+    peer = rig.peer()
+    peer.generate("warm", PROMPTS["a"], params=greedy(4), warm_up=True)
+    peer.generate("queued-warm", PROMPTS["b"], params=greedy(4), warm_up=True)
+    rig.until(lambda: rig.taken("queued-warm"))
+    peer.send(CancelRequest("queued-warm"))
+    rig.until(lambda: rig.idle() and peer.final("queued-warm") is not None)
+    assert peer.final("warm").token_ids == reference(PROMPTS["a"], 4).token_ids
+    assert peer.final("queued-warm").finish_reason == "abort"
+    m = metrics.gained()
+    assert m["finished"] == {} and m["prompt_tokens"] == m["generation_tokens"] == m["ttft_s"] == 0
+    peer.generate("counted", PROMPTS["a"], params=greedy(4))
+    rig.until(lambda: rig.idle() and peer.final("counted") is not None)
+    assert metrics.gained()["finished"] == {"length": 1}
+
+
 def test_metrics_count_each_outcome(rig, reference) -> None:
     metrics = Metrics(rig)
     peer = rig.peer()
