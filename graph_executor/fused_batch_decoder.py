@@ -15,9 +15,8 @@ import torch
 from graph_executor.kernels import pdl as pdl_launch
 from graph_executor.kernels.decode_attention import DecodeAttention
 from graph_executor.kernels.gemv_batch import BatchGemvPlan, gemm_residual, rmsnorm_gemm, silu_gemm_residual
-from graph_executor.kernels.projections import embedding, matmul, prefill_scratch
+from graph_executor.kernels.projections import embedding, prefill_scratch
 from graph_executor.kernels.rope_append import rope_append
-from graph_executor.kernels.rows import silu_mul_rows
 from graph_executor.model import LlamaModel
 
 
@@ -45,13 +44,6 @@ class FusedBatchDecoder:
         # the low-bit GEMM's split-K partials for packed weights (None when every projection is dense)
         self.scratch = prefill_scratch([model.lm_head] + [w for layer in model.layers for w in (
             layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)], max_batch, device)
-        # Norms folded into the projections (`LlamaModel.fold_norms`, done by a GraphRunner with slots): the cuBLAS
-        # GEMMs of qkv and gate_up read the raw residual stream and RoPE / SwiGLU multiply each row's RMSNorm scale
-        # in, two kernels per layer fewer (~0.075 ms of a 4-row 7B step on an H200, bench/NOTES.md).
-        attn, mlp = model.folded_norms
-        self.fold_attn = attn and self.plan.qkv.cublas
-        self.fold_mlp = mlp and self.plan.gate_up.cublas and self.plan.down.cublas
-        self.act = empty(max_batch, cfg.intermediate_size) if self.fold_mlp else None
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
@@ -66,21 +58,11 @@ class FusedBatchDecoder:
         embedding(m.embed_tokens, tokens, x)
         for index, layer in enumerate(m.layers):
             cache = m.kv_caches[0, index]  # [2, nkv, C, hd]: slot 0's; row r's lies slots[r] * stride further
-            if self.fold_attn:  # qkv of the raw rows; RoPE multiplies their RMSNorm scale in
-                matmul(x, layer.qkv_proj, qkv)
-            else:
-                rmsnorm_gemm(layer.qkv_proj, x, layer.attn_norm, eps, qkv, bias=layer.qkv_bias, cfg=g.qkv,
-                             scratch=sc)
+            rmsnorm_gemm(layer.qkv_proj, x, layer.attn_norm, eps, qkv, bias=layer.qkv_bias, cfg=g.qkv, scratch=sc)
             rope_append(qkv, positions, m.rope, q, cache[0], cache[1], cfg.num_heads, cfg.num_kv_heads,
-                        cfg.head_dim, pdl=self.pdl, slots=slots, slot_stride=stride,
-                        norm_x=x if self.fold_attn else None, eps=eps)
+                        cfg.head_dim, pdl=self.pdl, slots=slots, slot_stride=stride)
             self.attention(q, cache[0], cache[1], positions, attn, slots=slots, slot_stride=stride)
             gemm_residual(layer.o_proj, attn.view(b, -1), x, cfg=g.o, scratch=sc)
-            if self.fold_mlp:  # gate_up of the raw rows; SwiGLU multiplies their RMSNorm scale in
-                matmul(x, layer.gate_up_proj, gate_up)
-                act = silu_mul_rows(gate_up, self.act[:b], pdl=g.down.pdl, norm_x=x, eps=eps)  # [B, I]
-                matmul(act, layer.down_proj, x, accumulate=True)
-            else:
-                rmsnorm_gemm(layer.gate_up_proj, x, layer.mlp_norm, eps, gate_up, cfg=g.gate_up, scratch=sc)
-                silu_gemm_residual(layer.down_proj, gate_up, x, cfg=g.down, scratch=sc)
+            rmsnorm_gemm(layer.gate_up_proj, x, layer.mlp_norm, eps, gate_up, cfg=g.gate_up, scratch=sc)
+            silu_gemm_residual(layer.down_proj, gate_up, x, cfg=g.down, scratch=sc)
         return rmsnorm_gemm(m.lm_head, x, m.norm, eps, logits, cfg=g.lm_head, scratch=sc)

@@ -82,10 +82,6 @@ class GraphRunner:
     def __init__(self, model: LlamaModel, buffers: StepBuffers | None = None,
                  buckets: tuple[int, ...] = DEFAULT_BUCKETS, decoder: FusedDecoder | None = None,
                  accepts: bool = True) -> None:
-        if model.slots > 1:
-            # Before any step is built: the batched decode multiplies the norms in after its GEMMs; every other step
-            # then runs with unit norms (the same function).
-            model.fold_norms()
         self.model = model
         device = model.embed_tokens.device
         self.buffers = buffers or StepBuffers.allocate(model.config.vocab_size, model.max_context, device,

@@ -109,41 +109,10 @@ class LlamaModel(nn.Module):
         self.kv_caches = nn.Buffer(torch.zeros(
             slots, config.num_layers, 2, config.num_kv_heads, max_context, config.head_dim, device=device, dtype=dtype
         ))
-        self._folded: tuple[bool, bool] | None = None  # set by fold_norms
 
     @property
     def slots(self) -> int:
         return self.kv_caches.shape[0]
-
-    @property
-    def folded_norms(self) -> tuple[bool, bool]:
-        """(attention, MLP) RMSNorm weights folded into their projections (`fold_norms`)."""
-        return self._folded or (False, False)
-
-    @torch.inference_mode()
-    def fold_norms(self) -> tuple[bool, bool]:
-        """Fold each layer's RMSNorm weights into the projections that read the normalised rows, W[:, k] *= w[k],
-        and make the norms ones: RMSNorm(x) @ W^T = rsqrt(mean(x^2) + eps) * (x @ (W * w)^T), so a step may multiply
-        the row's scale in after the GEMM (the batched decode does: `FusedBatchDecoder`, two kernels per layer fewer)
-        while every other step computes the same function with unit norms. Dense weights only (packed codes are the
-        file's), the attention norm only without a QKV bias (the bias must not be scaled), one process's model only
-        (not a tensor-parallel rank). Returns (attention norms folded, MLP norms folded); a second call changes
-        nothing."""
-        if self._folded is not None:
-            return self._folded
-        dense = all(isinstance(getattr(layer, name), torch.Tensor) for layer in self.layers
-                    for name in ("qkv_proj", "gate_up_proj"))
-        attn = dense and self.tp is None and not self.config.qkv_bias
-        mlp = dense and self.tp is None
-        for layer in self.layers:
-            if attn:
-                layer.qkv_proj.mul_(layer.attn_norm)  # [N, K] * [K]: column k by w[k]
-                layer.attn_norm.fill_(1.0)
-            if mlp:
-                layer.gate_up_proj.mul_(layer.mlp_norm)
-                layer.mlp_norm.fill_(1.0)
-        self._folded = (attn, mlp)
-        return self._folded
 
     @property
     def kv_cache(self) -> torch.Tensor:

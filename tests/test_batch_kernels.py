@@ -80,12 +80,9 @@ def _prefill(model: LlamaModel, prompts: dict[int, list[int]]) -> None:
               torch.tensor([n - 1], device=DEVICE), n, slot=slot)
 
 
-@pytest.mark.parametrize("plan", ["triton", "cublas", "cublas-folded"])
+@pytest.mark.parametrize("plan", ["triton", "cublas"])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_the_fused_batched_step_equals_the_reference_step(name, plan):
-    """"cublas-folded": the norms folded into qkv and gate_up (`LlamaModel.fold_norms`, not the attention's with a
-    QKV bias) after the reference ran on the unfolded weights: the GEMMs read the raw rows, RoPE and SwiGLU multiply
-    the RMSNorm scale in."""
     cfg = CONFIGS[name]
     model = _model(cfg, slots=3)
     prompts = {0: list(range(1, 8)), 2: [9, 8, 7], 1: list(range(20, 30))}
@@ -98,14 +95,8 @@ def test_the_fused_batched_step_equals_the_reference_step(name, plan):
     caches = model.kv_caches.clone()
     model.kv_caches.copy_(before)
     logits = torch.full((3, cfg.vocab_size), float("nan"), device=DEVICE)
-    plans = {"cublas": gemv_batch.BatchGemvPlan(), "triton": gemv_batch.TENSOR_CORE,
-             "cublas-folded": gemv_batch.BatchGemvPlan()}
-    if plan == "cublas-folded":
-        assert model.fold_norms() == (not cfg.qkv_bias, True) and model.fold_norms() == model.folded_norms
-        assert all(bool((layer.mlp_norm == 1).all()) for layer in model.layers)
+    plans = {"cublas": gemv_batch.BatchGemvPlan(), "triton": gemv_batch.TENSOR_CORE}
     decoder = FusedBatchDecoder(model, 4, plan=plans[plan])
-    assert (decoder.fold_attn, decoder.fold_mlp) == ((not cfg.qkv_bias, True) if plan == "cublas-folded"
-                                                     else (False, False))
     decoder.step(tokens, positions, torch.tensor(order, device=DEVICE), logits)
     torch.testing.assert_close(logits, want, **TOL)
     torch.testing.assert_close(model.kv_caches, caches, **TOL)  # each row wrote its own slot, nothing else
@@ -177,29 +168,6 @@ def test_the_mixed_step_equals_a_prefill_then_a_batched_decode(name):
     written = model.kv_caches.clone()
     written[1, :, :, :, start + n:start + bucket] = want_caches[1, :, :, :, start + n:start + bucket]  # padding rows
     torch.testing.assert_close(written, want_caches, **TOL)
-
-
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_folded_norms_leave_every_step_the_same_function(name):
-    """`LlamaModel.fold_norms`: the reference prefill and batched decode of the folded model equal the unfolded
-    model's (norm weights of 0.5-1.5, not ones); packed weights are never folded."""
-    cfg = CONFIGS[name]
-    model, ref = _model(cfg, slots=2), _model(cfg, slots=2)
-    assert model.fold_norms() == (not cfg.qkv_bias, True)
-    prompt = torch.tensor(list(range(3, 14)), device=DEVICE)
-    n = prompt.shape[0]
-    for m in (model, ref):
-        m(prompt, torch.arange(n, device=DEVICE), torch.tensor([n - 1], device=DEVICE), n, slot=1)
-    for m in (model, ref):
-        m(prompt[:5], torch.arange(5, device=DEVICE), torch.tensor([4], device=DEVICE), 5, slot=0)
-    got = model.forward_batch(torch.tensor([7, 8], device=DEVICE), torch.tensor([5, n], device=DEVICE), [0, 1])
-    want = ref.forward_batch(torch.tensor([7, 8], device=DEVICE), torch.tensor([5, n], device=DEVICE), [0, 1])
-    torch.testing.assert_close(got.float(), want.float(), **TOL)
-    torch.testing.assert_close(model.kv_caches, ref.kv_caches, **TOL)
-    packed = _model(cfg, slots=2)
-    quantize_model(packed, quantize_plan("int8", 32, cfg), progress=False, keep_packed=True)
-    norm = packed.layers[0].mlp_norm.clone()
-    assert packed.fold_norms() == (False, False) and torch.equal(packed.layers[0].mlp_norm, norm)
 
 
 @pytest.mark.parametrize("method", ["int8", "int4", "fp8"])

@@ -1,8 +1,7 @@
 """The whole batched decode step (`FusedBatchDecoder`) on a LLaMA-2-7B-shaped model, per block plan and batch size,
 against the batch-1 step (`FusedDecoder`) in the same process: each captured as a CUDA graph at context ~300 and
 timed over replays. Plans: the tensor-core GEMVs (`TENSOR_CORE`), cuBLAS for o_proj and down_proj, cuBLAS
-everywhere (the default), and last cuBLAS over norms folded into the weights (`LlamaModel.fold_norms`, what a
-GraphRunner with slots runs).
+everywhere (the default).
 
     python -m bench.probes.batch_step [--model dummy:llama-2-7b] [--batches 1,2,4] [--out DIR]
 """
@@ -59,17 +58,6 @@ def main(argv: list[str] | None = None) -> int:
             ms = graph_ms(lambda: decoder.step(tokens, positions, which, logits), REPLAYS)
             rows.append({"plan": name, "batch": b, "ms": ms})
             print(f"| {name} | {b} | {ms:.3f} | {ms / b:.3f} | {ms / base:.3f} |", flush=True)
-    # Last: folding changes the model's weights for good (every step above ran on the unfolded ones).
-    model.fold_norms()
-    decoder = FusedBatchDecoder(model, slots)
-    for b in batches:
-        tokens = torch.zeros(b, dtype=torch.int64, device=dev)
-        positions = torch.full((b,), POSITION, device=dev)
-        which = torch.arange(b, device=dev)
-        logits = torch.empty(b, vocab, device=dev)
-        ms = graph_ms(lambda: decoder.step(tokens, positions, which, logits), REPLAYS)
-        rows.append({"plan": "cublas, norms folded", "batch": b, "ms": ms})
-        print(f"| cublas, norms folded | {b} | {ms:.3f} | {ms / b:.3f} | {ms / base:.3f} |", flush=True)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "batch_step.json").write_text(json.dumps(rows, indent=1))

@@ -22,20 +22,13 @@ def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_out, K, eps, BLOCK: 
 
 
 @triton.jit
-def _silu_mul_kernel(gu_ptr, out_ptr, x_ptr, stride_gu, stride_out, stride_x, K, hidden, eps, BLOCK: tl.constexpr,
-                     NORM: tl.constexpr, BLOCK_X: tl.constexpr, PDL: tl.constexpr):
+def _silu_mul_kernel(gu_ptr, out_ptr, stride_gu, stride_out, K, BLOCK: tl.constexpr, PDL: tl.constexpr):
     wait_for_prior(PDL)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < K
     g = tl.load(gu_ptr + row * stride_gu + cols, mask=ok, other=0.0).to(tl.float32)
     u = tl.load(gu_ptr + row * stride_gu + K + cols, mask=ok, other=0.0).to(tl.float32)
-    if NORM:  # the row's RMSNorm scale (its weight is folded into gate_up, whose GEMM read the raw residual)
-        xc = tl.arange(0, BLOCK_X)
-        xs = tl.load(x_ptr + row * stride_x + xc, mask=xc < hidden, other=0.0).to(tl.float32)
-        scale = 1.0 / tl.sqrt(tl.sum(xs * xs, axis=0) / hidden + eps)
-        g = g * scale
-        u = u * scale
     tl.store(out_ptr + row * stride_out + cols, (g / (1.0 + tl.exp(-g)) * u).to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -49,15 +42,10 @@ def rmsnorm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.T
     return out
 
 
-def silu_mul_rows(gate_up: torch.Tensor, out: torch.Tensor, pdl: bool = False, norm_x: torch.Tensor | None = None,
-                  eps: float = 0.0) -> torch.Tensor:
-    """gate_up [T, 2I] -> out [T, I] = silu(gate) * up; with norm_x [T, H] gate and up are first multiplied by row
-    t's rsqrt(mean(norm_x[t]^2) + eps) (a batched decode over folded norms, `LlamaModel.fold_norms`)."""
+def silu_mul_rows(gate_up: torch.Tensor, out: torch.Tensor, pdl: bool = False) -> torch.Tensor:
+    """gate_up [T, 2I] -> out [T, I] = silu(gate) * up."""
     t, k = out.shape
     block = 1024
-    x = norm_x if norm_x is not None else gate_up
-    _silu_mul_kernel[(t, triton.cdiv(k, block))](gate_up, out, x, gate_up.stride(0), out.stride(0), x.stride(0), k,
-                                                 x.shape[1], eps, BLOCK=block, NORM=norm_x is not None,
-                                                 BLOCK_X=triton.next_power_of_2(x.shape[1]) if norm_x is not None
-                                                 else 1, PDL=pdl, **launch_options(pdl))
+    _silu_mul_kernel[(t, triton.cdiv(k, block))](gate_up, out, gate_up.stride(0), out.stride(0), k, BLOCK=block,
+                                                 PDL=pdl, **launch_options(pdl))
     return out
