@@ -4,7 +4,7 @@
 # fastapi uvicorn openai ...) and SmolLM2's tokenizer files in .gpu/tokenizer/ (carry: [".whl", ".gpu"]).
 #
 #   run: bash tools/device_session.sh [tests|bench|probe|profile|quant|gemv|gemm|fp8|batching ...]   (default: the
-#   first three, ~6-7 min)
+#   first three, ~6-7 min); everything under $OUT comes back as one archive, $OUT/device_session.tgz
 #   batching: the batch and extend kernel tests, and the cuda tests of batching, prefix reuse and the GPU path (the
 #   SmolLM2 ones need HYBRIDRT_TEST_GGUF, ~4 min); batchbench:
 #   bench.probes.batch_step and bench.probes.extend_attention, then one `bench --prefix-reuse` per slot count on
@@ -80,4 +80,6 @@ for step in "${steps[@]}"; do
 done
 [ -f "$OUT/run/results.md" ] && sed -n '/^## TTFT/,/^## Two-process/p' "$OUT/run/results.md" | head -60
 [ -f "$OUT/e2e_probe.log" ] && tail -8 "$OUT/e2e_probe.log"
+# The device tool brings back at most 8 files from $OUT: everything goes back as one archive (unpack it here).
+(cd "$OUT" && tar czf /tmp/device_session.tgz . && find . -mindepth 1 -delete && mv /tmp/device_session.tgz .)
 exit 0
