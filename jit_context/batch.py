@@ -291,9 +291,9 @@ class BatchEngine:
     def _finish_decode(self, sent: list[Lane], events: list[tuple[Hashable, Item]],
                        chunk_lane: Lane | None = None, pipelined: bool = False) -> None:
         """The decode of `sent` (row b: sent[b]) was sent, with a chunk of `chunk_lane`'s prompt if given: draw each
-        live row's token (and chunk_lane's first, when the chunk ended its prompt), send the next decode right away
-        when every running request decodes, then read the tokens. `pipelined`: `sent` went out ahead, right behind
-        the step before it (its read-to-read time is a step's length)."""
+        live row's token (and chunk_lane's first, when the chunk ended its prompt), send the next step right away
+        when every running request decodes (`_send_ahead`), then read the tokens. `pipelined`: `sent` went out ahead
+        as a decode alone, right behind the step before it (its read-to-read time is a step's length)."""
         self.port.wait_enqueued()
         logits = self.port.buffers.batch_logits  # [slots, V]
         # (lane, logits [R, V], row): each live row of the step (not cancelled since), then the chunk's last token
@@ -366,7 +366,10 @@ class BatchEngine:
         """Read every lane's drawn token at once; report them (and the requests that end)."""
         next_token = self.port.buffers.next_token
         slots = [lane.slot for lane in lanes]
-        tokens = next_token[slots[0]:slots[0] + 1] if len(slots) == 1 else next_token[slots]  # [B]
+        first = slots[0]
+        # [B]; consecutive slots (the usual batch) as a view: no index tensor to copy up before the read
+        tokens = next_token[first:first + len(slots)] if slots == list(range(first, first + len(slots))) \
+            else next_token[slots]
         for lane, token in zip(lanes, tokens.tolist()):
             events.append((lane.key, lane.out.add(token)))
             if lane.out.finish is None:
