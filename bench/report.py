@@ -203,6 +203,9 @@ def concurrency_section(results: dict) -> list[str]:
                   f"{s['p50_ms'] / c['single']['p50_ms']:.3f}", ""] for i, s in enumerate(c["per_stream"])]
         rows += [[f"{n} together: all", "", "", f"worst {c['worst_p50_ratio']:.3f}",
                   f"{c['aggregate_tokens_per_s']:.1f} ({c['aggregate_vs_single']:.2f}x)"]]
+        if "decode_phase_tokens_per_s" in c:
+            rows += [[f"{n} together: all, once all decode", "", "", "",
+                      f"{c['decode_phase_tokens_per_s']:.1f} ({c['decode_phase_vs_single']:.2f}x)"]]
         lines += [f"## Concurrency ({e}, --max-num-seqs {n}, {c['tokens_per_stream']} tokens per stream)", "",
                   *_table(["streams", "P50 ms/token", "P99", "P50 / alone", "tokens/s"], rows),
                   f"A {a['prompt_tokens']}-token prompt arriving while {a['running']} other stream"

@@ -167,6 +167,13 @@ def concurrency(engine: Engine, spec: BenchSpec) -> dict:
            "single_tokens_per_s": round((steps + 1) / alone[-1] * 1e3, 2),
            "aggregate_tokens_per_s": round(n * (steps + 1) / wall_ms * 1e3, 2)}
     out["aggregate_vs_single"] = round(out["aggregate_tokens_per_s"] / out["single_tokens_per_s"], 3)
+    # The same once every stream decodes (from the last stream's first token to the last token, against one stream
+    # from its first token): without the prompts' start, which N prompts arriving at once pay one after the other.
+    since = max(t[0] for t in together)
+    after = sum(sum(1 for x in t if x > since) for t in together)
+    out["decode_phase_tokens_per_s"] = round(after / (wall_ms - since) * 1e3, 2) if wall_ms > since else 0.0
+    out["decode_phase_vs_single"] = round(out["decode_phase_tokens_per_s"] / (steps / (alone[-1] - alone[0]) * 1e3),
+                                          3) if alone[-1] > alone[0] else 0.0
     # The arrival: idle TTFTs of 100-token prompts, then as many arriving while n - 1 streams decode; a prompt of its
     # own each time (with --prefix-reuse a repeated one would find itself in a slot's cache).
     arrivals = max(ARRIVALS, spec.repeats)

@@ -264,8 +264,10 @@ def test_concurrency_and_turns_workloads_through_a_batching_server(tiny_model, t
     assert r["status"] == "ok", r.get("error")
     c = r["concurrency"]
     assert c["streams"] == 2 and len(c["per_stream"]) == 2 and c["aggregate_tokens_per_s"] > 0
+    assert c["decode_phase_tokens_per_s"] > 0 and c["decode_phase_vs_single"] > 0
     assert c["arrival"]["running"] == 1 and c["arrival"]["busy_ttft"]["median_ms"] > 0
     t = r["turns"]
     assert t["prefix_reuse"] and all(n >= 560 for n in t["cached_prompt_tokens"]) and t["ratio"] > 0
     md = (out / "results.md").read_text()
     assert "## Concurrency (hybridrt, --max-num-seqs 2" in md and "## Second turn of a chat (hybridrt, prefix reuse on)" in md
+    assert "2 together: all, once all decode" in md
