@@ -184,42 +184,50 @@ def _check(body: CompletionRequest | ChatCompletionRequest, model_name: str) -> 
 
 
 async def warm_up(app: FastAPI, model_name: str, headers: dict[str, str]) -> None:
-    """Send the app WARM_UP_REQUESTS short streamed chats in-process (plain ASGI calls, read to the end); a failure
-    is a one-line warning (the server still serves)."""
-    body = json.dumps({"model": model_name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
-                       "temperature": 0, "stream": True}).encode()
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"",
-             "root_path": "", "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0),
-             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                         *((k.encode(), v.encode()) for k, v in headers.items())]}
+    """Send the app WARM_UP_REQUESTS short streamed chats in-process (plain ASGI calls, read to the end), or, for a
+    model without a tokenizer or chat template (the chat is refused), completions of a few token ids; a failure is a
+    one-line warning (the server still serves)."""
+    chat = {"messages": [{"role": "user", "content": "Hi"}]}
+    ids = {"prompt": [1, 2, 3]}  # any vocabulary has these
     for _ in range(WARM_UP_REQUESTS):
-        sent = [{"type": "http.request", "body": body, "more_body": False}]
-        done = asyncio.Event()
-        status: list[int] = []
-
-        async def receive() -> dict:
-            if sent:
-                return sent.pop()
-            await done.wait()  # nothing more to read; the response has ended
-            return {"type": "http.disconnect"}
-
-        async def send(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                status.append(message["status"])
-            elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                done.set()
-
-        try:
-            await asyncio.wait_for(app(dict(scope), receive, send), WARM_UP_TIMEOUT_S)
-        except Exception as e:  # noqa: BLE001 - a warm-up never stops the server
-            print(f"warning: the HTTP warm-up request failed ({type(e).__name__}: {e}); the first requests may be "
-                  "slower", file=sys.stderr, flush=True)
-            return
-        if status != [200]:
-            print(f"warning: the HTTP warm-up request was answered {status}; the first requests may be slower",
+        status, error = await _call(app, "/v1/chat/completions", {"model": model_name, **chat}, headers)
+        if status == 400:
+            status, error = await _call(app, "/v1/completions", {"model": model_name, **ids}, headers)
+        if status != 200:
+            print(f"warning: the HTTP warm-up request failed ({error or status}); the first requests may be slower",
                   file=sys.stderr, flush=True)
             return
+
+
+async def _call(app: FastAPI, path: str, fields: dict[str, Any], headers: dict[str, str]) -> tuple[int, str]:
+    """POST a short streamed request to `app` in-process and read its answer to the end: (status, error or "")."""
+    body = json.dumps({**fields, "max_tokens": 2, "temperature": 0, "stream": True}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0),
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                         *((k.encode(), v.encode()) for k, v in headers.items())]}
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+    done = asyncio.Event()
+    status: list[int] = []
+
+    async def receive() -> dict:
+        if pending:
+            return pending.pop()
+        await done.wait()  # nothing more to read; the response has ended
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            status.append(message["status"])
+        elif message["type"] == "http.response.body" and not message.get("more_body", False):
+            done.set()
+
+    try:
+        await asyncio.wait_for(app(scope, receive, send), WARM_UP_TIMEOUT_S)
+    except Exception as e:  # noqa: BLE001 - a warm-up never stops the server
+        return 0, f"{type(e).__name__}: {e}"
+    return (status[0] if status else 0), ""
 
 
 async def _respond(client: AsyncClient, body: CompletionRequest | ChatCompletionRequest,

@@ -225,6 +225,26 @@ def test_a_model_folder_without_weights_is_refused_before_loading(default_model_
     assert capsys.readouterr().err.strip() == f"error: no *.safetensors files in {tmp_path}"
 
 
+def test_serve_warms_its_http_path_up_without_a_tokenizer_too() -> None:
+    """A model without a tokenizer refuses chats: the HTTP app's start-up requests fall back to completions of token
+    ids, and serve says nothing about them (no warning, no request line, nothing in /metrics)."""
+    import httpx
+
+    from tests.serve_process import ServeProcess
+
+    server = ServeProcess(model_flags=("--device", "cpu", "--model", "dummy:smollm2-135m", "--max-context", "64"),
+                          quiet=False)
+    try:
+        server.wait_ready()
+        metrics = httpx.get(f"{server.http}/metrics", timeout=30).text
+        assert "request_success_total{" not in metrics and 'generation_tokens_total{model_name="dummy:smollm2-135m"} 0' \
+            in metrics, metrics
+    finally:
+        assert server.stop() == 0
+    err = server.proc.stderr.read()
+    assert "warm-up request failed" not in err and " finished (" not in err, err
+
+
 def test_serve_logs_each_finished_request_unless_quiet(default_model_dir) -> None:
     """Without --quiet, serve's JIT context logs one line per finished request (as vLLM's server does); the HTTP
     API's model id is --served-model-name's. The HTTP app's start-up requests (its warm-up) are neither logged nor
