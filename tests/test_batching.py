@@ -356,6 +356,16 @@ def batch_rig(default_model_dir):
     rig.close()
 
 
+def test_the_start_up_requests_fill_every_slot_at_once_and_are_not_counted(batch_rig):
+    """`JitServer.warm_up` with 3 slots: one request per slot, admitted together (the batched decode and mixed steps
+    run before the first client's request); every slot has served once and nothing reached the metrics."""
+    rig = batch_rig
+    engine = rig.jit.engine
+    assert all(state.last_used > 0 for state in engine.slots) and engine.running == 0
+    m = rig.jit.status()["metrics"]
+    assert sum(m["finished"].values()) == 0 and m["prompt_tokens"] == m["generation_tokens"] == 0
+
+
 def test_the_server_streams_concurrent_requests_each_as_alone(batch_rig):
     rig = batch_rig
     assert rig.jit.engine is not None and rig.jit.engine.capacity == 3
