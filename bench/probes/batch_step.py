@@ -29,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="dummy:llama-2-7b")
     ap.add_argument("--batches", default="1,2,4")
+    ap.add_argument("--blas", default="",
+                    help="also time the default plan under these BLAS back ends (comma list of torch's "
+                         "preferred_blas_library names: cublas, cublaslt), each with reduced-precision fp16 "
+                         "reductions allowed (torch's default) and not")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
@@ -58,6 +62,26 @@ def main(argv: list[str] | None = None) -> int:
             ms = graph_ms(lambda: decoder.step(tokens, positions, which, logits), REPLAYS)
             rows.append({"plan": name, "batch": b, "ms": ms})
             print(f"| {name} | {b} | {ms:.3f} | {ms / b:.3f} | {ms / base:.3f} |", flush=True)
+    # cuBLAS picks its kernel per shape by heuristics; at 2-4 rows the choice (and whether it may split K with
+    # reduced-precision reductions) decides most of the batched step's cost over the batch-1 GEMVs.
+    matmul = torch.backends.cuda.matmul
+    before = (torch.backends.cuda.preferred_blas_library(), matmul.allow_fp16_reduced_precision_reduction)
+    for lib in filter(None, args.blas.split(",")):
+        for reduced in (True, False):
+            torch.backends.cuda.preferred_blas_library(lib)
+            matmul.allow_fp16_reduced_precision_reduction = reduced
+            decoder = FusedBatchDecoder(model, slots)
+            name = f"cublas plan, {lib}{'' if reduced else ', full-precision reductions'}"
+            for b in batches:
+                tokens = torch.zeros(b, dtype=torch.int64, device=dev)
+                positions = torch.full((b,), POSITION, device=dev)
+                which = torch.arange(b, device=dev)
+                logits = torch.empty(b, vocab, device=dev)
+                ms = graph_ms(lambda: decoder.step(tokens, positions, which, logits), REPLAYS)
+                rows.append({"plan": name, "batch": b, "ms": ms})
+                print(f"| {name} | {b} | {ms:.3f} | {ms / b:.3f} | {ms / base:.3f} |", flush=True)
+    torch.backends.cuda.preferred_blas_library(before[0])
+    matmul.allow_fp16_reduced_precision_reduction = before[1]
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "batch_step.json").write_text(json.dumps(rows, indent=1))
