@@ -6,6 +6,7 @@ On a GPU the steps run the executor's fused kernels launched one by one (the bod
 so each kernel is timed on its own; the step time of the graph replay is printed beside them for reference.
 
     python -m bench.probes.kernel_profile [--model dummy:llama-2-7b] [--context 2048] [--prompt 200] [--steps 20]
+        [--batch 4]   (also a batched decode of 4 sequences, and a mixed step: 3 of them and a --prompt chunk)
 """
 
 from __future__ import annotations
@@ -88,12 +89,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--top", type=int, default=15, help="rows per table")
     ap.add_argument("--verify", type=int, default=0, help="also profile speculative verify steps of this many "
                                                            "proposals (k + 1 tokens each); 0: none")
+    ap.add_argument("--batch", type=int, default=1, help="N > 1: also a batched decode of N sequences (KV slots) "
+                                                         "at the context, and a mixed step of N - 1 of them with "
+                                                         "a --prompt chunk (<= 256 tokens) of the last slot")
     args = ap.parse_args(argv)
     # decode and verify positions for three runs each (profile, timing, graph replays)
-    extra = 3 * (args.steps + 1) * (2 + args.verify) + 2 * (args.verify + 1)
+    extra = 3 * (args.steps + 1) * (2 + args.verify) + 2 * (args.verify + 1) + 6 * (args.steps + 1) * (args.batch > 1)
     max_context = max(args.context + extra, args.prompt) + 1
     loaded = load_model(LoadConfig(model=args.model, device=args.device, dtype="auto", max_context=max_context,
-                                   progress=False))
+                                   progress=False, max_num_seqs=max(1, args.batch)))
     model = loaded.model
     on_gpu = model.embed_tokens.device.type == "cuda"
     if on_gpu:
@@ -123,13 +127,32 @@ def main(argv: list[str] | None = None) -> None:
         print()
         print(table(f"verify of {tokens} tokens at context ~{args.context}",
                     profile_steps(verify, args.steps, on_gpu, args.top), step_ms(verify, args.steps, on_gpu)))
+    batch = mixed = None
+    if args.batch > 1:
+        from ipc.messages import PromptChunk
+
+        n = args.batch
+        for slot in range(1, n):
+            runner.prefill(args.context, 0, slot)
+        rows = iter(range(args.context, max_context))
+        batch = lambda: runner.decode_batch(list(range(n)), [next(rows)] * n)
+        chunk = PromptChunk(args.prompt, 0, n - 1)  # the last slot's prompt again, over its own cache rows
+        mixed = lambda: runner.decode_batch(list(range(n - 1)), [next(rows)] * (n - 1), chunk)
+        print()
+        print(table(f"batched decode of {n} sequences at context ~{args.context}",
+                    profile_steps(batch, args.steps, on_gpu, args.top), step_ms(batch, args.steps, on_gpu)))
+        print()
+        print(table(f"mixed step: {n - 1} decode rows and a {args.prompt}-token chunk",
+                    profile_steps(mixed, args.steps, on_gpu, args.top), step_ms(mixed, args.steps, on_gpu)))
     if on_gpu:
         runner.capture_next()  # decode first, then the prompt's bucket once it has demand
         while runner.capture_next() is not None:
             pass
         print(f"\nthe same steps as graph replays: decode {step_ms(decode, args.steps, True):.3f} ms, "
               f"prefill {step_ms(prefill, args.steps, True):.3f} ms"
-              + (f", verify {step_ms(verify, args.steps, True):.3f} ms" if verify else ""))
+              + (f", verify {step_ms(verify, args.steps, True):.3f} ms" if verify else "")
+              + (f", batched decode {step_ms(batch, args.steps, True):.3f} ms, mixed {step_ms(mixed, args.steps, True):.3f}"
+                 " ms" if batch else ""))
 
 
 if __name__ == "__main__":
