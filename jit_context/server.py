@@ -404,18 +404,22 @@ class JitServer:
         while True:
             if self.clients.poll(0):
                 self._drain_clients(0)
-            admitted = False
-            while self.queue and self.engine.has_room():
-                self._admit(self.queue.popleft())
-                admitted = True
+            admitted = self._admit_queued()
             left = deadline - time.perf_counter()
             if admitted or left <= 0 or not self.engine.has_room():
                 return
             time.sleep(min(left, 0.0002))
 
-    def _turn_batched(self) -> bool:
+    def _admit_queued(self) -> bool:
+        """Admit queued requests, oldest first, while a slot is free; whether any was taken off the queue."""
+        taken = False
         while self.queue and self.engine.has_room():
             self._admit(self.queue.popleft())
+            taken = True
+        return taken
+
+    def _turn_batched(self) -> bool:
+        self._admit_queued()
         if not self.running:
             return False
         try:

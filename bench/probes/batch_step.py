@@ -52,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| plan | batch | ms/step | ms per sequence-token | vs batch-1 |\n|---|---|---|---|---|\n"
           f"| batch-1 step | 1 | {ms:.3f} | {ms:.3f} | 1.000 |", flush=True)
     base = ms
-    for name, plan in plans.items():
-        decoder = FusedBatchDecoder(model, slots, plan=plan)
+
+    def time_batches(name: str, decoder: FusedBatchDecoder) -> None:
+        """One row per batch size: the decoder's step captured and replayed."""
         for b in batches:
             tokens = torch.zeros(b, dtype=torch.int64, device=dev)
             positions = torch.full((b,), POSITION, device=dev)
@@ -62,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
             ms = graph_ms(lambda: decoder.step(tokens, positions, which, logits), REPLAYS)
             rows.append({"plan": name, "batch": b, "ms": ms})
             print(f"| {name} | {b} | {ms:.3f} | {ms / b:.3f} | {ms / base:.3f} |", flush=True)
+
+    for name, plan in plans.items():
+        time_batches(name, FusedBatchDecoder(model, slots, plan=plan))
     # cuBLAS picks its kernel per shape by heuristics; at 2-4 rows the choice (and whether it may split K with
     # reduced-precision reductions) decides most of the batched step's cost over the batch-1 GEMVs.
     matmul = torch.backends.cuda.matmul
@@ -70,16 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         for reduced in (True, False):
             torch.backends.cuda.preferred_blas_library(lib)
             matmul.allow_fp16_reduced_precision_reduction = reduced
-            decoder = FusedBatchDecoder(model, slots)
-            name = f"cublas plan, {lib}{'' if reduced else ', full-precision reductions'}"
-            for b in batches:
-                tokens = torch.zeros(b, dtype=torch.int64, device=dev)
-                positions = torch.full((b,), POSITION, device=dev)
-                which = torch.arange(b, device=dev)
-                logits = torch.empty(b, vocab, device=dev)
-                ms = graph_ms(lambda: decoder.step(tokens, positions, which, logits), REPLAYS)
-                rows.append({"plan": name, "batch": b, "ms": ms})
-                print(f"| {name} | {b} | {ms:.3f} | {ms / b:.3f} | {ms / base:.3f} |", flush=True)
+            time_batches(f"cublas plan, {lib}{'' if reduced else ', full-precision reductions'}",
+                         FusedBatchDecoder(model, slots))
     torch.backends.cuda.preferred_blas_library(before[0])
     matmul.allow_fp16_reduced_precision_reduction = before[1]
     if args.out:
