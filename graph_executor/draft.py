@@ -13,6 +13,8 @@ drives (`ExecutorPort`), for the executor process and for `hybridrt generate --i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from graph_executor.loading.loader import LoadedModel
@@ -95,8 +97,8 @@ class DraftingRunner:
     def decode(self, position: int) -> None:
         self.runner.decode(position)
 
-    def decode_batch(self, slots: list[int], positions: list[int], chunk: PromptChunk | None = None) -> None:
-        self.runner.decode_batch(slots, positions, chunk)
+    def decode_batch(self, slots: list[int], positions: list[int], chunks: Sequence[PromptChunk] = ()) -> None:
+        self.runner.decode_batch(slots, positions, chunks)
 
     def wait_enqueued(self) -> None:
         """In-process steps are enqueued when they return: nothing to wait for."""

@@ -1,18 +1,22 @@
-"""Continuous batching's mixed step on the GPU: a prompt chunk of one KV slot and one decode token of each of B other
-slots, in one pass over the weights (a `DecodeBatch` with a chunk). The body of the "mixed_<bucket>_<size>" graphs.
+"""Continuous batching's mixed step on the GPU: prompt chunks of K KV slots and one decode token of each of B other
+slots, in one pass over the weights (a `DecodeBatch` with chunks). The body of the "mixed_<bucket>_<size>" graphs (one
+chunk) and "mixed_<K>x<bucket>_<size>" (K chunks, each padded to the bucket: prompts arriving together start in one
+step instead of one step each).
 
 Why one pass: at batch sizes this small both halves are bound by reading the weights, so a chunk of T tokens and B
 decode rows together cost about what the chunk costs alone. Run as a decode step and then a prefill step, a prompt
 arriving while 3 streams decode took 1.9x its idle TTFT and stretched their token gap to 2.3x their P50 on an H200
 (LLaMA-2-7B, bench/NOTES.md); in one step the decode rows wait for the chunk only.
 
-Rows [0, T) are the chunk (`FusedPrefill`'s row kernels and cuBLAS GEMMs over all T + B rows; its attention reads
-the chunk's slot, taken from the device, up to each token's position: `extend_attention`); rows [T, T + B) the
-decode tokens (RoPE + KV append and flash-decoding attention in each row's own slot, as `FusedBatchDecoder`). The
-lm_head runs on the chunk's last valid row and the B decode rows only.
+Rows [i * R, (i + 1) * R) are chunk i (`FusedPrefill`'s row kernels and cuBLAS GEMMs over all K * R + B rows; its
+attention reads the chunk's slot, taken from the device, up to each token's position: one `extend_attention` per
+chunk); rows [K * R, K * R + B) the decode tokens (RoPE + KV append and flash-decoding attention in each row's own
+slot, as `FusedBatchDecoder`). The lm_head runs on the B decode rows, then on each chunk's last valid row.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -39,27 +43,36 @@ class FusedMixedStep:
 
     @torch.inference_mode()
     def run(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, chunk_rows: int,
-            logits_index: torch.Tensor, logits: torch.Tensor, batch_logits: torch.Tensor) -> None:
-        """ids, positions, slots [T + B] int64 on the device: rows [0, T = chunk_rows) a prompt chunk of KV slot
-        slots[0] (every chunk row carries it; positions consecutive, padding rows past the prompt), rows [T, T + B)
-        one decode token each in slot slots[t] (distinct from the chunk's). logits_index [1] int64: the chunk row
-        whose logits land in `logits` [V] float32; batch_logits [B, V] float32: the decode rows', in order."""
+            logits_index: torch.Tensor, chunk_logits: Sequence[torch.Tensor], batch_logits: torch.Tensor) -> None:
+        """ids, positions, slots [K * R + B] int64 on the device, K = len(chunk_logits), R = chunk_rows: rows
+        [i * R, (i + 1) * R) a prompt chunk of KV slot slots[i * R] (every row of the chunk carries it; positions
+        consecutive, padding rows past the prompt), rows [K * R, K * R + B) one decode token each in slot slots[t]
+        (all slots distinct). logits_index [K] int64: the row of each chunk's last token, whose logits land in
+        chunk_logits[i] [V] float32; batch_logits [B, V] float32: the decode rows', in order (written first: a chunk's
+        logits may lie in a padding row's)."""
         m, cfg = self.model, self.model.config
         t, eps, stride = ids.shape[0], cfg.rms_norm_eps, self.slot_stride
-        c, b = chunk_rows, ids.shape[0] - chunk_rows
-        if not 1 <= b <= self.max_decode or c < 1:
-            raise ValueError(f"a mixed step of {c} chunk rows and {b} decode rows; at most {self.max_decode} decode")
+        k = len(chunk_logits)
+        c = k * chunk_rows
+        b = t - c
+        if not 1 <= b <= self.max_decode or chunk_rows < 1 or k < 1 or logits_index.shape[0] != k:
+            raise ValueError(f"a mixed step of {k} chunks of {chunk_rows} rows and {b} decode rows; at most "
+                             f"{self.max_decode} decode, one logits row per chunk")
 
         def attend(q: torch.Tensor, cache: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-            extend_attention(q[:c], cache[0], cache[1], positions[:c], attn[:c], cfg.sliding_window, slot=slots[:1],
-                             slot_stride=stride, workspace=self.prefill.workspace)
+            for i in range(k):  # each chunk over its own slot's cache
+                rows = slice(i * chunk_rows, (i + 1) * chunk_rows)
+                extend_attention(q[rows], cache[0], cache[1], positions[rows], attn[rows], cfg.sliding_window,
+                                 slot=slots[rows.start:rows.start + 1], slot_stride=stride,
+                                 workspace=self.prefill.workspace)
             self.attention(q[c:], cache[0], cache[1], positions[c:], attn[c:], slots=slots[c:], slot_stride=stride)
             return attn.view(t, cfg.q_size)
 
-        x = self.prefill.layers(ids, positions, attend, slots=slots)  # [T + B, H]
-        # The chunk's row as FusedPrefill's lm_head, the decode rows as FusedBatchDecoder's: each the same numerics as
+        x = self.prefill.layers(ids, positions, attend, slots=slots)  # [K * R + B, H]
+        # The decode rows as FusedBatchDecoder's lm_head, each chunk's row as FusedPrefill's: each the same numerics as
         # in its own kind of step (a greedy argmax then picks what it would there).
-        torch.index_select(x, 0, logits_index, out=self.last)
-        rmsnorm_gemv(m.lm_head, self.last[0], m.norm, eps, logits)
         rmsnorm_gemm(m.lm_head, x[c:], m.norm, eps, batch_logits, cfg=BatchGemvPlan().lm_head,
                      scratch=self.head_scratch)
+        for i, out in enumerate(chunk_logits):
+            torch.index_select(x, 0, logits_index[i:i + 1], out=self.last)
+            rmsnorm_gemv(m.lm_head, self.last[0], m.norm, eps, out)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -119,20 +120,23 @@ class GraphRunner:
         # chunk padded to a bucket of at most MAX_CHUNK_TOKENS, its slot and start read from the device like the
         # decode rows', so no graph is per slot. Its decode rows (at most slots - 1: one slot prefills) are always
         # padded to one size: next to a chunk of tens of rows a few more cost next to nothing, and each bucket then
-        # needs one graph, not one per batch size (a 4-slot 7B server captured 15 before ready, ~3 s).
+        # needs one graph, not one per batch size (a 4-slot 7B server captured 15 before ready, ~3 s). K > 1 chunks
+        # (prompts that arrived together) replay "mixed_<K>x<bucket>_<size>", each chunk padded to the bucket of the
+        # longest; those are captured while idle once used (before that they run eagerly).
         self.mixed_buckets: tuple[int, ...] = ()
         self.mixed_sizes: tuple[int, ...] = ()
         if model.slots > 1:
             self.batch_decoder = FusedBatchDecoder(model, model.slots)
             self.batch_sizes = tuple(sorted({min(1 << i, model.slots) for i in range(model.slots.bit_length() + 1)}))
             device = self.buffers.logits.device
-            self._batch_in = torch.zeros(2, model.slots, dtype=torch.int64, device=device)  # [slots, positions]
+            # [5, slots]: the decode rows' slots and positions, then the chunks' starts, slots and last rows
+            self._batch_in = torch.zeros(5, model.slots, dtype=torch.int64, device=device)
             if self.chunk:
                 self.mixed = FusedMixedStep(self.prefiller, model.slots)
                 self.mixed_buckets = tuple(b for b in self.buckets if b <= MAX_CHUNK_TOKENS)
                 self.mixed_sizes = (next(b for b in self.batch_sizes if b >= model.slots - 1),)
             self._batch_tokens = torch.zeros(model.slots, dtype=torch.int64, device=device)
-            self._batch_host = torch.zeros(2, model.slots, dtype=torch.int64, pin_memory=True)
+            self._batch_host = torch.zeros(5, model.slots, dtype=torch.int64, pin_memory=True)
             self._batch_host_np = self._batch_host.numpy()
             self._batch_read = torch.cuda.Event()
 
@@ -175,34 +179,51 @@ class GraphRunner:
         """The last verify step's acceptance result, once it has run ([T] argmax tokens, then the count kept)."""
         return self.acceptance.read(self._verified)
 
-    def decode_batch(self, slots: list[int], positions: list[int], chunk: PromptChunk | None = None) -> None:
-        """As ModelRunner.decode_batch: one graph replay for the batch, padded to the next captured size; with a
-        prompt chunk, one mixed step for both (a chunk longer than the mixed buckets: its prefill, then the decode)."""
-        check_batch(self.model.slots, self.max_context, slots, positions, chunk)
-        if chunk is not None and (not self.mixed_buckets or chunk.num_tokens > self.mixed_buckets[-1]):
+    def decode_batch(self, slots: list[int], positions: list[int], chunks: Sequence[PromptChunk] = ()) -> None:
+        """As ModelRunner.decode_batch: one graph replay for the batch, padded to the next captured size; with prompt
+        chunks, one mixed step for all (chunks that do not fit one, longer than the mixed buckets or together wider
+        than the largest bucket: their prefills first, the last ones first)."""
+        check_batch(self.model.slots, self.max_context, slots, positions, chunks)
+        riding = list(chunks)
+        while riding and not self._mixed_fits(riding):
+            last = len(riding) - 1
+            chunk = riding.pop()
             self.prefill(chunk.num_tokens, chunk.start_pos, chunk.slot)
-            chunk = None
+            if last:
+                self.buffers.chunk_logits(last).copy_(self.buffers.logits)
         if self.model.slots == 1:  # the batch-1 decode graph, on slot 0
             self.decode(positions[0])
             self.buffers.batch_logits[0].copy_(self.buffers.logits)
             return
-        size = next(b for b in self.batch_sizes if b >= len(slots)) if chunk is None else self.mixed_sizes[0]
+        size = next(b for b in self.batch_sizes if b >= len(slots)) if not riding else self.mixed_sizes[0]
         if not self._batch_read.query():  # the last batch's inputs are still to be copied up
             self._batch_read.synchronize()
         host = self._batch_host_np
         host[0, :size] = slots[0]  # padding rows repeat row 0
         host[1, :size] = positions[0]
         host[0, :len(slots)], host[1, :len(slots)] = slots, positions
-        self._batch_in[:, :size].copy_(self._batch_host[:, :size], non_blocking=True)
+        k = len(riding)
+        if riding:
+            bucket = next(b for b in self.mixed_buckets if b >= max(c.num_tokens for c in riding))
+            host[2, :k] = [c.start_pos for c in riding]
+            host[3, :k] = [c.slot for c in riding]
+            host[4, :k] = [i * bucket + c.num_tokens - 1 for i, c in enumerate(riding)]
+        self._batch_in[:, :max(size, k)].copy_(self._batch_host[:, :max(size, k)], non_blocking=True)
         self._batch_read.record()
-        if chunk is None:
+        if not riding:
             self._launch(f"decode_batch_{size}", lambda: self._decode_batch_body(size))
             return
-        bucket = self._bucket("mixed", chunk.num_tokens, self.mixed_buckets)
-        self.static.start.fill_(chunk.start_pos)
-        self.static.slot.fill_(chunk.slot)
-        self.static.logits_index.fill_(chunk.num_tokens - 1)
-        self._launch(f"mixed_{bucket}_{size}", lambda: self._mixed_body(bucket, size))
+        name = f"mixed_{bucket}_{size}" if k == 1 else f"mixed_{k}x{bucket}_{size}"
+        self.demand[name if k > 1 else f"mixed_{bucket}"] += 1
+        self._launch(name, lambda: self._mixed_body(bucket, size, k))
+
+    def _mixed_fits(self, chunks: list[PromptChunk]) -> bool:
+        """Whether these chunks ride one mixed step: a bucket for the longest, and all of them padded to it within
+        the step's row buffers (the largest bucket's rows)."""
+        if not self.mixed_buckets or max(c.num_tokens for c in chunks) > self.mixed_buckets[-1]:
+            return False
+        bucket = next(b for b in self.mixed_buckets if b >= max(c.num_tokens for c in chunks))
+        return len(chunks) * bucket <= self.chunk
 
     def prefill(self, num_tokens: int, start_pos: int = 0, slot: int = 0) -> None:
         """A prompt of slot 0 from position 0 in one bucket: its prefill graph (SDPA's causal attention over the new
@@ -241,26 +262,31 @@ class GraphRunner:
         else:
             self.batch_decoder.step(tokens, positions, slots, self.buffers.batch_logits[:size])
 
-    def _chunk_rows(self, bucket: int) -> None:
-        """Rows [0, bucket) of the extend_* buffers: the prompt chunk at static.start of KV slot static.slot."""
+    def _chunk_rows(self, bucket: int, start: torch.Tensor, slot: torch.Tensor, row: int = 0) -> None:
+        """Rows [row, row + bucket) of the extend_* buffers: a prompt chunk from position start [1] of KV slot
+        slot [1] (device tensors: an extend step's static.start/slot, or a mixed step's chunk's in _batch_in)."""
         s = self.static
-        positions, slots, flat = s.extend_positions[:bucket], s.extend_slots[:bucket], s.extend_flat[:bucket]
-        torch.add(s.arange[:bucket], s.start, out=positions)
+        rows = slice(row, row + bucket)
+        positions, slots, flat = s.extend_positions[rows], s.extend_slots[rows], s.extend_flat[rows]
+        torch.add(s.arange[:bucket], start, out=positions)
         # Padding rows past the cache's end write their K/V into its last row (the scratch row, SCRATCH_ROWS),
         # which no prompt token occupies; below it they write positions past the prompt, which no valid row sees.
         positions.clamp_(max=self.max_context - 1)
-        slots.copy_(s.slot.expand(bucket))
+        slots.copy_(slot.expand(bucket))
         torch.add(positions, slots, alpha=self.max_context, out=flat)  # slot * C + position
-        torch.index_select(self.buffers.input_ids, 0, flat, out=s.extend_ids[:bucket])
+        torch.index_select(self.buffers.input_ids, 0, flat, out=s.extend_ids[rows])
 
-    def _mixed_body(self, bucket: int, size: int) -> None:
-        s, c, t = self.static, bucket, bucket + size
-        self._chunk_rows(c)
-        ids, positions, slots = s.extend_ids[:t], s.extend_positions[:t], s.extend_slots[:t]  # [T + B]
+    def _mixed_body(self, bucket: int, size: int, chunks: int = 1) -> None:
+        s, c = self.static, chunks * bucket
+        t = c + size
+        for i in range(chunks):
+            self._chunk_rows(bucket, self._batch_in[2, i:i + 1], self._batch_in[3, i:i + 1], row=i * bucket)
+        ids, positions, slots = s.extend_ids[:t], s.extend_positions[:t], s.extend_slots[:t]  # [K * R + B]
         positions[c:].copy_(self._batch_in[1, :size])
         slots[c:].copy_(self._batch_in[0, :size])
         torch.index_select(self.buffers.next_token, 0, self._batch_in[0, :size], out=ids[c:])
-        self.mixed.run(ids, positions, slots, c, s.logits_index, self.buffers.logits, self.buffers.batch_logits[:size])
+        self.mixed.run(ids, positions, slots, bucket, self._batch_in[4, :chunks],
+                       [self.buffers.chunk_logits(i) for i in range(chunks)], self.buffers.batch_logits[:size])
 
     def _decode_body(self) -> None:
         self.decoder.step(self.buffers.token, self.static.position, self.buffers.logits)
@@ -283,7 +309,7 @@ class GraphRunner:
 
     def _extend_body(self, bucket: int) -> None:
         s = self.static
-        self._chunk_rows(bucket)
+        self._chunk_rows(bucket, s.start, s.slot)
         self.prefiller.run(s.extend_ids[:bucket], s.extend_positions[:bucket], s.logits_index, self.buffers.logits,
                            from_cache=True, slots=s.extend_slots[:bucket])
 
@@ -298,6 +324,8 @@ class GraphRunner:
             by_demand = sorted(buckets, key=lambda b: (-self.demand[f"{kind}_{b}"], -b))
             if kind == "mixed":
                 order += [f"mixed_{b}_{size}" for b in by_demand for size in self.mixed_sizes]
+                # several chunks: only the shapes steps have used, most used first
+                order += [name for name, _ in self.demand.most_common() if name.startswith("mixed_") and "x" in name]
             else:
                 order += [f"{kind}_{b}" for b in by_demand]
         order += [] if self.verify_used else verify
@@ -373,6 +401,7 @@ class GraphRunner:
             self._batch_read.synchronize()
             self._batch_in[0].zero_()  # slot 0 at its last row, for every batch size
             self._batch_in[1].fill_(last)
+            self._batch_in[2:].zero_()  # mixed steps' chunks: slot 0 from position 0 (+ arange: its last row), row 0
 
     def capture_all(self) -> None:
         while self.capture_next() is not None:
@@ -388,8 +417,9 @@ class GraphRunner:
             num_tokens = int(name.removeprefix("verify_"))
             return lambda: self._verify_body(num_tokens)
         if name.startswith("mixed_"):
-            bucket, size = map(int, name.removeprefix("mixed_").split("_"))
-            return lambda: self._mixed_body(bucket, size)
+            shape, size = name.removeprefix("mixed_").split("_")
+            chunks, bucket = map(int, shape.split("x")) if "x" in shape else (1, int(shape))
+            return lambda: self._mixed_body(bucket, int(size), chunks)
         if name.startswith("extend_"):
             bucket = int(name.removeprefix("extend_"))
             return lambda: self._extend_body(bucket)

@@ -8,6 +8,8 @@ logits of the last position in `logits`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from graph_executor.greedy_accept import GreedyAcceptance
@@ -73,21 +75,23 @@ def check_slot(slots: int, slot: int) -> None:
 
 
 def check_batch(slots: int, max_context: int, batch_slots: list[int], positions: list[int],
-                chunk: PromptChunk | None = None) -> None:
+                chunks: Sequence[PromptChunk] = ()) -> None:
     """ValueError unless a batched decode names distinct existing slots, each with a position in its cache, and its
-    prompt chunk (if any) lies in the cache of another existing slot."""
+    prompt chunks (if any) lie in the caches of other existing slots, one chunk per slot, MAX_CHUNK_TOKENS in all."""
     if not batch_slots or len(positions) != len(batch_slots) or len(set(batch_slots)) != len(batch_slots):
         raise ValueError(f"a batched decode needs distinct slots and one position each, got {batch_slots}, "
                          f"{positions}")
     for slot, position in zip(batch_slots, positions):
         check_slot(slots, slot)
         check_span(max_context, position, 1)
-    if chunk is not None:
+    every = list(batch_slots) + [chunk.slot for chunk in chunks]
+    if len(set(every)) != len(every) or any(c.num_tokens < 1 for c in chunks) \
+            or sum(c.num_tokens for c in chunks) > MAX_CHUNK_TOKENS:
+        raise ValueError(f"a batched decode's prompt chunks need >= 1 token each, {MAX_CHUNK_TOKENS} in all, each of a "
+                         f"slot of its own that does not decode in the step, got {list(chunks)}")
+    for chunk in chunks:
         check_slot(slots, chunk.slot)
         check_span(max_context, chunk.start_pos, chunk.num_tokens)
-        if chunk.slot in batch_slots or not 1 <= chunk.num_tokens <= MAX_CHUNK_TOKENS:
-            raise ValueError(f"a batched decode's prompt chunk needs 1..{MAX_CHUNK_TOKENS} tokens of a slot that does "
-                             f"not decode in the step, got {chunk}")
 
 
 class ModelRunner:
@@ -125,13 +129,16 @@ class ModelRunner:
         logits = self.model(self.buffers.token, positions, self._last_row, position + 1)  # [1, V]
         self.buffers.logits.copy_(logits[0])
 
-    def decode_batch(self, slots: list[int], positions: list[int], chunk: PromptChunk | None = None) -> None:
-        """Row b: next_token[slots[b]] at positions[b] of slot slots[b]; its logits land in batch_logits[b]. `chunk`:
-        a prompt chunk of another slot in the same step (here: its prefill, then the decode; they touch different
-        slots, so the order changes nothing)."""
-        check_batch(self.model.slots, self.max_context, slots, positions, chunk)
-        if chunk is not None:
+    def decode_batch(self, slots: list[int], positions: list[int], chunks: Sequence[PromptChunk] = ()) -> None:
+        """Row b: next_token[slots[b]] at positions[b] of slot slots[b]; its logits land in batch_logits[b].
+        `chunks`: prompt chunks of other slots in the same step, chunk i's last logits in buffers.chunk_logits(i)
+        (here: their prefills, then the decode; they touch different slots, so the order changes nothing)."""
+        check_batch(self.model.slots, self.max_context, slots, positions, chunks)
+        for i in reversed(range(len(chunks))):  # the first last: its logits stay in `logits`
+            chunk = chunks[i]
             self.prefill(chunk.num_tokens, chunk.start_pos, chunk.slot)
+            if i:
+                self.buffers.chunk_logits(i).copy_(self.buffers.logits)
         device = self.buffers.next_token.device
         index = torch.tensor(slots, dtype=torch.int64, device=device)  # [B]
         ids = self.buffers.next_token.index_select(0, index)  # [B]

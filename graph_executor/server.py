@@ -210,7 +210,7 @@ class ExecutorServer:
                 return StepDone(msg.request_id, msg.step)
             if isinstance(msg, DecodeBatch):
                 with self.ordered():
-                    self.runner.decode_batch(msg.slots, msg.positions, msg.chunk)
+                    self.runner.decode_batch(msg.slots, msg.positions, msg.chunks)
                 return StepDone(msg.request_id, msg.step)
             if isinstance(msg, Decode):
                 with self.ordered():

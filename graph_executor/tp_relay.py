@@ -10,6 +10,8 @@ from a device buffer), no speculative decoding.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 
@@ -49,10 +51,12 @@ class LeaderRunner:
         self._relay(DECODE, (position,), self.buffers.token)
         self.inner.decode(position)
 
-    def decode_batch(self, slots: list[int], positions: list[int], chunk: PromptChunk | None = None) -> None:
-        check_batch(self.model.slots, self.max_context, slots, positions, chunk)
-        if chunk is not None:  # relayed as its own prefill: the ranks run eagerly, one step after the other
-            self.prefill(chunk.num_tokens, chunk.start_pos, chunk.slot)
+    def decode_batch(self, slots: list[int], positions: list[int], chunks: Sequence[PromptChunk] = ()) -> None:
+        check_batch(self.model.slots, self.max_context, slots, positions, chunks)
+        for i in reversed(range(len(chunks))):  # each relayed as its own prefill: the ranks run eagerly, in turn
+            self.prefill(chunks[i].num_tokens, chunks[i].start_pos, chunks[i].slot)
+            if i:
+                self.buffers.chunk_logits(i).copy_(self.buffers.logits)
         tokens = self.buffers.next_token.index_select(0, torch.tensor(slots))
         self._relay(DECODE_BATCH, (len(slots),), torch.cat([torch.tensor(slots), torch.tensor(positions), tokens]))
         self.inner.decode_batch(slots, positions)

@@ -26,14 +26,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
-# Versions: 8: GenerateRequest.warm_up; 7: DecodeBatch's prompt chunk (the mixed step); 6: KV slots (Ready.max_num_seqs, Prefill.slot,
+# Versions: 9: DecodeBatch carries several prompt chunks; 8: GenerateRequest.warm_up; 7: DecodeBatch's prompt chunk (the mixed step); 6: KV slots (Ready.max_num_seqs, Prefill.slot,
 # DecodeBatch, the batch_logits buffer); 5: Verify.tokens/accept, StepDone.accepted, GenerateRequest.chat;
 # 4: Ready.doorbell; 3: Verify and the verify_logits buffer; 2: typed Ready buffers/events/tokenizer_path
-PROTOCOL_VERSION = 8
+PROTOCOL_VERSION = 9
 MAX_ID_CHARS = 256
 MAX_SPECULATIVE_TOKENS = 8  # proposals a Verify step carries at most (its k + 1 tokens fill the verify buffers)
 MAX_NUM_SEQS = 64  # KV slots an executor may hold (sequences decoded together in one DecodeBatch step)
-MAX_CHUNK_TOKENS = 256  # prompt tokens a DecodeBatch may carry besides its decode rows (continuous batching's chunk)
+MAX_CHUNK_TOKENS = 256  # prompt tokens a DecodeBatch may carry besides its decode rows (its chunks, all together)
 _MAX_NESTING = 32  # free-form dicts (facts, params, usage) nest this deep at most
 
 
@@ -336,7 +336,7 @@ class Decode(Message):
 class PromptChunk:
     """Prompt positions [start_pos, start_pos + num_tokens) of KV slot `slot`, run in the same step as a DecodeBatch's
     decode rows (its ids in the slot's row of input_ids, as for a Prefill); its last position's logits land in
-    `logits`."""
+    `StepBuffers.chunk_logits(i)` for the step's i-th chunk (`logits` for the first)."""
 
     num_tokens: int
     start_pos: int
@@ -346,35 +346,40 @@ class PromptChunk:
 @dataclass(frozen=True)
 class DecodeBatch(Message):
     """One decode step of several sequences: row b consumes next_token[slots[b]] at KV position positions[b] of
-    slot slots[b], and its logits land in row b of `batch_logits`. Slots are distinct. With chunk_tokens > 0 the
-    same step also runs a prompt chunk of another slot (`chunk`): one pass over the weights for both, so a prompt
-    arriving while others decode costs them one step of its chunk's length, not a decode step plus a prefill."""
+    slot slots[b], and its logits land in row b of `batch_logits`. Slots are distinct. The same step may also run
+    prompt chunks of other slots (chunk i: chunk_tokens[i] positions from chunk_starts[i] of slot chunk_slots[i]):
+    one pass over the weights for all, so prompts arriving while others decode cost them one step of their chunks'
+    length, not a decode step plus a prefill each."""
 
     TAG: ClassVar[int] = 16
     request_id: str
     step: int
     slots: list[int]
     positions: list[int]
-    chunk_tokens: int = 0
-    chunk_start: int = 0
-    chunk_slot: int = 0
+    chunk_tokens: list[int] = field(default_factory=list)
+    chunk_starts: list[int] = field(default_factory=list)
+    chunk_slots: list[int] = field(default_factory=list)
 
     def _validate(self) -> None:
-        _check_non_negative("DecodeBatch.step/chunk_start/chunk_slot", self.step, self.chunk_start, self.chunk_slot)
-        _check_non_negative("DecodeBatch.slots/positions", *self.slots, *self.positions)
+        _check_non_negative("DecodeBatch.step", self.step)
+        _check_non_negative("DecodeBatch.slots/positions/chunk_starts/chunk_slots", *self.slots, *self.positions,
+                            *self.chunk_starts, *self.chunk_slots)
         if not 1 <= len(self.slots) <= MAX_NUM_SEQS or len(self.positions) != len(self.slots):
             raise ValueError(f"DecodeBatch needs 1..{MAX_NUM_SEQS} slots and one position per slot, got "
                              f"{len(self.slots)} slots and {len(self.positions)} positions")
-        if len(set(self.slots)) != len(self.slots):
-            raise ValueError(f"DecodeBatch.slots must be distinct, got {self.slots}")
-        if not 0 <= self.chunk_tokens <= MAX_CHUNK_TOKENS:
-            raise ValueError(f"DecodeBatch.chunk_tokens must be in 0..{MAX_CHUNK_TOKENS}, got {self.chunk_tokens}")
-        if self.chunk_tokens and self.chunk_slot in self.slots:
-            raise ValueError(f"DecodeBatch.chunk_slot {self.chunk_slot} also decodes in the step")
+        if not len(self.chunk_tokens) == len(self.chunk_starts) == len(self.chunk_slots):
+            raise ValueError("DecodeBatch needs a start and a slot for each prompt chunk")
+        every = self.slots + self.chunk_slots
+        if len(set(every)) != len(every):
+            raise ValueError(f"DecodeBatch's slots and chunk slots must be distinct, got {self.slots} and "
+                             f"{self.chunk_slots}")
+        if any(n < 1 for n in self.chunk_tokens) or sum(self.chunk_tokens) > MAX_CHUNK_TOKENS:
+            raise ValueError(f"DecodeBatch's prompt chunks need >= 1 token each and {MAX_CHUNK_TOKENS} in all, got "
+                             f"{self.chunk_tokens}")
 
     @property
-    def chunk(self) -> PromptChunk | None:
-        return PromptChunk(self.chunk_tokens, self.chunk_start, self.chunk_slot) if self.chunk_tokens else None
+    def chunks(self) -> list[PromptChunk]:
+        return [PromptChunk(*c) for c in zip(self.chunk_tokens, self.chunk_starts, self.chunk_slots)]
 
 
 @dataclass(frozen=True)

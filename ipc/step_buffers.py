@@ -67,6 +67,15 @@ class StepBuffers:
         Write it through this view: an `out=` of the whole [slots] buffer would resize it."""
         return self.next_token[:1]
 
+    def chunk_logits(self, index: int) -> torch.Tensor:
+        """[vocab] float32: where the logits of a DecodeBatch's prompt chunk `index` land (the last position's):
+        `logits` for the first chunk, then batch_logits' last rows, counting down. A step's decode rows and chunks
+        are all of distinct slots, so those rows are past its decode rows (a padded graph writes its padding rows
+        first, the chunks' after)."""
+        if not 0 <= index < self.slots:
+            raise ValueError(f"prompt chunk {index} of a step: at most {self.slots - 1} chunks ride a decode")
+        return self.logits if index == 0 else self.batch_logits[self.slots - index]
+
     def slot_ids(self, slot: int) -> torch.Tensor:
         """[max_context] int64: slot `slot`'s token ids by position (a view)."""
         context = self.input_ids.shape[0] // self.slots

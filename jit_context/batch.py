@@ -4,10 +4,11 @@ step, and requests join and leave at step boundaries.
 Each running request owns one KV slot (its prompt ids in the slot's row of the shared input-ids buffer, its next
 input token at next_token[slot], its own `Sampler` with its parameters and seed) and its own `RequestOutput` (stop
 checks, detokenization). One `step` of the engine is one `DecodeBatch` of every request that has a token to consume
-(row b's logits land in batch_logits[b], and each request samples its own row) carrying at most one prompt chunk
-(<= `prefill_chunk` tokens) of the oldest request still prefilling: a new request's prompt is spread over several
-steps, and the running streams wait for one chunk between two tokens, not for a chunk and a decode step. When the
-chunk is the prompt's last, the request's first token is sampled from `logits`.
+(row b's logits land in batch_logits[b], and each request samples its own row) carrying the prompt chunks of the
+requests still prefilling (<= `prefill_chunk` tokens in all; the oldest request's first, then, whole, the prompts of
+those that arrived with it, while each fits): a long prompt is spread over several steps, prompts arriving together
+start in one, and the running streams wait for one step of chunks between two tokens, not for a chunk and a decode
+step. When a chunk is its prompt's last, the request's first token is sampled from `StepBuffers.chunk_logits`.
 Greedy requests therefore produce the tokens they would alone (each row is the same function of its own sequence;
 only floating-point summation order can differ), and seeded sampling draws the same tokens (one generator per
 request, one draw per token, as alone).
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -55,7 +56,7 @@ class BatchPort(Protocol):
 
     def prefill(self, num_tokens: int, start_pos: int = 0, slot: int = 0) -> None: ...
 
-    def decode_batch(self, slots: list[int], positions: list[int], chunk: PromptChunk | None = None) -> None: ...
+    def decode_batch(self, slots: list[int], positions: list[int], chunks: Sequence[PromptChunk] = ()) -> None: ...
 
     def wait_enqueued(self) -> None: ...
 
@@ -128,7 +129,7 @@ class BatchEngine:
         self.lanes: dict[int, Lane] = {}  # slot -> its running request
         self._admitted = 0
         self._inflight: list[Lane] | None = None  # the lanes of a decode sent ahead (row b: lane b), if any
-        self._inflight_chunk: Lane | None = None  # the lane whose prompt chunk rides it, if any
+        self._inflight_chunks: list[Lane] = []  # the lanes whose prompt chunks ride it (chunk i: lane i)
         # Prompt ids go up through pinned memory without a wait: a blocking copy would hold the host until the
         # stream's queued work (the draws behind the step in flight) is done, and an admission during a step could
         # not send the next one ahead of the device. One row per slot: two admissions in one step never share one.
@@ -203,7 +204,7 @@ class BatchEngine:
 
     def abort_all(self) -> list[Hashable]:
         """Drop every running request (a step failed: what the slots hold is unknown); their keys."""
-        self._inflight = self._inflight_chunk = None
+        self._inflight, self._inflight_chunks = None, []
         keys = [lane.key for lane in self.lanes.values()]
         for slot in list(self.lanes):
             self._release(slot, keep=None)
@@ -214,7 +215,7 @@ class BatchEngine:
         del self.lanes[slot]
         if not self.lanes:
             # a step sent ahead for requests that all ended: nothing left to read of it
-            self._inflight = self._inflight_chunk = None
+            self._inflight, self._inflight_chunks = None, []
         state = self.slots[slot]
         if keep is not None and self.prefix_reuse:
             state.contents.hold(keep)
@@ -238,33 +239,45 @@ class BatchEngine:
         whose K/V write lands past what its slot keeps."""
         events: list[tuple[Hashable, Item]] = []
         if self._inflight is not None:  # the step sent at the end of the last one
-            sent, chunk_lane = self._inflight, self._inflight_chunk
-            self._inflight = self._inflight_chunk = None
-            self._finish_decode(sent, events, chunk_lane, pipelined=chunk_lane is None)
+            sent, chunk_lanes = self._inflight, self._inflight_chunks
+            self._inflight, self._inflight_chunks = None, []
+            self._finish_decode(sent, events, chunk_lanes, pipelined=not chunk_lanes)
             return events  # its tokens go out now
         decoding = sorted((lane for lane in self.lanes.values() if lane.decoding), key=lambda lane: lane.slot)
         if decoding:
-            lane, chunk = self._next_chunk()
-            self.port.decode_batch([d.slot for d in decoding], [d.position for d in decoding], chunk)
-            self._finish_decode(decoding, events, lane)
+            lanes, chunks = self._next_chunks()
+            self.port.decode_batch([d.slot for d in decoding], [d.position for d in decoding], chunks)
+            self._finish_decode(decoding, events, lanes)
         elif (lane := self._oldest_prefilling()) is not None:
             self._prefill_chunk(lane, events)
         return events
 
-    def _oldest_prefilling(self) -> Lane | None:
-        prefilling = [lane for lane in self.lanes.values() if lane.prefilled < len(lane.prompt)]
-        return min(prefilling, key=lambda lane: lane.admitted) if prefilling else None
+    def _prefilling(self) -> list[Lane]:
+        """The requests with prompt tokens still to run, oldest first."""
+        return sorted((lane for lane in self.lanes.values() if lane.prefilled < len(lane.prompt)),
+                      key=lambda lane: lane.admitted)
 
-    def _next_chunk(self) -> tuple[Lane | None, PromptChunk | None]:
-        """The next prompt chunk to ride a decode (the oldest prefilling request's; counted as prefilled from here
-        on), or (None, None)."""
-        lane = self._oldest_prefilling()
-        if lane is None:
-            return None, None
-        count = min(self.prefill_chunk, len(lane.prompt) - lane.prefilled)
-        chunk = PromptChunk(count, lane.prefilled, lane.slot)
-        lane.prefilled += count
-        return lane, chunk
+    def _oldest_prefilling(self) -> Lane | None:
+        prefilling = self._prefilling()
+        return prefilling[0] if prefilling else None
+
+    def _next_chunks(self) -> tuple[list[Lane], list[PromptChunk]]:
+        """The prompt chunks to ride the next decode (counted as prefilled from here on): the oldest prefilling
+        request's next chunk (<= prefill_chunk tokens), then the whole rest of each next one's prompt while the
+        chunks, each padded as long as the longest, still fit prefill_chunk rows (an executor pads them so)."""
+        lanes: list[Lane] = []
+        chunks: list[PromptChunk] = []
+        for lane in self._prefilling():
+            rest = len(lane.prompt) - lane.prefilled
+            if lanes:
+                longest = max(rest, *(c.num_tokens for c in chunks))
+                if (len(chunks) + 1) * longest > self.prefill_chunk:
+                    break
+            count = min(self.prefill_chunk, rest)
+            chunks.append(PromptChunk(count, lane.prefilled, lane.slot))
+            lanes.append(lane)
+            lane.prefilled += count
+        return lanes, chunks
 
     def _prefill_chunk(self, lane: Lane, events: list[tuple[Hashable, Item]]) -> None:
         """A prompt chunk alone (nothing decodes): with `whole_prompt_when_idle`, the rest of the prompt."""
@@ -289,17 +302,18 @@ class BatchEngine:
         return True
 
     def _finish_decode(self, sent: list[Lane], events: list[tuple[Hashable, Item]],
-                       chunk_lane: Lane | None = None, pipelined: bool = False) -> None:
-        """The decode of `sent` (row b: sent[b]) was sent, with a chunk of `chunk_lane`'s prompt if given: draw each
-        live row's token (and chunk_lane's first, when the chunk ended its prompt), send the next step right away
-        when every running request decodes (`_send_ahead`), then read the tokens. `pipelined`: `sent` went out ahead
-        as a decode alone, right behind the step before it (its read-to-read time is a step's length)."""
+                       chunk_lanes: Sequence[Lane] = (), pipelined: bool = False) -> None:
+        """The decode of `sent` (row b: sent[b]) was sent, with a chunk of chunk_lanes[i]'s prompt as its chunk i:
+        draw each live row's token (and each chunk lane's first, when its chunk ended its prompt), send the next step
+        right away when every running request decodes (`_send_ahead`), then read the tokens. `pipelined`: `sent`
+        went out ahead as a decode alone, right behind the step before it (its read-to-read time is a step's
+        length)."""
         self.port.wait_enqueued()
-        logits = self.port.buffers.batch_logits  # [slots, V]
-        # (lane, logits [R, V], row): each live row of the step (not cancelled since), then the chunk's last token
-        draws = [(lane, logits, b) for b, lane in enumerate(sent) if self._live(lane)]
-        if chunk_lane is not None and self._live(chunk_lane) and self._chunk_ran(chunk_lane, events):
-            draws.append((chunk_lane, self.port.buffers.logits[None], 0))
+        buffers = self.port.buffers
+        # (lane, logits [R, V], row): each live row of the step (not cancelled since), then the chunks' last tokens
+        draws = [(lane, buffers.batch_logits, b) for b, lane in enumerate(sent) if self._live(lane)]
+        draws += [(lane, buffers.chunk_logits(i)[None], 0) for i, lane in enumerate(chunk_lanes)
+                  if self._live(lane) and self._chunk_ran(lane, events)]
         if not draws:
             return
         self._draw(draws)
@@ -325,8 +339,8 @@ class BatchEngine:
     def _send_ahead(self, lanes: list[Lane]) -> None:
         """Every running request decodes and `lanes` have their next tokens drawn on the device: send the next step
         now, before the host reads them (the executor takes them from next_token). With a slot free, first let the
-        server admit arrivals (watching for them until the margin before the step in flight ends): the oldest one's
-        first prompt chunk then rides this step."""
+        server admit arrivals (watching for them until the margin before the step in flight ends): their prompt
+        chunks then ride this step."""
         if self.incoming is not None and self.has_room():
             wait = 0.0
             if self.send_ahead_margin_s is not None and self._step_s is not None and self._read_end is not None:
@@ -336,10 +350,10 @@ class BatchEngine:
         going = [lane for lane in lanes if self._live(lane) and not _last_by_length(lane)]
         if not going:
             return
-        chunk_lane, chunk = self._next_chunk()
+        chunk_lanes, chunks = self._next_chunks()
         # The token just drawn is at position len(prompt) + len(tokens): one past what the host knows.
-        self.port.decode_batch([lane.slot for lane in going], [lane.position + 1 for lane in going], chunk)
-        self._inflight, self._inflight_chunk = going, chunk_lane
+        self.port.decode_batch([lane.slot for lane in going], [lane.position + 1 for lane in going], chunks)
+        self._inflight, self._inflight_chunks = going, chunk_lanes
 
     def _draw(self, draws: list[tuple[Lane, torch.Tensor, int]]) -> None:
         """Queue each lane's draw from row `row` of its logits [R, V] into next_token[slot] (device work only). Plain

@@ -13,6 +13,7 @@ Reset's `Ok` either, so each following request fails after one time-out rather t
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import torch
 
@@ -95,10 +96,10 @@ class RemoteExecutor:
     def decode(self, position: int) -> None:
         self._send_step(Decode(self.request_id, self._step + 1, position))
 
-    def decode_batch(self, slots: list[int], positions: list[int], chunk: PromptChunk | None = None) -> None:
-        c = chunk or PromptChunk(0, 0, 0)
-        self._send_step(DecodeBatch(self.request_id, self._step + 1, list(slots), list(positions), c.num_tokens,
-                                    c.start_pos, c.slot))
+    def decode_batch(self, slots: list[int], positions: list[int], chunks: Sequence[PromptChunk] = ()) -> None:
+        self._send_step(DecodeBatch(self.request_id, self._step + 1, list(slots), list(positions),
+                                    [c.num_tokens for c in chunks], [c.start_pos for c in chunks],
+                                    [c.slot for c in chunks]))
 
     def verify(self, position: int, num_tokens: int, draft_start: int | None = None, tokens: list[int] | None = None,
                accept: bool = False) -> None:

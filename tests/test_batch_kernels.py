@@ -162,11 +162,58 @@ def test_the_mixed_step_equals_a_prefill_then_a_batched_decode(name):
     logits = torch.full((cfg.vocab_size,), float("nan"), device=DEVICE)
     batch_logits = torch.full((2, cfg.vocab_size), float("nan"), device=DEVICE)
     step = FusedMixedStep(FusedPrefill(model, 32), 4)
-    step.run(ids, rows_pos, rows_slot, bucket, torch.tensor([n - 1], device=DEVICE), logits, batch_logits)
+    step.run(ids, rows_pos, rows_slot, bucket, torch.tensor([n - 1], device=DEVICE), [logits], batch_logits)
     torch.testing.assert_close(logits, want_logits, **TOL)
     torch.testing.assert_close(batch_logits, want_batch, **TOL)
     written = model.kv_caches.clone()
     written[1, :, :, :, start + n:start + bucket] = want_caches[1, :, :, :, start + n:start + bucket]  # padding rows
+    torch.testing.assert_close(written, want_caches, **TOL)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_a_mixed_step_of_two_chunks_equals_their_prefills_then_a_batched_decode(name):
+    """FusedMixedStep with two prompt chunks (prompts arriving together): slot 1 continuing its cache (7 tokens) and
+    slot 3 from position 0 (5 tokens), each padded to 16 rows, with decode rows of slots 2 and 0; against the
+    reference prefills and batched decode, every logit and cache row compared."""
+    from graph_executor.fused_mixed import FusedMixedStep
+    from graph_executor.fused_prefill import FusedPrefill
+
+    cfg = CONFIGS[name]
+    model = _model(cfg, slots=4)
+    prompts = {0: list(range(1, 8)), 2: [9, 8, 7], 1: list(range(20, 30))}
+    _prefill(model, prompts)
+    chunks = {1: ([40, 41, 42, 43, 44, 45, 46], len(prompts[1])), 3: ([60, 61, 62, 63, 64], 0)}  # slot: ids, start
+    before = model.kv_caches.clone()
+    want_chunk = {}
+    for slot, (chunk_ids, start) in chunks.items():
+        n = len(chunk_ids)
+        want_chunk[slot] = model(torch.tensor(chunk_ids, device=DEVICE), torch.arange(start, start + n, device=DEVICE),
+                                 torch.tensor([n - 1], device=DEVICE), start + n, slot=slot)[0].float()
+    order, tokens = [2, 0], torch.tensor([11, 12], device=DEVICE)
+    positions = torch.tensor([len(prompts[s]) for s in order], device=DEVICE)
+    want_batch = model.forward_batch(tokens, positions, order).float()
+    want_caches = model.kv_caches.clone()
+    model.kv_caches.copy_(before)
+    bucket, ids, rows_pos, rows_slot, last = 16, [], [], [], []
+    for i, (slot, (chunk_ids, start)) in enumerate(chunks.items()):
+        ids += chunk_ids + [0] * (bucket - len(chunk_ids))
+        rows_pos += list(range(start, start + bucket))
+        rows_slot += [slot] * bucket
+        last.append(i * bucket + len(chunk_ids) - 1)
+    ids = torch.tensor(ids + tokens.tolist(), device=DEVICE)
+    rows_pos = torch.cat([torch.tensor(rows_pos, device=DEVICE), positions])
+    rows_slot = torch.tensor(rows_slot + order, device=DEVICE)
+    chunk_logits = torch.full((2, cfg.vocab_size), float("nan"), device=DEVICE)
+    batch_logits = torch.full((2, cfg.vocab_size), float("nan"), device=DEVICE)
+    FusedMixedStep(FusedPrefill(model, 64), 4).run(ids, rows_pos, rows_slot, bucket, torch.tensor(last, device=DEVICE),
+                                                   [chunk_logits[0], chunk_logits[1]], batch_logits)
+    torch.testing.assert_close(chunk_logits[0], want_chunk[1], **TOL)
+    torch.testing.assert_close(chunk_logits[1], want_chunk[3], **TOL)
+    torch.testing.assert_close(batch_logits, want_batch, **TOL)
+    written = model.kv_caches.clone()
+    for slot, (chunk_ids, start) in chunks.items():  # padding rows write past each prompt: no valid row sees them
+        n = len(chunk_ids)
+        written[slot, :, :, :, start + n:start + bucket] = want_caches[slot, :, :, :, start + n:start + bucket]
     torch.testing.assert_close(written, want_caches, **TOL)
 
 
@@ -203,7 +250,7 @@ def test_the_batched_and_mixed_steps_over_packed_weights_equal_the_reference(met
     chunk_logits = torch.full((cfg.vocab_size,), float("nan"), device=DEVICE)
     logits.fill_(float("nan"))
     FusedMixedStep(FusedPrefill(model, 32), 4).run(ids, rows_pos, rows_slot, 16, torch.tensor([2], device=DEVICE),
-                                                   chunk_logits, logits)
+                                                   [chunk_logits], logits)
     # float32: the packed lm_head's GEMV (the chunk's row) and the reference's dequantized product round apart by
     # ~1e-5 on single logits; norm-relative, as test_quant_model compares the packed steps
     assert float((chunk_logits - want_chunk).norm() / want_chunk.norm()) < (1e-4 if DTYPE == torch.float32 else 2e-2)
@@ -216,7 +263,9 @@ def test_batched_decode_graphs_and_slot_prefills_equal_the_reference(name):
     """GraphRunner with 4 slots: prefill each slot (slot 0 by its prefill graph, the others by the extend graphs, a
     40-token prompt in two chunks), then batched decode steps of 1..4 sequences (size 3 padded to 4) replayed from
     captured graphs, some carrying a prompt chunk of another slot (mixed steps, chunks of 7 and 20 tokens; one of 40,
-    past the mixed buckets, runs as a prefill and then the decode), against ModelRunner on a copy of the weights."""
+    past the mixed buckets, runs as a prefill and then the decode), two chunks of other slots at once (a 2-chunk mixed
+    step, run eagerly then captured) and three (too wide for one step: the last runs as its prefill first), against
+    ModelRunner on a copy of the weights, every chunk's logits compared."""
     from graph_executor.graphs import GraphRunner
 
     cfg = CONFIGS[name]
@@ -235,28 +284,33 @@ def test_batched_decode_graphs_and_slot_prefills_equal_the_reference(name):
             runner.prefill(len(prompt), 0, slot)
     torch.testing.assert_close(graphs.buffers.logits, eager.buffers.logits, **TOL)  # the last slot's prompt
     lengths = {s: len(p) for s, p in prompts.items()}
-    steps = [([0, 1, 2, 3], None), ([2, 0, 3], None), ([1], None), ([0, 1, 2], (3, 7)), ([3, 1], None),
-             ([3], (1, 20)), ([0, 2, 1], None),
-             ([0, 2], (3, 40))]  # (decode slots, (chunk slot, chunk tokens) or None); 40 > the largest bucket (32):
-    # its prefill (extend steps of 32 and 8), then the decode
-    for step, (batch, chunk) in enumerate(steps):
+    steps = [([0, 1, 2, 3], []), ([2, 0, 3], []), ([1], []), ([0, 1, 2], [(3, 7)]), ([3, 1], []),
+             ([3], [(1, 20)]), ([0, 2, 1], []),
+             ([0, 2], [(3, 40)]),  # 40 > the largest bucket (32): its prefill (extend steps of 32 and 8), then the decode
+             ([1], [(0, 5), (2, 6)]), ([1], [(0, 4), (2, 3)]),  # 2 chunks of 16 rows: eagerly, then from the graph
+             ([3], [(1, 9), (0, 3), (2, 2)])]  # 3 x 16 rows > 32: the last chunk's prefill, then a 2-chunk step
+    # (decode slots, [(chunk slot, chunk tokens), ...])
+    for step, (batch, chunk_list) in enumerate(steps):
         positions = [lengths[s] for s in batch]
-        if chunk is not None:
-            slot, count = chunk
-            chunk = PromptChunk(count, lengths[slot], slot)
+        chunks = []
+        for slot, count in chunk_list:
+            chunks.append(PromptChunk(count, lengths[slot], slot))
             lengths[slot] += count
         for runner in (graphs, eager):
             for s in batch:
                 runner.buffers.next_token[s] = 100 + 10 * step + s
-            if chunk is not None:
-                ids = torch.arange(count) + 200 + step
-                runner.buffers.slot_ids(chunk.slot)[chunk.start_pos:chunk.start_pos + count].copy_(ids)
-            runner.decode_batch(batch, positions, chunk)
+            for i, chunk in enumerate(chunks):
+                ids = torch.arange(chunk.num_tokens) + 200 + 10 * step + i
+                runner.buffers.slot_ids(chunk.slot)[chunk.start_pos:chunk.start_pos + chunk.num_tokens].copy_(ids)
+            runner.decode_batch(batch, positions, chunks)
+        if step == 8:
+            assert "mixed_2x16_4" not in graphs.graphs and graphs.pending()[-1:] == ["mixed_2x16_4"]
+            graphs.capture("mixed_2x16_4")
         torch.cuda.synchronize()
         torch.testing.assert_close(graphs.buffers.batch_logits[:len(batch)], eager.buffers.batch_logits[:len(batch)],
                                    **TOL)
-        if chunk is not None:
-            torch.testing.assert_close(graphs.buffers.logits, eager.buffers.logits, **TOL)
+        for i in range(len(chunks)):
+            torch.testing.assert_close(graphs.buffers.chunk_logits(i), eager.buffers.chunk_logits(i), **TOL)
         for s in batch:
             lengths[s] += 1
     for s, length in lengths.items():  # past a sequence's length the graphs' padding rows leave values of their own

@@ -189,10 +189,10 @@ def test_a_request_admitted_while_a_step_runs_rides_the_step_sent_ahead(alone):
 
     step()  # its prefill and first token
     step()  # its first decode; nobody arrives: the next one is sent ahead, a decode alone
-    assert [lane.key for lane in engine._inflight] == ["a"] and engine._inflight_chunk is None
+    assert [lane.key for lane in engine._inflight] == ["a"] and engine._inflight_chunks == []
     arrivals.append(("b", [8, 9], SamplingParams(**greedy(3))))  # a request arrives while that decode runs
     step()  # the hook admits it before the next step goes out: a's decode carries b's whole prompt
-    assert [lane.key for lane in engine._inflight] == ["a"] and engine._inflight_chunk.key == "b"
+    assert [lane.key for lane in engine._inflight] == ["a"] and [lane.key for lane in engine._inflight_chunks] == ["b"]
     items = step()  # that step: a's token and b's first
     assert [key for key, _ in items] == ["a", "b"]
     assert [lane.key for lane in engine._inflight] == ["a", "b"]  # all decoding again
@@ -508,3 +508,25 @@ def test_the_batching_server_survives_random_cancels_and_departures(batch_rig):
         assert final.finish_reason == "length" and final.token_ids == want, request_id
         answered += 1
     assert answered >= 4
+
+
+def test_prompts_arriving_together_start_in_one_step_as_long_as_their_chunks_fit(alone):
+    """With one request decoding, three arrive at once: the next step carries the first two prompts whole (each padded
+    to the longer, 2 x 4 rows <= the 16-token chunk budget) and leaves the third (3 x 6 > 16) for the step after;
+    every request still gets its tokens alone."""
+    engine = _engine(slots=4, chunk=16)
+    engine.admit("a", [5, 6, 7, 8, 9], SamplingParams(**greedy(8)))
+    engine.step()  # a's prefill alone, its first token
+    prompts = {"b": [30, 31, 32, 33], "c": [40, 41, 42], "d": [50, 51, 52, 53, 54, 55]}
+    for key, prompt in prompts.items():
+        engine.admit(key, prompt, SamplingParams(**greedy(5)))
+    items = engine.step()  # a's decode with b's and c's prompts: their first tokens in the same step
+    assert [key for key, _ in items] == ["a", "b", "c"]
+    lanes = {lane.key: lane for lane in engine.lanes.values()}
+    assert lanes["d"].prefilled == 0 and all(lanes[k].prefilled == len(prompts[k]) for k in "bc")
+    items = engine.step()  # a, b and c decode; d's whole prompt rides along
+    assert [key for key, _ in items] == ["a", "b", "c", "d"]
+    results, _ = _drain(engine)
+    for key, prompt in prompts.items():
+        assert results[key].token_ids == alone(prompt, SamplingParams(**greedy(5))).token_ids, key
+    assert results["a"].token_ids == alone([5, 6, 7, 8, 9], SamplingParams(**greedy(8))).token_ids

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         m_slots = torch.cat([torch.ones(bucket, dtype=torch.int64, device=dev),
                              torch.tensor([0, 2, 3, 0], device=dev)[:SLOTS]])
         report(f"mixed {bucket} chunk + {SLOTS} decode = {t} rows", graph_ms(
-            lambda: mixed.run(m_ids, m_pos, m_slots, bucket, index, logits, batch_logits), REPLAYS))
+            lambda: mixed.run(m_ids, m_pos, m_slots, bucket, index, [logits], batch_logits), REPLAYS))
     # The JIT context's greedy draw of the decode rows: one argmax per row, or one over the batch.
     next_token = torch.zeros(SLOTS, dtype=torch.int64, device=dev)
     report(f"greedy draw: {SLOTS} row argmaxes", graph_ms(lambda: [torch.argmax(
