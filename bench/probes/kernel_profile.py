@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = iter(range(args.context, max_context))
         batch = lambda: runner.decode_batch(list(range(n)), [next(rows)] * n)
         chunk = PromptChunk(args.prompt, 0, n - 1)  # the last slot's prompt again, over its own cache rows
-        mixed = lambda: runner.decode_batch(list(range(n - 1)), [next(rows)] * (n - 1), chunk)
+        mixed = lambda: runner.decode_batch(list(range(n - 1)), [next(rows)] * (n - 1), [chunk])
         print()
         print(table(f"batched decode of {n} sequences at context ~{args.context}",
                     profile_steps(batch, args.steps, on_gpu, args.top), step_ms(batch, args.steps, on_gpu)))
