@@ -139,6 +139,9 @@ class GraphRunner:
             self._batch_host = torch.zeros(5, model.slots, dtype=torch.int64, pin_memory=True)
             self._batch_host_np = self._batch_host.numpy()
             self._batch_read = torch.cuda.Event()
+            # [slots, V] float32: the logits of chunks run as prefills before a step, kept here until the step (whose
+            # padding rows may write the batch_logits rows they belong in) is enqueued
+            self._chunk_stash = torch.empty_like(self.buffers.batch_logits)
 
     # -- replay (or, until a graph exists, the same body run eagerly) -------------------------------------
 
@@ -185,12 +188,20 @@ class GraphRunner:
         than the largest bucket: their prefills first, the last ones first)."""
         check_batch(self.model.slots, self.max_context, slots, positions, chunks)
         riding = list(chunks)
+        stashed = []
         while riding and not self._mixed_fits(riding):
             last = len(riding) - 1
             chunk = riding.pop()
             self.prefill(chunk.num_tokens, chunk.start_pos, chunk.slot)
-            if last:
-                self.buffers.chunk_logits(last).copy_(self.buffers.logits)
+            if last:  # chunk 0's logits stay in `logits`, which nothing after writes; the others' wait in the stash
+                self._chunk_stash[last].copy_(self.buffers.logits)
+                stashed.append(last)
+        self._batch_step(slots, positions, riding)
+        for i in stashed:
+            self.buffers.chunk_logits(i).copy_(self._chunk_stash[i])
+
+    def _batch_step(self, slots: list[int], positions: list[int], riding: list[PromptChunk]) -> None:
+        """The batch's decode rows and the chunks that fit one mixed step: one graph replay (or its eager body)."""
         if self.model.slots == 1:  # the batch-1 decode graph, on slot 0
             self.decode(positions[0])
             self.buffers.batch_logits[0].copy_(self.buffers.logits)
