@@ -184,12 +184,18 @@ class GraphRunner:
 
     def decode_batch(self, slots: list[int], positions: list[int], chunks: Sequence[PromptChunk] = ()) -> None:
         """As ModelRunner.decode_batch: one graph replay for the batch, padded to the next captured size; with prompt
-        chunks, one mixed step for all (chunks that do not fit one, longer than the mixed buckets or together wider
-        than the largest bucket: their prefills first, the last ones first)."""
+        chunks, one mixed step for all. Chunks that do not ride it run as prefills first, the last ones first: a
+        chunk longer than the mixed buckets, chunks together wider than the largest bucket, and K > 1 chunks whose
+        graph is not captured yet (its eager body takes several times the replay: it is captured once idle)."""
         check_batch(self.model.slots, self.max_context, slots, positions, chunks)
         riding = list(chunks)
         stashed = []
-        while riding and not self._mixed_fits(riding):
+        while riding:
+            name = self._mixed_name(riding)
+            if name is not None and (len(riding) == 1 or name in self.graphs):
+                break
+            if name is not None:
+                self.demand[name] += 1
             last = len(riding) - 1
             chunk = riding.pop()
             self.prefill(chunk.num_tokens, chunk.start_pos, chunk.slot)
@@ -224,17 +230,22 @@ class GraphRunner:
         if not riding:
             self._launch(f"decode_batch_{size}", lambda: self._decode_batch_body(size))
             return
-        name = f"mixed_{bucket}_{size}" if k == 1 else f"mixed_{k}x{bucket}_{size}"
-        self.demand[name if k > 1 else f"mixed_{bucket}"] += 1
-        self._launch(name, lambda: self._mixed_body(bucket, size, k))
+        if k == 1:
+            self.demand[f"mixed_{bucket}"] += 1
+        self._launch(self._mixed_name(riding), lambda: self._mixed_body(bucket, size, k))
 
-    def _mixed_fits(self, chunks: list[PromptChunk]) -> bool:
-        """Whether these chunks ride one mixed step: a bucket for the longest, and all of them padded to it within
-        the step's row buffers (the largest bucket's rows)."""
-        if not self.mixed_buckets or max(c.num_tokens for c in chunks) > self.mixed_buckets[-1]:
-            return False
-        bucket = next(b for b in self.mixed_buckets if b >= max(c.num_tokens for c in chunks))
-        return len(chunks) * bucket <= self.chunk
+    def _mixed_name(self, chunks: list[PromptChunk]) -> str | None:
+        """The mixed graph these chunks ride ("mixed_<bucket>_<size>", K > 1: "mixed_<K>x<bucket>_<size>"), or None
+        when they do not fit one step: the longest past the mixed buckets, or all of them padded to its bucket wider
+        than the step's row buffers (the largest bucket's rows)."""
+        longest = max(c.num_tokens for c in chunks)
+        if not self.mixed_buckets or longest > self.mixed_buckets[-1]:
+            return None
+        bucket = next(b for b in self.mixed_buckets if b >= longest)
+        if len(chunks) * bucket > self.chunk:
+            return None
+        size = self.mixed_sizes[0]
+        return f"mixed_{bucket}_{size}" if len(chunks) == 1 else f"mixed_{len(chunks)}x{bucket}_{size}"
 
     def prefill(self, num_tokens: int, start_pos: int = 0, slot: int = 0) -> None:
         """A prompt of slot 0 from position 0 in one bucket: its prefill graph (SDPA's causal attention over the new
@@ -336,7 +347,7 @@ class GraphRunner:
             if kind == "mixed":
                 order += [f"mixed_{b}_{size}" for b in by_demand for size in self.mixed_sizes]
                 # several chunks: only the shapes steps have used, most used first
-                order += [name for name, _ in self.demand.most_common() if name.startswith("mixed_") and "x" in name]
+                order += [name for name, _ in self.demand.most_common() if _chunk_count(name) > 1]
             else:
                 order += [f"{kind}_{b}" for b in by_demand]
         order += [] if self.verify_used else verify
@@ -429,7 +440,7 @@ class GraphRunner:
             return lambda: self._verify_body(num_tokens)
         if name.startswith("mixed_"):
             shape, size = name.removeprefix("mixed_").split("_")
-            chunks, bucket = map(int, shape.split("x")) if "x" in shape else (1, int(shape))
+            chunks, bucket = (_chunk_count(name), int(shape.split("x")[-1]))
             return lambda: self._mixed_body(bucket, int(size), chunks)
         if name.startswith("extend_"):
             bucket = int(name.removeprefix("extend_"))
@@ -441,3 +452,11 @@ class GraphRunner:
         return {"captured": dict(self.stats.seconds), "warmup": dict(self.stats.warmup_seconds),
                 "pending": self.pending(), "graph_pool_bytes": self.stats.pool_bytes}
 
+
+def _chunk_count(name: str) -> int:
+    """The prompt chunks of a mixed graph's or demand key's name: "mixed_<K>x<bucket>_<size>" K, "mixed_<bucket>[_<size>]"
+    1, anything else 0."""
+    if not name.startswith("mixed_"):
+        return 0
+    shape = name.removeprefix("mixed_").split("_")[0]
+    return int(shape.split("x")[0]) if "x" in shape else 1

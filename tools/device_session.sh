@@ -68,7 +68,7 @@ for step in "${steps[@]}"; do
                 timeout 260 python3 -m launch.cli bench --quiet --model dummy:llama-2-7b --engines hybridrt \
                   --workloads $w --prefix-reuse --max-num-seqs $n --decode-tokens 128 --repeats 3 \
                   --out "$OUT/slots-$n" > "$OUT/slots-$n.log" 2>&1
-                echo "bench --max-num-seqs $n: rc=$?"; rm -rf "$OUT/slots-$n/logs"
+                echo "bench --max-num-seqs $n: rc=$?"
                 sed -n '/^## Decode/,/^## Engines/p' "$OUT/slots-$n.log" | grep -v '^$' | grep -v '^|---'
               done ;;
     startup) timeout 240 python3 -m bench.probes.serve_ready --runs 3 --json "$OUT/serve_ready.json" -- \
