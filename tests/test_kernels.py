@@ -39,10 +39,13 @@ CASES = [  # heads, kv_heads, head_dim, cache length, positions, window, dtype
 ]
 
 
+@pytest.mark.parametrize("split,warps", [(None, None), (32, 1), (32, 2)])  # the default; shorter splits, fewer warps
 @pytest.mark.parametrize("heads,kv_heads,hd,cache,positions,window,dtype", CASES)
-def test_decode_attention_matches_reference(heads, kv_heads, hd, cache, positions, window, dtype) -> None:
+def test_decode_attention_matches_reference(heads, kv_heads, hd, cache, positions, window, dtype, split,
+                                            warps) -> None:
     gen = torch.Generator(device="cpu").manual_seed(heads * 1000 + cache)
-    attn = DecodeAttention(heads, kv_heads, hd, cache, DEVICE, sliding_window=window)
+    attn = DecodeAttention(heads, kv_heads, hd, cache, DEVICE, sliding_window=window, split_size=split,
+                           num_warps=warps)
     # The cache as the model lays it out: one layer's K and V are strided views of [2, kv_heads, C, hd].
     kv = torch.randn(2, kv_heads, cache, hd, generator=gen).to(DEVICE, dtype)
     tol = 1e-4 if dtype == torch.float32 else 1e-2

@@ -25,7 +25,6 @@ from graph_executor.fused_decoder import FusedDecoder
 from graph_executor.kernels.decode_attention import DecodeAttention
 from graph_executor.loading.loader import LoadConfig, load_model
 
-POSITION = 300
 TOP = 8  # kernels listed per step, by their summed span per replay (neighbours launched with PDL overlap)
 
 
@@ -84,28 +83,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="dummy:llama-2-7b")
     ap.add_argument("--batches", default="1,2,4", help="batch sizes of the batched step (1: its one-row graph)")
     ap.add_argument("--replays", type=int, default=10)
+    ap.add_argument("--position", type=int, default=300, help="every row's position (its context)")
     ap.add_argument("--split-sizes", default="",
-                    help="also time the batched step with its attention split into these many positions per program "
-                         "(comma list; the default is decode_attention.SPLIT_SIZE, tuned for one row)")
+                    help="also time both steps with their attention split into these many positions per program, on "
+                         "Triton's default 4 warps (comma list; the default steps take decode_attention's defaults)")
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
-    model = load_model(LoadConfig(model=args.model, device="cuda", max_context=512, max_num_seqs=max(batches),
-                                  progress=False)).model
+    model = load_model(LoadConfig(model=args.model, device="cuda", max_context=max(512, args.position + 64),
+                                  max_num_seqs=max(batches), progress=False)).model
     dev, vocab = model.embed_tokens.device, model.config.vocab_size
     steps = {}
     one = FusedDecoder(model)
-    token, position = torch.zeros(1, dtype=torch.int64, device=dev), torch.full((1,), POSITION, device=dev)
+    token, position = torch.zeros(1, dtype=torch.int64, device=dev), torch.full((1,), args.position, device=dev)
     logits1 = torch.empty(vocab, device=dev)
     steps["batch-1 step (FusedDecoder)"] = _capture(lambda: one.step(token, position, logits1))
     batched = FusedBatchDecoder(model, max(batches))
     inputs = {}
     for b in batches:
-        inputs[b] = (torch.zeros(b, dtype=torch.int64, device=dev), torch.full((b,), POSITION, device=dev),
+        inputs[b] = (torch.zeros(b, dtype=torch.int64, device=dev), torch.full((b,), args.position, device=dev),
                      torch.arange(b, device=dev), torch.empty(b, vocab, device=dev))
         steps[f"batched step, {b} rows (cuBLAS plan)"] = _capture(
             lambda b=b: batched.step(*inputs[b]))
     cfg = model.config
     for size in filter(None, args.split_sizes.split(",")):
+        single = FusedDecoder(model, split_size=int(size))
+        steps[f"batch-1 step, attention split {size}"] = _capture(
+            lambda single=single: single.step(token, position, logits1))
         other = FusedBatchDecoder(model, max(batches))
         other.attention = DecodeAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, model.max_context, dev,
                                           cfg.sliding_window, split_size=int(size), max_tokens=max(batches),

@@ -141,9 +141,10 @@ class DecodeAttention:
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, max_context: int,
                  device: torch.device, sliding_window: int | None = None, split_size: int | None = None,
-                 max_tokens: int = 1, pdl: bool = False, batched: bool = False) -> None:
+                 max_tokens: int = 1, pdl: bool = False, batched: bool = False, num_warps: int | None = None) -> None:
         """`max_tokens` > 1: a verify step's tokens (one sequence, consecutive positions), or with `batched` the
-        tokens of a batched decode (one per KV slot: `__call__`'s slots)."""
+        tokens of a batched decode (one per KV slot: `__call__`'s slots). `num_warps`: the one-query kernel's
+        (default Triton's, 4; `bench.probes.decode_attention` sweeps it)."""
         if head_dim & (head_dim - 1):
             raise ValueError(f"decode attention needs a power-of-two head_dim, got {head_dim}")
         self.num_heads, self.group, self.head_dim = num_heads, num_heads // num_kv_heads, head_dim
@@ -155,6 +156,7 @@ class DecodeAttention:
         self.max_tokens = max_tokens
         self.batched = batched
         self.pdl = pdl  # launch with programmatic dependent launch (kernels/pdl.py)
+        self.warps = {} if num_warps is None else {"num_warps": num_warps}
         self.rows = max(16, triton.next_power_of_2(self.group * max_tokens))  # the multi-token kernel's rows
         self.acc = torch.empty(max_tokens, num_heads, self.num_splits, head_dim, **f32)
         self.m = torch.empty(max_tokens, num_heads, self.num_splits, **f32)
@@ -179,7 +181,7 @@ class DecodeAttention:
                 *strides, slot_stride, self.scale, self.window,
                 GROUP=self.group, HEAD_DIM=self.head_dim, SPLIT=self.split, BLOCK=block,
                 NUM_SPLITS=self.num_splits, NUM_HEADS=self.num_heads, SLOTS=slots is not None, PDL=self.pdl,
-                **launch_options(self.pdl),
+                **self.warps, **launch_options(self.pdl),
             )
         else:
             _split_rows_kernel[(self.num_heads // self.group, self.num_splits)](

@@ -1,0 +1,68 @@
+"""The decode attention (`kernels/decode_attention.py`, split + reduce) of a whole LLaMA-2-7B step: 32 layers of 32
+heads of 128, each layer its own KV cache (nothing stays in L2), for 1 and 4 rows (the batched step: one KV slot per
+row) at a few contexts, per split size and warp count of the split kernel, timed as a CUDA graph of the 32 layers.
+Against it, the bytes the step must read (each row's keys and values up to its position) at the card's bandwidth.
+
+Why (issue 14): in the batched step of 4 rows at context 300, attention costs ~0.23 ms more than at one row, of which
+the 3 more slots' K/V are ~0.10 ms of reads (`bench.probes.graph_gaps`). The split kernel's grid is heads x splits x
+rows, splits counted for the whole cache (empty ones exit at once): 4 rows make 4x the programs, most of them empty.
+
+    python -m bench.probes.decode_attention [--rows 1,4] [--contexts 300,1000,2000] [--max-context 768,4096]
+        [--splits 32,64,128] [--warps 1,2,4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+
+from bench.probes.batch_gemv import graph_ms
+from graph_executor.kernels.decode_attention import DecodeAttention
+
+HEADS, HEAD_DIM, LAYERS = 32, 128, 32
+BANDWIDTH_TBPS = 4.3  # what the H200's weight reads measure (DESIGN.md); the floor column uses it
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", default="1,4")
+    ap.add_argument("--contexts", default="300,1000,2000")
+    ap.add_argument("--max-context", default="768,4096", help="cache lengths (the split count follows them)")
+    ap.add_argument("--splits", default="32,64,128")
+    ap.add_argument("--warps", default="1,2,4")
+    args = ap.parse_args(argv)
+    ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
+    rows, contexts, caches = ints(args.rows), ints(args.contexts), ints(args.max_context)
+    dev = torch.device("cuda")
+    print("| cache | rows | context | split | warps | ms/step | reads floor ms | x floor |\n"
+          "|---|---|---|---|---|---|---|---|", flush=True)
+    for cache in caches:
+        slots = max(rows)
+        kv = torch.randn(slots, LAYERS, 2, HEADS, cache, HEAD_DIM, device=dev, dtype=torch.float16)
+        for b, context in itertools.product(rows, (c for c in contexts if c < cache)):
+            q = torch.randn(b, HEADS, HEAD_DIM, device=dev, dtype=torch.float16)
+            out = torch.empty_like(q)
+            positions = torch.full((b,), context, device=dev)
+            which = torch.arange(b, device=dev)
+            floor = b * (context + 1) * LAYERS * 2 * HEADS * HEAD_DIM * 2 / (BANDWIDTH_TBPS * 1e12) * 1e3
+            for split, warps in itertools.product(ints(args.splits), ints(args.warps)):
+                attention = DecodeAttention(HEADS, HEADS, HEAD_DIM, cache, dev, split_size=split, max_tokens=slots,
+                                            batched=True, num_warps=warps)
+
+                def step(attention=attention, kv=kv, q=q, out=out, positions=positions, which=which):
+                    for layer in range(LAYERS):
+                        attention(q, kv[0, layer, 0], kv[0, layer, 1], positions, out, slots=which,
+                                  slot_stride=kv.stride(0))
+
+                ms = graph_ms(step)
+                print(f"| {cache} | {b} | {context} | {split} | {warps} | {ms:.3f} | {floor:.3f} | {ms / floor:.1f} |",
+                      flush=True)
+        del kv
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
