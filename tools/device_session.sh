@@ -9,7 +9,8 @@
 #   SmolLM2 ones need HYBRIDRT_TEST_GGUF, ~4 min); batchbench:
 #   bench.probes.batch_step and bench.probes.extend_attention, then one `bench --prefix-reuse` per slot count on
 #   dummy:llama-2-7b: `--workloads decode,concurrency,turns --max-num-seqs 4` and `decode,turns --max-num-seqs 1`
-#   (~6 min); startup: bench.probes.serve_ready on $HYBRIDRT_TEST_GGUF, 3 fresh starts (~1 min)
+#   (~6 min); attention: the attention kernel tests, the decode attention sweep (bench.probes.decode_attention) and
+#   bench.probes.graph_gaps at positions 300 and 2000 against split 64 on 4 warps (~3 min); startup: bench.probes.serve_ready on $HYBRIDRT_TEST_GGUF, 3 fresh starts (~1 min)
 #   quant: the packed-weight tests and `bench --quantize none,int8,int4,fp8` on dummy:llama-2-7b (executor, ~3 min);
 #   gemv: the low-bit GEMV block sweep per projection and format (~1 min); gemm: the low-bit prefill GEMM's default
 #   configs against torch.mm per projection, format and prompt length (~1 min); fp8: the FP8 split-K GEMV sweep
@@ -71,10 +72,19 @@ for step in "${steps[@]}"; do
                 echo "bench --max-num-seqs $n: rc=$?"
                 sed -n '/^## Decode/,/^## Engines/p' "$OUT/slots-$n.log" | grep -v '^$' | grep -v '^|---'
               done ;;
+    attention) timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_batch_kernels.py \
+                 tests/test_extend_attention.py > "$OUT/attention_tests.log" 2>&1
+               echo "attention kernel tests: rc=$? $(tail -1 "$OUT/attention_tests.log")"
+               timeout 150 python3 -m bench.probes.decode_attention --splits default,32,64 --warps 1,2,4 \
+                 > "$OUT/decode_attention.md" 2>&1; echo "decode attention sweep: rc=$?"; cat "$OUT/decode_attention.md"
+               for p in 300 2000; do
+                 timeout 90 python3 -m bench.probes.graph_gaps --batches 1,4 --split-sizes 64 --position $p \
+                   > "$OUT/graph_gaps_$p.md" 2>&1; echo "graph gaps at $p: rc=$?"; grep '^| [bs]' "$OUT/graph_gaps_$p.md"
+               done ;;
     startup) timeout 240 python3 -m bench.probes.serve_ready --runs 3 --json "$OUT/serve_ready.json" -- \
                --model "$HYBRIDRT_TEST_GGUF" --device cuda > "$OUT/serve_ready.log" 2>&1
              echo "serve_ready: rc=$?"; tail -6 "$OUT/serve_ready.log" ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, startup)"
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, startup)"
        exit 2 ;;
   esac
 done

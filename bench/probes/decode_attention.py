@@ -8,7 +8,7 @@ the 3 more slots' K/V are ~0.10 ms of reads (`bench.probes.graph_gaps`). The spl
 rows, splits counted for the whole cache (empty ones exit at once): 4 rows make 4x the programs, most of them empty.
 
     python -m bench.probes.decode_attention [--rows 1,4] [--contexts 300,1000,2000] [--max-context 768,4096]
-        [--splits 32,64,128] [--warps 1,2,4]
+        [--splits default,32,64,128] [--warps 1,2,4]
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", default="1,4")
     ap.add_argument("--contexts", default="300,1000,2000")
     ap.add_argument("--max-context", default="768,4096", help="cache lengths (the split count follows them)")
-    ap.add_argument("--splits", default="32,64,128")
+    ap.add_argument("--splits", default="32,64,128",
+                    help="positions per split (comma list); \"default\": DecodeAttention's own split and warps")
     ap.add_argument("--warps", default="1,2,4")
     args = ap.parse_args(argv)
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
@@ -47,9 +48,12 @@ def main(argv: list[str] | None = None) -> int:
             positions = torch.full((b,), context, device=dev)
             which = torch.arange(b, device=dev)
             floor = b * (context + 1) * LAYERS * 2 * HEADS * HEAD_DIM * 2 / (BANDWIDTH_TBPS * 1e12) * 1e3
-            for split, warps in itertools.product(ints(args.splits), ints(args.warps)):
+            configs = [(None, None)] * ("default" in args.splits.split(",")) + list(itertools.product(
+                [int(x) for x in args.splits.split(",") if x != "default"], ints(args.warps)))
+            for split, warps in configs:
                 attention = DecodeAttention(HEADS, HEADS, HEAD_DIM, cache, dev, split_size=split, max_tokens=slots,
                                             batched=True, num_warps=warps)
+                split, warps = attention.split, attention.warps.get("num_warps", 4)
 
                 def step(attention=attention, kv=kv, q=q, out=out, positions=positions, which=which):
                     for layer in range(LAYERS):
