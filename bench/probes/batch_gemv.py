@@ -25,8 +25,8 @@ REPLAYS = 20
 SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
 
 
-def graph_ms(fn, replays: int = REPLAYS) -> float:
-    """ms per call of fn, captured as a CUDA graph (after one eager call: kernel compile) and timed over replays."""
+def capture_graph(fn) -> torch.cuda.CUDAGraph:
+    """fn captured as a CUDA graph, after one eager call (kernel compile), and replayed once (its upload)."""
     fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -34,6 +34,12 @@ def graph_ms(fn, replays: int = REPLAYS) -> float:
         fn()
     graph.replay()
     torch.cuda.synchronize()
+    return graph
+
+
+def graph_ms(fn, replays: int = REPLAYS) -> float:
+    """ms per call of fn, captured as a CUDA graph and timed over replays."""
+    graph = capture_graph(fn)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(replays):

@@ -20,23 +20,13 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
+from bench.probes.batch_gemv import capture_graph
 from graph_executor.fused_batch_decoder import FusedBatchDecoder
 from graph_executor.fused_decoder import FusedDecoder
 from graph_executor.kernels.decode_attention import DecodeAttention
 from graph_executor.loading.loader import LoadConfig, load_model
 
 TOP = 8  # kernels listed per step, by their summed span per replay (neighbours launched with PDL overlap)
-
-
-def _capture(fn) -> torch.cuda.CUDAGraph:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    return graph
 
 
 def union_us(spans: list[tuple[float, float]]) -> float:
@@ -96,25 +86,25 @@ def main(argv: list[str] | None = None) -> int:
     one = FusedDecoder(model)
     token, position = torch.zeros(1, dtype=torch.int64, device=dev), torch.full((1,), args.position, device=dev)
     logits1 = torch.empty(vocab, device=dev)
-    steps["batch-1 step (FusedDecoder)"] = _capture(lambda: one.step(token, position, logits1))
+    steps["batch-1 step (FusedDecoder)"] = capture_graph(lambda: one.step(token, position, logits1))
     batched = FusedBatchDecoder(model, max(batches))
     inputs = {}
     for b in batches:
         inputs[b] = (torch.zeros(b, dtype=torch.int64, device=dev), torch.full((b,), args.position, device=dev),
                      torch.arange(b, device=dev), torch.empty(b, vocab, device=dev))
-        steps[f"batched step, {b} rows (cuBLAS plan)"] = _capture(
+        steps[f"batched step, {b} rows (cuBLAS plan)"] = capture_graph(
             lambda b=b: batched.step(*inputs[b]))
     cfg = model.config
     for size in filter(None, args.split_sizes.split(",")):
         single = FusedDecoder(model, split_size=int(size))
-        steps[f"batch-1 step, attention split {size}"] = _capture(
+        steps[f"batch-1 step, attention split {size}"] = capture_graph(
             lambda single=single: single.step(token, position, logits1))
         other = FusedBatchDecoder(model, max(batches))
         other.attention = DecodeAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, model.max_context, dev,
                                           cfg.sliding_window, split_size=int(size), max_tokens=max(batches),
                                           pdl=other.pdl, batched=True)
         for b in batches:
-            steps[f"batched step, {b} rows, attention split {size}"] = _capture(
+            steps[f"batched step, {b} rows, attention split {size}"] = capture_graph(
                 lambda b=b, other=other: other.step(*inputs[b]))
     print("| step | kernels | wall ms | kernels running ms | idle boundaries ms | us per boundary |\n"
           "|---|---|---|---|---|---|", flush=True)
