@@ -77,6 +77,9 @@ for step in "${steps[@]}"; do
                echo "attention kernel tests: rc=$? $(tail -1 "$OUT/attention_tests.log")"
                timeout 150 python3 -m bench.probes.decode_attention --splits default,32,64 --warps 1,2,4 \
                  > "$OUT/decode_attention.md" 2>&1; echo "decode attention sweep: rc=$?"; cat "$OUT/decode_attention.md"
+               timeout 90 python3 -m bench.probes.decode_attention --kv-heads 8 --rows 1 --contexts 300,2000 \
+                 --max-context 4096 --splits default,32,64 --warps 1,2 > "$OUT/decode_attention_gqa.md" 2>&1
+               echo "GQA decode attention: rc=$?"; cat "$OUT/decode_attention_gqa.md"
                for p in 300 2000; do
                  timeout 90 python3 -m bench.probes.graph_gaps --batches 1,4 --split-sizes 64 --position $p \
                    > "$OUT/graph_gaps_$p.md" 2>&1; echo "graph gaps at $p: rc=$?"; grep '^| [bs]' "$OUT/graph_gaps_$p.md"

@@ -8,7 +8,7 @@ the 3 more slots' K/V are ~0.10 ms of reads (`bench.probes.graph_gaps`). The spl
 rows, splits counted for the whole cache (empty ones exit at once): 4 rows make 4x the programs, most of them empty.
 
     python -m bench.probes.decode_attention [--rows 1,4] [--contexts 300,1000,2000] [--max-context 768,4096]
-        [--splits default,32,64,128] [--warps 1,2,4]
+        [--splits default,32,64,128] [--warps 1,2,4] [--kv-heads 8]
 """
 
 from __future__ import annotations
@@ -33,25 +33,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--splits", default="32,64,128",
                     help="positions per split (comma list); \"default\": DecodeAttention's own split and warps")
     ap.add_argument("--warps", default="1,2,4")
+    ap.add_argument("--kv-heads", type=int, default=HEADS,
+                    help="KV heads (32: LLaMA-2-7B; 8: Llama-3-8B's grouped-query attention, where one row also "
+                         "runs the verify step's kernel, one program per KV head for its whole group)")
+    ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: a dry run under TRITON_INTERPRET=1
     args = ap.parse_args(argv)
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
     rows, contexts, caches = ints(args.rows), ints(args.contexts), ints(args.max_context)
-    dev = torch.device("cuda")
-    print("| cache | rows | context | split | warps | ms/step | reads floor ms | x floor |\n"
-          "|---|---|---|---|---|---|---|---|", flush=True)
+    dev = torch.device(args.device)
+    kvh = args.kv_heads
+    print("| cache | rows | context | kernel | split | warps | ms/step | reads floor ms | x floor |\n"
+          "|---|---|---|---|---|---|---|---|---|", flush=True)
     for cache in caches:
         slots = max(rows)
-        kv = torch.randn(slots, LAYERS, 2, HEADS, cache, HEAD_DIM, device=dev, dtype=torch.float16)
+        kv = torch.randn(slots, LAYERS, 2, kvh, cache, HEAD_DIM, device=dev, dtype=torch.float16)
         for b, context in itertools.product(rows, (c for c in contexts if c < cache)):
             q = torch.randn(b, HEADS, HEAD_DIM, device=dev, dtype=torch.float16)
             out = torch.empty_like(q)
             positions = torch.full((b,), context, device=dev)
             which = torch.arange(b, device=dev)
-            floor = b * (context + 1) * LAYERS * 2 * HEADS * HEAD_DIM * 2 / (BANDWIDTH_TBPS * 1e12) * 1e3
+            floor = b * (context + 1) * LAYERS * 2 * kvh * HEAD_DIM * 2 / (BANDWIDTH_TBPS * 1e12) * 1e3
             configs = [(None, None)] * ("default" in args.splits.split(",")) + list(itertools.product(
                 [int(x) for x in args.splits.split(",") if x != "default"], ints(args.warps)))
             for split, warps in configs:
-                attention = DecodeAttention(HEADS, HEADS, HEAD_DIM, cache, dev, split_size=split, max_tokens=slots,
+                attention = DecodeAttention(HEADS, kvh, HEAD_DIM, cache, dev, split_size=split, max_tokens=slots,
                                             batched=True, num_warps=warps)
                 split, warps = attention.split, attention.warps.get("num_warps", 4)
 
@@ -61,8 +66,19 @@ def main(argv: list[str] | None = None) -> int:
                                   slot_stride=kv.stride(0))
 
                 ms = graph_ms(step)
-                print(f"| {cache} | {b} | {context} | {split} | {warps} | {ms:.3f} | {floor:.3f} | {ms / floor:.1f} |",
-                      flush=True)
+                print(f"| {cache} | {b} | {context} | per head | {split} | {warps} | {ms:.3f} | {floor:.3f} | "
+                      f"{ms / floor:.1f} |", flush=True)
+            if b == 1 and kvh < HEADS:  # one row of a GQA model: the verify kernel, each K/V tile read once
+                for split in sorted({int(x) for x in args.splits.split(",") if x != "default"}):
+                    grouped = DecodeAttention(HEADS, kvh, HEAD_DIM, cache, dev, split_size=split, max_tokens=2)
+
+                    def step(grouped=grouped, kv=kv, q=q, out=out, positions=positions):
+                        for layer in range(LAYERS):
+                            grouped(q, kv[0, layer, 0], kv[0, layer, 1], positions, out)
+
+                    ms = graph_ms(step)
+                    print(f"| {cache} | 1 | {context} | per KV head (verify's) | {split} | - | {ms:.3f} | "
+                          f"{floor:.3f} | {ms / floor:.1f} |", flush=True)
         del kv
         torch.cuda.empty_cache()
     return 0
