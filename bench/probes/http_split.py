@@ -1,0 +1,180 @@
+"""Where the OpenAI HTTP API's time to first token goes (issue 12, target 4: HTTP <= native + 0.5 ms), segment by
+segment. One `hybridrt serve` without HTTP runs the model; this process runs the HTTP app (`create_app`, as `serve`
+does, under uvicorn with serve's settings) with a timing middleware around it and the app's wait for the JIT
+context's first event stamped; a client process (so that it does not share this one's GIL) sends streamed chats
+alternately through HTTP (httpx, as the bench does) and the native client. All stamps are CLOCK_MONOTONIC, one clock
+for every process on the machine.
+
+Segments of an HTTP request: client -> app (the client's send, uvicorn's parse), app -> asked (FastAPI's routing,
+validation and the handler up to its wait for the first event), asked -> first event (the JIT context's round trip:
+ZeroMQ both ways and its own TTFT), first event -> headers (the response's set-up), headers (uvicorn writes them),
+headers -> first token (the SSE generator), first token's write, written -> client (the socket, httpx, the SSE
+parse). The native client's TTFT is the row to compare with.
+
+    python -m bench.probes.http_split [--requests 30] -- --model M --device cuda ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextvars
+import json
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+MESSAGES = [{"role": "user", "content": "Name three primary colours and say why they are called primary."}]
+ROW: contextvars.ContextVar[dict] = contextvars.ContextVar("row")
+SEGMENTS = [("client -> app", "client", "app"), ("app -> asked", "app", "asked"),
+            ("asked -> first event", "asked", "event"), ("first event -> headers", "event", "headers0"),
+            ("headers write", "headers0", "headers1"), ("headers -> first token", "headers1", "body0"),
+            ("first token write", "body0", "body1"), ("written -> client", "body1", "first")]
+
+
+def timed(app, rows: list[dict]):
+    """The ASGI app with each chat request's stamps appended to `rows`: app called, response headers and first
+    content chunk before and after uvicorn's send."""
+    async def wrapped(scope, receive, send):
+        if scope["type"] != "http" or scope["path"] != "/v1/chat/completions":
+            return await app(scope, receive, send)
+        row = {"app": time.monotonic()}
+        rows.append(row)
+        ROW.set(row)
+
+        async def stamped_send(message):
+            kind = message["type"]
+            first_body = kind == "http.response.body" and "body0" not in row and b'"content"' in message.get("body", b"")
+            if kind == "http.response.start" or first_body:
+                prefix = "headers" if kind == "http.response.start" else "body"
+                row[f"{prefix}0"] = time.monotonic()
+                await send(message)
+                row[f"{prefix}1"] = time.monotonic()
+                return
+            await send(message)
+
+        await app(scope, receive, stamped_send)
+    return wrapped
+
+
+def stamp_first_event() -> None:
+    """Wrap the app's wait for an event so that the first one of each request is stamped (before and after)."""
+    from launch import http_api
+
+    wait = http_api._next_or_error
+
+    async def stamped(events):
+        row = ROW.get(None)
+        if row is None or "event" in row:
+            return await wait(events)
+        row["asked"] = time.monotonic()
+        item = await wait(events)
+        row["event"] = time.monotonic()
+        return item
+
+    http_api._next_or_error = stamped
+
+
+def client_main(http_url: str, native_address: str, requests: int, max_tokens: int) -> None:
+    """The client process: one JSON line per request, {"kind", "client" (sent), "first" (first content)}."""
+    import httpx
+
+    from launch.client import Client
+
+    params = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
+    with Client(native_address) as native, httpx.Client(timeout=60) as web:
+        model = web.get(f"{http_url}/v1/models").json()["data"][0]["id"]
+        body = {"model": model, "messages": MESSAGES, "stream": True} | params
+        for i in range(requests + 2):  # the first of each kind warms its path
+            for kind in ("http", "native"):
+                start, first = time.monotonic(), None
+                if kind == "http":
+                    with web.stream("POST", f"{http_url}/v1/chat/completions", json=body) as r:
+                        r.raise_for_status()
+                        for line in r.iter_lines():
+                            if first is None and line.startswith("data: {") and '"content"' in line:
+                                first = time.monotonic()
+                else:
+                    for msg in native.generate(messages=MESSAGES, params=params):
+                        if first is None and msg.token_ids:
+                            first = time.monotonic()
+                print(json.dumps({"kind": kind, "client": start, "first": first, "warm": i < 2}), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    ap.add_argument("--requests", type=int, default=30, help="per client kind, alternating (default: 30)")
+    ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--client", nargs=2, metavar=("HTTP_URL", "NATIVE"), help=argparse.SUPPRESS)
+    ap.add_argument("serve_args", nargs=argparse.REMAINDER, help="after --: the arguments of `hybridrt serve`")
+    args = ap.parse_args(argv)
+    if args.client:
+        client_main(*args.client, args.requests, args.max_tokens)
+        return 0
+    import uvicorn
+
+    from bench.probes.serve_ready import free_port
+    from bench.serve_command import serve_command
+    from launch.client import Client
+    from launch.http_api import create_app
+
+    serve_args = args.serve_args[1:] if args.serve_args[:1] == ["--"] else args.serve_args
+    port, http_port = free_port(), free_port()
+    native = f"tcp://127.0.0.1:{port}"
+    proc = subprocess.Popen(serve_command(port, 0, *serve_args, quiet=True), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    server = None
+    try:
+        facts = None
+        while facts is None:
+            if proc.poll() is not None:
+                raise SystemExit(f"serve exited: {proc.stderr.read()[-2000:]}")
+            try:
+                with Client(native) as c:
+                    facts = c.status()
+            except Exception:  # noqa: BLE001 - not listening yet
+                time.sleep(0.2)
+        while (facts.get("executor") or {}).get("graphs", {}).get("pending"):  # measure once the graphs are there
+            time.sleep(0.2)
+            with Client(native) as c:
+                facts = c.status()
+        rows: list[dict] = []
+        stamp_first_event()
+        app = create_app(native, facts["model"], api_key=None, max_context=facts["max_context"], warm=True)
+        server = uvicorn.Server(uvicorn.Config(timed(app, rows), host="127.0.0.1", port=http_port,
+                                               log_level="warning"))
+        threading.Thread(target=server.run, daemon=True).start()
+        while not server.started:
+            time.sleep(0.05)
+        client = subprocess.run([sys.executable, "-m", "bench.probes.http_split", "--requests", str(args.requests),
+                                 "--max-tokens", str(args.max_tokens), "--client", f"http://127.0.0.1:{http_port}",
+                                 native], capture_output=True, text=True, timeout=600)
+        if client.returncode:
+            raise SystemExit(f"client failed: {client.stderr[-2000:]}")
+        seen = [json.loads(line) for line in client.stdout.splitlines()]
+    finally:
+        if server is not None:
+            server.should_exit = True
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    web = [r for r in seen if r["kind"] == "http"]
+    if len(web) != len(rows):
+        raise SystemExit(f"{len(web)} HTTP requests sent, {len(rows)} stamped by the app")
+    merged = [server_row | client_row for server_row, client_row in zip(rows, web) if not client_row["warm"]]
+    native_ttft = [(r["first"] - r["client"]) * 1e3 for r in seen if r["kind"] == "native" and not r["warm"]]
+    print(f"| segment | P50 ms | P90 ms |  ({args.requests} streamed chats each, alternating)\n|---|---|---|")
+    for name, a, b in SEGMENTS + [("HTTP TTFT at the client", "client", "first")]:
+        values = sorted((r[b] - r[a]) * 1e3 for r in merged)
+        print(f"| {name} | {statistics.median(values):.3f} | {values[int(0.9 * (len(values) - 1))]:.3f} |")
+    values = sorted(native_ttft)
+    print(f"| native TTFT at the client | {statistics.median(values):.3f} | {values[int(0.9 * (len(values) - 1))]:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
