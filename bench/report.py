@@ -268,9 +268,11 @@ def startup_section(results: dict) -> list[str]:
                          f"{first['steady_ttft_ms']:.2f} steady: worst {first['worst_ratio']:.2f}x"
                          + _server_ttfts(first.get("server_ttft_ms")))
             if first.get("after_idle_ttft_ms") is not None:
+                # The first request after ready also comes after a pause: this is its like-for-like reference.
                 lines.append(f"- {e}, a request after {first['after_idle_s']:.0f} s idle: TTFT "
                              f"{first['after_idle_ttft_ms']:.2f} ms (the JIT context's own: "
-                             f"{first.get('after_idle_server_ttft_ms') or float('nan'):.2f})")
+                             f"{first.get('after_idle_server_ttft_ms') or float('nan'):.2f}); the first request "
+                             f"after ready {first['ttft_ms'][0] / first['after_idle_ttft_ms']:.2f}x it")
     return ["## Start-up phases (s) and the first requests after ready", "", *lines, ""] if lines else []
 
 

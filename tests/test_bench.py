@@ -230,7 +230,8 @@ def test_startup_section_reports_phases_and_the_first_requests() -> None:
     assert "- hybridrt, graph_executor: imports 3.10, weights 0.25; ready 5.26 s after spawn" in text
     assert "TTFT 4.78, 3.03, 2.63, 2.44, 2.71 ms against 2.73 steady: worst 1.75x" in text
     assert "(the JIT context's own TTFT: 2.50, 1.76, 1.69, 1.57, 1.67 ms)" in text
-    assert "- hybridrt, a request after 2 s idle: TTFT 4.10 ms (the JIT context's own: 2.40)" in text
+    assert ("- hybridrt, a request after 2 s idle: TTFT 4.10 ms (the JIT context's own: 2.40); the first request after "
+            "ready 1.17x it") in text
     assert "hf-eager" not in text
     assert startup_section({"engines": {"hf-eager": {"startup": {}}}}) == []
 
