@@ -191,7 +191,8 @@ class GraphRunner:
         riding = list(chunks)
         stashed = []
         while riding:
-            name = self._mixed_name(riding)
+            bucket = self._mixed_bucket(riding)
+            name = None if bucket is None else self._mixed_name(len(riding), bucket)
             if name is not None and (len(riding) == 1 or name in self.graphs):
                 break
             if name is not None:
@@ -221,7 +222,7 @@ class GraphRunner:
         host[0, :len(slots)], host[1, :len(slots)] = slots, positions
         k = len(riding)
         if riding:
-            bucket = next(b for b in self.mixed_buckets if b >= max(c.num_tokens for c in riding))
+            bucket = self._mixed_bucket(riding)  # not None: decode_batch keeps only chunks that fit
             host[2, :k] = [c.start_pos for c in riding]
             host[3, :k] = [c.slot for c in riding]
             host[4, :k] = [i * bucket + c.num_tokens - 1 for i, c in enumerate(riding)]
@@ -232,20 +233,23 @@ class GraphRunner:
             return
         if k == 1:
             self.demand[f"mixed_{bucket}"] += 1
-        self._launch(self._mixed_name(riding), lambda: self._mixed_body(bucket, size, k))
+        self._launch(self._mixed_name(k, bucket), lambda: self._mixed_body(bucket, size, k))
 
-    def _mixed_name(self, chunks: list[PromptChunk]) -> str | None:
-        """The mixed graph these chunks ride ("mixed_<bucket>_<size>", K > 1: "mixed_<K>x<bucket>_<size>"), or None
-        when they do not fit one step: the longest past the mixed buckets, or all of them padded to its bucket wider
-        than the step's row buffers (the largest bucket's rows)."""
+    def _mixed_bucket(self, chunks: list[PromptChunk]) -> int | None:
+        """The bucket these chunks are each padded to in one mixed step, or None when they do not fit one: the
+        longest past the mixed buckets, or all of them padded to its bucket wider than the step's row buffers (the
+        largest bucket's rows)."""
         longest = max(c.num_tokens for c in chunks)
         if not self.mixed_buckets or longest > self.mixed_buckets[-1]:
             return None
         bucket = next(b for b in self.mixed_buckets if b >= longest)
-        if len(chunks) * bucket > self.chunk:
-            return None
+        return bucket if len(chunks) * bucket <= self.chunk else None
+
+    def _mixed_name(self, chunks: int, bucket: int) -> str:
+        """A mixed graph's name: "mixed_<bucket>_<size>" for one chunk, "mixed_<K>x<bucket>_<size>" for K (the
+        decode rows always padded to the one size; `_chunk_count` reads K back)."""
         size = self.mixed_sizes[0]
-        return f"mixed_{bucket}_{size}" if len(chunks) == 1 else f"mixed_{len(chunks)}x{bucket}_{size}"
+        return f"mixed_{bucket}_{size}" if chunks == 1 else f"mixed_{chunks}x{bucket}_{size}"
 
     def prefill(self, num_tokens: int, start_pos: int = 0, slot: int = 0) -> None:
         """A prompt of slot 0 from position 0 in one bucket: its prefill graph (SDPA's causal attention over the new
@@ -345,12 +349,12 @@ class GraphRunner:
         for kind, buckets in (("prefill", self.buckets), ("extend", self.buckets), ("mixed", self.mixed_buckets)):
             by_demand = sorted(buckets, key=lambda b: (-self.demand[f"{kind}_{b}"], -b))
             if kind == "mixed":
-                order += [f"mixed_{b}_{size}" for b in by_demand for size in self.mixed_sizes]
+                order += [self._mixed_name(1, b) for b in by_demand]
                 # K > 1 chunks (prompts arriving together; at least one row decodes): every shape that fits the
                 # step's rows, most used first (~0.1 s each on a 7B, after ready: a burst of arrivals soon after
                 # start runs them as prefills first until then)
-                several = [f"mixed_{k}x{b}_{size}" for k in range(2, self.model.slots) for b in by_demand
-                           if k * b <= self.chunk for size in self.mixed_sizes]
+                several = [self._mixed_name(k, b) for k in range(2, self.model.slots) for b in by_demand
+                           if k * b <= self.chunk]
                 order += sorted(several, key=lambda name: -self.demand[name])
             else:
                 order += [f"{kind}_{b}" for b in by_demand]
@@ -372,7 +376,7 @@ class GraphRunner:
         eagerly costs ~15-20 ms on the H200, against ~1 ms replayed; the rest are captured while idle)."""
         names = ["decode", *(f"decode_batch_{b}" for b in self.batch_sizes),
                  *(f"{kind}_{b}" for kind in ("prefill", "extend") for b in self.buckets if b <= max_tokens),
-                 *(f"mixed_{b}_{size}" for b in self.mixed_buckets if b <= max_tokens for size in self.mixed_sizes)]
+                 *(self._mixed_name(1, b) for b in self.mixed_buckets if b <= max_tokens)]
         return names + ([f"verify_{n}" for n in range(MAX_VERIFY_TOKENS, 1, -1)] if verify else [])
 
     def capture(self, name: str) -> None:
