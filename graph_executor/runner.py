@@ -9,6 +9,7 @@ logits of the last position in `logits`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 
@@ -94,6 +95,23 @@ def check_batch(slots: int, max_context: int, batch_slots: list[int], positions:
         check_span(max_context, chunk.start_pos, chunk.num_tokens)
 
 
+class _PrefillsIntoBuffers(Protocol):
+    buffers: StepBuffers
+
+    def prefill(self, num_tokens: int, start_pos: int = 0, slot: int = 0) -> None: ...
+
+
+def prefill_chunks(runner: _PrefillsIntoBuffers, chunks: Sequence[PromptChunk]) -> None:
+    """A DecodeBatch's prompt chunks run as prefills of `runner` (its `prefill` and `buffers`), the first last: its
+    logits stay in `logits`, each other chunk's are copied to buffers.chunk_logits(i) (they touch slots of their own,
+    so the order changes nothing else)."""
+    for i in reversed(range(len(chunks))):
+        chunk = chunks[i]
+        runner.prefill(chunk.num_tokens, chunk.start_pos, chunk.slot)
+        if i:
+            runner.buffers.chunk_logits(i).copy_(runner.buffers.logits)
+
+
 class ModelRunner:
     """Runs steps of one model over its step buffers, eagerly (the CPU path)."""
 
@@ -134,11 +152,7 @@ class ModelRunner:
         `chunks`: prompt chunks of other slots in the same step, chunk i's last logits in buffers.chunk_logits(i)
         (here: their prefills, then the decode; they touch different slots, so the order changes nothing)."""
         check_batch(self.model.slots, self.max_context, slots, positions, chunks)
-        for i in reversed(range(len(chunks))):  # the first last: its logits stay in `logits`
-            chunk = chunks[i]
-            self.prefill(chunk.num_tokens, chunk.start_pos, chunk.slot)
-            if i:
-                self.buffers.chunk_logits(i).copy_(self.buffers.logits)
+        prefill_chunks(self, chunks)
         device = self.buffers.next_token.device
         index = torch.tensor(slots, dtype=torch.int64, device=device)  # [B]
         ids = self.buffers.next_token.index_select(0, index)  # [B]

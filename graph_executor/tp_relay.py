@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from graph_executor.runner import ModelRunner, check_batch, check_slot, check_span
+from graph_executor.runner import ModelRunner, check_batch, check_slot, check_span, prefill_chunks
 from graph_executor.tensor_parallel import TensorParallel
 from ipc.messages import PromptChunk
 from ipc.step_buffers import StepBuffers
@@ -53,10 +53,7 @@ class LeaderRunner:
 
     def decode_batch(self, slots: list[int], positions: list[int], chunks: Sequence[PromptChunk] = ()) -> None:
         check_batch(self.model.slots, self.max_context, slots, positions, chunks)
-        for i in reversed(range(len(chunks))):  # each relayed as its own prefill: the ranks run eagerly, in turn
-            self.prefill(chunks[i].num_tokens, chunks[i].start_pos, chunks[i].slot)
-            if i:
-                self.buffers.chunk_logits(i).copy_(self.buffers.logits)
+        prefill_chunks(self, chunks)  # each relayed as its own prefill: the ranks run eagerly, in turn
         tokens = self.buffers.next_token.index_select(0, torch.tensor(slots))
         self._relay(DECODE_BATCH, (len(slots),), torch.cat([torch.tensor(slots), torch.tensor(positions), tokens]))
         self.inner.decode_batch(slots, positions)
