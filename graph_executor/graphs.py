@@ -122,7 +122,7 @@ class GraphRunner:
         # padded to one size: next to a chunk of tens of rows a few more cost next to nothing, and each bucket then
         # needs one graph, not one per batch size (a 4-slot 7B server captured 15 before ready, ~3 s). K > 1 chunks
         # (prompts that arrived together) replay "mixed_<K>x<bucket>_<size>", each chunk padded to the bucket of the
-        # longest; those are captured while idle once used (before that they run eagerly).
+        # longest; those are captured while idle after ready, and until then the later chunks run as prefills first.
         self.mixed_buckets: tuple[int, ...] = ()
         self.mixed_sizes: tuple[int, ...] = ()
         if model.slots > 1:
@@ -203,12 +203,13 @@ class GraphRunner:
             if last:  # chunk 0's logits stay in `logits`, which nothing after writes; the others' wait in the stash
                 self._chunk_stash[last].copy_(self.buffers.logits)
                 stashed.append(last)
-        self._batch_step(slots, positions, riding)
+        self._batch_step(slots, positions, riding, bucket if riding else 0)
         for i in stashed:
             self.buffers.chunk_logits(i).copy_(self._chunk_stash[i])
 
-    def _batch_step(self, slots: list[int], positions: list[int], riding: list[PromptChunk]) -> None:
-        """The batch's decode rows and the chunks that fit one mixed step: one graph replay (or its eager body)."""
+    def _batch_step(self, slots: list[int], positions: list[int], riding: list[PromptChunk], bucket: int) -> None:
+        """The batch's decode rows and the chunks that fit one mixed step, each padded to `bucket` rows: one graph
+        replay (or its eager body)."""
         if self.model.slots == 1:  # the batch-1 decode graph, on slot 0
             self.decode(positions[0])
             self.buffers.batch_logits[0].copy_(self.buffers.logits)
@@ -222,7 +223,6 @@ class GraphRunner:
         host[0, :len(slots)], host[1, :len(slots)] = slots, positions
         k = len(riding)
         if riding:
-            bucket = self._mixed_bucket(riding)  # not None: decode_batch keeps only chunks that fit
             host[2, :k] = [c.start_pos for c in riding]
             host[3, :k] = [c.slot for c in riding]
             host[4, :k] = [i * bucket + c.num_tokens - 1 for i, c in enumerate(riding)]
