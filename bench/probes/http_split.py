@@ -20,7 +20,6 @@ import argparse
 import contextvars
 import json
 import signal
-import statistics
 import subprocess
 import sys
 import threading
@@ -117,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench.probes.serve_ready import free_port
     from bench.serve_command import serve_command
+    from bench.stats import percentile
     from launch.client import Client
     from launch.http_api import create_app
 
@@ -168,11 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     merged = [server_row | client_row for server_row, client_row in zip(rows, web) if not client_row["warm"]]
     native_ttft = [(r["first"] - r["client"]) * 1e3 for r in seen if r["kind"] == "native" and not r["warm"]]
     print(f"| segment | P50 ms | P90 ms |  ({args.requests} streamed chats each, alternating)\n|---|---|---|")
-    for name, a, b in SEGMENTS + [("HTTP TTFT at the client", "client", "first")]:
-        values = sorted((r[b] - r[a]) * 1e3 for r in merged)
-        print(f"| {name} | {statistics.median(values):.3f} | {values[int(0.9 * (len(values) - 1))]:.3f} |")
-    values = sorted(native_ttft)
-    print(f"| native TTFT at the client | {statistics.median(values):.3f} | {values[int(0.9 * (len(values) - 1))]:.3f} |")
+    rows_ms = [(name, [(r[b] - r[a]) * 1e3 for r in merged])
+               for name, a, b in SEGMENTS + [("HTTP TTFT at the client", "client", "first")]]
+    for name, values in rows_ms + [("native TTFT at the client", native_ttft)]:
+        print(f"| {name} | {percentile(values, 50):.3f} | {percentile(values, 90):.3f} |")
     return 0
 
 
