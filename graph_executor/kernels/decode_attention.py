@@ -19,6 +19,13 @@ import triton.language as tl
 from graph_executor.kernels.pdl import launch_options, wait_for_prior
 
 SPLIT_SIZE = 64  # positions per split; H200 LLaMA-2-7B decode at ctx 512/2048: 64 -> 4.09/4.44 ms, 256 -> 4.44/4.60
+# One query per program (decode, batched decode): shorter splits on fewer warps. H200, 7B shapes, 32 layers
+# (`bench.probes.decode_attention`, ms per step; split 64 on 4 warps before): one row at context 300 / 1000 / 2000
+# 0.358 / 0.482 / 0.729 -> 0.311 / 0.349 / 0.552 with 32 on 1 warp; four rows 0.638 / 1.218 / 2.058 -> 0.589 / 1.013 /
+# 1.668 with 32 on 2 warps (a 4096-position cache). The verify kernel keeps SPLIT_SIZE (not measured at 32).
+QUERY_SPLIT_SIZE = 32
+QUERY_WARPS = 1  # one row
+BATCH_WARPS = 2  # a batched decode's rows
 BLOCK_N = 64
 
 
@@ -144,11 +151,13 @@ class DecodeAttention:
                  max_tokens: int = 1, pdl: bool = False, batched: bool = False, num_warps: int | None = None) -> None:
         """`max_tokens` > 1: a verify step's tokens (one sequence, consecutive positions), or with `batched` the
         tokens of a batched decode (one per KV slot: `__call__`'s slots). `num_warps`: the one-query kernel's
-        (default Triton's, 4; `bench.probes.decode_attention` sweeps it)."""
+        (default: QUERY_WARPS or BATCH_WARPS with the default split, else Triton's 4; `bench.probes.decode_attention`
+        sweeps it)."""
         if head_dim & (head_dim - 1):
             raise ValueError(f"decode attention needs a power-of-two head_dim, got {head_dim}")
         self.num_heads, self.group, self.head_dim = num_heads, num_heads // num_kv_heads, head_dim
-        self.split = split_size or SPLIT_SIZE
+        one_query = max_tokens == 1 or batched  # `_split_kernel`; else the verify step's `_split_rows_kernel`
+        self.split = split_size or (QUERY_SPLIT_SIZE if one_query else SPLIT_SIZE)
         self.num_splits = triton.next_power_of_2(triton.cdiv(max_context, self.split))
         self.window = sliding_window or (1 << 30)
         self.scale = head_dim ** -0.5
@@ -156,6 +165,8 @@ class DecodeAttention:
         self.max_tokens = max_tokens
         self.batched = batched
         self.pdl = pdl  # launch with programmatic dependent launch (kernels/pdl.py)
+        if num_warps is None and one_query and split_size is None:
+            num_warps = BATCH_WARPS if batched else QUERY_WARPS
         self.warps = {} if num_warps is None else {"num_warps": num_warps}
         self.rows = max(16, triton.next_power_of_2(self.group * max_tokens))  # the multi-token kernel's rows
         self.acc = torch.empty(max_tokens, num_heads, self.num_splits, head_dim, **f32)
