@@ -31,6 +31,12 @@ def reference_decode(q, k, v, pos: int, window: int | None) -> torch.Tensor:
     return torch.einsum("hl,hld->hd", scores.softmax(-1), vv)
 
 
+def poison(attn: DecodeAttention) -> None:
+    """NaN in the split partials: the reduce must read only what this call's split kernels wrote."""
+    for t in (attn.acc, attn.m, attn.l):
+        t.fill_(float("nan"))
+
+
 CASES = [  # heads, kv_heads, head_dim, cache length, positions, window, dtype
     (4, 4, 64, 512, [0, 1, 63, 64, 300, 511], None, torch.float32),
     (8, 2, 64, 1024, [5, 257, 700, 1023], None, torch.float16),
@@ -52,6 +58,7 @@ def test_decode_attention_matches_reference(heads, kv_heads, hd, cache, position
     for pos in positions:
         q = torch.randn(heads, hd, generator=gen).to(DEVICE, dtype)
         out = torch.full((heads, hd), float("nan"), device=DEVICE, dtype=dtype)
+        poison(attn)
         attn(q, kv[0], kv[1], torch.tensor([pos], device=DEVICE), out)
         ref = reference_decode(q.cpu(), kv[0].cpu(), kv[1].cpu(), pos, window)
         assert torch.isfinite(out).all()
@@ -81,6 +88,7 @@ def test_multi_token_decode_attention_matches_reference(heads, kv_heads, hd, cac
     t = len(positions)
     q = torch.randn(t, heads, hd, generator=gen).to(DEVICE, dtype)
     out = torch.full((t, heads, hd), float("nan"), device=DEVICE, dtype=dtype)
+    poison(attn)
     attn(q, kv[0], kv[1], torch.tensor(positions, device=DEVICE), out)
     assert torch.isfinite(out).all()
     tol = 1e-4 if dtype == torch.float32 else 1.5e-2

@@ -69,9 +69,13 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, acc_ptr, m_ptr, l_ptr,
         l_i = l_i * alpha + tl.sum(p, axis=0)
         m_i = m_new
     out = row * NUM_SPLITS + split
-    tl.store(acc_ptr + out * HEAD_DIM + d, acc)
-    tl.store(m_ptr + out, m_i)
-    tl.store(l_ptr + out, l_i)
+    # A split past the position (or before a window's start) writes nothing: the reduce skips it. (Masks as
+    # tensors: a split's scalars are stored as [1] vectors.)
+    one = tl.arange(0, 1)
+    busy = (one + lo) < hi  # [1]
+    tl.store(acc_ptr + out * HEAD_DIM + d, acc, mask=(d * 0 + lo) < hi)
+    tl.store(m_ptr + out + one, tl.zeros([1], dtype=tl.float32) + m_i, mask=busy)
+    tl.store(l_ptr + out + one, tl.zeros([1], dtype=tl.float32) + l_i, mask=busy)
 
 
 @triton.jit
@@ -128,17 +132,24 @@ def _split_rows_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, acc_ptr, m_ptr, l_ptr,
 
 
 @triton.jit
-def _reduce_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                   NUM_HEADS: tl.constexpr, PDL: tl.constexpr):
+def _reduce_kernel(acc_ptr, m_ptr, l_ptr, pos_ptr, out_ptr, window, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr,
+                   NUM_SPLITS: tl.constexpr, NUM_HEADS: tl.constexpr, PDL: tl.constexpr):
     wait_for_prior(PDL)
-    head = tl.program_id(1) * NUM_HEADS + tl.program_id(0)  # token * heads + head: a row of [T * heads, hd]
+    token = tl.program_id(1)
+    head = token * NUM_HEADS + tl.program_id(0)  # token * heads + head: a row of [T * heads, hd]
     s = tl.arange(0, NUM_SPLITS)
     d = tl.arange(0, HEAD_DIM)
-    m = tl.load(m_ptr + head * NUM_SPLITS + s)  # [S]; -inf for empty splits
-    l = tl.load(l_ptr + head * NUM_SPLITS + s)  # [S]
+    # Only the splits holding keys of this token ([start, pos]) are read: past them the split kernels wrote nothing
+    # (the rest of a cache-long workspace: at a 4096-position cache and context 300, 118 of 128 splits).
+    pos = tl.load(pos_ptr + token)
+    start = tl.maximum(pos + 1 - window, 0)
+    busy = (tl.maximum(s * SPLIT, start) < tl.minimum((s + 1) * SPLIT, pos + 1))  # [S]
+    m = tl.load(m_ptr + head * NUM_SPLITS + s, mask=busy, other=-float("inf"))  # [S]
+    l = tl.load(l_ptr + head * NUM_SPLITS + s, mask=busy, other=0.0)  # [S]
     m_max = tl.max(m, axis=0)
     w = tl.where(l > 0, tl.exp(m - m_max), 0.0)  # [S]
-    acc = tl.load(acc_ptr + (head * NUM_SPLITS + s)[:, None] * HEAD_DIM + d[None, :])  # [S, hd]
+    acc = tl.load(acc_ptr + (head * NUM_SPLITS + s)[:, None] * HEAD_DIM + d[None, :], mask=busy[:, None],
+                  other=0.0)  # [S, hd]
     out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
     tl.store(out_ptr + head * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
 
@@ -202,7 +213,8 @@ class DecodeAttention:
                 IEEE=k_cache.dtype == torch.float32, num_warps=4 if self.rows * self.head_dim <= 4096 else 8,
                 PDL=self.pdl, **launch_options(self.pdl),
             )
-        _reduce_kernel[(self.num_heads, tokens)](self.acc, self.m, self.l, out, HEAD_DIM=self.head_dim,
+        _reduce_kernel[(self.num_heads, tokens)](self.acc, self.m, self.l, position, out, self.window,
+                                                 HEAD_DIM=self.head_dim, SPLIT=self.split,
                                                  NUM_SPLITS=self.num_splits, NUM_HEADS=self.num_heads, PDL=self.pdl,
                                                  **launch_options(self.pdl))
         return out
