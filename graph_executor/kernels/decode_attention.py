@@ -132,8 +132,10 @@ def _split_rows_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, acc_ptr, m_ptr, l_ptr,
 
 
 @triton.jit
-def _reduce_kernel(acc_ptr, m_ptr, l_ptr, pos_ptr, out_ptr, window, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr,
-                   NUM_SPLITS: tl.constexpr, NUM_HEADS: tl.constexpr, PDL: tl.constexpr):
+def _reduce_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, pos_ptr, window, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                   NUM_HEADS: tl.constexpr, PDL: tl.constexpr, SPLIT: tl.constexpr = 0):
+    """SPLIT > 0: split s holds positions [s * SPLIT, (s + 1) * SPLIT) and only those holding keys of the token (at
+    pos_ptr[token], within `window`) were written; 0: every split was (extend attention's key splits)."""
     wait_for_prior(PDL)
     token = tl.program_id(1)
     head = token * NUM_HEADS + tl.program_id(0)  # token * heads + head: a row of [T * heads, hd]
@@ -141,9 +143,12 @@ def _reduce_kernel(acc_ptr, m_ptr, l_ptr, pos_ptr, out_ptr, window, HEAD_DIM: tl
     d = tl.arange(0, HEAD_DIM)
     # Only the splits holding keys of this token ([start, pos]) are read: past them the split kernels wrote nothing
     # (the rest of a cache-long workspace: at a 4096-position cache and context 300, 118 of 128 splits).
-    pos = tl.load(pos_ptr + token)
-    start = tl.maximum(pos + 1 - window, 0)
-    busy = (tl.maximum(s * SPLIT, start) < tl.minimum((s + 1) * SPLIT, pos + 1))  # [S]
+    if SPLIT > 0:
+        pos = tl.load(pos_ptr + token)
+        start = tl.maximum(pos + 1 - window, 0)
+        busy = tl.maximum(s * SPLIT, start) < tl.minimum((s + 1) * SPLIT, pos + 1)  # [S]
+    else:
+        busy = s < NUM_SPLITS
     m = tl.load(m_ptr + head * NUM_SPLITS + s, mask=busy, other=-float("inf"))  # [S]
     l = tl.load(l_ptr + head * NUM_SPLITS + s, mask=busy, other=0.0)  # [S]
     m_max = tl.max(m, axis=0)
@@ -213,8 +218,8 @@ class DecodeAttention:
                 IEEE=k_cache.dtype == torch.float32, num_warps=4 if self.rows * self.head_dim <= 4096 else 8,
                 PDL=self.pdl, **launch_options(self.pdl),
             )
-        _reduce_kernel[(self.num_heads, tokens)](self.acc, self.m, self.l, position, out, self.window,
-                                                 HEAD_DIM=self.head_dim, SPLIT=self.split,
-                                                 NUM_SPLITS=self.num_splits, NUM_HEADS=self.num_heads, PDL=self.pdl,
+        _reduce_kernel[(self.num_heads, tokens)](self.acc, self.m, self.l, out, position, self.window,
+                                                 HEAD_DIM=self.head_dim, NUM_SPLITS=self.num_splits,
+                                                 NUM_HEADS=self.num_heads, PDL=self.pdl, SPLIT=self.split,
                                                  **launch_options(self.pdl))
         return out
