@@ -30,11 +30,12 @@ BLOCK_N = 64
 
 
 @triton.jit
-def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, acc_ptr, m_ptr, l_ptr,
+def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, acc_ptr, m_ptr, l_ptr, count_ptr, out_ptr,
                   stride_kh, stride_kn, stride_vh, stride_vn, stride_slot,
                   scale, window,
                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
-                  NUM_SPLITS: tl.constexpr, NUM_HEADS: tl.constexpr, SLOTS: tl.constexpr, PDL: tl.constexpr):
+                  NUM_SPLITS: tl.constexpr, NUM_HEADS: tl.constexpr, SLOTS: tl.constexpr, FUSED_REDUCE: tl.constexpr,
+                  PDL: tl.constexpr):
     wait_for_prior(PDL)
     head = tl.program_id(0)
     split = tl.program_id(1)
@@ -76,6 +77,36 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, acc_ptr, m_ptr, l_ptr,
     tl.store(acc_ptr + out * HEAD_DIM + d, acc, mask=(d * 0 + lo) < hi)
     tl.store(m_ptr + out + one, tl.zeros([1], dtype=tl.float32) + m_i, mask=busy)
     tl.store(l_ptr + out + one, tl.zeros([1], dtype=tl.float32) + l_i, mask=busy)
+    if FUSED_REDUCE:  # the last of the row's NUM_SPLITS programs to finish combines them (no reduce kernel after)
+        tl.debug_barrier()  # every thread's stores are issued before the release below
+        done = tl.atomic_add(count_ptr + row, 1, sem="acq_rel")
+        if done == NUM_SPLITS - 1:
+            _combine(acc_ptr, m_ptr, l_ptr, out_ptr, row, _busy_splits(pos, start, SPLIT, NUM_SPLITS), HEAD_DIM,
+                     NUM_SPLITS)
+            tl.atomic_xchg(count_ptr + row, 0)  # ready for the next step (a graph replays it)
+
+
+@triton.jit
+def _busy_splits(pos, start, SPLIT: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """[NUM_SPLITS] which splits hold keys of a query at `pos` seeing keys from `start`: only those were written."""
+    s = tl.arange(0, NUM_SPLITS)
+    return tl.maximum(s * SPLIT, start) < tl.minimum((s + 1) * SPLIT, pos + 1)
+
+
+@triton.jit
+def _combine(acc_ptr, m_ptr, l_ptr, out_ptr, row, busy, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """out[row] [hd] = the splits' partials (busy [NUM_SPLITS]: the written ones) combined by their maxima; loads
+    from L2 (.cg): other programs of the same kernel may have written them."""
+    s = tl.arange(0, NUM_SPLITS)
+    d = tl.arange(0, HEAD_DIM)
+    m = tl.load(m_ptr + row * NUM_SPLITS + s, mask=busy, other=-float("inf"), cache_modifier=".cg")  # [S]
+    l = tl.load(l_ptr + row * NUM_SPLITS + s, mask=busy, other=0.0, cache_modifier=".cg")  # [S]
+    m_max = tl.max(m, axis=0)
+    w = tl.where(l > 0, tl.exp(m - m_max), 0.0)  # [S]
+    acc = tl.load(acc_ptr + (row * NUM_SPLITS + s)[:, None] * HEAD_DIM + d[None, :], mask=busy[:, None], other=0.0,
+                  cache_modifier=".cg")  # [S, hd]
+    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+    tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -138,25 +169,15 @@ def _reduce_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, pos_ptr, window, HEAD_DIM: tl
     pos_ptr[token], within `window`) were written; 0: every split was (extend attention's key splits)."""
     wait_for_prior(PDL)
     token = tl.program_id(1)
-    head = token * NUM_HEADS + tl.program_id(0)  # token * heads + head: a row of [T * heads, hd]
-    s = tl.arange(0, NUM_SPLITS)
-    d = tl.arange(0, HEAD_DIM)
+    row = token * NUM_HEADS + tl.program_id(0)  # a row of [T * heads, hd]
     # Only the splits holding keys of this token ([start, pos]) are read: past them the split kernels wrote nothing
     # (the rest of a cache-long workspace: at a 4096-position cache and context 300, 118 of 128 splits).
     if SPLIT > 0:
         pos = tl.load(pos_ptr + token)
-        start = tl.maximum(pos + 1 - window, 0)
-        busy = tl.maximum(s * SPLIT, start) < tl.minimum((s + 1) * SPLIT, pos + 1)  # [S]
+        busy = _busy_splits(pos, tl.maximum(pos + 1 - window, 0), SPLIT, NUM_SPLITS)
     else:
-        busy = s < NUM_SPLITS
-    m = tl.load(m_ptr + head * NUM_SPLITS + s, mask=busy, other=-float("inf"))  # [S]
-    l = tl.load(l_ptr + head * NUM_SPLITS + s, mask=busy, other=0.0)  # [S]
-    m_max = tl.max(m, axis=0)
-    w = tl.where(l > 0, tl.exp(m - m_max), 0.0)  # [S]
-    acc = tl.load(acc_ptr + (head * NUM_SPLITS + s)[:, None] * HEAD_DIM + d[None, :], mask=busy[:, None],
-                  other=0.0)  # [S, hd]
-    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
-    tl.store(out_ptr + head * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
+        busy = tl.arange(0, NUM_SPLITS) < NUM_SPLITS
+    _combine(acc_ptr, m_ptr, l_ptr, out_ptr, row, busy, HEAD_DIM, NUM_SPLITS)
 
 
 class DecodeAttention:
@@ -164,11 +185,13 @@ class DecodeAttention:
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, max_context: int,
                  device: torch.device, sliding_window: int | None = None, split_size: int | None = None,
-                 max_tokens: int = 1, pdl: bool = False, batched: bool = False, num_warps: int | None = None) -> None:
+                 max_tokens: int = 1, pdl: bool = False, batched: bool = False, num_warps: int | None = None,
+                 fused_reduce: bool = True) -> None:
         """`max_tokens` > 1: a verify step's tokens (one sequence, consecutive positions), or with `batched` the
         tokens of a batched decode (one per KV slot: `__call__`'s slots). `num_warps`: the one-query kernel's
         (default: QUERY_WARPS or BATCH_WARPS with the default split, else Triton's 4; `bench.probes.decode_attention`
-        sweeps it)."""
+        sweeps it). `fused_reduce`: the one-query kernel's last program per query head combines the splits (one
+        kernel per call instead of two; the verify kernel keeps its reduce kernel)."""
         if head_dim & (head_dim - 1):
             raise ValueError(f"decode attention needs a power-of-two head_dim, got {head_dim}")
         self.num_heads, self.group, self.head_dim = num_heads, num_heads // num_kv_heads, head_dim
@@ -188,6 +211,9 @@ class DecodeAttention:
         self.acc = torch.empty(max_tokens, num_heads, self.num_splits, head_dim, **f32)
         self.m = torch.empty(max_tokens, num_heads, self.num_splits, **f32)
         self.l = torch.empty(max_tokens, num_heads, self.num_splits, **f32)
+        self.fused_reduce = fused_reduce and one_query
+        # per query row, how many of its split programs have finished (the last one resets it)
+        self.counts = torch.zeros(max_tokens * num_heads, device=device, dtype=torch.int32)
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, position: torch.Tensor,
                  out: torch.Tensor, slots: torch.Tensor | None = None, slot_stride: int = 0) -> torch.Tensor:
@@ -205,11 +231,13 @@ class DecodeAttention:
         if self.max_tokens == 1 or self.batched:
             _split_kernel[(self.num_heads, self.num_splits, tokens)](
                 q, k_cache, v_cache, position, slots if slots is not None else position, self.acc, self.m, self.l,
-                *strides, slot_stride, self.scale, self.window,
+                self.counts, out, *strides, slot_stride, self.scale, self.window,
                 GROUP=self.group, HEAD_DIM=self.head_dim, SPLIT=self.split, BLOCK=block,
-                NUM_SPLITS=self.num_splits, NUM_HEADS=self.num_heads, SLOTS=slots is not None, PDL=self.pdl,
-                **self.warps, **launch_options(self.pdl),
+                NUM_SPLITS=self.num_splits, NUM_HEADS=self.num_heads, SLOTS=slots is not None,
+                FUSED_REDUCE=self.fused_reduce, PDL=self.pdl, **self.warps, **launch_options(self.pdl),
             )
+            if self.fused_reduce:
+                return out
         else:
             _split_rows_kernel[(self.num_heads // self.group, self.num_splits)](
                 q, k_cache, v_cache, position, self.acc, self.m, self.l, *strides, self.scale, self.window, tokens,
