@@ -10,7 +10,7 @@
 #   bench.probes.batch_step and bench.probes.extend_attention, then one `bench --prefix-reuse` per slot count on
 #   dummy:llama-2-7b: `--workloads decode,concurrency,turns --max-num-seqs 4` and `decode,turns --max-num-seqs 1`
 #   (~6 min); attention: the attention kernel tests, the decode attention sweep (bench.probes.decode_attention) and
-#   bench.probes.graph_gaps at positions 300 and 2000 against split 64 on 4 warps, and (branch rope-epilogue)
+#   bench.probes.graph_gaps at positions 300 and 2000 against split 64 on 4 warps, a verify of 5 tokens per split, and
 #   bench.probes.pdl_probe --compare fuse_rope (~4 min); http: bench.probes.http_split,
 #   the OpenAI API's TTFT segment by segment on dummy:smollm2-135m with SmolLM2's tokenizer (~1 min); startup: bench.probes.serve_ready on $HYBRIDRT_TEST_GGUF, 3 fresh starts (~1 min)
 #   quant: the packed-weight tests and `bench --quantize none,int8,int4,fp8` on dummy:llama-2-7b (executor, ~3 min);
@@ -74,14 +74,17 @@ for step in "${steps[@]}"; do
                 echo "bench --max-num-seqs $n: rc=$?"
                 sed -n '/^## Decode/,/^## Engines/p' "$OUT/slots-$n.log" | grep -v '^$' | grep -v '^|---'
               done ;;
-    attention) timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_batch_kernels.py \
-                 tests/test_extend_attention.py > "$OUT/attention_tests.log" 2>&1
+    attention) timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_batch_kernels.py \
+                 tests/test_extend_attention.py tests/test_gemv_rope.py > "$OUT/attention_tests.log" 2>&1
                echo "attention kernel tests: rc=$? $(tail -1 "$OUT/attention_tests.log")"
                timeout 150 python3 -m bench.probes.decode_attention --splits default,32,64 --warps 1,2,4 \
                  > "$OUT/decode_attention.md" 2>&1; echo "decode attention sweep: rc=$?"; cat "$OUT/decode_attention.md"
                timeout 90 python3 -m bench.probes.decode_attention --kv-heads 8 --rows 1 --contexts 300,2000 \
                  --max-context 4096 --splits default,32,64 --warps 1,2 > "$OUT/decode_attention_gqa.md" 2>&1
                echo "GQA decode attention: rc=$?"; cat "$OUT/decode_attention_gqa.md"
+               timeout 90 python3 -m bench.probes.decode_attention --rows 1 --contexts 300,2000 --max-context 4096 \
+                 --splits 32,64,128 --warps 1 --reduce fused --verify-tokens 5 > "$OUT/verify_attention.md" 2>&1
+               echo "verify attention: rc=$?"; grep -E "verify|^\| cache" "$OUT/verify_attention.md"
                timeout 120 python3 -m bench.probes.pdl_probe --compare fuse_rope \
                  --models llama-2-7b,smollm2-135m,llama-3.2-1b,llama-2-7b:fp8 > "$OUT/fuse_rope.md" 2>&1
                echo "RoPE epilogue probe: rc=$?"; cat "$OUT/fuse_rope.md"

@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-heads", type=int, default=HEADS,
                     help="KV heads (32: LLaMA-2-7B; 8: Llama-3-8B's grouped-query attention, where one row also "
                          "runs the verify step's kernel, one program per KV head for its whole group)")
+    ap.add_argument("--verify-tokens", type=int, default=0,
+                    help="also time a speculative verify step's attention of this many tokens (one sequence, consecutive "
+                         "positions ending at the context) per split size: the verify kernel, one program per KV head")
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: a dry run under TRITON_INTERPRET=1
     args = ap.parse_args(argv)
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
@@ -83,6 +86,21 @@ def main(argv: list[str] | None = None) -> int:
                     ms = graph_ms(step)
                     print(f"| {cache} | 1 | {context} | per KV head (verify's) | {split} | - | kernel | {ms:.3f} | "
                           f"{floor:.3f} | {ms / floor:.1f} |", flush=True)
+            if b == 1 and args.verify_tokens > 1:
+                t = args.verify_tokens
+                qv = torch.randn(t, HEADS, HEAD_DIM, device=dev, dtype=torch.float16)
+                outv = torch.empty_like(qv)
+                tail = torch.arange(context - t + 1, context + 1, device=dev)
+                for split in sorted({int(x) for x in args.splits.split(",") if x != "default"}):
+                    verify = DecodeAttention(HEADS, kvh, HEAD_DIM, cache, dev, split_size=split, max_tokens=t)
+
+                    def step(verify=verify, kv=kv, qv=qv, outv=outv, tail=tail):
+                        for layer in range(LAYERS):
+                            verify(qv, kv[0, layer, 0], kv[0, layer, 1], tail, outv)
+
+                    ms = graph_ms(step)
+                    print(f"| {cache} | {t} tokens | {context} | verify (per KV head) | {split} | - | kernel | "
+                          f"{ms:.3f} | {floor:.3f} | {ms / floor:.1f} |", flush=True)
         del kv
         torch.cuda.empty_cache()
     return 0
