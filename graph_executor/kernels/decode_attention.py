@@ -80,33 +80,39 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, acc_ptr, m_ptr, l_ptr,
     if FUSED_REDUCE:  # the last of the row's NUM_SPLITS programs to finish combines them (no reduce kernel after)
         tl.debug_barrier()  # every thread's stores are issued before the release below
         done = tl.atomic_add(count_ptr + row, 1, sem="acq_rel")
-        if done == NUM_SPLITS - 1:
-            _combine(acc_ptr, m_ptr, l_ptr, out_ptr, row, _busy_splits(pos, start, SPLIT, NUM_SPLITS), HEAD_DIM,
-                     NUM_SPLITS)
+        if done == NUM_SPLITS - 1:  # the splits holding keys [start, pos] are the ones written
+            _combine(acc_ptr, m_ptr, l_ptr, out_ptr, row, start // SPLIT, pos // SPLIT + 1, HEAD_DIM, NUM_SPLITS,
+                     COMBINE_SPLITS)
             tl.atomic_xchg(count_ptr + row, 0)  # ready for the next step (a graph replays it)
 
 
-@triton.jit
-def _busy_splits(pos, start, SPLIT: tl.constexpr, NUM_SPLITS: tl.constexpr):
-    """[NUM_SPLITS] which splits hold keys of a query at `pos` seeing keys from `start`: only those were written."""
-    s = tl.arange(0, NUM_SPLITS)
-    return tl.maximum(s * SPLIT, start) < tl.minimum((s + 1) * SPLIT, pos + 1)
+COMBINE_SPLITS = 16  # splits combined per loop step: a [16, hd] float32 tile (64 registers a thread on one warp)
 
 
 @triton.jit
-def _combine(acc_ptr, m_ptr, l_ptr, out_ptr, row, busy, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr):
-    """out[row] [hd] = the splits' partials (busy [NUM_SPLITS]: the written ones) combined by their maxima; loads
-    from L2 (.cg): other programs of the same kernel may have written them."""
-    s = tl.arange(0, NUM_SPLITS)
-    d = tl.arange(0, HEAD_DIM)
-    m = tl.load(m_ptr + row * NUM_SPLITS + s, mask=busy, other=-float("inf"), cache_modifier=".cg")  # [S]
-    l = tl.load(l_ptr + row * NUM_SPLITS + s, mask=busy, other=0.0, cache_modifier=".cg")  # [S]
+def _combine(acc_ptr, m_ptr, l_ptr, out_ptr, row, s_lo, s_hi, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
+             SB: tl.constexpr):
+    """out[row] [hd] = splits [s_lo, s_hi) of the row's partials (the ones written) combined by their maxima, SB
+    splits at a time (a whole [NUM_SPLITS, hd] tile would spill on a one-warp program at a 4096-position cache);
+    loads from L2 (.cg): other programs of the same kernel may have written them."""
+    s_all = tl.arange(0, NUM_SPLITS)
+    m = tl.load(m_ptr + row * NUM_SPLITS + s_all, mask=(s_all >= s_lo) & (s_all < s_hi), other=-float("inf"),
+                cache_modifier=".cg")  # [S]
     m_max = tl.max(m, axis=0)
-    w = tl.where(l > 0, tl.exp(m - m_max), 0.0)  # [S]
-    acc = tl.load(acc_ptr + (row * NUM_SPLITS + s)[:, None] * HEAD_DIM + d[None, :], mask=busy[:, None], other=0.0,
-                  cache_modifier=".cg")  # [S, hd]
-    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
-    tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
+    d = tl.arange(0, HEAD_DIM)
+    total = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    weight = tl.zeros([SB], dtype=tl.float32)
+    for s0 in range(s_lo, s_hi, SB):
+        s = s0 + tl.arange(0, SB)
+        ok = s < s_hi
+        mb = tl.load(m_ptr + row * NUM_SPLITS + s, mask=ok, other=-float("inf"), cache_modifier=".cg")  # [SB]
+        lb = tl.load(l_ptr + row * NUM_SPLITS + s, mask=ok, other=0.0, cache_modifier=".cg")
+        w = tl.where(lb > 0, tl.exp(mb - m_max), 0.0)  # [SB]
+        acc = tl.load(acc_ptr + (row * NUM_SPLITS + s)[:, None] * HEAD_DIM + d[None, :], mask=ok[:, None], other=0.0,
+                      cache_modifier=".cg")  # [SB, hd]
+        total += tl.sum(acc * w[:, None], axis=0)
+        weight += lb * w
+    tl.store(out_ptr + row * HEAD_DIM + d, (total / tl.sum(weight, axis=0)).to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -174,10 +180,12 @@ def _reduce_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, pos_ptr, window, HEAD_DIM: tl
     # (the rest of a cache-long workspace: at a 4096-position cache and context 300, 118 of 128 splits).
     if SPLIT > 0:
         pos = tl.load(pos_ptr + token)
-        busy = _busy_splits(pos, tl.maximum(pos + 1 - window, 0), SPLIT, NUM_SPLITS)
+        s_lo = tl.maximum(pos + 1 - window, 0) // SPLIT
+        s_hi = pos // SPLIT + 1
     else:
-        busy = tl.arange(0, NUM_SPLITS) < NUM_SPLITS
-    _combine(acc_ptr, m_ptr, l_ptr, out_ptr, row, busy, HEAD_DIM, NUM_SPLITS)
+        s_lo = 0
+        s_hi = NUM_SPLITS
+    _combine(acc_ptr, m_ptr, l_ptr, out_ptr, row, s_lo, s_hi, HEAD_DIM, NUM_SPLITS, COMBINE_SPLITS)
 
 
 class DecodeAttention:
