@@ -40,8 +40,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="KV heads (32: LLaMA-2-7B; 8: Llama-3-8B's grouped-query attention, where one row also "
                          "runs the verify step's kernel, one program per KV head for its whole group)")
     ap.add_argument("--verify-tokens", type=int, default=0,
-                    help="also time a speculative verify step's attention of this many tokens (one sequence, consecutive "
-                         "positions ending at the context) per split size: the verify kernel, one program per KV head")
+                    help="also time a speculative verify step's attention of this many tokens (one sequence, "
+                         "consecutive positions ending at the context) per split size: the verify kernel, one program "
+                         "per KV head")
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: a dry run under TRITON_INTERPRET=1
     args = ap.parse_args(argv)
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
@@ -51,6 +52,22 @@ def main(argv: list[str] | None = None) -> int:
     print("| cache | rows | context | kernel | split | warps | reduce | ms/step | reads floor ms | x floor |\n"
           "|---|---|---|---|---|---|---|---|---|---|", flush=True)
     reduces = args.reduce.split(",")
+    verify_splits = sorted({int(x) for x in args.splits.split(",") if x != "default"})
+
+    def time_verify_kernel(kv: torch.Tensor, q: torch.Tensor, out: torch.Tensor, positions: torch.Tensor, row: str,
+                           floor: float) -> None:
+        """The verify step's kernel (one program per KV head and split; its own reduce kernel) over q [T, heads,
+        hd] at `positions`, one table row per split size, each starting with `row`."""
+        for split in verify_splits:
+            attention = DecodeAttention(HEADS, kvh, HEAD_DIM, kv.shape[4], kv.device, split_size=split,
+                                        max_tokens=max(2, q.shape[0]))
+
+            def step(attention=attention):
+                for layer in range(LAYERS):
+                    attention(q, kv[0, layer, 0], kv[0, layer, 1], positions, out)
+
+            ms = graph_ms(step)
+            print(f"{row} | {split} | - | kernel | {ms:.3f} | {floor:.3f} | {ms / floor:.1f} |", flush=True)
     for cache in caches:
         slots = max(rows)
         kv = torch.randn(slots, LAYERS, 2, kvh, cache, HEAD_DIM, device=dev, dtype=torch.float16)
@@ -76,31 +93,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"| {cache} | {b} | {context} | per head | {split} | {warps} | {reduce} | {ms:.3f} | "
                       f"{floor:.3f} | {ms / floor:.1f} |", flush=True)
             if b == 1 and kvh < HEADS:  # one row of a GQA model: the verify kernel, each K/V tile read once
-                for split in sorted({int(x) for x in args.splits.split(",") if x != "default"}):
-                    grouped = DecodeAttention(HEADS, kvh, HEAD_DIM, cache, dev, split_size=split, max_tokens=2)
-
-                    def step(grouped=grouped, kv=kv, q=q, out=out, positions=positions):
-                        for layer in range(LAYERS):
-                            grouped(q, kv[0, layer, 0], kv[0, layer, 1], positions, out)
-
-                    ms = graph_ms(step)
-                    print(f"| {cache} | 1 | {context} | per KV head (verify's) | {split} | - | kernel | {ms:.3f} | "
-                          f"{floor:.3f} | {ms / floor:.1f} |", flush=True)
+                time_verify_kernel(kv, q, out, positions, f"| {cache} | 1 | {context} | per KV head (verify's)", floor)
             if b == 1 and args.verify_tokens > 1:
                 t = args.verify_tokens
                 qv = torch.randn(t, HEADS, HEAD_DIM, device=dev, dtype=torch.float16)
-                outv = torch.empty_like(qv)
-                tail = torch.arange(context - t + 1, context + 1, device=dev)
-                for split in sorted({int(x) for x in args.splits.split(",") if x != "default"}):
-                    verify = DecodeAttention(HEADS, kvh, HEAD_DIM, cache, dev, split_size=split, max_tokens=t)
-
-                    def step(verify=verify, kv=kv, qv=qv, outv=outv, tail=tail):
-                        for layer in range(LAYERS):
-                            verify(qv, kv[0, layer, 0], kv[0, layer, 1], tail, outv)
-
-                    ms = graph_ms(step)
-                    print(f"| {cache} | {t} tokens | {context} | verify (per KV head) | {split} | - | kernel | "
-                          f"{ms:.3f} | {floor:.3f} | {ms / floor:.1f} |", flush=True)
+                time_verify_kernel(kv, qv, torch.empty_like(qv), torch.arange(context - t + 1, context + 1, device=dev),
+                                   f"| {cache} | {t} tokens | {context} | verify (per KV head)", floor)
         del kv
         torch.cuda.empty_cache()
     return 0
