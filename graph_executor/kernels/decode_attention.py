@@ -86,7 +86,9 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, acc_ptr, m_ptr, l_ptr,
             tl.atomic_xchg(count_ptr + row, 0)  # ready for the next step (a graph replays it)
 
 
-COMBINE_SPLITS = 16  # splits combined per loop step: a [16, hd] float32 tile (64 registers a thread on one warp)
+# Splits combined per loop step: a [16, hd] float32 tile (64 registers a thread on one warp). A tl.constexpr: a
+# @triton.jit function may read no other kind of module global (the interpreter allows it; the compiler does not).
+COMBINE_SPLITS = tl.constexpr(16)
 
 
 @triton.jit
