@@ -18,8 +18,6 @@ from graph_executor.kernels.projections import (
     embedding,
     gemv_residual,
     rmsnorm_gemv,
-    rmsnorm_gemv_rope,
-    rope_config,
     silu_gemv_residual,
 )
 from graph_executor.kernels.rope_append import rope_append
@@ -65,13 +63,12 @@ FP8_PLAN = Fp8Plan(
 class FusedDecoder:
     def __init__(self, model: LlamaModel, plan: GemvPlan = DEFAULT_PLAN, split_size: int | None = None,
                  int4: SplitKPlan = INT4_PLAN, int8: SplitKPlan = INT8_PLAN,
-                 fp8: Fp8Plan | GemvPlan = FP8_PLAN, pdl: bool | None = None, fuse_rope: bool = True) -> None:
+                 fp8: Fp8Plan | GemvPlan = FP8_PLAN, pdl: bool | None = None) -> None:
         """`fp8`: per projection an Fp8Config runs FP8 slots through the split-K kernels, a GemvConfig through the
         fp16 kernels (FP8_GEMV_PLAN: all of them, the old path). `pdl`: launch the dense GEMVs, RoPE and attention
         with programmatic dependent launch (kernels/pdl.py); None: where the device has it (Hopper: the same logits,
         bit for bit; on an H200 a SmolLM2-135M step 0.73 -> 0.59 ms, Llama-3.2-1B 1.10 -> 1.04, LLaMA-2-7B 4.05 ->
-        4.01; bench/NOTES.md, issue 12). `fuse_rope`: RoPE and the KV append in the QKV GEMV's epilogue (one kernel
-        fewer per layer) wherever the layer's format and config allow it (`projections.rope_config`)."""
+        4.01; bench/NOTES.md, issue 12)."""
         cfg = model.config
         device = model.embed_tokens.device
         self.pdl = pdl_launch.supported(device) if pdl is None else pdl
@@ -92,8 +89,6 @@ class FusedDecoder:
         self.gate_up = empty(2 * cfg.intermediate_size)
         self.attention = DecodeAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, model.max_context,
                                          device, cfg.sliding_window, split_size, pdl=self.pdl)
-        self.rope_fused = [fuse_rope and rope_config(layer.qkv_proj, self.plan["qkv"], cfg.head_dim) is not None
-                           for layer in model.layers]
         # packed int4/int8 and FP8 slots run split-K kernels that share one scratch (one after another on one stream)
         slots = [(getattr(layer, f"{name}_proj"), name) for layer in model.layers
                  for name in ("qkv", "o", "gate_up", "down")] + [(model.lm_head, "lm_head")]
@@ -113,15 +108,10 @@ class FusedDecoder:
         x = self.x[0]  # [H]
         for index, layer in enumerate(m.layers):
             cache = m.kv_cache[index]  # [2, nkv, C, hd]
-            if self.rope_fused[index]:  # q into self.q, K/V into the cache: no qkv buffer in between
-                rmsnorm_gemv_rope(layer.qkv_proj, x, layer.attn_norm, eps, position, m.rope, self.q, cache[0],
-                                  cache[1], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, layer.qkv_bias, g["qkv"],
-                                  slot=slot, slot_stride=stride)
-            else:
-                rmsnorm_gemv(layer.qkv_proj, x, layer.attn_norm, eps, self.qkv, bias=layer.qkv_bias, cfg=g["qkv"],
-                             scratch=sc)
-                rope_append(self.qkv, position, m.rope, self.q, cache[0], cache[1], cfg.num_heads,
-                            cfg.num_kv_heads, cfg.head_dim, pdl=self.pdl, slots=slot, slot_stride=stride)
+            rmsnorm_gemv(layer.qkv_proj, x, layer.attn_norm, eps, self.qkv, bias=layer.qkv_bias, cfg=g["qkv"],
+                         scratch=sc)
+            rope_append(self.qkv, position, m.rope, self.q, cache[0], cache[1], cfg.num_heads, cfg.num_kv_heads,
+                        cfg.head_dim, pdl=self.pdl, slots=slot, slot_stride=stride)
             self.attention(self.q, cache[0], cache[1], position, self.attn, slots=slot, slot_stride=stride)
             gemv_residual(layer.o_proj, self.attn.view(-1), x, cfg=g["o"], scratch=sc)
             rmsnorm_gemv(layer.gate_up_proj, x, layer.mlp_norm, eps, self.gate_up, cfg=g["gate_up"], scratch=sc)

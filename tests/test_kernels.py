@@ -158,8 +158,7 @@ def test_rope_append_writes_q_and_the_cache_slot() -> None:
     assert torch.isnan(others).all(), "only the slot at `pos` may be written"
 
 
-@pytest.mark.parametrize("fuse_rope", [True, False])  # RoPE + KV append in the QKV GEMV's epilogue, or after it
-def test_fused_decoder_matches_model_decode(tmp_path, fuse_rope) -> None:
+def test_fused_decoder_matches_model_decode(tmp_path) -> None:
     import transformers
 
     from graph_executor.fused_decoder import FusedDecoder
@@ -172,8 +171,7 @@ def test_fused_decoder_matches_model_decode(tmp_path, fuse_rope) -> None:
                                   progress=False)).model
     prompt = torch.randint(0, BASE["vocab_size"], (9,), generator=torch.Generator().manual_seed(3)).to(DEVICE)
     model(prompt, torch.arange(9, device=DEVICE), torch.tensor([8], device=DEVICE), 9)
-    decoder = FusedDecoder(model, fuse_rope=fuse_rope)
-    assert decoder.rope_fused == [fuse_rope] * len(model.layers)
+    decoder = FusedDecoder(model)
     token, position = torch.tensor([5], device=DEVICE), torch.tensor([9], device=DEVICE)
     logits = torch.full((BASE["vocab_size"],), float("nan"), device=DEVICE)
     decoder.step(token, position, logits)

@@ -1,12 +1,11 @@
-"""Probe: the batch-1 decode step (`FusedDecoder.step` as a CUDA graph) under several decode-attention and RoPE
+"""Probe: the batch-1 decode step (`FusedDecoder.step` as a CUDA graph) under several decode-attention
 configurations, timed in alternating rounds in one process so that the host and the card are the same for all.
 
     python -m bench.probes.step_variants [--models llama-2-7b,smollm2-135m] [--contexts 300,2000]
         [--variants "split=64,warps=4,fused=0;split=32,warps=1,fused=1"] [--rounds 3] [--max-context 4096]
 
 A variant is `key=value` pairs joined by commas: split (positions per split), warps (the one-query kernel's),
-fused (1: the last split program combines the splits; 0: a reduce kernel after), rope (1: RoPE and the KV append
-in the QKV GEMV's epilogue). Prints the median of each variant's per-round medians and its ratio to the first.
+fused (1: the last split program combines the splits; 0: a reduce kernel after). Prints the median of each variant's per-round medians and its ratio to the first.
 """
 
 from __future__ import annotations
@@ -22,23 +21,24 @@ from graph_executor.fused_decoder import FusedDecoder
 from graph_executor.kernels.decode_attention import DecodeAttention
 from graph_executor.loading.loader import LoadConfig, load_model
 
-DEFAULT_VARIANTS = ("split=64,warps=4,fused=0;split=32,warps=1,fused=0;split=32,warps=1,fused=1;"
-                    "split=32,warps=2,fused=1;split=32,warps=1,fused=1,rope=1")
+# the first: the decode attention before the fourteenth session (every split 64 on Triton's 4 warps, reduce kernel)
+DEFAULT_VARIANTS = ("split=64,warps=4,fused=0;split=64,warps=2,fused=1;split=64,warps=2,fused=0;"
+                    "split=32,warps=1,fused=1;split=32,warps=2,fused=1;split=64,warps=4,fused=0")
 
 
 def parse_variant(text: str) -> dict[str, int]:
-    """'split=32,warps=1' -> {"split": 32, "warps": 1, "fused": 1, "rope": 0} (fused on, rope off unless said)."""
-    variant = {"fused": 1, "rope": 0}
+    """'split=32,warps=1' -> {"split": 32, "warps": 1, "fused": 1} (fused on unless said)."""
+    variant = {"fused": 1}
     for item in text.split(","):
         key, _, value = item.partition("=")
-        if key not in ("split", "warps", "fused", "rope") or not value.isdigit():
-            raise SystemExit(f"bad variant item {item!r} in {text!r} (split=, warps=, fused=, rope=)")
+        if key not in ("split", "warps", "fused") or not value.isdigit():
+            raise SystemExit(f"bad variant item {item!r} in {text!r} (split=, warps=, fused=)")
         variant[key] = int(value)
     return variant
 
 
 def build(model, variant: dict[str, int]) -> FusedDecoder:
-    decoder = FusedDecoder(model, fuse_rope=bool(variant["rope"]))
+    decoder = FusedDecoder(model)
     cfg = model.config
     decoder.attention = DecodeAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, model.max_context,
                                         model.embed_tokens.device, cfg.sliding_window, variant.get("split"),

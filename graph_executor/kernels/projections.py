@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from graph_executor.kernels import gemm_lowbit, gemv, gemv_fp8, gemv_rope, gemv_splitk
+from graph_executor.kernels import gemm_lowbit, gemv, gemv_fp8, gemv_splitk
 from graph_executor.kernels.gemv_fp8 import Fp8Config
 from graph_executor.kernels.gemv_splitk import SplitKConfig, SplitKScratch
 from graph_executor.quant.formats import Fp8Rows, Int4Groups, Int8Groups
@@ -72,33 +72,6 @@ def rmsnorm_gemv(w: Weight, x: torch.Tensor, norm_w: torch.Tensor, eps: float, o
         c, sc = _fp8(w, cfg, scratch)
         return gemv_fp8.rmsnorm_gemv(w, x, norm_w, eps, out, sc, bias, c)
     return gemv.rmsnorm_gemv(w, x, norm_w, eps, out, bias, cfg.dense)
-
-
-def rope_config(w: Weight, cfg: ProjectionConfig, head_dim: int) -> gemv.GemvConfig | None:
-    """The config a QKV projection runs with RoPE and the KV append in its epilogue (`gemv_rope`): dense weights and
-    FP8 rows through the fp16 kernels, where the config's programs own whole rotation pairs; None for the formats
-    whose kernels have no such epilogue (packed int4/int8, the split-K FP8 kernels)."""
-    if isinstance(w, torch.Tensor):
-        c = cfg.dense
-    elif isinstance(w, Fp8Rows) and isinstance(cfg.fp8, gemv.GemvConfig):
-        c = cfg.fp8
-    else:
-        return None
-    return c if gemv_rope.fits(head_dim, c) else None
-
-
-def rmsnorm_gemv_rope(w: Weight, x: torch.Tensor, norm_w: torch.Tensor, eps: float, position: torch.Tensor,
-                      rope: torch.Tensor, q_out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      num_heads: int, num_kv_heads: int, head_dim: int, bias: torch.Tensor | None,
-                      cfg: ProjectionConfig, slot: torch.Tensor | None = None, slot_stride: int = 0) -> None:
-    """`gemv_rope.rmsnorm_gemv_rope` for a weight `rope_config` accepts (ValueError otherwise)."""
-    c = rope_config(w, cfg, head_dim)
-    if c is None:
-        raise ValueError(f"no QKV kernel with a RoPE epilogue for {type(w).__name__} weights with this config")
-    codes, scale = (w, None) if isinstance(w, torch.Tensor) else (w.codes, w.scale)
-    gemv_rope.rmsnorm_gemv_rope(codes, x, norm_w, eps, position, rope, q_out, k_cache, v_cache, num_heads,
-                                num_kv_heads, head_dim, bias=bias, cfg=c, row_scale=scale, slot=slot,
-                                slot_stride=slot_stride)
 
 
 def gemv_residual(w: Weight, a: torch.Tensor, x: torch.Tensor,
