@@ -19,13 +19,14 @@ import triton.language as tl
 from graph_executor.kernels.pdl import launch_options, wait_for_prior
 
 SPLIT_SIZE = 64  # positions per split; H200 LLaMA-2-7B decode at ctx 512/2048: 64 -> 4.09/4.44 ms, 256 -> 4.44/4.60
-# One query per program (decode, batched decode): shorter splits on fewer warps. H200, 7B shapes, 32 layers
-# (`bench.probes.decode_attention`, ms per step; split 64 on 4 warps before): one row at context 300 / 1000 / 2000
-# 0.358 / 0.482 / 0.729 -> 0.311 / 0.349 / 0.552 with 32 on 1 warp; four rows 0.638 / 1.218 / 2.058 -> 0.589 / 1.013 /
-# 1.668 with 32 on 2 warps (a 4096-position cache). The verify kernel keeps SPLIT_SIZE (not measured at 32).
-QUERY_SPLIT_SIZE = 32
-QUERY_WARPS = 1  # one row
-BATCH_WARPS = 2  # a batched decode's rows
+# One query per program. H200, whole batch-1 steps as graph replays (`bench.probes.step_variants`, alternating
+# rounds; split 64 on Triton's 4 warps with a reduce kernel before): LLaMA-2-7B at context 300 / 2000 3.966 / 4.377
+# -> 3.924 / 4.219 ms with split 64 on 2 warps and the splits combined by the last program; 32 on 1 warp, the best
+# of the kernel-alone sweep, was 4.006 / 4.458 in the whole step. A batched decode's rows (kernel alone, 4 rows, a
+# 768-position cache at context 300): 32 on 2 warps with the reduce kernel 0.383 ms, combined in the kernel 0.443,
+# 64 on 4 warps 0.448. The verify kernel keeps SPLIT_SIZE.
+ROW_SPLIT_SIZE, ROW_WARPS = 64, 2  # one row (the batch-1 decode)
+BATCH_SPLIT_SIZE, BATCH_WARPS = 32, 2  # a batched decode's rows
 BLOCK_N = 64
 
 
@@ -196,17 +197,18 @@ class DecodeAttention:
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, max_context: int,
                  device: torch.device, sliding_window: int | None = None, split_size: int | None = None,
                  max_tokens: int = 1, pdl: bool = False, batched: bool = False, num_warps: int | None = None,
-                 fused_reduce: bool = True) -> None:
+                 fused_reduce: bool | None = None) -> None:
         """`max_tokens` > 1: a verify step's tokens (one sequence, consecutive positions), or with `batched` the
         tokens of a batched decode (one per KV slot: `__call__`'s slots). `num_warps`: the one-query kernel's
-        (default: QUERY_WARPS or BATCH_WARPS with the default split, else Triton's 4; `bench.probes.decode_attention`
+        (default: ROW_WARPS or BATCH_WARPS with the default split, else Triton's 4; `bench.probes.decode_attention`
         sweeps it). `fused_reduce`: the one-query kernel's last program per query head combines the splits (one
-        kernel per call instead of two; the verify kernel keeps its reduce kernel)."""
+        kernel per call instead of two; default: for one row, not for a batched decode; the verify kernel keeps its
+        reduce kernel)."""
         if head_dim & (head_dim - 1):
             raise ValueError(f"decode attention needs a power-of-two head_dim, got {head_dim}")
         self.num_heads, self.group, self.head_dim = num_heads, num_heads // num_kv_heads, head_dim
         one_query = max_tokens == 1 or batched  # `_split_kernel`; else the verify step's `_split_rows_kernel`
-        self.split = split_size or (QUERY_SPLIT_SIZE if one_query else SPLIT_SIZE)
+        self.split = split_size or (SPLIT_SIZE if not one_query else BATCH_SPLIT_SIZE if batched else ROW_SPLIT_SIZE)
         self.num_splits = triton.next_power_of_2(triton.cdiv(max_context, self.split))
         self.window = sliding_window or (1 << 30)
         self.scale = head_dim ** -0.5
@@ -215,13 +217,13 @@ class DecodeAttention:
         self.batched = batched
         self.pdl = pdl  # launch with programmatic dependent launch (kernels/pdl.py)
         if num_warps is None and one_query and split_size is None:
-            num_warps = BATCH_WARPS if batched else QUERY_WARPS
+            num_warps = BATCH_WARPS if batched else ROW_WARPS
         self.warps = {} if num_warps is None else {"num_warps": num_warps}
         self.rows = max(16, triton.next_power_of_2(self.group * max_tokens))  # the multi-token kernel's rows
         self.acc = torch.empty(max_tokens, num_heads, self.num_splits, head_dim, **f32)
         self.m = torch.empty(max_tokens, num_heads, self.num_splits, **f32)
         self.l = torch.empty(max_tokens, num_heads, self.num_splits, **f32)
-        self.fused_reduce = fused_reduce and one_query
+        self.fused_reduce = one_query and (not batched if fused_reduce is None else fused_reduce)
         # per query row, how many of its split programs have finished (the last one resets it)
         self.counts = torch.zeros(max_tokens * num_heads, device=device, dtype=torch.int32)
 
