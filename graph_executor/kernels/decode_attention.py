@@ -20,13 +20,15 @@ from graph_executor.kernels.pdl import launch_options, wait_for_prior
 
 SPLIT_SIZE = 64  # positions per split; H200 LLaMA-2-7B decode at ctx 512/2048: 64 -> 4.09/4.44 ms, 256 -> 4.44/4.60
 # One query per program. H200, whole batch-1 steps as graph replays (`bench.probes.step_variants`, alternating
-# rounds; split 64 on Triton's 4 warps with a reduce kernel before): LLaMA-2-7B at context 300 / 2000 3.966 / 4.377
-# -> 3.924 / 4.219 ms with split 64 on 2 warps and the splits combined by the last program; 32 on 1 warp, the best
-# of the kernel-alone sweep, was 4.006 / 4.458 in the whole step. A batched decode's rows (kernel alone, 4 rows, a
-# 768-position cache at context 300): 32 on 2 warps with the reduce kernel 0.383 ms, combined in the kernel 0.443,
-# 64 on 4 warps 0.448. The verify kernel keeps SPLIT_SIZE.
+# rounds; split 64 on Triton's 4 warps with a reduce kernel before): LLaMA-2-7B at context 300 / 2000 3.926 / 4.347
+# -> 3.881 / 4.194 ms with split 64 on 2 warps and the splits combined by the last program, SmolLM2-135M 0.621 /
+# 0.676 -> 0.629 / 0.665; 32 on 1 warp, the best of the kernel-alone sweep, was 3.963 / 4.415 on 7B in the whole
+# step. A batched decode's rows split the same way, with the reduce kernel (the same sums in the same order as one
+# row, so a request's greedy tokens in a batch equal its tokens alone: with splits of 32 for the batch, SmolLM2's
+# real weights gave one of 8 requests a different token 39; kernel alone, 4 rows at context 300, 32 would save
+# 0.04 ms: 0.383 against 0.426 ms).
 ROW_SPLIT_SIZE, ROW_WARPS = 64, 2  # one row (the batch-1 decode)
-BATCH_SPLIT_SIZE, BATCH_WARPS = 32, 2  # a batched decode's rows
+BATCH_SPLIT_SIZE, BATCH_WARPS = ROW_SPLIT_SIZE, ROW_WARPS  # a batched decode's rows
 BLOCK_N = 64
 
 
