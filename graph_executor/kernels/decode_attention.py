@@ -21,12 +21,12 @@ from graph_executor.kernels.pdl import launch_options, wait_for_prior
 SPLIT_SIZE = 64  # positions per split; H200 LLaMA-2-7B decode at ctx 512/2048: 64 -> 4.09/4.44 ms, 256 -> 4.44/4.60
 # One query per program. H200, whole batch-1 steps as graph replays (`bench.probes.step_variants`, alternating
 # rounds; split 64 on Triton's 4 warps with a reduce kernel before): LLaMA-2-7B at context 300 / 2000 3.926 / 4.347
-# -> 3.881 / 4.194 ms with split 64 on 2 warps and the splits combined by the last program, SmolLM2-135M 0.621 /
-# 0.676 -> 0.629 / 0.665; 32 on 1 warp, the best of the kernel-alone sweep, was 3.963 / 4.415 on 7B in the whole
-# step. A batched decode's rows split the same way, with the reduce kernel (the same sums in the same order as one
-# row, so a request's greedy tokens in a batch equal its tokens alone: with splits of 32 for the batch, SmolLM2's
-# real weights gave one of 8 requests a different token 39; kernel alone, 4 rows at context 300, 32 would save
-# 0.04 ms: 0.383 against 0.426 ms).
+# -> 3.844 / 4.175 ms with split 64 on 2 warps (3.881 / 4.194 with the splits combined by the last program, not
+# the reduce kernel; SmolLM2-135M: 0.666 / 0.716 with the reduce kernel, 0.629 / 0.665 combined in the kernel, 0.621
+# / 0.676 before). 32 on 1 warp, the best of the kernel-alone sweep, was 3.963 / 4.415 on 7B in the whole step.
+# A batched decode's rows run the same kernels with the same launch as one row: the same sums in the same order, so
+# that a request's greedy tokens in a batch equal its tokens alone (SmolLM2 real weights on the H200: with the
+# in-kernel combine for one row and the reduce kernel for the batch, one of 8 requests differed at token 39).
 ROW_SPLIT_SIZE, ROW_WARPS = 64, 2  # one row (the batch-1 decode)
 BATCH_SPLIT_SIZE, BATCH_WARPS = ROW_SPLIT_SIZE, ROW_WARPS  # a batched decode's rows
 BLOCK_N = 64
@@ -199,13 +199,13 @@ class DecodeAttention:
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, max_context: int,
                  device: torch.device, sliding_window: int | None = None, split_size: int | None = None,
                  max_tokens: int = 1, pdl: bool = False, batched: bool = False, num_warps: int | None = None,
-                 fused_reduce: bool | None = None) -> None:
+                 fused_reduce: bool = False) -> None:
         """`max_tokens` > 1: a verify step's tokens (one sequence, consecutive positions), or with `batched` the
         tokens of a batched decode (one per KV slot: `__call__`'s slots). `num_warps`: the one-query kernel's
         (default: ROW_WARPS or BATCH_WARPS with the default split, else Triton's 4; `bench.probes.decode_attention`
         sweeps it). `fused_reduce`: the one-query kernel's last program per query head combines the splits (one
-        kernel per call instead of two; default: for one row, not for a batched decode; the verify kernel keeps its
-        reduce kernel)."""
+        kernel per call instead of two; off by default: a batch and a lone row must sum alike, see ROW_SPLIT_SIZE; the
+        verify kernel keeps its reduce kernel)."""
         if head_dim & (head_dim - 1):
             raise ValueError(f"decode attention needs a power-of-two head_dim, got {head_dim}")
         self.num_heads, self.group, self.head_dim = num_heads, num_heads // num_kv_heads, head_dim
@@ -225,7 +225,7 @@ class DecodeAttention:
         self.acc = torch.empty(max_tokens, num_heads, self.num_splits, head_dim, **f32)
         self.m = torch.empty(max_tokens, num_heads, self.num_splits, **f32)
         self.l = torch.empty(max_tokens, num_heads, self.num_splits, **f32)
-        self.fused_reduce = one_query and (not batched if fused_reduce is None else fused_reduce)
+        self.fused_reduce = fused_reduce and one_query
         # per query row, how many of its split programs have finished (the last one resets it)
         self.counts = torch.zeros(max_tokens * num_heads, device=device, dtype=torch.int32)
 
