@@ -31,6 +31,12 @@ def reference_decode(q, k, v, pos: int, window: int | None) -> torch.Tensor:
     return torch.einsum("hl,hld->hd", scores.softmax(-1), vv)
 
 
+def poison(attn: DecodeAttention) -> None:
+    """NaN in the split partials: the reduce must read only what this call's split kernels wrote."""
+    for t in (attn.acc, attn.m, attn.l):
+        t.fill_(float("nan"))
+
+
 CASES = [  # heads, kv_heads, head_dim, cache length, positions, window, dtype
     (4, 4, 64, 512, [0, 1, 63, 64, 300, 511], None, torch.float32),
     (8, 2, 64, 1024, [5, 257, 700, 1023], None, torch.float16),
@@ -39,22 +45,25 @@ CASES = [  # heads, kv_heads, head_dim, cache length, positions, window, dtype
 ]
 
 
-@pytest.mark.parametrize("split,warps", [(None, None), (32, 1), (32, 2)])  # the default; shorter splits, fewer warps
+# the default (the splits combined by the split kernel's last program), the reduce kernel, other splits and warps
+@pytest.mark.parametrize("split,warps,fused", [(None, None, True), (None, None, False), (32, 1, True), (64, 2, False)])
 @pytest.mark.parametrize("heads,kv_heads,hd,cache,positions,window,dtype", CASES)
 def test_decode_attention_matches_reference(heads, kv_heads, hd, cache, positions, window, dtype, split,
-                                            warps) -> None:
+                                            warps, fused) -> None:
     gen = torch.Generator(device="cpu").manual_seed(heads * 1000 + cache)
     attn = DecodeAttention(heads, kv_heads, hd, cache, DEVICE, sliding_window=window, split_size=split,
-                           num_warps=warps)
+                           num_warps=warps, fused_reduce=fused)
     # The cache as the model lays it out: one layer's K and V are strided views of [2, kv_heads, C, hd].
     kv = torch.randn(2, kv_heads, cache, hd, generator=gen).to(DEVICE, dtype)
     tol = 1e-4 if dtype == torch.float32 else 1e-2
     for pos in positions:
         q = torch.randn(heads, hd, generator=gen).to(DEVICE, dtype)
         out = torch.full((heads, hd), float("nan"), device=DEVICE, dtype=dtype)
+        poison(attn)
         attn(q, kv[0], kv[1], torch.tensor([pos], device=DEVICE), out)
         ref = reference_decode(q.cpu(), kv[0].cpu(), kv[1].cpu(), pos, window)
         assert torch.isfinite(out).all()
+        assert not attn.counts.any(), "the split programs' counters are reset for the next call (a graph replay)"
         err = (out.cpu().double() - ref).norm() / ref.norm()
         assert err < tol, f"pos {pos}: relative error {err:.2e}"
 
@@ -81,6 +90,7 @@ def test_multi_token_decode_attention_matches_reference(heads, kv_heads, hd, cac
     t = len(positions)
     q = torch.randn(t, heads, hd, generator=gen).to(DEVICE, dtype)
     out = torch.full((t, heads, hd), float("nan"), device=DEVICE, dtype=dtype)
+    poison(attn)
     attn(q, kv[0], kv[1], torch.tensor(positions, device=DEVICE), out)
     assert torch.isfinite(out).all()
     tol = 1e-4 if dtype == torch.float32 else 1.5e-2

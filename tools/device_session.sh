@@ -10,7 +10,8 @@
 #   bench.probes.batch_step and bench.probes.extend_attention, then one `bench --prefix-reuse` per slot count on
 #   dummy:llama-2-7b: `--workloads decode,concurrency,turns --max-num-seqs 4` and `decode,turns --max-num-seqs 1`
 #   (~6 min); attention: the attention kernel tests, the decode attention sweep (bench.probes.decode_attention) and
-#   bench.probes.graph_gaps at positions 300 and 2000 against split 64 on 4 warps (~3 min); http: bench.probes.http_split,
+#   bench.probes.graph_gaps at positions 300 and 2000 against split 64 on 4 warps, a verify of 5 tokens per split, and
+#   bench.probes.step_variants (the whole batch-1 step per attention config, alternating rounds) (~4 min); http: bench.probes.http_split,
 #   the OpenAI API's TTFT segment by segment on dummy:smollm2-135m with SmolLM2's tokenizer (~1 min); startup: bench.probes.serve_ready on $HYBRIDRT_TEST_GGUF, 3 fresh starts (~1 min)
 #   quant: the packed-weight tests and `bench --quantize none,int8,int4,fp8` on dummy:llama-2-7b (executor, ~3 min);
 #   gemv: the low-bit GEMV block sweep per projection and format (~1 min); gemm: the low-bit prefill GEMM's default
@@ -73,14 +74,19 @@ for step in "${steps[@]}"; do
                 echo "bench --max-num-seqs $n: rc=$?"
                 sed -n '/^## Decode/,/^## Engines/p' "$OUT/slots-$n.log" | grep -v '^$' | grep -v '^|---'
               done ;;
-    attention) timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_batch_kernels.py \
-                 tests/test_extend_attention.py > "$OUT/attention_tests.log" 2>&1
+    attention) timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_batch_kernels.py \
+                 tests/test_extend_attention.py tests/test_kernel_globals.py > "$OUT/attention_tests.log" 2>&1
                echo "attention kernel tests: rc=$? $(tail -1 "$OUT/attention_tests.log")"
                timeout 150 python3 -m bench.probes.decode_attention --splits default,32,64 --warps 1,2,4 \
                  > "$OUT/decode_attention.md" 2>&1; echo "decode attention sweep: rc=$?"; cat "$OUT/decode_attention.md"
                timeout 90 python3 -m bench.probes.decode_attention --kv-heads 8 --rows 1 --contexts 300,2000 \
                  --max-context 4096 --splits default,32,64 --warps 1,2 > "$OUT/decode_attention_gqa.md" 2>&1
                echo "GQA decode attention: rc=$?"; cat "$OUT/decode_attention_gqa.md"
+               timeout 90 python3 -m bench.probes.decode_attention --rows 1 --contexts 300,2000 --max-context 4096 \
+                 --splits 32,64,128 --warps 1 --reduce fused --verify-tokens 5 > "$OUT/verify_attention.md" 2>&1
+               echo "verify attention: rc=$?"; grep -E "verify|^\| cache" "$OUT/verify_attention.md"
+               timeout 200 python3 -m bench.probes.step_variants --models llama-2-7b,smollm2-135m,llama-3.2-1b \
+                 > "$OUT/step_variants.md" 2>&1; echo "step variants: rc=$?"; cat "$OUT/step_variants.md"
                for p in 300 2000; do
                  timeout 90 python3 -m bench.probes.graph_gaps --batches 1,4 --split-sizes 64 --position $p \
                    > "$OUT/graph_gaps_$p.md" 2>&1; echo "graph gaps at $p: rc=$?"; grep '^| [bs]' "$OUT/graph_gaps_$p.md"

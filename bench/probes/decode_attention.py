@@ -33,17 +33,41 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--splits", default="32,64,128",
                     help="positions per split (comma list); \"default\": DecodeAttention's own split and warps")
     ap.add_argument("--warps", default="1,2,4")
+    ap.add_argument("--reduce", default="fused,kernel",
+                    help="how the splits are combined (comma list): fused (the split kernel's last program per query "
+                         "head) or kernel (a reduce kernel after it)")
     ap.add_argument("--kv-heads", type=int, default=HEADS,
                     help="KV heads (32: LLaMA-2-7B; 8: Llama-3-8B's grouped-query attention, where one row also "
                          "runs the verify step's kernel, one program per KV head for its whole group)")
+    ap.add_argument("--verify-tokens", type=int, default=0,
+                    help="also time a speculative verify step's attention of this many tokens (one sequence, "
+                         "consecutive positions ending at the context) per split size: the verify kernel, one program "
+                         "per KV head")
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: a dry run under TRITON_INTERPRET=1
     args = ap.parse_args(argv)
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
     rows, contexts, caches = ints(args.rows), ints(args.contexts), ints(args.max_context)
     dev = torch.device(args.device)
     kvh = args.kv_heads
-    print("| cache | rows | context | kernel | split | warps | ms/step | reads floor ms | x floor |\n"
-          "|---|---|---|---|---|---|---|---|---|", flush=True)
+    print("| cache | rows | context | kernel | split | warps | reduce | ms/step | reads floor ms | x floor |\n"
+          "|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    reduces = args.reduce.split(",")
+    verify_splits = sorted({int(x) for x in args.splits.split(",") if x != "default"})
+
+    def time_verify_kernel(kv: torch.Tensor, q: torch.Tensor, out: torch.Tensor, positions: torch.Tensor, row: str,
+                           floor: float) -> None:
+        """The verify step's kernel (one program per KV head and split; its own reduce kernel) over q [T, heads,
+        hd] at `positions`, one table row per split size, each starting with `row`."""
+        for split in verify_splits:
+            attention = DecodeAttention(HEADS, kvh, HEAD_DIM, kv.shape[4], kv.device, split_size=split,
+                                        max_tokens=max(2, q.shape[0]))
+
+            def step(attention=attention):
+                for layer in range(LAYERS):
+                    attention(q, kv[0, layer, 0], kv[0, layer, 1], positions, out)
+
+            ms = graph_ms(step)
+            print(f"{row} | {split} | - | kernel | {ms:.3f} | {floor:.3f} | {ms / floor:.1f} |", flush=True)
     for cache in caches:
         slots = max(rows)
         kv = torch.randn(slots, LAYERS, 2, kvh, cache, HEAD_DIM, device=dev, dtype=torch.float16)
@@ -55,9 +79,9 @@ def main(argv: list[str] | None = None) -> int:
             floor = b * (context + 1) * LAYERS * 2 * kvh * HEAD_DIM * 2 / (BANDWIDTH_TBPS * 1e12) * 1e3
             configs = [(None, None)] * ("default" in args.splits.split(",")) + list(itertools.product(
                 [int(x) for x in args.splits.split(",") if x != "default"], ints(args.warps)))
-            for split, warps in configs:
+            for (split, warps), reduce in itertools.product(configs, reduces):
                 attention = DecodeAttention(HEADS, kvh, HEAD_DIM, cache, dev, split_size=split, max_tokens=slots,
-                                            batched=True, num_warps=warps)
+                                            batched=True, num_warps=warps, fused_reduce=reduce == "fused")
                 split, warps = attention.split, attention.warps.get("num_warps", 4)
 
                 def step(attention=attention, kv=kv, q=q, out=out, positions=positions, which=which):
@@ -66,19 +90,15 @@ def main(argv: list[str] | None = None) -> int:
                                   slot_stride=kv.stride(0))
 
                 ms = graph_ms(step)
-                print(f"| {cache} | {b} | {context} | per head | {split} | {warps} | {ms:.3f} | {floor:.3f} | "
-                      f"{ms / floor:.1f} |", flush=True)
+                print(f"| {cache} | {b} | {context} | per head | {split} | {warps} | {reduce} | {ms:.3f} | "
+                      f"{floor:.3f} | {ms / floor:.1f} |", flush=True)
             if b == 1 and kvh < HEADS:  # one row of a GQA model: the verify kernel, each K/V tile read once
-                for split in sorted({int(x) for x in args.splits.split(",") if x != "default"}):
-                    grouped = DecodeAttention(HEADS, kvh, HEAD_DIM, cache, dev, split_size=split, max_tokens=2)
-
-                    def step(grouped=grouped, kv=kv, q=q, out=out, positions=positions):
-                        for layer in range(LAYERS):
-                            grouped(q, kv[0, layer, 0], kv[0, layer, 1], positions, out)
-
-                    ms = graph_ms(step)
-                    print(f"| {cache} | 1 | {context} | per KV head (verify's) | {split} | - | {ms:.3f} | "
-                          f"{floor:.3f} | {ms / floor:.1f} |", flush=True)
+                time_verify_kernel(kv, q, out, positions, f"| {cache} | 1 | {context} | per KV head (verify's)", floor)
+            if b == 1 and args.verify_tokens > 1:
+                t = args.verify_tokens
+                qv = torch.randn(t, HEADS, HEAD_DIM, device=dev, dtype=torch.float16)
+                time_verify_kernel(kv, qv, torch.empty_like(qv), torch.arange(context - t + 1, context + 1, device=dev),
+                                   f"| {cache} | {t} tokens | {context} | verify (per KV head)", floor)
         del kv
         torch.cuda.empty_cache()
     return 0

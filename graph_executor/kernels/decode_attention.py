@@ -19,15 +19,25 @@ import triton.language as tl
 from graph_executor.kernels.pdl import launch_options, wait_for_prior
 
 SPLIT_SIZE = 64  # positions per split; H200 LLaMA-2-7B decode at ctx 512/2048: 64 -> 4.09/4.44 ms, 256 -> 4.44/4.60
+# One query per program. H200, whole batch-1 steps as graph replays (`bench.probes.step_variants`, alternating
+# rounds): LLaMA-2-7B at context 300 / 2000 3.926 / 4.347 ms with split 64 on 4 warps and the reduce kernel; 3.844 /
+# 4.175 on 2 warps; 3.881 / 4.194 on 2 warps with the splits combined by the last program (SmolLM2-135M 0.621 / 0.676
+# on 4 warps, 0.666 / 0.716 on 2, 0.629 / 0.665 combined in the kernel); 32 on 1 warp, the best of the kernel-alone
+# sweep, 3.963 / 4.415. We keep 4 warps: on 2 (one row and a batch's rows alike) the cuda test of 8 concurrent
+# SmolLM2 requests against each alone gave request 5 a different greedy token 39 (260 against 476), on 4 it passes
+# (bench/NOTES.md, fourteenth session; why 2 warps flips that near-tie is not understood yet).
+ROW_SPLIT_SIZE, ROW_WARPS = 64, 4  # one row (the batch-1 decode)
+BATCH_SPLIT_SIZE, BATCH_WARPS = ROW_SPLIT_SIZE, ROW_WARPS  # a batched decode's rows: summed like one row
 BLOCK_N = 64
 
 
 @triton.jit
-def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, acc_ptr, m_ptr, l_ptr,
+def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, acc_ptr, m_ptr, l_ptr, count_ptr, out_ptr,
                   stride_kh, stride_kn, stride_vh, stride_vn, stride_slot,
                   scale, window,
                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
-                  NUM_SPLITS: tl.constexpr, NUM_HEADS: tl.constexpr, SLOTS: tl.constexpr, PDL: tl.constexpr):
+                  NUM_SPLITS: tl.constexpr, NUM_HEADS: tl.constexpr, SLOTS: tl.constexpr, FUSED_REDUCE: tl.constexpr,
+                  PDL: tl.constexpr):
     wait_for_prior(PDL)
     head = tl.program_id(0)
     split = tl.program_id(1)
@@ -62,9 +72,51 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, acc_ptr, m_ptr, l_ptr,
         l_i = l_i * alpha + tl.sum(p, axis=0)
         m_i = m_new
     out = row * NUM_SPLITS + split
-    tl.store(acc_ptr + out * HEAD_DIM + d, acc)
-    tl.store(m_ptr + out, m_i)
-    tl.store(l_ptr + out, l_i)
+    # A split past the position (or before a window's start) writes nothing: the reduce skips it. (Masks as
+    # tensors: a split's scalars are stored as [1] vectors.)
+    one = tl.arange(0, 1)
+    busy = (one + lo) < hi  # [1]
+    tl.store(acc_ptr + out * HEAD_DIM + d, acc, mask=(d * 0 + lo) < hi)
+    tl.store(m_ptr + out + one, tl.zeros([1], dtype=tl.float32) + m_i, mask=busy)
+    tl.store(l_ptr + out + one, tl.zeros([1], dtype=tl.float32) + l_i, mask=busy)
+    if FUSED_REDUCE:  # the last of the row's NUM_SPLITS programs to finish combines them (no reduce kernel after)
+        tl.debug_barrier()  # every thread's stores are issued before the release below
+        done = tl.atomic_add(count_ptr + row, 1, sem="acq_rel")
+        if done == NUM_SPLITS - 1:  # the splits holding keys [start, pos] are the ones written
+            _combine(acc_ptr, m_ptr, l_ptr, out_ptr, row, start // SPLIT, pos // SPLIT + 1, HEAD_DIM, NUM_SPLITS,
+                     COMBINE_SPLITS)
+            tl.atomic_xchg(count_ptr + row, 0)  # ready for the next step (a graph replays it)
+
+
+# Splits combined per loop step: a [16, hd] float32 tile (64 registers a thread on one warp). A tl.constexpr: a
+# @triton.jit function may read no other kind of module global (the interpreter allows it; the compiler does not).
+COMBINE_SPLITS = tl.constexpr(16)
+
+
+@triton.jit
+def _combine(acc_ptr, m_ptr, l_ptr, out_ptr, row, s_lo, s_hi, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
+             SB: tl.constexpr):
+    """out[row] [hd] = splits [s_lo, s_hi) of the row's partials (the ones written) combined by their maxima, SB
+    splits at a time (a whole [NUM_SPLITS, hd] tile would spill on a one-warp program at a 4096-position cache);
+    loads from L2 (.cg): other programs of the same kernel may have written them."""
+    s_all = tl.arange(0, NUM_SPLITS)
+    m = tl.load(m_ptr + row * NUM_SPLITS + s_all, mask=(s_all >= s_lo) & (s_all < s_hi), other=-float("inf"),
+                cache_modifier=".cg")  # [S]
+    m_max = tl.max(m, axis=0)
+    d = tl.arange(0, HEAD_DIM)
+    total = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    weight = tl.zeros([SB], dtype=tl.float32)
+    for s0 in range(s_lo, s_hi, SB):
+        s = s0 + tl.arange(0, SB)
+        ok = s < s_hi
+        mb = tl.load(m_ptr + row * NUM_SPLITS + s, mask=ok, other=-float("inf"), cache_modifier=".cg")  # [SB]
+        lb = tl.load(l_ptr + row * NUM_SPLITS + s, mask=ok, other=0.0, cache_modifier=".cg")
+        w = tl.where(lb > 0, tl.exp(mb - m_max), 0.0)  # [SB]
+        acc = tl.load(acc_ptr + (row * NUM_SPLITS + s)[:, None] * HEAD_DIM + d[None, :], mask=ok[:, None], other=0.0,
+                      cache_modifier=".cg")  # [SB, hd]
+        total += tl.sum(acc * w[:, None], axis=0)
+        weight += lb * w
+    tl.store(out_ptr + row * HEAD_DIM + d, (total / tl.sum(weight, axis=0)).to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -121,19 +173,22 @@ def _split_rows_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, acc_ptr, m_ptr, l_ptr,
 
 
 @triton.jit
-def _reduce_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                   NUM_HEADS: tl.constexpr, PDL: tl.constexpr):
+def _reduce_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, pos_ptr, window, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                   NUM_HEADS: tl.constexpr, PDL: tl.constexpr, SPLIT: tl.constexpr = 0):
+    """SPLIT > 0: split s holds positions [s * SPLIT, (s + 1) * SPLIT) and only those holding keys of the token (at
+    pos_ptr[token], within `window`) were written; 0: every split was (extend attention's key splits)."""
     wait_for_prior(PDL)
-    head = tl.program_id(1) * NUM_HEADS + tl.program_id(0)  # token * heads + head: a row of [T * heads, hd]
-    s = tl.arange(0, NUM_SPLITS)
-    d = tl.arange(0, HEAD_DIM)
-    m = tl.load(m_ptr + head * NUM_SPLITS + s)  # [S]; -inf for empty splits
-    l = tl.load(l_ptr + head * NUM_SPLITS + s)  # [S]
-    m_max = tl.max(m, axis=0)
-    w = tl.where(l > 0, tl.exp(m - m_max), 0.0)  # [S]
-    acc = tl.load(acc_ptr + (head * NUM_SPLITS + s)[:, None] * HEAD_DIM + d[None, :])  # [S, hd]
-    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
-    tl.store(out_ptr + head * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
+    token = tl.program_id(1)
+    row = token * NUM_HEADS + tl.program_id(0)  # a row of [T * heads, hd]
+    # Only the splits holding keys of this token ([start, pos]) are read: past them the split kernels wrote nothing
+    # (the rest of a cache-long workspace: at a 4096-position cache and context 300, 118 of 128 splits).
+    if SPLIT > 0:
+        pos = tl.load(pos_ptr + token)
+        s_lo = tl.maximum(pos + 1 - window, 0) // SPLIT
+        s_hi = pos // SPLIT + 1
+        _combine(acc_ptr, m_ptr, l_ptr, out_ptr, row, s_lo, s_hi, HEAD_DIM, NUM_SPLITS, COMBINE_SPLITS)
+    else:  # extend attention's key splits: all of them in one tile (its sums as before the split ranges)
+        _combine(acc_ptr, m_ptr, l_ptr, out_ptr, row, 0, NUM_SPLITS, HEAD_DIM, NUM_SPLITS, NUM_SPLITS)
 
 
 class DecodeAttention:
@@ -141,14 +196,19 @@ class DecodeAttention:
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, max_context: int,
                  device: torch.device, sliding_window: int | None = None, split_size: int | None = None,
-                 max_tokens: int = 1, pdl: bool = False, batched: bool = False, num_warps: int | None = None) -> None:
+                 max_tokens: int = 1, pdl: bool = False, batched: bool = False, num_warps: int | None = None,
+                 fused_reduce: bool = False) -> None:
         """`max_tokens` > 1: a verify step's tokens (one sequence, consecutive positions), or with `batched` the
         tokens of a batched decode (one per KV slot: `__call__`'s slots). `num_warps`: the one-query kernel's
-        (default Triton's, 4; `bench.probes.decode_attention` sweeps it)."""
+        (default: ROW_WARPS or BATCH_WARPS with the default split, else Triton's 4; `bench.probes.decode_attention`
+        sweeps it). `fused_reduce`: the one-query kernel's last program per query head combines the splits (one
+        kernel per call instead of two; off by default: not faster on 7B in the whole step, see ROW_SPLIT_SIZE; the
+        verify kernel keeps its reduce kernel)."""
         if head_dim & (head_dim - 1):
             raise ValueError(f"decode attention needs a power-of-two head_dim, got {head_dim}")
         self.num_heads, self.group, self.head_dim = num_heads, num_heads // num_kv_heads, head_dim
-        self.split = split_size or SPLIT_SIZE
+        one_query = max_tokens == 1 or batched  # `_split_kernel`; else the verify step's `_split_rows_kernel`
+        self.split = split_size or (SPLIT_SIZE if not one_query else BATCH_SPLIT_SIZE if batched else ROW_SPLIT_SIZE)
         self.num_splits = triton.next_power_of_2(triton.cdiv(max_context, self.split))
         self.window = sliding_window or (1 << 30)
         self.scale = head_dim ** -0.5
@@ -156,11 +216,16 @@ class DecodeAttention:
         self.max_tokens = max_tokens
         self.batched = batched
         self.pdl = pdl  # launch with programmatic dependent launch (kernels/pdl.py)
+        if num_warps is None and one_query and split_size is None:
+            num_warps = BATCH_WARPS if batched else ROW_WARPS
         self.warps = {} if num_warps is None else {"num_warps": num_warps}
         self.rows = max(16, triton.next_power_of_2(self.group * max_tokens))  # the multi-token kernel's rows
         self.acc = torch.empty(max_tokens, num_heads, self.num_splits, head_dim, **f32)
         self.m = torch.empty(max_tokens, num_heads, self.num_splits, **f32)
         self.l = torch.empty(max_tokens, num_heads, self.num_splits, **f32)
+        self.fused_reduce = fused_reduce and one_query
+        # per query row, how many of its split programs have finished (the last one resets it)
+        self.counts = torch.zeros(max_tokens * num_heads, device=device, dtype=torch.int32)
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, position: torch.Tensor,
                  out: torch.Tensor, slots: torch.Tensor | None = None, slot_stride: int = 0) -> torch.Tensor:
@@ -178,11 +243,13 @@ class DecodeAttention:
         if self.max_tokens == 1 or self.batched:
             _split_kernel[(self.num_heads, self.num_splits, tokens)](
                 q, k_cache, v_cache, position, slots if slots is not None else position, self.acc, self.m, self.l,
-                *strides, slot_stride, self.scale, self.window,
+                self.counts, out, *strides, slot_stride, self.scale, self.window,
                 GROUP=self.group, HEAD_DIM=self.head_dim, SPLIT=self.split, BLOCK=block,
-                NUM_SPLITS=self.num_splits, NUM_HEADS=self.num_heads, SLOTS=slots is not None, PDL=self.pdl,
-                **self.warps, **launch_options(self.pdl),
+                NUM_SPLITS=self.num_splits, NUM_HEADS=self.num_heads, SLOTS=slots is not None,
+                FUSED_REDUCE=self.fused_reduce, PDL=self.pdl, **self.warps, **launch_options(self.pdl),
             )
+            if self.fused_reduce:
+                return out
         else:
             _split_rows_kernel[(self.num_heads // self.group, self.num_splits)](
                 q, k_cache, v_cache, position, self.acc, self.m, self.l, *strides, self.scale, self.window, tokens,
@@ -191,7 +258,8 @@ class DecodeAttention:
                 IEEE=k_cache.dtype == torch.float32, num_warps=4 if self.rows * self.head_dim <= 4096 else 8,
                 PDL=self.pdl, **launch_options(self.pdl),
             )
-        _reduce_kernel[(self.num_heads, tokens)](self.acc, self.m, self.l, out, HEAD_DIM=self.head_dim,
-                                                 NUM_SPLITS=self.num_splits, NUM_HEADS=self.num_heads, PDL=self.pdl,
+        _reduce_kernel[(self.num_heads, tokens)](self.acc, self.m, self.l, out, position, self.window,
+                                                 HEAD_DIM=self.head_dim, NUM_SPLITS=self.num_splits,
+                                                 NUM_HEADS=self.num_heads, PDL=self.pdl, SPLIT=self.split,
                                                  **launch_options(self.pdl))
         return out

@@ -150,6 +150,7 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         SPLIT=ws.split if ws is not None else BLOCK_N, NUM_SPLITS=splits, NUM_HEADS=heads, PARTIAL=ws is not None,
         num_warps=4, num_stages=2)
     if ws is not None:
-        _reduce_kernel[(heads, t)](ws.acc, ws.m, ws.l, out, HEAD_DIM=hd, NUM_SPLITS=splits, NUM_HEADS=heads,
-                                   PDL=False)
+        # every key split is written here (SPLIT=0: the reduce reads them all; positions and window unused)
+        _reduce_kernel[(heads, t)](ws.acc, ws.m, ws.l, out, positions, 0, HEAD_DIM=hd, NUM_SPLITS=splits,
+                                   NUM_HEADS=heads, PDL=False)
     return out

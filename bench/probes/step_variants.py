@@ -1,0 +1,99 @@
+"""Probe: the batch-1 decode step (`FusedDecoder.step` as a CUDA graph) under several decode-attention
+configurations, timed in alternating rounds in one process so that the host and the card are the same for all.
+
+    python -m bench.probes.step_variants [--models llama-2-7b,smollm2-135m] [--contexts 300,2000]
+        [--variants "split=64,warps=4,fused=0;split=32,warps=1,fused=1"] [--rounds 3] [--max-context 4096]
+
+A variant is `key=value` pairs joined by commas: split (positions per split), warps (the one-query kernel's),
+fused (1: the last split program combines the splits; 0: a reduce kernel after). Prints the median of each variant's per-round medians and its ratio to the first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+from bench.floors import time_gpu
+from bench.probes.verify_plan import graphed
+from graph_executor.fused_decoder import FusedDecoder
+from graph_executor.kernels.decode_attention import DecodeAttention
+from graph_executor.loading.loader import LoadConfig, load_model
+
+# the first: the decode attention before the fourteenth session (every split 64 on Triton's 4 warps, reduce kernel)
+DEFAULT_VARIANTS = ("split=64,warps=4,fused=0;split=64,warps=2,fused=1;split=64,warps=2,fused=0;"
+                    "split=32,warps=1,fused=1;split=32,warps=2,fused=1;split=64,warps=4,fused=0")
+
+
+def parse_variant(text: str) -> dict[str, int]:
+    """'split=32,warps=1' -> {"split": 32, "warps": 1, "fused": 1} (fused on unless said)."""
+    variant = {"fused": 1}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        if key not in ("split", "warps", "fused") or not value.isdigit():
+            raise SystemExit(f"bad variant item {item!r} in {text!r} (split=, warps=, fused=)")
+        variant[key] = int(value)
+    return variant
+
+
+def build(model, variant: dict[str, int]) -> FusedDecoder:
+    decoder = FusedDecoder(model)
+    cfg = model.config
+    decoder.attention = DecodeAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, model.max_context,
+                                        model.embed_tokens.device, cfg.sliding_window, variant.get("split"),
+                                        pdl=decoder.pdl, num_warps=variant.get("warps"),
+                                        fused_reduce=bool(variant["fused"]))
+    return decoder
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="llama-2-7b,smollm2-135m", help="comma list of dummy presets")
+    ap.add_argument("--contexts", default="300,2000", help="comma list of decode positions")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help="';'-separated variants (see the module doc)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds over the variants")
+    ap.add_argument("--max-context", type=int, default=4096, help="the KV cache's positions")
+    args = ap.parse_args(argv)
+    variants = [(text, parse_variant(text)) for text in args.variants.split(";")]
+    contexts = [int(c) for c in args.contexts.split(",")]
+    device = torch.device("cuda")
+    print(f"batch-1 decode step on {torch.cuda.get_device_name()}, CUDA graph replays, cache {args.max_context}, "
+          f"median of {args.rounds} alternating rounds")
+    print("| model | context | variant | ms/step | vs first | logits max abs diff vs first |")
+    print("|---|---|---|---|---|---|")
+    for preset in args.models.split(","):
+        loaded = load_model(LoadConfig(model=f"dummy:{preset}", device="cuda", dtype="float16",
+                                       max_context=args.max_context, progress=False))
+        model = loaded.model
+        token = torch.full((1,), 7, dtype=torch.int64, device=device)
+        for context in contexts:
+            position = torch.full((1,), context, dtype=torch.int64, device=device)
+            graphs, outs, decoders = [], [], []  # the decoders own the buffers their graphs write: keep them
+            for _, variant in variants:
+                decoder = build(model, variant)
+                decoders.append(decoder)
+                out = torch.empty(model.config.vocab_size, dtype=torch.float32, device=device)
+                graphs.append(graphed(lambda d=decoder, o=out: d.step(token, position, o)))
+                outs.append(out)
+            times: list[list[float]] = [[] for _ in variants]
+            for _ in range(args.rounds):
+                for i, graph in enumerate(graphs):
+                    times[i].append(time_gpu(graph.replay, device) * 1e3)
+            logits = []
+            for graph, out in zip(graphs, outs):
+                graph.replay()
+                torch.cuda.synchronize()
+                logits.append(out.clone())
+            first = statistics.median(times[0])
+            for (text, _), t, lg in zip(variants, times, logits):
+                ms = statistics.median(t)
+                diff = float((lg - logits[0]).abs().max())
+                print(f"| {preset} | {context} | {text} | {ms:.3f} | {ms / first:.3f} | {diff:.2e} |", flush=True)
+            del graphs, decoders
+        del model, loaded
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
