@@ -5,7 +5,9 @@ the same step on its own part. The collectives inside the step (`TensorParallel.
 meet, and rank 0 writes the logits into the shared step buffers.
 
 CPU (gloo) and eager steps for now: no CUDA graphs (on GPUs the relay would move inside the graphs, as a broadcast
-from a device buffer), no speculative decoding.
+from a device buffer). Speculative decoding relays its verify steps like the others: the ids (the n-gram proposals of
+the command, or the draft's, which runs whole on rank 0 and writes them into its input ids first) travel with the
+step, and the acceptance runs on rank 0 only, over the gathered logits.
 """
 
 from __future__ import annotations
@@ -15,13 +17,21 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from graph_executor.runner import ModelRunner, check_batch, check_slot, check_span, prefill_chunks
+from graph_executor.runner import (
+    ModelRunner,
+    check_batch,
+    check_slot,
+    check_span,
+    check_tokens,
+    check_verify,
+    prefill_chunks,
+)
 from graph_executor.tensor_parallel import TensorParallel
 from ipc.messages import PromptChunk
 from ipc.step_buffers import StepBuffers
 
 HEADER = 6  # int64 fields: kind, then the kind's sizes, then the payload's length
-PREFILL, DECODE, DECODE_BATCH, STOP = 1, 2, 3, 4
+PREFILL, DECODE, DECODE_BATCH, STOP, VERIFY = 1, 2, 3, 4, 5
 
 
 class LeaderRunner:
@@ -59,13 +69,20 @@ class LeaderRunner:
         self.inner.decode_batch(slots, positions)
 
     def verify(self, position: int, num_tokens: int, tokens: list[int] | None = None, accept: bool = False) -> None:
-        raise ValueError("speculative decoding does not run with --tensor-parallel yet")
+        """ModelRunner.verify, relayed: `tokens` (else what input_ids holds there: the draft's proposals) go to every
+        rank; only rank 0 runs the acceptance (`accept`), read with `wait_accepted`."""
+        check_verify(self.max_context, position, num_tokens)
+        if tokens is not None:
+            check_tokens(tokens, num_tokens, self.model.config.vocab_size)
+            self.buffers.input_ids[position:position + num_tokens].copy_(torch.tensor(tokens, dtype=torch.int64))
+        self._relay(VERIFY, (position, num_tokens), self.buffers.input_ids[position:position + num_tokens])
+        self.inner.verify(position, num_tokens, None, accept)
 
     def wait_enqueued(self) -> None:
         """Steps run when called (the CPU path): nothing to wait for."""
 
     def wait_accepted(self) -> list[int]:
-        raise ValueError("speculative decoding does not run with --tensor-parallel yet")
+        return self.inner.wait_accepted()
 
     def stop(self) -> None:
         """Tell the other ranks to leave their loops (the executor is exiting)."""
@@ -103,5 +120,9 @@ def follow(model, tp: TensorParallel) -> None:
             slots, positions, tokens = payload[:b], payload[b:2 * b], payload[2 * b:]
             buffers.next_token.index_copy_(0, slots, tokens)
             runner.decode_batch(slots.tolist(), positions.tolist())
+        elif kind == VERIFY:
+            position, num_tokens = sizes[:2]
+            buffers.input_ids[position:position + num_tokens].copy_(payload)
+            runner.verify(position, num_tokens)
         else:
             raise RuntimeError(f"tensor-parallel rank {tp.rank}: unknown step kind {kind} from rank 0")

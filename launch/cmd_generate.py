@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     args.ranks = tensor_parallel(args)
     if args.ranks > 1 and (args.in_process or args.connect):
         raise ValueError("--tensor-parallel starts its own server's ranks: not with --in-process or --connect")
-    args.speculation = speculative_config(args, batched=args.ranks > 1)
+    args.speculation = speculative_config(args)
     template = chat_template(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     messages = [{"role": "user", "content": prompt}]

@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
                           chat_template=chat_template(args),
                           ready_timeout_s=args.ready_timeout, mps=args.mps, step_timeout_s=args.step_timeout,
                           api_key=args.api_key,
-                          speculation=speculative_config(args, batched=seqs > 1 or ranks > 1),
+                          speculation=speculative_config(args, batched=seqs > 1),
                           draft_model=args.draft_model, log_requests=not args.quiet,
                           prefix_reuse=not args.no_prefix_reuse, tensor_parallel=ranks)
     if args.api_key is None and not is_loopback(args.host):

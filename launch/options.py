@@ -122,8 +122,8 @@ def add_tensor_parallel_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="split the model over N executor processes (Megatron-style: attention heads and the MLP by "
                         "rank, an all-reduce after o_proj and down_proj, the logits gathered), rank 0 relaying each "
-                        "step to the others; each rank loads only its slices. CPU only for now (gloo), dense weights, "
-                        "no speculative decoding (default: 1)")
+                        "step to the others; each rank loads only its slices; a --draft-model runs whole on rank 0. "
+                        "CPU only for now (gloo), dense weights (default: 1)")
 
 
 def tensor_parallel(args: argparse.Namespace) -> int:
@@ -131,8 +131,8 @@ def tensor_parallel(args: argparse.Namespace) -> int:
     n = args.tensor_parallel
     if n < 1:
         raise ValueError(f"--tensor-parallel must be >= 1, got {n}")
-    if n > 1 and args.speculative not in (None, "off"):
-        raise ValueError(f"--speculative {args.speculative} needs --tensor-parallel 1 for now")
+    if n > 1 and getattr(args, "quantize", None) not in (None, "none"):
+        raise ValueError(f"--quantize {args.quantize} needs --tensor-parallel 1 for now (the ranks load dense weights)")
     return n
 
 

@@ -5,9 +5,10 @@
   heads than ranks (replicated) and Qwen2 (QKV bias); shapes that do not divide are one-line errors;
 - each rank loads only its part of a checkpoint (safetensors by slice, GGUF cut after reading), equal to the
   whole model's slices;
-- the served path: `hybridrt serve --tensor-parallel 2` on a Llama 3-style HF folder, and `--tensor-parallel 3` on
-  SmolLM2-135M (9 heads, 3 KV heads; batched requests), give the greedy tokens of the whole model in process; a rank killed mid-request ends the server with one line naming it, nothing left running; a model
-  whose heads do not divide is one line at start.
+- the served path: `hybridrt serve --tensor-parallel 2` on a Llama 3-style HF folder (also speculating: n-gram, and a
+  draft run whole on rank 0), and `--tensor-parallel 3` on SmolLM2-135M (9 heads, 3 KV heads; batched requests), give
+  the greedy tokens of the whole model in process; a rank killed mid-request ends the server with one line naming
+  it, nothing left running; a model whose heads do not divide is one line at start.
 """
 
 from __future__ import annotations
@@ -264,3 +265,36 @@ def test_two_ranks_serve_a_checkpoints_greedy_tokens(tmp_path):
         with Client(server.address) as client:
             got = [list(client.generate(token_ids=p, params=params))[-1].token_ids for p in prompts]
     assert got == want
+
+
+@pytest.mark.parametrize("method", ["draft", "ngram"])
+def test_two_ranks_speculate_with_the_whole_models_greedy_tokens(method, tmp_path):
+    """Speculative decoding over two ranks: every verify step is relayed (its ids: the draft's, written on rank 0,
+    or the n-gram proposals of the command) and the greedy tokens are the whole model's without speculation. The draft
+    is the model itself (run whole on rank 0), so it proposes what the ranks then accept."""
+    import transformers
+
+    from graph_executor.loading.loader import LoadConfig
+    from jit_context.sampling_params import SamplingParams
+    from launch.client import Client
+    from launch.local import LocalEngine
+    from tests.serve_process import ServeProcess
+    from tests.test_model_equivalence import make_hf_model
+
+    make_hf_model(transformers.LlamaConfig, dict(num_key_value_heads=2), seed=7).save_pretrained(tmp_path)
+    params = {"max_tokens": 24, "temperature": 0.0, "ignore_eos": True}
+    prompt = [5, 9, 200, 17, 5, 9, 200, 17, 5, 9]  # a repeat for the n-gram proposer to find
+    alone = LocalEngine(LoadConfig(model=str(tmp_path), device="cpu", dtype="float32", progress=False))
+    want = list(alone.generator.generate(prompt, SamplingParams(**params)))[-1].token_ids
+    flags = ["--speculative", method, "--num-speculative-tokens", "4", "--no-adaptive-k"]
+    if method == "draft":
+        flags += ["--draft-model", str(tmp_path)]
+    with ServeProcess("--tensor-parallel", "2", *flags, http=False,
+                      model_flags=("--model", str(tmp_path), "--device", "cpu", "--dtype", "float32")) as server:
+        with Client(server.address) as client:
+            final = list(client.generate(token_ids=prompt, params=params))[-1]
+    assert final.token_ids == want
+    spec = final.timings["speculation"]
+    assert spec["num_draft_tokens"] > 0, spec  # verify steps ran over the ranks
+    if method == "draft":
+        assert spec["num_accepted_tokens"] == spec["num_draft_tokens"], spec  # the model proposing itself
