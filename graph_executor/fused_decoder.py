@@ -1,7 +1,12 @@
 """The decode step on the GPU as 7 fused kernel launches per layer (see kernels/gemv.py), over a workspace
 allocated once: the body of the decode CUDA graph. Numerically the same function as `LlamaModel.forward` on
 one token (up to rounding: RMSNorm is applied inside the GEMV in float32). Dense and packed weights alike:
-`kernels/projections.py` picks each slot's kernel."""
+`kernels/projections.py` picks each slot's kernel.
+
+On a tensor-parallel rank (`model.tp`, graph_executor/tensor_parallel.py) the same kernels run on the rank's part:
+o_proj and down_proj add their partial products into the residual as on one rank, except that ranks > 0 zero it
+first (rank 0's copy carries the residual once), then one all-reduce sums it; lm_head writes the rank's vocabulary
+rows, gathered into the logits. The collectives are the process group's (NCCL ones can sit inside a CUDA graph)."""
 
 from __future__ import annotations
 
@@ -95,6 +100,10 @@ class FusedDecoder:
         sizes = [decode_scratch_size(w, self.plan[name]) for w, name in slots]
         floats, counters = max(f for f, _ in sizes), max(c for _, c in sizes)
         self.scratch = SplitKScratch.zeros(floats, counters, device) if floats or counters else None
+        self.tp = model.tp if model.tp is not None and model.tp.size > 1 else None
+        # a tensor-parallel rank's logits for its V / N vocabulary rows, [V / N] float32, gathered into the step's
+        self.local_logits = None if self.tp is None else torch.empty(
+            cfg.vocab_size // self.tp.size, device=device, dtype=torch.float32)
 
     @torch.inference_mode()
     def step(self, token: torch.Tensor, position: torch.Tensor, logits: torch.Tensor,
@@ -113,7 +122,24 @@ class FusedDecoder:
             rope_append(self.qkv, position, m.rope, self.q, cache[0], cache[1], cfg.num_heads, cfg.num_kv_heads,
                         cfg.head_dim, pdl=self.pdl, slots=slot, slot_stride=stride)
             self.attention(self.q, cache[0], cache[1], position, self.attn, slots=slot, slot_stride=stride)
+            self._partial(x)
             gemv_residual(layer.o_proj, self.attn.view(-1), x, cfg=g["o"], scratch=sc)
+            self._reduce(x)
             rmsnorm_gemv(layer.gate_up_proj, x, layer.mlp_norm, eps, self.gate_up, cfg=g["gate_up"], scratch=sc)
+            self._partial(x)
             silu_gemv_residual(layer.down_proj, self.gate_up, x, cfg=g["down"], scratch=sc)
-        return rmsnorm_gemv(m.lm_head, x, m.norm, eps, logits, cfg=g["lm_head"], scratch=sc)
+            self._reduce(x)
+        if self.tp is None:
+            return rmsnorm_gemv(m.lm_head, x, m.norm, eps, logits, cfg=g["lm_head"], scratch=sc)
+        rmsnorm_gemv(m.lm_head, x, m.norm, eps, self.local_logits, cfg=g["lm_head"], scratch=sc)
+        return self.tp.gather_vocab_into(logits, self.local_logits)
+
+    def _partial(self, x: torch.Tensor) -> None:
+        """Before a projection split by input columns adds its product into the residual x [H]: on a tensor-parallel
+        rank > 0, x starts from zero, so that the all-reduce after it sums the residual once and every rank's part."""
+        if self.tp is not None and self.tp.rank > 0:
+            x.zero_()
+
+    def _reduce(self, x: torch.Tensor) -> None:
+        if self.tp is not None:
+            self.tp.all_reduce(x)

@@ -117,6 +117,14 @@ class TensorParallel:
         dist.all_gather(parts, local.contiguous())
         return torch.cat(parts, dim=-1)
 
+    def gather_vocab_into(self, out: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        """[V / N] logits of this rank's vocabulary rows -> out [V] on every rank, in place (no allocation: the
+        fused decode step's graph-safe form of `gather_vocab`)."""
+        if self.size == 1:
+            return out.copy_(local)
+        dist.all_gather_into_tensor(out, local)
+        return out
+
 
 def shard_model(full, tp: TensorParallel, slots: int = 1):
     """This rank's `LlamaModel` with its slices of `full`'s dense weights (a whole model built the same way on every

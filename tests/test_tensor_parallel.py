@@ -82,6 +82,51 @@ def _rank(rank: int, size: int, port: int, name: str, results: str) -> None:
         dist.destroy_process_group()
 
 
+FUSED_STEPS = 3
+
+
+def _fused_rank(rank: int, size: int, port: int, name: str, results: str) -> None:
+    """The GPU path's decode step (`FusedDecoder`, its Triton kernels under the interpreter here) on this rank's part,
+    after an eager prefill of the prompt on the ranks, against the whole model's eager decode."""
+    import torch.distributed as dist
+
+    from graph_executor.fused_decoder import FusedDecoder
+    from graph_executor.tensor_parallel import shard_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    try:
+        whole = _whole(CONFIGS[name])
+        part = shard_model(whole, TensorParallel(rank, size))
+        n = len(PROMPT)
+        for model in (whole, part):  # both caches hold the prompt
+            model(torch.tensor(PROMPT), torch.arange(n), torch.tensor([n - 1]), n)
+        decoder = FusedDecoder(part)
+        diffs, scale, token = [], 0.0, 7
+        for p in range(n, n + FUSED_STEPS):
+            got = torch.full((CONFIGS[name].vocab_size,), float("nan"))
+            decoder.step(torch.tensor([token]), torch.tensor([p]), got)
+            want = whole(torch.tensor([token]), torch.tensor([p]), torch.tensor([0]), p + 1)[0]
+            diffs.append(float((got - want).abs().max()))
+            scale = max(scale, float(want.abs().max()))
+            token = int(want.argmax())
+        torch.save({"diffs": diffs, "scale": scale}, f"{results}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", ["qwen2-bias", "gqa-replicated-kv"])
+def test_two_ranks_fused_decode_steps_give_the_whole_models_logits(name, tmp_path):
+    """The fused decode step on two ranks (o_proj and down_proj's partial products summed by an all-reduce of the
+    residual, lm_head's vocabulary rows gathered): each step's logits, on every rank, are the whole model's."""
+    results = str(tmp_path / "result")
+    mp.spawn(_fused_rank, args=(2, _free_port(), name, results), nprocs=2, join=True)
+    for rank in range(2):
+        r = torch.load(f"{results}.{rank}")
+        assert len(r["diffs"]) == FUSED_STEPS and r["scale"] > 0.1
+        assert max(r["diffs"]) <= 1e-4 * r["scale"], (name, rank, r)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
