@@ -1,8 +1,10 @@
 """How the ranks of a tensor-parallel executor run the same steps (issue 15): the JIT context talks to rank 0 only;
-rank 0 (`LeaderRunner`) relays each step to the other ranks over the process group, as a fixed header (the step's kind
-and sizes) and its input ids, then runs its own part; every other rank (`follow`) waits for the next header and runs
-the same step on its own part. The collectives inside the step (`TensorParallel.all_reduce`, `gather_vocab`) then
-meet, and rank 0 writes the logits into the shared step buffers.
+rank 0 (`LeaderRunner`) relays each step to the other ranks over the process group, as a fixed header of host ints
+(the step's kind and sizes: a CPU tensor, gloo) and its input ids broadcast from where they are (rank 0's step
+buffers: on a GPU a device-to-device broadcast, which rank 0 enqueues without waiting for the JIT context's
+writes), then runs its own part; every other rank (`follow`) waits for the next header, receives the ids into its
+own step buffers and runs the same step on its own part. The collectives inside the step
+(`TensorParallel.all_reduce`, `gather_vocab`) then meet, and rank 0 writes the logits into the shared step buffers.
 
 CPU (gloo) and eager steps for now: no CUDA graphs (on GPUs the relay would move inside the graphs, as a broadcast
 from a device buffer). Speculative decoding relays its verify steps like the others: the ids (the n-gram proposals of
@@ -30,7 +32,7 @@ from graph_executor.tensor_parallel import TensorParallel
 from ipc.messages import PromptChunk
 from ipc.step_buffers import StepBuffers
 
-HEADER = 6  # int64 fields: kind, then the kind's sizes, then the payload's length
+HEADER = 6  # int64 fields: kind, the kind's sizes (up to 3), the host payload's length, the ids' length
 PREFILL, DECODE, DECODE_BATCH, STOP, VERIFY = 1, 2, 3, 4, 5
 
 
@@ -41,31 +43,35 @@ class LeaderRunner:
         self.inner, self.tp = inner, tp
         self.model, self.buffers, self.max_context = inner.model, inner.buffers, inner.max_context
 
-    def _relay(self, kind: int, sizes: tuple[int, ...], payload: torch.Tensor | None = None) -> None:
+    def _relay(self, kind: int, sizes: tuple[int, ...], host: Sequence[int] = (), ids: torch.Tensor | None = None) -> None:
+        """Header, then `host` ints (a CPU tensor), then `ids` broadcast from their own device (contiguous int64)."""
         header = torch.zeros(HEADER, dtype=torch.int64)
         header[:1 + len(sizes)] = torch.tensor((kind, *sizes))
-        header[-1] = 0 if payload is None else payload.numel()
+        header[-2] = len(host)
+        header[-1] = 0 if ids is None else ids.numel()
         dist.broadcast(header, src=0)
-        if payload is not None:
-            dist.broadcast(payload.contiguous().cpu(), src=0)
+        if host:
+            dist.broadcast(torch.tensor(host, dtype=torch.int64), src=0)
+        if ids is not None:
+            dist.broadcast(ids, src=0)
 
     def prefill(self, num_tokens: int, start_pos: int = 0, slot: int = 0) -> None:
         check_slot(self.model.slots, slot)  # refused here, before the other ranks hear of it
         check_span(self.max_context, start_pos, num_tokens)
         ids = self.buffers.slot_ids(slot)[start_pos:start_pos + num_tokens]
-        self._relay(PREFILL, (num_tokens, start_pos, slot), ids)
+        self._relay(PREFILL, (num_tokens, start_pos, slot), ids=ids)
         self.inner.prefill(num_tokens, start_pos, slot)
 
     def decode(self, position: int) -> None:
         check_span(self.max_context, position, 1)
-        self._relay(DECODE, (position,), self.buffers.token)
+        self._relay(DECODE, (position,), ids=self.buffers.token)
         self.inner.decode(position)
 
     def decode_batch(self, slots: list[int], positions: list[int], chunks: Sequence[PromptChunk] = ()) -> None:
         check_batch(self.model.slots, self.max_context, slots, positions, chunks)
         prefill_chunks(self, chunks)  # each relayed as its own prefill: the ranks run eagerly, in turn
-        tokens = self.buffers.next_token.index_select(0, torch.tensor(slots))
-        self._relay(DECODE_BATCH, (len(slots),), torch.cat([torch.tensor(slots), torch.tensor(positions), tokens]))
+        tokens = self.buffers.next_token.index_select(0, torch.tensor(slots, device=self.buffers.next_token.device))
+        self._relay(DECODE_BATCH, (len(slots),), host=[*slots, *positions], ids=tokens)
         self.inner.decode_batch(slots, positions)
 
     def verify(self, position: int, num_tokens: int, tokens: list[int] | None = None, accept: bool = False) -> None:
@@ -75,7 +81,7 @@ class LeaderRunner:
         if tokens is not None:
             check_tokens(tokens, num_tokens, self.model.config.vocab_size)
             self.buffers.input_ids[position:position + num_tokens].copy_(torch.tensor(tokens, dtype=torch.int64))
-        self._relay(VERIFY, (position, num_tokens), self.buffers.input_ids[position:position + num_tokens])
+        self._relay(VERIFY, (position, num_tokens), ids=self.buffers.input_ids[position:position + num_tokens])
         self.inner.verify(position, num_tokens, None, accept)
 
     def wait_enqueued(self) -> None:
@@ -99,30 +105,33 @@ def follow(model, tp: TensorParallel) -> None:
     runner = ModelRunner(model, StepBuffers.allocate(model.config.vocab_size, model.max_context,
                                                      model.embed_tokens.device, model.slots))
     buffers = runner.buffers
+    device = buffers.input_ids.device
     while True:
         header = torch.zeros(HEADER, dtype=torch.int64)
         dist.broadcast(header, src=0)
-        kind, *sizes, count = header.tolist()
+        kind, *sizes, host_count, id_count = header.tolist()
         if kind == STOP:
             return
-        payload = torch.zeros(count, dtype=torch.int64)
-        if count:
-            dist.broadcast(payload, src=0)
-        if kind == PREFILL:
+        host = torch.zeros(host_count, dtype=torch.int64)
+        if host_count:
+            dist.broadcast(host, src=0)
+        if kind == PREFILL:  # the ids land where rank 0's are: this rank's slot ids at the same positions
             num_tokens, start_pos, slot = sizes[:3]
-            buffers.slot_ids(slot)[start_pos:start_pos + num_tokens].copy_(payload)
+            dist.broadcast(buffers.slot_ids(slot)[start_pos:start_pos + num_tokens], src=0)
             runner.prefill(num_tokens, start_pos, slot)
         elif kind == DECODE:
-            buffers.token.copy_(payload)
+            dist.broadcast(buffers.token, src=0)
             runner.decode(sizes[0])
         elif kind == DECODE_BATCH:
             b = sizes[0]
-            slots, positions, tokens = payload[:b], payload[b:2 * b], payload[2 * b:]
-            buffers.next_token.index_copy_(0, slots, tokens)
-            runner.decode_batch(slots.tolist(), positions.tolist())
+            slots, positions = host[:b].tolist(), host[b:].tolist()
+            tokens = torch.zeros(id_count, dtype=torch.int64, device=device)
+            dist.broadcast(tokens, src=0)
+            buffers.next_token.index_copy_(0, torch.tensor(slots, device=device), tokens)
+            runner.decode_batch(slots, positions)
         elif kind == VERIFY:
             position, num_tokens = sizes[:2]
-            buffers.input_ids[position:position + num_tokens].copy_(payload)
+            dist.broadcast(buffers.input_ids[position:position + num_tokens], src=0)
             runner.verify(position, num_tokens)
         else:
             raise RuntimeError(f"tensor-parallel rank {tp.rank}: unknown step kind {kind} from rank 0")
