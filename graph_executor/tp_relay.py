@@ -43,7 +43,8 @@ class LeaderRunner:
         self.inner, self.tp = inner, tp
         self.model, self.buffers, self.max_context = inner.model, inner.buffers, inner.max_context
 
-    def _relay(self, kind: int, sizes: tuple[int, ...], host: Sequence[int] = (), ids: torch.Tensor | None = None) -> None:
+    def _relay(self, kind: int, sizes: tuple[int, ...], host: Sequence[int] = (),
+               ids: torch.Tensor | None = None) -> None:
         """Header, then `host` ints (a CPU tensor), then `ids` broadcast from their own device (contiguous int64)."""
         header = torch.zeros(HEADER, dtype=torch.int64)
         header[:1 + len(sizes)] = torch.tensor((kind, *sizes))
