@@ -178,15 +178,24 @@ def chat_section(results: dict) -> list[str]:
     if not names:
         return []
     kinds = ("short", "long")
-    rows = [[e, *(f"{results['engines'][e]['chat'][k][m]:.2f}" for k in kinds for m in ("median_ms", "p99_ms"))]
-            for e in names]
+    rows = []
+    for e in names:
+        chat = results["engines"][e]["chat"]
+        for suffix, label in (("", e), ("_http_client", f"{e} (http.client)")):
+            if all(k + suffix in chat for k in kinds):
+                rows.append([label, *(f"{chat[k + suffix][m]:.2f}" for k in kinds for m in ("median_ms", "p99_ms"))])
     head = ["engine", "short chat median ms", "P99", "long chat median ms", "P99"]
     lines = ["## Chat TTFT: text through the server's chat template and tokenizer, one token generated", "",
              *_table(head, rows)]
     if {"hybridrt", "hybridrt-http"} <= set(names):
         native, http = results["engines"]["hybridrt"]["chat"], results["engines"]["hybridrt-http"]["chat"]
+
+        def over(key: str, kind: str) -> str:
+            return f"{http[key]['median_ms'] - native[kind]['median_ms']:+.2f} ms"
+
         lines += ["HTTP API - native client (median): " + ", ".join(
-            f"{k} {http[k]['median_ms'] - native[k]['median_ms']:+.2f} ms" for k in kinds)]
+            f"{k} {over(k, k)}" + (f" (httpx; {over(k + '_http_client', k)} through http.client)"
+                                   if k + "_http_client" in http else "") for k in kinds)]
     return [*lines, ""]
 
 

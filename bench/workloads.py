@@ -129,10 +129,13 @@ def verify_cost(engine: Engine, spec: BenchSpec) -> dict:
 
 def chat(engine: Engine, spec: BenchSpec) -> dict:
     """TTFT of a short and a long chat sent as text (engines with `chat_ttft`: the server's chat template and
-    tokenizer are in the time), one untimed run each first; median/P99/min over `repeats`."""
+    tokenizer are in the time), one untimed run each first; median/P99/min over `repeats`. An engine with a second
+    client (`chat_ttft_http_client`: the HTTP API through the standard library's client) runs each chat through
+    both in turn, reported as "<kind>_http_client"."""
     run = getattr(engine, "chat_ttft", None)
     if run is None:
         return {"skipped": "this engine takes no chats"}
+    lean = getattr(engine, "chat_ttft_http_client", None)
     long_text = json.loads(SPEC_PROMPTS.read_text())["grounded"][0]
     chats = {"short": [{"role": "system", "content": "You are a helpful assistant."},
                        {"role": "user", "content": "Name three primary colours."}],
@@ -141,9 +144,16 @@ def chat(engine: Engine, spec: BenchSpec) -> dict:
     for name, messages in chats.items():
         try:
             run(messages)
+            if lean is not None:
+                lean(messages)
         except EngineUnavailable as e:
             return {"skipped": str(e)}
-        out[name] = ttft_summary([run(messages) for _ in range(spec.repeats)])
+        times: dict[str, list[float]] = {name: [], f"{name}_http_client": []}
+        for _ in range(spec.repeats):  # the two clients alternate: the same server state for both
+            times[name].append(run(messages))
+            if lean is not None:
+                times[f"{name}_http_client"].append(lean(messages))
+        out.update({key: ttft_summary(values) for key, values in times.items() if values})
     return out
 
 

@@ -1,10 +1,13 @@
 """hybridrt through its OpenAI-compatible HTTP API: `hybridrt serve` started as a user starts it (its own process,
 HTTP on a free port), chats streamed over httpx (what the openai SDK uses), the TTFT taken at the first
-server-sent event. Runs the chat workload: token-level workloads need token ids, which the HTTP API does not
-stream."""
+server-sent event; the same chats also through the standard library's http.client (a lean client, as curl is: what
+is left is the server's share; the difference is httpx's). Runs the chat workload: token-level workloads need token
+ids, which the HTTP API does not stream."""
 
 from __future__ import annotations
 
+import http.client
+import json
 import signal
 import subprocess
 import tempfile
@@ -55,6 +58,7 @@ class HybridrtHttpEngine:
         self.proc = subprocess.Popen(serve_argv(spec, port, http_port), stdout=subprocess.DEVNULL,
                                      stderr=self.stderr, text=True)
         self.http = httpx.Client(timeout=spec.timeout_s)  # one keep-alive connection, as an SDK client keeps
+        self.lean = http.client.HTTPConnection("127.0.0.1", http_port, timeout=spec.timeout_s)  # keep-alive too
         try:
             deadline = time.monotonic() + spec.timeout_s
             while not health(http_port):
@@ -90,6 +94,26 @@ class HybridrtHttpEngine:
             raise RuntimeError("the stream carried no event")
         return first
 
+    def chat_ttft_http_client(self, messages: list[dict]) -> float:
+        """The same chat's TTFT (ms) through http.client: the request in one write, the response read as its chunks
+        arrive (then to its end, so that the connection serves the next request)."""
+        body = json.dumps({"model": self.model, "messages": messages, "max_tokens": 1, "temperature": 0.0,
+                           "stream": True}).encode()
+        start = time.perf_counter()
+        self.lean.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+        reply = self.lean.getresponse()
+        if reply.status != 200:
+            raise EngineUnavailable(f"the server cannot run chats: HTTP {reply.status}: {reply.read()[:300]!r}")
+        first, seen = None, b""
+        while data := reply.read1(65536):
+            if first is None:
+                seen += data
+                if b"data: {" in seen:
+                    first = (time.perf_counter() - start) * 1e3
+        if first is None:
+            raise RuntimeError("the stream carried no event")
+        return first
+
     def facts(self) -> dict:
         return {"url": self.url, "model_id": self.model}
 
@@ -98,6 +122,7 @@ class HybridrtHttpEngine:
 
     def close(self) -> None:
         self.http.close()
+        self.lean.close()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
