@@ -164,6 +164,7 @@ def test_dummy_has_real_shapes_and_is_seeded() -> None:
 def test_preset_parameter_counts_are_real() -> None:
     billions = {name: cfg.num_params() / 1e9 for name, cfg in PRESETS.items()}
     assert abs(billions["llama-2-7b"] - 6.74) < 0.01
+    assert abs(billions["llama-2-70b"] - 68.98) < 0.01
     assert abs(billions["llama-3-8b"] - 8.03) < 0.01
     assert abs(billions["llama-3.2-1b"] - 1.24) < 0.01
     assert abs(billions["qwen2.5-7b"] - 7.62) < 0.01

@@ -13,6 +13,8 @@ PRESETS: dict[str, ModelConfig] = {
                               bos_token_id=1, eos_token_ids=(2,)),
     "llama-2-13b": ModelConfig("llama", 32000, 5120, 13824, 40, 40, 40, 128, 4096, 1e-5, 10000.0,
                                bos_token_id=1, eos_token_ids=(2,)),
+    "llama-2-70b": ModelConfig("llama", 32000, 8192, 28672, 80, 64, 8, 128, 4096, 1e-5, 10000.0,
+                               bos_token_id=1, eos_token_ids=(2,)),  # 138 GB in fp16: --tensor-parallel 2 on H200s
     "llama-3-8b": ModelConfig("llama", 128256, 4096, 14336, 32, 32, 8, 128, 8192, 1e-5, 500000.0,
                               bos_token_id=128000, eos_token_ids=(128001, 128009)),
     "llama-3.2-1b": ModelConfig("llama", 128256, 2048, 8192, 16, 32, 8, 64, 131072, 1e-5, 500000.0,
