@@ -30,6 +30,7 @@ from bench.spec import (
 from graph_executor.loading import default_model
 from graph_executor.loading.loader import resolve_model_config
 from graph_executor.memory import check_fits, host_available_bytes
+from graph_executor.tensor_parallel import TensorParallel
 from ipc.errors import DeviceError, HybridrtError
 
 CONTEXT_ROUND = 256  # default max context: what the workloads need, rounded up to this
@@ -143,6 +144,11 @@ def resolve_spec(opts: BenchOptions) -> BenchSpec:
         raise HybridrtError(str(e)) from None
     available = free_bytes(spec)
     if available is not None:  # unknown: skipped (asking CUDA would give this process a context)
+        if spec.tensor_parallel > 1 and device.startswith("cuda"):  # each GPU holds one rank's part
+            try:
+                cfg = TensorParallel(0, spec.tensor_parallel).local_config(cfg)
+            except ValueError as e:
+                raise HybridrtError(str(e)) from None
         check_fits(model, cfg, getattr(torch, spec.dtype), spec.max_context, torch.device(device), available)
     return spec
 

@@ -275,3 +275,16 @@ def test_concurrency_and_turns_workloads_through_a_batching_server(tiny_model, t
     md = (out / "results.md").read_text()
     assert "## Concurrency (hybridrt, --max-num-seqs 2" in md and "## Second turn of a chat (hybridrt, prefix reuse on)" in md
     assert "2 together: all, once all decode" in md
+
+
+def test_a_tensor_parallel_gpu_run_checks_one_ranks_part_against_a_gpu(monkeypatch) -> None:
+    """dummy:llama-2-70b (138 GB in float16) fits two 100 GiB GPUs as two ranks, not one (the fit check of each
+    GPU is the rank's part: its heads, MLP block and vocabulary rows)."""
+    from bench.resolve import BenchOptions, resolve_spec
+
+    monkeypatch.setattr("bench.resolve.resolve_device_name", lambda name: "cuda")
+    monkeypatch.setattr("bench.resolve.free_bytes", lambda spec: 100 * 1024**3)
+    opts = dict(device="cuda", model="dummy:llama-2-70b", dtype="float16", engines="hybridrt", workloads="decode")
+    assert resolve_spec(BenchOptions(**opts, tensor_parallel=2)).tensor_parallel == 2
+    with pytest.raises(HybridrtError, match="does not fit on cuda"):
+        resolve_spec(BenchOptions(**opts))
