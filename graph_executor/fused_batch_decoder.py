@@ -18,11 +18,13 @@ from graph_executor.kernels.gemv_batch import BatchGemvPlan, gemm_residual, rmsn
 from graph_executor.kernels.projections import embedding, prefill_scratch
 from graph_executor.kernels.rope_append import rope_append
 from graph_executor.model import LlamaModel
+from graph_executor.tensor_parallel import refuse_tensor_parallel
 
 
 class FusedBatchDecoder:
     def __init__(self, model: LlamaModel, max_batch: int, plan: BatchGemvPlan = BatchGemvPlan(),
                  pdl: bool | None = None) -> None:
+        refuse_tensor_parallel(model, "the batched decode step")
         cfg = model.config
         device = model.embed_tokens.device
         self.pdl = pdl_launch.supported(device) if pdl is None else pdl

@@ -135,10 +135,8 @@ class FusedDecoder:
         return self.tp.gather_vocab_into(logits, self.local_logits)
 
     def _partial(self, x: torch.Tensor) -> None:
-        """Before a projection split by input columns adds its product into the residual x [H]: on a tensor-parallel
-        rank > 0, x starts from zero, so that the all-reduce after it sums the residual once and every rank's part."""
-        if self.tp is not None and self.tp.rank > 0:
-            x.zero_()
+        if self.tp is not None:
+            self.tp.partial_residual(x)
 
     def _reduce(self, x: torch.Tensor) -> None:
         if self.tp is not None:

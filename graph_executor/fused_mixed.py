@@ -25,6 +25,7 @@ from graph_executor.kernels.decode_attention import DecodeAttention
 from graph_executor.kernels.extend_attention import extend_attention
 from graph_executor.kernels.gemv_batch import BatchGemvPlan, rmsnorm_gemm
 from graph_executor.kernels.projections import prefill_scratch, rmsnorm_gemv
+from graph_executor.tensor_parallel import refuse_tensor_parallel
 
 
 class FusedMixedStep:
@@ -32,6 +33,7 @@ class FusedMixedStep:
         """`prefill`: the step whose row buffers (sized for its largest bucket) and model this one shares; graphs run
         one at a time on one stream, so sharing them is safe. `max_decode`: the most decode rows (B)."""
         model = prefill.model
+        refuse_tensor_parallel(model, "the mixed step")
         cfg = model.config
         device = model.embed_tokens.device
         self.model, self.prefill, self.max_decode = model, prefill, max_decode

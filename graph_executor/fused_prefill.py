@@ -2,7 +2,10 @@
 of ~45): the body of the prefill and chunk CUDA graphs. Residual adds ride in the GEMM (`addmm_`), RMSNorm and
 SwiGLU are one Triton kernel each, RoPE + KV append one kernel, and the lm_head runs on the last valid row only
 through the fused RMSNorm-GEMV, straight into the float32 logits buffer. Packed weights take the low-bit GEMM
-(`kernels/projections.py`), which unpacks tiles in registers: no layer is ever dequantized whole."""
+(`kernels/projections.py`), which unpacks tiles in registers: no layer is ever dequantized whole.
+
+On a tensor-parallel rank (`model.tp`) o_proj and down_proj accumulate into a residual that ranks > 0 zero first, one
+all-reduce each after them, and lm_head's vocabulary rows are gathered into the logits, as in the decode step."""
 
 from __future__ import annotations
 
@@ -30,6 +33,10 @@ class FusedPrefill:
         # split-K partials of the low-bit GEMM for short prompts (None when no projection is packed)
         self.scratch = prefill_scratch([w for layer in model.layers for w in (
             layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)], max_tokens, device)
+        self.tp = model.tp if model.tp is not None and model.tp.size > 1 else None
+        # a tensor-parallel rank's logits for its V / N vocabulary rows, [V / N] float32, gathered into the step's
+        self.local_logits = None if self.tp is None else torch.empty(
+            cfg.vocab_size // self.tp.size, device=device, dtype=torch.float32)
 
     @torch.inference_mode()
     def run(self, ids: torch.Tensor, positions: torch.Tensor, logits_index: torch.Tensor, logits: torch.Tensor,
@@ -60,7 +67,10 @@ class FusedPrefill:
 
         x = self.layers(ids, positions, attend, slot, slots)
         last = x.index_select(0, logits_index)  # [1, H]
-        return rmsnorm_gemv(self.model.lm_head, last[0], self.model.norm, cfg.rms_norm_eps, logits)
+        if self.tp is None:
+            return rmsnorm_gemv(self.model.lm_head, last[0], self.model.norm, cfg.rms_norm_eps, logits)
+        rmsnorm_gemv(self.model.lm_head, last[0], self.model.norm, cfg.rms_norm_eps, self.local_logits)
+        return self.tp.gather_vocab_into(logits, self.local_logits)
 
     def layers(self, ids: torch.Tensor, positions: torch.Tensor,
                attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], slot: int = 0,
@@ -83,9 +93,21 @@ class FusedPrefill:
             rope_append(qkv, positions, m.rope, q, cache[0], cache[1], cfg.num_heads, cfg.num_kv_heads,
                         cfg.head_dim, slots=slots, slot_stride=stride)
             attn = attend(q, cache, b.attn)  # [T, nh * hd]
+            self._partial(x)
             matmul(attn, layer.o_proj, x, accumulate=True, scratch=self.scratch)
+            self._reduce(x)
             rmsnorm_rows(x, layer.mlp_norm, eps, h)
             matmul(h, layer.gate_up_proj, gate_up, scratch=self.scratch)
             silu_mul_rows(gate_up, act)
+            self._partial(x)
             matmul(act, layer.down_proj, x, accumulate=True, scratch=self.scratch)
+            self._reduce(x)
         return x
+
+    def _partial(self, x: torch.Tensor) -> None:
+        if self.tp is not None:
+            self.tp.partial_residual(x)
+
+    def _reduce(self, x: torch.Tensor) -> None:
+        if self.tp is not None:
+            self.tp.all_reduce(x)

@@ -25,6 +25,7 @@ from graph_executor.kernels.rope_append import rope_append
 from graph_executor.kernels.rows import rmsnorm_rows, silu_mul_rows
 from graph_executor.model import LlamaModel
 from graph_executor.row_activations import RowActivations
+from graph_executor.tensor_parallel import refuse_tensor_parallel
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class FusedVerify:
                  pdl: bool | None = None) -> None:
         """`pdl`: launch the step's Triton kernels with programmatic dependent launch (kernels/pdl.py; it pays
         between two of them: RoPE -> attention -> its reduction, gate_up -> SwiGLU); None: where the device has it."""
+        refuse_tensor_parallel(model, "the fused verify step")
         cfg = model.config
         self.model = model
         self.max_tokens = max_tokens

@@ -103,6 +103,13 @@ class TensorParallel:
 
     # -- the collectives of a step ------------------------------------------------------------------------
 
+    def partial_residual(self, x: torch.Tensor) -> None:
+        """Before a projection split by input columns adds its product into the residual x (the fused steps' GEMVs and
+        GEMMs accumulate in place): ranks > 0 start from zero, so that the all-reduce after it sums the residual once
+        and every rank's part."""
+        if self.rank > 0:
+            x.zero_()
+
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum x over the ranks, in place (each rank holds a partial product of the same shape)."""
         if self.size > 1:
@@ -124,6 +131,13 @@ class TensorParallel:
             return out.copy_(local)
         dist.all_gather_into_tensor(out, local)
         return out
+
+
+def refuse_tensor_parallel(model, step: str) -> None:
+    """ValueError for a fused step that has no collectives yet, built on a tensor-parallel rank's part (its logits and
+    residual would be one rank's alone)."""
+    if model.tp is not None and model.tp.size > 1:
+        raise ValueError(f"{step} does not run on a tensor-parallel rank yet (the decode and prefill steps do)")
 
 
 def shard_model(full, tp: TensorParallel, slots: int = 1):

@@ -115,6 +115,63 @@ def _fused_rank(rank: int, size: int, port: int, name: str, results: str) -> Non
         dist.destroy_process_group()
 
 
+def _fused_prefill_rank(rank: int, size: int, port: int, name: str, results: str) -> None:
+    """The GPU path's prefill step (`FusedPrefill`, Triton rows under the interpreter) on this rank's part: the prompt
+    from position 0 (causal attention over the new rows), then 3 more tokens attending from the cache (a chunk),
+    against the whole model's eager forward."""
+    import torch.distributed as dist
+
+    from graph_executor.fused_prefill import FusedPrefill
+    from graph_executor.tensor_parallel import shard_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    try:
+        whole = _whole(CONFIGS[name])
+        part = shard_model(whole, TensorParallel(rank, size))
+        step = FusedPrefill(part, 16)
+        n, more = len(PROMPT), [11, 12, 13]
+        diffs, scale = [], 0.0
+        for ids, start, from_cache in ((PROMPT, 0, False), (more, n, True)):
+            t = len(ids)
+            positions = torch.arange(start, start + t)
+            got = torch.full((CONFIGS[name].vocab_size,), float("nan"))
+            step.run(torch.tensor(ids), positions, torch.tensor([t - 1]), got, from_cache=from_cache)
+            want = whole(torch.tensor(ids), positions, torch.tensor([t - 1]), start + t)[0]
+            diffs.append(float((got - want).abs().max()))
+            scale = max(scale, float(want.abs().max()))
+        torch.save({"diffs": diffs, "scale": scale}, f"{results}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_fused_prefill_steps_give_the_whole_models_logits(tmp_path):
+    """The fused prefill step on two ranks (GQA with bias): a prompt, then a chunk from the cache; every rank's
+    logits are the whole model's."""
+    results = str(tmp_path / "result")
+    mp.spawn(_fused_prefill_rank, args=(2, _free_port(), "qwen2-bias", results), nprocs=2, join=True)
+    for rank in range(2):
+        r = torch.load(f"{results}.{rank}")
+        assert len(r["diffs"]) == 2 and r["scale"] > 0.1
+        assert max(r["diffs"]) <= 1e-4 * r["scale"], (rank, r)
+
+
+def test_fused_steps_without_collectives_refuse_a_rank():
+    """The batched decode, mixed and fused verify steps have no collectives yet: built on a rank's part, they refuse
+    (one line) instead of returning one rank's logits."""
+    from graph_executor.fused_batch_decoder import FusedBatchDecoder
+    from graph_executor.fused_mixed import FusedMixedStep
+    from graph_executor.fused_prefill import FusedPrefill
+    from graph_executor.fused_verify import FusedVerify
+    from graph_executor.tensor_parallel import shard_model
+
+    part = shard_model(_whole(CONFIGS["llama-mha"]), TensorParallel(0, 2))
+    for build in (lambda: FusedBatchDecoder(part, 2), lambda: FusedMixedStep(FusedPrefill(part, 16), 2),
+                  lambda: FusedVerify(part, 4)):
+        with pytest.raises(ValueError, match="does not run on a tensor-parallel rank yet"):
+            build()
+
+
 @pytest.mark.parametrize("name", ["qwen2-bias", "gqa-replicated-kv"])
 def test_two_ranks_fused_decode_steps_give_the_whole_models_logits(name, tmp_path):
     """The fused decode step on two ranks (o_proj and down_proj's partial products summed by an all-reduce of the
