@@ -8,7 +8,8 @@ GEMV (kernels/gemv_rows.py) reads the weights as fast as cuBLAS at these row cou
 fused (two launches fewer per layer; the lm_head writes the float32 logits directly). On qkv, o and down cuBLAS
 reads faster (bench/NOTES.md, issue 11). Packed weights take the prefill step's path throughout. Rows past the
 accepted ones write K/V the next step overwrites before anything reads them (attention reads each query's own
-position), so a rejection needs no cache copy.
+position), so a rejection needs no cache copy. On a tensor-parallel rank the collectives are the decode step's
+(`fused_decoder.py`), the logits gathered row by row.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from graph_executor.kernels.rope_append import rope_append
 from graph_executor.kernels.rows import rmsnorm_rows, silu_mul_rows
 from graph_executor.model import LlamaModel
 from graph_executor.row_activations import RowActivations
-from graph_executor.tensor_parallel import refuse_tensor_parallel
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,6 @@ class FusedVerify:
                  pdl: bool | None = None) -> None:
         """`pdl`: launch the step's Triton kernels with programmatic dependent launch (kernels/pdl.py; it pays
         between two of them: RoPE -> attention -> its reduction, gate_up -> SwiGLU); None: where the device has it."""
-        refuse_tensor_parallel(model, "the fused verify step")
         cfg = model.config
         self.model = model
         self.max_tokens = max_tokens
@@ -67,6 +66,13 @@ class FusedVerify:
         weights = [w for layer in model.layers
                    for w in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)]
         self.scratch = prefill_scratch([*weights, model.lm_head], max_tokens, device)
+        # a tensor-parallel rank (`model.tp`): o/down add into a residual that ranks > 0 zero first, an all-reduce
+        # after each; lm_head's rows [T, V / N] are gathered into the logits through `staging`
+        self.tp = model.tp if model.tp is not None and model.tp.size > 1 else None
+        if self.tp is not None:
+            f32 = dict(device=device, dtype=torch.float32)
+            self.local_logits = torch.empty(max_tokens, cfg.vocab_size // self.tp.size, **f32)
+            self.staging = torch.empty(max_tokens * cfg.vocab_size, **f32)
 
     @torch.inference_mode()
     def run(self, ids: torch.Tensor, positions: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -85,22 +91,38 @@ class FusedVerify:
             rope_append(qkv, positions, m.rope, q, cache[0], cache[1], cfg.num_heads, cfg.num_kv_heads,
                         cfg.head_dim, pdl=pdl)
             self.attention(q, cache[0], cache[1], positions, attn)  # [T, nh, hd]
+            self._partial(x)
             if p.o is not None and dense(layer.o_proj):
                 gemv_residual_rows(layer.o_proj, attn.view(t, cfg.q_size), x, cfg=p.o)
             else:
                 matmul(attn.view(t, cfg.q_size), layer.o_proj, x, accumulate=True, scratch=sc)
+            self._reduce(x)
             if dense(layer.gate_up_proj):
                 rmsnorm_gemv_rows(layer.gate_up_proj, x, layer.mlp_norm, eps, gate_up, cfg=p.gate_up)
             else:
                 rmsnorm_rows(x, layer.mlp_norm, eps, h, pdl=pdl)
                 matmul(h, layer.gate_up_proj, gate_up, scratch=sc)
             silu_mul_rows(gate_up, act, pdl=pdl)
+            self._partial(x)
             matmul(act, layer.down_proj, x, accumulate=True, scratch=sc)
+            self._reduce(x)
+        if self.tp is not None:  # dense weights only on a rank (the loader refuses --quantize with ranks)
+            local = self.local_logits[:t]
+            rmsnorm_gemv_rows(m.lm_head, x, m.norm, eps, local, cfg=p.lm_head)
+            return self.tp.gather_vocab_rows_into(logits, local, self.staging)
         if dense(m.lm_head):
             return rmsnorm_gemv_rows(m.lm_head, x, m.norm, eps, logits, cfg=p.lm_head)  # float32 rows
         rmsnorm_rows(x, m.norm, eps, h)
         matmul(h, m.lm_head, self.logits[:t], scratch=sc)  # [T, V]
         return logits.copy_(self.logits[:t])
+
+    def _partial(self, x: torch.Tensor) -> None:
+        if self.tp is not None:
+            self.tp.partial_residual(x)
+
+    def _reduce(self, x: torch.Tensor) -> None:
+        if self.tp is not None:
+            self.tp.all_reduce(x)
 
 
 def dense(w) -> bool:

@@ -124,6 +124,18 @@ class TensorParallel:
         dist.all_gather(parts, local.contiguous())
         return torch.cat(parts, dim=-1)
 
+    def gather_vocab_rows_into(self, out: torch.Tensor, local: torch.Tensor, staging: torch.Tensor) -> torch.Tensor:
+        """[T, V / N] logits rows of this rank's vocabulary -> out [T, V] on every rank, through `staging` (at least
+        N * T * V / N elements of local's dtype: the ranks' parts land rank after rank, then one copy interleaves
+        them into the rows). No allocation: graph-safe."""
+        if self.size == 1:
+            return out.copy_(local)
+        t, part = local.shape
+        parts = staging.view(-1)[:self.size * t * part].view(self.size * t, part)  # [N * T, V / N]: rank by rank
+        dist.all_gather_into_tensor(parts, local)
+        out.view(t, self.size, part).copy_(parts.view(self.size, t, part).transpose(0, 1))
+        return out
+
     def gather_vocab_into(self, out: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         """[V / N] logits of this rank's vocabulary rows -> out [V] on every rank, in place (no allocation: the
         fused decode step's graph-safe form of `gather_vocab`)."""

@@ -35,17 +35,17 @@ STEPS = 32
 CONTEXT = 64
 
 
-def _whole(cfg: ModelConfig):
+def _whole(cfg: ModelConfig, device: torch.device = torch.device("cpu"), slots: int = 1):
     from graph_executor.loading.loader import _fill_random
     from graph_executor.model import LlamaModel
 
-    model = LlamaModel(cfg, CONTEXT, torch.device("cpu"), torch.float32)
+    model = LlamaModel(cfg, CONTEXT, device, torch.float32, slots=slots)
     _fill_random(model, seed=0)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, b in model.named_buffers():
             if name.endswith("norm") or name.endswith("bias"):
-                b.uniform_(0.5, 1.5, generator=gen)
+                b.copy_(torch.empty(b.shape).uniform_(0.5, 1.5, generator=gen))
     return model
 
 
@@ -156,20 +156,68 @@ def test_two_ranks_fused_prefill_steps_give_the_whole_models_logits(tmp_path):
         assert max(r["diffs"]) <= 1e-4 * r["scale"], (rank, r)
 
 
-def test_fused_steps_without_collectives_refuse_a_rank():
-    """The batched decode, mixed and fused verify steps have no collectives yet: built on a rank's part, they refuse
-    (one line) instead of returning one rank's logits."""
-    from graph_executor.fused_batch_decoder import FusedBatchDecoder
+def test_the_mixed_step_refuses_a_rank():
+    """The mixed step (a batch's decode rows and prompt chunks) has no collectives in its lm_head yet: built on a
+    rank's part, it refuses (one line) instead of returning one rank's logits."""
     from graph_executor.fused_mixed import FusedMixedStep
     from graph_executor.fused_prefill import FusedPrefill
-    from graph_executor.fused_verify import FusedVerify
     from graph_executor.tensor_parallel import shard_model
 
     part = shard_model(_whole(CONFIGS["llama-mha"]), TensorParallel(0, 2))
-    for build in (lambda: FusedBatchDecoder(part, 2), lambda: FusedMixedStep(FusedPrefill(part, 16), 2),
-                  lambda: FusedVerify(part, 4)):
-        with pytest.raises(ValueError, match="does not run on a tensor-parallel rank yet"):
-            build()
+    with pytest.raises(ValueError, match="does not run on a tensor-parallel rank yet"):
+        FusedMixedStep(FusedPrefill(part, 16), 2)
+
+
+def _fused_rows_rank(rank: int, size: int, port: int, name: str, results: str) -> None:
+    """The batched decode step (two KV slots holding different prompts) and the verify step (4 tokens) on this rank's
+    part, Triton under the interpreter, against the whole model's eager steps row by row."""
+    import torch.distributed as dist
+
+    from graph_executor.fused_batch_decoder import FusedBatchDecoder
+    from graph_executor.fused_verify import FusedVerify
+    from graph_executor.tensor_parallel import shard_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    try:
+        cfg = CONFIGS[name]
+        whole = _whole(cfg, slots=2)
+        part = shard_model(whole, TensorParallel(rank, size), slots=2)
+        prompts = [PROMPT, PROMPT[::-1][:5]]
+        for model in (whole, part):
+            for slot, ids in enumerate(prompts):
+                n = len(ids)
+                model(torch.tensor(ids), torch.arange(n), torch.tensor([n - 1]), n, slot=slot)
+        diffs, scale = [], 0.0
+        tokens, positions = torch.tensor([7, 9]), torch.tensor([len(p) for p in prompts])
+        got = torch.full((2, cfg.vocab_size), float("nan"))
+        FusedBatchDecoder(part, 2).step(tokens, positions, torch.tensor([0, 1]), got)
+        for slot in range(2):
+            p = int(positions[slot])
+            want = whole(tokens[slot:slot + 1], positions[slot:slot + 1], torch.tensor([0]), p + 1, slot=slot)[0]
+            diffs.append(float((got[slot] - want).abs().max()))
+            scale = max(scale, float(want.abs().max()))
+        n = len(PROMPT) + 1  # slot 0 after the batched step: verify 4 tokens from there
+        ids, verify_positions = torch.tensor([3, 4, 5, 6]), torch.arange(n, n + 4)
+        got = torch.full((4, cfg.vocab_size), float("nan"))
+        FusedVerify(part, 4).run(ids, verify_positions, got)
+        want = whole(ids, verify_positions, torch.arange(4), n + 4)
+        diffs += [float((g - w).abs().max()) for g, w in zip(got, want)]
+        torch.save({"diffs": diffs, "scale": scale}, f"{results}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", ["qwen2-bias", "llama-mha"])
+def test_two_ranks_batched_decode_and_verify_steps_give_the_whole_models_logits(name, tmp_path):
+    """The fused batched decode (2 slots) and verify (4 rows) steps on two ranks: every row of logits, on every
+    rank, is the whole model's (the rows' gather interleaves the ranks' vocabulary blocks)."""
+    results = str(tmp_path / "result")
+    mp.spawn(_fused_rows_rank, args=(2, _free_port(), name, results), nprocs=2, join=True)
+    for rank in range(2):
+        r = torch.load(f"{results}.{rank}")
+        assert len(r["diffs"]) == 2 + 4 and r["scale"] > 0.1
+        assert max(r["diffs"]) <= 1e-4 * r["scale"], (name, rank, r)
 
 
 @pytest.mark.parametrize("name", ["qwen2-bias", "gqa-replicated-kv"])
