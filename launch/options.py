@@ -38,7 +38,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantize", default=None, metavar="{" + ",".join(QUANTIZE_METHODS) + "}",
                    help="quantize an HF or dummy model at load (round-to-nearest, on the device): int8 (a scale "
                         "per group), int4 (scale and offset per group; embedding and lm_head in int8) or fp8 "
-                        "(e4m3, a scale per row). The GPU reads the packed weights; the CPU dequantizes them at "
+                        "(e4m3, a scale per row; down_proj, embedding and lm_head in int8). The GPU reads the packed weights; the CPU dequantizes them at "
                         "load (same values, no speed-up). GGUF files keep their own quantized types")
     g.add_argument("--quantize-group", type=int, default=DEFAULT_GROUP, metavar="N",
                    help=f"weights per scale for --quantize int8/int4: one of {', '.join(map(str, GROUPS))}; "

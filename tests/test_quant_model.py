@@ -364,3 +364,19 @@ def test_models_endpoint_reports_the_weight_format() -> None:
     with TestClient(app) as client:
         model = client.get("/v1/models").json()["data"][0]
     assert model["id"] == "m" and model["weight_format"] == "int4-g32+offset"
+
+
+def test_fp8_keeps_down_proj_and_the_vocabulary_in_int8():
+    """--quantize fp8: e4m3 rows for qkv, o and gate_up; down_proj (its most sensitive projection) and the vocabulary
+    in int8 g32; a down_proj whose K does not divide by 32 stays fp8."""
+    import dataclasses
+
+    from graph_executor.loading.presets import preset
+
+    cfg = preset("llama-2-7b")
+    plan = quantize_plan("fp8", 32, cfg)
+    assert plan.spec("layers.3.down_proj") == WeightSpec("int8", 32, offset=False)
+    assert plan.spec("embed_tokens") == plan.spec("lm_head") == WeightSpec("int8", 32, offset=False)
+    assert {plan.spec(f"layers.3.{p}").kind for p in ("qkv_proj", "o_proj", "gate_up_proj")} == {"fp8"}
+    odd = quantize_plan("fp8", 32, dataclasses.replace(cfg, intermediate_size=11000))
+    assert odd.spec("layers.0.down_proj").kind == "fp8"
