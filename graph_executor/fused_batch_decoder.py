@@ -19,6 +19,7 @@ from graph_executor.kernels.gemv_batch import BatchGemvPlan, gemm_residual, rmsn
 from graph_executor.kernels.projections import embedding, prefill_scratch
 from graph_executor.kernels.rope_append import rope_append
 from graph_executor.model import LlamaModel
+from graph_executor.tensor_parallel import StepCollectives
 
 
 class FusedBatchDecoder:
@@ -45,20 +46,14 @@ class FusedBatchDecoder:
         # the low-bit GEMM's split-K partials for packed weights (None when every projection is dense)
         self.scratch = prefill_scratch([model.lm_head] + [w for layer in model.layers for w in (
             layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)], max_batch, device)
-        # a tensor-parallel rank (`model.tp`): o/down add into a residual that ranks > 0 zero first, an all-reduce
-        # after each; lm_head's rows [B, V / N] are gathered into the logits through `staging`
-        self.tp = model.tp if model.tp is not None and model.tp.size > 1 else None
-        if self.tp is not None:
-            f32 = dict(device=device, dtype=torch.float32)
-            self.local_logits = torch.empty(max_batch, cfg.vocab_size // self.tp.size, **f32)
-            self.staging = torch.empty(max_batch * cfg.vocab_size, **f32)
+        self.collectives = StepCollectives(model.tp, max_batch, cfg.vocab_size, device)  # a tensor-parallel rank's
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
              logits: torch.Tensor) -> torch.Tensor:
         """tokens, positions, slots: [B] int64 on the device (distinct slots, or repeats of one row: a repeated
         row computes and writes the same values); logits [B, vocab] (float32) written in place."""
-        m, cfg, g, sc = self.model, self.model.config, self.plan, self.scratch
+        m, cfg, g, sc, c = self.model, self.model.config, self.plan, self.scratch, self.collectives
         b, eps, stride = tokens.shape[0], cfg.rms_norm_eps, self.slot_stride
         if b > self.max_batch:
             raise ValueError(f"a batch of {b} sequences, the decoder holds {self.max_batch}")
@@ -70,23 +65,13 @@ class FusedBatchDecoder:
             rope_append(qkv, positions, m.rope, q, cache[0], cache[1], cfg.num_heads, cfg.num_kv_heads,
                         cfg.head_dim, pdl=self.pdl, slots=slots, slot_stride=stride)
             self.attention(q, cache[0], cache[1], positions, attn, slots=slots, slot_stride=stride)
-            self._partial(x)
+            c.before_residual(x)
             gemm_residual(layer.o_proj, attn.view(b, -1), x, cfg=g.o, scratch=sc)
-            self._reduce(x)
+            c.after_residual(x)
             rmsnorm_gemm(layer.gate_up_proj, x, layer.mlp_norm, eps, gate_up, cfg=g.gate_up, scratch=sc)
-            self._partial(x)
+            c.before_residual(x)
             silu_gemm_residual(layer.down_proj, gate_up, x, cfg=g.down, scratch=sc)
-            self._reduce(x)
-        if self.tp is None:
-            return rmsnorm_gemm(m.lm_head, x, m.norm, eps, logits, cfg=g.lm_head, scratch=sc)
-        local = self.local_logits[:b]
-        rmsnorm_gemm(m.lm_head, x, m.norm, eps, local, cfg=g.lm_head, scratch=sc)
-        return self.tp.gather_vocab_rows_into(logits, local, self.staging)
-
-    def _partial(self, x: torch.Tensor) -> None:
-        if self.tp is not None:
-            self.tp.partial_residual(x)
-
-    def _reduce(self, x: torch.Tensor) -> None:
-        if self.tp is not None:
-            self.tp.all_reduce(x)
+            c.after_residual(x)
+        out = c.logits_target(logits)
+        rmsnorm_gemm(m.lm_head, x, m.norm, eps, out, cfg=g.lm_head, scratch=sc)
+        return c.gather(logits, out)

@@ -27,6 +27,7 @@ from graph_executor.kernels.projections import (
 )
 from graph_executor.kernels.rope_append import rope_append
 from graph_executor.model import LlamaModel
+from graph_executor.tensor_parallel import StepCollectives
 
 # Block configs per projection for the packed formats: the best of the probes' sweeps (bench/probes/int4_splitk.py,
 # lowbit_gemv.py) on LLaMA-2-7B shapes on an H200, each projection over 32 layers in one graph (read TB/s in the
@@ -100,17 +101,14 @@ class FusedDecoder:
         sizes = [decode_scratch_size(w, self.plan[name]) for w, name in slots]
         floats, counters = max(f for f, _ in sizes), max(c for _, c in sizes)
         self.scratch = SplitKScratch.zeros(floats, counters, device) if floats or counters else None
-        self.tp = model.tp if model.tp is not None and model.tp.size > 1 else None
-        # a tensor-parallel rank's logits for its V / N vocabulary rows, [V / N] float32, gathered into the step's
-        self.local_logits = None if self.tp is None else torch.empty(
-            cfg.vocab_size // self.tp.size, device=device, dtype=torch.float32)
+        self.collectives = StepCollectives(model.tp, 1, cfg.vocab_size, device)  # a tensor-parallel rank's
 
     @torch.inference_mode()
     def step(self, token: torch.Tensor, position: torch.Tensor, logits: torch.Tensor,
              slot: torch.Tensor | None = None) -> torch.Tensor:
         """token, position: [1] int64 on the device; logits: [vocab] (float32) written in place. `slot` [1] int64:
         the KV slot to decode (read from the device; None: slot 0)."""
-        m, cfg = self.model, self.model.config
+        m, cfg, c = self.model, self.model.config, self.collectives
         eps, g, sc = cfg.rms_norm_eps, self.plan, self.scratch
         stride = m.kv_caches.stride(0)
         embedding(m.embed_tokens, token, self.x)
@@ -122,22 +120,13 @@ class FusedDecoder:
             rope_append(self.qkv, position, m.rope, self.q, cache[0], cache[1], cfg.num_heads, cfg.num_kv_heads,
                         cfg.head_dim, pdl=self.pdl, slots=slot, slot_stride=stride)
             self.attention(self.q, cache[0], cache[1], position, self.attn, slots=slot, slot_stride=stride)
-            self._partial(x)
+            c.before_residual(x)
             gemv_residual(layer.o_proj, self.attn.view(-1), x, cfg=g["o"], scratch=sc)
-            self._reduce(x)
+            c.after_residual(x)
             rmsnorm_gemv(layer.gate_up_proj, x, layer.mlp_norm, eps, self.gate_up, cfg=g["gate_up"], scratch=sc)
-            self._partial(x)
+            c.before_residual(x)
             silu_gemv_residual(layer.down_proj, self.gate_up, x, cfg=g["down"], scratch=sc)
-            self._reduce(x)
-        if self.tp is None:
-            return rmsnorm_gemv(m.lm_head, x, m.norm, eps, logits, cfg=g["lm_head"], scratch=sc)
-        rmsnorm_gemv(m.lm_head, x, m.norm, eps, self.local_logits, cfg=g["lm_head"], scratch=sc)
-        return self.tp.gather_vocab_into(logits, self.local_logits)
-
-    def _partial(self, x: torch.Tensor) -> None:
-        if self.tp is not None:
-            self.tp.partial_residual(x)
-
-    def _reduce(self, x: torch.Tensor) -> None:
-        if self.tp is not None:
-            self.tp.all_reduce(x)
+            c.after_residual(x)
+        out = c.logits_target(logits)
+        rmsnorm_gemv(m.lm_head, x, m.norm, eps, out, cfg=g["lm_head"], scratch=sc)
+        return c.gather(logits, out)

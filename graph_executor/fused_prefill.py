@@ -20,6 +20,7 @@ from graph_executor.kernels.rope_append import rope_append
 from graph_executor.kernels.rows import rmsnorm_rows, silu_mul_rows
 from graph_executor.model import LlamaModel
 from graph_executor.row_activations import RowActivations
+from graph_executor.tensor_parallel import StepCollectives
 
 
 class FusedPrefill:
@@ -33,10 +34,7 @@ class FusedPrefill:
         # split-K partials of the low-bit GEMM for short prompts (None when no projection is packed)
         self.scratch = prefill_scratch([w for layer in model.layers for w in (
             layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)], max_tokens, device)
-        self.tp = model.tp if model.tp is not None and model.tp.size > 1 else None
-        # a tensor-parallel rank's logits for its V / N vocabulary rows, [V / N] float32, gathered into the step's
-        self.local_logits = None if self.tp is None else torch.empty(
-            cfg.vocab_size // self.tp.size, device=device, dtype=torch.float32)
+        self.collectives = StepCollectives(model.tp, 1, cfg.vocab_size, device)  # a tensor-parallel rank's
 
     @torch.inference_mode()
     def run(self, ids: torch.Tensor, positions: torch.Tensor, logits_index: torch.Tensor, logits: torch.Tensor,
@@ -67,10 +65,9 @@ class FusedPrefill:
 
         x = self.layers(ids, positions, attend, slot, slots)
         last = x.index_select(0, logits_index)  # [1, H]
-        if self.tp is None:
-            return rmsnorm_gemv(self.model.lm_head, last[0], self.model.norm, cfg.rms_norm_eps, logits)
-        rmsnorm_gemv(self.model.lm_head, last[0], self.model.norm, cfg.rms_norm_eps, self.local_logits)
-        return self.tp.gather_vocab_into(logits, self.local_logits)
+        out = self.collectives.logits_target(logits)
+        rmsnorm_gemv(self.model.lm_head, last[0], self.model.norm, cfg.rms_norm_eps, out)
+        return self.collectives.gather(logits, out)
 
     def layers(self, ids: torch.Tensor, positions: torch.Tensor,
                attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], slot: int = 0,
@@ -80,7 +77,7 @@ class FusedPrefill:
         layer's cache [2, nkv, C, hd] (slot `slot`'s, or slot 0's when `slots` [T] gives each row's slot on the
         device), as [T, heads * hd], with out [T, heads, hd] to write into. The mixed step shares it
         (`fused_mixed.py`): the two differ only in their attention."""
-        m, cfg = self.model, self.model.config
+        m, cfg, c = self.model, self.model.config, self.collectives
         t, eps = ids.shape[0], cfg.rms_norm_eps
         b = self.buffers.rows(t)
         x, h, qkv, q, gate_up, act = b.x, b.h, b.qkv, b.q, b.gate_up, b.act
@@ -93,21 +90,13 @@ class FusedPrefill:
             rope_append(qkv, positions, m.rope, q, cache[0], cache[1], cfg.num_heads, cfg.num_kv_heads,
                         cfg.head_dim, slots=slots, slot_stride=stride)
             attn = attend(q, cache, b.attn)  # [T, nh * hd]
-            self._partial(x)
+            c.before_residual(x)
             matmul(attn, layer.o_proj, x, accumulate=True, scratch=self.scratch)
-            self._reduce(x)
+            c.after_residual(x)
             rmsnorm_rows(x, layer.mlp_norm, eps, h)
             matmul(h, layer.gate_up_proj, gate_up, scratch=self.scratch)
             silu_mul_rows(gate_up, act)
-            self._partial(x)
+            c.before_residual(x)
             matmul(act, layer.down_proj, x, accumulate=True, scratch=self.scratch)
-            self._reduce(x)
+            c.after_residual(x)
         return x
-
-    def _partial(self, x: torch.Tensor) -> None:
-        if self.tp is not None:
-            self.tp.partial_residual(x)
-
-    def _reduce(self, x: torch.Tensor) -> None:
-        if self.tp is not None:
-            self.tp.all_reduce(x)

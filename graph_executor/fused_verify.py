@@ -26,6 +26,7 @@ from graph_executor.kernels.rope_append import rope_append
 from graph_executor.kernels.rows import rmsnorm_rows, silu_mul_rows
 from graph_executor.model import LlamaModel
 from graph_executor.row_activations import RowActivations
+from graph_executor.tensor_parallel import StepCollectives
 
 
 @dataclass(frozen=True)
@@ -66,19 +67,13 @@ class FusedVerify:
         weights = [w for layer in model.layers
                    for w in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)]
         self.scratch = prefill_scratch([*weights, model.lm_head], max_tokens, device)
-        # a tensor-parallel rank (`model.tp`): o/down add into a residual that ranks > 0 zero first, an all-reduce
-        # after each; lm_head's rows [T, V / N] are gathered into the logits through `staging`
-        self.tp = model.tp if model.tp is not None and model.tp.size > 1 else None
-        if self.tp is not None:
-            f32 = dict(device=device, dtype=torch.float32)
-            self.local_logits = torch.empty(max_tokens, cfg.vocab_size // self.tp.size, **f32)
-            self.staging = torch.empty(max_tokens * cfg.vocab_size, **f32)
+        self.collectives = StepCollectives(model.tp, max_tokens, cfg.vocab_size, device)  # a tensor-parallel rank's
 
     @torch.inference_mode()
     def run(self, ids: torch.Tensor, positions: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """ids, positions [T] int64 on the device (T <= max_tokens; positions consecutive or not, each < the
         context); logits [T, vocab] float32, written in place: row t is the distribution after token t."""
-        m, cfg = self.model, self.model.config
+        m, cfg, c = self.model, self.model.config, self.collectives
         t, eps = ids.shape[0], cfg.rms_norm_eps
         b, attn = self.buffers.rows(t), self.attn[:t]
         x, h, qkv, q, gate_up, act = b.x, b.h, b.qkv, b.q, b.gate_up, b.act
@@ -91,38 +86,28 @@ class FusedVerify:
             rope_append(qkv, positions, m.rope, q, cache[0], cache[1], cfg.num_heads, cfg.num_kv_heads,
                         cfg.head_dim, pdl=pdl)
             self.attention(q, cache[0], cache[1], positions, attn)  # [T, nh, hd]
-            self._partial(x)
+            c.before_residual(x)
             if p.o is not None and dense(layer.o_proj):
                 gemv_residual_rows(layer.o_proj, attn.view(t, cfg.q_size), x, cfg=p.o)
             else:
                 matmul(attn.view(t, cfg.q_size), layer.o_proj, x, accumulate=True, scratch=sc)
-            self._reduce(x)
+            c.after_residual(x)
             if dense(layer.gate_up_proj):
                 rmsnorm_gemv_rows(layer.gate_up_proj, x, layer.mlp_norm, eps, gate_up, cfg=p.gate_up)
             else:
                 rmsnorm_rows(x, layer.mlp_norm, eps, h, pdl=pdl)
                 matmul(h, layer.gate_up_proj, gate_up, scratch=sc)
             silu_mul_rows(gate_up, act, pdl=pdl)
-            self._partial(x)
+            c.before_residual(x)
             matmul(act, layer.down_proj, x, accumulate=True, scratch=sc)
-            self._reduce(x)
-        if self.tp is not None:  # dense weights only on a rank (the loader refuses --quantize with ranks)
-            local = self.local_logits[:t]
-            rmsnorm_gemv_rows(m.lm_head, x, m.norm, eps, local, cfg=p.lm_head)
-            return self.tp.gather_vocab_rows_into(logits, local, self.staging)
-        if dense(m.lm_head):
-            return rmsnorm_gemv_rows(m.lm_head, x, m.norm, eps, logits, cfg=p.lm_head)  # float32 rows
+            c.after_residual(x)
+        if dense(m.lm_head):  # a tensor-parallel rank's weights are dense (the loader refuses --quantize with ranks)
+            out = c.logits_target(logits)
+            rmsnorm_gemv_rows(m.lm_head, x, m.norm, eps, out, cfg=p.lm_head)  # float32 rows
+            return c.gather(logits, out)
         rmsnorm_rows(x, m.norm, eps, h)
         matmul(h, m.lm_head, self.logits[:t], scratch=sc)  # [T, V]
         return logits.copy_(self.logits[:t])
-
-    def _partial(self, x: torch.Tensor) -> None:
-        if self.tp is not None:
-            self.tp.partial_residual(x)
-
-    def _reduce(self, x: torch.Tensor) -> None:
-        if self.tp is not None:
-            self.tp.all_reduce(x)
 
 
 def dense(w) -> bool:

@@ -124,25 +124,57 @@ class TensorParallel:
         dist.all_gather(parts, local.contiguous())
         return torch.cat(parts, dim=-1)
 
-    def gather_vocab_rows_into(self, out: torch.Tensor, local: torch.Tensor, staging: torch.Tensor) -> torch.Tensor:
-        """[T, V / N] logits rows of this rank's vocabulary -> out [T, V] on every rank, through `staging` (at least
-        N * T * V / N elements of local's dtype: the ranks' parts land rank after rank, then one copy interleaves
-        them into the rows). No allocation: graph-safe."""
+    def gather_vocab_into(self, out: torch.Tensor, local: torch.Tensor,
+                          staging: torch.Tensor | None = None) -> torch.Tensor:
+        """This rank's vocabulary rows' logits, local [V / N] or [T, V / N] -> out [V] or [T, V] on every rank, in
+        place, with no allocation (graph-safe): rows go through `staging` (at least T * V elements of local's dtype:
+        the ranks' parts land rank after rank, then one copy interleaves them into the rows)."""
         if self.size == 1:
             return out.copy_(local)
+        if local.dim() == 1:
+            dist.all_gather_into_tensor(out, local)
+            return out
         t, part = local.shape
         parts = staging.view(-1)[:self.size * t * part].view(self.size * t, part)  # [N * T, V / N]: rank by rank
         dist.all_gather_into_tensor(parts, local)
         out.view(t, self.size, part).copy_(parts.view(self.size, t, part).transpose(0, 1))
         return out
 
-    def gather_vocab_into(self, out: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-        """[V / N] logits of this rank's vocabulary rows -> out [V] on every rank, in place (no allocation: the
-        fused decode step's graph-safe form of `gather_vocab`)."""
-        if self.size == 1:
-            return out.copy_(local)
-        dist.all_gather_into_tensor(out, local)
-        return out
+
+class StepCollectives:
+    """What a fused step (decode, prefill, batched decode, verify) adds on a tensor-parallel rank, in one place: the
+    residual zeroed on ranks > 0 before a projection split by input columns accumulates into it and all-reduced
+    after (`around_residual`), and lm_head's vocabulary rows written to buffers allocated here, then gathered into
+    the step's logits (`logits_target`, `gather`). Without ranks (`tp` None or of size 1) each does nothing and the
+    logits are the step's own."""
+
+    def __init__(self, tp: TensorParallel | None, rows: int, vocab_size: int, device: torch.device) -> None:
+        """`rows`: the most logits rows the step writes (1 for a [V] logits vector)."""
+        self.tp = tp if tp is not None and tp.size > 1 else None
+        if self.tp is not None:
+            f32 = dict(device=device, dtype=torch.float32)
+            self.local = torch.empty(rows, vocab_size // self.tp.size, **f32)  # [rows, V / N]
+            self.staging = torch.empty(rows * vocab_size, **f32) if rows > 1 else None
+
+    def before_residual(self, x: torch.Tensor) -> None:
+        if self.tp is not None:
+            self.tp.partial_residual(x)
+
+    def after_residual(self, x: torch.Tensor) -> None:
+        if self.tp is not None:
+            self.tp.all_reduce(x)
+
+    def logits_target(self, logits: torch.Tensor) -> torch.Tensor:
+        """Where lm_head writes: `logits` itself, or on a rank its vocabulary rows' buffer of the same rows."""
+        if self.tp is None:
+            return logits
+        return self.local[0] if logits.dim() == 1 else self.local[:logits.shape[0]]
+
+    def gather(self, logits: torch.Tensor, written: torch.Tensor) -> torch.Tensor:
+        """After lm_head wrote `logits_target(logits)`: the logits, whole on every rank."""
+        if self.tp is None:
+            return logits
+        return self.tp.gather_vocab_into(logits, written, self.staging)
 
 
 def refuse_tensor_parallel(model, step: str) -> None:
