@@ -315,6 +315,33 @@ def speculative_table(runs: dict[str, dict]) -> str:
     return "\n".join(["# hybridrt bench: speculative decoding side by side", "", *_table(header, rows)])
 
 
+def tensor_parallel_table(runs: dict[str, dict]) -> str:
+    """One line per rank count of a `--tensor-parallel` axis and hybridrt engine: the decode floor at the decode
+    workload's context, decode P50, its ratio to the floor and to the first rank count's P50 (issue 15's target: two
+    ranks <= 0.62x one), TTFT per prompt length."""
+    rows = []
+    first = next(iter(runs.values()), {})
+    prompts = [str(n) for n in sorted(first.get("spec", {}).get("prompt_lens", []))] \
+        if "ttft" in first.get("spec", {}).get("workloads", ()) else []
+    base: dict[str, float] = {}
+    for label, results in runs.items():
+        floors = results.get("floors") or {}
+        floor = (floors.get("decode_ms") or {}).get(str(floors.get("decode_context")))
+        for name in ("hybridrt", "hybridrt-http"):
+            decode = results["engines"].get(name, {}).get("decode")
+            if not decode:
+                continue
+            p50 = decode["p50_ms"]
+            base.setdefault(name, p50)
+            ttft = results["engines"][name].get("ttft", {})
+            rows.append([results["spec"].get("tensor_parallel", 1), name, f"{floor:.3f}" if floor else None,
+                         f"{p50:.3f}", f"{p50 / floor:.2f}" if floor else None, f"{p50 / base[name]:.3f}",
+                         *(f"{ttft[n]['median_ms']:.2f}" if n in ttft else None for n in prompts)])
+    header = ["ranks", "engine", "decode floor ms", "decode P50 ms", "P50 / floor", "P50 / first row's",
+              *(f"TTFT {n} ms" for n in prompts)]
+    return "\n".join(["# hybridrt bench: tensor parallelism side by side", "", *_table(header, rows)])
+
+
 def formats_table(runs: dict[str, dict]) -> str:
     """One line per weight format of a `--quantize` axis: bits per weight read, the decode floor at the
     decode workload's context, P50 of each hybridrt engine and its ratio to that floor, TTFT at the shortest

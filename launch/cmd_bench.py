@@ -100,9 +100,11 @@ def _workload_flags(w) -> None:
     w.add_argument("--prefix-reuse", action="store_true",
                    help="the hybridrt engine's server reuses the KV cache's prefix across requests (the turns "
                         "workload; other workloads repeat prompts, which it would then skip) (default: off)")
-    w.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+    w.add_argument("--tensor-parallel", default="1", metavar="N[,N...]",
                    help="the server engines (hybridrt, hybridrt-http) split the model over N executor ranks (CPU "
-                        "only for now; the in-process engine is skipped) (default: 1)")
+                        "only for now; the in-process engine and the peers run only at 1); a comma list runs once "
+                        "per value (like --quantize) into <out>/tp-N/ with a side-by-side tensor_parallel.md: decode "
+                        "P50 against the floor and against the first value, TTFT per prompt length (default: 1)")
     w.add_argument("--spec-tokens", type=int, default=128,
                    help="most tokens per prompt of the speculative workload (default: 128)")
     w.add_argument("--context-steps", type=int, default=None,
@@ -120,8 +122,8 @@ def options(args: argparse.Namespace):
         max_context=args.max_context, seed=args.seed, timeout_s=args.timeout, mps=args.mps,
         tokenizer=args.tokenizer, quantize_group=args.quantize_group, dequantize=args.dequantize,
         num_speculative_tokens=args.num_speculative_tokens, spec_tokens=args.spec_tokens,
-        draft_model=args.draft_model, max_num_seqs=args.max_num_seqs, tensor_parallel=args.tensor_parallel,
-        prefix_reuse=args.prefix_reuse)
+        draft_model=args.draft_model, max_num_seqs=args.max_num_seqs,
+        tensor_parallel=rank_counts(args.tensor_parallel)[0], prefix_reuse=args.prefix_reuse)
 
 
 def _names(text: str, known: tuple[str, ...], flag: str) -> list[str]:
@@ -130,6 +132,14 @@ def _names(text: str, known: tuple[str, ...], flag: str) -> list[str]:
     if not names or any(n not in known for n in names):
         raise ValueError(f"{flag} takes a comma list of {', '.join(known)}, got {text!r}")
     return names
+
+
+def rank_counts(text: str) -> list[int]:
+    """`--tensor-parallel`'s comma list -> [1, 2, ...] in the order given, duplicates dropped."""
+    values = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not values or not all(v.isdigit() and int(v) >= 1 for v in values):
+        raise ValueError(f"--tensor-parallel takes a comma list of rank counts >= 1, got {text!r}")
+    return [int(v) for v in values]
 
 
 def formats(text: str) -> list[str | None]:
@@ -143,15 +153,20 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from bench.harness import run_bench
-    from bench.report import formats_table, markdown, speculative_table
+    from bench.report import formats_table, markdown, speculative_table, tensor_parallel_table
     from bench.resolve import default_out_dir, resolve_spec
 
     methods = formats(args.quantize)
     spec_methods = _names(args.speculative, SPECULATIVE_METHODS, "--speculative")
-    if len(methods) > 1 and len(spec_methods) > 1:
-        raise ValueError("--quantize and --speculative: give a list to one of them at a time")
+    ranks = rank_counts(args.tensor_parallel)
+    if sum(len(axis) > 1 for axis in (methods, spec_methods, ranks)) > 1:
+        raise ValueError("--quantize, --speculative and --tensor-parallel: give a list to one of them at a time")
     base = options(args)
-    if len(spec_methods) > 1:  # the peers run with the first method only, and only in the dtype
+    if len(ranks) > 1:  # the peers and the in-process engine run with one rank only
+        opts = [replace(base, quantize=methods[0], speculative=spec_methods[0], tensor_parallel=n,
+                        peers=methods[0] is None and n == 1) for n in ranks]
+        labels, side_by_side, table_name = [f"tp-{n}" for n in ranks], tensor_parallel_table, "tensor_parallel.md"
+    elif len(spec_methods) > 1:  # the peers run with the first method only, and only in the dtype
         q = methods[0]
         opts = [replace(base, quantize=q, speculative=m, peers=q is None and i == 0) for i, m in enumerate(spec_methods)]
         labels, side_by_side, table_name = spec_methods, speculative_table, "speculative.md"

@@ -288,3 +288,24 @@ def test_a_tensor_parallel_gpu_run_checks_one_ranks_part_against_a_gpu(monkeypat
     assert resolve_spec(BenchOptions(**opts, tensor_parallel=2)).tensor_parallel == 2
     with pytest.raises(HybridrtError, match="does not fit on cuda"):
         resolve_spec(BenchOptions(**opts))
+
+
+def test_a_tensor_parallel_axis_runs_once_per_rank_count_side_by_side(tiny_model, tmp_path) -> None:
+    """`--tensor-parallel 1,2`: one run per rank count into tp-N/ (the peers and the in-process engine at 1 rank
+    only) and tensor_parallel.md: decode P50 against the floor and against one rank, TTFT per prompt length."""
+    out = tmp_path / "tp"
+    assert run_bench(*SMOKE, "--model", tiny_model, "--engines", "hybridrt,hybridrt-executor",
+                     "--workloads", "floors,decode,ttft", "--tensor-parallel", "1,2", "--out", str(out)) == 0
+    one, two = (json.loads((out / f"tp-{n}" / "results.json").read_text()) for n in (1, 2))
+    assert one["spec"]["tensor_parallel"] == 1 and two["spec"]["tensor_parallel"] == 2
+    assert one["engines"]["hybridrt-executor"]["status"] == "ok"
+    assert two["engines"]["hybridrt-executor"]["status"] == "skipped"
+    assert two["engines"]["hybridrt"]["status"] == "ok" and two["engines"]["hybridrt"]["decode"]["p50_ms"] > 0
+    table = (out / "tensor_parallel.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
+    assert len(rows) == 2 and "| TTFT 10 ms | TTFT 25 ms |" in table
+    assert rows[0].split("|")[6].strip() == "1.000"  # the first row against itself
+    with pytest.raises(ValueError, match="give a list to one of them at a time"):
+        run_bench(*SMOKE, "--tensor-parallel", "1,2", "--quantize", "none,int8")
+    with pytest.raises(ValueError, match="rank counts >= 1"):
+        run_bench(*SMOKE, "--tensor-parallel", "0,2")
