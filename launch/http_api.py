@@ -303,17 +303,37 @@ def _event(data: dict) -> str:
 
 
 class _ClosingStreamingResponse(StreamingResponse):
-    """Closes its body and the request's events however the response ends. Starlette cancels the sending
-    task when the client disconnects, which may leave them suspended at a `yield`, or never started."""
+    """Streams its body in the request's task while one plain asyncio task waits for the client's disconnect and
+    cancels it; closes the body and the request's events however the response ends (a cancel may leave them
+    suspended at a `yield`, or never started). Starlette's own way under uvicorn, which declares ASGI spec 2.3, is an
+    anyio task group with a listener task: ~60 us a response on the CPU machine, ~4 us this way, on the way to the
+    first token."""
 
     def __init__(self, body: AsyncGenerator[str, None], events: Events) -> None:
         super().__init__(body, media_type="text/event-stream")
         self._body, self._events = body, events
 
     async def __call__(self, scope, receive, send) -> None:
+        streaming = asyncio.current_task()
+        state = {"hung_up": False, "done": False}
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            if not state["done"]:  # the stream is still being sent: end it
+                state["hung_up"] = True
+                streaming.cancel()
+
+        watcher = asyncio.get_running_loop().create_task(watch())
         try:
-            await super().__call__(scope, receive, send)
+            await self.stream_response(send)
+        except asyncio.CancelledError:
+            if not state["hung_up"]:
+                raise  # not ours (the server is stopping)
+            streaming.uncancel()  # the client is gone: the response ends here
         finally:
+            state["done"] = True  # no await since the stream ended: the watcher cannot have cancelled after it
+            watcher.cancel()
             await self._body.aclose()
             await self._events.aclose()  # sends CancelRequest if the request is unfinished
 
