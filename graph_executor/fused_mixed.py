@@ -25,7 +25,7 @@ from graph_executor.kernels.decode_attention import DecodeAttention
 from graph_executor.kernels.extend_attention import extend_attention
 from graph_executor.kernels.gemv_batch import BatchGemvPlan, rmsnorm_gemm
 from graph_executor.kernels.projections import prefill_scratch, rmsnorm_gemv
-from graph_executor.tensor_parallel import refuse_tensor_parallel
+from graph_executor.tensor_parallel import StepCollectives
 
 
 class FusedMixedStep:
@@ -33,7 +33,6 @@ class FusedMixedStep:
         """`prefill`: the step whose row buffers (sized for its largest bucket) and model this one shares; graphs run
         one at a time on one stream, so sharing them is safe. `max_decode`: the most decode rows (B)."""
         model = prefill.model
-        refuse_tensor_parallel(model, "the mixed step")
         cfg = model.config
         device = model.embed_tokens.device
         self.model, self.prefill, self.max_decode = model, prefill, max_decode
@@ -42,6 +41,8 @@ class FusedMixedStep:
         self.slot_stride = model.kv_caches.stride(0)  # elements from one slot's caches to the next's
         self.last = torch.empty(1, cfg.hidden_size, device=device, dtype=model.dtype)  # the chunk's last valid row
         self.head_scratch = prefill_scratch([model.lm_head], max_decode, device)  # a packed lm_head's partials
+        # a tensor-parallel rank's decode rows' logits (the chunks' go through the prefill step's)
+        self.batch_collectives = StepCollectives(model.tp, max_decode, cfg.vocab_size, device)
 
     @torch.inference_mode()
     def run(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, chunk_rows: int,
@@ -73,8 +74,11 @@ class FusedMixedStep:
         x = self.prefill.layers(ids, positions, attend, slots=slots)  # [K * R + B, H]
         # The decode rows as FusedBatchDecoder's lm_head, each chunk's row as FusedPrefill's: each the same numerics as
         # in its own kind of step (a greedy argmax then picks what it would there).
-        rmsnorm_gemm(m.lm_head, x[c:], m.norm, eps, batch_logits, cfg=BatchGemvPlan().lm_head,
-                     scratch=self.head_scratch)
+        rows = self.batch_collectives.logits_target(batch_logits)
+        rmsnorm_gemm(m.lm_head, x[c:], m.norm, eps, rows, cfg=BatchGemvPlan().lm_head, scratch=self.head_scratch)
+        self.batch_collectives.gather(batch_logits, rows)
         for i, out in enumerate(chunk_logits):
             torch.index_select(x, 0, logits_index[i:i + 1], out=self.last)
-            rmsnorm_gemv(m.lm_head, self.last[0], m.norm, eps, out)
+            row = self.prefill.collectives.logits_target(out)
+            rmsnorm_gemv(m.lm_head, self.last[0], m.norm, eps, row)
+            self.prefill.collectives.gather(out, row)

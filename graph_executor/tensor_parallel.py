@@ -177,13 +177,6 @@ class StepCollectives:
         return self.tp.gather_vocab_into(logits, written, self.staging)
 
 
-def refuse_tensor_parallel(model, step: str) -> None:
-    """ValueError for a fused step that has no collectives yet, built on a tensor-parallel rank's part (its logits and
-    residual would be one rank's alone)."""
-    if model.tp is not None and model.tp.size > 1:
-        raise ValueError(f"{step} does not run on a tensor-parallel rank yet (the decode and prefill steps do)")
-
-
 def shard_model(full, tp: TensorParallel, slots: int = 1):
     """This rank's `LlamaModel` with its slices of `full`'s dense weights (a whole model built the same way on every
     rank: tests, and dummy weights). Packed weights are not split here."""

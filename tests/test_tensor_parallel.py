@@ -156,16 +156,54 @@ def test_two_ranks_fused_prefill_steps_give_the_whole_models_logits(tmp_path):
         assert max(r["diffs"]) <= 1e-4 * r["scale"], (rank, r)
 
 
-def test_the_mixed_step_refuses_a_rank():
-    """The mixed step (a batch's decode rows and prompt chunks) has no collectives in its lm_head yet: built on a
-    rank's part, it refuses (one line) instead of returning one rank's logits."""
+def _fused_mixed_rank(rank: int, size: int, port: int, name: str, results: str) -> None:
+    """The mixed step (a prompt chunk of slot 1 padded to 16 rows, decode rows of slots 2 and 0) on this rank's part,
+    Triton under the interpreter, against the whole model's prefill of the chunk and batched decode."""
+    import torch.distributed as dist
+
     from graph_executor.fused_mixed import FusedMixedStep
     from graph_executor.fused_prefill import FusedPrefill
     from graph_executor.tensor_parallel import shard_model
 
-    part = shard_model(_whole(CONFIGS["llama-mha"]), TensorParallel(0, 2))
-    with pytest.raises(ValueError, match="does not run on a tensor-parallel rank yet"):
-        FusedMixedStep(FusedPrefill(part, 16), 2)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    try:
+        cfg = CONFIGS[name]
+        whole = _whole(cfg, slots=3)
+        part = shard_model(whole, TensorParallel(rank, size), slots=3)
+        prompts = {0: PROMPT, 2: [9, 8, 7], 1: [20, 21, 22, 23]}
+        for model in (whole, part):
+            for slot, ids in prompts.items():
+                n = len(ids)
+                model(torch.tensor(ids), torch.arange(n), torch.tensor([n - 1]), n, slot=slot)
+        chunk, start, bucket = [40, 41, 42, 43, 44], len(prompts[1]), 16
+        order, tokens = [2, 0], [11, 12]
+        positions = torch.tensor([len(prompts[s]) for s in order])
+        ids = torch.tensor(chunk + [0] * (bucket - len(chunk)) + tokens)
+        rows_pos = torch.cat([torch.arange(start, start + bucket), positions])
+        rows_slot = torch.tensor([1] * bucket + order)
+        logits = torch.full((cfg.vocab_size,), float("nan"))
+        batch = torch.full((2, cfg.vocab_size), float("nan"))
+        FusedMixedStep(FusedPrefill(part, 32), 4).run(ids, rows_pos, rows_slot, bucket,
+                                                      torch.tensor([len(chunk) - 1]), [logits], batch)
+        n = len(chunk)
+        want = whole(torch.tensor(chunk), torch.arange(start, start + n), torch.tensor([n - 1]), start + n, slot=1)[0]
+        want_batch = whole.forward_batch(torch.tensor(tokens), positions, order)
+        diffs = [float((logits - want).abs().max())] + [float((batch[i] - want_batch[i]).abs().max()) for i in (0, 1)]
+        torch.save({"diffs": diffs, "scale": float(want.abs().max())}, f"{results}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_mixed_steps_give_the_whole_models_logits(tmp_path):
+    """The mixed step (continuous batching's prompt chunks with decode rows) on two ranks: the chunk's logits (the
+    prefill step's gather) and the decode rows' (the rows' gather) are the whole model's on every rank."""
+    results = str(tmp_path / "result")
+    mp.spawn(_fused_mixed_rank, args=(2, _free_port(), "qwen2-bias", results), nprocs=2, join=True)
+    for rank in range(2):
+        r = torch.load(f"{results}.{rank}")
+        assert len(r["diffs"]) == 3 and r["scale"] > 0.1
+        assert max(r["diffs"]) <= 1e-4 * r["scale"], (rank, r)
 
 
 def _fused_rows_rank(rank: int, size: int, port: int, name: str, results: str) -> None:
