@@ -129,8 +129,6 @@ class BenchSpec:
         _check_positive("spec_tokens", self.spec_tokens, 2)
         _check_positive("max_num_seqs", self.max_num_seqs, 1)
         _check_positive("tensor_parallel", self.tensor_parallel, 1)
-        if self.tensor_parallel > 1 and self.quantize not in (None, "none"):
-            raise ValueError("--tensor-parallel > 1 loads dense weights: no --quantize")
         if self.max_num_seqs > 1 and self.speculative != "off":
             raise ValueError("--max-num-seqs > 1 serves requests without speculation: use --speculative off")
         if (self.speculative == "draft") != (self.draft_model is not None):

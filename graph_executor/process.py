@@ -92,8 +92,6 @@ def join_ranks(tp: TensorParallel, args: argparse.Namespace) -> None:
     if args.device != "cpu":
         raise HybridrtError(f"--tensor-parallel {tp.size} runs on the CPU (gloo) for now: GPU ranks over NCCL, with "
                             "their steps in CUDA graphs, are not built yet; use --device cpu")
-    if args.quantize:
-        raise HybridrtError("--tensor-parallel does not take --quantize yet")
     # The ranks share the machine's cores: each with its own share of threads (the default, every core per rank,
     # oversubscribes them, and a collective then waits for the slowest rank's descheduled threads).
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp.size))

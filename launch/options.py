@@ -38,8 +38,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantize", default=None, metavar="{" + ",".join(QUANTIZE_METHODS) + "}",
                    help="quantize an HF or dummy model at load (round-to-nearest, on the device): int8 (a scale "
                         "per group), int4 (scale and offset per group; embedding and lm_head in int8) or fp8 "
-                        "(e4m3, a scale per row; down_proj, embedding and lm_head in int8). The GPU reads the packed weights; the CPU dequantizes them at "
-                        "load (same values, no speed-up). GGUF files keep their own quantized types")
+                        "(e4m3, a scale per row; down_proj, embedding and lm_head in int8). The GPU reads the "
+                        "packed weights; the CPU dequantizes them at load (same values, no speed-up). GGUF files keep "
+                        "their own quantized types")
     g.add_argument("--quantize-group", type=int, default=DEFAULT_GROUP, metavar="N",
                    help=f"weights per scale for --quantize int8/int4: one of {', '.join(map(str, GROUPS))}; "
                         f"must divide the hidden and intermediate sizes (default: {DEFAULT_GROUP})")
@@ -123,7 +124,7 @@ def add_tensor_parallel_flag(p: argparse.ArgumentParser) -> None:
                    help="split the model over N executor processes (Megatron-style: attention heads and the MLP by "
                         "rank, an all-reduce after o_proj and down_proj, the logits gathered), rank 0 relaying each "
                         "step to the others; each rank loads only its slices; a --draft-model runs whole on rank 0. "
-                        "CPU only for now (gloo), dense weights (default: 1)")
+                        "CPU only for now (gloo); --quantize quantizes each rank's part (default: 1)")
 
 
 def tensor_parallel(args: argparse.Namespace) -> int:
@@ -131,8 +132,6 @@ def tensor_parallel(args: argparse.Namespace) -> int:
     n = args.tensor_parallel
     if n < 1:
         raise ValueError(f"--tensor-parallel must be >= 1, got {n}")
-    if n > 1 and getattr(args, "quantize", None) not in (None, "none"):
-        raise ValueError(f"--quantize {args.quantize} needs --tensor-parallel 1 for now (the ranks load dense weights)")
     return n
 
 

@@ -159,7 +159,6 @@ def test_concurrent_http_streams_are_batched_and_each_as_alone(batch_server):
     (["--max-num-seqs", "0"], "--max-num-seqs must be in 1..64, got 0"),
     (["--max-num-seqs", "65"], "--max-num-seqs must be in 1..64, got 65"),
     (["--max-num-seqs", "2", "--speculative", "ngram"], "--speculative ngram needs --max-num-seqs 1"),
-    (["--tensor-parallel", "2", "--quantize", "int8"], "--quantize int8 needs --tensor-parallel 1"),
 ])
 def test_bad_batching_flags_are_one_line_before_anything_starts(flags, message):
     import subprocess

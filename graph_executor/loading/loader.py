@@ -94,6 +94,11 @@ def load_model(cfg: LoadConfig) -> LoadedModel:
             config = tp.local_config(config)  # this rank's heads, KV heads and MLP width
         except ValueError as e:
             raise ModelLoadError(str(e)) from None
+        if cfg.quantize:  # each rank quantizes its part: groups along K must divide the part's K (o_proj, down_proj)
+            try:
+                plan = quantize_plan(cfg.quantize, cfg.quantize_group, config)
+            except ValueError as e:
+                raise ModelLoadError(f"{e} (each of the {tp.size} tensor-parallel ranks' part)") from None
     slots = _fitting_slots(cfg, config, dtype, max_context, device, None if cfg.quantize else plan)
     lap("config" if converted is None else "config (default model conversion included)")
     model = LlamaModel(config, max_context, device, dtype, plan=None if cfg.quantize or device.type == "cpu"
