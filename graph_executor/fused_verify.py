@@ -101,13 +101,15 @@ class FusedVerify:
             c.before_residual(x)
             matmul(act, layer.down_proj, x, accumulate=True, scratch=sc)
             c.after_residual(x)
-        if dense(m.lm_head):  # a tensor-parallel rank's weights are dense (the loader refuses --quantize with ranks)
-            out = c.logits_target(logits)
+        out = c.logits_target(logits)  # [T, V], or a tensor-parallel rank's [T, V / N]
+        if dense(m.lm_head):
             rmsnorm_gemv_rows(m.lm_head, x, m.norm, eps, out, cfg=p.lm_head)  # float32 rows
             return c.gather(logits, out)
         rmsnorm_rows(x, m.norm, eps, h)
-        matmul(h, m.lm_head, self.logits[:t], scratch=sc)  # [T, V]
-        return logits.copy_(self.logits[:t])
+        rows = self.logits.view(-1)[:out.numel()].view(out.shape)  # in the activation dtype
+        matmul(h, m.lm_head, rows, scratch=sc)
+        out.copy_(rows)
+        return c.gather(logits, out)
 
 
 def dense(w) -> bool:

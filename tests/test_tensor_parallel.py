@@ -206,13 +206,17 @@ def test_two_ranks_mixed_steps_give_the_whole_models_logits(tmp_path):
         assert max(r["diffs"]) <= 1e-4 * r["scale"], (rank, r)
 
 
-def _fused_rows_rank(rank: int, size: int, port: int, name: str, results: str) -> None:
+def _fused_rows_rank(rank: int, size: int, port: int, name: str, results: str, packed: bool = False) -> None:
     """The batched decode step (two KV slots holding different prompts) and the verify step (4 tokens) on this rank's
-    part, Triton under the interpreter, against the whole model's eager steps row by row."""
+    part, Triton under the interpreter, against the whole model's eager steps row by row. `packed`: both models
+    quantized to int8 in groups of 16 and kept packed (the part's groups are the whole's: K splits at a group
+    boundary), so the steps take the low-bit kernels and lm_head its packed path."""
     import torch.distributed as dist
 
     from graph_executor.fused_batch_decoder import FusedBatchDecoder
     from graph_executor.fused_verify import FusedVerify
+    from graph_executor.quant.apply import quantize_model
+    from graph_executor.quant.specs import quantize_plan
     from graph_executor.tensor_parallel import shard_model
 
     torch.set_num_threads(1)
@@ -221,6 +225,9 @@ def _fused_rows_rank(rank: int, size: int, port: int, name: str, results: str) -
         cfg = CONFIGS[name]
         whole = _whole(cfg, slots=2)
         part = shard_model(whole, TensorParallel(rank, size), slots=2)
+        if packed:
+            for model in (whole, part):
+                quantize_model(model, quantize_plan("int8", 16, model.config), progress=False, keep_packed=True)
         prompts = [PROMPT, PROMPT[::-1][:5]]
         for model in (whole, part):
             for slot, ids in enumerate(prompts):
@@ -246,12 +253,12 @@ def _fused_rows_rank(rank: int, size: int, port: int, name: str, results: str) -
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("name", ["qwen2-bias", "llama-mha"])
-def test_two_ranks_batched_decode_and_verify_steps_give_the_whole_models_logits(name, tmp_path):
-    """The fused batched decode (2 slots) and verify (4 rows) steps on two ranks: every row of logits, on every
-    rank, is the whole model's (the rows' gather interleaves the ranks' vocabulary blocks)."""
+@pytest.mark.parametrize("name,packed", [("qwen2-bias", False), ("llama-mha", False), ("llama-mha", True)])
+def test_two_ranks_batched_decode_and_verify_steps_give_the_whole_models_logits(name, packed, tmp_path):
+    """The fused batched decode (2 slots) and verify (4 rows) steps on two ranks, dense or packed int8: every row of
+    logits, on every rank, is the whole model's (the rows' gather interleaves the ranks' vocabulary blocks)."""
     results = str(tmp_path / "result")
-    mp.spawn(_fused_rows_rank, args=(2, _free_port(), name, results), nprocs=2, join=True)
+    mp.spawn(_fused_rows_rank, args=(2, _free_port(), name, results, packed), nprocs=2, join=True)
     for rank in range(2):
         r = torch.load(f"{results}.{rank}")
         assert len(r["diffs"]) == 2 + 4 and r["scale"] > 0.1
