@@ -531,3 +531,52 @@ def test_two_ranks_quantize_their_parts_to_the_whole_models_greedy_tokens(method
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert proc.returncode == 1 and len(lines) == 1, proc.stderr
         assert "does not divide" in lines[0] and "tensor-parallel ranks' part" in lines[0], lines
+
+
+@pytest.mark.parametrize("spec", ["int4-offset", "int8", "int8-offset", "fp8"])
+def test_a_packed_weights_part_is_the_part_of_its_values(spec):
+    """rows.part on packed weights (a GPU rank loading a GGUF file keeps its types packed): rows, and columns at
+    group boundaries, give exactly the part of the dequantized whole; columns inside a group are refused."""
+    import dataclasses
+
+    from graph_executor.quant import rows
+    from graph_executor.quant.apply import quantize
+    from graph_executor.quant.specs import WeightSpec
+
+    kind, _, offset = spec.partition("-")
+    gen = torch.Generator().manual_seed(3)
+    w = quantize(torch.randn(12, 96, generator=gen),
+                 WeightSpec("fp8") if kind == "fp8" else WeightSpec(kind, 16, offset=kind == "int4"))
+    if spec == "int8-offset":  # GGUF's Q5_1 / Q5_K: int8 codes with an offset per group (quantize makes none)
+        w = dataclasses.replace(w, offset=torch.randn(w.scale.shape, generator=gen).to(w.scale.dtype))
+    whole = rows.dequantize(w, torch.float32)
+    for index in ((slice(4, 8),), (slice(None), slice(48, 96)), (slice(None), slice(0, 32))):
+        assert torch.equal(rows.dequantize(rows.part(w, index), torch.float32), whole[index]), index
+    if kind != "fp8":
+        with pytest.raises(ValueError, match="do not start and end at its groups of 16"):
+            rows.part(w, (slice(None), slice(8, 56)))
+
+
+def test_a_rank_loads_its_part_of_a_packed_tensor():
+    """copy_into on a rank whose slots are packed (int8, groups of 16): down_proj's columns and gate_proj's rows of a
+    whole packed tensor land as the rank's part, equal to the whole's values there."""
+    from graph_executor.loading.weight_map import copy_into, hf_slot
+    from graph_executor.model import LlamaModel
+    from graph_executor.quant import rows
+    from graph_executor.quant.apply import quantize
+    from graph_executor.quant.specs import WeightSpec, quantize_plan
+
+    cfg, tp = CONFIGS["llama-mha"], TensorParallel(1, 2)
+    local = tp.local_config(cfg)
+    model = LlamaModel(local, CONTEXT, torch.device("cpu"), torch.float32, plan=quantize_plan("int8", 16, local),
+                       tp=tp, full_config=cfg)
+    gen = torch.Generator().manual_seed(4)
+    down = quantize(torch.randn(cfg.hidden_size, cfg.intermediate_size, generator=gen), WeightSpec("int8", 16))
+    gate = quantize(torch.randn(cfg.intermediate_size, cfg.hidden_size, generator=gen), WeightSpec("int8", 16))
+    copy_into(model, "model.layers.0.mlp.down_proj.weight", down)
+    copy_into(model, "model.layers.0.mlp.gate_proj.weight", gate)
+    half = cfg.intermediate_size // 2
+    got_down = rows.dequantize(hf_slot(model, "model.layers.0.mlp.down_proj.weight"), torch.float32)
+    got_gate = rows.dequantize(hf_slot(model, "model.layers.0.mlp.gate_proj.weight"), torch.float32)
+    assert torch.equal(got_down, rows.dequantize(down, torch.float32)[:, half:])
+    assert torch.equal(got_gate, rows.dequantize(gate, torch.float32)[half:])

@@ -104,9 +104,11 @@ def copy_into(model: LlamaModel, name: str, tensor: rows.Weight, sliced: bool = 
         return  # some tied checkpoints store the shared matrix twice
     part = None if sliced else tp_part(model, name)
     if part is not None:
-        if not isinstance(tensor, torch.Tensor):
-            raise ModelLoadError(f"{name}: tensor parallelism splits dense tensors only (dequantize the file)")
-        tensor = tensor[part]
+        try:
+            tensor = rows.part(tensor, part)  # a packed tensor keeps its format: its part is exact
+        except ValueError as e:
+            raise ModelLoadError(f"{name}: {e} (--tensor-parallel {model.tp.size}; --dequantize loads it dense)") \
+                from None
     target = hf_slot(model, name)
     if tuple(tensor.shape) != tuple(target.shape):
         raise ModelLoadError(

@@ -36,6 +36,31 @@ def select_rows(w: Weight, index: torch.Tensor) -> Weight:
     return replace(w, **{name: t.index_select(0, index).contiguous() for name, t in _parts(w).items()})
 
 
+def part(w: Weight, index: tuple[slice, ...]) -> Weight:
+    """A tensor-parallel rank's part of a whole weight: `index` is (rows,) or (all rows, columns), as
+    `TensorParallel.checkpoint_part` gives it; a new weight of the same format. A packed weight's columns must start
+    and end at group boundaries (its scales are per group of K; an FP8 row's scale holds for any columns):
+    ValueError otherwise."""
+    if isinstance(w, torch.Tensor):
+        return w[index]
+    if len(index) == 1:
+        rows = index[0]
+        return replace(w, **{name: t[rows].contiguous() for name, t in _parts(w).items()})
+    cols = index[1]
+    start, stop = cols.start or 0, w.shape[1] if cols.stop is None else cols.stop
+    group = getattr(w, "group", None)
+    if group is None:  # Fp8Rows: one scale per row
+        return replace(w, codes=w.codes[:, start:stop].contiguous())
+    if start % group or stop % group:
+        raise ValueError(f"columns [{start}, {stop}) of a {type(w).__name__} weight do not start and end at its "
+                         f"groups of {group}")
+    per_code = w.shape[1] // w.codes.shape[1]  # weights per code column: 2 for int4, 1 for int8
+    groups = slice(start // group, stop // group)
+    return replace(w, codes=w.codes[:, start // per_code:stop // per_code].contiguous(),
+                   scale=w.scale[:, groups].contiguous(),
+                   offset=None if w.offset is None else w.offset[:, groups].contiguous())
+
+
 def dequantize(w: Weight, dtype: torch.dtype) -> torch.Tensor:
     return w.to(dtype) if isinstance(w, torch.Tensor) else w.dequantize(dtype)
 
