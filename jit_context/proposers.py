@@ -31,6 +31,12 @@ class NgramProposer:
     def extend(self, tokens: list[int]) -> None:
         self.tokens.extend(tokens)
 
+    def prepare(self) -> None:
+        """Index what `propose` would search now (all but the current suffix): call it while the device works (a
+        request's prefill), so that the first proposal does not pay for the prompt (2.3 ms for 2,000 tokens on the
+        CPU machine, against ~2 us for each proposal after)."""
+        self._index_until(len(self.tokens) - 1)
+
     def _index_until(self, end: int) -> None:
         """Index the n-grams ending at positions [_indexed, end): every occurrence but the current suffix."""
         seq, index = self.tokens, self._last_end

@@ -108,6 +108,8 @@ class SpeculativeLoop:
         self.proposer = NgramProposer(config.ngram_min, config.ngram_max)  # also the host-known sequence
         self.proposer.reset(prompt_ids)
         self.drafting = config.method == "draft"
+        if not self.drafting:  # built while the prefill runs: the prompt's n-grams are indexed meanwhile
+            self.proposer.prepare()
         self.draft_end = 0  # the draft's KV cache matches the sequence before this position
         self.k = AdaptiveK(config)
         self.stats = SpecStats(accepted_per_position=[0] * config.num_tokens)

@@ -48,12 +48,18 @@ def test_ngram_proposes_what_followed_the_longest_most_recent_match() -> None:
     assert p.propose(0) == [] and p.propose(1) == [5]
 
 
-def test_ngram_index_matches_a_brute_force_search() -> None:
+@pytest.mark.parametrize("prepared", [False, True])
+def test_ngram_index_matches_a_brute_force_search(prepared) -> None:
+    """Every proposal equals a brute-force search of the sequence, with the prompt indexed up front (`prepare`, as
+    the speculative loop does while the prefill runs) or on the first proposal."""
     gen = torch.Generator().manual_seed(0)
     seq = torch.randint(0, 5, (300,), generator=gen).tolist()
     p = NgramProposer(2, 4)
-    p.reset(seq[:10])
-    for i in range(10, len(seq)):
+    p.reset(seq[:60])
+    if prepared:
+        p.prepare()
+        p.prepare()  # idempotent
+    for i in range(60, len(seq)):
         got = p.propose(3)
         want = []
         for n in range(4, 1, -1):
