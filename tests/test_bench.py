@@ -309,3 +309,15 @@ def test_a_tensor_parallel_axis_runs_once_per_rank_count_side_by_side(tiny_model
         run_bench(*SMOKE, "--tensor-parallel", "1,2", "--quantize", "none,int8")
     with pytest.raises(ValueError, match="rank counts >= 1"):
         run_bench(*SMOKE, "--tensor-parallel", "0,2")
+
+
+def test_near_tie_probe_cpu_smoke(default_model_dir, capsys) -> None:
+    """bench.probes.near_tie on the CPU: the greedy run is float32 too, so every step matches the float32 pass, and
+    the table lists the smallest margins (positive)."""
+    from bench.probes.near_tie import main
+
+    main(["--model", "smollm2-135m-instruct", "--device", "cpu", "--max-tokens", "6", "--show", "3"])
+    out = capsys.readouterr().out
+    assert "6 tokens" in out and ": 0 step(s) choose differently" in out, out
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == 3 and all(r[2] == r[3] and float(r[4]) > 0 for r in rows), out
