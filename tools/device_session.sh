@@ -11,7 +11,9 @@
 #   dummy:llama-2-7b: `--workloads decode,concurrency,turns --max-num-seqs 4` and `decode,turns --max-num-seqs 1`
 #   (~6 min); attention: the attention kernel tests, the decode attention sweep (bench.probes.decode_attention) and
 #   bench.probes.graph_gaps at positions 300 and 2000 against split 64 on 4 warps, a verify of 5 tokens per split, and
-#   bench.probes.step_variants (the whole batch-1 step per attention config, alternating rounds) (~4 min); http: bench.probes.http_split,
+#   bench.probes.step_variants (the whole batch-1 step per attention config, alternating rounds) (~4 min); neartie:
+#   bench.probes.near_tie on $HYBRIDRT_TEST_GGUF for the batching test's request 5 at 4 and 2 warps (~1 min);
+#   http: bench.probes.http_split,
 #   the OpenAI API's TTFT segment by segment on dummy:smollm2-135m with SmolLM2's tokenizer (~1 min); startup: bench.probes.serve_ready on $HYBRIDRT_TEST_GGUF, 3 fresh starts (~1 min)
 #   quant: the packed-weight tests and `bench --quantize none,int8,int4,fp8` on dummy:llama-2-7b (executor, ~3 min);
 #   gemv: the low-bit GEMV block sweep per projection and format (~1 min); gemm: the low-bit prefill GEMM's default
@@ -91,13 +93,18 @@ for step in "${steps[@]}"; do
                  timeout 90 python3 -m bench.probes.graph_gaps --batches 1,4 --split-sizes 64 --position $p \
                    > "$OUT/graph_gaps_$p.md" 2>&1; echo "graph gaps at $p: rc=$?"; grep '^| [bs]' "$OUT/graph_gaps_$p.md"
                done ;;
+    neartie) for w in 4 2; do  # SmolLM2's request 5 of the batching cuda test, alone, on 4 and 2 warps (needs the GGUF)
+               timeout 120 python3 -m bench.probes.near_tie --model "$HYBRIDRT_TEST_GGUF" --dequantize --device cuda \
+                 --prompt "The quick brown fox" --max-tokens 44 --row-warps $w > "$OUT/near_tie_$w.md" 2>&1
+               echo "near tie, $w warps: rc=$?"; cat "$OUT/near_tie_$w.md"
+             done ;;
     http) timeout 120 python3 -m bench.probes.http_split --requests 30 -- --model dummy:smollm2-135m \
             --tokenizer "$HYBRIDRT_TEST_TOKENIZER" --device cuda > "$OUT/http_split.md" 2>&1
           echo "HTTP TTFT split: rc=$?"; cat "$OUT/http_split.md" ;;
     startup) timeout 240 python3 -m bench.probes.serve_ready --runs 3 --json "$OUT/serve_ready.json" -- \
                --model "$HYBRIDRT_TEST_GGUF" --device cuda > "$OUT/serve_ready.log" 2>&1
              echo "serve_ready: rc=$?"; tail -6 "$OUT/serve_ready.log" ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, http, startup)"
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup)"
        exit 2 ;;
   esac
 done
