@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = zmq.Context()
     channel = bind_control(ctx, args.control) if tp is None or tp.rank == 0 else None  # rank 0 alone serves
     server = None
+    ranks_broken = False  # a collective failed: another rank is gone
     try:
         load = LoadConfig(model=args.model, load_format=args.load_format, device=args.device, dtype=args.dtype,
                           max_context=args.max_context, seed=args.seed_weights, progress=not args.quiet,
@@ -173,12 +174,15 @@ def main(argv: list[str] | None = None) -> int:
         if tp is None or not dist.is_initialized():
             raise
         # A collective failed: another rank is gone (the supervisor names which one exited).
+        ranks_broken = True
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         report_fatal(f"graph_executor rank {tp.rank}: a tensor-parallel rank is gone ({first[:200]})", args.error_file)
         return 3
     finally:
+        # With a rank gone, no more collectives: telling the others to stop, or tearing the group down, may wait on
+        # the dead rank's sockets (the supervisor then SIGKILLs this process after its grace: ~7 s, seen once in CI).
         if server is not None:
-            if server.leader is not None:
+            if server.leader is not None and not ranks_broken:
                 try:
                     server.leader.stop()
                 except RuntimeError:
@@ -187,5 +191,5 @@ def main(argv: list[str] | None = None) -> int:
         if channel is not None:
             channel.close()
         ctx.term()
-        if tp is not None and dist.is_initialized():
+        if tp is not None and dist.is_initialized() and not ranks_broken:
             dist.destroy_process_group()
