@@ -44,6 +44,17 @@ def check_tokens(tokens: list[int], num_tokens: int, vocab_size: int) -> None:
                          f"got {tokens[:MAX_VERIFY_TOKENS + 1]}")
 
 
+def verify_ids(buffers: StepBuffers, vocab_size: int, position: int, num_tokens: int,
+               tokens: list[int] | None) -> torch.Tensor:
+    """A verify step's ids, input_ids[position:position + num_tokens] ([T], a view), with `tokens` written there first
+    when given (ValueError unless they are num_tokens ids of the vocabulary)."""
+    ids = buffers.input_ids[position:position + num_tokens]
+    if tokens is not None:
+        check_tokens(tokens, num_tokens, vocab_size)
+        ids.copy_(torch.tensor(tokens, dtype=torch.int64))
+    return ids
+
+
 def eager_verify(model: LlamaModel, buffers: StepBuffers, position: int, num_tokens: int) -> None:
     """Run input_ids[position:position + num_tokens] at their positions; every row's logits land in
     verify_logits[:num_tokens]."""
@@ -164,12 +175,10 @@ class ModelRunner:
         there first); their logits land in verify_logits[:num_tokens]. `accept`: then the greedy acceptance
         (graph_executor/greedy_accept.py), read with `wait_accepted`."""
         check_verify(self.max_context, position, num_tokens)
-        if tokens is not None:
-            check_tokens(tokens, num_tokens, self.model.config.vocab_size)
-            self.buffers.input_ids[position:position + num_tokens].copy_(torch.tensor(tokens, dtype=torch.int64))
+        ids = verify_ids(self.buffers, self.model.config.vocab_size, position, num_tokens, tokens)
         eager_verify(self.model, self.buffers, position, num_tokens)
         if accept:
-            self.acceptance.run(self.buffers.input_ids[position:position + num_tokens])
+            self.acceptance.run(ids)
         self._verified = num_tokens if accept else 0
 
     def wait_accepted(self) -> list[int]:

@@ -24,9 +24,9 @@ from graph_executor.runner import (
     check_batch,
     check_slot,
     check_span,
-    check_tokens,
     check_verify,
     prefill_chunks,
+    verify_ids,
 )
 from graph_executor.tensor_parallel import TensorParallel
 from ipc.messages import PromptChunk
@@ -79,10 +79,8 @@ class LeaderRunner:
         """ModelRunner.verify, relayed: `tokens` (else what input_ids holds there: the draft's proposals) go to every
         rank; only rank 0 runs the acceptance (`accept`), read with `wait_accepted`."""
         check_verify(self.max_context, position, num_tokens)
-        if tokens is not None:
-            check_tokens(tokens, num_tokens, self.model.config.vocab_size)
-            self.buffers.input_ids[position:position + num_tokens].copy_(torch.tensor(tokens, dtype=torch.int64))
-        self._relay(VERIFY, (position, num_tokens), ids=self.buffers.input_ids[position:position + num_tokens])
+        ids = verify_ids(self.buffers, self.model.config.vocab_size, position, num_tokens, tokens)
+        self._relay(VERIFY, (position, num_tokens), ids=ids)
         self.inner.verify(position, num_tokens, None, accept)
 
     def wait_enqueued(self) -> None:
