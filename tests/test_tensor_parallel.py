@@ -16,6 +16,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -59,14 +60,36 @@ def _run(model, tokens: list[int]) -> list[torch.Tensor]:
     return out
 
 
-def _rank(rank: int, size: int, port: int, name: str, results: str) -> None:
+@contextmanager
+def _gloo_rank(rank: int, size: int, port: int):
+    """This process as rank `rank` of a gloo group of `size` (rendezvous on 127.0.0.1:port), on one thread (the
+    ranks share the machine's cores); the group is torn down however the body ends."""
     import torch.distributed as dist
-
-    from graph_executor.tensor_parallel import shard_model
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _two_ranks_match_the_whole_model(rank_fn, tmp_path, steps: int, *args) -> None:
+    """Two processes run rank_fn(rank, 2, port, results, *args), each saving {"diffs": [...], "scale": ...} (its
+    logits against the whole model's, and their largest magnitude): every rank has `steps` diffs, each within
+    1e-4 of the scale."""
+    results = str(tmp_path / "result")
+    mp.spawn(rank_fn, args=(2, _free_port(), results, *args), nprocs=2, join=True)
+    for rank in range(2):
+        r = torch.load(f"{results}.{rank}")
+        assert len(r["diffs"]) == steps and r["scale"] > 0.1
+        assert max(r["diffs"]) <= 1e-4 * r["scale"], (args, rank, r)
+
+
+def _rank(rank: int, size: int, port: int, results: str, name: str) -> None:
+    from graph_executor.tensor_parallel import shard_model
+
+    with _gloo_rank(rank, size, port):
         whole = _whole(CONFIGS[name])
         want = _run(whole, [])  # the prompt's logits first, to choose the tokens greedily
         tokens = []
@@ -78,24 +101,18 @@ def _rank(rank: int, size: int, port: int, name: str, results: str) -> None:
         diff = max(float((g - w).abs().max()) for g, w in zip(got, want))
         scale = max(float(w.abs().max()) for w in want)
         torch.save({"diff": diff, "scale": scale, "steps": len(got)}, f"{results}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 FUSED_STEPS = 3
 
 
-def _fused_rank(rank: int, size: int, port: int, name: str, results: str) -> None:
+def _fused_rank(rank: int, size: int, port: int, results: str, name: str) -> None:
     """The GPU path's decode step (`FusedDecoder`, its Triton kernels under the interpreter here) on this rank's part,
     after an eager prefill of the prompt on the ranks, against the whole model's eager decode."""
-    import torch.distributed as dist
-
     from graph_executor.fused_decoder import FusedDecoder
     from graph_executor.tensor_parallel import shard_model
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
-    try:
+    with _gloo_rank(rank, size, port):
         whole = _whole(CONFIGS[name])
         part = shard_model(whole, TensorParallel(rank, size))
         n = len(PROMPT)
@@ -111,22 +128,16 @@ def _fused_rank(rank: int, size: int, port: int, name: str, results: str) -> Non
             scale = max(scale, float(want.abs().max()))
             token = int(want.argmax())
         torch.save({"diffs": diffs, "scale": scale}, f"{results}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
-def _fused_prefill_rank(rank: int, size: int, port: int, name: str, results: str) -> None:
+def _fused_prefill_rank(rank: int, size: int, port: int, results: str, name: str) -> None:
     """The GPU path's prefill step (`FusedPrefill`, Triton rows under the interpreter) on this rank's part: the prompt
     from position 0 (causal attention over the new rows), then 3 more tokens attending from the cache (a chunk),
     against the whole model's eager forward."""
-    import torch.distributed as dist
-
     from graph_executor.fused_prefill import FusedPrefill
     from graph_executor.tensor_parallel import shard_model
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
-    try:
+    with _gloo_rank(rank, size, port):
         whole = _whole(CONFIGS[name])
         part = shard_model(whole, TensorParallel(rank, size))
         step = FusedPrefill(part, 16)
@@ -141,33 +152,22 @@ def _fused_prefill_rank(rank: int, size: int, port: int, name: str, results: str
             diffs.append(float((got - want).abs().max()))
             scale = max(scale, float(want.abs().max()))
         torch.save({"diffs": diffs, "scale": scale}, f"{results}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_ranks_fused_prefill_steps_give_the_whole_models_logits(tmp_path):
     """The fused prefill step on two ranks (GQA with bias): a prompt, then a chunk from the cache; every rank's
     logits are the whole model's."""
-    results = str(tmp_path / "result")
-    mp.spawn(_fused_prefill_rank, args=(2, _free_port(), "qwen2-bias", results), nprocs=2, join=True)
-    for rank in range(2):
-        r = torch.load(f"{results}.{rank}")
-        assert len(r["diffs"]) == 2 and r["scale"] > 0.1
-        assert max(r["diffs"]) <= 1e-4 * r["scale"], (rank, r)
+    _two_ranks_match_the_whole_model(_fused_prefill_rank, tmp_path, 2, "qwen2-bias")
 
 
-def _fused_mixed_rank(rank: int, size: int, port: int, name: str, results: str) -> None:
+def _fused_mixed_rank(rank: int, size: int, port: int, results: str, name: str) -> None:
     """The mixed step (a prompt chunk of slot 1 padded to 16 rows, decode rows of slots 2 and 0) on this rank's part,
     Triton under the interpreter, against the whole model's prefill of the chunk and batched decode."""
-    import torch.distributed as dist
-
     from graph_executor.fused_mixed import FusedMixedStep
     from graph_executor.fused_prefill import FusedPrefill
     from graph_executor.tensor_parallel import shard_model
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
-    try:
+    with _gloo_rank(rank, size, port):
         cfg = CONFIGS[name]
         whole = _whole(cfg, slots=3)
         part = shard_model(whole, TensorParallel(rank, size), slots=3)
@@ -191,37 +191,26 @@ def _fused_mixed_rank(rank: int, size: int, port: int, name: str, results: str) 
         want_batch = whole.forward_batch(torch.tensor(tokens), positions, order)
         diffs = [float((logits - want).abs().max())] + [float((batch[i] - want_batch[i]).abs().max()) for i in (0, 1)]
         torch.save({"diffs": diffs, "scale": float(want.abs().max())}, f"{results}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_ranks_mixed_steps_give_the_whole_models_logits(tmp_path):
     """The mixed step (continuous batching's prompt chunks with decode rows) on two ranks: the chunk's logits (the
     prefill step's gather) and the decode rows' (the rows' gather) are the whole model's on every rank."""
-    results = str(tmp_path / "result")
-    mp.spawn(_fused_mixed_rank, args=(2, _free_port(), "qwen2-bias", results), nprocs=2, join=True)
-    for rank in range(2):
-        r = torch.load(f"{results}.{rank}")
-        assert len(r["diffs"]) == 3 and r["scale"] > 0.1
-        assert max(r["diffs"]) <= 1e-4 * r["scale"], (rank, r)
+    _two_ranks_match_the_whole_model(_fused_mixed_rank, tmp_path, 3, "qwen2-bias")
 
 
-def _fused_rows_rank(rank: int, size: int, port: int, name: str, results: str, packed: bool = False) -> None:
+def _fused_rows_rank(rank: int, size: int, port: int, results: str, name: str, packed: bool = False) -> None:
     """The batched decode step (two KV slots holding different prompts) and the verify step (4 tokens) on this rank's
     part, Triton under the interpreter, against the whole model's eager steps row by row. `packed`: both models
     quantized to int8 in groups of 16 and kept packed (the part's groups are the whole's: K splits at a group
     boundary), so the steps take the low-bit kernels and lm_head its packed path."""
-    import torch.distributed as dist
-
     from graph_executor.fused_batch_decoder import FusedBatchDecoder
     from graph_executor.fused_verify import FusedVerify
     from graph_executor.quant.apply import quantize_model
     from graph_executor.quant.specs import quantize_plan
     from graph_executor.tensor_parallel import shard_model
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
-    try:
+    with _gloo_rank(rank, size, port):
         cfg = CONFIGS[name]
         whole = _whole(cfg, slots=2)
         part = shard_model(whole, TensorParallel(rank, size), slots=2)
@@ -249,32 +238,20 @@ def _fused_rows_rank(rank: int, size: int, port: int, name: str, results: str, p
         want = whole(ids, verify_positions, torch.arange(4), n + 4)
         diffs += [float((g - w).abs().max()) for g, w in zip(got, want)]
         torch.save({"diffs": diffs, "scale": scale}, f"{results}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("name,packed", [("qwen2-bias", False), ("llama-mha", False), ("llama-mha", True)])
 def test_two_ranks_batched_decode_and_verify_steps_give_the_whole_models_logits(name, packed, tmp_path):
     """The fused batched decode (2 slots) and verify (4 rows) steps on two ranks, dense or packed int8: every row of
     logits, on every rank, is the whole model's (the rows' gather interleaves the ranks' vocabulary blocks)."""
-    results = str(tmp_path / "result")
-    mp.spawn(_fused_rows_rank, args=(2, _free_port(), name, results, packed), nprocs=2, join=True)
-    for rank in range(2):
-        r = torch.load(f"{results}.{rank}")
-        assert len(r["diffs"]) == 2 + 4 and r["scale"] > 0.1
-        assert max(r["diffs"]) <= 1e-4 * r["scale"], (name, rank, r)
+    _two_ranks_match_the_whole_model(_fused_rows_rank, tmp_path, 2 + 4, name, packed)
 
 
 @pytest.mark.parametrize("name", ["qwen2-bias", "gqa-replicated-kv"])
 def test_two_ranks_fused_decode_steps_give_the_whole_models_logits(name, tmp_path):
     """The fused decode step on two ranks (o_proj and down_proj's partial products summed by an all-reduce of the
     residual, lm_head's vocabulary rows gathered): each step's logits, on every rank, are the whole model's."""
-    results = str(tmp_path / "result")
-    mp.spawn(_fused_rank, args=(2, _free_port(), name, results), nprocs=2, join=True)
-    for rank in range(2):
-        r = torch.load(f"{results}.{rank}")
-        assert len(r["diffs"]) == FUSED_STEPS and r["scale"] > 0.1
-        assert max(r["diffs"]) <= 1e-4 * r["scale"], (name, rank, r)
+    _two_ranks_match_the_whole_model(_fused_rank, tmp_path, FUSED_STEPS, name)
 
 
 def _free_port() -> int:
@@ -286,7 +263,7 @@ def _free_port() -> int:
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_two_ranks_give_the_whole_models_logits(name, tmp_path):
     results = str(tmp_path / "result")
-    mp.spawn(_rank, args=(2, _free_port(), name, results), nprocs=2, join=True)
+    mp.spawn(_rank, args=(2, _free_port(), results, name), nprocs=2, join=True)
     for rank in range(2):
         r = torch.load(f"{results}.{rank}")
         assert r["steps"] == STEPS + 1 and r["scale"] > 0.1
