@@ -45,7 +45,7 @@ CASES = [  # heads, kv_heads, head_dim, cache length, positions, window, dtype
 ]
 
 
-# the default (the splits combined by the split kernel's last program), the reduce kernel, other splits and warps
+# the reduce kernel (the default), the splits combined by the split kernel's last program, other splits and warps
 @pytest.mark.parametrize("split,warps,fused", [(None, None, True), (None, None, False), (32, 1, True), (64, 2, False)])
 @pytest.mark.parametrize("heads,kv_heads,hd,cache,positions,window,dtype", CASES)
 def test_decode_attention_matches_reference(heads, kv_heads, hd, cache, positions, window, dtype, split,
@@ -66,6 +66,18 @@ def test_decode_attention_matches_reference(heads, kv_heads, hd, cache, position
         assert not attn.counts.any(), "the split programs' counters are reset for the next call (a graph replay)"
         err = (out.cpu().double() - ref).norm() / ref.norm()
         assert err < tol, f"pos {pos}: relative error {err:.2e}"
+
+
+def test_one_query_attention_warps_follow_the_query_width(monkeypatch) -> None:
+    """2 warps from a 4096-wide query (LLaMA-2-7B's 32 x 128), 4 below (SmolLM2's 9 x 64); a probe's setting wins."""
+    from graph_executor.kernels import decode_attention as da
+
+    assert DecodeAttention(32, 32, 128, 256, DEVICE).warps == {"num_warps": 2}
+    assert DecodeAttention(9, 3, 64, 256, DEVICE, batched=True, max_tokens=4).warps == {"num_warps": 4}
+    assert DecodeAttention(9, 3, 64, 256, DEVICE, split_size=32).warps == {}  # a sweep's split: Triton's default
+    monkeypatch.setattr(da, "ROW_WARPS", 1)
+    assert DecodeAttention(32, 32, 128, 256, DEVICE).warps == {"num_warps": 1}
+    assert DecodeAttention(32, 32, 128, 256, DEVICE, batched=True, max_tokens=2).warps == {"num_warps": 2}
 
 
 MULTI_CASES = [  # heads, kv_heads, head_dim, cache length, max tokens, the tokens' positions, window, dtype

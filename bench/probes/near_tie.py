@@ -8,7 +8,7 @@ would have chosen the same token.
         [--device cuda] [--row-warps 2] [--dequantize] [--show 8]
 
 `--row-warps N`: decode attention's warps for one row and for a batch's rows (graph_executor/kernels/decode_attention.py
-ROW_WARPS / BATCH_WARPS) for this run, to see which choices a kernel setting moves.
+ROW_WARPS / BATCH_WARPS; by default by the query's width) for this run, to see which choices a kernel setting moves.
 """
 
 from __future__ import annotations

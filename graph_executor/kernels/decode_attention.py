@@ -23,11 +23,21 @@ SPLIT_SIZE = 64  # positions per split; H200 LLaMA-2-7B decode at ctx 512/2048: 
 # rounds): LLaMA-2-7B at context 300 / 2000 3.926 / 4.347 ms with split 64 on 4 warps and the reduce kernel; 3.844 /
 # 4.175 on 2 warps; 3.881 / 4.194 on 2 warps with the splits combined by the last program (SmolLM2-135M 0.621 / 0.676
 # on 4 warps, 0.666 / 0.716 on 2, 0.629 / 0.665 combined in the kernel); 32 on 1 warp, the best of the kernel-alone
-# sweep, 3.963 / 4.415. We keep 4 warps: on 2 (one row and a batch's rows alike) the cuda test of 8 concurrent
-# SmolLM2 requests against each alone gave request 5 a different greedy token 39 (260 against 476), on 4 it passes
-# (bench/NOTES.md, fourteenth session; why 2 warps flips that near-tie is not understood yet).
-ROW_SPLIT_SIZE, ROW_WARPS = 64, 4  # one row (the batch-1 decode)
-BATCH_SPLIT_SIZE, BATCH_WARPS = ROW_SPLIT_SIZE, ROW_WARPS  # a batched decode's rows: summed like one row
+# sweep, 3.963 / 4.415. 2 warps, one row and a batch's rows alike: with 4 the 4-stream batch's per-stream P50 was
+# 1.149-1.155x alone, with 2 1.126-1.132x. On 2 warps SmolLM2's request 5 alone takes token 476 at step 39 where
+# float32 takes 260: a near-tie (float32 margin 0.0074, `bench.probes.near_tie`), not a fault (fifteenth session).
+# But SmolLM2 (9 heads of 64: 45 programs at context 300 for 132 SMs) is 7% slower on 2 warps: 4 below WIDE_QUERY.
+ROW_SPLIT_SIZE = BATCH_SPLIT_SIZE = 64  # one row (the batch-1 decode); a batched decode's rows, summed like one row
+WIDE_QUERY = 4096  # heads x head_dim from which 2 warps beat 4 (measured: LLaMA-2-7B's 4096, SmolLM2's 576)
+ROW_WARPS: int | None = None  # one row's warps; None: by width (`one_query_warps`); probes set a number
+BATCH_WARPS: int | None = None  # a batched decode's rows' warps, likewise
+
+
+def one_query_warps(num_heads: int, head_dim: int, batched: bool) -> int:
+    """The one-query kernel's warps at the default split: ROW_WARPS / BATCH_WARPS if set, else 2 for a query at
+    least WIDE_QUERY wide and 4 below."""
+    fixed = BATCH_WARPS if batched else ROW_WARPS
+    return fixed if fixed is not None else 2 if num_heads * head_dim >= WIDE_QUERY else 4
 BLOCK_N = 64
 
 
@@ -200,7 +210,7 @@ class DecodeAttention:
                  fused_reduce: bool = False) -> None:
         """`max_tokens` > 1: a verify step's tokens (one sequence, consecutive positions), or with `batched` the
         tokens of a batched decode (one per KV slot: `__call__`'s slots). `num_warps`: the one-query kernel's
-        (default: ROW_WARPS or BATCH_WARPS with the default split, else Triton's 4; `bench.probes.decode_attention`
+        (default: `one_query_warps` with the default split, else Triton's 4; `bench.probes.decode_attention`
         sweeps it). `fused_reduce`: the one-query kernel's last program per query head combines the splits (one
         kernel per call instead of two; off by default: not faster on 7B in the whole step, see ROW_SPLIT_SIZE; the
         verify kernel keeps its reduce kernel)."""
@@ -217,7 +227,7 @@ class DecodeAttention:
         self.batched = batched
         self.pdl = pdl  # launch with programmatic dependent launch (kernels/pdl.py)
         if num_warps is None and one_query and split_size is None:
-            num_warps = BATCH_WARPS if batched else ROW_WARPS
+            num_warps = one_query_warps(num_heads, head_dim, batched)
         self.warps = {} if num_warps is None else {"num_warps": num_warps}
         self.rows = max(16, triton.next_power_of_2(self.group * max_tokens))  # the multi-token kernel's rows
         self.acc = torch.empty(max_tokens, num_heads, self.num_splits, head_dim, **f32)
