@@ -11,7 +11,6 @@ import gc
 import os
 import signal
 import sys
-import threading
 from dataclasses import replace
 from datetime import timedelta
 
@@ -107,28 +106,10 @@ def load_draft(model: str, target: LoadedModel, args: argparse.Namespace) -> Loa
     return draft
 
 
-def prefetch_triton_key() -> None:
-    """Triton hashes its own sources and libtriton at the first kernel lookup of a process (~0.35 s on the H200
-    host, inside the first graph's warm-up) and imports its gluon package: a thread does both now, while the model
-    loads (file reads and hashing release the GIL); the results stay for the process."""
-    def run() -> None:
-        try:
-            from triton.runtime.cache import triton_key
-
-            triton_key()
-            import triton.experimental.gluon  # noqa: F401 - the first compile lookup imports it (~0.13 s there)
-        except Exception:  # noqa: BLE001 - another Triton layout: the first kernel pays for it, as before
-            pass
-
-    threading.Thread(target=run, name="triton-key", daemon=True).start()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     startup = StartupPhases("graph_executor", quiet=args.quiet, spawned_at=args.spawned_at)
     cache.use_for_triton()  # before any kernel compiles: once per machine
-    if args.device != "cpu" and not args.no_graphs and torch.cuda.is_available():
-        prefetch_triton_key()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run the finally blocks: unlink shared memory
     tp = TensorParallel(args.tp_rank, args.tensor_parallel) if args.tensor_parallel > 1 else None
     ctx = zmq.Context()
