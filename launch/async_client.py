@@ -142,9 +142,12 @@ class AsyncClient:
     async def generate(self, prompt: str | None = None, *, messages: list[dict] | None = None,
                        token_ids: list[int] | None = None, params: dict | None = None,
                        request_id: str | None = None, chat: ChatOptions | None = None,
-                       warm_up: bool = False) -> AsyncGenerator[TokenChunk | Finished, None]:
+                       warm_up: bool = False,
+                       started: bool = False) -> AsyncGenerator[Started | TokenChunk | Finished, None]:
         """Yield a TokenChunk per generated token, then the Finished message; raises ServerError. `warm_up`: the
-        server neither logs nor counts the request (GenerateRequest.warm_up).
+        server neither logs nor counts the request (GenerateRequest.warm_up). `started`: first yield the server's
+        Started, sent once the request passed its checks and leaves the queue for the executor (before its prefill):
+        whatever the server refuses (a bad prompt, bad parameters) comes before it as ServerError.
 
         A request that can't even be encoded (bad types, over the frame limit) is
         ServerError("invalid_request").
@@ -171,6 +174,8 @@ class AsyncClient:
                     finished = True
                     raise ServerError(msg.code, msg.message)
                 if isinstance(msg, Started):
+                    if started:
+                        yield msg
                     continue  # the server's check that we are still here
                 if not isinstance(msg, (TokenChunk, Finished)):
                     finished = True

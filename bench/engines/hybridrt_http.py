@@ -1,6 +1,6 @@
 """hybridrt through its OpenAI-compatible HTTP API: `hybridrt serve` started as a user starts it (its own process,
 HTTP on a free port), chats streamed over httpx (what the openai SDK uses), the TTFT taken at the first
-server-sent event; the same chats also through the standard library's http.client (a lean client, as curl is: what
+server-sent event that carries text (the role's event leaves before it, with the headers); the same chats also through the standard library's http.client (a lean client, as curl is: what
 is left is the server's share; the difference is httpx's). Runs the chat workload: token-level workloads need token
 ids, which the HTTP API does not stream."""
 
@@ -39,6 +39,14 @@ def serve_argv(spec: BenchSpec, port: int, http_port: int) -> list[str]:
     if spec.draft_model:
         argv += ["--draft-model", spec.draft_model]
     return argv
+
+
+def carries_text(event: str) -> bool:
+    """Whether a server-sent event line (`data: {...}`) carries generated text: a chat delta's or a completion's."""
+    if not event.startswith("data: {"):
+        return False
+    choices = json.loads(event[6:]).get("choices") or [{}]
+    return any((c.get("delta") or {}).get("content") or c.get("text") for c in choices)
 
 
 class HybridrtHttpEngine:
@@ -88,10 +96,10 @@ class HybridrtHttpEngine:
                 raise EngineUnavailable(f"the server cannot run chats: HTTP {reply.status_code}: {reply.text[:300]}")
             first = None
             for line in reply.iter_lines():
-                if first is None and line.startswith("data: {"):
+                if first is None and carries_text(line):
                     first = (time.perf_counter() - start) * 1e3
         if first is None:
-            raise RuntimeError("the stream carried no event")
+            raise RuntimeError("the stream carried no text")
         return first
 
     def chat_ttft_http_client(self, messages: list[dict]) -> float:
@@ -108,10 +116,11 @@ class HybridrtHttpEngine:
         while data := reply.read1(65536):
             if first is None:
                 seen += data
-                if b"data: {" in seen:
+                *events, seen = seen.split(b"\n\n")  # whole events; the rest waits for its end
+                if any(carries_text(event.decode()) for event in events):
                     first = (time.perf_counter() - start) * 1e3
         if first is None:
-            raise RuntimeError("the stream carried no event")
+            raise RuntimeError("the stream carried no text")
         return first
 
     def facts(self) -> dict:

@@ -6,9 +6,10 @@ alternately through HTTP (httpx, as the bench does) and the native client. All s
 for every process on the machine.
 
 Segments of an HTTP request: client -> app (the client's send, uvicorn's parse), app -> asked (FastAPI's routing,
-validation and the handler up to its wait for the first event), asked -> first event (the JIT context's round trip:
-ZeroMQ both ways and its own TTFT), first event -> headers (the response's set-up), headers (uvicorn writes them),
-headers -> first token (the SSE generator), first token's write, written -> client (the socket, httpx, the SSE
+validation and the handler up to its wait for the JIT context's acceptance), asked -> accepted (the request to the
+JIT context, its checks, and its Started back), accepted -> headers (the response's set-up), headers (uvicorn writes
+them, with the role's event after them), headers -> first token (the prefill and the first token's way to the app,
+overlapping the client's parse of the headers), first token's write, written -> client (the socket, httpx, the SSE
 parse). The native client's TTFT is the row to compare with.
 
     python -m bench.probes.http_split [--requests 30] -- --model M --device cuda ...
@@ -25,10 +26,12 @@ import sys
 import threading
 import time
 
+from bench.engines.hybridrt_http import carries_text
+
 MESSAGES = [{"role": "user", "content": "Name three primary colours and say why they are called primary."}]
 ROW: contextvars.ContextVar[dict] = contextvars.ContextVar("row")
 SEGMENTS = [("client -> app", "client", "app"), ("app -> asked", "app", "asked"),
-            ("asked -> first event", "asked", "event"), ("first event -> headers", "event", "headers0"),
+            ("asked -> accepted", "asked", "event"), ("accepted -> headers", "event", "headers0"),
             ("headers write", "headers0", "headers1"), ("headers -> first token", "headers1", "body0"),
             ("first token write", "body0", "body1"), ("written -> client", "body1", "first")]
 
@@ -45,7 +48,8 @@ def timed(app, rows: list[dict]):
 
         async def stamped_send(message):
             kind = message["type"]
-            first_body = kind == "http.response.body" and "body0" not in row and b'"content"' in message.get("body", b"")
+            first_body = kind == "http.response.body" and "body0" not in row and any(
+                carries_text(event) for event in message.get("body", b"").decode().split("\n\n"))
             if kind == "http.response.start" or first_body:
                 prefix = "headers" if kind == "http.response.start" else "body"
                 row[f"{prefix}0"] = time.monotonic()
@@ -59,7 +63,8 @@ def timed(app, rows: list[dict]):
 
 
 def stamp_first_event() -> None:
-    """Wrap the app's wait for an event so that the first one of each request is stamped (before and after)."""
+    """Wrap the app's wait for an event so that the first one of each request (the JIT context's Started, for a
+    stream) is stamped (before and after)."""
     from launch import http_api
 
     wait = http_api._next_or_error
@@ -93,7 +98,7 @@ def client_main(http_url: str, native_address: str, requests: int, max_tokens: i
                     with web.stream("POST", f"{http_url}/v1/chat/completions", json=body) as r:
                         r.raise_for_status()
                         for line in r.iter_lines():
-                            if first is None and line.startswith("data: {") and '"content"' in line:
+                            if first is None and carries_text(line):
                                 first = time.monotonic()
                 else:
                     for msg in native.generate(messages=MESSAGES, params=params):
