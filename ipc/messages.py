@@ -5,7 +5,8 @@ record (`TensorSpec`, `StepBufferSpecs`, `EventHandles`). `validate()` checks fi
 `ValueError`; the codec calls it on every frame from an untrusted peer (clients, and the handshake of the
 control channel), so such a message is either well-formed or never exists (ProtocolError "bad_fields").
 Frames between the two processes after the versioned handshake are only decoded structurally: both sides
-are built from this file, and a full check costs ~20x the msgpack decode itself (bench.probes.codec_cost).
+are built from this file, and a full check costs ~5x the msgpack encode and decode (bench.probes.codec_cost: 4 against 0.8 us for a Decode on the
+CPU machine; 2.6 structurally).
 
 Tag scheme: a small int per kind, never reused or renumbered within a protocol version.
   1-9   session lifecycle and replies (both channels);
@@ -22,7 +23,7 @@ import functools
 import math
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
@@ -61,6 +62,58 @@ _PLAIN_ITEMS: Mapping[Any, type] = {int: int, str: str}
 
 def check_type(value: Any, hint: Any, where: str) -> None:
     """Raise ValueError unless `value` matches the annotation `hint` (the small subset the messages use)."""
+    if fits(hint)(value):  # the usual case, without walking the annotation again
+        return
+    _explain(value, hint, where)
+    raise ValueError(f"{where}: expected {hint}, got {type(value).__name__}")  # (`_explain` raises first)
+
+
+def _is_plain(value: Any, depth: int = 0) -> bool:
+    """`_check_plain` as a predicate."""
+    if depth > _MAX_NESTING:
+        return False
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(item, depth + 1) for item in value)
+    if isinstance(value, dict):
+        return all(isinstance(key, str) and _is_plain(item, depth + 1) for key, item in value.items())
+    return False
+
+
+@functools.cache
+def fits(hint: Any) -> Callable[[Any], bool]:
+    """A predicate that holds exactly when `check_type(value, hint)` passes, built once per annotation: validating
+    a client's GenerateRequest walked its annotations with typing.get_origin/get_args on every frame (~18 us of
+    its ~25 us decode on the CPU machine)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if len(args) == 2 and type(None) in args:  # X | None, most optional fields
+            other = fits(args[0] if args[1] is type(None) else args[1])
+            return lambda value: value is None or other(value)
+        arms = tuple(fits(arm) for arm in args)
+        return lambda value: any(arm(value) for arm in arms)
+    kind = origin or hint
+    if kind is int:
+        shallow: Callable[[Any], bool] = lambda value: isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        shallow = lambda value: isinstance(value, (int, float)) and not isinstance(value, bool)  # noqa: E731
+    else:
+        shallow = lambda value: isinstance(value, kind)  # noqa: E731
+    if hint is dict or hint is list:
+        return lambda value: shallow(value) and _is_plain(value)
+    if kind is list or kind is tuple:
+        plain, item = _PLAIN_ITEMS.get(args[0]), fits(args[0])
+        return lambda value: shallow(value) and (
+            plain is not None and all(type(x) is plain for x in value) or all(item(x) for x in value))
+    if kind is dict:
+        key, item = fits(args[0]), fits(args[1])
+        return lambda value: shallow(value) and all(key(k) and item(x) for k, x in value.items())
+    return shallow
+
+
+def _explain(value: Any, hint: Any, where: str) -> None:
+    """check_type's walk, which names what is wrong and where (run once `fits` has said something is)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (Union, types.UnionType):
         for arm in args:
@@ -97,6 +150,12 @@ def field_types(cls: type) -> Mapping[str, Any]:
     return types.MappingProxyType({f.name: hints[f.name] for f in dataclasses.fields(cls)})
 
 
+@functools.cache
+def _field_checks(cls: type) -> tuple[tuple[str, Any, Callable[[Any], bool]], ...]:
+    """(name, annotation, its `fits` predicate) for each field of a record class."""
+    return tuple((name, hint, fits(hint)) for name, hint in field_types(cls).items())
+
+
 def _check_non_negative(where: str, *values: int) -> None:
     for value in values:
         if value < 0:
@@ -107,9 +166,10 @@ class Record:
     """`validate()` type-checks every field (records recursively), then runs the class's own value checks."""
 
     def validate(self) -> None:
-        for name, hint in field_types(type(self)).items():
+        for name, hint, holds in _field_checks(type(self)):
             value = getattr(self, name)
-            check_type(value, hint, f"{type(self).__name__}.{name}")
+            if not holds(value):
+                check_type(value, hint, f"{type(self).__name__}.{name}")  # raises, naming what is wrong
             if isinstance(value, Record):
                 value.validate()
         request_id = getattr(self, "request_id", None)

@@ -288,3 +288,72 @@ def test_trusted_decode_skips_value_checks_but_not_structure():
     bad_ready = frame(2, {**fields_of(SAMPLES[1]), "vocab_size": 0})
     with pytest.raises(ProtocolError, match="vocab_size"):
         decode(bad_ready, trusted=True)
+
+
+def _reference_check(value, hint, where="x") -> None:
+    """The annotation walk `check_type` did on every value before `fits` (kept here as the oracle)."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arm in args:
+            try:
+                return _reference_check(value, arm, where)
+            except ValueError:
+                pass
+        raise ValueError(where)
+    kind = origin or hint
+    if kind is int or kind is float:
+        ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise ValueError(where)
+    if hint is dict or hint is list:
+        m._check_plain(value, where)
+    elif kind is list or kind is tuple:
+        for item in value:
+            _reference_check(item, args[0], where)
+    elif kind is dict:
+        for key, item in value.items():
+            _reference_check(key, args[0], where)
+            _reference_check(item, args[1], where)
+
+
+def _nested(depth: int, wrap=lambda value: [value]):
+    value = 1
+    for _ in range(depth):
+        value = wrap(value)
+    return value
+
+
+def _nested_dict(depth: int):
+    return _nested(depth, lambda value: {"k": value})
+
+
+VALUES = [None, True, False, 0, 7, -3, 2**70, 1.5, float("nan"), "", "s", b"b", [], [1, 2], [1, True], [True],
+          ["a", "b"], [1.5], [None], [[1]], [1, "a"], (1, 2), (), {}, {"a": 1}, {1: 2}, {"a": [1, {"b": None}]},
+          {"a": object()}, [object()], object(), _nested(31), _nested(32), _nested(33), _nested(40),
+          *(_nested_dict(d) for d in (31, 32, 33, 40)), *({"k": _nested(d)} for d in (30, 31, 32)),
+          *([_nested_dict(d)] for d in (30, 31, 32)), m.ChatOptions(), SPEC]
+
+
+def test_fits_agrees_with_the_annotation_walk_for_every_field():
+    """`fits` (a predicate built once per annotation, the hot path of validation) accepts exactly what the
+    annotation walk accepts, for every field of every message and record, over values of every shape the
+    protocol meets (and some it must refuse); a refused value still gets the walk's error naming it."""
+    hints = {hint for cls in [*m.MESSAGE_TYPES.values(), m.TensorSpec, m.StepBufferSpecs, m.EventHandles,
+                              m.ChatOptions] for hint in m.field_types(cls).values()}
+    assert len(hints) > 10
+    for hint in hints:
+        for value in VALUES:
+            try:
+                _reference_check(value, hint)
+                want = True
+            except ValueError:
+                want = False
+            assert m.fits(hint)(value) is want, (hint, value)
+            if not want:
+                with pytest.raises(ValueError, match="^where"):
+                    m.check_type(value, hint, "where")
