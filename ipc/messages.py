@@ -5,8 +5,8 @@ record (`TensorSpec`, `StepBufferSpecs`, `EventHandles`). `validate()` checks fi
 `ValueError`; the codec calls it on every frame from an untrusted peer (clients, and the handshake of the
 control channel), so such a message is either well-formed or never exists (ProtocolError "bad_fields").
 Frames between the two processes after the versioned handshake are only decoded structurally: both sides
-are built from this file, and a full check costs ~5x the msgpack encode and decode (bench.probes.codec_cost: 4 against 0.8 us for a Decode on the
-CPU machine; 2.6 structurally).
+are built from this file, and a full check costs ~5x the msgpack encode and decode (bench.probes.codec_cost:
+4 against 0.8 us for a Decode on the CPU machine; 2.6 structurally).
 
 Tag scheme: a small int per kind, never reused or renumbered within a protocol version.
   1-9   session lifecycle and replies (both channels);
