@@ -137,6 +137,8 @@ BAD_REQUESTS = [  # (endpoint, change to a good body, status, error param)
     ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
      "messages"),
     ("chat/completions", {"temperature": -1, "stream": True}, 400, None),
+    # refused by the JIT context (longer than the context): a streamed request is answered after its checks
+    ("chat/completions", {"messages": [{"role": "user", "content": "word " * 5000}], "stream": True}, 400, None),
     ("chat/completions", {"response_format": {"type": "json_object"}}, 400, "response_format"),
     ("chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
     ("chat/completions", {"tool_choice": "required"}, 400, "tool_choice"),
