@@ -248,13 +248,9 @@ def test_bad_quantize_input_is_one_line(hf_folder, quantized_gguf) -> None:
 
 @pytest.fixture
 def smollm2_gguf() -> str:
-    """SmolLM2-135M-Instruct.Q4_1.gguf: $HYBRIDRT_TEST_GGUF (GPU machines without the model package), else the
-    embedded default model's file."""
-    import os
+    from tests.conftest import smollm2_gguf_path
 
-    from graph_executor.loading.default_model import gguf_path
-
-    return os.environ.get("HYBRIDRT_TEST_GGUF") or str(gguf_path())
+    return smollm2_gguf_path()
 
 
 def run_steps(runner, prompt: list[int], forced: list[int] | None, steps: int) -> tuple[list, list[int]]:
