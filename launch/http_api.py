@@ -58,6 +58,7 @@ DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its HTT
 UNAVAILABLE_CODES = frozenset({"executor_died", "executor_timeout", "server_died", "shutting_down", "unreachable",
                                "timeout"})
 MAX_REPORTED_ERRORS = 4
+ENDED_WITHOUT_RESULT = "the inference server ended the request without a result"  # before Finished or an error
 WARM_UP_HEADER = "x-hybridrt-warm-up"  # its value: a per-app secret, so that no client can send uncounted requests
 WARM_UP_REQUESTS = 2  # the second one still paid ~1-4 ms of first-time costs on the CPU machine
 WARM_UP_TIMEOUT_S = 30.0
@@ -276,8 +277,7 @@ async def _next_or_error(events: Events) -> Started | TokenChunk | Finished:
     except ServerError as e:
         raise ApiError.from_server(e) from None
     except StopAsyncIteration:
-        message = "the inference server ended the request without a result"
-        raise ApiError(500, message, "server_error") from None
+        raise ApiError(500, ENDED_WITHOUT_RESULT, "server_error") from None
 
 
 async def _sse(events: Events, chunks: ChunkMaker) -> AsyncGenerator[str, None]:
@@ -301,8 +301,7 @@ async def _sse(events: Events, chunks: ChunkMaker) -> AsyncGenerator[str, None]:
             err = ApiError.from_server(e)
             held += _event(error_body(err.message, err.type, err.param, err.code))
         except StopAsyncIteration:
-            held += _event(error_body("the inference server ended the request without a result", "server_error",
-                                      None, None))
+            held += _event(error_body(ENDED_WITHOUT_RESULT, "server_error", None, None))
     yield held + "data: [DONE]\n\n"
 
 

@@ -190,7 +190,7 @@ def test_only_a_near_tie_may_part_two_runs(default_model_dir):
     import torch
 
     from graph_executor.loading.default_model import gguf_path
-    from graph_executor.loading.loader import LoadConfig, load_model
+    from graph_executor.loading.loader import LoadConfig
     from launch.local import LocalEngine
 
     engine = LocalEngine(LoadConfig(model=str(gguf_path()), device="cpu", dtype="float32", max_context=256,
@@ -198,8 +198,7 @@ def test_only_a_near_tie_may_part_two_runs(default_model_dir):
     prompt = engine.tokenizer.encode("The quick brown fox")
     *_, run = engine.generator.generate(prompt, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))
     want = run.token_ids
-    reference = load_model(LoadConfig(model=str(gguf_path()), device="cpu", dtype="float32", max_context=256,
-                                      progress=False)).model
+    reference = engine.loaded.model  # float32 on the CPU: the run above is its own reference
     n = len(prompt) + len(want)
     with torch.inference_mode():
         logits = reference(torch.tensor(prompt + want), torch.arange(n), torch.arange(len(prompt) - 1, n - 1), n)

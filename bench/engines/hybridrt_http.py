@@ -1,8 +1,9 @@
 """hybridrt through its OpenAI-compatible HTTP API: `hybridrt serve` started as a user starts it (its own process,
 HTTP on a free port), chats streamed over httpx (what the openai SDK uses), the TTFT taken at the first
-server-sent event that carries text (the role's event leaves before it, with the headers); the same chats also through the standard library's http.client (a lean client, as curl is: what
-is left is the server's share; the difference is httpx's). Runs the chat workload: token-level workloads need token
-ids, which the HTTP API does not stream."""
+server-sent event that carries text (the role's event leaves before it, with the headers); the same chats also
+through the standard library's http.client (a lean client, as curl is: what is left is the server's share; the
+difference is httpx's). Runs the chat workload: token-level workloads need token ids, which the HTTP API does not
+stream."""
 
 from __future__ import annotations
 

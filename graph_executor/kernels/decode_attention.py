@@ -19,15 +19,14 @@ import triton.language as tl
 from graph_executor.kernels.pdl import launch_options, wait_for_prior
 
 SPLIT_SIZE = 64  # positions per split; H200 LLaMA-2-7B decode at ctx 512/2048: 64 -> 4.09/4.44 ms, 256 -> 4.44/4.60
-# One query per program. H200, whole batch-1 steps as graph replays (`bench.probes.step_variants`, alternating
-# rounds): LLaMA-2-7B at context 300 / 2000 3.926 / 4.347 ms with split 64 on 4 warps and the reduce kernel; 3.844 /
+# One query per program (one row, or a batched decode's rows, summed like one row), split SPLIT_SIZE too. H200,
+# whole batch-1 steps as graph replays (`bench.probes.step_variants`, alternating rounds): LLaMA-2-7B at context 300 / 2000 3.926 / 4.347 ms with split 64 on 4 warps and the reduce kernel; 3.844 /
 # 4.175 on 2 warps; 3.881 / 4.194 on 2 warps with the splits combined by the last program (SmolLM2-135M 0.621 / 0.676
 # on 4 warps, 0.666 / 0.716 on 2, 0.629 / 0.665 combined in the kernel); 32 on 1 warp, the best of the kernel-alone
 # sweep, 3.963 / 4.415. 2 warps, one row and a batch's rows alike: with 4 the 4-stream batch's per-stream P50 was
 # 1.149-1.155x alone, with 2 1.126-1.132x. On 2 warps SmolLM2's request 5 alone takes token 476 at step 39 where
 # float32 takes 260: a near-tie (float32 margin 0.0074, `bench.probes.near_tie`), not a fault (fifteenth session).
 # But SmolLM2 (9 heads of 64: 45 programs at context 300 for 132 SMs) is 7% slower on 2 warps: 4 below WIDE_QUERY.
-ROW_SPLIT_SIZE = BATCH_SPLIT_SIZE = 64  # one row (the batch-1 decode); a batched decode's rows, summed like one row
 WIDE_QUERY = 4096  # heads x head_dim from which 2 warps beat 4 (measured: LLaMA-2-7B's 4096, SmolLM2's 576)
 ROW_WARPS: int | None = None  # one row's warps; None: by width (`one_query_warps`); probes set a number
 BATCH_WARPS: int | None = None  # a batched decode's rows' warps, likewise
@@ -212,13 +211,13 @@ class DecodeAttention:
         tokens of a batched decode (one per KV slot: `__call__`'s slots). `num_warps`: the one-query kernel's
         (default: `one_query_warps` with the default split, else Triton's 4; `bench.probes.decode_attention`
         sweeps it). `fused_reduce`: the one-query kernel's last program per query head combines the splits (one
-        kernel per call instead of two; off by default: not faster on 7B in the whole step, see ROW_SPLIT_SIZE; the
+        kernel per call instead of two; off by default: not faster on 7B in the whole step, see SPLIT_SIZE; the
         verify kernel keeps its reduce kernel)."""
         if head_dim & (head_dim - 1):
             raise ValueError(f"decode attention needs a power-of-two head_dim, got {head_dim}")
         self.num_heads, self.group, self.head_dim = num_heads, num_heads // num_kv_heads, head_dim
         one_query = max_tokens == 1 or batched  # `_split_kernel`; else the verify step's `_split_rows_kernel`
-        self.split = split_size or (SPLIT_SIZE if not one_query else BATCH_SPLIT_SIZE if batched else ROW_SPLIT_SIZE)
+        self.split = split_size or SPLIT_SIZE
         self.num_splits = triton.next_power_of_2(triton.cdiv(max_context, self.split))
         self.window = sliding_window or (1 << 30)
         self.scale = head_dim ** -0.5
