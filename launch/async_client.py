@@ -20,7 +20,9 @@ within a fraction of a second, after whatever it sent before has been read.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 import uuid
 from collections.abc import AsyncGenerator
 
@@ -44,6 +46,7 @@ from ipc.messages import (
     TokenChunk,
 )
 from launch.client import API_KEY_ENV, LOST_DRAIN_MS, SERVER_DIED, ServerError
+from launch.reply_spin import ReplySpin, default_spin_ms
 
 CANCEL_LINGER_MS = 200  # let the CancelRequest leave before the socket's pending frames are dropped
 IDLE_SOCKETS = 8  # connected sockets kept for reuse (as many requests at once reuse them; more open new ones)
@@ -75,11 +78,13 @@ class _Watched:
 
 class AsyncClient:
     def __init__(self, address: str, probe_after_s: float = 10.0, probe_timeout_s: float = 5.0,
-                 api_key: str | None = None) -> None:
-        """`api_key`: the server's --api-key (default: $HYBRIDRT_API_KEY), sent with every request."""
+                 api_key: str | None = None, spin_ms: float | None = None) -> None:
+        """`api_key`: the server's --api-key (default: $HYBRIDRT_API_KEY), sent with every request. `spin_ms`: as
+        `launch.client.Client`'s."""
         if probe_after_s <= 0 or probe_timeout_s <= 0:
             raise ValueError("probe_after_s and probe_timeout_s must be > 0")
         self.address = address
+        self.spin = ReplySpin((default_spin_ms() if spin_ms is None else spin_ms) / 1e3)
         self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
         self.probe_after_s = probe_after_s
         self.probe_timeout_s = probe_timeout_s
@@ -193,7 +198,22 @@ class AsyncClient:
 
     async def _next(self, watched: _Watched) -> Message:
         """The request's next message, probing the server's liveness while none comes; ServerError
-        ("server_died") once the connection dropped and what came before it has been read."""
+        ("server_died") once the connection dropped and what came before it has been read. While the server answers
+        fast the wait first spins (`launch.reply_spin`), yielding to the event loop's other tasks between reads."""
+        start = time.perf_counter()
+        if (window := self.spin.spin_s()) > 0:
+            sock, until = watched.sock, start + window
+            while time.perf_counter() < until:
+                if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    msg = _decoded(await sock.recv(zmq.NOBLOCK))
+                    self.spin.waited(time.perf_counter() - start)
+                    return msg
+                await asyncio.sleep(0)
+        msg = await self._wait(watched)
+        self.spin.waited(time.perf_counter() - start)
+        return msg
+
+    async def _wait(self, watched: _Watched) -> Message:
         sock, monitor = watched.sock, watched.monitor
         while True:
             if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # here (a streamed token often is already): read it

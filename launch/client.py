@@ -43,6 +43,7 @@ from ipc.messages import (
 )
 from jit_context.sampling_params import SamplingParams
 from launch import API_KEY_ENV
+from launch.reply_spin import ReplySpin, default_spin_ms
 
 LOST_DRAIN_MS = 100  # after the connection dropped, read what the server sent before it for this long
 
@@ -83,10 +84,25 @@ class WatchedChannel:
             self._event()
         return not self.lost
 
-    def recv(self, timeout_ms: int) -> Message | None:
+    def recv(self, timeout_ms: int, spin: ReplySpin | None = None) -> Message | None:
         """The next message; None after timeout_ms; ServerError("server_died") once the connection is lost and
-        everything that came before that has been read."""
-        deadline = time.monotonic() + timeout_ms / 1e3
+        everything that came before that has been read. `spin`: first spin on non-blocking reads for up to its
+        window (`launch.reply_spin`), and tell it how long the wait took."""
+        start = time.perf_counter()
+        if spin is not None and (window := spin.spin_s()) > 0:
+            sock, until = self.channel.socket, start + window
+            while time.perf_counter() < until:
+                if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # the I/O thread has queued a frame: read it
+                    msg = self.channel.recv(timeout_ms=0)
+                    spin.waited(time.perf_counter() - start)
+                    return msg
+        msg = self._recv_blocking(timeout_ms - int((time.perf_counter() - start) * 1e3))
+        if spin is not None and msg is not None:
+            spin.waited(time.perf_counter() - start)
+        return msg
+
+    def _recv_blocking(self, timeout_ms: int) -> Message | None:
+        deadline = time.monotonic() + max(0, timeout_ms) / 1e3
         while not self.lost:
             left_ms = max(0, int((deadline - time.monotonic()) * 1e3))
             ready = dict(self.poller.poll(left_ms))
@@ -129,9 +145,13 @@ class Client:
     started while another is in flight on the same thread (two generators interleaved), or on another thread,
     gets a socket of its own. Replies to earlier, abandoned requests are skipped by request id."""
 
-    def __init__(self, address: str, timeout_s: float = 60.0, api_key: str | None = None) -> None:
-        """`api_key`: the server's --api-key (default: $HYBRIDRT_API_KEY), sent with every request."""
+    def __init__(self, address: str, timeout_s: float = 60.0, api_key: str | None = None,
+                 spin_ms: float | None = None) -> None:
+        """`api_key`: the server's --api-key (default: $HYBRIDRT_API_KEY), sent with every request. `spin_ms`: how
+        long a request's wait for its next message spins before it sleeps, while the server answers that fast
+        (`launch.reply_spin`; 0: always sleep)."""
         self.address = address
+        self.spin = ReplySpin((default_spin_ms() if spin_ms is None else spin_ms) / 1e3)
         self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
         self.timeout_ms = int(timeout_s * 1000)
         self._ctx = zmq.Context()
@@ -232,7 +252,7 @@ class Client:
             sock.send(request, timeout_ms=self.timeout_ms)
             while not finished:
                 try:
-                    msg = sock.recv(timeout_ms=self.timeout_ms)
+                    msg = sock.recv(timeout_ms=self.timeout_ms, spin=self.spin)
                 except ServerError:
                     finished = True  # nothing to cancel: the server is gone
                     raise

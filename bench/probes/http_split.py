@@ -81,14 +81,14 @@ def stamp_first_event() -> None:
     http_api._next_or_error = stamped
 
 
-def client_main(http_url: str, native_address: str, requests: int, max_tokens: int) -> None:
+def client_main(http_url: str, native_address: str, requests: int, max_tokens: int, spin_ms: float | None) -> None:
     """The client process: one JSON line per request, {"kind", "client" (sent), "first" (first content)}."""
     import httpx
 
     from launch.client import Client
 
     params = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
-    with Client(native_address) as native, httpx.Client(timeout=60) as web:
+    with Client(native_address, spin_ms=spin_ms) as native, httpx.Client(timeout=60) as web:
         model = web.get(f"{http_url}/v1/models").json()["data"][0]["id"]
         body = {"model": model, "messages": MESSAGES, "stream": True} | params
         for i in range(requests + 2):  # the first of each kind warms its path
@@ -111,11 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     ap.add_argument("--requests", type=int, default=30, help="per client kind, alternating (default: 30)")
     ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--client-spin-ms", type=float, default=None,
+                    help="the native clients' spinning wait, the app's and the native row's (launch.reply_spin; "
+                         "default: theirs)")
     ap.add_argument("--client", nargs=2, metavar=("HTTP_URL", "NATIVE"), help=argparse.SUPPRESS)
     ap.add_argument("serve_args", nargs=argparse.REMAINDER, help="after --: the arguments of `hybridrt serve`")
     args = ap.parse_args(argv)
     if args.client:
-        client_main(*args.client, args.requests, args.max_tokens)
+        client_main(*args.client, args.requests, args.max_tokens, args.client_spin_ms)
         return 0
     import uvicorn
 
@@ -147,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                 facts = c.status()
         rows: list[dict] = []
         stamp_first_event()
-        app = create_app(native, facts["model"], api_key=None, max_context=facts["max_context"], warm=True)
+        app = create_app(native, facts["model"], api_key=None, max_context=facts["max_context"], warm=True,
+                         client_spin_ms=args.client_spin_ms)
         server = uvicorn.Server(uvicorn.Config(timed(app, rows), host="127.0.0.1", port=http_port,
                                                log_level="warning"))
         threading.Thread(target=server.run, daemon=True).start()
@@ -155,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.05)
         client = subprocess.run([sys.executable, "-m", "bench.probes.http_split", "--requests", str(args.requests),
                                  "--max-tokens", str(args.max_tokens), "--client", f"http://127.0.0.1:{http_port}",
-                                 native], capture_output=True, text=True, timeout=600)
+                                 native, *(["--client-spin-ms", str(args.client_spin_ms)]
+                                           if args.client_spin_ms is not None else [])],
+                                capture_output=True, text=True, timeout=600)
         if client.returncode:
             raise SystemExit(f"client failed: {client.stderr[-2000:]}")
         seen = [json.loads(line) for line in client.stdout.splitlines()]

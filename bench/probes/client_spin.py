@@ -1,0 +1,78 @@
+"""What the native client's spinning wait (`launch.reply_spin`) saves (issue 12: client TTFT <= the executor's + 0.3 ms).
+
+One server; requests alternate between a client that sleeps in its poll (`spin_ms=0`) and one that spins first (the
+default window), so both see the same machine state. Per request: the client's TTFT (generate() called -> first
+token in hand) and the JIT context's own (request received -> first token on its host, `Finished.timings`); their
+difference is the two hops to and from the client plus the client's own work. Also the client's token gaps against
+the JIT context's: the hop each token pays once more.
+
+    python -m bench.probes.client_spin --model M [--device cuda] [--requests 40] [--tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from bench.stats import gaps_ms, percentile
+from graph_executor.loading.load_config import LoadConfig
+from jit_context.speculative_config import SpeculativeConfig
+from launch.client import Client
+from launch.reply_spin import DEFAULT_SPIN_MS
+from launch.supervisor import ServerConfig, Supervisor
+
+
+def one(client: Client, ids: list[int], tokens: int) -> tuple[float, float, float, float]:
+    """(client TTFT, JIT TTFT, client gap P50, JIT gap P50), ms."""
+    params = {"max_tokens": tokens, "temperature": 0.0, "ignore_eos": True}
+    start = time.perf_counter()
+    stamps = []
+    for msg in client.generate(token_ids=ids, params=params):
+        stamps.append(time.perf_counter())
+        timings = getattr(msg, "timings", None)
+    stamps = stamps[:-1]  # the Finished message
+    client_gaps = [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:], strict=False)]
+    return ((stamps[0] - start) * 1e3, timings["ttft_ms"], percentile(client_gaps, 50),
+            percentile(gaps_ms(timings["token_times_ms"]), 50))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=40, help="requests per mode (after 4 warm-ups)")
+    ap.add_argument("--tokens", type=int, default=32, help="tokens per request")
+    ap.add_argument("--prompt-len", type=int, default=10)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--device", default="cuda")
+    args = ap.parse_args()
+    load = LoadConfig(model=args.model, device=args.device, max_context=1024, progress=False)
+    sup = Supervisor(ServerConfig(load, speculation=SpeculativeConfig("off")))
+    sup.start()
+    sup.wait_ready()
+    ids = list(range(1000, 1000 + args.prompt_len))
+    rows: dict[float, list] = {0.0: [], DEFAULT_SPIN_MS: []}
+    try:
+        clients = {spin: Client(sup.address, spin_ms=spin) for spin in rows}
+        for client in clients.values():
+            while client.status()["executor"]["graphs"].get("pending"):
+                time.sleep(0.2)
+            for _ in range(4):
+                one(client, ids, args.tokens)
+        for _ in range(args.requests):
+            for spin, client in clients.items():
+                rows[spin].append(one(client, ids, args.tokens))
+        for client in clients.values():
+            client.close()
+    finally:
+        sup.stop()
+    print(f"| client wait | client TTFT | JIT TTFT | client - JIT | client gap P50 | JIT gap P50 |  ({args.requests} "
+          f"requests each, alternating, {args.prompt_len}-token prompt, {args.tokens} tokens; medians, ms)")
+    print("|---|---|---|---|---|---|")
+    for spin, got in rows.items():
+        med = [percentile([r[i] for r in got], 50) for i in range(4)]
+        diff = percentile([r[0] - r[1] for r in got], 50)
+        print(f"| {'sleeps' if spin == 0 else f'spins up to {spin:g} ms'} | {med[0]:.3f} | {med[1]:.3f} | {diff:.3f} "
+              f"| {med[2]:.3f} | {med[3]:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""The clients' spinning wait for the server's next message (`launch.reply_spin`): the rule, and both clients over a
+real ROUTER socket whose replies come within the window or after it."""
+
+import asyncio
+import threading
+import time
+
+import pytest
+import zmq
+
+from ipc import messages as m
+from ipc.channel import bind_server
+from ipc.runtime_dir import RuntimeDir
+from launch.async_client import AsyncClient
+from launch.client import Client, WatchedChannel
+from launch.reply_spin import DEFAULT_SPIN_MS, MIN_SPARE_CORES, ReplySpin, default_spin_ms
+
+WINDOW_S = 0.05
+
+
+def test_rule_spins_while_the_last_wait_ended_within_the_window():
+    spin = ReplySpin(WINDOW_S)
+    assert spin.spin_s() == WINDOW_S  # no wait seen yet: assume a fast server
+    spin.waited(WINDOW_S / 2)
+    assert spin.spin_s() == WINDOW_S
+    spin.waited(WINDOW_S * 3)  # a slow reply: the next wait sleeps from the start
+    assert spin.spin_s() == 0.0
+    spin.waited(WINDOW_S * 0.9)  # a sleeping wait that ended fast: spin again
+    assert spin.spin_s() == WINDOW_S
+    assert ReplySpin(0.0).spin_s() == 0.0
+    with pytest.raises(ValueError, match="spin window"):
+        ReplySpin(-1e-3)
+
+
+def test_default_spins_only_with_cores_to_spare():
+    assert default_spin_ms(MIN_SPARE_CORES) == DEFAULT_SPIN_MS
+    assert default_spin_ms(MIN_SPARE_CORES - 1) == 0.0  # the server's spinning cores would be taken
+    with Client("ipc:///nonexistent/x", spin_ms=None) as client:
+        assert client.spin.window_s == default_spin_ms() / 1e3
+    async_client = AsyncClient("ipc:///nonexistent/x", spin_ms=3.0)
+    assert async_client.spin.window_s == 3e-3
+    async_client.close()
+
+
+class DelayedServer:
+    """A ROUTER playing the server: answers each GenerateRequest with one TokenChunk per delay, then Finished."""
+
+    def __init__(self, ctx: zmq.Context, address: str, delays_s: list[float]) -> None:
+        self.server = bind_server(ctx, address)
+        self.delays_s = delays_s
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        got = self.server.recv_from(5000)
+        assert got is not None
+        identity, msg = got
+        self.server.send_to(identity, m.Started(msg.request_id, 0.0))
+        for i, delay in enumerate(self.delays_s):
+            time.sleep(delay)
+            self.server.send_to(identity, m.TokenChunk(msg.request_id, "x", [i]))
+        self.server.send_to(identity, m.Finished(msg.request_id, "x" * len(self.delays_s),
+                                                 list(range(len(self.delays_s))), "length"))
+
+    def close(self) -> None:
+        self.thread.join(5)
+        self.server.close()
+
+
+@pytest.fixture
+def address():
+    with RuntimeDir() as d:
+        yield d.ipc_address("client")
+
+
+def test_watched_channel_spins_then_sleeps_and_returns_every_message(address):
+    ctx = zmq.Context()
+    try:
+        server = bind_server(ctx, address)
+        with WatchedChannel(ctx, address) as sock:
+            spin = ReplySpin(WINDOW_S)
+            sock.send(m.Status())
+            identity, _ = server.recv_from(2000)
+            server.send_to(identity, m.Error("a", "fast"))
+            assert sock.recv(2000, spin=spin).message == "fast" and spin.fast
+            threading.Timer(WINDOW_S * 3, server.send_to, (identity, m.Error("a", "slow"))).start()
+            started = time.perf_counter()
+            assert sock.recv(2000, spin=spin).message == "slow"
+            assert time.perf_counter() - started >= WINDOW_S * 3 * 0.9 and not spin.fast
+            server.send_to(identity, m.Error("a", "after"))
+            assert sock.recv(2000, spin=spin).message == "after" and spin.fast  # a sleeping wait, timed
+            assert sock.recv(int(WINDOW_S * 2e3), spin=spin) is None  # nothing comes: the time-out still holds
+        server.close()
+    finally:
+        ctx.destroy(linger=0)
+
+
+@pytest.mark.parametrize("delays", [[0.0, 0.001, 0.0], [0.0, WINDOW_S * 3, 0.001]], ids=["fast", "one-slow"])
+def test_client_streams_every_token_in_order_spinning_or_not(address, delays):
+    ctx = zmq.Context()
+    try:
+        peer = DelayedServer(ctx, address, delays)
+        with Client(address, timeout_s=5, spin_ms=WINDOW_S * 1e3) as client:
+            msgs = list(client.generate(prompt="hi"))
+        peer.close()
+    finally:
+        ctx.destroy(linger=0)
+    assert [x.token_ids for x in msgs[:-1]] == [[i] for i in range(len(delays))]
+    assert isinstance(msgs[-1], m.Finished)
+    assert client.spin.fast  # the Finished came right after the last token
+
+
+@pytest.mark.parametrize("delays", [[0.0, 0.001, 0.0], [0.0, WINDOW_S * 3, 0.001]], ids=["fast", "one-slow"])
+def test_async_client_streams_every_token_in_order_and_leaves_the_loop_running(address, delays):
+    ctx = zmq.Context()
+
+    async def run():
+        ticks = 0
+
+        async def ticker():  # another task on the loop: it must keep running while the client spins
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        other = asyncio.create_task(ticker())
+        client = AsyncClient(address, spin_ms=WINDOW_S * 1e3)
+        try:
+            msgs = [msg async for msg in client.generate(prompt="hi")]
+        finally:
+            client.close()
+            other.cancel()
+        return msgs, ticks, client.spin.fast
+
+    try:
+        peer = DelayedServer(ctx, address, delays)
+        msgs, ticks, fast = asyncio.run(run())
+        peer.close()
+    finally:
+        ctx.destroy(linger=0)
+    assert [x.token_ids for x in msgs[:-1]] == [[i] for i in range(len(delays))]
+    assert isinstance(msgs[-1], m.Finished) and fast
+    assert ticks > 10
