@@ -27,10 +27,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
-# Versions: 9: DecodeBatch carries several prompt chunks; 8: GenerateRequest.warm_up; 7: DecodeBatch's prompt chunk (the mixed step); 6: KV slots (Ready.max_num_seqs, Prefill.slot,
+# Versions: 10: Started.spin_ms; 9: DecodeBatch carries several prompt chunks; 8: GenerateRequest.warm_up; 7: DecodeBatch's prompt chunk (the mixed step); 6: KV slots (Ready.max_num_seqs, Prefill.slot,
 # DecodeBatch, the batch_logits buffer); 5: Verify.tokens/accept, StepDone.accepted, GenerateRequest.chat;
 # 4: Ready.doorbell; 3: Verify and the verify_logits buffer; 2: typed Ready buffers/events/tokenizer_path
-PROTOCOL_VERSION = 9
+PROTOCOL_VERSION = 10
 MAX_ID_CHARS = 256
 MAX_SPECULATIVE_TOKENS = 8  # proposals a Verify step carries at most (its k + 1 tokens fill the verify buffers)
 MAX_NUM_SEQS = 64  # KV slots an executor may hold (sequences decoded together in one DecodeBatch step)
@@ -604,6 +604,9 @@ class Started(Message):
     TAG: ClassVar[int] = 28
     request_id: str
     queue_ms: float
+    # how long the client may spin for each of this request's next messages before it sleeps (`ipc.reply_spin`):
+    # > 0 only from a server on a GPU with cores to spare, whose answers come within that
+    spin_ms: float = 0.0
 
 
 ALL_MESSAGES: tuple[type[Message], ...] = (

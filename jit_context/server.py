@@ -43,6 +43,7 @@ from ipc.messages import (
     TokenizeReply,
     TokenizeRequest,
 )
+from ipc.reply_spin import server_spin_ms
 from ipc.startup import StartupPhases
 from jit_context.batch import BatchEngine
 from jit_context.generator import CPU_PREFILL_CHUNK, GenerationResult, PrefillProgress
@@ -116,6 +117,7 @@ class JitServer:
         self._batches = 0  # busy periods of the engine (each is one request id on the executor)
         self._executor_facts_cache = ready.facts
         self.metrics = ServingMetrics()
+        self._spin_ms = server_spin_ms(ready.device)  # what each Started tells its client (ipc.reply_spin)
 
     def warm_up(self) -> None:
         """One short request per KV slot through the whole request path before the first client's: the chat template
@@ -306,7 +308,7 @@ class JitServer:
         it waited: nobody to answer, so no prefill for it."""
         pending.started = time.perf_counter()
         queue_ms = round((pending.started - pending.received) * 1e3, 3)
-        if self._reply(pending.identity, Started(pending.request_id, queue_ms)):
+        if self._reply(pending.identity, Started(pending.request_id, queue_ms, self._spin_ms)):
             return True
         if pending.counted:
             self.metrics.record(FinishReason.ABORT, len(pending.prompt_ids), [], pending.started - pending.received)

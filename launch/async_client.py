@@ -45,8 +45,8 @@ from ipc.messages import (
     StatusReply,
     TokenChunk,
 )
+from ipc.reply_spin import ReplySpin
 from launch.client import API_KEY_ENV, LOST_DRAIN_MS, SERVER_DIED, ServerError
-from launch.reply_spin import ReplySpin, default_spin_ms
 
 CANCEL_LINGER_MS = 200  # let the CancelRequest leave before the socket's pending frames are dropped
 IDLE_SOCKETS = 8  # connected sockets kept for reuse (as many requests at once reuse them; more open new ones)
@@ -84,7 +84,7 @@ class AsyncClient:
         if probe_after_s <= 0 or probe_timeout_s <= 0:
             raise ValueError("probe_after_s and probe_timeout_s must be > 0")
         self.address = address
-        self.spin = ReplySpin((default_spin_ms() if spin_ms is None else spin_ms) / 1e3)
+        self.spin = ReplySpin(None if spin_ms is None else spin_ms / 1e3)
         self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
         self.probe_after_s = probe_after_s
         self.probe_timeout_s = probe_timeout_s
@@ -179,6 +179,7 @@ class AsyncClient:
                     finished = True
                     raise ServerError(msg.code, msg.message)
                 if isinstance(msg, Started):
+                    self.spin.server_said(msg.spin_ms)
                     if started:
                         yield msg
                     continue  # the server's check that we are still here
@@ -199,7 +200,7 @@ class AsyncClient:
     async def _next(self, watched: _Watched) -> Message:
         """The request's next message, probing the server's liveness while none comes; ServerError
         ("server_died") once the connection dropped and what came before it has been read. While the server answers
-        fast the wait first spins (`launch.reply_spin`), yielding to the event loop's other tasks between reads."""
+        fast the wait first spins (`ipc.reply_spin`), yielding to the event loop's other tasks between reads."""
         start = time.perf_counter()
         if (window := self.spin.spin_s()) > 0:
             sock, until = watched.sock, start + window

@@ -41,9 +41,9 @@ from ipc.messages import (
     TokenizeReply,
     TokenizeRequest,
 )
+from ipc.reply_spin import ReplySpin
 from jit_context.sampling_params import SamplingParams
 from launch import API_KEY_ENV
-from launch.reply_spin import ReplySpin, default_spin_ms
 
 LOST_DRAIN_MS = 100  # after the connection dropped, read what the server sent before it for this long
 
@@ -87,7 +87,7 @@ class WatchedChannel:
     def recv(self, timeout_ms: int, spin: ReplySpin | None = None) -> Message | None:
         """The next message; None after timeout_ms; ServerError("server_died") once the connection is lost and
         everything that came before that has been read. `spin`: first spin on non-blocking reads for up to its
-        window (`launch.reply_spin`), and tell it how long the wait took."""
+        window (`ipc.reply_spin`), and tell it how long the wait took."""
         start = time.perf_counter()
         if spin is not None and (window := spin.spin_s()) > 0:
             sock, until = self.channel.socket, start + window
@@ -149,9 +149,9 @@ class Client:
                  spin_ms: float | None = None) -> None:
         """`api_key`: the server's --api-key (default: $HYBRIDRT_API_KEY), sent with every request. `spin_ms`: how
         long a request's wait for its next message spins before it sleeps, while the server answers that fast
-        (`launch.reply_spin`; 0: always sleep)."""
+        (`ipc.reply_spin`; None: as long as the server says, 0: always sleep)."""
         self.address = address
-        self.spin = ReplySpin((default_spin_ms() if spin_ms is None else spin_ms) / 1e3)
+        self.spin = ReplySpin(None if spin_ms is None else spin_ms / 1e3)
         self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
         self.timeout_ms = int(timeout_s * 1000)
         self._ctx = zmq.Context()
@@ -262,6 +262,7 @@ class Client:
                 if getattr(msg, "request_id", request.request_id) not in (request.request_id, None):
                     continue  # a late reply to an earlier request that was abandoned
                 if isinstance(msg, Started):
+                    self.spin.server_said(msg.spin_ms)
                     continue  # the server's check that we are still here
                 if isinstance(msg, Error):
                     finished = True

@@ -102,7 +102,7 @@ def create_app(client_address: str, model_name: str, api_key: str | None, max_co
                weight_format: str | None = None, warm: bool = False, client_spin_ms: float | None = None) -> FastAPI:
     """The app for one served model; `client_address` is the JIT context's native (ZeroMQ) address. `warm`: send
     itself the start-up requests (`warm_up`) before serving (a JIT context must be there to answer them).
-    `client_spin_ms`: its native client's spinning wait (`launch.reply_spin`; None: the default)."""
+    `client_spin_ms`: its native client's spinning wait (`ipc.reply_spin`; None: the default)."""
     client = AsyncClient(client_address, api_key=api_key, spin_ms=client_spin_ms)  # the JIT context wants the key
     created = int(time.time())
     warm_key = secrets.token_hex(16)

@@ -1,5 +1,5 @@
-"""The clients' spinning wait for the server's next message (`launch.reply_spin`): the rule, and both clients over a
-real ROUTER socket whose replies come within the window or after it."""
+"""The clients' spinning wait for the server's next message (`ipc.reply_spin`): the rule, and both clients over a
+real ROUTER socket playing the server, whose replies come within the window or after it."""
 
 import asyncio
 import threading
@@ -10,40 +10,57 @@ import zmq
 
 from ipc import messages as m
 from ipc.channel import bind_server
+from ipc.reply_spin import DEFAULT_SPIN_MS, MAX_SPIN_MS, MIN_SPARE_CORES, ReplySpin, server_spin_ms
 from ipc.runtime_dir import RuntimeDir
 from launch.async_client import AsyncClient
 from launch.client import Client, WatchedChannel
-from launch.reply_spin import DEFAULT_SPIN_MS, MIN_SPARE_CORES, ReplySpin, default_spin_ms
 
 WINDOW_S = 0.05
 
 
-def test_rule_spins_while_the_last_wait_ended_within_the_window():
-    spin = ReplySpin(WINDOW_S)
-    assert spin.spin_s() == WINDOW_S  # no wait seen yet: assume a fast server
+def test_rule_spins_while_the_last_wait_ended_within_the_servers_window():
+    spin = ReplySpin()
+    assert spin.spin_s() == 0.0  # the server has said nothing yet: sleep
+    spin.waited(1.0)
+    spin.server_said(WINDOW_S * 1e3)
+    assert spin.spin_s() == WINDOW_S  # the wait for Started judged nothing
     spin.waited(WINDOW_S / 2)
     assert spin.spin_s() == WINDOW_S
     spin.waited(WINDOW_S * 3)  # a slow reply: the next wait sleeps from the start
     assert spin.spin_s() == 0.0
     spin.waited(WINDOW_S * 0.9)  # a sleeping wait that ended fast: spin again
     assert spin.spin_s() == WINDOW_S
-    assert ReplySpin(0.0).spin_s() == 0.0
+    spin.server_said(0.0)  # a server on the CPU
+    assert spin.spin_s() == 0.0
+    spin.server_said(1e9)
+    assert spin.spin_s() == MAX_SPIN_MS / 1e3
+    spin.server_said(-5.0)
+    assert spin.spin_s() == 0.0
+
+
+def test_the_clients_own_window_overrides_the_servers():
+    never, always = ReplySpin(0.0), ReplySpin(WINDOW_S)
+    for spin in (never, always):
+        spin.server_said(DEFAULT_SPIN_MS)
+    assert never.spin_s() == 0.0 and always.spin_s() == WINDOW_S
     with pytest.raises(ValueError, match="spin window"):
         ReplySpin(-1e-3)
 
 
-def test_default_spins_only_with_cores_to_spare():
-    assert default_spin_ms(MIN_SPARE_CORES) == DEFAULT_SPIN_MS
-    assert default_spin_ms(MIN_SPARE_CORES - 1) == 0.0  # the server's spinning cores would be taken
-    with Client("ipc:///nonexistent/x", spin_ms=None) as client:
-        assert client.spin.window_s == default_spin_ms() / 1e3
+def test_a_server_says_spin_only_on_a_gpu_with_cores_to_spare():
+    assert server_spin_ms("cuda", MIN_SPARE_CORES) == server_spin_ms("cuda:1", 64) == DEFAULT_SPIN_MS
+    assert server_spin_ms("cuda", MIN_SPARE_CORES - 1) == 0.0  # the server's spinning cores would be taken
+    assert server_spin_ms("cpu", 64) == 0.0  # torch's threads use every core
+    with Client("ipc:///nonexistent/x") as client:
+        assert client.spin.spin_s() == 0.0 and client.spin.own_s is None
     async_client = AsyncClient("ipc:///nonexistent/x", spin_ms=3.0)
-    assert async_client.spin.window_s == 3e-3
+    assert async_client.spin.own_s == 3e-3
     async_client.close()
 
 
 class DelayedServer:
-    """A ROUTER playing the server: answers each GenerateRequest with one TokenChunk per delay, then Finished."""
+    """A ROUTER playing the server: answers a GenerateRequest with Started (saying WINDOW_S), one TokenChunk per delay,
+    then Finished."""
 
     def __init__(self, ctx: zmq.Context, address: str, delays_s: list[float]) -> None:
         self.server = bind_server(ctx, address)
@@ -55,7 +72,7 @@ class DelayedServer:
         got = self.server.recv_from(5000)
         assert got is not None
         identity, msg = got
-        self.server.send_to(identity, m.Started(msg.request_id, 0.0))
+        self.server.send_to(identity, m.Started(msg.request_id, 0.0, WINDOW_S * 1e3))
         for i, delay in enumerate(self.delays_s):
             time.sleep(delay)
             self.server.send_to(identity, m.TokenChunk(msg.request_id, "x", [i]))
@@ -100,14 +117,14 @@ def test_client_streams_every_token_in_order_spinning_or_not(address, delays):
     ctx = zmq.Context()
     try:
         peer = DelayedServer(ctx, address, delays)
-        with Client(address, timeout_s=5, spin_ms=WINDOW_S * 1e3) as client:
+        with Client(address, timeout_s=5) as client:
             msgs = list(client.generate(prompt="hi"))
         peer.close()
     finally:
         ctx.destroy(linger=0)
     assert [x.token_ids for x in msgs[:-1]] == [[i] for i in range(len(delays))]
     assert isinstance(msgs[-1], m.Finished)
-    assert client.spin.fast  # the Finished came right after the last token
+    assert client.spin.window_s == WINDOW_S and client.spin.fast  # the server's window; Finished came right away
 
 
 @pytest.mark.parametrize("delays", [[0.0, 0.001, 0.0], [0.0, WINDOW_S * 3, 0.001]], ids=["fast", "one-slow"])
@@ -124,13 +141,13 @@ def test_async_client_streams_every_token_in_order_and_leaves_the_loop_running(a
                 await asyncio.sleep(0)
 
         other = asyncio.create_task(ticker())
-        client = AsyncClient(address, spin_ms=WINDOW_S * 1e3)
+        client = AsyncClient(address)
         try:
             msgs = [msg async for msg in client.generate(prompt="hi")]
         finally:
             client.close()
             other.cancel()
-        return msgs, ticks, client.spin.fast
+        return msgs, ticks, client.spin.fast and client.spin.window_s == WINDOW_S
 
     try:
         peer = DelayedServer(ctx, address, delays)

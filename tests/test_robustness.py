@@ -170,6 +170,7 @@ def test_queued_request_whose_client_left_is_dropped_before_its_prefill(rig, ref
     assert c.final("c").token_ids == reference(PROMPTS["c"], 3).token_ids
     assert rig.jit.executor._step - steps == 3  # c's prefill and two decodes: nothing ran for b
     assert [type(m) for m in c.replies("c")][:2] == [Started, type(c.chunks("c")[0])]
+    assert c.replies("c")[0].spin_ms == 0.0  # a server on the CPU: its clients sleep (ipc.reply_spin)
     assert rig.jit.status()["metrics"]["finished"].get("abort") == 1
 
 

@@ -1,7 +1,8 @@
-"""What the native client's spinning wait (`launch.reply_spin`) saves (issue 12: client TTFT <= the executor's + 0.3 ms).
+"""What the native client's spinning wait (`ipc.reply_spin`) saves (issue 12: client TTFT <= the executor's + 0.3 ms).
 
-One server; requests alternate between a client that sleeps in its poll (`spin_ms=0`) and one that spins first (the
-default window), so both see the same machine state. Per request: the client's TTFT (generate() called -> first
+One server; requests alternate between a client that sleeps in its poll (`spin_ms=0`) and one that spins as long as
+the server says (the default: `Started.spin_ms`, 0 from a server on the CPU; `--force-spin-ms` sets it instead), so
+both see the same machine state. Per request: the client's TTFT (generate() called -> first
 token in hand) and the JIT context's own (request received -> first token on its host, `Finished.timings`); their
 difference is the two hops to and from the client plus the client's own work. Also the client's token gaps against
 the JIT context's: the hop each token pays once more.
@@ -18,7 +19,6 @@ from bench.stats import gaps_ms, percentile
 from graph_executor.loading.load_config import LoadConfig
 from jit_context.speculative_config import SpeculativeConfig
 from launch.client import Client
-from launch.reply_spin import DEFAULT_SPIN_MS
 from launch.supervisor import ServerConfig, Supervisor
 
 
@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=40, help="requests per mode (after 4 warm-ups)")
     ap.add_argument("--tokens", type=int, default=32, help="tokens per request")
     ap.add_argument("--prompt-len", type=int, default=10)
+    ap.add_argument("--force-spin-ms", type=float, default=None,
+                    help="the spinning client's own window instead of the server's (e.g. to measure it on the CPU)")
     ap.add_argument("--model", required=True)
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
@@ -49,9 +51,9 @@ def main() -> None:
     sup.start()
     sup.wait_ready()
     ids = list(range(1000, 1000 + args.prompt_len))
-    rows: dict[float, list] = {0.0: [], DEFAULT_SPIN_MS: []}
+    rows: dict[float | None, list] = {0.0: [], args.force_spin_ms: []}
+    clients = {spin: Client(sup.address, spin_ms=spin) for spin in rows}
     try:
-        clients = {spin: Client(sup.address, spin_ms=spin) for spin in rows}
         for client in clients.values():
             while client.status()["executor"]["graphs"].get("pending"):
                 time.sleep(0.2)
@@ -60,9 +62,9 @@ def main() -> None:
         for _ in range(args.requests):
             for spin, client in clients.items():
                 rows[spin].append(one(client, ids, args.tokens))
+    finally:
         for client in clients.values():
             client.close()
-    finally:
         sup.stop()
     print(f"| client wait | client TTFT | JIT TTFT | client - JIT | client gap P50 | JIT gap P50 |  ({args.requests} "
           f"requests each, alternating, {args.prompt_len}-token prompt, {args.tokens} tokens; medians, ms)")
@@ -70,7 +72,9 @@ def main() -> None:
     for spin, got in rows.items():
         med = [percentile([r[i] for r in got], 50) for i in range(4)]
         diff = percentile([r[0] - r[1] for r in got], 50)
-        print(f"| {'sleeps' if spin == 0 else f'spins up to {spin:g} ms'} | {med[0]:.3f} | {med[1]:.3f} | {diff:.3f} "
+        name = "sleeps" if spin == 0 else f"spins up to {spin:g} ms" if spin else \
+            f"as the server says ({clients[spin].spin.window_s * 1e3:g} ms)"
+        print(f"| {name} | {med[0]:.3f} | {med[1]:.3f} | {diff:.3f} "
               f"| {med[2]:.3f} | {med[3]:.3f} |")
 
 

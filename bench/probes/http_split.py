@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=30, help="per client kind, alternating (default: 30)")
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--client-spin-ms", type=float, default=None,
-                    help="the native clients' spinning wait, the app's and the native row's (launch.reply_spin; "
+                    help="the native clients' spinning wait, the app's and the native row's (ipc.reply_spin; "
                          "default: theirs)")
     ap.add_argument("--client", nargs=2, metavar=("HTTP_URL", "NATIVE"), help=argparse.SUPPRESS)
     ap.add_argument("serve_args", nargs=argparse.REMAINDER, help="after --: the arguments of `hybridrt serve`")
