@@ -173,6 +173,7 @@ def smollm2_tokenizer(request) -> str:
 
 def test_serve_on_gpu_streams_native_and_http(smollm2_tokenizer) -> None:
     openai = pytest.importorskip("openai")
+    from ipc.reply_spin import server_spin_ms
     from launch.client import Client, ServerError
     from tests.serve_process import ServeProcess, shm_segments
 
@@ -189,12 +190,16 @@ def test_serve_on_gpu_streams_native_and_http(smollm2_tokenizer) -> None:
                     *(f"verify_{n}" for n in range(2, 10))} <= set(executor["graphs"]["captured"]), executor["graphs"]
             assert "kernel compile and warm-up" in startup and any(p.startswith("graph capture (19 graphs")
                                                                    and p.endswith("verify)") for p in startup), startup
-            assert "warm-up request" in client.status()["startup"]["phases_s"]  # the JIT context's, before ready
+            jit_phases = client.status()["startup"]["phases_s"]
+            assert "warm-up request" in jit_phases  # the JIT context's, before ready
+            assert "sampling kernels (while the executor loads)" in jit_phases  # before the handshake
             chunks = list(client.generate(messages=[{"role": "user", "content": "Hello there"}],
                                           params={"max_tokens": 40, "temperature": 0, "ignore_eos": True}))
             final = chunks[-1]
             assert final.finish_reason == "length" and len(final.token_ids) == 40
             assert "".join(c.text for c in chunks[:-1]) == final.text
+            # a GPU server with cores to spare has its clients spin for their next message (ipc.reply_spin)
+            assert client.spin.window_s == server_spin_ms("cuda") / 1e3 and server_spin_ms("cuda") > 0
             with pytest.raises(ServerError, match="temperature"):
                 list(client.generate("hi", params={"temperature": -1}))
             assert client.status()["device"].startswith("cuda")
