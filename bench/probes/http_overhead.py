@@ -18,6 +18,7 @@ import time
 
 import httpx
 
+from bench.engines.hybridrt_http import carries_text
 from bench.probes.serve_ready import free_port, health
 from bench.serve_command import serve_command
 from launch.client import Client
@@ -44,7 +45,8 @@ def native(client: Client, max_tokens: int) -> tuple[float, list[float]]:
 
 
 def http(client: httpx.Client, url: str, model: str, max_tokens: int, stream: bool) -> tuple[float, list[float]]:
-    """Streamed: TTFT at the first content event; not streamed: the whole response's time (one 'token')."""
+    """Streamed: TTFT at the first event carrying text (the role's leaves at acceptance); not streamed: the whole
+    response's time (one 'token')."""
     body = {"model": model, "messages": MESSAGES, "max_tokens": max_tokens, "temperature": 0.0, "stream": stream,
             "ignore_eos": True}
     times = []
@@ -52,7 +54,7 @@ def http(client: httpx.Client, url: str, model: str, max_tokens: int, stream: bo
     with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
         r.raise_for_status()
         for line in r.iter_lines():
-            if (line.startswith("data: {") and "\"content\"" in line) or line.startswith("{"):
+            if carries_text(line) or line.startswith("{"):
                 times.append(time.perf_counter() - start)
     return times[0] * 1e3, [(b - a) * 1e3 for a, b in zip(times, times[1:])]
 

@@ -22,6 +22,7 @@ import time
 import urllib.error
 import urllib.request
 
+from bench.engines.hybridrt_http import carries_text
 from bench.serve_command import serve_command
 
 CHAT = {"messages": [{"role": "user", "content": "Name three primary colours."}], "max_tokens": 8,
@@ -56,7 +57,7 @@ def chat_ttft_ms(port: int, model: str) -> float:
     first = None
     with urllib.request.urlopen(req, timeout=60) as r:
         for line in r:
-            if first is None and line.startswith(b"data: {") and b'"content"' in line:
+            if first is None and carries_text(line.decode()):  # not the role's event: it leaves at acceptance
                 first = time.perf_counter()
     if first is None:
         raise RuntimeError("the chat stream carried no content")
