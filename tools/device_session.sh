@@ -108,8 +108,9 @@ for step in "${steps[@]}"; do
              echo "serve_ready: rc=$?"; tail -6 "$OUT/serve_ready.log" ;;
     hops) timeout 60 python3 -m bench.probes.socket_hop > "$OUT/socket_hop.md" 2>&1
           echo "socket hops: rc=$?"; cat "$OUT/socket_hop.md"
-          for m in smollm2-135m llama-2-7b; do
-            timeout 150 python3 -m bench.probes.client_spin --model dummy:$m --device cuda --requests 40 \
+          for m in smollm2-135m llama-2-7b; do a=(--requests 40 --tokens 32)
+            [ $m = llama-2-7b ] && a=(--requests 16 --tokens 256 --prompt-len 500)  # gaps at context 500-756
+            timeout 150 python3 -m bench.probes.client_spin --model dummy:$m --device cuda "${a[@]}" \
               > "$OUT/client_spin_$m.md" 2>&1; echo "client spin, $m: rc=$?"; tail -4 "$OUT/client_spin_$m.md"
           done
           for s in 0 default; do a=(); [ $s = 0 ] && a=(--client-spin-ms 0)
