@@ -16,7 +16,8 @@
 #   http: bench.probes.http_split,
 #   the OpenAI API's TTFT segment by segment on dummy:smollm2-135m with SmolLM2's tokenizer (~1 min); startup: bench.probes.serve_ready on $HYBRIDRT_TEST_GGUF, 3 fresh starts (~1 min)
 #   hops: bench.probes.socket_hop, bench.probes.client_spin on the SmolLM2 and 7B shapes, and http_split with the
-#   clients' spinning wait off and on (issue 12's hops to the client, ~4 min)
+#   clients' spinning wait off and on and the app on asyncio + h11 or uvloop + httptools (issue 12's hops to the
+#   client and the HTTP path; needs the uvloop and httptools wheels: wheels.sh uvloop httptools; ~5 min)
 #   quant: the packed-weight tests and `bench --quantize none,int8,int4,fp8` on dummy:llama-2-7b (executor, ~3 min);
 #   gemv: the low-bit GEMV block sweep per projection and format (~1 min); gemm: the low-bit prefill GEMM's default
 #   configs against torch.mm per projection, format and prompt length (~1 min); fp8: the FP8 split-K GEMV sweep
@@ -113,10 +114,12 @@ for step in "${steps[@]}"; do
             timeout 150 python3 -m bench.probes.client_spin --model dummy:$m --device cuda "${a[@]}" \
               > "$OUT/client_spin_$m.md" 2>&1; echo "client spin, $m: rc=$?"; tail -4 "$OUT/client_spin_$m.md"
           done
-          for s in 0 default; do a=(); [ $s = 0 ] && a=(--client-spin-ms 0)
+          # old (sleeping clients, asyncio + h11), spinning clients alone, both new (spinning, uvloop + httptools)
+          for v in old spin new; do a=(--loop asyncio --http h11); [ $v = old ] && a+=(--client-spin-ms 0)
+            [ $v = new ] && a=(--loop uvloop --http httptools)
             timeout 120 python3 -m bench.probes.http_split --requests 30 "${a[@]}" -- --model dummy:smollm2-135m \
-              --tokenizer "$HYBRIDRT_TEST_TOKENIZER" --device cuda > "$OUT/http_split_spin_$s.md" 2>&1
-            echo "HTTP TTFT split, client spin $s: rc=$?"; grep -E "TTFT|asked ->|first token" "$OUT/http_split_spin_$s.md"
+              --tokenizer "$HYBRIDRT_TEST_TOKENIZER" --device cuda > "$OUT/http_split_$v.md" 2>&1
+            echo "HTTP TTFT split, $v (${a[*]}): rc=$?"; grep -E "TTFT|asked ->|client ->|first token" "$OUT/http_split_$v.md"
           done ;;
     *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops)"
        exit 2 ;;

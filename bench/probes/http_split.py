@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--client-spin-ms", type=float, default=None,
                     help="the native clients' spinning wait, the app's and the native row's (ipc.reply_spin; "
                          "default: theirs)")
+    ap.add_argument("--loop", default="auto", help="uvicorn's event loop for the app: auto, asyncio or uvloop")
+    ap.add_argument("--http", default="auto", help="uvicorn's HTTP parser for the app: auto, h11 or httptools")
     ap.add_argument("--client", nargs=2, metavar=("HTTP_URL", "NATIVE"), help=argparse.SUPPRESS)
     ap.add_argument("serve_args", nargs=argparse.REMAINDER, help="after --: the arguments of `hybridrt serve`")
     args = ap.parse_args(argv)
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         app = create_app(native, facts["model"], api_key=None, max_context=facts["max_context"], warm=True,
                          client_spin_ms=args.client_spin_ms)
         server = uvicorn.Server(uvicorn.Config(timed(app, rows), host="127.0.0.1", port=http_port,
-                                               log_level="warning"))
+                                               log_level="warning", loop=args.loop, http=args.http))
         threading.Thread(target=server.run, daemon=True).start()
         while not server.started:
             time.sleep(0.05)
