@@ -83,6 +83,8 @@ class ExecutorServer:
         self.peer_pid: int | None = None
         self.busy = False  # a request is between its Prefill and its Reset: no graph capture then
         self.last_command = time.monotonic()  # captures wait until the executor has been idle a while
+        self.answered_early = False  # the Handshake was answered while start-up captures ran (Ready.captures_pending)
+        self.held: Message | None = None  # a command read while answering early, for `serve` (none is expected)
 
     def facts(self) -> dict:
         """What `status` shows about the executor (informational: nothing the protocol depends on)."""
@@ -103,8 +105,10 @@ class ExecutorServer:
             facts["device_name"] = torch.cuda.get_device_name(self.loaded.model.embed_tokens.device)
         return facts
 
-    def ready_message(self) -> Ready:
-        if self.startup is not None:
+    def ready_message(self, captures_pending: bool = False) -> Ready:
+        """`captures_pending`: sent while start-up graphs are still being captured; the executor is ready (its start-up
+        phases end) only with the Ready that follows them."""
+        if self.startup is not None and not captures_pending:
             self.startup.ready()
         model, cfg = self.loaded.model, self.loaded.model.config
         tokenizer = str(self.loaded.tokenizer_path) if self.loaded.tokenizer_path else None
@@ -115,7 +119,7 @@ class ExecutorServer:
                      draft_model=self.draft.name if self.draft is not None else None,
                      draft_params=self.draft.model.config.num_params() if self.draft is not None else 0,
                      doorbell=str(self.doorbell.path) if self.doorbell is not None else None,
-                     max_num_seqs=model.slots)
+                     max_num_seqs=model.slots, captures_pending=captures_pending)
 
     def peers_alive(self) -> bool:
         pids = [p for p in (self.peer_pid, self.supervisor_pid) if p is not None]
@@ -124,7 +128,8 @@ class ExecutorServer:
     def serve(self) -> None:
         while True:
             try:
-                got = self.next_command()
+                got = self.next_command() if self.held is None else (None, self.held)
+                self.held = None
             except ProtocolError as e:
                 if not self.reply(Error(e.code, str(e))):
                     return
@@ -251,6 +256,7 @@ class ExecutorServer:
             return
         names = self.graphs.startup_graphs(max_tokens, verify)
         for name in names:
+            self.answer_handshake_early()
             self.graphs.capture(name)
         if self.startup is not None:
             stats = self.graphs.stats
@@ -259,6 +265,32 @@ class ExecutorServer:
             self.startup.add(f"graph capture ({len(names)} graphs: decode, prefill and extend up to {max_tokens} tokens"
                              + (", verify" if verify else "") + ")",
                              sum(stats.seconds.get(n, 0.0) for n in names) - warmup)
+        self.end_start_up_captures()
+
+    def end_start_up_captures(self) -> None:
+        """The start-up captures are done: if the Handshake was answered while they ran, the second Ready (the JIT
+        context may send steps now)."""
+        if self.answered_early:
+            self.reply(self.ready_message())
+
+    def answer_handshake_early(self) -> None:
+        """Between start-up captures: answer the JIT context's Handshake as soon as it has come, with a Ready whose
+        captures are pending, so that it opens the step buffers and sets itself up (CUDA IPC, its sampler) while we
+        capture, instead of after (on the H200 its 0.3-0.4 s after Ready were on the path to ready). It sends no step
+        before the second Ready (`capture_before_ready`). Anything else that came (nothing should, before Ready) is
+        kept for `serve`."""
+        if self.answered_early or self.held is not None or not self.channel.poll(0):
+            return
+        try:
+            msg = self.channel.recv(timeout_ms=0)
+        except ProtocolError as e:
+            self.reply(Error(e.code, str(e)))
+            return
+        if isinstance(msg, Handshake):
+            self.peer_pid = msg.pid
+            self.answered_early = self.reply(self.ready_message(captures_pending=True))
+        elif msg is not None:
+            self.held = msg
 
     def capture_when_idle(self) -> None:
         # Not right after a request or the handshake: a burst of requests (a chat's turns, the first requests after

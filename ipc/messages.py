@@ -27,10 +27,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
-# Versions: 10: Started.spin_ms; 9: DecodeBatch carries several prompt chunks; 8: GenerateRequest.warm_up; 7: DecodeBatch's prompt chunk (the mixed step); 6: KV slots (Ready.max_num_seqs, Prefill.slot,
+# Versions: 11: Ready.captures_pending; 10: Started.spin_ms; 9: DecodeBatch carries several prompt chunks; 8: GenerateRequest.warm_up; 7: DecodeBatch's prompt chunk (the mixed step); 6: KV slots (Ready.max_num_seqs, Prefill.slot,
 # DecodeBatch, the batch_logits buffer); 5: Verify.tokens/accept, StepDone.accepted, GenerateRequest.chat;
 # 4: Ready.doorbell; 3: Verify and the verify_logits buffer; 2: typed Ready buffers/events/tokenizer_path
-PROTOCOL_VERSION = 10
+PROTOCOL_VERSION = 11
 MAX_ID_CHARS = 256
 MAX_SPECULATIVE_TOKENS = 8  # proposals a Verify step carries at most (its k + 1 tokens fill the verify buffers)
 MAX_NUM_SEQS = 64  # KV slots an executor may hold (sequences decoded together in one DecodeBatch step)
@@ -300,7 +300,8 @@ class Handshake(Message):
 @dataclass(frozen=True)
 class Ready(Message):
     """The executor's weights are on the device; `buffers` are its static step buffers, exported once, and
-    `events` (GPU only) the IPC events that order steps and sampling. `facts` is informational only (load
+    `events` (GPU only) the IPC events that order steps and sampling. The answer to the JIT context's Handshake, sent
+    once, or twice when the executor answers while it still captures graphs (`captures_pending`). `facts` is informational only (load
     time, graphs, memory: what `status` shows); nothing the protocol needs rides in it."""
 
     TAG: ClassVar[int] = 2
@@ -319,6 +320,9 @@ class Ready(Message):
     draft_params: int = 0  # its parameter count (the JIT context's cost model compares it with the target's)
     doorbell: str | None = None  # the step doorbell's file (ipc/doorbell.py), if the executor watches one
     max_num_seqs: int = 1  # KV slots: sequences the executor holds at once (Prefill.slot, DecodeBatch)
+    # The executor still captures its start-up graphs: the JIT context may open the buffers and set itself up, but
+    # sends no step until a second Ready (the same buffers, captures_pending False) says they are done.
+    captures_pending: bool = False
 
     def _validate(self) -> None:
         if self.vocab_size <= 0 or self.max_context <= 0:

@@ -1,9 +1,11 @@
 """The JIT context process: `python -m jit_context ...`, started by the supervisor. It connects to its
-executor's control channel, imports the tokenizer's modules while the executor loads, waits for the ready
-handshake, imports the shared step buffers, builds the `JitServer` and runs it; it exits when its executor
-dies (after telling every waiting client) or on SIGTERM (after answering every running and queued request
-with `shutting_down`). The supervisor's death sends it SIGTERM at once (PR_SET_PDEATHSIG, armed by `__main__`
-before the seconds of torch imports): the request in flight is abandoned and its client told.
+executor's control channel and queues its Handshake, loads the tokenizer (and its sampling kernels) while the
+executor loads, waits for the executor's Ready, imports the shared step buffers, builds the `JitServer` (on a GPU
+while the executor still captures its start-up graphs: `Ready.captures_pending`), and runs it once the executor's
+second Ready says they are done; it exits when its executor dies (after telling every waiting client) or on
+SIGTERM (after answering every running and queued request with `shutting_down`). The supervisor's death sends it
+SIGTERM at once (PR_SET_PDEATHSIG, armed by `__main__` before the seconds of torch imports): the request in flight
+is abandoned and its client told.
 """
 
 from __future__ import annotations
@@ -91,10 +93,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def wait_ready(control: Channel, executor_pid: int) -> Ready:
-    if not control.send_while(Handshake(PROTOCOL_VERSION, "jit_context", os.getpid()),
-                              lambda: process_alive(executor_pid), IDLE_POLL_MS):
+def send_handshake_now(control: Channel) -> bool:
+    """Queue the Handshake without waiting (the connecting PAIR queues it before the executor has bound): the executor
+    can then answer it as soon as it has its step buffers, while we still load the tokenizer. False if it could not
+    be queued at once (`wait_ready` sends it then)."""
+    try:
+        control.send(Handshake(PROTOCOL_VERSION, "jit_context", os.getpid()), timeout_ms=0)
+        return True
+    except TimeoutError:
+        return False
+
+
+def wait_ready(control: Channel, executor_pid: int, handshake_sent: bool = False) -> Ready:
+    """Send the Handshake (unless it was) and return the executor's Ready (whose captures may still be pending)."""
+    if not handshake_sent and not control.send_while(Handshake(PROTOCOL_VERSION, "jit_context", os.getpid()),
+                                                     lambda: process_alive(executor_pid), IDLE_POLL_MS):
         raise ExecutorDied("the graph executor exited before it was ready")
+    return await_ready(control, executor_pid)
+
+
+def await_ready(control: Channel, executor_pid: int) -> Ready:
+    """The executor's next Ready, however long it takes while it lives (its start-up captures may compile kernels for
+    a minute on a fresh machine)."""
     while True:
         msg = control.recv(timeout_ms=IDLE_POLL_MS)
         if isinstance(msg, Ready):
@@ -167,10 +187,11 @@ def preload_tokenizer(args: argparse.Namespace, startup: StartupPhases) -> Prelo
 
 
 def build_server(args: argparse.Namespace, ctx: zmq.Context, control: Channel,
-                 startup: StartupPhases | None = None, preloaded: Preloaded | None = None) -> JitServer:
+                 startup: StartupPhases | None = None, preloaded: Preloaded | None = None,
+                 handshake_sent: bool = False) -> JitServer:
     startup = startup or StartupPhases("jit_context", quiet=True)
     with startup.phase("waiting for the executor (handshake)"):
-        ready = wait_ready(control, args.executor_pid)
+        ready = wait_ready(control, args.executor_pid, handshake_sent)
     with startup.phase("step buffers and events (IPC)"):
         shared = SharedStepBuffers.open(ready.buffers, ready.vocab_size, ready.max_context, ready.max_num_seqs)
         events = StepEvents.open(ready.events, torch.device(ready.device)) if ready.events is not None else None
@@ -189,6 +210,12 @@ def build_server(args: argparse.Namespace, ctx: zmq.Context, control: Channel,
     server = JitServer(bind_server(ctx, args.listen), executor, side, ready,
                        api_key=os.environ.pop(SERVER_API_KEY_ENV, None) or None,
                        log=RequestLog() if args.log_requests else None, startup=startup)
+    if ready.captures_pending:  # all of the above ran while the executor captured its start-up graphs
+        with startup.phase("waiting for the executor's graph captures"):
+            final = await_ready(control, args.executor_pid)
+        if final.captures_pending or final.buffers != ready.buffers:
+            raise HybridrtError("the executor's second Ready does not confirm its first (protocol error)")
+        server.executor_ready(final)
     with startup.phase("warm-up request"):
         server.warm_up()
     return server
@@ -202,13 +229,14 @@ def main(argv: list[str] | None = None) -> int:
     control = connect_control(ctx, args.control)
     server = None
     try:
+        handshake_sent = send_handshake_now(control)
         context = make_cuda_context(args.cuda_device) if args.cuda_device else None
         preloaded = preload_tokenizer(args, startup)  # while the executor still loads
         if context is not None:
             context.join()
             with startup.phase("sampling kernels (while the executor loads)"):
                 load_kernels_early(args.cuda_device, preloaded, args.speculation.enabled)
-        server = build_server(args, ctx, control, startup, preloaded)
+        server = build_server(args, ctx, control, startup, preloaded, handshake_sent)
         startup.ready()
         gc.collect()
         gc.freeze()  # start-up objects (torch, tokenizer) are never scanned again: no long GC pauses mid-stream

@@ -119,6 +119,11 @@ class JitServer:
         self.metrics = ServingMetrics()
         self._spin_ms = server_spin_ms(ready.device)  # what each Started tells its client (ipc.reply_spin)
 
+    def executor_ready(self, ready: Ready) -> None:
+        """The executor's second Ready (its start-up captures done): its facts replace the first's."""
+        self.ready = ready
+        self._executor_facts_cache = ready.facts
+
     def warm_up(self) -> None:
         """One short request per KV slot through the whole request path before the first client's: the chat template
         and tokenizer, the queue, the executor's steps (prefill and decode graphs, IPC events, doorbell), sampling,

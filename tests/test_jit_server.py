@@ -130,7 +130,10 @@ class Peer:
 class Rig:
     """One executor thread and one JitServer over it, driven turn by turn from the test thread."""
 
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, captures_s: float | None = None) -> None:
+        """`captures_s`: the executor answers the Handshake early, then takes this long before its second Ready, as it
+        does around its start-up graph captures on a GPU (here a sleep stands in for the captures)."""
+        self.captures_s = captures_s
         self.ctx = zmq.Context()
         name = uuid.uuid4().hex
         control_address, self.address = f"inproc://control-{name}", f"inproc://clients-{name}"
@@ -148,6 +151,12 @@ class Rig:
 
     def _serve_executor(self, channel) -> None:
         try:
+            if self.captures_s is not None:
+                while not self.executor.answered_early:
+                    self.executor.answer_handshake_early()
+                    threading.Event().wait(0.005)
+                threading.Event().wait(self.captures_s)
+                self.executor.end_start_up_captures()
             self.executor.serve()
             self.failures.append(AssertionError("the executor loop returned"))
         except zmq.ContextTerminated:
@@ -331,6 +340,44 @@ def test_run_loop_serves_in_arrival_order_and_answers_status_meanwhile(fresh_rig
     for rid, final in finals.items():
         assert isinstance(final, Finished) and final.token_ids == reference(PROMPTS[rid], 8).token_ids, final
     assert finals["c"].timings["queue_ms"] < finals["a"].timings["queue_ms"] < finals["b"].timings["queue_ms"]
+
+
+def test_a_handshake_answered_during_captures_sets_up_first_and_steps_after(loaded, reference) -> None:
+    """An executor that answers the Handshake while it captures (Ready.captures_pending): the JIT context opens the
+    buffers and builds its request side meanwhile, sends no step (its warm-up request included) before the second
+    Ready, then serves as usual."""
+    rig = Rig(loaded, captures_s=0.4)
+    try:
+        phases = list(rig.jit.startup.phases.items())
+        names = [name for name, _ in phases]
+        assert names.index("step buffers and events (IPC)") < names.index("waiting for the executor's graph captures")
+        assert names.index("waiting for the executor's graph captures") < names.index("warm-up request")
+        assert dict(phases)["waiting for the executor's graph captures"] >= 0.2  # the set-up overlapped the wait
+        assert not rig.jit.ready.captures_pending
+        peer = rig.peer()
+        peer.generate("a", PROMPTS["a"], params=greedy(5))
+        rig.until(lambda: peer.final("a") is not None)
+        assert peer.final("a").token_ids == reference(PROMPTS["a"], 5).token_ids
+    finally:
+        rig.close()
+
+
+def test_the_handshake_is_queued_before_the_executor_binds(tmp_path) -> None:
+    """The JIT context queues its Handshake first thing (`send_handshake_now`), so that an executor answers it as soon
+    as it can, even one that binds its control channel later."""
+    from ipc.messages import Handshake
+    from jit_context.process import send_handshake_now
+
+    ctx = zmq.Context()
+    address = f"ipc://{tmp_path}/control"
+    try:
+        jit_side = connect_control(ctx, address)
+        assert send_handshake_now(jit_side)
+        executor_side = bind_control(ctx, address)
+        got = executor_side.recv(timeout_ms=5000)
+        assert isinstance(got, Handshake) and got.pid == os.getpid()
+    finally:
+        ctx.destroy(linger=0)
 
 
 def test_prompt_filling_the_context_but_one_gets_one_token(rig, reference) -> None:
