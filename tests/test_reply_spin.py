@@ -100,9 +100,11 @@ def test_watched_channel_spins_then_sleeps_and_returns_every_message(address):
             identity, _ = server.recv_from(2000)
             server.send_to(identity, m.Error("a", "fast"))
             assert sock.recv(2000, spin=spin).message == "fast" and spin.fast
-            threading.Timer(WINDOW_S * 3, server.send_to, (identity, m.Error("a", "slow"))).start()
+            late = threading.Timer(WINDOW_S * 3, server.send_to, (identity, m.Error("a", "slow")))
+            late.start()
             started = time.perf_counter()
             assert sock.recv(2000, spin=spin).message == "slow"
+            late.join()  # its send has returned: a zmq socket is used by one thread at a time
             assert time.perf_counter() - started >= WINDOW_S * 3 * 0.9 and not spin.fast
             server.send_to(identity, m.Error("a", "after"))
             assert sock.recv(2000, spin=spin).message == "after" and spin.fast  # a sleeping wait, timed
