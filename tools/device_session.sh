@@ -15,7 +15,8 @@
 #   bench.probes.near_tie on $HYBRIDRT_TEST_GGUF for the batching test's request 5 at 4 and 2 warps (~1 min);
 #   http: bench.probes.http_split,
 #   the OpenAI API's TTFT segment by segment on dummy:smollm2-135m with SmolLM2's tokenizer (~1 min); startup: bench.probes.serve_ready on $HYBRIDRT_TEST_GGUF, 3 fresh starts (~1 min)
-#   hops: bench.probes.socket_hop, bench.probes.client_spin on the SmolLM2 and 7B shapes, and http_split with the
+#   densesplitk: the split-K dense GEMV tests and bench.probes.dense_splitk (o and down of LLaMA-2-7B against the fp16
+#   kernels, then the whole step with the winners; ~5 min); hops: bench.probes.socket_hop, bench.probes.client_spin on the SmolLM2 and 7B shapes, and http_split with the
 #   clients' spinning wait off and on and the app on asyncio + h11 or uvloop + httptools (issue 12's hops to the
 #   client and the HTTP path; needs the uvloop and httptools wheels: wheels.sh uvloop httptools; ~5 min)
 #   quant: the packed-weight tests and `bench --quantize none,int8,int4,fp8` on dummy:llama-2-7b (executor, ~3 min);
@@ -121,7 +122,12 @@ for step in "${steps[@]}"; do
               --tokenizer "$HYBRIDRT_TEST_TOKENIZER" --device cuda > "$OUT/http_split_$v.md" 2>&1
             echo "HTTP TTFT split, $v (${a[*]}): rc=$?"; grep -E "TTFT|asked ->|client ->|first token" "$OUT/http_split_$v.md"
           done ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops)"
+    densesplitk) timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gemv_dense_splitk.py \
+                   > "$OUT/dense_splitk_tests.log" 2>&1
+                 echo "dense split-K tests: rc=$? $(tail -1 "$OUT/dense_splitk_tests.log")"
+                 timeout 420 python3 -m bench.probes.dense_splitk > "$OUT/dense_splitk.md" 2>&1
+                 echo "dense split-K probe: rc=$?"; sed -n '/^| projection/,$p' "$OUT/dense_splitk.md" ;;
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, densesplitk)"
        exit 2 ;;
   esac
 done

@@ -35,7 +35,9 @@ DEFAULT = GemvConfig()
 
 @dataclass(frozen=True)
 class GemvPlan:
-    """A block config per projection of the decode step (chosen by the sweep in bench/probes/gpu_probe.py)."""
+    """A block config per projection of the decode step (chosen by the sweep in bench/probes/gpu_probe.py). A
+    projection may instead take a `gemv_dense_splitk.DenseSplitKConfig` (kernels/projections.py dispatches on the
+    config's type)."""
 
     qkv: GemvConfig = DEFAULT
     o: GemvConfig = DEFAULT

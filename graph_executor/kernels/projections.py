@@ -1,7 +1,8 @@
 """One entry per projection kind of the fused steps, whatever the weight's storage: dense weights go to the
-fp16 GEMVs (`gemv.py`) and cuBLAS, `Int4Groups` and `Int8Groups` to the split-K dp4a GEMVs (`gemv_splitk.py`), FP8
-rows to the split-K FP8 GEMVs (`gemv_fp8.py`), and packed weights in prefill to the low-bit GEMM (`gemm_lowbit.py`)
-for short prompts, to cuBLAS over a dequantized copy for long ones (`matmul`). The fused decoder and prefill call
+fp16 GEMVs (`gemv.py`, or the split-K ones of `gemv_dense_splitk.py` where the plan gives a `DenseSplitKConfig`) and
+cuBLAS, `Int4Groups` and `Int8Groups` to the split-K dp4a GEMVs (`gemv_splitk.py`), FP8 rows to the split-K FP8
+GEMVs (`gemv_fp8.py`), and packed weights in prefill to the low-bit GEMM (`gemm_lowbit.py`) for short prompts, to
+cuBLAS over a dequantized copy for long ones (`matmul`). The fused decoder and prefill call
 only these, so a model may mix formats per slot.
 
 Each decode projection takes a `ProjectionConfig`: a block config per format, and packed weights a `SplitKScratch`
@@ -17,7 +18,8 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from graph_executor.kernels import gemm_lowbit, gemv, gemv_fp8, gemv_splitk
+from graph_executor.kernels import gemm_lowbit, gemv, gemv_dense_splitk, gemv_fp8, gemv_splitk
+from graph_executor.kernels.gemv_dense_splitk import DenseSplitKConfig
 from graph_executor.kernels.gemv_fp8 import Fp8Config
 from graph_executor.kernels.gemv_splitk import SplitKConfig, SplitKScratch
 from graph_executor.quant.formats import Fp8Rows, Int4Groups, Int8Groups
@@ -26,7 +28,7 @@ from graph_executor.quant.rows import Weight
 
 @dataclass(frozen=True)
 class ProjectionConfig:
-    dense: gemv.GemvConfig = gemv.DEFAULT
+    dense: gemv.GemvConfig | DenseSplitKConfig = gemv.DEFAULT  # a DenseSplitKConfig: the split-K dense kernels
     int4: SplitKConfig = gemv_splitk.DEFAULT
     int8: SplitKConfig = gemv_splitk.DEFAULT_INT8
     fp8: Fp8Config | gemv.GemvConfig = gemv_fp8.DEFAULT  # a GemvConfig: the fp16 kernels over the codes (old path)
@@ -46,6 +48,8 @@ def decode_scratch_size(w: Weight, plan: ProjectionConfig) -> tuple[int, int]:
         return gemv_splitk.scratch_floats(w, cfg), triton.cdiv(w.shape[0], cfg.block_n)
     if isinstance(w, Fp8Rows) and isinstance(plan.fp8, Fp8Config):
         return gemv_fp8.scratch_size(w, plan.fp8)
+    if isinstance(w, torch.Tensor) and isinstance(plan.dense, DenseSplitKConfig):
+        return gemv_dense_splitk.scratch_size(w, plan.dense)
     return 0, 0
 
 
@@ -57,6 +61,11 @@ def _packed(w: Int4Groups | Int8Groups, plan: ProjectionConfig,
 
 def _fp8(w: Fp8Rows, plan: ProjectionConfig, scratch: SplitKScratch | None) -> tuple[Fp8Config, SplitKScratch]:
     return plan.fp8, scratch if scratch is not None else gemv_fp8.allocate_scratch(w, plan.fp8)
+
+
+def _dense_splitk(w: torch.Tensor, plan: ProjectionConfig,
+                  scratch: SplitKScratch | None) -> tuple[DenseSplitKConfig, SplitKScratch]:
+    return plan.dense, scratch if scratch is not None else gemv_dense_splitk.allocate_scratch(w, plan.dense)
 
 
 def rmsnorm_gemv(w: Weight, x: torch.Tensor, norm_w: torch.Tensor, eps: float, out: torch.Tensor,
@@ -71,6 +80,9 @@ def rmsnorm_gemv(w: Weight, x: torch.Tensor, norm_w: torch.Tensor, eps: float, o
     if isinstance(w, Fp8Rows):
         c, sc = _fp8(w, cfg, scratch)
         return gemv_fp8.rmsnorm_gemv(w, x, norm_w, eps, out, sc, bias, c)
+    if isinstance(cfg.dense, DenseSplitKConfig):
+        c, sc = _dense_splitk(w, cfg, scratch)
+        return gemv_dense_splitk.rmsnorm_gemv(w, x, norm_w, eps, out, sc, bias, c)
     return gemv.rmsnorm_gemv(w, x, norm_w, eps, out, bias, cfg.dense)
 
 
@@ -85,6 +97,9 @@ def gemv_residual(w: Weight, a: torch.Tensor, x: torch.Tensor,
     if isinstance(w, Fp8Rows):
         c, sc = _fp8(w, cfg, scratch)
         return gemv_fp8.gemv_residual(w, a, x, sc, c)
+    if isinstance(cfg.dense, DenseSplitKConfig):
+        c, sc = _dense_splitk(w, cfg, scratch)
+        return gemv_dense_splitk.gemv_residual(w, a, x, sc, c)
     return gemv.gemv_residual(w, a, x, cfg.dense)
 
 
@@ -100,6 +115,9 @@ def silu_gemv_residual(w: Weight, gate_up: torch.Tensor, x: torch.Tensor,
     if isinstance(w, Fp8Rows):
         c, sc = _fp8(w, cfg, scratch)
         return gemv_fp8.silu_gemv_residual(w, gate_up, x, sc, c)
+    if isinstance(cfg.dense, DenseSplitKConfig):
+        c, sc = _dense_splitk(w, cfg, scratch)
+        return gemv_dense_splitk.silu_gemv_residual(w, gate_up, x, sc, c)
     return gemv.silu_gemv_residual(w, gate_up, x, cfg.dense)
 
 
