@@ -1,16 +1,18 @@
 """Issue 12 (decode <= 1.15x the floor): the split-K dense GEMVs (graph_executor/kernels/gemv_dense_splitk.py) against
-the fp16 kernels of gemv.py for LLaMA-2-7B's projections, then the whole decode step with the winners.
+the fp16 kernels of gemv.py for a model's projections (default LLaMA-2-7B's), then the whole decode step with the
+winners.
 
 1. Per projection (default o and down, the two the fp16 kernels read at 3.0 and 3.28 TB/s against ~4.0 for the
    wide ones): 32 layers' worth of distinct fp16 weights called once each in one CUDA graph (no L2 reuse), timed
    over replays (median); read bandwidth = (weights + the activation vectors read) / time. DEFAULT_PLAN's config
    first, then a sweep of split-K configs, each checked against float64 on the first layer. Both launched as the
    decoder launches them (programmatic dependent launch where the card has it).
-2. The batch-1 step (`FusedDecoder.step` as a CUDA graph, dummy:llama-2-7b fp16) with DEFAULT_PLAN against the plan
+2. The batch-1 step (`FusedDecoder.step` as a CUDA graph, the dummy preset in fp16) with DEFAULT_PLAN against the plan
    taking each projection's best split-K config where it beat the fp16 kernel, at two contexts, in alternating
    rounds; the logits' largest difference is printed with it.
 
-    python -m bench.probes.dense_splitk [--shapes o,down] [--configs "16,512,4;..."] [--layers 32] [--rounds 3]
+    python -m bench.probes.dense_splitk [--model llama-2-7b] [--shapes o,down] [--configs "16,512,4;..."]
+        [--layers 32] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -31,10 +33,18 @@ from graph_executor.kernels import projections
 from graph_executor.kernels.gemv import DEFAULT_PLAN
 from graph_executor.kernels.gemv_dense_splitk import DenseSplitKConfig
 from graph_executor.kernels.projections import ProjectionConfig
+from graph_executor.loading.presets import preset
 
-HIDDEN, INTER, VOCAB = 4096, 11008, 32000  # LLaMA-2-7B
-SHAPES = {"qkv": (3 * HIDDEN, HIDDEN), "o": (HIDDEN, HIDDEN), "gate_up": (2 * INTER, HIDDEN), "down": (HIDDEN, INTER),
-          "lm_head": (VOCAB, HIDDEN)}
+PROJECTIONS = ("qkv", "o", "gate_up", "down", "lm_head")
+
+
+def shapes(model: str) -> dict[str, tuple[int, int]]:
+    """[N, K] of each projection of a dummy preset (llama-2-7b, llama-3-8b, llama-3.2-1b, ...)."""
+    c = preset(model)
+    h = c.hidden_size
+    return {"qkv": (c.q_size + 2 * c.kv_size, h), "o": (h, c.q_size), "gate_up": (2 * c.intermediate_size, h),
+            "down": (h, c.intermediate_size), "lm_head": (c.vocab_size, h)}
+
 MODES = {"o": dsk.RESIDUAL, "down": dsk.SILU_RESIDUAL}  # the others: RMSNORM
 SWEEP = [DenseSplitKConfig(n, k, w) for n, k, w in itertools.product((4, 8, 16, 32), (256, 512, 1024, 2048), (4, 8))
          if n * k <= 32 * 1024]  # at most 64 KB of fp16 weights in flight per program
@@ -95,12 +105,13 @@ def _cfg_str(c) -> str:
     return f"fp16 kernel {c.block_n}x{c.block_k}/{c.num_warps}w/{c.num_stages}s"
 
 
-def sweep(names: list[str], configs: list[DenseSplitKConfig], layers: int, replays: int, pdl: bool) -> dict:
+def sweep(model: str, names: list[str], configs: list[DenseSplitKConfig], layers: int, replays: int,
+          pdl: bool) -> dict:
     """Per projection: the best split-K config and its ms, and the fp16 kernel's ms; prints a line per config."""
     device = torch.device("cuda")
     best = {}
     for index, name in enumerate(names):
-        n, k = SHAPES[name]
+        n, k = shapes(model)[name]
         g = torch.Generator(device=device).manual_seed(index)
         weights = [torch.randn(n, k, device=device, dtype=torch.float16, generator=g) * 0.02 for _ in range(layers)]
         vec = 2 * k if MODES.get(name, dsk.RMSNORM) != dsk.RESIDUAL else k
@@ -132,13 +143,13 @@ def sweep(names: list[str], configs: list[DenseSplitKConfig], layers: int, repla
     return best
 
 
-def whole_step(plan, contexts: list[int], rounds: int) -> None:
-    """The batch-1 step with DEFAULT_PLAN against `plan`, dummy:llama-2-7b fp16, alternating rounds."""
+def whole_step(model_name: str, plan, contexts: list[int], rounds: int) -> None:
+    """The batch-1 step with DEFAULT_PLAN against `plan`, the dummy preset in fp16, alternating rounds."""
     from graph_executor.fused_decoder import FusedDecoder
     from graph_executor.loading.loader import LoadConfig, load_model
 
     device = torch.device("cuda")
-    model = load_model(LoadConfig(model="dummy:llama-2-7b", device="cuda", dtype="float16", max_context=4096,
+    model = load_model(LoadConfig(model=f"dummy:{model_name}", device="cuda", dtype="float16", max_context=4096,
                                   progress=False)).model
     token = torch.full((1,), 7, dtype=torch.int64, device=device)
     print("| context | plan | ms/step | vs DEFAULT_PLAN | logits max abs diff |")
@@ -165,7 +176,8 @@ def whole_step(plan, contexts: list[int], rounds: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shapes", default="o,down", help=f"comma list of {', '.join(SHAPES)}")
+    ap.add_argument("--model", default="llama-2-7b", help="the dummy preset whose shapes are measured")
+    ap.add_argument("--shapes", default="o,down", help=f"comma list of {', '.join(PROJECTIONS)}")
     ap.add_argument("--configs", default=None, help="semicolon list of block_n,block_k,num_warps (default: a sweep)")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--replays", type=int, default=20)
@@ -181,7 +193,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{torch.cuda.get_device_name()}: read bandwidth {bandwidth / 1e12:.2f} TB/s; {args.layers} layers per "
           f"graph, median of {args.replays} replays; PDL {'on' if pdl else 'off'}")
     names = args.shapes.split(",")
-    best = sweep(names, configs, args.layers, args.replays, pdl)
+    print(f"dummy:{args.model}: " + ", ".join(f"{n} {shapes(args.model)[n][0]}x{shapes(args.model)[n][1]}"
+                                            for n in names))
+    best = sweep(args.model, names, configs, args.layers, args.replays, pdl)
     print("\n| projection | fp16 kernel | TB/s | best split-K | TB/s | speedup |\n|---|---|---|---|---|---|")
     plan = DEFAULT_PLAN
     for name, (found, old_cfg, old_ms, total) in best.items():
@@ -195,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
             plan = dataclasses.replace(plan, **{name: dataclasses.replace(cfg, pdl=False)})
     print(f"plan: {plan}")
     if plan != DEFAULT_PLAN:
-        whole_step(plan, [int(c) for c in args.contexts.split(",")], args.rounds)
+        whole_step(args.model, plan, [int(c) for c in args.contexts.split(",")], args.rounds)
     print(f"probe: {time.perf_counter() - start:.0f} s")
 
 
