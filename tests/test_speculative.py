@@ -34,14 +34,16 @@ CPU = torch.device("cpu")
 # -- the n-gram proposer ---------------------------------------------------------------------------------
 
 
-def test_ngram_proposes_what_followed_the_longest_most_recent_match() -> None:
+def test_ngram_proposes_what_followed_the_longest_most_recent_match_with_k_tokens_after_it() -> None:
     p = NgramProposer(2, 3)
     p.reset([1, 2, 3, 4, 9, 2, 3, 5, 7, 2, 3])
     assert p.propose(3) == [5, 7, 2]  # "2 3" last occurred before "5 7" (the later occurrence wins)
     p.extend([5])
     assert p.propose(2) == [7, 2]  # "2 3 5" (3 tokens) beats "3 5"
-    p.reset([1, 2, 3, 1, 2, 3, 4, 1, 2])  # "1 2" occurred twice: the most recent one proposes
-    assert p.propose(8) == [3, 4, 1, 2]  # at most what follows, up to the end of the sequence
+    p.reset([1, 2, 3, 1, 2, 3, 4, 1, 2])  # "1 2" occurred twice: the most recent one proposes...
+    assert p.propose(8) == [3, 4, 1, 2]  # ...at most what follows, up to the end of the sequence, when none has 8
+    assert p.propose(5) == [3, 1, 2, 3, 4]  # the most recent one with 5 tokens after it: the first
+    assert p.propose(4) == [3, 4, 1, 2]  # the most recent one has 4
     p.reset([5, 6, 7, 8])
     assert p.propose(4) == []  # no earlier occurrence of any suffix
     p.reset([5, 6, 5, 6])
@@ -66,7 +68,9 @@ def test_ngram_index_matches_a_brute_force_search(prepared) -> None:
             suffix = seq[i - n:i]
             ends = [j for j in range(n - 1, i - 1) if seq[j - n + 1:j + 1] == suffix]
             if ends:
-                want = seq[ends[-1] + 1:min(ends[-1] + 4, i)]  # what followed, as far as the sequence goes
+                full = [j for j in ends if j + 3 < i]  # with the 3 tokens asked for after it
+                end = full[-1] if full else ends[-1]
+                want = seq[end + 1:min(end + 4, i)]  # what followed, as far as the sequence goes
                 break
         assert got == want, i
         p.extend([seq[i]])
