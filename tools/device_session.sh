@@ -122,6 +122,10 @@ for step in "${steps[@]}"; do
               --tokenizer "$HYBRIDRT_TEST_TOKENIZER" --device cuda > "$OUT/http_split_$v.md" 2>&1
             echo "HTTP TTFT split, $v (${a[*]}): rc=$?"; grep -E "TTFT|asked ->|client ->|first token" "$OUT/http_split_$v.md"
           done ;;
+    spec) # issue 11's committed workload on the SmolLM2 GGUF (needs HYBRIDRT_TEST_GGUF): n-gram against off
+          timeout 300 python3 -m launch.cli bench --quiet --model "$HYBRIDRT_TEST_GGUF" --workloads speculative \
+            --speculative off,ngram --spec-tokens 128 --out "$OUT/spec-gguf" > "$OUT/spec-gguf.log" 2>&1
+          echo "speculative bench (gguf): rc=$?"; grep '^|' "$OUT/spec-gguf/speculative.md" ;;
     densesplitk) timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gemv_dense_splitk.py \
                    > "$OUT/dense_splitk_tests.log" 2>&1
                  echo "dense split-K tests: rc=$? $(tail -1 "$OUT/dense_splitk_tests.log")"
@@ -130,7 +134,7 @@ for step in "${steps[@]}"; do
     densesplitk1b) timeout 400 python3 -m bench.probes.dense_splitk --model llama-3.2-1b --shapes qkv,o,down \
                      > "$OUT/dense_splitk_1b.md" 2>&1
                    echo "dense split-K probe (Llama-3.2-1B): rc=$?"; sed -n '/^| projection/,$p' "$OUT/dense_splitk_1b.md" ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, densesplitk, densesplitk1b)"
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b)"
        exit 2 ;;
   esac
 done
