@@ -21,6 +21,8 @@ adds the SPLIT partials in order, applies the row scale, 1 / rms and the bias or
 and resets the counter: deterministic, and the scratch is clean for the next call (and the next graph replay).
 Calls on one stream may share a scratch with each other and with the int4/int8 split-K kernels.
 
+The kernel (`launch_rows`) also serves dense float weights without a row scale: gemv_dense_splitk.py.
+
 Under the Triton interpreter (CPU tests) the e4m3 codes of a CPU tensor convert exactly, as compiled
 (tests/test_gemv_fp8.py reads every finite code back through the kernel).
 """
@@ -47,10 +49,16 @@ class Fp8Config:
     pdl: bool = False  # launch with programmatic dependent launch (kernels/pdl.py; Hopper and later only)
 
     def __post_init__(self) -> None:
-        for name in ("block_n", "block_k", "num_warps"):
-            v = getattr(self, name)
-            if v < 1 or v & (v - 1):  # tl.arange and the warp layout need powers of two
-                raise ValueError(f"Fp8Config.{name} must be a power of two >= 1, got {v}")
+        check_block_config(self)
+
+
+def check_block_config(cfg) -> None:
+    """ValueError unless a rows split-K config's block_n, block_k and num_warps are powers of two (tl.arange and the
+    warp layout need them): Fp8Config's and gemv_dense_splitk.DenseSplitKConfig's check."""
+    for name in ("block_n", "block_k", "num_warps"):
+        v = getattr(cfg, name)
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"{type(cfg).__name__}.{name} must be a power of two >= 1, got {v}")
 
 
 DEFAULT = Fp8Config()
@@ -87,11 +95,12 @@ def allocate_scratch(w: Fp8Rows, cfg: Fp8Config) -> SplitKScratch:
 
 
 @triton.jit
-def _fp8_splitk_kernel(codes_ptr, scale_ptr, a_ptr, nw_ptr, b_ptr, out_ptr, part_ptr, count_ptr, N, K, eps,
-                       MODE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+def _rows_splitk_kernel(w_ptr, scale_ptr, a_ptr, nw_ptr, b_ptr, out_ptr, part_ptr, count_ptr, N, K, eps,
+                        MODE: tl.constexpr, HAS_BIAS: tl.constexpr, ROW_SCALE: tl.constexpr, SPLIT: tl.constexpr,
+                        SPLIT_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """MODE 0 (RMSNORM): out = W @ (rmsnorm(a) * nw) [+ b]; 1 (RESIDUAL): out += W @ a; 2 (SILU_RESIDUAL):
-    out += W @ (silu(a[:K]) * a[K:]). Codes [N, K] row-major e4m3, scale [N] float32."""
+    out += W @ (silu(a[:K]) * a[K:]). W [N, K] row-major: e4m3 codes with a float32 scale [N] per row (ROW_SCALE),
+    or dense float weights (gemv_dense_splitk.py)."""
     wait_for_prior(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -99,13 +108,13 @@ def _fp8_splitk_kernel(codes_ptr, scale_ptr, a_ptr, nw_ptr, b_ptr, out_ptr, part
     row_ok = rows < N
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     col_ok = cols < K
-    # the codes first, so that the bulk of the bytes is in flight while the activation is prepared
-    q = tl.load(codes_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
-                mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # e4m3 [BLOCK_N, BLOCK_K]
+    # the weights first, so that the bulk of the bytes is in flight while the activation is prepared
+    q = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
+                mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
     a, ss = activation_slice(a_ptr, nw_ptr, cols, col_ok, K, MODE)  # [BLOCK_K], this slice's share of sum(x^2)
     partial = tl.sum(q.to(tl.float32) * a[None, :], axis=1)  # [BLOCK_N], in code units (no row scale yet)
     fixup(partial, ss, rows, row_ok, pid_n, pid_k, part_ptr, count_ptr, scale_ptr, b_ptr, out_ptr, N, K, eps,
-          MODE, HAS_BIAS, True, SPLIT, SPLIT_P2, BLOCK_N)
+          MODE, HAS_BIAS, ROW_SCALE, SPLIT, SPLIT_P2, BLOCK_N)
 
 
 def _check(w: Fp8Rows, scratch: SplitKScratch, cfg: Fp8Config, vectors: dict[str, tuple[torch.Tensor, int]]) -> None:
@@ -118,26 +127,49 @@ def _check(w: Fp8Rows, scratch: SplitKScratch, cfg: Fp8Config, vectors: dict[str
     check_call(w, scratch, scratch_size(w, cfg), cfg, vectors)
 
 
-def _kernel_call(codes, scale, a, nw, bias, out, partial, count, n: int, k: int, eps: float, mode: int,
-                 cfg: Fp8Config) -> tuple[tuple[int, int], tuple, dict]:
-    """(grid, arguments, meta-parameters) of one launch. The pointer arguments are tensors, or their torch dtypes
-    for `precompile` (Triton's warmup takes a dtype for a tensor)."""
+def _kernel_call(w, scale, a, nw, bias, out, partial, count, n: int, k: int, eps: float, mode: int,
+                 cfg) -> tuple[tuple[int, int], tuple, dict]:
+    """(grid, arguments, meta-parameters) of one launch; `scale` None: no row scale (dense weights). The pointer
+    arguments are tensors, or their torch dtypes for `compile_rows` (Triton's warmup takes a dtype for a tensor)."""
     s = triton.cdiv(k, cfg.block_k)
-    args = (codes, scale, a, nw if nw is not None else a, bias if bias is not None else out, out, partial, count,
-            n, k, eps)
-    meta = dict(MODE=mode, HAS_BIAS=bias is not None, SPLIT=s, SPLIT_P2=triton.next_power_of_2(s),
-                BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=1, PDL=cfg.pdl,
-                **launch_options(cfg.pdl))
+    args = (w, scale if scale is not None else w, a, nw if nw is not None else a, bias if bias is not None else out,
+            out, partial, count, n, k, eps)
+    meta = dict(MODE=mode, HAS_BIAS=bias is not None, ROW_SCALE=scale is not None, SPLIT=s,
+                SPLIT_P2=triton.next_power_of_2(s), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                num_warps=cfg.num_warps, num_stages=1, PDL=cfg.pdl, **launch_options(cfg.pdl))
     return (triton.cdiv(n, cfg.block_n), s), args, meta
+
+
+def launch_rows(w: torch.Tensor, scale: torch.Tensor | None, a: torch.Tensor, nw: torch.Tensor | None,
+                bias: torch.Tensor | None, out: torch.Tensor, eps: float, mode: int, scratch: SplitKScratch,
+                cfg) -> torch.Tensor:
+    """One split-K GEMV over row-major weights w [N, K] (e4m3 codes with their row `scale`, or dense float weights
+    with `scale` None) with cfg (an Fp8Config or a DenseSplitKConfig); the callers check their inputs first."""
+    n, k = w.shape
+    grid, args, meta = _kernel_call(w, scale, a, nw, bias, out, scratch.partial, scratch.count, n, k, eps, mode, cfg)
+    _rows_splitk_kernel[grid](*args, **meta)
+    return out
+
+
+def compile_rows(n: int, k: int, cfg, mode: int, w_dtype: torch.dtype, scaled: bool, act_dtype: torch.dtype,
+                 out_dtype: torch.dtype, bias_dtype: torch.dtype | None = None) -> None:
+    """Compile (into Triton's cache, without launching) the kernel `launch_rows` takes for an [n, k] weight of
+    w_dtype (`scaled`: with a float32 row scale) with cfg: `mode` one of RMSNORM, RESIDUAL, SILU_RESIDUAL, the
+    activation (and norm weight) in act_dtype, the output in out_dtype. Needs a GPU: the interpreter compiles
+    nothing."""
+    if mode not in (RMSNORM, RESIDUAL, SILU_RESIDUAL):
+        raise ValueError(f"precompile: unknown mode {mode}")
+    if bias_dtype is not None and mode != RMSNORM:
+        raise ValueError("precompile: only rmsnorm_gemv takes a bias")
+    grid, args, meta = _kernel_call(w_dtype, torch.float32 if scaled else None, act_dtype,
+                                    act_dtype if mode == RMSNORM else None, bias_dtype, out_dtype, torch.float32,
+                                    torch.int32, n, k, 1e-5 if mode == RMSNORM else 0.0, mode, cfg)
+    _rows_splitk_kernel.warmup(*args, grid=grid, **meta)
 
 
 def _launch(w: Fp8Rows, a: torch.Tensor, nw: torch.Tensor | None, bias: torch.Tensor | None, out: torch.Tensor,
             eps: float, mode: int, scratch: SplitKScratch, cfg: Fp8Config) -> torch.Tensor:
-    n, k = w.shape
-    grid, args, meta = _kernel_call(w.codes, w.scale, a, nw, bias, out, scratch.partial, scratch.count, n, k, eps,
-                                    mode, cfg)
-    _fp8_splitk_kernel[grid](*args, **meta)
-    return out
+    return launch_rows(w.codes, w.scale, a, nw, bias, out, eps, mode, scratch, cfg)
 
 
 def precompile(n: int, k: int, cfg: Fp8Config, mode: int, act_dtype: torch.dtype, out_dtype: torch.dtype,
@@ -146,14 +178,7 @@ def precompile(n: int, k: int, cfg: Fp8Config, mode: int, act_dtype: torch.dtype
     `mode` one of RMSNORM, RESIDUAL, SILU_RESIDUAL, the activation (and norm weight) in act_dtype, the output in
     out_dtype. A sweep can fill the cache from a pool of processes first (compiling is CPU-bound and holds the
     GIL). Needs a GPU: the interpreter compiles nothing."""
-    if mode not in (RMSNORM, RESIDUAL, SILU_RESIDUAL):
-        raise ValueError(f"precompile: unknown mode {mode}")
-    if bias_dtype is not None and mode != RMSNORM:
-        raise ValueError("precompile: only rmsnorm_gemv takes a bias")
-    grid, args, meta = _kernel_call(torch.float8_e4m3fn, torch.float32, act_dtype,
-                                    act_dtype if mode == RMSNORM else None, bias_dtype, out_dtype, torch.float32,
-                                    torch.int32, n, k, 1e-5 if mode == RMSNORM else 0.0, mode, cfg)
-    _fp8_splitk_kernel.warmup(*args, grid=grid, **meta)
+    compile_rows(n, k, cfg, mode, torch.float8_e4m3fn, True, act_dtype, out_dtype, bias_dtype)
 
 
 def rmsnorm_gemv(w: Fp8Rows, x: torch.Tensor, norm_w: torch.Tensor, eps: float, out: torch.Tensor,
