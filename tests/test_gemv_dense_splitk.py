@@ -15,6 +15,7 @@ from graph_executor.kernels.gemv import GemvConfig
 from graph_executor.kernels.gemv_dense_splitk import DenseSplitKConfig
 from graph_executor.kernels.gemv_splitk import SplitKScratch
 from graph_executor.kernels.projections import ProjectionConfig
+from tests.test_gemv_fp8 import check_elements  # |out - ref| <= tol * max(|ref_i|, rms(ref)), every element
 
 CASES = [  # n, k, config, dtype (weights and activations)
     (37, 300, DenseSplitKConfig(16, 128, 2), torch.float32),  # 3 slices, the last 44 wide; 3 row blocks, the last 5
@@ -26,14 +27,6 @@ CASES = [  # n, k, config, dtype (weights and activations)
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # the output's own rounding, and a margin
 ON_CPU = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors need the Triton interpreter, which is on "
                             "only where there is no GPU; the cuda test runs these cases")
-
-
-def check_elements(out: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
-    """Every element: |out - ref| <= tol * max(|ref_i|, rms(ref)) (as tests/test_gemv_fp8.py)."""
-    out = out.cpu().double()
-    assert torch.isfinite(out).all()
-    err = (out - ref).abs() / torch.maximum(ref.abs(), ref.pow(2).mean().sqrt())
-    assert err.max() <= tol, f"element {int(err.argmax())}: relative error {float(err.max()):.2e}"
 
 
 def inputs(n: int, k: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
