@@ -148,6 +148,11 @@ def make_cuda_context(device: str) -> threading.Thread:
     return thread
 
 
+def warm_up_vocab(preloaded: Preloaded | None) -> int:
+    """The vocabulary the early warm-ups use: the preloaded tokenizer's size, else Llama 2's."""
+    return preloaded.tokenizer.vocab_size if preloaded is not None else GUESSED_VOCAB
+
+
 def load_kernels_early(device: str, preloaded: Preloaded | None, speculating: bool) -> None:
     """Run the sampling (and, when speculating, acceptance) paths once on `device` before the handshake, while the
     executor still loads: CUDA loads each kernel's module at its first launch, which the same warm-ups after the
@@ -158,7 +163,7 @@ def load_kernels_early(device: str, preloaded: Preloaded | None, speculating: bo
         return  # no such device: the executor says so, in one line
     from jit_context import acceptance, sampler
 
-    vocab = len(preloaded.tokenizer) if preloaded is not None else GUESSED_VOCAB
+    vocab = warm_up_vocab(preloaded)
     try:
         target = torch.device(device)
         sampler.warm_up(torch.zeros(vocab, device=target))

@@ -693,3 +693,14 @@ def test_request_log_failures_and_a_bad_interval(capsys) -> None:
     assert capsys.readouterr().err == "jit_context: request r1 failed (executor_timeout)\n"
     with pytest.raises(ValueError, match="interval_s"):
         RequestLog(interval_s=0)
+
+
+def test_the_early_warm_ups_size_the_vocabulary_from_the_preloaded_tokenizer(tok, default_model_dir) -> None:
+    """`load_kernels_early` (GPU only) sizes its warm-ups from the tokenizer loaded before the handshake, else guesses
+    Llama 2's; the size comes from here, so that the CPU suite runs the code the GPU start-up runs."""
+    from pathlib import Path
+
+    from jit_context.process import GUESSED_VOCAB, Preloaded, warm_up_vocab
+
+    assert warm_up_vocab(Preloaded(Path(default_model_dir), tok)) == tok.vocab_size == 49152
+    assert warm_up_vocab(None) == GUESSED_VOCAB

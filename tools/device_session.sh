@@ -37,7 +37,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 python3 -c "from bench.envinfo import source_digest; print('sources sha256', source_digest())" | tee -a "$OUT/card.txt"
 for step in "${steps[@]}"; do
   case $step in
-    tests) timeout 240 python3 -m pytest -q -m cuda -p no:cacheprovider > "$OUT/cuda_tests.log" 2>&1
+    tests) timeout 330 python3 -m pytest -q -m cuda -p no:cacheprovider > "$OUT/cuda_tests.log" 2>&1
            echo "cuda tests: rc=$? $(tail -1 "$OUT/cuda_tests.log")" ;;
     bench) timeout 420 python3 -m launch.cli bench --quiet --out "$OUT/run" > "$OUT/bench.log" 2>&1
            echo "bench: rc=$?"; rm -rf "$OUT/run/logs" ;;
