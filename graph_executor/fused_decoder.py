@@ -14,7 +14,8 @@ import torch
 
 from graph_executor.kernels import pdl as pdl_launch
 from graph_executor.kernels.decode_attention import DecodeAttention
-from graph_executor.kernels.gemv import DEFAULT_PLAN, GemvConfig, GemvPlan
+from graph_executor.kernels.decode_plan import DEFAULT_PLAN
+from graph_executor.kernels.gemv import GemvConfig, GemvPlan
 from graph_executor.kernels.gemv_fp8 import Fp8Config, Fp8Plan
 from graph_executor.kernels.gemv_splitk import SplitKConfig, SplitKPlan, SplitKScratch
 from graph_executor.kernels.projections import (

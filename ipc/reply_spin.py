@@ -16,12 +16,21 @@ Spinning holds a core, and it pays only where the answers come fast and a core i
 - **Within a request**, a wait spins for up to the window, and only while the last wait ended within it: a long
   prompt's prefill is waited for by sleeping after the first wait that outlasts the window. A wait that sleeps is
   still timed, so spinning resumes once the answers come fast again.
+- **One spinning wait per process** (`ProcessWaits`): a thread that spins holds the GIL between its non-blocking reads,
+  so every other thread of its process that needs it (another client's wait that its message woke, a thread about to
+  send the next request) waits the interpreter's switch interval (5 ms) for each turn. Measured on the H200 (cuda
+  test `test_gpu_concurrent_requests_get_their_tokens_alone`): 8 clients on 8 threads of one process, all spinning,
+  reached the server one at a time (at most 1 request running, against 4 slots). A wait spins only while it is the
+  only wait in progress in its process, and stops spinning as soon as another one starts.
 A client's own `spin_ms` overrides the server's (0: always sleep).
 """
 
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 DEFAULT_SPIN_MS = 20.0  # the longest TTFT of the H200 benches (7B, 500 tokens: ~14 ms) fits
@@ -66,3 +75,26 @@ class ReplySpin:
         said nothing yet, or 0) there is nothing to judge by."""
         if self.window_s > 0:
             self.fast = seconds <= self.window_s
+
+
+class ProcessWaits:
+    """The client waits in progress in one process (every Client of it shares `PROCESS_WAITS`: the GIL it guards
+    is the process's): `waiting()` counts one for its duration and gives a test of whether it is still the only one,
+    which a spinning wait checks between reads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count = 0
+
+    @contextmanager
+    def waiting(self) -> Iterator[Callable[[], bool]]:
+        with self._lock:
+            self._count += 1
+        try:
+            yield lambda: self._count == 1
+        finally:
+            with self._lock:
+                self._count -= 1
+
+
+PROCESS_WAITS = ProcessWaits()  # the process's one (see the module's docstring: one spinning wait per process)

@@ -41,7 +41,7 @@ from ipc.messages import (
     TokenizeReply,
     TokenizeRequest,
 )
-from ipc.reply_spin import ReplySpin
+from ipc.reply_spin import PROCESS_WAITS, ReplySpin
 from jit_context.sampling_params import SamplingParams
 from launch import API_KEY_ENV
 
@@ -89,13 +89,19 @@ class WatchedChannel:
         everything that came before that has been read. `spin`: first spin on non-blocking reads for up to its
         window (`ipc.reply_spin`), and tell it how long the wait took."""
         start = time.perf_counter()
-        if spin is not None and (window := spin.spin_s()) > 0:
-            sock, until = self.channel.socket, start + window
-            while time.perf_counter() < until:
+        if spin is None:
+            return self._recv_timed(timeout_ms, start, spin)
+        with PROCESS_WAITS.waiting() as alone:  # spin only while no other wait of this process may need the GIL
+            sock, until = self.channel.socket, start + spin.spin_s()
+            while alone() and time.perf_counter() < until:
                 if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # the I/O thread has queued a frame: read it
                     msg = self.channel.recv(timeout_ms=0)
                     spin.waited(time.perf_counter() - start)
                     return msg
+            return self._recv_timed(timeout_ms, start, spin)
+
+    def _recv_timed(self, timeout_ms: int, start: float, spin: ReplySpin | None) -> Message | None:
+        """The sleeping part of `recv` (counted in `PROCESS_WAITS` by the caller where the client has a spin rule)."""
         msg = self._recv_blocking(timeout_ms - int((time.perf_counter() - start) * 1e3))
         if spin is not None and msg is not None:
             spin.waited(time.perf_counter() - start)

@@ -109,7 +109,7 @@ def test_a_decode_step_with_split_k_o_and_down_matches_the_fp16_kernels_step(tmp
     import transformers
 
     from graph_executor.fused_decoder import FusedDecoder
-    from graph_executor.kernels.gemv import DEFAULT_PLAN
+    from graph_executor.kernels.gemv import GEMV_PLAN
     from graph_executor.loading.loader import LoadConfig, load_model
     from tests.test_model_equivalence import make_hf_model
 
@@ -117,9 +117,9 @@ def test_a_decode_step_with_split_k_o_and_down_matches_the_fp16_kernels_step(tmp
     model = load_model(LoadConfig(model=str(tmp_path), device="cpu", dtype="float32", max_context=64,
                                   progress=False)).model
     # hidden 64, intermediate 96: o in 2 K slices, down in 3 (the last one 32 wide of 64), 4 row blocks each
-    plan = type(DEFAULT_PLAN)(qkv=DEFAULT_PLAN.qkv, o=DenseSplitKConfig(16, 32, 2), gate_up=DEFAULT_PLAN.gate_up,
-                              down=DenseSplitKConfig(16, 64, 2), lm_head=DEFAULT_PLAN.lm_head)
-    split, plain = FusedDecoder(model, plan=plan), FusedDecoder(model)
+    plan = type(GEMV_PLAN)(qkv=GEMV_PLAN.qkv, o=DenseSplitKConfig(16, 32, 2), gate_up=GEMV_PLAN.gate_up,
+                              down=DenseSplitKConfig(16, 64, 2), lm_head=GEMV_PLAN.lm_head)
+    split, plain = FusedDecoder(model, plan=plan), FusedDecoder(model, plan=GEMV_PLAN)
     assert split.scratch is not None and plain.scratch is None
     vocab = model.config.vocab_size
     for position, token in enumerate([3, 17, 5, 9]):

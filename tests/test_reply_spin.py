@@ -10,7 +10,7 @@ import zmq
 
 from ipc import messages as m
 from ipc.channel import bind_server
-from ipc.reply_spin import DEFAULT_SPIN_MS, MAX_SPIN_MS, MIN_SPARE_CORES, ReplySpin, server_spin_ms
+from ipc.reply_spin import DEFAULT_SPIN_MS, MAX_SPIN_MS, MIN_SPARE_CORES, ProcessWaits, ReplySpin, server_spin_ms
 from ipc.runtime_dir import RuntimeDir
 from launch.async_client import AsyncClient
 from launch.client import Client, WatchedChannel
@@ -112,6 +112,57 @@ def test_watched_channel_spins_then_sleeps_and_returns_every_message(address):
         server.close()
     finally:
         ctx.destroy(linger=0)
+
+
+def test_process_waits_say_alone_only_while_one_wait_is_in_progress():
+    waits = ProcessWaits()
+    with waits.waiting() as first:
+        assert first()
+        with waits.waiting() as second:
+            assert not first() and not second()
+        assert first()
+    with waits.waiting() as again:
+        assert again()
+
+
+def test_a_spinning_wait_sleeps_once_another_wait_of_the_process_starts(address):
+    """A wait that spins holds the GIL between its reads; two clients' threads in one process both spinning reached
+    the server one at a time on the H200 (`ipc.reply_spin`). Seen from the process's CPU time: one wait alone spins
+    (a core busy), two waits at once both sleep (the cores idle), and both still get their messages."""
+    ctx = zmq.Context()
+    got: dict[str, str] = {}
+
+    def wait(name: str, sock: WatchedChannel) -> None:
+        got[name] = sock.recv(10_000, spin=ReplySpin(5.0)).message  # a window longer than the test
+
+    def cpu_share(seconds: float) -> float:
+        cpu, wall = time.process_time(), time.perf_counter()
+        time.sleep(seconds)
+        return (time.process_time() - cpu) / (time.perf_counter() - wall)
+
+    try:
+        server = bind_server(ctx, address)
+        with WatchedChannel(ctx, address) as a, WatchedChannel(ctx, address) as b:
+            identities = []
+            for name, sock in (("a", a), ("b", b)):
+                sock.send(m.Status())
+                identities.append(server.recv_from(2000)[0])
+            threads = {name: threading.Thread(target=wait, args=(name, sock)) for name, sock in (("a", a), ("b", b))}
+            threads["a"].start()
+            time.sleep(0.05)
+            alone = cpu_share(0.3)
+            threads["b"].start()
+            time.sleep(0.05)
+            both = cpu_share(0.3)
+            for identity, text in zip(identities, ("to a", "to b")):
+                server.send_to(identity, m.Error("a", text))
+            for t in threads.values():
+                t.join(5)
+        server.close()
+    finally:
+        ctx.destroy(linger=0)
+    assert got == {"a": "to a", "b": "to b"}
+    assert alone > 0.3 and both < 0.1, (alone, both)
 
 
 @pytest.mark.parametrize("delays", [[0.0, 0.001, 0.0], [0.0, WINDOW_S * 3, 0.001]], ids=["fast", "one-slow"])

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from graph_executor.kernels import gemv, gemv_batch
-from graph_executor.kernels.gemv import DEFAULT_PLAN
+from graph_executor.kernels.gemv import GEMV_PLAN
 from graph_executor.kernels.pdl import wait_for_prior
 
 LAYERS = 8
@@ -103,7 +103,7 @@ def sweep(name: str, batches: list[int]) -> list[dict]:
     gbytes = n * k * 2 / 1e9
     rows = []
     x1, out1 = torch.randn(k, device=dev, dtype=dt), torch.empty(n, device=dev, dtype=dt)
-    single_cfg = getattr(DEFAULT_PLAN, name)
+    single_cfg = getattr(GEMV_PLAN, name)
     ms = _time(lambda: [gemv.rmsnorm_gemv(w, x1, nw, 1e-5, out1, cfg=single_cfg) for w in ws])
     rows.append({"proj": name, "m": 1, "kernel": "gemv (batch-1)", "ms": ms, "tbps": gbytes / ms})
     for m in batches:

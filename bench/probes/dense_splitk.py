@@ -4,10 +4,10 @@ winners.
 
 1. Per projection (default o and down, the two the fp16 kernels read at 3.0 and 3.28 TB/s against ~4.0 for the
    wide ones): 32 layers' worth of distinct fp16 weights called once each in one CUDA graph (no L2 reuse), timed
-   over replays (median); read bandwidth = (weights + the activation vectors read) / time. DEFAULT_PLAN's config
+   over replays (median); read bandwidth = (weights + the activation vectors read) / time. GEMV_PLAN's config
    first, then a sweep of split-K configs, each checked against float64 on the first layer. Both launched as the
    decoder launches them (programmatic dependent launch where the card has it).
-2. The batch-1 step (`FusedDecoder.step` as a CUDA graph, the dummy preset in fp16) with DEFAULT_PLAN against the plan
+2. The batch-1 step (`FusedDecoder.step` as a CUDA graph, the dummy preset in fp16) with GEMV_PLAN against the plan
    taking each projection's best split-K config where it beat the fp16 kernel, at two contexts, in alternating
    rounds; the logits' largest difference is printed with it.
 
@@ -30,7 +30,7 @@ from bench.probes.verify_plan import graphed
 from graph_executor.kernels import gemv_dense_splitk as dsk
 from graph_executor.kernels import pdl as pdl_launch
 from graph_executor.kernels import projections
-from graph_executor.kernels.gemv import DEFAULT_PLAN
+from graph_executor.kernels.gemv import GEMV_PLAN
 from graph_executor.kernels.gemv_dense_splitk import DenseSplitKConfig
 from graph_executor.kernels.projections import ProjectionConfig
 from graph_executor.loading.presets import preset
@@ -117,7 +117,7 @@ def sweep(model: str, names: list[str], configs: list[DenseSplitKConfig], layers
         vec = 2 * k if MODES.get(name, dsk.RMSNORM) != dsk.RESIDUAL else k
         total = layers * (n * k + vec) * 2
         v = _vectors(n, k, device, seed=100 + index)
-        old_cfg = dataclasses.replace(getattr(DEFAULT_PLAN, name), pdl=pdl)
+        old_cfg = dataclasses.replace(getattr(GEMV_PLAN, name), pdl=pdl)
         old_pc = ProjectionConfig(dense=old_cfg)
         old_ms = _time(name, weights, v, old_pc, replays, device)
         print(f"  {name:8s} {_cfg_str(old_cfg):32s} {old_ms:.3f} ms {total / old_ms / 1e9:.2f} TB/s "
@@ -144,7 +144,7 @@ def sweep(model: str, names: list[str], configs: list[DenseSplitKConfig], layers
 
 
 def whole_step(model_name: str, plan, contexts: list[int], rounds: int) -> None:
-    """The batch-1 step with DEFAULT_PLAN against `plan`, the dummy preset in fp16, alternating rounds."""
+    """The batch-1 step with GEMV_PLAN against `plan`, the dummy preset in fp16, alternating rounds."""
     from graph_executor.fused_decoder import FusedDecoder
     from graph_executor.loading.loader import LoadConfig, load_model
 
@@ -152,7 +152,7 @@ def whole_step(model_name: str, plan, contexts: list[int], rounds: int) -> None:
     model = load_model(LoadConfig(model=f"dummy:{model_name}", device="cuda", dtype="float16", max_context=4096,
                                   progress=False)).model
     token = torch.full((1,), 7, dtype=torch.int64, device=device)
-    print("| context | plan | ms/step | vs DEFAULT_PLAN | logits max abs diff |")
+    print("| context | plan | ms/step | vs GEMV_PLAN | logits max abs diff |")
     print("|---|---|---|---|---|")
     for context in contexts:
         position = torch.full((1,), context, dtype=torch.int64, device=device)
@@ -167,7 +167,7 @@ def whole_step(model_name: str, plan, contexts: list[int], rounds: int) -> None:
             graph.replay()
         torch.cuda.synchronize()
         base = statistics.median(times[0])
-        for label, t, out in zip(("DEFAULT_PLAN", "split-K where it won"), times, outs):
+        for label, t, out in zip(("GEMV_PLAN", "split-K where it won"), times, outs):
             ms = statistics.median(t)
             print(f"| {context} | {label} | {ms:.3f} | {ms / base:.3f} | {float((out - outs[0]).abs().max()):.2e} |",
                   flush=True)
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
                                             for n in names))
     best = sweep(args.model, names, configs, args.layers, args.replays, pdl)
     print("\n| projection | fp16 kernel | TB/s | best split-K | TB/s | speedup |\n|---|---|---|---|---|---|")
-    plan = DEFAULT_PLAN
+    plan = GEMV_PLAN
     for name, (found, old_cfg, old_ms, total) in best.items():
         if found is None:
             print(f"| {name} | {_cfg_str(old_cfg)} | {total / old_ms / 1e9:.2f} | none passed | | |")
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
         if ms < old_ms:
             plan = dataclasses.replace(plan, **{name: dataclasses.replace(cfg, pdl=False)})
     print(f"plan: {plan}")
-    if plan != DEFAULT_PLAN:
+    if plan != GEMV_PLAN:
         whole_step(args.model, plan, [int(c) for c in args.contexts.split(",")], args.rounds)
     print(f"probe: {time.perf_counter() - start:.0f} s")
 

@@ -22,7 +22,7 @@ import torch
 from bench.floors import time_gpu
 from graph_executor.fused_verify import DEFAULT_ROWS_PLAN
 from graph_executor.kernels import gemv
-from graph_executor.kernels.gemv import DEFAULT_PLAN
+from graph_executor.kernels.gemv import GEMV_PLAN
 from graph_executor.kernels.gemv_rows import (
     RowsConfig,
     gemv_residual_rows,
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         dense_out = torch.zeros(t, n, device=device, dtype=dtype)
         cublas = graph_ms([lambda w=w: torch.mm(h, w.t(), out=dense_out) for w in weights], args.replays)
         x1, o1 = torch.randn(k, device=device, dtype=dtype), torch.zeros(n, device=device, dtype=torch.float32)
-        one = graph_ms([lambda w=w: gemv.rmsnorm_gemv(w, x1, nw, 1e-5, o1, cfg=getattr(DEFAULT_PLAN, name))
+        one = graph_ms([lambda w=w: gemv.rmsnorm_gemv(w, x1, nw, 1e-5, o1, cfg=getattr(GEMV_PLAN, name))
                         for w in weights], args.replays)
         cfg, ms = best
         table.append([name, f"{n}x{k}", f"{cfg.block_n}x{cfg.block_k}/{cfg.num_warps}w/{cfg.num_stages}s",

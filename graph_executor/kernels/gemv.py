@@ -37,18 +37,19 @@ DEFAULT = GemvConfig()
 class GemvPlan:
     """A block config per projection of the decode step (chosen by the sweep in bench/probes/gpu_probe.py). A
     projection may instead take a `gemv_dense_splitk.DenseSplitKConfig` (kernels/projections.py dispatches on the
-    config's type)."""
+    config's type; not imported here: that module builds on this one)."""
 
     qkv: GemvConfig = DEFAULT
     o: GemvConfig = DEFAULT
     gate_up: GemvConfig = DEFAULT
-    down: GemvConfig = DEFAULT
+    down: GemvConfig = DEFAULT  # or a DenseSplitKConfig (decode_plan.DEFAULT_PLAN's)
     lm_head: GemvConfig = DEFAULT
 
 
-# Measured on an H200 (bench/NOTES.md, probe 2): each projection over all 32 layers of LLaMA-2-7B in one graph.
-# Small-N projections (o_proj: 4096 rows) need more, thinner programs to keep enough loads in flight.
-DEFAULT_PLAN = GemvPlan(
+# This file's kernels per projection, measured on an H200 (bench/NOTES.md, probe 2): each projection over all 32
+# layers of LLaMA-2-7B in one graph. Small-N projections (o_proj: 4096 rows) need more, thinner programs to keep
+# enough loads in flight. The decode step's plan (`decode_plan.DEFAULT_PLAN`) starts from it.
+GEMV_PLAN = GemvPlan(
     qkv=GemvConfig(16, 256, 4, 3),  # 3.93 TB/s (16x512: 3.81)
     o=GemvConfig(2, 2048, 4, 3),  # 3.00 TB/s (16x512: 2.39)
     gate_up=GemvConfig(16, 256, 4, 3),  # 3.99 TB/s
