@@ -14,7 +14,7 @@ import torch
 
 from graph_executor.kernels import pdl as pdl_launch
 from graph_executor.kernels.decode_attention import DecodeAttention
-from graph_executor.kernels.decode_plan import DEFAULT_PLAN
+from graph_executor.kernels.decode_plan import plan_for
 from graph_executor.kernels.gemv import GemvConfig, GemvPlan
 from graph_executor.kernels.gemv_fp8 import Fp8Config, Fp8Plan
 from graph_executor.kernels.gemv_splitk import SplitKConfig, SplitKPlan, SplitKScratch
@@ -68,16 +68,18 @@ FP8_PLAN = Fp8Plan(
 
 
 class FusedDecoder:
-    def __init__(self, model: LlamaModel, plan: GemvPlan = DEFAULT_PLAN, split_size: int | None = None,
+    def __init__(self, model: LlamaModel, plan: GemvPlan | None = None, split_size: int | None = None,
                  int4: SplitKPlan = INT4_PLAN, int8: SplitKPlan = INT8_PLAN,
                  fp8: Fp8Plan | GemvPlan = FP8_PLAN, pdl: bool | None = None) -> None:
         """`fp8`: per projection an Fp8Config runs FP8 slots through the split-K kernels, a GemvConfig through the
-        fp16 kernels (FP8_GEMV_PLAN: all of them, the old path). `pdl`: launch the dense GEMVs, RoPE and attention
+        fp16 kernels (FP8_GEMV_PLAN: all of them, the old path). `plan`: the dense weights' configs (None:
+        `decode_plan.plan_for` the model's hidden size). `pdl`: launch the dense GEMVs, RoPE and attention
         with programmatic dependent launch (kernels/pdl.py); None: where the device has it (Hopper: the same logits,
         bit for bit; on an H200 a SmolLM2-135M step 0.73 -> 0.59 ms, Llama-3.2-1B 1.10 -> 1.04, LLaMA-2-7B 4.05 ->
         4.01; bench/NOTES.md, issue 12)."""
         cfg = model.config
         device = model.embed_tokens.device
+        plan = plan_for(cfg.hidden_size) if plan is None else plan
         self.pdl = pdl_launch.supported(device) if pdl is None else pdl
         if self.pdl:  # every config of every format: the launch mode is each kernel call's
             plan, int4, int8, fp8 = (pdl_launch.with_pdl(p) for p in (plan, int4, int8, fp8))

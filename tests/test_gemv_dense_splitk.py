@@ -143,3 +143,17 @@ def test_bad_input_is_refused_in_one_line() -> None:
         gemv_dense_splitk.gemv_residual(w, torch.zeros(16), torch.zeros(9), scratch, cfg)
     with pytest.raises(ValueError, match="scratch too small"):
         gemv_dense_splitk.gemv_residual(w, torch.zeros(16), torch.zeros(8), SplitKScratch.zeros(1, 1, w.device), cfg)
+
+
+def test_the_decode_plan_puts_down_on_split_k_only_at_the_measured_shapes() -> None:
+    """decode_plan.plan_for: LLaMA-2-7B's and Llama-3-8B's hidden size (4096) take the split-K down_proj measured on the
+    H200; smaller models keep gemv.py's kernels until measured."""
+    from graph_executor.kernels import decode_plan
+    from graph_executor.kernels.gemv import GEMV_PLAN, GemvConfig
+
+    big, small = decode_plan.plan_for(4096), decode_plan.plan_for(576)
+    assert isinstance(big.down, DenseSplitKConfig) and big.down == DenseSplitKConfig(16, 1024, 8)
+    assert (big.qkv, big.o, big.gate_up, big.lm_head) == (GEMV_PLAN.qkv, GEMV_PLAN.o, GEMV_PLAN.gate_up,
+                                                           GEMV_PLAN.lm_head)
+    assert small == GEMV_PLAN and isinstance(small.down, GemvConfig)
+    assert decode_plan.plan_for(2048) == GEMV_PLAN  # Llama-3.2-1B: not measured yet
