@@ -16,7 +16,8 @@
 #   http: bench.probes.http_split,
 #   the OpenAI API's TTFT segment by segment on dummy:smollm2-135m with SmolLM2's tokenizer (~1 min); startup: bench.probes.serve_ready on $HYBRIDRT_TEST_GGUF, 3 fresh starts (~1 min)
 #   densesplitk: the split-K dense GEMV tests and bench.probes.dense_splitk (o and down of LLaMA-2-7B against the fp16
-#   kernels, then the whole step with the winners; ~5 min); hops: bench.probes.socket_hop (round trips, then a stream at 4 ms: one-way latency tails), bench.probes.client_spin on the SmolLM2 and 7B shapes, and http_split with the
+#   kernels, then the whole step with the winners; ~5 min); hops: bench.probes.socket_hop (round trips, then a stream at 4 ms: one-way latency tails), bench.probes.async_wait (the
+#   AsyncClient's waits on asyncio and uvloop), bench.probes.client_spin on the SmolLM2 and 7B shapes, and http_split with the
 #   clients' spinning wait off and on and the app on asyncio + h11 or uvloop + httptools (issue 12's hops to the
 #   client and the HTTP path; needs the uvloop and httptools wheels: wheels.sh uvloop httptools; ~5 min)
 #   quant: the packed-weight tests and `bench --quantize none,int8,int4,fp8` on dummy:llama-2-7b (executor, ~3 min);
@@ -113,6 +114,9 @@ for step in "${steps[@]}"; do
           # a token stream's one-way latency tail at a 7B step's cadence (the client's gap P99)
           timeout 90 python3 -m bench.probes.socket_hop --cadence-ms 4 --messages 2000 > "$OUT/socket_stream.md" 2>&1
           echo "socket stream: rc=$?"; cat "$OUT/socket_stream.md"
+          # the HTTP app's client waits alone (no uvicorn): asyncio vs uvloop, sleeping vs spinning
+          timeout 90 python3 -m bench.probes.async_wait > "$OUT/async_wait.md" 2>&1
+          echo "async wait: rc=$?"; cat "$OUT/async_wait.md"
           for m in smollm2-135m llama-2-7b; do a=(--requests 40 --tokens 32)
             [ $m = llama-2-7b ] && a=(--requests 16 --tokens 256 --prompt-len 500)  # gaps at context 500-756
             timeout 150 python3 -m bench.probes.client_spin --model dummy:$m --device cuda "${a[@]}" \
