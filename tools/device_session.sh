@@ -138,9 +138,12 @@ for step in "${steps[@]}"; do
                  echo "dense split-K tests: rc=$? $(tail -1 "$OUT/dense_splitk_tests.log")"
                  timeout 420 python3 -m bench.probes.dense_splitk > "$OUT/dense_splitk.md" 2>&1
                  echo "dense split-K probe: rc=$?"; sed -n '/^| projection/,$p' "$OUT/dense_splitk.md" ;;
-    densesplitk1b) timeout 400 python3 -m bench.probes.dense_splitk --model llama-3.2-1b --shapes qkv,o,down \
+    densesplitk1b) timeout 270 python3 -m bench.probes.dense_splitk --model llama-3.2-1b --shapes qkv,o,down \
                      > "$OUT/dense_splitk_1b.md" 2>&1
-                   echo "dense split-K probe (Llama-3.2-1B): rc=$?"; sed -n '/^| projection/,$p' "$OUT/dense_splitk_1b.md" ;;
+                   echo "dense split-K probe (Llama-3.2-1B): rc=$?"; sed -n '/^| projection/,$p' "$OUT/dense_splitk_1b.md"
+                   timeout 200 python3 -m bench.probes.dense_splitk --model smollm2-135m --shapes o,down --layers 30 \
+                     > "$OUT/dense_splitk_smollm2.md" 2>&1
+                   echo "dense split-K probe (SmolLM2-135M): rc=$?"; sed -n '/^| projection/,$p' "$OUT/dense_splitk_smollm2.md" ;;
     *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b)"
        exit 2 ;;
   esac

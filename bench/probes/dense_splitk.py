@@ -156,7 +156,7 @@ def whole_step(model_name: str, plan, contexts: list[int], rounds: int) -> None:
     print("|---|---|---|---|---|")
     for context in contexts:
         position = torch.full((1,), context, dtype=torch.int64, device=device)
-        decoders = [FusedDecoder(model), FusedDecoder(model, plan=plan)]
+        decoders = [FusedDecoder(model, plan=GEMV_PLAN), FusedDecoder(model, plan=plan)]
         outs = [torch.empty(model.config.vocab_size, dtype=torch.float32, device=device) for _ in decoders]
         graphs = [graphed(lambda d=d, o=o: d.step(token, position, o)) for d, o in zip(decoders, outs)]
         times: list[list[float]] = [[], []]
