@@ -20,6 +20,8 @@
 #   AsyncClient's waits on asyncio and uvloop), bench.probes.client_spin on the SmolLM2 and 7B shapes, and http_split with the
 #   clients' spinning wait off and on and the app on asyncio + h11 or uvloop + httptools (issue 12's hops to the
 #   client and the HTTP path; needs the uvloop and httptools wheels: wheels.sh uvloop httptools; ~5 min)
+#   fp8prefill: tests/test_fp8_prefill.py and bench.probes.fp8_prefill (7B projections: fp16 mm, FP8 dequantize + mm,
+#   the two-digit FP8 _scaled_mm; ~3 min)
 #   quant: the packed-weight tests and `bench --quantize none,int8,int4,fp8` on dummy:llama-2-7b (executor, ~3 min);
 #   gemv: the low-bit GEMV block sweep per projection and format (~1 min); gemm: the low-bit prefill GEMM's default
 #   configs against torch.mm per projection, format and prompt length (~1 min); fp8: the FP8 split-K GEMV sweep
@@ -144,7 +146,11 @@ for step in "${steps[@]}"; do
                    timeout 200 python3 -m bench.probes.dense_splitk --model smollm2-135m --shapes o,down --layers 30 \
                      > "$OUT/dense_splitk_smollm2.md" 2>&1
                    echo "dense split-K probe (SmolLM2-135M): rc=$?"; sed -n '/^| projection/,$p' "$OUT/dense_splitk_smollm2.md" ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b)"
+    fp8prefill) timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_fp8_prefill.py > "$OUT/fp8_prefill_tests.log" 2>&1
+                echo "fp8 prefill tests: rc=$? $(tail -1 "$OUT/fp8_prefill_tests.log")"
+                timeout 300 python3 -m bench.probes.fp8_prefill > "$OUT/fp8_prefill.md" 2>&1
+                echo "fp8 prefill probe: rc=$?"; cat "$OUT/fp8_prefill.md" ;;
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, fp8prefill)"
        exit 2 ;;
   esac
 done
