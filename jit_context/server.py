@@ -18,7 +18,7 @@ import secrets
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ipc.channel import ServerChannel
 from ipc.codec import encode
@@ -87,6 +87,7 @@ class Pending:
     received: float  # perf_counter at arrival
     started: float = 0.0  # perf_counter when it reached the executor's turn
     counted: bool = True  # logged and counted in the metrics (not a start-up request: ours, or a launcher's)
+    sent: list[float] = field(default_factory=list)  # perf_counter after each TokenChunk's send (Finished's sent_times_ms)
 
 
 class JitServer:
@@ -348,8 +349,11 @@ class JitServer:
             self._end(self._finished(active, item))
         elif not self._reply(active.identity, TokenChunk(active.request_id, item.text, item.token_ids)):
             self._finish_abort("client went away")  # nobody to stream to: free the executor
-        elif self.log is not None and active.counted:
-            self.log.streamed(len(item.token_ids))
+        else:
+            if item.token_ids:  # a detokenizer's tail carries none: one stamp per token_times_ms entry
+                active.sent.append(time.perf_counter())
+            if self.log is not None and active.counted:
+                self.log.streamed(len(item.token_ids))
 
     def _finished(self, active: Pending, result: GenerationResult) -> Finished:
         usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
@@ -357,7 +361,11 @@ class JitServer:
         timings = {"ttft_ms": round(result.ttft_ms, 3), "tokens_per_s": round(result.tokens_per_s, 3),
                    "queue_ms": round((active.started - active.received) * 1e3, 3),
                    "prefill_enqueued_ms": round(result.prefill_enqueued_ms, 3),
-                   "token_times_ms": [round(t, 3) for t in result.token_times_ms]}
+                   "token_times_ms": [round(t, 3) for t in result.token_times_ms],
+                   # each TokenChunk's send, same origin: token_times_ms to sent_times_ms is the JIT context's own
+                   # work on a token (detokenize, stop strings, encode, the ZeroMQ send), the rest of a client's
+                   # gap is the hop (bench.probes.client_spin splits them)
+                   "sent_times_ms": [round((t - active.received) * 1e3, 3) for t in active.sent]}
         if result.cached_tokens:
             timings["cached_prompt_tokens"] = result.cached_tokens  # prompt tokens not prefilled (prefix reuse)
         if result.speculation is not None:
@@ -450,8 +458,11 @@ class JitServer:
             elif not self._reply(pending.identity, TokenChunk(pending.request_id, item.text, item.token_ids)):
                 self._abort_running(pending, "client went away")  # nobody to stream to: free its slot
                 gone.add(id(pending))
-            elif self.log is not None and pending.counted:
-                self.log.streamed(len(item.token_ids))
+            else:
+                if item.token_ids:
+                    pending.sent.append(time.perf_counter())
+                if self.log is not None and pending.counted:
+                    self.log.streamed(len(item.token_ids))
         if not self.running:
             self._finish_on_executor()
         return True

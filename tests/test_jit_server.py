@@ -309,6 +309,8 @@ def test_requests_are_served_one_at_a_time_first_come_first_served(rig, referenc
         assert final.token_ids == ref.token_ids and final.text == ref.text, rid
         assert [t for c in peers[rid].chunks(rid) for t in c.token_ids] == ref.token_ids
         assert final.usage == {"prompt_tokens": len(prompt), "completion_tokens": 6, "total_tokens": len(prompt) + 6}
+        known, sent = final.timings["token_times_ms"], final.timings["sent_times_ms"]  # each chunk sent once known
+        assert len(known) == len(sent) == 6 and all(k <= s for k, s in zip(known, sent)) and sent == sorted(sent)
     # Each waited for the ones before it.
     queue_ms = [peers[rid].final(rid).timings["queue_ms"] for rid in ("c", "a", "b", "text")]
     assert queue_ms[0] < queue_ms[1] < queue_ms[2] < queue_ms[3]

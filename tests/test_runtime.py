@@ -79,6 +79,9 @@ def test_serve_equals_in_process_output(server, reference) -> None:
         assert final.finish_reason == "length"
         assert final.usage["completion_tokens"] == 16 and final.usage["prompt_tokens"] == ref.prompt_tokens
         assert final.timings["ttft_ms"] > 0 and len(final.timings["token_times_ms"]) == 16
+        known, sent = final.timings["token_times_ms"], final.timings["sent_times_ms"]
+        assert len(sent) == 16 and all(k <= s for k, s in zip(known, sent)), (known, sent)  # sent after it was known
+        assert sent == sorted(sent) and all(s <= k for s, k in zip(sent, known[1:]))  # and before the next token
     assert "Paris" in reference[0].text
 
 

@@ -6,7 +6,10 @@ both see the same machine state. Per request: the client's TTFT (generate() call
 token in hand) and the JIT context's own (request received -> first token on its host, `Finished.timings`); their
 difference is the two hops to and from the client plus the client's own work. Also the client's token gaps against
 the JIT context's, P50 and P99: the hop each token pays once more, and the jitter of waking up (issue 12's client
-P99 <= 1.03x P50).
+P99 <= 1.03x P50). A second table splits a token's way: the JIT context's own work on it (known on its host -> its
+TokenChunk sent, `Finished.timings["sent_times_ms"]`), the gaps between sends, and the hop's variable delay (each
+token's arrival at the client minus its send, less the smallest such difference in its request: the hop's
+constant part cancels, so no clock offset is needed).
 
     python -m bench.probes.client_spin --model M [--device cuda] [--requests 40] [--tokens 32]
 """
@@ -23,8 +26,10 @@ from launch.client import Client
 from launch.supervisor import ServerConfig, Supervisor
 
 
-def one(client: Client, ids: list[int], tokens: int) -> tuple[float, float, list[float], list[float]]:
-    """(client TTFT, JIT TTFT, client token gaps, JIT token gaps), ms."""
+def one(client: Client, ids: list[int], tokens: int) -> tuple[float, float, list[float], list[float], list[float],
+                                                             list[float], list[float]]:
+    """(client TTFT, JIT TTFT, client token gaps, JIT token gaps, JIT work per token, JIT send gaps, hop delay
+    variation per token), ms."""
     params = {"max_tokens": tokens, "temperature": 0.0, "ignore_eos": True}
     start = time.perf_counter()
     stamps = []
@@ -33,7 +38,12 @@ def one(client: Client, ids: list[int], tokens: int) -> tuple[float, float, list
         timings = getattr(msg, "timings", None)
     stamps = stamps[:-1]  # the Finished message
     client_gaps = [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:], strict=False)]
-    return (stamps[0] - start) * 1e3, timings["ttft_ms"], client_gaps, gaps_ms(timings["token_times_ms"])
+    known, sent = timings["token_times_ms"], timings["sent_times_ms"]
+    arrived = [(t - start) * 1e3 for t in stamps]  # one TokenChunk per token: the stamps align with `sent`
+    delays = [a - s for a, s in zip(arrived, sent, strict=True)]
+    hop = [d - min(delays) for d in delays]
+    return ((stamps[0] - start) * 1e3, timings["ttft_ms"], client_gaps, gaps_ms(known),
+            [s - k for k, s in zip(known, sent, strict=True)], gaps_ms(sent), hop)
 
 
 def main() -> None:
@@ -78,6 +88,14 @@ def main() -> None:
         print(f"| {name} | {percentile([r[0] for r in got], 50):.3f} | {percentile([r[1] for r in got], 50):.3f} | "
               f"{percentile([r[0] - r[1] for r in got], 50):.3f} | {percentile(client_gaps, 50):.3f} / "
               f"{percentile(client_gaps, 99):.3f} | {percentile(jit_gaps, 50):.3f} / {percentile(jit_gaps, 99):.3f} |")
+    print("\n| client wait | JIT work per token P50 / P99 | JIT send gap P50 / P99 | hop delay variation P50 / P99 / "
+          "max |  (ms, over every token)")
+    print("|---|---|---|---|")
+    for spin, got in rows.items():
+        work, sends, hop = ([g for r in got for g in r[i]] for i in (4, 5, 6))
+        name = "sleeps" if spin == 0 else f"spins ({clients[spin].spin.window_s * 1e3:g} ms)"
+        print(f"| {name} | {percentile(work, 50):.3f} / {percentile(work, 99):.3f} | {percentile(sends, 50):.3f} / "
+              f"{percentile(sends, 99):.3f} | {percentile(hop, 50):.3f} / {percentile(hop, 99):.3f} / {max(hop):.3f} |")
 
 if __name__ == "__main__":
     main()
