@@ -14,6 +14,12 @@ import time
 import pytest
 
 CLI = [sys.executable, "-m", "launch.cli"]
+# The Ctrl-C test's chat: Python's own SIGINT handler set first, as in a terminal. A child inherits an ignored SIGINT
+# (and Python then leaves it ignored), and a non-interactive shell starts `cmd &` with SIGINT ignored: a suite run in
+# the background (`.ci/run &`) made the chat ignore the test's Ctrl-C and finish its reply.
+CHAT_WITH_SIGINT = [sys.executable, "-c", "import runpy, signal, sys; signal.signal(signal.SIGINT, "
+                    "signal.default_int_handler); sys.argv[0] = 'hybridrt'; runpy.run_module('launch.cli', "
+                    "run_name='__main__')"]
 
 
 class Pipe:
@@ -42,8 +48,17 @@ class Pipe:
         deadline = time.monotonic() + timeout_s
         while not condition():
             assert self.proc.poll() is None, f"exited early ({what}): {self.err.decode()}"
-            assert time.monotonic() < deadline, f"timed out waiting for {what}: {self.err.decode()}"
+            assert time.monotonic() < deadline, (f"timed out waiting for {what}: {self.err.decode()}; stdout "
+                                                 f"{bytes(self.out)!r}; {self.signal_masks()}")
             time.sleep(0.01)
+
+    def signal_masks(self) -> str:
+        """The child's blocked, ignored and caught signal masks (SIGINT is bit 1 of each), for a failure's message."""
+        try:
+            with open(f"/proc/{self.proc.pid}/status") as f:
+                return " ".join(line.strip() for line in f if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
+        except OSError:
+            return "(no /proc status)"
 
     def finish(self, timeout_s: float = 120.0) -> int:
         self.proc.stdin.close()
@@ -61,7 +76,7 @@ def test_chat_keeps_history_resets_and_survives_ctrl_c(default_model_dir) -> Non
     # Greedy replies that name Rex, or not, within their first line; each reply ends at its first newline (one line
     # per reply) or 40 tokens (~0.05-0.1 s each on this CPU): room for Ctrl-C to land mid-reply on a loaded machine (at
     # 14 tokens a CI run under load once finished the reply before the interrupt arrived)
-    chat = Pipe([*CLI, "chat", "--device", "cpu", "--quiet", "--temperature", "0", "--max-tokens", "40", "--stop", "\n"])
+    chat = Pipe([*CHAT_WITH_SIGINT, "chat", "--device", "cpu", "--quiet", "--temperature", "0", "--max-tokens", "40", "--stop", "\n"])
     try:
         chat.send("Tell me a story about a dragon.\n")
         chat.wait_for(lambda: chat.out, "the first reply to start")
