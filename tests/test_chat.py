@@ -73,10 +73,10 @@ class Pipe:
 
 
 def test_chat_keeps_history_resets_and_survives_ctrl_c(default_model_dir) -> None:
-    # Greedy replies that name Rex, or not, within their first line; each reply ends at its first newline (one line
-    # per reply) or 40 tokens (~0.05-0.1 s each on this CPU): room for Ctrl-C to land mid-reply on a loaded machine (at
-    # 14 tokens a CI run under load once finished the reply before the interrupt arrived)
-    chat = Pipe([*CHAT_WITH_SIGINT, "chat", "--device", "cpu", "--quiet", "--temperature", "0", "--max-tokens", "40", "--stop", "\n"])
+    # 14 tokens a reply (~0.1 s each on this CPU), each ending at its first newline (one line per reply): greedy, the
+    # replies name Rex, or not, well within them
+    chat = Pipe([*CHAT_WITH_SIGINT, "chat", "--device", "cpu", "--quiet", "--temperature", "0", "--max-tokens", "14",
+                 "--stop", "\n"])
     try:
         chat.send("Tell me a story about a dragon.\n")
         chat.wait_for(lambda: chat.out, "the first reply to start")
