@@ -26,10 +26,10 @@ import time
 import torch
 
 from bench.floors import measure_device, time_gpu
+from bench.probes import fused_projection as fp
 from bench.probes.verify_plan import graphed
 from graph_executor.kernels import gemv_dense_splitk as dsk
 from graph_executor.kernels import pdl as pdl_launch
-from graph_executor.kernels import projections
 from graph_executor.kernels.gemv import GEMV_PLAN
 from graph_executor.kernels.gemv_dense_splitk import DenseSplitKConfig
 from graph_executor.kernels.projections import ProjectionConfig
@@ -45,11 +45,9 @@ def shapes(model: str) -> dict[str, tuple[int, int]]:
     return {"qkv": (c.q_size + 2 * c.kv_size, h), "o": (h, c.q_size), "gate_up": (2 * c.intermediate_size, h),
             "down": (h, c.intermediate_size), "lm_head": (c.vocab_size, h)}
 
-MODES = {"o": dsk.RESIDUAL, "down": dsk.SILU_RESIDUAL}  # the others: RMSNORM
 SWEEP = [DenseSplitKConfig(n, k, w) for n, k, w in itertools.product((4, 8, 16, 32), (256, 512, 1024, 2048), (4, 8))
          if n * k <= 32 * 1024]  # at most 64 KB of fp16 weights in flight per program
 TOL = 2e-3  # per element against float64, relative to max(|ref_i|, rms(ref)): float16 output rounding and a margin
-EPS = 1e-5
 
 
 def _vectors(n: int, k: int, device: torch.device, seed: int) -> dict:
@@ -61,32 +59,9 @@ def _vectors(n: int, k: int, device: torch.device, seed: int) -> dict:
             "out": torch.empty(n, device=device, dtype=torch.float16)}
 
 
-def _call(name: str, w: torch.Tensor, v: dict, pc: ProjectionConfig, scratch) -> torch.Tensor:
-    mode = MODES.get(name, dsk.RMSNORM)
-    if mode == dsk.RMSNORM:
-        return projections.rmsnorm_gemv(w, v["x"], v["nw"], EPS, v["out"], cfg=pc, scratch=scratch)
-    if mode == dsk.RESIDUAL:
-        return projections.gemv_residual(w, v["x"], v["r"], cfg=pc, scratch=scratch)
-    return projections.silu_gemv_residual(w, v["gu"], v["r"], cfg=pc, scratch=scratch)
-
-
-def _reference(name: str, w: torch.Tensor, v: dict) -> torch.Tensor:
-    d = {key: t.double() for key, t in v.items()}
-    w = w.double()
-    mode = MODES.get(name, dsk.RMSNORM)
-    if mode == dsk.RMSNORM:
-        return w @ (d["x"] * d["nw"]) / torch.sqrt((d["x"] * d["x"]).mean() + EPS)
-    if mode == dsk.RESIDUAL:
-        return d["r"] + w @ d["x"]
-    k = w.shape[1]
-    g, u = d["gu"][:k], d["gu"][k:]
-    return d["r"] + w @ (g * torch.sigmoid(g) * u)
-
-
 def _error(name: str, w: torch.Tensor, v: dict, pc: ProjectionConfig) -> float:
-    got = _call(name, w, {key: t.clone() for key, t in v.items()}, pc, None).double()
-    ref = _reference(name, w, v)
-    return float(((got - ref).abs() / torch.maximum(ref.abs(), ref.pow(2).mean().sqrt())).max())
+    got = fp.call(name, w, {key: t.clone() for key, t in v.items()}, pc, None)
+    return fp.error(got, fp.reference(name, w.double(), v))
 
 
 def _time(name: str, weights: list[torch.Tensor], v: dict, pc: ProjectionConfig, replays: int,
@@ -95,7 +70,7 @@ def _time(name: str, weights: list[torch.Tensor], v: dict, pc: ProjectionConfig,
     cfg = pc.dense
     scratch = dsk.allocate_scratch(weights[0], cfg) if isinstance(cfg, DenseSplitKConfig) else None
     v = {key: t.clone() for key, t in v.items()}
-    graph = graphed(lambda: [_call(name, w, v, pc, scratch) for w in weights])
+    graph = graphed(lambda: [fp.call(name, w, v, pc, scratch) for w in weights])
     return time_gpu(graph.replay, device, repeats=replays) * 1e3
 
 
@@ -114,7 +89,7 @@ def sweep(model: str, names: list[str], configs: list[DenseSplitKConfig], layers
         n, k = shapes(model)[name]
         g = torch.Generator(device=device).manual_seed(index)
         weights = [torch.randn(n, k, device=device, dtype=torch.float16, generator=g) * 0.02 for _ in range(layers)]
-        vec = 2 * k if MODES.get(name, dsk.RMSNORM) != dsk.RESIDUAL else k
+        vec = 2 * k if fp.mode(name) != dsk.RESIDUAL else k
         total = layers * (n * k + vec) * 2
         v = _vectors(n, k, device, seed=100 + index)
         old_cfg = dataclasses.replace(getattr(GEMV_PLAN, name), pdl=pdl)

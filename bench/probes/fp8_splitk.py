@@ -37,8 +37,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bench.floors import measure_device, time_gpu
+from bench.probes import fused_projection as fp
 from graph_executor.fused_decoder import FP8_GEMV_PLAN, FP8_PLAN
-from graph_executor.kernels import gemv_fp8, projections
+from graph_executor.kernels import gemv_fp8
 from graph_executor.kernels.gemv import GemvConfig
 from graph_executor.kernels.gemv_fp8 import Fp8Config
 from graph_executor.kernels.gemv_splitk import SplitKScratch
@@ -54,18 +55,12 @@ TINY_CONFIGS = [Fp8Config(16, 64, 2), Fp8Config(32, 128, 4)]
 SWEEP = [Fp8Config(n, k, w) for n, k, w in itertools.product((16, 32, 64), (256, 512, 1024, 2048), (4, 8))]
 GPU_CHECK_CONFIGS = [Fp8Config(16, 256, 4), Fp8Config(64, 2048, 8)]  # besides the plan's
 TOL = 1e-3  # per element, relative to max(|ref_i|, rms(ref)) (as tests/test_gemv_fp8.py)
-EPS = 1e-5
 
 
 def _split_config(name: str) -> Fp8Config:
     """The decoder's split-K config for a projection, or the default where its plan runs the fp16 kernels."""
     cfg = getattr(FP8_PLAN, name)
     return cfg if isinstance(cfg, Fp8Config) else gemv_fp8.DEFAULT
-
-
-def _mode(name: str) -> int:
-    """The fusion the decoder uses for this projection."""
-    return {"o": gemv_fp8.RESIDUAL, "down": gemv_fp8.SILU_RESIDUAL}.get(name, gemv_fp8.RMSNORM)
 
 
 def _out_dtype(name: str, act: torch.dtype) -> torch.dtype:
@@ -101,45 +96,13 @@ def _vectors(name: str, n: int, k: int, device: torch.device, dtype: torch.dtype
             "out": torch.empty(n, device=device, dtype=_out_dtype(name, dtype))}  # [N]
 
 
-def _call(name: str, w: Fp8Rows, v: dict, pc: ProjectionConfig, scratch: SplitKScratch | None) -> torch.Tensor:
-    """The projection's fused GEMV through projections.py, as FusedDecoder.step calls it."""
-    mode = _mode(name)
-    if mode == gemv_fp8.RMSNORM:
-        return projections.rmsnorm_gemv(w, v["x"], v["nw"], EPS, v["out"], cfg=pc, scratch=scratch)
-    if mode == gemv_fp8.RESIDUAL:
-        return projections.gemv_residual(w, v["x"], v["r"], cfg=pc, scratch=scratch)
-    return projections.silu_gemv_residual(w, v["gu"], v["r"], cfg=pc, scratch=scratch)
-
-
-def _reference(name: str, w: Fp8Rows, v: dict) -> torch.Tensor:
-    """float64 [N] on the weight's device: the dequantized weights (code * scale, exact) times the fused input."""
-    dense = w.codes.double() * w.scale.double()[:, None]  # [N, K]
-    d = {key: t.double() for key, t in v.items()}
-    mode = _mode(name)
-    if mode == gemv_fp8.RMSNORM:
-        return dense @ (d["x"] * d["nw"]) / torch.sqrt((d["x"] * d["x"]).mean() + EPS)
-    if mode == gemv_fp8.RESIDUAL:
-        return d["r"] + dense @ d["x"]
-    k = w.shape[1]
-    g, u = d["gu"][:k], d["gu"][k:]
-    return d["r"] + dense @ (g * torch.sigmoid(g) * u)
-
-
-def _error(got: torch.Tensor, ref: torch.Tensor) -> float:
-    """max over elements of |got - ref| / max(|ref_i|, rms(ref))."""
-    got = got.double()
-    if not torch.isfinite(got).all():
-        return float("inf")
-    return float(((got - ref).abs() / torch.maximum(ref.abs(), ref.pow(2).mean().sqrt())).max())
-
-
 def _checked(name: str, w: Fp8Rows, v: dict, pc: ProjectionConfig, ref: torch.Tensor) -> tuple[float, bool]:
     """(error against float64, a second call gave the same bits) of one call on fresh copies of the inputs."""
     outs = []
     for _ in range(2):
         fresh = {key: t.clone() for key, t in v.items()}
-        outs.append(_call(name, w, fresh, pc, None).clone())
-    return _error(outs[0], ref), torch.equal(outs[0], outs[1])
+        outs.append(fp.call(name, w, fresh, pc, None).clone())
+    return fp.error(outs[0], ref), torch.equal(outs[0], outs[1])
 
 
 def _config_str(c: Fp8Config | GemvConfig) -> str:
@@ -162,7 +125,7 @@ def check(args: argparse.Namespace, report: Report) -> bool:
         g = torch.Generator(device=device).manual_seed(100 + index)
         w = quantize_fp8(torch.randn(n, k, device=device, generator=g) * 0.02)
         v = _vectors(name, n, k, device, act, seed=200 + index)
-        ref = _reference(name, w, v)
+        ref = fp.reference(name, w.codes.double() * w.scale.double()[:, None], v)
         plan_cfg = _split_config(name)
         cfgs = ([plan_cfg] + [c for c in GPU_CHECK_CONFIGS if c != plan_cfg]) if gpu else TINY_CONFIGS
         for cfg in [*cfgs, getattr(FP8_GEMV_PLAN, name)]:
@@ -194,7 +157,7 @@ def precompile_all(names: list[str], configs: list[Fp8Config], processes: int, r
     """Fill Triton's cache with every (projection's variant, config) from a pool of spawned processes (compiling
     holds the GIL, so threads would not help). Projections with the same fusion, K and dtypes share a variant."""
     act = "float16"
-    jobs = sorted({(SHAPES[name][0], SHAPES[name][1], (c.block_n, c.block_k, c.num_warps), _mode(name), act,
+    jobs = sorted({(SHAPES[name][0], SHAPES[name][1], (c.block_n, c.block_k, c.num_warps), fp.mode(name), act,
                     str(_out_dtype(name, torch.float16)).removeprefix("torch."))
                    for name in names for c in configs})
     # N only matters to the cache key through its divisibility: keep one N per (variant, config)
@@ -224,15 +187,15 @@ def _time_graph(name: str, weights: list[Fp8Rows], v: dict, pc: ProjectionConfig
     """(ms of one replay of a graph calling the projection once per layer, seconds of the first eager call:
     compiling or loading the kernel)."""
     start = time.perf_counter()
-    _call(name, weights[0], v, pc, scratch)
+    fp.call(name, weights[0], v, pc, scratch)
     torch.cuda.synchronize(device)
     first = time.perf_counter() - start
     for w in weights[1:]:
-        _call(name, w, v, pc, scratch)
+        fp.call(name, w, v, pc, scratch)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for w in weights:
-            _call(name, w, v, pc, scratch)
+            fp.call(name, w, v, pc, scratch)
     return time_gpu(graph.replay, device, repeats=replays) * 1e3, first
 
 
@@ -240,7 +203,7 @@ def _read_bytes(name: str, w: Fp8Rows, act: torch.dtype) -> int:
     """Bytes one call reads from memory: codes, row scales and the activation vectors (x and the norm weight for
     RMSNorm, a for o, [gate, up] for down); the residual and output vectors are not counted."""
     k = w.shape[1]
-    vec = {gemv_fp8.RMSNORM: 2 * k, gemv_fp8.RESIDUAL: k, gemv_fp8.SILU_RESIDUAL: 2 * k}[_mode(name)]
+    vec = {gemv_fp8.RMSNORM: 2 * k, gemv_fp8.RESIDUAL: k, gemv_fp8.SILU_RESIDUAL: 2 * k}[fp.mode(name)]
     return w.nbytes + vec * torch.finfo(act).bits // 8
 
 
@@ -266,7 +229,7 @@ def sweep(args: argparse.Namespace, report: Report) -> bool:
                    for _ in range(args.layers)]
         total = sum(_read_bytes(name, w, act) for w in weights)
         v = _vectors(name, n, k, device, act, seed=1000 + index)
-        ref = _reference(name, weights[0], v)
+        ref = fp.reference(name, weights[0].codes.double() * weights[0].scale.double()[:, None], v)
         plan_cfg = _split_config(name)
         best = None
         for cfg in [plan_cfg, *(c for c in configs if c != plan_cfg)]:
