@@ -94,20 +94,25 @@ def zmq_round_trips(address: str, count: int, size: int, spin: bool) -> list[flo
     return times[WARM_UP:]
 
 
-def stream_round_trips(family: int, address, count: int, size: int) -> list[float]:
-    server = mp.Process(target=_stream_echo, args=(family, address, count + WARM_UP, size))
-    server.start()
+def _connect(family: int, address) -> socket.socket:
+    """A stream connection to a server process that may not be listening yet (retried for up to 10 s)."""
     deadline = time.monotonic() + 10
     while True:
+        conn = socket.socket(family, socket.SOCK_STREAM)
         try:
-            conn = socket.create_connection(address) if family == socket.AF_INET else socket.socket(family)
-            if family != socket.AF_INET:
-                conn.connect(address)
-            break
+            conn.connect(address)
+            return conn
         except (FileNotFoundError, ConnectionRefusedError):
+            conn.close()
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.01)
+
+
+def stream_round_trips(family: int, address, count: int, size: int) -> list[float]:
+    server = mp.Process(target=_stream_echo, args=(family, address, count + WARM_UP, size))
+    server.start()
+    conn = _connect(family, address)
     payload, times = b"x" * size, []
     with conn:
         if family == socket.AF_INET:
@@ -190,16 +195,7 @@ def unix_one_way(path: str, count: int, size: int, cadence_s: float, spin: bool)
     """One-way latencies (s) over an AF_UNIX stream socket; a spinning reader polls with MSG_DONTWAIT."""
     sender = mp.Process(target=_unix_stream_sender, args=(path, count + WARM_UP, size, cadence_s))
     sender.start()
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            conn.connect(path)
-            break
-        except (FileNotFoundError, ConnectionRefusedError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.01)
+    conn = _connect(socket.AF_UNIX, path)
     latencies = []
     with conn:
         for _ in range(count + WARM_UP):
