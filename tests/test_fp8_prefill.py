@@ -20,12 +20,32 @@ def activations(t: int, k: int, seed: int, dtype: torch.dtype = torch.float32) -
     return (x * 10 ** (torch.rand(t, 1, generator=g) * 2 - 1)).to(dtype)  # rows x 0.1 .. 10: within float16
 
 
-def digit_bound(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-element bound of |s (h + l) - x|, s) in float64: 2**-8 of the element, or 2**-10 s where h is
-    subnormal (e4m3's subnormal step is 2**-9 s; l rounds the rest to the nearest step)."""
+EPS = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}  # half an ulp, relative
+
+
+def digit_bound(x: torch.Tensor) -> torch.Tensor:
+    """Per-element bound of |s (h + l) - x| in float64: 2**-8 of the element, or 2**-10 s where h is subnormal
+    (e4m3's subnormal step is 2**-9 s; l rounds the rest to the nearest step)."""
     xd = x.double()
     s = (xd.abs().amax(dim=1, keepdim=True) / 448).clamp_min(fp8_prefill.TINY)
-    return torch.maximum(xd.abs() * 2.0 ** -8, s * 2.0 ** -10), s
+    return torch.maximum(xd.abs() * 2.0 ** -8, s * 2.0 ** -10)
+
+
+def dense(w) -> torch.Tensor:
+    """An Fp8Rows' weights in float64 on the CPU, [N, K]."""
+    return (w.codes.double() * w.scale.double()[:, None]).cpu()
+
+
+def check_within_bound(out: torch.Tensor, x: torch.Tensor, wd: torch.Tensor, ref: torch.Tensor,
+                       gemm_dtype: torch.dtype) -> None:
+    """Every element of out within the digits' error through W, plus each digit's product rounded to the GEMM's
+    dtype, their sum to out's, and float32 sums."""
+    x, out = x.cpu(), out.cpu()
+    products = x.double().abs() @ wd.abs().t()
+    rounding = products * EPS[gemm_dtype] + (ref.abs() + products) * EPS[out.dtype] + products * 2.0 ** -18
+    bound = digit_bound(x) @ wd.abs().t() + rounding
+    err = (out.double() - ref).abs()
+    assert (err <= bound).all(), f"{gemm_dtype}: worst element at {float((err / bound).max()):.2f} of its bound"
 
 
 def test_two_digits_reconstruct_every_activation_within_their_bound():
@@ -36,7 +56,7 @@ def test_two_digits_reconstruct_every_activation_within_their_bound():
     h, low = digits[:9].double(), digits[9:].double()
     assert torch.equal(scales[:9], scales[9:])
     s = scales[:9].double()
-    bound, _ = digit_bound(x)
+    bound = digit_bound(x)
     err = (s * (h + low) - x.double()).abs()
     assert torch.isfinite(err).all() and (err <= bound).all(), float((err / bound).max())
     assert (s * h - x.double()).abs().gt(bound).any()  # one digit alone is outside it
@@ -55,21 +75,14 @@ def test_matmul_matches_float64_within_the_digits_bound(dtype, gemm_dtype, bias,
     x = activations(t, k, seed=2, dtype=dtype)
     g = torch.Generator().manual_seed(3)
     w = quantize_fp8(torch.randn(n, k, generator=g) * 0.05)
-    wd = w.codes.double() * w.scale.double()[:, None]  # [N, K]
+    wd = dense(w)  # [N, K]
     b = torch.randn(n, generator=g).to(dtype) if bias else None
     start = torch.randn(t, n, generator=g).to(dtype)
     out = start.clone() if accumulate else torch.full((t, n), float("nan"), dtype=dtype)
     got = fp8_prefill.matmul(x, w, out, bias=b, accumulate=accumulate, gemm_dtype=gemm_dtype)
     assert got is out and torch.isfinite(out).all()  # every element written
     ref = x.double() @ wd.t() + (start.double() if accumulate else 0) + (b.double() if bias else 0)
-    bound_x, _ = digit_bound(x)
-    products = x.double().abs() @ wd.abs().t()
-    # the digits' error through W; each digit's product rounded to the GEMM's dtype, the sum to out's; fp32 sums
-    eps = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
-    rounding = products * eps[gemm_dtype or dtype] + (ref.abs() + products) * eps[dtype] + products * 2.0 ** -18
-    bound = bound_x @ wd.abs().t() + rounding + 1e-30
-    err = (out.double() - ref).abs()
-    assert (err <= bound).all(), f"worst element at {float((err / bound).max()):.2f} of its bound"
+    check_within_bound(out, x, wd, ref, gemm_dtype or dtype)
 
 
 def test_one_digit_would_fail_the_matmul_bound():
@@ -77,11 +90,10 @@ def test_one_digit_would_fail_the_matmul_bound():
     t, n, k = 13, 37, 200
     x = activations(t, k, seed=2)
     w = quantize_fp8(torch.randn(n, k, generator=torch.Generator().manual_seed(3)) * 0.05)
-    wd = w.codes.double() * w.scale.double()[:, None]
+    wd = dense(w)
     digits, scales = fp8_prefill.split_digits(x)
     one = (scales[:t].double() * digits[:t].double()) @ wd.t()
-    bound_x, _ = digit_bound(x)
-    bound = bound_x @ wd.abs().t() + (x.double().abs() @ wd.abs().t()) * 2.0 ** -18
+    bound = digit_bound(x) @ wd.abs().t() + (x.double().abs() @ wd.abs().t()) * 2.0 ** -18
     assert ((one - x.double() @ wd.t()).abs() > bound).any()
 
 
@@ -97,7 +109,7 @@ def test_bad_shapes_are_refused_in_one_line():
 
 @CUDA
 @pytest.mark.cuda
-def test_matmul_on_the_gpu_matches_float64(tmp_path):
+def test_matmul_on_the_gpu_matches_float64():
     """The card's `_scaled_mm` (row scales; out in float16 where the build takes it, else bfloat16) against float64 on a
     7B-like K, every element within the digits' bound."""
     t, n, k = 64, 256, 4096
@@ -111,11 +123,5 @@ def test_matmul_on_the_gpu_matches_float64(tmp_path):
         gemm = torch.bfloat16
         fp8_prefill.matmul(x, w, out, gemm_dtype=gemm)
     torch.cuda.synchronize()
-    xc, wd = x.cpu().double(), (w.codes.double() * w.scale.double()[:, None]).cpu()
-    ref = xc @ wd.t()
-    bound_x, _ = digit_bound(x.cpu())
-    products = xc.abs() @ wd.abs().t()
-    eps = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
-    bound = bound_x @ wd.abs().t() + products * (eps[gemm] + 2.0 ** -18) + (ref.abs() + products) * 2.0 ** -10
-    err = (out.cpu().double() - ref).abs()
-    assert (err <= bound).all(), f"{gemm}: worst element at {float((err / bound).max()):.2f} of its bound"
+    wd = dense(w)
+    check_within_bound(out, x, wd, x.cpu().double() @ wd.t(), gemm)
