@@ -93,12 +93,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _handshake() -> Handshake:
+    return Handshake(PROTOCOL_VERSION, "jit_context", os.getpid())
+
+
 def send_handshake_now(control: Channel) -> bool:
     """Queue the Handshake without waiting (the connecting PAIR queues it before the executor has bound): the executor
     can then answer it as soon as it has its step buffers, while we still load the tokenizer. False if it could not
     be queued at once (`wait_ready` sends it then)."""
     try:
-        control.send(Handshake(PROTOCOL_VERSION, "jit_context", os.getpid()), timeout_ms=0)
+        control.send(_handshake(), timeout_ms=0)
         return True
     except TimeoutError:
         return False
@@ -106,8 +110,8 @@ def send_handshake_now(control: Channel) -> bool:
 
 def wait_ready(control: Channel, executor_pid: int, handshake_sent: bool = False) -> Ready:
     """Send the Handshake (unless it was) and return the executor's Ready (whose captures may still be pending)."""
-    if not handshake_sent and not control.send_while(Handshake(PROTOCOL_VERSION, "jit_context", os.getpid()),
-                                                     lambda: process_alive(executor_pid), IDLE_POLL_MS):
+    if not handshake_sent and not control.send_while(_handshake(), lambda: process_alive(executor_pid),
+                                                     IDLE_POLL_MS):
         raise ExecutorDied("the graph executor exited before it was ready")
     return await_ready(control, executor_pid)
 

@@ -46,7 +46,7 @@ from ipc.messages import (
 from ipc.reply_spin import server_spin_ms
 from ipc.startup import StartupPhases
 from jit_context.batch import BatchEngine
-from jit_context.generator import CPU_PREFILL_CHUNK, GenerationResult, PrefillProgress
+from jit_context.generator import CPU_PREFILL_CHUNK, Chunk, GenerationResult, PrefillProgress
 from jit_context.metrics import FAILED, ServingMetrics
 from jit_context.remote_executor import ExecutorDied, RemoteExecutor
 from jit_context.request_log import RequestLog
@@ -347,13 +347,18 @@ class JitServer:
             return  # a long prompt between two prefill chunks: the loop answers other clients now
         if isinstance(item, GenerationResult):
             self._end(self._finished(active, item))
-        elif not self._reply(active.identity, TokenChunk(active.request_id, item.text, item.token_ids)):
+        elif not self._stream(active, item):
             self._finish_abort("client went away")  # nobody to stream to: free the executor
-        else:
-            if item.token_ids:  # a detokenizer's tail carries none: one stamp per token_times_ms entry
-                active.sent.append(time.perf_counter())
-            if self.log is not None and active.counted:
-                self.log.streamed(len(item.token_ids))
+
+    def _stream(self, pending: Pending, item: Chunk) -> bool:
+        """Send a generated chunk to its client, stamp its send and count its tokens; False if the client is gone."""
+        if not self._reply(pending.identity, TokenChunk(pending.request_id, item.text, item.token_ids)):
+            return False
+        if item.token_ids:  # a detokenizer's tail carries none: one stamp per token_times_ms entry
+            pending.sent.append(time.perf_counter())
+        if self.log is not None and pending.counted:
+            self.log.streamed(len(item.token_ids))
+        return True
 
     def _finished(self, active: Pending, result: GenerationResult) -> Finished:
         usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
@@ -455,14 +460,9 @@ class JitServer:
                 self.running.remove(pending)
                 self._report_end(pending, self._finished(pending, item))
                 gone.add(id(pending))
-            elif not self._reply(pending.identity, TokenChunk(pending.request_id, item.text, item.token_ids)):
+            elif not self._stream(pending, item):
                 self._abort_running(pending, "client went away")  # nobody to stream to: free its slot
                 gone.add(id(pending))
-            else:
-                if item.token_ids:
-                    pending.sent.append(time.perf_counter())
-                if self.log is not None and pending.counted:
-                    self.log.streamed(len(item.token_ids))
         if not self.running:
             self._finish_on_executor()
         return True
