@@ -56,6 +56,10 @@ class RuntimeDir:
 
     def ipc_address(self, name: str) -> str:
         """A ZeroMQ address for a Unix socket `name`.sock inside this directory."""
+        return f"ipc://{self.socket_path(name)}"
+
+    def socket_path(self, name: str) -> Path:
+        """The path of a Unix socket `name`.sock inside this directory (checked against sun_path's length)."""
         self._check_open()
         _check_name(name)
         socket_path = self._path / f"{name}.sock"
@@ -64,7 +68,7 @@ class RuntimeDir:
                 f"socket path {socket_path} is longer than {MAX_SOCKET_PATH_BYTES} bytes; "
                 "use a shorter base directory (XDG_RUNTIME_DIR or TMPDIR)"
             )
-        return f"ipc://{socket_path}"
+        return socket_path
 
     def subdir(self, name: str) -> Path:
         """A private 0700 subdirectory (e.g. CUDA_MPS_PIPE_DIRECTORY), created if missing."""

@@ -22,10 +22,12 @@ import torch
 import zmq
 
 from ipc.channel import Channel, bind_server, connect_control
+from ipc.client_ports import ClientPorts, local_cap_bytes
 from ipc.doorbell import Doorbell
 from ipc.errors import HybridrtError, report_fatal
 from ipc.events import StepEvents
 from ipc.liveness import process_alive
+from ipc.local_stream import LocalListener
 from ipc.messages import PROTOCOL_VERSION, Handshake, Ready
 from ipc.startup import StartupPhases
 from ipc.step_buffers import SharedStepBuffers
@@ -55,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="jit_context", description="hybridrt JIT context process")
     p.add_argument("--control", required=True, help="the executor's control channel address")
     p.add_argument("--listen", required=True, help="client-facing address to bind")
+    p.add_argument("--local-stream", default=None,
+                   help="also listen for clients on this machine at this AF_UNIX path (ipc.local_stream)")
     p.add_argument("--executor-pid", type=int, required=True)
     p.add_argument("--tokenizer", default=None)
     p.add_argument("--tokenizer-hint", default=None,
@@ -195,6 +199,17 @@ def preload_tokenizer(args: argparse.Namespace, startup: StartupPhases) -> Prelo
             return None  # only a guess: the folder Ready names is loaded (and any error reported) after it
 
 
+def open_client_ports(ctx: zmq.Context, listen: str, local_stream: str | None) -> ClientPorts:
+    """The ROUTER at `listen`, and the local stream's listener at `local_stream` (a path) where given."""
+    router = bind_server(ctx, listen)
+    try:
+        local = LocalListener(local_stream, local_cap_bytes(router.max_frame_bytes)) if local_stream else None
+    except HybridrtError:
+        router.close()
+        raise
+    return ClientPorts(router, local)
+
+
 def build_server(args: argparse.Namespace, ctx: zmq.Context, control: Channel,
                  startup: StartupPhases | None = None, preloaded: Preloaded | None = None,
                  handshake_sent: bool = False) -> JitServer:
@@ -216,7 +231,7 @@ def build_server(args: argparse.Namespace, ctx: zmq.Context, control: Channel,
         early = preloaded.tokenizer if preloaded and path and Path(path).resolve() == preloaded.path else None
         side = build_request_side(executor, ready.model_name, ready.vocab_size, ready.eos_token_ids, path,
                                   args.chat_template, speculation, preloaded=early, prefix_reuse=args.prefix_reuse)
-    server = JitServer(bind_server(ctx, args.listen), executor, side, ready,
+    server = JitServer(open_client_ports(ctx, args.listen, args.local_stream), executor, side, ready,
                        api_key=os.environ.pop(SERVER_API_KEY_ENV, None) or None,
                        log=RequestLog() if args.log_requests else None, startup=startup)
     if ready.captures_pending:  # all of the above ran while the executor captured its start-up graphs

@@ -20,7 +20,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from ipc.channel import ServerChannel
+from ipc.client_ports import ClientPorts
 from ipc.codec import encode
 from ipc.errors import HybridrtError, PeerUnreachableError, ProtocolError
 from ipc.liveness import process_alive
@@ -75,7 +75,7 @@ GPU_BATCH_PREFILL_CHUNK = 256  # prompt tokens per step while other requests dec
 SEND_AHEAD_MARGIN_S = 0.0005
 
 
-WARM_UP = b""  # the identity of the start-up's own request (`JitServer.warm_up`); a ROUTER never gives an empty one
+WARM_UP = b""  # the identity of the start-up's own request (`JitServer.warm_up`); ClientPorts never gives an empty one
 
 
 @dataclass(eq=False)  # compared and hashed by identity: a running request's handle in the batch engine
@@ -91,7 +91,7 @@ class Pending:
 
 
 class JitServer:
-    def __init__(self, clients: ServerChannel, executor: RemoteExecutor, side: RequestSide, ready: Ready,
+    def __init__(self, clients: ClientPorts, executor: RemoteExecutor, side: RequestSide, ready: Ready,
                  api_key: str | None = None, log: RequestLog | None = None,
                  startup: StartupPhases | None = None) -> None:
         self.clients = clients
@@ -229,7 +229,7 @@ class JitServer:
                 "chat_template": bool(self.tokenizer and self.tokenizer.has_chat_template),
                 "active": running[0] if running else None, "running": running,
                 "max_num_seqs": self.ready.max_num_seqs, "executor": self._executor_facts(),
-                "jit_context_pid": os.getpid(),
+                "jit_context_pid": os.getpid(), "local_stream": self.clients.local_path,
                 "startup": self.startup.facts() if self.startup is not None else {},
                 "metrics": self.metrics.snapshot(running=self.num_running(), waiting=len(self.queue))}
 

@@ -1,4 +1,6 @@
-"""The native Python client: a DEALER socket, streaming `TokenChunk`s then one `Finished` per request.
+"""The native Python client: streaming `TokenChunk`s then one `Finished` per request, over ZeroMQ (a DEALER socket)
+or, to a server on this machine, over its local stream (`ipc.local_stream`: an AF_UNIX socket, for the token gaps'
+tail; found through the server's status before the first request).
 
     from launch.client import Client
     with Client("tcp://127.0.0.1:7461") as client:
@@ -6,8 +8,8 @@
             print(chunk.text, end="")
 
 A server that dies mid-request (the JIT context killed, its host gone) is reported within a fraction of a
-second as ServerError("server_died"), not after the time-out: each socket's connection is watched with a zmq
-socket monitor, and a connection lost while a request waits for its answer means the answer can never come
+second as ServerError("server_died"), not after the time-out: each ZeroMQ socket's connection is watched with a zmq
+socket monitor (a local stream ends when its server's process does), and a connection lost while a request waits for its answer means the answer can never come
 (the server routes replies by connection, so even a restarted server could not deliver it). Whatever the
 server sent before the connection dropped (e.g. an `executor_died` error) is still read first.
 """
@@ -24,7 +26,9 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from ipc.channel import connect_client
-from ipc.errors import HybridrtError
+from ipc.codec import MAX_FRAME_BYTES, decode, encode
+from ipc.errors import ChannelError, HybridrtError
+from ipc.local_stream import LocalConnection, PeerGone
 from ipc.messages import (
     CancelRequest,
     ChatOptions,
@@ -146,24 +150,90 @@ class WatchedChannel:
         self.close()
 
 
+class LocalChannel:
+    """A client's connection over the local stream (`ipc.local_stream`), with WatchedChannel's interface: the server
+    closing the stream (or dying) is ServerError("server_died") once everything sent before it has been read."""
+
+    def __init__(self, path: str, timeout_s: float, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
+        self.address = path
+        self.max_frame_bytes = max_frame_bytes
+        self.conn = LocalConnection(path, max_frame_bytes, timeout_s)
+
+    @property
+    def lost(self) -> bool:
+        return self.conn.gone
+
+    def send(self, msg: Message, *, timeout_ms: int | None = None) -> None:
+        try:
+            self.conn.send(encode(msg, max_frame_bytes=self.max_frame_bytes), timeout_ms)
+        except PeerGone as e:
+            raise ServerError(SERVER_DIED, f"the server at {self.address} went away: {e}") from None
+
+    def check(self) -> bool:
+        """True while the server has not closed the stream."""
+        return self.conn.alive()
+
+    def recv(self, timeout_ms: int, spin: ReplySpin | None = None) -> Message | None:
+        """As WatchedChannel.recv: spin on non-blocking reads for up to the spin window, then sleep in select()."""
+        start = time.perf_counter()
+        try:
+            if spin is None:
+                data = self.conn.wait_frame(timeout_ms)
+            else:
+                with PROCESS_WAITS.waiting() as alone:  # as WatchedChannel: one spinning wait per process
+                    data, until = None, start + spin.spin_s()
+                    while data is None and alone() and time.perf_counter() < until:
+                        data = self.conn.poll_frame()
+                    if data is None:
+                        data = self.conn.wait_frame(timeout_ms - int((time.perf_counter() - start) * 1e3))
+        except PeerGone:
+            raise ServerError(SERVER_DIED, f"the server at {self.address} went away (connection lost) before "
+                                           "answering") from None
+        if data is None:
+            return None
+        if spin is not None:
+            spin.waited(time.perf_counter() - start)
+        return decode(data, max_frame_bytes=self.max_frame_bytes)
+
+    @property
+    def closed(self) -> bool:
+        return self.conn.closed
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> LocalChannel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+Connection = WatchedChannel | LocalChannel
+
+
 class Client:
     """Requests reuse an idle socket of the calling thread, so a request pays no connection set-up; a request
     started while another is in flight on the same thread (two generators interleaved), or on another thread,
     gets a socket of its own. Replies to earlier, abandoned requests are skipped by request id."""
 
     def __init__(self, address: str, timeout_s: float = 60.0, api_key: str | None = None,
-                 spin_ms: float | None = None) -> None:
+                 spin_ms: float | None = None, local: bool = True) -> None:
         """`api_key`: the server's --api-key (default: $HYBRIDRT_API_KEY), sent with every request. `spin_ms`: how
         long a request's wait for its next message spins before it sleeps, while the server answers that fast
-        (`ipc.reply_spin`; None: as long as the server says, 0: always sleep)."""
+        (`ipc.reply_spin`; None: as long as the server says, 0: always sleep). `local`: generate over the server's
+        local stream where it has one this process can reach (`ipc.local_stream`: learnt from its status before the
+        first request; a server on another machine, or one without it, is used over ZeroMQ); False: ZeroMQ only."""
         self.address = address
+        self._local_path: str | None = None  # the server's local stream, once known to be reachable
+        self._local_known = not local  # whether to look for it (once, before the first generate)
         self.spin = ReplySpin(None if spin_ms is None else spin_ms / 1e3)
         self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
         self.timeout_ms = int(timeout_s * 1000)
         self._ctx = zmq.Context()
         self._idle = threading.local()  # .sock: this thread's idle socket, or None
         self._lock = threading.Lock()
-        self._open: set[WatchedChannel] = set()  # every socket not yet closed, to close them all on close()
+        self._open: set[Connection] = set()  # every socket not yet closed, to close them all on close()
         # Connected now: the first request finds its socket made and the connection set up in the background
         # (~1-2 ms of socket, monitor and ZMTP handshake otherwise in the first request's TTFT).
         self._idle.sock = self._new_socket()
@@ -181,7 +251,37 @@ class Client:
             self._open.clear()
         self._ctx.term()
 
-    def _take_socket(self) -> WatchedChannel:
+    @property
+    def local_path(self) -> str | None:
+        """The local stream generate uses (None: ZeroMQ), once the first generate has looked for it."""
+        return self._local_path
+
+    def _find_local(self) -> None:
+        """Ask the server (once) where its local stream is, and keep it if a connection there succeeds: the path is
+        in the server's private runtime dir, so only the same user on the same machine reaches it."""
+        sock = self._take_socket()
+        try:
+            sock.send(Status(api_key=self.api_key), timeout_ms=self.timeout_ms)
+            reply = sock.recv(timeout_ms=self.timeout_ms)
+        except ServerError:
+            reply = None
+        self._give_back(sock, reusable=isinstance(reply, (StatusReply, Error)))
+        if not isinstance(reply, StatusReply):
+            return  # no answer (generate reports why), or an error such as `unauthorized`: ZeroMQ, as asked
+        self._local_known = True
+        path = reply.facts.get("local_stream")
+        if isinstance(path, str) and os.path.exists(path):
+            try:
+                first = LocalChannel(path, self.timeout_ms / 1e3)
+            except ChannelError:
+                return
+            self._local_path = path
+            idle, self._idle.sock = getattr(self._idle, "sock", None), None
+            if idle is not None:
+                self._give_back(idle, reusable=False)  # the ZeroMQ socket: generate uses the local stream now
+            self._give_back(self._register(first), reusable=True)
+
+    def _take_socket(self) -> Connection:
         sock = getattr(self._idle, "sock", None)
         self._idle.sock = None
         if sock is not None and not sock.check():  # the server went away while it was idle
@@ -189,13 +289,21 @@ class Client:
             sock = None
         return sock if sock is not None else self._new_socket()
 
-    def _new_socket(self) -> WatchedChannel:
-        sock = WatchedChannel(self._ctx, self.address)
+    def _new_socket(self) -> Connection:
+        if self._local_path is not None:
+            try:
+                return self._register(LocalChannel(self._local_path, self.timeout_ms / 1e3))
+            except ChannelError:  # the server has gone: report it as ZeroMQ would
+                raise ServerError(SERVER_DIED, f"the server at {self.address} went away (its local stream "
+                                               f"{self._local_path} refuses connections)") from None
+        return self._register(WatchedChannel(self._ctx, self.address))
+
+    def _register(self, sock: Connection) -> Connection:
         with self._lock:
             self._open.add(sock)
         return sock
 
-    def _give_back(self, sock: WatchedChannel, reusable: bool) -> None:
+    def _give_back(self, sock: Connection, reusable: bool) -> None:
         """Keep the socket as this thread's idle one, unless it may hold a late reply or one is kept already."""
         if reusable and not sock.lost and getattr(self._idle, "sock", None) is None:
             self._idle.sock = sock
@@ -252,6 +360,8 @@ class Client:
         wire_params = params.to_dict() if isinstance(params, SamplingParams) else dict(params or {})
         request = GenerateRequest(uuid.uuid4().hex, prompt, messages, token_ids, wire_params, self.api_key, chat)
         request.validate()  # ValueError here, before anything is sent
+        if not self._local_known:
+            self._find_local()
         finished, reusable = False, True
         sock = self._take_socket()
         try:

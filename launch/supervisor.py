@@ -68,6 +68,7 @@ class ServerConfig:
     # prompt tokens whose prefill graphs (and decode's) the executor captures before ready (GPU; 0: after ready)
     capture_before_ready: int = DEFAULT_READY_CAPTURE
     tensor_parallel: int = 1  # executor ranks (graph_executor/tp_relay.py); rank 0 talks to the JIT context
+    local_stream: bool = True  # native clients on this machine stream over AF_UNIX (ipc/local_stream.py), not ZeroMQ
 
     def __post_init__(self) -> None:
         if self.tensor_parallel < 1:
@@ -104,10 +105,12 @@ def executor_argv(config: ServerConfig, control: str, error_file: Path, rank: in
 
 
 def jit_argv(config: ServerConfig, control: str, listen: str, executor_pid: int, error_file: Path,
-             gpu: bool) -> list[str]:
-    """The JIT context's command line for this server (`jit_context.process.parse_args` reads it)."""
+             gpu: bool, local_stream: Path | None = None) -> list[str]:
+    """The JIT context's command line for this server (`jit_context.process.parse_args` reads it). `local_stream`:
+    the path where it also listens for clients on this machine (`ipc.local_stream`)."""
     load = config.load
     argv = [sys.executable, "-m", "jit_context", "--control", control, "--listen", listen,
+            *(["--local-stream", str(local_stream)] if local_stream is not None else []),
             "--executor-pid", str(executor_pid), "--step-timeout", repr(config.step_timeout_s),
             "--error-file", str(error_file), "--spawned-at", repr(time.time()),
             *([] if load.progress else ["--quiet"]),
@@ -189,7 +192,9 @@ class Supervisor:
             argv = executor_argv(self.config, control, self.error_file(name), rank, tp_port)
             self.children[name] = proc = subprocess.Popen(argv, env=env, start_new_session=True)
             self._tell_reaper(f"child {proc.pid}")
-        jit = jit_argv(self.config, control, self.address, executor_proc.pid, self.error_file("jit_context"), gpu)
+        local = self.runtime.socket_path("local") if self.config.local_stream else None
+        jit = jit_argv(self.config, control, self.address, executor_proc.pid, self.error_file("jit_context"), gpu,
+                       local)
         jit_env = {k: v for k, v in env.items() if k != SERVER_API_KEY_ENV}
         if self.config.api_key is not None:
             jit_env[SERVER_API_KEY_ENV] = self.config.api_key

@@ -103,8 +103,9 @@ def test_projections_dispatch_dense_weights_by_their_config() -> None:
 
 
 @ON_CPU
-def test_a_decode_step_with_split_k_o_and_down_matches_the_fp16_kernels_step(tmp_path) -> None:
-    """The fused decoder with o_proj and down_proj on the split-K kernels (the shared scratch sized over them) gives
+def test_a_decode_step_with_split_k_qkv_o_and_down_matches_the_fp16_kernels_step(tmp_path) -> None:
+    """The fused decoder with qkv (its bias in the fixup), o_proj and down_proj on the split-K kernels (the shared
+    scratch sized over them) gives
     the logits of the decoder on gemv.py's kernels, over a few steps of a tiny model (GQA, QKV bias)."""
     import transformers
 
@@ -116,8 +117,8 @@ def test_a_decode_step_with_split_k_o_and_down_matches_the_fp16_kernels_step(tmp
     make_hf_model(transformers.Qwen2Config, dict(num_key_value_heads=2), seed=21).save_pretrained(tmp_path)
     model = load_model(LoadConfig(model=str(tmp_path), device="cpu", dtype="float32", max_context=64,
                                   progress=False)).model
-    # hidden 64, intermediate 96: o in 2 K slices, down in 3 (the last one 32 wide of 64), 4 row blocks each
-    plan = type(GEMV_PLAN)(qkv=GEMV_PLAN.qkv, o=DenseSplitKConfig(16, 32, 2), gate_up=GEMV_PLAN.gate_up,
+    # hidden 64, intermediate 96: qkv and o in 2 K slices, down in 3 (the last one 32 wide of 64), 4 row blocks each
+    plan = type(GEMV_PLAN)(qkv=DenseSplitKConfig(16, 32, 2), o=DenseSplitKConfig(16, 32, 2), gate_up=GEMV_PLAN.gate_up,
                               down=DenseSplitKConfig(16, 64, 2), lm_head=GEMV_PLAN.lm_head)
     split, plain = FusedDecoder(model, plan=plan), FusedDecoder(model, plan=GEMV_PLAN)
     assert split.scratch is not None and plain.scratch is None
@@ -145,15 +146,19 @@ def test_bad_input_is_refused_in_one_line() -> None:
         gemv_dense_splitk.gemv_residual(w, torch.zeros(16), torch.zeros(8), SplitKScratch.zeros(1, 1, w.device), cfg)
 
 
-def test_the_decode_plan_puts_down_on_split_k_only_at_the_measured_shapes() -> None:
-    """decode_plan.plan_for: LLaMA-2-7B's and Llama-3-8B's hidden size (4096) take the split-K down_proj measured on the
-    H200; smaller models keep gemv.py's kernels until measured."""
+def test_the_decode_plan_is_the_one_measured_on_the_nearest_hidden_size_below() -> None:
+    """decode_plan.plan_for: 7B's plan (split-K down) from hidden 4096 up, 1B's (split-K qkv and down) from 2048,
+    SmolLM2's (split-K down) below; o_proj, gate_up and lm_head stay on gemv.py's kernels everywhere (measured)."""
     from graph_executor.kernels import decode_plan
     from graph_executor.kernels.gemv import GEMV_PLAN, GemvConfig
 
-    big, small = decode_plan.plan_for(4096), decode_plan.plan_for(576)
-    assert isinstance(big.down, DenseSplitKConfig) and big.down == DenseSplitKConfig(16, 1024, 8)
-    assert (big.qkv, big.o, big.gate_up, big.lm_head) == (GEMV_PLAN.qkv, GEMV_PLAN.o, GEMV_PLAN.gate_up,
-                                                           GEMV_PLAN.lm_head)
-    assert small == GEMV_PLAN and isinstance(small.down, GemvConfig)
-    assert decode_plan.plan_for(2048) == GEMV_PLAN  # Llama-3.2-1B: not measured yet
+    seven, one, small = decode_plan.plan_for(4096), decode_plan.plan_for(2048), decode_plan.plan_for(576)
+    assert decode_plan.plan_for(8192) == seven == decode_plan.DEFAULT_PLAN and decode_plan.plan_for(3584) == one
+    assert decode_plan.plan_for(896) == small == decode_plan.plan_for(1)
+    assert seven.down == DenseSplitKConfig(16, 1024, 8) and isinstance(seven.qkv, GemvConfig)
+    assert one.qkv == DenseSplitKConfig(16, 256, 4) and one.down == DenseSplitKConfig(32, 512, 8)
+    assert small.down == DenseSplitKConfig(32, 256, 8) and isinstance(small.qkv, GemvConfig)
+    for plan in (seven, one, small):
+        assert (plan.o, plan.gate_up, plan.lm_head) == (GEMV_PLAN.o, GEMV_PLAN.gate_up, GEMV_PLAN.lm_head)
+    with pytest.raises(ValueError, match="hidden_size"):
+        decode_plan.plan_for(0)

@@ -1,5 +1,6 @@
 """The clients' spinning wait for the server's next message (`ipc.reply_spin`): the rule, and both clients over a
-real ROUTER socket playing the server, whose replies come within the window or after it."""
+real ROUTER socket (and the native client over a real local stream) playing the server, whose replies come within the
+window or after it."""
 
 import asyncio
 import threading
@@ -10,10 +11,12 @@ import zmq
 
 from ipc import messages as m
 from ipc.channel import bind_server
+from ipc.client_ports import ClientPorts, local_cap_bytes
+from ipc.local_stream import LocalListener
 from ipc.reply_spin import DEFAULT_SPIN_MS, MAX_SPIN_MS, MIN_SPARE_CORES, ProcessWaits, ReplySpin, server_spin_ms
 from ipc.runtime_dir import RuntimeDir
 from launch.async_client import AsyncClient
-from launch.client import Client, WatchedChannel
+from launch.client import Client, LocalChannel, WatchedChannel
 
 WINDOW_S = 0.05
 
@@ -59,19 +62,24 @@ def test_a_server_says_spin_only_on_a_gpu_with_cores_to_spare():
 
 
 class DelayedServer:
-    """A ROUTER playing the server: answers a GenerateRequest with Started (saying WINDOW_S), one TokenChunk per delay,
-    then Finished."""
+    """ClientPorts playing the server (its ROUTER, and a local stream listener when `local`): answers Status with
+    where its local stream is, a GenerateRequest with Started (saying WINDOW_S), one TokenChunk per delay, then
+    Finished."""
 
-    def __init__(self, ctx: zmq.Context, address: str, delays_s: list[float]) -> None:
-        self.server = bind_server(ctx, address)
+    def __init__(self, ctx: zmq.Context, address: str, delays_s: list[float], local: str | None = None) -> None:
+        self.server = open_ports(ctx, address, local)
         self.delays_s = delays_s
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
     def _serve(self) -> None:
-        got = self.server.recv_from(5000)
-        assert got is not None
-        identity, msg = got
+        while True:
+            got = self.server.recv_from(5000)
+            assert got is not None
+            identity, msg = got
+            if not isinstance(msg, m.Status):
+                break
+            self.server.send_to(identity, m.StatusReply({"local_stream": self.server.local_path}))
         self.server.send_to(identity, m.Started(msg.request_id, 0.0, WINDOW_S * 1e3))
         for i, delay in enumerate(self.delays_s):
             time.sleep(delay)
@@ -84,17 +92,33 @@ class DelayedServer:
         self.server.close()
 
 
+def open_ports(ctx: zmq.Context, address: str, local: str | None) -> ClientPorts:
+    router = bind_server(ctx, address)
+    return ClientPorts(router, LocalListener(local, local_cap_bytes(router.max_frame_bytes)) if local else None)
+
+
 @pytest.fixture
-def address():
+def rundir():
     with RuntimeDir() as d:
-        yield d.ipc_address("client")
+        yield d
 
 
-def test_watched_channel_spins_then_sleeps_and_returns_every_message(address):
+@pytest.fixture
+def address(rundir):
+    return rundir.ipc_address("client")
+
+
+def connect(ctx: zmq.Context, address: str, local: str | None) -> WatchedChannel | LocalChannel:
+    return LocalChannel(local, 5.0) if local else WatchedChannel(ctx, address)
+
+
+@pytest.mark.parametrize("transport", ["zmq", "local"])
+def test_a_channel_spins_then_sleeps_and_returns_every_message(rundir, address, transport):
     ctx = zmq.Context()
+    local = str(rundir.socket_path("local")) if transport == "local" else None
     try:
-        server = bind_server(ctx, address)
-        with WatchedChannel(ctx, address) as sock:
+        server = open_ports(ctx, address, local)
+        with connect(ctx, address, local) as sock:
             spin = ReplySpin(WINDOW_S)
             sock.send(m.Status())
             identity, _ = server.recv_from(2000)
@@ -165,13 +189,17 @@ def test_a_spinning_wait_sleeps_once_another_wait_of_the_process_starts(address)
     assert alone > 0.3 and both < 0.1, (alone, both)
 
 
+@pytest.mark.parametrize("transport", ["zmq", "local"])
 @pytest.mark.parametrize("delays", [[0.0, 0.001, 0.0], [0.0, WINDOW_S * 3, 0.001]], ids=["fast", "one-slow"])
-def test_client_streams_every_token_in_order_spinning_or_not(address, delays):
+def test_client_streams_every_token_in_order_spinning_or_not(rundir, address, delays, transport):
+    """Over ZeroMQ, or over the local stream the client learns from the server's status."""
     ctx = zmq.Context()
+    local = str(rundir.socket_path("local")) if transport == "local" else None
     try:
-        peer = DelayedServer(ctx, address, delays)
+        peer = DelayedServer(ctx, address, delays, local)
         with Client(address, timeout_s=5) as client:
             msgs = list(client.generate(prompt="hi"))
+            assert client.local_path == local
         peer.close()
     finally:
         ctx.destroy(linger=0)

@@ -9,6 +9,9 @@ import contextlib
 import io
 import json
 import os
+import socket
+import stat
+import struct
 import subprocess
 import sys
 import threading
@@ -20,6 +23,7 @@ import pytest
 import zmq
 
 from ipc.codec import decode, encode
+from ipc.local_stream import LocalConnection
 from ipc.messages import Error, Finished, GenerateRequest, Reset, TokenChunk
 from launch.client import Client, ServerError
 from tests.serve_process import ServeProcess
@@ -177,6 +181,45 @@ def test_oversized_frame_is_answered_and_server_keeps_serving(server) -> None:
     with raw_socket(server.address) as sock:  # beyond 16 MiB zmq drops it (and the sender) before Python
         sock.send(encode(GenerateRequest("big", prompt="x")) + b"\x00" * (17 << 20))
         assert not sock.poll(500)
+    assert_serves(server)
+
+
+# -- the local stream (clients on this machine: ipc/local_stream.py) --------------------------------------------
+
+
+def test_native_client_streams_over_the_local_stream_with_zeromq_s_tokens(server) -> None:
+    """A Client finds the server's local stream through its status (a socket in the launch's private runtime dir)
+    and streams over it; a Client told local=False gets the same tokens and text over ZeroMQ."""
+    kwargs = {"messages": chat(PROMPTS[1]), "params": GREEDY_16}
+    with Client(server.address) as local, Client(server.address, local=False) as plain:
+        *chunks, final = local.generate(**kwargs)
+        path = local.local_path
+        assert path is not None and stat.S_ISSOCK(os.stat(path).st_mode)
+        assert stat.S_IMODE(os.stat(Path(path).parent).st_mode) == 0o700  # only this user reaches it
+        assert plain.status()["local_stream"] == path
+        *plain_chunks, plain_final = plain.generate(**kwargs)
+        assert plain.local_path is None
+    assert final.token_ids == plain_final.token_ids and final.text == plain_final.text
+    assert [c.token_ids for c in chunks] == [c.token_ids for c in plain_chunks]
+
+
+def test_bad_and_oversized_frames_on_the_local_stream_are_answered(server) -> None:
+    """Hand-made frames on the local stream get the ROUTER's answers; a frame beyond 16x the limit closes that
+    connection (the stream cannot be resynchronised) and the server keeps serving."""
+    with Client(server.address) as client:
+        path = client.status()["local_stream"]
+    for data, code in ((b"\xc1\x93\x01", "malformed"), (msgpack.packb([99, {}]), "unknown_type"),
+                       (encode(Reset("from a client")), "unexpected"),
+                       (encode(GenerateRequest("big", prompt="x" * (2 << 20)), max_frame_bytes=4 << 20), "oversized")):
+        with LocalConnection(path, 1 << 20) as conn:
+            conn.send(data, timeout_ms=5000)
+            reply = decode(conn.wait_frame(30_000))
+        assert isinstance(reply, Error) and reply.code == code, (data[:20], reply)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:  # a bare connection: bytes exactly as given
+        raw.settimeout(30)
+        raw.connect(path)
+        raw.sendall(struct.pack("<I", 17 << 20) + b"\x00" * 64)  # a header announcing 17 MiB
+        assert raw.recv(1) == b""  # closed by the server
     assert_serves(server)
 
 

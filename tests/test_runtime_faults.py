@@ -61,15 +61,18 @@ def test_executor_killed_mid_generation(server) -> None:
     assert_nothing_left(server, executor, jit)
 
 
-def test_jit_context_killed_mid_request(server) -> None:
-    """The JIT context SIGKILLed while it streams a reply: its native client is told `server_died` within 2 s, and
-    the executor exits by itself (serve is held stopped meanwhile, so that it can't be the one stopping it); then
-    serve names both, exits non-zero and leaves nothing behind."""
+@pytest.mark.parametrize("local", [True, False], ids=["local-stream", "zeromq"])
+def test_jit_context_killed_mid_request(server, local) -> None:
+    """The JIT context SIGKILLed while it streams a reply: its native client is told `server_died` within 2 s (over
+    the local stream: the stream ends; over ZeroMQ: the socket monitor sees the connection drop), and the executor
+    exits by itself (serve is held stopped meanwhile, so that it can't be the one stopping it); then serve names
+    both, exits non-zero and leaves nothing behind."""
     executor, jit = pids(server)
-    with Client(server.address, timeout_s=10) as client:
+    with Client(server.address, timeout_s=10, local=local) as client:
         stream = client.generate(prompt="Tell me a long story.", params=LONG)
         for _ in range(3):
             assert isinstance(next(stream), TokenChunk)
+        assert (client.local_path is not None) == local
         os.kill(server.proc.pid, signal.SIGSTOP)
         try:
             os.kill(jit, signal.SIGKILL)

@@ -20,8 +20,10 @@
 #   AsyncClient's waits on asyncio and uvloop), bench.probes.client_spin on the SmolLM2 and 7B shapes, and http_split with the
 #   clients' spinning wait off and on and the app on asyncio + h11 or uvloop + httptools (issue 12's hops to the
 #   client and the HTTP path; needs the uvloop and httptools wheels: wheels.sh uvloop httptools; ~5 min)
-#   fp8prefill: tests/test_fp8_prefill.py and bench.probes.fp8_prefill (7B projections: fp16 mm, FP8 dequantize + mm,
-#   the two-digit FP8 _scaled_mm; ~3 min)
+#   localstream: the cuda tests of the split-K plans and the local stream, then `bench` on dummy:llama-2-7b (decode
+#   and context 128/512/2048: the client's P99 over the local stream; ~4 min); clientspin: bench.probes.client_spin on
+#   the 7B shape (ZeroMQ and the local stream, sleeping and spinning) and `bench` decode on the 1B and SmolLM2 shapes
+#   (~4 min)
 #   quant: the packed-weight tests and `bench --quantize none,int8,int4,fp8` on dummy:llama-2-7b (executor, ~3 min);
 #   gemv: the low-bit GEMV block sweep per projection and format (~1 min); gemm: the low-bit prefill GEMM's default
 #   configs against torch.mm per projection, format and prompt length (~1 min); fp8: the FP8 split-K GEMV sweep
@@ -146,11 +148,22 @@ for step in "${steps[@]}"; do
                    timeout 200 python3 -m bench.probes.dense_splitk --model smollm2-135m --shapes o,down --layers 30 \
                      > "$OUT/dense_splitk_smollm2.md" 2>&1
                    echo "dense split-K probe (SmolLM2-135M): rc=$?"; sed -n '/^| projection/,$p' "$OUT/dense_splitk_smollm2.md" ;;
-    fp8prefill) timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_fp8_prefill.py > "$OUT/fp8_prefill_tests.log" 2>&1
-                echo "fp8 prefill tests: rc=$? $(tail -1 "$OUT/fp8_prefill_tests.log")"
-                timeout 300 python3 -m bench.probes.fp8_prefill > "$OUT/fp8_prefill.md" 2>&1
-                echo "fp8 prefill probe: rc=$?"; cat "$OUT/fp8_prefill.md" ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, fp8prefill)"
+    localstream) # issue 12's client P99 with the local stream (ipc/local_stream.py) and the measured decode plans
+          timeout 150 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_gemv_dense_splitk.py \
+            tests/test_local_stream.py tests/test_reply_spin.py > "$OUT/localstream_tests.log" 2>&1
+          echo "cuda tests (split-K plans, local stream): rc=$? $(tail -1 "$OUT/localstream_tests.log")"
+          timeout 300 python3 -m launch.cli bench --quiet --model dummy:llama-2-7b --engines hybridrt,hybridrt-executor \
+            --workloads floors,decode,context --contexts 128,512,2048 --out "$OUT/bench-7b" > "$OUT/bench-7b.log" 2>&1
+          echo "bench 7B: rc=$?"; sed -n '/^## Decode/,/^## Ratios/p' "$OUT/bench-7b/results.md" ;;
+    clientspin) timeout 200 python3 -m bench.probes.client_spin --model dummy:llama-2-7b --device cuda --requests 12 \
+                  --tokens 256 --prompt-len 500 > "$OUT/client_spin_7b.md" 2>&1
+                echo "client spin 7B: rc=$?"; cat "$OUT/client_spin_7b.md"
+                for m in llama-3.2-1b smollm2-135m; do
+                  timeout 200 python3 -m launch.cli bench --quiet --model dummy:$m --engines hybridrt,hybridrt-executor \
+                    --workloads floors,decode --out "$OUT/bench-$m" > "$OUT/bench-$m.log" 2>&1
+                  echo "bench $m: rc=$?"; sed -n '/^## Decode/,/^## Per-token/p' "$OUT/bench-$m/results.md"
+                done ;;
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin)"
        exit 2 ;;
   esac
 done

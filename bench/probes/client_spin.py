@@ -1,8 +1,9 @@
 """What the native client's spinning wait (`ipc.reply_spin`) saves (issue 12: client TTFT <= the executor's + 0.3 ms).
 
-One server; requests alternate between a client that sleeps in its poll (`spin_ms=0`) and one that spins as long as
-the server says (the default: `Started.spin_ms`, 0 from a server on the CPU; `--force-spin-ms` sets it instead), so
-both see the same machine state. Per request: the client's TTFT (generate() called -> first
+One server; requests alternate between four clients: over ZeroMQ and over the local stream (`ipc.local_stream`), each
+one that sleeps in its poll (`spin_ms=0`) and one that spins as long as the server says (the default:
+`Started.spin_ms`, 0 from a server on the CPU; `--force-spin-ms` sets it instead), so all see the same machine
+state. Per request: the client's TTFT (generate() called -> first
 token in hand) and the JIT context's own (request received -> first token on its host, `Finished.timings`); their
 difference is the two hops to and from the client plus the client's own work. Also the client's token gaps against
 the JIT context's, P50 and P99: the hop each token pays once more, and the jitter of waking up (issue 12's client
@@ -61,41 +62,48 @@ def main() -> None:
     sup.start()
     sup.wait_ready()
     ids = list(range(1000, 1000 + args.prompt_len))
-    rows: dict[float | None, list] = {0.0: [], args.force_spin_ms: []}
-    clients = {spin: Client(sup.address, spin_ms=spin) for spin in rows}
+    # (transport, spin window): the ZeroMQ DEALER and the local stream (ipc.local_stream), each sleeping and spinning
+    modes = [(local, spin) for local in (False, True) for spin in (0.0, args.force_spin_ms)]
+    clients = [Client(sup.address, spin_ms=spin, local=local) for local, spin in modes]
+    rows: list[list] = [[] for _ in modes]
     try:
-        for client in clients.values():
+        for client in clients:
             while client.status()["executor"]["graphs"].get("pending"):
                 time.sleep(0.2)
             for _ in range(4):
                 one(client, ids, args.tokens)
         for _ in range(args.requests):
-            for spin, client in clients.items():
-                rows[spin].append(one(client, ids, args.tokens))
+            for got, client in zip(rows, clients, strict=True):
+                got.append(one(client, ids, args.tokens))
     finally:
-        for client in clients.values():
+        for client in clients:
             client.close()
         sup.stop()
-    print(f"| client wait | client TTFT | JIT TTFT | client - JIT | client gap P50 / P99 | JIT gap P50 / P99 |  "
+
+    def name(client: Client, spin: float | None) -> str:
+        how = "sleeps" if spin == 0 else f"spins ({client.spin.window_s * 1e3:g} ms)"
+        return f"{'local stream' if client.local_path else 'ZeroMQ'}, {how}"
+
+    print(f"| client | client TTFT | JIT TTFT | client - JIT | client gap P50 / P99 | JIT gap P50 / P99 |  "
           f"({args.requests} requests each, alternating, {args.prompt_len}-token prompt, {args.tokens} tokens; TTFT: "
           "medians; gaps: over every token of every request; ms)")
     print("|---|---|---|---|---|---|")
-    for spin, got in rows.items():
+    for (_, spin), client, got in zip(modes, clients, rows, strict=True):
         client_gaps = [g for r in got for g in r[2]]
         jit_gaps = [g for r in got for g in r[3]]
-        name = "sleeps" if spin == 0 else f"spins up to {spin:g} ms" if spin else \
-            f"as the server says ({clients[spin].spin.window_s * 1e3:g} ms)"
-        print(f"| {name} | {percentile([r[0] for r in got], 50):.3f} | {percentile([r[1] for r in got], 50):.3f} | "
+        print(f"| {name(client, spin)} | {percentile([r[0] for r in got], 50):.3f} | "
+              f"{percentile([r[1] for r in got], 50):.3f} | "
               f"{percentile([r[0] - r[1] for r in got], 50):.3f} | {percentile(client_gaps, 50):.3f} / "
               f"{percentile(client_gaps, 99):.3f} | {percentile(jit_gaps, 50):.3f} / {percentile(jit_gaps, 99):.3f} |")
-    print("\n| client wait | JIT work per token P50 / P99 | JIT send gap P50 / P99 | hop delay variation P50 / P99 / "
+    print("\n| client | JIT work per token P50 / P99 | JIT send gap P50 / P99 | hop delay variation P50 / P99 / "
           "max |  (ms, over every token)")
     print("|---|---|---|---|")
-    for spin, got in rows.items():
+    for (_, spin), client, got in zip(modes, clients, rows, strict=True):
         work, sends, hop = ([g for r in got for g in r[i]] for i in (4, 5, 6))
-        name = "sleeps" if spin == 0 else f"spins ({clients[spin].spin.window_s * 1e3:g} ms)"
-        print(f"| {name} | {percentile(work, 50):.3f} / {percentile(work, 99):.3f} | {percentile(sends, 50):.3f} / "
-              f"{percentile(sends, 99):.3f} | {percentile(hop, 50):.3f} / {percentile(hop, 99):.3f} / {max(hop):.3f} |")
+        print(f"| {name(client, spin)} | {percentile(work, 50):.3f} / {percentile(work, 99):.3f} | "
+              f"{percentile(sends, 50):.3f} / {percentile(sends, 99):.3f} | {percentile(hop, 50):.3f} / "
+              f"{percentile(hop, 99):.3f} / {max(hop):.3f} |")
+
 
 if __name__ == "__main__":
     main()
