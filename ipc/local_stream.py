@@ -46,6 +46,10 @@ class FrameBuffer:
     def feed(self, data: bytes) -> None:
         self._data += data
 
+    def __len__(self) -> int:
+        """Bytes held (whole frames and a part of one)."""
+        return len(self._data)
+
     def pop(self) -> bytes | None:
         """The next whole frame, or None until more bytes come."""
         if len(self._data) < HEADER.size:
@@ -199,6 +203,16 @@ class LocalConnection:
 
     def fileno(self) -> int:
         return self._sock.fileno()
+
+    @property
+    def socket(self) -> socket.socket:
+        """The non-blocking socket, for an event loop's own send (`loop.sock_sendall`) of `frame(data)`."""
+        return self._sock
+
+    @property
+    def buffered(self) -> bool:
+        """Bytes have arrived that no frame has been taken from yet."""
+        return len(self._in) > 0
 
     @property
     def closed(self) -> bool:

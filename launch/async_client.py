@@ -1,6 +1,8 @@
-"""The asyncio native client (for the HTTP API): one DEALER socket per request at a time, like
-`launch.client.Client`; a request that ended cleanly leaves its socket (connected, watched) for the next one, so
-that a request pays no connect, handshake or monitor set-up (~0.1-0.3 ms of the launcher's time each).
+"""The asyncio native client (for the HTTP API): one connection per request at a time, like `launch.client.Client`:
+a DEALER socket, or, to a server on this machine, its local stream (`ipc.local_stream`, an AF_UNIX socket: found
+through the server's status before the first request). A request that ended cleanly leaves its connection (and a
+DEALER's monitor) for the next one, so that a request pays no connect, handshake or monitor set-up (~0.1-0.3 ms of the
+launcher's time each).
 
     client = AsyncClient("tcp://127.0.0.1:7461")
     async for msg in client.generate(prompt="Hi", params={"max_tokens": 8}):
@@ -14,8 +16,8 @@ request. That send never awaits: under a cancelled task every await would be can
 No total deadline: a request may wait in the server's FCFS queue behind long generations. Instead, after
 `probe_after_s` without a message the client asks the server for its status on a second socket, and gives up
 with ServerError("unreachable") only when that goes unanswered. A server that dies mid-request (its
-connection drops, watched with a zmq socket monitor as in `launch.client`) is ServerError("server_died")
-within a fraction of a second, after whatever it sent before has been read.
+connection drops, watched with a zmq socket monitor as in `launch.client`, or its local stream ends) is
+ServerError("server_died") within a fraction of a second, after whatever it sent before has been read.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from ipc.channel import connect_socket
-from ipc.codec import decode, encode
-from ipc.errors import ProtocolError
+from ipc.codec import MAX_FRAME_BYTES, decode, encode
+from ipc.errors import ChannelError, ProtocolError
+from ipc.local_stream import LocalConnection, PeerGone, frame
 from ipc.messages import (
     CancelRequest,
     ChatOptions,
@@ -60,12 +63,48 @@ class _Watched:
     """A connected DEALER socket and its disconnect monitor."""
 
     def __init__(self, ctx: zmq.asyncio.Context, address: str) -> None:
+        self.address = address
         self.sock = _dealer(ctx, address)
         self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.monitor.setsockopt(zmq.LINGER, 0)
         self.poller = zmq.asyncio.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
         self.poller.register(self.monitor, zmq.POLLIN)
+
+    async def send(self, data: bytes) -> None:
+        await self.sock.send(data)
+
+    async def poll_frame(self) -> bytes | None:
+        """A frame that has arrived, without waiting; None if none has."""
+        if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            return await self.sock.recv(zmq.NOBLOCK)
+        return None
+
+    async def wait_frame(self, timeout_s: float) -> bytes | None:
+        """The next frame, or None after timeout_s; ServerError("server_died") once the connection dropped and what
+        came before it has been read."""
+        while True:
+            if (data := await self.poll_frame()) is not None:  # here (a streamed token often is already)
+                return data
+            ready = dict(await self.poller.poll(int(timeout_s * 1000)))
+            if self.sock in ready:
+                continue
+            if self.monitor not in ready:
+                return None
+            event = parse_monitor_message(await self.monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                if await self.sock.poll(LOST_DRAIN_MS, zmq.POLLIN):
+                    return await self.sock.recv()
+                raise ServerError(SERVER_DIED, f"the server at {self.address} went away (connection lost) "
+                                               "before answering")
+
+    def cancel(self, request_id: str, api_key: str | None) -> None:
+        """Synchronous, non-blocking send of CancelRequest: safe in a cancelled task or a closing generator."""
+        try:
+            zmq.Socket.shadow(self.sock.underlying).send(encode(CancelRequest(request_id, api_key)), zmq.NOBLOCK)
+            self.sock.setsockopt(zmq.LINGER, CANCEL_LINGER_MS)
+        except zmq.ZMQError:
+            pass  # the server also aborts a request whose client socket has gone away
 
     def clean(self) -> bool:
         """Nothing left to read and no disconnect seen: safe for another request."""
@@ -76,11 +115,67 @@ class _Watched:
         self.sock.close()
 
 
+class _Local:
+    """A connection over the server's local stream; its end (the server closed it or died) is server_died once
+    everything before it has been read."""
+
+    def __init__(self, path: str) -> None:
+        self.address = path
+        self.conn = LocalConnection(path, MAX_FRAME_BYTES)
+
+    async def send(self, data: bytes) -> None:
+        try:
+            await asyncio.get_running_loop().sock_sendall(self.conn.socket, frame(data))
+        except OSError as e:
+            raise ServerError(SERVER_DIED, f"the server at {self.address} went away: {e}") from None
+
+    async def poll_frame(self) -> bytes | None:
+        try:
+            return self.conn.poll_frame()
+        except PeerGone:
+            raise ServerError(SERVER_DIED, f"the server at {self.address} went away (connection lost) before "
+                                           "answering") from None
+
+    async def wait_frame(self, timeout_s: float) -> bytes | None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while (data := await self.poll_frame()) is None:
+            left = deadline - loop.time()
+            if left <= 0:
+                return None
+            readable = loop.create_future()
+            loop.add_reader(self.conn.fileno(), lambda: readable.done() or readable.set_result(None))
+            try:
+                await asyncio.wait_for(readable, left)
+            except TimeoutError:
+                pass
+            finally:
+                loop.remove_reader(self.conn.fileno())
+        return data
+
+    def cancel(self, request_id: str, api_key: str | None) -> None:
+        """As _Watched.cancel; the connection is closed after it (never reused), so even a frame the socket took only
+        part of ends cleanly for the server: the stream ends, and the request with it."""
+        try:
+            self.conn.socket.send(frame(encode(CancelRequest(request_id, api_key))))
+        except OSError:
+            pass  # full or gone: the server aborts a request whose stream has ended
+
+    def clean(self) -> bool:
+        return self.conn.alive() and not self.conn.buffered
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+Connection = _Watched | _Local
+
+
 class AsyncClient:
     def __init__(self, address: str, probe_after_s: float = 10.0, probe_timeout_s: float = 5.0,
-                 api_key: str | None = None, spin_ms: float | None = None) -> None:
-        """`api_key`: the server's --api-key (default: $HYBRIDRT_API_KEY), sent with every request. `spin_ms`: as
-        `launch.client.Client`'s."""
+                 api_key: str | None = None, spin_ms: float | None = None, local: bool = True) -> None:
+        """`api_key`: the server's --api-key (default: $HYBRIDRT_API_KEY), sent with every request. `spin_ms`,
+        `local`: as `launch.client.Client`'s."""
         if probe_after_s <= 0 or probe_timeout_s <= 0:
             raise ValueError("probe_after_s and probe_timeout_s must be > 0")
         self.address = address
@@ -89,23 +184,58 @@ class AsyncClient:
         self.probe_after_s = probe_after_s
         self.probe_timeout_s = probe_timeout_s
         self._ctx = zmq.asyncio.Context()
-        self._idle: list[_Watched] = []  # sockets of requests that ended cleanly
+        self._idle: list[Connection] = []  # connections of requests that ended cleanly
+        self._local_path: str | None = None  # the server's local stream, once known to be reachable
+        self._local_known = not local  # whether to look for it (once, before the first generate)
+
+    @property
+    def local_path(self) -> str | None:
+        """The local stream generate uses (None: ZeroMQ), once the first generate has looked for it."""
+        return self._local_path
 
     def close(self) -> None:
-        """Close every socket still open (LINGER 0) and the context; idempotent."""
+        """Close every connection still open (LINGER 0) and the context; idempotent."""
         if not self._ctx.closed:
+            for conn in self._idle:
+                if isinstance(conn, _Local):
+                    conn.close()
             self._idle.clear()
             self._ctx.destroy(linger=0)
 
-    def _take(self) -> _Watched:
+    async def _find_local(self) -> None:
+        """As `Client._find_local`: the server's status says where its local stream is; keep it if it connects."""
+        try:
+            path = (await self.status(self.probe_timeout_s)).get("local_stream")
+        except ServerError as e:
+            if e.code != "unreachable":
+                self._local_known = True  # an answer (e.g. unauthorized): ZeroMQ, as the request will show
+            return
+        self._local_known = True
+        if isinstance(path, str) and os.path.exists(path):
+            try:
+                _Local(path).close()
+            except ChannelError:
+                return
+            self._local_path = path
+            for conn in self._idle:
+                conn.close()
+            self._idle.clear()
+
+    def _take(self) -> Connection:
         while self._idle:
             watched = self._idle.pop()
             if watched.clean():
                 return watched
             watched.close()
+        if self._local_path is not None:
+            try:
+                return _Local(self._local_path)
+            except ChannelError:
+                raise ServerError(SERVER_DIED, f"the server at {self.address} went away (its local stream "
+                                               f"{self._local_path} refuses connections)") from None
         return _Watched(self._ctx, self.address)
 
-    def _give_back(self, watched: _Watched) -> None:
+    def _give_back(self, watched: Connection) -> None:
         if len(self._idle) < IDLE_SOCKETS and not self._ctx.closed and watched.clean():
             self._idle.append(watched)
         else:
@@ -129,12 +259,12 @@ class AsyncClient:
         """One request, one reply (tokenize, detokenize); an `Error` reply becomes ServerError."""
         try:
             request.validate()
-            frame = encode(request)
+            wire = encode(request)
         except (ValueError, ProtocolError) as e:
             raise ServerError("invalid_request", str(e)) from None
         sock = _dealer(self._ctx, self.address)
         try:
-            await sock.send(frame)
+            await sock.send(wire)
             reply = await _recv(sock, timeout_s)
         finally:
             sock.close()
@@ -161,14 +291,15 @@ class AsyncClient:
             request = GenerateRequest(request_id or uuid.uuid4().hex, prompt, messages, token_ids,
                                       dict(params or {}), self.api_key, chat, warm_up)
             request.validate()
-            frame = encode(request)
+            wire = encode(request)
         except (ValueError, ProtocolError) as e:
             raise ServerError("invalid_request", str(e)) from None
+        if not self._local_known:
+            await self._find_local()
         watched = self._take()
-        sock = watched.sock
         finished, reusable = False, False
         try:
-            await sock.send(frame)
+            await watched.send(wire)
             while not finished:
                 try:
                     msg = await self._next(watched)
@@ -191,47 +322,28 @@ class AsyncClient:
                 yield msg
         finally:
             if not finished:
-                _send_cancel(sock, request.request_id, self.api_key)
+                watched.cancel(request.request_id, self.api_key)
             if reusable:
                 self._give_back(watched)
             else:
                 watched.close()
 
-    async def _next(self, watched: _Watched) -> Message:
+    async def _next(self, watched: Connection) -> Message:
         """The request's next message, probing the server's liveness while none comes; ServerError
         ("server_died") once the connection dropped and what came before it has been read. While the server answers
         fast the wait first spins (`ipc.reply_spin`), yielding to the event loop's other tasks between reads."""
         start = time.perf_counter()
+        data = None
         if (window := self.spin.spin_s()) > 0:
-            sock, until = watched.sock, start + window
-            while time.perf_counter() < until:
-                if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                    msg = _decoded(await sock.recv(zmq.NOBLOCK))
-                    self.spin.waited(time.perf_counter() - start)
-                    return msg
-                await asyncio.sleep(0)
-        msg = await self._wait(watched)
+            until = start + window
+            while data is None and time.perf_counter() < until:
+                if (data := await watched.poll_frame()) is None:
+                    await asyncio.sleep(0)
+        while data is None:
+            if (data := await watched.wait_frame(self.probe_after_s)) is None:
+                await self.status(self.probe_timeout_s)  # raises ServerError("unreachable") if it is gone
         self.spin.waited(time.perf_counter() - start)
-        return msg
-
-    async def _wait(self, watched: _Watched) -> Message:
-        sock, monitor = watched.sock, watched.monitor
-        while True:
-            if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # here (a streamed token often is already): read it
-                return _decoded(await sock.recv(zmq.NOBLOCK))
-            ready = dict(await watched.poller.poll(int(self.probe_after_s * 1000)))
-            if sock in ready:
-                continue
-            if monitor in ready:
-                event = parse_monitor_message(await monitor.recv_multipart())
-                if event["event"] == zmq.EVENT_DISCONNECTED:
-                    msg = await _recv(sock, LOST_DRAIN_MS / 1e3)
-                    if msg is not None:
-                        return msg
-                    raise ServerError(SERVER_DIED, f"the server at {self.address} went away (connection lost) "
-                                                   "before answering")
-                continue
-            await self.status(self.probe_timeout_s)  # raises ServerError("unreachable") if it is gone
+        return _decoded(data)
 
 
 async def _recv(sock: zmq.asyncio.Socket, timeout_s: float) -> Message | None:
@@ -241,9 +353,9 @@ async def _recv(sock: zmq.asyncio.Socket, timeout_s: float) -> Message | None:
     return _decoded(await sock.recv())
 
 
-def _decoded(frame: bytes) -> Message:
+def _decoded(data: bytes) -> Message:
     try:
-        return decode(frame)
+        return decode(data)
     except ProtocolError as e:
         raise ServerError("protocol", f"bad frame from the server: {e}") from None
 
@@ -254,12 +366,3 @@ def _close_monitor(sock: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket) -> Non
     except zmq.ZMQError:
         pass
     monitor.close(linger=0)
-
-
-def _send_cancel(sock: zmq.asyncio.Socket, request_id: str, api_key: str | None) -> None:
-    """Synchronous, non-blocking send on the same socket: safe in a cancelled task or a closing generator."""
-    try:
-        zmq.Socket.shadow(sock.underlying).send(encode(CancelRequest(request_id, api_key)), zmq.NOBLOCK)
-        sock.setsockopt(zmq.LINGER, CANCEL_LINGER_MS)
-    except zmq.ZMQError:
-        pass  # the server also aborts a request whose client socket has gone away

@@ -273,6 +273,32 @@ def test_async_client_reuses_the_socket_of_a_finished_request(server) -> None:
     assert after_cancel == 0 and after_error == 0 and last == (4, 1)
 
 
+@pytest.mark.parametrize("local", [True, False], ids=["local-stream", "zeromq"])
+def test_async_client_streams_over_the_local_stream_or_zeromq_alike(server, local) -> None:
+    """The HTTP app's client finds the server's local stream (as the native client does) unless told not to; the
+    tokens are the same either way, and a cancelled request's connection is not reused on either."""
+    async def scenario() -> tuple[list, str | None, int]:
+        client = AsyncClient(server.address, local=local)
+        try:
+            params = {"max_tokens": 6, "temperature": 0.0, "ignore_eos": True}
+            ids = [m.token_ids async for m in client.generate(prompt="Once upon a time", params=params)]
+            async with aclosing(client.generate(prompt="Once upon a time",
+                                                params={"max_tokens": 3000, "ignore_eos": True})) as events:
+                async for _ in events:
+                    break
+            return ids, client.local_path, len(client._idle)
+        finally:
+            client.close()
+
+    ids, path, idle = asyncio.run(scenario())
+    wait_idle(server.address)
+    assert (path is not None) == local and idle == 0
+    with Client(server.address, local=False) as native:
+        *_, final = native.generate(prompt="Once upon a time", params={"max_tokens": 6, "temperature": 0.0,
+                                                                        "ignore_eos": True})
+    assert [t for chunk in ids[:-1] for t in chunk] == final.token_ids
+
+
 def test_api_key(keyed_server) -> None:
     serve = keyed_server
     with pytest.raises(openai.AuthenticationError):

@@ -4,6 +4,7 @@ by endpoint, the end of a stream on either side. The served path over real proce
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -172,3 +173,59 @@ def test_a_send_the_server_does_not_take_times_out(rundir):
     finally:
         conn.close()
         listener.close()
+
+
+class EndingServer:
+    """ClientPorts playing a server that dies mid-request: answers Status (with its local stream), then a
+    GenerateRequest with Started and one TokenChunk, and closes every connection."""
+
+    def __init__(self, ports: ClientPorts) -> None:
+        self.ports = ports
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            identity, msg = self.ports.recv_from(5000)
+            if isinstance(msg, m.Status):
+                self.ports.send_to(identity, m.StatusReply({"local_stream": self.ports.local_path}))
+                continue
+            self.ports.send_to(identity, m.Started(msg.request_id, 0.0, 0.0))
+            self.ports.send_to(identity, m.TokenChunk(msg.request_id, "x", [7]))
+            self.ports.close(linger_ms=500)
+            return
+
+
+def test_both_clients_read_what_came_then_server_died_when_the_local_stream_ends(ports, rundir):
+    from launch.async_client import AsyncClient
+    from launch.client import Client, ServerError
+
+    address = rundir.ipc_address("client")
+    EndingServer(ports)
+    got = []
+    with Client(address, timeout_s=5) as client, pytest.raises(ServerError) as err:
+        for msg in client.generate(prompt="hi"):
+            got.append(msg.token_ids)
+    assert client.local_path == ports.local_path and got == [[7]] and err.value.code == "server_died"
+
+    async def run_async() -> tuple[list, str, str | None]:
+        client, seen = AsyncClient(address), []
+        try:
+            async for msg in client.generate(prompt="hi"):
+                seen.append(msg.token_ids)
+        except ServerError as e:
+            return seen, e.code, client.local_path
+        finally:
+            client.close()
+        return seen, "no error", client.local_path
+
+    ctx = zmq.Context()
+    router = bind_server(ctx, rundir.ipc_address("client2"))
+    second = ClientPorts(router, LocalListener(rundir.socket_path("local2"), local_cap_bytes(router.max_frame_bytes)))
+    EndingServer(second)
+    address = rundir.ipc_address("client2")
+    try:
+        seen, code, path = asyncio.run(run_async())
+    finally:
+        ctx.destroy(linger=0)
+    assert (seen, code, path) == ([[7]], "server_died", second.local_path)

@@ -208,9 +208,11 @@ def test_client_streams_every_token_in_order_spinning_or_not(rundir, address, de
     assert client.spin.window_s == WINDOW_S and client.spin.fast  # the server's window; Finished came right away
 
 
+@pytest.mark.parametrize("transport", ["zmq", "local"])
 @pytest.mark.parametrize("delays", [[0.0, 0.001, 0.0], [0.0, WINDOW_S * 3, 0.001]], ids=["fast", "one-slow"])
-def test_async_client_streams_every_token_in_order_and_leaves_the_loop_running(address, delays):
+def test_async_client_streams_every_token_in_order_and_leaves_the_loop_running(rundir, address, delays, transport):
     ctx = zmq.Context()
+    local = str(rundir.socket_path("local")) if transport == "local" else None
 
     async def run():
         ticks = 0
@@ -225,13 +227,14 @@ def test_async_client_streams_every_token_in_order_and_leaves_the_loop_running(a
         client = AsyncClient(address)
         try:
             msgs = [msg async for msg in client.generate(prompt="hi")]
+            assert client.local_path == local
         finally:
             client.close()
             other.cancel()
         return msgs, ticks, client.spin.fast and client.spin.window_s == WINDOW_S
 
     try:
-        peer = DelayedServer(ctx, address, delays)
+        peer = DelayedServer(ctx, address, delays, local)
         msgs, ticks, fast = asyncio.run(run())
         peer.close()
     finally:

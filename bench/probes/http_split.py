@@ -81,14 +81,15 @@ def stamp_first_event() -> None:
     http_api._next_or_error = stamped
 
 
-def client_main(http_url: str, native_address: str, requests: int, max_tokens: int, spin_ms: float | None) -> None:
+def client_main(http_url: str, native_address: str, requests: int, max_tokens: int, spin_ms: float | None,
+                local: bool) -> None:
     """The client process: one JSON line per request, {"kind", "client" (sent), "first" (first content)}."""
     import httpx
 
     from launch.client import Client
 
     params = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
-    with Client(native_address, spin_ms=spin_ms) as native, httpx.Client(timeout=60) as web:
+    with Client(native_address, spin_ms=spin_ms, local=local) as native, httpx.Client(timeout=60) as web:
         model = web.get(f"{http_url}/v1/models").json()["data"][0]["id"]
         body = {"model": model, "messages": MESSAGES, "stream": True} | params
         for i in range(requests + 2):  # the first of each kind warms its path
@@ -114,13 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--client-spin-ms", type=float, default=None,
                     help="the native clients' spinning wait, the app's and the native row's (ipc.reply_spin; "
                          "default: theirs)")
+    ap.add_argument("--zeromq", action="store_true",
+                    help="the app's client and the native row's over ZeroMQ (default: the local stream, as serve's)")
     ap.add_argument("--loop", default="auto", help="uvicorn's event loop for the app: auto, asyncio or uvloop")
     ap.add_argument("--http", default="auto", help="uvicorn's HTTP parser for the app: auto, h11 or httptools")
     ap.add_argument("--client", nargs=2, metavar=("HTTP_URL", "NATIVE"), help=argparse.SUPPRESS)
     ap.add_argument("serve_args", nargs=argparse.REMAINDER, help="after --: the arguments of `hybridrt serve`")
     args = ap.parse_args(argv)
     if args.client:
-        client_main(*args.client, args.requests, args.max_tokens, args.client_spin_ms)
+        client_main(*args.client, args.requests, args.max_tokens, args.client_spin_ms, not args.zeromq)
         return 0
     import uvicorn
 
@@ -153,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         rows: list[dict] = []
         stamp_first_event()
         app = create_app(native, facts["model"], api_key=None, max_context=facts["max_context"], warm=True,
-                         client_spin_ms=args.client_spin_ms)
+                         client_spin_ms=args.client_spin_ms, client_local=not args.zeromq)
         server = uvicorn.Server(uvicorn.Config(timed(app, rows), host="127.0.0.1", port=http_port,
                                                log_level="warning", loop=args.loop, http=args.http))
         threading.Thread(target=server.run, daemon=True).start()
@@ -162,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         client = subprocess.run([sys.executable, "-m", "bench.probes.http_split", "--requests", str(args.requests),
                                  "--max-tokens", str(args.max_tokens), "--client", f"http://127.0.0.1:{http_port}",
                                  native, *(["--client-spin-ms", str(args.client_spin_ms)]
-                                           if args.client_spin_ms is not None else [])],
+                                           if args.client_spin_ms is not None else []),
+                                 *(["--zeromq"] if args.zeromq else [])],
                                 capture_output=True, text=True, timeout=600)
         if client.returncode:
             raise SystemExit(f"client failed: {client.stderr[-2000:]}")
