@@ -1,6 +1,6 @@
 """The asyncio native client (for the HTTP API): one connection per request at a time, like `launch.client.Client`:
-a DEALER socket, or, to a server on this machine, its local stream (`ipc.local_stream`, an AF_UNIX socket: found
-through the server's status before the first request). A request that ended cleanly leaves its connection (and a
+a DEALER socket, or, with `local=True` and a server on this machine, its local stream (`ipc.local_stream`, an AF_UNIX
+socket: found through the server's status before the first request). A request that ended cleanly leaves its connection (and a
 DEALER's monitor) for the next one, so that a request pays no connect, handshake or monitor set-up (~0.1-0.3 ms of the
 launcher's time each).
 
@@ -173,9 +173,11 @@ Connection = _Watched | _Local
 
 class AsyncClient:
     def __init__(self, address: str, probe_after_s: float = 10.0, probe_timeout_s: float = 5.0,
-                 api_key: str | None = None, spin_ms: float | None = None, local: bool = True) -> None:
+                 api_key: str | None = None, spin_ms: float | None = None, local: bool = False) -> None:
         """`api_key`: the server's --api-key (default: $HYBRIDRT_API_KEY), sent with every request. `spin_ms`,
-        `local`: as `launch.client.Client`'s."""
+        `local`: as `launch.client.Client`'s, but `local` is off by default here: on the H200 the local stream cut the
+        sync client's token-gap tail and TTFT (bench/NOTES.md, eighteenth session), while the one HTTP comparison so
+        far, two serve instances apart, did not show a gain (`bench.probes.http_split` now measures it A/B)."""
         if probe_after_s <= 0 or probe_timeout_s <= 0:
             raise ValueError("probe_after_s and probe_timeout_s must be > 0")
         self.address = address

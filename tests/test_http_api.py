@@ -275,8 +275,8 @@ def test_async_client_reuses_the_socket_of_a_finished_request(server) -> None:
 
 @pytest.mark.parametrize("local", [True, False], ids=["local-stream", "zeromq"])
 def test_async_client_streams_over_the_local_stream_or_zeromq_alike(server, local) -> None:
-    """The HTTP app's client finds the server's local stream (as the native client does) unless told not to; the
-    tokens are the same either way, and a cancelled request's connection is not reused on either."""
+    """The asyncio client finds the server's local stream (as the native client does) when told to; the tokens are
+    the same either way, and a cancelled request's connection is not reused on either."""
     async def scenario() -> tuple[list, str | None, int]:
         client = AsyncClient(server.address, local=local)
         try:

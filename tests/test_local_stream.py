@@ -209,7 +209,7 @@ def test_both_clients_read_what_came_then_server_died_when_the_local_stream_ends
     assert client.local_path == ports.local_path and got == [[7]] and err.value.code == "server_died"
 
     async def run_async() -> tuple[list, str, str | None]:
-        client, seen = AsyncClient(address), []
+        client, seen = AsyncClient(address, local=True), []
         try:
             async for msg in client.generate(prompt="hi"):
                 seen.append(msg.token_ids)

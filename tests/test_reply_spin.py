@@ -224,7 +224,7 @@ def test_async_client_streams_every_token_in_order_and_leaves_the_loop_running(r
                 await asyncio.sleep(0)
 
         other = asyncio.create_task(ticker())
-        client = AsyncClient(address)
+        client = AsyncClient(address, local=transport == "local")
         try:
             msgs = [msg async for msg in client.generate(prompt="hi")]
             assert client.local_path == local

@@ -126,11 +126,10 @@ for step in "${steps[@]}"; do
             timeout 150 python3 -m bench.probes.client_spin --model dummy:$m --device cuda "${a[@]}" \
               > "$OUT/client_spin_$m.md" 2>&1; echo "client spin, $m: rc=$?"; tail -4 "$OUT/client_spin_$m.md"
           done
-          # old (sleeping clients, asyncio + h11), spinning clients alone, both new (spinning, uvloop + httptools),
-          # each over the local stream; then the same over ZeroMQ (--zeromq)
-          for v in old spin new old-zmq spin-zmq new-zmq; do a=(--loop asyncio --http h11)
-            case $v in old*) a+=(--client-spin-ms 0) ;; new*) a=(--loop uvloop --http httptools) ;; esac
-            case $v in *-zmq) a+=(--zeromq) ;; esac
+          # old (sleeping clients, asyncio + h11), spinning clients alone, both new (spinning, uvloop + httptools);
+          # each run has two apps on one serve, their client over the local stream and over ZeroMQ (A/B)
+          for v in old spin new; do a=(--loop asyncio --http h11); [ $v = old ] && a+=(--client-spin-ms 0)
+            [ $v = new ] && a=(--loop uvloop --http httptools)
             timeout 120 python3 -m bench.probes.http_split --requests 30 "${a[@]}" -- --model dummy:smollm2-135m \
               --tokenizer "$HYBRIDRT_TEST_TOKENIZER" --device cuda > "$OUT/http_split_$v.md" 2>&1
             echo "HTTP TTFT split, $v (${a[*]}): rc=$?"; grep -E "TTFT|asked ->|client ->|first token" "$OUT/http_split_$v.md"

@@ -1,8 +1,9 @@
 """Where the OpenAI HTTP API's time to first token goes (issue 12, target 4: HTTP <= native + 0.5 ms), segment by
 segment. One `hybridrt serve` without HTTP runs the model; this process runs the HTTP app (`create_app`, as `serve`
 does, under uvicorn with serve's settings) with a timing middleware around it and the app's wait for the JIT
-context's first event stamped; a client process (so that it does not share this one's GIL) sends streamed chats
-alternately through HTTP (httpx, as the bench does) and the native client. All stamps are CLOCK_MONOTONIC, one clock
+context's first event stamped, twice: one app whose client reaches the JIT context over its local stream
+(`ipc.local_stream`) and one over ZeroMQ, on one serve; a client process (so that it does not share this one's GIL)
+sends streamed chats alternately through each app (httpx, as the bench does) and a native client of each transport. All stamps are CLOCK_MONOTONIC, one clock
 for every process on the machine.
 
 Segments of an HTTP request: client -> app (the client's send, uvicorn's parse), app -> asked (FastAPI's routing,
@@ -81,31 +82,43 @@ def stamp_first_event() -> None:
     http_api._next_or_error = stamped
 
 
-def client_main(http_url: str, native_address: str, requests: int, max_tokens: int, spin_ms: float | None,
-                local: bool) -> None:
-    """The client process: one JSON line per request, {"kind", "client" (sent), "first" (first content)}."""
+TRANSPORTS = (("local stream", True), ("ZeroMQ", False))  # the app's and the native row's client, A/B on one serve
+
+
+def client_main(native_address: str, http_urls: list[str], requests: int, max_tokens: int,
+                spin_ms: float | None) -> None:
+    """The client process: one JSON line per request, {"kind", "transport", "client" (sent), "first" (first
+    content)}, alternating over the apps (one per transport) and the native clients (one per transport)."""
     import httpx
 
     from launch.client import Client
 
     params = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
-    with Client(native_address, spin_ms=spin_ms, local=local) as native, httpx.Client(timeout=60) as web:
-        model = web.get(f"{http_url}/v1/models").json()["data"][0]["id"]
-        body = {"model": model, "messages": MESSAGES, "stream": True} | params
-        for i in range(requests + 2):  # the first of each kind warms its path
-            for kind in ("http", "native"):
-                start, first = time.monotonic(), None
-                if kind == "http":
-                    with web.stream("POST", f"{http_url}/v1/chat/completions", json=body) as r:
-                        r.raise_for_status()
-                        for line in r.iter_lines():
-                            if first is None and carries_text(line):
-                                first = time.monotonic()
-                else:
-                    for msg in native.generate(messages=MESSAGES, params=params):
-                        if first is None and msg.token_ids:
-                            first = time.monotonic()
-                print(json.dumps({"kind": kind, "client": start, "first": first, "warm": i < 2}), flush=True)
+    natives = [Client(native_address, spin_ms=spin_ms, local=local) for _, local in TRANSPORTS]
+    try:
+        with httpx.Client(timeout=60) as web:
+            model = web.get(f"{http_urls[0]}/v1/models").json()["data"][0]["id"]
+            body = {"model": model, "messages": MESSAGES, "stream": True} | params
+            for i in range(requests + 2):  # the first of each kind warms its path
+                for t, ((_, local), url, native) in enumerate(zip(TRANSPORTS, http_urls, natives, strict=True)):
+                    for kind in ("http", "native"):
+                        start, first = time.monotonic(), None
+                        if kind == "http":
+                            with web.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+                                r.raise_for_status()
+                                for line in r.iter_lines():
+                                    if first is None and carries_text(line):
+                                        first = time.monotonic()
+                        else:
+                            for msg in native.generate(messages=MESSAGES, params=params):
+                                if first is None and msg.token_ids:
+                                    first = time.monotonic()
+                            assert (native.local_path is not None) == local, "the native client's transport"
+                        print(json.dumps({"kind": kind, "transport": t, "client": start, "first": first,
+                                          "warm": i < 2}), flush=True)
+    finally:
+        for native in natives:
+            native.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,15 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--client-spin-ms", type=float, default=None,
                     help="the native clients' spinning wait, the app's and the native row's (ipc.reply_spin; "
                          "default: theirs)")
-    ap.add_argument("--zeromq", action="store_true",
-                    help="the app's client and the native row's over ZeroMQ (default: the local stream, as serve's)")
     ap.add_argument("--loop", default="auto", help="uvicorn's event loop for the app: auto, asyncio or uvloop")
     ap.add_argument("--http", default="auto", help="uvicorn's HTTP parser for the app: auto, h11 or httptools")
-    ap.add_argument("--client", nargs=2, metavar=("HTTP_URL", "NATIVE"), help=argparse.SUPPRESS)
+    ap.add_argument("--client", nargs=1 + len(TRANSPORTS), metavar="ADDRESS", help=argparse.SUPPRESS)
     ap.add_argument("serve_args", nargs=argparse.REMAINDER, help="after --: the arguments of `hybridrt serve`")
     args = ap.parse_args(argv)
     if args.client:
-        client_main(*args.client, args.requests, args.max_tokens, args.client_spin_ms, not args.zeromq)
+        client_main(args.client[0], args.client[1:], args.requests, args.max_tokens, args.client_spin_ms)
         return 0
     import uvicorn
 
@@ -134,11 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     from launch.http_api import create_app
 
     serve_args = args.serve_args[1:] if args.serve_args[:1] == ["--"] else args.serve_args
-    port, http_port = free_port(), free_port()
+    port, http_ports = free_port(), [free_port() for _ in TRANSPORTS]
     native = f"tcp://127.0.0.1:{port}"
     proc = subprocess.Popen(serve_command(port, 0, *serve_args, quiet=True), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    server = None
+    servers = []
     try:
         facts = None
         while facts is None:
@@ -153,42 +164,52 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.2)
             with Client(native) as c:
                 facts = c.status()
-        rows: list[dict] = []
+        rows: list[list[dict]] = [[] for _ in TRANSPORTS]  # per app: its requests' stamps
         stamp_first_event()
-        app = create_app(native, facts["model"], api_key=None, max_context=facts["max_context"], warm=True,
-                         client_spin_ms=args.client_spin_ms, client_local=not args.zeromq)
-        server = uvicorn.Server(uvicorn.Config(timed(app, rows), host="127.0.0.1", port=http_port,
-                                               log_level="warning", loop=args.loop, http=args.http))
-        threading.Thread(target=server.run, daemon=True).start()
-        while not server.started:
-            time.sleep(0.05)
+        for (_, local), http_port, stamped in zip(TRANSPORTS, http_ports, rows, strict=True):
+            app = create_app(native, facts["model"], api_key=None, max_context=facts["max_context"], warm=True,
+                             client_spin_ms=args.client_spin_ms, client_local=local)
+            server = uvicorn.Server(uvicorn.Config(timed(app, stamped), host="127.0.0.1", port=http_port,
+                                                   log_level="warning", loop=args.loop, http=args.http))
+            servers.append(server)
+            threading.Thread(target=server.run, daemon=True).start()
+            while not server.started:
+                time.sleep(0.05)
         client = subprocess.run([sys.executable, "-m", "bench.probes.http_split", "--requests", str(args.requests),
-                                 "--max-tokens", str(args.max_tokens), "--client", f"http://127.0.0.1:{http_port}",
-                                 native, *(["--client-spin-ms", str(args.client_spin_ms)]
-                                           if args.client_spin_ms is not None else []),
-                                 *(["--zeromq"] if args.zeromq else [])],
+                                 "--max-tokens", str(args.max_tokens), "--client", native,
+                                 *(f"http://127.0.0.1:{p}" for p in http_ports),
+                                 *(["--client-spin-ms", str(args.client_spin_ms)]
+                                   if args.client_spin_ms is not None else [])],
                                 capture_output=True, text=True, timeout=600)
         if client.returncode:
             raise SystemExit(f"client failed: {client.stderr[-2000:]}")
         seen = [json.loads(line) for line in client.stdout.splitlines()]
     finally:
-        if server is not None:
+        for server in servers:
             server.should_exit = True
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
-    web = [r for r in seen if r["kind"] == "http"]
-    if len(web) != len(rows):
-        raise SystemExit(f"{len(web)} HTTP requests sent, {len(rows)} stamped by the app")
-    merged = [server_row | client_row for server_row, client_row in zip(rows, web) if not client_row["warm"]]
-    native_ttft = [(r["first"] - r["client"]) * 1e3 for r in seen if r["kind"] == "native" and not r["warm"]]
-    print(f"| segment | P50 ms | P90 ms |  ({args.requests} streamed chats each, alternating)\n|---|---|---|")
-    rows_ms = [(name, [(r[b] - r[a]) * 1e3 for r in merged])
-               for name, a, b in SEGMENTS + [("HTTP TTFT at the client", "client", "first")]]
-    for name, values in rows_ms + [("native TTFT at the client", native_ttft)]:
-        print(f"| {name} | {percentile(values, 50):.3f} | {percentile(values, 90):.3f} |")
+    columns = []
+    for t, stamped in enumerate(rows):
+        web = [r for r in seen if r["kind"] == "http" and r["transport"] == t]
+        if len(web) != len(stamped):
+            raise SystemExit(f"{len(web)} HTTP requests sent to app {t}, {len(stamped)} stamped by it")
+        merged = [server_row | client_row for server_row, client_row in zip(stamped, web) if not client_row["warm"]]
+        native_ttft = [(r["first"] - r["client"]) * 1e3 for r in seen
+                       if r["kind"] == "native" and r["transport"] == t and not r["warm"]]
+        columns.append([[(r[b] - r[a]) * 1e3 for r in merged]
+                        for _, a, b in SEGMENTS + [("HTTP TTFT at the client", "client", "first")]] + [native_ttft])
+    names = [name for name, _, _ in SEGMENTS] + ["HTTP TTFT at the client", "native TTFT at the client"]
+    print(f"| segment | {' | '.join(f'{t} P50 ms | {t} P90 ms' for t, _ in TRANSPORTS)} |  ({args.requests} "
+          "streamed chats per app and per native client, alternating; the apps' and native clients' transport to the "
+          "JIT context)")
+    print("|---|" + "---|---|" * len(TRANSPORTS))
+    for i, name in enumerate(names):
+        cells = " | ".join(f"{percentile(col[i], 50):.3f} | {percentile(col[i], 90):.3f}" for col in columns)
+        print(f"| {name} | {cells} |")
     return 0
 
 
