@@ -52,6 +52,7 @@ from launch import API_KEY_ENV
 LOST_DRAIN_MS = 100  # after the connection dropped, read what the server sent before it for this long
 
 SERVER_DIED = "server_died"
+FIND_LOCAL_MS = 5000  # the wait for the server's status before the first generate (then ZeroMQ, and ask again later)
 
 
 class ServerError(HybridrtError):
@@ -259,11 +260,11 @@ class Client:
     def _find_local(self) -> None:
         """Ask the server (once) where its local stream is, and keep it if a connection there succeeds: the path is
         in the server's private runtime dir, so only the same user on the same machine reaches it."""
-        sock = self._take_socket()
+        sock, wait_ms = self._take_socket(), min(self.timeout_ms, FIND_LOCAL_MS)
         try:
-            sock.send(Status(api_key=self.api_key), timeout_ms=self.timeout_ms)
-            reply = sock.recv(timeout_ms=self.timeout_ms)
-        except ServerError:
+            sock.send(Status(api_key=self.api_key), timeout_ms=wait_ms)
+            reply = sock.recv(timeout_ms=wait_ms)
+        except (ServerError, TimeoutError):
             reply = None
         self._give_back(sock, reusable=isinstance(reply, (StatusReply, Error)))
         if not isinstance(reply, StatusReply):
