@@ -370,7 +370,10 @@ class JitServer:
                    # each TokenChunk's send, same origin: token_times_ms to sent_times_ms is the JIT context's own
                    # work on a token (detokenize, stop strings, encode, the ZeroMQ send), the rest of a client's
                    # gap is the hop (bench.probes.client_spin splits them)
-                   "sent_times_ms": [round((t - active.received) * 1e3, 3) for t in active.sent]}
+                   "sent_times_ms": [round((t - active.received) * 1e3, 3) for t in active.sent],
+                   # its arrival on this process's perf_counter: CLOCK_MONOTONIC on Linux, one clock for every
+                   # process of the machine, so a client beside it can tell the request's way in from the rest
+                   "received_at_s": round(active.received, 6)}
         if result.cached_tokens:
             timings["cached_prompt_tokens"] = result.cached_tokens  # prompt tokens not prefilled (prefix reuse)
         if result.speculation is not None:

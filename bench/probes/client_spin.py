@@ -5,7 +5,11 @@ one that sleeps in its poll (`spin_ms=0`) and one that spins as long as the serv
 `Started.spin_ms`, 0 from a server on the CPU; `--force-spin-ms` sets it instead), so all see the same machine
 state. Per request: the client's TTFT (generate() called -> first
 token in hand) and the JIT context's own (request received -> first token on its host, `Finished.timings`); their
-difference is the two hops to and from the client plus the client's own work. Also the client's token gaps against
+difference is the two hops to and from the client plus the client's own work, split by the JIT context's arrival
+stamp (`Finished.timings["received_at_s"]`, CLOCK_MONOTONIC like this process's perf_counter) into the request's way
+in (the client's work, the hop, the JIT context's wake-up, decode and checks) and the first token's way out (from
+the JIT context's stamp after its send returned: over the local stream a spinning client may hold the token first,
+so this part can read a few us below zero). Also the client's token gaps against
 the JIT context's, P50 and P99: the hop each token pays once more, and the jitter of waking up (issue 12's client
 P99 <= 1.03x P50). A second table splits a token's way: the JIT context's own work on it (known on its host -> its
 TokenChunk sent, `Finished.timings["sent_times_ms"]`), the gaps between sends, and the hop's variable delay (each
@@ -28,9 +32,10 @@ from launch.supervisor import ServerConfig, Supervisor
 
 
 def one(client: Client, ids: list[int], tokens: int) -> tuple[float, float, list[float], list[float], list[float],
-                                                             list[float], list[float]]:
+                                                             list[float], list[float], float, float]:
     """(client TTFT, JIT TTFT, client token gaps, JIT token gaps, JIT work per token, JIT send gaps, hop delay
-    variation per token), ms."""
+    variation per token, the request's way in (generate() called -> the JIT context has it queued), the first
+    token's way out (its TokenChunk sent -> in the client's hand)), ms."""
     params = {"max_tokens": tokens, "temperature": 0.0, "ignore_eos": True}
     start = time.perf_counter()
     stamps = []
@@ -43,8 +48,10 @@ def one(client: Client, ids: list[int], tokens: int) -> tuple[float, float, list
     arrived = [(t - start) * 1e3 for t in stamps]  # one TokenChunk per token: the stamps align with `sent`
     delays = [a - s for a, s in zip(arrived, sent, strict=True)]
     hop = [d - min(delays) for d in delays]
+    way_in = (timings["received_at_s"] - start) * 1e3  # one clock (CLOCK_MONOTONIC) for both processes
     return ((stamps[0] - start) * 1e3, timings["ttft_ms"], client_gaps, gaps_ms(known),
-            [s - k for k, s in zip(known, sent, strict=True)], gaps_ms(sent), hop)
+            [s - k for k, s in zip(known, sent, strict=True)], gaps_ms(sent), hop, way_in,
+            arrived[0] - way_in - sent[0])
 
 
 def main() -> None:
@@ -84,17 +91,18 @@ def main() -> None:
         how = "sleeps" if spin == 0 else f"spins ({client.spin.window_s * 1e3:g} ms)"
         return f"{'local stream' if client.local_path else 'ZeroMQ'}, {how}"
 
-    print(f"| client | client TTFT | JIT TTFT | client - JIT | client gap P50 / P99 | JIT gap P50 / P99 |  "
-          f"({args.requests} requests each, alternating, {args.prompt_len}-token prompt, {args.tokens} tokens; TTFT: "
-          "medians; gaps: over every token of every request; ms)")
-    print("|---|---|---|---|---|---|")
+    print(f"| client | client TTFT | JIT TTFT | client - JIT | request's way in | first token's way out | client gap "
+          f"P50 / P99 | JIT gap P50 / P99 |  ({args.requests} requests each, alternating, {args.prompt_len}-token "
+          f"prompt, {args.tokens} tokens; TTFT and ways: medians; gaps: over every token of every request; ms)")
+    print("|---|---|---|---|---|---|---|---|")
     for (_, spin), client, got in zip(modes, clients, rows, strict=True):
         client_gaps = [g for r in got for g in r[2]]
         jit_gaps = [g for r in got for g in r[3]]
         print(f"| {name(client, spin)} | {percentile([r[0] for r in got], 50):.3f} | "
-              f"{percentile([r[1] for r in got], 50):.3f} | "
-              f"{percentile([r[0] - r[1] for r in got], 50):.3f} | {percentile(client_gaps, 50):.3f} / "
-              f"{percentile(client_gaps, 99):.3f} | {percentile(jit_gaps, 50):.3f} / {percentile(jit_gaps, 99):.3f} |")
+              f"{percentile([r[1] for r in got], 50):.3f} | {percentile([r[0] - r[1] for r in got], 50):.3f} | "
+              f"{percentile([r[7] for r in got], 50):.3f} | {percentile([r[8] for r in got], 50):.3f} | "
+              f"{percentile(client_gaps, 50):.3f} / {percentile(client_gaps, 99):.3f} | "
+              f"{percentile(jit_gaps, 50):.3f} / {percentile(jit_gaps, 99):.3f} |")
     print("\n| client | JIT work per token P50 / P99 | JIT send gap P50 / P99 | hop delay variation P50 / P99 / "
           "max |  (ms, over every token)")
     print("|---|---|---|---|")
