@@ -192,7 +192,9 @@ def test_native_client_streams_over_the_local_stream_with_zeromq_s_tokens(server
     and streams over it; a Client told local=False gets the same tokens and text over ZeroMQ."""
     kwargs = {"messages": chat(PROMPTS[1]), "params": GREEDY_16}
     with Client(server.address) as local, Client(server.address, local=False) as plain:
+        before = time.perf_counter()
         *chunks, final = local.generate(**kwargs)
+        assert before < final.timings["received_at_s"] < time.perf_counter()  # one clock for both processes
         path = local.local_path
         assert path is not None and stat.S_ISSOCK(os.stat(path).st_mode)
         assert stat.S_IMODE(os.stat(Path(path).parent).st_mode) == 0o700  # only this user reaches it
