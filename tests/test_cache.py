@@ -77,7 +77,9 @@ def test_an_entry_is_built_once_then_served_and_a_damaged_one_is_rebuilt(cache_d
         elif damage == "edit":  # a byte the sampled hash reads (the first MiB)
             with open(target, "r+b") as f:
                 f.seek(10)
-                f.write(bytes([f.read(1)[0] ^ 1]))
+                flipped = f.read(1)[0] ^ 1
+                f.seek(10)  # the read moved on: writing there would change byte 11, a no-op 1 time in 256
+                f.write(bytes([flipped]))
         elif damage == "delete":
             target.unlink()
         else:
