@@ -156,6 +156,11 @@ class ServerChannel(_SocketChannel):
 ANSWERED_OVERSIZE_FACTOR = 16  # the server reads frames up to this many times its limit, to answer them
 
 
+def answered_cap_bytes(max_frame_bytes: int) -> int:
+    """The largest frame a client-facing server reads whole, to answer it `oversized` (ROUTER and local stream)."""
+    return max_frame_bytes * ANSWERED_OVERSIZE_FACTOR
+
+
 def _open(ctx: zmq.Context, socket_type: int, address: str, bind: bool, max_frame_bytes: int,
           recv_cap_bytes: int | None = None) -> zmq.Socket:
     if not isinstance(ctx, zmq.Context):
@@ -199,7 +204,7 @@ def connect_control(ctx: zmq.Context, address: str, *, max_frame_bytes: int = MA
 
 def bind_server(ctx: zmq.Context, address: str, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> ServerChannel:
     """The client-facing server (ROUTER)."""
-    cap = max_frame_bytes * ANSWERED_OVERSIZE_FACTOR
+    cap = answered_cap_bytes(max_frame_bytes)
     return ServerChannel(_open(ctx, zmq.ROUTER, address, True, max_frame_bytes, cap), max_frame_bytes)
 
 

@@ -5,20 +5,21 @@ The serving loop sees one `recv_from` / `send_to` / `poll` / `close`, as it saw 
 message comes with an opaque identity bytes, and replies go back to it. An identity says which endpoint its client
 came in by (its first byte: ROUTER_TAG or LOCAL_TAG), so a ROUTER identity a client chose can never name a local
 client. Frames are decoded as the ROUTER's are (`codec.decode`, untrusted, frames up to the limit; larger ones up to
-ANSWERED_OVERSIZE_FACTOR times it get an `oversized` answer, beyond that the connection is closed).
+`channel.answered_cap_bytes` get an `oversized` answer, beyond that the connection is closed).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from itertools import count
 
 import zmq
 
-from ipc.channel import ANSWERED_OVERSIZE_FACTOR, ServerChannel
-from ipc.codec import decode, encode
-from ipc.errors import PeerUnreachableError, ProtocolError
+from ipc.channel import ServerChannel, answered_cap_bytes, bind_server
+from ipc.codec import MAX_FRAME_BYTES, decode, encode
+from ipc.errors import HybridrtError, PeerUnreachableError, ProtocolError
 from ipc.local_stream import LocalListener, LocalPeer, PeerGone
 from ipc.messages import Message
 
@@ -152,6 +153,13 @@ class ClientPorts:
             peer.close()
 
 
-def local_cap_bytes(max_frame_bytes: int) -> int:
-    """The largest local frame read whole (to answer it `oversized`), as the ROUTER's MAXMSGSIZE."""
-    return max_frame_bytes * ANSWERED_OVERSIZE_FACTOR
+def open_client_ports(ctx: zmq.Context, listen: str, local_path: str | os.PathLike | None, *,
+                      max_frame_bytes: int = MAX_FRAME_BYTES) -> ClientPorts:
+    """The ROUTER bound at `listen` and, where a path is given, the local stream's listener there."""
+    router = bind_server(ctx, listen, max_frame_bytes=max_frame_bytes)
+    try:
+        local = LocalListener(local_path, answered_cap_bytes(max_frame_bytes)) if local_path else None
+    except HybridrtError:
+        router.close()
+        raise
+    return ClientPorts(router, local)

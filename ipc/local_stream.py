@@ -111,9 +111,7 @@ class LocalPeer:
             try:
                 if not _read_some(self._sock, self._in):
                     return frames
-            except PeerGone:
-                while (f := self._in.pop()) is not None:
-                    frames.append(f)
+            except PeerGone:  # nothing was added since the pops above
                 if frames:
                     return frames
                 raise

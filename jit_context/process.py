@@ -21,13 +21,12 @@ from pathlib import Path
 import torch
 import zmq
 
-from ipc.channel import Channel, bind_server, connect_control
-from ipc.client_ports import ClientPorts, local_cap_bytes
+from ipc.channel import Channel, connect_control
+from ipc.client_ports import open_client_ports
 from ipc.doorbell import Doorbell
 from ipc.errors import HybridrtError, report_fatal
 from ipc.events import StepEvents
 from ipc.liveness import process_alive
-from ipc.local_stream import LocalListener
 from ipc.messages import PROTOCOL_VERSION, Handshake, Ready
 from ipc.startup import StartupPhases
 from ipc.step_buffers import SharedStepBuffers
@@ -197,17 +196,6 @@ def preload_tokenizer(args: argparse.Namespace, startup: StartupPhases) -> Prelo
             if args.tokenizer:
                 raise  # the one to use: its one-line error now, not after the executor has loaded the model
             return None  # only a guess: the folder Ready names is loaded (and any error reported) after it
-
-
-def open_client_ports(ctx: zmq.Context, listen: str, local_stream: str | None) -> ClientPorts:
-    """The ROUTER at `listen`, and the local stream's listener at `local_stream` (a path) where given."""
-    router = bind_server(ctx, listen)
-    try:
-        local = LocalListener(local_stream, local_cap_bytes(router.max_frame_bytes)) if local_stream else None
-    except HybridrtError:
-        router.close()
-        raise
-    return ClientPorts(router, local)
 
 
 def build_server(args: argparse.Namespace, ctx: zmq.Context, control: Channel,

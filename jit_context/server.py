@@ -87,7 +87,8 @@ class Pending:
     received: float  # perf_counter at arrival
     started: float = 0.0  # perf_counter when it reached the executor's turn
     counted: bool = True  # logged and counted in the metrics (not a start-up request: ours, or a launcher's)
-    sent: list[float] = field(default_factory=list)  # perf_counter after each TokenChunk's send (Finished's sent_times_ms)
+    # perf_counter after each TokenChunk's send (Finished's sent_times_ms)
+    sent: list[float] = field(default_factory=list)
 
 
 class JitServer:

@@ -1,8 +1,8 @@
-"""The asyncio native client (for the HTTP API): one connection per request at a time, like `launch.client.Client`:
-a DEALER socket, or, with `local=True` and a server on this machine, its local stream (`ipc.local_stream`, an AF_UNIX
-socket: found through the server's status before the first request). A request that ended cleanly leaves its connection (and a
-DEALER's monitor) for the next one, so that a request pays no connect, handshake or monitor set-up (~0.1-0.3 ms of the
-launcher's time each).
+"""The asyncio native client (for the HTTP API): one connection per request at a time, like `launch.client.Client`: a
+DEALER socket, or, with `local=True` and a server on this machine, its local stream (`ipc.local_stream`, an AF_UNIX
+socket: found through the server's status before the first request). A request that ended cleanly leaves its
+connection (and a DEALER's monitor) for the next one, so that a request pays no connect, handshake or monitor set-up
+(~0.1-0.3 ms of the launcher's time each).
 
     client = AsyncClient("tcp://127.0.0.1:7461")
     async for msg in client.generate(prompt="Hi", params={"max_tokens": 8}):

@@ -7,11 +7,12 @@ tail; found through the server's status before the first request).
         for chunk in client.generate(messages=[{"role": "user", "content": "Hi"}], params={"max_tokens": 32}):
             print(chunk.text, end="")
 
-A server that dies mid-request (the JIT context killed, its host gone) is reported within a fraction of a
-second as ServerError("server_died"), not after the time-out: each ZeroMQ socket's connection is watched with a zmq
-socket monitor (a local stream ends when its server's process does), and a connection lost while a request waits for its answer means the answer can never come
-(the server routes replies by connection, so even a restarted server could not deliver it). Whatever the
-server sent before the connection dropped (e.g. an `executor_died` error) is still read first.
+A server that dies mid-request (the JIT context killed, its host gone) is reported within a fraction of a second as
+ServerError("server_died"), not after the time-out: each ZeroMQ socket's connection is watched with a zmq socket
+monitor (a local stream ends when its server's process does), and a connection lost while a request waits for its
+answer means the answer can never come (the server routes replies by connection, so even a restarted server could not
+deliver it). Whatever the server sent before the connection dropped (e.g. an `executor_died` error) is still read
+first.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ import zmq
 
 from ipc import local_stream
 from ipc import messages as m
-from ipc.channel import bind_server, connect_client
-from ipc.client_ports import LOCAL_TAG, ROUTER_TAG, ClientPorts, local_cap_bytes
+from ipc.channel import connect_client
+from ipc.client_ports import LOCAL_TAG, ROUTER_TAG, ClientPorts, open_client_ports
 from ipc.codec import decode, encode
 from ipc.errors import ChannelError, PeerUnreachableError, ProtocolError
 from ipc.local_stream import FrameBuffer, LocalConnection, LocalListener, PeerGone, frame
@@ -30,8 +30,7 @@ def rundir():
 @pytest.fixture
 def ports(rundir):
     ctx = zmq.Context()
-    router = bind_server(ctx, rundir.ipc_address("client"))
-    p = ClientPorts(router, LocalListener(rundir.socket_path("local"), local_cap_bytes(router.max_frame_bytes)))
+    p = open_client_ports(ctx, rundir.ipc_address("client"), rundir.socket_path("local"))
     p.ctx = ctx
     yield p
     p.close()
@@ -220,8 +219,7 @@ def test_both_clients_read_what_came_then_server_died_when_the_local_stream_ends
         return seen, "no error", client.local_path
 
     ctx = zmq.Context()
-    router = bind_server(ctx, rundir.ipc_address("client2"))
-    second = ClientPorts(router, LocalListener(rundir.socket_path("local2"), local_cap_bytes(router.max_frame_bytes)))
+    second = open_client_ports(ctx, rundir.ipc_address("client2"), rundir.socket_path("local2"))
     EndingServer(second)
     address = rundir.ipc_address("client2")
     try:

@@ -11,8 +11,7 @@ import zmq
 
 from ipc import messages as m
 from ipc.channel import bind_server
-from ipc.client_ports import ClientPorts, local_cap_bytes
-from ipc.local_stream import LocalListener
+from ipc.client_ports import open_client_ports
 from ipc.reply_spin import DEFAULT_SPIN_MS, MAX_SPIN_MS, MIN_SPARE_CORES, ProcessWaits, ReplySpin, server_spin_ms
 from ipc.runtime_dir import RuntimeDir
 from launch.async_client import AsyncClient
@@ -67,7 +66,7 @@ class DelayedServer:
     Finished."""
 
     def __init__(self, ctx: zmq.Context, address: str, delays_s: list[float], local: str | None = None) -> None:
-        self.server = open_ports(ctx, address, local)
+        self.server = open_client_ports(ctx, address, local)
         self.delays_s = delays_s
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
@@ -92,11 +91,6 @@ class DelayedServer:
         self.server.close()
 
 
-def open_ports(ctx: zmq.Context, address: str, local: str | None) -> ClientPorts:
-    router = bind_server(ctx, address)
-    return ClientPorts(router, LocalListener(local, local_cap_bytes(router.max_frame_bytes)) if local else None)
-
-
 @pytest.fixture
 def rundir():
     with RuntimeDir() as d:
@@ -117,7 +111,7 @@ def test_a_channel_spins_then_sleeps_and_returns_every_message(rundir, address, 
     ctx = zmq.Context()
     local = str(rundir.socket_path("local")) if transport == "local" else None
     try:
-        server = open_ports(ctx, address, local)
+        server = open_client_ports(ctx, address, local)
         with connect(ctx, address, local) as sock:
             spin = ReplySpin(WINDOW_S)
             sock.send(m.Status())
