@@ -134,6 +134,13 @@ for step in "${steps[@]}"; do
               --tokenizer "$HYBRIDRT_TEST_TOKENIZER" --device cuda > "$OUT/http_split_$v.md" 2>&1
             echo "HTTP TTFT split, $v (${a[*]}): rc=$?"; grep -E "TTFT|asked ->|client ->|first token" "$OUT/http_split_$v.md"
           done ;;
+    httpab) # the HTTP app's client over the local stream against ZeroMQ (two apps on one serve), per loop variant
+            for v in old spin new; do a=(--loop asyncio --http h11); [ $v = old ] && a+=(--client-spin-ms 0)
+              [ $v = new ] && a=(--loop uvloop --http httptools)
+              timeout 120 python3 -m bench.probes.http_split --requests 30 "${a[@]}" -- --model dummy:smollm2-135m \
+                --tokenizer "$HYBRIDRT_TEST_TOKENIZER" --device cuda > "$OUT/http_split_$v.md" 2>&1
+              echo "HTTP TTFT split, $v (${a[*]}): rc=$?"; grep -E "TTFT|asked ->|client ->|first token" "$OUT/http_split_$v.md"
+            done ;;
     spec) # issue 11's committed workload on the SmolLM2 GGUF (needs HYBRIDRT_TEST_GGUF): n-gram against off
           timeout 300 python3 -m launch.cli bench --quiet --model "$HYBRIDRT_TEST_GGUF" --workloads speculative \
             --speculative off,ngram --spec-tokens 128 --out "$OUT/spec-gguf" > "$OUT/spec-gguf.log" 2>&1
@@ -164,7 +171,7 @@ for step in "${steps[@]}"; do
                     --workloads floors,decode --out "$OUT/bench-$m" > "$OUT/bench-$m.log" 2>&1
                   echo "bench $m: rc=$?"; sed -n '/^## Decode/,/^## Per-token/p' "$OUT/bench-$m/results.md"
                 done ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin)"
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab)"
        exit 2 ;;
   esac
 done
