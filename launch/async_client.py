@@ -173,11 +173,11 @@ Connection = _Watched | _Local
 
 class AsyncClient:
     def __init__(self, address: str, probe_after_s: float = 10.0, probe_timeout_s: float = 5.0,
-                 api_key: str | None = None, spin_ms: float | None = None, local: bool = False) -> None:
+                 api_key: str | None = None, spin_ms: float | None = None, local: bool = True) -> None:
         """`api_key`: the server's --api-key (default: $HYBRIDRT_API_KEY), sent with every request. `spin_ms`,
-        `local`: as `launch.client.Client`'s, but `local` is off by default here: on the H200 the local stream cut the
-        sync client's token-gap tail and TTFT (bench/NOTES.md, eighteenth session), while the one HTTP comparison so
-        far, two serve instances apart, did not show a gain (`bench.probes.http_split` now measures it A/B)."""
+        `local`: as `launch.client.Client`'s (`local=False` keeps ZeroMQ). The HTTP app's TTFT on the H200 was
+        0.46-0.48 ms lower over the local stream than over ZeroMQ with each of three loop variants, the two apps
+        alternating on one serve (`bench.probes.http_split`, bench/NOTES.md, nineteenth session)."""
         if probe_after_s <= 0 or probe_timeout_s <= 0:
             raise ValueError("probe_after_s and probe_timeout_s must be > 0")
         self.address = address
