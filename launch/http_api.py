@@ -40,6 +40,7 @@ from ipc.messages import Finished, Started, TokenChunk
 from launch.async_client import AsyncClient
 from launch.client import ServerError
 from launch.http_extras import add_extra_routes
+from launch.http_fast_path import FastPath, FastRoute
 from launch.openai_protocol import (
     ChatCompletionRequest,
     ChunkMaker,
@@ -163,6 +164,11 @@ def create_app(client_address: str, model_name: str, api_key: str | None, max_co
                               warm_up=warming(request))
 
     app.include_router(v1)
+    # Valid generation requests skip FastAPI's routing and dependency layers (the same handlers; every error answer
+    # stays FastAPI's): launch/http_fast_path.py
+    app.add_middleware(FastPath, routes={"/v1/chat/completions": FastRoute(ChatCompletionRequest, chat_completions),
+                                         "/v1/completions": FastRoute(CompletionRequest, completions)},
+                       check_key=_key_checker(api_key), on_error=_error_response)
 
     add_extra_routes(app, client, model_name, _key_checker(api_key), _check_model)
     return app
@@ -368,10 +374,18 @@ def _key_checker(api_key: str | None):
     return check
 
 
+def _error_response(exc: Exception) -> JSONResponse:
+    """The answer to an exception a handler raised: its own for an ApiError, else a logged 500."""
+    if isinstance(exc, ApiError):
+        return exc.response()
+    log.exception("unexpected error in the HTTP API", exc_info=exc)
+    return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error").response()
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return exc.response()
+        return _error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -390,8 +404,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error in the HTTP API")
-        return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error").response()
+        return _error_response(exc)
 
 
 def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:

@@ -6,8 +6,9 @@ context's first event stamped, twice: one app whose client reaches the JIT conte
 sends streamed chats alternately through each app (httpx, as the bench does) and a native client of each transport. All stamps are CLOCK_MONOTONIC, one clock
 for every process on the machine.
 
-Segments of an HTTP request: client -> app (the client's send, uvicorn's parse), app -> asked (FastAPI's routing,
-validation and the handler up to its wait for the JIT context's acceptance), asked -> accepted (the request to the
+Segments of an HTTP request: client -> app (the client's send, uvicorn's parse of the headers), app -> body read (the
+request body's arrival: a client that writes it apart from the headers, as httpx does, makes the app wait for it),
+body read -> asked (FastAPI's routing, validation and the handler up to its wait for the JIT context's acceptance), asked -> accepted (the request to the
 JIT context, its checks, and its Started back), accepted -> headers (the response's set-up), headers (uvicorn writes
 them, with the role's event after them), headers -> first token (the prefill and the first token's way to the app,
 overlapping the client's parse of the headers), first token's write, written -> client (the socket, httpx, the SSE
@@ -31,7 +32,7 @@ from bench.engines.hybridrt_http import carries_text
 
 MESSAGES = [{"role": "user", "content": "Name three primary colours and say why they are called primary."}]
 ROW: contextvars.ContextVar[dict] = contextvars.ContextVar("row")
-SEGMENTS = [("client -> app", "client", "app"), ("app -> asked", "app", "asked"),
+SEGMENTS = [("client -> app", "client", "app"), ("app -> body read", "app", "body"), ("body read -> asked", "body", "asked"),
             ("asked -> accepted", "asked", "event"), ("accepted -> headers", "event", "headers0"),
             ("headers write", "headers0", "headers1"), ("headers -> first token", "headers1", "body0"),
             ("first token write", "body0", "body1"), ("written -> client", "body1", "first")]
@@ -47,6 +48,12 @@ def timed(app, rows: list[dict]):
         rows.append(row)
         ROW.set(row)
 
+        async def stamped_receive():
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False) and "body" not in row:
+                row["body"] = time.monotonic()  # the whole body is here (uvicorn calls the app after the headers)
+            return message
+
         async def stamped_send(message):
             kind = message["type"]
             first_body = kind == "http.response.body" and "body0" not in row and any(
@@ -59,7 +66,7 @@ def timed(app, rows: list[dict]):
                 return
             await send(message)
 
-        await app(scope, receive, stamped_send)
+        await app(scope, stamped_receive, stamped_send)
     return wrapped
 
 
@@ -85,10 +92,28 @@ def stamp_first_event() -> None:
 TRANSPORTS = (("local stream", True), ("ZeroMQ", False))  # the app's and the native row's client, A/B on one serve
 
 
+def raw_stream(conn, path: str, body: bytes) -> float | None:
+    """POST `body` with http.client (headers and body in one write) and read the SSE stream to its end: the time of
+    the first event that carries text."""
+    conn.request("POST", path, body=body, headers={"content-type": "application/json"})
+    response = conn.getresponse()
+    if response.status != 200:
+        raise RuntimeError(f"HTTP {response.status}: {response.read()[:200]!r}")
+    first = None
+    while line := response.readline():
+        if first is None and carries_text(line.decode().strip()):
+            first = time.monotonic()
+    return first
+
+
 def client_main(native_address: str, http_urls: list[str], requests: int, max_tokens: int,
-                spin_ms: float | None) -> None:
+                spin_ms: float | None, web_client: str = "httpx") -> None:
     """The client process: one JSON line per request, {"kind", "transport", "client" (sent), "first" (first
-    content)}, alternating over the apps (one per transport) and the native clients (one per transport)."""
+    content)}, alternating over the apps (one per transport) and the native clients (one per transport).
+    `web_client`: httpx (as the bench and the OpenAI SDK) or raw (http.client: the request in one write)."""
+    import http.client
+    from urllib.parse import urlsplit
+
     import httpx
 
     from launch.client import Client
@@ -99,11 +124,14 @@ def client_main(native_address: str, http_urls: list[str], requests: int, max_to
         with httpx.Client(timeout=60) as web:
             model = web.get(f"{http_urls[0]}/v1/models").json()["data"][0]["id"]
             body = {"model": model, "messages": MESSAGES, "stream": True} | params
+            raws = [http.client.HTTPConnection(urlsplit(url).hostname, urlsplit(url).port) for url in http_urls]
             for i in range(requests + 2):  # the first of each kind warms its path
                 for t, ((_, local), url, native) in enumerate(zip(TRANSPORTS, http_urls, natives, strict=True)):
                     for kind in ("http", "native"):
                         start, first = time.monotonic(), None
-                        if kind == "http":
+                        if kind == "http" and web_client == "raw":
+                            first = raw_stream(raws[t], "/v1/chat/completions", json.dumps(body).encode())
+                        elif kind == "http":
                             with web.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
                                 r.raise_for_status()
                                 for line in r.iter_lines():
@@ -130,11 +158,15 @@ def main(argv: list[str] | None = None) -> int:
                          "default: theirs)")
     ap.add_argument("--loop", default="auto", help="uvicorn's event loop for the app: auto, asyncio or uvloop")
     ap.add_argument("--http", default="auto", help="uvicorn's HTTP parser for the app: auto, h11 or httptools")
+    ap.add_argument("--web-client", choices=("httpx", "raw"), default="httpx",
+                    help="the HTTP client: httpx (as the bench and the OpenAI SDK) or raw (http.client, the request's "
+                         "headers and body in one write)")
     ap.add_argument("--client", nargs=1 + len(TRANSPORTS), metavar="ADDRESS", help=argparse.SUPPRESS)
     ap.add_argument("serve_args", nargs=argparse.REMAINDER, help="after --: the arguments of `hybridrt serve`")
     args = ap.parse_args(argv)
     if args.client:
-        client_main(args.client[0], args.client[1:], args.requests, args.max_tokens, args.client_spin_ms)
+        client_main(args.client[0], args.client[1:], args.requests, args.max_tokens, args.client_spin_ms,
+                    args.web_client)
         return 0
     import uvicorn
 
@@ -176,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
             while not server.started:
                 time.sleep(0.05)
         client = subprocess.run([sys.executable, "-m", "bench.probes.http_split", "--requests", str(args.requests),
-                                 "--max-tokens", str(args.max_tokens), "--client", native,
+                                 "--max-tokens", str(args.max_tokens), "--web-client", args.web_client,
+                                 "--client", native,
                                  *(f"http://127.0.0.1:{p}" for p in http_ports),
                                  *(["--client-spin-ms", str(args.client_spin_ms)]
                                    if args.client_spin_ms is not None else [])],
