@@ -70,17 +70,20 @@ FP8_PLAN = Fp8Plan(
 class FusedDecoder:
     def __init__(self, model: LlamaModel, plan: GemvPlan | None = None, split_size: int | None = None,
                  int4: SplitKPlan = INT4_PLAN, int8: SplitKPlan = INT8_PLAN,
-                 fp8: Fp8Plan | GemvPlan = FP8_PLAN, pdl: bool | None = None) -> None:
+                 fp8: Fp8Plan | GemvPlan = FP8_PLAN, pdl: bool | None = None, fuse_rope: bool = False) -> None:
         """`fp8`: per projection an Fp8Config runs FP8 slots through the split-K kernels, a GemvConfig through the
         fp16 kernels (FP8_GEMV_PLAN: all of them, the old path). `plan`: the dense weights' configs (None:
         `decode_plan.plan_for` the model's hidden size). `pdl`: launch the dense GEMVs, RoPE and attention
         with programmatic dependent launch (kernels/pdl.py); None: where the device has it (Hopper: the same logits,
         bit for bit; on an H200 a SmolLM2-135M step 0.73 -> 0.59 ms, Llama-3.2-1B 1.10 -> 1.04, LLaMA-2-7B 4.05 ->
-        4.01; bench/NOTES.md, issue 12)."""
+        4.01; bench/NOTES.md, issue 12). `fuse_rope`: RoPE and the KV append inside the decode attention kernel
+        (`DecodeAttention(..., rope=)`: one kernel fewer per layer; off until `bench.probes.step_variants` shows the
+        whole step faster on the card)."""
         cfg = model.config
         device = model.embed_tokens.device
         plan = plan_for(cfg.hidden_size) if plan is None else plan
         self.pdl = pdl_launch.supported(device) if pdl is None else pdl
+        self.fuse_rope = fuse_rope
         if self.pdl:  # every config of every format: the launch mode is each kernel call's
             plan, int4, int8, fp8 = (pdl_launch.with_pdl(p) for p in (plan, int4, int8, fp8))
         self.model = model
@@ -120,9 +123,13 @@ class FusedDecoder:
             cache = m.kv_cache[index]  # [2, nkv, C, hd]
             rmsnorm_gemv(layer.qkv_proj, x, layer.attn_norm, eps, self.qkv, bias=layer.qkv_bias, cfg=g["qkv"],
                          scratch=sc)
-            rope_append(self.qkv, position, m.rope, self.q, cache[0], cache[1], cfg.num_heads, cfg.num_kv_heads,
-                        cfg.head_dim, pdl=self.pdl, slots=slot, slot_stride=stride)
-            self.attention(self.q, cache[0], cache[1], position, self.attn, slots=slot, slot_stride=stride)
+            if self.fuse_rope:
+                self.attention(self.qkv, cache[0], cache[1], position, self.attn, slots=slot, slot_stride=stride,
+                               rope=m.rope)
+            else:
+                rope_append(self.qkv, position, m.rope, self.q, cache[0], cache[1], cfg.num_heads,
+                            cfg.num_kv_heads, cfg.head_dim, pdl=self.pdl, slots=slot, slot_stride=stride)
+                self.attention(self.q, cache[0], cache[1], position, self.attn, slots=slot, slot_stride=stride)
             c.before_residual(x)
             gemv_residual(layer.o_proj, self.attn.view(-1), x, cfg=g["o"], scratch=sc)
             c.after_residual(x)

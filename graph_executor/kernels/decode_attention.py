@@ -41,12 +41,23 @@ BLOCK_N = 64
 
 
 @triton.jit
-def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, acc_ptr, m_ptr, l_ptr, count_ptr, out_ptr,
-                  stride_kh, stride_kn, stride_vh, stride_vn, stride_slot,
+def _rope_row(src, cos_sin, d, HEAD_DIM: tl.constexpr):
+    """One head's [hd] row at `src` rotated (rotate-half, HF layout) by the position's cos/sin row `cos_sin`
+    ([2, hd] float32, halves duplicated), in float32: x * cos + rotate_half(x) * sin, as `rope_append` computes it."""
+    half: tl.constexpr = HEAD_DIM // 2
+    x = tl.load(src + d).to(tl.float32)
+    partner = tl.load(src + (d + half) % HEAD_DIM).to(tl.float32)  # x2 for the first half, x1 for the second
+    sin = tl.load(cos_sin + HEAD_DIM + d)
+    return x * tl.load(cos_sin + d) + tl.where(d < half, -partner * sin, partner * sin)
+
+
+@triton.jit
+def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, acc_ptr, m_ptr, l_ptr, count_ptr, out_ptr, rope_ptr,
+                  stride_kh, stride_kn, stride_vh, stride_vn, stride_slot, stride_qkv,
                   scale, window,
                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
                   NUM_SPLITS: tl.constexpr, NUM_HEADS: tl.constexpr, SLOTS: tl.constexpr, FUSED_REDUCE: tl.constexpr,
-                  PDL: tl.constexpr):
+                  ROPE: tl.constexpr, PDL: tl.constexpr):
     wait_for_prior(PDL)
     head = tl.program_id(0)
     split = tl.program_id(1)
@@ -61,7 +72,20 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, acc_ptr, m_ptr, l_ptr,
     hi = tl.minimum((split + 1) * SPLIT, pos + 1)
     d = tl.arange(0, HEAD_DIM)
     row = token * NUM_HEADS + head
-    q = tl.load(q_ptr + row * HEAD_DIM + d).to(tl.float32) * scale  # [hd]
+    if ROPE:  # q_ptr is the token's un-rotated qkv row [(heads + 2 kv_heads) * hd]: RoPE and the KV append here
+        qkv = q_ptr + token * stride_qkv
+        cos_sin = rope_ptr + pos * 2 * HEAD_DIM
+        # rounded to the activations' dtype, as rope_append's q buffer holds it
+        q = _rope_row(qkv + head * HEAD_DIM, cos_sin, d, HEAD_DIM).to(q_ptr.dtype.element_ty).to(tl.float32) * scale
+        if split == pos // SPLIT:  # the one split that reads position pos appends its K and V first (every query
+            # head of the group does, with the same values); the barrier makes the row visible to the whole program
+            k_new = _rope_row(qkv + (NUM_HEADS + kv_head) * HEAD_DIM, cos_sin, d, HEAD_DIM)
+            tl.store(k_ptr + kv_head * stride_kh + pos * stride_kn + d, k_new.to(k_ptr.dtype.element_ty))
+            tl.store(v_ptr + kv_head * stride_vh + pos * stride_vn + d,
+                     tl.load(qkv + (NUM_HEADS + NUM_HEADS // GROUP + kv_head) * HEAD_DIM + d))
+        tl.debug_barrier()
+    else:
+        q = tl.load(q_ptr + row * HEAD_DIM + d).to(tl.float32) * scale  # [hd]
     m_i = -float("inf")
     l_i = 0.0
     acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
@@ -237,25 +261,35 @@ class DecodeAttention:
         self.counts = torch.zeros(max_tokens * num_heads, device=device, dtype=torch.int32)
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, position: torch.Tensor,
-                 out: torch.Tensor, slots: torch.Tensor | None = None, slot_stride: int = 0) -> torch.Tensor:
+                 out: torch.Tensor, slots: torch.Tensor | None = None, slot_stride: int = 0,
+                 rope: torch.Tensor | None = None) -> torch.Tensor:
         """q: [T, heads, hd] (or [heads, hd] for T = 1), contiguous; k/v_cache: [kv_heads, C, hd] (unit stride in
-        hd); position: [T] int64, token t's position; out: like q, written in q's dtype. `slots` [T] int64 (a batched
-        decode): token t attends to the caches of KV slot slots[t], slot_stride elements after k/v_cache."""
+        hd); position: [T] int64, token t's position; out: [T, heads, hd] like q, written in q's dtype. `slots` [T]
+        int64 (a batched decode): token t attends to the caches of KV slot slots[t], slot_stride elements after
+        k/v_cache. `rope` [C, 2, hd] float32 (one query per token only): q is then the tokens' un-rotated QKV
+        projection [T, (heads + 2 kv_heads) * hd] (or 1-D for T = 1) and this call also does `rope_append`'s work
+        (RoPE on q and k, K and V written at each token's position): one kernel fewer per layer."""
         if self.batched and slots is None or slots is not None and not (self.batched or self.max_tokens == 1):
             raise ValueError("a batched decode attention takes each token's KV slot (a verify step's tokens share one)")
         tokens = position.shape[0]
-        if tokens > self.max_tokens or q.numel() != tokens * self.num_heads * self.head_dim:
+        width = (self.num_heads + 2 * (self.num_heads // self.group)) * self.head_dim if rope is not None else \
+            self.num_heads * self.head_dim
+        if tokens > self.max_tokens or q.numel() != tokens * width:
             raise ValueError(f"decode attention sized for {self.max_tokens} tokens of {self.num_heads} x "
-                             f"{self.head_dim}, got q {tuple(q.shape)} for {tokens} positions")
+                             f"{self.head_dim}{' (a QKV row each)' if rope is not None else ''}, got q "
+                             f"{tuple(q.shape)} for {tokens} positions")
+        if rope is not None and not (self.max_tokens == 1 or self.batched):
+            raise ValueError("RoPE inside decode attention is for one query per token (decode), not a verify step")
         strides = (k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1))
         block = min(BLOCK_N, self.split)
         if self.max_tokens == 1 or self.batched:
             _split_kernel[(self.num_heads, self.num_splits, tokens)](
                 q, k_cache, v_cache, position, slots if slots is not None else position, self.acc, self.m, self.l,
-                self.counts, out, *strides, slot_stride, self.scale, self.window,
-                GROUP=self.group, HEAD_DIM=self.head_dim, SPLIT=self.split, BLOCK=block,
+                self.counts, out, rope if rope is not None else self.m, *strides, slot_stride, width, self.scale,
+                self.window, GROUP=self.group, HEAD_DIM=self.head_dim, SPLIT=self.split, BLOCK=block,
                 NUM_SPLITS=self.num_splits, NUM_HEADS=self.num_heads, SLOTS=slots is not None,
-                FUSED_REDUCE=self.fused_reduce, PDL=self.pdl, **self.warps, **launch_options(self.pdl),
+                FUSED_REDUCE=self.fused_reduce, ROPE=rope is not None, PDL=self.pdl, **self.warps,
+                **launch_options(self.pdl),
             )
             if self.fused_reduce:
                 return out

@@ -1,0 +1,136 @@
+"""Decode attention with RoPE and the KV append inside (`DecodeAttention(..., rope=)`, `FusedDecoder(fuse_rope=True)`)
+against `rope_append` followed by the plain attention, and against float64; outputs and caches poisoned first, every
+cache element compared. Under TRITON_INTERPRET=1 on a machine without a GPU."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from graph_executor.kernels.decode_attention import DecodeAttention  # noqa: E402
+from graph_executor.kernels.rope_append import rope_append  # noqa: E402
+from graph_executor.loading.config import ModelConfig  # noqa: E402
+from graph_executor.rope import apply_rope, rope_tables  # noqa: E402
+from tests.test_kernels import poison, reference_decode  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+CASES = [  # heads, kv_heads, head_dim, cache, positions, window, dtype, split, fused reduce
+    (4, 4, 64, 256, [0, 1, 63, 64, 200], None, torch.float32, None, False),
+    (9, 3, 64, 256, [5, 130, 255], None, torch.float16, None, False),  # SmolLM2's grouping
+    (8, 2, 128, 192, [0, 100, 191], None, torch.float16, 32, True),  # the last program combines the splits
+    (4, 2, 64, 256, [10, 150], 40, torch.float16, None, False),  # a sliding window
+]
+
+
+def tables(heads: int, kv_heads: int, hd: int, cache: int) -> torch.Tensor:
+    cfg = ModelConfig("llama", 10, 8, 8, 1, heads, kv_heads, hd, cache, rope_theta=10000.0)
+    return rope_tables(cfg, cache, DEVICE)  # [C, 2, hd] float32
+
+
+@pytest.mark.parametrize("heads,kv_heads,hd,cache,positions,window,dtype,split,fused", CASES)
+def test_rope_inside_attention_equals_rope_append_then_attention(heads, kv_heads, hd, cache, positions, window, dtype,
+                                                                 split, fused) -> None:
+    gen = torch.Generator().manual_seed(heads * 100 + cache)
+    rope = tables(heads, kv_heads, hd, cache)
+    plain = DecodeAttention(heads, kv_heads, hd, cache, DEVICE, sliding_window=window, split_size=split,
+                            fused_reduce=fused)
+    inside = DecodeAttention(heads, kv_heads, hd, cache, DEVICE, sliding_window=window, split_size=split,
+                             fused_reduce=fused)
+    kv = torch.randn(2, kv_heads, cache, hd, generator=gen).to(DEVICE, dtype)  # the layer's [2, kvh, C, hd]
+    kv_inside = kv.clone()
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    for pos in positions:
+        qkv = torch.randn((heads + 2 * kv_heads) * hd, generator=gen).to(DEVICE, dtype)
+        position = torch.tensor([pos], device=DEVICE)
+        q = torch.full((heads, hd), float("nan"), device=DEVICE, dtype=dtype)
+        out, out_inside = (torch.full((heads, hd), float("nan"), device=DEVICE, dtype=dtype) for _ in range(2))
+        poison(plain), poison(inside)
+        rope_append(qkv, position, rope, q, kv[0], kv[1], heads, kv_heads, hd)
+        plain(q, kv[0], kv[1], position, out)
+        inside(qkv, kv_inside[0], kv_inside[1], position, out_inside, rope=rope)
+        assert torch.equal(kv_inside[1], kv[1]), "V: only position pos is written, with the same values"
+        assert torch.allclose(kv_inside[0].float(), kv[0].float(), rtol=0, atol=1e-6 if dtype == torch.float32 else
+                              2e-3), "K: only position pos is written, rotated as rope_append rotates it"
+        assert torch.isfinite(out_inside).all() and not inside.counts.any()
+        assert (out_inside.float() - out.float()).abs().max() <= (1e-6 if dtype == torch.float32 else 2e-3)
+        # and against float64: q and k rotated in float64, the cache before this step's row from the plain run
+        cos, sin = rope[pos, 0].cpu().double().view(1, 1, hd), rope[pos, 1].cpu().double().view(1, 1, hd)
+        q64, k64, v64 = qkv.cpu().double().split([heads * hd, kv_heads * hd, kv_heads * hd])
+        k_ref, v_ref = kv[0].cpu().double().clone(), kv[1].cpu().double().clone()
+        k_ref[:, pos] = apply_rope(k64.view(1, kv_heads, hd), cos, sin)[0]
+        v_ref[:, pos] = v64.view(kv_heads, hd)
+        ref = reference_decode(apply_rope(q64.view(1, heads, hd), cos, sin)[0], k_ref, v_ref, pos, window)
+        err = (out_inside.cpu().double() - ref).norm() / ref.norm()
+        assert err < tol, f"pos {pos}: relative error {err:.2e} against float64"
+
+
+def test_a_batched_decode_appends_each_token_to_its_own_slot() -> None:
+    """Three tokens, each in its own KV slot at its own position (a batched decode's `slots`)."""
+    heads, kv_heads, hd, cache, slots = 4, 2, 64, 128, 3
+    gen = torch.Generator().manual_seed(11)
+    rope = tables(heads, kv_heads, hd, cache)
+    caches = torch.randn(slots, 2, kv_heads, cache, hd, generator=gen).to(DEVICE)  # [slot, 2, kvh, C, hd]
+    caches_inside = caches.clone()
+    stride = caches.stride(0)
+    slot_ids, positions = torch.tensor([2, 0, 1], device=DEVICE), torch.tensor([70, 5, 127], device=DEVICE)
+    qkv = torch.randn(3, (heads + 2 * kv_heads) * hd, generator=gen).to(DEVICE)
+    plain, inside = (DecodeAttention(heads, kv_heads, hd, cache, DEVICE, max_tokens=3, batched=True) for _ in range(2))
+    q = torch.full((3, heads, hd), float("nan"), device=DEVICE)
+    out, out_inside = (torch.full((3, heads, hd), float("nan"), device=DEVICE) for _ in range(2))
+    rope_append(qkv, positions, rope, q, caches[0, 0], caches[0, 1], heads, kv_heads, hd, slots=slot_ids,
+                slot_stride=stride)
+    plain(q, caches[0, 0], caches[0, 1], positions, out, slots=slot_ids, slot_stride=stride)
+    inside(qkv, caches_inside[0, 0], caches_inside[0, 1], positions, out_inside, slots=slot_ids, slot_stride=stride,
+           rope=rope)
+    assert torch.allclose(caches_inside, caches, rtol=0, atol=1e-6)
+    assert (out_inside - out).abs().max() <= 1e-6
+
+
+def test_rope_inside_is_for_one_query_per_token() -> None:
+    verify = DecodeAttention(4, 2, 64, 64, DEVICE, max_tokens=3)
+    qkv = torch.zeros(3, 8 * 64, device=DEVICE)
+    with pytest.raises(ValueError, match="one query per token"):
+        verify(qkv, torch.zeros(2, 64, 64, device=DEVICE), torch.zeros(2, 64, 64, device=DEVICE),
+               torch.tensor([1, 2, 3], device=DEVICE), torch.zeros(3, 4, 64, device=DEVICE),
+               rope=tables(4, 2, 64, 64))
+    with pytest.raises(ValueError, match="a QKV row each"):  # the plain q's size where the QKV row is due
+        DecodeAttention(4, 2, 64, 64, DEVICE)(torch.zeros(4, 64, device=DEVICE), torch.zeros(2, 64, 64, device=DEVICE),
+                                              torch.zeros(2, 64, 64, device=DEVICE), torch.tensor([1], device=DEVICE),
+                                              torch.zeros(4, 64, device=DEVICE), rope=tables(4, 2, 64, 64))
+
+
+def test_fused_decoder_with_rope_inside_gives_the_same_step(tmp_path) -> None:
+    """The whole decode step (GQA + QKV bias) with and without `fuse_rope`: logits and the KV cache after it."""
+    import transformers
+
+    from graph_executor.fused_decoder import FusedDecoder
+    from graph_executor.loading.loader import LoadConfig, load_model
+    from tests.test_model_equivalence import BASE, make_hf_model
+
+    hf = make_hf_model(transformers.Qwen2Config, dict(num_key_value_heads=2), seed=23)
+    hf.save_pretrained(tmp_path)
+    model = load_model(LoadConfig(model=str(tmp_path), device=str(DEVICE), dtype="float32", max_context=64,
+                                  progress=False)).model
+    prompt = torch.randint(0, BASE["vocab_size"], (9,), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    model(prompt, torch.arange(9, device=DEVICE), torch.tensor([8], device=DEVICE), 9)
+    before = model.kv_cache.clone()
+    token, position = torch.tensor([5], device=DEVICE), torch.tensor([9], device=DEVICE)
+    logits = {}
+    caches = {}
+    for fuse in (False, True):
+        model.kv_cache.copy_(before)
+        logits[fuse] = torch.full((BASE["vocab_size"],), float("nan"), device=DEVICE)
+        FusedDecoder(model, fuse_rope=fuse).step(token, position, logits[fuse])
+        caches[fuse] = model.kv_cache.clone()
+    assert torch.isfinite(logits[True]).all()
+    assert (logits[True] - logits[False]).abs().max() <= 1e-5 * logits[False].abs().max()
+    assert torch.allclose(caches[True], caches[False], rtol=0, atol=1e-6)
+    assert not torch.equal(caches[True], before), "the step appended its K and V"
