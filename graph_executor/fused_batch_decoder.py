@@ -24,8 +24,11 @@ from graph_executor.tensor_parallel import StepCollectives
 
 class FusedBatchDecoder:
     def __init__(self, model: LlamaModel, max_batch: int, plan: BatchGemvPlan = BatchGemvPlan(),
-                 pdl: bool | None = None) -> None:
+                 pdl: bool | None = None, fuse_rope: bool = False) -> None:
+        """`fuse_rope`: RoPE and the KV append inside the decode attention kernel, as `FusedDecoder`'s (off until
+        measured on the card)."""
         cfg = model.config
+        self.fuse_rope = fuse_rope
         device = model.embed_tokens.device
         self.pdl = pdl_launch.supported(device) if pdl is None else pdl
         self.plan = pdl_launch.with_pdl(plan) if self.pdl else plan
@@ -62,9 +65,12 @@ class FusedBatchDecoder:
         for index, layer in enumerate(m.layers):
             cache = m.kv_caches[0, index]  # [2, nkv, C, hd]: slot 0's; row r's lies slots[r] * stride further
             rmsnorm_gemm(layer.qkv_proj, x, layer.attn_norm, eps, qkv, bias=layer.qkv_bias, cfg=g.qkv, scratch=sc)
-            rope_append(qkv, positions, m.rope, q, cache[0], cache[1], cfg.num_heads, cfg.num_kv_heads,
-                        cfg.head_dim, pdl=self.pdl, slots=slots, slot_stride=stride)
-            self.attention(q, cache[0], cache[1], positions, attn, slots=slots, slot_stride=stride)
+            if self.fuse_rope:
+                self.attention(qkv, cache[0], cache[1], positions, attn, slots=slots, slot_stride=stride, rope=m.rope)
+            else:
+                rope_append(qkv, positions, m.rope, q, cache[0], cache[1], cfg.num_heads, cfg.num_kv_heads,
+                            cfg.head_dim, pdl=self.pdl, slots=slots, slot_stride=stride)
+                self.attention(q, cache[0], cache[1], positions, attn, slots=slots, slot_stride=stride)
             c.before_residual(x)
             gemm_residual(layer.o_proj, attn.view(b, -1), x, cfg=g.o, scratch=sc)
             c.after_residual(x)

@@ -80,9 +80,9 @@ def _prefill(model: LlamaModel, prompts: dict[int, list[int]]) -> None:
               torch.tensor([n - 1], device=DEVICE), n, slot=slot)
 
 
-@pytest.mark.parametrize("plan", ["triton", "cublas"])
+@pytest.mark.parametrize("plan,fuse_rope", [("triton", False), ("cublas", False), ("cublas", True)])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_the_fused_batched_step_equals_the_reference_step(name, plan):
+def test_the_fused_batched_step_equals_the_reference_step(name, plan, fuse_rope):
     cfg = CONFIGS[name]
     model = _model(cfg, slots=3)
     prompts = {0: list(range(1, 8)), 2: [9, 8, 7], 1: list(range(20, 30))}
@@ -96,7 +96,7 @@ def test_the_fused_batched_step_equals_the_reference_step(name, plan):
     model.kv_caches.copy_(before)
     logits = torch.full((3, cfg.vocab_size), float("nan"), device=DEVICE)
     plans = {"cublas": gemv_batch.BatchGemvPlan(), "triton": gemv_batch.TENSOR_CORE}
-    decoder = FusedBatchDecoder(model, 4, plan=plans[plan])
+    decoder = FusedBatchDecoder(model, 4, plan=plans[plan], fuse_rope=fuse_rope)
     decoder.step(tokens, positions, torch.tensor(order, device=DEVICE), logits)
     torch.testing.assert_close(logits, want, **TOL)
     torch.testing.assert_close(model.kv_caches, caches, **TOL)  # each row wrote its own slot, nothing else
