@@ -70,7 +70,8 @@ FP8_PLAN = Fp8Plan(
 class FusedDecoder:
     def __init__(self, model: LlamaModel, plan: GemvPlan | None = None, split_size: int | None = None,
                  int4: SplitKPlan = INT4_PLAN, int8: SplitKPlan = INT8_PLAN,
-                 fp8: Fp8Plan | GemvPlan = FP8_PLAN, pdl: bool | None = None, fuse_rope: bool = False) -> None:
+                 fp8: Fp8Plan | GemvPlan = FP8_PLAN, pdl: bool | None = None, fuse_rope: bool = False,
+                 early_weights: bool = False) -> None:
         """`fp8`: per projection an Fp8Config runs FP8 slots through the split-K kernels, a GemvConfig through the
         fp16 kernels (FP8_GEMV_PLAN: all of them, the old path). `plan`: the dense weights' configs (None:
         `decode_plan.plan_for` the model's hidden size). `pdl`: launch the dense GEMVs, RoPE and attention
@@ -78,7 +79,9 @@ class FusedDecoder:
         bit for bit; on an H200 a SmolLM2-135M step 0.73 -> 0.59 ms, Llama-3.2-1B 1.10 -> 1.04, LLaMA-2-7B 4.05 ->
         4.01; bench/NOTES.md, issue 12). `fuse_rope`: RoPE and the KV append inside the decode attention kernel
         (`DecodeAttention(..., rope=)`: one kernel fewer per layer; off until `bench.probes.step_variants` shows the
-        whole step faster on the card)."""
+        whole step faster on the card). `early_weights`: every GEMV loads its (first) weights before it waits for
+        the kernel before it (`pdl.with_early_weights`): with PDL those loads overlap that kernel's last wave (off
+        until measured likewise)."""
         cfg = model.config
         device = model.embed_tokens.device
         plan = plan_for(cfg.hidden_size) if plan is None else plan
@@ -86,6 +89,8 @@ class FusedDecoder:
         self.fuse_rope = fuse_rope
         if self.pdl:  # every config of every format: the launch mode is each kernel call's
             plan, int4, int8, fp8 = (pdl_launch.with_pdl(p) for p in (plan, int4, int8, fp8))
+        if early_weights:
+            plan, int4, int8, fp8 = (pdl_launch.with_early_weights(p) for p in (plan, int4, int8, fp8))
         self.model = model
         self.plan = {name: ProjectionConfig(*(getattr(p, name) for p in (plan, int4, int8, fp8)))
                      for name in ("qkv", "o", "gate_up", "down", "lm_head")}

@@ -24,8 +24,8 @@
 #   and context 128/512/2048: the client's P99 over the local stream; ~4 min); clientspin: bench.probes.client_spin on
 #   the 7B shape (ZeroMQ and the local stream, sleeping and spinning) and `bench` decode on the 1B and SmolLM2 shapes
 #   (~4 min)
-#   ropeinside: the RoPE-inside-attention tests on the card and bench.probes.step_variants with and without it on
-#   the 7B, 1B and SmolLM2 shapes (~4 min);
+#   stepfusions: the RoPE-inside-attention and early-weights tests on the card, then bench.probes.step_variants with
+#   and without each on the 7B, 1B and SmolLM2 shapes (~6 min);
 #   quant: the packed-weight tests and `bench --quantize none,int8,int4,fp8` on dummy:llama-2-7b (executor, ~3 min);
 #   gemv: the low-bit GEMV block sweep per projection and format (~1 min); gemm: the low-bit prefill GEMM's default
 #   configs against torch.mm per projection, format and prompt length (~1 min); fp8: the FP8 split-K GEMV sweep
@@ -143,15 +143,17 @@ for step in "${steps[@]}"; do
                 --tokenizer "$HYBRIDRT_TEST_TOKENIZER" --device cuda > "$OUT/http_split_$v.md" 2>&1
               echo "HTTP TTFT split, $v (${a[*]}): rc=$?"; grep -E "TTFT|asked ->|client ->|first token" "$OUT/http_split_$v.md"
             done ;;
-    ropeinside) # issue 12: RoPE + KV append inside the decode attention kernel (FusedDecoder(fuse_rope=True)): its
-                # tests on the card, then the whole step with and without it, alternating (production defaults)
-          timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_rope_in_attention.py tests/test_kernels.py \
-            -k "rope or decode_attention or fused_decoder" > "$OUT/rope_inside_tests.log" 2>&1
-          echo "rope-inside tests: rc=$? $(tail -1 "$OUT/rope_inside_tests.log")"
-          timeout 400 python3 -m bench.probes.step_variants --models llama-2-7b,llama-3.2-1b,smollm2-135m \
-            --contexts 300,2000 --rounds 5 --variants "fused=0;fused=0,rope=1;fused=0;fused=0,rope=1" \
-            > "$OUT/step_variants_rope.md" 2>&1
-          echo "step variants (rope inside): rc=$?"; grep '^|' "$OUT/step_variants_rope.md" ;;
+    stepfusions) # issue 12: RoPE + KV append inside the decode attention kernel (FusedDecoder(fuse_rope=True)) and
+                 # the GEMVs' weights loaded before their PDL wait (early_weights=True): their tests on the card, then
+                 # the whole step per variant, alternating rounds (production defaults otherwise)
+          timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_rope_in_attention.py tests/test_early_weights.py \
+            tests/test_kernels.py -k "rope or decode_attention or fused_decoder or early or gemv" \
+            > "$OUT/step_fusions_tests.log" 2>&1
+          echo "step-fusion tests: rc=$? $(tail -1 "$OUT/step_fusions_tests.log")"
+          timeout 420 python3 -m bench.probes.step_variants --models llama-2-7b,llama-3.2-1b,smollm2-135m \
+            --contexts 300,2000 --rounds 5 --variants "fused=0;fused=0,rope=1;fused=0,early=1;fused=0,rope=1,early=1" \
+            > "$OUT/step_variants_fusions.md" 2>&1
+          echo "step variants (rope inside, early weights): rc=$?"; grep '^|' "$OUT/step_variants_fusions.md" ;;
     spec) # issue 11's committed workload on the SmolLM2 GGUF (needs HYBRIDRT_TEST_GGUF): n-gram against off
           timeout 300 python3 -m launch.cli bench --quiet --model "$HYBRIDRT_TEST_GGUF" --workloads speculative \
             --speculative off,ngram --spec-tokens 128 --out "$OUT/spec-gguf" > "$OUT/spec-gguf.log" 2>&1
@@ -182,7 +184,7 @@ for step in "${steps[@]}"; do
                     --workloads floors,decode --out "$OUT/bench-$m" > "$OUT/bench-$m.log" 2>&1
                   echo "bench $m: rc=$?"; sed -n '/^## Decode/,/^## Per-token/p' "$OUT/bench-$m/results.md"
                 done ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, ropeinside)"
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions)"
        exit 2 ;;
   esac
 done

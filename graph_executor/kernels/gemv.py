@@ -28,6 +28,7 @@ class GemvConfig:
     num_warps: int = 4
     num_stages: int = 3
     pdl: bool = False  # launch with programmatic dependent launch (kernels/pdl.py; Hopper and later only)
+    early: bool = False  # load the first BLOCK_K weights before waiting for the previous kernel (pdl.with_early_weights)
 
 
 DEFAULT = GemvConfig()
@@ -59,14 +60,35 @@ GEMV_PLAN = GemvPlan(
 
 
 @triton.jit
+def _first_weights(w_ptr, rows, row_ok, K, BLOCK_K: tl.constexpr):
+    """The program's first BLOCK_K columns of its rows: loaded before `wait_for_prior` when EARLY (weights are
+    constant in a step, so this cannot race with the kernel before)."""
+    cols = tl.arange(0, BLOCK_K)
+    return tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
+
+
+@triton.jit
 def _rmsnorm_gemv_kernel(w_ptr, x_ptr, nw_ptr, b_ptr, s_ptr, out_ptr, N, K, eps, HAS_BIAS: tl.constexpr,
-                         ROW_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    wait_for_prior(PDL)
+                         ROW_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+                         EARLY: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     ss = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    start = 0
+    if EARLY:  # the first chunk's weights in flight while the previous kernel finishes; the chunk itself peeled
+        w = _first_weights(w_ptr, rows, row_ok, K, BLOCK_K)
+        wait_for_prior(PDL)
+        cols = tl.arange(0, BLOCK_K)
+        col_ok = cols < K
+        x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        nw = tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        ss += x * x
+        acc += w.to(tl.float32) * (x * nw)[None, :]
+        start = BLOCK_K
+    else:
+        wait_for_prior(PDL)
+    for k0 in range(start, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < K
         x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -85,19 +107,33 @@ def _rmsnorm_gemv_kernel(w_ptr, x_ptr, nw_ptr, b_ptr, s_ptr, out_ptr, N, K, eps,
 
 
 @triton.jit
+def _activation_chunk(a_ptr, cols, col_ok, K, SWIGLU: tl.constexpr):
+    a = tl.load(a_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if SWIGLU:  # a_ptr holds [gate (K), up (K)]
+        up = tl.load(a_ptr + K + cols, mask=col_ok, other=0.0).to(tl.float32)
+        a = a / (1.0 + tl.exp(-a)) * up
+    return a
+
+
+@triton.jit
 def _gemv_residual_kernel(w_ptr, a_ptr, s_ptr, x_ptr, N, K, SWIGLU: tl.constexpr, ROW_SCALE: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    wait_for_prior(PDL)
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    start = 0
+    if EARLY:  # as in _rmsnorm_gemv_kernel
+        w = _first_weights(w_ptr, rows, row_ok, K, BLOCK_K)
+        wait_for_prior(PDL)
+        cols = tl.arange(0, BLOCK_K)
+        acc += w.to(tl.float32) * _activation_chunk(a_ptr, cols, cols < K, K, SWIGLU)[None, :]
+        start = BLOCK_K
+    else:
+        wait_for_prior(PDL)
+    for k0 in range(start, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < K
-        a = tl.load(a_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        if SWIGLU:  # a_ptr holds [gate (K), up (K)]
-            up = tl.load(a_ptr + K + cols, mask=col_ok, other=0.0).to(tl.float32)
-            a = a / (1.0 + tl.exp(-a)) * up
+        a = _activation_chunk(a_ptr, cols, col_ok, K, SWIGLU)
         w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
                     other=0.0)
         acc += w.to(tl.float32) * a[None, :]
@@ -114,7 +150,7 @@ def _grid(n: int, cfg: GemvConfig) -> tuple[int]:
 
 def _launch(cfg: GemvConfig) -> dict:
     return dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                PDL=cfg.pdl, **launch_options(cfg.pdl))
+                PDL=cfg.pdl, EARLY=cfg.early, **launch_options(cfg.pdl))
 
 
 def rmsnorm_gemv(w: torch.Tensor, x: torch.Tensor, norm_w: torch.Tensor, eps: float, out: torch.Tensor,

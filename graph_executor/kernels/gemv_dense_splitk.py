@@ -42,6 +42,7 @@ class DenseSplitKConfig:
     block_k: int = 1024  # weights along K per program: the K slice
     num_warps: int = 4
     pdl: bool = False  # launch with programmatic dependent launch (kernels/pdl.py; Hopper and later only)
+    early: bool = False  # load the weights before waiting for the previous kernel (pdl.with_early_weights)
 
     def __post_init__(self) -> None:
         check_block_config(self)

@@ -47,6 +47,7 @@ class Fp8Config:
     block_k: int = 512  # codes (one byte each) along K per program: the K slice
     num_warps: int = 4
     pdl: bool = False  # launch with programmatic dependent launch (kernels/pdl.py; Hopper and later only)
+    early: bool = False  # load the weights before waiting for the previous kernel (pdl.with_early_weights)
 
     def __post_init__(self) -> None:
         check_block_config(self)
@@ -97,11 +98,14 @@ def allocate_scratch(w: Fp8Rows, cfg: Fp8Config) -> SplitKScratch:
 @triton.jit
 def _rows_splitk_kernel(w_ptr, scale_ptr, a_ptr, nw_ptr, b_ptr, out_ptr, part_ptr, count_ptr, N, K, eps,
                         MODE: tl.constexpr, HAS_BIAS: tl.constexpr, ROW_SCALE: tl.constexpr, SPLIT: tl.constexpr,
-                        SPLIT_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                        SPLIT_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+                        EARLY: tl.constexpr):
     """MODE 0 (RMSNORM): out = W @ (rmsnorm(a) * nw) [+ b]; 1 (RESIDUAL): out += W @ a; 2 (SILU_RESIDUAL):
     out += W @ (silu(a[:K]) * a[K:]). W [N, K] row-major: e4m3 codes with a float32 scale [N] per row (ROW_SCALE),
-    or dense float weights (gemv_dense_splitk.py)."""
-    wait_for_prior(PDL)
+    or dense float weights (gemv_dense_splitk.py). EARLY: the weights are loaded before the wait for the previous
+    kernel (constant in a step: no race), so that with PDL they are in flight during its last wave."""
+    if not EARLY:
+        wait_for_prior(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -111,6 +115,8 @@ def _rows_splitk_kernel(w_ptr, scale_ptr, a_ptr, nw_ptr, b_ptr, out_ptr, part_pt
     # the weights first, so that the bulk of the bytes is in flight while the activation is prepared
     q = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
                 mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
+    if EARLY:
+        wait_for_prior(PDL)
     a, ss = activation_slice(a_ptr, nw_ptr, cols, col_ok, K, MODE)  # [BLOCK_K], this slice's share of sum(x^2)
     partial = tl.sum(q.to(tl.float32) * a[None, :], axis=1)  # [BLOCK_N], in code units (no row scale yet)
     fixup(partial, ss, rows, row_ok, pid_n, pid_k, part_ptr, count_ptr, scale_ptr, b_ptr, out_ptr, N, K, eps,
@@ -136,7 +142,7 @@ def _kernel_call(w, scale, a, nw, bias, out, partial, count, n: int, k: int, eps
             out, partial, count, n, k, eps)
     meta = dict(MODE=mode, HAS_BIAS=bias is not None, ROW_SCALE=scale is not None, SPLIT=s,
                 SPLIT_P2=triton.next_power_of_2(s), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                num_warps=cfg.num_warps, num_stages=1, PDL=cfg.pdl, **launch_options(cfg.pdl))
+                num_warps=cfg.num_warps, num_stages=1, PDL=cfg.pdl, EARLY=cfg.early, **launch_options(cfg.pdl))
     return (triton.cdiv(n, cfg.block_n), s), args, meta
 
 

@@ -48,6 +48,7 @@ class SplitKConfig:
     block_kw: int = 64  # 32-bit words of codes (8 int4 or 4 int8 weights each) along K per program
     num_warps: int = 4
     pdl: bool = False  # launch with programmatic dependent launch (kernels/pdl.py; Hopper and later only)
+    early: bool = False  # load the codes and scales before waiting for the previous kernel (pdl.with_early_weights)
 
 
 DEFAULT = SplitKConfig()  # int4: 32 x 512 weights a program
@@ -136,9 +137,12 @@ def _bytes(q, shifts):
 def _splitk_kernel(codes_ptr, scale_ptr, offset_ptr, a_ptr, nw_ptr, b_ptr, out_ptr, part_ptr, count_ptr, N, K, eps,
                    MODE: tl.constexpr, HAS_OFFSET: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                    SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_KW: tl.constexpr, INT4: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr):
-    """MODE 0: out = W @ (rmsnorm(a) * nw) [+ b]; 1: out += W @ a; 2: out += W @ (silu(a[:K]) * a[K:])."""
-    wait_for_prior(PDL)
+                   BLOCK_KW: tl.constexpr, INT4: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr,
+                   EARLY: tl.constexpr):
+    """MODE 0: out = W @ (rmsnorm(a) * nw) [+ b]; 1: out += W @ a; 2: out += W @ (silu(a[:K]) * a[K:]). EARLY:
+    codes and scales are loaded before the wait for the previous kernel (constant in a step: no race)."""
+    if not EARLY:
+        wait_for_prior(PDL)
     EPW: tl.constexpr = 8 if INT4 else 4  # weights per word
     WPG: tl.constexpr = GROUP // EPW  # words per group
     NG: tl.constexpr = BLOCK_KW // WPG
@@ -156,6 +160,8 @@ def _splitk_kernel(codes_ptr, scale_ptr, offset_ptr, a_ptr, nw_ptr, b_ptr, out_p
     gmask = row_ok[:, None] & (g < K // GROUP)[None, :]
     at = rows[:, None].to(tl.int64) * (K // GROUP) + g[None, :]
     s = tl.load(scale_ptr + at, mask=gmask, other=0.0).to(tl.float32)  # [BLOCK_N, NG]
+    if EARLY:
+        wait_for_prior(PDL)
     # this program's slice of the activation, float32 [NG, GROUP]
     ka = pid_k * BLOCK_KW * EPW + tl.arange(0, BLOCK_KW * EPW)
     a, ss = activation_slice(a_ptr, nw_ptr, ka, ka < K, K, MODE)
@@ -277,7 +283,7 @@ def _launch(w: Packed, a: torch.Tensor, nw: torch.Tensor | None, bias: torch.Ten
         out, scratch.partial, scratch.count, n, k, eps, MODE=mode, HAS_OFFSET=w.offset is not None,
         ZERO=float(INT4_ZERO) if int4 and w.offset is None else 0.0, HAS_BIAS=bias is not None, SPLIT=split,
         SPLIT_P2=triton.next_power_of_2(split), GROUP=w.group, BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw,
-        INT4=int4, EMULATE=not w.codes.is_cuda, num_warps=cfg.num_warps, num_stages=1, PDL=cfg.pdl,
+        INT4=int4, EMULATE=not w.codes.is_cuda, num_warps=cfg.num_warps, num_stages=1, PDL=cfg.pdl, EARLY=cfg.early,
         **launch_options(cfg.pdl))
     return out
 

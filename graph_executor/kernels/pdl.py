@@ -33,6 +33,15 @@ def with_pdl(plan: Plan) -> Plan:
                                         for f in dataclasses.fields(plan) if (c := getattr(plan, f.name)) is not None})
 
 
+def with_early_weights(plan: Plan) -> Plan:
+    """A step's plan with every config's `early` set: the GEMVs load their (first) weights before they wait for the
+    kernel before them (`wait_for_prior`), so that with PDL those loads overlap that kernel's last wave. The
+    weights are constant during a step, so no load can race; only what the previous kernel writes (the
+    activation, the residual, the split-K scratch) is read after the wait."""
+    return dataclasses.replace(plan, **{f.name: dataclasses.replace(c, early=True)
+                                        for f in dataclasses.fields(plan) if (c := getattr(plan, f.name)) is not None})
+
+
 def launch_options(pdl: bool) -> dict:
     """Extra launch keywords of a kernel launched with (True) or without programmatic dependent launch."""
     return {"launch_pdl": True} if pdl else {}
