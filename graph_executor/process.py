@@ -110,7 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     startup = StartupPhases("graph_executor", quiet=args.quiet, spawned_at=args.spawned_at)
     cache.use_for_triton()  # before any kernel compiles: once per machine
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run the finally blocks: unlink shared memory
+    if args.tensor_parallel > 1 and args.tp_rank > 0:
+        # A rank > 0 owns no shared memory and no clients: SIGTERM ends it at once, even blocked in a collective
+        # with a dead rank, where a Python handler would never run (the supervisor's stop then waited 5 s for it)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    else:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run the finally blocks: unlink shared memory
     tp = TensorParallel(args.tp_rank, args.tensor_parallel) if args.tensor_parallel > 1 else None
     ctx = zmq.Context()
     channel = bind_control(ctx, args.control) if tp is None or tp.rank == 0 else None  # rank 0 alone serves
@@ -161,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     finally:
         # With a rank gone, no more collectives: telling the others to stop, or tearing the group down, may wait on
-        # the dead rank's sockets (the supervisor then SIGKILLs this process after its grace: ~7 s, seen once in CI).
+        # the dead rank's sockets (the supervisor then SIGKILLs this process: CRASH_KILL_GRACE_S after its SIGTERM).
         if server is not None:
             if server.leader is not None and not ranks_broken:
                 try:

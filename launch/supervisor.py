@@ -44,6 +44,10 @@ from launch.options import load_argv
 
 STOP_GRACE_S = 5.0
 PEER_EXIT_GRACE_S = 2.0  # once one child died, the other gets this long to tell its clients and exit by itself
+# After a child died, an executor process still there past PEER_EXIT_GRACE_S gets this long after SIGTERM: one blocked
+# in a collective with a dead rank cannot run its SIGTERM handler (seen in CI: the server then ended 7.2 s after a
+# rank was killed, 2 s of grace plus STOP_GRACE_S). Its shared memory is removed here (`_remove_leftover_segments`).
+CRASH_KILL_GRACE_S = 0.5
 
 
 class ChildDied(HybridrtError):
@@ -149,6 +153,7 @@ class Supervisor:
         self.mps: MpsDaemon | None = None
         self._stop_lock = threading.Lock()  # stop() may come from the HTTP watcher thread and from the main one
         self._stopped = False
+        self._crashed = False  # a child died: `_stop` gives the executor processes CRASH_KILL_GRACE_S only
 
     def start(self) -> None:
         """Spawn both children; this process never imports torch. A model reference that names nothing loadable
@@ -228,6 +233,7 @@ class Supervisor:
             time.sleep(0.02)
         exited = [(name, proc.poll()) for name, proc in self.children.items() if proc.poll() is not None]
         if exited:
+            self._crashed = True
             raise ChildDied(self._cause(dict(exited)))
 
     def error_file(self, child: str) -> Path:
@@ -273,10 +279,11 @@ class Supervisor:
         for proc in self.children.values():
             if proc.poll() is None:
                 proc.terminate()
-        deadline = time.monotonic() + STOP_GRACE_S
-        for proc in self.children.values():
+        start = time.monotonic()
+        for name, proc in self.children.items():
+            grace = CRASH_KILL_GRACE_S if self._crashed and name.startswith("graph_executor") else STOP_GRACE_S
             try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                proc.wait(timeout=max(0.1, start + grace - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()

@@ -280,3 +280,39 @@ def test_gpu_sigkill_frees_processes_mps_and_memory(request, command: str, momen
         proc.wait()
         close_pipes(proc)
     print(f"\n{command} killed at {moment}: processes, MPS and GPU memory gone after {took:.2f} s")
+
+
+def test_after_a_child_died_an_executor_that_ignores_sigterm_is_killed_at_once() -> None:
+    """The supervisor's crash path with real processes standing in for the children: one exits (the dead rank),
+    an executor process that cannot run its SIGTERM handler (here: ignores SIGTERM, as one blocked in a collective
+    with the dead rank does) and a JIT context that exits on SIGTERM. ChildDied comes after PEER_EXIT_GRACE_S; the
+    stop that follows kills the executor CRASH_KILL_GRACE_S after its SIGTERM, not STOP_GRACE_S (CI saw the server
+    end 7.2 s after a rank was killed)."""
+    from graph_executor.loading.load_config import LoadConfig
+    from launch.supervisor import (
+        CRASH_KILL_GRACE_S,
+        PEER_EXIT_GRACE_S,
+        STOP_GRACE_S,
+        ChildDied,
+        ServerConfig,
+        Supervisor,
+    )
+
+    ignore = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    killed = "import os; os.kill(os.getpid(), 9)"
+    sup = Supervisor(ServerConfig(LoadConfig(model="dummy:smollm2-135m", device="cpu", progress=False)))
+    try:
+        sup.children = {"graph_executor": subprocess.Popen([sys.executable, "-c", ignore]),
+                        "graph_executor rank 1": subprocess.Popen([sys.executable, "-c", killed]),
+                        "jit_context": subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])}
+        sup.children["graph_executor rank 1"].wait()
+        time.sleep(0.5)  # the others are up (the executor has installed SIG_IGN)
+        with pytest.raises(ChildDied, match="rank 1"):
+            sup.check_children()
+        start = time.monotonic()
+    finally:
+        sup.stop()
+    took = time.monotonic() - start
+    assert all(proc.poll() is not None for proc in sup.children.values())
+    assert took < CRASH_KILL_GRACE_S + 1.0 < STOP_GRACE_S, took
+    assert PEER_EXIT_GRACE_S < 3.0
