@@ -42,6 +42,16 @@ steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(tests bench probe)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"
 python3 -c "from bench.envinfo import source_digest; print('sources sha256', source_digest())" | tee -a "$OUT/card.txt"
+http_ab() {  # http_split per loop variant: old (sleeping clients, asyncio + h11), spinning clients alone, both new
+  # (spinning, uvloop + httptools); each run has two apps on one serve, their client over the local stream and over
+  # ZeroMQ (A/B)
+  for v in old spin new; do a=(--loop asyncio --http h11); [ $v = old ] && a+=(--client-spin-ms 0)
+    [ $v = new ] && a=(--loop uvloop --http httptools)
+    timeout 120 python3 -m bench.probes.http_split --requests 30 "${a[@]}" -- --model dummy:smollm2-135m \
+      --tokenizer "$HYBRIDRT_TEST_TOKENIZER" --device cuda > "$OUT/http_split_$v.md" 2>&1
+    echo "HTTP TTFT split, $v (${a[*]}): rc=$?"; grep -E "TTFT|asked ->|client ->|first token" "$OUT/http_split_$v.md"
+  done
+}
 for step in "${steps[@]}"; do
   case $step in
     tests) timeout 330 python3 -m pytest -q -m cuda -p no:cacheprovider > "$OUT/cuda_tests.log" 2>&1
@@ -128,21 +138,8 @@ for step in "${steps[@]}"; do
             timeout 150 python3 -m bench.probes.client_spin --model dummy:$m --device cuda "${a[@]}" \
               > "$OUT/client_spin_$m.md" 2>&1; echo "client spin, $m: rc=$?"; tail -4 "$OUT/client_spin_$m.md"
           done
-          # old (sleeping clients, asyncio + h11), spinning clients alone, both new (spinning, uvloop + httptools);
-          # each run has two apps on one serve, their client over the local stream and over ZeroMQ (A/B)
-          for v in old spin new; do a=(--loop asyncio --http h11); [ $v = old ] && a+=(--client-spin-ms 0)
-            [ $v = new ] && a=(--loop uvloop --http httptools)
-            timeout 120 python3 -m bench.probes.http_split --requests 30 "${a[@]}" -- --model dummy:smollm2-135m \
-              --tokenizer "$HYBRIDRT_TEST_TOKENIZER" --device cuda > "$OUT/http_split_$v.md" 2>&1
-            echo "HTTP TTFT split, $v (${a[*]}): rc=$?"; grep -E "TTFT|asked ->|client ->|first token" "$OUT/http_split_$v.md"
-          done ;;
-    httpab) # the HTTP app's client over the local stream against ZeroMQ (two apps on one serve), per loop variant
-            for v in old spin new; do a=(--loop asyncio --http h11); [ $v = old ] && a+=(--client-spin-ms 0)
-              [ $v = new ] && a=(--loop uvloop --http httptools)
-              timeout 120 python3 -m bench.probes.http_split --requests 30 "${a[@]}" -- --model dummy:smollm2-135m \
-                --tokenizer "$HYBRIDRT_TEST_TOKENIZER" --device cuda > "$OUT/http_split_$v.md" 2>&1
-              echo "HTTP TTFT split, $v (${a[*]}): rc=$?"; grep -E "TTFT|asked ->|client ->|first token" "$OUT/http_split_$v.md"
-            done ;;
+          http_ab ;;
+    httpab) http_ab ;;  # the HTTP A/B of `hops` alone
     stepfusions) # issue 12: RoPE + KV append inside the decode attention kernel (FusedDecoder(fuse_rope=True)) and
                  # the GEMVs' weights loaded before their PDL wait (early_weights=True): their tests on the card, then
                  # the whole step per variant, alternating rounds (production defaults otherwise)

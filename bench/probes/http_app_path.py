@@ -13,8 +13,6 @@ import asyncio
 import cProfile
 import json
 import pstats
-import signal
-import subprocess
 import time
 
 from bench.probes.http_split import MESSAGES
@@ -71,36 +69,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-profile", action="store_true", help="timings only")
     ap.add_argument("serve_args", nargs=argparse.REMAINDER, help="after --: the arguments of `hybridrt serve`")
     args = ap.parse_args(argv)
-    from bench.probes.serve_ready import free_port
-    from bench.serve_command import serve_command
+    from bench.probes.serve_ready import running_serve
     from bench.stats import percentile
-    from launch.client import Client
     from launch.http_api import create_app
 
     serve_args = args.serve_args[1:] if args.serve_args[:1] == ["--"] else args.serve_args
-    port = free_port()
-    native = f"tcp://127.0.0.1:{port}"
-    proc = subprocess.Popen(serve_command(port, 0, *serve_args, quiet=True), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        facts = None
-        while facts is None:
-            if proc.poll() is not None:
-                raise SystemExit(f"serve exited: {proc.stderr.read()[-2000:]}")
-            try:
-                with Client(native) as c:
-                    facts = c.status()
-            except Exception:  # noqa: BLE001 - not listening yet
-                time.sleep(0.2)
+    with running_serve(serve_args) as (_, native, facts):
         app = create_app(native, facts["model"], api_key=None, max_context=facts["max_context"])
         body = json.dumps({"model": facts["model"], "messages": MESSAGES, "stream": True, "max_tokens": 8}).encode()
         times = asyncio.run(_measure(app, body, args.calls, not args.no_profile))
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
     ms = [t * 1e3 for t in times]
     print(f"ASGI call -> asked, warm, {len(ms)} calls: P50 {percentile(ms, 50):.3f} ms, P90 {percentile(ms, 90):.3f}")
     return 0

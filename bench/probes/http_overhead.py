@@ -10,17 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import time
 
 import httpx
 
 from bench.engines.hybridrt_http import carries_text
-from bench.probes.serve_ready import free_port, health
-from bench.serve_command import serve_command
+from bench.probes.serve_ready import free_port, health, running_serve
 from launch.client import Client
 
 MESSAGES = [{"role": "user", "content": "Name three primary colours and say why they are called primary."}]
@@ -69,16 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("serve_args", nargs=argparse.REMAINDER, help="after --: the arguments of `hybridrt serve`")
     args = ap.parse_args(argv)
     serve_args = args.serve_args[1:] if args.serve_args[:1] == ["--"] else args.serve_args
-    port, http_port = free_port(), free_port()
-    proc = subprocess.Popen(serve_command(port, http_port, *serve_args, quiet=True), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    http_port = free_port()
     url = f"http://127.0.0.1:{http_port}"
-    try:
+    with running_serve(serve_args, http_port) as (proc, native_address, _):
         while not health(http_port):
             if proc.poll() is not None:
                 raise SystemExit(f"serve exited: {proc.stderr.read()[-2000:]}")
             time.sleep(0.05)
-        with Client(f"tcp://127.0.0.1:{port}") as nat, httpx.Client(timeout=60) as web:
+        with Client(native_address) as nat, httpx.Client(timeout=60) as web:
             status = nat.status()
             jit_pid, model = status["jit_context_pid"], web.get(f"{url}/v1/models").json()["data"][0]["id"]
             while (status.get("executor") or {}).get("graphs", {}).get("pending"):
@@ -99,12 +94,6 @@ def main(argv: list[str] | None = None) -> int:
                     o["gaps"] += gaps
                     o["launcher_cpu"] += after[0] - before[0]
                     o["jit_cpu"] += after[1] - before[1]
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
     print(f"| client | TTFT P50 (ms) | TTFT P90 | token gap P50 (ms) | launcher CPU per request (ms) | JIT context "
           f"CPU per request (ms) |  ({args.requests} requests each, {args.max_tokens} tokens, streamed chat)")
     print("|---|---|---|---|---|---|")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextvars
 import json
-import signal
 import subprocess
 import sys
 import threading
@@ -170,61 +169,44 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import uvicorn
 
-    from bench.probes.serve_ready import free_port
-    from bench.serve_command import serve_command
+    from bench.probes.serve_ready import free_port, running_serve
     from bench.stats import percentile
     from launch.client import Client
     from launch.http_api import create_app
 
     serve_args = args.serve_args[1:] if args.serve_args[:1] == ["--"] else args.serve_args
-    port, http_ports = free_port(), [free_port() for _ in TRANSPORTS]
-    native = f"tcp://127.0.0.1:{port}"
-    proc = subprocess.Popen(serve_command(port, 0, *serve_args, quiet=True), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    http_ports = [free_port() for _ in TRANSPORTS]
     servers = []
-    try:
-        facts = None
-        while facts is None:
-            if proc.poll() is not None:
-                raise SystemExit(f"serve exited: {proc.stderr.read()[-2000:]}")
-            try:
+    with running_serve(serve_args) as (_, native, facts):
+        try:
+            while (facts.get("executor") or {}).get("graphs", {}).get("pending"):  # measure once the graphs are there
+                time.sleep(0.2)
                 with Client(native) as c:
                     facts = c.status()
-            except Exception:  # noqa: BLE001 - not listening yet
-                time.sleep(0.2)
-        while (facts.get("executor") or {}).get("graphs", {}).get("pending"):  # measure once the graphs are there
-            time.sleep(0.2)
-            with Client(native) as c:
-                facts = c.status()
-        rows: list[list[dict]] = [[] for _ in TRANSPORTS]  # per app: its requests' stamps
-        stamp_first_event()
-        for (_, local), http_port, stamped in zip(TRANSPORTS, http_ports, rows, strict=True):
-            app = create_app(native, facts["model"], api_key=None, max_context=facts["max_context"], warm=True,
-                             client_spin_ms=args.client_spin_ms, client_local=local)
-            server = uvicorn.Server(uvicorn.Config(timed(app, stamped), host="127.0.0.1", port=http_port,
-                                                   log_level="warning", loop=args.loop, http=args.http))
-            servers.append(server)
-            threading.Thread(target=server.run, daemon=True).start()
-            while not server.started:
-                time.sleep(0.05)
-        client = subprocess.run([sys.executable, "-m", "bench.probes.http_split", "--requests", str(args.requests),
-                                 "--max-tokens", str(args.max_tokens), "--web-client", args.web_client,
-                                 "--client", native,
-                                 *(f"http://127.0.0.1:{p}" for p in http_ports),
-                                 *(["--client-spin-ms", str(args.client_spin_ms)]
-                                   if args.client_spin_ms is not None else [])],
-                                capture_output=True, text=True, timeout=600)
-        if client.returncode:
-            raise SystemExit(f"client failed: {client.stderr[-2000:]}")
-        seen = [json.loads(line) for line in client.stdout.splitlines()]
-    finally:
-        for server in servers:
-            server.should_exit = True
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            rows: list[list[dict]] = [[] for _ in TRANSPORTS]  # per app: its requests' stamps
+            stamp_first_event()
+            for (_, local), http_port, stamped in zip(TRANSPORTS, http_ports, rows, strict=True):
+                app = create_app(native, facts["model"], api_key=None, max_context=facts["max_context"], warm=True,
+                                 client_spin_ms=args.client_spin_ms, client_local=local)
+                server = uvicorn.Server(uvicorn.Config(timed(app, stamped), host="127.0.0.1", port=http_port,
+                                                       log_level="warning", loop=args.loop, http=args.http))
+                servers.append(server)
+                threading.Thread(target=server.run, daemon=True).start()
+                while not server.started:
+                    time.sleep(0.05)
+            client = subprocess.run([sys.executable, "-m", "bench.probes.http_split", "--requests",
+                                     str(args.requests), "--max-tokens", str(args.max_tokens), "--web-client",
+                                     args.web_client, "--client", native,
+                                     *(f"http://127.0.0.1:{p}" for p in http_ports),
+                                     *(["--client-spin-ms", str(args.client_spin_ms)]
+                                       if args.client_spin_ms is not None else [])],
+                                    capture_output=True, text=True, timeout=600)
+            if client.returncode:
+                raise SystemExit(f"client failed: {client.stderr[-2000:]}")
+            seen = [json.loads(line) for line in client.stdout.splitlines()]
+        finally:
+            for server in servers:
+                server.should_exit = True
     columns = []
     for t, stamped in enumerate(rows):
         web = [r for r in seen if r["kind"] == "http" and r["transport"] == t]

@@ -12,6 +12,7 @@ children print (one per start-up phase) are kept per run. Prints one table row p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -33,6 +34,36 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_serve(serve_args: list[str], http_port: int = 0):
+    """`hybridrt serve` with `serve_args` (quiet, stdout discarded) on a free native port and `http_port` (0: no
+    HTTP), for a probe: yields (the process, its native address, its status facts) once its status answers
+    (SystemExit with the tail of its stderr if it exits first); SIGTERM when the block ends, SIGKILL 30 s later."""
+    from launch.client import Client
+
+    port = free_port()
+    native = f"tcp://127.0.0.1:{port}"
+    proc = subprocess.Popen(serve_command(port, http_port, *serve_args, quiet=True), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        facts = None
+        while facts is None:
+            if proc.poll() is not None:
+                raise SystemExit(f"serve exited: {proc.stderr.read()[-2000:]}")
+            try:
+                with Client(native) as c:
+                    facts = c.status()
+            except Exception:  # noqa: BLE001 - not listening yet
+                time.sleep(0.2)
+        yield proc, native, facts
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def health(port: int) -> bool:
