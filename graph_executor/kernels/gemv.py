@@ -60,11 +60,18 @@ GEMV_PLAN = GemvPlan(
 
 
 @triton.jit
-def _first_weights(w_ptr, rows, row_ok, K, BLOCK_K: tl.constexpr):
-    """The program's first BLOCK_K columns of its rows: loaded before `wait_for_prior` when EARLY (weights are
-    constant in a step, so this cannot race with the kernel before)."""
-    cols = tl.arange(0, BLOCK_K)
+def _weight_tile(w_ptr, rows, row_ok, cols, K):
+    """W[rows, cols] of a row-major [N, K] weight, zeros outside it."""
     return tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
+
+
+@triton.jit
+def _normed_chunk(x_ptr, nw_ptr, cols, K):
+    """x[cols] squared (for the sum of squares) and times the norm weight, float32 (zeros past K)."""
+    col_ok = cols < K
+    x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    nw = tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    return x * x, x * nw
 
 
 @triton.jit
@@ -76,27 +83,22 @@ def _rmsnorm_gemv_kernel(w_ptr, x_ptr, nw_ptr, b_ptr, s_ptr, out_ptr, N, K, eps,
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     ss = tl.zeros([BLOCK_K], dtype=tl.float32)
     start = 0
-    if EARLY:  # the first chunk's weights in flight while the previous kernel finishes; the chunk itself peeled
-        w = _first_weights(w_ptr, rows, row_ok, K, BLOCK_K)
-        wait_for_prior(PDL)
+    if EARLY:  # the first chunk's weights loaded before the wait (constant in a step: no race); that chunk peeled
         cols = tl.arange(0, BLOCK_K)
-        col_ok = cols < K
-        x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        nw = tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        ss += x * x
-        acc += w.to(tl.float32) * (x * nw)[None, :]
+        w = _weight_tile(w_ptr, rows, row_ok, cols, K)
+        wait_for_prior(PDL)
+        sq, xn = _normed_chunk(x_ptr, nw_ptr, cols, K)
+        ss += sq
+        acc += w.to(tl.float32) * xn[None, :]
         start = BLOCK_K
     else:
         wait_for_prior(PDL)
     for k0 in range(start, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        col_ok = cols < K
-        x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        nw = tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        ss += x * x
-        w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
-                    other=0.0)
-        acc += w.to(tl.float32) * (x * nw)[None, :]
+        sq, xn = _normed_chunk(x_ptr, nw_ptr, cols, K)
+        ss += sq
+        w = _weight_tile(w_ptr, rows, row_ok, cols, K)
+        acc += w.to(tl.float32) * xn[None, :]
     scale = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
     out = tl.sum(acc, axis=1) * scale
     if ROW_SCALE:
@@ -107,9 +109,11 @@ def _rmsnorm_gemv_kernel(w_ptr, x_ptr, nw_ptr, b_ptr, s_ptr, out_ptr, N, K, eps,
 
 
 @triton.jit
-def _activation_chunk(a_ptr, cols, col_ok, K, SWIGLU: tl.constexpr):
+def _activation_chunk(a_ptr, cols, K, SWIGLU: tl.constexpr):
+    """a[cols] (SWIGLU: silu(gate[cols]) * up[cols] of a_ptr = [gate (K), up (K)]), float32, zeros past K."""
+    col_ok = cols < K
     a = tl.load(a_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    if SWIGLU:  # a_ptr holds [gate (K), up (K)]
+    if SWIGLU:
         up = tl.load(a_ptr + K + cols, mask=col_ok, other=0.0).to(tl.float32)
         a = a / (1.0 + tl.exp(-a)) * up
     return a
@@ -123,19 +127,17 @@ def _gemv_residual_kernel(w_ptr, a_ptr, s_ptr, x_ptr, N, K, SWIGLU: tl.constexpr
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     start = 0
     if EARLY:  # as in _rmsnorm_gemv_kernel
-        w = _first_weights(w_ptr, rows, row_ok, K, BLOCK_K)
-        wait_for_prior(PDL)
         cols = tl.arange(0, BLOCK_K)
-        acc += w.to(tl.float32) * _activation_chunk(a_ptr, cols, cols < K, K, SWIGLU)[None, :]
+        w = _weight_tile(w_ptr, rows, row_ok, cols, K)
+        wait_for_prior(PDL)
+        acc += w.to(tl.float32) * _activation_chunk(a_ptr, cols, K, SWIGLU)[None, :]
         start = BLOCK_K
     else:
         wait_for_prior(PDL)
     for k0 in range(start, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        col_ok = cols < K
-        a = _activation_chunk(a_ptr, cols, col_ok, K, SWIGLU)
-        w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
-                    other=0.0)
+        a = _activation_chunk(a_ptr, cols, K, SWIGLU)
+        w = _weight_tile(w_ptr, rows, row_ok, cols, K)
         acc += w.to(tl.float32) * a[None, :]
     out = tl.sum(acc, axis=1)
     if ROW_SCALE:
