@@ -215,13 +215,13 @@ class AsyncClient:
         self._local_known = True
         if isinstance(path, str) and os.path.exists(path):
             try:
-                _Local(path).close()
+                first = _Local(path)
             except ChannelError:
                 return
             self._local_path = path
             for conn in self._idle:
                 conn.close()
-            self._idle.clear()
+            self._idle[:] = [first]  # the first generate's connection (as `Client._find_local` keeps its own)
 
     def _take(self) -> Connection:
         while self._idle:
