@@ -147,7 +147,7 @@ for step in "${steps[@]}"; do
             tests/test_kernels.py -k "rope or decode_attention or fused_decoder or early or gemv" \
             > "$OUT/step_fusions_tests.log" 2>&1
           echo "step-fusion tests: rc=$? $(tail -1 "$OUT/step_fusions_tests.log")"
-          timeout 420 python3 -m bench.probes.step_variants --models llama-2-7b,llama-3.2-1b,smollm2-135m \
+          timeout 370 python3 -m bench.probes.step_variants --models llama-2-7b,llama-3.2-1b,smollm2-135m \
             --contexts 300,2000 --rounds 5 --variants "fused=0;fused=0,rope=1;fused=0,early=1;fused=0,rope=1,early=1" \
             > "$OUT/step_variants_fusions.md" 2>&1
           echo "step variants (rope inside, early weights): rc=$?"; grep '^|' "$OUT/step_variants_fusions.md" ;;
