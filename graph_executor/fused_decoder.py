@@ -14,7 +14,7 @@ import torch
 
 from graph_executor.kernels import pdl as pdl_launch
 from graph_executor.kernels.decode_attention import DecodeAttention
-from graph_executor.kernels.decode_plan import plan_for
+from graph_executor.kernels.decode_plan import options_for, plan_for
 from graph_executor.kernels.gemv import GemvConfig, GemvPlan
 from graph_executor.kernels.gemv_fp8 import Fp8Config, Fp8Plan
 from graph_executor.kernels.gemv_splitk import SplitKConfig, SplitKPlan, SplitKScratch
@@ -70,23 +70,27 @@ FP8_PLAN = Fp8Plan(
 class FusedDecoder:
     def __init__(self, model: LlamaModel, plan: GemvPlan | None = None, split_size: int | None = None,
                  int4: SplitKPlan = INT4_PLAN, int8: SplitKPlan = INT8_PLAN,
-                 fp8: Fp8Plan | GemvPlan = FP8_PLAN, pdl: bool | None = None, fuse_rope: bool = False,
-                 early_weights: bool = False) -> None:
+                 fp8: Fp8Plan | GemvPlan = FP8_PLAN, pdl: bool | None = None, fuse_rope: bool | None = None,
+                 early_weights: bool | None = None) -> None:
         """`fp8`: per projection an Fp8Config runs FP8 slots through the split-K kernels, a GemvConfig through the
         fp16 kernels (FP8_GEMV_PLAN: all of them, the old path). `plan`: the dense weights' configs (None:
         `decode_plan.plan_for` the model's hidden size). `pdl`: launch the dense GEMVs, RoPE and attention
         with programmatic dependent launch (kernels/pdl.py); None: where the device has it (Hopper: the same logits,
         bit for bit; on an H200 a SmolLM2-135M step 0.73 -> 0.59 ms, Llama-3.2-1B 1.10 -> 1.04, LLaMA-2-7B 4.05 ->
         4.01; bench/NOTES.md, issue 12). `fuse_rope`: RoPE and the KV append inside the decode attention kernel
-        (`DecodeAttention(..., rope=)`: one kernel fewer per layer; off until `bench.probes.step_variants` shows the
-        whole step faster on the card). `early_weights`: every GEMV loads its (first) weights before it waits for
-        the kernel before it (`pdl.with_early_weights`): with PDL those loads overlap that kernel's last wave (off
-        until measured likewise)."""
+        (`DecodeAttention(..., rope=)`: one kernel fewer per layer). `early_weights`: every GEMV loads its (first)
+        weights before it waits for the kernel before it (`pdl.with_early_weights`): with PDL those loads overlap
+        that kernel's last wave. None (both): `decode_plan.options_for` the model's hidden size (measured per
+        model size on an H200: each is a gain on some shapes and a loss on others)."""
         cfg = model.config
         device = model.embed_tokens.device
         plan = plan_for(cfg.hidden_size) if plan is None else plan
+        options = options_for(cfg.hidden_size)
+        fuse_rope = options.fuse_rope if fuse_rope is None else fuse_rope
+        early_weights = options.early_weights if early_weights is None else early_weights
         self.pdl = pdl_launch.supported(device) if pdl is None else pdl
         self.fuse_rope = fuse_rope
+        self.early_weights = early_weights
         if self.pdl:  # every config of every format: the launch mode is each kernel call's
             plan, int4, int8, fp8 = (pdl_launch.with_pdl(p) for p in (plan, int4, int8, fp8))
         if early_weights:

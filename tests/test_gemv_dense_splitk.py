@@ -107,6 +107,7 @@ def test_a_decode_step_with_split_k_qkv_o_and_down_matches_the_fp16_kernels_step
     """The fused decoder with qkv (its bias in the fixup), o_proj and down_proj on the split-K kernels (the shared
     scratch sized over them) gives
     the logits of the decoder on gemv.py's kernels, over a few steps of a tiny model (GQA, QKV bias)."""
+
     import transformers
 
     from graph_executor.fused_decoder import FusedDecoder
@@ -162,3 +163,32 @@ def test_the_decode_plan_is_the_one_measured_on_the_nearest_hidden_size_below() 
         assert (plan.o, plan.gate_up, plan.lm_head) == (GEMV_PLAN.o, GEMV_PLAN.gate_up, GEMV_PLAN.lm_head)
     with pytest.raises(ValueError, match="hidden_size"):
         decode_plan.plan_for(0)
+
+
+def test_the_step_options_are_the_ones_measured_on_the_nearest_hidden_size_below(tmp_path) -> None:
+    """decode_plan.options_for: RoPE inside attention from 7B's hidden size up and below 1B's; the early weights
+    below 1B's only (measured on the card: a loss on 7B); FusedDecoder takes them unless told."""
+    import dataclasses
+
+    import transformers
+
+    from graph_executor.fused_decoder import FusedDecoder
+    from graph_executor.kernels import decode_plan
+    from graph_executor.loading.loader import LoadConfig, load_model
+    from tests.test_model_equivalence import make_hf_model
+
+    seven, one, small = decode_plan.options_for(4096), decode_plan.options_for(2048), decode_plan.options_for(576)
+    assert decode_plan.options_for(8192) == seven == decode_plan.StepOptions(fuse_rope=True, early_weights=False)
+    assert decode_plan.options_for(3584) == one == decode_plan.StepOptions(fuse_rope=False, early_weights=False)
+    assert decode_plan.options_for(1) == small == decode_plan.StepOptions(fuse_rope=True, early_weights=True)
+    with pytest.raises(ValueError, match="hidden_size"):
+        decode_plan.options_for(0)
+    make_hf_model(transformers.LlamaConfig, {}, seed=3).save_pretrained(tmp_path)
+    model = load_model(LoadConfig(model=str(tmp_path), device="cpu", dtype="float32", max_context=32,
+                                  progress=False)).model
+    chosen = FusedDecoder(model)
+    assert (chosen.fuse_rope, chosen.early_weights) == (True, True)
+    configs = [getattr(chosen.plan["qkv"], f.name) for f in dataclasses.fields(chosen.plan["qkv"])]
+    assert all(c.early for c in configs), "every format's config of a projection loads early"
+    told = FusedDecoder(model, fuse_rope=False, early_weights=False)
+    assert (told.fuse_rope, told.early_weights) == (False, False) and not told.plan["down"].dense.early

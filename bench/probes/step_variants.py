@@ -6,9 +6,9 @@ configurations, timed in alternating rounds in one process so that the host and 
 
 A variant is `key=value` pairs joined by commas: split (positions per split), warps (the one-query kernel's),
 fused (1: the last split program combines the splits; 0: a reduce kernel after), rope (1: RoPE and the KV append
-inside the attention kernel, `FusedDecoder(fuse_rope=True)`; 0, the default: `rope_append` before it), early (1:
-the GEMVs load their weights before waiting for the kernel before them, `FusedDecoder(early_weights=True)`). split
-and warps left out: the decoder's defaults. Prints the median of each variant's per-round medians and its ratio to the first.
+inside the attention kernel, `FusedDecoder(fuse_rope=True)`; 0: `rope_append` before it), early (1: the GEMVs load
+their weights before waiting for the kernel before them, `FusedDecoder(early_weights=True)`). split, warps, rope and
+early left out: the decoder's defaults (rope and early: `decode_plan.options_for` the model). Prints the median of each variant's per-round medians and its ratio to the first.
 """
 
 from __future__ import annotations
@@ -41,7 +41,10 @@ def parse_variant(text: str) -> dict[str, int]:
 
 
 def build(model, variant: dict[str, int]) -> FusedDecoder:
-    decoder = FusedDecoder(model, fuse_rope=bool(variant.get("rope", 0)), early_weights=bool(variant.get("early", 0)))
+    def flag(key: str) -> bool | None:
+        return bool(variant[key]) if key in variant else None
+
+    decoder = FusedDecoder(model, fuse_rope=flag("rope"), early_weights=flag("early"))
     cfg = model.config
     decoder.attention = DecodeAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, model.max_context,
                                         model.embed_tokens.device, cfg.sliding_window, variant.get("split"),

@@ -13,6 +13,16 @@ every split-K block config, then the whole step with the winners; bench/NOTES.md
   (0.42 -> 0.25). Step 0.621 -> 0.609 ms at context 300 (0.981x), 0.661 -> 0.646 at 2000.
 A model takes the plan of the largest measured hidden size not above its own (Mistral and Llama-3-8B: 7B's; Qwen2-1.5B
 and TinyLlama: 1B's; Qwen2-0.5B: SmolLM2's).
+
+The step's two fusions (`StepOptions`, twentieth session, H200, `bench.probes.step_variants`, 5 alternating rounds,
+ms per step at context 300 / 2000; bench/results/2026-12-02-h200-stepfusions/):
+- RoPE + KV append inside the decode attention kernel: LLaMA-2-7B 3.801 -> 3.782 / 4.120 -> 4.075, SmolLM2-135M
+  0.613 -> 0.585 / 0.647 -> 0.639; Llama-3.2-1B 0.962 -> 0.973 / 1.018 -> 1.009 (mixed: left off there).
+- The GEMVs' weights loaded before their PDL wait: SmolLM2-135M 0.613 -> 0.552 / 0.647 -> 0.596 (both fusions: 0.528
+  / 0.584), Llama-3.2-1B 0.962 -> 0.965 / 1.018 -> 1.025, LLaMA-2-7B 3.801 -> 3.943 / 4.120 -> 4.266. Where a
+  kernel is short (latency-bound) its weights in flight during the previous kernel's tail are a gain; where each
+  kernel streams for ~10 us at full bandwidth the early loads only compete with the previous kernel's and hold
+  registers while waiting.
 """
 
 from __future__ import annotations
@@ -31,8 +41,33 @@ MEASURED_PLANS: tuple[tuple[int, GemvPlan], ...] = (
 DEFAULT_PLAN = MEASURED_PLANS[0][1]  # LLaMA-2-7B's
 
 
-def plan_for(hidden_size: int) -> GemvPlan:
-    """The decode plan for a model of this hidden size: the one measured on the largest hidden size not above it."""
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """The batch-1 decode step's fusions (FusedDecoder's `fuse_rope` and `early_weights`)."""
+    fuse_rope: bool  # RoPE and the KV append inside the decode attention kernel (one kernel fewer per layer)
+    early_weights: bool  # every GEMV loads its (first) weights before it waits for the kernel before it
+
+
+# (smallest hidden size, options), largest first: the measurements above
+MEASURED_OPTIONS: tuple[tuple[int, StepOptions], ...] = (
+    (4096, StepOptions(fuse_rope=True, early_weights=False)),
+    (2048, StepOptions(fuse_rope=False, early_weights=False)),
+    (0, StepOptions(fuse_rope=True, early_weights=True)),
+)
+
+
+def _check(hidden_size: int) -> None:
     if hidden_size < 1:
         raise ValueError(f"hidden_size must be >= 1, got {hidden_size}")
+
+
+def options_for(hidden_size: int) -> StepOptions:
+    """The step's fusions for a model of this hidden size: those measured on the largest hidden size not above it."""
+    _check(hidden_size)
+    return next(options for smallest, options in MEASURED_OPTIONS if hidden_size >= smallest)
+
+
+def plan_for(hidden_size: int) -> GemvPlan:
+    """The decode plan for a model of this hidden size: the one measured on the largest hidden size not above it."""
+    _check(hidden_size)
     return next(plan for smallest, plan in MEASURED_PLANS if hidden_size >= smallest)
