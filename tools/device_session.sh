@@ -184,7 +184,8 @@ for step in "${steps[@]}"; do
                 done ;;
     stepdefaults) # issue 12: the step's fusions chosen per model size (decode_plan.options_for): their tests, the
                   # production step against neither fusion (Llama-3.2-1B also against RoPE inside alone, 9 rounds;
-                  # 7B and SmolLM2 also with the attention's in-kernel combine of the splits, fused=1), then
+                  # 7B and SmolLM2 also with the attention's in-kernel combine of the splits, fused=1, and with o_proj's
+                  # weights loaded early, earlyo=1), then
                   # the bench's decode on the SmolLM2, 1B and 7B shapes (7B: contexts 128/512/2048)
           timeout 150 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_gemv_dense_splitk.py \
             tests/test_kernels.py tests/test_gpu_path.py -k "not sampling and not serve" > "$OUT/stepdefaults_tests.log" 2>&1
@@ -192,7 +193,7 @@ for step in "${steps[@]}"; do
           timeout 60 python3 -m bench.probes.step_variants --models llama-3.2-1b --contexts 300,2000 --rounds 9 \
             --variants "fused=0,rope=0,early=0;fused=0,rope=1,early=0;fused=0" > "$OUT/step_variants_1b.md" 2>&1
           timeout 80 python3 -m bench.probes.step_variants --models llama-2-7b,smollm2-135m --contexts 300,2000 \
-            --rounds 5 --variants "fused=0,rope=0,early=0;fused=0;fused=1" > "$OUT/step_variants_defaults.md" 2>&1
+            --rounds 5 --variants "fused=0,rope=0,early=0;fused=0;fused=1;fused=0,earlyo=1" > "$OUT/step_variants_defaults.md" 2>&1
           echo "step variants (last: the production step): rc=$?"; grep -h '^| [ls]' "$OUT"/step_variants_{1b,defaults}.md
           for m in smollm2-135m llama-3.2-1b; do
             timeout 90 python3 -m launch.cli bench --quiet --model dummy:$m --engines hybridrt,hybridrt-executor \

@@ -7,13 +7,15 @@ configurations, timed in alternating rounds in one process so that the host and 
 A variant is `key=value` pairs joined by commas: split (positions per split), warps (the one-query kernel's),
 fused (1: the last split program combines the splits; 0: a reduce kernel after), rope (1: RoPE and the KV append
 inside the attention kernel, `FusedDecoder(fuse_rope=True)`; 0: `rope_append` before it), early (1: the GEMVs load
-their weights before waiting for the kernel before them, `FusedDecoder(early_weights=True)`). split, warps, rope and
-early left out: the decoder's defaults (rope and early: `decode_plan.options_for` the model). Prints the median of each variant's per-round medians and its ratio to the first.
+their weights before waiting for the kernel before them, `FusedDecoder(early_weights=True)`), earlyo (1: o_proj's
+GEMV alone loads early, on top of the rest). split, warps, rope and early left out: the decoder's defaults (rope and
+early: `decode_plan.options_for` the model). Prints the median of each variant's per-round medians and its ratio to the first.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 
 import torch
@@ -22,6 +24,7 @@ from bench.floors import time_gpu
 from bench.probes.verify_plan import graphed
 from graph_executor.fused_decoder import FusedDecoder
 from graph_executor.kernels.decode_attention import DecodeAttention
+from graph_executor.kernels.decode_plan import plan_for
 from graph_executor.loading.loader import LoadConfig, load_model
 
 # the first: the decode attention before the fourteenth session (every split 64 on Triton's 4 warps, reduce kernel)
@@ -34,8 +37,8 @@ def parse_variant(text: str) -> dict[str, int]:
     variant = {"fused": 1}
     for item in text.split(","):
         key, _, value = item.partition("=")
-        if key not in ("split", "warps", "fused", "rope", "early") or not value.isdigit():
-            raise SystemExit(f"bad variant item {item!r} in {text!r} (split=, warps=, fused=, rope=, early=)")
+        if key not in ("split", "warps", "fused", "rope", "early", "earlyo") or not value.isdigit():
+            raise SystemExit(f"bad variant item {item!r} in {text!r} (split=, warps=, fused=, rope=, early=, earlyo=)")
         variant[key] = int(value)
     return variant
 
@@ -44,7 +47,10 @@ def build(model, variant: dict[str, int]) -> FusedDecoder:
     def flag(key: str) -> bool | None:
         return bool(variant[key]) if key in variant else None
 
-    decoder = FusedDecoder(model, fuse_rope=flag("rope"), early_weights=flag("early"))
+    plan = plan_for(model.config.hidden_size)
+    if variant.get("earlyo"):
+        plan = dataclasses.replace(plan, o=dataclasses.replace(plan.o, early=True))
+    decoder = FusedDecoder(model, plan=plan, fuse_rope=flag("rope"), early_weights=flag("early"))
     cfg = model.config
     decoder.attention = DecodeAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, model.max_context,
                                         model.embed_tokens.device, cfg.sliding_window, variant.get("split"),
