@@ -26,7 +26,7 @@
 #   (~4 min)
 #   stepfusions: the RoPE-inside-attention and early-weights tests on the card, then bench.probes.step_variants with
 #   and without each on the 7B, 1B and SmolLM2 shapes (~6 min); stepdefaults: the fusions as chosen per model size
-#   against neither, and the bench's decode on the SmolLM2, 1B and 7B shapes (~7 min);
+#   against neither, and the bench's decode on the SmolLM2 and 7B shapes (~5 min);
 #   quant: the packed-weight tests and `bench --quantize none,int8,int4,fp8` on dummy:llama-2-7b (executor, ~3 min);
 #   gemv: the low-bit GEMV block sweep per projection and format (~1 min); gemm: the low-bit prefill GEMM's default
 #   configs against torch.mm per projection, format and prompt length (~1 min); fp8: the FP8 split-K GEMV sweep
@@ -182,27 +182,24 @@ for step in "${steps[@]}"; do
                     --workloads floors,decode --out "$OUT/bench-$m" > "$OUT/bench-$m.log" 2>&1
                   echo "bench $m: rc=$?"; sed -n '/^## Decode/,/^## Per-token/p' "$OUT/bench-$m/results.md"
                 done ;;
-    stepdefaults) # issue 12: the step's fusions chosen per model size (decode_plan.options_for): their tests, the
-                  # production step against neither fusion (Llama-3.2-1B also against RoPE inside alone, 9 rounds;
-                  # 7B and SmolLM2 also with the attention's in-kernel combine of the splits, fused=1, and with o_proj's
-                  # weights loaded early, earlyo=1), then
-                  # the bench's decode on the SmolLM2, 1B and 7B shapes (7B: contexts 128/512/2048)
-          timeout 150 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_gemv_dense_splitk.py \
-            tests/test_kernels.py tests/test_gpu_path.py -k "not sampling and not serve" > "$OUT/stepdefaults_tests.log" 2>&1
-          echo "cuda tests (step options): rc=$? $(tail -1 "$OUT/stepdefaults_tests.log")"
+    stepdefaults) # issue 12: the step's fusions chosen per model size (decode_plan.options_for): the graph tests with
+                  # them, the production step against neither fusion (Llama-3.2-1B also against RoPE inside alone, 9
+                  # rounds; 7B and SmolLM2 also with the attention's in-kernel combine of the splits, fused=1, and
+                  # with o_proj's weights loaded early, earlyo=1), then the bench's decode on SmolLM2's and 7B's shapes
+          timeout 90 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_gpu_path.py \
+            -k "replay or chunked or continuing or llama_shaped" > "$OUT/stepdefaults_tests.log" 2>&1
+          echo "cuda tests (graphs with the step options): rc=$? $(tail -1 "$OUT/stepdefaults_tests.log")"
           timeout 60 python3 -m bench.probes.step_variants --models llama-3.2-1b --contexts 300,2000 --rounds 9 \
             --variants "fused=0,rope=0,early=0;fused=0,rope=1,early=0;fused=0" > "$OUT/step_variants_1b.md" 2>&1
           timeout 80 python3 -m bench.probes.step_variants --models llama-2-7b,smollm2-135m --contexts 300,2000 \
-            --rounds 5 --variants "fused=0,rope=0,early=0;fused=0;fused=1;fused=0,earlyo=1" > "$OUT/step_variants_defaults.md" 2>&1
-          echo "step variants (last: the production step): rc=$?"; grep -h '^| [ls]' "$OUT"/step_variants_{1b,defaults}.md
-          for m in smollm2-135m llama-3.2-1b; do
-            timeout 90 python3 -m launch.cli bench --quiet --model dummy:$m --engines hybridrt,hybridrt-executor \
+            --rounds 5 --variants "fused=0,rope=0,early=0;fused=0;fused=1;fused=0,earlyo=1" \
+            > "$OUT/step_variants_defaults.md" 2>&1
+          echo "step variants (second: the production step): rc=$?"; grep -h '^| [ls]' "$OUT"/step_variants_{1b,defaults}.md
+          for m in smollm2-135m llama-2-7b; do
+            timeout 80 python3 -m launch.cli bench --quiet --model dummy:$m --engines hybridrt,hybridrt-executor \
               --workloads floors,decode --out "$OUT/bench-$m" > "$OUT/bench-$m.log" 2>&1
             echo "bench $m: rc=$?"; sed -n '/^## Decode/,/^## Per-token/p' "$OUT/bench-$m/results.md" | grep '^| hy'
-          done
-          timeout 150 python3 -m launch.cli bench --quiet --model dummy:llama-2-7b --engines hybridrt,hybridrt-executor \
-            --workloads floors,decode,context --contexts 128,512,2048 --out "$OUT/bench-7b" > "$OUT/bench-7b.log" 2>&1
-          echo "bench 7B: rc=$?"; sed -n '/^## Decode/,/^## Ratios/p' "$OUT/bench-7b/results.md" | grep '^| [h0-9]' ;;
+          done ;;
     *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults)"
        exit 2 ;;
   esac
