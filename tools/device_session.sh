@@ -26,7 +26,8 @@
 #   (~4 min)
 #   stepfusions: the RoPE-inside-attention and early-weights tests on the card, then bench.probes.step_variants with
 #   and without each on the 7B, 1B and SmolLM2 shapes (~6 min); stepdefaults: the fusions as chosen per model size
-#   against neither, and the bench's decode on the SmolLM2 and 7B shapes (~5 min);
+#   against neither, and the bench's decode on the SmolLM2 and 7B shapes (~5 min); hfeager: bench.probes.hf_eager at
+#   contexts 128 and 1024 (why the bench's hf-eager row is slow and erratic; ~2 min);
 #   quant: the packed-weight tests and `bench --quantize none,int8,int4,fp8` on dummy:llama-2-7b (executor, ~3 min);
 #   gemv: the low-bit GEMV block sweep per projection and format (~1 min); gemm: the low-bit prefill GEMM's default
 #   configs against torch.mm per projection, format and prompt length (~1 min); fp8: the FP8 split-K GEMV sweep
@@ -200,7 +201,14 @@ for step in "${steps[@]}"; do
               --workloads floors,decode --out "$OUT/bench-$m" > "$OUT/bench-$m.log" 2>&1
             echo "bench $m: rc=$?"; sed -n '/^## Decode/,/^## Per-token/p' "$OUT/bench-$m/results.md" | grep '^| hy'
           done ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults)"
+    hfeager) # issue 12's hf-eager question: the bench's loop split into host time and wait, per variant (threads,
+             # collector, StaticCache, eager attention), with CPU time, steal time and collections (~2 min)
+          for ctx in 128 1024; do
+            timeout 150 python3 -m bench.probes.hf_eager --model llama-2-7b --context $ctx --steps 64 \
+              > "$OUT/hf_eager_$ctx.md" 2>&1
+            echo "hf eager probe, context $ctx: rc=$?"; cat "$OUT/hf_eager_$ctx.md"
+          done ;;
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager)"
        exit 2 ;;
   esac
 done
