@@ -85,8 +85,9 @@ class Defaults:
 
 
 DEFAULTS = {
+    # 256 steps at each context: issue 12's P99 target is over 256 tokens (of 64 steps the P99 is the one worst)
     "cuda": Defaults("dummy:llama-2-7b", (10, 25, 50, 100, 200, 300, 400, 500), 256, 50,
-                     (128, 512, 1024, 2048), 64, 10),
+                     (128, 512, 1024, 2048), 256, 10),
     "cpu": Defaults("dummy:smollm2-135m", (10, 25, 50), 32, 16, (32, 64, 128), 16, 1),
 }
 
