@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import torch
 
+from graph_executor.kernels import l2_prefetch
 from graph_executor.kernels import pdl as pdl_launch
 from graph_executor.kernels.decode_attention import DecodeAttention
 from graph_executor.kernels.decode_plan import options_for, plan_for
 from graph_executor.kernels.gemv import GemvConfig, GemvPlan
 from graph_executor.kernels.gemv_fp8 import Fp8Config, Fp8Plan
 from graph_executor.kernels.gemv_splitk import SplitKConfig, SplitKPlan, SplitKScratch
+from graph_executor.kernels.l2_prefetch import L2Prefetch
 from graph_executor.kernels.projections import (
     ProjectionConfig,
     decode_scratch_size,
@@ -71,7 +73,7 @@ class FusedDecoder:
     def __init__(self, model: LlamaModel, plan: GemvPlan | None = None, split_size: int | None = None,
                  int4: SplitKPlan = INT4_PLAN, int8: SplitKPlan = INT8_PLAN,
                  fp8: Fp8Plan | GemvPlan = FP8_PLAN, pdl: bool | None = None, fuse_rope: bool | None = None,
-                 early_weights: bool | None = None) -> None:
+                 early_weights: bool | None = None, l2_prefetch_mb: int | None = None) -> None:
         """`fp8`: per projection an Fp8Config runs FP8 slots through the split-K kernels, a GemvConfig through the
         fp16 kernels (FP8_GEMV_PLAN: all of them, the old path). `plan`: the dense weights' configs (None:
         `decode_plan.plan_for` the model's hidden size). `pdl`: launch the dense GEMVs, RoPE and attention
@@ -81,7 +83,10 @@ class FusedDecoder:
         (`DecodeAttention(..., rope=)`: one kernel fewer per layer). `early_weights`: every GEMV loads its (first)
         weights before it waits for the kernel before it (`pdl.with_early_weights`): with PDL those loads overlap
         that kernel's last wave. None (both): `decode_plan.options_for` the model's hidden size (measured per
-        model size on an H200: each is a gain on some shapes and a loss on others)."""
+        model size on an H200: each is a gain on some shapes and a loss on others). `l2_prefetch_mb`: the decode
+        attention kernel asks L2 for up to this many MiB of the layer's next weights (o_proj, gate_up, down, the
+        next layer's qkv or the lm_head, in that order; kernels/l2_prefetch.py), on sm_90+ only; None: the
+        options'."""
         cfg = model.config
         device = model.embed_tokens.device
         plan = plan_for(cfg.hidden_size) if plan is None else plan
@@ -91,6 +96,14 @@ class FusedDecoder:
         self.pdl = pdl_launch.supported(device) if pdl is None else pdl
         self.fuse_rope = fuse_rope
         self.early_weights = early_weights
+        budget = options.l2_prefetch_mb if l2_prefetch_mb is None else l2_prefetch_mb
+        # per layer: the weights the step reads after its attention, up to the budget (None: nothing to ask for)
+        self.prefetch: list[L2Prefetch | None] = [None] * len(model.layers)
+        if budget > 0 and l2_prefetch.supported(device):
+            after = [[layer.o_proj, layer.gate_up_proj, layer.down_proj] for layer in model.layers]
+            for index, weights in enumerate(after):
+                upcoming = model.layers[index + 1].qkv_proj if index + 1 < len(after) else model.lm_head
+                self.prefetch[index] = l2_prefetch.plan(weights + [upcoming], budget << 20)
         if self.pdl:  # every config of every format: the launch mode is each kernel call's
             plan, int4, int8, fp8 = (pdl_launch.with_pdl(p) for p in (plan, int4, int8, fp8))
         if early_weights:
@@ -134,11 +147,12 @@ class FusedDecoder:
                          scratch=sc)
             if self.fuse_rope:
                 self.attention(self.qkv, cache[0], cache[1], position, self.attn, slots=slot, slot_stride=stride,
-                               rope=m.rope)
+                               rope=m.rope, prefetch=self.prefetch[index])
             else:
                 rope_append(self.qkv, position, m.rope, self.q, cache[0], cache[1], cfg.num_heads,
                             cfg.num_kv_heads, cfg.head_dim, pdl=self.pdl, slots=slot, slot_stride=stride)
-                self.attention(self.q, cache[0], cache[1], position, self.attn, slots=slot, slot_stride=stride)
+                self.attention(self.q, cache[0], cache[1], position, self.attn, slots=slot, slot_stride=stride,
+                               prefetch=self.prefetch[index])
             c.before_residual(x)
             gemv_residual(layer.o_proj, self.attn.view(-1), x, cfg=g["o"], scratch=sc)
             c.after_residual(x)

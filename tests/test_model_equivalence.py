@@ -32,7 +32,7 @@ CASES = {
 
 def make_hf_model(config_cls, extra: dict, seed: int) -> transformers.PreTrainedModel:
     torch.manual_seed(seed)
-    config = config_cls(**BASE, **extra)
+    config = config_cls(**{**BASE, **extra})  # extra may override BASE's sizes
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():  # non-trivial norms and biases, so a wrong mapping cannot hide behind ones/zeros
         for name, p in model.named_parameters():

@@ -27,7 +27,8 @@
 #   stepfusions: the RoPE-inside-attention and early-weights tests on the card, then bench.probes.step_variants with
 #   and without each on the 7B, 1B and SmolLM2 shapes (~6 min); stepdefaults: the fusions as chosen per model size
 #   against neither, and the bench's decode on the SmolLM2 and 7B shapes (~5 min); hfeager: bench.probes.hf_eager at
-#   contexts 128 and 1024 (why the bench's hf-eager row is slow and erratic; ~2 min);
+#   contexts 128 and 1024 (why the bench's hf-eager row is slow and erratic; ~2 min); prefetch: the L2 prefetch of
+#   the layer's next weights from the attention kernel, its test and the step at 8 / 24 / 40 MiB (~3 min);
 #   quant: the packed-weight tests and `bench --quantize none,int8,int4,fp8` on dummy:llama-2-7b (executor, ~3 min);
 #   gemv: the low-bit GEMV block sweep per projection and format (~1 min); gemm: the low-bit prefill GEMM's default
 #   configs against torch.mm per projection, format and prompt length (~1 min); fp8: the FP8 split-K GEMV sweep
@@ -208,7 +209,16 @@ for step in "${steps[@]}"; do
               > "$OUT/hf_eager_$ctx.md" 2>&1
             echo "hf eager probe, context $ctx: rc=$?"; cat "$OUT/hf_eager_$ctx.md"
           done ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager)"
+    prefetch) # issue 12: the layer's next weights asked into L2 by the decode attention kernel (kernels/l2_prefetch.py,
+              # FusedDecoder(l2_prefetch_mb=)): its bit-identity test on the card, then the production step against
+              # budgets of 8, 24 and 40 MiB on the 7B, 1B and SmolLM2 shapes (~3 min)
+          timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_l2_prefetch.py > "$OUT/prefetch_tests.log" 2>&1
+          echo "L2 prefetch tests: rc=$? $(tail -1 "$OUT/prefetch_tests.log")"; grep -E '^(FAILED|E )' "$OUT/prefetch_tests.log" | head
+          timeout 200 python3 -m bench.probes.step_variants --models llama-2-7b,llama-3.2-1b,smollm2-135m \
+            --contexts 300,2000 --rounds 5 --variants "fused=0;fused=0,pf=8;fused=0,pf=24;fused=0,pf=40" \
+            > "$OUT/step_variants_prefetch.md" 2>&1
+          echo "step variants (L2 prefetch): rc=$?"; grep '^|' "$OUT/step_variants_prefetch.md" ;;
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch)"
        exit 2 ;;
   esac
 done

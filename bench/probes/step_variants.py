@@ -8,7 +8,8 @@ A variant is `key=value` pairs joined by commas: split (positions per split), wa
 fused (1: the last split program combines the splits; 0: a reduce kernel after), rope (1: RoPE and the KV append
 inside the attention kernel, `FusedDecoder(fuse_rope=True)`; 0: `rope_append` before it), early (1: the GEMVs load
 their weights before waiting for the kernel before them, `FusedDecoder(early_weights=True)`), earlyo (1: o_proj's
-GEMV alone loads early, on top of the rest). split, warps, rope and early left out: the decoder's defaults (rope and
+GEMV alone loads early, on top of the rest), pf (MiB of the layer's next weights the attention kernel asks L2 to
+hold: `FusedDecoder(l2_prefetch_mb=)`, kernels/l2_prefetch.py). split, warps, rope, pf and early left out: the decoder's defaults (rope and
 early: `decode_plan.options_for` the model). Prints the median of each variant's per-round medians and its ratio to the first.
 """
 
@@ -37,8 +38,9 @@ def parse_variant(text: str) -> dict[str, int]:
     variant = {"fused": 1}
     for item in text.split(","):
         key, _, value = item.partition("=")
-        if key not in ("split", "warps", "fused", "rope", "early", "earlyo") or not value.isdigit():
-            raise SystemExit(f"bad variant item {item!r} in {text!r} (split=, warps=, fused=, rope=, early=, earlyo=)")
+        if key not in ("split", "warps", "fused", "rope", "early", "earlyo", "pf") or not value.isdigit():
+            raise SystemExit(f"bad variant item {item!r} in {text!r} (split=, warps=, fused=, rope=, early=, earlyo=, "
+                             "pf=)")
         variant[key] = int(value)
     return variant
 
@@ -50,7 +52,8 @@ def build(model, variant: dict[str, int]) -> FusedDecoder:
     plan = plan_for(model.config.hidden_size)
     if variant.get("earlyo"):
         plan = dataclasses.replace(plan, o=dataclasses.replace(plan.o, early=True))
-    decoder = FusedDecoder(model, plan=plan, fuse_rope=flag("rope"), early_weights=flag("early"))
+    decoder = FusedDecoder(model, plan=plan, fuse_rope=flag("rope"), early_weights=flag("early"),
+                           l2_prefetch_mb=variant.get("pf"))
     cfg = model.config
     decoder.attention = DecodeAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, model.max_context,
                                         model.embed_tokens.device, cfg.sliding_window, variant.get("split"),

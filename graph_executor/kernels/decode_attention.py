@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from graph_executor.kernels.l2_prefetch import L2Prefetch, prefetch_l2
 from graph_executor.kernels.pdl import launch_options, wait_for_prior
 
 SPLIT_SIZE = 64  # positions per split; H200 LLaMA-2-7B decode at ctx 512/2048: 64 -> 4.09/4.44 ms, 256 -> 4.44/4.60
@@ -53,15 +54,20 @@ def _rope_row(src, cos_sin, d, HEAD_DIM: tl.constexpr):
 
 @triton.jit
 def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, acc_ptr, m_ptr, l_ptr, count_ptr, out_ptr, rope_ptr,
+                  pf0, pn0, pf1, pn1, pf2, pn2, pf3, pn3,
                   stride_kh, stride_kn, stride_vh, stride_vn, stride_slot, stride_qkv,
                   scale, window,
                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
                   NUM_SPLITS: tl.constexpr, NUM_HEADS: tl.constexpr, SLOTS: tl.constexpr, FUSED_REDUCE: tl.constexpr,
-                  ROPE: tl.constexpr, PDL: tl.constexpr):
+                  ROPE: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr = 0, THREADS: tl.constexpr = 128):
     wait_for_prior(PDL)
     head = tl.program_id(0)
     split = tl.program_id(1)
     token = tl.program_id(2)
+    if PREFETCH > 0:  # the next GEMVs' weights into L2 while this latency-bound kernel runs (kernels/l2_prefetch.py)
+        if token == 0:
+            prefetch_l2(pf0, pn0, pf1, pn1, pf2, pn2, pf3, pn3, head * NUM_SPLITS + split, NUM_HEADS * NUM_SPLITS,
+                        PREFETCH, THREADS)
     kv_head = head // GROUP
     pos = tl.load(pos_ptr + token)  # the query's position: keys [start, pos] are visible
     if SLOTS:  # a batched decode: each token attends to its own KV slot
@@ -262,13 +268,15 @@ class DecodeAttention:
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, position: torch.Tensor,
                  out: torch.Tensor, slots: torch.Tensor | None = None, slot_stride: int = 0,
-                 rope: torch.Tensor | None = None) -> torch.Tensor:
+                 rope: torch.Tensor | None = None, prefetch: L2Prefetch | None = None) -> torch.Tensor:
         """q: [T, heads, hd] (or [heads, hd] for T = 1), contiguous; k/v_cache: [kv_heads, C, hd] (unit stride in
         hd); position: [T] int64, token t's position; out: [T, heads, hd] like q, written in q's dtype. `slots` [T]
         int64 (a batched decode): token t attends to the caches of KV slot slots[t], slot_stride elements after
         k/v_cache. `rope` [C, 2, hd] float32 (one query per token only): q is then the tokens' un-rotated QKV
         projection [T, (heads + 2 kv_heads) * hd] (or 1-D for T = 1) and this call also does `rope_append`'s work
-        (RoPE on q and k, K and V written at each token's position): one kernel fewer per layer."""
+        (RoPE on q and k, K and V written at each token's position): one kernel fewer per layer. `prefetch`
+        (one query per token only; sm_90+, `l2_prefetch.supported`): weights the programs ask L2 to hold for the
+        kernels after this one (values unchanged)."""
         if self.batched and slots is None or slots is not None and not (self.batched or self.max_tokens == 1):
             raise ValueError("a batched decode attention takes each token's KV slot (a verify step's tokens share one)")
         tokens = position.shape[0]
@@ -280,16 +288,19 @@ class DecodeAttention:
                              f"{tuple(q.shape)} for {tokens} positions")
         if rope is not None and not (self.max_tokens == 1 or self.batched):
             raise ValueError("RoPE inside decode attention is for one query per token (decode), not a verify step")
+        if prefetch is not None and not (self.max_tokens == 1 or self.batched):
+            raise ValueError("an L2 prefetch rides on the one-query kernel (decode), not a verify step")
         strides = (k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1))
         block = min(BLOCK_N, self.split)
         if self.max_tokens == 1 or self.batched:
+            pf_args, regions = prefetch.kernel_args(self.m) if prefetch is not None else ([self.m, 0] * 4, 0)
             _split_kernel[(self.num_heads, self.num_splits, tokens)](
                 q, k_cache, v_cache, position, slots if slots is not None else position, self.acc, self.m, self.l,
-                self.counts, out, rope if rope is not None else self.m, *strides, slot_stride, width, self.scale,
-                self.window, GROUP=self.group, HEAD_DIM=self.head_dim, SPLIT=self.split, BLOCK=block,
+                self.counts, out, rope if rope is not None else self.m, *pf_args, *strides, slot_stride, width,
+                self.scale, self.window, GROUP=self.group, HEAD_DIM=self.head_dim, SPLIT=self.split, BLOCK=block,
                 NUM_SPLITS=self.num_splits, NUM_HEADS=self.num_heads, SLOTS=slots is not None,
-                FUSED_REDUCE=self.fused_reduce, ROPE=rope is not None, PDL=self.pdl, **self.warps,
-                **launch_options(self.pdl),
+                FUSED_REDUCE=self.fused_reduce, ROPE=rope is not None, PDL=self.pdl, PREFETCH=regions,
+                THREADS=32 * self.warps.get("num_warps", 4), **self.warps, **launch_options(self.pdl),
             )
             if self.fused_reduce:
                 return out

@@ -50,6 +50,9 @@ class StepOptions:
     """The batch-1 decode step's fusions (FusedDecoder's `fuse_rope` and `early_weights`)."""
     fuse_rope: bool  # RoPE and the KV append inside the decode attention kernel (one kernel fewer per layer)
     early_weights: bool  # every GEMV loads its (first) weights before it waits for the kernel before it
+    # MiB of the layer's next weights (o, gate_up, down, the next layer's qkv) the decode attention kernel asks L2 to
+    # hold (kernels/l2_prefetch.py; sm_90+); 0: none. Not measured on a card yet: 0 everywhere.
+    l2_prefetch_mb: int = 0
 
 
 # (smallest hidden size, options), largest first: the measurements above
