@@ -4,8 +4,8 @@ Why: a decode GEMV pays a ramp (its first bytes arrive a microsecond or two afte
 hide, and on LLaMA-2-7B o_proj (33.5 MB a layer) reads at ~2.85 TB/s against ~3.9 for the larger projections
 (bench/NOTES.md, issue 12). The decode attention kernel just before it is latency-bound at short contexts (a few
 MB of K/V spread over hundreds of programs), so the HBM is mostly idle while it runs: if its programs ask for the
-next GEMV's weights to be brought into L2 (`cp.async.bulk.prefetch.L2`: one instruction per 4 KiB, nothing comes
-back to the program, the values are not touched), the GEMV finds them there. On a small model (SmolLM2-135M: a
+next GEMV's weights to be brought into L2 (`cp.async.bulk.prefetch.L2`: one instruction per program and region,
+nothing comes back to the program, the values are not touched), the GEMV finds them there. On a small model (SmolLM2-135M: a
 layer's weights are ~4.4 MB) the rest of the layer fits L2 outright.
 
 What may be prefetched: weights only (constant during a step), so a prefetch can never read anything a kernel of
@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-CHUNK_BYTES = 4096  # bytes per bulk prefetch instruction (the PTX below names the same number)
+CHUNK_BYTES = 4096  # a region is cut into whole chunks, shared out over the programs (the kernels below name it too)
 MAX_REGIONS = 4  # regions per call: a kernel takes this many (pointer, chunks) pairs
 
 
@@ -83,24 +83,27 @@ def plan(weights: list[object], budget_bytes: int) -> L2Prefetch | None:
 
 
 @triton.jit
-def _bulk_prefetch(addr, on):
-    """addr [THREADS] pointers (one per thread), on [THREADS] int32: each thread with on != 0 asks for the 4 KiB at
-    its address to be brought into L2; nothing is returned."""
+def _bulk_prefetch(addr, nbytes, on):
+    """addr [THREADS] pointers, nbytes [THREADS] int32 (a multiple of 16), on [THREADS] int32: each thread with on != 0
+    asks for the nbytes at its address to be brought into L2; nothing is returned. The instruction takes uniform
+    operands (SASS UBLKPF): the compiler loops over a warp's distinct addresses, so a caller gives every thread the
+    same one and turns on one thread."""
     tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], 4096; mov.u32 $0, 0; }",
-        "=r,l,r", [addr, on], dtype=tl.int32, is_pure=False, pack=1)
+        "{ .reg .pred p; setp.ne.s32 p, $3, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+        "=r,l,r,r", [addr, nbytes, on], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
 def _prefetch_region(base, chunks, pid, nprog, THREADS: tl.constexpr):
-    """Program pid of nprog asks for its share of the `chunks` chunks at `base` (a uint8 pointer), THREADS at a
-    time (one per thread)."""
+    """Program pid of nprog asks for its share of the `chunks` chunks at `base` (a uint8 pointer) in one instruction
+    (issued by one thread: one per program and region)."""
     per = tl.cdiv(chunks, nprog)
     lo = pid * per
-    hi = tl.minimum(lo + per, chunks)
-    for c0 in range(lo, hi, THREADS):
-        c = c0 + tl.arange(0, THREADS)
-        _bulk_prefetch(base + c.to(tl.int64) * 4096, (c < hi).to(tl.int32))
+    n = tl.minimum(per, chunks - lo)
+    lane = tl.arange(0, THREADS)
+    first = lane == 0
+    addr = base + (lo.to(tl.int64) * 4096 + lane * 0)
+    _bulk_prefetch(addr, (tl.maximum(n, 0) * 4096 + lane * 0).to(tl.int32), (first & (n > 0)).to(tl.int32))
 
 
 @triton.jit
