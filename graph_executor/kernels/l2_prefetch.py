@@ -5,8 +5,8 @@ hide, and on LLaMA-2-7B o_proj (33.5 MB a layer) reads at ~2.85 TB/s against ~3.
 (bench/NOTES.md, issue 12). The decode attention kernel just before it is latency-bound at short contexts (a few
 MB of K/V spread over hundreds of programs), so the HBM is mostly idle while it runs: if its programs ask for the
 next GEMV's weights to be brought into L2 (`cp.async.bulk.prefetch.L2`: one instruction per program and region,
-nothing comes back to the program, the values are not touched), the GEMV finds them there. On a small model (SmolLM2-135M: a
-layer's weights are ~4.4 MB) the rest of the layer fits L2 outright.
+nothing comes back to the program, the values are not touched), the GEMV finds them there. On a small model
+(SmolLM2-135M: a layer's weights are ~4.4 MB) the rest of the layer fits L2 outright.
 
 What may be prefetched: weights only (constant during a step), so a prefetch can never read anything a kernel of
 the step writes, and it changes no value: a step with it gives the same bits as without. The budget caps the bytes
