@@ -1,8 +1,8 @@
 """Probe: why the bench's hf-eager decode is slow and erratic on the H200 host (issue 12 asks before its ratios are
 quoted). The bench's own loop (`bench.engines.hf`: DynamicCache, argmax, the token on the host each step) per
 variant, in one process, each step split into its host part (the forward's Python and launches, until it returns)
-and its wait (the sync for the token), with the process's CPU time, the machine's steal time and the garbage
-collections over each variant, and whether each variant's greedy tokens are the first variant's (the same seed and
+and its wait (the sync for the token), with the process's CPU time, the machine's steal time, the garbage
+collections and the minor page faults over each variant, and whether each variant's greedy tokens are the first variant's (the same seed and
 weights: they must be).
 
     python -m bench.probes.hf_eager [--model llama-2-7b] [--device cuda] [--context 512] [--steps 64]
@@ -43,6 +43,7 @@ class StepTimes:
     wall_ms: float
     steal_ms: float  # the machine's steal time over the steps (all CPUs; 0 where /proc/stat has none)
     collections: tuple[int, int, int]  # garbage collections per generation over the steps
+    faults: int  # the process's minor page faults over the steps (fresh host pages: slow in a ballooning VM)
     tokens: list[int]  # [steps] the greedy tokens (every variant must give the plain loop's)
     logits: torch.Tensor  # [vocab] float32 on the CPU: the last step's (every variant's near the plain loop's)
 
@@ -56,6 +57,10 @@ def steal_ms() -> float:
         return 0.0
     ticks = int(fields[8]) if len(fields) > 8 else 0
     return ticks * 1e3 / os.sysconf("SC_CLK_TCK")
+
+
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def cpu_ms() -> float:
@@ -76,7 +81,7 @@ def decode_steps(model, prompt: torch.Tensor, steps: int, cache, cache_kw: str, 
     int(token)
     host, step, tokens = [], [], []
     position = prompt.shape[1]
-    gcs, cpu0, steal0, wall0 = collections(), cpu_ms(), steal_ms(), time.perf_counter()
+    gcs, faults0, cpu0, steal0, wall0 = collections(), minor_faults(), cpu_ms(), steal_ms(), time.perf_counter()
     for _ in range(steps):
         start = time.perf_counter()
         extra = {"cache_position": torch.tensor([position], device=prompt.device)} if static else {}
@@ -89,7 +94,8 @@ def decode_steps(model, prompt: torch.Tensor, steps: int, cache, cache_kw: str, 
     wall = (time.perf_counter() - wall0) * 1e3
     after = collections()
     return StepTimes(host, step, cpu_ms() - cpu0, wall, steal_ms() - steal0,
-                     tuple(b - a for a, b in zip(gcs, after, strict=True)), tokens,  # type: ignore[arg-type]
+                     tuple(b - a for a, b in zip(gcs, after, strict=True)),  # type: ignore[arg-type]
+                     minor_faults() - faults0, tokens,
                      logits[0, -1].float().cpu())
 
 
@@ -127,7 +133,7 @@ def row(name: str, t: StepTimes, first: StepTimes) -> str:
 
     return (f"| {name} | {statistics.median(t.step_ms):.2f} | {q(t.step_ms, 0.99):.2f} | {max(t.step_ms):.2f} | "
             f"{statistics.median(t.host_ms):.2f} | {t.cpu_ms / t.wall_ms:.2f} | {t.steal_ms:.0f} | "
-            f"{'/'.join(map(str, t.collections))} | {'yes' if t.tokens == first.tokens else 'NO'} | "
+            f"{'/'.join(map(str, t.collections))} | {t.faults / len(t.step_ms):.0f} | {'yes' if t.tokens == first.tokens else 'NO'} | "
             f"{float((t.logits - first.logits).abs().max() / first.logits.abs().max()):.1e} |")
 
 
@@ -157,9 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {os.cpu_count()} cores"
     print(f"hf eager decode, {args.model} {dtype}, context {args.context}, {args.steps} steps, {where}, torch "
           f"threads {threads}, load average {os.getloadavg()[0]:.2f}")
-    print("| variant | step P50 ms | P99 | max | host P50 ms | CPU / wall | steal ms | gc gen0/1/2 | first's tokens | "
-          "last logits vs first's (max abs / max) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| variant | step P50 ms | P99 | max | host P50 ms | CPU / wall | steal ms | gc gen0/1/2 | page faults / step | "
+          "first's tokens | last logits vs first's (max abs / max) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     first: StepTimes | None = None
     for name in names:
         times = run_variant(name, hf_config, args.device, dtype, args.context, args.steps, threads)
