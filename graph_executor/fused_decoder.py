@@ -73,7 +73,8 @@ class FusedDecoder:
     def __init__(self, model: LlamaModel, plan: GemvPlan | None = None, split_size: int | None = None,
                  int4: SplitKPlan = INT4_PLAN, int8: SplitKPlan = INT8_PLAN,
                  fp8: Fp8Plan | GemvPlan = FP8_PLAN, pdl: bool | None = None, fuse_rope: bool | None = None,
-                 early_weights: bool | None = None, l2_prefetch_mb: int | None = None) -> None:
+                 early_weights: bool | None = None, l2_prefetch_mb: int | None = None,
+                 split_combine: bool | None = None) -> None:
         """`fp8`: per projection an Fp8Config runs FP8 slots through the split-K kernels, a GemvConfig through the
         fp16 kernels (FP8_GEMV_PLAN: all of them, the old path). `plan`: the dense weights' configs (None:
         `decode_plan.plan_for` the model's hidden size). `pdl`: launch the dense GEMVs, RoPE and attention
@@ -86,7 +87,8 @@ class FusedDecoder:
         model size on an H200: each is a gain on some shapes and a loss on others). `l2_prefetch_mb`: the decode
         attention kernel asks L2 for up to this many MiB of the layer's next weights (o_proj, gate_up, down, the
         next layer's qkv or the lm_head, in that order; kernels/l2_prefetch.py), on sm_90+ only; None: the
-        options'."""
+        options'. `split_combine`: the attention's last split program per head combines the splits (no reduce
+        kernel; `DecodeAttention(fused_reduce=)`); None: the options'."""
         cfg = model.config
         device = model.embed_tokens.device
         plan = plan_for(cfg.hidden_size) if plan is None else plan
@@ -96,6 +98,7 @@ class FusedDecoder:
         self.pdl = pdl_launch.supported(device) if pdl is None else pdl
         self.fuse_rope = fuse_rope
         self.early_weights = early_weights
+        split_combine = options.split_combine if split_combine is None else split_combine
         budget = options.l2_prefetch_mb if l2_prefetch_mb is None else l2_prefetch_mb
         # per layer: the weights the step reads after its attention, up to the budget (None: nothing to ask for)
         self.prefetch: list[L2Prefetch | None] = [None] * len(model.layers)
@@ -122,7 +125,8 @@ class FusedDecoder:
         self.attn = empty(cfg.num_heads, cfg.head_dim)
         self.gate_up = empty(2 * cfg.intermediate_size)
         self.attention = DecodeAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, model.max_context,
-                                         device, cfg.sliding_window, split_size, pdl=self.pdl)
+                                         device, cfg.sliding_window, split_size, pdl=self.pdl,
+                                         fused_reduce=split_combine)
         # packed int4/int8 and FP8 slots run split-K kernels that share one scratch (one after another on one stream)
         slots = [(getattr(layer, f"{name}_proj"), name) for layer in model.layers
                  for name in ("qkv", "o", "gate_up", "down")] + [(model.lm_head, "lm_head")]

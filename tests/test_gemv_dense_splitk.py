@@ -190,5 +190,7 @@ def test_the_step_options_are_the_ones_measured_on_the_nearest_hidden_size_below
     assert (chosen.fuse_rope, chosen.early_weights) == (True, True)
     configs = [getattr(chosen.plan["qkv"], f.name) for f in dataclasses.fields(chosen.plan["qkv"])]
     assert all(c.early for c in configs), "every format's config of a projection loads early"
-    told = FusedDecoder(model, fuse_rope=False, early_weights=False)
+    assert not chosen.attention.fused_reduce
+    told = FusedDecoder(model, fuse_rope=False, early_weights=False, split_combine=True)
     assert (told.fuse_rope, told.early_weights) == (False, False) and not told.plan["down"].dense.early
+    assert told.attention.fused_reduce

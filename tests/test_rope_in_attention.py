@@ -108,7 +108,8 @@ def test_rope_inside_is_for_one_query_per_token() -> None:
 
 
 def test_fused_decoder_with_rope_inside_gives_the_same_step(tmp_path) -> None:
-    """The whole decode step (GQA + QKV bias) with and without `fuse_rope`: logits and the KV cache after it."""
+    """The whole decode step (GQA + QKV bias) with and without `fuse_rope` (and with the attention's splits combined
+    in its last program, `split_combine`): logits and the KV cache after it."""
     import transformers
 
     from graph_executor.fused_decoder import FusedDecoder
@@ -125,12 +126,14 @@ def test_fused_decoder_with_rope_inside_gives_the_same_step(tmp_path) -> None:
     token, position = torch.tensor([5], device=DEVICE), torch.tensor([9], device=DEVICE)
     logits = {}
     caches = {}
-    for fuse in (False, True):
+    for fuse, combine in ((False, False), (True, False), (True, True)):  # combine: the splits in the last program
         model.kv_cache.copy_(before)
-        logits[fuse] = torch.full((BASE["vocab_size"],), float("nan"), device=DEVICE)
-        FusedDecoder(model, fuse_rope=fuse).step(token, position, logits[fuse])
-        caches[fuse] = model.kv_cache.clone()
-    assert torch.isfinite(logits[True]).all()
-    assert (logits[True] - logits[False]).abs().max() <= 1e-5 * logits[False].abs().max()
-    assert torch.allclose(caches[True], caches[False], rtol=0, atol=1e-6)
-    assert not torch.equal(caches[True], before), "the step appended its K and V"
+        logits[fuse, combine] = torch.full((BASE["vocab_size"],), float("nan"), device=DEVICE)
+        FusedDecoder(model, fuse_rope=fuse, split_combine=combine).step(token, position, logits[fuse, combine])
+        caches[fuse, combine] = model.kv_cache.clone()
+    plain = logits[False, False]
+    for key in ((True, False), (True, True)):
+        assert torch.isfinite(logits[key]).all()
+        assert (logits[key] - plain).abs().max() <= 1e-5 * plain.abs().max(), key
+        assert torch.allclose(caches[key], caches[False, False], rtol=0, atol=1e-6)
+    assert not torch.equal(caches[True, False], before), "the step appended its K and V"

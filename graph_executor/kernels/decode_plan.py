@@ -47,12 +47,16 @@ DEFAULT_PLAN = MEASURED_PLANS[0][1]  # LLaMA-2-7B's
 
 @dataclasses.dataclass(frozen=True)
 class StepOptions:
-    """The batch-1 decode step's fusions (FusedDecoder's `fuse_rope` and `early_weights`)."""
+    """The batch-1 decode step's fusions and options (FusedDecoder's arguments of the same names)."""
     fuse_rope: bool  # RoPE and the KV append inside the decode attention kernel (one kernel fewer per layer)
     early_weights: bool  # every GEMV loads its (first) weights before it waits for the kernel before it
     # MiB of the layer's next weights (o, gate_up, down, the next layer's qkv) the decode attention kernel asks L2 to
     # hold (kernels/l2_prefetch.py; sm_90+); 0: none. Not measured on a card yet: 0 everywhere.
     l2_prefetch_mb: int = 0
+    # the decode attention's last split program per head combines the splits (DecodeAttention(fused_reduce=): no
+    # reduce kernel). Measured SmolLM2 -2% / -1.5%, 7B +1.6% / +0.7%; off until the batched-vs-lone identity tests
+    # (test_runtime_batching with the GGUF) pass with it on the card.
+    split_combine: bool = False
 
 
 # (smallest hidden size, options), largest first: the measurements above
