@@ -27,6 +27,7 @@ from graph_executor.kernels.projections import (
     gemv_residual,
     rmsnorm_gemv,
     silu_gemv_residual,
+    tail_prefetch_ok,
 )
 from graph_executor.kernels.rope_append import rope_append
 from graph_executor.model import LlamaModel
@@ -74,7 +75,7 @@ class FusedDecoder:
                  int4: SplitKPlan = INT4_PLAN, int8: SplitKPlan = INT8_PLAN,
                  fp8: Fp8Plan | GemvPlan = FP8_PLAN, pdl: bool | None = None, fuse_rope: bool | None = None,
                  early_weights: bool | None = None, l2_prefetch_mb: int | None = None,
-                 split_combine: bool | None = None) -> None:
+                 split_combine: bool | None = None, tail_prefetch_mb: int | None = None) -> None:
         """`fp8`: per projection an Fp8Config runs FP8 slots through the split-K kernels, a GemvConfig through the
         fp16 kernels (FP8_GEMV_PLAN: all of them, the old path). `plan`: the dense weights' configs (None:
         `decode_plan.plan_for` the model's hidden size). `pdl`: launch the dense GEMVs, RoPE and attention
@@ -88,7 +89,9 @@ class FusedDecoder:
         attention kernel asks L2 for up to this many MiB of the layer's next weights (o_proj, gate_up, down, the
         next layer's qkv or the lm_head, in that order; kernels/l2_prefetch.py), on sm_90+ only; None: the
         options'. `split_combine`: the attention's last split program per head combines the splits (no reduce
-        kernel; `DecodeAttention(fused_reduce=)`); None: the options'."""
+        kernel; `DecodeAttention(fused_reduce=)`); None: the options'. `tail_prefetch_mb`: each GEMV on gemv.py's
+        kernels asks L2 for up to this many MiB of the next projection's weights once its rows are stored (the
+        next kernel's first loads during this one's tail), on sm_90+ only; None: the options'."""
         cfg = model.config
         device = model.embed_tokens.device
         plan = plan_for(cfg.hidden_size) if plan is None else plan
@@ -133,6 +136,17 @@ class FusedDecoder:
         sizes = [decode_scratch_size(w, self.plan[name]) for w, name in slots]
         floats, counters = max(f for f, _ in sizes), max(c for _, c in sizes)
         self.scratch = SplitKScratch.zeros(floats, counters, device) if floats or counters else None
+        # per layer and projection: the next projection's weights its GEMV's tail asks L2 for (None: nothing)
+        self.tail: list[dict[str, L2Prefetch | None]] = [dict.fromkeys(("qkv", "o", "gate_up", "down"))
+                                                          for _ in model.layers]
+        tail_budget = options.tail_prefetch_mb if tail_prefetch_mb is None else tail_prefetch_mb
+        if tail_budget > 0 and l2_prefetch.supported(device):
+            for index, layer in enumerate(model.layers):
+                after = model.layers[index + 1].qkv_proj if index + 1 < len(model.layers) else model.lm_head
+                upcoming = {"qkv": layer.o_proj, "o": layer.gate_up_proj, "gate_up": layer.down_proj, "down": after}
+                for name, weight in upcoming.items():
+                    if tail_prefetch_ok(getattr(layer, f"{name}_proj"), self.plan[name]):
+                        self.tail[index][name] = l2_prefetch.plan([weight], tail_budget << 20)
         self.collectives = StepCollectives(model.tp, 1, cfg.vocab_size, device)  # a tensor-parallel rank's
 
     @torch.inference_mode()
@@ -147,8 +161,9 @@ class FusedDecoder:
         x = self.x[0]  # [H]
         for index, layer in enumerate(m.layers):
             cache = m.kv_cache[index]  # [2, nkv, C, hd]
+            tail = self.tail[index]
             rmsnorm_gemv(layer.qkv_proj, x, layer.attn_norm, eps, self.qkv, bias=layer.qkv_bias, cfg=g["qkv"],
-                         scratch=sc)
+                         scratch=sc, prefetch=tail["qkv"])
             if self.fuse_rope:
                 self.attention(self.qkv, cache[0], cache[1], position, self.attn, slots=slot, slot_stride=stride,
                                rope=m.rope, prefetch=self.prefetch[index])
@@ -158,11 +173,12 @@ class FusedDecoder:
                 self.attention(self.q, cache[0], cache[1], position, self.attn, slots=slot, slot_stride=stride,
                                prefetch=self.prefetch[index])
             c.before_residual(x)
-            gemv_residual(layer.o_proj, self.attn.view(-1), x, cfg=g["o"], scratch=sc)
+            gemv_residual(layer.o_proj, self.attn.view(-1), x, cfg=g["o"], scratch=sc, prefetch=tail["o"])
             c.after_residual(x)
-            rmsnorm_gemv(layer.gate_up_proj, x, layer.mlp_norm, eps, self.gate_up, cfg=g["gate_up"], scratch=sc)
+            rmsnorm_gemv(layer.gate_up_proj, x, layer.mlp_norm, eps, self.gate_up, cfg=g["gate_up"], scratch=sc,
+                         prefetch=tail["gate_up"])
             c.before_residual(x)
-            silu_gemv_residual(layer.down_proj, self.gate_up, x, cfg=g["down"], scratch=sc)
+            silu_gemv_residual(layer.down_proj, self.gate_up, x, cfg=g["down"], scratch=sc, prefetch=tail["down"])
             c.after_residual(x)
         out = c.logits_target(logits)
         rmsnorm_gemv(m.lm_head, x, m.norm, eps, out, cfg=g["lm_head"], scratch=sc)

@@ -67,6 +67,29 @@ def test_kernel_args_fill_every_pair() -> None:
     assert args[1] == 2 and all(arg is dummy for arg in args[2::2]) and args[3::2] == [0] * (MAX_REGIONS - 1)
 
 
+def test_a_tail_prefetch_rides_only_on_gemv_py_kernels() -> None:
+    """projections.tail_prefetch_ok: dense weights on a GemvConfig; any other slot refuses a tail prefetch."""
+    from graph_executor.kernels import projections
+    from graph_executor.kernels.gemv import GemvConfig
+    from graph_executor.kernels.gemv_dense_splitk import DenseSplitKConfig
+    from graph_executor.kernels.projections import ProjectionConfig
+    from graph_executor.quant.formats import quantize_int8
+
+    w = torch.randn(64, 32, device=DEVICE)
+    pf = plan([torch.zeros(CHUNK_BYTES, dtype=torch.uint8, device=DEVICE)], 1 << 20)
+    splitk = ProjectionConfig(dense=DenseSplitKConfig(16, 32, 4))
+    assert projections.tail_prefetch_ok(w, ProjectionConfig(dense=GemvConfig()))
+    assert not projections.tail_prefetch_ok(w, splitk)
+    packed = quantize_int8(w.to(torch.float16), 32)
+    assert not projections.tail_prefetch_ok(packed, ProjectionConfig())
+    with pytest.raises(ValueError, match="tail L2 prefetch"):
+        projections.gemv_residual(w, torch.zeros(32, device=DEVICE), torch.zeros(64, device=DEVICE), splitk,
+                                  prefetch=pf)
+    with pytest.raises(ValueError, match="tail L2 prefetch"):
+        projections.rmsnorm_gemv(packed, torch.zeros(32, device=DEVICE), torch.ones(32, device=DEVICE), 1e-5,
+                                 torch.zeros(64, device=DEVICE), prefetch=pf)
+
+
 def test_a_verify_steps_attention_takes_no_prefetch() -> None:
     attention = DecodeAttention(4, 2, 64, 64, DEVICE, max_tokens=3)
     with pytest.raises(ValueError, match="one-query kernel"):
@@ -94,8 +117,9 @@ def test_a_decoder_asks_for_no_prefetch_where_the_device_has_none(tmp_path) -> N
     if l2_prefetch.supported(DEVICE):
         pytest.skip("this device has the instruction (the cuda test below covers it)")
     model = load_tiny(tmp_path, "float32")
-    decoder = FusedDecoder(model, l2_prefetch_mb=16)
+    decoder = FusedDecoder(model, l2_prefetch_mb=16, tail_prefetch_mb=16)
     assert decoder.prefetch == [None] * len(model.layers)
+    assert all(value is None for tail in decoder.tail for value in tail.values())
     logits = torch.full((model.config.vocab_size,), float("nan"))
     decoder.step(torch.tensor([3]), torch.tensor([0]), logits)
     assert torch.isfinite(logits).all()
@@ -104,8 +128,8 @@ def test_a_decoder_asks_for_no_prefetch_where_the_device_has_none(tmp_path) -> N
 @pytest.mark.cuda
 def test_a_step_with_the_prefetch_gives_the_same_bits(tmp_path) -> None:
     """fp16 small Qwen2 (GQA, QKV bias; a layer's next weights ~5 MiB): logits and KV cache after a step with each
-    layer's next weights prefetched (64 MiB: all of them; 1 MiB: gate_up cut short) equal those without, bit for
-    bit; RoPE inside and not."""
+    layer's next weights prefetched by the attention (64 MiB: all of them; 1 MiB: gate_up cut short) and by the
+    GEMVs' tails equal those without, bit for bit; RoPE inside and not."""
     from graph_executor.fused_decoder import FusedDecoder
 
     if not l2_prefetch.supported(DEVICE):
@@ -116,11 +140,14 @@ def test_a_step_with_the_prefetch_gives_the_same_bits(tmp_path) -> None:
     token, position = torch.tensor([5], device=DEVICE), torch.tensor([9], device=DEVICE)
     for fuse_rope in (False, True):
         results = []
-        for mb in (0, 64, 1):
-            decoder = FusedDecoder(model, fuse_rope=fuse_rope, l2_prefetch_mb=mb)
+        for mb, tail_mb in ((0, 0), (64, 0), (1, 0), (0, 1), (64, 64)):
+            decoder = FusedDecoder(model, fuse_rope=fuse_rope, l2_prefetch_mb=mb, tail_prefetch_mb=tail_mb)
             assert all(p is not None for p in decoder.prefetch) == (mb > 0)
             if mb == 1:
                 assert decoder.prefetch[0].nbytes == 1 << 20 and len(decoder.prefetch[0].regions) == 2
+            # this size's plan (decode_plan.plan_for(512)): gemv.py's kernels but for down's split-K
+            tails = [{name for name, pf in tail.items() if pf is not None} for tail in decoder.tail]
+            assert tails == [{"qkv", "o", "gate_up"} if tail_mb else set()] * len(model.layers)
             model.kv_cache.copy_(before)
             logits = torch.full((model.config.vocab_size,), float("nan"), device=DEVICE)
             decoder.step(token, position, logits)

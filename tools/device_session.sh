@@ -210,12 +210,14 @@ for step in "${steps[@]}"; do
             echo "hf eager probe, context $ctx: rc=$?"; cat "$OUT/hf_eager_$ctx.md"
           done ;;
     prefetch) # issue 12: the layer's next weights asked into L2 by the decode attention kernel (kernels/l2_prefetch.py,
-              # FusedDecoder(l2_prefetch_mb=)): its bit-identity test on the card, then the production step against
-              # budgets of 8, 24 and 40 MiB on the 7B, 1B and SmolLM2 shapes (~3 min)
+              # FusedDecoder(l2_prefetch_mb=)) and the next projection's by each GEMV's tail (tail_prefetch_mb=): the
+              # bit-identity test on the card, then the production step against attention budgets of 8, 24 and 40
+              # MiB, tail budgets of 4 and 16, and 24 + 4, on the 7B, 1B and SmolLM2 shapes (~4 min)
           timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_l2_prefetch.py > "$OUT/prefetch_tests.log" 2>&1
           echo "L2 prefetch tests: rc=$? $(tail -1 "$OUT/prefetch_tests.log")"; grep -E '^(FAILED|E )' "$OUT/prefetch_tests.log" | head
           timeout 200 python3 -m bench.probes.step_variants --models llama-2-7b,llama-3.2-1b,smollm2-135m \
-            --contexts 300,2000 --rounds 5 --variants "fused=0;fused=0,pf=8;fused=0,pf=24;fused=0,pf=40" \
+            --contexts 300,2000 --rounds 5 \
+            --variants "fused=0;fused=0,pf=8;fused=0,pf=24;fused=0,pf=40;fused=0,tpf=4;fused=0,tpf=16;fused=0,pf=24,tpf=4" \
             > "$OUT/step_variants_prefetch.md" 2>&1
           echo "step variants (L2 prefetch): rc=$?"; grep '^|' "$OUT/step_variants_prefetch.md" ;;
     *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch)"

@@ -57,6 +57,9 @@ class StepOptions:
     # reduce kernel). Measured SmolLM2 -2% / -1.5%, 7B +1.6% / +0.7%; off until the batched-vs-lone identity tests
     # (test_runtime_batching with the GGUF) pass with it on the card.
     split_combine: bool = False
+    # MiB of the next projection's weights each GEMV's programs ask L2 for once their rows are stored (gemv.py's
+    # kernels only: projections.tail_prefetch_ok); 0: none. Not measured on a card yet: 0 everywhere.
+    tail_prefetch_mb: int = 0
 
 
 # (smallest hidden size, options), largest first: the measurements above

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from graph_executor.kernels.l2_prefetch import L2Prefetch, prefetch_l2
 from graph_executor.kernels.pdl import launch_options, wait_for_prior
 
 
@@ -75,9 +76,10 @@ def _normed_chunk(x_ptr, nw_ptr, cols, K):
 
 
 @triton.jit
-def _rmsnorm_gemv_kernel(w_ptr, x_ptr, nw_ptr, b_ptr, s_ptr, out_ptr, N, K, eps, HAS_BIAS: tl.constexpr,
-                         ROW_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                         EARLY: tl.constexpr):
+def _rmsnorm_gemv_kernel(w_ptr, x_ptr, nw_ptr, b_ptr, s_ptr, out_ptr, N, K, eps, pf0, pn0, pf1, pn1, pf2, pn2, pf3,
+                         pn3, HAS_BIAS: tl.constexpr, ROW_SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr, PREFETCH: tl.constexpr,
+                         THREADS: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -106,6 +108,8 @@ def _rmsnorm_gemv_kernel(w_ptr, x_ptr, nw_ptr, b_ptr, s_ptr, out_ptr, N, K, eps,
     if HAS_BIAS:
         out += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_ok)
+    if PREFETCH > 0:  # its rows done, the program asks L2 for its share of the next kernel's weights (the tail)
+        prefetch_l2(pf0, pn0, pf1, pn1, pf2, pn2, pf3, pn3, tl.program_id(0), tl.num_programs(0), PREFETCH, THREADS)
 
 
 @triton.jit
@@ -120,8 +124,9 @@ def _activation_chunk(a_ptr, cols, K, SWIGLU: tl.constexpr):
 
 
 @triton.jit
-def _gemv_residual_kernel(w_ptr, a_ptr, s_ptr, x_ptr, N, K, SWIGLU: tl.constexpr, ROW_SCALE: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr):
+def _gemv_residual_kernel(w_ptr, a_ptr, s_ptr, x_ptr, N, K, pf0, pn0, pf1, pn1, pf2, pn2, pf3, pn3,
+                          SWIGLU: tl.constexpr, ROW_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          PDL: tl.constexpr, EARLY: tl.constexpr, PREFETCH: tl.constexpr, THREADS: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -144,42 +149,54 @@ def _gemv_residual_kernel(w_ptr, a_ptr, s_ptr, x_ptr, N, K, SWIGLU: tl.constexpr
         out *= tl.load(s_ptr + rows, mask=row_ok, other=0.0)
     residual = tl.load(x_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(x_ptr + rows, (residual + out).to(x_ptr.dtype.element_ty), mask=row_ok)
+    if PREFETCH > 0:  # as in _rmsnorm_gemv_kernel
+        prefetch_l2(pf0, pn0, pf1, pn1, pf2, pn2, pf3, pn3, tl.program_id(0), tl.num_programs(0), PREFETCH, THREADS)
 
 
 def _grid(n: int, cfg: GemvConfig) -> tuple[int]:
     return (triton.cdiv(n, cfg.block_n),)
 
 
-def _launch(cfg: GemvConfig) -> dict:
+def _launch(cfg: GemvConfig, prefetch: L2Prefetch | None) -> dict:
     return dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                PDL=cfg.pdl, EARLY=cfg.early, **launch_options(cfg.pdl))
+                PDL=cfg.pdl, EARLY=cfg.early, PREFETCH=len(prefetch.regions) if prefetch is not None else 0,
+                THREADS=32 * cfg.num_warps, **launch_options(cfg.pdl))
 
 
+def _prefetch_args(prefetch: L2Prefetch | None, dummy: torch.Tensor) -> list:
+    return prefetch.kernel_args(dummy)[0] if prefetch is not None else [dummy, 0] * 4
+
+
+# `prefetch` (below): weights each program asks L2 for once its rows are stored (kernels/l2_prefetch.py: the next
+# kernel's, during this one's tail; values unchanged; sm_90+ only, never under the interpreter).
 def rmsnorm_gemv(w: torch.Tensor, x: torch.Tensor, norm_w: torch.Tensor, eps: float, out: torch.Tensor,
                  bias: torch.Tensor | None = None, cfg: GemvConfig = DEFAULT,
-                 row_scale: torch.Tensor | None = None) -> torch.Tensor:
+                 row_scale: torch.Tensor | None = None, prefetch: L2Prefetch | None = None) -> torch.Tensor:
     """w [N, K], x [K], norm_w [K], bias [N] or None, row_scale [N] float32 or None -> out [N] (any float dtype:
     logits may be float32)."""
     n, k = w.shape
     _rmsnorm_gemv_kernel[_grid(n, cfg)](w, x, norm_w, bias if bias is not None else w,
                                         row_scale if row_scale is not None else w, out, n, k, eps,
-                                        HAS_BIAS=bias is not None, ROW_SCALE=row_scale is not None, **_launch(cfg))
+                                        *_prefetch_args(prefetch, w), HAS_BIAS=bias is not None,
+                                        ROW_SCALE=row_scale is not None, **_launch(cfg, prefetch))
     return out
 
 
 def gemv_residual(w: torch.Tensor, a: torch.Tensor, x: torch.Tensor, cfg: GemvConfig = DEFAULT,
-                  row_scale: torch.Tensor | None = None) -> torch.Tensor:
+                  row_scale: torch.Tensor | None = None, prefetch: L2Prefetch | None = None) -> torch.Tensor:
     """x [N] += (w [N, K] @ a [K]) [* row_scale], in place."""
     n, k = w.shape
-    _gemv_residual_kernel[_grid(n, cfg)](w, a, row_scale if row_scale is not None else w, x, n, k, SWIGLU=False,
-                                         ROW_SCALE=row_scale is not None, **_launch(cfg))
+    _gemv_residual_kernel[_grid(n, cfg)](w, a, row_scale if row_scale is not None else w, x, n, k,
+                                         *_prefetch_args(prefetch, w), SWIGLU=False,
+                                         ROW_SCALE=row_scale is not None, **_launch(cfg, prefetch))
     return x
 
 
 def silu_gemv_residual(w: torch.Tensor, gate_up: torch.Tensor, x: torch.Tensor, cfg: GemvConfig = DEFAULT,
-                       row_scale: torch.Tensor | None = None) -> torch.Tensor:
+                       row_scale: torch.Tensor | None = None, prefetch: L2Prefetch | None = None) -> torch.Tensor:
     """x [N] += (w [N, K] @ (silu(gate_up[:K]) * gate_up[K:])) [* row_scale], in place."""
     n, k = w.shape
     _gemv_residual_kernel[_grid(n, cfg)](w, gate_up, row_scale if row_scale is not None else w, x, n, k,
-                                         SWIGLU=True, ROW_SCALE=row_scale is not None, **_launch(cfg))
+                                         *_prefetch_args(prefetch, w), SWIGLU=True,
+                                         ROW_SCALE=row_scale is not None, **_launch(cfg, prefetch))
     return x

@@ -22,6 +22,7 @@ from graph_executor.kernels import gemm_lowbit, gemv, gemv_dense_splitk, gemv_fp
 from graph_executor.kernels.gemv_dense_splitk import DenseSplitKConfig
 from graph_executor.kernels.gemv_fp8 import Fp8Config
 from graph_executor.kernels.gemv_splitk import SplitKConfig, SplitKScratch
+from graph_executor.kernels.l2_prefetch import L2Prefetch
 from graph_executor.quant.formats import Fp8Rows, Int4Groups, Int8Groups
 from graph_executor.quant.rows import Weight
 
@@ -68,10 +69,23 @@ def _dense_splitk(w: torch.Tensor, plan: ProjectionConfig,
     return plan.dense, scratch if scratch is not None else gemv_dense_splitk.allocate_scratch(w, plan.dense)
 
 
+def tail_prefetch_ok(w: Weight, cfg: ProjectionConfig) -> bool:
+    """Whether this slot runs gemv.py's kernels, the ones that take a tail `prefetch` (dense weights on a
+    GemvConfig)."""
+    return isinstance(w, torch.Tensor) and isinstance(cfg.dense, gemv.GemvConfig)
+
+
+def _check_prefetch(w: Weight, cfg: ProjectionConfig, prefetch: L2Prefetch | None) -> None:
+    if prefetch is not None and not tail_prefetch_ok(w, cfg):
+        raise ValueError("a tail L2 prefetch rides only on gemv.py's kernels (dense weights on a GemvConfig)")
+
+
 def rmsnorm_gemv(w: Weight, x: torch.Tensor, norm_w: torch.Tensor, eps: float, out: torch.Tensor,
                  bias: torch.Tensor | None = None, cfg: ProjectionConfig = ProjectionConfig(),
-                 scratch: SplitKScratch | None = None) -> torch.Tensor:
-    """out [N] = W @ (rmsnorm(x [K]) * norm_w) [+ bias]."""
+                 scratch: SplitKScratch | None = None, prefetch: L2Prefetch | None = None) -> torch.Tensor:
+    """out [N] = W @ (rmsnorm(x [K]) * norm_w) [+ bias]. `prefetch` (`tail_prefetch_ok` slots only): weights the
+    kernel's programs ask L2 for once their rows are done (kernels/l2_prefetch.py)."""
+    _check_prefetch(w, cfg, prefetch)
     if isinstance(w, (Int4Groups, Int8Groups)):
         c, sc = _packed(w, cfg, scratch)
         return gemv_splitk.rmsnorm_gemv(w, x, norm_w, eps, out, sc, bias, c)
@@ -83,12 +97,13 @@ def rmsnorm_gemv(w: Weight, x: torch.Tensor, norm_w: torch.Tensor, eps: float, o
     if isinstance(cfg.dense, DenseSplitKConfig):
         c, sc = _dense_splitk(w, cfg, scratch)
         return gemv_dense_splitk.rmsnorm_gemv(w, x, norm_w, eps, out, sc, bias, c)
-    return gemv.rmsnorm_gemv(w, x, norm_w, eps, out, bias, cfg.dense)
+    return gemv.rmsnorm_gemv(w, x, norm_w, eps, out, bias, cfg.dense, prefetch=prefetch)
 
 
-def gemv_residual(w: Weight, a: torch.Tensor, x: torch.Tensor,
-                  cfg: ProjectionConfig = ProjectionConfig(), scratch: SplitKScratch | None = None) -> torch.Tensor:
-    """x [N] += W @ a [K]."""
+def gemv_residual(w: Weight, a: torch.Tensor, x: torch.Tensor, cfg: ProjectionConfig = ProjectionConfig(),
+                  scratch: SplitKScratch | None = None, prefetch: L2Prefetch | None = None) -> torch.Tensor:
+    """x [N] += W @ a [K]. `prefetch`: as rmsnorm_gemv's."""
+    _check_prefetch(w, cfg, prefetch)
     if isinstance(w, (Int4Groups, Int8Groups)):
         c, sc = _packed(w, cfg, scratch)
         return gemv_splitk.gemv_residual(w, a, x, sc, c)
@@ -100,13 +115,14 @@ def gemv_residual(w: Weight, a: torch.Tensor, x: torch.Tensor,
     if isinstance(cfg.dense, DenseSplitKConfig):
         c, sc = _dense_splitk(w, cfg, scratch)
         return gemv_dense_splitk.gemv_residual(w, a, x, sc, c)
-    return gemv.gemv_residual(w, a, x, cfg.dense)
+    return gemv.gemv_residual(w, a, x, cfg.dense, prefetch=prefetch)
 
 
 def silu_gemv_residual(w: Weight, gate_up: torch.Tensor, x: torch.Tensor,
                        cfg: ProjectionConfig = ProjectionConfig(),
-                       scratch: SplitKScratch | None = None) -> torch.Tensor:
-    """x [N] += W @ (silu(gate_up[:K]) * gate_up[K:])."""
+                       scratch: SplitKScratch | None = None, prefetch: L2Prefetch | None = None) -> torch.Tensor:
+    """x [N] += W @ (silu(gate_up[:K]) * gate_up[K:]). `prefetch`: as rmsnorm_gemv's."""
+    _check_prefetch(w, cfg, prefetch)
     if isinstance(w, (Int4Groups, Int8Groups)):
         c, sc = _packed(w, cfg, scratch)
         return gemv_splitk.silu_gemv_residual(w, gate_up, x, sc, c)
@@ -118,7 +134,7 @@ def silu_gemv_residual(w: Weight, gate_up: torch.Tensor, x: torch.Tensor,
     if isinstance(cfg.dense, DenseSplitKConfig):
         c, sc = _dense_splitk(w, cfg, scratch)
         return gemv_dense_splitk.silu_gemv_residual(w, gate_up, x, sc, c)
-    return gemv.silu_gemv_residual(w, gate_up, x, cfg.dense)
+    return gemv.silu_gemv_residual(w, gate_up, x, cfg.dense, prefetch=prefetch)
 
 
 # Prompt rows from which a packed weight is dequantized to x's dtype (a temporary the size of one projection) for
