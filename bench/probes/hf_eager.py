@@ -1,5 +1,6 @@
-"""Probe: why the bench's hf-eager decode is slow and erratic on the H200 host (issue 12 asks before its ratios are
-quoted). The bench's own loop (`bench.engines.hf`: DynamicCache, argmax, the token on the host each step) per
+"""Probe: why the bench's hf-eager decode is slow and erratic on the H200 host, variant by variant.
+
+Issue 12 asks for the cause before hf-eager's ratios are quoted. The bench's own loop (`bench.engines.hf`: DynamicCache, argmax, the token on the host each step) per
 variant, in one process, each step split into its host part (the forward's Python and launches, until it returns)
 and its wait (the sync for the token), with the process's CPU time, the machine's steal time, the garbage
 collections and the minor page faults over each variant, and whether each variant's greedy tokens are the first variant's (the same seed and
@@ -141,7 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="llama-2-7b", help="a dummy preset (random weights in its shapes)")
     ap.add_argument("--layers", type=int, default=None, help="keep only this many decoder layers (a quick look)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="where the model runs (default: cuda if present)")
     ap.add_argument("--dtype", default=None, help="float16 on a GPU, float32 on the CPU unless given")
     ap.add_argument("--context", type=int, default=512, help="prompt tokens before the timed decode steps")
     ap.add_argument("--steps", type=int, default=64, help="timed decode steps per variant")
