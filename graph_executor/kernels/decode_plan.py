@@ -11,8 +11,8 @@ every split-K block config, then the whole step with the winners; bench/NOTES.md
   1.101 -> 1.009 at 2000.
 - SmolLM2-135M (hidden 576, eighteenth session): down 576 x 1536 0.47 -> 0.52 TB/s (32x256, 8 warps), o lost badly
   (0.42 -> 0.25). Step 0.621 -> 0.609 ms at context 300 (0.981x), 0.661 -> 0.646 at 2000.
-A model takes the plan of the largest measured hidden size not above its own (Mistral and Llama-3-8B: 7B's; Qwen2-1.5B
-and TinyLlama: 1B's; Qwen2-0.5B: SmolLM2's).
+A model takes the plan (and the step options below) of the largest measured hidden size not above its own (Mistral,
+Llama-3-8B: 7B's; Qwen2.5-7B (3584) and TinyLlama (2048): 1B's; Qwen2-1.5B (1536) and Qwen2-0.5B (896): SmolLM2's).
 
 The step's two fusions (`StepOptions`, twentieth session, H200, `bench.probes.step_variants`, 5 alternating rounds,
 ms per step at context 300 / 2000; bench/results/2026-12-02-h200-stepfusions/):
