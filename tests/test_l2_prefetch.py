@@ -62,9 +62,10 @@ def test_the_plan_skips_storage_the_instruction_cannot_take() -> None:
 
 def test_kernel_args_fill_every_pair() -> None:
     a, dummy = torch.zeros(2 * CHUNK_BYTES, dtype=torch.uint8), torch.zeros(1)
-    args, regions = plan([a], 1 << 30).kernel_args(dummy)
+    args, regions = l2_prefetch.kernel_args(plan([a], 1 << 30), dummy)
     assert regions == 1 and len(args) == 2 * MAX_REGIONS
     assert args[1] == 2 and all(arg is dummy for arg in args[2::2]) and args[3::2] == [0] * (MAX_REGIONS - 1)
+    assert l2_prefetch.kernel_args(None, dummy) == ([dummy, 0] * MAX_REGIONS, 0)
 
 
 def test_a_tail_prefetch_rides_only_on_gemv_py_kernels() -> None:

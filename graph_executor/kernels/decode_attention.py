@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from graph_executor.kernels import l2_prefetch
 from graph_executor.kernels.l2_prefetch import L2Prefetch, prefetch_l2
 from graph_executor.kernels.pdl import launch_options, wait_for_prior
 
@@ -293,7 +294,7 @@ class DecodeAttention:
         strides = (k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1))
         block = min(BLOCK_N, self.split)
         if self.max_tokens == 1 or self.batched:
-            pf_args, regions = prefetch.kernel_args(self.m) if prefetch is not None else ([self.m, 0] * 4, 0)
+            pf_args, regions = l2_prefetch.kernel_args(prefetch, self.m)
             _split_kernel[(self.num_heads, self.num_splits, tokens)](
                 q, k_cache, v_cache, position, slots if slots is not None else position, self.acc, self.m, self.l,
                 self.counts, out, rope if rope is not None else self.m, *pf_args, *strides, slot_stride, width,

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from graph_executor.kernels import l2_prefetch
 from graph_executor.kernels.l2_prefetch import L2Prefetch, prefetch_l2
 from graph_executor.kernels.pdl import launch_options, wait_for_prior
 
@@ -157,14 +158,10 @@ def _grid(n: int, cfg: GemvConfig) -> tuple[int]:
     return (triton.cdiv(n, cfg.block_n),)
 
 
-def _launch(cfg: GemvConfig, prefetch: L2Prefetch | None) -> dict:
+def _launch(cfg: GemvConfig, regions: int) -> dict:
     return dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                PDL=cfg.pdl, EARLY=cfg.early, PREFETCH=len(prefetch.regions) if prefetch is not None else 0,
-                THREADS=32 * cfg.num_warps, **launch_options(cfg.pdl))
-
-
-def _prefetch_args(prefetch: L2Prefetch | None, dummy: torch.Tensor) -> list:
-    return prefetch.kernel_args(dummy)[0] if prefetch is not None else [dummy, 0] * 4
+                PDL=cfg.pdl, EARLY=cfg.early, PREFETCH=regions, THREADS=32 * cfg.num_warps,
+                **launch_options(cfg.pdl))
 
 
 # `prefetch` (below): weights each program asks L2 for once its rows are stored (kernels/l2_prefetch.py: the next
@@ -175,10 +172,11 @@ def rmsnorm_gemv(w: torch.Tensor, x: torch.Tensor, norm_w: torch.Tensor, eps: fl
     """w [N, K], x [K], norm_w [K], bias [N] or None, row_scale [N] float32 or None -> out [N] (any float dtype:
     logits may be float32)."""
     n, k = w.shape
+    pf_args, regions = l2_prefetch.kernel_args(prefetch, w)
     _rmsnorm_gemv_kernel[_grid(n, cfg)](w, x, norm_w, bias if bias is not None else w,
-                                        row_scale if row_scale is not None else w, out, n, k, eps,
-                                        *_prefetch_args(prefetch, w), HAS_BIAS=bias is not None,
-                                        ROW_SCALE=row_scale is not None, **_launch(cfg, prefetch))
+                                        row_scale if row_scale is not None else w, out, n, k, eps, *pf_args,
+                                        HAS_BIAS=bias is not None, ROW_SCALE=row_scale is not None,
+                                        **_launch(cfg, regions))
     return out
 
 
@@ -186,9 +184,9 @@ def gemv_residual(w: torch.Tensor, a: torch.Tensor, x: torch.Tensor, cfg: GemvCo
                   row_scale: torch.Tensor | None = None, prefetch: L2Prefetch | None = None) -> torch.Tensor:
     """x [N] += (w [N, K] @ a [K]) [* row_scale], in place."""
     n, k = w.shape
-    _gemv_residual_kernel[_grid(n, cfg)](w, a, row_scale if row_scale is not None else w, x, n, k,
-                                         *_prefetch_args(prefetch, w), SWIGLU=False,
-                                         ROW_SCALE=row_scale is not None, **_launch(cfg, prefetch))
+    pf_args, regions = l2_prefetch.kernel_args(prefetch, w)
+    _gemv_residual_kernel[_grid(n, cfg)](w, a, row_scale if row_scale is not None else w, x, n, k, *pf_args,
+                                         SWIGLU=False, ROW_SCALE=row_scale is not None, **_launch(cfg, regions))
     return x
 
 
@@ -196,7 +194,7 @@ def silu_gemv_residual(w: torch.Tensor, gate_up: torch.Tensor, x: torch.Tensor, 
                        row_scale: torch.Tensor | None = None, prefetch: L2Prefetch | None = None) -> torch.Tensor:
     """x [N] += (w [N, K] @ (silu(gate_up[:K]) * gate_up[K:])) [* row_scale], in place."""
     n, k = w.shape
-    _gemv_residual_kernel[_grid(n, cfg)](w, gate_up, row_scale if row_scale is not None else w, x, n, k,
-                                         *_prefetch_args(prefetch, w), SWIGLU=True,
-                                         ROW_SCALE=row_scale is not None, **_launch(cfg, prefetch))
+    pf_args, regions = l2_prefetch.kernel_args(prefetch, w)
+    _gemv_residual_kernel[_grid(n, cfg)](w, gate_up, row_scale if row_scale is not None else w, x, n, k, *pf_args,
+                                         SWIGLU=True, ROW_SCALE=row_scale is not None, **_launch(cfg, regions))
     return x

@@ -43,13 +43,17 @@ class L2Prefetch:
     def nbytes(self) -> int:
         return sum(chunks for _, chunks in self.regions) * CHUNK_BYTES
 
-    def kernel_args(self, dummy: torch.Tensor) -> tuple[list, int]:
-        """([p0, n0, p1, n1, ...] for MAX_REGIONS pairs, the unused ones `dummy` and 0; the REGIONS constexpr)."""
-        args: list = []
-        for i in range(MAX_REGIONS):
-            view, chunks = self.regions[i] if i < len(self.regions) else (dummy, 0)
-            args += [view, chunks]
-        return args, len(self.regions)
+
+
+def kernel_args(prefetch: L2Prefetch | None, dummy: torch.Tensor) -> tuple[list, int]:
+    """What a kernel taking `prefetch_l2`'s arguments is launched with: ([p0, n0, p1, n1, ...] for MAX_REGIONS pairs,
+    the unused ones `dummy` and 0; the REGIONS constexpr, 0 for no prefetch)."""
+    regions = prefetch.regions if prefetch is not None else ()
+    args: list = []
+    for i in range(MAX_REGIONS):
+        view, chunks = regions[i] if i < len(regions) else (dummy, 0)
+        args += [view, chunks]
+    return args, len(regions)
 
 
 def weight_storages(weight: object) -> list[torch.Tensor]:
