@@ -70,6 +70,9 @@ FP8_PLAN = Fp8Plan(
 )
 
 
+LAYER_GEMVS = ("qkv", "o", "gate_up", "down")  # a layer's decode GEMVs, in the order the step runs them
+
+
 class FusedDecoder:
     def __init__(self, model: LlamaModel, plan: GemvPlan | None = None, split_size: int | None = None,
                  int4: SplitKPlan = INT4_PLAN, int8: SplitKPlan = INT8_PLAN,
@@ -102,14 +105,18 @@ class FusedDecoder:
         self.fuse_rope = fuse_rope
         self.early_weights = early_weights
         split_combine = options.split_combine if split_combine is None else split_combine
+        # the step's GEMV slots in the order it reads them: per layer qkv, o, gate_up, down (LAYER_GEMVS); then lm_head
+        slots = [(getattr(layer, f"{name}_proj"), name) for layer in model.layers
+                 for name in LAYER_GEMVS] + [(model.lm_head, "lm_head")]
+        prefetching = l2_prefetch.supported(device)
         budget = options.l2_prefetch_mb if l2_prefetch_mb is None else l2_prefetch_mb
-        # per layer: the weights the step reads after its attention, up to the budget (None: nothing to ask for)
+        # per layer: the weights the step reads after its attention (o, gate_up, down, then the next qkv or the
+        # lm_head), up to the budget (None: nothing to ask for)
         self.prefetch: list[L2Prefetch | None] = [None] * len(model.layers)
-        if budget > 0 and l2_prefetch.supported(device):
-            after = [[layer.o_proj, layer.gate_up_proj, layer.down_proj] for layer in model.layers]
-            for index, weights in enumerate(after):
-                upcoming = model.layers[index + 1].qkv_proj if index + 1 < len(after) else model.lm_head
-                self.prefetch[index] = l2_prefetch.plan(weights + [upcoming], budget << 20)
+        if budget > 0 and prefetching:
+            for index in range(len(model.layers)):
+                after = slots[index * len(LAYER_GEMVS) + 1:(index + 1) * len(LAYER_GEMVS) + 1]
+                self.prefetch[index] = l2_prefetch.plan([w for w, _ in after], budget << 20)
         if self.pdl:  # every config of every format: the launch mode is each kernel call's
             plan, int4, int8, fp8 = (pdl_launch.with_pdl(p) for p in (plan, int4, int8, fp8))
         if early_weights:
@@ -131,22 +138,16 @@ class FusedDecoder:
                                          device, cfg.sliding_window, split_size, pdl=self.pdl,
                                          fused_reduce=split_combine)
         # packed int4/int8 and FP8 slots run split-K kernels that share one scratch (one after another on one stream)
-        slots = [(getattr(layer, f"{name}_proj"), name) for layer in model.layers
-                 for name in ("qkv", "o", "gate_up", "down")] + [(model.lm_head, "lm_head")]
         sizes = [decode_scratch_size(w, self.plan[name]) for w, name in slots]
         floats, counters = max(f for f, _ in sizes), max(c for _, c in sizes)
         self.scratch = SplitKScratch.zeros(floats, counters, device) if floats or counters else None
-        # per layer and projection: the next projection's weights its GEMV's tail asks L2 for (None: nothing)
-        self.tail: list[dict[str, L2Prefetch | None]] = [dict.fromkeys(("qkv", "o", "gate_up", "down"))
-                                                          for _ in model.layers]
+        # per layer and projection: the next slot's weights its GEMV's tail asks L2 for (None: nothing)
+        self.tail: list[dict[str, L2Prefetch | None]] = [dict.fromkeys(LAYER_GEMVS) for _ in model.layers]
         tail_budget = options.tail_prefetch_mb if tail_prefetch_mb is None else tail_prefetch_mb
-        if tail_budget > 0 and l2_prefetch.supported(device):
-            for index, layer in enumerate(model.layers):
-                after = model.layers[index + 1].qkv_proj if index + 1 < len(model.layers) else model.lm_head
-                upcoming = {"qkv": layer.o_proj, "o": layer.gate_up_proj, "gate_up": layer.down_proj, "down": after}
-                for name, weight in upcoming.items():
-                    if tail_prefetch_ok(getattr(layer, f"{name}_proj"), self.plan[name]):
-                        self.tail[index][name] = l2_prefetch.plan([weight], tail_budget << 20)
+        if tail_budget > 0 and prefetching:
+            for i, (w, name) in enumerate(slots[:-1]):
+                if tail_prefetch_ok(w, self.plan[name]):
+                    self.tail[i // len(LAYER_GEMVS)][name] = l2_prefetch.plan([slots[i + 1][0]], tail_budget << 20)
         self.collectives = StepCollectives(model.tp, 1, cfg.vocab_size, device)  # a tensor-parallel rank's
 
     @torch.inference_mode()
