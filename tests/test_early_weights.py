@@ -93,13 +93,10 @@ def test_a_decode_step_with_early_weights_gives_the_same_logits(tmp_path) -> Non
 
     from graph_executor.fused_decoder import FusedDecoder
     from graph_executor.kernels.decode_plan import plan_for
-    from graph_executor.loading.loader import LoadConfig, load_model
-    from tests.test_model_equivalence import BASE, make_hf_model
+    from tests.test_model_equivalence import BASE, load_hf_model
 
-    hf = make_hf_model(transformers.LlamaConfig, dict(num_key_value_heads=2), seed=29)
-    hf.save_pretrained(tmp_path)
-    model = load_model(LoadConfig(model=str(tmp_path), device=str(DEVICE), dtype="float32", max_context=32,
-                                  progress=False)).model
+    model = load_hf_model(tmp_path, transformers.LlamaConfig, dict(num_key_value_heads=2), 29, str(DEVICE),
+                          max_context=32)
     prompt = torch.arange(1, 8, device=DEVICE)
     model(prompt, torch.arange(7, device=DEVICE), torch.tensor([6], device=DEVICE), 7)
     before = model.kv_cache.clone()

@@ -112,12 +112,9 @@ def test_a_decode_step_with_split_k_qkv_o_and_down_matches_the_fp16_kernels_step
 
     from graph_executor.fused_decoder import FusedDecoder
     from graph_executor.kernels.gemv import GEMV_PLAN
-    from graph_executor.loading.loader import LoadConfig, load_model
-    from tests.test_model_equivalence import make_hf_model
+    from tests.test_model_equivalence import load_hf_model
 
-    make_hf_model(transformers.Qwen2Config, dict(num_key_value_heads=2), seed=21).save_pretrained(tmp_path)
-    model = load_model(LoadConfig(model=str(tmp_path), device="cpu", dtype="float32", max_context=64,
-                                  progress=False)).model
+    model = load_hf_model(tmp_path, transformers.Qwen2Config, dict(num_key_value_heads=2), 21, max_context=64)
     # hidden 64, intermediate 96: qkv and o in 2 K slices, down in 3 (the last one 32 wide of 64), 4 row blocks each
     plan = type(GEMV_PLAN)(qkv=DenseSplitKConfig(16, 32, 2), o=DenseSplitKConfig(16, 32, 2), gate_up=GEMV_PLAN.gate_up,
                               down=DenseSplitKConfig(16, 64, 2), lm_head=GEMV_PLAN.lm_head)
@@ -174,8 +171,7 @@ def test_the_step_options_are_the_ones_measured_on_the_nearest_hidden_size_below
 
     from graph_executor.fused_decoder import FusedDecoder
     from graph_executor.kernels import decode_plan
-    from graph_executor.loading.loader import LoadConfig, load_model
-    from tests.test_model_equivalence import make_hf_model
+    from tests.test_model_equivalence import load_hf_model
 
     seven, one, small = decode_plan.options_for(4096), decode_plan.options_for(2048), decode_plan.options_for(576)
     assert decode_plan.options_for(8192) == seven == decode_plan.StepOptions(fuse_rope=True, early_weights=False)
@@ -183,9 +179,7 @@ def test_the_step_options_are_the_ones_measured_on_the_nearest_hidden_size_below
     assert decode_plan.options_for(1) == small == decode_plan.StepOptions(fuse_rope=True, early_weights=True)
     with pytest.raises(ValueError, match="hidden_size"):
         decode_plan.options_for(0)
-    make_hf_model(transformers.LlamaConfig, {}, seed=3).save_pretrained(tmp_path)
-    model = load_model(LoadConfig(model=str(tmp_path), device="cpu", dtype="float32", max_context=32,
-                                  progress=False)).model
+    model = load_hf_model(tmp_path, transformers.LlamaConfig, {}, 3, max_context=32)
     chosen = FusedDecoder(model)
     assert (chosen.fuse_rope, chosen.early_weights) == (True, True)
     configs = [getattr(chosen.plan["qkv"], f.name) for f in dataclasses.fields(chosen.plan["qkv"])]

@@ -103,12 +103,10 @@ def test_a_verify_steps_attention_takes_no_prefetch() -> None:
 def load_tiny(tmp_path, dtype: str, **sizes: int):
     import transformers
 
-    from graph_executor.loading.loader import LoadConfig, load_model
-    from tests.test_model_equivalence import make_hf_model
+    from tests.test_model_equivalence import load_hf_model
 
-    make_hf_model(transformers.Qwen2Config, dict(num_key_value_heads=2, **sizes), seed=29).save_pretrained(tmp_path)
-    return load_model(LoadConfig(model=str(tmp_path), device=str(DEVICE), dtype=dtype, max_context=64,
-                                 progress=False)).model
+    return load_hf_model(tmp_path, transformers.Qwen2Config, dict(num_key_value_heads=2, **sizes), 29, str(DEVICE),
+                         dtype, max_context=64)
 
 
 def test_a_decoder_asks_for_no_prefetch_where_the_device_has_none(tmp_path) -> None:

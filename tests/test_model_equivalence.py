@@ -43,6 +43,14 @@ def make_hf_model(config_cls, extra: dict, seed: int) -> transformers.PreTrained
     return model
 
 
+def load_hf_model(tmp_path, config_cls, extra: dict, seed: int, device: str = "cpu", dtype: str = "float32", *,
+                  max_context: int):
+    """make_hf_model's model saved into tmp_path and loaded back as ours (a LlamaModel)."""
+    make_hf_model(config_cls, extra, seed).save_pretrained(tmp_path)
+    return load_model(LoadConfig(model=str(tmp_path), device=device, dtype=dtype, max_context=max_context,
+                                 progress=False)).model
+
+
 def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return float((ours.double() - ref.double()).abs().max() / ref.double().abs().max())
 

@@ -113,13 +113,10 @@ def test_fused_decoder_with_rope_inside_gives_the_same_step(tmp_path) -> None:
     import transformers
 
     from graph_executor.fused_decoder import FusedDecoder
-    from graph_executor.loading.loader import LoadConfig, load_model
-    from tests.test_model_equivalence import BASE, make_hf_model
+    from tests.test_model_equivalence import BASE, load_hf_model
 
-    hf = make_hf_model(transformers.Qwen2Config, dict(num_key_value_heads=2), seed=23)
-    hf.save_pretrained(tmp_path)
-    model = load_model(LoadConfig(model=str(tmp_path), device=str(DEVICE), dtype="float32", max_context=64,
-                                  progress=False)).model
+    model = load_hf_model(tmp_path, transformers.Qwen2Config, dict(num_key_value_heads=2), 23, str(DEVICE),
+                          max_context=64)
     prompt = torch.randint(0, BASE["vocab_size"], (9,), generator=torch.Generator().manual_seed(4)).to(DEVICE)
     model(prompt, torch.arange(9, device=DEVICE), torch.tensor([8], device=DEVICE), 9)
     before = model.kv_cache.clone()
