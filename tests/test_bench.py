@@ -325,12 +325,15 @@ def test_near_tie_probe_cpu_smoke(default_model_dir, capsys) -> None:
 
 def test_hf_eager_probe_runs_each_variant_to_the_same_tokens(capsys) -> None:
     """bench.probes.hf_eager on the CPU (SmolLM2's shapes cut to 2 layers): a row per variant, every one of them
-    (StaticCache, eager attention, one thread, no collector) giving the plain loop's greedy tokens."""
+    (StaticCache, eager attention, one thread, no collector, SDPA without cuDNN) giving the plain loop's greedy
+    tokens; the cuDNN switch is back as it was after."""
     from bench.probes.hf_eager import main
 
+    cudnn = torch.backends.cuda.cudnn_sdp_enabled()
     main(["--model", "smollm2-135m", "--layers", "2", "--device", "cpu", "--context", "16", "--steps", "6"])
+    assert torch.backends.cuda.cudnn_sdp_enabled() == cudnn
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "variant" not in line]
-    assert [r.split(" | ")[0][2:] for r in rows] == ["plain", "threads1", "nogc", "static", "eager-attn"]
+    assert [r.split(" | ")[0][2:] for r in rows] == ["plain", "threads1", "nogc", "static", "eager-attn", "no-cudnn"]
     assert all(" | yes | " in r for r in rows), rows
     assert all(float(r.split(" | ")[-1].rstrip(" |")) <= 1e-5 for r in rows), rows  # float32: rounding apart
     with pytest.raises(SystemExit, match="unknown variant"):

@@ -163,8 +163,9 @@ def test_the_decode_plan_is_the_one_measured_on_the_nearest_hidden_size_below() 
 
 
 def test_the_step_options_are_the_ones_measured_on_the_nearest_hidden_size_below(tmp_path) -> None:
-    """decode_plan.options_for: RoPE inside attention from 7B's hidden size up and below 1B's; the early weights
-    below 1B's only (measured on the card: a loss on 7B); FusedDecoder takes them unless told."""
+    """decode_plan.options_for: RoPE inside attention from 7B's hidden size up and below 1B's; the early weights and
+    the attention's in-kernel split combine below 1B's only (measured on the card: losses on 7B); FusedDecoder takes
+    them unless told."""
     import dataclasses
 
     import transformers
@@ -176,7 +177,8 @@ def test_the_step_options_are_the_ones_measured_on_the_nearest_hidden_size_below
     seven, one, small = decode_plan.options_for(4096), decode_plan.options_for(2048), decode_plan.options_for(576)
     assert decode_plan.options_for(8192) == seven == decode_plan.StepOptions(fuse_rope=True, early_weights=False)
     assert decode_plan.options_for(3584) == one == decode_plan.StepOptions(fuse_rope=False, early_weights=False)
-    assert decode_plan.options_for(1) == small == decode_plan.StepOptions(fuse_rope=True, early_weights=True)
+    assert decode_plan.options_for(1) == small == decode_plan.StepOptions(fuse_rope=True, early_weights=True,
+                                                                          split_combine=True)
     with pytest.raises(ValueError, match="hidden_size"):
         decode_plan.options_for(0)
     model = load_hf_model(tmp_path, transformers.LlamaConfig, {}, 3, max_context=32)
@@ -184,7 +186,7 @@ def test_the_step_options_are_the_ones_measured_on_the_nearest_hidden_size_below
     assert (chosen.fuse_rope, chosen.early_weights) == (True, True)
     configs = [getattr(chosen.plan["qkv"], f.name) for f in dataclasses.fields(chosen.plan["qkv"])]
     assert all(c.early for c in configs), "every format's config of a projection loads early"
-    assert not chosen.attention.fused_reduce
-    told = FusedDecoder(model, fuse_rope=False, early_weights=False, split_combine=True)
+    assert chosen.attention.fused_reduce
+    told = FusedDecoder(model, fuse_rope=False, early_weights=False, split_combine=False)
     assert (told.fuse_rope, told.early_weights) == (False, False) and not told.plan["down"].dense.early
-    assert told.attention.fused_reduce
+    assert not told.attention.fused_reduce

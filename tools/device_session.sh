@@ -202,11 +202,11 @@ for step in "${steps[@]}"; do
               --workloads floors,decode --out "$OUT/bench-$m" > "$OUT/bench-$m.log" 2>&1
             echo "bench $m: rc=$?"; sed -n '/^## Decode/,/^## Per-token/p' "$OUT/bench-$m/results.md" | grep '^| hy'
           done ;;
-    hfeager) # issue 12's hf-eager question: the bench's loop split into host time and wait, per variant (threads,
-             # collector, StaticCache, eager attention), with CPU time, steal time and collections (~2 min)
+    hfeager) # issue 12's hf-eager question: the bench's loop split into host time and wait, per variant (cuDNN SDPA
+             # off, plain again: its second run, threads, collector), with CPU time, steal time, collections (~2 min)
           for ctx in 128 1024; do
             timeout 150 python3 -m bench.probes.hf_eager --model llama-2-7b --context $ctx --steps 64 \
-              > "$OUT/hf_eager_$ctx.md" 2>&1
+              --variants plain,no-cudnn,plain,threads1,nogc > "$OUT/hf_eager_$ctx.md" 2>&1
             echo "hf eager probe, context $ctx: rc=$?"; cat "$OUT/hf_eager_$ctx.md"
           done ;;
     prefetch) # issue 12: the layer's next weights asked into L2 by the decode attention kernel (kernels/l2_prefetch.py,

@@ -2,7 +2,12 @@
 values):
 
 - `hf-eager`: a generate-equivalent greedy loop (prefill keeping only the last logits, argmax, one token per
-  forward) over a DynamicCache; the token reaches the host each step, as `generate`'s stop checks make it.
+  forward) over a DynamicCache; the token reaches the host each step, as `generate`'s stop checks make it. SDPA's
+  cuDNN backend is off in this engine: on Hopper torch (2.11) prefers it, and it builds a plan for every new
+  sequence length (~1.4 ms of host time per layer call, measured on an H200 with `bench.probes.hf_eager`), so a
+  DynamicCache that grows by one token a step paid a plan build in every layer of every step: 57-97 ms a token on
+  LLaMA-2-7B instead of 21-23 (flash / memory-efficient SDPA). The figure then measured plan building, not eager
+  PyTorch; the facts record `sdpa_cudnn: false`.
 - `hf-compile`: the same loop over a StaticCache with the decode step under
   torch.compile(mode="reduce-overhead", fullgraph=True) (CUDA graphs); prefill runs eagerly, as in HF's recipe.
 """
@@ -72,6 +77,8 @@ class HfEngine:
 
         timeline.mark("imports_done")
         self.spec, self.compiled = spec, compiled
+        if spec.on_gpu and not compiled:  # why: the module docstring (per-length cuDNN plans)
+            torch.backends.cuda.enable_cudnn_sdp(False)
         self.device, self.dtype = spec.device, getattr(torch, spec.dtype)
         self.model = build_hf_model(spec.model_config, spec.device, self.dtype, spec.seed)
         # transformers 5.24 renamed past_key_values to cache (the old name warns, and goes in 5.40).
@@ -82,7 +89,8 @@ class HfEngine:
         timeline.mark("weights_ready")
         self._facts = {"transformers": transformers.__version__, "attn_implementation":
                        getattr(self.model.config, "_attn_implementation", None),
-                       "params": sum(p.numel() for p in self.model.parameters())}
+                       "params": sum(p.numel() for p in self.model.parameters()),
+                       "sdpa_cudnn": torch.backends.cuda.cudnn_sdp_enabled() if spec.on_gpu else None}
         if compiled:
             self.cache = make_static_cache(self.model, spec.max_context, spec.device, self.dtype)
             self._step = torch.compile(self._decode_step, mode="reduce-overhead", fullgraph=True)

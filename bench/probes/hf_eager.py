@@ -7,11 +7,13 @@ collections and the minor page faults over each variant, and whether each varian
 weights: they must be).
 
     python -m bench.probes.hf_eager [--model llama-2-7b] [--device cuda] [--context 512] [--steps 64]
-        [--variants plain,threads1,nogc,static,eager-attn] [--layers N]
+        [--variants plain,threads1,nogc,static,eager-attn,no-cudnn] [--layers N]
 
-Variants: plain (the bench's loop as it is), threads1 (torch.set_num_threads(1): torch's CPU thread pool is the
+Variants: plain (the bench's loop with SDPA's backends as torch picks them), threads1 (torch.set_num_threads(1): torch's CPU thread pool is the
 suspect), nogc (Python's collector off during the steps), static (a StaticCache instead of the DynamicCache's
-growing torch.cat, still eager), eager-attn (attention_implementation "eager" instead of sdpa). Reading it: host ms
+growing torch.cat, still eager), eager-attn (attention_implementation "eager" instead of sdpa), no-cudnn (SDPA's
+cuDNN backend off: the bench's hf-eager engine runs so). A name may repeat: a variant's second run in the process
+shows what its first paid once. Reading it: host ms
 near the step ms means the host is the limit (Python and launches: ~1,000 ops a step for a 7B); CPU ms well below
 wall ms means the process waited for something other than the GPU (steal time says whether that was the VM's
 host); a spike that follows a gen-2 collection is the collector's.
@@ -33,7 +35,7 @@ import torch
 from bench.engines.hf import build_hf_model, make_static_cache
 from graph_executor.loading.presets import preset
 
-VARIANTS = ("plain", "threads1", "nogc", "static", "eager-attn")
+VARIANTS = ("plain", "threads1", "nogc", "static", "eager-attn", "no-cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +114,9 @@ def run_variant(name: str, hf_config: dict, device: str, dtype: torch.dtype, con
     prompt = torch.randint(100, 1000, (1, context), generator=torch.Generator().manual_seed(1)).to(device)
     static = name == "static"
     torch.set_num_threads(1 if name == "threads1" else threads)
+    cudnn = torch.backends.cuda.cudnn_sdp_enabled()
+    # bench.engines.hf (hf-eager) turns it off: it builds a cuDNN plan per new sequence length, i.e. every step
+    torch.backends.cuda.enable_cudnn_sdp(cudnn and name != "no-cudnn")
     try:
         with torch.no_grad():
             warm = make_static_cache(model, context + steps + 8, device, dtype) if static else DynamicCache()
@@ -123,6 +128,7 @@ def run_variant(name: str, hf_config: dict, device: str, dtype: torch.dtype, con
     finally:
         gc.enable()
         torch.set_num_threads(threads)
+        torch.backends.cuda.enable_cudnn_sdp(cudnn)
         del model
         if device.startswith("cuda"):
             torch.cuda.empty_cache()

@@ -51,14 +51,16 @@ class StepOptions:
     fuse_rope: bool  # RoPE and the KV append inside the decode attention kernel (one kernel fewer per layer)
     early_weights: bool  # every GEMV loads its (first) weights before it waits for the kernel before it
     # MiB of the layer's next weights (o, gate_up, down, the next layer's qkv) the decode attention kernel asks L2 to
-    # hold (kernels/l2_prefetch.py; sm_90+); 0: none. Not measured on a card yet: 0 everywhere.
+    # hold (kernels/l2_prefetch.py; sm_90+); 0: none. Measured (H200, step at contexts 300 / 2000): 8 MiB +0.1% /
+    # +0.1% on 7B, -0.4% / +1.0% on 1B, -1.0% / -0.8% on SmolLM2 (noise); 24 and 40 MiB slower everywhere: 0.
     l2_prefetch_mb: int = 0
     # the decode attention's last split program per head combines the splits (DecodeAttention(fused_reduce=): no
-    # reduce kernel). Measured SmolLM2 -2% / -1.5%, 7B +1.6% / +0.7%; off until the batched-vs-lone identity tests
-    # (test_runtime_batching with the GGUF) pass with it on the card.
+    # reduce kernel). Measured SmolLM2 -2% / -1.5%, 7B +1.6% / +0.7%: on below hidden 2048 (the batched-vs-lone
+    # identity tests, test_runtime_batching and test_prefix_reuse with the GGUF, pass with it on the card).
     split_combine: bool = False
     # MiB of the next projection's weights each GEMV's programs ask L2 for once their rows are stored (gemv.py's
-    # kernels only: projections.tail_prefetch_ok); 0: none. Not measured on a card yet: 0 everywhere.
+    # kernels only: projections.tail_prefetch_ok); 0: none. Measured (H200): 4 MiB +0.8-2.9% on every shape, 16 MiB
+    # up to +7%: 0.
     tail_prefetch_mb: int = 0
 
 
@@ -66,7 +68,7 @@ class StepOptions:
 MEASURED_OPTIONS: tuple[tuple[int, StepOptions], ...] = (
     (4096, StepOptions(fuse_rope=True, early_weights=False)),
     (2048, StepOptions(fuse_rope=False, early_weights=False)),
-    (0, StepOptions(fuse_rope=True, early_weights=True)),
+    (0, StepOptions(fuse_rope=True, early_weights=True, split_combine=True)),
 )
 
 
