@@ -28,7 +28,8 @@
 #   and without each on the 7B, 1B and SmolLM2 shapes (~6 min); stepdefaults: the fusions as chosen per model size
 #   against neither, and the bench's decode on the SmolLM2 and 7B shapes (~5 min); hfeager: bench.probes.hf_eager at
 #   contexts 128 and 1024 (why the bench's hf-eager row is slow and erratic; ~2 min); prefetch: the L2 prefetch of
-#   the layer's next weights from the attention kernel, its test and the step at 8 / 24 / 40 MiB (~3 min);
+#   the layer's next weights from the attention kernel, its test and the step at 8 / 24 / 40 MiB (~3 min); shortsteps:
+#   bench.probes.kernel_profile of 7B's 10-token prefill and the 1B shape's decode (~2 min);
 #   quant: the packed-weight tests and `bench --quantize none,int8,int4,fp8` on dummy:llama-2-7b (executor, ~3 min);
 #   gemv: the low-bit GEMV block sweep per projection and format (~1 min); gemm: the low-bit prefill GEMM's default
 #   configs against torch.mm per projection, format and prompt length (~1 min); fp8: the FP8 split-K GEMV sweep
@@ -220,7 +221,15 @@ for step in "${steps[@]}"; do
             --variants "fused=0;fused=0,pf=8;fused=0,pf=24;fused=0,pf=40;fused=0,tpf=4;fused=0,tpf=16;fused=0,pf=24,tpf=4" \
             > "$OUT/step_variants_prefetch.md" 2>&1
           echo "step variants (L2 prefetch): rc=$?"; grep '^|' "$OUT/step_variants_prefetch.md" ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch)"
+    shortsteps) # issue 12's two figures furthest from target, per kernel: 7B's 10-token prefill (executor TTFT 4.54
+                # ms, target 4.25) and the Llama-3.2-1B shape's decode (0.99 ms = 1.74x, target 1.4x), ~2 min
+          timeout 120 python3 -m bench.probes.kernel_profile --prompt 10 --context 512 --top 20 \
+            > "$OUT/kernel_profile_7b_p10.md" 2>&1
+          echo "kernel profile, 7B, 10-token prefill: rc=$?"; cat "$OUT/kernel_profile_7b_p10.md"
+          timeout 120 python3 -m bench.probes.kernel_profile --model dummy:llama-3.2-1b --prompt 10 --context 512 \
+            --top 20 > "$OUT/kernel_profile_1b.md" 2>&1
+          echo "kernel profile, 1B: rc=$?"; cat "$OUT/kernel_profile_1b.md" ;;
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps)"
        exit 2 ;;
   esac
 done
