@@ -140,7 +140,22 @@ def status_section(results: dict) -> list[str]:
     head = ["engine", "status", "wall s", "weights ready s", "ready s", "graphs captured", "warm s", "peak GiB",
             "weights resident GiB", "weights as stored GiB", "graph pool GiB", "error"]
     return (["## Engines: status, startup (s since spawn), memory (GPU: peak allocated; CPU: peak RSS)", ""]
-            + _table(head, rows))
+            + _table(head, rows) + _hf_setup(results))
+
+
+def _hf_setup(results: dict) -> list[str]:
+    """One line per HF peer: how its attention ran (a peer's figure depends on it: bench/engines/hf.py)."""
+    lines = []
+    for e, r in results["engines"].items():
+        facts = r.get("facts") or {}
+        if "attn_implementation" not in facts:
+            continue
+        cudnn = facts.get("sdpa_cudnn")
+        backend = "" if cudnn is None else (", SDPA's cuDNN backend on" if cudnn else
+                                            ", SDPA's cuDNN backend off (it builds a plan per sequence length)")
+        lines.append(f"- {e}: transformers {facts.get('transformers')}, attention {facts['attn_implementation']}"
+                     f"{backend}")
+    return lines + [""] if lines else []
 
 
 def overhead_section(results: dict) -> list[str]:

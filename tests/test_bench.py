@@ -80,6 +80,8 @@ def test_cpu_smoke_run_writes_every_figure(tiny_model, tmp_path, capsys) -> None
     for heading in ("## Floors", "## TTFT", "## Decode", "## Per-token latency", "## Ratios", "## Engines"):
         assert heading in md
     assert f"sources sha256 {results['env']['git']['source_sha256'][:12]}" in md  # the code run, commit or not
+    assert peer["facts"]["sdpa_cudnn"] is None  # the cuDNN switch is the GPU's (bench/engines/hf.py)
+    assert f"- hf-eager: transformers {results['env']['transformers']}, attention sdpa\n" in md
     assert md in capsys.readouterr().out
     pytest.importorskip("matplotlib")
     assert all((out / f).stat().st_size > 0 for f in ("ttft.png", "context.png", "decode_cdf.png"))
@@ -338,3 +340,19 @@ def test_hf_eager_probe_runs_each_variant_to_the_same_tokens(capsys) -> None:
     assert all(float(r.split(" | ")[-1].rstrip(" |")) <= 1e-5 for r in rows), rows  # float32: rounding apart
     with pytest.raises(SystemExit, match="unknown variant"):
         main(["--variants", "plain,fast"])
+
+
+def test_the_engines_section_says_how_each_hf_peer_ran_its_attention() -> None:
+    """A GPU run's hf-eager has SDPA's cuDNN backend off (its per-length plans; bench/engines/hf.py), hf-compile as
+    torch picks it: the report says which, under the engines table; engines without the fact get no line."""
+    from bench.report import status_section
+
+    facts = {"transformers": "5.17.0", "attn_implementation": "sdpa"}
+    engines = {"hf-eager": {"status": "ok", "wall_s": 1, "facts": {**facts, "sdpa_cudnn": False}},
+               "hf-compile": {"status": "ok", "wall_s": 1, "facts": {**facts, "sdpa_cudnn": True}},
+               "hybridrt": {"status": "ok", "wall_s": 1, "facts": {"graphs": []}}}
+    lines = status_section({"engines": engines})
+    assert lines[-3:] == ["- hf-eager: transformers 5.17.0, attention sdpa, SDPA's cuDNN backend off (it builds a "
+                          "plan per sequence length)",
+                          "- hf-compile: transformers 5.17.0, attention sdpa, SDPA's cuDNN backend on", ""]
+    assert not any(line.startswith("- hybridrt") for line in lines)
