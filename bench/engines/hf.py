@@ -10,6 +10,8 @@ values):
   PyTorch; the facts record `sdpa_cudnn: false`.
 - `hf-compile`: the same loop over a StaticCache with the decode step under
   torch.compile(mode="reduce-overhead", fullgraph=True) (CUDA graphs); prefill runs eagerly, as in HF's recipe.
+  It keeps SDPA's backends as torch picks them: its decode step has one length (the StaticCache's), and a prefill
+  builds its plan once per prompt length (in the first of the TTFT workload's repeats, hence its P99, not median).
 """
 
 from __future__ import annotations

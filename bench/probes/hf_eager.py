@@ -1,22 +1,24 @@
 """Probe: why the bench's hf-eager decode is slow and erratic on the H200 host, variant by variant.
 
-Issue 12 asks for the cause before hf-eager's ratios are quoted. The bench's own loop (`bench.engines.hf`: DynamicCache, argmax, the token on the host each step) per
-variant, in one process, each step split into its host part (the forward's Python and launches, until it returns)
-and its wait (the sync for the token), with the process's CPU time, the machine's steal time, the garbage
-collections and the minor page faults over each variant, and whether each variant's greedy tokens are the first variant's (the same seed and
-weights: they must be).
+Issue 12 asks for the cause before hf-eager's ratios are quoted. The bench's own loop (`bench.engines.hf`:
+DynamicCache, argmax, the token on the host each step) per variant, in one process, each step split into its host
+part (the forward's Python and launches, until it returns) and its wait (the sync for the token), with the process's
+CPU time, the machine's steal time, the garbage collections and the minor page faults over each variant, and whether
+each variant's greedy tokens are the first variant's (the same seed and weights: they must be). What it found on an
+H200 (bench/NOTES.md, twenty-first session): SDPA's cuDNN backend building a plan per new sequence length, i.e. in
+every layer of every DynamicCache step; the bench's hf-eager runs without it.
 
     python -m bench.probes.hf_eager [--model llama-2-7b] [--device cuda] [--context 512] [--steps 64]
         [--variants plain,threads1,nogc,static,eager-attn,no-cudnn] [--layers N]
 
-Variants: plain (the bench's loop with SDPA's backends as torch picks them), threads1 (torch.set_num_threads(1): torch's CPU thread pool is the
-suspect), nogc (Python's collector off during the steps), static (a StaticCache instead of the DynamicCache's
-growing torch.cat, still eager), eager-attn (attention_implementation "eager" instead of sdpa), no-cudnn (SDPA's
-cuDNN backend off: the bench's hf-eager engine runs so). A name may repeat: a variant's second run in the process
-shows what its first paid once. Reading it: host ms
-near the step ms means the host is the limit (Python and launches: ~1,000 ops a step for a 7B); CPU ms well below
-wall ms means the process waited for something other than the GPU (steal time says whether that was the VM's
-host); a spike that follows a gen-2 collection is the collector's.
+Variants: plain (the bench's loop with SDPA's backends as torch picks them), threads1 (torch.set_num_threads(1):
+torch's CPU thread pool is the suspect), nogc (Python's collector off during the steps), static (a StaticCache
+instead of the DynamicCache's growing torch.cat, still eager), eager-attn (attention_implementation "eager" instead
+of sdpa), no-cudnn (SDPA's cuDNN backend off: the bench's hf-eager engine runs so). A name may repeat: a variant's
+second run in the process shows what its first paid once. Reading it: host ms near the step ms means the host is the
+limit (Python and launches: ~1,000 ops a step for a 7B); CPU ms well below wall ms means the process waited for
+something other than the GPU (steal time says whether that was the VM's host); a spike that follows a gen-2
+collection is the collector's.
 """
 
 from __future__ import annotations
