@@ -12,28 +12,45 @@ from ipc.errors import HybridrtError
 
 class Parser(argparse.ArgumentParser):
     """argparse with a did-you-mean for a mistyped flag (Python 3.14's `suggest_on_error`, for flags too); the
-    subcommands' parsers are of this class as well."""
+    subcommands' parsers are of this class as well. An unknown flag is reported by the subcommand it was given to
+    (argparse leaves that to the top parser, which knows every subcommand's flags), and suggestions come from that
+    subcommand's flags only; a positional argument typed as a flag (`--prompt`) says it is positional."""
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self._chosen(parsed).error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
+    def _chosen(self, parsed: argparse.Namespace) -> argparse.ArgumentParser:
+        """The deepest subcommand's parser that `parsed` names (this parser when it has no subcommands)."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                sub = action.choices.get(getattr(parsed, action.dest, None) or "")
+                if sub is not None:
+                    return sub._chosen(parsed) if isinstance(sub, Parser) else sub
+        return self
 
     def error(self, message: str) -> None:
         if message.startswith("unrecognized arguments:"):
-            known = sorted(self._all_flags())
-            hints = []
+            # a positional's name as a flag is a candidate too (`--prompt` for generate's PROMPT)
+            positionals = {"--" + a.dest.replace("_", "-"): a.metavar or a.dest for a in self._actions
+                           if not a.option_strings and not isinstance(a, argparse._SubParsersAction)}
+            known = sorted(set(self._option_string_actions) | set(positionals))
+            hints, notes = [], []
             for word in message.split(":", 1)[1].split():
                 flag = word.split("=", 1)[0]
-                close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6) if flag.startswith("--") else []
-                if close:
+                close = difflib.get_close_matches(flag.lower(), known, n=1, cutoff=0.7) if flag.startswith("--") else []
+                if close and close[0] in positionals:
+                    name = positionals[close[0]]
+                    notes.append(f"{name} is positional, without a flag: {self.prog} [options] {name}")
+                elif close:
                     hints.append(f"{flag} -> {close[0]}")
             if hints:
                 message += f" (did you mean: {', '.join(hints)}?)"
+            if notes:
+                message += f" ({'; '.join(notes)})"
         super().error(message)
-
-    def _all_flags(self) -> set[str]:
-        flags = set(self._option_string_actions)
-        for action in self._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                for sub in action.choices.values():
-                    flags |= set(sub._option_string_actions)
-        return flags
 
 
 def version() -> str:

@@ -157,6 +157,24 @@ def test_version_and_did_you_mean(capsys) -> None:
     err = capsys.readouterr().err
     assert done.value.code == 2
     assert "--temprature -> --temperature" in err and "--max-tokns -> --max-tokens" in err, err
+    # the subcommand reports its own unknown flags and suggests only its own: serve's --http-port is not generate's
+    # (the top parser used to answer "--http-port -> --http-port")
+    with pytest.raises(SystemExit):
+        main(["generate", "--http-port", "hi"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == "hybridrt generate: error: unrecognized arguments: --http-port", err
+    with pytest.raises(SystemExit):
+        main(["serve", "--prot", "1"])
+    assert capsys.readouterr().err.strip().endswith("hybridrt serve: error: unrecognized arguments: --prot 1 (did "
+                                                    "you mean: --prot -> --port?)")
+    # llama-cli's habit: the prompt as a flag
+    with pytest.raises(SystemExit):
+        main(["generate", "--prompt", "hi"])
+    assert capsys.readouterr().err.strip().endswith(
+        "(PROMPT is positional, without a flag: hybridrt generate [options] PROMPT)")
+    with pytest.raises(SystemExit):
+        main(["cache", "ls", "--bogus"])
+    assert "hybridrt cache ls: error: unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
 def test_generate_into_a_closed_pipe_exits_quietly(default_model_dir) -> None:
