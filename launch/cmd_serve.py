@@ -29,7 +29,7 @@ from launch.options import (
     speculative_config,
     tensor_parallel,
 )
-from launch.supervisor import ChildDied, ServerConfig, Supervisor, gpu_requested
+from launch.supervisor import ChildDied, ServerConfig, StopRequested, Supervisor, gpu_requested
 
 HTTP_SHUTDOWN_TIMEOUT_S = 5.0
 
@@ -42,7 +42,7 @@ def register(sub) -> None:
                        description=__doc__.strip().splitlines()[0])
     p.add_argument("--host", default="127.0.0.1", help="interface for both sockets (default: 127.0.0.1)")
     p.add_argument("--port", type=port_number, default=DEFAULT_PORT,
-                   help=f"native (ZeroMQ) client port (default: {DEFAULT_PORT})")
+                   help=f"native (ZeroMQ) client port; 0 takes a free one, printed when ready (default: {DEFAULT_PORT})")
     p.add_argument("--http-port", type=port_number, default=DEFAULT_HTTP_PORT,
                    help=f"OpenAI-compatible HTTP port; 0 disables HTTP (default: {DEFAULT_HTTP_PORT})")
     p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
@@ -69,7 +69,16 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     seqs = max_num_seqs(args, gpu=gpu_requested(args.device))
     ranks = tensor_parallel(args)
-    config = ServerConfig(load_config(args, seqs), listen=f"tcp://{args.host}:{args.port}",
+    # Before the children start: a taken port is a one-line error, not a failure after loading; port 0 becomes a
+    # free one here (the supervisor and the banner need the address the JIT context will bind).
+    try:
+        with bind_http_socket(args.host, args.port) as trial:  # the JIT context binds it for real (ZeroMQ)
+            port = trial.getsockname()[1]
+    except OSError as e:
+        print(f"error: cannot bind the native port tcp://{args.host}:{args.port}: {e.strerror or e}",
+              file=sys.stderr)
+        return 1
+    config = ServerConfig(load_config(args, seqs), listen=f"tcp://{args.host}:{port}",
                           tokenizer=args.tokenizer,
                           chat_template=chat_template(args),
                           ready_timeout_s=args.ready_timeout, mps=args.mps, step_timeout_s=args.step_timeout,
@@ -82,14 +91,6 @@ def run(args: argparse.Namespace) -> int:
               "server", file=sys.stderr)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    # Before the children start: a taken port is a one-line error, not a failure after loading.
-    if args.port:
-        try:
-            bind_http_socket(args.host, args.port).close()  # the JIT context binds it for real (ZeroMQ)
-        except OSError as e:
-            print(f"error: cannot bind the native port tcp://{args.host}:{args.port}: {e.strerror or e}",
-                  file=sys.stderr)
-            return 1
     try:
         http_socket = bind_http_socket(args.host, args.http_port) if args.http_port else None
     except OSError as e:
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         supervisor.start()
         if args.http_port:
             import_http_server()  # while the children load (~0.4-0.6 s): off the path from ready to serving
-        facts = supervisor.wait_ready()
+        facts = supervisor.wait_ready(stop)
         print(ready_line(facts, supervisor.ready_seconds), flush=True)
         print(f"  native: {supervisor.address}", flush=True)
         if args.http_port:
@@ -111,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     except ChildDied as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, StopRequested):
         return 0
     finally:
         supervisor.stop()

@@ -137,6 +137,10 @@ def _describe_exit(name: str, code: int) -> str:
     return f"{name} exited with code {code}"
 
 
+class StopRequested(Exception):
+    """The caller asked to stop (its `stop` event) before the server was ready."""
+
+
 class Supervisor:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
@@ -206,12 +210,17 @@ class Supervisor:
         self.children["jit_context"] = subprocess.Popen(jit, env=jit_env, start_new_session=True)
         self._tell_reaper(f"child {self.children['jit_context'].pid}")
 
-    def wait_ready(self) -> dict:
+    def wait_ready(self, stop: threading.Event | None = None) -> dict:
+        """The server's facts once it answers a status request. Raises ChildDied when a child exits first,
+        StopRequested when `stop` is set first (`serve`'s SIGTERM while the model loads), HybridrtError past
+        `ready_timeout_s`."""
         deadline = time.monotonic() + self.config.ready_timeout_s
         from launch.client import Client, ServerError  # here: ZeroMQ's import comes after the children's spawn
 
         with Client(self.address, api_key=self.config.api_key) as client:
             while time.monotonic() < deadline:
+                if stop is not None and stop.is_set():
+                    raise StopRequested("stopped before the server was ready")
                 self.check_children()
                 try:
                     self.ready_facts = client.status(timeout_s=0.5)

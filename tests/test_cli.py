@@ -297,3 +297,50 @@ def test_serve_logs_each_finished_request_unless_quiet(default_model_dir) -> Non
     assert re.search(r"graph_executor: weights \d+\.\d\d s", err) and "jit_context: imports " in err, err
     # The converted default model's tokenizer folder is known before the executor reports it: loaded meanwhile.
     assert "jit_context: tokenizer (while the executor loads) " in err, err
+
+
+def test_serve_port_0_takes_a_free_port_and_sigterm_stops_it_before_or_after_ready(default_model_dir) -> None:
+    """`serve --port 0` binds a free native port and prints it (the supervisor used to wait for ready on port 0
+    itself, for --ready-timeout); SIGTERM while the model loads stops it at once, without serving (it used to be
+    ignored until ready), and after ready as before: exit 0 both times."""
+    import signal
+    import threading
+    import time
+
+    from launch.client import Client
+
+    def line_within(stream, seconds: float = 60) -> str:
+        got: list[str] = []
+        reader = threading.Thread(target=lambda: got.append(stream.readline()), daemon=True)
+        reader.start()
+        reader.join(seconds)
+        assert got, f"no line within {seconds} s"
+        return got[0]
+
+    argv = [*CLI, "serve", "--device", "cpu", "--port", "0", "--http-port", "0"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=os.environ.copy())
+    try:
+        lines = [line_within(proc.stdout) for _ in range(2)]
+        assert lines[0].startswith("hybridrt serving smollm2-135m-instruct on cpu"), lines
+        address = re.fullmatch(r"  native: (tcp://127\.0\.0\.1:(\d+))\n", lines[1])
+        assert address and int(address[2]) > 0, lines
+        with Client(address[1]) as client:
+            assert client.status()["model"] == "smollm2-135m-instruct"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    try:
+        assert line_within(proc.stderr).startswith("launcher: checks")  # the children are starting, far from ready
+        proc.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0 and "serving" not in out, out
+        assert time.monotonic() - start < 2.0  # the ready wait checks the stop each 0.5 s status attempt
+    finally:
+        proc.kill()
+        proc.wait()
