@@ -122,6 +122,11 @@ class Channel(_SocketChannel):
 class ServerChannel(_SocketChannel):
     """The client-facing ROUTER: every received frame comes with its sender's identity, bad ones too."""
 
+    def endpoint(self) -> str:
+        """The address it is bound at, as clients connect to it (a tcp port 0 resolved to the port taken)."""
+        self._check_open()
+        return self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
     def recv_from(self, timeout_ms: int | None = None) -> tuple[bytes, Message | ProtocolError] | None:
         """(identity, message or the ProtocolError to answer), or None after `timeout_ms`. Never raises
         for what a client sent, so one bad client can't stop the serving loop."""

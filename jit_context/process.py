@@ -52,10 +52,20 @@ def _terminate(*_) -> None:
     raise Terminated
 
 
+def write_address(path: Path, address: str) -> None:
+    """Whole or not at all: the supervisor polls for the file and reads it once it exists."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(address)
+    os.replace(tmp, path)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="jit_context", description="hybridrt JIT context process")
     p.add_argument("--control", required=True, help="the executor's control channel address")
     p.add_argument("--listen", required=True, help="client-facing address to bind")
+    p.add_argument("--address-file", default=None,
+                   help="write the address bound (a tcp port 0 resolved) here once clients can connect, for the "
+                        "supervisor")
     p.add_argument("--local-stream", default=None,
                    help="also listen for clients on this machine at this AF_UNIX path (ipc.local_stream)")
     p.add_argument("--executor-pid", type=int, required=True)
@@ -219,8 +229,10 @@ def build_server(args: argparse.Namespace, ctx: zmq.Context, control: Channel,
         early = preloaded.tokenizer if preloaded and path and Path(path).resolve() == preloaded.path else None
         side = build_request_side(executor, ready.model_name, ready.vocab_size, ready.eos_token_ids, path,
                                   args.chat_template, speculation, preloaded=early, prefix_reuse=args.prefix_reuse)
-    server = JitServer(open_client_ports(ctx, args.listen, args.local_stream), executor, side, ready,
-                       api_key=os.environ.pop(SERVER_API_KEY_ENV, None) or None,
+    ports = open_client_ports(ctx, args.listen, args.local_stream)
+    if args.address_file is not None:
+        write_address(Path(args.address_file), ports.router.endpoint())
+    server = JitServer(ports, executor, side, ready, api_key=os.environ.pop(SERVER_API_KEY_ENV, None) or None,
                        log=RequestLog() if args.log_requests else None, startup=startup)
     if ready.captures_pending:  # all of the above ran while the executor captured its start-up graphs
         with startup.phase("waiting for the executor's graph captures"):

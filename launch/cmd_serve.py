@@ -69,16 +69,16 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     seqs = max_num_seqs(args, gpu=gpu_requested(args.device))
     ranks = tensor_parallel(args)
-    # Before the children start: a taken port is a one-line error, not a failure after loading; port 0 becomes a
-    # free one here (the supervisor and the banner need the address the JIT context will bind).
-    try:
-        with bind_http_socket(args.host, args.port) as trial:  # the JIT context binds it for real (ZeroMQ)
-            port = trial.getsockname()[1]
-    except OSError as e:
-        print(f"error: cannot bind the native port tcp://{args.host}:{args.port}: {e.strerror or e}",
-              file=sys.stderr)
-        return 1
-    config = ServerConfig(load_config(args, seqs), listen=f"tcp://{args.host}:{port}",
+    # Before the children start: a taken port is a one-line error, not a failure after loading. Port 0: the JIT
+    # context binds a free one and tells the supervisor (Supervisor.wait_ready), which the ready banner prints.
+    if args.port:
+        try:
+            bind_http_socket(args.host, args.port).close()  # the JIT context binds it for real (ZeroMQ)
+        except OSError as e:
+            print(f"error: cannot bind the native port tcp://{args.host}:{args.port}: {e.strerror or e}",
+                  file=sys.stderr)
+            return 1
+    config = ServerConfig(load_config(args, seqs), listen=f"tcp://{args.host}:{args.port}",
                           tokenizer=args.tokenizer,
                           chat_template=chat_template(args),
                           ready_timeout_s=args.ready_timeout, mps=args.mps, step_timeout_s=args.step_timeout,

@@ -109,12 +109,14 @@ def executor_argv(config: ServerConfig, control: str, error_file: Path, rank: in
 
 
 def jit_argv(config: ServerConfig, control: str, listen: str, executor_pid: int, error_file: Path,
-             gpu: bool, local_stream: Path | None = None) -> list[str]:
+             gpu: bool, local_stream: Path | None = None, address_file: Path | None = None) -> list[str]:
     """The JIT context's command line for this server (`jit_context.process.parse_args` reads it). `local_stream`:
-    the path where it also listens for clients on this machine (`ipc.local_stream`)."""
+    the path where it also listens for clients on this machine (`ipc.local_stream`); `address_file`: where it
+    writes the address it bound (a tcp port 0 resolved)."""
     load = config.load
     argv = [sys.executable, "-m", "jit_context", "--control", control, "--listen", listen,
             *(["--local-stream", str(local_stream)] if local_stream is not None else []),
+            *(["--address-file", str(address_file)] if address_file is not None else []),
             "--executor-pid", str(executor_pid), "--step-timeout", repr(config.step_timeout_s),
             "--error-file", str(error_file), "--spawned-at", repr(time.time()),
             *([] if load.progress else ["--quiet"]),
@@ -137,6 +139,11 @@ def _describe_exit(name: str, code: int) -> str:
     return f"{name} exited with code {code}"
 
 
+def any_port(address: str) -> bool:
+    """Whether a ZeroMQ address asks for any free TCP port (`tcp://host:0` or `tcp://host:*`)."""
+    return address.startswith("tcp://") and address.rsplit(":", 1)[-1] in ("0", "*")
+
+
 class StopRequested(Exception):
     """The caller asked to stop (its `stop` event) before the server was ready."""
 
@@ -148,6 +155,8 @@ class Supervisor:
         self.reaper = _start_reaper()  # from here on, a SIGKILL of this process leaves nothing behind
         self._tell_reaper(f"runtime {self.runtime.path}")
         self.address = config.listen or self.runtime.ipc_address("client")
+        # `tcp://host:0`: the JIT context binds a free port and writes the address here; wait_ready reads it
+        self._address_file = self.runtime.path / "client.address" if any_port(self.address) else None
         self.children: dict[str, subprocess.Popen] = {}
         self.ready_facts: dict = {}
         self.started_at = time.perf_counter()
@@ -203,7 +212,7 @@ class Supervisor:
             self._tell_reaper(f"child {proc.pid}")
         local = self.runtime.socket_path("local") if self.config.local_stream else None
         jit = jit_argv(self.config, control, self.address, executor_proc.pid, self.error_file("jit_context"), gpu,
-                       local)
+                       local, self._address_file)
         jit_env = {k: v for k, v in env.items() if k != SERVER_API_KEY_ENV}
         if self.config.api_key is not None:
             jit_env[SERVER_API_KEY_ENV] = self.config.api_key
@@ -217,11 +226,21 @@ class Supervisor:
         deadline = time.monotonic() + self.config.ready_timeout_s
         from launch.client import Client, ServerError  # here: ZeroMQ's import comes after the children's spawn
 
+        def check() -> None:
+            if stop is not None and stop.is_set():
+                raise StopRequested("stopped before the server was ready")
+            self.check_children()
+
+        if self._address_file is not None:  # the port is known once the JIT context has bound it
+            while not self._address_file.exists():
+                check()
+                if time.monotonic() > deadline:
+                    raise HybridrtError(f"the server was not ready within {self.config.ready_timeout_s:.0f} s")
+                time.sleep(0.02)
+            self.address = self._address_file.read_text()
         with Client(self.address, api_key=self.config.api_key) as client:
             while time.monotonic() < deadline:
-                if stop is not None and stop.is_set():
-                    raise StopRequested("stopped before the server was ready")
-                self.check_children()
+                check()
                 try:
                     self.ready_facts = client.status(timeout_s=0.5)
                     self.ready_seconds = time.perf_counter() - self.started_at

@@ -301,8 +301,9 @@ def test_serve_logs_each_finished_request_unless_quiet(default_model_dir) -> Non
 
 def test_serve_port_0_takes_a_free_port_and_sigterm_stops_it_before_or_after_ready(default_model_dir) -> None:
     """`serve --port 0` binds a free native port and prints it (the supervisor used to wait for ready on port 0
-    itself, for --ready-timeout); SIGTERM while the model loads stops it at once, without serving (it used to be
-    ignored until ready), and after ready as before: exit 0 both times."""
+    itself, for --ready-timeout; now the JIT context binds it and tells the supervisor); SIGTERM while the model
+    loads stops it at once, without serving (it used to be ignored until ready), and after ready as before: exit 0
+    both times."""
     import signal
     import threading
     import time
@@ -340,7 +341,7 @@ def test_serve_port_0_takes_a_free_port_and_sigterm_stops_it_before_or_after_rea
         start = time.monotonic()
         out, _ = proc.communicate(timeout=30)
         assert proc.returncode == 0 and "serving" not in out, out
-        assert time.monotonic() - start < 2.0  # the ready wait checks the stop each 0.5 s status attempt
+        assert time.monotonic() - start < 10.0, time.monotonic() - start  # not the whole load (nor --ready-timeout)
     finally:
         proc.kill()
         proc.wait()
