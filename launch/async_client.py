@@ -254,7 +254,8 @@ class AsyncClient:
         if isinstance(reply, Error):
             raise ServerError(reply.code, reply.message)
         if not isinstance(reply, StatusReply):
-            raise ServerError("unreachable", f"no status answer from {self.address} within {timeout_s} s")
+            raise ServerError("unreachable", f"no status answer from {self.address} within {timeout_s} s (is "
+                                             "`hybridrt serve` running there?)")
         return reply.facts
 
     async def ask(self, request: Message, timeout_s: float = 30.0) -> Message:

@@ -321,7 +321,8 @@ class Client:
         if isinstance(reply, Error):
             raise ServerError(reply.code, reply.message)
         if not isinstance(reply, StatusReply):
-            raise ServerError("no_answer", f"no status answer from {self.address} within {timeout_s} s")
+            raise ServerError("no_answer", f"no status answer from {self.address} within {timeout_s} s (is `hybridrt "
+                                           "serve` running there?)")
         return reply.facts
 
     def tokenize(self, prompt: str | None = None, *, messages: list[dict] | None = None,

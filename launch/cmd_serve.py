@@ -42,7 +42,8 @@ def register(sub) -> None:
                        description=__doc__.strip().splitlines()[0])
     p.add_argument("--host", default="127.0.0.1", help="interface for both sockets (default: 127.0.0.1)")
     p.add_argument("--port", type=port_number, default=DEFAULT_PORT,
-                   help=f"native (ZeroMQ) client port; 0 takes a free one, printed when ready (default: {DEFAULT_PORT})")
+                   help=f"native (ZeroMQ) client port; 0 takes a free one, printed when ready (default: "
+                        f"{DEFAULT_PORT})")
     p.add_argument("--http-port", type=port_number, default=DEFAULT_HTTP_PORT,
                    help=f"OpenAI-compatible HTTP port; 0 disables HTTP (default: {DEFAULT_HTTP_PORT})")
     p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,

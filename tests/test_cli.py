@@ -201,6 +201,13 @@ def test_model_and_connect_errors_point_the_right_way(default_model_dir, capsys)
         main(["generate", "--connect", "127.0.0.1:7461", "hi"])
     assert done.value.code == 2
     assert "(for a TCP port: tcp://127.0.0.1:7461)" in capsys.readouterr().err
+    # nothing listening at a well-formed address: the status wait's error says what to check
+    from launch.client import Client, ServerError
+
+    with Client("tcp://127.0.0.1:9") as client, pytest.raises(ServerError) as info:
+        client.status(timeout_s=0.2)
+    assert str(info.value) == ("no status answer from tcp://127.0.0.1:9 within 0.2 s (is `hybridrt serve` running "
+                               "there?)")
 
 
 def test_model_naming_a_file_of_a_model_folder_loads_the_folder(default_model_dir, capsys) -> None:
