@@ -224,6 +224,7 @@ class Supervisor:
         StopRequested when `stop` is set first (`serve`'s SIGTERM while the model loads), HybridrtError past
         `ready_timeout_s`."""
         deadline = time.monotonic() + self.config.ready_timeout_s
+        late = f"the server was not ready within {self.config.ready_timeout_s:.0f} s"
         from launch.client import Client, ServerError  # here: ZeroMQ's import comes after the children's spawn
 
         def check() -> None:
@@ -235,7 +236,7 @@ class Supervisor:
             while not self._address_file.exists():
                 check()
                 if time.monotonic() > deadline:
-                    raise HybridrtError(f"the server was not ready within {self.config.ready_timeout_s:.0f} s")
+                    raise HybridrtError(late)
                 time.sleep(0.02)
             self.address = self._address_file.read_text()
         with Client(self.address, api_key=self.config.api_key) as client:
@@ -247,7 +248,7 @@ class Supervisor:
                     return self.ready_facts
                 except ServerError:
                     continue
-        raise HybridrtError(f"the server was not ready within {self.config.ready_timeout_s:.0f} s")
+        raise HybridrtError(late)
 
     def check_children(self) -> None:
         # Name every child that has exited: when one dies its peer soon exits by itself, and reporting only the

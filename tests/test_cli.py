@@ -312,43 +312,35 @@ def test_serve_port_0_takes_a_free_port_and_sigterm_stops_it_before_or_after_rea
     loads stops it at once, without serving (it used to be ignored until ready), and after ready as before: exit 0
     both times."""
     import signal
-    import threading
     import time
 
     from launch.client import Client
-
-    def line_within(stream, seconds: float = 60) -> str:
-        got: list[str] = []
-        reader = threading.Thread(target=lambda: got.append(stream.readline()), daemon=True)
-        reader.start()
-        reader.join(seconds)
-        assert got, f"no line within {seconds} s"
-        return got[0]
+    from tests.test_chat import Pipe
 
     argv = [*CLI, "serve", "--device", "cpu", "--port", "0", "--http-port", "0"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env=os.environ.copy())
+    serve = Pipe(argv)
     try:
-        lines = [line_within(proc.stdout) for _ in range(2)]
+        serve.wait_for(lambda: serve.out.count(b"\n") >= 2, "the ready line and the native address", 60)
+        lines = serve.out.decode().splitlines(keepends=True)
         assert lines[0].startswith("hybridrt serving smollm2-135m-instruct on cpu"), lines
         address = re.fullmatch(r"  native: (tcp://127\.0\.0\.1:(\d+))\n", lines[1])
         assert address and int(address[2]) > 0, lines
         with Client(address[1]) as client:
             assert client.status()["model"] == "smollm2-135m-instruct"
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        serve.proc.send_signal(signal.SIGTERM)
+        assert serve.finish(timeout_s=30) == 0
     finally:
-        proc.kill()
-        proc.wait()
+        serve.proc.kill()
+        serve.proc.wait()
 
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    serve = Pipe(argv)
     try:
-        assert line_within(proc.stderr).startswith("launcher: checks")  # the children are starting, far from ready
-        proc.send_signal(signal.SIGTERM)
+        # the children are starting, far from ready
+        serve.wait_for(lambda: serve.err.startswith(b"launcher: checks"), "the launcher's first phase line", 60)
+        serve.proc.send_signal(signal.SIGTERM)
         start = time.monotonic()
-        out, _ = proc.communicate(timeout=30)
-        assert proc.returncode == 0 and "serving" not in out, out
+        assert serve.finish(timeout_s=30) == 0 and b"serving" not in serve.out, bytes(serve.out)
         assert time.monotonic() - start < 10.0, time.monotonic() - start  # not the whole load (nor --ready-timeout)
     finally:
-        proc.kill()
-        proc.wait()
+        serve.proc.kill()
+        serve.proc.wait()

@@ -24,9 +24,10 @@ ms per step at context 300 / 2000; bench/results/2026-12-02-h200-stepfusions/):
   kernel streams for ~10 us at full bandwidth the early loads only compete with the previous kernel's and hold
   registers while waiting.
 Checked after the choice (the same probe, the production step against neither): 7B 0.994 / 0.988, SmolLM2 0.860 /
-0.891, 1B unchanged (RoPE inside there 1.007 / 0.987 over 9 rounds: still mixed). Not taken: the attention's
-in-kernel split combine (SmolLM2 a further -2% / -1.5%, 7B +1.6% / +0.7%; its batched-vs-lone identity on the card
-untested) and o_proj's weights alone loaded early on 7B (+0.6% / 0.0%).
+0.891, 1B unchanged (RoPE inside there 1.007 / 0.987 over 9 rounds: still mixed). The attention's in-kernel split
+combine (SmolLM2 a further -2% / -1.5%, 7B +1.6% / +0.7%): taken below hidden 2048 in the twenty-first session, once
+the batched-vs-lone identity tests passed with it on the card. Not taken: o_proj's weights alone loaded early on 7B
+(+0.6% / 0.0%); the L2 prefetches (StepOptions' comments).
 """
 
 from __future__ import annotations
