@@ -4,6 +4,10 @@ SwiGLU are one Triton kernel each, RoPE + KV append one kernel, and the lm_head 
 through the fused RMSNorm-GEMV, straight into the float32 logits buffer. Packed weights take the low-bit GEMM
 (`kernels/projections.py`), which unpacks tiles in registers: no layer is ever dequantized whole.
 
+Short prompts (up to the `ShortPromptPlan`'s rows, 64 by default) over dense weights take the multi-row GEMVs
+instead (kernels/gemv_rows.py): RMSNorm in qkv's and gate_up's prologue, SwiGLU in down_proj's, the residual adds in
+o_proj's and down_proj's epilogues (6 launches a layer), each weight read once as the decode step reads it.
+
 On a tensor-parallel rank (`model.tp`) o_proj and down_proj accumulate into a residual that ranks > 0 zero first, one
 all-reduce each after them, and lm_head's vocabulary rows are gathered into the logits, as in the decode step."""
 
@@ -14,7 +18,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from graph_executor.kernels import gemv_rows, prefill_plan
 from graph_executor.kernels.extend_attention import ExtendWorkspace, extend_attention
+from graph_executor.kernels.gemv_splitk import SplitKScratch
 from graph_executor.kernels.projections import embedding, matmul, prefill_scratch, rmsnorm_gemv
 from graph_executor.kernels.rope_append import rope_append
 from graph_executor.kernels.rows import rmsnorm_rows, silu_mul_rows
@@ -24,7 +30,10 @@ from graph_executor.tensor_parallel import StepCollectives
 
 
 class FusedPrefill:
-    def __init__(self, model: LlamaModel, max_tokens: int) -> None:
+    def __init__(self, model: LlamaModel, max_tokens: int,
+                 short_plan: prefill_plan.ShortPromptPlan | None = None) -> None:
+        """`short_plan`: which prompts take the multi-row GEMVs, with which configs (None: the plan measured for
+        this model's hidden size; `prefill_plan.CUBLAS_ONLY`: none)."""
         self.model = model
         device = model.embed_tokens.device
         self.buffers = RowActivations.allocate(model, max_tokens)
@@ -32,8 +41,11 @@ class FusedPrefill:
         # key-split partials of the extend attention for short prompts over a long cache (a chat's next turn)
         self.workspace = ExtendWorkspace.allocate(cfg.num_heads, cfg.head_dim, model.max_context, device)
         # split-K partials of the low-bit GEMM for short prompts (None when no projection is packed)
-        self.scratch = prefill_scratch([w for layer in model.layers for w in (
-            layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)], max_tokens, device)
+        weights = [w for layer in model.layers for w in (
+            layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)]
+        self.short_plan = prefill_plan.plan_for(cfg.hidden_size) if short_plan is None else short_plan
+        self.scratch = _scratch(prefill_scratch(weights, max_tokens, device),
+                                _rows_scratch(model, self.short_plan, max_tokens), device)
         self.collectives = StepCollectives(model.tp, 1, cfg.vocab_size, device)  # a tensor-parallel rank's
 
     @torch.inference_mode()
@@ -83,6 +95,10 @@ class FusedPrefill:
         x, h, qkv, q, gate_up, act = b.x, b.h, b.qkv, b.q, b.gate_up, b.act
         stride = m.kv_caches.stride(0)  # elements from one slot's caches to the next's
         embedding(m.embed_tokens, ids, x)
+        rows = self.short_plan.configs(t)
+        if rows is not None and all(isinstance(w, torch.Tensor) for layer in m.layers for w in (
+                layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)):
+            return self._short_layers(x, b, positions, attend, rows, slot, slots, stride)
         for index, layer in enumerate(m.layers):
             cache = m.kv_caches[slot if slots is None else 0, index]  # [2, nkv, C, hd]; with `slots`, slot 0's
             rmsnorm_rows(x, layer.attn_norm, eps, h)
@@ -100,3 +116,51 @@ class FusedPrefill:
             matmul(act, layer.down_proj, x, accumulate=True, scratch=self.scratch)
             c.after_residual(x)
         return x
+
+    def _short_layers(self, x: torch.Tensor, b: RowActivations, positions: torch.Tensor,
+                      attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                      rows: prefill_plan.ShortPromptConfigs, slot: int, slots: torch.Tensor | None,
+                      stride: int) -> torch.Tensor:
+        """`layers` for a short prompt over dense weights: the multi-row GEMVs with their fusions."""
+        m, cfg, c, sc = self.model, self.model.config, self.collectives, self.scratch
+        eps = cfg.rms_norm_eps
+        for index, layer in enumerate(m.layers):
+            cache = m.kv_caches[slot if slots is None else 0, index]  # [2, nkv, C, hd]
+            gemv_rows.rmsnorm_gemv_rows(layer.qkv_proj, x, layer.attn_norm, eps, b.qkv, bias=layer.qkv_bias,
+                                        cfg=rows.qkv, scratch=sc)
+            rope_append(b.qkv, positions, m.rope, b.q, cache[0], cache[1], cfg.num_heads, cfg.num_kv_heads,
+                        cfg.head_dim, slots=slots, slot_stride=stride)
+            attn = attend(b.q, cache, b.attn)  # [T, nh * hd]
+            c.before_residual(x)
+            gemv_rows.gemv_residual_rows(layer.o_proj, attn, x, cfg=rows.o, scratch=sc)
+            c.after_residual(x)
+            gemv_rows.rmsnorm_gemv_rows(layer.gate_up_proj, x, layer.mlp_norm, eps, b.gate_up, cfg=rows.gate_up,
+                                        scratch=sc)
+            c.before_residual(x)
+            gemv_rows.silu_gemv_residual_rows(layer.down_proj, b.gate_up, x, cfg=rows.down, scratch=sc)
+            c.after_residual(x)
+        return x
+
+
+def _rows_scratch(model: LlamaModel, plan: prefill_plan.ShortPromptPlan, max_tokens: int) -> tuple[int, int]:
+    """(floats, counters) the multi-row GEMVs' split-K partials need for any prompt the plan takes (a
+    tensor-parallel rank's slices: the weights' own shapes)."""
+    first = model.layers[0]
+    shapes = [tuple(w.shape) for w in (first.qkv_proj, first.o_proj, first.gate_up_proj, first.down_proj)]
+    floats = counters = 0
+    for padded, configs in plan.by_rows:
+        t = min(padded, max_tokens)
+        for (n, k), rc in zip(shapes, configs.all(), strict=True):
+            f, n_counters = gemv_rows.scratch_size(t, n, k, rc)
+            floats, counters = max(floats, f), max(counters, n_counters)
+    return floats, counters
+
+
+def _scratch(packed: SplitKScratch | None, rows: tuple[int, int], device: torch.device) -> SplitKScratch | None:
+    """One scratch for both the low-bit GEMM's and the multi-row GEMVs' partials (they run one after the other)."""
+    floats, counters = rows
+    if packed is not None:
+        floats, counters = max(floats, packed.partial.numel()), max(counters, packed.count.numel())
+    if floats == 0 and counters == 0:
+        return packed
+    return SplitKScratch.zeros(floats, counters, device)

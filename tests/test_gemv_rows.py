@@ -1,5 +1,5 @@
 """The multi-row GEMVs of the verify step (graph_executor/kernels/gemv_rows.py) against float64, every element
-checked, outputs poisoned first: the three fusions, 1..16 token rows, N and K not multiples of the blocks, a bias,
+checked, outputs poisoned first: the three fusions, 1..64 token rows, K split over several programs or not, N and K not multiples of the blocks, a bias,
 float32 (exact products) and float16 weights, rows written with a stride. On CPU under the Triton interpreter."""
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ from graph_executor.kernels.gemv_rows import (  # noqa: E402
     RowsConfig,
     gemv_residual_rows,
     rmsnorm_gemv_rows,
+    scratch_size,
     silu_gemv_residual_rows,
 )
+from graph_executor.kernels.gemv_splitk import SplitKScratch  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 EPS = 1e-5
@@ -26,6 +28,10 @@ CASES = [  # rows T, N, K, config, dtype
     (5, 70, 200, RowsConfig(32, 64, 4, 2), torch.float32),
     (9, 33, 130, RowsConfig(16, 128, 4, 1), torch.float16),
     (16, 64, 256, RowsConfig(64, 64, 4, 2), torch.float16),
+    # split along K: the partials' fixup, a last slice shorter than the others, 32- and 64-row paddings
+    (3, 50, 200, RowsConfig(16, 32, 2, 1, split=3), torch.float32),
+    (21, 40, 96, RowsConfig(32, 16, 4, 1, split=4), torch.float32),
+    (64, 48, 130, RowsConfig(16, 64, 4, 2, split=2), torch.float16),
 ]
 
 
@@ -46,29 +52,36 @@ def test_gemv_rows_match_float64(t, n, k, cfg, dtype) -> None:
     tol = 1e-5 if dtype == torch.float32 else 4e-3
     d = {name: v.to(dtype).double() for name, v in dict(w=w, x=x, nw=nw, b=b, gu=gu, r=r).items()}
     on = {name: v.to(DEVICE, dtype) for name, v in dict(w=w, x=x, nw=nw, b=b, gu=gu, r=r).items()}
+    scratch = SplitKScratch.zeros(*scratch_size(t, n, k, cfg), DEVICE)  # one for the three calls, as a step shares
 
     normed = d["x"] * torch.rsqrt(d["x"].pow(2).mean(-1, keepdim=True) + EPS) * d["nw"]
     out = torch.full((t, n), float("nan"), device=DEVICE, dtype=torch.float32)  # float32 out, as the logits
-    check(rmsnorm_gemv_rows(on["w"], on["x"], on["nw"], EPS, out, bias=on["b"], cfg=cfg),
+    check(rmsnorm_gemv_rows(on["w"], on["x"], on["nw"], EPS, out, bias=on["b"], cfg=cfg, scratch=scratch),
           normed @ d["w"].T + d["b"], tol)
 
     wide = torch.full((t, n + 8), float("nan"), device=DEVICE, dtype=dtype)  # rows written with a stride
     wide[:, :n] = on["r"]
-    gemv_residual_rows(on["w"], on["x"], wide[:, :n], cfg=cfg)
+    gemv_residual_rows(on["w"], on["x"], wide[:, :n], cfg=cfg, scratch=scratch)
     check(wide[:, :n], d["r"] + d["x"] @ d["w"].T, tol)
     assert torch.isnan(wide[:, n:].float()).all()  # nothing written past the rows
 
     g, u = d["gu"][:, :k], d["gu"][:, k:]
     x2 = on["r"].clone()
-    silu_gemv_residual_rows(on["w"], on["gu"], x2, cfg=cfg)
+    silu_gemv_residual_rows(on["w"], on["gu"], x2, cfg=cfg, scratch=scratch)
     check(x2, d["r"] + (g * torch.sigmoid(g) * u) @ d["w"].T, tol)
+    assert not scratch.count.any()  # every split call left its counters at zero for the next call (or replay)
 
 
 def test_gemv_rows_refuse_bad_shapes() -> None:
     w = torch.zeros(32, 64, device=DEVICE)
-    with pytest.raises(ValueError, match="T <= 16"):
-        gemv_residual_rows(w, torch.zeros(17, 64, device=DEVICE), torch.zeros(17, 32, device=DEVICE))
-    with pytest.raises(ValueError, match=r"\[T <= 16, 128\]"):
+    with pytest.raises(ValueError, match="T <= 64"):
+        gemv_residual_rows(w, torch.zeros(65, 64, device=DEVICE), torch.zeros(65, 32, device=DEVICE))
+    with pytest.raises(ValueError, match=r"\[T <= 64, 128\]"):
         silu_gemv_residual_rows(w, torch.zeros(3, 64, device=DEVICE), torch.zeros(3, 32, device=DEVICE))
     with pytest.raises(ValueError, match="power-of-two"):
         RowsConfig(8, 128)
+    with pytest.raises(ValueError, match="split >= 1"):
+        RowsConfig(16, 128, split=0)
+    with pytest.raises(ValueError, match="need a scratch of"):  # a split call given a scratch too small
+        gemv_residual_rows(w, torch.zeros(3, 64, device=DEVICE), torch.zeros(3, 32, device=DEVICE),
+                           cfg=RowsConfig(16, 16, split=2), scratch=SplitKScratch.zeros(1, 1, DEVICE))

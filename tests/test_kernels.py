@@ -216,11 +216,15 @@ PREFILL_ARCHS = {  # GQA; QKV bias; a sliding window shorter than the prompt
 
 
 @pytest.mark.parametrize("arch", sorted(PREFILL_ARCHS))
-@pytest.mark.parametrize("case", ["from_zero", "chunk"])
+@pytest.mark.parametrize("case", ["from_zero", "chunk", "from_zero_cublas", "chunk_split"])
 def test_fused_prefill_matches_model_forward(case, arch, tmp_path) -> None:
+    """12 prompt rows: the multi-row GEMVs of the short-prompt plan, or, `_cublas`, the GEMMs with separate row
+    kernels that longer prompts take, or, `_split`, the multi-row GEMVs with K split 4 ways on every projection."""
     import transformers
 
     from graph_executor.fused_prefill import FusedPrefill
+    from graph_executor.kernels.gemv_rows import RowsConfig
+    from graph_executor.kernels.prefill_plan import CUBLAS_ONLY, ShortPromptConfigs, ShortPromptPlan
     from graph_executor.loading.loader import LoadConfig, load_model
     from tests.test_model_equivalence import BASE, make_hf_model
 
@@ -230,9 +234,13 @@ def test_fused_prefill_matches_model_forward(case, arch, tmp_path) -> None:
                                   progress=False)).model
     gen = torch.Generator().manual_seed(4)
     ids = torch.randint(0, BASE["vocab_size"], (20,), generator=gen).to(DEVICE)
-    prefill = FusedPrefill(model, 16)
+    split = RowsConfig(16, 16, 2, 1, split=4)
+    plans = {"_cublas": CUBLAS_ONLY, "_split": ShortPromptPlan(((16, ShortPromptConfigs(split, split, split, split)),))}
+    plan = next((p for suffix, p in plans.items() if case.endswith(suffix)), None)
+    prefill = FusedPrefill(model, 16, short_plan=plan)
+    assert prefill.short_plan.configs(12) is (None if case.endswith("_cublas") else prefill.short_plan.by_rows[0][1])
     logits = torch.full((BASE["vocab_size"],), float("nan"), device=DEVICE)
-    if case == "from_zero":
+    if case.startswith("from_zero"):
         prefill.run(ids[:12], torch.arange(12, device=DEVICE), torch.tensor([11], device=DEVICE), logits)
         ref = model(ids[:12], torch.arange(12, device=DEVICE), torch.tensor([11], device=DEVICE), 12)[0]
     else:  # the first 8 tokens through the model, then 12 more as a chunk attending to the cache

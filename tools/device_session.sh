@@ -229,7 +229,25 @@ for step in "${steps[@]}"; do
           timeout 120 python3 -m bench.probes.kernel_profile --model dummy:llama-3.2-1b --prompt 10 --context 512 \
             --top 20 > "$OUT/kernel_profile_1b.md" 2>&1
           echo "kernel profile, 1B: rc=$?"; cat "$OUT/kernel_profile_1b.md" ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps)"
+    shortsteps2) # issue 12's 50-token prefill and issue 10's int4 decode (2.26 ms = 2.31x its floor), per kernel
+          timeout 120 python3 -m bench.probes.kernel_profile --prompt 50 --context 512 --top 20 \
+            > "$OUT/kernel_profile_7b_p50.md" 2>&1
+          echo "kernel profile, 7B, 50-token prefill: rc=$?"; cat "$OUT/kernel_profile_7b_p50.md"
+          timeout 150 python3 -m bench.probes.kernel_profile --quantize int4 --prompt 10 --context 512 --top 20 \
+            > "$OUT/kernel_profile_7b_int4.md" 2>&1
+          echo "kernel profile, 7B int4: rc=$?"; cat "$OUT/kernel_profile_7b_int4.md" ;;
+    shortrows) # issue 12: the multi-row GEMVs (split-K, RMSNorm / SwiGLU / residual fused) for prompts of <= 64 rows:
+               # their tests on the card, the sweep per projection and row count against cuBLAS, then the prefill step
+               # per bucket with cuBLAS, the default plan and the sweep's winners (~6 min)
+          timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gemv_rows.py tests/test_kernels.py \
+            -k "gemv_rows or fused_prefill" > "$OUT/shortrows_tests.log" 2>&1
+          echo "rows tests: rc=$? $(tail -1 "$OUT/shortrows_tests.log")"
+          timeout 330 python3 -m bench.probes.gemv_rows --rows 16,32,64 --out "$OUT/rows_sweep" \
+            --plan-out "$OUT/rows_plan.json" > "$OUT/rows_sweep.log" 2>&1
+          echo "rows sweep: rc=$?"; grep "^|" "$OUT/rows_sweep.log"; cat "$OUT/rows_plan.json"
+          timeout 150 python3 -m bench.probes.prefill_rows --plan "$OUT/rows_plan.json" > "$OUT/prefill_rows.md" 2>&1
+          echo "prefill rows: rc=$?"; cat "$OUT/prefill_rows.md" ;;
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows)"
        exit 2 ;;
   esac
 done

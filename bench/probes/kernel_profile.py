@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="dummy:llama-2-7b")
     ap.add_argument("--device", default="auto", help="auto (GPU if present), cuda or cpu")
+    ap.add_argument("--quantize", default=None, choices=("int8", "int4", "fp8"),
+                    help="round the weights to this packed format at load (as `serve --quantize`)")
     ap.add_argument("--context", type=int, default=2048, help="decode at this many tokens of context")
     ap.add_argument("--prompt", type=int, default=200, help="prefill this many tokens")
     ap.add_argument("--steps", type=int, default=20, help="profiled steps of each kind")
@@ -97,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     extra = 3 * (args.steps + 1) * (2 + args.verify) + 2 * (args.verify + 1) + 6 * (args.steps + 1) * (args.batch > 1)
     max_context = max(args.context + extra, args.prompt) + 1
     loaded = load_model(LoadConfig(model=args.model, device=args.device, dtype="auto", max_context=max_context,
-                                   progress=False, max_num_seqs=max(1, args.batch)))
+                                   progress=False, max_num_seqs=max(1, args.batch),
+                                   quantize=args.quantize))
     model = loaded.model
     on_gpu = model.embed_tokens.device.type == "cuda"
     if on_gpu:

@@ -1,19 +1,26 @@
-"""GEMVs over a few token rows at once (T <= 16: a speculative verify step's k + 1 tokens) with the decode step's
-fusions, so that a verify step reads each weight once, as a decode step does, in the same 7 launches per layer:
+"""GEMVs over a few token rows at once (T <= 64: a speculative verify step's k + 1 tokens, a short prompt) with the
+decode step's fusions, so that each weight is read once, as a decode step reads it, in fewer launches per layer:
 
 - `rmsnorm_gemv_rows`:  out[t] = W @ (rmsnorm(x[t]) * norm_w) [+ bias]
 - `gemv_residual_rows`: x[t] += W @ a[t]
 - `silu_gemv_residual_rows`: x[t] += W @ (silu(g[t]) * u[t]), [g, u] = gate_up[t]
 
-Why not cuBLAS (what the prefill step uses): at 5 rows its GEMMs read the weights well below the decode GEMVs'
-rate and leave RMSNorm, SwiGLU and the residual to separate kernels; on an H200 a verify of 5 tokens on
-LLaMA-2-7B took 1.19x a decode step that way, and on SmolLM2-135M 1.3x (bench/NOTES.md, issue 11).
+Why not cuBLAS (what long prompts use): at 5 rows its GEMMs read the weights well below the decode GEMVs' rate and
+leave RMSNorm, SwiGLU and the residual to separate kernels; on an H200 a verify of 5 tokens on LLaMA-2-7B took
+1.19x a decode step that way, and on SmolLM2-135M 1.3x (bench/NOTES.md, issue 11). A 10-token prompt's prefill
+on LLaMA-2-7B spent 3.73 of its 4.48 ms in cuBLAS at 3.05-3.83 TB/s, plus RMSNorm, SwiGLU and split-K reduction
+kernels (bench/NOTES.md, issue 12).
 
-Each program owns BLOCK_N weight rows and walks K in BLOCK_K chunks; the tile is multiplied by all token rows
-at once on the tensor cores, the weights as the dot's left operand (BLOCK_N rows x BLOCK_K) and the tokens,
-padded to 16, as its right one, accumulating [BLOCK_N, 16] in float32. Activations enter the dot in the weights'
-dtype (as cuBLAS's do); float32 weights use exact (IEEE) products, never TF32. The RMSNorm's sum of squares is
-gathered per token in the same loop, its scale applied to the accumulator at the end.
+Each program owns BLOCK_N weight rows and walks its slice of K in BLOCK_K chunks; the tile is multiplied by all
+token rows at once on the tensor cores, the weights as the dot's left operand (BLOCK_N rows x BLOCK_K) and the
+tokens, padded to ROWS = 16, 32 or 64, as its right one, accumulating [BLOCK_N, ROWS] in float32. Activations enter
+the dot in the weights' dtype (as cuBLAS's do); float32 weights use exact (IEEE) products, never TF32. The
+RMSNorm's sum of squares is gathered per token in the same loop, its scale applied to the sum at the end.
+
+`split` > 1 cuts K into that many slices, one program each, so that a 4096-row projection still fills the card:
+the partial sums go to a float32 `SplitKScratch` ([split, ROWS, N padded to BLOCK_N], then the sums of squares per
+row block and slice) and the last program of a row block (a counter) adds them in order, applies the epilogue and
+resets the counter: deterministic, graph-safe, the scratch left clean (the decode GEMVs' scheme, gemv_splitk.py).
 """
 
 from __future__ import annotations
@@ -24,9 +31,10 @@ import torch
 import triton
 import triton.language as tl
 
+from graph_executor.kernels.gemv_splitk import SplitKScratch
 from graph_executor.kernels.pdl import launch_options, wait_for_prior
 
-MAX_ROWS = 16  # token rows per call: the dot's N
+MAX_ROWS = 64  # token rows per call: the dot's N (16, 32 or 64 after padding)
 
 
 @dataclass(frozen=True)
@@ -36,11 +44,14 @@ class RowsConfig:
     num_warps: int = 4
     num_stages: int = 3
     pdl: bool = False  # launch with programmatic dependent launch (kernels/pdl.py; Hopper and later only)
+    split: int = 1  # programs along K (at most): > 1 sums partials in a SplitKScratch
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1) or self.block_k < 16 or \
                 self.block_k & (self.block_k - 1):
             raise ValueError(f"RowsConfig needs power-of-two block_n >= 16 and block_k >= 16, got {self}")
+        if self.split < 1:
+            raise ValueError(f"RowsConfig needs split >= 1, got {self}")
 
 
 DEFAULT = RowsConfig()
@@ -48,18 +59,44 @@ DEFAULT = RowsConfig()
 RMSNORM, RESIDUAL, SILU_RESIDUAL = 0, 1, 2  # the kernel's MODE
 
 
+def padded_rows(t: int) -> int:
+    """The dot's N for t token rows: 16, 32 or 64."""
+    return max(16, triton.next_power_of_2(t))
+
+
+def k_split(k: int, cfg: RowsConfig) -> tuple[int, int]:
+    """(K columns per program, programs along K): whole BLOCK_K steps, at most cfg.split programs."""
+    per = triton.cdiv(triton.cdiv(k, cfg.split), cfg.block_k) * cfg.block_k
+    return per, triton.cdiv(k, per)
+
+
+def scratch_size(t: int, n: int, k: int, cfg: RowsConfig) -> tuple[int, int]:
+    """(float32 partials, int32 counters) one call over t token rows and an [n, k] weight needs with cfg; (0, 0)
+    when it runs unsplit. Calls on one stream may share a scratch as large as the largest."""
+    _, split = k_split(k, cfg)
+    if split == 1:
+        return 0, 0
+    rows, blocks = padded_rows(t), triton.cdiv(n, cfg.block_n)
+    return split * rows * blocks * cfg.block_n + blocks * split * rows, blocks
+
+
 @triton.jit
-def _gemv_rows_kernel(w_ptr, a_ptr, nw_ptr, b_ptr, out_ptr, T, N, K, stride_a, stride_out, eps,
-                      MODE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr):
+def _gemv_rows_kernel(w_ptr, a_ptr, nw_ptr, b_ptr, out_ptr, part_ptr, count_ptr, T, N, K, K_SPLIT, SPLIT,
+                      stride_a, stride_out, eps, MODE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr, SPLITTING: tl.constexpr,
+                      PDL: tl.constexpr):
+    """Program (n, s): weight rows n * BLOCK_N.., K columns s * K_SPLIT.. (SPLIT programs along K)."""
     wait_for_prior(PDL)
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     tokens = tl.arange(0, ROWS)
     token_ok = tokens < T
     acc = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
     ss = tl.zeros([ROWS], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_lo = pid_k * K_SPLIT
+    for k0 in range(k_lo, tl.minimum(k_lo + K_SPLIT, K), BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < K
         mask = token_ok[:, None] & col_ok[None, :]
@@ -70,24 +107,51 @@ def _gemv_rows_kernel(w_ptr, a_ptr, nw_ptr, b_ptr, out_ptr, T, N, K, stride_a, s
         if MODE == 2:  # a_ptr rows hold [gate (K), up (K)]
             up = tl.load(a_ptr + tokens[:, None] * stride_a + K + cols[None, :], mask=mask, other=0.0)
             a = a / (1.0 + tl.exp(-a)) * up.to(tl.float32)
-        w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                    other=0.0)
         if IEEE:
             acc += tl.dot(w, tl.trans(a.to(w.dtype)), input_precision="ieee")
         else:
             acc += tl.dot(w, tl.trans(a.to(w.dtype)))
+    ptrs = out_ptr + tokens[None, :] * stride_out + rows[:, None]  # [BLOCK_N, ROWS]: out[t, row]
+    ok = row_ok[:, None] & token_ok[None, :]
+    if SPLITTING:  # SPLIT > 1 (a runtime value: one compiled kernel serves every split)
+        # partials [SPLIT, ROWS, n_pad], then the sums of squares [row blocks, SPLIT, ROWS]; the last program of this
+        # row block to finish (the counter) adds them in order and resets the counter
+        n_pad = tl.num_programs(0) * BLOCK_N
+        tile = part_ptr + (pid_k * ROWS + tokens[None, :]).to(tl.int64) * n_pad + rows[:, None]
+        tl.store(tile, acc)
+        squares = part_ptr + SPLIT * ROWS * n_pad + pid_n * SPLIT * ROWS
+        if MODE == 0:
+            tl.store(squares + pid_k * ROWS + tokens, ss)
+        tl.debug_barrier()  # every thread's stores are issued before the release below
+        if tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel") == SPLIT - 1:
+            acc = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
+            ss = tl.zeros([ROWS], dtype=tl.float32)
+            for i in range(SPLIT):
+                acc += tl.load(tile + (i - pid_k) * ROWS * n_pad, cache_modifier=".cg")
+                if MODE == 0:
+                    ss += tl.load(squares + i * ROWS + tokens, cache_modifier=".cg")
+            _epilogue(acc, ss, ptrs, ok, rows, row_ok, b_ptr, K, eps, MODE, HAS_BIAS)
+            tl.atomic_xchg(count_ptr + pid_n, 0)
+    else:
+        _epilogue(acc, ss, ptrs, ok, rows, row_ok, b_ptr, K, eps, MODE, HAS_BIAS)
+
+
+@triton.jit
+def _epilogue(acc, ss, ptrs, ok, rows, row_ok, b_ptr, K, eps, MODE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """out tile (ptrs, ok) = acc [BLOCK_N, ROWS] / rms [+ bias] (MODE 0), or += acc (the residual stream)."""
     if MODE == 0:
         acc = acc * (1.0 / tl.sqrt(ss / K + eps))[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-    ptrs = out_ptr + tokens[None, :] * stride_out + rows[:, None]  # [BLOCK_N, ROWS]: out[t, row]
-    ok = row_ok[:, None] & token_ok[None, :]
     if MODE != 0:  # the residual stream: x[t] += W @ a[t]
         acc += tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(ptrs, acc.to(ptrs.dtype.element_ty), mask=ok)
 
 
 def _launch(mode: int, w: torch.Tensor, a: torch.Tensor, nw: torch.Tensor | None, bias: torch.Tensor | None,
-            out: torch.Tensor, eps: float, cfg: RowsConfig) -> torch.Tensor:
+            out: torch.Tensor, eps: float, cfg: RowsConfig, scratch: SplitKScratch | None) -> torch.Tensor:
     n, k = w.shape
     t = a.shape[0]
     width = 2 * k if mode == SILU_RESIDUAL else k
@@ -96,26 +160,39 @@ def _launch(mode: int, w: torch.Tensor, a: torch.Tensor, nw: torch.Tensor | None
                          f"got a {tuple(a.shape)}, out {tuple(out.shape)}")
     if a.stride(1) != 1 or out.stride(1) != 1 or not w.is_contiguous():
         raise ValueError("gemv_rows: w, and each row of a and out, must be contiguous")
-    _gemv_rows_kernel[(triton.cdiv(n, cfg.block_n),)](
-        w, a, nw if nw is not None else w, bias if bias is not None else w, out, t, n, k, a.stride(0),
-        out.stride(0), eps, MODE=mode, HAS_BIAS=bias is not None, IEEE=w.dtype == torch.float32,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ROWS=MAX_ROWS, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, PDL=cfg.pdl, **launch_options(cfg.pdl))
+    per, split = k_split(k, cfg)
+    floats, counters = scratch_size(t, n, k, cfg)
+    if scratch is None:
+        scratch = SplitKScratch.zeros(floats, counters, w.device)
+    elif scratch.partial.numel() < floats or scratch.count.numel() < counters or scratch.partial.device != w.device:
+        raise ValueError(f"gemv_rows: {t} rows over a {list(w.shape)} weight with {cfg} need a scratch of {floats} "
+                         f"floats and {counters} counters on {w.device}, got {scratch.partial.numel()} and "
+                         f"{scratch.count.numel()} on {scratch.partial.device}")
+    _gemv_rows_kernel[(triton.cdiv(n, cfg.block_n), split)](
+        w, a, nw if nw is not None else w, bias if bias is not None else w, out, scratch.partial, scratch.count, t,
+        n, k, per, split, a.stride(0), out.stride(0), eps, MODE=mode, HAS_BIAS=bias is not None,
+        IEEE=w.dtype == torch.float32, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ROWS=padded_rows(t),
+        SPLITTING=split > 1,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, PDL=cfg.pdl, **launch_options(cfg.pdl))
     return out
 
 
 def rmsnorm_gemv_rows(w: torch.Tensor, x: torch.Tensor, norm_w: torch.Tensor, eps: float, out: torch.Tensor,
-                      bias: torch.Tensor | None = None, cfg: RowsConfig = DEFAULT) -> torch.Tensor:
-    """w [N, K], x [T, K], norm_w [K], bias [N] or None -> out [T, N] (any float dtype: logits may be float32)."""
-    return _launch(RMSNORM, w, x, norm_w, bias, out, eps, cfg)
+                      bias: torch.Tensor | None = None, cfg: RowsConfig = DEFAULT,
+                      scratch: SplitKScratch | None = None) -> torch.Tensor:
+    """w [N, K], x [T, K], norm_w [K], bias [N] or None -> out [T, N] (any float dtype: logits may be float32).
+    A config split along K needs `scratch_size` of scratch; without it the call allocates its own, which is fine
+    outside CUDA graphs (as for the other calls)."""
+    return _launch(RMSNORM, w, x, norm_w, bias, out, eps, cfg, scratch)
 
 
-def gemv_residual_rows(w: torch.Tensor, a: torch.Tensor, x: torch.Tensor, cfg: RowsConfig = DEFAULT) -> torch.Tensor:
+def gemv_residual_rows(w: torch.Tensor, a: torch.Tensor, x: torch.Tensor, cfg: RowsConfig = DEFAULT,
+                       scratch: SplitKScratch | None = None) -> torch.Tensor:
     """x [T, N] += a [T, K] @ w [N, K]^T, in place."""
-    return _launch(RESIDUAL, w, a, None, None, x, 0.0, cfg)
+    return _launch(RESIDUAL, w, a, None, None, x, 0.0, cfg, scratch)
 
 
-def silu_gemv_residual_rows(w: torch.Tensor, gate_up: torch.Tensor, x: torch.Tensor,
-                            cfg: RowsConfig = DEFAULT) -> torch.Tensor:
+def silu_gemv_residual_rows(w: torch.Tensor, gate_up: torch.Tensor, x: torch.Tensor, cfg: RowsConfig = DEFAULT,
+                            scratch: SplitKScratch | None = None) -> torch.Tensor:
     """x [T, N] += (silu(gate_up[:, :K]) * gate_up[:, K:]) @ w [N, K]^T, in place."""
-    return _launch(SILU_RESIDUAL, w, gate_up, None, None, x, 0.0, cfg)
+    return _launch(SILU_RESIDUAL, w, gate_up, None, None, x, 0.0, cfg, scratch)
