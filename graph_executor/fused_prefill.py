@@ -4,7 +4,7 @@ SwiGLU are one Triton kernel each, RoPE + KV append one kernel, and the lm_head 
 through the fused RMSNorm-GEMV, straight into the float32 logits buffer. Packed weights take the low-bit GEMM
 (`kernels/projections.py`), which unpacks tiles in registers: no layer is ever dequantized whole.
 
-Short prompts (up to the `ShortPromptPlan`'s rows, 64 by default) over dense weights take the multi-row GEMVs
+Short prompts (up to the `ShortPromptPlan`'s rows: 16 as measured) over dense weights take the multi-row GEMVs
 instead (kernels/gemv_rows.py): RMSNorm in qkv's and gate_up's prologue, SwiGLU in down_proj's, the residual adds in
 o_proj's and down_proj's epilogues (6 launches a layer), each weight read once as the decode step reads it.
 
@@ -129,7 +129,7 @@ class FusedPrefill:
             gemv_rows.rmsnorm_gemv_rows(layer.qkv_proj, x, layer.attn_norm, eps, b.qkv, bias=layer.qkv_bias,
                                         cfg=rows.qkv, scratch=sc)
             rope_append(b.qkv, positions, m.rope, b.q, cache[0], cache[1], cfg.num_heads, cfg.num_kv_heads,
-                        cfg.head_dim, slots=slots, slot_stride=stride)
+                        cfg.head_dim, slots=slots, slot_stride=stride, pdl=rows.qkv.pdl)
             attn = attend(b.q, cache, b.attn)  # [T, nh * hd]
             c.before_residual(x)
             gemv_rows.gemv_residual_rows(layer.o_proj, attn, x, cfg=rows.o, scratch=sc)

@@ -4,11 +4,14 @@ with --plan, the winners of `bench.probes.gemv_rows --plan-out`. Timed in altern
 logits of each variant against cuBLAS's.
 
     python -m bench.probes.prefill_rows [--models llama-2-7b] [--buckets 16,32,64,128] [--plan FILE] [--rounds 5]
+
+Each plan with rows also runs as `<name>+pdl`: its kernels launched with programmatic dependent launch.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -32,6 +35,11 @@ def load_plan(path: str) -> ShortPromptPlan:
         for rows, configs in raw.items())))
 
 
+def with_pdl(plan: ShortPromptPlan) -> ShortPromptPlan:
+    return ShortPromptPlan(tuple((rows, ShortPromptConfigs(*(dataclasses.replace(c, pdl=True) for c in configs.all())))
+                                 for rows, configs in plan.by_rows))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="llama-2-7b", help="comma list of dummy presets")
@@ -52,6 +60,8 @@ def main(argv: list[str] | None = None) -> None:
                     ("default", prefill_plan.plan_for(model.config.hidden_size))]
         if args.plan:
             variants.append(("swept", load_plan(args.plan)))
+        # the same configs launched with programmatic dependent launch (the RoPE kernel too: kernels/pdl.py)
+        variants += [(f"{name}+pdl", with_pdl(plan)) for name, plan in variants[1:]]
         steps = [FusedPrefill(model, max(buckets), short_plan=plan) for _, plan in variants]
         gen = torch.Generator(device="cpu").manual_seed(0)
         for t in buckets:

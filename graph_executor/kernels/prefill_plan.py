@@ -53,12 +53,16 @@ class ShortPromptPlan:
 
 CUBLAS_ONLY = ShortPromptPlan()
 
-# Unmeasured starting point, before the H200 sweep (bench.probes.gemv_rows --rows 16,32,64): the verify step's 5-row
-# choice for the wide projections (64 x 128, 4 warps, 3 stages) and K split 4 ways for the 4096-row ones, whose
-# 64 row blocks alone would leave half the card idle.
-_WIDE, _NARROW = RowsConfig(64, 128, 4, 3), RowsConfig(64, 128, 4, 3, split=4)
-DEFAULT_PLAN = ShortPromptPlan(tuple((r, ShortPromptConfigs(qkv=_WIDE, o=_NARROW, gate_up=_WIDE, down=_NARROW))
-                                     for r in (16, 32, 64)))
+# Measured on an H200 (twenty-second session; `bench.probes.gemv_rows --rows 16,32,64`: 14 block configs x splits
+# 1/2/4/8 per projection over 32 layers' weights, then `bench.probes.prefill_rows`: the whole prefill step as a CUDA
+# graph, 5 alternating rounds; bench/results/2026-12-02-h200-short-prompts/). LLaMA-2-7B, 16 rows: 4.451 ms with
+# cuBLAS against 4.277 with these (0.961x); each kernel reads at about cuBLAS's rate plus its row kernel's
+# (qkv 3.40 TB/s, o 2.73, gate_up 3.77, down 3.01), so the gain is the four launches a layer fewer. At 32 rows
+# the same kernels were 1.014x cuBLAS's step and at 64 rows 1.22x (the tensor-core tiles stop hiding the loads):
+# those take cuBLAS.
+_16_ROWS = ShortPromptConfigs(qkv=RowsConfig(64, 64, 4, 4, split=2), o=RowsConfig(64, 128, 4, 4, split=2),
+                              gate_up=RowsConfig(64, 64, 4, 4), down=RowsConfig(128, 64, 8, 3, split=8))
+DEFAULT_PLAN = ShortPromptPlan(((16, _16_ROWS),))
 
 # (smallest hidden size, plan), largest first
 MEASURED_PLANS: tuple[tuple[int, ShortPromptPlan], ...] = (
