@@ -247,7 +247,22 @@ for step in "${steps[@]}"; do
           echo "rows sweep: rc=$?"; grep "^|" "$OUT/rows_sweep.log"; cat "$OUT/rows_plan.json"
           timeout 150 python3 -m bench.probes.prefill_rows --plan "$OUT/rows_plan.json" > "$OUT/prefill_rows.md" 2>&1
           echo "prefill rows: rc=$?"; cat "$OUT/prefill_rows.md" ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows)"
+    shortab) # issue 12: the prefill step at 16 and 32 rows, cuBLAS against the short-prompt plan (the default, the
+             # whole sweep's winners in bench/results/2026-12-02-h200-short-prompts/rows_plan.json, each also with PDL)
+             # on the 7B, 1B and SmolLM2 shapes, then the cuda tests of the GPU path and the batch kernels (~4 min)
+          timeout 200 python3 -m bench.probes.prefill_rows --models llama-2-7b,llama-3.2-1b,smollm2-135m \
+            --buckets 16,32 --plan bench/results/2026-12-02-h200-short-prompts/rows_plan.json \
+            > "$OUT/prefill_ab.md" 2>&1
+          echo "prefill A/B: rc=$?"; cat "$OUT/prefill_ab.md"
+          timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_path.py tests/test_batch_kernels.py \
+            tests/test_kernels.py tests/test_gemv_rows.py > "$OUT/shortab_tests.log" 2>&1
+          echo "GPU path tests: rc=$? $(tail -1 "$OUT/shortab_tests.log")" ;;
+    gguftests) # the identity tests with the SmolLM2 GGUF (HYBRIDRT_TEST_GGUF): batching, prefix reuse, packed model,
+               # speculation (~2 min)
+          timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_runtime_batching.py tests/test_prefix_reuse.py \
+            tests/test_quant_model.py tests/test_speculative.py -m cuda > "$OUT/gguf_tests.log" 2>&1
+          echo "GGUF identity tests: rc=$? $(tail -1 "$OUT/gguf_tests.log")" ;;
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests)"
        exit 2 ;;
   esac
 done
