@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from graph_executor.kernels import gemv_rows, prefill_plan
+from graph_executor.kernels import pdl as pdl_launch
 from graph_executor.kernels.extend_attention import ExtendWorkspace, extend_attention
 from graph_executor.kernels.gemv_splitk import SplitKScratch
 from graph_executor.kernels.projections import embedding, matmul, prefill_scratch, rmsnorm_gemv
@@ -43,7 +44,9 @@ class FusedPrefill:
         # split-K partials of the low-bit GEMM for short prompts (None when no projection is packed)
         weights = [w for layer in model.layers for w in (
             layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)]
-        self.short_plan = prefill_plan.plan_for(cfg.hidden_size) if short_plan is None else short_plan
+        plan = prefill_plan.plan_for(cfg.hidden_size) if short_plan is None else short_plan
+        # PDL where the device has it (Hopper and later), else the same configs launched plainly
+        self.short_plan = plan if pdl_launch.supported(device) else prefill_plan.with_pdl(plan, False)
         self.scratch = _scratch(prefill_scratch(weights, max_tokens, device),
                                 _rows_scratch(model, self.short_plan, max_tokens), device)
         self.collectives = StepCollectives(model.tp, 1, cfg.vocab_size, device)  # a tensor-parallel rank's

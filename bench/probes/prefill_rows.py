@@ -11,7 +11,6 @@ Each plan with rows also runs as `<name>+pdl`: its kernels launched with program
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -23,7 +22,7 @@ from bench.probes.verify_plan import graphed
 from graph_executor.fused_prefill import FusedPrefill
 from graph_executor.kernels import prefill_plan
 from graph_executor.kernels.gemv_rows import RowsConfig
-from graph_executor.kernels.prefill_plan import ShortPromptConfigs, ShortPromptPlan
+from graph_executor.kernels.prefill_plan import ShortPromptConfigs, ShortPromptPlan, with_pdl
 from graph_executor.loading.loader import LoadConfig, load_model
 
 
@@ -33,11 +32,6 @@ def load_plan(path: str) -> ShortPromptPlan:
     return ShortPromptPlan(tuple(sorted(
         (int(rows), ShortPromptConfigs(**{name: RowsConfig(**cfg) for name, cfg in configs.items()}))
         for rows, configs in raw.items())))
-
-
-def with_pdl(plan: ShortPromptPlan) -> ShortPromptPlan:
-    return ShortPromptPlan(tuple((rows, ShortPromptConfigs(*(dataclasses.replace(c, pdl=True) for c in configs.all())))
-                                 for rows, configs in plan.by_rows))
 
 
 def main(argv: list[str] | None = None) -> None:

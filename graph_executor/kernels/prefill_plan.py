@@ -64,12 +64,23 @@ _16_ROWS = ShortPromptConfigs(qkv=RowsConfig(64, 64, 4, 4, split=2), o=RowsConfi
                               gate_up=RowsConfig(64, 64, 4, 4), down=RowsConfig(128, 64, 8, 3, split=8))
 DEFAULT_PLAN = ShortPromptPlan(((16, _16_ROWS),))
 
-# (smallest hidden size, plan), largest first. The same configs on smaller models (prefill_rows, same session, 16
-# rows): Llama-3.2-1B shape 1.034x cuBLAS's step (1.030x with PDL), SmolLM2-135M 1.036x (0.934x with PDL: a
-# candidate, not taken until the GGUF identity tests have run with it on the card): both stay on cuBLAS.
+
+
+def with_pdl(plan: ShortPromptPlan, pdl: bool = True) -> ShortPromptPlan:
+    """The plan with every config launched with (or without) programmatic dependent launch (kernels/pdl.py); the
+    prefill step's RoPE kernel follows qkv's config."""
+    return ShortPromptPlan(tuple((rows, ShortPromptConfigs(*(dataclasses.replace(c, pdl=pdl) for c in configs.all())))
+                                 for rows, configs in plan.by_rows))
+
+
+# (smallest hidden size, plan), largest first. The 7B configs on smaller models (prefill_rows, same session, 16 rows):
+# Llama-3.2-1B shape 1.034x cuBLAS's step (1.030x with PDL): cuBLAS; SmolLM2-135M 1.036x, with PDL 0.934x (0.976 ->
+# 0.911 ms; 7B with PDL 0.984x, worse than without): taken below hidden 2048 once the GGUF identity tests (batching,
+# prefix reuse, packed model, speculation: 12 passed) had run with it on the card.
 MEASURED_PLANS: tuple[tuple[int, ShortPromptPlan], ...] = (
     (4096, DEFAULT_PLAN),
-    (0, CUBLAS_ONLY),
+    (2048, CUBLAS_ONLY),
+    (0, with_pdl(DEFAULT_PLAN)),
 )
 
 
