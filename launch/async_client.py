@@ -207,12 +207,15 @@ class AsyncClient:
     async def _find_local(self) -> None:
         """As `Client._find_local`: the server's status says where its local stream is; keep it if it connects."""
         try:
-            path = (await self.status(self.probe_timeout_s)).get("local_stream")
+            await self.status(self.probe_timeout_s)  # adopts the local stream it names
         except ServerError as e:
             if e.code != "unreachable":
                 self._local_known = True  # an answer (e.g. unauthorized): ZeroMQ, as the request will show
-            return
+
+    def _adopt_local(self, facts: dict) -> None:
+        """Use the local stream a status reply names, if a connection there succeeds (once per client)."""
         self._local_known = True
+        path = facts.get("local_stream")
         if isinstance(path, str) and os.path.exists(path):
             try:
                 first = _Local(path)
@@ -256,6 +259,8 @@ class AsyncClient:
         if not isinstance(reply, StatusReply):
             raise ServerError("unreachable", f"no status answer from {self.address} within {timeout_s} s (is "
                                              "`hybridrt serve` running there?)")
+        if not self._local_known:  # what the first generate would ask: its TTFT then skips the round trip
+            self._adopt_local(reply.facts)
         return reply.facts
 
     async def ask(self, request: Message, timeout_s: float = 30.0) -> Message:

@@ -1,6 +1,6 @@
 """The native Python client: streaming `TokenChunk`s then one `Finished` per request, over ZeroMQ (a DEALER socket)
 or, to a server on this machine, over its local stream (`ipc.local_stream`: an AF_UNIX socket, for the token gaps'
-tail; found through the server's status before the first request).
+tail; found through the server's status before the first request, or from the first `status()` call).
 
     from launch.client import Client
     with Client("tcp://127.0.0.1:7461") as client:
@@ -270,8 +270,12 @@ class Client:
         self._give_back(sock, reusable=isinstance(reply, (StatusReply, Error)))
         if not isinstance(reply, StatusReply):
             return  # no answer (generate reports why), or an error such as `unauthorized`: ZeroMQ, as asked
+        self._adopt_local(reply.facts)
+
+    def _adopt_local(self, facts: dict) -> None:
+        """Use the local stream a status reply names, if a connection there succeeds (once per client)."""
         self._local_known = True
-        path = reply.facts.get("local_stream")
+        path = facts.get("local_stream")
         if isinstance(path, str) and os.path.exists(path):
             try:
                 first = LocalChannel(path, self.timeout_ms / 1e3)
@@ -323,6 +327,8 @@ class Client:
         if not isinstance(reply, StatusReply):
             raise ServerError("no_answer", f"no status answer from {self.address} within {timeout_s} s (is `hybridrt "
                                            "serve` running there?)")
+        if not self._local_known:  # what the first generate would ask: its TTFT then skips the round trip
+            self._adopt_local(reply.facts)
         return reply.facts
 
     def tokenize(self, prompt: str | None = None, *, messages: list[dict] | None = None,

@@ -180,6 +180,7 @@ class EndingServer:
 
     def __init__(self, ports: ClientPorts) -> None:
         self.ports = ports
+        self.statuses = 0  # Status requests answered
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
@@ -187,12 +188,47 @@ class EndingServer:
         while True:
             identity, msg = self.ports.recv_from(5000)
             if isinstance(msg, m.Status):
+                self.statuses += 1
                 self.ports.send_to(identity, m.StatusReply({"local_stream": self.ports.local_path}))
                 continue
             self.ports.send_to(identity, m.Started(msg.request_id, 0.0, 0.0))
             self.ports.send_to(identity, m.TokenChunk(msg.request_id, "x", [7]))
             self.ports.close(linger_ms=500)
             return
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_status_call_finds_the_local_stream_for_the_first_generate(ports, rundir, asynchronous):
+    """A client asked for status first (as the bench does before timing, or a user checking the server) uses the
+    stream that reply names from its first generate on, with no second Status round trip inside that TTFT."""
+    from launch.async_client import AsyncClient
+    from launch.client import Client
+
+    server = EndingServer(ports)
+    address = rundir.ipc_address("client")
+    if asynchronous:
+        async def run() -> tuple[str | None, list]:
+            client, seen = AsyncClient(address, local=True), []
+            try:
+                await client.status()
+                path = client.local_path
+                with pytest.raises(Exception):
+                    async for msg in client.generate(prompt="hi"):
+                        seen.append(msg.token_ids)
+            finally:
+                client.close()
+            return path, seen
+
+        path, got = asyncio.run(run())
+    else:
+        got = []
+        with Client(address, timeout_s=5) as client:
+            client.status()
+            path = client.local_path
+            with pytest.raises(Exception):
+                for msg in client.generate(prompt="hi"):
+                    got.append(msg.token_ids)
+    assert path == ports.local_path and got == [[7]] and server.statuses == 1
 
 
 def test_both_clients_read_what_came_then_server_died_when_the_local_stream_ends(ports, rundir):

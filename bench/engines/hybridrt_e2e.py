@@ -51,7 +51,9 @@ class HybridrtE2EEngine:
             self.supervisor.wait_ready()
             timeline.mark("ready")
             self.client = Client(self.supervisor.address, timeout_s=spec.timeout_s)
-            self.client.status()  # connected before the first timed request: a new client's connect is not the server's
+            # connected before the first timed request (its ZeroMQ socket, and the local stream the status reply
+            # names): a new client's connect is not the server's
+            self.client.status()
             measure_first = "startup" in spec.workloads
             first, first_server = [], []  # right after ready: the client's TTFT and the JIT context's own
             for _ in range(FIRST_REQUESTS * measure_first):
