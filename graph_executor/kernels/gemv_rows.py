@@ -162,14 +162,19 @@ def _launch(mode: int, w: torch.Tensor, a: torch.Tensor, nw: torch.Tensor | None
         raise ValueError("gemv_rows: w, and each row of a and out, must be contiguous")
     per, split = k_split(k, cfg)
     floats, counters = scratch_size(t, n, k, cfg)
-    if scratch is None:
-        scratch = SplitKScratch.zeros(floats, counters, w.device)
-    elif scratch.partial.numel() < floats or scratch.count.numel() < counters or scratch.partial.device != w.device:
-        raise ValueError(f"gemv_rows: {t} rows over a {list(w.shape)} weight with {cfg} need a scratch of {floats} "
-                         f"floats and {counters} counters on {w.device}, got {scratch.partial.numel()} and "
-                         f"{scratch.count.numel()} on {scratch.partial.device}")
+    if split == 1:  # nothing to sum across programs: no scratch read or written (none allocated: no memset in a graph)
+        part, count = w, w
+    else:
+        if scratch is None:
+            scratch = SplitKScratch.zeros(floats, counters, w.device)
+        elif (scratch.partial.numel() < floats or scratch.count.numel() < counters
+              or scratch.partial.device != w.device):
+            raise ValueError(f"gemv_rows: {t} rows over a {list(w.shape)} weight with {cfg} need a scratch of "
+                             f"{floats} floats and {counters} counters on {w.device}, got {scratch.partial.numel()} "
+                             f"and {scratch.count.numel()} on {scratch.partial.device}")
+        part, count = scratch.partial, scratch.count
     _gemv_rows_kernel[(triton.cdiv(n, cfg.block_n), split)](
-        w, a, nw if nw is not None else w, bias if bias is not None else w, out, scratch.partial, scratch.count, t,
+        w, a, nw if nw is not None else w, bias if bias is not None else w, out, part, count, t,
         n, k, per, split, a.stride(0), out.stride(0), eps, MODE=mode, HAS_BIAS=bias is not None,
         IEEE=w.dtype == torch.float32, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ROWS=padded_rows(t),
         SPLITTING=split > 1,
