@@ -262,7 +262,19 @@ for step in "${steps[@]}"; do
           timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_runtime_batching.py tests/test_prefix_reuse.py \
             tests/test_quant_model.py tests/test_speculative.py -m cuda > "$OUT/gguf_tests.log" 2>&1
           echo "GGUF identity tests: rc=$? $(tail -1 "$OUT/gguf_tests.log")" ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests)"
+    int4digits) # issue 10: the packed GEMVs with the activation's dp4a operands formed once per call (ActDigits)
+                # against every program forming its slice: the split-K tests on the card, then the per-projection
+                # sweep both ways, int4 and int8, then the whole 7B decode step both ways (~6 min)
+          timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gemv_splitk.py > "$OUT/int4digits_tests.log" 2>&1
+          echo "split-K tests: rc=$? $(tail -1 "$OUT/int4digits_tests.log")"
+          timeout 300 python3 -m bench.probes.int4_digits --out "$OUT/int4_digits.json" > "$OUT/int4_digits.log" 2>&1
+          echo "int4 digits probe: rc=$?"; grep "^|" "$OUT/int4_digits.log"
+          for q in int4 int8; do  # the whole decode step both ways (the 7B's attention as in production: fused=0)
+            timeout 150 python3 -m bench.probes.step_variants --models llama-2-7b --contexts 300,2000 --quantize $q \
+              --variants "fused=0;fused=0,digits=1;fused=0" --rounds 3 > "$OUT/int4digits_step_$q.md" 2>&1
+            echo "step variants, $q: rc=$?"; cat "$OUT/int4digits_step_$q.md"
+          done ;;
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, int4digits)"
        exit 2 ;;
   esac
 done

@@ -10,8 +10,10 @@ inside the attention kernel, `FusedDecoder(fuse_rope=True)`; 0: `rope_append` be
 their weights before waiting for the kernel before them, `FusedDecoder(early_weights=True)`), earlyo (1: o_proj's
 GEMV alone loads early, on top of the rest), pf (MiB of the layer's next weights the attention kernel asks L2 to
 hold: `FusedDecoder(l2_prefetch_mb=)`, kernels/l2_prefetch.py), tpf (MiB of the next projection's weights each GEMV's
-tail asks L2 for: `FusedDecoder(tail_prefetch_mb=)`). split, warps, rope, pf, tpf and early left out: the decoder's defaults (rope and
-early: `decode_plan.options_for` the model). Prints the median of each variant's per-round medians and its ratio to the first.
+tail asks L2 for: `FusedDecoder(tail_prefetch_mb=)`), digits (1: packed int4 / int8 GEMVs take their activation's
+operands from a kernel of their own, `FusedDecoder(act_digits=True)`; with --quantize). split, warps, rope, pf, tpf
+and early left out: the decoder's defaults (rope and early: `decode_plan.options_for` the model). Prints the median of
+each variant's per-round medians and its ratio to the first.
 """
 
 from __future__ import annotations
@@ -39,9 +41,10 @@ def parse_variant(text: str) -> dict[str, int]:
     variant = {"fused": 1}
     for item in text.split(","):
         key, _, value = item.partition("=")
-        if key not in ("split", "warps", "fused", "rope", "early", "earlyo", "pf", "tpf") or not value.isdigit():
+        if key not in ("split", "warps", "fused", "rope", "early", "earlyo", "pf", "tpf", "digits") or \
+                not value.isdigit():
             raise SystemExit(f"bad variant item {item!r} in {text!r} (split=, warps=, fused=, rope=, early=, earlyo=, "
-                             "pf=, tpf=)")
+                             "pf=, tpf=, digits=)")
         variant[key] = int(value)
     return variant
 
@@ -54,7 +57,8 @@ def build(model, variant: dict[str, int]) -> FusedDecoder:
     if variant.get("earlyo"):
         plan = dataclasses.replace(plan, o=dataclasses.replace(plan.o, early=True))
     decoder = FusedDecoder(model, plan=plan, fuse_rope=flag("rope"), early_weights=flag("early"),
-                           l2_prefetch_mb=variant.get("pf"), tail_prefetch_mb=variant.get("tpf"))
+                           l2_prefetch_mb=variant.get("pf"), tail_prefetch_mb=variant.get("tpf"),
+                           act_digits=bool(variant.get("digits")))
     cfg = model.config
     decoder.attention = DecodeAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, model.max_context,
                                         model.embed_tokens.device, cfg.sliding_window, variant.get("split"),
@@ -70,6 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--variants", default=DEFAULT_VARIANTS, help="';'-separated variants (see the module doc)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds over the variants")
     ap.add_argument("--max-context", type=int, default=4096, help="the KV cache's positions")
+    ap.add_argument("--quantize", default=None, choices=("int8", "int4", "fp8"),
+                    help="round the weights to this packed format at load (as `serve --quantize`)")
     args = ap.parse_args(argv)
     variants = [(text, parse_variant(text)) for text in args.variants.split(";")]
     contexts = [int(c) for c in args.contexts.split(",")]
@@ -80,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|")
     for preset in args.models.split(","):
         loaded = load_model(LoadConfig(model=f"dummy:{preset}", device="cuda", dtype="float16",
-                                       max_context=args.max_context, progress=False))
+                                       max_context=args.max_context, progress=False, quantize=args.quantize))
         model = loaded.model
         token = torch.full((1,), 7, dtype=torch.int64, device=device)
         for context in contexts:
