@@ -80,7 +80,7 @@ class FusedDecoder:
                  fp8: Fp8Plan | GemvPlan = FP8_PLAN, pdl: bool | None = None, fuse_rope: bool | None = None,
                  early_weights: bool | None = None, l2_prefetch_mb: int | None = None,
                  split_combine: bool | None = None, tail_prefetch_mb: int | None = None,
-                 act_digits: bool = False) -> None:
+                 act_digits: bool = False, early_kv: bool = False) -> None:
         """`fp8`: per projection an Fp8Config runs FP8 slots through the split-K kernels, a GemvConfig through the
         fp16 kernels (FP8_GEMV_PLAN: all of them, the old path). `plan`: the dense weights' configs (None:
         `decode_plan.plan_for` the model's hidden size). `pdl`: launch the dense GEMVs, RoPE and attention
@@ -98,7 +98,9 @@ class FusedDecoder:
         kernels asks L2 for up to this many MiB of the next projection's weights once its rows are stored (the
         next kernel's first loads during this one's tail), on sm_90+ only; None: the options'. `act_digits`: packed
         int4 / int8 slots form the activation's dp4a operands once per call in a kernel of their own
-        (gemv_splitk.ActDigits) instead of in every row block's program (issue 10's experiment: off until measured)."""
+        (gemv_splitk.ActDigits) instead of in every row block's program (issue 10's experiment: off until measured).
+        `early_kv`: the attention loads its K/V rows of earlier steps before it waits for the QKV GEMV
+        (`DecodeAttention(early_kv=)`; issue 12's experiment: off until measured)."""
         cfg = model.config
         device = model.embed_tokens.device
         plan = plan_for(cfg.hidden_size) if plan is None else plan
@@ -140,7 +142,7 @@ class FusedDecoder:
         self.gate_up = empty(2 * cfg.intermediate_size)
         self.attention = DecodeAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, model.max_context,
                                          device, cfg.sliding_window, split_size, pdl=self.pdl,
-                                         fused_reduce=split_combine)
+                                         fused_reduce=split_combine, early_kv=early_kv)
         # packed int4/int8 and FP8 slots run split-K kernels that share one scratch (one after another on one stream)
         sizes = [decode_scratch_size(w, self.plan[name]) for w, name in slots]
         floats, counters = max(f for f, _ in sizes), max(c for _, c in sizes)

@@ -167,3 +167,8 @@ def test_fused_decoder_with_rope_inside_gives_the_same_step(tmp_path) -> None:
         assert (logits[key] - plain).abs().max() <= 1e-5 * plain.abs().max(), key
         assert torch.allclose(caches[key], caches[False, False], rtol=0, atol=1e-6)
     assert not torch.equal(caches[True, False], before), "the step appended its K and V"
+    for fuse in (False, True):  # the attention's early K/V loads: the same step, bit for bit
+        model.kv_cache.copy_(before)
+        early = torch.full((BASE["vocab_size"],), float("nan"), device=DEVICE)
+        FusedDecoder(model, fuse_rope=fuse, split_combine=False, early_kv=True).step(token, position, early)
+        assert torch.equal(early, logits[fuse, False]) and torch.equal(model.kv_cache, caches[fuse, False]), fuse

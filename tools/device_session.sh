@@ -274,7 +274,19 @@ for step in "${steps[@]}"; do
               --variants "fused=0;fused=0,digits=1;fused=0" --rounds 3 > "$OUT/int4digits_step_$q.md" 2>&1
             echo "step variants, $q: rc=$?"; cat "$OUT/int4digits_step_$q.md"
           done ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, int4digits)"
+    earlykv) # issue 12: the decode attention's K/V rows of earlier steps loaded before its PDL wait (DecodeAttention(
+             # early_kv=)): its tests on the card, then the whole batch-1 step with and without it on the 7B, 1B and
+             # SmolLM2 shapes, each with its production attention (7B: reduce kernel; SmolLM2: combined) (~5 min)
+          timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_rope_in_attention.py tests/test_kernels.py \
+            -k "attention or early or rope" > "$OUT/earlykv_tests.log" 2>&1
+          echo "attention tests: rc=$? $(tail -1 "$OUT/earlykv_tests.log")"
+          timeout 150 python3 -m bench.probes.step_variants --models llama-2-7b,llama-3.2-1b --contexts 300,2000 \
+            --variants "fused=0;fused=0,ekv=1;fused=0" --rounds 3 > "$OUT/earlykv_step.md" 2>&1
+          echo "step variants: rc=$?"; cat "$OUT/earlykv_step.md"
+          timeout 100 python3 -m bench.probes.step_variants --models smollm2-135m --contexts 300,2000 \
+            --variants "fused=1;fused=1,ekv=1;fused=1" --rounds 3 > "$OUT/earlykv_step_small.md" 2>&1
+          echo "step variants, SmolLM2: rc=$?"; cat "$OUT/earlykv_step_small.md" ;;
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, int4digits, earlykv)"
        exit 2 ;;
   esac
 done
