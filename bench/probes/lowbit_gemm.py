@@ -7,12 +7,13 @@ weight read bandwidth (the format's bytes / time), the speed-up over fp16 torch.
 kernel is first checked against a float64 matmul of the format's dequantized weights. --sweep also times a
 handful of block configs per (shape, T, format) and prints the best.
 
-    python -m bench.probes.lowbit_gemm [--tokens 16,64,128,256,512] [--sweep] [--reps 20] [--out DIR]
+    python -m bench.probes.lowbit_gemm [--tokens 16,64,128,256,512] [--sweep] [--magic] [--reps 20] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -81,6 +82,8 @@ def main() -> None:
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
     ap.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated, of {', '.join(FORMATS)}")
     ap.add_argument("--sweep", action="store_true", help="time the block configs in SWEEP too, print the best")
+    ap.add_argument("--magic", action="store_true", help="also time the default configs with GemmConfig(magic=True) "
+                                                         "(int4 / int8 codes to floats through fp16's bits)")
     ap.add_argument("--reps", type=int, default=20, help="timed graph replays per measurement (median)")
     ap.add_argument("--out", default=None, help="folder for lowbit_gemm.json")
     args = ap.parse_args()
@@ -109,6 +112,14 @@ def main() -> None:
                 err = _rel_error(w, x, out)
                 ms = _time(weights, x, out, None, args.reps, scratch)
                 best = ""
+                if args.magic and fmt in ("int4", "int8"):
+                    magic_cfg = dataclasses.replace(gemm_lowbit.default_config(t, n, k), magic=True)
+                    _op(w, x, out, magic_cfg, scratch)()
+                    magic_err = _rel_error(w, x, out)
+                    magic_ms = _time(weights, x, out, magic_cfg, args.reps, scratch)
+                    best = f"magic {magic_ms:.4f} ms ({ms / magic_ms:.2f}x, rel err {magic_err:.1e}) "
+                    res["rows"].append({"shape": name, "T": t, "fmt": fmt, "cfg": "default+magic", "ms": magic_ms,
+                                        "rel_err": magic_err})
                 if args.sweep and fmt != "fp16":
                     timed = []
                     for cfg in _candidates(w, t):
@@ -118,7 +129,7 @@ def main() -> None:
                             res["rows"].append({"shape": name, "T": t, "fmt": fmt, "cfg": vars(cfg),
                                                 "error": repr(e)[:200]})
                     best_ms, best_cfg = min(timed, key=lambda r: r[0])
-                    best = f"{best_ms:.4f} ms with {best_cfg}"
+                    best += f"{best_ms:.4f} ms with {best_cfg}"
                     res["rows"] += [{"shape": name, "T": t, "fmt": fmt, "cfg": vars(c), "ms": m} for m, c in timed]
                 if fmt == "fp16":
                     fp16_ms[t] = ms
