@@ -58,12 +58,11 @@ CUBLAS_ONLY = ShortPromptPlan()
 # graph, 5 alternating rounds; bench/results/2026-12-02-h200-short-prompts/). LLaMA-2-7B, 16 rows: 4.451 ms with
 # cuBLAS against 4.277 with these (0.961x); each kernel reads at about cuBLAS's rate plus its row kernel's
 # (qkv 3.40 TB/s, o 2.73, gate_up 3.77, down 3.01), so the gain is the four launches a layer fewer. At 32 rows
-# the same kernels were 1.014x cuBLAS's step and at 64 rows 1.22x (the tensor-core tiles stop hiding the loads):
-# those take cuBLAS.
+# the same kernels were 1.014x cuBLAS's step and at 64 rows 1.22x (the sweep's best per projection read at 0.68-0.86x
+# cuBLAS's rate there): those take cuBLAS.
 _16_ROWS = ShortPromptConfigs(qkv=RowsConfig(64, 64, 4, 4, split=2), o=RowsConfig(64, 128, 4, 4, split=2),
                               gate_up=RowsConfig(64, 64, 4, 4), down=RowsConfig(128, 64, 8, 3, split=8))
 DEFAULT_PLAN = ShortPromptPlan(((16, _16_ROWS),))
-
 
 
 def with_pdl(plan: ShortPromptPlan, pdl: bool = True) -> ShortPromptPlan:
