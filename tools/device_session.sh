@@ -29,7 +29,8 @@
 #   against neither, and the bench's decode on the SmolLM2 and 7B shapes (~5 min); hfeager: bench.probes.hf_eager at
 #   contexts 128 and 1024 (why the bench's hf-eager row is slow and erratic; ~2 min); prefetch: the L2 prefetch of
 #   the layer's next weights from the attention kernel, its test and the step at 8 / 24 / 40 MiB (~3 min); shortsteps:
-#   bench.probes.kernel_profile of 7B's 10-token prefill and the 1B shape's decode (~2 min);
+#   bench.probes.kernel_profile of 7B's 10-token prefill and the 1B shape's decode (~2 min); shortsteps2, shortrows,
+#   shortab, gguftests, int4digits, earlykv, magic: each says what it runs in its comment below;
 #   quant: the packed-weight tests and `bench --quantize none,int8,int4,fp8` on dummy:llama-2-7b (executor, ~3 min);
 #   gemv: the low-bit GEMV block sweep per projection and format (~1 min); gemm: the low-bit prefill GEMM's default
 #   configs against torch.mm per projection, format and prompt length (~1 min); fp8: the FP8 split-K GEMV sweep
