@@ -266,8 +266,10 @@ for step in "${steps[@]}"; do
     int4digits) # issue 10: the packed GEMVs with the activation's dp4a operands formed once per call (ActDigits)
                 # against every program forming its slice: the split-K tests on the card, then the per-projection
                 # sweep both ways, int4 and int8, then the whole 7B decode step both ways (~6 min)
-          timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gemv_splitk.py > "$OUT/int4digits_tests.log" 2>&1
-          echo "split-K tests: rc=$? $(tail -1 "$OUT/int4digits_tests.log")"
+          # first: the split-K kernel itself was restructured for this (off the card), and every packed path uses it
+          timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gemv_splitk.py tests/test_quant.py \
+            tests/test_quant_model.py > "$OUT/int4digits_tests.log" 2>&1
+          echo "split-K and packed-weight tests: rc=$? $(tail -1 "$OUT/int4digits_tests.log")"
           timeout 300 python3 -m bench.probes.int4_digits --out "$OUT/int4_digits.json" > "$OUT/int4_digits.log" 2>&1
           echo "int4 digits probe: rc=$?"; grep "^|" "$OUT/int4_digits.log"
           for q in int4 int8; do  # the whole decode step both ways (the 7B's attention as in production: fused=0)
