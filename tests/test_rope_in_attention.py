@@ -108,6 +108,10 @@ def test_early_kv_loads_give_the_same_bits(heads, kv_heads, hd, cache, positions
             assert torch.equal(kv_base, kv_early), (inside, pos)
     with pytest.raises(ValueError, match="one block a split"):
         DecodeAttention(heads, kv_heads, hd, cache, DEVICE, split_size=128, early_kv=True)
+    with pytest.raises(ValueError, match="one block a split"):
+        DecodeAttention(heads, kv_heads, hd, cache, DEVICE, split_size=64, block_size=32, early_kv=True)
+    with pytest.raises(ValueError, match="power of two dividing"):
+        DecodeAttention(heads, kv_heads, hd, cache, DEVICE, split_size=64, block_size=48)
 
 
 def test_a_batched_decode_appends_each_token_to_its_own_slot() -> None:

@@ -278,16 +278,18 @@ for step in "${steps[@]}"; do
             echo "step variants, $q: rc=$?"; cat "$OUT/int4digits_step_$q.md"
           done ;;
     earlykv) # issue 12: the decode attention's K/V rows of earlier steps loaded before its PDL wait (DecodeAttention(
-             # early_kv=)): its tests on the card, then the whole batch-1 step with and without it on the 7B, 1B and
+             # early_kv=)), and its split walked in blocks of 32 / 16 (block_size=: 7B's one block of 64 on 2 warps
+             # spills when compiled for sm_90): its tests on the card, then the whole batch-1 step with and without it on the 7B, 1B and
              # SmolLM2 shapes, each with its production attention (7B: reduce kernel; SmolLM2: combined) (~5 min)
           timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_rope_in_attention.py tests/test_kernels.py \
             -k "attention or early or rope" > "$OUT/earlykv_tests.log" 2>&1
           echo "attention tests: rc=$? $(tail -1 "$OUT/earlykv_tests.log")"
           timeout 150 python3 -m bench.probes.step_variants --models llama-2-7b,llama-3.2-1b --contexts 300,2000 \
-            --variants "fused=0;fused=0,ekv=1;fused=0" --rounds 3 > "$OUT/earlykv_step.md" 2>&1
+            --variants "fused=0;fused=0,ekv=1;fused=0,block=32;fused=0,block=16;fused=0" --rounds 3 \
+            > "$OUT/earlykv_step.md" 2>&1
           echo "step variants: rc=$?"; cat "$OUT/earlykv_step.md"
           timeout 100 python3 -m bench.probes.step_variants --models smollm2-135m --contexts 300,2000 \
-            --variants "fused=1;fused=1,ekv=1;fused=1" --rounds 3 > "$OUT/earlykv_step_small.md" 2>&1
+            --variants "fused=1;fused=1,ekv=1;fused=1,block=32;fused=1" --rounds 3 > "$OUT/earlykv_step_small.md" 2>&1
           echo "step variants, SmolLM2: rc=$?"; cat "$OUT/earlykv_step_small.md" ;;
     magic) # issue 10: the low-bit prefill GEMM with codes turned to floats through fp16's bits (GemmConfig(magic=
            # True)) against the integer conversion, int4 and int8 at 16-127 tokens, and its tests (~2 min)

@@ -274,7 +274,7 @@ class DecodeAttention:
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, max_context: int,
                  device: torch.device, sliding_window: int | None = None, split_size: int | None = None,
                  max_tokens: int = 1, pdl: bool = False, batched: bool = False, num_warps: int | None = None,
-                 fused_reduce: bool = False, early_kv: bool = False) -> None:
+                 fused_reduce: bool = False, early_kv: bool = False, block_size: int | None = None) -> None:
         """`max_tokens` > 1: a verify step's tokens (one sequence, consecutive positions), or with `batched` the
         tokens of a batched decode (one per KV slot: `__call__`'s slots). `num_warps`: the one-query kernel's
         (default: `one_query_warps` with the default split, else Triton's 4; `bench.probes.decode_attention`
@@ -282,7 +282,9 @@ class DecodeAttention:
         kernel per call instead of two; off by default: not faster on 7B in the whole step, see SPLIT_SIZE; the
         verify kernel keeps its reduce kernel). `early_kv`: the one-query kernel loads its split's K/V rows of earlier
         steps before it waits for the kernel before it (`_split_kernel`'s EARLY_KV; needs a split of at most BLOCK_N
-        positions)."""
+        positions). `block_size`: the one-query kernel's positions per loop step (a power of two dividing the split;
+        default min(BLOCK_N, split)): compiled for sm_90, LLaMA-2-7B's split of 64 in one block of 64 on 2
+        warps needs more than 255 registers a thread (spills), in blocks of 32 146 (issue 12's experiment)."""
         if head_dim & (head_dim - 1):
             raise ValueError(f"decode attention needs a power-of-two head_dim, got {head_dim}")
         self.num_heads, self.group, self.head_dim = num_heads, num_heads // num_kv_heads, head_dim
@@ -303,8 +305,12 @@ class DecodeAttention:
         self.m = torch.empty(max_tokens, num_heads, self.num_splits, **f32)
         self.l = torch.empty(max_tokens, num_heads, self.num_splits, **f32)
         self.fused_reduce = fused_reduce and one_query
-        if early_kv and self.split > BLOCK_N:
-            raise ValueError(f"early K/V loads take one block a split: split {self.split} > {BLOCK_N}")
+        self.block = block_size or min(BLOCK_N, self.split)
+        if self.block < 1 or self.block & (self.block - 1) or self.split % self.block:
+            raise ValueError(f"decode attention block_size must be a power of two dividing the split {self.split}, "
+                             f"got {self.block}")
+        if early_kv and self.block != self.split:
+            raise ValueError(f"early K/V loads take one block a split: split {self.split}, block {self.block}")
         self.early_kv = early_kv and one_query
         # per query row, how many of its split programs have finished (the last one resets it)
         self.counts = torch.zeros(max_tokens * num_heads, device=device, dtype=torch.int32)
@@ -340,7 +346,7 @@ class DecodeAttention:
             _split_kernel[(self.num_heads, self.num_splits, tokens)](
                 q, k_cache, v_cache, position, slots if slots is not None else position, self.acc, self.m, self.l,
                 self.counts, out, rope if rope is not None else self.m, *pf_args, *strides, slot_stride, width,
-                self.scale, self.window, GROUP=self.group, HEAD_DIM=self.head_dim, SPLIT=self.split, BLOCK=block,
+                self.scale, self.window, GROUP=self.group, HEAD_DIM=self.head_dim, SPLIT=self.split, BLOCK=self.block,
                 NUM_SPLITS=self.num_splits, NUM_HEADS=self.num_heads, SLOTS=slots is not None,
                 FUSED_REDUCE=self.fused_reduce, ROPE=rope is not None, PDL=self.pdl, PREFETCH=regions,
                 THREADS=32 * self.warps.get("num_warps", 4), EARLY_KV=self.early_kv, **self.warps,
