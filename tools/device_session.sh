@@ -292,10 +292,12 @@ for step in "${steps[@]}"; do
             --variants "fused=1;fused=1,ekv=1;fused=1,block=32;fused=1" --rounds 3 > "$OUT/earlykv_step_small.md" 2>&1
           echo "step variants, SmolLM2: rc=$?"; cat "$OUT/earlykv_step_small.md" ;;
     magic) # issue 10: the low-bit prefill GEMM with codes turned to floats through fp16's bits (GemmConfig(magic=
-           # True)) against the integer conversion, int4 and int8 at 16-127 tokens, and its tests (~2 min)
+           # True)) against the integer conversion, and on 8 warps (the 64-token tile spills on 4 when built for
+           # sm_90), int4 and int8 at 16-127 tokens, and its tests (~3 min)
           timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_quant_gemm.py > "$OUT/magic_tests.log" 2>&1
           echo "low-bit GEMM tests: rc=$? $(tail -1 "$OUT/magic_tests.log")"
-          timeout 240 python3 -m bench.probes.lowbit_gemm --tokens 16,32,64,127 --formats fp16,int4,int8 --magic \
+          timeout 240 python3 -m bench.probes.lowbit_gemm --tokens 16,32,64,127 --formats fp16,int4,int8 \
+            --variants magic,w8,magic+w8 \
             --out "$OUT/magic" > "$OUT/magic.log" 2>&1
           echo "magic probe: rc=$?"; cat "$OUT/magic.log" ;;
     *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, int4digits, earlykv, magic)"
