@@ -18,9 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
+from graph_executor.kernels import gemv_rows
 from graph_executor.kernels import pdl as pdl_launch
 from graph_executor.kernels.decode_attention import DecodeAttention
-from graph_executor.kernels.gemv_rows import RowsConfig, gemv_residual_rows, rmsnorm_gemv_rows
+from graph_executor.kernels.gemv_rows import RowsConfig, gemv_residual_rows, rmsnorm_gemv_rows, silu_gemv_residual_rows
+from graph_executor.kernels.gemv_splitk import SplitKScratch
 from graph_executor.kernels.projections import embedding, matmul, prefill_scratch
 from graph_executor.kernels.rope_append import rope_append
 from graph_executor.kernels.rows import rmsnorm_rows, silu_mul_rows
@@ -38,6 +40,10 @@ class RowsPlan:
     gate_up: RowsConfig = RowsConfig(64, 128, 4, 3)
     lm_head: RowsConfig = RowsConfig(64, 64, 4, 3)
     o: RowsConfig | None = None  # o_proj with the residual add fused; None: cuBLAS addmm_
+    # qkv with the RMSNorm fused, down_proj with SwiGLU and the residual (None: RMSNorm / SwiGLU row kernels and
+    # cuBLAS); unmeasured here: the prefill step's 16-row configs (prefill_plan.py) are the candidates
+    qkv: RowsConfig | None = None
+    down: RowsConfig | None = None
 
 DEFAULT_ROWS_PLAN = RowsPlan()
 
@@ -66,7 +72,15 @@ class FusedVerify:
                                          device, cfg.sliding_window, max_tokens=max_tokens, pdl=self.pdl)
         weights = [w for layer in model.layers
                    for w in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)]
-        self.scratch = prefill_scratch([*weights, model.lm_head], max_tokens, device)
+        packed = prefill_scratch([*weights, model.lm_head], max_tokens, device)
+        # the multi-row GEMVs' split-K partials (a plan's configs split along K), in the same scratch
+        first = model.layers[0]
+        needs = [gemv_rows.scratch_size(max_tokens, *w.shape, c) for w, c in (
+            (first.qkv_proj, plan.qkv), (first.o_proj, plan.o), (first.gate_up_proj, plan.gate_up),
+            (first.down_proj, plan.down), (model.lm_head, plan.lm_head)) if c is not None and dense(w)]
+        floats = max([f for f, _ in needs] + [packed.partial.numel() if packed is not None else 0])
+        counters = max([n for _, n in needs] + [packed.count.numel() if packed is not None else 0])
+        self.scratch = SplitKScratch.zeros(floats, counters, device) if floats or counters else packed
         self.collectives = StepCollectives(model.tp, max_tokens, cfg.vocab_size, device)  # a tensor-parallel rank's
 
     @torch.inference_mode()
@@ -81,29 +95,36 @@ class FusedVerify:
         p, sc, pdl = self.plan, self.scratch, self.pdl
         for index, layer in enumerate(m.layers):
             cache = m.kv_cache[index]  # [2, nkv, C, hd]
-            rmsnorm_rows(x, layer.attn_norm, eps, h, pdl=pdl)
-            matmul(h, layer.qkv_proj, qkv, bias=layer.qkv_bias, scratch=sc)
+            if p.qkv is not None and dense(layer.qkv_proj):
+                rmsnorm_gemv_rows(layer.qkv_proj, x, layer.attn_norm, eps, qkv, bias=layer.qkv_bias, cfg=p.qkv,
+                                  scratch=sc)
+            else:
+                rmsnorm_rows(x, layer.attn_norm, eps, h, pdl=pdl)
+                matmul(h, layer.qkv_proj, qkv, bias=layer.qkv_bias, scratch=sc)
             rope_append(qkv, positions, m.rope, q, cache[0], cache[1], cfg.num_heads, cfg.num_kv_heads,
                         cfg.head_dim, pdl=pdl)
             self.attention(q, cache[0], cache[1], positions, attn)  # [T, nh, hd]
             c.before_residual(x)
             if p.o is not None and dense(layer.o_proj):
-                gemv_residual_rows(layer.o_proj, attn.view(t, cfg.q_size), x, cfg=p.o)
+                gemv_residual_rows(layer.o_proj, attn.view(t, cfg.q_size), x, cfg=p.o, scratch=sc)
             else:
                 matmul(attn.view(t, cfg.q_size), layer.o_proj, x, accumulate=True, scratch=sc)
             c.after_residual(x)
             if dense(layer.gate_up_proj):
-                rmsnorm_gemv_rows(layer.gate_up_proj, x, layer.mlp_norm, eps, gate_up, cfg=p.gate_up)
+                rmsnorm_gemv_rows(layer.gate_up_proj, x, layer.mlp_norm, eps, gate_up, cfg=p.gate_up, scratch=sc)
             else:
                 rmsnorm_rows(x, layer.mlp_norm, eps, h, pdl=pdl)
                 matmul(h, layer.gate_up_proj, gate_up, scratch=sc)
-            silu_mul_rows(gate_up, act, pdl=pdl)
             c.before_residual(x)
-            matmul(act, layer.down_proj, x, accumulate=True, scratch=sc)
+            if p.down is not None and dense(layer.down_proj):
+                silu_gemv_residual_rows(layer.down_proj, gate_up, x, cfg=p.down, scratch=sc)
+            else:
+                silu_mul_rows(gate_up, act, pdl=pdl)
+                matmul(act, layer.down_proj, x, accumulate=True, scratch=sc)
             c.after_residual(x)
         out = c.logits_target(logits)  # [T, V], or a tensor-parallel rank's [T, V / N]
         if dense(m.lm_head):
-            rmsnorm_gemv_rows(m.lm_head, x, m.norm, eps, out, cfg=p.lm_head)  # float32 rows
+            rmsnorm_gemv_rows(m.lm_head, x, m.norm, eps, out, cfg=p.lm_head, scratch=sc)  # float32 rows
             return c.gather(logits, out)
         rmsnorm_rows(x, m.norm, eps, h)
         rows = self.logits.view(-1)[:out.numel()].view(out.shape)  # in the activation dtype

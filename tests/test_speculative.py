@@ -242,6 +242,17 @@ def test_fused_verify_step_equals_the_reference_step() -> None:
     out = torch.full((9, 300), float("nan"), device=device)
     FusedVerify(runner.model, 9).run(ids[19:28].clone(), torch.arange(19, 28, device=device), out)
     assert float((out - reference).norm() / reference.norm()) < 1e-5
+    # every dense projection through the multi-row GEMVs, K split over programs (RMSNorm, SwiGLU and the residual
+    # fused): the candidate plan of `bench.probes.verify_plan`
+    from graph_executor.fused_verify import RowsPlan
+    from graph_executor.kernels.gemv_rows import RowsConfig
+
+    split = RowsConfig(16, 16, 2, 1, split=3)
+    runner.prefill(20)
+    rows = torch.full((9, 300), float("nan"), device=device)
+    FusedVerify(runner.model, 9, RowsPlan(gate_up=split, lm_head=split, o=split, qkv=split, down=split)).run(
+        ids[19:28].clone(), torch.arange(19, 28, device=device), rows)
+    assert float((rows - reference).norm() / reference.norm()) < 1e-5
 
 
 def run(runner: ModelRunner, prompt: list[int], params: SamplingParams, spec: SpeculativeConfig | None = None,

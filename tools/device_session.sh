@@ -302,7 +302,16 @@ for step in "${steps[@]}"; do
             --variants magic,w8,magic+w8 \
             --out "$OUT/magic" > "$OUT/magic.log" 2>&1
           echo "magic probe: rc=$?"; cat "$OUT/magic.log" ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, int4digits, earlykv, magic)"
+    verifyrows) # issue 11/12: the verify step with qkv, o (and down) on the split-K multi-row GEMVs (the prefill step's
+                # 16-row configs) against today's cuBLAS + row kernels, 7B and SmolLM2 shapes, and the verify tests
+          timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_speculative.py -k "fused_verify" \
+            > "$OUT/verifyrows_tests.log" 2>&1
+          echo "verify tests: rc=$? $(tail -1 "$OUT/verifyrows_tests.log")"
+          for m in llama-2-7b smollm2-135m; do
+            timeout 150 python3 -m bench.probes.verify_plan --model dummy:$m --tokens 2,5,9 > "$OUT/verifyrows_$m.md" 2>&1
+            echo "verify plans, $m: rc=$?"; cat "$OUT/verifyrows_$m.md"
+          done ;;
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, int4digits, earlykv, magic, verifyrows)"
        exit 2 ;;
   esac
 done

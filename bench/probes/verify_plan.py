@@ -16,12 +16,16 @@ from bench.floors import time_gpu
 from graph_executor.fused_decoder import FusedDecoder
 from graph_executor.fused_verify import DEFAULT_ROWS_PLAN, FusedVerify
 from graph_executor.kernels.gemv_rows import RowsConfig
+from graph_executor.kernels.prefill_plan import ROWS_16
 from graph_executor.loading.loader import LoadConfig, load_model
 
+_16 = ROWS_16  # the prefill step's 16-row configs (the verify step's rows pad to 16 too)
 PLANS = {
     "default": DEFAULT_ROWS_PLAN,
     "o-rows-64x256": dataclasses.replace(DEFAULT_ROWS_PLAN, o=RowsConfig(64, 256, 4, 3)),
-    "o-rows-32x256": dataclasses.replace(DEFAULT_ROWS_PLAN, o=RowsConfig(32, 256, 4, 3)),
+    # the multi-row GEMVs split along K (twenty-second session) where cuBLAS and row kernels run today
+    "rows-qkv-o": dataclasses.replace(DEFAULT_ROWS_PLAN, qkv=_16.qkv, o=_16.o),
+    "rows-all": dataclasses.replace(DEFAULT_ROWS_PLAN, qkv=_16.qkv, o=_16.o, down=_16.down, gate_up=_16.gate_up),
 }
 
 

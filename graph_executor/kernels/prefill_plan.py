@@ -60,9 +60,9 @@ CUBLAS_ONLY = ShortPromptPlan()
 # (qkv 3.40 TB/s, o 2.73, gate_up 3.77, down 3.01), so the gain is the four launches a layer fewer. At 32 rows
 # the same kernels were 1.014x cuBLAS's step and at 64 rows 1.22x (the sweep's best per projection read at 0.68-0.86x
 # cuBLAS's rate there): those take cuBLAS.
-_16_ROWS = ShortPromptConfigs(qkv=RowsConfig(64, 64, 4, 4, split=2), o=RowsConfig(64, 128, 4, 4, split=2),
+ROWS_16 = ShortPromptConfigs(qkv=RowsConfig(64, 64, 4, 4, split=2), o=RowsConfig(64, 128, 4, 4, split=2),
                               gate_up=RowsConfig(64, 64, 4, 4), down=RowsConfig(128, 64, 8, 3, split=8))
-DEFAULT_PLAN = ShortPromptPlan(((16, _16_ROWS),))
+DEFAULT_PLAN = ShortPromptPlan(((16, ROWS_16),))
 
 
 def with_pdl(plan: ShortPromptPlan, pdl: bool = True) -> ShortPromptPlan:
