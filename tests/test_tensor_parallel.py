@@ -66,6 +66,9 @@ def _gloo_rank(rank: int, size: int, port: int):
     ranks share the machine's cores); the group is torn down however the body ends."""
     import torch.distributed as dist
 
+    if dist.is_initialized():  # inside `_cases_rank`: the group it set up serves every case
+        yield
+        return
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
     try:
@@ -74,33 +77,45 @@ def _gloo_rank(rank: int, size: int, port: int):
         dist.destroy_process_group()
 
 
-def _two_ranks_match_the_whole_model(rank_fn, tmp_path, steps: int, *args) -> None:
-    """Two processes run rank_fn(rank, 2, port, results, *args), each saving {"diffs": [...], "scale": ...} (its
-    logits against the whole model's, and their largest magnitude): every rank has `steps` diffs, each within
-    1e-4 of the scale."""
+def _cases_rank(rank: int, size: int, port: int, results: str, rank_fn, cases: list[tuple]) -> None:
+    """rank_fn(rank, size, port, f"{results}.{i}", *case) for every case, in one gloo group (a pair of rank processes
+    costs seconds of imports; the cases' tiny models do not)."""
+    with _gloo_rank(rank, size, port):
+        for i, case in enumerate(cases):
+            rank_fn(rank, size, port, f"{results}.{i}", *case)
+
+
+def _two_ranks_match_the_whole_model(rank_fn, tmp_path, steps: int, cases: list[tuple]) -> None:
+    """Two processes run rank_fn(rank, 2, port, results, *case) for each case, each saving {"diffs": [...], "scale":
+    ...} (its logits against the whole model's, and their largest magnitude): every rank has `steps` diffs per case,
+    each within 1e-4 of the scale."""
     results = str(tmp_path / "result")
-    mp.spawn(rank_fn, args=(2, _free_port(), results, *args), nprocs=2, join=True)
-    for rank in range(2):
-        r = torch.load(f"{results}.{rank}")
-        assert len(r["diffs"]) == steps and r["scale"] > 0.1
-        assert max(r["diffs"]) <= 1e-4 * r["scale"], (args, rank, r)
+    mp.spawn(_cases_rank, args=(2, _free_port(), results, rank_fn, cases), nprocs=2, join=True)
+    for i, case in enumerate(cases):
+        for rank in range(2):
+            r = torch.load(f"{results}.{i}.{rank}")
+            assert len(r["diffs"]) == steps and r["scale"] > 0.1, (case, rank, r)
+            assert max(r["diffs"]) <= 1e-4 * r["scale"], (case, rank, r)
 
 
-def _rank(rank: int, size: int, port: int, results: str, name: str) -> None:
+def _rank(rank: int, size: int, port: int, results: str, names: list[str]) -> None:
+    """Every named config in one pair of rank processes (a spawn costs seconds of imports; the models are tiny)."""
     from graph_executor.tensor_parallel import shard_model
 
     with _gloo_rank(rank, size, port):
-        whole = _whole(CONFIGS[name])
-        want = _run(whole, [])  # the prompt's logits first, to choose the tokens greedily
-        tokens = []
-        for _ in range(STEPS):
-            tokens.append(int(want[-1].argmax()))
-            want = _run(whole, tokens)
-        part = shard_model(whole, TensorParallel(rank, size))
-        got = _run(part, tokens)
-        diff = max(float((g - w).abs().max()) for g, w in zip(got, want))
-        scale = max(float(w.abs().max()) for w in want)
-        torch.save({"diff": diff, "scale": scale, "steps": len(got)}, f"{results}.{rank}")
+        out = {}
+        for name in names:
+            whole = _whole(CONFIGS[name])
+            want = _run(whole, [])  # the prompt's logits first, to choose the tokens greedily
+            tokens = []
+            for _ in range(STEPS):
+                tokens.append(int(want[-1].argmax()))
+                want = _run(whole, tokens)
+            part = shard_model(whole, TensorParallel(rank, size))
+            got = _run(part, tokens)
+            out[name] = {"diff": max(float((g - w).abs().max()) for g, w in zip(got, want)),
+                         "scale": max(float(w.abs().max()) for w in want), "steps": len(got)}
+        torch.save(out, f"{results}.{rank}")
 
 
 FUSED_STEPS = 3
@@ -157,7 +172,7 @@ def _fused_prefill_rank(rank: int, size: int, port: int, results: str, name: str
 def test_two_ranks_fused_prefill_steps_give_the_whole_models_logits(tmp_path):
     """The fused prefill step on two ranks (GQA with bias): a prompt, then a chunk from the cache; every rank's
     logits are the whole model's."""
-    _two_ranks_match_the_whole_model(_fused_prefill_rank, tmp_path, 2, "qwen2-bias")
+    _two_ranks_match_the_whole_model(_fused_prefill_rank, tmp_path, 2, [("qwen2-bias",)])
 
 
 def _fused_mixed_rank(rank: int, size: int, port: int, results: str, name: str) -> None:
@@ -196,7 +211,7 @@ def _fused_mixed_rank(rank: int, size: int, port: int, results: str, name: str) 
 def test_two_ranks_mixed_steps_give_the_whole_models_logits(tmp_path):
     """The mixed step (continuous batching's prompt chunks with decode rows) on two ranks: the chunk's logits (the
     prefill step's gather) and the decode rows' (the rows' gather) are the whole model's on every rank."""
-    _two_ranks_match_the_whole_model(_fused_mixed_rank, tmp_path, 3, "qwen2-bias")
+    _two_ranks_match_the_whole_model(_fused_mixed_rank, tmp_path, 3, [("qwen2-bias",)])
 
 
 def _fused_rows_rank(rank: int, size: int, port: int, results: str, name: str, packed: bool = False) -> None:
@@ -240,18 +255,19 @@ def _fused_rows_rank(rank: int, size: int, port: int, results: str, name: str, p
         torch.save({"diffs": diffs, "scale": scale}, f"{results}.{rank}")
 
 
-@pytest.mark.parametrize("name,packed", [("qwen2-bias", False), ("llama-mha", False), ("llama-mha", True)])
-def test_two_ranks_batched_decode_and_verify_steps_give_the_whole_models_logits(name, packed, tmp_path):
-    """The fused batched decode (2 slots) and verify (4 rows) steps on two ranks, dense or packed int8: every row of
-    logits, on every rank, is the whole model's (the rows' gather interleaves the ranks' vocabulary blocks)."""
-    _two_ranks_match_the_whole_model(_fused_rows_rank, tmp_path, 2 + 4, name, packed)
+def test_two_ranks_batched_decode_and_verify_steps_give_the_whole_models_logits(tmp_path):
+    """The fused batched decode (2 slots) and verify (4 rows) steps on two ranks, dense (QKV bias; MHA) or packed int8
+    (MHA): every row of logits, on every rank, is the whole model's (the rows' gather interleaves the ranks'
+    vocabulary blocks)."""
+    _two_ranks_match_the_whole_model(_fused_rows_rank, tmp_path, 2 + 4,
+                                     [("qwen2-bias", False), ("llama-mha", False), ("llama-mha", True)])
 
 
-@pytest.mark.parametrize("name", ["qwen2-bias", "gqa-replicated-kv"])
-def test_two_ranks_fused_decode_steps_give_the_whole_models_logits(name, tmp_path):
+def test_two_ranks_fused_decode_steps_give_the_whole_models_logits(tmp_path):
     """The fused decode step on two ranks (o_proj and down_proj's partial products summed by an all-reduce of the
-    residual, lm_head's vocabulary rows gathered): each step's logits, on every rank, are the whole model's."""
-    _two_ranks_match_the_whole_model(_fused_rank, tmp_path, FUSED_STEPS, name)
+    residual, lm_head's vocabulary rows gathered), with QKV bias and with replicated KV heads: each step's logits, on
+    every rank, are the whole model's."""
+    _two_ranks_match_the_whole_model(_fused_rank, tmp_path, FUSED_STEPS, [("qwen2-bias",), ("gqa-replicated-kv",)])
 
 
 def _free_port() -> int:
@@ -260,14 +276,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_two_ranks_give_the_whole_models_logits(name, tmp_path):
+def test_two_ranks_give_the_whole_models_logits(tmp_path):
+    """Each config (MHA, GQA, GQA with replicated KV heads, QKV bias) sharded on two ranks: the prompt's and every
+    greedy step's logits, on every rank, are the whole model's."""
     results = str(tmp_path / "result")
-    mp.spawn(_rank, args=(2, _free_port(), results, name), nprocs=2, join=True)
+    mp.spawn(_rank, args=(2, _free_port(), results, list(CONFIGS)), nprocs=2, join=True)
     for rank in range(2):
-        r = torch.load(f"{results}.{rank}")
-        assert r["steps"] == STEPS + 1 and r["scale"] > 0.1
-        assert r["diff"] <= 1e-5, (name, rank, r)
+        out = torch.load(f"{results}.{rank}")
+        assert sorted(out) == sorted(CONFIGS)
+        for name, r in out.items():
+            assert r["steps"] == STEPS + 1 and r["scale"] > 0.1
+            assert r["diff"] <= 1e-5, (name, rank, r)
 
 
 def test_the_split_checks_the_shapes():
