@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from graph_executor.kernels import gemv_rows, prefill_plan
 from graph_executor.kernels import pdl as pdl_launch
 from graph_executor.kernels.extend_attention import ExtendWorkspace, extend_attention
-from graph_executor.kernels.gemv_splitk import SplitKScratch
 from graph_executor.kernels.projections import embedding, matmul, prefill_scratch, rmsnorm_gemv
 from graph_executor.kernels.rope_append import rope_append
 from graph_executor.kernels.rows import rmsnorm_rows, silu_mul_rows
@@ -47,8 +46,14 @@ class FusedPrefill:
         plan = prefill_plan.plan_for(cfg.hidden_size) if short_plan is None else short_plan
         # PDL where the device has it (Hopper and later), else the same configs launched plainly
         self.short_plan = plan if pdl_launch.supported(device) else prefill_plan.with_pdl(plan, False)
-        self.scratch = _scratch(prefill_scratch(weights, max_tokens, device),
-                                _rows_scratch(model, self.short_plan, max_tokens), device)
+        # one scratch for the low-bit GEMM's and the multi-row GEMVs' split-K partials, for any prompt the plan takes
+        # (a tensor-parallel rank's slices: the weights' own shapes)
+        first = model.layers[0]
+        shapes = [tuple(w.shape) for w in (first.qkv_proj, first.o_proj, first.gate_up_proj, first.down_proj)]
+        self.scratch = gemv_rows.step_scratch(
+            [(min(padded, max_tokens), n, k, rc) for padded, configs in self.short_plan.by_rows
+             for (n, k), rc in zip(shapes, configs.all(), strict=True)],
+            prefill_scratch(weights, max_tokens, device), device)
         self.collectives = StepCollectives(model.tp, 1, cfg.vocab_size, device)  # a tensor-parallel rank's
 
     @torch.inference_mode()
@@ -144,26 +149,3 @@ class FusedPrefill:
             c.after_residual(x)
         return x
 
-
-def _rows_scratch(model: LlamaModel, plan: prefill_plan.ShortPromptPlan, max_tokens: int) -> tuple[int, int]:
-    """(floats, counters) the multi-row GEMVs' split-K partials need for any prompt the plan takes (a
-    tensor-parallel rank's slices: the weights' own shapes)."""
-    first = model.layers[0]
-    shapes = [tuple(w.shape) for w in (first.qkv_proj, first.o_proj, first.gate_up_proj, first.down_proj)]
-    floats = counters = 0
-    for padded, configs in plan.by_rows:
-        t = min(padded, max_tokens)
-        for (n, k), rc in zip(shapes, configs.all(), strict=True):
-            f, n_counters = gemv_rows.scratch_size(t, n, k, rc)
-            floats, counters = max(floats, f), max(counters, n_counters)
-    return floats, counters
-
-
-def _scratch(packed: SplitKScratch | None, rows: tuple[int, int], device: torch.device) -> SplitKScratch | None:
-    """One scratch for both the low-bit GEMM's and the multi-row GEMVs' partials (they run one after the other)."""
-    floats, counters = rows
-    if packed is not None:
-        floats, counters = max(floats, packed.partial.numel()), max(counters, packed.count.numel())
-    if floats == 0 and counters == 0:
-        return packed
-    return SplitKScratch.zeros(floats, counters, device)

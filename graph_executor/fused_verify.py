@@ -22,7 +22,6 @@ from graph_executor.kernels import gemv_rows
 from graph_executor.kernels import pdl as pdl_launch
 from graph_executor.kernels.decode_attention import DecodeAttention
 from graph_executor.kernels.gemv_rows import RowsConfig, gemv_residual_rows, rmsnorm_gemv_rows, silu_gemv_residual_rows
-from graph_executor.kernels.gemv_splitk import SplitKScratch
 from graph_executor.kernels.projections import embedding, matmul, prefill_scratch
 from graph_executor.kernels.rope_append import rope_append
 from graph_executor.kernels.rows import rmsnorm_rows, silu_mul_rows
@@ -72,15 +71,13 @@ class FusedVerify:
                                          device, cfg.sliding_window, max_tokens=max_tokens, pdl=self.pdl)
         weights = [w for layer in model.layers
                    for w in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)]
-        packed = prefill_scratch([*weights, model.lm_head], max_tokens, device)
-        # the multi-row GEMVs' split-K partials (a plan's configs split along K), in the same scratch
+        # the low-bit GEMM's and the multi-row GEMVs' split-K partials (a plan's configs split along K), one scratch
         first = model.layers[0]
-        needs = [gemv_rows.scratch_size(max_tokens, *w.shape, c) for w, c in (
-            (first.qkv_proj, plan.qkv), (first.o_proj, plan.o), (first.gate_up_proj, plan.gate_up),
-            (first.down_proj, plan.down), (model.lm_head, plan.lm_head)) if c is not None and dense(w)]
-        floats = max([f for f, _ in needs] + [packed.partial.numel() if packed is not None else 0])
-        counters = max([n for _, n in needs] + [packed.count.numel() if packed is not None else 0])
-        self.scratch = SplitKScratch.zeros(floats, counters, device) if floats or counters else packed
+        self.scratch = gemv_rows.step_scratch(
+            [(max_tokens, *w.shape, c) for w, c in ((first.qkv_proj, plan.qkv), (first.o_proj, plan.o),
+                                                    (first.gate_up_proj, plan.gate_up), (first.down_proj, plan.down),
+                                                    (model.lm_head, plan.lm_head)) if c is not None and dense(w)],
+            prefill_scratch([*weights, model.lm_head], max_tokens, device), device)
         self.collectives = StepCollectives(model.tp, max_tokens, cfg.vocab_size, device)  # a tensor-parallel rank's
 
     @torch.inference_mode()

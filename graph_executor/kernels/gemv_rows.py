@@ -80,6 +80,22 @@ def scratch_size(t: int, n: int, k: int, cfg: RowsConfig) -> tuple[int, int]:
     return split * rows * blocks * cfg.block_n + blocks * split * rows, blocks
 
 
+def step_scratch(calls: list[tuple[int, int, int, RowsConfig]], packed: SplitKScratch | None,
+                 device: torch.device) -> SplitKScratch | None:
+    """One scratch for a step's multi-row GEMV calls (t rows over an [n, k] weight with a config, each) and the
+    low-bit GEMM's partials (`packed`, or None): they run one after another on one stream. None (or `packed` itself)
+    when no call splits K."""
+    floats = counters = 0
+    for t, n, k, cfg in calls:
+        f, c = scratch_size(t, n, k, cfg)
+        floats, counters = max(floats, f), max(counters, c)
+    if floats == 0 and counters == 0:
+        return packed
+    if packed is not None:
+        floats, counters = max(floats, packed.partial.numel()), max(counters, packed.count.numel())
+    return SplitKScratch.zeros(floats, counters, device)
+
+
 @triton.jit
 def _gemv_rows_kernel(w_ptr, a_ptr, nw_ptr, b_ptr, out_ptr, part_ptr, count_ptr, T, N, K, K_SPLIT, SPLIT,
                       stride_a, stride_out, eps, MODE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
