@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from bench.floors import time_gpu
+from bench.probes.gemv_rows import graph_ms
 from graph_executor.fused_decoder import INT4_PLAN, INT8_PLAN
 from graph_executor.kernels import gemv_splitk
 from graph_executor.kernels.gemv_splitk import ActDigits, SplitKConfig, SplitKScratch
@@ -28,17 +28,6 @@ H, I = 4096, 11008  # LLaMA-2-7B
 SHAPES = {"qkv": (3 * H, H), "o": (H, H), "gate_up": (2 * I, H), "down": (H, I)}
 SWEEP = [SplitKConfig(n, kw, warps) for n, kw, warps in
          ((32, 64, 4), (64, 64, 4), (64, 64, 8), (128, 64, 8), (32, 128, 4), (64, 128, 8), (128, 32, 4), (64, 32, 4))]
-
-
-def graph_ms(calls, replays: int = 30) -> float:
-    for call in calls:  # compile and warm outside the graph
-        call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    return time_gpu(graph.replay, torch.device("cuda"), repeats=replays) * 1e3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                         return lambda: gemv_splitk.silu_gemv_residual(w, a, out, scratch, cfg, digits=d)
 
                     try:
-                        ms = graph_ms([call(w) for w in weights])
+                        ms = graph_ms([call(w) for w in weights], 30)
                     except Exception as e:  # a config the card cannot run (registers, shared memory)
                         print(f"  {fmt} {name:8s} {cfg.block_n}x{cfg.block_kw}/{cfg.num_warps}w {variant}: "
                               f"{type(e).__name__}: {str(e)[:100]}", flush=True)

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 import torch
 
-from bench.floors import time_gpu
+from bench.probes.step_variants import alternating_rounds
 from bench.probes.verify_plan import graphed
 from graph_executor.fused_prefill import FusedPrefill
 from graph_executor.kernels import prefill_plan
@@ -64,19 +63,10 @@ def main(argv: list[str] | None = None) -> None:
             last = torch.tensor([t - 1], device=device)
             outs = [torch.empty(model.config.vocab_size, dtype=torch.float32, device=device) for _ in variants]
             graphs = [graphed(lambda s=s, o=o: s.run(ids, positions, last, o)) for s, o in zip(steps, outs)]
-            times: list[list[float]] = [[] for _ in variants]
-            for _ in range(args.rounds):
-                for i, graph in enumerate(graphs):
-                    times[i].append(time_gpu(graph.replay, device) * 1e3)
-            logits = []
-            for graph, out in zip(graphs, outs):
-                graph.replay()
-                torch.cuda.synchronize()
-                logits.append(out.clone())
-            first = statistics.median(times[0])
+            medians, logits = alternating_rounds(graphs, outs, args.rounds, device)
+            first = medians[0]
             scale = float(logits[0].abs().max())
-            for (name, plan), ts, lg in zip(variants, times, logits):
-                ms = statistics.median(ts)
+            for (name, plan), ms, lg in zip(variants, medians, logits):
                 taken = "rows" if plan.configs(t) is not None else "cuBLAS"
                 print(f"| {preset} | {t} | {name} ({taken}) | {ms:.3f} | {ms / first:.3f} | "
                       f"{float((lg - logits[0]).abs().max()) / scale:.2e} |", flush=True)

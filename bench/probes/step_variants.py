@@ -71,6 +71,22 @@ def build(model, variant: dict[str, int]) -> FusedDecoder:
     return decoder
 
 
+def alternating_rounds(graphs: list[torch.cuda.CUDAGraph], outs: list[torch.Tensor], rounds: int,
+                       device: torch.device) -> tuple[list[float], list[torch.Tensor]]:
+    """Each graph timed once a round, `rounds` rounds (the host and card alike for all): per graph the median of its
+    rounds' medians in ms, and its output (`outs`) after one more replay."""
+    times: list[list[float]] = [[] for _ in graphs]
+    for _ in range(rounds):
+        for i, graph in enumerate(graphs):
+            times[i].append(time_gpu(graph.replay, device) * 1e3)
+    logits = []
+    for graph, out in zip(graphs, outs):
+        graph.replay()
+        torch.cuda.synchronize()
+        logits.append(out.clone())
+    return [statistics.median(t) for t in times], logits
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="llama-2-7b,smollm2-135m", help="comma list of dummy presets")
@@ -102,18 +118,9 @@ def main(argv: list[str] | None = None) -> None:
                 out = torch.empty(model.config.vocab_size, dtype=torch.float32, device=device)
                 graphs.append(graphed(lambda d=decoder, o=out: d.step(token, position, o)))
                 outs.append(out)
-            times: list[list[float]] = [[] for _ in variants]
-            for _ in range(args.rounds):
-                for i, graph in enumerate(graphs):
-                    times[i].append(time_gpu(graph.replay, device) * 1e3)
-            logits = []
-            for graph, out in zip(graphs, outs):
-                graph.replay()
-                torch.cuda.synchronize()
-                logits.append(out.clone())
-            first = statistics.median(times[0])
-            for (text, _), t, lg in zip(variants, times, logits):
-                ms = statistics.median(t)
+            medians, logits = alternating_rounds(graphs, outs, args.rounds, device)
+            first = medians[0]
+            for (text, _), ms, lg in zip(variants, medians, logits):
                 diff = float((lg - logits[0]).abs().max())
                 print(f"| {preset} | {context} | {text} | {ms:.3f} | {ms / first:.3f} | {diff:.2e} |", flush=True)
             del graphs, decoders
