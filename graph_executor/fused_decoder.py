@@ -18,14 +18,13 @@ from graph_executor.kernels.decode_attention import DecodeAttention
 from graph_executor.kernels.decode_plan import options_for, plan_for
 from graph_executor.kernels.gemv import GemvConfig, GemvPlan
 from graph_executor.kernels.gemv_fp8 import Fp8Config, Fp8Plan
-from graph_executor.kernels.gemv_splitk import ActDigits, SplitKConfig, SplitKPlan, SplitKScratch
+from graph_executor.kernels.gemv_splitk import SplitKConfig, SplitKPlan, SplitKScratch
 from graph_executor.kernels.l2_prefetch import L2Prefetch
 from graph_executor.kernels.projections import (
     ProjectionConfig,
     decode_scratch_size,
     embedding,
     gemv_residual,
-    projection_digits,
     rmsnorm_gemv,
     silu_gemv_residual,
     tail_prefetch_ok,
@@ -79,8 +78,7 @@ class FusedDecoder:
                  int4: SplitKPlan = INT4_PLAN, int8: SplitKPlan = INT8_PLAN,
                  fp8: Fp8Plan | GemvPlan = FP8_PLAN, pdl: bool | None = None, fuse_rope: bool | None = None,
                  early_weights: bool | None = None, l2_prefetch_mb: int | None = None,
-                 split_combine: bool | None = None, tail_prefetch_mb: int | None = None,
-                 act_digits: bool = False, early_kv: bool = False) -> None:
+                 split_combine: bool | None = None, tail_prefetch_mb: int | None = None) -> None:
         """`fp8`: per projection an Fp8Config runs FP8 slots through the split-K kernels, a GemvConfig through the
         fp16 kernels (FP8_GEMV_PLAN: all of them, the old path). `plan`: the dense weights' configs (None:
         `decode_plan.plan_for` the model's hidden size). `pdl`: launch the dense GEMVs, RoPE and attention
@@ -96,11 +94,7 @@ class FusedDecoder:
         options'. `split_combine`: the attention's last split program per head combines the splits (no reduce
         kernel; `DecodeAttention(fused_reduce=)`); None: the options'. `tail_prefetch_mb`: each GEMV on gemv.py's
         kernels asks L2 for up to this many MiB of the next projection's weights once its rows are stored (the
-        next kernel's first loads during this one's tail), on sm_90+ only; None: the options'. `act_digits`: packed
-        int4 / int8 slots form the activation's dp4a operands once per call in a kernel of their own
-        (gemv_splitk.ActDigits) instead of in every row block's program (issue 10's experiment: off until measured).
-        `early_kv`: the attention loads its K/V rows of earlier steps before it waits for the QKV GEMV
-        (`DecodeAttention(early_kv=)`; issue 12's experiment: off until measured)."""
+        next kernel's first loads during this one's tail), on sm_90+ only; None: the options'."""
         cfg = model.config
         device = model.embed_tokens.device
         plan = plan_for(cfg.hidden_size) if plan is None else plan
@@ -142,7 +136,7 @@ class FusedDecoder:
         self.gate_up = empty(2 * cfg.intermediate_size)
         self.attention = DecodeAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, model.max_context,
                                          device, cfg.sliding_window, split_size, pdl=self.pdl,
-                                         fused_reduce=split_combine, early_kv=early_kv)
+                                         fused_reduce=split_combine)
         # packed int4/int8 and FP8 slots run split-K kernels that share one scratch (one after another on one stream)
         sizes = [decode_scratch_size(w, self.plan[name]) for w, name in slots]
         floats, counters = max(f for f, _ in sizes), max(c for _, c in sizes)
@@ -155,13 +149,6 @@ class FusedDecoder:
                 if tail_prefetch_ok(w, self.plan[name]):
                     self.tail[i // len(LAYER_GEMVS)][name] = l2_prefetch.plan([slots[i + 1][0]], tail_budget << 20)
         self.collectives = StepCollectives(model.tp, 1, cfg.vocab_size, device)  # a tensor-parallel rank's
-        # per layer and projection (then the lm_head): the packed slots' ActDigits (None: the GEMV forms its own)
-        self.digits: list[dict[str, ActDigits | None]] = [dict.fromkeys(LAYER_GEMVS) for _ in model.layers]
-        self.head_digits: ActDigits | None = None
-        if act_digits:
-            for i, (w, name) in enumerate(slots[:-1]):
-                self.digits[i // len(LAYER_GEMVS)][name] = projection_digits(w, self.plan[name])
-            self.head_digits = projection_digits(model.lm_head, self.plan["lm_head"])
 
     @torch.inference_mode()
     def step(self, token: torch.Tensor, position: torch.Tensor, logits: torch.Tensor,
@@ -175,9 +162,9 @@ class FusedDecoder:
         x = self.x[0]  # [H]
         for index, layer in enumerate(m.layers):
             cache = m.kv_cache[index]  # [2, nkv, C, hd]
-            tail, dg = self.tail[index], self.digits[index]
+            tail = self.tail[index]
             rmsnorm_gemv(layer.qkv_proj, x, layer.attn_norm, eps, self.qkv, bias=layer.qkv_bias, cfg=g["qkv"],
-                         scratch=sc, prefetch=tail["qkv"], digits=dg["qkv"])
+                         scratch=sc, prefetch=tail["qkv"])
             if self.fuse_rope:
                 self.attention(self.qkv, cache[0], cache[1], position, self.attn, slots=slot, slot_stride=stride,
                                rope=m.rope, prefetch=self.prefetch[index])
@@ -187,15 +174,13 @@ class FusedDecoder:
                 self.attention(self.q, cache[0], cache[1], position, self.attn, slots=slot, slot_stride=stride,
                                prefetch=self.prefetch[index])
             c.before_residual(x)
-            gemv_residual(layer.o_proj, self.attn.view(-1), x, cfg=g["o"], scratch=sc, prefetch=tail["o"],
-                          digits=dg["o"])
+            gemv_residual(layer.o_proj, self.attn.view(-1), x, cfg=g["o"], scratch=sc, prefetch=tail["o"])
             c.after_residual(x)
             rmsnorm_gemv(layer.gate_up_proj, x, layer.mlp_norm, eps, self.gate_up, cfg=g["gate_up"], scratch=sc,
-                         prefetch=tail["gate_up"], digits=dg["gate_up"])
+                         prefetch=tail["gate_up"])
             c.before_residual(x)
-            silu_gemv_residual(layer.down_proj, self.gate_up, x, cfg=g["down"], scratch=sc, prefetch=tail["down"],
-                               digits=dg["down"])
+            silu_gemv_residual(layer.down_proj, self.gate_up, x, cfg=g["down"], scratch=sc, prefetch=tail["down"])
             c.after_residual(x)
         out = c.logits_target(logits)
-        rmsnorm_gemv(m.lm_head, x, m.norm, eps, out, cfg=g["lm_head"], scratch=sc, digits=self.head_digits)
+        rmsnorm_gemv(m.lm_head, x, m.norm, eps, out, cfg=g["lm_head"], scratch=sc)
         return c.gather(logits, out)

@@ -68,29 +68,6 @@ def test_decode_attention_matches_reference(heads, kv_heads, hd, cache, position
         assert err < tol, f"pos {pos}: relative error {err:.2e}"
 
 
-@pytest.mark.parametrize("heads,kv_heads,hd,cache,positions,window,dtype", [CASES[0], CASES[3]])
-def test_decode_attention_in_blocks_smaller_than_the_split(heads, kv_heads, hd, cache, positions, window,
-                                                            dtype) -> None:
-    """`block_size` 16 in splits of 64 (the loop's running maximum over four blocks): the same outputs as one block
-    a split, to float32's reassociation."""
-    gen = torch.Generator(device="cpu").manual_seed(heads * 1000 + cache + 1)
-    one, four = (DecodeAttention(heads, kv_heads, hd, cache, DEVICE, sliding_window=window, split_size=64,
-                                 block_size=b) for b in (64, 16))
-    assert (one.block, four.block) == (64, 16)
-    kv = torch.randn(2, kv_heads, cache, hd, generator=gen).to(DEVICE, dtype)
-    for pos in positions:
-        q = torch.randn(heads, hd, generator=gen).to(DEVICE, dtype)
-        outs = []
-        for attn in (one, four):
-            poison(attn)
-            out = torch.full((heads, hd), float("nan"), device=DEVICE, dtype=dtype)
-            attn(q, kv[0], kv[1], torch.tensor([pos], device=DEVICE), out)
-            outs.append(out.double().cpu())
-        ref = reference_decode(q.cpu(), kv[0].cpu(), kv[1].cpu(), pos, window)
-        assert (outs[1] - ref).norm() / ref.norm() < (1e-4 if dtype == torch.float32 else 1e-2)
-        assert (outs[1] - outs[0]).abs().max() <= (1e-5 if dtype == torch.float32 else 2e-3), pos
-
-
 def test_one_query_attention_warps_follow_the_query_width(monkeypatch) -> None:
     """2 warps from a 4096-wide query (LLaMA-2-7B's 32 x 128), 4 below (SmolLM2's 9 x 64); a probe's setting wins."""
     from graph_executor.kernels import decode_attention as da

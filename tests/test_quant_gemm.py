@@ -105,26 +105,6 @@ def test_gemm_matches_float64_matmul(case, tokens) -> None:
     assert not scratch.count.any()  # the last program of each tile reset its counter
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if not c.startswith("fp8")])
-def test_magic_code_conversion_gives_the_same_bits(case) -> None:
-    """GemmConfig(magic=True): int4 / int8 codes become floats through fp16's bits (0x6400 | code) instead of an
-    integer conversion; every code value 0..15 / -127..127 appears, and the output is the same, bit for bit."""
-    import dataclasses
-
-    n, k, tokens = 37, k_for(case), 5
-    w = packed_case(case, n, k, seed=8)
-    if "int8" in case:  # every int8 code, -128 included, somewhere in the weight
-        flat = w.codes.view(-1)
-        flat[:256] = torch.arange(-128, 128, dtype=torch.int8, device=flat.device)
-    x = torch.randn(tokens, k, generator=torch.Generator().manual_seed(9))
-    cfg = cpu_config(case)
-    plain, magic = (torch.full((tokens, n), float("nan"), device=DEVICE) for _ in range(2))
-    gemm_lowbit.gemm(x.to(DEVICE), w, plain, cfg=cfg)
-    gemm_lowbit.gemm(x.to(DEVICE), w, magic, cfg=dataclasses.replace(cfg, magic=True))
-    assert torch.isfinite(magic).all() and torch.equal(plain, magic)
-    assert_matches(magic, reference(x, w), 1e-5)
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_dequantize_gives_the_formats_values(case) -> None:
     """The dense weights a long prompt's GEMM reads: bit for bit the format's float32 dequantization, and that

@@ -72,48 +72,6 @@ def test_rope_inside_attention_equals_rope_append_then_attention(heads, kv_heads
         assert err < tol, f"pos {pos}: relative error {err:.2e} against float64"
 
 
-# each case with RoPE inside the kernel (True) and/or rope_append before it (False): both on the first, the
-# interpreter's time spent once per mode on the others
-EARLY_CASES = [(*CASES[0], (True, False)), (*CASES[2], (True,)), (*CASES[3], (False,))]
-
-
-@pytest.mark.parametrize("heads,kv_heads,hd,cache,positions,window,dtype,split,fused,modes", EARLY_CASES)
-def test_early_kv_loads_give_the_same_bits(heads, kv_heads, hd, cache, positions, window, dtype, split, fused,
-                                           modes) -> None:
-    """`early_kv`: the split's older K/V rows loaded before the wait for the previous kernel, this step's row put in
-    after it, with RoPE inside and with rope_append before: outputs and caches equal to the kernel without it, bit
-    for bit, at positions on split edges, with a window and split combines."""
-    gen = torch.Generator().manual_seed(heads * 7 + cache)
-    rope = tables(heads, kv_heads, hd, cache)
-    kv = torch.randn(2, kv_heads, cache, hd, generator=gen).to(DEVICE, dtype)
-    for inside in modes:
-        base, early = (DecodeAttention(heads, kv_heads, hd, cache, DEVICE, sliding_window=window, split_size=split,
-                                       fused_reduce=fused, early_kv=e) for e in (False, True))
-        kv_base, kv_early = kv.clone(), kv.clone()
-        for pos in positions:
-            qkv = torch.randn((heads + 2 * kv_heads) * hd, generator=gen).to(DEVICE, dtype)
-            position = torch.tensor([pos], device=DEVICE)
-            outs = []
-            for attn, cache_kv in ((base, kv_base), (early, kv_early)):
-                poison(attn)
-                out = torch.full((heads, hd), float("nan"), device=DEVICE, dtype=dtype)
-                if inside:
-                    attn(qkv, cache_kv[0], cache_kv[1], position, out, rope=rope)
-                else:
-                    q = torch.full((heads, hd), float("nan"), device=DEVICE, dtype=dtype)
-                    rope_append(qkv, position, rope, q, cache_kv[0], cache_kv[1], heads, kv_heads, hd)
-                    attn(q, cache_kv[0], cache_kv[1], position, out)
-                outs.append(out)
-            assert torch.isfinite(outs[1]).all() and torch.equal(outs[0], outs[1]), (inside, pos)
-            assert torch.equal(kv_base, kv_early), (inside, pos)
-    with pytest.raises(ValueError, match="one block a split"):
-        DecodeAttention(heads, kv_heads, hd, cache, DEVICE, split_size=128, early_kv=True)
-    with pytest.raises(ValueError, match="one block a split"):
-        DecodeAttention(heads, kv_heads, hd, cache, DEVICE, split_size=64, block_size=32, early_kv=True)
-    with pytest.raises(ValueError, match="power of two dividing"):
-        DecodeAttention(heads, kv_heads, hd, cache, DEVICE, split_size=64, block_size=48)
-
-
 def test_a_batched_decode_appends_each_token_to_its_own_slot() -> None:
     """Three tokens, each in its own KV slot at its own position (a batched decode's `slots`)."""
     heads, kv_heads, hd, cache, slots = 4, 2, 64, 128, 3
@@ -176,8 +134,3 @@ def test_fused_decoder_with_rope_inside_gives_the_same_step(tmp_path) -> None:
         assert (logits[key] - plain).abs().max() <= 1e-5 * plain.abs().max(), key
         assert torch.allclose(caches[key], caches[False, False], rtol=0, atol=1e-6)
     assert not torch.equal(caches[True, False], before), "the step appended its K and V"
-    for fuse in (False, True):  # the attention's early K/V loads: the same step, bit for bit
-        model.kv_cache.copy_(before)
-        early = torch.full((BASE["vocab_size"],), float("nan"), device=DEVICE)
-        FusedDecoder(model, fuse_rope=fuse, split_combine=False, early_kv=True).step(token, position, early)
-        assert torch.equal(early, logits[fuse, False]) and torch.equal(model.kv_cache, caches[fuse, False]), fuse

@@ -30,7 +30,7 @@
 #   contexts 128 and 1024 (why the bench's hf-eager row is slow and erratic; ~2 min); prefetch: the L2 prefetch of
 #   the layer's next weights from the attention kernel, its test and the step at 8 / 24 / 40 MiB (~3 min); shortsteps:
 #   bench.probes.kernel_profile of 7B's 10-token prefill and the 1B shape's decode (~2 min); shortsteps2, shortrows,
-#   shortab, gguftests, int4digits, earlykv, magic: each says what it runs in its comment below;
+#   shortab, gguftests, verifyrows: each says what it runs in its comment below;
 #   quant: the packed-weight tests and `bench --quantize none,int8,int4,fp8` on dummy:llama-2-7b (executor, ~3 min);
 #   gemv: the low-bit GEMV block sweep per projection and format (~1 min); gemm: the low-bit prefill GEMM's default
 #   configs against torch.mm per projection, format and prompt length (~1 min); fp8: the FP8 split-K GEMV sweep
@@ -263,45 +263,6 @@ for step in "${steps[@]}"; do
           timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_runtime_batching.py tests/test_prefix_reuse.py \
             tests/test_quant_model.py tests/test_speculative.py -m cuda > "$OUT/gguf_tests.log" 2>&1
           echo "GGUF identity tests: rc=$? $(tail -1 "$OUT/gguf_tests.log")" ;;
-    int4digits) # issue 10: the packed GEMVs with the activation's dp4a operands formed once per call (ActDigits)
-                # against every program forming its slice: the split-K tests on the card, then the per-projection
-                # sweep both ways, int4 and int8, then the whole 7B decode step both ways (~6 min)
-          # first: the split-K kernel itself was restructured for this (off the card), and every packed path uses it
-          timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gemv_splitk.py tests/test_quant.py \
-            tests/test_quant_model.py > "$OUT/int4digits_tests.log" 2>&1
-          echo "split-K and packed-weight tests: rc=$? $(tail -1 "$OUT/int4digits_tests.log")"
-          timeout 300 python3 -m bench.probes.int4_digits --out "$OUT/int4_digits.json" > "$OUT/int4_digits.log" 2>&1
-          echo "int4 digits probe: rc=$?"; grep "^|" "$OUT/int4_digits.log"
-          for q in int4 int8; do  # the whole decode step both ways (the 7B's attention as in production: fused=0)
-            timeout 150 python3 -m bench.probes.step_variants --models llama-2-7b --contexts 300,2000 --quantize $q \
-              --variants "fused=0;fused=0,digits=1;fused=0" --rounds 3 > "$OUT/int4digits_step_$q.md" 2>&1
-            echo "step variants, $q: rc=$?"; cat "$OUT/int4digits_step_$q.md"
-          done ;;
-    earlykv) # issue 12: the decode attention's K/V rows of earlier steps loaded before its PDL wait (DecodeAttention(
-             # early_kv=)), and its split walked in blocks of 32 / 16 (block_size=: 7B's one block of 64 on 2 warps
-             # spills when compiled for sm_90): its tests on the card, then the whole batch-1 step with and without it on the 7B, 1B and
-             # SmolLM2 shapes, each with its production attention (7B: reduce kernel; SmolLM2: combined) (~5 min)
-          timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_rope_in_attention.py tests/test_kernels.py \
-            -k "attention or early or rope" > "$OUT/earlykv_tests.log" 2>&1
-          echo "attention tests: rc=$? $(tail -1 "$OUT/earlykv_tests.log")"
-          # (sm_90 builds, bench/results/2026-12-02-cpu-sass: one block of 64 with early loads spills on 2 warps, a
-          # split of 32 with them takes 218 registers and none)
-          timeout 240 python3 -m bench.probes.step_variants --models llama-2-7b,llama-3.2-1b --contexts 300,2000 \
-            --variants "fused=0;fused=0,ekv=1;fused=0,block=32;fused=0,block=16;fused=0,split=32,warps=2;fused=0,split=32,warps=2,ekv=1;fused=0" \
-            --rounds 3 > "$OUT/earlykv_step.md" 2>&1
-          echo "step variants: rc=$?"; cat "$OUT/earlykv_step.md"
-          timeout 100 python3 -m bench.probes.step_variants --models smollm2-135m --contexts 300,2000 \
-            --variants "fused=1;fused=1,ekv=1;fused=1,block=32;fused=1" --rounds 3 > "$OUT/earlykv_step_small.md" 2>&1
-          echo "step variants, SmolLM2: rc=$?"; cat "$OUT/earlykv_step_small.md" ;;
-    magic) # issue 10: the low-bit prefill GEMM with codes turned to floats through fp16's bits (GemmConfig(magic=
-           # True)) against the integer conversion, and on 8 warps (the 64-token tile spills on 4 when built for
-           # sm_90), int4 and int8 at 16-127 tokens, and its tests (~3 min)
-          timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_quant_gemm.py > "$OUT/magic_tests.log" 2>&1
-          echo "low-bit GEMM tests: rc=$? $(tail -1 "$OUT/magic_tests.log")"
-          timeout 240 python3 -m bench.probes.lowbit_gemm --tokens 16,32,64,127 --formats fp16,int4,int8 \
-            --variants magic,w8,magic+w8 \
-            --out "$OUT/magic" > "$OUT/magic.log" 2>&1
-          echo "magic probe: rc=$?"; cat "$OUT/magic.log" ;;
     verifyrows) # issue 11/12: the verify step with qkv, o (and down) on the split-K multi-row GEMVs (the prefill step's
                 # 16-row configs) against today's cuBLAS + row kernels, 7B and SmolLM2 shapes, and the verify tests
           timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_speculative.py -k "fused_verify" \
@@ -311,7 +272,7 @@ for step in "${steps[@]}"; do
             timeout 150 python3 -m bench.probes.verify_plan --model dummy:$m --tokens 2,5,9 > "$OUT/verifyrows_$m.md" 2>&1
             echo "verify plans, $m: rc=$?"; cat "$OUT/verifyrows_$m.md"
           done ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, int4digits, earlykv, magic, verifyrows)"
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows)"
        exit 2 ;;
   esac
 done

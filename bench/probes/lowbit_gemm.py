@@ -7,13 +7,12 @@ weight read bandwidth (the format's bytes / time), the speed-up over fp16 torch.
 kernel is first checked against a float64 matmul of the format's dequantized weights. --sweep also times a
 handful of block configs per (shape, T, format) and prints the best.
 
-    python -m bench.probes.lowbit_gemm [--tokens 16,64,128,256,512] [--sweep] [--variants magic,w8,magic+w8] [--reps 20] [--out DIR]
+    python -m bench.probes.lowbit_gemm [--tokens 16,64,128,256,512] [--sweep] [--reps 20] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
@@ -82,10 +81,6 @@ def main() -> None:
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
     ap.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated, of {', '.join(FORMATS)}")
     ap.add_argument("--sweep", action="store_true", help="time the block configs in SWEEP too, print the best")
-    ap.add_argument("--variants", default="", help="also time the default configs changed so, comma list of "
-                                                   "magic (codes to floats through fp16's bits), w8 (8 warps: "
-                                                   "sm_90 builds of the 64-token tile spill on 4, see "
-                                                   "bench.probes.sass_usage), magic+w8")
     ap.add_argument("--reps", type=int, default=20, help="timed graph replays per measurement (median)")
     ap.add_argument("--out", default=None, help="folder for lowbit_gemm.json")
     args = ap.parse_args()
@@ -114,16 +109,6 @@ def main() -> None:
                 err = _rel_error(w, x, out)
                 ms = _time(weights, x, out, None, args.reps, scratch)
                 best = ""
-                for variant in filter(None, args.variants.split(",")) if fmt in ("int4", "int8") else ():
-                    changes = {"magic": dict(magic=True), "w8": dict(num_warps=8),
-                               "magic+w8": dict(magic=True, num_warps=8)}[variant]
-                    v_cfg = dataclasses.replace(gemm_lowbit.default_config(t, n, k), **changes)
-                    _op(w, x, out, v_cfg, scratch)()
-                    v_err = _rel_error(w, x, out)
-                    v_ms = _time(weights, x, out, v_cfg, args.reps, scratch)
-                    best += f"{variant} {v_ms:.4f} ms ({ms / v_ms:.2f}x, err {v_err:.1e}) "
-                    res["rows"].append({"shape": name, "T": t, "fmt": fmt, "cfg": f"default+{variant}", "ms": v_ms,
-                                        "rel_err": v_err})
                 if args.sweep and fmt != "fp16":
                     timed = []
                     for cfg in _candidates(w, t):
@@ -133,7 +118,7 @@ def main() -> None:
                             res["rows"].append({"shape": name, "T": t, "fmt": fmt, "cfg": vars(cfg),
                                                 "error": repr(e)[:200]})
                     best_ms, best_cfg = min(timed, key=lambda r: r[0])
-                    best += f"{best_ms:.4f} ms with {best_cfg}"
+                    best = f"{best_ms:.4f} ms with {best_cfg}"
                     res["rows"] += [{"shape": name, "T": t, "fmt": fmt, "cfg": vars(c), "ms": m} for m, c in timed]
                 if fmt == "fp16":
                     fp16_ms[t] = ms

@@ -7,9 +7,8 @@ newer than the card's: treat the figures as close, not exact).
     python -m bench.probes.sass_usage [--suite attention|splitk|gemm|all] [--cc 90]
 
 Suites: `attention` (the one-query decode attention at LLaMA-2-7B's, Llama-3.2-1B's and SmolLM2's head shapes, by
-split, block and warps; EARLY_KV), `splitk` (the packed int4 / int8 decode GEMVs forming their activation digits
-or taking them from `ActDigits`), `gemm` (the low-bit prefill GEMM's int4 tile with and without the fp16-bits code
-conversion: count I2F).
+split, block and warps), `splitk` (the packed int4 / int8 decode GEMVs), `gemm` (the low-bit prefill GEMM's int4
+tiles: count I2F).
 """
 
 from __future__ import annotations
@@ -73,8 +72,7 @@ ATTENTION_TYPES = dict(q_ptr="*fp16", k_ptr="*fp16", v_ptr="*fp16", pos_ptr="*i6
                        stride_kh="i32", stride_kn="i32", stride_vh="i32", stride_vn="i32", stride_slot="i32",
                        stride_qkv="i32", scale="fp32", window="i32")
 SPLITK_TYPES = dict(codes_ptr="*i32", scale_ptr="*fp16", offset_ptr="*fp16", a_ptr="*fp16", nw_ptr="*fp16",
-                    b_ptr="*fp16", out_ptr="*fp16", part_ptr="*fp32", count_ptr="*i32", N="i32", K="i32", eps="fp32",
-                    dig_ptr="*i32", amax_ptr="*fp32", asum_ptr="*fp32", ss_ptr="*fp32", KWP="i32")
+                    b_ptr="*fp16", out_ptr="*fp16", part_ptr="*fp32", count_ptr="*i32", N="i32", K="i32", eps="fp32")
 GEMM_TYPES = dict(x_ptr="*fp16", codes_ptr="*u8", scale_ptr="*fp16", offset_ptr="*fp16", b_ptr="*fp16",
                   out_ptr="*fp16", part_ptr="*fp32", count_ptr="*i32", M="i32", N="i32", K="i32", K_SPLIT="i32",
                   SPLIT="i32", stride_xm="i32", stride_om="i32")
@@ -86,12 +84,10 @@ def attention_variants():
     for label, hd, heads, group in (("7B", 128, 32, 1), ("1B", 64, 32, 4), ("SmolLM2", 64, 9, 3)):
         for block in (64, 32, 16):
             for warps in (1, 2, 4):
-                for early in (False, True) if block == 64 else (False,):
-                    consts = dict(GROUP=group, HEAD_DIM=hd, SPLIT=64, BLOCK=block, NUM_SPLITS=64, NUM_HEADS=heads,
-                                  SLOTS=False, FUSED_REDUCE=False, ROPE=True, PDL=True, PREFETCH=0,
-                                  THREADS=32 * warps, EARLY_KV=early)
-                    yield (f"attention {label} split 64 block {block} {warps}w{' early' if early else ''}",
-                           _split_kernel, ATTENTION_TYPES, consts, warps)
+                consts = dict(GROUP=group, HEAD_DIM=hd, SPLIT=64, BLOCK=block, NUM_SPLITS=64, NUM_HEADS=heads,
+                              SLOTS=False, FUSED_REDUCE=False, ROPE=True, PDL=True, PREFETCH=0, THREADS=32 * warps)
+                yield (f"attention {label} split 64 block {block} {warps}w", _split_kernel, ATTENTION_TYPES, consts,
+                       warps)
 
 
 def splitk_variants():
@@ -99,23 +95,21 @@ def splitk_variants():
 
     for int4 in (True, False):
         for block_n, block_kw, warps in ((32, 64, 4), (64, 64, 8), (32, 128, 4)):
-            for prepped in (False, True):
-                consts = dict(MODE=0, HAS_OFFSET=True, ZERO=0.0, HAS_BIAS=False, SPLIT=8, SPLIT_P2=8, GROUP=32,
-                              BLOCK_N=block_n, BLOCK_KW=block_kw, INT4=int4, EMULATE=False, PDL=True, EARLY=False,
-                              PREPPED=prepped)
-                yield (f"splitk {'int4' if int4 else 'int8'} {block_n}x{block_kw} {warps}w"
-                       f"{' ActDigits' if prepped else ''}", _splitk_kernel, SPLITK_TYPES, consts, warps)
+            consts = dict(MODE=0, HAS_OFFSET=True, ZERO=0.0, HAS_BIAS=False, SPLIT=8, SPLIT_P2=8, GROUP=32,
+                          BLOCK_N=block_n, BLOCK_KW=block_kw, INT4=int4, EMULATE=False, PDL=True, EARLY=False)
+            yield (f"splitk {'int4' if int4 else 'int8'} {block_n}x{block_kw} {warps}w", _splitk_kernel, SPLITK_TYPES,
+                   consts, warps)
 
 
 def gemm_variants():
     from graph_executor.kernels.gemm_lowbit import _gemm_kernel
 
     for block_t in (16, 64):
-        for magic in (False, True):
+        for warps in (4, 8):
             consts = dict(FORMAT=0, HAS_OFFSET=True, ZERO=0.0, GROUP=32, STEP_GROUP=32, HAS_BIAS=False,
                           ACCUMULATE=False, PRECISION="tf32", SPLITTING=True, BLOCK_N=64, BLOCK_T=block_t,
-                          BLOCK_K=128, MAGIC=magic)
-            yield (f"gemm int4 64x{block_t}x128{' magic' if magic else ''}", _gemm_kernel, GEMM_TYPES, consts, 4)
+                          BLOCK_K=128)
+            yield (f"gemm int4 64x{block_t}x128 {warps}w", _gemm_kernel, GEMM_TYPES, consts, warps)
 
 
 def smoke_variants():

@@ -10,11 +10,7 @@ inside the attention kernel, `FusedDecoder(fuse_rope=True)`; 0: `rope_append` be
 their weights before waiting for the kernel before them, `FusedDecoder(early_weights=True)`), earlyo (1: o_proj's
 GEMV alone loads early, on top of the rest), pf (MiB of the layer's next weights the attention kernel asks L2 to
 hold: `FusedDecoder(l2_prefetch_mb=)`, kernels/l2_prefetch.py), tpf (MiB of the next projection's weights each GEMV's
-tail asks L2 for: `FusedDecoder(tail_prefetch_mb=)`), digits (1: packed int4 / int8 GEMVs take their activation's
-operands from a kernel of their own, `FusedDecoder(act_digits=True)`; with --quantize), ekv (1: the attention loads its
-K/V rows of earlier steps before its PDL wait, `FusedDecoder(early_kv=True)`), block (the one-query attention's
-positions per loop step, `DecodeAttention(block_size=)`). split, warps, rope, pf, tpf
-and early left out: the decoder's defaults (rope and early: `decode_plan.options_for` the model). Prints the median of
+tail asks L2 for: `FusedDecoder(tail_prefetch_mb=)`). split, warps, rope, pf, tpf and early left out: the decoder's defaults (rope and early: `decode_plan.options_for` the model). Prints the median of
 each variant's per-round medians and its ratio to the first.
 """
 
@@ -43,11 +39,9 @@ def parse_variant(text: str) -> dict[str, int]:
     variant = {"fused": 1}
     for item in text.split(","):
         key, _, value = item.partition("=")
-        if key not in ("split", "warps", "fused", "rope", "early", "earlyo", "pf", "tpf", "digits", "ekv",
-                       "block") or \
-                not value.isdigit():
+        if key not in ("split", "warps", "fused", "rope", "early", "earlyo", "pf", "tpf") or not value.isdigit():
             raise SystemExit(f"bad variant item {item!r} in {text!r} (split=, warps=, fused=, rope=, early=, earlyo=, "
-                             "pf=, tpf=, digits=, ekv=, block=)")
+                             "pf=, tpf=)")
         variant[key] = int(value)
     return variant
 
@@ -60,14 +54,12 @@ def build(model, variant: dict[str, int]) -> FusedDecoder:
     if variant.get("earlyo"):
         plan = dataclasses.replace(plan, o=dataclasses.replace(plan.o, early=True))
     decoder = FusedDecoder(model, plan=plan, fuse_rope=flag("rope"), early_weights=flag("early"),
-                           l2_prefetch_mb=variant.get("pf"), tail_prefetch_mb=variant.get("tpf"),
-                           act_digits=bool(variant.get("digits")), early_kv=bool(variant.get("ekv")))
+                           l2_prefetch_mb=variant.get("pf"), tail_prefetch_mb=variant.get("tpf"))
     cfg = model.config
     decoder.attention = DecodeAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, model.max_context,
                                         model.embed_tokens.device, cfg.sliding_window, variant.get("split"),
                                         pdl=decoder.pdl, num_warps=variant.get("warps"),
-                                        fused_reduce=bool(variant["fused"]), early_kv=bool(variant.get("ekv")),
-                                        block_size=variant.get("block"))
+                                        fused_reduce=bool(variant["fused"]))
     return decoder
 
 

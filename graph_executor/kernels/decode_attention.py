@@ -60,13 +60,8 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, acc_ptr, m_ptr, l_ptr,
                   scale, window,
                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
                   NUM_SPLITS: tl.constexpr, NUM_HEADS: tl.constexpr, SLOTS: tl.constexpr, FUSED_REDUCE: tl.constexpr,
-                  ROPE: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr = 0, THREADS: tl.constexpr = 128,
-                  EARLY_KV: tl.constexpr = False):
-    """EARLY_KV (one block a split: SPLIT == BLOCK): the split's K/V rows before the token's position, written by
-    earlier steps, are loaded before the wait for the previous kernel (with PDL: during its tail); the row at the
-    position (this step's, appended here with ROPE or by rope_append before) is put in after the wait."""
-    if not EARLY_KV:
-        wait_for_prior(PDL)
+                  ROPE: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr = 0, THREADS: tl.constexpr = 128):
+    wait_for_prior(PDL)
     head = tl.program_id(0)
     split = tl.program_id(1)
     token = tl.program_id(2)
@@ -75,8 +70,6 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, acc_ptr, m_ptr, l_ptr,
             prefetch_l2(pf0, pn0, pf1, pn1, pf2, pn2, pf3, pn3, head * NUM_SPLITS + split, NUM_HEADS * NUM_SPLITS,
                         PREFETCH, THREADS)
     kv_head = head // GROUP
-    # the position, and with SLOTS the KV slot: step inputs written before the step's first kernel, so readable
-    # before the wait too
     pos = tl.load(pos_ptr + token)  # the query's position: keys [start, pos] are visible
     if SLOTS:  # a batched decode: each token attends to its own KV slot
         k_ptr += tl.load(slot_ptr + token) * stride_slot
@@ -86,68 +79,38 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, acc_ptr, m_ptr, l_ptr,
     hi = tl.minimum((split + 1) * SPLIT, pos + 1)
     d = tl.arange(0, HEAD_DIM)
     row = token * NUM_HEADS + head
-    if EARLY_KV:
-        n0 = lo + tl.arange(0, BLOCK)
-        older = (n0 < hi) & (n0 < pos)  # rows of earlier steps: constant during this one
-        k_old = tl.load(k_ptr + kv_head * stride_kh + n0[:, None] * stride_kn + d[None, :], mask=older[:, None],
-                        other=0.0)  # [BLOCK, hd], the cache's dtype
-        v_old = tl.load(v_ptr + kv_head * stride_vh + n0[:, None] * stride_vn + d[None, :], mask=older[:, None],
-                        other=0.0)
-        wait_for_prior(PDL)
     if ROPE:  # q_ptr is the token's un-rotated qkv row [(heads + 2 kv_heads) * hd]: RoPE and the KV append here
         qkv = q_ptr + token * stride_qkv
         cos_sin = rope_ptr + pos * 2 * HEAD_DIM
         # rounded to the activations' dtype, as rope_append's q buffer holds it
         q = _rope_row(qkv + head * HEAD_DIM, cos_sin, d, HEAD_DIM).to(q_ptr.dtype.element_ty).to(tl.float32) * scale
-        if EARLY_KV:  # every program forms the row; the one split that reads position pos writes it
-            k_row = _rope_row(qkv + (NUM_HEADS + kv_head) * HEAD_DIM, cos_sin, d, HEAD_DIM).to(k_ptr.dtype.element_ty)
-            v_row = tl.load(qkv + (NUM_HEADS + NUM_HEADS // GROUP + kv_head) * HEAD_DIM + d).to(v_ptr.dtype.element_ty)
-            mine = (d * 0 + split) == pos // SPLIT
-            tl.store(k_ptr + kv_head * stride_kh + pos * stride_kn + d, k_row, mask=mine)
-            tl.store(v_ptr + kv_head * stride_vh + pos * stride_vn + d, v_row, mask=mine)
-        else:
-            if split == pos // SPLIT:  # the one split that reads position pos appends its K and V first (every
-                # query head of the group does, with the same values); the barrier makes the row visible to the
-                # whole program
-                k_new = _rope_row(qkv + (NUM_HEADS + kv_head) * HEAD_DIM, cos_sin, d, HEAD_DIM)
-                tl.store(k_ptr + kv_head * stride_kh + pos * stride_kn + d, k_new.to(k_ptr.dtype.element_ty))
-                tl.store(v_ptr + kv_head * stride_vh + pos * stride_vn + d,
-                         tl.load(qkv + (NUM_HEADS + NUM_HEADS // GROUP + kv_head) * HEAD_DIM + d))
-            tl.debug_barrier()
+        if split == pos // SPLIT:  # the one split that reads position pos appends its K and V first (every query
+            # head of the group does, with the same values); the barrier makes the row visible to the whole program
+            k_new = _rope_row(qkv + (NUM_HEADS + kv_head) * HEAD_DIM, cos_sin, d, HEAD_DIM)
+            tl.store(k_ptr + kv_head * stride_kh + pos * stride_kn + d, k_new.to(k_ptr.dtype.element_ty))
+            tl.store(v_ptr + kv_head * stride_vh + pos * stride_vn + d,
+                     tl.load(qkv + (NUM_HEADS + NUM_HEADS // GROUP + kv_head) * HEAD_DIM + d))
+        tl.debug_barrier()
     else:
         q = tl.load(q_ptr + row * HEAD_DIM + d).to(tl.float32) * scale  # [hd]
-        if EARLY_KV:  # the row rope_append (the kernel before) wrote at pos
-            k_row = tl.load(k_ptr + kv_head * stride_kh + pos * stride_kn + d)
-            v_row = tl.load(v_ptr + kv_head * stride_vh + pos * stride_vn + d)
     m_i = -float("inf")
     l_i = 0.0
     acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    if EARLY_KV:  # the split's one block: the older rows and this step's row at pos
-        at_pos = (n0 == pos)[:, None]
-        k = tl.where(at_pos, k_row[None, :].to(tl.float32), k_old.to(tl.float32))  # [BLOCK, hd]
-        v = tl.where(at_pos, v_row[None, :].to(tl.float32), v_old.to(tl.float32))
-        valid = n0 < hi
-        s = tl.where(valid, tl.sum(k * q[None, :], axis=1), -float("inf"))  # [BLOCK]
-        m_i = tl.max(s, axis=0)
-        p = tl.exp(s - tl.where(m_i == -float("inf"), 0.0, m_i))  # an empty split: all 0 (it stores nothing)
-        acc = tl.sum(p[:, None] * v, axis=0)
-        l_i = tl.sum(p, axis=0)
-    else:
-        for block_start in range(lo, hi, BLOCK):
-            n = block_start + tl.arange(0, BLOCK)
-            valid = n < hi
-            k = tl.load(k_ptr + kv_head * stride_kh + n[:, None] * stride_kn + d[None, :],
-                        mask=valid[:, None], other=0.0).to(tl.float32)  # [BLOCK, hd]
-            s = tl.sum(k * q[None, :], axis=1)  # [BLOCK]
-            s = tl.where(valid, s, -float("inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=0))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new)  # [BLOCK]
-            v = tl.load(v_ptr + kv_head * stride_vh + n[:, None] * stride_vn + d[None, :],
-                        mask=valid[:, None], other=0.0).to(tl.float32)  # [BLOCK, hd]
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-            l_i = l_i * alpha + tl.sum(p, axis=0)
-            m_i = m_new
+    for block_start in range(lo, hi, BLOCK):
+        n = block_start + tl.arange(0, BLOCK)
+        valid = n < hi
+        k = tl.load(k_ptr + kv_head * stride_kh + n[:, None] * stride_kn + d[None, :],
+                    mask=valid[:, None], other=0.0).to(tl.float32)  # [BLOCK, hd]
+        s = tl.sum(k * q[None, :], axis=1)  # [BLOCK]
+        s = tl.where(valid, s, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new)  # [BLOCK]
+        v = tl.load(v_ptr + kv_head * stride_vh + n[:, None] * stride_vn + d[None, :],
+                    mask=valid[:, None], other=0.0).to(tl.float32)  # [BLOCK, hd]
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        m_i = m_new
     out = row * NUM_SPLITS + split
     # A split past the position (or before a window's start) writes nothing: the reduce skips it. (Masks as
     # tensors: a split's scalars are stored as [1] vectors.)
@@ -274,17 +237,13 @@ class DecodeAttention:
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, max_context: int,
                  device: torch.device, sliding_window: int | None = None, split_size: int | None = None,
                  max_tokens: int = 1, pdl: bool = False, batched: bool = False, num_warps: int | None = None,
-                 fused_reduce: bool = False, early_kv: bool = False, block_size: int | None = None) -> None:
+                 fused_reduce: bool = False) -> None:
         """`max_tokens` > 1: a verify step's tokens (one sequence, consecutive positions), or with `batched` the
         tokens of a batched decode (one per KV slot: `__call__`'s slots). `num_warps`: the one-query kernel's
         (default: `one_query_warps` with the default split, else Triton's 4; `bench.probes.decode_attention`
         sweeps it). `fused_reduce`: the one-query kernel's last program per query head combines the splits (one
         kernel per call instead of two; off by default: not faster on 7B in the whole step, see SPLIT_SIZE; the
-        verify kernel keeps its reduce kernel). `early_kv`: the one-query kernel loads its split's K/V rows of earlier
-        steps before it waits for the kernel before it (`_split_kernel`'s EARLY_KV; needs a split of at most BLOCK_N
-        positions). `block_size`: the one-query kernel's positions per loop step (a power of two dividing the split;
-        default min(BLOCK_N, split)): compiled for sm_90, LLaMA-2-7B's split of 64 in one block of 64 on 2
-        warps needs more than 255 registers a thread (spills), in blocks of 32 146 (issue 12's experiment)."""
+        verify kernel keeps its reduce kernel)."""
         if head_dim & (head_dim - 1):
             raise ValueError(f"decode attention needs a power-of-two head_dim, got {head_dim}")
         self.num_heads, self.group, self.head_dim = num_heads, num_heads // num_kv_heads, head_dim
@@ -305,13 +264,6 @@ class DecodeAttention:
         self.m = torch.empty(max_tokens, num_heads, self.num_splits, **f32)
         self.l = torch.empty(max_tokens, num_heads, self.num_splits, **f32)
         self.fused_reduce = fused_reduce and one_query
-        self.block = block_size or min(BLOCK_N, self.split)
-        if self.block < 1 or self.block & (self.block - 1) or self.split % self.block:
-            raise ValueError(f"decode attention block_size must be a power of two dividing the split {self.split}, "
-                             f"got {self.block}")
-        if early_kv and self.block != self.split:
-            raise ValueError(f"early K/V loads take one block a split: split {self.split}, block {self.block}")
-        self.early_kv = early_kv and one_query
         # per query row, how many of its split programs have finished (the last one resets it)
         self.counts = torch.zeros(max_tokens * num_heads, device=device, dtype=torch.int32)
 
@@ -346,11 +298,10 @@ class DecodeAttention:
             _split_kernel[(self.num_heads, self.num_splits, tokens)](
                 q, k_cache, v_cache, position, slots if slots is not None else position, self.acc, self.m, self.l,
                 self.counts, out, rope if rope is not None else self.m, *pf_args, *strides, slot_stride, width,
-                self.scale, self.window, GROUP=self.group, HEAD_DIM=self.head_dim, SPLIT=self.split, BLOCK=self.block,
+                self.scale, self.window, GROUP=self.group, HEAD_DIM=self.head_dim, SPLIT=self.split, BLOCK=block,
                 NUM_SPLITS=self.num_splits, NUM_HEADS=self.num_heads, SLOTS=slots is not None,
                 FUSED_REDUCE=self.fused_reduce, ROPE=rope is not None, PDL=self.pdl, PREFETCH=regions,
-                THREADS=32 * self.warps.get("num_warps", 4), EARLY_KV=self.early_kv, **self.warps,
-                **launch_options(self.pdl),
+                THREADS=32 * self.warps.get("num_warps", 4), **self.warps, **launch_options(self.pdl),
             )
             if self.fused_reduce:
                 return out

@@ -43,9 +43,6 @@ class GemmConfig:
     split: int = 1  # programs along K (at most): > 1 sums partials in a SplitKScratch
     num_warps: int = 4
     num_stages: int = 3
-    # int4 / int8 codes to floats through fp16's bits (0x6400 | code is 1024 + code) instead of an integer-to-float
-    # conversion, a slow instruction on the GPU: the same values (issue 10's experiment, off until measured)
-    magic: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_t", "block_k"):
@@ -110,22 +107,9 @@ def scratch_size(tokens: int, n: int, k: int, cfg: GemmConfig) -> tuple[int, int
 
 
 @triton.jit
-def _codes_f32(q, SIGNED: tl.constexpr, MAGIC: tl.constexpr):
-    """int4 (uint8 0..15) or int8 codes as float32, exactly. MAGIC: through fp16's bits, 0x6400 | c being 1024 + c
-    for 0 <= c < 1024 (int8 moved to 0..255 first), then 1024 (+ 128) taken off, exact in fp16."""
-    if MAGIC:
-        if SIGNED:
-            c = (q.to(tl.int16) + 128) | 0x6400
-            return (c.to(tl.float16, bitcast=True) - 1152.0).to(tl.float32)
-        c = q.to(tl.int16) | 0x6400
-        return (c.to(tl.float16, bitcast=True) - 1024.0).to(tl.float32)
-    return q.to(tl.float32)
-
-
-@triton.jit
 def _weight_tile(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, k0, K, FORMAT: tl.constexpr,
                  HAS_OFFSET: tl.constexpr, ZERO: tl.constexpr, GROUP: tl.constexpr, STEP_GROUP: tl.constexpr,
-                 BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr, MAGIC: tl.constexpr = False):
+                 BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr):
     """Weights of `rows` ([BLOCK_R] int64) at columns k0 .. k0 + BLOCK_K as [BLOCK_R, BLOCK_K] in DTYPE: the value
     is formed in float32 (formats.py's order of operations) and rounded to DTYPE once. Columns past K and rows
     not row_ok come out 0. STEP_GROUP = min(GROUP, BLOCK_K): a step holds BLOCK_K / STEP_GROUP groups, or lies
@@ -149,7 +133,7 @@ def _weight_tile(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, k0, K, FORMAT: 
         gmask = row_ok[:, None] & (groups < K // GROUP)[None, :]
         # masked groups get scale 0 (and offset 0), so their weights are 0 whatever the codes read as
         s = tl.load(scale_ptr + at, mask=gmask, other=0.0).to(tl.float32)[:, :, None]  # [BLOCK_R, NG, 1]
-        q = tl.reshape(_codes_f32(q, FORMAT == 1, MAGIC), [BLOCK_R, NG, STEP_GROUP])
+        q = tl.reshape(q.to(tl.float32), [BLOCK_R, NG, STEP_GROUP])
         if HAS_OFFSET:
             o = tl.load(offset_ptr + at, mask=gmask, other=0.0).to(tl.float32)[:, :, None]
             w = s * q + o
@@ -164,7 +148,7 @@ def _gemm_kernel(x_ptr, codes_ptr, scale_ptr, offset_ptr, b_ptr, out_ptr, part_p
                  stride_xm, stride_om, FORMAT: tl.constexpr, HAS_OFFSET: tl.constexpr, ZERO: tl.constexpr,
                  GROUP: tl.constexpr, STEP_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
                  PRECISION: tl.constexpr, SPLITTING: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
-                 BLOCK_K: tl.constexpr, MAGIC: tl.constexpr = False):
+                 BLOCK_K: tl.constexpr):
     """Program (n, t, s): weight rows n * BLOCK_N.., tokens t * BLOCK_T.., K columns s * K_SPLIT.. (SPLIT programs
     along K). acc [BLOCK_N, BLOCK_T] = W_tile @ x_tile^T: the dequantized weights are the dot's left operand."""
     pid_n = tl.program_id(0)
@@ -182,7 +166,7 @@ def _gemm_kernel(x_ptr, codes_ptr, scale_ptr, offset_ptr, b_ptr, out_ptr, part_p
         xt = tl.load(x_ptr + tokens[None, :] * stride_xm + cols[:, None],
                      mask=token_ok[None, :] & (cols < K)[:, None], other=0.0)  # [BLOCK_K, BLOCK_T]
         w = _weight_tile(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, k0, K, FORMAT, HAS_OFFSET, ZERO, GROUP,
-                         STEP_GROUP, BLOCK_N, BLOCK_K, dtype, MAGIC)  # [BLOCK_N, BLOCK_K]
+                         STEP_GROUP, BLOCK_N, BLOCK_K, dtype)  # [BLOCK_N, BLOCK_K]
         acc = tl.dot(w, xt, acc, input_precision=PRECISION)
     at = out_ptr + tokens[None, :] * stride_om + rows[:, None]
     mask = row_ok[:, None] & token_ok[None, :]
@@ -317,8 +301,7 @@ def gemm(x: torch.Tensor, w: PackedWeight, out: torch.Tensor, bias: torch.Tensor
     _gemm_kernel[grid](x, *fmt_ptrs, bias if bias is not None else out, out, scratch.partial, scratch.count, t, n,
                        k, k_split, split, x.stride(0), out.stride(0), **fmt, HAS_BIAS=bias is not None,
                        ACCUMULATE=accumulate, PRECISION=precision, SPLITTING=split > 1, BLOCK_N=cfg.block_n,
-                       BLOCK_T=cfg.block_t, BLOCK_K=cfg.block_k, MAGIC=cfg.magic, num_warps=cfg.num_warps,
-                       num_stages=cfg.num_stages)
+                       BLOCK_T=cfg.block_t, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 

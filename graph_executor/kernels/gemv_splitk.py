@@ -134,72 +134,13 @@ def _bytes(q, shifts):
 
 
 @triton.jit
-def _act_digits(a_ptr, nw_ptr, pid_k, K, MODE: tl.constexpr, GROUP: tl.constexpr, BLOCK_KW: tl.constexpr,
-                INT4: tl.constexpr):
-    """Slice pid_k of the activation (BLOCK_KW words of codes' worth of K) as the dp4a operands: int4 four int8x4
-    words per word of codes (the hi and lo digits of its even and odd positions), int8 two (hi, lo; the last two
-    repeat them); the maxima per activation group [NQ], the exact sums per weight group [NG], and (MODE 0) the
-    slice's sum of squares."""
-    EPW: tl.constexpr = 8 if INT4 else 4  # weights per word
-    NG: tl.constexpr = BLOCK_KW * EPW // GROUP
-    QGROUP: tl.constexpr = 32 if GROUP > 32 else GROUP  # the activation's quantization group
-    NQ: tl.constexpr = BLOCK_KW * EPW // QGROUP
-    # this program's slice of the activation, float32 [NG, GROUP]
-    ka = pid_k * BLOCK_KW * EPW + tl.arange(0, BLOCK_KW * EPW)
-    a, ss = activation_slice(a_ptr, nw_ptr, ka, ka < K, K, MODE)
-    a_sum = tl.sum(tl.reshape(a, [NG, GROUP]), axis=1)  # [NG], exact
-    a = tl.reshape(a, [NQ, QGROUP])
-    amax = tl.max(tl.abs(a), axis=1)  # [NQ]
-    inv = tl.where(amax > 0, 127.0 / amax, 0.0)
-    # two int8 digits: a ~= d (hi + lo / 256), |error| <= d / 512 (d = max|a| / 127)
-    hi = tl.floor(a * inv[:, None] + 0.5)  # -127..127
-    lo = tl.minimum(tl.maximum(tl.floor((a * inv[:, None] - hi) * 256.0 + 0.5), -127.0), 127.0)
-    shifts = (tl.arange(0, 4) * 8)[None, :]
-    if INT4:
-        hi_even, hi_odd = tl.split(tl.reshape(hi.to(tl.int32), [BLOCK_KW, 4, 2]))  # positions 8kw + 2j (+ 1)
-        lo_even, lo_odd = tl.split(tl.reshape(lo.to(tl.int32), [BLOCK_KW, 4, 2]))
-        w0, w1 = _bytes(hi_even, shifts), _bytes(hi_odd, shifts)
-        w2, w3 = _bytes(lo_even, shifts), _bytes(lo_odd, shifts)
-    else:
-        w0 = _bytes(tl.reshape(hi.to(tl.int32), [BLOCK_KW, 4]), shifts)
-        w1 = _bytes(tl.reshape(lo.to(tl.int32), [BLOCK_KW, 4]), shifts)
-        w2, w3 = w0, w1
-    return w0, w1, w2, w3, amax, a_sum, ss
-
-
-@triton.jit
-def _digits_kernel(a_ptr, nw_ptr, dig_ptr, amax_ptr, asum_ptr, ss_ptr, K, KWP, MODE: tl.constexpr,
-                   GROUP: tl.constexpr, BLOCK_KW: tl.constexpr, INT4: tl.constexpr, PDL: tl.constexpr):
-    """One program per K slice of the GEMV that follows: `_act_digits` written out once ([4, KWP] words, [split *
-    NQ] maxima, [split * NG] sums, [split] sums of squares), instead of by every row block's program."""
-    wait_for_prior(PDL)
-    EPW: tl.constexpr = 8 if INT4 else 4
-    NG: tl.constexpr = BLOCK_KW * EPW // GROUP
-    NQ: tl.constexpr = BLOCK_KW * EPW // (32 if GROUP > 32 else GROUP)
-    pid_k = tl.program_id(0)
-    w0, w1, w2, w3, amax, a_sum, ss = _act_digits(a_ptr, nw_ptr, pid_k, K, MODE, GROUP, BLOCK_KW, INT4)
-    kws = pid_k * BLOCK_KW + tl.arange(0, BLOCK_KW)
-    tl.store(dig_ptr + kws, w0)
-    tl.store(dig_ptr + KWP + kws, w1)
-    if INT4:
-        tl.store(dig_ptr + 2 * KWP + kws, w2)
-        tl.store(dig_ptr + 3 * KWP + kws, w3)
-    tl.store(amax_ptr + pid_k * NQ + tl.arange(0, NQ), amax)
-    tl.store(asum_ptr + pid_k * NG + tl.arange(0, NG), a_sum)
-    tl.store(ss_ptr + pid_k, ss)
-
-
-@triton.jit
 def _splitk_kernel(codes_ptr, scale_ptr, offset_ptr, a_ptr, nw_ptr, b_ptr, out_ptr, part_ptr, count_ptr, N, K, eps,
-                   dig_ptr, amax_ptr, asum_ptr, ss_ptr, KWP,
                    MODE: tl.constexpr, HAS_OFFSET: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                    SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_KW: tl.constexpr, INT4: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr,
-                   EARLY: tl.constexpr, PREPPED: tl.constexpr = False):
+                   EARLY: tl.constexpr):
     """MODE 0: out = W @ (rmsnorm(a) * nw) [+ b]; 1: out += W @ a; 2: out += W @ (silu(a[:K]) * a[K:]). EARLY:
-    codes and scales are loaded before the wait for the previous kernel (constant in a step: no race). PREPPED:
-    the activation's digits, maxima, sums (and sums of squares) come from `_digits_kernel`'s buffers (dig_ptr ..
-    ss_ptr) instead of being formed here."""
+    codes and scales are loaded before the wait for the previous kernel (constant in a step: no race)."""
     if not EARLY:
         wait_for_prior(PDL)
     EPW: tl.constexpr = 8 if INT4 else 4  # weights per word
@@ -221,26 +162,31 @@ def _splitk_kernel(codes_ptr, scale_ptr, offset_ptr, a_ptr, nw_ptr, b_ptr, out_p
     s = tl.load(scale_ptr + at, mask=gmask, other=0.0).to(tl.float32)  # [BLOCK_N, NG]
     if EARLY:
         wait_for_prior(PDL)
-    if PREPPED:  # written over the whole padded K (split x BLOCK_KW words): past K all zeros, no masks
-        w0 = tl.load(dig_ptr + kws)
-        w1 = tl.load(dig_ptr + KWP + kws)
-        w2, w3 = w0, w1
-        if INT4:
-            w2 = tl.load(dig_ptr + 2 * KWP + kws)
-            w3 = tl.load(dig_ptr + 3 * KWP + kws)
-        amax = tl.load(amax_ptr + pid_k * NQ + tl.arange(0, NQ))
-        a_sum = tl.load(asum_ptr + pid_k * NG + tl.arange(0, NG))
-        ss = tl.load(ss_ptr + pid_k)
-    else:
-        w0, w1, w2, w3, amax, a_sum, ss = _act_digits(a_ptr, nw_ptr, pid_k, K, MODE, GROUP, BLOCK_KW, INT4)
-    if INT4:  # w0..w3: the hi digits of the word's even and odd positions, then the lo digits
+    # this program's slice of the activation, float32 [NG, GROUP]
+    ka = pid_k * BLOCK_KW * EPW + tl.arange(0, BLOCK_KW * EPW)
+    a, ss = activation_slice(a_ptr, nw_ptr, ka, ka < K, K, MODE)
+    a_sum = tl.sum(tl.reshape(a, [NG, GROUP]), axis=1)  # [NG], exact
+    a = tl.reshape(a, [NQ, QGROUP])
+    amax = tl.max(tl.abs(a), axis=1)  # [NQ]
+    inv = tl.where(amax > 0, 127.0 / amax, 0.0)
+    # two int8 digits: a ~= d (hi + lo / 256), |error| <= d / 512 (d = max|a| / 127)
+    hi = tl.floor(a * inv[:, None] + 0.5)  # -127..127
+    lo = tl.minimum(tl.maximum(tl.floor((a * inv[:, None] - hi) * 256.0 + 0.5), -127.0), 127.0)
+    shifts = (tl.arange(0, 4) * 8)[None, :]
+    if INT4:
+        hi_even, hi_odd = tl.split(tl.reshape(hi.to(tl.int32), [BLOCK_KW, 4, 2]))  # positions 8kw + 2j (+ 1)
+        lo_even, lo_odd = tl.split(tl.reshape(lo.to(tl.int32), [BLOCK_KW, 4, 2]))
         q_even = w & 0x0F0F0F0F  # byte j: weight 2j of the word's eight
         q_odd = (w >> 4) & 0x0F0F0F0F  # weight 2j + 1
-        dot = _dp4a(q_odd, w1[None, :], _dp4a(q_even, w0[None, :], tl.zeros_like(w), False, EMULATE), False, EMULATE)
-        dot = _dp4a(q_odd, w3[None, :], _dp4a(q_even, w2[None, :], dot * 256, False, EMULATE), False, EMULATE)
-    else:  # w0, w1: the hi and lo digits of the word's four positions
-        dot = _dp4a(w, w0[None, :], tl.zeros_like(w), True, EMULATE)
-        dot = _dp4a(w, w1[None, :], dot * 256, True, EMULATE)
+        dot = _dp4a(q_odd, _bytes(hi_odd, shifts)[None, :],
+                    _dp4a(q_even, _bytes(hi_even, shifts)[None, :], tl.zeros_like(w), False, EMULATE), False, EMULATE)
+        dot = _dp4a(q_odd, _bytes(lo_odd, shifts)[None, :],
+                    _dp4a(q_even, _bytes(lo_even, shifts)[None, :], dot * 256, False, EMULATE), False, EMULATE)
+    else:
+        dot = _dp4a(w, _bytes(tl.reshape(hi.to(tl.int32), [BLOCK_KW, 4]), shifts)[None, :], tl.zeros_like(w), True,
+                    EMULATE)
+        dot = _dp4a(w, _bytes(tl.reshape(lo.to(tl.int32), [BLOCK_KW, 4]), shifts)[None, :], dot * 256, True,
+                    EMULATE)
     qsum = tl.sum(tl.reshape(dot, [BLOCK_N, NQ, QGROUP // EPW]), axis=2).to(tl.float32) * (amax / 32512.0)[None, :]
     if NQ != NG:  # weight groups of several activation groups
         qsum = tl.sum(tl.reshape(qsum, [BLOCK_N, NG, NQ // NG]), axis=2)  # [BLOCK_N, NG]
@@ -326,85 +272,44 @@ def check_call(w, scratch: SplitKScratch, needs: tuple[int, int], cfg, vectors: 
                              f"{tuple(t.shape)} on {t.device}")
 
 
-@dataclass(frozen=True)
-class ActDigits:
-    """Buffers of `_digits_kernel`: the activation's dp4a operands written once per call, so that the GEMV's programs
-    load them instead of each row block forming its slice again (`digits=` of the calls below: two launches, one
-    pass over the activation). Sized for one weight shape and config (`allocate`); calls on one stream may share
-    one."""
-
-    words: torch.Tensor  # int32 [4, split * block_kw]: the hi / lo digit words (int4: of even and odd positions)
-    amax: torch.Tensor  # float32 [split * NQ]: max |a| per activation group of 32 (or the weight's smaller group)
-    sums: torch.Tensor  # float32 [split * NG]: sum(a) per weight group
-    squares: torch.Tensor  # float32 [split]: each slice's sum of x^2 (RMSNorm calls)
-
-    @staticmethod
-    def allocate(w: Packed, cfg: SplitKConfig) -> ActDigits:
-        split, per = _split(w, cfg), _per_word(w)
-        weights = split * cfg.block_kw * per  # padded K
-        f32 = dict(device=w.codes.device, dtype=torch.float32)
-        return ActDigits(torch.zeros(4, split * cfg.block_kw, device=w.codes.device, dtype=torch.int32),
-                         torch.zeros(weights // min(32, w.group), **f32), torch.zeros(weights // w.group, **f32),
-                         torch.zeros(split, **f32))
-
-    def check(self, w: Packed, cfg: SplitKConfig) -> None:
-        split = _split(w, cfg)
-        if self.words.shape != (4, split * cfg.block_kw) or self.squares.numel() != split or \
-                self.words.device != w.codes.device:
-            raise ValueError(f"ActDigits sized {tuple(self.words.shape)} on {self.words.device}, the call needs "
-                             f"{(4, split * cfg.block_kw)} on {w.codes.device} (ActDigits.allocate(w, cfg))")
-
-
 def _launch(w: Packed, a: torch.Tensor, nw: torch.Tensor | None, bias: torch.Tensor | None, out: torch.Tensor,
-            eps: float, mode: int, scratch: SplitKScratch, cfg: SplitKConfig,
-            digits: ActDigits | None = None) -> torch.Tensor:
+            eps: float, mode: int, scratch: SplitKScratch, cfg: SplitKConfig) -> torch.Tensor:
     n, k = w.shape
     split = _split(w, cfg)
     int4 = isinstance(w, Int4Groups)
     offset = w.offset if w.offset is not None else w.scale  # unused when HAS_OFFSET is False
-    emulate = not w.codes.is_cuda
-    if digits is not None:
-        digits.check(w, cfg)
-        _digits_kernel[(split,)](a, nw if nw is not None else a, digits.words, digits.amax, digits.sums,
-                                 digits.squares, k, digits.words.shape[1], MODE=mode, GROUP=w.group,
-                                 BLOCK_KW=cfg.block_kw, INT4=int4, PDL=cfg.pdl, **launch_options(cfg.pdl))
-        dig = (digits.words, digits.amax, digits.sums, digits.squares, digits.words.shape[1])
-    else:
-        dig = (out, out, out, out, 0)  # unused
     _splitk_kernel[(triton.cdiv(n, cfg.block_n), split)](
         w.codes.view(torch.int32), w.scale, offset, a, nw if nw is not None else a, bias if bias is not None else out,
-        out, scratch.partial, scratch.count, n, k, eps, *dig, MODE=mode, HAS_OFFSET=w.offset is not None,
+        out, scratch.partial, scratch.count, n, k, eps, MODE=mode, HAS_OFFSET=w.offset is not None,
         ZERO=float(INT4_ZERO) if int4 and w.offset is None else 0.0, HAS_BIAS=bias is not None, SPLIT=split,
         SPLIT_P2=triton.next_power_of_2(split), GROUP=w.group, BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw,
-        INT4=int4, EMULATE=emulate, num_warps=cfg.num_warps, num_stages=1, PDL=cfg.pdl, EARLY=cfg.early,
-        PREPPED=digits is not None, **launch_options(cfg.pdl))
+        INT4=int4, EMULATE=not w.codes.is_cuda, num_warps=cfg.num_warps, num_stages=1, PDL=cfg.pdl, EARLY=cfg.early,
+        **launch_options(cfg.pdl))
     return out
 
 
 def rmsnorm_gemv(w: Packed, x: torch.Tensor, norm_w: torch.Tensor, eps: float, out: torch.Tensor,
-                 scratch: SplitKScratch, bias: torch.Tensor | None = None, cfg: SplitKConfig = DEFAULT,
-                 digits: ActDigits | None = None) -> torch.Tensor:
-    """w [N, K], x [K], norm_w [K], bias [N] or None -> out [N] = W @ (rmsnorm(x) * norm_w) [+ bias]. `digits`: the
-    activation's operands formed once by a kernel of their own first (ActDigits), the same values and result."""
+                 scratch: SplitKScratch, bias: torch.Tensor | None = None, cfg: SplitKConfig = DEFAULT) -> torch.Tensor:
+    """w [N, K], x [K], norm_w [K], bias [N] or None -> out [N] = W @ (rmsnorm(x) * norm_w) [+ bias]."""
     n, k = w.shape
     vectors = dict(x=(x, k), norm_w=(norm_w, k), out=(out, n))
     if bias is not None:
         vectors["bias"] = (bias, n)
     _check(w, scratch, cfg, vectors)
-    return _launch(w, x, norm_w, bias, out, eps, 0, scratch, cfg, digits)
+    return _launch(w, x, norm_w, bias, out, eps, 0, scratch, cfg)
 
 
 def gemv_residual(w: Packed, a: torch.Tensor, x: torch.Tensor, scratch: SplitKScratch,
-                  cfg: SplitKConfig = DEFAULT, digits: ActDigits | None = None) -> torch.Tensor:
-    """x [N] += w [N, K] @ a [K], in place. `digits`: as rmsnorm_gemv's."""
+                  cfg: SplitKConfig = DEFAULT) -> torch.Tensor:
+    """x [N] += w [N, K] @ a [K], in place."""
     n, k = w.shape
     _check(w, scratch, cfg, dict(a=(a, k), x=(x, n)))
-    return _launch(w, a, None, None, x, 0.0, 1, scratch, cfg, digits)
+    return _launch(w, a, None, None, x, 0.0, 1, scratch, cfg)
 
 
 def silu_gemv_residual(w: Packed, gate_up: torch.Tensor, x: torch.Tensor, scratch: SplitKScratch,
-                       cfg: SplitKConfig = DEFAULT, digits: ActDigits | None = None) -> torch.Tensor:
-    """x [N] += w [N, K] @ (silu(gate_up[:K]) * gate_up[K:]), in place. `digits`: as rmsnorm_gemv's."""
+                       cfg: SplitKConfig = DEFAULT) -> torch.Tensor:
+    """x [N] += w [N, K] @ (silu(gate_up[:K]) * gate_up[K:]), in place."""
     n, k = w.shape
     _check(w, scratch, cfg, dict(gate_up=(gate_up, 2 * k), x=(x, n)))
-    return _launch(w, gate_up, None, None, x, 0.0, 2, scratch, cfg, digits)
+    return _launch(w, gate_up, None, None, x, 0.0, 2, scratch, cfg)

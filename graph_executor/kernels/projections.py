@@ -21,7 +21,7 @@ import triton
 from graph_executor.kernels import gemm_lowbit, gemv, gemv_dense_splitk, gemv_fp8, gemv_splitk
 from graph_executor.kernels.gemv_dense_splitk import DenseSplitKConfig
 from graph_executor.kernels.gemv_fp8 import Fp8Config
-from graph_executor.kernels.gemv_splitk import ActDigits, SplitKConfig, SplitKScratch
+from graph_executor.kernels.gemv_splitk import SplitKConfig, SplitKScratch
 from graph_executor.kernels.l2_prefetch import L2Prefetch
 from graph_executor.quant.formats import Fp8Rows, Int4Groups, Int8Groups
 from graph_executor.quant.rows import Weight
@@ -75,33 +75,20 @@ def tail_prefetch_ok(w: Weight, cfg: ProjectionConfig) -> bool:
     return isinstance(w, torch.Tensor) and isinstance(cfg.dense, gemv.GemvConfig)
 
 
-def _check_prefetch(w: Weight, cfg: ProjectionConfig, prefetch: L2Prefetch | None,
-                    digits: ActDigits | None = None) -> None:
+def _check_prefetch(w: Weight, cfg: ProjectionConfig, prefetch: L2Prefetch | None) -> None:
     if prefetch is not None and not tail_prefetch_ok(w, cfg):
         raise ValueError("a tail L2 prefetch rides only on gemv.py's kernels (dense weights on a GemvConfig)")
-    if digits is not None and not isinstance(w, (Int4Groups, Int8Groups)):
-        raise ValueError("ActDigits are the packed int4 / int8 GEMVs' (gemv_splitk.py)")
-
-
-def projection_digits(w: Weight, cfg: ProjectionConfig) -> ActDigits | None:
-    """Buffers for the activation's dp4a operands formed once per call (gemv_splitk.ActDigits) where this slot runs
-    the packed split-K GEMVs; None elsewhere."""
-    if isinstance(w, (Int4Groups, Int8Groups)):
-        return ActDigits.allocate(w, packed_config(w, cfg))
-    return None
 
 
 def rmsnorm_gemv(w: Weight, x: torch.Tensor, norm_w: torch.Tensor, eps: float, out: torch.Tensor,
                  bias: torch.Tensor | None = None, cfg: ProjectionConfig = ProjectionConfig(),
-                 scratch: SplitKScratch | None = None, prefetch: L2Prefetch | None = None,
-                 digits: ActDigits | None = None) -> torch.Tensor:
+                 scratch: SplitKScratch | None = None, prefetch: L2Prefetch | None = None) -> torch.Tensor:
     """out [N] = W @ (rmsnorm(x [K]) * norm_w) [+ bias]. `prefetch` (`tail_prefetch_ok` slots only): weights the
-    kernel's programs ask L2 for once their rows are done (kernels/l2_prefetch.py). `digits` (packed int4 / int8
-    slots only, `projection_digits`): the activation's operands formed once by their own kernel first."""
-    _check_prefetch(w, cfg, prefetch, digits)
+    kernel's programs ask L2 for once their rows are done (kernels/l2_prefetch.py)."""
+    _check_prefetch(w, cfg, prefetch)
     if isinstance(w, (Int4Groups, Int8Groups)):
         c, sc = _packed(w, cfg, scratch)
-        return gemv_splitk.rmsnorm_gemv(w, x, norm_w, eps, out, sc, bias, c, digits)
+        return gemv_splitk.rmsnorm_gemv(w, x, norm_w, eps, out, sc, bias, c)
     if isinstance(w, Fp8Rows) and isinstance(cfg.fp8, gemv.GemvConfig):
         return gemv.rmsnorm_gemv(w.codes, x, norm_w, eps, out, bias, cfg.fp8, row_scale=w.scale)
     if isinstance(w, Fp8Rows):
@@ -114,13 +101,12 @@ def rmsnorm_gemv(w: Weight, x: torch.Tensor, norm_w: torch.Tensor, eps: float, o
 
 
 def gemv_residual(w: Weight, a: torch.Tensor, x: torch.Tensor, cfg: ProjectionConfig = ProjectionConfig(),
-                  scratch: SplitKScratch | None = None, prefetch: L2Prefetch | None = None,
-                  digits: ActDigits | None = None) -> torch.Tensor:
-    """x [N] += W @ a [K]. `prefetch`, `digits`: as rmsnorm_gemv's."""
-    _check_prefetch(w, cfg, prefetch, digits)
+                  scratch: SplitKScratch | None = None, prefetch: L2Prefetch | None = None) -> torch.Tensor:
+    """x [N] += W @ a [K]. `prefetch`: as rmsnorm_gemv's."""
+    _check_prefetch(w, cfg, prefetch)
     if isinstance(w, (Int4Groups, Int8Groups)):
         c, sc = _packed(w, cfg, scratch)
-        return gemv_splitk.gemv_residual(w, a, x, sc, c, digits)
+        return gemv_splitk.gemv_residual(w, a, x, sc, c)
     if isinstance(w, Fp8Rows) and isinstance(cfg.fp8, gemv.GemvConfig):
         return gemv.gemv_residual(w.codes, a, x, cfg.fp8, row_scale=w.scale)
     if isinstance(w, Fp8Rows):
@@ -134,13 +120,12 @@ def gemv_residual(w: Weight, a: torch.Tensor, x: torch.Tensor, cfg: ProjectionCo
 
 def silu_gemv_residual(w: Weight, gate_up: torch.Tensor, x: torch.Tensor,
                        cfg: ProjectionConfig = ProjectionConfig(),
-                       scratch: SplitKScratch | None = None, prefetch: L2Prefetch | None = None,
-                       digits: ActDigits | None = None) -> torch.Tensor:
-    """x [N] += W @ (silu(gate_up[:K]) * gate_up[K:]). `prefetch`, `digits`: as rmsnorm_gemv's."""
-    _check_prefetch(w, cfg, prefetch, digits)
+                       scratch: SplitKScratch | None = None, prefetch: L2Prefetch | None = None) -> torch.Tensor:
+    """x [N] += W @ (silu(gate_up[:K]) * gate_up[K:]). `prefetch`: as rmsnorm_gemv's."""
+    _check_prefetch(w, cfg, prefetch)
     if isinstance(w, (Int4Groups, Int8Groups)):
         c, sc = _packed(w, cfg, scratch)
-        return gemv_splitk.silu_gemv_residual(w, gate_up, x, sc, c, digits)
+        return gemv_splitk.silu_gemv_residual(w, gate_up, x, sc, c)
     if isinstance(w, Fp8Rows) and isinstance(cfg.fp8, gemv.GemvConfig):
         return gemv.silu_gemv_residual(w.codes, gate_up, x, cfg.fp8, row_scale=w.scale)
     if isinstance(w, Fp8Rows):
