@@ -69,14 +69,14 @@ def test_nan_and_inf_still_refused() -> None:
                 SamplingParams(**{field: value})
 
 
-def tiny_runner(max_context: int = 96):
+def tiny_runner(max_context: int = 96, device: str = "cpu"):
     from graph_executor.loading.config import ModelConfig
     from graph_executor.loading.loader import _fill_random
     from graph_executor.model import LlamaModel
     from graph_executor.runner import ModelRunner
 
     cfg = ModelConfig("llama", 300, 64, 128, 2, 4, 2, 16, 256, eos_token_ids=(2,))
-    model = LlamaModel(cfg, max_context, torch.device("cpu"), torch.float32)
+    model = LlamaModel(cfg, max_context, torch.device(device), torch.float32)
     _fill_random(model, seed=3)
     return ModelRunner(model)
 

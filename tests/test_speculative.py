@@ -227,10 +227,11 @@ def test_verify_step_gives_the_decode_steps_logits() -> None:
 
 def test_fused_verify_step_equals_the_reference_step() -> None:
     """The GPU path's verify body (FusedVerify: row kernels, the multi-query decode attention, cuBLAS or torch.mm)
-    against the model's reference step, every logit; on the CPU its Triton kernels run under the interpreter."""
+    against the model's reference step, every logit; on the CPU its Triton kernels run under the interpreter, on a
+    GPU machine (where the interpreter is off) the model is on the GPU."""
     from graph_executor.fused_verify import FusedVerify
 
-    runner = tiny_runner(max_context=64)
+    runner = tiny_runner(max_context=64, device="cuda" if torch.cuda.is_available() else "cpu")
     device = runner.buffers.input_ids.device
     ids = torch.randint(3, 300, (30,), generator=torch.Generator().manual_seed(2)).to(device)
     b = runner.buffers
