@@ -22,6 +22,7 @@ from graph_executor.kernels import gemv_rows
 from graph_executor.kernels import pdl as pdl_launch
 from graph_executor.kernels.decode_attention import DecodeAttention
 from graph_executor.kernels.gemv_rows import RowsConfig, gemv_residual_rows, rmsnorm_gemv_rows, silu_gemv_residual_rows
+from graph_executor.kernels.prefill_plan import ROWS_16
 from graph_executor.kernels.projections import embedding, matmul, prefill_scratch
 from graph_executor.kernels.rope_append import rope_append
 from graph_executor.kernels.rows import rmsnorm_rows, silu_mul_rows
@@ -45,14 +46,28 @@ class RowsPlan:
     down: RowsConfig | None = None
 
 DEFAULT_ROWS_PLAN = RowsPlan()
+# Every dense projection on the split-K multi-row GEMVs with the prefill step's 16-row configs (the verify rows pad
+# to 16 too). Measured on an H200 (bench/probes/verify_plan.py, twenty-third session; ms at k + 1 = 2 / 5 / 9
+# tokens, bench/results/2026-12-02-h200-experiments/): SmolLM2-135M shape 0.795 / 0.807 / 0.813 against 0.880 /
+# 0.886 / 0.882 for DEFAULT_ROWS_PLAN (0.90-0.92x); LLaMA-2-7B 4.437 / 4.482 / 4.492 against 4.280 / 4.329 / 4.383
+# (1.04x slower: cuBLAS reads the large qkv, o and down faster there). Hidden 2048 (Llama-3.2-1B) is unmeasured.
+SMALL_ROWS_PLAN = RowsPlan(gate_up=ROWS_16.gate_up, qkv=ROWS_16.qkv, o=ROWS_16.o, down=ROWS_16.down)
+SMALL_HIDDEN = 2048  # below it SMALL_ROWS_PLAN
+
+
+def verify_plan_for(hidden_size: int) -> RowsPlan:
+    """The measured plan for a model of this hidden size (see SMALL_ROWS_PLAN)."""
+    return SMALL_ROWS_PLAN if hidden_size < SMALL_HIDDEN else DEFAULT_ROWS_PLAN
 
 
 class FusedVerify:
-    def __init__(self, model: LlamaModel, max_tokens: int, plan: RowsPlan = DEFAULT_ROWS_PLAN,
+    def __init__(self, model: LlamaModel, max_tokens: int, plan: RowsPlan | None = None,
                  pdl: bool | None = None) -> None:
-        """`pdl`: launch the step's Triton kernels with programmatic dependent launch (kernels/pdl.py; it pays
-        between two of them: RoPE -> attention -> its reduction, gate_up -> SwiGLU); None: where the device has it."""
+        """`plan`: None: `verify_plan_for` the model's hidden size. `pdl`: launch the step's Triton kernels with
+        programmatic dependent launch (kernels/pdl.py; it pays between two of them: RoPE -> attention -> its
+        reduction, gate_up -> SwiGLU); None: where the device has it."""
         cfg = model.config
+        plan = verify_plan_for(cfg.hidden_size) if plan is None else plan
         self.model = model
         self.max_tokens = max_tokens
         device, dtype = model.embed_tokens.device, model.dtype

@@ -229,7 +229,7 @@ def test_fused_verify_step_equals_the_reference_step() -> None:
     """The GPU path's verify body (FusedVerify: row kernels, the multi-query decode attention, cuBLAS or torch.mm)
     against the model's reference step, every logit; on the CPU its Triton kernels run under the interpreter, on a
     GPU machine (where the interpreter is off) the model is on the GPU."""
-    from graph_executor.fused_verify import FusedVerify
+    from graph_executor.fused_verify import DEFAULT_ROWS_PLAN, SMALL_ROWS_PLAN, FusedVerify, verify_plan_for
 
     runner = tiny_runner(max_context=64, device="cuda" if torch.cuda.is_available() else "cpu")
     device = runner.buffers.input_ids.device
@@ -239,10 +239,13 @@ def test_fused_verify_step_equals_the_reference_step() -> None:
     runner.prefill(20)
     runner.verify(19, 9)
     reference = b.verify_logits[:9].clone()
-    runner.prefill(20)  # the cache as before the verify
-    out = torch.full((9, 300), float("nan"), device=device)
-    FusedVerify(runner.model, 9).run(ids[19:28].clone(), torch.arange(19, 28, device=device), out)
-    assert float((out - reference).norm() / reference.norm()) < 1e-5
+    assert verify_plan_for(runner.model.config.hidden_size) == SMALL_ROWS_PLAN and verify_plan_for(4096) == \
+        DEFAULT_ROWS_PLAN
+    for plan in (None, DEFAULT_ROWS_PLAN):  # this small model's plan (every projection on the rows), then cuBLAS
+        runner.prefill(20)  # the cache as before the verify
+        out = torch.full((9, 300), float("nan"), device=device)
+        FusedVerify(runner.model, 9, plan).run(ids[19:28].clone(), torch.arange(19, 28, device=device), out)
+        assert float((out - reference).norm() / reference.norm()) < 1e-5, plan
     # every dense projection through the multi-row GEMVs, K split over programs (RMSNorm, SwiGLU and the residual
     # fused): the candidate plan of `bench.probes.verify_plan`
     from graph_executor.fused_verify import RowsPlan

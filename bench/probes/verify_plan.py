@@ -14,7 +14,7 @@ import torch
 
 from bench.floors import time_gpu
 from graph_executor.fused_decoder import FusedDecoder
-from graph_executor.fused_verify import DEFAULT_ROWS_PLAN, FusedVerify
+from graph_executor.fused_verify import DEFAULT_ROWS_PLAN, SMALL_ROWS_PLAN, FusedVerify
 from graph_executor.kernels.gemv_rows import RowsConfig
 from graph_executor.kernels.prefill_plan import ROWS_16
 from graph_executor.loading.loader import LoadConfig, load_model
@@ -25,7 +25,7 @@ PLANS = {
     "o-rows-64x256": dataclasses.replace(DEFAULT_ROWS_PLAN, o=RowsConfig(64, 256, 4, 3)),
     # the multi-row GEMVs split along K (twenty-second session) where cuBLAS and row kernels run today
     "rows-qkv-o": dataclasses.replace(DEFAULT_ROWS_PLAN, qkv=_16.qkv, o=_16.o),
-    "rows-all": dataclasses.replace(DEFAULT_ROWS_PLAN, qkv=_16.qkv, o=_16.o, down=_16.down, gate_up=_16.gate_up),
+    "rows-all": SMALL_ROWS_PLAN,  # fused_verify's plan below hidden 2048
 }
 
 
