@@ -47,7 +47,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dequantize", action="store_true",
                    help="GGUF: dequantize every tensor to --dtype at load instead of keeping the packed types "
                         "(Q4_0/Q4_1/Q4_K/Q5_*/Q6_K/Q8_0) packed on the GPU")
-    g.add_argument("--quiet", action="store_true", help="no progress bars or load messages on stderr")
+    g.add_argument("--quiet", action="store_true",
+                   help="no progress bars, load messages (the load's warnings included) or serve's request and "
+                        "throughput lines on stderr; errors still print")
 
 
 def add_speculative_flags(p: argparse.ArgumentParser) -> None:

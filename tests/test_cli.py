@@ -70,7 +70,7 @@ def test_help_explains_every_flag(capsys) -> None:
     (["--temperature", "-1"], "temperature"),
     (["--top-p", "1.5"], "top_p"),
     (["--in-process", "--model", "dummy:smollm2-135m", "--device", "cpu", "--max-context", "64"],
-     "has no tokenizer"),
+     "has no tokenizer; pass --tokenizer PATH"),
     # 3.9 TiB of KV cache fits no machine: refused before any process starts or anything is allocated.
     (["--model", "dummy:llama-2-7b", "--device", "cpu", "--max-context", "4000000"], "does not fit on cpu"),
     (["--in-process", "--model", "dummy:llama-2-7b", "--device", "cpu", "--max-context", "4000000"],
@@ -88,6 +88,19 @@ def test_bad_input_is_one_clear_line(args: list[str], message: str, hybridrt_cac
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+
+
+def test_a_context_above_the_trained_length_warns_through_the_cli(default_model_dir, capsys) -> None:
+    """`--max-context` above the positions the model was trained for (the default model: 8192) is one warning line
+    on stderr, and the answer comes anyway; `--quiet` drops it with the other load messages."""
+    from launch.cli import main
+
+    args = ["generate", "--in-process", "--device", "cpu", "--max-context", "9000", "--max-tokens", "1", "hello"]
+    assert main(args) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "--max-context 9000 is above the 8192 positions" in warnings[0], warnings
+    assert main([args[0], "--quiet", *args[1:]]) == 0
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_bad_input_in_a_real_process_is_one_line_and_exit_1(hybridrt_cache) -> None:

@@ -68,6 +68,12 @@ def batch_server(default_model_dir):
     with ServeProcess("--max-num-seqs", str(SLOTS), "--device", "cpu") as server:
         yield server
     assert server.proc.returncode == 0
+    # --quiet (ServeProcess's default): after all these requests, none of the start-up phase, per-request or
+    # throughput lines on stderr; stdout has the ready line and the addresses
+    err, out = server.proc.stderr.read(), server.proc.stdout.read()
+    for noise in ("graph_executor: ", "jit_context: ", " finished (", "generation throughput"):
+        assert noise not in err, (noise, err)
+    assert out.startswith("hybridrt serving ") and "  native: tcp://" in out, out
 
 
 def test_concurrent_requests_each_get_their_tokens_alone(batch_server, cpu_engine):
