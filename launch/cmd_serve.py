@@ -103,6 +103,10 @@ def run(args: argparse.Namespace) -> int:
         if args.http_port:
             import_http_server()  # while the children load (~0.4-0.6 s): off the path from ready to serving
         facts = supervisor.wait_ready(stop)
+        if http_socket is not None:
+            # listening from here: a client that connects as soon as the http line below appears waits in the
+            # backlog while the app warms up (~0.5 s on 2 cores), instead of being refused; before ready it still is
+            http_socket.listen(2048)
         print(ready_line(facts, supervisor.ready_seconds), flush=True)
         print(f"  native: {supervisor.address}", flush=True)
         if args.http_port:
@@ -145,8 +149,9 @@ def is_loopback(host: str) -> bool:
 
 
 def bind_http_socket(host: str, port: int) -> socket.socket:
-    """A TCP listening socket bound as uvicorn and ZeroMQ bind theirs (SO_REUSEADDR): the HTTP one is handed to
-    uvicorn later; a trial bind of the native port shows whether the JIT context will get it."""
+    """A TCP socket bound as uvicorn and ZeroMQ bind theirs (SO_REUSEADDR), not yet listening: the HTTP one listens
+    once the children are ready and is handed to uvicorn; a trial bind of the native port shows whether the JIT
+    context will get it."""
     # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on connections whose socket says so, and without it
     # Nagle holds each small write (an SSE event, a body after its headers) until the client's delayed ACK:
     # up to 40 ms per response on Linux (44 ms for GET /v1/models before this).

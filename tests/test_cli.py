@@ -265,7 +265,8 @@ def test_a_model_folder_without_weights_is_refused_before_loading(default_model_
 
 def test_serve_warms_its_http_path_up_without_a_tokenizer_too() -> None:
     """A model without a tokenizer refuses chats: the HTTP app's start-up requests fall back to completions of token
-    ids, and serve says nothing about them (no warning, no request line, nothing in /metrics)."""
+    ids, and serve says nothing about them (no warning, no request line, nothing in /metrics). A request sent as
+    soon as serve prints its http line is answered."""
     import httpx
 
     from tests.serve_process import ServeProcess
@@ -273,6 +274,12 @@ def test_serve_warms_its_http_path_up_without_a_tokenizer_too() -> None:
     server = ServeProcess(model_flags=("--device", "cpu", "--model", "dummy:smollm2-135m", "--max-context", "64"),
                           quiet=False)
     try:
+        # the http line is a promise: a request sent the moment it appears is answered (it waited in the listen
+        # backlog while the app warmed up; it used to be refused for ~0.5 s)
+        for line in server.proc.stdout:
+            if line.startswith("  http:"):
+                break
+        assert httpx.get(f"{server.http}/health", timeout=30).status_code == 200
         server.wait_ready()
         metrics = httpx.get(f"{server.http}/metrics", timeout=30).text
         assert "request_success_total{" not in metrics and 'generation_tokens_total{model_name="dummy:smollm2-135m"} 0' \
