@@ -136,8 +136,10 @@ def run_through_server(args, prompt, messages, params, stream, template: str | N
             supervisor.start()  # inside the try: a failure half-way still stops what did start
         with Client(address or supervisor.address, api_key=args.api_key) as client:
             facts = supervisor.wait_ready() if supervisor else client.status()
-            if not args.quiet and supervisor:
-                print(f"server ready in {supervisor.ready_seconds:.1f} s", file=sys.stderr)
+            if not args.quiet and supervisor:  # what serve prints at ready (model, device, dtype, format, ...)
+                from launch.cmd_serve import ready_line
+
+                print(ready_line(facts, supervisor.ready_seconds), file=sys.stderr)
             use_chat = not args.no_chat_template and facts.get("chat_template")
             outcome = stream_request(client, prompt if not use_chat else None, messages if use_chat else None,
                                      params, stream)

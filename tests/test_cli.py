@@ -41,7 +41,9 @@ def test_generate_ephemeral_pair_streams_the_in_process_text(default_model_dir, 
                   "KV cache) ", "jit_context: waiting for the executor (handshake) ", "jit_context: tokenizer and "
                   "sampler "):
         assert phase in out.stderr, out.stderr  # one line per start-up phase, with its time
-    assert "server ready in" in out.stderr
+    # the ephemeral server's ready line is serve's: what runs, where, in which formats
+    assert re.search(r"hybridrt serving smollm2-135m-instruct on cpu \(ready in [0-9.]+ s\): dtype float32, weights "
+                     r"float32, context \d+ tokens, KV cache [0-9.]+ MiB, one request at a time", out.stderr), out.stderr
 
 
 def test_generate_in_process_reports_load(default_model_dir) -> None:
