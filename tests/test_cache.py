@@ -65,6 +65,19 @@ def test_the_key_follows_the_content_not_the_path_or_the_mtime(tmp_path) -> None
     assert cache.content_key(b, "tokenizer") != cache.content_key(a, "tokenizer")
 
 
+def test_a_new_converter_version_converts_again(cache_dir, tmp_path, monkeypatch) -> None:
+    """Bumping CONVERTER_VERSION (a conversion that writes different files) changes the key: the old entry is not
+    served, the source is converted again."""
+    source, build = _source(tmp_path / "m.gguf"), Builder(tmp_path / "runs")
+    key = cache.content_key(source, "safetensors")
+    old, built = cache.converted("m", "safetensors", source, build)
+    assert built and build.runs == 1
+    monkeypatch.setattr(cache, "CONVERTER_VERSION", cache.CONVERTER_VERSION + 1)
+    assert cache.content_key(source, "safetensors") != key
+    new, built = cache.converted("m", "safetensors", source, build)
+    assert built and build.runs == 2 and new != old and cache.check_entry(new)
+
+
 def test_an_entry_is_built_once_then_served_and_a_damaged_one_is_rebuilt(cache_dir, tmp_path, capsys) -> None:
     source, build = _source(tmp_path / "m.gguf"), Builder(tmp_path / "runs")
     folder, built = cache.converted("m", "safetensors", source, build)
