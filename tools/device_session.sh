@@ -30,7 +30,7 @@
 #   contexts 128 and 1024 (why the bench's hf-eager row is slow and erratic; ~2 min); prefetch: the L2 prefetch of
 #   the layer's next weights from the attention kernel, its test and the step at 8 / 24 / 40 MiB (~3 min); shortsteps:
 #   bench.probes.kernel_profile of 7B's 10-token prefill and the 1B shape's decode (~2 min); shortsteps2, shortrows,
-#   shortab, gguftests, verifyrows, ncu, coldigits: each says what it runs in its comment below;
+#   shortab, gguftests, verifyrows, ncu: each says what it runs in its comment below;
 #   quant: the packed-weight tests and `bench --quantize none,int8,int4,fp8` on dummy:llama-2-7b (executor, ~3 min);
 #   gemv: the low-bit GEMV block sweep per projection and format (~1 min); gemm: the low-bit prefill GEMM's default
 #   configs against torch.mm per projection, format and prompt length (~1 min); fp8: the FP8 split-K GEMV sweep
@@ -270,14 +270,6 @@ for step in "${steps[@]}"; do
             --formats int4,fp16 > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
           echo "ncu: rc=$? $(tail -2 "$OUT/ncu.err")"
           python3 -m bench.probes.ncu_gemv --formats int4,fp16 --table "$OUT/ncu.csv" | tee "$OUT/ncu.md" ;;
-    coldigits) # issue 10: the int4 GEMV with the activation's digits in the codes' column layout (bench/probes/
-               # int4_coldigits.py: 800 SASS instructions a thread against 952, 10 barriers against 24, 48 registers
-               # against 56 in sm_90 builds; its codes load 4 B a thread instead of 16): its test, then each 7B
-               # projection's 32 layers against the shipped kernel, same config (~1 min)
-          timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_int4_coldigits.py > "$OUT/coldigits_tests.log" 2>&1
-          echo "coldigits tests: rc=$? $(tail -1 "$OUT/coldigits_tests.log")"
-          timeout 150 python3 -m bench.probes.int4_coldigits --check > "$OUT/coldigits.log" 2>&1
-          echo "coldigits probe: rc=$?"; cat "$OUT/coldigits.log" ;;
     verifyrows) # issue 11/12: the verify step with qkv, o (and down) on the split-K multi-row GEMVs (the prefill step's
                 # 16-row configs) against today's cuBLAS + row kernels, 7B and SmolLM2 shapes, and the verify tests
           timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_speculative.py -k "fused_verify" \
@@ -287,7 +279,7 @@ for step in "${steps[@]}"; do
             timeout 150 python3 -m bench.probes.verify_plan --model dummy:$m --tokens 2,5,9 > "$OUT/verifyrows_$m.md" 2>&1
             echo "verify plans, $m: rc=$?"; cat "$OUT/verifyrows_$m.md"
           done ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, coldigits)"
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu)"
        exit 2 ;;
   esac
 done
