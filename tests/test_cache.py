@@ -246,3 +246,15 @@ def test_the_launcher_never_imports_torch() -> None:
             "late = sorted(m for m in ('zmq', 'asyncio', 'transformers') if m in sys.modules); assert not late, late")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_executor_imports_gguf_only_for_a_gguf_file() -> None:
+    """The executor process module and the loader import the gguf package (and its yaml: ~0.1-0.17 s) only when a
+    GGUF file is read: a cached default model or an HF folder starts without it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, graph_executor.process, graph_executor.loading.loader, graph_executor.quant.formats;"
+            "late = sorted(m for m in ('gguf', 'yaml') if m in sys.modules); assert not late, late")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

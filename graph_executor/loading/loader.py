@@ -14,13 +14,6 @@ from tqdm import tqdm
 from graph_executor.device import resolve_device, resolve_dtype
 from graph_executor.loading import cache, default_model
 from graph_executor.loading.config import ModelConfig
-from graph_executor.loading.gguf_loader import (
-    gguf_config,
-    gguf_plan,
-    iter_gguf_tensors,
-    open_gguf,
-    weight_tensor_count,
-)
 from graph_executor.loading.load_config import DEFAULT_MAX_CONTEXT, LOAD_FORMATS, LoadConfig  # noqa: F401
 from graph_executor.loading.model_source import DEFAULT, safetensors_files, source_of
 from graph_executor.loading.presets import preset
@@ -75,6 +68,8 @@ def load_model(cfg: LoadConfig) -> LoadedModel:
     if source == "dummy":
         config = preset(path)
     elif source == "gguf":
+        from graph_executor.loading.gguf_loader import gguf_config, open_gguf  # gguf only for GGUF files (start-up)
+
         reader = open_gguf(path)
         config = gguf_config(reader)
     else:
@@ -178,6 +173,8 @@ def _weight_plan(cfg: LoadConfig, source: str, config: ModelConfig, reader) -> W
         except ValueError as e:
             raise ModelLoadError(str(e)) from None
     if source == "gguf" and not cfg.dequantize:
+        from graph_executor.loading.gguf_loader import gguf_plan
+
         return gguf_plan(reader, config)
     return WeightPlan()
 
@@ -213,6 +210,8 @@ def resolve_model_config(reference: str, load_format: str = "auto") -> tuple[str
     if source == DEFAULT:
         return default_model.DEFAULT_MODEL_NAME, preset("smollm2-135m")
     if source == "gguf":
+        from graph_executor.loading.gguf_loader import gguf_config, open_gguf
+
         return reference, gguf_config(open_gguf(path))
     config = ModelConfig.from_json_file(Path(path) / "config.json")
     safetensors_files(Path(path))  # a folder without its weights is one line now, not after a process loads torch
@@ -285,6 +284,8 @@ def _open_safetensors(file: Path, device: str):
 
 def _load_gguf(model: LlamaModel, reader, progress: bool) -> None:
     """Packed slots of the model's plan get the file's blocks converted on the device; the rest is dequantized."""
+    from graph_executor.loading.gguf_loader import iter_gguf_tensors, weight_tensor_count
+
     loaded: set[str] = set()
     device = model.device
     tensors = iter_gguf_tensors(reader, model.full_config, model.plan, device)  # whole tensors: cut by copy_into

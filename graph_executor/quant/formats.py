@@ -22,11 +22,13 @@ group's scale and offset carry a relative rounding error <= 2**-11 (tests/test_q
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+if TYPE_CHECKING:
+    from gguf import GGMLQuantizationType
 
 from graph_executor.quant.names import GROUPS
 
@@ -306,17 +308,10 @@ def _q6_k(b: torch.Tensor, n: int, k: int, sd: torch.dtype) -> Int8Groups:
     return Int8Groups(codes, _scales(scale, n, sd, "Q6_K"), None, 16)
 
 
-_CONVERTERS = {
-    GGMLQuantizationType.Q4_0: _q4_0,
-    GGMLQuantizationType.Q4_1: _q4_1,
-    GGMLQuantizationType.Q4_K: _q4_k,
-    GGMLQuantizationType.Q5_0: _q5_0,
-    GGMLQuantizationType.Q5_1: _q5_1,
-    GGMLQuantizationType.Q5_K: _q5_k,
-    GGMLQuantizationType.Q6_K: _q6_k,
-    GGMLQuantizationType.Q8_0: _q8_0,
-}
-PACKED_GGUF_TYPES = frozenset(_CONVERTERS)
+# by GGMLQuantizationType name: the gguf package (and its yaml) is imported when a GGUF tensor is converted, not
+# with this module (every executor imports it; ~0.17 s of start-up on the CPU machine)
+_CONVERTERS = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q5_K": _q5_k, "Q6_K": _q6_k,
+               "Q8_0": _q8_0}
 
 
 def from_gguf(data: np.ndarray, qtype: GGMLQuantizationType | int, shape: Sequence[int] | None = None, *,
@@ -326,13 +321,15 @@ def from_gguf(data: np.ndarray, qtype: GGMLQuantizationType | int, shape: Sequen
     shape: the weight's (N, K) in torch order (GGUFReader's `tensor.shape` reversed); default: from data's
     shape. The unpacking runs with torch ops on `device`.
     """
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
     try:
         qtype = GGMLQuantizationType(qtype)
     except ValueError:
         raise ValueError(f"unknown GGUF tensor type {qtype!r}") from None
-    if qtype not in _CONVERTERS:
+    if qtype.name not in _CONVERTERS:
         raise ValueError(f"GGUF type {qtype.name} has no packed format (packed: "
-                         f"{', '.join(sorted(t.name for t in _CONVERTERS))}); dequantize it at load")
+                         f"{', '.join(sorted(_CONVERTERS))}); dequantize it at load")
     if scale_dtype not in SCALE_DTYPES:
         raise ValueError(f"scale_dtype {scale_dtype} is not float16 or float32")
     block, type_size = GGML_QUANT_SIZES[qtype]
@@ -354,7 +351,7 @@ def from_gguf(data: np.ndarray, qtype: GGMLQuantizationType | int, shape: Sequen
     raw = np.ascontiguousarray(raw).reshape(n, k // block, type_size)
     if not raw.flags.writeable:  # GGUFReader's data is a read-only memmap view; torch wants writable memory
         raw = raw.copy()
-    return _CONVERTERS[qtype](torch.from_numpy(raw).to(device), n, k, scale_dtype)
+    return _CONVERTERS[qtype.name](torch.from_numpy(raw).to(device), n, k, scale_dtype)
 
 
 def from_reader_tensor(tensor, *, scale_dtype: torch.dtype = torch.float16,
