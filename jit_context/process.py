@@ -32,7 +32,7 @@ from ipc.startup import StartupPhases
 from ipc.step_buffers import SharedStepBuffers
 from jit_context import SERVER_API_KEY_ENV
 from jit_context.remote_executor import DEFAULT_STEP_TIMEOUT_S, ExecutorDied, RemoteExecutor
-from jit_context.request_log import RequestLog
+from jit_context.request_log import STATS_INTERVAL_S, RequestLog
 from jit_context.request_side import build_request_side
 from jit_context.server import IDLE_POLL_MS, JitServer
 from jit_context.speculative_config import SpeculativeConfig, with_draft_cost
@@ -81,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "rest (not with a draft model)")
     p.add_argument("--log-requests", action="store_true",
                    help="a line per finished request and the throughput every few seconds on stderr (serve)")
+    p.add_argument("--stats-interval", type=float, default=STATS_INTERVAL_S,
+                   help="seconds between --log-requests' throughput lines")
     p.add_argument("--error-file", default=None,
                    help="write a fatal error's one line here (the supervisor reports it) instead of to stderr")
     p.add_argument("--chat-template", default=None, help="template text replacing the tokenizer's own")
@@ -98,6 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.step_timeout > 0:
         p.error("--step-timeout must be > 0")
+    if not args.stats_interval > 0:
+        p.error("--stats-interval must be > 0")
     try:
         args.speculation = SpeculativeConfig(args.speculative, args.num_speculative_tokens, args.ngram_min,
                                              args.ngram_max, adaptive=not args.no_adaptive_k)
@@ -233,7 +237,7 @@ def build_server(args: argparse.Namespace, ctx: zmq.Context, control: Channel,
     if args.address_file is not None:
         write_address(Path(args.address_file), ports.router.endpoint())
     server = JitServer(ports, executor, side, ready, api_key=os.environ.pop(SERVER_API_KEY_ENV, None) or None,
-                       log=RequestLog() if args.log_requests else None, startup=startup)
+                       log=RequestLog(args.stats_interval) if args.log_requests else None, startup=startup)
     if ready.captures_pending:  # all of the above ran while the executor captured its start-up graphs
         with startup.phase("waiting for the executor's graph captures"):
             final = await_ready(control, args.executor_pid)

@@ -14,6 +14,7 @@ import socket
 import sys
 import threading
 
+from jit_context.request_log import STATS_INTERVAL_S
 from launch import API_KEY_ENV
 from launch.options import (
     add_max_num_seqs_flag,
@@ -26,6 +27,7 @@ from launch.options import (
     load_config,
     max_num_seqs,
     port_number,
+    positive_seconds,
     speculative_config,
     tensor_parallel,
 )
@@ -53,6 +55,9 @@ def register(sub) -> None:
     p.add_argument("--served-model-name", metavar="NAME", default=None,
                    help="the model id of the HTTP API (`model` in requests and responses, /v1/models) "
                         "(default: the --model value as given)")
+    p.add_argument("--stats-interval", type=positive_seconds, default=STATS_INTERVAL_S, metavar="S",
+                   help="seconds between the generation-throughput lines while requests run or wait (not with "
+                        f"--quiet; vLLM's VLLM_LOG_STATS_INTERVAL) (default: {STATS_INTERVAL_S:g})")
     p.add_argument("--ready-timeout", type=float, default=600.0,
                    help="seconds to wait for the model to load before giving up (default: 600)")
     p.add_argument("--mps", choices=("auto", "on", "off"), default="auto",
@@ -86,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
                           api_key=args.api_key,
                           speculation=speculative_config(args, batched=seqs > 1),
                           draft_model=args.draft_model, log_requests=not args.quiet,
+                          stats_interval_s=args.stats_interval,
                           prefix_reuse=not args.no_prefix_reuse, tensor_parallel=ranks)
     if args.api_key is None and not is_loopback(args.host):
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach this host can use the "

@@ -38,6 +38,7 @@ from ipc.parent_death import SUPERVISOR_PID_ENV
 from ipc.runtime_dir import RuntimeDir, segment_dir
 from ipc.startup import DEFAULT_READY_CAPTURE, StartupPhases
 from jit_context import DEFAULT_STEP_TIMEOUT_S, SERVER_API_KEY_ENV
+from jit_context.request_log import STATS_INTERVAL_S
 from jit_context.speculative_config import SpeculativeConfig
 from launch.mps import MpsDaemon
 from launch.options import load_argv
@@ -69,6 +70,7 @@ class ServerConfig:
     draft_model: str | None = None  # the executor's draft model (--speculative draft)
     doorbell: str = "auto"  # auto | on | off: step commands over shared memory (auto: GPU only; on: tests on CPU)
     log_requests: bool = False  # the JIT context logs each finished request and the throughput (serve)
+    stats_interval_s: float = STATS_INTERVAL_S  # between those throughput lines
     # prompt tokens whose prefill graphs (and decode's) the executor captures before ready (GPU; 0: after ready)
     capture_before_ready: int = DEFAULT_READY_CAPTURE
     tensor_parallel: int = 1  # executor ranks (graph_executor/tp_relay.py); rank 0 talks to the JIT context
@@ -121,7 +123,7 @@ def jit_argv(config: ServerConfig, control: str, listen: str, executor_pid: int,
             "--error-file", str(error_file), "--spawned-at", repr(time.time()),
             *([] if load.progress else ["--quiet"]),
             *(["--cuda-device", "cuda" if load.device == "auto" else load.device] if gpu else []),
-            *(["--log-requests"] if config.log_requests else []),
+            *(["--log-requests", "--stats-interval", repr(config.stats_interval_s)] if config.log_requests else []),
             *(["--prefix-reuse"] if config.prefix_reuse else []),
             *config.speculation.argv()]
     if config.tokenizer:

@@ -301,7 +301,7 @@ def test_serve_logs_each_finished_request_unless_quiet(default_model_dir) -> Non
     from launch.client import Client
     from tests.serve_process import ServeProcess
 
-    server = ServeProcess("--served-model-name", "my-model", quiet=False)
+    server = ServeProcess("--served-model-name", "my-model", "--stats-interval", "0.2", quiet=False)
     try:
         server.wait_ready()
         assert [m["id"] for m in httpx.get(f"{server.http}/v1/models", timeout=30).json()["data"]] == ["my-model"]
@@ -313,11 +313,16 @@ def test_serve_logs_each_finished_request_unless_quiet(default_model_dir) -> Non
         metrics = httpx.get(f"{server.http}/metrics", timeout=30).text
         assert 'request_success_total{model_name="my-model",finished_reason="length"} 1' in metrics, metrics
         assert 'generation_tokens_total{model_name="my-model"} 3' in metrics, metrics
+        # a longer request than --stats-interval 0.2: the throughput lines come while it runs (vLLM's stat logger)
+        with Client(server.address) as client:
+            list(client.generate(token_ids=[5, 6, 7], params={"max_tokens": 96, "temperature": 0.0,
+                                                              "ignore_eos": True}))
     finally:
         assert server.stop() == 0
     err, out = server.proc.stderr.read(), server.proc.stdout.read()
     line = f"jit_context: request {final.request_id} finished (length): 3 prompt + 3 generated tokens, TTFT "
-    assert line in err and err.count(" finished (") == 1 and "warm-up request failed" not in err, err
+    assert line in err and err.count(" finished (") == 2 and "warm-up request failed" not in err, err
+    assert re.search(r"jit_context: generation throughput [0-9.]+ tokens/s, 1 running, 0 waiting", err), err
     # The ready line says what is served, as vLLM and llama-server do; each start-up phase has its line before it.
     ready = re.search(r"hybridrt serving smollm2-135m-instruct on cpu \(ready in [0-9.]+ s\): dtype float32, "
                       r"weights float32, context 4096 tokens, KV cache ([0-9.]+) MiB, 2 requests at once \(batched\)",
