@@ -243,11 +243,17 @@ def test_chat_workload_through_the_native_client_and_the_http_api(default_model_
     HTTP API (its own process); the HTTP engine records the token-level workloads as skipped and the run goes on."""
     out = tmp_path / "chat"
     assert run_bench("--device", "cpu", "--model", "smollm2-135m-instruct", "--engines", "hybridrt,hybridrt-http",
-                     "--workloads", "chat,ttft", "--prompt-lens", "10", "--repeats", "1", "--quiet",
+                     "--workloads", "chat,ttft,startup", "--prompt-lens", "10", "--repeats", "1", "--quiet",
                      "--out", str(out)) == 0
     results = json.loads((out / "results.json").read_text())
     native, http = results["engines"]["hybridrt"], results["engines"]["hybridrt-http"]
     assert native["status"] == http["status"] == "ok", (native.get("error"), http.get("error"))
+    # the startup workload on the two-process engine: each process's phases, and the first requests after ready
+    phases = native["startup"]["phases"]
+    assert {"graph_executor", "jit_context"} <= set(phases), phases
+    assert phases["graph_executor"]["phases_s"]["imports"] > 0 and phases["jit_context"]["ready_since_spawn_s"] > 0
+    first = native["startup"]["first_requests"]
+    assert len(first["ttft_ms"]) == 5 and min(first["ttft_ms"]) > 0 and first["worst_ratio"] > 0, first
     assert set(native["chat"]) == {"short", "long"}
     assert set(http["chat"]) == {"short", "long", "short_http_client", "long_http_client"}  # httpx, then http.client
     for r in (native, http):
@@ -255,6 +261,8 @@ def test_chat_workload_through_the_native_client_and_the_http_api(default_model_
     assert native["ttft"]["10"]["median_ms"] > 0 and "chat workload only" in http["ttft"]["skipped"]
     md = (out / "results.md").read_text()
     assert "## Chat TTFT" in md and "HTTP API - native client (median): short " in md and " through http.client)" in md
+    assert "## Start-up phases (s) and the first requests after ready" in md
+    assert "- hybridrt, the first 5 requests after ready (" in md and "- hybridrt, graph_executor: imports " in md
     assert "| hybridrt-http |" in md and "| hybridrt-http (http.client) |" in md
     assert "| 10 | - | " in md  # the TTFT table has the native engine only
 
