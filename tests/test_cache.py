@@ -236,25 +236,25 @@ def test_the_launcher_never_imports_torch() -> None:
     """`hybridrt serve` spawns its children and waits: parsing, the GPU question, the tokenizer folder and the
     supervisor need no torch (the children import theirs at once, on every core), and no ZeroMQ or asyncio either
     (~0.15 s of imports on this machine: the supervisor's client is imported after the spawn)."""
-    import subprocess
-    import sys
-
     code = ("import sys, launch.cli, launch.cmd_serve, launch.cmd_generate, launch.supervisor;"
             "from graph_executor.loading.tokenizer_location import known_tokenizer_folder;"
             "launch.cli.build_parser(); known_tokenizer_folder('smollm2-135m-instruct');"
             "launch.supervisor.gpu_requested('auto'); assert 'torch' not in sys.modules, 'torch imported';"
             "late = sorted(m for m in ('zmq', 'asyncio', 'transformers') if m in sys.modules); assert not late, late")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
+    in_fresh_python(code, timeout_s=60)
 
 
 def test_the_executor_imports_gguf_only_for_a_gguf_file() -> None:
     """The executor process module and the loader import the gguf package (and its yaml: ~0.1-0.17 s) only when a
     GGUF file is read: a cached default model or an HF folder starts without it."""
+    in_fresh_python("import sys, graph_executor.process, graph_executor.loading.loader, graph_executor.quant.formats;"
+                    "late = sorted(m for m in ('gguf', 'yaml') if m in sys.modules); assert not late, late")
+
+
+def in_fresh_python(code: str, timeout_s: float = 120) -> None:
+    """Run `code` in a new interpreter (nothing imported yet): its assertions must hold."""
     import subprocess
     import sys
 
-    code = ("import sys, graph_executor.process, graph_executor.loading.loader, graph_executor.quant.formats;"
-            "late = sorted(m for m in ('gguf', 'yaml') if m in sys.modules); assert not late, late")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s)
     assert result.returncode == 0, result.stderr

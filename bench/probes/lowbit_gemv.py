@@ -44,6 +44,16 @@ def _configs(name: str, fmt: str) -> list:
     return CONFIGS
 
 
+def step_vectors(dev: torch.device, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """The activations, norm weight, residual and outputs `_op`'s calls read and write (LLaMA-2-7B sizes, fp16)."""
+    def randn(n: int) -> torch.Tensor:
+        return torch.randn(n, device=dev, dtype=torch.float16, generator=g)
+
+    return {"x": randn(H), "nw": torch.ones(H, device=dev, dtype=torch.float16), "a": randn(H), "r": randn(H),
+            "gu": randn(2 * I), "out_qkv": torch.empty(3 * H, device=dev, dtype=torch.float16),
+            "out_gate_up": torch.empty(2 * I, device=dev, dtype=torch.float16)}
+
+
 def _op(name: str, w, vecs: dict, cfg: GemvConfig | SplitKConfig, scratch: SplitKScratch | None):
     """The decode step's kernel for this projection, through kernels/projections.py as the decoder calls it (packed
     weights share one split-K scratch, as in the decoder)."""
@@ -73,13 +83,7 @@ def main() -> None:
     res: dict = {"card": torch.cuda.get_device_name(), "bandwidth_tbs": bandwidth / 1e12, "rows": []}
     print(f"{res['card']}: read bandwidth {bandwidth / 1e12:.2f} TB/s (float32 sum over 4 GiB)", flush=True)
     g = torch.Generator(device=dev).manual_seed(0)
-    vecs = {"x": torch.randn(H, device=dev, dtype=torch.float16, generator=g),
-            "nw": torch.ones(H, device=dev, dtype=torch.float16),
-            "a": torch.randn(H, device=dev, dtype=torch.float16, generator=g),
-            "r": torch.randn(H, device=dev, dtype=torch.float16, generator=g),
-            "gu": torch.randn(2 * I, device=dev, dtype=torch.float16, generator=g),
-            "out_qkv": torch.empty(3 * H, device=dev, dtype=torch.float16),
-            "out_gate_up": torch.empty(2 * I, device=dev, dtype=torch.float16)}
+    vecs = step_vectors(dev, g)
     for name, (n, k) in SHAPES.items():
         for fmt in args.formats.split(","):
             weights = []

@@ -32,21 +32,14 @@ METRICS = ("gpu__time_duration.sum", "dram__throughput.avg.pct_of_peak_sustained
 def launch(formats: list[str], reps: int) -> None:
     import torch
 
-    from bench.probes.lowbit_gemv import SHAPES, _make, _op
+    from bench.probes.lowbit_gemv import SHAPES, _make, _op, step_vectors
     from graph_executor.fused_decoder import INT4_PLAN, INT8_PLAN
     from graph_executor.kernels.decode_plan import DEFAULT_PLAN
     from graph_executor.kernels.gemv_splitk import SplitKScratch
 
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
-    h, i = SHAPES["o"][0], SHAPES["down"][1]
-    vecs = {"x": torch.randn(h, device=dev, dtype=torch.float16, generator=g),
-            "nw": torch.ones(h, device=dev, dtype=torch.float16),
-            "a": torch.randn(h, device=dev, dtype=torch.float16, generator=g),
-            "r": torch.randn(h, device=dev, dtype=torch.float16, generator=g),
-            "gu": torch.randn(2 * i, device=dev, dtype=torch.float16, generator=g),
-            "out_qkv": torch.empty(3 * h, device=dev, dtype=torch.float16),
-            "out_gate_up": torch.empty(2 * i, device=dev, dtype=torch.float16)}
+    vecs = step_vectors(dev, g)
     for fmt in formats:
         for name, (n, k) in SHAPES.items():
             w = _make(fmt, torch.randn(n, k, device=dev, dtype=torch.float16, generator=g) * 0.02)

@@ -37,17 +37,16 @@ def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def compile_for(kernel, types: dict[str, str], consts: dict, num_warps: int = 4, cc: int = 90,
-                divisible: tuple[str, ...] | None = None) -> bytes:
+def compile_for(kernel, types: dict[str, str], consts: dict, num_warps: int = 4, cc: int = 90) -> bytes:
     """The cubin of `kernel` (a @triton.jit kernel) for compute capability cc: `types` gives each runtime argument's
     Triton type ("*fp16", "i32", ...), `consts` each constexpr's value. As a launch specializes them (a pointer
     from torch is 16-byte aligned, an integer argument that is a multiple of 16 is marked so), every pointer and
-    the integers named in `divisible` (None: every i32 argument) are compiled as divisible by 16: without it no
-    load is vectorized and the build is not the one the card runs."""
+    every i32 argument is compiled as divisible by 16 (the sizes and strides of the shapes measured are): without
+    it no load is vectorized and the build is not the one the card runs."""
     signature = {p.name: "constexpr" if p.name in consts else types[p.name] for p in kernel.params}
     constexprs = {(kernel.arg_names.index(name),): value for name, value in consts.items()}
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name, ty in signature.items()
-             if ty.startswith("*") or (ty == "i32" and (divisible is None or name in divisible))}
+             if ty.startswith("*") or ty == "i32"}
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
                               target=GPUTarget("cuda", cc, 32), options={"num_warps": num_warps})
     return compiled.asm["cubin"]
