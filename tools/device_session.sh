@@ -279,7 +279,37 @@ for step in "${steps[@]}"; do
             timeout 150 python3 -m bench.probes.verify_plan --model dummy:$m --tokens 2,5,9 > "$OUT/verifyrows_$m.md" 2>&1
             echo "verify plans, $m: rc=$?"; cat "$OUT/verifyrows_$m.md"
           done ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu)"
+    packedplans) # issue 10: the int4 / int8 split-K GEMVs at 256-512 weights a thread (bigger blocks or fewer warps:
+                 # the program's fixed work spread over more weights), per projection (MODE 1, 32 layers a graph) and
+                 # as whole 7B steps (bench.probes.packed_plans; ~4 min)
+          timeout 200 python3 -m bench.probes.int4_splitk --layout shipped --bits 4 \
+            --configs "32,64,4;64,64,4;128,32,4;64,32,4;128,64,8;256,32,8;64,128,8;128,64,4;64,64,2;128,16,4" \
+            > "$OUT/packed_int4.log" 2>&1
+          echo "int4 blocks: rc=$?"; grep -E "best|Error" "$OUT/packed_int4.log"
+          timeout 200 python3 -m bench.probes.int4_splitk --layout shipped --bits 8 \
+            --configs "32,128,4;64,128,8;32,256,8;64,128,4;128,64,4;64,64,4;128,128,8;64,256,8" \
+            > "$OUT/packed_int8.log" 2>&1
+          echo "int8 blocks: rc=$?"; grep -E "best|Error" "$OUT/packed_int8.log"
+          timeout 200 python3 -m bench.probes.packed_plans --quantize int4 --contexts 300 \
+            --plans "${PACKED_PLANS:-default;all=64x64x4;all=128x32x4;all=128x64x8;all=64x64x2}" \
+            > "$OUT/packed_plans_int4.md" 2>&1
+          echo "int4 step plans: rc=$?"; cat "$OUT/packed_plans_int4.md" ;;
+    kfirst) # issue 10: the split-K GEMVs with the K slices of a row block launched next to each other
+            # (SplitKConfig.k_first: the programs running at once read whole rows), per projection and whole steps
+          timeout 150 python3 -m bench.probes.int4_splitk --layout shipped --bits 4 \
+            --configs "32,64,4;32,64,4,1;64,64,4,1;32,128,4,1;16,64,2,1;64,64,2,1;32,32,2,1" > "$OUT/kfirst_int4.log" 2>&1
+          echo "int4 blocks: rc=$?"; grep -E "best|Error" "$OUT/kfirst_int4.log"
+          timeout 150 python3 -m bench.probes.int4_splitk --layout shipped --bits 8 \
+            --configs "32,128,4;64,128,8;32,256,8;32,128,4,1;64,128,8,1;32,256,8,1;32,64,4,1" > "$OUT/kfirst_int8.log" 2>&1
+          echo "int8 blocks: rc=$?"; grep -E "best|Error" "$OUT/kfirst_int8.log"
+          timeout 150 python3 -m bench.probes.packed_plans --quantize int4 --contexts 300 \
+            --plans "default;all=32x64x4k;default;all=32x64x4k" > "$OUT/kfirst_step_int4.md" 2>&1
+          echo "int4 steps: rc=$?"; cat "$OUT/kfirst_step_int4.md"
+          timeout 150 python3 -m bench.probes.packed_plans --quantize int8 --contexts 300 \
+            --plans "default;qkv=32x128x4k,o=32x128x4k,gate_up=64x128x8k,down=32x256x8k,lm_head=32x128x4k" \
+            > "$OUT/kfirst_step_int8.md" 2>&1
+          echo "int8 steps: rc=$?"; cat "$OUT/kfirst_step_int8.md" ;;
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, kfirst)"
        exit 2 ;;
   esac
 done
