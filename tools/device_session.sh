@@ -308,7 +308,10 @@ for step in "${steps[@]}"; do
           timeout 150 python3 -m bench.probes.packed_plans --quantize int8 --contexts 300 \
             --plans "default;qkv=32x128x4k,o=32x128x4k,gate_up=64x128x8k,down=32x256x8k,lm_head=32x128x4k" \
             > "$OUT/kfirst_step_int8.md" 2>&1
-          echo "int8 steps: rc=$?"; cat "$OUT/kfirst_step_int8.md" ;;
+          echo "int8 steps: rc=$?"; cat "$OUT/kfirst_step_int8.md"
+          timeout 200 python3 -m bench.probes.step_variants --models llama-2-7b,llama-3.2-1b --contexts 300 --rounds 5 \
+            --variants "fused=0;fused=0,kf=1;fused=0;fused=0,kf=1" > "$OUT/kfirst_step_fp16.md" 2>&1
+          echo "fp16 steps (split-K down / qkv K-first): rc=$?"; cat "$OUT/kfirst_step_fp16.md" ;;
     *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, kfirst)"
        exit 2 ;;
   esac
