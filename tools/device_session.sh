@@ -294,25 +294,7 @@ for step in "${steps[@]}"; do
             --plans "${PACKED_PLANS:-default;all=64x64x4;all=128x32x4;all=128x64x8;all=64x64x2}" \
             > "$OUT/packed_plans_int4.md" 2>&1
           echo "int4 step plans: rc=$?"; cat "$OUT/packed_plans_int4.md" ;;
-    kfirst) # issue 10: the split-K GEMVs with the K slices of a row block launched next to each other
-            # (SplitKConfig.k_first: the programs running at once read whole rows), per projection and whole steps
-          timeout 150 python3 -m bench.probes.int4_splitk --layout shipped --bits 4 \
-            --configs "32,64,4;32,64,4,1;64,64,4,1;32,128,4,1;16,64,2,1;64,64,2,1;32,32,2,1" > "$OUT/kfirst_int4.log" 2>&1
-          echo "int4 blocks: rc=$?"; grep -E "best|Error" "$OUT/kfirst_int4.log"
-          timeout 150 python3 -m bench.probes.int4_splitk --layout shipped --bits 8 \
-            --configs "32,128,4;64,128,8;32,256,8;32,128,4,1;64,128,8,1;32,256,8,1;32,64,4,1" > "$OUT/kfirst_int8.log" 2>&1
-          echo "int8 blocks: rc=$?"; grep -E "best|Error" "$OUT/kfirst_int8.log"
-          timeout 150 python3 -m bench.probes.packed_plans --quantize int4 --contexts 300 \
-            --plans "default;all=32x64x4k;default;all=32x64x4k" > "$OUT/kfirst_step_int4.md" 2>&1
-          echo "int4 steps: rc=$?"; cat "$OUT/kfirst_step_int4.md"
-          timeout 150 python3 -m bench.probes.packed_plans --quantize int8 --contexts 300 \
-            --plans "default;qkv=32x128x4k,o=32x128x4k,gate_up=64x128x8k,down=32x256x8k,lm_head=32x128x4k" \
-            > "$OUT/kfirst_step_int8.md" 2>&1
-          echo "int8 steps: rc=$?"; cat "$OUT/kfirst_step_int8.md"
-          timeout 200 python3 -m bench.probes.step_variants --models llama-2-7b,llama-3.2-1b --contexts 300 --rounds 5 \
-            --variants "fused=0;fused=0,kf=1;fused=0;fused=0,kf=1" > "$OUT/kfirst_step_fp16.md" 2>&1
-          echo "fp16 steps (split-K down / qkv K-first): rc=$?"; cat "$OUT/kfirst_step_fp16.md" ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, kfirst)"
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans)"
        exit 2 ;;
   esac
 done

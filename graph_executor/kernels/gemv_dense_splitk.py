@@ -43,7 +43,6 @@ class DenseSplitKConfig:
     num_warps: int = 4
     pdl: bool = False  # launch with programmatic dependent launch (kernels/pdl.py; Hopper and later only)
     early: bool = False  # load the weights before waiting for the previous kernel (pdl.with_early_weights)
-    k_first: bool = False  # launch order: the K slices of a row block together (gemv_splitk.SplitKConfig.k_first)
 
     def __post_init__(self) -> None:
         check_block_config(self)

@@ -48,7 +48,6 @@ class Fp8Config:
     num_warps: int = 4
     pdl: bool = False  # launch with programmatic dependent launch (kernels/pdl.py; Hopper and later only)
     early: bool = False  # load the weights before waiting for the previous kernel (pdl.with_early_weights)
-    k_first: bool = False  # launch order: the K slices of a row block together (gemv_splitk.SplitKConfig.k_first)
 
     def __post_init__(self) -> None:
         check_block_config(self)
@@ -100,19 +99,15 @@ def allocate_scratch(w: Fp8Rows, cfg: Fp8Config) -> SplitKScratch:
 def _rows_splitk_kernel(w_ptr, scale_ptr, a_ptr, nw_ptr, b_ptr, out_ptr, part_ptr, count_ptr, N, K, eps,
                         MODE: tl.constexpr, HAS_BIAS: tl.constexpr, ROW_SCALE: tl.constexpr, SPLIT: tl.constexpr,
                         SPLIT_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                        EARLY: tl.constexpr, K_FIRST: tl.constexpr = False):
+                        EARLY: tl.constexpr):
     """MODE 0 (RMSNORM): out = W @ (rmsnorm(a) * nw) [+ b]; 1 (RESIDUAL): out += W @ a; 2 (SILU_RESIDUAL):
     out += W @ (silu(a[:K]) * a[K:]). W [N, K] row-major: e4m3 codes with a float32 scale [N] per row (ROW_SCALE),
     or dense float weights (gemv_dense_splitk.py). EARLY: the weights are loaded before the wait for the previous
     kernel (constant in a step: no race), so that with PDL they are in flight during its last wave."""
     if not EARLY:
         wait_for_prior(PDL)
-    if K_FIRST:
-        pid_n = tl.program_id(1)
-        pid_k = tl.program_id(0)
-    else:
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -147,10 +142,8 @@ def _kernel_call(w, scale, a, nw, bias, out, partial, count, n: int, k: int, eps
             out, partial, count, n, k, eps)
     meta = dict(MODE=mode, HAS_BIAS=bias is not None, ROW_SCALE=scale is not None, SPLIT=s,
                 SPLIT_P2=triton.next_power_of_2(s), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                num_warps=cfg.num_warps, num_stages=1, PDL=cfg.pdl, EARLY=cfg.early, K_FIRST=cfg.k_first,
-                **launch_options(cfg.pdl))
-    blocks = triton.cdiv(n, cfg.block_n)
-    return ((s, blocks) if cfg.k_first else (blocks, s)), args, meta
+                num_warps=cfg.num_warps, num_stages=1, PDL=cfg.pdl, EARLY=cfg.early, **launch_options(cfg.pdl))
+    return (triton.cdiv(n, cfg.block_n), s), args, meta
 
 
 def launch_rows(w: torch.Tensor, scale: torch.Tensor | None, a: torch.Tensor, nw: torch.Tensor | None,

@@ -49,9 +49,6 @@ class SplitKConfig:
     num_warps: int = 4
     pdl: bool = False  # launch with programmatic dependent launch (kernels/pdl.py; Hopper and later only)
     early: bool = False  # load the codes and scales before waiting for the previous kernel (pdl.with_early_weights)
-    # launch order: the K slices of a row block next to each other (the programs running at once read whole rows,
-    # a contiguous BLOCK_N x K / 2 bytes), rather than the row blocks of one K slice (256-byte pieces 2 KB apart)
-    k_first: bool = False
 
 
 DEFAULT = SplitKConfig()  # int4: 32 x 512 weights a program
@@ -141,7 +138,7 @@ def _splitk_kernel(codes_ptr, scale_ptr, offset_ptr, a_ptr, nw_ptr, b_ptr, out_p
                    MODE: tl.constexpr, HAS_OFFSET: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                    SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_KW: tl.constexpr, INT4: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr,
-                   EARLY: tl.constexpr, K_FIRST: tl.constexpr = False):
+                   EARLY: tl.constexpr):
     """MODE 0: out = W @ (rmsnorm(a) * nw) [+ b]; 1: out += W @ a; 2: out += W @ (silu(a[:K]) * a[K:]). EARLY:
     codes and scales are loaded before the wait for the previous kernel (constant in a step: no race)."""
     if not EARLY:
@@ -151,12 +148,8 @@ def _splitk_kernel(codes_ptr, scale_ptr, offset_ptr, a_ptr, nw_ptr, b_ptr, out_p
     NG: tl.constexpr = BLOCK_KW // WPG
     QGROUP: tl.constexpr = 32 if GROUP > 32 else GROUP  # the activation's quantization group
     NQ: tl.constexpr = BLOCK_KW * EPW // QGROUP
-    if K_FIRST:
-        pid_n = tl.program_id(1)
-        pid_k = tl.program_id(0)
-    else:
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     KW = tl.multiple_of(K // EPW, WPG)  # a row is whole groups: 16-byte aligned for groups of 32
@@ -285,14 +278,13 @@ def _launch(w: Packed, a: torch.Tensor, nw: torch.Tensor | None, bias: torch.Ten
     split = _split(w, cfg)
     int4 = isinstance(w, Int4Groups)
     offset = w.offset if w.offset is not None else w.scale  # unused when HAS_OFFSET is False
-    blocks = triton.cdiv(n, cfg.block_n)
-    _splitk_kernel[(split, blocks) if cfg.k_first else (blocks, split)](
+    _splitk_kernel[(triton.cdiv(n, cfg.block_n), split)](
         w.codes.view(torch.int32), w.scale, offset, a, nw if nw is not None else a, bias if bias is not None else out,
         out, scratch.partial, scratch.count, n, k, eps, MODE=mode, HAS_OFFSET=w.offset is not None,
         ZERO=float(INT4_ZERO) if int4 and w.offset is None else 0.0, HAS_BIAS=bias is not None, SPLIT=split,
         SPLIT_P2=triton.next_power_of_2(split), GROUP=w.group, BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw,
         INT4=int4, EMULATE=not w.codes.is_cuda, num_warps=cfg.num_warps, num_stages=1, PDL=cfg.pdl, EARLY=cfg.early,
-        K_FIRST=cfg.k_first, **launch_options(cfg.pdl))
+        **launch_options(cfg.pdl))
     return out
 
 
