@@ -37,18 +37,21 @@ def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def compile_for(kernel, types: dict[str, str], consts: dict, num_warps: int = 4, cc: int = 90) -> bytes:
+def compile_for(kernel, types: dict[str, str], consts: dict, num_warps: int = 4, cc: int = 90,
+                maxnreg: int | None = None) -> bytes:
     """The cubin of `kernel` (a @triton.jit kernel) for compute capability cc: `types` gives each runtime argument's
     Triton type ("*fp16", "i32", ...), `consts` each constexpr's value. As a launch specializes them (a pointer
     from torch is 16-byte aligned, an integer argument that is a multiple of 16 is marked so), every pointer and
     every i32 argument is compiled as divisible by 16 (the sizes and strides of the shapes measured are): without
-    it no load is vectorized and the build is not the one the card runs."""
+    it no load is vectorized and the build is not the one the card runs. `maxnreg`: a register cap (ptxas spills
+    above it), as the launch option of that name."""
     signature = {p.name: "constexpr" if p.name in consts else types[p.name] for p in kernel.params}
     constexprs = {(kernel.arg_names.index(name),): value for name, value in consts.items()}
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name, ty in signature.items()
              if ty.startswith("*") or ty == "i32"}
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
-                              target=GPUTarget("cuda", cc, 32), options={"num_warps": num_warps})
+                              target=GPUTarget("cuda", cc, 32),
+                              options={"num_warps": num_warps, **({"maxnreg": maxnreg} if maxnreg else {})})
     return compiled.asm["cubin"]
 
 

@@ -140,7 +140,9 @@ def _splitk_kernel(codes_ptr, scale_ptr, offset_ptr, a_ptr, nw_ptr, b_ptr, out_p
                    BLOCK_KW: tl.constexpr, INT4: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr,
                    EARLY: tl.constexpr):
     """MODE 0: out = W @ (rmsnorm(a) * nw) [+ b]; 1: out += W @ a; 2: out += W @ (silu(a[:K]) * a[K:]). EARLY:
-    codes and scales are loaded before the wait for the previous kernel (constant in a step: no race)."""
+    codes, scales and offsets are loaded before the wait for the previous kernel (constant in a step: no race).
+    Every load of the weight's bytes is issued before the activation's math: the offsets loaded after it (as until
+    the twenty-fourth session) left their latency exposed, and the int4 GEMVs ran 5-7% slower (bench/NOTES.md)."""
     if not EARLY:
         wait_for_prior(PDL)
     EPW: tl.constexpr = 8 if INT4 else 4  # weights per word
@@ -160,6 +162,8 @@ def _splitk_kernel(codes_ptr, scale_ptr, offset_ptr, a_ptr, nw_ptr, b_ptr, out_p
     gmask = row_ok[:, None] & (g < K // GROUP)[None, :]
     at = rows[:, None].to(tl.int64) * (K // GROUP) + g[None, :]
     s = tl.load(scale_ptr + at, mask=gmask, other=0.0).to(tl.float32)  # [BLOCK_N, NG]
+    if HAS_OFFSET:
+        o = tl.load(offset_ptr + at, mask=gmask, other=0.0).to(tl.float32)
     if EARLY:
         wait_for_prior(PDL)
     # this program's slice of the activation, float32 [NG, GROUP]
@@ -191,7 +195,6 @@ def _splitk_kernel(codes_ptr, scale_ptr, offset_ptr, a_ptr, nw_ptr, b_ptr, out_p
     if NQ != NG:  # weight groups of several activation groups
         qsum = tl.sum(tl.reshape(qsum, [BLOCK_N, NG, NQ // NG]), axis=2)  # [BLOCK_N, NG]
     if HAS_OFFSET:
-        o = tl.load(offset_ptr + at, mask=gmask, other=0.0).to(tl.float32)
         terms = s * qsum + o * a_sum[None, :]
     else:
         terms = s * (qsum - ZERO * a_sum[None, :])
