@@ -7,6 +7,8 @@ Triton interpreter; the `cuda` test runs the compiled kernel on LLaMA-2-7B shape
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -73,6 +75,34 @@ def check(device: torch.device, n: int, k: int, cfg: DenseSplitKConfig, dtype: t
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}-{c[2].block_n}x{c[2].block_k}-{c[3]}")
 def test_dense_splitk_gemv_matches_float64(case) -> None:
     check(torch.device("cpu"), *case, seed=3)
+
+
+def identical_with_a_reduce_kernel(device: torch.device) -> None:
+    """DenseSplitKConfig(reduce_kernel=True): the partials added by a second kernel give the fixup's bits."""
+    for i, (n, k, cfg, dtype) in enumerate(CASES):
+        w, v = inputs(n, k, dtype, seed=60 + i)
+        w = w.to(device)
+        on = {name: t.to(device) for name, t in v.items()}
+        results = []
+        for reduce_kernel in (False, True):
+            c = dataclasses.replace(cfg, reduce_kernel=reduce_kernel)
+            scratch = gemv_dense_splitk.allocate_scratch(w, c)
+            out = torch.full((n,), float("nan"), device=device, dtype=dtype)
+            gemv_dense_splitk.rmsnorm_gemv(w, on["x"], on["nw"], 1e-5, out, scratch, bias=on["bias"], cfg=c)
+            results.append((out, gemv_dense_splitk.gemv_residual(w, on["x"], on["r"].clone(), scratch, c),
+                            gemv_dense_splitk.silu_gemv_residual(w, on["gate_up"], on["r"].clone(), scratch, c)))
+        for fixed_up, reduced in zip(*results):
+            assert torch.equal(fixed_up, reduced), (n, k, cfg)
+
+
+@ON_CPU
+def test_a_reduce_kernel_gives_the_fixups_bits() -> None:
+    identical_with_a_reduce_kernel(torch.device("cpu"))
+
+
+@pytest.mark.cuda
+def test_a_reduce_kernel_gives_the_fixups_bits_on_the_gpu() -> None:
+    identical_with_a_reduce_kernel(torch.device("cuda"))
 
 
 @pytest.mark.cuda

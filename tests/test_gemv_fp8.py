@@ -7,6 +7,8 @@ interpreter; the `cuda` test runs the compiled kernel, on LLaMA-2-7B shapes with
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -90,6 +92,36 @@ def check(device: torch.device, n: int, k: int, cfg: Fp8Config, dtype: torch.dty
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}-{c[2].block_n}x{c[2].block_k}-{c[3]}")
 def test_fp8_gemv_matches_float64(case) -> None:
     check(torch.device("cpu"), *case, seed=3)
+
+
+def identical_with_a_reduce_kernel(device: torch.device) -> None:
+    """Fp8Config(reduce_kernel=True): the partials added by gemv_splitk's `_reduce_kernel` give the fixup's bits
+    (the row scale, 1 / rms, the bias, the residual: each fusion), and the counters stay zero."""
+    for i, (n, k, cfg, dtype) in enumerate(CASES):
+        w = fp8_weight(n, k, device, seed=40 + i)
+        on = {name: t.to(device) for name, t in vectors(n, k, dtype, seed=50 + i).items()}
+        results = []
+        for reduce_kernel in (False, True):
+            c = dataclasses.replace(cfg, reduce_kernel=reduce_kernel)
+            scratch = gemv_fp8.allocate_scratch(w, c)
+            out = torch.full((n,), float("nan"), device=device, dtype=dtype)
+            gemv_fp8.rmsnorm_gemv(w, on["x"], on["nw"], 1e-5, out, scratch, bias=on["bias"], cfg=c)
+            results.append((out, gemv_fp8.gemv_residual(w, on["x"], on["r"].clone(), scratch, c),
+                            gemv_fp8.silu_gemv_residual(w, on["gate_up"], on["r"].clone(), scratch, c)))
+            assert int(scratch.count.abs().sum()) == 0
+        for fixed_up, reduced in zip(*results):
+            assert torch.equal(fixed_up, reduced), (n, k, cfg)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors need the Triton interpreter, which is on only "
+                    "where there is no GPU; the cuda test runs the same")
+def test_a_reduce_kernel_gives_the_fixups_bits() -> None:
+    identical_with_a_reduce_kernel(torch.device("cpu"))
+
+
+@pytest.mark.cuda
+def test_a_reduce_kernel_gives_the_fixups_bits_on_the_gpu() -> None:
+    identical_with_a_reduce_kernel(torch.device("cuda"))
 
 
 @pytest.mark.cuda

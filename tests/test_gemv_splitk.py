@@ -6,6 +6,8 @@ test runs the inline-PTX dp4a. (Every GGUF type through the same kernels: tests/
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -87,6 +89,39 @@ def test_splitk_gemv_on_the_gpu_matches_float64() -> None:
                                       (4, 12288, 4096, 32, True, gemv_splitk.DEFAULT),
                                       (8, 4096, 11008, 32, True, gemv_splitk.DEFAULT_INT8)]):
         check(torch.device("cuda"), *case, seed=10 + i)
+
+
+def identical_with_a_reduce_kernel(device: torch.device) -> None:
+    """The partials added by `_reduce_kernel` (SplitKConfig.reduce_kernel) give the fixup's bits, every case and
+    fusion (bias included), and leave the counters untouched."""
+    for i, (bits, n, k, group, symmetric, cfg) in enumerate(CASES):
+        w = weight(bits, n, k, group, symmetric, device, seed=20 + i)
+        g = torch.Generator().manual_seed(30 + i)
+        x, nw, bias, r, gate_up = (torch.randn(k, generator=g).to(device), (torch.rand(k, generator=g) + 0.5).to(device),
+                                   torch.randn(n, generator=g).to(device), torch.randn(n, generator=g).to(device),
+                                   torch.randn(2 * k, generator=g).to(device))
+        results = []
+        for reduce_kernel in (False, True):
+            c = dataclasses.replace(cfg, reduce_kernel=reduce_kernel)
+            scratch = SplitKScratch.allocate([w], [c], device)
+            out = torch.full((n,), float("nan"), device=device)
+            gemv_splitk.rmsnorm_gemv(w, x, nw, 1e-5, out, scratch, bias=bias, cfg=c)
+            results.append((out, gemv_splitk.gemv_residual(w, x, r.clone(), scratch, c),
+                            gemv_splitk.silu_gemv_residual(w, gate_up, r.clone(), scratch, c)))
+            assert int(scratch.count.abs().sum()) == 0
+        for fixed_up, reduced in zip(*results):
+            assert torch.equal(fixed_up, reduced), (bits, n, k, cfg)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors need the Triton interpreter, which is on only "
+                    "where there is no GPU; the cuda test runs the same")
+def test_a_reduce_kernel_gives_the_fixups_bits() -> None:
+    identical_with_a_reduce_kernel(torch.device("cpu"))
+
+
+@pytest.mark.cuda
+def test_a_reduce_kernel_gives_the_fixups_bits_on_the_gpu() -> None:
+    identical_with_a_reduce_kernel(torch.device("cuda"))
 
 
 def test_splitk_gemv_rejects_bad_input() -> None:

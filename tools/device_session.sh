@@ -294,7 +294,26 @@ for step in "${steps[@]}"; do
             --plans "${PACKED_PLANS:-default;all=64x64x4;all=128x32x4;all=128x64x8;all=64x64x2}" \
             > "$OUT/packed_plans_int4.md" 2>&1
           echo "int4 step plans: rc=$?"; cat "$OUT/packed_plans_int4.md" ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans)"
+    reducekernel) # issues 10 and 12: the split-K GEMVs with their partials added by a second kernel (reduce_kernel:
+                  # no program waits on the fixup's membar + atomic + barrier; the ablation put the fixup at ~30% of the
+                  # int4 GEMVs' time): the identity tests, per projection, whole 7B int4 / int8 steps, and the fp16 7B
+                  # and 1B steps (dense split-K down, and qkv on 1B) (~4 min)
+          timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gemv_splitk.py tests/test_gemv_fp8.py \
+            tests/test_gemv_dense_splitk.py > "$OUT/reducekernel_tests.log" 2>&1
+          echo "split-K tests: rc=$? $(tail -1 "$OUT/reducekernel_tests.log")"
+          timeout 60 python3 -m bench.probes.int4_splitk --layout shipped --bits 4 --configs "32,64,4;32,64,4,1" \
+            > "$OUT/reducekernel_int4.log" 2>&1; grep "splitk (" "$OUT/reducekernel_int4.log"
+          timeout 120 python3 -m bench.probes.packed_plans --quantize int4 --contexts 300,2000 \
+            --plans "default;all=32x64x4r;default;all=32x64x4r" > "$OUT/reducekernel_step_int4.md" 2>&1
+          echo "int4 steps: rc=$?"; cat "$OUT/reducekernel_step_int4.md"
+          timeout 90 python3 -m bench.probes.packed_plans --quantize int8 --contexts 300 \
+            --plans "default;qkv=32x128x4r,o=32x128x4r,gate_up=64x128x8r,down=32x256x8r,lm_head=32x128x4r" \
+            > "$OUT/reducekernel_step_int8.md" 2>&1
+          echo "int8 steps: rc=$?"; cat "$OUT/reducekernel_step_int8.md"
+          timeout 150 python3 -m bench.probes.step_variants --models llama-2-7b,llama-3.2-1b --contexts 300 --rounds 5 \
+            --variants "fused=0;fused=0,rk=1;fused=0;fused=0,rk=1" > "$OUT/reducekernel_step_fp16.md" 2>&1
+          echo "fp16 steps: rc=$?"; cat "$OUT/reducekernel_step_fp16.md" ;;
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel)"
        exit 2 ;;
   esac
 done

@@ -159,7 +159,7 @@ def rows_splitk_gemv(w, a: torch.Tensor, x: torch.Tensor, cfg: tuple, scratch: d
 
 def shipped_gemv(w, a: torch.Tensor, x: torch.Tensor, cfg: tuple, scratch: dict) -> torch.Tensor:
     """kernels/gemv_splitk.py (two int8 digits per activation) with config (BLOCK_N, BLOCK_KW, warps)."""
-    c = gemv_splitk.SplitKConfig(*cfg)
+    c = gemv_splitk.SplitKConfig(*cfg[:3], reduce_kernel=len(cfg) > 3 and bool(cfg[3]))
     key = ("shipped", w.shape, c)
     if key not in scratch:
         scratch[key] = gemv_splitk.SplitKScratch.allocate([w], [c], x.device)
@@ -183,7 +183,8 @@ def splitk_gemv(w: ColsWeight, a: torch.Tensor, x: torch.Tensor, cfg: tuple, scr
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--configs", default=None, help="semicolon list of BLOCK_N,BLOCK_KW,warps")
+    ap.add_argument("--configs", default=None, help="semicolon list of BLOCK_N,BLOCK_KW,warps[,1: --layout shipped "
+                    "with the partials added by a second kernel (SplitKConfig.reduce_kernel)]")
     ap.add_argument("--shapes", default="qkv,o,gate_up,down")
     ap.add_argument("--bits", type=int, choices=(4, 8), default=4, help="8: int8 codes (--layout shipped only)")
     ap.add_argument("--layout", choices=("cols", "rows", "shipped"), default="cols",

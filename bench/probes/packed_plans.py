@@ -4,7 +4,8 @@
     python -m bench.probes.packed_plans --quantize int4 [--model llama-2-7b] [--contexts 300,2000]
         [--plans "default;all=64x64x4;gate_up=128x32x4,down=64x64x4"] [--rounds 5]
 
-A plan is `projection=BLOCK_NxBLOCK_KWxWARPS` items joined by commas (projection: qkv, o, gate_up, down, lm_head or
+A plan is `projection=BLOCK_NxBLOCK_KWxWARPS[r]` items joined by commas (r: the partials added by a
+second kernel, `SplitKConfig.reduce_kernel`) (projection: qkv, o, gate_up, down, lm_head or
 all), applied over the format's shipped plan (`fused_decoder.INT4_PLAN` / `INT8_PLAN`); `default` is the shipped
 plan itself. Why: the shipped int4 config (32 rows x 64 words on 4 warps, 128 weights a thread) spends ~4.5 SASS
 instructions a weight, most of them the program's fixed work (the activation's digits, the layout conversion, the
@@ -36,13 +37,15 @@ def parse_plan(text: str, base: SplitKPlan) -> SplitKPlan:
     changes: dict[str, SplitKConfig] = {}
     for item in text.split(","):
         name, _, spec = item.partition("=")
-        parts = spec.split("x")
+        reduce_kernel = spec.endswith("r")
+        parts = spec.removesuffix("r").split("x")
         if name not in (*PROJECTIONS, "all") or len(parts) != 3 or not all(p.isdigit() for p in parts):
-            raise SystemExit(f"bad plan item {item!r} in {text!r} (projection=BLOCK_NxBLOCK_KWxWARPS; projection: "
+            raise SystemExit(f"bad plan item {item!r} in {text!r} (projection=BLOCK_NxBLOCK_KWxWARPS[r]; projection: "
                              f"{', '.join(PROJECTIONS)} or all)")
         for target in PROJECTIONS if name == "all" else (name,):
             changes[target] = dataclasses.replace(getattr(base, target), block_n=int(parts[0]),
-                                                  block_kw=int(parts[1]), num_warps=int(parts[2]))
+                                                  block_kw=int(parts[1]), num_warps=int(parts[2]),
+                                                  reduce_kernel=reduce_kernel)
     return dataclasses.replace(base, **changes)
 
 

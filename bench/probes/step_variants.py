@@ -10,7 +10,8 @@ inside the attention kernel, `FusedDecoder(fuse_rope=True)`; 0: `rope_append` be
 their weights before waiting for the kernel before them, `FusedDecoder(early_weights=True)`), earlyo (1: o_proj's
 GEMV alone loads early, on top of the rest), pf (MiB of the layer's next weights the attention kernel asks L2 to
 hold: `FusedDecoder(l2_prefetch_mb=)`, kernels/l2_prefetch.py), tpf (MiB of the next projection's weights each GEMV's
-tail asks L2 for: `FusedDecoder(tail_prefetch_mb=)`). split, warps, rope, pf, tpf and early left out: the decoder's defaults (rope and early: `decode_plan.options_for` the model). Prints the median of
+tail asks L2 for: `FusedDecoder(tail_prefetch_mb=)`), rk (1: the plan's split-K dense projections have their
+partials added by a second kernel, `DenseSplitKConfig.reduce_kernel`). split, warps, rope, pf, tpf and early left out: the decoder's defaults (rope and early: `decode_plan.options_for` the model). Prints the median of
 each variant's per-round medians and its ratio to the first.
 """
 
@@ -27,6 +28,7 @@ from bench.probes.verify_plan import graphed
 from graph_executor.fused_decoder import FusedDecoder
 from graph_executor.kernels.decode_attention import DecodeAttention
 from graph_executor.kernels.decode_plan import plan_for
+from graph_executor.kernels.gemv_dense_splitk import DenseSplitKConfig
 from graph_executor.loading.loader import LoadConfig, load_model
 
 # the first: the decode attention before the fourteenth session (every split 64 on Triton's 4 warps, reduce kernel)
@@ -39,9 +41,9 @@ def parse_variant(text: str) -> dict[str, int]:
     variant = {"fused": 1}
     for item in text.split(","):
         key, _, value = item.partition("=")
-        if key not in ("split", "warps", "fused", "rope", "early", "earlyo", "pf", "tpf") or not value.isdigit():
+        if key not in ("split", "warps", "fused", "rope", "early", "earlyo", "pf", "tpf", "rk") or not value.isdigit():
             raise SystemExit(f"bad variant item {item!r} in {text!r} (split=, warps=, fused=, rope=, early=, earlyo=, "
-                             "pf=, tpf=)")
+                             "pf=, tpf=, rk=)")
         variant[key] = int(value)
     return variant
 
@@ -53,6 +55,10 @@ def build(model, variant: dict[str, int]) -> FusedDecoder:
     plan = plan_for(model.config.hidden_size)
     if variant.get("earlyo"):
         plan = dataclasses.replace(plan, o=dataclasses.replace(plan.o, early=True))
+    if variant.get("rk"):  # the split-K dense projections' partials added by a second kernel
+        plan = dataclasses.replace(plan, **{f.name: dataclasses.replace(c, reduce_kernel=True)
+                                            for f in dataclasses.fields(plan)
+                                            if isinstance(c := getattr(plan, f.name), DenseSplitKConfig)})
     decoder = FusedDecoder(model, plan=plan, fuse_rope=flag("rope"), early_weights=flag("early"),
                            l2_prefetch_mb=variant.get("pf"), tail_prefetch_mb=variant.get("tpf"))
     cfg = model.config

@@ -43,6 +43,7 @@ class DenseSplitKConfig:
     num_warps: int = 4
     pdl: bool = False  # launch with programmatic dependent launch (kernels/pdl.py; Hopper and later only)
     early: bool = False  # load the weights before waiting for the previous kernel (pdl.with_early_weights)
+    reduce_kernel: bool = False  # the partials added by a second kernel (gemv_splitk.SplitKConfig.reduce_kernel)
 
     def __post_init__(self) -> None:
         check_block_config(self)

@@ -36,7 +36,15 @@ import triton
 import triton.language as tl
 
 from graph_executor.kernels.gemv import GemvConfig
-from graph_executor.kernels.gemv_splitk import SplitKScratch, activation_slice, check_call, fixup, splitk_floats
+from graph_executor.kernels.gemv_splitk import (
+    SplitKScratch,
+    activation_slice,
+    check_call,
+    fixup,
+    launch_reduce,
+    splitk_floats,
+    store_partial,
+)
 from graph_executor.kernels.pdl import launch_options, wait_for_prior
 from graph_executor.quant.formats import Fp8Rows
 
@@ -48,6 +56,7 @@ class Fp8Config:
     num_warps: int = 4
     pdl: bool = False  # launch with programmatic dependent launch (kernels/pdl.py; Hopper and later only)
     early: bool = False  # load the weights before waiting for the previous kernel (pdl.with_early_weights)
+    reduce_kernel: bool = False  # the partials added by a second kernel (gemv_splitk.SplitKConfig.reduce_kernel)
 
     def __post_init__(self) -> None:
         check_block_config(self)
@@ -99,7 +108,7 @@ def allocate_scratch(w: Fp8Rows, cfg: Fp8Config) -> SplitKScratch:
 def _rows_splitk_kernel(w_ptr, scale_ptr, a_ptr, nw_ptr, b_ptr, out_ptr, part_ptr, count_ptr, N, K, eps,
                         MODE: tl.constexpr, HAS_BIAS: tl.constexpr, ROW_SCALE: tl.constexpr, SPLIT: tl.constexpr,
                         SPLIT_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                        EARLY: tl.constexpr):
+                        EARLY: tl.constexpr, FIXUP: tl.constexpr = True):
     """MODE 0 (RMSNORM): out = W @ (rmsnorm(a) * nw) [+ b]; 1 (RESIDUAL): out += W @ a; 2 (SILU_RESIDUAL):
     out += W @ (silu(a[:K]) * a[K:]). W [N, K] row-major: e4m3 codes with a float32 scale [N] per row (ROW_SCALE),
     or dense float weights (gemv_dense_splitk.py). EARLY: the weights are loaded before the wait for the previous
@@ -119,8 +128,11 @@ def _rows_splitk_kernel(w_ptr, scale_ptr, a_ptr, nw_ptr, b_ptr, out_ptr, part_pt
         wait_for_prior(PDL)
     a, ss = activation_slice(a_ptr, nw_ptr, cols, col_ok, K, MODE)  # [BLOCK_K], this slice's share of sum(x^2)
     partial = tl.sum(q.to(tl.float32) * a[None, :], axis=1)  # [BLOCK_N], in code units (no row scale yet)
-    fixup(partial, ss, rows, row_ok, pid_n, pid_k, part_ptr, count_ptr, scale_ptr, b_ptr, out_ptr, N, K, eps,
-          MODE, HAS_BIAS, ROW_SCALE, SPLIT, SPLIT_P2, BLOCK_N)
+    if FIXUP:
+        fixup(partial, ss, rows, row_ok, pid_n, pid_k, part_ptr, count_ptr, scale_ptr, b_ptr, out_ptr, N, K, eps,
+              MODE, HAS_BIAS, ROW_SCALE, SPLIT, SPLIT_P2, BLOCK_N)
+    else:  # launch_rows' second kernel adds the partials
+        store_partial(partial, ss, rows, row_ok, pid_n, pid_k, part_ptr, N, MODE, SPLIT)
 
 
 def _check(w: Fp8Rows, scratch: SplitKScratch, cfg: Fp8Config, vectors: dict[str, tuple[torch.Tensor, int]]) -> None:
@@ -142,7 +154,8 @@ def _kernel_call(w, scale, a, nw, bias, out, partial, count, n: int, k: int, eps
             out, partial, count, n, k, eps)
     meta = dict(MODE=mode, HAS_BIAS=bias is not None, ROW_SCALE=scale is not None, SPLIT=s,
                 SPLIT_P2=triton.next_power_of_2(s), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                num_warps=cfg.num_warps, num_stages=1, PDL=cfg.pdl, EARLY=cfg.early, **launch_options(cfg.pdl))
+                num_warps=cfg.num_warps, num_stages=1, PDL=cfg.pdl, EARLY=cfg.early, FIXUP=not cfg.reduce_kernel,
+                **launch_options(cfg.pdl))
     return (triton.cdiv(n, cfg.block_n), s), args, meta
 
 
@@ -154,6 +167,8 @@ def launch_rows(w: torch.Tensor, scale: torch.Tensor | None, a: torch.Tensor, nw
     n, k = w.shape
     grid, args, meta = _kernel_call(w, scale, a, nw, bias, out, scratch.partial, scratch.count, n, k, eps, mode, cfg)
     _rows_splitk_kernel[grid](*args, **meta)
+    if cfg.reduce_kernel:
+        launch_reduce(scratch, scale, bias, out, n, k, eps, mode, grid[1], cfg.pdl)
     return out
 
 

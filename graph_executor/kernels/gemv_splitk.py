@@ -49,6 +49,9 @@ class SplitKConfig:
     num_warps: int = 4
     pdl: bool = False  # launch with programmatic dependent launch (kernels/pdl.py; Hopper and later only)
     early: bool = False  # load the codes and scales before waiting for the previous kernel (pdl.with_early_weights)
+    # the K slices' partial sums added by a second kernel (`_reduce_kernel`, same order, same bits) instead of by the
+    # last program of each row block: no program waits on a membar, an atomic and a barrier before it exits
+    reduce_kernel: bool = False
 
 
 DEFAULT = SplitKConfig()  # int4: 32 x 512 weights a program
@@ -138,7 +141,7 @@ def _splitk_kernel(codes_ptr, scale_ptr, offset_ptr, a_ptr, nw_ptr, b_ptr, out_p
                    MODE: tl.constexpr, HAS_OFFSET: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                    SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_KW: tl.constexpr, INT4: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr,
-                   EARLY: tl.constexpr):
+                   EARLY: tl.constexpr, FIXUP: tl.constexpr = True):
     """MODE 0: out = W @ (rmsnorm(a) * nw) [+ b]; 1: out += W @ a; 2: out += W @ (silu(a[:K]) * a[K:]). EARLY:
     codes, scales and offsets are loaded before the wait for the previous kernel (constant in a step: no race).
     Every load of the weight's bytes is issued before the activation's math: the offsets loaded after it (as until
@@ -199,8 +202,47 @@ def _splitk_kernel(codes_ptr, scale_ptr, offset_ptr, a_ptr, nw_ptr, b_ptr, out_p
     else:
         terms = s * (qsum - ZERO * a_sum[None, :])
     partial = tl.sum(terms, axis=1)  # [BLOCK_N]
-    fixup(partial, ss, rows, row_ok, pid_n, pid_k, part_ptr, count_ptr, scale_ptr, b_ptr, out_ptr, N, K, eps,
-          MODE, HAS_BIAS, False, SPLIT, SPLIT_P2, BLOCK_N)
+    if FIXUP:
+        fixup(partial, ss, rows, row_ok, pid_n, pid_k, part_ptr, count_ptr, scale_ptr, b_ptr, out_ptr, N, K, eps,
+              MODE, HAS_BIAS, False, SPLIT, SPLIT_P2, BLOCK_N)
+    else:
+        store_partial(partial, ss, rows, row_ok, pid_n, pid_k, part_ptr, N, MODE, SPLIT)
+
+
+@triton.jit
+def store_partial(partial, ss, rows, row_ok, pid_n, pid_k, part_ptr, N, MODE: tl.constexpr, SPLIT: tl.constexpr):
+    """The end of a split-K GEMV program whose partials `_reduce_kernel` adds (here and in gemv_fp8): its partial
+    sums [BLOCK_N], and (MODE 0) its slice's sum of squares, one copy from row block 0."""
+    tl.store(part_ptr + pid_k * N + rows, partial, mask=row_ok)
+    if MODE == 0 and pid_n == 0:
+        tl.store(part_ptr + SPLIT * N + pid_k, ss)
+
+
+@triton.jit
+def _reduce_kernel(part_ptr, scale_ptr, b_ptr, out_ptr, N, K, eps, MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   ROW_SCALE: tl.constexpr, SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr, BLOCK: tl.constexpr,
+                   PDL: tl.constexpr):
+    """The second kernel of a `reduce_kernel` call: out[rows] = the SPLIT partials added in order, then what
+    `fixup`'s last program applies (the row scale, 1 / rms and the bias, or the residual), in the same order."""
+    wait_for_prior(PDL)
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    row_ok = rows < N
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in tl.static_range(SPLIT):
+        total += tl.load(part_ptr + i * N + rows, mask=row_ok, other=0.0)
+    if ROW_SCALE:
+        total *= tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
+    if MODE == 0:
+        sq = tl.load(part_ptr + SPLIT * N + tl.arange(0, SPLIT_P2), mask=tl.arange(0, SPLIT_P2) < SPLIT, other=0.0)
+        total = total / tl.sqrt(tl.sum(sq, axis=0) / K + eps)
+        if HAS_BIAS:
+            total += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    else:
+        total += tl.load(out_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+
+REDUCE_BLOCK = 256  # outputs a `_reduce_kernel` program adds up
 
 
 @triton.jit
@@ -287,8 +329,20 @@ def _launch(w: Packed, a: torch.Tensor, nw: torch.Tensor | None, bias: torch.Ten
         ZERO=float(INT4_ZERO) if int4 and w.offset is None else 0.0, HAS_BIAS=bias is not None, SPLIT=split,
         SPLIT_P2=triton.next_power_of_2(split), GROUP=w.group, BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw,
         INT4=int4, EMULATE=not w.codes.is_cuda, num_warps=cfg.num_warps, num_stages=1, PDL=cfg.pdl, EARLY=cfg.early,
-        **launch_options(cfg.pdl))
+        FIXUP=not cfg.reduce_kernel, **launch_options(cfg.pdl))
+    if cfg.reduce_kernel:
+        launch_reduce(scratch, None, bias, out, n, k, eps, mode, split, cfg.pdl)
     return out
+
+
+def launch_reduce(scratch: SplitKScratch, row_scale: torch.Tensor | None, bias: torch.Tensor | None,
+                  out: torch.Tensor, n: int, k: int, eps: float, mode: int, split: int, pdl: bool) -> None:
+    """The second kernel of a split-K call with `reduce_kernel` (here and in gemv_fp8): out [n] from the `split`
+    partials its first kernel stored in scratch (row_scale: FP8's float32 [n])."""
+    _reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK),)](
+        scratch.partial, row_scale if row_scale is not None else scratch.partial, bias if bias is not None else out,
+        out, n, k, eps, MODE=mode, HAS_BIAS=bias is not None, ROW_SCALE=row_scale is not None, SPLIT=split,
+        SPLIT_P2=triton.next_power_of_2(split), BLOCK=REDUCE_BLOCK, PDL=pdl, num_warps=4, **launch_options(pdl))
 
 
 def rmsnorm_gemv(w: Packed, x: torch.Tensor, norm_w: torch.Tensor, eps: float, out: torch.Tensor,
