@@ -4,6 +4,7 @@ float32 (exact products) and float16 weights, rows written with a stride. On CPU
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -70,6 +71,30 @@ def test_gemv_rows_match_float64(t, n, k, cfg, dtype) -> None:
     silu_gemv_residual_rows(on["w"], on["gu"], x2, cfg=cfg, scratch=scratch)
     check(x2, d["r"] + (g * torch.sigmoid(g) * u) @ d["w"].T, tol)
     assert not scratch.count.any()  # every split call left its counters at zero for the next call (or replay)
+
+
+@pytest.mark.parametrize("t,n,k,cfg,dtype", [c for c in CASES if c[3].split > 1])
+def test_a_reduce_kernel_gives_the_fixups_bits(t, n, k, cfg, dtype) -> None:
+    """RowsConfig(reduce_kernel=True): the partials added by `_reduce_rows_kernel` give `_fixup_rows`' bits, each
+    fusion (bias, strided rows), and the counters stay zero."""
+    gen = torch.Generator().manual_seed(t * 7 + n)
+    w, x, nw, b = (torch.randn(*s, generator=gen).to(DEVICE, dtype) for s in ((n, k), (t, k), (k,), (n,)))
+    gu, r = torch.randn(t, 2 * k, generator=gen).to(DEVICE, dtype), torch.randn(t, n, generator=gen).to(DEVICE, dtype)
+    results = []
+    for reduce_kernel in (False, True):
+        c = dataclasses.replace(cfg, reduce_kernel=reduce_kernel)
+        scratch = SplitKScratch.zeros(*scratch_size(t, n, k, c), DEVICE)
+        out = torch.full((t, n), float("nan"), device=DEVICE, dtype=torch.float32)
+        rmsnorm_gemv_rows(w, x, nw, EPS, out, bias=b, cfg=c, scratch=scratch)
+        wide = torch.full((t, n + 8), float("nan"), device=DEVICE, dtype=dtype)
+        wide[:, :n] = r
+        gemv_residual_rows(w, x, wide[:, :n], cfg=c, scratch=scratch)
+        x2 = silu_gemv_residual_rows(w, gu, r.clone(), cfg=c, scratch=scratch)
+        results.append((out, wide, x2))
+        assert not scratch.count.any()
+    for fixed_up, reduced in zip(*results):
+        assert torch.equal(fixed_up.isnan(), reduced.isnan())
+        assert torch.equal(fixed_up.nan_to_num(), reduced.nan_to_num())
 
 
 def test_gemv_rows_refuse_bad_shapes() -> None:

@@ -5,12 +5,14 @@ logits of each variant against cuBLAS's.
 
     python -m bench.probes.prefill_rows [--models llama-2-7b] [--buckets 16,32,64,128] [--plan FILE] [--rounds 5]
 
-Each plan with rows also runs as `<name>+pdl`: its kernels launched with programmatic dependent launch.
+Each plan with rows also runs as `<name>+pdl`: its kernels launched with programmatic dependent launch; with --reduce
+each also as `<name>+reduce` (the split calls' partials added by a second kernel).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -33,12 +35,21 @@ def load_plan(path: str) -> ShortPromptPlan:
         for rows, configs in raw.items())))
 
 
+def with_reduce_kernel(plan: ShortPromptPlan) -> ShortPromptPlan:
+    """The plan with every config's split partials added by a second kernel (`RowsConfig.reduce_kernel`)."""
+    return ShortPromptPlan(tuple((rows, ShortPromptConfigs(*(dataclasses.replace(c, reduce_kernel=True)
+                                                             for c in configs.all())))
+                                 for rows, configs in plan.by_rows))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="llama-2-7b", help="comma list of dummy presets")
     ap.add_argument("--buckets", default="16,32,64,128", help="comma list of prompt rows (the prefill buckets)")
     ap.add_argument("--plan", default=None, help="a gemv_rows --plan-out file: a third variant")
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds over the variants")
+    ap.add_argument("--reduce", action="store_true", help="also each plan with rows as `<name>+reduce`: split calls' "
+                    "partials added by a second kernel (RowsConfig.reduce_kernel)")
     args = ap.parse_args(argv)
     buckets = [int(b) for b in args.buckets.split(",")]
     device = torch.device("cuda")
@@ -55,6 +66,8 @@ def main(argv: list[str] | None = None) -> None:
             variants.append(("swept", load_plan(args.plan)))
         # the same configs launched with programmatic dependent launch (the RoPE kernel too: kernels/pdl.py)
         variants += [(f"{name}+pdl", with_pdl(plan)) for name, plan in variants[1:]]
+        if args.reduce:
+            variants += [(f"{name}+reduce", with_reduce_kernel(plan)) for name, plan in variants[1:]]
         steps = [FusedPrefill(model, max(buckets), short_plan=plan) for _, plan in variants]
         gen = torch.Generator(device="cpu").manual_seed(0)
         for t in buckets:

@@ -45,6 +45,9 @@ class RowsConfig:
     num_stages: int = 3
     pdl: bool = False  # launch with programmatic dependent launch (kernels/pdl.py; Hopper and later only)
     split: int = 1  # programs along K (at most): > 1 sums partials in a SplitKScratch
+    # split > 1: the partials added by a second kernel (`_reduce_rows_kernel`, same order, same bits) instead of by
+    # the last program of each row block (gemv_splitk.SplitKConfig.reduce_kernel)
+    reduce_kernel: bool = False
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1) or self.block_k < 16 or \
@@ -100,7 +103,7 @@ def step_scratch(calls: list[tuple[int, int, int, RowsConfig]], packed: SplitKSc
 def _gemv_rows_kernel(w_ptr, a_ptr, nw_ptr, b_ptr, out_ptr, part_ptr, count_ptr, T, N, K, K_SPLIT, SPLIT,
                       stride_a, stride_out, eps, MODE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr, SPLITTING: tl.constexpr,
-                      PDL: tl.constexpr):
+                      PDL: tl.constexpr, FIXUP: tl.constexpr = True):
     """Program (n, s): weight rows n * BLOCK_N.., K columns s * K_SPLIT.. (SPLIT programs along K)."""
     wait_for_prior(PDL)
     pid_n = tl.program_id(0)
@@ -132,26 +135,58 @@ def _gemv_rows_kernel(w_ptr, a_ptr, nw_ptr, b_ptr, out_ptr, part_ptr, count_ptr,
     ptrs = out_ptr + tokens[None, :] * stride_out + rows[:, None]  # [BLOCK_N, ROWS]: out[t, row]
     ok = row_ok[:, None] & token_ok[None, :]
     if SPLITTING:  # SPLIT > 1 (a runtime value: one compiled kernel serves every split)
-        # partials [SPLIT, ROWS, n_pad], then the sums of squares [row blocks, SPLIT, ROWS]; the last program of this
-        # row block to finish (the counter) adds them in order and resets the counter
+        # partials [SPLIT, ROWS, n_pad], then the sums of squares [row blocks, SPLIT, ROWS]; `_fixup_rows` or (with
+        # reduce_kernel) `_reduce_rows_kernel` adds them in order
         n_pad = tl.num_programs(0) * BLOCK_N
         tile = part_ptr + (pid_k * ROWS + tokens[None, :]).to(tl.int64) * n_pad + rows[:, None]
         tl.store(tile, acc)
         squares = part_ptr + SPLIT * ROWS * n_pad + pid_n * SPLIT * ROWS
-        if MODE == 0:
+        if MODE == 0 and (FIXUP or pid_n == 0):  # `_reduce_rows_kernel` reads row block 0's copy
             tl.store(squares + pid_k * ROWS + tokens, ss)
-        tl.debug_barrier()  # every thread's stores are issued before the release below
-        if tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel") == SPLIT - 1:
-            acc = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
-            ss = tl.zeros([ROWS], dtype=tl.float32)
-            for i in range(SPLIT):
-                acc += tl.load(tile + (i - pid_k) * ROWS * n_pad, cache_modifier=".cg")
-                if MODE == 0:
-                    ss += tl.load(squares + i * ROWS + tokens, cache_modifier=".cg")
-            _epilogue(acc, ss, ptrs, ok, rows, row_ok, b_ptr, K, eps, MODE, HAS_BIAS)
-            tl.atomic_xchg(count_ptr + pid_n, 0)
+        if FIXUP:
+            _fixup_rows(tile, squares, ptrs, ok, rows, row_ok, tokens, b_ptr, count_ptr, pid_n, pid_k, K, SPLIT, n_pad,
+                        eps, MODE, HAS_BIAS, BLOCK_N, ROWS)
     else:
         _epilogue(acc, ss, ptrs, ok, rows, row_ok, b_ptr, K, eps, MODE, HAS_BIAS)
+
+
+@triton.jit
+def _fixup_rows(tile, squares, ptrs, ok, rows, row_ok, tokens, b_ptr, count_ptr, pid_n, pid_k, K, SPLIT, n_pad, eps,
+                MODE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr):
+    """After a program stored its partials: the last program of its row block to finish (the counter) adds the
+    SPLIT partials in order, applies the epilogue and resets the counter."""
+    tl.debug_barrier()  # every thread's stores are issued before the release below
+    if tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel") == SPLIT - 1:
+        acc = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
+        ss = tl.zeros([ROWS], dtype=tl.float32)
+        for i in range(SPLIT):
+            acc += tl.load(tile + (i - pid_k) * ROWS * n_pad, cache_modifier=".cg")
+            if MODE == 0:
+                ss += tl.load(squares + i * ROWS + tokens, cache_modifier=".cg")
+        _epilogue(acc, ss, ptrs, ok, rows, row_ok, b_ptr, K, eps, MODE, HAS_BIAS)
+        tl.atomic_xchg(count_ptr + pid_n, 0)
+
+
+@triton.jit
+def _reduce_rows_kernel(part_ptr, b_ptr, out_ptr, T, N, K, SPLIT, n_pad, stride_out, eps, MODE: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr):
+    """The second kernel of a split call with `reduce_kernel`: out tile = the SPLIT partials (and, MODE 0, row block
+    0's sums of squares) added in order, then `_epilogue`: what `_fixup_rows` computes, bit for bit."""
+    wait_for_prior(PDL)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    tokens = tl.arange(0, ROWS)
+    ptrs = out_ptr + tokens[None, :] * stride_out + rows[:, None]
+    ok = row_ok[:, None] & (tokens < T)[None, :]
+    tile = part_ptr + tokens[None, :].to(tl.int64) * n_pad + rows[:, None]
+    squares = part_ptr + SPLIT * ROWS * n_pad
+    acc = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
+    ss = tl.zeros([ROWS], dtype=tl.float32)
+    for i in range(SPLIT):
+        acc += tl.load(tile + i * ROWS * n_pad, mask=row_ok[:, None], other=0.0)
+        if MODE == 0:
+            ss += tl.load(squares + i * ROWS + tokens)
+    _epilogue(acc, ss, ptrs, ok, rows, row_ok, b_ptr, K, eps, MODE, HAS_BIAS)
 
 
 @triton.jit
@@ -193,8 +228,13 @@ def _launch(mode: int, w: torch.Tensor, a: torch.Tensor, nw: torch.Tensor | None
         w, a, nw if nw is not None else w, bias if bias is not None else w, out, part, count, t,
         n, k, per, split, a.stride(0), out.stride(0), eps, MODE=mode, HAS_BIAS=bias is not None,
         IEEE=w.dtype == torch.float32, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ROWS=padded_rows(t),
-        SPLITTING=split > 1,
+        SPLITTING=split > 1, FIXUP=not cfg.reduce_kernel,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, PDL=cfg.pdl, **launch_options(cfg.pdl))
+    if split > 1 and cfg.reduce_kernel:
+        _reduce_rows_kernel[(triton.cdiv(n, cfg.block_n),)](
+            part, bias if bias is not None else w, out, t, n, k, split, triton.cdiv(n, cfg.block_n) * cfg.block_n,
+            out.stride(0), eps, MODE=mode, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, ROWS=padded_rows(t),
+            PDL=cfg.pdl, num_warps=4, **launch_options(cfg.pdl))
     return out
 
 
