@@ -6,6 +6,7 @@ dot is wrong); the `cuda` tests take 7B shapes, float16 and bfloat16 and CUDA-gr
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -156,6 +157,29 @@ def test_gemm_bias_and_accumulate(case, epilogue) -> None:
         ref = base.double() + reference(x, w)
     assert_matches(out, ref, 1e-5)
     assert_margins(buf, n, -3.0)
+
+
+@pytest.mark.parametrize("case", ["int4-offset-g32-f16", "int8-sym-g32-f16", "fp8"])
+def test_a_reduce_kernel_gives_the_fixups_bits(case) -> None:
+    """GemmConfig(reduce_kernel=True): the split partials added by `_gemm_reduce_kernel` give the fixup's bits, with a
+    bias and accumulating (FP8: its row scale), two token blocks; the counters stay zero."""
+    n, k, tokens = 21, k_for(case), 17
+    gen = torch.Generator().manual_seed(sum(map(ord, case)))
+    w = packed_case(case, n, k, seed=9)
+    x, base, bias = (torch.randn(tokens, k, generator=gen).to(DEVICE), torch.randn(tokens, n, generator=gen).to(DEVICE),
+                     torch.randn(n, generator=gen).to(DEVICE))
+    results = []
+    for reduce_kernel in (False, True):
+        cfg = dataclasses.replace(cpu_config(case), reduce_kernel=reduce_kernel)
+        scratch = SplitKScratch.zeros(*gemm_lowbit.scratch_size(tokens, n, k, cfg), DEVICE)
+        out = torch.empty(tokens, n, device=DEVICE)
+        gemm_lowbit.gemm(x, w, out, bias=bias, cfg=cfg, scratch=scratch)
+        acc = base.clone()
+        gemm_lowbit.gemm(x, w, acc, accumulate=True, cfg=cfg, scratch=scratch)
+        results.append((out, acc))
+        assert not scratch.count.any()
+    for fixed_up, reduced in zip(*results):
+        assert torch.equal(fixed_up, reduced)
 
 
 # the shapes of default_config's choices (64 rows, 16..64 tokens, BLOCK_K 128, split 1..8) and a 3-way split

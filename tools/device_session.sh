@@ -318,7 +318,10 @@ for step in "${steps[@]}"; do
           echo "rows tests: rc=$? $(tail -1 "$OUT/reducekernel_rows.log")"
           timeout 150 python3 -m bench.probes.prefill_rows --models llama-2-7b,smollm2-135m --buckets 16,32 --reduce \
             > "$OUT/reducekernel_prefill.md" 2>&1
-          echo "short-prompt prefill: rc=$?"; cat "$OUT/reducekernel_prefill.md" ;;
+          echo "short-prompt prefill: rc=$?"; cat "$OUT/reducekernel_prefill.md"
+          timeout 120 python3 -m bench.probes.lowbit_gemm --tokens 16,32,64 --formats fp16,int4,int8 --reduce \
+            > "$OUT/reducekernel_gemm.log" 2>&1
+          echo "packed prefill GEMM: rc=$?"; cat "$OUT/reducekernel_gemm.log" ;;
     *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel)"
        exit 2 ;;
   esac

@@ -13,6 +13,7 @@ handful of block configs per (shape, T, format) and prints the best.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -82,6 +83,8 @@ def main() -> None:
     ap.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated, of {', '.join(FORMATS)}")
     ap.add_argument("--sweep", action="store_true", help="time the block configs in SWEEP too, print the best")
     ap.add_argument("--reps", type=int, default=20, help="timed graph replays per measurement (median)")
+    ap.add_argument("--reduce", action="store_true", help="also time the default tile with its split partials added "
+                    "by a second kernel (GemmConfig.reduce_kernel), printed after the sweep's column")
     ap.add_argument("--out", default=None, help="folder for lowbit_gemm.json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -120,6 +123,11 @@ def main() -> None:
                     best_ms, best_cfg = min(timed, key=lambda r: r[0])
                     best = f"{best_ms:.4f} ms with {best_cfg}"
                     res["rows"] += [{"shape": name, "T": t, "fmt": fmt, "cfg": vars(c), "ms": m} for m, c in timed]
+                if args.reduce and fmt != "fp16":
+                    reduced = dataclasses.replace(gemm_lowbit.default_config(t, n, k), reduce_kernel=True)
+                    r_ms = _time(weights, x, out, reduced, args.reps, scratch)
+                    best += f"  reduce kernel {r_ms:.4f} ms ({r_ms / ms:.3f}x)"
+                    res["rows"].append({"shape": name, "T": t, "fmt": fmt, "cfg": vars(reduced), "ms": r_ms})
                 if fmt == "fp16":
                     fp16_ms[t] = ms
                 ratio = f"{fp16_ms[t] / ms:7.2f}" if t in fp16_ms else f"{'-':>7s}"

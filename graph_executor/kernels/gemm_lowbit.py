@@ -43,6 +43,9 @@ class GemmConfig:
     split: int = 1  # programs along K (at most): > 1 sums partials in a SplitKScratch
     num_warps: int = 4
     num_stages: int = 3
+    # split > 1: the partials added by a second kernel (`_gemm_reduce_kernel`, same order, same bits) instead of by
+    # the last program of each tile (gemv_splitk.SplitKConfig.reduce_kernel)
+    reduce_kernel: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_t", "block_k"):
@@ -148,7 +151,7 @@ def _gemm_kernel(x_ptr, codes_ptr, scale_ptr, offset_ptr, b_ptr, out_ptr, part_p
                  stride_xm, stride_om, FORMAT: tl.constexpr, HAS_OFFSET: tl.constexpr, ZERO: tl.constexpr,
                  GROUP: tl.constexpr, STEP_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
                  PRECISION: tl.constexpr, SPLITTING: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+                 BLOCK_K: tl.constexpr, FIXUP: tl.constexpr = True):
     """Program (n, t, s): weight rows n * BLOCK_N.., tokens t * BLOCK_T.., K columns s * K_SPLIT.. (SPLIT programs
     along K). acc [BLOCK_N, BLOCK_T] = W_tile @ x_tile^T: the dequantized weights are the dot's left operand."""
     pid_n = tl.program_id(0)
@@ -178,16 +181,38 @@ def _gemm_kernel(x_ptr, codes_ptr, scale_ptr, offset_ptr, b_ptr, out_ptr, part_p
         n_pad = grid_n * BLOCK_N
         tile = part_ptr + (pid_k * m_pad + tokens[None, :]).to(tl.int64) * n_pad + rows[:, None]
         tl.store(tile, acc)
-        tl.debug_barrier()  # every thread's stores are issued before the release below
-        counter = count_ptr + pid_t * grid_n + pid_n
-        if tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT - 1:
-            acc = tl.zeros([BLOCK_N, BLOCK_T], dtype=tl.float32)
-            for i in range(SPLIT):
-                acc += tl.load(tile + (i - pid_k) * m_pad * n_pad, cache_modifier=".cg")
-            _epilogue(acc, at, mask, rows, row_ok, scale_ptr, b_ptr, FORMAT, HAS_BIAS, ACCUMULATE)
-            tl.atomic_xchg(counter, 0)
+        if FIXUP:  # else `_gemm_reduce_kernel` adds the partials
+            tl.debug_barrier()  # every thread's stores are issued before the release below
+            counter = count_ptr + pid_t * grid_n + pid_n
+            if tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT - 1:
+                acc = tl.zeros([BLOCK_N, BLOCK_T], dtype=tl.float32)
+                for i in range(SPLIT):
+                    acc += tl.load(tile + (i - pid_k) * m_pad * n_pad, cache_modifier=".cg")
+                _epilogue(acc, at, mask, rows, row_ok, scale_ptr, b_ptr, FORMAT, HAS_BIAS, ACCUMULATE)
+                tl.atomic_xchg(counter, 0)
     else:
         _epilogue(acc, at, mask, rows, row_ok, scale_ptr, b_ptr, FORMAT, HAS_BIAS, ACCUMULATE)
+
+
+@triton.jit
+def _gemm_reduce_kernel(part_ptr, scale_ptr, b_ptr, out_ptr, M, N, SPLIT, stride_om, FORMAT: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
+    """The second kernel of a split `gemm` with `reduce_kernel`: tile (n, t) = the SPLIT partials added in order, then
+    `_epilogue`, as the fixup's last program does (same bits)."""
+    pid_n = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_ok = rows < N
+    tokens = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    m_pad = tl.num_programs(1) * BLOCK_T
+    n_pad = tl.num_programs(0) * BLOCK_N
+    tile = part_ptr + tokens[None, :].to(tl.int64) * n_pad + rows[:, None]
+    acc = tl.zeros([BLOCK_N, BLOCK_T], dtype=tl.float32)
+    for i in range(SPLIT):
+        acc += tl.load(tile + i * m_pad * n_pad)
+    at = out_ptr + tokens[None, :] * stride_om + rows[:, None]
+    _epilogue(acc, at, row_ok[:, None] & (tokens < M)[None, :], rows, row_ok, scale_ptr, b_ptr, FORMAT, HAS_BIAS,
+              ACCUMULATE)
 
 
 @triton.jit
@@ -301,7 +326,12 @@ def gemm(x: torch.Tensor, w: PackedWeight, out: torch.Tensor, bias: torch.Tensor
     _gemm_kernel[grid](x, *fmt_ptrs, bias if bias is not None else out, out, scratch.partial, scratch.count, t, n,
                        k, k_split, split, x.stride(0), out.stride(0), **fmt, HAS_BIAS=bias is not None,
                        ACCUMULATE=accumulate, PRECISION=precision, SPLITTING=split > 1, BLOCK_N=cfg.block_n,
-                       BLOCK_T=cfg.block_t, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                       BLOCK_T=cfg.block_t, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                       FIXUP=not cfg.reduce_kernel)
+    if split > 1 and cfg.reduce_kernel:
+        _gemm_reduce_kernel[grid[:2]](scratch.partial, fmt_ptrs[1], bias if bias is not None else out, out, t, n, split,
+                                      out.stride(0), FORMAT=fmt["FORMAT"], HAS_BIAS=bias is not None,
+                                      ACCUMULATE=accumulate, BLOCK_N=cfg.block_n, BLOCK_T=cfg.block_t, num_warps=4)
     return out
 
 
