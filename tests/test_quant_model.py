@@ -3,13 +3,15 @@ steps over packed slots (the Triton kernels run in the interpreter on CPU), and 
 
 from __future__ import annotations
 
+import dataclasses
+
 import gguf
 import numpy as np
 import pytest
 import torch
 import transformers
 
-from graph_executor.fused_decoder import FusedDecoder
+from graph_executor.fused_decoder import INT4_PLAN, INT8_PLAN, FusedDecoder
 from graph_executor.fused_prefill import FusedPrefill
 from graph_executor.loading.gguf_loader import gguf_config, gguf_plan, open_gguf
 from graph_executor.loading.loader import LoadConfig, _load_gguf, load_model
@@ -189,6 +191,24 @@ def test_fused_decoder_over_a_packed_gguf(quantized_gguf) -> None:
     t, p = torch.tensor([3], device=DEVICE), torch.tensor([12], device=DEVICE)
     FusedDecoder(model).step(t, p, logits)
     assert rel(logits, model(t, p, torch.tensor([0], device=DEVICE), 13)[0]) < 1e-4
+
+
+def test_a_decoder_with_reduce_kernels_gives_the_same_logits(quantized_gguf) -> None:
+    """FusedDecoder with every packed projection's partials added by a second kernel (SplitKConfig.reduce_kernel:
+    int4 and int8, offsets or not, sharing the decoder's one scratch) gives the default decoder's logits, bit for bit."""
+    model = packed_gguf_model(quantized_gguf)
+    logits_of(model, PROMPT)  # fills the cache for positions 0..11
+    t, p = torch.tensor([3], device=DEVICE), torch.tensor([12], device=DEVICE)
+    got = []
+    for reduce_kernel in (False, True):
+        plans = {name: dataclasses.replace(plan, **{f.name: dataclasses.replace(getattr(plan, f.name),
+                                                                                reduce_kernel=reduce_kernel)
+                                                    for f in dataclasses.fields(plan)})
+                 for name, plan in (("int4", INT4_PLAN), ("int8", INT8_PLAN))}
+        logits = torch.full((BASE["vocab_size"],), float("nan"), device=DEVICE)
+        FusedDecoder(model, **plans).step(t, p, logits)
+        got.append(logits)
+    assert torch.equal(got[0], got[1])
 
 
 def test_gguf_types_without_a_packed_format_are_dequantized_and_named(tmp_path) -> None:
