@@ -297,8 +297,7 @@ for step in "${steps[@]}"; do
     reducekernel) # issues 10 and 12: the split-K GEMVs with their partials added by a second kernel (reduce_kernel:
                   # no program waits on the fixup's membar + atomic + barrier; the ablation put the fixup at ~30% of the
                   # int4 GEMVs' time): the identity tests, per projection, whole 7B int4 / int8 steps, and the fp16 7B
-                  # and 1B steps (dense split-K down, and qkv on 1B), then the short-prompt prefill step's multi-row GEMVs
-                  # with it (RowsConfig.reduce_kernel: issue 12's TTFT at 10 tokens) (~6 min)
+                  # and 1B steps (dense split-K down, and qkv on 1B) (~5 min; `reduceprefill`: the prefill side)
           timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gemv_splitk.py tests/test_gemv_fp8.py \
             tests/test_gemv_dense_splitk.py > "$OUT/reducekernel_tests.log" 2>&1
           echo "split-K tests: rc=$? $(tail -1 "$OUT/reducekernel_tests.log")"
@@ -313,8 +312,12 @@ for step in "${steps[@]}"; do
           echo "int8 steps: rc=$?"; cat "$OUT/reducekernel_step_int8.md"
           timeout 150 python3 -m bench.probes.step_variants --models llama-2-7b,llama-3.2-1b --contexts 300 --rounds 5 \
             --variants "fused=0;fused=0,rk=1;fused=0;fused=0,rk=1" > "$OUT/reducekernel_step_fp16.md" 2>&1
-          echo "fp16 steps: rc=$?"; cat "$OUT/reducekernel_step_fp16.md"
-          timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gemv_rows.py > "$OUT/reducekernel_rows.log" 2>&1
+          echo "fp16 steps: rc=$?"; cat "$OUT/reducekernel_step_fp16.md" ;;
+    reduceprefill) # issues 10 and 12: reduce_kernel on the prefill side, the short-prompt multi-row GEMVs
+                   # (RowsConfig.reduce_kernel; issue 12's 10-token TTFT) and the packed prefill GEMM below 128 rows
+                   # (GemmConfig.reduce_kernel; issue 10's packed TTFT at 10-50 tokens) (~4 min)
+          timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gemv_rows.py tests/test_quant_gemm.py \
+            -k "reduce or rows" > "$OUT/reducekernel_rows.log" 2>&1
           echo "rows tests: rc=$? $(tail -1 "$OUT/reducekernel_rows.log")"
           timeout 150 python3 -m bench.probes.prefill_rows --models llama-2-7b,smollm2-135m --buckets 16,32 --reduce \
             > "$OUT/reducekernel_prefill.md" 2>&1
@@ -322,7 +325,7 @@ for step in "${steps[@]}"; do
           timeout 120 python3 -m bench.probes.lowbit_gemm --tokens 16,32,64 --formats fp16,int4,int8 --reduce \
             > "$OUT/reducekernel_gemm.log" 2>&1
           echo "packed prefill GEMM: rc=$?"; cat "$OUT/reducekernel_gemm.log" ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel)"
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill)"
        exit 2 ;;
   esac
 done
