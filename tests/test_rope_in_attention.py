@@ -72,6 +72,30 @@ def test_rope_inside_attention_equals_rope_append_then_attention(heads, kv_heads
         assert err < tol, f"pos {pos}: relative error {err:.2e} against float64"
 
 
+def test_v_loaded_with_k_gives_the_same_bits() -> None:
+    """DecodeAttention(v_early=True): V's loads issued with K's change no output or cache element, with RoPE inside
+    and without (SmolLM2's grouping, two positions, several blocks of keys)."""
+    heads, kv_heads, hd, cache, _, window, dtype, split, fused = CASES[1]
+    gen = torch.Generator().manual_seed(heads * 10 + cache)
+    rope = tables(heads, kv_heads, hd, cache)
+    kv = torch.randn(2, kv_heads, cache, hd, generator=gen).to(DEVICE, dtype)
+    for pos in (5, 200):
+        qkv = torch.randn((heads + 2 * kv_heads) * hd, generator=gen).to(DEVICE, dtype)
+        position = torch.tensor([pos], device=DEVICE)
+        got = []
+        for v_early in (False, True):
+            attn = DecodeAttention(heads, kv_heads, hd, cache, DEVICE, sliding_window=window, split_size=split,
+                                   fused_reduce=fused, v_early=v_early)
+            cache_copy = kv.clone()
+            out = torch.full((heads, hd), float("nan"), device=DEVICE, dtype=dtype)
+            attn(qkv, cache_copy[0], cache_copy[1], position, out, rope=rope)
+            plain = torch.full((heads, hd), float("nan"), device=DEVICE, dtype=dtype)
+            attn(qkv[: heads * hd].view(heads, hd), kv[0], kv[1], position, plain)
+            got.append((out, cache_copy, plain))
+        for a, b in zip(*got):
+            assert torch.equal(a, b)
+
+
 def test_a_batched_decode_appends_each_token_to_its_own_slot() -> None:
     """Three tokens, each in its own KV slot at its own position (a batched decode's `slots`)."""
     heads, kv_heads, hd, cache, slots = 4, 2, 64, 128, 3

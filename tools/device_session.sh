@@ -325,7 +325,16 @@ for step in "${steps[@]}"; do
           timeout 120 python3 -m bench.probes.lowbit_gemm --tokens 16,32,64 --formats fp16,int4,int8 --reduce \
             > "$OUT/reducekernel_gemm.log" 2>&1
           echo "packed prefill GEMM: rc=$?"; cat "$OUT/reducekernel_gemm.log" ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill)"
+    vearly) # issue 12: the decode attention's V loads issued with its K loads (DecodeAttention(v_early=True): the
+            # scores' reductions' barriers otherwise keep V's DRAM latency after K's), the identity test on the card,
+            # then whole steps on the 7B, 1B and SmolLM2 shapes at contexts 300 and 2000 (~3 min)
+          timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_rope_in_attention.py > "$OUT/vearly_tests.log" 2>&1
+          echo "attention tests: rc=$? $(tail -1 "$OUT/vearly_tests.log")"
+          timeout 240 python3 -m bench.probes.step_variants --models llama-2-7b,llama-3.2-1b,smollm2-135m \
+            --contexts 300,2000 --rounds 5 --variants "fused=0;fused=0,ve=1;fused=0;fused=0,ve=1" \
+            > "$OUT/vearly_steps.md" 2>&1
+          echo "steps: rc=$?"; cat "$OUT/vearly_steps.md" ;;
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly)"
        exit 2 ;;
   esac
 done

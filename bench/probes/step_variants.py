@@ -11,7 +11,8 @@ their weights before waiting for the kernel before them, `FusedDecoder(early_wei
 GEMV alone loads early, on top of the rest), pf (MiB of the layer's next weights the attention kernel asks L2 to
 hold: `FusedDecoder(l2_prefetch_mb=)`, kernels/l2_prefetch.py), tpf (MiB of the next projection's weights each GEMV's
 tail asks L2 for: `FusedDecoder(tail_prefetch_mb=)`), rk (1: the plan's split-K dense projections have their
-partials added by a second kernel, `DenseSplitKConfig.reduce_kernel`). split, warps, rope, pf, tpf and early left out: the decoder's defaults (rope and early: `decode_plan.options_for` the model). Prints the median of
+partials added by a second kernel, `DenseSplitKConfig.reduce_kernel`), ve (1: the attention's V loads issued with
+its K loads, `DecodeAttention(v_early=True)`). split, warps, rope, pf, tpf and early left out: the decoder's defaults (rope and early: `decode_plan.options_for` the model). Prints the median of
 each variant's per-round medians and its ratio to the first.
 """
 
@@ -41,9 +42,10 @@ def parse_variant(text: str) -> dict[str, int]:
     variant = {"fused": 1}
     for item in text.split(","):
         key, _, value = item.partition("=")
-        if key not in ("split", "warps", "fused", "rope", "early", "earlyo", "pf", "tpf", "rk") or not value.isdigit():
+        if key not in ("split", "warps", "fused", "rope", "early", "earlyo", "pf", "tpf", "rk", "ve") \
+                or not value.isdigit():
             raise SystemExit(f"bad variant item {item!r} in {text!r} (split=, warps=, fused=, rope=, early=, earlyo=, "
-                             "pf=, tpf=, rk=)")
+                             "pf=, tpf=, rk=, ve=)")
         variant[key] = int(value)
     return variant
 
@@ -65,7 +67,7 @@ def build(model, variant: dict[str, int]) -> FusedDecoder:
     decoder.attention = DecodeAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, model.max_context,
                                         model.embed_tokens.device, cfg.sliding_window, variant.get("split"),
                                         pdl=decoder.pdl, num_warps=variant.get("warps"),
-                                        fused_reduce=bool(variant["fused"]))
+                                        fused_reduce=bool(variant["fused"]), v_early=bool(variant.get("ve")))
     return decoder
 
 

@@ -60,7 +60,8 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, acc_ptr, m_ptr, l_ptr,
                   scale, window,
                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
                   NUM_SPLITS: tl.constexpr, NUM_HEADS: tl.constexpr, SLOTS: tl.constexpr, FUSED_REDUCE: tl.constexpr,
-                  ROPE: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr = 0, THREADS: tl.constexpr = 128):
+                  ROPE: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr = 0, THREADS: tl.constexpr = 128,
+                  V_EARLY: tl.constexpr = False):
     wait_for_prior(PDL)
     head = tl.program_id(0)
     split = tl.program_id(1)
@@ -101,13 +102,17 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, acc_ptr, m_ptr, l_ptr,
         valid = n < hi
         k = tl.load(k_ptr + kv_head * stride_kh + n[:, None] * stride_kn + d[None, :],
                     mask=valid[:, None], other=0.0).to(tl.float32)  # [BLOCK, hd]
+        if V_EARLY:  # V's loads issued with K's, before the scores' reductions (barriers: ptxas keeps loads behind them)
+            v = tl.load(v_ptr + kv_head * stride_vh + n[:, None] * stride_vn + d[None, :],
+                        mask=valid[:, None], other=0.0).to(tl.float32)  # [BLOCK, hd]
         s = tl.sum(k * q[None, :], axis=1)  # [BLOCK]
         s = tl.where(valid, s, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new)  # [BLOCK]
-        v = tl.load(v_ptr + kv_head * stride_vh + n[:, None] * stride_vn + d[None, :],
-                    mask=valid[:, None], other=0.0).to(tl.float32)  # [BLOCK, hd]
+        if not V_EARLY:
+            v = tl.load(v_ptr + kv_head * stride_vh + n[:, None] * stride_vn + d[None, :],
+                        mask=valid[:, None], other=0.0).to(tl.float32)  # [BLOCK, hd]
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
         l_i = l_i * alpha + tl.sum(p, axis=0)
         m_i = m_new
@@ -237,13 +242,15 @@ class DecodeAttention:
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, max_context: int,
                  device: torch.device, sliding_window: int | None = None, split_size: int | None = None,
                  max_tokens: int = 1, pdl: bool = False, batched: bool = False, num_warps: int | None = None,
-                 fused_reduce: bool = False) -> None:
+                 fused_reduce: bool = False, v_early: bool = False) -> None:
         """`max_tokens` > 1: a verify step's tokens (one sequence, consecutive positions), or with `batched` the
         tokens of a batched decode (one per KV slot: `__call__`'s slots). `num_warps`: the one-query kernel's
         (default: `one_query_warps` with the default split, else Triton's 4; `bench.probes.decode_attention`
         sweeps it). `fused_reduce`: the one-query kernel's last program per query head combines the splits (one
         kernel per call instead of two; off by default: not faster on 7B in the whole step, see SPLIT_SIZE; the
-        verify kernel keeps its reduce kernel)."""
+        verify kernel keeps its reduce kernel). `v_early`: the one-query kernel issues each block's V loads with its
+        K loads, before the scores' reductions (whose barriers otherwise keep V's DRAM latency after K's; same
+        arithmetic, same bits; unmeasured, off)."""
         if head_dim & (head_dim - 1):
             raise ValueError(f"decode attention needs a power-of-two head_dim, got {head_dim}")
         self.num_heads, self.group, self.head_dim = num_heads, num_heads // num_kv_heads, head_dim
@@ -264,6 +271,7 @@ class DecodeAttention:
         self.m = torch.empty(max_tokens, num_heads, self.num_splits, **f32)
         self.l = torch.empty(max_tokens, num_heads, self.num_splits, **f32)
         self.fused_reduce = fused_reduce and one_query
+        self.v_early = v_early
         # per query row, how many of its split programs have finished (the last one resets it)
         self.counts = torch.zeros(max_tokens * num_heads, device=device, dtype=torch.int32)
 
@@ -301,7 +309,8 @@ class DecodeAttention:
                 self.scale, self.window, GROUP=self.group, HEAD_DIM=self.head_dim, SPLIT=self.split, BLOCK=block,
                 NUM_SPLITS=self.num_splits, NUM_HEADS=self.num_heads, SLOTS=slots is not None,
                 FUSED_REDUCE=self.fused_reduce, ROPE=rope is not None, PDL=self.pdl, PREFETCH=regions,
-                THREADS=32 * self.warps.get("num_warps", 4), **self.warps, **launch_options(self.pdl),
+                THREADS=32 * self.warps.get("num_warps", 4), V_EARLY=self.v_early, **self.warps,
+                **launch_options(self.pdl),
             )
             if self.fused_reduce:
                 return out
