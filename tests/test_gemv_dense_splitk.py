@@ -17,7 +17,10 @@ from graph_executor.kernels.gemv import GemvConfig
 from graph_executor.kernels.gemv_dense_splitk import DenseSplitKConfig
 from graph_executor.kernels.gemv_splitk import SplitKScratch
 from graph_executor.kernels.projections import ProjectionConfig
-from tests.test_gemv_fp8 import check_elements  # |out - ref| <= tol * max(|ref_i|, rms(ref)), every element
+from tests.test_gemv_fp8 import (  # |out - ref| <= tol * max(|ref_i|, rms(ref)), every element; the reduce check
+    check_elements,
+    fixup_and_reduce_kernel_agree,
+)
 
 CASES = [  # n, k, config, dtype (weights and activations)
     (37, 300, DenseSplitKConfig(16, 128, 2), torch.float32),  # 3 slices, the last 44 wide; 3 row blocks, the last 5
@@ -81,18 +84,8 @@ def identical_with_a_reduce_kernel(device: torch.device) -> None:
     """DenseSplitKConfig(reduce_kernel=True): the partials added by a second kernel give the fixup's bits."""
     for i, (n, k, cfg, dtype) in enumerate(CASES):
         w, v = inputs(n, k, dtype, seed=60 + i)
-        w = w.to(device)
-        on = {name: t.to(device) for name, t in v.items()}
-        results = []
-        for reduce_kernel in (False, True):
-            c = dataclasses.replace(cfg, reduce_kernel=reduce_kernel)
-            scratch = gemv_dense_splitk.allocate_scratch(w, c)
-            out = torch.full((n,), float("nan"), device=device, dtype=dtype)
-            gemv_dense_splitk.rmsnorm_gemv(w, on["x"], on["nw"], 1e-5, out, scratch, bias=on["bias"], cfg=c)
-            results.append((out, gemv_dense_splitk.gemv_residual(w, on["x"], on["r"].clone(), scratch, c),
-                            gemv_dense_splitk.silu_gemv_residual(w, on["gate_up"], on["r"].clone(), scratch, c)))
-        for fixed_up, reduced in zip(*results):
-            assert torch.equal(fixed_up, reduced), (n, k, cfg)
+        fixup_and_reduce_kernel_agree(gemv_dense_splitk, w.to(device), {name: t.to(device) for name, t in v.items()},
+                                      cfg, dtype)
 
 
 @ON_CPU
@@ -196,8 +189,6 @@ def test_the_step_options_are_the_ones_measured_on_the_nearest_hidden_size_below
     """decode_plan.options_for: RoPE inside attention from 7B's hidden size up and below 1B's; the early weights and
     the attention's in-kernel split combine below 1B's only (measured on the card: losses on 7B); FusedDecoder takes
     them unless told."""
-    import dataclasses
-
     import transformers
 
     from graph_executor.fused_decoder import FusedDecoder

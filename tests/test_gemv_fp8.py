@@ -94,23 +94,28 @@ def test_fp8_gemv_matches_float64(case) -> None:
     check(torch.device("cpu"), *case, seed=3)
 
 
+def fixup_and_reduce_kernel_agree(module, w, on: dict[str, torch.Tensor], cfg, dtype: torch.dtype) -> None:
+    """`module` (gemv_fp8 or gemv_dense_splitk) over weight w and the vectors `on` with cfg, then with
+    cfg.reduce_kernel: the partials added by gemv_splitk's `_reduce_kernel` give the fixup's bits in each fusion
+    (the row scale, 1 / rms, the bias, the residual), and the counters stay zero."""
+    results = []
+    for reduce_kernel in (False, True):
+        c = dataclasses.replace(cfg, reduce_kernel=reduce_kernel)
+        scratch = module.allocate_scratch(w, c)
+        out = torch.full((w.shape[0],), float("nan"), device=on["x"].device, dtype=dtype)
+        module.rmsnorm_gemv(w, on["x"], on["nw"], 1e-5, out, scratch, bias=on["bias"], cfg=c)
+        results.append((out, module.gemv_residual(w, on["x"], on["r"].clone(), scratch, c),
+                        module.silu_gemv_residual(w, on["gate_up"], on["r"].clone(), scratch, c)))
+        assert int(scratch.count.abs().sum()) == 0
+    for fixed_up, reduced in zip(*results):
+        assert torch.equal(fixed_up, reduced), (tuple(w.shape), cfg)
+
+
 def identical_with_a_reduce_kernel(device: torch.device) -> None:
-    """Fp8Config(reduce_kernel=True): the partials added by gemv_splitk's `_reduce_kernel` give the fixup's bits
-    (the row scale, 1 / rms, the bias, the residual: each fusion), and the counters stay zero."""
+    """Fp8Config(reduce_kernel=True) against the fixup, every case."""
     for i, (n, k, cfg, dtype) in enumerate(CASES):
-        w = fp8_weight(n, k, device, seed=40 + i)
         on = {name: t.to(device) for name, t in vectors(n, k, dtype, seed=50 + i).items()}
-        results = []
-        for reduce_kernel in (False, True):
-            c = dataclasses.replace(cfg, reduce_kernel=reduce_kernel)
-            scratch = gemv_fp8.allocate_scratch(w, c)
-            out = torch.full((n,), float("nan"), device=device, dtype=dtype)
-            gemv_fp8.rmsnorm_gemv(w, on["x"], on["nw"], 1e-5, out, scratch, bias=on["bias"], cfg=c)
-            results.append((out, gemv_fp8.gemv_residual(w, on["x"], on["r"].clone(), scratch, c),
-                            gemv_fp8.silu_gemv_residual(w, on["gate_up"], on["r"].clone(), scratch, c)))
-            assert int(scratch.count.abs().sum()) == 0
-        for fixed_up, reduced in zip(*results):
-            assert torch.equal(fixed_up, reduced), (n, k, cfg)
+        fixup_and_reduce_kernel_agree(gemv_fp8, fp8_weight(n, k, device, seed=40 + i), on, cfg, dtype)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors need the Triton interpreter, which is on only "

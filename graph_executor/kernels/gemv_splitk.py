@@ -226,14 +226,25 @@ def _reduce_kernel(part_ptr, scale_ptr, b_ptr, out_ptr, N, K, eps, MODE: tl.cons
     `fixup`'s last program applies (the row scale, 1 / rms and the bias, or the residual), in the same order."""
     wait_for_prior(PDL)
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    row_ok = rows < N
+    _add_partials(part_ptr, part_ptr + SPLIT * N, rows, rows < N, scale_ptr, b_ptr, out_ptr, N, K, eps, MODE,
+                  HAS_BIAS, ROW_SCALE, SPLIT, SPLIT_P2, BLOCK)
+
+
+@triton.jit
+def _add_partials(part_ptr, sq_ptr, rows, row_ok, scale_ptr, b_ptr, out_ptr, N, K, eps, MODE: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, ROW_SCALE: tl.constexpr, SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """out[rows] = the SPLIT partials [SPLIT, N] added in order, times the row scale (ROW_SCALE), then 1 / rms from
+    the slices' sums of squares at sq_ptr and the bias (MODE 0), or plus the residual (MODES 1, 2): what `fixup`'s
+    last program and `_reduce_kernel` both write. Loads through L2 (.cg): other programs wrote the partials."""
     total = tl.zeros([BLOCK], dtype=tl.float32)
     for i in tl.static_range(SPLIT):
-        total += tl.load(part_ptr + i * N + rows, mask=row_ok, other=0.0)
+        total += tl.load(part_ptr + i * N + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
     if ROW_SCALE:
         total *= tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
     if MODE == 0:
-        sq = tl.load(part_ptr + SPLIT * N + tl.arange(0, SPLIT_P2), mask=tl.arange(0, SPLIT_P2) < SPLIT, other=0.0)
+        sq = tl.load(sq_ptr + tl.arange(0, SPLIT_P2), mask=tl.arange(0, SPLIT_P2) < SPLIT, other=0.0,
+                     cache_modifier=".cg")
         total = total / tl.sqrt(tl.sum(sq, axis=0) / K + eps)
         if HAS_BIAS:
             total += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -275,20 +286,8 @@ def fixup(partial, ss, rows, row_ok, pid_n, pid_k, part_ptr, count_ptr, scale_pt
     tl.debug_barrier()  # every thread's stores are issued before the release below
     done = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
     if done == SPLIT - 1:  # the last program of this row block: add the partials in order
-        total = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for i in tl.static_range(SPLIT):
-            total += tl.load(part_ptr + i * N + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
-        if ROW_SCALE:
-            total *= tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
-        if MODE == 0:
-            sq = tl.load(part_ptr + SPLIT * N + pid_n * SPLIT + tl.arange(0, SPLIT_P2),
-                         mask=tl.arange(0, SPLIT_P2) < SPLIT, other=0.0, cache_modifier=".cg")
-            total = total / tl.sqrt(tl.sum(sq, axis=0) / K + eps)
-            if HAS_BIAS:
-                total += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        else:
-            total += tl.load(out_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=row_ok)
+        _add_partials(part_ptr, part_ptr + SPLIT * N + pid_n * SPLIT, rows, row_ok, scale_ptr, b_ptr, out_ptr, N, K,
+                      eps, MODE, HAS_BIAS, ROW_SCALE, SPLIT, SPLIT_P2, BLOCK_N)
         tl.atomic_xchg(count_ptr + pid_n, 0)
 
 
