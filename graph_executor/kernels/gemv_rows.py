@@ -157,14 +157,23 @@ def _fixup_rows(tile, squares, ptrs, ok, rows, row_ok, tokens, b_ptr, count_ptr,
     SPLIT partials in order, applies the epilogue and resets the counter."""
     tl.debug_barrier()  # every thread's stores are issued before the release below
     if tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel") == SPLIT - 1:
-        acc = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
-        ss = tl.zeros([ROWS], dtype=tl.float32)
-        for i in range(SPLIT):
-            acc += tl.load(tile + (i - pid_k) * ROWS * n_pad, cache_modifier=".cg")
-            if MODE == 0:
-                ss += tl.load(squares + i * ROWS + tokens, cache_modifier=".cg")
+        acc, ss = _add_partials(tile - pid_k * ROWS * n_pad, squares, tokens, SPLIT, n_pad, MODE, BLOCK_N, ROWS)
         _epilogue(acc, ss, ptrs, ok, rows, row_ok, b_ptr, K, eps, MODE, HAS_BIAS)
         tl.atomic_xchg(count_ptr + pid_n, 0)
+
+
+@triton.jit
+def _add_partials(tile0, squares, tokens, SPLIT, n_pad, MODE: tl.constexpr, BLOCK_N: tl.constexpr,
+                  ROWS: tl.constexpr):
+    """A row block's SPLIT partial tiles (slice 0's at tile0, the next ROWS * n_pad floats on) and, MODE 0, its
+    sums of squares at `squares`, added in order through L2 (other programs wrote them): [BLOCK_N, ROWS], [ROWS]."""
+    acc = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
+    ss = tl.zeros([ROWS], dtype=tl.float32)
+    for i in range(SPLIT):
+        acc += tl.load(tile0 + i * ROWS * n_pad, cache_modifier=".cg")
+        if MODE == 0:
+            ss += tl.load(squares + i * ROWS + tokens, cache_modifier=".cg")
+    return acc, ss
 
 
 @triton.jit
@@ -178,14 +187,8 @@ def _reduce_rows_kernel(part_ptr, b_ptr, out_ptr, T, N, K, SPLIT, n_pad, stride_
     tokens = tl.arange(0, ROWS)
     ptrs = out_ptr + tokens[None, :] * stride_out + rows[:, None]
     ok = row_ok[:, None] & (tokens < T)[None, :]
-    tile = part_ptr + tokens[None, :].to(tl.int64) * n_pad + rows[:, None]
-    squares = part_ptr + SPLIT * ROWS * n_pad
-    acc = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
-    ss = tl.zeros([ROWS], dtype=tl.float32)
-    for i in range(SPLIT):
-        acc += tl.load(tile + i * ROWS * n_pad, mask=row_ok[:, None], other=0.0)
-        if MODE == 0:
-            ss += tl.load(squares + i * ROWS + tokens)
+    tile = part_ptr + tokens[None, :].to(tl.int64) * n_pad + rows[:, None]  # rows < n_pad: the tiles are padded
+    acc, ss = _add_partials(tile, part_ptr + SPLIT * ROWS * n_pad, tokens, SPLIT, n_pad, MODE, BLOCK_N, ROWS)
     _epilogue(acc, ss, ptrs, ok, rows, row_ok, b_ptr, K, eps, MODE, HAS_BIAS)
 
 
