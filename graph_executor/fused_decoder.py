@@ -36,19 +36,24 @@ from graph_executor.tensor_parallel import StepCollectives
 # Block configs per projection for the packed formats: the best of the probes' sweeps (bench/probes/int4_splitk.py,
 # lowbit_gemv.py) on LLaMA-2-7B shapes on an H200, each projection over 32 layers in one graph (read TB/s in the
 # comments; the fp16 kernels reach 2.8-4.0 TB/s on the same shapes). See bench/NOTES.md.
+# The partials of each split-K program are added by a second kernel (`reduce_kernel`), not by the last program of each row
+# block (barrier + membar + atomic: ~30% of an int4 GEMV's time in the twenty-fourth session's ablation). Measured on
+# an H200 (twenty-fifth session, bench/results/2026-12-02-h200-reduce-kernel/): int4 GEMVs qkv 2.31 -> 2.84 TB/s,
+# o 1.51 -> 1.61, gate_up 2.54 -> 2.97, down 2.09 -> 2.43; the 7B int4 step 2.044 -> 1.798 ms at context 300, 2.353
+# -> 2.098 at 2000; the int8 step 2.591 -> 2.345 ms. The TB/s in the comments are those before the second kernel.
 INT4_PLAN = SplitKPlan(  # split-K dp4a kernels (kernels/gemv_splitk.py; bench/probes/int4_splitk.py --layout shipped)
-    qkv=SplitKConfig(32, 64, 4),  # 2.19 TB/s (the float kernel, bench/probes/float_lowbit_gemv.py: 1.27)
-    o=SplitKConfig(32, 64, 4),  # 1.55 (0.96)
-    gate_up=SplitKConfig(32, 64, 4),  # 2.46 (1.50)
-    down=SplitKConfig(32, 64, 4),  # 2.05 (1.01)
-    lm_head=SplitKConfig(32, 64, 4),
+    qkv=SplitKConfig(32, 64, 4, reduce_kernel=True),  # 2.19 TB/s (the float kernel, bench/probes/float_lowbit_gemv.py: 1.27)
+    o=SplitKConfig(32, 64, 4, reduce_kernel=True),  # 1.55 (0.96)
+    gate_up=SplitKConfig(32, 64, 4, reduce_kernel=True),  # 2.46 (1.50)
+    down=SplitKConfig(32, 64, 4, reduce_kernel=True),  # 2.05 (1.01)
+    lm_head=SplitKConfig(32, 64, 4, reduce_kernel=True),
 )
 INT8_PLAN = SplitKPlan(  # the same kernels over int8 codes (int4_splitk.py --bits 8; the float kernel in brackets)
-    qkv=SplitKConfig(32, 128, 4),  # 3.01 TB/s (2.99)
-    o=SplitKConfig(32, 128, 4),  # 2.06 (2.05)
-    gate_up=SplitKConfig(64, 128, 8),  # 3.34 (3.13)
-    down=SplitKConfig(32, 256, 8),  # 2.80 (2.72)
-    lm_head=SplitKConfig(32, 128, 4),
+    qkv=SplitKConfig(32, 128, 4, reduce_kernel=True),  # 3.01 TB/s (2.99)
+    o=SplitKConfig(32, 128, 4, reduce_kernel=True),  # 2.06 (2.05)
+    gate_up=SplitKConfig(64, 128, 8, reduce_kernel=True),  # 3.34 (3.13)
+    down=SplitKConfig(32, 256, 8, reduce_kernel=True),  # 2.80 (2.72)
+    lm_head=SplitKConfig(32, 128, 4, reduce_kernel=True),
 )
 FP8_GEMV_PLAN = GemvPlan(  # FP8 codes through the fp16 GEMVs (the path before the split-K FP8 kernels)
     qkv=GemvConfig(16, 256, 4, 3),  # 2.87 TB/s
@@ -64,9 +69,9 @@ FP8_GEMV_PLAN = GemvPlan(  # FP8 codes through the fp16 GEMVs (the path before t
 FP8_PLAN = Fp8Plan(
     qkv=FP8_GEMV_PLAN.qkv,
     o=FP8_GEMV_PLAN.o,
-    gate_up=Fp8Config(32, 512, 4),  # 3.20 (3.17)
-    down=Fp8Config(64, 512, 8),  # 2.78 (2.74)
-    lm_head=Fp8Config(64, 512, 8),  # 3.42 (3.10)
+    gate_up=Fp8Config(32, 512, 4, reduce_kernel=True),  # 3.20 (3.17), both before the second kernel
+    down=Fp8Config(64, 512, 8, reduce_kernel=True),  # 2.78 (2.74)
+    lm_head=Fp8Config(64, 512, 8, reduce_kernel=True),  # 3.42 (3.10)
 )
 
 
@@ -78,7 +83,8 @@ class FusedDecoder:
                  int4: SplitKPlan = INT4_PLAN, int8: SplitKPlan = INT8_PLAN,
                  fp8: Fp8Plan | GemvPlan = FP8_PLAN, pdl: bool | None = None, fuse_rope: bool | None = None,
                  early_weights: bool | None = None, l2_prefetch_mb: int | None = None,
-                 split_combine: bool | None = None, tail_prefetch_mb: int | None = None) -> None:
+                 split_combine: bool | None = None, tail_prefetch_mb: int | None = None,
+                 v_early: bool | None = None) -> None:
         """`fp8`: per projection an Fp8Config runs FP8 slots through the split-K kernels, a GemvConfig through the
         fp16 kernels (FP8_GEMV_PLAN: all of them, the old path). `plan`: the dense weights' configs (None:
         `decode_plan.plan_for` the model's hidden size). `pdl`: launch the dense GEMVs, RoPE and attention
@@ -94,7 +100,9 @@ class FusedDecoder:
         options'. `split_combine`: the attention's last split program per head combines the splits (no reduce
         kernel; `DecodeAttention(fused_reduce=)`); None: the options'. `tail_prefetch_mb`: each GEMV on gemv.py's
         kernels asks L2 for up to this many MiB of the next projection's weights once its rows are stored (the
-        next kernel's first loads during this one's tail), on sm_90+ only; None: the options'."""
+        next kernel's first loads during this one's tail), on sm_90+ only; None: the options'. `v_early`: the
+        attention kernel issues each block's V loads with its K loads (`DecodeAttention(v_early=)`); None: the
+        options'."""
         cfg = model.config
         device = model.embed_tokens.device
         plan = plan_for(cfg.hidden_size) if plan is None else plan
@@ -105,6 +113,7 @@ class FusedDecoder:
         self.fuse_rope = fuse_rope
         self.early_weights = early_weights
         split_combine = options.split_combine if split_combine is None else split_combine
+        v_early = options.v_early if v_early is None else v_early
         # the step's GEMV slots in the order it reads them: per layer qkv, o, gate_up, down (LAYER_GEMVS); then lm_head
         slots = [(getattr(layer, f"{name}_proj"), name) for layer in model.layers
                  for name in LAYER_GEMVS] + [(model.lm_head, "lm_head")]
@@ -136,7 +145,7 @@ class FusedDecoder:
         self.gate_up = empty(2 * cfg.intermediate_size)
         self.attention = DecodeAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, model.max_context,
                                          device, cfg.sliding_window, split_size, pdl=self.pdl,
-                                         fused_reduce=split_combine)
+                                         fused_reduce=split_combine, v_early=v_early)
         # packed int4/int8 and FP8 slots run split-K kernels that share one scratch (one after another on one stream)
         sizes = [decode_scratch_size(w, self.plan[name]) for w, name in slots]
         floats, counters = max(f for f, _ in sizes), max(c for _, c in sizes)

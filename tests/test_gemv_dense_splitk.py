@@ -169,16 +169,18 @@ def test_bad_input_is_refused_in_one_line() -> None:
 
 def test_the_decode_plan_is_the_one_measured_on_the_nearest_hidden_size_below() -> None:
     """decode_plan.plan_for: 7B's plan (split-K down) from hidden 4096 up, 1B's (split-K qkv and down) from 2048,
-    SmolLM2's (split-K down) below; o_proj, gate_up and lm_head stay on gemv.py's kernels everywhere (measured)."""
+    SmolLM2's (split-K down) below; o_proj, gate_up and lm_head stay on gemv.py's kernels everywhere; every split-K
+    projection's partials are added by the second kernel (measured)."""
     from graph_executor.kernels import decode_plan
     from graph_executor.kernels.gemv import GEMV_PLAN, GemvConfig
 
     seven, one, small = decode_plan.plan_for(4096), decode_plan.plan_for(2048), decode_plan.plan_for(576)
     assert decode_plan.plan_for(8192) == seven == decode_plan.DEFAULT_PLAN and decode_plan.plan_for(3584) == one
     assert decode_plan.plan_for(896) == small == decode_plan.plan_for(1)
-    assert seven.down == DenseSplitKConfig(16, 1024, 8) and isinstance(seven.qkv, GemvConfig)
-    assert one.qkv == DenseSplitKConfig(16, 256, 4) and one.down == DenseSplitKConfig(32, 512, 8)
-    assert small.down == DenseSplitKConfig(32, 256, 8) and isinstance(small.qkv, GemvConfig)
+    assert seven.down == DenseSplitKConfig(16, 1024, 8, reduce_kernel=True) and isinstance(seven.qkv, GemvConfig)
+    assert one.qkv == DenseSplitKConfig(16, 256, 4, reduce_kernel=True)
+    assert one.down == DenseSplitKConfig(32, 512, 8, reduce_kernel=True)
+    assert small.down == DenseSplitKConfig(32, 256, 8, reduce_kernel=True) and isinstance(small.qkv, GemvConfig)
     for plan in (seven, one, small):
         assert (plan.o, plan.gate_up, plan.lm_head) == (GEMV_PLAN.o, GEMV_PLAN.gate_up, GEMV_PLAN.lm_head)
     with pytest.raises(ValueError, match="hidden_size"):
@@ -187,8 +189,8 @@ def test_the_decode_plan_is_the_one_measured_on_the_nearest_hidden_size_below() 
 
 def test_the_step_options_are_the_ones_measured_on_the_nearest_hidden_size_below(tmp_path) -> None:
     """decode_plan.options_for: RoPE inside attention from 7B's hidden size up and below 1B's; the early weights and
-    the attention's in-kernel split combine below 1B's only (measured on the card: losses on 7B); FusedDecoder takes
-    them unless told."""
+    the attention's in-kernel split combine below 1B's only (measured on the card: losses on 7B); the early V loads
+    nowhere; FusedDecoder takes them unless told."""
     import transformers
 
     from graph_executor.fused_decoder import FusedDecoder
@@ -207,7 +209,7 @@ def test_the_step_options_are_the_ones_measured_on_the_nearest_hidden_size_below
     assert (chosen.fuse_rope, chosen.early_weights) == (True, True)
     configs = [getattr(chosen.plan["qkv"], f.name) for f in dataclasses.fields(chosen.plan["qkv"])]
     assert all(c.early for c in configs), "every format's config of a projection loads early"
-    assert chosen.attention.fused_reduce
-    told = FusedDecoder(model, fuse_rope=False, early_weights=False, split_combine=False)
+    assert chosen.attention.fused_reduce and not chosen.attention.v_early
+    told = FusedDecoder(model, fuse_rope=False, early_weights=False, split_combine=False, v_early=True)
     assert (told.fuse_rope, told.early_weights) == (False, False) and not told.plan["down"].dense.early
-    assert not told.attention.fused_reduce
+    assert not told.attention.fused_reduce and told.attention.v_early

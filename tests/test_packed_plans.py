@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from bench.probes.packed_plans import parse_plan
-from graph_executor.fused_decoder import INT4_PLAN, INT8_PLAN
+from graph_executor.fused_decoder import FP8_PLAN, INT4_PLAN, INT8_PLAN
+from graph_executor.kernels.gemv_fp8 import Fp8Config
 from graph_executor.kernels.gemv_splitk import SplitKConfig
 
 
@@ -30,7 +31,26 @@ def test_items_change_only_their_projection() -> None:
     assert (plan.qkv, plan.o, plan.lm_head) == (INT4_PLAN.qkv, INT4_PLAN.o, INT4_PLAN.lm_head)
 
 
-@pytest.mark.parametrize("text", ["up=32x64x4", "qkv=32x64", "qkv=32x64x4x1", "qkv=ax64x4", "qkv"])
+def test_r_and_f_change_only_how_the_partials_are_added() -> None:
+    fixup = parse_plan("all=f", INT4_PLAN)
+    for name in ("qkv", "o", "gate_up", "down", "lm_head"):
+        shipped, cfg = getattr(INT4_PLAN, name), getattr(fixup, name)
+        assert not cfg.reduce_kernel
+        assert cfg == SplitKConfig(shipped.block_n, shipped.block_kw, shipped.num_warps, shipped.pdl, shipped.early)
+    assert parse_plan("o=r", fixup).o.reduce_kernel and not parse_plan("o=r", fixup).qkv.reduce_kernel
+    assert parse_plan("down=16x128x8r", fixup).down == SplitKConfig(16, 128, 8, reduce_kernel=True)
+
+
+def test_fp8_plans_change_the_split_k_projections_only() -> None:
+    plan = parse_plan("all=f", FP8_PLAN)
+    assert (plan.qkv, plan.o) == (FP8_PLAN.qkv, FP8_PLAN.o)  # fp16-kernel projections: no partials to add
+    assert not any(getattr(plan, name).reduce_kernel for name in ("gate_up", "down", "lm_head"))
+    assert parse_plan("down=32x256x4r", FP8_PLAN).down == Fp8Config(32, 256, 4, reduce_kernel=True)
+    with pytest.raises(SystemExit, match="qkv runs GemvConfig"):
+        parse_plan("qkv=r", FP8_PLAN)
+
+
+@pytest.mark.parametrize("text", ["up=32x64x4", "qkv=", "qkv=x", "o=rr", "qkv=32x64", "qkv=32x64x4x1", "qkv=ax64x4", "qkv"])
 def test_a_bad_item_is_one_line_naming_it(text: str) -> None:
     with pytest.raises(SystemExit, match="bad plan item") as err:
         parse_plan(text, INT4_PLAN)

@@ -334,7 +334,26 @@ for step in "${steps[@]}"; do
             --contexts 300,2000 --rounds 5 --variants "fused=0;fused=0,ve=1;fused=0;fused=0,ve=1" \
             > "$OUT/vearly_steps.md" 2>&1
           echo "steps: rc=$?"; cat "$OUT/vearly_steps.md" ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly)"
+    adopt25) # issues 10 and 12: the twenty-fifth session's defaults (reduce_kernel on the int4 / int8 / FP8 split-K
+             # plans and the dense split-K projections; v_early below hidden 2048) checked on the card: the packed
+             # model and attention tests, SmolLM2's step with each off and on (split combine on, as shipped), and the
+             # FP8 step with its split-K projections' partials added by the fixup against the second kernel (~4 min)
+          timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_quant_model.py tests/test_rope_in_attention.py \
+            tests/test_gemv_dense_splitk.py tests/test_packed_plans.py > "$OUT/adopt25_tests.log" 2>&1
+          echo "tests: rc=$? $(tail -1 "$OUT/adopt25_tests.log")"
+          timeout 150 python3 -m bench.probes.step_variants --models smollm2-135m --contexts 300,2000 \
+            --rounds 5 --variants "ve=0,rk=0;ve=1,rk=0;ve=0,rk=1;ve=1,rk=1" > "$OUT/adopt25_steps.md" 2>&1
+          echo "steps: rc=$?"; cat "$OUT/adopt25_steps.md"
+          timeout 120 python3 -m bench.probes.packed_plans --quantize fp8 --contexts 300 \
+            --plans "default;all=f;default;all=f" > "$OUT/adopt25_fp8.md" 2>&1
+          echo "fp8 steps: rc=$?"; cat "$OUT/adopt25_fp8.md" ;;
+    formats) # issue 10: the formats bench alone (the `quant` step without its tests; ~4 min)
+          timeout 400 python3 -m launch.cli bench --quiet --model dummy:llama-2-7b --engines hybridrt-executor \
+            --workloads floors,decode,ttft,context,memory --prompt-lens 10,50,100,500 --repeats 3 --contexts 512 \
+            --context-steps 32 --decode-tokens 128 --decode-prompt-len 50 --timeout 150 \
+            --quantize none,int8,int4,fp8 --out "$OUT/formats" > "$OUT/formats.log" 2>&1
+          echo "formats bench: rc=$?"; rm -rf "$OUT"/formats/*/logs; cat "$OUT/formats/formats.md" ;;
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats)"
        exit 2 ;;
   esac
 done

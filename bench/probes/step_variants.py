@@ -11,9 +11,10 @@ their weights before waiting for the kernel before them, `FusedDecoder(early_wei
 GEMV alone loads early, on top of the rest), pf (MiB of the layer's next weights the attention kernel asks L2 to
 hold: `FusedDecoder(l2_prefetch_mb=)`, kernels/l2_prefetch.py), tpf (MiB of the next projection's weights each GEMV's
 tail asks L2 for: `FusedDecoder(tail_prefetch_mb=)`), rk (1: the plan's split-K dense projections have their
-partials added by a second kernel, `DenseSplitKConfig.reduce_kernel`), ve (1: the attention's V loads issued with
-its K loads, `DecodeAttention(v_early=True)`). split, warps, rope, pf, tpf and early left out: the decoder's defaults (rope and early: `decode_plan.options_for` the model). Prints the median of
-each variant's per-round medians and its ratio to the first.
+partials added by a second kernel, `DenseSplitKConfig.reduce_kernel`; 0: by the last program's fixup), ve (1: the
+attention's V loads issued with its K loads, `DecodeAttention(v_early=True)`). split, warps, rope, pf, tpf, early,
+rk and ve left out: the decoder's defaults (`decode_plan.plan_for` and `options_for` the model). Prints the median
+of each variant's per-round medians and its ratio to the first.
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ def build(model, variant: dict[str, int]) -> FusedDecoder:
     plan = plan_for(model.config.hidden_size)
     if variant.get("earlyo"):
         plan = dataclasses.replace(plan, o=dataclasses.replace(plan.o, early=True))
-    if variant.get("rk"):  # the split-K dense projections' partials added by a second kernel
-        plan = dataclasses.replace(plan, **{f.name: dataclasses.replace(c, reduce_kernel=True)
+    if "rk" in variant:  # the split-K dense projections' partials added by a second kernel (1) or the fixup (0)
+        plan = dataclasses.replace(plan, **{f.name: dataclasses.replace(c, reduce_kernel=bool(variant["rk"]))
                                             for f in dataclasses.fields(plan)
                                             if isinstance(c := getattr(plan, f.name), DenseSplitKConfig)})
     decoder = FusedDecoder(model, plan=plan, fuse_rope=flag("rope"), early_weights=flag("early"),
@@ -67,7 +68,9 @@ def build(model, variant: dict[str, int]) -> FusedDecoder:
     decoder.attention = DecodeAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, model.max_context,
                                         model.embed_tokens.device, cfg.sliding_window, variant.get("split"),
                                         pdl=decoder.pdl, num_warps=variant.get("warps"),
-                                        fused_reduce=bool(variant["fused"]), v_early=bool(variant.get("ve")))
+                                        fused_reduce=bool(variant["fused"]),
+                                        v_early=decoder.attention.v_early if "ve" not in variant
+                                        else bool(variant["ve"]))
     return decoder
 
 

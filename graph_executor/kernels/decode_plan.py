@@ -26,8 +26,13 @@ ms per step at context 300 / 2000; bench/results/2026-12-02-h200-stepfusions/):
 Checked after the choice (the same probe, the production step against neither): 7B 0.994 / 0.988, SmolLM2 0.860 /
 0.891, 1B unchanged (RoPE inside there 1.007 / 0.987 over 9 rounds: still mixed). The attention's in-kernel split
 combine (SmolLM2 a further -2% / -1.5%, 7B +1.6% / +0.7%): taken below hidden 2048 in the twenty-first session, once
-the batched-vs-lone identity tests passed with it on the card. Not taken: o_proj's weights alone loaded early on 7B
-(+0.6% / 0.0%); the L2 prefetches (StepOptions' comments).
+the batched-vs-lone identity tests passed with it on the card. Twenty-fifth session (bench/results/
+2026-12-02-h200-reduce-kernel/): the split-K dense projections' partials added by a second kernel
+(`reduce_kernel`, not the last program's fixup): 7B 3.754 -> 3.670 ms at 300 (0.978x), 1B 0.969 -> 0.932 (0.963x);
+SmolLM2 0.527 -> 0.511 / 0.570 -> 0.555 (split combine on, as shipped). The attention's V loads issued with its K
+loads (`v_early`): with the splits' reduce kernel SmolLM2 0.540 -> 0.521 / 0.582 -> 0.565, 7B 3.772 -> 3.870 / 4.061
+-> 4.234, 1B within 1%; with the split combine SmolLM2 0.527 -> 0.545 / 0.570 -> 0.593: not taken. Not taken
+either: o_proj's weights alone loaded early on 7B (+0.6% / 0.0%); the L2 prefetches (StepOptions' comments).
 """
 
 from __future__ import annotations
@@ -39,9 +44,10 @@ from graph_executor.kernels.gemv_dense_splitk import DenseSplitKConfig
 
 # (smallest hidden size, plan), largest first
 MEASURED_PLANS: tuple[tuple[int, GemvPlan], ...] = (
-    (4096, dataclasses.replace(GEMV_PLAN, down=DenseSplitKConfig(16, 1024, 8))),
-    (2048, dataclasses.replace(GEMV_PLAN, qkv=DenseSplitKConfig(16, 256, 4), down=DenseSplitKConfig(32, 512, 8))),
-    (0, dataclasses.replace(GEMV_PLAN, down=DenseSplitKConfig(32, 256, 8))),
+    (4096, dataclasses.replace(GEMV_PLAN, down=DenseSplitKConfig(16, 1024, 8, reduce_kernel=True))),
+    (2048, dataclasses.replace(GEMV_PLAN, qkv=DenseSplitKConfig(16, 256, 4, reduce_kernel=True),
+                               down=DenseSplitKConfig(32, 512, 8, reduce_kernel=True))),
+    (0, dataclasses.replace(GEMV_PLAN, down=DenseSplitKConfig(32, 256, 8, reduce_kernel=True))),
 )
 DEFAULT_PLAN = MEASURED_PLANS[0][1]  # LLaMA-2-7B's
 
@@ -63,6 +69,10 @@ class StepOptions:
     # kernels only: projections.tail_prefetch_ok); 0: none. Measured (H200): 4 MiB +0.8-2.9% on every shape, 16 MiB
     # up to +7%: 0.
     tail_prefetch_mb: int = 0
+    # the one-query decode attention issues each block's V loads with its K loads (DecodeAttention(v_early=)).
+    # Measured (H200, context 300 / 2000): with the reduce kernel after the splits SmolLM2 -3.6% / -3.5%, 1B -0.8% /
+    # +0.2%, 7B +2.5% / +4.1%; with the split combine (SmolLM2's choice) SmolLM2 +3.2% / +4.0%: off everywhere
+    v_early: bool = False
 
 
 # (smallest hidden size, options), largest first: the measurements above
