@@ -353,7 +353,13 @@ for step in "${steps[@]}"; do
             --context-steps 32 --decode-tokens 128 --decode-prompt-len 50 --timeout 150 \
             --quantize none,int8,int4,fp8 --out "$OUT/formats" > "$OUT/formats.log" 2>&1
           echo "formats bench: rc=$?"; rm -rf "$OUT"/formats/*/logs; cat "$OUT/formats/formats.md" ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats)"
+    gemmlarge) # issue 10: the packed prefill GEMM's larger tiles (LARGE_SWEEP: 64-256 tokens a program, 8 warps,
+               # deeper pipelines) against the long-prompt path (dequantize + torch.mm) and fp16 torch.mm at 128 and
+               # 512 tokens, int4 and int8 (~6 min)
+          timeout 540 python3 -m bench.probes.lowbit_gemm --tokens 128,512 --formats fp16,int4,int8 --sweep \
+            --sweep-set large --dequant --reps 10 --out "$OUT/gemmlarge" > "$OUT/gemmlarge.log" 2>&1
+          echo "large-tile sweep: rc=$?"; cat "$OUT/gemmlarge.log" ;;
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge)"
        exit 2 ;;
   esac
 done

@@ -7,7 +7,8 @@ weight read bandwidth (the format's bytes / time), the speed-up over fp16 torch.
 kernel is first checked against a float64 matmul of the format's dequantized weights. --sweep also times a
 handful of block configs per (shape, T, format) and prints the best.
 
-    python -m bench.probes.lowbit_gemm [--tokens 16,64,128,256,512] [--sweep] [--reps 20] [--out DIR]
+    python -m bench.probes.lowbit_gemm [--tokens 16,64,128,256,512] [--sweep [--sweep-set large]] [--reps 20]
+        [--out DIR]
 """
 
 from __future__ import annotations
@@ -32,6 +33,14 @@ L2_FLUSH_BYTES = 256 * 1024**2  # over 4x the H200's 60 MB L2
 MAX_COPIES = 32
 SWEEP = [GemmConfig(*c) for c in [  # (block_n, block_t, block_k, split, num_warps, num_stages)
     (64, bt, bk, split, 4, 3) for bt in (16, 32, 64) for bk in (64, 128, 256) for split in (1, 2, 4, 8)]]
+# Long prompts (128-512 tokens, where the tensor cores' work outweighs the weights' read): larger tiles, so that each
+# dequantized weight tile feeds more tokens (the default stops at 64 tokens a program: at 512 tokens every weight
+# is dequantized 8 times), with 8 warps and deeper pipelines; unsplit.
+LARGE_SWEEP = [GemmConfig(*c) for c in [
+    *((bn, bt, bk, 1, w, st) for bn in (64, 128) for bt in (128, 256) for bk in (64, 128)
+      for w, st in ((4, 3), (8, 3), (8, 4))),
+    (128, 64, 128, 1, 8, 3), (128, 64, 64, 1, 4, 3)]]
+SWEEPS = {"small": SWEEP, "large": LARGE_SWEEP}
 SCRATCH_FLOATS = 64 * 1024**2  # enough for every config above at T <= 512 on these shapes
 
 
@@ -44,9 +53,14 @@ def _nbytes(w) -> int:
     return w.numel() * w.element_size() if isinstance(w, torch.Tensor) else w.nbytes
 
 
-def _op(w, x: torch.Tensor, out: torch.Tensor, cfg: GemmConfig | None, scratch: SplitKScratch | None = None):
+def _op(w, x: torch.Tensor, out: torch.Tensor, cfg: GemmConfig | None, scratch: SplitKScratch | None = None,
+        dense: torch.Tensor | None = None):
+    """The projection as timed: torch.mm for a dense weight; with `dense` (an [N, K] buffer) the long-prompt path of
+    kernels/projections.py (dequantize into it, then torch.mm); else the low-bit GEMM with cfg."""
     if isinstance(w, torch.Tensor):
         return lambda: torch.mm(x, w.t(), out=out)
+    if dense is not None:
+        return lambda: torch.mm(x, gemm_lowbit.dequantize(w, dense).t(), out=out)
     return lambda: gemm_lowbit.gemm(x, w, out, cfg=cfg, scratch=scratch)
 
 
@@ -57,10 +71,10 @@ def _rel_error(w, x: torch.Tensor, out: torch.Tensor) -> float:
 
 
 def _time(weights: list, x: torch.Tensor, out: torch.Tensor, cfg: GemmConfig | None, reps: int,
-          scratch: SplitKScratch | None = None) -> float:
+          scratch: SplitKScratch | None = None, dense: torch.Tensor | None = None) -> float:
     """ms per projection: one graph runs it over every copy of the weights (one shared split-K scratch, as in the
     prefill step: a call without one would add an allocation and a memset to each)."""
-    ops = [_op(w, x, out, cfg, scratch) for w in weights]
+    ops = [_op(w, x, out, cfg, scratch, dense) for w in weights]
     for op in ops:  # compile and warm up outside the capture
         op()
     graph = torch.cuda.CUDAGraph()
@@ -70,10 +84,10 @@ def _time(weights: list, x: torch.Tensor, out: torch.Tensor, cfg: GemmConfig | N
     return time_gpu(graph.replay, x.device, repeats=reps) * 1e3 / len(weights)
 
 
-def _candidates(w, tokens: int) -> list[GemmConfig]:
+def _candidates(w, tokens: int, sweep: list[GemmConfig]) -> list[GemmConfig]:
     """Sweep configs this weight accepts (block_k a multiple of its group) and T can fill (block_t <= 2 T)."""
     group = getattr(w, "group", 1)
-    return [c for c in SWEEP if c.block_k % group == 0 and c.block_t <= max(16, 2 * tokens)]
+    return [c for c in sweep if c.block_k % group == 0 and c.block_t <= max(16, 2 * tokens)]
 
 
 def main() -> None:
@@ -81,10 +95,15 @@ def main() -> None:
     ap.add_argument("--tokens", default="16,64,128,256,512", help="comma-separated token counts T")
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
     ap.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated, of {', '.join(FORMATS)}")
-    ap.add_argument("--sweep", action="store_true", help="time the block configs in SWEEP too, print the best")
+    ap.add_argument("--sweep", action="store_true", help="time the block configs of --sweep-set too, print the best")
+    ap.add_argument("--sweep-set", choices=tuple(SWEEPS), default="small",
+                    help="small: SWEEP (16-64 tokens a program, split along K); large: LARGE_SWEEP (64-256 tokens "
+                    "a program, 8 warps, deeper pipelines, for 128-512-token prompts)")
     ap.add_argument("--reps", type=int, default=20, help="timed graph replays per measurement (median)")
     ap.add_argument("--reduce", action="store_true", help="also time the default tile with its split partials added "
                     "by a second kernel (GemmConfig.reduce_kernel), printed after the sweep's column")
+    ap.add_argument("--dequant", action="store_true", help="also time the long-prompt path (the weight dequantized "
+                    "into an fp16 buffer, then torch.mm), printed after the sweep's column")
     ap.add_argument("--out", default=None, help="folder for lowbit_gemm.json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -114,15 +133,21 @@ def main() -> None:
                 best = ""
                 if args.sweep and fmt != "fp16":
                     timed = []
-                    for cfg in _candidates(w, t):
+                    for cfg in _candidates(w, t, SWEEPS[args.sweep_set]):
                         try:
                             timed.append((_time(weights, x, out, cfg, args.reps, scratch), cfg))
                         except Exception as e:  # a config that fails to compile (shared memory) is skipped
                             res["rows"].append({"shape": name, "T": t, "fmt": fmt, "cfg": vars(cfg),
                                                 "error": repr(e)[:200]})
-                    best_ms, best_cfg = min(timed, key=lambda r: r[0])
-                    best = f"{best_ms:.4f} ms with {best_cfg}"
+                    timed.sort(key=lambda r: r[0])
+                    best = "; ".join(f"{m:.4f} ms {c.block_n}x{c.block_t}x{c.block_k}/{c.split} {c.num_warps}w"
+                                     f"{c.num_stages}s" for m, c in timed[:3])
                     res["rows"] += [{"shape": name, "T": t, "fmt": fmt, "cfg": vars(c), "ms": m} for m, c in timed]
+                if args.dequant and fmt != "fp16":
+                    d_ms = _time(weights, x, out, None, args.reps,
+                                 dense=torch.empty(n, k, device=dev, dtype=torch.float16))
+                    best += f"  dequantize+mm {d_ms:.4f} ms"
+                    res["rows"].append({"shape": name, "T": t, "fmt": fmt, "cfg": "dequantize+mm", "ms": d_ms})
                 if args.reduce and fmt != "fp16":
                     reduced = dataclasses.replace(gemm_lowbit.default_config(t, n, k), reduce_kernel=True)
                     r_ms = _time(weights, x, out, reduced, args.reps, scratch)
