@@ -34,6 +34,7 @@ from graph_executor.loading.tokenizer_location import known_tokenizer_folder
 from ipc.cuda_context import gpu_visible
 from ipc.doorbell import MODES as DOORBELL_MODES
 from ipc.errors import HybridrtError
+from ipc.free_port import free_port
 from ipc.parent_death import SUPERVISOR_PID_ENV
 from ipc.runtime_dir import RuntimeDir, segment_dir
 from ipc.startup import DEFAULT_READY_CAPTURE, StartupPhases
@@ -201,7 +202,7 @@ class Supervisor:
             print(f"hybridrt: running without MPS ({self.mps.reason})", file=sys.stderr)
         env = {**os.environ, **self.mps.env(), SUPERVISOR_PID_ENV: str(os.getpid())}
         control = self.runtime.ipc_address("control")
-        tp_port = _free_port() if self.config.tensor_parallel > 1 else 0  # the ranks' rendezvous
+        tp_port = free_port() if self.config.tensor_parallel > 1 else 0  # the ranks' rendezvous
         executor = executor_argv(self.config, control, self.error_file("graph_executor"), 0, tp_port)
         # Own session: a terminal Ctrl-C reaches only this process, which stops the children in order (and
         # `hybridrt chat` can cancel a reply without its server dying of the same SIGINT).
@@ -374,10 +375,3 @@ def _close_reaper(reaper: subprocess.Popen | None) -> None:
         pass
 
 
-def _free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (the tensor-parallel ranks' rendezvous, hosted by rank 0)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

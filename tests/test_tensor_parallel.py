@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -24,6 +23,7 @@ import torch.multiprocessing as mp
 
 from graph_executor.loading.config import ModelConfig
 from graph_executor.tensor_parallel import TensorParallel
+from ipc.free_port import free_port
 
 CONFIGS = {
     "llama-mha": ModelConfig("llama", 512, 64, 96, 2, 4, 4, 16, 256),
@@ -90,7 +90,7 @@ def _two_ranks_match_the_whole_model(rank_fn, tmp_path, steps: int, cases: list[
     ...} (its logits against the whole model's, and their largest magnitude): every rank has `steps` diffs per case,
     each within 1e-4 of the scale."""
     results = str(tmp_path / "result")
-    mp.spawn(_cases_rank, args=(2, _free_port(), results, rank_fn, cases), nprocs=2, join=True)
+    mp.spawn(_cases_rank, args=(2, free_port(), results, rank_fn, cases), nprocs=2, join=True)
     for i, case in enumerate(cases):
         for rank in range(2):
             r = torch.load(f"{results}.{i}.{rank}")
@@ -267,17 +267,11 @@ def test_two_ranks_fused_decode_steps_give_the_whole_models_logits(tmp_path):
     _two_ranks_match_the_whole_model(_fused_rank, tmp_path, FUSED_STEPS, [("qwen2-bias",), ("gqa-replicated-kv",)])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_ranks_give_the_whole_models_logits(tmp_path):
     """Each config (MHA, GQA, GQA with replicated KV heads, QKV bias) sharded on two ranks: the prompt's and every
     greedy step's logits, on every rank, are the whole model's."""
     results = str(tmp_path / "result")
-    mp.spawn(_cases_rank, args=(2, _free_port(), results, _rank, [(name,) for name in CONFIGS]), nprocs=2, join=True)
+    mp.spawn(_cases_rank, args=(2, free_port(), results, _rank, [(name,) for name in CONFIGS]), nprocs=2, join=True)
     for i, name in enumerate(CONFIGS):
         for rank in range(2):
             r = torch.load(f"{results}.{i}.{rank}")

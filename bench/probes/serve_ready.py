@@ -16,7 +16,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,15 +24,10 @@ import urllib.request
 
 from bench.engines.hybridrt_http import carries_text
 from bench.serve_command import serve_command
+from ipc.free_port import free_port  # noqa: F401 - the probes and tests import it from here
 
 CHAT = {"messages": [{"role": "user", "content": "Name three primary colours."}], "max_tokens": 8,
         "temperature": 0.0, "stream": True}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

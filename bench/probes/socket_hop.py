@@ -29,6 +29,8 @@ import time
 
 import zmq
 
+from ipc.free_port import free_port
+
 WARM_UP = 100
 
 
@@ -241,12 +243,6 @@ def one_way_table(count: int, size: int, cadence_ms: float) -> list[str]:
             *(tail_row(name, latencies) for name, latencies in rows)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     ap.add_argument("--round-trips", type=int, default=3000, help="timed round trips per transport (default 3000)")
@@ -266,10 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         rows = [
             ("ZeroMQ ipc://", zmq_round_trips(f"ipc://{tmp}/z.sock", n, size, spin=False)),
-            ("ZeroMQ tcp://", zmq_round_trips(f"tcp://127.0.0.1:{_free_port()}", n, size, spin=False)),
+            ("ZeroMQ tcp://", zmq_round_trips(f"tcp://127.0.0.1:{free_port()}", n, size, spin=False)),
             ("ZeroMQ ipc://, client spinning", zmq_round_trips(f"ipc://{tmp}/z2.sock", n, size, spin=True)),
             ("AF_UNIX stream", stream_round_trips(socket.AF_UNIX, os.path.join(tmp, "u.sock"), n, size)),
-            ("TCP stream, TCP_NODELAY", stream_round_trips(socket.AF_INET, ("127.0.0.1", _free_port()), n, size)),
+            ("TCP stream, TCP_NODELAY", stream_round_trips(socket.AF_INET, ("127.0.0.1", free_port()), n, size)),
         ]
     print(f"| transport | round trip P50 us | P90 us |  ({n} round trips of {size} bytes, blocking reads)")
     print("|---|---|---|")
