@@ -359,14 +359,7 @@ for step in "${steps[@]}"; do
           timeout 540 python3 -m bench.probes.lowbit_gemm --tokens 128,512 --formats fp16,int4,int8 --sweep \
             --sweep-set large --dequant --reps 10 --out "$OUT/gemmlarge" > "$OUT/gemmlarge.log" 2>&1
           echo "large-tile sweep: rc=$?"; cat "$OUT/gemmlarge.log" ;;
-    dqchunks) # issue 10: long-prompt packed projections with the weight dequantized in blocks of rows into L2-resident
-              # buffers (kernels/dequant_matmul.py), serial and overlapped, against the whole-dequantize path and
-              # fp16 torch.mm; then its tests on the card (~3 min)
-          timeout 240 python3 -m bench.probes.dequant_matmul > "$OUT/dqchunks.md" 2>&1
-          echo "dequant blocks: rc=$?"; cat "$OUT/dqchunks.md"
-          timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_dequant_matmul.py > "$OUT/dqchunks_tests.log" 2>&1
-          echo "tests: rc=$? $(tail -1 "$OUT/dqchunks_tests.log")" ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, dqchunks)"
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge)"
        exit 2 ;;
   esac
 done

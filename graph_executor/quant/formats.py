@@ -95,11 +95,6 @@ class _GroupedCodes:
         return type(self)(self.codes.to(device), self.scale.to(device),
                           None if self.offset is None else self.offset.to(device), self.group)
 
-    def rows(self, start: int, stop: int) -> _GroupedCodes:
-        """Output rows start..stop as the same format: views, no copy (rows of a row-major tensor are contiguous)."""
-        return type(self)(self.codes[start:stop], self.scale[start:stop],
-                          None if self.offset is None else self.offset[start:stop], self.group)
-
 
 @dataclass(frozen=True)
 class Int4Groups(_GroupedCodes):
@@ -172,10 +167,6 @@ class Fp8Rows:
                 or self.scale.device != self.codes.device):
             raise ValueError(f"Fp8Rows: scale must be a contiguous float32 [{n}] tensor on {self.codes.device}, "
                              f"got {self.scale.dtype} {tuple(self.scale.shape)} on {self.scale.device}")
-
-    def rows(self, start: int, stop: int) -> Fp8Rows:
-        """Output rows start..stop: views, no copy."""
-        return Fp8Rows(self.codes[start:stop], self.scale[start:stop])
 
     @property
     def shape(self) -> tuple[int, int]:
