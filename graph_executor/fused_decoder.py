@@ -42,11 +42,14 @@ from graph_executor.tensor_parallel import StepCollectives
 # o 1.51 -> 1.61, gate_up 2.54 -> 2.97, down 2.09 -> 2.43; the 7B int4 step 2.044 -> 1.798 ms at context 300, 2.353
 # -> 2.098 at 2000; the int8 step 2.591 -> 2.345 ms. The TB/s in the comments are those before the second kernel.
 INT4_PLAN = SplitKPlan(  # split-K dp4a kernels (kernels/gemv_splitk.py; bench/probes/int4_splitk.py --layout shipped)
-    qkv=SplitKConfig(32, 64, 4, reduce_kernel=True),  # 2.19 TB/s (the float kernel, bench/probes/float_lowbit_gemv.py: 1.27)
-    o=SplitKConfig(32, 64, 4, reduce_kernel=True),  # 1.55 (0.96)
-    gate_up=SplitKConfig(32, 64, 4, reduce_kernel=True),  # 2.46 (1.50)
-    down=SplitKConfig(32, 64, 4, reduce_kernel=True),  # 2.05 (1.01)
-    lm_head=SplitKConfig(32, 64, 4, reduce_kernel=True),
+    # 32 rows x 128 words (1,024 weights of K) a program on 4 warps: with the second kernel the step at 32x128 is
+    # 0.973-0.977x the 32x64 step at context 300, 0.984x at 2000 (packed_plans, int4_blocks_with_reduce.md in the
+    # folder above); the TB/s in the comments are 32x64's with the fixup (the float kernel's in brackets)
+    qkv=SplitKConfig(32, 128, 4, reduce_kernel=True),  # 2.19 TB/s (bench/probes/float_lowbit_gemv.py: 1.27)
+    o=SplitKConfig(32, 128, 4, reduce_kernel=True),  # 1.55 (0.96)
+    gate_up=SplitKConfig(32, 128, 4, reduce_kernel=True),  # 2.46 (1.50)
+    down=SplitKConfig(32, 128, 4, reduce_kernel=True),  # 2.05 (1.01)
+    lm_head=SplitKConfig(32, 128, 4, reduce_kernel=True),
 )
 INT8_PLAN = SplitKPlan(  # the same kernels over int8 codes (int4_splitk.py --bits 8; the float kernel in brackets)
     qkv=SplitKConfig(32, 128, 4, reduce_kernel=True),  # 3.01 TB/s (2.99)
