@@ -31,10 +31,14 @@ from graph_executor.tensor_parallel import StepCollectives
 
 class FusedPrefill:
     def __init__(self, model: LlamaModel, max_tokens: int,
-                 short_plan: prefill_plan.ShortPromptPlan | None = None) -> None:
+                 short_plan: prefill_plan.ShortPromptPlan | None = None,
+                 fp8_scaled_mm_rows: int | None = None) -> None:
         """`short_plan`: which prompts take the multi-row GEMVs, with which configs (None: the plan measured for
-        this model's hidden size; `prefill_plan.CUBLAS_ONLY`: none)."""
+        this model's hidden size; `prefill_plan.CUBLAS_ONLY`: none). `fp8_scaled_mm_rows`: prompts of this many rows
+        and more run their FP8 projections on the FP8 tensor cores, activations quantized per token
+        (`projections.matmul`); None: never (not yet measured on a GPU)."""
         self.model = model
+        self.fp8_scaled_mm_rows = fp8_scaled_mm_rows
         device = model.embed_tokens.device
         self.buffers = RowActivations.allocate(model, max_tokens)
         cfg = model.config
@@ -102,6 +106,7 @@ class FusedPrefill:
         b = self.buffers.rows(t)
         x, h, qkv, q, gate_up, act = b.x, b.h, b.qkv, b.q, b.gate_up, b.act
         stride = m.kv_caches.stride(0)  # elements from one slot's caches to the next's
+        f8 = self.fp8_scaled_mm_rows
         embedding(m.embed_tokens, ids, x)
         rows = self.short_plan.configs(t)
         if rows is not None and all(isinstance(w, torch.Tensor) for layer in m.layers for w in (
@@ -110,18 +115,18 @@ class FusedPrefill:
         for index, layer in enumerate(m.layers):
             cache = m.kv_caches[slot if slots is None else 0, index]  # [2, nkv, C, hd]; with `slots`, slot 0's
             rmsnorm_rows(x, layer.attn_norm, eps, h)
-            matmul(h, layer.qkv_proj, qkv, bias=layer.qkv_bias, scratch=self.scratch)
+            matmul(h, layer.qkv_proj, qkv, bias=layer.qkv_bias, scratch=self.scratch, fp8_scaled_mm_rows=f8)
             rope_append(qkv, positions, m.rope, q, cache[0], cache[1], cfg.num_heads, cfg.num_kv_heads,
                         cfg.head_dim, slots=slots, slot_stride=stride)
             attn = attend(q, cache, b.attn)  # [T, nh * hd]
             c.before_residual(x)
-            matmul(attn, layer.o_proj, x, accumulate=True, scratch=self.scratch)
+            matmul(attn, layer.o_proj, x, accumulate=True, scratch=self.scratch, fp8_scaled_mm_rows=f8)
             c.after_residual(x)
             rmsnorm_rows(x, layer.mlp_norm, eps, h)
-            matmul(h, layer.gate_up_proj, gate_up, scratch=self.scratch)
+            matmul(h, layer.gate_up_proj, gate_up, scratch=self.scratch, fp8_scaled_mm_rows=f8)
             silu_mul_rows(gate_up, act)
             c.before_residual(x)
-            matmul(act, layer.down_proj, x, accumulate=True, scratch=self.scratch)
+            matmul(act, layer.down_proj, x, accumulate=True, scratch=self.scratch, fp8_scaled_mm_rows=f8)
             c.after_residual(x)
         return x
 

@@ -46,6 +46,8 @@ def test_fp8_plans_change_the_split_k_projections_only() -> None:
     assert (plan.qkv, plan.o) == (FP8_PLAN.qkv, FP8_PLAN.o)  # fp16-kernel projections: no partials to add
     assert not any(getattr(plan, name).reduce_kernel for name in ("gate_up", "down", "lm_head"))
     assert parse_plan("down=32x256x4r", FP8_PLAN).down == Fp8Config(32, 256, 4, reduce_kernel=True)
+    blocks = parse_plan("all=64x1024x8r", FP8_PLAN)
+    assert blocks.gate_up == Fp8Config(64, 1024, 8, reduce_kernel=True) and blocks.qkv == FP8_PLAN.qkv
     with pytest.raises(SystemExit, match="qkv runs GemvConfig"):
         parse_plan("qkv=r", FP8_PLAN)
 

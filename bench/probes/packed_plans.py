@@ -7,7 +7,7 @@ rounds in one process.
 
 A plan is `projection=BLOCK_NxBLOCK_KWxWARPS[r|f]` items joined by commas (r: the partials added by a second kernel,
 `SplitKConfig.reduce_kernel`; f: by the last program's fixup; neither: f) or `projection=r|f` (the block config
-kept, only how the partials are added changed), projection: qkv, o, gate_up, down, lm_head or all (`all=r|f`: the
+kept, only how the partials are added changed), projection: qkv, o, gate_up, down, lm_head or all (`all`: the
 split-K configs only, FP8's fp16-kernel projections stay), applied over the format's shipped plan
 (`fused_decoder.INT4_PLAN` / `INT8_PLAN` / `FP8_PLAN`; for FP8 the block is BLOCK_NxBLOCK_KxWARPS); `default` is the
 shipped plan itself. Why: the shipped int4 config (32 rows x 64 words on 4 warps, 128 weights a thread) spends ~4.5 SASS
@@ -50,7 +50,7 @@ def parse_plan(text: str, base: SplitKPlan | Fp8Plan) -> SplitKPlan | Fp8Plan:
         for target in PROJECTIONS if name == "all" else (name,):
             cfg = getattr(base, target)
             if not isinstance(cfg, (SplitKConfig, Fp8Config)):
-                if name == "all" and not blocks:
+                if name == "all":  # all: the split-K projections
                     continue
                 raise SystemExit(f"{target} runs {type(cfg).__name__} in this format's plan, not a split-K kernel")
             size = {"block_n": int(parts[0]), "num_warps": int(parts[2]),

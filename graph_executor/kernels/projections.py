@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from graph_executor.kernels import gemm_lowbit, gemv, gemv_dense_splitk, gemv_fp8, gemv_splitk
+from graph_executor.kernels import fp8_scaled_mm, gemm_lowbit, gemv, gemv_dense_splitk, gemv_fp8, gemv_splitk
 from graph_executor.kernels.gemv_dense_splitk import DenseSplitKConfig
 from graph_executor.kernels.gemv_fp8 import Fp8Config
 from graph_executor.kernels.gemv_splitk import SplitKConfig, SplitKScratch
@@ -159,9 +159,14 @@ def prefill_scratch(weights: list[Weight], max_tokens: int, device: torch.device
 
 
 def matmul(x: torch.Tensor, w: Weight, out: torch.Tensor, bias: torch.Tensor | None = None,
-           accumulate: bool = False, scratch: SplitKScratch | None = None) -> torch.Tensor:
+           accumulate: bool = False, scratch: SplitKScratch | None = None,
+           fp8_scaled_mm_rows: int | None = None) -> torch.Tensor:
     """Prefill projection: out [T, N] = x [T, K] @ W^T (+ bias), or out += x @ W^T (a residual add). A packed w
-    below DEQUANTIZE_ROWS rows takes the low-bit GEMM with `scratch` (see prefill_scratch)."""
+    below DEQUANTIZE_ROWS rows takes the low-bit GEMM with `scratch` (see prefill_scratch). `fp8_scaled_mm_rows`:
+    from this many rows an FP8 weight takes the FP8 tensor cores with the rows quantized per token
+    (`fp8_scaled_mm.matmul`: W8A8) instead; None: never."""
+    if fp8_scaled_mm_rows is not None and isinstance(w, Fp8Rows) and x.shape[0] >= fp8_scaled_mm_rows:
+        return fp8_scaled_mm.matmul(x, w, out, bias=bias, accumulate=accumulate)
     if not isinstance(w, torch.Tensor):
         if x.shape[0] < DEQUANTIZE_ROWS:
             return gemm_lowbit.gemm(x, w, out, bias=bias, accumulate=accumulate, scratch=scratch)
