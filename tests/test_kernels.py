@@ -39,7 +39,7 @@ def poison(attn: DecodeAttention) -> None:
 
 CASES = [  # heads, kv_heads, head_dim, cache length, positions, window, dtype
     (4, 4, 64, 512, [0, 1, 63, 64, 300, 511], None, torch.float32),
-    (8, 2, 64, 1024, [5, 257, 700, 1023], None, torch.float16),
+    (8, 2, 64, 768, [5, 400, 767], None, torch.float16),  # many splits, the cache's last position
     (4, 1, 128, 600, [0, 599], None, torch.bfloat16),
     (4, 2, 64, 512, [10, 200, 511], 100, torch.float16),
 ]

@@ -85,15 +85,39 @@ def _cases_rank(rank: int, size: int, port: int, results: str, rank_fn, cases: l
             rank_fn(rank, size, port, f"{results}.{i}", *case)
 
 
-def _two_ranks_match_the_whole_model(rank_fn, tmp_path, steps: int, cases: list[tuple]) -> None:
-    """Two processes run rank_fn(rank, 2, port, results, *case) for each case, each saving {"diffs": [...], "scale":
-    ...} (its logits against the whole model's, and their largest magnitude): every rank has `steps` diffs per case,
-    each within 1e-4 of the scale."""
-    results = str(tmp_path / "result")
-    mp.spawn(_cases_rank, args=(2, free_port(), results, rank_fn, cases), nprocs=2, join=True)
-    for i, case in enumerate(cases):
-        for rank in range(2):
-            r = torch.load(f"{results}.{i}.{rank}")
+def _dispatch(rank: int, size: int, port: int, results: str, rank_fn, *case) -> None:
+    """One case of the shared pair of rank processes (`two_rank_runs`): rank_fn(rank, size, port, results, *case)."""
+    rank_fn(rank, size, port, results, *case)
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory) -> dict[str, list[tuple[tuple, list[dict]]]]:
+    """Every two-rank comparison of this file's steps with the whole model, run in one pair of gloo rank processes
+    (each pair costs seconds of imports; the cases' tiny models do not): per test, its cases with each rank's saved
+    result. A rank that raises fails the spawn, and with it every test here that asked for the runs."""
+    plan = {  # test -> (rank function, cases)
+        "fused_prefill": (_fused_prefill_rank, [("qwen2-bias",)]),
+        "mixed": (_fused_mixed_rank, [("qwen2-bias",)]),
+        "batched": (_fused_rows_rank, [("qwen2-bias", False), ("llama-mha", False), ("llama-mha", True)]),
+        "fused_decode": (_fused_rank, [("qwen2-bias",), ("gqa-replicated-kv",)]),
+        "reference": (_rank, [(name,) for name in CONFIGS]),
+    }
+    flat = [(key, fn, case) for key, (fn, cases) in plan.items() for case in cases]
+    results = str(tmp_path_factory.mktemp("two-ranks") / "result")
+    mp.spawn(_cases_rank, args=(2, free_port(), results, _dispatch, [(fn, *case) for _, fn, case in flat]),
+             nprocs=2, join=True)
+    runs: dict[str, list[tuple[tuple, list[dict]]]] = {}
+    for i, (key, _, case) in enumerate(flat):
+        runs.setdefault(key, []).append((case, [torch.load(f"{results}.{i}.{rank}") for rank in range(2)]))
+    return runs
+
+
+def _match_the_whole_model(runs: list[tuple[tuple, list[dict]]], steps: int) -> None:
+    """Each rank saved {"diffs": [...], "scale": ...} (its logits against the whole model's, and their largest
+    magnitude): every rank has `steps` diffs per case, each within 1e-4 of the scale."""
+    assert runs
+    for case, ranks in runs:
+        for rank, r in enumerate(ranks):
             assert len(r["diffs"]) == steps and r["scale"] > 0.1, (case, rank, r)
             assert max(r["diffs"]) <= 1e-4 * r["scale"], (case, rank, r)
 
@@ -166,10 +190,10 @@ def _fused_prefill_rank(rank: int, size: int, port: int, results: str, name: str
         torch.save({"diffs": diffs, "scale": scale}, f"{results}.{rank}")
 
 
-def test_two_ranks_fused_prefill_steps_give_the_whole_models_logits(tmp_path):
+def test_two_ranks_fused_prefill_steps_give_the_whole_models_logits(two_rank_runs):
     """The fused prefill step on two ranks (GQA with bias): a prompt, then a chunk from the cache; every rank's
     logits are the whole model's."""
-    _two_ranks_match_the_whole_model(_fused_prefill_rank, tmp_path, 2, [("qwen2-bias",)])
+    _match_the_whole_model(two_rank_runs["fused_prefill"], 2)
 
 
 def _fused_mixed_rank(rank: int, size: int, port: int, results: str, name: str) -> None:
@@ -205,10 +229,10 @@ def _fused_mixed_rank(rank: int, size: int, port: int, results: str, name: str) 
         torch.save({"diffs": diffs, "scale": float(want.abs().max())}, f"{results}.{rank}")
 
 
-def test_two_ranks_mixed_steps_give_the_whole_models_logits(tmp_path):
+def test_two_ranks_mixed_steps_give_the_whole_models_logits(two_rank_runs):
     """The mixed step (continuous batching's prompt chunks with decode rows) on two ranks: the chunk's logits (the
     prefill step's gather) and the decode rows' (the rows' gather) are the whole model's on every rank."""
-    _two_ranks_match_the_whole_model(_fused_mixed_rank, tmp_path, 3, [("qwen2-bias",)])
+    _match_the_whole_model(two_rank_runs["mixed"], 3)
 
 
 def _fused_rows_rank(rank: int, size: int, port: int, results: str, name: str, packed: bool = False) -> None:
@@ -252,29 +276,28 @@ def _fused_rows_rank(rank: int, size: int, port: int, results: str, name: str, p
         torch.save({"diffs": diffs, "scale": scale}, f"{results}.{rank}")
 
 
-def test_two_ranks_batched_decode_and_verify_steps_give_the_whole_models_logits(tmp_path):
+def test_two_ranks_batched_decode_and_verify_steps_give_the_whole_models_logits(two_rank_runs):
     """The fused batched decode (2 slots) and verify (4 rows) steps on two ranks, dense (QKV bias; MHA) or packed int8
     (MHA): every row of logits, on every rank, is the whole model's (the rows' gather interleaves the ranks'
     vocabulary blocks)."""
-    _two_ranks_match_the_whole_model(_fused_rows_rank, tmp_path, 2 + 4,
-                                     [("qwen2-bias", False), ("llama-mha", False), ("llama-mha", True)])
+    assert [case for case, _ in two_rank_runs["batched"]] == [("qwen2-bias", False), ("llama-mha", False),
+                                                             ("llama-mha", True)]
+    _match_the_whole_model(two_rank_runs["batched"], 2 + 4)
 
 
-def test_two_ranks_fused_decode_steps_give_the_whole_models_logits(tmp_path):
+def test_two_ranks_fused_decode_steps_give_the_whole_models_logits(two_rank_runs):
     """The fused decode step on two ranks (o_proj and down_proj's partial products summed by an all-reduce of the
     residual, lm_head's vocabulary rows gathered), with QKV bias and with replicated KV heads: each step's logits, on
     every rank, are the whole model's."""
-    _two_ranks_match_the_whole_model(_fused_rank, tmp_path, FUSED_STEPS, [("qwen2-bias",), ("gqa-replicated-kv",)])
+    _match_the_whole_model(two_rank_runs["fused_decode"], FUSED_STEPS)
 
 
-def test_two_ranks_give_the_whole_models_logits(tmp_path):
+def test_two_ranks_give_the_whole_models_logits(two_rank_runs):
     """Each config (MHA, GQA, GQA with replicated KV heads, QKV bias) sharded on two ranks: the prompt's and every
     greedy step's logits, on every rank, are the whole model's."""
-    results = str(tmp_path / "result")
-    mp.spawn(_cases_rank, args=(2, free_port(), results, _rank, [(name,) for name in CONFIGS]), nprocs=2, join=True)
-    for i, name in enumerate(CONFIGS):
-        for rank in range(2):
-            r = torch.load(f"{results}.{i}.{rank}")
+    assert [case for case, _ in two_rank_runs["reference"]] == [(name,) for name in CONFIGS]
+    for (name,), ranks in two_rank_runs["reference"]:
+        for rank, r in enumerate(ranks):
             assert r["steps"] == STEPS + 1 and r["scale"] > 0.1
             assert r["diff"] <= 1e-5, (name, rank, r)
 
