@@ -36,9 +36,9 @@ from graph_executor.tensor_parallel import StepCollectives
 # Block configs per projection for the packed formats: the best of the probes' sweeps (bench/probes/int4_splitk.py,
 # lowbit_gemv.py) on LLaMA-2-7B shapes on an H200, each projection over 32 layers in one graph (read TB/s in the
 # comments; the fp16 kernels reach 2.8-4.0 TB/s on the same shapes). See bench/NOTES.md.
-# The partials of each split-K program are added by a second kernel (`reduce_kernel`), not by the last program of each row
-# block (barrier + membar + atomic: ~30% of an int4 GEMV's time in the twenty-fourth session's ablation). Measured on
-# an H200 (twenty-fifth session, bench/results/2026-12-02-h200-reduce-kernel/): int4 GEMVs qkv 2.31 -> 2.84 TB/s,
+# The partials of each split-K program are added by a second kernel (`reduce_kernel`), not by the last program of each
+# row block (barrier + membar + atomic: ~30% of an int4 GEMV's time in the twenty-fourth session's ablation).
+# Measured on an H200 (twenty-fifth session, bench/results/2026-12-02-h200-reduce-kernel/): int4 GEMVs qkv 2.31 -> 2.84 TB/s,
 # o 1.51 -> 1.61, gate_up 2.54 -> 2.97, down 2.09 -> 2.43; the 7B int4 step 2.044 -> 1.798 ms at context 300, 2.353
 # -> 2.098 at 2000; the int8 step 2.591 -> 2.345 ms. The TB/s in the comments are those before the second kernel.
 INT4_PLAN = SplitKPlan(  # split-K dp4a kernels (kernels/gemv_splitk.py; bench/probes/int4_splitk.py --layout shipped)
