@@ -38,9 +38,10 @@ from graph_executor.tensor_parallel import StepCollectives
 # comments; the fp16 kernels reach 2.8-4.0 TB/s on the same shapes). See bench/NOTES.md.
 # The partials of each split-K program are added by a second kernel (`reduce_kernel`), not by the last program of each
 # row block (barrier + membar + atomic: ~30% of an int4 GEMV's time in the twenty-fourth session's ablation).
-# Measured on an H200 (twenty-fifth session, bench/results/2026-12-02-h200-reduce-kernel/): int4 GEMVs qkv 2.31 -> 2.84 TB/s,
-# o 1.51 -> 1.61, gate_up 2.54 -> 2.97, down 2.09 -> 2.43; the 7B int4 step 2.044 -> 1.798 ms at context 300, 2.353
-# -> 2.098 at 2000; the int8 step 2.591 -> 2.345 ms. The TB/s in the comments are those before the second kernel.
+# Measured on an H200 (twenty-fifth session, bench/results/2026-12-02-h200-reduce-kernel/): int4 GEMVs qkv 2.31 ->
+# 2.84 TB/s, o 1.51 -> 1.61, gate_up 2.54 -> 2.97, down 2.09 -> 2.43; the 7B int4 step 2.044 -> 1.798 ms at context
+# 300, 2.353 -> 2.098 at 2000; the int8 step 2.591 -> 2.345 ms. The TB/s in the comments are those before the second
+# kernel.
 INT4_PLAN = SplitKPlan(  # split-K dp4a kernels (kernels/gemv_splitk.py; bench/probes/int4_splitk.py --layout shipped)
     # 32 rows x 128 words (1,024 weights of K) a program on 4 warps: with the second kernel the step at 32x128 is
     # 0.973-0.977x the 32x64 step at context 300, 0.984x at 2000 (packed_plans, int4_blocks_with_reduce.md in the
