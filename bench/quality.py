@@ -3,7 +3,7 @@ GGUF files kept packed.
 
     python -m bench.quality [--model M] [--gguf FILE] [--formats dense,int8,int4,fp8,gguf-packed,gguf-dequantized]
                             [--device auto|cpu|cuda] [--dtype auto] [--max-tokens N] [--window W] [--decode-path]
-                            [--out DIR]
+                            [--fp8-activations] [--out DIR]
 
 The text, `bench/data/quality_text.txt`, is The Federalist No. 10 (James Madison, 1787) followed by the
 Gettysburg Address (Abraham Lincoln, 1863, the Bliss copy): both public domain (published long before 1929, and
@@ -18,6 +18,9 @@ each token attends to its whole prefix, so the window only bounds the logits buf
 figure up to rounding). `--decode-path` (GPU) also feeds the text token by token through `FusedDecoder` (teacher
 forcing), which is what decode runs: on a GPU the prefill path dequantizes packed weights per use (the reference
 step), so only the decode path measures the low-bit kernels; the targets are checked on both paths.
+`--fp8-activations` (GPU) scores the fp8 format's prefill path with its activations quantized per token before each
+FP8 projection (`LlamaModel.fp8_activations`: W8A8, what `FusedPrefill(fp8_scaled_mm_rows=)` computes on the FP8
+tensor cores), the quality side of that prefill.
 
 Formats: "dense" is --model in the activation dtype (fp16 on a GPU, fp32 on the CPU); "int8", "int4", "fp8" are
 `--quantize` at load (group 32); "gguf-packed" is --gguf (default: the shipped GGUF) with its packed types kept
@@ -75,6 +78,7 @@ class QualityConfig:
     max_tokens: int | None = None  # None: the whole text
     window: int = 512  # tokens per forward of the prefill path
     decode_path: bool = False
+    fp8_activations: bool = False  # the fp8 format's prefill path W8A8 (LlamaModel.fp8_activations)
     progress: bool = False  # loader progress bars
 
     def __post_init__(self) -> None:
@@ -219,6 +223,7 @@ def perplexity(nll: torch.Tensor) -> float:
 
 def measure(loaded: LoadedModel, fmt: str, ids: torch.Tensor, cfg: QualityConfig, bits: float) -> FormatResult:
     start = time.perf_counter()
+    loaded.model.fp8_activations = cfg.fp8_activations and fmt == "fp8"
     ppl = perplexity(prefill_nll(loaded.model, ids, cfg.window))
     decode = perplexity(decode_nll(loaded.model, ids)) if cfg.decode_path else None
     return FormatResult(fmt, loaded.weight_format, bits, ids.shape[0] - 1, ppl, decode, loaded.load_seconds,
@@ -262,7 +267,8 @@ def markdown(report: QualityReport) -> str:
     header += ["vs dense"] + (["decode vs dense"] if decode else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in report.results:
-        row = [r.format, r.weight_format, f"{r.bits_per_weight:.2f}", str(r.tokens), f"{r.perplexity:.4f}"]
+        name = f"{r.format} (W8A8 prefill)" if r.format == "fp8" and report.config.fp8_activations else r.format
+        row = [name, r.weight_format, f"{r.bits_per_weight:.2f}", str(r.tokens), f"{r.perplexity:.4f}"]
         row += [_cell(r.decode_perplexity, ".4f")] if decode else []
         row += [_cell(r.perplexity / dense.perplexity if dense else None, ".4f")]
         if decode:
@@ -297,15 +303,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[QualityConfig, Path | Non
     ap.add_argument("--max-tokens", type=int, default=None, help="score only the text's first N tokens")
     ap.add_argument("--window", type=int, default=512, help="tokens per prefill forward (the cache continues)")
     ap.add_argument("--decode-path", action="store_true", help="also score token by token through FusedDecoder")
+    ap.add_argument("--fp8-activations", action="store_true", help="the fp8 format's prefill path with activations "
+                    "quantized per token to FP8 (W8A8, as the FP8 tensor-core prefill; GPU only)")
     ap.add_argument("--out", default=None, help="folder for quality.json and quality.md")
     args = ap.parse_args(argv)
     try:
         cfg = QualityConfig(args.model, args.gguf, tuple(args.formats.split(",")), args.device, args.dtype,
-                            args.max_tokens, args.window, args.decode_path)
+                            args.max_tokens, args.window, args.decode_path, args.fp8_activations)
     except ValueError as e:
         ap.error(str(e))
     if cfg.decode_path and resolve_device(cfg.device).type != "cuda":
         ap.error("--decode-path runs the fused GPU kernels: it needs a CUDA device")
+    if cfg.fp8_activations and resolve_device(cfg.device).type != "cuda":
+        ap.error("--fp8-activations needs a CUDA device (the CPU dequantizes FP8 weights at load: nothing to quantize)")
     return cfg, Path(args.out) if args.out else None
 
 

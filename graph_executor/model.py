@@ -18,6 +18,7 @@ from torch import nn
 
 from graph_executor.loading.config import ModelConfig
 from graph_executor.quant import rows
+from graph_executor.quant.formats import Fp8Rows
 from graph_executor.quant.specs import WeightPlan
 from graph_executor.rope import apply_rope, rope_tables
 from graph_executor.tensor_parallel import TensorParallel
@@ -37,8 +38,13 @@ def set_weight(module: nn.Module, name: str, w: Weight) -> None:
         object.__setattr__(module, name, w)
 
 
-def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, K] @ w [N, K]^T (+ bias) -> [T, N]; packed weights dequantized for this call."""
+def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None, w8a8: bool = False) -> torch.Tensor:
+    """x [T, K] @ w [N, K]^T (+ bias) -> [T, N]; packed weights dequantized for this call. `w8a8`: an FP8 weight
+    multiplies x quantized per token row to FP8 (`fp8_scaled_mm.matmul`, as `FusedPrefill(fp8_scaled_mm_rows=)`)."""
+    if w8a8 and isinstance(w, Fp8Rows):
+        from graph_executor.kernels import fp8_scaled_mm  # no Triton; the package is the GPU path's, hence here
+
+        return fp8_scaled_mm.matmul(x, w, torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device), bias)
     return F.linear(x, rows.dequantize(w, x.dtype), bias)
 
 
@@ -103,6 +109,9 @@ class LlamaModel(nn.Module):
         set_weight(self, "lm_head", self.embed_tokens if config.tie_word_embeddings and tp is None
                    else plan.spec("lm_head").empty(v // (tp.size if tp else 1), h, device, dtype))
         self.plan = plan
+        # the reference step's FP8 projections (qkv, o, gate_up, down) multiply activations quantized per token (W8A8:
+        # what FusedPrefill(fp8_scaled_mm_rows=) computes), for bench.quality to score that prefill; False: W8A16
+        self.fp8_activations = False
         self.rope = nn.Buffer(rope_tables(config, max_context, device))  # [C, 2, hd] float32
         # [slots, layers, 2 (k, v), kv_heads, C, hd]: each slot's cache is one contiguous block laid out as a batch-1
         # model's; zeroed so that never-written positions hold finite values.
@@ -183,7 +192,7 @@ class LlamaModel(nn.Module):
         for index, layer in enumerate(self.layers):
             h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
             q = self._qkv_rope(layer, h, cos, sin, lambda k, v, i=index: append(i, k, v))
-            x = x + self._reduce(linear(attend(q, index), layer.o_proj))
+            x = x + self._reduce(linear(attend(q, index), layer.o_proj, w8a8=self.fp8_activations))
             x = x + self._reduce(self._mlp(layer, rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)))
         x = rms_norm(x.index_select(0, logits_index), self.norm, cfg.rms_norm_eps)  # [n, H]
         logits = linear(x, self.lm_head)  # [n, V] ([n, V / ranks] on a tensor-parallel rank)
@@ -206,7 +215,7 @@ class LlamaModel(nn.Module):
         q [T, nh, hd]."""
         cfg = self.config
         t = x.shape[0]
-        qkv = linear(x, layer.qkv_proj, layer.qkv_bias)  # [T, q + 2kv]
+        qkv = linear(x, layer.qkv_proj, layer.qkv_bias, w8a8=self.fp8_activations)  # [T, q + 2kv]
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         q = apply_rope(q.view(t, cfg.num_heads, cfg.head_dim), cos, sin)  # [T, nh, hd]
         k = apply_rope(k.view(t, cfg.num_kv_heads, cfg.head_dim), cos, sin)  # [T, nkv, hd]
@@ -214,5 +223,5 @@ class LlamaModel(nn.Module):
         return q
 
     def _mlp(self, layer: DecoderLayer, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linear(x, layer.gate_up_proj).chunk(2, dim=-1)  # [T, I] each
-        return linear(F.silu(gate) * up, layer.down_proj)
+        gate, up = linear(x, layer.gate_up_proj, w8a8=self.fp8_activations).chunk(2, dim=-1)  # [T, I] each
+        return linear(F.silu(gate) * up, layer.down_proj, w8a8=self.fp8_activations)

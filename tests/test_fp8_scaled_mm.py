@@ -114,3 +114,21 @@ def test_a_prefill_step_with_it_stays_near_the_default_path(tmp_path) -> None:
     default, w8a8 = runs
     assert not w8a8.isnan().any() and not torch.equal(default, w8a8)
     assert float((w8a8 - default).abs().max() / default.abs().max()) < 0.1
+    # the reference step with the same W8A8 projections (LlamaModel.fp8_activations: what bench.quality scores)
+    # gives the fused step's logits, as the W8A16 reference gives the default step's
+    t = ids.shape[0]
+    model.fp8_activations = True
+    reference = model(ids, torch.arange(t, device=DEVICE), torch.tensor([t - 1], device=DEVICE), t)[0].double().cpu()
+    model.fp8_activations = False
+    plain = model(ids, torch.arange(t, device=DEVICE), torch.tensor([t - 1], device=DEVICE), t)[0].double().cpu()
+    assert float((reference - w8a8).abs().max() / w8a8.abs().max()) < 1e-4
+    assert float((plain - default).abs().max() / default.abs().max()) < 1e-4 and not torch.equal(reference, plain)
+
+
+def test_the_quality_reports_w8a8_flag_needs_a_gpu() -> None:
+    from bench.quality import QualityConfig, parse_args
+
+    if DEVICE.type == "cpu":
+        with pytest.raises(SystemExit):
+            parse_args(["--device", "cpu", "--fp8-activations"])
+    assert QualityConfig(fp8_activations=True).fp8_activations

@@ -361,11 +361,15 @@ for step in "${steps[@]}"; do
           echo "large-tile sweep: rc=$?"; cat "$OUT/gemmlarge.log" ;;
     fp8mm) # issue 10: FP8 prefill on the FP8 tensor cores (kernels/fp8_scaled_mm.py, W8A8 with per-token
            # activation scales) against the default packed prefill and fp16, whole prefill steps at 16-500 tokens,
-           # then its tests on the card (~3 min)
+           # then its tests on the card, then the low-bit GEMM's large tiles on FP8 codes (W8A16) (~5 min)
           timeout 240 python3 -m bench.probes.fp8_prefill > "$OUT/fp8mm.md" 2>&1
           echo "fp8 prefill: rc=$?"; cat "$OUT/fp8mm.md"
           timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_fp8_scaled_mm.py > "$OUT/fp8mm_tests.log" 2>&1
-          echo "tests: rc=$? $(tail -1 "$OUT/fp8mm_tests.log")" ;;
+          echo "tests: rc=$? $(tail -1 "$OUT/fp8mm_tests.log")"
+          # W16A8 kept: FP8 codes converted in the low-bit GEMM's tiles (cheap for e4m3), with the large tiles
+          timeout 200 python3 -m bench.probes.lowbit_gemm --tokens 128,512 --formats fp16,fp8 --sweep --sweep-set large \
+            --dequant --reps 10 > "$OUT/fp8mm_gemm.log" 2>&1
+          echo "fp8 large-tile sweep: rc=$?"; cat "$OUT/fp8mm_gemm.log" ;;
     resweep) # issue 10: the int8 and FP8 split-K blocks again now that the second kernel adds the partials (their
              # blocks were chosen under the fixup; int4 gained 2.5% from a longer K slice), whole 7B steps; the fp8
              # format runs Fp8Config on gate_up only (down, embedding and lm_head are int8 there) (~3 min)
