@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.probes.serve_ready import free_port  # noqa: F401 - the tests import it from here
+from ipc.free_port import free_port  # noqa: F401 - the tests import it from here
 from ipc.liveness import process_alive
 from ipc.runtime_dir import default_base
 from launch.client import Client, ServerError

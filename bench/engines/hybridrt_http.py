@@ -56,7 +56,8 @@ class HybridrtHttpEngine:
             import httpx  # the `dev` extra's HTTP client (what the openai SDK uses), not a runtime dependency
         except ImportError:
             raise EngineUnavailable("hybridrt-http needs httpx (pip install httpx)") from None
-        from bench.probes.serve_ready import free_port, health
+        from bench.probes.serve_ready import health
+        from ipc.free_port import free_port
 
         self.spec = spec
         port, http_port = free_port(), free_port()

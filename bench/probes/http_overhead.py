@@ -17,7 +17,8 @@ import time
 import httpx
 
 from bench.engines.hybridrt_http import carries_text
-from bench.probes.serve_ready import free_port, health, running_serve
+from bench.probes.serve_ready import health, running_serve
+from ipc.free_port import free_port
 from launch.client import Client
 
 MESSAGES = [{"role": "user", "content": "Name three primary colours and say why they are called primary."}]

@@ -169,8 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import uvicorn
 
-    from bench.probes.serve_ready import free_port, running_serve
+    from bench.probes.serve_ready import running_serve
     from bench.stats import percentile
+    from ipc.free_port import free_port
     from launch.client import Client
     from launch.http_api import create_app
 

@@ -24,7 +24,7 @@ import urllib.request
 
 from bench.engines.hybridrt_http import carries_text
 from bench.serve_command import serve_command
-from ipc.free_port import free_port  # noqa: F401 - the probes and tests import it from here
+from ipc.free_port import free_port
 
 CHAT = {"messages": [{"role": "user", "content": "Name three primary colours."}], "max_tokens": 8,
         "temperature": 0.0, "stream": True}
