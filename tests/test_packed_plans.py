@@ -53,7 +53,7 @@ def test_fp8_plans_change_the_split_k_projections_only() -> None:
 
 
 @pytest.mark.parametrize("text", ["up=32x64x4", "qkv=", "qkv=x", "o=rr", "qkv=32x64", "qkv=32x64x4x1", "qkv=ax64x4",
-                                  "qkv"])
+                                  "qkv", "qkv=32x64x4fr"])
 def test_a_bad_item_is_one_line_naming_it(text: str) -> None:
     with pytest.raises(SystemExit, match="bad plan item") as err:
         parse_plan(text, INT4_PLAN)

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
         ids = torch.randint(0, models[None].config.vocab_size, (t,), device=device)
         positions = torch.arange(t, device=device)
         index = torch.tensor([t - 1], device=device)
-        graphs, outs, steps = [], [], []
+        graphs, outs, steps = [], [], []  # the steps own the buffers their graphs read and write: keep them
         for _, quantize, rows in variants:
             step = FusedPrefill(models[quantize], t, fp8_scaled_mm_rows=rows)
             out = torch.empty(models[quantize].config.vocab_size, dtype=torch.float32, device=device)

@@ -42,7 +42,7 @@ def parse_plan(text: str, base: SplitKPlan | Fp8Plan) -> SplitKPlan | Fp8Plan:
     for item in text.split(","):
         name, _, spec = item.partition("=")
         reduce_kernel = spec.endswith("r")
-        parts = spec.removesuffix("r").removesuffix("f").split("x")
+        parts = (spec[:-1] if spec[-1:] in ("r", "f") else spec).split("x")  # one optional suffix
         blocks = len(parts) == 3 and all(p.isdigit() for p in parts)
         if name not in (*PROJECTIONS, "all") or not (blocks or spec in ("r", "f")):
             raise SystemExit(f"bad plan item {item!r} in {text!r} (projection=BLOCK_NxBLOCK_KWxWARPS[r|f] or "
