@@ -106,47 +106,6 @@ def test_gemm_matches_float64_matmul(case, tokens) -> None:
     assert not scratch.count.any()  # the last program of each tile reset its counter
 
 
-@pytest.mark.parametrize("fixup", [True, False])  # False: the partials added by `_gemm_reduce_kernel`
-@pytest.mark.parametrize("case", CASES)
-def test_tokens_major_gemm_matches_float64_matmul(case, fixup) -> None:
-    """GemmConfig(tokens_major=True) (the long-prompt orientation): every element against float64, two token blocks
-    (the second ragged), N not a multiple of BLOCK_N, K split in two (whole groups), into a row-slice view."""
-    n, k, tokens = 37, k_for(case), 19
-    seed = sum(map(ord, case)) + 7
-    w = packed_case(case, n, k, seed)
-    x = torch.randn(tokens, k, generator=torch.Generator().manual_seed(seed + 1))
-    buf, out = wide_out(tokens, n, torch.float32, float("nan"))
-    cfg = dataclasses.replace(cpu_config(case), tokens_major=True, reduce_kernel=not fixup)
-    scratch = SplitKScratch.zeros(*gemm_lowbit.scratch_size(tokens, n, k, cfg), DEVICE)
-    assert gemm_lowbit.gemm(x.to(DEVICE), w, out, cfg=cfg, scratch=scratch) is out
-    assert_matches(out, reference(x, w), 1e-5)
-    assert_margins(buf, n, float("nan"))
-    assert not scratch.count.any()
-
-
-@pytest.mark.parametrize("half_math", [False, True])
-@pytest.mark.parametrize("epilogue", ["bias", "accumulate"])
-@pytest.mark.parametrize("case", ["int4-offset-g32-f16", "int4-sym-g16-f32", "int8-sym-g32-f16", "fp8"])
-def test_tokens_major_gemm_epilogues(case, epilogue, half_math) -> None:
-    """Tokens-major, unsplit, float16 activations: the bias or the residual add in the epilogue; the weight tile
-    formed in float32 or (half_math) in float16."""
-    n, k, tokens = 40, 96, 20
-    seed = sum(map(ord, case + epilogue))
-    w = packed_case(case, n, k, seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(tokens, k, generator=g).half()
-    bias = torch.randn(n, generator=g).half() if epilogue == "bias" else None
-    start = torch.randn(tokens, n, generator=g).half()
-    out = start.clone().to(DEVICE)
-    cfg = GemmConfig(block_n=16, block_t=16, block_k=32, split=1, num_stages=1, tokens_major=True, half_math=half_math)
-    gemm_lowbit.gemm(x.to(DEVICE), w, out, bias=None if bias is None else bias.to(DEVICE),
-                     accumulate=epilogue == "accumulate", cfg=cfg)
-    ref = reference(x.float(), w, None if bias is None else bias.float())
-    if epilogue == "accumulate":
-        ref = ref + start.double()
-    assert_matches(out.float(), ref, 2e-3)  # float16 output
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_dequantize_gives_the_formats_values(case) -> None:
     """The dense weights a long prompt's GEMM reads: bit for bit the format's float32 dequantization, and that
@@ -392,25 +351,6 @@ def test_gemm_7b_shapes_float16(n, k, fmt) -> None:
         x = torch.randn(tokens, k, device="cuda", dtype=torch.float16)
         out = torch.full((tokens, n), float("nan"), device="cuda", dtype=torch.float16)
         gpu_check(gemm_lowbit.gemm(x, w, out), x, w)
-
-
-TM_TILES = [GemmConfig(128, 128, 64, 1, 8, 3, tokens_major=True), GemmConfig(64, 128, 128, 2, 4, 3, tokens_major=True),
-            GemmConfig(256, 128, 64, 1, 8, 4, tokens_major=True, reduce_kernel=True),
-            GemmConfig(128, 64, 128, 1, 4, 3, tokens_major=True, half_math=True),
-            GemmConfig(64, 64, 128, 1, 4, 3, half_math=True)]
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("fmt", ["int4", "int8", "fp8"])
-def test_tokens_major_gemm_7b_shapes(fmt) -> None:
-    """The long-prompt orientation's tiles (128 tokens a program) at 7B shapes, 100-512 tokens, float16."""
-    for n, k in ((4096, 4096), (4096, 11008)):
-        w = gpu_weight(fmt, n, k, seed=n + k + 1)
-        for tokens in (100, 128, 512):
-            x = torch.randn(tokens, k, device="cuda", dtype=torch.float16)
-            for cfg in TM_TILES:
-                out = torch.full((tokens, n), float("nan"), device="cuda", dtype=torch.float16)
-                gpu_check(gemm_lowbit.gemm(x, w, out, cfg=cfg), x, w)
 
 
 @pytest.mark.cuda

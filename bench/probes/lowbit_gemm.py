@@ -40,17 +40,7 @@ LARGE_SWEEP = [GemmConfig(*c) for c in [
     *((bn, bt, bk, 1, w, st) for bn in (64, 128) for bt in (128, 256) for bk in (64, 128)
       for w, st in ((4, 3), (8, 3), (8, 4))),
     (128, 64, 128, 1, 8, 3), (128, 64, 64, 1, 4, 3)]]
-# Long prompts in the dense GEMM's orientation (GemmConfig.tokens_major: the tokens the dot's left operand, as
-# loaded; the dequantized weight tile transposed on the right): block_t tokens x block_n weight rows a program.
-TM_SWEEP = [*(GemmConfig(bn, bt, bk, 1, w, st, tokens_major=True) for bn in (128, 256) for bt in (64, 128)
-              for bk in (64, 128) for w, st in ((4, 3), (8, 3))),
-            GemmConfig(64, 128, 128, 1, 4, 3, tokens_major=True), GemmConfig(64, 64, 128, 1, 4, 3, tokens_major=True),
-            GemmConfig(128, 128, 64, 2, 8, 3, reduce_kernel=True, tokens_major=True),
-            GemmConfig(64, 128, 128, 4, 4, 3, reduce_kernel=True, tokens_major=True),
-            # the weight tile formed in float16 (GemmConfig.half_math), marked h
-            *(GemmConfig(bn, bt, bk, 1, w, 3, tokens_major=True, half_math=True)
-              for bn, bt, bk, w in ((128, 128, 64, 8), (128, 64, 128, 4), (256, 128, 64, 8), (64, 128, 128, 4)))]
-SWEEPS = {"small": SWEEP, "large": LARGE_SWEEP, "tm": TM_SWEEP}
+SWEEPS = {"small": SWEEP, "large": LARGE_SWEEP}
 SCRATCH_FLOATS = 64 * 1024**2  # enough for every config above at T <= 512 on these shapes
 
 
@@ -108,8 +98,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="time the block configs of --sweep-set too, print the best")
     ap.add_argument("--sweep-set", choices=tuple(SWEEPS), default="small",
                     help="small: SWEEP (16-64 tokens a program, split along K); large: LARGE_SWEEP (64-256 tokens "
-                    "a program, 8 warps, deeper pipelines, for 128-512-token prompts); tm: TM_SWEEP (the dense GEMM's orientation, "
-                    "tokens_major; marked tm)")
+                    "a program, 8 warps, deeper pipelines, for 128-512-token prompts)")
     ap.add_argument("--reps", type=int, default=20, help="timed graph replays per measurement (median)")
     ap.add_argument("--reduce", action="store_true", help="also time the default tile with its split partials added "
                     "by a second kernel (GemmConfig.reduce_kernel), printed after the sweep's column")
@@ -152,11 +141,7 @@ def main() -> None:
                                                 "error": repr(e)[:200]})
                     timed.sort(key=lambda r: r[0])
                     best = "; ".join(f"{m:.4f} ms {c.block_n}x{c.block_t}x{c.block_k}/{c.split} {c.num_warps}w"
-                                     f"{c.num_stages}s{' tm' if c.tokens_major else ''}{' h' if c.half_math else ''}"
-                                     for m, c in timed[:3])
-                    if timed:  # the winner's every element against float64, as the default's above
-                        _op(w, x, out, timed[0][1], scratch)()
-                        best += f" (err {_rel_error(w, x, out):.1e})"
+                                     f"{c.num_stages}s" for m, c in timed[:3])
                     res["rows"] += [{"shape": name, "T": t, "fmt": fmt, "cfg": vars(c), "ms": m} for m, c in timed]
                 if args.dequant and fmt != "fp16":
                     d_ms = _time(weights, x, out, None, args.reps,

@@ -122,22 +122,6 @@ def gemm_variants():
             yield (f"gemm int4 64x{block_t}x128 {warps}w", _gemm_kernel, GEMM_TYPES, consts, warps)
 
 
-def gemm_tm_variants():
-    """The long-prompt tiles in both orientations (the dense GEMM's, tokens_major, and the short-prompt kernel's):
-    whether the dot runs as wgmma (HGMMA) or mma (HMMA), and what the dequantization costs in instructions."""
-    from graph_executor.kernels.gemm_lowbit import _gemm_kernel, _gemm_tm_kernel
-
-    for fmt, name in ((0, "int4"), (1, "int8"), (2, "fp8")):
-        for block_n, block_t, block_k, warps in ((128, 128, 64, 8), (256, 128, 64, 8), (128, 64, 128, 4)):
-            consts = dict(FORMAT=fmt, HAS_OFFSET=fmt == 0, ZERO=0.0, GROUP=1 if fmt == 2 else 32,
-                          STEP_GROUP=1 if fmt == 2 else 32, HAS_BIAS=False, ACCUMULATE=False, PRECISION="tf32",
-                          SPLITTING=False, BLOCK_N=block_n, BLOCK_T=block_t, BLOCK_K=block_k)
-            types = dict(GEMM_TYPES, codes_ptr="*fp8e4nv" if fmt == 2 else ("*u8" if fmt == 0 else "*i8"),
-                         scale_ptr="*fp32" if fmt == 2 else "*fp16")
-            for kernel, tag in ((_gemm_tm_kernel, "tm"), (_gemm_kernel, "wm")):
-                yield (f"gemm {name} {block_n}x{block_t}x{block_k} {warps}w {tag}", kernel, types, consts, warps)
-
-
 def smoke_variants():
     from graph_executor.kernels.rows import _silu_mul_kernel
 
@@ -145,8 +129,7 @@ def smoke_variants():
                                                    K="i32"), dict(BLOCK=1024, PDL=False), 4)
 
 
-SUITES = {"attention": attention_variants, "splitk": splitk_variants, "gemm": gemm_variants, "gemmtm": gemm_tm_variants,
-          "smoke": smoke_variants}
+SUITES = {"attention": attention_variants, "splitk": splitk_variants, "gemm": gemm_variants, "smoke": smoke_variants}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,14 +142,13 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("sass_usage compiles kernels: unset TRITON_INTERPRET (the interpreter's kernels cannot be)")
     suites = {k: v for k, v in SUITES.items() if k != "smoke"} if args.suite == "all" else {args.suite: SUITES[args.suite]}
     print(f"Triton {triton.__version__}, compiled for sm_{args.cc} on this machine (no GPU used)")
-    print("| variant | registers | stack (spills) B | SASS instructions | tensor-core ops | top opcodes |")
-    print("|---|---|---|---|---|---|")
+    print("| variant | registers | stack (spills) B | SASS instructions | top opcodes |")
+    print("|---|---|---|---|---|")
     for variants in suites.values():
         for label, kernel, types, consts, warps in variants():
             u = usage(compile_for(kernel, types, consts, warps, args.cc))
             top = ", ".join(f"{op} {n}" for op, n in sorted(u.opcodes.items(), key=lambda kv: -kv[1])[:args.top])
-            mma = ", ".join(f"{op} {n}" for op, n in sorted(u.opcodes.items()) if "MMA" in op) or "-"  # HGMMA: wgmma
-            print(f"| {label} | {u.registers} | {u.stack} | {u.instructions} | {mma} | {top} |", flush=True)
+            print(f"| {label} | {u.registers} | {u.stack} | {u.instructions} | {top} |", flush=True)
     return 0
 
 

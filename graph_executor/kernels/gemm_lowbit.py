@@ -46,13 +46,6 @@ class GemmConfig:
     # split > 1: the partials added by a second kernel (`_gemm_reduce_kernel`, same order, same bits) instead of by
     # the last program of each tile (gemv_splitk.SplitKConfig.reduce_kernel)
     reduce_kernel: bool = False
-    # The dot's orientation. False (the short-prompt design above): the dequantized weight tile is the left operand,
-    # the tokens the tensor core's N. True (`_gemm_tm_kernel`, for long prompts): the tokens are the left operand,
-    # loaded as they lie in memory (the pipelined operand), and the dequantized weight tile, transposed, the right one,
-    # as a dense GEMM over x and W^T would be; block_t tokens by block_n weight rows a program.
-    tokens_major: bool = False
-    # The weight tile formed in float16 (`_weight_tile`'s HALF) when the activations are float16; else float32.
-    half_math: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_t", "block_k"):
@@ -119,7 +112,7 @@ def scratch_size(tokens: int, n: int, k: int, cfg: GemmConfig) -> tuple[int, int
 @triton.jit
 def _weight_tile(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, k0, K, FORMAT: tl.constexpr,
                  HAS_OFFSET: tl.constexpr, ZERO: tl.constexpr, GROUP: tl.constexpr, STEP_GROUP: tl.constexpr,
-                 BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr, HALF: tl.constexpr = False):
+                 BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr):
     """Weights of `rows` ([BLOCK_R] int64) at columns k0 .. k0 + BLOCK_K as [BLOCK_R, BLOCK_K] in DTYPE: the value
     is formed in float32 (formats.py's order of operations) and rounded to DTYPE once. Columns past K and rows
     not row_ok come out 0. STEP_GROUP = min(GROUP, BLOCK_K): a step holds BLOCK_K / STEP_GROUP groups, or lies
@@ -142,11 +135,10 @@ def _weight_tile(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, k0, K, FORMAT: 
         at = rows[:, None] * (K // GROUP) + groups[None, :]
         gmask = row_ok[:, None] & (groups < K // GROUP)[None, :]
         # masked groups get scale 0 (and offset 0), so their weights are 0 whatever the codes read as
-        MATH: tl.constexpr = DTYPE if HALF else tl.float32
-        s = tl.load(scale_ptr + at, mask=gmask, other=0.0).to(MATH)[:, :, None]  # [BLOCK_R, NG, 1]
-        q = tl.reshape(q.to(MATH), [BLOCK_R, NG, STEP_GROUP])
+        s = tl.load(scale_ptr + at, mask=gmask, other=0.0).to(tl.float32)[:, :, None]  # [BLOCK_R, NG, 1]
+        q = tl.reshape(q.to(tl.float32), [BLOCK_R, NG, STEP_GROUP])
         if HAS_OFFSET:
-            o = tl.load(offset_ptr + at, mask=gmask, other=0.0).to(MATH)[:, :, None]
+            o = tl.load(offset_ptr + at, mask=gmask, other=0.0).to(tl.float32)[:, :, None]
             w = s * q + o
         else:
             w = s * (q - ZERO)
@@ -159,7 +151,7 @@ def _gemm_kernel(x_ptr, codes_ptr, scale_ptr, offset_ptr, b_ptr, out_ptr, part_p
                  stride_xm, stride_om, FORMAT: tl.constexpr, HAS_OFFSET: tl.constexpr, ZERO: tl.constexpr,
                  GROUP: tl.constexpr, STEP_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
                  PRECISION: tl.constexpr, SPLITTING: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
-                 BLOCK_K: tl.constexpr, FIXUP: tl.constexpr = True, HALF: tl.constexpr = False):
+                 BLOCK_K: tl.constexpr, FIXUP: tl.constexpr = True):
     """Program (n, t, s): weight rows n * BLOCK_N.., tokens t * BLOCK_T.., K columns s * K_SPLIT.. (SPLIT programs
     along K). acc [BLOCK_N, BLOCK_T] = W_tile @ x_tile^T: the dequantized weights are the dot's left operand."""
     pid_n = tl.program_id(0)
@@ -177,7 +169,7 @@ def _gemm_kernel(x_ptr, codes_ptr, scale_ptr, offset_ptr, b_ptr, out_ptr, part_p
         xt = tl.load(x_ptr + tokens[None, :] * stride_xm + cols[:, None],
                      mask=token_ok[None, :] & (cols < K)[:, None], other=0.0)  # [BLOCK_K, BLOCK_T]
         w = _weight_tile(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, k0, K, FORMAT, HAS_OFFSET, ZERO, GROUP,
-                         STEP_GROUP, BLOCK_N, BLOCK_K, dtype, HALF)  # [BLOCK_N, BLOCK_K]
+                         STEP_GROUP, BLOCK_N, BLOCK_K, dtype)  # [BLOCK_N, BLOCK_K]
         acc = tl.dot(w, xt, acc, input_precision=PRECISION)
     at = out_ptr + tokens[None, :] * stride_om + rows[:, None]
     mask = row_ok[:, None] & token_ok[None, :]
@@ -200,67 +192,6 @@ def _gemm_kernel(x_ptr, codes_ptr, scale_ptr, offset_ptr, b_ptr, out_ptr, part_p
                 tl.atomic_xchg(counter, 0)
     else:
         _epilogue(acc, at, mask, rows, row_ok, scale_ptr, b_ptr, FORMAT, HAS_BIAS, ACCUMULATE)
-
-
-@triton.jit
-def _gemm_tm_kernel(x_ptr, codes_ptr, scale_ptr, offset_ptr, b_ptr, out_ptr, part_ptr, count_ptr, M, N, K, K_SPLIT,
-                    SPLIT, stride_xm, stride_om, FORMAT: tl.constexpr, HAS_OFFSET: tl.constexpr, ZERO: tl.constexpr,
-                    GROUP: tl.constexpr, STEP_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
-                    PRECISION: tl.constexpr, SPLITTING: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
-                    BLOCK_K: tl.constexpr, FIXUP: tl.constexpr = True, HALF: tl.constexpr = False):
-    """GemmConfig(tokens_major=True). Program (t, n, s): tokens t * BLOCK_T.., weight rows n * BLOCK_N.., K columns
-    s * K_SPLIT..; the token blocks of one weight tile are launched next to each other (they read it from L2).
-    acc [BLOCK_T, BLOCK_N] = x_tile @ W_tile^T. Split partials go to the scratch in `_gemm_kernel`'s layout, so the
-    same counters, fixup order and `_gemm_reduce_kernel` apply."""
-    pid_t = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # N * K may pass 2**31
-    row_ok = rows < N
-    tokens = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    token_ok = tokens < M
-    dtype = x_ptr.dtype.element_ty
-    acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-    k_lo = pid_k * K_SPLIT
-    for k0 in range(k_lo, tl.minimum(k_lo + K_SPLIT, K), BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        xt = tl.load(x_ptr + tokens[:, None] * stride_xm + cols[None, :],
-                     mask=token_ok[:, None] & (cols < K)[None, :], other=0.0)  # [BLOCK_T, BLOCK_K]
-        w = _weight_tile(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, k0, K, FORMAT, HAS_OFFSET, ZERO, GROUP,
-                         STEP_GROUP, BLOCK_N, BLOCK_K, dtype, HALF)  # [BLOCK_N, BLOCK_K]
-        acc = tl.dot(xt, tl.trans(w), acc, input_precision=PRECISION)
-    at = out_ptr + tokens[:, None] * stride_om + rows[None, :]
-    mask = token_ok[:, None] & row_ok[None, :]
-    if SPLITTING:
-        grid_n = tl.num_programs(1)
-        m_pad = tl.num_programs(0) * BLOCK_T
-        n_pad = grid_n * BLOCK_N
-        tile = part_ptr + (pid_k * m_pad + tokens[:, None]).to(tl.int64) * n_pad + rows[None, :]
-        tl.store(tile, acc)
-        if FIXUP:  # else `_gemm_reduce_kernel` adds the partials
-            tl.debug_barrier()  # every thread's stores are issued before the release below
-            counter = count_ptr + pid_t * grid_n + pid_n
-            if tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT - 1:
-                acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-                for i in range(SPLIT):
-                    acc += tl.load(tile + (i - pid_k) * m_pad * n_pad, cache_modifier=".cg")
-                _epilogue_tm(acc, at, mask, rows, row_ok, scale_ptr, b_ptr, FORMAT, HAS_BIAS, ACCUMULATE)
-                tl.atomic_xchg(counter, 0)
-    else:
-        _epilogue_tm(acc, at, mask, rows, row_ok, scale_ptr, b_ptr, FORMAT, HAS_BIAS, ACCUMULATE)
-
-
-@triton.jit
-def _epilogue_tm(acc, at, mask, rows, row_ok, scale_ptr, b_ptr, FORMAT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 ACCUMULATE: tl.constexpr):
-    """`_epilogue` for a [BLOCK_T, BLOCK_N] tile: out tile [+]= acc (x FP8's row scale) [+ bias]."""
-    if FORMAT == 2:  # FP8: one scale per weight row, i.e. per output column
-        acc *= tl.load(scale_ptr + rows, mask=row_ok, other=0.0)[None, :]
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
-    if ACCUMULATE:
-        acc += tl.load(at, mask=mask, other=0.0).to(tl.float32)
-    tl.store(at, acc.to(at.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -392,17 +323,13 @@ def gemm(x: torch.Tensor, w: PackedWeight, out: torch.Tensor, bias: torch.Tensor
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(t, cfg.block_t), split)
     # a float32 dot defaults to tf32 on tensor cores (~1e-3): float32 activations ask for float32 products
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    kernel = _gemm_kernel
-    if cfg.tokens_major:  # token blocks first: the programs that share a weight tile run together
-        kernel, grid = _gemm_tm_kernel, (grid[1], grid[0], split)
-    kernel[grid](x, *fmt_ptrs, bias if bias is not None else out, out, scratch.partial, scratch.count, t, n,
+    _gemm_kernel[grid](x, *fmt_ptrs, bias if bias is not None else out, out, scratch.partial, scratch.count, t, n,
                        k, k_split, split, x.stride(0), out.stride(0), **fmt, HAS_BIAS=bias is not None,
                        ACCUMULATE=accumulate, PRECISION=precision, SPLITTING=split > 1, BLOCK_N=cfg.block_n,
                        BLOCK_T=cfg.block_t, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                       FIXUP=not cfg.reduce_kernel, HALF=cfg.half_math and x.dtype == torch.float16)
+                       FIXUP=not cfg.reduce_kernel)
     if split > 1 and cfg.reduce_kernel:
-        reduce_grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(t, cfg.block_t))  # (n, t), either orientation
-        _gemm_reduce_kernel[reduce_grid](scratch.partial, fmt_ptrs[1], bias if bias is not None else out, out, t, n, split,
+        _gemm_reduce_kernel[grid[:2]](scratch.partial, fmt_ptrs[1], bias if bias is not None else out, out, t, n, split,
                                       out.stride(0), FORMAT=fmt["FORMAT"], HAS_BIAS=bias is not None,
                                       ACCUMULATE=accumulate, BLOCK_N=cfg.block_n, BLOCK_T=cfg.block_t, num_warps=4)
     return out
