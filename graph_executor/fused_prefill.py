@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from graph_executor.kernels import gemv_rows, prefill_plan
+from graph_executor.kernels import gemv_rows, prefill_plan, projections
 from graph_executor.kernels import pdl as pdl_launch
 from graph_executor.kernels.extend_attention import ExtendWorkspace, extend_attention
 from graph_executor.kernels.projections import embedding, matmul, prefill_scratch, rmsnorm_gemv
@@ -32,13 +32,16 @@ from graph_executor.tensor_parallel import StepCollectives
 class FusedPrefill:
     def __init__(self, model: LlamaModel, max_tokens: int,
                  short_plan: prefill_plan.ShortPromptPlan | None = None,
-                 fp8_scaled_mm_rows: int | None = None) -> None:
+                 fp8_scaled_mm_rows: int | None = None,
+                 dequantize_rows: projections.DequantizeRows = projections.DEQUANTIZE_ROWS) -> None:
         """`short_plan`: which prompts take the multi-row GEMVs, with which configs (None: the plan measured for
         this model's hidden size; `prefill_plan.CUBLAS_ONLY`: none). `fp8_scaled_mm_rows`: prompts of this many rows
         and more run their FP8 projections on the FP8 tensor cores, activations quantized per token
-        (`projections.matmul`); None: never (not yet measured on a GPU)."""
+        (`projections.matmul`); None: never (W8A8: an opt-in). `dequantize_rows`: from how many rows, per format,
+        packed projections are dequantized for cuBLAS instead of the low-bit GEMM."""
         self.model = model
         self.fp8_scaled_mm_rows = fp8_scaled_mm_rows
+        self.dequantize_rows = dequantize_rows
         device = model.embed_tokens.device
         self.buffers = RowActivations.allocate(model, max_tokens)
         cfg = model.config
@@ -57,7 +60,7 @@ class FusedPrefill:
         self.scratch = gemv_rows.step_scratch(
             [(min(padded, max_tokens), n, k, rc) for padded, configs in self.short_plan.by_rows
              for (n, k), rc in zip(shapes, configs.all(), strict=True)],
-            prefill_scratch(weights, max_tokens, device), device)
+            prefill_scratch(weights, max_tokens, device, dequantize_rows), device)
         self.collectives = StepCollectives(model.tp, 1, cfg.vocab_size, device)  # a tensor-parallel rank's
 
     @torch.inference_mode()
@@ -106,7 +109,7 @@ class FusedPrefill:
         b = self.buffers.rows(t)
         x, h, qkv, q, gate_up, act = b.x, b.h, b.qkv, b.q, b.gate_up, b.act
         stride = m.kv_caches.stride(0)  # elements from one slot's caches to the next's
-        f8 = self.fp8_scaled_mm_rows
+        f8, dq = self.fp8_scaled_mm_rows, self.dequantize_rows
         embedding(m.embed_tokens, ids, x)
         rows = self.short_plan.configs(t)
         if rows is not None and all(isinstance(w, torch.Tensor) for layer in m.layers for w in (
@@ -115,18 +118,22 @@ class FusedPrefill:
         for index, layer in enumerate(m.layers):
             cache = m.kv_caches[slot if slots is None else 0, index]  # [2, nkv, C, hd]; with `slots`, slot 0's
             rmsnorm_rows(x, layer.attn_norm, eps, h)
-            matmul(h, layer.qkv_proj, qkv, bias=layer.qkv_bias, scratch=self.scratch, fp8_scaled_mm_rows=f8)
+            matmul(h, layer.qkv_proj, qkv, bias=layer.qkv_bias, scratch=self.scratch, fp8_scaled_mm_rows=f8,
+                   dequantize_rows=dq)
             rope_append(qkv, positions, m.rope, q, cache[0], cache[1], cfg.num_heads, cfg.num_kv_heads,
                         cfg.head_dim, slots=slots, slot_stride=stride)
             attn = attend(q, cache, b.attn)  # [T, nh * hd]
             c.before_residual(x)
-            matmul(attn, layer.o_proj, x, accumulate=True, scratch=self.scratch, fp8_scaled_mm_rows=f8)
+            matmul(attn, layer.o_proj, x, accumulate=True, scratch=self.scratch, fp8_scaled_mm_rows=f8,
+                   dequantize_rows=dq)
             c.after_residual(x)
             rmsnorm_rows(x, layer.mlp_norm, eps, h)
-            matmul(h, layer.gate_up_proj, gate_up, scratch=self.scratch, fp8_scaled_mm_rows=f8)
+            matmul(h, layer.gate_up_proj, gate_up, scratch=self.scratch, fp8_scaled_mm_rows=f8,
+                   dequantize_rows=dq)
             silu_mul_rows(gate_up, act)
             c.before_residual(x)
-            matmul(act, layer.down_proj, x, accumulate=True, scratch=self.scratch, fp8_scaled_mm_rows=f8)
+            matmul(act, layer.down_proj, x, accumulate=True, scratch=self.scratch, fp8_scaled_mm_rows=f8,
+                   dequantize_rows=dq)
             c.after_residual(x)
         return x
 

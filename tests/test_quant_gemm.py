@@ -121,14 +121,14 @@ def test_dequantize_gives_the_formats_values(case) -> None:
 
 @pytest.mark.parametrize("epilogue", ["plain", "bias", "accumulate"])
 def test_long_prompts_multiply_dequantized_weights(epilogue) -> None:
-    """kernels/projections.matmul from DEQUANTIZE_ROWS rows (the dense GEMM over dequantized weights) and below
+    """kernels/projections.matmul from DEQUANTIZE_ROWS.int4 rows (the dense GEMM over dequantized weights) and below
     (the low-bit GEMM): the same product either way."""
     from graph_executor.kernels import projections
 
     n, k = 21, 96
     w = packed_case("int4-offset-g32-f16", n, k, seed=11)
     gen = torch.Generator().manual_seed(12)
-    for tokens in (projections.DEQUANTIZE_ROWS - 1, projections.DEQUANTIZE_ROWS):
+    for tokens in (projections.DEQUANTIZE_ROWS.int4 - 1, projections.DEQUANTIZE_ROWS.int4):
         x, base, bias = (torch.randn(tokens, k, generator=gen), torch.randn(tokens, n, generator=gen),
                          torch.randn(n, generator=gen))
         out = base.clone().to(DEVICE)
@@ -136,6 +136,27 @@ def test_long_prompts_multiply_dequantized_weights(epilogue) -> None:
         projections.matmul(x.to(DEVICE), w, out, bias=bias.to(DEVICE) if epilogue == "bias" else None,
                            accumulate=epilogue == "accumulate")
         assert_matches(out, ref + base.double() if epilogue == "accumulate" else ref, 1e-5)
+
+
+@pytest.mark.parametrize("case", ["int4-offset-g32-f16", "int8-sym-g32-f16", "fp8"])
+def test_dequantize_rows_per_format(case) -> None:
+    """projections.DequantizeRows: each format switches to the dequantized weights at its own row count; below it
+    the low-bit GEMM runs with the scratch prefill_scratch sized for that count (none allocated in the call)."""
+    from graph_executor.kernels import projections
+
+    n, k = 21, 96
+    w = packed_case(case, n, k, seed=13)
+    rows = projections.DequantizeRows(int4=9, int8=17, fp8=33)
+    at = rows.for_weight(w)
+    assert at == {"int4": 9, "int8": 17, "fp8": 33}[case.split("-")[0]]
+    scratch = projections.prefill_scratch([w], 64, DEVICE, rows)
+    assert scratch is not None
+    gen = torch.Generator().manual_seed(14)
+    for tokens in (at - 1, at):
+        x = torch.randn(tokens, k, generator=gen)
+        out = torch.full((tokens, n), float("nan"), device=DEVICE)
+        projections.matmul(x.to(DEVICE), w, out, scratch=scratch, dequantize_rows=rows)
+        assert_matches(out, reference(x, w), 1e-5)
 
 
 @pytest.mark.parametrize("epilogue", ["bias", "accumulate"])

@@ -381,7 +381,27 @@ for step in "${steps[@]}"; do
             "default;gate_up=32x1024x4r;gate_up=64x1024x8r;gate_up=64x512x8r;gate_up=128x512x8r;default" \
             > "$OUT/resweep_fp8.md" 2>&1
           echo "fp8: rc=$?"; cat "$OUT/resweep_fp8.md" ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep)"
+    startup13) # issue 13: serve's ready time against the host's floor (a fresh `import torch` + CUDA context, timed
+               # before each start), 4 fresh serves of the SmolLM2 shape with its tokenizer, then the bench's startup
+               # workload (phases per process, the first 5 requests after ready against steady state) twice (~3 min)
+          timeout 200 python3 -m bench.probes.serve_ready --runs 4 --json "$OUT/serve_ready.json" -- \
+            --model dummy:smollm2-135m --tokenizer "$HYBRIDRT_TEST_TOKENIZER" --device cuda > "$OUT/serve_ready.log" 2>&1
+          echo "serve_ready: rc=$?"; head -7 "$OUT/serve_ready.log"; grep -E "^hybridrt serving|^  (graph_executor|jit_context): [a-z]" "$OUT/serve_ready.log" | grep -v request | head -24
+          for i in 1 2; do
+            timeout 150 python3 -m launch.cli bench --quiet --model dummy:smollm2-135m --tokenizer "$HYBRIDRT_TEST_TOKENIZER" \
+              --engines hybridrt --workloads startup,ttft --prompt-lens 10,100 --repeats 5 --out "$OUT/startup_$i" \
+              > "$OUT/startup_$i.log" 2>&1
+            echo "bench startup $i: rc=$?"; rm -rf "$OUT/startup_$i/logs"
+            grep -A12 "^## Start-up" "$OUT/startup_$i/results.md"; grep -A8 "^## TTFT" "$OUT/startup_$i/results.md"
+          done ;;
+    dqrows) # issue 10: where each packed format's prefill should leave the low-bit GEMM for dequantize + cuBLAS
+            # (projections.DequantizeRows): whole 7B prefill steps, 128-512 tokens, both paths per format (~3 min)
+          timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_quant_gemm.py -k "dequantize_rows or long" \
+            > "$OUT/dqrows_tests.log" 2>&1
+          echo "tests: rc=$? $(tail -1 "$OUT/dqrows_tests.log")"
+          timeout 400 python3 -m bench.probes.dequantize_rows > "$OUT/dqrows.md" 2>&1
+          echo "dequantize rows: rc=$?"; cat "$OUT/dqrows.md" ;;
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows)"
        exit 2 ;;
   esac
 done

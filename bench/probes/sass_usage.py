@@ -142,13 +142,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("sass_usage compiles kernels: unset TRITON_INTERPRET (the interpreter's kernels cannot be)")
     suites = {k: v for k, v in SUITES.items() if k != "smoke"} if args.suite == "all" else {args.suite: SUITES[args.suite]}
     print(f"Triton {triton.__version__}, compiled for sm_{args.cc} on this machine (no GPU used)")
-    print("| variant | registers | stack (spills) B | SASS instructions | top opcodes |")
-    print("|---|---|---|---|---|")
+    print("| variant | registers | stack (spills) B | SASS instructions | tensor-core ops | top opcodes |")
+    print("|---|---|---|---|---|---|")
     for variants in suites.values():
         for label, kernel, types, consts, warps in variants():
             u = usage(compile_for(kernel, types, consts, warps, args.cc))
             top = ", ".join(f"{op} {n}" for op, n in sorted(u.opcodes.items(), key=lambda kv: -kv[1])[:args.top])
-            print(f"| {label} | {u.registers} | {u.stack} | {u.instructions} | {top} |", flush=True)
+            mma = ", ".join(f"{op} {n}" for op, n in sorted(u.opcodes.items()) if "MMA" in op) or "-"  # HGMMA: wgmma
+            print(f"| {label} | {u.registers} | {u.stack} | {u.instructions} | {mma} | {top} |", flush=True)
     return 0
 
 

@@ -7,6 +7,10 @@ GET /health until it answers 200, sends one streamed chat completion right away 
 after ready) and a few more (steady state), then stops the server with SIGTERM and waits for it to exit.
 Run 1 on an uncached model includes its conversion; later runs show the cached start. The phase lines the two
 children print (one per start-up phase) are kept per run. Prints one table row per run.
+
+Before each start, the host's floor is timed the same way: a fresh `python -c "import torch"` that also makes a
+CUDA context when the serve runs on a GPU (what each of serve's two children must do before anything else), so
+"ready - floor" says what hybridrt itself adds on this host, whose imports swing by seconds between hosts and runs.
 """
 
 from __future__ import annotations
@@ -89,6 +93,32 @@ def chat_ttft_ms(port: int, model: str) -> float:
     return (first - start) * 1e3
 
 
+FLOOR_CODE = {"cuda": "import torch; torch.zeros(1, device='cuda'); torch.cuda.synchronize()", "cpu": "import torch"}
+
+
+def device_of(serve_args: list[str]) -> str:
+    """The device `serve` will use, from its arguments ("cuda" or "cpu"; serve's default is cuda when present)."""
+    for i, a in enumerate(serve_args):
+        if a == "--device" and i + 1 < len(serve_args):
+            return "cuda" if serve_args[i + 1].startswith("cuda") else "cpu"
+        if a.startswith("--device="):
+            return "cuda" if a.split("=", 1)[1].startswith("cuda") else "cpu"
+    return "cuda" if _cuda_present() else "cpu"
+
+
+def _cuda_present() -> bool:
+    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+                         capture_output=True, text=True)
+    return out.stdout.strip() == "True"
+
+
+def floor_s(device: str) -> float:
+    """Seconds for a fresh interpreter to import torch (and make a CUDA context on "cuda"), from the command."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", FLOOR_CODE[device]], check=True)
+    return time.perf_counter() - start
+
+
 def one_run(serve_args: list[str], timeout_s: float, steady: int) -> dict:
     port, http_port = free_port(), free_port()
     cmd = serve_command(port, http_port, *serve_args)  # no prefix reuse: the steady requests repeat the first chat
@@ -124,18 +154,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steady", type=int, default=5, help="chat requests after the first one (default: 5)")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for /health per run")
     ap.add_argument("--json", type=str, default=None, help="also write the runs to this file")
+    ap.add_argument("--no-floor", action="store_true", help="don't time the host's floor (torch import + context)")
     ap.add_argument("serve_args", nargs=argparse.REMAINDER, help="after --: the arguments of `hybridrt serve`")
     args = ap.parse_args(argv)
     serve_args = [a for a in args.serve_args if a != "--"] if args.serve_args[:1] == ["--"] else args.serve_args
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     runs = []
-    print("| run | ready from command (s) | first chat TTFT (ms) | steady chat TTFT (ms) | first/steady |")
-    print("|---|---|---|---|---|")
+    device = device_of(serve_args)
+    print(f"| run | ready from command (s) | floor: import torch{' + CUDA context' if device == 'cuda' else ''} (s) "
+          "| ready - floor (s) | first chat TTFT (ms) | steady chat TTFT (ms) | first/steady |")
+    print("|---|---|---|---|---|---|---|")
     for i in range(args.runs):
+        floor = None if args.no_floor else floor_s(device)
         r = one_run(serve_args, args.timeout, args.steady)
+        r["floor_s"] = floor
         runs.append(r)
-        print(f"| {i + 1} | {r['ready_s']:.2f} | {r['first_ttft_ms']:.2f} | {r['steady_ttft_ms']:.2f} | "
-              f"{r['first_ttft_ms'] / r['steady_ttft_ms']:.2f} |", flush=True)
+        fl = "-" if floor is None else f"{floor:.2f}"
+        gap = "-" if floor is None else f"{r['ready_s'] - floor:.2f}"
+        print(f"| {i + 1} | {r['ready_s']:.2f} | {fl} | {gap} | {r['first_ttft_ms']:.2f} | "
+              f"{r['steady_ttft_ms']:.2f} | {r['first_ttft_ms'] / r['steady_ttft_ms']:.2f} |", flush=True)
     print(runs[-1]["ready_line"])
     for line in runs[-1]["phases"]:
         print("  " + line)

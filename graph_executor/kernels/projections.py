@@ -137,22 +137,35 @@ def silu_gemv_residual(w: Weight, gate_up: torch.Tensor, x: torch.Tensor,
     return gemv.silu_gemv_residual(w, gate_up, x, cfg.dense, prefetch=prefetch)
 
 
-# Prompt rows from which a packed weight is dequantized to x's dtype (a temporary the size of one projection) for
-# cuBLAS, rather than multiplied by the low-bit GEMM: on an H200 (bench/probes/lowbit_gemm_swap.py, LLaMA-2-7B's
-# projections, int4) the low-bit GEMM takes 0.17 ms a layer at 64 rows against 0.28 for dequantize + cuBLAS, and
-# both take 0.30 at 128 rows, where the tensor cores' work starts to outweigh the pass over the weights.
-DEQUANTIZE_ROWS = 128
+@dataclass(frozen=True)
+class DequantizeRows:
+    """Prompt rows from which a packed weight, per format, is dequantized to x's dtype (a temporary the size of one
+    projection) for cuBLAS, rather than multiplied by the low-bit GEMM (`matmul`)."""
+
+    int4: int = 128
+    int8: int = 128
+    fp8: int = 128
+
+    def for_weight(self, w: Weight) -> int:
+        return self.int4 if isinstance(w, Int4Groups) else self.int8 if isinstance(w, Int8Groups) else self.fp8
 
 
-def prefill_scratch(weights: list[Weight], max_tokens: int, device: torch.device) -> SplitKScratch | None:
+# On an H200 (bench/probes/lowbit_gemm_swap.py, LLaMA-2-7B's projections, int4) the low-bit GEMM takes 0.17 ms a
+# layer at 64 rows against 0.28 for dequantize + cuBLAS, and both take 0.30 at 128 rows, where the tensor cores'
+# work starts to outweigh the pass over the weights.
+DEQUANTIZE_ROWS = DequantizeRows()
+
+
+def prefill_scratch(weights: list[Weight], max_tokens: int, device: torch.device,
+                    dequantize_rows: DequantizeRows = DEQUANTIZE_ROWS) -> SplitKScratch | None:
     """The scratch `matmul` needs for any prompt of up to max_tokens rows over any of these weights (None when none
     is packed): the prefill step owns one, so that its CUDA graphs allocate nothing."""
-    shapes = {tuple(w.shape) for w in weights if not isinstance(w, torch.Tensor)}
+    shapes = {(tuple(w.shape), dequantize_rows.for_weight(w)) for w in weights if not isinstance(w, torch.Tensor)}
     if not shapes:
         return None
     floats = counters = 0
-    for t in range(1, min(max_tokens, DEQUANTIZE_ROWS - 1) + 1):
-        for n, k in shapes:
+    for (n, k), rows in shapes:
+        for t in range(1, min(max_tokens, rows - 1) + 1):
             f, c = gemm_lowbit.scratch_size(t, n, k, gemm_lowbit.default_config(t, n, k))
             floats, counters = max(floats, f), max(counters, c)
     return SplitKScratch.zeros(floats, counters, device)
@@ -160,15 +173,15 @@ def prefill_scratch(weights: list[Weight], max_tokens: int, device: torch.device
 
 def matmul(x: torch.Tensor, w: Weight, out: torch.Tensor, bias: torch.Tensor | None = None,
            accumulate: bool = False, scratch: SplitKScratch | None = None,
-           fp8_scaled_mm_rows: int | None = None) -> torch.Tensor:
+           fp8_scaled_mm_rows: int | None = None, dequantize_rows: DequantizeRows = DEQUANTIZE_ROWS) -> torch.Tensor:
     """Prefill projection: out [T, N] = x [T, K] @ W^T (+ bias), or out += x @ W^T (a residual add). A packed w
-    below DEQUANTIZE_ROWS rows takes the low-bit GEMM with `scratch` (see prefill_scratch). `fp8_scaled_mm_rows`:
+    below `dequantize_rows` rows (its format's) takes the low-bit GEMM with `scratch` (see prefill_scratch). `fp8_scaled_mm_rows`:
     from this many rows an FP8 weight takes the FP8 tensor cores with the rows quantized per token
     (`fp8_scaled_mm.matmul`: W8A8) instead; None: never."""
     if fp8_scaled_mm_rows is not None and isinstance(w, Fp8Rows) and x.shape[0] >= fp8_scaled_mm_rows:
         return fp8_scaled_mm.matmul(x, w, out, bias=bias, accumulate=accumulate)
     if not isinstance(w, torch.Tensor):
-        if x.shape[0] < DEQUANTIZE_ROWS:
+        if x.shape[0] < dequantize_rows.for_weight(w):
             return gemm_lowbit.gemm(x, w, out, bias=bias, accumulate=accumulate, scratch=scratch)
         w = gemm_lowbit.dequantize(w, torch.empty(w.shape, dtype=x.dtype, device=x.device))  # [N, K]
     if accumulate:
