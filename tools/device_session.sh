@@ -401,7 +401,20 @@ for step in "${steps[@]}"; do
           echo "tests: rc=$? $(tail -1 "$OUT/dqrows_tests.log")"
           timeout 400 python3 -m bench.probes.dequantize_rows > "$OUT/dqrows.md" 2>&1
           echo "dequantize rows: rc=$?"; cat "$OUT/dqrows.md" ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows)"
+    dqadopt) # issue 10: DEQUANTIZE_ROWS per format adopted (int8 160, FP8 224): the packed tests on the card, the
+             # probe at the new switch points, then the formats bench with prompts on both sides of them (~6 min)
+          timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_quant_model.py tests/test_quant_gemm.py \
+            tests/test_fp8_scaled_mm.py > "$OUT/dqadopt_tests.log" 2>&1
+          echo "tests: rc=$? $(tail -1 "$OUT/dqadopt_tests.log")"
+          timeout 150 python3 -m bench.probes.dequantize_rows --quantize int8,fp8 --tokens 160,224 > "$OUT/dqadopt.md" 2>&1
+          echo "dequantize rows: rc=$?"; cat "$OUT/dqadopt.md"
+          timeout 300 python3 -m launch.cli bench --quiet --model dummy:llama-2-7b --engines hybridrt-executor \
+            --workloads floors,decode,ttft --prompt-lens 10,100,128,192,256,500 --repeats 3 \
+            --decode-tokens 128 --decode-prompt-len 50 --timeout 150 \
+            --quantize none,int8,int4,fp8 --out "$OUT/formats" > "$OUT/formats.log" 2>&1
+          echo "formats bench: rc=$?"; rm -rf "$OUT"/formats/*/logs; cat "$OUT/formats/formats.md"
+          for f in float16 int8 int4 fp8; do echo "$f"; grep -A9 "^## TTFT" "$OUT/formats/$f/results.md" | tail -7; done ;;
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt)"
        exit 2 ;;
   esac
 done

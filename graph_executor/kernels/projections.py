@@ -150,10 +150,13 @@ class DequantizeRows:
         return self.int4 if isinstance(w, Int4Groups) else self.int8 if isinstance(w, Int8Groups) else self.fp8
 
 
-# On an H200 (bench/probes/lowbit_gemm_swap.py, LLaMA-2-7B's projections, int4) the low-bit GEMM takes 0.17 ms a
-# layer at 64 rows against 0.28 for dequantize + cuBLAS, and both take 0.30 at 128 rows, where the tensor cores'
-# work starts to outweigh the pass over the weights.
-DEQUANTIZE_ROWS = DequantizeRows()
+# Measured on an H200 (LLaMA-2-7B shapes): int4 from bench/probes/lowbit_gemm_swap.py (the low-bit GEMM 0.17 ms a
+# layer at 64 rows against 0.28 for dequantize + cuBLAS, both 0.30 at 128); int8 and FP8 from whole prefill steps
+# (bench/probes/dequantize_rows.py, 2026-12-02): at 128 rows the GEMM is faster for int8 (9.65 against 10.55 ms) and
+# FP8 (7.27 against 10.37: FP8 codes convert in one instruction), at 192 only for FP8 (10.05 against 11.21), at 256
+# for neither (13.16 against 12.27); int4 at 128 10.20 dequantized against 11.46. The prefill buckets step by 32 rows:
+# the interpolated crossings (~146 and ~228 rows) put int8's switch at 160, FP8's at 224.
+DEQUANTIZE_ROWS = DequantizeRows(int4=128, int8=160, fp8=224)
 
 
 def prefill_scratch(weights: list[Weight], max_tokens: int, device: torch.device,
