@@ -141,6 +141,18 @@ def test_model_that_does_not_fit_is_refused(monkeypatch) -> None:
         run_bench("--device", "cpu", "--model", "dummy:llama-2-7b", "--dtype", "float32")
 
 
+def test_default_context_leaves_room_for_the_longest_prompts_bucket() -> None:
+    """The GPU path captures prefill buckets (every 32 rows) below the max context: a 500-token prompt needs its
+    512-row bucket, so the bench's default context is above 512 (it was 512: the prompt ran in two chunks)."""
+    from bench.resolve import BenchOptions, resolve_spec
+    from graph_executor.graphs import DEFAULT_BUCKETS
+
+    spec = resolve_spec(BenchOptions(device="cpu", model="dummy:smollm2-135m", workloads="ttft", prompt_lens="10,500"))
+    assert spec.max_context > min(b for b in DEFAULT_BUCKETS if b >= 500)
+    spec = resolve_spec(BenchOptions(device="cpu", model="dummy:smollm2-135m", workloads="ttft", prompt_lens="100"))
+    assert spec.max_context == 256  # still rounded to 256 where the bucket fits
+
+
 def test_fit_check_is_the_loaders_rule(monkeypatch) -> None:
     """The bench refuses exactly what loading would: graph_executor.memory's bytes for the same context."""
     from bench.resolve import BenchOptions, resolve_spec

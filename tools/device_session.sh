@@ -391,7 +391,7 @@ for step in "${steps[@]}"; do
             timeout 150 python3 -m launch.cli bench --quiet --model dummy:smollm2-135m --tokenizer "$HYBRIDRT_TEST_TOKENIZER" \
               --engines hybridrt --workloads startup,ttft --prompt-lens 10,100 --repeats 5 --out "$OUT/startup_$i" \
               > "$OUT/startup_$i.log" 2>&1
-            echo "bench startup $i: rc=$?"; rm -rf "$OUT/startup_$i/logs"
+            echo "bench startup $i: rc=$?"  # logs kept (the servers' request lines)
             grep -A12 "^## Start-up" "$OUT/startup_$i/results.md"; grep -A8 "^## TTFT" "$OUT/startup_$i/results.md"
           done ;;
     dqrows) # issue 10: where each packed format's prefill should leave the low-bit GEMM for dequantize + cuBLAS
