@@ -19,8 +19,9 @@ def test_a_kernel_compiles_for_hopper_and_reports_its_resources() -> None:
                           capture_output=True, text=True, env=env, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     row = next(line for line in done.stdout.splitlines() if line.startswith("| silu_mul"))
-    _, _, registers, stack, instructions, opcodes, _ = row.split("|")
+    _, _, registers, stack, instructions, mma, opcodes, _ = row.split("|")
     assert 0 < int(registers) <= 255 and int(stack) == 0 and int(instructions) > 10
+    assert mma.strip() == "-"  # an elementwise kernel: no tensor-core op
     assert "LDG" in opcodes and "STG" in opcodes  # gate and up read, the product written
     interpreted = subprocess.run([sys.executable, "-m", "bench.probes.sass_usage", "--suite", "smoke"],
                                  capture_output=True, text=True, env={**env, "TRITON_INTERPRET": "1"}, timeout=240)
