@@ -12,10 +12,7 @@ import argparse
 
 import torch
 
-from bench.probes.step_variants import alternating_rounds
-from bench.probes.verify_plan import graphed
-from graph_executor.fused_prefill import FusedPrefill
-from graph_executor.loading.loader import LoadConfig, load_model
+from bench.probes.prefill_steps import dummy_models, prefill_rounds
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,13 +22,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--from-rows", default="1,128", help="comma list of fp8_scaled_mm_rows values to time")
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds over the variants")
     args = ap.parse_args(argv)
-    device = torch.device("cuda")
     tokens = [int(t) for t in args.tokens.split(",")]
-    models = {}
-    for quantize in (None, "fp8"):
-        models[quantize] = load_model(LoadConfig(model=f"dummy:{args.model}", device="cuda", dtype="float16",
-                                                 max_context=max(tokens) + 16, progress=False,
-                                                 quantize=quantize)).model
+    models = dummy_models(args.model, [None, "fp8"], max(tokens))
     variants = [("fp16", None, None), ("fp8 default", "fp8", None)] + [
         (f"fp8 scaled_mm from {r} rows", "fp8", int(r)) for r in args.from_rows.split(",")]
     print(f"prefill step, dummy:{args.model}, on {torch.cuda.get_device_name()}, CUDA graph replays, median of "
@@ -39,22 +31,12 @@ def main(argv: list[str] | None = None) -> None:
     print("| tokens | variant | ms | vs fp8 default | logits max rel diff vs fp8 default |")
     print("|---|---|---|---|---|")
     for t in tokens:
-        ids = torch.randint(0, models[None].config.vocab_size, (t,), device=device)
-        positions = torch.arange(t, device=device)
-        index = torch.tensor([t - 1], device=device)
-        graphs, outs, steps = [], [], []  # the steps own the buffers their graphs read and write: keep them
-        for _, quantize, rows in variants:
-            step = FusedPrefill(models[quantize], t, fp8_scaled_mm_rows=rows)
-            out = torch.empty(models[quantize].config.vocab_size, dtype=torch.float32, device=device)
-            graphs.append(graphed(lambda s=step, o=out: s.run(ids, positions, index, o)))
-            outs.append(out)
-            steps.append(step)
-        times, logits = alternating_rounds(graphs, outs, args.rounds, device)
+        times, logits = prefill_rounds(models, t, [(q, {"fp8_scaled_mm_rows": rows}) for _, q, rows in variants],
+                                       args.rounds)
         base = logits[1]
         for (name, _, _), ms, out in zip(variants, times, logits, strict=True):
             diff = float((out - base).abs().max() / base.abs().max())
             print(f"| {t} | {name} | {ms:.3f} | {ms / times[1]:.3f} | {diff:.2e} |", flush=True)
-
 
 if __name__ == "__main__":
     main()

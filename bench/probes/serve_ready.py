@@ -97,13 +97,16 @@ FLOOR_CODE = {"cuda": "import torch; torch.zeros(1, device='cuda'); torch.cuda.s
 
 
 def device_of(serve_args: list[str]) -> str:
-    """The device `serve` will use, from its arguments ("cuda" or "cpu"; serve's default is cuda when present)."""
+    """The device `serve` will use, from its arguments: "cuda" or "cpu" (auto, the default: cuda when present)."""
+    value = "auto"
     for i, a in enumerate(serve_args):
         if a == "--device" and i + 1 < len(serve_args):
-            return "cuda" if serve_args[i + 1].startswith("cuda") else "cpu"
-        if a.startswith("--device="):
-            return "cuda" if a.split("=", 1)[1].startswith("cuda") else "cpu"
-    return "cuda" if _cuda_present() else "cpu"
+            value = serve_args[i + 1]
+        elif a.startswith("--device="):
+            value = a.split("=", 1)[1]
+    if value == "auto":
+        return "cuda" if _cuda_present() else "cpu"
+    return "cuda" if value.startswith("cuda") else "cpu"
 
 
 def _cuda_present() -> bool:

@@ -140,23 +140,24 @@ def silu_gemv_residual(w: Weight, gate_up: torch.Tensor, x: torch.Tensor,
 @dataclass(frozen=True)
 class DequantizeRows:
     """Prompt rows from which a packed weight, per format, is dequantized to x's dtype (a temporary the size of one
-    projection) for cuBLAS, rather than multiplied by the low-bit GEMM (`matmul`)."""
+    projection) for cuBLAS, rather than multiplied by the low-bit GEMM (`matmul`).
+
+    The defaults, measured on an H200 (LLaMA-2-7B shapes): int4 from bench/probes/lowbit_gemm_swap.py (the low-bit
+    GEMM 0.17 ms a layer at 64 rows against 0.28 for dequantize + cuBLAS, both 0.30 at 128); int8 and FP8 from whole
+    prefill steps (bench/probes/dequantize_rows.py, 2026-12-02): at 128 rows the GEMM is faster for int8 (9.65
+    against 10.55 ms) and FP8 (7.27 against 10.37: FP8 codes convert in one instruction), at 192 only for FP8 (10.05
+    against 11.21), at 256 for neither (13.16 against 12.27); int4 at 128 10.20 dequantized against 11.46. The prefill
+    buckets step by 32 rows: the interpolated crossings (~146 and ~228 rows) put int8's switch at 160, FP8's at 224."""
 
     int4: int = 128
-    int8: int = 128
-    fp8: int = 128
+    int8: int = 160
+    fp8: int = 224
 
     def for_weight(self, w: Weight) -> int:
         return self.int4 if isinstance(w, Int4Groups) else self.int8 if isinstance(w, Int8Groups) else self.fp8
 
 
-# Measured on an H200 (LLaMA-2-7B shapes): int4 from bench/probes/lowbit_gemm_swap.py (the low-bit GEMM 0.17 ms a
-# layer at 64 rows against 0.28 for dequantize + cuBLAS, both 0.30 at 128); int8 and FP8 from whole prefill steps
-# (bench/probes/dequantize_rows.py, 2026-12-02): at 128 rows the GEMM is faster for int8 (9.65 against 10.55 ms) and
-# FP8 (7.27 against 10.37: FP8 codes convert in one instruction), at 192 only for FP8 (10.05 against 11.21), at 256
-# for neither (13.16 against 12.27); int4 at 128 10.20 dequantized against 11.46. The prefill buckets step by 32 rows:
-# the interpolated crossings (~146 and ~228 rows) put int8's switch at 160, FP8's at 224.
-DEQUANTIZE_ROWS = DequantizeRows(int4=128, int8=160, fp8=224)
+DEQUANTIZE_ROWS = DequantizeRows()
 
 
 def prefill_scratch(weights: list[Weight], max_tokens: int, device: torch.device,
@@ -178,8 +179,8 @@ def matmul(x: torch.Tensor, w: Weight, out: torch.Tensor, bias: torch.Tensor | N
            accumulate: bool = False, scratch: SplitKScratch | None = None,
            fp8_scaled_mm_rows: int | None = None, dequantize_rows: DequantizeRows = DEQUANTIZE_ROWS) -> torch.Tensor:
     """Prefill projection: out [T, N] = x [T, K] @ W^T (+ bias), or out += x @ W^T (a residual add). A packed w
-    below `dequantize_rows` rows (its format's) takes the low-bit GEMM with `scratch` (see prefill_scratch). `fp8_scaled_mm_rows`:
-    from this many rows an FP8 weight takes the FP8 tensor cores with the rows quantized per token
+    below `dequantize_rows` rows (its format's) takes the low-bit GEMM with `scratch` (see prefill_scratch).
+    `fp8_scaled_mm_rows`: from this many rows an FP8 weight takes the FP8 tensor cores with the rows quantized per token
     (`fp8_scaled_mm.matmul`: W8A8) instead; None: never."""
     if fp8_scaled_mm_rows is not None and isinstance(w, Fp8Rows) and x.shape[0] >= fp8_scaled_mm_rows:
         return fp8_scaled_mm.matmul(x, w, out, bias=bias, accumulate=accumulate)
