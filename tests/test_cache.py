@@ -5,6 +5,7 @@ GGUF tokenizer through it, and `hybridrt cache ls|rm`."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import multiprocessing
 import os
 import shutil
@@ -145,6 +146,9 @@ def test_least_recently_used_entries_go_first_past_the_cap(cache_dir, tmp_path, 
         folder, _ = cache.converted(f"m{i}", "safetensors", _source(tmp_path / f"m{i}.gguf", seed=i), build)
         os.utime(folder / cache.MANIFEST, (1000 + i, 1000 + i))  # m0 used longest ago
         folders.append(folder)
+    older, _ = cache.converted("old", "safetensors", _source(tmp_path / "old.gguf", seed=9), build)
+    manifest = json.loads((older / cache.MANIFEST).read_text())
+    (older / cache.MANIFEST).write_text(json.dumps({**manifest, "version": cache.CONVERTER_VERSION - 1}))
     cache.converted("m0", "safetensors", tmp_path / "m0.gguf", build)  # a hit: m0 is now the most recent
     legacy = cache_dir / "models" / "smollm2-135m-instruct-123-456"  # an older hybridrt's copy
     legacy.mkdir()
@@ -153,7 +157,7 @@ def test_least_recently_used_entries_go_first_past_the_cap(cache_dir, tmp_path, 
     abandoned.mkdir()
     os.utime(abandoned, (1, 1))
     removed = cache.evict(limit=int(4.5 * (1 << 20)))  # two of the three ~2 MiB entries fit
-    assert {e.folder for e in removed} == {folders[1], legacy, abandoned}
+    assert {e.folder for e in removed} == {folders[1], legacy, older, abandoned}
     assert folders[0].exists() and folders[2].exists()
     monkeypatch.setenv("HYBRIDRT_CACHE_MAX_GB", "0.001")  # ~1 MiB: a new build keeps only itself
     newest, _ = cache.converted("m3", "safetensors", _source(tmp_path / "m3.gguf", seed=3), build)

@@ -381,6 +381,30 @@ for step in "${steps[@]}"; do
             "default;gate_up=32x1024x4r;gate_up=64x1024x8r;gate_up=64x512x8r;gate_up=128x512x8r;default" \
             > "$OUT/resweep_fp8.md" 2>&1
           echo "fp8: rc=$?"; cat "$OUT/resweep_fp8.md" ;;
+    earlypacked) # issue 10: the packed formats' GEMVs load their codes and scales before the PDL wait
+                 # (FusedDecoder(early_weights=True)): whole 7B steps per format, alternating rounds (~4 min)
+          for q in int4 int8 fp8; do
+            timeout 150 python3 -m bench.probes.step_variants --quantize $q --models llama-2-7b --contexts 300,2000 \
+              --variants "fused=0;fused=0,early=1;fused=0;fused=0,early=1" --rounds 5 > "$OUT/early_$q.md" 2>&1
+            echo "early weights $q: rc=$?"; cat "$OUT/early_$q.md"
+          done ;;
+    gpuidle) # issues 12/13: is a step slower on the card after idle (bench.probes.gpu_idle, one process, graphs),
+             # and where the int4 7B decode step's time goes kernel by kernel (eager launches; ~3 min)
+          timeout 200 python3 -m bench.probes.gpu_idle --repeats 5 > "$OUT/gpu_idle.md" 2>&1
+          echo "gpu idle: rc=$?"; cat "$OUT/gpu_idle.md"
+          timeout 200 python3 -m bench.probes.kernel_profile --model dummy:llama-2-7b --quantize int4 --context 300 \
+            --prompt 100 --steps 20 --top 20 > "$OUT/kernel_profile_int4.md" 2>&1
+          echo "kernel profile int4: rc=$?"; cat "$OUT/kernel_profile_int4.md" ;;
+    startupspin) # issue 13: the first request after ready, with and without a process spinning on one core of the
+                 # host meanwhile (is the first request's extra time the host CPU's idle states?) (~2 min)
+          for v in plain spin plain2 spin2; do
+            spinner=""; case $v in spin*) python3 -c "while True: pass" & spinner=$!;; esac
+            timeout 150 python3 -m launch.cli bench --quiet --model dummy:smollm2-135m --tokenizer "$HYBRIDRT_TEST_TOKENIZER" \
+              --engines hybridrt --workloads startup --prompt-lens 100 --repeats 5 --out "$OUT/startup_$v" \
+              > "$OUT/startup_$v.log" 2>&1
+            echo "bench startup $v: rc=$?"; [ -n "$spinner" ] && kill $spinner
+            grep -E "first 5|after 2 s idle" "$OUT/startup_$v/results.md"
+          done ;;
     startup13) # issue 13: serve's ready time against the host's floor (a fresh `import torch` + CUDA context, timed
                # before each start), 4 fresh serves of the SmolLM2 shape with its tokenizer, then the bench's startup
                # workload (phases per process, the first 5 requests after ready against steady state) twice (~3 min)

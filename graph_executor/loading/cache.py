@@ -30,9 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from filelock import FileLock, Timeout
-
-CONVERTER_VERSION = 1  # bump when a conversion writes different files for the same source
+CONVERTER_VERSION = 2  # bump when a conversion writes different files for the same source (2: the default model's
+# safetensors copy in the fused slots' order, mapped_weights.save_fused_order)
 MANIFEST = "hybridrt-entry.json"
 HEADER_BYTES = 1 << 20
 SAMPLE_BYTES = 1 << 16
@@ -90,7 +89,7 @@ class Entry:
     source: str  # the file it was converted from, when it was built (informational)
     bytes: int
     last_used: float  # seconds since the epoch
-    status: str  # "ok", "corrupt" (fails its manifest), "legacy" (an older hybridrt's folder) or "building"
+    status: str  # "ok", "corrupt" (fails its manifest), "legacy" (an older hybridrt's or converter's) or "building"
 
 
 def _manifest(folder: Path) -> dict | None:
@@ -99,6 +98,16 @@ def _manifest(folder: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) and data.get("version") == CONVERTER_VERSION else None
+
+
+def _version(folder: Path) -> int | None:
+    """The converter version an entry's manifest names; None when it is unreadable or names none."""
+    try:
+        data = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    version = data.get("version") if isinstance(data, dict) else None
+    return version if isinstance(version, int) else None
 
 
 def check_entry(folder: Path) -> bool:
@@ -156,6 +165,8 @@ def converted(name: str, kind: str, source: Path, build: Callable[[Path], None],
     if check_entry(folder):  # the common case, without the lock
         _touch(folder)
         return folder, False
+    from filelock import FileLock, Timeout  # here: a hit needs no lock, and `serve` imports this before its spawn
+
     try:
         root.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(root / f".{folder.name}.lock"), timeout=LOCK_TIMEOUT_S)
@@ -211,8 +222,11 @@ def entries() -> list[Entry]:
                 found.append(Entry(folder, "", _folder_bytes(folder), folder.stat().st_mtime, "building"))
                 continue
             data = _manifest(folder)
-            status = "legacy" if data is None and not (folder / MANIFEST).exists() else \
-                "ok" if check_entry(folder) else "corrupt"
+            # legacy: no manifest (hybridrt before the manifests), or an older converter's entry, which this
+            # version never looks up again (its key holds the converter's version)
+            legacy = data is None and (not (folder / MANIFEST).exists()
+                                       or (_version(folder) or CONVERTER_VERSION) < CONVERTER_VERSION)
+            status = "legacy" if legacy else "ok" if check_entry(folder) else "corrupt"
             used = (folder / MANIFEST).stat().st_mtime if data is not None else folder.stat().st_mtime
             found.append(Entry(folder, (data or {}).get("source", ""), _folder_bytes(folder), used, status))
         except OSError:

@@ -42,11 +42,11 @@ def ensure_converted(progress: bool = True) -> tuple[Path, bool]:
 
 def _convert(source: Path, out: Path, progress: bool) -> None:
     import torch
-    from safetensors.torch import save_file
     from tqdm import tqdm
     from transformers import PreTrainedTokenizerFast
 
     from graph_executor.loading.gguf_loader import gguf_config, iter_gguf_tensors, open_gguf, weight_tensor_count
+    from graph_executor.loading.mapped_weights import save_fused_order
 
     reader = open_gguf(source)
     config = gguf_config(reader)
@@ -55,7 +55,8 @@ def _convert(source: Path, out: Path, progress: bool) -> None:
         for name, array in tqdm(iter_gguf_tensors(reader, config), total=weight_tensor_count(reader),
                                 desc="converting default model (once)", unit="tensor", disable=not progress)
     }
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    # each fused slot's parts consecutive: a CPU load maps the file instead of copying it (mapped_weights.py)
+    save_fused_order(tensors, out / "model.safetensors", metadata={"format": "pt"})
     # The generic fast tokenizer, the class AutoTokenizer picks for this file, without AutoTokenizer's config lookup,
     # which parses the whole GGUF again (~7 s on 2 cores). tests/test_tokenizer.py compares the saved files'
     # tokenizer with AutoTokenizer's load of the GGUF.

@@ -15,6 +15,7 @@ from graph_executor.device import resolve_device, resolve_dtype
 from graph_executor.loading import cache, default_model
 from graph_executor.loading.config import ModelConfig
 from graph_executor.loading.load_config import DEFAULT_MAX_CONTEXT, LOAD_FORMATS, LoadConfig  # noqa: F401
+from graph_executor.loading.mapped_weights import map_slots
 from graph_executor.loading.model_source import DEFAULT, safetensors_files, source_of
 from graph_executor.loading.presets import preset
 from graph_executor.loading.tokenizer_location import GGUF_TOKENIZER_KIND, tokenizer_files_in
@@ -255,12 +256,17 @@ def _resolve_source(cfg: LoadConfig) -> tuple[str, str, bool | None]:
 def _load_safetensors(model: LlamaModel, files: list[Path], progress: bool) -> None:
     device = str(model.embed_tokens.device)
     loaded: set[str] = set()
-    handles = [_open_safetensors(file, device) for file in files]
+    handles = [_open_safetensors(file, device) for file in files]  # safetensors' checks of each file first
+    if model.device.type == "cpu" and model.tp is None:  # slots the files hold in place become views of them
+        loaded = map_slots(model, files)
     total = sum(len(f.keys()) for f in handles)
     with tqdm(total=total, desc="loading weights", unit="tensor", disable=not progress) as bar:
         for file, f in zip(files, handles, strict=True):
             with f:
                 for name in f.keys():
+                    if name in loaded:
+                        bar.update()
+                        continue
                     part = tp_part(model, name)  # a tensor-parallel rank reads only its rows or columns
                     try:
                         tensor = f.get_tensor(name) if part is None else f.get_slice(name)[part]
