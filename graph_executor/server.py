@@ -11,6 +11,7 @@ import time
 from contextlib import contextmanager
 
 import torch
+import zmq
 
 from graph_executor.draft import DraftingRunner, DraftProposer
 from graph_executor.loading.loader import LoadedModel
@@ -58,6 +59,10 @@ class ExecutorServer:
         self.startup = startup  # this process's start-up phases, for its facts
         self.channel = channel
         self.doorbell = doorbell  # step commands without a ZeroMQ hop (ipc/doorbell.py); None: ZeroMQ only
+        self._idle_poller = zmq.Poller()  # asleep: the control socket and the doorbell's wake pipe
+        self._idle_poller.register(channel.socket, zmq.POLLIN)
+        if doorbell is not None and doorbell.wake_fd is not None:
+            self._idle_poller.register(doorbell.wake_fd, zmq.POLLIN)
         self.promise_ns = 0  # we watch the doorbell until then (CLOCK_MONOTONIC) before sleeping in a poll
         self.last_step: tuple[str, int] | None = None  # (request id, step) of the last step run: its copy is dropped
         self.loaded = loaded
@@ -171,8 +176,18 @@ class ExecutorServer:
                 break
         if (taken := bell.take()) is not None:  # rung just before the promise ran out
             return taken
-        msg = self.channel.recv(timeout_ms=POLL_MS)
-        return None if msg is None else self.rung_copy(msg)
+        if bell.wake_fd is None:
+            msg = self.channel.recv(timeout_ms=POLL_MS)
+            return None if msg is None else self.rung_copy(msg)
+        # asleep until the JIT context's byte in the wake pipe (it rang the bell first) or a ZeroMQ message
+        ready = dict(self._idle_poller.poll(POLL_MS))
+        if bell.wake_fd in ready:
+            bell.drain_wake()
+            if (taken := bell.take()) is not None:
+                return taken
+        if self.channel.socket in ready:
+            return self.rung_copy(self.channel.recv(timeout_ms=0))
+        return None
 
     def rung_copy(self, msg: Message | None) -> tuple[int | None, Message] | None:
         """A message from ZeroMQ, with the doorbell seq of the same step if it was also rung (and not taken)."""

@@ -151,6 +151,8 @@ class RemoteExecutor:
         # it sees the command before it could sleep, and the ZeroMQ copy is skipped (ipc/doorbell.py).
         self._rung = self.doorbell.ring(msg) if self.doorbell is not None else None
         if self._rung is None or not self.doorbell.listening():
+            if self._rung is not None:
+                self.doorbell.wake()  # a sleeping executor takes the rung command without waiting for the copy
             self._send_raw(msg)
         self._outstanding = True
 

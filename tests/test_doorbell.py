@@ -245,3 +245,57 @@ def test_a_two_process_server_with_the_doorbell_gives_the_in_process_tokens(cpu_
                                                           params))[-1]
                 final = list(client.generate(messages=messages, params=params))[-1]
                 assert final.token_ids == base.token_ids
+
+
+def test_a_wake_makes_the_pipe_readable_until_drained(bells) -> None:
+    import select
+
+    executor, jit = bells
+    assert executor.wake_path.stat().st_mode & 0o777 == 0o600
+    assert select.select([executor.wake_fd], [], [], 0)[0] == []
+    for _ in range(3):
+        jit.wake()
+    assert select.select([executor.wake_fd], [], [], 0)[0] == [executor.wake_fd]
+    executor.drain_wake()  # every byte at once: one wake-up per sleep
+    assert select.select([executor.wake_fd], [], [], 0)[0] == []
+
+
+def test_a_wake_without_a_pipe_does_nothing(tmp_path) -> None:
+    executor = Doorbell.create(tmp_path / "bell")
+    executor.wake_path.unlink()  # as an executor that made none
+    jit = Doorbell.open(tmp_path / "bell")
+    jit.wake()
+    jit.wake()
+    jit.close()
+    executor.close()
+    assert not (tmp_path / "bell").exists() and not executor.wake_path.exists()
+
+
+def test_an_idle_executor_wakes_on_the_pipe_and_takes_the_rung_command(rig) -> None:
+    """Asleep in its poll (not busy, no promise), the executor wakes on the pipe: a command rung meanwhile with a wake
+    and no ZeroMQ copy is taken at once; rung without the wake, the poll runs to its timeout with nothing."""
+    import threading
+
+    from graph_executor.server import POLL_MS
+
+    server, _, jit = rig
+    assert not jit.listening()
+
+    def ring_later(msg, wake: bool) -> threading.Timer:
+        timer = threading.Timer(0.02, lambda: (jit.ring(msg), jit.wake() if wake else None))
+        timer.start()
+        return timer
+
+    prefill = Prefill("req-1", 1, 4, 0)
+    timer = ring_later(prefill, wake=True)
+    start = time.monotonic()
+    assert server.next_command() == (1, prefill)
+    assert time.monotonic() - start < 0.02 + POLL_MS / 1e3 / 2
+    timer.join()
+    decode = Decode("req-2", 1, 4)
+    timer = ring_later(decode, wake=False)
+    start = time.monotonic()
+    assert server.next_command() is None  # the poll's timeout: the ZeroMQ copy would have been needed
+    assert time.monotonic() - start >= POLL_MS / 1e3 * 0.9
+    timer.join()
+    assert server.next_command() == (2, decode)  # the bell is looked at first after each poll

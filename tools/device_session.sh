@@ -405,6 +405,24 @@ for step in "${steps[@]}"; do
             echo "bench startup $v: rc=$?"; [ -n "$spinner" ] && kill $spinner
             grep -E "first 5|after 2 s idle" "$OUT/startup_$v/results.md"
           done ;;
+    idlegap) # issue 13: a request after each idle gap, its TTFT split (the JIT context's queue, until the executor
+             # had the prefill queued, the rest) on the SmolLM2 shape (bench.probes.idle_gap; ~1.5 min)
+          timeout 200 python3 -m bench.probes.idle_gap --model dummy:smollm2-135m --device cuda --repeats 7 \
+            > "$OUT/idle_gap.md" 2>&1
+          echo "idle gap: rc=$?"; cat "$OUT/idle_gap.md" ;;
+    wake) # issues 12/13: the doorbell's wake pipe (an idle executor woken by one byte, not the ZeroMQ copy): the
+          # idle-gap split, the bench's first requests after ready, and the cuda tests of the paths it touches (~5 min)
+          timeout 200 python3 -m bench.probes.idle_gap --model dummy:smollm2-135m --device cuda --repeats 7 \
+            > "$OUT/idle_gap_wake.md" 2>&1
+          echo "idle gap: rc=$?"; cat "$OUT/idle_gap_wake.md"
+          timeout 150 python3 -m launch.cli bench --quiet --model dummy:smollm2-135m --tokenizer "$HYBRIDRT_TEST_TOKENIZER" \
+            --engines hybridrt --workloads startup --prompt-lens 100 --repeats 5 --out "$OUT/startup_wake" \
+            > "$OUT/startup_wake.log" 2>&1
+          echo "bench startup: rc=$?"; grep -E "first 5|after 2 s idle" "$OUT/startup_wake/results.md"
+          timeout 240 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_gpu_path.py tests/test_speculative.py \
+            tests/test_process_lifetime.py tests/test_runtime_batching.py tests/test_prefix_reuse.py \
+            > "$OUT/wake_tests.log" 2>&1
+          echo "cuda tests: rc=$? $(tail -1 "$OUT/wake_tests.log")" ;;
     startup13) # issue 13: serve's ready time against the host's floor (a fresh `import torch` + CUDA context, timed
                # before each start), 4 fresh serves of the SmolLM2 shape with its tokenizer, then the bench's startup
                # workload (phases per process, the first 5 requests after ready against steady state) twice (~3 min)

@@ -21,14 +21,17 @@ from launch.supervisor import ServerConfig, Supervisor
 GAPS_S = (0.0, 0.002, 0.01, 0.05, 0.2, 1.0, 3.0)
 
 
-def ttft(client: Client, prompt: list[int]) -> tuple[float, float]:
-    """(client TTFT, the JIT context's own TTFT) in ms for one token generated."""
+def ttft(client: Client, prompt: list[int]) -> tuple[float, float, float, float]:
+    """(client TTFT, the JIT context's own TTFT, its queue time, and its time until the executor had the prefill
+    queued) in ms for one token generated, all from the request's arrival in the JIT context: TTFT - enqueued is the
+    prefill on the card and the first token's sampling and read-back."""
     start = time.perf_counter()
     first = None
     for msg in client.generate(token_ids=prompt, params={"max_tokens": 1, "temperature": 0.0, "ignore_eos": True}):
         first = first or (time.perf_counter() - start) * 1e3
         if isinstance(msg, Finished):
-            return first, msg.timings["ttft_ms"]
+            t = msg.timings
+            return first, t["ttft_ms"], t["queue_ms"], t["prefill_enqueued_ms"]
     raise RuntimeError("no Finished message")
 
 
@@ -49,16 +52,19 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(3.0)  # the idle-time captures end
             for _ in range(20):
                 ttft(client, prompt)
-            print("| idle before the request (ms) | client TTFT median (ms) | JIT context's own TTFT median (ms) |")
-            print("|---|---|---|")
+            print("| idle before the request (ms) | client TTFT median (ms) | JIT context's own TTFT median (ms) | "
+                  "its queue (ms) | until the executor had the prefill queued (ms) | after that: prefill, sampling, "
+                  "read-back (ms) |")
+            print("|---|---|---|---|---|---|")
             for gap in GAPS_S:
                 results = []
                 for _ in range(args.repeats):
                     ttft(client, prompt)  # the same state before each gap: right after a request
                     time.sleep(gap)
                     results.append(ttft(client, prompt))
-                print(f"| {gap * 1e3:.0f} | {statistics.median(r[0] for r in results):.2f} | "
-                      f"{statistics.median(r[1] for r in results):.2f} |", flush=True)
+                cols = [statistics.median(r[i] for r in results) for i in range(4)]
+                rest = statistics.median(r[1] - r[3] for r in results)
+                print(f"| {gap * 1e3:.0f} | " + " | ".join(f"{c:.2f}" for c in cols) + f" | {rest:.2f} |", flush=True)
     finally:
         supervisor.stop()
     return 0
