@@ -163,31 +163,36 @@ class ExecutorServer:
         if bell is None:
             msg = self.channel.recv(timeout_ms=POLL_MS, spin_us=SPIN_US if spin else 0)
             return None if msg is None else (None, msg)
-        now = time.monotonic_ns()
         if spin:
-            self.promise_ns = now + SPIN_US * 1000
+            self.promise_ns = time.monotonic_ns() + SPIN_US * 1000
             bell.listen_until(self.promise_ns)
-        while True:  # until the promise made runs out (the JIT context may have rung without a ZeroMQ copy)
-            if (taken := bell.take()) is not None:
+        while True:
+            while True:  # until the promise made runs out (the JIT context may have rung without a ZeroMQ copy)
+                if (taken := bell.take()) is not None:
+                    return taken
+                if self.channel.poll(0):
+                    return self.rung_copy(self.channel.recv(timeout_ms=0))
+                if time.monotonic_ns() >= self.promise_ns:
+                    break
+            if (taken := bell.take()) is not None:  # rung just before the promise ran out
                 return taken
-            if self.channel.poll(0):
+            if bell.wake_fd is None:
+                msg = self.channel.recv(timeout_ms=POLL_MS)
+                return None if msg is None else self.rung_copy(msg)
+            # asleep until the JIT context's byte in the wake pipe (a request arrived, or it rang the bell) or a
+            # ZeroMQ message
+            ready = dict(self._idle_poller.poll(POLL_MS))
+            if bell.wake_fd in ready:
+                bell.drain_wake()
+                if (taken := bell.take()) is not None:
+                    return taken
+            if self.channel.socket in ready:
                 return self.rung_copy(self.channel.recv(timeout_ms=0))
-            if time.monotonic_ns() >= self.promise_ns:
-                break
-        if (taken := bell.take()) is not None:  # rung just before the promise ran out
-            return taken
-        if bell.wake_fd is None:
-            msg = self.channel.recv(timeout_ms=POLL_MS)
-            return None if msg is None else self.rung_copy(msg)
-        # asleep until the JIT context's byte in the wake pipe (it rang the bell first) or a ZeroMQ message
-        ready = dict(self._idle_poller.poll(POLL_MS))
-        if bell.wake_fd in ready:
-            bell.drain_wake()
-            if (taken := bell.take()) is not None:
-                return taken
-        if self.channel.socket in ready:
-            return self.rung_copy(self.channel.recv(timeout_ms=0))
-        return None
+            if bell.wake_fd not in ready:
+                return None  # an idle poll
+            # woken ahead of a request's first step (`RemoteExecutor.wake_early`): watch the bell for it a while
+            self.promise_ns = time.monotonic_ns() + SPIN_US * 1000
+            bell.listen_until(self.promise_ns)
 
     def rung_copy(self, msg: Message | None) -> tuple[int | None, Message] | None:
         """A message from ZeroMQ, with the doorbell seq of the same step if it was also rung (and not taken)."""

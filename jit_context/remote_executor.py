@@ -106,6 +106,13 @@ class RemoteExecutor:
         self._send_step(Verify(self.request_id, self._step + 1, position, num_tokens, draft_start, tokens, accept))
         self._spin_us = SPIN_RUN_US if accept else SPIN_US
 
+    def wake_early(self) -> None:
+        """A request has arrived: wake a sleeping executor now (its doorbell's wake pipe), so that its thread's
+        wake-up overlaps our tokenization and set-up instead of following the first step's command; woken without
+        a command, it watches the bell for a while (graph_executor/server.py). Nothing when it listens already."""
+        if self.doorbell is not None and not self.doorbell.listening():
+            self.doorbell.wake()
+
     def wait_enqueued(self) -> None:
         """Wait for the executor to have *enqueued* the last step (not run it); our stream then waits on its
         event, so sampling reads the step's logits. Nothing on the host waits for the device."""

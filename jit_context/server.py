@@ -204,6 +204,8 @@ class JitServer:
                                         "--api-key: pass --api-key or set HYBRIDRT_API_KEY)",
                                         getattr(msg, "request_id", None)))
         elif isinstance(msg, GenerateRequest):
+            if self.num_running() == 0:  # else the executor is mid-request and listening
+                self.executor.wake_early()
             self._enqueue(identity, msg)
         elif isinstance(msg, CancelRequest):
             self._cancel(identity, msg.request_id)

@@ -299,3 +299,30 @@ def test_an_idle_executor_wakes_on_the_pipe_and_takes_the_rung_command(rig) -> N
     assert time.monotonic() - start >= POLL_MS / 1e3 * 0.9
     timer.join()
     assert server.next_command() == (2, decode)  # the bell is looked at first after each poll
+
+
+def test_woken_without_a_command_the_executor_watches_the_bell(rig) -> None:
+    """`RemoteExecutor.wake_early`: a request's arrival wakes the executor before its first step is rung; the
+    executor then promises to watch the bell, so the step (rung with no wake and, as it listens, no ZeroMQ copy)
+    is taken from the bell without another wake-up."""
+    import threading
+
+    from graph_executor.server import POLL_MS
+
+    server, _, jit = rig
+    prefill = Prefill("req-1", 1, 4, 0)
+    seen = {}
+
+    def client_side() -> None:
+        jit.wake()  # the request arrived
+        time.sleep(0.01)
+        seen["listening"] = jit.listening()  # so the JIT context would skip the ZeroMQ copy
+        jit.ring(prefill)
+
+    timer = threading.Timer(0.02, client_side)
+    timer.start()
+    start = time.monotonic()
+    assert server.next_command() == (1, prefill)
+    assert time.monotonic() - start < 0.03 + POLL_MS / 1e3 / 2
+    timer.join()
+    assert seen["listening"]

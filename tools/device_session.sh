@@ -423,6 +423,18 @@ for step in "${steps[@]}"; do
             tests/test_process_lifetime.py tests/test_runtime_batching.py tests/test_prefix_reuse.py \
             > "$OUT/wake_tests.log" 2>&1
           echo "cuda tests: rc=$? $(tail -1 "$OUT/wake_tests.log")" ;;
+    wake2) # issues 12/13: the request's arrival wakes the executor (RemoteExecutor.wake_early): the idle-gap split,
+           # the bench's first requests after ready, the speculative cuda tests (doorbell steps) (~3 min)
+          timeout 100 python3 -m bench.probes.idle_gap --model dummy:smollm2-135m --device cuda --repeats 7 \
+            > "$OUT/idle_gap_wake2.md" 2>&1
+          echo "idle gap: rc=$?"; cat "$OUT/idle_gap_wake2.md"
+          timeout 80 python3 -m launch.cli bench --quiet --model dummy:smollm2-135m --tokenizer "$HYBRIDRT_TEST_TOKENIZER" \
+            --engines hybridrt --workloads startup --prompt-lens 100 --repeats 5 --out "$OUT/startup_wake2" \
+            > "$OUT/startup_wake2.log" 2>&1
+          echo "bench startup: rc=$?"; grep -E "first 5|after 2 s idle" "$OUT/startup_wake2/results.md"
+          timeout 70 python3 -m pytest -q -x -m cuda -p no:cacheprovider tests/test_speculative.py \
+            > "$OUT/wake2_tests.log" 2>&1
+          echo "cuda tests: rc=$? $(tail -1 "$OUT/wake2_tests.log")" ;;
     startup13) # issue 13: serve's ready time against the host's floor (a fresh `import torch` + CUDA context, timed
                # before each start), 4 fresh serves of the SmolLM2 shape with its tokenizer, then the bench's startup
                # workload (phases per process, the first 5 requests after ready against steady state) twice (~3 min)
