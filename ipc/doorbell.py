@@ -77,10 +77,11 @@ class Doorbell:
             os.close(fd)
         self._seq = 0  # the JIT context's last command seq
         self.taken = 0  # the executor's last command seq taken (from the bell or matched to a ZeroMQ copy)
-        # the wake pipe's read end (the executor's, None without one) and write end (the JIT context's, opened at
-        # its first wake; False once it is known there is none to open)
+        # the wake pipe's read end (the executor's; None without one) and write end (the JIT context's, opened at
+        # its first wake: None when there was none to open)
         self.wake_fd: int | None = None
-        self._wake_w: int | None | bool = None
+        self._wake_w: int | None = None
+        self._wake_opened = False
 
     @property
     def wake_path(self) -> Path:
@@ -117,9 +118,9 @@ class Doorbell:
 
     def close(self) -> None:
         for fd in (self.wake_fd, self._wake_w):
-            if isinstance(fd, int) and not isinstance(fd, bool):
+            if fd is not None:
                 os.close(fd)
-        self.wake_fd, self._wake_w = None, False
+        self.wake_fd, self._wake_w, self._wake_opened = None, None, True
         if not self._map.closed:
             self._map.close()
             if self.owner:
@@ -145,13 +146,13 @@ class Doorbell:
         """Wake an executor sleeping in its poll (one byte into the wake pipe), never blocking: without a pipe (an
         executor that made none), with none reading it or with the pipe full, nothing happens, and the command's
         ZeroMQ copy, which the caller sends next, wakes it as before."""
-        if self._wake_w is None:
+        if not self._wake_opened:
+            self._wake_opened = True
             try:
                 self._wake_w = os.open(self.wake_path, os.O_WRONLY | os.O_NONBLOCK)
             except OSError:  # ENOENT: no pipe; ENXIO: no reader (an executor that closed it)
-                self._wake_w = False
                 return
-        if self._wake_w is False:
+        if self._wake_w is None:
             return
         try:
             os.write(self._wake_w, b"\1")
@@ -209,7 +210,9 @@ class Doorbell:
         struct.pack_into("<q", self._map, _DONE, seq)
 
     def drain_wake(self) -> None:
-        """Empty the wake pipe (after the poll said it was readable): one wake per sleep, however many bytes."""
+        """Empty the wake pipe (after the poll said it was readable): one wake per sleep, however many bytes. A byte
+        written while the executor was still spinning (its promise within the JIT context's margin of running out)
+        stays until its next sleep, which it then ends at once: one spin of SPIN_US for nothing, never a lost step."""
         if self.wake_fd is None:
             return
         try:
