@@ -21,15 +21,12 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from graph_executor.model import LlamaModel, set_weight
 from ipc.errors import ModelLoadError
-
-if TYPE_CHECKING:
-    from graph_executor.model import LlamaModel
 
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 NAMES = {v: k for k, v in DTYPES.items()}
@@ -131,8 +128,6 @@ def map_slots(model: LlamaModel, files: list[Path]) -> set[str]:
     """Point every dense weight slot of `model` (a CPU model, one rank) that `files` hold in place, in its dtype and
     row order, at a view of the files' mapping; the HF names of the tensors it covered (the caller copies the rest).
     """
-    from graph_executor.model import set_weight  # the model module imports the loading package's config
-
     mapped = MappedFiles(files)
     cfg = model.config
     slots: list[tuple[nn.Module, str, tuple[str, ...]]] = [
