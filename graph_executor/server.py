@@ -90,6 +90,9 @@ class ExecutorServer:
         self.last_command = time.monotonic()  # captures wait until the executor has been idle a while
         self.answered_early = False  # the Handshake was answered while start-up captures ran (Ready.captures_pending)
         self.held: Message | None = None  # a command read while answering early, for `serve` (none is expected)
+        # when the last Prefill was taken up and when its step had been launched (status facts: bench.probes.idle_gap
+        # splits a request's way to its prefill with them)
+        self.last_prefill: dict[str, float] = {}
 
     def facts(self) -> dict:
         """What `status` shows about the executor (informational: nothing the protocol depends on)."""
@@ -97,6 +100,8 @@ class ExecutorServer:
                  "executor_pid": os.getpid(), "num_params": self.loaded.model.config.num_params(),
                  "weight_format": self.loaded.weight_format, "kv_cache_bytes": self.loaded.kv_cache_bytes,
                  "graphs": self.runner.facts()}
+        if self.last_prefill:
+            facts["last_prefill"] = dict(self.last_prefill)
         if self.leader is not None:
             facts["tensor_parallel"] = self.leader.tp.size
         if self.startup is not None:
@@ -230,8 +235,11 @@ class ExecutorServer:
         try:
             if isinstance(msg, Prefill):
                 self.busy = True
+                handled = time.perf_counter()
                 with self.ordered():
                     self.runner.prefill(msg.num_tokens, msg.start_pos, msg.slot)
+                # on perf_counter (CLOCK_MONOTONIC on Linux): the JIT context's timings use the same clock
+                self.last_prefill = {"handled_at_s": round(handled, 6), "launched_at_s": round(time.perf_counter(), 6)}
                 return StepDone(msg.request_id, msg.step)
             if isinstance(msg, DecodeBatch):
                 with self.ordered():

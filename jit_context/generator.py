@@ -81,6 +81,7 @@ class GenerationResult:
     prefill_enqueued_ms: float = 0.0  # when the executor had the prefill queued, from the request start
     speculation: dict | None = None  # SpecStats.as_dict() when the request speculated
     cached_tokens: int = 0  # leading prompt tokens whose K/V the cache held from the last request (not prefilled)
+    prefill_sent_ms: float = 0.0  # when the last prefill chunk was sent to the executor, from the request start
 
     @property
     def completion_tokens(self) -> int:
@@ -174,10 +175,12 @@ class Generator:
                 yield PrefillProgress(chunk_start + chunk, n)
         last_start = cached + (n - 1 - cached) // chunk * chunk
         self.port.prefill(n - last_start, last_start)  # its logits are the first token's
+        sent_ms = (time.perf_counter() - start) * 1e3
         # overlaps with the executor launching the prefill
         self.sampler.start_request(params, prompt_ids, end_ids=end_ids(params, self.eos_token_ids))
         out = RequestOutput(self.tokenizer, self.eos_token_ids, self.port.max_context, params, prompt_ids, start)
         out.cached_tokens = cached
+        out.prefill_sent_ms = sent_ms
         if self.speculation.enabled:
             loop = SpeculativeLoop(self, self.speculation, out, prompt_ids)
             yield from loop.run(start)
@@ -225,6 +228,7 @@ class RequestOutput:
         self.parts: list[str] = []
         self.finish: str | None = None
         self.prefill_enqueued_ms = 0.0
+        self.prefill_sent_ms = 0.0
         self.speculation: dict | None = None
         self.cached_tokens = 0
 
@@ -254,7 +258,7 @@ class RequestOutput:
             yield Chunk(tail, [])
         yield GenerationResult("".join(self.parts), self.token_ids, self.finish, self.prompt_len, self.times[0],
                                _rate(self.times), self.times, self.prefill_enqueued_ms, self.speculation,
-                               self.cached_tokens)
+                               self.cached_tokens, self.prefill_sent_ms)
 
 
 def _rate(times_ms: list[float]) -> float:

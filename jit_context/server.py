@@ -369,6 +369,7 @@ class JitServer:
         timings = {"ttft_ms": round(result.ttft_ms, 3), "tokens_per_s": round(result.tokens_per_s, 3),
                    "queue_ms": round((active.started - active.received) * 1e3, 3),
                    "prefill_enqueued_ms": round(result.prefill_enqueued_ms, 3),
+                   "prefill_sent_ms": round(result.prefill_sent_ms, 3),  # (batch-1) the last chunk's send
                    "token_times_ms": [round(t, 3) for t in result.token_times_ms],
                    # each TokenChunk's send, same origin: token_times_ms to sent_times_ms is the JIT context's own
                    # work on a token (detokenize, stop strings, encode, the ZeroMQ send), the rest of a client's

@@ -1,6 +1,7 @@
 """TTFT against the idle time before a request (issues 12 and 13): the bench's steady-state TTFT comes from
 back-to-back requests, a user's from requests after a pause. One server, warmed with back-to-back requests, then
-requests after each gap; prints the median client TTFT and the JIT context's own TTFT per gap.
+requests after each gap; prints per gap the median client TTFT, the JIT context's own, and the stages of the way to
+the prefill (`ttft`), so that a slower request after a pause shows which hop pays for it.
 
     python -m bench.probes.idle_gap --model dummy:smollm2-135m --device cuda [--prompt 100] [--repeats 5]
 """
@@ -21,17 +22,29 @@ from launch.supervisor import ServerConfig, Supervisor
 GAPS_S = (0.0, 0.002, 0.01, 0.05, 0.2, 1.0, 3.0)
 
 
-def ttft(client: Client, prompt: list[int]) -> tuple[float, float, float, float]:
-    """(client TTFT, the JIT context's own TTFT, its queue time, and its time until the executor had the prefill
-    queued) in ms for one token generated, all from the request's arrival in the JIT context: TTFT - enqueued is the
-    prefill on the card and the first token's sampling and read-back."""
+STAGES = ("client TTFT", "JIT context's own TTFT", "its queue", "prefill sent", "executor took it",
+          "graph launched", "JIT context saw it queued")
+
+
+def ttft(client: Client, prompt: list[int]) -> tuple[float, ...]:
+    """One token generated: the client's TTFT, then the JIT context's TTFT and the stages of its way to the prefill,
+    in ms from the request's arrival in the JIT context (STAGES): its queue, the last prefill chunk sent, the
+    executor's taking it up and its graph launched (the executor's status facts, on the same clock), and the JIT
+    context seeing it queued. TTFT - the last is the prefill on the card and the first token's sampling and read-back."""
     start = time.perf_counter()
     first = None
     for msg in client.generate(token_ids=prompt, params={"max_tokens": 1, "temperature": 0.0, "ignore_eos": True}):
         first = first or (time.perf_counter() - start) * 1e3
         if isinstance(msg, Finished):
             t = msg.timings
-            return first, t["ttft_ms"], t["queue_ms"], t["prefill_enqueued_ms"]
+            last = client.status()["executor"].get("last_prefill", {})
+            received = t["received_at_s"]
+
+            def since(key: str) -> float:
+                return (last[key] - received) * 1e3 if key in last else float("nan")
+
+            return (first, t["ttft_ms"], t["queue_ms"], t.get("prefill_sent_ms", float("nan")),
+                    since("handled_at_s"), since("launched_at_s"), t["prefill_enqueued_ms"])
     raise RuntimeError("no Finished message")
 
 
@@ -52,18 +65,17 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(3.0)  # the idle-time captures end
             for _ in range(20):
                 ttft(client, prompt)
-            print("| idle before the request (ms) | client TTFT median (ms) | JIT context's own TTFT median (ms) | "
-                  "its queue (ms) | until the executor had the prefill queued (ms) | after that: prefill, sampling, "
-                  "read-back (ms) |")
-            print("|---|---|---|---|---|---|")
+            print("| idle before the request (ms) | " + " | ".join(f"{name} (ms)" for name in STAGES)
+                  + " | after that: prefill, sampling, read-back (ms) |")
+            print("|---" * (len(STAGES) + 2) + "|")
             for gap in GAPS_S:
                 results = []
                 for _ in range(args.repeats):
                     ttft(client, prompt)  # the same state before each gap: right after a request
                     time.sleep(gap)
                     results.append(ttft(client, prompt))
-                cols = [statistics.median(r[i] for r in results) for i in range(4)]
-                rest = statistics.median(r[1] - r[3] for r in results)
+                cols = [statistics.median(r[i] for r in results) for i in range(len(STAGES))]
+                rest = statistics.median(r[1] - r[-1] for r in results)
                 print(f"| {gap * 1e3:.0f} | " + " | ".join(f"{c:.2f}" for c in cols) + f" | {rest:.2f} |", flush=True)
     finally:
         supervisor.stop()
