@@ -186,12 +186,7 @@ class ExecutorServer:
                 return None if msg is None else self.rung_copy(msg)
             # asleep until the JIT context's byte in the wake pipe (a request arrived, or it rang the bell) or a
             # ZeroMQ message
-            ready = dict(self._idle_poller.poll(int(os.environ.get("HYBRIDRT_IDLE_TICK_MS", POLL_MS))))
-            if self.cuda and (not ready and os.environ.get("HYBRIDRT_XWARM_EXEC")
-                              or ready and os.environ.get("HYBRIDRT_XTOUCH")):  # EXPERIMENT
-                if not hasattr(self, "_xwarm"):
-                    self._xwarm = torch.zeros(1, device=self.loaded.model.embed_tokens.device)
-                self._xwarm.add_(1)
+            ready = dict(self._idle_poller.poll(POLL_MS))
             if bell.wake_fd in ready:
                 bell.drain_wake()
                 if (taken := bell.take()) is not None:

@@ -152,25 +152,17 @@ class JitServer:
 
     def run(self) -> None:
         while True:
-            if not self.turn(int(os.environ.get("HYBRIDRT_IDLE_TICK_MS", IDLE_POLL_MS))) and not process_alive(self.executor.executor_pid):
+            if not self.turn(IDLE_POLL_MS) and not process_alive(self.executor.executor_pid):
                 raise ExecutorDied("the graph executor process died")
 
     def num_running(self) -> int:
         return len(self.running) if self.engine is not None else int(self.active is not None)
-
-    def _xtouch(self) -> None:  # EXPERIMENT
-        if not hasattr(self, "_xwarm"):
-            import torch
-            self._xwarm = torch.zeros(1, device=self.ready.device)
-        self._xwarm.add_(1)
 
     def turn(self, idle_wait_ms: int) -> bool:
         """One pass of the loop: answer clients (waiting up to idle_wait_ms when there is nothing to do), start
         queued requests where there is room, advance the running ones by one step. True if a request advanced."""
         busy = self.num_running() > 0 or bool(self.queue)
         self._drain_clients(0 if busy else idle_wait_ms)
-        if not busy and not self.queue and os.environ.get("HYBRIDRT_XWARM_JIT") and self.ready.device != "cpu":
-            self._xtouch()
         if self.log is not None:
             self.log.tick(self.num_running(), len(self.queue))
         return self._step()
@@ -214,8 +206,6 @@ class JitServer:
         elif isinstance(msg, GenerateRequest):
             if self.num_running() == 0:  # else the executor is mid-request and listening
                 self.executor.wake_early()
-                if os.environ.get("HYBRIDRT_XTOUCH") and self.ready.device != "cpu":
-                    self._xtouch()
             self._enqueue(identity, msg)
         elif isinstance(msg, CancelRequest):
             self._cancel(identity, msg.request_id)

@@ -423,37 +423,6 @@ for step in "${steps[@]}"; do
             tests/test_process_lifetime.py tests/test_runtime_batching.py tests/test_prefix_reuse.py \
             > "$OUT/wake_tests.log" 2>&1
           echo "cuda tests: rc=$? $(tail -1 "$OUT/wake_tests.log")" ;;
-    idletick) # issues 12/13 experiment: both processes' idle polls wake every HYBRIDRT_IDLE_TICK_MS (keeps their
-              # cores out of deep idle states) against the plain 50/100 ms polls: idle-gap split and bench startup
-          for tick in plain 1 0; do
-            if [ "$tick" = plain ]; then unset HYBRIDRT_IDLE_TICK_MS; else export HYBRIDRT_IDLE_TICK_MS=$tick; fi
-            timeout 100 python3 -m bench.probes.idle_gap --model dummy:smollm2-135m --device cuda --repeats 5 \
-              > "$OUT/idle_gap_tick_$tick.md" 2>&1
-            echo "idle gap tick=$tick: rc=$?"; cat "$OUT/idle_gap_tick_$tick.md"
-            timeout 80 python3 -m launch.cli bench --quiet --model dummy:smollm2-135m --tokenizer "$HYBRIDRT_TEST_TOKENIZER" \
-              --engines hybridrt --workloads startup --prompt-lens 100 --repeats 5 --out "$OUT/startup_tick_$tick" \
-              > "$OUT/startup_tick_$tick.log" 2>&1
-            echo "bench startup tick=$tick: rc=$?"; grep -E "first 5|after 2 s idle" "$OUT/startup_tick_$tick/results.md"
-          done
-          unset HYBRIDRT_IDLE_TICK_MS ;;
-    xwarm) # issues 12/13 experiment: keep the GPU path warm while idle (a tiny kernel every 2 ms from the executor, or
-           # from both processes) or touch it when a request arrives: idle-gap split and bench startup per variant
-          for v in plain exec both touch; do
-            unset HYBRIDRT_IDLE_TICK_MS HYBRIDRT_XWARM_EXEC HYBRIDRT_XWARM_JIT HYBRIDRT_XTOUCH
-            case $v in
-              exec) export HYBRIDRT_IDLE_TICK_MS=2 HYBRIDRT_XWARM_EXEC=1 ;;
-              both) export HYBRIDRT_IDLE_TICK_MS=2 HYBRIDRT_XWARM_EXEC=1 HYBRIDRT_XWARM_JIT=1 ;;
-              touch) export HYBRIDRT_XTOUCH=1 ;;
-            esac
-            timeout 100 python3 -m bench.probes.idle_gap --model dummy:smollm2-135m --device cuda --repeats 5 \
-              > "$OUT/idle_gap_x_$v.md" 2>&1
-            echo "idle gap $v: rc=$?"; cut -d'|' -f1-9 "$OUT/idle_gap_x_$v.md"
-            timeout 80 python3 -m launch.cli bench --quiet --model dummy:smollm2-135m --tokenizer "$HYBRIDRT_TEST_TOKENIZER" \
-              --engines hybridrt --workloads startup --prompt-lens 100 --repeats 5 --out "$OUT/startup_x_$v" \
-              > "$OUT/startup_x_$v.log" 2>&1
-            echo "bench startup $v: rc=$?"; grep -E "first 5|after 2 s idle" "$OUT/startup_x_$v/results.md" | cut -c1-200
-          done
-          unset HYBRIDRT_IDLE_TICK_MS HYBRIDRT_XWARM_EXEC HYBRIDRT_XWARM_JIT HYBRIDRT_XTOUCH ;;
     wake2) # issues 12/13: the request's arrival wakes the executor (RemoteExecutor.wake_early): the idle-gap split,
            # the bench's first requests after ready, the speculative cuda tests (doorbell steps) (~3 min)
           timeout 100 python3 -m bench.probes.idle_gap --model dummy:smollm2-135m --device cuda --repeats 7 \
