@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import zmq
 
+from graph_executor.device import resolve_device
 from graph_executor.draft import check_draft
 from graph_executor.loading import cache
 from graph_executor.loading.loader import (
@@ -50,7 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quantize", default=None)
     p.add_argument("--quantize-group", type=int, default=32)
     p.add_argument("--dequantize", action="store_true")
-    p.add_argument("--tensor-parallel", type=int, default=1, help="ranks of a tensor-parallel executor (CPU: gloo)")
+    p.add_argument("--tensor-parallel", type=int, default=1, help="ranks of a tensor-parallel executor (CPU: gloo; GPUs: one "
+                   "per rank, NCCL)")
     p.add_argument("--tp-rank", type=int, default=0, help="this process's rank (0 talks to the JIT context)")
     p.add_argument("--tp-port", type=int, default=0, help="the ranks' rendezvous port on 127.0.0.1")
     p.add_argument("--max-num-seqs", type=int, default=1,
@@ -85,23 +87,50 @@ def open_doorbell(mode: str, control: str, device: torch.device) -> Doorbell | N
     return Doorbell.create(control[len("ipc://"):] + ".doorbell")
 
 
-def join_ranks(tp: TensorParallel, args: argparse.Namespace) -> None:
-    """Join the tensor-parallel process group (gloo, rendezvous on 127.0.0.1:--tp-port, hosted by rank 0).
-    HybridrtError for what this build does not run yet."""
-    if args.device != "cpu":
-        raise HybridrtError(f"--tensor-parallel {tp.size} runs on the CPU (gloo) for now: GPU ranks over NCCL, with "
-                            "their steps in CUDA graphs, are not built yet; use --device cpu")
-    # The ranks share the machine's cores: each with its own share of threads (the default, every core per rank,
-    # oversubscribes them, and a collective then waits for the slowest rank's descheduled threads).
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp.size))
-    # Long: a rank waits in a collective while the server is idle (a rank that dies ends it at once instead).
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.tp_port}", rank=tp.rank,
-                            world_size=tp.size, timeout=timedelta(days=30))
+def rank_device(device: str, tp: TensorParallel) -> str:
+    """Where this rank runs: on GPUs rank r takes the r-th GPU from the one named (`cuda`: from GPU 0), one GPU per
+    rank as vLLM and gpt-fast place them; on the CPU every rank is "cpu". HybridrtError (one line) when the machine
+    has fewer GPUs than ranks."""
+    resolved = resolve_device(device)
+    if resolved.type != "cuda":
+        return "cpu"
+    first, count = resolved.index or 0, torch.cuda.device_count()
+    if first + tp.size > count:
+        raise HybridrtError(f"--tensor-parallel {tp.size} runs one rank per GPU: it needs GPUs {first}..{first + tp.size - 1}"
+                            f", this machine shows {count}")
+    return f"cuda:{first + tp.rank}"
+
+
+def join_ranks(tp: TensorParallel, args: argparse.Namespace, device: str) -> None:
+    """Join the tensor-parallel process group (rendezvous on 127.0.0.1:--tp-port, hosted by rank 0). On the CPU gloo
+    carries everything; on GPUs gloo carries the relay's host header (`tp_relay`) and NCCL the steps' tensors (the
+    ids broadcast, the all-reduces and the logits' gather, which the captured graphs hold)."""
+    # Long: a rank waits in a collective (gloo: the relay's next header) while the server is idle (a rank that dies
+    # ends it at once instead).
+    timeout = timedelta(days=30)
+    init = f"tcp://127.0.0.1:{args.tp_port}"
+    if device == "cpu":
+        # The ranks share the machine's cores: each with its own share of threads (the default, every core per rank,
+        # oversubscribes them, and a collective then waits for the slowest rank's descheduled threads).
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp.size))
+        dist.init_process_group("gloo", init_method=init, rank=tp.rank, world_size=tp.size, timeout=timeout)
+        return
+    gpu = torch.device(device)
+    torch.cuda.set_device(gpu)
+    dist.init_process_group("cpu:gloo,cuda:nccl", init_method=init, rank=tp.rank, world_size=tp.size,
+                            timeout=timeout, device_id=gpu)
+    # NCCL's communicator is made by the first collective: here, not inside the first graph capture
+    probe = torch.ones(1, device=gpu)
+    dist.all_reduce(probe)
+    torch.cuda.synchronize(gpu)
+    if probe.item() != tp.size:
+        raise HybridrtError(f"graph_executor rank {tp.rank}: NCCL's first all-reduce gave {probe.item()}, not {tp.size}")
 
 
 def load_draft(model: str, target: LoadedModel, args: argparse.Namespace) -> LoadedModel:
     """The draft on the target's device, in its dtype, with its context; HybridrtError if it cannot serve it."""
-    draft = load_model(draft_config(model, target, args.device, args.seed_weights, not args.quiet))
+    draft = load_model(draft_config(model, target, str(target.model.embed_tokens.device), args.seed_weights,
+                                    not args.quiet))  # rank 0's GPU under tensor parallelism
     check_draft(draft, target)
     return draft
 
@@ -130,13 +159,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_num_seqs > 1 and args.draft_model:
             raise HybridrtError("--draft-model serves speculative decoding, which needs --max-num-seqs 1")
         if tp is not None:
-            join_ranks(tp, args)
+            device = rank_device(args.device, tp)
+            load = replace(load, device=device)
+            join_ranks(tp, args, device)
         if args.draft_model:  # before the target loads: a bad draft is one line and costs no loaded target
             check_load_config(replace(load, model=args.draft_model, load_format="auto", quantize=None,
                                       dequantize=False))
         loaded = load_model(load)  # a tensor-parallel rank: its part only
         if tp is not None and tp.rank > 0:
-            follow(loaded.model, tp)
+            follow(loaded.model, tp, graphs=not args.no_graphs)
             return 0
         for name, seconds in loaded.phases.items():
             startup.add(name, seconds)

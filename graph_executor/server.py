@@ -283,9 +283,10 @@ class ExecutorServer:
         if self.graphs is None or max_tokens <= 0:
             return
         names = self.graphs.startup_graphs(max_tokens, verify)
+        capture = (self.leader or self.graphs).capture  # a tensor-parallel leader captures on every rank at once
         for name in names:
             self.answer_handshake_early()
-            self.graphs.capture(name)
+            capture(name)
         if self.startup is not None:
             stats = self.graphs.stats
             warmup = sum(stats.warmup_seconds.get(n, 0.0) for n in names)

@@ -6,10 +6,15 @@ writes), then runs its own part; every other rank (`follow`) waits for the next 
 own step buffers and runs the same step on its own part. The collectives inside the step
 (`TensorParallel.all_reduce`, `gather_vocab`) then meet, and rank 0 writes the logits into the shared step buffers.
 
-CPU (gloo) and eager steps for now: no CUDA graphs (on GPUs the relay would move inside the graphs, as a broadcast
-from a device buffer). Speculative decoding relays its verify steps like the others: the ids (the n-gram proposals of
-the command, or the draft's, which runs whole on rank 0 and writes them into its input ids first) travel with the
-step, and the acceptance runs on rank 0 only, over the gathered logits.
+On the CPU every rank runs its steps eagerly (`ModelRunner`, gloo). On GPUs (one per rank) every rank runs a
+`GraphRunner`: the header goes over gloo (the host), the ids and the steps' collectives over NCCL, and the collectives
+are captured inside each rank's graphs. A graph with collectives must be captured on every rank at once (its warm-up
+runs and its capture meet in them), so rank 0 relays each capture by name (CAPTURE) before its own, and the ranks
+always hold the same graphs: each step then replays, or runs eagerly, alike on all of them.
+
+Speculative decoding relays its verify steps like the others: the ids (the n-gram proposals of the command, or the
+draft's, which runs whole on rank 0 and writes them into its input ids first) travel with the step, and the
+acceptance runs on rank 0 only, over the gathered logits.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from ipc.messages import PromptChunk
 from ipc.step_buffers import StepBuffers
 
 HEADER = 6  # int64 fields: kind, the kind's sizes (up to 3), the host payload's length, the ids' length
-PREFILL, DECODE, DECODE_BATCH, STOP, VERIFY = 1, 2, 3, 4, 5
+PREFILL, DECODE, DECODE_BATCH, STOP, VERIFY, CAPTURE = 1, 2, 3, 4, 5, 6
 
 
 class LeaderRunner:
@@ -84,27 +89,47 @@ class LeaderRunner:
         self.inner.verify(position, num_tokens, None, accept)
 
     def wait_enqueued(self) -> None:
-        """Steps run when called (the CPU path): nothing to wait for."""
+        self.inner.wait_enqueued()
 
     def wait_accepted(self) -> list[int]:
         return self.inner.wait_accepted()
+
+    # -- graphs (GPU ranks): every capture on every rank at once -----------------------------------------
+
+    def capture(self, name: str) -> None:
+        """Capture graph `name` here and on every other rank (the name relayed as its UTF-8 bytes)."""
+        self._relay(CAPTURE, (), host=list(name.encode()))
+        self.inner.capture(name)
+
+    def capture_next(self) -> str | None:
+        """As GraphRunner.capture_next, on every rank; None when all are captured (or the ranks run eagerly)."""
+        pending = self.inner.pending() if hasattr(self.inner, "pending") else []
+        if not pending:
+            return None
+        self.capture(pending[0])
+        return pending[0]
 
     def stop(self) -> None:
         """Tell the other ranks to leave their loops (the executor is exiting)."""
         self._relay(STOP, ())
 
     def facts(self) -> dict:
-        """Graph facts, as a GraphRunner reports them: none (the ranks run eagerly)."""
-        return {}
+        """Rank 0's graph facts (every rank holds the same graphs); none where the ranks run eagerly."""
+        return self.inner.facts() if hasattr(self.inner, "facts") else {}
 
 
-def follow(model, tp: TensorParallel) -> None:
+def follow(model, tp: TensorParallel, graphs: bool = True) -> None:
     """A rank > 0: run every step rank 0 relays, on this rank's part of the model, until it says stop. Raises the
-    process group's error when rank 0 is gone."""
-    runner = ModelRunner(model, StepBuffers.allocate(model.config.vocab_size, model.max_context,
-                                                     model.embed_tokens.device, model.slots))
-    buffers = runner.buffers
-    device = buffers.input_ids.device
+    process group's error when rank 0 is gone. On a GPU with `graphs` (rank 0 runs a GraphRunner then too) the
+    steps replay the graphs rank 0 has it capture."""
+    device = model.embed_tokens.device
+    buffers = StepBuffers.allocate(model.config.vocab_size, model.max_context, device, model.slots)
+    if graphs and device.type == "cuda":
+        from graph_executor.graphs import GraphRunner  # needs Triton: GPU path only
+
+        runner = GraphRunner(model, buffers)
+    else:
+        runner = ModelRunner(model, buffers)
     while True:
         header = torch.zeros(HEADER, dtype=torch.int64)
         dist.broadcast(header, src=0)
@@ -132,5 +157,7 @@ def follow(model, tp: TensorParallel) -> None:
             position, num_tokens = sizes[:2]
             dist.broadcast(buffers.input_ids[position:position + num_tokens], src=0)
             runner.verify(position, num_tokens)
+        elif kind == CAPTURE:
+            runner.capture(bytes(host.tolist()).decode())
         else:
             raise RuntimeError(f"tensor-parallel rank {tp.rank}: unknown step kind {kind} from rank 0")

@@ -101,8 +101,8 @@ def _workload_flags(w) -> None:
                    help="the hybridrt engine's server reuses the KV cache's prefix across requests (the turns "
                         "workload; other workloads repeat prompts, which it would then skip) (default: off)")
     w.add_argument("--tensor-parallel", default="1", metavar="N[,N...]",
-                   help="the server engines (hybridrt, hybridrt-http) split the model over N executor ranks (CPU "
-                        "only for now; the in-process engine and the peers run only at 1); a comma list runs once "
+                   help="the server engines (hybridrt, hybridrt-http) split the model over N executor ranks (one "
+                        "GPU each on a GPU; the in-process engine and the peers run only at 1); a comma list runs once "
                         "per value (like --quantize) into <out>/tp-N/ with a side-by-side tensor_parallel.md: decode "
                         "P50 against the floor and against the first value, TTFT per prompt length (default: 1)")
     w.add_argument("--spec-tokens", type=int, default=128,

@@ -36,12 +36,17 @@ class MpsDaemon:
         return {"CUDA_MPS_PIPE_DIRECTORY": str(self.pipe_dir), "CUDA_MPS_LOG_DIRECTORY": str(self.log_dir)}
 
     @classmethod
-    def start(cls, mode: str, pipe_dir: Path, log_dir: Path, gpu: bool) -> MpsDaemon:
+    def start(cls, mode: str, pipe_dir: Path, log_dir: Path, gpu: bool, gpu_ranks: int = 1) -> MpsDaemon:
+        """`gpu_ranks`: executor ranks, one per GPU (tensor parallelism): `auto` leaves MPS off for more than one,
+        where NCCL's peer transfers between the ranks' GPUs have not been run under an MPS daemon (`on` still
+        starts it)."""
         if mode not in MODES:
             raise ValueError(f"--mps must be one of {MODES}, got {mode!r}")
         daemon = cls(pipe_dir, log_dir)
         if mode == "off":
             daemon.reason = "disabled by --mps off"
+        elif mode == "auto" and gpu_ranks > 1:
+            daemon.reason = f"{gpu_ranks} tensor-parallel ranks on separate GPUs (--mps on starts it)"
         elif not gpu:
             daemon.reason = "no GPU in use"
         elif shutil.which("nvidia-cuda-mps-control") is None:

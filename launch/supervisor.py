@@ -195,7 +195,8 @@ class Supervisor:
         pipe_dir = self.runtime.subdir("mps-pipe")
         self._tell_reaper(f"mps {pipe_dir}")  # before it starts: it quits a daemon only where one answers there
         start = time.perf_counter()
-        self.mps = MpsDaemon.start(self.config.mps, pipe_dir, self.runtime.subdir("mps-log"), gpu)
+        self.mps = MpsDaemon.start(self.config.mps, pipe_dir, self.runtime.subdir("mps-log"), gpu,
+                                   gpu_ranks=self.config.tensor_parallel)
         if self.mps.running:
             self.startup.add("MPS daemon", time.perf_counter() - start)
         if gpu and not self.mps.running and load.progress:

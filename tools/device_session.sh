@@ -59,6 +59,14 @@ http_ab() {  # http_split per loop variant: old (sleeping clients, asyncio + h11
 }
 for step in "${steps[@]}"; do
   case $step in
+    tp1) # issue 15 on one GPU: the tensor-parallel cuda tests that one GPU runs (NCCL collectives inside a graph, too
+         # many ranks for the GPUs), then the single-GPU paths the change touched (captures before ready, speculation)
+         timeout 150 python3 -m pytest -q -m cuda -p no:cacheprovider -rs tests/test_tensor_parallel_gpu.py \
+           > "$OUT/tp_gpu_tests.log" 2>&1
+         echo "tp cuda tests: rc=$? $(tail -1 "$OUT/tp_gpu_tests.log")"; grep -E "SKIP|FAIL|Error" "$OUT/tp_gpu_tests.log" | head
+         timeout 330 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_gpu_path.py tests/test_speculative.py \
+           tests/test_process_lifetime.py > "$OUT/tp_single_tests.log" 2>&1
+         echo "single-GPU cuda tests: rc=$? $(tail -1 "$OUT/tp_single_tests.log")"; grep -E "FAIL|Error" "$OUT/tp_single_tests.log" | head ;;
     tests) timeout 330 python3 -m pytest -q -m cuda -p no:cacheprovider > "$OUT/cuda_tests.log" 2>&1
            echo "cuda tests: rc=$? $(tail -1 "$OUT/cuda_tests.log")" ;;
     bench) timeout 420 python3 -m launch.cli bench --quiet --out "$OUT/run" > "$OUT/bench.log" 2>&1
