@@ -589,3 +589,26 @@ def test_a_rank_loads_its_part_of_a_packed_tensor():
     got_gate = rows.dequantize(hf_slot(model, "model.layers.0.mlp.gate_proj.weight"), torch.float32)
     assert torch.equal(got_down, rows.dequantize(down, torch.float32)[:, half:])
     assert torch.equal(got_gate, rows.dequantize(gate, torch.float32)[half:])
+
+
+def test_gpu_ranks_leave_mps_off_unless_asked(tmp_path):
+    """MPS `auto` starts no daemon for more than one GPU rank (NCCL between the ranks' GPUs has not run under one), and
+    says why; one rank and `off` are unchanged."""
+    from launch.mps import MpsDaemon
+
+    ranks = MpsDaemon.start("auto", tmp_path / "pipe", tmp_path / "log", gpu=True, gpu_ranks=2)
+    assert not ranks.running and "2 tensor-parallel ranks" in ranks.reason and "--mps on" in ranks.reason
+    off = MpsDaemon.start("off", tmp_path / "pipe", tmp_path / "log", gpu=True, gpu_ranks=2)
+    assert off.reason == "disabled by --mps off"
+    cpu = MpsDaemon.start("auto", tmp_path / "pipe", tmp_path / "log", gpu=False, gpu_ranks=1)
+    assert not cpu.running and cpu.reason == "no GPU in use"
+
+
+def test_a_cpu_rank_runs_on_the_cpu_and_gpu_ranks_need_a_gpu():
+    from graph_executor.process import rank_device
+    from ipc.errors import DeviceError
+
+    assert rank_device("cpu", TensorParallel(1, 2)) == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="no CUDA GPU"):
+            rank_device("cuda", TensorParallel(1, 2))
