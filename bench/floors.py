@@ -4,6 +4,10 @@
     decode floor(c)  = (weight bytes read per token + KV bytes per token * c) / bandwidth
     prefill floor(n) = max(weight bytes / bandwidth, 2 * matmul params * n / matmul rate)
 
+With tensor parallelism on GPUs (`--tensor-parallel N`) the byte and matmul terms are one rank's (each GPU reads its
+part at the same time; `ModelCost.of(ranks=N)`), plus the measured latency of one token's all-reduce between the
+ranks (`bench.allreduce`) times the step's collectives: 2 per layer and the logits' gather (issue 15's N-GPU floor).
+
 On a CPU the same, with host timers and smaller sizes (a smoke path, not a figure to quote). The probes in
 bench/probes/ take their floors, timers and floor formulas from here too.
 """
@@ -67,8 +71,16 @@ def _matmul_rate(device: str, n: int, dtype, timer) -> float:
 
 
 def measure(spec: BenchSpec) -> dict:
-    """{bandwidth_bytes_per_s, matmul_flops_per_s, how}: run in its own process, alone on the card."""
-    return measure_device(spec.device, spec.dtype)
+    """{bandwidth_bytes_per_s, matmul_flops_per_s, how}, and with tensor parallelism {allreduce}: run in its own
+    process, alone on the card(s)."""
+    measured = measure_device(spec.device, spec.dtype)
+    if spec.tensor_parallel > 1:
+        from bench.allreduce import measure_allreduce
+        from graph_executor.loading.config import ModelConfig
+
+        hidden = ModelConfig.from_hf_dict(spec.model_config).hidden_size
+        measured["allreduce"] = measure_allreduce(spec.device, spec.tensor_parallel, hidden, spec.dtype).to_dict()
+    return measured
 
 
 def measure_device(device: str, dtype: str) -> dict:
@@ -101,12 +113,36 @@ def decode_context(spec: BenchSpec) -> int:
     return spec.decode_prompt_len + spec.decode_tokens // 2
 
 
+def collectives_per_step(layers: int) -> int:
+    """A tensor-parallel step's collectives on its critical path: the all-reduces after o_proj and down_proj of every
+    layer, and the logits' gather (counted as one more)."""
+    return 2 * layers + 1
+
+
 def floors(measured: dict, cost: ModelCost, spec: BenchSpec) -> dict:
+    """`cost`: the whole model's; with a measured all-reduce (tensor parallelism on GPUs) the floors are one rank's
+    bytes and matmuls plus the step's collectives."""
     bw, rate = measured["bandwidth_bytes_per_s"], measured["matmul_flops_per_s"]
     contexts = sorted({*spec.contexts, decode_context(spec)})
+    extra_ms, tp = 0.0, {}
+    if "allreduce" in measured:
+        from bench.model_info import weight_plan
+        from graph_executor.loading.config import ModelConfig
+
+        cfg = ModelConfig.from_hf_dict(spec.model_config)
+        ranks = measured["allreduce"]["ranks"]
+        if spec.on_gpu:  # on the CPU every rank reads through the same memory: the whole model's bytes
+            cost = ModelCost.of(cfg, spec.dtype, weight_plan(spec), ranks=ranks)
+        count = collectives_per_step(cfg.num_layers)
+        extra_ms = measured["allreduce"]["seconds"] * count * 1e3
+        tp = {"tensor_parallel": {"ranks": ranks, "rank_decode_weight_bytes": cost.decode_weight_bytes,
+                                  "allreduce_us": sig(measured["allreduce"]["seconds"] * 1e6),
+                                  "collectives_per_step": count, "collectives_ms": sig(extra_ms),
+                                  "how": measured["allreduce"]["how"]}}
     return {
         "bandwidth_gb_s": sig(bw / 1e9), "matmul_tflop_s": sig(rate / 1e12), "how": measured["how"],
         "decode_context": decode_context(spec),  # the decode workload's mean context
-        "decode_ms": {str(c): sig(decode_floor_ms(cost, bw, c)) for c in contexts},
-        "prefill_ms": {str(n): sig(prefill_floor_ms(cost, bw, rate, n)) for n in spec.prompt_lens},
+        "decode_ms": {str(c): sig(decode_floor_ms(cost, bw, c) + extra_ms) for c in contexts},
+        "prefill_ms": {str(n): sig(prefill_floor_ms(cost, bw, rate, n) + extra_ms) for n in spec.prompt_lens},
+        **tp,
     }

@@ -16,6 +16,7 @@ from bench.spec import BenchSpec
 from graph_executor.loading.config import ModelConfig
 from graph_executor.memory import needed_bytes
 from graph_executor.quant.specs import WeightPlan, describe, quantize_plan
+from graph_executor.tensor_parallel import TensorParallel
 
 
 def weight_plan(spec: BenchSpec) -> WeightPlan:
@@ -42,19 +43,28 @@ class ModelCost:
     weight_format: str = ""  # e.g. "float16", "int4-g32+offset (embed_tokens: int8-g32)"
 
     @classmethod
-    def of(cls, cfg: ModelConfig, dtype: str, plan: WeightPlan | None = None) -> ModelCost:
-        """`dtype` is a torch dtype name, e.g. "float16"; `plan` the weights' storage (None: all in dtype)."""
+    def of(cls, cfg: ModelConfig, dtype: str, plan: WeightPlan | None = None, ranks: int = 1) -> ModelCost:
+        """`dtype` is a torch dtype name, e.g. "float16"; `plan` the weights' storage (None: all in dtype).
+        `ranks` > 1: what one tensor-parallel rank (one GPU) holds and reads (`TensorParallel.local_config`: its
+        heads, KV heads, MLP block, and 1/ranks of lm_head's rows; the embedding table whole)."""
         torch_dtype = getattr(torch, dtype, None)
         if not isinstance(torch_dtype, torch.dtype):
             raise ValueError(f"unknown dtype {dtype!r}")
         plan = plan or WeightPlan()
-        weight_bytes, kv = needed_bytes(cfg, torch_dtype, 1, plan)
-        # An untied embedding table is only indexed (one row per token), so a step does not read it;
-        # a tied one is read whole by the lm_head.
+        local = cfg if ranks == 1 else TensorParallel(0, ranks).local_config(cfg)
+        weight_bytes, kv = needed_bytes(local, torch_dtype, 1, plan)
+        # An untied embedding table is only indexed (one row per token), so a step does not read it; a tied one is
+        # read whole by the lm_head. On a rank lm_head holds its 1/ranks share of the rows (counted whole above: the
+        # local config keeps the vocabulary whole), a copy of the table's where tied (weight_map), beside the table.
         table = cfg.vocab_size * cfg.hidden_size
-        unread = 0 if cfg.tie_word_embeddings else plan.spec("embed_tokens").nbytes(cfg.vocab_size, cfg.hidden_size,
-                                                                                       torch_dtype)
-        matmul = cfg.num_params() - (0 if cfg.tie_word_embeddings else table)
+        embed = plan.spec("embed_tokens").nbytes(cfg.vocab_size, cfg.hidden_size, torch_dtype)
+        unread = 0 if cfg.tie_word_embeddings else embed
+        if ranks > 1:
+            head = embed if cfg.tie_word_embeddings else plan.spec("lm_head").nbytes(cfg.vocab_size, cfg.hidden_size,
+                                                                                     torch_dtype)
+            weight_bytes += head // ranks - (0 if cfg.tie_word_embeddings else head)
+            unread = embed
+        matmul = (cfg.num_params() - (0 if cfg.tie_word_embeddings else table)) // ranks
         return cls(cfg.num_params(), torch_dtype.itemsize, weight_bytes - unread, kv, weight_bytes, matmul,
                    describe(plan, torch_dtype))
 

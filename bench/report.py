@@ -59,7 +59,13 @@ def floors_section(results: dict) -> list[str]:
     decode = ", ".join(f"{c}: {v:.3f}" for c, v in f["decode_ms"].items())
     rates = (f"HBM read bandwidth {f['bandwidth_gb_s']} GB/s ({f['how']['reduction']}), matmul "
              f"{f['matmul_tflop_s']} TFLOP/s ({f['how']['gemm']}), {f['how']['statistic']}.")
-    return ["## Floors", "", rates, "", f"Decode floor (ms) by context: {decode}.", ""]
+    lines = ["## Floors", "", rates, ""]
+    if tp := f.get("tensor_parallel"):
+        lines += [f"Tensor parallel over {tp['ranks']} ranks: one rank's weights read per token "
+                  f"{tp['rank_decode_weight_bytes'] / 1e9:.3f} GB; one token's all-reduce {tp['allreduce_us']} us "
+                  f"({tp['how']}) x {tp['collectives_per_step']} collectives per step = {tp['collectives_ms']} ms, "
+                  "added to every floor.", ""]
+    return lines + [f"Decode floor (ms) by context: {decode}.", ""]
 
 
 def ttft_section(results: dict) -> list[str]:

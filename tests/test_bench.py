@@ -327,6 +327,15 @@ def test_a_tensor_parallel_axis_runs_once_per_rank_count_side_by_side(tiny_model
     rows = [line for line in table.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
     assert len(rows) == 2 and "| TTFT 10 ms | TTFT 25 ms |" in table
     assert rows[0].split("|")[6].strip() == "1.000"  # the first row against itself
+    # the two-rank floor adds the measured all-reduce (gloo here) for 2 per layer and the gather
+    tp = two["floors"]["tensor_parallel"]
+    layers = two["spec"]["model_config"]["num_hidden_layers"]
+    assert tp["ranks"] == 2 and tp["collectives_per_step"] == 2 * layers + 1 and tp["allreduce_us"] > 0
+    assert "tensor_parallel" not in one["floors"]
+    extra = tp["allreduce_us"] * 1e-3 * tp["collectives_per_step"]
+    context = str(two["floors"]["decode_context"])
+    assert two["floors"]["decode_ms"][context] > extra  # the bytes (the whole model's on the CPU) and the collectives
+    assert "Tensor parallel over 2 ranks" in (out / "tp-2" / "results.md").read_text()
     with pytest.raises(ValueError, match="give a list to one of them at a time"):
         run_bench(*SMOKE, "--tensor-parallel", "1,2", "--quantize", "none,int8")
     with pytest.raises(ValueError, match="rank counts >= 1"):
@@ -376,3 +385,36 @@ def test_the_engines_section_says_how_each_hf_peer_ran_its_attention() -> None:
                           "plan per sequence length)",
                           "- hf-compile: transformers 5.17.0, attention sdpa, SDPA's cuDNN backend on", ""]
     assert not any(line.startswith("- hybridrt") for line in lines)
+
+
+def test_one_ranks_cost_is_its_part_of_the_model() -> None:
+    """`ModelCost.of(ranks=N)`, what one tensor-parallel rank reads per token: its heads, MLP block and 1/N of
+    lm_head's rows (the norms whole; the untied embedding table held whole but not read); with tied embeddings the
+    rank's lm_head rows are a copy of the table's, held beside it."""
+    from bench.model_info import ModelCost
+    from graph_executor.loading.presets import preset
+
+    cfg = preset("llama-2-7b")
+    h, i, v, layers = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_layers
+    one, two = ModelCost.of(cfg, "float16"), ModelCost.of(cfg, "float16", ranks=2)
+    per_layer = (3 * h * h + h * h + 2 * i * h + h * i) // 2
+    assert two.decode_weight_bytes == 2 * (layers * per_layer + v * h // 2 + (2 * layers + 1) * h)
+    assert two.weight_bytes == two.decode_weight_bytes + 2 * v * h  # + the table
+    assert one.decode_weight_bytes == 2 * (2 * layers * per_layer + v * h + (2 * layers + 1) * h)
+    tied = preset("smollm2-135m")  # 9 heads, 3 KV heads: 3 ranks, one KV head each
+    assert tied.tie_word_embeddings
+    three = ModelCost.of(tied, "float16", ranks=3)
+    h, i, v, hd = tied.hidden_size, tied.intermediate_size, tied.vocab_size, tied.head_dim
+    qkv = (3 + 2) * hd * h  # 3 query heads and one KV head (K and V)
+    per_layer = qkv + 3 * hd * h + 2 * (i // 3) * h + h * (i // 3)
+    assert three.decode_weight_bytes == 2 * (tied.num_layers * per_layer + v * h // 3 + (2 * tied.num_layers + 1) * h)
+    assert three.weight_bytes == three.decode_weight_bytes + 2 * v * h
+
+
+def test_the_all_reduce_probe_measures_gloo_ranks_on_the_cpu() -> None:
+    from bench.allreduce import measure_allreduce
+
+    t = measure_allreduce("cpu", 2, 64, "float32")
+    assert t.ranks == 2 and t.hidden == 64 and 0 < t.seconds < 0.1 and "gloo" in t.how
+    with pytest.raises(ValueError, match="2 ranks or more"):
+        measure_allreduce("cpu", 1, 64, "float32")
