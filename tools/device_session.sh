@@ -67,6 +67,21 @@ for step in "${steps[@]}"; do
          timeout 330 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_gpu_path.py tests/test_speculative.py \
            tests/test_process_lifetime.py > "$OUT/tp_single_tests.log" 2>&1
          echo "single-GPU cuda tests: rc=$? $(tail -1 "$OUT/tp_single_tests.log")"; grep -E "FAIL|Error" "$OUT/tp_single_tests.log" | head ;;
+    tp2) # issue 15 on kind nvidia-h200-x2: the GPU tensor-parallel tests (two ranks' served tokens, a killed rank),
+         # one token's all-reduce, then the bench: 7B at 1 and 2 ranks side by side, 70B at 2 (~8 min)
+         timeout 200 python3 -m pytest -q -m cuda -p no:cacheprovider -rs tests/test_tensor_parallel_gpu.py \
+           > "$OUT/tp2_tests.log" 2>&1
+         echo "tp cuda tests: rc=$? $(tail -1 "$OUT/tp2_tests.log")"; grep -E "SKIP|FAIL|Error" "$OUT/tp2_tests.log" | head
+         timeout 60 python3 -m bench.allreduce --device cuda --ranks 2 --hidden 4096 2>&1 | tail -1
+         timeout 200 python3 -m launch.cli bench --quiet --model dummy:llama-2-7b --engines hybridrt \
+           --workloads floors,decode,ttft --prompt-lens 10,100,500 --tensor-parallel 1,2 --out "$OUT/tp_7b" \
+           > "$OUT/tp_7b.log" 2>&1
+         echo "bench 7b tp 1,2: rc=$?"; cat "$OUT/tp_7b/tensor_parallel.md" 2>/dev/null
+         timeout 240 python3 -m launch.cli bench --quiet --model dummy:llama-2-70b --engines hybridrt \
+           --workloads floors,decode,ttft --prompt-lens 10,100,500 --tensor-parallel 2 --out "$OUT/tp_70b" \
+           > "$OUT/tp_70b.log" 2>&1
+         echo "bench 70b tp 2: rc=$?"; grep -E "Tensor parallel|Decode floor" "$OUT/tp_70b/results.md" 2>/dev/null
+         grep -A4 "^| engine | P50" "$OUT/tp_70b/results.md" 2>/dev/null | head -6 ;;
     tests) timeout 330 python3 -m pytest -q -m cuda -p no:cacheprovider > "$OUT/cuda_tests.log" 2>&1
            echo "cuda tests: rc=$? $(tail -1 "$OUT/cuda_tests.log")" ;;
     bench) timeout 420 python3 -m launch.cli bench --quiet --out "$OUT/run" > "$OUT/bench.log" 2>&1
