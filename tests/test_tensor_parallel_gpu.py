@@ -74,7 +74,7 @@ def test_nccl_collectives_in_a_graph_replay_the_values_of_the_moment():
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
-def test_more_ranks_than_gpus_is_one_line_at_start(default_model_dir):
+def test_more_ranks_than_gpus_is_one_line_at_start():
     if torch.cuda.device_count() >= 8:
         pytest.skip("eight GPUs or more: eight ranks fit")
     proc = subprocess.run([sys.executable, "-m", "launch.cli", "serve", "--quiet", "--device", "cuda", "--port", "0",
