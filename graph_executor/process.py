@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     channel = bind_control(ctx, args.control) if tp is None or tp.rank == 0 else None  # rank 0 alone serves
     server = None
     ranks_broken = False  # a collective failed: another rank is gone
+    device = "cpu"  # a tensor-parallel rank's device, once known
     try:
         load = LoadConfig(model=args.model, load_format=args.load_format, device=args.device, dtype=args.dtype,
                           max_context=args.max_context, seed=args.seed_weights, progress=not args.quiet,
@@ -194,6 +195,11 @@ def main(argv: list[str] | None = None) -> int:
         ranks_broken = True
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         report_fatal(f"graph_executor rank {tp.rank}: a tensor-parallel rank is gone ({first[:200]})", args.error_file)
+        if device != "cpu":
+            # This GPU may be stuck in a captured NCCL kernel that waits for the dead rank: NCCL's and CUDA's teardown
+            # at exit could wait on it. Leave now (the driver ends the context; the supervisor removes our shared
+            # memory and runtime files), so that the server ends within the 2 s.
+            os._exit(3)
         return 3
     finally:
         # With a rank gone, no more collectives: telling the others to stop, or tearing the group down, may wait on
