@@ -55,7 +55,6 @@ from launch.openai_protocol import (
 Events = AsyncGenerator[Started | TokenChunk | Finished, None]  # one request's messages, from AsyncClient.generate
 log = logging.getLogger("hybridrt.http")
 HEALTH_TIMEOUT_S = 2.0
-DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its HTTP client is still there
 UNAVAILABLE_CODES = frozenset({"executor_died", "executor_timeout", "server_died", "shutting_down", "unreachable",
                                "timeout"})
 MAX_REPORTED_ERRORS = 4
@@ -270,16 +269,34 @@ async def _until_finished(events: Events) -> Finished:
 
 
 async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, Finished]) -> Finished:
-    """Run a non-streamed request, cancelling it (and so its generation) if the HTTP client hangs up."""
+    """Run a non-streamed request, cancelling it (and so its generation) if the HTTP client hangs up.
+
+    A task waits in the request's own `receive()` (past the body, it returns only once the client is gone: the
+    server's `http.disconnect`), as Starlette's streaming responses watch for it. Polling `is_disconnected()`
+    instead (a `receive()` under an already-cancelled scope) missed a hang-up twice in CI: a 3000-token completion
+    kept running for 20 s after its client had closed the connection."""
     task = asyncio.ensure_future(work)
-    while not task.done():
-        await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-        if not task.done() and await request.is_disconnected():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            raise ApiError(499, "the client closed the connection", code="client_closed")
-    return task.result()
+    gone = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        if gone.exception() is not None:  # the server's receive failed: no hang-up seen, the request runs on
+            return await task
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise ApiError(499, "the client closed the connection", code="client_closed")
+    finally:
+        gone.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await gone
+
+
+async def _disconnect(request: Request) -> None:
+    """Until the HTTP client has gone (any other message past the body is skipped)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _next_or_error(events: Events) -> Started | TokenChunk | Finished:
