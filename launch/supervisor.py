@@ -170,6 +170,7 @@ class Supervisor:
         self._stop_lock = threading.Lock()  # stop() may come from the HTTP watcher thread and from the main one
         self._stopped = False
         self._crashed = False  # a child died: `_stop` gives the executor processes CRASH_KILL_GRACE_S only
+        self._killed: set[str] = set()  # ranks this process killed because another rank died (not causes)
 
     def start(self) -> None:
         """Spawn both children; this process never imports torch. A model reference that names nothing loadable
@@ -259,6 +260,7 @@ class Supervisor:
         # first in order could blame the peer ("graph_executor exited with code 0") and hide the cause.
         if not any(proc.poll() is not None for proc in self.children.values()):
             return
+        self._end_the_other_ranks()
         # The survivor notices within ~50 ms, answers its clients (executor_died) and exits; terminating it at
         # once could cut those answers off and leave the clients waiting for their own time-outs.
         deadline = time.monotonic() + PEER_EXIT_GRACE_S
@@ -268,6 +270,20 @@ class Supervisor:
         if exited:
             self._crashed = True
             raise ChildDied(self._cause(dict(exited)))
+
+    def _end_the_other_ranks(self) -> None:
+        """A tensor-parallel rank > 0 died on its own (not exit 0, nor 3: "another rank is gone"): kill the other
+        executor ranks at once. They cannot go on without it, and on GPUs they may not notice soon: a rank's GPU
+        waits in a captured NCCL collective for the dead one, and rank 0 finds out only at its next relay. The JIT
+        context then sees the executor gone and answers its clients (executor_died) as after any executor death."""
+        dead = [name for name, proc in self.children.items()
+                if name.startswith("graph_executor rank ") and proc.poll() not in (None, 0, 3)]
+        if not dead:
+            return
+        for name, proc in self.children.items():
+            if name.startswith("graph_executor") and proc.poll() is None:
+                proc.kill()
+                self._killed.add(name)
 
     def error_file(self, child: str) -> Path:
         """Where a child writes its fatal one-line error (`ipc.errors.report_fatal`)."""
@@ -286,7 +302,7 @@ class Supervisor:
         ranks = [name for name in self.children if name.startswith("graph_executor rank ")]
         # A tensor-parallel rank that died first: it is the cause, and rank 0's line only says that a rank is gone.
         # (exit 3: a rank that found another gone, rank 0 included: a consequence, not the cause)
-        gone = [name for name in ranks if name in exited and exited[name] not in (0, 3)]
+        gone = [name for name in ranks if name in exited and exited[name] not in (0, 3) and name not in self._killed]
         if gone:
             return "; ".join(dict.fromkeys(said[name] or _describe_exit(name, exited[name]) for name in gone))
         if said["graph_executor"]:

@@ -400,6 +400,33 @@ def test_a_rank_killed_mid_request_ends_the_server_naming_it(default_model_dir):
     assert not any(process_alive(pid) for pid in ranks.values())
 
 
+def test_a_rank_killed_while_idle_ends_the_server_at_once(default_model_dir):
+    """A rank that dies while no step runs: nobody relays to it, so no rank notices by itself (on GPUs a rank may
+    not notice mid-request either: its GPU waits in a captured NCCL collective). The supervisor kills the other ranks
+    at once instead of giving them PEER_EXIT_GRACE_S (2 s) to leave; the line names the rank that died."""
+    import os
+    import signal
+
+    from ipc.liveness import process_alive
+    from tests.serve_process import ServeProcess
+
+    server = ServeProcess("--tensor-parallel", "3", "--max-num-seqs", "1", http=False)
+    try:
+        server.wait_ready()
+        ranks = _ranks(server)
+        os.kill(ranks[1], signal.SIGKILL)
+        killed = time.monotonic()
+        code = server.proc.wait(timeout=15)
+        ended = time.monotonic() - killed
+    finally:
+        server.stop()
+    err = server.proc.stderr.read()
+    assert code == 1 and "graph_executor rank 1 was killed by SIGKILL" in err, err
+    assert "rank 2" not in err and "graph_executor was killed" not in err, err  # the ranks killed after it: not causes
+    assert ended < 1.5, ended
+    assert not any(process_alive(pid) for pid in ranks.values())
+
+
 def test_heads_that_do_not_divide_are_one_line_at_start(default_model_dir):
     import subprocess
     import sys
