@@ -639,3 +639,93 @@ def test_a_cpu_rank_runs_on_the_cpu_and_gpu_ranks_need_a_gpu():
     if not torch.cuda.is_available():
         with pytest.raises(DeviceError, match="no CUDA GPU"):
             rank_device("cuda", TensorParallel(1, 2))
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "F16"])
+def test_a_rank_reads_only_its_part_of_each_gguf_tensor(qtype, tmp_path):
+    """`iter_gguf_tensors(part_of=)` on a file of quantized tensors (llama.cpp's Q/K row permutation included): each
+    rank's tensors, dense (dequantized) and packed, equal the whole tensors' parts; rows and block-aligned columns
+    are read alone (their stored rows / byte columns), columns inside a block (down_proj's 48 of 96 here, blocks of
+    32) are cut after converting the rank's rows."""
+    import gguf
+    import numpy as np
+    from gguf.quants import quantize
+
+    from graph_executor.loading.config import ModelConfig
+    from graph_executor.loading.gguf_loader import _permuted_rows, _read_part, gguf_config, iter_gguf_tensors
+    from graph_executor.quant import rows
+    from graph_executor.quant.specs import WeightPlan, WeightSpec
+    from ipc.errors import ModelLoadError
+    from tests.test_loaders import GGUF_NAMES, llama_cpp_permute
+
+    qt = gguf.GGMLQuantizationType[qtype]
+    h, inter, heads, kv = 64, 96, 4, 2
+    gen = np.random.default_rng(9)
+    path = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(path), arch="llama")
+    for key, value in (("block_count", 1), ("context_length", 128), ("embedding_length", h),
+                       ("feed_forward_length", inter), ("head_count", heads), ("head_count_kv", kv),
+                       ("layer_norm_rms_eps", 1e-5), ("vocab_size", 256)):
+        getattr(w, f"add_{key}")(value)
+    shapes = {"self_attn.q_proj.weight": (h, h), "self_attn.k_proj.weight": (kv * 16, h),
+              "self_attn.v_proj.weight": (kv * 16, h), "self_attn.o_proj.weight": (h, h),
+              "mlp.gate_proj.weight": (inter, h), "mlp.up_proj.weight": (inter, h), "mlp.down_proj.weight": (h, inter)}
+    for rest, shape in shapes.items():
+        a = gen.standard_normal(shape).astype(np.float32)
+        if rest.startswith("self_attn.q_proj"):
+            a = llama_cpp_permute(a, heads)
+        elif rest.startswith("self_attn.k_proj"):
+            a = llama_cpp_permute(a, kv)
+        if qt == gguf.GGMLQuantizationType.F16:
+            w.add_tensor(f"blk.0.{GGUF_NAMES[rest]}", a.astype(np.float16))
+        else:
+            w.add_tensor(f"blk.0.{GGUF_NAMES[rest]}", quantize(a, qt), raw_dtype=qt)
+    w.add_tensor("blk.0.attn_norm.weight", gen.standard_normal(h).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    reader = gguf.GGUFReader(str(path))
+    cfg = gguf_config(reader)
+    assert isinstance(cfg, ModelConfig) and cfg.num_kv_heads == kv
+    whole = dict(iter_gguf_tensors(reader, cfg))
+    # Q8_0 kept packed (int8, groups of 32) in qkv, o and gate_up; down_proj's 48 columns would split a group
+    packed_plan = WeightPlan({f"layers.0.{slot}": WeightSpec("int8", 32)
+                              for slot in ("qkv_proj", "o_proj", "gate_up_proj")}) if qtype == "Q8_0" else None
+    for rank in range(2):
+        tp = TensorParallel(rank, 2)
+
+        def part_of(name, tp=tp):
+            return tp.checkpoint_part(name, cfg)
+
+        mine = dict(iter_gguf_tensors(reader, cfg, part_of=part_of))
+        assert mine.keys() == whole.keys()
+        for name, tensor in whole.items():
+            part = part_of(name)
+            want = tensor if part is None else tensor[part]
+            assert np.array_equal(mine[name], want), (qtype, rank, name)
+        # what was read: rows, and columns at block boundaries, alone; down_proj's columns cut from its rows
+        by_name = {hf: t for t in reader.tensors if (hf := f"model.layers.0.{GGUF_NAMES_INV[t.name[6:]]}")}
+        o, down = "model.layers.0.self_attn.o_proj.weight", "model.layers.0.mlp.down_proj.weight"
+        assert _read_part(by_name[o], None, part_of(o))[2] is None
+        assert (_read_part(by_name[down], None, part_of(down))[2] is None) == (qtype == "F16")  # F16: blocks of 1
+        q = "model.layers.0.self_attn.q_proj.weight"
+        data, dims, cut = _read_part(by_name[q], _permuted_rows(q, cfg), part_of(q))
+        assert cut is None and data.shape[0] == h // 2 and dims == (h, h // 2)
+        if packed_plan is not None:
+            packed = dict(iter_gguf_tensors(reader, cfg, packed_plan, "cpu", part_of))
+            kept = [name for name, t in packed.items() if not isinstance(t, np.ndarray)]
+            assert len(kept) == 6, kept  # q, k, v, o, gate, up
+            for name in kept:
+                got = rows.dequantize(packed[name], torch.float32).numpy()
+                part = part_of(name)
+                assert np.allclose(got, whole[name] if part is None else whole[name][part], rtol=0, atol=1e-6), name
+            split = WeightPlan({"layers.0.down_proj": WeightSpec("int8", 32)})
+            with pytest.raises(ModelLoadError, match="tensor-parallel rank's part; --dequantize"):
+                list(iter_gguf_tensors(reader, cfg, split, "cpu", part_of))
+
+
+GGUF_NAMES_INV = {"attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
+                  "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
+                  "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+                  "ffn_down.weight": "mlp.down_proj.weight", "attn_norm.weight": "input_layernorm.weight"}

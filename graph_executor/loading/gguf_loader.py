@@ -11,8 +11,9 @@ from __future__ import annotations
 import functools
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -187,9 +188,16 @@ def _permuted_rows(name: str, config: ModelConfig) -> np.ndarray | None:
 
 
 def iter_gguf_tensors(reader, config: ModelConfig, plan: WeightPlan | None = None,
-                      device: str | torch.device = "cpu") -> Iterator[tuple[str, np.ndarray | rows.Weight]]:
+                      device: str | torch.device = "cpu",
+                      part_of: Callable[[str], tuple[slice, ...] | None] | None = None,
+                      ) -> Iterator[tuple[str, np.ndarray | rows.Weight]]:
     """(HF name, tensor in HF orientation) for every tensor of the file: a packed weight on `device` for a
-    tensor whose slot `plan` keeps packed, else a float32 numpy array."""
+    tensor whose slot `plan` keeps packed, else a float32 numpy array.
+
+    `part_of` (a tensor-parallel rank): the index of the part of each HF tensor this rank holds (rows, or all rows
+    and some columns; None: whole), and every tensor comes as that part, read from the file alone where it can be:
+    rows always (the codes are row-major), columns where the part starts and ends on the type's block boundaries;
+    otherwise (columns inside a block) the tensor is read whole and cut."""
     from gguf.quants import dequantize
 
     plan = plan or WeightPlan()
@@ -200,19 +208,57 @@ def iter_gguf_tensors(reader, config: ModelConfig, plan: WeightPlan | None = Non
         if name is None:
             raise ModelLoadError(f"GGUF tensor {t.name!r} is not part of a {config.model_type} model")
         order = _permuted_rows(name, config)
+        part = part_of(name) if part_of is not None else None
         slot = slot_of(name)
+        data, dims, cut = _read_part(t, order, part)  # [N', K'] stored, dims K' first
         if slot is not None and plan.spec(slot).packed:
             try:
-                packed = from_reader_tensor(t, device=device)
+                packed = from_reader_tensor(_Part(t.name, data, t.tensor_type, dims), device=device)
+                if cut is not None:
+                    packed = rows.part(packed, cut)
             except ValueError as e:
-                raise ModelLoadError(str(e)) from None
-            if order is not None:
-                packed = rows.select_rows(packed, torch.from_numpy(order).to(device))
+                raise ModelLoadError(f"{e}" + (" (a tensor-parallel rank's part; --dequantize loads it dense)"
+                                               if part is not None else "")) from None
             yield name, packed
             continue
-        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        w = np.asarray(dequantize(data, t.tensor_type), dtype=np.float32)
+        if cut is not None:
+            w = w[cut]
         if not w.flags.writeable:  # unquantised tensors come back as read-only views of the mmap
             w = w.copy()
-        if order is not None:
-            w = w[order]
         yield name, w
+
+
+class _Part(NamedTuple):
+    """The fields of a GGUFReader tensor that `from_reader_tensor` reads, for a part of one."""
+
+    name: str
+    data: np.ndarray
+    tensor_type: object
+    shape: tuple[int, ...]  # K first, as the reader lists it
+
+
+def _read_part(t, order: np.ndarray | None, part: tuple[slice, ...] | None
+               ) -> tuple[np.ndarray, tuple[int, ...], tuple[slice, ...] | None]:
+    """(the stored rows and columns of tensor t to convert, their shape K first, what is still to cut from the
+    converted tensor): HF row i is stored row order[i] (llama.cpp's Q/K permutation, undone here)."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    data = t.data
+    if order is not None:
+        data = data[order] if part is None else data[order[part[0]]]
+    elif part is not None:
+        data = data[part[0]]
+    if len(t.shape) != 2:  # 1-D (norms, biases): the rows above are its part
+        return data, (len(data),), None
+    k, n = (int(d) for d in t.shape)
+    rows_read = data.shape[0]
+    if part is None or len(part) == 1:  # whole, or rows: read alone
+        return data, (k, rows_read), None
+    cols = range(k)[part[1]]
+    block = GGML_QUANT_SIZES[t.tensor_type][0]
+    per_block = data.shape[-1] * block // k  # the stored columns of one block (bytes of a quantized type)
+    if cols.step != 1 or cols.start % block or len(cols) % block:  # inside a block: convert these rows whole
+        return data, (k, rows_read), (slice(None), part[1])
+    stored = slice(cols.start // block * per_block, (cols.start + len(cols)) // block * per_block)
+    return data[:, stored], (len(cols), rows_read), None

@@ -294,12 +294,14 @@ def _load_gguf(model: LlamaModel, reader, progress: bool) -> None:
 
     loaded: set[str] = set()
     device = model.device
-    tensors = iter_gguf_tensors(reader, model.full_config, model.plan, device)  # whole tensors: cut by copy_into
+    # a tensor-parallel rank reads its rows or columns of each tensor (`iter_gguf_tensors`' part_of)
+    part_of = (lambda name: tp_part(model, name)) if model.tp is not None else None
+    tensors = iter_gguf_tensors(reader, model.full_config, model.plan, device, part_of)
     for name, w in tqdm(tensors, total=weight_tensor_count(reader), desc="loading weights", unit="tensor",
                         disable=not progress):
         if isinstance(w, np.ndarray):  # float32, dequantized by the gguf package
             w = torch.from_numpy(w).to(device=device, dtype=model.dtype)
-        copy_into(model, name, w)
+        copy_into(model, name, w, sliced=part_of is not None)
         loaded.add(name)
     check_complete(model, loaded)
     tie_lm_head(model)
