@@ -51,8 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quantize", default=None)
     p.add_argument("--quantize-group", type=int, default=32)
     p.add_argument("--dequantize", action="store_true")
-    p.add_argument("--tensor-parallel", type=int, default=1, help="ranks of a tensor-parallel executor (CPU: gloo; GPUs: one "
-                   "per rank, NCCL)")
+    p.add_argument("--tensor-parallel", type=int, default=1,
+                   help="ranks of a tensor-parallel executor (CPU: gloo; GPUs: one per rank, NCCL)")
     p.add_argument("--tp-rank", type=int, default=0, help="this process's rank (0 talks to the JIT context)")
     p.add_argument("--tp-port", type=int, default=0, help="the ranks' rendezvous port on 127.0.0.1")
     p.add_argument("--max-num-seqs", type=int, default=1,
@@ -96,8 +96,8 @@ def rank_device(device: str, tp: TensorParallel) -> str:
         return "cpu"
     first, count = resolved.index or 0, torch.cuda.device_count()
     if first + tp.size > count:
-        raise HybridrtError(f"--tensor-parallel {tp.size} runs one rank per GPU: it needs GPUs {first}..{first + tp.size - 1}"
-                            f", this machine shows {count}")
+        raise HybridrtError(f"--tensor-parallel {tp.size} runs one rank per GPU: it needs GPUs "
+                            f"{first}..{first + tp.size - 1}, this machine shows {count}")
     return f"cuda:{first + tp.rank}"
 
 
@@ -124,7 +124,8 @@ def join_ranks(tp: TensorParallel, args: argparse.Namespace, device: str) -> Non
     dist.all_reduce(probe)
     torch.cuda.synchronize(gpu)
     if probe.item() != tp.size:
-        raise HybridrtError(f"graph_executor rank {tp.rank}: NCCL's first all-reduce gave {probe.item()}, not {tp.size}")
+        raise HybridrtError(f"graph_executor rank {tp.rank}: NCCL's first all-reduce gave {probe.item()}, "
+                            f"not {tp.size}")
 
 
 def load_draft(model: str, target: LoadedModel, args: argparse.Namespace) -> LoadedModel:

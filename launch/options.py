@@ -126,8 +126,9 @@ def add_tensor_parallel_flag(p: argparse.ArgumentParser) -> None:
                    help="split the model over N executor processes (Megatron-style: attention heads and the MLP by "
                         "rank, an all-reduce after o_proj and down_proj, the logits gathered), rank 0 relaying each "
                         "step to the others; each rank loads only its slices; a --draft-model runs whole on rank 0. "
-                        "On GPUs one rank per GPU (from the --device one), NCCL between them, each rank's steps in CUDA "
-                        "graphs with the collectives inside (MPS off unless --mps on); on the CPU gloo. --quantize "
+                        "On GPUs one rank per GPU (from the --device one), NCCL between them, each rank's steps in "
+                        "CUDA graphs with the collectives inside (MPS off unless --mps on); on the CPU gloo. "
+                        "--quantize "
                         "quantizes each rank's part (default: 1)")
 
 
