@@ -92,22 +92,23 @@ class Entry:
     status: str  # "ok", "corrupt" (fails its manifest), "legacy" (an older hybridrt's or converter's) or "building"
 
 
+def _read_manifest(folder: Path) -> dict | None:
+    """An entry's manifest as written, whichever converter version wrote it; None when missing or unreadable."""
+    try:
+        data = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _current(written: dict | None) -> dict | None:
+    """A manifest as written, if this converter version wrote it; None otherwise."""
+    return written if written is not None and written.get("version") == CONVERTER_VERSION else None
+
+
 def _manifest(folder: Path) -> dict | None:
-    try:
-        data = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and data.get("version") == CONVERTER_VERSION else None
-
-
-def _version(folder: Path) -> int | None:
-    """The converter version an entry's manifest names; None when it is unreadable or names none."""
-    try:
-        data = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    version = data.get("version") if isinstance(data, dict) else None
-    return version if isinstance(version, int) else None
+    """The manifest of an entry this converter version wrote; None otherwise."""
+    return _current(_read_manifest(folder))
 
 
 def check_entry(folder: Path) -> bool:
@@ -221,11 +222,14 @@ def entries() -> list[Entry]:
             if folder.name.startswith(BUILDING):
                 found.append(Entry(folder, "", _folder_bytes(folder), folder.stat().st_mtime, "building"))
                 continue
-            data = _manifest(folder)
+            written = _read_manifest(folder)
+            data = _current(written)
+            version = (written or {}).get("version")
             # legacy: no manifest (hybridrt before the manifests), or an older converter's entry, which this
             # version never looks up again (its key holds the converter's version)
             legacy = data is None and (not (folder / MANIFEST).exists()
-                                       or (_version(folder) or CONVERTER_VERSION) < CONVERTER_VERSION)
+                                       or (version if isinstance(version, int) else CONVERTER_VERSION)
+                                       < CONVERTER_VERSION)
             status = "legacy" if legacy else "ok" if check_entry(folder) else "corrupt"
             used = (folder / MANIFEST).stat().st_mtime if data is not None else folder.stat().st_mtime
             found.append(Entry(folder, (data or {}).get("source", ""), _folder_bytes(folder), used, status))
