@@ -17,6 +17,7 @@ milliseconds; its pages come from the page cache when the first step reads them.
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass
@@ -110,18 +111,11 @@ class MappedFiles:
             return None
         first, last = entries[0], entries[-1]
         size = dtype.itemsize
-        if first.begin % size or (last.end - first.begin) != size * _numel(shape):
+        if first.begin % size or (last.end - first.begin) != size * math.prod(shape):
             return None
         if len(shape) == 2 and any(len(e.shape) != 2 or e.shape[1] != shape[1] for e in entries):
             return None  # row blocks of the slot's width (a transposed or mislabelled tensor is copied, and fails there)
         return self.data[first.file][first.begin:last.end].view(dtype).view(shape)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def map_slots(model: LlamaModel, files: list[Path]) -> set[str]:
