@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -369,62 +370,76 @@ def test_three_ranks_serve_the_whole_models_tokens(tp_server, cpu_engine):
         assert got[i] == alone.token_ids, i
 
 
-def test_a_rank_killed_mid_request_ends_the_server_naming_it(default_model_dir):
+@dataclass
+class RankKilled:
+    """What `kill_rank_1` saw: the server's exit code, seconds from the kill to its end, its stderr, the executor
+    ranks' pids (rank -> pid) and every child process it had before the kill."""
+
+    code: int
+    ended_s: float
+    stderr: str
+    ranks: dict[int, int]
+    children: list[int]
+
+    def assert_ended_naming_rank_1(self, within_s: float) -> None:
+        """One run, one line naming rank 1 as the cause, within `within_s`, with no process left."""
+        from ipc.liveness import process_alive
+
+        assert self.code == 1 and "graph_executor rank 1 was killed by SIGKILL" in self.stderr, self.stderr
+        print(f"server ended {self.ended_s:.2f} s after the kill")
+        assert self.ended_s < within_s, self.ended_s
+        assert not any(process_alive(pid) for pid in [*self.ranks.values(), *self.children])
+
+
+def kill_rank_1(server, ask=None) -> RankKilled:
+    """Wait for `server` (a ServeProcess with tensor parallelism) to be ready, SIGKILL its rank 1 (mid-request when
+    `ask(client)` opens a stream: after its first message, and the stream must then end in a ServerError), and wait
+    for the server to end. Stops the server whatever happens."""
     import os
     import signal
 
-    from ipc.liveness import process_alive
     from launch.client import Client, ServerError
-    from tests.serve_process import ServeProcess
+    from tests.serve_process import child_pids
 
-    server = ServeProcess("--tensor-parallel", "3", "--max-num-seqs", "1", http=False)
     try:
         server.wait_ready()
         ranks = _ranks(server)
+        children = child_pids(server.proc.pid)
         with Client(server.address) as client:
-            stream = client.generate("Count to fifty:", params={"max_tokens": 200, "temperature": 0.0,
-                                                                 "ignore_eos": True})
-            next(stream)
+            stream = ask(client) if ask is not None else None
+            if stream is not None:
+                next(stream)
             os.kill(ranks[1], signal.SIGKILL)
             killed = time.monotonic()
-            with pytest.raises(ServerError):
-                list(stream)
+            if stream is not None:
+                with pytest.raises(ServerError):
+                    list(stream)
         code = server.proc.wait(timeout=15)
         ended = time.monotonic() - killed
     finally:
         server.stop()
-    err = server.proc.stderr.read()
-    assert code == 1 and "graph_executor rank 1 was killed by SIGKILL" in err, err
-    print(f"server ended {ended:.2f} s after the kill")
-    assert ended < 3.0, ended  # the supervisor's poll and the survivors' exit
-    assert not any(process_alive(pid) for pid in ranks.values())
+    return RankKilled(code, ended, server.proc.stderr.read(), ranks, children)
+
+
+def test_a_rank_killed_mid_request_ends_the_server_naming_it(default_model_dir):
+    from tests.serve_process import ServeProcess
+
+    killed = kill_rank_1(ServeProcess("--tensor-parallel", "3", "--max-num-seqs", "1", http=False),
+                         lambda client: client.generate("Count to fifty:", params={
+                             "max_tokens": 200, "temperature": 0.0, "ignore_eos": True}))
+    killed.assert_ended_naming_rank_1(3.0)  # the supervisor's poll and the survivors' exit
 
 
 def test_a_rank_killed_while_idle_ends_the_server_at_once(default_model_dir):
     """A rank that dies while no step runs: nobody relays to it, so no rank notices by itself (on GPUs a rank may
     not notice mid-request either: its GPU waits in a captured NCCL collective). The supervisor kills the other ranks
     at once instead of giving them PEER_EXIT_GRACE_S (2 s) to leave; the line names the rank that died."""
-    import os
-    import signal
-
-    from ipc.liveness import process_alive
     from tests.serve_process import ServeProcess
 
-    server = ServeProcess("--tensor-parallel", "3", "--max-num-seqs", "1", http=False)
-    try:
-        server.wait_ready()
-        ranks = _ranks(server)
-        os.kill(ranks[1], signal.SIGKILL)
-        killed = time.monotonic()
-        code = server.proc.wait(timeout=15)
-        ended = time.monotonic() - killed
-    finally:
-        server.stop()
-    err = server.proc.stderr.read()
-    assert code == 1 and "graph_executor rank 1 was killed by SIGKILL" in err, err
-    assert "rank 2" not in err and "graph_executor was killed" not in err, err  # the ranks killed after it: not causes
-    assert ended < 1.5, ended
-    assert not any(process_alive(pid) for pid in ranks.values())
+    killed = kill_rank_1(ServeProcess("--tensor-parallel", "3", "--max-num-seqs", "1", http=False))
+    # the ranks killed after it are not causes
+    assert "rank 2" not in killed.stderr and "graph_executor was killed" not in killed.stderr, killed.stderr
+    killed.assert_ended_naming_rank_1(1.5)
 
 
 def test_heads_that_do_not_divide_are_one_line_at_start(default_model_dir):
