@@ -47,6 +47,16 @@ steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(tests bench probe)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"
 python3 -c "from bench.envinfo import source_digest; print('sources sha256', source_digest())" | tee -a "$OUT/card.txt"
+idle_gap() {  # NAME LIMIT_S: bench.probes.idle_gap on the SmolLM2 shape into $OUT/NAME.md, printed
+  timeout "$2" python3 -m bench.probes.idle_gap --model dummy:smollm2-135m --device cuda --repeats 7 \
+    > "$OUT/$1.md" 2>&1
+  echo "idle gap: rc=$?"; cat "$OUT/$1.md"
+}
+first_requests() {  # NAME LIMIT_S: the bench's startup workload (SmolLM2 shape, its tokenizer) into $OUT/NAME/
+  timeout "$2" python3 -m launch.cli bench --quiet --model dummy:smollm2-135m --tokenizer "$HYBRIDRT_TEST_TOKENIZER" \
+    --engines hybridrt --workloads startup --prompt-lens 100 --repeats 5 --out "$OUT/$1" > "$OUT/$1.log" 2>&1
+  local rc=$?; echo "bench startup $1: rc=$rc"; grep -E "first 5|after 2 s idle" "$OUT/$1/results.md"
+}
 http_ab() {  # http_split per loop variant: old (sleeping clients, asyncio + h11), spinning clients alone, both new
   # (spinning, uvloop + httptools); each run has two apps on one serve, their client over the local stream and over
   # ZeroMQ (A/B)
@@ -422,39 +432,23 @@ for step in "${steps[@]}"; do
                  # host meanwhile (is the first request's extra time the host CPU's idle states?) (~2 min)
           for v in plain spin plain2 spin2; do
             spinner=""; case $v in spin*) python3 -c "while True: pass" & spinner=$!;; esac
-            timeout 150 python3 -m launch.cli bench --quiet --model dummy:smollm2-135m --tokenizer "$HYBRIDRT_TEST_TOKENIZER" \
-              --engines hybridrt --workloads startup --prompt-lens 100 --repeats 5 --out "$OUT/startup_$v" \
-              > "$OUT/startup_$v.log" 2>&1
-            echo "bench startup $v: rc=$?"; [ -n "$spinner" ] && kill $spinner
-            grep -E "first 5|after 2 s idle" "$OUT/startup_$v/results.md"
+            first_requests "startup_$v" 150; [ -n "$spinner" ] && kill $spinner
           done ;;
     idlegap) # issue 13: a request after each idle gap, its TTFT split (the JIT context's queue, until the executor
              # had the prefill queued, the rest) on the SmolLM2 shape (bench.probes.idle_gap; ~1.5 min)
-          timeout 200 python3 -m bench.probes.idle_gap --model dummy:smollm2-135m --device cuda --repeats 7 \
-            > "$OUT/idle_gap.md" 2>&1
-          echo "idle gap: rc=$?"; cat "$OUT/idle_gap.md" ;;
+          idle_gap idle_gap 200 ;;
     wake) # issues 12/13: the doorbell's wake pipe (an idle executor woken by one byte, not the ZeroMQ copy): the
           # idle-gap split, the bench's first requests after ready, and the cuda tests of the paths it touches (~5 min)
-          timeout 200 python3 -m bench.probes.idle_gap --model dummy:smollm2-135m --device cuda --repeats 7 \
-            > "$OUT/idle_gap_wake.md" 2>&1
-          echo "idle gap: rc=$?"; cat "$OUT/idle_gap_wake.md"
-          timeout 150 python3 -m launch.cli bench --quiet --model dummy:smollm2-135m --tokenizer "$HYBRIDRT_TEST_TOKENIZER" \
-            --engines hybridrt --workloads startup --prompt-lens 100 --repeats 5 --out "$OUT/startup_wake" \
-            > "$OUT/startup_wake.log" 2>&1
-          echo "bench startup: rc=$?"; grep -E "first 5|after 2 s idle" "$OUT/startup_wake/results.md"
+          idle_gap idle_gap_wake 200
+          first_requests startup_wake 150
           timeout 240 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_gpu_path.py tests/test_speculative.py \
             tests/test_process_lifetime.py tests/test_runtime_batching.py tests/test_prefix_reuse.py \
             > "$OUT/wake_tests.log" 2>&1
           echo "cuda tests: rc=$? $(tail -1 "$OUT/wake_tests.log")" ;;
     wake2) # issues 12/13: the request's arrival wakes the executor (RemoteExecutor.wake_early): the idle-gap split,
            # the bench's first requests after ready, the speculative cuda tests (doorbell steps) (~3 min)
-          timeout 100 python3 -m bench.probes.idle_gap --model dummy:smollm2-135m --device cuda --repeats 7 \
-            > "$OUT/idle_gap_wake2.md" 2>&1
-          echo "idle gap: rc=$?"; cat "$OUT/idle_gap_wake2.md"
-          timeout 80 python3 -m launch.cli bench --quiet --model dummy:smollm2-135m --tokenizer "$HYBRIDRT_TEST_TOKENIZER" \
-            --engines hybridrt --workloads startup --prompt-lens 100 --repeats 5 --out "$OUT/startup_wake2" \
-            > "$OUT/startup_wake2.log" 2>&1
-          echo "bench startup: rc=$?"; grep -E "first 5|after 2 s idle" "$OUT/startup_wake2/results.md"
+          idle_gap idle_gap_wake2 100
+          first_requests startup_wake2 80
           timeout 70 python3 -m pytest -q -x -m cuda -p no:cacheprovider tests/test_speculative.py \
             > "$OUT/wake2_tests.log" 2>&1
           echo "cuda tests: rc=$? $(tail -1 "$OUT/wake2_tests.log")" ;;
