@@ -1,5 +1,5 @@
-"""The batch-1 decode step as one persistent kernel (kernels/persistent_step.py): the same `step` as
-`fused_decoder.FusedDecoder` for dense fp16/bf16 models on one GPU, one launch instead of ~7 per layer.
+"""The batch-1 decode step as one persistent kernel (kernels/persistent_step.py) and the lm_head's GEMV: the same `step`
+as `fused_decoder.FusedDecoder` for dense fp16/bf16 models on one GPU, two launches instead of ~7 per layer.
 
 What it does not take (`unsupported` says why, and the caller keeps FusedDecoder): packed weights, a
 tensor-parallel rank, a head_dim that is not a power of two."""
@@ -12,6 +12,8 @@ import torch
 import triton
 
 from graph_executor.kernels import persistent_step as ps
+from graph_executor.kernels.decode_plan import plan_for
+from graph_executor.kernels.gemv import rmsnorm_gemv
 from graph_executor.kernels.persistent_step import PersistentConfig
 from graph_executor.model import LlamaModel
 
@@ -90,8 +92,8 @@ class PersistentDecoder:
             BN_O=ps.rows_per_unit(cfg.hidden_size, p, config.max_rows),
             BN_GU=ps.rows_per_unit(2 * cfg.intermediate_size, p, config.max_rows),
             BN_DOWN=ps.rows_per_unit(cfg.hidden_size, p, config.max_rows),
-            BN_LM=config.bn_lm,
         )
+        self.lm_head = plan_for(cfg.hidden_size).lm_head  # gemv.py's kernel, as FusedDecoder runs it
         self.window = cfg.sliding_window or (1 << 30)
         self._resident = False  # the grid was checked against the device's SMs (at the first launch)
 
@@ -118,15 +120,15 @@ class PersistentDecoder:
         m, cfg, c = self.model, self.model.config, self.config
         first = m.layers[0]
         args = (m.embed_tokens, first.qkv_proj, first.o_proj, first.gate_up_proj, first.down_proj, first.attn_norm,
-                first.mlp_norm, self.bias, self.offsets, m.norm, m.lm_head,
-                token, position, slot if slot is not None else position, logits,
+                first.mlp_norm, self.bias, self.offsets,
+                token, position, slot if slot is not None else position,
                 m.kv_caches, *self.kv_strides, m.rope,
                 self.x, self.qkv, self.attn, self.gate_up, self.acc, self.m, self.l, self.counters,
-                cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, self.nqkv, cfg.rms_norm_eps,
-                cfg.head_dim ** -0.5, self.window)
+                self.nqkv, cfg.rms_norm_eps, cfg.head_dim ** -0.5, self.window)
         consts = dict(NUM_HEADS=cfg.num_heads, GROUP=cfg.num_heads // cfg.num_kv_heads, HEAD_DIM=cfg.head_dim,
                       SPLIT=c.split, BLOCK=min(64, c.split), NUM_SPLITS=self.num_splits, HAS_BIAS=cfg.qkv_bias,
-                      SLOTS=slot is not None, BK=c.block_k, EMBED_BLOCK=64, **self.blocks)
+                      SLOTS=slot is not None, BK=c.block_k, EMBED_BLOCK=64, H=cfg.hidden_size,
+                      I=cfg.intermediate_size, **self.blocks)
         grid = (self.programs,)
         layers = len(m.layers)
         if self.sync:
@@ -134,11 +136,9 @@ class PersistentDecoder:
             if not self._resident:  # compiled, not launched: a grid that cannot be resident at once would hang
                 self._check_resident(ps._step_kernel.warmup(*args, 0, layers, grid=grid, **launch))
             ps._step_kernel[grid](*args, 0, layers, **launch)
-            return logits
-        # one launch per phase: the same code, the launch boundary as the barrier
-        ps._step_kernel[grid](*args, 0, 0, PHASE=ps.PHASE_EMBED, SYNC=False, **consts)
-        for layer in range(layers):
-            for phase in ps.LAYER_PHASES:
-                ps._step_kernel[grid](*args, layer, layer + 1, PHASE=phase, SYNC=False, **consts)
-        ps._step_kernel[grid](*args, 0, 0, PHASE=ps.PHASE_LM, SYNC=False, **consts)
-        return logits
+        else:  # one launch per phase: the same code, the launch boundary as the barrier
+            ps._step_kernel[grid](*args, 0, 0, PHASE=ps.PHASE_EMBED, SYNC=False, **consts)
+            for layer in range(layers):
+                for phase in ps.LAYER_PHASES:
+                    ps._step_kernel[grid](*args, layer, layer + 1, PHASE=phase, SYNC=False, **consts)
+        return rmsnorm_gemv(m.lm_head, self.x, m.norm, cfg.rms_norm_eps, logits, cfg=self.lm_head)

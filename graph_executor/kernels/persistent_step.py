@@ -14,7 +14,8 @@ Phases per layer (the same arithmetic as `fused_decoder.FusedDecoder`'s kernels,
   4. x += W_o @ attn                                          units: row blocks of BN_O rows
   5. gate_up = W_gu @ (rmsnorm(x) * mlp_norm)                  units: row blocks of BN_GU rows
   6. x += W_down @ (silu(gate) * up)                           units: row blocks of BN_DOWN rows
-then logits = W_lm @ (rmsnorm(x) * norm) (float32). The embedding row is copied into x first.
+The embedding row is copied into x first. The logits (W_lm @ (rmsnorm(x) * norm), float32) are gemv.py's kernel after
+this one: a vocabulary of rows streams at full bandwidth there, where the units here wait a DRAM latency each.
 
 Co-residency: a grid barrier deadlocks unless every program is resident at once; the host sizes the grid to the
 SM count times the programs an SM holds by the compiled kernel's registers (`PersistentDecoder` checks it).
@@ -37,8 +38,8 @@ import triton.language as tl
 from graph_executor.kernels.decode_attention import _combine
 
 # phases of the per-phase launches (the interpreter's): PHASE_ALL runs everything in one launch with barriers
-(PHASE_ALL, PHASE_EMBED, PHASE_QKV, PHASE_ATTN, PHASE_COMBINE, PHASE_O, PHASE_GATE_UP, PHASE_DOWN,
- PHASE_LM) = range(-1, 8)
+(PHASE_ALL, PHASE_EMBED, PHASE_QKV, PHASE_ATTN, PHASE_COMBINE, PHASE_O, PHASE_GATE_UP,
+ PHASE_DOWN) = range(-1, 7)
 LAYER_PHASES = (PHASE_QKV, PHASE_ATTN, PHASE_COMBINE, PHASE_O, PHASE_GATE_UP, PHASE_DOWN)
 # per layer, element offsets (from layer 0's tensor of the same kind) of: qkv weight, o, gate_up, down, attn norm,
 # mlp norm, qkv bias (0 without one), padding
@@ -76,20 +77,22 @@ def _rope_row(src, cos_sin, d, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def _norm_gemv_unit(w_ptr, x_ptr, nw_ptr, b_ptr, out_ptr, u, N, K, eps, HAS_BIAS: tl.constexpr, BN: tl.constexpr,
-                    BK: tl.constexpr):
-    """out[rows] = W[rows] @ (rmsnorm(x) * nw) [+ b] for the unit's BN rows (gemv._rmsnorm_gemv_kernel's sums)."""
+def _norm_gemv_unit(w_ptr, x_ptr, nw_ptr, b_ptr, out_ptr, u, N, K: tl.constexpr, eps, HAS_BIAS: tl.constexpr,
+                    BN: tl.constexpr, BK: tl.constexpr):
+    """out[rows] = W[rows] @ (rmsnorm(x) * nw) [+ b] for the unit's BN rows (gemv._rmsnorm_gemv_kernel's sums). K is
+    a constexpr and its loop unrolled, so that every chunk's weight loads can be issued before the first is used (one
+    program per SM holds the whole unit's bytes in flight; a rolled loop waited one DRAM latency per chunk)."""
     rows = u * BN + tl.arange(0, BN)
     row_ok = rows < N
     acc = tl.zeros([BN, BK], dtype=tl.float32)
     ss = tl.zeros([BK], dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    for k0 in tl.static_range(0, K, BK):
         cols = k0 + tl.arange(0, BK)
         col_ok = cols < K
+        w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         x = tl.load(x_ptr + cols, mask=col_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
         nw = tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         ss += x * x
-        w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         acc += w.to(tl.float32) * (x * nw)[None, :]
     out = tl.sum(acc, axis=1) * (1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps))
     if HAS_BIAS:
@@ -98,19 +101,21 @@ def _norm_gemv_unit(w_ptr, x_ptr, nw_ptr, b_ptr, out_ptr, u, N, K, eps, HAS_BIAS
 
 
 @triton.jit
-def _residual_gemv_unit(w_ptr, a_ptr, x_ptr, u, N, K, SWIGLU: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """x[rows] += W[rows] @ a (SWIGLU: a = silu(gate) * up of a_ptr = [gate (K), up (K)]) for the unit's rows."""
+def _residual_gemv_unit(w_ptr, a_ptr, x_ptr, u, N, K: tl.constexpr, SWIGLU: tl.constexpr, BN: tl.constexpr,
+                        BK: tl.constexpr):
+    """x[rows] += W[rows] @ a (SWIGLU: a = silu(gate) * up of a_ptr = [gate (K), up (K)]) for the unit's rows (K
+    unrolled as in _norm_gemv_unit)."""
     rows = u * BN + tl.arange(0, BN)
     row_ok = rows < N
     acc = tl.zeros([BN, BK], dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    for k0 in tl.static_range(0, K, BK):
         cols = k0 + tl.arange(0, BK)
         col_ok = cols < K
+        w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         a = tl.load(a_ptr + cols, mask=col_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
         if SWIGLU:
             up = tl.load(a_ptr + K + cols, mask=col_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
             a = a / (1.0 + tl.exp(-a)) * up
-        w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         acc += w.to(tl.float32) * a[None, :]
     out = tl.sum(acc, axis=1)
     residual = tl.load(x_ptr + rows, mask=row_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
@@ -165,18 +170,18 @@ def _attention_unit(qkv_ptr, k_ptr, v_ptr, rope_ptr, acc_ptr, m_ptr, l_ptr, head
 @triton.jit
 def _step_kernel(
     # weights: layer 0's tensor of each kind (the others at per-layer element offsets from it, `offs_ptr`)
-    embed_ptr, wqkv_ptr, wo_ptr, wgu_ptr, wd_ptr, anorm_ptr, mnorm_ptr, bias_ptr, offs_ptr, norm_ptr, lm_ptr,
+    embed_ptr, wqkv_ptr, wo_ptr, wgu_ptr, wd_ptr, anorm_ptr, mnorm_ptr, bias_ptr, offs_ptr,
     # the step's inputs and output
-    tok_ptr, pos_ptr, slot_ptr, logits_ptr,
+    tok_ptr, pos_ptr, slot_ptr,
     # the KV cache (slot 0, layer 0's K; V at +v_off; a layer at +layer_stride, a slot at +slot_stride), RoPE table
     kv_ptr, v_off, layer_stride, slot_stride, stride_kh, stride_kn, rope_ptr,
     # workspace
     x_ptr, qkv_ptr, attn_ptr, gu_ptr, acc_ptr, m_ptr, l_ptr, sync_ptr,
     # sizes
-    H, I, V, NQKV, eps, scale, window, L0, L1,
+    NQKV, eps, scale, window, L0, L1, H: tl.constexpr, I: tl.constexpr,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
     NUM_SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, SLOTS: tl.constexpr,
-    BN_QKV: tl.constexpr, BN_O: tl.constexpr, BN_GU: tl.constexpr, BN_DOWN: tl.constexpr, BN_LM: tl.constexpr,
+    BN_QKV: tl.constexpr, BN_O: tl.constexpr, BN_GU: tl.constexpr, BN_DOWN: tl.constexpr,
     BK: tl.constexpr, EMBED_BLOCK: tl.constexpr, PHASE: tl.constexpr, SYNC: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -193,7 +198,7 @@ def _step_kernel(
             tl.store(x_ptr + cols, tl.load(embed_ptr + row * H + cols, mask=cols < H), mask=cols < H)
         epoch += 1
         _grid_sync(sync_ptr, epoch, SYNC)
-    q_size = NUM_HEADS * HEAD_DIM
+    q_size: tl.constexpr = NUM_HEADS * HEAD_DIM
     s_lo = start // SPLIT
     active = pos // SPLIT + 1 - s_lo  # splits holding keys [start, pos]
     for layer in range(L0, L1):
@@ -233,9 +238,6 @@ def _step_kernel(
                 _residual_gemv_unit(wd_ptr + tl.load(offs + 3), gu_ptr, x_ptr, u, H, I, True, BN_DOWN, BK)
             epoch += 1
             _grid_sync(sync_ptr, epoch, SYNC)
-    if PHASE == -1 or PHASE == 7:
-        for u in range(pid, tl.cdiv(V, BN_LM), P):
-            _norm_gemv_unit(lm_ptr, x_ptr, norm_ptr, bias_ptr, logits_ptr, u, V, H, eps, False, BN_LM, BK)
     if SYNC:  # the last program out zeroes the counters for the next launch (every program has passed every barrier)
         if tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel", scope="gpu") == P - 1:
             tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")
@@ -252,7 +254,6 @@ class PersistentConfig:
     block_k: int = 128
     max_rows: int = 32
     split: int = 64  # attention positions per split
-    bn_lm: int = 16  # lm_head rows a unit (the vocabulary is many rounds of the grid anyway)
 
 
 def rows_per_unit(n: int, programs: int, cap: int) -> int:
