@@ -39,20 +39,19 @@ class PersistentDecoder:
 
     def __init__(self, model: LlamaModel, config: PersistentConfig = PersistentConfig(),
                  programs: int | None = None) -> None:
-        """`programs`: the grid (None: the device's SM count x config.per_sm; under the interpreter, 3: the phases
-        then run as separate launches, see kernels/persistent_step.py)."""
+        """`programs`: the grid (None: the device's SM count x config.per_sm; under the interpreter always 1: its
+        programs run one after another, so a barrier could never be passed by more)."""
         why = unsupported(model)
         if why is not None:
             raise ValueError(f"the persistent decode step cannot run this model: {why}")
         cfg = model.config
         device = model.embed_tokens.device
         self.model, self.config = model, config
-        # the grid barriers need every program resident at once: never under the interpreter (programs in turn)
-        self.sync = device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+        self.interpret = os.environ.get("TRITON_INTERPRET") == "1"
         if programs is None:
             programs = (torch.cuda.get_device_properties(device).multi_processor_count * config.per_sm
-                        if device.type == "cuda" else 3)
-        self.programs = programs
+                        if device.type == "cuda" else 1)
+        self.programs = 1 if self.interpret else programs
         dtype = model.dtype
 
         def empty(*shape: int, kind: torch.dtype = dtype) -> torch.Tensor:
@@ -68,6 +67,7 @@ class PersistentDecoder:
         self.m = empty(cfg.num_heads, self.num_splits, kind=torch.float32)
         self.l = empty(cfg.num_heads, self.num_splits, kind=torch.float32)
         self.counters = torch.zeros(2, device=device, dtype=torch.int32)  # barrier arrivals, programs out
+        self.head_counts = torch.zeros(cfg.num_heads, device=device, dtype=torch.int32)  # a head's units finished
         layers = model.layers
         first = layers[0]
         kinds = [lambda lay: lay.qkv_proj, lambda lay: lay.o_proj, lambda lay: lay.gate_up_proj,
@@ -86,8 +86,10 @@ class PersistentDecoder:
         self.bias = first.qkv_bias if cfg.qkv_bias else first.attn_norm  # a placeholder pointer without a bias
         caches = model.kv_caches  # [slots, L, 2, nkv, C, hd]
         self.kv_strides = (caches.stride(2), caches.stride(1), caches.stride(0), caches.stride(3), caches.stride(4))
-        p = programs
-        self.blocks = dict(
+        p = self.programs
+        h_pieces, q_pieces, i_pieces = (ps.pieces(k) for k in (cfg.hidden_size, cfg.q_size, cfg.intermediate_size))
+        self.blocks = dict(HA=h_pieces[0], HB=h_pieces[1], QA=q_pieces[0], QB=q_pieces[1], IA=i_pieces[0],
+                           IB=i_pieces[1],
             BN_QKV=ps.rows_per_unit(self.nqkv, p, config.max_rows),
             BN_O=ps.rows_per_unit(cfg.hidden_size, p, config.max_rows),
             BN_GU=ps.rows_per_unit(2 * cfg.intermediate_size, p, config.max_rows),
@@ -123,22 +125,15 @@ class PersistentDecoder:
                 first.mlp_norm, self.bias, self.offsets,
                 token, position, slot if slot is not None else position,
                 m.kv_caches, *self.kv_strides, m.rope,
-                self.x, self.qkv, self.attn, self.gate_up, self.acc, self.m, self.l, self.counters,
-                self.nqkv, cfg.rms_norm_eps, cfg.head_dim ** -0.5, self.window)
+                self.x, self.qkv, self.attn, self.gate_up, self.acc, self.m, self.l, self.head_counts, self.counters,
+                self.nqkv, cfg.rms_norm_eps, cfg.head_dim ** -0.5, self.window, len(m.layers))
         consts = dict(NUM_HEADS=cfg.num_heads, GROUP=cfg.num_heads // cfg.num_kv_heads, HEAD_DIM=cfg.head_dim,
                       SPLIT=c.split, BLOCK=min(64, c.split), NUM_SPLITS=self.num_splits, HAS_BIAS=cfg.qkv_bias,
-                      SLOTS=slot is not None, BK=c.block_k, EMBED_BLOCK=64, H=cfg.hidden_size,
-                      I=cfg.intermediate_size, **self.blocks)
+                      SLOTS=slot is not None, EMBED_BLOCK=64, H=cfg.hidden_size, I=cfg.intermediate_size,
+                      INTERPRET=self.interpret, **self.blocks)
         grid = (self.programs,)
-        layers = len(m.layers)
-        if self.sync:
-            launch = dict(PHASE=ps.PHASE_ALL, SYNC=True, num_warps=c.num_warps, **consts)
-            if not self._resident:  # compiled, not launched: a grid that cannot be resident at once would hang
-                self._check_resident(ps._step_kernel.warmup(*args, 0, layers, grid=grid, **launch))
-            ps._step_kernel[grid](*args, 0, layers, **launch)
-        else:  # one launch per phase: the same code, the launch boundary as the barrier
-            ps._step_kernel[grid](*args, 0, 0, PHASE=ps.PHASE_EMBED, SYNC=False, **consts)
-            for layer in range(layers):
-                for phase in ps.LAYER_PHASES:
-                    ps._step_kernel[grid](*args, layer, layer + 1, PHASE=phase, SYNC=False, **consts)
+        launch = dict(num_warps=c.num_warps, **consts)
+        if not self._resident and not self.interpret:  # compiled, not launched: a grid not resident at once would hang
+            self._check_resident(ps._step_kernel.warmup(*args, grid=grid, **launch))
+        ps._step_kernel[grid](*args, **launch)
         return rmsnorm_gemv(m.lm_head, self.x, m.norm, cfg.rms_norm_eps, logits, cfg=self.lm_head)

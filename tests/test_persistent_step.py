@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from graph_executor.fused_decoder import FusedDecoder  # noqa: E402
-from graph_executor.kernels.persistent_step import PersistentConfig, rows_per_unit  # noqa: E402
+from graph_executor.kernels.persistent_step import PersistentConfig, pieces, rows_per_unit  # noqa: E402
 from graph_executor.persistent_decoder import PersistentDecoder, unsupported  # noqa: E402
 from tests.test_model_equivalence import BASE, CASES, load_hf_model  # noqa: E402
 
@@ -58,7 +58,7 @@ def test_persistent_step_equals_the_fused_kernels_and_the_reference(tmp_path, ca
     model = load_hf_model(tmp_path, config_cls, extra, 5, str(DEVICE), max_context=64)
     assert unsupported(model) is None
     fused = FusedDecoder(model, split_size=16)
-    persistent = PersistentDecoder(model, PersistentConfig(split=16, block_k=32, max_rows=16))
+    persistent = PersistentDecoder(model, PersistentConfig(split=16, max_rows=16))
     for pos, ref, ref_cache, ((lf, cf), (lp, cp)) in decode_positions(model, [fused, persistent]):
         assert torch.isfinite(lp).all(), f"{case} pos {pos}: a logit was not written"
         err = float((lp - lf).abs().max() / lf.abs().max())
@@ -70,13 +70,13 @@ def test_persistent_step_equals_the_fused_kernels_and_the_reference(tmp_path, ca
 
 
 def test_persistent_step_in_fp16_with_every_unit_shape(tmp_path) -> None:
-    """fp16, more programs than some phases have units and fewer than others (rows a unit from 1 to 16), a chunk of
-    K larger than K: against the float32 model's reference step."""
+    """fp16, with one row a unit (every phase many units a program) and 16: against the fused kernels. (On the GPU with
+    3 programs; under the interpreter the grid is always one program.)"""
     config_cls, extra = CASES["llama3-gqa-rope-llama3"]
     model = load_hf_model(tmp_path, config_cls, extra, 9, str(DEVICE), dtype="float16", max_context=64)
     fused = FusedDecoder(model, split_size=16)
-    decoders = [PersistentDecoder(model, PersistentConfig(split=16, block_k=128, max_rows=16), programs=p)
-                for p in (1, 7)]
+    decoders = [PersistentDecoder(model, PersistentConfig(split=16, max_rows=p), programs=3)
+                for p in (1, 16)]
     for pos, _, _, ((lf, cf), *others) in decode_positions(model, [fused, *decoders], steps=(13, 33)):
         for lp, cp in others:
             err = float((lp - lf).abs().max() / lf.abs().max())
@@ -94,7 +94,7 @@ def test_persistent_step_decodes_the_slot_it_is_given(tmp_path) -> None:
     model = load_model(LoadConfig(model=str(tmp_path), device=str(DEVICE), dtype="float32", max_context=64,
                                   progress=False, max_num_seqs=2)).model
     assert model.slots == 2
-    persistent = PersistentDecoder(model, PersistentConfig(split=16, block_k=32))
+    persistent = PersistentDecoder(model, PersistentConfig(split=16))
     fused = FusedDecoder(model, split_size=16)
     model.kv_caches.normal_()
     before = model.kv_caches.clone()
@@ -112,9 +112,13 @@ def test_persistent_step_decodes_the_slot_it_is_given(tmp_path) -> None:
     assert torch.allclose(cp, cf, rtol=0, atol=1e-6)
 
 
-def test_rows_per_unit_covers_a_phase_in_one_round() -> None:
+def test_rows_per_unit_covers_a_phase_in_one_round_and_k_splits_in_two_tiles() -> None:
     assert rows_per_unit(960, 132, 32) == 8 and rows_per_unit(576, 132, 32) == 8
     assert rows_per_unit(12288, 132, 32) == 32 and rows_per_unit(5, 132, 32) == 1
+    assert pieces(576) == (512, 64) and pieces(1536) == (1024, 512) and pieces(2048) == (2048, 0)
+    assert pieces(96) == (64, 32) and pieces(100) == (64, 64) and pieces(1) == (1, 0)
+    with pytest.raises(ValueError):
+        pieces(0)
 
 
 def test_packed_weights_and_tensor_parallel_ranks_are_refused(tmp_path) -> None:

@@ -1,5 +1,5 @@
-"""Probe: what one grid-wide barrier of the persistent decode step costs (kernels/persistent_step.py `_grid_sync`):
-a kernel of COUNT barriers and nothing else, over grids of 1-4 programs an SM, each as a CUDA graph replay; per
+"""Probe: what one grid-wide barrier of the persistent decode step costs (kernels/persistent_step.py `_arrive` and
+`_wait`): a kernel of COUNT barriers and nothing else, over grids of 1-4 programs an SM, each as a CUDA graph replay; per
 barrier = (time - the same kernel with no barrier) / COUNT.
 
     python -m bench.probes.grid_barrier [--count 180] [--per-sm 1,2] [--warps 4]
@@ -15,7 +15,7 @@ import triton.language as tl
 
 from bench.floors import time_gpu
 from bench.probes.verify_plan import graphed
-from graph_executor.kernels.persistent_step import _grid_sync
+from graph_executor.kernels.persistent_step import _arrive, _wait
 
 
 @triton.jit
@@ -23,7 +23,9 @@ def _barriers_kernel(sync_ptr, COUNT: tl.constexpr, SYNC: tl.constexpr):
     epoch = 0
     for _ in range(COUNT):
         epoch += 1
-        _grid_sync(sync_ptr, epoch, SYNC)
+        if SYNC:
+            _arrive(sync_ptr)
+            _wait(sync_ptr, epoch, False)
     if SYNC:
         if tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) - 1:
             tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")

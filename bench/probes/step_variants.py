@@ -13,7 +13,7 @@ hold: `FusedDecoder(l2_prefetch_mb=)`, kernels/l2_prefetch.py), tpf (MiB of the 
 tail asks L2 for: `FusedDecoder(tail_prefetch_mb=)`), rk (1: the plan's split-K dense projections have their
 partials added by a second kernel, `DenseSplitKConfig.reduce_kernel`; 0: by the last program's fixup), ve (1: the
 attention's V loads issued with its K loads, `DecodeAttention(v_early=True)`); ps (1: the whole step as one persistent
-kernel, `PersistentDecoder`, with psw= warps, psk= K chunk, psr= most rows a unit, pss= programs an SM, split= positions
+kernel, `PersistentDecoder`, with psw= warps, psr= most rows a unit, pss= programs an SM, split= positions
 a split). split, warps, rope, pf, tpf, early,
 rk and ve left out: the decoder's defaults (`decode_plan.plan_for` and `options_for` the model). Prints the median
 of each variant's per-round medians and its ratio to the first.
@@ -51,9 +51,9 @@ def parse_variant(text: str) -> dict[str, int]:
     for item in text.split(","):
         key, _, value = item.partition("=")
         if key not in ("split", "warps", "fused", "rope", "early", "earlyo", "pf", "tpf", "rk", "ve", "ps", "psw",
-                       "psk", "psr", "pss") or not value.isdigit():
+                       "psr", "pss") or not value.isdigit():
             raise SystemExit(f"bad variant item {item!r} in {text!r} (split=, warps=, fused=, rope=, early=, earlyo=, "
-                             "pf=, tpf=, rk=, ve=, ps=, psw=, psk=, psr=, pss=)")
+                             "pf=, tpf=, rk=, ve=, ps=, psw=, psr=, pss=)")
         variant[key] = int(value)
     return variant
 
@@ -62,7 +62,7 @@ def build(model, variant: dict[str, int]) -> FusedDecoder | PersistentDecoder:
     if not variant:
         return FusedDecoder(model)
     if variant.get("ps"):  # the whole step as one persistent kernel (persistent_decoder.py)
-        names = {"psw": "num_warps", "psk": "block_k", "psr": "max_rows", "pss": "per_sm", "split": "split"}
+        names = {"psw": "num_warps", "psr": "max_rows", "pss": "per_sm", "split": "split"}
         return PersistentDecoder(model, PersistentConfig(**{names[k]: v for k, v in variant.items() if k in names}))
 
     def flag(key: str) -> bool | None:
