@@ -98,6 +98,9 @@ class PersistentDecoder:
         self.lm_head = plan_for(cfg.hidden_size).lm_head  # gemv.py's kernel, as FusedDecoder runs it
         self.window = cfg.sliding_window or (1 << 30)
         self._resident = False  # the grid was checked against the device's SMs (at the first launch)
+        # [programs, STAMP_SLOTS] int64: set by bench.probes.persistent_phases to have each program stamp its SM's
+        # clock at each phase's start and end (None: no stamps, the runtime's kernel)
+        self.stamps: torch.Tensor | None = None
 
     def _check_resident(self, compiled) -> None:
         """Raise unless the grid's programs fit on the device's SMs at once (registers, shared memory, threads)."""
@@ -133,6 +136,8 @@ class PersistentDecoder:
                       INTERPRET=self.interpret, **self.blocks)
         grid = (self.programs,)
         launch = dict(num_warps=c.num_warps, **consts)
+        if self.stamps is not None:
+            launch.update(stamps_ptr=self.stamps, STAMPS=True)
         if not self._resident and not self.interpret:  # compiled, not launched: a grid not resident at once would hang
             self._check_resident(ps._step_kernel.warmup(*args, grid=grid, **launch))
         ps._step_kernel[grid](*args, **launch)

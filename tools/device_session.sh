@@ -98,6 +98,8 @@ for step in "${steps[@]}"; do
          echo "persistent tests: rc=$? $(tail -1 "$OUT/ps_tests.log")"; grep -E "FAIL|Error" "$OUT/ps_tests.log" | head
          [ -n "${PS_BARRIER:-}" ] && { timeout 60 python3 -m bench.probes.grid_barrier > "$OUT/grid_barrier.md" 2>&1
            echo "grid barrier: rc=$?"; cat "$OUT/grid_barrier.md"; }
+         timeout 100 python3 -m bench.probes.persistent_phases > "$OUT/ps_phases.md" 2>&1
+         echo "phases: rc=$?"; cat "$OUT/ps_phases.md"
          timeout 300 python3 -m bench.probes.step_variants --models ${PS_MODELS:-smollm2-135m,llama-3.2-1b,llama-2-7b} \
            --contexts 300,2000 --rounds 5 --variants "${PS_VARIANTS:-default;ps=1;ps=1,psw=8;ps=1,pss=2;ps=1,psk=64}" \
            > "$OUT/ps_steps.md" 2>&1

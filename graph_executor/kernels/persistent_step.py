@@ -41,6 +41,7 @@ import triton.language as tl
 
 from graph_executor.kernels.decode_attention import _combine
 
+STAMP_SLOTS = tl.constexpr(512)  # a program's clock stamps (STAMPS): 10 a layer (each phase's start and end)
 # per layer, element offsets (from layer 0's tensor of the same kind) of: qkv weight, o, gate_up, down, attn norm,
 # mlp norm, qkv bias (0 without one), padding
 OFFSETS = 8
@@ -70,6 +71,15 @@ def _wait(sync_ptr, epoch, INTERPRET: tl.constexpr):
     while _count(sync_ptr, INTERPRET) < target:
         pass
     tl.debug_barrier()
+
+
+@triton.jit
+def _stamp(stamps_ptr, pid, index, STAMPS: tl.constexpr):
+    """The SM's clock (cycles) into stamps[pid, index] (bench.probes.persistent_phases: where a step's time goes)."""
+    if STAMPS:
+        clock = tl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l", [pid + tl.arange(0, 1)], dtype=tl.int64,
+                                          is_pure=False, pack=1)
+        tl.store(stamps_ptr + pid * STAMP_SLOTS + index + tl.arange(0, 1), clock)
 
 
 @triton.jit
@@ -234,7 +244,7 @@ def _step_kernel(
     NUM_SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, SLOTS: tl.constexpr,
     BN_QKV: tl.constexpr, BN_O: tl.constexpr, BN_GU: tl.constexpr, BN_DOWN: tl.constexpr,
     HA: tl.constexpr, HB: tl.constexpr, QA: tl.constexpr, QB: tl.constexpr, IA: tl.constexpr, IB: tl.constexpr,
-    EMBED_BLOCK: tl.constexpr, INTERPRET: tl.constexpr,
+    EMBED_BLOCK: tl.constexpr, INTERPRET: tl.constexpr, stamps_ptr=None, STAMPS: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     P = tl.num_programs(0)
@@ -259,34 +269,45 @@ def _step_kernel(
     for layer in range(0, LAYERS):
         offs = offs_ptr + layer * 8
         k_ptr = kv_ptr + layer * layer_stride
+        t = layer * 10
+        _stamp(stamps_ptr, pid, t, STAMPS)
         _norm_phase(qa, qb, wqkv_ptr + tl.load(offs), x_ptr, anorm_ptr + tl.load(offs + 4),
                     bias_ptr + tl.load(offs + 6), qkv_ptr, pid, P, NQKV, H, eps, HAS_BIAS, BN_QKV, HA, HB)
+        _stamp(stamps_ptr, pid, t + 1, STAMPS)
         _arrive(sync_ptr)
         epoch += 1
         _wait(sync_ptr, epoch, INTERPRET)
+        _stamp(stamps_ptr, pid, t + 2, STAMPS)
         for u in range(pid, NUM_HEADS * active, P):
             _attention_unit(qkv_ptr, k_ptr, k_ptr + v_off, rope_ptr, acc_ptr, m_ptr, l_ptr, count_ptr, attn_ptr,
                             u // active, s_lo + u % active, active, pos, start, stride_kh, stride_kn, scale, GROUP,
                             HEAD_DIM, SPLIT, BLOCK, NUM_SPLITS, NUM_HEADS)
+        _stamp(stamps_ptr, pid, t + 3, STAMPS)
         _arrive(sync_ptr)
         wo = wo_ptr + tl.load(offs + 1)
         oa, ob = _tile(wo, pid, H, q_size, BN_O, QA, QB)
         epoch += 1
         _wait(sync_ptr, epoch, INTERPRET)
+        _stamp(stamps_ptr, pid, t + 4, STAMPS)
         _residual_phase(oa, ob, wo, attn_ptr, x_ptr, pid, P, H, q_size, False, BN_O, QA, QB)
+        _stamp(stamps_ptr, pid, t + 5, STAMPS)
         _arrive(sync_ptr)
         wgu = wgu_ptr + tl.load(offs + 2)
         ga, gb = _tile(wgu, pid, 2 * I, H, BN_GU, HA, HB)
         epoch += 1
         _wait(sync_ptr, epoch, INTERPRET)
+        _stamp(stamps_ptr, pid, t + 6, STAMPS)
         _norm_phase(ga, gb, wgu, x_ptr, mnorm_ptr + tl.load(offs + 5), bias_ptr, gu_ptr, pid, P, 2 * I, H, eps,
                     False, BN_GU, HA, HB)
+        _stamp(stamps_ptr, pid, t + 7, STAMPS)
         _arrive(sync_ptr)
         wd = wd_ptr + tl.load(offs + 3)
         da, db = _tile(wd, pid, H, I, BN_DOWN, IA, IB)
         epoch += 1
         _wait(sync_ptr, epoch, INTERPRET)
+        _stamp(stamps_ptr, pid, t + 8, STAMPS)
         _residual_phase(da, db, wd, gu_ptr, x_ptr, pid, P, H, I, True, BN_DOWN, IA, IB)
+        _stamp(stamps_ptr, pid, t + 9, STAMPS)
         _arrive(sync_ptr)
         # the next layer's first qkv unit (none after the last layer: N = 0 loads nothing)
         nxt = tl.minimum(layer + 1, LAYERS - 1)
