@@ -77,7 +77,7 @@ def _wait(sync_ptr, epoch, INTERPRET: tl.constexpr):
 def _stamp(stamps_ptr, pid, index, STAMPS: tl.constexpr):
     """The SM's clock (cycles) into stamps[pid, index] (bench.probes.persistent_phases: where a step's time goes)."""
     if STAMPS:
-        clock = tl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l", [pid + tl.arange(0, 1)], dtype=tl.int64,
+        clock = tl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l,r", [pid + tl.arange(0, 1)], dtype=tl.int64,
                                           is_pure=False, pack=1)
         tl.store(stamps_ptr + pid * STAMP_SLOTS + index + tl.arange(0, 1), clock)
 
