@@ -92,18 +92,6 @@ for step in "${steps[@]}"; do
            > "$OUT/tp_70b.log" 2>&1
          echo "bench 70b tp 2: rc=$?"; grep -E "Tensor parallel|Decode floor" "$OUT/tp_70b/results.md" 2>/dev/null
          grep -A4 "^| engine | P50" "$OUT/tp_70b/results.md" 2>/dev/null | head -6 ;;
-    persistent) # issue 12: the whole decode step as one persistent kernel (persistent_decoder.py): its tests on the
-         # card (grid barriers, a graph replayed 300 times), then the step against FusedDecoder's (~5 min)
-         timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_persistent_step.py > "$OUT/ps_tests.log" 2>&1
-         echo "persistent tests: rc=$? $(tail -1 "$OUT/ps_tests.log")"; grep -E "FAIL|Error" "$OUT/ps_tests.log" | head
-         [ -n "${PS_BARRIER:-}" ] && { timeout 60 python3 -m bench.probes.grid_barrier > "$OUT/grid_barrier.md" 2>&1
-           echo "grid barrier: rc=$?"; cat "$OUT/grid_barrier.md"; }
-         timeout 100 python3 -m bench.probes.persistent_phases > "$OUT/ps_phases.md" 2>&1
-         echo "phases: rc=$?"; cat "$OUT/ps_phases.md"
-         timeout 300 python3 -m bench.probes.step_variants --models ${PS_MODELS:-smollm2-135m,llama-3.2-1b,llama-2-7b} \
-           --contexts 300,2000 --rounds 5 --variants "${PS_VARIANTS:-default;ps=1;ps=1,psw=8;ps=1,pss=2;ps=1,psk=64}" \
-           > "$OUT/ps_steps.md" 2>&1
-         echo "steps: rc=$?"; cat "$OUT/ps_steps.md" ;;
     tests) timeout 330 python3 -m pytest -q -m cuda -p no:cacheprovider > "$OUT/cuda_tests.log" 2>&1
            echo "cuda tests: rc=$? $(tail -1 "$OUT/cuda_tests.log")" ;;
     bench) timeout 420 python3 -m launch.cli bench --quiet --out "$OUT/run" > "$OUT/bench.log" 2>&1

@@ -12,9 +12,7 @@ GEMV alone loads early, on top of the rest), pf (MiB of the layer's next weights
 hold: `FusedDecoder(l2_prefetch_mb=)`, kernels/l2_prefetch.py), tpf (MiB of the next projection's weights each GEMV's
 tail asks L2 for: `FusedDecoder(tail_prefetch_mb=)`), rk (1: the plan's split-K dense projections have their
 partials added by a second kernel, `DenseSplitKConfig.reduce_kernel`; 0: by the last program's fixup), ve (1: the
-attention's V loads issued with its K loads, `DecodeAttention(v_early=True)`); ps (1: the whole step as one persistent
-kernel, `PersistentDecoder`, with psw= warps, psr= most rows a unit, pss= programs an SM, split= positions
-a split). split, warps, rope, pf, tpf, early,
+attention's V loads issued with its K loads, `DecodeAttention(v_early=True)`). split, warps, rope, pf, tpf, early,
 rk and ve left out: the decoder's defaults (`decode_plan.plan_for` and `options_for` the model). Prints the median
 of each variant's per-round medians and its ratio to the first.
 """
@@ -33,9 +31,7 @@ from graph_executor.fused_decoder import FusedDecoder
 from graph_executor.kernels.decode_attention import DecodeAttention
 from graph_executor.kernels.decode_plan import plan_for
 from graph_executor.kernels.gemv_dense_splitk import DenseSplitKConfig
-from graph_executor.kernels.persistent_step import PersistentConfig
 from graph_executor.loading.loader import LoadConfig, load_model
-from graph_executor.persistent_decoder import PersistentDecoder
 
 # the first: the decode attention before the fourteenth session (every split 64 on Triton's 4 warps, reduce kernel)
 DEFAULT_VARIANTS = ("split=64,warps=4,fused=0;split=64,warps=2,fused=1;split=64,warps=2,fused=0;"
@@ -43,28 +39,19 @@ DEFAULT_VARIANTS = ("split=64,warps=4,fused=0;split=64,warps=2,fused=1;split=64,
 
 
 def parse_variant(text: str) -> dict[str, int]:
-    """'split=32,warps=1' -> {"split": 32, "warps": 1, "fused": 1} (fused on unless said); 'default' -> {} (the
-    decoder as the runtime builds it: FusedDecoder(model))."""
-    if text == "default":
-        return {}
+    """'split=32,warps=1' -> {"split": 32, "warps": 1, "fused": 1} (fused on unless said)."""
     variant = {"fused": 1}
     for item in text.split(","):
         key, _, value = item.partition("=")
-        if key not in ("split", "warps", "fused", "rope", "early", "earlyo", "pf", "tpf", "rk", "ve", "ps", "psw",
-                       "psr", "pss") or not value.isdigit():
+        if key not in ("split", "warps", "fused", "rope", "early", "earlyo", "pf", "tpf", "rk", "ve") \
+                or not value.isdigit():
             raise SystemExit(f"bad variant item {item!r} in {text!r} (split=, warps=, fused=, rope=, early=, earlyo=, "
-                             "pf=, tpf=, rk=, ve=, ps=, psw=, psr=, pss=)")
+                             "pf=, tpf=, rk=, ve=)")
         variant[key] = int(value)
     return variant
 
 
-def build(model, variant: dict[str, int]) -> FusedDecoder | PersistentDecoder:
-    if not variant:
-        return FusedDecoder(model)
-    if variant.get("ps"):  # the whole step as one persistent kernel (persistent_decoder.py)
-        names = {"psw": "num_warps", "psr": "max_rows", "pss": "per_sm", "split": "split"}
-        return PersistentDecoder(model, PersistentConfig(**{names[k]: v for k, v in variant.items() if k in names}))
-
+def build(model, variant: dict[str, int]) -> FusedDecoder:
     def flag(key: str) -> bool | None:
         return bool(variant[key]) if key in variant else None
 
