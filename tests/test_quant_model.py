@@ -396,3 +396,33 @@ def test_fp8_keeps_down_proj_and_the_vocabulary_in_int8():
     assert {plan.spec(f"layers.3.{p}").kind for p in ("qkv_proj", "o_proj", "gate_up_proj")} == {"fp8"}
     odd = quantize_plan("fp8", 32, dataclasses.replace(cfg, intermediate_size=11000))
     assert odd.spec("layers.0.down_proj").kind == "fp8"
+
+
+@pytest.mark.parametrize("arch,method", [("llama", "int4"), ("llama", "int8"), ("qwen2-bias", "int4")])
+def test_qkv_partials_added_in_the_attention_give_the_same_bits(tmp_path, arch: str, method: str) -> None:
+    """FusedDecoder(qkv_in_attention=True): the packed QKV GEMV's split-K partials added by the attention kernel
+    (RoPE inside it) instead of by the GEMV's reduce kernel give the same logits and the same KV cache, bit for bit,
+    with and without a QKV bias, at a position in a later split (split 16); the QKV buffer is not written."""
+    config_cls = transformers.Qwen2Config if arch == "qwen2-bias" else transformers.LlamaConfig
+    make_hf_model(config_cls, dict(num_key_value_heads=2), seed=41).save_pretrained(tmp_path)
+    model = load_model(LoadConfig(model=str(tmp_path), device=str(DEVICE), dtype="float32", max_context=48,
+                                  progress=False)).model
+    quantize_model(model, quantize_plan(method, 32, model.config), progress=False, keep_packed=True)
+    assert model.config.qkv_bias == (arch == "qwen2-bias")
+    ids = torch.randint(0, BASE["vocab_size"], (40,), generator=torch.Generator().manual_seed(8))
+    logits_of(model, ids[:37])  # fills the cache for positions 0..36
+    before = model.kv_caches.clone()
+    t, p = torch.tensor([5], device=DEVICE), torch.tensor([37], device=DEVICE)
+    got = []
+    for inside in (False, True):
+        model.kv_caches.copy_(before)
+        decoder = FusedDecoder(model, split_size=16, fuse_rope=True, qkv_in_attention=inside)
+        decoder.qkv.fill_(float("nan"))
+        logits = torch.full((BASE["vocab_size"],), float("nan"), device=DEVICE)
+        decoder.step(t, p, logits)
+        got.append((logits, model.kv_caches.clone(), bool(decoder.qkv.isnan().all())))
+    (plain, plain_cache, plain_nan), (inside, inside_cache, inside_nan) = got
+    assert torch.isfinite(inside).all() and torch.equal(inside, plain)
+    assert torch.equal(inside_cache, plain_cache) and not torch.equal(inside_cache, before)
+    assert inside_nan and not plain_nan, "the QKV buffer is written by the reduce kernel only"
+    assert rel(inside, model(t, p, torch.tensor([0], device=DEVICE), 38)[0]) < 1e-4

@@ -80,15 +80,25 @@ def _check_prefetch(w: Weight, cfg: ProjectionConfig, prefetch: L2Prefetch | Non
         raise ValueError("a tail L2 prefetch rides only on gemv.py's kernels (dense weights on a GemvConfig)")
 
 
+def can_defer(w: Weight, cfg: ProjectionConfig) -> bool:
+    """Whether `rmsnorm_gemv(..., defer=True)` can leave this slot's second kernel to the consumer: a packed int4 /
+    int8 weight on a split-K config with `reduce_kernel`."""
+    return isinstance(w, (Int4Groups, Int8Groups)) and packed_config(w, cfg).reduce_kernel
+
+
 def rmsnorm_gemv(w: Weight, x: torch.Tensor, norm_w: torch.Tensor, eps: float, out: torch.Tensor,
                  bias: torch.Tensor | None = None, cfg: ProjectionConfig = ProjectionConfig(),
-                 scratch: SplitKScratch | None = None, prefetch: L2Prefetch | None = None) -> torch.Tensor:
+                 scratch: SplitKScratch | None = None, prefetch: L2Prefetch | None = None,
+                 defer: bool = False) -> torch.Tensor | gemv_splitk.Partials:
     """out [N] = W @ (rmsnorm(x [K]) * norm_w) [+ bias]. `prefetch` (`tail_prefetch_ok` slots only): weights the
-    kernel's programs ask L2 for once their rows are done (kernels/l2_prefetch.py)."""
+    kernel's programs ask L2 for once their rows are done (kernels/l2_prefetch.py). `defer` (`can_defer` slots
+    only): the split-K partials are returned (`gemv_splitk.Partials`) for the consumer to add; out is not written."""
     _check_prefetch(w, cfg, prefetch)
+    if defer and not can_defer(w, cfg):
+        raise ValueError("this slot's GEMV cannot defer its second kernel (see projections.can_defer)")
     if isinstance(w, (Int4Groups, Int8Groups)):
         c, sc = _packed(w, cfg, scratch)
-        return gemv_splitk.rmsnorm_gemv(w, x, norm_w, eps, out, sc, bias, c)
+        return gemv_splitk.rmsnorm_gemv(w, x, norm_w, eps, out, sc, bias, c, defer=defer)
     if isinstance(w, Fp8Rows) and isinstance(cfg.fp8, gemv.GemvConfig):
         return gemv.rmsnorm_gemv(w.codes, x, norm_w, eps, out, bias, cfg.fp8, row_scale=w.scale)
     if isinstance(w, Fp8Rows):
