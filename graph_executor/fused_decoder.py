@@ -107,8 +107,8 @@ class FusedDecoder:
         kernels asks L2 for up to this many MiB of the next projection's weights once its rows are stored (the
         next kernel's first loads during this one's tail), on sm_90+ only; None: the options'. `v_early`: the
         attention kernel issues each block's V loads with its K loads (`DecodeAttention(v_early=)`); None: the
-        options'. `qkv_in_attention`: where the QKV GEMV is a split-K one with a reduce kernel (packed int4 / int8)
-        and RoPE runs inside the attention, the attention kernel adds the QKV partials itself (no reduce kernel: one
+        options'. `qkv_in_attention`: where the QKV GEMV is a split-K one with a reduce kernel (`projections.can_defer`:
+        packed int4 / int8, dense on a DenseSplitKConfig, FP8 on an Fp8Config) and RoPE runs inside the attention, the attention kernel adds the QKV partials itself (no reduce kernel: one
         launch fewer per layer, the same bits); None: the options'."""
         cfg = model.config
         device = model.embed_tokens.device

@@ -81,9 +81,13 @@ def _check_prefetch(w: Weight, cfg: ProjectionConfig, prefetch: L2Prefetch | Non
 
 
 def can_defer(w: Weight, cfg: ProjectionConfig) -> bool:
-    """Whether `rmsnorm_gemv(..., defer=True)` can leave this slot's second kernel to the consumer: a packed int4 /
-    int8 weight on a split-K config with `reduce_kernel`."""
-    return isinstance(w, (Int4Groups, Int8Groups)) and packed_config(w, cfg).reduce_kernel
+    """Whether `rmsnorm_gemv(..., defer=True)` can leave this slot's second kernel to the consumer: a split-K GEMV with
+    `reduce_kernel` (packed int4 / int8, FP8 on an Fp8Config, dense on a DenseSplitKConfig)."""
+    if isinstance(w, (Int4Groups, Int8Groups)):
+        return packed_config(w, cfg).reduce_kernel
+    if isinstance(w, Fp8Rows):
+        return isinstance(cfg.fp8, Fp8Config) and cfg.fp8.reduce_kernel
+    return isinstance(cfg.dense, DenseSplitKConfig) and cfg.dense.reduce_kernel
 
 
 def rmsnorm_gemv(w: Weight, x: torch.Tensor, norm_w: torch.Tensor, eps: float, out: torch.Tensor,
@@ -103,10 +107,10 @@ def rmsnorm_gemv(w: Weight, x: torch.Tensor, norm_w: torch.Tensor, eps: float, o
         return gemv.rmsnorm_gemv(w.codes, x, norm_w, eps, out, bias, cfg.fp8, row_scale=w.scale)
     if isinstance(w, Fp8Rows):
         c, sc = _fp8(w, cfg, scratch)
-        return gemv_fp8.rmsnorm_gemv(w, x, norm_w, eps, out, sc, bias, c)
+        return gemv_fp8.rmsnorm_gemv(w, x, norm_w, eps, out, sc, bias, c, defer=defer)
     if isinstance(cfg.dense, DenseSplitKConfig):
         c, sc = _dense_splitk(w, cfg, scratch)
-        return gemv_dense_splitk.rmsnorm_gemv(w, x, norm_w, eps, out, sc, bias, c)
+        return gemv_dense_splitk.rmsnorm_gemv(w, x, norm_w, eps, out, sc, bias, c, defer=defer)
     return gemv.rmsnorm_gemv(w, x, norm_w, eps, out, bias, cfg.dense, prefetch=prefetch)
 
 
