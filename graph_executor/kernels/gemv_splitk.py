@@ -128,6 +128,17 @@ class Partials:
 
 
 @triton.jit
+def _sum_of_squares(sq_ptr, SPLIT: tl.constexpr):
+    """The K slices' sums of squares added one after another in slice order: a scalar sum whose order does not
+    depend on the kernel's layout (a tl.sum over a vector may add in another order in another kernel, and the reduce
+    kernel and `summed` must give the same bits)."""
+    total = tl.load(sq_ptr, cache_modifier=".cg")
+    for i in tl.static_range(1, SPLIT):
+        total += tl.load(sq_ptr + i, cache_modifier=".cg")
+    return total
+
+
+@triton.jit
 def summed(part_ptr, idx, N, K, eps, scale_ptr, b_ptr, SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr,
            HAS_BIAS: tl.constexpr, ROW_SCALE: tl.constexpr, OUT_DTYPE: tl.constexpr):
     """Elements `idx` of a deferred MODE 0 split-K GEMV's output (`Partials`), float32 after rounding to OUT_DTYPE:
@@ -137,9 +148,7 @@ def summed(part_ptr, idx, N, K, eps, scale_ptr, b_ptr, SPLIT: tl.constexpr, SPLI
         total += tl.load(part_ptr + i * N + idx, cache_modifier=".cg")
     if ROW_SCALE:
         total *= tl.load(scale_ptr + idx)
-    sq = tl.load(part_ptr + SPLIT * N + tl.arange(0, SPLIT_P2), mask=tl.arange(0, SPLIT_P2) < SPLIT, other=0.0,
-                 cache_modifier=".cg")
-    total = total / tl.sqrt(tl.sum(sq, axis=0) / K + eps)
+    total = total / tl.sqrt(_sum_of_squares(part_ptr + SPLIT * N, SPLIT) / K + eps)
     if HAS_BIAS:
         total += tl.load(b_ptr + idx).to(tl.float32)
     return total.to(OUT_DTYPE).to(tl.float32)
@@ -277,9 +286,7 @@ def _add_partials(part_ptr, sq_ptr, rows, row_ok, scale_ptr, b_ptr, out_ptr, N, 
     if ROW_SCALE:
         total *= tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
     if MODE == 0:
-        sq = tl.load(sq_ptr + tl.arange(0, SPLIT_P2), mask=tl.arange(0, SPLIT_P2) < SPLIT, other=0.0,
-                     cache_modifier=".cg")
-        total = total / tl.sqrt(tl.sum(sq, axis=0) / K + eps)
+        total = total / tl.sqrt(_sum_of_squares(sq_ptr, SPLIT) / K + eps)
         if HAS_BIAS:
             total += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     else:
