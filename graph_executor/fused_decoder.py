@@ -22,7 +22,6 @@ from graph_executor.kernels.gemv_splitk import SplitKConfig, SplitKPlan, SplitKS
 from graph_executor.kernels.l2_prefetch import L2Prefetch
 from graph_executor.kernels.projections import (
     ProjectionConfig,
-    can_defer,
     decode_scratch_size,
     embedding,
     gemv_residual,
@@ -89,7 +88,7 @@ class FusedDecoder:
                  fp8: Fp8Plan | GemvPlan = FP8_PLAN, pdl: bool | None = None, fuse_rope: bool | None = None,
                  early_weights: bool | None = None, l2_prefetch_mb: int | None = None,
                  split_combine: bool | None = None, tail_prefetch_mb: int | None = None,
-                 v_early: bool | None = None, qkv_in_attention: bool | None = None) -> None:
+                 v_early: bool | None = None) -> None:
         """`fp8`: per projection an Fp8Config runs FP8 slots through the split-K kernels, a GemvConfig through the
         fp16 kernels (FP8_GEMV_PLAN: all of them, the old path). `plan`: the dense weights' configs (None:
         `decode_plan.plan_for` the model's hidden size). `pdl`: launch the dense GEMVs, RoPE and attention
@@ -107,9 +106,7 @@ class FusedDecoder:
         kernels asks L2 for up to this many MiB of the next projection's weights once its rows are stored (the
         next kernel's first loads during this one's tail), on sm_90+ only; None: the options'. `v_early`: the
         attention kernel issues each block's V loads with its K loads (`DecodeAttention(v_early=)`); None: the
-        options'. `qkv_in_attention`: where the QKV GEMV is a split-K one with a reduce kernel (`projections.can_defer`:
-        packed int4 / int8, dense on a DenseSplitKConfig, FP8 on an Fp8Config) and RoPE runs inside the attention, the attention kernel adds the QKV partials itself (no reduce kernel: one
-        launch fewer per layer, the same bits); None: the options'."""
+        options'."""
         cfg = model.config
         device = model.embed_tokens.device
         plan = plan_for(cfg.hidden_size) if plan is None else plan
@@ -121,7 +118,6 @@ class FusedDecoder:
         self.early_weights = early_weights
         split_combine = options.split_combine if split_combine is None else split_combine
         v_early = options.v_early if v_early is None else v_early
-        self.qkv_in_attention = options.qkv_in_attention if qkv_in_attention is None else qkv_in_attention
         # the step's GEMV slots in the order it reads them: per layer qkv, o, gate_up, down (LAYER_GEMVS); then lm_head
         slots = [(getattr(layer, f"{name}_proj"), name) for layer in model.layers
                  for name in LAYER_GEMVS] + [(model.lm_head, "lm_head")]
@@ -180,12 +176,11 @@ class FusedDecoder:
         for index, layer in enumerate(m.layers):
             cache = m.kv_cache[index]  # [2, nkv, C, hd]
             tail = self.tail[index]
-            defer = self.fuse_rope and self.qkv_in_attention and can_defer(layer.qkv_proj, g["qkv"])
-            parts = rmsnorm_gemv(layer.qkv_proj, x, layer.attn_norm, eps, self.qkv, bias=layer.qkv_bias,
-                                 cfg=g["qkv"], scratch=sc, prefetch=tail["qkv"], defer=defer)
+            rmsnorm_gemv(layer.qkv_proj, x, layer.attn_norm, eps, self.qkv, bias=layer.qkv_bias, cfg=g["qkv"],
+                         scratch=sc, prefetch=tail["qkv"])
             if self.fuse_rope:
                 self.attention(self.qkv, cache[0], cache[1], position, self.attn, slots=slot, slot_stride=stride,
-                               rope=m.rope, prefetch=self.prefetch[index], partials=parts if defer else None)
+                               rope=m.rope, prefetch=self.prefetch[index])
             else:
                 rope_append(self.qkv, position, m.rope, self.q, cache[0], cache[1], cfg.num_heads,
                             cfg.num_kv_heads, cfg.head_dim, pdl=self.pdl, slots=slot, slot_stride=stride)

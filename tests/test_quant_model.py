@@ -11,12 +11,8 @@ import pytest
 import torch
 import transformers
 
-from graph_executor.fused_decoder import FP8_PLAN, INT4_PLAN, INT8_PLAN, FusedDecoder
+from graph_executor.fused_decoder import INT4_PLAN, INT8_PLAN, FusedDecoder
 from graph_executor.fused_prefill import FusedPrefill
-from graph_executor.kernels.decode_plan import plan_for
-from graph_executor.kernels.gemv_dense_splitk import DenseSplitKConfig
-from graph_executor.kernels.gemv_fp8 import Fp8Config
-from graph_executor.kernels.projections import can_defer
 from graph_executor.loading.gguf_loader import gguf_config, gguf_plan, open_gguf
 from graph_executor.loading.loader import LoadConfig, _load_gguf, load_model
 from graph_executor.model import LlamaModel
@@ -400,39 +396,3 @@ def test_fp8_keeps_down_proj_and_the_vocabulary_in_int8():
     assert {plan.spec(f"layers.3.{p}").kind for p in ("qkv_proj", "o_proj", "gate_up_proj")} == {"fp8"}
     odd = quantize_plan("fp8", 32, dataclasses.replace(cfg, intermediate_size=11000))
     assert odd.spec("layers.0.down_proj").kind == "fp8"
-
-
-@pytest.mark.parametrize("arch,method", [("llama", "int4"), ("llama", "int8"), ("qwen2-bias", "int4"),
-                                         ("qwen2-bias", "fp8"), ("qwen2-bias", "dense")])
-def test_qkv_partials_added_in_the_attention_give_the_same_bits(tmp_path, arch: str, method: str) -> None:
-    """FusedDecoder(qkv_in_attention=True): the QKV GEMV's split-K partials added by the attention kernel (RoPE
-    inside it) instead of by the GEMV's reduce kernel give the same logits and the same KV cache, bit for bit, with
-    and without a QKV bias, for packed int4 / int8, FP8 on the split-K kernel (its row scale) and dense weights on the
-    dense split-K kernel, at a position in a later split (split 16); the QKV buffer is not written."""
-    config_cls = transformers.Qwen2Config if arch == "qwen2-bias" else transformers.LlamaConfig
-    make_hf_model(config_cls, dict(num_key_value_heads=2), seed=41).save_pretrained(tmp_path)
-    model = load_model(LoadConfig(model=str(tmp_path), device=str(DEVICE), dtype="float32", max_context=48,
-                                  progress=False)).model
-    if method != "dense":
-        quantize_model(model, quantize_plan(method, 32, model.config), progress=False, keep_packed=True)
-    assert model.config.qkv_bias == (arch == "qwen2-bias")
-    plans = {"dense": dict(plan=dataclasses.replace(plan_for(64), qkv=DenseSplitKConfig(16, 32, 2, reduce_kernel=True))),
-             "fp8": dict(fp8=dataclasses.replace(FP8_PLAN, qkv=Fp8Config(16, 32, 2, reduce_kernel=True)))}
-    assert can_defer(model.layers[0].qkv_proj, FusedDecoder(model, **plans.get(method, {})).plan["qkv"])
-    ids = torch.randint(0, BASE["vocab_size"], (40,), generator=torch.Generator().manual_seed(8))
-    logits_of(model, ids[:37])  # fills the cache for positions 0..36
-    before = model.kv_caches.clone()
-    t, p = torch.tensor([5], device=DEVICE), torch.tensor([37], device=DEVICE)
-    got = []
-    for inside in (False, True):
-        model.kv_caches.copy_(before)
-        decoder = FusedDecoder(model, split_size=16, fuse_rope=True, qkv_in_attention=inside, **plans.get(method, {}))
-        decoder.qkv.fill_(float("nan"))
-        logits = torch.full((BASE["vocab_size"],), float("nan"), device=DEVICE)
-        decoder.step(t, p, logits)
-        got.append((logits, model.kv_caches.clone(), bool(decoder.qkv.isnan().all())))
-    (plain, plain_cache, plain_nan), (inside, inside_cache, inside_nan) = got
-    assert torch.isfinite(inside).all() and torch.equal(inside, plain)
-    assert torch.equal(inside_cache, plain_cache) and not torch.equal(inside_cache, before)
-    assert inside_nan and not plain_nan, "the QKV buffer is written by the reduce kernel only"
-    assert rel(inside, model(t, p, torch.tensor([0], device=DEVICE), 38)[0]) < 1e-4

@@ -92,23 +92,6 @@ for step in "${steps[@]}"; do
            > "$OUT/tp_70b.log" 2>&1
          echo "bench 70b tp 2: rc=$?"; grep -E "Tensor parallel|Decode floor" "$OUT/tp_70b/results.md" 2>/dev/null
          grep -A4 "^| engine | P50" "$OUT/tp_70b/results.md" 2>/dev/null | head -6 ;;
-    qkvattn) # issue 10: the packed QKV's split-K partials added by the attention kernel (FusedDecoder(
-         # qkv_in_attention=True)): the tests of the packed model and RoPE in attention on the card, then the 7B step
-         # (int4, int8) and SmolLM2 (int4) against the default, alternating rounds (~5 min)
-         timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_quant_model.py tests/test_rope_in_attention.py \
-           tests/test_gemv_splitk.py tests/test_gemv_fp8.py tests/test_gemv_dense_splitk.py > "$OUT/qia_tests.log" 2>&1
-         echo "tests: rc=$? $(tail -1 "$OUT/qia_tests.log")"; grep -E "FAIL|Error" "$OUT/qia_tests.log" | head
-         for q in int4 int8; do
-           timeout 150 python3 -m bench.probes.step_variants --models llama-2-7b --contexts 300,2000 --rounds 7 \
-             --quantize $q --variants "default;qia;default;qia" > "$OUT/qia_7b_$q.md" 2>&1
-           echo "7b $q: rc=$?"; tail -4 "$OUT/qia_7b_$q.md"; done
-         timeout 100 python3 -m bench.probes.step_variants --models smollm2-135m --contexts 300,2000 --rounds 7 \
-           --quantize int4 --variants "default;qia;default;qia" > "$OUT/qia_smol_int4.md" 2>&1
-         echo "smollm2 int4: rc=$?"; tail -4 "$OUT/qia_smol_int4.md"
-         # Llama-3.2-1B fp16: its QKV is a dense split-K GEMV with a reduce kernel, RoPE outside the attention
-         timeout 100 python3 -m bench.probes.step_variants --models llama-3.2-1b --contexts 300,2000 --rounds 7 \
-           --variants "default;rope;qia-rope;default;rope;qia-rope" > "$OUT/qia_1b.md" 2>&1
-         echo "1b fp16: rc=$?"; tail -6 "$OUT/qia_1b.md" ;;
     tests) timeout 330 python3 -m pytest -q -m cuda -p no:cacheprovider > "$OUT/cuda_tests.log" 2>&1
            echo "cuda tests: rc=$? $(tail -1 "$OUT/cuda_tests.log")" ;;
     bench) timeout 420 python3 -m launch.cli bench --quiet --out "$OUT/run" > "$OUT/bench.log" 2>&1

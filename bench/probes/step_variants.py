@@ -39,14 +39,7 @@ DEFAULT_VARIANTS = ("split=64,warps=4,fused=0;split=64,warps=2,fused=1;split=64,
 
 
 def parse_variant(text: str) -> dict[str, int]:
-    """'split=32,warps=1' -> {"split": 32, "warps": 1, "fused": 1} (fused on unless said); 'default' -> {} (the
-    decoder as the runtime builds it: FusedDecoder(model)); 'qia' / 'rope' / 'qia-rope': the same with the split-K
-    QKV's partials added by the attention kernel (FusedDecoder(qkv_in_attention=True)), with RoPE inside the attention
-    (fuse_rope=True), or both."""
-    if text == "default":
-        return {}
-    if text in ("qia", "rope", "qia-rope"):
-        return {"qia": int(text != "rope"), "rope": int(text != "qia")}
+    """'split=32,warps=1' -> {"split": 32, "warps": 1, "fused": 1} (fused on unless said)."""
     variant = {"fused": 1}
     for item in text.split(","):
         key, _, value = item.partition("=")
@@ -59,11 +52,6 @@ def parse_variant(text: str) -> dict[str, int]:
 
 
 def build(model, variant: dict[str, int]) -> FusedDecoder:
-    if not variant:
-        return FusedDecoder(model)
-    if set(variant) == {"qia", "rope"}:  # the runtime's decoder with only these two options changed
-        return FusedDecoder(model, qkv_in_attention=bool(variant["qia"]), fuse_rope=True if variant["rope"] else None)
-
     def flag(key: str) -> bool | None:
         return bool(variant[key]) if key in variant else None
 

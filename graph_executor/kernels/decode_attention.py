@@ -17,7 +17,6 @@ import triton
 import triton.language as tl
 
 from graph_executor.kernels import l2_prefetch
-from graph_executor.kernels.gemv_splitk import Partials, summed
 from graph_executor.kernels.l2_prefetch import L2Prefetch, prefetch_l2
 from graph_executor.kernels.pdl import launch_options, wait_for_prior
 
@@ -55,20 +54,6 @@ def _rope_row(src, cos_sin, d, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def _rope_summed(part_ptr, base, cos_sin, d, N, K, eps, scale_ptr, b_ptr, HEAD_DIM: tl.constexpr,
-                 SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr, ROW_SCALE: tl.constexpr,
-                 OUT_DTYPE: tl.constexpr):
-    """`_rope_row` of the head row at element `base` of a deferred split-K QKV GEMV (gemv_splitk.Partials): each
-    element first added up as its reduce kernel would have stored it (`gemv_splitk.summed`), then rotated."""
-    half: tl.constexpr = HEAD_DIM // 2
-    x = summed(part_ptr, base + d, N, K, eps, scale_ptr, b_ptr, SPLIT, SPLIT_P2, HAS_BIAS, ROW_SCALE, OUT_DTYPE)
-    partner = summed(part_ptr, base + (d + half) % HEAD_DIM, N, K, eps, scale_ptr, b_ptr, SPLIT, SPLIT_P2, HAS_BIAS,
-                     ROW_SCALE, OUT_DTYPE)
-    sin = tl.load(cos_sin + HEAD_DIM + d)
-    return x * tl.load(cos_sin + d) + tl.where(d < half, -partner * sin, partner * sin)
-
-
-@triton.jit
 def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, acc_ptr, m_ptr, l_ptr, count_ptr, out_ptr, rope_ptr,
                   pf0, pn0, pf1, pn1, pf2, pn2, pf3, pn3,
                   stride_kh, stride_kn, stride_vh, stride_vn, stride_slot, stride_qkv,
@@ -76,9 +61,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, acc_ptr, m_ptr, l_ptr,
                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
                   NUM_SPLITS: tl.constexpr, NUM_HEADS: tl.constexpr, SLOTS: tl.constexpr, FUSED_REDUCE: tl.constexpr,
                   ROPE: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr = 0, THREADS: tl.constexpr = 128,
-                  V_EARLY: tl.constexpr = False, part_ptr=None, part_scale_ptr=None, part_b_ptr=None, part_n=0,
-                  part_k=1, part_eps=0.0, PARTIALS: tl.constexpr = False, P_SPLIT: tl.constexpr = 1,
-                  P_SPLIT_P2: tl.constexpr = 1, P_BIAS: tl.constexpr = False, P_ROW_SCALE: tl.constexpr = False):
+                  V_EARLY: tl.constexpr = False):
     wait_for_prior(PDL)
     head = tl.program_id(0)
     split = tl.program_id(1)
@@ -100,29 +83,14 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, acc_ptr, m_ptr, l_ptr,
     if ROPE:  # q_ptr is the token's un-rotated qkv row [(heads + 2 kv_heads) * hd]: RoPE and the KV append here
         qkv = q_ptr + token * stride_qkv
         cos_sin = rope_ptr + pos * 2 * HEAD_DIM
-        v_base = (NUM_HEADS + NUM_HEADS // GROUP + kv_head) * HEAD_DIM
-        if PARTIALS:  # the QKV GEMV's split-K partials, added here instead of by its reduce kernel (same bits)
-            dt = q_ptr.dtype.element_ty
-            q = _rope_summed(part_ptr, head * HEAD_DIM, cos_sin, d, part_n, part_k, part_eps, part_scale_ptr,
-                             part_b_ptr, HEAD_DIM, P_SPLIT, P_SPLIT_P2, P_BIAS, P_ROW_SCALE, dt)
-            q = q.to(dt).to(tl.float32) * scale
-            if split == pos // SPLIT:  # as below
-                k_new = _rope_summed(part_ptr, (NUM_HEADS + kv_head) * HEAD_DIM, cos_sin, d, part_n, part_k, part_eps,
-                                     part_scale_ptr, part_b_ptr, HEAD_DIM, P_SPLIT, P_SPLIT_P2, P_BIAS, P_ROW_SCALE,
-                                     dt)
-                tl.store(k_ptr + kv_head * stride_kh + pos * stride_kn + d, k_new.to(k_ptr.dtype.element_ty))
-                v_new = summed(part_ptr, v_base + d, part_n, part_k, part_eps, part_scale_ptr, part_b_ptr, P_SPLIT,
-                               P_SPLIT_P2, P_BIAS, P_ROW_SCALE, dt)
-                tl.store(v_ptr + kv_head * stride_vh + pos * stride_vn + d, v_new.to(v_ptr.dtype.element_ty))
-        else:
-            # rounded to the activations' dtype, as rope_append's q buffer holds it
-            q = _rope_row(qkv + head * HEAD_DIM, cos_sin, d, HEAD_DIM).to(q_ptr.dtype.element_ty).to(tl.float32) * \
-                scale
-            if split == pos // SPLIT:  # the one split that reads position pos appends its K and V first (every query
-                # head of the group does, with the same values); the barrier makes the row visible to the program
-                k_new = _rope_row(qkv + (NUM_HEADS + kv_head) * HEAD_DIM, cos_sin, d, HEAD_DIM)
-                tl.store(k_ptr + kv_head * stride_kh + pos * stride_kn + d, k_new.to(k_ptr.dtype.element_ty))
-                tl.store(v_ptr + kv_head * stride_vh + pos * stride_vn + d, tl.load(qkv + v_base + d))
+        # rounded to the activations' dtype, as rope_append's q buffer holds it
+        q = _rope_row(qkv + head * HEAD_DIM, cos_sin, d, HEAD_DIM).to(q_ptr.dtype.element_ty).to(tl.float32) * scale
+        if split == pos // SPLIT:  # the one split that reads position pos appends its K and V first (every query
+            # head of the group does, with the same values); the barrier makes the row visible to the whole program
+            k_new = _rope_row(qkv + (NUM_HEADS + kv_head) * HEAD_DIM, cos_sin, d, HEAD_DIM)
+            tl.store(k_ptr + kv_head * stride_kh + pos * stride_kn + d, k_new.to(k_ptr.dtype.element_ty))
+            tl.store(v_ptr + kv_head * stride_vh + pos * stride_vn + d,
+                     tl.load(qkv + (NUM_HEADS + NUM_HEADS // GROUP + kv_head) * HEAD_DIM + d))
         tl.debug_barrier()
     else:
         q = tl.load(q_ptr + row * HEAD_DIM + d).to(tl.float32) * scale  # [hd]
@@ -310,8 +278,7 @@ class DecodeAttention:
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, position: torch.Tensor,
                  out: torch.Tensor, slots: torch.Tensor | None = None, slot_stride: int = 0,
-                 rope: torch.Tensor | None = None, prefetch: L2Prefetch | None = None,
-                 partials: Partials | None = None) -> torch.Tensor:
+                 rope: torch.Tensor | None = None, prefetch: L2Prefetch | None = None) -> torch.Tensor:
         """q: [T, heads, hd] (or [heads, hd] for T = 1), contiguous; k/v_cache: [kv_heads, C, hd] (unit stride in
         hd); position: [T] int64, token t's position; out: [T, heads, hd] like q, written in q's dtype. `slots` [T]
         int64 (a batched decode): token t attends to the caches of KV slot slots[t], slot_stride elements after
@@ -319,13 +286,7 @@ class DecodeAttention:
         projection [T, (heads + 2 kv_heads) * hd] (or 1-D for T = 1) and this call also does `rope_append`'s work
         (RoPE on q and k, K and V written at each token's position): one kernel fewer per layer. `prefetch`
         (one query per token only; sm_90+, `l2_prefetch.supported`): weights the programs ask L2 to hold for the
-        kernels after this one (values unchanged). `partials` (with `rope`, one token): the QKV projection's split-K
-        partials (`gemv_splitk.Partials`, its reduce kernel left out): each program adds the rows it reads, the bits
-        the reduce kernel would have stored in q (which is then not read, only its dtype)."""
-        if partials is not None and (rope is None or position.shape[0] != 1):
-            raise ValueError("QKV partials are added inside the attention kernel only with RoPE there, for one token")
-        if partials is not None and partials.dtype != q.dtype:
-            raise ValueError(f"QKV partials for {partials.dtype} activations, q is {q.dtype}")
+        kernels after this one (values unchanged)."""
         if self.batched and slots is None or slots is not None and not (self.batched or self.max_tokens == 1):
             raise ValueError("a batched decode attention takes each token's KV slot (a verify step's tokens share one)")
         tokens = position.shape[0]
@@ -343,12 +304,6 @@ class DecodeAttention:
         block = min(BLOCK_N, self.split)
         if self.max_tokens == 1 or self.batched:
             pf_args, regions = l2_prefetch.kernel_args(prefetch, self.m)
-            extra = {} if partials is None else dict(
-                part_ptr=partials.partial, part_scale_ptr=partials.row_scale if partials.row_scale is not None
-                else partials.partial, part_b_ptr=partials.bias if partials.bias is not None else partials.partial,
-                part_n=partials.n, part_k=partials.k, part_eps=partials.eps, PARTIALS=True, P_SPLIT=partials.split,
-                P_SPLIT_P2=triton.next_power_of_2(partials.split), P_BIAS=partials.bias is not None,
-                P_ROW_SCALE=partials.row_scale is not None)
             _split_kernel[(self.num_heads, self.num_splits, tokens)](
                 q, k_cache, v_cache, position, slots if slots is not None else position, self.acc, self.m, self.l,
                 self.counts, out, rope if rope is not None else self.m, *pf_args, *strides, slot_stride, width,
@@ -356,7 +311,7 @@ class DecodeAttention:
                 NUM_SPLITS=self.num_splits, NUM_HEADS=self.num_heads, SLOTS=slots is not None,
                 FUSED_REDUCE=self.fused_reduce, ROPE=rope is not None, PDL=self.pdl, PREFETCH=regions,
                 THREADS=32 * self.warps.get("num_warps", 4), V_EARLY=self.v_early, **self.warps,
-                **launch_options(self.pdl), **extra,
+                **launch_options(self.pdl),
             )
             if self.fused_reduce:
                 return out

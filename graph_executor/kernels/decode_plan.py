@@ -73,9 +73,6 @@ class StepOptions:
     # Measured (H200, context 300 / 2000): with the reduce kernel after the splits SmolLM2 -3.6% / -3.5%, 1B -0.8% /
     # +0.2%, 7B +2.5% / +4.1%; with the split combine (SmolLM2's choice) SmolLM2 +3.2% / +4.0%: off everywhere
     v_early: bool = False
-    # a split-K QKV with a reduce kernel (packed int4 / int8, or a DenseSplitKConfig) and RoPE inside the attention:
-    # the attention kernel adds the QKV partials (FusedDecoder(qkv_in_attention=)): one launch fewer a layer, the same bits. Not yet measured.
-    qkv_in_attention: bool = False
 
 
 # (smallest hidden size, options), largest first: the measurements above

@@ -31,7 +31,7 @@ from graph_executor.kernels.gemv_fp8 import (
     compile_rows,
     launch_rows,
 )
-from graph_executor.kernels.gemv_splitk import Partials, SplitKScratch, check_call, splitk_floats
+from graph_executor.kernels.gemv_splitk import SplitKScratch, check_call, splitk_floats
 
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -81,9 +81,8 @@ def _check(w: torch.Tensor, scratch: SplitKScratch, cfg: DenseSplitKConfig,
 
 
 def _launch(w: torch.Tensor, a: torch.Tensor, nw: torch.Tensor | None, bias: torch.Tensor | None, out: torch.Tensor,
-            eps: float, mode: int, scratch: SplitKScratch, cfg: DenseSplitKConfig, defer: bool = False
-            ) -> torch.Tensor | Partials:
-    return launch_rows(w, None, a, nw, bias, out, eps, mode, scratch, cfg, defer)
+            eps: float, mode: int, scratch: SplitKScratch, cfg: DenseSplitKConfig) -> torch.Tensor:
+    return launch_rows(w, None, a, nw, bias, out, eps, mode, scratch, cfg)
 
 
 def precompile(n: int, k: int, cfg: DenseSplitKConfig, mode: int, dtype: torch.dtype, out_dtype: torch.dtype,
@@ -96,15 +95,15 @@ def precompile(n: int, k: int, cfg: DenseSplitKConfig, mode: int, dtype: torch.d
 
 def rmsnorm_gemv(w: torch.Tensor, x: torch.Tensor, norm_w: torch.Tensor, eps: float, out: torch.Tensor,
                  scratch: SplitKScratch, bias: torch.Tensor | None = None,
-                 cfg: DenseSplitKConfig = DEFAULT, defer: bool = False) -> torch.Tensor | Partials:
+                 cfg: DenseSplitKConfig = DEFAULT) -> torch.Tensor:
     """w [N, K], x [K], norm_w [K], bias [N] or None -> out [N] = W @ (rmsnorm(x) * norm_w) [+ bias] (any float
-    dtype: logits may be float32). `defer`: as gemv_splitk.rmsnorm_gemv's."""
+    dtype: logits may be float32)."""
     n, k = w.shape
     vectors = dict(x=(x, k), norm_w=(norm_w, k), out=(out, n))
     if bias is not None:
         vectors["bias"] = (bias, n)
     _check(w, scratch, cfg, vectors)
-    return _launch(w, x, norm_w, bias, out, eps, RMSNORM, scratch, cfg, defer)
+    return _launch(w, x, norm_w, bias, out, eps, RMSNORM, scratch, cfg)
 
 
 def gemv_residual(w: torch.Tensor, a: torch.Tensor, x: torch.Tensor, scratch: SplitKScratch,

@@ -37,7 +37,6 @@ import triton.language as tl
 
 from graph_executor.kernels.gemv import GemvConfig
 from graph_executor.kernels.gemv_splitk import (
-    Partials,
     SplitKScratch,
     activation_slice,
     check_call,
@@ -162,17 +161,12 @@ def _kernel_call(w, scale, a, nw, bias, out, partial, count, n: int, k: int, eps
 
 def launch_rows(w: torch.Tensor, scale: torch.Tensor | None, a: torch.Tensor, nw: torch.Tensor | None,
                 bias: torch.Tensor | None, out: torch.Tensor, eps: float, mode: int, scratch: SplitKScratch,
-                cfg, defer: bool = False) -> torch.Tensor | Partials:
+                cfg) -> torch.Tensor:
     """One split-K GEMV over row-major weights w [N, K] (e4m3 codes with their row `scale`, or dense float weights
-    with `scale` None) with cfg (an Fp8Config or a DenseSplitKConfig); the callers check their inputs first.
-    `defer` (RMSNORM with cfg.reduce_kernel): no second kernel, the partials returned (gemv_splitk.Partials)."""
-    if defer and not (cfg.reduce_kernel and mode == RMSNORM):
-        raise ValueError("only an RMSNorm split-K call with reduce_kernel can defer its second kernel")
+    with `scale` None) with cfg (an Fp8Config or a DenseSplitKConfig); the callers check their inputs first."""
     n, k = w.shape
     grid, args, meta = _kernel_call(w, scale, a, nw, bias, out, scratch.partial, scratch.count, n, k, eps, mode, cfg)
     _rows_splitk_kernel[grid](*args, **meta)
-    if defer:
-        return Partials(scratch.partial, n, k, eps, grid[1], bias, scale, out.dtype)
     if cfg.reduce_kernel:
         launch_reduce(scratch, scale, bias, out, n, k, eps, mode, grid[1], cfg.pdl)
     return out
@@ -195,9 +189,8 @@ def compile_rows(n: int, k: int, cfg, mode: int, w_dtype: torch.dtype, scaled: b
 
 
 def _launch(w: Fp8Rows, a: torch.Tensor, nw: torch.Tensor | None, bias: torch.Tensor | None, out: torch.Tensor,
-            eps: float, mode: int, scratch: SplitKScratch, cfg: Fp8Config, defer: bool = False
-            ) -> torch.Tensor | Partials:
-    return launch_rows(w.codes, w.scale, a, nw, bias, out, eps, mode, scratch, cfg, defer)
+            eps: float, mode: int, scratch: SplitKScratch, cfg: Fp8Config) -> torch.Tensor:
+    return launch_rows(w.codes, w.scale, a, nw, bias, out, eps, mode, scratch, cfg)
 
 
 def precompile(n: int, k: int, cfg: Fp8Config, mode: int, act_dtype: torch.dtype, out_dtype: torch.dtype,
@@ -210,16 +203,15 @@ def precompile(n: int, k: int, cfg: Fp8Config, mode: int, act_dtype: torch.dtype
 
 
 def rmsnorm_gemv(w: Fp8Rows, x: torch.Tensor, norm_w: torch.Tensor, eps: float, out: torch.Tensor,
-                 scratch: SplitKScratch, bias: torch.Tensor | None = None, cfg: Fp8Config = DEFAULT,
-                 defer: bool = False) -> torch.Tensor | Partials:
+                 scratch: SplitKScratch, bias: torch.Tensor | None = None, cfg: Fp8Config = DEFAULT) -> torch.Tensor:
     """w [N, K], x [K], norm_w [K], bias [N] or None -> out [N] = W @ (rmsnorm(x) * norm_w) [+ bias] (any float
-    dtype: logits may be float32). `defer`: as gemv_splitk.rmsnorm_gemv's."""
+    dtype: logits may be float32)."""
     n, k = w.shape
     vectors = dict(x=(x, k), norm_w=(norm_w, k), out=(out, n))
     if bias is not None:
         vectors["bias"] = (bias, n)
     _check(w, scratch, cfg, vectors)
-    return _launch(w, x, norm_w, bias, out, eps, RMSNORM, scratch, cfg, defer)
+    return _launch(w, x, norm_w, bias, out, eps, RMSNORM, scratch, cfg)
 
 
 def gemv_residual(w: Fp8Rows, a: torch.Tensor, x: torch.Tensor, scratch: SplitKScratch,

@@ -111,49 +111,6 @@ class SplitKScratch:
                              torch.zeros(max(1, counters), device=device, dtype=torch.int32))
 
 
-@dataclass(frozen=True)
-class Partials:
-    """A split-K RMSNorm GEMV (MODE 0) whose second kernel was left out (`rmsnorm_gemv(..., defer=True)`): its
-    `split` partial sums [split, n] and the slices' sums of squares [split] in `partial`, to be added by the consumer
-    in `_add_partials`' order (`summed`): out = (sum of partials) [* row_scale] / rms [+ bias], rounded to `dtype`."""
-
-    partial: torch.Tensor  # float32: [split, n] then [split]
-    n: int
-    k: int
-    eps: float
-    split: int
-    bias: torch.Tensor | None
-    row_scale: torch.Tensor | None
-    dtype: torch.dtype  # what the reduce kernel would have stored
-
-
-@triton.jit
-def _sum_of_squares(sq_ptr, SPLIT: tl.constexpr):
-    """The K slices' sums of squares added one after another in slice order: a scalar sum whose order does not
-    depend on the kernel's layout (a tl.sum over a vector may add in another order in another kernel, and the reduce
-    kernel and `summed` must give the same bits)."""
-    total = tl.load(sq_ptr, cache_modifier=".cg")
-    for i in tl.static_range(1, SPLIT):
-        total += tl.load(sq_ptr + i, cache_modifier=".cg")
-    return total
-
-
-@triton.jit
-def summed(part_ptr, idx, N, K, eps, scale_ptr, b_ptr, SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr,
-           HAS_BIAS: tl.constexpr, ROW_SCALE: tl.constexpr, OUT_DTYPE: tl.constexpr):
-    """Elements `idx` of a deferred MODE 0 split-K GEMV's output (`Partials`), float32 after rounding to OUT_DTYPE:
-    the bits `_reduce_kernel` would have stored (the same sums in the same order)."""
-    total = tl.zeros(idx.shape, dtype=tl.float32)
-    for i in tl.static_range(SPLIT):
-        total += tl.load(part_ptr + i * N + idx, cache_modifier=".cg")
-    if ROW_SCALE:
-        total *= tl.load(scale_ptr + idx)
-    total = total / tl.sqrt(_sum_of_squares(part_ptr + SPLIT * N, SPLIT) / K + eps)
-    if HAS_BIAS:
-        total += tl.load(b_ptr + idx).to(tl.float32)
-    return total.to(OUT_DTYPE).to(tl.float32)
-
-
 @triton.jit
 def _dp4a(a, b, c, SIGNED_A: tl.constexpr, EMULATE: tl.constexpr):
     """c + the dot product of a's four bytes (signed or unsigned) with b's four signed bytes (int32 tensors)."""
@@ -286,7 +243,9 @@ def _add_partials(part_ptr, sq_ptr, rows, row_ok, scale_ptr, b_ptr, out_ptr, N, 
     if ROW_SCALE:
         total *= tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
     if MODE == 0:
-        total = total / tl.sqrt(_sum_of_squares(sq_ptr, SPLIT) / K + eps)
+        sq = tl.load(sq_ptr + tl.arange(0, SPLIT_P2), mask=tl.arange(0, SPLIT_P2) < SPLIT, other=0.0,
+                     cache_modifier=".cg")
+        total = total / tl.sqrt(tl.sum(sq, axis=0) / K + eps)
         if HAS_BIAS:
             total += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     else:
@@ -358,8 +317,7 @@ def check_call(w, scratch: SplitKScratch, needs: tuple[int, int], cfg, vectors: 
 
 
 def _launch(w: Packed, a: torch.Tensor, nw: torch.Tensor | None, bias: torch.Tensor | None, out: torch.Tensor,
-            eps: float, mode: int, scratch: SplitKScratch, cfg: SplitKConfig, defer: bool = False
-            ) -> torch.Tensor | Partials:
+            eps: float, mode: int, scratch: SplitKScratch, cfg: SplitKConfig) -> torch.Tensor:
     n, k = w.shape
     split = _split(w, cfg)
     int4 = isinstance(w, Int4Groups)
@@ -371,8 +329,6 @@ def _launch(w: Packed, a: torch.Tensor, nw: torch.Tensor | None, bias: torch.Ten
         SPLIT_P2=triton.next_power_of_2(split), GROUP=w.group, BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw,
         INT4=int4, EMULATE=not w.codes.is_cuda, num_warps=cfg.num_warps, num_stages=1, PDL=cfg.pdl, EARLY=cfg.early,
         FIXUP=not cfg.reduce_kernel, **launch_options(cfg.pdl))
-    if defer:
-        return Partials(scratch.partial, n, k, eps, split, bias, None, out.dtype)
     if cfg.reduce_kernel:
         launch_reduce(scratch, None, bias, out, n, k, eps, mode, split, cfg.pdl)
     return out
@@ -389,19 +345,14 @@ def launch_reduce(scratch: SplitKScratch, row_scale: torch.Tensor | None, bias: 
 
 
 def rmsnorm_gemv(w: Packed, x: torch.Tensor, norm_w: torch.Tensor, eps: float, out: torch.Tensor,
-                 scratch: SplitKScratch, bias: torch.Tensor | None = None, cfg: SplitKConfig = DEFAULT,
-                 defer: bool = False) -> torch.Tensor | Partials:
-    """w [N, K], x [K], norm_w [K], bias [N] or None -> out [N] = W @ (rmsnorm(x) * norm_w) [+ bias]. `defer` (a
-    config with `reduce_kernel` only): leave out the second kernel and return the `Partials` (out is not written;
-    the consumer adds them with `summed` before the scratch's next use)."""
-    if defer and not cfg.reduce_kernel:
-        raise ValueError("only a split-K call with reduce_kernel can defer its second kernel")
+                 scratch: SplitKScratch, bias: torch.Tensor | None = None, cfg: SplitKConfig = DEFAULT) -> torch.Tensor:
+    """w [N, K], x [K], norm_w [K], bias [N] or None -> out [N] = W @ (rmsnorm(x) * norm_w) [+ bias]."""
     n, k = w.shape
     vectors = dict(x=(x, k), norm_w=(norm_w, k), out=(out, n))
     if bias is not None:
         vectors["bias"] = (bias, n)
     _check(w, scratch, cfg, vectors)
-    return _launch(w, x, norm_w, bias, out, eps, 0, scratch, cfg, defer)
+    return _launch(w, x, norm_w, bias, out, eps, 0, scratch, cfg)
 
 
 def gemv_residual(w: Packed, a: torch.Tensor, x: torch.Tensor, scratch: SplitKScratch,

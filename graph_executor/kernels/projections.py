@@ -80,37 +80,23 @@ def _check_prefetch(w: Weight, cfg: ProjectionConfig, prefetch: L2Prefetch | Non
         raise ValueError("a tail L2 prefetch rides only on gemv.py's kernels (dense weights on a GemvConfig)")
 
 
-def can_defer(w: Weight, cfg: ProjectionConfig) -> bool:
-    """Whether `rmsnorm_gemv(..., defer=True)` can leave this slot's second kernel to the consumer: a split-K GEMV with
-    `reduce_kernel` (packed int4 / int8, FP8 on an Fp8Config, dense on a DenseSplitKConfig)."""
-    if isinstance(w, (Int4Groups, Int8Groups)):
-        return packed_config(w, cfg).reduce_kernel
-    if isinstance(w, Fp8Rows):
-        return isinstance(cfg.fp8, Fp8Config) and cfg.fp8.reduce_kernel
-    return isinstance(cfg.dense, DenseSplitKConfig) and cfg.dense.reduce_kernel
-
-
 def rmsnorm_gemv(w: Weight, x: torch.Tensor, norm_w: torch.Tensor, eps: float, out: torch.Tensor,
                  bias: torch.Tensor | None = None, cfg: ProjectionConfig = ProjectionConfig(),
-                 scratch: SplitKScratch | None = None, prefetch: L2Prefetch | None = None,
-                 defer: bool = False) -> torch.Tensor | gemv_splitk.Partials:
+                 scratch: SplitKScratch | None = None, prefetch: L2Prefetch | None = None) -> torch.Tensor:
     """out [N] = W @ (rmsnorm(x [K]) * norm_w) [+ bias]. `prefetch` (`tail_prefetch_ok` slots only): weights the
-    kernel's programs ask L2 for once their rows are done (kernels/l2_prefetch.py). `defer` (`can_defer` slots
-    only): the split-K partials are returned (`gemv_splitk.Partials`) for the consumer to add; out is not written."""
+    kernel's programs ask L2 for once their rows are done (kernels/l2_prefetch.py)."""
     _check_prefetch(w, cfg, prefetch)
-    if defer and not can_defer(w, cfg):
-        raise ValueError("this slot's GEMV cannot defer its second kernel (see projections.can_defer)")
     if isinstance(w, (Int4Groups, Int8Groups)):
         c, sc = _packed(w, cfg, scratch)
-        return gemv_splitk.rmsnorm_gemv(w, x, norm_w, eps, out, sc, bias, c, defer=defer)
+        return gemv_splitk.rmsnorm_gemv(w, x, norm_w, eps, out, sc, bias, c)
     if isinstance(w, Fp8Rows) and isinstance(cfg.fp8, gemv.GemvConfig):
         return gemv.rmsnorm_gemv(w.codes, x, norm_w, eps, out, bias, cfg.fp8, row_scale=w.scale)
     if isinstance(w, Fp8Rows):
         c, sc = _fp8(w, cfg, scratch)
-        return gemv_fp8.rmsnorm_gemv(w, x, norm_w, eps, out, sc, bias, c, defer=defer)
+        return gemv_fp8.rmsnorm_gemv(w, x, norm_w, eps, out, sc, bias, c)
     if isinstance(cfg.dense, DenseSplitKConfig):
         c, sc = _dense_splitk(w, cfg, scratch)
-        return gemv_dense_splitk.rmsnorm_gemv(w, x, norm_w, eps, out, sc, bias, c, defer=defer)
+        return gemv_dense_splitk.rmsnorm_gemv(w, x, norm_w, eps, out, sc, bias, c)
     return gemv.rmsnorm_gemv(w, x, norm_w, eps, out, bias, cfg.dense, prefetch=prefetch)
 
 
