@@ -14,11 +14,12 @@ host clock. Each rank runs in its own process (spawned), as the server's ranks d
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
+
+from ipc.free_port import free_port
 
 COUNT = 64  # all-reduces per graph (per timed pass on the CPU)
 REPEATS = 20
@@ -34,12 +35,6 @@ class AllReduceTiming:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank(rank: int, ranks: int, port: int, device: str, hidden: int, dtype: str, results) -> None:
@@ -105,7 +100,7 @@ def measure_allreduce(device: str, ranks: int, hidden: int, dtype: str, timeout_
 
     ctx = mp.get_context("spawn")  # a CUDA context cannot be forked
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()  # below the ephemeral range: an outgoing connection cannot take it before rank 0 binds
     procs = [ctx.Process(target=_rank, args=(r, ranks, port, device, hidden, dtype, results), daemon=True)
              for r in range(ranks)]
     for p in procs:

@@ -23,11 +23,9 @@ TWO_GPUS = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device
                               reason="needs two GPUs (kind nvidia-h200-x2)")
 
 NCCL_IN_A_GRAPH = textwrap.dedent("""
-    import socket, sys
     import torch, torch.distributed as dist
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from ipc.free_port import free_port
+    port = free_port()
     gpu = torch.device("cuda:0")
     torch.cuda.set_device(gpu)
     dist.init_process_group("cpu:gloo,cuda:nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
