@@ -14,7 +14,7 @@ from __future__ import annotations
 import gc
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -361,12 +361,13 @@ class GraphRunner:
         order += [] if self.verify_used else verify
         return [name for name in order if name not in self.graphs]
 
-    def capture_next(self) -> str | None:
-        """Capture the next pending graph; returns its name, or None when all are captured."""
+    def capture_next(self, capture: Callable[[str], None] | None = None) -> str | None:
+        """Capture the next pending graph; returns its name, or None when all are captured. `capture`: what captures
+        it (default `self.capture`; a tensor-parallel leader's relays the capture to every rank)."""
         pending = self.pending()
         if not pending:
             return None
-        self.capture(pending[0])
+        (capture or self.capture)(pending[0])
         return pending[0]
 
     def startup_graphs(self, max_tokens: int, verify: bool = False) -> list[str]:

@@ -103,11 +103,8 @@ class LeaderRunner:
 
     def capture_next(self) -> str | None:
         """As GraphRunner.capture_next, on every rank; None when all are captured (or the ranks run eagerly)."""
-        pending = self.inner.pending() if hasattr(self.inner, "pending") else []
-        if not pending:
-            return None
-        self.capture(pending[0])
-        return pending[0]
+        capture_next = getattr(self.inner, "capture_next", None)
+        return capture_next(self.capture) if capture_next is not None else None
 
     def stop(self) -> None:
         """Tell the other ranks to leave their loops (the executor is exiting)."""
