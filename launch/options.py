@@ -128,8 +128,7 @@ def add_tensor_parallel_flag(p: argparse.ArgumentParser) -> None:
                         "step to the others; each rank loads only its slices; a --draft-model runs whole on rank 0. "
                         "On GPUs one rank per GPU (from the --device one), NCCL between them, each rank's steps in "
                         "CUDA graphs with the collectives inside (MPS off unless --mps on); on the CPU gloo. "
-                        "--quantize "
-                        "quantizes each rank's part (default: 1)")
+                        "--quantize quantizes each rank's part (default: 1)")
 
 
 def tensor_parallel(args: argparse.Namespace) -> int:
