@@ -141,7 +141,8 @@ def _splitk_kernel(codes_ptr, scale_ptr, offset_ptr, a_ptr, nw_ptr, b_ptr, out_p
                    MODE: tl.constexpr, HAS_OFFSET: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                    SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_KW: tl.constexpr, INT4: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr,
-                   EARLY: tl.constexpr, FIXUP: tl.constexpr = True):
+                   EARLY: tl.constexpr, FIXUP: tl.constexpr = True, TILE_N: tl.constexpr = 0,
+                   TILE_KW: tl.constexpr = 0):
     """MODE 0: out = W @ (rmsnorm(a) * nw) [+ b]; 1: out += W @ a; 2: out += W @ (silu(a[:K]) * a[K:]). EARLY:
     codes, scales and offsets are loaded before the wait for the previous kernel (constant in a step: no race).
     Every load of the weight's bytes is issued before the activation's math: the offsets loaded after it (as until
@@ -159,14 +160,29 @@ def _splitk_kernel(codes_ptr, scale_ptr, offset_ptr, a_ptr, nw_ptr, b_ptr, out_p
     row_ok = rows < N
     KW = tl.multiple_of(K // EPW, WPG)  # a row is whole groups: 16-byte aligned for groups of 32
     kws = pid_k * BLOCK_KW + tl.arange(0, BLOCK_KW)
-    w = tl.load(codes_ptr + rows[:, None].to(tl.int64) * KW + kws[None, :],
-                mask=row_ok[:, None] & (kws < KW)[None, :], other=0)  # int32 [BLOCK_N, BLOCK_KW]
     g = pid_k * NG + tl.arange(0, NG)
-    gmask = row_ok[:, None] & (g < K // GROUP)[None, :]
-    at = rows[:, None].to(tl.int64) * (K // GROUP) + g[None, :]
-    s = tl.load(scale_ptr + at, mask=gmask, other=0.0).to(tl.float32)  # [BLOCK_N, NG]
-    if HAS_OFFSET:
-        o = tl.load(offset_ptr + at, mask=gmask, other=0.0).to(tl.float32)
+    if TILE_N == BLOCK_N and TILE_KW == BLOCK_KW:  # tile-major storage, one whole tile a program: one contiguous
+        # run of codes and one of each group array, no masks (tiled weights are whole tiles), so every load is 16 B
+        tile = (pid_n * tl.cdiv(KW, TILE_KW) + pid_k).to(tl.int64)
+        w = tl.load(codes_ptr + tile * (BLOCK_N * BLOCK_KW) + (tl.arange(0, BLOCK_N)[:, None] * BLOCK_KW
+                                                               + tl.arange(0, BLOCK_KW)[None, :]))
+        at = tile * (BLOCK_N * NG) + (tl.arange(0, BLOCK_N)[:, None] * NG + tl.arange(0, NG)[None, :])
+        s = tl.load(scale_ptr + at).to(tl.float32)
+        if HAS_OFFSET:
+            o = tl.load(offset_ptr + at).to(tl.float32)
+    else:
+        if TILE_N > 0:  # tile-major storage (formats.tile_major) read by blocks other than its tiles
+            code_at = tile_offsets(rows, kws, KW, TILE_N, TILE_KW)
+            at = tile_offsets(rows, g, K // GROUP, TILE_N, TILE_KW // WPG)
+        else:
+            code_at = rows[:, None].to(tl.int64) * KW + kws[None, :]
+            at = rows[:, None].to(tl.int64) * (K // GROUP) + g[None, :]
+        # int32 [BLOCK_N, BLOCK_KW]
+        w = tl.load(codes_ptr + code_at, mask=row_ok[:, None] & (kws < KW)[None, :], other=0)
+        gmask = row_ok[:, None] & (g < K // GROUP)[None, :]
+        s = tl.load(scale_ptr + at, mask=gmask, other=0.0).to(tl.float32)  # [BLOCK_N, NG]
+        if HAS_OFFSET:
+            o = tl.load(offset_ptr + at, mask=gmask, other=0.0).to(tl.float32)
     if EARLY:
         wait_for_prior(PDL)
     # this program's slice of the activation, float32 [NG, GROUP]
@@ -207,6 +223,17 @@ def _splitk_kernel(codes_ptr, scale_ptr, offset_ptr, a_ptr, nw_ptr, b_ptr, out_p
               MODE, HAS_BIAS, False, SPLIT, SPLIT_P2, BLOCK_N)
     else:
         store_partial(partial, ss, rows, row_ok, pid_n, pid_k, part_ptr, N, MODE, SPLIT)
+
+
+@triton.jit
+def tile_offsets(rows, cols, ROW_LEN, TILE_R: tl.constexpr, TILE_C: tl.constexpr):
+    """Element offsets [R, C] of (rows [R], cols [C]) in a row-major [N, ROW_LEN] matrix stored tile-major: tiles of
+    TILE_R rows x TILE_C columns, the tiles of a row block one after another along the row, row blocks one after
+    another (N a multiple of TILE_R, ROW_LEN of TILE_C; formats.tile_major). A program whose block is one tile then
+    reads one contiguous run of bytes instead of TILE_R runs a row apart."""
+    r = rows[:, None].to(tl.int64)
+    c = cols[None, :]
+    return (r // TILE_R) * (TILE_R * ROW_LEN) + (c // TILE_C) * (TILE_R * TILE_C) + (r % TILE_R) * TILE_C + c % TILE_C
 
 
 @triton.jit

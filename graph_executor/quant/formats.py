@@ -444,3 +444,12 @@ def quantize_fp8(w: torch.Tensor) -> Fp8Rows:
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
     codes = (wf / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return Fp8Rows(codes.contiguous(), scale.contiguous())
+
+
+def tile_major(t: torch.Tensor, tile_r: int, tile_c: int) -> torch.Tensor:
+    """t [N, L] -> the same elements, shaped [N, L] but stored tile-major: tiles of tile_r rows x tile_c columns,
+    each row block's tiles one after another along the row (what `gemv_splitk.tile_offsets` reads)."""
+    n, length = t.shape
+    if n % tile_r or length % tile_c:
+        raise ValueError(f"tile_major: [{n}, {length}] is not whole tiles of {tile_r} x {tile_c}")
+    return t.view(n // tile_r, tile_r, length // tile_c, tile_c).transpose(1, 2).contiguous().view(n, length)
