@@ -19,6 +19,7 @@ from graph_executor.model import LlamaModel
 from graph_executor.quant.apply import quantize_model
 from graph_executor.quant.formats import Fp8Rows, Int4Groups, Int8Groups
 from graph_executor.quant.specs import WeightSpec, fit, join, quantize_plan, spec_of
+from graph_executor.quant.tiles import tile_model
 from ipc.errors import ModelLoadError
 from tests.test_loaders import GGUF_NAMES, llama_cpp_permute
 from tests.test_model_equivalence import BASE, make_hf_model
@@ -77,18 +78,33 @@ def test_fused_steps_over_packed_weights_match_the_reference(hf_folder, method: 
                                   progress=False)).model
     quantize_model(model, quantize_plan(method, 32, model.config), progress=False, keep_packed=True)
     ids = PROMPT.to(DEVICE)
-    logits = torch.full((BASE["vocab_size"],), float("nan"), device=DEVICE)
-    FusedPrefill(model, 16).run(ids, torch.arange(12, device=DEVICE), torch.tensor([11], device=DEVICE), logits)
-    cache = model.kv_cache.clone()
-    ref = logits_of(model, PROMPT)
-    assert rel(logits, ref) < 1e-4
-    assert torch.allclose(cache, model.kv_cache, atol=1e-5)
-    decoder = FusedDecoder(model)
-    for position, token in ((12, 7), (13, 200)):
-        t, p = torch.tensor([token], device=DEVICE), torch.tensor([position], device=DEVICE)
-        decoder.step(t, p, logits)
-        ref = model(t, p, torch.tensor([0], device=DEVICE), position + 1)[0]
-        assert rel(logits, ref) < 1e-4
+
+    def fused_run(check: bool) -> list[torch.Tensor]:
+        """The prompt's prefill, then two decode steps: each one's logits (checked against the reference)."""
+        logits = torch.full((BASE["vocab_size"],), float("nan"), device=DEVICE)
+        FusedPrefill(model, 16).run(ids, torch.arange(12, device=DEVICE), torch.tensor([11], device=DEVICE), logits)
+        got = [logits.clone()]
+        if check:  # the reference writes the cache too: the fused path's is put back after it
+            cache = model.kv_cache.clone()
+            assert rel(logits, logits_of(model, PROMPT)) < 1e-4
+            assert torch.allclose(cache, model.kv_cache, atol=1e-5)
+            model.kv_cache.copy_(cache)
+        decoder = FusedDecoder(model)
+        for position, token in ((12, 7), (13, 200)):
+            t, p = torch.tensor([token], device=DEVICE), torch.tensor([position], device=DEVICE)
+            decoder.step(t, p, logits)
+            got.append(logits.clone())
+            if check:
+                cache = model.kv_cache.clone()
+                assert rel(logits, model(t, p, torch.tensor([0], device=DEVICE), position + 1)[0]) < 1e-4
+                model.kv_cache.copy_(cache)
+        return got
+
+    row_major = fused_run(check=True)
+    # the same weights stored tile-major (quant/tiles.py): the same bits from the GEMM, the GEMVs and the gather
+    tiled = tile_model(model)
+    assert (method == "fp8") == ("layers.0.qkv_proj" not in tiled) and ("embed_tokens" in tiled)
+    assert all(torch.equal(a, b) for a, b in zip(fused_run(check=False), row_major, strict=True))
 
 
 # -- GGUF files whose tensors stay packed --------------------------------------------------------------------

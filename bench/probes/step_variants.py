@@ -12,7 +12,8 @@ GEMV alone loads early, on top of the rest), pf (MiB of the layer's next weights
 hold: `FusedDecoder(l2_prefetch_mb=)`, kernels/l2_prefetch.py), tpf (MiB of the next projection's weights each GEMV's
 tail asks L2 for: `FusedDecoder(tail_prefetch_mb=)`), rk (1: the plan's split-K dense projections have their
 partials added by a second kernel, `DenseSplitKConfig.reduce_kernel`; 0: by the last program's fixup), ve (1: the
-attention's V loads issued with its K loads, `DecodeAttention(v_early=True)`). split, warps, rope, pf, tpf, early,
+attention's V loads issued with its K loads, `DecodeAttention(v_early=True)`), tile (1: a copy of the model with its
+packed weights stored tile-major, `quant.tiles.tile_model`; 0: row-major as loaded). split, warps, rope, pf, tpf, early,
 rk and ve left out: the decoder's defaults (`decode_plan.plan_for` and `options_for` the model). Prints the median
 of each variant's per-round medians and its ratio to the first.
 """
@@ -20,6 +21,7 @@ of each variant's per-round medians and its ratio to the first.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import statistics
 
@@ -32,6 +34,7 @@ from graph_executor.kernels.decode_attention import DecodeAttention
 from graph_executor.kernels.decode_plan import plan_for
 from graph_executor.kernels.gemv_dense_splitk import DenseSplitKConfig
 from graph_executor.loading.loader import LoadConfig, load_model
+from graph_executor.quant.tiles import tile_model
 
 # the first: the decode attention before the fourteenth session (every split 64 on Triton's 4 warps, reduce kernel)
 DEFAULT_VARIANTS = ("split=64,warps=4,fused=0;split=64,warps=2,fused=1;split=64,warps=2,fused=0;"
@@ -43,10 +46,10 @@ def parse_variant(text: str) -> dict[str, int]:
     variant = {"fused": 1}
     for item in text.split(","):
         key, _, value = item.partition("=")
-        if key not in ("split", "warps", "fused", "rope", "early", "earlyo", "pf", "tpf", "rk", "ve") \
+        if key not in ("split", "warps", "fused", "rope", "early", "earlyo", "pf", "tpf", "rk", "ve", "tile") \
                 or not value.isdigit():
             raise SystemExit(f"bad variant item {item!r} in {text!r} (split=, warps=, fused=, rope=, early=, earlyo=, "
-                             "pf=, tpf=, rk=, ve=)")
+                             "pf=, tpf=, rk=, ve=, tile=)")
         variant[key] = int(value)
     return variant
 
@@ -111,12 +114,16 @@ def main(argv: list[str] | None = None) -> None:
         loaded = load_model(LoadConfig(model=f"dummy:{preset}", device="cuda", dtype="float16",
                                        max_context=args.max_context, progress=False, quantize=args.quantize))
         model = loaded.model
+        tiled = None  # a copy of the model (its KV cache too) with its packed weights tile-major, made on first use
         token = torch.full((1,), 7, dtype=torch.int64, device=device)
         for context in contexts:
             position = torch.full((1,), context, dtype=torch.int64, device=device)
             graphs, outs, decoders = [], [], []  # the decoders own the buffers their graphs write: keep them
             for _, variant in variants:
-                decoder = build(model, variant)
+                if variant.get("tile") and tiled is None:
+                    tiled = copy.deepcopy(model)
+                    tile_model(tiled)
+                decoder = build(tiled if variant.get("tile") else model, variant)
                 decoders.append(decoder)
                 out = torch.empty(model.config.vocab_size, dtype=torch.float32, device=device)
                 graphs.append(graphed(lambda d=decoder, o=out: d.step(token, position, o)))
@@ -127,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
                 diff = float((lg - logits[0]).abs().max())
                 print(f"| {preset} | {context} | {text} | {ms:.3f} | {ms / first:.3f} | {diff:.2e} |", flush=True)
             del graphs, decoders
-        del model, loaded
+        del model, loaded, tiled
         torch.cuda.empty_cache()
 
 

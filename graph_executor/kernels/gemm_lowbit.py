@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from graph_executor.kernels.gemv_splitk import SplitKScratch
+from graph_executor.kernels.gemv_splitk import SplitKScratch, tile_offsets
 from graph_executor.quant.formats import INT4_ZERO, Fp8Rows, Int4Groups, Int8Groups, PackedWeight
 
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -112,12 +112,14 @@ def scratch_size(tokens: int, n: int, k: int, cfg: GemmConfig) -> tuple[int, int
 @triton.jit
 def _weight_tile(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, k0, K, FORMAT: tl.constexpr,
                  HAS_OFFSET: tl.constexpr, ZERO: tl.constexpr, GROUP: tl.constexpr, STEP_GROUP: tl.constexpr,
-                 BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr):
+                 BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr, TILE_N: tl.constexpr,
+                 TILE_KW: tl.constexpr):
     """Weights of `rows` ([BLOCK_R] int64) at columns k0 .. k0 + BLOCK_K as [BLOCK_R, BLOCK_K] in DTYPE: the value
     is formed in float32 (formats.py's order of operations) and rounded to DTYPE once. Columns past K and rows
     not row_ok come out 0. STEP_GROUP = min(GROUP, BLOCK_K): a step holds BLOCK_K / STEP_GROUP groups, or lies
     inside one (K is a multiple of the group and both are powers of two). Fp8Rows: the codes alone (exact in
-    float16, bfloat16 and float32); the caller applies the row scale."""
+    float16, bfloat16 and float32); the caller applies the row scale. TILE_N > 0: the codes, scales and offsets
+    are stored tile-major in tiles of TILE_N rows x TILE_KW 32-bit words of codes (`formats.tile_major`)."""
     cols = k0 + tl.arange(0, BLOCK_K)
     mask = row_ok[:, None] & (cols < K)[None, :]
     if FORMAT == 2:  # FP8
@@ -125,14 +127,24 @@ def _weight_tile(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, k0, K, FORMAT: 
     else:
         if FORMAT == 0:  # INT4: byte j of a row holds weights 2j (low nibble) and 2j + 1 (high nibble)
             half = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            b = tl.load(codes_ptr + rows[:, None] * (K // 2) + half[None, :],
-                        mask=row_ok[:, None] & (half < K // 2)[None, :], other=0)  # uint8 [BLOCK_R, BLOCK_K / 2]
+            if TILE_N > 0:
+                at = tile_offsets(rows, half, K // 2, TILE_N, 4 * TILE_KW)
+            else:
+                at = rows[:, None] * (K // 2) + half[None, :]
+            b = tl.load(codes_ptr + at, mask=row_ok[:, None] & (half < K // 2)[None, :], other=0)  # uint8 [R, K / 2]
             q = tl.interleave(b & 0xF, b >> 4)  # [BLOCK_R, BLOCK_K], column order 2j, 2j + 1
         else:  # INT8
-            q = tl.load(codes_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0)
+            if TILE_N > 0:
+                at = tile_offsets(rows, cols, K, TILE_N, 4 * TILE_KW)
+            else:
+                at = rows[:, None] * K + cols[None, :]
+            q = tl.load(codes_ptr + at, mask=mask, other=0)
         NG: tl.constexpr = BLOCK_K // STEP_GROUP
         groups = k0 // GROUP + tl.arange(0, NG)
-        at = rows[:, None] * (K // GROUP) + groups[None, :]
+        if TILE_N > 0:  # a tile's groups: TILE_KW words of (2 x 4) int4 or 4 int8 weights
+            at = tile_offsets(rows, groups, K // GROUP, TILE_N, TILE_KW * (8 if FORMAT == 0 else 4) // GROUP)
+        else:
+            at = rows[:, None] * (K // GROUP) + groups[None, :]
         gmask = row_ok[:, None] & (groups < K // GROUP)[None, :]
         # masked groups get scale 0 (and offset 0), so their weights are 0 whatever the codes read as
         s = tl.load(scale_ptr + at, mask=gmask, other=0.0).to(tl.float32)[:, :, None]  # [BLOCK_R, NG, 1]
@@ -151,7 +163,8 @@ def _gemm_kernel(x_ptr, codes_ptr, scale_ptr, offset_ptr, b_ptr, out_ptr, part_p
                  stride_xm, stride_om, FORMAT: tl.constexpr, HAS_OFFSET: tl.constexpr, ZERO: tl.constexpr,
                  GROUP: tl.constexpr, STEP_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
                  PRECISION: tl.constexpr, SPLITTING: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
-                 BLOCK_K: tl.constexpr, FIXUP: tl.constexpr = True):
+                 BLOCK_K: tl.constexpr, FIXUP: tl.constexpr = True, TILE_N: tl.constexpr = 0,
+                 TILE_KW: tl.constexpr = 0):
     """Program (n, t, s): weight rows n * BLOCK_N.., tokens t * BLOCK_T.., K columns s * K_SPLIT.. (SPLIT programs
     along K). acc [BLOCK_N, BLOCK_T] = W_tile @ x_tile^T: the dequantized weights are the dot's left operand."""
     pid_n = tl.program_id(0)
@@ -169,7 +182,7 @@ def _gemm_kernel(x_ptr, codes_ptr, scale_ptr, offset_ptr, b_ptr, out_ptr, part_p
         xt = tl.load(x_ptr + tokens[None, :] * stride_xm + cols[:, None],
                      mask=token_ok[None, :] & (cols < K)[:, None], other=0.0)  # [BLOCK_K, BLOCK_T]
         w = _weight_tile(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, k0, K, FORMAT, HAS_OFFSET, ZERO, GROUP,
-                         STEP_GROUP, BLOCK_N, BLOCK_K, dtype)  # [BLOCK_N, BLOCK_K]
+                         STEP_GROUP, BLOCK_N, BLOCK_K, dtype, TILE_N, TILE_KW)  # [BLOCK_N, BLOCK_K]
         acc = tl.dot(w, xt, acc, input_precision=PRECISION)
     at = out_ptr + tokens[None, :] * stride_om + rows[:, None]
     mask = row_ok[:, None] & token_ok[None, :]
@@ -231,18 +244,19 @@ def _epilogue(acc, at, mask, rows, row_ok, scale_ptr, b_ptr, FORMAT: tl.constexp
 @triton.jit
 def _dequantize_kernel(codes_ptr, scale_ptr, offset_ptr, out_ptr, N, K, FORMAT: tl.constexpr,
                        HAS_OFFSET: tl.constexpr, ZERO: tl.constexpr, GROUP: tl.constexpr, STEP_GROUP: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, TILE_N: tl.constexpr = 0,
+                       TILE_KW: tl.constexpr = 0):
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     row_ok = rows < N
     k0 = tl.program_id(1) * BLOCK_K
     dtype = out_ptr.dtype.element_ty
     if FORMAT == 2:  # FP8: the codes times the row's scale, rounded once
         w = _weight_tile(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, k0, K, FORMAT, HAS_OFFSET, ZERO, GROUP,
-                         STEP_GROUP, BLOCK_R, BLOCK_K, tl.float32)
+                         STEP_GROUP, BLOCK_R, BLOCK_K, tl.float32, TILE_N, TILE_KW)
         w = (w * tl.load(scale_ptr + rows, mask=row_ok, other=0.0)[:, None]).to(dtype)
     else:
         w = _weight_tile(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, k0, K, FORMAT, HAS_OFFSET, ZERO, GROUP,
-                         STEP_GROUP, BLOCK_R, BLOCK_K, dtype)
+                         STEP_GROUP, BLOCK_R, BLOCK_K, dtype, TILE_N, TILE_KW)
     cols = k0 + tl.arange(0, BLOCK_K)
     tl.store(out_ptr + rows[:, None] * K + cols[None, :], w, mask=row_ok[:, None] & (cols < K)[None, :])
 
@@ -250,7 +264,8 @@ def _dequantize_kernel(codes_ptr, scale_ptr, offset_ptr, out_ptr, N, K, FORMAT: 
 @triton.jit
 def _embedding_kernel(codes_ptr, scale_ptr, offset_ptr, ids_ptr, out_ptr, T, V, K, stride_om,
                       FORMAT: tl.constexpr, HAS_OFFSET: tl.constexpr, ZERO: tl.constexpr, GROUP: tl.constexpr,
-                      STEP_GROUP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+                      STEP_GROUP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+                      TILE_N: tl.constexpr = 0, TILE_KW: tl.constexpr = 0):
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     token_ok = tokens < T
     rows = tl.load(ids_ptr + tokens, mask=token_ok, other=0).to(tl.int64)  # [BLOCK_T]
@@ -258,7 +273,7 @@ def _embedding_kernel(codes_ptr, scale_ptr, offset_ptr, ids_ptr, out_ptr, T, V, 
     row_ok = token_ok & (rows >= 0) & (rows < V)
     k0 = tl.program_id(1) * BLOCK_K
     w = _weight_tile(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, k0, K, FORMAT, HAS_OFFSET, ZERO, GROUP,
-                     STEP_GROUP, BLOCK_T, BLOCK_K, tl.float32)  # [BLOCK_T, BLOCK_K]
+                     STEP_GROUP, BLOCK_T, BLOCK_K, tl.float32, TILE_N, TILE_KW)  # [BLOCK_T, BLOCK_K]
     if FORMAT == 2:
         w *= tl.load(scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
     cols = k0 + tl.arange(0, BLOCK_K)
@@ -279,8 +294,10 @@ def _weights(w: PackedWeight, block_k: int) -> tuple:
     int4 = isinstance(w, Int4Groups)
     offset = w.offset if w.offset is not None else w.scale  # unused when HAS_OFFSET is False
     zero = float(INT4_ZERO) if int4 and w.offset is None else 0.0  # symmetric Int4Groups' codes centre on 8
+    tile_n, tile_kw = w.tiles or (0, 0)
     return (w.codes, w.scale, offset), {"FORMAT": INT4 if int4 else INT8, "HAS_OFFSET": w.offset is not None,
-                                        "ZERO": zero, "GROUP": w.group, "STEP_GROUP": min(w.group, block_k)}
+                                        "ZERO": zero, "GROUP": w.group, "STEP_GROUP": min(w.group, block_k),
+                                        "TILE_N": tile_n, "TILE_KW": tile_kw}
 
 
 def _check_matrix(name: str, t: torch.Tensor, shape: tuple[int, int], device: torch.device,

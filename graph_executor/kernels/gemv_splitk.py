@@ -349,13 +349,14 @@ def _launch(w: Packed, a: torch.Tensor, nw: torch.Tensor | None, bias: torch.Ten
     split = _split(w, cfg)
     int4 = isinstance(w, Int4Groups)
     offset = w.offset if w.offset is not None else w.scale  # unused when HAS_OFFSET is False
+    tiles = w.tiles or (0, 0)
     _splitk_kernel[(triton.cdiv(n, cfg.block_n), split)](
         w.codes.view(torch.int32), w.scale, offset, a, nw if nw is not None else a, bias if bias is not None else out,
         out, scratch.partial, scratch.count, n, k, eps, MODE=mode, HAS_OFFSET=w.offset is not None,
         ZERO=float(INT4_ZERO) if int4 and w.offset is None else 0.0, HAS_BIAS=bias is not None, SPLIT=split,
         SPLIT_P2=triton.next_power_of_2(split), GROUP=w.group, BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw,
         INT4=int4, EMULATE=not w.codes.is_cuda, num_warps=cfg.num_warps, num_stages=1, PDL=cfg.pdl, EARLY=cfg.early,
-        FIXUP=not cfg.reduce_kernel, **launch_options(cfg.pdl))
+        FIXUP=not cfg.reduce_kernel, TILE_N=tiles[0], TILE_KW=tiles[1], **launch_options(cfg.pdl))
     if cfg.reduce_kernel:
         launch_reduce(scratch, None, bias, out, n, k, eps, mode, split, cfg.pdl)
     return out

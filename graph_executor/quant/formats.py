@@ -55,6 +55,18 @@ def _check_scales(kind: str, n: int, k: int, group: int, codes: torch.Tensor, sc
         raise ValueError(f"{kind}: offset dtype {offset.dtype} != scale dtype {scale.dtype}")
 
 
+def _check_tiles(kind: str, w: _GroupedCodes) -> None:
+    if w.tiles is None:
+        return
+    rows, words = w.tiles
+    n, k = w.shape
+    total_words = k // (8 if kind == "Int4Groups" else 4)
+    if rows < 1 or words < 1 or n % rows or k % (8 if kind == "Int4Groups" else 4) or total_words % words \
+            or words % w.words_per_group:
+        raise ValueError(f"{kind}: [{n}, {k}] is not whole tiles of {rows} rows x {words} words of groups of "
+                         f"{w.group}")
+
+
 def _group_values(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, group: int,
                   zero: int, dtype: torch.dtype) -> torch.Tensor:
     """q [N, K] integer codes -> [N, K] of scale * (q - zero) + offset, in float32 (the GGUF reference's order
@@ -93,7 +105,39 @@ class _GroupedCodes:
 
     def to(self, device: torch.device | str) -> _GroupedCodes:
         return type(self)(self.codes.to(device), self.scale.to(device),
-                          None if self.offset is None else self.offset.to(device), self.group)
+                          None if self.offset is None else self.offset.to(device), self.group, self.tiles)
+
+    @property
+    def words_per_group(self) -> int:
+        """32-bit words of codes a group takes (8 int4 or 4 int8 weights a word)."""
+        return self.group // (8 if isinstance(self, Int4Groups) else 4)
+
+    def tiled(self, tiles: tuple[int, int]) -> _GroupedCodes:
+        """The same weights stored tile-major (`tiles` = (rows, 32-bit words of codes)): the codes as words, the
+        scales and offsets alike with tiles of (rows, words / words_per_group), each a contiguous run (`tile_major`).
+        The decode GEMV whose program block is one tile then reads one run a program (bench/NOTES.md)."""
+        if self.tiles is not None:
+            raise ValueError(f"{type(self).__name__}: already tiled {self.tiles}")
+        rows, words = tiles
+        wpg = self.words_per_group
+        n, k = self.shape
+        if words % wpg:
+            raise ValueError(f"{type(self).__name__}: tiles of {words} words do not hold whole groups of {self.group}")
+        codes = tile_major(self.codes.view(n, -1).view(torch.int32), rows, words).view(self.codes.dtype)
+        return type(self)(codes.view(self.codes.shape), tile_major(self.scale, rows, words // wpg),
+                          None if self.offset is None else tile_major(self.offset, rows, words // wpg), self.group,
+                          tiles)
+
+    def row_major(self) -> _GroupedCodes:
+        """The same weights stored row-major (self if they are)."""
+        if self.tiles is None:
+            return self
+        rows, words = self.tiles
+        wpg = self.words_per_group
+        codes = from_tile_major(self.codes.view(torch.int32), rows, words).view(self.codes.dtype)
+        return type(self)(codes.view(self.codes.shape), from_tile_major(self.scale, rows, words // wpg),
+                          None if self.offset is None else from_tile_major(self.offset, rows, words // wpg),
+                          self.group)
 
 
 @dataclass(frozen=True)
@@ -104,26 +148,31 @@ class Int4Groups(_GroupedCodes):
     scale: torch.Tensor  # float16 (float32 for exact K-quants) [N, K // group]
     offset: torch.Tensor | None  # like scale, or None (symmetric)
     group: int = 32
+    # None: the tensors are row-major as shaped; (rows, words): stored tile-major (`tiled`), shapes unchanged
+    tiles: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.codes.dtype != torch.uint8 or self.codes.dim() != 2 or not self.codes.is_contiguous():
             raise ValueError(f"Int4Groups: codes must be a contiguous 2-D uint8 tensor, got {self.codes.dtype} "
                              f"{tuple(self.codes.shape)}")
         _check_scales("Int4Groups", *self.shape, self.group, self.codes, self.scale, self.offset)
+        _check_tiles("Int4Groups", self)
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.codes.shape[0], 2 * self.codes.shape[1]
 
     def unpack(self) -> torch.Tensor:
-        """uint8 [N, K] codes 0..15."""
+        """uint8 [N, K] codes 0..15, row-major."""
         n, k = self.shape
-        return torch.stack([self.codes & 0xF, self.codes >> 4], dim=-1).view(n, k)
+        codes = self.row_major().codes
+        return torch.stack([codes & 0xF, codes >> 4], dim=-1).view(n, k)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """[N, K] weights (computed in float32)."""
-        zero = INT4_ZERO if self.offset is None else 0
-        return _group_values(self.unpack(), self.scale, self.offset, self.group, zero, dtype)
+        """[N, K] weights (computed in float32), row-major."""
+        w = self.row_major()
+        zero = INT4_ZERO if w.offset is None else 0
+        return _group_values(w.unpack(), w.scale, w.offset, w.group, zero, dtype)
 
 
 @dataclass(frozen=True)
@@ -134,20 +183,24 @@ class Int8Groups(_GroupedCodes):
     scale: torch.Tensor  # float16 (float32 for exact K-quants) [N, K // group]
     offset: torch.Tensor | None  # like scale, or None (symmetric)
     group: int = 32
+    # None: the tensors are row-major as shaped; (rows, words): stored tile-major (`tiled`), shapes unchanged
+    tiles: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.codes.dtype != torch.int8 or self.codes.dim() != 2 or not self.codes.is_contiguous():
             raise ValueError(f"Int8Groups: codes must be a contiguous 2-D int8 tensor, got {self.codes.dtype} "
                              f"{tuple(self.codes.shape)}")
         _check_scales("Int8Groups", *self.shape, self.group, self.codes, self.scale, self.offset)
+        _check_tiles("Int8Groups", self)
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.codes.shape[0], self.codes.shape[1]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """[N, K] weights (computed in float32)."""
-        return _group_values(self.codes, self.scale, self.offset, self.group, 0, dtype)
+        """[N, K] weights (computed in float32), row-major."""
+        w = self.row_major()
+        return _group_values(w.codes, w.scale, w.offset, w.group, 0, dtype)
 
 
 @dataclass(frozen=True)
@@ -453,3 +506,9 @@ def tile_major(t: torch.Tensor, tile_r: int, tile_c: int) -> torch.Tensor:
     if n % tile_r or length % tile_c:
         raise ValueError(f"tile_major: [{n}, {length}] is not whole tiles of {tile_r} x {tile_c}")
     return t.view(n // tile_r, tile_r, length // tile_c, tile_c).transpose(1, 2).contiguous().view(n, length)
+
+
+def from_tile_major(t: torch.Tensor, tile_r: int, tile_c: int) -> torch.Tensor:
+    """The inverse of `tile_major`: t [N, L] stored tile-major -> the same elements row-major."""
+    n, length = t.shape
+    return t.reshape(n // tile_r, length // tile_c, tile_r, tile_c).transpose(1, 2).contiguous().view(n, length)

@@ -43,6 +43,8 @@ def part(w: Weight, index: tuple[slice, ...]) -> Weight:
     ValueError otherwise."""
     if isinstance(w, torch.Tensor):
         return w[index]
+    if getattr(w, "tiles", None) is not None:
+        raise ValueError(f"a tile-major {type(w).__name__} weight cannot be sliced: slice it before tiling")
     if len(index) == 1:
         rows = index[0]
         return replace(w, **{name: t[rows].contiguous() for name, t in _parts(w).items()})

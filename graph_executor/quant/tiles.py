@@ -1,0 +1,52 @@
+"""Packed weights stored tile-major for the decode GEMVs (`Int4Groups.tiled` / `Int8Groups.tiled`).
+
+Why: a split-K decode GEMV program reads BLOCK_N rows x BLOCK_KW words of codes and their groups' scales and
+offsets. Row-major, that is BLOCK_N runs of a few hundred bytes a row apart, and the scales and offsets come in
+2-byte loads; tile-major with the program's block as the tile, it is one contiguous run of each, in 16-byte
+loads. The prefill GEMM, the dequantizing pass and the embedding gather read the same storage through
+`gemv_splitk.tile_offsets` (same values, same bits). Only on the GPU: the CPU path keeps row-major weights (it
+dequantizes packed slots at load anyway).
+"""
+
+from __future__ import annotations
+
+from graph_executor.model import LlamaModel, set_weight
+from graph_executor.quant.formats import Int4Groups, Int8Groups
+from graph_executor.quant.specs import slot_shapes
+
+TILE_ROWS = 32  # the split-K decode plans' BLOCK_N (fused_decoder.INT4_PLAN, most of INT8_PLAN)
+TILE_WORDS = 128  # and their BLOCK_KW: 32-bit words of codes along K
+
+
+def decode_tiles(w: Int4Groups | Int8Groups) -> tuple[int, int] | None:
+    """The tiles `w` is stored in for the decode GEMVs: TILE_ROWS x TILE_WORDS, or along K the largest power of two
+    below it that divides the row's words and holds whole groups (LLaMA-2-7B's down_proj: 1,376 int4 words a row,
+    tiles of 32); None where the rows are not whole blocks of TILE_ROWS or no width fits."""
+    n, k = w.shape
+    words = k // (8 if isinstance(w, Int4Groups) else 4)
+    if n % TILE_ROWS:
+        return None
+    width = TILE_WORDS
+    while width >= w.words_per_group:
+        if words % width == 0 and width % w.words_per_group == 0:
+            return TILE_ROWS, width
+        width //= 2
+    return None
+
+
+def tile_model(model: LlamaModel) -> list[str]:
+    """Store every packed int4 / int8 slot of `model` tile-major (`decode_tiles`), one slot at a time (the peak is
+    one slot's extra copy); a tied lm_head keeps sharing the embedding's weight. Returns the slots tiled."""
+    done = []
+    for slot in slot_shapes(model.config):
+        owner, _, name = slot.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        w = getattr(module, name)
+        if not isinstance(w, (Int4Groups, Int8Groups)) or w.tiles is not None or (tiles := decode_tiles(w)) is None:
+            continue
+        tiled = w.tiled(tiles)
+        set_weight(module, name, tiled)
+        if slot == "embed_tokens" and model.config.tie_word_embeddings:
+            set_weight(model, "lm_head", tiled)
+        done.append(slot)
+    return done
