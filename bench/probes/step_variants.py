@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| model | context | variant | ms/step | vs first | logits max abs diff vs first |")
     print("|---|---|---|---|---|---|")
     for preset in args.models.split(","):
-        loaded = load_model(LoadConfig(model=f"dummy:{preset}", device="cuda", dtype="float16",
+        loaded = load_model(LoadConfig(model=f"dummy:{preset}", device="cuda", dtype="float16", tile_packed=False,
                                        max_context=args.max_context, progress=False, quantize=args.quantize))
         model = loaded.model
         tiled = None  # a copy of the model (its KV cache too) with its packed weights tile-major, made on first use

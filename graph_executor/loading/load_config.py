@@ -33,6 +33,9 @@ class LoadConfig:
     fit_slots: bool = False
     tensor_parallel: int = 1  # ranks the model is split over (graph_executor/tensor_parallel.py)
     tp_rank: int = 0  # which rank's part this process loads
+    # on a GPU, packed int4 / int8 slots stored tile-major for the decode GEMVs (quant/tiles.py); False keeps them
+    # row-major (the probes' baseline)
+    tile_packed: bool = True
 
     def __post_init__(self) -> None:
         if self.load_format not in LOAD_FORMATS:
