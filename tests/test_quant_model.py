@@ -104,7 +104,8 @@ def test_fused_steps_over_packed_weights_match_the_reference(hf_folder, method: 
     # the same weights stored tile-major (quant/tiles.py): the same bits from the GEMM, the GEMVs and the gather
     tiled = tile_model(model)
     assert (method == "fp8") == ("layers.0.qkv_proj" not in tiled) and ("embed_tokens" in tiled)
-    assert all(torch.equal(a, b) for a, b in zip(fused_run(check=False), row_major, strict=True))
+    for a, b in zip(fused_run(check=False), row_major, strict=True):  # on a GPU the sums' order may differ (tests/
+        assert torch.equal(a, b) if DEVICE.type == "cpu" else rel(a, b) < 1e-5  # test_tiles.same)
 
 
 # -- GGUF files whose tensors stay packed --------------------------------------------------------------------

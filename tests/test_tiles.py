@@ -13,6 +13,15 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 QUANTIZERS = {"int4": quantize_int4, "int8": quantize_int8}
 
 
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit under the interpreter; on a GPU within float32 rounding: the compiler lays a tile-major load out
+    differently, and with it the order of a program's sums (LLaMA-2-7B int4 step logits ~2e-2 apart on ~1e2, as
+    between two block configs)."""
+    if a.device.type == "cpu":
+        return torch.equal(a, b)
+    return torch.allclose(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+
+
 def test_decode_tiles_follow_the_plans_blocks_and_narrow_where_a_row_needs_it():
     def packed(kind: str, n: int, k: int) -> Int4Groups | Int8Groups:
         return QUANTIZERS[kind](torch.zeros(n, k), 32)
@@ -47,7 +56,7 @@ def test_tiled_storage_round_trips_and_dequantizes_to_the_same_values(kind):
 def test_every_packed_kernel_reads_tiled_weights_to_the_row_major_bits(kind, n, k):
     """The prefill GEMM (low-bit tiles; and its split-K), the dequantizing pass, the embedding gather and the decode
     GEMV: tile-major storage (`decode_tiles`: one whole tile a GEMV program for K = 256 int4, narrower tiles read
-    through `tile_offsets` otherwise) against the row-major weight, bit for bit."""
+    through `tile_offsets` otherwise) against the row-major weight (`same`)."""
     torch.manual_seed(n + k)
     w = QUANTIZERS[kind](torch.randn(n, k, device=DEVICE), 32)
     t = w.tiled(decode_tiles(w))
@@ -55,11 +64,11 @@ def test_every_packed_kernel_reads_tiled_weights_to_the_row_major_bits(kind, n, 
     outs = [torch.zeros(12, n, device=DEVICE) for _ in range(2)]
     for weight, out in zip((w, t), outs):
         gemm_lowbit.gemm(x, weight, out)
-    assert torch.equal(*outs)
+    assert same(*outs)
     dense = [torch.zeros(n, k, device=DEVICE) for _ in range(2)]
     for weight, out in zip((w, t), dense):
         gemm_lowbit.dequantize(weight, out)
-    assert torch.equal(*dense) and torch.equal(dense[0], w.dequantize())
+    assert torch.equal(*dense) and torch.equal(dense[0], w.dequantize())  # no sums: exact everywhere
     ids = torch.tensor([0, 5, n - 1], device=DEVICE)
     gathered = [torch.zeros(3, k, device=DEVICE) for _ in range(2)]
     for weight, out in zip((w, t), gathered):
@@ -72,6 +81,6 @@ def test_every_packed_kernel_reads_tiled_weights_to_the_row_major_bits(kind, n, 
     for weight, out in zip((w, t), results):
         scratch = gemv_splitk.SplitKScratch.zeros(gemv_splitk.scratch_floats(w, cfg), n // 32, DEVICE)
         gemv_splitk.gemv_residual(weight, a, out, scratch, cfg)
-    assert torch.equal(*results)
+    assert same(*results)
     torch.testing.assert_close(results[0].double(), residual.double() + w.dequantize(torch.float64) @ a.double(),
                                rtol=1e-3, atol=1e-3)

@@ -13,7 +13,8 @@ hold: `FusedDecoder(l2_prefetch_mb=)`, kernels/l2_prefetch.py), tpf (MiB of the 
 tail asks L2 for: `FusedDecoder(tail_prefetch_mb=)`), rk (1: the plan's split-K dense projections have their
 partials added by a second kernel, `DenseSplitKConfig.reduce_kernel`; 0: by the last program's fixup), ve (1: the
 attention's V loads issued with its K loads, `DecodeAttention(v_early=True)`), tile (1: a copy of the model with its
-packed weights stored tile-major, `quant.tiles.tile_model`; 0: row-major as loaded). split, warps, rope, pf, tpf, early,
+packed weights stored tile-major, `quant.tiles.tile_model`; 2: only its o_proj and down_proj; 0: row-major as
+loaded). split, warps, rope, pf, tpf, early,
 rk and ve left out: the decoder's defaults (`decode_plan.plan_for` and `options_for` the model). Prints the median
 of each variant's per-round medians and its ratio to the first.
 """
@@ -36,6 +37,7 @@ from graph_executor.kernels.gemv_dense_splitk import DenseSplitKConfig
 from graph_executor.loading.loader import LoadConfig, load_model
 from graph_executor.quant.tiles import tile_model
 
+TILE_VARIANTS = {1: None, 2: ("o_proj", "down_proj")}  # tile= -> the slots tile_model stores tile-major
 # the first: the decode attention before the fourteenth session (every split 64 on Triton's 4 warps, reduce kernel)
 DEFAULT_VARIANTS = ("split=64,warps=4,fused=0;split=64,warps=2,fused=1;split=64,warps=2,fused=0;"
                     "split=32,warps=1,fused=1;split=32,warps=2,fused=1;split=64,warps=4,fused=0")
@@ -114,16 +116,16 @@ def main(argv: list[str] | None = None) -> None:
         loaded = load_model(LoadConfig(model=f"dummy:{preset}", device="cuda", dtype="float16", tile_packed=False,
                                        max_context=args.max_context, progress=False, quantize=args.quantize))
         model = loaded.model
-        tiled = None  # a copy of the model (its KV cache too) with its packed weights tile-major, made on first use
+        tiled = {}  # per tile= value a copy of the model (its KV cache too) with packed slots tile-major, on first use
         token = torch.full((1,), 7, dtype=torch.int64, device=device)
         for context in contexts:
             position = torch.full((1,), context, dtype=torch.int64, device=device)
             graphs, outs, decoders = [], [], []  # the decoders own the buffers their graphs write: keep them
             for _, variant in variants:
-                if variant.get("tile") and tiled is None:
-                    tiled = copy.deepcopy(model)
-                    tile_model(tiled)
-                decoder = build(tiled if variant.get("tile") else model, variant)
+                if variant.get("tile") and variant["tile"] not in tiled:
+                    tiled[variant["tile"]] = copy.deepcopy(model)
+                    tile_model(tiled[variant["tile"]], TILE_VARIANTS[variant["tile"]])
+                decoder = build(tiled[variant["tile"]] if variant.get("tile") else model, variant)
                 decoders.append(decoder)
                 out = torch.empty(model.config.vocab_size, dtype=torch.float32, device=device)
                 graphs.append(graphed(lambda d=decoder, o=out: d.step(token, position, o)))

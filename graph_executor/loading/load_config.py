@@ -33,8 +33,8 @@ class LoadConfig:
     fit_slots: bool = False
     tensor_parallel: int = 1  # ranks the model is split over (graph_executor/tensor_parallel.py)
     tp_rank: int = 0  # which rank's part this process loads
-    # on a GPU, packed int4 / int8 slots stored tile-major for the decode GEMVs (quant/tiles.py); False keeps them
-    # row-major (the probes' baseline)
+    # on a GPU, the packed slots quant/tiles.py names (int4's o_proj and down_proj) stored tile-major for the decode
+    # GEMVs; False keeps every slot row-major (the probes' baseline)
     tile_packed: bool = True
 
     def __post_init__(self) -> None:

@@ -25,7 +25,7 @@ from graph_executor.model import LlamaModel
 from graph_executor.quant import rows
 from graph_executor.quant.apply import quantize_model
 from graph_executor.quant.specs import WeightPlan, describe, quantize_plan
-from graph_executor.quant.tiles import tile_model
+from graph_executor.quant.tiles import DEFAULT_KINDS, DEFAULT_SLOTS, tile_model
 from graph_executor.tensor_parallel import TensorParallel
 from ipc.errors import ModelLoadError
 
@@ -122,7 +122,7 @@ def load_model(cfg: LoadConfig) -> LoadedModel:
         quantize_model(model, plan, cfg.progress)
         lap("quantization")
     if device.type == "cuda" and plan.packed and cfg.tile_packed:
-        tile_model(model)
+        tile_model(model, DEFAULT_SLOTS, DEFAULT_KINDS)
         lap("tile-major packed weights")
     allocated = None
     if device.type == "cuda":

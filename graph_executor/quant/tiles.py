@@ -14,6 +14,12 @@ from graph_executor.model import LlamaModel, set_weight
 from graph_executor.quant.formats import Int4Groups, Int8Groups
 from graph_executor.quant.specs import slot_shapes
 
+# What the loader stores tile-major on a GPU (LoadConfig.tile_packed): int4's o_proj and down_proj. Measured (H200,
+# LLaMA-2-7B int4, the step's graph, 5 alternating rounds, bench/NOTES.md thirtieth session): those two tiled 1.754 ->
+# 1.706 ms at context 300 (0.973x), 2.055 -> 2.008 at 2000; every slot tiled 1.756 -> 1.757 (qkv and gate_up read
+# 4% slower tiled, o 10% and down 7.5% faster). int8 is not measured tiled: left row-major.
+DEFAULT_SLOTS = ("o_proj", "down_proj")
+DEFAULT_KINDS = (Int4Groups,)
 TILE_ROWS = 32  # the split-K decode plans' BLOCK_N (fused_decoder.INT4_PLAN, most of INT8_PLAN)
 TILE_WORDS = 128  # and their BLOCK_KW: 32-bit words of codes along K
 
@@ -34,15 +40,20 @@ def decode_tiles(w: Int4Groups | Int8Groups) -> tuple[int, int] | None:
     return None
 
 
-def tile_model(model: LlamaModel) -> list[str]:
-    """Store every packed int4 / int8 slot of `model` tile-major (`decode_tiles`), one slot at a time (the peak is
-    one slot's extra copy); a tied lm_head keeps sharing the embedding's weight. Returns the slots tiled."""
+def tile_model(model: LlamaModel, names: tuple[str, ...] | None = None,
+               kinds: tuple[type, ...] = (Int4Groups, Int8Groups)) -> list[str]:
+    """Store the packed slots of `model` of the formats in `kinds` whose names (`qkv_proj`, `o_proj`, ...,
+    `embed_tokens`, `lm_head`) are in `names` (None: every one) tile-major (`decode_tiles`), one slot at a time
+    (the peak is one slot's extra copy); a tied lm_head keeps sharing the embedding's weight. Returns the slots
+    tiled."""
     done = []
     for slot in slot_shapes(model.config):
         owner, _, name = slot.rpartition(".")
+        if names is not None and name not in names:
+            continue
         module = model.get_submodule(owner) if owner else model
         w = getattr(module, name)
-        if not isinstance(w, (Int4Groups, Int8Groups)) or w.tiles is not None or (tiles := decode_tiles(w)) is None:
+        if not isinstance(w, kinds) or w.tiles is not None or (tiles := decode_tiles(w)) is None:
             continue
         tiled = w.tiled(tiles)
         set_weight(module, name, tiled)
