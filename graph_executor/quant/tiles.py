@@ -4,8 +4,9 @@ Why: a split-K decode GEMV program reads BLOCK_N rows x BLOCK_KW words of codes 
 offsets. Row-major, that is BLOCK_N runs of a few hundred bytes a row apart, and the scales and offsets come in
 2-byte loads; tile-major with the program's block as the tile, it is one contiguous run of each, in 16-byte
 loads. The prefill GEMM, the dequantizing pass and the embedding gather read the same storage through
-`gemv_splitk.tile_offsets` (same values, same bits). Only on the GPU: the CPU path keeps row-major weights (it
-dequantizes packed slots at load anyway).
+`gemv_splitk.tile_offsets`. Same values: under the Triton interpreter the same bits; on a GPU a tile-major load may
+be laid out differently in registers, and with it the order of a program's sums (float32 rounding apart, as between
+two block configs). Only on the GPU: the CPU path keeps row-major weights (it dequantizes packed slots at load).
 """
 
 from __future__ import annotations
