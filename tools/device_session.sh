@@ -31,6 +31,8 @@
 #   the layer's next weights from the attention kernel, its test and the step at 8 / 24 / 40 MiB (~3 min); shortsteps:
 #   bench.probes.kernel_profile of 7B's 10-token prefill and the 1B shape's decode (~2 min); shortsteps2, shortrows,
 #   shortab, gguftests, verifyrows, ncu: each says what it runs in its comment below;
+#   tiles: the tile-major packed weights' cuda tests and the 7B int4 / int8 step with o and down (and every slot)
+#   tiled against row-major (~4 min);
 #   quant: the packed-weight tests and `bench --quantize none,int8,int4,fp8` on dummy:llama-2-7b (executor, ~3 min);
 #   gemv: the low-bit GEMV block sweep per projection and format (~1 min); gemm: the low-bit prefill GEMM's default
 #   configs against torch.mm per projection, format and prompt length (~1 min); fp8: the FP8 split-K GEMV sweep
@@ -99,6 +101,17 @@ for step in "${steps[@]}"; do
     probe) timeout 120 python3 -m bench.probes.e2e_probe > "$OUT/e2e_probe.log" 2>&1; echo "e2e probe: rc=$?" ;;
     profile) timeout 180 python3 -m bench.probes.kernel_profile > "$OUT/kernel_profile.md" 2>&1
              echo "kernel profile: rc=$?"; cat "$OUT/kernel_profile.md" ;;
+    tiles) # tile-major packed weights (quant/tiles.py): their cuda tests, then the 7B step row-major against o and
+           # down tiled (tile=2) and every slot tiled (tile=1), int4 and int8 (~4 min)
+           timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_tiles.py tests/test_gemv_splitk.py \
+             tests/test_quant_model.py > "$OUT/tile_tests.log" 2>&1
+           echo "tile tests: rc=$? $(tail -1 "$OUT/tile_tests.log")"
+           for q in int4 int8; do
+             timeout 150 python3 -m bench.probes.step_variants --models llama-2-7b --contexts 300,2000 --rounds 5 \
+               --quantize $q --variants "fused=0;fused=0,tile=2;fused=0,tile=1;fused=0;fused=0,tile=2" \
+               > "$OUT/step_tiles_$q.md" 2>&1
+             echo "step tiles $q: rc=$?"; cat "$OUT/step_tiles_$q.md"
+           done ;;
     quant) timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_quant.py tests/test_quant_gemm.py \
              tests/test_quant_model.py > "$OUT/quant_tests.log" 2>&1
            echo "quant tests: rc=$? $(tail -1 "$OUT/quant_tests.log")"
