@@ -69,12 +69,8 @@ class SplitKPlan:
     lm_head: SplitKConfig
 
 
-def _per_word(w: Packed) -> int:
-    return 8 if isinstance(w, Int4Groups) else 4
-
-
 def _split(w: Packed, cfg: SplitKConfig) -> int:
-    return triton.cdiv(w.shape[1] // _per_word(w), cfg.block_kw)
+    return triton.cdiv(w.shape[1] // w.per_word, cfg.block_kw)
 
 
 def splitk_floats(n: int, split: int, block_n: int) -> int:
@@ -322,7 +318,7 @@ def _check(w: Packed, scratch: SplitKScratch, cfg: SplitKConfig, vectors: dict[s
     if not isinstance(w, (Int4Groups, Int8Groups)):
         raise ValueError(f"expected Int4Groups or Int8Groups weights, got {type(w).__name__}")
     n, k = w.shape
-    per_word = _per_word(w)
+    per_word = w.per_word
     if w.group % per_word or cfg.block_kw % (w.group // per_word):
         raise ValueError(f"block_kw {cfg.block_kw} words of {per_word} weights does not hold whole groups of "
                          f"{w.group}")

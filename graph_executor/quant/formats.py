@@ -55,16 +55,15 @@ def _check_scales(kind: str, n: int, k: int, group: int, codes: torch.Tensor, sc
         raise ValueError(f"{kind}: offset dtype {offset.dtype} != scale dtype {scale.dtype}")
 
 
-def _check_tiles(kind: str, w: _GroupedCodes) -> None:
-    if w.tiles is None:
+def _check_tiles(w: _GroupedCodes, tiles: tuple[int, int] | None) -> None:
+    """ValueError unless `tiles` (rows, words) cut w into whole tiles that hold whole groups (None: row-major)."""
+    if tiles is None:
         return
-    rows, words = w.tiles
+    rows, words = tiles
     n, k = w.shape
-    total_words = k // (8 if kind == "Int4Groups" else 4)
-    if rows < 1 or words < 1 or n % rows or k % (8 if kind == "Int4Groups" else 4) or total_words % words \
-            or words % w.words_per_group:
-        raise ValueError(f"{kind}: [{n}, {k}] is not whole tiles of {rows} rows x {words} words of groups of "
-                         f"{w.group}")
+    if rows < 1 or words < 1 or n % rows or (k // w.per_word) % words or words % w.words_per_group:
+        raise ValueError(f"{type(w).__name__}: [{n}, {k}] is not whole tiles of {rows} rows x {words} words of "
+                         f"groups of {w.group}")
 
 
 def _group_values(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, group: int,
@@ -108,9 +107,14 @@ class _GroupedCodes:
                           None if self.offset is None else self.offset.to(device), self.group, self.tiles)
 
     @property
+    def per_word(self) -> int:
+        """Weights a 32-bit word of codes holds: 8 int4 or 4 int8."""
+        return 8 if isinstance(self, Int4Groups) else 4
+
+    @property
     def words_per_group(self) -> int:
-        """32-bit words of codes a group takes (8 int4 or 4 int8 weights a word)."""
-        return self.group // (8 if isinstance(self, Int4Groups) else 4)
+        """32-bit words of codes a group takes."""
+        return self.group // self.per_word
 
     def tiled(self, tiles: tuple[int, int]) -> _GroupedCodes:
         """The same weights stored tile-major (`tiles` = (rows, 32-bit words of codes)): the codes as words, the
@@ -118,12 +122,10 @@ class _GroupedCodes:
         The decode GEMV whose program block is one tile then reads one run a program (bench/NOTES.md)."""
         if self.tiles is not None:
             raise ValueError(f"{type(self).__name__}: already tiled {self.tiles}")
+        _check_tiles(self, tiles)
         rows, words = tiles
         wpg = self.words_per_group
-        n, k = self.shape
-        if words % wpg:
-            raise ValueError(f"{type(self).__name__}: tiles of {words} words do not hold whole groups of {self.group}")
-        codes = tile_major(self.codes.view(n, -1).view(torch.int32), rows, words).view(self.codes.dtype)
+        codes = tile_major(self.codes.view(torch.int32), rows, words).view(self.codes.dtype)
         return type(self)(codes.view(self.codes.shape), tile_major(self.scale, rows, words // wpg),
                           None if self.offset is None else tile_major(self.offset, rows, words // wpg), self.group,
                           tiles)
@@ -156,7 +158,7 @@ class Int4Groups(_GroupedCodes):
             raise ValueError(f"Int4Groups: codes must be a contiguous 2-D uint8 tensor, got {self.codes.dtype} "
                              f"{tuple(self.codes.shape)}")
         _check_scales("Int4Groups", *self.shape, self.group, self.codes, self.scale, self.offset)
-        _check_tiles("Int4Groups", self)
+        _check_tiles(self, self.tiles)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -191,7 +193,7 @@ class Int8Groups(_GroupedCodes):
             raise ValueError(f"Int8Groups: codes must be a contiguous 2-D int8 tensor, got {self.codes.dtype} "
                              f"{tuple(self.codes.shape)}")
         _check_scales("Int8Groups", *self.shape, self.group, self.codes, self.scale, self.offset)
-        _check_tiles("Int8Groups", self)
+        _check_tiles(self, self.tiles)
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -30,7 +30,7 @@ def decode_tiles(w: Int4Groups | Int8Groups) -> tuple[int, int] | None:
     below it that divides the row's words and holds whole groups (LLaMA-2-7B's down_proj: 1,376 int4 words a row,
     tiles of 32); None where the rows are not whole blocks of TILE_ROWS or no width fits."""
     n, k = w.shape
-    words = k // (8 if isinstance(w, Int4Groups) else 4)
+    words = k // w.per_word
     if n % TILE_ROWS:
         return None
     width = TILE_WORDS
