@@ -145,7 +145,7 @@ def test_tile_major_int4_weights_give_the_row_major_bits(mode, k, tiles):
     row-major call's output (bit for bit under the interpreter; on a GPU the sums' order follows the load's layout:
     both are checked against float64), read one whole tile a program (32 x 128 words) or through tile_offsets
     (32 x 32 tiles under 32 x 128-word programs, K's words not a multiple of 128)."""
-    from bench.probes.tiled_int4 import launch, random_int4, stored
+    from bench.probes.tiled_int4 import launch, random_int4
     from graph_executor.kernels.gemv_splitk import SplitKConfig, SplitKScratch, scratch_floats
 
     torch.manual_seed(mode)
@@ -157,10 +157,10 @@ def test_tile_major_int4_weights_give_the_row_major_bits(mode, k, tiles):
     nw = torch.rand(k, device=device).half()
     init = torch.randn(n, device=device).half()
     outs = []
-    for layout in (None, tiles):
+    for weight in (w, w.tiled(tiles)):
         scratch = SplitKScratch.zeros(scratch_floats(w, cfg), 2, device)
         out = init.clone()
-        launch(stored(w, layout), n, k, layout, a, nw, out, mode, scratch, cfg)
+        launch(weight, a, nw, out, mode, scratch, cfg)
         outs.append(out)
     if device.type == "cpu":
         assert torch.equal(outs[0], outs[1])

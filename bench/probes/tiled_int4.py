@@ -1,9 +1,9 @@
 """Probe: the int4 split-K decode GEMV (gemv_splitk._splitk_kernel with its reduce kernel, INT4_PLAN's 32 x 128
 words) over LLaMA-2-7B's four projections, its weights stored row-major (as today) against tile-major
-(formats.tile_major: each program's codes, scales and offsets one contiguous run; bench.probes.read_ceiling
+(`Int4Groups.tiled`: each program's codes, scales and offsets one contiguous run; bench.probes.read_ceiling
 measures what the layout alone does to plain reads). Each projection in its step's mode (qkv and gate_up with
 the RMSNorm, o with the residual, down with SwiGLU and the residual), `layers` distinct weights a graph, PDL;
-the outputs of both layouts compared bit for bit.
+whether the two layouts' outputs are equal bit for bit (on a GPU they may differ in the order of sums).
 
     python -m bench.probes.tiled_int4 [--layers 32] [--rounds 5] [--down-tiles 32x32]
 """
@@ -18,15 +18,9 @@ import triton
 
 from bench.floors import time_gpu
 from bench.probes.verify_plan import graphed
-from graph_executor.kernels.gemv_splitk import (
-    SplitKConfig,
-    SplitKScratch,
-    _splitk_kernel,
-    launch_reduce,
-    scratch_floats,
-)
-from graph_executor.kernels.pdl import launch_options
-from graph_executor.quant.formats import Int4Groups, tile_major
+from graph_executor.kernels import gemv_splitk
+from graph_executor.kernels.gemv_splitk import SplitKConfig, SplitKScratch, scratch_floats
+from graph_executor.quant.formats import Int4Groups
 
 MATRICES = (("qkv", 12288, 4096, 0), ("o", 4096, 4096, 1), ("gate_up", 22016, 4096, 0), ("down", 4096, 11008, 2))
 
@@ -37,27 +31,16 @@ def random_int4(n: int, k: int, device: torch.device) -> Int4Groups:
     return Int4Groups(codes, scale, -8 * scale, 32)
 
 
-def stored(w: Int4Groups, tiles: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(codes as int32 words, scale, offset), row-major or tile-major with `tiles` = (rows, words)."""
-    codes = w.codes.view(torch.int32)
-    if tiles is None:
-        return codes, w.scale, w.offset
-    rows, words = tiles
-    return tile_major(codes, rows, words), tile_major(w.scale, rows, words // 4), tile_major(w.offset, rows, words // 4)
-
-
-def launch(parts: tuple[torch.Tensor, ...], n: int, k: int, tiles: tuple[int, int] | None, a: torch.Tensor,
-           nw: torch.Tensor, out: torch.Tensor, mode: int, scratch: SplitKScratch, cfg: SplitKConfig) -> None:
-    """gemv_splitk._launch's call (offsets present, no bias), with the storage's tiles passed to the kernel."""
-    codes, scale, offset = parts
-    split = triton.cdiv(k // 8, cfg.block_kw)
-    _splitk_kernel[(triton.cdiv(n, cfg.block_n), split)](
-        codes, scale, offset, a, nw, out, out, scratch.partial, scratch.count, n, k, 1e-5, MODE=mode,
-        HAS_OFFSET=True, ZERO=0.0, HAS_BIAS=False, SPLIT=split, SPLIT_P2=triton.next_power_of_2(split), GROUP=32,
-        BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw, INT4=True, EMULATE=not codes.is_cuda, num_warps=cfg.num_warps,
-        num_stages=1, PDL=cfg.pdl, EARLY=False, FIXUP=False, TILE_N=tiles[0] if tiles else 0,
-        TILE_KW=tiles[1] if tiles else 0, **launch_options(cfg.pdl))
-    launch_reduce(scratch, None, None, out, n, k, 1e-5, mode, split, cfg.pdl)
+def launch(w: Int4Groups, a: torch.Tensor, nw: torch.Tensor, out: torch.Tensor, mode: int, scratch: SplitKScratch,
+           cfg: SplitKConfig) -> None:
+    """The step's call for `mode` (0: out = W @ rmsnorm(a) * nw; 1: out += W @ a; 2: out += W @ SwiGLU(a)) over w,
+    stored as it is (row-major, or tile-major: `w.tiled`)."""
+    if mode == 0:
+        gemv_splitk.rmsnorm_gemv(w, a, nw, 1e-5, out, scratch, cfg=cfg)
+    elif mode == 1:
+        gemv_splitk.gemv_residual(w, a, out, scratch, cfg)
+    else:
+        gemv_splitk.silu_gemv_residual(w, a, out, scratch, cfg)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,14 +67,14 @@ def main(argv: list[str] | None = None) -> None:
         outs, graphs = {}, {}
         init = torch.randn(n, device=device).half()  # the residual each replay starts from (modes 1 and 2)
         for label, t in layouts.items():
-            parts = [stored(w, t) for w in weights]
+            stored = [w if t is None else w.tiled(t) for w in weights]
             out = torch.zeros(n, device=device).half()
 
-            def calls(parts=parts, t=t, out=out, init=init) -> None:
+            def calls(stored=stored, out=out, init=init) -> None:
                 out.copy_(init)
-                for p in parts:
-                    launch(p, n, k, t, a, nw, out, mode, scratch, cfg)
-            graphs[label] = (graphed(calls), parts)
+                for w in stored:
+                    launch(w, a, nw, out, mode, scratch, cfg)
+            graphs[label] = (graphed(calls), stored)
             outs[label] = out
         times: dict[str, list[float]] = {label: [] for label in layouts}
         for _ in range(args.rounds):
