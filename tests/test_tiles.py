@@ -55,7 +55,7 @@ def test_tiled_storage_round_trips_and_dequantizes_to_the_same_values(kind):
 @pytest.mark.parametrize("n, k", [(128, 256), (64, 96)])
 def test_every_packed_kernel_reads_tiled_weights_to_the_row_major_bits(kind, n, k):
     """The prefill GEMM (low-bit tiles; and its split-K), the dequantizing pass, the embedding gather and the decode
-    GEMV: tile-major storage (`decode_tiles`: one whole tile a GEMV program for K = 256 int4, narrower tiles read
+    GEMV: tile-major storage (`decode_tiles`: one whole tile a GEMV program for K = 256, narrower tiles read
     through `tile_offsets` otherwise) against the row-major weight (`same`)."""
     torch.manual_seed(n + k)
     w = QUANTIZERS[kind](torch.randn(n, k, device=DEVICE), 32)
