@@ -75,7 +75,7 @@ def test_fused_steps_over_packed_weights_match_the_reference(hf_folder, method: 
     """FusedPrefill (low-bit GEMM, packed embedding gather) and FusedDecoder (low-bit / FP8 GEMVs) against the
     reference step on the same packed model, every logit compared."""
     model = load_model(LoadConfig(model=str(hf_folder), device=str(DEVICE), dtype="float32", max_context=32,
-                                  progress=False)).model
+                                  progress=False, tile_packed=False)).model  # row-major first, tiled below
     quantize_model(model, quantize_plan(method, 32, model.config), progress=False, keep_packed=True)
     ids = PROMPT.to(DEVICE)
 
@@ -313,7 +313,12 @@ def test_graphs_over_quantized_weights_match_eager_reference(method: str) -> Non
 
     loaded = load_model(LoadConfig(model="dummy:smollm2-135m", device="cuda", dtype="float16", max_context=256,
                                    quantize=method, progress=False))
-    assert isinstance(loaded.model.layers[0].o_proj, {"int4": Int4Groups, "int8": Int8Groups, "fp8": Fp8Rows}[method])
+    layer = loaded.model.layers[0]
+    assert isinstance(layer.o_proj, {"int4": Int4Groups, "int8": Int8Groups, "fp8": Fp8Rows}[method])
+    # the loader stores o_proj and down_proj tile-major (LoadConfig.tile_packed; fp8's down_proj is int8), the rest
+    # row-major: the graphs and the eager reference below read both layouts
+    assert layer.down_proj.tiles is not None and getattr(layer.qkv_proj, "tiles", None) is None
+    assert (getattr(layer.o_proj, "tiles", None) is not None) == (method != "fp8")
     prompt = torch.randint(100, 40000, (37,), generator=torch.Generator().manual_seed(0)).tolist()
     eager, tokens = run_steps(ModelRunner(loaded.model), prompt, None, 32)
     graphs = GraphRunner(loaded.model)

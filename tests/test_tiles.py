@@ -82,5 +82,7 @@ def test_every_packed_kernel_reads_tiled_weights_to_the_row_major_bits(kind, n, 
         scratch = gemv_splitk.SplitKScratch.zeros(gemv_splitk.scratch_floats(w, cfg), n // 32, DEVICE)
         gemv_splitk.gemv_residual(weight, a, out, scratch, cfg)
     assert same(*results)
-    torch.testing.assert_close(results[0].double(), residual.double() + w.dequantize(torch.float64) @ a.double(),
-                               rtol=1e-3, atol=1e-3)
+    want = residual.double().cpu() + w.dequantize(torch.float64).cpu() @ a.double().cpu()
+    # relative to the largest output, as test_gemv_splitk does: on the card an output near zero is ~2e-3 from
+    # float64 on ~4e1 (the same for row-major)
+    assert float((results[0].double().cpu() - want).abs().max() / want.abs().max()) < 1e-4

@@ -33,10 +33,9 @@ class LoadConfig:
     fit_slots: bool = False
     tensor_parallel: int = 1  # ranks the model is split over (graph_executor/tensor_parallel.py)
     tp_rank: int = 0  # which rank's part this process loads
-    # on a GPU, the packed slots quant/tiles.py names (int4's o_proj and down_proj) stored tile-major for the decode
-    # GEMVs (measured -2.7% on the 7B int4 step); False keeps every slot row-major. Off until the tile tests, which
-    # compare within float32 rounding on a GPU, have passed on the card (bench/NOTES.md, thirtieth session)
-    tile_packed: bool = False
+    # on a GPU, the packed slots quant/tiles.py names (int4's and int8's o_proj and down_proj) stored tile-major for
+    # the decode GEMVs (measured on the 7B step, H200: int4 -2.7%, int8 -0.4%); False keeps every slot row-major
+    tile_packed: bool = True
 
     def __post_init__(self) -> None:
         if self.load_format not in LOAD_FORMATS:

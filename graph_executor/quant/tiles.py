@@ -15,12 +15,13 @@ from graph_executor.model import LlamaModel, set_weight
 from graph_executor.quant.formats import Int4Groups, Int8Groups
 from graph_executor.quant.specs import slot_shapes
 
-# What the loader stores tile-major on a GPU (LoadConfig.tile_packed): int4's o_proj and down_proj. Measured (H200,
-# LLaMA-2-7B int4, the step's graph, 5 alternating rounds, bench/NOTES.md thirtieth session): those two tiled 1.754 ->
-# 1.706 ms at context 300 (0.973x), 2.055 -> 2.008 at 2000; every slot tiled 1.756 -> 1.757 (qkv and gate_up read
-# 4% slower tiled, o 10% and down 7.5% faster). int8 is not measured tiled: left row-major.
+# What the loader stores tile-major on a GPU (LoadConfig.tile_packed): o_proj and down_proj, int4 and int8. Measured
+# (H200, LLaMA-2-7B, the step's graph, 5 alternating rounds, bench/NOTES.md thirtieth and thirty-first sessions):
+# int4 with those two tiled 1.754 -> 1.706 ms at context 300 (0.973x), 2.055 -> 2.008 at 2000; every slot tiled
+# 1.756 -> 1.757 (qkv and gate_up read 4% slower tiled, o 10% and down 7.5% faster); int8 with those two tiled
+# 2.341 -> 2.331 (0.996x), 2.642 -> 2.631 at 2000.
 DEFAULT_SLOTS = ("o_proj", "down_proj")
-DEFAULT_KINDS = (Int4Groups,)
+DEFAULT_KINDS = (Int4Groups, Int8Groups)
 TILE_ROWS = 32  # the split-K decode plans' BLOCK_N (fused_decoder.INT4_PLAN, most of INT8_PLAN)
 TILE_WORDS = 128  # and their BLOCK_KW: 32-bit words of codes along K
 
