@@ -145,12 +145,12 @@ def test_tile_major_int4_weights_give_the_row_major_bits(mode, k, tiles):
     row-major call's output (bit for bit under the interpreter; on a GPU the sums' order follows the load's layout:
     both are checked against float64), read one whole tile a program (32 x 128 words) or through tile_offsets
     (32 x 32 tiles under 32 x 128-word programs, K's words not a multiple of 128)."""
-    from bench.probes.tiled_int4 import launch, random_int4
+    from bench.probes.tiled_int4 import launch, random_packed
     from graph_executor.kernels.gemv_splitk import SplitKConfig, SplitKScratch, scratch_floats
 
     torch.manual_seed(mode)
     n, device = 64, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    w = random_int4(n, k, device)
+    w = random_packed(4, n, k, device)
     w = type(w)(w.codes, w.scale, (torch.rand(w.scale.shape, device=device) - 0.5).half() * 0.1, 32)  # either sign
     cfg = SplitKConfig(32, 128, 4, reduce_kernel=True, pdl=device.type == "cuda")
     a = torch.randn(2 * k if mode == 2 else k, device=device).half()

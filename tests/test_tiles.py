@@ -7,7 +7,7 @@ import torch
 from graph_executor.kernels import gemm_lowbit, gemv_splitk
 from graph_executor.quant import rows
 from graph_executor.quant.formats import Int4Groups, Int8Groups, quantize_int4, quantize_int8
-from graph_executor.quant.tiles import decode_tiles
+from graph_executor.quant.tiles import decode_tiles, tiles_for
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 QUANTIZERS = {"int4": quantize_int4, "int8": quantize_int8}
@@ -31,6 +31,9 @@ def test_decode_tiles_follow_the_plans_blocks_and_narrow_where_a_row_needs_it():
     assert decode_tiles(packed("int8", 64, 11008)) == (32, 64)  # 2,752 words
     assert decode_tiles(packed("int4", 64, 96)) == (32, 4)  # one group a tile
     assert decode_tiles(packed("int4", 48, 4096)) is None  # rows not whole blocks of 32
+    assert tiles_for(packed("int4", 128, 4096), 64, 256) == (64, 256)  # other blocks (bench.probes.tiled_int4)
+    assert tiles_for(packed("int8", 64, 11008), 32, 256) == (32, 64)
+    assert tiles_for(packed("int4", 96, 4096), 64, 64) is None
 
 
 @pytest.mark.parametrize("kind", ["int4", "int8"])

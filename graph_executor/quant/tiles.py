@@ -27,17 +27,23 @@ TILE_WORDS = 128  # and their BLOCK_KW: 32-bit words of codes along K
 
 
 def decode_tiles(w: Int4Groups | Int8Groups) -> tuple[int, int] | None:
-    """The tiles `w` is stored in for the decode GEMVs: TILE_ROWS x TILE_WORDS, or along K the largest power of two
-    below it that divides the row's words and holds whole groups (LLaMA-2-7B's down_proj: 1,376 int4 words a row,
-    tiles of 32); None where the rows are not whole blocks of TILE_ROWS or no width fits."""
+    """The tiles `w` is stored in for the decode GEMVs: `tiles_for` TILE_ROWS x TILE_WORDS (LLaMA-2-7B's down_proj:
+    1,376 int4 words a row, tiles of 32 words)."""
+    return tiles_for(w, TILE_ROWS, TILE_WORDS)
+
+
+def tiles_for(w: Int4Groups | Int8Groups, rows: int, words: int) -> tuple[int, int] | None:
+    """Tiles of `rows` x `words` 32-bit code words for `w`, or along K the largest power of two below `words` that
+    divides the row's words and holds whole groups; None where w's rows are not whole blocks of `rows` or no width
+    fits."""
     n, k = w.shape
-    words = k // w.per_word
-    if n % TILE_ROWS:
+    row_words = k // w.per_word
+    if n % rows:
         return None
-    width = TILE_WORDS
+    width = words
     while width >= w.words_per_group:
-        if words % width == 0 and width % w.words_per_group == 0:
-            return TILE_ROWS, width
+        if row_words % width == 0 and width % w.words_per_group == 0:
+            return rows, width
         width //= 2
     return None
 
