@@ -8,7 +8,7 @@ kernel is first checked against a float64 matmul of the format's dequantized wei
 handful of block configs per (shape, T, format) and prints the best.
 
     python -m bench.probes.lowbit_gemm [--tokens 16,64,128,256,512] [--sweep [--sweep-set large]] [--reps 20]
-        [--digits CONFIGS] [--out DIR]
+        [--out DIR]
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 
 from bench.floors import time_gpu
-from graph_executor.kernels import gemm_digits, gemm_lowbit
-from graph_executor.kernels.gemm_digits import DigitsConfig, DigitsScratch
+from graph_executor.kernels import gemm_lowbit
 from graph_executor.kernels.gemm_lowbit import GemmConfig
 from graph_executor.kernels.gemv_splitk import SplitKScratch
 from graph_executor.quant.formats import quantize_fp8, quantize_int4, quantize_int8
@@ -54,14 +53,10 @@ def _nbytes(w) -> int:
     return w.numel() * w.element_size() if isinstance(w, torch.Tensor) else w.nbytes
 
 
-def _op(w, x: torch.Tensor, out: torch.Tensor, cfg: GemmConfig | DigitsConfig | None,
-        scratch: SplitKScratch | None = None, dense: torch.Tensor | None = None):
+def _op(w, x: torch.Tensor, out: torch.Tensor, cfg: GemmConfig | None, scratch: SplitKScratch | None = None,
+        dense: torch.Tensor | None = None):
     """The projection as timed: torch.mm for a dense weight; with `dense` (an [N, K] buffer) the long-prompt path of
-    kernels/projections.py (dequantize into it, then torch.mm); with a DigitsConfig the integer tensor-core GEMM
-    (kernels/gemm_digits.py, its digit pass included); else the low-bit GEMM with cfg."""
-    if isinstance(cfg, DigitsConfig):
-        digit_scratch = DigitsScratch.allocate(x.shape[0], x.shape[1], w.group, x.device)
-        return lambda: gemm_digits.gemm(x, w, out, cfg=cfg, scratch=scratch, digit_scratch=digit_scratch)
+    kernels/projections.py (dequantize into it, then torch.mm); else the low-bit GEMM with cfg."""
     if isinstance(w, torch.Tensor):
         return lambda: torch.mm(x, w.t(), out=out)
     if dense is not None:
@@ -75,7 +70,7 @@ def _rel_error(w, x: torch.Tensor, out: torch.Tensor) -> float:
     return float(((out.double() - ref).abs() / torch.maximum(ref.abs(), ref.pow(2).mean().sqrt())).max())
 
 
-def _time(weights: list, x: torch.Tensor, out: torch.Tensor, cfg: GemmConfig | DigitsConfig | None, reps: int,
+def _time(weights: list, x: torch.Tensor, out: torch.Tensor, cfg: GemmConfig | None, reps: int,
           scratch: SplitKScratch | None = None, dense: torch.Tensor | None = None) -> float:
     """ms per projection: one graph runs it over every copy of the weights (one shared split-K scratch, as in the
     prefill step: a call without one would add an allocation and a memset to each)."""
@@ -109,9 +104,6 @@ def main() -> None:
                     "by a second kernel (GemmConfig.reduce_kernel), printed after the sweep's column")
     ap.add_argument("--dequant", action="store_true", help="also time the long-prompt path (the weight dequantized "
                     "into an fp16 buffer, then torch.mm), printed after the sweep's column")
-    ap.add_argument("--digits", default=None, help="also time kernels/gemm_digits.py (int4 / int8) with its default "
-                    "config and these (comma-separated block_n x block_t x groups x split x warps x stages, e.g. "
-                    "64x16x4x4x4x3), printed after the sweep's column with the default's error")
     ap.add_argument("--out", default=None, help="folder for lowbit_gemm.json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -161,16 +153,6 @@ def main() -> None:
                     r_ms = _time(weights, x, out, reduced, args.reps, scratch)
                     best += f"  reduce kernel {r_ms:.4f} ms ({r_ms / ms:.3f}x)"
                     res["rows"].append({"shape": name, "T": t, "fmt": fmt, "cfg": vars(reduced), "ms": r_ms})
-                if args.digits is not None and fmt in ("int4", "int8"):
-                    d_cfgs = [gemm_digits.default_config(t, n, k)] + [
-                        DigitsConfig(*(int(v) for v in c.split("x"))) for c in args.digits.split(",") if c]
-                    _op(w, x, out, d_cfgs[0], scratch)()
-                    best += f"  digits err {_rel_error(w, x, out):.1e}"
-                    for c in d_cfgs:
-                        d_ms = _time(weights, x, out, c, args.reps, scratch)
-                        best += (f"; {c.block_n}x{c.block_t}x{c.groups}/{c.split} {c.num_warps}w{c.num_stages}s "
-                                 f"{d_ms:.4f} ms ({d_ms / ms:.2f}x)")
-                        res["rows"].append({"shape": name, "T": t, "fmt": fmt, "digits": vars(c), "ms": d_ms})
                 if fmt == "fp16":
                     fp16_ms[t] = ms
                 ratio = f"{fp16_ms[t] / ms:7.2f}" if t in fp16_ms else f"{'-':>7s}"
