@@ -32,10 +32,6 @@ from ipc.step_buffers import MAX_VERIFY_TOKENS, StepBuffers
 
 # Every 32 tokens: a 200-token prompt pays for 224, not 256 (prefill is compute-bound past ~100 tokens).
 DEFAULT_BUCKETS = (16, *range(32, 513, 32))
-# Where the prefill graphs are cut into pieces launched in order (the layer each later piece starts at; () keeps one
-# graph): the card starts on the first piece while the host still submits the rest (a ~300-node graph's launch is
-# ~0.1 ms of host time; bench.probes.graph_pieces).
-PREFILL_CUTS: tuple[int, ...] = ()
 WARMUP_RUNS = 1  # compiles/loads the Triton kernels and makes the cuBLAS workspace of the capture stream
 
 
@@ -77,27 +73,6 @@ class CaptureStats:
     pool_bytes: int = 0  # memory reserved by captures (the shared pool grows as graphs are added)
 
 
-def layer_parts(cuts: Sequence[int], layers: int) -> list[tuple[int, int]]:
-    """Layer ranges [(0, c0), (c0, c1), ..., (c_last, layers)] for rising cut points in 1..layers - 1; cuts at or
-    past the last layer are dropped (a smaller model keeps fewer pieces)."""
-    kept = [c for c in cuts if c < layers]
-    if any(c < 1 for c in kept) or kept != sorted(set(kept)):
-        raise ValueError(f"prefill cuts {tuple(cuts)}: rising layer indices >= 1")
-    edges = [0, *kept, layers]
-    return list(zip(edges[:-1], edges[1:]))
-
-
-class GraphSequence:
-    """One step captured as several graphs, replayed in order on one stream (the prefill in pieces)."""
-
-    def __init__(self, graphs: list[torch.cuda.CUDAGraph]) -> None:
-        self.graphs = graphs
-
-    def replay(self) -> None:
-        for graph in self.graphs:
-            graph.replay()
-
-
 class GraphRunner:
     """Same interface as ModelRunner (`buffers`, `max_context`, `prefill`, `decode`), replaying graphs.
 
@@ -107,7 +82,7 @@ class GraphRunner:
 
     def __init__(self, model: LlamaModel, buffers: StepBuffers | None = None,
                  buckets: tuple[int, ...] = DEFAULT_BUCKETS, decoder: FusedDecoder | None = None,
-                 accepts: bool = True, prefill_cuts: Sequence[int] = PREFILL_CUTS) -> None:
+                 accepts: bool = True) -> None:
         self.model = model
         device = model.embed_tokens.device
         self.buffers = buffers or StepBuffers.allocate(model.config.vocab_size, model.max_context, device,
@@ -119,8 +94,7 @@ class GraphRunner:
                                            decode_rows=model.slots if model.slots > 1 else 0)
         self.stream = torch.cuda.Stream(self.buffers.logits.device)
         self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[str, torch.cuda.CUDAGraph | GraphSequence] = {}
-        self.prefill_parts = layer_parts(prefill_cuts, len(model.layers))  # the prefill graphs' pieces
+        self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
         self.demand: Counter[str] = Counter()  # "prefill_<bucket>" / "extend_<bucket>" -> prompts that took it
         # Fused kernels: 7 launches per decoder layer in decode, ~10 in prefill.
         self.decoder = decoder or FusedDecoder(model)
@@ -343,9 +317,9 @@ class GraphRunner:
     def _decode_body(self) -> None:
         self.decoder.step(self.buffers.token, self.static.position, self.buffers.logits)
 
-    def _prefill_body(self, bucket: int, part: tuple[int, int] | None = None) -> None:
+    def _prefill_body(self, bucket: int) -> None:
         ids, positions = self.buffers.slot_ids(0)[:bucket], self.static.arange[:bucket]
-        self.prefiller.run(ids, positions, self.static.logits_index, self.buffers.logits, part=part)
+        self.prefiller.run(ids, positions, self.static.logits_index, self.buffers.logits)
 
     def _verify_body(self, num_tokens: int) -> None:
         s, n = self.static, num_tokens
@@ -421,21 +395,18 @@ class GraphRunner:
         torch.cuda.current_stream().wait_stream(self.stream)
         torch.cuda.synchronize()
         self.stats.warmup_seconds[name] = round(time.perf_counter() - start, 4)
-        pieces = self._pieces(name, body)
-        graphs = [torch.cuda.CUDAGraph() for _ in pieces]
+        graph = torch.cuda.CUDAGraph()
         # No collection during the capture. Disabling the collector (not freeze/unfreeze) leaves the process's own
         # freeze alone: unfreezing here once put ~170k start-up objects back in the oldest generation, whose
         # next full collection (~0.1 s) then landed inside some token gap (issue 12).
         enabled = gc.isenabled()
         gc.disable()
         try:
-            for graph, piece in zip(graphs, pieces, strict=True):
-                with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
-                    piece()
+            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+                body()
         finally:
             if enabled:
                 gc.enable()
-        graph = graphs[0] if len(graphs) == 1 else GraphSequence(graphs)
         graph.replay()  # the first launch uploads the graph (~ms for a large one): here, not in a request's step
         torch.cuda.synchronize()
         torch.arange(self.static.arange.shape[0], out=self.static.arange)
@@ -466,14 +437,6 @@ class GraphRunner:
     def capture_all(self) -> None:
         while self.capture_next() is not None:
             pass
-
-    def _pieces(self, name: str, body: Callable[[], None]) -> list[Callable[[], None]]:
-        """What `capture` captures as separate graphs: a prefill graph's layer ranges (`prefill_parts`), else the
-        body whole."""
-        if not name.startswith("prefill_") or len(self.prefill_parts) == 1:
-            return [body]
-        bucket = int(name.removeprefix("prefill_"))
-        return [lambda part=part: self._prefill_body(bucket, part) for part in self.prefill_parts]
 
     def _body(self, name: str):
         if name == "decode":

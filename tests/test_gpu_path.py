@@ -51,30 +51,6 @@ def test_graph_replay_matches_eager() -> None:
     assert worst < 1e-3, worst
 
 
-def test_prefill_graphs_in_pieces_give_the_whole_graphs_bits() -> None:
-    """`GraphRunner(prefill_cuts=)`: each prefill graph captured as layer ranges replayed in order gives the one-graph
-    runner's logits bit for bit, on the short-prompt and the GEMM paths, and decodes on from the same cache."""
-    from graph_executor.graphs import GraphSequence
-
-    cfg = LoadConfig(model="dummy:smollm2-135m", device="cuda", dtype="float16", max_context=256, progress=False)
-    model = load_model(cfg).model
-    runs = {}
-    for cuts in ((), (1, 4)):
-        graphs = GraphRunner(model, buckets=(16, 64), prefill_cuts=cuts)
-        for name in ("decode", "prefill_16", "prefill_64"):
-            graphs.capture(name)
-        assert isinstance(graphs.graphs["prefill_16"], GraphSequence) == bool(cuts)
-        if cuts:  # three pieces: layer 0, layers 1-3, the rest
-            assert all(len(graphs.graphs[n].graphs) == 3 for n in ("prefill_16", "prefill_64"))
-        for n in (10, 50):
-            prompt = torch.randint(100, 40000, (n,), generator=torch.Generator().manual_seed(n)).tolist()
-            runs[cuts, n] = run_steps(graphs, prompt, 4)
-        del graphs
-    for n in (10, 50):
-        (whole, tokens), (pieces, tokens_pieces) = runs[(), n], runs[(1, 4), n]
-        assert tokens == tokens_pieces and all(torch.equal(a, b) for a, b in zip(whole, pieces))
-
-
 def test_capture_after_a_long_prompt_ran_eagerly() -> None:
     """Graphs are captured while idle, after whatever requests came first: a long prompt served before the small
     buckets were captured must not break their capture (its logits row is out of their range)."""

@@ -261,15 +261,3 @@ def test_fused_prefill_matches_model_forward(case, arch, tmp_path) -> None:
         assert torch.equal(logits, whole)
         with pytest.raises(ValueError, match="part: layers"):
             prefill.run(*args, part=(1, layers + 1))
-
-
-def test_layer_parts_cut_a_step_into_rising_ranges() -> None:
-    from graph_executor.graphs import layer_parts
-
-    assert layer_parts((), 30) == [(0, 30)]
-    assert layer_parts((1, 4), 30) == [(0, 1), (1, 4), (4, 30)]
-    assert layer_parts((1, 4, 40), 2) == [(0, 1), (1, 2)]  # cuts past a small model's last layer are dropped
-    with pytest.raises(ValueError, match="rising"):
-        layer_parts((4, 1), 30)
-    with pytest.raises(ValueError, match="rising"):
-        layer_parts((0, 3), 30)

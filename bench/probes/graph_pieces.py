@@ -20,8 +20,15 @@ import time
 import torch
 
 from graph_executor.fused_prefill import FusedPrefill
-from graph_executor.graphs import layer_parts
 from graph_executor.loading.loader import LoadConfig, load_model
+
+
+def parts(cuts: list[int], layers: int) -> list[tuple[int, int]]:
+    """Layer ranges [(0, c0), (c0, c1), ..., (c_last, layers)] for the cut points (each in 1..layers - 1, rising)."""
+    if any(not 0 < c < layers for c in cuts) or cuts != sorted(set(cuts)):
+        raise ValueError(f"cuts {cuts}: rising layer indices in 1..{layers - 1}")
+    edges = [0, *cuts, layers]
+    return list(zip(edges[:-1], edges[1:]))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -49,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
             logits = torch.empty(model.config.vocab_size, device=device)
             variants = {}
             for spec in args.cuts.split(";"):
-                ranges = [(0, layers)] if spec == "whole" else layer_parts([int(c) for c in spec.split(",")], layers)
+                ranges = [(0, layers)] if spec == "whole" else parts([int(c) for c in spec.split(",")], layers)
                 graphs = []
                 for part in ranges:
                     prefill.run(ids, positions, index, logits, part=part)  # warm-up (compiles) outside the capture
