@@ -65,16 +65,13 @@ class FusedPrefill:
 
     @torch.inference_mode()
     def run(self, ids: torch.Tensor, positions: torch.Tensor, logits_index: torch.Tensor, logits: torch.Tensor,
-            from_cache: bool = False, slot: int = 0, slots: torch.Tensor | None = None,
-            part: tuple[int, int] | None = None) -> torch.Tensor:
+            from_cache: bool = False, slot: int = 0, slots: torch.Tensor | None = None) -> torch.Tensor:
         """ids, positions [T] int64; logits_index [1] int64; logits [vocab] float32, written in place.
         from_cache False: a prompt from position 0 (positions = 0..T-1), causal attention over the T new tokens
         (SDPA); True: any positions (read on the device), attention over the cache up to each token's position
         (`extend_attention`: a prompt continuing a sequence in the cache, or a chunk of a longer one). `slot`:
         the KV slot whose caches the prompt fills; or `slots` ([T] int64 on the device, every row the same slot;
-        from_cache only): the slot read on the device, so that one captured graph serves every slot. `part`: only
-        layers [first, stop) (the embedding with the first, the logits with the last layer), so that a step can run
-        as several launches in order over the same row buffers; None: all of it."""
+        from_cache only): the slot read on the device, so that one captured graph serves every slot."""
         cfg = self.model.config
         t = ids.shape[0]
         if cfg.sliding_window is not None and t > cfg.sliding_window:
@@ -93,13 +90,7 @@ class FusedPrefill:
                 enable_gqa=True)  # [1, nh, T, hd]
             return attn[0].transpose(0, 1).reshape(t, cfg.q_size)
 
-        layers = len(self.model.layers)
-        first, stop = part if part is not None else (0, layers)
-        if not 0 <= first < stop <= layers:
-            raise ValueError(f"part: layers [{first}, {stop}) of {layers}")
-        x = self.layers(ids, positions, attend, slot, slots, first, stop)
-        if stop < layers:
-            return logits
+        x = self.layers(ids, positions, attend, slot, slots)
         last = x.index_select(0, logits_index)  # [1, H]
         out = self.collectives.logits_target(logits)
         rmsnorm_gemv(self.model.lm_head, last[0], self.model.norm, cfg.rms_norm_eps, out)
@@ -107,28 +98,24 @@ class FusedPrefill:
 
     def layers(self, ids: torch.Tensor, positions: torch.Tensor,
                attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], slot: int = 0,
-               slots: torch.Tensor | None = None, first: int = 0, stop: int | None = None) -> torch.Tensor:
+               slots: torch.Tensor | None = None) -> torch.Tensor:
         """The embedding and every decoder layer over T token rows (this step's row buffers); returns the residual
         stream [T, H]. `attend(q, cache, out)`: the attention of the rows' RoPE'd queries q [T, heads, hd] over one
         layer's cache [2, nkv, C, hd] (slot `slot`'s, or slot 0's when `slots` [T] gives each row's slot on the
         device), as [T, heads * hd], with out [T, heads, hd] to write into. The mixed step shares it
-        (`fused_mixed.py`): the two differ only in their attention. Only layers [first, stop) (None: to the last),
-        the embedding with layer 0."""
+        (`fused_mixed.py`): the two differ only in their attention."""
         m, cfg, c = self.model, self.model.config, self.collectives
         t, eps = ids.shape[0], cfg.rms_norm_eps
         b = self.buffers.rows(t)
         x, h, qkv, q, gate_up, act = b.x, b.h, b.qkv, b.q, b.gate_up, b.act
         stride = m.kv_caches.stride(0)  # elements from one slot's caches to the next's
         f8, dq = self.fp8_scaled_mm_rows, self.dequantize_rows
-        stop = len(m.layers) if stop is None else stop
-        if first == 0:
-            embedding(m.embed_tokens, ids, x)
+        embedding(m.embed_tokens, ids, x)
         rows = self.short_plan.configs(t)
         if rows is not None and all(isinstance(w, torch.Tensor) for layer in m.layers for w in (
                 layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)):
-            return self._short_layers(x, b, positions, attend, rows, slot, slots, stride, first, stop)
-        for index in range(first, stop):
-            layer = m.layers[index]
+            return self._short_layers(x, b, positions, attend, rows, slot, slots, stride)
+        for index, layer in enumerate(m.layers):
             cache = m.kv_caches[slot if slots is None else 0, index]  # [2, nkv, C, hd]; with `slots`, slot 0's
             rmsnorm_rows(x, layer.attn_norm, eps, h)
             matmul(h, layer.qkv_proj, qkv, bias=layer.qkv_bias, scratch=self.scratch, fp8_scaled_mm_rows=f8,
@@ -153,12 +140,11 @@ class FusedPrefill:
     def _short_layers(self, x: torch.Tensor, b: RowActivations, positions: torch.Tensor,
                       attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
                       rows: prefill_plan.ShortPromptConfigs, slot: int, slots: torch.Tensor | None,
-                      stride: int, first: int, stop: int) -> torch.Tensor:
+                      stride: int) -> torch.Tensor:
         """`layers` for a short prompt over dense weights: the multi-row GEMVs with their fusions."""
         m, cfg, c, sc = self.model, self.model.config, self.collectives, self.scratch
         eps = cfg.rms_norm_eps
-        for index in range(first, stop):
-            layer = m.layers[index]
+        for index, layer in enumerate(m.layers):
             cache = m.kv_caches[slot if slots is None else 0, index]  # [2, nkv, C, hd]
             gemv_rows.rmsnorm_gemv_rows(layer.qkv_proj, x, layer.attn_norm, eps, b.qkv, bias=layer.qkv_bias,
                                         cfg=rows.qkv, scratch=sc)
