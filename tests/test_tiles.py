@@ -52,6 +52,10 @@ def test_tiled_storage_round_trips_and_dequantizes_to_the_same_values(kind):
         w.tiled((48, 16))
     with pytest.raises(ValueError, match="before tiling"):
         rows.part(t, (slice(0, 32),))
+    with pytest.raises(ValueError, match="before tiling"):
+        rows.row_slice(t, 0, 32)
+    with pytest.raises(ValueError, match="before tiling"):
+        rows.select_rows(t, torch.tensor([0, 3]))
 
 
 @pytest.mark.parametrize("kind", ["int4", "int8"])

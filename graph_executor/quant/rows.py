@@ -22,10 +22,16 @@ def shape(w: Weight) -> tuple[int, int]:
     return tuple(w.shape)
 
 
+def _row_major(w: Weight, what: str) -> None:
+    if getattr(w, "tiles", None) is not None:
+        raise ValueError(f"a tile-major {type(w).__name__} weight cannot be {what}: do it before tiling")
+
+
 def row_slice(w: Weight, start: int, end: int) -> Weight:
     """Rows [start, end) as a view (writes go to `w`)."""
     if isinstance(w, torch.Tensor):
         return w[start:end]
+    _row_major(w, "sliced")
     return replace(w, **{name: t[start:end] for name, t in _parts(w).items()})
 
 
@@ -33,6 +39,7 @@ def select_rows(w: Weight, index: torch.Tensor) -> Weight:
     """Rows `index` ([R] int64) as a new weight of the same format."""
     if isinstance(w, torch.Tensor):
         return w.index_select(0, index)
+    _row_major(w, "indexed by rows")
     return replace(w, **{name: t.index_select(0, index).contiguous() for name, t in _parts(w).items()})
 
 
@@ -43,8 +50,7 @@ def part(w: Weight, index: tuple[slice, ...]) -> Weight:
     ValueError otherwise."""
     if isinstance(w, torch.Tensor):
         return w[index]
-    if getattr(w, "tiles", None) is not None:
-        raise ValueError(f"a tile-major {type(w).__name__} weight cannot be sliced: slice it before tiling")
+    _row_major(w, "sliced")
     if len(index) == 1:
         rows = index[0]
         return replace(w, **{name: t[rows].contiguous() for name, t in _parts(w).items()})
