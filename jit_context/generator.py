@@ -70,6 +70,12 @@ class PrefillProgress:
 
 
 @dataclass(frozen=True)
+class PrefillSent:
+    """Yielded once the prompt's last prefill chunk is sent (only when `generate(..., yield_when_sent=True)`), so the
+    caller can tell its client the request started without delaying the send."""
+
+
+@dataclass(frozen=True)
 class GenerationResult:
     text: str
     token_ids: list[int]
@@ -153,9 +159,11 @@ class Generator:
         check_prompt(prompt_ids, self.port.max_context)
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, start_time: float | None = None,
-                 yield_during_prefill: bool = False) -> Iterator[Chunk | PrefillProgress | GenerationResult]:
+                 yield_during_prefill: bool = False,
+                 yield_when_sent: bool = False) -> Iterator[Chunk | PrefillProgress | PrefillSent | GenerationResult]:
         """Yield one Chunk per generated token (its text may be empty while held back), then a GenerationResult;
-        with `yield_during_prefill`, also a PrefillProgress after each prefill chunk but the last.
+        with `yield_during_prefill`, also a PrefillProgress after each prefill chunk but the last; with
+        `yield_when_sent`, a PrefillSent right after the last one is sent.
 
         The host reads token k (TokenReader, an asynchronous copy) only after decode k is enqueued, so the
         device never waits for the host; after a stop the one step in flight is discarded."""
@@ -177,6 +185,8 @@ class Generator:
         last_start = cached + (n - 1 - cached) // chunk * chunk
         self.port.prefill(n - last_start, last_start)  # its logits are the first token's
         sent_ms = (time.perf_counter() - start) * 1e3
+        if yield_when_sent:
+            yield PrefillSent()
         # overlaps with the executor launching the prefill
         self.sampler.start_request(params, prompt_ids, end_ids=end_ids(params, self.eos_token_ids))
         out = RequestOutput(self.tokenizer, self.eos_token_ids, self.port.max_context, params, prompt_ids, start)

@@ -174,6 +174,30 @@ def test_queued_request_whose_client_left_is_dropped_before_its_prefill(rig, ref
     assert rig.jit.status()["metrics"]["finished"].get("abort") == 1
 
 
+def test_a_request_at_an_idle_server_hears_started_after_its_prefill_is_sent(rig, reference) -> None:  # noqa: F811
+    """Started's encode and send are off the way to the executor for a request that finds the server idle (told
+    right after its prefill is sent); one queued behind another is told first (its client may have left)."""
+    from ipc.messages import Started, TokenChunk
+
+    order: list[str] = []
+    port, jit = rig.jit.generator.port, rig.jit
+    prefill, send_started = port.prefill, jit._send_started
+    port.prefill = lambda *a, **k: (order.append("prefill"), prefill(*a, **k))[1]  # spies: call through
+    jit._send_started = lambda p: (order.append(f"started {p.request_id}"), send_started(p))[1]
+    try:
+        a, b = rig.peer(), rig.peer()
+        a.generate("a", PROMPTS["a"], params=greedy(4))
+        rig.until(lambda: rig.active_id() == "a")
+        b.generate("b", PROMPTS["b"], params=greedy(3))
+        rig.until(rig.idle)
+    finally:
+        del port.prefill, jit._send_started  # the instances' own methods again
+    assert order == ["prefill", "started a", "started b", "prefill"]
+    for peer, rid, n in ((a, "a", 4), (b, "b", 3)):
+        assert [type(m) for m in peer.replies(rid)][:2] == [Started, TokenChunk]
+        assert peer.final(rid).token_ids == reference(PROMPTS[rid], n).token_ids
+
+
 def test_long_cpu_prompt_prefills_in_chunks_with_clients_answered_between(rig, reference) -> None:  # noqa: F811
     from ipc.messages import Status, StatusReply, TokenChunk
 
