@@ -602,8 +602,10 @@ class DetokenizeReply(Message):
 
 @dataclass(frozen=True)
 class Started(Message):
-    """The request leaves the queue for the executor. Sent first, so that a client gone while its request
-    waited is found (its identity no longer routes) before its prompt is prefilled; clients skip it."""
+    """The request leaves the queue for the executor; the first message of its answer. For a request that waited
+    behind another it is sent before the prefill, so that a client gone meanwhile is found (its identity no longer
+    routes) before its prompt is prefilled; for one that found the server idle, right after the prefill is sent
+    (off the way to the executor). Clients skip it."""
 
     TAG: ClassVar[int] = 28
     request_id: str
