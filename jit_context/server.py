@@ -335,9 +335,10 @@ class JitServer:
         """A queued request is told Started first (and dropped if its client left); one that found the server idle
         is told right after its prefill is sent (`PrefillSent`): the message's encode and send are then not on the
         way to the executor (~0.03-0.09 ms on the CPU machine)."""
-        if pending.queued and not self._announce(pending):
-            return
-        if not pending.queued:
+        if pending.queued:
+            if not self._announce(pending):
+                return
+        else:
             pending.started = time.perf_counter()
         self.active = pending
         self.executor.request_id = pending.request_id

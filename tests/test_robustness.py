@@ -198,6 +198,27 @@ def test_a_request_at_an_idle_server_hears_started_after_its_prefill_is_sent(rig
         assert peer.final(rid).token_ids == reference(PROMPTS[rid], n).token_ids
 
 
+def test_a_client_gone_before_its_idle_request_started_ends_it_after_the_prefill(rig, reference) -> None:  # noqa: F811
+    """At an idle server the prefill goes first: a client whose identity no longer routes is found by Started, right
+    after it; the request ends there (aborted, counted once), and the server serves the next one."""
+    import time
+
+    from jit_context.sampling_params import SamplingParams
+    from jit_context.server import Pending
+
+    aborted = rig.jit.status()["metrics"]["finished"].get("abort", 0)
+    steps = rig.jit.executor._step
+    rig.jit.queue.append(Pending(b"gone-client", "gone", list(PROMPTS["a"]), SamplingParams(max_tokens=4),
+                                 time.perf_counter()))  # as _enqueue leaves a request that found the server idle
+    rig.until(rig.idle)
+    assert rig.jit.executor._step - steps == 1  # its prefill, nothing after
+    assert rig.jit.status()["metrics"]["finished"].get("abort", 0) == aborted + 1
+    a = rig.peer()
+    a.generate("after", PROMPTS["a"], params=greedy(3))
+    rig.until(lambda: a.final("after") is not None)
+    assert a.final("after").token_ids == reference(PROMPTS["a"], 3).token_ids
+
+
 def test_long_cpu_prompt_prefills_in_chunks_with_clients_answered_between(rig, reference) -> None:  # noqa: F811
     from ipc.messages import Status, StatusReply, TokenChunk
 
