@@ -376,7 +376,8 @@ def embedding(w: PackedWeight, ids: torch.Tensor, out: torch.Tensor,
     return out
 
 
-def dequantize(w: PackedWeight, out: torch.Tensor, block_r: int = 16, block_k: int = 256) -> torch.Tensor:
+def dequantize(w: PackedWeight, out: torch.Tensor, block_r: int = 16, block_k: int = 256,
+               num_warps: int = 4) -> torch.Tensor:
     """out [N, K] (float16, bfloat16 or float32) = the weights w holds, each formed in float32 and rounded once
     (Fp8Rows: code * row scale). For long prompts, where a dense GEMM on tensor cores beats the low-bit one."""
     _check_weight(w)
@@ -387,5 +388,6 @@ def dequantize(w: PackedWeight, out: torch.Tensor, block_r: int = 16, block_k: i
     # dequantization bit for bit on a GPU too
     _dequantize_kernel[(triton.cdiv(n, block_r), triton.cdiv(k, block_k))](*fmt_ptrs, out, n, k, **fmt,
                                                                            BLOCK_R=block_r, BLOCK_K=block_k,
+                                                                           num_warps=num_warps,
                                                                            enable_fp_fusion=False)
     return out
