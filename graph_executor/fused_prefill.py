@@ -18,11 +18,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from graph_executor.dequantize_ahead import DequantizeAhead
 from graph_executor.kernels import gemv_rows, prefill_plan, projections
 from graph_executor.kernels import pdl as pdl_launch
 from graph_executor.kernels.extend_attention import ExtendWorkspace, extend_attention
-from graph_executor.kernels.projections import embedding, prefill_scratch, rmsnorm_gemv
+from graph_executor.kernels.projections import embedding, matmul, prefill_scratch, rmsnorm_gemv
 from graph_executor.kernels.rope_append import rope_append
 from graph_executor.kernels.rows import rmsnorm_rows, silu_mul_rows
 from graph_executor.model import LlamaModel
@@ -34,15 +33,12 @@ class FusedPrefill:
     def __init__(self, model: LlamaModel, max_tokens: int,
                  short_plan: prefill_plan.ShortPromptPlan | None = None,
                  fp8_scaled_mm_rows: int | None = None,
-                 dequantize_rows: projections.DequantizeRows = projections.DEQUANTIZE_ROWS,
-                 dequantize_ahead: int = 0) -> None:
+                 dequantize_rows: projections.DequantizeRows = projections.DEQUANTIZE_ROWS) -> None:
         """`short_plan`: which prompts take the multi-row GEMVs, with which configs (None: the plan measured for
         this model's hidden size; `prefill_plan.CUBLAS_ONLY`: none). `fp8_scaled_mm_rows`: prompts of this many rows
         and more run their FP8 projections on the FP8 tensor cores, activations quantized per token
         (`projections.matmul`); None: never (W8A8: an opt-in). `dequantize_rows`: from how many rows, per format,
-        packed projections are dequantized for cuBLAS instead of the low-bit GEMM. `dequantize_ahead` > 0 (a GPU
-        with packed weights): those dequantizing passes run on a second stream into that many buffers, ahead of the
-        GEMMs (`dequantize_ahead.py`); 0: each right before its GEMM, on the step's stream."""
+        packed projections are dequantized for cuBLAS instead of the low-bit GEMM."""
         self.model = model
         self.fp8_scaled_mm_rows = fp8_scaled_mm_rows
         self.dequantize_rows = dequantize_rows
@@ -66,9 +62,6 @@ class FusedPrefill:
              for (n, k), rc in zip(shapes, configs.all(), strict=True)],
             prefill_scratch(weights, max_tokens, device, dequantize_rows), device)
         self.collectives = StepCollectives(model.tp, 1, cfg.vocab_size, device)  # a tensor-parallel rank's
-        packed = [w for w in weights if not isinstance(w, torch.Tensor)]
-        self.ahead = (DequantizeAhead.allocate(packed, model.dtype, device, dequantize_ahead)
-                      if dequantize_ahead and packed and device.type == "cuda" else None)
 
     @torch.inference_mode()
     def run(self, ids: torch.Tensor, positions: torch.Tensor, logits_index: torch.Tensor, logits: torch.Tensor,
@@ -122,40 +115,26 @@ class FusedPrefill:
         if rows is not None and all(isinstance(w, torch.Tensor) for layer in m.layers for w in (
                 layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)):
             return self._short_layers(x, b, positions, attend, rows, slot, slots, stride)
-        ahead = None
-        if self.ahead is not None:
-            order = [w for layer in m.layers for w in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj,
-                                                       layer.down_proj) if projections.dequantizes(t, w, f8, dq)]
-            ahead = self.ahead.begin(order) if order else None
-        taken = 0
-
-        def matmul(a: torch.Tensor, w: projections.Weight, out: torch.Tensor, **kw) -> None:
-            nonlocal taken
-            if ahead is None or not projections.dequantizes(t, w, f8, dq):
-                projections.matmul(a, w, out, scratch=self.scratch, fp8_scaled_mm_rows=f8, dequantize_rows=dq, **kw)
-                return
-            projections.matmul(a, ahead.take(taken), out, **kw)
-            ahead.release(taken)
-            taken += 1
-
         for index, layer in enumerate(m.layers):
             cache = m.kv_caches[slot if slots is None else 0, index]  # [2, nkv, C, hd]; with `slots`, slot 0's
             rmsnorm_rows(x, layer.attn_norm, eps, h)
-            matmul(h, layer.qkv_proj, qkv, bias=layer.qkv_bias)
+            matmul(h, layer.qkv_proj, qkv, bias=layer.qkv_bias, scratch=self.scratch, fp8_scaled_mm_rows=f8,
+                   dequantize_rows=dq)
             rope_append(qkv, positions, m.rope, q, cache[0], cache[1], cfg.num_heads, cfg.num_kv_heads,
                         cfg.head_dim, slots=slots, slot_stride=stride)
             attn = attend(q, cache, b.attn)  # [T, nh * hd]
             c.before_residual(x)
-            matmul(attn, layer.o_proj, x, accumulate=True)
+            matmul(attn, layer.o_proj, x, accumulate=True, scratch=self.scratch, fp8_scaled_mm_rows=f8,
+                   dequantize_rows=dq)
             c.after_residual(x)
             rmsnorm_rows(x, layer.mlp_norm, eps, h)
-            matmul(h, layer.gate_up_proj, gate_up)
+            matmul(h, layer.gate_up_proj, gate_up, scratch=self.scratch, fp8_scaled_mm_rows=f8,
+                   dequantize_rows=dq)
             silu_mul_rows(gate_up, act)
             c.before_residual(x)
-            matmul(act, layer.down_proj, x, accumulate=True)
+            matmul(act, layer.down_proj, x, accumulate=True, scratch=self.scratch, fp8_scaled_mm_rows=f8,
+                   dequantize_rows=dq)
             c.after_residual(x)
-        if ahead is not None:
-            ahead.finish()
         return x
 
     def _short_layers(self, x: torch.Tensor, b: RowActivations, positions: torch.Tensor,

@@ -393,13 +393,9 @@ for step in "${steps[@]}"; do
           timeout 120 python3 -m bench.probes.packed_plans --quantize fp8 --contexts 300 \
             --plans "default;all=f;default;all=f" > "$OUT/adopt25_fp8.md" 2>&1
           echo "fp8 steps: rc=$?"; cat "$OUT/adopt25_fp8.md" ;;
-    dqahead) # issue 10's packed TTFT from 128 rows: the dequantize-ahead tests (second stream, same bits), then
-             # bench.probes.dequantize_pass (the pass's block configs per slot; whole 7B prefill steps with the passes
-             # in stream and ahead at 2 and 3 buffers) (~4 min)
-          timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_dequantize_ahead.py \
-            > "$OUT/dqahead_tests.log" 2>&1
-          echo "dqahead tests: rc=$? $(tail -1 "$OUT/dqahead_tests.log")"
-          timeout 330 python3 -m bench.probes.dequantize_pass > "$OUT/dequantize_pass.md" 2>&1
+    dqpass) # issue 10's packed TTFT from 128 rows: bench.probes.dequantize_pass, the dequantizing pass's block
+            # configs per slot, int4 and int8 7B (~2 min)
+          timeout 300 python3 -m bench.probes.dequantize_pass > "$OUT/dequantize_pass.md" 2>&1
           echo "dequantize_pass: rc=$?"; cat "$OUT/dequantize_pass.md" ;;
     formats) # issue 10: the formats bench alone (the `quant` step without its tests; ~4 min)
           timeout 400 python3 -m launch.cli bench --quiet --model dummy:llama-2-7b --engines hybridrt-executor \

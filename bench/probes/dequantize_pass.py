@@ -1,16 +1,13 @@
-"""GPU probe (issue 10's packed TTFT from 128 prompt rows): what the dequantizing pass costs and what hides it.
+"""GPU probe (issue 10's packed TTFT from 128 prompt rows): the dequantizing pass alone, per block config.
 
-From `projections.DequantizeRows` rows up each packed projection of the prefill is dequantized whole (codes in,
-2 bytes a weight out) and multiplied by cuBLAS; at 500 tokens on LLaMA-2-7B that pass is most of the int4 prefill's
-~5 ms over fp16's. Two questions, one process:
+From `projections.DequantizeRows` rows up each packed projection of the prefill is dequantized whole (codes in, 2
+bytes a weight out) and multiplied by cuBLAS; at 500 tokens on LLaMA-2-7B that pass is most of the int4 prefill's
+~4 ms over fp16's. Per projection slot, all layers of that slot in one CUDA graph, per block config (rows x columns
+a program, warps): ms and TB/s of the bytes it moves (packed weight in + dense weight out). (The thirty-second
+session also ran the passes on a second stream ahead of the GEMMs, whole 7B prefill steps: no gain; commit 1a9998d
+holds that part.)
 
-1. `--configs`: the pass alone per projection slot, all layers of that slot in one CUDA graph, per block config
-   (rows x columns a program, warps): ms and TB/s of the bytes it moves (packed weight in + dense weight out).
-2. `--tokens`: whole prefill steps (`FusedPrefill.run` as CUDA graphs, alternating rounds) of the fp16 model and of
-   each packed format with the passes on the step's stream (ahead 0) or on a second stream ahead of the GEMMs
-   (`dequantize_ahead.py`, ahead = buffers), with the logits' largest difference from ahead 0 (expected: 0).
-
-    python -m bench.probes.dequantize_pass [--model llama-2-7b] [--quantize int4,int8] [--tokens 128,256,512]
+    python -m bench.probes.dequantize_pass [--model llama-2-7b] [--quantize int4,int8] [--configs 16x256x4,...]
 """
 
 from __future__ import annotations
@@ -21,10 +18,9 @@ import statistics
 import torch
 
 from bench.floors import time_gpu
-from bench.probes.prefill_steps import dummy_models, prefill_rounds
+from bench.probes.prefill_steps import dummy_models
 from bench.probes.verify_plan import graphed
 from graph_executor.kernels import gemm_lowbit
-from graph_executor.kernels.projections import DequantizeRows
 
 SLOTS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 CONFIGS = "16x256x4,8x512x4,16x512x4,16x512x8,32x256x4,32x256x8,32x512x8,64x256x8,64x512x8,8x1024x4,8x1024x8"
@@ -62,37 +58,15 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="llama-2-7b", help="a dummy preset")
     ap.add_argument("--quantize", default="int4,int8", help="comma list of packed formats")
-    ap.add_argument("--configs", default=CONFIGS, help="comma list of ROWSxCOLSxWARPS for part 1; '' skips it")
-    ap.add_argument("--tokens", default="128,256,512", help="comma list of prompt lengths for part 2; '' skips it")
-    ap.add_argument("--ahead", default="0,2,3", help="comma list of dequantize_ahead values for part 2")
-    ap.add_argument("--rounds", type=int, default=5, help="rounds (alternating in part 2)")
+    ap.add_argument("--configs", default=CONFIGS, help="comma list of ROWSxCOLSxWARPS")
+    ap.add_argument("--rounds", type=int, default=5, help="timed rounds per config (median)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("dequantize_pass: needs a CUDA GPU; none is visible")
     formats = args.quantize.split(",")
-    tokens = [int(t) for t in args.tokens.split(",") if t]
-    models = dummy_models(args.model, [None, *formats] if tokens else formats, max(tokens, default=16))
+    models = dummy_models(args.model, formats, 16)
     print(f"dummy:{args.model} on {torch.cuda.get_device_name()}")
-    if args.configs:
-        pass_table(models, formats, [parse_config(c) for c in args.configs.split(",")], args.rounds)
-    if not tokens:
-        return
-    aheads = [int(a) for a in args.ahead.split(",")]
-    always = DequantizeRows(1, 1, 1)  # every packed projection dequantized, whatever the length
-    variants = [("fp16", None, {})] + [(f"{q} ahead {a}", q, {"dequantize_ahead": a, "dequantize_rows": always})
-                                       for q in formats for a in aheads]
-    print(f"\nprefill step, CUDA graph replays, median of {args.rounds} alternating rounds; every packed projection "
-          "dequantized for cuBLAS")
-    print("| tokens | variant | ms | vs fp16 | logits max abs diff vs the format's first |")
-    print("|---|---|---|---|---|")
-    for t in tokens:
-        times, logits = prefill_rounds(models, t, [(q, o) for _, q, o in variants], args.rounds)
-        base = {}
-        for (name, q, _), ms, out in zip(variants, times, logits, strict=True):
-            ref = base.setdefault(q, out)
-            print(f"| {t} | {name} | {ms:.3f} | {ms / times[0]:.3f} | {float((out - ref).abs().max()):.2e} |",
-                  flush=True)
-        torch.cuda.empty_cache()
+    pass_table(models, formats, [parse_config(c) for c in args.configs.split(",")], args.rounds)
 
 
 if __name__ == "__main__":

@@ -175,17 +175,6 @@ def prefill_scratch(weights: list[Weight], max_tokens: int, device: torch.device
     return SplitKScratch.zeros(floats, counters, device)
 
 
-def dequantizes(rows: int, w: Weight, fp8_scaled_mm_rows: int | None = None,
-                dequantize_rows: DequantizeRows = DEQUANTIZE_ROWS) -> bool:
-    """Whether `matmul` over `rows` prompt rows dequantizes w whole for cuBLAS (a caller may then pass it w already
-    dequantized: graph_executor/dequantize_ahead.py)."""
-    if isinstance(w, torch.Tensor):
-        return False
-    if fp8_scaled_mm_rows is not None and isinstance(w, Fp8Rows) and rows >= fp8_scaled_mm_rows:
-        return False
-    return rows >= dequantize_rows.for_weight(w)
-
-
 def matmul(x: torch.Tensor, w: Weight, out: torch.Tensor, bias: torch.Tensor | None = None,
            accumulate: bool = False, scratch: SplitKScratch | None = None,
            fp8_scaled_mm_rows: int | None = None, dequantize_rows: DequantizeRows = DEQUANTIZE_ROWS) -> torch.Tensor:
@@ -195,10 +184,10 @@ def matmul(x: torch.Tensor, w: Weight, out: torch.Tensor, bias: torch.Tensor | N
     (`fp8_scaled_mm.matmul`: W8A8) instead; None: never."""
     if fp8_scaled_mm_rows is not None and isinstance(w, Fp8Rows) and x.shape[0] >= fp8_scaled_mm_rows:
         return fp8_scaled_mm.matmul(x, w, out, bias=bias, accumulate=accumulate)
-    if dequantizes(x.shape[0], w, fp8_scaled_mm_rows, dequantize_rows):
+    if not isinstance(w, torch.Tensor):
+        if x.shape[0] < dequantize_rows.for_weight(w):
+            return gemm_lowbit.gemm(x, w, out, bias=bias, accumulate=accumulate, scratch=scratch)
         w = gemm_lowbit.dequantize(w, torch.empty(w.shape, dtype=x.dtype, device=x.device))  # [N, K]
-    elif not isinstance(w, torch.Tensor):
-        return gemm_lowbit.gemm(x, w, out, bias=bias, accumulate=accumulate, scratch=scratch)
     if accumulate:
         return out.addmm_(x, w.t())
     if bias is not None:
