@@ -315,7 +315,7 @@ def test_serve_logs_each_finished_request_unless_quiet(default_model_dir) -> Non
         assert 'generation_tokens_total{model_name="my-model"} 3' in metrics, metrics
         # a longer request than --stats-interval 0.2: the throughput lines come while it runs (vLLM's stat logger)
         with Client(server.address) as client:
-            list(client.generate(token_ids=[5, 6, 7], params={"max_tokens": 96, "temperature": 0.0,
+            list(client.generate(token_ids=[5, 6, 7], params={"max_tokens": 32, "temperature": 0.0,
                                                               "ignore_eos": True}))
     finally:
         assert server.stop() == 0
