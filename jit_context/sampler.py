@@ -19,6 +19,7 @@ from collections.abc import Iterable
 
 import torch
 
+from jit_context.argmax import Argmax
 from jit_context.sampling_params import SamplingParams
 
 # Exponential(1) noise can round to 0 in float32; 0 would turn a masked token's 0/0 into NaN,
@@ -48,6 +49,8 @@ class Sampler:
         self._ranks = torch.arange(vocab_size, device=self.device)  # [V] int64, sorted positions
         self._noise = torch.empty(vocab_size, **f32)  # [V]
         self._generator = torch.Generator(device=self.device)
+        # the greedy token in one short kernel on a GPU (jit_context/argmax.py); torch's argmax on the CPU
+        self._argmax = Argmax(self.device) if self.device.type == "cuda" else None
         self._all_greedy = True  # host copy of the request's greedy flag (set from params, never read back)
         self._penalize = False  # host copy: does the request use a repetition penalty?
         self.seed: int | None = None  # the seed in use, drawn at random when the request gave none
@@ -98,6 +101,8 @@ class Sampler:
             self._ban_left -= 1
             x = x.masked_fill(self._banned, float("-inf"))
         if self._all_greedy and out is not None:  # one kernel: the next step waits on this one only
+            if self._argmax is not None and x.is_contiguous() and out.dtype == torch.int64:
+                return self._argmax(x, out.view(1))
             return torch.argmax(x, dim=0, keepdim=True, out=out)
         greedy_token = torch.argmax(x).view(1)  # [1]
         if self._all_greedy:

@@ -1,0 +1,63 @@
+"""The greedy token of a logits vector in one short kernel on the GPU: `torch.argmax` semantics (NaN is the
+largest value, ties go to the first index), for the batch-1 decode loop's hot path.
+
+Why: between two decode steps the card waits for the JIT context's sampling, and torch's argmax over a [V] vector
+reduces it in one thread block: 10 us of a 7B int4 token's 21 us between step graphs on an H200
+(bench.probes.decode_loop, bench/NOTES.md). Here each of cdiv(V, BLOCK) programs reduces its block to one int64
+key (the value's bits made orderable in the high half, the complement of the index in the low half, so the largest
+key is the largest value at its first index), folds it into one cell with `atomic_max`, and the last program to
+finish (a counter) writes the index and resets the cell and the counter: deterministic, no host sync, graph-safe.
+The cell and counter belong to one `Argmax`; calls that share one must be ordered on one stream."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+EMPTY = -(2**63 - 1)  # the cell between calls: below every key (an element's key is >= -(2**31) << 32)
+BLOCK = 4096  # logits a program: 16 KB of float32, 32 a thread on 4 warps
+
+
+@triton.jit
+def _argmax_kernel(x_ptr, out_ptr, cell_ptr, count_ptr, V, EMPTY: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < V
+    x = tl.load(x_ptr + i, mask=ok, other=0.0)
+    bits = x.to(tl.int32, bitcast=True)
+    bits = tl.where(x == 0.0, 0, bits)  # -0.0 ties with +0.0, as in torch
+    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # float order as signed int32 order
+    ordered = tl.where(x != x, 0x7FFFFFFF, ordered)  # NaN above +inf
+    key = (ordered.to(tl.int64) << 32) | (4294967295 - i.to(tl.int64))  # ties: the smaller index wins
+    key = tl.where(ok, key, EMPTY)
+    tl.atomic_max(cell_ptr, tl.max(key, axis=0), sem="acq_rel")
+    if tl.atomic_add(count_ptr, 1, sem="acq_rel") == tl.num_programs(0) - 1:
+        best = tl.atomic_xchg(cell_ptr, EMPTY, sem="acq_rel")  # read and reset for the next call
+        tl.store(out_ptr, 4294967295 - (best & 4294967295))
+        tl.atomic_xchg(count_ptr, 0)
+
+
+class Argmax:
+    """argmax of [V] float32 vectors on one device into a caller's [1] int64 tensor (the cell and counter it owns
+    start reset and are left reset by every call)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = torch.device(device)
+        self.cell = torch.full((1,), EMPTY, dtype=torch.int64, device=self.device)
+        self.count = torch.zeros(1, dtype=torch.int32, device=self.device)
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out [1] int64 = the index of x's largest value ([V] float32, contiguous; NaN counts as largest, ties go
+        to the first index)."""
+        if x.dim() != 1 or x.dtype != torch.float32 or not x.is_contiguous() or x.numel() == 0 \
+                or x.device != self.device:
+            raise ValueError(f"x: expected a non-empty contiguous [V] float32 tensor on {self.device}, got {x.dtype} "
+                             f"{tuple(x.shape)} on {x.device}")
+        if out.shape != (1,) or out.dtype != torch.int64 or out.device != self.device:
+            raise ValueError(f"out: expected a [1] int64 tensor on {self.device}, got {out.dtype} "
+                             f"{tuple(out.shape)} on {out.device}")
+        if x.numel() >= 1 << 31:
+            raise ValueError(f"x: {x.numel()} values do not fit the kernel's 32-bit index")
+        _argmax_kernel[(triton.cdiv(x.numel(), BLOCK),)](x, out, self.cell, self.count, x.numel(), EMPTY=EMPTY,
+                                                          BLOCK=BLOCK)
+        return out

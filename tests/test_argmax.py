@@ -1,0 +1,74 @@
+"""The greedy token's kernel (jit_context/argmax.py) against torch.argmax: random vectors of every size class, the
+cases argmax's contract decides (NaN, ties, -0.0, -inf), its state left reset, bad input; on the CPU under the
+Triton interpreter, and on a GPU (`cuda`) eagerly, in a CUDA graph and through the Sampler's greedy path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from jit_context.argmax import BLOCK, EMPTY, Argmax
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+SIZES = (1, 7, BLOCK - 1, BLOCK, BLOCK + 1, 32000, 49152, 128256)
+
+
+def _special_cases(n: int) -> list[tuple[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(n)
+    nan = torch.randn(n, generator=g)
+    nan[[n // 3, n // 2, n - 1]] = float("nan")  # the first NaN is the largest value
+    tie = torch.randn(n, generator=g)
+    tie[[n // 5, n // 2, n - 1]] = 1e4  # the first of equal maxima
+    zeros = torch.zeros(n)
+    zeros[[0, n // 2]] = -0.0  # -0.0 == +0.0: index 0
+    inf = torch.tensor([1.0, float("inf")]).repeat(n // 2)
+    inf[-1] = float("nan")  # NaN above +inf
+    return [("nan", nan), ("tie", tie), ("zeros", zeros), ("-inf", torch.full((n,), -float("inf"))),
+            ("negative", -torch.rand(n, generator=g) - 1.0), ("inf and nan", inf)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_kernel_gives_torch_argmax(device: str) -> None:
+    argmax = Argmax(torch.device(device))
+    out = torch.full((1,), -1, dtype=torch.int64, device=device)
+    g = torch.Generator().manual_seed(0)
+    cases = [(f"randn {n}", torch.randn(n, generator=g) * 10) for n in SIZES]
+    cases += [(f"{name} {n}", x) for n in (9000, 40000) for name, x in _special_cases(n)]
+    for name, x in cases:
+        x = x.to(device)
+        out.fill_(-1)
+        assert int(argmax(x, out)) == int(torch.argmax(x.cpu())), name
+        assert int(argmax.cell) == EMPTY and int(argmax.count) == 0, name  # reset for the next call
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_input_is_one_line(device: str) -> None:
+    argmax = Argmax(torch.device(device))
+    out = torch.zeros(1, dtype=torch.int64, device=device)
+    for x in (torch.zeros(4, dtype=torch.float16), torch.zeros(2, 3), torch.zeros(0), torch.zeros(8)[::2]):
+        with pytest.raises(ValueError, match="x: expected a non-empty contiguous"):
+            argmax(x.to(device), out)
+    with pytest.raises(ValueError, match=r"out: expected a \[1\] int64"):
+        argmax(torch.zeros(4, device=device), torch.zeros(2, dtype=torch.int64, device=device))
+
+
+@pytest.mark.cuda
+def test_in_a_cuda_graph_and_through_the_sampler() -> None:
+    from bench.probes.verify_plan import graphed
+    from jit_context.sampler import Sampler
+    from jit_context.sampling_params import SamplingParams
+
+    x = torch.randn(32000, device="cuda")
+    out = torch.zeros(1, dtype=torch.int64, device="cuda")
+    argmax = Argmax(x.device)
+    graph = graphed(lambda: argmax(x, out))
+    for seed in range(3):  # every replay reads the vector's new values
+        x.copy_(torch.randn(32000, generator=torch.Generator().manual_seed(seed)))
+        graph.replay()
+        assert int(out) == int(torch.argmax(x)), seed
+    sampler = Sampler(32000, torch.device("cuda"))
+    assert sampler._argmax is not None  # the greedy hot path takes the kernel on a GPU
+    sampler.start_request(SamplingParams(temperature=0.0), [1, 2])
+    for seed in range(3):
+        logits = torch.randn(32000, generator=torch.Generator().manual_seed(10 + seed)).cuda()
+        assert int(sampler.sample(logits, out=out)) == int(torch.argmax(logits)), seed
