@@ -42,7 +42,10 @@ class Argmax:
     start reset and are left reset by every call)."""
 
     def __init__(self, device: torch.device) -> None:
-        self.device = torch.device(device)
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # "cuda": the current GPU, as tensors name it (cuda:N)
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
         self.cell = torch.full((1,), EMPTY, dtype=torch.int64, device=self.device)
         self.count = torch.zeros(1, dtype=torch.int32, device=self.device)
 
