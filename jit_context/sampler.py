@@ -19,7 +19,6 @@ from collections.abc import Iterable
 
 import torch
 
-from jit_context.argmax import Argmax
 from jit_context.sampling_params import SamplingParams
 
 # Exponential(1) noise can round to 0 in float32; 0 would turn a masked token's 0/0 into NaN,
@@ -49,8 +48,13 @@ class Sampler:
         self._ranks = torch.arange(vocab_size, device=self.device)  # [V] int64, sorted positions
         self._noise = torch.empty(vocab_size, **f32)  # [V]
         self._generator = torch.Generator(device=self.device)
-        # the greedy token in one short kernel on a GPU (jit_context/argmax.py); torch's argmax on the CPU
-        self._argmax = Argmax(self.device) if self.device.type == "cuda" else None
+        # the greedy token in one short kernel on a GPU (jit_context/argmax.py); torch's argmax on the CPU, where
+        # Triton is not imported (a CPU install need not have it; CUDA builds of torch bring it)
+        self._argmax = None
+        if self.device.type == "cuda":
+            from jit_context.argmax import Argmax
+
+            self._argmax = Argmax(self.device)
         self._all_greedy = True  # host copy of the request's greedy flag (set from params, never read back)
         self._penalize = False  # host copy: does the request use a repetition penalty?
         self.seed: int | None = None  # the seed in use, drawn at random when the request gave none
