@@ -1,8 +1,9 @@
 """GPU probe (issues 10 and 12): where the batch-1 decode loop's time per token goes on the card, beyond the step's
 CUDA graph. The bench's in-process decode P50 (LLaMA-2-7B int4 1.81 ms) sits ~0.1 ms above the step graph's own
 replay (1.71 ms at a longer context); this records the generation loop (`LocalEngine`, greedy, ignore EOS) with
-torch's profiler (CUPTI) and splits each token's period (one token read-back to the next) into the decode graph's
-kernels, the other GPU work (sampling, the token's copy) and idle time, with one step boundary in detail.
+torch's profiler (CUPTI) and splits each token's period (one token read-back to the next) into the span of the
+decode graph's kernels and the rest (sampling, the token's copy, the boundaries), with one period's events outside
+the graph in detail.
 
     python -m bench.probes.decode_loop [--model dummy:llama-2-7b] [--quantize int4] [--tokens 48]
 """
@@ -23,8 +24,9 @@ def gpu_events(trace: dict) -> list[dict]:
     for e in trace.get("traceEvents", []):
         if e.get("ph") != "X" or e.get("cat") not in ("kernel", "gpu_memcpy", "gpu_memset"):
             continue
-        # the step's kernels are ours (Triton, named _*); torch's kernels and copies come from the sampling loop
-        graph = e["name"].startswith("_")
+        # the step's kernels are ours (Triton, named _*); the sampling loop's are torch's, its copies, and the greedy
+        # token's own Triton kernel (jit_context/argmax.py)
+        graph = e["name"].startswith("_") and e["name"] != "_argmax_kernel"
         out.append({"name": e["name"], "ts": float(e["ts"]), "dur": float(e.get("dur", 0.0)), "graph": graph,
                     "cat": e["cat"]})
     return sorted(out, key=lambda e: e["ts"])
@@ -64,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.cuda.synchronize()
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
-        trace = json.load(open(f.name))
+        with open(f.name) as trace_file:
+            trace = json.load(trace_file)
     events = gpu_events(trace)
     steps = periods(events)[4:-2]  # steady decode steps only
     if not steps:
