@@ -239,6 +239,21 @@ def test_gemm_float16_activations(case) -> None:
     assert_matches(out, reference(x, w), 2e-3)
 
 
+@pytest.mark.parametrize("f16_math", [True, False])
+@pytest.mark.parametrize("case", ["int4-offset-g32-f16", "int4-sym-g16-f16", "int8-sym-g32-f16",
+                                  "int8-offset-g16-f16"])
+def test_gemm_float16_math_over_float16_scales(case, f16_math) -> None:
+    """float16 x and float16 scales: each code becomes float16 exactly (the 0x6400 magic number, int8's shifted by
+    128) and s q + o is one float16 FMA (GemmConfig.f16_math), or the float32 form: both within float16's
+    rounding of the float64 reference, every element."""
+    n, k, tokens = 37, k_for(case), 5
+    w = packed_case(case, n, k, seed=23)
+    x = torch.randn(tokens, k, generator=torch.Generator().manual_seed(24)).half()
+    out = torch.full((tokens, n), float("nan"), device=DEVICE, dtype=torch.float16)
+    gemm_lowbit.gemm(x.to(DEVICE), w, out, cfg=dataclasses.replace(cpu_config(case), f16_math=f16_math))
+    assert_matches(out, reference(x, w), 2e-3)
+
+
 @pytest.mark.parametrize("case", ["int4-offset-g128-f32", "int8-sym-g128-f16"])
 def test_gemm_block_k_below_the_group(case) -> None:
     """BLOCK_K = 32 < group = 128: every step lies inside one group (and picks that group's scale)."""

@@ -40,7 +40,15 @@ LARGE_SWEEP = [GemmConfig(*c) for c in [
     *((bn, bt, bk, 1, w, st) for bn in (64, 128) for bt in (128, 256) for bk in (64, 128)
       for w, st in ((4, 3), (8, 3), (8, 4))),
     (128, 64, 128, 1, 8, 3), (128, 64, 64, 1, 4, 3)]]
-SWEEPS = {"small": SWEEP, "large": LARGE_SWEEP}
+# The large tiles again with float16 dequantization (GemmConfig.f16_math: no I2F, the quarter-rate conversion that
+# took as many cycles as the tensor cores in the 128 x 128 x 64 tile's loop, sm_90 SASS), and two with the float32
+# form for comparison in the same run.
+MIXED_SWEEP = [GemmConfig(*c) for c in [
+    *((bn, bt, bk, 1, w, st) for bn, bt, bk, w, st in (
+        (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 256, 32, 8, 4), (64, 256, 64, 4, 3),
+        (128, 128, 128, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 8, 3), (256, 128, 64, 8, 3), (64, 128, 128, 4, 3))),
+    (128, 128, 64, 1, 8, 3, False, False), (128, 256, 64, 1, 8, 3, False, False)]]
+SWEEPS = {"small": SWEEP, "large": LARGE_SWEEP, "mixed": MIXED_SWEEP}
 SCRATCH_FLOATS = 64 * 1024**2  # enough for every config above at T <= 512 on these shapes
 
 
@@ -98,12 +106,15 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="time the block configs of --sweep-set too, print the best")
     ap.add_argument("--sweep-set", choices=tuple(SWEEPS), default="small",
                     help="small: SWEEP (16-64 tokens a program, split along K); large: LARGE_SWEEP (64-256 tokens "
-                    "a program, 8 warps, deeper pipelines, for 128-512-token prompts)")
+                    "a program, 8 warps, deeper pipelines, for 128-512-token prompts); mixed: MIXED_SWEEP (large "
+                    "tiles with float16 dequantization, two with the float32 form)")
     ap.add_argument("--reps", type=int, default=20, help="timed graph replays per measurement (median)")
     ap.add_argument("--reduce", action="store_true", help="also time the default tile with its split partials added "
                     "by a second kernel (GemmConfig.reduce_kernel), printed after the sweep's column")
     ap.add_argument("--dequant", action="store_true", help="also time the long-prompt path (the weight dequantized "
                     "into an fp16 buffer, then torch.mm), printed after the sweep's column")
+    ap.add_argument("--f32-form", action="store_true", help="also time the default tile with the float32 "
+                    "dequantization (GemmConfig.f16_math off), printed after the sweep's column")
     ap.add_argument("--out", default=None, help="folder for lowbit_gemm.json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -141,13 +152,21 @@ def main() -> None:
                                                 "error": repr(e)[:200]})
                     timed.sort(key=lambda r: r[0])
                     best = "; ".join(f"{m:.4f} ms {c.block_n}x{c.block_t}x{c.block_k}/{c.split} {c.num_warps}w"
-                                     f"{c.num_stages}s" for m, c in timed[:3])
+                                     f"{c.num_stages}s{'' if c.f16_math else ' f32'}" for m, c in timed[:3])
+                    old = [(m, c) for m, c in timed if not c.f16_math]
+                    if old:
+                        best += f"  best f32 form {old[0][0]:.4f} ms"
                     res["rows"] += [{"shape": name, "T": t, "fmt": fmt, "cfg": vars(c), "ms": m} for m, c in timed]
                 if args.dequant and fmt != "fp16":
                     d_ms = _time(weights, x, out, None, args.reps,
                                  dense=torch.empty(n, k, device=dev, dtype=torch.float16))
                     best += f"  dequantize+mm {d_ms:.4f} ms"
                     res["rows"].append({"shape": name, "T": t, "fmt": fmt, "cfg": "dequantize+mm", "ms": d_ms})
+                if args.f32_form and fmt != "fp16":
+                    f32 = dataclasses.replace(gemm_lowbit.default_config(t, n, k), f16_math=False)
+                    f_ms = _time(weights, x, out, f32, args.reps, scratch)
+                    best += f"  f32 form {f_ms:.4f} ms ({f_ms / ms:.3f}x)"
+                    res["rows"].append({"shape": name, "T": t, "fmt": fmt, "cfg": vars(f32), "ms": f_ms})
                 if args.reduce and fmt != "fp16":
                     reduced = dataclasses.replace(gemm_lowbit.default_config(t, n, k), reduce_kernel=True)
                     r_ms = _time(weights, x, out, reduced, args.reps, scratch)

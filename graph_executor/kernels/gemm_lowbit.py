@@ -46,6 +46,9 @@ class GemmConfig:
     # split > 1: the partials added by a second kernel (`_gemm_reduce_kernel`, same order, same bits) instead of by
     # the last program of each tile (gemv_splitk.SplitKConfig.reduce_kernel)
     reduce_kernel: bool = False
+    # float16 activations and scales: each code becomes float16 through the 0x6400 magic number and the group's
+    # s q + o is one float16 FMA (`_weight_tile`'s F16), instead of an int-to-float conversion and float32 math
+    f16_math: bool = True
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_t", "block_k"):
@@ -113,7 +116,7 @@ def scratch_size(tokens: int, n: int, k: int, cfg: GemmConfig) -> tuple[int, int
 def _weight_tile(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, k0, K, FORMAT: tl.constexpr,
                  HAS_OFFSET: tl.constexpr, ZERO: tl.constexpr, GROUP: tl.constexpr, STEP_GROUP: tl.constexpr,
                  BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr, TILE_N: tl.constexpr,
-                 TILE_KW: tl.constexpr):
+                 TILE_KW: tl.constexpr, FAST: tl.constexpr = False):
     """Weights of `rows` ([BLOCK_R] int64) at columns k0 .. k0 + BLOCK_K as [BLOCK_R, BLOCK_K] in DTYPE: the value
     is formed in float32 (formats.py's order of operations) and rounded to DTYPE once. Columns past K and rows
     not row_ok come out 0. STEP_GROUP = min(GROUP, BLOCK_K): a step holds BLOCK_K / STEP_GROUP groups, or lies
@@ -122,6 +125,10 @@ def _weight_tile(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, k0, K, FORMAT: 
     are stored tile-major in tiles of TILE_N rows x TILE_KW 32-bit words of codes (`formats.tile_major`)."""
     cols = k0 + tl.arange(0, BLOCK_K)
     mask = row_ok[:, None] & (cols < K)[None, :]
+    # float16 GEMM over float16 scales: codes to float16 exactly (`_f16_of_code`) and the group's s q + o as one
+    # float16 FMA (one rounding, as the float32 form rounded once, but for a double rounding's rare last bit)
+    F16: tl.constexpr = FAST and DTYPE == tl.float16 and scale_ptr.dtype.element_ty == tl.float16
+    MATH: tl.constexpr = tl.float16 if F16 else tl.float32
     if FORMAT == 2:  # FP8
         w = tl.load(codes_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(DTYPE)
     else:
@@ -132,13 +139,18 @@ def _weight_tile(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, k0, K, FORMAT: 
             else:
                 at = rows[:, None] * (K // 2) + half[None, :]
             b = tl.load(codes_ptr + at, mask=row_ok[:, None] & (half < K // 2)[None, :], other=0)  # uint8 [R, K / 2]
-            q = tl.interleave(b & 0xF, b >> 4)  # [BLOCK_R, BLOCK_K], column order 2j, 2j + 1
+            if F16:
+                q = tl.interleave(_f16_of_code(b & 0xF, 0), _f16_of_code(b >> 4, 0))
+            else:
+                q = tl.interleave(b & 0xF, b >> 4)  # [BLOCK_R, BLOCK_K], column order 2j, 2j + 1
         else:  # INT8
             if TILE_N > 0:
                 at = tile_offsets(rows, cols, K, TILE_N, 4 * TILE_KW)
             else:
                 at = rows[:, None] * K + cols[None, :]
             q = tl.load(codes_ptr + at, mask=mask, other=0)
+            if F16:
+                q = _f16_of_code((q.to(tl.int16) + 128).to(tl.uint8), 128)
         NG: tl.constexpr = BLOCK_K // STEP_GROUP
         groups = k0 // GROUP + tl.arange(0, NG)
         if TILE_N > 0:  # a tile's groups: TILE_KW words of (2 x 4) int4 or 4 int8 weights
@@ -147,10 +159,10 @@ def _weight_tile(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, k0, K, FORMAT: 
             at = rows[:, None] * (K // GROUP) + groups[None, :]
         gmask = row_ok[:, None] & (groups < K // GROUP)[None, :]
         # masked groups get scale 0 (and offset 0), so their weights are 0 whatever the codes read as
-        s = tl.load(scale_ptr + at, mask=gmask, other=0.0).to(tl.float32)[:, :, None]  # [BLOCK_R, NG, 1]
-        q = tl.reshape(q.to(tl.float32), [BLOCK_R, NG, STEP_GROUP])
+        s = tl.load(scale_ptr + at, mask=gmask, other=0.0).to(MATH)[:, :, None]  # [BLOCK_R, NG, 1]
+        q = tl.reshape(q.to(MATH), [BLOCK_R, NG, STEP_GROUP])
         if HAS_OFFSET:
-            o = tl.load(offset_ptr + at, mask=gmask, other=0.0).to(tl.float32)[:, :, None]
+            o = tl.load(offset_ptr + at, mask=gmask, other=0.0).to(MATH)[:, :, None]
             w = s * q + o
         else:
             w = s * (q - ZERO)
@@ -159,12 +171,19 @@ def _weight_tile(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, k0, K, FORMAT: 
 
 
 @triton.jit
+def _f16_of_code(c, BIAS: tl.constexpr):
+    """uint8 codes 0..255 -> float16 c - BIAS, exact, without an integer-to-float conversion (a quarter-rate
+    instruction on the card, 32 a thread per step in the GEMM's loop): 0x6400 | c is the float16 1024 + c."""
+    return (c.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - (1024.0 + BIAS)
+
+
+@triton.jit
 def _gemm_kernel(x_ptr, codes_ptr, scale_ptr, offset_ptr, b_ptr, out_ptr, part_ptr, count_ptr, M, N, K, K_SPLIT, SPLIT,
                  stride_xm, stride_om, FORMAT: tl.constexpr, HAS_OFFSET: tl.constexpr, ZERO: tl.constexpr,
                  GROUP: tl.constexpr, STEP_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
                  PRECISION: tl.constexpr, SPLITTING: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
                  BLOCK_K: tl.constexpr, FIXUP: tl.constexpr = True, TILE_N: tl.constexpr = 0,
-                 TILE_KW: tl.constexpr = 0):
+                 TILE_KW: tl.constexpr = 0, FAST: tl.constexpr = True):
     """Program (n, t, s): weight rows n * BLOCK_N.., tokens t * BLOCK_T.., K columns s * K_SPLIT.. (SPLIT programs
     along K). acc [BLOCK_N, BLOCK_T] = W_tile @ x_tile^T: the dequantized weights are the dot's left operand."""
     pid_n = tl.program_id(0)
@@ -182,7 +201,7 @@ def _gemm_kernel(x_ptr, codes_ptr, scale_ptr, offset_ptr, b_ptr, out_ptr, part_p
         xt = tl.load(x_ptr + tokens[None, :] * stride_xm + cols[:, None],
                      mask=token_ok[None, :] & (cols < K)[:, None], other=0.0)  # [BLOCK_K, BLOCK_T]
         w = _weight_tile(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, k0, K, FORMAT, HAS_OFFSET, ZERO, GROUP,
-                         STEP_GROUP, BLOCK_N, BLOCK_K, dtype, TILE_N, TILE_KW)  # [BLOCK_N, BLOCK_K]
+                         STEP_GROUP, BLOCK_N, BLOCK_K, dtype, TILE_N, TILE_KW, FAST)  # [BLOCK_N, BLOCK_K]
         acc = tl.dot(w, xt, acc, input_precision=PRECISION)
     at = out_ptr + tokens[None, :] * stride_om + rows[:, None]
     mask = row_ok[:, None] & token_ok[None, :]
@@ -344,7 +363,7 @@ def gemm(x: torch.Tensor, w: PackedWeight, out: torch.Tensor, bias: torch.Tensor
                        k, k_split, split, x.stride(0), out.stride(0), **fmt, HAS_BIAS=bias is not None,
                        ACCUMULATE=accumulate, PRECISION=precision, SPLITTING=split > 1, BLOCK_N=cfg.block_n,
                        BLOCK_T=cfg.block_t, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                       FIXUP=not cfg.reduce_kernel)
+                       FIXUP=not cfg.reduce_kernel, FAST=cfg.f16_math)
     if split > 1 and cfg.reduce_kernel:
         _gemm_reduce_kernel[grid[:2]](scratch.partial, fmt_ptrs[1], bias if bias is not None else out, out, t, n, split,
                                       out.stride(0), FORMAT=fmt["FORMAT"], HAS_BIAS=bias is not None,
