@@ -20,7 +20,8 @@ BLOCK = 4096  # logits a program: 16 KB of float32, 32 a thread on 4 warps
 
 
 @triton.jit
-def _argmax_kernel(x_ptr, out_ptr, cell_ptr, count_ptr, V, EMPTY: tl.constexpr, BLOCK: tl.constexpr):
+def _argmax_kernel(x_ptr, out_ptr, host_ptr, cell_ptr, count_ptr, V, EMPTY: tl.constexpr, BLOCK: tl.constexpr,
+                   HOST: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = i < V
     x = tl.load(x_ptr + i, mask=ok, other=0.0)
@@ -33,7 +34,10 @@ def _argmax_kernel(x_ptr, out_ptr, cell_ptr, count_ptr, V, EMPTY: tl.constexpr, 
     tl.atomic_max(cell_ptr, tl.max(key, axis=0), sem="acq_rel")
     if tl.atomic_add(count_ptr, 1, sem="acq_rel") == tl.num_programs(0) - 1:
         best = tl.atomic_xchg(cell_ptr, EMPTY, sem="acq_rel")  # read and reset for the next call
-        tl.store(out_ptr, 4294967295 - (best & 4294967295))
+        index = 4294967295 - (best & 4294967295)
+        tl.store(out_ptr, index)
+        if HOST:  # the host's copy, through the bus: no copy operation after the kernel on the stream
+            tl.store(host_ptr, index)
         tl.atomic_xchg(count_ptr, 0)
 
 
@@ -49,9 +53,11 @@ class Argmax:
         self.cell = torch.full((1,), EMPTY, dtype=torch.int64, device=self.device)
         self.count = torch.zeros(1, dtype=torch.int32, device=self.device)
 
-    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, out: torch.Tensor, host: torch.Tensor | None = None) -> torch.Tensor:
         """out [1] int64 = the index of x's largest value ([V] float32, contiguous; NaN counts as largest, ties go
-        to the first index)."""
+        to the first index). `host`: a [1] int64 tensor in pinned host memory (a GPU's `Argmax`) that the kernel
+        writes the index to as well, so that reading the token back needs no copy after it on the stream (an
+        event recorded after the call orders the write before the host's read)."""
         if x.dim() != 1 or x.dtype != torch.float32 or not x.is_contiguous() or x.numel() == 0 \
                 or x.device != self.device:
             raise ValueError(f"x: expected a non-empty contiguous [V] float32 tensor on {self.device}, got {x.dtype} "
@@ -59,8 +65,13 @@ class Argmax:
         if out.shape != (1,) or out.dtype != torch.int64 or out.device != self.device:
             raise ValueError(f"out: expected a [1] int64 tensor on {self.device}, got {out.dtype} "
                              f"{tuple(out.shape)} on {out.device}")
+        if host is not None and (host.shape != (1,) or host.dtype != torch.int64 or host.device.type != "cpu"
+                                 or (self.device.type == "cuda" and not host.is_pinned())):
+            raise ValueError(f"host: expected a [1] int64 tensor in pinned host memory, got {host.dtype} "
+                             f"{tuple(host.shape)} on {host.device}")
         if x.numel() >= 1 << 31:
             raise ValueError(f"x: {x.numel()} values do not fit the kernel's 32-bit index")
-        _argmax_kernel[(triton.cdiv(x.numel(), BLOCK),)](x, out, self.cell, self.count, x.numel(), EMPTY=EMPTY,
-                                                          BLOCK=BLOCK)
+        _argmax_kernel[(triton.cdiv(x.numel(), BLOCK),)](x, out, host if host is not None else out, self.cell,
+                                                          self.count, x.numel(), EMPTY=EMPTY, BLOCK=BLOCK,
+                                                          HOST=host is not None)
         return out

@@ -204,9 +204,10 @@ class Generator:
             self.port.wait_enqueued()  # the step's logits are ordered before our sampling
             if k == 0:
                 out.prefill_enqueued_ms = (time.perf_counter() - start) * 1e3
-            token = self.sampler.sample(buffers.logits, out=buffers.token)  # [1], on the device
+            host = reader.next_host()  # the token's pinned slot: the sampling writes it there too (GPU)
+            token = self.sampler.sample(buffers.logits, out=buffers.token, host=host)  # [1], on the device
             self.sampler.observe(token)
-            reader.push(token)
+            reader.push(token, written=host is not None)
             last = k + 1 >= params.max_tokens or n + k + 1 >= self.port.max_context
             if not last:
                 self.port.decode(n + k)  # consumes next_token; enqueued before the host waits for token k

@@ -94,8 +94,13 @@ class Sampler:
         if self._penalize:
             self._seen.index_fill_(0, token.view(-1), True)
 
-    def sample(self, logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Pick the next token from logits [V] (any float dtype); returns [1] int64 on the same device."""
+    def sample(self, logits: torch.Tensor, out: torch.Tensor | None = None,
+               host: torch.Tensor | None = None) -> torch.Tensor:
+        """Pick the next token from logits [V] (any float dtype); returns [1] int64 on the same device. `host` (with
+        `out`, on a GPU): a [1] int64 pinned host tensor (`TokenReader.next_host`) that receives the token too, from
+        the greedy kernel itself where it runs (no copy on the stream after it), else by an asynchronous copy."""
+        if host is not None and out is None:
+            raise ValueError("sample: host needs out")
         if logits.shape != (self.vocab_size,):
             raise ValueError(f"logits must have shape ({self.vocab_size},), got {tuple(logits.shape)}")
         x = logits.float()  # [V] f32
@@ -106,8 +111,8 @@ class Sampler:
             x = x.masked_fill(self._banned, float("-inf"))
         if self._all_greedy and out is not None:  # one kernel: the next step waits on this one only
             if self._argmax is not None and x.is_contiguous() and out.dtype == torch.int64:
-                return self._argmax(x, out.view(1))
-            return torch.argmax(x, dim=0, keepdim=True, out=out)
+                return self._argmax(x, out.view(1), host)
+            return _mirror(torch.argmax(x, dim=0, keepdim=True, out=out), host)
         greedy_token = torch.argmax(x).view(1)  # [1]
         if self._all_greedy:
             # A host-known flag of the request, not a tensor value: greedy requests skip the sort (about
@@ -118,7 +123,7 @@ class Sampler:
             token = torch.where(self._greedy, greedy_token, sampled_token)  # [1] int64
         if out is None:
             return token
-        return out.copy_(token)
+        return _mirror(out.copy_(token), host)
 
     def _apply_repetition_penalty(self, x: torch.Tensor) -> torch.Tensor:
         # HF/vLLM rule: dividing a negative logit would raise it, so negatives are multiplied.
@@ -198,6 +203,13 @@ class Sampler:
                                    True)
 
 
+def _mirror(token: torch.Tensor, host: torch.Tensor | None) -> torch.Tensor:
+    """token; with host, an asynchronous copy of it there first (pinned memory: a plain DMA on the stream)."""
+    if host is not None:
+        host.copy_(token, non_blocking=True)
+    return token
+
+
 def warm_up(logits: torch.Tensor) -> None:
     """Run every sampling path once on a throwaway sampler over a zero copy of `logits` ([V], the executor's
     logits buffer), token read-back included, so that a server's first request does not pay for loading their
@@ -219,4 +231,8 @@ def warm_up(logits: torch.Tensor) -> None:
             sampler.observe(picked)
             reader.push(picked)
             reader.pop()
+        host = reader.next_host()  # the decode loop's form: the token written to the host by the sampling
+        sampler.observe(sampler.sample(scratch, out=token, host=host))
+        reader.push(token, written=True)
+        reader.pop()
     torch.cuda.synchronize(scratch.device)

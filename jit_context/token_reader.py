@@ -26,8 +26,19 @@ class TokenReader:
         self._in_flight.clear()
         self._values.clear()
 
-    def push(self, token: torch.Tensor) -> None:
-        """Start moving token ([1] int64, on the device) to the host; no synchronisation on the device."""
+    def next_host(self) -> torch.Tensor | None:
+        """The pinned [1] int64 slot the next `push` reads (None on the CPU): the sampling may write the token
+        there itself (`Sampler.sample(host=)`) and push with `written=True`, so no copy follows it on the stream."""
+        if not self.cuda:
+            return None
+        if len(self._in_flight) == RING:
+            raise RuntimeError("too many token copies in flight")
+        return self._host[self._next_slot : self._next_slot + 1]
+
+    def push(self, token: torch.Tensor, written: bool = False) -> None:
+        """Start moving token ([1] int64, on the device) to the host; no synchronisation on the device.
+        `written`: the work queued before already writes it to `next_host()`'s slot (only the event is
+        recorded)."""
         if not self.cuda:
             self._values.append(int(token))
             return
@@ -35,7 +46,8 @@ class TokenReader:
             raise RuntimeError("too many token copies in flight")
         slot = self._next_slot
         self._next_slot = (slot + 1) % RING
-        self._host[slot : slot + 1].copy_(token, non_blocking=True)
+        if not written:
+            self._host[slot : slot + 1].copy_(token, non_blocking=True)
         self._events[slot].record()
         self._in_flight.append(slot)
 

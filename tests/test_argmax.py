@@ -75,3 +75,44 @@ def test_in_a_cuda_graph_and_through_the_sampler() -> None:
     for seed in range(3):
         logits = torch.randn(32000, generator=torch.Generator().manual_seed(10 + seed)).cuda()
         assert int(sampler.sample(logits, out=out)) == int(torch.argmax(logits)), seed
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_kernel_writes_the_host_copy_too(device: str) -> None:
+    """`host`: the index lands in pinned host memory as well (the token read-back without a copy); a host tensor
+    that is not [1] int64 in (pinned) host memory is a one-line error."""
+    argmax = Argmax(torch.device(device))
+    out = torch.full((1,), -1, dtype=torch.int64, device=device)
+    host = torch.full((1,), -1, dtype=torch.int64, pin_memory=device == "cuda")
+    for seed, n in enumerate((7, 32000, 49152)):
+        x = (torch.randn(n, generator=torch.Generator().manual_seed(seed)) * 10).to(device)
+        argmax(x, out, host)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        assert int(host) == int(out) == int(torch.argmax(x.cpu())), n
+    for bad in (torch.zeros(2, dtype=torch.int64), torch.zeros(1, dtype=torch.int32),
+                torch.zeros(1, dtype=torch.int64, device=device) if device == "cuda" else torch.zeros(1, 1)):
+        with pytest.raises(ValueError, match=r"host: expected a \[1\] int64 tensor in pinned host memory"):
+            argmax(torch.zeros(4, device=device), out, bad)
+    if device == "cuda":
+        with pytest.raises(ValueError, match="host: expected"):  # pageable host memory
+            argmax(torch.zeros(4, device=device), out, torch.zeros(1, dtype=torch.int64))
+
+
+@pytest.mark.cuda
+def test_the_decode_loop_reads_the_token_the_sampling_wrote() -> None:
+    """Generator's form: Sampler.sample(host=TokenReader.next_host()) then push(written=True); greedy (the kernel
+    writes the slot) and sampled (a copy does) alike, the host reads each step's token, ring slots reused."""
+    from jit_context.sampler import Sampler
+    from jit_context.sampling_params import SamplingParams
+    from jit_context.token_reader import TokenReader
+
+    sampler = Sampler(32000, torch.device("cuda"))
+    reader = TokenReader(torch.device("cuda"))
+    out = torch.zeros(1, dtype=torch.int64, device="cuda")
+    for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, top_k=1, seed=0)):
+        sampler.start_request(params, [1, 2])
+        for step in range(6):  # more than the reader's ring of slots
+            logits = torch.randn(32000, generator=torch.Generator().manual_seed(step)).cuda()
+            reader.push(sampler.sample(logits, out=out, host=reader.next_host()), written=True)
+            assert reader.pop() == int(torch.argmax(logits)), (params, step)  # top_k 1: the argmax too
