@@ -33,8 +33,10 @@ def gpu_events(trace: dict) -> list[dict]:
 
 
 def periods(events: list[dict]) -> list[list[dict]]:
-    """The events between consecutive device-to-host copies (a token's read-back each)."""
-    marks = [i for i, e in enumerate(events) if e["cat"] == "gpu_memcpy" and "DtoH" in e["name"].replace(" ", "")]
+    """The events between consecutive token read-backs: device-to-host copies, or, where the greedy kernel writes
+    the token to the host itself (no copy since the thirty-third session), its `_argmax_kernel` launches."""
+    copies = [i for i, e in enumerate(events) if e["cat"] == "gpu_memcpy" and "DtoH" in e["name"].replace(" ", "")]
+    marks = copies or [i for i, e in enumerate(events) if e["name"] == "_argmax_kernel"]
     return [events[a + 1:b + 1] for a, b in zip(marks, marks[1:])]
 
 
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|")
     print(f"| period on the card (one read-back to the next) | {med[0]:.1f} |")
     print(f"| the step's kernels, first start to last end ({med[2]:.0f} kernels) | {med[1]:.1f} |")
-    print(f"| the rest: sampling, the token's copy, the boundaries | {med[0] - med[1]:.1f} |")
+    print(f"| the rest: sampling, the token's copy (if any), the boundaries | {med[0] - med[1]:.1f} |")
     mid = steps[len(steps) // 2]
     print("\nOne period's events outside the graph, and the gaps (us) before each event:")
     print("| event | in graph | start - previous end | duration |")
