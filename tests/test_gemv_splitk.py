@@ -173,3 +173,40 @@ def test_tile_major_int4_weights_give_the_row_major_bits(mode, k, tiles):
     want = ref @ x + (init.double() if mode else 0)
     for out in outs:
         torch.testing.assert_close(out.double(), want, rtol=2e-3, atol=2e-3)
+
+
+def fragment_order_gives_the_natural_bits(device: torch.device, cases: list) -> None:
+    """Int4 codes in fragment order (formats.fragment_order, the prefill GEMM's order): each byte's nibbles meet
+    the permuted activation digits, the integer sums per group are the same, so every fusion gives the natural
+    order's bits (tiled storage too)."""
+    for i, (bits, n, k, group, symmetric, cfg) in enumerate(cases):
+        w = weight(bits, n, k, group, symmetric, device, seed=40 + i)
+        g = torch.Generator().manual_seed(50 + i)
+        x, nw, r, gate_up = (torch.randn(k, generator=g).to(device), (torch.rand(k, generator=g) + 0.5).to(device),
+                             torch.randn(n, generator=g).to(device), torch.randn(2 * k, generator=g).to(device))
+        variants = [w, w.fragmented()]
+        if n % cfg.block_n == 0 and (k // 8) % cfg.block_kw == 0:
+            variants.append(w.tiled((cfg.block_n, cfg.block_kw)).fragmented())
+        results = []
+        for v in variants:
+            scratch = SplitKScratch.allocate([v], [cfg], device)
+            out = torch.full((n,), float("nan"), device=device)
+            results.append((gemv_splitk.rmsnorm_gemv(v, x, nw, 1e-5, out, scratch, cfg=cfg),
+                            gemv_splitk.gemv_residual(v, x, r.clone(), scratch, cfg),
+                            gemv_splitk.silu_gemv_residual(v, gate_up, r.clone(), scratch, cfg)))
+        for other in results[1:]:
+            for natural, fragment in zip(results[0], other):
+                assert torch.equal(natural, fragment), (n, k, group, cfg)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors need the Triton interpreter, which is on only "
+                    "where there is no GPU; the cuda test runs the same")
+def test_fragment_ordered_int4_gives_the_natural_bits() -> None:
+    fragment_order_gives_the_natural_bits(torch.device("cpu"), [CASES[0], CASES[2]])
+
+
+@pytest.mark.cuda
+def test_fragment_ordered_int4_gives_the_natural_bits_on_the_gpu() -> None:
+    fragment_order_gives_the_natural_bits(torch.device("cuda"), [CASES[0], CASES[2],
+                                                                 (4, 4096, 11008, 32, False, gemv_splitk.DEFAULT),
+                                                                 (4, 12288, 4096, 32, True, gemv_splitk.DEFAULT)])
