@@ -284,7 +284,10 @@ def test_fragment_ordered_codes_give_the_same_weights(case) -> None:
 
 
 def test_fragment_order_bad_input() -> None:
-    """Groups under 32, a second fragmentation and a GEMM step under 32 columns are one-line errors."""
+    """Groups under 32, a second fragmentation, a GEMM step under 32 columns and the decode GEMV (which reads the
+    natural order) are one-line errors."""
+    from graph_executor.kernels import gemv_splitk
+
     with pytest.raises(ValueError, match="fragment order needs groups of 32"):
         packed_case("int4-sym-g16-f32", 8, 96, seed=1).fragmented()
     f = packed_case("int4-offset-g32-f16", 8, 96, seed=2).fragmented()
@@ -294,6 +297,10 @@ def test_fragment_order_bad_input() -> None:
     with pytest.raises(ValueError, match="whole blocks of 32"):
         gemm_lowbit.gemm(x, f, torch.zeros(2, 8, device=DEVICE, dtype=torch.float16),
                          cfg=GemmConfig(block_n=16, block_t=16, block_k=16))
+    scratch = gemv_splitk.SplitKScratch.zeros(1024, 64, DEVICE)
+    with pytest.raises(ValueError, match="the decode GEMV reads the natural order"):
+        gemv_splitk.gemv_residual(f, torch.zeros(96, device=DEVICE, dtype=torch.float16),
+                                  torch.zeros(8, device=DEVICE, dtype=torch.float16), scratch)
 
 
 @pytest.mark.parametrize("case", ["int4-offset-g128-f32", "int8-sym-g128-f16"])

@@ -7,7 +7,7 @@ residual), `layers` distinct weights a graph, PDL; whether each layout's outputs
 ones bit for bit (on a GPU they may differ in the order of sums).
 
     python -m bench.probes.tiled_int4 [--bits 4] [--configs 32x128x4,64x64x4] [--projections qkv,o] [--layers 32]
-        [--rounds 5] [--fragment]
+        [--rounds 5]
 """
 
 from __future__ import annotations
@@ -62,8 +62,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--projections", default=",".join(m[0] for m in MATRICES), help="which of qkv,o,gate_up,down")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds over the configs and layouts")
-    ap.add_argument("--fragment", action="store_true", help="int4: each layout also with its codes in fragment "
-                    "order (Int4Groups.fragmented, the prefill GEMM's order; the GEMV permutes its digits to match)")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
     configs = [parse_config(c) for c in args.configs.split(",")]
@@ -87,18 +85,15 @@ def main(argv: list[str] | None = None) -> None:
             block = f"{cfg.block_n}x{cfg.block_kw}x{cfg.num_warps}"
             tiles = tiles_for(weights[0], cfg.block_n, cfg.block_kw)
             scratch = SplitKScratch.zeros(scratch_floats(weights[0], cfg), triton.cdiv(n, cfg.block_n), device)
-            orders = (False, True) if args.fragment and args.bits == 4 else (False,)
-            for t, frag in [(t, f) for t in ((None, tiles) if tiles is not None else (None,)) for f in orders]:
+            for t in (None, tiles) if tiles is not None else (None,):
                 stored = [w if t is None else w.tiled(t) for w in weights]
-                stored = [w.fragmented() for w in stored] if frag else stored
                 out = torch.zeros(n, device=device).half()
 
                 def calls(stored=stored, out=out, cfg=cfg, scratch=scratch) -> None:
                     out.copy_(init)
                     for w in stored:
                         launch(w, a, nw, out, mode, scratch, cfg)
-                label = (block, ("row-major" if t is None else f"tile-major {t[0]}x{t[1]}")
-                         + (", fragment order" if frag else ""))
+                label = (block, "row-major" if t is None else f"tile-major {t[0]}x{t[1]}")
                 variants[label] = (graphed(calls), stored, out)
         times: dict[tuple[str, str], list[float]] = {label: [] for label in variants}
         for _ in range(args.rounds):

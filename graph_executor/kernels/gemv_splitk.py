@@ -138,7 +138,7 @@ def _splitk_kernel(codes_ptr, scale_ptr, offset_ptr, a_ptr, nw_ptr, b_ptr, out_p
                    SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_KW: tl.constexpr, INT4: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr,
                    EARLY: tl.constexpr, FIXUP: tl.constexpr = True, TILE_N: tl.constexpr = 0,
-                   TILE_KW: tl.constexpr = 0, FRAG: tl.constexpr = False):
+                   TILE_KW: tl.constexpr = 0):
     """MODE 0: out = W @ (rmsnorm(a) * nw) [+ b]; 1: out += W @ a; 2: out += W @ (silu(a[:K]) * a[K:]). EARLY:
     codes, scales and offsets are loaded before the wait for the previous kernel (constant in a step: no race).
     Every load of the weight's bytes is issued before the activation's math: the offsets loaded after it (as until
@@ -193,8 +193,8 @@ def _splitk_kernel(codes_ptr, scale_ptr, offset_ptr, a_ptr, nw_ptr, b_ptr, out_p
     lo = tl.minimum(tl.maximum(tl.floor((a * inv[:, None] - hi) * 256.0 + 0.5), -127.0), 127.0)
     shifts = (tl.arange(0, 4) * 8)[None, :]
     if INT4:
-        hi_even, hi_odd = _digit_pairs(hi.to(tl.int32), BLOCK_KW, FRAG)  # the digits each byte's nibbles meet
-        lo_even, lo_odd = _digit_pairs(lo.to(tl.int32), BLOCK_KW, FRAG)
+        hi_even, hi_odd = tl.split(tl.reshape(hi.to(tl.int32), [BLOCK_KW, 4, 2]))  # positions 8kw + 2j (+ 1)
+        lo_even, lo_odd = tl.split(tl.reshape(lo.to(tl.int32), [BLOCK_KW, 4, 2]))
         q_even = w & 0x0F0F0F0F  # byte j: weight 2j of the word's eight
         q_odd = (w >> 4) & 0x0F0F0F0F  # weight 2j + 1
         dot = _dp4a(q_odd, _bytes(hi_odd, shifts)[None, :],
@@ -219,21 +219,6 @@ def _splitk_kernel(codes_ptr, scale_ptr, offset_ptr, a_ptr, nw_ptr, b_ptr, out_p
               MODE, HAS_BIAS, False, SPLIT, SPLIT_P2, BLOCK_N)
     else:
         store_partial(partial, ss, rows, row_ok, pid_n, pid_k, part_ptr, N, MODE, SPLIT)
-
-
-@triton.jit
-def _digit_pairs(d, BLOCK_KW: tl.constexpr, FRAG: tl.constexpr):
-    """An int4 program's activation digits [BLOCK_KW * 8] in column order -> (even, odd) [BLOCK_KW, 4]: for byte j
-    of word w, the digit its low (even) and its high (odd) nibble multiplies. Natural order: columns 8w + 2j and
-    8w + 2j + 1. Fragment order (formats.fragment_order, 4 words a block of 32): word t's byte j holds columns
-    16 (j % 2) + 2t + j // 2 (low) and that + 8 (high); the permutation moves digits between threads (sm_90 SASS:
-    624 -> 752 instructions a program, shuffles and shared memory), which is what fragment order costs a decode."""
-    if FRAG:
-        d = tl.reshape(d, [BLOCK_KW // 4, 2, 2, 4, 2])  # [block, s, h, t, e]: column 16s + 8h + 2t + e
-        d = tl.reshape(tl.permute(d, (0, 3, 4, 1, 2)), [BLOCK_KW, 4, 2])  # [word (block, t), byte (e, s), h]
-    else:
-        d = tl.reshape(d, [BLOCK_KW, 4, 2])  # columns 8w + 2j (+ 1)
-    return tl.split(d)
 
 
 @triton.jit
@@ -332,6 +317,8 @@ def fixup(partial, ss, rows, row_ok, pid_n, pid_k, part_ptr, count_ptr, scale_pt
 def _check(w: Packed, scratch: SplitKScratch, cfg: SplitKConfig, vectors: dict[str, tuple[torch.Tensor, int]]) -> None:
     if not isinstance(w, (Int4Groups, Int8Groups)):
         raise ValueError(f"expected Int4Groups or Int8Groups weights, got {type(w).__name__}")
+    if isinstance(w, Int4Groups) and w.fragment:
+        raise ValueError("fragment-ordered int4 codes: the decode GEMV reads the natural order")
     n, k = w.shape
     per_word = w.per_word
     if w.group % per_word or cfg.block_kw % (w.group // per_word):
@@ -367,8 +354,7 @@ def _launch(w: Packed, a: torch.Tensor, nw: torch.Tensor | None, bias: torch.Ten
         ZERO=float(INT4_ZERO) if int4 and w.offset is None else 0.0, HAS_BIAS=bias is not None, SPLIT=split,
         SPLIT_P2=triton.next_power_of_2(split), GROUP=w.group, BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw,
         INT4=int4, EMULATE=not w.codes.is_cuda, num_warps=cfg.num_warps, num_stages=1, PDL=cfg.pdl, EARLY=cfg.early,
-        FIXUP=not cfg.reduce_kernel, TILE_N=tiles[0], TILE_KW=tiles[1], FRAG=int4 and w.fragment,
-        **launch_options(cfg.pdl))
+        FIXUP=not cfg.reduce_kernel, TILE_N=tiles[0], TILE_KW=tiles[1], **launch_options(cfg.pdl))
     if cfg.reduce_kernel:
         launch_reduce(scratch, None, bias, out, n, k, eps, mode, split, cfg.pdl)
     return out
