@@ -254,55 +254,6 @@ def test_gemm_float16_math_over_float16_scales(case, f16_math) -> None:
     assert_matches(out, reference(x, w), 2e-3)
 
 
-@pytest.mark.parametrize("case", ["int4-offset-g32-f16", "int4-sym-g32-f16", "int4-offset-g128-f32"])
-def test_fragment_ordered_codes_give_the_same_weights(case) -> None:
-    """Int4 codes in fragment order (formats.fragment_order; read as whole words, each word's 8 codes unpacked in
-    registers, then put in column order): the GEMM within float16's rounding of the float64 reference and equal to
-    the natural order's result; the dequantizing pass and the embedding gather bit-exact; tiled storage too."""
-    n, k, tokens = 37, k_for(case), 5
-    w = packed_case(case, n, k, seed=31)
-    f = w.fragmented()
-    assert f.fragment and torch.equal(f.to("cpu").dequantize(), w.to("cpu").dequantize())
-    x = torch.randn(tokens, k, generator=torch.Generator().manual_seed(32)).half().to(DEVICE)
-    outs = []
-    for weight in (w, f):
-        out = torch.full((tokens, n), float("nan"), device=DEVICE, dtype=torch.float16)
-        cfg = dataclasses.replace(cpu_config(case), block_k=max(64, cpu_config(case).block_k))
-        outs.append(gemm_lowbit.gemm(x, weight, out, cfg=cfg).cpu())
-    assert_matches(outs[1], reference(x, w), 2e-3)
-    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
-    dense = torch.empty(n, k, device=DEVICE)
-    assert torch.equal(gemm_lowbit.dequantize(f, dense).cpu(), w.to("cpu").dequantize())
-    ids = torch.tensor([0, 17, 36], device=DEVICE)
-    rows = torch.empty(3, k, device=DEVICE)
-    assert torch.equal(gemm_lowbit.embedding(f, ids, rows).cpu(), w.to("cpu").dequantize()[ids.cpu()])
-    wide = packed_case(case, 32, k, seed=33)
-    t = wide.tiled((16, k // 8)).fragmented()  # whole-row tiles of 16 rows, then fragment order inside them
-    assert t.tiles == (16, k // 8) and torch.equal(t.to("cpu").dequantize(), wide.to("cpu").dequantize())
-    dense = torch.empty(32, k, device=DEVICE)
-    assert torch.equal(gemm_lowbit.dequantize(t, dense).cpu(), wide.to("cpu").dequantize())
-
-
-def test_fragment_order_bad_input() -> None:
-    """Groups under 32, a second fragmentation, a GEMM step under 32 columns and the decode GEMV (which reads the
-    natural order) are one-line errors."""
-    from graph_executor.kernels import gemv_splitk
-
-    with pytest.raises(ValueError, match="fragment order needs groups of 32"):
-        packed_case("int4-sym-g16-f32", 8, 96, seed=1).fragmented()
-    f = packed_case("int4-offset-g32-f16", 8, 96, seed=2).fragmented()
-    with pytest.raises(ValueError, match="already in fragment order"):
-        f.fragmented()
-    x = torch.zeros(2, 96, device=DEVICE, dtype=torch.float16)
-    with pytest.raises(ValueError, match="whole blocks of 32"):
-        gemm_lowbit.gemm(x, f, torch.zeros(2, 8, device=DEVICE, dtype=torch.float16),
-                         cfg=GemmConfig(block_n=16, block_t=16, block_k=16))
-    scratch = gemv_splitk.SplitKScratch.zeros(1024, 64, DEVICE)
-    with pytest.raises(ValueError, match="the decode GEMV reads the natural order"):
-        gemv_splitk.gemv_residual(f, torch.zeros(96, device=DEVICE, dtype=torch.float16),
-                                  torch.zeros(8, device=DEVICE, dtype=torch.float16), scratch)
-
-
 @pytest.mark.parametrize("case", ["int4-offset-g128-f32", "int8-sym-g128-f16"])
 def test_gemm_block_k_below_the_group(case) -> None:
     """BLOCK_K = 32 < group = 128: every step lies inside one group (and picks that group's scale)."""
@@ -436,22 +387,6 @@ def test_gemm_7b_shapes_float16(n, k, fmt) -> None:
         x = torch.randn(tokens, k, device="cuda", dtype=torch.float16)
         out = torch.full((tokens, n), float("nan"), device="cuda", dtype=torch.float16)
         gpu_check(gemm_lowbit.gemm(x, w, out), x, w)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("n, k", [(4096, 4096), (11008, 4096), (4096, 11008)])
-def test_gemm_7b_shapes_fragment_ordered_int4(n, k) -> None:
-    """The fragment-ordered int4 path (its inline-PTX conversion runs only on the GPU) against float64, and equal to
-    the natural order within float16's output rounding, tiled too, at short and long prompt lengths."""
-    w = gpu_weight("int4", n, k, seed=n + k + 1)
-    variants = [w.fragmented(), w.tiled((32, 128 if k == 4096 else 32)).fragmented()]
-    for tokens in (1, 16, 64, 100):
-        x = torch.randn(tokens, k, device="cuda", dtype=torch.float16)
-        natural = gemm_lowbit.gemm(x, w, torch.empty(tokens, n, device="cuda", dtype=torch.float16))
-        for f in variants:
-            out = torch.full((tokens, n), float("nan"), device="cuda", dtype=torch.float16)
-            gpu_check(gemm_lowbit.gemm(x, f, out), x, w)
-            torch.testing.assert_close(out, natural, rtol=2e-3, atol=2e-3 * float(natural.abs().max()))
 
 
 @pytest.mark.cuda

@@ -115,9 +115,6 @@ def main() -> None:
                     "into an fp16 buffer, then torch.mm), printed after the sweep's column")
     ap.add_argument("--f32-form", action="store_true", help="also time the default tile with the float32 "
                     "dequantization (GemmConfig.f16_math off), printed after the sweep's column")
-    ap.add_argument("--fragment", action="store_true", help="also time int4 with its codes in fragment order "
-                    "(Int4Groups.fragmented: no byte gather in the loop) at the default tile and the best sweep "
-                    "config, printed after the sweep's column")
     ap.add_argument("--out", default=None, help="folder for lowbit_gemm.json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -165,19 +162,6 @@ def main() -> None:
                                  dense=torch.empty(n, k, device=dev, dtype=torch.float16))
                     best += f"  dequantize+mm {d_ms:.4f} ms"
                     res["rows"].append({"shape": name, "T": t, "fmt": fmt, "cfg": "dequantize+mm", "ms": d_ms})
-                if args.fragment and fmt == "int4":
-                    frag = [c.fragmented() for c in weights]
-                    out.fill_(float("nan"))
-                    gemm_lowbit.gemm(x, frag[0], out)
-                    f_err = _rel_error(w, x, out)
-                    cfgs = [gemm_lowbit.default_config(t, n, k)] + [c for _, c in timed[:2]] if args.sweep else [
-                        gemm_lowbit.default_config(t, n, k)]
-                    f_ms = [(_time(frag, x, out, c, args.reps, scratch), c) for c in cfgs]
-                    best += "  fragment " + "; ".join(f"{m:.4f} ms {c.block_n}x{c.block_t}x{c.block_k}/{c.split}"
-                                                      for m, c in f_ms) + f" (err {f_err:.1e})"
-                    res["rows"] += [{"shape": name, "T": t, "fmt": "int4-fragment", "cfg": vars(c), "ms": m,
-                                     "rel_err": f_err} for m, c in f_ms]
-                    del frag
                 if args.f32_form and fmt != "fp16":
                     f32 = dataclasses.replace(gemm_lowbit.default_config(t, n, k), f16_math=False)
                     f_ms = _time(weights, x, out, f32, args.reps, scratch)

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from graph_executor.kernels.gemv_splitk import SplitKScratch, tile_offsets
-from graph_executor.quant.formats import FRAGMENT, INT4_ZERO, Fp8Rows, Int4Groups, Int8Groups, PackedWeight
+from graph_executor.quant.formats import INT4_ZERO, Fp8Rows, Int4Groups, Int8Groups, PackedWeight
 
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INT4, INT8, FP8 = 0, 1, 2  # the kernels' FORMAT constexpr
@@ -116,16 +116,13 @@ def scratch_size(tokens: int, n: int, k: int, cfg: GemmConfig) -> tuple[int, int
 def _weight_tile(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, k0, K, FORMAT: tl.constexpr,
                  HAS_OFFSET: tl.constexpr, ZERO: tl.constexpr, GROUP: tl.constexpr, STEP_GROUP: tl.constexpr,
                  BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr, TILE_N: tl.constexpr,
-                 TILE_KW: tl.constexpr, FAST: tl.constexpr = False, FRAG: tl.constexpr = False,
-                 EMULATE: tl.constexpr = False):
+                 TILE_KW: tl.constexpr, FAST: tl.constexpr = False):
     """Weights of `rows` ([BLOCK_R] int64) at columns k0 .. k0 + BLOCK_K as [BLOCK_R, BLOCK_K] in DTYPE: the value
     is formed in float32 (formats.py's order of operations) and rounded to DTYPE once. Columns past K and rows
     not row_ok come out 0. STEP_GROUP = min(GROUP, BLOCK_K): a step holds BLOCK_K / STEP_GROUP groups, or lies
     inside one (K is a multiple of the group and both are powers of two). Fp8Rows: the codes alone (exact in
     float16, bfloat16 and float32); the caller applies the row scale. TILE_N > 0: the codes, scales and offsets
-    are stored tile-major in tiles of TILE_N rows x TILE_KW 32-bit words of codes (`formats.tile_major`). FRAG: int4
-    codes in fragment order (`formats.fragment_order`), read as int32 words (codes_ptr an int32 pointer; BLOCK_K a
-    multiple of 32). EMULATE: under the Triton interpreter (no inline PTX)."""
+    are stored tile-major in tiles of TILE_N rows x TILE_KW 32-bit words of codes (`formats.tile_major`)."""
     cols = k0 + tl.arange(0, BLOCK_K)
     mask = row_ok[:, None] & (cols < K)[None, :]
     # float16 GEMM over float16 scales: codes to float16 exactly (`_f16_of_code`) and the group's s q + o as one
@@ -135,15 +132,7 @@ def _weight_tile(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, k0, K, FORMAT: 
     if FORMAT == 2:  # FP8
         w = tl.load(codes_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(DTYPE)
     else:
-        if FORMAT == 0 and FRAG:  # INT4 in fragment order: whole 32-bit words, each its 8 values in registers
-            words = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-            if TILE_N > 0:
-                at = tile_offsets(rows, words, K // 8, TILE_N, TILE_KW)
-            else:
-                at = rows[:, None] * (K // 8) + words[None, :]
-            wd = tl.load(codes_ptr + at, mask=row_ok[:, None] & (words < K // 8)[None, :], other=0)  # int32 [R, K / 8]
-            q = _fragment_values(wd, F16 and not EMULATE)  # [BLOCK_R, BLOCK_K] in column order
-        elif FORMAT == 0:  # INT4: byte j of a row holds weights 2j (low nibble) and 2j + 1 (high nibble)
+        if FORMAT == 0:  # INT4: byte j of a row holds weights 2j (low nibble) and 2j + 1 (high nibble)
             half = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             if TILE_N > 0:
                 at = tile_offsets(rows, half, K // 2, TILE_N, 4 * TILE_KW)
@@ -182,50 +171,6 @@ def _weight_tile(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, k0, K, FORMAT: 
 
 
 @triton.jit
-def _fragment_asm(wd):
-    """int32 words of fragment-ordered int4 codes -> their 8 codes as float16, nibble i the i-th result: per word one
-    shift, four lop3 (0x6400 | the nibbles of a float16 pair), two subtractions of 1024 and two FMAs by (1/16, -64)
-    for the high nibbles (1024 + 16 q) -- Marlin's conversion, no per-byte work."""
-    return tl.inline_asm_elementwise(
-        asm="""{
-        .reg .b32 b, m, r0, r1, r2, r3, c1, c2;
-        mov.b32 m, 0x64006400;
-        shr.b32 b, $8, 8;
-        lop3.b32 r0, $8, 0x000F000F, m, 0xEA;
-        lop3.b32 r1, $8, 0x00F000F0, m, 0xEA;
-        lop3.b32 r2, b, 0x000F000F, m, 0xEA;
-        lop3.b32 r3, b, 0x00F000F0, m, 0xEA;
-        sub.f16x2 r0, r0, m;
-        sub.f16x2 r2, r2, m;
-        mov.b32 c1, 0x2C002C00;
-        mov.b32 c2, 0xD400D400;
-        fma.rn.f16x2 r1, r1, c1, c2;
-        fma.rn.f16x2 r3, r3, c1, c2;
-        mov.b32 {$0, $4}, r0;
-        mov.b32 {$1, $5}, r1;
-        mov.b32 {$2, $6}, r2;
-        mov.b32 {$3, $7}, r3;
-        }""",
-        constraints="=h,=h,=h,=h,=h,=h,=h,=h,r", args=[wd], dtype=(tl.float16,) * 8, is_pure=True, pack=1)
-
-
-@triton.jit
-def _fragment_values(wd, ASM: tl.constexpr):
-    """wd int32 [R, W] words of fragment-ordered int4 codes -> [R, 8 W] codes in column order: float16 (ASM, inline
-    PTX) or int32. Nibble i = 4e + 2s + h of word t of a block of 32 holds column 16s + 8h + 2t + e (formats.py)."""
-    if ASM:
-        n0, n1, n2, n3, n4, n5, n6, n7 = _fragment_asm(wd)
-    else:
-        n0, n1, n2, n3 = wd & 0xF, (wd >> 4) & 0xF, (wd >> 8) & 0xF, (wd >> 12) & 0xF
-        n4, n5, n6, n7 = (wd >> 16) & 0xF, (wd >> 20) & 0xF, (wd >> 24) & 0xF, (wd >> 28) & 0xF
-    q = tl.join(tl.join(tl.join(n0, n4), tl.join(n1, n5)), tl.join(tl.join(n2, n6), tl.join(n3, n7)))  # [R, W, e, h, s]
-    R: tl.constexpr = wd.shape[0]
-    W: tl.constexpr = wd.shape[1]
-    q = tl.reshape(q, [R, W // 4, 4, 2, 2, 2])  # [r, block, t, e, h, s]
-    return tl.reshape(tl.permute(q, (0, 1, 5, 4, 2, 3)), [R, 8 * W])  # [r, block, s, h, t, e]: column order
-
-
-@triton.jit
 def _f16_of_code(c, BIAS: tl.constexpr):
     """uint8 codes 0..255 -> float16 c - BIAS, exact, without an integer-to-float conversion (a quarter-rate
     instruction on the card, 32 a thread per step in the GEMM's loop): 0x6400 | c is the float16 1024 + c."""
@@ -238,8 +183,7 @@ def _gemm_kernel(x_ptr, codes_ptr, scale_ptr, offset_ptr, b_ptr, out_ptr, part_p
                  GROUP: tl.constexpr, STEP_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
                  PRECISION: tl.constexpr, SPLITTING: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
                  BLOCK_K: tl.constexpr, FIXUP: tl.constexpr = True, TILE_N: tl.constexpr = 0,
-                 TILE_KW: tl.constexpr = 0, FAST: tl.constexpr = True, FRAG: tl.constexpr = False,
-                 EMULATE: tl.constexpr = False):
+                 TILE_KW: tl.constexpr = 0, FAST: tl.constexpr = True):
     """Program (n, t, s): weight rows n * BLOCK_N.., tokens t * BLOCK_T.., K columns s * K_SPLIT.. (SPLIT programs
     along K). acc [BLOCK_N, BLOCK_T] = W_tile @ x_tile^T: the dequantized weights are the dot's left operand."""
     pid_n = tl.program_id(0)
@@ -257,8 +201,7 @@ def _gemm_kernel(x_ptr, codes_ptr, scale_ptr, offset_ptr, b_ptr, out_ptr, part_p
         xt = tl.load(x_ptr + tokens[None, :] * stride_xm + cols[:, None],
                      mask=token_ok[None, :] & (cols < K)[:, None], other=0.0)  # [BLOCK_K, BLOCK_T]
         w = _weight_tile(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, k0, K, FORMAT, HAS_OFFSET, ZERO, GROUP,
-                         STEP_GROUP, BLOCK_N, BLOCK_K, dtype, TILE_N, TILE_KW, FAST, FRAG,
-                         EMULATE)  # [BLOCK_N, BLOCK_K]
+                         STEP_GROUP, BLOCK_N, BLOCK_K, dtype, TILE_N, TILE_KW, FAST)  # [BLOCK_N, BLOCK_K]
         acc = tl.dot(w, xt, acc, input_precision=PRECISION)
     at = out_ptr + tokens[None, :] * stride_om + rows[:, None]
     mask = row_ok[:, None] & token_ok[None, :]
@@ -321,18 +264,18 @@ def _epilogue(acc, at, mask, rows, row_ok, scale_ptr, b_ptr, FORMAT: tl.constexp
 def _dequantize_kernel(codes_ptr, scale_ptr, offset_ptr, out_ptr, N, K, FORMAT: tl.constexpr,
                        HAS_OFFSET: tl.constexpr, ZERO: tl.constexpr, GROUP: tl.constexpr, STEP_GROUP: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, TILE_N: tl.constexpr = 0,
-                       TILE_KW: tl.constexpr = 0, FRAG: tl.constexpr = False):
+                       TILE_KW: tl.constexpr = 0):
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     row_ok = rows < N
     k0 = tl.program_id(1) * BLOCK_K
     dtype = out_ptr.dtype.element_ty
     if FORMAT == 2:  # FP8: the codes times the row's scale, rounded once
         w = _weight_tile(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, k0, K, FORMAT, HAS_OFFSET, ZERO, GROUP,
-                         STEP_GROUP, BLOCK_R, BLOCK_K, tl.float32, TILE_N, TILE_KW, False, FRAG)
+                         STEP_GROUP, BLOCK_R, BLOCK_K, tl.float32, TILE_N, TILE_KW)
         w = (w * tl.load(scale_ptr + rows, mask=row_ok, other=0.0)[:, None]).to(dtype)
     else:
         w = _weight_tile(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, k0, K, FORMAT, HAS_OFFSET, ZERO, GROUP,
-                         STEP_GROUP, BLOCK_R, BLOCK_K, dtype, TILE_N, TILE_KW, False, FRAG)
+                         STEP_GROUP, BLOCK_R, BLOCK_K, dtype, TILE_N, TILE_KW)
     cols = k0 + tl.arange(0, BLOCK_K)
     tl.store(out_ptr + rows[:, None] * K + cols[None, :], w, mask=row_ok[:, None] & (cols < K)[None, :])
 
@@ -341,7 +284,7 @@ def _dequantize_kernel(codes_ptr, scale_ptr, offset_ptr, out_ptr, N, K, FORMAT: 
 def _embedding_kernel(codes_ptr, scale_ptr, offset_ptr, ids_ptr, out_ptr, T, V, K, stride_om,
                       FORMAT: tl.constexpr, HAS_OFFSET: tl.constexpr, ZERO: tl.constexpr, GROUP: tl.constexpr,
                       STEP_GROUP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-                      TILE_N: tl.constexpr = 0, TILE_KW: tl.constexpr = 0, FRAG: tl.constexpr = False):
+                      TILE_N: tl.constexpr = 0, TILE_KW: tl.constexpr = 0):
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     token_ok = tokens < T
     rows = tl.load(ids_ptr + tokens, mask=token_ok, other=0).to(tl.int64)  # [BLOCK_T]
@@ -349,7 +292,7 @@ def _embedding_kernel(codes_ptr, scale_ptr, offset_ptr, ids_ptr, out_ptr, T, V, 
     row_ok = token_ok & (rows >= 0) & (rows < V)
     k0 = tl.program_id(1) * BLOCK_K
     w = _weight_tile(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, k0, K, FORMAT, HAS_OFFSET, ZERO, GROUP,
-                     STEP_GROUP, BLOCK_T, BLOCK_K, tl.float32, TILE_N, TILE_KW, False, FRAG)  # [BLOCK_T, BLOCK_K]
+                     STEP_GROUP, BLOCK_T, BLOCK_K, tl.float32, TILE_N, TILE_KW)  # [BLOCK_T, BLOCK_K]
     if FORMAT == 2:
         w *= tl.load(scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
     cols = k0 + tl.arange(0, BLOCK_K)
@@ -371,13 +314,9 @@ def _weights(w: PackedWeight, block_k: int) -> tuple:
     offset = w.offset if w.offset is not None else w.scale  # unused when HAS_OFFSET is False
     zero = float(INT4_ZERO) if int4 and w.offset is None else 0.0  # symmetric Int4Groups' codes centre on 8
     tile_n, tile_kw = w.tiles or (0, 0)
-    frag = int4 and w.fragment
-    if frag and block_k % FRAGMENT:
-        raise ValueError(f"block_k {block_k}: fragment-ordered int4 codes are read in whole blocks of {FRAGMENT}")
-    codes = w.codes.view(torch.int32) if frag else w.codes  # fragment order: read as whole words
-    return (codes, w.scale, offset), {"FORMAT": INT4 if int4 else INT8, "HAS_OFFSET": w.offset is not None,
-                                      "ZERO": zero, "GROUP": w.group, "STEP_GROUP": min(w.group, block_k),
-                                      "TILE_N": tile_n, "TILE_KW": tile_kw, "FRAG": frag}
+    return (w.codes, w.scale, offset), {"FORMAT": INT4 if int4 else INT8, "HAS_OFFSET": w.offset is not None,
+                                        "ZERO": zero, "GROUP": w.group, "STEP_GROUP": min(w.group, block_k),
+                                        "TILE_N": tile_n, "TILE_KW": tile_kw}
 
 
 def _check_matrix(name: str, t: torch.Tensor, shape: tuple[int, int], device: torch.device,
@@ -424,7 +363,7 @@ def gemm(x: torch.Tensor, w: PackedWeight, out: torch.Tensor, bias: torch.Tensor
                        k, k_split, split, x.stride(0), out.stride(0), **fmt, HAS_BIAS=bias is not None,
                        ACCUMULATE=accumulate, PRECISION=precision, SPLITTING=split > 1, BLOCK_N=cfg.block_n,
                        BLOCK_T=cfg.block_t, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                       FIXUP=not cfg.reduce_kernel, FAST=cfg.f16_math, EMULATE=not x.is_cuda)
+                       FIXUP=not cfg.reduce_kernel, FAST=cfg.f16_math)
     if split > 1 and cfg.reduce_kernel:
         _gemm_reduce_kernel[grid[:2]](scratch.partial, fmt_ptrs[1], bias if bias is not None else out, out, t, n, split,
                                       out.stride(0), FORMAT=fmt["FORMAT"], HAS_BIAS=bias is not None,

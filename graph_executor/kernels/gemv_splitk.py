@@ -317,8 +317,6 @@ def fixup(partial, ss, rows, row_ok, pid_n, pid_k, part_ptr, count_ptr, scale_pt
 def _check(w: Packed, scratch: SplitKScratch, cfg: SplitKConfig, vectors: dict[str, tuple[torch.Tensor, int]]) -> None:
     if not isinstance(w, (Int4Groups, Int8Groups)):
         raise ValueError(f"expected Int4Groups or Int8Groups weights, got {type(w).__name__}")
-    if isinstance(w, Int4Groups) and w.fragment:
-        raise ValueError("fragment-ordered int4 codes: the decode GEMV reads the natural order")
     n, k = w.shape
     per_word = w.per_word
     if w.group % per_word or cfg.block_kw % (w.group // per_word):

@@ -102,15 +102,9 @@ class _GroupedCodes:
         n, k = self.shape
         return 8 * self.nbytes / (n * k)
 
-    def _like(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, **changes) -> _GroupedCodes:
-        """A weight of this format with new tensors and this one's group, tiles and (int4) code order, as changed."""
-        kw = {"group": self.group, "tiles": self.tiles, **({"fragment": self.fragment} if isinstance(self, Int4Groups)
-                                                              else {})}
-        return type(self)(codes, scale, offset, **{**kw, **changes})
-
     def to(self, device: torch.device | str) -> _GroupedCodes:
-        return self._like(self.codes.to(device), self.scale.to(device),
-                          None if self.offset is None else self.offset.to(device))
+        return type(self)(self.codes.to(device), self.scale.to(device),
+                          None if self.offset is None else self.offset.to(device), self.group, self.tiles)
 
     @property
     def per_word(self) -> int:
@@ -132,21 +126,20 @@ class _GroupedCodes:
         rows, words = tiles
         wpg = self.words_per_group
         codes = tile_major(self.codes.view(torch.int32), rows, words).view(self.codes.dtype)
-        return self._like(codes.view(self.codes.shape), tile_major(self.scale, rows, words // wpg),
-                          None if self.offset is None else tile_major(self.offset, rows, words // wpg), tiles=tiles)
+        return type(self)(codes.view(self.codes.shape), tile_major(self.scale, rows, words // wpg),
+                          None if self.offset is None else tile_major(self.offset, rows, words // wpg), self.group,
+                          tiles)
 
     def row_major(self) -> _GroupedCodes:
-        """The same weights stored row-major, int4 codes in their natural order (self if they are)."""
-        w = self
-        if isinstance(w, Int4Groups) and w.fragment:
-            w = w._like(from_fragment_order(w.codes), w.scale, w.offset, fragment=False)
-        if w.tiles is None:
-            return w
-        rows, words = w.tiles
-        wpg = w.words_per_group
-        codes = from_tile_major(w.codes.view(torch.int32), rows, words).view(w.codes.dtype)
-        return w._like(codes.view(w.codes.shape), from_tile_major(w.scale, rows, words // wpg),
-                       None if w.offset is None else from_tile_major(w.offset, rows, words // wpg), tiles=None)
+        """The same weights stored row-major (self if they are)."""
+        if self.tiles is None:
+            return self
+        rows, words = self.tiles
+        wpg = self.words_per_group
+        codes = from_tile_major(self.codes.view(torch.int32), rows, words).view(self.codes.dtype)
+        return type(self)(codes.view(self.codes.shape), from_tile_major(self.scale, rows, words // wpg),
+                          None if self.offset is None else from_tile_major(self.offset, rows, words // wpg),
+                          self.group)
 
 
 @dataclass(frozen=True)
@@ -159,9 +152,6 @@ class Int4Groups(_GroupedCodes):
     group: int = 32
     # None: the tensors are row-major as shaped; (rows, words): stored tile-major (`tiled`), shapes unchanged
     tiles: tuple[int, int] | None = None
-    # the codes of every 32 weights in the tensor cores' fragment order (`fragment_order`, `fragmented`): the prefill
-    # GEMM turns a 32-bit word into its 8 float16 values in registers, with no byte gather (groups of 32 or more)
-    fragment: bool = False
 
     def __post_init__(self) -> None:
         if self.codes.dtype != torch.uint8 or self.codes.dim() != 2 or not self.codes.is_contiguous():
@@ -169,16 +159,6 @@ class Int4Groups(_GroupedCodes):
                              f"{tuple(self.codes.shape)}")
         _check_scales("Int4Groups", *self.shape, self.group, self.codes, self.scale, self.offset)
         _check_tiles(self, self.tiles)
-        if self.fragment and self.group < FRAGMENT:
-            raise ValueError(f"Int4Groups: fragment order needs groups of {FRAGMENT} or more, got {self.group}")
-
-    def fragmented(self) -> Int4Groups:
-        """The same weights with each 32 weights' codes in fragment order (`fragment_order`; tiled or not)."""
-        if self.fragment:
-            raise ValueError("Int4Groups: already in fragment order")
-        if self.group < FRAGMENT:
-            raise ValueError(f"Int4Groups: fragment order needs groups of {FRAGMENT} or more, got {self.group}")
-        return self._like(fragment_order(self.codes), self.scale, self.offset, fragment=True)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -519,43 +499,6 @@ def quantize_fp8(w: torch.Tensor) -> Fp8Rows:
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
     codes = (wf / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return Fp8Rows(codes.contiguous(), scale.contiguous())
-
-
-FRAGMENT = 32  # weights a fragment-ordered block of int4 codes holds: 16 bytes, four 32-bit words
-
-
-def _fragment_positions() -> torch.Tensor:
-    """int64 [32]: for nibble i of word t (index 8t + i) of a fragment-ordered block, the weight it holds.
-
-    A float16 wgmma / mma.m16n8k16 register operand gives lane t (of each quad) the columns 2t, 2t + 1, 2t + 8,
-    2t + 9 of every 16: over 32 weights, 16s + 8h + 2t + e (s, h, e in 0..1). Word t holds those eight, nibble
-    i = 4e + 2s + h, so that (word & 0x000F000F), (word & 0x00F000F0), (word >> 8 ...) are the four (e = 0, 1)
-    pairs as float16x2 once 0x6400 is or-ed in (Marlin's trick; gemm_lowbit._fragment_values)."""
-    t = torch.arange(4).view(4, 1)
-    i = torch.arange(8).view(1, 8)
-    e, s, h = i // 4, (i // 2) % 2, i % 2
-    return (16 * s + 8 * h + 2 * t + e).reshape(32)
-
-
-def fragment_order(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 int4 codes [N, K / 2] in natural order (byte j: weights 2j low, 2j + 1 high) -> the same codes with
-    every 16 bytes (32 weights) in fragment order (`_fragment_positions`). The blocks stay where they are, so
-    tile-major storage (whose tiles hold whole groups) is reordered in place alike."""
-    n, half = codes.shape
-    if half % (FRAGMENT // 2):
-        raise ValueError(f"fragment_order: rows of {2 * half} int4 codes are not whole blocks of {FRAGMENT}")
-    q = torch.stack([codes & 0xF, codes >> 4], dim=-1).view(n, half // 16, 32)  # natural order
-    f = q[..., _fragment_positions().to(codes.device)]  # [n, blocks, 32]: slot 8t + i
-    return (f[..., 0::2] | (f[..., 1::2] << 4)).reshape(n, half).contiguous()
-
-
-def from_fragment_order(codes: torch.Tensor) -> torch.Tensor:
-    """The inverse of `fragment_order`."""
-    n, half = codes.shape
-    f = torch.stack([codes & 0xF, codes >> 4], dim=-1).view(n, half // 16, 32)
-    q = torch.empty_like(f)
-    q[..., _fragment_positions().to(codes.device)] = f
-    return (q[..., 0::2] | (q[..., 1::2] << 4)).reshape(n, half).contiguous()
 
 
 def tile_major(t: torch.Tensor, tile_r: int, tile_c: int) -> torch.Tensor:
