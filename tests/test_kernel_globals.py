@@ -54,7 +54,12 @@ def _global_reads(code: types.CodeType) -> set[str]:
 
 
 def _accepted(value: object) -> bool:
-    return isinstance(value, (types.ModuleType, KernelInterface, tl.constexpr))
+    """Modules, jit functions, constexpr values, and what Gluon kernels also call: constexpr functions (run at
+    compile time) and the dialect's builtins (`warpgroup_mma`, ...)."""
+    from triton.runtime.jit import ConstexprFunction
+
+    return (isinstance(value, (types.ModuleType, KernelInterface, tl.constexpr, ConstexprFunction))
+            or getattr(value, "__triton_builtin__", False))
 
 
 KERNELS = _kernels()

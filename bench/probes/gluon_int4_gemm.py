@@ -1,0 +1,250 @@
+"""GPU probe (issue 10, the short-prompt packed prefill): an int4 x float16 GEMM written in Gluon (Triton 3.6's
+explicit-layout dialect) whose wgmma runs asynchronously with its weight operand in registers: the next step's codes
+are dequantized while the current MMA runs (`warpgroup_mma(is_async=True)` + `warpgroup_mma_wait(1)`), where the
+Triton GEMM (gemm_lowbit) waits for each MMA (sm_90 SASS: `WARPGROUP.DEPBAR.LE gsb0, 0x0` after every HGMMA). Each
+lane reads whole 32-bit words of codes (one 64-bit load for two) and takes its byte of each with one prmt, then
+Marlin's 0x6400 conversion (lop3 + one float16x2 FMA per byte). Split along K with float32 atomics (a probe: not
+deterministic). Times it against the shipped GEMM per LLaMA-2-7B projection and token count, after a float64 check.
+
+    python -m bench.probes.gluon_int4_gemm [--tokens 16,32,64,128] [--reps 10]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+
+
+@gluon.constexpr_function
+def codes_layout(block_n, block_k, num_warps):
+    """uint8 [block_n, block_k / 2] codes laid out as the float16 wgmma register operand is, two columns a byte."""
+    reg = [[8, 0]] + [[0, 4 << i] for i in range((block_k // 8).bit_length() - 1)]
+    lane = [[0, 1], [0, 2], [1, 0], [2, 0], [4, 0]]
+    warp = [[16 << i, 0] for i in range(num_warps.bit_length() - 1)]
+    return gl.DistributedLinearLayout(reg, lane, warp, [], [block_n, block_k // 2])
+
+
+@gluon.constexpr_function
+def words_layout(block_n, block_k, num_warps):
+    """int32 [block_n, block_k / 8, 4]: word w of a row's step, broadcast to the 4 lanes of a quad (dim 2: which
+    byte of the word the lane takes), so that taking byte t of each word gives `codes_layout`."""
+    reg = [[0, 1 << i, 0] for i in range((block_k // 8).bit_length() - 1)] + [[8, 0, 0]]  # words first: 16 B loads
+    lane = [[0, 0, 1], [0, 0, 2], [1, 0, 0], [2, 0, 0], [4, 0, 0]]
+    warp = [[16 << i, 0, 0] for i in range(num_warps.bit_length() - 1)]
+    return gl.DistributedLinearLayout(reg, lane, warp, [], [block_n, block_k // 8, 4])
+
+
+@gluon.jit
+def _byte_pair(word, sel):
+    """byte `sel` picks (prmt selector [b, 0, b, 0]) of each int32 word -> (low nibble, high nibble) float16."""
+    return gl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 t, s, c;
+        prmt.b32 t, $2, 0, $3;
+        lop3.b32 t, t, 0x00F0000F, 0x64006400, 0xEA;
+        mov.b32 s, 0x2C003C00;
+        mov.b32 c, 0xD400E400;
+        fma.rn.f16x2 t, t, s, c;
+        mov.b32 {$0, $1}, t;
+        }""",
+        constraints="=h,=h,r,r", args=[word, sel], dtype=(gl.float16, gl.float16), is_pure=True, pack=1)
+
+
+@gluon.constexpr_function
+def grouped_layout(block_n, block_k, num_warps):
+    """The float16 operand [block_n, block_k] viewed as [block_n, block_k / 32, 32] (groups of 32)."""
+    def split(c):  # column offset c -> (group, in-group) basis
+        return [c // 32, c % 32]
+    reg = [[0] + split(1), [8, 0, 0]] + [[0] + split(8 << i) for i in range((block_k // 8).bit_length() - 1)]
+    lane = [[0] + split(2), [0] + split(4), [1, 0, 0], [2, 0, 0], [4, 0, 0]]
+    warp = [[16 << i, 0, 0] for i in range(num_warps.bit_length() - 1)]
+    return gl.DistributedLinearLayout(reg, lane, warp, [], [block_n, block_k // 32, 32])
+
+
+@gluon.constexpr_function
+def x_load_layout(block_t, block_k, num_warps):
+    per = block_k // 8  # threads along K, 16 bytes each
+    return gl.BlockedLayout([1, 8], [32 // per, per], [num_warps, 1], [1, 0])
+
+
+@gluon.jit
+def _dequant(b, s, o, BN: gl.constexpr, BK: gl.constexpr, A: gl.constexpr, G3: gl.constexpr, ASM: gl.constexpr,
+             sel):
+    if ASM:  # b: int32 words [BN, BK / 8, 4] (each broadcast to the quad), sel: the lane's byte selector
+        lo, hi = _byte_pair(b, sel)
+        lo = lo.reshape([BN, BK // 2])
+        hi = hi.reshape([BN, BK // 2])
+    else:
+        lo = ((b & 0xF).to(gl.uint16) | 0x6400).to(gl.float16, bitcast=True) - 1024.0
+        hi = ((b >> 4).to(gl.uint16) | 0x6400).to(gl.float16, bitcast=True) - 1024.0
+    q = gl.join(lo, hi).reshape([BN, BK])
+    q3 = gl.convert_layout(q.reshape([BN, BK // 32, 32]), G3, assert_trivial=True)
+    w3 = q3 * gl.expand_dims(s, 2) + gl.expand_dims(o, 2)
+    return gl.convert_layout(w3.reshape([BN, BK]), A, assert_trivial=True)
+
+
+@gluon.jit
+def gluon_int4_gemm(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, stride_xm, stride_om,
+                    BLOCK_N: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+                    SPLIT: gl.constexpr, ASM: gl.constexpr, num_warps: gl.constexpr):
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                  instr_shape=[16, BLOCK_T, 16])
+    A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    C: gl.constexpr = codes_layout(BLOCK_N, BLOCK_K, num_warps)
+    G3: gl.constexpr = grouped_layout(BLOCK_N, BLOCK_K, num_warps)
+    S: gl.constexpr = gl.SliceLayout(2, G3)
+    XL: gl.constexpr = x_load_layout(BLOCK_T, BLOCK_K, num_warps)
+    XS: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_T, BLOCK_K], gl.float16)
+    NG: gl.constexpr = BLOCK_K // 32
+
+    pid_n = gl.program_id(0)
+    pid_t = gl.program_id(1)
+    pid_k = gl.program_id(2)
+    k_per = gl.cdiv(gl.cdiv(K, SPLIT), BLOCK_K) * BLOCK_K
+    k_lo = pid_k * k_per
+    k_hi = gl.minimum(k_lo + k_per, K)
+    steps = gl.cdiv(k_hi - k_lo, BLOCK_K)
+
+    # codes [BLOCK_N, BLOCK_K / 2] and their groups' scale and offset, in the operand's own layout
+    c_rows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, C))
+    c_cols = gl.arange(0, BLOCK_K // 2, layout=gl.SliceLayout(0, C))
+    c_ptrs = codes_ptr + gl.expand_dims(c_rows.to(gl.int64) * (K // 2), 1) + gl.expand_dims(c_cols, 0) + k_lo // 2
+    WL: gl.constexpr = words_layout(BLOCK_N, BLOCK_K, num_warps)
+    sel = 0
+    if ASM:  # whole int32 words (16-byte loads), each lane of a quad taking its byte of each
+        w_rows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, WL)))
+        w_cols = gl.arange(0, BLOCK_K // 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, WL)))
+        w_off = gl.expand_dims(w_rows.to(gl.int64) * (K // 8), 1) + gl.expand_dims(w_cols, 0) + k_lo // 8
+        c_ptrs = codes_ptr.to(gl.pointer_type(gl.int32)) + gl.expand_dims(w_off, 2)  # [BN, W, 1]
+        t = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(0, WL)))
+        sel = gl.expand_dims(gl.expand_dims(0x4040 | (t << 8) | t, 0), 0)  # [b_t, 0, b_t, 0]
+    s_rows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, S))
+    s_cols = gl.arange(0, NG, layout=gl.SliceLayout(0, S))
+    s_off = gl.expand_dims(s_rows.to(gl.int64) * (K // 32), 1) + gl.expand_dims(s_cols, 0) + k_lo // 32
+    # x [BLOCK_T, BLOCK_K] tiles into shared memory (cp.async), STAGES deep
+    x_rows = pid_t * BLOCK_T + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, XL))
+    x_cols = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, XL))
+    x_ptrs = x_ptr + gl.expand_dims(x_rows * stride_xm, 1) + gl.expand_dims(x_cols, 0) + k_lo
+    x_mask = gl.expand_dims(x_rows < M, 1)
+    x_smem = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_T, BLOCK_K], XS)
+    for i in gl.static_range(STAGES - 1):
+        async_copy.async_copy_global_to_shared(x_smem.index(i), x_ptrs + i * BLOCK_K, mask=x_mask & (i < steps))
+        async_copy.commit_group()
+
+    acc = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, layout=MMA)
+    w_prev = gl.zeros([BLOCK_N, BLOCK_K], gl.float16, layout=A)
+    b = gl.load(c_ptrs)
+    s = gl.load(scale_ptr + s_off)
+    o = gl.load(offset_ptr + s_off)
+    for k in range(steps):
+        stage = k % STAGES
+        w = _dequant(b, s, o, BLOCK_N, BLOCK_K, A, G3, ASM, sel)
+        more = k + 1 < steps
+        b = gl.load(c_ptrs + (k + 1) * (BLOCK_K // (8 if ASM else 2)), mask=more, other=0)  # next step's codes
+        s = gl.load(scale_ptr + s_off + (k + 1) * NG, mask=more, other=0.0)
+        o = gl.load(offset_ptr + s_off + (k + 1) * NG, mask=more, other=0.0)
+        async_copy.wait_group(STAGES - 2)
+        gl.thread_barrier()
+        fence_async_shared()
+        acc = warpgroup_mma(w, x_smem.index(stage).permute((1, 0)), acc, is_async=True)
+        acc, w_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, w_prev))  # step k - 1's MMA is done
+        w_prev = w
+        nxt = k + STAGES - 1  # into the stage step k - 1 read
+        async_copy.async_copy_global_to_shared(x_smem.index(nxt % STAGES), x_ptrs + nxt * BLOCK_K,
+                                               mask=x_mask & (nxt < steps))
+        async_copy.commit_group()
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    async_copy.wait_group(0)
+    o_rows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
+    o_toks = pid_t * BLOCK_T + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, MMA))
+    ptrs = out_ptr + gl.expand_dims(o_toks * stride_om, 0) + gl.expand_dims(o_rows, 1)
+    mask = gl.expand_dims(o_toks < M, 0)
+    if SPLIT > 1:
+        gl.atomic_add(ptrs, acc, mask=mask)
+    else:
+        gl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+H, I = 4096, 11008  # LLaMA-2-7B
+SHAPES = {"qkv": (3 * H, H), "o": (H, H), "gate_up": (2 * I, H), "down": (H, I)}  # (N, K)
+CONFIGS = [  # (block_t, block_k, stages, split)
+    (16, 128, 3, 1), (16, 128, 3, 2), (16, 128, 3, 4), (16, 128, 4, 8),
+    (32, 128, 3, 1), (32, 128, 3, 2), (32, 128, 3, 4),
+    (64, 128, 3, 1), (64, 128, 3, 2), (64, 64, 4, 4),
+    (128, 64, 4, 1), (128, 64, 4, 2)]
+
+
+def gluon_gemm(x: torch.Tensor, w, out32: torch.Tensor, cfg: tuple) -> torch.Tensor:
+    """out32 [T, N] float32 = x [T, K] float16 @ W^T (int4 groups of 32 with float16 scales and offsets)."""
+    block_t, block_k, stages, split = cfg
+    n, k = w.shape
+    t = x.shape[0]
+    if split > 1:
+        out32.zero_()
+    gluon_int4_gemm[(triton.cdiv(n, 64), triton.cdiv(t, block_t), split)](
+        x, w.codes, w.scale, w.offset, out32, t, n, k, x.stride(0), out32.stride(0), BLOCK_N=64, BLOCK_T=block_t,
+        BLOCK_K=block_k, STAGES=stages, SPLIT=split, ASM=True, num_warps=4)
+    return out32
+
+
+def main(argv: list[str] | None = None) -> None:
+    from bench.floors import time_gpu
+    from graph_executor.kernels import gemm_lowbit
+    from graph_executor.kernels.gemv_splitk import SplitKScratch
+    from graph_executor.quant.formats import quantize_int4
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", default="16,32,64,128")
+    ap.add_argument("--reps", type=int, default=10)
+    args = ap.parse_args(argv)
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    scratch = SplitKScratch.zeros(64 * 1024**2, 65536, dev)
+    print(f"{torch.cuda.get_device_name()}: int4 (g32, offsets) GEMM per 7B projection, ms (weights rotate past L2)")
+    print("| shape | T | fp16 mm | shipped | gluon best | config | rel err | gluon / shipped |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, (n, k) in SHAPES.items():
+        w16 = torch.randn(n, k, device=dev, dtype=torch.float16, generator=g) * 0.02
+        copies = max(1, min(32, -(-256 * 1024**2 // (n * k // 2))))
+        weights = [quantize_int4(w16 + 0.001 * i, 32) for i in range(copies)]
+        dense = [w16 + 0.001 * i for i in range(min(copies, max(1, -(-256 * 1024**2 // (2 * n * k)))))]
+        for t in (int(v) for v in args.tokens.split(",")):
+            x = torch.randn(t, k, device=dev, dtype=torch.float16, generator=g)
+            out16 = torch.empty(t, n, device=dev, dtype=torch.float16)
+            out32 = torch.empty(t, n, device=dev, dtype=torch.float32)
+
+            def timed(fn, ws) -> float:
+                for wt in ws:
+                    fn(wt)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    for wt in ws:
+                        fn(wt)
+                return time_gpu(graph.replay, dev, repeats=args.reps) * 1e3 / len(ws)
+
+            mm = timed(lambda wt: torch.mm(x, wt.t(), out=out16), dense)
+            shipped = timed(lambda wt: gemm_lowbit.gemm(x, wt, out16, scratch=scratch), weights)
+            ref = x.double() @ weights[0].dequantize(torch.float32).double().T
+            best = None
+            for cfg in CONFIGS:
+                if cfg[0] > max(16, 2 * t):
+                    continue
+                got = gluon_gemm(x, weights[0], out32, cfg).double()
+                err = float(((got - ref).abs() / torch.maximum(ref.abs(), ref.pow(2).mean().sqrt())).max())
+                ms = timed(lambda wt, cfg=cfg: gluon_gemm(x, wt, out32, cfg), weights)
+                if best is None or ms < best[0]:
+                    best = (ms, cfg, err)
+            ms, cfg, err = best
+            print(f"| {name} | {t} | {mm:.4f} | {shipped:.4f} | {ms:.4f} | {cfg} | {err:.1e} | {ms / shipped:.2f} |",
+                  flush=True)
+        del weights, dense
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
