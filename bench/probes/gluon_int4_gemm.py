@@ -6,7 +6,7 @@ lane reads whole 32-bit words of codes (one 64-bit load for two) and takes its b
 Marlin's 0x6400 conversion (lop3 + one float16x2 FMA per byte). Split along K with float32 atomics (a probe: not
 deterministic). Times it against the shipped GEMM per LLaMA-2-7B projection and token count, after a float64 check.
 
-    python -m bench.probes.gluon_int4_gemm [--tokens 16,32,64,128] [--reps 10]
+    python -m bench.probes.gluon_int4_gemm [--tokens 16,32,64,128] [--reps 10] [--large]
 """
 from __future__ import annotations
 
@@ -172,23 +172,24 @@ def gluon_int4_gemm(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, s
 
 H, I = 4096, 11008  # LLaMA-2-7B
 SHAPES = {"qkv": (3 * H, H), "o": (H, H), "gate_up": (2 * I, H), "down": (H, I)}  # (N, K)
-CONFIGS = [  # (block_t, block_k, stages, split)
-    (16, 128, 3, 1), (16, 128, 3, 2), (16, 128, 3, 4), (16, 128, 4, 8),
-    (32, 128, 3, 1), (32, 128, 3, 2), (32, 128, 3, 4),
-    (64, 128, 3, 1), (64, 128, 3, 2), (64, 64, 4, 4),
-    (128, 64, 4, 1), (128, 64, 4, 2)]
+CONFIGS = [  # (block_t, block_k, stages, split, num_warps): weight rows a program = 16 x num_warps
+    (16, 128, 3, 1, 4), (16, 128, 3, 2, 4), (16, 128, 3, 4, 4), (16, 128, 4, 8, 4),
+    (32, 128, 3, 1, 4), (32, 128, 3, 2, 4), (32, 128, 3, 4, 4),
+    (64, 128, 3, 1, 4), (64, 128, 3, 2, 4), (64, 64, 4, 4, 4),
+    (128, 64, 4, 1, 4), (128, 64, 4, 2, 4)]
+LARGE = [(128, 64, 4, 1, 8), (128, 64, 4, 1, 4), (128, 128, 3, 1, 8)]  # (256, 64, 3, 1, 8) spills: 56 B a thread
 
 
 def gluon_gemm(x: torch.Tensor, w, out32: torch.Tensor, cfg: tuple) -> torch.Tensor:
     """out32 [T, N] float32 = x [T, K] float16 @ W^T (int4 groups of 32 with float16 scales and offsets)."""
-    block_t, block_k, stages, split = cfg
+    block_t, block_k, stages, split, warps = cfg
     n, k = w.shape
     t = x.shape[0]
     if split > 1:
         out32.zero_()
-    gluon_int4_gemm[(triton.cdiv(n, 64), triton.cdiv(t, block_t), split)](
-        x, w.codes, w.scale, w.offset, out32, t, n, k, x.stride(0), out32.stride(0), BLOCK_N=64, BLOCK_T=block_t,
-        BLOCK_K=block_k, STAGES=stages, SPLIT=split, ASM=True, num_warps=4)
+    gluon_int4_gemm[(triton.cdiv(n, 16 * warps), triton.cdiv(t, block_t), split)](
+        x, w.codes, w.scale, w.offset, out32, t, n, k, x.stride(0), out32.stride(0), BLOCK_N=16 * warps,
+        BLOCK_T=block_t, BLOCK_K=block_k, STAGES=stages, SPLIT=split, ASM=True, num_warps=warps)
     return out32
 
 
@@ -201,13 +202,15 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", default="16,32,64,128")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--large", action="store_true", help="the long-prompt configs (LARGE: 128-256 tokens a "
+                    "program, 4-8 warps) and the dequantize + torch.mm path beside")
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
     scratch = SplitKScratch.zeros(64 * 1024**2, 65536, dev)
     print(f"{torch.cuda.get_device_name()}: int4 (g32, offsets) GEMM per 7B projection, ms (weights rotate past L2)")
-    print("| shape | T | fp16 mm | shipped | gluon best | config | rel err | gluon / shipped |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| shape | T | fp16 mm | shipped | dequantize + mm | gluon best | config | rel err | gluon / shipped |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, (n, k) in SHAPES.items():
         w16 = torch.randn(n, k, device=dev, dtype=torch.float16, generator=g) * 0.02
         copies = max(1, min(32, -(-256 * 1024**2 // (n * k // 2))))
@@ -229,9 +232,11 @@ def main(argv: list[str] | None = None) -> None:
 
             mm = timed(lambda wt: torch.mm(x, wt.t(), out=out16), dense)
             shipped = timed(lambda wt: gemm_lowbit.gemm(x, wt, out16, scratch=scratch), weights)
+            buf = torch.empty(n, k, device=dev, dtype=torch.float16)
+            dq = timed(lambda wt: torch.mm(x, gemm_lowbit.dequantize(wt, buf).t(), out=out16), weights)
             ref = x.double() @ weights[0].dequantize(torch.float32).double().T
             best = None
-            for cfg in CONFIGS:
+            for cfg in LARGE if args.large else CONFIGS:
                 if cfg[0] > max(16, 2 * t):
                     continue
                 got = gluon_gemm(x, weights[0], out32, cfg).double()
@@ -240,8 +245,8 @@ def main(argv: list[str] | None = None) -> None:
                 if best is None or ms < best[0]:
                     best = (ms, cfg, err)
             ms, cfg, err = best
-            print(f"| {name} | {t} | {mm:.4f} | {shipped:.4f} | {ms:.4f} | {cfg} | {err:.1e} | {ms / shipped:.2f} |",
-                  flush=True)
+            print(f"| {name} | {t} | {mm:.4f} | {shipped:.4f} | {dq:.4f} | {ms:.4f} | {cfg} | {err:.1e} | "
+                  f"{ms / shipped:.2f} |", flush=True)
         del weights, dense
         torch.cuda.empty_cache()
 
