@@ -91,7 +91,10 @@ def _dequant(b, s, o, BN: gl.constexpr, BK: gl.constexpr, A: gl.constexpr, G3: g
 @gluon.jit
 def gluon_int4_gemm(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, stride_xm, stride_om,
                     BLOCK_N: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-                    SPLIT: gl.constexpr, ASM: gl.constexpr, num_warps: gl.constexpr):
+                    SPLIT: gl.constexpr, ASM: gl.constexpr, num_warps: gl.constexpr,
+                    CODES_SMEM: gl.constexpr = False):
+    """CODES_SMEM (with ASM): the codes come through the cp.async ring with the activation tiles (AHEAD steps ahead)
+    instead of a one-step register prefetch from global memory (compiled, not yet run on a card)."""
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, BLOCK_T, 16])
     A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
@@ -138,8 +141,19 @@ def gluon_int4_gemm(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, s
     # after a warp's own wait raced with slower warps -- a 0.15 error at 512 tokens in the twenty-third run)
     AHEAD: gl.constexpr = STAGES - 2
     gl.static_assert(AHEAD >= 1, "STAGES >= 3")
+    if CODES_SMEM:
+        gl.static_assert(ASM, "CODES_SMEM reads whole words")
+        CL: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (BLOCK_K // 32), BLOCK_K // 32], [num_warps, 1], [1, 0])
+        cw_rows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, CL))
+        cw_cols = gl.arange(0, BLOCK_K // 8, layout=gl.SliceLayout(0, CL))
+        cw_ptrs = codes_ptr.to(gl.pointer_type(gl.int32)) + gl.expand_dims(cw_rows.to(gl.int64) * (K // 8), 1) + \
+            gl.expand_dims(cw_cols, 0) + k_lo // 8
+        c_smem = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, BLOCK_K // 8],
+                                           gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     for i in gl.static_range(AHEAD):
         async_copy.async_copy_global_to_shared(x_smem.index(i), x_ptrs + i * BLOCK_K, mask=x_mask & (i < steps))
+        if CODES_SMEM:  # the step's codes in the same group as its activation tile
+            async_copy.async_copy_global_to_shared(c_smem.index(i), cw_ptrs + i * (BLOCK_K // 8), mask=i < steps)
         async_copy.commit_group()
 
     acc = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, layout=MMA)
@@ -149,17 +163,26 @@ def gluon_int4_gemm(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, s
     o = gl.load(offset_ptr + s_off)
     for k in range(steps):
         stage = k % STAGES
-        w = _dequant(b, s, o, BLOCK_N, BLOCK_K, A, G3, ASM, sel)
         more = k + 1 < steps
-        b = gl.load(c_ptrs + (k + 1) * (BLOCK_K // (8 if ASM else 2)), mask=more, other=0)  # next step's codes
-        s = gl.load(scale_ptr + s_off + (k + 1) * NG, mask=more, other=0.0)
-        o = gl.load(offset_ptr + s_off + (k + 1) * NG, mask=more, other=0.0)
+        if not CODES_SMEM:
+            w = _dequant(b, s, o, BLOCK_N, BLOCK_K, A, G3, ASM, sel)
+            b = gl.load(c_ptrs + (k + 1) * (BLOCK_K // (8 if ASM else 2)), mask=more, other=0)  # next step's codes
+            s = gl.load(scale_ptr + s_off + (k + 1) * NG, mask=more, other=0.0)
+            o = gl.load(offset_ptr + s_off + (k + 1) * NG, mask=more, other=0.0)
         async_copy.wait_group(AHEAD - 1)  # step k's tile, this thread's part
         gl.thread_barrier()  # every thread's part; every warp past step k - 1's wait: step k - 2's MMA is done
         nxt = k + AHEAD  # into the stage step k - 2 read
         async_copy.async_copy_global_to_shared(x_smem.index(nxt % STAGES), x_ptrs + nxt * BLOCK_K,
                                                mask=x_mask & (nxt < steps))
+        if CODES_SMEM:
+            async_copy.async_copy_global_to_shared(c_smem.index(nxt % STAGES), cw_ptrs + nxt * (BLOCK_K // 8),
+                                                   mask=nxt < steps)
         async_copy.commit_group()
+        if CODES_SMEM:  # step k's codes from the ring, dequantized while step k - 1's MMA still runs
+            words = gl.expand_dims(c_smem.index(stage).load(gl.SliceLayout(2, WL)), 2)
+            w = _dequant(words, s, o, BLOCK_N, BLOCK_K, A, G3, ASM, sel)
+            s = gl.load(scale_ptr + s_off + (k + 1) * NG, mask=more, other=0.0)
+            o = gl.load(offset_ptr + s_off + (k + 1) * NG, mask=more, other=0.0)
         fence_async_shared()
         acc = warpgroup_mma(w, x_smem.index(stage).permute((1, 0)), acc, is_async=True)
         acc, w_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, w_prev))  # this warp's step k - 1 MMA done
@@ -178,7 +201,8 @@ def gluon_int4_gemm(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, s
 
 H, I = 4096, 11008  # LLaMA-2-7B
 SHAPES = {"qkv": (3 * H, H), "o": (H, H), "gate_up": (2 * I, H), "down": (H, I)}  # (N, K)
-CONFIGS = [  # (block_t, block_k, stages, split, num_warps): weight rows a program = 16 x num_warps
+CONFIGS = [  # (block_t, block_k, stages, split, num_warps): weight rows a program = 16 x num_warps; each timed with
+    # the codes from a one-step register prefetch and through the cp.async ring (CODES_SMEM)
     (16, 128, 4, 1, 4), (16, 128, 4, 2, 4), (16, 128, 4, 4, 4), (16, 128, 4, 8, 4),
     (32, 128, 4, 1, 4), (32, 128, 4, 2, 4), (32, 128, 4, 4, 4),
     (64, 128, 4, 1, 4), (64, 128, 4, 2, 4), (64, 64, 4, 4, 4),
@@ -189,14 +213,15 @@ LARGE = [(128, 64, 4, 1, 8), (128, 64, 4, 1, 4), (128, 128, 4, 1, 8), (128, 64, 
 
 def gluon_gemm(x: torch.Tensor, w, out32: torch.Tensor, cfg: tuple) -> torch.Tensor:
     """out32 [T, N] float32 = x [T, K] float16 @ W^T (int4 groups of 32 with float16 scales and offsets)."""
-    block_t, block_k, stages, split, warps = cfg
+    block_t, block_k, stages, split, warps, codes_smem = cfg
     n, k = w.shape
     t = x.shape[0]
     if split > 1:
         out32.zero_()
     gluon_int4_gemm[(triton.cdiv(n, 16 * warps), triton.cdiv(t, block_t), split)](
         x, w.codes, w.scale, w.offset, out32, t, n, k, x.stride(0), out32.stride(0), BLOCK_N=16 * warps,
-        BLOCK_T=block_t, BLOCK_K=block_k, STAGES=stages, SPLIT=split, ASM=True, num_warps=warps)
+        BLOCK_T=block_t, BLOCK_K=block_k, STAGES=stages, SPLIT=split, ASM=True, num_warps=warps,
+        CODES_SMEM=codes_smem)
     return out32
 
 
@@ -243,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
             dq = timed(lambda wt: torch.mm(x, gemm_lowbit.dequantize(wt, buf).t(), out=out16), weights)
             ref = x.double() @ weights[0].dequantize(torch.float32).double().T
             best = None
-            for cfg in LARGE if args.large else CONFIGS:
+            for cfg in [(*c, smem) for c in (LARGE if args.large else CONFIGS) for smem in (False, True)]:
                 if cfg[0] > max(16, 2 * t):
                     continue
                 got = gluon_gemm(x, weights[0], out32, cfg).double()
