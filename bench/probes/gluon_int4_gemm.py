@@ -3,8 +3,9 @@ explicit-layout dialect) whose wgmma runs asynchronously with its weight operand
 are dequantized while the current MMA runs (`warpgroup_mma(is_async=True)` + `warpgroup_mma_wait(1)`), where the
 Triton GEMM (gemm_lowbit) waits for each MMA (sm_90 SASS: `WARPGROUP.DEPBAR.LE gsb0, 0x0` after every HGMMA). Each
 lane reads whole 32-bit words of codes (one 64-bit load for two) and takes its byte of each with one prmt, then
-Marlin's 0x6400 conversion (lop3 + one float16x2 FMA per byte). Split along K with float32 atomics (a probe: not
-deterministic). Times it against the shipped GEMM per LLaMA-2-7B projection and token count, after a float64 check.
+Marlin's 0x6400 conversion (lop3 + one float16x2 FMA per byte). Split along K: float32 partials added in order by
+gemm_lowbit's reduce kernel (the first card runs used atomics). Times it against the shipped GEMM and the
+dequantize + torch.mm path per LLaMA-2-7B projection and token count, after a float64 check of every config.
 
     python -m bench.probes.gluon_int4_gemm [--tokens 16,32,64,128] [--reps 10] [--large]
 """
@@ -191,12 +192,14 @@ def gluon_int4_gemm(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, s
     async_copy.wait_group(0)
     o_rows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
     o_toks = pid_t * BLOCK_T + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, MMA))
-    ptrs = out_ptr + gl.expand_dims(o_toks * stride_om, 0) + gl.expand_dims(o_rows, 1)
-    mask = gl.expand_dims(o_toks < M, 0)
-    if SPLIT > 1:
-        gl.atomic_add(ptrs, acc, mask=mask)
+    if SPLIT > 1:  # float32 partials [SPLIT, grid_t * BLOCK_T, grid_n * BLOCK_N] for gemm_lowbit's reduce kernel
+        m_pad = gl.num_programs(1) * BLOCK_T
+        n_pad = gl.num_programs(0) * BLOCK_N
+        ptrs = out_ptr + gl.expand_dims((pid_k * m_pad + o_toks).to(gl.int64) * n_pad, 0) + gl.expand_dims(o_rows, 1)
+        gl.store(ptrs, acc)
     else:
-        gl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        ptrs = out_ptr + gl.expand_dims(o_toks * stride_om, 0) + gl.expand_dims(o_rows, 1)
+        gl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=gl.expand_dims(o_toks < M, 0))
 
 
 H, I = 4096, 11008  # LLaMA-2-7B
@@ -211,18 +214,26 @@ CONFIGS = [  # (block_t, block_k, stages, split, num_warps): weight rows a progr
 LARGE = [(128, 64, 4, 1, 8), (128, 64, 4, 1, 4), (128, 128, 4, 1, 8), (128, 64, 5, 1, 4)]
 
 
-def gluon_gemm(x: torch.Tensor, w, out32: torch.Tensor, cfg: tuple) -> torch.Tensor:
-    """out32 [T, N] float32 = x [T, K] float16 @ W^T (int4 groups of 32 with float16 scales and offsets)."""
+def gluon_gemm(x: torch.Tensor, w, out: torch.Tensor, partial: torch.Tensor, cfg: tuple) -> torch.Tensor:
+    """out [T, N] float16 = x [T, K] float16 @ W^T (int4 groups of 32 with float16 scales and offsets); split along
+    K: float32 partials in `partial`, added in order by gemm_lowbit's reduce kernel (deterministic)."""
+    from graph_executor.kernels.gemm_lowbit import INT4, _gemm_reduce_kernel
+
     block_t, block_k, stages, split, warps, codes_smem = cfg
     n, k = w.shape
     t = x.shape[0]
-    if split > 1:
-        out32.zero_()
-    gluon_int4_gemm[(triton.cdiv(n, 16 * warps), triton.cdiv(t, block_t), split)](
-        x, w.codes, w.scale, w.offset, out32, t, n, k, x.stride(0), out32.stride(0), BLOCK_N=16 * warps,
-        BLOCK_T=block_t, BLOCK_K=block_k, STAGES=stages, SPLIT=split, ASM=True, num_warps=warps,
+    grid = (triton.cdiv(n, 16 * warps), triton.cdiv(t, block_t), split)
+    if split > 1 and partial.numel() < split * grid[0] * grid[1] * 16 * warps * block_t:
+        raise ValueError("gluon_gemm: partial scratch too small")
+    gluon_int4_gemm[grid](
+        x, w.codes, w.scale, w.offset, partial if split > 1 else out, t, n, k, x.stride(0), out.stride(0),
+        BLOCK_N=16 * warps, BLOCK_T=block_t, BLOCK_K=block_k, STAGES=stages, SPLIT=split, ASM=True, num_warps=warps,
         CODES_SMEM=codes_smem)
-    return out32
+    if split > 1:
+        _gemm_reduce_kernel[grid[:2]](partial, w.scale, out, out, t, n, split, out.stride(0), FORMAT=INT4,
+                                      HAS_BIAS=False, ACCUMULATE=False, BLOCK_N=16 * warps, BLOCK_T=block_t,
+                                      num_warps=4)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -251,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
         for t in (int(v) for v in args.tokens.split(",")):
             x = torch.randn(t, k, device=dev, dtype=torch.float16, generator=g)
             out16 = torch.empty(t, n, device=dev, dtype=torch.float16)
-            out32 = torch.empty(t, n, device=dev, dtype=torch.float32)
+            out = torch.empty(t, n, device=dev, dtype=torch.float16)
 
             def timed(fn, ws) -> float:
                 for wt in ws:
@@ -271,9 +282,10 @@ def main(argv: list[str] | None = None) -> None:
             for cfg in [(*c, smem) for c in (LARGE if args.large else CONFIGS) for smem in (False, True)]:
                 if cfg[0] > max(16, 2 * t):
                     continue
-                got = gluon_gemm(x, weights[0], out32, cfg).double()
+                out.fill_(float("nan"))
+                got = gluon_gemm(x, weights[0], out, scratch.partial, cfg).double()
                 err = float(((got - ref).abs() / torch.maximum(ref.abs(), ref.pow(2).mean().sqrt())).max())
-                ms = timed(lambda wt, cfg=cfg: gluon_gemm(x, wt, out32, cfg), weights)
+                ms = timed(lambda wt, cfg=cfg: gluon_gemm(x, wt, out, scratch.partial, cfg), weights)
                 if best is None or ms < best[0]:
                     best = (ms, cfg, err)
             ms, cfg, err = best
