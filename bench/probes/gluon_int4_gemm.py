@@ -252,7 +252,8 @@ def main(argv: list[str] | None = None) -> None:
     g = torch.Generator(device=dev).manual_seed(0)
     scratch = SplitKScratch.zeros(64 * 1024**2, 65536, dev)
     print(f"{torch.cuda.get_device_name()}: int4 (g32, offsets) GEMM per 7B projection, ms (weights rotate past L2)")
-    print("| shape | T | fp16 mm | shipped | dequantize + mm | gluon best | config | rel err | gluon / shipped |")
+    print("| shape | T | fp16 mm | shipped | dequantize + mm | gluon best | config | worst rel err (all configs) | "
+          "gluon / shipped |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, (n, k) in SHAPES.items():
         w16 = torch.randn(n, k, device=dev, dtype=torch.float16, generator=g) * 0.02
@@ -278,18 +279,19 @@ def main(argv: list[str] | None = None) -> None:
             buf = torch.empty(n, k, device=dev, dtype=torch.float16)
             dq = timed(lambda wt: torch.mm(x, gemm_lowbit.dequantize(wt, buf).t(), out=out16), weights)
             ref = x.double() @ weights[0].dequantize(torch.float32).double().T
-            best = None
+            best, worst_err = None, 0.0
             for cfg in [(*c, smem) for c in (LARGE if args.large else CONFIGS) for smem in (False, True)]:
                 if cfg[0] > max(16, 2 * t):
                     continue
-                out.fill_(float("nan"))
+                ms = timed(lambda wt, cfg=cfg: gluon_gemm(x, wt, out, scratch.partial, cfg), weights)
+                out.fill_(float("nan"))  # checked after its timed replays too: a race would show here
                 got = gluon_gemm(x, weights[0], out, scratch.partial, cfg).double()
                 err = float(((got - ref).abs() / torch.maximum(ref.abs(), ref.pow(2).mean().sqrt())).max())
-                ms = timed(lambda wt, cfg=cfg: gluon_gemm(x, wt, out, scratch.partial, cfg), weights)
+                worst_err = max(worst_err, err) if err == err else float("inf")
                 if best is None or ms < best[0]:
-                    best = (ms, cfg, err)
-            ms, cfg, err = best
-            print(f"| {name} | {t} | {mm:.4f} | {shipped:.4f} | {dq:.4f} | {ms:.4f} | {cfg} | {err:.1e} | "
+                    best = (ms, cfg)
+            ms, cfg = best
+            print(f"| {name} | {t} | {mm:.4f} | {shipped:.4f} | {dq:.4f} | {ms:.4f} | {cfg} | {worst_err:.1e} | "
                   f"{ms / shipped:.2f} |", flush=True)
         del weights, dense
         torch.cuda.empty_cache()
