@@ -122,7 +122,8 @@ def _weight_tile(codes_ptr, scale_ptr, offset_ptr, rows, row_ok, k0, K, FORMAT: 
     not row_ok come out 0. STEP_GROUP = min(GROUP, BLOCK_K): a step holds BLOCK_K / STEP_GROUP groups, or lies
     inside one (K is a multiple of the group and both are powers of two). Fp8Rows: the codes alone (exact in
     float16, bfloat16 and float32); the caller applies the row scale. TILE_N > 0: the codes, scales and offsets
-    are stored tile-major in tiles of TILE_N rows x TILE_KW 32-bit words of codes (`formats.tile_major`)."""
+    are stored tile-major in tiles of TILE_N rows x TILE_KW 32-bit words of codes (`formats.tile_major`). FAST (the
+    GEMM's `GemmConfig.f16_math`) with a float16 DTYPE and float16 scales: formed as one float16 FMA instead."""
     cols = k0 + tl.arange(0, BLOCK_K)
     mask = row_ok[:, None] & (cols < K)[None, :]
     # float16 GEMM over float16 scales: codes to float16 exactly (`_f16_of_code`) and the group's s q + o as one
