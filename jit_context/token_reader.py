@@ -42,12 +42,11 @@ class TokenReader:
         if not self.cuda:
             self._values.append(int(token))
             return
-        if len(self._in_flight) == RING:
-            raise RuntimeError("too many token copies in flight")
+        host = self.next_host()  # [1] pinned; raises when the ring is full
         slot = self._next_slot
         self._next_slot = (slot + 1) % RING
         if not written:
-            self._host[slot : slot + 1].copy_(token, non_blocking=True)
+            host.copy_(token, non_blocking=True)
         self._events[slot].record()
         self._in_flight.append(slot)
 
