@@ -159,7 +159,8 @@ def gluon_int4_gemm(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, s
 
     acc = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, layout=MMA)
     w_prev = gl.zeros([BLOCK_N, BLOCK_K], gl.float16, layout=A)
-    b = gl.load(c_ptrs)
+    if not CODES_SMEM:  # else step k's codes come from the ring
+        b = gl.load(c_ptrs)
     s = gl.load(scale_ptr + s_off)
     o = gl.load(offset_ptr + s_off)
     for k in range(steps):
@@ -238,6 +239,7 @@ def gluon_gemm(x: torch.Tensor, w, out: torch.Tensor, partial: torch.Tensor, cfg
 
 def main(argv: list[str] | None = None) -> None:
     from bench.floors import time_gpu
+    from bench.probes.verify_plan import graphed
     from graph_executor.kernels import gemm_lowbit
     from graph_executor.kernels.gemv_splitk import SplitKScratch
     from graph_executor.quant.formats import quantize_int4
@@ -262,22 +264,17 @@ def main(argv: list[str] | None = None) -> None:
         dense = [w16 + 0.001 * i for i in range(min(copies, max(1, -(-256 * 1024**2 // (2 * n * k)))))]
         for t in (int(v) for v in args.tokens.split(",")):
             x = torch.randn(t, k, device=dev, dtype=torch.float16, generator=g)
-            out16 = torch.empty(t, n, device=dev, dtype=torch.float16)
             out = torch.empty(t, n, device=dev, dtype=torch.float16)
 
             def timed(fn, ws) -> float:
-                for wt in ws:
-                    fn(wt)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    for wt in ws:
-                        fn(wt)
+                """ms per call: one graph over every copy of the weights (graphed warms up on a side stream)."""
+                graph = graphed(lambda: [fn(wt) for wt in ws])
                 return time_gpu(graph.replay, dev, repeats=args.reps) * 1e3 / len(ws)
 
-            mm = timed(lambda wt: torch.mm(x, wt.t(), out=out16), dense)
-            shipped = timed(lambda wt: gemm_lowbit.gemm(x, wt, out16, scratch=scratch), weights)
+            mm = timed(lambda wt: torch.mm(x, wt.t(), out=out), dense)
+            shipped = timed(lambda wt: gemm_lowbit.gemm(x, wt, out, scratch=scratch), weights)
             buf = torch.empty(n, k, device=dev, dtype=torch.float16)
-            dq = timed(lambda wt: torch.mm(x, gemm_lowbit.dequantize(wt, buf).t(), out=out16), weights)
+            dq = timed(lambda wt: torch.mm(x, gemm_lowbit.dequantize(wt, buf).t(), out=out), weights)
             ref = x.double() @ weights[0].dequantize(torch.float32).double().T
             best, worst_err = None, 0.0
             for cfg in [(*c, smem) for c in (LARGE if args.large else CONFIGS) for smem in (False, True)]:
