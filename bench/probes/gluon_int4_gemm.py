@@ -95,7 +95,7 @@ def gluon_int4_gemm(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, s
                     SPLIT: gl.constexpr, ASM: gl.constexpr, num_warps: gl.constexpr,
                     CODES_SMEM: gl.constexpr = False):
     """CODES_SMEM (with ASM): the codes come through the cp.async ring with the activation tiles (AHEAD steps ahead)
-    instead of a one-step register prefetch from global memory (compiled, not yet run on a card)."""
+    instead of a one-step register prefetch from global memory."""
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, BLOCK_T, 16])
     A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
@@ -136,12 +136,14 @@ def gluon_int4_gemm(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, s
     x_ptrs = x_ptr + gl.expand_dims(x_rows * stride_xm, 1) + gl.expand_dims(x_cols, 0) + k_lo
     x_mask = gl.expand_dims(x_rows < M, 1)
     x_smem = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_T, BLOCK_K], XS)
-    # AHEAD = STAGES - 2 steps' tiles in flight: step k's copy goes into the stage step k - 2 read, which every warp's
-    # MMA has finished once all warps pass the barrier of step k - 1 (each warp's tensor core reads the shared tile
-    # for its own rows, so one warp's wgmma wait says nothing of the others': writing into step k - 1's stage right
-    # after a warp's own wait raced with slower warps -- a 0.15 error at 512 tokens in the twenty-third run)
-    AHEAD: gl.constexpr = STAGES - 2
-    gl.static_assert(AHEAD >= 1, "STAGES >= 3")
+    # The wgmma runs while the next step's weights are dequantized, and is waited for (wait 0) before the loop's back
+    # edge: an MMA still in flight across the back edge reads registers the loop-carried copies may rewrite (the
+    # wait-1 form of the thirty-third session gave garbage in most configs on the card, the synchronous form none).
+    # AHEAD = STAGES - 1 tiles in flight: step k's copy goes into the stage step k - 1 read, which every warp's MMA
+    # has finished once all warps pass step k's barrier (each warp waited for its own; one warp's wait says nothing
+    # of the others', whose tensor cores read the same shared tile for their own rows).
+    AHEAD: gl.constexpr = STAGES - 1
+    gl.static_assert(AHEAD >= 2, "STAGES >= 3: the next step's codes are read while this step's MMA runs")
     if CODES_SMEM:
         gl.static_assert(ASM, "CODES_SMEM reads whole words")
         CL: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (BLOCK_K // 32), BLOCK_K // 32], [num_warps, 1], [1, 0])
@@ -158,38 +160,41 @@ def gluon_int4_gemm(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, s
         async_copy.commit_group()
 
     acc = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, layout=MMA)
-    w_prev = gl.zeros([BLOCK_N, BLOCK_K], gl.float16, layout=A)
-    if not CODES_SMEM:  # else step k's codes come from the ring
-        b = gl.load(c_ptrs)
     s = gl.load(scale_ptr + s_off)
     o = gl.load(offset_ptr + s_off)
+    if CODES_SMEM:  # step 0's codes from the ring
+        async_copy.wait_group(AHEAD - 1)
+        gl.thread_barrier()
+        w = _dequant(gl.expand_dims(c_smem.index(0).load(gl.SliceLayout(2, WL)), 2), s, o, BLOCK_N, BLOCK_K, A, G3,
+                     ASM, sel)
+    else:  # step 0's codes, and step 1's prefetched into registers
+        w = _dequant(gl.load(c_ptrs), s, o, BLOCK_N, BLOCK_K, A, G3, ASM, sel)
+        b = gl.load(c_ptrs + BLOCK_K // (8 if ASM else 2), mask=1 < steps, other=0)
+    s = gl.load(scale_ptr + s_off + NG, mask=1 < steps, other=0.0)
+    o = gl.load(offset_ptr + s_off + NG, mask=1 < steps, other=0.0)
     for k in range(steps):
-        stage = k % STAGES
-        more = k + 1 < steps
-        if not CODES_SMEM:
-            w = _dequant(b, s, o, BLOCK_N, BLOCK_K, A, G3, ASM, sel)
-            b = gl.load(c_ptrs + (k + 1) * (BLOCK_K // (8 if ASM else 2)), mask=more, other=0)  # next step's codes
-            s = gl.load(scale_ptr + s_off + (k + 1) * NG, mask=more, other=0.0)
-            o = gl.load(offset_ptr + s_off + (k + 1) * NG, mask=more, other=0.0)
-        async_copy.wait_group(AHEAD - 1)  # step k's tile, this thread's part
-        gl.thread_barrier()  # every thread's part; every warp past step k - 1's wait: step k - 2's MMA is done
-        nxt = k + AHEAD  # into the stage step k - 2 read
+        async_copy.wait_group(AHEAD - 2)  # tiles k and k + 1, this thread's part
+        gl.thread_barrier()  # every thread's part; every warp done with step k - 1 (its MMA and its codes' stage)
+        nxt = k + AHEAD  # into the stage step k - 1 read
         async_copy.async_copy_global_to_shared(x_smem.index(nxt % STAGES), x_ptrs + nxt * BLOCK_K,
                                                mask=x_mask & (nxt < steps))
         if CODES_SMEM:
             async_copy.async_copy_global_to_shared(c_smem.index(nxt % STAGES), cw_ptrs + nxt * (BLOCK_K // 8),
                                                    mask=nxt < steps)
         async_copy.commit_group()
-        if CODES_SMEM:  # step k's codes from the ring, dequantized while step k - 1's MMA still runs
-            words = gl.expand_dims(c_smem.index(stage).load(gl.SliceLayout(2, WL)), 2)
-            w = _dequant(words, s, o, BLOCK_N, BLOCK_K, A, G3, ASM, sel)
-            s = gl.load(scale_ptr + s_off + (k + 1) * NG, mask=more, other=0.0)
-            o = gl.load(offset_ptr + s_off + (k + 1) * NG, mask=more, other=0.0)
         fence_async_shared()
-        acc = warpgroup_mma(w, x_smem.index(stage).permute((1, 0)), acc, is_async=True)
-        acc, w_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, w_prev))  # this warp's step k - 1 MMA done
-        w_prev = w
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        acc = warpgroup_mma(w, x_smem.index(k % STAGES).permute((1, 0)), acc, is_async=True)
+        # step k + 1's weights while step k's MMA runs (past the last step: unused)
+        if CODES_SMEM:
+            words = gl.expand_dims(c_smem.index((k + 1) % STAGES).load(gl.SliceLayout(2, WL)), 2)
+            w_next = _dequant(words, s, o, BLOCK_N, BLOCK_K, A, G3, ASM, sel)
+        else:
+            w_next = _dequant(b, s, o, BLOCK_N, BLOCK_K, A, G3, ASM, sel)
+            b = gl.load(c_ptrs + (k + 2) * (BLOCK_K // (8 if ASM else 2)), mask=k + 2 < steps, other=0)
+        s = gl.load(scale_ptr + s_off + (k + 2) * NG, mask=k + 2 < steps, other=0.0)
+        o = gl.load(offset_ptr + s_off + (k + 2) * NG, mask=k + 2 < steps, other=0.0)
+        acc, w = warpgroup_mma_wait(num_outstanding=0, deps=(acc, w))
+        w = w_next
     async_copy.wait_group(0)
     o_rows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
     o_toks = pid_t * BLOCK_T + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, MMA))
@@ -237,6 +242,37 @@ def gluon_gemm(x: torch.Tensor, w, out: torch.Tensor, partial: torch.Tensor, cfg
     return out
 
 
+def _error(got: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """relative error per element [T, N] (float64), against max(|ref|, rms(ref)); NaN where got is NaN."""
+    return (got.double() - ref).abs() / torch.maximum(ref.abs(), ref.pow(2).mean().sqrt())
+
+
+def check(dev: torch.device, g: torch.Generator, scratch, quantize_int4) -> None:
+    """Every config once on fresh output (NaN-filled), no graphs: its worst error, and where the wrong elements
+    (error > 1e-2 or NaN) lie: token and weight-row ranges, and their count."""
+    t = 100
+    print("| shape | config | worst rel err | wrong | tokens | rows |")
+    print("|---|---|---|---|---|---|")
+    for name in ("o", "down"):
+        n, k = SHAPES[name]
+        w = quantize_int4(torch.randn(n, k, device=dev, dtype=torch.float16, generator=g) * 0.02, 32)
+        x = torch.randn(t, k, device=dev, dtype=torch.float16, generator=g)
+        ref = x.double() @ w.dequantize(torch.float32).double().T
+        out = torch.empty(t, n, device=dev, dtype=torch.float16)
+        for cfg in [(*c, smem) for c in CONFIGS + LARGE for smem in (False, True)]:
+            out.fill_(float("nan"))
+            err = _error(gluon_gemm(x, w, out, scratch.partial, cfg), ref)
+            bad = (err > 1e-2) | err.isnan()
+            where = ""
+            if bad.any():
+                tok, row = bad.nonzero(as_tuple=True)
+                where = f"{int(tok.min())}-{int(tok.max())} | {int(row.min())}-{int(row.max())}"
+            else:
+                where = "- | -"
+            worst = float(err.nan_to_num(float("inf")).max())
+            print(f"| {name} | {cfg} | {worst:.1e} | {int(bad.sum())} | {where} |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     from bench.floors import time_gpu
     from bench.probes.verify_plan import graphed
@@ -249,10 +285,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--large", action="store_true", help="the long-prompt configs (LARGE: 128-256 tokens a "
                     "program, 4-8 warps) and the dequantize + torch.mm path beside")
+    ap.add_argument("--check", action="store_true", help="no timing: every config's error, one line each, on the o "
+                    "and down shapes at 100 tokens, with where the wrong elements are")
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
     scratch = SplitKScratch.zeros(64 * 1024**2, 65536, dev)
+    if args.check:
+        return check(dev, g, scratch, quantize_int4)
     print(f"{torch.cuda.get_device_name()}: int4 (g32, offsets) GEMM per 7B projection, ms (weights rotate past L2)")
     print("| shape | T | fp16 mm | shipped | dequantize + mm | gluon best | config | worst rel err (all configs) | "
           "gluon / shipped |")
@@ -283,8 +323,8 @@ def main(argv: list[str] | None = None) -> None:
                 ms = timed(lambda wt, cfg=cfg: gluon_gemm(x, wt, out, scratch.partial, cfg), weights)
                 out.fill_(float("nan"))  # checked after its timed replays too: a race would show here
                 got = gluon_gemm(x, weights[0], out, scratch.partial, cfg).double()
-                err = float(((got - ref).abs() / torch.maximum(ref.abs(), ref.pow(2).mean().sqrt())).max())
-                worst_err = max(worst_err, err) if err == err else float("inf")
+                err = float(_error(got, ref).nan_to_num(float("inf")).max())
+                worst_err = max(worst_err, err)
                 if best is None or ms < best[0]:
                     best = (ms, cfg)
             ms, cfg = best
