@@ -1,13 +1,16 @@
-"""GPU probe (issue 10, the short-prompt packed prefill): an int4 x float16 GEMM written in Gluon (Triton 3.6's
-explicit-layout dialect) whose wgmma runs asynchronously with its weight operand in registers: the next step's codes
-are dequantized while the current MMA runs (`warpgroup_mma(is_async=True)` + `warpgroup_mma_wait(1)`), where the
-Triton GEMM (gemm_lowbit) waits for each MMA (sm_90 SASS: `WARPGROUP.DEPBAR.LE gsb0, 0x0` after every HGMMA). Each
-lane reads whole 32-bit words of codes (one 64-bit load for two) and takes its byte of each with one prmt, then
-Marlin's 0x6400 conversion (lop3 + one float16x2 FMA per byte). Split along K: float32 partials added in order by
-gemm_lowbit's reduce kernel (the first card runs used atomics). Times it against the shipped GEMM and the
-dequantize + torch.mm path per LLaMA-2-7B projection and token count, after a float64 check of every config.
+"""GPU probe (issue 10, the packed prefill): an int4 x float16 GEMM written in Gluon (Triton 3.6's explicit-layout
+dialect) whose wgmma takes its weight operand from registers and runs while the next step's weights are dequantized
+(`warpgroup_mma(is_async=True)`, waited for before the loop's back edge: an MMA left in flight across it read registers
+the loop-carried copies rewrote, garbage on the card). Each lane reads whole 32-bit words of codes and one inline-asm
+call per byte gives its two weights as one float16x2 register: the byte (prmt), Marlin's 0x6400 conversion (lop3 +
+float16x2 FMA) and s q + o. The codes come from a one-step register prefetch or through the cp.async ring with the
+activation tiles (CODES_SMEM). Split along K: float32 partials added in order by gemm_lowbit's reduce kernel. Times it
+against the shipped GEMM and the dequantize + torch.mm path per LLaMA-2-7B projection and token count, with a float64
+check of every config after its timed replays.
 
-    python -m bench.probes.gluon_int4_gemm [--tokens 16,32,64,128] [--reps 10] [--large]
+    python -m bench.probes.gluon_int4_gemm [--tokens 16,32,64,128] [--reps 10] [--large] [--no-pair]
+    python -m bench.probes.gluon_int4_gemm --check          # every config's error and where the wrong elements lie
+    python -m bench.probes.gluon_int4_gemm --once gate_up:512   # Nsight Compute's target (tools/ncu_gluon.sh)
 """
 from __future__ import annotations
 
@@ -56,6 +59,45 @@ def _byte_pair(word, sel):
         constraints="=h,=h,r,r", args=[word, sel], dtype=(gl.float16, gl.float16), is_pure=True, pack=1)
 
 
+@gluon.jit
+def _pairs_of(v, BN: gl.constexpr, BK: gl.constexpr):
+    """int32 [BN, BK / 8, 4] (a lane's word or byte selector) -> [BN, BK]: the same value for both codes of the byte."""
+    return gl.join(v, v).reshape([BN, BK])
+
+
+@gluon.jit
+def _twice(h, BN: gl.constexpr, BK: gl.constexpr, L: gl.constexpr):
+    """float16 [BN, BK / 32] (a group's scale or offset) -> int32 [BN, BK] in layout L: its bits in both halves."""
+    v = h.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+    v = gl.expand_dims(v | (v << 16), 2)
+    v, _ = gl.broadcast(v, gl.full([BN, BK // 32, 32], 0, gl.int32, layout=v.type.layout))
+    return gl.convert_layout(v.reshape([BN, BK]), L)
+
+
+@gluon.jit
+def _dequant_pairs(b, s, o, BN: gl.constexpr, BK: gl.constexpr, A: gl.constexpr, sel):
+    """The weights [BN, BK] float16 in the wgmma operand layout A from whole code words b (int32 [BN, BK / 8, 4],
+    broadcast to the quad), one inline-asm call per byte writing its two weights as one float16x2 register: the
+    byte, Marlin's conversion and s q + o, with no unpacking into halves and repacking between."""
+    b, sel = gl.broadcast(b, sel)
+    words = _pairs_of(b, BN, BK)
+    L: gl.constexpr = words.type.layout
+    w = gl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 t, m, c;
+        prmt.b32 t, $1, 0, $3;
+        lop3.b32 t, t, 0x00F0000F, 0x64006400, 0xEA;
+        mov.b32 m, 0x2C003C00;
+        mov.b32 c, 0xD400E400;
+        fma.rn.f16x2 t, t, m, c;
+        fma.rn.f16x2 $0, t, $5, $7;
+        }""",
+        constraints="=r,r,r,r,r,r,r,r,r", args=[words, _pairs_of(sel, BN, BK),
+                                               _twice(s, BN, BK, L), _twice(o, BN, BK, L)],
+        dtype=gl.float16, is_pure=True, pack=2)
+    return gl.convert_layout(w, A, assert_trivial=True)
+
+
 @gluon.constexpr_function
 def grouped_layout(block_n, block_k, num_warps):
     """The float16 operand [block_n, block_k] viewed as [block_n, block_k / 32, 32] (groups of 32)."""
@@ -75,7 +117,9 @@ def x_load_layout(block_t, block_k, num_warps):
 
 @gluon.jit
 def _dequant(b, s, o, BN: gl.constexpr, BK: gl.constexpr, A: gl.constexpr, G3: gl.constexpr, ASM: gl.constexpr,
-             sel):
+             sel, PAIR: gl.constexpr = False):
+    if PAIR:
+        return _dequant_pairs(b, s, o, BN, BK, A, sel)
     if ASM:  # b: int32 words [BN, BK / 8, 4] (each broadcast to the quad), sel: the lane's byte selector
         lo, hi = _byte_pair(b, sel)
         lo = lo.reshape([BN, BK // 2])
@@ -93,7 +137,7 @@ def _dequant(b, s, o, BN: gl.constexpr, BK: gl.constexpr, A: gl.constexpr, G3: g
 def gluon_int4_gemm(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, stride_xm, stride_om,
                     BLOCK_N: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
                     SPLIT: gl.constexpr, ASM: gl.constexpr, num_warps: gl.constexpr,
-                    CODES_SMEM: gl.constexpr = False):
+                    CODES_SMEM: gl.constexpr = False, PAIR: gl.constexpr = True):
     """CODES_SMEM (with ASM): the codes come through the cp.async ring with the activation tiles (AHEAD steps ahead)
     instead of a one-step register prefetch from global memory."""
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -166,9 +210,9 @@ def gluon_int4_gemm(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, s
         async_copy.wait_group(AHEAD - 1)
         gl.thread_barrier()
         w = _dequant(gl.expand_dims(c_smem.index(0).load(gl.SliceLayout(2, WL)), 2), s, o, BLOCK_N, BLOCK_K, A, G3,
-                     ASM, sel)
+                     ASM, sel, PAIR)
     else:  # step 0's codes, and step 1's prefetched into registers
-        w = _dequant(gl.load(c_ptrs), s, o, BLOCK_N, BLOCK_K, A, G3, ASM, sel)
+        w = _dequant(gl.load(c_ptrs), s, o, BLOCK_N, BLOCK_K, A, G3, ASM, sel, PAIR)
         b = gl.load(c_ptrs + BLOCK_K // (8 if ASM else 2), mask=1 < steps, other=0)
     s = gl.load(scale_ptr + s_off + NG, mask=1 < steps, other=0.0)
     o = gl.load(offset_ptr + s_off + NG, mask=1 < steps, other=0.0)
@@ -187,9 +231,9 @@ def gluon_int4_gemm(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, s
         # step k + 1's weights while step k's MMA runs (past the last step: unused)
         if CODES_SMEM:
             words = gl.expand_dims(c_smem.index((k + 1) % STAGES).load(gl.SliceLayout(2, WL)), 2)
-            w_next = _dequant(words, s, o, BLOCK_N, BLOCK_K, A, G3, ASM, sel)
+            w_next = _dequant(words, s, o, BLOCK_N, BLOCK_K, A, G3, ASM, sel, PAIR)
         else:
-            w_next = _dequant(b, s, o, BLOCK_N, BLOCK_K, A, G3, ASM, sel)
+            w_next = _dequant(b, s, o, BLOCK_N, BLOCK_K, A, G3, ASM, sel, PAIR)
             b = gl.load(c_ptrs + (k + 2) * (BLOCK_K // (8 if ASM else 2)), mask=k + 2 < steps, other=0)
         s = gl.load(scale_ptr + s_off + (k + 2) * NG, mask=k + 2 < steps, other=0.0)
         o = gl.load(offset_ptr + s_off + (k + 2) * NG, mask=k + 2 < steps, other=0.0)
@@ -217,10 +261,13 @@ CONFIGS = [  # (block_t, block_k, stages, split, num_warps): weight rows a progr
     (64, 128, 4, 1, 4), (64, 128, 4, 2, 4), (64, 64, 4, 4, 4),
     (128, 64, 4, 1, 4), (128, 64, 4, 2, 4)]
 # (256, 64, 3, 1, 8) spills 56 B a thread (Triton 3.6, sm_90)
-LARGE = [(128, 64, 4, 1, 8), (128, 64, 4, 1, 4), (128, 128, 4, 1, 8), (128, 64, 5, 1, 4)]
+LARGE = [(128, 64, 4, 1, 8), (128, 64, 4, 1, 4), (128, 128, 4, 1, 8), (128, 64, 5, 1, 4),
+         # 128-256 weight rows a program (8-16 warps): the activation tile read from L2 once per 128-256 rows, not 64
+         (64, 64, 4, 1, 8), (64, 64, 4, 1, 16), (32, 128, 4, 1, 16)]
 
 
-def gluon_gemm(x: torch.Tensor, w, out: torch.Tensor, partial: torch.Tensor, cfg: tuple) -> torch.Tensor:
+def gluon_gemm(x: torch.Tensor, w, out: torch.Tensor, partial: torch.Tensor, cfg: tuple, pair: bool = True
+               ) -> torch.Tensor:
     """out [T, N] float16 = x [T, K] float16 @ W^T (int4 groups of 32 with float16 scales and offsets); split along
     K: float32 partials in `partial`, added in order by gemm_lowbit's reduce kernel (deterministic)."""
     from graph_executor.kernels.gemm_lowbit import INT4, _gemm_reduce_kernel
@@ -234,7 +281,7 @@ def gluon_gemm(x: torch.Tensor, w, out: torch.Tensor, partial: torch.Tensor, cfg
     gluon_int4_gemm[grid](
         x, w.codes, w.scale, w.offset, partial if split > 1 else out, t, n, k, x.stride(0), out.stride(0),
         BLOCK_N=16 * warps, BLOCK_T=block_t, BLOCK_K=block_k, STAGES=stages, SPLIT=split, ASM=True, num_warps=warps,
-        CODES_SMEM=codes_smem)
+        CODES_SMEM=codes_smem, PAIR=pair)
     if split > 1:
         _gemm_reduce_kernel[grid[:2]](partial, w.scale, out, out, t, n, split, out.stride(0), FORMAT=INT4,
                                       HAS_BIAS=False, ACCUMULATE=False, BLOCK_N=16 * warps, BLOCK_T=block_t,
@@ -247,7 +294,7 @@ def _error(got: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return (got.double() - ref).abs() / torch.maximum(ref.abs(), ref.pow(2).mean().sqrt())
 
 
-def check(dev: torch.device, g: torch.Generator, scratch, quantize_int4) -> None:
+def check(dev: torch.device, g: torch.Generator, scratch, quantize_int4, pair: bool) -> None:
     """Every config once on fresh output (NaN-filled), no graphs: its worst error, and where the wrong elements
     (error > 1e-2 or NaN) lie: token and weight-row ranges, and their count."""
     t = 100
@@ -261,7 +308,7 @@ def check(dev: torch.device, g: torch.Generator, scratch, quantize_int4) -> None
         out = torch.empty(t, n, device=dev, dtype=torch.float16)
         for cfg in [(*c, smem) for c in CONFIGS + LARGE for smem in (False, True)]:
             out.fill_(float("nan"))
-            err = _error(gluon_gemm(x, w, out, scratch.partial, cfg), ref)
+            err = _error(gluon_gemm(x, w, out, scratch.partial, cfg, pair), ref)
             bad = (err > 1e-2) | err.isnan()
             where = ""
             if bad.any():
@@ -285,6 +332,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--large", action="store_true", help="the long-prompt configs (LARGE: 128-256 tokens a "
                     "program, 4-8 warps) and the dequantize + torch.mm path beside")
+    ap.add_argument("--no-pair", dest="pair", action="store_false", help="the thirty-third session's dequantization "
+                    "(inline asm per byte giving two float16 halves, s q + o outside) instead of one float16x2 "
+                    "register per byte, scale and offset inside the asm (the default: 3-10%% faster, 253 -> 235 SASS "
+                    "instructions a step at 128 x 64 x 64)")
+    ap.add_argument("--once", default="", help="SHAPE:TOKENS: two configs and torch.mm, each run twice, nothing "
+                    "else (a target for Nsight Compute)")
     ap.add_argument("--check", action="store_true", help="no timing: every config's error, one line each, on the o "
                     "and down shapes at 100 tokens, with where the wrong elements are")
     args = ap.parse_args(argv)
@@ -292,7 +345,21 @@ def main(argv: list[str] | None = None) -> None:
     g = torch.Generator(device=dev).manual_seed(0)
     scratch = SplitKScratch.zeros(64 * 1024**2, 65536, dev)
     if args.check:
-        return check(dev, g, scratch, quantize_int4)
+        return check(dev, g, scratch, quantize_int4, args.pair)
+    if args.once:  # for Nsight Compute: each config once (twice: the first compiles), then torch.mm, no graphs
+        name, t = args.once.split(":")
+        n, k = SHAPES[name]
+        w = quantize_int4(torch.randn(n, k, device=dev, dtype=torch.float16, generator=g) * 0.02, 32)
+        x = torch.randn(int(t), k, device=dev, dtype=torch.float16, generator=g)
+        out = torch.empty(int(t), n, device=dev, dtype=torch.float16)
+        for cfg in [(128, 64, 4, 1, 4, False), (128, 64, 4, 1, 4, True)]:
+            for _ in range(2):
+                gluon_gemm(x, w, out, scratch.partial, cfg, args.pair)
+        w16 = w.dequantize(torch.float16)
+        for _ in range(2):
+            torch.mm(x, w16.t(), out=out)
+        torch.cuda.synchronize()
+        return None
     print(f"{torch.cuda.get_device_name()}: int4 (g32, offsets) GEMM per 7B projection, ms (weights rotate past L2)")
     print("| shape | T | fp16 mm | shipped | dequantize + mm | gluon best | config | worst rel err (all configs) | "
           "gluon / shipped |")
@@ -320,9 +387,9 @@ def main(argv: list[str] | None = None) -> None:
             for cfg in [(*c, smem) for c in (LARGE if args.large else CONFIGS) for smem in (False, True)]:
                 if cfg[0] > max(16, 2 * t):
                     continue
-                ms = timed(lambda wt, cfg=cfg: gluon_gemm(x, wt, out, scratch.partial, cfg), weights)
+                ms = timed(lambda wt, cfg=cfg: gluon_gemm(x, wt, out, scratch.partial, cfg, args.pair), weights)
                 out.fill_(float("nan"))  # checked after its timed replays too: a race would show here
-                got = gluon_gemm(x, weights[0], out, scratch.partial, cfg).double()
+                got = gluon_gemm(x, weights[0], out, scratch.partial, cfg, args.pair).double()
                 err = float(_error(got, ref).nan_to_num(float("inf")).max())
                 worst_err = max(worst_err, err)
                 if best is None or ms < best[0]:
