@@ -78,7 +78,11 @@ def test_a_cpu_load_maps_every_slot_of_a_fused_order_file(tmp_path, kind) -> Non
         assert torch.equal(_slots(mapped)[name], b), name
     if kind == "tied":
         assert mapped.lm_head.data_ptr() == mapped.embed_tokens.data_ptr()
-    assert torch.equal(_logits(mapped), _logits(copied))
+    # the same weights, every element (above); the logits within float32 rounding, not bit for bit: the CPU GEMMs'
+    # reduction order follows the operands' address alignment, and a mapped weight sits where the file's header
+    # length puts it (transformers 5.25's header left the llama case's mapped weights 8-byte aligned, the copied
+    # ones 32: logits 6e-8 apart)
+    torch.testing.assert_close(_logits(mapped), _logits(copied), rtol=1e-6, atol=1e-6)
 
 
 def test_a_file_in_name_order_maps_its_single_tensor_slots_and_copies_the_fused_ones(tmp_path) -> None:
