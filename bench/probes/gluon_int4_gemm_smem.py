@@ -1,0 +1,245 @@
+"""GPU probe (issue 10, the packed prefill at 128-512 tokens): an int4 x float16 GEMM in Gluon whose dequantized weights
+go through shared memory as the wgmma's B operand, the activations as its A operand (tokens as M, 64 a warpgroup),
+instead of the weights as a register operand (bench.probes.gluon_int4_gemm). Nsight Compute showed that design
+latency-bound (each warpgroup waiting for its own MMA every step, 64 weight rows a program): here one program
+dequantizes a [BLOCK_N, BLOCK_K] weight tile once for all its BLOCK_T tokens, into one of three shared buffers, while
+the previous step's MMA runs (operands in shared memory only, so the MMA may stay in flight across the loop's back
+edge: `warpgroup_mma_wait(1)`). Activation tiles and code words come through one cp.async ring; scales and offsets
+one step ahead in registers. One inline-asm call per code byte gives its two weights as one float16x2 register (the
+byte, Marlin's 0x6400 conversion, s q + o).
+
+    python -m bench.probes.gluon_int4_gemm_smem [--tokens 128,256,512] [--reps 10]
+    python -m bench.probes.gluon_int4_gemm_smem --check     # every config's error and where the wrong elements lie
+    PROBE=bench.probes.gluon_int4_gemm_smem bash tools/ncu_gluon.sh gate_up:512    # Nsight Compute, every config
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+
+from bench.probes.gluon_int4_gemm import SHAPES, _error, x_load_layout
+
+
+@gluon.jit
+def _per_word(h, BN: gl.constexpr, BK: gl.constexpr, DW: gl.constexpr):
+    """float16 [BN, BK / 32] (a group's scale or offset) -> int32 [BN, BK / 8] in DW: its bits twice, per word."""
+    v = h.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+    v = gl.expand_dims(v | (v << 16), 2)
+    v, _ = gl.broadcast(v, gl.full([BN, BK // 32, 4], 0, gl.int32, layout=v.type.layout))
+    return gl.convert_layout(v.reshape([BN, BK // 8]), DW)
+
+
+@gluon.jit
+def _dequant_tile(words, s, o, sel, BN: gl.constexpr, BK: gl.constexpr):
+    """words int32 [BN, BK / 8] (8 codes each), s / o float16 [BN, BK / 32] (a group's) -> float16 [BN, BK]."""
+    DW: gl.constexpr = words.type.layout
+    w3, sel3 = gl.broadcast(gl.expand_dims(words, 2), sel)  # [BN, BK / 8, 8]: code j of each word
+    s3, _ = gl.broadcast(gl.expand_dims(_per_word(s, BN, BK, DW), 2), sel3)
+    o3, _ = gl.broadcast(gl.expand_dims(_per_word(o, BN, BK, DW), 2), sel3)
+    w = gl.inline_asm_elementwise(  # per byte (codes 2b, 2b + 1): prmt, Marlin's conversion, s q + o: one f16x2
+        asm="""{
+        .reg .b32 t, m, c;
+        prmt.b32 t, $1, 0, $3;
+        lop3.b32 t, t, 0x00F0000F, 0x64006400, 0xEA;
+        mov.b32 m, 0x2C003C00;
+        mov.b32 c, 0xD400E400;
+        fma.rn.f16x2 t, t, m, c;
+        fma.rn.f16x2 $0, t, $5, $7;
+        }""",
+        constraints="=r,r,r,r,r,r,r,r,r", args=[w3, sel3, s3, o3], dtype=gl.float16, is_pure=True, pack=2)
+    return w.reshape([BN, BK])
+
+
+@gluon.jit
+def smem_int4_gemm(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, stride_xm, stride_om,
+                   BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+                   num_warps: gl.constexpr):
+    """out [M, N] float16 = x [M, K] float16 @ W^T, W int4 [N, K] in groups of 32 (float16 scale and offset);
+    K % BLOCK_K == 0 and N % BLOCK_N == 0 (the wrapper checks)."""
+    gl.static_assert(BLOCK_T == 16 * num_warps, "16 tokens a warp: one warpgroup's wgmma covers 64")
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                  instr_shape=[16, BLOCK_N, 16])
+    XS: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_T, BLOCK_K], gl.float16)
+    WS: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.float16)
+    XL: gl.constexpr = x_load_layout(BLOCK_T, BLOCK_K, num_warps)
+    NW: gl.constexpr = BLOCK_K // 8  # code words a row a step
+    CL: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (NW // 4), NW // 4], [num_warps, 1], [1, 0])  # 16 B copies
+    NG: gl.constexpr = BLOCK_K // 32
+    # dequantization: a lane takes a whole group (4 words, one LDS.128) of a row, so one scale and one offset load
+    D3: gl.constexpr = gl.BlockedLayout([1, 4, 8], [32 // NG, NG, 1], [num_warps, 1, 1], [2, 1, 0])
+    DW: gl.constexpr = gl.SliceLayout(2, D3)  # words [BLOCK_N, NW]
+    SG: gl.constexpr = gl.SliceLayout(2, gl.BlockedLayout([1, 1, 4], [32 // NG, NG, 1], [num_warps, 1, 1],
+                                                          [2, 1, 0]))  # groups [BLOCK_N, NG], a lane's group
+    # AHEAD tiles in flight: step k's copy goes into the stage step k - 2's MMA read (done by every warpgroup once
+    # all pass step k's barrier: each waited for its MMA k - 2 at the end of step k - 1); the wait before step k's
+    # barrier leaves one group pending, and needs tiles k (MMA) and k + 1 (codes to dequantize)
+    AHEAD: gl.constexpr = STAGES - 2
+    gl.static_assert(AHEAD >= 2, "STAGES >= 4")
+
+    pid_n = gl.program_id(0)
+    pid_t = gl.program_id(1)
+    steps = K // BLOCK_K
+    x_rows = pid_t * BLOCK_T + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, XL))
+    x_cols = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, XL))
+    x_ptrs = x_ptr + gl.expand_dims(x_rows.to(gl.int64) * stride_xm, 1) + gl.expand_dims(x_cols, 0)
+    x_mask = gl.expand_dims(x_rows < M, 1)
+    c_rows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, CL))
+    c_cols = gl.arange(0, NW, layout=gl.SliceLayout(0, CL))
+    c_ptrs = codes_ptr.to(gl.pointer_type(gl.int32)) + gl.expand_dims(c_rows.to(gl.int64) * (K // 8), 1) + \
+        gl.expand_dims(c_cols, 0)
+    g_rows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, SG))
+    g_cols = gl.arange(0, NG, layout=gl.SliceLayout(0, SG))
+    s_off = gl.expand_dims(g_rows.to(gl.int64) * (K // 32), 1) + gl.expand_dims(g_cols, 0)  # [BLOCK_N, NG]
+    j = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(0, D3)))
+    sel = gl.expand_dims(gl.expand_dims(0x4040 | (j // 2) | ((j // 2) << 8), 0), 0)  # prmt: [byte j/2, 0, j/2, 0]
+
+    x_smem = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_T, BLOCK_K], XS)
+    c_smem = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, NW], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    w_smem = gl.allocate_shared_memory(gl.float16, [3, BLOCK_N, BLOCK_K], WS)  # B of steps k - 1, k, k + 1
+    for i in gl.static_range(AHEAD):
+        async_copy.async_copy_global_to_shared(x_smem.index(i), x_ptrs + i * BLOCK_K, mask=x_mask & (i < steps))
+        async_copy.async_copy_global_to_shared(c_smem.index(i), c_ptrs + i * NW, mask=i < steps)
+        async_copy.commit_group()
+    s = gl.load(scale_ptr + s_off)
+    o = gl.load(offset_ptr + s_off)
+    async_copy.wait_group(AHEAD - 1)
+    gl.thread_barrier()
+    w_smem.index(0).store(_dequant_tile(c_smem.index(0).load(DW), s, o, sel, BLOCK_N, BLOCK_K))
+    fence_async_shared()
+    s = gl.load(scale_ptr + s_off + NG, mask=1 < steps, other=0.0)
+    o = gl.load(offset_ptr + s_off + NG, mask=1 < steps, other=0.0)
+    acc = gl.zeros([BLOCK_T, BLOCK_N], gl.float32, layout=MMA)
+    for k in range(steps):
+        async_copy.wait_group(AHEAD - 2)  # tiles k and k + 1, this thread's part
+        gl.thread_barrier()  # every thread's part, every warp's B store of step k, every MMA k - 2 done
+        nxt = k + AHEAD
+        async_copy.async_copy_global_to_shared(x_smem.index(nxt % STAGES), x_ptrs + nxt * BLOCK_K,
+                                               mask=x_mask & (nxt < steps))
+        async_copy.async_copy_global_to_shared(c_smem.index(nxt % STAGES), c_ptrs + nxt * NW, mask=nxt < steps)
+        async_copy.commit_group()
+        acc = warpgroup_mma(x_smem.index(k % STAGES), w_smem.index(k % 3).permute((1, 0)), acc, is_async=True)
+        # step k + 1's weights into the buffer MMA k - 2 read, while MMA k (and maybe k - 1) run
+        w_next = _dequant_tile(c_smem.index((k + 1) % STAGES).load(DW), s, o, sel, BLOCK_N, BLOCK_K)
+        w_smem.index((k + 1) % 3).store(w_next)
+        fence_async_shared()  # the generic-proxy stores before the barrier that hands them to the next MMA
+        s = gl.load(scale_ptr + s_off + (k + 2) * NG, mask=k + 2 < steps, other=0.0)
+        o = gl.load(offset_ptr + s_off + (k + 2) * NG, mask=k + 2 < steps, other=0.0)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    async_copy.wait_group(0)
+    o_toks = pid_t * BLOCK_T + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, MMA))
+    o_cols = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, MMA))
+    ptrs = out_ptr + gl.expand_dims(o_toks.to(gl.int64) * stride_om, 1) + gl.expand_dims(o_cols, 0)
+    gl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=gl.expand_dims(o_toks < M, 1))
+
+
+# (BLOCK_T, BLOCK_N, BLOCK_K, STAGES, num_warps); Triton 3.6's ptxas crashes (-11) on 5 stages at 128 x 128 and
+# 64 x 64; 128 x 128 x 128 needs 256 KiB of shared memory
+CONFIGS = [(64, 128, 64, 4, 4), (128, 128, 64, 4, 8), (128, 128, 64, 6, 8), (128, 256, 64, 4, 8)]
+
+
+def smem_gemm(x: torch.Tensor, w, out: torch.Tensor, cfg: tuple) -> torch.Tensor:
+    """out [T, N] float16 = x [T, K] float16 @ W^T (int4 groups of 32, float16 scales and offsets, row-major)."""
+    block_t, block_n, block_k, stages, warps = cfg
+    n, k = w.shape
+    if k % block_k or n % block_n or w.group != 32 or w.offset is None or w.tiles is not None:
+        raise ValueError(f"smem_gemm: {n} x {k} int4 (group {w.group}) does not fit config {cfg}")
+    t = x.shape[0]
+    smem_int4_gemm[(n // block_n, triton.cdiv(t, block_t))](
+        x, w.codes, w.scale, w.offset, out, t, n, k, x.stride(0), out.stride(0), BLOCK_T=block_t, BLOCK_N=block_n,
+        BLOCK_K=block_k, STAGES=stages, num_warps=warps)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    from bench.floors import time_gpu
+    from bench.probes.verify_plan import graphed
+    from graph_executor.kernels import gemm_lowbit
+    from graph_executor.quant.formats import quantize_int4
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", default="128,256,512")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--check", action="store_true", help="no timing: every config's error at 100 tokens on the o "
+                    "and down shapes, with where the wrong elements are")
+    ap.add_argument("--once", default="", help="SHAPE:TOKENS: every config run twice, nothing else (a target for "
+                    "Nsight Compute: PROBE=bench.probes.gluon_int4_gemm_smem tools/ncu_gluon.sh)")
+    args = ap.parse_args(argv)
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    if args.once:
+        name, t = args.once.split(":")
+        n, k = SHAPES[name]
+        w = quantize_int4(torch.randn(n, k, device=dev, dtype=torch.float16, generator=g) * 0.02, 32)
+        x = torch.randn(int(t), k, device=dev, dtype=torch.float16, generator=g)
+        out = torch.empty(int(t), n, device=dev, dtype=torch.float16)
+        for cfg in CONFIGS:
+            for _ in range(2):
+                smem_gemm(x, w, out, cfg)
+        torch.cuda.synchronize()
+        return
+    if args.check:
+        print("| shape | config | worst rel err | wrong | tokens | rows |\n|---|---|---|---|---|---|")
+        for name in ("o", "down"):
+            n, k = SHAPES[name]
+            w = quantize_int4(torch.randn(n, k, device=dev, dtype=torch.float16, generator=g) * 0.02, 32)
+            x = torch.randn(100, k, device=dev, dtype=torch.float16, generator=g)
+            ref = x.double() @ w.dequantize(torch.float32).double().T
+            out = torch.empty(100, n, device=dev, dtype=torch.float16)
+            for cfg in CONFIGS:
+                out.fill_(float("nan"))
+                err = _error(smem_gemm(x, w, out, cfg), ref)
+                bad = (err > 1e-2) | err.isnan()
+                where = "- | -"
+                if bad.any():
+                    tok, row = bad.nonzero(as_tuple=True)
+                    where = f"{int(tok.min())}-{int(tok.max())} | {int(row.min())}-{int(row.max())}"
+                print(f"| {name} | {cfg} | {float(err.nan_to_num(float('inf')).max()):.1e} | {int(bad.sum())} | "
+                      f"{where} |", flush=True)
+        return
+    print(f"{torch.cuda.get_device_name()}: int4 (g32, offsets) GEMM per 7B projection, ms (weights rotate past L2)")
+    print("| shape | T | fp16 mm | dequantize + mm | smem best | config | worst rel err (all configs) | "
+          "smem / dequantize + mm |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, (n, k) in SHAPES.items():
+        w16 = torch.randn(n, k, device=dev, dtype=torch.float16, generator=g) * 0.02
+        copies = max(1, min(32, -(-256 * 1024**2 // (n * k // 2))))
+        weights = [quantize_int4(w16 + 0.001 * i, 32) for i in range(copies)]
+        dense = [w16 + 0.001 * i for i in range(min(copies, max(1, -(-256 * 1024**2 // (2 * n * k)))))]
+        for t in (int(v) for v in args.tokens.split(",")):
+            x = torch.randn(t, k, device=dev, dtype=torch.float16, generator=g)
+            out = torch.empty(t, n, device=dev, dtype=torch.float16)
+
+            def timed(fn, ws) -> float:
+                graph = graphed(lambda: [fn(wt) for wt in ws])
+                return time_gpu(graph.replay, dev, repeats=args.reps) * 1e3 / len(ws)
+
+            mm = timed(lambda wt: torch.mm(x, wt.t(), out=out), dense)
+            buf = torch.empty(n, k, device=dev, dtype=torch.float16)
+            dq = timed(lambda wt: torch.mm(x, gemm_lowbit.dequantize(wt, buf).t(), out=out), weights)
+            ref = x.double() @ weights[0].dequantize(torch.float32).double().T
+            best, worst = None, 0.0
+            for cfg in CONFIGS:
+                if n % cfg[1] or k % cfg[2]:
+                    continue
+                ms = timed(lambda wt, cfg=cfg: smem_gemm(x, wt, out, cfg), weights)
+                out.fill_(float("nan"))
+                worst = max(worst, float(_error(smem_gemm(x, weights[0], out, cfg), ref).nan_to_num(float("inf"))
+                                         .max()))
+                if best is None or ms < best[0]:
+                    best = (ms, cfg)
+            ms, cfg = best
+            print(f"| {name} | {t} | {mm:.4f} | {dq:.4f} | {ms:.4f} | {cfg} | {worst:.1e} | {ms / dq:.2f} |",
+                  flush=True)
+        del weights, dense
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
