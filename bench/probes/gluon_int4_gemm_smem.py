@@ -141,7 +141,9 @@ def smem_int4_gemm(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, st
 
 # (BLOCK_T, BLOCK_N, BLOCK_K, STAGES, num_warps); Triton 3.6's ptxas crashes (-11) on 5 stages at 128 x 128 and
 # 64 x 64; 128 x 128 x 128 needs 256 KiB of shared memory
-CONFIGS = [(64, 128, 64, 4, 4), (128, 128, 64, 4, 8), (128, 128, 64, 6, 8), (128, 256, 64, 4, 8)]
+CONFIGS = [(64, 128, 64, 4, 4), (128, 128, 64, 4, 8), (128, 128, 64, 6, 8), (128, 256, 64, 4, 8),
+           # 32-wide K steps: 49-123 KiB of shared memory, so 2-4 programs an SM (compiled offline, not yet run)
+           (64, 128, 32, 4, 4), (64, 128, 32, 6, 4), (128, 256, 32, 6, 8)]
 
 
 def smem_gemm(x: torch.Tensor, w, out: torch.Tensor, cfg: tuple) -> torch.Tensor:
