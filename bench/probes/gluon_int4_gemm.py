@@ -289,9 +289,20 @@ def gluon_gemm(x: torch.Tensor, w, out: torch.Tensor, partial: torch.Tensor, cfg
     return out
 
 
-def _error(got: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+def rel_error(got: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """relative error per element [T, N] (float64), against max(|ref|, rms(ref)); NaN where got is NaN."""
     return (got.double() - ref).abs() / torch.maximum(ref.abs(), ref.pow(2).mean().sqrt())
+
+
+def check_row(name: str, cfg: tuple, err: torch.Tensor) -> str:
+    """A --check table row: the worst error (NaN counts as inf), how many elements are wrong (error > 1e-2 or
+    NaN) and the token and weight-row ranges they lie in."""
+    bad = (err > 1e-2) | err.isnan()
+    where = "- | -"
+    if bad.any():
+        tok, row = bad.nonzero(as_tuple=True)
+        where = f"{int(tok.min())}-{int(tok.max())} | {int(row.min())}-{int(row.max())}"
+    return f"| {name} | {cfg} | {float(err.nan_to_num(float('inf')).max()):.1e} | {int(bad.sum())} | {where} |"
 
 
 def check(dev: torch.device, g: torch.Generator, scratch, quantize_int4, pair: bool) -> None:
@@ -308,16 +319,7 @@ def check(dev: torch.device, g: torch.Generator, scratch, quantize_int4, pair: b
         out = torch.empty(t, n, device=dev, dtype=torch.float16)
         for cfg in [(*c, smem) for c in CONFIGS + LARGE for smem in (False, True)]:
             out.fill_(float("nan"))
-            err = _error(gluon_gemm(x, w, out, scratch.partial, cfg, pair), ref)
-            bad = (err > 1e-2) | err.isnan()
-            where = ""
-            if bad.any():
-                tok, row = bad.nonzero(as_tuple=True)
-                where = f"{int(tok.min())}-{int(tok.max())} | {int(row.min())}-{int(row.max())}"
-            else:
-                where = "- | -"
-            worst = float(err.nan_to_num(float("inf")).max())
-            print(f"| {name} | {cfg} | {worst:.1e} | {int(bad.sum())} | {where} |", flush=True)
+            print(check_row(name, cfg, rel_error(gluon_gemm(x, w, out, scratch.partial, cfg, pair), ref)), flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -390,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
                 ms = timed(lambda wt, cfg=cfg: gluon_gemm(x, wt, out, scratch.partial, cfg, args.pair), weights)
                 out.fill_(float("nan"))  # checked after its timed replays too: a race would show here
                 got = gluon_gemm(x, weights[0], out, scratch.partial, cfg, args.pair).double()
-                err = float(_error(got, ref).nan_to_num(float("inf")).max())
+                err = float(rel_error(got, ref).nan_to_num(float("inf")).max())
                 worst_err = max(worst_err, err)
                 if best is None or ms < best[0]:
                     best = (ms, cfg)

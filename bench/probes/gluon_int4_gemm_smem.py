@@ -23,7 +23,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
-from bench.probes.gluon_int4_gemm import SHAPES, _error, x_load_layout
+from bench.probes.gluon_int4_gemm import SHAPES, check_row, rel_error, x_load_layout
 
 
 @gluon.jit
@@ -196,14 +196,7 @@ def main(argv: list[str] | None = None) -> None:
             out = torch.empty(100, n, device=dev, dtype=torch.float16)
             for cfg in CONFIGS:
                 out.fill_(float("nan"))
-                err = _error(smem_gemm(x, w, out, cfg), ref)
-                bad = (err > 1e-2) | err.isnan()
-                where = "- | -"
-                if bad.any():
-                    tok, row = bad.nonzero(as_tuple=True)
-                    where = f"{int(tok.min())}-{int(tok.max())} | {int(row.min())}-{int(row.max())}"
-                print(f"| {name} | {cfg} | {float(err.nan_to_num(float('inf')).max()):.1e} | {int(bad.sum())} | "
-                      f"{where} |", flush=True)
+                print(check_row(name, cfg, rel_error(smem_gemm(x, w, out, cfg), ref)), flush=True)
         return
     print(f"{torch.cuda.get_device_name()}: int4 (g32, offsets) GEMM per 7B projection, ms (weights rotate past L2)")
     print("| shape | T | fp16 mm | dequantize + mm | smem best | config | worst rel err (all configs) | "
@@ -232,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
                     continue
                 ms = timed(lambda wt, cfg=cfg: smem_gemm(x, wt, out, cfg), weights)
                 out.fill_(float("nan"))
-                worst = max(worst, float(_error(smem_gemm(x, weights[0], out, cfg), ref).nan_to_num(float("inf"))
+                worst = max(worst, float(rel_error(smem_gemm(x, weights[0], out, cfg), ref).nan_to_num(float("inf"))
                                          .max()))
                 if best is None or ms < best[0]:
                     best = (ms, cfg)
