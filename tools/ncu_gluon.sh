@@ -3,8 +3,8 @@
 # stall reasons per issued instruction, for two Gluon configs and torch.mm on one 7B projection. Output in $OUT/ncu.txt,
 # the key lines printed.   [PROBE=module] bash tools/ncu_gluon.sh [SHAPE:TOKENS] [probe flags...]   (after the wheels are
 # installed; PROBE: bench.probes.gluon_int4_gemm (the default) or bench.probes.gluon_int4_gemm_smem, whose --once runs
-# every config). SOURCE_SKIP=N also samples the stalls per SASS instruction of the N-th launch (0-based) into
-# $OUT/source.csv and prints the 25 most stalled, instead of the summary
+# every config). SOURCE_SKIP=N instead samples the stalls per SASS instruction of the N-th launch (0-based) into
+# $OUT/source.csv and prints the 25 most stalled (written after the device time ran out: not yet run)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 target=${1:-gate_up:512}; shift || true
