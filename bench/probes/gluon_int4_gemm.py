@@ -66,12 +66,32 @@ def _pairs_of(v, BN: gl.constexpr, BK: gl.constexpr):
 
 
 @gluon.jit
-def _twice(h, BN: gl.constexpr, BK: gl.constexpr, L: gl.constexpr):
-    """float16 [BN, BK / 32] (a group's scale or offset) -> int32 [BN, BK] in layout L: its bits in both halves."""
+def per_group(h, BN: gl.constexpr, NG: gl.constexpr, PER: gl.constexpr, L: gl.constexpr):
+    """float16 [BN, NG] (a group's scale or offset; its layout a slice along a third dim) -> int32 [BN, NG * PER] in
+    layout L: its bits in both halves (one float16x2 operand), repeated for each of the group's PER elements."""
     v = h.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
     v = gl.expand_dims(v | (v << 16), 2)
-    v, _ = gl.broadcast(v, gl.full([BN, BK // 32, 32], 0, gl.int32, layout=v.type.layout))
-    return gl.convert_layout(v.reshape([BN, BK]), L)
+    v, _ = gl.broadcast(v, gl.full([BN, NG, PER], 0, gl.int32, layout=v.type.layout))
+    return gl.convert_layout(v.reshape([BN, NG * PER]), L)
+
+
+@gluon.jit
+def byte_weights(words, sel, s2, o2):
+    """One inline-asm call per code byte (pack = 2: two float16 elements, one register): byte `sel` picks (prmt
+    selector [b, 0, b, 0]) of the int32 word, Marlin's 0x6400 conversion (lop3 + float16x2 FMA) gives its two
+    codes, then s q + o with s2 / o2 the scale and offset in both halves (`per_group`). All four operands int32,
+    shaped as the float16 result."""
+    return gl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 t, m, c;
+        prmt.b32 t, $1, 0, $3;
+        lop3.b32 t, t, 0x00F0000F, 0x64006400, 0xEA;
+        mov.b32 m, 0x2C003C00;
+        mov.b32 c, 0xD400E400;
+        fma.rn.f16x2 t, t, m, c;
+        fma.rn.f16x2 $0, t, $5, $7;
+        }""",
+        constraints="=r,r,r,r,r,r,r,r,r", args=[words, sel, s2, o2], dtype=gl.float16, is_pure=True, pack=2)
 
 
 @gluon.jit
@@ -82,19 +102,8 @@ def _dequant_pairs(b, s, o, BN: gl.constexpr, BK: gl.constexpr, A: gl.constexpr,
     b, sel = gl.broadcast(b, sel)
     words = _pairs_of(b, BN, BK)
     L: gl.constexpr = words.type.layout
-    w = gl.inline_asm_elementwise(
-        asm="""{
-        .reg .b32 t, m, c;
-        prmt.b32 t, $1, 0, $3;
-        lop3.b32 t, t, 0x00F0000F, 0x64006400, 0xEA;
-        mov.b32 m, 0x2C003C00;
-        mov.b32 c, 0xD400E400;
-        fma.rn.f16x2 t, t, m, c;
-        fma.rn.f16x2 $0, t, $5, $7;
-        }""",
-        constraints="=r,r,r,r,r,r,r,r,r", args=[words, _pairs_of(sel, BN, BK),
-                                               _twice(s, BN, BK, L), _twice(o, BN, BK, L)],
-        dtype=gl.float16, is_pure=True, pack=2)
+    w = byte_weights(words, _pairs_of(sel, BN, BK), per_group(s, BN, BK // 32, 32, L),
+                     per_group(o, BN, BK // 32, 32, L))
     return gl.convert_layout(w, A, assert_trivial=True)
 
 

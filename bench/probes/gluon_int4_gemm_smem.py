@@ -23,16 +23,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
-from bench.probes.gluon_int4_gemm import SHAPES, check_row, rel_error, x_load_layout
-
-
-@gluon.jit
-def _per_word(h, BN: gl.constexpr, BK: gl.constexpr, DW: gl.constexpr):
-    """float16 [BN, BK / 32] (a group's scale or offset) -> int32 [BN, BK / 8] in DW: its bits twice, per word."""
-    v = h.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
-    v = gl.expand_dims(v | (v << 16), 2)
-    v, _ = gl.broadcast(v, gl.full([BN, BK // 32, 4], 0, gl.int32, layout=v.type.layout))
-    return gl.convert_layout(v.reshape([BN, BK // 8]), DW)
+from bench.probes.gluon_int4_gemm import SHAPES, byte_weights, check_row, per_group, rel_error, x_load_layout
 
 
 @gluon.jit
@@ -40,20 +31,9 @@ def _dequant_tile(words, s, o, sel, BN: gl.constexpr, BK: gl.constexpr):
     """words int32 [BN, BK / 8] (8 codes each), s / o float16 [BN, BK / 32] (a group's) -> float16 [BN, BK]."""
     DW: gl.constexpr = words.type.layout
     w3, sel3 = gl.broadcast(gl.expand_dims(words, 2), sel)  # [BN, BK / 8, 8]: code j of each word
-    s3, _ = gl.broadcast(gl.expand_dims(_per_word(s, BN, BK, DW), 2), sel3)
-    o3, _ = gl.broadcast(gl.expand_dims(_per_word(o, BN, BK, DW), 2), sel3)
-    w = gl.inline_asm_elementwise(  # per byte (codes 2b, 2b + 1): prmt, Marlin's conversion, s q + o: one f16x2
-        asm="""{
-        .reg .b32 t, m, c;
-        prmt.b32 t, $1, 0, $3;
-        lop3.b32 t, t, 0x00F0000F, 0x64006400, 0xEA;
-        mov.b32 m, 0x2C003C00;
-        mov.b32 c, 0xD400E400;
-        fma.rn.f16x2 t, t, m, c;
-        fma.rn.f16x2 $0, t, $5, $7;
-        }""",
-        constraints="=r,r,r,r,r,r,r,r,r", args=[w3, sel3, s3, o3], dtype=gl.float16, is_pure=True, pack=2)
-    return w.reshape([BN, BK])
+    s3, _ = gl.broadcast(gl.expand_dims(per_group(s, BN, BK // 32, 4, DW), 2), sel3)  # each word's group
+    o3, _ = gl.broadcast(gl.expand_dims(per_group(o, BN, BK // 32, 4, DW), 2), sel3)
+    return byte_weights(w3, sel3, s3, o3).reshape([BN, BK])
 
 
 @gluon.jit
