@@ -314,29 +314,53 @@ def check_row(name: str, cfg: tuple, err: torch.Tensor) -> str:
     return f"| {name} | {cfg} | {float(err.nan_to_num(float('inf')).max()):.1e} | {int(bad.sum())} | {where} |"
 
 
-def check(dev: torch.device, g: torch.Generator, scratch, quantize_int4, pair: bool) -> None:
-    """Every config once on fresh output (NaN-filled), no graphs: its worst error, and where the wrong elements
-    (error > 1e-2 or NaN) lie: token and weight-row ranges, and their count."""
-    t = 100
-    print("| shape | config | worst rel err | wrong | tokens | rows |")
-    print("|---|---|---|---|---|---|")
+def case(name: str, tokens: int, dev: torch.device, g: torch.Generator) -> tuple:
+    """(w, x, out) for one 7B projection: random int4 weights (groups of 32, offsets), float16 activations
+    [tokens, K], an output [tokens, N]."""
+    from graph_executor.quant.formats import quantize_int4
+
+    n, k = SHAPES[name]
+    w = quantize_int4(torch.randn(n, k, device=dev, dtype=torch.float16, generator=g) * 0.02, 32)
+    x = torch.randn(tokens, k, device=dev, dtype=torch.float16, generator=g)
+    return w, x, torch.empty(tokens, n, device=dev, dtype=torch.float16)
+
+
+def check_table(dev: torch.device, g: torch.Generator, configs: list[tuple], gemm) -> None:
+    """--check: every config once on fresh output (NaN-filled), no graphs, on the o and down shapes at 100 tokens;
+    gemm(x, w, out, cfg) -> out. Prints `check_row` per config."""
+    print("| shape | config | worst rel err | wrong | tokens | rows |\n|---|---|---|---|---|---|")
     for name in ("o", "down"):
-        n, k = SHAPES[name]
-        w = quantize_int4(torch.randn(n, k, device=dev, dtype=torch.float16, generator=g) * 0.02, 32)
-        x = torch.randn(t, k, device=dev, dtype=torch.float16, generator=g)
+        w, x, out = case(name, 100, dev, g)
         ref = x.double() @ w.dequantize(torch.float32).double().T
-        out = torch.empty(t, n, device=dev, dtype=torch.float16)
-        for cfg in [(*c, smem) for c in CONFIGS + LARGE for smem in (False, True)]:
+        for cfg in configs:
             out.fill_(float("nan"))
-            print(check_row(name, cfg, rel_error(gluon_gemm(x, w, out, scratch.partial, cfg, pair), ref)), flush=True)
+            print(check_row(name, cfg, rel_error(gemm(x, w, out, cfg), ref)), flush=True)
+
+
+def rotating_weights(n: int, k: int, dev: torch.device, g: torch.Generator) -> tuple[list, list[torch.Tensor]]:
+    """Copies of one random [N, K] weight, int4 (groups of 32) and float16, enough of each to span 256 MiB (at most
+    32), so that a timed pass over them reads from HBM, not L2; the copies differ by 0.001 x their index."""
+    from graph_executor.quant.formats import quantize_int4
+
+    w16 = torch.randn(n, k, device=dev, dtype=torch.float16, generator=g) * 0.02
+    copies = max(1, min(32, -(-256 * 1024**2 // (n * k // 2))))
+    weights = [quantize_int4(w16 + 0.001 * i, 32) for i in range(copies)]
+    dense = [w16 + 0.001 * i for i in range(min(copies, max(1, -(-256 * 1024**2 // (2 * n * k)))))]
+    return weights, dense
+
+
+def graph_ms(fn, ws: list, dev: torch.device, reps: int) -> float:
+    """ms per call of fn(w): one CUDA graph over every copy in ws (graphed warms up on a side stream)."""
+    from bench.floors import time_gpu
+    from bench.probes.verify_plan import graphed
+
+    graph = graphed(lambda: [fn(wt) for wt in ws])
+    return time_gpu(graph.replay, dev, repeats=reps) * 1e3 / len(ws)
 
 
 def main(argv: list[str] | None = None) -> None:
-    from bench.floors import time_gpu
-    from bench.probes.verify_plan import graphed
     from graph_executor.kernels import gemm_lowbit
     from graph_executor.kernels.gemv_splitk import SplitKScratch
-    from graph_executor.quant.formats import quantize_int4
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", default="16,32,64,128")
@@ -356,13 +380,11 @@ def main(argv: list[str] | None = None) -> None:
     g = torch.Generator(device=dev).manual_seed(0)
     scratch = SplitKScratch.zeros(64 * 1024**2, 65536, dev)
     if args.check:
-        return check(dev, g, scratch, quantize_int4, args.pair)
+        return check_table(dev, g, [(*c, smem) for c in CONFIGS + LARGE for smem in (False, True)],
+                           lambda x, w, out, cfg: gluon_gemm(x, w, out, scratch.partial, cfg, args.pair))
     if args.once:  # for Nsight Compute: each config once (twice: the first compiles), then torch.mm, no graphs
         name, t = args.once.split(":")
-        n, k = SHAPES[name]
-        w = quantize_int4(torch.randn(n, k, device=dev, dtype=torch.float16, generator=g) * 0.02, 32)
-        x = torch.randn(int(t), k, device=dev, dtype=torch.float16, generator=g)
-        out = torch.empty(int(t), n, device=dev, dtype=torch.float16)
+        w, x, out = case(name, int(t), dev, g)
         for cfg in [(128, 64, 4, 1, 4, False), (128, 64, 4, 1, 4, True)]:
             for _ in range(2):
                 gluon_gemm(x, w, out, scratch.partial, cfg, args.pair)
@@ -376,18 +398,13 @@ def main(argv: list[str] | None = None) -> None:
           "gluon / shipped |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, (n, k) in SHAPES.items():
-        w16 = torch.randn(n, k, device=dev, dtype=torch.float16, generator=g) * 0.02
-        copies = max(1, min(32, -(-256 * 1024**2 // (n * k // 2))))
-        weights = [quantize_int4(w16 + 0.001 * i, 32) for i in range(copies)]
-        dense = [w16 + 0.001 * i for i in range(min(copies, max(1, -(-256 * 1024**2 // (2 * n * k)))))]
+        weights, dense = rotating_weights(n, k, dev, g)
         for t in (int(v) for v in args.tokens.split(",")):
             x = torch.randn(t, k, device=dev, dtype=torch.float16, generator=g)
             out = torch.empty(t, n, device=dev, dtype=torch.float16)
 
             def timed(fn, ws) -> float:
-                """ms per call: one graph over every copy of the weights (graphed warms up on a side stream)."""
-                graph = graphed(lambda: [fn(wt) for wt in ws])
-                return time_gpu(graph.replay, dev, repeats=args.reps) * 1e3 / len(ws)
+                return graph_ms(fn, ws, dev, args.reps)
 
             mm = timed(lambda wt: torch.mm(x, wt.t(), out=out), dense)
             shipped = timed(lambda wt: gemm_lowbit.gemm(x, wt, out, scratch=scratch), weights)

@@ -23,7 +23,17 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
-from bench.probes.gluon_int4_gemm import SHAPES, byte_weights, check_row, per_group, rel_error, x_load_layout
+from bench.probes.gluon_int4_gemm import (
+    SHAPES,
+    byte_weights,
+    case,
+    check_table,
+    graph_ms,
+    per_group,
+    rel_error,
+    rotating_weights,
+    x_load_layout,
+)
 
 
 @gluon.jit
@@ -140,10 +150,7 @@ def smem_gemm(x: torch.Tensor, w, out: torch.Tensor, cfg: tuple) -> torch.Tensor
 
 
 def main(argv: list[str] | None = None) -> None:
-    from bench.floors import time_gpu
-    from bench.probes.verify_plan import graphed
     from graph_executor.kernels import gemm_lowbit
-    from graph_executor.quant.formats import quantize_int4
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", default="128,256,512")
@@ -157,43 +164,26 @@ def main(argv: list[str] | None = None) -> None:
     g = torch.Generator(device=dev).manual_seed(0)
     if args.once:
         name, t = args.once.split(":")
-        n, k = SHAPES[name]
-        w = quantize_int4(torch.randn(n, k, device=dev, dtype=torch.float16, generator=g) * 0.02, 32)
-        x = torch.randn(int(t), k, device=dev, dtype=torch.float16, generator=g)
-        out = torch.empty(int(t), n, device=dev, dtype=torch.float16)
+        w, x, out = case(name, int(t), dev, g)
         for cfg in CONFIGS:
             for _ in range(2):
                 smem_gemm(x, w, out, cfg)
         torch.cuda.synchronize()
         return
     if args.check:
-        print("| shape | config | worst rel err | wrong | tokens | rows |\n|---|---|---|---|---|---|")
-        for name in ("o", "down"):
-            n, k = SHAPES[name]
-            w = quantize_int4(torch.randn(n, k, device=dev, dtype=torch.float16, generator=g) * 0.02, 32)
-            x = torch.randn(100, k, device=dev, dtype=torch.float16, generator=g)
-            ref = x.double() @ w.dequantize(torch.float32).double().T
-            out = torch.empty(100, n, device=dev, dtype=torch.float16)
-            for cfg in CONFIGS:
-                out.fill_(float("nan"))
-                print(check_row(name, cfg, rel_error(smem_gemm(x, w, out, cfg), ref)), flush=True)
-        return
+        return check_table(dev, g, CONFIGS, smem_gemm)
     print(f"{torch.cuda.get_device_name()}: int4 (g32, offsets) GEMM per 7B projection, ms (weights rotate past L2)")
     print("| shape | T | fp16 mm | dequantize + mm | smem best | config | worst rel err (all configs) | "
           "smem / dequantize + mm |")
     print("|---|---|---|---|---|---|---|---|")
     for name, (n, k) in SHAPES.items():
-        w16 = torch.randn(n, k, device=dev, dtype=torch.float16, generator=g) * 0.02
-        copies = max(1, min(32, -(-256 * 1024**2 // (n * k // 2))))
-        weights = [quantize_int4(w16 + 0.001 * i, 32) for i in range(copies)]
-        dense = [w16 + 0.001 * i for i in range(min(copies, max(1, -(-256 * 1024**2 // (2 * n * k)))))]
+        weights, dense = rotating_weights(n, k, dev, g)
         for t in (int(v) for v in args.tokens.split(",")):
             x = torch.randn(t, k, device=dev, dtype=torch.float16, generator=g)
             out = torch.empty(t, n, device=dev, dtype=torch.float16)
 
             def timed(fn, ws) -> float:
-                graph = graphed(lambda: [fn(wt) for wt in ws])
-                return time_gpu(graph.replay, dev, repeats=args.reps) * 1e3 / len(ws)
+                return graph_ms(fn, ws, dev, args.reps)
 
             mm = timed(lambda wt: torch.mm(x, wt.t(), out=out), dense)
             buf = torch.empty(n, k, device=dev, dtype=torch.float16)
