@@ -49,7 +49,7 @@ def _dequant_tile(words, s, o, sel, BN: gl.constexpr, BK: gl.constexpr):
 @gluon.jit
 def smem_int4_gemm(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, stride_xm, stride_om,
                    BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-                   num_warps: gl.constexpr):
+                   num_warps: gl.constexpr, SAHEAD: gl.constexpr = 1):
     """out [M, N] float16 = x [M, K] float16 @ W^T, W int4 [N, K] in groups of 32 (float16 scale and offset);
     K % BLOCK_K == 0 and N % BLOCK_N == 0 (the wrapper checks)."""
     gl.static_assert(BLOCK_T == 16 * num_warps, "16 tokens a warp: one warpgroup's wgmma covers 64")
@@ -104,6 +104,9 @@ def smem_int4_gemm(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, st
     fence_async_shared()
     s = gl.load(scale_ptr + s_off + NG, mask=1 < steps, other=0.0)
     o = gl.load(offset_ptr + s_off + NG, mask=1 < steps, other=0.0)
+    # SAHEAD 2: step k + 2's scales and offsets in flight too (their load has two steps' time to land, not one)
+    s2 = gl.load(scale_ptr + s_off + 2 * NG, mask=(2 < steps) & (SAHEAD > 1), other=0.0)
+    o2 = gl.load(offset_ptr + s_off + 2 * NG, mask=(2 < steps) & (SAHEAD > 1), other=0.0)
     acc = gl.zeros([BLOCK_T, BLOCK_N], gl.float32, layout=MMA)
     for k in range(steps):
         async_copy.wait_group(AHEAD - 2)  # tiles k and k + 1, this thread's part
@@ -118,8 +121,14 @@ def smem_int4_gemm(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, st
         w_next = _dequant_tile(c_smem.index((k + 1) % STAGES).load(DW), s, o, sel, BLOCK_N, BLOCK_K)
         w_smem.index((k + 1) % 3).store(w_next)
         fence_async_shared()  # the generic-proxy stores before the barrier that hands them to the next MMA
-        s = gl.load(scale_ptr + s_off + (k + 2) * NG, mask=k + 2 < steps, other=0.0)
-        o = gl.load(offset_ptr + s_off + (k + 2) * NG, mask=k + 2 < steps, other=0.0)
+        if SAHEAD > 1:
+            s = s2
+            o = o2
+            s2 = gl.load(scale_ptr + s_off + (k + 3) * NG, mask=k + 3 < steps, other=0.0)
+            o2 = gl.load(offset_ptr + s_off + (k + 3) * NG, mask=k + 3 < steps, other=0.0)
+        else:
+            s = gl.load(scale_ptr + s_off + (k + 2) * NG, mask=k + 2 < steps, other=0.0)
+            o = gl.load(offset_ptr + s_off + (k + 2) * NG, mask=k + 2 < steps, other=0.0)
         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     async_copy.wait_group(0)
@@ -133,19 +142,21 @@ def smem_int4_gemm(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, st
 # 64 x 64; 128 x 128 x 128 needs 256 KiB of shared memory
 CONFIGS = [(64, 128, 64, 4, 4), (128, 128, 64, 4, 8), (128, 128, 64, 6, 8), (128, 256, 64, 4, 8),
            # 32-wide K steps: 49-123 KiB of shared memory, so 2-4 programs an SM (compiled offline, not yet run)
-           (64, 128, 32, 4, 4), (64, 128, 32, 6, 4), (128, 256, 32, 6, 8)]
+           (64, 128, 32, 4, 4), (64, 128, 32, 6, 4), (128, 256, 32, 6, 8),
+           # (..., SAHEAD): scales and offsets two steps ahead (the 34th session's ncu: long-scoreboard stalls)
+           (128, 128, 64, 4, 8, 2), (128, 256, 64, 4, 8, 2), (64, 128, 32, 4, 4, 2)]  # ptxas -11 at 6 stages
 
 
 def smem_gemm(x: torch.Tensor, w, out: torch.Tensor, cfg: tuple) -> torch.Tensor:
     """out [T, N] float16 = x [T, K] float16 @ W^T (int4 groups of 32, float16 scales and offsets, row-major)."""
-    block_t, block_n, block_k, stages, warps = cfg
+    block_t, block_n, block_k, stages, warps = cfg[:5]
     n, k = w.shape
     if k % block_k or n % block_n or w.group != 32 or w.offset is None or w.tiles is not None:
         raise ValueError(f"smem_gemm: {n} x {k} int4 (group {w.group}) does not fit config {cfg}")
     t = x.shape[0]
     smem_int4_gemm[(n // block_n, triton.cdiv(t, block_t))](
         x, w.codes, w.scale, w.offset, out, t, n, k, x.stride(0), out.stride(0), BLOCK_T=block_t, BLOCK_N=block_n,
-        BLOCK_K=block_k, STAGES=stages, num_warps=warps)
+        BLOCK_K=block_k, STAGES=stages, num_warps=warps, SAHEAD=cfg[5] if len(cfg) > 5 else 1)
     return out
 
 
@@ -174,8 +185,8 @@ def main(argv: list[str] | None = None) -> None:
         return check_table(dev, g, CONFIGS, smem_gemm)
     print(f"{torch.cuda.get_device_name()}: int4 (g32, offsets) GEMM per 7B projection, ms (weights rotate past L2)")
     print("| shape | T | fp16 mm | dequantize + mm | smem best | config | worst rel err (all configs) | "
-          "smem / dequantize + mm |")
-    print("|---|---|---|---|---|---|---|---|")
+          "smem / dequantize + mm | every config (T x N x K x stages x warps [x scales ahead]: ms) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, (n, k) in SHAPES.items():
         weights, dense = rotating_weights(n, k, dev, g)
         for t in (int(v) for v in args.tokens.split(",")):
@@ -189,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
             buf = torch.empty(n, k, device=dev, dtype=torch.float16)
             dq = timed(lambda wt: torch.mm(x, gemm_lowbit.dequantize(wt, buf).t(), out=out), weights)
             ref = x.double() @ weights[0].dequantize(torch.float32).double().T
-            best, worst = None, 0.0
+            best, worst, each = None, 0.0, []
             for cfg in CONFIGS:
                 if n % cfg[1] or k % cfg[2]:
                     continue
@@ -197,11 +208,12 @@ def main(argv: list[str] | None = None) -> None:
                 out.fill_(float("nan"))
                 worst = max(worst, float(rel_error(smem_gemm(x, weights[0], out, cfg), ref).nan_to_num(float("inf"))
                                          .max()))
+                each.append(f"{'x'.join(str(v) for v in cfg)}:{ms:.4f}")
                 if best is None or ms < best[0]:
                     best = (ms, cfg)
             ms, cfg = best
-            print(f"| {name} | {t} | {mm:.4f} | {dq:.4f} | {ms:.4f} | {cfg} | {worst:.1e} | {ms / dq:.2f} |",
-                  flush=True)
+            print(f"| {name} | {t} | {mm:.4f} | {dq:.4f} | {ms:.4f} | {cfg} | {worst:.1e} | {ms / dq:.2f} | "
+                  f"{' '.join(each)} |", flush=True)
         del weights, dense
         torch.cuda.empty_cache()
 
