@@ -4,7 +4,7 @@
 # the key lines printed.   [PROBE=module] bash tools/ncu_gluon.sh [SHAPE:TOKENS] [probe flags...]   (after the wheels are
 # installed; PROBE: bench.probes.gluon_int4_gemm (the default) or bench.probes.gluon_int4_gemm_smem, whose --once runs
 # every config). SOURCE_SKIP=N instead samples the stalls per SASS instruction of the N-th launch (0-based) into
-# $OUT/source.csv and prints the 25 most stalled (written after the device time ran out: not yet run)
+# $OUT/source.csv and prints the 25 most stalled
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 target=${1:-gate_up:512}; shift || true
@@ -31,7 +31,8 @@ if [ -n "${SOURCE_SKIP:-}" ]; then  # per-instruction stall samples of one launc
   ncu -i "$OUT/source.ncu-rep" --page source --csv --print-source sass > "$OUT/source.csv" 2>> "$OUT/source.log"
   python3 - "$OUT/source.csv" <<'PY'
 import csv, sys
-rows = [r for r in csv.DictReader(open(sys.argv[1]))]
+lines = open(sys.argv[1]).read().splitlines()  # a "Kernel Name" line comes before the header
+rows = list(csv.DictReader(lines[next((i for i, l in enumerate(lines) if l.startswith('"Address"')), 0):]))
 num = lambda v: float((v or "0").replace(",", "") or 0)
 key = next((k for k in rows[0] if k.startswith("Warp Stall Sampling (All")), None) if rows else None
 if key:

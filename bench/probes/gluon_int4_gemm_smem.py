@@ -49,7 +49,7 @@ def _dequant_tile(words, s, o, sel, BN: gl.constexpr, BK: gl.constexpr):
 @gluon.jit
 def smem_int4_gemm(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, stride_xm, stride_om,
                    BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-                   num_warps: gl.constexpr, SAHEAD: gl.constexpr = 1):
+                   num_warps: gl.constexpr, SCALES: gl.constexpr = 1, KG: gl.constexpr = 0):
     """out [M, N] float16 = x [M, K] float16 @ W^T, W int4 [N, K] in groups of 32 (float16 scale and offset);
     K % BLOCK_K == 0 and N % BLOCK_N == 0 (the wrapper checks)."""
     gl.static_assert(BLOCK_T == 16 * num_warps, "16 tokens a warp: one warpgroup's wgmma covers 64")
@@ -89,24 +89,44 @@ def smem_int4_gemm(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, st
     j = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(0, D3)))
     sel = gl.expand_dims(gl.expand_dims(0x4040 | (j // 2) | ((j // 2) << 8), 0), 0)  # prmt: [byte j/2, 0, j/2, 0]
 
+    # SCALES: where each step's scales and offsets come from. 1 / 2: plain loads one / two steps ahead into
+    # registers; 3: the cp.async ring beside the codes (KG = K / 32 as a constexpr, so that each row's NG float16
+    # are known to be 4-byte aligned: 4-byte copies); 0: an ablation, the first step's loaded once (wrong values:
+    # timing only). Why (35th session, per-instruction stalls): the MEMBAR that fence_async_shared lowers to waits
+    # for every load in flight, the scale loads issued a step ahead included, so each step waited for one.
+    SCL: gl.constexpr = gl.BlockedLayout([1, NG], [32, 1], [num_warps, 1], [1, 0])  # a row's NG halves a lane
     x_smem = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_T, BLOCK_K], XS)
     c_smem = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, NW], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     w_smem = gl.allocate_shared_memory(gl.float16, [3, BLOCK_N, BLOCK_K], WS)  # B of steps k - 1, k, k + 1
+    if SCALES == 3:
+        gs_smem = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_N, NG], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        go_smem = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_N, NG], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        q_rows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, SCL))
+        q_off = gl.expand_dims(q_rows.to(gl.int64) * KG, 1) + \
+            gl.expand_dims(gl.arange(0, NG, layout=gl.SliceLayout(0, SCL)), 0)
     for i in gl.static_range(AHEAD):
         async_copy.async_copy_global_to_shared(x_smem.index(i), x_ptrs + i * BLOCK_K, mask=x_mask & (i < steps))
         async_copy.async_copy_global_to_shared(c_smem.index(i), c_ptrs + i * NW, mask=i < steps)
+        if SCALES == 3:
+            async_copy.async_copy_global_to_shared(gs_smem.index(i), scale_ptr + q_off + i * NG, mask=i < steps)
+            async_copy.async_copy_global_to_shared(go_smem.index(i), offset_ptr + q_off + i * NG, mask=i < steps)
         async_copy.commit_group()
-    s = gl.load(scale_ptr + s_off)
-    o = gl.load(offset_ptr + s_off)
     async_copy.wait_group(AHEAD - 1)
     gl.thread_barrier()
+    if SCALES == 3:
+        s = gs_smem.index(0).load(SG)
+        o = go_smem.index(0).load(SG)
+    else:
+        s = gl.load(scale_ptr + s_off)
+        o = gl.load(offset_ptr + s_off)
     w_smem.index(0).store(_dequant_tile(c_smem.index(0).load(DW), s, o, sel, BLOCK_N, BLOCK_K))
     fence_async_shared()
-    s = gl.load(scale_ptr + s_off + NG, mask=1 < steps, other=0.0)
-    o = gl.load(offset_ptr + s_off + NG, mask=1 < steps, other=0.0)
-    # SAHEAD 2: step k + 2's scales and offsets in flight too (their load has two steps' time to land, not one)
-    s2 = gl.load(scale_ptr + s_off + 2 * NG, mask=(2 < steps) & (SAHEAD > 1), other=0.0)
-    o2 = gl.load(offset_ptr + s_off + 2 * NG, mask=(2 < steps) & (SAHEAD > 1), other=0.0)
+    if SCALES == 1 or SCALES == 2:
+        s = gl.load(scale_ptr + s_off + NG, mask=1 < steps, other=0.0)
+        o = gl.load(offset_ptr + s_off + NG, mask=1 < steps, other=0.0)
+    # SCALES 2: step k + 2's scales and offsets in flight too (their load has two steps' time to land, not one)
+    s2 = gl.load(scale_ptr + s_off + 2 * NG, mask=(2 < steps) & (SCALES == 2), other=0.0)
+    o2 = gl.load(offset_ptr + s_off + 2 * NG, mask=(2 < steps) & (SCALES == 2), other=0.0)
     acc = gl.zeros([BLOCK_T, BLOCK_N], gl.float32, layout=MMA)
     for k in range(steps):
         async_copy.wait_group(AHEAD - 2)  # tiles k and k + 1, this thread's part
@@ -115,18 +135,26 @@ def smem_int4_gemm(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, st
         async_copy.async_copy_global_to_shared(x_smem.index(nxt % STAGES), x_ptrs + nxt * BLOCK_K,
                                                mask=x_mask & (nxt < steps))
         async_copy.async_copy_global_to_shared(c_smem.index(nxt % STAGES), c_ptrs + nxt * NW, mask=nxt < steps)
+        if SCALES == 3:
+            async_copy.async_copy_global_to_shared(gs_smem.index(nxt % STAGES), scale_ptr + q_off + nxt * NG,
+                                                   mask=nxt < steps)
+            async_copy.async_copy_global_to_shared(go_smem.index(nxt % STAGES), offset_ptr + q_off + nxt * NG,
+                                                   mask=nxt < steps)
         async_copy.commit_group()
         acc = warpgroup_mma(x_smem.index(k % STAGES), w_smem.index(k % 3).permute((1, 0)), acc, is_async=True)
         # step k + 1's weights into the buffer MMA k - 2 read, while MMA k (and maybe k - 1) run
+        if SCALES == 3:
+            s = gs_smem.index((k + 1) % STAGES).load(SG)
+            o = go_smem.index((k + 1) % STAGES).load(SG)
         w_next = _dequant_tile(c_smem.index((k + 1) % STAGES).load(DW), s, o, sel, BLOCK_N, BLOCK_K)
         w_smem.index((k + 1) % 3).store(w_next)
         fence_async_shared()  # the generic-proxy stores before the barrier that hands them to the next MMA
-        if SAHEAD > 1:
+        if SCALES == 2:
             s = s2
             o = o2
             s2 = gl.load(scale_ptr + s_off + (k + 3) * NG, mask=k + 3 < steps, other=0.0)
             o2 = gl.load(offset_ptr + s_off + (k + 3) * NG, mask=k + 3 < steps, other=0.0)
-        else:
+        elif SCALES == 1:
             s = gl.load(scale_ptr + s_off + (k + 2) * NG, mask=k + 2 < steps, other=0.0)
             o = gl.load(offset_ptr + s_off + (k + 2) * NG, mask=k + 2 < steps, other=0.0)
         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
@@ -141,10 +169,11 @@ def smem_int4_gemm(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, st
 # (BLOCK_T, BLOCK_N, BLOCK_K, STAGES, num_warps); Triton 3.6's ptxas crashes (-11) on 5 stages at 128 x 128 and
 # 64 x 64; 128 x 128 x 128 needs 256 KiB of shared memory
 CONFIGS = [(64, 128, 64, 4, 4), (128, 128, 64, 4, 8), (128, 128, 64, 6, 8), (128, 256, 64, 4, 8),
-           # 32-wide K steps: 49-123 KiB of shared memory, so 2-4 programs an SM (compiled offline, not yet run)
-           (64, 128, 32, 4, 4), (64, 128, 32, 6, 4), (128, 256, 32, 6, 8),
-           # (..., SAHEAD): scales and offsets two steps ahead (the 34th session's ncu: long-scoreboard stalls)
-           (128, 128, 64, 4, 8, 2), (128, 256, 64, 4, 8, 2), (64, 128, 32, 4, 4, 2)]  # ptxas -11 at 6 stages
+           # (..., SCALES) (the kernel's doc; 0 is a timing-only ablation that the sweep's error column skips). SCALES 3
+           # and 0 crash ptxas 12.8 / 12.9 (-11); ptxas 13.4 builds them (TRITON_PTXAS_PATH; tools/smem_session.sh).
+           # The 32-wide K steps lost 1.5-2.5x to these (35th session) and were dropped.
+           (128, 128, 64, 4, 8, 2), (128, 128, 64, 4, 8, 3), (128, 256, 64, 4, 8, 3), (64, 128, 64, 4, 4, 3),
+           (128, 128, 64, 6, 8, 3), (128, 128, 64, 4, 8, 0), (128, 256, 64, 4, 8, 0)]
 
 
 def smem_gemm(x: torch.Tensor, w, out: torch.Tensor, cfg: tuple) -> torch.Tensor:
@@ -156,7 +185,8 @@ def smem_gemm(x: torch.Tensor, w, out: torch.Tensor, cfg: tuple) -> torch.Tensor
     t = x.shape[0]
     smem_int4_gemm[(n // block_n, triton.cdiv(t, block_t))](
         x, w.codes, w.scale, w.offset, out, t, n, k, x.stride(0), out.stride(0), BLOCK_T=block_t, BLOCK_N=block_n,
-        BLOCK_K=block_k, STAGES=stages, num_warps=warps, SAHEAD=cfg[5] if len(cfg) > 5 else 1)
+        BLOCK_K=block_k, STAGES=stages, num_warps=warps, SCALES=cfg[5] if len(cfg) > 5 else 1,
+        KG=k // 32 if len(cfg) > 5 and cfg[5] == 3 else 0)
     return out
 
 
@@ -205,9 +235,10 @@ def main(argv: list[str] | None = None) -> None:
                 if n % cfg[1] or k % cfg[2]:
                     continue
                 ms = timed(lambda wt, cfg=cfg: smem_gemm(x, wt, out, cfg), weights)
-                out.fill_(float("nan"))
-                worst = max(worst, float(rel_error(smem_gemm(x, weights[0], out, cfg), ref).nan_to_num(float("inf"))
-                                         .max()))
+                if len(cfg) < 6 or cfg[5] != 0:  # SCALES 0 is wrong by design (timing only)
+                    out.fill_(float("nan"))
+                    worst = max(worst, float(rel_error(smem_gemm(x, weights[0], out, cfg), ref)
+                                             .nan_to_num(float("inf")).max()))
                 each.append(f"{'x'.join(str(v) for v in cfg)}:{ms:.4f}")
                 if best is None or ms < best[0]:
                     best = (ms, cfg)
