@@ -49,7 +49,8 @@ def _dequant_tile(words, s, o, sel, BN: gl.constexpr, BK: gl.constexpr):
 @gluon.jit
 def smem_int4_gemm(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, stride_xm, stride_om,
                    BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-                   num_warps: gl.constexpr, SCALES: gl.constexpr = 1, KG: gl.constexpr = 0):
+                   num_warps: gl.constexpr, SCALES: gl.constexpr = 1, KG: gl.constexpr = 0,
+                   SPLITG: gl.constexpr = 1):
     """out [M, N] float16 = x [M, K] float16 @ W^T, W int4 [N, K] in groups of 32 (float16 scale and offset);
     K % BLOCK_K == 0 and N % BLOCK_N == 0 (the wrapper checks)."""
     gl.static_assert(BLOCK_T == 16 * num_warps, "16 tokens a warp: one warpgroup's wgmma covers 64")
@@ -59,13 +60,16 @@ def smem_int4_gemm(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, st
     WS: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.float16)
     XL: gl.constexpr = x_load_layout(BLOCK_T, BLOCK_K, num_warps)
     NW: gl.constexpr = BLOCK_K // 8  # code words a row a step
-    CL: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (NW // 4), NW // 4], [num_warps, 1], [1, 0])  # 16 B copies
+    # SPLITG lanes share a group (1: a lane takes a whole group, 4 words, one LDS.128; 2: two words each), so that
+    # 16 warps cover 128 rows without two lanes dequantizing the same words (a layout wider than the tile repeats)
+    CV: gl.constexpr = 4 // SPLITG
+    CL: gl.constexpr = gl.BlockedLayout([1, CV], [32 // (NW // CV), NW // CV], [num_warps, 1], [1, 0])  # copies
     NG: gl.constexpr = BLOCK_K // 32
-    # dequantization: a lane takes a whole group (4 words, one LDS.128) of a row, so one scale and one offset load
-    D3: gl.constexpr = gl.BlockedLayout([1, 4, 8], [32 // NG, NG, 1], [num_warps, 1, 1], [2, 1, 0])
+    D3: gl.constexpr = gl.BlockedLayout([1, 4 // SPLITG, 8], [32 // (NG * SPLITG), NG * SPLITG, 1], [num_warps, 1, 1],
+                                        [2, 1, 0])
     DW: gl.constexpr = gl.SliceLayout(2, D3)  # words [BLOCK_N, NW]
-    SG: gl.constexpr = gl.SliceLayout(2, gl.BlockedLayout([1, 1, 4], [32 // NG, NG, 1], [num_warps, 1, 1],
-                                                          [2, 1, 0]))  # groups [BLOCK_N, NG], a lane's group
+    SG: gl.constexpr = gl.SliceLayout(2, gl.BlockedLayout([1, 1, 4 // SPLITG], [32 // (NG * SPLITG), NG, SPLITG],
+                                                          [num_warps, 1, 1], [2, 1, 0]))  # groups [BLOCK_N, NG]
     # AHEAD tiles in flight: step k's copy goes into the stage step k - 2's MMA read (done by every warpgroup once
     # all pass step k's barrier: each waited for its MMA k - 2 at the end of step k - 1); the wait before step k's
     # barrier leaves one group pending, and needs tiles k (MMA) and k + 1 (codes to dequantize)
@@ -173,7 +177,11 @@ CONFIGS = [(64, 128, 64, 4, 4), (128, 128, 64, 4, 8), (128, 128, 64, 6, 8), (128
            # and 0 crash ptxas 12.8 / 12.9 (-11); ptxas 13.4 builds them (TRITON_PTXAS_PATH; tools/smem_session.sh).
            # The 32-wide K steps lost 1.5-2.5x to these (35th session) and were dropped.
            (128, 128, 64, 4, 8, 2), (128, 128, 64, 4, 8, 3), (128, 256, 64, 4, 8, 3), (64, 128, 64, 4, 4, 3),
-           (128, 128, 64, 6, 8, 3), (128, 128, 64, 4, 8, 0), (128, 256, 64, 4, 8, 0)]
+           (128, 128, 64, 6, 8, 3), (128, 128, 64, 4, 8, 0), (128, 256, 64, 4, 8, 0),
+           # (..., SCALES, SPLITG): 256 tokens on 16 warps, 4 warps a scheduler instead of 2 (the 35th session's stall
+           # samples: 8 warps an SM leave each one issuing every ~8 cycles, the loop latency-bound)
+           (256, 128, 64, 4, 16, 1, 2), (256, 128, 64, 4, 16, 2, 2), (256, 128, 64, 4, 16, 0, 2),
+           (128, 128, 64, 4, 8, 1, 2)]
 
 
 def smem_gemm(x: torch.Tensor, w, out: torch.Tensor, cfg: tuple) -> torch.Tensor:
@@ -186,7 +194,7 @@ def smem_gemm(x: torch.Tensor, w, out: torch.Tensor, cfg: tuple) -> torch.Tensor
     smem_int4_gemm[(n // block_n, triton.cdiv(t, block_t))](
         x, w.codes, w.scale, w.offset, out, t, n, k, x.stride(0), out.stride(0), BLOCK_T=block_t, BLOCK_N=block_n,
         BLOCK_K=block_k, STAGES=stages, num_warps=warps, SCALES=cfg[5] if len(cfg) > 5 else 1,
-        KG=k // 32 if len(cfg) > 5 and cfg[5] == 3 else 0)
+        KG=k // 32 if len(cfg) > 5 and cfg[5] == 3 else 0, SPLITG=cfg[6] if len(cfg) > 6 else 1)
     return out
 
 
