@@ -1,0 +1,243 @@
+"""GPU probe (issue 10, the packed prefill at 128-512 tokens): the int4 x float16 GEMM of
+bench.probes.gluon_int4_gemm_smem split into warp-specialized partitions, as Hopper GEMMs are built.
+
+Why (35th session, bench/NOTES.md): in the one-role loop of the shared-memory form the same 8-16 warps wait for the
+copies, sync the CTA, issue the MMA, dequantize, store, fence and wait for the MMA, so every step takes ~1,700-2,800
+cycles against the MMA's 512-1,024 and the card's issue slots sit idle. Here:
+
+- a loader partition (4 warps) keeps STAGES steps of activations, codes, scales and offsets in flight by cp.async, and
+  hands each stage over with an mbarrier once its own copies of it have landed (and are fenced for the async proxy);
+- a dequantizing partition (DQ_WARPS) turns each stage's codes into a float16 [BLOCK_N, BLOCK_K] tile in a ring of
+  B_BUFS shared buffers, a few steps ahead of the MMA;
+- the default partition (num_warps: tokens as M, 16 a warp) only waits on mbarriers and issues the wgmma, keeping one
+  in flight, and releases a step's buffers once its MMA is done.
+
+    python -m bench.probes.gluon_int4_gemm_ws [--tokens 128,256,512] [--check]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+from bench.probes.gluon_int4_gemm import SHAPES, case, check_table, graph_ms, rel_error, rotating_weights, x_load_layout
+from bench.probes.gluon_int4_gemm_smem import _dequant_tile
+
+LOADER_WARPS = gl.constexpr(4)
+
+
+@gluon.jit
+def _loader(x_ptr, codes_ptr, scale_ptr, offset_ptr, M, K, stride_xm, pid_n, pid_t, x_smem, c_smem, s_smem, o_smem,
+            ready, empty, BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, KG: gl.constexpr):
+    """Step k's copies into stage k % STAGES once its consumers released it; stage k - 1 handed over (ready) when this
+    thread's copies of it have landed: one cp.async group in flight behind the one being issued."""
+    STAGES: gl.constexpr = x_smem.type.shape[0]
+    NW: gl.constexpr = BLOCK_K // 8
+    NG: gl.constexpr = BLOCK_K // 32
+    XL: gl.constexpr = x_load_layout(BLOCK_T, BLOCK_K, LOADER_WARPS)
+    CL: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (NW // 4), NW // 4], [LOADER_WARPS, 1], [1, 0])
+    SL: gl.constexpr = gl.BlockedLayout([1, NG], [32, 1], [LOADER_WARPS, 1], [1, 0])
+    x_rows = pid_t * BLOCK_T + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, XL))
+    x_ptrs = x_ptr + gl.expand_dims(x_rows.to(gl.int64) * stride_xm, 1) + \
+        gl.expand_dims(gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, XL)), 0)
+    x_mask = gl.expand_dims(x_rows < M, 1)
+    c_rows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, CL))
+    c_ptrs = codes_ptr.to(gl.pointer_type(gl.int32)) + gl.expand_dims(c_rows.to(gl.int64) * (KG * 4), 1) + \
+        gl.expand_dims(gl.arange(0, NW, layout=gl.SliceLayout(0, CL)), 0)
+    q_rows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, SL))
+    q_off = gl.expand_dims(q_rows.to(gl.int64) * KG, 1) + gl.expand_dims(gl.arange(0, NG, layout=gl.SliceLayout(0, SL)), 0)
+    steps = K // BLOCK_K
+    for k in range(steps):
+        s = k % STAGES
+        mbarrier.wait(empty.index(s), ((k // STAGES) & 1) ^ 1)
+        async_copy.async_copy_global_to_shared(x_smem.index(s), x_ptrs + k * BLOCK_K, mask=x_mask)
+        async_copy.async_copy_global_to_shared(c_smem.index(s), c_ptrs + k * NW)
+        async_copy.async_copy_global_to_shared(s_smem.index(s), scale_ptr + q_off + k * NG)
+        async_copy.async_copy_global_to_shared(o_smem.index(s), offset_ptr + q_off + k * NG)
+        async_copy.commit_group()
+        if k > 0:
+            async_copy.wait_group(1)  # this thread's copies of step k - 1 have landed
+            fence_async_shared()  # ...and are visible to the async proxy (the wgmma reads x)
+            mbarrier.arrive(ready.index((k - 1) % STAGES))
+    async_copy.wait_group(0)
+    fence_async_shared()
+    mbarrier.arrive(ready.index((steps - 1) % STAGES))
+
+
+@gluon.jit
+def _dequantizer(K, c_smem, s_smem, o_smem, w_smem, ready, empty, b_ready, b_empty, BLOCK_N: gl.constexpr,
+                 BLOCK_K: gl.constexpr, DQ_WARPS: gl.constexpr):
+    """Step k's codes (stage k % STAGES) -> float16 weights in B buffer k % B_BUFS, once the MMA released it."""
+    STAGES: gl.constexpr = c_smem.type.shape[0]
+    B_BUFS: gl.constexpr = w_smem.type.shape[0]
+    NG: gl.constexpr = BLOCK_K // 32
+    D3: gl.constexpr = gl.BlockedLayout([1, 4, 8], [32 // NG, NG, 1], [DQ_WARPS, 1, 1], [2, 1, 0])
+    DW: gl.constexpr = gl.SliceLayout(2, D3)
+    SG: gl.constexpr = gl.SliceLayout(2, gl.BlockedLayout([1, 1, 4], [32 // NG, NG, 1], [DQ_WARPS, 1, 1], [2, 1, 0]))
+    j = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(0, D3)))
+    sel = gl.expand_dims(gl.expand_dims(0x4040 | (j // 2) | ((j // 2) << 8), 0), 0)
+    for k in range(K // BLOCK_K):
+        s = k % STAGES
+        mbarrier.wait(ready.index(s), (k // STAGES) & 1)
+        words = c_smem.index(s).load(DW)
+        sc = s_smem.index(s).load(SG)
+        of = o_smem.index(s).load(SG)
+        mbarrier.arrive(empty.index(s))  # codes, scales and offsets read (the MMA still holds x)
+        w = _dequant_tile(words, sc, of, sel, BLOCK_N, BLOCK_K)
+        b = k % B_BUFS
+        mbarrier.wait(b_empty.index(b), ((k // B_BUFS) & 1) ^ 1)
+        w_smem.index(b).store(w)
+        fence_async_shared()
+        mbarrier.arrive(b_ready.index(b))
+
+
+@gluon.jit
+def _mma(out_ptr, M, N, K, stride_om, pid_n, pid_t, x_smem, w_smem, ready, empty, b_ready, b_empty,
+         BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, num_warps: gl.constexpr):
+    STAGES: gl.constexpr = x_smem.type.shape[0]
+    B_BUFS: gl.constexpr = w_smem.type.shape[0]
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                  instr_shape=[16, BLOCK_N, 16])
+    acc = gl.zeros([BLOCK_T, BLOCK_N], gl.float32, layout=MMA)
+    steps = K // BLOCK_K
+    for k in range(steps):
+        s = k % STAGES
+        b = k % B_BUFS
+        mbarrier.wait(ready.index(s), (k // STAGES) & 1)
+        mbarrier.wait(b_ready.index(b), (k // B_BUFS) & 1)
+        acc = warpgroup_mma(x_smem.index(s), w_smem.index(b).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        # MMA k - 1 is done: its activation stage and B buffer go back
+        mbarrier.arrive(empty.index((k + STAGES - 1) % STAGES), pred=k > 0)
+        mbarrier.arrive(b_empty.index((k + B_BUFS - 1) % B_BUFS), pred=k > 0)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    o_toks = pid_t * BLOCK_T + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, MMA))
+    o_cols = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, MMA))
+    ptrs = out_ptr + gl.expand_dims(o_toks.to(gl.int64) * stride_om, 1) + gl.expand_dims(o_cols, 0)
+    gl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=gl.expand_dims(o_toks < M, 1))
+
+
+@gluon.jit
+def ws_int4_gemm(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, stride_xm, stride_om,
+                 BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+                 B_BUFS: gl.constexpr, DQ_WARPS: gl.constexpr, KG: gl.constexpr, LOAD_REGS: gl.constexpr,
+                 DQ_REGS: gl.constexpr, num_warps: gl.constexpr):
+    """out [M, N] float16 = x [M, K] float16 @ W^T, W int4 [N, K] in groups of 32 with float16 scales and offsets,
+    row-major; KG = K / 32 (a constexpr: 4-byte copies of each row's scales); K % BLOCK_K == 0, N % BLOCK_N == 0."""
+    gl.static_assert(BLOCK_T == 16 * num_warps, "16 tokens a warp: one warpgroup's wgmma covers 64")
+    NW: gl.constexpr = BLOCK_K // 8
+    NG: gl.constexpr = BLOCK_K // 32
+    XS: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_T, BLOCK_K], gl.float16)
+    WS: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.float16)
+    PLAIN: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    x_smem = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_T, BLOCK_K], XS)
+    c_smem = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, NW], PLAIN)
+    s_smem = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_N, NG], PLAIN)
+    o_smem = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_N, NG], PLAIN)
+    w_smem = gl.allocate_shared_memory(gl.float16, [B_BUFS, BLOCK_N, BLOCK_K], WS)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    b_ready = gl.allocate_shared_memory(gl.int64, [B_BUFS, 1], mbarrier.MBarrierLayout())
+    b_empty = gl.allocate_shared_memory(gl.int64, [B_BUFS, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)  # the dequantizer (codes) and the MMA (x)
+    for i in gl.static_range(B_BUFS):
+        mbarrier.init(b_ready.index(i), count=1)
+        mbarrier.init(b_empty.index(i), count=1)
+    pid_n = gl.program_id(0)
+    pid_t = gl.program_id(1)
+    gl.warp_specialize([
+        (_mma, (out_ptr, M, N, K, stride_om, pid_n, pid_t, x_smem, w_smem, ready, empty, b_ready, b_empty, BLOCK_T,
+                BLOCK_N, BLOCK_K, num_warps)),
+        (_loader, (x_ptr, codes_ptr, scale_ptr, offset_ptr, M, K, stride_xm, pid_n, pid_t, x_smem, c_smem, s_smem,
+                   o_smem, ready, empty, BLOCK_T, BLOCK_N, BLOCK_K, KG)),
+        (_dequantizer, (K, c_smem, s_smem, o_smem, w_smem, ready, empty, b_ready, b_empty, BLOCK_N, BLOCK_K,
+                        DQ_WARPS)),
+    ], [LOADER_WARPS, DQ_WARPS], [LOAD_REGS, DQ_REGS])
+
+
+# (BLOCK_T, BLOCK_N, BLOCK_K, STAGES, B_BUFS, MMA warps, DQ warps, LOAD_REGS, DQ_REGS, maxnreg)
+CONFIGS = [(128, 128, 64, 4, 3, 8, 8, 40, 88, 96), (128, 128, 64, 6, 4, 8, 8, 40, 88, 96),
+           (128, 128, 64, 4, 3, 8, 4, 40, 120, 112), (64, 128, 64, 4, 3, 4, 4, 40, 120, 128)]
+
+
+def ws_gemm(x: torch.Tensor, w, out: torch.Tensor, cfg: tuple) -> torch.Tensor:
+    """out [T, N] float16 = x [T, K] float16 @ W^T (int4 groups of 32, float16 scales and offsets, row-major)."""
+    block_t, block_n, block_k, stages, b_bufs, warps, dq_warps, load_regs, dq_regs, maxnreg = cfg
+    n, k = w.shape
+    if k % block_k or n % block_n or w.group != 32 or w.offset is None or w.tiles is not None:
+        raise ValueError(f"ws_gemm: {n} x {k} int4 (group {w.group}) does not fit config {cfg}")
+    t = x.shape[0]
+    ws_int4_gemm[(n // block_n, triton.cdiv(t, block_t))](
+        x, w.codes, w.scale, w.offset, out, t, n, k, x.stride(0), out.stride(0), BLOCK_T=block_t, BLOCK_N=block_n,
+        BLOCK_K=block_k, STAGES=stages, B_BUFS=b_bufs, DQ_WARPS=dq_warps, KG=k // 32, LOAD_REGS=load_regs,
+        DQ_REGS=dq_regs, num_warps=warps, maxnreg=maxnreg)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    from graph_executor.kernels import gemm_lowbit
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", default="128,256,512")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--check", action="store_true", help="no timing: every config's error at 100 tokens")
+    ap.add_argument("--once", default="", help="SHAPE:TOKENS: every config run twice (an Nsight Compute target)")
+    args = ap.parse_args(argv)
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    if args.once:
+        name, t = args.once.split(":")
+        w, x, out = case(name, int(t), dev, g)
+        for cfg in CONFIGS:
+            for _ in range(2):
+                ws_gemm(x, w, out, cfg)
+        torch.cuda.synchronize()
+        return
+    if args.check:
+        return check_table(dev, g, CONFIGS, ws_gemm)
+    print(f"{torch.cuda.get_device_name()}: warp-specialized int4 (g32, offsets) GEMM per 7B projection, ms")
+    print("| shape | T | fp16 mm | dequantize + mm | ws best | config | worst rel err | ws / dequantize + mm | every "
+          "config (ms) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, (n, k) in SHAPES.items():
+        weights, dense = rotating_weights(n, k, dev, g)
+        for t in (int(v) for v in args.tokens.split(",")):
+            x = torch.randn(t, k, device=dev, dtype=torch.float16, generator=g)
+            out = torch.empty(t, n, device=dev, dtype=torch.float16)
+            mm = graph_ms(lambda wt: torch.mm(x, wt.t(), out=out), dense, dev, args.reps)
+            buf = torch.empty(n, k, device=dev, dtype=torch.float16)
+            dq = graph_ms(lambda wt: torch.mm(x, gemm_lowbit.dequantize(wt, buf).t(), out=out), weights, dev,
+                          args.reps)
+            ref = x.double() @ weights[0].dequantize(torch.float32).double().T
+            best, worst, each = None, 0.0, []
+            for cfg in CONFIGS:
+                if n % cfg[1] or k % cfg[2]:
+                    continue
+                ms = graph_ms(lambda wt, cfg=cfg: ws_gemm(x, wt, out, cfg), weights, dev, args.reps)
+                out.fill_(float("nan"))
+                worst = max(worst, float(rel_error(ws_gemm(x, weights[0], out, cfg), ref).nan_to_num(float("inf"))
+                                         .max()))
+                each.append(f"{'x'.join(str(v) for v in cfg[:7])}:{ms:.4f}")
+                if best is None or ms < best[0]:
+                    best = (ms, cfg)
+            ms, cfg = best
+            print(f"| {name} | {t} | {mm:.4f} | {dq:.4f} | {ms:.4f} | {cfg[:7]} | {worst:.1e} | {ms / dq:.2f} | "
+                  f"{' '.join(each)} |", flush=True)
+        del weights, dense
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
