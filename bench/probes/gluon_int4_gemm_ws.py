@@ -55,7 +55,8 @@ def _loader(x_ptr, codes_ptr, scale_ptr, offset_ptr, M, K, stride_xm, pid_n, pid
     c_ptrs = codes_ptr.to(gl.pointer_type(gl.int32)) + gl.expand_dims(c_rows.to(gl.int64) * (KG * 4), 1) + \
         gl.expand_dims(gl.arange(0, NW, layout=gl.SliceLayout(0, CL)), 0)
     q_rows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, SL))
-    q_off = gl.expand_dims(q_rows.to(gl.int64) * KG, 1) + gl.expand_dims(gl.arange(0, NG, layout=gl.SliceLayout(0, SL)), 0)
+    q_off = gl.expand_dims(q_rows.to(gl.int64) * KG, 1) + \
+        gl.expand_dims(gl.arange(0, NG, layout=gl.SliceLayout(0, SL)), 0)
     steps = K // BLOCK_K
     for k in range(steps):
         s = k % STAGES
