@@ -38,9 +38,11 @@ LOADER_WARPS = gl.constexpr(4)
 
 @gluon.jit
 def _loader(x_ptr, codes_ptr, scale_ptr, offset_ptr, M, K, stride_xm, pid_n, pid_t, x_smem, c_smem, s_smem, o_smem,
-            ready, empty, BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, KG: gl.constexpr):
-    """Step k's copies into stage k % STAGES once its consumers released it; stage k - 1 handed over (ready) when this
-    thread's copies of it have landed: one cp.async group in flight behind the one being issued."""
+            ready, empty, BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, KG: gl.constexpr,
+            LAG: gl.constexpr):
+    """Step k's copies into stage k % STAGES once its consumers released it; stage k - LAG handed over (ready) once
+    the partition's copies of it have landed: LAG cp.async groups in flight behind the one being issued (LAG 1 left
+    only ~2 steps a memory latency in flight: the first card run)."""
     STAGES: gl.constexpr = x_smem.type.shape[0]
     NW: gl.constexpr = BLOCK_K // 8
     NG: gl.constexpr = BLOCK_K // 32
@@ -65,14 +67,20 @@ def _loader(x_ptr, codes_ptr, scale_ptr, offset_ptr, M, K, stride_xm, pid_n, pid
         async_copy.async_copy_global_to_shared(c_smem.index(s), c_ptrs + k * NW)
         async_copy.async_copy_global_to_shared(s_smem.index(s), scale_ptr + q_off + k * NG)
         async_copy.async_copy_global_to_shared(o_smem.index(s), offset_ptr + q_off + k * NG)
-        async_copy.commit_group()
-        if k > 0:
-            async_copy.wait_group(1)  # this thread's copies of step k - 1 have landed
+        if LAG == 0:  # each thread's arrival once its copies have landed (no wait here; the consumers fence)
+            async_copy.mbarrier_arrive(ready.index(s), increment_count=False)
+        else:
+            async_copy.commit_group()
+        if LAG > 0 and k >= LAG:
+            async_copy.wait_group(LAG)  # this thread's copies of step k - LAG have landed
             fence_async_shared()  # ...and are visible to the async proxy (the wgmma reads x)
-            mbarrier.arrive(ready.index((k - 1) % STAGES))
-    async_copy.wait_group(0)
-    fence_async_shared()
-    mbarrier.arrive(ready.index((steps - 1) % STAGES))
+            mbarrier.arrive(ready.index((k - LAG) % STAGES))  # (after the partition's barrier: every thread's)
+    if LAG > 0:
+        async_copy.wait_group(0)
+        fence_async_shared()
+    for i in gl.static_range(LAG):
+        last = steps - LAG + i
+        mbarrier.arrive(ready.index(last % STAGES), pred=last >= 0)
 
 
 @gluon.jit
@@ -104,7 +112,8 @@ def _dequantizer(K, c_smem, s_smem, o_smem, w_smem, ready, empty, b_ready, b_emp
 
 @gluon.jit
 def _mma(out_ptr, M, N, K, stride_om, pid_n, pid_t, x_smem, w_smem, ready, empty, b_ready, b_empty,
-         BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, num_warps: gl.constexpr):
+         BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, num_warps: gl.constexpr,
+         LAG: gl.constexpr):
     STAGES: gl.constexpr = x_smem.type.shape[0]
     B_BUFS: gl.constexpr = w_smem.type.shape[0]
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -116,6 +125,8 @@ def _mma(out_ptr, M, N, K, stride_om, pid_n, pid_t, x_smem, w_smem, ready, empty
         b = k % B_BUFS
         mbarrier.wait(ready.index(s), (k // STAGES) & 1)
         mbarrier.wait(b_ready.index(b), (k // B_BUFS) & 1)
+        if LAG == 0:  # the loader's cp.async writes, seen through the mbarrier, ordered before the async proxy's read
+            fence_async_shared()
         acc = warpgroup_mma(x_smem.index(s), w_smem.index(b).permute((1, 0)), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
         # MMA k - 1 is done: its activation stage and B buffer go back
@@ -132,10 +143,11 @@ def _mma(out_ptr, M, N, K, stride_om, pid_n, pid_t, x_smem, w_smem, ready, empty
 def ws_int4_gemm(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, stride_xm, stride_om,
                  BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
                  B_BUFS: gl.constexpr, DQ_WARPS: gl.constexpr, KG: gl.constexpr, LOAD_REGS: gl.constexpr,
-                 DQ_REGS: gl.constexpr, num_warps: gl.constexpr):
+                 DQ_REGS: gl.constexpr, num_warps: gl.constexpr, LAG: gl.constexpr = 1):
     """out [M, N] float16 = x [M, K] float16 @ W^T, W int4 [N, K] in groups of 32 with float16 scales and offsets,
     row-major; KG = K / 32 (a constexpr: 4-byte copies of each row's scales); K % BLOCK_K == 0, N % BLOCK_N == 0."""
     gl.static_assert(BLOCK_T == 16 * num_warps, "16 tokens a warp: one warpgroup's wgmma covers 64")
+    gl.static_assert(LAG < STAGES, "the loader hands stage k - LAG over before it waits for stage k's release")
     NW: gl.constexpr = BLOCK_K // 8
     NG: gl.constexpr = BLOCK_K // 32
     XS: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_T, BLOCK_K], gl.float16)
@@ -150,8 +162,8 @@ def ws_int4_gemm(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, stri
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     b_ready = gl.allocate_shared_memory(gl.int64, [B_BUFS, 1], mbarrier.MBarrierLayout())
     b_empty = gl.allocate_shared_memory(gl.int64, [B_BUFS, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
+    for i in gl.static_range(STAGES):  # LAG 0: every loader thread arrives (cp.async.mbarrier.arrive.noinc)
+        mbarrier.init(ready.index(i), count=LOADER_WARPS * 32 if LAG == 0 else 1)
         mbarrier.init(empty.index(i), count=2)  # the dequantizer (codes) and the MMA (x)
     for i in gl.static_range(B_BUFS):
         mbarrier.init(b_ready.index(i), count=1)
@@ -160,22 +172,29 @@ def ws_int4_gemm(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, stri
     pid_t = gl.program_id(1)
     gl.warp_specialize([
         (_mma, (out_ptr, M, N, K, stride_om, pid_n, pid_t, x_smem, w_smem, ready, empty, b_ready, b_empty, BLOCK_T,
-                BLOCK_N, BLOCK_K, num_warps)),
+                BLOCK_N, BLOCK_K, num_warps, LAG)),
         (_loader, (x_ptr, codes_ptr, scale_ptr, offset_ptr, M, K, stride_xm, pid_n, pid_t, x_smem, c_smem, s_smem,
-                   o_smem, ready, empty, BLOCK_T, BLOCK_N, BLOCK_K, KG)),
+                   o_smem, ready, empty, BLOCK_T, BLOCK_N, BLOCK_K, KG, LAG)),
         (_dequantizer, (K, c_smem, s_smem, o_smem, w_smem, ready, empty, b_ready, b_empty, BLOCK_N, BLOCK_K,
                         DQ_WARPS)),
     ], [LOADER_WARPS, DQ_WARPS], [LOAD_REGS, DQ_REGS])
 
 
-# (BLOCK_T, BLOCK_N, BLOCK_K, STAGES, B_BUFS, MMA warps, DQ warps, LOAD_REGS, DQ_REGS, maxnreg)
-CONFIGS = [(128, 128, 64, 4, 3, 8, 8, 40, 88, 96), (128, 128, 64, 6, 4, 8, 8, 40, 88, 96),
-           (128, 128, 64, 4, 3, 8, 4, 40, 120, 112), (64, 128, 64, 4, 3, 4, 4, 40, 120, 128)]
+# (BLOCK_T, BLOCK_N, BLOCK_K, STAGES, B_BUFS, MMA warps, DQ warps, LAG, LOAD_REGS, DQ_REGS, maxnreg). First card run
+# (LAG 1): 128 x 128 x 64, 6 stages, 4 B buffers, 8 + 8 warps best; gate_up 512 tokens 0.342 ms, ~0.9 us a step
+# Second run: LAG 4-5 1.3x slower than LAG 1 (the hand-over waits for the loader to get LAG steps further, which
+# waits for releases). LAG 0: the copies signal the mbarrier themselves (cp.async.mbarrier.arrive.noinc per thread):
+# third run, right and ~2-4% faster than LAG 1. Nsight Compute then showed the loader partition spilling (40
+# registers: its pointer tensors), 52% of the stalls on local memory: budgets below leave no spill (sm_90 SASS, ptxas
+# 13.4). maxnreg x all warps x 32 must fit the 64K registers (20 warps: <= 102; 16 warps: <= 128).
+CONFIGS = [(128, 128, 64, 4, 3, 8, 8, 0, 40, 88, 96), (128, 128, 64, 4, 3, 8, 8, 0, 64, 88, 96),
+           (128, 128, 64, 4, 3, 8, 4, 0, 72, 136, 128), (128, 128, 64, 4, 3, 8, 4, 0, 88, 120, 128),
+           (128, 128, 64, 6, 4, 8, 4, 0, 88, 120, 128), (64, 128, 64, 6, 3, 4, 4, 0, 40, 120, 128)]
 
 
 def ws_gemm(x: torch.Tensor, w, out: torch.Tensor, cfg: tuple) -> torch.Tensor:
     """out [T, N] float16 = x [T, K] float16 @ W^T (int4 groups of 32, float16 scales and offsets, row-major)."""
-    block_t, block_n, block_k, stages, b_bufs, warps, dq_warps, load_regs, dq_regs, maxnreg = cfg
+    block_t, block_n, block_k, stages, b_bufs, warps, dq_warps, lag, load_regs, dq_regs, maxnreg = cfg
     n, k = w.shape
     if k % block_k or n % block_n or w.group != 32 or w.offset is None or w.tiles is not None:
         raise ValueError(f"ws_gemm: {n} x {k} int4 (group {w.group}) does not fit config {cfg}")
@@ -183,7 +202,7 @@ def ws_gemm(x: torch.Tensor, w, out: torch.Tensor, cfg: tuple) -> torch.Tensor:
     ws_int4_gemm[(n // block_n, triton.cdiv(t, block_t))](
         x, w.codes, w.scale, w.offset, out, t, n, k, x.stride(0), out.stride(0), BLOCK_T=block_t, BLOCK_N=block_n,
         BLOCK_K=block_k, STAGES=stages, B_BUFS=b_bufs, DQ_WARPS=dq_warps, KG=k // 32, LOAD_REGS=load_regs,
-        DQ_REGS=dq_regs, num_warps=warps, maxnreg=maxnreg)
+        DQ_REGS=dq_regs, num_warps=warps, maxnreg=maxnreg, LAG=lag)
     return out
 
 
@@ -230,11 +249,11 @@ def main(argv: list[str] | None = None) -> None:
                 out.fill_(float("nan"))
                 worst = max(worst, float(rel_error(ws_gemm(x, weights[0], out, cfg), ref).nan_to_num(float("inf"))
                                          .max()))
-                each.append(f"{'x'.join(str(v) for v in cfg[:7])}:{ms:.4f}")
+                each.append(f"{'x'.join(str(v) for v in cfg[:9])}:{ms:.4f}")
                 if best is None or ms < best[0]:
                     best = (ms, cfg)
             ms, cfg = best
-            print(f"| {name} | {t} | {mm:.4f} | {dq:.4f} | {ms:.4f} | {cfg[:7]} | {worst:.1e} | {ms / dq:.2f} | "
+            print(f"| {name} | {t} | {mm:.4f} | {dq:.4f} | {ms:.4f} | {cfg[:9]} | {worst:.1e} | {ms / dq:.2f} | "
                   f"{' '.join(each)} |", flush=True)
         del weights, dense
         torch.cuda.empty_cache()
