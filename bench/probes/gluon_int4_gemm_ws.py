@@ -6,9 +6,10 @@ copies, sync the CTA, issue the MMA, dequantize, store, fence and wait for the M
 cycles against the MMA's 512-1,024 and the card's issue slots sit idle. Here:
 
 - a loader partition (4 warps) keeps STAGES steps of activations, codes, scales and offsets in flight by cp.async, and
-  hands each stage over with an mbarrier once its own copies of it have landed (and are fenced for the async proxy);
-- a dequantizing partition (DQ_WARPS) turns each stage's codes into a float16 [BLOCK_N, BLOCK_K] tile in a ring of
-  B_BUFS shared buffers, a few steps ahead of the MMA;
+  hands each stage over with an mbarrier once its copies of it have landed (LAG 0: the copies arrive on it themselves
+  and the MMA partition fences for the async proxy);
+- one or two dequantizing partitions (DQ_WARPS each; two take alternate steps) turn each stage's codes into a
+  float16 [BLOCK_N, BLOCK_K] tile in a ring of B_BUFS shared buffers, a few steps ahead of the MMA;
 - the default partition (num_warps: tokens as M, 16 a warp) only waits on mbarriers and issues the wgmma, keeping one
   in flight, and releases a step's buffers once its MMA is done.
 
@@ -85,8 +86,9 @@ def _loader(x_ptr, codes_ptr, scale_ptr, offset_ptr, M, K, stride_xm, pid_n, pid
 
 @gluon.jit
 def _dequantizer(K, c_smem, s_smem, o_smem, w_smem, ready, empty, b_ready, b_empty, BLOCK_N: gl.constexpr,
-                 BLOCK_K: gl.constexpr, DQ_WARPS: gl.constexpr):
-    """Step k's codes (stage k % STAGES) -> float16 weights in B buffer k % B_BUFS, once the MMA released it."""
+                 BLOCK_K: gl.constexpr, DQ_WARPS: gl.constexpr, PART: gl.constexpr = 0, PARTS: gl.constexpr = 1):
+    """Step k's codes (stage k % STAGES) -> float16 weights in B buffer k % B_BUFS, once the MMA released it; the
+    steps k = PART mod PARTS (PARTS dequantizing partitions, each its own serial chain a step)."""
     STAGES: gl.constexpr = c_smem.type.shape[0]
     B_BUFS: gl.constexpr = w_smem.type.shape[0]
     NG: gl.constexpr = BLOCK_K // 32
@@ -95,7 +97,7 @@ def _dequantizer(K, c_smem, s_smem, o_smem, w_smem, ready, empty, b_ready, b_emp
     SG: gl.constexpr = gl.SliceLayout(2, gl.BlockedLayout([1, 1, 4], [32 // NG, NG, 1], [DQ_WARPS, 1, 1], [2, 1, 0]))
     j = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(0, D3)))
     sel = gl.expand_dims(gl.expand_dims(0x4040 | (j // 2) | ((j // 2) << 8), 0), 0)
-    for k in range(K // BLOCK_K):
+    for k in range(PART, K // BLOCK_K, PARTS):
         s = k % STAGES
         mbarrier.wait(ready.index(s), (k // STAGES) & 1)
         words = c_smem.index(s).load(DW)
@@ -143,7 +145,7 @@ def _mma(out_ptr, M, N, K, stride_om, pid_n, pid_t, x_smem, w_smem, ready, empty
 def ws_int4_gemm(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, stride_xm, stride_om,
                  BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
                  B_BUFS: gl.constexpr, DQ_WARPS: gl.constexpr, KG: gl.constexpr, LOAD_REGS: gl.constexpr,
-                 DQ_REGS: gl.constexpr, num_warps: gl.constexpr, LAG: gl.constexpr = 1):
+                 DQ_REGS: gl.constexpr, num_warps: gl.constexpr, LAG: gl.constexpr = 1, DQ_PARTS: gl.constexpr = 1):
     """out [M, N] float16 = x [M, K] float16 @ W^T, W int4 [N, K] in groups of 32 with float16 scales and offsets,
     row-major; KG = K / 32 (a constexpr: 4-byte copies of each row's scales); K % BLOCK_K == 0, N % BLOCK_N == 0."""
     gl.static_assert(BLOCK_T == 16 * num_warps, "16 tokens a warp: one warpgroup's wgmma covers 64")
@@ -170,14 +172,27 @@ def ws_int4_gemm(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, stri
         mbarrier.init(b_empty.index(i), count=1)
     pid_n = gl.program_id(0)
     pid_t = gl.program_id(1)
-    gl.warp_specialize([
-        (_mma, (out_ptr, M, N, K, stride_om, pid_n, pid_t, x_smem, w_smem, ready, empty, b_ready, b_empty, BLOCK_T,
-                BLOCK_N, BLOCK_K, num_warps, LAG)),
-        (_loader, (x_ptr, codes_ptr, scale_ptr, offset_ptr, M, K, stride_xm, pid_n, pid_t, x_smem, c_smem, s_smem,
-                   o_smem, ready, empty, BLOCK_T, BLOCK_N, BLOCK_K, KG, LAG)),
-        (_dequantizer, (K, c_smem, s_smem, o_smem, w_smem, ready, empty, b_ready, b_empty, BLOCK_N, BLOCK_K,
-                        DQ_WARPS)),
-    ], [LOADER_WARPS, DQ_WARPS], [LOAD_REGS, DQ_REGS])
+    gl.static_assert(B_BUFS % DQ_PARTS == 0, "each dequantizing partition keeps to its own B buffers")
+    if DQ_PARTS == 2:  # the 35th session's stall samples: one dequantizer's serial chain a step held the MMA
+        gl.warp_specialize([
+            (_mma, (out_ptr, M, N, K, stride_om, pid_n, pid_t, x_smem, w_smem, ready, empty, b_ready, b_empty,
+                    BLOCK_T, BLOCK_N, BLOCK_K, num_warps, LAG)),
+            (_loader, (x_ptr, codes_ptr, scale_ptr, offset_ptr, M, K, stride_xm, pid_n, pid_t, x_smem, c_smem, s_smem,
+                       o_smem, ready, empty, BLOCK_T, BLOCK_N, BLOCK_K, KG, LAG)),
+            (_dequantizer, (K, c_smem, s_smem, o_smem, w_smem, ready, empty, b_ready, b_empty, BLOCK_N, BLOCK_K,
+                            DQ_WARPS, 0, 2)),
+            (_dequantizer, (K, c_smem, s_smem, o_smem, w_smem, ready, empty, b_ready, b_empty, BLOCK_N, BLOCK_K,
+                            DQ_WARPS, 1, 2)),
+        ], [LOADER_WARPS, DQ_WARPS, DQ_WARPS], [LOAD_REGS, DQ_REGS, DQ_REGS])
+    else:
+        gl.warp_specialize([
+            (_mma, (out_ptr, M, N, K, stride_om, pid_n, pid_t, x_smem, w_smem, ready, empty, b_ready, b_empty,
+                    BLOCK_T, BLOCK_N, BLOCK_K, num_warps, LAG)),
+            (_loader, (x_ptr, codes_ptr, scale_ptr, offset_ptr, M, K, stride_xm, pid_n, pid_t, x_smem, c_smem, s_smem,
+                       o_smem, ready, empty, BLOCK_T, BLOCK_N, BLOCK_K, KG, LAG)),
+            (_dequantizer, (K, c_smem, s_smem, o_smem, w_smem, ready, empty, b_ready, b_empty, BLOCK_N, BLOCK_K,
+                            DQ_WARPS)),
+        ], [LOADER_WARPS, DQ_WARPS], [LOAD_REGS, DQ_REGS])
 
 
 # (BLOCK_T, BLOCK_N, BLOCK_K, STAGES, B_BUFS, MMA warps, DQ warps, LAG, LOAD_REGS, DQ_REGS, maxnreg). First card run
@@ -187,14 +202,15 @@ def ws_int4_gemm(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, stri
 # third run, right and ~2-4% faster than LAG 1. Nsight Compute then showed the loader partition spilling (40
 # registers: its pointer tensors), 52% of the stalls on local memory: budgets below leave no spill (sm_90 SASS, ptxas
 # 13.4). maxnreg x all warps x 32 must fit the 64K registers (20 warps: <= 102; 16 warps: <= 128).
-CONFIGS = [(128, 128, 64, 4, 3, 8, 8, 0, 40, 88, 96), (128, 128, 64, 4, 3, 8, 8, 0, 64, 88, 96),
-           (128, 128, 64, 4, 3, 8, 4, 0, 72, 136, 128), (128, 128, 64, 4, 3, 8, 4, 0, 88, 120, 128),
-           (128, 128, 64, 6, 4, 8, 4, 0, 88, 120, 128), (64, 128, 64, 6, 3, 4, 4, 0, 40, 120, 128)]
+# Fourth run: no faster without the spill; stall samples: the MMA waits for the dequantizer's hand-over (its serial
+# chain a step). (..., DQ_PARTS): two dequantizing partitions on alternate steps (compiled, not yet run on a card).
+CONFIGS = [(128, 128, 64, 4, 3, 8, 4, 0, 72, 136, 128), (128, 128, 64, 4, 4, 8, 4, 0, 64, 96, 96, 2),
+           (128, 128, 64, 6, 4, 8, 4, 0, 64, 88, 96, 2), (64, 128, 64, 6, 3, 4, 4, 0, 40, 120, 128)]
 
 
 def ws_gemm(x: torch.Tensor, w, out: torch.Tensor, cfg: tuple) -> torch.Tensor:
     """out [T, N] float16 = x [T, K] float16 @ W^T (int4 groups of 32, float16 scales and offsets, row-major)."""
-    block_t, block_n, block_k, stages, b_bufs, warps, dq_warps, lag, load_regs, dq_regs, maxnreg = cfg
+    block_t, block_n, block_k, stages, b_bufs, warps, dq_warps, lag, load_regs, dq_regs, maxnreg = cfg[:11]
     n, k = w.shape
     if k % block_k or n % block_n or w.group != 32 or w.offset is None or w.tiles is not None:
         raise ValueError(f"ws_gemm: {n} x {k} int4 (group {w.group}) does not fit config {cfg}")
@@ -202,7 +218,7 @@ def ws_gemm(x: torch.Tensor, w, out: torch.Tensor, cfg: tuple) -> torch.Tensor:
     ws_int4_gemm[(n // block_n, triton.cdiv(t, block_t))](
         x, w.codes, w.scale, w.offset, out, t, n, k, x.stride(0), out.stride(0), BLOCK_T=block_t, BLOCK_N=block_n,
         BLOCK_K=block_k, STAGES=stages, B_BUFS=b_bufs, DQ_WARPS=dq_warps, KG=k // 32, LOAD_REGS=load_regs,
-        DQ_REGS=dq_regs, num_warps=warps, maxnreg=maxnreg, LAG=lag)
+        DQ_REGS=dq_regs, num_warps=warps, maxnreg=maxnreg, LAG=lag, DQ_PARTS=cfg[11] if len(cfg) > 11 else 1)
     return out
 
 
@@ -249,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
                 out.fill_(float("nan"))
                 worst = max(worst, float(rel_error(ws_gemm(x, weights[0], out, cfg), ref).nan_to_num(float("inf"))
                                          .max()))
-                each.append(f"{'x'.join(str(v) for v in cfg[:9])}:{ms:.4f}")
+                each.append(f"{'x'.join(str(v) for v in cfg)}:{ms:.4f}")
                 if best is None or ms < best[0]:
                     best = (ms, cfg)
             ms, cfg = best
