@@ -34,22 +34,21 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from bench.probes.gluon_int4_gemm import SHAPES, case, check_table, graph_ms, rel_error, rotating_weights, x_load_layout
 from bench.probes.gluon_int4_gemm_smem import _dequant_tile
 
-LOADER_WARPS = gl.constexpr(4)
 
 
 @gluon.jit
 def _loader(x_ptr, codes_ptr, scale_ptr, offset_ptr, M, K, stride_xm, pid_n, pid_t, x_smem, c_smem, s_smem, o_smem,
             ready, empty, BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, KG: gl.constexpr,
-            LAG: gl.constexpr):
+            LAG: gl.constexpr, LW: gl.constexpr):
     """Step k's copies into stage k % STAGES once its consumers released it; stage k - LAG handed over (ready) once
     the partition's copies of it have landed: LAG cp.async groups in flight behind the one being issued (LAG 1 left
     only ~2 steps a memory latency in flight: the first card run)."""
     STAGES: gl.constexpr = x_smem.type.shape[0]
     NW: gl.constexpr = BLOCK_K // 8
     NG: gl.constexpr = BLOCK_K // 32
-    XL: gl.constexpr = x_load_layout(BLOCK_T, BLOCK_K, LOADER_WARPS)
-    CL: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (NW // 4), NW // 4], [LOADER_WARPS, 1], [1, 0])
-    SL: gl.constexpr = gl.BlockedLayout([1, NG], [32, 1], [LOADER_WARPS, 1], [1, 0])
+    XL: gl.constexpr = x_load_layout(BLOCK_T, BLOCK_K, LW)
+    CL: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (NW // 4), NW // 4], [LW, 1], [1, 0])
+    SL: gl.constexpr = gl.BlockedLayout([1, NG], [32, 1], [LW, 1], [1, 0])
     x_rows = pid_t * BLOCK_T + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, XL))
     x_ptrs = x_ptr + gl.expand_dims(x_rows.to(gl.int64) * stride_xm, 1) + \
         gl.expand_dims(gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, XL)), 0)
@@ -145,7 +144,8 @@ def _mma(out_ptr, M, N, K, stride_om, pid_n, pid_t, x_smem, w_smem, ready, empty
 def ws_int4_gemm(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, stride_xm, stride_om,
                  BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
                  B_BUFS: gl.constexpr, DQ_WARPS: gl.constexpr, KG: gl.constexpr, LOAD_REGS: gl.constexpr,
-                 DQ_REGS: gl.constexpr, num_warps: gl.constexpr, LAG: gl.constexpr = 1, DQ_PARTS: gl.constexpr = 1):
+                 DQ_REGS: gl.constexpr, num_warps: gl.constexpr, LAG: gl.constexpr = 1, DQ_PARTS: gl.constexpr = 1,
+                 LW: gl.constexpr = 4):
     """out [M, N] float16 = x [M, K] float16 @ W^T, W int4 [N, K] in groups of 32 with float16 scales and offsets,
     row-major; KG = K / 32 (a constexpr: 4-byte copies of each row's scales); K % BLOCK_K == 0, N % BLOCK_N == 0."""
     gl.static_assert(BLOCK_T == 16 * num_warps, "16 tokens a warp: one warpgroup's wgmma covers 64")
@@ -165,7 +165,7 @@ def ws_int4_gemm(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, stri
     b_ready = gl.allocate_shared_memory(gl.int64, [B_BUFS, 1], mbarrier.MBarrierLayout())
     b_empty = gl.allocate_shared_memory(gl.int64, [B_BUFS, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):  # LAG 0: every loader thread arrives (cp.async.mbarrier.arrive.noinc)
-        mbarrier.init(ready.index(i), count=LOADER_WARPS * 32 if LAG == 0 else 1)
+        mbarrier.init(ready.index(i), count=LW * 32 if LAG == 0 else 1)
         mbarrier.init(empty.index(i), count=2)  # the dequantizer (codes) and the MMA (x)
     for i in gl.static_range(B_BUFS):
         mbarrier.init(b_ready.index(i), count=1)
@@ -173,26 +173,41 @@ def ws_int4_gemm(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, stri
     pid_n = gl.program_id(0)
     pid_t = gl.program_id(1)
     gl.static_assert(B_BUFS % DQ_PARTS == 0, "each dequantizing partition keeps to its own B buffers")
-    if DQ_PARTS == 2:  # the 35th session's stall samples: one dequantizer's serial chain a step held the MMA
+    # the 35th session's stall samples: one dequantizer's chain a step (~225 instructions a warp, one issued every
+    # ~7 cycles) held the MMA; more warps in it shorten no link, more partitions run chains side by side
+    if DQ_PARTS == 3:
         gl.warp_specialize([
             (_mma, (out_ptr, M, N, K, stride_om, pid_n, pid_t, x_smem, w_smem, ready, empty, b_ready, b_empty,
                     BLOCK_T, BLOCK_N, BLOCK_K, num_warps, LAG)),
             (_loader, (x_ptr, codes_ptr, scale_ptr, offset_ptr, M, K, stride_xm, pid_n, pid_t, x_smem, c_smem, s_smem,
-                       o_smem, ready, empty, BLOCK_T, BLOCK_N, BLOCK_K, KG, LAG)),
+                       o_smem, ready, empty, BLOCK_T, BLOCK_N, BLOCK_K, KG, LAG, LW)),
+            (_dequantizer, (K, c_smem, s_smem, o_smem, w_smem, ready, empty, b_ready, b_empty, BLOCK_N, BLOCK_K,
+                            DQ_WARPS, 0, 3)),
+            (_dequantizer, (K, c_smem, s_smem, o_smem, w_smem, ready, empty, b_ready, b_empty, BLOCK_N, BLOCK_K,
+                            DQ_WARPS, 1, 3)),
+            (_dequantizer, (K, c_smem, s_smem, o_smem, w_smem, ready, empty, b_ready, b_empty, BLOCK_N, BLOCK_K,
+                            DQ_WARPS, 2, 3)),
+        ], [LW, DQ_WARPS, DQ_WARPS, DQ_WARPS], [LOAD_REGS, DQ_REGS, DQ_REGS, DQ_REGS])
+    elif DQ_PARTS == 2:
+        gl.warp_specialize([
+            (_mma, (out_ptr, M, N, K, stride_om, pid_n, pid_t, x_smem, w_smem, ready, empty, b_ready, b_empty,
+                    BLOCK_T, BLOCK_N, BLOCK_K, num_warps, LAG)),
+            (_loader, (x_ptr, codes_ptr, scale_ptr, offset_ptr, M, K, stride_xm, pid_n, pid_t, x_smem, c_smem, s_smem,
+                       o_smem, ready, empty, BLOCK_T, BLOCK_N, BLOCK_K, KG, LAG, LW)),
             (_dequantizer, (K, c_smem, s_smem, o_smem, w_smem, ready, empty, b_ready, b_empty, BLOCK_N, BLOCK_K,
                             DQ_WARPS, 0, 2)),
             (_dequantizer, (K, c_smem, s_smem, o_smem, w_smem, ready, empty, b_ready, b_empty, BLOCK_N, BLOCK_K,
                             DQ_WARPS, 1, 2)),
-        ], [LOADER_WARPS, DQ_WARPS, DQ_WARPS], [LOAD_REGS, DQ_REGS, DQ_REGS])
+        ], [LW, DQ_WARPS, DQ_WARPS], [LOAD_REGS, DQ_REGS, DQ_REGS])
     else:
         gl.warp_specialize([
             (_mma, (out_ptr, M, N, K, stride_om, pid_n, pid_t, x_smem, w_smem, ready, empty, b_ready, b_empty,
                     BLOCK_T, BLOCK_N, BLOCK_K, num_warps, LAG)),
             (_loader, (x_ptr, codes_ptr, scale_ptr, offset_ptr, M, K, stride_xm, pid_n, pid_t, x_smem, c_smem, s_smem,
-                       o_smem, ready, empty, BLOCK_T, BLOCK_N, BLOCK_K, KG, LAG)),
+                       o_smem, ready, empty, BLOCK_T, BLOCK_N, BLOCK_K, KG, LAG, LW)),
             (_dequantizer, (K, c_smem, s_smem, o_smem, w_smem, ready, empty, b_ready, b_empty, BLOCK_N, BLOCK_K,
                             DQ_WARPS)),
-        ], [LOADER_WARPS, DQ_WARPS], [LOAD_REGS, DQ_REGS])
+        ], [LW, DQ_WARPS], [LOAD_REGS, DQ_REGS])
 
 
 # (BLOCK_T, BLOCK_N, BLOCK_K, STAGES, B_BUFS, MMA warps, DQ warps, LAG, LOAD_REGS, DQ_REGS, maxnreg). First card run
@@ -203,9 +218,11 @@ def ws_int4_gemm(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, stri
 # registers: its pointer tensors), 52% of the stalls on local memory: budgets below leave no spill (sm_90 SASS, ptxas
 # 13.4). maxnreg x all warps x 32 must fit the 64K registers (20 warps: <= 102; 16 warps: <= 128).
 # Fourth run: no faster without the spill; stall samples: the MMA waits for the dequantizer's hand-over (its serial
-# chain a step). (..., DQ_PARTS): two dequantizing partitions on alternate steps (compiled, not yet run on a card).
+# chain a step). (..., DQ_PARTS[, loader warps]): 2-3 dequantizing partitions taking steps in turn (compiled, not yet
+# run on a card).
 CONFIGS = [(128, 128, 64, 4, 3, 8, 4, 0, 72, 136, 128), (128, 128, 64, 4, 4, 8, 4, 0, 64, 96, 96, 2),
-           (128, 128, 64, 6, 4, 8, 4, 0, 64, 88, 96, 2), (64, 128, 64, 6, 3, 4, 4, 0, 40, 120, 128)]
+           (128, 128, 64, 6, 4, 8, 4, 0, 64, 88, 96, 2), (128, 128, 64, 4, 6, 8, 4, 0, 64, 88, 92, 3, 2),
+           (64, 128, 64, 6, 3, 4, 4, 0, 40, 120, 128)]
 
 
 def ws_gemm(x: torch.Tensor, w, out: torch.Tensor, cfg: tuple) -> torch.Tensor:
@@ -218,7 +235,8 @@ def ws_gemm(x: torch.Tensor, w, out: torch.Tensor, cfg: tuple) -> torch.Tensor:
     ws_int4_gemm[(n // block_n, triton.cdiv(t, block_t))](
         x, w.codes, w.scale, w.offset, out, t, n, k, x.stride(0), out.stride(0), BLOCK_T=block_t, BLOCK_N=block_n,
         BLOCK_K=block_k, STAGES=stages, B_BUFS=b_bufs, DQ_WARPS=dq_warps, KG=k // 32, LOAD_REGS=load_regs,
-        DQ_REGS=dq_regs, num_warps=warps, maxnreg=maxnreg, LAG=lag, DQ_PARTS=cfg[11] if len(cfg) > 11 else 1)
+        DQ_REGS=dq_regs, num_warps=warps, maxnreg=maxnreg, LAG=lag, DQ_PARTS=cfg[11] if len(cfg) > 11 else 1,
+        LW=cfg[12] if len(cfg) > 12 else 4)
     return out
 
 
