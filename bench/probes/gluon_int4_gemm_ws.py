@@ -35,7 +35,6 @@ from bench.probes.gluon_int4_gemm import SHAPES, case, check_table, graph_ms, re
 from bench.probes.gluon_int4_gemm_smem import _dequant_tile
 
 
-
 @gluon.jit
 def _loader(x_ptr, codes_ptr, scale_ptr, offset_ptr, M, K, stride_xm, pid_n, pid_t, x_smem, c_smem, s_smem, o_smem,
             ready, empty, BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, KG: gl.constexpr,
