@@ -5,15 +5,18 @@ Why (35th session, bench/NOTES.md): in the one-role loop of the shared-memory fo
 copies, sync the CTA, issue the MMA, dequantize, store, fence and wait for the MMA, so every step takes ~1,700-2,800
 cycles against the MMA's 512-1,024 and the card's issue slots sit idle. Here:
 
-- a loader partition (4 warps) keeps STAGES steps of activations, codes, scales and offsets in flight by cp.async, and
-  hands each stage over with an mbarrier once its copies of it have landed (LAG 0: the copies arrive on it themselves
-  and the MMA partition fences for the async proxy);
-- one or two dequantizing partitions (DQ_WARPS each; two take alternate steps) turn each stage's codes into a
-  float16 [BLOCK_N, BLOCK_K] tile in a ring of B_BUFS shared buffers, a few steps ahead of the MMA;
+- a loader partition (LW warps, 4 by default) keeps STAGES steps of activations, codes, scales and offsets in
+  flight by cp.async, and hands each stage over with an mbarrier once its copies of it have landed (LAG 0: the
+  copies arrive on it themselves and the MMA partition fences for the async proxy);
+- one to three dequantizing partitions (DQ_PARTS, DQ_WARPS each, taking steps in turn) turn each stage's codes into
+  a float16 [BLOCK_N, BLOCK_K] tile in a ring of B_BUFS shared buffers, a few steps ahead of the MMA;
 - the default partition (num_warps: tokens as M, 16 a warp) only waits on mbarriers and issues the wgmma, keeping one
   in flight, and releases a step's buffers once its MMA is done.
 
     python -m bench.probes.gluon_int4_gemm_ws [--tokens 128,256,512] [--check]
+
+Measured on the H200 (35th session, bench/NOTES.md): right in every config, no faster than the one-role loop with one
+dequantizing partition (its serial chain a step is the limit); the multi-partition configs are built, not yet run.
 """
 from __future__ import annotations
 
