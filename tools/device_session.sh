@@ -502,7 +502,16 @@ for step in "${steps[@]}"; do
             --quantize none,int8,int4,fp8 --out "$OUT/formats" > "$OUT/formats.log" 2>&1
           echo "formats bench: rc=$?"; rm -rf "$OUT"/formats/*/logs; cat "$OUT/formats/formats.md"
           for f in float16 int8 int4 fp8; do echo "$f"; grep -A9 "^## TTFT" "$OUT/formats/$f/results.md" | tail -7; done ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt)"
+    ws) # issue 10: the warp-specialized int4 prefill GEMM probe, --check then the sweep (tools/ws_session.sh; carry
+        # .ptxas as well: ptxas 13.4, bench/NOTES.md item 1c; ~40 s)
+          bash tools/ws_session.sh ;;
+    smem) # issue 10: the one-role shared-memory Gluon GEMM probe, --check, sweep, two stall profiles
+          # (tools/smem_session.sh; carry .ptxas; ~60 s)
+          bash tools/smem_session.sh ;;
+    stream) # issue 10: the streaming decode GEMV probe against the split-K one, a process per config
+            # (tools/stream_sweep.sh; ~90 s)
+          bash tools/stream_sweep.sh ;;
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream)"
        exit 2 ;;
   esac
 done
