@@ -87,9 +87,12 @@ def _loader(x_ptr, codes_ptr, scale_ptr, offset_ptr, M, K, stride_xm, pid_n, pid
 
 @gluon.jit
 def _dequantizer(K, c_smem, s_smem, o_smem, w_smem, ready, empty, b_ready, b_empty, BLOCK_N: gl.constexpr,
-                 BLOCK_K: gl.constexpr, DQ_WARPS: gl.constexpr, PART: gl.constexpr = 0, PARTS: gl.constexpr = 1):
+                 BLOCK_K: gl.constexpr, DQ_WARPS: gl.constexpr, PART: gl.constexpr = 0, PARTS: gl.constexpr = 1,
+                 PIPE: gl.constexpr = False):
     """Step k's codes (stage k % STAGES) -> float16 weights in B buffer k % B_BUFS, once the MMA released it; the
-    steps k = PART mod PARTS (PARTS dequantizing partitions, each its own serial chain a step)."""
+    steps k = PART mod PARTS (PARTS dequantizing partitions, each its own serial chain a step). PIPE: the next step's
+    codes, scales and offsets are read (and their stage released) before this step's tile is stored, so their shared
+    loads and the stage wait leave the chain."""
     STAGES: gl.constexpr = c_smem.type.shape[0]
     B_BUFS: gl.constexpr = w_smem.type.shape[0]
     NG: gl.constexpr = BLOCK_K // 32
@@ -98,14 +101,30 @@ def _dequantizer(K, c_smem, s_smem, o_smem, w_smem, ready, empty, b_ready, b_emp
     SG: gl.constexpr = gl.SliceLayout(2, gl.BlockedLayout([1, 1, 4], [32 // NG, NG, 1], [DQ_WARPS, 1, 1], [2, 1, 0]))
     j = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(0, D3)))
     sel = gl.expand_dims(gl.expand_dims(0x4040 | (j // 2) | ((j // 2) << 8), 0), 0)
-    for k in range(PART, K // BLOCK_K, PARTS):
-        s = k % STAGES
-        mbarrier.wait(ready.index(s), (k // STAGES) & 1)
-        words = c_smem.index(s).load(DW)
-        sc = s_smem.index(s).load(SG)
-        of = o_smem.index(s).load(SG)
-        mbarrier.arrive(empty.index(s))  # codes, scales and offsets read (the MMA still holds x)
-        w = _dequant_tile(words, sc, of, sel, BLOCK_N, BLOCK_K)
+    steps = K // BLOCK_K
+    if PIPE:  # the first step's operands before the loop
+        mbarrier.wait(ready.index(PART % STAGES), (PART // STAGES) & 1, pred=PART < steps)
+        words = c_smem.index(PART % STAGES).load(DW)
+        sc = s_smem.index(PART % STAGES).load(SG)
+        of = o_smem.index(PART % STAGES).load(SG)
+        mbarrier.arrive(empty.index(PART % STAGES), pred=PART < steps)
+    for k in range(PART, steps, PARTS):
+        if PIPE:
+            w = _dequant_tile(words, sc, of, sel, BLOCK_N, BLOCK_K)
+            kn = k + PARTS  # the next step's operands now (stale reads past the last step are never used)
+            mbarrier.wait(ready.index(kn % STAGES), (kn // STAGES) & 1, pred=kn < steps)
+            words = c_smem.index(kn % STAGES).load(DW)
+            sc = s_smem.index(kn % STAGES).load(SG)
+            of = o_smem.index(kn % STAGES).load(SG)
+            mbarrier.arrive(empty.index(kn % STAGES), pred=kn < steps)
+        else:
+            s = k % STAGES
+            mbarrier.wait(ready.index(s), (k // STAGES) & 1)
+            words = c_smem.index(s).load(DW)
+            sc = s_smem.index(s).load(SG)
+            of = o_smem.index(s).load(SG)
+            mbarrier.arrive(empty.index(s))  # codes, scales and offsets read (the MMA still holds x)
+            w = _dequant_tile(words, sc, of, sel, BLOCK_N, BLOCK_K)
         b = k % B_BUFS
         mbarrier.wait(b_empty.index(b), ((k // B_BUFS) & 1) ^ 1)
         w_smem.index(b).store(w)
@@ -147,7 +166,7 @@ def ws_int4_gemm(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, stri
                  BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
                  B_BUFS: gl.constexpr, DQ_WARPS: gl.constexpr, KG: gl.constexpr, LOAD_REGS: gl.constexpr,
                  DQ_REGS: gl.constexpr, num_warps: gl.constexpr, LAG: gl.constexpr = 1, DQ_PARTS: gl.constexpr = 1,
-                 LW: gl.constexpr = 4):
+                 LW: gl.constexpr = 4, DQ_PIPE: gl.constexpr = False):
     """out [M, N] float16 = x [M, K] float16 @ W^T, W int4 [N, K] in groups of 32 with float16 scales and offsets,
     row-major; KG = K / 32 (a constexpr: 4-byte copies of each row's scales); K % BLOCK_K == 0, N % BLOCK_N == 0."""
     gl.static_assert(BLOCK_T == 16 * num_warps, "16 tokens a warp: one warpgroup's wgmma covers 64")
@@ -175,6 +194,9 @@ def ws_int4_gemm(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, stri
     pid_n = gl.program_id(0)
     pid_t = gl.program_id(1)
     gl.static_assert(B_BUFS % DQ_PARTS == 0, "each dequantizing partition keeps to its own B buffers")
+    # a pipelined dequantizer waits for step k + DQ_PARTS before it hands step k over: that stage's release by the MMA
+    # (step k + DQ_PARTS - STAGES) must not need step k
+    gl.static_assert(not DQ_PIPE or STAGES >= DQ_PARTS + 2, "DQ_PIPE needs STAGES >= DQ_PARTS + 2")
     # the 35th session's stall samples: one dequantizer's chain a step (~225 instructions a warp, one issued every
     # ~7 cycles) held the MMA; more warps in it shorten no link, more partitions run chains side by side
     if DQ_PARTS == 3:
@@ -184,11 +206,11 @@ def ws_int4_gemm(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, stri
             (_loader, (x_ptr, codes_ptr, scale_ptr, offset_ptr, M, K, stride_xm, pid_n, pid_t, x_smem, c_smem, s_smem,
                        o_smem, ready, empty, BLOCK_T, BLOCK_N, BLOCK_K, KG, LAG, LW)),
             (_dequantizer, (K, c_smem, s_smem, o_smem, w_smem, ready, empty, b_ready, b_empty, BLOCK_N, BLOCK_K,
-                            DQ_WARPS, 0, 3)),
+                            DQ_WARPS, 0, 3, DQ_PIPE)),
             (_dequantizer, (K, c_smem, s_smem, o_smem, w_smem, ready, empty, b_ready, b_empty, BLOCK_N, BLOCK_K,
-                            DQ_WARPS, 1, 3)),
+                            DQ_WARPS, 1, 3, DQ_PIPE)),
             (_dequantizer, (K, c_smem, s_smem, o_smem, w_smem, ready, empty, b_ready, b_empty, BLOCK_N, BLOCK_K,
-                            DQ_WARPS, 2, 3)),
+                            DQ_WARPS, 2, 3, DQ_PIPE)),
         ], [LW, DQ_WARPS, DQ_WARPS, DQ_WARPS], [LOAD_REGS, DQ_REGS, DQ_REGS, DQ_REGS])
     elif DQ_PARTS == 2:
         gl.warp_specialize([
@@ -197,9 +219,9 @@ def ws_int4_gemm(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, stri
             (_loader, (x_ptr, codes_ptr, scale_ptr, offset_ptr, M, K, stride_xm, pid_n, pid_t, x_smem, c_smem, s_smem,
                        o_smem, ready, empty, BLOCK_T, BLOCK_N, BLOCK_K, KG, LAG, LW)),
             (_dequantizer, (K, c_smem, s_smem, o_smem, w_smem, ready, empty, b_ready, b_empty, BLOCK_N, BLOCK_K,
-                            DQ_WARPS, 0, 2)),
+                            DQ_WARPS, 0, 2, DQ_PIPE)),
             (_dequantizer, (K, c_smem, s_smem, o_smem, w_smem, ready, empty, b_ready, b_empty, BLOCK_N, BLOCK_K,
-                            DQ_WARPS, 1, 2)),
+                            DQ_WARPS, 1, 2, DQ_PIPE)),
         ], [LW, DQ_WARPS, DQ_WARPS], [LOAD_REGS, DQ_REGS, DQ_REGS])
     else:
         gl.warp_specialize([
@@ -208,7 +230,7 @@ def ws_int4_gemm(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, stri
             (_loader, (x_ptr, codes_ptr, scale_ptr, offset_ptr, M, K, stride_xm, pid_n, pid_t, x_smem, c_smem, s_smem,
                        o_smem, ready, empty, BLOCK_T, BLOCK_N, BLOCK_K, KG, LAG, LW)),
             (_dequantizer, (K, c_smem, s_smem, o_smem, w_smem, ready, empty, b_ready, b_empty, BLOCK_N, BLOCK_K,
-                            DQ_WARPS)),
+                            DQ_WARPS, 0, 1, DQ_PIPE)),
         ], [LW, DQ_WARPS], [LOAD_REGS, DQ_REGS])
 
 
@@ -224,6 +246,8 @@ def ws_int4_gemm(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, stri
 # run on a card).
 CONFIGS = [(128, 128, 64, 4, 3, 8, 4, 0, 72, 136, 128), (128, 128, 64, 4, 4, 8, 4, 0, 64, 96, 96, 2),
            (128, 128, 64, 6, 4, 8, 4, 0, 64, 88, 96, 2), (128, 128, 64, 4, 6, 8, 4, 0, 64, 88, 92, 3, 2),
+           # (..., DQ_PARTS, loader warps, DQ_PIPE): the dequantizer reading step k + DQ_PARTS before storing step k
+           (128, 128, 64, 4, 3, 8, 4, 0, 72, 136, 128, 1, 4, 1), (128, 128, 64, 4, 4, 8, 4, 0, 64, 96, 96, 2, 4, 1),
            (64, 128, 64, 6, 3, 4, 4, 0, 40, 120, 128)]
 
 
@@ -238,7 +262,7 @@ def ws_gemm(x: torch.Tensor, w, out: torch.Tensor, cfg: tuple) -> torch.Tensor:
         x, w.codes, w.scale, w.offset, out, t, n, k, x.stride(0), out.stride(0), BLOCK_T=block_t, BLOCK_N=block_n,
         BLOCK_K=block_k, STAGES=stages, B_BUFS=b_bufs, DQ_WARPS=dq_warps, KG=k // 32, LOAD_REGS=load_regs,
         DQ_REGS=dq_regs, num_warps=warps, maxnreg=maxnreg, LAG=lag, DQ_PARTS=cfg[11] if len(cfg) > 11 else 1,
-        LW=cfg[12] if len(cfg) > 12 else 4)
+        LW=cfg[12] if len(cfg) > 12 else 4, DQ_PIPE=bool(cfg[13]) if len(cfg) > 13 else False)
     return out
 
 
