@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from graph_executor.kernels.gemv_splitk import _bytes, _dp4a, activation_slice, tile_offsets
+from graph_executor.kernels.act_digits import pack_bytes as _bytes
+from graph_executor.kernels.gemv_splitk import _dp4a, activation_slice, tile_offsets
 from graph_executor.kernels.pdl import launch_options, wait_for_prior
 from graph_executor.quant.formats import INT4_ZERO, Int4Groups, Int8Groups
 
