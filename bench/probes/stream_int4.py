@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from graph_executor.kernels.act_digits import pack_bytes as _bytes
+from graph_executor.kernels.act_digits import digit_words, digits
 from graph_executor.kernels.gemv_splitk import _dp4a, activation_slice, tile_offsets
 from graph_executor.kernels.pdl import launch_options, wait_for_prior
 from graph_executor.quant.formats import INT4_ZERO, Int4Groups, Int8Groups
@@ -50,7 +50,6 @@ def _stream_kernel(codes_ptr, scale_ptr, offset_ptr, a_ptr, nw_ptr, b_ptr, out_p
     pid = tl.program_id(0)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     ssum = tl.zeros([1], dtype=tl.float32)
-    shifts = (tl.arange(0, 4) * 8)[None, :]
     for it in tl.range(0, n_iter, num_stages=STAGES):
         rb = pid + (it // NK) * G
         kc = it % NK
@@ -77,27 +76,17 @@ def _stream_kernel(codes_ptr, scale_ptr, offset_ptr, a_ptr, nw_ptr, b_ptr, out_p
             o = tl.load(offset_ptr + at, mask=gmask, other=0.0).to(tl.float32)
         ka = kc * STEP_KW * EPW + tl.arange(0, STEP_KW * EPW)
         a, ss = activation_slice(a_ptr, nw_ptr, ka, ka < K, K, MODE)
-        a_sum = tl.sum(tl.reshape(a, [NG, GROUP]), axis=1)
-        a = tl.reshape(a, [NQ, QGROUP])
-        amax = tl.max(tl.abs(a), axis=1)
-        inv = tl.where(amax > 0, 127.0 / amax, 0.0)
-        hi = tl.floor(a * inv[:, None] + 0.5)
-        lo = tl.minimum(tl.maximum(tl.floor((a * inv[:, None] - hi) * 256.0 + 0.5), -127.0), 127.0)
+        hi, lo, amax, a_sum = digits(a, QGROUP, GROUP)  # the split-K GEMV's digits (kernels/act_digits.py)
+        w0, w1, w2, w3 = digit_words(hi, lo, INT4)
         if INT4:
-            hi_even, hi_odd = tl.split(tl.reshape(hi.to(tl.int32), [STEP_KW, 4, 2]))
-            lo_even, lo_odd = tl.split(tl.reshape(lo.to(tl.int32), [STEP_KW, 4, 2]))
             q_even = w & 0x0F0F0F0F
             q_odd = (w >> 4) & 0x0F0F0F0F
-            dot = _dp4a(q_odd, _bytes(hi_odd, shifts)[None, :],
-                        _dp4a(q_even, _bytes(hi_even, shifts)[None, :], tl.zeros_like(w), False, EMULATE), False,
+            dot = _dp4a(q_odd, w1[None, :], _dp4a(q_even, w0[None, :], tl.zeros_like(w), False, EMULATE), False,
                         EMULATE)
-            dot = _dp4a(q_odd, _bytes(lo_odd, shifts)[None, :],
-                        _dp4a(q_even, _bytes(lo_even, shifts)[None, :], dot * 256, False, EMULATE), False, EMULATE)
+            dot = _dp4a(q_odd, w3[None, :], _dp4a(q_even, w2[None, :], dot * 256, False, EMULATE), False, EMULATE)
         else:
-            dot = _dp4a(w, _bytes(tl.reshape(hi.to(tl.int32), [STEP_KW, 4]), shifts)[None, :], tl.zeros_like(w),
-                        True, EMULATE)
-            dot = _dp4a(w, _bytes(tl.reshape(lo.to(tl.int32), [STEP_KW, 4]), shifts)[None, :], dot * 256, True,
-                        EMULATE)
+            dot = _dp4a(w, w0[None, :], tl.zeros_like(w), True, EMULATE)
+            dot = _dp4a(w, w2[None, :], dot * 256, True, EMULATE)
         qsum = tl.sum(tl.reshape(dot, [BLOCK_N, NQ, QGROUP // EPW]), axis=2).to(tl.float32) * (amax / 32512.0)[None, :]
         if NQ != NG:
             qsum = tl.sum(tl.reshape(qsum, [BLOCK_N, NG, NQ // NG]), axis=2)
@@ -179,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bits", type=int, choices=(4, 8), default=4)
     ap.add_argument("--configs", default="32x128x4x3,32x64x4x4,16x128x4x4,64x64x4x3,64x64x8x3,128x32x4x3,"
-                    "16x256x4x3,8x256x4x4,64x32x4x4,128x32x8x3", help="comma-separated BLOCK_N x STEP_KW x warps x stages [x programs]")
+                    "16x256x4x3,8x256x4x4,64x32x4x4,128x32x8x3",
+                    help="comma-separated BLOCK_N x STEP_KW x warps x stages [x programs]")
     ap.add_argument("--layout", choices=("tiled", "row", "both"), default="tiled", help="the stream configs over "
                     "tile-major weights of their block (one contiguous run a step; row-major where no tile fits), "
                     "row-major, or both")
