@@ -358,6 +358,58 @@ def graph_ms(fn, ws: list, dev: torch.device, reps: int) -> float:
     return time_gpu(graph.replay, dev, repeats=reps) * 1e3 / len(ws)
 
 
+def run_each_twice(spec: str, configs: list[tuple], gemm, dev: torch.device, g: torch.Generator) -> None:
+    """--once SHAPE:TOKENS (an Nsight Compute target): every config's gemm(x, w, out, cfg) twice (the first
+    compiles), no graphs, nothing else."""
+    name, t = spec.split(":")
+    w, x, out = case(name, int(t), dev, g)
+    for cfg in configs:
+        for _ in range(2):
+            gemm(x, w, out, cfg)
+    torch.cuda.synchronize()
+
+
+def sweep_table(label: str, configs: list[tuple], gemm, tokens: list[int], reps: int, dev: torch.device,
+                g: torch.Generator, timing_only=lambda cfg: False) -> None:
+    """The probes' sweep against fp16 torch.mm and dequantize + torch.mm: per 7B projection and token count the best
+    config of `configs` (those whose N and K blocks, cfg[1] and cfg[2], divide the shape) by graph time over rotating
+    weights, the worst error of all of them on NaN-filled output against float64 (but those `timing_only` says are
+    wrong by design), and every config's time."""
+    from graph_executor.kernels import gemm_lowbit
+
+    print(f"{torch.cuda.get_device_name()}: {label} int4 (g32, offsets) GEMM per 7B projection, ms (weights rotate "
+          "past L2)")
+    print(f"| shape | T | fp16 mm | dequantize + mm | {label} best | config | worst rel err (all configs) | "
+          f"{label} / dequantize + mm | every config (ms) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, (n, k) in SHAPES.items():
+        weights, dense = rotating_weights(n, k, dev, g)
+        for t in tokens:
+            x = torch.randn(t, k, device=dev, dtype=torch.float16, generator=g)
+            out = torch.empty(t, n, device=dev, dtype=torch.float16)
+            mm = graph_ms(lambda wt: torch.mm(x, wt.t(), out=out), dense, dev, reps)
+            buf = torch.empty(n, k, device=dev, dtype=torch.float16)
+            dq = graph_ms(lambda wt: torch.mm(x, gemm_lowbit.dequantize(wt, buf).t(), out=out), weights, dev, reps)
+            ref = x.double() @ weights[0].dequantize(torch.float32).double().T
+            best, worst, each = None, 0.0, []
+            for cfg in configs:
+                if n % cfg[1] or k % cfg[2]:
+                    continue
+                ms = graph_ms(lambda wt, cfg=cfg: gemm(x, wt, out, cfg), weights, dev, reps)
+                if not timing_only(cfg):
+                    out.fill_(float("nan"))
+                    worst = max(worst, float(rel_error(gemm(x, weights[0], out, cfg), ref)
+                                             .nan_to_num(float("inf")).max()))
+                each.append(f"{'x'.join(str(v) for v in cfg)}:{ms:.4f}")
+                if best is None or ms < best[0]:
+                    best = (ms, cfg)
+            ms, cfg = best
+            print(f"| {name} | {t} | {mm:.4f} | {dq:.4f} | {ms:.4f} | {cfg} | {worst:.1e} | {ms / dq:.2f} | "
+                  f"{' '.join(each)} |", flush=True)
+        del weights, dense
+        torch.cuda.empty_cache()
+
+
 def main(argv: list[str] | None = None) -> None:
     from graph_executor.kernels import gemm_lowbit
     from graph_executor.kernels.gemv_splitk import SplitKScratch

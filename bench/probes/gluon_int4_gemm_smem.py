@@ -24,14 +24,11 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 from bench.probes.gluon_int4_gemm import (
-    SHAPES,
     byte_weights,
-    case,
     check_table,
-    graph_ms,
     per_group,
-    rel_error,
-    rotating_weights,
+    run_each_twice,
+    sweep_table,
     x_load_layout,
 )
 
@@ -199,8 +196,6 @@ def smem_gemm(x: torch.Tensor, w, out: torch.Tensor, cfg: tuple) -> torch.Tensor
 
 
 def main(argv: list[str] | None = None) -> None:
-    from graph_executor.kernels import gemm_lowbit
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", default="128,256,512")
     ap.add_argument("--reps", type=int, default=10)
@@ -212,49 +207,11 @@ def main(argv: list[str] | None = None) -> None:
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
     if args.once:
-        name, t = args.once.split(":")
-        w, x, out = case(name, int(t), dev, g)
-        for cfg in CONFIGS:
-            for _ in range(2):
-                smem_gemm(x, w, out, cfg)
-        torch.cuda.synchronize()
-        return
+        return run_each_twice(args.once, CONFIGS, smem_gemm, dev, g)
     if args.check:
         return check_table(dev, g, CONFIGS, smem_gemm)
-    print(f"{torch.cuda.get_device_name()}: int4 (g32, offsets) GEMM per 7B projection, ms (weights rotate past L2)")
-    print("| shape | T | fp16 mm | dequantize + mm | smem best | config | worst rel err (all configs) | "
-          "smem / dequantize + mm | every config (T x N x K x stages x warps [x scales ahead]: ms) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, (n, k) in SHAPES.items():
-        weights, dense = rotating_weights(n, k, dev, g)
-        for t in (int(v) for v in args.tokens.split(",")):
-            x = torch.randn(t, k, device=dev, dtype=torch.float16, generator=g)
-            out = torch.empty(t, n, device=dev, dtype=torch.float16)
-
-            def timed(fn, ws) -> float:
-                return graph_ms(fn, ws, dev, args.reps)
-
-            mm = timed(lambda wt: torch.mm(x, wt.t(), out=out), dense)
-            buf = torch.empty(n, k, device=dev, dtype=torch.float16)
-            dq = timed(lambda wt: torch.mm(x, gemm_lowbit.dequantize(wt, buf).t(), out=out), weights)
-            ref = x.double() @ weights[0].dequantize(torch.float32).double().T
-            best, worst, each = None, 0.0, []
-            for cfg in CONFIGS:
-                if n % cfg[1] or k % cfg[2]:
-                    continue
-                ms = timed(lambda wt, cfg=cfg: smem_gemm(x, wt, out, cfg), weights)
-                if len(cfg) < 6 or cfg[5] != 0:  # SCALES 0 is wrong by design (timing only)
-                    out.fill_(float("nan"))
-                    worst = max(worst, float(rel_error(smem_gemm(x, weights[0], out, cfg), ref)
-                                             .nan_to_num(float("inf")).max()))
-                each.append(f"{'x'.join(str(v) for v in cfg)}:{ms:.4f}")
-                if best is None or ms < best[0]:
-                    best = (ms, cfg)
-            ms, cfg = best
-            print(f"| {name} | {t} | {mm:.4f} | {dq:.4f} | {ms:.4f} | {cfg} | {worst:.1e} | {ms / dq:.2f} | "
-                  f"{' '.join(each)} |", flush=True)
-        del weights, dense
-        torch.cuda.empty_cache()
+    return sweep_table("smem", CONFIGS, smem_gemm, [int(v) for v in args.tokens.split(",")], args.reps, dev, g,
+                       timing_only=lambda cfg: len(cfg) > 5 and cfg[5] == 0)  # SCALES 0: wrong by design
 
 
 if __name__ == "__main__":

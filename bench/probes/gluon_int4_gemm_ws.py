@@ -34,7 +34,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from bench.probes.gluon_int4_gemm import SHAPES, case, check_table, graph_ms, rel_error, rotating_weights, x_load_layout
+from bench.probes.gluon_int4_gemm import check_table, run_each_twice, sweep_table, x_load_layout
 from bench.probes.gluon_int4_gemm_smem import _dequant_tile
 
 
@@ -267,8 +267,6 @@ def ws_gemm(x: torch.Tensor, w, out: torch.Tensor, cfg: tuple) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from graph_executor.kernels import gemm_lowbit
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", default="128,256,512")
     ap.add_argument("--reps", type=int, default=10)
@@ -278,45 +276,10 @@ def main(argv: list[str] | None = None) -> None:
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
     if args.once:
-        name, t = args.once.split(":")
-        w, x, out = case(name, int(t), dev, g)
-        for cfg in CONFIGS:
-            for _ in range(2):
-                ws_gemm(x, w, out, cfg)
-        torch.cuda.synchronize()
-        return
+        return run_each_twice(args.once, CONFIGS, ws_gemm, dev, g)
     if args.check:
         return check_table(dev, g, CONFIGS, ws_gemm)
-    print(f"{torch.cuda.get_device_name()}: warp-specialized int4 (g32, offsets) GEMM per 7B projection, ms")
-    print("| shape | T | fp16 mm | dequantize + mm | ws best | config | worst rel err | ws / dequantize + mm | every "
-          "config (ms) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, (n, k) in SHAPES.items():
-        weights, dense = rotating_weights(n, k, dev, g)
-        for t in (int(v) for v in args.tokens.split(",")):
-            x = torch.randn(t, k, device=dev, dtype=torch.float16, generator=g)
-            out = torch.empty(t, n, device=dev, dtype=torch.float16)
-            mm = graph_ms(lambda wt: torch.mm(x, wt.t(), out=out), dense, dev, args.reps)
-            buf = torch.empty(n, k, device=dev, dtype=torch.float16)
-            dq = graph_ms(lambda wt: torch.mm(x, gemm_lowbit.dequantize(wt, buf).t(), out=out), weights, dev,
-                          args.reps)
-            ref = x.double() @ weights[0].dequantize(torch.float32).double().T
-            best, worst, each = None, 0.0, []
-            for cfg in CONFIGS:
-                if n % cfg[1] or k % cfg[2]:
-                    continue
-                ms = graph_ms(lambda wt, cfg=cfg: ws_gemm(x, wt, out, cfg), weights, dev, args.reps)
-                out.fill_(float("nan"))
-                worst = max(worst, float(rel_error(ws_gemm(x, weights[0], out, cfg), ref).nan_to_num(float("inf"))
-                                         .max()))
-                each.append(f"{'x'.join(str(v) for v in cfg)}:{ms:.4f}")
-                if best is None or ms < best[0]:
-                    best = (ms, cfg)
-            ms, cfg = best
-            print(f"| {name} | {t} | {mm:.4f} | {dq:.4f} | {ms:.4f} | {cfg[:9]} | {worst:.1e} | {ms / dq:.2f} | "
-                  f"{' '.join(each)} |", flush=True)
-        del weights, dense
-        torch.cuda.empty_cache()
+    return sweep_table("ws", CONFIGS, ws_gemm, [int(v) for v in args.tokens.split(",")], args.reps, dev, g)
 
 
 if __name__ == "__main__":
