@@ -188,7 +188,7 @@ class FusedDecoder:
 
         def consumer(w, name: str) -> ActDigits | None:
             c = packed_reduce(w, name)
-            if c is None or w.group not in (16, 32) or hidden % 32:
+            if c is None or not ActDigits.possible(hidden, w.group):
                 return None
             key = (isinstance(w, Int4Groups), w.group)
             d = buffers.get(key) or buffers.setdefault(key, ActDigits.allocate(hidden, *key, device))

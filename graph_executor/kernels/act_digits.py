@@ -46,8 +46,13 @@ class ActDigits:
         return min(32, self.group)
 
     @staticmethod
+    def possible(k: int, group: int) -> bool:
+        """Whether digits of a [k] activation for weight groups of `group` can be held (`allocate` refuses others)."""
+        return k % 32 == 0 and group in (16, 32)
+
+    @staticmethod
     def allocate(k: int, int4: bool, group: int, device: torch.device) -> ActDigits:
-        if k % 32 or group not in (16, 32) or k % group:
+        if not ActDigits.possible(k, group):
             raise ValueError(f"activation digits: k {k} must be whole groups of 32 (weight group {group}: 16 or 32)")
         qgroup = min(32, group)
 
