@@ -7,8 +7,7 @@
 #   bash tools/smem_session.sh   (after the wheels are installed; carry .ptxas)
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -c "import lzma, shutil; shutil.copyfileobj(lzma.open('.ptxas/ptxas-13.4.xz'), open('/tmp/ptxas13', 'wb'))"
-chmod +x /tmp/ptxas13 && export TRITON_PTXAS_PATH=/tmp/ptxas13 && /tmp/ptxas13 --version | tail -1
+source tools/use_ptxas13.sh
 P=bench.probes.gluon_int4_gemm_smem
 timeout 150 python3 -m $P --check > "$OUT/smem_check.log" 2>&1; echo "check rc=$?"; grep -v " 0 | - | - |$" "$OUT/smem_check.log" | tail -12
 timeout 240 python3 -m $P --tokens 128,256,512 > "$OUT/smem_sweep.log" 2>&1; echo "sweep rc=$?"

@@ -4,8 +4,7 @@
 # tools/smem_session.sh does (carry .ptxas). Logs under $OUT.   bash tools/ws_session.sh
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -c "import lzma, shutil; shutil.copyfileobj(lzma.open('.ptxas/ptxas-13.4.xz'), open('/tmp/ptxas13', 'wb'))"
-chmod +x /tmp/ptxas13 && export TRITON_PTXAS_PATH=/tmp/ptxas13
+source tools/use_ptxas13.sh
 P=bench.probes.gluon_int4_gemm_ws
 timeout 90 python3 -m $P --check > "$OUT/ws_check.log" 2>&1; rc=$?; echo "check rc=$rc"; tail -12 "$OUT/ws_check.log"
 if [ $rc -eq 0 ]; then
