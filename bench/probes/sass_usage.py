@@ -44,9 +44,11 @@ def compile_for(kernel, types: dict[str, str], consts: dict, num_warps: int = 4,
     from torch is 16-byte aligned, an integer argument that is a multiple of 16 is marked so), every pointer and
     every i32 argument is compiled as divisible by 16 (the sizes and strides of the shapes measured are): without
     it no load is vectorized and the build is not the one the card runs. A constexpr left out of `consts` takes its
-    default, as a launch that does not pass it. `maxnreg`: a register cap (ptxas spills above it), as the launch
+    default, as a launch that does not pass it, and so does an argument that defaults to None and has no type
+    here (a launch passes None as a constexpr). `maxnreg`: a register cap (ptxas spills above it), as the launch
     option of that name."""
-    consts = {**{p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default}, **consts}
+    consts = {**{p.name: p.default for p in kernel.params if p.has_default and (
+        p.is_constexpr or (p.default is None and p.name not in types))}, **consts}
     signature = {p.name: "constexpr" if p.name in consts else types[p.name] for p in kernel.params}
     constexprs = {(kernel.arg_names.index(name),): value for name, value in consts.items()}
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name, ty in signature.items()

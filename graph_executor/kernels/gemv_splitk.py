@@ -150,13 +150,31 @@ def _splitk_kernel(codes_ptr, scale_ptr, offset_ptr, a_ptr, nw_ptr, b_ptr, out_p
     wrote the activation (kernels/act_digits.py) instead of being formed here from a_ptr."""
     if not EARLY:
         wait_for_prior(PDL)
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    w, s, o, rows, row_ok = load_tile(codes_ptr, scale_ptr, offset_ptr, pid_n, pid_k, N, K, HAS_OFFSET, GROUP,
+                                      BLOCK_N, BLOCK_KW, INT4, TILE_N, TILE_KW)
+    if EARLY:
+        wait_for_prior(PDL)
+    partial, ss = tile_partial(w, s, o, pid_k, a_ptr, nw_ptr, K, MODE, HAS_OFFSET, ZERO, GROUP, BLOCK_N, BLOCK_KW,
+                               INT4, EMULATE, DIGITS, d_words_ptr, d_amax_ptr, d_sums_ptr, d_sumsq_ptr)
+    if FIXUP:
+        fixup(partial, ss, rows, row_ok, pid_n, pid_k, part_ptr, count_ptr, scale_ptr, b_ptr, out_ptr, N, K, eps,
+              MODE, HAS_BIAS, False, SPLIT, SPLIT_P2, BLOCK_N)
+    else:
+        store_partial(partial, ss, rows, row_ok, pid_n, pid_k, part_ptr, N, MODE, SPLIT)
+
+
+@triton.jit
+def load_tile(codes_ptr, scale_ptr, offset_ptr, pid_n, pid_k, N, K, HAS_OFFSET: tl.constexpr, GROUP: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, INT4: tl.constexpr, TILE_N: tl.constexpr,
+              TILE_KW: tl.constexpr):
+    """A split-K GEMV program's weight block (row block pid_n, K slice pid_k): codes int32 [BLOCK_N, BLOCK_KW],
+    scales and offsets float32 [BLOCK_N, NG] (the scales again where there are no offsets), its rows and their
+    mask. Every load of the weight's bytes is issued before the activation's math (`tile_partial`)."""
     EPW: tl.constexpr = 8 if INT4 else 4  # weights per word
     WPG: tl.constexpr = GROUP // EPW  # words per group
     NG: tl.constexpr = BLOCK_KW // WPG
-    QGROUP: tl.constexpr = 32 if GROUP > 32 else GROUP  # the activation's quantization group
-    NQ: tl.constexpr = BLOCK_KW * EPW // QGROUP
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     KW = tl.multiple_of(K // EPW, WPG)  # a row is whole groups: 16-byte aligned for groups of 32
@@ -169,6 +187,7 @@ def _splitk_kernel(codes_ptr, scale_ptr, offset_ptr, a_ptr, nw_ptr, b_ptr, out_p
                                                                + tl.arange(0, BLOCK_KW)[None, :]))
         at = tile * (BLOCK_N * NG) + (tl.arange(0, BLOCK_N)[:, None] * NG + tl.arange(0, NG)[None, :])
         s = tl.load(scale_ptr + at).to(tl.float32)
+        o = s
         if HAS_OFFSET:
             o = tl.load(offset_ptr + at).to(tl.float32)
     else:
@@ -182,10 +201,24 @@ def _splitk_kernel(codes_ptr, scale_ptr, offset_ptr, a_ptr, nw_ptr, b_ptr, out_p
         w = tl.load(codes_ptr + code_at, mask=row_ok[:, None] & (kws < KW)[None, :], other=0)
         gmask = row_ok[:, None] & (g < K // GROUP)[None, :]
         s = tl.load(scale_ptr + at, mask=gmask, other=0.0).to(tl.float32)  # [BLOCK_N, NG]
+        o = s
         if HAS_OFFSET:
             o = tl.load(offset_ptr + at, mask=gmask, other=0.0).to(tl.float32)
-    if EARLY:
-        wait_for_prior(PDL)
+    return w, s, o, rows, row_ok
+
+
+@triton.jit
+def tile_partial(w, s, o, pid_k, a_ptr, nw_ptr, K, MODE: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                 ZERO: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+                 INT4: tl.constexpr, EMULATE: tl.constexpr, DIGITS: tl.constexpr, d_words_ptr, d_amax_ptr, d_sums_ptr,
+                 d_sumsq_ptr):
+    """A weight block from `load_tile` times its K slice of the activation: the partial sums float32 [BLOCK_N] and
+    (MODE 0) the slice's sum of squares."""
+    EPW: tl.constexpr = 8 if INT4 else 4
+    WPG: tl.constexpr = GROUP // EPW
+    NG: tl.constexpr = BLOCK_KW // WPG
+    QGROUP: tl.constexpr = 32 if GROUP > 32 else GROUP  # the activation's quantization group
+    NQ: tl.constexpr = BLOCK_KW * EPW // QGROUP
     if DIGITS:  # made by the kernel that wrote the activation (kernels/act_digits.py)
         w0, w1, w2, w3, amax, a_sum, ss = read_digits(d_words_ptr, d_amax_ptr, d_sums_ptr, d_sumsq_ptr, pid_k, K,
                                                       BLOCK_KW, INT4, GROUP, MODE)
@@ -211,11 +244,7 @@ def _splitk_kernel(codes_ptr, scale_ptr, offset_ptr, a_ptr, nw_ptr, b_ptr, out_p
     else:
         terms = s * (qsum - ZERO * a_sum[None, :])
     partial = tl.sum(terms, axis=1)  # [BLOCK_N]
-    if FIXUP:
-        fixup(partial, ss, rows, row_ok, pid_n, pid_k, part_ptr, count_ptr, scale_ptr, b_ptr, out_ptr, N, K, eps,
-              MODE, HAS_BIAS, False, SPLIT, SPLIT_P2, BLOCK_N)
-    else:
-        store_partial(partial, ss, rows, row_ok, pid_n, pid_k, part_ptr, N, MODE, SPLIT)
+    return partial, ss
 
 
 @triton.jit
