@@ -522,7 +522,14 @@ for step in "${steps[@]}"; do
     stream) # issue 10: the streaming decode GEMV probe against the split-K one, a process per config
             # (tools/stream_sweep.sh; ~90 s)
           bash tools/stream_sweep.sh ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, digits, ws, smem, stream)"
+    persistent) # issue 10: the split-K GEMV's tiles taken by a persistent grid in a cp.async-pipelined loop
+                # (bench.probes.persistent_splitk) against the shipped kernel per 7B projection, int4 then int8 (~4 min)
+          timeout 300 python3 -m bench.probes.persistent_splitk --check > "$OUT/persistent_int4.md" 2> "$OUT/persistent_int4.err"
+          echo "int4: rc=$?"; grep '^| ' "$OUT/persistent_int4.md"; tail -3 "$OUT/persistent_int4.err"
+          timeout 200 python3 -m bench.probes.persistent_splitk --bits 8 --layout tiled --configs \
+            32x128x4x3x0,32x128x4x3x396,32x128x8x3x132 > "$OUT/persistent_int8.md" 2> "$OUT/persistent_int8.err"
+          echo "int8: rc=$?"; grep '^| ' "$OUT/persistent_int8.md" | cut -d'|' -f2-6 ;;
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, digits, ws, smem, stream, persistent)"
        exit 2 ;;
   esac
 done

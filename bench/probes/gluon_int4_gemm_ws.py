@@ -245,7 +245,10 @@ def ws_int4_gemm(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, stri
 # chain a step). (..., DQ_PARTS[, loader warps]): 2-3 dequantizing partitions taking steps in turn (compiled, not yet
 # run on a card).
 CONFIGS = [(128, 128, 64, 4, 3, 8, 4, 0, 72, 136, 128), (128, 128, 64, 4, 4, 8, 4, 0, 64, 96, 96, 2),
-           (128, 128, 64, 6, 4, 8, 4, 0, 64, 88, 96, 2), (128, 128, 64, 4, 6, 8, 4, 0, 64, 88, 92, 3, 2),
+           (128, 128, 64, 6, 4, 8, 4, 0, 64, 88, 96, 2),
+           # DQ_PARTS 3 ((..., 92, 3, 2): 22 warps, launched as 24) does not launch: 768 threads x 92 registers is
+           # over the SM's 64 K (Triton: "out of resource: threads, Required: 768, Hardware limit: 640"), and under
+           # 85 registers a thread its dequantizers spill
            # (..., DQ_PARTS, loader warps, DQ_PIPE): the dequantizer reading step k + DQ_PARTS before storing step k
            (128, 128, 64, 4, 3, 8, 4, 0, 72, 136, 128, 1, 4, 1), (128, 128, 64, 4, 4, 8, 4, 0, 64, 96, 96, 2, 4, 1),
            (64, 128, 64, 6, 3, 4, 4, 0, 40, 120, 128)]

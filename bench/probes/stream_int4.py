@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -158,11 +159,90 @@ def parse(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split("x"))
 
 
-def main(argv: list[str] | None = None) -> None:
+@dataclass(frozen=True)
+class Candidate:
+    """One kernel a probe times against the shipped split-K GEMV: `call(w, a, nw, out)` writes out as the shipped
+    call does (out holds the residual on entry for MODEs 1 and 2), over each of `weights` (its layout of the
+    layers' weights)."""
+
+    label: str
+    weights: list
+    call: object  # (w, a, nw or None, out) -> None
+
+
+def compare_to_shipped(bits: int, projections: list[str], layers: int, rounds: int, check: bool, candidates) -> None:
+    """Per 7B projection: `layers` distinct random weights a CUDA graph, the shipped split-K 32x128x4 + reduce kernel
+    (PDL; o and down tile-major as the loader stores them) against every `candidates(weights, n, k, mode)`
+    (a list of Candidate), median graph time of `rounds` alternating rounds, each output's relative error against
+    the shipped one's and (`check`) one layer's against float64. Prints one table row per kernel."""
     from bench.floors import time_gpu
     from bench.probes.tiled_int4 import MATRICES, launch, random_packed
     from bench.probes.verify_plan import graphed
     from graph_executor.kernels.gemv_splitk import SplitKConfig, SplitKScratch, scratch_floats
+    from graph_executor.quant.tiles import tiles_for
+
+    device = torch.device("cuda")
+    shipped = SplitKConfig(32, 128, 4, pdl=True, reduce_kernel=True)
+    print(f"int{bits} decode GEMVs on {torch.cuda.get_device_name()}, {layers} layers a graph, PDL; median of "
+          f"{rounds} alternating rounds; shipped = split-K 32x128x4 + reduce kernel (o and down tile-major as the "
+          "loader stores them)")
+    print("| projection | kernel | ms | TB/s | vs shipped | rel err (2-norm) vs shipped | vs float64 |")
+    print("|---|---|---|---|---|---|---|")
+    for name, n, k, mode in MATRICES:
+        if name not in projections:
+            continue
+        weights = [random_packed(bits, n, k, device) for _ in range(layers)]
+        nbytes = weights[0].nbytes * layers
+        a = torch.randn(2 * k if mode == 2 else k, device=device).half()
+        nw = torch.rand(k, device=device).half()
+        init = torch.randn(n, device=device).half()
+        variants = {}
+        ship_tiles = tiles_for(weights[0], 32, 128) if name in ("o", "down") else None
+        ship_w = [w.tiled(ship_tiles) for w in weights] if ship_tiles else weights
+        scratch = SplitKScratch.zeros(scratch_floats(weights[0], shipped), triton.cdiv(n, 32), device)
+        out = torch.zeros(n, device=device).half()
+
+        def ship_calls(out=out, ws=ship_w) -> None:
+            out.copy_(init)
+            for w in ws:
+                launch(w, a, nw, out, mode, scratch, shipped)
+        variants["split-K 32x128x4"] = (graphed(ship_calls), out, "")
+        built(name, "split-K 32x128x4", variants["split-K 32x128x4"][0], device)
+        for cand in candidates(weights, n, k, mode):
+            out = torch.zeros(n, device=device).half()
+
+            def calls(out=out, cand=cand) -> None:
+                out.copy_(init)
+                for w in cand.weights:
+                    cand.call(w, a, nw if mode == 0 else None, out)
+            errs = ""
+            if check:
+                one = torch.zeros(n, device=device).half().copy_(init)
+                cand.call(cand.weights[0], a, nw if mode == 0 else None, one)
+                ref = reference(cand.weights[0], a, nw, init, mode)
+                errs = f"{((one.double() - ref).norm() / ref.norm()).item():.1e}"
+            variants[cand.label] = (graphed(calls), out, errs)
+            built(name, cand.label, variants[cand.label][0], device)
+        times = {label: [] for label in variants}
+        for _ in range(rounds):
+            for label, (graph, _, _) in variants.items():
+                times[label].append(time_gpu(graph.replay, device) * 1e3)
+        base_ms, base_out = None, None
+        for label, (graph, out, errs) in variants.items():
+            graph.replay()
+            torch.cuda.synchronize()
+            ms = statistics.median(times[label])
+            if base_ms is None:
+                base_ms, base_out = ms, out.float().clone()
+            err = ((out.float() - base_out).norm() / base_out.norm()).item()
+            print(f"| {name} x{layers} | {label} | {ms:.3f} | {nbytes / ms / 1e9:.2f} | {ms / base_ms:.3f} | "
+                  f"{err:.1e} | {errs} |", flush=True)
+        variants.clear()
+        weights.clear()
+        torch.cuda.empty_cache()
+
+
+def main(argv: list[str] | None = None) -> None:
     from graph_executor.quant.tiles import tiles_for
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -178,71 +258,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--check", action="store_true", help="one layer of each config against float64 first")
     args = ap.parse_args(argv)
-    device = torch.device("cuda")
     configs = [parse(c) for c in args.configs.split(",")]
-    shipped = SplitKConfig(32, 128, 4, pdl=True, reduce_kernel=True)
-    print(f"int{args.bits} decode GEMVs on {torch.cuda.get_device_name()}, {args.layers} layers a graph, PDL; "
-          f"median of {args.rounds} alternating rounds; shipped = split-K 32x128x4 + reduce kernel "
-          f"(o and down tile-major as the loader stores them)")
-    print("| projection | kernel | ms | TB/s | vs shipped | rel err (2-norm) vs shipped | vs float64 |")
-    print("|---|---|---|---|---|---|---|")
-    for name, n, k, mode in MATRICES:
-        if name not in args.projections.split(","):
-            continue
-        weights = [random_packed(args.bits, n, k, device) for _ in range(args.layers)]
-        nbytes = weights[0].nbytes * args.layers
-        a = torch.randn(2 * k if mode == 2 else k, device=device).half()
-        nw = torch.rand(k, device=device).half()
-        init = torch.randn(n, device=device).half()
-        variants = {}
-        ship_tiles = tiles_for(weights[0], 32, 128) if name in ("o", "down") else None
-        ship_w = [w.tiled(ship_tiles) for w in weights] if ship_tiles else weights
-        scratch = SplitKScratch.zeros(scratch_floats(weights[0], shipped), triton.cdiv(n, 32), device)
-        out = torch.zeros(n, device=device).half()
 
-        def ship_calls(out=out, ws=ship_w) -> None:
-            out.copy_(init)
-            for w in ws:
-                launch(w, a, nw, out, mode, scratch, shipped)
-        variants["split-K 32x128x4"] = (graphed(ship_calls), out, ship_w)
-        built(name, "split-K 32x128x4", variants["split-K 32x128x4"][0], device)
+    def candidates(weights, n, k, mode) -> list[Candidate]:
+        found = []
         for cfg in configs:
             t = tiles_for(weights[0], cfg[0], cfg[1]) if args.layout != "row" else None
             tiled = [(" tiled", [w.tiled(t) for w in weights])] if t is not None and t == (cfg[0], cfg[1]) else []
             layouts = tiled if tiled and args.layout == "tiled" else [("", weights)] + tiled
             for suffix, ws in layouts:
-                out = torch.zeros(n, device=device).half()
+                found.append(Candidate("stream " + "x".join(str(v) for v in cfg) + suffix, ws,
+                                       lambda w, a, nw, out, cfg=cfg, mode=mode: stream_gemv(w, a, nw, out, mode,
+                                                                                             cfg)))
+        return found
 
-                def calls(out=out, ws=ws, cfg=cfg) -> None:
-                    out.copy_(init)
-                    for w in ws:
-                        stream_gemv(w, a, nw if mode == 0 else None, out, mode, cfg)
-                label = "stream " + "x".join(str(v) for v in cfg) + suffix
-                errs = ""
-                if args.check:
-                    one = torch.zeros(n, device=device).half().copy_(init)
-                    stream_gemv(ws[0], a, nw if mode == 0 else None, one, mode, cfg)
-                    ref = reference(ws[0], a, nw, init, mode)
-                    errs = f"{((one.double() - ref).norm() / ref.norm()).item():.1e}"
-                variants[label] = (graphed(calls), out, errs)
-                built(name, label, variants[label][0], device)
-        times = {label: [] for label in variants}
-        for _ in range(args.rounds):
-            for label, (graph, _, _) in variants.items():
-                times[label].append(time_gpu(graph.replay, device) * 1e3)
-        base_ms, base_out = None, None
-        for label, (graph, out, extra) in variants.items():
-            graph.replay()
-            torch.cuda.synchronize()
-            ms = statistics.median(times[label])
-            if base_ms is None:
-                base_ms, base_out = ms, out.float().clone()
-            err = ((out.float() - base_out).norm() / base_out.norm()).item()
-            print(f"| {name} x{args.layers} | {label} | {ms:.3f} | {nbytes / ms / 1e9:.2f} | {ms / base_ms:.3f} | "
-                  f"{err:.1e} | {extra if isinstance(extra, str) else ''} |", flush=True)
-        variants.clear()
-        weights.clear()
-        torch.cuda.empty_cache()
+    compare_to_shipped(args.bits, args.projections.split(","), args.layers, args.rounds, args.check, candidates)
 
 
 if __name__ == "__main__":
