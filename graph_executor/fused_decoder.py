@@ -14,26 +14,23 @@ import torch
 
 from graph_executor.kernels import l2_prefetch
 from graph_executor.kernels import pdl as pdl_launch
-from graph_executor.kernels.act_digits import ActDigits
 from graph_executor.kernels.decode_attention import DecodeAttention
 from graph_executor.kernels.decode_plan import options_for, plan_for
 from graph_executor.kernels.gemv import GemvConfig, GemvPlan
 from graph_executor.kernels.gemv_fp8 import Fp8Config, Fp8Plan
-from graph_executor.kernels.gemv_splitk import DigitsOut, SplitKConfig, SplitKPlan, SplitKScratch, digits_fit
+from graph_executor.kernels.gemv_splitk import SplitKConfig, SplitKPlan, SplitKScratch
 from graph_executor.kernels.l2_prefetch import L2Prefetch
 from graph_executor.kernels.projections import (
     ProjectionConfig,
     decode_scratch_size,
     embedding,
     gemv_residual,
-    packed_config,
     rmsnorm_gemv,
     silu_gemv_residual,
     tail_prefetch_ok,
 )
 from graph_executor.kernels.rope_append import rope_append
 from graph_executor.model import LlamaModel
-from graph_executor.quant.formats import Int4Groups, Int8Groups
 from graph_executor.tensor_parallel import StepCollectives
 
 # Block configs per projection for the packed formats: the best of the probes' sweeps (bench/probes/int4_splitk.py,
@@ -91,7 +88,7 @@ class FusedDecoder:
                  fp8: Fp8Plan | GemvPlan = FP8_PLAN, pdl: bool | None = None, fuse_rope: bool | None = None,
                  early_weights: bool | None = None, l2_prefetch_mb: int | None = None,
                  split_combine: bool | None = None, tail_prefetch_mb: int | None = None,
-                 v_early: bool | None = None, producer_digits: bool = False) -> None:
+                 v_early: bool | None = None) -> None:
         """`fp8`: per projection an Fp8Config runs FP8 slots through the split-K kernels, a GemvConfig through the
         fp16 kernels (FP8_GEMV_PLAN: all of them, the old path). `plan`: the dense weights' configs (None:
         `decode_plan.plan_for` the model's hidden size). `pdl`: launch the dense GEMVs, RoPE and attention
@@ -109,9 +106,7 @@ class FusedDecoder:
         kernels asks L2 for up to this many MiB of the next projection's weights once its rows are stored (the
         next kernel's first loads during this one's tail), on sm_90+ only; None: the options'. `v_early`: the
         attention kernel issues each block's V loads with its K loads (`DecodeAttention(v_early=)`); None: the
-        options'. `producer_digits`: the packed GEMVs that read the residual stream (gate_up, the next qkv, the
-        lm_head) take its activation digits from the reduce kernel of the packed call that wrote it (o, down)
-        instead of forming them (kernels/act_digits.py; off: not yet measured on a card)."""
+        options'."""
         cfg = model.config
         device = model.embed_tokens.device
         plan = plan_for(cfg.hidden_size) if plan is None else plan
@@ -167,45 +162,6 @@ class FusedDecoder:
                 if tail_prefetch_ok(w, self.plan[name]):
                     self.tail[i // len(LAYER_GEMVS)][name] = l2_prefetch.plan([slots[i + 1][0]], tail_budget << 20)
         self.collectives = StepCollectives(model.tp, 1, cfg.vocab_size, device)  # a tensor-parallel rank's
-        # per layer: the digits its o and down calls write (DigitsOut) and its gate_up and qkv calls read (ActDigits)
-        self.digits: list[dict[str, DigitsOut | ActDigits | None]] = [
-            dict.fromkeys(("qkv", "o", "gate_up", "down")) for _ in model.layers]
-        self.lm_head_digits: ActDigits | None = None
-        if producer_digits and self.collectives.tp is None:  # on a rank x is whole only after the all-reduce
-            self._plan_digits(device)
-
-    def _plan_digits(self, device: torch.device) -> None:
-        """Which residual calls write activation digits for the GEMV after them: a packed producer with a reduce
-        kernel, a packed consumer whose slices the digits fit. One buffer per consumer format (used in turn)."""
-        m, hidden = self.model, self.model.config.hidden_size
-        buffers: dict[tuple[bool, int], ActDigits] = {}
-
-        def packed_reduce(w, name: str) -> SplitKConfig | None:
-            if not isinstance(w, (Int4Groups, Int8Groups)):
-                return None
-            c = packed_config(w, self.plan[name])
-            return c if c.reduce_kernel else None
-
-        def consumer(w, name: str) -> ActDigits | None:
-            c = packed_reduce(w, name)
-            if c is None or not ActDigits.possible(hidden, w.group):
-                return None
-            key = (isinstance(w, Int4Groups), w.group)
-            d = buffers.get(key) or buffers.setdefault(key, ActDigits.allocate(hidden, *key, device))
-            return d if digits_fit(w, c, d) else None
-
-        for i, layer in enumerate(m.layers):
-            if packed_reduce(layer.o_proj, "o") and (d := consumer(layer.gate_up_proj, "gate_up")):
-                self.digits[i]["o"], self.digits[i]["gate_up"] = DigitsOut(d, layer.mlp_norm), d
-            last = i + 1 == len(m.layers)
-            nxt, name, norm = (m.lm_head, "lm_head", m.norm) if last else \
-                (m.layers[i + 1].qkv_proj, "qkv", m.layers[i + 1].attn_norm)
-            if packed_reduce(layer.down_proj, "down") and (d := consumer(nxt, name)):
-                self.digits[i]["down"] = DigitsOut(d, norm)
-                if last:
-                    self.lm_head_digits = d
-                else:
-                    self.digits[i + 1]["qkv"] = d
 
     @torch.inference_mode()
     def step(self, token: torch.Tensor, position: torch.Tensor, logits: torch.Tensor,
@@ -219,9 +175,9 @@ class FusedDecoder:
         x = self.x[0]  # [H]
         for index, layer in enumerate(m.layers):
             cache = m.kv_cache[index]  # [2, nkv, C, hd]
-            tail, dig = self.tail[index], self.digits[index]
+            tail = self.tail[index]
             rmsnorm_gemv(layer.qkv_proj, x, layer.attn_norm, eps, self.qkv, bias=layer.qkv_bias, cfg=g["qkv"],
-                         scratch=sc, prefetch=tail["qkv"], digits=dig["qkv"])
+                         scratch=sc, prefetch=tail["qkv"])
             if self.fuse_rope:
                 self.attention(self.qkv, cache[0], cache[1], position, self.attn, slots=slot, slot_stride=stride,
                                rope=m.rope, prefetch=self.prefetch[index])
@@ -231,15 +187,13 @@ class FusedDecoder:
                 self.attention(self.q, cache[0], cache[1], position, self.attn, slots=slot, slot_stride=stride,
                                prefetch=self.prefetch[index])
             c.before_residual(x)
-            gemv_residual(layer.o_proj, self.attn.view(-1), x, cfg=g["o"], scratch=sc, prefetch=tail["o"],
-                          digits_out=dig["o"])
+            gemv_residual(layer.o_proj, self.attn.view(-1), x, cfg=g["o"], scratch=sc, prefetch=tail["o"])
             c.after_residual(x)
             rmsnorm_gemv(layer.gate_up_proj, x, layer.mlp_norm, eps, self.gate_up, cfg=g["gate_up"], scratch=sc,
-                         prefetch=tail["gate_up"], digits=dig["gate_up"])
+                         prefetch=tail["gate_up"])
             c.before_residual(x)
-            silu_gemv_residual(layer.down_proj, self.gate_up, x, cfg=g["down"], scratch=sc, prefetch=tail["down"],
-                               digits_out=dig["down"])
+            silu_gemv_residual(layer.down_proj, self.gate_up, x, cfg=g["down"], scratch=sc, prefetch=tail["down"])
             c.after_residual(x)
         out = c.logits_target(logits)
-        rmsnorm_gemv(m.lm_head, x, m.norm, eps, out, cfg=g["lm_head"], scratch=sc, digits=self.lm_head_digits)
+        rmsnorm_gemv(m.lm_head, x, m.norm, eps, out, cfg=g["lm_head"], scratch=sc)
         return c.gather(logits, out)

@@ -502,17 +502,6 @@ for step in "${steps[@]}"; do
             --quantize none,int8,int4,fp8 --out "$OUT/formats" > "$OUT/formats.log" 2>&1
           echo "formats bench: rc=$?"; rm -rf "$OUT"/formats/*/logs; cat "$OUT/formats/formats.md"
           for f in float16 int8 int4 fp8; do echo "$f"; grep -A9 "^## TTFT" "$OUT/formats/$f/results.md" | tail -7; done ;;
-    digits) # issue 10: activation digits written by the residual's reduce kernel (FusedDecoder(producer_digits=True),
-            # kernels/act_digits.py): its cuda tests, then the 7B int4 / int8 steps with and without, 5 alternating
-            # rounds at contexts 300 and 2000 (~3 min)
-          timeout 200 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_act_digits.py tests/test_gemv_splitk.py \
-            > "$OUT/digits_tests.log" 2>&1
-          echo "cuda tests: rc=$? $(tail -1 "$OUT/digits_tests.log")"
-          for q in int4 int8; do
-            timeout 200 python3 -m bench.probes.step_variants --models llama-2-7b --contexts 300,2000 --rounds 5 \
-              --quantize $q --variants "pd=0;pd=1;pd=0;pd=1" > "$OUT/digits_$q.md" 2>&1
-            echo "$q: rc=$?"; tail -5 "$OUT/digits_$q.md"
-          done ;;
     ws) # issue 10: the warp-specialized int4 prefill GEMM probe, --check then the sweep (tools/ws_session.sh; carry
         # .ptxas as well: ptxas 13.4, bench/NOTES.md item 1c; ~40 s)
           bash tools/ws_session.sh ;;
@@ -529,7 +518,7 @@ for step in "${steps[@]}"; do
           timeout 200 python3 -m bench.probes.persistent_splitk --bits 8 --layout tiled --configs \
             32x128x4x3x0,32x128x4x3x396,32x128x8x3x132 > "$OUT/persistent_int8.md" 2> "$OUT/persistent_int8.err"
           echo "int8: rc=$?"; grep '^| ' "$OUT/persistent_int8.md" | cut -d'|' -f2-6 ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, digits, ws, smem, stream, persistent)"
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent)"
        exit 2 ;;
   esac
 done

@@ -52,7 +52,7 @@ def _persistent_kernel(codes_ptr, scale_ptr, offset_ptr, a_ptr, nw_ptr, part_ptr
         w, s, o, rows, row_ok = load_tile(codes_ptr, scale_ptr, offset_ptr, pid_n, pid_k, N, K, HAS_OFFSET, GROUP,
                                           BLOCK_N, BLOCK_KW, INT4, TILE_N, TILE_KW)
         partial, ss = tile_partial(w, s, o, pid_k, a_ptr, nw_ptr, K, MODE, HAS_OFFSET, ZERO, GROUP, BLOCK_N,
-                                   BLOCK_KW, INT4, EMULATE, False, None, None, None, None)
+                                   BLOCK_KW, INT4, EMULATE)
         store_partial(partial, ss, rows, row_ok, pid_n, pid_k, part_ptr, N, MODE, SPLIT)
 
 

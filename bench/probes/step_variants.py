@@ -14,8 +14,7 @@ tail asks L2 for: `FusedDecoder(tail_prefetch_mb=)`), rk (1: the plan's split-K 
 partials added by a second kernel, `DenseSplitKConfig.reduce_kernel`; 0: by the last program's fixup), ve (1: the
 attention's V loads issued with its K loads, `DecodeAttention(v_early=True)`), tile (1: a copy of the model with its
 packed weights stored tile-major, `quant.tiles.tile_model`; 2: only its o_proj and down_proj; 0: row-major as
-loaded), pd (1: the packed GEMVs that read the residual take its activation digits from the reduce kernel of the
-call that wrote it, `FusedDecoder(producer_digits=True)`, kernels/act_digits.py). split, warps, rope, pf, tpf, early,
+loaded). split, warps, rope, pf, tpf, early,
 rk and ve left out: the decoder's defaults (`decode_plan.plan_for` and `options_for` the model). Prints the median
 of each variant's per-round medians and its ratio to the first.
 """
@@ -49,10 +48,10 @@ def parse_variant(text: str) -> dict[str, int]:
     variant = {"fused": 1}
     for item in text.split(","):
         key, _, value = item.partition("=")
-        if key not in ("split", "warps", "fused", "rope", "early", "earlyo", "pf", "tpf", "rk", "ve", "tile", "pd") \
+        if key not in ("split", "warps", "fused", "rope", "early", "earlyo", "pf", "tpf", "rk", "ve", "tile") \
                 or not value.isdigit():
             raise SystemExit(f"bad variant item {item!r} in {text!r} (split=, warps=, fused=, rope=, early=, earlyo=, "
-                             "pf=, tpf=, rk=, ve=, tile=, pd=)")
+                             "pf=, tpf=, rk=, ve=, tile=)")
         variant[key] = int(value)
     return variant
 
@@ -69,8 +68,7 @@ def build(model, variant: dict[str, int]) -> FusedDecoder:
                                             for f in dataclasses.fields(plan)
                                             if isinstance(c := getattr(plan, f.name), DenseSplitKConfig)})
     decoder = FusedDecoder(model, plan=plan, fuse_rope=flag("rope"), early_weights=flag("early"),
-                           l2_prefetch_mb=variant.get("pf"), tail_prefetch_mb=variant.get("tpf"),
-                           producer_digits=bool(variant.get("pd", 0)))
+                           l2_prefetch_mb=variant.get("pf"), tail_prefetch_mb=variant.get("tpf"))
     cfg = model.config
     decoder.attention = DecodeAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, model.max_context,
                                         model.embed_tokens.device, cfg.sliding_window, variant.get("split"),

@@ -36,14 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from graph_executor.kernels.act_digits import (
-    REDUCE_BLOCK,
-    ActDigits,
-    digit_words,
-    digits,
-    read_digits,
-    write_digits,
-)
+from graph_executor.kernels.act_digits import digit_words, digits
 from graph_executor.kernels.pdl import launch_options, wait_for_prior
 from graph_executor.quant.formats import INT4_ZERO, Int4Groups, Int8Groups
 
@@ -140,14 +133,11 @@ def _splitk_kernel(codes_ptr, scale_ptr, offset_ptr, a_ptr, nw_ptr, b_ptr, out_p
                    SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_KW: tl.constexpr, INT4: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr,
                    EARLY: tl.constexpr, FIXUP: tl.constexpr = True, TILE_N: tl.constexpr = 0,
-                   TILE_KW: tl.constexpr = 0, DIGITS: tl.constexpr = False, d_words_ptr=None, d_amax_ptr=None,
-                   d_sums_ptr=None, d_sumsq_ptr=None):
+                   TILE_KW: tl.constexpr = 0):
     """MODE 0: out = W @ (rmsnorm(a) * nw) [+ b]; 1: out += W @ a; 2: out += W @ (silu(a[:K]) * a[K:]). EARLY:
     codes, scales and offsets are loaded before the wait for the previous kernel (constant in a step: no race).
     Every load of the weight's bytes is issued before the activation's math: the offsets loaded after it (as until
-    the twenty-fourth session) left their latency exposed, and the int4 GEMVs ran 5-7% slower (bench/NOTES.md).
-    DIGITS: the activation's digits, group maxima and sums (and MODE 0's sums of squares) come from the kernel that
-    wrote the activation (kernels/act_digits.py) instead of being formed here from a_ptr."""
+    the twenty-fourth session) left their latency exposed, and the int4 GEMVs ran 5-7% slower (bench/NOTES.md)."""
     if not EARLY:
         wait_for_prior(PDL)
     pid_n = tl.program_id(0)
@@ -157,7 +147,7 @@ def _splitk_kernel(codes_ptr, scale_ptr, offset_ptr, a_ptr, nw_ptr, b_ptr, out_p
     if EARLY:
         wait_for_prior(PDL)
     partial, ss = tile_partial(w, s, o, pid_k, a_ptr, nw_ptr, K, MODE, HAS_OFFSET, ZERO, GROUP, BLOCK_N, BLOCK_KW,
-                               INT4, EMULATE, DIGITS, d_words_ptr, d_amax_ptr, d_sums_ptr, d_sumsq_ptr)
+                               INT4, EMULATE)
     if FIXUP:
         fixup(partial, ss, rows, row_ok, pid_n, pid_k, part_ptr, count_ptr, scale_ptr, b_ptr, out_ptr, N, K, eps,
               MODE, HAS_BIAS, False, SPLIT, SPLIT_P2, BLOCK_N)
@@ -210,8 +200,7 @@ def load_tile(codes_ptr, scale_ptr, offset_ptr, pid_n, pid_k, N, K, HAS_OFFSET: 
 @triton.jit
 def tile_partial(w, s, o, pid_k, a_ptr, nw_ptr, K, MODE: tl.constexpr, HAS_OFFSET: tl.constexpr,
                  ZERO: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
-                 INT4: tl.constexpr, EMULATE: tl.constexpr, DIGITS: tl.constexpr, d_words_ptr, d_amax_ptr, d_sums_ptr,
-                 d_sumsq_ptr):
+                 INT4: tl.constexpr, EMULATE: tl.constexpr):
     """A weight block from `load_tile` times its K slice of the activation: the partial sums float32 [BLOCK_N] and
     (MODE 0) the slice's sum of squares."""
     EPW: tl.constexpr = 8 if INT4 else 4
@@ -219,15 +208,14 @@ def tile_partial(w, s, o, pid_k, a_ptr, nw_ptr, K, MODE: tl.constexpr, HAS_OFFSE
     NG: tl.constexpr = BLOCK_KW // WPG
     QGROUP: tl.constexpr = 32 if GROUP > 32 else GROUP  # the activation's quantization group
     NQ: tl.constexpr = BLOCK_KW * EPW // QGROUP
-    if DIGITS:  # made by the kernel that wrote the activation (kernels/act_digits.py)
-        w0, w1, w2, w3, amax, a_sum, ss = read_digits(d_words_ptr, d_amax_ptr, d_sums_ptr, d_sumsq_ptr, pid_k, K,
-                                                      BLOCK_KW, INT4, GROUP, MODE)
-    else:  # this program's slice of the activation, float32 [BLOCK_KW * EPW], as two int8 digits a group:
-        # a ~= d (hi + lo / 256), |error| <= d / 512 (d = max|a| / 127); the groups' sums exact
-        ka = pid_k * BLOCK_KW * EPW + tl.arange(0, BLOCK_KW * EPW)
-        a, ss = activation_slice(a_ptr, nw_ptr, ka, ka < K, K, MODE)
-        hi, lo, amax, a_sum = digits(a, QGROUP, GROUP)  # [NQ, QGROUP] x 2, [NQ], [NG]
-        w0, w1, w2, w3 = digit_words(hi, lo, INT4)  # int4: hi / lo of the positions 8kw + 2j (+ 1), [BLOCK_KW] each
+    # this program's slice of the activation, float32 [BLOCK_KW * EPW], as two int8 digits a group:
+    # a ~= d (hi + lo / 256), |error| <= d / 512 (d = max|a| / 127); the groups' sums exact. They are formed while the
+    # weight's loads are in flight: made once by the kernel that wrote the activation instead, the GEMVs ran no
+    # faster (bench/NOTES.md, thirty-sixth session)
+    ka = pid_k * BLOCK_KW * EPW + tl.arange(0, BLOCK_KW * EPW)
+    a, ss = activation_slice(a_ptr, nw_ptr, ka, ka < K, K, MODE)
+    hi, lo, amax, a_sum = digits(a, QGROUP, GROUP)  # [NQ, QGROUP] x 2, [NQ], [NG]
+    w0, w1, w2, w3 = digit_words(hi, lo, INT4)  # int4: hi / lo of the positions 8kw + 2j (+ 1), [BLOCK_KW] each
     if INT4:
         q_even = w & 0x0F0F0F0F  # byte j: weight 2j of the word's eight
         q_odd = (w >> 4) & 0x0F0F0F0F  # weight 2j + 1
@@ -270,19 +258,13 @@ def store_partial(partial, ss, rows, row_ok, pid_n, pid_k, part_ptr, N, MODE: tl
 @triton.jit
 def _reduce_kernel(part_ptr, scale_ptr, b_ptr, out_ptr, N, K, eps, MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
                    ROW_SCALE: tl.constexpr, SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr, BLOCK: tl.constexpr,
-                   PDL: tl.constexpr, DIGITS: tl.constexpr = False, D_INT4: tl.constexpr = True,
-                   D_GROUP: tl.constexpr = 32, d_nw_ptr=None, d_words_ptr=None, d_amax_ptr=None, d_sums_ptr=None,
-                   d_sumsq_ptr=None):
+                   PDL: tl.constexpr):
     """The second kernel of a `reduce_kernel` call: out[rows] = the SPLIT partials added in order, then what
-    `fixup`'s last program applies (the row scale, 1 / rms and the bias, or the residual), in the same order.
-    DIGITS: then the activation digits of out * d_nw for the GEMV that reads out next (kernels/act_digits.py)."""
+    `fixup`'s last program applies (the row scale, 1 / rms and the bias, or the residual), in the same order."""
     wait_for_prior(PDL)
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    v = _add_partials(part_ptr, part_ptr + SPLIT * N, rows, rows < N, scale_ptr, b_ptr, out_ptr, N, K, eps, MODE,
-                      HAS_BIAS, ROW_SCALE, SPLIT, SPLIT_P2, BLOCK)
-    if DIGITS:
-        write_digits(v, rows, rows < N, d_nw_ptr, d_words_ptr, d_amax_ptr, d_sums_ptr, d_sumsq_ptr, N, D_INT4,
-                     D_GROUP, BLOCK)
+    _add_partials(part_ptr, part_ptr + SPLIT * N, rows, rows < N, scale_ptr, b_ptr, out_ptr, N, K, eps, MODE,
+                  HAS_BIAS, ROW_SCALE, SPLIT, SPLIT_P2, BLOCK)
 
 
 @triton.jit
@@ -291,8 +273,7 @@ def _add_partials(part_ptr, sq_ptr, rows, row_ok, scale_ptr, b_ptr, out_ptr, N, 
                   BLOCK: tl.constexpr):
     """out[rows] = the SPLIT partials [SPLIT, N] added in order, times the row scale (ROW_SCALE), then 1 / rms from
     the slices' sums of squares at sq_ptr and the bias (MODE 0), or plus the residual (MODES 1, 2): what `fixup`'s
-    last program and `_reduce_kernel` both write, and returns it (float32 of the stored values). Loads through L2
-    (.cg): other programs wrote the partials."""
+    last program and `_reduce_kernel` both write. Loads through L2 (.cg): other programs wrote the partials."""
     total = tl.zeros([BLOCK], dtype=tl.float32)
     for i in tl.static_range(SPLIT):
         total += tl.load(part_ptr + i * N + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
@@ -306,9 +287,10 @@ def _add_partials(part_ptr, sq_ptr, rows, row_ok, scale_ptr, b_ptr, out_ptr, N, 
             total += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     else:
         total += tl.load(out_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    stored = total.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + rows, stored, mask=row_ok)
-    return stored.to(tl.float32)
+    tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+
+REDUCE_BLOCK = 256  # outputs a `_reduce_kernel` program adds up
 
 
 @triton.jit
@@ -371,36 +353,11 @@ def check_call(w, scratch: SplitKScratch, needs: tuple[int, int], cfg, vectors: 
                              f"{tuple(t.shape)} on {t.device}")
 
 
-@dataclass(frozen=True)
-class DigitsOut:
-    """What a residual call's reduce kernel also writes: the digits of x * norm_w for the GEMV that reads x next."""
-
-    digits: ActDigits
-    norm_w: torch.Tensor  # [N]: the next GEMV's RMSNorm weight
-
-
-def digits_fit(w: Packed, cfg: SplitKConfig, digits: ActDigits) -> bool:
-    """Whether a call over w with cfg can read `digits` instead of forming its activation's (kernels/act_digits.py):
-    the same format, group and K, and slices of whole reduce blocks."""
-    return digits.serves(isinstance(w, Int4Groups), w.group, w.shape[1], cfg.block_kw * w.per_word)
-
-
 def _launch(w: Packed, a: torch.Tensor, nw: torch.Tensor | None, bias: torch.Tensor | None, out: torch.Tensor,
-            eps: float, mode: int, scratch: SplitKScratch, cfg: SplitKConfig, digits_in: ActDigits | None = None,
-            digits_out: DigitsOut | None = None) -> torch.Tensor:
+            eps: float, mode: int, scratch: SplitKScratch, cfg: SplitKConfig) -> torch.Tensor:
     n, k = w.shape
     split = _split(w, cfg)
     int4 = isinstance(w, Int4Groups)
-    if digits_in is not None and not digits_fit(w, cfg, digits_in):
-        raise ValueError(f"activation digits (int4 {digits_in.int4}, group {digits_in.group}, k {digits_in.k}) do "
-                         f"not serve a [{n}, {k}] {type(w).__name__} (group {w.group}) call with {cfg}")
-    if digits_out is not None:
-        d = digits_out.digits
-        if mode == 0 or not cfg.reduce_kernel or d.k != n or digits_out.norm_w.numel() != n:
-            raise ValueError(f"activation digits are written by a residual call's reduce kernel over [{d.k}] rows; "
-                             f"got mode {mode}, {cfg}, {n} rows, norm weight {tuple(digits_out.norm_w.shape)}")
-    dig = {} if digits_in is None else dict(DIGITS=True, d_words_ptr=digits_in.words, d_amax_ptr=digits_in.amax,
-                                            d_sums_ptr=digits_in.sums, d_sumsq_ptr=digits_in.sumsq)
     offset = w.offset if w.offset is not None else w.scale  # unused when HAS_OFFSET is False
     tiles = w.tiles or (0, 0)
     _splitk_kernel[(triton.cdiv(n, cfg.block_n), split)](
@@ -409,55 +366,44 @@ def _launch(w: Packed, a: torch.Tensor, nw: torch.Tensor | None, bias: torch.Ten
         ZERO=float(INT4_ZERO) if int4 and w.offset is None else 0.0, HAS_BIAS=bias is not None, SPLIT=split,
         SPLIT_P2=triton.next_power_of_2(split), GROUP=w.group, BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw,
         INT4=int4, EMULATE=not w.codes.is_cuda, num_warps=cfg.num_warps, num_stages=1, PDL=cfg.pdl, EARLY=cfg.early,
-        FIXUP=not cfg.reduce_kernel, TILE_N=tiles[0], TILE_KW=tiles[1], **dig, **launch_options(cfg.pdl))
+        FIXUP=not cfg.reduce_kernel, TILE_N=tiles[0], TILE_KW=tiles[1], **launch_options(cfg.pdl))
     if cfg.reduce_kernel:
-        launch_reduce(scratch, None, bias, out, n, k, eps, mode, split, cfg.pdl, digits_out)
+        launch_reduce(scratch, None, bias, out, n, k, eps, mode, split, cfg.pdl)
     return out
 
 
 def launch_reduce(scratch: SplitKScratch, row_scale: torch.Tensor | None, bias: torch.Tensor | None,
-                  out: torch.Tensor, n: int, k: int, eps: float, mode: int, split: int, pdl: bool,
-                  digits_out: DigitsOut | None = None) -> None:
+                  out: torch.Tensor, n: int, k: int, eps: float, mode: int, split: int, pdl: bool) -> None:
     """The second kernel of a split-K call with `reduce_kernel` (here and in gemv_fp8): out [n] from the `split`
-    partials its first kernel stored in scratch (row_scale: FP8's float32 [n]); with `digits_out`, then the
-    activation digits of out * its norm weight (kernels/act_digits.py)."""
-    dig = {}
-    if digits_out is not None:
-        d = digits_out.digits
-        dig = dict(DIGITS=True, D_INT4=d.int4, D_GROUP=d.group, d_nw_ptr=digits_out.norm_w, d_words_ptr=d.words,
-                   d_amax_ptr=d.amax, d_sums_ptr=d.sums, d_sumsq_ptr=d.sumsq)
+    partials its first kernel stored in scratch (row_scale: FP8's float32 [n])."""
     _reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK),)](
         scratch.partial, row_scale if row_scale is not None else scratch.partial, bias if bias is not None else out,
         out, n, k, eps, MODE=mode, HAS_BIAS=bias is not None, ROW_SCALE=row_scale is not None, SPLIT=split,
-        SPLIT_P2=triton.next_power_of_2(split), BLOCK=REDUCE_BLOCK, PDL=pdl, num_warps=4, **dig,
-        **launch_options(pdl))
+        SPLIT_P2=triton.next_power_of_2(split), BLOCK=REDUCE_BLOCK, PDL=pdl, num_warps=4, **launch_options(pdl))
 
 
 def rmsnorm_gemv(w: Packed, x: torch.Tensor, norm_w: torch.Tensor, eps: float, out: torch.Tensor,
-                 scratch: SplitKScratch, bias: torch.Tensor | None = None, cfg: SplitKConfig = DEFAULT,
-                 digits: ActDigits | None = None) -> torch.Tensor:
-    """w [N, K], x [K], norm_w [K], bias [N] or None -> out [N] = W @ (rmsnorm(x) * norm_w) [+ bias]. `digits`: x's
-    activation digits as the call that wrote x left them (kernels/act_digits.py; x itself is then not read)."""
+                 scratch: SplitKScratch, bias: torch.Tensor | None = None, cfg: SplitKConfig = DEFAULT) -> torch.Tensor:
+    """w [N, K], x [K], norm_w [K], bias [N] or None -> out [N] = W @ (rmsnorm(x) * norm_w) [+ bias]."""
     n, k = w.shape
     vectors = dict(x=(x, k), norm_w=(norm_w, k), out=(out, n))
     if bias is not None:
         vectors["bias"] = (bias, n)
     _check(w, scratch, cfg, vectors)
-    return _launch(w, x, norm_w, bias, out, eps, 0, scratch, cfg, digits_in=digits)
+    return _launch(w, x, norm_w, bias, out, eps, 0, scratch, cfg)
 
 
 def gemv_residual(w: Packed, a: torch.Tensor, x: torch.Tensor, scratch: SplitKScratch,
-                  cfg: SplitKConfig = DEFAULT, digits_out: DigitsOut | None = None) -> torch.Tensor:
-    """x [N] += w [N, K] @ a [K], in place; `digits_out` (a `reduce_kernel` config): also the activation digits of
-    the new x * its norm weight for the GEMV that reads x next."""
+                  cfg: SplitKConfig = DEFAULT) -> torch.Tensor:
+    """x [N] += w [N, K] @ a [K], in place."""
     n, k = w.shape
     _check(w, scratch, cfg, dict(a=(a, k), x=(x, n)))
-    return _launch(w, a, None, None, x, 0.0, 1, scratch, cfg, digits_out=digits_out)
+    return _launch(w, a, None, None, x, 0.0, 1, scratch, cfg)
 
 
 def silu_gemv_residual(w: Packed, gate_up: torch.Tensor, x: torch.Tensor, scratch: SplitKScratch,
-                       cfg: SplitKConfig = DEFAULT, digits_out: DigitsOut | None = None) -> torch.Tensor:
-    """x [N] += w [N, K] @ (silu(gate_up[:K]) * gate_up[K:]), in place; `digits_out`: as gemv_residual's."""
+                       cfg: SplitKConfig = DEFAULT) -> torch.Tensor:
+    """x [N] += w [N, K] @ (silu(gate_up[:K]) * gate_up[K:]), in place."""
     n, k = w.shape
     _check(w, scratch, cfg, dict(gate_up=(gate_up, 2 * k), x=(x, n)))
-    return _launch(w, gate_up, None, None, x, 0.0, 2, scratch, cfg, digits_out=digits_out)
+    return _launch(w, gate_up, None, None, x, 0.0, 2, scratch, cfg)

@@ -19,10 +19,9 @@ import torch
 import triton
 
 from graph_executor.kernels import fp8_scaled_mm, gemm_lowbit, gemv, gemv_dense_splitk, gemv_fp8, gemv_splitk
-from graph_executor.kernels.act_digits import ActDigits
 from graph_executor.kernels.gemv_dense_splitk import DenseSplitKConfig
 from graph_executor.kernels.gemv_fp8 import Fp8Config
-from graph_executor.kernels.gemv_splitk import DigitsOut, SplitKConfig, SplitKScratch
+from graph_executor.kernels.gemv_splitk import SplitKConfig, SplitKScratch
 from graph_executor.kernels.l2_prefetch import L2Prefetch
 from graph_executor.quant.formats import Fp8Rows, Int4Groups, Int8Groups
 from graph_executor.quant.rows import Weight
@@ -81,24 +80,15 @@ def _check_prefetch(w: Weight, cfg: ProjectionConfig, prefetch: L2Prefetch | Non
         raise ValueError("a tail L2 prefetch rides only on gemv.py's kernels (dense weights on a GemvConfig)")
 
 
-def _check_digits(w: Weight, digits: ActDigits | DigitsOut | None) -> None:
-    if digits is not None and not isinstance(w, (Int4Groups, Int8Groups)):
-        raise ValueError(f"activation digits are made and read by the packed int4/int8 GEMVs only, not over "
-                         f"{type(w).__name__} weights")
-
-
 def rmsnorm_gemv(w: Weight, x: torch.Tensor, norm_w: torch.Tensor, eps: float, out: torch.Tensor,
                  bias: torch.Tensor | None = None, cfg: ProjectionConfig = ProjectionConfig(),
-                 scratch: SplitKScratch | None = None, prefetch: L2Prefetch | None = None,
-                 digits: ActDigits | None = None) -> torch.Tensor:
+                 scratch: SplitKScratch | None = None, prefetch: L2Prefetch | None = None) -> torch.Tensor:
     """out [N] = W @ (rmsnorm(x [K]) * norm_w) [+ bias]. `prefetch` (`tail_prefetch_ok` slots only): weights the
-    kernel's programs ask L2 for once their rows are done (kernels/l2_prefetch.py). `digits` (packed int4/int8
-    only): x's activation digits as the call that wrote x left them (kernels/act_digits.py)."""
+    kernel's programs ask L2 for once their rows are done (kernels/l2_prefetch.py)."""
     _check_prefetch(w, cfg, prefetch)
-    _check_digits(w, digits)
     if isinstance(w, (Int4Groups, Int8Groups)):
         c, sc = _packed(w, cfg, scratch)
-        return gemv_splitk.rmsnorm_gemv(w, x, norm_w, eps, out, sc, bias, c, digits=digits)
+        return gemv_splitk.rmsnorm_gemv(w, x, norm_w, eps, out, sc, bias, c)
     if isinstance(w, Fp8Rows) and isinstance(cfg.fp8, gemv.GemvConfig):
         return gemv.rmsnorm_gemv(w.codes, x, norm_w, eps, out, bias, cfg.fp8, row_scale=w.scale)
     if isinstance(w, Fp8Rows):
@@ -111,15 +101,12 @@ def rmsnorm_gemv(w: Weight, x: torch.Tensor, norm_w: torch.Tensor, eps: float, o
 
 
 def gemv_residual(w: Weight, a: torch.Tensor, x: torch.Tensor, cfg: ProjectionConfig = ProjectionConfig(),
-                  scratch: SplitKScratch | None = None, prefetch: L2Prefetch | None = None,
-                  digits_out: DigitsOut | None = None) -> torch.Tensor:
-    """x [N] += W @ a [K]. `prefetch`: as rmsnorm_gemv's. `digits_out` (packed int4/int8 with a reduce kernel
-    only): also the activation digits of the new x for the GEMV that reads it next."""
+                  scratch: SplitKScratch | None = None, prefetch: L2Prefetch | None = None) -> torch.Tensor:
+    """x [N] += W @ a [K]. `prefetch`: as rmsnorm_gemv's."""
     _check_prefetch(w, cfg, prefetch)
-    _check_digits(w, digits_out)
     if isinstance(w, (Int4Groups, Int8Groups)):
         c, sc = _packed(w, cfg, scratch)
-        return gemv_splitk.gemv_residual(w, a, x, sc, c, digits_out=digits_out)
+        return gemv_splitk.gemv_residual(w, a, x, sc, c)
     if isinstance(w, Fp8Rows) and isinstance(cfg.fp8, gemv.GemvConfig):
         return gemv.gemv_residual(w.codes, a, x, cfg.fp8, row_scale=w.scale)
     if isinstance(w, Fp8Rows):
@@ -133,14 +120,12 @@ def gemv_residual(w: Weight, a: torch.Tensor, x: torch.Tensor, cfg: ProjectionCo
 
 def silu_gemv_residual(w: Weight, gate_up: torch.Tensor, x: torch.Tensor,
                        cfg: ProjectionConfig = ProjectionConfig(),
-                       scratch: SplitKScratch | None = None, prefetch: L2Prefetch | None = None,
-                       digits_out: DigitsOut | None = None) -> torch.Tensor:
-    """x [N] += W @ (silu(gate_up[:K]) * gate_up[K:]). `prefetch`, `digits_out`: as gemv_residual's."""
+                       scratch: SplitKScratch | None = None, prefetch: L2Prefetch | None = None) -> torch.Tensor:
+    """x [N] += W @ (silu(gate_up[:K]) * gate_up[K:]). `prefetch`: as rmsnorm_gemv's."""
     _check_prefetch(w, cfg, prefetch)
-    _check_digits(w, digits_out)
     if isinstance(w, (Int4Groups, Int8Groups)):
         c, sc = _packed(w, cfg, scratch)
-        return gemv_splitk.silu_gemv_residual(w, gate_up, x, sc, c, digits_out=digits_out)
+        return gemv_splitk.silu_gemv_residual(w, gate_up, x, sc, c)
     if isinstance(w, Fp8Rows) and isinstance(cfg.fp8, gemv.GemvConfig):
         return gemv.silu_gemv_residual(w.codes, gate_up, x, cfg.fp8, row_scale=w.scale)
     if isinstance(w, Fp8Rows):
