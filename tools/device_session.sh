@@ -518,7 +518,16 @@ for step in "${steps[@]}"; do
           timeout 200 python3 -m bench.probes.persistent_splitk --bits 8 --layout tiled --configs \
             32x128x4x3x0,32x128x4x3x396,32x128x8x3x132 > "$OUT/persistent_int8.md" 2> "$OUT/persistent_int8.err"
           echo "int8: rc=$?"; grep '^| ' "$OUT/persistent_int8.md" | cut -d'|' -f2-6 ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent)"
+    prefill200) # issue 12: the 7B fp16 prefill GEMMs at 100-500 tokens in four cuBLAS formulations
+                # (bench.probes.prefill_gemm), then bench.probes.kernel_profile of the 200- and 500-token prefills (~3 min)
+          timeout 200 python3 -m bench.probes.prefill_gemm > "$OUT/prefill_gemm.md" 2>&1; echo "prefill_gemm rc=$?"
+          tail -8 "$OUT/prefill_gemm.md"
+          for p in 200 500; do
+            timeout 150 python3 -m bench.probes.kernel_profile --context 512 --prompt $p --steps 10 --top 20 \
+              > "$OUT/profile_prefill$p.md" 2>&1; echo "profile $p rc=$?"
+            sed -n '/### prefill/,/^$/p' "$OUT/profile_prefill$p.md" | head -26; tail -2 "$OUT/profile_prefill$p.md"
+          done ;;
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200)"
        exit 2 ;;
   esac
 done

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
                 out = torch.zeros(rows, n, device=device, dtype=torch.float16)
                 out_t = torch.zeros(n, rows, device=device, dtype=torch.float16)
 
-                def step(v=v, x=x, out=out, out_t=out_t) -> None:
+                def step(v=v, x=x, out=out, out_t=out_t, weights=weights) -> None:
                     for w in weights:
                         if v == "swap":
                             torch.mm(w, x.t(), out=out_t)
