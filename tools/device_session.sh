@@ -525,7 +525,7 @@ for step in "${steps[@]}"; do
           for p in 200 500; do
             timeout 150 python3 -m bench.probes.kernel_profile --context 512 --prompt $p --steps 10 --top 20 \
               > "$OUT/profile_prefill$p.md" 2>&1; echo "profile $p rc=$?"
-            sed -n '/### prefill/,/^$/p' "$OUT/profile_prefill$p.md" | head -26; tail -2 "$OUT/profile_prefill$p.md"
+            sed -n '/### prefill/,$p' "$OUT/profile_prefill$p.md" | head -26; tail -2 "$OUT/profile_prefill$p.md"
           done ;;
     *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200)"
        exit 2 ;;
