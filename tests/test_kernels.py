@@ -170,6 +170,42 @@ def test_rope_append_writes_q_and_the_cache_slot() -> None:
     assert torch.isnan(others).all(), "only the slot at `pos` may be written"
 
 
+@pytest.mark.parametrize("block_h", [None, 1, 4, 16])
+def test_rope_append_over_several_tokens_writes_every_q_head_and_cache_row(block_h) -> None:
+    """T = 5 tokens at scattered positions, 6 query heads and 2 KV heads (a block of 4 heads leaves a ragged last
+    block, 16 one block of each kind): every q element and each token's K / V cache row against apply_rope, the
+    other cache rows left as they were."""
+    from graph_executor.loading.config import ModelConfig
+    from graph_executor.rope import apply_rope, rope_tables
+
+    heads, kv_heads, hd, cache_len = 6, 2, 64, 40
+    positions = torch.tensor([3, 0, 17, 39, 8])
+    t = positions.numel()
+    cfg = ModelConfig("llama", 10, 8, 8, 1, heads, kv_heads, hd, cache_len, rope_theta=500.0)
+    rope = rope_tables(cfg, cache_len, DEVICE)
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * hd, generator=torch.Generator().manual_seed(6))
+    kv_dev = torch.full((2, kv_heads, cache_len, hd), float("nan"), device=DEVICE)
+    q_dev = torch.full((t, heads, hd), float("nan"), device=DEVICE)
+    rope_append(qkv.to(DEVICE), positions.to(DEVICE), rope, q_dev, kv_dev[0], kv_dev[1], heads, kv_heads, hd,
+                block_h=block_h)
+    cos, sin = rope[positions, 0].cpu().view(t, 1, hd), rope[positions, 1].cpu().view(t, 1, hd)
+    q, k, v = qkv.split([heads * hd, kv_heads * hd, kv_heads * hd], dim=1)
+    assert torch.allclose(q_dev.cpu(), apply_rope(q.view(t, heads, hd), cos, sin), atol=1e-5)
+    want_k = apply_rope(k.view(t, kv_heads, hd), cos, sin)
+    for i, p in enumerate(positions.tolist()):
+        assert torch.allclose(kv_dev[0, :, p].cpu(), want_k[i], atol=1e-5)
+        assert torch.equal(kv_dev[1, :, p].cpu(), v[i].view(kv_heads, hd))
+    untouched = torch.ones(cache_len, dtype=torch.bool)
+    untouched[positions] = False
+    assert torch.isnan(kv_dev[:, :, untouched.to(DEVICE)]).all(), "only the tokens' cache rows may be written"
+
+
+def test_rope_append_refuses_a_block_that_is_not_a_power_of_two() -> None:
+    with pytest.raises(ValueError, match="power of two"):
+        rope_append(torch.zeros(2, 64), torch.zeros(2, dtype=torch.long), torch.zeros(4, 2, 16), torch.zeros(2, 2, 16),
+                    torch.zeros(1, 4, 16), torch.zeros(1, 4, 16), 2, 1, 16, block_h=3)
+
+
 def test_fused_decoder_matches_model_decode(tmp_path) -> None:
     import transformers
 

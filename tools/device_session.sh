@@ -527,7 +527,18 @@ for step in "${steps[@]}"; do
               > "$OUT/profile_prefill$p.md" 2>&1; echo "profile $p rc=$?"
             sed -n '/### prefill/,$p' "$OUT/profile_prefill$p.md" | head -26; tail -2 "$OUT/profile_prefill$p.md"
           done ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200)"
+    rope) # issue 12: rope_append with a block of heads a program: its tests on the card, the kernel alone by heads a
+          # program (bench.probes.rope_rows), the 200-token prefill's profile after it, and the bucket padding's cost
+          # (bench.probes.prefill_buckets) (~4 min)
+          timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k rope tests/test_rope_in_attention.py \
+            > "$OUT/rope_tests.log" 2>&1; echo "rope tests: rc=$? $(tail -1 "$OUT/rope_tests.log")"
+          timeout 120 python3 -m bench.probes.rope_rows > "$OUT/rope_rows.md" 2>&1; echo "rope_rows rc=$?"; cat "$OUT/rope_rows.md"
+          timeout 150 python3 -m bench.probes.kernel_profile --context 512 --prompt 200 --steps 10 --top 12 \
+            > "$OUT/profile_prefill200_rope.md" 2>&1; echo "profile rc=$?"
+          grep -E 'rope|prefill of|graph replays' "$OUT/profile_prefill200_rope.md" | head -5
+          timeout 240 python3 -m bench.probes.prefill_buckets > "$OUT/prefill_buckets.md" 2>&1; echo "buckets rc=$?"
+          tail -8 "$OUT/prefill_buckets.md" ;;
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200, rope)"
        exit 2 ;;
   esac
 done
