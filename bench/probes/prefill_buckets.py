@@ -6,6 +6,7 @@ Why (issue 12): a prompt runs in the prefill graph of the smallest bucket that h
 against one captured for exactly that many rows, in alternating rounds in one process (CUDA events).
 
     python -m bench.probes.prefill_buckets [--tokens 100,200,300,400,500] [--rounds 5]
+    python -m bench.probes.prefill_buckets --curve 96,104,...   (a graph for each row count: time against rows)
 """
 
 from __future__ import annotations
@@ -36,7 +37,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default="dummy:llama-2-7b")
     ap.add_argument("--tokens", default="100,200,300,400,500")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--curve", default=None, help="comma-separated row counts: one graph each, timed in rounds")
     args = ap.parse_args(argv)
+    if args.curve:
+        return curve([int(v) for v in args.curve.split(",")], args.model, args.rounds)
     lengths = [int(v) for v in args.tokens.split(",")]
     model = load_model(LoadConfig(model=args.model, device="cuda", dtype="float16", max_context=600,
                                   progress=False)).model
@@ -62,6 +66,29 @@ def main(argv: list[str] | None = None) -> None:
         bucket = next(b for b in padded.buckets if b >= n)
         p, e = statistics.median(times[(n, "padded")]), statistics.median(times[(n, "exact")])
         print(f"| {n} | {bucket} | {p:.3f} | {e:.3f} | {e / p:.3f} |")
+
+
+def curve(rows: list[int], model_name: str, rounds: int) -> None:
+    """A prefill graph for each row count, timed in alternating rounds: the step time against the rows it computes."""
+    model = load_model(LoadConfig(model=model_name, device="cuda", dtype="float16", max_context=max(rows) + 64,
+                                  progress=False)).model
+    runner = GraphRunner(model, buckets=tuple(sorted(set(rows))))
+    runner.buffers.input_ids.random_(0, model.config.vocab_size)
+    for n in rows:
+        runner.prefill(n)
+    while runner.capture_next() is not None:
+        pass
+    times = {n: [] for n in rows}
+    for _ in range(rounds):
+        for n in rows:
+            times[n].append(graph_ms(runner, n))
+    print(f"{torch.cuda.get_device_name()}: {model_name} fp16 prefill graph of exactly n rows, median of {rounds} "
+          "rounds x 10 replays")
+    print("| rows | ms | us a row |")
+    print("|---|---|---|")
+    for n in rows:
+        ms = statistics.median(times[n])
+        print(f"| {n} | {ms:.3f} | {ms / n * 1e3:.2f} |")
 
 
 if __name__ == "__main__":
