@@ -30,9 +30,27 @@ from graph_executor.runner import check_batch, check_slot, check_span, check_tok
 from ipc.messages import MAX_CHUNK_TOKENS, PromptChunk
 from ipc.step_buffers import MAX_VERIFY_TOKENS, StepBuffers
 
-# Every 32 tokens: a 200-token prompt pays for 224, not 256 (prefill is compute-bound past ~100 tokens).
-DEFAULT_BUCKETS = (16, *range(32, 513, 32))
+# Prompt rows a prefill / extend graph computes. Up to 128 every 32: there the step reads the weights once whatever
+# the rows (LLaMA-2-7B fp16 on the H200: 64 to 128 rows all 4.8-4.9 ms). Past 128 the GEMMs are compute-bound and
+# every 16: a 200-token prompt in 224 rows took 6.68 ms against 6.17 in 200 and 6.28 in 208, a 400-token one 10.82
+# in 416 against 10.05 in 400 (bench/NOTES.md, thirty-sixth session). cuBLAS is slower at some row counts than at
+# larger ones (216 rows 7.18 ms, 224 6.68), so a prompt takes the cheapest captured bucket that holds it
+# (`pick_bucket`, by each graph's replay time measured at capture).
+DEFAULT_BUCKETS = (16, 32, 64, 96, 128, *range(144, 513, 16))
 WARMUP_RUNS = 1  # compiles/loads the Triton kernels and makes the cuBLAS workspace of the capture stream
+TIMED_REPLAYS = 3  # replays of a prefill / extend graph timed at its capture (the median is its cost)
+
+
+def pick_bucket(num_tokens: int, buckets: tuple[int, ...], replay_ms: dict[int, float]) -> int:
+    """The bucket a prompt of num_tokens rows runs in: the smallest that holds it, unless that one's graph and a
+    larger one's are both captured and the larger replays faster (`replay_ms`: bucket -> measured ms, captured
+    graphs only). An uncaptured smallest bucket runs eagerly, as before any measurement."""
+    natural = next((b for b in buckets if b >= num_tokens), None)
+    if natural is None:
+        raise ValueError(f"no bucket holds {num_tokens} rows (the largest is {max(buckets, default=0)})")
+    if natural not in replay_ms:
+        return natural
+    return min((b for b in buckets if b >= natural and b in replay_ms), key=lambda b: (replay_ms[b], b))
 
 
 @dataclass(frozen=True)
@@ -71,6 +89,7 @@ class CaptureStats:
     seconds: dict[str, float] = field(default_factory=dict)  # graph name -> capture time (warm-up included)
     warmup_seconds: dict[str, float] = field(default_factory=dict)  # graph name -> its warm-up runs (kernel compile)
     pool_bytes: int = 0  # memory reserved by captures (the shared pool grows as graphs are added)
+    replay_ms: dict[str, float] = field(default_factory=dict)  # prefill / extend graph -> median timed replay
 
 
 class GraphRunner:
@@ -78,12 +97,15 @@ class GraphRunner:
 
     `decoder`: the fused decode step to capture (default: `FusedDecoder(model)`; the GEMV probe passes its own
     block plan). `accepts`: the verify graphs end with the greedy acceptance (`Verify.accept`; a draft model's
-    runner has no use for it)."""
+    runner has no use for it). `measured_buckets`: see `pick_bucket` (False: always the smallest bucket)."""
 
     def __init__(self, model: LlamaModel, buffers: StepBuffers | None = None,
                  buckets: tuple[int, ...] = DEFAULT_BUCKETS, decoder: FusedDecoder | None = None,
-                 accepts: bool = True) -> None:
+                 accepts: bool = True, measured_buckets: bool = True) -> None:
         self.model = model
+        # Prompts take the cheapest captured bucket by measured replay time (`pick_bucket`). Off for tensor-parallel
+        # ranks: each would measure its own, and every rank must replay the same graph (its collectives).
+        self.measured_buckets = measured_buckets
         device = model.embed_tokens.device
         self.buffers = buffers or StepBuffers.allocate(model.config.vocab_size, model.max_context, device,
                                                        model.slots)
@@ -261,14 +283,14 @@ class GraphRunner:
             eager_prefill(self.model, self.buffers, num_tokens, start_pos, slot)
             return
         if start_pos == 0 and slot == 0 and num_tokens <= self.chunk:
-            bucket = self._bucket("prefill", num_tokens)
+            bucket = self._cheapest("prefill", num_tokens)
             self.static.logits_index.fill_(num_tokens - 1)
             self._launch(f"prefill_{bucket}", lambda: self._prefill_body(bucket))
             return
         self.static.slot.fill_(slot)
         for offset in range(0, num_tokens, self.chunk):
             n = min(self.chunk, num_tokens - offset)
-            bucket = self._bucket("extend", n)
+            bucket = self._cheapest("extend", n)
             self.static.start.fill_(start_pos + offset)
             self.static.logits_index.fill_(n - 1)
             self._launch(f"extend_{bucket}", lambda: self._extend_body(bucket))
@@ -277,6 +299,16 @@ class GraphRunner:
         bucket = next(b for b in buckets or self.buckets if b >= num_tokens)
         self.demand[f"{kind}_{bucket}"] += 1
         return bucket
+
+    def _cheapest(self, kind: str, num_tokens: int) -> int:
+        """A prefill / extend step's bucket (`pick_bucket`); the demand goes to the smallest that holds it, so that
+        its graph is captured next."""
+        natural = self._bucket(kind, num_tokens)
+        if not self.measured_buckets:
+            return natural
+        measured = {int(name.removeprefix(f"{kind}_")): ms for name, ms in self.stats.replay_ms.items()
+                    if name.startswith(f"{kind}_")}
+        return pick_bucket(num_tokens, self.buckets, measured)
 
     # -- the step bodies (captured as graphs, or run eagerly) ----------------------------------------------
 
@@ -409,6 +441,9 @@ class GraphRunner:
                 gc.enable()
         graph.replay()  # the first launch uploads the graph (~ms for a large one): here, not in a request's step
         torch.cuda.synchronize()
+        if self.measured_buckets and name.startswith(("prefill_", "extend_")):
+            # its cost, for pick_bucket (the inputs still aimed at the scratch row)
+            self.stats.replay_ms[name] = _timed_replays(graph, TIMED_REPLAYS)
         torch.arange(self.static.arange.shape[0], out=self.static.arange)
         self.graphs[name] = graph
         self.stats.seconds[name] = round(time.perf_counter() - start, 4)
@@ -459,7 +494,21 @@ class GraphRunner:
 
     def facts(self) -> dict:
         return {"captured": dict(self.stats.seconds), "warmup": dict(self.stats.warmup_seconds),
-                "pending": self.pending(), "graph_pool_bytes": self.stats.pool_bytes}
+                "pending": self.pending(), "graph_pool_bytes": self.stats.pool_bytes,
+                "replay_ms": dict(self.stats.replay_ms)}
+
+
+def _timed_replays(graph: torch.cuda.CUDAGraph, replays: int) -> float:
+    """Median ms of `replays` back-to-back replays of graph on the current stream (CUDA events)."""
+    times = []
+    for _ in range(replays):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
 
 
 def _chunk_count(name: str) -> int:

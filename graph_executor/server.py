@@ -75,7 +75,8 @@ class ExecutorServer:
         if self.cuda and graphs:
             from graph_executor.graphs import GraphRunner  # needs Triton: GPU path only
 
-            self.graphs = GraphRunner(model, buffers)
+            # tensor-parallel ranks take the smallest bucket that holds a prompt: the same graph on every rank
+            self.graphs = GraphRunner(model, buffers, measured_buckets=tp is None or tp.size == 1)
         self.draft = draft
         proposer = DraftProposer(draft.model, buffers.input_ids, graphs) if draft is not None else None
         inner = self.graphs if self.graphs is not None else ModelRunner(model, buffers)

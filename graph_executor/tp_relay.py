@@ -124,7 +124,7 @@ def follow(model, tp: TensorParallel, graphs: bool = True) -> None:
     if graphs and device.type == "cuda":
         from graph_executor.graphs import GraphRunner  # needs Triton: GPU path only
 
-        runner = GraphRunner(model, buffers)
+        runner = GraphRunner(model, buffers, measured_buckets=False)  # rank 0's buckets (server.py)
     else:
         runner = ModelRunner(model, buffers)
     while True:

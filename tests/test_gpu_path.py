@@ -69,6 +69,34 @@ def test_capture_after_a_long_prompt_ran_eagerly() -> None:
     assert max(relative_error(g, e) for g, e in zip(graph_logits, eager_logits)) < 1e-3
 
 
+def test_a_prompt_takes_a_larger_captured_bucket_when_it_replays_faster() -> None:
+    """Prefill graphs are timed at capture (`stats.replay_ms`); a prompt whose smallest bucket replays slower than a
+    larger captured one runs in the larger (graph_executor/graphs.py, pick_bucket), with the same logits."""
+
+    class Refused:  # stands in for the 208-row graph: replaying it fails the test
+        def replay(self) -> None:
+            raise AssertionError("the slower bucket was replayed")
+
+    cfg = LoadConfig(model="dummy:smollm2-135m", device="cuda", dtype="float32", max_context=512, progress=False)
+    model = load_model(cfg).model
+    prompt = torch.randint(100, 40000, (200,), generator=torch.Generator().manual_seed(4)).tolist()
+    eager_logits, eager_tokens = run_steps(ModelRunner(model), prompt, 2)
+    graphs = GraphRunner(model)
+    for name in ("decode", "prefill_208", "prefill_224"):
+        graphs.capture(name)
+    ms = graphs.stats.replay_ms
+    assert set(ms) == {"prefill_208", "prefill_224"} and all(v > 0 for v in ms.values())
+    ms["prefill_208"] = ms["prefill_224"] + 1.0
+    graphs.graphs["prefill_208"] = Refused()
+    graph_logits, graph_tokens = run_steps(graphs, prompt, 2)
+    assert graphs.demand["prefill_208"] == 1  # the demand still goes to the smallest bucket
+    assert graph_tokens == eager_tokens
+    assert max(relative_error(g, e) for g, e in zip(graph_logits, eager_logits)) < 1e-3
+    ms["prefill_208"] = ms["prefill_224"] - 0.1
+    with pytest.raises(AssertionError, match="slower bucket"):
+        graphs.prefill(200)
+
+
 def test_chunked_prefill_through_graph_matches_eager() -> None:
     cfg = LoadConfig(model="dummy:smollm2-135m", device="cuda", dtype="float32", max_context=2048, progress=False)
     model = load_model(cfg).model
