@@ -538,7 +538,18 @@ for step in "${steps[@]}"; do
           grep -E 'rope|prefill of|graph replays' "$OUT/profile_prefill200_rope.md" | head -5
           timeout 240 python3 -m bench.probes.prefill_buckets > "$OUT/prefill_buckets.md" 2>&1; echo "buckets rc=$?"
           tail -8 "$OUT/prefill_buckets.md" ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200, rope)"
+    buckets) # issue 12: the finer prefill buckets and the bucket choice by measured replay time: the graph tests on
+             # the card, prefill_buckets (default buckets against exact rows), then the executor and two-process
+             # engines' TTFT at 10-500 tokens and decode (~5 min)
+          timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_path.py -k "graph or capture or chunked \
+            or bucket or continuing" tests/test_buckets.py > "$OUT/bucket_tests.log" 2>&1
+          echo "bucket tests: rc=$? $(tail -1 "$OUT/bucket_tests.log")"
+          timeout 200 python3 -m bench.probes.prefill_buckets > "$OUT/prefill_buckets.md" 2>&1; echo "buckets rc=$?"
+          tail -8 "$OUT/prefill_buckets.md"
+          timeout 420 python3 -m launch.cli bench --quiet --engines hybridrt,hybridrt-executor --workloads ttft,decode,floors \
+            --prompt-lens 10,25,50,100,200,300,400,500 --out "$OUT/run" > "$OUT/bench.log" 2>&1
+          echo "bench: rc=$?"; rm -rf "$OUT/run/logs" ;;
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200, rope, buckets)"
        exit 2 ;;
   esac
 done
