@@ -38,19 +38,26 @@ from ipc.step_buffers import MAX_VERIFY_TOKENS, StepBuffers
 # (`pick_bucket`, by each graph's replay time measured at capture).
 DEFAULT_BUCKETS = (16, 32, 64, 96, 128, *range(144, 513, 16))
 WARMUP_RUNS = 1  # compiles/loads the Triton kernels and makes the cuBLAS workspace of the capture stream
-TIMED_REPLAYS = 3  # replays of a prefill / extend graph timed at its capture (the median is its cost)
+TIMED_REPLAYS = 5  # replays of a prefill / extend graph timed at its capture (the median is its cost)
+# A larger bucket must replay this much faster to be taken: where rows cost nothing (short prompts, all reading the
+# weights once) the timings differ by noise, and a 10-token prompt must keep its 16-row graph (the short-prompt
+# kernels; a 32-row one is cuBLAS, ~0.1-0.2 ms slower on the 7B); the gains worth having were 7-10%.
+BUCKET_MARGIN = 0.03
 
 
-def pick_bucket(num_tokens: int, buckets: tuple[int, ...], replay_ms: dict[int, float]) -> int:
+def pick_bucket(num_tokens: int, buckets: tuple[int, ...], replay_ms: dict[int, float],
+                margin: float = BUCKET_MARGIN) -> int:
     """The bucket a prompt of num_tokens rows runs in: the smallest that holds it, unless that one's graph and a
-    larger one's are both captured and the larger replays faster (`replay_ms`: bucket -> measured ms, captured
-    graphs only). An uncaptured smallest bucket runs eagerly, as before any measurement."""
+    larger one's are both captured and the larger replays faster by more than `margin` (`replay_ms`: bucket ->
+    measured ms, captured graphs only); then the fastest such. An uncaptured smallest bucket runs eagerly, as
+    before any measurement."""
     natural = next((b for b in buckets if b >= num_tokens), None)
     if natural is None:
         raise ValueError(f"no bucket holds {num_tokens} rows (the largest is {max(buckets, default=0)})")
     if natural not in replay_ms:
         return natural
-    return min((b for b in buckets if b >= natural and b in replay_ms), key=lambda b: (replay_ms[b], b))
+    faster = [b for b in buckets if b > natural and b in replay_ms and replay_ms[b] < (1 - margin) * replay_ms[natural]]
+    return min(faster, key=lambda b: (replay_ms[b], b)) if faster else natural
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,7 @@ class GraphRunner:
         # Prompts take the cheapest captured bucket by measured replay time (`pick_bucket`). Off for tensor-parallel
         # ranks: each would measure its own, and every rank must replay the same graph (its collectives).
         self.measured_buckets = measured_buckets
+        self.bucket_ms: dict[str, dict[int, float]] = {"prefill": {}, "extend": {}}  # kind -> bucket -> replay ms
         device = model.embed_tokens.device
         self.buffers = buffers or StepBuffers.allocate(model.config.vocab_size, model.max_context, device,
                                                        model.slots)
@@ -304,11 +312,7 @@ class GraphRunner:
         """A prefill / extend step's bucket (`pick_bucket`); the demand goes to the smallest that holds it, so that
         its graph is captured next."""
         natural = self._bucket(kind, num_tokens)
-        if not self.measured_buckets:
-            return natural
-        measured = {int(name.removeprefix(f"{kind}_")): ms for name, ms in self.stats.replay_ms.items()
-                    if name.startswith(f"{kind}_")}
-        return pick_bucket(num_tokens, self.buckets, measured)
+        return pick_bucket(natural, self.buckets, self.bucket_ms[kind]) if self.measured_buckets else natural
 
     # -- the step bodies (captured as graphs, or run eagerly) ----------------------------------------------
 
@@ -443,7 +447,9 @@ class GraphRunner:
         torch.cuda.synchronize()
         if self.measured_buckets and name.startswith(("prefill_", "extend_")):
             # its cost, for pick_bucket (the inputs still aimed at the scratch row)
-            self.stats.replay_ms[name] = _timed_replays(graph, TIMED_REPLAYS)
+            ms = self.stats.replay_ms[name] = _timed_replays(graph, TIMED_REPLAYS)
+            kind, _, rows = name.partition("_")
+            self.bucket_ms[kind][int(rows)] = ms
         torch.arange(self.static.arange.shape[0], out=self.static.arange)
         self.graphs[name] = graph
         self.stats.seconds[name] = round(time.perf_counter() - start, 4)

@@ -24,6 +24,14 @@ def test_a_larger_captured_bucket_that_replays_faster_is_taken() -> None:
     assert pick_bucket(241, BUCKETS, measured) == 256
 
 
+def test_a_larger_bucket_must_be_faster_by_the_margin() -> None:
+    # short prompts: every bucket reads the weights once, the timings differ by noise; the 16-row graph stays
+    assert pick_bucket(10, BUCKETS, {16: 4.40, 32: 4.35, 64: 4.31}) == 16
+    assert pick_bucket(10, BUCKETS, {16: 4.40, 32: 4.35, 64: 4.20}) == 64
+    assert pick_bucket(10, BUCKETS, {16: 4.40, 32: 4.20, 64: 4.20}) == 32  # equal: the smaller
+    assert pick_bucket(10, BUCKETS, {16: 4.40, 32: 4.20, 64: 4.20}, margin=0.1) == 16
+
+
 def test_ties_go_to_the_smaller_bucket_and_no_bucket_is_smaller_than_the_prompt() -> None:
     measured = {b: 5.0 for b in BUCKETS}
     assert pick_bucket(100, BUCKETS, measured) == 128

@@ -84,15 +84,16 @@ def test_a_prompt_takes_a_larger_captured_bucket_when_it_replays_faster() -> Non
     graphs = GraphRunner(model)
     for name in ("decode", "prefill_208", "prefill_224"):
         graphs.capture(name)
-    ms = graphs.stats.replay_ms
-    assert set(ms) == {"prefill_208", "prefill_224"} and all(v > 0 for v in ms.values())
-    ms["prefill_208"] = ms["prefill_224"] + 1.0
+    assert set(graphs.stats.replay_ms) == {"prefill_208", "prefill_224"}
+    ms = graphs.bucket_ms["prefill"]
+    assert set(ms) == {208, 224} and all(v > 0 for v in ms.values()) and not graphs.bucket_ms["extend"]
+    ms[208] = ms[224] * 1.1
     graphs.graphs["prefill_208"] = Refused()
     graph_logits, graph_tokens = run_steps(graphs, prompt, 2)
     assert graphs.demand["prefill_208"] == 1  # the demand still goes to the smallest bucket
     assert graph_tokens == eager_tokens
     assert max(relative_error(g, e) for g, e in zip(graph_logits, eager_logits)) < 1e-3
-    ms["prefill_208"] = ms["prefill_224"] - 0.1
+    ms[208] = ms[224]
     with pytest.raises(AssertionError, match="slower bucket"):
         graphs.prefill(200)
 
