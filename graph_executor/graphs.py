@@ -43,11 +43,6 @@ TIMED_REPLAYS = 5  # replays of a prefill / extend graph timed at its capture (t
 # weights once) the timings differ by noise, and a 10-token prompt must keep its 16-row graph (the short-prompt
 # kernels; a 32-row one is cuBLAS, ~0.1-0.2 ms slower on the 7B); the gains worth having were 7-10%.
 BUCKET_MARGIN = 0.03
-# A prefill / extend graph captured again with torch's cuBLASLt path for its GEMMs (the trial's name: the graph's
-# + LT_TRIAL), while idle once every graph exists, and kept where it replays BUCKET_MARGIN faster. The 7B fp16
-# prefill GEMMs at exactly 100 / 300 / 500 rows took 6% less through cuBLASLt, at 200 rows 5% more (H200,
-# bench/probes/prefill_gemm.py): which one wins depends on the shape, so each graph is measured both ways.
-LT_TRIAL = "@cublaslt"
 
 
 def pick_bucket(num_tokens: int, buckets: tuple[int, ...], replay_ms: dict[int, float],
@@ -102,8 +97,6 @@ class CaptureStats:
     warmup_seconds: dict[str, float] = field(default_factory=dict)  # graph name -> its warm-up runs (kernel compile)
     pool_bytes: int = 0  # memory reserved by captures (the shared pool grows as graphs are added)
     replay_ms: dict[str, float] = field(default_factory=dict)  # prefill / extend graph -> median timed replay
-    trials_ms: dict[str, float] = field(default_factory=dict)  # cuBLASLt trial (name + LT_TRIAL) -> its replay
-    cublaslt: list[str] = field(default_factory=list)  # graphs whose cuBLASLt capture was kept (faster)
 
 
 class GraphRunner:
@@ -402,10 +395,7 @@ class GraphRunner:
             else:
                 order += [f"{kind}_{b}" for b in by_demand]
         order += [] if self.verify_used else verify
-        pending = [name for name in order if name not in self.graphs]
-        if not pending and self.measured_buckets:  # then each measured graph once more, through cuBLASLt
-            pending = [name + LT_TRIAL for name in self.stats.replay_ms if name + LT_TRIAL not in self.stats.trials_ms]
-        return pending
+        return [name for name in order if name not in self.graphs]
 
     def capture_next(self, capture: Callable[[str], None] | None = None) -> str | None:
         """Capture the next pending graph; returns its name, or None when all are captured. `capture`: what captures
@@ -427,40 +417,10 @@ class GraphRunner:
         return names + ([f"verify_{n}" for n in range(MAX_VERIFY_TOKENS, 1, -1)] if verify else [])
 
     def capture(self, name: str) -> None:
-        """Capture one graph (a no-op if it exists): its warm-up runs compile the kernels, then the capture. A
-        cuBLASLt trial (name + LT_TRIAL) captures that graph's step again with cuBLASLt for its GEMMs and keeps it
-        in the graph's place if it replays BUCKET_MARGIN faster."""
-        if name.endswith(LT_TRIAL):
-            return self._cublaslt_trial(name.removesuffix(LT_TRIAL))
+        """Capture one graph (a no-op if it exists): its warm-up runs compile the kernels, then the capture."""
         if name in self.graphs:
             return
-        graph, ms = self._record(name)
-        if ms is not None:
-            self.stats.replay_ms[name] = ms
-            kind, _, rows = name.partition("_")
-            self.bucket_ms[kind][int(rows)] = ms
-        self.graphs[name] = graph
-
-    def _cublaslt_trial(self, name: str) -> None:
-        previous = torch.backends.cuda.preferred_blas_library()
-        torch.backends.cuda.preferred_blas_library("cublaslt")
-        try:
-            graph, ms = self._record(name + LT_TRIAL, name)
-        finally:
-            torch.backends.cuda.preferred_blas_library(previous)
-        self.stats.trials_ms[name + LT_TRIAL] = ms
-        if ms < (1 - BUCKET_MARGIN) * self.stats.replay_ms[name]:
-            self.graphs[name] = graph  # the other one's memory goes back to the shared pool
-            self.stats.replay_ms[name] = ms
-            kind, _, rows = name.partition("_")
-            self.bucket_ms[kind][int(rows)] = ms
-            self.stats.cublaslt.append(name)
-
-    def _record(self, name: str, step: str | None = None) -> tuple[torch.cuda.CUDAGraph, float | None]:
-        """Warm up, capture and upload the graph of step `step` (default: `name`; the stats go under `name`); with
-        its median timed replay when it is a prefill / extend step whose cost pick_bucket uses (else None)."""
-        step = step or name
-        body = self._body(step)
+        body = self._body(name)
         start = time.perf_counter()
         reserved = torch.cuda.memory_reserved()
         self._aim_at_scratch_row()
@@ -485,13 +445,15 @@ class GraphRunner:
                 gc.enable()
         graph.replay()  # the first launch uploads the graph (~ms for a large one): here, not in a request's step
         torch.cuda.synchronize()
-        ms = None
-        if self.measured_buckets and step.startswith(("prefill_", "extend_")):
-            ms = _timed_replays(graph, TIMED_REPLAYS)  # for pick_bucket (the inputs still aimed at the scratch row)
+        if self.measured_buckets and name.startswith(("prefill_", "extend_")):
+            # its cost, for pick_bucket (the inputs still aimed at the scratch row)
+            ms = self.stats.replay_ms[name] = _timed_replays(graph, TIMED_REPLAYS)
+            kind, _, rows = name.partition("_")
+            self.bucket_ms[kind][int(rows)] = ms
         torch.arange(self.static.arange.shape[0], out=self.static.arange)
+        self.graphs[name] = graph
         self.stats.seconds[name] = round(time.perf_counter() - start, 4)
         self.stats.pool_bytes += max(0, torch.cuda.memory_reserved() - reserved)
-        return graph, ms
 
     def _aim_at_scratch_row(self) -> None:
         """Point every static input at the KV cache's last row (SCRATCH_ROWS) before a graph's warm-up and upload
@@ -539,8 +501,7 @@ class GraphRunner:
     def facts(self) -> dict:
         return {"captured": dict(self.stats.seconds), "warmup": dict(self.stats.warmup_seconds),
                 "pending": self.pending(), "graph_pool_bytes": self.stats.pool_bytes,
-                "replay_ms": dict(self.stats.replay_ms), "cublaslt_trials_ms": dict(self.stats.trials_ms),
-                "cublaslt": list(self.stats.cublaslt)}
+                "replay_ms": dict(self.stats.replay_ms)}
 
 
 def _timed_replays(graph: torch.cuda.CUDAGraph, replays: int) -> float:

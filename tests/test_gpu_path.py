@@ -98,38 +98,6 @@ def test_a_prompt_takes_a_larger_captured_bucket_when_it_replays_faster() -> Non
         graphs.prefill(200)
 
 
-def test_a_cublaslt_trial_capture_is_kept_only_when_faster_and_gives_the_same_logits() -> None:
-    """Once every graph exists, pending() lists each measured prefill / extend graph's cuBLASLt trial; a trial
-    replaces its graph only when it replays BUCKET_MARGIN faster (graph_executor/graphs.py, LT_TRIAL)."""
-    from graph_executor.graphs import LT_TRIAL
-
-    cfg = LoadConfig(model="dummy:smollm2-135m", device="cuda", dtype="float32", max_context=512, progress=False)
-    model = load_model(cfg).model
-    prompt = torch.randint(100, 40000, (50,), generator=torch.Generator().manual_seed(7)).tolist()
-    eager_logits, eager_tokens = run_steps(ModelRunner(model), prompt, 2)
-    graphs = GraphRunner(model)
-    while graphs.pending() and not graphs.pending()[0].endswith(LT_TRIAL):
-        graphs.capture_next()
-    trials = graphs.pending()
-    assert "prefill_64" + LT_TRIAL in trials and "extend_496" + LT_TRIAL in trials and "decode" + LT_TRIAL not in trials
-    slow = graphs.graphs["prefill_96"]
-    graphs.stats.replay_ms["prefill_96"] = 1e6  # any trial is faster than this
-    graphs.capture("prefill_96" + LT_TRIAL)
-    assert graphs.graphs["prefill_96"] is not slow and graphs.stats.cublaslt == ["prefill_96"]
-    assert graphs.bucket_ms["prefill"][96] == graphs.stats.trials_ms["prefill_96" + LT_TRIAL] < 1e6
-    fast = graphs.graphs["prefill_64"]
-    graphs.stats.replay_ms["prefill_64"] = 1e-6  # no trial is faster than this
-    graphs.capture("prefill_64" + LT_TRIAL)
-    assert graphs.graphs["prefill_64"] is fast and "prefill_64" not in graphs.stats.cublaslt
-    assert "prefill_64" + LT_TRIAL not in graphs.pending() and "prefill_96" + LT_TRIAL not in graphs.pending()
-    graphs.bucket_ms["prefill"][64] = 10.0  # the 50-token prompt takes the 96-row graph (cuBLASLt), then its own
-    for want in (96, 64):
-        graph_logits, graph_tokens = run_steps(graphs, prompt, 2)
-        assert graph_tokens == eager_tokens
-        assert max(relative_error(g, e) for g, e in zip(graph_logits, eager_logits)) < 1e-3, want
-        graphs.bucket_ms["prefill"][64] = 0.0
-
-
 def test_chunked_prefill_through_graph_matches_eager() -> None:
     cfg = LoadConfig(model="dummy:smollm2-135m", device="cuda", dtype="float32", max_context=2048, progress=False)
     model = load_model(cfg).model
