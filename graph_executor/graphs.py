@@ -39,6 +39,10 @@ from ipc.step_buffers import MAX_VERIFY_TOKENS, StepBuffers
 DEFAULT_BUCKETS = (16, 32, 64, 96, 128, *range(144, 513, 16))
 WARMUP_RUNS = 1  # compiles/loads the Triton kernels and makes the cuBLAS workspace of the capture stream
 TIMED_REPLAYS = 5  # replays of a prefill / extend graph timed at its capture (the median is its cost)
+# Only buckets past this many rows are timed: below, a step reads the weights once whatever its rows (fp16 crosses
+# from bandwidth- to compute-bound near 170 rows on an H200, for any model size), the choice is the smallest
+# bucket anyway, and the server captures these before it is ready (no timing added to its start-up).
+TIMED_FROM_ROWS = 129
 # A larger bucket must replay this much faster to be taken: where rows cost nothing (short prompts, all reading the
 # weights once) the timings differ by noise, and a 10-token prompt must keep its 16-row graph (the short-prompt
 # kernels; a 32-row one is cuBLAS, ~0.1-0.2 ms slower on the 7B); the gains worth having were 7-10%.
@@ -445,10 +449,10 @@ class GraphRunner:
                 gc.enable()
         graph.replay()  # the first launch uploads the graph (~ms for a large one): here, not in a request's step
         torch.cuda.synchronize()
-        if self.measured_buckets and name.startswith(("prefill_", "extend_")):
+        kind, _, rows = name.partition("_")
+        if self.measured_buckets and kind in self.bucket_ms and int(rows) >= TIMED_FROM_ROWS:
             # its cost, for pick_bucket (the inputs still aimed at the scratch row)
             ms = self.stats.replay_ms[name] = _timed_replays(graph, TIMED_REPLAYS)
-            kind, _, rows = name.partition("_")
             self.bucket_ms[kind][int(rows)] = ms
         torch.arange(self.static.arange.shape[0], out=self.static.arange)
         self.graphs[name] = graph
