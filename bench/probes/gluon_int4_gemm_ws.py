@@ -15,8 +15,9 @@ cycles against the MMA's 512-1,024 and the card's issue slots sit idle. Here:
 
     python -m bench.probes.gluon_int4_gemm_ws [--tokens 128,256,512] [--check]
 
-Measured on the H200 (35th session, bench/NOTES.md): right in every config, no faster than the one-role loop with one
-dequantizing partition (its serial chain a step is the limit); the multi-partition configs are built, not yet run.
+Measured on the H200 (35th and 36th sessions, bench/NOTES.md): right in every config; with one dequantizing partition
+no faster than the one-role loop (its serial chain a step is the limit), with two on alternate steps 8% faster
+(gate_up 512 tokens 0.338 -> 0.310 ms), still 1.2-1.6x dequantize + cuBLAS at 256-512 tokens.
 """
 from __future__ import annotations
 
@@ -242,8 +243,8 @@ def ws_int4_gemm(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, stri
 # registers: its pointer tensors), 52% of the stalls on local memory: budgets below leave no spill (sm_90 SASS, ptxas
 # 13.4). maxnreg x all warps x 32 must fit the 64K registers (20 warps: <= 102; 16 warps: <= 128).
 # Fourth run: no faster without the spill; stall samples: the MMA waits for the dequantizer's hand-over (its serial
-# chain a step). (..., DQ_PARTS[, loader warps]): 2-3 dequantizing partitions taking steps in turn (compiled, not yet
-# run on a card).
+# chain a step). (..., DQ_PARTS[, loader warps]): 2 dequantizing partitions taking steps in turn (36th session: 8%
+# faster); DQ_PIPE was slower.
 CONFIGS = [(128, 128, 64, 4, 3, 8, 4, 0, 72, 136, 128), (128, 128, 64, 4, 4, 8, 4, 0, 64, 96, 96, 2),
            (128, 128, 64, 6, 4, 8, 4, 0, 64, 88, 96, 2),
            # DQ_PARTS 3 ((..., 92, 3, 2): 22 warps, launched as 24) does not launch: 768 threads x 92 registers is
