@@ -12,6 +12,7 @@ same model code eagerly, so no request waits for a graph. All graphs share one m
 from __future__ import annotations
 
 import gc
+import statistics
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -452,7 +453,7 @@ class GraphRunner:
         kind, _, rows = name.partition("_")
         if self.measured_buckets and kind in self.bucket_ms and int(rows) >= TIMED_FROM_ROWS:
             # its cost, for pick_bucket (the inputs still aimed at the scratch row)
-            ms = self.stats.replay_ms[name] = _timed_replays(graph, TIMED_REPLAYS)
+            ms = self.stats.replay_ms[name] = median_event_ms(graph.replay, TIMED_REPLAYS)
             self.bucket_ms[kind][int(rows)] = ms
         torch.arange(self.static.arange.shape[0], out=self.static.arange)
         self.graphs[name] = graph
@@ -508,17 +509,18 @@ class GraphRunner:
                 "replay_ms": dict(self.stats.replay_ms)}
 
 
-def _timed_replays(graph: torch.cuda.CUDAGraph, replays: int) -> float:
-    """Median ms of `replays` back-to-back replays of graph on the current stream (CUDA events)."""
+def median_event_ms(fn: Callable[[], None], reps: int) -> float:
+    """Median ms of `reps` calls of fn (e.g. a graph's replay) on the current stream, each between CUDA events and
+    waited for (the capture's cost for pick_bucket, and the prefill probes')."""
     times = []
-    for _ in range(replays):
+    for _ in range(reps):
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begin.record()
-        graph.replay()
+        fn()
         end.record()
         end.synchronize()
         times.append(begin.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    return statistics.median(times)
 
 
 def _chunk_count(name: str) -> int:

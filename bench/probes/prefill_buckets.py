@@ -16,20 +16,12 @@ import statistics
 
 import torch
 
-from graph_executor.graphs import DEFAULT_BUCKETS, GraphRunner
+from graph_executor.graphs import DEFAULT_BUCKETS, GraphRunner, median_event_ms
 from graph_executor.loading.loader import LoadConfig, load_model
 
 
 def graph_ms(runner: GraphRunner, tokens: int, reps: int = 10) -> float:
-    times = []
-    for _ in range(reps):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        runner.prefill(tokens)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(begin.elapsed_time(end))
-    return statistics.median(times)
+    return median_event_ms(lambda: runner.prefill(tokens), reps)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,7 +19,6 @@ Prints ms and TFLOP/s per (projection, tokens, variant), the whole layer's sum, 
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 
@@ -30,17 +29,9 @@ RESIDUAL = ("o", "down")  # addmm_ into the residual stream in the step
 def timed_graph(fn, reps: int) -> float:
     """Median ms of a CUDA graph of fn() over `reps` replays (after two eager warm-ups)."""
     from bench.probes.verify_plan import graphed
+    from graph_executor.graphs import median_event_ms
 
-    graph = graphed(fn)
-    times = []
-    for _ in range(reps):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(begin.elapsed_time(end))
-    return statistics.median(times)
+    return median_event_ms(graphed(fn).replay, reps)
 
 
 def main(argv: list[str] | None = None) -> None:
