@@ -18,13 +18,11 @@ A config is BLOCK_N x BLOCK_KW x warps x stages x programs (0: one per SM x 2). 
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import triton
 import triton.language as tl
 
-from bench.probes.stream_int4 import Candidate, compare_to_shipped, parse
+from bench.probes.stream_int4 import Candidate, compare_args, compare_to_shipped, layouts, parse
 from graph_executor.kernels.gemv_splitk import (
     SplitKConfig,
     SplitKScratch,
@@ -81,19 +79,10 @@ def persistent_gemv(w: Int4Groups | Int8Groups, a: torch.Tensor, nw: torch.Tenso
 
 
 def main(argv: list[str] | None = None) -> None:
-    from graph_executor.quant.tiles import tiles_for
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bits", type=int, choices=(4, 8), default=4)
-    ap.add_argument("--configs", default="32x128x4x2x0,32x128x4x3x0,32x128x4x3x396,32x128x4x4x264,32x64x4x4x0,"
-                    "32x128x8x3x132", help="comma-separated BLOCK_N x BLOCK_KW x warps x stages x programs "
-                    "(0: two a SM)")
-    ap.add_argument("--layout", choices=("tiled", "row", "both"), default="both",
-                    help="tile-major weights of the config's block, row-major, or both")
-    ap.add_argument("--projections", default="qkv,o,gate_up,down")
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--check", action="store_true", help="one layer of each config against float64 first")
+    ap = compare_args(__doc__.splitlines()[0], "32x128x4x2x0,32x128x4x3x0,32x128x4x3x396,32x128x4x4x264,"
+                      "32x64x4x4x0,32x128x8x3x132",
+                      "comma-separated BLOCK_N x BLOCK_KW x warps x stages x programs (0: two a SM)", "both",
+                      "tile-major weights of the config's block, row-major, or both")
     args = ap.parse_args(argv)
     configs = [parse(c) for c in args.configs.split(",")]
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -104,10 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         for cfg in configs:
             programs = cfg[4] or 2 * sms
             scratch = SplitKScratch.zeros(scratch_floats(weights[0], SplitKConfig(cfg[0], cfg[1])), 1, device)
-            t = tiles_for(weights[0], cfg[0], cfg[1]) if args.layout != "row" else None
-            tiled = [(" tiled", [w.tiled(t) for w in weights])] if t is not None and t == (cfg[0], cfg[1]) else []
-            layouts = tiled if tiled and args.layout == "tiled" else [("", weights)] + tiled
-            for suffix, ws in layouts:
+            for suffix, ws in layouts(weights, cfg[0], cfg[1], args.layout):
                 found.append(Candidate(
                     "persistent " + "x".join(str(v) for v in cfg[:4]) + f" G{programs}" + suffix, ws,
                     lambda w, a, nw, out, cfg=cfg, mode=mode, scratch=scratch, programs=programs: persistent_gemv(

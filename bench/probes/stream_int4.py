@@ -242,35 +242,44 @@ def compare_to_shipped(bits: int, projections: list[str], layers: int, rounds: i
         torch.cuda.empty_cache()
 
 
-def main(argv: list[str] | None = None) -> None:
-    from graph_executor.quant.tiles import tiles_for
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def compare_args(description: str, configs: str, configs_help: str, layout: str, layout_help: str
+                 ) -> argparse.ArgumentParser:
+    """The options a compare_to_shipped probe takes: --bits, --configs, --layout, --projections, --layers, --rounds,
+    --check (the probe's own default configs and layout)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--bits", type=int, choices=(4, 8), default=4)
-    ap.add_argument("--configs", default="32x128x4x3,32x64x4x4,16x128x4x4,64x64x4x3,64x64x8x3,128x32x4x3,"
-                    "16x256x4x3,8x256x4x4,64x32x4x4,128x32x8x3",
-                    help="comma-separated BLOCK_N x STEP_KW x warps x stages [x programs]")
-    ap.add_argument("--layout", choices=("tiled", "row", "both"), default="tiled", help="the stream configs over "
-                    "tile-major weights of their block (one contiguous run a step; row-major where no tile fits), "
-                    "row-major, or both")
+    ap.add_argument("--configs", default=configs, help=configs_help)
+    ap.add_argument("--layout", choices=("tiled", "row", "both"), default=layout, help=layout_help)
     ap.add_argument("--projections", default="qkv,o,gate_up,down")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--check", action="store_true", help="one layer of each config against float64 first")
+    return ap
+
+
+def layouts(weights: list, block_n: int, block_kw: int, layout: str) -> list[tuple[str, list]]:
+    """(label suffix, weights) per layout a config runs over: tile-major in tiles of its block (" tiled") where one
+    fits, row-major (""), or both (`layout`: tiled, row or both; tiled falls back to row-major where no tile fits)."""
+    from graph_executor.quant.tiles import tiles_for
+
+    t = tiles_for(weights[0], block_n, block_kw) if layout != "row" else None
+    tiled = [(" tiled", [w.tiled(t) for w in weights])] if t is not None and t == (block_n, block_kw) else []
+    return tiled if tiled and layout == "tiled" else [("", weights)] + tiled
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = compare_args(__doc__.splitlines()[0], "32x128x4x3,32x64x4x4,16x128x4x4,64x64x4x3,64x64x8x3,128x32x4x3,"
+                      "16x256x4x3,8x256x4x4,64x32x4x4,128x32x8x3",
+                      "comma-separated BLOCK_N x STEP_KW x warps x stages [x programs]", "tiled",
+                      "the stream configs over tile-major weights of their block (one contiguous run a step; "
+                      "row-major where no tile fits), row-major, or both")
     args = ap.parse_args(argv)
     configs = [parse(c) for c in args.configs.split(",")]
 
     def candidates(weights, n, k, mode) -> list[Candidate]:
-        found = []
-        for cfg in configs:
-            t = tiles_for(weights[0], cfg[0], cfg[1]) if args.layout != "row" else None
-            tiled = [(" tiled", [w.tiled(t) for w in weights])] if t is not None and t == (cfg[0], cfg[1]) else []
-            layouts = tiled if tiled and args.layout == "tiled" else [("", weights)] + tiled
-            for suffix, ws in layouts:
-                found.append(Candidate("stream " + "x".join(str(v) for v in cfg) + suffix, ws,
-                                       lambda w, a, nw, out, cfg=cfg, mode=mode: stream_gemv(w, a, nw, out, mode,
-                                                                                             cfg)))
-        return found
+        return [Candidate("stream " + "x".join(str(v) for v in cfg) + suffix, ws,
+                          lambda w, a, nw, out, cfg=cfg, mode=mode: stream_gemv(w, a, nw, out, mode, cfg))
+                for cfg in configs for suffix, ws in layouts(weights, cfg[0], cfg[1], args.layout)]
 
     compare_to_shipped(args.bits, args.projections.split(","), args.layers, args.rounds, args.check, candidates)
 
