@@ -98,6 +98,42 @@ def test_a_prompt_takes_a_larger_captured_bucket_when_it_replays_faster() -> Non
         graphs.prefill(200)
 
 
+def test_a_cublaslt_trial_capture_is_kept_only_when_faster_and_gives_the_same_logits(monkeypatch) -> None:
+    """Once every graph exists, pending() lists each prefill / extend graph's cuBLASLt trial; a trial replaces its
+    graph only when it replays BUCKET_MARGIN faster, both timed together (graph_executor/graphs.py, LT_TRIAL)."""
+    import graph_executor.graphs as graphs_module
+    from graph_executor.graphs import LT_TRIAL
+
+    cfg = LoadConfig(model="dummy:smollm2-135m", device="cuda", dtype="float32", max_context=512, progress=False)
+    model = load_model(cfg).model
+    prompt = torch.randint(100, 40000, (50,), generator=torch.Generator().manual_seed(7)).tolist()
+    eager_logits, eager_tokens = run_steps(ModelRunner(model), prompt, 2)
+    graphs = GraphRunner(model, buckets=(16, 64, 96, 144, 160))
+    while graphs.pending() and not graphs.pending()[0].endswith(LT_TRIAL):
+        graphs.capture_next()
+    trials = graphs.pending()
+    assert set(trials) == {f"{kind}_{b}{LT_TRIAL}" for kind in ("prefill", "extend") for b in (16, 64, 96, 144, 160)}
+    slow, fast, measured = graphs.graphs["prefill_96"], graphs.graphs["prefill_64"], graphs.graphs["prefill_160"]
+    monkeypatch.setattr(graphs_module, "BUCKET_MARGIN", -1e9)  # any trial is kept
+    graphs.capture("prefill_96" + LT_TRIAL)
+    graphs.capture("prefill_160" + LT_TRIAL)
+    assert graphs.graphs["prefill_96"] is not slow and graphs.graphs["prefill_160"] is not measured
+    assert graphs.stats.cublaslt == ["prefill_96", "prefill_160"] and 96 not in graphs.bucket_ms["prefill"]
+    trial_ms = graphs.stats.trials_ms["prefill_160" + LT_TRIAL]
+    assert len(trial_ms) == 2 and graphs.bucket_ms["prefill"][160] == trial_ms[1] > 0
+    monkeypatch.setattr(graphs_module, "BUCKET_MARGIN", 1.0)  # no trial is kept
+    graphs.capture("prefill_64" + LT_TRIAL)
+    assert graphs.graphs["prefill_64"] is fast and "prefill_64" not in graphs.stats.cublaslt
+    assert not {f"prefill_{b}{LT_TRIAL}" for b in (64, 96, 160)} & set(graphs.pending())
+    for graph in ("prefill_64", "prefill_96"):  # the 50-token prompt through the cuBLAS graph, then a cuBLASLt one
+        graphs.buckets = (64, 96, 144, 160) if graph == "prefill_64" else (96, 144, 160)
+        graph_logits, graph_tokens = run_steps(graphs, prompt, 2)
+        assert graph_tokens == eager_tokens
+        assert max(relative_error(g, e) for g, e in zip(graph_logits, eager_logits)) < 1e-3, graph
+    graphs.capture_all()
+    assert not graphs.pending() and len(graphs.stats.trials_ms) == 10
+
+
 def test_chunked_prefill_through_graph_matches_eager() -> None:
     cfg = LoadConfig(model="dummy:smollm2-135m", device="cuda", dtype="float32", max_context=2048, progress=False)
     model = load_model(cfg).model
