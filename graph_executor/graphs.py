@@ -40,18 +40,21 @@ from ipc.step_buffers import MAX_VERIFY_TOKENS, StepBuffers
 DEFAULT_BUCKETS = (16, 32, 64, 96, 128, *range(144, 513, 16))
 WARMUP_RUNS = 1  # compiles/loads the Triton kernels and makes the cuBLAS workspace of the capture stream
 TIMED_REPLAYS = 5  # replays of a prefill / extend graph timed at its capture (the median is its cost)
-# Only buckets past this many rows are timed: below, a step reads the weights once whatever its rows (fp16 crosses
-# from bandwidth- to compute-bound near 170 rows on an H200, for any model size), the choice is the smallest
-# bucket anyway, and the server captures these before it is ready (no timing added to its start-up).
+# Only prefill buckets past this many rows are timed: below, a step reads the weights once whatever its rows (fp16
+# crosses from bandwidth- to compute-bound near 170 rows on an H200, for any model size), the choice is the smallest
+# bucket anyway, and the server captures these before it is ready (no timing added to its start-up). An extend
+# graph is not timed: it runs the same GEMM shapes as the prefill graph of its bucket and takes that one's figure
+# (under the scratch aim its rows would all gather one token id, see _replay_ms).
 TIMED_FROM_ROWS = 129
 # A larger bucket must replay this much faster to be taken: where rows cost nothing (short prompts, all reading the
 # weights once) the timings differ by noise, and a 10-token prompt must keep its 16-row graph (the short-prompt
 # kernels; a 32-row one is cuBLAS, ~0.1-0.2 ms slower on the 7B); the gains worth having were 7-10%.
 BUCKET_MARGIN = 0.03
-# A prefill / extend graph captured again with torch's cuBLASLt path for its GEMMs (the trial's name: the graph's
-# + LT_TRIAL), while idle once every graph exists, and kept where it replays BUCKET_MARGIN faster. The 7B fp16
-# prefill GEMMs at exactly 100 / 300 / 500 rows took 6% less through cuBLASLt, at 200 rows 5% more (H200,
-# bench/probes/prefill_gemm.py): which one wins depends on the shape, so each graph is measured both ways.
+# A prefill graph captured again with torch's cuBLASLt path for its GEMMs (the trial's name: the graph's +
+# LT_TRIAL), while idle once every graph exists, both timed together and the trial kept where it replays
+# BUCKET_MARGIN faster; the extend graph of that bucket (the same GEMM shapes) is then captured through cuBLASLt too.
+# The 7B fp16 prefill GEMMs at exactly 100 / 300 / 500 rows took 6% less through cuBLASLt, at 200 rows 5% more (H200,
+# bench/probes/prefill_gemm.py): which one wins depends on the shape, so each bucket is measured both ways.
 LT_TRIAL = "@cublaslt"
 
 
@@ -107,8 +110,9 @@ class CaptureStats:
     warmup_seconds: dict[str, float] = field(default_factory=dict)  # graph name -> its warm-up runs (kernel compile)
     pool_bytes: int = 0  # memory reserved by captures (the shared pool grows as graphs are added)
     replay_ms: dict[str, float] = field(default_factory=dict)  # prefill / extend graph -> median timed replay
-    # cuBLASLt trial (name + LT_TRIAL) -> [the graph's replay ms, the trial's], timed together
+    # a prefill graph's cuBLASLt trial (name + LT_TRIAL) -> [the graph's replay ms, the trial's], timed together
     trials_ms: dict[str, list[float]] = field(default_factory=dict)
+    tried: set[str] = field(default_factory=set)  # cuBLASLt trials done (prefill: timed; extend: its prefill's)
     cublaslt: list[str] = field(default_factory=list)  # graphs whose cuBLASLt capture was kept (faster)
 
 
@@ -126,13 +130,24 @@ class GraphRunner:
         # Prompts take the cheapest captured bucket by measured replay time (`pick_bucket`). Off for tensor-parallel
         # ranks: each would measure its own, and every rank must replay the same graph (its collectives).
         self.measured_buckets = measured_buckets
-        self.bucket_ms: dict[str, dict[int, float]] = {"prefill": {}, "extend": {}}  # kind -> bucket -> replay ms
+        # kind -> bucket -> its prefill graph's replay ms, for the captured graphs of that kind
+        self.bucket_ms: dict[str, dict[int, float]] = {"prefill": {}, "extend": {}}
         device = model.embed_tokens.device
         self.buffers = buffers or StepBuffers.allocate(model.config.vocab_size, model.max_context, device,
                                                        model.slots)
         self.max_context = model.max_context
         self.buckets = tuple(b for b in sorted(buckets) if b < model.max_context)
         self.chunk = self.buckets[-1] if self.buckets else 0
+        if measured_buckets and self.chunk:
+            # Slot 0's ids start random (nothing valid is there before the first request, and the JIT context writes
+            # none before Ready): a timed replay's rows (_replay_ms) then read distinct tokens, as a prompt's do. With
+            # zeros every row was one token, and the H200 ran such GEMMs ~15-20% faster than a real prompt's (power:
+            # 6.93 ms against 8.34 at 304 rows, thirty-seventh session), so buckets were chosen on the wrong figures.
+            ids, vocab = self.buffers.slot_ids(0)[:self.chunk], model.config.vocab_size
+            if bool(ids.any()):  # a runner sharing these ids (a speculative draft's) filled them: keep them in range
+                ids.remainder_(vocab)  # of both vocabularies
+            else:
+                ids.copy_(torch.randint(0, vocab, (self.chunk,), generator=torch.Generator().manual_seed(0)))
         self.static = GraphStatic.allocate(max(self.chunk, 1), self.buffers.logits.device,
                                            decode_rows=model.slots if model.slots > 1 else 0)
         self.stream = torch.cuda.Stream(self.buffers.logits.device)
@@ -409,9 +424,11 @@ class GraphRunner:
                 order += [f"{kind}_{b}" for b in by_demand]
         order += [] if self.verify_used else verify
         pending = [name for name in order if name not in self.graphs]
-        if not pending and self.measured_buckets:  # then each prefill / extend graph once more, through cuBLASLt
-            pending = [name + LT_TRIAL for name in self.graphs
-                       if name.startswith(("prefill_", "extend_")) and name + LT_TRIAL not in self.stats.trials_ms]
+        if not pending and self.measured_buckets:  # then each prefill graph once more, through cuBLASLt
+            trials = [name + LT_TRIAL for name in self.graphs if name.startswith("prefill_")]
+            trials += ["extend" + name.removeprefix("prefill") + LT_TRIAL for name in self.stats.cublaslt
+                       if name.startswith("prefill_") and "extend" + name.removeprefix("prefill") in self.graphs]
+            pending = [name for name in trials if name not in self.stats.tried]
         return pending
 
     def capture_next(self, capture: Callable[[str], None] | None = None) -> str | None:
@@ -443,35 +460,45 @@ class GraphRunner:
             return
         graph = self._record(name)
         kind, _, rows = name.partition("_")
-        if self.measured_buckets and kind in self.bucket_ms and int(rows) >= TIMED_FROM_ROWS:
-            self._cost(name, self._replay_ms(graph)[0])  # for pick_bucket
+        if self.measured_buckets and kind in self.bucket_ms:
+            bucket = int(rows)
+            if kind == "prefill" and bucket >= TIMED_FROM_ROWS:
+                self.stats.replay_ms[name] = self.bucket_ms[kind][bucket] = self._replay_ms(graph)[0]
+            if kind == "extend" and bucket in self.bucket_ms["prefill"]:
+                self.bucket_ms[kind][bucket] = self.bucket_ms["prefill"][bucket]
         self.graphs[name] = graph
 
     def _cublaslt_trial(self, name: str) -> None:
+        """A prefill graph's trial: captured through cuBLASLt, both timed together (the graph's capture-time figure
+        came from another moment's clocks), kept if BUCKET_MARGIN faster. An extend graph's: captured through
+        cuBLASLt and kept, its prefill's having been kept (the same GEMM shapes)."""
         previous = torch.backends.cuda.preferred_blas_library()
         torch.backends.cuda.preferred_blas_library("cublaslt")
         try:
             graph = self._record(name + LT_TRIAL, name)
         finally:
             torch.backends.cuda.preferred_blas_library(previous)
-        # both timed now, alternating (the graph's capture-time figure came from another moment's clocks)
+        self.stats.tried.add(name + LT_TRIAL)
+        kind, _, rows = name.partition("_")
+        if kind == "extend":
+            self.graphs[name] = graph
+            self.stats.cublaslt.append(name)
+            return
+        bucket = int(rows)
         ms, trial_ms = self._replay_ms(self.graphs[name], graph)
         self.stats.trials_ms[name + LT_TRIAL] = [ms, trial_ms]
         if trial_ms < (1 - BUCKET_MARGIN) * ms:
             self.graphs[name] = graph  # the other one's memory goes back to the shared pool
             self.stats.cublaslt.append(name)
-            if name in self.stats.replay_ms:
-                self._cost(name, trial_ms)
-
-    def _cost(self, name: str, ms: float) -> None:
-        """Record a measured prefill / extend graph's replay cost (what pick_bucket chooses by)."""
-        self.stats.replay_ms[name] = ms
-        kind, _, rows = name.partition("_")
-        self.bucket_ms[kind][int(rows)] = ms
+            if bucket in self.bucket_ms["prefill"]:
+                self.stats.replay_ms[name] = self.bucket_ms["prefill"][bucket] = trial_ms
+                if bucket in self.bucket_ms["extend"]:
+                    self.bucket_ms["extend"][bucket] = trial_ms
 
     def _replay_ms(self, *graphs: torch.cuda.CUDAGraph) -> list[float]:
-        """Each graph's median replay in ms (TIMED_REPLAYS each, alternating), the inputs aimed at the scratch row so
-        that no slot's KV rows are written."""
+        """Median replay ms of each prefill graph (TIMED_REPLAYS each, alternating), the inputs aimed at the scratch
+        row (no slot's K/V written). Its rows read slot 0's ids: the last prompt's, and past it the random ids of
+        `__init__` (see there)."""
         self._aim_at_scratch_row()
         times: list[list[float]] = [[] for _ in graphs]
         for _ in range(TIMED_REPLAYS):

@@ -99,8 +99,9 @@ def test_a_prompt_takes_a_larger_captured_bucket_when_it_replays_faster() -> Non
 
 
 def test_a_cublaslt_trial_capture_is_kept_only_when_faster_and_gives_the_same_logits(monkeypatch) -> None:
-    """Once every graph exists, pending() lists each prefill / extend graph's cuBLASLt trial; a trial replaces its
-    graph only when it replays BUCKET_MARGIN faster, both timed together (graph_executor/graphs.py, LT_TRIAL)."""
+    """Once every graph exists, pending() lists each prefill graph's cuBLASLt trial; a trial replaces its graph only
+    when it replays BUCKET_MARGIN faster, both timed together, and then the extend graph of that bucket is captured
+    through cuBLASLt too (graph_executor/graphs.py, LT_TRIAL)."""
     import graph_executor.graphs as graphs_module
     from graph_executor.graphs import LT_TRIAL
 
@@ -108,11 +109,11 @@ def test_a_cublaslt_trial_capture_is_kept_only_when_faster_and_gives_the_same_lo
     model = load_model(cfg).model
     prompt = torch.randint(100, 40000, (50,), generator=torch.Generator().manual_seed(7)).tolist()
     eager_logits, eager_tokens = run_steps(ModelRunner(model), prompt, 2)
-    graphs = GraphRunner(model, buckets=(16, 64, 96, 144, 160))
+    buckets = (16, 64, 96, 144, 160)
+    graphs = GraphRunner(model, buckets=buckets)
     while graphs.pending() and not graphs.pending()[0].endswith(LT_TRIAL):
         graphs.capture_next()
-    trials = graphs.pending()
-    assert set(trials) == {f"{kind}_{b}{LT_TRIAL}" for kind in ("prefill", "extend") for b in (16, 64, 96, 144, 160)}
+    assert graphs.pending() == [f"prefill_{b}{LT_TRIAL}" for b in (160, 144, 96, 64, 16)]  # capture order
     slow, fast, measured = graphs.graphs["prefill_96"], graphs.graphs["prefill_64"], graphs.graphs["prefill_160"]
     monkeypatch.setattr(graphs_module, "BUCKET_MARGIN", -1e9)  # any trial is kept
     graphs.capture("prefill_96" + LT_TRIAL)
@@ -120,18 +121,31 @@ def test_a_cublaslt_trial_capture_is_kept_only_when_faster_and_gives_the_same_lo
     assert graphs.graphs["prefill_96"] is not slow and graphs.graphs["prefill_160"] is not measured
     assert graphs.stats.cublaslt == ["prefill_96", "prefill_160"] and 96 not in graphs.bucket_ms["prefill"]
     trial_ms = graphs.stats.trials_ms["prefill_160" + LT_TRIAL]
-    assert len(trial_ms) == 2 and graphs.bucket_ms["prefill"][160] == trial_ms[1] > 0
+    assert len(trial_ms) == 2 and graphs.bucket_ms["prefill"][160] == graphs.bucket_ms["extend"][160] == trial_ms[1]
     monkeypatch.setattr(graphs_module, "BUCKET_MARGIN", 1.0)  # no trial is kept
     graphs.capture("prefill_64" + LT_TRIAL)
     assert graphs.graphs["prefill_64"] is fast and "prefill_64" not in graphs.stats.cublaslt
-    assert not {f"prefill_{b}{LT_TRIAL}" for b in (64, 96, 160)} & set(graphs.pending())
+    assert graphs.pending() == [f"prefill_{b}{LT_TRIAL}" for b in (144, 16)] + [
+        f"extend_{b}{LT_TRIAL}" for b in (96, 160)]
+    extend = graphs.graphs["extend_96"]
+    graphs.capture_all()
+    assert graphs.graphs["extend_96"] is not extend and graphs.stats.cublaslt[-2:] == ["extend_96", "extend_160"]
+    assert not graphs.pending() and len(graphs.stats.trials_ms) == 5
     for graph in ("prefill_64", "prefill_96"):  # the 50-token prompt through the cuBLAS graph, then a cuBLASLt one
-        graphs.buckets = (64, 96, 144, 160) if graph == "prefill_64" else (96, 144, 160)
+        graphs.buckets = buckets if graph == "prefill_64" else (96, 144, 160)
         graph_logits, graph_tokens = run_steps(graphs, prompt, 2)
         assert graph_tokens == eager_tokens
         assert max(relative_error(g, e) for g, e in zip(graph_logits, eager_logits)) < 1e-3, graph
-    graphs.capture_all()
-    assert not graphs.pending() and len(graphs.stats.trials_ms) == 10
+    graphs.buckets = buckets
+    longer = torch.randint(100, 40000, (120,), generator=torch.Generator().manual_seed(8))
+    eager = ModelRunner(model)
+    eager.buffers.input_ids[:120].copy_(longer)
+    eager.prefill(120)
+    graphs.buffers.input_ids[:120].copy_(longer)
+    graphs.prefill(30)
+    graphs.prefill(90, start_pos=30)  # the cuBLASLt extend_96 graph
+    assert graphs.demand["extend_96"] == 1
+    assert relative_error(graphs.buffers.logits, eager.buffers.logits) < 1e-3
 
 
 def test_chunked_prefill_through_graph_matches_eager() -> None:
