@@ -39,12 +39,11 @@ from ipc.step_buffers import MAX_VERIFY_TOKENS, StepBuffers
 # (`pick_bucket`, by each graph's replay time measured at capture).
 DEFAULT_BUCKETS = (16, 32, 64, 96, 128, *range(144, 513, 16))
 WARMUP_RUNS = 1  # compiles/loads the Triton kernels and makes the cuBLAS workspace of the capture stream
-TIMED_REPLAYS = 5  # replays of a prefill / extend graph timed at its capture (the median is its cost)
+TIMED_REPLAYS = 5  # replays of a prefill graph timed at its capture or its cuBLASLt trial (the median is its cost)
 # Only prefill buckets past this many rows are timed: below, a step reads the weights once whatever its rows (fp16
 # crosses from bandwidth- to compute-bound near 170 rows on an H200, for any model size), the choice is the smallest
 # bucket anyway, and the server captures these before it is ready (no timing added to its start-up). An extend
-# graph is not timed: it runs the same GEMM shapes as the prefill graph of its bucket and takes that one's figure
-# (under the scratch aim its rows would all gather one token id, see _replay_ms).
+# graph is not timed: it runs the same GEMM shapes as the prefill graph of its bucket and takes that one's figure.
 TIMED_FROM_ROWS = 129
 # A larger bucket must replay this much faster to be taken: where rows cost nothing (short prompts, all reading the
 # weights once) the timings differ by noise, and a 10-token prompt must keep its 16-row graph (the short-prompt
@@ -109,7 +108,7 @@ class CaptureStats:
     seconds: dict[str, float] = field(default_factory=dict)  # graph name -> capture time (warm-up included)
     warmup_seconds: dict[str, float] = field(default_factory=dict)  # graph name -> its warm-up runs (kernel compile)
     pool_bytes: int = 0  # memory reserved by captures (the shared pool grows as graphs are added)
-    replay_ms: dict[str, float] = field(default_factory=dict)  # prefill / extend graph -> median timed replay
+    replay_ms: dict[str, float] = field(default_factory=dict)  # timed prefill graph -> median replay (pick_bucket's)
     # a prefill graph's cuBLASLt trial (name + LT_TRIAL) -> [the graph's replay ms, the trial's], timed together
     trials_ms: dict[str, list[float]] = field(default_factory=dict)
     tried: set[str] = field(default_factory=set)  # cuBLASLt trials done (prefill: timed; extend: its prefill's)
@@ -138,16 +137,6 @@ class GraphRunner:
         self.max_context = model.max_context
         self.buckets = tuple(b for b in sorted(buckets) if b < model.max_context)
         self.chunk = self.buckets[-1] if self.buckets else 0
-        if measured_buckets and self.chunk:
-            # Slot 0's ids start random (nothing valid is there before the first request, and the JIT context writes
-            # none before Ready): a timed replay's rows (_replay_ms) then read distinct tokens, as a prompt's do. With
-            # zeros every row was one token, and the H200 ran such GEMMs ~15-20% faster than a real prompt's (power:
-            # 6.93 ms against 8.34 at 304 rows, thirty-seventh session), so buckets were chosen on the wrong figures.
-            ids, vocab = self.buffers.slot_ids(0)[:self.chunk], model.config.vocab_size
-            if bool(ids.any()):  # a runner sharing these ids (a speculative draft's) filled them: keep them in range
-                ids.remainder_(vocab)  # of both vocabularies
-            else:
-                ids.copy_(torch.randint(0, vocab, (self.chunk,), generator=torch.Generator().manual_seed(0)))
         self.static = GraphStatic.allocate(max(self.chunk, 1), self.buffers.logits.device,
                                            decode_rows=model.slots if model.slots > 1 else 0)
         self.stream = torch.cuda.Stream(self.buffers.logits.device)
@@ -451,9 +440,8 @@ class GraphRunner:
         return names + ([f"verify_{n}" for n in range(MAX_VERIFY_TOKENS, 1, -1)] if verify else [])
 
     def capture(self, name: str) -> None:
-        """Capture one graph (a no-op if it exists): its warm-up runs compile the kernels, then the capture. A
-        cuBLASLt trial (name + LT_TRIAL) captures that graph's step again with cuBLASLt for its GEMMs and keeps it
-        in the graph's place if it replays BUCKET_MARGIN faster."""
+        """Capture one graph (a no-op if it exists): its warm-up runs compile the kernels, then the capture; or a
+        cuBLASLt trial (name + LT_TRIAL, `_cublaslt_trial`)."""
         if name.endswith(LT_TRIAL):
             return self._cublaslt_trial(name.removesuffix(LT_TRIAL))
         if name in self.graphs:
@@ -496,9 +484,10 @@ class GraphRunner:
                     self.bucket_ms["extend"][bucket] = trial_ms
 
     def _replay_ms(self, *graphs: torch.cuda.CUDAGraph) -> list[float]:
-        """Median replay ms of each prefill graph (TIMED_REPLAYS each, alternating), the inputs aimed at the scratch
-        row (no slot's K/V written). Its rows read slot 0's ids: the last prompt's, and past it the random ids of
-        `__init__` (see there)."""
+        """Median replay ms of each prefill graph (TIMED_REPLAYS each, alternating: a card's clocks drift with its
+        recent load, so two graphs compared are timed under the same), the inputs aimed at the scratch row (no slot's
+        K/V written). What the rows hold does not matter: on the H200 the real prompt's rows, random ids and all
+        zeros at the scratch row replayed within 1% of each other (`bench.probes.ttft_gap`, thirty-seventh session)."""
         self._aim_at_scratch_row()
         times: list[list[float]] = [[] for _ in graphs]
         for _ in range(TIMED_REPLAYS):

@@ -7,7 +7,11 @@ in-process engine (every graph captured), per prompt length the median of:
   replay      `runner.prefill(n)` between CUDA events, back to back (what capture-time timing sees);
   after idle  the same, each after a host sleep of --idle-ms (the GPU idle before it, as between requests);
   scratch     the bucket's graph as timed at capture (inputs aimed at the scratch row), its rows reading slot 0's
-              ids as they are (random past the prompt, GraphRunner.__init__), then all zeros (one token a row).
+              ids as they are (the prompt's, zeros past it), then all zeros (one token a row).
+
+Then a second table, each figure measured alternately with the others (round-robin, --idle-ms before each, so
+that the card's clocks and power history are alike for all): the bucket's graph on the real prompt (positions
+0..n-1), and aimed at the scratch row (every position the last) with slot 0's ids random, then all zeros.
 
     python -m bench.probes.ttft_gap --model dummy:llama-2-7b [--lens 100,200,300,500] [--repeats 7]
 """
@@ -72,6 +76,41 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {n} | {bucket} | {statistics.median(ttft):.3f} | {statistics.median(host):.3f} | {replay:.3f} | "
               f"{statistics.median(idle):.3f} | {captured if captured is None else round(captured, 3)} | "
               f"{scratch:.3f} | {zeros:.3f} |")
+
+    print("\n| tokens | bucket | real prompt ms | scratch, random ids ms | scratch, zero ids ms |")
+    print("|---|---|---|---|---|")
+    for n in (int(x) for x in args.lens.split(",")):
+        bucket = runner._cheapest("prefill", n)
+        graph = runner.graphs[f"prefill_{bucket}"]
+        prompt = torch.tensor(prompt_ids(n, vocab, 0))
+        noise = torch.randint(0, vocab, (bucket,), generator=torch.Generator().manual_seed(1))
+        ids = runner.buffers.slot_ids(0)[:bucket]
+
+        def real() -> float:
+            ids[:n].copy_(prompt)
+            return median_event_ms(lambda: runner.prefill(n), 1)
+
+        def scratch(zeros: bool) -> float:
+            if zeros:
+                ids.zero_()
+            else:
+                ids.copy_(noise)
+            return _aimed(runner, graph)
+
+        series: dict[str, list[float]] = {"real": [], "random": [], "zeros": []}
+        for _ in range(3 * args.repeats):
+            for key, fn in (("real", real), ("random", lambda: scratch(False)), ("zeros", lambda: scratch(True))):
+                time.sleep(args.idle_ms / 1e3)
+                series[key].append(fn())
+        print(f"| {n} | {bucket} | " + " | ".join(f"{statistics.median(v):.3f}" for v in series.values()) + " |")
+
+
+def _aimed(runner, graph) -> float:
+    """One replay of graph with the inputs aimed at the scratch row (as the capture-time timing runs it)."""
+    runner._aim_at_scratch_row()
+    ms = median_event_ms(graph.replay, 1)
+    torch.arange(runner.static.arange.shape[0], out=runner.static.arange)
+    return ms
 
 
 if __name__ == "__main__":
