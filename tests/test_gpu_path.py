@@ -100,7 +100,7 @@ def test_a_prompt_takes_a_larger_captured_bucket_when_it_replays_faster() -> Non
 
 def test_a_cublaslt_trial_capture_is_kept_only_when_faster_and_gives_the_same_logits(monkeypatch) -> None:
     """Once every graph exists, pending() lists each prefill graph's cuBLASLt trial; a trial replaces its graph only
-    when it replays BUCKET_MARGIN faster, both timed together, and then the extend graph of that bucket is captured
+    when it replays LT_MARGIN faster, both timed together, and then the extend graph of that bucket is captured
     through cuBLASLt too (graph_executor/graphs.py, LT_TRIAL)."""
     import graph_executor.graphs as graphs_module
     from graph_executor.graphs import LT_TRIAL
@@ -115,14 +115,14 @@ def test_a_cublaslt_trial_capture_is_kept_only_when_faster_and_gives_the_same_lo
         graphs.capture_next()
     assert graphs.pending() == [f"prefill_{b}{LT_TRIAL}" for b in (160, 144, 96, 64, 16)]  # capture order
     slow, fast, measured = graphs.graphs["prefill_96"], graphs.graphs["prefill_64"], graphs.graphs["prefill_160"]
-    monkeypatch.setattr(graphs_module, "BUCKET_MARGIN", -1e9)  # any trial is kept
+    monkeypatch.setattr(graphs_module, "LT_MARGIN", -1e9)  # any trial is kept
     graphs.capture("prefill_96" + LT_TRIAL)
     graphs.capture("prefill_160" + LT_TRIAL)
     assert graphs.graphs["prefill_96"] is not slow and graphs.graphs["prefill_160"] is not measured
     assert graphs.stats.cublaslt == ["prefill_96", "prefill_160"] and 96 not in graphs.bucket_ms["prefill"]
     trial_ms = graphs.stats.trials_ms["prefill_160" + LT_TRIAL]
     assert len(trial_ms) == 2 and graphs.bucket_ms["prefill"][160] == graphs.bucket_ms["extend"][160] == trial_ms[1]
-    monkeypatch.setattr(graphs_module, "BUCKET_MARGIN", 1.0)  # no trial is kept
+    monkeypatch.setattr(graphs_module, "LT_MARGIN", 1.0)  # no trial is kept
     graphs.capture("prefill_64" + LT_TRIAL)
     assert graphs.graphs["prefill_64"] is fast and "prefill_64" not in graphs.stats.cublaslt
     assert graphs.pending() == [f"prefill_{b}{LT_TRIAL}" for b in (144, 16)] + [
