@@ -76,8 +76,19 @@ def ttft_section(results: dict) -> list[str]:
     lens = results["spec"]["prompt_lens"]
     rows = [[n, floor.get(str(n))] + [_ms(results["engines"][e]["ttft"].get(str(n)), "median_ms", "p99_ms")
                                       for e in names] for n in lens]
-    return ([f"## TTFT (ms): median (P99) of {results['spec']['repeats']}", ""]
-            + _table(["prompt tokens", "floor"] + names, rows))
+    lines = ([f"## TTFT (ms): median (P99) of {results['spec']['repeats']}, back to back", ""]
+             + _table(["prompt tokens", "floor"] + names, rows))
+    pauses = {v["after_pause"]["pause_s"] for e in names for v in results["engines"][e]["ttft"].values()
+              if "after_pause" in v}
+    paused = [e for e in names if any("after_pause" in v for v in results["engines"][e]["ttft"].values())]
+    if paused:
+        rows = [[n, floor.get(str(n))] + [_ms(results["engines"][e]["ttft"].get(str(n), {}).get("after_pause"),
+                                              "median_ms", "p99_ms") for e in paused] for n in lens]
+        idle = " / ".join(f"{p * 1e3:.0f}" for p in sorted(pauses))
+        lines += [f"## TTFT (ms) after {idle} ms of idle: median (P99) of {results['spec']['repeats']} (a chat user's "
+                  "request; the ratios use the back-to-back figures)",
+                  ""] + _table(["prompt tokens", "floor"] + paused, rows)
+    return lines
 
 
 def decode_section(results: dict) -> list[str]:

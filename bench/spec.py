@@ -29,7 +29,8 @@ PEERS = ("hf-eager", "hf-compile")
 WORKLOADS = ("ttft", "decode", "context", "startup", "memory", "overhead", "floors", "speculative", "verify", "chat",
              "concurrency", "turns")
 WORKLOAD_HELP = {
-    "ttft": "time to first token per prompt length (median, P99, min over --repeats)",
+    "ttft": "time to first token per prompt length (median, P99, min over --repeats), back to back and each after "
+            "0.1 s of idle",
     "decode": "per-token latency over --decode-tokens after a prompt (P50/P90/P99/max, tokens/s, CDF)",
     "context": "per-token latency at each --contexts length (prefill c tokens, time --context-steps steps)",
     "startup": "process start -> weights ready -> ready to serve (-> each graph captured, when reported); the "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from pathlib import Path
 from typing import Protocol
 
@@ -60,15 +61,27 @@ def timed_steps(engine: Engine, prompt: list[int], steps: int) -> list[float]:
     return _check(engine.generate(prompt, steps + 1 + DRAIN_TOKENS), steps + 1 + DRAIN_TOKENS)[: steps + 1]
 
 
+# The TTFT sweep's second series: each request after this much idle, as a chat user's comes. Back to back (the
+# first series, the one every ratio uses) the H200 runs a 7B prefill of 300-500 tokens 10-15% slower than after
+# even 5 ms of idle (its clocks under a sustained tensor-core load; bench/NOTES.md, thirty-seventh session), while
+# the processes' threads pay more after a pause (README: ~1-1.5 ms after > 20 ms idle, two processes).
+TTFT_PAUSE_S = 0.1
+
+
 def ttft_sweep(engine: Engine, spec: BenchSpec) -> dict:
-    """{prompt length: median/P99/min over `repeats`}; one untimed run per length first (new shapes)."""
+    """{prompt length: median/P99/min over `repeats` requests back to back, and under "after_pause" the same over
+    `repeats` requests each after TTFT_PAUSE_S of idle}; one untimed run per length first (new shapes)."""
     vocab = spec.model_config["vocab_size"]
     out = {}
     for n in spec.prompt_lens:
         ids = prompt_ids(n, vocab, spec.seed)
         engine.generate(ids, 1)
         samples = [_check(engine.generate(ids, 1), 1)[0] for _ in range(spec.repeats)]
-        out[str(n)] = ttft_summary(samples)
+        paused = []
+        for _ in range(spec.repeats):
+            time.sleep(TTFT_PAUSE_S)
+            paused.append(_check(engine.generate(ids, 1), 1)[0])
+        out[str(n)] = {**ttft_summary(samples), "after_pause": {**ttft_summary(paused), "pause_s": TTFT_PAUSE_S}}
     return out
 
 

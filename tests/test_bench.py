@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from bench.stats import percentile
+from bench.workloads import TTFT_PAUSE_S
 from ipc.errors import HybridrtError
 from launch import cmd_bench
 
@@ -60,6 +61,8 @@ def test_cpu_smoke_run_writes_every_figure(tiny_model, tmp_path, capsys) -> None
         r = results["engines"][name]
         assert r["status"] == "ok", r.get("error")
         assert set(r["ttft"]) == {"10", "25"} and r["ttft"]["10"]["median_ms"] > 0
+        paused = r["ttft"]["25"]["after_pause"]  # the same requests, each after TTFT_PAUSE_S of idle
+        assert paused["pause_s"] == TTFT_PAUSE_S and len(paused["samples_ms"]) == 1 and paused["median_ms"] > 0
         assert r["decode"]["count"] == 16 and len(r["decode"]["gaps_ms"]) == 16
         assert r["decode"]["p50_ms"] <= r["decode"]["p99_ms"] <= r["decode"]["max_ms"]
         assert set(r["context"]) == {"32", "64"} and r["context"]["64"]["count"] == 8
@@ -77,7 +80,8 @@ def test_cpu_smoke_run_writes_every_figure(tiny_model, tmp_path, capsys) -> None
     assert "needs figures from both" in results["overhead"]["note"]
 
     md = (out / "results.md").read_text()
-    for heading in ("## Floors", "## TTFT", "## Decode", "## Per-token latency", "## Ratios", "## Engines"):
+    for heading in ("## Floors", "## TTFT (ms): median (P99) of 1, back to back", "## Decode", "## Per-token latency",
+                    "## Ratios", "## Engines", f"## TTFT (ms) after {TTFT_PAUSE_S * 1e3:.0f} ms of idle"):
         assert heading in md
     assert f"sources sha256 {results['env']['git']['source_sha256'][:12]}" in md  # the code run, commit or not
     assert peer["facts"]["sdpa_cudnn"] is None  # the cuDNN switch is the GPU's (bench/engines/hf.py)

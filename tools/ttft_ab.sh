@@ -14,7 +14,8 @@ for i in $(seq "$ROUNDS"); do
     if [ "$t" = base ]; then cd "$R/.ab_base" || exit 2; else cd "$R" || exit 2; fi
     PYTHONPATH=/tmp/site:$PWD timeout 220 python3 -m launch.cli bench --quiet --engines hybridrt-executor \
       --workloads ttft,floors --prompt-lens "$LENS" --out "$OUT/$t$i" > "$OUT/$t$i.log" 2>&1
-    echo "$t$i rc=$? $(grep -A12 '^## TTFT' "$OUT/$t$i/results.md" | grep '^| [0-9]' | cut -d'|' -f2,4 | tr '\n' ' ')"
+    rc=$?; rows() { awk -v k="$1" '/^## TTFT/{n++} n==k' "$OUT/$t$i/results.md" | grep '^| [0-9]' | cut -d'|' -f2,4 | tr '\n' ' '; }
+    echo "$t$i rc=$rc back to back: $(rows 1)  after a pause: $(rows 2)"
   done
 done
 cd "$R" || exit 2
