@@ -1,10 +1,11 @@
 """Where the executor's TTFT goes past its prefill graph (issue 12): the bench's hybridrt-executor TTFT at 300
-tokens was 8.5 ms while the 304-row graph replayed in 7.0 ms back to back (thirty-seventh session). One
+tokens was 8.5 ms while the 304-row graph had replayed in 7.0 ms when timed at its capture (thirty-seventh
+session; the answer, from the second table: the card's recent load, not the rows' data). One
 in-process engine (every graph captured), per prompt length the median of:
 
   ttft        the generator's first token (what the bench reports);
   host        ids written, `runner.prefill(n)`, synchronize, timed on the host;
-  replay      `runner.prefill(n)` between CUDA events, back to back (what capture-time timing sees);
+  replay      `runner.prefill(n)` between CUDA events, back to back;
   after idle  the same, each after a host sleep of --idle-ms (the GPU idle before it, as between requests);
   scratch     the bucket's graph as timed at capture (inputs aimed at the scratch row), its rows reading slot 0's
               ids as they are (the prompt's, zeros past it), then all zeros (one token a row).
