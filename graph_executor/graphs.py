@@ -115,7 +115,6 @@ class CaptureStats:
     replay_ms: dict[str, float] = field(default_factory=dict)  # timed prefill graph -> median replay (pick_bucket's)
     # a prefill graph's cuBLASLt trial (name + LT_TRIAL) -> [the graph's replay ms, the trial's], timed together
     trials_ms: dict[str, list[float]] = field(default_factory=dict)
-    tried: set[str] = field(default_factory=set)  # cuBLASLt trials done (prefill: timed; extend: its prefill's)
     cublaslt: list[str] = field(default_factory=list)  # graphs whose cuBLASLt capture was kept (faster)
 
 
@@ -418,10 +417,12 @@ class GraphRunner:
         order += [] if self.verify_used else verify
         pending = [name for name in order if name not in self.graphs]
         if not pending and self.measured_buckets:  # then each prefill graph once more, through cuBLASLt
-            trials = [name + LT_TRIAL for name in self.graphs if name.startswith("prefill_")]
-            trials += ["extend" + name.removeprefix("prefill") + LT_TRIAL for name in self.stats.cublaslt
-                       if name.startswith("prefill_") and "extend" + name.removeprefix("prefill") in self.graphs]
-            pending = [name for name in trials if name not in self.stats.tried]
+            # a prefill trial is done once timed; an extend one (always kept) once its graph is in stats.cublaslt
+            pending = [name + LT_TRIAL for name in self.graphs
+                       if name.startswith("prefill_") and name + LT_TRIAL not in self.stats.trials_ms]
+            extends = ("extend" + name.removeprefix("prefill") for name in self.stats.cublaslt)
+            pending += [name + LT_TRIAL for name in extends
+                        if name in self.graphs and name not in self.stats.cublaslt]
         return pending
 
     def capture_next(self, capture: Callable[[str], None] | None = None) -> str | None:
@@ -455,7 +456,7 @@ class GraphRunner:
         if self.measured_buckets and kind in self.bucket_ms:
             bucket = int(rows)
             if kind == "prefill" and bucket >= TIMED_FROM_ROWS:
-                self.stats.replay_ms[name] = self.bucket_ms[kind][bucket] = self._replay_ms(graph)[0]
+                self._cost(bucket, self._replay_ms(graph)[0])
             if kind == "extend" and bucket in self.bucket_ms["prefill"]:
                 self.bucket_ms[kind][bucket] = self.bucket_ms["prefill"][bucket]
         self.graphs[name] = graph
@@ -470,7 +471,6 @@ class GraphRunner:
             graph = self._record(name + LT_TRIAL, name)
         finally:
             torch.backends.cuda.preferred_blas_library(previous)
-        self.stats.tried.add(name + LT_TRIAL)
         kind, _, rows = name.partition("_")
         if kind == "extend":
             self.graphs[name] = graph
@@ -483,9 +483,14 @@ class GraphRunner:
             self.graphs[name] = graph  # the other one's memory goes back to the shared pool
             self.stats.cublaslt.append(name)
             if bucket in self.bucket_ms["prefill"]:
-                self.stats.replay_ms[name] = self.bucket_ms["prefill"][bucket] = trial_ms
-                if bucket in self.bucket_ms["extend"]:
-                    self.bucket_ms["extend"][bucket] = trial_ms
+                self._cost(bucket, trial_ms)
+
+    def _cost(self, bucket: int, ms: float) -> None:
+        """A timed prefill bucket's replay ms (pick_bucket's figure), its extend graph's too once captured (the same
+        GEMM shapes; `capture` copies it to one captured later)."""
+        self.stats.replay_ms[f"prefill_{bucket}"] = self.bucket_ms["prefill"][bucket] = ms
+        if f"extend_{bucket}" in self.graphs:
+            self.bucket_ms["extend"][bucket] = ms
 
     def _replay_ms(self, *graphs: torch.cuda.CUDAGraph) -> list[float]:
         """Median replay ms of each prefill graph (TIMED_REPLAYS each, alternating: a card's clocks drift with its

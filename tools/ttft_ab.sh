@@ -9,13 +9,16 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 ROUNDS=${1:-2}; LENS=${2:-10,25,50,100,200,300,400,500}
 R=$PWD
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl > /dev/null 2>&1
+rows() {  # the prompt-length rows of the K-th TTFT table (1: back to back, 2: after a pause) of run folder $2
+  awk -v k="$1" '/^## TTFT/{n++} n==k' "$2/results.md" | grep '^| [0-9]' | cut -d'|' -f2,4 | tr '\n' ' '
+}
 for i in $(seq "$ROUNDS"); do
   for t in base new; do
     if [ "$t" = base ]; then cd "$R/.ab_base" || exit 2; else cd "$R" || exit 2; fi
     PYTHONPATH=/tmp/site:$PWD timeout 220 python3 -m launch.cli bench --quiet --engines hybridrt-executor \
       --workloads ttft,floors --prompt-lens "$LENS" --out "$OUT/$t$i" > "$OUT/$t$i.log" 2>&1
-    rc=$?; rows() { awk -v k="$1" '/^## TTFT/{n++} n==k' "$OUT/$t$i/results.md" | grep '^| [0-9]' | cut -d'|' -f2,4 | tr '\n' ' '; }
-    echo "$t$i rc=$rc back to back: $(rows 1)  after a pause: $(rows 2)"
+    rc=$?
+    echo "$t$i rc=$rc back to back: $(rows 1 "$OUT/$t$i")  after a pause: $(rows 2 "$OUT/$t$i")"
   done
 done
 cd "$R" || exit 2
