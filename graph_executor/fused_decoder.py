@@ -25,7 +25,10 @@ from graph_executor.kernels.projections import (
     decode_scratch_size,
     embedding,
     gemv_residual,
+    pending_ok,
+    pending_source_ok,
     rmsnorm_gemv,
+    silu_gemv_pending,
     silu_gemv_residual,
     tail_prefetch_ok,
 )
@@ -88,7 +91,7 @@ class FusedDecoder:
                  fp8: Fp8Plan | GemvPlan = FP8_PLAN, pdl: bool | None = None, fuse_rope: bool | None = None,
                  early_weights: bool | None = None, l2_prefetch_mb: int | None = None,
                  split_combine: bool | None = None, tail_prefetch_mb: int | None = None,
-                 v_early: bool | None = None) -> None:
+                 v_early: bool | None = None, defer_down: bool | None = None) -> None:
         """`fp8`: per projection an Fp8Config runs FP8 slots through the split-K kernels, a GemvConfig through the
         fp16 kernels (FP8_GEMV_PLAN: all of them, the old path). `plan`: the dense weights' configs (None:
         `decode_plan.plan_for` the model's hidden size). `pdl`: launch the dense GEMVs, RoPE and attention
@@ -106,7 +109,11 @@ class FusedDecoder:
         kernels asks L2 for up to this many MiB of the next projection's weights once its rows are stored (the
         next kernel's first loads during this one's tail), on sm_90+ only; None: the options'. `v_early`: the
         attention kernel issues each block's V loads with its K loads (`DecodeAttention(v_early=)`); None: the
-        options'."""
+        options'. `defer_down`: down_proj's split-K partials are added by the next layer's qkv and o_proj GEMVs (and
+        the lm_head's) instead of a reduce kernel after it (gemv.PendingResidual: one kernel fewer per layer, the same
+        bits); only where every down_proj is on the dense split-K kernels with a reduce kernel, the qkv, o and
+        lm_head slots on gemv.py's kernels, and not on a tensor-parallel rank (its all-reduce needs x settled);
+        None: the options' where it applies. True where it does not apply: ValueError."""
         cfg = model.config
         device = model.embed_tokens.device
         plan = plan_for(cfg.hidden_size) if plan is None else plan
@@ -162,6 +169,13 @@ class FusedDecoder:
                 if tail_prefetch_ok(w, self.plan[name]):
                     self.tail[i // len(LAYER_GEMVS)][name] = l2_prefetch.plan([slots[i + 1][0]], tail_budget << 20)
         self.collectives = StepCollectives(model.tp, 1, cfg.vocab_size, device)  # a tensor-parallel rank's
+        deferrable = model.tp is None and pending_ok(model.lm_head, self.plan["lm_head"]) and all(
+            pending_source_ok(layer.down_proj, self.plan["down"]) and pending_ok(layer.qkv_proj, self.plan["qkv"])
+            and pending_ok(layer.o_proj, self.plan["o"]) for layer in model.layers)
+        if defer_down and not deferrable:
+            raise ValueError("defer_down needs every down_proj on the dense split-K kernels with a reduce kernel, the "
+                             "qkv, o and lm_head slots on gemv.py's kernels, and one rank")
+        self.defer_down = deferrable and (options.defer_down if defer_down is None else defer_down)
 
     @torch.inference_mode()
     def step(self, token: torch.Tensor, position: torch.Tensor, logits: torch.Tensor,
@@ -173,11 +187,12 @@ class FusedDecoder:
         stride = m.kv_caches.stride(0)
         embedding(m.embed_tokens, token, self.x)
         x = self.x[0]  # [H]
+        pending = None  # the last down_proj's partials while x is unsettled (defer_down)
         for index, layer in enumerate(m.layers):
             cache = m.kv_cache[index]  # [2, nkv, C, hd]
             tail = self.tail[index]
             rmsnorm_gemv(layer.qkv_proj, x, layer.attn_norm, eps, self.qkv, bias=layer.qkv_bias, cfg=g["qkv"],
-                         scratch=sc, prefetch=tail["qkv"])
+                         scratch=sc, prefetch=tail["qkv"], pending=pending)
             if self.fuse_rope:
                 self.attention(self.qkv, cache[0], cache[1], position, self.attn, slots=slot, slot_stride=stride,
                                rope=m.rope, prefetch=self.prefetch[index])
@@ -187,13 +202,19 @@ class FusedDecoder:
                 self.attention(self.q, cache[0], cache[1], position, self.attn, slots=slot, slot_stride=stride,
                                prefetch=self.prefetch[index])
             c.before_residual(x)
-            gemv_residual(layer.o_proj, self.attn.view(-1), x, cfg=g["o"], scratch=sc, prefetch=tail["o"])
+            gemv_residual(layer.o_proj, self.attn.view(-1), x, cfg=g["o"], scratch=sc, prefetch=tail["o"],
+                          pending=pending)
+            pending = None  # o_proj stored x settled
             c.after_residual(x)
             rmsnorm_gemv(layer.gate_up_proj, x, layer.mlp_norm, eps, self.gate_up, cfg=g["gate_up"], scratch=sc,
                          prefetch=tail["gate_up"])
             c.before_residual(x)
-            silu_gemv_residual(layer.down_proj, self.gate_up, x, cfg=g["down"], scratch=sc, prefetch=tail["down"])
+            if self.defer_down:  # the scratch holds the partials until the next o_proj (qkv and attention use none)
+                pending = silu_gemv_pending(layer.down_proj, self.gate_up, x, g["down"], scratch=sc)
+            else:
+                silu_gemv_residual(layer.down_proj, self.gate_up, x, cfg=g["down"], scratch=sc,
+                                   prefetch=tail["down"])
             c.after_residual(x)
         out = c.logits_target(logits)
-        rmsnorm_gemv(m.lm_head, x, m.norm, eps, out, cfg=g["lm_head"], scratch=sc)
+        rmsnorm_gemv(m.lm_head, x, m.norm, eps, out, cfg=g["lm_head"], scratch=sc, pending=pending)
         return c.gather(logits, out)

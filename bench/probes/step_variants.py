@@ -14,7 +14,10 @@ tail asks L2 for: `FusedDecoder(tail_prefetch_mb=)`), rk (1: the plan's split-K 
 partials added by a second kernel, `DenseSplitKConfig.reduce_kernel`; 0: by the last program's fixup), ve (1: the
 attention's V loads issued with its K loads, `DecodeAttention(v_early=True)`), tile (1: a copy of the model with its
 packed weights stored tile-major, `quant.tiles.tile_model`; 2: only its o_proj and down_proj; 0: row-major as
-loaded). split, warps, rope, pf, tpf, early,
+loaded), dd (1: down_proj's split-K partials added by the next layer's qkv and o_proj GEMVs instead of a reduce
+kernel, `FusedDecoder(defer_down=True)`; 0: not), ablate (a timing ceiling, wrong logits: 1 leaves the attention's split combine out (no reduce kernel, no
+combine in the kernel), 2 leaves out the reduce kernels of the split-K dense projections, 3 both: what folding those
+into the next kernel could save at most). split, warps, rope, pf, tpf, early,
 rk and ve left out: the decoder's defaults (`decode_plan.plan_for` and `options_for` the model). Prints the median
 of each variant's per-round medians and its ratio to the first.
 """
@@ -22,6 +25,7 @@ of each variant's per-round medians and its ratio to the first.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import statistics
@@ -31,6 +35,7 @@ import torch
 from bench.floors import time_gpu
 from bench.probes.verify_plan import graphed
 from graph_executor.fused_decoder import FusedDecoder
+from graph_executor.kernels import decode_attention, gemv_fp8
 from graph_executor.kernels.decode_attention import DecodeAttention
 from graph_executor.kernels.decode_plan import plan_for
 from graph_executor.kernels.gemv_dense_splitk import DenseSplitKConfig
@@ -48,10 +53,10 @@ def parse_variant(text: str) -> dict[str, int]:
     variant = {"fused": 1}
     for item in text.split(","):
         key, _, value = item.partition("=")
-        if key not in ("split", "warps", "fused", "rope", "early", "earlyo", "pf", "tpf", "rk", "ve", "tile") \
-                or not value.isdigit():
+        if key not in ("split", "warps", "fused", "rope", "early", "earlyo", "pf", "tpf", "rk", "ve", "tile",
+                       "ablate", "dd") or not value.isdigit():
             raise SystemExit(f"bad variant item {item!r} in {text!r} (split=, warps=, fused=, rope=, early=, earlyo=, "
-                             "pf=, tpf=, rk=, ve=, tile=)")
+                             "pf=, tpf=, rk=, ve=, tile=, ablate=, dd=)")
         variant[key] = int(value)
     return variant
 
@@ -68,15 +73,37 @@ def build(model, variant: dict[str, int]) -> FusedDecoder:
                                             for f in dataclasses.fields(plan)
                                             if isinstance(c := getattr(plan, f.name), DenseSplitKConfig)})
     decoder = FusedDecoder(model, plan=plan, fuse_rope=flag("rope"), early_weights=flag("early"),
-                           l2_prefetch_mb=variant.get("pf"), tail_prefetch_mb=variant.get("tpf"))
+                           l2_prefetch_mb=variant.get("pf"), tail_prefetch_mb=variant.get("tpf"),
+                           defer_down=flag("dd"))
     cfg = model.config
     decoder.attention = DecodeAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, model.max_context,
                                         model.embed_tokens.device, cfg.sliding_window, variant.get("split"),
                                         pdl=decoder.pdl, num_warps=variant.get("warps"),
-                                        fused_reduce=bool(variant["fused"]),
+                                        fused_reduce=bool(variant["fused"]) and not variant.get("ablate", 0) & 1,
                                         v_early=decoder.attention.v_early if "ve" not in variant
                                         else bool(variant["ve"]))
     return decoder
+
+
+class _NoLaunch:
+    """Stands in for a Triton kernel (`kernel[grid](...)` launches nothing) while an ablation's graph is built."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@contextlib.contextmanager
+def ablated(mask: int):
+    """`ablate=` (module doc): the kernels it leaves out launch nothing inside this block."""
+    saved = (decode_attention._reduce_kernel, gemv_fp8.launch_reduce)
+    if mask & 1:
+        decode_attention._reduce_kernel = _NoLaunch()
+    if mask & 2:
+        gemv_fp8.launch_reduce = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        decode_attention._reduce_kernel, gemv_fp8.launch_reduce = saved
 
 
 def alternating_rounds(graphs: list[torch.cuda.CUDAGraph], outs: list[torch.Tensor], rounds: int,
@@ -128,7 +155,8 @@ def main(argv: list[str] | None = None) -> None:
                 decoder = build(tiled[variant["tile"]] if variant.get("tile") else model, variant)
                 decoders.append(decoder)
                 out = torch.empty(model.config.vocab_size, dtype=torch.float32, device=device)
-                graphs.append(graphed(lambda d=decoder, o=out: d.step(token, position, o)))
+                with ablated(variant.get("ablate", 0)):
+                    graphs.append(graphed(lambda d=decoder, o=out: d.step(token, position, o)))
                 outs.append(out)
             medians, logits = alternating_rounds(graphs, outs, args.rounds, device)
             first = medians[0]

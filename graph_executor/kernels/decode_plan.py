@@ -73,6 +73,10 @@ class StepOptions:
     # Measured (H200, context 300 / 2000): with the reduce kernel after the splits SmolLM2 -3.6% / -3.5%, 1B -0.8% /
     # +0.2%, 7B +2.5% / +4.1%; with the split combine (SmolLM2's choice) SmolLM2 +3.2% / +4.0%: off everywhere
     v_early: bool = False
+    # down_proj's split-K partials added by the next layer's qkv and o_proj GEMVs and the lm_head instead of a reduce
+    # kernel (FusedDecoder(defer_down=), gemv.PendingResidual; the same bits). Small models only: each qkv program
+    # reads every partial of the hidden size (SmolLM2: 6 x 576 floats; 7B: 11 x 4096 for each of 768 programs).
+    defer_down: bool = False
 
 
 # (smallest hidden size, options), largest first: the measurements above

@@ -5,6 +5,10 @@ nothing but the weights moves through memory and a decoder layer takes 7 launche
 - `gemv_residual`: x += W @ a                                  (o_proj: residual add in the epilogue)
 - `silu_gemv_residual`: x += W @ (silu(g) * u), [g, u] = gu    (down_proj: SwiGLU in the prologue)
 
+`rmsnorm_gemv` and `gemv_residual` also read a residual x that a split-K down_proj left unsettled (`PendingResidual`:
+its partial sums not yet added, so that no reduce kernel runs between the layers): each program adds them to the
+elements of x it reads, in the reduce kernel's order and rounding, so the bits are the same as after that kernel.
+
 Each program owns BLOCK_N output rows and walks K in BLOCK_K chunks with a 2-D float32 accumulator, reduced
 once at the end. W is [N, K] row-major (unit stride along K). W may also be FP8 (e4m3) codes with a float32
 scale per row (`row_scale`, the `Fp8Rows` format): the same loop, one multiply per row at the end.
@@ -34,6 +38,22 @@ class GemvConfig:
 
 
 DEFAULT = GemvConfig()
+
+
+@dataclass(frozen=True)
+class PendingResidual:
+    """A residual stream x [N] that a split-K residual GEMV left unsettled: x's value is the `splits` float32 partial
+    sums partial[i * N + row] added in order from zero, plus x, rounded to x's dtype (what that GEMV's reduce kernel,
+    gemv_splitk._add_partials, would have stored). The kernels that read x next add them themselves."""
+
+    partial: torch.Tensor  # float32 [>= splits * N], on x's device
+    splits: int
+
+    def check(self, x: torch.Tensor) -> None:
+        if self.partial.dtype != torch.float32 or self.partial.device != x.device or self.splits < 1 or \
+                self.partial.numel() < self.splits * x.numel():
+            raise ValueError(f"a pending residual needs {self.splits} float32 partials of {x.numel()} on {x.device}, "
+                             f"got {self.partial.dtype} {self.partial.numel()} on {self.partial.device}")
 
 
 @dataclass(frozen=True)
@@ -68,19 +88,32 @@ def _weight_tile(w_ptr, rows, row_ok, cols, K):
 
 
 @triton.jit
-def _normed_chunk(x_ptr, nw_ptr, cols, K):
-    """x[cols] squared (for the sum of squares) and times the norm weight, float32 (zeros past K)."""
+def _settled(x, x_ptr, p_ptr, idx, ok, N, PENDING: tl.constexpr):
+    """x (float32, the residual's elements idx as stored) plus the PENDING partials of a `PendingResidual` at
+    p_ptr, added as gemv_splitk._add_partials adds them (from zero, in order, then x) and rounded to x's dtype."""
+    total = tl.zeros_like(x)
+    for i in tl.static_range(PENDING):
+        total += tl.load(p_ptr + i * N + idx, mask=ok, other=0.0, cache_modifier=".cg")
+    return (total + x).to(x_ptr.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
+def _normed_chunk(x_ptr, nw_ptr, cols, K, p_ptr, PENDING: tl.constexpr):
+    """x[cols] squared (for the sum of squares) and times the norm weight, float32 (zeros past K); PENDING > 0: x
+    settled first (`_settled`)."""
     col_ok = cols < K
     x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if PENDING > 0:
+        x = _settled(x, x_ptr, p_ptr, cols, col_ok, K, PENDING)
     nw = tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     return x * x, x * nw
 
 
 @triton.jit
-def _rmsnorm_gemv_kernel(w_ptr, x_ptr, nw_ptr, b_ptr, s_ptr, out_ptr, N, K, eps, pf0, pn0, pf1, pn1, pf2, pn2, pf3,
-                         pn3, HAS_BIAS: tl.constexpr, ROW_SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
+def _rmsnorm_gemv_kernel(w_ptr, x_ptr, nw_ptr, b_ptr, s_ptr, out_ptr, p_ptr, N, K, eps, pf0, pn0, pf1, pn1, pf2,
+                         pn2, pf3, pn3, HAS_BIAS: tl.constexpr, ROW_SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr, PREFETCH: tl.constexpr,
-                         THREADS: tl.constexpr):
+                         THREADS: tl.constexpr, PENDING: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -90,7 +123,7 @@ def _rmsnorm_gemv_kernel(w_ptr, x_ptr, nw_ptr, b_ptr, s_ptr, out_ptr, N, K, eps,
         cols = tl.arange(0, BLOCK_K)
         w = _weight_tile(w_ptr, rows, row_ok, cols, K)
         wait_for_prior(PDL)
-        sq, xn = _normed_chunk(x_ptr, nw_ptr, cols, K)
+        sq, xn = _normed_chunk(x_ptr, nw_ptr, cols, K, p_ptr, PENDING)
         ss += sq
         acc += w.to(tl.float32) * xn[None, :]
         start = BLOCK_K
@@ -98,7 +131,7 @@ def _rmsnorm_gemv_kernel(w_ptr, x_ptr, nw_ptr, b_ptr, s_ptr, out_ptr, N, K, eps,
         wait_for_prior(PDL)
     for k0 in range(start, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        sq, xn = _normed_chunk(x_ptr, nw_ptr, cols, K)
+        sq, xn = _normed_chunk(x_ptr, nw_ptr, cols, K, p_ptr, PENDING)
         ss += sq
         w = _weight_tile(w_ptr, rows, row_ok, cols, K)
         acc += w.to(tl.float32) * xn[None, :]
@@ -125,9 +158,10 @@ def _activation_chunk(a_ptr, cols, K, SWIGLU: tl.constexpr):
 
 
 @triton.jit
-def _gemv_residual_kernel(w_ptr, a_ptr, s_ptr, x_ptr, N, K, pf0, pn0, pf1, pn1, pf2, pn2, pf3, pn3,
+def _gemv_residual_kernel(w_ptr, a_ptr, s_ptr, x_ptr, p_ptr, N, K, pf0, pn0, pf1, pn1, pf2, pn2, pf3, pn3,
                           SWIGLU: tl.constexpr, ROW_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          PDL: tl.constexpr, EARLY: tl.constexpr, PREFETCH: tl.constexpr, THREADS: tl.constexpr):
+                          PDL: tl.constexpr, EARLY: tl.constexpr, PREFETCH: tl.constexpr, THREADS: tl.constexpr,
+                          PENDING: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -149,6 +183,8 @@ def _gemv_residual_kernel(w_ptr, a_ptr, s_ptr, x_ptr, N, K, pf0, pn0, pf1, pn1, 
     if ROW_SCALE:
         out *= tl.load(s_ptr + rows, mask=row_ok, other=0.0)
     residual = tl.load(x_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    if PENDING > 0:  # this program's rows only: no other program of the kernel reads or writes them
+        residual = _settled(residual, x_ptr, p_ptr, rows, row_ok, N, PENDING)
     tl.store(x_ptr + rows, (residual + out).to(x_ptr.dtype.element_ty), mask=row_ok)
     if PREFETCH > 0:  # as in _rmsnorm_gemv_kernel
         prefetch_l2(pf0, pn0, pf1, pn1, pf2, pn2, pf3, pn3, tl.program_id(0), tl.num_programs(0), PREFETCH, THREADS)
@@ -166,27 +202,41 @@ def _launch(cfg: GemvConfig, regions: int) -> dict:
 
 # `prefetch` (below): weights each program asks L2 for once its rows are stored (kernels/l2_prefetch.py: the next
 # kernel's, during this one's tail; values unchanged; sm_90+ only, never under the interpreter).
+def _pending_args(pending: PendingResidual | None, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(partials pointer, PENDING) of a kernel call: x itself and 0 when nothing is pending."""
+    if pending is None:
+        return x, 0
+    pending.check(x)
+    return pending.partial, pending.splits
+
+
 def rmsnorm_gemv(w: torch.Tensor, x: torch.Tensor, norm_w: torch.Tensor, eps: float, out: torch.Tensor,
                  bias: torch.Tensor | None = None, cfg: GemvConfig = DEFAULT,
-                 row_scale: torch.Tensor | None = None, prefetch: L2Prefetch | None = None) -> torch.Tensor:
+                 row_scale: torch.Tensor | None = None, prefetch: L2Prefetch | None = None,
+                 pending: PendingResidual | None = None) -> torch.Tensor:
     """w [N, K], x [K], norm_w [K], bias [N] or None, row_scale [N] float32 or None -> out [N] (any float dtype:
-    logits may be float32)."""
+    logits may be float32). `pending`: x is unsettled (its partials are added here; x itself is not written)."""
     n, k = w.shape
     pf_args, regions = l2_prefetch.kernel_args(prefetch, w)
+    p, splits = _pending_args(pending, x)
     _rmsnorm_gemv_kernel[_grid(n, cfg)](w, x, norm_w, bias if bias is not None else w,
-                                        row_scale if row_scale is not None else w, out, n, k, eps, *pf_args,
+                                        row_scale if row_scale is not None else w, out, p, n, k, eps, *pf_args,
                                         HAS_BIAS=bias is not None, ROW_SCALE=row_scale is not None,
-                                        **_launch(cfg, regions))
+                                        PENDING=splits, **_launch(cfg, regions))
     return out
 
 
 def gemv_residual(w: torch.Tensor, a: torch.Tensor, x: torch.Tensor, cfg: GemvConfig = DEFAULT,
-                  row_scale: torch.Tensor | None = None, prefetch: L2Prefetch | None = None) -> torch.Tensor:
-    """x [N] += (w [N, K] @ a [K]) [* row_scale], in place."""
+                  row_scale: torch.Tensor | None = None, prefetch: L2Prefetch | None = None,
+                  pending: PendingResidual | None = None) -> torch.Tensor:
+    """x [N] += (w [N, K] @ a [K]) [* row_scale], in place. `pending`: x is unsettled; it is settled and stored
+    with the sum (x is settled after the call)."""
     n, k = w.shape
     pf_args, regions = l2_prefetch.kernel_args(prefetch, w)
-    _gemv_residual_kernel[_grid(n, cfg)](w, a, row_scale if row_scale is not None else w, x, n, k, *pf_args,
-                                         SWIGLU=False, ROW_SCALE=row_scale is not None, **_launch(cfg, regions))
+    p, splits = _pending_args(pending, x)
+    _gemv_residual_kernel[_grid(n, cfg)](w, a, row_scale if row_scale is not None else w, x, p, n, k, *pf_args,
+                                         SWIGLU=False, ROW_SCALE=row_scale is not None, PENDING=splits,
+                                         **_launch(cfg, regions))
     return x
 
 
@@ -195,6 +245,7 @@ def silu_gemv_residual(w: torch.Tensor, gate_up: torch.Tensor, x: torch.Tensor, 
     """x [N] += (w [N, K] @ (silu(gate_up[:K]) * gate_up[K:])) [* row_scale], in place."""
     n, k = w.shape
     pf_args, regions = l2_prefetch.kernel_args(prefetch, w)
-    _gemv_residual_kernel[_grid(n, cfg)](w, gate_up, row_scale if row_scale is not None else w, x, n, k, *pf_args,
-                                         SWIGLU=True, ROW_SCALE=row_scale is not None, **_launch(cfg, regions))
+    _gemv_residual_kernel[_grid(n, cfg)](w, gate_up, row_scale if row_scale is not None else w, x, x, n, k,
+                                         *pf_args, SWIGLU=True, ROW_SCALE=row_scale is not None, PENDING=0,
+                                         **_launch(cfg, regions))
     return x

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from graph_executor.kernels.gemv import PendingResidual
 from graph_executor.kernels.gemv_fp8 import (
     RESIDUAL,
     RMSNORM,
@@ -120,3 +121,16 @@ def silu_gemv_residual(w: torch.Tensor, gate_up: torch.Tensor, x: torch.Tensor, 
     n, k = w.shape
     _check(w, scratch, cfg, dict(gate_up=(gate_up, 2 * k), x=(x, n)))
     return _launch(w, gate_up, None, None, x, 0.0, SILU_RESIDUAL, scratch, cfg)
+
+
+def silu_gemv_pending(w: torch.Tensor, gate_up: torch.Tensor, x: torch.Tensor, scratch: SplitKScratch,
+                      cfg: DenseSplitKConfig) -> PendingResidual:
+    """silu_gemv_residual's first kernel alone (cfg.reduce_kernel): x [N] is left unsettled, its partial sums in
+    scratch until the next kernels that read x add them (gemv.rmsnorm_gemv / gemv_residual with `pending`); nothing
+    else may use the scratch before they have run."""
+    if not cfg.reduce_kernel:
+        raise ValueError("a pending residual needs a config with reduce_kernel (the fixup adds the partials itself)")
+    n, k = w.shape
+    _check(w, scratch, cfg, dict(gate_up=(gate_up, 2 * k), x=(x, n)))
+    launch_rows(w, None, gate_up, None, None, x, 0.0, SILU_RESIDUAL, scratch, cfg, reduce=False)
+    return PendingResidual(scratch.partial, split(w, cfg))

@@ -161,13 +161,15 @@ def _kernel_call(w, scale, a, nw, bias, out, partial, count, n: int, k: int, eps
 
 def launch_rows(w: torch.Tensor, scale: torch.Tensor | None, a: torch.Tensor, nw: torch.Tensor | None,
                 bias: torch.Tensor | None, out: torch.Tensor, eps: float, mode: int, scratch: SplitKScratch,
-                cfg) -> torch.Tensor:
+                cfg, reduce: bool = True) -> torch.Tensor:
     """One split-K GEMV over row-major weights w [N, K] (e4m3 codes with their row `scale`, or dense float weights
-    with `scale` None) with cfg (an Fp8Config or a DenseSplitKConfig); the callers check their inputs first."""
+    with `scale` None) with cfg (an Fp8Config or a DenseSplitKConfig); the callers check their inputs first.
+    `reduce` False (with cfg.reduce_kernel): the partials stay in scratch.partial ([split, N], float32), added by
+    the caller's next kernels (gemv.PendingResidual)."""
     n, k = w.shape
     grid, args, meta = _kernel_call(w, scale, a, nw, bias, out, scratch.partial, scratch.count, n, k, eps, mode, cfg)
     _rows_splitk_kernel[grid](*args, **meta)
-    if cfg.reduce_kernel:
+    if cfg.reduce_kernel and reduce:
         launch_reduce(scratch, scale, bias, out, n, k, eps, mode, grid[1], cfg.pdl)
     return out
 

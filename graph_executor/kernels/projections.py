@@ -9,6 +9,9 @@ Each decode projection takes a `ProjectionConfig`: a block config per format, an
 (the decoder owns one, sized by `decode_scratch_size`; without it a call allocates its own, which is fine outside
 CUDA graphs). An FP8 slot whose config is a `GemvConfig` instead of an `Fp8Config` runs the fp16 GEMVs over its
 codes with the row scale: the path before the split-K kernels, kept for comparison (bench/probes/fp8_splitk.py).
+
+A dense split-K down_proj may leave the residual unsettled (`silu_gemv_pending`: no reduce kernel) for the next
+layer's qkv and o_proj, or the lm_head, on gemv.py's kernels to settle (`pending=`; `pending_ok` says where).
 """
 
 from __future__ import annotations
@@ -80,12 +83,31 @@ def _check_prefetch(w: Weight, cfg: ProjectionConfig, prefetch: L2Prefetch | Non
         raise ValueError("a tail L2 prefetch rides only on gemv.py's kernels (dense weights on a GemvConfig)")
 
 
+def pending_ok(w: Weight, cfg: ProjectionConfig) -> bool:
+    """Whether a projection's kernel settles an unsettled residual (`pending=`): gemv.py's, over dense weights."""
+    return isinstance(w, torch.Tensor) and isinstance(cfg.dense, gemv.GemvConfig)
+
+
+def pending_source_ok(w: Weight, cfg: ProjectionConfig) -> bool:
+    """Whether a down_proj can leave the residual unsettled (`silu_gemv_pending`): dense weights on the split-K
+    kernels with a reduce kernel (whose work then moves into the next kernels)."""
+    return isinstance(w, torch.Tensor) and isinstance(cfg.dense, DenseSplitKConfig) and cfg.dense.reduce_kernel
+
+
+def _check_pending(w: Weight, cfg: ProjectionConfig, pending: gemv.PendingResidual | None) -> None:
+    if pending is not None and not pending_ok(w, cfg):
+        raise ValueError("an unsettled residual is settled only by gemv.py's kernels (dense weights on a GemvConfig)")
+
+
 def rmsnorm_gemv(w: Weight, x: torch.Tensor, norm_w: torch.Tensor, eps: float, out: torch.Tensor,
                  bias: torch.Tensor | None = None, cfg: ProjectionConfig = ProjectionConfig(),
-                 scratch: SplitKScratch | None = None, prefetch: L2Prefetch | None = None) -> torch.Tensor:
+                 scratch: SplitKScratch | None = None, prefetch: L2Prefetch | None = None,
+                 pending: gemv.PendingResidual | None = None) -> torch.Tensor:
     """out [N] = W @ (rmsnorm(x [K]) * norm_w) [+ bias]. `prefetch` (`tail_prefetch_ok` slots only): weights the
-    kernel's programs ask L2 for once their rows are done (kernels/l2_prefetch.py)."""
+    kernel's programs ask L2 for once their rows are done (kernels/l2_prefetch.py). `pending` (`pending_ok` slots
+    only): x is unsettled (gemv.PendingResidual)."""
     _check_prefetch(w, cfg, prefetch)
+    _check_pending(w, cfg, pending)
     if isinstance(w, (Int4Groups, Int8Groups)):
         c, sc = _packed(w, cfg, scratch)
         return gemv_splitk.rmsnorm_gemv(w, x, norm_w, eps, out, sc, bias, c)
@@ -97,13 +119,16 @@ def rmsnorm_gemv(w: Weight, x: torch.Tensor, norm_w: torch.Tensor, eps: float, o
     if isinstance(cfg.dense, DenseSplitKConfig):
         c, sc = _dense_splitk(w, cfg, scratch)
         return gemv_dense_splitk.rmsnorm_gemv(w, x, norm_w, eps, out, sc, bias, c)
-    return gemv.rmsnorm_gemv(w, x, norm_w, eps, out, bias, cfg.dense, prefetch=prefetch)
+    return gemv.rmsnorm_gemv(w, x, norm_w, eps, out, bias, cfg.dense, prefetch=prefetch, pending=pending)
 
 
 def gemv_residual(w: Weight, a: torch.Tensor, x: torch.Tensor, cfg: ProjectionConfig = ProjectionConfig(),
-                  scratch: SplitKScratch | None = None, prefetch: L2Prefetch | None = None) -> torch.Tensor:
-    """x [N] += W @ a [K]. `prefetch`: as rmsnorm_gemv's."""
+                  scratch: SplitKScratch | None = None, prefetch: L2Prefetch | None = None,
+                  pending: gemv.PendingResidual | None = None) -> torch.Tensor:
+    """x [N] += W @ a [K]. `prefetch`: as rmsnorm_gemv's. `pending` (`pending_ok` slots only): x is unsettled; the
+    call settles it."""
     _check_prefetch(w, cfg, prefetch)
+    _check_pending(w, cfg, pending)
     if isinstance(w, (Int4Groups, Int8Groups)):
         c, sc = _packed(w, cfg, scratch)
         return gemv_splitk.gemv_residual(w, a, x, sc, c)
@@ -115,7 +140,7 @@ def gemv_residual(w: Weight, a: torch.Tensor, x: torch.Tensor, cfg: ProjectionCo
     if isinstance(cfg.dense, DenseSplitKConfig):
         c, sc = _dense_splitk(w, cfg, scratch)
         return gemv_dense_splitk.gemv_residual(w, a, x, sc, c)
-    return gemv.gemv_residual(w, a, x, cfg.dense, prefetch=prefetch)
+    return gemv.gemv_residual(w, a, x, cfg.dense, prefetch=prefetch, pending=pending)
 
 
 def silu_gemv_residual(w: Weight, gate_up: torch.Tensor, x: torch.Tensor,
@@ -135,6 +160,16 @@ def silu_gemv_residual(w: Weight, gate_up: torch.Tensor, x: torch.Tensor,
         c, sc = _dense_splitk(w, cfg, scratch)
         return gemv_dense_splitk.silu_gemv_residual(w, gate_up, x, sc, c)
     return gemv.silu_gemv_residual(w, gate_up, x, cfg.dense, prefetch=prefetch)
+
+
+def silu_gemv_pending(w: Weight, gate_up: torch.Tensor, x: torch.Tensor, cfg: ProjectionConfig,
+                      scratch: SplitKScratch | None = None) -> gemv.PendingResidual:
+    """silu_gemv_residual leaving x unsettled (`pending_source_ok` slots only): the partial sums stay in the
+    scratch for the next kernels that read x (`pending=`)."""
+    if not pending_source_ok(w, cfg):
+        raise ValueError("only a dense down_proj on the split-K kernels with a reduce kernel leaves x unsettled")
+    c, sc = _dense_splitk(w, cfg, scratch)
+    return gemv_dense_splitk.silu_gemv_pending(w, gate_up, x, sc, c)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,154 @@
+"""An unsettled residual (gemv.PendingResidual: a split-K down_proj's partial sums left for the next kernels instead
+of a reduce kernel, `FusedDecoder(defer_down=True)`): gemv.py's rmsnorm_gemv and gemv_residual settle it exactly as
+the reduce kernel would have (the same bits), a whole decode step gives the same logits and KV cache with it as
+without, and the decoder refuses it where it cannot apply. Under TRITON_INTERPRET=1 on a machine without a GPU; on a
+GPU the same tests run there, and a cuda-marked one checks the SmolLM2-shaped step in float16."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from graph_executor.kernels import gemv, gemv_dense_splitk  # noqa: E402
+from graph_executor.kernels.gemv import GemvConfig, GemvPlan, PendingResidual  # noqa: E402
+from graph_executor.kernels.gemv_dense_splitk import DenseSplitKConfig  # noqa: E402
+from graph_executor.kernels.gemv_splitk import SplitKScratch  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def settled(x: torch.Tensor, partial: torch.Tensor, splits: int) -> torch.Tensor:
+    """The reduce kernel's arithmetic in torch: the partials added in order from zero, then x, rounded to x's dtype."""
+    n = x.numel()
+    total = torch.zeros(n, dtype=torch.float32, device=x.device)
+    for i in range(splits):
+        total += partial[i * n:(i + 1) * n]
+    return (total + x.float()).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("n,k,splits", [(37, 100, 3), (64, 48, 1), (20, 300, 5)])
+def test_the_gemvs_settle_a_pending_residual_as_the_reduce_kernel_would(dtype, n, k, splits) -> None:
+    g = torch.Generator().manual_seed(n * k + splits)
+    w = (torch.randn(n, k, generator=g) * 0.05).to(DEVICE, dtype)
+    nw = (torch.rand(k, generator=g) + 0.5).to(DEVICE, dtype)
+    a = torch.randn(k, generator=g).to(DEVICE, dtype)
+    cfg = GemvConfig(16, 64, 4, 2)
+    # rmsnorm_gemv reads an unsettled x of K elements
+    x = torch.randn(k, generator=g).to(DEVICE, dtype)
+    partial = torch.randn(splits * k + 7, generator=g).to(DEVICE)  # longer than needed, as a shared scratch is
+    pending = PendingResidual(partial, splits)
+    out, want = (torch.full((n,), float("nan"), device=DEVICE, dtype=dtype) for _ in range(2))
+    gemv.rmsnorm_gemv(w, x, nw, 1e-5, out, cfg=cfg, pending=pending)
+    gemv.rmsnorm_gemv(w, settled(x, partial, splits), nw, 1e-5, want, cfg=cfg)
+    assert torch.isfinite(out).all() and torch.equal(out, want)
+    # gemv_residual settles its own rows of an unsettled x of N elements and stores them with the product
+    r = torch.randn(n, generator=g).to(DEVICE, dtype)
+    partial = torch.randn(splits * n, generator=g).to(DEVICE)
+    got = gemv.gemv_residual(w, a, r.clone(), cfg=cfg, pending=PendingResidual(partial, splits))
+    ref = gemv.gemv_residual(w, a, settled(r, partial, splits), cfg=cfg)
+    assert torch.equal(got, ref)
+    full = settled(r, partial, splits).double() + w.double() @ a.double()  # and against float64, every element
+    assert (got.double() - full).abs().max() <= 2e-3 * full.abs().max()
+
+
+def test_the_split_k_down_proj_leaves_its_partials_where_the_reduce_kernel_reads_them() -> None:
+    n, k = 40, 200
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(n, k, generator=g) * 0.05).to(DEVICE)
+    gate_up = torch.randn(2 * k, generator=g).to(DEVICE)
+    x = torch.randn(n, generator=g).to(DEVICE)
+    cfg = DenseSplitKConfig(16, 64, 2, reduce_kernel=True)
+    scratch = SplitKScratch.zeros(*gemv_dense_splitk.scratch_size(w, cfg), DEVICE)
+    reduced = gemv_dense_splitk.silu_gemv_residual(w, gate_up, x.clone(), scratch, cfg)
+    left = x.clone()
+    pending = gemv_dense_splitk.silu_gemv_pending(w, gate_up, left, scratch, cfg)
+    assert pending.splits == 4 and torch.equal(left, x), "x itself is not written"
+    assert torch.equal(settled(left, pending.partial, pending.splits), reduced)
+    with pytest.raises(ValueError, match="reduce_kernel"):
+        gemv_dense_splitk.silu_gemv_pending(w, gate_up, x, scratch, DenseSplitKConfig(16, 64, 2))
+    with pytest.raises(ValueError, match="partials"):
+        gemv.rmsnorm_gemv(w, x[:k], x[:k], 1e-5, x.clone(), pending=PendingResidual(pending.partial[:10], 4))
+
+
+def steps(model, decoder_kwargs: dict, count: int, start: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """`count` decode steps from position `start` (a fresh copy of the cache each call): logits per step, the cache."""
+    from graph_executor.fused_decoder import FusedDecoder
+
+    decoder = FusedDecoder(model, **decoder_kwargs)
+    out = []
+    for i in range(count):
+        logits = torch.full((model.config.vocab_size,), float("nan"), device=DEVICE)
+        decoder.step(torch.tensor([3 + 5 * i], device=DEVICE), torch.tensor([start + i], device=DEVICE), logits)
+        out.append(logits)
+    return out, model.kv_cache.clone()
+
+
+def test_a_decode_step_with_the_down_partials_deferred_gives_the_same_logits(tmp_path) -> None:
+    import transformers
+
+    from graph_executor.fused_decoder import FusedDecoder
+    from tests.test_model_equivalence import load_hf_model
+
+    model = load_hf_model(tmp_path, transformers.Qwen2Config, dict(num_key_value_heads=2, num_hidden_layers=3), 11,
+                          str(DEVICE), max_context=32)  # Qwen2: qkv bias, which the settling kernel also adds
+    prompt = torch.arange(1, 8, device=DEVICE)
+    model(prompt, torch.arange(7, device=DEVICE), torch.tensor([6], device=DEVICE), 7)
+    before = model.kv_cache.clone()
+    # down on three K slices (the model's measured plan would take one at this size), the rest on gemv.py's kernels
+    plan = GemvPlan(down=DenseSplitKConfig(16, 32, 2, reduce_kernel=True))
+    runs = {}
+    for defer in (False, True):
+        model.kv_cache.copy_(before)
+        runs[defer] = steps(model, dict(plan=plan, defer_down=defer), 3, 7)
+    assert FusedDecoder(model, plan=plan, defer_down=True).defer_down
+    for a, b in zip(runs[False][0], runs[True][0], strict=True):
+        assert torch.isfinite(b).all() and torch.equal(a, b)
+    assert torch.equal(runs[False][1], runs[True][1])
+    # where it cannot apply: asked for, refused; from the options, off
+    for bad in (GemvPlan(), GemvPlan(down=DenseSplitKConfig(16, 32, 2)),
+                GemvPlan(qkv=DenseSplitKConfig(16, 32, 2, reduce_kernel=True),
+                         down=DenseSplitKConfig(16, 32, 2, reduce_kernel=True))):
+        with pytest.raises(ValueError, match="defer_down"):
+            FusedDecoder(model, plan=bad, defer_down=True)
+        assert not FusedDecoder(model, plan=bad).defer_down
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_the_smollm2_shaped_step_in_float16_is_the_same_with_the_down_partials_deferred() -> None:
+    """The production plan and options of a SmolLM2-135M-shaped model (down_proj on the split-K kernels with a
+    reduce kernel, PDL, early weights, the split combine), eager and as a CUDA graph."""
+    from graph_executor.fused_decoder import FusedDecoder
+    from graph_executor.loading.loader import LoadConfig, load_model
+
+    model = load_model(LoadConfig(model="dummy:smollm2-135m", device="cuda", dtype="float16", max_context=512,
+                                  progress=False)).model
+    before = model.kv_cache.clone()
+    runs = {}
+    for defer in (False, True):
+        model.kv_cache.copy_(before)
+        runs[defer] = steps(model, dict(defer_down=defer), 4, 300)
+    for a, b in zip(runs[False][0], runs[True][0], strict=True):
+        assert torch.isfinite(b).all() and torch.equal(a, b)
+    assert torch.equal(runs[False][1], runs[True][1])
+    graphs = {}
+    for defer in (False, True):
+        decoder = FusedDecoder(model, defer_down=defer)
+        logits = torch.empty(model.config.vocab_size, device="cuda")
+        token, position = torch.tensor([9], device="cuda"), torch.tensor([310], device="cuda")
+        decoder.step(token, position, logits)  # compiled before the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            decoder.step(token, position, logits)
+        graph.replay()
+        torch.cuda.synchronize()
+        graphs[defer] = logits.clone()
+    assert torch.equal(graphs[False], graphs[True])
