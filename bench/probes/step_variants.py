@@ -15,11 +15,11 @@ partials added by a second kernel, `DenseSplitKConfig.reduce_kernel`; 0: by the 
 attention's V loads issued with its K loads, `DecodeAttention(v_early=True)`), tile (1: a copy of the model with its
 packed weights stored tile-major, `quant.tiles.tile_model`; 2: only its o_proj and down_proj; 0: row-major as
 loaded), dd (1: down_proj's split-K partials added by the next layer's qkv and o_proj GEMVs instead of a reduce
-kernel, `FusedDecoder(defer_down=True)`; 0: not), ablate (a timing ceiling, wrong logits: 1 leaves the attention's split combine out (no reduce kernel, no
-combine in the kernel), 2 leaves out the reduce kernels of the split-K dense projections, 3 both: what folding those
-into the next kernel could save at most). split, warps, rope, pf, tpf, early,
-rk and ve left out: the decoder's defaults (`decode_plan.plan_for` and `options_for` the model). Prints the median
-of each variant's per-round medians and its ratio to the first.
+kernel, `FusedDecoder(defer_down=True)`; 0: not), ablate (a timing ceiling, wrong logits: 1 leaves the attention's
+split combine out (no reduce kernel, no combine in the kernel), 2 leaves out the reduce kernels of the split-K dense
+projections, 3 both: what folding those into the next kernel could save at most). split, warps, rope, pf, tpf,
+early, rk, ve and dd left out: the decoder's defaults (`decode_plan.plan_for` and `options_for` the model). Prints
+the median of each variant's per-round medians and its ratio to the first.
 """
 
 from __future__ import annotations
