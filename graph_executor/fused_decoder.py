@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from graph_executor.kernels import l2_prefetch
+from graph_executor.kernels import gemv_dense_splitk, l2_prefetch
 from graph_executor.kernels import pdl as pdl_launch
 from graph_executor.kernels.decode_attention import DecodeAttention
-from graph_executor.kernels.decode_plan import options_for, plan_for
+from graph_executor.kernels.decode_plan import DEFER_DOWN_MAX_FLOATS, options_for, plan_for
 from graph_executor.kernels.gemv import GemvConfig, GemvPlan
 from graph_executor.kernels.gemv_fp8 import Fp8Config, Fp8Plan
 from graph_executor.kernels.gemv_splitk import SplitKConfig, SplitKPlan, SplitKScratch
@@ -113,7 +113,8 @@ class FusedDecoder:
         the lm_head's) instead of a reduce kernel after it (gemv.PendingResidual: one kernel fewer per layer, the same
         bits); only where every down_proj is on the dense split-K kernels with a reduce kernel, the qkv, o and
         lm_head slots on gemv.py's kernels, and not on a tensor-parallel rank (its all-reduce needs x settled);
-        None: the options' where it applies. True where it does not apply: ValueError."""
+        None: the options' where it applies and a qkv program's share of the partials is at most
+        `decode_plan.DEFER_DOWN_MAX_FLOATS`. True where it does not apply: ValueError."""
         cfg = model.config
         device = model.embed_tokens.device
         plan = plan_for(cfg.hidden_size) if plan is None else plan
@@ -175,7 +176,11 @@ class FusedDecoder:
         if defer_down and not deferrable:
             raise ValueError("defer_down needs every down_proj on the dense split-K kernels with a reduce kernel, the "
                              "qkv, o and lm_head slots on gemv.py's kernels, and one rank")
-        self.defer_down = deferrable and (options.defer_down if defer_down is None else defer_down)
+        if defer_down is None:  # the options' choice, where each qkv program's share of the partials is small
+            share = cfg.hidden_size * gemv_dense_splitk.split(model.layers[0].down_proj, self.plan["down"].dense) \
+                if deferrable and model.layers else DEFER_DOWN_MAX_FLOATS + 1
+            defer_down = options.defer_down and share <= DEFER_DOWN_MAX_FLOATS
+        self.defer_down = deferrable and defer_down
 
     @torch.inference_mode()
     def step(self, token: torch.Tensor, position: torch.Tensor, logits: torch.Tensor,

@@ -201,7 +201,7 @@ def test_the_step_options_are_the_ones_measured_on_the_nearest_hidden_size_below
     assert decode_plan.options_for(8192) == seven == decode_plan.StepOptions(fuse_rope=True, early_weights=False)
     assert decode_plan.options_for(3584) == one == decode_plan.StepOptions(fuse_rope=False, early_weights=False)
     assert decode_plan.options_for(1) == small == decode_plan.StepOptions(fuse_rope=True, early_weights=True,
-                                                                          split_combine=True)
+                                                                          split_combine=True, defer_down=True)
     with pytest.raises(ValueError, match="hidden_size"):
         decode_plan.options_for(0)
     model = load_hf_model(tmp_path, transformers.LlamaConfig, {}, 3, max_context=32)
@@ -210,6 +210,7 @@ def test_the_step_options_are_the_ones_measured_on_the_nearest_hidden_size_below
     configs = [getattr(chosen.plan["qkv"], f.name) for f in dataclasses.fields(chosen.plan["qkv"])]
     assert all(c.early for c in configs), "every format's config of a projection loads early"
     assert chosen.attention.fused_reduce and not chosen.attention.v_early
+    assert chosen.defer_down, "a small model's down_proj partials are left for the next kernels"
     told = FusedDecoder(model, fuse_rope=False, early_weights=False, split_combine=False, v_early=True)
     assert (told.fuse_rope, told.early_weights) == (False, False) and not told.plan["down"].dense.early
     assert not told.attention.fused_reduce and told.attention.v_early

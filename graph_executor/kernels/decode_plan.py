@@ -74,16 +74,22 @@ class StepOptions:
     # +0.2%, 7B +2.5% / +4.1%; with the split combine (SmolLM2's choice) SmolLM2 +3.2% / +4.0%: off everywhere
     v_early: bool = False
     # down_proj's split-K partials added by the next layer's qkv and o_proj GEMVs and the lm_head instead of a reduce
-    # kernel (FusedDecoder(defer_down=), gemv.PendingResidual; the same bits). Small models only: each qkv program
-    # reads every partial of the hidden size (SmolLM2: 6 x 576 floats; 7B: 11 x 4096 for each of 768 programs).
+    # kernel (FusedDecoder(defer_down=), gemv.PendingResidual; the same bits), where a qkv program's share of them is
+    # at most DEFER_DOWN_MAX_FLOATS: each qkv program reads every partial of the hidden size. Measured (H200, 38th
+    # session, step_variants, 7 alternating rounds, context 300 / 2000): SmolLM2-135M (6 x 576 floats) 0.511 / 0.506
+    # -> 0.484 / 0.482 ms and 0.553 / 0.550 -> 0.529 / 0.529 (-5% / -4%); LLaMA-2-7B (11 x 4096) +4.2% / +3.6%.
     defer_down: bool = False
 
+
+# A qkv program's share of a deferred down_proj's partials (splits x hidden size, float32) up to which `defer_down`
+# applies: measured a gain at 3,456 (SmolLM2) and a loss at 45,056 (7B); unmeasured between, so about twice the gain's.
+DEFER_DOWN_MAX_FLOATS = 8192
 
 # (smallest hidden size, options), largest first: the measurements above
 MEASURED_OPTIONS: tuple[tuple[int, StepOptions], ...] = (
     (4096, StepOptions(fuse_rope=True, early_weights=False)),
     (2048, StepOptions(fuse_rope=False, early_weights=False)),
-    (0, StepOptions(fuse_rope=True, early_weights=True, split_combine=True)),
+    (0, StepOptions(fuse_rope=True, early_weights=True, split_combine=True, defer_down=True)),
 )
 
 
