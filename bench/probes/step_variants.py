@@ -16,10 +16,10 @@ attention's V loads issued with its K loads, `DecodeAttention(v_early=True)`), t
 packed weights stored tile-major, `quant.tiles.tile_model`; 2: only its o_proj and down_proj; 0: row-major as
 loaded), dd (1: down_proj's split-K partials added by the next layer's qkv and o_proj GEMVs instead of a reduce
 kernel, `FusedDecoder(defer_down=True)`; 0: not), ablate (a timing ceiling, wrong logits: 1 leaves the attention's
-split combine out (no reduce kernel, no combine in the kernel), 2 leaves out the reduce kernels of the split-K dense
-projections, 3 both: what folding those into the next kernel could save at most). split, warps, rope, pf, tpf,
-early, rk, ve and dd left out: the decoder's defaults (`decode_plan.plan_for` and `options_for` the model). Prints
-the median of each variant's per-round medians and its ratio to the first.
+split combine out (no reduce kernel, no combine in the kernel), 2 leaves out the reduce kernels of every split-K
+GEMV (dense, FP8 and packed), 3 both: what folding those into the next kernel could save at most). split, warps,
+rope, pf, tpf, early, rk, ve and dd left out: the decoder's defaults (`decode_plan.plan_for` and `options_for` the
+model). Prints the median of each variant's per-round medians and its ratio to the first.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import torch
 from bench.floors import time_gpu
 from bench.probes.verify_plan import graphed
 from graph_executor.fused_decoder import FusedDecoder
-from graph_executor.kernels import decode_attention, gemv_fp8
+from graph_executor.kernels import decode_attention, gemv_fp8, gemv_splitk
 from graph_executor.kernels.decode_attention import DecodeAttention
 from graph_executor.kernels.decode_plan import plan_for
 from graph_executor.kernels.gemv_dense_splitk import DenseSplitKConfig
@@ -95,15 +95,15 @@ class _NoLaunch:
 @contextlib.contextmanager
 def ablated(mask: int):
     """`ablate=` (module doc): the kernels it leaves out launch nothing inside this block."""
-    saved = (decode_attention._reduce_kernel, gemv_fp8.launch_reduce)
+    saved = (decode_attention._reduce_kernel, gemv_fp8.launch_reduce, gemv_splitk.launch_reduce)
     if mask & 1:
         decode_attention._reduce_kernel = _NoLaunch()
     if mask & 2:
-        gemv_fp8.launch_reduce = lambda *args, **kwargs: None
+        gemv_fp8.launch_reduce = gemv_splitk.launch_reduce = lambda *args, **kwargs: None
     try:
         yield
     finally:
-        decode_attention._reduce_kernel, gemv_fp8.launch_reduce = saved
+        decode_attention._reduce_kernel, gemv_fp8.launch_reduce, gemv_splitk.launch_reduce = saved
 
 
 def alternating_rounds(graphs: list[torch.cuda.CUDAGraph], outs: list[torch.Tensor], rounds: int,
