@@ -27,6 +27,8 @@ def two_process(load: LoadConfig, mps: str, doorbell: str, repeats: int, prompts
     sup = Supervisor(ServerConfig(load, mps=mps, doorbell=doorbell))
     sup.start()
     sup.wait_ready()
+    # read now: stop() marks the daemon stopped
+    mps_state = f"{sup.mps.running if sup.mps else None} {sup.mps.reason if sup.mps else ''}".strip()
     per_prompt = []
     try:
         with Client(sup.address) as client:
@@ -47,7 +49,6 @@ def two_process(load: LoadConfig, mps: str, doorbell: str, repeats: int, prompts
         sup.stop()
     med = lambda xs: percentile(xs[2:], 50)
     gaps = gaps_ms(decode["token_times_ms"])
-    mps_state = f"{sup.mps.running if sup.mps else None} {sup.mps.reason if sup.mps else ''}".strip()
     return [{"mps": mps_state, "tokens": len(ids), "client": med([r[0] for r in rows]),
              "jit_ttft": med([r[1]["ttft_ms"] for r in rows]), "queue": med([r[1]["queue_ms"] for r in rows]),
              "enqueued": med([r[1]["prefill_enqueued_ms"] for r in rows]),
