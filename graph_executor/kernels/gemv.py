@@ -200,8 +200,6 @@ def _launch(cfg: GemvConfig, regions: int) -> dict:
                 **launch_options(cfg.pdl))
 
 
-# `prefetch` (below): weights each program asks L2 for once its rows are stored (kernels/l2_prefetch.py: the next
-# kernel's, during this one's tail; values unchanged; sm_90+ only, never under the interpreter).
 def _pending_args(pending: PendingResidual | None, x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(partials pointer, PENDING) of a kernel call: x itself and 0 when nothing is pending."""
     if pending is None:
@@ -210,6 +208,8 @@ def _pending_args(pending: PendingResidual | None, x: torch.Tensor) -> tuple[tor
     return pending.partial, pending.splits
 
 
+# `prefetch` (below): weights each program asks L2 for once its rows are stored (kernels/l2_prefetch.py: the next
+# kernel's, during this one's tail; values unchanged; sm_90+ only, never under the interpreter).
 def rmsnorm_gemv(w: torch.Tensor, x: torch.Tensor, norm_w: torch.Tensor, eps: float, out: torch.Tensor,
                  bias: torch.Tensor | None = None, cfg: GemvConfig = DEFAULT,
                  row_scale: torch.Tensor | None = None, prefetch: L2Prefetch | None = None,
