@@ -128,11 +128,14 @@ def _rank(rank: int, size: int, port: int, results: str, name: str) -> None:
 
     with _gloo_rank(rank, size, port):
         whole = _whole(CONFIGS[name])
-        want = _run(whole, [])  # the prompt's logits first, to choose the tokens greedily
+        # The whole model's greedy run, step by step through its cache: the tokens and every step's logits in one
+        # pass (what _run(whole, tokens) gives again, as each step's logits depend only on the tokens before it).
+        n = len(PROMPT)
+        want = [whole(torch.tensor(PROMPT), torch.arange(n), torch.tensor([n - 1]), n)[0]]
         tokens = []
-        for _ in range(STEPS):
+        for p in range(n, n + STEPS):
             tokens.append(int(want[-1].argmax()))
-            want = _run(whole, tokens)
+            want.append(whole(torch.tensor([tokens[-1]]), torch.tensor([p]), torch.tensor([0]), p + 1)[0])
         part = shard_model(whole, TensorParallel(rank, size))
         got = _run(part, tokens)
         diff = max(float((g - w).abs().max()) for g, w in zip(got, want))
@@ -430,13 +433,13 @@ def test_a_rank_killed_mid_request_ends_the_server_naming_it(default_model_dir):
     killed.assert_ended_naming_rank_1(3.0)  # the supervisor's poll and the survivors' exit
 
 
-def test_a_rank_killed_while_idle_ends_the_server_at_once(default_model_dir):
+def test_a_rank_killed_while_idle_ends_the_server_at_once(tp_server):
     """A rank that dies while no step runs: nobody relays to it, so no rank notices by itself (on GPUs a rank may
     not notice mid-request either: its GPU waits in a captured NCCL collective). The supervisor kills the other ranks
-    at once instead of giving them PEER_EXIT_GRACE_S (2 s) to leave; the line names the rank that died."""
-    from tests.serve_process import ServeProcess
-
-    killed = kill_rank_1(ServeProcess("--tensor-parallel", "3", "--max-num-seqs", "1", http=False))
+    at once instead of giving them PEER_EXIT_GRACE_S (2 s) to leave; the line names the rank that died.
+    The server is the module's three-rank one, idle after test_three_ranks_serve_the_whole_models_tokens (a start of
+    three ranks costs seconds): this ends it, so no test after this one in the file may ask for tp_server."""
+    killed = kill_rank_1(tp_server)
     # the ranks killed after it are not causes
     assert "rank 2" not in killed.stderr and "graph_executor was killed" not in killed.stderr, killed.stderr
     killed.assert_ended_naming_rank_1(1.5)
