@@ -19,6 +19,9 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 if not torch.cuda.is_available():
     # Triton kernels run on CPU tensors in interpreter mode; it must be set before any kernel is decorated.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    from tests.triton_interpreter import install
+
+    install()  # without the interpreter's language patching again at every device-function call (see there)
 
 
 @pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook

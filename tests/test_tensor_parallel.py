@@ -81,6 +81,9 @@ def _gloo_rank(rank: int, size: int, port: int):
 def _cases_rank(rank: int, size: int, port: int, results: str, rank_fn, cases: list[tuple]) -> None:
     """rank_fn(rank, size, port, f"{results}.{i}", *case) for every case, in one gloo group (a pair of rank processes
     costs seconds of imports; the cases' tiny models do not)."""
+    from tests.triton_interpreter import install
+
+    install()  # a spawned process: tests/conftest.py did not run here (see tests/triton_interpreter.py)
     with _gloo_rank(rank, size, port):
         for i, case in enumerate(cases):
             rank_fn(rank, size, port, f"{results}.{i}", *case)
