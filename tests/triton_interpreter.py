@@ -40,25 +40,30 @@ def install() -> None:
     device_call = function.__call__
     is_builtin = tl.core.is_builtin
 
-    def builtin_names(package) -> tuple[str, ...]:
-        return tuple(name for name, member in inspect.getmembers(package) if is_builtin(member))
+    def a_builtin(package) -> str:
+        return next(name for name, member in inspect.getmembers(package) if is_builtin(member))
 
-    # What `_patch_lang` walks for a language module (tl or tl.core; their tensor class is one class), named before
-    # any patching, while every one of them is still a builtin.
-    packages = {id(lang): [(pkg, builtin_names(pkg)) for pkg in (lang, lang.tensor, *((tl.math,) if lang is tl
-                                                                                       else ()))]
-                for lang in (tl, tl.core)}
-    descriptor = (tl.core.tensor_descriptor_base, builtin_names(tl.core.tensor_descriptor_base))
+    # What `_patch_lang` walks for a language module (tl or tl.core; their tensor class is one class), each package
+    # by one of its builtins, named before any patching. A package's builtins are replaced all together (one walk
+    # replaces every one still there) and put back all together (by the scope that replaced them), so one of them
+    # tells whether the walk would replace anything.
+    sentinels = {id(lang): [(pkg, a_builtin(pkg)) for pkg in (lang, lang.tensor, *((tl.math,) if lang is tl else ()))]
+                 for lang in (tl, tl.core)}
+    descriptor = (tl.core.tensor_descriptor_base, a_builtin(tl.core.tensor_descriptor_base))
+    langs_of: dict = {}  # device function -> the language modules its globals hold
     launches = [0]  # kernel launches running now (0 or 1: a kernel cannot launch one)
     device_calls = [0]
 
-    def replaced(package, names) -> bool:
-        return not any(is_builtin(getattr(package, name, None)) for name in names)
+    def replaced(package, name) -> bool:
+        return not is_builtin(getattr(package, name, None))
 
     def nothing_to_patch(fn) -> bool:
-        langs = [id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core)]
-        return bool(langs) and replaced(*descriptor) and all(replaced(pkg, names) for lang in langs
-                                                             for pkg, names in packages[lang])
+        langs = langs_of.get(fn)
+        if langs is None:
+            seen = fn.__globals__.values()
+            langs = langs_of[fn] = [id(v) for v in seen if inspect.ismodule(v) and v in (tl, tl.core)]
+        return bool(langs) and replaced(*descriptor) and all(replaced(pkg, name) for lang in langs
+                                                             for pkg, name in sentinels[lang])
 
     class _NothingToRestore:
         def restore(self) -> None:
