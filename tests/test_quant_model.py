@@ -212,7 +212,8 @@ def test_fused_decoder_over_a_packed_gguf(quantized_gguf) -> None:
 
 def test_a_decoder_with_reduce_kernels_gives_the_same_logits(quantized_gguf) -> None:
     """FusedDecoder with every packed projection's partials added by a second kernel (SplitKConfig.reduce_kernel:
-    int4 and int8, offsets or not, sharing the decoder's one scratch) gives the default decoder's logits, bit for bit."""
+    int4 and int8, offsets or not, sharing the decoder's one scratch) gives the default decoder's logits, bit for
+    bit."""
     model = packed_gguf_model(quantized_gguf)
     logits_of(model, PROMPT)  # fills the cache for positions 0..11
     t, p = torch.tensor([3], device=DEVICE), torch.tensor([12], device=DEVICE)
@@ -382,7 +383,9 @@ def test_smollm2_q4_1_kept_packed_matches_the_file_dequantized(smollm2_gguf, smo
     (["--quantize", "int8", "--model", "GGUF"], "a GGUF file is already quantized"),
 ])
 def test_bad_quantize_flags_are_one_line_and_exit_1(args, message, quantized_gguf, capsys) -> None:
-    """Through the CLI's entry point: refused before any process starts (nothing is allocated anywhere)."""
+    """Through the CLI's entry point, one line and exit 1. A bad value or group is refused before any process starts;
+    a group that does not divide the model's sizes, or a GGUF file, needs the model's config: the executor refuses
+    it at load, from the config, before any weight is allocated (each of those cases costs the processes' start)."""
     from launch.cli import main
 
     args = [str(quantized_gguf) if a == "GGUF" else a for a in args]
