@@ -145,10 +145,10 @@ def _combine(acc_ptr, m_ptr, l_ptr, out_ptr, row, s_lo, s_hi, HEAD_DIM: tl.const
     splits at a time (a whole [NUM_SPLITS, hd] tile would spill on a one-warp program at a 4096-position cache);
     loads from L2 (.cg): other programs of the same kernel may have written them. The first SB splits' loads are
     issued before the maxima's reduction (they do not depend on it: one L2 round trip fewer on the step's critical
-    path); the arithmetic is the loop's, in the same order (the same bits on an H200 and under the interpreter). Measured
-    (H200, 38th session, whole steps, two alternating rounds, context 300 / 2000): SmolLM2-135M 0.496 / 0.491 -> 0.482
-    / 0.484 and 0.550 / 0.544 -> 0.533 / 0.538 ms; LLaMA-2-7B 3.702 / 3.678 -> 3.674 / 3.663 and 3.980 / 3.955 -> 3.934
-    / 3.916."""
+    path); the arithmetic is the loop's, in the same order (the same bits on an H200 and under the interpreter).
+    Measured (H200, 38th session, whole steps, two alternating rounds, context 300 / 2000): SmolLM2-135M 0.496 /
+    0.491 -> 0.482 / 0.484 and 0.550 / 0.544 -> 0.533 / 0.538 ms; LLaMA-2-7B 3.702 / 3.678 -> 3.674 / 3.663 and
+    3.980 / 3.955 -> 3.934 / 3.916."""
     d = tl.arange(0, HEAD_DIM)
     s = s_lo + tl.arange(0, SB)
     ok = s < s_hi
