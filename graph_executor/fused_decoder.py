@@ -25,12 +25,11 @@ from graph_executor.kernels.projections import (
     decode_scratch_size,
     embedding,
     gemv_residual,
-    pending_ok,
+    on_gemv_kernels,
     pending_source_ok,
     rmsnorm_gemv,
     silu_gemv_pending,
     silu_gemv_residual,
-    tail_prefetch_ok,
 )
 from graph_executor.kernels.rope_append import rope_append
 from graph_executor.model import LlamaModel
@@ -167,12 +166,12 @@ class FusedDecoder:
         tail_budget = options.tail_prefetch_mb if tail_prefetch_mb is None else tail_prefetch_mb
         if tail_budget > 0 and prefetching:
             for i, (w, name) in enumerate(slots[:-1]):
-                if tail_prefetch_ok(w, self.plan[name]):
+                if on_gemv_kernels(w, self.plan[name]):
                     self.tail[i // len(LAYER_GEMVS)][name] = l2_prefetch.plan([slots[i + 1][0]], tail_budget << 20)
         self.collectives = StepCollectives(model.tp, 1, cfg.vocab_size, device)  # a tensor-parallel rank's
-        deferrable = model.tp is None and pending_ok(model.lm_head, self.plan["lm_head"]) and all(
-            pending_source_ok(layer.down_proj, self.plan["down"]) and pending_ok(layer.qkv_proj, self.plan["qkv"])
-            and pending_ok(layer.o_proj, self.plan["o"]) for layer in model.layers)
+        deferrable = model.tp is None and on_gemv_kernels(model.lm_head, self.plan["lm_head"]) and all(
+            pending_source_ok(layer.down_proj, self.plan["down"]) and on_gemv_kernels(layer.qkv_proj, self.plan["qkv"])
+            and on_gemv_kernels(layer.o_proj, self.plan["o"]) for layer in model.layers)
         if defer_down and not deferrable:
             raise ValueError("defer_down needs every down_proj on the dense split-K kernels with a reduce kernel, the "
                              "qkv, o and lm_head slots on gemv.py's kernels, and one rank")

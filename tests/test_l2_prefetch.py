@@ -69,7 +69,7 @@ def test_kernel_args_fill_every_pair() -> None:
 
 
 def test_a_tail_prefetch_rides_only_on_gemv_py_kernels() -> None:
-    """projections.tail_prefetch_ok: dense weights on a GemvConfig; any other slot refuses a tail prefetch."""
+    """projections.on_gemv_kernels: dense weights on a GemvConfig; any other slot refuses a tail prefetch."""
     from graph_executor.kernels import projections
     from graph_executor.kernels.gemv import GemvConfig
     from graph_executor.kernels.gemv_dense_splitk import DenseSplitKConfig
@@ -79,10 +79,10 @@ def test_a_tail_prefetch_rides_only_on_gemv_py_kernels() -> None:
     w = torch.randn(64, 32, device=DEVICE)
     pf = plan([torch.zeros(CHUNK_BYTES, dtype=torch.uint8, device=DEVICE)], 1 << 20)
     splitk = ProjectionConfig(dense=DenseSplitKConfig(16, 32, 4))
-    assert projections.tail_prefetch_ok(w, ProjectionConfig(dense=GemvConfig()))
-    assert not projections.tail_prefetch_ok(w, splitk)
+    assert projections.on_gemv_kernels(w, ProjectionConfig(dense=GemvConfig()))
+    assert not projections.on_gemv_kernels(w, splitk)
     packed = quantize_int8(w.to(torch.float16), 32)
-    assert not projections.tail_prefetch_ok(packed, ProjectionConfig())
+    assert not projections.on_gemv_kernels(packed, ProjectionConfig())
     with pytest.raises(ValueError, match="tail L2 prefetch"):
         projections.gemv_residual(w, torch.zeros(32, device=DEVICE), torch.zeros(64, device=DEVICE), splitk,
                                   prefetch=pf)

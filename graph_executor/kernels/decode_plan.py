@@ -66,7 +66,7 @@ class StepOptions:
     # identity tests, test_runtime_batching and test_prefix_reuse with the GGUF, pass with it on the card).
     split_combine: bool = False
     # MiB of the next projection's weights each GEMV's programs ask L2 for once their rows are stored (gemv.py's
-    # kernels only: projections.tail_prefetch_ok); 0: none. Measured (H200): 4 MiB +0.8-2.9% on every shape, 16 MiB
+    # kernels only: projections.on_gemv_kernels); 0: none. Measured (H200): 4 MiB +0.8-2.9% on every shape, 16 MiB
     # up to +7%: 0.
     tail_prefetch_mb: int = 0
     # the one-query decode attention issues each block's V loads with its K loads (DecodeAttention(v_early=)).

@@ -11,7 +11,7 @@ CUDA graphs). An FP8 slot whose config is a `GemvConfig` instead of an `Fp8Confi
 codes with the row scale: the path before the split-K kernels, kept for comparison (bench/probes/fp8_splitk.py).
 
 A dense split-K down_proj may leave the residual unsettled (`silu_gemv_pending`: no reduce kernel) for the next
-layer's qkv and o_proj, or the lm_head, on gemv.py's kernels to settle (`pending=`; `pending_ok` says where).
+layer's qkv and o_proj, or the lm_head, on gemv.py's kernels to settle (`pending=`; `on_gemv_kernels` says where).
 """
 
 from __future__ import annotations
@@ -72,20 +72,15 @@ def _dense_splitk(w: torch.Tensor, plan: ProjectionConfig,
     return plan.dense, scratch if scratch is not None else gemv_dense_splitk.allocate_scratch(w, plan.dense)
 
 
-def tail_prefetch_ok(w: Weight, cfg: ProjectionConfig) -> bool:
-    """Whether this slot runs gemv.py's kernels, the ones that take a tail `prefetch` (dense weights on a
-    GemvConfig)."""
+def on_gemv_kernels(w: Weight, cfg: ProjectionConfig) -> bool:
+    """Whether this slot runs gemv.py's kernels (dense weights on a GemvConfig): the ones that take a tail
+    `prefetch` and settle an unsettled residual (`pending=`)."""
     return isinstance(w, torch.Tensor) and isinstance(cfg.dense, gemv.GemvConfig)
 
 
 def _check_prefetch(w: Weight, cfg: ProjectionConfig, prefetch: L2Prefetch | None) -> None:
-    if prefetch is not None and not tail_prefetch_ok(w, cfg):
+    if prefetch is not None and not on_gemv_kernels(w, cfg):
         raise ValueError("a tail L2 prefetch rides only on gemv.py's kernels (dense weights on a GemvConfig)")
-
-
-def pending_ok(w: Weight, cfg: ProjectionConfig) -> bool:
-    """Whether a projection's kernel settles an unsettled residual (`pending=`): gemv.py's, over dense weights."""
-    return isinstance(w, torch.Tensor) and isinstance(cfg.dense, gemv.GemvConfig)
 
 
 def pending_source_ok(w: Weight, cfg: ProjectionConfig) -> bool:
@@ -95,7 +90,7 @@ def pending_source_ok(w: Weight, cfg: ProjectionConfig) -> bool:
 
 
 def _check_pending(w: Weight, cfg: ProjectionConfig, pending: gemv.PendingResidual | None) -> None:
-    if pending is not None and not pending_ok(w, cfg):
+    if pending is not None and not on_gemv_kernels(w, cfg):
         raise ValueError("an unsettled residual is settled only by gemv.py's kernels (dense weights on a GemvConfig)")
 
 
@@ -103,8 +98,8 @@ def rmsnorm_gemv(w: Weight, x: torch.Tensor, norm_w: torch.Tensor, eps: float, o
                  bias: torch.Tensor | None = None, cfg: ProjectionConfig = ProjectionConfig(),
                  scratch: SplitKScratch | None = None, prefetch: L2Prefetch | None = None,
                  pending: gemv.PendingResidual | None = None) -> torch.Tensor:
-    """out [N] = W @ (rmsnorm(x [K]) * norm_w) [+ bias]. `prefetch` (`tail_prefetch_ok` slots only): weights the
-    kernel's programs ask L2 for once their rows are done (kernels/l2_prefetch.py). `pending` (`pending_ok` slots
+    """out [N] = W @ (rmsnorm(x [K]) * norm_w) [+ bias]. `prefetch` (`on_gemv_kernels` slots only): weights the
+    kernel's programs ask L2 for once their rows are done (kernels/l2_prefetch.py). `pending` (`on_gemv_kernels` slots
     only): x is unsettled (gemv.PendingResidual)."""
     _check_prefetch(w, cfg, prefetch)
     _check_pending(w, cfg, pending)
@@ -125,7 +120,7 @@ def rmsnorm_gemv(w: Weight, x: torch.Tensor, norm_w: torch.Tensor, eps: float, o
 def gemv_residual(w: Weight, a: torch.Tensor, x: torch.Tensor, cfg: ProjectionConfig = ProjectionConfig(),
                   scratch: SplitKScratch | None = None, prefetch: L2Prefetch | None = None,
                   pending: gemv.PendingResidual | None = None) -> torch.Tensor:
-    """x [N] += W @ a [K]. `prefetch`: as rmsnorm_gemv's. `pending` (`pending_ok` slots only): x is unsettled; the
+    """x [N] += W @ a [K]. `prefetch`: as rmsnorm_gemv's. `pending` (`on_gemv_kernels` slots only): x is unsettled; the
     call settles it."""
     _check_prefetch(w, cfg, prefetch)
     _check_pending(w, cfg, pending)
