@@ -74,20 +74,16 @@ def install() -> None:
             return _NothingToRestore()
         return original_patch(fn)
 
-    def launch(self, *args, **kwargs):
-        launches[0] += 1
-        try:
-            return launch_call(self, *args, **kwargs)
-        finally:
-            launches[0] -= 1
-
-    def device(self, *args, **kwargs):
-        device_calls[0] += 1
-        try:
-            return device_call(self, *args, **kwargs)
-        finally:
-            device_calls[0] -= 1
+    def counted(call, running: list[int]):
+        """`call` with `running[0]` counting the calls in progress."""
+        def wrapped(self, *args, **kwargs):
+            running[0] += 1
+            try:
+                return call(self, *args, **kwargs)
+            finally:
+                running[0] -= 1
+        return wrapped
 
     interpreter._patch_lang = patch_lang
-    executor.__call__ = launch
-    function.__call__ = device
+    executor.__call__ = counted(launch_call, launches)
+    function.__call__ = counted(device_call, device_calls)
