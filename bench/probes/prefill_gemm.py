@@ -34,6 +34,45 @@ def timed_graph(fn, reps: int) -> float:
     return median_event_ms(graphed(fn).replay, reps)
 
 
+def cublas_layer_ms(x: torch.Tensor, out: torch.Tensor, weights: list[torch.Tensor], accumulate: bool,
+                    reps: int) -> tuple[float, float]:
+    """(cuBLAS, cuBLASLt) ms per weight of the step's product out [T, N] (+)= x [T, K] @ W^T over `weights` in one
+    graph: the baselines of the Triton GEMM probes (prefill_splitk, prefill_tma)."""
+    def step() -> None:
+        for w in weights:
+            if accumulate:
+                out.addmm_(x, w.t())
+            else:
+                torch.mm(x, w.t(), out=out)
+    mm = timed_graph(step, reps) / len(weights)
+    previous = torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library("cublaslt")
+    try:
+        return mm, timed_graph(step, reps) / len(weights)
+    finally:
+        torch.backends.cuda.preferred_blas_library(previous)
+
+
+def reference_case(t: int, n: int, k: int, accumulate: bool,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x [T, K], W [N, K], out's start [T, N], the float64 result) of one seeded check of a Triton GEMM probe."""
+    g = torch.Generator(device=device).manual_seed(t * 7 + n)
+    x = torch.randn(t, k, device=device, dtype=torch.float16, generator=g)
+    w = torch.randn(n, k, device=device, dtype=torch.float16, generator=g) * 0.02
+    base = torch.randn(t, n, device=device, dtype=torch.float16, generator=g)
+    return x, w, base, x.double() @ w.double().t() + (base.double() if accumulate else 0)
+
+
+def print_layer_sums(sums: dict[tuple[int, str], float], ours: str) -> None:
+    """The Triton GEMM probes' last table: per prompt length a layer's ms under cuBLAS ("mm"), cuBLASLt ("lt") and
+    the probe's best config per projection ("ours", labelled `ours`)."""
+    print(f"\n| rows | mm layer ms | lt layer ms | {ours} layer ms (best per projection) | x32 layers: mm -> best |")
+    print("|---|---|---|---|---|")
+    for t in sorted({t for t, _ in sums}):
+        mm, lt, best = (sums[(t, v)] for v in ("mm", "lt", "ours"))
+        print(f"| {t} | {mm:.4f} | {lt:.4f} | {best:.4f} | {32 * mm:.3f} -> {32 * min(mm, lt, best):.3f} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", default="100,200,300,500")

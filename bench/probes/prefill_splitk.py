@@ -25,7 +25,14 @@ import torch
 import triton
 import triton.language as tl
 
-from bench.probes.prefill_gemm import RESIDUAL, SHAPES, timed_graph
+from bench.probes.prefill_gemm import (
+    RESIDUAL,
+    SHAPES,
+    cublas_layer_ms,
+    print_layer_sums,
+    reference_case,
+    timed_graph,
+)
 
 
 @triton.jit
@@ -106,11 +113,7 @@ def configs(t: int) -> list[tuple[int, int, int, int, int, int]]:
 def check(t: int, n: int, k: int, cfg: tuple[int, ...], accumulate: bool, device: torch.device) -> float:
     """Relative error (max |diff| / max |ref|) of one call against float64, every element; run twice (the second
     call on the counters the first left: they must be reset)."""
-    g = torch.Generator(device=device).manual_seed(t * 7 + n)
-    x = torch.randn(t, k, device=device, dtype=torch.float16, generator=g)
-    w = torch.randn(n, k, device=device, dtype=torch.float16, generator=g) * 0.02
-    base = torch.randn(t, n, device=device, dtype=torch.float16, generator=g)
-    ref = x.double() @ w.double().t() + (base.double() if accumulate else 0)
+    x, w, base, ref = reference_case(t, n, k, accumulate, device)
     part, count = scratch(t, n, cfg, device)
     worst = 0.0
     for _ in range(2):
@@ -144,20 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         for t in (int(v) for v in args.tokens.split(",")):
             x = torch.randn(t, k, device=device, dtype=torch.float16, generator=g)
             out = torch.zeros(t, n, device=device, dtype=torch.float16)
-
-            def cublas(x=x, out=out, weights=weights) -> None:
-                for w in weights:
-                    if accumulate:
-                        out.addmm_(x, w.t())
-                    else:
-                        torch.mm(x, w.t(), out=out)
-            mm = timed_graph(cublas, args.reps) / args.layers
-            previous = torch.backends.cuda.preferred_blas_library()
-            torch.backends.cuda.preferred_blas_library("cublaslt")
-            try:
-                lt = timed_graph(cublas, args.reps) / args.layers
-            finally:
-                torch.backends.cuda.preferred_blas_library(previous)
+            mm, lt = cublas_layer_ms(x, out, weights, accumulate, args.reps)
             best = (float("inf"), None, 0.0)
             for cfg in configs(t):
                 err = check(t, n, k, cfg, accumulate, device)
@@ -174,17 +164,13 @@ def main(argv: list[str] | None = None) -> None:
                     best = (ms, cfg, err)
             nbytes = 2.0 * n * k
             ms, cfg, err = best
-            for v, val in (("mm", mm), ("lt", lt), ("splitk", ms)):
+            for v, val in (("mm", mm), ("lt", lt), ("ours", ms)):
                 sums[(t, v)] = sums.get((t, v), 0.0) + val
             print(f"| {name} | {t} | {mm:.4f} | {nbytes / mm / 1e9:.2f} | {lt:.4f} | {nbytes / lt / 1e9:.2f} | "
                   f"{ms:.4f} | {nbytes / ms / 1e9:.2f} | {cfg} | {err:.1e} |", flush=True)
         del weights
         torch.cuda.empty_cache()
-    print("\n| rows | mm layer ms | lt layer ms | split-K layer ms (best per projection) | x32 layers: mm -> best |")
-    print("|---|---|---|---|---|")
-    for t in sorted({t for t, _ in sums}):
-        mm, lt, ours = (sums[(t, v)] for v in ("mm", "lt", "splitk"))
-        print(f"| {t} | {mm:.4f} | {lt:.4f} | {ours:.4f} | {32 * mm:.3f} -> {32 * min(mm, lt, ours):.3f} |")
+    print_layer_sums(sums, "split-K")
 
 
 if __name__ == "__main__":
