@@ -63,6 +63,27 @@ def test_gemv_with_its_first_chunk_peeled_gives_the_same_bits_and_matches_float6
         assert (got.cpu().double() - want).abs().max() <= 1e-4 * want.abs().max()
 
 
+@pytest.mark.parametrize("slot", ["qkv", "o", "gate_up", "lm_head"])
+def test_the_small_models_plan_matches_float64_on_a_smollm2_width(slot) -> None:
+    """decode_plan's configs below hidden 2048 read K = 576 in one masked chunk of 1024 (qkv on 8 warps): every row
+    (N = 75, not a multiple of any BLOCK_N) against float64, with and without the early weights, the same bits."""
+    from graph_executor.kernels.decode_plan import plan_for
+
+    cfg = getattr(plan_for(576), slot)
+    assert isinstance(cfg, GemvConfig) and (slot == "lm_head" or cfg.block_k >= 576)
+    n, k = 75, 576
+    v = vectors(n, k, seed=len(slot))
+    plain = three_calls(gemv, v["w"], v, cfg)
+    early = three_calls(gemv, v["w"], v, dataclasses.replace(cfg, early=True))
+    w, d = v["w"].double().cpu(), {name: t.double().cpu() for name, t in v.items()}
+    ref = w @ (d["x"] * d["nw"]) / torch.sqrt((d["x"] ** 2).mean() + 1e-5) + d["bias"]
+    g, u = d["gate_up"][:k], d["gate_up"][k:]
+    for a, b, want in zip(plain, early, [ref, d["r"] + w @ d["x"], d["r"] + w @ (g * torch.sigmoid(g) * u)],
+                          strict=True):
+        assert torch.equal(a, b)
+        assert (a.cpu().double() - want).abs().max() <= 1e-4 * want.abs().max()
+
+
 def test_the_split_k_kernels_give_the_same_bits_with_early_weights() -> None:
     n, k = 40, 256
     v = vectors(n, k, seed=7)

@@ -169,8 +169,8 @@ def test_bad_input_is_refused_in_one_line() -> None:
 
 def test_the_decode_plan_is_the_one_measured_on_the_nearest_hidden_size_below() -> None:
     """decode_plan.plan_for: 7B's plan (split-K down) from hidden 4096 up, 1B's (split-K qkv and down) from 2048,
-    SmolLM2's (split-K down) below; o_proj, gate_up and lm_head stay on gemv.py's kernels everywhere; every split-K
-    projection's partials are added by the second kernel (measured)."""
+    SmolLM2's (split-K down; qkv, o and gate_up in one chunk of K) below; o_proj, gate_up and lm_head stay on gemv.py's
+    kernels everywhere; every split-K projection's partials are added by the second kernel (measured)."""
     from graph_executor.kernels import decode_plan
     from graph_executor.kernels.gemv import GEMV_PLAN, GemvConfig
 
@@ -181,8 +181,10 @@ def test_the_decode_plan_is_the_one_measured_on_the_nearest_hidden_size_below() 
     assert one.qkv == DenseSplitKConfig(16, 256, 4, reduce_kernel=True)
     assert one.down == DenseSplitKConfig(32, 512, 8, reduce_kernel=True)
     assert small.down == DenseSplitKConfig(32, 256, 8, reduce_kernel=True) and isinstance(small.qkv, GemvConfig)
-    for plan in (seven, one, small):
+    for plan in (seven, one):
         assert (plan.o, plan.gate_up, plan.lm_head) == (GEMV_PLAN.o, GEMV_PLAN.gate_up, GEMV_PLAN.lm_head)
+    assert (small.qkv, small.o, small.gate_up, small.lm_head) == (
+        GemvConfig(16, 1024, 8), GemvConfig(2, 1024, 4), GemvConfig(8, 1024, 4), GEMV_PLAN.lm_head)
     with pytest.raises(ValueError, match="hidden_size"):
         decode_plan.plan_for(0)
 

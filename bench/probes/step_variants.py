@@ -17,9 +17,12 @@ packed weights stored tile-major, `quant.tiles.tile_model`; 2: only its o_proj a
 loaded), dd (1: down_proj's split-K partials added by the next layer's qkv and o_proj GEMVs instead of a reduce
 kernel, `FusedDecoder(defer_down=True)`; 0: not), ablate (a timing ceiling, wrong logits: 1 leaves the attention's
 split combine out (no reduce kernel, no combine in the kernel), 2 leaves out the reduce kernels of every split-K
-GEMV (dense, FP8 and packed), 3 both: what folding those into the next kernel could save at most). split, warps,
-rope, pf, tpf, early, rk, ve and dd left out: the decoder's defaults (`decode_plan.plan_for` and `options_for` the
-model). Prints the median of each variant's per-round medians and its ratio to the first.
+GEMV (dense, FP8 and packed), 3 both: what folding those into the next kernel could save at most), and per dense
+projection a gemv.py config for it, `qkv=`, `o=`, `gate_up=`, `down=`, `lm_head=` as rows x K-block x warps[x
+stages] (e.g. `qkv=8x1024x4`: `GemvConfig(8, 1024, 4)`; stages 3 unless given; it replaces the plan's config for
+that slot, a split-K one included). split, warps, rope, pf, tpf, early, rk, ve, dd and the projections left out:
+the decoder's defaults (`decode_plan.plan_for` and `options_for` the model). Prints the median of each variant's
+per-round medians and its ratio to the first.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from graph_executor.fused_decoder import FusedDecoder
 from graph_executor.kernels import decode_attention, gemv_fp8, gemv_splitk
 from graph_executor.kernels.decode_attention import DecodeAttention
 from graph_executor.kernels.decode_plan import plan_for
+from graph_executor.kernels.gemv import GemvConfig
 from graph_executor.kernels.gemv_dense_splitk import DenseSplitKConfig
 from graph_executor.loading.loader import LoadConfig, load_model
 from graph_executor.quant.tiles import tile_model
@@ -48,24 +52,39 @@ DEFAULT_VARIANTS = ("split=64,warps=4,fused=0;split=64,warps=2,fused=1;split=64,
                     "split=32,warps=1,fused=1;split=32,warps=2,fused=1;split=64,warps=4,fused=0")
 
 
-def parse_variant(text: str) -> dict[str, int]:
-    """'split=32,warps=1' -> {"split": 32, "warps": 1, "fused": 1} (fused on unless said)."""
-    variant = {"fused": 1}
+FLAGS = ("split", "warps", "fused", "rope", "early", "earlyo", "pf", "tpf", "rk", "ve", "tile", "ablate", "dd")
+PROJECTIONS = ("qkv", "o", "gate_up", "down", "lm_head")  # keys whose value is a gemv.py config
+
+
+def parse_gemv_config(text: str) -> GemvConfig | None:
+    """'8x1024x4' -> GemvConfig(8, 1024, 4); '8x1024x4x2' -> stages 2; None if malformed."""
+    parts = text.split("x")
+    if not 3 <= len(parts) <= 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        return None
+    n, k, w, *stages = (int(p) for p in parts)
+    return GemvConfig(n, k, w, *stages)
+
+
+def parse_variant(text: str) -> dict[str, int | GemvConfig]:
+    """'split=32,warps=1' -> {"split": 32, "warps": 1, "fused": 1} (fused on unless said); 'qkv=8x1024x4' ->
+    {"qkv": GemvConfig(8, 1024, 4), "fused": 1}."""
+    variant: dict[str, int | GemvConfig] = {"fused": 1}
     for item in text.split(","):
         key, _, value = item.partition("=")
-        if key not in ("split", "warps", "fused", "rope", "early", "earlyo", "pf", "tpf", "rk", "ve", "tile",
-                       "ablate", "dd") or not value.isdigit():
-            raise SystemExit(f"bad variant item {item!r} in {text!r} (split=, warps=, fused=, rope=, early=, earlyo=, "
-                             "pf=, tpf=, rk=, ve=, tile=, ablate=, dd=)")
-        variant[key] = int(value)
+        parsed = parse_gemv_config(value) if key in PROJECTIONS else int(value) if value.isdigit() else None
+        if key not in FLAGS + PROJECTIONS or parsed is None:
+            raise SystemExit(f"bad variant item {item!r} in {text!r} ({'=, '.join(FLAGS + PROJECTIONS)}=; a "
+                             "projection's value is rows x K-block x warps[x stages], e.g. qkv=8x1024x4)")
+        variant[key] = parsed
     return variant
 
 
-def build(model, variant: dict[str, int]) -> FusedDecoder:
+def build(model, variant: dict[str, int | GemvConfig]) -> FusedDecoder:
     def flag(key: str) -> bool | None:
         return bool(variant[key]) if key in variant else None
 
     plan = plan_for(model.config.hidden_size)
+    plan = dataclasses.replace(plan, **{name: variant[name] for name in PROJECTIONS if name in variant})
     if variant.get("earlyo"):
         plan = dataclasses.replace(plan, o=dataclasses.replace(plan.o, early=True))
     if "rk" in variant:  # the split-K dense projections' partials added by a second kernel (1) or the fixup (0)

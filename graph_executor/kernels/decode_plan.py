@@ -33,13 +33,21 @@ SmolLM2 0.527 -> 0.511 / 0.570 -> 0.555 (split combine on, as shipped). The atte
 loads (`v_early`): with the splits' reduce kernel SmolLM2 0.540 -> 0.521 / 0.582 -> 0.565, 7B 3.772 -> 3.870 / 4.061
 -> 4.234, 1B within 1%; with the split combine SmolLM2 0.527 -> 0.545 / 0.570 -> 0.593: not taken. Not taken
 either: o_proj's weights alone loaded early on 7B (+0.6% / 0.0%); the L2 prefetches (StepOptions' comments).
+
+The small models' gemv.py configs (thirty-ninth session, bench/results/2026-12-04-h200-session39/, step_variants with
+per-projection configs, 5-7 alternating rounds, ms per step at context 300 / 2000, SmolLM2-135M with every step
+option as shipped): 7B's plan 0.478 / 0.524; qkv 16x1024 on 8 warps 0.457 / 0.503 (8x1024x4: 0.475 / 0.551; 4x1024x4,
+8x1024x8, 32x1024x8 between), gate_up 8x1024 on 4 warps 0.459 / 0.495 (16x1024x8 0.488 / 0.531, 4x1024x4 0.453 /
+0.503); o 2x1024 or 4x1024 on 4 warps -1% (on 8 warps +3%); lm_head's 16x512 kept (16x1024 on 8 or 16 warps, 8x1024x4
+and 32x512x8 1-3% slower). Together (qkv 16x1024x8, gate_up 8x1024x4, o 2x1024x4): **0.424 / 0.489 (-11% / -6.5%)**.
+Llama-3.2-1B's gate_up in one chunk of 2048 (4x2048x4, 8x2048x8, with or without the early weights) lost 1-7%.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from graph_executor.kernels.gemv import GEMV_PLAN, GemvPlan
+from graph_executor.kernels.gemv import GEMV_PLAN, GemvConfig, GemvPlan
 from graph_executor.kernels.gemv_dense_splitk import DenseSplitKConfig
 
 # (smallest hidden size, plan), largest first
@@ -47,7 +55,11 @@ MEASURED_PLANS: tuple[tuple[int, GemvPlan], ...] = (
     (4096, dataclasses.replace(GEMV_PLAN, down=DenseSplitKConfig(16, 1024, 8, reduce_kernel=True))),
     (2048, dataclasses.replace(GEMV_PLAN, qkv=DenseSplitKConfig(16, 256, 4, reduce_kernel=True),
                                down=DenseSplitKConfig(32, 512, 8, reduce_kernel=True))),
-    (0, dataclasses.replace(GEMV_PLAN, down=DenseSplitKConfig(32, 256, 8, reduce_kernel=True))),
+    # SmolLM2: qkv, gate_up and o read their whole K (576) in one masked chunk, so with the early weights (this
+    # size's StepOptions) all of a program's weights are in flight before its PDL wait and nothing but the activation
+    # is loaded after it (7B's 16x256 / 2x2048 read K in three chunks, two of them after the wait)
+    (0, dataclasses.replace(GEMV_PLAN, qkv=GemvConfig(16, 1024, 8, 3), o=GemvConfig(2, 1024, 4, 3),
+                            gate_up=GemvConfig(8, 1024, 4, 3), down=DenseSplitKConfig(32, 256, 8, reduce_kernel=True))),
 )
 DEFAULT_PLAN = MEASURED_PLANS[0][1]  # LLaMA-2-7B's
 
