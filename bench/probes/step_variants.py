@@ -19,8 +19,9 @@ kernel, `FusedDecoder(defer_down=True)`; 0: not), ablate (a timing ceiling, wron
 split combine out (no reduce kernel, no combine in the kernel), 2 leaves out the reduce kernels of every split-K
 GEMV (dense, FP8 and packed), 3 both: what folding those into the next kernel could save at most), and per dense
 projection a gemv.py config for it, `qkv=`, `o=`, `gate_up=`, `down=`, `lm_head=` as rows x K-block x warps[x
-stages] (e.g. `qkv=8x1024x4`: `GemvConfig(8, 1024, 4)`; stages 3 unless given; it replaces the plan's config for
-that slot, a split-K one included). split, warps, rope, pf, tpf, early, rk, ve, dd and the projections left out:
+stages] (e.g. `qkv=8x1024x4`: `GemvConfig(8, 1024, 4)`; stages 3 unless given), or with an `s` first a split-K
+config (`down=s32x256x8`: `DenseSplitKConfig(32, 256, 8, reduce_kernel=True)`); it replaces the plan's config for
+that slot. split, warps, rope, pf, tpf, early, rk, ve, dd and the projections left out:
 the decoder's defaults (`decode_plan.plan_for` and `options_for` the model). Prints the median of each variant's
 per-round medians and its ratio to the first.
 """
@@ -56,19 +57,21 @@ FLAGS = ("split", "warps", "fused", "rope", "early", "earlyo", "pf", "tpf", "rk"
 PROJECTIONS = ("qkv", "o", "gate_up", "down", "lm_head")  # keys whose value is a gemv.py config
 
 
-def parse_gemv_config(text: str) -> GemvConfig | None:
-    """'8x1024x4' -> GemvConfig(8, 1024, 4); '8x1024x4x2' -> stages 2; None if malformed."""
-    parts = text.split("x")
-    if not 3 <= len(parts) <= 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
+def parse_gemv_config(text: str) -> GemvConfig | DenseSplitKConfig | None:
+    """'8x1024x4' -> GemvConfig(8, 1024, 4); '8x1024x4x2' -> stages 2; 's32x256x8' -> DenseSplitKConfig(32, 256, 8,
+    reduce_kernel=True) (the split-K kernels of gemv_dense_splitk.py); None if malformed."""
+    split_k = text.startswith("s")
+    parts = text.removeprefix("s").split("x")
+    if not 3 <= len(parts) <= (3 if split_k else 4) or not all(p.isdigit() and int(p) > 0 for p in parts):
         return None
     n, k, w, *stages = (int(p) for p in parts)
-    return GemvConfig(n, k, w, *stages)
+    return DenseSplitKConfig(n, k, w, reduce_kernel=True) if split_k else GemvConfig(n, k, w, *stages)
 
 
-def parse_variant(text: str) -> dict[str, int | GemvConfig]:
+def parse_variant(text: str) -> dict[str, int | GemvConfig | DenseSplitKConfig]:
     """'split=32,warps=1' -> {"split": 32, "warps": 1, "fused": 1} (fused on unless said); 'qkv=8x1024x4' ->
     {"qkv": GemvConfig(8, 1024, 4), "fused": 1}."""
-    variant: dict[str, int | GemvConfig] = {"fused": 1}
+    variant: dict[str, int | GemvConfig | DenseSplitKConfig] = {"fused": 1}
     for item in text.split(","):
         key, _, value = item.partition("=")
         parsed = parse_gemv_config(value) if key in PROJECTIONS else int(value) if value.isdigit() else None
@@ -79,7 +82,7 @@ def parse_variant(text: str) -> dict[str, int | GemvConfig]:
     return variant
 
 
-def build(model, variant: dict[str, int | GemvConfig]) -> FusedDecoder:
+def build(model, variant: dict[str, int | GemvConfig | DenseSplitKConfig]) -> FusedDecoder:
     def flag(key: str) -> bool | None:
         return bool(variant[key]) if key in variant else None
 
