@@ -24,7 +24,7 @@ from jit_context.sampler import warm_up as warm_up_sampling
 from jit_context.sampling_params import SamplingParams
 from jit_context.speculative import SpeculativeLoop
 from jit_context.speculative_config import SpeculativeConfig
-from jit_context.token_reader import TokenReader
+from jit_context.token_reader import RING, TokenReader
 
 
 class ExecutorPort(Protocol):
@@ -113,6 +113,8 @@ def end_ids(params: SamplingParams, eos_token_ids: frozenset[int]) -> set[int]:
 # Prompt tokens per Prefill on the CPU, where a step computes before it returns: the JIT context answers other
 # clients between chunks, so they wait at most one chunk. None on a GPU (the executor only enqueues there).
 CPU_PREFILL_CHUNK = 256
+# Decode steps queued past the token the host waits for, on a GPU (Generator's decode_ahead).
+DECODE_AHEAD_GPU = 2
 
 
 class Generator:
@@ -120,13 +122,23 @@ class Generator:
 
     def __init__(self, port: ExecutorPort, tokenizer: Detokenizing | None, eos_token_ids: frozenset[int],
                  prefill_chunk: int | None = None, speculation: SpeculativeConfig | None = None,
-                 prefix_reuse: bool = False):
+                 prefix_reuse: bool = False, decode_ahead: int | None = None):
         """`prefix_reuse`: a prompt that starts with the tokens the KV cache holds from the last request prefills
         only the rest (`KvContents`). Only where the executor's steps write nothing but the request's own
         positions: the CPU path (on a GPU, graph captures while idle run warm-up steps over the cache, and the
-        prefill graphs start at position 0), without a draft model (whose own cache is not tracked)."""
+        prefill graphs start at position 0), without a draft model (whose own cache is not tracked).
+        `decode_ahead`: decode steps the plain loop keeps enqueued past the token the host waits for (1: the host
+        reads token k once decode k + 1 is queued; 2: once decode k + 2 is, so a step's host work (the wait, the
+        token's way to the client, the next command's hop and the executor's launch) may take up to two steps'
+        time before the device idles; after a stop that many steps are discarded). None: DECODE_AHEAD_GPU on a
+        GPU, 1 on the CPU (where a discarded step costs a whole step's compute)."""
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1 or None, got {prefill_chunk}")
+        on_gpu = port.buffers.input_ids.device.type == "cuda"
+        if decode_ahead is not None and not 1 <= decode_ahead <= RING - 1:
+            raise ValueError(f"decode_ahead must be 1..{RING - 1} (the token reader's ring) or None, got "
+                             f"{decode_ahead}")
+        self.decode_ahead = decode_ahead or (DECODE_AHEAD_GPU if on_gpu else 1)
         self.prefill_chunk = prefill_chunk
         self.kv = KvContents(port.max_context) if prefix_reuse else None
         self.speculation = (speculation or SpeculativeConfig()).for_device(port.buffers.logits.device.type)
@@ -138,7 +150,6 @@ class Generator:
         self.sampler = Sampler(port.buffers.logits.shape[0], port.buffers.logits.device)
         warm_up_sampling(port.buffers.logits)  # the first request's sampling kernels load now, not in its TTFT
         self.reader = TokenReader(port.buffers.logits.device)  # pinned memory and events, made once
-        on_gpu = port.buffers.input_ids.device.type == "cuda"
         self._staging = torch.empty(port.max_context, dtype=torch.int64, pin_memory=True) if on_gpu else None
         # the ids go in through numpy views (host memory: the pinned staging on a GPU, the buffer itself on the CPU):
         # one assignment from the list, not a tensor built from it and copied (~3 against ~17 us warm, on the way
@@ -165,8 +176,9 @@ class Generator:
         with `yield_during_prefill`, also a PrefillProgress after each prefill chunk but the last; with
         `yield_when_sent`, a PrefillSent right after the last one is sent.
 
-        The host reads token k (TokenReader, an asynchronous copy) only after decode k is enqueued, so the
-        device never waits for the host; after a stop the one step in flight is discarded."""
+        The host reads token k (TokenReader, an asynchronous copy) only after the decode that consumes it is
+        enqueued (`decode_ahead` > 1: the next one too), so the device never waits for the host; after a stop the
+        steps in flight are discarded."""
         start = time.perf_counter() if start_time is None else start_time
         self.check_prompt(prompt_ids)
         n = len(prompt_ids)
@@ -210,10 +222,14 @@ class Generator:
             reader.push(token, written=host is not None)
             last = k + 1 >= params.max_tokens or n + k + 1 >= self.port.max_context
             if not last:
-                self.port.decode(n + k)  # consumes next_token; enqueued before the host waits for token k
-            yield out.add(reader.pop())  # token k: the device already has decode k queued behind it
+                self.port.decode(n + k)  # consumes next_token; enqueued before the host waits for a token
+            # The first token at once (TTFT), the last ones at the end; in between the host reads the token
+            # `decode_ahead` - 1 steps back, so that many more steps stay queued while it waits, streams and sends.
+            keep = 0 if k == 0 or last else self.decode_ahead - 1
+            while reader.in_flight > keep and not out.finish:
+                yield out.add(reader.pop())
             if out.finish:
-                break  # after a stop, decode k (in flight) is discarded
+                break  # after a stop, the decodes in flight (at most decode_ahead) are discarded
         yield from self._finish(out, prompt_ids)
 
     def _finish(self, out: RequestOutput, prompt_ids: list[int]) -> Iterator[Chunk | GenerationResult]:

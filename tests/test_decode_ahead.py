@@ -1,0 +1,82 @@
+"""Generator(decode_ahead=): the plain decode loop keeps that many steps queued past the token the host waits for.
+The tokens, the stop and the finish reason must not depend on it; the steps sent are exactly those the loop's
+contract allows (the stop token's own decode plus decode_ahead - 1 more, none past max_tokens). In-process on the
+CPU (the GPU's default, 2, runs through the cuda tests of the served paths)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from jit_context.generator import DECODE_AHEAD_GPU, GenerationResult, Generator
+from jit_context.sampling_params import SamplingParams
+from tests.test_robustness import tiny_runner
+
+
+class CountingPort:
+    """The real runner, with the decode steps it is sent counted."""
+
+    def __init__(self, runner) -> None:
+        self.runner, self.decodes = runner, 0
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def decode(self, position: int) -> None:
+        self.decodes += 1
+        self.runner.decode(position)
+
+
+PROMPT = torch.randint(3, 300, (9,), generator=torch.Generator().manual_seed(11)).tolist()
+
+
+def run(port, ahead: int | None, params: SamplingParams, eos: frozenset[int] = frozenset({2})) -> GenerationResult:
+    items = list(Generator(port, None, eos, decode_ahead=ahead).generate(PROMPT, params))
+    assert all(not isinstance(i, GenerationResult) for i in items[:-1])
+    return items[-1]
+
+
+@pytest.fixture(scope="module")
+def runner():
+    return tiny_runner()
+
+
+def test_the_tokens_and_steps_do_not_depend_on_how_far_ahead(runner) -> None:
+    params = SamplingParams(max_tokens=17, temperature=0.0, ignore_eos=True)
+    port = CountingPort(runner)
+    reference = run(port, 1, params)
+    assert len(reference.token_ids) == 17 and port.decodes == 16 and reference.finish_reason == "length"
+    for ahead in (2, 3):
+        port.decodes = 0
+        got = run(port, ahead, params)
+        assert got.token_ids == reference.token_ids and got.finish_reason == "length"
+        assert port.decodes == 16  # none past max_tokens
+        assert len(got.token_times_ms) == 17
+
+
+def test_a_stop_token_ends_the_output_at_once_and_discards_only_the_steps_in_flight(runner) -> None:
+    free = run(runner, 1, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)).token_ids
+    # a stop token whose first occurrence is well inside the output
+    stop_at = next(i for i in range(4, 20) if free[i] not in free[:i])
+    for ahead in (1, 2, 3):
+        port = CountingPort(runner)
+        got = run(port, ahead, SamplingParams(max_tokens=24, temperature=0.0), eos=frozenset({free[stop_at]}))
+        assert got.token_ids == free[:stop_at + 1] and got.finish_reason == "stop", ahead
+        # the stop token's own decode was sent before the host read it, and ahead - 1 more
+        assert port.decodes == stop_at + ahead, ahead
+
+
+def test_the_first_token_is_read_before_any_step_past_its_own_decode(runner) -> None:
+    port = CountingPort(runner)
+    stream = Generator(port, None, frozenset({2}), decode_ahead=3).generate(
+        PROMPT, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
+    next(stream)  # the first token's chunk (TTFT): only the decode that consumes it is queued
+    assert port.decodes == 1
+    list(stream)
+
+
+def test_the_default_is_one_on_the_cpu_and_bad_values_are_refused(runner) -> None:
+    assert Generator(runner, None, frozenset({2})).decode_ahead == 1 and DECODE_AHEAD_GPU == 2
+    for bad in (0, 4, -1):
+        with pytest.raises(ValueError, match="decode_ahead"):
+            Generator(runner, None, frozenset({2}), decode_ahead=bad)
