@@ -4,17 +4,11 @@ step, read once the next step is already queued on the device, so the host wait 
 
 from __future__ import annotations
 
-import time
 from collections import deque
 
 import torch
 
 RING = 4  # host slots; the loop keeps at most decode_ahead + 1 copies in flight (jit_context/generator.py)
-# How long `pop` polls its token's event before a blocking wait. Why: on the H200 host a blocking
-# `Event.synchronize` answered 0.14-0.3 ms after the event (it yields the thread; a `query()` loop does not:
-# bench/NOTES.md, issue 11's verify steps), and a token read late reaches the client late. 20 ms covers a
-# step or a long prompt's prefill; past it the host sleeps.
-SPIN_S = 0.02
 
 
 class TokenReader:
@@ -66,10 +60,5 @@ class TokenReader:
         if not self.cuda:
             return self._values.popleft()
         slot = self._in_flight.popleft()
-        event = self._events[slot]
-        deadline = time.perf_counter() + SPIN_S
-        while not event.query():  # busy: a blocking wait may yield the thread and wake late
-            if time.perf_counter() >= deadline:
-                event.synchronize()
-                break
+        self._events[slot].synchronize()
         return int(self._host[slot])
