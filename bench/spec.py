@@ -65,8 +65,9 @@ ARRIVALS = 6  # arrivals timed (at least; --repeats if more), spread over one de
 TURN_PROMPT, TURN_REPLY, TURN_NEW = 560, 20, 20  # the turns workload's chat (issue 14: ~600 tokens, 20 new)
 MPS_MODES = ("auto", "on", "off")
 QUANTIZE_METHODS = QUANTIZE_NAMES  # graph_executor.quant.names (torch-free)
-# Generated after each timed decode run but not timed: an engine that reads tokens one step behind hands the
-# last ones over at once as its pipeline drains, which would understate its per-token latency.
+# Generated after each timed decode run but not timed: an engine that reads tokens steps behind (hybridrt's
+# decode_ahead: up to 2 on a GPU) hands the last ones over at once as its pipeline drains, which would understate its
+# per-token latency.
 DRAIN_TOKENS = 2
 WARMUP_CONTEXT = 32  # each engine warms up on a 16-token prompt and a few tokens before it is timed
 GiB = 1024**3

@@ -3,7 +3,7 @@ their StepDone) between the JIT context and the graph executor without a ZeroMQ 
 
 Why: on the H200 host a ZeroMQ message between the two processes takes ~0.3-0.6 ms (two I/O-thread wake-ups
 on a VM), a shared-memory write seen by a spinning reader well under 1 us (bench/NOTES.md). Plain decode hides
-the message behind the step in flight, but a speculative verify step (its proposals need the previous step's
+the message behind the steps in flight, but a speculative verify step (its proposals need the previous step's
 accepted tokens on the host) and a prefill (TTFT) wait for it.
 
 ZeroMQ stays the reliable path and carries everything else. The rules that make the pair safe:

@@ -113,8 +113,16 @@ def end_ids(params: SamplingParams, eos_token_ids: frozenset[int]) -> set[int]:
 # Prompt tokens per Prefill on the CPU, where a step computes before it returns: the JIT context answers other
 # clients between chunks, so they wait at most one chunk. None on a GPU (the executor only enqueues there).
 CPU_PREFILL_CHUNK = 256
-# Decode steps queued past the token the host waits for, on a GPU (Generator's decode_ahead).
+# Decode steps queued when the host waits for a token, on a GPU (Generator's decode_ahead). Measured on an H200
+# (bench/NOTES.md, 39th session): SmolLM2-135M through two processes 2,253-2,313 -> 2,382-2,397 tokens/s with 2 (its
+# 0.4 ms step is shorter than the host's way around one token); unmeasured on 7B, where a step is 3.7 ms and the
+# cost is one more discarded step after a stop.
 DECODE_AHEAD_GPU = 2
+
+
+def default_decode_ahead(device: torch.device) -> int:
+    """DECODE_AHEAD_GPU on a GPU; 1 on the CPU, where a discarded step after a stop costs a whole step's compute."""
+    return DECODE_AHEAD_GPU if device.type == "cuda" else 1
 
 
 class Generator:
@@ -127,18 +135,18 @@ class Generator:
         only the rest (`KvContents`). Only where the executor's steps write nothing but the request's own
         positions: the CPU path (on a GPU, graph captures while idle run warm-up steps over the cache, and the
         prefill graphs start at position 0), without a draft model (whose own cache is not tracked).
-        `decode_ahead`: decode steps the plain loop keeps enqueued past the token the host waits for (1: the host
-        reads token k once decode k + 1 is queued; 2: once decode k + 2 is, so a step's host work (the wait, the
-        token's way to the client, the next command's hop and the executor's launch) may take up to two steps'
-        time before the device idles; after a stop that many steps are discarded). None: DECODE_AHEAD_GPU on a
-        GPU, 1 on the CPU (where a discarded step costs a whole step's compute)."""
+        `decode_ahead`: decode steps the plain loop keeps enqueued when the host waits for a token (1: it reads
+        token k once the decode that consumes token k is queued; 2: once the one after it is queued too, so a
+        token's host work (the wait, the token's way to the client, the next command's hop and the executor's
+        launch) may take up to two steps' time before the device idles; after a stop that many steps are
+        discarded). None: `default_decode_ahead` of the device. The speculative loop's plain steps take it too."""
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1 or None, got {prefill_chunk}")
         on_gpu = port.buffers.input_ids.device.type == "cuda"
         if decode_ahead is not None and not 1 <= decode_ahead <= RING - 1:
             raise ValueError(f"decode_ahead must be 1..{RING - 1} (the token reader's ring) or None, got "
                              f"{decode_ahead}")
-        self.decode_ahead = decode_ahead or (DECODE_AHEAD_GPU if on_gpu else 1)
+        self.decode_ahead = decode_ahead or default_decode_ahead(port.buffers.input_ids.device)
         self.prefill_chunk = prefill_chunk
         self.kv = KvContents(port.max_context) if prefix_reuse else None
         self.speculation = (speculation or SpeculativeConfig()).for_device(port.buffers.logits.device.type)
@@ -177,7 +185,7 @@ class Generator:
         `yield_when_sent`, a PrefillSent right after the last one is sent.
 
         The host reads token k (TokenReader, an asynchronous copy) only after the decode that consumes it is
-        enqueued (`decode_ahead` > 1: the next one too), so the device never waits for the host; after a stop the
+        enqueued (and the next `decode_ahead` - 1 decodes), so the device never waits for the host; after a stop the
         steps in flight are discarded."""
         start = time.perf_counter() if start_time is None else start_time
         self.check_prompt(prompt_ids)

@@ -9,9 +9,9 @@ The loop has two modes. While proposals pay, it runs verify steps; each needs th
 before the next proposal (one device-to-host read per step, which the plain loop avoids). A greedy request's
 acceptance runs in the executor, which answers the verify with its result once it has run; a sampled one's here.
 While there is nothing to propose, or the adaptive k is 0, it runs plain decode steps pipelined exactly as
-`Generator` does (the host reads token t while the device computes step t + 1), asking the proposer after each
-token (a hash lookup); a proposal then costs one drain of the pipeline. So open-ended text, where n-grams rarely
-repeat, runs at the plain loop's speed.
+`Generator` does (the host reads token t while the device computes step t + 1, and on a GPU t + 2: `decode_ahead`),
+asking the proposer after each token it reads (a hash lookup); a proposal then costs one drain of the pipeline.
+So open-ended text, where n-grams rarely repeat, runs at the plain loop's speed.
 
 Adaptive k: the acceptance rate a (per proposed token, a moving average) predicts (1 - a^(k+1)) / (1 - a)
 tokens from a verify of k proposals, whose cost relative to a decode step is modelled as 1 + overhead +
@@ -99,7 +99,7 @@ class SpeculativeLoop:
     The host-known sequence (prompt + output) is the proposer's: tokens join it when the host reads them, before
     they are streamed, so that the next step can be launched first and the device computes while the host
     detokenizes and checks stop strings (a step launched for a request that then stops is discarded, as the
-    plain loop discards its step in flight)."""
+    plain loop discards its steps in flight)."""
 
     def __init__(self, gen: Generator, config: SpeculativeConfig, out: RequestOutput, prompt_ids: list[int]) -> None:
         self.config, self.out = config, out
@@ -228,23 +228,30 @@ class SpeculativeLoop:
         return self._host[:n].tolist()
 
     def _plain(self) -> Iterator[Chunk]:
-        """Plain decode steps from the one launched, pipelined as in `Generator.generate` (decode t + 1 is
-        enqueued before the host reads token t), until the request ends or the proposer matches; then the step in
-        flight is drained (its token sampled and read, no further decode) and the caller verifies."""
-        out, params, port = self.out, self.out.params, self.port
+        """Plain decode steps from the one launched, pipelined as in `Generator.generate` (the host reads a token
+        once the decode that consumes it, and the generator's `decode_ahead` - 1 after it, are enqueued), until the
+        request ends or the proposer matches; then the steps in flight are drained (their tokens sampled and read,
+        no further decode) and the caller verifies."""
+        out, params, port, reader = self.out, self.out.params, self.port, self.reader
         drain = False
         while True:
             port.wait_enqueued()
             token = self.sampler.sample(self.buffers.logits, out=self.buffers.token)  # [1]
             self.sampler.observe(token)
-            self.reader.push(token)
-            # the sampled token sits at index self.length; it is the last one if it fills max_tokens or the context
-            last = self.produced + 1 >= params.max_tokens or self.length + 1 >= port.max_context
+            reader.push(token)
+            # the sampled token sits at index self.length + unread - 1 (the host has not read the `unread` last
+            # ones); it is the last one if it fills max_tokens or the context
+            unread = reader.in_flight
+            last = self.produced + unread >= params.max_tokens or self.length + unread >= port.max_context
             if not (last or drain):
-                port.decode(self.length)  # consumes the token just sampled
-            value = self.reader.pop()
-            self.proposer.extend([value])
-            yield out.add(value)
-            if out.finish or last or drain:
+                port.decode(self.length + unread - 1)  # consumes the token just sampled
+            keep = 0 if last or drain else self.gen.decode_ahead - 1
+            while reader.in_flight > keep:
+                value = reader.pop()
+                self.proposer.extend([value])
+                yield out.add(value)
+                if out.finish:
+                    return
+            if last or drain:
                 return
             drain = self._k() > 0 and (self.drafting or bool(self.proposer.propose(1)))

@@ -8,7 +8,7 @@ from collections import deque
 
 import torch
 
-RING = 4  # host slots; the loop keeps at most decode_ahead + 1 copies in flight (jit_context/generator.py)
+RING = 4  # host slots; the loop keeps at most decode_ahead copies in flight (jit_context/generator.py)
 
 
 class TokenReader:

@@ -5,10 +5,12 @@ CPU (the GPU's default, 2, runs through the cuda tests of the served paths)."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
-from jit_context.generator import DECODE_AHEAD_GPU, GenerationResult, Generator
+from jit_context.generator import DECODE_AHEAD_GPU, GenerationResult, Generator, default_decode_ahead
 from jit_context.sampling_params import SamplingParams
 from tests.test_robustness import tiny_runner
 
@@ -30,10 +32,20 @@ class CountingPort:
 PROMPT = torch.randint(3, 300, (9,), generator=torch.Generator().manual_seed(11)).tolist()
 
 
-def run(port, ahead: int | None, params: SamplingParams, eos: frozenset[int] = frozenset({2})) -> GenerationResult:
-    items = list(Generator(port, None, eos, decode_ahead=ahead).generate(PROMPT, params))
+def run(port, ahead: int | None, params: SamplingParams, eos: frozenset[int] = frozenset({2}),
+        prompt: list[int] = PROMPT) -> GenerationResult:
+    """The request's result; also checks that every token was sampled once (no extra draws at the end)."""
+    gen = Generator(port, None, eos, decode_ahead=ahead)
+    draws = []
+    sample = gen.sampler.sample
+    gen.sampler.sample = lambda *a, **k: draws.append(1) or sample(*a, **k)
+    items = list(gen.generate(prompt, params))
     assert all(not isinstance(i, GenerationResult) for i in items[:-1])
-    return items[-1]
+    result = items[-1]
+    assert len(draws) >= len(result.token_ids)
+    if result.finish_reason == "length":
+        assert len(draws) == len(result.token_ids)
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -56,14 +68,30 @@ def test_the_tokens_and_steps_do_not_depend_on_how_far_ahead(runner) -> None:
 
 def test_a_stop_token_ends_the_output_at_once_and_discards_only_the_steps_in_flight(runner) -> None:
     free = run(runner, 1, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)).token_ids
-    # a stop token whose first occurrence is well inside the output
-    stop_at = next(i for i in range(4, 20) if free[i] not in free[:i])
+    # every first occurrence of a token as the stop: the first token, the middle, and the last ones (where the loop
+    # drains what it still holds: max_tokens 2 past the stop puts it among the last ones read)
+    for stop_at in [i for i in range(24) if free[i] not in free[:i]]:
+        for ahead, max_tokens in itertools.product((1, 2, 3), (24, stop_at + 2)):
+            port = CountingPort(runner)
+            got = run(port, ahead, SamplingParams(max_tokens=max_tokens, temperature=0.0),
+                      eos=frozenset({free[stop_at]}))
+            assert got.token_ids == free[:stop_at + 1] and got.finish_reason == "stop", (stop_at, ahead)
+            # the stop token's own decode was sent before the host read it, and ahead - 1 more, none past max_tokens
+            sent = 1 if stop_at == 0 else min(stop_at + ahead, max_tokens - 1)
+            assert port.decodes == sent, (stop_at, ahead, max_tokens)
+
+
+def test_short_replies_and_a_full_context(runner) -> None:
     for ahead in (1, 2, 3):
-        port = CountingPort(runner)
-        got = run(port, ahead, SamplingParams(max_tokens=24, temperature=0.0), eos=frozenset({free[stop_at]}))
-        assert got.token_ids == free[:stop_at + 1] and got.finish_reason == "stop", ahead
-        # the stop token's own decode was sent before the host read it, and ahead - 1 more
-        assert port.decodes == stop_at + ahead, ahead
+        for max_tokens in (1, 2):
+            port = CountingPort(runner)
+            got = run(port, ahead, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+            assert len(got.token_ids) == max_tokens and port.decodes == max_tokens - 1
+        # a prompt 3 positions short of the context: its reply ends there
+        prompt = (PROMPT * 11)[:runner.max_context - 3]
+        got = run(CountingPort(runner), ahead, SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True),
+                  prompt=prompt)
+        assert len(got.token_ids) == 3 and got.finish_reason == "length"
 
 
 def test_the_first_token_is_read_before_any_step_past_its_own_decode(runner) -> None:
@@ -75,8 +103,9 @@ def test_the_first_token_is_read_before_any_step_past_its_own_decode(runner) -> 
     list(stream)
 
 
-def test_the_default_is_one_on_the_cpu_and_bad_values_are_refused(runner) -> None:
-    assert Generator(runner, None, frozenset({2})).decode_ahead == 1 and DECODE_AHEAD_GPU == 2
+def test_the_default_is_one_on_the_cpu_two_on_a_gpu_and_bad_values_are_refused(runner) -> None:
+    assert Generator(runner, None, frozenset({2})).decode_ahead == 1 == default_decode_ahead(torch.device("cpu"))
+    assert default_decode_ahead(torch.device("cuda")) == DECODE_AHEAD_GPU == 2
     for bad in (0, 4, -1):
         with pytest.raises(ValueError, match="decode_ahead"):
             Generator(runner, None, frozenset({2}), decode_ahead=bad)

@@ -176,7 +176,10 @@ def test_the_decode_plan_is_the_one_measured_on_the_nearest_hidden_size_below() 
 
     seven, one, small = decode_plan.plan_for(4096), decode_plan.plan_for(2048), decode_plan.plan_for(576)
     assert decode_plan.plan_for(8192) == seven == decode_plan.DEFAULT_PLAN and decode_plan.plan_for(3584) == one
-    assert decode_plan.plan_for(896) == small == decode_plan.plan_for(1)
+    assert decode_plan.plan_for(896) == small == decode_plan.plan_for(1) == decode_plan.plan_for(1024)
+    # between 1025 and 2047 (Qwen2-1.5B): SmolLM2's plan of before the one-chunk configs (K would not fit one chunk)
+    assert decode_plan.plan_for(1536) == decode_plan.plan_for(1025) == dataclasses.replace(
+        GEMV_PLAN, down=DenseSplitKConfig(32, 256, 8, reduce_kernel=True))
     assert seven.down == DenseSplitKConfig(16, 1024, 8, reduce_kernel=True) and isinstance(seven.qkv, GemvConfig)
     assert one.qkv == DenseSplitKConfig(16, 256, 4, reduce_kernel=True)
     assert one.down == DenseSplitKConfig(32, 512, 8, reduce_kernel=True)

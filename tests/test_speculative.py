@@ -260,8 +260,8 @@ def test_fused_verify_step_equals_the_reference_step() -> None:
 
 
 def run(runner: ModelRunner, prompt: list[int], params: SamplingParams, spec: SpeculativeConfig | None = None,
-        eos: frozenset[int] = frozenset({2})) -> GenerationResult:
-    return list(Generator(runner, None, eos, speculation=spec).generate(prompt, params))[-1]
+        eos: frozenset[int] = frozenset({2}), ahead: int | None = None) -> GenerationResult:
+    return list(Generator(runner, None, eos, speculation=spec, decode_ahead=ahead).generate(prompt, params))[-1]
 
 
 REPETITIVE = [5, 6, 7, 8, 9, 10, 11, 5, 6, 7, 8, 9, 10, 11, 5, 6, 7]
@@ -280,12 +280,13 @@ def draft_port(runner: ModelRunner, seed: int):
 
 
 def spec_run(runner: ModelRunner, prompt: list[int], params: SamplingParams, method: str, k: int,
-             draft_seed: int = 3, eos: frozenset[int] = frozenset({2})) -> GenerationResult:
+             draft_seed: int = 3, eos: frozenset[int] = frozenset({2}), ahead: int | None = None) -> GenerationResult:
     if method == "ngram":
-        return run(runner, prompt, params, SpeculativeConfig("ngram", k), eos)
+        return run(runner, prompt, params, SpeculativeConfig("ngram", k), eos, ahead)
     config = with_draft_cost(SpeculativeConfig("draft", k, adaptive=False), 10, 1)  # always k: the CPU's costs
     # would rightly stop a draft costing a tenth of the model at small k
-    return list(Generator(draft_port(runner, draft_seed), None, eos, speculation=config).generate(prompt, params))[-1]
+    return list(Generator(draft_port(runner, draft_seed), None, eos, speculation=config, decode_ahead=ahead)
+                .generate(prompt, params))[-1]
 
 
 @pytest.mark.parametrize("method", ["ngram", "draft"])
@@ -338,6 +339,47 @@ def test_stops_cut_inside_an_accepted_run_exactly_where_plain_decoding_cuts(meth
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         res = spec_run(runner, REPETITIVE, params, method, 6)
         assert res.token_ids == base.token_ids[:max_tokens] and res.finish_reason == "length"
+
+
+class PositionsPort:
+    """The real runner, with the positions of the decode steps it is sent recorded."""
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner, self.decoded = runner, []
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def decode(self, position: int) -> None:
+        self.decoded.append(position)
+        self.runner.decode(position)
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+@pytest.mark.parametrize("ahead", [2, 3])
+def test_plain_steps_further_ahead_keep_the_tokens_stops_and_ends(method: str, ahead: int) -> None:
+    """Generator(decode_ahead=) in the speculative loop's plain steps (2 on a GPU): the same tokens as the plain
+    loop one step ahead, through verify steps, drains, stops at many offsets, max_tokens and the context's end."""
+    runner = tiny_runner(max_context=160)
+    params = SamplingParams(max_tokens=80, temperature=0.0, ignore_eos=True)
+    base = run(runner, REPETITIVE, params, ahead=1)
+    res = spec_run(runner, REPETITIVE, params, method, 3, ahead=ahead)
+    assert res.token_ids == base.token_ids and res.speculation["num_accepted_tokens"] > 10
+    for stop in sorted(set(base.token_ids[5:40]))[::3]:
+        cut = base.token_ids.index(stop) + 1
+        res = spec_run(runner, REPETITIVE, SamplingParams(max_tokens=60, temperature=0.0), method, 6,
+                       eos=frozenset({stop}), ahead=ahead)
+        assert res.token_ids == base.token_ids[:cut] and res.finish_reason == "stop", stop
+    for max_tokens in range(1, 30, 4):
+        port = PositionsPort(runner)
+        res = spec_run(port if method == "ngram" else runner, REPETITIVE,
+                       SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True), method, 6, ahead=ahead)
+        assert res.token_ids == base.token_ids[:max_tokens] and res.finish_reason == "length"
+        # no decode consumes the last token (its position would be len(REPETITIVE) + max_tokens - 1)
+        assert max(port.decoded, default=0) <= len(REPETITIVE) + max_tokens - 2
+    short = tiny_runner(max_context=41)
+    res = spec_run(short, REPETITIVE, params, method, 8, ahead=ahead)
+    assert res.token_ids == run(short, REPETITIVE, params, ahead=1).token_ids and len(res.token_ids) == 41 - 17
 
 
 @pytest.mark.parametrize("method", ["ngram", "draft"])

@@ -14,7 +14,8 @@ def test_flags_and_projection_configs():
 
 
 @pytest.mark.parametrize("text", ["qkv=8x1024", "qkv=8x0x4", "o=1", "split=a", "bogus=1", "warps=2x2x2",
-                                  "down=s32x256x8x2", "down=sx256x8"])
+                                  "down=s32x256x8x2", "down=sx256x8", "qkv=3x1000x4", "down=s3x256x8",
+                                  "qkv=8x1024x4,qkv=16x1024x8"])
 def test_bad_items_are_refused(text):
     with pytest.raises(SystemExit, match="bad variant item"):
         parse_variant(text)

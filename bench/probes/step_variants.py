@@ -59,23 +59,29 @@ PROJECTIONS = ("qkv", "o", "gate_up", "down", "lm_head")  # keys whose value is 
 
 def parse_gemv_config(text: str) -> GemvConfig | DenseSplitKConfig | None:
     """'8x1024x4' -> GemvConfig(8, 1024, 4); '8x1024x4x2' -> stages 2; 's32x256x8' -> DenseSplitKConfig(32, 256, 8,
-    reduce_kernel=True) (the split-K kernels of gemv_dense_splitk.py); None if malformed."""
+    reduce_kernel=True) (the split-K kernels of gemv_dense_splitk.py); None if malformed, not powers of two or
+    refused by the config."""
     split_k = text.startswith("s")
     parts = text.removeprefix("s").split("x")
     if not 3 <= len(parts) <= (3 if split_k else 4) or not all(p.isdigit() and int(p) > 0 for p in parts):
         return None
     n, k, w, *stages = (int(p) for p in parts)
-    return DenseSplitKConfig(n, k, w, reduce_kernel=True) if split_k else GemvConfig(n, k, w, *stages)
+    if any(v & (v - 1) for v in (n, k, w)):  # Triton's block shapes and warps are powers of two
+        return None
+    try:
+        return DenseSplitKConfig(n, k, w, reduce_kernel=True) if split_k else GemvConfig(n, k, w, *stages)
+    except ValueError:  # a config the kernels refuse (e.g. split-K rows below their minimum)
+        return None
 
 
 def parse_variant(text: str) -> dict[str, int | GemvConfig | DenseSplitKConfig]:
     """'split=32,warps=1' -> {"split": 32, "warps": 1, "fused": 1} (fused on unless said); 'qkv=8x1024x4' ->
-    {"qkv": GemvConfig(8, 1024, 4), "fused": 1}."""
+    {"qkv": GemvConfig(8, 1024, 4), "fused": 1}; a key given twice is refused."""
     variant: dict[str, int | GemvConfig | DenseSplitKConfig] = {"fused": 1}
     for item in text.split(","):
         key, _, value = item.partition("=")
         parsed = parse_gemv_config(value) if key in PROJECTIONS else int(value) if value.isdigit() else None
-        if key not in FLAGS + PROJECTIONS or parsed is None:
+        if key not in FLAGS + PROJECTIONS or parsed is None or key in variant and key != "fused":
             raise SystemExit(f"bad variant item {item!r} in {text!r} ({'=, '.join(FLAGS + PROJECTIONS)}=; a "
                              "projection's value is rows x K-block x warps[x stages], e.g. qkv=8x1024x4)")
         variant[key] = parsed

@@ -12,7 +12,9 @@ every split-K block config, then the whole step with the winners; bench/NOTES.md
 - SmolLM2-135M (hidden 576, eighteenth session): down 576 x 1536 0.47 -> 0.52 TB/s (32x256, 8 warps), o lost badly
   (0.42 -> 0.25). Step 0.621 -> 0.609 ms at context 300 (0.981x), 0.661 -> 0.646 at 2000.
 A model takes the plan (and the step options below) of the largest measured hidden size not above its own (Mistral,
-Llama-3-8B: 7B's; Qwen2.5-7B (3584) and TinyLlama (2048): 1B's; Qwen2-1.5B (1536) and Qwen2-0.5B (896): SmolLM2's).
+Llama-3-8B: 7B's; Qwen2.5-7B (3584) and TinyLlama (2048): 1B's; Qwen2-0.5B (896): SmolLM2's), except that between
+1025 and 2047 (Qwen2-1.5B) the GEMVs keep SmolLM2's plan of before the thirty-ninth session: the one-chunk configs
+below are about K <= 1024.
 
 The step's two fusions (`StepOptions`, twentieth session, H200, `bench.probes.step_variants`, 5 alternating rounds,
 ms per step at context 300 / 2000; bench/results/2026-12-02-h200-stepfusions/):
@@ -55,9 +57,12 @@ MEASURED_PLANS: tuple[tuple[int, GemvPlan], ...] = (
     (4096, dataclasses.replace(GEMV_PLAN, down=DenseSplitKConfig(16, 1024, 8, reduce_kernel=True))),
     (2048, dataclasses.replace(GEMV_PLAN, qkv=DenseSplitKConfig(16, 256, 4, reduce_kernel=True),
                                down=DenseSplitKConfig(32, 512, 8, reduce_kernel=True))),
-    # SmolLM2: qkv, gate_up and o read their whole K (576) in one masked chunk, so with the early weights (this
-    # size's StepOptions) all of a program's weights are in flight before its PDL wait and nothing but the activation
-    # is loaded after it (7B's 16x256 / 2x2048 read K in three chunks, two of them after the wait)
+    # SmolLM2 before the thirty-ninth session, kept where K > 1024 would not fit one chunk of 1024 (unmeasured there)
+    (1025, dataclasses.replace(GEMV_PLAN, down=DenseSplitKConfig(32, 256, 8, reduce_kernel=True))),
+    # SmolLM2: qkv and gate_up read their whole K (576) in one masked chunk (7B's 16x256 read it in three, two of them
+    # after the PDL wait), so with the early weights (this size's StepOptions) all of a program's weights are in
+    # flight before its wait and nothing but the activation is loaded after it; o_proj's 2x1024 (7B's 2x2048 was one
+    # chunk too) masks less of its block
     (0, dataclasses.replace(GEMV_PLAN, qkv=GemvConfig(16, 1024, 8, 3), o=GemvConfig(2, 1024, 4, 3),
                             gate_up=GemvConfig(8, 1024, 4, 3), down=DenseSplitKConfig(32, 256, 8, reduce_kernel=True))),
 )

@@ -1,2 +1,0 @@
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1; R=$PWD
-for i in 1 2 3; do for t in base new; do d=$R; [ $t = base ] && d=$R/.ab_base; (cd $d && PYTHONPATH=/tmp/site:$d timeout 80 python3 -m launch.cli bench --quiet --model dummy:smollm2-135m --engines hybridrt --workloads decode --max-context 512 --out $OUT/ab3_${t}_$i > $OUT/ab3_${t}_$i.log 2>&1); echo "$t $i rc=$? $(grep -E '^\| hybridrt' $OUT/ab3_${t}_$i.log | head -1 | cut -d'|' -f2,3,4,5,6,7 | tr '\n' ' ')"; done; done
