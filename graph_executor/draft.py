@@ -22,7 +22,7 @@ from graph_executor.model import LlamaModel
 from graph_executor.runner import ModelRunner, check_verify
 from ipc.errors import HybridrtError
 from ipc.messages import PromptChunk
-from ipc.step_buffers import MAX_VERIFY_TOKENS, StepBuffers
+from ipc.step_buffers import MAX_VERIFY_TOKENS, TOKEN_RING, StepBuffers
 
 
 def check_draft(draft: LoadedModel, target: LoadedModel) -> None:
@@ -47,7 +47,8 @@ class DraftProposer:
 
         # The draft reads the shared input ids (the target's prompt and tokens) and writes its proposals there.
         buffers = StepBuffers(input_ids=input_ids, next_token=zeros(1, dtype=torch.int64), logits=zeros(vocab),
-                              batch_logits=zeros(1, vocab), verify_logits=zeros(MAX_VERIFY_TOKENS, vocab))
+                              batch_logits=zeros(1, vocab), verify_logits=zeros(MAX_VERIFY_TOKENS, vocab),
+                              token_ring=zeros(TOKEN_RING, dtype=torch.int64))
         self.graphs = None
         if device.type == "cuda" and graphs:
             from graph_executor.graphs import GraphRunner  # needs Triton: GPU path only
@@ -94,8 +95,8 @@ class DraftingRunner:
     def prefill(self, num_tokens: int, start_pos: int = 0, slot: int = 0) -> None:
         self.runner.prefill(num_tokens, start_pos, slot)
 
-    def decode(self, position: int) -> None:
-        self.runner.decode(position)
+    def decode(self, position: int, argmax: bool = False, own_input: bool = False) -> None:
+        self.runner.decode(position, argmax, own_input)
 
     def decode_batch(self, slots: list[int], positions: list[int], chunks: Sequence[PromptChunk] = ()) -> None:
         self.runner.decode_batch(slots, positions, chunks)

@@ -26,6 +26,7 @@ from graph_executor.fused_mixed import FusedMixedStep
 from graph_executor.fused_prefill import FusedPrefill
 from graph_executor.fused_verify import FusedVerify
 from graph_executor.greedy_accept import GreedyAcceptance
+from graph_executor.greedy_token import GreedyToken
 from graph_executor.model import LlamaModel
 from graph_executor.runner import check_batch, check_slot, check_span, check_tokens, check_verify, eager_prefill
 from ipc.messages import MAX_CHUNK_TOKENS, PromptChunk
@@ -153,6 +154,7 @@ class GraphRunner:
         self.verifier = FusedVerify(model, MAX_VERIFY_TOKENS)
         self.verify_used = False  # verify graphs are captured once a request has used speculation
         self.acceptance = GreedyAcceptance(self.buffers)
+        self.greedy = GreedyToken(self.buffers)  # Decode.argmax: the kernel after the decode graph, same stream
         self.accepts = accepts
         self._verified = 0  # tokens of the last verify step whose acceptance is to be read
         # A verify step's inputs (static.verify_in's layout) are written here on the host and copied up by the graph
@@ -205,10 +207,13 @@ class GraphRunner:
     def wait_enqueued(self) -> None:
         """In-process steps are enqueued when prefill/decode return: nothing to wait for."""
 
-    def decode(self, position: int) -> None:
+    def decode(self, position: int, argmax: bool = False, own_input: bool = False) -> None:
+        """As ModelRunner.decode; `argmax`'s kernel reads the position from the graph's own buffer."""
         check_span(self.max_context, position, 1)
         self.static.position.fill_(position)
         self._launch("decode", self._decode_body)
+        if argmax:
+            self.greedy.run(position, self.static.position)
 
     def verify(self, position: int, num_tokens: int, tokens: list[int] | None = None, accept: bool = False) -> None:
         """As ModelRunner.verify; the acceptance runs at the end of every verify graph (when `accepts`)."""

@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 
 from graph_executor.greedy_accept import GreedyAcceptance
+from graph_executor.greedy_token import GreedyToken
 from graph_executor.model import LlamaModel
 from ipc.messages import MAX_CHUNK_TOKENS, PromptChunk
 from ipc.step_buffers import MAX_VERIFY_TOKENS, StepBuffers
@@ -135,6 +136,7 @@ class ModelRunner:
             raise ValueError(f"step buffers for {self.buffers.slots} slots, a model with {model.slots}")
         self._last_row = torch.zeros(1, dtype=torch.int64, device=device)  # [1]: row 0 of a decode step
         self.acceptance = GreedyAcceptance(self.buffers)
+        self.greedy = GreedyToken(self.buffers)
         self._verified = 0  # tokens of the last verify step that ran the acceptance
 
     @property
@@ -151,12 +153,16 @@ class ModelRunner:
     def wait_enqueued(self) -> None:
         """In-process steps are enqueued when prefill/decode return: nothing to wait for."""
 
-    def decode(self, position: int) -> None:
-        """Run slot 0's `next_token` at `position`; its logits land in `logits`."""
+    def decode(self, position: int, argmax: bool = False, own_input: bool = False) -> None:
+        """Run slot 0's `next_token` at `position`; its logits land in `logits`. `argmax`: then the greedy token into
+        next_token and token_ring (graph_executor/greedy_token.py). `own_input` (`Decode.own_input`): nothing to
+        order in one process."""
         check_span(self.max_context, position, 1)
         positions = torch.full((1,), position, dtype=torch.int64, device=self.buffers.next_token.device)
         logits = self.model(self.buffers.token, positions, self._last_row, position + 1)  # [1, V]
         self.buffers.logits.copy_(logits[0])
+        if argmax:
+            self.greedy.run(position)
 
     def decode_batch(self, slots: list[int], positions: list[int], chunks: Sequence[PromptChunk] = ()) -> None:
         """Row b: next_token[slots[b]] at positions[b] of slot slots[b]; its logits land in batch_logits[b].

@@ -247,8 +247,9 @@ class ExecutorServer:
                     self.runner.decode_batch(msg.slots, msg.positions, msg.chunks)
                 return StepDone(msg.request_id, msg.step)
             if isinstance(msg, Decode):
-                with self.ordered():
-                    self.runner.decode(msg.position)
+                # own_input: the JIT context wrote nothing this step reads (its input is our last argmax)
+                with self.ordered(after_jit=not msg.own_input):
+                    self.runner.decode(msg.position, msg.argmax, msg.own_input)
                 return StepDone(msg.request_id, msg.step)
             if isinstance(msg, Verify):
                 with self.ordered():
@@ -269,9 +270,10 @@ class ExecutorServer:
         return Error("unexpected", f"the executor does not handle {type(msg).__name__}")
 
     @contextmanager
-    def ordered(self):
-        """Order a step after the JIT context's last GPU work and publish its completion as an event."""
-        if self.events and not self.events.jit.query():  # done already: nothing to wait for (a wait costs ~25 us)
+    def ordered(self, after_jit: bool = True):
+        """Order a step after the JIT context's last GPU work (unless `after_jit` is False: it reads nothing the JIT
+        context wrote) and publish its completion as an event."""
+        if after_jit and self.events and not self.events.jit.query():  # done already: no wait (one costs ~25 us)
             torch.cuda.current_stream().wait_event(self.events.jit)
         yield
         if self.events:

@@ -68,10 +68,11 @@ class LeaderRunner:
         self._relay(PREFILL, (num_tokens, start_pos, slot), ids=ids)
         self.inner.prefill(num_tokens, start_pos, slot)
 
-    def decode(self, position: int) -> None:
+    def decode(self, position: int, argmax: bool = False, own_input: bool = False) -> None:
+        """`argmax`: rank 0 takes the greedy token (its gathered logits); the next step relays it as any input."""
         check_span(self.max_context, position, 1)
         self._relay(DECODE, (position,), ids=self.buffers.token)
-        self.inner.decode(position)
+        self.inner.decode(position, argmax, own_input)
 
     def decode_batch(self, slots: list[int], positions: list[int], chunks: Sequence[PromptChunk] = ()) -> None:
         check_batch(self.model.slots, self.max_context, slots, positions, chunks)

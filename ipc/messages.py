@@ -27,10 +27,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
-# Versions: 11: Ready.captures_pending; 10: Started.spin_ms; 9: DecodeBatch carries several prompt chunks; 8: GenerateRequest.warm_up; 7: DecodeBatch's prompt chunk (the mixed step); 6: KV slots (Ready.max_num_seqs, Prefill.slot,
+# Versions: 12: Decode.argmax/own_input and the token_ring buffer; 11: Ready.captures_pending; 10: Started.spin_ms; 9: DecodeBatch carries several prompt chunks; 8: GenerateRequest.warm_up; 7: DecodeBatch's prompt chunk (the mixed step); 6: KV slots (Ready.max_num_seqs, Prefill.slot,
 # DecodeBatch, the batch_logits buffer); 5: Verify.tokens/accept, StepDone.accepted, GenerateRequest.chat;
 # 4: Ready.doorbell; 3: Verify and the verify_logits buffer; 2: typed Ready buffers/events/tokenizer_path
-PROTOCOL_VERSION = 11
+PROTOCOL_VERSION = 12
 MAX_ID_CHARS = 256
 MAX_SPECULATIVE_TOKENS = 8  # proposals a Verify step carries at most (its k + 1 tokens fill the verify buffers)
 MAX_NUM_SEQS = 64  # KV slots an executor may hold (sequences decoded together in one DecodeBatch step)
@@ -229,6 +229,7 @@ class StepBufferSpecs(Record):
     logits: TensorSpec
     batch_logits: TensorSpec
     verify_logits: TensorSpec
+    token_ring: TensorSpec
 
 
 @dataclass(frozen=True)
@@ -385,12 +386,18 @@ class Prefill(Message):
 
 @dataclass(frozen=True)
 class Decode(Message):
-    """One decode step: the input token sits in the shared buffer, to be written at KV position `position`."""
+    """One decode step: the input token sits in the shared buffer, to be written at KV position `position`.
+    `argmax`: the executor then takes the greedy token of the step's logits itself (a plain greedy request), writes
+    it into next_token (the next step's input) and files it at token_ring[position % TOKEN_RING] for the JIT context
+    to read. `own_input`: the input token is the one the executor's previous step wrote that way, so the step does
+    not wait for the JIT context's GPU work (its IPC event): no cross-process hand-over between two such steps."""
 
     TAG: ClassVar[int] = 11
     request_id: str
     step: int
     position: int
+    argmax: bool = False
+    own_input: bool = False
 
     def _validate(self) -> None:
         _check_non_negative("Decode.step/position", self.step, self.position)

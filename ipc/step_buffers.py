@@ -24,6 +24,10 @@ MAX_VERIFY_TOKENS = MAX_SPECULATIVE_TOKENS + 1
 # replay write their K/V there, as do the padding rows of a prompt bucket past the cache's end, whenever the executor
 # captures (it captures while idle). No request's tokens are known to stay there (`KvContents`).
 SCRATCH_ROWS = 1
+# The executor's greedy tokens (`Decode.argmax`): the token after the decode step at position p sits at
+# token_ring[p % TOKEN_RING] until the step TOKEN_RING positions later overwrites it. The JIT context copies each out
+# before it sends the step decode_ahead (<= 3) positions later, so the slot it copies is never one being rewritten.
+TOKEN_RING = 16
 
 
 def buffer_layout(vocab_size: int, max_context: int,
@@ -40,6 +44,8 @@ def buffer_layout(vocab_size: int, max_context: int,
         "batch_logits": ((slots, vocab_size), torch.float32),
         # a verify step of T tokens: row t = logits after its token t, rows [0, T) (executor writes)
         "verify_logits": ((MAX_VERIFY_TOKENS, vocab_size), torch.float32),
+        # [p % TOKEN_RING]: the greedy token the executor took after a decode step at position p (executor writes)
+        "token_ring": ((TOKEN_RING,), torch.int64),
     }
 
 
@@ -50,6 +56,7 @@ class StepBuffers:
     logits: torch.Tensor  # [vocab] float32
     batch_logits: torch.Tensor  # [slots, vocab] float32
     verify_logits: torch.Tensor  # [MAX_VERIFY_TOKENS, vocab] float32
+    token_ring: torch.Tensor  # [TOKEN_RING] int64
 
     @classmethod
     def allocate(cls, vocab_size: int, max_context: int, device: torch.device, slots: int = 1) -> StepBuffers:
@@ -75,6 +82,11 @@ class StepBuffers:
         if not 0 <= index < self.slots:
             raise ValueError(f"prompt chunk {index} of a step: at most {self.slots - 1} chunks ride a decode")
         return self.logits if index == 0 else self.batch_logits[self.slots - index]
+
+    def ring_slot(self, position: int) -> torch.Tensor:
+        """[1] int64 (a view): where the executor files its greedy token after the decode step at `position`."""
+        i = position % TOKEN_RING
+        return self.token_ring[i:i + 1]
 
     def slot_ids(self, slot: int) -> torch.Tensor:
         """[max_context] int64: slot `slot`'s token ids by position (a view)."""

@@ -35,7 +35,9 @@ class ExecutorPort(Protocol):
 
     def prefill(self, num_tokens: int, start_pos: int = 0) -> None: ...
 
-    def decode(self, position: int) -> None: ...
+    def decode(self, position: int, argmax: bool = False, own_input: bool = False) -> None:
+        """`argmax`: the executor takes the greedy token after the step (`ipc.messages.Decode`), into next_token
+        and `buffers.ring_slot(position)`; `own_input`: the input token is its own from the step before."""
 
     def verify(self, position: int, num_tokens: int, draft_start: int | None = None, tokens: list[int] | None = None,
                accept: bool = False) -> None:
@@ -125,12 +127,23 @@ def default_decode_ahead(device: torch.device) -> int:
     return DECODE_AHEAD_GPU if device.type == "cuda" else 1
 
 
+# Whether the executor takes a plain greedy request's tokens itself (Generator's executor_argmax), on a GPU. Built
+# in the 39th session after the device time and not measured yet (bench/NOTES.md): off until a bench run shows the
+# two processes' ~20 us a SmolLM2 token (an IPC-event wait each way) gone.
+EXECUTOR_ARGMAX_GPU = False
+
+
+def default_executor_argmax(device: torch.device) -> bool:
+    """EXECUTOR_ARGMAX_GPU on a GPU; off on the CPU (nothing measured there either)."""
+    return EXECUTOR_ARGMAX_GPU and device.type == "cuda"
+
+
 class Generator:
     """One request at a time over one executor."""
 
     def __init__(self, port: ExecutorPort, tokenizer: Detokenizing | None, eos_token_ids: frozenset[int],
                  prefill_chunk: int | None = None, speculation: SpeculativeConfig | None = None,
-                 prefix_reuse: bool = False, decode_ahead: int | None = None):
+                 prefix_reuse: bool = False, decode_ahead: int | None = None, executor_argmax: bool | None = None):
         """`prefix_reuse`: a prompt that starts with the tokens the KV cache holds from the last request prefills
         only the rest (`KvContents`). Only where the executor's steps write nothing but the request's own
         positions: the CPU path (on a GPU, graph captures while idle run warm-up steps over the cache, and the
@@ -139,7 +152,11 @@ class Generator:
         token k once the decode that consumes token k is queued; 2: once the one after it is queued too, so a
         token's host work (the wait, the token's way to the client, the next command's hop and the executor's
         launch) may take up to two steps' time before the device idles; after a stop that many steps are
-        discarded). None: `default_decode_ahead` of the device. The speculative loop's plain steps take it too."""
+        discarded). None: `default_decode_ahead` of the device. The speculative loop's plain steps take it too.
+        `executor_argmax`: in the plain loop, a plain greedy request's tokens after the first are taken by the
+        executor after each decode (`Decode.argmax`) and copied out of the step buffers' token ring, so that on a
+        GPU no sampling of ours sits between two steps and the executor waits for nothing of ours (`own_input`).
+        None: `default_executor_argmax` of the device."""
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1 or None, got {prefill_chunk}")
         on_gpu = port.buffers.input_ids.device.type == "cuda"
@@ -147,6 +164,8 @@ class Generator:
             raise ValueError(f"decode_ahead must be 1..{RING - 1} (the token reader's ring) or None, got "
                              f"{decode_ahead}")
         self.decode_ahead = decode_ahead or default_decode_ahead(port.buffers.input_ids.device)
+        self.executor_argmax = default_executor_argmax(port.buffers.input_ids.device) if executor_argmax is None \
+            else executor_argmax
         self.prefill_chunk = prefill_chunk
         self.kv = KvContents(port.max_context) if prefix_reuse else None
         self.speculation = (speculation or SpeculativeConfig()).for_device(port.buffers.logits.device.type)
@@ -220,17 +239,22 @@ class Generator:
             return
         reader = self.reader
         reader.reset()
+        # a plain greedy draw is the argmax of the raw logits: the executor takes it after each decode (Decode.argmax)
+        executor_argmax = self.executor_argmax and self.sampler.plain_greedy and not self.sampler.banning
         for k in itertools.count():
             self.port.wait_enqueued()  # the step's logits are ordered before our sampling
             if k == 0:
                 out.prefill_enqueued_ms = (time.perf_counter() - start) * 1e3
-            host = reader.next_host()  # the token's pinned slot: the sampling writes it there too (GPU)
-            token = self.sampler.sample(buffers.logits, out=buffers.token, host=host)  # [1], on the device
-            self.sampler.observe(token)
-            reader.push(token, written=host is not None)
+            if k and executor_argmax:  # the executor took token k after the decode at n + k - 1: copy it out
+                reader.push(buffers.ring_slot(n + k - 1))
+            else:
+                host = reader.next_host()  # the token's pinned slot: the sampling writes it there too (GPU)
+                token = self.sampler.sample(buffers.logits, out=buffers.token, host=host)  # [1], on the device
+                self.sampler.observe(token)
+                reader.push(token, written=host is not None)
             last = k + 1 >= params.max_tokens or n + k + 1 >= self.port.max_context
-            if not last:
-                self.port.decode(n + k)  # consumes next_token; enqueued before the host waits for a token
+            if not last:  # consumes next_token; enqueued before the host waits for a token
+                self.port.decode(n + k, argmax=executor_argmax, own_input=executor_argmax and k > 0)
             # The first token at once (TTFT), the last ones at the end; in between the host reads the token
             # `decode_ahead` - 1 steps back, so that many more steps stay queued while it waits, streams and sends.
             keep = 0 if k == 0 or last else self.decode_ahead - 1

@@ -93,8 +93,8 @@ class RemoteExecutor:
         """Send the step and return at once: the caller overlaps its own set-up with the executor's launch."""
         self._send_step(Prefill(self.request_id, self._step + 1, num_tokens, start_pos, slot))
 
-    def decode(self, position: int) -> None:
-        self._send_step(Decode(self.request_id, self._step + 1, position))
+    def decode(self, position: int, argmax: bool = False, own_input: bool = False) -> None:
+        self._send_step(Decode(self.request_id, self._step + 1, position, argmax, own_input))
 
     def decode_batch(self, slots: list[int], positions: list[int], chunks: Sequence[PromptChunk] = ()) -> None:
         self._send_step(DecodeBatch(self.request_id, self._step + 1, list(slots), list(positions),

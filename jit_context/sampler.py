@@ -48,11 +48,12 @@ class Sampler:
         self._ranks = torch.arange(vocab_size, device=self.device)  # [V] int64, sorted positions
         self._noise = torch.empty(vocab_size, **f32)  # [V]
         self._generator = torch.Generator(device=self.device)
-        # the greedy token in one short kernel on a GPU (jit_context/argmax.py); torch's argmax on the CPU, where
-        # Triton is not imported (a CPU install need not have it; CUDA builds of torch bring it)
+        # the greedy token in one short kernel on a GPU (graph_executor/kernels/argmax.py, the executor's too);
+        # torch's argmax on the CPU, where Triton is not imported (a CPU install need not have it; CUDA builds of
+        # torch bring it)
         self._argmax = None
         if self.device.type == "cuda":
-            from jit_context.argmax import Argmax
+            from graph_executor.kernels.argmax import Argmax
 
             self._argmax = Argmax(self.device)
         self._all_greedy = True  # host copy of the request's greedy flag (set from params, never read back)

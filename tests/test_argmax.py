@@ -1,5 +1,5 @@
-"""The greedy token's kernel (jit_context/argmax.py) against torch.argmax: random vectors of every size class, the
-cases argmax's contract decides (NaN, ties, -0.0, -inf), its state left reset, bad input; on the CPU under the
+"""The greedy token's kernel (graph_executor/kernels/argmax.py) against torch.argmax: random vectors of every size
+class, the cases argmax's contract decides (NaN, ties, -0.0, -inf), its state left reset, bad input; on the CPU under the
 Triton interpreter, and on a GPU (`cuda`) eagerly, in a CUDA graph and through the Sampler's greedy path."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from jit_context.argmax import BLOCK, EMPTY, Argmax
+from graph_executor.kernels.argmax import BLOCK, EMPTY, Argmax
 
 # the CPU case runs the kernel under the Triton interpreter, which is on only where there is no GPU (conftest.py)
 DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter off")),
@@ -53,6 +53,29 @@ def test_bad_input_is_one_line(device: str) -> None:
             argmax(x, out)
     with pytest.raises(ValueError, match=r"out: expected a \[1\] int64"):
         argmax(torch.zeros(4, device=device), torch.zeros(2, dtype=torch.int64, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_token_is_filed_in_the_ring_at_the_position_read_on_the_device(device: str) -> None:
+    """The executor's form (graph_executor/greedy_token.py): ring[position % R] gets the index too, the position
+    read from device memory; every other slot is left as it was; a ring without its position is refused."""
+    argmax = Argmax(torch.device(device))
+    out = torch.zeros(1, dtype=torch.int64, device=device)
+    ring = torch.full((16,), -7, dtype=torch.int64, device=device)
+    g = torch.Generator().manual_seed(4)
+    for position in (0, 5, 15, 16, 37):
+        x = torch.randn(9000, generator=g).to(device)
+        before = ring.clone()
+        argmax(x, out, ring=ring, position=torch.tensor([position], device=device))
+        want = int(torch.argmax(x.cpu()))
+        assert int(out) == want and int(ring[position % 16]) == want, position
+        others = torch.arange(16, device=device) != position % 16
+        assert torch.equal(ring[others], before[others]), position
+    with pytest.raises(ValueError, match="ring and position"):
+        argmax(torch.zeros(4, device=device), out, ring=ring)
+    with pytest.raises(ValueError, match="ring and position"):
+        argmax(torch.zeros(4, device=device), out, ring=ring.float(), position=torch.zeros(1, dtype=torch.int64,
+                                                                                        device=device))
 
 
 @pytest.mark.cuda

@@ -256,7 +256,7 @@ def test_the_executor_imports_gguf_only_for_a_gguf_file() -> None:
 
 
 def test_the_jit_context_imports_triton_only_on_a_gpu() -> None:
-    """The JIT context's one Triton kernel (the greedy token, jit_context/argmax.py) is imported when a Sampler is
+    """The JIT context's one Triton kernel (the greedy token, graph_executor/kernels/argmax.py) is imported when a Sampler is
     made for a GPU: a CPU install need not have Triton, and a CPU start does not pay its import."""
     in_fresh_python("import sys, torch, jit_context.process, jit_context.server, jit_context.generator;"
                     "from jit_context.sampler import Sampler; Sampler(8, torch.device('cpu'));"

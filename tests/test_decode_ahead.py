@@ -24,9 +24,9 @@ class CountingPort:
     def __getattr__(self, name):
         return getattr(self.runner, name)
 
-    def decode(self, position: int) -> None:
+    def decode(self, position: int, argmax: bool = False, own_input: bool = False) -> None:
         self.decodes += 1
-        self.runner.decode(position)
+        self.runner.decode(position, argmax, own_input)
 
 
 PROMPT = torch.randint(3, 300, (9,), generator=torch.Generator().manual_seed(11)).tolist()

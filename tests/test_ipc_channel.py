@@ -79,7 +79,7 @@ def test_control_pair_round_trip(ctx, rundir):
     with bind_control(ctx, address) as executor, connect_control(ctx, address) as jit:
         jit.send(m.Handshake(m.PROTOCOL_VERSION, "jit_context", os.getpid()), timeout_ms=TIMEOUT_MS)
         assert executor.recv(TIMEOUT_MS) == m.Handshake(m.PROTOCOL_VERSION, "jit_context", os.getpid())
-        ready = m.Ready(m.PROTOCOL_VERSION, "tiny", 8, 16, "float32", "cpu", m.StepBufferSpecs(spec, spec, spec, spec, spec), [0])
+        ready = m.Ready(m.PROTOCOL_VERSION, "tiny", 8, 16, "float32", "cpu", m.StepBufferSpecs(spec, spec, spec, spec, spec, spec), [0])
         executor.send(ready)
         assert jit.recv(TIMEOUT_MS) == ready
         for step in range(3):  # messages stay in order both ways

@@ -32,7 +32,7 @@ SAMPLES = [
         dtype="float32",
         device="cpu",
         buffers=m.StepBufferSpecs(input_ids=CUDA_SPEC, next_token=CUDA_SPEC, logits=SPEC, batch_logits=SPEC,
-                                  verify_logits=SPEC),
+                                  verify_logits=SPEC, token_ring=SPEC),
         max_num_seqs=4,
         eos_token_ids=[0, 2],
         events=m.EventHandles(executor=b"\x02" * 64, jit=b"\x03" * 64),
@@ -46,6 +46,7 @@ SAMPLES = [
     m.Error(code="bad_fields", message="nope", request_id=None),
     m.Prefill(request_id="r1", step=0, num_tokens=17, start_pos=0),
     m.Decode(request_id="r1", step=2, position=20),
+    m.Decode(request_id="r1", step=3, position=21, argmax=True, own_input=True),
     m.Prefill(request_id="b1", step=4, num_tokens=3, start_pos=9, slot=2),
     m.DecodeBatch(request_id="b1", step=5, slots=[2, 0, 3], positions=[12, 40, 7]),
     m.DecodeBatch(request_id="b2", step=6, slots=[2, 0], positions=[13, 41], chunk_tokens=[64], chunk_starts=[128],
@@ -169,7 +170,7 @@ def test_finish_reasons_are_one_closed_set():
         lambda: m.TensorSpec("t", "float32", (2,), "cuda_ipc", b"handle"),  # no device
         lambda: dataclasses.replace(SAMPLES[1], buffers={"x": {"name": "not a spec"}}),
         lambda: dataclasses.replace(SAMPLES[1], events={"executor": b"x", "jit": b"y"}),
-        lambda: dataclasses.replace(SAMPLES[1], buffers=m.StepBufferSpecs(SPEC, SPEC, SPEC, SPEC, "not a spec")),
+        lambda: dataclasses.replace(SAMPLES[1], buffers=m.StepBufferSpecs(SPEC, SPEC, SPEC, SPEC, SPEC, "not a spec")),
     ],
 )
 def test_invalid_fields_fail_validation(build):

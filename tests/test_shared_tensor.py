@@ -32,7 +32,8 @@ UNUSED = m.TensorSpec("unused", "int64", (1,), "shm", "unused")
 def ready_with(**buffers) -> m.Ready:
     """A Ready frame carrying these shared tensors' specs as step buffers (the rest unused), as the executor
     sends it to a second process."""
-    specs = {name: UNUSED for name in ("input_ids", "next_token", "logits", "batch_logits", "verify_logits")}
+    specs = {name: UNUSED for name in ("input_ids", "next_token", "logits", "batch_logits", "verify_logits",
+                                      "token_ring")}
     specs.update({name: shared.spec for name, shared in buffers.items()})
     return m.Ready(m.PROTOCOL_VERSION, "test", 8, 16, "float32", "cpu", m.StepBufferSpecs(**specs), [0])
 

@@ -350,9 +350,9 @@ class PositionsPort:
     def __getattr__(self, name):
         return getattr(self.runner, name)
 
-    def decode(self, position: int) -> None:
+    def decode(self, position: int, argmax: bool = False, own_input: bool = False) -> None:
         self.decoded.append(position)
-        self.runner.decode(position)
+        self.runner.decode(position, argmax, own_input)
 
 
 @pytest.mark.parametrize("method", ["ngram", "draft"])

@@ -30,7 +30,7 @@
 #   contexts 128 and 1024 (why the bench's hf-eager row is slow and erratic; ~2 min); prefetch: the L2 prefetch of
 #   the layer's next weights from the attention kernel, its test and the step at 8 / 24 / 40 MiB (~3 min); shortsteps:
 #   bench.probes.kernel_profile of 7B's 10-token prefill and the 1B shape's decode (~2 min); shortsteps2, shortrows,
-#   shortab, gguftests, verifyrows, ncu: each says what it runs in its comment below;
+#   shortab, gguftests, verifyrows, ncu, execargmax: each says what it runs in its comment below;
 #   tiles: the tile-major packed weights' cuda tests and the 7B int4 / int8 step with o and down (and every slot)
 #   tiled against row-major (~4 min);
 #   quant: the packed-weight tests and `bench --quantize none,int8,int4,fp8` on dummy:llama-2-7b (executor, ~3 min);
@@ -549,7 +549,21 @@ for step in "${steps[@]}"; do
           timeout 420 python3 -m launch.cli bench --quiet --engines hybridrt,hybridrt-executor --workloads ttft,decode,floors \
             --prompt-lens 10,25,50,100,200,300,400,500 --out "$OUT/run" > "$OUT/bench.log" 2>&1
           echo "bench: rc=$?"; rm -rf "$OUT/run/logs" ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200, rope, buckets)"
+    execargmax) # issue 12 target 2: the executor's greedy token (Decode.argmax, off: EXECUTOR_ARGMAX_GPU) on the
+                # card: its tests, then the bench's decode on dummy:smollm2-135m with it off and on (a copy of the
+                # tree with the constant flipped), three alternating rounds, two processes and the executor (~5 min)
+          timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_argmax.py tests/test_executor_argmax.py \
+            tests/test_decode_ahead.py tests/test_gpu_path.py > "$OUT/execargmax_tests.log" 2>&1
+          echo "executor argmax tests: rc=$? $(tail -1 "$OUT/execargmax_tests.log")"
+          rm -rf /tmp/on && mkdir /tmp/on && cp -r graph_executor jit_context ipc launch bench hybridrt /tmp/on/
+          sed -i 's/^EXECUTOR_ARGMAX_GPU = False/EXECUTOR_ARGMAX_GPU = True/' /tmp/on/jit_context/generator.py
+          for i in 1 2 3; do for t in off on; do d=$PWD; [ $t = on ] && d=/tmp/on
+            (cd "$d" && PYTHONPATH=/tmp/site:$d timeout 100 python3 -m launch.cli bench --quiet --model dummy:smollm2-135m \
+              --engines hybridrt,hybridrt-executor --workloads decode --max-context 512 --out "$OUT/ea_${t}_$i" \
+              > "$OUT/ea_${t}_$i.log" 2>&1)
+            echo "$t $i: $(grep -E '^\| hybridrt' "$OUT/ea_${t}_$i.log" | head -2 | cut -d'|' -f2,3,5,7 | tr '\n' ' ')"
+          done; done ;;
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200, rope, buckets, execargmax)"
        exit 2 ;;
   esac
 done
