@@ -115,16 +115,26 @@ def end_ids(params: SamplingParams, eos_token_ids: frozenset[int]) -> set[int]:
 # Prompt tokens per Prefill on the CPU, where a step computes before it returns: the JIT context answers other
 # clients between chunks, so they wait at most one chunk. None on a GPU (the executor only enqueues there).
 CPU_PREFILL_CHUNK = 256
-# Decode steps queued when the host waits for a token, on a GPU (Generator's decode_ahead). Measured on an H200
-# (bench/NOTES.md, 39th session): SmolLM2-135M through two processes 2,253-2,313 -> 2,382-2,397 tokens/s with 2 (its
-# 0.4 ms step is shorter than the host's way around one token); unmeasured on 7B, where a step is 3.7 ms and the
-# cost is one more discarded step after a stop.
-DECODE_AHEAD_GPU = 2
+# Decode steps queued when the host waits for a token (Generator's decode_ahead). On a GPU "auto": 2 while the
+# steps are short (the executor's token period under SHORT_STEP_MS), else 1. Measured on an H200 (bench/NOTES.md,
+# 39th session): SmolLM2-135M through two processes 2,253-2,313 -> 2,382-2,397 tokens/s with 2 (its 0.4 ms step is
+# shorter than the host's way around one token: wake-up, the token to the client, the next command's hop, the
+# graph launch, ~0.2-0.5 ms); a 7B step (3.7 ms) leaves the host time enough with 1, and 2 would cost one more
+# discarded step (3.7 ms of the card's time, ahead of the next request's prefill) after every stop.
+AUTO = "auto"
+SHORT_STEP_MS = 1.0
+DECODE_AHEAD_SHORT = 2
+STEP_EMA = 0.25  # weight of the newest token gap in the token period's moving average
 
 
-def default_decode_ahead(device: torch.device) -> int:
-    """DECODE_AHEAD_GPU on a GPU; 1 on the CPU, where a discarded step after a stop costs a whole step's compute."""
-    return DECODE_AHEAD_GPU if device.type == "cuda" else 1
+def default_decode_ahead(device: torch.device) -> int | str:
+    """AUTO on a GPU; 1 on the CPU, where a discarded step after a stop costs a whole step's compute."""
+    return AUTO if device.type == "cuda" else 1
+
+
+def ahead_for(step_ms: float | None) -> int:
+    """AUTO's choice: DECODE_AHEAD_SHORT once the token period is known to be under SHORT_STEP_MS, else 1."""
+    return DECODE_AHEAD_SHORT if step_ms is not None and step_ms < SHORT_STEP_MS else 1
 
 
 # Whether the executor takes a plain greedy request's tokens itself (Generator's executor_argmax), on a GPU. Built
@@ -143,7 +153,8 @@ class Generator:
 
     def __init__(self, port: ExecutorPort, tokenizer: Detokenizing | None, eos_token_ids: frozenset[int],
                  prefill_chunk: int | None = None, speculation: SpeculativeConfig | None = None,
-                 prefix_reuse: bool = False, decode_ahead: int | None = None, executor_argmax: bool | None = None):
+                 prefix_reuse: bool = False, decode_ahead: int | str | None = None,
+                 executor_argmax: bool | None = None):
         """`prefix_reuse`: a prompt that starts with the tokens the KV cache holds from the last request prefills
         only the rest (`KvContents`). Only where the executor's steps write nothing but the request's own
         positions: the CPU path (on a GPU, graph captures while idle run warm-up steps over the cache, and the
@@ -152,7 +163,9 @@ class Generator:
         token k once the decode that consumes token k is queued; 2: once the one after it is queued too, so a
         token's host work (the wait, the token's way to the client, the next command's hop and the executor's
         launch) may take up to two steps' time before the device idles; after a stop that many steps are
-        discarded). None: `default_decode_ahead` of the device. The speculative loop's plain steps take it too.
+        discarded); AUTO: 2 while the token period (a moving average over the plain steps' token gaps, kept across
+        requests) is under SHORT_STEP_MS, else 1 (`ahead_for`). None: `default_decode_ahead` of the device. The
+        speculative loop's plain steps take it too.
         `executor_argmax`: in the plain loop, a plain greedy request's tokens after the first are taken by the
         executor after each decode (`Decode.argmax`) and copied out of the step buffers' token ring, so that on a
         GPU no sampling of ours sits between two steps and the executor waits for nothing of ours (`own_input`).
@@ -160,10 +173,14 @@ class Generator:
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1 or None, got {prefill_chunk}")
         on_gpu = port.buffers.input_ids.device.type == "cuda"
-        if decode_ahead is not None and not 1 <= decode_ahead <= RING - 1:
-            raise ValueError(f"decode_ahead must be 1..{RING - 1} (the token reader's ring) or None, got "
-                             f"{decode_ahead}")
-        self.decode_ahead = decode_ahead or default_decode_ahead(port.buffers.input_ids.device)
+        if decode_ahead is not None and decode_ahead != AUTO and not (
+                isinstance(decode_ahead, int) and 1 <= decode_ahead <= RING - 1):
+            raise ValueError(f"decode_ahead must be 1..{RING - 1} (the token reader's ring), {AUTO!r} or None, got "
+                             f"{decode_ahead!r}")
+        self.decode_ahead = default_decode_ahead(port.buffers.input_ids.device) if decode_ahead is None \
+            else decode_ahead
+        self.step_ms: float | None = None  # the plain steps' token period (AUTO), a moving average
+        self._last_pop: float | None = None  # when the host read the last token of a run of plain steps
         self.executor_argmax = default_executor_argmax(port.buffers.input_ids.device) if executor_argmax is None \
             else executor_argmax
         self.prefill_chunk = prefill_chunk
@@ -182,6 +199,21 @@ class Generator:
         # one assignment from the list, not a tensor built from it and copied (~3 against ~17 us warm, on the way
         # to the prefill)
         self._ids_host = (self._staging if on_gpu else port.buffers.input_ids).numpy()
+
+    def ahead(self) -> int:
+        """The decode steps to keep queued now (decode_ahead, or AUTO's choice from the token period)."""
+        return ahead_for(self.step_ms) if self.decode_ahead == AUTO else self.decode_ahead
+
+    def read_token(self, follows: bool) -> int:
+        """The oldest token in flight (TokenReader.pop); `follows`: it is the next of a run of plain decode steps,
+        so the time since the last one read is a token period (AUTO's measure)."""
+        value = self.reader.pop()
+        now = time.perf_counter()
+        if follows and self._last_pop is not None:
+            gap_ms = (now - self._last_pop) * 1e3
+            self.step_ms = gap_ms if self.step_ms is None else self.step_ms + STEP_EMA * (gap_ms - self.step_ms)
+        self._last_pop = now
+        return value
 
     def write_ids(self, ids: list[int], start: int = 0) -> None:
         """Token ids into the executor's input buffer at [start, start + len(ids)); on a GPU through pinned
@@ -257,9 +289,9 @@ class Generator:
                 self.port.decode(n + k, argmax=executor_argmax, own_input=executor_argmax and k > 0)
             # The first token at once (TTFT), the last ones at the end; in between the host reads the token
             # `decode_ahead` - 1 steps back, so that many more steps stay queued while it waits, streams and sends.
-            keep = 0 if k == 0 or last else self.decode_ahead - 1
+            keep = 0 if k == 0 or last else self.ahead() - 1
             while reader.in_flight > keep and not out.finish:
-                yield out.add(reader.pop())
+                yield out.add(self.read_token(follows=k > 0))
             if out.finish:
                 break  # after a stop, the decodes in flight (at most decode_ahead) are discarded
         yield from self._finish(out, prompt_ids)

@@ -234,6 +234,7 @@ class SpeculativeLoop:
         no further decode) and the caller verifies."""
         out, params, port, reader = self.out, self.out.params, self.port, self.reader
         drain = False
+        follows = False  # the first token read here comes after a verify step or the first token: not a period
         while True:
             port.wait_enqueued()
             token = self.sampler.sample(self.buffers.logits, out=self.buffers.token)  # [1]
@@ -245,9 +246,10 @@ class SpeculativeLoop:
             last = self.produced + unread >= params.max_tokens or self.length + unread >= port.max_context
             if not (last or drain):
                 port.decode(self.length + unread - 1)  # consumes the token just sampled
-            keep = 0 if last or drain else self.gen.decode_ahead - 1
+            keep = 0 if last or drain else self.gen.ahead() - 1
             while reader.in_flight > keep:
-                value = reader.pop()
+                value = self.gen.read_token(follows)
+                follows = True
                 self.proposer.extend([value])
                 yield out.add(value)
                 if out.finish:

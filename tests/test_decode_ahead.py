@@ -10,7 +10,15 @@ import itertools
 import pytest
 import torch
 
-from jit_context.generator import DECODE_AHEAD_GPU, GenerationResult, Generator, default_decode_ahead
+from jit_context.generator import (
+    AUTO,
+    DECODE_AHEAD_SHORT,
+    SHORT_STEP_MS,
+    GenerationResult,
+    Generator,
+    ahead_for,
+    default_decode_ahead,
+)
 from jit_context.sampling_params import SamplingParams
 from tests.test_robustness import tiny_runner
 
@@ -103,9 +111,33 @@ def test_the_first_token_is_read_before_any_step_past_its_own_decode(runner) -> 
     list(stream)
 
 
-def test_the_default_is_one_on_the_cpu_two_on_a_gpu_and_bad_values_are_refused(runner) -> None:
+def test_the_default_is_one_on_the_cpu_auto_on_a_gpu_and_bad_values_are_refused(runner) -> None:
     assert Generator(runner, None, frozenset({2})).decode_ahead == 1 == default_decode_ahead(torch.device("cpu"))
-    assert default_decode_ahead(torch.device("cuda")) == DECODE_AHEAD_GPU == 2
-    for bad in (0, 4, -1):
+    assert default_decode_ahead(torch.device("cuda")) == AUTO
+    for bad in (0, 4, -1, "2", 1.5):
         with pytest.raises(ValueError, match="decode_ahead"):
             Generator(runner, None, frozenset({2}), decode_ahead=bad)
+
+
+def test_auto_keeps_two_ahead_only_while_the_steps_are_short(runner) -> None:
+    """AUTO: 2 once the token period (a moving average of the plain steps' token gaps) is under SHORT_STEP_MS, 1
+    before it is known and above it; the tokens do not depend on it."""
+    assert ahead_for(None) == 1 and ahead_for(SHORT_STEP_MS) == 1 and ahead_for(3.7) == 1
+    assert ahead_for(0.4) == DECODE_AHEAD_SHORT == 2
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    reference = run(runner, 1, params)
+    port = CountingPort(runner)
+    gen = Generator(port, None, frozenset({2}), decode_ahead=AUTO)
+    assert gen.step_ms is None and gen.ahead() == 1
+    got = list(gen.generate(PROMPT, params))[-1]
+    assert got.token_ids == reference.token_ids and port.decodes == 19
+    assert gen.step_ms is not None and gen.step_ms > 0 and gen.ahead() == ahead_for(gen.step_ms)
+    # a short period known (as on a GPU with a small model): at a stop two steps are in flight, not one
+    stop = reference.token_ids[1]
+    assert stop not in reference.token_ids[:1]
+    for step_ms, sent in ((0.3, 3), (5.0, 2)):
+        port.decodes = 0
+        gen = Generator(port, None, frozenset({stop}), decode_ahead=AUTO)
+        gen.step_ms = step_ms
+        got = list(gen.generate(PROMPT, SamplingParams(max_tokens=20, temperature=0.0)))[-1]
+        assert got.token_ids == reference.token_ids[:2] and port.decodes == sent, step_ms

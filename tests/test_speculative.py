@@ -260,7 +260,7 @@ def test_fused_verify_step_equals_the_reference_step() -> None:
 
 
 def run(runner: ModelRunner, prompt: list[int], params: SamplingParams, spec: SpeculativeConfig | None = None,
-        eos: frozenset[int] = frozenset({2}), ahead: int | None = None) -> GenerationResult:
+        eos: frozenset[int] = frozenset({2}), ahead: int | str | None = None) -> GenerationResult:
     return list(Generator(runner, None, eos, speculation=spec, decode_ahead=ahead).generate(prompt, params))[-1]
 
 
@@ -280,7 +280,8 @@ def draft_port(runner: ModelRunner, seed: int):
 
 
 def spec_run(runner: ModelRunner, prompt: list[int], params: SamplingParams, method: str, k: int,
-             draft_seed: int = 3, eos: frozenset[int] = frozenset({2}), ahead: int | None = None) -> GenerationResult:
+             draft_seed: int = 3, eos: frozenset[int] = frozenset({2}), ahead: int | str | None = None
+             ) -> GenerationResult:
     if method == "ngram":
         return run(runner, prompt, params, SpeculativeConfig("ngram", k), eos, ahead)
     config = with_draft_cost(SpeculativeConfig("draft", k, adaptive=False), 10, 1)  # always k: the CPU's costs
@@ -356,8 +357,8 @@ class PositionsPort:
 
 
 @pytest.mark.parametrize("method", ["ngram", "draft"])
-@pytest.mark.parametrize("ahead", [2, 3])
-def test_plain_steps_further_ahead_keep_the_tokens_stops_and_ends(method: str, ahead: int) -> None:
+@pytest.mark.parametrize("ahead", [2, 3, "auto"])
+def test_plain_steps_further_ahead_keep_the_tokens_stops_and_ends(method: str, ahead: int | str) -> None:
     """Generator(decode_ahead=) in the speculative loop's plain steps (2 on a GPU): the same tokens as the plain
     loop one step ahead, through verify steps, drains, stops at many offsets, max_tokens and the context's end."""
     runner = tiny_runner(max_context=160)
