@@ -88,6 +88,9 @@ class ExecutorServer:
         self.supervisor_pid = supervisor_pid
         self.peer_pid: int | None = None
         self.busy = False  # a request is between its Prefill and its Reset: no graph capture then
+        # (request id, position) of the last step, if it was a decode that took its token here (Decode.argmax): an
+        # own_input decode skips the wait for the JIT context only right after it (else it waits, as any step)
+        self._argmax_step: tuple[str, int] | None = None
         self.last_command = time.monotonic()  # captures wait until the executor has been idle a while
         self.answered_early = False  # the Handshake was answered while start-up captures ran (Ready.captures_pending)
         self.held: Message | None = None  # a command read while answering early, for `serve` (none is expected)
@@ -232,7 +235,15 @@ class ExecutorServer:
         """Send to the JIT context; False once it is gone."""
         return self.channel.send_while(msg, self.peers_alive, POLL_MS)
 
+    def own_input_trusted(self, msg: Decode) -> bool:
+        """Whether a decode may skip the wait for the JIT context's GPU work (`Decode.own_input`): only right after
+        this executor's own argmax decode of the same request at the position before (a wrong flag would otherwise
+        race the JIT context's writes to next_token)."""
+        return msg.own_input and self._argmax_step == (msg.request_id, msg.position - 1)
+
     def handle(self, msg: Message) -> Message:
+        own = isinstance(msg, Decode) and self.own_input_trusted(msg)
+        self._argmax_step = None  # any step but an argmax decode ends the chain
         try:
             if isinstance(msg, Prefill):
                 self.busy = True
@@ -247,9 +258,11 @@ class ExecutorServer:
                     self.runner.decode_batch(msg.slots, msg.positions, msg.chunks)
                 return StepDone(msg.request_id, msg.step)
             if isinstance(msg, Decode):
-                # own_input: the JIT context wrote nothing this step reads (its input is our last argmax)
-                with self.ordered(after_jit=not msg.own_input):
-                    self.runner.decode(msg.position, msg.argmax, msg.own_input)
+                # own_input (trusted): the JIT context wrote nothing this step reads (its input is our last argmax)
+                with self.ordered(after_jit=not own):
+                    self.runner.decode(msg.position, msg.argmax, own)
+                if msg.argmax:
+                    self._argmax_step = (msg.request_id, msg.position)
                 return StepDone(msg.request_id, msg.step)
             if isinstance(msg, Verify):
                 with self.ordered():

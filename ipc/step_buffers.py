@@ -2,7 +2,8 @@
 dtypes, who writes each, and how they cross the process boundary (a `TensorSpec` each in `Ready.buffers`).
 
 The executor allocates them once, before any graph is captured, at fixed addresses (the graphs read and write
-them in place); the JIT context writes prompt ids and the sampled token into them and reads the logits. In one
+them in place); the JIT context writes prompt ids and the sampled token into them and reads the logits (or, for a
+plain greedy request with `Decode.argmax`, the executor writes the token and files it in `token_ring`). In one
 process (`hybridrt generate` without a server) they are plain tensors; across processes, shared memory on the
 CPU and CUDA IPC on a GPU. Nothing is copied per step.
 """
@@ -25,8 +26,9 @@ MAX_VERIFY_TOKENS = MAX_SPECULATIVE_TOKENS + 1
 # captures (it captures while idle). No request's tokens are known to stay there (`KvContents`).
 SCRATCH_ROWS = 1
 # The executor's greedy tokens (`Decode.argmax`): the token after the decode step at position p sits at
-# token_ring[p % TOKEN_RING] until the step TOKEN_RING positions later overwrites it. The JIT context copies each out
-# before it sends the step decode_ahead (<= 3) positions later, so the slot it copies is never one being rewritten.
+# token_ring[p % TOKEN_RING] until the step TOKEN_RING positions later overwrites it. The JIT context enqueues each
+# slot's copy after that step's event and waits for the copy on the host (TokenReader.pop) before it sends the step
+# decode_ahead (<= 3, the reader's ring) positions later: no slot is rewritten before its copy has run.
 TOKEN_RING = 16
 
 

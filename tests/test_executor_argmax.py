@@ -7,6 +7,7 @@ tests/test_argmax.py's."""
 from __future__ import annotations
 
 import itertools
+import os
 import time
 import uuid
 
@@ -122,8 +123,48 @@ def test_the_executor_server_takes_the_flags_off_the_wire_and_files_the_token() 
             if isinstance(msg, Decode) and msg.argmax:
                 want = int(torch.argmax(b.logits))
                 assert int(b.next_token[0]) == want == int(b.token_ring[msg.position % TOKEN_RING]), msg
+        # own_input is trusted (no wait for the JIT context's event) only right after the argmax decode before it
+        assert server.own_input_trusted(Decode("r", 5, 7, own_input=True))
+        for other in (Decode("r", 5, 8, own_input=True), Decode("q", 5, 7, own_input=True), Decode("r", 5, 7)):
+            assert not server.own_input_trusted(other), other
+        server.dispatch(None, Decode("r", 5, 7, argmax=False, own_input=True))  # not an argmax decode: the chain ends
+        assert not server.own_input_trusted(Decode("r", 6, 8, own_input=True))
+        # the JIT context's side puts the flags on the wire (RemoteExecutor over the same channel)
+        from jit_context.remote_executor import RemoteExecutor
+
+        remote = RemoteExecutor(control, server.shared, MAX_CONTEXT, os.getpid())
+        remote.request_id = "r"
+        remote.decode(8, argmax=True, own_input=True)
+        deadline = time.monotonic() + 5
+        while not server.channel.poll(10):
+            assert time.monotonic() < deadline
+        got = server.next_command()
+        assert (got[1].request_id, got[1].position, got[1].argmax, got[1].own_input) == ("r", 8, True, True)
+        assert server.reply(server.dispatch(*got))
+        remote.wait_enqueued()  # its StepDone came back
     finally:
         control.close()
         channel.close()
         server.close()
         ctx.term()
+
+
+@pytest.mark.cuda
+def test_on_a_gpu_the_graph_runner_s_tokens_are_the_sampler_s() -> None:
+    """GraphRunner.decode(argmax=True): the argmax kernel after the decode step (its position read from the graph's
+    buffer), captured graph or not: the same tokens as the JIT context's sampling, every ring slot as filed."""
+    from graph_executor.graphs import GraphRunner
+
+    model = tiny_runner(max_context=96, device="cuda").model
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    for capture in (False, True):
+        graphs = GraphRunner(model)
+        if capture:
+            graphs.capture("decode")
+        reference = run(graphs, params, executor_argmax=False, ahead=2)
+        port = RecordingPort(graphs)
+        got = run(port, params, executor_argmax=True, ahead=2)
+        assert got.token_ids == reference.token_ids and all(argmax for _, argmax, _ in port.sent), capture
+        n = len(PROMPT)
+        for k in range(30 - TOKEN_RING, 30):
+            assert int(graphs.buffers.token_ring[(n + k - 1) % TOKEN_RING]) == reference.token_ids[k], capture

@@ -25,7 +25,8 @@ def gpu_events(trace: dict) -> list[dict]:
         if e.get("ph") != "X" or e.get("cat") not in ("kernel", "gpu_memcpy", "gpu_memset"):
             continue
         # the step's kernels are ours (Triton, named _*); the sampling loop's are torch's, its copies, and the greedy
-        # token's own Triton kernel (graph_executor/kernels/argmax.py)
+        # token's own Triton kernel (graph_executor/kernels/argmax.py; with Generator(executor_argmax=True) the
+        # executor's launch of it, after the graph, counts here too)
         graph = e["name"].startswith("_") and e["name"] != "_argmax_kernel"
         out.append({"name": e["name"], "ts": float(e["ts"]), "dur": float(e.get("dur", 0.0)), "graph": graph,
                     "cat": e["cat"]})

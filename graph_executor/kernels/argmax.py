@@ -79,6 +79,7 @@ class Argmax:
                              f"{tuple(host.shape)} on {host.device}")
         if (ring is None) != (position is None) or ring is not None and (
                 ring.dim() != 1 or ring.numel() == 0 or ring.dtype != torch.int64 or ring.device != self.device
+                or not ring.is_contiguous()
                 or position.shape != (1,) or position.dtype != torch.int64 or position.device != self.device):
             raise ValueError(f"ring and position: expected a [R] and a [1] int64 tensor on {self.device} together, got "
                              f"{None if ring is None else (ring.dtype, tuple(ring.shape), str(ring.device))} and "
