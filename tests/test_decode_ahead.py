@@ -23,18 +23,23 @@ from jit_context.sampling_params import SamplingParams
 from tests.test_robustness import tiny_runner
 
 
-class CountingPort:
-    """The real runner, with the decode steps it is sent counted."""
+class RecordingPort:
+    """The real runner, with the decode steps it is sent recorded: (position, argmax, own_input) each (also used by
+    tests/test_speculative.py and tests/test_executor_argmax.py)."""
 
     def __init__(self, runner) -> None:
-        self.runner, self.decodes = runner, 0
+        self.runner, self.sent = runner, []
 
     def __getattr__(self, name):
         return getattr(self.runner, name)
 
     def decode(self, position: int, argmax: bool = False, own_input: bool = False) -> None:
-        self.decodes += 1
+        self.sent.append((position, argmax, own_input))
         self.runner.decode(position, argmax, own_input)
+
+    @property
+    def decodes(self) -> int:
+        return len(self.sent)
 
 
 PROMPT = torch.randint(3, 300, (9,), generator=torch.Generator().manual_seed(11)).tolist()
@@ -63,11 +68,11 @@ def runner():
 
 def test_the_tokens_and_steps_do_not_depend_on_how_far_ahead(runner) -> None:
     params = SamplingParams(max_tokens=17, temperature=0.0, ignore_eos=True)
-    port = CountingPort(runner)
+    port = RecordingPort(runner)
     reference = run(port, 1, params)
     assert len(reference.token_ids) == 17 and port.decodes == 16 and reference.finish_reason == "length"
     for ahead in (2, 3):
-        port.decodes = 0
+        port.sent.clear()
         got = run(port, ahead, params)
         assert got.token_ids == reference.token_ids and got.finish_reason == "length"
         assert port.decodes == 16  # none past max_tokens
@@ -80,7 +85,7 @@ def test_a_stop_token_ends_the_output_at_once_and_discards_only_the_steps_in_fli
     # drains what it still holds: max_tokens 2 past the stop puts it among the last ones read)
     for stop_at in [i for i in range(24) if free[i] not in free[:i]]:
         for ahead, max_tokens in itertools.product((1, 2, 3), (24, stop_at + 2)):
-            port = CountingPort(runner)
+            port = RecordingPort(runner)
             got = run(port, ahead, SamplingParams(max_tokens=max_tokens, temperature=0.0),
                       eos=frozenset({free[stop_at]}))
             assert got.token_ids == free[:stop_at + 1] and got.finish_reason == "stop", (stop_at, ahead)
@@ -92,18 +97,18 @@ def test_a_stop_token_ends_the_output_at_once_and_discards_only_the_steps_in_fli
 def test_short_replies_and_a_full_context(runner) -> None:
     for ahead in (1, 2, 3):
         for max_tokens in (1, 2):
-            port = CountingPort(runner)
+            port = RecordingPort(runner)
             got = run(port, ahead, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
             assert len(got.token_ids) == max_tokens and port.decodes == max_tokens - 1
         # a prompt 3 positions short of the context: its reply ends there
         prompt = (PROMPT * 11)[:runner.max_context - 3]
-        got = run(CountingPort(runner), ahead, SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True),
+        got = run(RecordingPort(runner), ahead, SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True),
                   prompt=prompt)
         assert len(got.token_ids) == 3 and got.finish_reason == "length"
 
 
 def test_the_first_token_is_read_before_any_step_past_its_own_decode(runner) -> None:
-    port = CountingPort(runner)
+    port = RecordingPort(runner)
     stream = Generator(port, None, frozenset({2}), decode_ahead=3).generate(
         PROMPT, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
     next(stream)  # the first token's chunk (TTFT): only the decode that consumes it is queued
@@ -126,7 +131,7 @@ def test_auto_keeps_two_ahead_only_while_the_steps_are_short(runner) -> None:
     assert ahead_for(0.4) == DECODE_AHEAD_SHORT == 2
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
     reference = run(runner, 1, params)
-    port = CountingPort(runner)
+    port = RecordingPort(runner)
     gen = Generator(port, None, frozenset({2}), decode_ahead=AUTO)
     assert gen.step_ms is None and gen.ahead() == 1
     got = list(gen.generate(PROMPT, params))[-1]
@@ -136,7 +141,7 @@ def test_auto_keeps_two_ahead_only_while_the_steps_are_short(runner) -> None:
     stop = reference.token_ids[1]
     assert stop not in reference.token_ids[:1]
     for step_ms, sent in ((0.3, 3), (5.0, 2)):
-        port.decodes = 0
+        port.sent.clear()
         gen = Generator(port, None, frozenset({stop}), decode_ahead=AUTO)
         gen.step_ms = step_ms
         got = list(gen.generate(PROMPT, SamplingParams(max_tokens=20, temperature=0.0)))[-1]

@@ -18,23 +18,10 @@ import zmq
 from ipc.step_buffers import TOKEN_RING
 from jit_context.generator import EXECUTOR_ARGMAX_GPU, GenerationResult, Generator, default_executor_argmax
 from jit_context.sampling_params import SamplingParams
+from tests.test_decode_ahead import RecordingPort
 from tests.test_robustness import tiny_runner
 
 PROMPT = torch.randint(3, 300, (9,), generator=torch.Generator().manual_seed(11)).tolist()
-
-
-class RecordingPort:
-    """The real runner, with the flags of each decode step it is sent recorded."""
-
-    def __init__(self, runner) -> None:
-        self.runner, self.sent = runner, []
-
-    def __getattr__(self, name):
-        return getattr(self.runner, name)
-
-    def decode(self, position: int, argmax: bool = False, own_input: bool = False) -> None:
-        self.sent.append((position, argmax, own_input))
-        self.runner.decode(position, argmax, own_input)
 
 
 def run(port, params: SamplingParams, executor_argmax: bool, ahead: int = 1,

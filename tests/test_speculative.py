@@ -25,6 +25,7 @@ from jit_context.sampler import Sampler
 from jit_context.sampling_params import SamplingParams
 from jit_context.speculative import AdaptiveK
 from jit_context.speculative_config import SpeculativeConfig, with_draft_cost
+from tests.test_decode_ahead import RecordingPort
 from tests.test_robustness import tiny_runner
 
 PROMPTS = json.loads((Path(__file__).resolve().parents[1] / "bench/data/spec_prompts.json").read_text())
@@ -342,20 +343,6 @@ def test_stops_cut_inside_an_accepted_run_exactly_where_plain_decoding_cuts(meth
         assert res.token_ids == base.token_ids[:max_tokens] and res.finish_reason == "length"
 
 
-class PositionsPort:
-    """The real runner, with the positions of the decode steps it is sent recorded."""
-
-    def __init__(self, runner: ModelRunner) -> None:
-        self.runner, self.decoded = runner, []
-
-    def __getattr__(self, name):
-        return getattr(self.runner, name)
-
-    def decode(self, position: int, argmax: bool = False, own_input: bool = False) -> None:
-        self.decoded.append(position)
-        self.runner.decode(position, argmax, own_input)
-
-
 @pytest.mark.parametrize("method", ["ngram", "draft"])
 @pytest.mark.parametrize("ahead", [2, 3, "auto"])
 def test_plain_steps_further_ahead_keep_the_tokens_stops_and_ends(method: str, ahead: int | str) -> None:
@@ -372,12 +359,12 @@ def test_plain_steps_further_ahead_keep_the_tokens_stops_and_ends(method: str, a
                        eos=frozenset({stop}), ahead=ahead)
         assert res.token_ids == base.token_ids[:cut] and res.finish_reason == "stop", stop
     for max_tokens in range(1, 30, 4):
-        port = PositionsPort(runner)
+        port = RecordingPort(runner)
         res = spec_run(port if method == "ngram" else runner, REPETITIVE,
                        SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True), method, 6, ahead=ahead)
         assert res.token_ids == base.token_ids[:max_tokens] and res.finish_reason == "length"
         # no decode consumes the last token (its position would be len(REPETITIVE) + max_tokens - 1)
-        assert max(port.decoded, default=0) <= len(REPETITIVE) + max_tokens - 2
+        assert max((p for p, _, _ in port.sent), default=0) <= len(REPETITIVE) + max_tokens - 2
     short = tiny_runner(max_context=41)
     res = spec_run(short, REPETITIVE, params, method, 8, ahead=ahead)
     assert res.token_ids == run(short, REPETITIVE, params, ahead=1).token_ids and len(res.token_ids) == 41 - 17
