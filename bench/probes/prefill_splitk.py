@@ -36,6 +36,29 @@ from bench.probes.prefill_gemm import (
 
 
 @triton.jit
+def store_in_order(acc, at, mask, tile, split_stride, pid_k, counter, SPLIT, ACCUMULATE: tl.constexpr):
+    """A split-K program's tile `acc` (float32) into out at `at` (masked by `mask`; ACCUMULATE: added to what is
+    there). SPLIT > 1: acc goes to the partials at `tile` (split i's at tile + (i - pid_k) * split_stride) and the
+    tile's last program (its `counter`) adds them in order (deterministic), stores, and resets the counter. Both
+    Triton GEMM probes (this one and prefill_tma's) finish their tiles so."""
+    if SPLIT > 1:
+        tl.store(tile, acc)
+        tl.debug_barrier()  # every thread's stores are issued before the release below
+        if tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT - 1:
+            acc = tl.zeros_like(acc)
+            for i in range(SPLIT):
+                acc += tl.load(tile + (i - pid_k) * split_stride, cache_modifier=".cg")
+            if ACCUMULATE:
+                acc += tl.load(at, mask=mask, other=0.0).to(tl.float32)
+            tl.store(at, acc.to(at.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(counter, 0)
+    else:
+        if ACCUMULATE:
+            acc += tl.load(at, mask=mask, other=0.0).to(tl.float32)
+        tl.store(at, acc.to(at.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _splitk_gemm_kernel(x_ptr, w_ptr, out_ptr, part_ptr, count_ptr, T, N, K, K_SPLIT, SPLIT,
                         ACCUMULATE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr):
@@ -57,27 +80,12 @@ def _splitk_gemm_kernel(x_ptr, w_ptr, out_ptr, part_ptr, count_ptr, T, N, K, K_S
         w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc)
     at = out_ptr + rows[:, None].to(tl.int64) * N + cols[None, :]
-    mask = row_ok[:, None] & col_ok[None, :]
-    if SPLIT > 1:
-        grid_n = tl.num_programs(0)
-        t_pad = tl.num_programs(1) * BLOCK_T
-        n_pad = grid_n * BLOCK_N
-        tile = part_ptr + (pid_k * t_pad + rows[:, None]).to(tl.int64) * n_pad + cols[None, :]
-        tl.store(tile, acc)
-        tl.debug_barrier()  # every thread's stores are issued before the release below
-        counter = count_ptr + pid_t * grid_n + pid_n
-        if tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT - 1:
-            acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-            for i in range(SPLIT):
-                acc += tl.load(tile + (i - pid_k) * t_pad * n_pad, cache_modifier=".cg")
-            if ACCUMULATE:
-                acc += tl.load(at, mask=mask, other=0.0).to(tl.float32)
-            tl.store(at, acc.to(out_ptr.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(counter, 0)
-    else:
-        if ACCUMULATE:
-            acc += tl.load(at, mask=mask, other=0.0).to(tl.float32)
-        tl.store(at, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    grid_n = tl.num_programs(0)
+    t_pad = tl.num_programs(1) * BLOCK_T
+    n_pad = grid_n * BLOCK_N
+    tile = part_ptr + (pid_k * t_pad + rows[:, None]).to(tl.int64) * n_pad + cols[None, :]
+    store_in_order(acc, at, row_ok[:, None] & col_ok[None, :], tile, t_pad * n_pad, pid_k,
+                   count_ptr + pid_t * grid_n + pid_n, SPLIT, ACCUMULATE)
 
 
 def splitk_gemm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, part: torch.Tensor, count: torch.Tensor,

@@ -38,6 +38,7 @@ from bench.probes.prefill_gemm import (
     reference_case,
     timed_graph,
 )
+from bench.probes.prefill_splitk import store_in_order
 
 
 @triton.jit
@@ -59,25 +60,10 @@ def _tma_swap_kernel(w_desc, x_desc, out_ptr, part_ptr, count_ptr, T, N, K, K_SP
     cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # output columns (weight rows)
     rows = tl.arange(0, BLOCK_T)  # prompt rows
     at = out_ptr + rows[None, :] * N + cols[:, None]
-    mask = (cols[:, None] < N) & (rows[None, :] < T)
-    if SPLIT > 1:
-        n_pad = tl.num_programs(0) * BLOCK_N
-        tile = part_ptr + (pid_k * n_pad + cols[:, None]) * BLOCK_T + rows[None, :]
-        tl.store(tile, acc)
-        tl.debug_barrier()  # every thread's stores are issued before the release below
-        counter = count_ptr + pid_n
-        if tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT - 1:
-            acc = tl.zeros([BLOCK_N, BLOCK_T], dtype=tl.float32)
-            for i in range(SPLIT):
-                acc += tl.load(tile + (i - pid_k) * n_pad * BLOCK_T, cache_modifier=".cg")
-            if ACCUMULATE:
-                acc += tl.load(at, mask=mask, other=0.0).to(tl.float32)
-            tl.store(at, acc.to(out_ptr.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(counter, 0)
-    else:
-        if ACCUMULATE:
-            acc += tl.load(at, mask=mask, other=0.0).to(tl.float32)
-        tl.store(at, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    n_pad = tl.num_programs(0) * BLOCK_N
+    tile = part_ptr + (pid_k * n_pad + cols[:, None]) * BLOCK_T + rows[None, :]
+    store_in_order(acc, at, (cols[:, None] < N) & (rows[None, :] < T), tile, n_pad * BLOCK_T, pid_k,
+                   count_ptr + pid_n, SPLIT, ACCUMULATE)
 
 
 Config = tuple[int, int, int, int, int, bool]  # block_n, block_k, split, warps, stages, warp-specialized
