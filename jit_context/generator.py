@@ -172,17 +172,16 @@ class Generator:
         None: `default_executor_argmax` of the device."""
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1 or None, got {prefill_chunk}")
-        on_gpu = port.buffers.input_ids.device.type == "cuda"
+        device = port.buffers.input_ids.device
+        on_gpu = device.type == "cuda"
         if decode_ahead is not None and decode_ahead != AUTO and not (
                 isinstance(decode_ahead, int) and 1 <= decode_ahead <= RING - 1):
             raise ValueError(f"decode_ahead must be 1..{RING - 1} (the token reader's ring), {AUTO!r} or None, got "
                              f"{decode_ahead!r}")
-        self.decode_ahead = default_decode_ahead(port.buffers.input_ids.device) if decode_ahead is None \
-            else decode_ahead
+        self.decode_ahead = default_decode_ahead(device) if decode_ahead is None else decode_ahead
         self.step_ms: float | None = None  # the plain steps' token period (AUTO), a moving average
         self._last_pop: float | None = None  # when the host read the last token of a run of plain steps
-        self.executor_argmax = default_executor_argmax(port.buffers.input_ids.device) if executor_argmax is None \
-            else executor_argmax
+        self.executor_argmax = default_executor_argmax(device) if executor_argmax is None else executor_argmax
         self.prefill_chunk = prefill_chunk
         self.kv = KvContents(port.max_context) if prefix_reuse else None
         self.speculation = (speculation or SpeculativeConfig()).for_device(port.buffers.logits.device.type)
