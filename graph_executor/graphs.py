@@ -59,6 +59,8 @@ LT_MARGIN = 0.01
 # 7B's 128-row graph through cuBLASLt replayed at 0.972-0.976x in six runs (32 rows 0.94-0.95x, 96 0.93-0.94x) on
 # the H200. Past ~300 rows the ratio varies by +-3% between runs (the card's clocks under load): a keep there is a
 # coin toss between two equal graphs (thirty-seventh session, bench/NOTES.md).
+# Decode.argmax's graph: the decode step, then the greedy token (greedy_token.py) filed and the position moved on
+ARGMAX_GRAPH = "decode_argmax"
 LT_TRIAL = "@cublaslt"
 
 
@@ -155,6 +157,12 @@ class GraphRunner:
         self.verify_used = False  # verify graphs are captured once a request has used speculation
         self.acceptance = GreedyAcceptance(self.buffers)
         self.greedy = GreedyToken(self.buffers)  # Decode.argmax: the kernel after the decode graph, same stream
+        # Decode.argmax's own graph (ARGMAX_GRAPH: the decode step, then the argmax kernel, which also moves the
+        # position on by one), one rank only (a tensor-parallel rank's logits are gathered on rank 0 alone)
+        self.argmax_graphs = (ARGMAX_GRAPH,) if model.tp is None else ()
+        # what static.position holds once the steps queued so far have run (None: unknown, e.g. after a capture's
+        # warm-ups): a decode at that position needs no fill before its replay
+        self._position_after: int | None = None
         self.accepts = accepts
         self._verified = 0  # tokens of the last verify step whose acceptance is to be read
         # A verify step's inputs (static.verify_in's layout) are written here on the host and copied up by the graph
@@ -208,12 +216,20 @@ class GraphRunner:
         """In-process steps are enqueued when prefill/decode return: nothing to wait for."""
 
     def decode(self, position: int, argmax: bool = False, own_input: bool = False) -> None:
-        """As ModelRunner.decode; `argmax`'s kernel reads the position from the graph's own buffer."""
+        """As ModelRunner.decode; `argmax`'s kernel reads the position from the graph's own buffer. With `argmax`
+        and its graph captured, one replay (ARGMAX_GRAPH) that leaves the position at the next step's, so that a
+        plain greedy request's steps launch nothing but their graph."""
         check_span(self.max_context, position, 1)
-        self.static.position.fill_(position)
+        if position != self._position_after:
+            self.static.position.fill_(position)
+        if argmax and ARGMAX_GRAPH in self.graphs:
+            self.graphs[ARGMAX_GRAPH].replay()
+            self._position_after = position + 1
+            return
         self._launch("decode", self._decode_body)
         if argmax:
             self.greedy.run(position, self.static.position)
+        self._position_after = position
 
     def verify(self, position: int, num_tokens: int, tokens: list[int] | None = None, accept: bool = False) -> None:
         """As ModelRunner.verify; the acceptance runs at the end of every verify graph (when `accepts`)."""
@@ -378,6 +394,11 @@ class GraphRunner:
     def _decode_body(self) -> None:
         self.decoder.step(self.buffers.token, self.static.position, self.buffers.logits)
 
+    def _decode_argmax_body(self) -> None:
+        self._decode_body()
+        # the kernel reads the ring's slot from the device position (the host's position argument is unused there)
+        self.greedy.run(self.max_context - 1, self.static.position, advance=True)
+
     def _prefill_body(self, bucket: int) -> None:
         ids, positions = self.buffers.slot_ids(0)[:bucket], self.static.arange[:bucket]
         self.prefiller.run(ids, positions, self.static.logits_index, self.buffers.logits)
@@ -406,7 +427,8 @@ class GraphRunner:
         """Graphs not captured yet, in capture order: decode, verify (once used), then the prefill, extend and mixed
         buckets by demand (larger first on ties), and verify graphs last when no request has used them yet."""
         verify = [f"verify_{n}" for n in range(MAX_VERIFY_TOKENS, 1, -1)]
-        order = ["decode", *(f"decode_batch_{b}" for b in self.batch_sizes)] + (verify if self.verify_used else [])
+        order = ["decode", *self.argmax_graphs, *(f"decode_batch_{b}" for b in self.batch_sizes)] + (
+            verify if self.verify_used else [])
         for kind, buckets in (("prefill", self.buckets), ("extend", self.buckets), ("mixed", self.mixed_buckets)):
             by_demand = sorted(buckets, key=lambda b: (-self.demand[f"{kind}_{b}"], -b))
             if kind == "mixed":
@@ -444,7 +466,7 @@ class GraphRunner:
         next turn after prefix reuse is an extend step) and, for a server
         that speculates, the verify graphs (the first requests then run at steady-state speed: a verify step run
         eagerly costs ~15-20 ms on the H200, against ~1 ms replayed; the rest are captured while idle)."""
-        names = ["decode", *(f"decode_batch_{b}" for b in self.batch_sizes),
+        names = ["decode", *self.argmax_graphs, *(f"decode_batch_{b}" for b in self.batch_sizes),
                  *(f"{kind}_{b}" for kind in ("prefill", "extend") for b in self.buckets if b <= max_tokens),
                  *(self._mixed_name(1, b) for b in self.mixed_buckets if b <= max_tokens)]
         return names + ([f"verify_{n}" for n in range(MAX_VERIFY_TOKENS, 1, -1)] if verify else [])
@@ -514,12 +536,14 @@ class GraphRunner:
         """Warm up, capture and upload the graph of step `step` (default: `name`; the stats go under `name`)."""
         step = step or name
         body = self._body(step)
+        self._position_after = None  # the warm-ups move the decode position (_aim_at_scratch_row, ARGMAX_GRAPH)
         start = time.perf_counter()
         reserved = torch.cuda.memory_reserved()
         self._aim_at_scratch_row()
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):
             for _ in range(WARMUP_RUNS):
+                self.static.position.fill_(self.max_context - 1)  # ARGMAX_GRAPH's body moves it on, past the cache
                 body()
         torch.cuda.current_stream().wait_stream(self.stream)
         torch.cuda.synchronize()
@@ -536,6 +560,7 @@ class GraphRunner:
         finally:
             if enabled:
                 gc.enable()
+        self.static.position.fill_(self.max_context - 1)  # as in the warm-ups
         graph.replay()  # the first launch uploads the graph (~ms for a large one): here, not in a request's step
         torch.cuda.synchronize()
         torch.arange(self.static.arange.shape[0], out=self.static.arange)
@@ -570,6 +595,8 @@ class GraphRunner:
     def _body(self, name: str):
         if name == "decode":
             return self._decode_body
+        if name == ARGMAX_GRAPH:
+            return self._decode_argmax_body
         if name.startswith("decode_batch_"):
             size = int(name.removeprefix("decode_batch_"))
             return lambda: self._decode_batch_body(size)

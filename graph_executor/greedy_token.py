@@ -28,13 +28,16 @@ class GreedyToken:
 
             self._kernel = Argmax(device)
 
-    def run(self, position: int, device_position: torch.Tensor | None = None) -> None:
+    def run(self, position: int, device_position: torch.Tensor | None = None, advance: bool = False) -> None:
         """After a decode step at `position` (its logits in `logits`): next_token[0] and token_ring[position %
         TOKEN_RING] = argmax(logits). `device_position` ([1] int64 on the device, holding `position`): the GPU kernel
-        reads the ring's slot from it (a graph-safe launch); None: the slot is taken from `position` on the host."""
+        reads the ring's slot from it (a graph-safe launch), and with `advance` sets it to `position` + 1 (the next
+        decode's); None: the slot is taken from `position` on the host."""
         b = self.buffers
         if self._kernel is not None and device_position is not None:
-            self._kernel(b.logits, b.token, ring=b.token_ring, position=device_position)
+            self._kernel(b.logits, b.token, ring=b.token_ring, position=device_position, advance=advance)
             return
+        if advance:
+            raise ValueError("advance needs the GPU kernel and the step's device position")
         torch.argmax(b.logits, dim=0, keepdim=True, out=b.token)  # [1]
         b.ring_slot(position).copy_(b.token)

@@ -137,10 +137,11 @@ def ahead_for(step_ms: float | None) -> int:
     return DECODE_AHEAD_SHORT if step_ms is not None and step_ms < SHORT_STEP_MS else 1
 
 
-# Whether the executor takes a plain greedy request's tokens itself (Generator's executor_argmax), on a GPU. Built
-# in the 39th session after the device time and not measured yet (bench/NOTES.md): off until a bench run shows the
-# two processes' ~20 us a SmolLM2 token (an IPC-event wait each way) gone.
-EXECUTOR_ARGMAX_GPU = False
+# Whether the executor takes a plain greedy request's tokens itself (Generator's executor_argmax), on a GPU.
+# Measured (H200, 40th session, bench decode on dummy:smollm2-135m, three alternating rounds in one call;
+# bench/NOTES.md): two processes 2,364 / 2,365 / 2,361 -> 2,403 / 2,404 / 2,402 tokens/s (+1.7%), P50 0.42 ms
+# either way; the executor alone (which this does not touch) 2,368-2,506 across the same rounds.
+EXECUTOR_ARGMAX_GPU = True
 
 
 def default_executor_argmax(device: torch.device) -> bool:

@@ -78,6 +78,24 @@ def test_the_token_is_filed_in_the_ring_at_the_position_read_on_the_device(devic
                                                                                         device=device))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_advance_moves_the_device_position_on_after_filing(device: str) -> None:
+    """`advance` (the executor's decode_argmax graph): each call files at the position it reads, then leaves
+    position + 1 there, so consecutive calls fill consecutive slots with no write from the host between them; only
+    with a ring and position."""
+    argmax = Argmax(torch.device(device))
+    out = torch.zeros(1, dtype=torch.int64, device=device)
+    ring = torch.full((4,), -7, dtype=torch.int64, device=device)
+    position = torch.tensor([14], device=device)
+    g = torch.Generator().manual_seed(5)
+    for step in range(6):  # 14..19: past the ring's end and round it
+        x = torch.randn(5000, generator=g).to(device)
+        argmax(x, out, ring=ring, position=position, advance=True)
+        assert int(position) == 15 + step and int(ring[(14 + step) % 4]) == int(torch.argmax(x.cpu())), step
+    with pytest.raises(ValueError, match="advance"):
+        argmax(torch.zeros(4, device=device), out, advance=True)
+
+
 @pytest.mark.cuda
 def test_in_a_cuda_graph_and_through_the_sampler() -> None:
     from bench.probes.verify_plan import graphed

@@ -139,15 +139,17 @@ def test_the_executor_server_takes_the_flags_off_the_wire_and_files_the_token() 
 @pytest.mark.cuda
 def test_on_a_gpu_the_graph_runner_s_tokens_are_the_sampler_s() -> None:
     """GraphRunner.decode(argmax=True): the argmax kernel after the decode step (its position read from the graph's
-    buffer), captured graph or not: the same tokens as the JIT context's sampling, every ring slot as filed."""
-    from graph_executor.graphs import GraphRunner
+    buffer), eager, after the captured decode graph, or inside ARGMAX_GRAPH (which moves the position on itself: the
+    host fills it only for a step at another position, here each request's first after the other's last): the same
+    tokens as the JIT context's sampling, every ring slot as filed."""
+    from graph_executor.graphs import ARGMAX_GRAPH, GraphRunner
 
     model = tiny_runner(max_context=96, device="cuda").model
     params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
-    for capture in (False, True):
+    for capture in ((), ("decode",), ("decode", ARGMAX_GRAPH), (ARGMAX_GRAPH,)):
         graphs = GraphRunner(model)
-        if capture:
-            graphs.capture("decode")
+        for name in capture:
+            graphs.capture(name)
         reference = run(graphs, params, executor_argmax=False, ahead=2)
         port = RecordingPort(graphs)
         got = run(port, params, executor_argmax=True, ahead=2)
@@ -155,3 +157,5 @@ def test_on_a_gpu_the_graph_runner_s_tokens_are_the_sampler_s() -> None:
         n = len(PROMPT)
         for k in range(30 - TOKEN_RING, 30):
             assert int(graphs.buffers.token_ring[(n + k - 1) % TOKEN_RING]) == reference.token_ids[k], capture
+        again = run(graphs, params, executor_argmax=False, ahead=1)  # after the position moved on by the graph
+        assert again.token_ids == reference.token_ids, capture

@@ -261,13 +261,14 @@ def test_serve_on_gpu_streams_native_and_http(smollm2_tokenizer) -> None:
              "--max-context", "1024")
     with ServeProcess("--speculative", "ngram", model_flags=flags) as server:  # verify logits over CUDA IPC too
         with Client(server.address) as client:
-            # Captured before ready (issue 13): decode, the prefill and extend buckets up to 128 tokens and, since
-            # this server speculates, the 8 verify graphs, with their phases.
+            # Captured before ready (issue 13): decode and its argmax form, the prefill and extend buckets up to 128
+            # tokens and, since this server speculates, the 8 verify graphs, with their phases.
             executor = client.status()["executor"]
             startup = executor["startup"]["phases_s"]
-            assert {"decode", *(f"{kind}_{b}" for kind in ("prefill", "extend") for b in (16, 32, 64, 96, 128)),
+            assert {"decode", "decode_argmax", *(f"{kind}_{b}" for kind in ("prefill", "extend")
+                                                 for b in (16, 32, 64, 96, 128)),
                     *(f"verify_{n}" for n in range(2, 10))} <= set(executor["graphs"]["captured"]), executor["graphs"]
-            assert "kernel compile and warm-up" in startup and any(p.startswith("graph capture (19 graphs")
+            assert "kernel compile and warm-up" in startup and any(p.startswith("graph capture (20 graphs")
                                                                    and p.endswith("verify)") for p in startup), startup
             jit_phases = client.status()["startup"]["phases_s"]
             assert "warm-up request" in jit_phases  # the JIT context's, before ready

@@ -17,7 +17,8 @@ packed weights stored tile-major, `quant.tiles.tile_model`; 2: only its o_proj a
 loaded), dd (1: down_proj's split-K partials added by the next layer's qkv and o_proj GEMVs instead of a reduce
 kernel, `FusedDecoder(defer_down=True)`; 0: not), ablate (a timing ceiling, wrong logits: 1 leaves the attention's
 split combine out (no reduce kernel, no combine in the kernel), 2 leaves out the reduce kernels of every split-K
-GEMV (dense, FP8 and packed), 3 both: what folding those into the next kernel could save at most), and per dense
+GEMV (dense, FP8 and packed), 3 both: what folding those into the next kernel could save at most; 4 leaves out each
+layer's o_proj GEMV: what folding it into the attention kernel could save at most; bits add up), and per dense
 projection a gemv.py config for it, `qkv=`, `o=`, `gate_up=`, `down=`, `lm_head=` as rows x K-block x warps[x
 stages] (e.g. `qkv=8x1024x4`: `GemvConfig(8, 1024, 4)`; stages 3 unless given), or with an `s` first a split-K
 config (`down=s32x256x8`: `DenseSplitKConfig(32, 256, 8, reduce_kernel=True)`); it replaces the plan's config for
@@ -38,6 +39,7 @@ import torch
 
 from bench.floors import time_gpu
 from bench.probes.verify_plan import graphed
+from graph_executor import fused_decoder
 from graph_executor.fused_decoder import FusedDecoder
 from graph_executor.kernels import decode_attention, gemv_fp8, gemv_splitk
 from graph_executor.kernels.decode_attention import DecodeAttention
@@ -123,7 +125,10 @@ class _NoLaunch:
 @contextlib.contextmanager
 def ablated(mask: int):
     """`ablate=` (module doc): the kernels it leaves out launch nothing inside this block."""
-    saved = (decode_attention._reduce_kernel, gemv_fp8.launch_reduce, gemv_splitk.launch_reduce)
+    saved = (decode_attention._reduce_kernel, gemv_fp8.launch_reduce, gemv_splitk.launch_reduce,
+             fused_decoder.gemv_residual)
+    if mask & 4:  # the step's only gemv_residual call is o_proj's
+        fused_decoder.gemv_residual = lambda *args, **kwargs: None
     if mask & 1:
         decode_attention._reduce_kernel = _NoLaunch()
     if mask & 2:
@@ -131,7 +136,8 @@ def ablated(mask: int):
     try:
         yield
     finally:
-        decode_attention._reduce_kernel, gemv_fp8.launch_reduce, gemv_splitk.launch_reduce = saved
+        (decode_attention._reduce_kernel, gemv_fp8.launch_reduce, gemv_splitk.launch_reduce,
+         fused_decoder.gemv_residual) = saved
 
 
 def alternating_rounds(graphs: list[torch.cuda.CUDAGraph], outs: list[torch.Tensor], rounds: int,

@@ -25,7 +25,7 @@ BLOCK = 4096  # logits a program: 16 KB of float32, 32 a thread on 4 warps
 
 @triton.jit
 def _argmax_kernel(x_ptr, out_ptr, host_ptr, cell_ptr, count_ptr, ring_ptr, pos_ptr, V, EMPTY: tl.constexpr,
-                   BLOCK: tl.constexpr, HOST: tl.constexpr, RING: tl.constexpr):
+                   BLOCK: tl.constexpr, HOST: tl.constexpr, RING: tl.constexpr, ADVANCE: tl.constexpr = False):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = i < V
     x = tl.load(x_ptr + i, mask=ok, other=0.0)
@@ -43,7 +43,11 @@ def _argmax_kernel(x_ptr, out_ptr, host_ptr, cell_ptr, count_ptr, ring_ptr, pos_
         if HOST:  # the host's copy, through the bus: no copy operation after the kernel on the stream
             tl.store(host_ptr, index)
         if RING > 0:  # filed at the step's position: ring[position % RING]
-            tl.store(ring_ptr + tl.load(pos_ptr) % RING, index)
+            position = tl.load(pos_ptr)
+            tl.store(ring_ptr + position % RING, index)
+            if ADVANCE:  # the next decode's position, set here (no fill on the stream before it); only this
+                # program reads or writes it in this kernel, after every other program has passed its atomic
+                tl.store(pos_ptr, position + 1)
         tl.atomic_xchg(count_ptr, 0)
 
 
@@ -60,12 +64,14 @@ class Argmax:
         self.count = torch.zeros(1, dtype=torch.int32, device=self.device)
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor, host: torch.Tensor | None = None,
-                 ring: torch.Tensor | None = None, position: torch.Tensor | None = None) -> torch.Tensor:
+                 ring: torch.Tensor | None = None, position: torch.Tensor | None = None,
+                 advance: bool = False) -> torch.Tensor:
         """out [1] int64 = the index of x's largest value ([V] float32, contiguous; NaN counts as largest, ties go
         to the first index). `host`: a [1] int64 tensor in pinned host memory (a GPU's `Argmax`) that the kernel
         writes the index to as well, so that reading the token back needs no copy after it on the stream (an
         event recorded after the call orders the write before the host's read). `ring` [R] int64 and `position` [1]
-        int64, on the device: the index is also written to ring[position % R] (the position read on the device)."""
+        int64, on the device: the index is also written to ring[position % R] (the position read on the device);
+        `advance` (with them): then position += 1 on the device, the next decode step's position."""
         if x.dim() != 1 or x.dtype != torch.float32 or not x.is_contiguous() or x.numel() == 0 \
                 or x.device != self.device:
             raise ValueError(f"x: expected a non-empty contiguous [V] float32 tensor on {self.device}, got {x.dtype} "
@@ -84,11 +90,13 @@ class Argmax:
             raise ValueError(f"ring and position: expected a [R] and a [1] int64 tensor on {self.device} together, got "
                              f"{None if ring is None else (ring.dtype, tuple(ring.shape), str(ring.device))} and "
                              f"{None if position is None else (position.dtype, tuple(position.shape))}")
+        if advance and ring is None:
+            raise ValueError("advance: the position moves on only with a ring and position")
         if x.numel() >= 1 << 31:
             raise ValueError(f"x: {x.numel()} values do not fit the kernel's 32-bit index")
         _argmax_kernel[(triton.cdiv(x.numel(), BLOCK),)](x, out, host if host is not None else out, self.cell,
                                                           self.count, ring if ring is not None else out,
                                                           position if position is not None else out, x.numel(),
                                                           EMPTY=EMPTY, BLOCK=BLOCK, HOST=host is not None,
-                                                          RING=0 if ring is None else ring.numel())
+                                                          RING=0 if ring is None else ring.numel(), ADVANCE=advance)
         return out
