@@ -167,9 +167,10 @@ class Generator:
         discarded); AUTO: 2 while the token period (a moving average over the plain steps' token gaps, kept across
         requests) is under SHORT_STEP_MS, else 1 (`ahead_for`). None: `default_decode_ahead` of the device. The
         speculative loop's plain steps take it too.
-        `executor_argmax`: in the plain loop, a plain greedy request's tokens after the first are taken by the
-        executor after each decode (`Decode.argmax`) and copied out of the step buffers' token ring, so that on a
-        GPU no sampling of ours sits between two steps and the executor waits for nothing of ours (`own_input`).
+        `executor_argmax`: in the plain loop and the speculative loop's plain steps, a plain greedy request's tokens
+        after the first (and after each verify step) are taken by the executor after each decode (`Decode.argmax`)
+        and copied out of the step buffers' token ring, so that on a GPU no sampling of ours sits between two steps
+        and the executor waits for nothing of ours (`own_input`).
         None: `default_executor_argmax` of the device."""
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1 or None, got {prefill_chunk}")
@@ -203,6 +204,11 @@ class Generator:
     def ahead(self) -> int:
         """The decode steps to keep queued now (decode_ahead, or AUTO's choice from the token period)."""
         return ahead_for(self.step_ms) if self.decode_ahead == AUTO else self.decode_ahead
+
+    def takes_executor_argmax(self) -> bool:
+        """Whether the executor takes the started request's plain decode tokens (`executor_argmax`): a plain greedy
+        draw is the argmax of the raw logits, which the executor takes after each decode (Decode.argmax)."""
+        return self.executor_argmax and self.sampler.plain_greedy and not self.sampler.banning
 
     def read_token(self, follows: bool) -> int:
         """The oldest token in flight (TokenReader.pop); `follows`: it is the next of a run of plain decode steps,
@@ -271,8 +277,7 @@ class Generator:
             return
         reader = self.reader
         reader.reset()
-        # a plain greedy draw is the argmax of the raw logits: the executor takes it after each decode (Decode.argmax)
-        executor_argmax = self.executor_argmax and self.sampler.plain_greedy and not self.sampler.banning
+        executor_argmax = self.takes_executor_argmax()
         for k in itertools.count():
             self.port.wait_enqueued()  # the step's logits are ordered before our sampling
             if k == 0:

@@ -116,6 +116,8 @@ class SpeculativeLoop:
         # A greedy request without a penalty is accepted in the executor, right after its verify step (no GPU work
         # of ours between two verify steps: `Verify.accept`); any other here (`acceptance.accept`).
         self.accepting = self.sampler.plain_greedy
+        # and its plain decode steps' tokens are taken by the executor too (Generator.executor_argmax)
+        self.executor_argmax = gen.takes_executor_argmax()
         self.cuda = self.buffers.input_ids.device.type == "cuda"
         self._host = torch.zeros(MAX_SPECULATIVE_TOKENS + 2, dtype=torch.int64, pin_memory=self.cuda)
         self._done = torch.cuda.Event() if self.cuda else None
@@ -153,8 +155,8 @@ class SpeculativeLoop:
         proposals = self.proposer.propose(k) if k >= 1 and not self.drafting else []
         if proposals:  # the executor writes them to input_ids[position:position + k + 1]
             self.port.verify(position, len(proposals) + 1, tokens=[seq[-1], *proposals], accept=self.accepting)
-        else:
-            self.port.decode(position)  # consumes next_token, the last token
+        else:  # consumes next_token, the last token (written by a verify, a sampling or the prefill's first draw)
+            self.port.decode(position, argmax=self.executor_argmax)
         return len(proposals)
 
     def _continues(self, tokens: list[int]) -> bool:
@@ -233,19 +235,23 @@ class SpeculativeLoop:
         request ends or the proposer matches; then the steps in flight are drained (their tokens sampled and read,
         no further decode) and the caller verifies."""
         out, params, port, reader = self.out, self.out.params, self.port, self.reader
+        executor_argmax = self.executor_argmax
         drain = False
         follows = False  # the first token read here comes after a verify step or the first token: not a period
         while True:
             port.wait_enqueued()
-            token = self.sampler.sample(self.buffers.logits, out=self.buffers.token)  # [1]
-            self.sampler.observe(token)
-            reader.push(token)
+            if executor_argmax:  # the decode in flight consumed the last known-or-unread token and filed its own
+                reader.push(self.buffers.ring_slot(self.length + reader.in_flight - 1))
+            else:
+                token = self.sampler.sample(self.buffers.logits, out=self.buffers.token)  # [1]
+                self.sampler.observe(token)
+                reader.push(token)
             # the sampled token sits at index self.length + unread - 1 (the host has not read the `unread` last
             # ones); it is the last one if it fills max_tokens or the context
             unread = reader.in_flight
             last = self.produced + unread >= params.max_tokens or self.length + unread >= port.max_context
-            if not (last or drain):
-                port.decode(self.length + unread - 1)  # consumes the token just sampled
+            if not (last or drain):  # consumes the token just sampled (with executor_argmax: its own, filed)
+                port.decode(self.length + unread - 1, argmax=executor_argmax, own_input=executor_argmax)
             keep = 0 if last or drain else self.gen.ahead() - 1
             while reader.in_flight > keep:
                 value = self.gen.read_token(follows)

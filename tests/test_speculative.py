@@ -261,8 +261,10 @@ def test_fused_verify_step_equals_the_reference_step() -> None:
 
 
 def run(runner: ModelRunner, prompt: list[int], params: SamplingParams, spec: SpeculativeConfig | None = None,
-        eos: frozenset[int] = frozenset({2}), ahead: int | str | None = None) -> GenerationResult:
-    return list(Generator(runner, None, eos, speculation=spec, decode_ahead=ahead).generate(prompt, params))[-1]
+        eos: frozenset[int] = frozenset({2}), ahead: int | str | None = None,
+        executor_argmax: bool | None = None) -> GenerationResult:
+    return list(Generator(runner, None, eos, speculation=spec, decode_ahead=ahead, executor_argmax=executor_argmax)
+                .generate(prompt, params))[-1]
 
 
 REPETITIVE = [5, 6, 7, 8, 9, 10, 11, 5, 6, 7, 8, 9, 10, 11, 5, 6, 7]
@@ -281,14 +283,14 @@ def draft_port(runner: ModelRunner, seed: int):
 
 
 def spec_run(runner: ModelRunner, prompt: list[int], params: SamplingParams, method: str, k: int,
-             draft_seed: int = 3, eos: frozenset[int] = frozenset({2}), ahead: int | str | None = None
-             ) -> GenerationResult:
+             draft_seed: int = 3, eos: frozenset[int] = frozenset({2}), ahead: int | str | None = None,
+             executor_argmax: bool | None = None) -> GenerationResult:
     if method == "ngram":
-        return run(runner, prompt, params, SpeculativeConfig("ngram", k), eos, ahead)
+        return run(runner, prompt, params, SpeculativeConfig("ngram", k), eos, ahead, executor_argmax)
     config = with_draft_cost(SpeculativeConfig("draft", k, adaptive=False), 10, 1)  # always k: the CPU's costs
     # would rightly stop a draft costing a tenth of the model at small k
-    return list(Generator(draft_port(runner, draft_seed), None, eos, speculation=config, decode_ahead=ahead)
-                .generate(prompt, params))[-1]
+    return list(Generator(draft_port(runner, draft_seed), None, eos, speculation=config, decode_ahead=ahead,
+                          executor_argmax=executor_argmax).generate(prompt, params))[-1]
 
 
 @pytest.mark.parametrize("method", ["ngram", "draft"])
@@ -344,30 +346,55 @@ def test_stops_cut_inside_an_accepted_run_exactly_where_plain_decoding_cuts(meth
 
 
 @pytest.mark.parametrize("method", ["ngram", "draft"])
-@pytest.mark.parametrize("ahead", [2, 3, "auto"])
-def test_plain_steps_further_ahead_keep_the_tokens_stops_and_ends(method: str, ahead: int | str) -> None:
-    """Generator(decode_ahead=) in the speculative loop's plain steps (2 on a GPU): the same tokens as the plain
-    loop one step ahead, through verify steps, drains, stops at many offsets, max_tokens and the context's end."""
+@pytest.mark.parametrize("ahead, executor_argmax", [(2, False), (3, False), ("auto", False), (1, True), (2, True),
+                                                    (3, True)])
+def test_plain_steps_further_ahead_keep_the_tokens_stops_and_ends(method: str, ahead: int | str,
+                                                                  executor_argmax: bool) -> None:
+    """Generator(decode_ahead=) in the speculative loop's plain steps (2 on a GPU), with the executor taking their
+    tokens (`executor_argmax`, on a GPU) or not: the same tokens as the plain loop one step ahead, through verify
+    steps, drains, stops at many offsets, max_tokens and the context's end."""
     runner = tiny_runner(max_context=160)
     params = SamplingParams(max_tokens=80, temperature=0.0, ignore_eos=True)
-    base = run(runner, REPETITIVE, params, ahead=1)
-    res = spec_run(runner, REPETITIVE, params, method, 3, ahead=ahead)
+    base = run(runner, REPETITIVE, params, ahead=1, executor_argmax=False)
+    flags = dict(ahead=ahead, executor_argmax=executor_argmax)
+    res = spec_run(runner, REPETITIVE, params, method, 3, **flags)
     assert res.token_ids == base.token_ids and res.speculation["num_accepted_tokens"] > 10
     for stop in sorted(set(base.token_ids[5:40]))[::3]:
         cut = base.token_ids.index(stop) + 1
         res = spec_run(runner, REPETITIVE, SamplingParams(max_tokens=60, temperature=0.0), method, 6,
-                       eos=frozenset({stop}), ahead=ahead)
+                       eos=frozenset({stop}), **flags)
         assert res.token_ids == base.token_ids[:cut] and res.finish_reason == "stop", stop
     for max_tokens in range(1, 30, 4):
         port = RecordingPort(runner)
         res = spec_run(port if method == "ngram" else runner, REPETITIVE,
-                       SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True), method, 6, ahead=ahead)
+                       SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True), method, 6, **flags)
         assert res.token_ids == base.token_ids[:max_tokens] and res.finish_reason == "length"
         # no decode consumes the last token (its position would be len(REPETITIVE) + max_tokens - 1)
         assert max((p for p, _, _ in port.sent), default=0) <= len(REPETITIVE) + max_tokens - 2
+        # every decode is an argmax one exactly when the executor takes the tokens; own_input only right after one
+        assert all(argmax == executor_argmax for _, argmax, _ in port.sent)
+        for (p0, a0, _), (p1, _, own) in zip(port.sent, port.sent[1:]):
+            assert not own or (a0 and p1 == p0 + 1), port.sent
+        assert not port.sent or not port.sent[0][2]
     short = tiny_runner(max_context=41)
-    res = spec_run(short, REPETITIVE, params, method, 8, ahead=ahead)
-    assert res.token_ids == run(short, REPETITIVE, params, ahead=1).token_ids and len(res.token_ids) == 41 - 17
+    res = spec_run(short, REPETITIVE, params, method, 8, **flags)
+    assert res.token_ids == run(short, REPETITIVE, params, ahead=1, executor_argmax=False).token_ids \
+        and len(res.token_ids) == 41 - 17
+
+
+def test_speculation_s_plain_steps_take_the_executor_s_tokens_only_for_plain_greedy_requests() -> None:
+    """With executor_argmax, a plain greedy request's plain steps are argmax decodes (own_input after the first of
+    each run); a sampled or penalized one's are not, and still give their seeded/penalized tokens."""
+    runner = tiny_runner(max_context=160)
+    for params, argmax in ((SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True), True),
+                           (SamplingParams(max_tokens=40, temperature=0.7, seed=5, ignore_eos=True), False),
+                           (SamplingParams(max_tokens=40, temperature=0.0, repetition_penalty=1.3, ignore_eos=True),
+                            False)):
+        port = RecordingPort(runner)
+        res = run(port, REPETITIVE, params, SpeculativeConfig("ngram", 3), ahead=2, executor_argmax=True)
+        want = run(runner, REPETITIVE, params, SpeculativeConfig("ngram", 3), ahead=2, executor_argmax=False)
+        assert res.token_ids == want.token_ids and port.sent, params
+        assert all(a == argmax for _, a, _ in port.sent) and any(own for _, _, own in port.sent) == argmax, params
 
 
 @pytest.mark.parametrize("method", ["ngram", "draft"])
