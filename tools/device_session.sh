@@ -549,15 +549,16 @@ for step in "${steps[@]}"; do
           timeout 420 python3 -m launch.cli bench --quiet --engines hybridrt,hybridrt-executor --workloads ttft,decode,floors \
             --prompt-lens 10,25,50,100,200,300,400,500 --out "$OUT/run" > "$OUT/bench.log" 2>&1
           echo "bench: rc=$?"; rm -rf "$OUT/run/logs" ;;
-    execargmax) # issue 12 target 2: the executor's greedy token (Decode.argmax, off: EXECUTOR_ARGMAX_GPU) on the
-                # card: its tests, then the bench's decode on dummy:smollm2-135m with it off and on (a copy of the
-                # tree with the constant flipped), three alternating rounds, two processes and the executor (~5 min)
+    execargmax) # issue 12 target 2: the executor's greedy token (Decode.argmax, EXECUTOR_ARGMAX_GPU, on since the
+                # 40th session) on the card: its tests, then the bench's decode on dummy:smollm2-135m with it off (a
+                # copy of the tree with the constant flipped) and on, three alternating rounds, two processes and the
+                # executor (~5 min)
           timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_argmax.py tests/test_executor_argmax.py \
             tests/test_decode_ahead.py tests/test_gpu_path.py > "$OUT/execargmax_tests.log" 2>&1
           echo "executor argmax tests: rc=$? $(tail -1 "$OUT/execargmax_tests.log")"
-          rm -rf /tmp/on && mkdir /tmp/on && cp -r graph_executor jit_context ipc launch bench hybridrt /tmp/on/
-          sed -i 's/^EXECUTOR_ARGMAX_GPU = False/EXECUTOR_ARGMAX_GPU = True/' /tmp/on/jit_context/generator.py
-          for i in 1 2 3; do for t in off on; do d=$PWD; [ $t = on ] && d=/tmp/on
+          rm -rf /tmp/off && mkdir /tmp/off && cp -r graph_executor jit_context ipc launch bench hybridrt /tmp/off/
+          sed -i 's/^EXECUTOR_ARGMAX_GPU = True/EXECUTOR_ARGMAX_GPU = False/' /tmp/off/jit_context/generator.py
+          for i in 1 2 3; do for t in off on; do d=$PWD; [ $t = off ] && d=/tmp/off
             (cd "$d" && PYTHONPATH=/tmp/site:$d timeout 100 python3 -m launch.cli bench --quiet --model dummy:smollm2-135m \
               --engines hybridrt,hybridrt-executor --workloads decode --max-context 512 --out "$OUT/ea_${t}_$i" \
               > "$OUT/ea_${t}_$i.log" 2>&1)
