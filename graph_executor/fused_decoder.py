@@ -17,6 +17,7 @@ from graph_executor.kernels import pdl as pdl_launch
 from graph_executor.kernels.decode_attention import DecodeAttention
 from graph_executor.kernels.decode_plan import DEFER_DOWN_MAX_FLOATS, options_for, plan_for
 from graph_executor.kernels.gemv import GemvConfig, GemvPlan
+from graph_executor.kernels.gemv_combine import combine_gemv_residual
 from graph_executor.kernels.gemv_fp8 import Fp8Config, Fp8Plan
 from graph_executor.kernels.gemv_splitk import SplitKConfig, SplitKPlan, SplitKScratch
 from graph_executor.kernels.l2_prefetch import L2Prefetch
@@ -90,7 +91,8 @@ class FusedDecoder:
                  fp8: Fp8Plan | GemvPlan = FP8_PLAN, pdl: bool | None = None, fuse_rope: bool | None = None,
                  early_weights: bool | None = None, l2_prefetch_mb: int | None = None,
                  split_combine: bool | None = None, tail_prefetch_mb: int | None = None,
-                 v_early: bool | None = None, defer_down: bool | None = None) -> None:
+                 v_early: bool | None = None, defer_down: bool | None = None,
+                 combine_o: bool | None = None) -> None:
         """`fp8`: per projection an Fp8Config runs FP8 slots through the split-K kernels, a GemvConfig through the
         fp16 kernels (FP8_GEMV_PLAN: all of them, the old path). `plan`: the dense weights' configs (None:
         `decode_plan.plan_for` the model's hidden size). `pdl`: launch the dense GEMVs, RoPE and attention
@@ -113,7 +115,11 @@ class FusedDecoder:
         bits); only where every down_proj is on the dense split-K kernels with a reduce kernel, the qkv, o and
         lm_head slots on gemv.py's kernels, and not on a tensor-parallel rank (its all-reduce needs x settled);
         None: the options' where it applies and a qkv program's share of the partials is at most
-        `decode_plan.DEFER_DOWN_MAX_FLOATS`. True where it does not apply: ValueError."""
+        `decode_plan.DEFER_DOWN_MAX_FLOATS`. True where it does not apply: ValueError. `combine_o`: the attention
+        stores its split partials only and o_proj's programs combine them in their prologue
+        (kernels/gemv_combine.py: no split combine in the attention kernel and no reduce kernel); only where every
+        o_proj is on gemv.py's kernels without a tail prefetch and on one rank; None: the options' where it applies.
+        True where it does not apply: ValueError."""
         cfg = model.config
         device = model.embed_tokens.device
         plan = plan_for(cfg.hidden_size) if plan is None else plan
@@ -180,6 +186,12 @@ class FusedDecoder:
                 if deferrable and model.layers else DEFER_DOWN_MAX_FLOATS + 1
             defer_down = options.defer_down and share <= DEFER_DOWN_MAX_FLOATS
         self.defer_down = deferrable and defer_down
+        combinable = model.tp is None and all(on_gemv_kernels(layer.o_proj, self.plan["o"]) and tail["o"] is None
+                                              for layer, tail in zip(model.layers, self.tail))
+        if combine_o and not combinable:
+            raise ValueError("combine_o needs every o_proj on gemv.py's kernels (dense weights on a GemvConfig), no "
+                             "tail prefetch on it, and one rank")
+        self.combine_o = combinable and (options.combine_o if combine_o is None else combine_o)
 
     @torch.inference_mode()
     def step(self, token: torch.Tensor, position: torch.Tensor, logits: torch.Tensor,
@@ -199,15 +211,18 @@ class FusedDecoder:
                          scratch=sc, prefetch=tail["qkv"], pending=pending)
             if self.fuse_rope:
                 self.attention(self.qkv, cache[0], cache[1], position, self.attn, slots=slot, slot_stride=stride,
-                               rope=m.rope, prefetch=self.prefetch[index])
+                               rope=m.rope, prefetch=self.prefetch[index], partials_only=self.combine_o)
             else:
                 rope_append(self.qkv, position, m.rope, self.q, cache[0], cache[1], cfg.num_heads,
                             cfg.num_kv_heads, cfg.head_dim, pdl=self.pdl, slots=slot, slot_stride=stride)
                 self.attention(self.q, cache[0], cache[1], position, self.attn, slots=slot, slot_stride=stride,
-                               prefetch=self.prefetch[index])
+                               prefetch=self.prefetch[index], partials_only=self.combine_o)
             c.before_residual(x)
-            gemv_residual(layer.o_proj, self.attn.view(-1), x, cfg=g["o"], scratch=sc, prefetch=tail["o"],
-                          pending=pending)
+            if self.combine_o:  # o_proj combines the attention's split partials itself (self.attn is not written)
+                combine_gemv_residual(layer.o_proj, self.attention, position, x, g["o"].dense, pending=pending)
+            else:
+                gemv_residual(layer.o_proj, self.attn.view(-1), x, cfg=g["o"], scratch=sc, prefetch=tail["o"],
+                              pending=pending)
             pending = None  # o_proj stored x settled
             c.after_residual(x)
             rmsnorm_gemv(layer.gate_up_proj, x, layer.mlp_norm, eps, self.gate_up, cfg=g["gate_up"], scratch=sc,

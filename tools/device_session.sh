@@ -564,7 +564,16 @@ for step in "${steps[@]}"; do
               > "$OUT/ea_${t}_$i.log" 2>&1)
             echo "$t $i: $(grep -E '^\| hybridrt' "$OUT/ea_${t}_$i.log" | head -2 | cut -d'|' -f2,3,5,7 | tr '\n' ' ')"
           done; done ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200, rope, buckets, execargmax)"
+    combineo) # issue 12 target 2: o_proj combining the attention's split partials (FusedDecoder(combine_o=), off):
+              # its tests (CPU cases and the SmolLM2-shaped float16 step in a graph), then the SmolLM2 and 1B steps
+              # against the shipped step and the two ceilings, per combining o_proj config (~3 min)
+          timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gemv_combine.py > "$OUT/combineo_tests.log" 2>&1
+          echo "combine_o tests: rc=$? $(tail -1 "$OUT/combineo_tests.log")"; grep -E "^FAILED|Error" "$OUT/combineo_tests.log" | head -5
+          timeout 240 python3 -m bench.probes.step_variants --models smollm2-135m,llama-3.2-1b --contexts 300,2000 \
+            --rounds 5 --variants "fused=1;ablate=1;ablate=4;co=1;co=1,o=4x1024x4;co=1,o=8x1024x4;co=1,o=16x1024x8;co=1,o=32x1024x8;fused=1" \
+            > "$OUT/combineo_steps.md" 2>&1
+          echo "combine_o steps: rc=$?"; cat "$OUT/combineo_steps.md" ;;
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200, rope, buckets, execargmax, combineo)"
        exit 2 ;;
   esac
 done

@@ -15,14 +15,16 @@ partials added by a second kernel, `DenseSplitKConfig.reduce_kernel`; 0: by the 
 attention's V loads issued with its K loads, `DecodeAttention(v_early=True)`), tile (1: a copy of the model with its
 packed weights stored tile-major, `quant.tiles.tile_model`; 2: only its o_proj and down_proj; 0: row-major as
 loaded), dd (1: down_proj's split-K partials added by the next layer's qkv and o_proj GEMVs instead of a reduce
-kernel, `FusedDecoder(defer_down=True)`; 0: not), ablate (a timing ceiling, wrong logits: 1 leaves the attention's
+kernel, `FusedDecoder(defer_down=True)`; 0: not), co (1: the attention stores its split partials only and o_proj's
+programs combine them, `FusedDecoder(combine_o=True)`, kernels/gemv_combine.py; with `o=` the combining o_proj's
+rows and warps, its K-block unused), ablate (a timing ceiling, wrong logits: 1 leaves the attention's
 split combine out (no reduce kernel, no combine in the kernel), 2 leaves out the reduce kernels of every split-K
 GEMV (dense, FP8 and packed), 3 both: what folding those into the next kernel could save at most; 4 leaves out each
 layer's o_proj GEMV: what folding it into the attention kernel could save at most; bits add up), and per dense
 projection a gemv.py config for it, `qkv=`, `o=`, `gate_up=`, `down=`, `lm_head=` as rows x K-block x warps[x
 stages] (e.g. `qkv=8x1024x4`: `GemvConfig(8, 1024, 4)`; stages 3 unless given), or with an `s` first a split-K
 config (`down=s32x256x8`: `DenseSplitKConfig(32, 256, 8, reduce_kernel=True)`); it replaces the plan's config for
-that slot. split, warps, rope, pf, tpf, early, rk, ve, dd and the projections left out:
+that slot. split, warps, rope, pf, tpf, early, rk, ve, dd, co and the projections left out:
 the decoder's defaults (`decode_plan.plan_for` and `options_for` the model). Prints the median of each variant's
 per-round medians and its ratio to the first.
 """
@@ -55,7 +57,7 @@ DEFAULT_VARIANTS = ("split=64,warps=4,fused=0;split=64,warps=2,fused=1;split=64,
                     "split=32,warps=1,fused=1;split=32,warps=2,fused=1;split=64,warps=4,fused=0")
 
 
-FLAGS = ("split", "warps", "fused", "rope", "early", "earlyo", "pf", "tpf", "rk", "ve", "tile", "ablate", "dd")
+FLAGS = ("split", "warps", "fused", "rope", "early", "earlyo", "pf", "tpf", "rk", "ve", "tile", "ablate", "dd", "co")
 PROJECTIONS = ("qkv", "o", "gate_up", "down", "lm_head")  # keys whose value is a gemv.py config
 
 
@@ -104,7 +106,7 @@ def build(model, variant: dict[str, int | GemvConfig | DenseSplitKConfig]) -> Fu
                                             if isinstance(c := getattr(plan, f.name), DenseSplitKConfig)})
     decoder = FusedDecoder(model, plan=plan, fuse_rope=flag("rope"), early_weights=flag("early"),
                            l2_prefetch_mb=variant.get("pf"), tail_prefetch_mb=variant.get("tpf"),
-                           defer_down=flag("dd"))
+                           defer_down=flag("dd"), combine_o=flag("co"))
     cfg = model.config
     decoder.attention = DecodeAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, model.max_context,
                                         model.embed_tokens.device, cfg.sliding_window, variant.get("split"),

@@ -96,6 +96,11 @@ class StepOptions:
     # session, step_variants, 7 alternating rounds, context 300 / 2000): SmolLM2-135M (6 x 576 floats) 0.511 / 0.506
     # -> 0.484 / 0.482 ms and 0.553 / 0.550 -> 0.529 / 0.529 (-5% / -4%); LLaMA-2-7B (11 x 4096) +4.2% / +3.6%.
     defer_down: bool = False
+    # the attention stores its split partials only and o_proj's programs combine them in their prologue
+    # (FusedDecoder(combine_o=), kernels/gemv_combine.py): no split combine or reduce kernel between the attention
+    # and o_proj. Ceiling measured (H200, 40th session, SmolLM2-135M, step_variants ablate=1): -11% / -16% at
+    # context 300 / 2000; the fusion itself not measured yet: off everywhere
+    combine_o: bool = False
 
 
 # A qkv program's share of a deferred down_proj's partials (splits x hidden size, float32) up to which `defer_down`

@@ -1,0 +1,106 @@
+"""o_proj fed straight by the decode attention's split partials: the splits' combine in the GEMV's prologue.
+
+In the batch-1 decode step the attention runs as flash-decoding splits (kernels/decode_attention.py); their partials
+(acc, m, l per head and split) are combined into the attention output either by a reduce kernel or by the last split
+program of each head (an atomic, then the combine), and o_proj (gemv.py's `gemv_residual`) reads that output. On a
+small model both boundaries are whole kernel boundaries in a latency-bound step: on an H200 the SmolLM2-135M step
+without its split combine took 0.89x / 0.84x the time at context 300 / 2000, without its o_proj 0.88x / 0.87x
+(`bench.probes.step_variants` ablate=1 / 4, fortieth session, bench/NOTES.md).
+
+Here each o_proj program combines every head's partials itself (the attention kernel stores them only,
+`DecodeAttention(..., partials_only=True)`), rounds the combined vector to the activations' dtype as the attention
+kernel would have stored it, and multiplies its rows: x[rows] += W_o[rows] @ attn. Every program repeats the whole
+combine (heads x active splits x head_dim floats from L2: ~11 KB at SmolLM2's context 300, ~74 KB at 2000), so the
+kernel wants a few programs of many rows (the plan's o config's block_n and warps). The weights are one
+[BLOCK_N, heads, head_dim] tile (heads padded to a power of two), loaded before the PDL wait when `early`.
+
+The combine's arithmetic is `decode_attention._combine`'s (maxima over the position's splits, weights exp(m - max)
+where l > 0, SB splits a loop step), summed in another layout: the same values up to float32 rounding order.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from graph_executor.kernels.decode_attention import DecodeAttention
+from graph_executor.kernels.gemv import GemvConfig, PendingResidual, _settled
+from graph_executor.kernels.pdl import launch_options, wait_for_prior
+
+COMBINE_SB = 8  # splits combined a loop step: a [heads, SB, head_dim] float32 tile (SmolLM2: 16 x 8 x 64)
+
+
+@triton.jit
+def _combine_gemv_residual_kernel(w_ptr, acc_ptr, m_ptr, l_ptr, pos_ptr, x_ptr, p_ptr, N, window,
+                                  NUM_HEADS: tl.constexpr, HEADS_P: tl.constexpr, HEAD_DIM: tl.constexpr,
+                                  NUM_SPLITS: tl.constexpr, SPLIT: tl.constexpr, SB: tl.constexpr,
+                                  BLOCK_N: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr,
+                                  PENDING: tl.constexpr):
+    K: tl.constexpr = NUM_HEADS * HEAD_DIM
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    h = tl.arange(0, HEADS_P)
+    h_ok = h < NUM_HEADS
+    d = tl.arange(0, HEAD_DIM)
+    w_ptrs = w_ptr + rows[:, None, None] * K + h[None, :, None] * HEAD_DIM + d[None, None, :]
+    w_mask = row_ok[:, None, None] & h_ok[None, :, None]
+    if EARLY:  # constant during a step: loaded before the wait (pdl.with_early_weights)
+        w = tl.load(w_ptrs, mask=w_mask, other=0.0)  # [BLOCK_N, HEADS_P, HEAD_DIM]
+        wait_for_prior(PDL)
+    else:
+        wait_for_prior(PDL)
+        w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+    # the splits holding the keys [start, pos] are the ones the attention wrote (decode_attention._reduce_kernel)
+    pos = tl.load(pos_ptr)
+    s_lo = tl.maximum(pos + 1 - window, 0) // SPLIT
+    s_hi = pos // SPLIT + 1
+    s_all = tl.arange(0, NUM_SPLITS)
+    live = h_ok[:, None] & ((s_all >= s_lo) & (s_all < s_hi))[None, :]
+    m_all = tl.load(m_ptr + h[:, None] * NUM_SPLITS + s_all[None, :], mask=live, other=-float("inf"),
+                    cache_modifier=".cg")  # [HEADS_P, NUM_SPLITS]: written by the kernel before this one
+    m_max = tl.where(h_ok, tl.max(m_all, axis=1), 0.0)  # [HEADS_P] (0 for padding heads: no inf - inf)
+    total = tl.zeros([HEADS_P, HEAD_DIM], dtype=tl.float32)
+    weight = tl.zeros([HEADS_P, SB], dtype=tl.float32)
+    for s0 in range(s_lo, s_hi, SB):
+        s = s0 + tl.arange(0, SB)
+        ok = h_ok[:, None] & (s < s_hi)[None, :]  # [HEADS_P, SB]
+        part = h[:, None] * NUM_SPLITS + s[None, :]
+        mb = tl.load(m_ptr + part, mask=ok, other=-float("inf"), cache_modifier=".cg")
+        lb = tl.load(l_ptr + part, mask=ok, other=0.0, cache_modifier=".cg")
+        acc = tl.load(acc_ptr + part[:, :, None] * HEAD_DIM + d[None, None, :], mask=ok[:, :, None], other=0.0,
+                      cache_modifier=".cg")  # [HEADS_P, SB, HEAD_DIM]
+        ws = tl.where(lb > 0, tl.exp(mb - m_max[:, None]), 0.0)
+        total += tl.sum(acc * ws[:, :, None], axis=1)
+        weight += lb * ws
+    denom = tl.where(h_ok, tl.sum(weight, axis=1), 1.0)
+    # rounded as the attention kernel stores its output (the activations' dtype, x's)
+    attn = (total / denom[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)  # [HEADS_P, HEAD_DIM]
+    out = tl.sum(tl.sum(w.to(tl.float32) * attn[None, :, :], axis=2), axis=1)  # [BLOCK_N]
+    residual = tl.load(x_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    if PENDING > 0:  # this program's rows only, as in gemv._gemv_residual_kernel
+        residual = _settled(residual, x_ptr, p_ptr, rows, row_ok, N, PENDING)
+    tl.store(x_ptr + rows, (residual + out).to(x_ptr.dtype.element_ty), mask=row_ok)
+
+
+def combine_gemv_residual(w: torch.Tensor, attention: DecodeAttention, position: torch.Tensor, x: torch.Tensor,
+                          cfg: GemvConfig, pending: PendingResidual | None = None) -> torch.Tensor:
+    """x [N] += w [N, heads * hd] @ (the attention's output at `position` [1] int64, combined here from the split
+    partials that its last `partials_only` call stored), in place; `cfg`'s block_n, num_warps, pdl and early apply
+    (its block_k does not: K is one tile). `pending`: x is unsettled; the call settles it (as gemv_residual)."""
+    n, k = w.shape
+    heads, hd = attention.num_heads, attention.head_dim
+    if k != heads * hd or x.shape != (n,) or w.dtype != x.dtype or position.shape != (1,) \
+            or attention.max_tokens != 1 or attention.batched:
+        raise ValueError(f"combine_gemv_residual: w [N, {heads} x {hd}] and x [N] of one dtype, one decode position, "
+                         f"a one-token attention; got w {w.dtype} {tuple(w.shape)}, x {x.dtype} {tuple(x.shape)}, "
+                         f"position {tuple(position.shape)}")
+    p, splits = (x, 0) if pending is None else (pending.partial, pending.splits)
+    if pending is not None:
+        pending.check(x)
+    _combine_gemv_residual_kernel[(triton.cdiv(n, cfg.block_n),)](
+        w, attention.acc, attention.m, attention.l, position, x, p, n, attention.window,
+        NUM_HEADS=heads, HEADS_P=triton.next_power_of_2(heads), HEAD_DIM=hd, NUM_SPLITS=attention.num_splits,
+        SPLIT=attention.split, SB=COMBINE_SB, BLOCK_N=cfg.block_n, PDL=cfg.pdl, EARLY=cfg.early, PENDING=splits,
+        num_warps=cfg.num_warps, **launch_options(cfg.pdl))
+    return x
