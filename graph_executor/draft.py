@@ -53,7 +53,7 @@ class DraftProposer:
         if device.type == "cuda" and graphs:
             from graph_executor.graphs import GraphRunner  # needs Triton: GPU path only
 
-            self.graphs = GraphRunner(model, buffers, accepts=False)
+            self.graphs = GraphRunner(model, buffers, accepts=False, argmax_graph=False)  # its decodes sample nothing
         self.runner = self.graphs if self.graphs is not None else ModelRunner(model, buffers)
 
     @torch.inference_mode()

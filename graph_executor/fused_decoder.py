@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import torch
 
-from graph_executor.kernels import gemv_dense_splitk, l2_prefetch
+from graph_executor.kernels import gemv_combine, gemv_dense_splitk, l2_prefetch
 from graph_executor.kernels import pdl as pdl_launch
 from graph_executor.kernels.decode_attention import DecodeAttention
 from graph_executor.kernels.decode_plan import DEFER_DOWN_MAX_FLOATS, options_for, plan_for
 from graph_executor.kernels.gemv import GemvConfig, GemvPlan
-from graph_executor.kernels.gemv_combine import combine_gemv_residual
 from graph_executor.kernels.gemv_fp8 import Fp8Config, Fp8Plan
 from graph_executor.kernels.gemv_splitk import SplitKConfig, SplitKPlan, SplitKScratch
 from graph_executor.kernels.l2_prefetch import L2Prefetch
@@ -186,11 +185,13 @@ class FusedDecoder:
                 if deferrable and model.layers else DEFER_DOWN_MAX_FLOATS + 1
             defer_down = options.defer_down and share <= DEFER_DOWN_MAX_FLOATS
         self.defer_down = deferrable and defer_down
-        combinable = model.tp is None and all(on_gemv_kernels(layer.o_proj, self.plan["o"]) and tail["o"] is None
-                                              for layer, tail in zip(model.layers, self.tail))
+        combinable = model.tp is None and gemv_combine.fits(self.attention) and all(
+            on_gemv_kernels(layer.o_proj, self.plan["o"]) and tail["o"] is None
+            for layer, tail in zip(model.layers, self.tail))
         if combine_o and not combinable:
             raise ValueError("combine_o needs every o_proj on gemv.py's kernels (dense weights on a GemvConfig), no "
-                             "tail prefetch on it, and one rank")
+                             "tail prefetch on it, one rank, and heads and splits that fit one program "
+                             "(gemv_combine.fits)")
         self.combine_o = combinable and (options.combine_o if combine_o is None else combine_o)
 
     @torch.inference_mode()
@@ -219,7 +220,8 @@ class FusedDecoder:
                                prefetch=self.prefetch[index], partials_only=self.combine_o)
             c.before_residual(x)
             if self.combine_o:  # o_proj combines the attention's split partials itself (self.attn is not written)
-                combine_gemv_residual(layer.o_proj, self.attention, position, x, g["o"].dense, pending=pending)
+                gemv_combine.combine_gemv_residual(layer.o_proj, self.attention, position, x, g["o"].dense,
+                                                   pending=pending)
             else:
                 gemv_residual(layer.o_proj, self.attn.view(-1), x, cfg=g["o"], scratch=sc, prefetch=tail["o"],
                               pending=pending)

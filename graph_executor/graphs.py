@@ -126,11 +126,13 @@ class GraphRunner:
 
     `decoder`: the fused decode step to capture (default: `FusedDecoder(model)`; the GEMV probe passes its own
     block plan). `accepts`: the verify graphs end with the greedy acceptance (`Verify.accept`; a draft model's
-    runner has no use for it). `measured_buckets`: see `pick_bucket` (False: always the smallest bucket)."""
+    runner has no use for it). `measured_buckets`: see `pick_bucket` (False: always the smallest bucket).
+    `argmax_graph`: capture ARGMAX_GRAPH (Decode.argmax's decode; a draft model's runner, whose decodes nobody takes a
+    token from, and a tensor-parallel rank do without)."""
 
     def __init__(self, model: LlamaModel, buffers: StepBuffers | None = None,
                  buckets: tuple[int, ...] = DEFAULT_BUCKETS, decoder: FusedDecoder | None = None,
-                 accepts: bool = True, measured_buckets: bool = True) -> None:
+                 accepts: bool = True, measured_buckets: bool = True, argmax_graph: bool = True) -> None:
         self.model = model
         # Prompts take the cheapest captured bucket by measured replay time (`pick_bucket`). Off for tensor-parallel
         # ranks: each would measure its own, and every rank must replay the same graph (its collectives).
@@ -159,7 +161,7 @@ class GraphRunner:
         self.greedy = GreedyToken(self.buffers)  # Decode.argmax: the kernel after the decode graph, same stream
         # Decode.argmax's own graph (ARGMAX_GRAPH: the decode step, then the argmax kernel, which also moves the
         # position on by one), one rank only (a tensor-parallel rank's logits are gathered on rank 0 alone)
-        self.argmax_graphs = (ARGMAX_GRAPH,) if model.tp is None else ()
+        self.argmax_graphs = (ARGMAX_GRAPH,) if argmax_graph and model.tp is None else ()
         # what static.position holds once the steps queued so far have run (None: unknown, e.g. after a capture's
         # warm-ups): a decode at that position needs no fill before its replay
         self._position_after: int | None = None
@@ -537,6 +539,9 @@ class GraphRunner:
         step = step or name
         body = self._body(step)
         self._position_after = None  # the warm-ups move the decode position (_aim_at_scratch_row, ARGMAX_GRAPH)
+        # ARGMAX_GRAPH's warm-up and upload runs also write next_token and a token_ring slot: harmless because the
+        # server captures only while no request is between its Prefill and its Reset (server.capture_when_idle), and
+        # a request's first token after its prefill is always the JIT context's draw
         start = time.perf_counter()
         reserved = torch.cuda.memory_reserved()
         self._aim_at_scratch_row()

@@ -159,3 +159,12 @@ def test_on_a_gpu_the_graph_runner_s_tokens_are_the_sampler_s() -> None:
             assert int(graphs.buffers.token_ring[(n + k - 1) % TOKEN_RING]) == reference.token_ids[k], capture
         again = run(graphs, params, executor_argmax=False, ahead=1)  # after the position moved on by the graph
         assert again.token_ids == reference.token_ids, capture
+        # a capture after decoding: its warm-up and upload runs start at the cache's last row (the argmax graph's
+        # advance leaves the buffer one past it, read by nothing), and the host's tracking of the position is reset
+        tracked = graphs._position_after
+        graphs.capture("extend_16" if ARGMAX_GRAPH in capture else ARGMAX_GRAPH)
+        torch.cuda.synchronize()
+        assert int(graphs.static.position) == 96 - 1 + (ARGMAX_GRAPH not in capture), capture
+        graphs.decode(tracked)
+        torch.cuda.synchronize()
+        assert int(graphs.static.position) == tracked, capture

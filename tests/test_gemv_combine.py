@@ -45,7 +45,7 @@ CASES = [  # dtype, heads, kv_heads, hd, N, positions (each run), split, window,
     (torch.float16, 9, 3, 64, 100, (0, 64, 700), 64, None, 16),  # SmolLM2's heads; > COMBINE_SB splits at 700
     (torch.float32, 9, 3, 64, 100, (63, 700), 64, None, 16),
     (torch.float32, 4, 4, 32, 48, (1, 129), 16, None, 8),  # MHA, small splits: 9 splits at 129
-    (torch.float16, 8, 2, 16, 70, (90, 200), 16, 50, 32),  # a sliding window: the first live split is past 0
+    (torch.float16, 8, 2, 16, 70, (90, 400), 16, 200, 32),  # a sliding window: 14 live splits from split 12
 ]
 
 
@@ -66,7 +66,11 @@ def test_the_combine_in_o_proj_equals_the_attention_s_combine_then_o_proj(dtype,
         # the attention's own combine, then gemv.py's o_proj
         out = torch.full((heads, hd), float("nan"), device=DEVICE, dtype=dtype)
         attention(q, k, v, position, out)
-        # the partials only, combined by o_proj (each call's partials overwrite the last's where live)
+        # the partials only, combined by o_proj; every split poisoned first (a huge maximum, NaN sums), so that
+        # reading one the attention did not write now (outside the position's live range) shows
+        attention.m.fill_(1e30)
+        attention.l.fill_(1.0)
+        attention.acc.fill_(float("nan"))
         untouched = torch.full((heads, hd), float("nan"), device=DEVICE, dtype=dtype)
         attention(q, k, v, position, untouched, partials_only=True)
         assert torch.isnan(untouched).all()  # out is not written
@@ -95,6 +99,10 @@ def test_bad_calls_are_refused() -> None:
     with pytest.raises(ValueError, match="combine_gemv_residual"):
         combine_gemv_residual(w, DecodeAttention(4, 4, 16, 64, DEVICE, max_tokens=3), position,
                               torch.zeros(8, device=DEVICE), GemvConfig())
+    wide = DecodeAttention(32, 8, 64, 64, DEVICE)  # 32 heads x 64: wider than one program holds (MAX_WIDTH)
+    with pytest.raises(ValueError, match="fits"):
+        combine_gemv_residual(torch.zeros(8, 2048, device=DEVICE), wide, position, torch.zeros(8, device=DEVICE),
+                              GemvConfig())
     with pytest.raises(ValueError, match="partials_only"):
         DecodeAttention(4, 4, 16, 64, DEVICE, max_tokens=3)(
             torch.zeros(3, 4, 16, device=DEVICE), torch.zeros(4, 64, 16, device=DEVICE),

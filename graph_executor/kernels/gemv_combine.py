@@ -29,6 +29,12 @@ from graph_executor.kernels.gemv import GemvConfig, PendingResidual, _settled
 from graph_executor.kernels.pdl import launch_options, wait_for_prior
 
 COMBINE_SB = 8  # splits combined a loop step: a [heads, SB, head_dim] float32 tile (SmolLM2: 16 x 8 x 64)
+# A program holds the weights as [rows, heads, head_dim], the combine's [heads, SB, head_dim] and the maxima's [heads,
+# splits] in registers: the width (heads padded to a power of two, x head_dim) and the maxima's tile are capped at
+# what compiled without spills for sm_90 on SmolLM2's shape (bench.probes.sass_usage's compile_for: 16 rows on 8
+# warps 162 registers, 32 on 8 204; Llama-3.2-1B's 32 heads x 64 spilled at 4 rows on 4 warps)
+MAX_WIDTH = 1024
+MAX_MAXIMA = 16 * 256  # SmolLM2's 16 padded heads x 256 splits (a 16k-position cache of split 64)
 
 
 @triton.jit
@@ -83,6 +89,12 @@ def _combine_gemv_residual_kernel(w_ptr, acc_ptr, m_ptr, l_ptr, pos_ptr, x_ptr, 
     tl.store(x_ptr + rows, (residual + out).to(x_ptr.dtype.element_ty), mask=row_ok)
 
 
+def fits(attention: DecodeAttention) -> bool:
+    """Whether one program of this kernel can combine the attention's partials (MAX_WIDTH, MAX_MAXIMA)."""
+    heads = triton.next_power_of_2(attention.num_heads)
+    return heads * attention.head_dim <= MAX_WIDTH and heads * attention.num_splits <= MAX_MAXIMA
+
+
 def combine_gemv_residual(w: torch.Tensor, attention: DecodeAttention, position: torch.Tensor, x: torch.Tensor,
                           cfg: GemvConfig, pending: PendingResidual | None = None) -> torch.Tensor:
     """x [N] += w [N, heads * hd] @ (the attention's output at `position` [1] int64, combined here from the split
@@ -91,10 +103,10 @@ def combine_gemv_residual(w: torch.Tensor, attention: DecodeAttention, position:
     n, k = w.shape
     heads, hd = attention.num_heads, attention.head_dim
     if k != heads * hd or x.shape != (n,) or w.dtype != x.dtype or position.shape != (1,) \
-            or attention.max_tokens != 1 or attention.batched:
+            or attention.max_tokens != 1 or attention.batched or not fits(attention):
         raise ValueError(f"combine_gemv_residual: w [N, {heads} x {hd}] and x [N] of one dtype, one decode position, "
-                         f"a one-token attention; got w {w.dtype} {tuple(w.shape)}, x {x.dtype} {tuple(x.shape)}, "
-                         f"position {tuple(position.shape)}")
+                         f"a one-token attention that `fits`; got w {w.dtype} {tuple(w.shape)}, x {x.dtype} "
+                         f"{tuple(x.shape)}, position {tuple(position.shape)}, {attention.num_splits} splits")
     p, splits = (x, 0) if pending is None else (pending.partial, pending.splits)
     if pending is not None:
         pending.check(x)
