@@ -61,21 +61,31 @@ def _combine_gemv_residual_kernel(w_ptr, acc_ptr, m_ptr, l_ptr, pos_ptr, x_ptr, 
     pos = tl.load(pos_ptr)
     s_lo = tl.maximum(pos + 1 - window, 0) // SPLIT
     s_hi = pos // SPLIT + 1
+    # the first SB splits' loads go out with the maxima's (they do not depend on them: one L2 round trip, not two,
+    # where the live splits fit one step, as in decode_attention._combine)
+    s = s_lo + tl.arange(0, SB)
+    ok = h_ok[:, None] & (s < s_hi)[None, :]  # [HEADS_P, SB]
+    part = h[:, None] * NUM_SPLITS + s[None, :]
+    mb = tl.load(m_ptr + part, mask=ok, other=-float("inf"), cache_modifier=".cg")
+    lb = tl.load(l_ptr + part, mask=ok, other=0.0, cache_modifier=".cg")
+    acc = tl.load(acc_ptr + part[:, :, None] * HEAD_DIM + d[None, None, :], mask=ok[:, :, None], other=0.0,
+                  cache_modifier=".cg")  # [HEADS_P, SB, HEAD_DIM]: written by the kernel before this one
     s_all = tl.arange(0, NUM_SPLITS)
     live = h_ok[:, None] & ((s_all >= s_lo) & (s_all < s_hi))[None, :]
     m_all = tl.load(m_ptr + h[:, None] * NUM_SPLITS + s_all[None, :], mask=live, other=-float("inf"),
-                    cache_modifier=".cg")  # [HEADS_P, NUM_SPLITS]: written by the kernel before this one
+                    cache_modifier=".cg")  # [HEADS_P, NUM_SPLITS]
     m_max = tl.where(h_ok, tl.max(m_all, axis=1), 0.0)  # [HEADS_P] (0 for padding heads: no inf - inf)
-    total = tl.zeros([HEADS_P, HEAD_DIM], dtype=tl.float32)
-    weight = tl.zeros([HEADS_P, SB], dtype=tl.float32)
-    for s0 in range(s_lo, s_hi, SB):
+    ws = tl.where(lb > 0, tl.exp(mb - m_max[:, None]), 0.0)
+    total = tl.sum(acc * ws[:, :, None], axis=1)  # [HEADS_P, HEAD_DIM]
+    weight = lb * ws  # [HEADS_P, SB]
+    for s0 in range(s_lo + SB, s_hi, SB):
         s = s0 + tl.arange(0, SB)
-        ok = h_ok[:, None] & (s < s_hi)[None, :]  # [HEADS_P, SB]
+        ok = h_ok[:, None] & (s < s_hi)[None, :]
         part = h[:, None] * NUM_SPLITS + s[None, :]
         mb = tl.load(m_ptr + part, mask=ok, other=-float("inf"), cache_modifier=".cg")
         lb = tl.load(l_ptr + part, mask=ok, other=0.0, cache_modifier=".cg")
         acc = tl.load(acc_ptr + part[:, :, None] * HEAD_DIM + d[None, None, :], mask=ok[:, :, None], other=0.0,
-                      cache_modifier=".cg")  # [HEADS_P, SB, HEAD_DIM]
+                      cache_modifier=".cg")
         ws = tl.where(lb > 0, tl.exp(mb - m_max[:, None]), 0.0)
         total += tl.sum(acc * ws[:, :, None], axis=1)
         weight += lb * ws
