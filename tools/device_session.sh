@@ -574,7 +574,20 @@ for step in "${steps[@]}"; do
             --rounds 5 --variants "fused=1;ablate=1;ablate=4;co=1;co=1,o=4x1024x4;co=1,o=8x1024x4;co=1,o=16x1024x8;co=1,o=32x1024x8;fused=1" \
             > "$OUT/combineo_steps.md" 2>&1
           echo "combine_o steps: rc=$?"; cat "$OUT/combineo_steps.md" ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200, rope, buckets, execargmax, combineo)"
+    combineoab) # the bench's SmolLM2 decode with combine_o on (a copy of the tree: the hidden-0 StepOptions with
+                # combine_o=True and its plan's o config "$CO_O", default 16 rows x 1024 on 8 warps) against the tree
+                # as it is, three alternating rounds, two processes and the executor (~4 min)
+          rm -rf /tmp/co && mkdir /tmp/co && cp -r graph_executor jit_context ipc launch bench hybridrt /tmp/co/
+          sed -i -e 's/split_combine=True, defer_down=True))/split_combine=True, defer_down=True, combine_o=True))/' \
+            -e "s/o=GemvConfig(2, 1024, 4, 3)/o=GemvConfig(${CO_O:-16, 1024, 8}, 3)/" /tmp/co/graph_executor/kernels/decode_plan.py
+          echo "patched: $(grep -c 'combine_o=True))' /tmp/co/graph_executor/kernels/decode_plan.py) $(grep -o 'o=GemvConfig([0-9, ]*)' /tmp/co/graph_executor/kernels/decode_plan.py | tail -1)"
+          for i in 1 2 3; do for t in off on; do d=$PWD; [ $t = on ] && d=/tmp/co
+            (cd "$d" && PYTHONPATH=/tmp/site:$d timeout 100 python3 -m launch.cli bench --quiet --model dummy:smollm2-135m \
+              --engines hybridrt,hybridrt-executor --workloads decode --max-context 512 --out "$OUT/co_${t}_$i" \
+              > "$OUT/co_${t}_$i.log" 2>&1)
+            echo "$t $i: $(grep -E '^\| hybridrt' "$OUT/co_${t}_$i.log" | head -2 | cut -d'|' -f2,3,5,7 | tr '\n' ' ')"
+          done; done ;;
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200, rope, buckets, execargmax, combineo, combineoab)"
        exit 2 ;;
   esac
 done
