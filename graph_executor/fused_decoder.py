@@ -190,8 +190,7 @@ class FusedDecoder:
             for layer, tail in zip(model.layers, self.tail))
         if combine_o and not combinable:
             raise ValueError("combine_o needs every o_proj on gemv.py's kernels (dense weights on a GemvConfig), no "
-                             "tail prefetch on it, one rank, and heads and splits that fit one program "
-                             "(gemv_combine.fits)")
+                             "tail prefetch on it, one rank, and heads that fit one program (gemv_combine.fits)")
         self.combine_o = combinable and (options.combine_o if combine_o is None else combine_o)
 
     @torch.inference_mode()

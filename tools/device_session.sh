@@ -571,7 +571,7 @@ for step in "${steps[@]}"; do
           timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gemv_combine.py > "$OUT/combineo_tests.log" 2>&1
           echo "combine_o tests: rc=$? $(tail -1 "$OUT/combineo_tests.log")"; grep -E "^FAILED|Error" "$OUT/combineo_tests.log" | head -5
           timeout 240 python3 -m bench.probes.step_variants --models smollm2-135m --contexts 300,2000 \
-            --rounds 5 --variants "fused=1;ablate=1;ablate=4;co=1;co=1,o=4x1024x4;co=1,o=8x1024x4;co=1,o=16x1024x8;co=1,o=32x1024x8;fused=1" \
+            --rounds 5 --variants "fused=1;ablate=1;ablate=4;co=1,o=8x1024x4;co=1,o=16x1024x8;co=1,o=32x1024x8;co=1,o=16x1024x8,cosb=4;co=1,o=16x1024x8,cosb=16;co=1,o=16x1024x4;fused=1" \
             > "$OUT/combineo_steps.md" 2>&1
           echo "combine_o steps: rc=$?"; cat "$OUT/combineo_steps.md" ;;
     combineoab) # the bench's SmolLM2 decode with combine_o on (a copy of the tree: the hidden-0 StepOptions with

@@ -17,7 +17,8 @@ packed weights stored tile-major, `quant.tiles.tile_model`; 2: only its o_proj a
 loaded), dd (1: down_proj's split-K partials added by the next layer's qkv and o_proj GEMVs instead of a reduce
 kernel, `FusedDecoder(defer_down=True)`; 0: not), co (1: the attention stores its split partials only and o_proj's
 programs combine them, `FusedDecoder(combine_o=True)`, kernels/gemv_combine.py; with `o=` the combining o_proj's
-rows and warps, its K-block unused), ablate (a timing ceiling, wrong logits: 1 leaves the attention's
+rows and warps, its K-block unused), cosb (the combining o_proj's splits a loop step, `gemv_combine.COMBINE_SB`; a
+power of two), ablate (a timing ceiling, wrong logits: 1 leaves the attention's
 split combine out (no reduce kernel, no combine in the kernel), 2 leaves out the reduce kernels of every split-K
 GEMV (dense, FP8 and packed), 3 both: what folding those into the next kernel could save at most; 4 leaves out each
 layer's o_proj GEMV: what folding it into the attention kernel could save at most; bits add up), and per dense
@@ -43,7 +44,7 @@ from bench.floors import time_gpu
 from bench.probes.verify_plan import graphed
 from graph_executor import fused_decoder
 from graph_executor.fused_decoder import FusedDecoder
-from graph_executor.kernels import decode_attention, gemv_fp8, gemv_splitk
+from graph_executor.kernels import decode_attention, gemv_combine, gemv_fp8, gemv_splitk
 from graph_executor.kernels.decode_attention import DecodeAttention
 from graph_executor.kernels.decode_plan import plan_for
 from graph_executor.kernels.gemv import GemvConfig
@@ -57,7 +58,8 @@ DEFAULT_VARIANTS = ("split=64,warps=4,fused=0;split=64,warps=2,fused=1;split=64,
                     "split=32,warps=1,fused=1;split=32,warps=2,fused=1;split=64,warps=4,fused=0")
 
 
-FLAGS = ("split", "warps", "fused", "rope", "early", "earlyo", "pf", "tpf", "rk", "ve", "tile", "ablate", "dd", "co")
+FLAGS = ("split", "warps", "fused", "rope", "early", "earlyo", "pf", "tpf", "rk", "ve", "tile", "ablate", "dd", "co",
+         "cosb")
 PROJECTIONS = ("qkv", "o", "gate_up", "down", "lm_head")  # keys whose value is a gemv.py config
 
 
@@ -142,6 +144,20 @@ def ablated(mask: int):
          fused_decoder.gemv_residual) = saved
 
 
+@contextlib.contextmanager
+def combine_step(splits: int | None):
+    """`cosb=`: gemv_combine.COMBINE_SB while a variant's graph is built (its launches read it); None: unchanged."""
+    saved = gemv_combine.COMBINE_SB
+    if splits is not None:
+        if splits < 1 or splits & (splits - 1):
+            raise SystemExit(f"cosb must be a power of two, got {splits}")
+        gemv_combine.COMBINE_SB = splits
+    try:
+        yield
+    finally:
+        gemv_combine.COMBINE_SB = saved
+
+
 def alternating_rounds(graphs: list[torch.cuda.CUDAGraph], outs: list[torch.Tensor], rounds: int,
                        device: torch.device) -> tuple[list[float], list[torch.Tensor]]:
     """Each graph timed once a round, `rounds` rounds (the host and card alike for all): per graph the median of its
@@ -191,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
                 decoder = build(tiled[variant["tile"]] if variant.get("tile") else model, variant)
                 decoders.append(decoder)
                 out = torch.empty(model.config.vocab_size, dtype=torch.float32, device=device)
-                with ablated(variant.get("ablate", 0)):
+                with ablated(variant.get("ablate", 0)), combine_step(variant.get("cosb")):
                     graphs.append(graphed(lambda d=decoder, o=out: d.step(token, position, o)))
                 outs.append(out)
             medians, logits = alternating_rounds(graphs, outs, args.rounds, device)
