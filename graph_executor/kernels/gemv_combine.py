@@ -14,9 +14,12 @@ combine (heads x active splits x head_dim floats from L2: ~11 KB at SmolLM2's co
 kernel wants a few programs of many rows (the plan's o config's block_n and warps). The weights are one
 [BLOCK_N, heads, head_dim] tile (heads padded to a power of two), loaded before the PDL wait when `early`.
 
-The combine is `decode_attention._combine`'s (the position's live splits, weights exp(m - max) where l > 0), SB
-splits a step with the running maximum's rescaling (flash-decoding's) instead of a pass over the maxima first: the
-same values up to float32 rounding.
+The combine is `decode_attention._combine`'s (the position's live splits, weights exp(m - max) where l > 0), one split
+at a time with the running maximum's rescaling (flash-decoding's) instead of a pass over the maxima first: the same
+values up to float32 rounding. It runs elementwise in one [heads, head_dim] layout (m and l read broadcast along
+head_dim), so no reduction or layout conversion sits in it: offline for sm_90 at 16 rows x 8 warps the kernel has 5
+barriers and ~1,500 instructions, against 75 and 1,752 for a first form that reduced [heads, splits] tiles (gemv.py's
+o kernel: 9 and 712 at that size, 1 and 280 at SmolLM2's 2 rows x 4 warps).
 """
 
 from __future__ import annotations
@@ -29,11 +32,13 @@ from graph_executor.kernels.decode_attention import DecodeAttention
 from graph_executor.kernels.gemv import GemvConfig, PendingResidual, _settled
 from graph_executor.kernels.pdl import launch_options, wait_for_prior
 
-COMBINE_SB = 8  # splits combined a loop step: a [heads, SB, head_dim] float32 tile (SmolLM2: 16 x 8 x 64)
-# A program holds the weights as [rows, heads, head_dim] and the combine's [heads, SB, head_dim] in registers: the
+# splits combined a loop step, unrolled so that their loads go out together (SmolLM2 at 16 rows x 8 warps, sm_90
+# offline: 170 registers at 8, 97 at 4, 255 at 16)
+COMBINE_SB = 8
+# A program holds the weights as [rows, heads, head_dim] and SB splits' [heads, head_dim] partials in registers: the
 # width (heads padded to a power of two, x head_dim) is capped at what compiled without spills for sm_90 on SmolLM2's
-# shape (bench.probes.sass_usage's compile_for: 16 rows on 8 warps ~165 registers, 32 on 8 ~205; Llama-3.2-1B's 32
-# heads x 64 spilled at 4 rows on 4 warps)
+# shape (bench.probes.sass_usage's compile_for: 16 or 32 rows on 8 warps ~170 registers; Llama-3.2-1B's 32 heads x
+# 64 spilled at 4 rows on 4 warps)
 MAX_WIDTH = 1024
 
 
@@ -57,37 +62,41 @@ def _combine_gemv_residual_kernel(w_ptr, acc_ptr, m_ptr, l_ptr, pos_ptr, x_ptr, 
     else:
         wait_for_prior(PDL)
         w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+    # the residual's rows (settled: this program's rows only, as in gemv._gemv_residual_kernel) read now, with the
+    # partials: written before this kernel, they depend on nothing here (at the end they were one more L2 round trip
+    # after the sums in the sm_90 SASS)
+    residual = tl.load(x_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    if PENDING > 0:
+        residual = _settled(residual, x_ptr, p_ptr, rows, row_ok, N, PENDING)
     # the splits holding the keys [start, pos] are the ones the attention wrote (decode_attention._reduce_kernel)
     pos = tl.load(pos_ptr)
     s_lo = tl.maximum(pos + 1 - window, 0) // SPLIT
     s_hi = pos // SPLIT + 1
-    # SB splits a step, rescaled as the running maximum grows (no pass over the maxima first: the first step's loads
-    # wait only for the position's, and no [heads, splits] tile is reduced and broadcast back; offline for sm_90 this
-    # form compiled to 48 barriers and 1,472 instructions against 75 and 1,752 for maxima-first at 16 rows, 8 warps)
+    # one split at a time in one [heads, head_dim] layout: m and l read broadcast along head_dim (each column the
+    # same value), so the update is elementwise, with no reduction and no layout conversion; SB splits unrolled a
+    # loop step, so their loads go out together
     total = tl.zeros([HEADS_P, HEAD_DIM], dtype=tl.float32)
-    weight = tl.zeros([HEADS_P], dtype=tl.float32)
-    m_run = tl.full([HEADS_P], -float("inf"), dtype=tl.float32)
+    weight = tl.zeros([HEADS_P, HEAD_DIM], dtype=tl.float32)
+    m_run = tl.full([HEADS_P, HEAD_DIM], -float("inf"), dtype=tl.float32)
+    hd_ok = h_ok[:, None] & (d < HEAD_DIM)[None, :]  # [HEADS_P, HEAD_DIM]
     for s0 in range(s_lo, s_hi, SB):
-        s = s0 + tl.arange(0, SB)
-        ok = h_ok[:, None] & (s < s_hi)[None, :]  # [HEADS_P, SB]
-        part = h[:, None] * NUM_SPLITS + s[None, :]
-        mb = tl.load(m_ptr + part, mask=ok, other=-float("inf"), cache_modifier=".cg")
-        lb = tl.load(l_ptr + part, mask=ok, other=0.0, cache_modifier=".cg")
-        acc = tl.load(acc_ptr + part[:, :, None] * HEAD_DIM + d[None, None, :], mask=ok[:, :, None], other=0.0,
-                      cache_modifier=".cg")  # [HEADS_P, SB, HEAD_DIM]: written by the kernel before this one
-        m_new = tl.where(h_ok, tl.maximum(m_run, tl.max(mb, axis=1)), 0.0)  # (0 for padding heads: no inf - inf)
-        scale = tl.exp(m_run - m_new)  # 0 at the first step
-        ws = tl.where(lb > 0, tl.exp(mb - m_new[:, None]), 0.0)
-        total = total * scale[:, None] + tl.sum(acc * ws[:, :, None], axis=1)
-        weight = weight * scale + tl.sum(lb * ws, axis=1)
-        m_run = m_new
-    denom = tl.where(h_ok, weight, 1.0)
+        for j in tl.static_range(SB):
+            split = s0 + j + 0 * hd_ok.to(tl.int32)  # [HEADS_P, HEAD_DIM], the split's index everywhere
+            ok = hd_ok & (split < s_hi)
+            part = h[:, None] * NUM_SPLITS + split
+            mb = tl.load(m_ptr + part, mask=ok, other=-float("inf"), cache_modifier=".cg")
+            lb = tl.load(l_ptr + part, mask=ok, other=0.0, cache_modifier=".cg")
+            acc = tl.load(acc_ptr + part * HEAD_DIM + d[None, :], mask=ok, other=0.0, cache_modifier=".cg")
+            m_new = tl.where(hd_ok, tl.maximum(m_run, mb), 0.0)
+            scale = tl.exp(m_run - m_new)
+            ws = tl.where(lb > 0, tl.exp(mb - m_new), 0.0)
+            total = total * scale + acc * ws
+            weight = weight * scale + lb * ws
+            m_run = m_new
+    denom = tl.where(hd_ok, weight, 1.0)
     # rounded as the attention kernel stores its output (the activations' dtype, x's)
-    attn = (total / denom[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)  # [HEADS_P, HEAD_DIM]
+    attn = (total / denom).to(x_ptr.dtype.element_ty).to(tl.float32)  # [HEADS_P, HEAD_DIM]
     out = tl.sum(tl.sum(w.to(tl.float32) * attn[None, :, :], axis=2), axis=1)  # [BLOCK_N]
-    residual = tl.load(x_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    if PENDING > 0:  # this program's rows only, as in gemv._gemv_residual_kernel
-        residual = _settled(residual, x_ptr, p_ptr, rows, row_ok, N, PENDING)
     tl.store(x_ptr + rows, (residual + out).to(x_ptr.dtype.element_ty), mask=row_ok)
 
 
