@@ -152,3 +152,29 @@ def test_the_smollm2_shaped_step_in_float16_is_the_same_with_the_down_partials_d
         torch.cuda.synchronize()
         graphs[defer] = logits.clone()
     assert torch.equal(graphs[False], graphs[True])
+
+
+@pytest.mark.parametrize("early", [False, True])
+def test_the_residual_read_early_gives_the_same_bits(early) -> None:
+    """GemvConfig.residual_early (the residual rows, settled, read right after the wait instead of after the sums):
+    gemv_residual and silu_gemv_residual store the same bits, with a pending residual, FP8-style row scales, K over
+    several chunks or one, and the early weights on or off."""
+    import dataclasses
+
+    g = torch.Generator().manual_seed(17)
+    for n, k, block_k in ((37, 100, 64), (20, 300, 512)):
+        w = (torch.randn(n, k, generator=g) * 0.05).to(DEVICE, torch.float16)
+        a = torch.randn(2 * k, generator=g).to(DEVICE, torch.float16)
+        x = torch.randn(n, generator=g).to(DEVICE, torch.float16)
+        scale = (torch.rand(n, generator=g) + 0.5).to(DEVICE)
+        partial = torch.randn(3 * n, generator=g).to(DEVICE)
+        late = GemvConfig(16, block_k, 4, 2, early=early)
+        soon = dataclasses.replace(late, residual_early=True)
+        for pending in (None, PendingResidual(partial, 3)):
+            got = gemv.gemv_residual(w, a[:k], x.clone(), cfg=soon, row_scale=scale, pending=pending)
+            want = gemv.gemv_residual(w, a[:k], x.clone(), cfg=late, row_scale=scale, pending=pending)
+            assert torch.isfinite(got).all() and torch.equal(got, want), (n, k, pending is not None)
+        got = gemv.silu_gemv_residual(w, a, x.clone(), cfg=soon)
+        assert torch.equal(got, gemv.silu_gemv_residual(w, a, x.clone(), cfg=late)), (n, k)
+        full = x.double() + w.double() @ (torch.nn.functional.silu(a[:k].double()) * a[k:].double())
+        assert (got.double() - full).abs().max() <= 2e-3 * full.abs().max()

@@ -574,6 +574,13 @@ for step in "${steps[@]}"; do
             --rounds 5 --variants "fused=1;ablate=1;ablate=4;co=1,o=8x1024x8;co=1,o=16x1024x8;co=1,o=32x1024x8;co=1,o=16x1024x8,cosb=4;co=1,o=32x1024x8,cosb=4;co=1,o=16x1024x4;fused=1" \
             > "$OUT/combineo_steps.md" 2>&1
           echo "combine_o steps: rc=$?"; cat "$OUT/combineo_steps.md" ;;
+    residualearly) # GemvConfig.residual_early (o_proj's residual rows read right after the wait; same bits): its
+                   # test, then the step on SmolLM2, 1B and 7B with and without, alternating rounds (~3 min)
+          timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_pending_residual.py > "$OUT/re_tests.log" 2>&1
+          echo "residual_early tests: rc=$? $(tail -1 "$OUT/re_tests.log")"
+          timeout 240 python3 -m bench.probes.step_variants --models smollm2-135m,llama-3.2-1b,llama-2-7b \
+            --contexts 300,2000 --rounds 7 --variants "fused=1;re=1;fused=1;re=1" > "$OUT/re_steps.md" 2>&1
+          echo "residual_early steps: rc=$?"; cat "$OUT/re_steps.md" ;;
     combineoab) # the bench's SmolLM2 decode with combine_o on (a copy of the tree: the hidden-0 StepOptions with
                 # combine_o=True and its plan's o config "$CO_O", default 16 rows x 1024 on 8 warps) against the tree
                 # as it is, three alternating rounds, two processes and the executor (~4 min)
@@ -587,7 +594,7 @@ for step in "${steps[@]}"; do
               > "$OUT/co_${t}_$i.log" 2>&1)
             echo "$t $i: $(grep -E '^\| hybridrt' "$OUT/co_${t}_$i.log" | head -2 | cut -d'|' -f2,3,5,7 | tr '\n' ' ')"
           done; done ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200, rope, buckets, execargmax, combineo, combineoab)"
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200, rope, buckets, execargmax, combineo, combineoab, residualearly)"
        exit 2 ;;
   esac
 done

@@ -35,6 +35,10 @@ class GemvConfig:
     num_stages: int = 3
     pdl: bool = False  # launch with programmatic dependent launch (kernels/pdl.py; Hopper and later only)
     early: bool = False  # load the first BLOCK_K weights before waiting for the previous kernel (pdl.with_early_weights)
+    # the residual GEMVs (gemv_residual, silu_gemv_residual) read their residual rows (and settle a pending residual)
+    # right after the wait, not after the sums: in the sm_90 SASS of the o kernel those loads sat after the final
+    # reduction's barrier, one more L2 round trip at the end of a latency-bound kernel (40th session, unmeasured)
+    residual_early: bool = False
 
 
 DEFAULT = GemvConfig()
@@ -158,10 +162,20 @@ def _activation_chunk(a_ptr, cols, K, SWIGLU: tl.constexpr):
 
 
 @triton.jit
+def _residual_rows(x_ptr, p_ptr, rows, row_ok, N, PENDING: tl.constexpr):
+    """x[rows] in float32, settled first when PENDING > 0 (this program's rows only: no other program of the kernel
+    reads or writes them)."""
+    residual = tl.load(x_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    if PENDING > 0:
+        residual = _settled(residual, x_ptr, p_ptr, rows, row_ok, N, PENDING)
+    return residual
+
+
+@triton.jit
 def _gemv_residual_kernel(w_ptr, a_ptr, s_ptr, x_ptr, p_ptr, N, K, pf0, pn0, pf1, pn1, pf2, pn2, pf3, pn3,
                           SWIGLU: tl.constexpr, ROW_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           PDL: tl.constexpr, EARLY: tl.constexpr, PREFETCH: tl.constexpr, THREADS: tl.constexpr,
-                          PENDING: tl.constexpr):
+                          PENDING: tl.constexpr, RESIDUAL_EARLY: tl.constexpr = False):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -170,10 +184,14 @@ def _gemv_residual_kernel(w_ptr, a_ptr, s_ptr, x_ptr, p_ptr, N, K, pf0, pn0, pf1
         cols = tl.arange(0, BLOCK_K)
         w = _weight_tile(w_ptr, rows, row_ok, cols, K)
         wait_for_prior(PDL)
+        if RESIDUAL_EARLY:  # GemvConfig.residual_early
+            residual = _residual_rows(x_ptr, p_ptr, rows, row_ok, N, PENDING)
         acc += w.to(tl.float32) * _activation_chunk(a_ptr, cols, K, SWIGLU)[None, :]
         start = BLOCK_K
     else:
         wait_for_prior(PDL)
+        if RESIDUAL_EARLY:
+            residual = _residual_rows(x_ptr, p_ptr, rows, row_ok, N, PENDING)
     for k0 in range(start, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         a = _activation_chunk(a_ptr, cols, K, SWIGLU)
@@ -182,9 +200,8 @@ def _gemv_residual_kernel(w_ptr, a_ptr, s_ptr, x_ptr, p_ptr, N, K, pf0, pn0, pf1
     out = tl.sum(acc, axis=1)
     if ROW_SCALE:
         out *= tl.load(s_ptr + rows, mask=row_ok, other=0.0)
-    residual = tl.load(x_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    if PENDING > 0:  # this program's rows only: no other program of the kernel reads or writes them
-        residual = _settled(residual, x_ptr, p_ptr, rows, row_ok, N, PENDING)
+    if not RESIDUAL_EARLY:
+        residual = _residual_rows(x_ptr, p_ptr, rows, row_ok, N, PENDING)
     tl.store(x_ptr + rows, (residual + out).to(x_ptr.dtype.element_ty), mask=row_ok)
     if PREFETCH > 0:  # as in _rmsnorm_gemv_kernel
         prefetch_l2(pf0, pn0, pf1, pn1, pf2, pn2, pf3, pn3, tl.program_id(0), tl.num_programs(0), PREFETCH, THREADS)
@@ -198,6 +215,10 @@ def _launch(cfg: GemvConfig, regions: int) -> dict:
     return dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 PDL=cfg.pdl, EARLY=cfg.early, PREFETCH=regions, THREADS=32 * cfg.num_warps,
                 **launch_options(cfg.pdl))
+
+
+def _residual_launch(cfg: GemvConfig, regions: int) -> dict:
+    return dict(_launch(cfg, regions), RESIDUAL_EARLY=cfg.residual_early)
 
 
 def _pending_args(pending: PendingResidual | None, x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -236,7 +257,7 @@ def gemv_residual(w: torch.Tensor, a: torch.Tensor, x: torch.Tensor, cfg: GemvCo
     p, splits = _pending_args(pending, x)
     _gemv_residual_kernel[_grid(n, cfg)](w, a, row_scale if row_scale is not None else w, x, p, n, k, *pf_args,
                                          SWIGLU=False, ROW_SCALE=row_scale is not None, PENDING=splits,
-                                         **_launch(cfg, regions))
+                                         **_residual_launch(cfg, regions))
     return x
 
 
@@ -247,5 +268,5 @@ def silu_gemv_residual(w: torch.Tensor, gate_up: torch.Tensor, x: torch.Tensor, 
     pf_args, regions = l2_prefetch.kernel_args(prefetch, w)
     _gemv_residual_kernel[_grid(n, cfg)](w, gate_up, row_scale if row_scale is not None else w, x, x, n, k,
                                          *pf_args, SWIGLU=True, ROW_SCALE=row_scale is not None, PENDING=0,
-                                         **_launch(cfg, regions))
+                                         **_residual_launch(cfg, regions))
     return x
