@@ -21,6 +21,7 @@ from graph_executor.kernels.decode_attention import DecodeAttention  # noqa: E40
 from graph_executor.kernels.gemv import GemvConfig, GemvPlan, PendingResidual  # noqa: E402
 from graph_executor.kernels.gemv_combine import COMBINE_SB, combine_gemv_residual  # noqa: E402
 from graph_executor.kernels.gemv_dense_splitk import DenseSplitKConfig  # noqa: E402
+from tests.test_pending_residual import graphed_logits, steps  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -110,19 +111,6 @@ def test_bad_calls_are_refused() -> None:
             torch.zeros(3, 4, 16, device=DEVICE), partials_only=True)
 
 
-def steps(model, decoder_kwargs: dict, count: int, start: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """`count` decode steps from position `start`: logits per step, then the KV cache."""
-    from graph_executor.fused_decoder import FusedDecoder
-
-    decoder = FusedDecoder(model, **decoder_kwargs)
-    out = []
-    for i in range(count):
-        logits = torch.full((model.config.vocab_size,), float("nan"), device=DEVICE)
-        decoder.step(torch.tensor([3 + 5 * i], device=DEVICE), torch.tensor([start + i], device=DEVICE), logits)
-        out.append(logits)
-    return out, model.kv_cache.clone()
-
-
 def test_a_decode_step_with_o_proj_combining_gives_the_same_logits(tmp_path) -> None:
     """A tiny Qwen2 (qkv bias, GQA) in float32, with and without the down partials deferred (then o_proj settles the
     residual too): the same logits as the attention's own combine within float32 rounding, the same KV cache."""
@@ -159,7 +147,6 @@ def test_the_smollm2_shaped_step_in_float16_with_o_proj_combining() -> None:
     o_proj on 16-row programs, eager and as a CUDA graph, at contexts of 1 and many combine loop steps."""
     import dataclasses
 
-    from graph_executor.fused_decoder import FusedDecoder
     from graph_executor.kernels.decode_plan import plan_for
     from graph_executor.loading.loader import LoadConfig, load_model
 
@@ -174,16 +161,6 @@ def test_the_smollm2_shaped_step_in_float16_with_o_proj_combining() -> None:
             runs[combine] = steps(model, dict(plan=plan, combine_o=combine), 3, start)
         for a, b in zip(runs[False][0], runs[True][0], strict=True):
             assert torch.isfinite(b).all() and (a - b).abs().max() <= 2e-2 * a.abs().max(), start
-        graphs = {}
-        for combine in (False, True):
-            decoder = FusedDecoder(model, plan=plan, combine_o=combine)
-            logits = torch.empty(model.config.vocab_size, device="cuda")
-            token, position = torch.tensor([9], device="cuda"), torch.tensor([start + 5], device="cuda")
-            decoder.step(token, position, logits)  # compiled before the capture
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                decoder.step(token, position, logits)
-            graph.replay()
-            torch.cuda.synchronize()
-            graphs[combine] = logits.clone()
+        graphs = {combine: graphed_logits(model, dict(plan=plan, combine_o=combine), 9, start + 5)
+                  for combine in (False, True)}
         assert (graphs[False] - graphs[True]).abs().max() <= 2e-2 * graphs[False].abs().max(), start

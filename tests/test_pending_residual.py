@@ -91,6 +91,22 @@ def steps(model, decoder_kwargs: dict, count: int, start: int) -> tuple[list[tor
     return out, model.kv_cache.clone()
 
 
+def graphed_logits(model, decoder_kwargs: dict, token: int, position: int) -> torch.Tensor:
+    """One decode step's logits from a CUDA graph of it (captured after one eager step compiles the kernels)."""
+    from graph_executor.fused_decoder import FusedDecoder
+
+    decoder = FusedDecoder(model, **decoder_kwargs)
+    logits = torch.empty(model.config.vocab_size, device="cuda")
+    token_t, position_t = torch.tensor([token], device="cuda"), torch.tensor([position], device="cuda")
+    decoder.step(token_t, position_t, logits)  # compiled before the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        decoder.step(token_t, position_t, logits)
+    graph.replay()
+    torch.cuda.synchronize()
+    return logits.clone()
+
+
 def test_a_decode_step_with_the_down_partials_deferred_gives_the_same_logits(tmp_path) -> None:
     import transformers
 
@@ -126,7 +142,6 @@ def test_a_decode_step_with_the_down_partials_deferred_gives_the_same_logits(tmp
 def test_the_smollm2_shaped_step_in_float16_is_the_same_with_the_down_partials_deferred() -> None:
     """The production plan and options of a SmolLM2-135M-shaped model (down_proj on the split-K kernels with a
     reduce kernel, PDL, early weights, the split combine), eager and as a CUDA graph."""
-    from graph_executor.fused_decoder import FusedDecoder
     from graph_executor.loading.loader import LoadConfig, load_model
 
     model = load_model(LoadConfig(model="dummy:smollm2-135m", device="cuda", dtype="float16", max_context=512,
@@ -139,18 +154,7 @@ def test_the_smollm2_shaped_step_in_float16_is_the_same_with_the_down_partials_d
     for a, b in zip(runs[False][0], runs[True][0], strict=True):
         assert torch.isfinite(b).all() and torch.equal(a, b)
     assert torch.equal(runs[False][1], runs[True][1])
-    graphs = {}
-    for defer in (False, True):
-        decoder = FusedDecoder(model, defer_down=defer)
-        logits = torch.empty(model.config.vocab_size, device="cuda")
-        token, position = torch.tensor([9], device="cuda"), torch.tensor([310], device="cuda")
-        decoder.step(token, position, logits)  # compiled before the capture
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            decoder.step(token, position, logits)
-        graph.replay()
-        torch.cuda.synchronize()
-        graphs[defer] = logits.clone()
+    graphs = {defer: graphed_logits(model, dict(defer_down=defer), 9, 310) for defer in (False, True)}
     assert torch.equal(graphs[False], graphs[True])
 
 

@@ -59,6 +59,18 @@ first_requests() {  # NAME LIMIT_S: the bench's startup workload (SmolLM2 shape,
     --engines hybridrt --workloads startup --prompt-lens 100 --repeats 5 --out "$OUT/$1" > "$OUT/$1.log" 2>&1
   local rc=$?; echo "bench startup $1: rc=$rc"; grep -E "first 5|after 2 s idle" "$OUT/$1/results.md"
 }
+tree_copy() {  # DIR: a copy of the runtime's packages in DIR (an A/B's other tree, patched by the caller)
+  rm -rf "$1" && mkdir "$1" && cp -r graph_executor jit_context ipc launch bench hybridrt "$1"/
+}
+decode_ab() {  # PREFIX SIDE DIR: the bench's SmolLM2 decode, three alternating rounds of off and on, SIDE (off or on)
+  # run from the copy in DIR and the other from this tree; two processes and the executor, into $OUT/PREFIX_<side>_<i>
+  for i in 1 2 3; do for t in off on; do d=$PWD; [ $t = "$2" ] && d=$3
+    (cd "$d" && PYTHONPATH=/tmp/site:$d timeout 100 python3 -m launch.cli bench --quiet --model dummy:smollm2-135m \
+      --engines hybridrt,hybridrt-executor --workloads decode --max-context 512 --out "$OUT/$1_${t}_$i" \
+      > "$OUT/$1_${t}_$i.log" 2>&1)
+    echo "$t $i: $(grep -E '^\| hybridrt' "$OUT/$1_${t}_$i.log" | head -2 | cut -d'|' -f2,3,5,7 | tr '\n' ' ')"
+  done; done
+}
 http_ab() {  # http_split per loop variant: old (sleeping clients, asyncio + h11), spinning clients alone, both new
   # (spinning, uvloop + httptools); each run has two apps on one serve, their client over the local stream and over
   # ZeroMQ (A/B)
@@ -556,14 +568,9 @@ for step in "${steps[@]}"; do
           timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_argmax.py tests/test_executor_argmax.py \
             tests/test_decode_ahead.py tests/test_gpu_path.py > "$OUT/execargmax_tests.log" 2>&1
           echo "executor argmax tests: rc=$? $(tail -1 "$OUT/execargmax_tests.log")"
-          rm -rf /tmp/off && mkdir /tmp/off && cp -r graph_executor jit_context ipc launch bench hybridrt /tmp/off/
+          tree_copy /tmp/off
           sed -i 's/^EXECUTOR_ARGMAX_GPU = True/EXECUTOR_ARGMAX_GPU = False/' /tmp/off/jit_context/generator.py
-          for i in 1 2 3; do for t in off on; do d=$PWD; [ $t = off ] && d=/tmp/off
-            (cd "$d" && PYTHONPATH=/tmp/site:$d timeout 100 python3 -m launch.cli bench --quiet --model dummy:smollm2-135m \
-              --engines hybridrt,hybridrt-executor --workloads decode --max-context 512 --out "$OUT/ea_${t}_$i" \
-              > "$OUT/ea_${t}_$i.log" 2>&1)
-            echo "$t $i: $(grep -E '^\| hybridrt' "$OUT/ea_${t}_$i.log" | head -2 | cut -d'|' -f2,3,5,7 | tr '\n' ' ')"
-          done; done ;;
+          decode_ab ea off /tmp/off ;;
     combineo) # issue 12 target 2: o_proj combining the attention's split partials (FusedDecoder(combine_o=), off):
               # its tests (CPU cases and the SmolLM2-shaped float16 step in a graph), then the SmolLM2 step against
               # the shipped step and the two ceilings, per combining o_proj config and splits a step (~3 min; 1B's 32 heads
@@ -584,16 +591,11 @@ for step in "${steps[@]}"; do
     combineoab) # the bench's SmolLM2 decode with combine_o on (a copy of the tree: the hidden-0 StepOptions with
                 # combine_o=True and its plan's o config "$CO_O", default 16 rows x 1024 on 8 warps) against the tree
                 # as it is, three alternating rounds, two processes and the executor (~4 min)
-          rm -rf /tmp/co && mkdir /tmp/co && cp -r graph_executor jit_context ipc launch bench hybridrt /tmp/co/
+          tree_copy /tmp/co
           sed -i -e 's/split_combine=True, defer_down=True))/split_combine=True, defer_down=True, combine_o=True))/' \
             -e "s/o=GemvConfig(2, 1024, 4, 3)/o=GemvConfig(${CO_O:-16, 1024, 8}, 3)/" /tmp/co/graph_executor/kernels/decode_plan.py
           echo "patched: $(grep -c 'combine_o=True))' /tmp/co/graph_executor/kernels/decode_plan.py) $(grep -o 'o=GemvConfig([0-9, ]*)' /tmp/co/graph_executor/kernels/decode_plan.py | tail -1)"
-          for i in 1 2 3; do for t in off on; do d=$PWD; [ $t = on ] && d=/tmp/co
-            (cd "$d" && PYTHONPATH=/tmp/site:$d timeout 100 python3 -m launch.cli bench --quiet --model dummy:smollm2-135m \
-              --engines hybridrt,hybridrt-executor --workloads decode --max-context 512 --out "$OUT/co_${t}_$i" \
-              > "$OUT/co_${t}_$i.log" 2>&1)
-            echo "$t $i: $(grep -E '^\| hybridrt' "$OUT/co_${t}_$i.log" | head -2 | cut -d'|' -f2,3,5,7 | tr '\n' ' ')"
-          done; done ;;
+          decode_ab co on /tmp/co ;;
     *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200, rope, buckets, execargmax, combineo, combineoab, residualearly)"
        exit 2 ;;
   esac

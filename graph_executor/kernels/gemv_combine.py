@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from graph_executor.kernels.decode_attention import DecodeAttention
-from graph_executor.kernels.gemv import GemvConfig, PendingResidual, _settled
+from graph_executor.kernels.gemv import GemvConfig, PendingResidual, _residual_rows
 from graph_executor.kernels.pdl import launch_options, wait_for_prior
 
 # splits combined a loop step, unrolled so that their loads go out together (SmolLM2 at 16 rows x 8 warps, sm_90
@@ -65,9 +65,7 @@ def _combine_gemv_residual_kernel(w_ptr, acc_ptr, m_ptr, l_ptr, pos_ptr, x_ptr, 
     # the residual's rows (settled: this program's rows only, as in gemv._gemv_residual_kernel) read now, with the
     # partials: written before this kernel, they depend on nothing here (at the end they were one more L2 round trip
     # after the sums in the sm_90 SASS)
-    residual = tl.load(x_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    if PENDING > 0:
-        residual = _settled(residual, x_ptr, p_ptr, rows, row_ok, N, PENDING)
+    residual = _residual_rows(x_ptr, p_ptr, rows, row_ok, N, PENDING)
     # the splits holding the keys [start, pos] are the ones the attention wrote (decode_attention._reduce_kernel)
     pos = tl.load(pos_ptr)
     s_lo = tl.maximum(pos + 1 - window, 0) // SPLIT
