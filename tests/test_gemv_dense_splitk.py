@@ -170,7 +170,8 @@ def test_bad_input_is_refused_in_one_line() -> None:
 def test_the_decode_plan_is_the_one_measured_on_the_nearest_hidden_size_below() -> None:
     """decode_plan.plan_for: 7B's plan (split-K down) from hidden 4096 up, 1B's (split-K qkv and down) from 2048,
     SmolLM2's (split-K down; qkv, o and gate_up in one chunk of K) below; o_proj, gate_up and lm_head stay on gemv.py's
-    kernels everywhere; every split-K projection's partials are added by the second kernel (measured)."""
+    kernels everywhere (7B's and 1B's o reading its residual early); every split-K projection's partials are added by
+    the second kernel (measured)."""
     from graph_executor.kernels import decode_plan
     from graph_executor.kernels.gemv import GEMV_PLAN, GemvConfig
 
@@ -179,13 +180,15 @@ def test_the_decode_plan_is_the_one_measured_on_the_nearest_hidden_size_below() 
     assert decode_plan.plan_for(896) == small == decode_plan.plan_for(1) == decode_plan.plan_for(1024)
     # between 1025 and 2047 (Qwen2-1.5B): SmolLM2's plan of before the one-chunk configs (K would not fit one chunk)
     assert decode_plan.plan_for(1536) == decode_plan.plan_for(1025) == dataclasses.replace(
-        GEMV_PLAN, down=DenseSplitKConfig(32, 256, 8, reduce_kernel=True))
+        GEMV_PLAN, o=dataclasses.replace(GEMV_PLAN.o, residual_early=True),
+        down=DenseSplitKConfig(32, 256, 8, reduce_kernel=True))
     assert seven.down == DenseSplitKConfig(16, 1024, 8, reduce_kernel=True) and isinstance(seven.qkv, GemvConfig)
     assert one.qkv == DenseSplitKConfig(16, 256, 4, reduce_kernel=True)
     assert one.down == DenseSplitKConfig(32, 512, 8, reduce_kernel=True)
     assert small.down == DenseSplitKConfig(32, 256, 8, reduce_kernel=True) and isinstance(small.qkv, GemvConfig)
-    for plan in (seven, one):
-        assert (plan.o, plan.gate_up, plan.lm_head) == (GEMV_PLAN.o, GEMV_PLAN.gate_up, GEMV_PLAN.lm_head)
+    for plan in (seven, one):  # o_proj reads its residual right after its wait there (measured), not on SmolLM2
+        assert (plan.o, plan.gate_up, plan.lm_head) == (
+            dataclasses.replace(GEMV_PLAN.o, residual_early=True), GEMV_PLAN.gate_up, GEMV_PLAN.lm_head)
     assert (small.qkv, small.o, small.gate_up, small.lm_head) == (
         GemvConfig(16, 1024, 8), GemvConfig(2, 1024, 4), GemvConfig(8, 1024, 4), GEMV_PLAN.lm_head)
     with pytest.raises(ValueError, match="hidden_size"):

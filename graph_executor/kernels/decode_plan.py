@@ -52,13 +52,20 @@ import dataclasses
 from graph_executor.kernels.gemv import GEMV_PLAN, GemvConfig, GemvPlan
 from graph_executor.kernels.gemv_dense_splitk import DenseSplitKConfig
 
+# gemv.py's o_proj reading its residual rows right after the wait (GemvConfig.residual_early, the same bits).
+# Measured (H200, 41st session, step_variants, 7 alternating rounds, ms per step at context 300 / 2000, two pairs):
+# LLaMA-2-7B 3.738 / 3.744 -> 3.677 / 3.679 and 4.050 / 4.043 -> 3.984 / 3.985 (-1.6%); Llama-3.2-1B 0.919 / 0.919 ->
+# 0.905 / 0.907 and 1.001 / 1.000 -> 0.993 / 0.991 (-1.5% / -0.9%); SmolLM2-135M's 2x1024 o within +-0.3%: not there.
+# Hidden 1025-2047 (its o is 1B's and 7B's config) takes it unmeasured.
+O_RESIDUAL_EARLY = dataclasses.replace(GEMV_PLAN.o, residual_early=True)
+
 # (smallest hidden size, plan), largest first
 MEASURED_PLANS: tuple[tuple[int, GemvPlan], ...] = (
-    (4096, dataclasses.replace(GEMV_PLAN, down=DenseSplitKConfig(16, 1024, 8, reduce_kernel=True))),
-    (2048, dataclasses.replace(GEMV_PLAN, qkv=DenseSplitKConfig(16, 256, 4, reduce_kernel=True),
+    (4096, dataclasses.replace(GEMV_PLAN, o=O_RESIDUAL_EARLY, down=DenseSplitKConfig(16, 1024, 8, reduce_kernel=True))),
+    (2048, dataclasses.replace(GEMV_PLAN, qkv=DenseSplitKConfig(16, 256, 4, reduce_kernel=True), o=O_RESIDUAL_EARLY,
                                down=DenseSplitKConfig(32, 512, 8, reduce_kernel=True))),
     # SmolLM2 before the thirty-ninth session, kept where K > 1024 would not fit one chunk of 1024 (unmeasured there)
-    (1025, dataclasses.replace(GEMV_PLAN, down=DenseSplitKConfig(32, 256, 8, reduce_kernel=True))),
+    (1025, dataclasses.replace(GEMV_PLAN, o=O_RESIDUAL_EARLY, down=DenseSplitKConfig(32, 256, 8, reduce_kernel=True))),
     # SmolLM2: qkv and gate_up read their whole K (576) in one masked chunk (7B's 16x256 read it in three, two of them
     # after the PDL wait), so with the early weights (this size's StepOptions) all of a program's weights are in
     # flight before its wait and nothing but the activation is loaded after it; o_proj's 2x1024 (7B's 2x2048 was one
