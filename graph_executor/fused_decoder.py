@@ -91,7 +91,7 @@ class FusedDecoder:
                  early_weights: bool | None = None, l2_prefetch_mb: int | None = None,
                  split_combine: bool | None = None, tail_prefetch_mb: int | None = None,
                  v_early: bool | None = None, defer_down: bool | None = None,
-                 combine_o: bool | None = None) -> None:
+                 combine_o: bool | None = None, kv_early: bool | None = None) -> None:
         """`fp8`: per projection an Fp8Config runs FP8 slots through the split-K kernels, a GemvConfig through the
         fp16 kernels (FP8_GEMV_PLAN: all of them, the old path). `plan`: the dense weights' configs (None:
         `decode_plan.plan_for` the model's hidden size). `pdl`: launch the dense GEMVs, RoPE and attention
@@ -118,7 +118,9 @@ class FusedDecoder:
         stores its split partials only and o_proj's programs combine them in their prologue
         (kernels/gemv_combine.py: no split combine in the attention kernel and no reduce kernel); only where every
         o_proj is on gemv.py's kernels without a tail prefetch and on one rank; None: the options' where it applies.
-        True where it does not apply: ValueError."""
+        True where it does not apply: ValueError. `kv_early`: with `fuse_rope`, the attention kernel loads its keys
+        and values before it waits for the QKV projection (`DecodeAttention(kv_early=)`, the same bits); None: the
+        options' where `fuse_rope` is on. True without `fuse_rope`: ValueError."""
         cfg = model.config
         device = model.embed_tokens.device
         plan = plan_for(cfg.hidden_size) if plan is None else plan
@@ -130,6 +132,10 @@ class FusedDecoder:
         self.early_weights = early_weights
         split_combine = options.split_combine if split_combine is None else split_combine
         v_early = options.v_early if v_early is None else v_early
+        if kv_early and not fuse_rope:
+            raise ValueError("kv_early takes the new K and V from registers: it needs fuse_rope (RoPE and the KV "
+                             "append inside the attention kernel)")
+        kv_early = options.kv_early and fuse_rope if kv_early is None else kv_early
         # the step's GEMV slots in the order it reads them: per layer qkv, o, gate_up, down (LAYER_GEMVS); then lm_head
         slots = [(getattr(layer, f"{name}_proj"), name) for layer in model.layers
                  for name in LAYER_GEMVS] + [(model.lm_head, "lm_head")]
@@ -161,7 +167,7 @@ class FusedDecoder:
         self.gate_up = empty(2 * cfg.intermediate_size)
         self.attention = DecodeAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, model.max_context,
                                          device, cfg.sliding_window, split_size, pdl=self.pdl,
-                                         fused_reduce=split_combine, v_early=v_early)
+                                         fused_reduce=split_combine, v_early=v_early, kv_early=kv_early)
         # packed int4/int8 and FP8 slots run split-K kernels that share one scratch (one after another on one stream)
         sizes = [decode_scratch_size(w, self.plan[name]) for w, name in slots]
         floats, counters = max(f for f, _ in sizes), max(c for _, c in sizes)

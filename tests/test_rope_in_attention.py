@@ -158,3 +158,89 @@ def test_fused_decoder_with_rope_inside_gives_the_same_step(tmp_path) -> None:
         assert (logits[key] - plain).abs().max() <= 1e-5 * plain.abs().max(), key
         assert torch.allclose(caches[key], caches[False, False], rtol=0, atol=1e-6)
     assert not torch.equal(caches[True, False], before), "the step appended its K and V"
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_keys_and_values_loaded_before_the_wait_give_the_same_bits(case) -> None:
+    """DecodeAttention(kv_early=True): each split's K and V tiles loaded before the wait, the new position's row taken
+    from registers: every output and cache element equal to the plain RoPE-inside call's, at positions on both sides
+    of a split boundary (the new row first, last and inside its split), with and without the split combine, a sliding
+    window, float32 and float16; poisoned outputs first."""
+    heads, kv_heads, hd, cache, positions, window, dtype, split, fused = CASES[case]
+    gen = torch.Generator().manual_seed(case + 40)
+    rope = tables(heads, kv_heads, hd, cache)
+    kv = torch.randn(2, kv_heads, cache, hd, generator=gen).to(DEVICE, dtype)
+    size = split or 64
+    for pos in sorted({*positions, size - 1, size, 2 * size + 5, cache - 1}):
+        qkv = torch.randn((heads + 2 * kv_heads) * hd, generator=gen).to(DEVICE, dtype)
+        position = torch.tensor([pos], device=DEVICE)
+        got = []
+        for early in (False, True):
+            attn = DecodeAttention(heads, kv_heads, hd, cache, DEVICE, sliding_window=window, split_size=split,
+                                   fused_reduce=fused, kv_early=early)
+            poison(attn)
+            cache_copy = kv.clone()
+            out = torch.full((heads, hd), float("nan"), device=DEVICE, dtype=dtype)
+            attn(qkv, cache_copy[0], cache_copy[1], position, out, rope=rope)
+            assert not attn.counts.any()
+            got.append((out, cache_copy))
+        (out, cache_plain), (out_early, cache_early) = got
+        assert torch.isfinite(out_early).all()
+        assert torch.equal(out_early, out), f"pos {pos}"
+        assert torch.equal(cache_early, cache_plain), f"pos {pos}: only the new row, with the same values"
+        kv = cache_plain  # the next position attends to this one's row too
+
+
+def test_keys_and_values_before_the_wait_need_one_block_a_split() -> None:
+    with pytest.raises(ValueError, match="kv_early"):
+        DecodeAttention(4, 4, 64, 256, DEVICE, split_size=128, kv_early=True)
+
+
+def test_a_decode_step_with_the_keys_and_values_loaded_early_gives_the_same_logits(tmp_path) -> None:
+    """FusedDecoder(kv_early=True) with RoPE inside: three steps' logits and the cache after them equal the plain
+    step's, bit for bit (a tiny Llama with grouped KV heads); without RoPE inside it is refused."""
+    import transformers
+
+    from graph_executor.fused_decoder import FusedDecoder
+    from tests.test_model_equivalence import load_hf_model
+    from tests.test_pending_residual import steps
+
+    model = load_hf_model(tmp_path, transformers.LlamaConfig, dict(num_key_value_heads=2, num_hidden_layers=2), 13,
+                          str(DEVICE), max_context=160)
+    prompt = torch.arange(1, 71, device=DEVICE)  # 70 positions: the steps cross no split boundary at 64, their keys do
+    model(prompt, torch.arange(70, device=DEVICE), torch.tensor([69], device=DEVICE), 70)
+    before = model.kv_cache.clone()
+    runs = {}
+    for early in (False, True):
+        model.kv_cache.copy_(before)
+        runs[early] = steps(model, dict(fuse_rope=True, kv_early=early), 3, 70)
+    assert FusedDecoder(model, fuse_rope=True, kv_early=True).attention.kv_early
+    for a, b in zip(runs[False][0], runs[True][0], strict=True):
+        assert torch.isfinite(b).all() and torch.equal(a, b)
+    assert torch.equal(runs[False][1], runs[True][1])
+    with pytest.raises(ValueError, match="fuse_rope"):
+        FusedDecoder(model, fuse_rope=False, kv_early=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("preset", ["smollm2-135m", "llama-2-7b"])
+def test_the_production_steps_in_float16_are_the_same_with_the_keys_and_values_loaded_early(preset) -> None:
+    """SmolLM2-135M's and LLaMA-2-7B's production plans and options (PDL on: the loads really precede the wait),
+    eager and as a CUDA graph, at a position inside a split and at a split's first position."""
+    from graph_executor.loading.loader import LoadConfig, load_model
+    from tests.test_pending_residual import graphed_logits, steps
+
+    model = load_model(LoadConfig(model=f"dummy:{preset}", device="cuda", dtype="float16", max_context=512,
+                                  progress=False)).model
+    before = model.kv_cache.clone()
+    runs = {}
+    for early in (False, True):
+        model.kv_cache.copy_(before)
+        runs[early] = steps(model, dict(kv_early=early), 4, 318)  # 318..321: 320 starts a split
+    for a, b in zip(runs[False][0], runs[True][0], strict=True):
+        assert torch.isfinite(b).all() and torch.equal(a, b)
+    assert torch.equal(runs[False][1], runs[True][1])
+    for position in (330, 384):
+        graphs = {early: graphed_logits(model, dict(kv_early=early), 9, position) for early in (False, True)}
+        assert torch.equal(graphs[False], graphs[True])

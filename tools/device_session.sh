@@ -596,7 +596,26 @@ for step in "${steps[@]}"; do
             -e "s/o=GemvConfig(2, 1024, 4, 3)/o=GemvConfig(${CO_O:-16, 1024, 8}, 3)/" /tmp/co/graph_executor/kernels/decode_plan.py
           echo "patched: $(grep -c 'combine_o=True))' /tmp/co/graph_executor/kernels/decode_plan.py) $(grep -o 'o=GemvConfig([0-9, ]*)' /tmp/co/graph_executor/kernels/decode_plan.py | tail -1)"
           decode_ab co on /tmp/co ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200, rope, buckets, execargmax, combineo, combineoab, residualearly)"
+    kvearly) # issue 12 target 2: the decode attention loads its keys and values before its PDL wait
+             # (DecodeAttention(kv_early=), off): its tests (the interpreter cases compiled, and SmolLM2's and 7B's
+             # production steps eager and graphed, bit for bit), then the step on SmolLM2 and 7B with and without,
+             # alternating rounds (7B also on 4 warps: on its 2 the early tiles take 255 registers; ~4 min)
+          timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_rope_in_attention.py > "$OUT/kve_tests.log" 2>&1
+          echo "kv_early tests: rc=$? $(tail -1 "$OUT/kve_tests.log")"; grep -E "^FAILED|Error" "$OUT/kve_tests.log" | head -5
+          timeout 150 python3 -m bench.probes.step_variants --models smollm2-135m --contexts 300,2000 --rounds 7 \
+            --variants "fused=1;kve=1;fused=1;kve=1" > "$OUT/kve_steps.md" 2>&1
+          echo "kv_early steps: rc=$?"; cat "$OUT/kve_steps.md"
+          timeout 150 python3 -m bench.probes.step_variants --models llama-2-7b --contexts 300,2000 --rounds 5 \
+            --variants "fused=0;kve=1,fused=0;warps=4,fused=0;kve=1,warps=4,fused=0;fused=0" > "$OUT/kve_steps_7b.md" 2>&1
+          echo "kv_early steps 7B: rc=$?"; cat "$OUT/kve_steps_7b.md" ;;
+    kvearlyab) # the bench's SmolLM2 decode with kv_early on (a copy of the tree: the hidden-0 StepOptions with
+               # kv_early=True) against the tree as it is, three alternating rounds, two processes and the executor
+          tree_copy /tmp/kve
+          sed -i -e 's/split_combine=True, defer_down=True))/split_combine=True, defer_down=True, kv_early=True))/' \
+            /tmp/kve/graph_executor/kernels/decode_plan.py
+          echo "patched: $(grep -c 'kv_early=True))' /tmp/kve/graph_executor/kernels/decode_plan.py)"
+          decode_ab kve on /tmp/kve ;;
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200, rope, buckets, execargmax, combineo, combineoab, residualearly, kvearly, kvearlyab)"
        exit 2 ;;
   esac
 done

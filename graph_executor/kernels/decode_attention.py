@@ -43,14 +43,70 @@ BLOCK_N = 64
 
 
 @triton.jit
-def _rope_row(src, cos_sin, d, HEAD_DIM: tl.constexpr):
-    """One head's [hd] row at `src` rotated (rotate-half, HF layout) by the position's cos/sin row `cos_sin`
-    ([2, hd] float32, halves duplicated), in float32: x * cos + rotate_half(x) * sin, as `rope_append` computes it."""
+def _rotate(src, cos, sin, d, HEAD_DIM: tl.constexpr):
+    """One head's [hd] row at `src` rotated (rotate-half, HF layout) by a position's cos and sin [hd] (float32, halves
+    duplicated), in float32: x * cos + rotate_half(x) * sin, as `rope_append` computes it."""
     half: tl.constexpr = HEAD_DIM // 2
     x = tl.load(src + d).to(tl.float32)
     partner = tl.load(src + (d + half) % HEAD_DIM).to(tl.float32)  # x2 for the first half, x1 for the second
+    return x * cos + tl.where(d < half, -partner * sin, partner * sin)
+
+
+@triton.jit
+def _rope_row(src, cos_sin, d, HEAD_DIM: tl.constexpr):
+    """`_rotate` by the position's cos/sin row `cos_sin` ([2, hd] float32)."""
+    return _rotate(src, tl.load(cos_sin + d), tl.load(cos_sin + HEAD_DIM + d), d, HEAD_DIM)
+
+
+@triton.jit
+def _early_split(q_ptr, k_ptr, v_ptr, pos_ptr, rope_ptr, stride_kh, stride_kn, stride_vh, stride_vn, stride_qkv, scale,
+                 window, head, split, token, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr,
+                 BLOCK: tl.constexpr, NUM_HEADS: tl.constexpr, PDL: tl.constexpr):
+    """`_split_kernel`'s one-query RoPE split (one block of keys) with the split's K and V tiles, the position and its
+    cos/sin loaded before the wait for the kernel before (the QKV projection): none of them is written by it. The
+    cache's rows below the position were written by earlier steps; the row at the position, stale in the tiles, is
+    this kernel's own append, so it is taken from registers (rounded to the cache's dtype, as a load of it would
+    give), not read back. Only the QKV row is loaded after the wait. The arithmetic is the loop's, in the same order:
+    the same bits. Returns (m, l, acc [hd], pos, start, lo, hi, d, row)."""
+    kv_head = head // GROUP
+    pos = tl.load(pos_ptr + token)  # written before the step's graph (the host) or by the previous step's argmax
+    start = tl.maximum(pos + 1 - window, 0)
+    lo = tl.maximum(split * SPLIT, start)
+    hi = tl.minimum((split + 1) * SPLIT, pos + 1)
+    d = tl.arange(0, HEAD_DIM)
+    row = token * NUM_HEADS + head
+    n = lo + tl.arange(0, BLOCK)
+    valid = n < hi  # none past the position: a split beyond it loads nothing
+    k = tl.load(k_ptr + kv_head * stride_kh + n[:, None] * stride_kn + d[None, :], mask=valid[:, None],
+                other=0.0)  # [BLOCK, hd], the cache's dtype
+    v = tl.load(v_ptr + kv_head * stride_vh + n[:, None] * stride_vn + d[None, :], mask=valid[:, None], other=0.0)
+    cos_sin = rope_ptr + pos * 2 * HEAD_DIM
+    cos = tl.load(cos_sin + d)
     sin = tl.load(cos_sin + HEAD_DIM + d)
-    return x * tl.load(cos_sin + d) + tl.where(d < half, -partner * sin, partner * sin)
+    wait_for_prior(PDL)
+    qkv = q_ptr + token * stride_qkv
+    # rounded to the activations' dtype, as rope_append's q buffer holds it
+    q = _rotate(qkv + head * HEAD_DIM, cos, sin, d, HEAD_DIM).to(q_ptr.dtype.element_ty).to(tl.float32) * scale
+    k_new = _rotate(qkv + (NUM_HEADS + kv_head) * HEAD_DIM, cos, sin, d, HEAD_DIM).to(k_ptr.dtype.element_ty)
+    v_new = tl.load(qkv + (NUM_HEADS + NUM_HEADS // GROUP + kv_head) * HEAD_DIM + d).to(v_ptr.dtype.element_ty)
+    if split == pos // SPLIT:  # the split that holds the position appends its K and V (every query head of the group
+        # does, with the same values)
+        tl.store(k_ptr + kv_head * stride_kh + pos * stride_kn + d, k_new)
+        tl.store(v_ptr + kv_head * stride_vh + pos * stride_vn + d, v_new)
+    mine = (n == pos)[:, None]
+    k = tl.where(mine, k_new[None, :], k).to(tl.float32)
+    v = tl.where(mine, v_new[None, :], v).to(tl.float32)
+    m_i = -float("inf")
+    l_i = 0.0
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    s = tl.sum(k * q[None, :], axis=1)  # [BLOCK]
+    s = tl.where(valid, s, -float("inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=0))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(s - m_new)  # [BLOCK]
+    acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+    l_i = l_i * alpha + tl.sum(p, axis=0)
+    return m_new, l_i, acc, pos, start, lo, hi, d, row
 
 
 @triton.jit
@@ -61,61 +117,70 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, acc_ptr, m_ptr, l_ptr,
                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
                   NUM_SPLITS: tl.constexpr, NUM_HEADS: tl.constexpr, SLOTS: tl.constexpr, FUSED_REDUCE: tl.constexpr,
                   ROPE: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr = 0, THREADS: tl.constexpr = 128,
-                  V_EARLY: tl.constexpr = False):
-    wait_for_prior(PDL)
+                  V_EARLY: tl.constexpr = False, KV_EARLY: tl.constexpr = False):
     head = tl.program_id(0)
     split = tl.program_id(1)
     token = tl.program_id(2)
+    if KV_EARLY:  # DecodeAttention(kv_early=): ROPE, one query, no slots, one block a split (SPLIT == BLOCK)
+        m_i, l_i, acc, pos, start, lo, hi, d, row = _early_split(
+            q_ptr, k_ptr, v_ptr, pos_ptr, rope_ptr, stride_kh, stride_kn, stride_vh, stride_vn, stride_qkv, scale,
+            window, head, split, token, GROUP, HEAD_DIM, SPLIT, BLOCK, NUM_HEADS, PDL)
+    else:
+        wait_for_prior(PDL)
     if PREFETCH > 0:  # the next GEMVs' weights into L2 while this latency-bound kernel runs (kernels/l2_prefetch.py)
         if token == 0:
             prefetch_l2(pf0, pn0, pf1, pn1, pf2, pn2, pf3, pn3, head * NUM_SPLITS + split, NUM_HEADS * NUM_SPLITS,
                         PREFETCH, THREADS)
-    kv_head = head // GROUP
-    pos = tl.load(pos_ptr + token)  # the query's position: keys [start, pos] are visible
-    if SLOTS:  # a batched decode: each token attends to its own KV slot
-        k_ptr += tl.load(slot_ptr + token) * stride_slot
-        v_ptr += tl.load(slot_ptr + token) * stride_slot
-    start = tl.maximum(pos + 1 - window, 0)
-    lo = tl.maximum(split * SPLIT, start)
-    hi = tl.minimum((split + 1) * SPLIT, pos + 1)
-    d = tl.arange(0, HEAD_DIM)
-    row = token * NUM_HEADS + head
-    if ROPE:  # q_ptr is the token's un-rotated qkv row [(heads + 2 kv_heads) * hd]: RoPE and the KV append here
-        qkv = q_ptr + token * stride_qkv
-        cos_sin = rope_ptr + pos * 2 * HEAD_DIM
-        # rounded to the activations' dtype, as rope_append's q buffer holds it
-        q = _rope_row(qkv + head * HEAD_DIM, cos_sin, d, HEAD_DIM).to(q_ptr.dtype.element_ty).to(tl.float32) * scale
-        if split == pos // SPLIT:  # the one split that reads position pos appends its K and V first (every query
-            # head of the group does, with the same values); the barrier makes the row visible to the whole program
-            k_new = _rope_row(qkv + (NUM_HEADS + kv_head) * HEAD_DIM, cos_sin, d, HEAD_DIM)
-            tl.store(k_ptr + kv_head * stride_kh + pos * stride_kn + d, k_new.to(k_ptr.dtype.element_ty))
-            tl.store(v_ptr + kv_head * stride_vh + pos * stride_vn + d,
-                     tl.load(qkv + (NUM_HEADS + NUM_HEADS // GROUP + kv_head) * HEAD_DIM + d))
-        tl.debug_barrier()
-    else:
-        q = tl.load(q_ptr + row * HEAD_DIM + d).to(tl.float32) * scale  # [hd]
-    m_i = -float("inf")
-    l_i = 0.0
-    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    for block_start in range(lo, hi, BLOCK):
-        n = block_start + tl.arange(0, BLOCK)
-        valid = n < hi
-        k = tl.load(k_ptr + kv_head * stride_kh + n[:, None] * stride_kn + d[None, :],
-                    mask=valid[:, None], other=0.0).to(tl.float32)  # [BLOCK, hd]
-        if V_EARLY:  # V's loads issued with K's, before the scores' reductions (barriers: ptxas keeps loads behind them)
-            v = tl.load(v_ptr + kv_head * stride_vh + n[:, None] * stride_vn + d[None, :],
+    if not KV_EARLY:
+        kv_head = head // GROUP
+        pos = tl.load(pos_ptr + token)  # the query's position: keys [start, pos] are visible
+        if SLOTS:  # a batched decode: each token attends to its own KV slot
+            k_ptr += tl.load(slot_ptr + token) * stride_slot
+            v_ptr += tl.load(slot_ptr + token) * stride_slot
+        start = tl.maximum(pos + 1 - window, 0)
+        lo = tl.maximum(split * SPLIT, start)
+        hi = tl.minimum((split + 1) * SPLIT, pos + 1)
+        d = tl.arange(0, HEAD_DIM)
+        row = token * NUM_HEADS + head
+        if ROPE:  # q_ptr is the token's un-rotated qkv row [(heads + 2 kv_heads) * hd]: RoPE and the KV append here
+            qkv = q_ptr + token * stride_qkv
+            cos_sin = rope_ptr + pos * 2 * HEAD_DIM
+            # rounded to the activations' dtype, as rope_append's q buffer holds it
+            q = _rope_row(qkv + head * HEAD_DIM, cos_sin, d, HEAD_DIM).to(q_ptr.dtype.element_ty).to(tl.float32) \
+                * scale
+            if split == pos // SPLIT:  # the one split that reads position pos appends its K and V first (every query
+                # head of the group does, with the same values); the barrier makes the row visible to the whole
+                # program
+                k_new = _rope_row(qkv + (NUM_HEADS + kv_head) * HEAD_DIM, cos_sin, d, HEAD_DIM)
+                tl.store(k_ptr + kv_head * stride_kh + pos * stride_kn + d, k_new.to(k_ptr.dtype.element_ty))
+                tl.store(v_ptr + kv_head * stride_vh + pos * stride_vn + d,
+                         tl.load(qkv + (NUM_HEADS + NUM_HEADS // GROUP + kv_head) * HEAD_DIM + d))
+            tl.debug_barrier()
+        else:
+            q = tl.load(q_ptr + row * HEAD_DIM + d).to(tl.float32) * scale  # [hd]
+        m_i = -float("inf")
+        l_i = 0.0
+        acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+        for block_start in range(lo, hi, BLOCK):
+            n = block_start + tl.arange(0, BLOCK)
+            valid = n < hi
+            k = tl.load(k_ptr + kv_head * stride_kh + n[:, None] * stride_kn + d[None, :],
                         mask=valid[:, None], other=0.0).to(tl.float32)  # [BLOCK, hd]
-        s = tl.sum(k * q[None, :], axis=1)  # [BLOCK]
-        s = tl.where(valid, s, -float("inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new)  # [BLOCK]
-        if not V_EARLY:
-            v = tl.load(v_ptr + kv_head * stride_vh + n[:, None] * stride_vn + d[None, :],
-                        mask=valid[:, None], other=0.0).to(tl.float32)  # [BLOCK, hd]
-        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        m_i = m_new
+            if V_EARLY:  # V's loads issued with K's, before the scores' reductions (barriers: ptxas keeps loads behind
+                # them)
+                v = tl.load(v_ptr + kv_head * stride_vh + n[:, None] * stride_vn + d[None, :],
+                            mask=valid[:, None], other=0.0).to(tl.float32)  # [BLOCK, hd]
+            s = tl.sum(k * q[None, :], axis=1)  # [BLOCK]
+            s = tl.where(valid, s, -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new)  # [BLOCK]
+            if not V_EARLY:
+                v = tl.load(v_ptr + kv_head * stride_vh + n[:, None] * stride_vn + d[None, :],
+                            mask=valid[:, None], other=0.0).to(tl.float32)  # [BLOCK, hd]
+            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            m_i = m_new
     out = row * NUM_SPLITS + split
     # A split past the position (or before a window's start) writes nothing: the reduce skips it. (Masks as
     # tensors: a split's scalars are stored as [1] vectors.)
@@ -256,7 +321,7 @@ class DecodeAttention:
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, max_context: int,
                  device: torch.device, sliding_window: int | None = None, split_size: int | None = None,
                  max_tokens: int = 1, pdl: bool = False, batched: bool = False, num_warps: int | None = None,
-                 fused_reduce: bool = False, v_early: bool = False) -> None:
+                 fused_reduce: bool = False, v_early: bool = False, kv_early: bool = False) -> None:
         """`max_tokens` > 1: a verify step's tokens (one sequence, consecutive positions), or with `batched` the
         tokens of a batched decode (one per KV slot: `__call__`'s slots). `num_warps`: the one-query kernel's
         (default: `one_query_warps` with the default split, else Triton's 4; `bench.probes.decode_attention`
@@ -265,9 +330,15 @@ class DecodeAttention:
         verify kernel keeps its reduce kernel). `v_early`: the one-query kernel issues each block's V loads with its
         K loads, before the scores' reductions (whose barriers otherwise keep V's DRAM latency after K's; same
         arithmetic, same bits; measured on an H200: a loss with the split combine and on 7B, so off everywhere,
-        decode_plan.StepOptions.v_early)."""
+        decode_plan.StepOptions.v_early). `kv_early`: a one-query call with `rope` (decode, not batched) loads each
+        split's keys and values, its position and cos/sin before it waits for the kernel before it (PDL: during the
+        QKV projection) and takes the new position's K and V from registers (`_early_split`; same bits); needs
+        splits of at most BLOCK_N positions (one block each)."""
         if head_dim & (head_dim - 1):
             raise ValueError(f"decode attention needs a power-of-two head_dim, got {head_dim}")
+        if kv_early and (split_size or SPLIT_SIZE) > BLOCK_N:
+            raise ValueError(f"kv_early loads one block of keys a split: splits of at most {BLOCK_N} positions, got "
+                             f"{split_size}")
         self.num_heads, self.group, self.head_dim = num_heads, num_heads // num_kv_heads, head_dim
         one_query = max_tokens == 1 or batched  # `_split_kernel`; else the verify step's `_split_rows_kernel`
         self.split = split_size or SPLIT_SIZE
@@ -287,6 +358,7 @@ class DecodeAttention:
         self.l = torch.empty(max_tokens, num_heads, self.num_splits, **f32)
         self.fused_reduce = fused_reduce and one_query
         self.v_early = v_early
+        self.kv_early = kv_early
         # per query row, how many of its split programs have finished (the last one resets it)
         self.counts = torch.zeros(max_tokens * num_heads, device=device, dtype=torch.int32)
 
@@ -330,7 +402,8 @@ class DecodeAttention:
                 NUM_SPLITS=self.num_splits, NUM_HEADS=self.num_heads, SLOTS=slots is not None,
                 FUSED_REDUCE=self.fused_reduce and not partials_only, ROPE=rope is not None, PDL=self.pdl,
                 PREFETCH=regions,
-                THREADS=32 * self.warps.get("num_warps", 4), V_EARLY=self.v_early, **self.warps,
+                THREADS=32 * self.warps.get("num_warps", 4), V_EARLY=self.v_early,
+                KV_EARLY=self.kv_early and rope is not None and slots is None, **self.warps,
                 **launch_options(self.pdl),
             )
             if self.fused_reduce or partials_only:

@@ -108,6 +108,10 @@ class StepOptions:
     # and o_proj. Ceiling measured (H200, 40th session, SmolLM2-135M, step_variants ablate=1): -11% / -16% at
     # context 300 / 2000; the fusion itself not measured yet: off everywhere
     combine_o: bool = False
+    # with fuse_rope, the attention kernel loads each split's keys and values (and its position, cos and sin) before
+    # its PDL wait, during the QKV projection, and takes the new row from registers (DecodeAttention(kv_early=), the
+    # same bits): only the QKV row is loaded after the wait. Unmeasured (41st session): off everywhere
+    kv_early: bool = False
 
 
 # A qkv program's share of a deferred down_proj's partials (splits x hidden size, float32) up to which `defer_down`
