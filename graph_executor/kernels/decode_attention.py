@@ -59,24 +59,19 @@ def _rope_row(src, cos_sin, d, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def _early_split(q_ptr, k_ptr, v_ptr, pos_ptr, rope_ptr, stride_kh, stride_kn, stride_vh, stride_vn, stride_qkv, scale,
-                 window, head, split, token, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr,
+def _early_split(q_ptr, k_ptr, v_ptr, rope_ptr, stride_kh, stride_kn, stride_vh, stride_vn, stride_qkv, scale,
+                 head, token, pos, lo, hi, d, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr,
                  BLOCK: tl.constexpr, NUM_HEADS: tl.constexpr, PDL: tl.constexpr):
-    """`_split_kernel`'s one-query RoPE split (one block of keys) with the split's K and V tiles, the position and its
-    cos/sin loaded before the wait for the kernel before (the QKV projection): none of them is written by it. The
-    cache's rows below the position were written by earlier steps; the row at the position, stale in the tiles, is
-    this kernel's own append, so it is taken from registers (rounded to the cache's dtype, as a load of it would
-    give), not read back. Only the QKV row is loaded after the wait. The arithmetic is the loop's, in the same order:
-    the same bits. Returns (m, l, acc [hd], pos, start, lo, hi, d, row)."""
+    """`_split_kernel`'s one-query RoPE split (one block of keys, [lo, hi) holding some) with the split's K and V tiles
+    and its position's cos/sin loaded before the wait for the kernel before (the QKV projection): none of them is
+    written by it. The cache's rows below the position were written by earlier steps; the row at the position, stale
+    in the tiles, is this kernel's own append, so it is taken from registers (rounded to the cache's dtype, as a load
+    of it would give), not read back. Only the QKV row is loaded after the wait. The arithmetic is the loop's, in the
+    same order: the same bits. Returns (m, l, acc [hd])."""
     kv_head = head // GROUP
-    pos = tl.load(pos_ptr + token)  # written before the step's graph (the host) or by the previous step's argmax
-    start = tl.maximum(pos + 1 - window, 0)
-    lo = tl.maximum(split * SPLIT, start)
-    hi = tl.minimum((split + 1) * SPLIT, pos + 1)
-    d = tl.arange(0, HEAD_DIM)
-    row = token * NUM_HEADS + head
+    split = lo // SPLIT
     n = lo + tl.arange(0, BLOCK)
-    valid = n < hi  # none past the position: a split beyond it loads nothing
+    valid = n < hi
     k = tl.load(k_ptr + kv_head * stride_kh + n[:, None] * stride_kn + d[None, :], mask=valid[:, None],
                 other=0.0)  # [BLOCK, hd], the cache's dtype
     v = tl.load(v_ptr + kv_head * stride_vh + n[:, None] * stride_vn + d[None, :], mask=valid[:, None], other=0.0)
@@ -106,7 +101,7 @@ def _early_split(q_ptr, k_ptr, v_ptr, pos_ptr, rope_ptr, stride_kh, stride_kn, s
     p = tl.exp(s - m_new)  # [BLOCK]
     acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
     l_i = l_i * alpha + tl.sum(p, axis=0)
-    return m_new, l_i, acc, pos, start, lo, hi, d, row
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -122,9 +117,18 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, acc_ptr, m_ptr, l_ptr,
     split = tl.program_id(1)
     token = tl.program_id(2)
     if KV_EARLY:  # DecodeAttention(kv_early=): ROPE, one query, no slots, one block a split (SPLIT == BLOCK)
-        m_i, l_i, acc, pos, start, lo, hi, d, row = _early_split(
-            q_ptr, k_ptr, v_ptr, pos_ptr, rope_ptr, stride_kh, stride_kn, stride_vh, stride_vn, stride_qkv, scale,
-            window, head, split, token, GROUP, HEAD_DIM, SPLIT, BLOCK, NUM_HEADS, PDL)
+        pos = tl.load(pos_ptr + token)  # written before the step's graph (the host) or by the previous step's argmax
+        start = tl.maximum(pos + 1 - window, 0)
+        lo = tl.maximum(split * SPLIT, start)
+        hi = tl.minimum((split + 1) * SPLIT, pos + 1)
+        d = tl.arange(0, HEAD_DIM)
+        row = token * NUM_HEADS + head
+        if lo >= hi:  # a split without keys of the token ends here, before the wait: it writes nothing and is not
+            # counted by the split combine below (at a 4096-position cache and context 300, 59 of each head's 64)
+            return
+        m_i, l_i, acc = _early_split(q_ptr, k_ptr, v_ptr, rope_ptr, stride_kh, stride_kn, stride_vh, stride_vn,
+                                     stride_qkv, scale, head, token, pos, lo, hi, d, GROUP, HEAD_DIM, SPLIT, BLOCK,
+                                     NUM_HEADS, PDL)
     else:
         wait_for_prior(PDL)
     if PREFETCH > 0:  # the next GEMVs' weights into L2 while this latency-bound kernel runs (kernels/l2_prefetch.py)
@@ -192,7 +196,11 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, acc_ptr, m_ptr, l_ptr,
     if FUSED_REDUCE:  # the last of the row's NUM_SPLITS programs to finish combines them (no reduce kernel after)
         tl.debug_barrier()  # every thread's stores are issued before the release below
         done = tl.atomic_add(count_ptr + row, 1, sem="acq_rel")
-        if done == NUM_SPLITS - 1:  # the splits holding keys [start, pos] are the ones written
+        if KV_EARLY:  # only the splits holding keys of the token got here
+            last = pos // SPLIT - start // SPLIT
+        else:
+            last = NUM_SPLITS - 1
+        if done == last:  # the splits holding keys [start, pos] are the ones written
             _combine(acc_ptr, m_ptr, l_ptr, out_ptr, row, start // SPLIT, pos // SPLIT + 1, HEAD_DIM, NUM_SPLITS,
                      COMBINE_SPLITS)
             tl.atomic_xchg(count_ptr + row, 0)  # ready for the next step (a graph replays it)
