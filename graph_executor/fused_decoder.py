@@ -14,7 +14,8 @@ import torch
 
 from graph_executor.kernels import gemv_combine, gemv_dense_splitk, l2_prefetch
 from graph_executor.kernels import pdl as pdl_launch
-from graph_executor.kernels.decode_attention import DecodeAttention
+from graph_executor.kernels.decode_attention import BLOCK_N as ATTENTION_BLOCK
+from graph_executor.kernels.decode_attention import SPLIT_SIZE, DecodeAttention
 from graph_executor.kernels.decode_plan import DEFER_DOWN_MAX_FLOATS, options_for, plan_for
 from graph_executor.kernels.gemv import GemvConfig, GemvPlan
 from graph_executor.kernels.gemv_fp8 import Fp8Config, Fp8Plan
@@ -135,7 +136,8 @@ class FusedDecoder:
         if kv_early and not fuse_rope:
             raise ValueError("kv_early takes the new K and V from registers: it needs fuse_rope (RoPE and the KV "
                              "append inside the attention kernel)")
-        kv_early = options.kv_early and fuse_rope if kv_early is None else kv_early
+        if kv_early is None:  # the options' where it applies: RoPE inside, splits of one block
+            kv_early = options.kv_early and fuse_rope and (split_size or SPLIT_SIZE) <= ATTENTION_BLOCK
         # the step's GEMV slots in the order it reads them: per layer qkv, o, gate_up, down (LAYER_GEMVS); then lm_head
         slots = [(getattr(layer, f"{name}_proj"), name) for layer in model.layers
                  for name in LAYER_GEMVS] + [(model.lm_head, "lm_head")]

@@ -197,8 +197,8 @@ def test_the_decode_plan_is_the_one_measured_on_the_nearest_hidden_size_below() 
 
 def test_the_step_options_are_the_ones_measured_on_the_nearest_hidden_size_below(tmp_path) -> None:
     """decode_plan.options_for: RoPE inside attention from 7B's hidden size up and below 1B's; the early weights and
-    the attention's in-kernel split combine below 1B's only (measured on the card: losses on 7B); the early V loads
-    nowhere; FusedDecoder takes them unless told."""
+    the attention's in-kernel split combine and its keys and values loaded before its wait below 1B's only (measured
+    on the card: losses on 7B); the early V loads nowhere; FusedDecoder takes them unless told."""
     import transformers
 
     from graph_executor.fused_decoder import FusedDecoder
@@ -209,7 +209,8 @@ def test_the_step_options_are_the_ones_measured_on_the_nearest_hidden_size_below
     assert decode_plan.options_for(8192) == seven == decode_plan.StepOptions(fuse_rope=True, early_weights=False)
     assert decode_plan.options_for(3584) == one == decode_plan.StepOptions(fuse_rope=False, early_weights=False)
     assert decode_plan.options_for(1) == small == decode_plan.StepOptions(fuse_rope=True, early_weights=True,
-                                                                          split_combine=True, defer_down=True)
+                                                                          split_combine=True, defer_down=True,
+                                                                          kv_early=True)
     with pytest.raises(ValueError, match="hidden_size"):
         decode_plan.options_for(0)
     model = load_hf_model(tmp_path, transformers.LlamaConfig, {}, 3, max_context=32)
@@ -219,6 +220,9 @@ def test_the_step_options_are_the_ones_measured_on_the_nearest_hidden_size_below
     assert all(c.early for c in configs), "every format's config of a projection loads early"
     assert chosen.attention.fused_reduce and not chosen.attention.v_early
     assert chosen.defer_down, "a small model's down_proj partials are left for the next kernels"
+    assert chosen.attention.kv_early, "a small model's attention loads its keys and values before its wait"
     told = FusedDecoder(model, fuse_rope=False, early_weights=False, split_combine=False, v_early=True)
     assert (told.fuse_rope, told.early_weights) == (False, False) and not told.plan["down"].dense.early
     assert not told.attention.fused_reduce and told.attention.v_early
+    assert not told.attention.kv_early, "without RoPE inside the options' kv_early does not apply"
+    assert not FusedDecoder(model, split_size=128).attention.kv_early, "nor with splits of more than one block"
