@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from graph_executor.kernels import gemv_combine, gemv_dense_splitk, l2_prefetch
+from graph_executor.kernels import gemv_dense_splitk, l2_prefetch
 from graph_executor.kernels import pdl as pdl_launch
 from graph_executor.kernels.decode_attention import BLOCK_N as ATTENTION_BLOCK
 from graph_executor.kernels.decode_attention import SPLIT_SIZE, DecodeAttention
@@ -92,36 +92,32 @@ class FusedDecoder:
                  early_weights: bool | None = None, l2_prefetch_mb: int | None = None,
                  split_combine: bool | None = None, tail_prefetch_mb: int | None = None,
                  v_early: bool | None = None, defer_down: bool | None = None,
-                 combine_o: bool | None = None, kv_early: bool | None = None) -> None:
-        """`fp8`: per projection an Fp8Config runs FP8 slots through the split-K kernels, a GemvConfig through the
-        fp16 kernels (FP8_GEMV_PLAN: all of them, the old path). `plan`: the dense weights' configs (None:
-        `decode_plan.plan_for` the model's hidden size). `pdl`: launch the dense GEMVs, RoPE and attention
-        with programmatic dependent launch (kernels/pdl.py); None: where the device has it (Hopper: the same logits,
-        bit for bit; on an H200 a SmolLM2-135M step 0.73 -> 0.59 ms, Llama-3.2-1B 1.10 -> 1.04, LLaMA-2-7B 4.05 ->
-        4.01; bench/NOTES.md, issue 12). `fuse_rope`: RoPE and the KV append inside the decode attention kernel
+                 kv_early: bool | None = None) -> None:
+        """`fp8`: per projection an Fp8Config runs FP8 slots through the split-K kernels, a GemvConfig through the fp16
+        kernels (FP8_GEMV_PLAN: all of them, the old path). `plan`: the dense weights' configs (None:
+        `decode_plan.plan_for` the model's hidden size). `pdl`: launch the dense GEMVs, RoPE and attention with
+        programmatic dependent launch (kernels/pdl.py); None: where the device has it (Hopper: the same logits, bit for
+        bit; on an H200 a SmolLM2-135M step 0.73 -> 0.59 ms, Llama-3.2-1B 1.10 -> 1.04, LLaMA-2-7B 4.05 -> 4.01;
+        bench/NOTES.md, issue 12). `fuse_rope`: RoPE and the KV append inside the decode attention kernel
         (`DecodeAttention(..., rope=)`: one kernel fewer per layer). `early_weights`: every GEMV loads its (first)
-        weights before it waits for the kernel before it (`pdl.with_early_weights`): with PDL those loads overlap
-        that kernel's last wave. None (both): `decode_plan.options_for` the model's hidden size (measured per
-        model size on an H200: each is a gain on some shapes and a loss on others). `l2_prefetch_mb`: the decode
-        attention kernel asks L2 for up to this many MiB of the layer's next weights (o_proj, gate_up, down, the
-        next layer's qkv or the lm_head, in that order; kernels/l2_prefetch.py), on sm_90+ only; None: the
-        options'. `split_combine`: the attention's last split program per head combines the splits (no reduce
-        kernel; `DecodeAttention(fused_reduce=)`); None: the options'. `tail_prefetch_mb`: each GEMV on gemv.py's
-        kernels asks L2 for up to this many MiB of the next projection's weights once its rows are stored (the
-        next kernel's first loads during this one's tail), on sm_90+ only; None: the options'. `v_early`: the
-        attention kernel issues each block's V loads with its K loads (`DecodeAttention(v_early=)`); None: the
-        options'. `defer_down`: down_proj's split-K partials are added by the next layer's qkv and o_proj GEMVs (and
-        the lm_head's) instead of a reduce kernel after it (gemv.PendingResidual: one kernel fewer per layer, the same
-        bits); only where every down_proj is on the dense split-K kernels with a reduce kernel, the qkv, o and
-        lm_head slots on gemv.py's kernels, and not on a tensor-parallel rank (its all-reduce needs x settled);
-        None: the options' where it applies and a qkv program's share of the partials is at most
-        `decode_plan.DEFER_DOWN_MAX_FLOATS`. True where it does not apply: ValueError. `combine_o`: the attention
-        stores its split partials only and o_proj's programs combine them in their prologue
-        (kernels/gemv_combine.py: no split combine in the attention kernel and no reduce kernel); only where every
-        o_proj is on gemv.py's kernels without a tail prefetch and on one rank; None: the options' where it applies.
-        True where it does not apply: ValueError. `kv_early`: with `fuse_rope`, the attention kernel loads its keys
-        and values before it waits for the QKV projection (`DecodeAttention(kv_early=)`, the same bits); None: the
-        options' where `fuse_rope` is on. True without `fuse_rope`: ValueError."""
+        weights before it waits for the kernel before it (`pdl.with_early_weights`): with PDL those loads overlap that
+        kernel's last wave. None (both): `decode_plan.options_for` the model's hidden size (measured per model size on
+        an H200: each is a gain on some shapes and a loss on others). `l2_prefetch_mb`: the decode attention kernel asks
+        L2 for up to this many MiB of the layer's next weights (o_proj, gate_up, down, the next layer's qkv or the
+        lm_head, in that order; kernels/l2_prefetch.py), on sm_90+ only; None: the options'. `split_combine`: the
+        attention's last split program per head combines the splits (no reduce kernel;
+        `DecodeAttention(fused_reduce=)`); None: the options'. `tail_prefetch_mb`: each GEMV on gemv.py's kernels asks
+        L2 for up to this many MiB of the next projection's weights once its rows are stored (the next kernel's first
+        loads during this one's tail), on sm_90+ only; None: the options'. `v_early`: the attention kernel issues each
+        block's V loads with its K loads (`DecodeAttention(v_early=)`); None: the options'. `defer_down`: down_proj's
+        split-K partials are added by the next layer's qkv and o_proj GEMVs (and the lm_head's) instead of a reduce
+        kernel after it (gemv.PendingResidual: one kernel fewer per layer, the same bits); only where every down_proj is
+        on the dense split-K kernels with a reduce kernel, the qkv, o and lm_head slots on gemv.py's kernels, and not on
+        a tensor-parallel rank (its all-reduce needs x settled); None: the options' where it applies and a qkv program's
+        share of the partials is at most `decode_plan.DEFER_DOWN_MAX_FLOATS`. True where it does not apply: ValueError.
+        `kv_early`: with `fuse_rope`, the attention kernel loads its keys and values before it waits for the QKV
+        projection (`DecodeAttention(kv_early=)`, the same bits); None: the options' where `fuse_rope` is on and a
+        split is one block. True without `fuse_rope`: ValueError."""
         cfg = model.config
         device = model.embed_tokens.device
         plan = plan_for(cfg.hidden_size) if plan is None else plan
@@ -193,13 +189,6 @@ class FusedDecoder:
                 if deferrable and model.layers else DEFER_DOWN_MAX_FLOATS + 1
             defer_down = options.defer_down and share <= DEFER_DOWN_MAX_FLOATS
         self.defer_down = deferrable and defer_down
-        combinable = model.tp is None and gemv_combine.fits(self.attention) and all(
-            on_gemv_kernels(layer.o_proj, self.plan["o"]) and tail["o"] is None
-            for layer, tail in zip(model.layers, self.tail))
-        if combine_o and not combinable:
-            raise ValueError("combine_o needs every o_proj on gemv.py's kernels (dense weights on a GemvConfig), no "
-                             "tail prefetch on it, one rank, and heads that fit one program (gemv_combine.fits)")
-        self.combine_o = combinable and (options.combine_o if combine_o is None else combine_o)
 
     @torch.inference_mode()
     def step(self, token: torch.Tensor, position: torch.Tensor, logits: torch.Tensor,
@@ -219,19 +208,15 @@ class FusedDecoder:
                          scratch=sc, prefetch=tail["qkv"], pending=pending)
             if self.fuse_rope:
                 self.attention(self.qkv, cache[0], cache[1], position, self.attn, slots=slot, slot_stride=stride,
-                               rope=m.rope, prefetch=self.prefetch[index], partials_only=self.combine_o)
+                               rope=m.rope, prefetch=self.prefetch[index])
             else:
                 rope_append(self.qkv, position, m.rope, self.q, cache[0], cache[1], cfg.num_heads,
                             cfg.num_kv_heads, cfg.head_dim, pdl=self.pdl, slots=slot, slot_stride=stride)
                 self.attention(self.q, cache[0], cache[1], position, self.attn, slots=slot, slot_stride=stride,
-                               prefetch=self.prefetch[index], partials_only=self.combine_o)
+                               prefetch=self.prefetch[index])
             c.before_residual(x)
-            if self.combine_o:  # o_proj combines the attention's split partials itself (self.attn is not written)
-                gemv_combine.combine_gemv_residual(layer.o_proj, self.attention, position, x, g["o"].dense,
-                                                   pending=pending)
-            else:
-                gemv_residual(layer.o_proj, self.attn.view(-1), x, cfg=g["o"], scratch=sc, prefetch=tail["o"],
-                              pending=pending)
+            gemv_residual(layer.o_proj, self.attn.view(-1), x, cfg=g["o"], scratch=sc, prefetch=tail["o"],
+                          pending=pending)
             pending = None  # o_proj stored x settled
             c.after_residual(x)
             rmsnorm_gemv(layer.gate_up_proj, x, layer.mlp_norm, eps, self.gate_up, cfg=g["gate_up"], scratch=sc,

@@ -571,16 +571,6 @@ for step in "${steps[@]}"; do
           tree_copy /tmp/off
           sed -i 's/^EXECUTOR_ARGMAX_GPU = True/EXECUTOR_ARGMAX_GPU = False/' /tmp/off/jit_context/generator.py
           decode_ab ea off /tmp/off ;;
-    combineo) # issue 12 target 2: o_proj combining the attention's split partials (FusedDecoder(combine_o=), off):
-              # its tests (CPU cases and the SmolLM2-shaped float16 step in a graph), then the SmolLM2 step against
-              # the shipped step and the two ceilings, per combining o_proj config and splits a step (~3 min; 1B's 32 heads
-              # x 64 do not fit one program: gemv_combine.fits)
-          timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gemv_combine.py > "$OUT/combineo_tests.log" 2>&1
-          echo "combine_o tests: rc=$? $(tail -1 "$OUT/combineo_tests.log")"; grep -E "^FAILED|Error" "$OUT/combineo_tests.log" | head -5
-          timeout 240 python3 -m bench.probes.step_variants --models smollm2-135m --contexts 300,2000 \
-            --rounds 5 --variants "fused=1;ablate=1;ablate=4;co=1,o=8x1024x8;co=1,o=16x1024x8;co=1,o=32x1024x8;co=1,o=16x1024x8,cosb=4;co=1,o=32x1024x8,cosb=4;co=1,o=16x1024x4;fused=1" \
-            > "$OUT/combineo_steps.md" 2>&1
-          echo "combine_o steps: rc=$?"; cat "$OUT/combineo_steps.md" ;;
     residualearly) # GemvConfig.residual_early (o_proj's residual rows read right after the wait; same bits): its
                    # test, then the step on SmolLM2, 1B and 7B with and without, alternating rounds (~3 min)
           timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_pending_residual.py > "$OUT/re_tests.log" 2>&1
@@ -588,14 +578,6 @@ for step in "${steps[@]}"; do
           timeout 240 python3 -m bench.probes.step_variants --models smollm2-135m,llama-3.2-1b,llama-2-7b \
             --contexts 300,2000 --rounds 7 --variants "fused=1;re=1;fused=1;re=1" > "$OUT/re_steps.md" 2>&1
           echo "residual_early steps: rc=$?"; cat "$OUT/re_steps.md" ;;
-    combineoab) # the bench's SmolLM2 decode with combine_o on (a copy of the tree: the hidden-0 StepOptions with
-                # combine_o=True and its plan's o config "$CO_O", default 16 rows x 1024 on 8 warps) against the tree
-                # as it is, three alternating rounds, two processes and the executor (~4 min)
-          tree_copy /tmp/co
-          sed -i -e 's/split_combine=True, defer_down=True))/split_combine=True, defer_down=True, combine_o=True))/' \
-            -e "s/o=GemvConfig(2, 1024, 4, 3)/o=GemvConfig(${CO_O:-16, 1024, 8}, 3)/" /tmp/co/graph_executor/kernels/decode_plan.py
-          echo "patched: $(grep -c 'combine_o=True))' /tmp/co/graph_executor/kernels/decode_plan.py) $(grep -o 'o=GemvConfig([0-9, ]*)' /tmp/co/graph_executor/kernels/decode_plan.py | tail -1)"
-          decode_ab co on /tmp/co ;;
     kvearly) # issue 12 target 2: the decode attention loads its keys and values before its PDL wait
              # (DecodeAttention(kv_early=), off): its tests (the interpreter cases compiled, and SmolLM2's and 7B's
              # production steps eager and graphed, bit for bit), then the step on SmolLM2 and 7B with and without,
@@ -608,14 +590,14 @@ for step in "${steps[@]}"; do
           timeout 150 python3 -m bench.probes.step_variants --models llama-2-7b --contexts 300,2000 --rounds 5 \
             --variants "fused=0;kve=1,fused=0;warps=4,fused=0;kve=1,warps=4,fused=0;fused=0" > "$OUT/kve_steps_7b.md" 2>&1
           echo "kv_early steps 7B: rc=$?"; cat "$OUT/kve_steps_7b.md" ;;
-    kvearlyab) # the bench's SmolLM2 decode with kv_early on (a copy of the tree: the hidden-0 StepOptions with
-               # kv_early=True) against the tree as it is, three alternating rounds, two processes and the executor
+    kvearlyab) # the bench's SmolLM2 decode with kv_early off (a copy of the tree: the hidden-0 StepOptions without
+               # it; on there since the 41st session) against the tree as it is, three alternating rounds, two
+               # processes and the executor
           tree_copy /tmp/kve
-          sed -i -e 's/split_combine=True, defer_down=True))/split_combine=True, defer_down=True, kv_early=True))/' \
-            /tmp/kve/graph_executor/kernels/decode_plan.py
-          echo "patched: $(grep -c 'kv_early=True))' /tmp/kve/graph_executor/kernels/decode_plan.py)"
-          decode_ab kve on /tmp/kve ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200, rope, buckets, execargmax, combineo, combineoab, residualearly, kvearly, kvearlyab)"
+          sed -i -e 's/defer_down=True, kv_early=True))/defer_down=True))/' /tmp/kve/graph_executor/kernels/decode_plan.py
+          echo "patched: $(grep -c 'defer_down=True))' /tmp/kve/graph_executor/kernels/decode_plan.py)"
+          decode_ab kve off /tmp/kve ;;
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200, rope, buckets, execargmax, residualearly, kvearly, kvearlyab)"
        exit 2 ;;
   esac
 done

@@ -15,21 +15,18 @@ by a second kernel, `DenseSplitKConfig.reduce_kernel`; 0: by the last program's 
 issued with its K loads, `DecodeAttention(v_early=True)`), tile (1: a copy of the model with its packed weights stored
 tile-major, `quant.tiles.tile_model`; 2: only its o_proj and down_proj; 0: row-major as loaded), dd (1: down_proj's
 split-K partials added by the next layer's qkv and o_proj GEMVs instead of a reduce kernel,
-`FusedDecoder(defer_down=True)`; 0: not), co (1: the attention stores its split partials only and o_proj's programs
-combine them, `FusedDecoder(combine_o=True)`, kernels/gemv_combine.py; with `o=` the combining o_proj's rows and
-warps, its K-block unused), cosb (the combining o_proj's splits a loop step, `gemv_combine.COMBINE_SB`; a power of
-two), re (1: the residual GEMVs on gemv.py's kernels, o_proj and a GemvConfig down_proj, read their residual rows
-right after the wait, `GemvConfig.residual_early`), kve (1: the attention loads its keys and values before its PDL
-wait and takes the new row from registers, `DecodeAttention(kv_early=True)`; needs RoPE inside), ablate (a timing
-ceiling, wrong logits: 1 leaves the attention's split combine out (no reduce kernel, no combine in the kernel), 2
-leaves out the reduce kernels of every split-K GEMV (dense, FP8 and packed), 3 both: what folding those into the next
-kernel could save at most; 4 leaves out each layer's o_proj GEMV: what folding it into the attention kernel could save
-at most; bits add up), and per dense projection a gemv.py config for it, `qkv=`, `o=`, `gate_up=`, `down=`, `lm_head=`
-as rows x K-block x warps[x stages] (e.g. `qkv=8x1024x4`: `GemvConfig(8, 1024, 4)`; stages 3 unless given), or with an
-`s` first a split-K config (`down=s32x256x8`: `DenseSplitKConfig(32, 256, 8, reduce_kernel=True)`); it replaces the
-plan's config for that slot. split, warps, rope, pf, tpf, early, rk, ve, dd, co, re and the projections left out: the
-decoder's defaults (`decode_plan.plan_for` and `options_for` the model). Prints the median of each variant's per-round
-medians and its ratio to the first. """
+`FusedDecoder(defer_down=True)`; 0: not), re (1: the residual GEMVs on gemv.py's kernels, o_proj and a GemvConfig
+down_proj, read their residual rows right after the wait, `GemvConfig.residual_early`), kve (1: the attention loads
+its keys and values before its PDL wait and takes the new row from registers, `DecodeAttention(kv_early=True)`; needs
+RoPE inside), ablate (a timing ceiling, wrong logits: 1 leaves the attention's split combine out (no reduce kernel, no
+combine in the kernel), 2 leaves out the reduce kernels of every split-K GEMV (dense, FP8 and packed), 3 both: what
+folding those into the next kernel could save at most; 4 leaves out each layer's o_proj GEMV: what folding it into the
+attention kernel could save at most; bits add up), and per dense projection a gemv.py config for it, `qkv=`, `o=`,
+`gate_up=`, `down=`, `lm_head=` as rows x K-block x warps[x stages] (e.g. `qkv=8x1024x4`: `GemvConfig(8, 1024, 4)`;
+stages 3 unless given), or with an `s` first a split-K config (`down=s32x256x8`: `DenseSplitKConfig(32, 256, 8,
+reduce_kernel=True)`); it replaces the plan's config for that slot. split, warps, rope, pf, tpf, early, rk, ve, dd,
+re, kve and the projections left out: the decoder's defaults (`decode_plan.plan_for` and `options_for` the model).
+Prints the median of each variant's per-round medians and its ratio to the first. """
 
 from __future__ import annotations
 
@@ -45,7 +42,7 @@ from bench.floors import time_gpu
 from bench.probes.verify_plan import graphed
 from graph_executor import fused_decoder
 from graph_executor.fused_decoder import FusedDecoder
-from graph_executor.kernels import decode_attention, gemv_combine, gemv_fp8, gemv_splitk
+from graph_executor.kernels import decode_attention, gemv_fp8, gemv_splitk
 from graph_executor.kernels.decode_attention import DecodeAttention
 from graph_executor.kernels.decode_plan import plan_for
 from graph_executor.kernels.gemv import GemvConfig
@@ -59,8 +56,8 @@ DEFAULT_VARIANTS = ("split=64,warps=4,fused=0;split=64,warps=2,fused=1;split=64,
                     "split=32,warps=1,fused=1;split=32,warps=2,fused=1;split=64,warps=4,fused=0")
 
 
-FLAGS = ("split", "warps", "fused", "rope", "early", "earlyo", "pf", "tpf", "rk", "ve", "tile", "ablate", "dd", "co",
-         "cosb", "re", "kve")
+FLAGS = ("split", "warps", "fused", "rope", "early", "earlyo", "pf", "tpf", "rk", "ve", "tile", "ablate", "dd", "re",
+         "kve")
 PROJECTIONS = ("qkv", "o", "gate_up", "down", "lm_head")  # keys whose value is a gemv.py config
 
 
@@ -112,7 +109,7 @@ def build(model, variant: dict[str, int | GemvConfig | DenseSplitKConfig]) -> Fu
                                             if isinstance(c := getattr(plan, f.name), DenseSplitKConfig)})
     decoder = FusedDecoder(model, plan=plan, fuse_rope=flag("rope"), early_weights=flag("early"),
                            l2_prefetch_mb=variant.get("pf"), tail_prefetch_mb=variant.get("tpf"),
-                           defer_down=flag("dd"), combine_o=flag("co"))
+                           defer_down=flag("dd"))
     cfg = model.config
     decoder.attention = DecodeAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, model.max_context,
                                         model.embed_tokens.device, cfg.sliding_window, variant.get("split"),
@@ -148,20 +145,6 @@ def ablated(mask: int):
     finally:
         (decode_attention._reduce_kernel, gemv_fp8.launch_reduce, gemv_splitk.launch_reduce,
          fused_decoder.gemv_residual) = saved
-
-
-@contextlib.contextmanager
-def combine_step(splits: int | None):
-    """`cosb=`: gemv_combine.COMBINE_SB while a variant's graph is built (its launches read it); None: unchanged."""
-    saved = gemv_combine.COMBINE_SB
-    if splits is not None:
-        if splits < 1 or splits & (splits - 1):
-            raise SystemExit(f"cosb must be a power of two, got {splits}")
-        gemv_combine.COMBINE_SB = splits
-    try:
-        yield
-    finally:
-        gemv_combine.COMBINE_SB = saved
 
 
 def alternating_rounds(graphs: list[torch.cuda.CUDAGraph], outs: list[torch.Tensor], rounds: int,
@@ -213,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
                 decoder = build(tiled[variant["tile"]] if variant.get("tile") else model, variant)
                 decoders.append(decoder)
                 out = torch.empty(model.config.vocab_size, dtype=torch.float32, device=device)
-                with ablated(variant.get("ablate", 0)), combine_step(variant.get("cosb")):
+                with ablated(variant.get("ablate", 0)):
                     graphs.append(graphed(lambda d=decoder, o=out: d.step(token, position, o)))
                 outs.append(out)
             medians, logits = alternating_rounds(graphs, outs, args.rounds, device)

@@ -372,8 +372,7 @@ class DecodeAttention:
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, position: torch.Tensor,
                  out: torch.Tensor, slots: torch.Tensor | None = None, slot_stride: int = 0,
-                 rope: torch.Tensor | None = None, prefetch: L2Prefetch | None = None,
-                 partials_only: bool = False) -> torch.Tensor:
+                 rope: torch.Tensor | None = None, prefetch: L2Prefetch | None = None) -> torch.Tensor:
         """q: [T, heads, hd] (or [heads, hd] for T = 1), contiguous; k/v_cache: [kv_heads, C, hd] (unit stride in
         hd); position: [T] int64, token t's position; out: [T, heads, hd] like q, written in q's dtype. `slots` [T]
         int64 (a batched decode): token t attends to the caches of KV slot slots[t], slot_stride elements after
@@ -381,9 +380,7 @@ class DecodeAttention:
         projection [T, (heads + 2 kv_heads) * hd] (or 1-D for T = 1) and this call also does `rope_append`'s work
         (RoPE on q and k, K and V written at each token's position): one kernel fewer per layer. `prefetch`
         (one query per token only; sm_90+, `l2_prefetch.supported`): weights the programs ask L2 to hold for the
-        kernels after this one (values unchanged). `partials_only` (one query, not batched): the splits' partials
-        are stored (acc, m, l) and not combined, `out` is left alone: the kernel after this one combines them
-        (kernels/gemv_combine.py, o_proj's prologue)."""
+        kernels after this one (values unchanged)."""
         if self.batched and slots is None or slots is not None and not (self.batched or self.max_tokens == 1):
             raise ValueError("a batched decode attention takes each token's KV slot (a verify step's tokens share one)")
         tokens = position.shape[0]
@@ -395,8 +392,6 @@ class DecodeAttention:
                              f"{tuple(q.shape)} for {tokens} positions")
         if rope is not None and not (self.max_tokens == 1 or self.batched):
             raise ValueError("RoPE inside decode attention is for one query per token (decode), not a verify step")
-        if partials_only and (self.max_tokens != 1 or self.batched):
-            raise ValueError("partials_only is for one query (decode): its reader combines one token's splits")
         if prefetch is not None and not (self.max_tokens == 1 or self.batched):
             raise ValueError("an L2 prefetch rides on the one-query kernel (decode), not a verify step")
         strides = (k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1))
@@ -408,13 +403,13 @@ class DecodeAttention:
                 self.counts, out, rope if rope is not None else self.m, *pf_args, *strides, slot_stride, width,
                 self.scale, self.window, GROUP=self.group, HEAD_DIM=self.head_dim, SPLIT=self.split, BLOCK=block,
                 NUM_SPLITS=self.num_splits, NUM_HEADS=self.num_heads, SLOTS=slots is not None,
-                FUSED_REDUCE=self.fused_reduce and not partials_only, ROPE=rope is not None, PDL=self.pdl,
+                FUSED_REDUCE=self.fused_reduce, ROPE=rope is not None, PDL=self.pdl,
                 PREFETCH=regions,
                 THREADS=32 * self.warps.get("num_warps", 4), V_EARLY=self.v_early,
                 KV_EARLY=self.kv_early and rope is not None and slots is None, **self.warps,
                 **launch_options(self.pdl),
             )
-            if self.fused_reduce or partials_only:
+            if self.fused_reduce:
                 return out
         else:
             _split_rows_kernel[(self.num_heads // self.group, self.num_splits)](

@@ -43,6 +43,13 @@ option as shipped): 7B's plan 0.478 / 0.524; qkv 16x1024 on 8 warps 0.457 / 0.50
 0.503); o 2x1024 or 4x1024 on 4 warps -1% (on 8 warps +3%); lm_head's 16x512 kept (16x1024 on 8 or 16 warps, 8x1024x4
 and 32x512x8 1-3% slower). Together (qkv 16x1024x8, gate_up 8x1024x4, o 2x1024x4): **0.424 / 0.489 (-11% / -6.5%)**.
 Llama-3.2-1B's gate_up in one chunk of 2048 (4x2048x4, 8x2048x8, with or without the early weights) lost 1-7%.
+
+Forty-first session (bench/results/2026-12-04-h200-session41/): o_proj reading its residual right after its wait on
+7B and 1B (O_RESIDUAL_EARLY below), the attention's keys and values loaded before its wait on the small models
+(StepOptions.kv_early). Measured and removed: o_proj combining the attention's split partials in its prologue (one
+program per 16-32 rows recombining every head's splits): SmolLM2 step 0.426 -> 0.519-0.601 ms at context 300, 0.488
+-> 1.07-1.81 at 2000 (every o program repeats the whole combine); larger attention splits (128 or 256 positions,
+4 or 8 warps) 3-40% slower, 32 on 2 warps equal.
 """
 
 from __future__ import annotations
@@ -103,11 +110,6 @@ class StepOptions:
     # session, step_variants, 7 alternating rounds, context 300 / 2000): SmolLM2-135M (6 x 576 floats) 0.511 / 0.506
     # -> 0.484 / 0.482 ms and 0.553 / 0.550 -> 0.529 / 0.529 (-5% / -4%); LLaMA-2-7B (11 x 4096) +4.2% / +3.6%.
     defer_down: bool = False
-    # the attention stores its split partials only and o_proj's programs combine them in their prologue
-    # (FusedDecoder(combine_o=), kernels/gemv_combine.py): no split combine or reduce kernel between the attention
-    # and o_proj. Ceiling measured (H200, 40th session, SmolLM2-135M, step_variants ablate=1): -11% / -16% at
-    # context 300 / 2000; the fusion itself not measured yet: off everywhere
-    combine_o: bool = False
     # with fuse_rope, the attention kernel loads each split's keys and values (and its position, cos and sin) before
     # its PDL wait, during the QKV projection, and takes the new row from registers; a split without keys of the
     # token ends before the wait (DecodeAttention(kv_early=), the same bits): only the QKV row is loaded after the
