@@ -597,7 +597,20 @@ for step in "${steps[@]}"; do
           sed -i -e 's/defer_down=True, kv_early=True))/defer_down=True))/' /tmp/kve/graph_executor/kernels/decode_plan.py
           echo "patched: $(grep -c 'defer_down=True))' /tmp/kve/graph_executor/kernels/decode_plan.py)"
           decode_ab kve off /tmp/kve ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200, rope, buckets, execargmax, residualearly, kvearly, kvearlyab)"
+    kvearly2) # kv_early where it is off (measured on 7B only before the early return of empty splits): 7B on its 2
+              # warps and on 4, Llama-3.2-1B and Llama-3-8B with RoPE moved inside for it (rope=1; 1B's plan keeps it
+              # outside), alternating rounds at a 4096-position cache (~4 min)
+          timeout 330 python3 -m bench.probes.step_variants --models llama-2-7b,llama-3-8b,llama-3.2-1b --contexts 300,2000 \
+            --rounds 5 --variants "fused=0;kve=1,fused=0;kve=1,warps=4,fused=0;rope=1,fused=0;rope=1,kve=1,fused=0;fused=0" > "$OUT/kve2_steps.md" 2>&1
+          echo "kv_early steps: rc=$?"; cat "$OUT/kve2_steps.md" ;;
+    target1) # issue 12 target 1's bench run: decode P50 against the floor at contexts 128 / 512 / 2048 on the 7B,
+             # Llama-3-8B and Llama-3.2-1B shapes, two processes and the executor (~6 min)
+          for m in llama-2-7b llama-3-8b llama-3.2-1b; do
+            timeout 170 python3 -m launch.cli bench --quiet --model "dummy:$m" --engines hybridrt,hybridrt-executor \
+              --workloads context,floors --contexts 128,512,2048 --max-context 4096 --out "$OUT/t1_$m" > "$OUT/t1_$m.log" 2>&1
+            echo "$m: rc=$?"; grep -E "^\| (128|512|2048) \||P50 at context" "$OUT/t1_$m/results.md"
+          done ;;
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200, rope, buckets, execargmax, residualearly, kvearly, kvearlyab, kvearly2, target1)"
        exit 2 ;;
   esac
 done
