@@ -62,6 +62,9 @@ INT8_PLAN = SplitKPlan(  # the same kernels over int8 codes (int4_splitk.py --bi
     down=SplitKConfig(32, 256, 8, reduce_kernel=True),  # 2.80 (2.72)
     lm_head=SplitKConfig(32, 128, 4, reduce_kernel=True),
 )
+# the widest head for which the options' kv_early applies (measured a gain on SmolLM2's 64, a loss on 7B's 128)
+KV_EARLY_MAX_HEAD_DIM = 64
+
 FP8_GEMV_PLAN = GemvPlan(  # FP8 codes through the fp16 GEMVs (the path before the split-K FP8 kernels)
     qkv=GemvConfig(16, 256, 4, 3),  # 2.87 TB/s
     o=GemvConfig(8, 1024, 4, 3),  # 2.23
@@ -116,8 +119,9 @@ class FusedDecoder:
         a tensor-parallel rank (its all-reduce needs x settled); None: the options' where it applies and a qkv program's
         share of the partials is at most `decode_plan.DEFER_DOWN_MAX_FLOATS`. True where it does not apply: ValueError.
         `kv_early`: with `fuse_rope`, the attention kernel loads its keys and values before it waits for the QKV
-        projection (`DecodeAttention(kv_early=)`, the same bits); None: the options' where `fuse_rope` is on and a
-        split is one block. True without `fuse_rope`: ValueError."""
+        projection (`DecodeAttention(kv_early=)`, the same bits); None: the options' where `fuse_rope` is on, a split
+        is one block and a head at most KV_EARLY_MAX_HEAD_DIM wide. True without `fuse_rope`, or with splits of more
+        than one block: ValueError."""
         cfg = model.config
         device = model.embed_tokens.device
         plan = plan_for(cfg.hidden_size) if plan is None else plan
@@ -132,8 +136,10 @@ class FusedDecoder:
         if kv_early and not fuse_rope:
             raise ValueError("kv_early takes the new K and V from registers: it needs fuse_rope (RoPE and the KV "
                              "append inside the attention kernel)")
-        if kv_early is None:  # the options' where it applies: RoPE inside, splits of one block
-            kv_early = options.kv_early and fuse_rope and (split_size or SPLIT_SIZE) <= ATTENTION_BLOCK
+        if kv_early is None:  # the options' where it applies (RoPE inside, splits of one block) and was measured: a
+            # head of 64 (SmolLM2). Heads of 128 hold twice the tiles' registers before the wait (7B lost 10-13%)
+            kv_early = options.kv_early and fuse_rope and (split_size or SPLIT_SIZE) <= ATTENTION_BLOCK and \
+                cfg.head_dim <= KV_EARLY_MAX_HEAD_DIM
         # the step's GEMV slots in the order it reads them: per layer qkv, o, gate_up, down (LAYER_GEMVS); then lm_head
         slots = [(getattr(layer, f"{name}_proj"), name) for layer in model.layers
                  for name in LAYER_GEMVS] + [(model.lm_head, "lm_head")]

@@ -226,3 +226,7 @@ def test_the_step_options_are_the_ones_measured_on_the_nearest_hidden_size_below
     assert not told.attention.fused_reduce and told.attention.v_early
     assert not told.attention.kv_early, "without RoPE inside the options' kv_early does not apply"
     assert not FusedDecoder(model, split_size=128).attention.kv_early, "nor with splits of more than one block"
+    wide = load_hf_model(tmp_path / "wide", transformers.LlamaConfig, dict(hidden_size=256, num_attention_heads=2,
+                                                                           num_key_value_heads=2), 3, max_context=32)
+    assert wide.config.head_dim > 64 and FusedDecoder(wide).fuse_rope
+    assert not FusedDecoder(wide).attention.kv_early, "nor for heads wider than measured"

@@ -91,8 +91,10 @@ def steps(model, decoder_kwargs: dict, count: int, start: int) -> tuple[list[tor
     return out, model.kv_cache.clone()
 
 
-def graphed_logits(model, decoder_kwargs: dict, token: int, position: int) -> torch.Tensor:
-    """One decode step's logits from a CUDA graph of it (captured after one eager step compiles the kernels)."""
+def graphed_logits(model, decoder_kwargs: dict, token: int, position: int,
+                   cache: torch.Tensor | None = None) -> torch.Tensor:
+    """One decode step's logits from a CUDA graph of it (captured after one eager step compiles the kernels). `cache`:
+    the KV cache is restored from it before the replay (the eager step appended the position's row already)."""
     from graph_executor.fused_decoder import FusedDecoder
 
     decoder = FusedDecoder(model, **decoder_kwargs)
@@ -102,6 +104,8 @@ def graphed_logits(model, decoder_kwargs: dict, token: int, position: int) -> to
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         decoder.step(token_t, position_t, logits)
+    if cache is not None:
+        model.kv_cache.copy_(cache)
     graph.replay()
     torch.cuda.synchronize()
     return logits.clone()

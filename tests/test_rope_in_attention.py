@@ -160,13 +160,17 @@ def test_fused_decoder_with_rope_inside_gives_the_same_step(tmp_path) -> None:
     assert not torch.equal(caches[True, False], before), "the step appended its K and V"
 
 
-@pytest.mark.parametrize("case", range(len(CASES)))
+# the split combine under a sliding window (its live splits start past split 0)
+EARLY_CASES = [*CASES, (8, 2, 64, 256, [150, 255], 40, torch.float16, None, True)]
+
+
+@pytest.mark.parametrize("case", range(len(EARLY_CASES)))
 def test_keys_and_values_loaded_before_the_wait_give_the_same_bits(case) -> None:
     """DecodeAttention(kv_early=True): each split's K and V tiles loaded before the wait, the new position's row taken
     from registers: every output and cache element equal to the plain RoPE-inside call's, at positions on both sides
     of a split boundary (the new row first, last and inside its split), with and without the split combine, a sliding
     window, float32 and float16; poisoned outputs first."""
-    heads, kv_heads, hd, cache, positions, window, dtype, split, fused = CASES[case]
+    heads, kv_heads, hd, cache, positions, window, dtype, split, fused = EARLY_CASES[case]
     gen = torch.Generator().manual_seed(case + 40)
     rope = tables(heads, kv_heads, hd, cache)
     kv = torch.randn(2, kv_heads, cache, hd, generator=gen).to(DEVICE, dtype)
@@ -189,6 +193,32 @@ def test_keys_and_values_loaded_before_the_wait_give_the_same_bits(case) -> None
         assert torch.equal(out_early, out), f"pos {pos}"
         assert torch.equal(cache_early, cache_plain), f"pos {pos}: only the new row, with the same values"
         kv = cache_plain  # the next position attends to this one's row too
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="counts the interpreter's calls of the early split")
+def test_the_early_split_runs_once_per_split_holding_keys(monkeypatch) -> None:
+    """With kv_early the kernel takes `_early_split` (not the loop), once per split that holds keys of the token; the
+    rest return before it. Without kv_early, never."""
+    from graph_executor.kernels import decode_attention
+
+    calls = []
+    real = decode_attention._early_split
+
+    def spy(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(decode_attention, "_early_split", spy)
+    heads, kv_heads, hd, cache = 4, 2, 64, 256
+    rope = tables(heads, kv_heads, hd, cache)
+    kv = torch.randn(2, kv_heads, cache, hd)
+    qkv = torch.randn((heads + 2 * kv_heads) * hd)
+    out = torch.empty(heads, hd)
+    for early, expected in ((False, 0), (True, heads * 3)):  # position 130: splits 0, 1 and 2 of 4
+        calls.clear()
+        DecodeAttention(heads, kv_heads, hd, cache, DEVICE, fused_reduce=True, kv_early=early)(
+            qkv, kv[0], kv[1], torch.tensor([130]), out, rope=rope)
+        assert len(calls) == expected
 
 
 def test_keys_and_values_before_the_wait_need_one_block_a_split() -> None:
@@ -241,6 +271,7 @@ def test_the_production_steps_in_float16_are_the_same_with_the_keys_and_values_l
     for a, b in zip(runs[False][0], runs[True][0], strict=True):
         assert torch.isfinite(b).all() and torch.equal(a, b)
     assert torch.equal(runs[False][1], runs[True][1])
-    for position in (330, 384):
-        graphs = {early: graphed_logits(model, dict(kv_early=early), 9, position) for early in (False, True)}
+    cache = model.kv_cache.clone()
+    for position in (330, 384):  # each replay appends its row itself (the cache restored after the warm-up step)
+        graphs = {early: graphed_logits(model, dict(kv_early=early), 9, position, cache) for early in (False, True)}
         assert torch.equal(graphs[False], graphs[True])

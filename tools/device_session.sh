@@ -579,7 +579,7 @@ for step in "${steps[@]}"; do
             --contexts 300,2000 --rounds 7 --variants "fused=1;re=1;fused=1;re=1" > "$OUT/re_steps.md" 2>&1
           echo "residual_early steps: rc=$?"; cat "$OUT/re_steps.md" ;;
     kvearly) # issue 12 target 2: the decode attention loads its keys and values before its PDL wait
-             # (DecodeAttention(kv_early=), off): its tests (the interpreter cases compiled, and SmolLM2's and 7B's
+             # (DecodeAttention(kv_early=); on for the small models since the 41st session): its tests (the interpreter cases compiled, and SmolLM2's and 7B's
              # production steps eager and graphed, bit for bit), then the step on SmolLM2 and 7B with and without,
              # alternating rounds (7B also on 4 warps: on its 2 the early tiles take 255 registers; ~4 min)
           timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_rope_in_attention.py > "$OUT/kve_tests.log" 2>&1

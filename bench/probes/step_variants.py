@@ -26,7 +26,8 @@ attention kernel could save at most; bits add up), and per dense projection a ge
 stages 3 unless given), or with an `s` first a split-K config (`down=s32x256x8`: `DenseSplitKConfig(32, 256, 8,
 reduce_kernel=True)`); it replaces the plan's config for that slot. split, warps, rope, pf, tpf, early, rk, ve, dd,
 re, kve and the projections left out: the decoder's defaults (`decode_plan.plan_for` and `options_for` the model).
-Prints the median of each variant's per-round medians and its ratio to the first. """
+Prints the median of each variant's per-round medians and its ratio to the first.
+"""
 
 from __future__ import annotations
 

@@ -22,7 +22,8 @@ from graph_executor.kernels.pdl import launch_options, wait_for_prior
 
 SPLIT_SIZE = 64  # positions per split; H200 LLaMA-2-7B decode at ctx 512/2048: 64 -> 4.09/4.44 ms, 256 -> 4.44/4.60
 # One query per program (one row, or a batched decode's rows, summed like one row), split SPLIT_SIZE too. H200,
-# whole batch-1 steps as graph replays (`bench.probes.step_variants`, alternating rounds): LLaMA-2-7B at context 300 / 2000 3.926 / 4.347 ms with split 64 on 4 warps and the reduce kernel; 3.844 /
+# whole batch-1 steps as graph replays (`bench.probes.step_variants`, alternating rounds): LLaMA-2-7B at context
+# 300 / 2000 3.926 / 4.347 ms with split 64 on 4 warps and the reduce kernel; 3.844 /
 # 4.175 on 2 warps; 3.881 / 4.194 on 2 warps with the splits combined by the last program (SmolLM2-135M 0.621 / 0.676
 # on 4 warps, 0.666 / 0.716 on 2, 0.629 / 0.665 combined in the kernel); 32 on 1 warp, the best of the kernel-alone
 # sweep, 3.963 / 4.415. 2 warps, one row and a batch's rows alike: with 4 the 4-stream batch's per-stream P50 was
@@ -60,7 +61,7 @@ def _rope_row(src, cos_sin, d, HEAD_DIM: tl.constexpr):
 
 @triton.jit
 def _early_split(q_ptr, k_ptr, v_ptr, rope_ptr, stride_kh, stride_kn, stride_vh, stride_vn, stride_qkv, scale,
-                 head, token, pos, lo, hi, d, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr,
+                 head, split, token, pos, lo, hi, d, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr,
                  BLOCK: tl.constexpr, NUM_HEADS: tl.constexpr, PDL: tl.constexpr):
     """`_split_kernel`'s one-query RoPE split (one block of keys, [lo, hi) holding some) with the split's K and V tiles
     and its position's cos/sin loaded before the wait for the kernel before (the QKV projection): none of them is
@@ -69,7 +70,6 @@ def _early_split(q_ptr, k_ptr, v_ptr, rope_ptr, stride_kh, stride_kn, stride_vh,
     of it would give), not read back. Only the QKV row is loaded after the wait. The arithmetic is the loop's, in the
     same order: the same bits. Returns (m, l, acc [hd])."""
     kv_head = head // GROUP
-    split = lo // SPLIT
     n = lo + tl.arange(0, BLOCK)
     valid = n < hi
     k = tl.load(k_ptr + kv_head * stride_kh + n[:, None] * stride_kn + d[None, :], mask=valid[:, None],
@@ -123,18 +123,22 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, acc_ptr, m_ptr, l_ptr,
         hi = tl.minimum((split + 1) * SPLIT, pos + 1)
         d = tl.arange(0, HEAD_DIM)
         row = token * NUM_HEADS + head
+        if PREFETCH > 0:  # before the return below: every program takes its share (weights only: no wait needed)
+            if token == 0:
+                prefetch_l2(pf0, pn0, pf1, pn1, pf2, pn2, pf3, pn3, head * NUM_SPLITS + split,
+                            NUM_HEADS * NUM_SPLITS, PREFETCH, THREADS)
         if lo >= hi:  # a split without keys of the token ends here, before the wait: it writes nothing and is not
             # counted by the split combine below (at a 4096-position cache and context 300, 59 of each head's 64)
             return
         m_i, l_i, acc = _early_split(q_ptr, k_ptr, v_ptr, rope_ptr, stride_kh, stride_kn, stride_vh, stride_vn,
-                                     stride_qkv, scale, head, token, pos, lo, hi, d, GROUP, HEAD_DIM, SPLIT, BLOCK,
-                                     NUM_HEADS, PDL)
+                                     stride_qkv, scale, head, split, token, pos, lo, hi, d, GROUP, HEAD_DIM, SPLIT,
+                                     BLOCK, NUM_HEADS, PDL)
     else:
         wait_for_prior(PDL)
-    if PREFETCH > 0:  # the next GEMVs' weights into L2 while this latency-bound kernel runs (kernels/l2_prefetch.py)
-        if token == 0:
-            prefetch_l2(pf0, pn0, pf1, pn1, pf2, pn2, pf3, pn3, head * NUM_SPLITS + split, NUM_HEADS * NUM_SPLITS,
-                        PREFETCH, THREADS)
+        if PREFETCH > 0:  # the next GEMVs' weights into L2 while this latency-bound kernel runs (l2_prefetch.py)
+            if token == 0:
+                prefetch_l2(pf0, pn0, pf1, pn1, pf2, pn2, pf3, pn3, head * NUM_SPLITS + split,
+                            NUM_HEADS * NUM_SPLITS, PREFETCH, THREADS)
     if not KV_EARLY:
         kv_head = head // GROUP
         pos = tl.load(pos_ptr + token)  # the query's position: keys [start, pos] are visible
@@ -193,7 +197,8 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, acc_ptr, m_ptr, l_ptr,
     tl.store(acc_ptr + out * HEAD_DIM + d, acc, mask=(d * 0 + lo) < hi)
     tl.store(m_ptr + out + one, tl.zeros([1], dtype=tl.float32) + m_i, mask=busy)
     tl.store(l_ptr + out + one, tl.zeros([1], dtype=tl.float32) + l_i, mask=busy)
-    if FUSED_REDUCE:  # the last of the row's NUM_SPLITS programs to finish combines them (no reduce kernel after)
+    if FUSED_REDUCE:  # the last of the row's programs to get here (all NUM_SPLITS, or with KV_EARLY those holding keys)
+        # combines the splits (no reduce kernel after)
         tl.debug_barrier()  # every thread's stores are issued before the release below
         done = tl.atomic_add(count_ptr + row, 1, sem="acq_rel")
         if KV_EARLY:  # only the splits holding keys of the token got here
@@ -346,7 +351,7 @@ class DecodeAttention:
             raise ValueError(f"decode attention needs a power-of-two head_dim, got {head_dim}")
         if kv_early and (split_size or SPLIT_SIZE) > BLOCK_N:
             raise ValueError(f"kv_early loads one block of keys a split: splits of at most {BLOCK_N} positions, got "
-                             f"{split_size}")
+                             f"{split_size or SPLIT_SIZE}")
         self.num_heads, self.group, self.head_dim = num_heads, num_heads // num_kv_heads, head_dim
         one_query = max_tokens == 1 or batched  # `_split_kernel`; else the verify step's `_split_rows_kernel`
         self.split = split_size or SPLIT_SIZE

@@ -117,7 +117,8 @@ class StepOptions:
     # 4096-position cache 0.427 / 0.423 -> 0.379 / 0.373 at context 300 and 0.490 / 0.492 -> 0.444 / 0.444 at 2000
     # (-12% / -9.5%); at a 512-position cache 0.405 -> 0.363 at 50, 0.403 -> 0.369 at 300. LLaMA-2-7B (before the
     # early exit of empty splits) +13% at 300 and 2000 on its 2 warps (the early tiles take 255 registers a thread,
-    # one 64-thread program an SM), +10% on 4: on below hidden 2048 only (1B keeps RoPE outside: not applicable)
+    # one 64-thread program an SM), +10% on 4: on below hidden 2048 only (1B keeps RoPE outside: not applicable), and
+    # there for heads of at most 64 (fused_decoder.KV_EARLY_MAX_HEAD_DIM: Qwen2-1.5B's 128 keeps it off, unmeasured)
     kv_early: bool = False
 
 
