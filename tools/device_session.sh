@@ -615,7 +615,16 @@ for step in "${steps[@]}"; do
               --workloads context,floors --contexts 128,512,2048 --max-context 4096 --out "$OUT/t1_$m" > "$OUT/t1_$m.log" 2>&1
             echo "$m: rc=$?"; grep -E "^\| (128|512|2048) \||P50 at context" "$OUT/t1_$m/results.md"
           done ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200, rope, buckets, execargmax, residualearly, kvearly, kvearlyab, kvearly2, target1)"
+    smolreal) # issue 12 target 2 on the real weights: the SmolLM2 GGUF (HYBRIDRT_TEST_GGUF) dequantized to fp16 at
+              # load, the bench's decode through two processes and the executor, three runs, max context 512 and 4096
+              # (~3 min)
+          for mc in 512 4096; do for i in 1 2 3; do
+            timeout 100 python3 -m launch.cli bench --quiet --model "$HYBRIDRT_TEST_GGUF" --dequantize \
+              --engines hybridrt,hybridrt-executor --workloads decode --max-context $mc --out "$OUT/real_${mc}_$i" \
+              > "$OUT/real_${mc}_$i.log" 2>&1
+            echo "real $mc $i: rc=$? $(grep -E '^\| hybridrt' "$OUT/real_${mc}_$i.log" | head -2 | cut -d'|' -f2,3,5,7 | tr '\n' ' ')"
+          done; done ;;
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200, rope, buckets, execargmax, residualearly, kvearly, kvearlyab, kvearly2, target1, smolreal)"
        exit 2 ;;
   esac
 done
