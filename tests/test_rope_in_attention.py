@@ -275,3 +275,53 @@ def test_the_production_steps_in_float16_are_the_same_with_the_keys_and_values_l
     for position in (330, 384):  # each replay appends its row itself (the cache restored after the warm-up step)
         graphs = {early: graphed_logits(model, dict(kv_early=early), 9, position, cache) for early in (False, True)}
         assert torch.equal(graphs[False], graphs[True])
+
+
+@pytest.mark.parametrize("case", range(len(EARLY_CASES)))
+def test_the_position_read_before_the_wait_gives_the_same_bits(case) -> None:
+    """DecodeAttention(early_position=True): the position read before the wait and the splits without keys returning
+    there (the split combine counting only the rest): every output and cache element equal to the plain call's, with
+    RoPE inside and outside (rope_append's q), at positions on both sides of a split boundary; poisoned outputs."""
+    heads, kv_heads, hd, cache, positions, window, dtype, split, fused = EARLY_CASES[case]
+    gen = torch.Generator().manual_seed(case + 70)
+    rope = tables(heads, kv_heads, hd, cache)
+    kv = torch.randn(2, kv_heads, cache, hd, generator=gen).to(DEVICE, dtype)
+    size = split or 64
+    for pos in sorted({*positions, size - 1, size, cache - 1}):
+        qkv = torch.randn((heads + 2 * kv_heads) * hd, generator=gen).to(DEVICE, dtype)
+        position = torch.tensor([pos], device=DEVICE)
+        got = []
+        for early in (False, True):
+            attn = DecodeAttention(heads, kv_heads, hd, cache, DEVICE, sliding_window=window, split_size=split,
+                                   fused_reduce=fused, early_position=early)
+            poison(attn)
+            cache_copy = kv.clone()
+            out = torch.full((heads, hd), float("nan"), device=DEVICE, dtype=dtype)
+            attn(qkv, cache_copy[0], cache_copy[1], position, out, rope=rope)
+            plain = torch.full((heads, hd), float("nan"), device=DEVICE, dtype=dtype)
+            attn(qkv[: heads * hd].view(heads, hd), cache_copy[0], cache_copy[1], position, plain)
+            assert not attn.counts.any()
+            got.append((out, plain, cache_copy))
+        for a, b in zip(*got, strict=True):
+            assert torch.isfinite(b).all() and torch.equal(a, b), f"pos {pos}"
+        kv = got[0][2]
+
+
+def test_a_batched_decode_reads_its_positions_before_the_wait_with_the_same_bits() -> None:
+    """early_position with each token in its own KV slot (a batched decode), RoPE inside."""
+    heads, kv_heads, hd, cache, slots = 4, 2, 64, 128, 3
+    gen = torch.Generator().manual_seed(12)
+    rope = tables(heads, kv_heads, hd, cache)
+    caches = torch.randn(slots, 2, kv_heads, cache, hd, generator=gen).to(DEVICE)
+    stride = caches.stride(0)
+    slot_ids, positions = torch.tensor([2, 0, 1], device=DEVICE), torch.tensor([70, 5, 127], device=DEVICE)
+    qkv = torch.randn(3, (heads + 2 * kv_heads) * hd, generator=gen).to(DEVICE)
+    got = []
+    for early in (False, True):
+        attn = DecodeAttention(heads, kv_heads, hd, cache, DEVICE, max_tokens=3, batched=True, early_position=early)
+        mine = caches.clone()
+        out = torch.full((3, heads, hd), float("nan"), device=DEVICE)
+        attn(qkv, mine[0, 0], mine[0, 1], positions, out, slots=slot_ids, slot_stride=stride, rope=rope)
+        got.append((out, mine))
+    assert torch.isfinite(got[1][0]).all()
+    assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])

@@ -600,13 +600,14 @@ for step in "${steps[@]}"; do
     kvearly2) # kv_early where it is off (measured on 7B only before the early return of empty splits): 7B and
               # Llama-3-8B on their 2 warps, on 4, and with splits of 32 (half the tiles' registers); Llama-3.2-1B with
               # RoPE moved inside for it (rope=1; its plan keeps RoPE outside), with and without the split combine;
+              # all three with the position read before the wait alone (ep=1, DecodeAttention(early_position=));
               # alternating rounds at a 4096-position cache (~6 min)
           timeout 300 python3 -m bench.probes.step_variants --models llama-2-7b,llama-3-8b --contexts 300,2000 \
-            --rounds 5 --variants "fused=0;kve=1,fused=0;kve=1,warps=4,fused=0;kve=1,split=32,fused=0;split=32,fused=0;fused=0" \
+            --rounds 5 --variants "fused=0;kve=1,fused=0;kve=1,warps=4,fused=0;kve=1,split=32,fused=0;split=32,fused=0;ep=1,fused=0;fused=0" \
             > "$OUT/kve2_steps_7b.md" 2>&1
           echo "kv_early steps 7B / 8B: rc=$?"; cat "$OUT/kve2_steps_7b.md"
           timeout 150 python3 -m bench.probes.step_variants --models llama-3.2-1b --contexts 300,2000 --rounds 5 \
-            --variants "fused=0;rope=1,fused=0;rope=1,kve=1,fused=0;rope=1,kve=1;fused=0" > "$OUT/kve2_steps_1b.md" 2>&1
+            --variants "fused=0;ep=1,fused=0;rope=1,fused=0;rope=1,kve=1,fused=0;rope=1,kve=1;fused=0" > "$OUT/kve2_steps_1b.md" 2>&1
           echo "kv_early steps 1B: rc=$?"; cat "$OUT/kve2_steps_1b.md" ;;
     target1) # issue 12 target 1's bench run: decode P50 against the floor at contexts 128 / 512 / 2048 on the 7B,
              # Llama-3-8B and Llama-3.2-1B shapes, two processes and the executor (~6 min)

@@ -112,11 +112,14 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, acc_ptr, m_ptr, l_ptr,
                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
                   NUM_SPLITS: tl.constexpr, NUM_HEADS: tl.constexpr, SLOTS: tl.constexpr, FUSED_REDUCE: tl.constexpr,
                   ROPE: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr = 0, THREADS: tl.constexpr = 128,
-                  V_EARLY: tl.constexpr = False, KV_EARLY: tl.constexpr = False):
+                  V_EARLY: tl.constexpr = False, KV_EARLY: tl.constexpr = False,
+                  EARLY_POSITION: tl.constexpr = False):
     head = tl.program_id(0)
     split = tl.program_id(1)
     token = tl.program_id(2)
-    if KV_EARLY:  # DecodeAttention(kv_early=): ROPE, one query, no slots, one block a split (SPLIT == BLOCK)
+    # KV_EARLY (DecodeAttention(kv_early=): ROPE, one query, no slots, one block a split) or EARLY_POSITION
+    # (DecodeAttention(early_position=)): the position read before the wait
+    if KV_EARLY or EARLY_POSITION:
         pos = tl.load(pos_ptr + token)  # written before the step's graph (the host) or by the previous step's argmax
         start = tl.maximum(pos + 1 - window, 0)
         lo = tl.maximum(split * SPLIT, start)
@@ -130,9 +133,12 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, acc_ptr, m_ptr, l_ptr,
         if lo >= hi:  # a split without keys of the token ends here, before the wait: it writes nothing and is not
             # counted by the split combine below (at a 4096-position cache and context 300, 59 of each head's 64)
             return
-        m_i, l_i, acc = _early_split(q_ptr, k_ptr, v_ptr, rope_ptr, stride_kh, stride_kn, stride_vh, stride_vn,
-                                     stride_qkv, scale, head, split, token, pos, lo, hi, d, GROUP, HEAD_DIM, SPLIT,
-                                     BLOCK, NUM_HEADS, PDL)
+        if KV_EARLY:
+            m_i, l_i, acc = _early_split(q_ptr, k_ptr, v_ptr, rope_ptr, stride_kh, stride_kn, stride_vh, stride_vn,
+                                         stride_qkv, scale, head, split, token, pos, lo, hi, d, GROUP, HEAD_DIM,
+                                         SPLIT, BLOCK, NUM_HEADS, PDL)
+        else:
+            wait_for_prior(PDL)
     else:
         wait_for_prior(PDL)
         if PREFETCH > 0:  # the next GEMVs' weights into L2 while this latency-bound kernel runs (l2_prefetch.py)
@@ -141,7 +147,8 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, acc_ptr, m_ptr, l_ptr,
                             NUM_HEADS * NUM_SPLITS, PREFETCH, THREADS)
     if not KV_EARLY:
         kv_head = head // GROUP
-        pos = tl.load(pos_ptr + token)  # the query's position: keys [start, pos] are visible
+        if not EARLY_POSITION:
+            pos = tl.load(pos_ptr + token)  # the query's position: keys [start, pos] are visible
         if SLOTS:  # a batched decode: each token attends to its own KV slot
             k_ptr += tl.load(slot_ptr + token) * stride_slot
             v_ptr += tl.load(slot_ptr + token) * stride_slot
@@ -197,11 +204,11 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, acc_ptr, m_ptr, l_ptr,
     tl.store(acc_ptr + out * HEAD_DIM + d, acc, mask=(d * 0 + lo) < hi)
     tl.store(m_ptr + out + one, tl.zeros([1], dtype=tl.float32) + m_i, mask=busy)
     tl.store(l_ptr + out + one, tl.zeros([1], dtype=tl.float32) + l_i, mask=busy)
-    if FUSED_REDUCE:  # the last of the row's programs to get here (all NUM_SPLITS, or with KV_EARLY those holding keys)
-        # combines the splits (no reduce kernel after)
+    if FUSED_REDUCE:  # the last of the row's programs to get here (all NUM_SPLITS, or with KV_EARLY or
+        # EARLY_POSITION those holding keys) combines the splits (no reduce kernel after)
         tl.debug_barrier()  # every thread's stores are issued before the release below
         done = tl.atomic_add(count_ptr + row, 1, sem="acq_rel")
-        if KV_EARLY:  # only the splits holding keys of the token got here
+        if KV_EARLY or EARLY_POSITION:  # only the splits holding keys of the token got here
             last = pos // SPLIT - start // SPLIT
         else:
             last = NUM_SPLITS - 1
@@ -334,7 +341,8 @@ class DecodeAttention:
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, max_context: int,
                  device: torch.device, sliding_window: int | None = None, split_size: int | None = None,
                  max_tokens: int = 1, pdl: bool = False, batched: bool = False, num_warps: int | None = None,
-                 fused_reduce: bool = False, v_early: bool = False, kv_early: bool = False) -> None:
+                 fused_reduce: bool = False, v_early: bool = False, kv_early: bool = False,
+                 early_position: bool = False) -> None:
         """`max_tokens` > 1: a verify step's tokens (one sequence, consecutive positions), or with `batched` the
         tokens of a batched decode (one per KV slot: `__call__`'s slots). `num_warps`: the one-query kernel's
         (default: `one_query_warps` with the default split, else Triton's 4; `bench.probes.decode_attention`
@@ -346,7 +354,10 @@ class DecodeAttention:
         decode_plan.StepOptions.v_early). `kv_early`: a one-query call with `rope` (decode, not batched) loads each
         split's keys and values, its position and cos/sin before it waits for the kernel before it (PDL: during the
         QKV projection) and takes the new position's K and V from registers (`_early_split`; same bits); needs
-        splits of at most BLOCK_N positions (one block each)."""
+        splits of at most BLOCK_N positions (one block each). `early_position` (one query per token: decode, batched
+        or not): the position is read before the wait (it is written before the step, never by the kernel before),
+        and a split without keys of the token returns there, so the position's round trip leaves the critical path
+        and the empty splits never wait (kv_early does both too); the same bits. Unmeasured (41st session)."""
         if head_dim & (head_dim - 1):
             raise ValueError(f"decode attention needs a power-of-two head_dim, got {head_dim}")
         if kv_early and (split_size or SPLIT_SIZE) > BLOCK_N:
@@ -372,6 +383,7 @@ class DecodeAttention:
         self.fused_reduce = fused_reduce and one_query
         self.v_early = v_early
         self.kv_early = kv_early
+        self.early_position = early_position
         # per query row, how many of its split programs have finished (the last one resets it)
         self.counts = torch.zeros(max_tokens * num_heads, device=device, dtype=torch.int32)
 
@@ -411,7 +423,8 @@ class DecodeAttention:
                 FUSED_REDUCE=self.fused_reduce, ROPE=rope is not None, PDL=self.pdl,
                 PREFETCH=regions,
                 THREADS=32 * self.warps.get("num_warps", 4), V_EARLY=self.v_early,
-                KV_EARLY=self.kv_early and rope is not None and slots is None, **self.warps,
+                KV_EARLY=self.kv_early and rope is not None and slots is None,
+                EARLY_POSITION=self.early_position, **self.warps,
                 **launch_options(self.pdl),
             )
             if self.fused_reduce:
