@@ -625,7 +625,14 @@ for step in "${steps[@]}"; do
               > "$OUT/real_${mc}_$i.log" 2>&1
             echo "real $mc $i: rc=$? $(grep -E '^\| hybridrt' "$OUT/real_${mc}_$i.log" | head -2 | cut -d'|' -f2,3,5,7 | tr '\n' ' ')"
           done; done ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200, rope, buckets, execargmax, residualearly, kvearly, kvearlyab, kvearly2, target1, smolreal)"
+    kvearlyint4) # issue 10: the attention's early position and early keys / values on the int4 7B step (attention
+                 # is ~10% of its 1.77 ms), o_proj and down_proj tile-major as shipped (tile=2), alternating rounds
+                 # (~3 min)
+          timeout 250 python3 -m bench.probes.step_variants --models llama-2-7b --quantize int4 --contexts 300,2000 \
+            --rounds 5 --variants "fused=0,tile=2;ep=1,fused=0,tile=2;kve=1,warps=4,fused=0,tile=2;kve=1,split=32,fused=0,tile=2;fused=0,tile=2" \
+            > "$OUT/kve_int4_steps.md" 2>&1
+          echo "int4 steps: rc=$?"; cat "$OUT/kve_int4_steps.md" ;;
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200, rope, buckets, execargmax, residualearly, kvearly, kvearlyab, kvearly2, target1, smolreal, kvearlyint4)"
        exit 2 ;;
   esac
 done
