@@ -14,8 +14,7 @@ import torch
 
 from graph_executor.kernels import gemv_dense_splitk, l2_prefetch
 from graph_executor.kernels import pdl as pdl_launch
-from graph_executor.kernels.decode_attention import BLOCK_N as ATTENTION_BLOCK
-from graph_executor.kernels.decode_attention import SPLIT_SIZE, DecodeAttention
+from graph_executor.kernels.decode_attention import DecodeAttention, one_block_splits
 from graph_executor.kernels.decode_plan import DEFER_DOWN_MAX_FLOATS, options_for, plan_for
 from graph_executor.kernels.gemv import GemvConfig, GemvPlan
 from graph_executor.kernels.gemv_fp8 import Fp8Config, Fp8Plan
@@ -138,7 +137,7 @@ class FusedDecoder:
                              "append inside the attention kernel)")
         if kv_early is None:  # the options' where it applies (RoPE inside, splits of one block) and was measured: a
             # head of 64 (SmolLM2). Heads of 128 hold twice the tiles' registers before the wait (7B lost 10-13%)
-            kv_early = options.kv_early and fuse_rope and (split_size or SPLIT_SIZE) <= ATTENTION_BLOCK and \
+            kv_early = options.kv_early and fuse_rope and one_block_splits(split_size) and \
                 cfg.head_dim <= KV_EARLY_MAX_HEAD_DIM
         # the step's GEMV slots in the order it reads them: per layer qkv, o, gate_up, down (LAYER_GEMVS); then lm_head
         slots = [(getattr(layer, f"{name}_proj"), name) for layer in model.layers

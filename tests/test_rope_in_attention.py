@@ -164,14 +164,14 @@ def test_fused_decoder_with_rope_inside_gives_the_same_step(tmp_path) -> None:
 EARLY_CASES = [*CASES, (8, 2, 64, 256, [150, 255], 40, torch.float16, None, True)]
 
 
-@pytest.mark.parametrize("case", range(len(EARLY_CASES)))
-def test_keys_and_values_loaded_before_the_wait_give_the_same_bits(case) -> None:
-    """DecodeAttention(kv_early=True): each split's K and V tiles loaded before the wait, the new position's row taken
-    from registers: every output and cache element equal to the plain RoPE-inside call's, at positions on both sides
-    of a split boundary (the new row first, last and inside its split), with and without the split combine, a sliding
-    window, float32 and float16; poisoned outputs first."""
+def off_and_on(case: int, seed: int, option: str, plain_q: bool):
+    """Per position of EARLY_CASES[case] (its own, a split's last and first, one inside a later split, the cache's
+    last) and per value of the DecodeAttention option `option` (False, then True): a fresh poisoned attention's
+    RoPE-inside output, with `plain_q` also its output for the un-rotated q of the same call's cache, and that cache.
+    Yields (pos, [off's, on's]); each position's calls start from the cache the previous position's off call left,
+    and every call must leave the split combine's counts at zero."""
     heads, kv_heads, hd, cache, positions, window, dtype, split, fused = EARLY_CASES[case]
-    gen = torch.Generator().manual_seed(case + 40)
+    gen = torch.Generator().manual_seed(case + seed)
     rope = tables(heads, kv_heads, hd, cache)
     kv = torch.randn(2, kv_heads, cache, hd, generator=gen).to(DEVICE, dtype)
     size = split or 64
@@ -179,20 +179,34 @@ def test_keys_and_values_loaded_before_the_wait_give_the_same_bits(case) -> None
         qkv = torch.randn((heads + 2 * kv_heads) * hd, generator=gen).to(DEVICE, dtype)
         position = torch.tensor([pos], device=DEVICE)
         got = []
-        for early in (False, True):
+        for on in (False, True):
             attn = DecodeAttention(heads, kv_heads, hd, cache, DEVICE, sliding_window=window, split_size=split,
-                                   fused_reduce=fused, kv_early=early)
+                                   fused_reduce=fused, **{option: on})
             poison(attn)
             cache_copy = kv.clone()
             out = torch.full((heads, hd), float("nan"), device=DEVICE, dtype=dtype)
             attn(qkv, cache_copy[0], cache_copy[1], position, out, rope=rope)
+            outs = [out]
+            if plain_q:
+                plain = torch.full((heads, hd), float("nan"), device=DEVICE, dtype=dtype)
+                attn(qkv[: heads * hd].view(heads, hd), cache_copy[0], cache_copy[1], position, plain)
+                outs.append(plain)
             assert not attn.counts.any()
-            got.append((out, cache_copy))
-        (out, cache_plain), (out_early, cache_early) = got
+            got.append((*outs, cache_copy))
+        yield pos, got
+        kv = got[0][-1]  # the next position attends to this one's row too
+
+
+@pytest.mark.parametrize("case", range(len(EARLY_CASES)))
+def test_keys_and_values_loaded_before_the_wait_give_the_same_bits(case) -> None:
+    """DecodeAttention(kv_early=True): each split's K and V tiles loaded before the wait, the new position's row taken
+    from registers: every output and cache element equal to the plain RoPE-inside call's, at positions on both sides
+    of a split boundary (the new row first, last and inside its split), with and without the split combine, a sliding
+    window, float32 and float16; poisoned outputs first."""
+    for pos, ((out, cache_plain), (out_early, cache_early)) in off_and_on(case, 40, "kv_early", plain_q=False):
         assert torch.isfinite(out_early).all()
         assert torch.equal(out_early, out), f"pos {pos}"
         assert torch.equal(cache_early, cache_plain), f"pos {pos}: only the new row, with the same values"
-        kv = cache_plain  # the next position attends to this one's row too
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="counts the interpreter's calls of the early split")
@@ -282,29 +296,9 @@ def test_the_position_read_before_the_wait_gives_the_same_bits(case) -> None:
     """DecodeAttention(early_position=True): the position read before the wait and the splits without keys returning
     there (the split combine counting only the rest): every output and cache element equal to the plain call's, with
     RoPE inside and outside (rope_append's q), at positions on both sides of a split boundary; poisoned outputs."""
-    heads, kv_heads, hd, cache, positions, window, dtype, split, fused = EARLY_CASES[case]
-    gen = torch.Generator().manual_seed(case + 70)
-    rope = tables(heads, kv_heads, hd, cache)
-    kv = torch.randn(2, kv_heads, cache, hd, generator=gen).to(DEVICE, dtype)
-    size = split or 64
-    for pos in sorted({*positions, size - 1, size, cache - 1}):
-        qkv = torch.randn((heads + 2 * kv_heads) * hd, generator=gen).to(DEVICE, dtype)
-        position = torch.tensor([pos], device=DEVICE)
-        got = []
-        for early in (False, True):
-            attn = DecodeAttention(heads, kv_heads, hd, cache, DEVICE, sliding_window=window, split_size=split,
-                                   fused_reduce=fused, early_position=early)
-            poison(attn)
-            cache_copy = kv.clone()
-            out = torch.full((heads, hd), float("nan"), device=DEVICE, dtype=dtype)
-            attn(qkv, cache_copy[0], cache_copy[1], position, out, rope=rope)
-            plain = torch.full((heads, hd), float("nan"), device=DEVICE, dtype=dtype)
-            attn(qkv[: heads * hd].view(heads, hd), cache_copy[0], cache_copy[1], position, plain)
-            assert not attn.counts.any()
-            got.append((out, plain, cache_copy))
+    for pos, got in off_and_on(case, 70, "early_position", plain_q=True):
         for a, b in zip(*got, strict=True):
             assert torch.isfinite(b).all() and torch.equal(a, b), f"pos {pos}"
-        kv = got[0][2]
 
 
 def test_a_batched_decode_reads_its_positions_before_the_wait_with_the_same_bits() -> None:

@@ -120,8 +120,8 @@ def build(model, variant: dict[str, int | GemvConfig | DenseSplitKConfig]) -> Fu
                                         fused_reduce=bool(variant["fused"]) and not variant.get("ablate", 0) & 1,
                                         v_early=decoder.attention.v_early if "ve" not in variant
                                         else bool(variant["ve"]),
-                                        kv_early=decoder.attention.kv_early and (variant.get("split") or 0) <=
-                                        decode_attention.BLOCK_N if "kve" not in variant else bool(variant["kve"]),
+                                        kv_early=decoder.attention.kv_early and decode_attention.one_block_splits(
+                                            variant.get("split")) if "kve" not in variant else bool(variant["kve"]),
                                         early_position=bool(variant.get("ep", 0)))
     return decoder
 

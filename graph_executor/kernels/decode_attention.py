@@ -35,6 +35,11 @@ ROW_WARPS: int | None = None  # one row's warps; None: by width (`one_query_warp
 BATCH_WARPS: int | None = None  # a batched decode's rows' warps, likewise
 
 
+def one_block_splits(split_size: int | None) -> bool:
+    """Whether a split of `split_size` positions (None: SPLIT_SIZE) is one block of keys, as kv_early needs."""
+    return (split_size or SPLIT_SIZE) <= BLOCK_N
+
+
 def one_query_warps(num_heads: int, head_dim: int, batched: bool) -> int:
     """The one-query kernel's warps at the default split: ROW_WARPS / BATCH_WARPS if set, else 2 for a query at
     least WIDE_QUERY wide and 4 below."""
@@ -57,6 +62,15 @@ def _rotate(src, cos, sin, d, HEAD_DIM: tl.constexpr):
 def _rope_row(src, cos_sin, d, HEAD_DIM: tl.constexpr):
     """`_rotate` by the position's cos/sin row `cos_sin` ([2, hd] float32)."""
     return _rotate(src, tl.load(cos_sin + d), tl.load(cos_sin + HEAD_DIM + d), d, HEAD_DIM)
+
+
+@triton.jit
+def _keys_of(pos_ptr, token, split, window, SPLIT: tl.constexpr):
+    """(pos, start, lo, hi): the token's position, its first visible key (`window`), and the keys [lo, hi) of
+    theirs that this split holds (none where lo >= hi)."""
+    pos = tl.load(pos_ptr + token)
+    start = tl.maximum(pos + 1 - window, 0)
+    return pos, start, tl.maximum(split * SPLIT, start), tl.minimum((split + 1) * SPLIT, pos + 1)
 
 
 @triton.jit
@@ -117,15 +131,13 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, acc_ptr, m_ptr, l_ptr,
     head = tl.program_id(0)
     split = tl.program_id(1)
     token = tl.program_id(2)
+    d = tl.arange(0, HEAD_DIM)
+    row = token * NUM_HEADS + head
     # KV_EARLY (DecodeAttention(kv_early=): ROPE, one query, no slots, one block a split) or EARLY_POSITION
     # (DecodeAttention(early_position=)): the position read before the wait
     if KV_EARLY or EARLY_POSITION:
-        pos = tl.load(pos_ptr + token)  # written before the step's graph (the host) or by the previous step's argmax
-        start = tl.maximum(pos + 1 - window, 0)
-        lo = tl.maximum(split * SPLIT, start)
-        hi = tl.minimum((split + 1) * SPLIT, pos + 1)
-        d = tl.arange(0, HEAD_DIM)
-        row = token * NUM_HEADS + head
+        # written before the step's graph (the host) or by the previous step's argmax, never by the kernel before
+        pos, start, lo, hi = _keys_of(pos_ptr, token, split, window, SPLIT)
         if PREFETCH > 0:  # before the return below: every program takes its share (weights only: no wait needed)
             if token == 0:
                 prefetch_l2(pf0, pn0, pf1, pn1, pf2, pn2, pf3, pn3, head * NUM_SPLITS + split,
@@ -145,18 +157,12 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, acc_ptr, m_ptr, l_ptr,
             if token == 0:
                 prefetch_l2(pf0, pn0, pf1, pn1, pf2, pn2, pf3, pn3, head * NUM_SPLITS + split,
                             NUM_HEADS * NUM_SPLITS, PREFETCH, THREADS)
+        pos, start, lo, hi = _keys_of(pos_ptr, token, split, window, SPLIT)
     if not KV_EARLY:
         kv_head = head // GROUP
-        if not EARLY_POSITION:
-            pos = tl.load(pos_ptr + token)  # the query's position: keys [start, pos] are visible
         if SLOTS:  # a batched decode: each token attends to its own KV slot
             k_ptr += tl.load(slot_ptr + token) * stride_slot
             v_ptr += tl.load(slot_ptr + token) * stride_slot
-        start = tl.maximum(pos + 1 - window, 0)
-        lo = tl.maximum(split * SPLIT, start)
-        hi = tl.minimum((split + 1) * SPLIT, pos + 1)
-        d = tl.arange(0, HEAD_DIM)
-        row = token * NUM_HEADS + head
         if ROPE:  # q_ptr is the token's un-rotated qkv row [(heads + 2 kv_heads) * hd]: RoPE and the KV append here
             qkv = q_ptr + token * stride_qkv
             cos_sin = rope_ptr + pos * 2 * HEAD_DIM
@@ -360,7 +366,7 @@ class DecodeAttention:
         and the empty splits never wait (kv_early does both too); the same bits. Unmeasured (41st session)."""
         if head_dim & (head_dim - 1):
             raise ValueError(f"decode attention needs a power-of-two head_dim, got {head_dim}")
-        if kv_early and (split_size or SPLIT_SIZE) > BLOCK_N:
+        if kv_early and not one_block_splits(split_size):
             raise ValueError(f"kv_early loads one block of keys a split: splits of at most {BLOCK_N} positions, got "
                              f"{split_size or SPLIT_SIZE}")
         self.num_heads, self.group, self.head_dim = num_heads, num_heads // num_kv_heads, head_dim
