@@ -197,9 +197,11 @@ class FusedDecoder:
 
     @torch.inference_mode()
     def step(self, token: torch.Tensor, position: torch.Tensor, logits: torch.Tensor,
-             slot: torch.Tensor | None = None) -> torch.Tensor:
+             slot: torch.Tensor | None = None, context: int | None = None) -> torch.Tensor:
         """token, position: [1] int64 on the device; logits: [vocab] (float32) written in place. `slot` [1] int64:
-        the KV slot to decode (read from the device; None: slot 0)."""
+        the KV slot to decode (read from the device; None: slot 0). `context`: the position is below it (the
+        attention launches only the splits that can hold keys: `DecodeAttention.__call__`); None: the cache's
+        length."""
         m, cfg, c = self.model, self.model.config, self.collectives
         eps, g, sc = cfg.rms_norm_eps, self.plan, self.scratch
         stride = m.kv_caches.stride(0)
@@ -213,12 +215,12 @@ class FusedDecoder:
                          scratch=sc, prefetch=tail["qkv"], pending=pending)
             if self.fuse_rope:
                 self.attention(self.qkv, cache[0], cache[1], position, self.attn, slots=slot, slot_stride=stride,
-                               rope=m.rope, prefetch=self.prefetch[index])
+                               rope=m.rope, prefetch=self.prefetch[index], context=context)
             else:
                 rope_append(self.qkv, position, m.rope, self.q, cache[0], cache[1], cfg.num_heads,
                             cfg.num_kv_heads, cfg.head_dim, pdl=self.pdl, slots=slot, slot_stride=stride)
                 self.attention(self.q, cache[0], cache[1], position, self.attn, slots=slot, slot_stride=stride,
-                               prefetch=self.prefetch[index])
+                               prefetch=self.prefetch[index], context=context)
             c.before_residual(x)
             gemv_residual(layer.o_proj, self.attn.view(-1), x, cfg=g["o"], scratch=sc, prefetch=tail["o"],
                           pending=pending)

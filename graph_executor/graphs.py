@@ -1,8 +1,8 @@
-"""The GPU path's step: fused Triton kernels (`FusedDecoder`, `FusedPrefill`) captured as CUDA graphs, the
-static part of each step: one decode graph, prefill graphs per length bucket for prompts from position 0, extend
-graphs per bucket for prompts that continue what the cache holds (prefix reuse, and the chunks of a prompt longer than
-the largest bucket), and speculative verify graphs per token count (`FusedVerify`). One class owns capture and
-replay.
+"""The GPU path's step: fused Triton kernels (`FusedDecoder`, `FusedPrefill`) captured as CUDA graphs, the static part
+of each step: a decode graph (on small models also one per context bucket), prefill graphs per length bucket for
+prompts from position 0, extend graphs per bucket for prompts that continue what the cache holds (prefix reuse, and
+the chunks of a prompt longer than the largest bucket), and speculative verify graphs per token count
+(`FusedVerify`). One class owns capture and replay.
 
 Graphs are captured one at a time when the executor is idle (`capture_next`), decode first, then the verify
 graphs once a request has asked for one, then prefill buckets by demand; a shape without its graph runs the
@@ -27,6 +27,7 @@ from graph_executor.fused_prefill import FusedPrefill
 from graph_executor.fused_verify import FusedVerify
 from graph_executor.greedy_accept import GreedyAcceptance
 from graph_executor.greedy_token import GreedyToken
+from graph_executor.kernels.decode_plan import options_for
 from graph_executor.model import LlamaModel
 from graph_executor.runner import check_batch, check_slot, check_span, check_tokens, check_verify, eager_prefill
 from ipc.messages import MAX_CHUNK_TOKENS, PromptChunk
@@ -62,6 +63,24 @@ LT_MARGIN = 0.01
 # Decode.argmax's graph: the decode step, then the greedy token (greedy_token.py) filed and the position moved on
 ARGMAX_GRAPH = "decode_argmax"
 LT_TRIAL = "@cublaslt"
+# Decode graphs per context bucket: "decode_ctx<C>" (and ARGMAX_GRAPH + "_ctx<C>") serve positions below C, their
+# attention launching only the splits that can hold keys (FusedDecoder.step's context); C from DECODE_CONTEXT_MIN,
+# doubling, below the cache's length ("decode" and ARGMAX_GRAPH serve the rest). A step replays the smallest captured
+# one that holds its position. Why: the split grid is sized for the cache, so at a 4096-position cache every layer
+# launches 64 attention programs a head whatever the context (at context 300 all but 5 finding no keys). Measured
+# (H200, 42nd session): SmolLM2-135M's step -1.5..-2%, the 7B's and 8B's from -1% to +6% (decode_plan.StepOptions'
+# context_graphs: where the runner captures them by default).
+DECODE_CONTEXT_MIN = 512
+CONTEXT_TAG = "_ctx"
+
+
+def decode_contexts(max_context: int) -> tuple[int, ...]:
+    """The context buckets of a cache of `max_context` positions: DECODE_CONTEXT_MIN, doubling, below it."""
+    contexts, c = [], DECODE_CONTEXT_MIN
+    while c < max_context:
+        contexts.append(c)
+        c *= 2
+    return tuple(contexts)
 
 
 def pick_bucket(num_tokens: int, buckets: tuple[int, ...], replay_ms: dict[int, float],
@@ -128,11 +147,13 @@ class GraphRunner:
     block plan). `accepts`: the verify graphs end with the greedy acceptance (`Verify.accept`; a draft model's
     runner has no use for it). `measured_buckets`: see `pick_bucket` (False: always the smallest bucket).
     `argmax_graph`: capture ARGMAX_GRAPH (Decode.argmax's decode; a draft model's runner, whose decodes nobody takes a
-    token from, and a tensor-parallel rank do without)."""
+    token from, and a tensor-parallel rank do without). `context_graphs`: also a decode graph per context bucket
+    (DECODE_CONTEXT_MIN's comment); None: `decode_plan.options_for` the model's hidden size."""
 
     def __init__(self, model: LlamaModel, buffers: StepBuffers | None = None,
                  buckets: tuple[int, ...] = DEFAULT_BUCKETS, decoder: FusedDecoder | None = None,
-                 accepts: bool = True, measured_buckets: bool = True, argmax_graph: bool = True) -> None:
+                 accepts: bool = True, measured_buckets: bool = True, argmax_graph: bool = True,
+                 context_graphs: bool | None = None) -> None:
         self.model = model
         # Prompts take the cheapest captured bucket by measured replay time (`pick_bucket`). Off for tensor-parallel
         # ranks: each would measure its own, and every rank must replay the same graph (its collectives).
@@ -162,6 +183,9 @@ class GraphRunner:
         # Decode.argmax's own graph (ARGMAX_GRAPH: the decode step, then the argmax kernel, which also moves the
         # position on by one), one rank only (a tensor-parallel rank's logits are gathered on rank 0 alone)
         self.argmax_graphs = (ARGMAX_GRAPH,) if argmax_graph and model.tp is None else ()
+        # the batch-1 decode graphs per context bucket, where measured a gain (decode_plan.StepOptions.context_graphs)
+        wanted = options_for(model.config.hidden_size).context_graphs if context_graphs is None else context_graphs
+        self.decode_contexts = decode_contexts(model.max_context) if wanted else ()
         # what static.position holds once the steps queued so far have run (None: unknown, e.g. after a capture's
         # warm-ups): a decode at that position needs no fill before its replay
         self._position_after: int | None = None
@@ -224,14 +248,23 @@ class GraphRunner:
         check_span(self.max_context, position, 1)
         if position != self._position_after:
             self.static.position.fill_(position)
-        if argmax and ARGMAX_GRAPH in self.graphs:
-            self.graphs[ARGMAX_GRAPH].replay()
+        if argmax and self.argmax_graphs and (name := self._decode_graph(ARGMAX_GRAPH, position)):
+            self.graphs[name].replay()
             self._position_after = position + 1
             return
-        self._launch("decode", self._decode_body)
+        if name := self._decode_graph("decode", position):
+            self.graphs[name].replay()
+        else:
+            self._decode_body()
         if argmax:
             self.greedy.run(position, self.static.position)
         self._position_after = position
+
+    def _decode_graph(self, base: str, position: int) -> str | None:
+        """The captured graph of decode step `base` ("decode" or ARGMAX_GRAPH) to replay at `position`: the smallest
+        context bucket's that holds it, else the whole cache's; None if neither is captured."""
+        names = [f"{base}{CONTEXT_TAG}{c}" for c in self.decode_contexts if position < c] + [base]
+        return next((name for name in names if name in self.graphs), None)
 
     def verify(self, position: int, num_tokens: int, tokens: list[int] | None = None, accept: bool = False) -> None:
         """As ModelRunner.verify; the acceptance runs at the end of every verify graph (when `accepts`)."""
@@ -393,11 +426,11 @@ class GraphRunner:
         self.mixed.run(ids, positions, slots, bucket, self._batch_in[4, :chunks],
                        [self.buffers.chunk_logits(i) for i in range(chunks)], self.buffers.batch_logits[:size])
 
-    def _decode_body(self) -> None:
-        self.decoder.step(self.buffers.token, self.static.position, self.buffers.logits)
+    def _decode_body(self, context: int | None = None) -> None:
+        self.decoder.step(self.buffers.token, self.static.position, self.buffers.logits, context=context)
 
-    def _decode_argmax_body(self) -> None:
-        self._decode_body()
+    def _decode_argmax_body(self, context: int | None = None) -> None:
+        self._decode_body(context)
         # the kernel reads the ring's slot from the device position (the host's position argument is unused there)
         self.greedy.run(self.max_context - 1, self.static.position, advance=True)
 
@@ -429,7 +462,7 @@ class GraphRunner:
         """Graphs not captured yet, in capture order: decode, verify (once used), then the prefill, extend and mixed
         buckets by demand (larger first on ties), and verify graphs last when no request has used them yet."""
         verify = [f"verify_{n}" for n in range(MAX_VERIFY_TOKENS, 1, -1)]
-        order = ["decode", *self.argmax_graphs, *(f"decode_batch_{b}" for b in self.batch_sizes)] + (
+        order = [*self._decode_graphs(), *(f"decode_batch_{b}" for b in self.batch_sizes)] + (
             verify if self.verify_used else [])
         for kind, buckets in (("prefill", self.buckets), ("extend", self.buckets), ("mixed", self.mixed_buckets)):
             by_demand = sorted(buckets, key=lambda b: (-self.demand[f"{kind}_{b}"], -b))
@@ -468,10 +501,16 @@ class GraphRunner:
         next turn after prefix reuse is an extend step) and, for a server
         that speculates, the verify graphs (the first requests then run at steady-state speed: a verify step run
         eagerly costs ~15-20 ms on the H200, against ~1 ms replayed; the rest are captured while idle)."""
-        names = ["decode", *self.argmax_graphs, *(f"decode_batch_{b}" for b in self.batch_sizes),
+        names = [*self._decode_graphs(), *(f"decode_batch_{b}" for b in self.batch_sizes),
                  *(f"{kind}_{b}" for kind in ("prefill", "extend") for b in self.buckets if b <= max_tokens),
                  *(self._mixed_name(1, b) for b in self.mixed_buckets if b <= max_tokens)]
         return names + ([f"verify_{n}" for n in range(MAX_VERIFY_TOKENS, 1, -1)] if verify else [])
+
+    def _decode_graphs(self) -> list[str]:
+        """The batch-1 decode graphs: the whole cache's ("decode", then ARGMAX_GRAPH), then each context bucket's,
+        smallest first."""
+        bases = ["decode", *self.argmax_graphs]
+        return bases + [f"{base}{CONTEXT_TAG}{c}" for c in self.decode_contexts for base in bases]
 
     def capture(self, name: str) -> None:
         """Capture one graph (a no-op if it exists): its warm-up runs compile the kernels, then the capture; or a
@@ -598,10 +637,11 @@ class GraphRunner:
             pass
 
     def _body(self, name: str):
-        if name == "decode":
-            return self._decode_body
-        if name == ARGMAX_GRAPH:
-            return self._decode_argmax_body
+        base, tag, context = name.partition(CONTEXT_TAG)
+        if base == "decode":
+            return lambda: self._decode_body(int(context) if tag else None)
+        if base == ARGMAX_GRAPH:
+            return lambda: self._decode_argmax_body(int(context) if tag else None)
         if name.startswith("decode_batch_"):
             size = int(name.removeprefix("decode_batch_"))
             return lambda: self._decode_batch_body(size)

@@ -198,7 +198,8 @@ def test_the_decode_plan_is_the_one_measured_on_the_nearest_hidden_size_below() 
 def test_the_step_options_are_the_ones_measured_on_the_nearest_hidden_size_below(tmp_path) -> None:
     """decode_plan.options_for: RoPE inside attention from 7B's hidden size up and below 1B's; the early weights and
     the attention's in-kernel split combine and its keys and values loaded before its wait below 1B's only (measured
-    on the card: losses on 7B); the early V loads nowhere; FusedDecoder takes them unless told."""
+    on the card: losses on 7B), and so are the decode graphs per context bucket; the early V loads nowhere;
+    FusedDecoder takes them unless told."""
     import transformers
 
     from graph_executor.fused_decoder import FusedDecoder
@@ -210,7 +211,7 @@ def test_the_step_options_are_the_ones_measured_on_the_nearest_hidden_size_below
     assert decode_plan.options_for(3584) == one == decode_plan.StepOptions(fuse_rope=False, early_weights=False)
     assert decode_plan.options_for(1) == small == decode_plan.StepOptions(fuse_rope=True, early_weights=True,
                                                                           split_combine=True, defer_down=True,
-                                                                          kv_early=True)
+                                                                          kv_early=True, context_graphs=True)
     with pytest.raises(ValueError, match="hidden_size"):
         decode_plan.options_for(0)
     model = load_hf_model(tmp_path, transformers.LlamaConfig, {}, 3, max_context=32)

@@ -78,15 +78,18 @@ def test_the_split_k_down_proj_leaves_its_partials_where_the_reduce_kernel_reads
         gemv.rmsnorm_gemv(w, x[:k], x[:k], 1e-5, x.clone(), pending=PendingResidual(pending.partial[:10], 4))
 
 
-def steps(model, decoder_kwargs: dict, count: int, start: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """`count` decode steps from position `start` (a fresh copy of the cache each call): logits per step, the cache."""
+def steps(model, decoder_kwargs: dict, count: int, start: int,
+          context: int | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """`count` decode steps from position `start` (a fresh copy of the cache each call): logits per step, the cache.
+    `context`: FusedDecoder.step's."""
     from graph_executor.fused_decoder import FusedDecoder
 
     decoder = FusedDecoder(model, **decoder_kwargs)
     out = []
     for i in range(count):
         logits = torch.full((model.config.vocab_size,), float("nan"), device=DEVICE)
-        decoder.step(torch.tensor([3 + 5 * i], device=DEVICE), torch.tensor([start + i], device=DEVICE), logits)
+        decoder.step(torch.tensor([3 + 5 * i], device=DEVICE), torch.tensor([start + i], device=DEVICE), logits,
+                     context=context)
         out.append(logits)
     return out, model.kv_cache.clone()
 

@@ -4,8 +4,8 @@ configurations, timed in alternating rounds in one process so that the host and 
     python -m bench.probes.step_variants [--models llama-2-7b,smollm2-135m] [--contexts 300,2000]
         [--variants "split=64,warps=4,fused=0;split=32,warps=1,fused=1"] [--rounds 3] [--max-context 4096]
 
-A variant is `key=value` pairs joined by commas: split (positions per split), warps (the one-query kernel's), fused
-(1: the last split program combines the splits; 0: a reduce kernel after), rope (1: RoPE and the KV append inside the
+A variant is `key=value` pairs joined by commas: split (positions per split), warps (the one-query kernel's), fused (1:
+the last split program combines the splits; 0: a reduce kernel after), rope (1: RoPE and the KV append inside the
 attention kernel, `FusedDecoder(fuse_rope=True)`; 0: `rope_append` before it), early (1: the GEMVs load their weights
 before waiting for the kernel before them, `FusedDecoder(early_weights=True)`), earlyo (1: o_proj's GEMV alone loads
 early, on top of the rest), pf (MiB of the layer's next weights the attention kernel asks L2 to hold:
@@ -16,19 +16,20 @@ issued with its K loads, `DecodeAttention(v_early=True)`), tile (1: a copy of th
 tile-major, `quant.tiles.tile_model`; 2: only its o_proj and down_proj; 0: row-major as loaded), dd (1: down_proj's
 split-K partials added by the next layer's qkv and o_proj GEMVs instead of a reduce kernel,
 `FusedDecoder(defer_down=True)`; 0: not), re (1: the residual GEMVs on gemv.py's kernels, o_proj and a GemvConfig
-down_proj, read their residual rows right after the wait, `GemvConfig.residual_early`), kve (1: the attention loads
-its keys and values before its PDL wait and takes the new row from registers, `DecodeAttention(kv_early=True)`; needs
-RoPE inside), ep (1: the attention reads the position before its wait and an empty split returns there,
-`DecodeAttention(early_position=True)`), ablate (a timing ceiling, wrong logits: 1 leaves the attention's split
-combine out (no reduce kernel, no combine in the kernel), 2 leaves out the reduce kernels of every split-K GEMV
-(dense, FP8 and packed), 3 both: what folding those into the next kernel could save at most; 4 leaves out each layer's
-o_proj GEMV: what folding it into the attention kernel could save at most; bits add up), and per dense projection a
-gemv.py config for it, `qkv=`, `o=`, `gate_up=`, `down=`, `lm_head=` as rows x K-block x warps[x stages] (e.g.
-`qkv=8x1024x4`: `GemvConfig(8, 1024, 4)`; stages 3 unless given), or with an `s` first a split-K config
-(`down=s32x256x8`: `DenseSplitKConfig(32, 256, 8, reduce_kernel=True)`); it replaces the plan's config for that slot.
-split, warps, rope, pf, tpf, early, rk, ve, dd, re, kve, ep and the projections left out: the decoder's defaults
-(`decode_plan.plan_for` and `options_for` the model). Prints the median of each variant's per-round medians and its
-ratio to the first.
+down_proj, read their residual rows right after the wait, `GemvConfig.residual_early`), kve (1: the attention loads its
+keys and values before its PDL wait and takes the new row from registers, `DecodeAttention(kv_early=True)`; needs RoPE
+inside), ep (1: the attention reads the position before its wait and an empty split returns there,
+`DecodeAttention(early_position=True)`), ctx (the step's context bound, `FusedDecoder.step(context=)`: the attention
+launches only the splits below it, as the graph runner's "decode_ctx<C>" graphs do; it must exceed the context), ablate
+(a timing ceiling, wrong logits: 1 leaves the attention's split combine out (no reduce kernel, no combine in the
+kernel), 2 leaves out the reduce kernels of every split-K GEMV (dense, FP8 and packed), 3 both: what folding those into
+the next kernel could save at most; 4 leaves out each layer's o_proj GEMV: what folding it into the attention kernel
+could save at most; bits add up), and per dense projection a gemv.py config for it, `qkv=`, `o=`, `gate_up=`, `down=`,
+`lm_head=` as rows x K-block x warps[x stages] (e.g. `qkv=8x1024x4`: `GemvConfig(8, 1024, 4)`; stages 3 unless given),
+or with an `s` first a split-K config (`down=s32x256x8`: `DenseSplitKConfig(32, 256, 8, reduce_kernel=True)`); it
+replaces the plan's config for that slot. split, warps, rope, pf, tpf, early, rk, ve, dd, re, kve, ep, ctx and the
+projections left out: the decoder's defaults (`decode_plan.plan_for` and `options_for` the model). Prints the median of
+each variant's per-round medians and its ratio to the first.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ DEFAULT_VARIANTS = ("split=64,warps=4,fused=0;split=64,warps=2,fused=1;split=64,
 
 
 FLAGS = ("split", "warps", "fused", "rope", "early", "earlyo", "pf", "tpf", "rk", "ve", "tile", "ablate", "dd", "re",
-         "kve", "ep")
+         "kve", "ep", "ctx")
 PROJECTIONS = ("qkv", "o", "gate_up", "down", "lm_head")  # keys whose value is a gemv.py config
 
 
@@ -201,7 +202,10 @@ def main(argv: list[str] | None = None) -> None:
                 decoders.append(decoder)
                 out = torch.empty(model.config.vocab_size, dtype=torch.float32, device=device)
                 with ablated(variant.get("ablate", 0)):
-                    graphs.append(graphed(lambda d=decoder, o=out: d.step(token, position, o)))
+                    if variant.get("ctx", context + 1) <= context:
+                        raise SystemExit(f"variant {variant}: ctx must exceed the context {context}")
+                    graphs.append(graphed(lambda d=decoder, o=out, c=variant.get("ctx"): d.step(token, position, o,
+                                                                                                 context=c)))
                 outs.append(out)
             medians, logits = alternating_rounds(graphs, outs, args.rounds, device)
             first = medians[0]

@@ -120,6 +120,15 @@ class StepOptions:
     # one 64-thread program an SM), +10% on 4: on below hidden 2048 only (1B keeps RoPE outside: not applicable), and
     # there for heads of at most 64 (fused_decoder.KV_EARLY_MAX_HEAD_DIM: Qwen2-1.5B's 128 keeps it off, unmeasured)
     kv_early: bool = False
+    # the graph runner captures a batch-1 decode graph per context bucket (graphs.DECODE_CONTEXT_MIN: from 512,
+    # doubling, below the cache), each launching only the attention splits that can hold keys
+    # (FusedDecoder.step(context=), the same bits). Measured (H200, 42nd session, step_variants, 5 alternating rounds,
+    # 4096-position cache, ms per step at context 128 / 300 on the 512 bucket's grid): SmolLM2-135M 0.380 / 0.383 ->
+    # 0.372 / 0.378 and 0.377 / 0.380 -> 0.366 / 0.373 (-2% / -1.5%), the bench's decode through two processes 2,676 /
+    # 2,654 -> 2,688 / 2,689 tokens/s; Llama-3.2-1B 0.909 / 0.912 -> 0.908 / 0.912; LLaMA-2-7B +0.2..0.5% on 512's grid
+    # and +3.2% on 1024's (repeated: +3.3% twice in one run), 2048's at context 1000 -1.1% but at 2000 +6.1%;
+    # Llama-3-8B +2.7% on 512's, +4.4% on 2048's at 2000. On below hidden 2048 only.
+    context_graphs: bool = False
 
 
 # A qkv program's share of a deferred down_proj's partials (splits x hidden size, float32) up to which `defer_down`
@@ -130,7 +139,8 @@ DEFER_DOWN_MAX_FLOATS = 8192
 MEASURED_OPTIONS: tuple[tuple[int, StepOptions], ...] = (
     (4096, StepOptions(fuse_rope=True, early_weights=False)),
     (2048, StepOptions(fuse_rope=False, early_weights=False)),
-    (0, StepOptions(fuse_rope=True, early_weights=True, split_combine=True, defer_down=True, kv_early=True)),
+    (0, StepOptions(fuse_rope=True, early_weights=True, split_combine=True, defer_down=True, kv_early=True,
+                    context_graphs=True)),
 )
 
 

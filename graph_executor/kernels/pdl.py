@@ -49,7 +49,10 @@ def launch_options(pdl: bool) -> dict:
 
 @triton.jit
 def wait_for_prior(PDL: tl.constexpr):
-    """First thing in a kernel that may be launched with PDL: after this, the previous kernel's writes are visible."""
+    """First thing in a kernel that may be launched with PDL: after this, the previous kernel's writes are visible.
+    The next kernel may then be dispatched once every program has passed here. (Measured, 42nd session, H200: the
+    attention's split and reduce kernels letting it be dispatched only once every program has ended were 0.2-0.8%
+    slower on 7B and 8B, 0.6-1.9% on 1B, 6% on SmolLM2.)"""
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
