@@ -319,3 +319,32 @@ def test_a_batched_decode_reads_its_positions_before_the_wait_with_the_same_bits
         got.append((out, mine))
     assert torch.isfinite(got[1][0]).all()
     assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
+
+
+@pytest.mark.parametrize("split,stages", [(128, 2), (256, 3)])
+def test_a_pipelined_loop_over_a_split_s_blocks_gives_the_same_bits(split, stages) -> None:
+    """DecodeAttention(loop_stages=): the one-query kernel's loop over a split of several blocks, software-pipelined,
+    gives every output and cache element of the plain loop, with RoPE inside and outside, the reduce kernel and the
+    split combine, at positions inside the first block, at a block's edge and deep in a later split."""
+    heads, kv_heads, hd, cache = 4, 2, 64, 512
+    gen = torch.Generator().manual_seed(split + stages)
+    rope = tables(heads, kv_heads, hd, cache)
+    kv = torch.randn(2, kv_heads, cache, hd, generator=gen).to(DEVICE, torch.float16)
+    for fused in (False, True):
+        for pos in (5, 63, 64, split + 70, cache - 1):
+            qkv = torch.randn((heads + 2 * kv_heads) * hd, generator=gen).to(DEVICE, torch.float16)
+            position = torch.tensor([pos], device=DEVICE)
+            got = []
+            for loop_stages in (0, stages):
+                attn = DecodeAttention(heads, kv_heads, hd, cache, DEVICE, split_size=split, fused_reduce=fused,
+                                       loop_stages=loop_stages)
+                poison(attn)
+                mine = kv.clone()
+                out, plain = (torch.full((heads, hd), float("nan"), device=DEVICE, dtype=torch.float16)
+                              for _ in range(2))
+                attn(qkv, mine[0], mine[1], position, out, rope=rope)
+                attn(qkv[: heads * hd].view(heads, hd), mine[0], mine[1], position, plain)
+                assert not attn.counts.any()
+                got.append((out, plain, mine))
+            for a, b in zip(*got, strict=True):
+                assert torch.isfinite(b).all() and torch.equal(a, b), (fused, pos)

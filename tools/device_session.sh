@@ -62,11 +62,12 @@ first_requests() {  # NAME LIMIT_S: the bench's startup workload (SmolLM2 shape,
 tree_copy() {  # DIR: a copy of the runtime's packages in DIR (an A/B's other tree, patched by the caller)
   rm -rf "$1" && mkdir "$1" && cp -r graph_executor jit_context ipc launch bench hybridrt "$1"/
 }
-decode_ab() {  # PREFIX SIDE DIR: the bench's SmolLM2 decode, three alternating rounds of off and on, SIDE (off or on)
-  # run from the copy in DIR and the other from this tree; two processes and the executor, into $OUT/PREFIX_<side>_<i>
+decode_ab() {  # PREFIX SIDE DIR [PRESET [MAX_CONTEXT]]: the bench's decode (default SmolLM2's shapes at max context
+  # 512), three alternating rounds of off and on, SIDE (off or on) run from the copy in DIR and the other from this
+  # tree; two processes and the executor, into $OUT/PREFIX_<side>_<i>
   for i in 1 2 3; do for t in off on; do d=$PWD; [ $t = "$2" ] && d=$3
-    (cd "$d" && PYTHONPATH=/tmp/site:$d timeout 100 python3 -m launch.cli bench --quiet --model dummy:smollm2-135m \
-      --engines hybridrt,hybridrt-executor --workloads decode --max-context 512 --out "$OUT/$1_${t}_$i" \
+    (cd "$d" && PYTHONPATH=/tmp/site:$d timeout 100 python3 -m launch.cli bench --quiet --model "dummy:${4:-smollm2-135m}" \
+      --engines hybridrt,hybridrt-executor --workloads decode --max-context "${5:-512}" --out "$OUT/$1_${t}_$i" \
       > "$OUT/$1_${t}_$i.log" 2>&1)
     echo "$t $i: $(grep -E '^\| hybridrt' "$OUT/$1_${t}_$i.log" | head -2 | cut -d'|' -f2,3,5,7 | tr '\n' ' ')"
   done; done
@@ -632,7 +633,29 @@ for step in "${steps[@]}"; do
             --rounds 5 --variants "fused=0,tile=2;ep=1,fused=0,tile=2;kve=1,warps=4,fused=0,tile=2;kve=1,split=32,fused=0,tile=2;fused=0,tile=2" \
             > "$OUT/kve_int4_steps.md" 2>&1
           echo "int4 steps: rc=$?"; cat "$OUT/kve_int4_steps.md" ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200, rope, buckets, execargmax, residualearly, kvearly, kvearlyab, kvearly2, target1, smolreal, kvearlyint4)"
+    onebkve) # Llama-3.2-1B with RoPE inside the attention and its keys and values loaded before the wait (42nd
+             # session's step_variants: -2.6% / -1.3% at context 300 / 2000): the bench's decode at max context 4096
+             # with it on in a copy of the tree (1B's StepOptions) against the tree as it is, three alternating rounds,
+             # then the step at 128 / 300 / 2000, 7 rounds (~6 min)
+          tree_copy /tmp/onebkve
+          sed -i -e 's/(2048, StepOptions(fuse_rope=False, early_weights=False))/(2048, StepOptions(fuse_rope=True, early_weights=False, kv_early=True))/' \
+            /tmp/onebkve/graph_executor/kernels/decode_plan.py
+          echo "patched: $(grep -c 'early_weights=False, kv_early=True))' /tmp/onebkve/graph_executor/kernels/decode_plan.py)"
+          decode_ab onebkve on /tmp/onebkve llama-3.2-1b 4096
+          timeout 150 python3 -m bench.probes.step_variants --models llama-3.2-1b --contexts 128,300,2000 --rounds 7 \
+            --variants "fused=0;rope=1,kve=1,fused=0;fused=0" > "$OUT/onebkve_steps.md" 2>&1
+          echo "1B steps: rc=$?"; cat "$OUT/onebkve_steps.md" ;;
+    pipeattn) # issue 12 target 1 at 2048: the 7B's attention reads its K / V at ~2-2.4 TB/s at long contexts (the step
+              # grows 0.39 ms from context 128 to 2048 for 0.24 ms of floor); splits of 128 / 256 positions with their
+              # loop over blocks software-pipelined (DecodeAttention(loop_stages=), cp.async), against the shipped
+              # one-block splits, 7B and 8B at 300 / 2000, 5 alternating rounds; then its same-bits test (~4 min)
+          timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_rope_in_attention.py -k pipelined \
+            > "$OUT/pipe_tests.log" 2>&1; echo "pipelined tests: rc=$? $(tail -1 "$OUT/pipe_tests.log")"
+          timeout 300 python3 -m bench.probes.step_variants --models llama-2-7b,llama-3-8b --contexts 300,2000 --rounds 5 \
+            --variants "fused=0;split=128,warps=4,ls=2,fused=0;split=256,warps=4,ls=2,fused=0;split=256,warps=4,ls=3,fused=0;split=128,warps=2,ls=2,fused=0;split=128,warps=4,fused=0;fused=0" \
+            > "$OUT/pipe_steps.md" 2>&1
+          echo "pipelined attention steps: rc=$?"; cat "$OUT/pipe_steps.md" ;;
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200, rope, buckets, execargmax, residualearly, kvearly, kvearlyab, kvearly2, target1, smolreal, kvearlyint4, onebkve, pipeattn)"
        exit 2 ;;
   esac
 done

@@ -119,6 +119,31 @@ def _early_split(q_ptr, k_ptr, v_ptr, rope_ptr, stride_kh, stride_kn, stride_vh,
 
 
 @triton.jit
+def _block(q, k_ptr, v_ptr, kv_head, stride_kh, stride_kn, stride_vh, stride_vn, block_start, hi, d, m_i, l_i, acc,
+           BLOCK: tl.constexpr, V_EARLY: tl.constexpr):
+    """One block of keys [block_start, block_start + BLOCK) below `hi` for one query q [hd] (float32, scaled): the
+    running max, sum and output [hd] updated (online softmax)."""
+    n = block_start + tl.arange(0, BLOCK)
+    valid = n < hi
+    k = tl.load(k_ptr + kv_head * stride_kh + n[:, None] * stride_kn + d[None, :],
+                mask=valid[:, None], other=0.0).to(tl.float32)  # [BLOCK, hd]
+    if V_EARLY:  # V's loads issued with K's, before the scores' reductions (barriers: ptxas keeps loads behind them)
+        v = tl.load(v_ptr + kv_head * stride_vh + n[:, None] * stride_vn + d[None, :],
+                    mask=valid[:, None], other=0.0).to(tl.float32)  # [BLOCK, hd]
+    s = tl.sum(k * q[None, :], axis=1)  # [BLOCK]
+    s = tl.where(valid, s, -float("inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=0))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(s - m_new)  # [BLOCK]
+    if not V_EARLY:
+        v = tl.load(v_ptr + kv_head * stride_vh + n[:, None] * stride_vn + d[None, :],
+                    mask=valid[:, None], other=0.0).to(tl.float32)  # [BLOCK, hd]
+    acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+    l_i = l_i * alpha + tl.sum(p, axis=0)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, acc_ptr, m_ptr, l_ptr, count_ptr, out_ptr, rope_ptr,
                   pf0, pn0, pf1, pn1, pf2, pn2, pf3, pn3,
                   stride_kh, stride_kn, stride_vh, stride_vn, stride_slot, stride_qkv,
@@ -127,7 +152,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, acc_ptr, m_ptr, l_ptr,
                   NUM_SPLITS: tl.constexpr, NUM_HEADS: tl.constexpr, SLOTS: tl.constexpr, FUSED_REDUCE: tl.constexpr,
                   ROPE: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr = 0, THREADS: tl.constexpr = 128,
                   V_EARLY: tl.constexpr = False, KV_EARLY: tl.constexpr = False,
-                  EARLY_POSITION: tl.constexpr = False):
+                  EARLY_POSITION: tl.constexpr = False, LOOP_STAGES: tl.constexpr = 0):
     head = tl.program_id(0)
     split = tl.program_id(1)
     token = tl.program_id(2)
@@ -182,26 +207,14 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, acc_ptr, m_ptr, l_ptr,
         m_i = -float("inf")
         l_i = 0.0
         acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
-        for block_start in range(lo, hi, BLOCK):
-            n = block_start + tl.arange(0, BLOCK)
-            valid = n < hi
-            k = tl.load(k_ptr + kv_head * stride_kh + n[:, None] * stride_kn + d[None, :],
-                        mask=valid[:, None], other=0.0).to(tl.float32)  # [BLOCK, hd]
-            if V_EARLY:  # V's loads issued with K's, before the scores' reductions (barriers: ptxas keeps loads behind
-                # them)
-                v = tl.load(v_ptr + kv_head * stride_vh + n[:, None] * stride_vn + d[None, :],
-                            mask=valid[:, None], other=0.0).to(tl.float32)  # [BLOCK, hd]
-            s = tl.sum(k * q[None, :], axis=1)  # [BLOCK]
-            s = tl.where(valid, s, -float("inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=0))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new)  # [BLOCK]
-            if not V_EARLY:
-                v = tl.load(v_ptr + kv_head * stride_vh + n[:, None] * stride_vn + d[None, :],
-                            mask=valid[:, None], other=0.0).to(tl.float32)  # [BLOCK, hd]
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-            l_i = l_i * alpha + tl.sum(p, axis=0)
-            m_i = m_new
+        if LOOP_STAGES > 1:  # software-pipelined: the next blocks' K and V loads in flight during this block's sums
+            for block_start in tl.range(lo, hi, BLOCK, num_stages=LOOP_STAGES):
+                m_i, l_i, acc = _block(q, k_ptr, v_ptr, kv_head, stride_kh, stride_kn, stride_vh, stride_vn,
+                                       block_start, hi, d, m_i, l_i, acc, BLOCK, V_EARLY)
+        else:
+            for block_start in range(lo, hi, BLOCK):
+                m_i, l_i, acc = _block(q, k_ptr, v_ptr, kv_head, stride_kh, stride_kn, stride_vh, stride_vn,
+                                       block_start, hi, d, m_i, l_i, acc, BLOCK, V_EARLY)
     out = row * NUM_SPLITS + split
     # A split past the position (or before a window's start) writes nothing: the reduce skips it. (Masks as
     # tensors: a split's scalars are stored as [1] vectors.)
@@ -348,7 +361,7 @@ class DecodeAttention:
                  device: torch.device, sliding_window: int | None = None, split_size: int | None = None,
                  max_tokens: int = 1, pdl: bool = False, batched: bool = False, num_warps: int | None = None,
                  fused_reduce: bool = False, v_early: bool = False, kv_early: bool = False,
-                 early_position: bool = False) -> None:
+                 early_position: bool = False, loop_stages: int = 0) -> None:
         """`max_tokens` > 1: a verify step's tokens (one sequence, consecutive positions), or with `batched` the
         tokens of a batched decode (one per KV slot: `__call__`'s slots). `num_warps`: the one-query kernel's
         (default: `one_query_warps` with the default split, else Triton's 4; `bench.probes.decode_attention`
@@ -365,7 +378,10 @@ class DecodeAttention:
         and a split without keys of the token returns there, so the position's round trip leaves the critical path
         and the empty splits never wait (kv_early does both too); the same bits. Measured (H200, 42nd session, whole
         steps): LLaMA-2-7B +1.3% / +2.0% at context 300 / 2000, Llama-3-8B +3.9% / +1.9%, Llama-3.2-1B -0.8% / -0.9%:
-        off."""
+        off. `loop_stages` > 1 (the one-query kernel without kv_early): its loop over a split's blocks is software-
+        pipelined over that many stages (`tl.range(num_stages=)`: the next blocks' K and V loads issued during this
+        block's sums), for splits of several blocks; the same arithmetic in the same order. Unmeasured (42nd
+        session)."""
         if head_dim & (head_dim - 1):
             raise ValueError(f"decode attention needs a power-of-two head_dim, got {head_dim}")
         if kv_early and not one_block_splits(split_size):
@@ -392,6 +408,7 @@ class DecodeAttention:
         self.v_early = v_early
         self.kv_early = kv_early
         self.early_position = early_position
+        self.loop_stages = loop_stages
         # per query row, how many of its split programs have finished (the last one resets it)
         self.counts = torch.zeros(max_tokens * num_heads, device=device, dtype=torch.int32)
 
@@ -440,7 +457,7 @@ class DecodeAttention:
                 PREFETCH=regions,
                 THREADS=32 * self.warps.get("num_warps", 4), V_EARLY=self.v_early,
                 KV_EARLY=self.kv_early and rope is not None and slots is None,
-                EARLY_POSITION=self.early_position, **self.warps,
+                EARLY_POSITION=self.early_position, LOOP_STAGES=self.loop_stages, **self.warps,
                 **launch_options(self.pdl),
             )
             if self.fused_reduce:
