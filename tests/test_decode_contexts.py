@@ -32,7 +32,8 @@ CASES = [  # heads, kv_heads, head_dim, cache, window, dtype, split, options
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_a_grid_for_the_context_gives_the_same_bits(case) -> None:
     """Per position (a split's first and last, the cache's last) and per context that holds it (the least, a split
-    boundary above, the cache): the output and the cache equal the whole grid's, with RoPE inside and (where the
+    boundary above, the cache, twice the cache: programs past the cache's splits): the output and the cache equal the
+    whole grid's, with RoPE inside and (where the
     options allow) outside; poisoned outputs and workspaces first, the split combine's counts back at zero."""
     heads, kv_heads, hd, cache, window, dtype, split, options = CASES[case]
     gen = torch.Generator().manual_seed(case)
@@ -43,7 +44,7 @@ def test_a_grid_for_the_context_gives_the_same_bits(case) -> None:
         qkv = torch.randn((heads + 2 * kv_heads) * hd, generator=gen).to(DEVICE, dtype)
         position = torch.tensor([pos], device=DEVICE)
         got = []
-        for context in (None, pos + 1, (pos // size + 2) * size, cache):
+        for context in (None, pos + 1, (pos // size + 2) * size, cache, 2 * cache):
             attn = DecodeAttention(heads, kv_heads, hd, cache, DEVICE, sliding_window=window, split_size=split,
                                    **options)
             poison(attn)

@@ -655,7 +655,17 @@ for step in "${steps[@]}"; do
             --variants "fused=0;split=128,warps=4,ls=2,fused=0;split=256,warps=4,ls=2,fused=0;split=256,warps=4,ls=3,fused=0;split=128,warps=2,ls=2,fused=0;split=128,warps=4,fused=0;fused=0" \
             > "$OUT/pipe_steps.md" 2>&1
           echo "pipelined attention steps: rc=$?"; cat "$OUT/pipe_steps.md" ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200, rope, buckets, execargmax, residualearly, kvearly, kvearlyab, kvearly2, target1, smolreal, kvearlyint4, onebkve, pipeattn)"
+    gridpad) # why fewer attention programs made the 7B / 8B step slower (42nd session: a grid for 1024 positions
+             # +3.3%, early_position +1.3..3.9%): the step with more programs than the cache's splits (ctx past the
+             # cache: 2x and 4x the 2,048 programs, all the extra ones finding no keys) and fewer (512 / 1024 / 2048
+             # positions), 7B and 8B at 300 / 2000, 5 alternating rounds (~3 min)
+          timeout 200 python3 -m bench.probes.step_variants --models llama-2-7b,llama-3-8b --contexts 300 --rounds 5 \
+            --variants "fused=0;fused=0,ctx=8192;fused=0,ctx=16384;fused=0,ctx=512;fused=0,ctx=1024;fused=0,ctx=2048;fused=0" \
+            > "$OUT/gridpad_300.md" 2>&1; echo "gridpad 300: rc=$?"; cat "$OUT/gridpad_300.md"
+          timeout 150 python3 -m bench.probes.step_variants --models llama-2-7b,llama-3-8b --contexts 2000 --rounds 5 \
+            --variants "fused=0;fused=0,ctx=8192;fused=0,ctx=16384;fused=0,ctx=2048;fused=0" \
+            > "$OUT/gridpad_2000.md" 2>&1; echo "gridpad 2000: rc=$?"; cat "$OUT/gridpad_2000.md" ;;
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200, rope, buckets, execargmax, residualearly, kvearly, kvearlyab, kvearly2, target1, smolreal, kvearlyint4, onebkve, pipeattn, gridpad)"
        exit 2 ;;
   esac
 done

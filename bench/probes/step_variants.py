@@ -20,17 +20,18 @@ down_proj, read their residual rows right after the wait, `GemvConfig.residual_e
 keys and values before its PDL wait and takes the new row from registers, `DecodeAttention(kv_early=True)`; needs RoPE
 inside), ep (1: the attention reads the position before its wait and an empty split returns there,
 `DecodeAttention(early_position=True)`), ctx (the step's context bound, `FusedDecoder.step(context=)`: the attention
-launches only the splits below it, as the graph runner's "decode_ctx<C>" graphs do; it must exceed the context), ls (the
-attention's loop over a split's blocks software-pipelined over this many stages, `DecodeAttention(loop_stages=)`; for
-splits of more than 64 positions), ablate (a timing ceiling, wrong logits: 1 leaves the attention's split combine out
-(no reduce kernel, no combine in the kernel), 2 leaves out the reduce kernels of every split-K GEMV (dense, FP8 and
-packed), 3 both: what folding those into the next kernel could save at most; 4 leaves out each layer's o_proj GEMV: what
-folding it into the attention kernel could save at most; bits add up), and per dense projection a gemv.py config for it,
-`qkv=`, `o=`, `gate_up=`, `down=`, `lm_head=` as rows x K-block x warps[x stages] (e.g. `qkv=8x1024x4`: `GemvConfig(8,
-1024, 4)`; stages 3 unless given), or with an `s` first a split-K config (`down=s32x256x8`: `DenseSplitKConfig(32, 256,
-8, reduce_kernel=True)`); it replaces the plan's config for that slot. split, warps, rope, pf, tpf, early, rk, ve, dd,
-re, kve, ep, ctx, ls and the projections left out: the decoder's defaults (`decode_plan.plan_for` and `options_for` the
-model). Prints the median of each variant's per-round medians and its ratio to the first.
+launches only the splits below it, as the graph runner's "decode_ctx<C>" graphs do; it must exceed the context; past the
+cache's length it launches programs that find no keys), ls (the attention's loop over a split's blocks
+software-pipelined over this many stages, `DecodeAttention(loop_stages=)`; for splits of more than 64 positions), ablate
+(a timing ceiling, wrong logits: 1 leaves the attention's split combine out (no reduce kernel, no combine in the
+kernel), 2 leaves out the reduce kernels of every split-K GEMV (dense, FP8 and packed), 3 both: what folding those into
+the next kernel could save at most; 4 leaves out each layer's o_proj GEMV: what folding it into the attention kernel
+could save at most; bits add up), and per dense projection a gemv.py config for it, `qkv=`, `o=`, `gate_up=`, `down=`,
+`lm_head=` as rows x K-block x warps[x stages] (e.g. `qkv=8x1024x4`: `GemvConfig(8, 1024, 4)`; stages 3 unless given),
+or with an `s` first a split-K config (`down=s32x256x8`: `DenseSplitKConfig(32, 256, 8, reduce_kernel=True)`); it
+replaces the plan's config for that slot. split, warps, rope, pf, tpf, early, rk, ve, dd, re, kve, ep, ctx, ls and the
+projections left out: the decoder's defaults (`decode_plan.plan_for` and `options_for` the model). Prints the median of
+each variant's per-round medians and its ratio to the first.
 """
 
 from __future__ import annotations

@@ -424,9 +424,10 @@ class DecodeAttention:
         (RoPE on q and k, K and V written at each token's position): one kernel fewer per layer. `prefetch`
         (one query per token only; sm_90+, `l2_prefetch.supported`): weights the programs ask L2 to hold for the
         kernels after this one (values unchanged). `context` (one query per token): every position is below it, so only
-        the splits that can hold keys, the first cdiv(context, split), are launched (None: the cache's NUM_SPLITS).
-        The rest would find no keys and store nothing, but at a 4096-position cache a 7B layer launched 2,048 programs
-        for a context of 300 (the graph runner captures a decode graph per context bucket, graphs.DECODE_CONTEXTS)."""
+        the splits that can hold keys, the first cdiv(context, split), are launched (None: the cache's NUM_SPLITS;
+        the graph runner's decode graphs per context bucket, graphs.DECODE_CONTEXT_MIN). The rest would find no keys
+        and store nothing. A context past the cache's length launches that many more programs, which find no keys
+        either (step_variants times the step with them: how the waiting programs shape the step)."""
         if self.batched and slots is None or slots is not None and not (self.batched or self.max_tokens == 1):
             raise ValueError("a batched decode attention takes each token's KV slot (a verify step's tokens share one)")
         tokens = position.shape[0]
@@ -443,7 +444,7 @@ class DecodeAttention:
         if context is not None and not (1 <= context and (self.max_tokens == 1 or self.batched)):
             raise ValueError(f"a decode attention's context bounds one query per token's positions: >= 1, got "
                              f"{context}{'' if self.max_tokens == 1 or self.batched else ' on a verify step'}")
-        splits = self.num_splits if context is None else min(self.num_splits, triton.cdiv(context, self.split))
+        splits = self.num_splits if context is None else triton.cdiv(context, self.split)
         strides = (k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1))
         block = min(BLOCK_N, self.split)
         if self.max_tokens == 1 or self.batched:
