@@ -64,6 +64,35 @@ def test_a_grid_for_the_context_gives_the_same_bits(case) -> None:
         kv = got[0][-1]
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's 0 / 0 where a short grid holds no keys
+@pytest.mark.parametrize("case", [1, 2, 3])
+def test_a_position_past_the_context_leaves_the_workspace_ready(case) -> None:
+    """A call whose grid stops short of its position (a graph's warm-up at the cache's last row) must leave the split
+    combine's counts at zero, with the split combine counting all programs, only those holding keys (kv_early,
+    early_position), and none launched holding keys (a sliding window past the grid): the next call is right."""
+    heads, kv_heads, hd, cache, _, dtype, split, options = CASES[case]
+    gen = torch.Generator().manual_seed(50 + case)
+    rope = tables(heads, kv_heads, hd, cache)
+    kv = torch.randn(2, kv_heads, cache, hd, generator=gen).to(DEVICE, dtype)
+    for window in (None, 40):
+        attn = DecodeAttention(heads, kv_heads, hd, cache, DEVICE, sliding_window=window, split_size=split,
+                               **options)
+        fresh = DecodeAttention(heads, kv_heads, hd, cache, DEVICE, sliding_window=window, split_size=split,
+                                **options)
+        qkv = torch.randn((heads + 2 * kv_heads) * hd, generator=gen).to(DEVICE, dtype)
+        for pos, context in ((cache - 1, 64), (cache - 1, 192), (130, 100)):
+            attn(qkv, kv.clone()[0], kv.clone()[1], torch.tensor([pos], device=DEVICE),
+                 torch.empty(heads, hd, device=DEVICE, dtype=dtype), rope=rope, context=context)
+            assert not attn.counts.any(), (window, pos, context)
+        got = []
+        for a in (attn, fresh):
+            mine = kv.clone()
+            out = torch.full((heads, hd), float("nan"), device=DEVICE, dtype=dtype)
+            a(qkv, mine[0], mine[1], torch.tensor([150], device=DEVICE), out, rope=rope, context=192)
+            got.append(out)
+        assert torch.isfinite(got[0]).all() and torch.equal(got[0], got[1]), window
+
+
 def test_a_context_is_for_one_query_per_token() -> None:
     attn = DecodeAttention(4, 2, 64, 128, DEVICE)
     q, kv = torch.zeros(4, 64, device=DEVICE), torch.zeros(2, 2, 128, 64, device=DEVICE)
@@ -90,10 +119,10 @@ def test_a_decode_step_for_a_context_gives_the_same_logits(tmp_path) -> None:
     before = model.kv_cache.clone()
     for fuse in (False, True):
         runs = {}
-        for context in (None, 73, 128):
+        for context in (None, 73, 320):  # 2 of the cache's 3 splits, then 5 (two past the cache)
             model.kv_cache.copy_(before)
             runs[context] = steps(model, dict(fuse_rope=fuse), 3, 70, context=context)
-        for context in (73, 128):
+        for context in (73, 320):
             for a, b in zip(runs[None][0], runs[context][0], strict=True):
                 assert torch.isfinite(b).all() and torch.equal(a, b), (fuse, context)
             assert torch.equal(runs[None][1], runs[context][1])
@@ -120,41 +149,57 @@ def test_the_context_buckets_and_the_graph_a_position_takes() -> None:
     assert pick(runner, ARGMAX_GRAPH, 2048) == ARGMAX_GRAPH
 
 
+class _Recorded:
+    """A captured graph whose replays are written down by name (what `GraphRunner.decode` really replayed)."""
+
+    def __init__(self, name: str, graph, log: list[str]) -> None:
+        self.name, self.graph, self.log = name, graph, log
+
+    def replay(self) -> None:
+        self.log.append(self.name)
+        self.graph.replay()
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_on_a_gpu_the_context_graphs_give_the_whole_cache_s_tokens() -> None:
-    """A GraphRunner over a 2048-position cache with every decode graph captured: greedy decodes that cross the 512 and
-    1024 buckets' edges (Decode.argmax's graphs and the plain ones) give the tokens and logits of a runner with only
-    the whole cache's graphs, and replay the bucket graphs on the way."""
+@pytest.mark.parametrize("max_context,argmax_graph", [(2048, True), (4096, False)])
+def test_on_a_gpu_the_context_graphs_give_the_whole_cache_s_tokens(max_context, argmax_graph) -> None:
+    """A GraphRunner with every decode graph captured (each warm-up at the cache's last row, past a bucket graph's
+    grid: SmolLM2's attention combines its splits in-kernel with kv_early, so a counter left non-zero would spoil
+    every later step): greedy decodes that cross the 512 and 1024 buckets' edges (Decode.argmax's graphs, or the
+    plain graph and the argmax kernel after it, as a draft or tensor-parallel runner has it) and plain decodes give
+    the tokens and logits of a runner with only the whole cache's graphs, and replay the bucket graphs on the way."""
     from graph_executor.loading.loader import LoadConfig, load_model
 
-    model = load_model(LoadConfig(model="dummy:smollm2-135m", device="cuda", dtype="float16", max_context=2048,
+    model = load_model(LoadConfig(model="dummy:smollm2-135m", device="cuda", dtype="float16", max_context=max_context,
                                   progress=False)).model
     before = model.kv_cache.clone()
     runs = {}
     for buckets in (False, True):
         model.kv_cache.copy_(before)
-        graphs = GraphRunner(model)
+        graphs = GraphRunner(model, argmax_graph=argmax_graph)
         names = graphs._decode_graphs()
-        assert names[:2] == ["decode", ARGMAX_GRAPH] and len(names) == 2 + 2 * len(graphs.decode_contexts)
-        for name in names if buckets else names[:2]:
+        bases = 1 + argmax_graph
+        assert len(names) == bases * (1 + len(graphs.decode_contexts)) and graphs.decode_contexts[:2] == (512, 1024)
+        replayed: list[str] = []
+        for name in names if buckets else names[:bases]:
             graphs.capture(name)
-        replayed = []
-        pick = graphs._decode_graph
+            graphs.graphs[name] = _Recorded(name, graphs.graphs[name], replayed)
+        assert not graphs.decoder.attention.counts.any()
         tokens, logits = [], []
         graphs.buffers.token.fill_(7)
-        for position in range(500, 530):  # argmax graphs: the position moves on inside them
-            replayed.append(pick(ARGMAX_GRAPH, position))
+        for position in range(500, 530):  # greedy: the token fed back on the device
             graphs.decode(position, argmax=True)
             tokens.append(graphs.buffers.token.clone())
-        for position in range(1020, 1030):  # plain decodes, the token fed from the host's side
-            replayed.append(pick("decode", position))
+        for position in range(1020, 1030):  # plain decodes, the token from the host's side
             graphs.buffers.token.fill_(position % 97)
             graphs.decode(position)
             logits.append(graphs.buffers.logits.clone())
         torch.cuda.synchronize()
-        runs[buckets] = (torch.stack(tokens), torch.stack(logits), model.kv_cache.clone(), replayed)
-    assert set(runs[True][3]) == {f"{ARGMAX_GRAPH}_ctx512", f"{ARGMAX_GRAPH}_ctx1024", "decode_ctx1024", "decode"}
-    assert set(runs[False][3]) == {ARGMAX_GRAPH, "decode"}
+        runs[buckets] = (torch.stack(tokens), torch.stack(logits), model.kv_cache.clone(), set(replayed))
+    argmax = ARGMAX_GRAPH if argmax_graph else "decode"
+    past_1024 = "decode_ctx2048" if max_context > 2048 else "decode"  # positions 1024-1029
+    assert runs[True][3] == {f"{argmax}_ctx512", f"{argmax}_ctx1024", "decode_ctx1024", past_1024}
+    assert runs[False][3] == {argmax, "decode"}
     for a, b in zip(runs[False][:3], runs[True][:3], strict=True):
         assert torch.equal(a, b)

@@ -321,11 +321,14 @@ def test_a_batched_decode_reads_its_positions_before_the_wait_with_the_same_bits
     assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the interpreter ignores num_stages: the same code both ways")
 @pytest.mark.parametrize("split,stages", [(128, 2), (256, 3)])
 def test_a_pipelined_loop_over_a_split_s_blocks_gives_the_same_bits(split, stages) -> None:
-    """DecodeAttention(loop_stages=): the one-query kernel's loop over a split of several blocks, software-pipelined,
-    gives every output and cache element of the plain loop, with RoPE inside and outside, the reduce kernel and the
-    split combine, at positions inside the first block, at a block's edge and deep in a later split."""
+    """DecodeAttention(loop_stages=): the one-query kernel's loop over a split of several blocks, software-pipelined
+    (cp.async on sm_90), gives every output and cache element of the plain loop, with RoPE inside and outside, the
+    reduce kernel and the split combine, at positions inside the first block, at a block's edge and deep in a later
+    split."""
     heads, kv_heads, hd, cache = 4, 2, 64, 512
     gen = torch.Generator().manual_seed(split + stages)
     rope = tables(heads, kv_heads, hd, cache)
@@ -348,3 +351,11 @@ def test_a_pipelined_loop_over_a_split_s_blocks_gives_the_same_bits(split, stage
                 got.append((out, plain, mine))
             for a, b in zip(*got, strict=True):
                 assert torch.isfinite(b).all() and torch.equal(a, b), (fused, pos)
+
+
+def test_a_pipelined_loop_needs_splits_of_several_blocks() -> None:
+    with pytest.raises(ValueError, match="loop_stages"):
+        DecodeAttention(4, 4, 64, 256, DEVICE, loop_stages=2)  # the default split: one block
+    with pytest.raises(ValueError, match="kv_early"):
+        DecodeAttention(4, 4, 64, 256, DEVICE, split_size=64, kv_early=True, loop_stages=2)
+    assert DecodeAttention(4, 4, 64, 256, DEVICE, split_size=128, loop_stages=2).loop_stages == 2

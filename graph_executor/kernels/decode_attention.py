@@ -227,12 +227,15 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, acc_ptr, m_ptr, l_ptr,
         # EARLY_POSITION those holding keys) combines the splits (no reduce kernel after)
         tl.debug_barrier()  # every thread's stores are issued before the release below
         done = tl.atomic_add(count_ptr + row, 1, sem="acq_rel")
-        if KV_EARLY or EARLY_POSITION:  # only the splits holding keys of the token got here
-            last = pos // SPLIT - start // SPLIT
-        else:  # every split program of the grid (NUM_SPLITS, or fewer for a shorter context: `__call__`'s context)
+        # the splits holding keys [start, pos] that the grid launched (all of them, unless the grid is shorter than
+        # the position: a graph's warm-up at the cache's last row, `__call__`'s context): the ones written
+        s_hi = tl.minimum(pos // SPLIT + 1, tl.num_programs(1))
+        if KV_EARLY or EARLY_POSITION:  # only those got here
+            last = s_hi - 1 - start // SPLIT
+        else:  # every split program of the grid (NUM_SPLITS, or another count: `__call__`'s context)
             last = tl.num_programs(1) - 1
-        if done == last:  # the splits holding keys [start, pos] are the ones written
-            _combine(acc_ptr, m_ptr, l_ptr, out_ptr, row, start // SPLIT, pos // SPLIT + 1, HEAD_DIM, NUM_SPLITS,
+        if done == last:  # so the counter is back at zero after every call, whatever the grid
+            _combine(acc_ptr, m_ptr, l_ptr, out_ptr, row, start // SPLIT, s_hi, HEAD_DIM, NUM_SPLITS,
                      COMBINE_SPLITS)
             tl.atomic_xchg(count_ptr + row, 0)  # ready for the next step (a graph replays it)
 
@@ -384,6 +387,10 @@ class DecodeAttention:
         session)."""
         if head_dim & (head_dim - 1):
             raise ValueError(f"decode attention needs a power-of-two head_dim, got {head_dim}")
+        if loop_stages > 1 and (kv_early or one_block_splits(split_size)):
+            raise ValueError(f"loop_stages pipelines a loop over several blocks of keys a split: splits of more than "
+                             f"{BLOCK_N} positions without kv_early, got {split_size or SPLIT_SIZE}"
+                             f"{' with kv_early' if kv_early else ''}")
         if kv_early and not one_block_splits(split_size):
             raise ValueError(f"kv_early loads one block of keys a split: splits of at most {BLOCK_N} positions, got "
                              f"{split_size or SPLIT_SIZE}")
@@ -427,7 +434,10 @@ class DecodeAttention:
         the splits that can hold keys, the first cdiv(context, split), are launched (None: the cache's NUM_SPLITS;
         the graph runner's decode graphs per context bucket, graphs.DECODE_CONTEXT_MIN). The rest would find no keys
         and store nothing. A context past the cache's length launches that many more programs, which find no keys
-        either (step_variants times the step with them: how the waiting programs shape the step)."""
+        either (step_variants times the step with them: how the waiting programs shape the step). A position at or
+        past the context (a graph's warm-up at the cache's last row) gives a wrong output, attending to the keys of
+        the launched splits only, and leaves the workspace ready for the next call (the split combine's counts at
+        zero)."""
         if self.batched and slots is None or slots is not None and not (self.batched or self.max_tokens == 1):
             raise ValueError("a batched decode attention takes each token's KV slot (a verify step's tokens share one)")
         tokens = position.shape[0]
