@@ -655,6 +655,13 @@ for step in "${steps[@]}"; do
             --variants "fused=0;split=128,warps=4,ls=2,fused=0;split=256,warps=4,ls=2,fused=0;split=256,warps=4,ls=3,fused=0;split=128,warps=2,ls=2,fused=0;split=128,warps=4,fused=0;fused=0" \
             > "$OUT/pipe_steps.md" 2>&1
           echo "pipelined attention steps: rc=$?"; cat "$OUT/pipe_steps.md" ;;
+    ctxtests) # the decode graphs per context bucket and the split combine's count after a warm-up past a bucket's
+              # grid (fixed after the 42nd session's device time): their tests with the executor's argmax graphs and
+              # the RoPE-inside attention's, then test_gpu_path's graph tests (~3 min)
+          timeout 250 python3 -m pytest -q -p no:cacheprovider tests/test_decode_contexts.py tests/test_executor_argmax.py \
+            tests/test_rope_in_attention.py > "$OUT/ctx_tests.log" 2>&1; echo "ctx tests: rc=$? $(tail -1 "$OUT/ctx_tests.log")"
+          timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_gpu_path.py -k "graph or capture or argmax" \
+            > "$OUT/ctx_gpu_path.log" 2>&1; echo "gpu_path graph tests: rc=$? $(tail -1 "$OUT/ctx_gpu_path.log")" ;;
     gridpad) # why fewer attention programs made the 7B / 8B step slower (42nd session: a grid for 1024 positions
              # +3.3%, early_position +1.3..3.9%): the step with more programs than the cache's splits (ctx past the
              # cache: 2x and 4x the 2,048 programs, all the extra ones finding no keys) and fewer (512 / 1024 / 2048
@@ -665,7 +672,7 @@ for step in "${steps[@]}"; do
           timeout 150 python3 -m bench.probes.step_variants --models llama-2-7b,llama-3-8b --contexts 2000 --rounds 5 \
             --variants "fused=0;fused=0,ctx=8192;fused=0,ctx=16384;fused=0,ctx=2048;fused=0" \
             > "$OUT/gridpad_2000.md" 2>&1; echo "gridpad 2000: rc=$?"; cat "$OUT/gridpad_2000.md" ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200, rope, buckets, execargmax, residualearly, kvearly, kvearlyab, kvearly2, target1, smolreal, kvearlyint4, onebkve, pipeattn, gridpad)"
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200, rope, buckets, execargmax, residualearly, kvearly, kvearlyab, kvearly2, target1, smolreal, kvearlyint4, onebkve, pipeattn, gridpad, ctxtests)"
        exit 2 ;;
   esac
 done
