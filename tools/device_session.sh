@@ -664,6 +664,16 @@ for step in "${steps[@]}"; do
             tests/test_rope_in_attention.py > "$OUT/ctx_tests.log" 2>&1; echo "ctx tests: rc=$? $(tail -1 "$OUT/ctx_tests.log")"
           timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_gpu_path.py -k "graph or capture or argmax" \
             > "$OUT/ctx_gpu_path.log" 2>&1; echo "gpu_path graph tests: rc=$? $(tail -1 "$OUT/ctx_gpu_path.log")" ;;
+    gateupsk) # the largest projection on the dense split-K kernels (never measured: the dense split-K probes swept
+              # qkv, o and down): Llama-3.2-1B's gate_up reads at ~3.3 TB/s against 7B's ~4.0 (its 20 us kernel's ramp
+              # and tail); its lm_head (525 MB, 22% of the step's bytes) on wider rows and on split-K; 7B's gate_up on
+              # down's split-K config; step_variants, 5 alternating rounds at context 300 (~4 min)
+          timeout 200 python3 -m bench.probes.step_variants --models llama-3.2-1b --contexts 300 --rounds 5 \
+            --variants "fused=0;fused=0,gate_up=s16x256x4;fused=0,gate_up=s32x256x8;fused=0,gate_up=s16x512x4;fused=0,gate_up=s32x512x8;fused=0,gate_up=s64x256x8;fused=0,lm_head=32x512x8;fused=0,lm_head=s32x512x8;fused=0,lm_head=s64x1024x8;fused=0" \
+            > "$OUT/gateupsk_1b.md" 2>&1; echo "1B gate_up / lm_head: rc=$?"; cat "$OUT/gateupsk_1b.md"
+          timeout 200 python3 -m bench.probes.step_variants --models llama-2-7b --contexts 300 --rounds 5 \
+            --variants "fused=0;fused=0,gate_up=s16x1024x8;fused=0,gate_up=s32x512x8;fused=0,lm_head=s32x1024x8;fused=0" \
+            > "$OUT/gateupsk_7b.md" 2>&1; echo "7B gate_up / lm_head: rc=$?"; cat "$OUT/gateupsk_7b.md" ;;
     gridpad) # why fewer attention programs made the 7B / 8B step slower (42nd session: a grid for 1024 positions
              # +3.3%, early_position +1.3..3.9%): the step with more programs than the cache's splits (ctx past the
              # cache: 2x and 4x the 2,048 programs, all the extra ones finding no keys) and fewer (512 / 1024 / 2048
@@ -674,7 +684,7 @@ for step in "${steps[@]}"; do
           timeout 150 python3 -m bench.probes.step_variants --models llama-2-7b,llama-3-8b --contexts 2000 --rounds 5 \
             --variants "fused=0;fused=0,ctx=8192;fused=0,ctx=16384;fused=0,ctx=2048;fused=0" \
             > "$OUT/gridpad_2000.md" 2>&1; echo "gridpad 2000: rc=$?"; cat "$OUT/gridpad_2000.md" ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200, rope, buckets, execargmax, residualearly, kvearly, kvearlyab, kvearly2, target1, smolreal, kvearlyint4, onebkve, pipeattn, gridpad, ctxtests)"
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200, rope, buckets, execargmax, residualearly, kvearly, kvearlyab, kvearly2, target1, smolreal, kvearlyint4, onebkve, pipeattn, gridpad, ctxtests, gateupsk)"
        exit 2 ;;
   esac
 done
