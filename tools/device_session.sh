@@ -667,14 +667,14 @@ for step in "${steps[@]}"; do
     gateupsk) # the largest projection on the dense split-K kernels (never measured: the dense split-K probes swept
               # qkv, o and down): Llama-3.2-1B's gate_up reads at ~3.3 TB/s against 7B's ~4.0 (its 20 us kernel's ramp
               # and tail); its lm_head (525 MB, 22% of the step's bytes) on wider rows and on split-K; its o_proj (~1.9
-              # TB/s) on 1 / 4 rows of 2048 and 2 of 1024; 7B's gate_up on down's split-K config; step_variants, 5
-              # alternating rounds at context 300 (~5 min)
+              # TB/s) on 1 / 4 rows of 2048 and 2 of 1024; 7B's and 8B's gate_up on down's split-K config and their
+              # lm_head (8B's 1 GB of vocabulary) on split-K and wider rows; 5 alternating rounds at 300 (~6 min)
           timeout 200 python3 -m bench.probes.step_variants --models llama-3.2-1b --contexts 300 --rounds 5 \
             --variants "fused=0;fused=0,gate_up=s16x256x4;fused=0,gate_up=s32x256x8;fused=0,gate_up=s16x512x4;fused=0,gate_up=s32x512x8;fused=0,gate_up=s64x256x8;fused=0,lm_head=32x512x8;fused=0,lm_head=s32x512x8;fused=0,lm_head=s64x1024x8;fused=0,re=1,o=1x2048x4;fused=0,re=1,o=4x2048x4;fused=0,re=1,o=2x1024x4;fused=0" \
             > "$OUT/gateupsk_1b.md" 2>&1; echo "1B gate_up / lm_head: rc=$?"; cat "$OUT/gateupsk_1b.md"
-          timeout 200 python3 -m bench.probes.step_variants --models llama-2-7b --contexts 300 --rounds 5 \
-            --variants "fused=0;fused=0,gate_up=s16x1024x8;fused=0,gate_up=s32x512x8;fused=0,lm_head=s32x1024x8;fused=0" \
-            > "$OUT/gateupsk_7b.md" 2>&1; echo "7B gate_up / lm_head: rc=$?"; cat "$OUT/gateupsk_7b.md" ;;
+          timeout 250 python3 -m bench.probes.step_variants --models llama-2-7b,llama-3-8b --contexts 300 --rounds 5 \
+            --variants "fused=0;fused=0,gate_up=s16x1024x8;fused=0,gate_up=s32x512x8;fused=0,lm_head=s32x1024x8;fused=0,lm_head=32x512x8;fused=0" \
+            > "$OUT/gateupsk_7b.md" 2>&1; echo "7B / 8B gate_up / lm_head: rc=$?"; cat "$OUT/gateupsk_7b.md" ;;
     gridpad) # why fewer attention programs made the 7B / 8B step slower (42nd session: a grid for 1024 positions
              # +3.3%, early_position +1.3..3.9%): the step with more programs than the cache's splits (ctx past the
              # cache: 2x and 4x the 2,048 programs, all the extra ones finding no keys) and fewer (512 / 1024 / 2048
