@@ -68,6 +68,44 @@ def test_decode_attention_matches_reference(heads, kv_heads, hd, cache, position
         assert err < tol, f"pos {pos}: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("heads,kv_heads,hd,cache,positions,window,dtype", [CASES[0], CASES[1], CASES[3]])
+def test_a_decode_on_the_rows_kernel_matches_the_reference(heads, kv_heads, hd, cache, positions, window,
+                                                           dtype) -> None:
+    """DecodeAttention(rows_kernel=True): one token's decode on the verify step's kernel (the group's queries as rows
+    of tensor-core products) against float64 and within rounding of the one-query kernel; poisoned workspaces."""
+    gen = torch.Generator(device="cpu").manual_seed(heads * 77 + cache)
+    rows = DecodeAttention(heads, kv_heads, hd, cache, DEVICE, sliding_window=window, rows_kernel=True)
+    plain = DecodeAttention(heads, kv_heads, hd, cache, DEVICE, sliding_window=window)
+    kv = torch.randn(2, kv_heads, cache, hd, generator=gen).to(DEVICE, dtype)
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    for pos in positions:
+        q = torch.randn(heads, hd, generator=gen).to(DEVICE, dtype)
+        outs = []
+        for attn in (rows, plain):
+            out = torch.full((heads, hd), float("nan"), device=DEVICE, dtype=dtype)
+            poison(attn)
+            attn(q, kv[0], kv[1], torch.tensor([pos], device=DEVICE), out)
+            outs.append(out)
+        ref = reference_decode(q.cpu(), kv[0].cpu(), kv[1].cpu(), pos, window)
+        assert torch.isfinite(outs[0]).all()
+        err = (outs[0].cpu().double() - ref).norm() / ref.norm()
+        assert err < tol, f"pos {pos}: relative error {err:.2e}"
+        assert (outs[0].float() - outs[1].float()).abs().max() <= (2e-5 if dtype == torch.float32 else 4e-3)
+
+
+def test_the_rows_kernel_decode_takes_none_of_the_one_query_options() -> None:
+    with pytest.raises(ValueError, match="rows_kernel"):
+        DecodeAttention(4, 2, 64, 128, DEVICE, rows_kernel=True, fused_reduce=True)
+    with pytest.raises(ValueError, match="rows_kernel"):
+        DecodeAttention(4, 2, 64, 128, DEVICE, rows_kernel=True, max_tokens=3, batched=True)
+    attn = DecodeAttention(4, 2, 64, 128, DEVICE, rows_kernel=True)
+    qkv = torch.zeros((4 + 4) * 64, device=DEVICE)
+    kv = torch.zeros(2, 2, 128, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="rows kernel"):
+        attn(qkv, kv[0], kv[1], torch.tensor([3], device=DEVICE), torch.empty(4, 64, device=DEVICE),
+             rope=torch.zeros(128, 2, 64, device=DEVICE))
+
+
 def test_one_query_attention_warps_follow_the_query_width(monkeypatch) -> None:
     """2 warps from a 4096-wide query (LLaMA-2-7B's 32 x 128), 4 below (SmolLM2's 9 x 64); a probe's setting wins."""
     from graph_executor.kernels import decode_attention as da

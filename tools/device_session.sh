@@ -650,13 +650,19 @@ for step in "${steps[@]}"; do
     pipeattn) # issue 12 target 1 at 2048: the 7B's attention reads its K / V at ~2-2.4 TB/s at long contexts (the step
               # grows 0.39 ms from context 128 to 2048 for 0.24 ms of floor); splits of 128 / 256 positions with their
               # loop over blocks software-pipelined (DecodeAttention(loop_stages=), cp.async), against the shipped
-              # one-block splits, 7B and 8B at 300 / 2000, 5 alternating rounds; then its same-bits test (~4 min)
+              # one-block splits, 7B and 8B at 300 / 2000, 5 alternating rounds, its same-bits test first; then the
+              # decode on the verify step's rows kernel (~6 min)
           timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_rope_in_attention.py -k pipelined \
             > "$OUT/pipe_tests.log" 2>&1; echo "pipelined tests: rc=$? $(tail -1 "$OUT/pipe_tests.log")"
           timeout 300 python3 -m bench.probes.step_variants --models llama-2-7b,llama-3-8b --contexts 300,2000 --rounds 5 \
             --variants "fused=0;split=128,warps=4,ls=2,fused=0;split=256,warps=4,ls=2,fused=0;split=256,warps=4,ls=3,fused=0;split=128,warps=2,ls=2,fused=0;split=128,warps=4,fused=0;fused=0" \
             > "$OUT/pipe_steps.md" 2>&1
-          echo "pipelined attention steps: rc=$?"; cat "$OUT/pipe_steps.md" ;;
+          echo "pipelined attention steps: rc=$?"; cat "$OUT/pipe_steps.md"
+          # and the decode on the verify step's kernel (tensor-core rows: 8B's four query heads a K / V tile at once),
+          # RoPE outside as it needs, against RoPE outside on the one-query kernel
+          timeout 200 python3 -m bench.probes.step_variants --models llama-2-7b,llama-3-8b --contexts 300,2000 --rounds 5 \
+            --variants "fused=0;rope=0,fused=0;rope=0,rows=1,fused=0;fused=0" > "$OUT/rows_steps.md" 2>&1
+          echo "rows-kernel decode steps: rc=$?"; cat "$OUT/rows_steps.md" ;;
     ctxtests) # the decode graphs per context bucket and the split combine's count after a warm-up past a bucket's
               # grid (fixed after the 42nd session's device time): their tests with the executor's argmax graphs and
               # the RoPE-inside attention's, then test_gpu_path's graph tests (~3 min)

@@ -23,15 +23,17 @@ inside), ep (1: the attention reads the position before its wait and an empty sp
 launches only the splits below it, as the graph runner's "decode_ctx<C>" graphs do; at a context not below it the
 variant is left out; past the cache's length it launches programs that find no keys), ls (the attention's loop over a
 split's blocks software-pipelined over this many stages, `DecodeAttention(loop_stages=)`; for splits of more than 64
-positions), ablate (a timing ceiling, wrong logits: 1 leaves the attention's split combine out (no reduce kernel, no
-combine in the kernel), 2 leaves out the reduce kernels of every split-K GEMV (dense, FP8 and packed), 3 both: what
-folding those into the next kernel could save at most; 4 leaves out each layer's o_proj GEMV: what folding it into the
-attention kernel could save at most; bits add up), and per dense projection a gemv.py config for it, `qkv=`, `o=`,
-`gate_up=`, `down=`, `lm_head=` as rows x K-block x warps[x stages] (e.g. `qkv=8x1024x4`: `GemvConfig(8, 1024, 4)`;
-stages 3 unless given), or with an `s` first a split-K config (`down=s32x256x8`: `DenseSplitKConfig(32, 256, 8,
-reduce_kernel=True)`); it replaces the plan's config for that slot. split, warps, rope, pf, tpf, early, rk, ve, dd, re,
-kve, ep, ctx, ls and the projections left out: the decoder's defaults (`decode_plan.plan_for` and `options_for` the
-model). Prints the median of each variant's per-round medians and its ratio to the first.
+positions), rows (1: the decode on the verify step's kernel, one program per KV head and split with the group's queries
+as tensor-core rows, `DecodeAttention(rows_kernel=True)`; needs rope=0 and fused=0), ablate (a timing ceiling, wrong
+logits: 1 leaves the attention's split combine out (no reduce kernel, no combine in the kernel), 2 leaves out the reduce
+kernels of every split-K GEMV (dense, FP8 and packed), 3 both: what folding those into the next kernel could save at
+most; 4 leaves out each layer's o_proj GEMV: what folding it into the attention kernel could save at most; bits add up),
+and per dense projection a gemv.py config for it, `qkv=`, `o=`, `gate_up=`, `down=`, `lm_head=` as rows x K-block x
+warps[x stages] (e.g. `qkv=8x1024x4`: `GemvConfig(8, 1024, 4)`; stages 3 unless given), or with an `s` first a split-K
+config (`down=s32x256x8`: `DenseSplitKConfig(32, 256, 8, reduce_kernel=True)`); it replaces the plan's config for that
+slot. split, warps, rope, pf, tpf, early, rk, ve, dd, re, kve, ep, ctx, ls, rows and the projections left out: the
+decoder's defaults (`decode_plan.plan_for` and `options_for` the model). Prints the median of each variant's per-round
+medians and its ratio to the first.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ DEFAULT_VARIANTS = ("split=64,warps=4,fused=0;split=64,warps=2,fused=1;split=64,
 
 
 FLAGS = ("split", "warps", "fused", "rope", "early", "earlyo", "pf", "tpf", "rk", "ve", "tile", "ablate", "dd", "re",
-         "kve", "ep", "ctx", "ls")
+         "kve", "ep", "ctx", "ls", "rows")
 PROJECTIONS = ("qkv", "o", "gate_up", "down", "lm_head")  # keys whose value is a gemv.py config
 
 
@@ -126,7 +128,7 @@ def build(model, variant: dict[str, int | GemvConfig | DenseSplitKConfig]) -> Fu
                                         kv_early=decoder.attention.kv_early and decode_attention.one_block_splits(
                                             variant.get("split")) if "kve" not in variant else bool(variant["kve"]),
                                         early_position=bool(variant.get("ep", 0)),
-                                        loop_stages=variant.get("ls", 0))
+                                        loop_stages=variant.get("ls", 0), rows_kernel=bool(variant.get("rows", 0)))
     return decoder
 
 

@@ -364,7 +364,7 @@ class DecodeAttention:
                  device: torch.device, sliding_window: int | None = None, split_size: int | None = None,
                  max_tokens: int = 1, pdl: bool = False, batched: bool = False, num_warps: int | None = None,
                  fused_reduce: bool = False, v_early: bool = False, kv_early: bool = False,
-                 early_position: bool = False, loop_stages: int = 0) -> None:
+                 early_position: bool = False, loop_stages: int = 0, rows_kernel: bool = False) -> None:
         """`max_tokens` > 1: a verify step's tokens (one sequence, consecutive positions), or with `batched` the
         tokens of a batched decode (one per KV slot: `__call__`'s slots). `num_warps`: the one-query kernel's
         (default: `one_query_warps` with the default split, else Triton's 4; `bench.probes.decode_attention`
@@ -384,7 +384,10 @@ class DecodeAttention:
         off. `loop_stages` > 1 (the one-query kernel without kv_early): its loop over a split's blocks is software-
         pipelined over that many stages (`tl.range(num_stages=)`: the next blocks' K and V loads issued during this
         block's sums), for splits of several blocks; the same arithmetic in the same order. Unmeasured (42nd
-        session)."""
+        session). `rows_kernel` (one token, not batched): the decode runs the verify step's kernel
+        (`_split_rows_kernel`: one program per KV head and split, the group's queries as rows of tensor-core
+        products, padded to 16) instead of one program per query head; no RoPE inside, prefetch or context there.
+        Unmeasured (42nd session)."""
         if head_dim & (head_dim - 1):
             raise ValueError(f"decode attention needs a power-of-two head_dim, got {head_dim}")
         if loop_stages > 1 and (kv_early or one_block_splits(split_size)):
@@ -395,7 +398,14 @@ class DecodeAttention:
             raise ValueError(f"kv_early loads one block of keys a split: splits of at most {BLOCK_N} positions, got "
                              f"{split_size or SPLIT_SIZE}")
         self.num_heads, self.group, self.head_dim = num_heads, num_heads // num_kv_heads, head_dim
-        one_query = max_tokens == 1 or batched  # `_split_kernel`; else the verify step's `_split_rows_kernel`
+        if rows_kernel and (max_tokens != 1 or batched or kv_early or early_position or fused_reduce or v_early
+                            or loop_stages):
+            raise ValueError("rows_kernel runs one token's decode on the verify step's kernel, which has none of "
+                             "the one-query kernel's options (batched, kv_early, early_position, fused_reduce, "
+                             "v_early, loop_stages)")
+        self.rows_kernel = rows_kernel
+        # `_split_kernel`; else the verify step's `_split_rows_kernel`
+        one_query = (max_tokens == 1 or batched) and not rows_kernel
         self.split = split_size or SPLIT_SIZE
         self.num_splits = triton.next_power_of_2(triton.cdiv(max_context, self.split))
         self.window = sliding_window or (1 << 30)
@@ -457,7 +467,9 @@ class DecodeAttention:
         splits = self.num_splits if context is None else triton.cdiv(context, self.split)
         strides = (k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1))
         block = min(BLOCK_N, self.split)
-        if self.max_tokens == 1 or self.batched:
+        if self.rows_kernel and (rope is not None or prefetch is not None or context is not None):
+            raise ValueError("a decode on the rows kernel takes q after rope_append, and no prefetch or context")
+        if (self.max_tokens == 1 or self.batched) and not self.rows_kernel:
             pf_args, regions = l2_prefetch.kernel_args(prefetch, self.m)
             _split_kernel[(self.num_heads, splits, tokens)](
                 q, k_cache, v_cache, position, slots if slots is not None else position, self.acc, self.m, self.l,
