@@ -252,10 +252,7 @@ class GraphRunner:
             self.graphs[name].replay()
             self._position_after = position + 1
             return
-        if name := self._decode_graph("decode", position):
-            self.graphs[name].replay()
-        else:
-            self._decode_body()
+        self._launch(self._decode_graph("decode", position) or "decode", self._decode_body)
         if argmax:
             self.greedy.run(position, self.static.position)
         self._position_after = position

@@ -405,7 +405,7 @@ class DecodeAttention:
                              "v_early, loop_stages)")
         self.rows_kernel = rows_kernel
         # `_split_kernel`; else the verify step's `_split_rows_kernel`
-        one_query = (max_tokens == 1 or batched) and not rows_kernel
+        self.one_query = one_query = (max_tokens == 1 or batched) and not rows_kernel
         self.split = split_size or SPLIT_SIZE
         self.num_splits = triton.next_power_of_2(triton.cdiv(max_context, self.split))
         self.window = sliding_window or (1 << 30)
@@ -457,19 +457,20 @@ class DecodeAttention:
             raise ValueError(f"decode attention sized for {self.max_tokens} tokens of {self.num_heads} x "
                              f"{self.head_dim}{' (a QKV row each)' if rope is not None else ''}, got q "
                              f"{tuple(q.shape)} for {tokens} positions")
-        if rope is not None and not (self.max_tokens == 1 or self.batched):
+        if self.rows_kernel and (rope is not None or prefetch is not None or context is not None):
+            raise ValueError("a decode on the rows kernel takes q after rope_append, and no prefetch or context")
+        # past the check above, only a verify step's attention is not one_query
+        if rope is not None and not self.one_query:
             raise ValueError("RoPE inside decode attention is for one query per token (decode), not a verify step")
-        if prefetch is not None and not (self.max_tokens == 1 or self.batched):
+        if prefetch is not None and not self.one_query:
             raise ValueError("an L2 prefetch rides on the one-query kernel (decode), not a verify step")
-        if context is not None and not (1 <= context and (self.max_tokens == 1 or self.batched)):
+        if context is not None and not (1 <= context and self.one_query):
             raise ValueError(f"a decode attention's context bounds one query per token's positions: >= 1, got "
-                             f"{context}{'' if self.max_tokens == 1 or self.batched else ' on a verify step'}")
+                             f"{context}{'' if self.one_query else ' on a verify step'}")
         splits = self.num_splits if context is None else triton.cdiv(context, self.split)
         strides = (k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1))
         block = min(BLOCK_N, self.split)
-        if self.rows_kernel and (rope is not None or prefetch is not None or context is not None):
-            raise ValueError("a decode on the rows kernel takes q after rope_append, and no prefetch or context")
-        if (self.max_tokens == 1 or self.batched) and not self.rows_kernel:
+        if self.one_query:
             pf_args, regions = l2_prefetch.kernel_args(prefetch, self.m)
             _split_kernel[(self.num_heads, splits, tokens)](
                 q, k_cache, v_cache, position, slots if slots is not None else position, self.acc, self.m, self.l,
