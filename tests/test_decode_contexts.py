@@ -17,8 +17,7 @@ pytest.importorskip("triton")
 
 from graph_executor.graphs import ARGMAX_GRAPH, GraphRunner, decode_contexts  # noqa: E402
 from graph_executor.kernels.decode_attention import DecodeAttention  # noqa: E402
-from tests.test_kernels import poison  # noqa: E402
-from tests.test_rope_in_attention import DEVICE, tables  # noqa: E402
+from tests.test_rope_in_attention import DEVICE, attention_runs, tables  # noqa: E402
 
 CASES = [  # heads, kv_heads, head_dim, cache, window, dtype, split, options
     (4, 2, 64, 256, None, torch.float32, None, {}),  # a reduce kernel after the splits
@@ -31,37 +30,21 @@ CASES = [  # heads, kv_heads, head_dim, cache, window, dtype, split, options
 
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_a_grid_for_the_context_gives_the_same_bits(case) -> None:
-    """Per position (a split's last, one inside a later split, the cache's last) and per context that holds it (the least, a split
-    boundary above, twice the cache: programs past the cache's splits): the output and the cache equal the whole
-    cache's grid's, with RoPE inside and (where the
-    options allow) outside; poisoned outputs and workspaces first, the split combine's counts back at zero."""
+    """Per position (a split's last, one inside a later split, the cache's last) and per context that holds it (the
+    least, a split boundary above, twice the cache: programs past the cache's splits): the output and the cache
+    equal the whole cache's grid's, with RoPE inside and (where the options allow) outside; poisoned outputs and
+    workspaces first, the split combine's counts back at zero."""
     heads, kv_heads, hd, cache, window, dtype, split, options = CASES[case]
-    gen = torch.Generator().manual_seed(case)
-    rope = tables(heads, kv_heads, hd, cache)
-    kv = torch.randn(2, kv_heads, cache, hd, generator=gen).to(DEVICE, dtype)
     size = split or 64
-    for pos in (size - 1, 2 * size + 5, cache - 1):
-        qkv = torch.randn((heads + 2 * kv_heads) * hd, generator=gen).to(DEVICE, dtype)
-        position = torch.tensor([pos], device=DEVICE)
-        got = []
-        for context in (None, pos + 1, (pos // size + 2) * size, 2 * cache):  # None: the cache's splits
-            attn = DecodeAttention(heads, kv_heads, hd, cache, DEVICE, sliding_window=window, split_size=split,
-                                   **options)
-            poison(attn)
-            mine = kv.clone()
-            out = torch.full((heads, hd), float("nan"), device=DEVICE, dtype=dtype)
-            attn(qkv, mine[0], mine[1], position, out, rope=rope, context=context)
-            outs = [out]
-            if not options.get("kv_early"):  # rope_append's q: the plain one-query kernel
-                plain = torch.full((heads, hd), float("nan"), device=DEVICE, dtype=dtype)
-                attn(qkv[: heads * hd].view(heads, hd), mine[0], mine[1], position, plain, context=context)
-                outs.append(plain)
-            assert not attn.counts.any()
-            got.append((*outs, mine))
+    runs = attention_runs((heads, kv_heads, hd, cache, window, dtype, split, options),
+                          (size - 1, 2 * size + 5, cache - 1), case,
+                          lambda pos: [({}, dict(context=context))  # None: the cache's splits
+                                       for context in (None, pos + 1, (pos // size + 2) * size, 2 * cache)],
+                          plain_q=not options.get("kv_early"))  # rope_append's q: the plain one-query kernel
+    for pos, got in runs:
         for context_run in got[1:]:
             for a, b in zip(got[0], context_run, strict=True):
                 assert torch.isfinite(b).all() and torch.equal(a, b), f"pos {pos}"
-        kv = got[0][-1]
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's 0 / 0 where a short grid holds no keys

@@ -164,37 +164,46 @@ def test_fused_decoder_with_rope_inside_gives_the_same_step(tmp_path) -> None:
 EARLY_CASES = [*CASES, (8, 2, 64, 256, [150, 255], 40, torch.float16, None, True)]
 
 
-def off_and_on(case: int, seed: int, option: str, plain_q: bool):
-    """Per position of EARLY_CASES[case] (its own, a split's last and first, one inside a later split, the cache's
-    last) and per value of the DecodeAttention option `option` (False, then True): a fresh poisoned attention's
-    RoPE-inside output, with `plain_q` also its output for the un-rotated q of the same call's cache, and that cache.
-    Yields (pos, [off's, on's]); each position's calls start from the cache the previous position's off call left,
-    and every call must leave the split combine's counts at zero."""
-    heads, kv_heads, hd, cache, positions, window, dtype, split, fused = EARLY_CASES[case]
-    gen = torch.Generator().manual_seed(case + seed)
+def attention_runs(shape: tuple, positions, seed: int, variants, plain_q: bool):
+    """Per position in `positions` and per variant of `variants(pos)` ((DecodeAttention kwargs, call kwargs) pairs),
+    on an attention of `shape` (heads, kv_heads, head_dim, cache, window, dtype, split, DecodeAttention kwargs): a
+    fresh poisoned attention's RoPE-inside output, with `plain_q` also its output for the un-rotated q of the same
+    call's cache, and that cache. Yields (pos, [each variant's]); each position's calls start from the cache the
+    previous position's first variant left, and every call must leave the split combine's counts at zero."""
+    heads, kv_heads, hd, cache, window, dtype, split, options = shape
+    gen = torch.Generator().manual_seed(seed)
     rope = tables(heads, kv_heads, hd, cache)
     kv = torch.randn(2, kv_heads, cache, hd, generator=gen).to(DEVICE, dtype)
-    size = split or 64
-    for pos in sorted({*positions, size - 1, size, 2 * size + 5, cache - 1}):
+    for pos in positions:
         qkv = torch.randn((heads + 2 * kv_heads) * hd, generator=gen).to(DEVICE, dtype)
         position = torch.tensor([pos], device=DEVICE)
         got = []
-        for on in (False, True):
+        for made, called in variants(pos):
             attn = DecodeAttention(heads, kv_heads, hd, cache, DEVICE, sliding_window=window, split_size=split,
-                                   fused_reduce=fused, **{option: on})
+                                   **options, **made)
             poison(attn)
             cache_copy = kv.clone()
             out = torch.full((heads, hd), float("nan"), device=DEVICE, dtype=dtype)
-            attn(qkv, cache_copy[0], cache_copy[1], position, out, rope=rope)
+            attn(qkv, cache_copy[0], cache_copy[1], position, out, rope=rope, **called)
             outs = [out]
             if plain_q:
                 plain = torch.full((heads, hd), float("nan"), device=DEVICE, dtype=dtype)
-                attn(qkv[: heads * hd].view(heads, hd), cache_copy[0], cache_copy[1], position, plain)
+                attn(qkv[: heads * hd].view(heads, hd), cache_copy[0], cache_copy[1], position, plain, **called)
                 outs.append(plain)
             assert not attn.counts.any()
             got.append((*outs, cache_copy))
         yield pos, got
         kv = got[0][-1]  # the next position attends to this one's row too
+
+
+def off_and_on(case: int, seed: int, option: str, plain_q: bool):
+    """`attention_runs` of EARLY_CASES[case] at its own positions, a split's last and first, one inside a later split
+    and the cache's last, with the DecodeAttention option `option` False, then True."""
+    heads, kv_heads, hd, cache, positions, window, dtype, split, fused = EARLY_CASES[case]
+    size = split or 64
+    yield from attention_runs((heads, kv_heads, hd, cache, window, dtype, split, dict(fused_reduce=fused)),
+                              sorted({*positions, size - 1, size, 2 * size + 5, cache - 1}), case + seed,
+                              lambda pos: [({option: on}, {}) for on in (False, True)], plain_q)
 
 
 @pytest.mark.parametrize("case", range(len(EARLY_CASES)))
