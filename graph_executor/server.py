@@ -216,8 +216,8 @@ class ExecutorServer:
     def dispatch(self, seq: int | None, msg: Message) -> Message | None:
         """Run one command; the ZeroMQ reply to send, or None (answered on the doorbell, or a duplicate)."""
         key = _step_key(msg)
-        if key is not None and key == self.last_step:
-            return None  # the other path's copy of the step just run
+        if key is not None and _ran_already(key, self.last_step):
+            return None  # the other path's copy of a step run: the last one, or one before it
         answer = self.handle(msg)
         if key is not None:
             self.last_step = key
@@ -359,3 +359,11 @@ STEPS = (Prefill, Decode, DecodeBatch, Verify)  # the commands that run a step (
 
 def _step_key(msg: Message) -> tuple[str, int] | None:
     return (msg.request_id, msg.step) if isinstance(msg, STEPS) else None
+
+
+def _ran_already(key: tuple[str, int], last: tuple[str, int] | None) -> bool:
+    """Whether a step is the last one run or one before it in the same request (the JIT context numbers its steps in
+    increasing order). Not only the last: a step's ZeroMQ copy can arrive after the step was taken from the bell,
+    answered there and the next step rung and taken. Another request's copies cannot come that late: the JIT context
+    waits for its Reset's Ok over ZeroMQ, which is ordered, so the executor has read them before it answers."""
+    return last is not None and key[0] == last[0] and key[1] <= last[1]

@@ -14,8 +14,10 @@ ZeroMQ stays the reliable path and carries everything else. The rules that make 
   sender's I/O thread, the receiver's, then the receiver itself): after 50 ms or more of idle that path took
   ~1.4 ms from the request's arrival until the executor had the prefill queued, against 0.4 ms back to back (H200
   host, `bench.probes.idle_gap`). The pipe only wakes: what runs is the rung command, once, as below.
-- The executor runs a step at most once: a command equal to the last step it ran (request id and step; the JIT
-  context never has more than one step outstanding) is a duplicate from the other path and is dropped.
+- The executor runs a step at most once: a command of the request of the last step it ran, numbered at or before
+  that step (the JIT context numbers its steps in increasing order and has at most one outstanding), is a copy from
+  the other path and is dropped. Not only the last step's: a copy sent beside a step rung while the executor was
+  waking can arrive after that step was answered on the bell and the next one rung and taken.
 - The executor answers a step that was rung on the done bell (its status too, an Error also goes over ZeroMQ),
   any other step with a ZeroMQ StepDone. The JIT context waits for either.
 

@@ -328,3 +328,33 @@ def test_woken_without_a_command_the_executor_watches_the_bell(rig) -> None:
     assert time.monotonic() - seen["rung"] < POLL_MS / 1e3 / 2  # taken from the bell, not after an idle poll
     timer.join()
     assert seen["listening"]
+
+
+def test_a_copy_that_comes_after_the_next_step_was_rung_is_dropped(rig) -> None:
+    """A step's ZeroMQ copy can be slower than the step's whole turn: rung while the executor was waking (the copy
+    sent with it), answered on the bell, and the JIT context's next step rung and taken, all before the copy
+    arrives. The copy is then older than the last step run, not equal to it, and must be dropped all the same: run
+    again it would redo the prefill after the decode and overwrite the logits the JIT context samples next."""
+    server, control, jit = rig
+    buffers = server.shared.buffers
+    prefill = Prefill("req-1", 1, 4, 0)
+    seq = jit.ring(prefill)
+    control.send(prefill)  # the executor was not listening yet: the copy goes too
+    assert server.next_command() == (seq, prefill)
+    assert server.dispatch(seq, prefill) is None
+    decode = Decode("req-1", 2, 4)
+    seq = jit.ring(decode)  # the next step, rung before the copy is read
+    assert server.next_command() == (seq, decode)
+    assert server.dispatch(seq, decode) is None and jit.answered(seq) == (OK, ())
+    after_decode = buffers.logits.clone()
+    _zmq_arrived(server)
+    assert server.next_command() == (None, prefill)
+    assert server.dispatch(None, prefill) is None  # dropped, not answered and not run
+    assert torch.equal(buffers.logits, after_decode)
+    assert control.recv(timeout_ms=0) is None
+    # A later request's steps run (its request id differs), as does an ordinary next step of the same request.
+    decode = Decode("req-1", 3, 5)
+    assert server.dispatch(jit.ring(decode), decode) is None
+    assert not torch.equal(buffers.logits, after_decode)
+    prefill = Prefill("req-2", 4, 4, 0)
+    assert server.dispatch(None, prefill) == StepDone("req-2", 4)
