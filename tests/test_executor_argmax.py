@@ -120,13 +120,13 @@ def test_the_executor_server_takes_the_flags_off_the_wire_and_files_the_token() 
         from jit_context.remote_executor import RemoteExecutor
 
         remote = RemoteExecutor(control, server.shared, MAX_CONTEXT, os.getpid())
-        remote.request_id = "r"
+        remote.request_id = "s"  # its steps count from 1 again: request "r" is past them (a copy would be dropped)
         remote.decode(8, argmax=True, own_input=True)
         deadline = time.monotonic() + 5
         while not server.channel.poll(10):
             assert time.monotonic() < deadline
         got = server.next_command()
-        assert (got[1].request_id, got[1].position, got[1].argmax, got[1].own_input) == ("r", 8, True, True)
+        assert (got[1].request_id, got[1].position, got[1].argmax, got[1].own_input) == ("s", 8, True, True)
         assert server.reply(server.dispatch(*got))
         remote.wait_enqueued()  # its StepDone came back
     finally:

@@ -61,6 +61,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=10)
     ap.add_argument("--force-spin-ms", type=float, default=None,
                     help="the spinning client's own window instead of the server's (e.g. to measure it on the CPU)")
+    ap.add_argument("--gap-ms", type=float, default=0.0,
+                    help="idle time before each request (0: each starts as the last one's Finished arrives)")
     ap.add_argument("--model", required=True)
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
@@ -81,6 +83,7 @@ def main() -> None:
                 one(client, ids, args.tokens)
         for _ in range(args.requests):
             for got, client in zip(rows, clients, strict=True):
+                time.sleep(args.gap_ms / 1e3)
                 got.append(one(client, ids, args.tokens))
     finally:
         for client in clients:
