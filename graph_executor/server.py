@@ -64,7 +64,8 @@ class ExecutorServer:
         if doorbell is not None and doorbell.wake_fd is not None:
             self._idle_poller.register(doorbell.wake_fd, zmq.POLLIN)
         self.promise_ns = 0  # we watch the doorbell until then (CLOCK_MONOTONIC) before sleeping in a poll
-        self.last_step: tuple[str, int] | None = None  # (request id, step) of the last step run: its copy is dropped
+        # (request id, step) of the last step run: a step numbered at or below it is a copy from the other path, dropped
+        self.last_step: tuple[str, int] = ("", 0)
         self.loaded = loaded
         model = loaded.model
         device = model.embed_tokens.device
@@ -216,15 +217,15 @@ class ExecutorServer:
     def dispatch(self, seq: int | None, msg: Message) -> Message | None:
         """Run one command; the ZeroMQ reply to send, or None (answered on the doorbell, or a duplicate)."""
         key = _step_key(msg)
-        if key is not None and _ran_already(key, self.last_step):
-            return None  # the other path's copy of a step run: the last one, or one before it
+        if key is not None and key[1] <= self.last_step[1]:
+            return None  # the other path's copy of a step run (ipc/doorbell.py: why not only the last one's)
         answer = self.handle(msg)
         if key is not None:
             self.last_step = key
         if seq is None:
             return answer
-        ok = isinstance(answer, StepDone)
-        self.doorbell.answer(seq, OK if ok else FAILED, (answer.accepted or ()) if ok else ())
+        ok = isinstance(answer, (StepDone, Ok))  # a rung Reset is answered on the bell too
+        self.doorbell.answer(seq, OK if ok else FAILED, (getattr(answer, "accepted", None) or ()) if ok else ())
         return None if ok else answer  # an Error also goes over ZeroMQ, with its text
 
     def say_peer_gone(self) -> None:
@@ -359,11 +360,3 @@ STEPS = (Prefill, Decode, DecodeBatch, Verify)  # the commands that run a step (
 
 def _step_key(msg: Message) -> tuple[str, int] | None:
     return (msg.request_id, msg.step) if isinstance(msg, STEPS) else None
-
-
-def _ran_already(key: tuple[str, int], last: tuple[str, int] | None) -> bool:
-    """Whether a step is the last one run or one before it in the same request (the JIT context numbers its steps in
-    increasing order). Not only the last: a step's ZeroMQ copy can arrive after the step was taken from the bell,
-    answered there and the next step rung and taken. Another request's copies cannot come that late: the JIT context
-    waits for its Reset's Ok over ZeroMQ, which is ordered, so the executor has read them before it answers."""
-    return last is not None and key[0] == last[0] and key[1] <= last[1]

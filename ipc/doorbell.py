@@ -1,5 +1,5 @@
 """The step doorbell: a page of shared memory that carries the hot control messages (Prefill, Decode, Verify and
-their StepDone) between the JIT context and the graph executor without a ZeroMQ hop.
+their StepDone, and a request's Reset) between the JIT context and the graph executor without a ZeroMQ hop.
 
 Why: on the H200 host a ZeroMQ message between the two processes takes ~0.3-0.6 ms (two I/O-thread wake-ups
 on a VM), a shared-memory write seen by a spinning reader well under 1 us (bench/NOTES.md). Plain decode hides
@@ -14,10 +14,14 @@ ZeroMQ stays the reliable path and carries everything else. The rules that make 
   sender's I/O thread, the receiver's, then the receiver itself): after 50 ms or more of idle that path took
   ~1.4 ms from the request's arrival until the executor had the prefill queued, against 0.4 ms back to back (H200
   host, `bench.probes.idle_gap`). The pipe only wakes: what runs is the rung command, once, as below.
-- The executor runs a step at most once: a command of the request of the last step it ran, numbered at or before
-  that step (the JIT context numbers its steps in increasing order and has at most one outstanding), is a copy from
-  the other path and is dropped. Not only the last step's: a copy sent beside a step rung while the executor was
-  waking can arrive after that step was answered on the bell and the next one rung and taken.
+- The executor runs a step at most once. Step numbers increase over the JIT context's life (`RemoteExecutor` counts
+  them), so a command numbered at or below the last step it ran is a copy from the other path, and is dropped. Not
+  only the last step's copy: one sent beside a step rung while the executor was waking can arrive after that step
+  was answered on the bell and the next one (or the next request's first) rung and taken.
+- A request's end (Reset) is rung with no ZeroMQ copy while the executor listens, and not waited for: the next
+  command rung replaces it if the executor has not taken it yet, which loses nothing (that command is a step: the
+  executor stays busy, as that step would make it). Otherwise the Reset goes over ZeroMQ and the JIT context waits
+  for its Ok, so that the executor cannot read it after the next step.
 - The executor answers a step that was rung on the done bell (its status too, an Error also goes over ZeroMQ),
   any other step with a ZeroMQ StepDone. The JIT context waits for either.
 

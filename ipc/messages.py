@@ -27,10 +27,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
-# Versions: 12: Decode.argmax/own_input and the token_ring buffer; 11: Ready.captures_pending; 10: Started.spin_ms; 9: DecodeBatch carries several prompt chunks; 8: GenerateRequest.warm_up; 7: DecodeBatch's prompt chunk (the mixed step); 6: KV slots (Ready.max_num_seqs, Prefill.slot,
+# Versions: 13: a Reset may come on the doorbell, step numbers increase across requests; 12: Decode.argmax/own_input and the token_ring buffer; 11: Ready.captures_pending; 10: Started.spin_ms; 9: DecodeBatch carries several prompt chunks; 8: GenerateRequest.warm_up; 7: DecodeBatch's prompt chunk (the mixed step); 6: KV slots (Ready.max_num_seqs, Prefill.slot,
 # DecodeBatch, the batch_logits buffer); 5: Verify.tokens/accept, StepDone.accepted, GenerateRequest.chat;
 # 4: Ready.doorbell; 3: Verify and the verify_logits buffer; 2: typed Ready buffers/events/tokenizer_path
-PROTOCOL_VERSION = 12
+PROTOCOL_VERSION = 13
 MAX_ID_CHARS = 256
 MAX_SPECULATIVE_TOKENS = 8  # proposals a Verify step carries at most (its k + 1 tokens fill the verify buffers)
 MAX_NUM_SEQS = 64  # KV slots an executor may hold (sequences decoded together in one DecodeBatch step)
@@ -363,6 +363,8 @@ class Error(Message):
 
 
 # -- executor step control (10-19) -----------------------------------------------------------------------
+# A step's `step` numbers increase over the JIT context's life (RemoteExecutor counts them, never from 1 again): the
+# executor drops a command numbered at or below the last step it ran, a copy from the other path (ipc/doorbell.py).
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,8 @@ A hung executor (alive, but no answer within `step_timeout_s`: stopped, deadlock
 request in progress with `ExecutorTimeout` instead of an unbounded wait; the JIT context stays up. The
 unanswered step is abandoned: its late StepDone, like any reply for an earlier step or request, is dropped
 when it comes (the control channel is ordered, so once the executor answers a later step it has worked
-through everything before it). Until the executor answers again, a request's Reset is not waited for either, so
-each following request fails after one time-out rather than two.
-
-The end of a request (`finish_request`) sends its Reset and returns: its `Ok` is read before the next step is sent,
-so the serving loop takes the next client's request during that round trip.
+through everything before it). Until the executor answers again, the end of a request does not wait for the
+Reset's `Ok` either, so each following request fails after one time-out rather than two.
 """
 
 from __future__ import annotations
@@ -78,34 +75,27 @@ class RemoteExecutor:
         self.events = events  # GPU: order our sampling and the executor's steps by IPC events
         self.step_timeout_s = step_timeout_s
         self.unresponsive = False  # a wait timed out and the executor has not answered anything since
-        self._reset_pending: str | None = None  # the request whose Reset's Ok has not been read yet
 
     def finish_request(self) -> None:
-        """Tell the executor the request is over (it may capture graphs while idle), without waiting for its Ok: the
-        serving loop reads the next client's request meanwhile (a client that sends it as soon as it has the last
-        one's Finished found the loop still in this round trip, ~0.2 ms of two ZeroMQ hops on the H200 host). The
-        next step waits for the Ok before it is sent (`_settle_reset`). Never times out here: the request has had
-        its answer, and if the executor stays hung the next request fails on its first step."""
+        """Tell the executor the request is over (it may capture graphs while idle). While it listens the Reset is
+        rung on the doorbell and nothing waits for it (ipc/doorbell.py says why that is safe), so the serving loop
+        reads the next client's request at once: a client that sent it as soon as it had the last one's Finished
+        found the loop still in the Ok's round trip (two ZeroMQ hops, ~0.2 ms on the H200 host). Otherwise it goes
+        over ZeroMQ and its Ok is waited for: the executor must not read that Reset after the next step, rung on the
+        doorbell, has made it busy. Never times out: the request has had its answer, and if the executor stays hung
+        the next request fails on its first step."""
         try:
-            self._settle_reset()
             self.wait_enqueued()  # a step of a cancelled request may still be unanswered
-        except ExecutorTimeout:
-            return
-        self._send(Reset(self.request_id))
-        if not self.unresponsive:  # else its Ok comes, if ever, after the abandoned step's StepDone: both dropped
-            self._reset_pending = self.request_id
-
-    def _settle_reset(self) -> None:
-        """Wait for the last Reset's Ok, if it has not been read yet. The control channel is ordered, so with the Ok
-        in hand the executor has read every ZeroMQ copy of the ended request's steps: none of them can then arrive
-        after the next request's first step, rung on the doorbell, and be taken for a new step."""
-        request_id = self._reset_pending
-        if request_id is None:
-            return
-        try:
+            reset = Reset(self.request_id)
+            if self.doorbell is not None and self.doorbell.listening() and self.doorbell.ring(reset) is not None:
+                return
+            self._send(reset)
+            if self.unresponsive:
+                return  # its Ok comes, if ever, after the abandoned step's StepDone; both are dropped as stale
+            request_id = self.request_id
             self._await(lambda reply: isinstance(reply, Ok) and reply.request_id in (request_id, None), "Reset")
-        finally:
-            self._reset_pending = None
+        except ExecutorTimeout:
+            pass
 
     def prefill(self, num_tokens: int, start_pos: int = 0, slot: int = 0) -> None:
         """Send the step and return at once: the caller overlaps its own set-up with the executor's launch."""
@@ -168,7 +158,6 @@ class RemoteExecutor:
 
     def _send_step(self, msg: Message) -> None:
         self.wait_enqueued()
-        self._settle_reset()
         self._step += 1
         self._spin_us = SPIN_US
         if self.events:
@@ -234,8 +223,6 @@ class RemoteExecutor:
         A stale reply (of an abandoned step, a cancelled request, an Error for an earlier one) is not taken: the
         caller drops it and waits on."""
         self.unresponsive = False
-        if isinstance(reply, Ok) and reply.request_id in (self._reset_pending, None):
-            self._reset_pending = None  # read while waiting for something else (a status reply)
         if isinstance(reply, Error) and raise_errors and reply.request_id in (self.request_id, None):
             raise HybridrtError(f"executor: {reply.message}")
         return wanted(reply)

@@ -95,9 +95,23 @@ def test_the_executor_server_takes_the_flags_off_the_wire_and_files_the_token() 
                             supervisor_pid=None, quiet=True)
     try:
         b = server.shared.buffers
+        # the JIT context's side puts the flags on the wire (RemoteExecutor over the same channel); its step is the
+        # executor's first (step numbers increase over a JIT context's life: one run before would drop it as a copy)
+        from jit_context.remote_executor import RemoteExecutor
+
+        remote = RemoteExecutor(control, server.shared, MAX_CONTEXT, os.getpid())
+        remote.request_id = "r"
+        remote.decode(8, argmax=True, own_input=True)
+        deadline = time.monotonic() + 5
+        while not server.channel.poll(10):
+            assert time.monotonic() < deadline
+        got = server.next_command()
+        assert (got[1].request_id, got[1].position, got[1].argmax, got[1].own_input) == ("r", 8, True, True)
+        assert server.reply(server.dispatch(*got))
+        remote.wait_enqueued()  # its StepDone came back
         b.input_ids[:4].copy_(torch.tensor([5, 6, 7, 8]))
-        steps = [Prefill("r", 1, 4, 0), Decode("r", 2, 4, argmax=False), Decode("r", 3, 5, argmax=True),
-                 Decode("r", 4, 6, argmax=True, own_input=True)]
+        steps = [Prefill("r", 2, 4, 0), Decode("r", 3, 4, argmax=False), Decode("r", 4, 5, argmax=True),
+                 Decode("r", 5, 6, argmax=True, own_input=True)]
         b.next_token.fill_(9)
         for msg in steps:
             control.send(msg)
@@ -111,24 +125,11 @@ def test_the_executor_server_takes_the_flags_off_the_wire_and_files_the_token() 
                 want = int(torch.argmax(b.logits))
                 assert int(b.next_token[0]) == want == int(b.token_ring[msg.position % TOKEN_RING]), msg
         # own_input is trusted (no wait for the JIT context's event) only right after the argmax decode before it
-        assert server.own_input_trusted(Decode("r", 5, 7, own_input=True))
-        for other in (Decode("r", 5, 8, own_input=True), Decode("q", 5, 7, own_input=True), Decode("r", 5, 7)):
+        assert server.own_input_trusted(Decode("r", 6, 7, own_input=True))
+        for other in (Decode("r", 6, 8, own_input=True), Decode("q", 6, 7, own_input=True), Decode("r", 6, 7)):
             assert not server.own_input_trusted(other), other
-        server.dispatch(None, Decode("r", 5, 7, argmax=False, own_input=True))  # not an argmax decode: the chain ends
-        assert not server.own_input_trusted(Decode("r", 6, 8, own_input=True))
-        # the JIT context's side puts the flags on the wire (RemoteExecutor over the same channel)
-        from jit_context.remote_executor import RemoteExecutor
-
-        remote = RemoteExecutor(control, server.shared, MAX_CONTEXT, os.getpid())
-        remote.request_id = "s"  # its steps count from 1 again: request "r" is past them (a copy would be dropped)
-        remote.decode(8, argmax=True, own_input=True)
-        deadline = time.monotonic() + 5
-        while not server.channel.poll(10):
-            assert time.monotonic() < deadline
-        got = server.next_command()
-        assert (got[1].request_id, got[1].position, got[1].argmax, got[1].own_input) == ("s", 8, True, True)
-        assert server.reply(server.dispatch(*got))
-        remote.wait_enqueued()  # its StepDone came back
+        server.dispatch(None, Decode("r", 6, 7, argmax=False, own_input=True))  # not an argmax decode: the chain ends
+        assert not server.own_input_trusted(Decode("r", 7, 8, own_input=True))
     finally:
         control.close()
         channel.close()
