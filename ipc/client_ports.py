@@ -38,7 +38,10 @@ class ClientPorts:
         self.max_frame_bytes = router.max_frame_bytes
         self._peers: dict[bytes, LocalPeer] = {}
         self._ids = count()
-        self._ready: deque[Received] = deque()  # decoded local messages not yet handed out
+        self._ready: deque[tuple[bytes, Message | ProtocolError, float]] = deque()  # decoded, not yet handed out
+        # perf_counter when the wait that read the message last handed out returned: its way in splits there into
+        # the client's send and this process's wake-up, and this process's own read, decode and checks
+        self.polled_at = 0.0
         self._poller = zmq.Poller()
         self._poller.register(router.socket, zmq.POLLIN)
         if local is not None:
@@ -57,27 +60,34 @@ class ClientPorts:
         """(identity, message or the ProtocolError to answer), or None after timeout_ms (None: wait). Never raises
         for what a client sent."""
         if self._ready:
-            return self._ready.popleft()
+            return self._hand_out()
         if self.local is None:
             got = self.router.recv_from(timeout_ms)
+            self.polled_at = time.perf_counter()
             return None if got is None else (ROUTER_TAG + got[0], got[1])
         deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1e3
         while True:
             left_ms = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1e3))
             events = dict(self._poller.poll(left_ms))
+            polled = time.perf_counter()
             if not events:
                 return None
             if events.pop(self.router.socket, 0) & zmq.POLLIN:
                 got = self.router.recv_from(0)
                 if got is not None:
-                    self._serve_local(events)  # nobody waits longer for the ROUTER's message than for theirs
+                    self._serve_local(events, polled)  # nobody waits longer for the ROUTER's message than for theirs
+                    self.polled_at = polled
                     return ROUTER_TAG + got[0], got[1]
-            self._serve_local(events)
+            self._serve_local(events, polled)
             if self._ready:
-                return self._ready.popleft()
+                return self._hand_out()
             if deadline is not None and time.monotonic() >= deadline:
                 return None
             # woken with nothing whole yet (part of a frame, a connection accepted or closed): wait on
+
+    def _hand_out(self) -> Received:
+        identity, msg, self.polled_at = self._ready.popleft()
+        return identity, msg
 
     def poll(self, timeout_ms: int = 0) -> bool:
         """True when a message may be waiting (recv_from(0) then tells)."""
@@ -111,8 +121,9 @@ class ClientPorts:
         if self.local is not None:
             self.local.close()
 
-    def _serve_local(self, events: dict) -> None:
-        """Accept new connections, read the ones with data, flush the ones with room (per poll events)."""
+    def _serve_local(self, events: dict, polled: float) -> None:
+        """Accept new connections, read the ones with data, flush the ones with room (per poll events, which the
+        wait that ended at `polled` returned)."""
         if events.pop(self.local.fileno(), 0) & zmq.POLLIN:
             for peer in self.local.accept():
                 identity = LOCAL_TAG + next(self._ids).to_bytes(8, "big")
@@ -130,11 +141,11 @@ class ClientPorts:
                     self._drop(identity)
                     continue
             if flags & (zmq.POLLIN | zmq.POLLERR):
-                self._read(identity, peer)
+                self._read(identity, peer, polled)
         for identity, peer in self._peers.items():
             self._poller.modify(peer, zmq.POLLIN | (zmq.POLLOUT if peer.wants_write else 0))
 
-    def _read(self, identity: bytes, peer: LocalPeer) -> None:
+    def _read(self, identity: bytes, peer: LocalPeer, polled: float) -> None:
         try:
             frames = peer.read()
         except (PeerGone, ProtocolError):  # gone, or a frame beyond what is answered: the stream cannot go on
@@ -142,9 +153,9 @@ class ClientPorts:
             return
         for data in frames:
             try:
-                self._ready.append((identity, decode(data, max_frame_bytes=self.max_frame_bytes)))
+                self._ready.append((identity, decode(data, max_frame_bytes=self.max_frame_bytes), polled))
             except ProtocolError as e:
-                self._ready.append((identity, e))
+                self._ready.append((identity, e, polled))
 
     def _drop(self, identity: bytes) -> None:
         peer = self._peers.pop(identity, None)

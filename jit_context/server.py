@@ -84,7 +84,8 @@ class Pending:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    received: float  # perf_counter at arrival
+    received: float  # perf_counter at arrival (read, decoded, checked and queued)
+    polled: float = 0.0  # perf_counter when the wait that read its frame returned (ClientPorts.polled_at)
     started: float = 0.0  # perf_counter when it reached the executor's turn
     counted: bool = True  # logged and counted in the metrics (not a start-up request: ours, or a launcher's)
     # it arrived while another request ran or waited: its client may leave before its turn, so it is told Started
@@ -260,8 +261,8 @@ class JitServer:
             self._reply(identity, Error("invalid_request", str(e), msg.request_id))
             return
         queued = self.num_running() > 0 or bool(self.queue)
-        self.queue.append(Pending(identity, msg.request_id, ids, params, time.perf_counter(), counted=not msg.warm_up,
-                                  queued=queued))
+        self.queue.append(Pending(identity, msg.request_id, ids, params, time.perf_counter(), self.clients.polled_at,
+                                  counted=not msg.warm_up, queued=queued))
 
     def _tokenize(self, msg: TokenizeRequest | DetokenizeRequest):
         try:
@@ -395,7 +396,10 @@ class JitServer:
                    "sent_times_ms": [round((t - active.received) * 1e3, 3) for t in active.sent],
                    # its arrival on this process's perf_counter: CLOCK_MONOTONIC on Linux, one clock for every
                    # process of the machine, so a client beside it can tell the request's way in from the rest
-                   "received_at_s": round(active.received, 6)}
+                   "received_at_s": round(active.received, 6),
+                   # when the wait that read its frame returned: the way in splits there into the client's send and
+                   # this process's wake-up, then its own read, decode and checks up to received_at_s
+                   "polled_at_s": round(active.polled, 6)}
         if result.cached_tokens:
             timings["cached_prompt_tokens"] = result.cached_tokens  # prompt tokens not prefilled (prefix reuse)
         if result.speculation is not None:

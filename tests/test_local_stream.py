@@ -84,6 +84,32 @@ def test_ports_route_each_reply_by_the_endpoint_its_client_came_in_by(ports, run
         dealer.close()
 
 
+def test_each_message_carries_the_moment_its_wait_returned(ports, rundir):
+    """`ClientPorts.polled_at`: when the wait that read the message just handed out returned (a request's way in
+    splits there). Two frames read by one wait share it, however late the second is handed out."""
+    local = LocalConnection(ports.local_path, 1 << 20)
+    dealer = connect_client(ports.ctx, rundir.ipc_address("client"))
+    try:
+        assert ports.recv_from(100) is None  # the connection accepted, nothing whole yet
+        sent = time.perf_counter()
+        local.send(encode(m.Status(api_key="a")))
+        local.send(encode(m.Status(api_key="b")))
+        time.sleep(0.05)  # both frames are in before the wait
+        _, first = ports.recv_from(2000)
+        stamp = ports.polled_at
+        assert sent < stamp < time.perf_counter()
+        time.sleep(0.01)
+        _, second = ports.recv_from(2000)
+        assert (first.api_key, second.api_key) == ("a", "b") and ports.polled_at == stamp
+        sent = time.perf_counter()
+        dealer.send(m.Status(api_key="z"))
+        _, msg = ports.recv_from(2000)
+        assert msg.api_key == "z" and sent < ports.polled_at < time.perf_counter()
+    finally:
+        local.close()
+        dealer.close()
+
+
 def test_a_client_that_stops_reading_is_dropped_and_one_that_leaves_is_unreachable(ports, monkeypatch):
     monkeypatch.setattr(local_stream, "OUTBOX_CAP_BYTES", 1 << 20)
     idle = LocalConnection(ports.local_path, 1 << 20)  # never reads

@@ -195,6 +195,8 @@ def test_native_client_streams_over_the_local_stream_with_zeromq_s_tokens(server
         before = time.perf_counter()
         *chunks, final = local.generate(**kwargs)
         assert before < final.timings["received_at_s"] < time.perf_counter()  # one clock for both processes
+        # the way in splits where the JIT context's wait for clients returned with the request
+        assert before < final.timings["polled_at_s"] <= final.timings["received_at_s"]
         path = local.local_path
         assert path is not None and stat.S_ISSOCK(os.stat(path).st_mode)
         assert stat.S_IMODE(os.stat(Path(path).parent).st_mode) == 0o700  # only this user reaches it

@@ -7,7 +7,8 @@ state. Per request: the client's TTFT (generate() called -> first
 token in hand) and the JIT context's own (request received -> first token on its host, `Finished.timings`); their
 difference is the two hops to and from the client plus the client's own work, split by the JIT context's arrival
 stamp (`Finished.timings["received_at_s"]`, CLOCK_MONOTONIC like this process's perf_counter) into the request's way
-in (the client's work, the hop, the JIT context's wake-up, decode and checks) and the first token's way out (from
+in (the client's work, the hop, the JIT context's wake-up, decode and checks; split again where the JIT context's
+wait for clients returned with it, `polled_at_s`) and the first token's way out (from
 the JIT context's stamp after its send returned: over the local stream a spinning client may hold the token first,
 so this part can read a few us below zero). Also the client's token gaps against
 the JIT context's, P50 and P99: the hop each token pays once more, and the jitter of waking up (issue 12's client
@@ -16,7 +17,10 @@ TokenChunk sent, `Finished.timings["sent_times_ms"]`), the gaps between sends, a
 token's arrival at the client minus its send, less the smallest such difference in its request: the hop's
 constant part cancels, so no clock offset is needed).
 
-    python -m bench.probes.client_spin --model M [--device cuda] [--requests 40] [--tokens 32]
+Requests follow each other as soon as the last one's Finished is in (a client that sends its next at once meets
+whatever the server still does after a request), or `--gap-ms` apart.
+
+    python -m bench.probes.client_spin --model M [--device cuda] [--requests 40] [--tokens 32] [--gap-ms 0]
 """
 
 from __future__ import annotations
@@ -32,10 +36,11 @@ from launch.supervisor import ServerConfig, Supervisor
 
 
 def one(client: Client, ids: list[int], tokens: int) -> tuple[float, float, list[float], list[float], list[float],
-                                                             list[float], list[float], float, float]:
+                                                             list[float], list[float], float, float, float]:
     """(client TTFT, JIT TTFT, client token gaps, JIT token gaps, JIT work per token, JIT send gaps, hop delay
     variation per token, the request's way in (generate() called -> the JIT context has it queued), the first
-    token's way out (its TokenChunk sent -> in the client's hand)), ms."""
+    token's way out (its TokenChunk sent -> in the client's hand), the way in's first part (generate() called -> the
+    JIT context's wait for clients returned with it: the client's work, the hop, the wake-up)), ms."""
     params = {"max_tokens": tokens, "temperature": 0.0, "ignore_eos": True}
     start = time.perf_counter()
     stamps = []
@@ -49,9 +54,10 @@ def one(client: Client, ids: list[int], tokens: int) -> tuple[float, float, list
     delays = [a - s for a, s in zip(arrived, sent, strict=True)]
     hop = [d - min(delays) for d in delays]
     way_in = (timings["received_at_s"] - start) * 1e3  # one clock (CLOCK_MONOTONIC) for both processes
+    to_poll = (timings["polled_at_s"] - start) * 1e3  # until the JIT context's wait for clients returned with it
     return ((stamps[0] - start) * 1e3, timings["ttft_ms"], client_gaps, gaps_ms(known),
             [s - k for k, s in zip(known, sent, strict=True)], gaps_ms(sent), hop, way_in,
-            arrived[0] - way_in - sent[0])
+            arrived[0] - way_in - sent[0], to_poll)
 
 
 def main() -> None:
@@ -63,11 +69,13 @@ def main() -> None:
                     help="the spinning client's own window instead of the server's (e.g. to measure it on the CPU)")
     ap.add_argument("--gap-ms", type=float, default=0.0,
                     help="idle time before each request (0: each starts as the last one's Finished arrives)")
+    ap.add_argument("--doorbell", default="auto", choices=("auto", "on", "off"),
+                    help="the server's step doorbell (auto: on a GPU only; on: to see its way on the CPU)")
     ap.add_argument("--model", required=True)
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
     load = LoadConfig(model=args.model, device=args.device, max_context=1024, progress=False)
-    sup = Supervisor(ServerConfig(load, speculation=SpeculativeConfig("off")))
+    sup = Supervisor(ServerConfig(load, speculation=SpeculativeConfig("off"), doorbell=args.doorbell))
     sup.start()
     sup.wait_ready()
     ids = list(range(1000, 1000 + args.prompt_len))
@@ -94,16 +102,18 @@ def main() -> None:
         how = "sleeps" if spin == 0 else f"spins ({client.spin.window_s * 1e3:g} ms)"
         return f"{'local stream' if client.local_path else 'ZeroMQ'}, {how}"
 
-    print(f"| client | client TTFT | JIT TTFT | client - JIT | request's way in | first token's way out | client gap "
-          f"P50 / P99 | JIT gap P50 / P99 |  ({args.requests} requests each, alternating, {args.prompt_len}-token "
-          f"prompt, {args.tokens} tokens; TTFT and ways: medians; gaps: over every token of every request; ms)")
+    print(f"| client | client TTFT | JIT TTFT | client - JIT | request's way in (to the JIT's wake + its read, checks) "
+          f"| first token's way out | client gap P50 / P99 | JIT gap P50 / P99 |  ({args.requests} requests each, "
+          f"alternating, {args.prompt_len}-token prompt, {args.tokens} tokens, {args.gap_ms:g} ms idle before each; "
+          f"TTFT and ways: medians; gaps: over every token of every request; ms)")
     print("|---|---|---|---|---|---|---|---|")
     for (_, spin), client, got in zip(modes, clients, rows, strict=True):
         client_gaps = [g for r in got for g in r[2]]
         jit_gaps = [g for r in got for g in r[3]]
         print(f"| {name(client, spin)} | {percentile([r[0] for r in got], 50):.3f} | "
               f"{percentile([r[1] for r in got], 50):.3f} | {percentile([r[0] - r[1] for r in got], 50):.3f} | "
-              f"{percentile([r[7] for r in got], 50):.3f} | {percentile([r[8] for r in got], 50):.3f} | "
+              f"{percentile([r[7] for r in got], 50):.3f} ({percentile([r[9] for r in got], 50):.3f} + "
+              f"{percentile([r[7] - r[9] for r in got], 50):.3f}) | {percentile([r[8] for r in got], 50):.3f} | "
               f"{percentile(client_gaps, 50):.3f} / {percentile(client_gaps, 99):.3f} | "
               f"{percentile(jit_gaps, 50):.3f} / {percentile(jit_gaps, 99):.3f} |")
     print("\n| client | JIT work per token P50 / P99 | JIT send gap P50 / P99 | hop delay variation P50 / P99 / "
