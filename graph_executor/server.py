@@ -64,7 +64,8 @@ class ExecutorServer:
         if doorbell is not None and doorbell.wake_fd is not None:
             self._idle_poller.register(doorbell.wake_fd, zmq.POLLIN)
         self.promise_ns = 0  # we watch the doorbell until then (CLOCK_MONOTONIC) before sleeping in a poll
-        # (request id, step) of the last step run: a step numbered at or below it is a copy from the other path, dropped
+        # (request id, step) of the last step run; a step numbered at or below it is a copy from the other path, dropped
+        # (the numbers are the JIT context's, increasing over its life; a Handshake starts them again)
         self.last_step: tuple[str, int] = ("", 0)
         self.loaded = loaded
         model = loaded.model
@@ -205,14 +206,20 @@ class ExecutorServer:
             bell.listen_until(self.promise_ns)
 
     def rung_copy(self, msg: Message | None) -> tuple[int | None, Message] | None:
-        """A message from ZeroMQ, with the doorbell seq of the same step if it was also rung (and not taken)."""
+        """A message from ZeroMQ, with the doorbell seq of the same step if it was also rung (and not taken). A
+        command on the bell not taken yet and not this one comes first, and this message is held for the next turn:
+        the bell goes before ZeroMQ (a Reset rung with nothing waiting for it must not be read after the next
+        request's first step, even one that came over ZeroMQ only)."""
         if msg is None:
             return None
-        rung = self.doorbell.peek() if isinstance(msg, STEPS) else None
-        if rung is not None and _step_key(rung[1]) == _step_key(msg):
-            self.doorbell.take()
+        rung = self.doorbell.peek()
+        if rung is None:
+            return None, msg
+        self.doorbell.taken = rung[0]  # what was peeked (take() would read again, and could skip a newer command)
+        if isinstance(msg, STEPS) and _step_key(rung[1]) == _step_key(msg):
             return rung[0], msg
-        return None, msg
+        self.held = msg
+        return rung
 
     def dispatch(self, seq: int | None, msg: Message) -> Message | None:
         """Run one command; the ZeroMQ reply to send, or None (answered on the doorbell, or a duplicate)."""
@@ -224,7 +231,7 @@ class ExecutorServer:
             self.last_step = key
         if seq is None:
             return answer
-        ok = isinstance(answer, (StepDone, Ok))  # a rung Reset is answered on the bell too
+        ok = isinstance(answer, (StepDone, Ok))  # a rung Reset is answered on the bell too (nothing waits for it)
         self.doorbell.answer(seq, OK if ok else FAILED, (getattr(answer, "accepted", None) or ()) if ok else ())
         return None if ok else answer  # an Error also goes over ZeroMQ, with its text
 
@@ -273,6 +280,7 @@ class ExecutorServer:
                 return StepDone(msg.request_id, msg.step, accepted)
             if isinstance(msg, Handshake):
                 self.peer_pid = msg.pid
+                self.last_step = ("", 0)  # a JIT context numbers its steps from 1
                 return self.ready_message()
             if isinstance(msg, Reset):
                 self.busy = False
@@ -355,7 +363,7 @@ class ExecutorServer:
             self.doorbell.close()
 
 
-STEPS = (Prefill, Decode, DecodeBatch, Verify)  # the commands that run a step (and may come on the doorbell)
+STEPS = (Prefill, Decode, DecodeBatch, Verify)  # the commands that run a step (these and a Reset may be rung)
 
 
 def _step_key(msg: Message) -> tuple[str, int] | None:

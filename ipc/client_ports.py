@@ -62,8 +62,10 @@ class ClientPorts:
         if self._ready:
             return self._hand_out()
         if self.local is None:
-            got = self.router.recv_from(timeout_ms)
+            if not self.router.socket.poll(-1 if timeout_ms is None else timeout_ms, zmq.POLLIN):
+                return None
             self.polled_at = time.perf_counter()
+            got = self.router.recv_from(0)
             return None if got is None else (ROUTER_TAG + got[0], got[1])
         deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1e3
         while True:

@@ -18,10 +18,11 @@ ZeroMQ stays the reliable path and carries everything else. The rules that make 
   them), so a command numbered at or below the last step it ran is a copy from the other path, and is dropped. Not
   only the last step's copy: one sent beside a step rung while the executor was waking can arrive after that step
   was answered on the bell and the next one (or the next request's first) rung and taken.
-- A request's end (Reset) is rung with no ZeroMQ copy while the executor listens, and not waited for: the next
-  command rung replaces it if the executor has not taken it yet, which loses nothing (that command is a step: the
-  executor stays busy, as that step would make it). Otherwise the Reset goes over ZeroMQ and the JIT context waits
-  for its Ok, so that the executor cannot read it after the next step.
+- A request's end (Reset) is rung with no ZeroMQ copy (a wake byte if the executor does not listen) and nothing
+  waits for it; the executor answers it on the done bell. The next command rung replaces it if the executor has not
+  taken it yet, which loses nothing (that command is a step: the executor stays busy, as that step would make it).
+  The executor reads the bell before ZeroMQ (`rung_copy` holds a ZeroMQ message while the bell has an untaken
+  command that is not its copy), so the Reset is never read after a step the JIT context sent later.
 - The executor answers a step that was rung on the done bell (its status too, an Error also goes over ZeroMQ),
   any other step with a ZeroMQ StepDone. The JIT context waits for either.
 
@@ -136,7 +137,8 @@ class Doorbell:
     # -- JIT context: ring, wait -------------------------------------------------------------------------
 
     def ring(self, msg: Message) -> int | None:
-        """Write a step command; its seq, or None when it does not fit (it must then go over ZeroMQ only)."""
+        """Write a command (a step, or a request's Reset); its seq, or None when it does not fit (it must then go over
+        ZeroMQ only)."""
         payload = encode(msg)
         if len(payload) > MAX_PAYLOAD:
             return None

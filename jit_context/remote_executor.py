@@ -77,25 +77,37 @@ class RemoteExecutor:
         self.unresponsive = False  # a wait timed out and the executor has not answered anything since
 
     def finish_request(self) -> None:
-        """Tell the executor the request is over (it may capture graphs while idle). While it listens the Reset is
-        rung on the doorbell and nothing waits for it (ipc/doorbell.py says why that is safe), so the serving loop
-        reads the next client's request at once: a client that sent it as soon as it had the last one's Finished
-        found the loop still in the Ok's round trip (two ZeroMQ hops, ~0.2 ms on the H200 host). Otherwise it goes
-        over ZeroMQ and its Ok is waited for: the executor must not read that Reset after the next step, rung on the
-        doorbell, has made it busy. Never times out: the request has had its answer, and if the executor stays hung
-        the next request fails on its first step."""
+        """Tell the executor the request is over (it may capture graphs while idle). With a doorbell the Reset is
+        rung (and the executor woken if it does not listen) and nothing waits for it (ipc/doorbell.py says why that
+        is safe), so the serving loop reads the next client's request at once: a client that sent it as soon as it
+        had the last one's Finished found the loop still in the Ok's round trip (two ZeroMQ hops, ~0.2 ms on the
+        H200 host). Without one it goes over ZeroMQ and its Ok is waited for. Never times out: the request has had
+        its answer, and if the executor stays hung the next request fails on its first step. A step of a cancelled
+        request that failed is reported after the Reset is sent."""
+        failed: HybridrtError | None = None
         try:
             self.wait_enqueued()  # a step of a cancelled request may still be unanswered
-            reset = Reset(self.request_id)
-            if self.doorbell is not None and self.doorbell.listening() and self.doorbell.ring(reset) is not None:
-                return
-            self._send(reset)
-            if self.unresponsive:
-                return  # its Ok comes, if ever, after the abandoned step's StepDone; both are dropped as stale
-            request_id = self.request_id
-            self._await(lambda reply: isinstance(reply, Ok) and reply.request_id in (request_id, None), "Reset")
         except ExecutorTimeout:
-            pass
+            return
+        except ExecutorDied:
+            raise
+        except HybridrtError as e:  # the executor's Error for that step: the request still ends on the executor
+            failed = e
+        reset = Reset(self.request_id)
+        if self.doorbell is not None and self.doorbell.ring(reset) is not None:
+            if not self.doorbell.listening():
+                self.doorbell.wake()
+        else:
+            self._send(reset)
+            if not self.unresponsive:  # else its Ok comes, if ever, after the abandoned step's StepDone: both dropped
+                request_id = self.request_id
+                try:
+                    self._await(lambda reply: isinstance(reply, Ok) and reply.request_id in (request_id, None),
+                                "Reset")
+                except ExecutorTimeout:
+                    pass
+        if failed is not None:
+            raise failed
 
     def prefill(self, num_tokens: int, start_pos: int = 0, slot: int = 0) -> None:
         """Send the step and return at once: the caller overlaps its own set-up with the executor's launch."""

@@ -363,13 +363,15 @@ def test_a_copy_that_comes_after_the_next_step_was_rung_is_dropped(rig) -> None:
     assert server.dispatch(None, decode) is None
 
 
-def test_a_request_s_end_waits_for_nothing_while_the_executor_listens(rig) -> None:
-    """`RemoteExecutor.finish_request`: while the executor listens its Reset is rung (no ZeroMQ copy) and nothing waits
-    for it: the executor answers it on the bell, or the next command rung replaces it. Else it goes over ZeroMQ and
-    its Ok is waited for (so that the executor cannot read it after the next step)."""
+def test_a_request_s_end_is_rung_and_waits_for_nothing(rig) -> None:
+    """`RemoteExecutor.finish_request` with a doorbell: the Reset is rung (no ZeroMQ copy; a wake byte when the
+    executor does not listen) and nothing waits for it: the executor answers it on the bell, or the next command
+    rung replaces it. The executor reads the bell before ZeroMQ: a message that came over ZeroMQ while an untaken
+    Reset was on the bell is held until the Reset has been handed out."""
     import os
     import threading
 
+    from graph_executor.server import POLL_MS
     from ipc.messages import Reset
     from jit_context.remote_executor import RemoteExecutor
 
@@ -387,28 +389,36 @@ def test_a_request_s_end_waits_for_nothing_while_the_executor_listens(rig) -> No
     seq, msg = server.next_command()
     assert msg == Reset("req-1") and server.dispatch(seq, msg) is None
     assert jit.answered(seq) == (OK, ()) and not server.busy
-    # Rung and not taken yet: the next request's first step replaces it.
-    server.busy = True
+    # Rung and not taken yet: the next request's first step replaces it (the Reset's seq is never handed out).
+    listening(True)
     remote.request_id = "req-2"
     remote.finish_request()
     remote.request_id = "req-3"
     remote.prefill(4, 0)
-    seq, msg = server.next_command()
-    assert msg == Prefill("req-3", 1, 4, 0)
-    assert server.dispatch(seq, msg) is None and server.busy
+    assert server.next_command() == (seq + 2, Prefill("req-3", 1, 4, 0))
+    assert server.dispatch(seq + 2, Prefill("req-3", 1, 4, 0)) is None
     remote.wait_enqueued()
     time.sleep(0.05)
     assert not server.channel.poll(0)  # nothing went over ZeroMQ
 
-    # Not listening: over ZeroMQ, and the end of the request waits for the Ok.
+    # Not listening (asleep in its poll): rung with a wake byte; the executor wakes on the pipe and takes it.
     listening(False)
-    ended = threading.Thread(target=remote.finish_request)
-    ended.start()
+    server.busy = False
+    timer = threading.Timer(0.02, remote.finish_request)
+    timer.start()
+    start = time.monotonic()
+    assert server.next_command() == (seq + 3, Reset("req-3"))
+    assert time.monotonic() - start < 0.02 + POLL_MS / 1e3 / 2  # woken, not found after an idle poll
+    timer.join()
+    assert not server.channel.poll(0)
+    server.dispatch(seq + 3, Reset("req-3"))
+
+    # An untaken Reset on the bell and a step that came over ZeroMQ only: the Reset first, the step held.
+    listening(True)
+    remote.request_id = "req-4"
+    remote.finish_request()
+    step = Prefill("req-5", 2, 4, 0)
+    control.send(step)
     _zmq_arrived(server)
-    got = server.next_command()
-    assert got == (None, Reset("req-3"))
-    time.sleep(0.1)
-    assert ended.is_alive()
-    assert server.reply(server.dispatch(*got))
-    ended.join(timeout=5)
-    assert not ended.is_alive()
+    assert server.rung_copy(server.channel.recv(timeout_ms=0)) == (seq + 4, Reset("req-4"))
+    assert server.held == step and server.doorbell.peek() is None
