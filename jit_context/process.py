@@ -89,6 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--spawned-at", type=float, default=None,
                    help="the supervisor's wall-clock time at spawn (the imports phase is measured from it)")
     p.add_argument("--quiet", action="store_true", help="no start-up phase lines")
+    p.add_argument("--idle-spin-ms", type=float, default=0.0,
+                   help="after each request, poll the clients without sleeping for this long (a request that comes "
+                        "meanwhile is read without a thread wake-up; holds a core; 0: sleep at once)")
     p.add_argument("--step-timeout", type=float, default=DEFAULT_STEP_TIMEOUT_S,
                    help="seconds to wait for the executor to answer a step before failing the request")
     plain = SpeculativeConfig()  # the defaults of SpeculativeConfig (the supervisor passes every one)
@@ -102,6 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--step-timeout must be > 0")
     if not args.stats_interval > 0:
         p.error("--stats-interval must be > 0")
+    if not args.idle_spin_ms >= 0:
+        p.error("--idle-spin-ms must be >= 0")
     try:
         args.speculation = SpeculativeConfig(args.speculative, args.num_speculative_tokens, args.ngram_min,
                                              args.ngram_max, adaptive=not args.no_adaptive_k)
@@ -237,7 +242,8 @@ def build_server(args: argparse.Namespace, ctx: zmq.Context, control: Channel,
     if args.address_file is not None:
         write_address(Path(args.address_file), ports.router.endpoint())
     server = JitServer(ports, executor, side, ready, api_key=os.environ.pop(SERVER_API_KEY_ENV, None) or None,
-                       log=RequestLog(args.stats_interval) if args.log_requests else None, startup=startup)
+                       log=RequestLog(args.stats_interval) if args.log_requests else None, startup=startup,
+                       idle_spin_ms=args.idle_spin_ms)
     if ready.captures_pending:  # all of the above ran while the executor captured its start-up graphs
         with startup.phase("waiting for the executor's graph captures"):
             final = await_ready(control, args.executor_pid)

@@ -69,6 +69,11 @@ def _error_code(e: BaseException) -> str:
 
 
 IDLE_POLL_MS = 50
+# How long after its last request the serving loop polls its clients without sleeping, when asked (`idle_spin_ms`,
+# off by default: `bench/NOTES.md`, 43rd session). A request that comes meanwhile is read without a thread wake-up
+# (an AF_UNIX hop to a sleeping reader 51 us P50 on the H200 host, 8 us to a spinning one, 18th session); the
+# executor watches its doorbell for the same 20 ms after a step (graph_executor.server.SPIN_US).
+IDLE_SPIN_MS = 20.0
 GPU_BATCH_PREFILL_CHUNK = 256  # prompt tokens per step while other requests decode (GPU; the CPU's is its own)
 # How long before a batched decode step should end the next one is sent (GPU, a slot free): the send and the
 # executor's launch take ~0.1-0.2 ms (bench/NOTES.md, issue 12); the rest of the step is watched for arrivals.
@@ -98,7 +103,9 @@ class Pending:
 class JitServer:
     def __init__(self, clients: ClientPorts, executor: RemoteExecutor, side: RequestSide, ready: Ready,
                  api_key: str | None = None, log: RequestLog | None = None,
-                 startup: StartupPhases | None = None) -> None:
+                 startup: StartupPhases | None = None, idle_spin_ms: float = 0.0) -> None:
+        if not idle_spin_ms >= 0:
+            raise ValueError(f"idle_spin_ms must be >= 0, got {idle_spin_ms}")
         self.clients = clients
         self.startup = startup  # this process's start-up phases (status reports them)
         self.log = log  # serve's request and throughput lines on stderr; None: quiet
@@ -124,6 +131,9 @@ class JitServer:
         self._executor_facts_cache = ready.facts
         self.metrics = ServingMetrics()
         self._spin_ms = server_spin_ms(ready.device)  # what each Started tells its client (ipc.reply_spin)
+        self._idle_spin_s = idle_spin_ms / 1e3  # after a request, poll the clients without sleeping this long
+        self._busy_at = -float("inf")  # perf_counter of the last turn with a request running or queued
+        self.idle_spinning = False  # the last turn polled without sleeping though nothing was running
 
     def executor_ready(self, ready: Ready) -> None:
         """The executor's second Ready (its start-up captures done): its facts replace the first's."""
@@ -156,7 +166,8 @@ class JitServer:
 
     def run(self) -> None:
         while True:
-            if not self.turn(IDLE_POLL_MS) and not process_alive(self.executor.executor_pid):
+            if not self.turn(IDLE_POLL_MS) and not self.idle_spinning \
+                    and not process_alive(self.executor.executor_pid):  # (a /proc read: not on every spin)
                 raise ExecutorDied("the graph executor process died")
 
     def num_running(self) -> int:
@@ -166,7 +177,11 @@ class JitServer:
         """One pass of the loop: answer clients (waiting up to idle_wait_ms when there is nothing to do), start
         queued requests where there is room, advance the running ones by one step. True if a request advanced."""
         busy = self.num_running() > 0 or bool(self.queue)
-        self._drain_clients(0 if busy else idle_wait_ms)
+        now = time.perf_counter()
+        if busy:
+            self._busy_at = now
+        self.idle_spinning = not busy and now - self._busy_at < self._idle_spin_s
+        self._drain_clients(0 if busy or self.idle_spinning else idle_wait_ms)
         if self.log is not None:
             self.log.tick(self.num_running(), len(self.queue))
         return self._step()

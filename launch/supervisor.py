@@ -76,6 +76,8 @@ class ServerConfig:
     capture_before_ready: int = DEFAULT_READY_CAPTURE
     tensor_parallel: int = 1  # executor ranks (graph_executor/tp_relay.py); rank 0 talks to the JIT context
     local_stream: bool = True  # native clients on this machine stream over AF_UNIX (ipc/local_stream.py), not ZeroMQ
+    # after each request the JIT context polls its clients without sleeping this long (jit_context.server.IDLE_SPIN_MS)
+    jit_idle_spin_ms: float = 0.0
 
     def __post_init__(self) -> None:
         if self.tensor_parallel < 1:
@@ -86,6 +88,8 @@ class ServerConfig:
             raise ValueError("step_timeout_s must be > 0")
         if self.capture_before_ready < 0:
             raise ValueError(f"capture_before_ready must be >= 0, got {self.capture_before_ready}")
+        if not self.jit_idle_spin_ms >= 0:
+            raise ValueError(f"jit_idle_spin_ms must be >= 0, got {self.jit_idle_spin_ms}")
         if self.doorbell not in DOORBELL_MODES:
             raise ValueError(f"doorbell must be one of {', '.join(DOORBELL_MODES)}, got {self.doorbell!r}")
 
@@ -126,6 +130,7 @@ def jit_argv(config: ServerConfig, control: str, listen: str, executor_pid: int,
             *(["--cuda-device", "cuda" if load.device == "auto" else load.device] if gpu else []),
             *(["--log-requests", "--stats-interval", repr(config.stats_interval_s)] if config.log_requests else []),
             *(["--prefix-reuse"] if config.prefix_reuse else []),
+            *(["--idle-spin-ms", repr(config.jit_idle_spin_ms)] if config.jit_idle_spin_ms else []),
             *config.speculation.argv()]
     if config.tokenizer:
         argv += ["--tokenizer", config.tokenizer]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import random
 import threading
+import time
 import uuid
 
 import msgpack
@@ -130,9 +131,10 @@ class Peer:
 class Rig:
     """One executor thread and one JitServer over it, driven turn by turn from the test thread."""
 
-    def __init__(self, loaded: LoadedModel, captures_s: float | None = None) -> None:
+    def __init__(self, loaded: LoadedModel, captures_s: float | None = None, jit_args: tuple[str, ...] = ()) -> None:
         """`captures_s`: the executor answers the Handshake early, then takes this long before its second Ready, as it
-        does around its start-up graph captures on a GPU (here a sleep stands in for the captures)."""
+        does around its start-up graph captures on a GPU (here a sleep stands in for the captures). `jit_args`: more
+        of the JIT context's command line."""
         self.captures_s = captures_s
         self.ctx = zmq.Context()
         name = uuid.uuid4().hex
@@ -144,7 +146,8 @@ class Rig:
         self.thread = threading.Thread(target=self._serve_executor, args=(executor_channel,), daemon=True)
         self.thread.start()
         self.control = connect_control(self.ctx, control_address)
-        args = parse_args(["--control", control_address, "--listen", self.address, "--executor-pid", str(os.getpid())])
+        args = parse_args(["--control", control_address, "--listen", self.address, "--executor-pid", str(os.getpid()),
+                           *jit_args])
         self.jit = build_server(args, self.ctx, self.control)
         self.peers: list[Peer] = []
         self.log: list = []  # every reply to every peer, in the order the server sent them
@@ -399,6 +402,33 @@ def test_prompt_filling_the_context_but_one_gets_one_token(rig, reference) -> No
     final = peer.final("full")
     assert isinstance(final, Finished) and final.finish_reason == "length"
     assert final.token_ids == reference(prompt, 1).token_ids and len(final.token_ids) == 1
+
+
+def test_after_a_request_the_loop_polls_without_sleeping_for_the_idle_spin_window(loaded, reference) -> None:
+    """`--idle-spin-ms`: for that long after its last request the serving loop's turns poll the clients without
+    sleeping (a request that comes then is read without a thread wake-up); after it, and with the default 0, an idle
+    turn sleeps in its poll for its wait."""
+
+    def idle_turn_s(rig: Rig) -> float:
+        start = time.perf_counter()
+        rig.turn(wait_ms=200)
+        return time.perf_counter() - start
+
+    for spin_ms in (0, 400):
+        rig = Rig(loaded, jit_args=("--idle-spin-ms", str(spin_ms)))
+        try:
+            peer = rig.peer()
+            peer.generate("r", [5, 6, 7], params=greedy(2))
+            rig.until(lambda: peer.final("r") is not None)
+            assert peer.final("r").token_ids == reference([5, 6, 7], 2).token_ids
+            took = idle_turn_s(rig)
+            if spin_ms:
+                assert rig.jit.idle_spinning and took < 0.1, took
+                time.sleep(spin_ms / 1e3)
+                took = idle_turn_s(rig)
+            assert not rig.jit.idle_spinning and took >= 0.15, took
+        finally:
+            rig.close()
 
 
 # -- cancellation and clients that go away -----------------------------------------------------------------------

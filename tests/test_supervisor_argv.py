@@ -31,10 +31,12 @@ def test_the_executor_parses_its_command_line_and_captures_verify_graphs_when_th
 def test_the_jit_context_parses_its_command_line(reuse, tmp_path):
     from jit_context.process import parse_args
 
-    config = _config("cuda:1", prefix_reuse=reuse, tokenizer=str(tmp_path), speculation=SpeculativeConfig("ngram", 4))
+    config = _config("cuda:1", prefix_reuse=reuse, tokenizer=str(tmp_path), speculation=SpeculativeConfig("ngram", 4),
+                     jit_idle_spin_ms=20.0 if reuse else 0.0)
     argv = jit_argv(config, "ipc:///tmp/x", "ipc:///tmp/y", 1234, Path("/tmp/e"), gpu=True)
     assert argv[1:3] == ["-m", "jit_context"]
     args = parse_args(argv[3:])
     assert args.prefix_reuse == reuse
     assert (args.executor_pid, args.tokenizer, args.cuda_device, args.quiet) == (1234, str(tmp_path), "cuda:1", True)
     assert (args.speculative, args.num_speculative_tokens) == ("ngram", 4)
+    assert args.idle_spin_ms == (20.0 if reuse else 0.0)

@@ -693,9 +693,11 @@ for step in "${steps[@]}"; do
             > "$OUT/gridpad_2000.md" 2>&1; echo "gridpad 2000: rc=$?"; cat "$OUT/gridpad_2000.md" ;;
     wayin) # issue 12 target 4, the native client's TTFT over the executor's (43rd session, CPU-measured only: a
            # request's Reset rung on the doorbell with nothing waiting for it, where the serving loop used to wait for
-           # its Ok over ZeroMQ while a back-to-back client's next request came in): bench.probes.e2e_probe --prompts
-           # 10,100,500 on the 7B shape and client_spin on SmolLM2's (back to back, its way in split at the JIT
-           # context's wake), each from this tree and from a copy whose Reset waits as before, alternating (~7 min)
+           # its Ok over ZeroMQ while a back-to-back client's next request came in; and the JIT context's idle spin,
+           # ServerConfig.jit_idle_spin_ms, off by default): bench.probes.e2e_probe --prompts 10,100,500 on SmolLM2's
+           # shape with the idle spin 0 and 20 ms, this tree against a copy whose Reset waits as before, two
+           # alternating rounds; then the same on the 7B shape (this tree) and client_spin (the way in split at the
+           # JIT context's wake) with the idle spin 0 and 20 (~6 min)
           tree_copy /tmp/sync
           python3 - <<'PY' || exit 1
 p = "/tmp/sync/jit_context/remote_executor.py"
@@ -705,13 +707,18 @@ assert old in s, "the rung Reset is not where the A/B expects it"
 open(p, "w").write(s.replace(old, "if False:  # the synchronous Reset, for the A/B"))
 PY
           for i in 1 2; do for t in sync rung; do d=$PWD; [ $t = sync ] && d=/tmp/sync
-            (cd "$d" && PYTHONPATH=/tmp/site:$d timeout 170 python3 -m bench.probes.e2e_probe --model dummy:llama-2-7b \
-              --prompts 10,100,500 --repeats 15 > "$OUT/wayin_e2e_${t}_$i.md" 2>&1)
-            echo "e2e $t $i: rc=$?"; tail -6 "$OUT/wayin_e2e_${t}_$i.md"
-            (cd "$d" && PYTHONPATH=/tmp/site:$d timeout 90 python3 -m bench.probes.client_spin --model dummy:smollm2-135m \
-              --device cuda --requests 20 --tokens 16 > "$OUT/wayin_cs_${t}_$i.md" 2>&1)
-            echo "client_spin $t $i: rc=$?"; sed -n 3,6p "$OUT/wayin_cs_${t}_$i.md" | cut -d'|' -f2-7
-          done; done ;;
+            (cd "$d" && PYTHONPATH=/tmp/site:$d timeout 110 python3 -m bench.probes.e2e_probe --model dummy:smollm2-135m \
+              --prompts 10,100,500 --repeats 15 --idle-spin-ms 0,20 > "$OUT/wayin_e2e_${t}_$i.md" 2>&1)
+            echo "e2e SmolLM2 shape, $t $i: rc=$?"; tail -6 "$OUT/wayin_e2e_${t}_$i.md" | cut -d'|' -f2,3,5-9
+          done; done
+          timeout 200 python3 -m bench.probes.e2e_probe --model dummy:llama-2-7b --prompts 10,100,500 --repeats 15 \
+            --idle-spin-ms 0,20 > "$OUT/wayin_e2e_7b.md" 2>&1
+          echo "e2e 7B shape: rc=$?"; tail -6 "$OUT/wayin_e2e_7b.md" | cut -d'|' -f2,3,5-9
+          for spin in 0 20; do
+            timeout 60 python3 -m bench.probes.client_spin --model dummy:smollm2-135m --device cuda --requests 20 \
+              --tokens 16 --idle-spin-ms $spin > "$OUT/wayin_cs_$spin.md" 2>&1
+            echo "client_spin, idle spin $spin: rc=$?"; sed -n 3,6p "$OUT/wayin_cs_$spin.md" | cut -d'|' -f2-7
+          done ;;
     *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200, rope, buckets, execargmax, residualearly, kvearly, kvearlyab, kvearly2, target1, smolreal, kvearlyint4, onebkve, pipeattn, gridpad, ctxtests, gateupsk, wayin)"
        exit 2 ;;
   esac

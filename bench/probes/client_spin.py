@@ -71,11 +71,14 @@ def main() -> None:
                     help="idle time before each request (0: each starts as the last one's Finished arrives)")
     ap.add_argument("--doorbell", default="auto", choices=("auto", "on", "off"),
                     help="the server's step doorbell (auto: on a GPU only; on: to see its way on the CPU)")
+    ap.add_argument("--idle-spin-ms", type=float, default=0.0,
+                    help="the JIT context's idle spin window (ServerConfig.jit_idle_spin_ms)")
     ap.add_argument("--model", required=True)
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
     load = LoadConfig(model=args.model, device=args.device, max_context=1024, progress=False)
-    sup = Supervisor(ServerConfig(load, speculation=SpeculativeConfig("off"), doorbell=args.doorbell))
+    sup = Supervisor(ServerConfig(load, speculation=SpeculativeConfig("off"), doorbell=args.doorbell,
+                                  jit_idle_spin_ms=args.idle_spin_ms))
     sup.start()
     sup.wait_ready()
     ids = list(range(1000, 1000 + args.prompt_len))
