@@ -637,14 +637,15 @@ for step in "${steps[@]}"; do
              # session's step_variants: -2.6% / -1.3% at context 300 / 2000): the bench's decode at max context 4096
              # with it on in a copy of the tree (1B's StepOptions) against the tree as it is, three alternating rounds,
              # then the step at 128 / 300 / 2000, 7 rounds, also with the split combine and a 512 bucket's grid
-             # (the 128 / 300 rows; ~6 min)
+             # (the 128 / 300 rows), and the decode on the verify step's rows kernel (GQA 4: a K / V tile read once
+             # for the group's four queries; RoPE outside, as 1B has it; ~6 min)
           tree_copy /tmp/onebkve
           sed -i -e 's/(2048, StepOptions(fuse_rope=False, early_weights=False))/(2048, StepOptions(fuse_rope=True, early_weights=False, kv_early=True))/' \
             /tmp/onebkve/graph_executor/kernels/decode_plan.py
           echo "patched: $(grep -c 'early_weights=False, kv_early=True))' /tmp/onebkve/graph_executor/kernels/decode_plan.py)"
           decode_ab onebkve on /tmp/onebkve llama-3.2-1b 4096
           timeout 150 python3 -m bench.probes.step_variants --models llama-3.2-1b --contexts 128,300,2000 --rounds 7 \
-            --variants "fused=0;rope=1,kve=1,fused=0;rope=1,kve=1;rope=1,kve=1,fused=0,ctx=512;fused=0" \
+            --variants "fused=0;rope=1,kve=1,fused=0;rope=1,kve=1;rope=1,kve=1,fused=0,ctx=512;rope=0,rows=1,fused=0;fused=0" \
             > "$OUT/onebkve_steps.md" 2>&1
           echo "1B steps: rc=$?"; cat "$OUT/onebkve_steps.md" ;;
     pipeattn) # issue 12 target 1 at 2048: the 7B's attention reads its K / V at ~2-2.4 TB/s at long contexts (the step
