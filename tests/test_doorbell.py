@@ -223,7 +223,9 @@ def test_a_busy_executor_promises_to_watch_the_bell(rig) -> None:
 
 def test_a_two_process_server_with_the_doorbell_gives_the_in_process_tokens(cpu_engine) -> None:
     """Real processes with `doorbell="on"` on the CPU: steps rung in shared memory, the executor spinning on it
-    mid-request; plain and speculative requests give the in-process run's tokens."""
+    mid-request; plain and speculative requests give the in-process run's tokens, back to back (each request's
+    Reset rung with nothing waiting for it), after a status round trip and after a request its client left early,
+    and a seeded sampled request (its tokens come from `logits`, which a step run twice would overwrite) too."""
     from graph_executor.loading.loader import LoadConfig
     from jit_context.sampling_params import SamplingParams
     from jit_context.speculative_config import SpeculativeConfig
@@ -245,6 +247,15 @@ def test_a_two_process_server_with_the_doorbell_gives_the_in_process_tokens(cpu_
                                                           params))[-1]
                 final = list(client.generate(messages=messages, params=params))[-1]
                 assert final.token_ids == base.token_ids
+            stream = client.generate(messages=messages, params=SamplingParams(max_tokens=200, temperature=0.0))
+            next(stream), next(stream)
+            stream.close()  # the client leaves mid-request: cancelled, the executor told by a rung Reset
+            assert client.status()["ready"]
+            sampled = SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True)
+            ids = cpu_engine.prompt_ids(PromptInput(messages=messages))
+            base = list(cpu_engine.generator.generate(ids, sampled))[-1]
+            final = list(client.generate(messages=messages, params=sampled))[-1]
+            assert final.token_ids == base.token_ids
 
 
 def test_a_wake_makes_the_pipe_readable_until_drained(bells) -> None:
