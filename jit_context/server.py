@@ -69,11 +69,6 @@ def _error_code(e: BaseException) -> str:
 
 
 IDLE_POLL_MS = 50
-# How long after its last request the serving loop polls its clients without sleeping, when asked (`idle_spin_ms`,
-# off by default: `bench/NOTES.md`, 43rd session). A request that comes meanwhile is read without a thread wake-up
-# (an AF_UNIX hop to a sleeping reader 51 us P50 on the H200 host, 8 us to a spinning one, 18th session); the
-# executor watches its doorbell for the same 20 ms after a step (graph_executor.server.SPIN_US).
-IDLE_SPIN_MS = 20.0
 GPU_BATCH_PREFILL_CHUNK = 256  # prompt tokens per step while other requests decode (GPU; the CPU's is its own)
 # How long before a batched decode step should end the next one is sent (GPU, a slot free): the send and the
 # executor's launch take ~0.1-0.2 ms (bench/NOTES.md, issue 12); the rest of the step is watched for arrivals.
@@ -131,7 +126,11 @@ class JitServer:
         self._executor_facts_cache = ready.facts
         self.metrics = ServingMetrics()
         self._spin_ms = server_spin_ms(ready.device)  # what each Started tells its client (ipc.reply_spin)
-        self._idle_spin_s = idle_spin_ms / 1e3  # after a request, poll the clients without sleeping this long
+        # After its last request the loop polls its clients without sleeping this long (off by default until a card
+        # measures it: bench/NOTES.md, 43rd session): a request that comes meanwhile is read without a thread wake-up
+        # (an AF_UNIX hop to a sleeping reader 51 us P50 on the H200 host, 8 us to a spinning one, 18th session), as
+        # the executor watches its doorbell for 20 ms after a step (graph_executor.server.SPIN_US).
+        self._idle_spin_s = idle_spin_ms / 1e3
         self._busy_at = -float("inf")  # perf_counter of the last turn with a request running or queued
         self.idle_spinning = False  # the last turn polled without sleeping though nothing was running
 

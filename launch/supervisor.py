@@ -76,7 +76,7 @@ class ServerConfig:
     capture_before_ready: int = DEFAULT_READY_CAPTURE
     tensor_parallel: int = 1  # executor ranks (graph_executor/tp_relay.py); rank 0 talks to the JIT context
     local_stream: bool = True  # native clients on this machine stream over AF_UNIX (ipc/local_stream.py), not ZeroMQ
-    # after each request the JIT context polls its clients without sleeping this long (jit_context.server.IDLE_SPIN_MS)
+    # after each request the JIT context polls its clients without sleeping this long (jit_context.server.JitServer)
     jit_idle_spin_ms: float = 0.0
 
     def __post_init__(self) -> None:
