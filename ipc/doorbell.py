@@ -20,7 +20,8 @@ ZeroMQ stays the reliable path and carries everything else. The rules that make 
   was answered on the bell and the next one (or the next request's first) rung and taken.
 - A request's end (Reset) is rung with no ZeroMQ copy (a wake byte if the executor does not listen) and nothing
   waits for it; the executor answers it on the done bell. The next command rung replaces it if the executor has not
-  taken it yet, which loses nothing (that command is a step: the executor stays busy, as that step would make it).
+  taken it yet, which loses nothing (that command is the next request's step: the executor stays busy, right while
+  it runs).
   The executor reads the bell before ZeroMQ (`rung_copy` holds a ZeroMQ message while the bell has an untaken
   command that is not its copy), so the Reset is never read after a step the JIT context sent later.
 - The executor answers a step that was rung on the done bell (its status too, an Error also goes over ZeroMQ),
