@@ -697,8 +697,8 @@ for step in "${steps[@]}"; do
            # its Ok over ZeroMQ while a back-to-back client's next request came in; and the JIT context's idle spin,
            # ServerConfig.jit_idle_spin_ms, off by default): bench.probes.e2e_probe --prompts 10,100,500 on SmolLM2's
            # shape with the idle spin 0 and 20 ms, this tree against a copy whose Reset waits as before, two
-           # alternating rounds; then the same on the 7B shape (this tree) and client_spin (the way in split at the
-           # JIT context's wake) with the idle spin 0 and 20 (~6 min)
+           # alternating rounds; then client_spin (the way in split at the JIT context's wake) with the idle spin 0
+           # and 20 (~6 min; its sub-commands' limits add up to 500 s); the 7B shape: `wayin7b`
           tree_copy /tmp/sync
           python3 - <<'PY' || exit 1
 p = "/tmp/sync/jit_context/remote_executor.py"
@@ -708,19 +708,21 @@ assert old in s, "the rung Reset is not where the A/B expects it"
 open(p, "w").write(s.replace(old, "if False:  # the synchronous Reset, for the A/B"))
 PY
           for i in 1 2; do for t in sync rung; do d=$PWD; [ $t = sync ] && d=/tmp/sync
-            (cd "$d" && PYTHONPATH=/tmp/site:$d timeout 110 python3 -m bench.probes.e2e_probe --model dummy:smollm2-135m \
+            (cd "$d" && PYTHONPATH=/tmp/site:$d timeout 100 python3 -m bench.probes.e2e_probe --model dummy:smollm2-135m \
               --prompts 10,100,500 --repeats 15 --idle-spin-ms 0,20 > "$OUT/wayin_e2e_${t}_$i.md" 2>&1)
             echo "e2e SmolLM2 shape, $t $i: rc=$?"; tail -6 "$OUT/wayin_e2e_${t}_$i.md" | cut -d'|' -f2,3,5-9
           done; done
-          timeout 200 python3 -m bench.probes.e2e_probe --model dummy:llama-2-7b --prompts 10,100,500 --repeats 15 \
-            --idle-spin-ms 0,20 > "$OUT/wayin_e2e_7b.md" 2>&1
-          echo "e2e 7B shape: rc=$?"; tail -6 "$OUT/wayin_e2e_7b.md" | cut -d'|' -f2,3,5-9
           for spin in 0 20; do
-            timeout 60 python3 -m bench.probes.client_spin --model dummy:smollm2-135m --device cuda --requests 20 \
+            timeout 50 python3 -m bench.probes.client_spin --model dummy:smollm2-135m --device cuda --requests 15 \
               --tokens 16 --idle-spin-ms $spin > "$OUT/wayin_cs_$spin.md" 2>&1
             echo "client_spin, idle spin $spin: rc=$?"; sed -n 3,6p "$OUT/wayin_cs_$spin.md" | cut -d'|' -f2-7
           done ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200, rope, buckets, execargmax, residualearly, kvearly, kvearlyab, kvearly2, target1, smolreal, kvearlyint4, onebkve, pipeattn, gridpad, ctxtests, gateupsk, wayin)"
+    wayin7b) # wayin's TTFT split on the 7B shape (target 4's own model), this tree, the JIT context's idle spin 0
+             # and 20 ms (~3 min)
+          timeout 220 python3 -m bench.probes.e2e_probe --model dummy:llama-2-7b --prompts 10,100,500 --repeats 15 \
+            --idle-spin-ms 0,20 > "$OUT/wayin_e2e_7b.md" 2>&1
+          echo "e2e 7B shape: rc=$?"; tail -6 "$OUT/wayin_e2e_7b.md" | cut -d'|' -f2,3,5-9 ;;
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200, rope, buckets, execargmax, residualearly, kvearly, kvearlyab, kvearly2, target1, smolreal, kvearlyint4, onebkve, pipeattn, gridpad, ctxtests, gateupsk, wayin, wayin7b)"
        exit 2 ;;
   esac
 done
