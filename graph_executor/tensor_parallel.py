@@ -12,13 +12,13 @@ beyond the rank and size.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from graph_executor.loading.config import ModelConfig
+from graph_executor.loading.shape_rules import check_split, part_config
 
 
 @dataclass(frozen=True)
@@ -33,16 +33,8 @@ class TensorParallel:
     # -- shapes -------------------------------------------------------------------------------------------
 
     def check(self, config: ModelConfig) -> None:
-        """ValueError (one line) unless the model splits evenly over the ranks."""
-        n = self.size
-        bad = [f"{name} ({value})" for name, value in (("attention heads", config.num_heads),
-                                                       ("intermediate size", config.intermediate_size),
-                                                       ("vocabulary", config.vocab_size)) if value % n]
-        if config.num_kv_heads % n and n % config.num_kv_heads:
-            bad.append(f"KV heads ({config.num_kv_heads}: neither a multiple nor a divisor of {n})")
-        if bad:
-            raise ValueError(f"--tensor-parallel {n} needs the model's sizes to divide by {n}: "
-                             f"{', '.join(bad)} do not")
+        """ValueError (one line) unless the model splits evenly over the ranks (`shape_rules.check_split`)."""
+        check_split(config, self.size)
 
     def kv_heads(self, config: ModelConfig) -> range:
         """The KV heads this rank holds (split, or the one replicated head its query heads read)."""
@@ -53,12 +45,9 @@ class TensorParallel:
         return range(first, first + 1)
 
     def local_config(self, config: ModelConfig) -> ModelConfig:
-        """The shapes of this rank's model (the vocabulary stays whole: it sizes the embedding; lm_head holds
-        `vocab_rows`)."""
-        self.check(config)
-        return dataclasses.replace(config, num_heads=config.num_heads // self.size,
-                                   num_kv_heads=len(self.kv_heads(config)),
-                                   intermediate_size=config.intermediate_size // self.size)
+        """The shapes of this rank's model (`shape_rules.part_config`: the vocabulary stays whole, it sizes the
+        embedding; lm_head holds `vocab_rows`)."""
+        return part_config(config, self.size)
 
     def vocab_rows(self, config: ModelConfig) -> range:
         part = config.vocab_size // self.size

@@ -179,8 +179,9 @@ class Supervisor:
 
     def start(self) -> None:
         """Spawn both children; this process never imports torch. A model reference that names nothing loadable
-        (`model_source.check_reference`) and a device or dtype name no machine runs (`device_names.check_names`) are
-        refused here, before anything starts; the rest (a GGUF header, what this machine's torch supports, whether
+        (`model_source.check_reference`, which also checks --quantize and --tensor-parallel against the model's
+        shapes where its config is at hand) and a device or dtype name no machine runs (`device_names.check_names`)
+        are refused here, before anything starts; the rest (a GGUF header, what this machine's torch supports, whether
         the model fits) is the executor's to find before it allocates anything: it writes one line to its error
         file, which `wait_ready` reports (ChildDied). A failure here stops what did start (the reaper, the runtime
         dir, MPS, a child) before it propagates, whatever the caller does."""
@@ -193,7 +194,9 @@ class Supervisor:
     def _start(self) -> None:
         load = self.config.load
         with self.startup.phase("checks (model reference, device, dtype)"):
-            check_reference(load.model, load.load_format)  # a path that names nothing: one line now, nothing started
+            # a path that names nothing, flags the model's shapes refuse: one line now, nothing started
+            check_reference(load.model, load.load_format, load.quantize, load.quantize_group,
+                            self.config.tensor_parallel)
             if self.config.draft_model is not None:
                 check_reference(self.config.draft_model)
             gpu = gpu_requested(load.device)

@@ -4,6 +4,7 @@ steps over packed slots (the Triton kernels run in the interpreter on CPU), and 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import gguf
 import numpy as np
@@ -383,15 +384,41 @@ def test_smollm2_q4_1_kept_packed_matches_the_file_dequantized(smollm2_gguf, smo
     (["--quantize", "int8", "--model", "GGUF"], "a GGUF file is already quantized"),
 ])
 def test_bad_quantize_flags_are_one_line_and_exit_1(args, message, quantized_gguf, capsys) -> None:
-    """Through the CLI's entry point, one line and exit 1. A bad value or group is refused before any process starts;
-    a group that does not divide the model's sizes, or a GGUF file, needs the model's config: the executor refuses
-    it at load, from the config, before any weight is allocated (each of those cases costs the processes' start)."""
+    """Through the CLI's entry point, one line and exit 1, each refused before any process starts: a bad value or
+    group by the flags' own checks, a group that does not divide the model's sizes from its preset or config.json,
+    and `--quantize` on a GGUF file from its name (the launcher's `check_reference`; the executor refuses them as
+    well at load, for a caller that loads in-process)."""
     from launch.cli import main
 
     args = [str(quantized_gguf) if a == "GGUF" else a for a in args]
     assert main(["generate", "--quiet", "--device", "cpu", *args, "hello"]) == 1
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+
+
+@pytest.mark.parametrize("load,ranks,message", [
+    (dict(model="dummy:smollm2-135m", quantize="int4", quantize_group=256), 1,
+     "--quantize-group 256 does not divide the hidden size (576) of this model"),
+    (dict(model="dummy:llama-2-7b", quantize="int8", quantize_group=256), 2,  # 11008 divides by 256, 5504 does not
+     "--quantize-group 256 does not divide the intermediate size (5504) of this model (each of the 2 tensor-parallel "
+     "ranks' part)"),
+    (dict(model="dummy:smollm2-135m"), 2, "--tensor-parallel 2 needs the model's sizes to divide by 2: attention "
+     "heads (9), KV heads (3: neither a multiple nor a divisor of 2) do not"),
+    (dict(model="GGUF", quantize="int4"), 1, "--quantize applies to HF checkpoints and dummy models; a GGUF file is "
+     "already quantized"),
+])
+def test_the_launcher_refuses_what_the_models_shapes_do_not_allow_before_it_starts_anything(load, ranks, message,
+                                                                                            quantized_gguf) -> None:
+    """The supervisor's start checks `--quantize` and `--tensor-parallel` against the model's preset or config.json
+    (and `--quantize` against a GGUF file's name) and refuses in one line with no child process started: these used
+    to start both processes (~3 s on the CPU machine) for the executor to refuse them at load."""
+    from launch.supervisor import ServerConfig, Supervisor
+
+    load = {**load, "model": str(quantized_gguf)} if load["model"] == "GGUF" else load
+    sup = Supervisor(ServerConfig(LoadConfig(device="cpu", progress=False, **load), tensor_parallel=ranks))
+    with pytest.raises(ModelLoadError, match=re.escape(message)):
+        sup.start()
+    assert sup.children == {}
 
 
 def test_models_endpoint_reports_the_weight_format() -> None:

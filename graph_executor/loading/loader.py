@@ -18,6 +18,7 @@ from graph_executor.loading.load_config import DEFAULT_MAX_CONTEXT, LOAD_FORMATS
 from graph_executor.loading.mapped_weights import map_slots
 from graph_executor.loading.model_source import DEFAULT, safetensors_files, source_of
 from graph_executor.loading.presets import preset
+from graph_executor.loading.shape_rules import QUANTIZE_GGUF
 from graph_executor.loading.tokenizer_location import GGUF_TOKENIZER_KIND, tokenizer_files_in
 from graph_executor.loading.weight_map import check_complete, copy_into, tie_lm_head, tp_part
 from graph_executor.memory import check_fits
@@ -171,8 +172,7 @@ def _weight_plan(cfg: LoadConfig, source: str, config: ModelConfig, reader) -> W
     """Which slots are stored packed, and how (one line of error for a flag that does not apply)."""
     if cfg.quantize:
         if source == "gguf":
-            raise ModelLoadError("--quantize applies to HF checkpoints and dummy models; a GGUF file is already "
-                                 "quantized (its packed types are kept packed; --dequantize runs it in --dtype)")
+            raise ModelLoadError(QUANTIZE_GGUF)
         try:
             return quantize_plan(cfg.quantize, cfg.quantize_group, config)
         except ValueError as e:
@@ -213,7 +213,7 @@ def resolve_model_config(reference: str, load_format: str = "auto") -> tuple[str
     if source == "dummy":
         return reference, preset(path)
     if source == DEFAULT:
-        return default_model.DEFAULT_MODEL_NAME, preset("smollm2-135m")
+        return default_model.DEFAULT_MODEL_NAME, preset(default_model.DEFAULT_PRESET)
     if source == "gguf":
         from graph_executor.loading.gguf_loader import gguf_config, open_gguf
 

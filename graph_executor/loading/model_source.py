@@ -11,6 +11,7 @@ from pathlib import Path
 from graph_executor.loading import default_model
 from graph_executor.loading.config import ModelConfig
 from graph_executor.loading.presets import preset
+from graph_executor.loading.shape_rules import QUANTIZE_GGUF, check_group, part_config
 from ipc.errors import ModelLoadError
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name, as on the Hugging Face Hub
@@ -62,13 +63,34 @@ def safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def check_reference(ref: str, load_format: str = "auto") -> None:
+def check_reference(ref: str, load_format: str = "auto", quantize: str | None = None, quantize_group: int = 32,
+                    tensor_parallel: int = 1) -> None:
     """What can be wrong with a reference before any weights are read: it names nothing, an unknown preset, an HF
-    folder whose config.json hybridrt cannot run or that holds no weights. (A GGUF file's header, the device, the
-    dtype and whether the model fits are the executor's to check, before it allocates.)"""
+    folder whose config.json hybridrt cannot run or that holds no weights; `--quantize` on a GGUF file; a
+    `--tensor-parallel` split or a `--quantize-group` the model's shapes do not allow (`shape_rules`, from the
+    preset or config.json). (A GGUF file's header, and so its shapes, the device, the dtype and whether the model
+    fits are the executor's to check, before it allocates.)"""
     fmt, path = source_of(ref, load_format)
+    if fmt == "gguf" and quantize:
+        raise ModelLoadError(QUANTIZE_GGUF)
     if fmt == "dummy":
-        preset(path)
+        config = preset(path)
+    elif fmt == DEFAULT:
+        config = preset(default_model.DEFAULT_PRESET)
     elif fmt == "safetensors":
-        ModelConfig.from_json_file(Path(path) / "config.json")
+        config = ModelConfig.from_json_file(Path(path) / "config.json")
         safetensors_files(Path(path))
+    else:
+        return
+    try:
+        if quantize:
+            check_group(quantize, quantize_group, config)
+        if tensor_parallel > 1:
+            part = part_config(config, tensor_parallel)
+            if quantize:  # each rank quantizes its part: groups along K must divide the part's K
+                try:
+                    check_group(quantize, quantize_group, part)
+                except ValueError as e:
+                    raise ValueError(f"{e} (each of the {tensor_parallel} tensor-parallel ranks' part)") from None
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from None

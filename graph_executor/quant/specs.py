@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from graph_executor.loading.config import ModelConfig
+from graph_executor.loading.shape_rules import check_group
 from graph_executor.quant.formats import (
     GROUPS,
     INT4_ZERO,
@@ -200,11 +201,9 @@ def quantize_plan(method: str, group: int, config: ModelConfig) -> WeightPlan:
         raise ValueError(f"--quantize must be one of {', '.join(QUANTIZE_METHODS)}, got {method!r}")
     if group not in GROUPS:
         raise ValueError(f"--quantize-group must be one of {', '.join(map(str, GROUPS))}, got {group}")
+    check_group(method, group, config)
     specs: dict[str, WeightSpec] = {}
     for slot, (n, k) in slot_shapes(config).items():
-        if method != "fp8" and k % group and not slot.endswith(("embed_tokens", "lm_head")):
-            what = "the intermediate size" if slot.endswith("down_proj") else "the hidden size"
-            raise ValueError(f"--quantize-group {group} does not divide {what} ({k}) of this model")
         vocab = slot in ("embed_tokens", "lm_head")
         if vocab:
             specs[slot] = WeightSpec("int8", DEFAULT_GROUP if method != "int8" else group, offset=False)
