@@ -180,7 +180,9 @@ def test_a_spinning_wait_sleeps_once_another_wait_of_the_process_starts(address)
     finally:
         ctx.destroy(linger=0)
     assert got == {"a": "to a", "b": "to b"}
-    assert alone > 0.3 and both < 0.1, (alone, both)
+    # A sleeping wait costs ~0.0002 of a core; a spinning one most of a core, but less on a loaded 2-core machine
+    # (0.27 seen with a second test run beside the suite's two workers)
+    assert alone > 0.1 and both < 0.03, (alone, both)
 
 
 @pytest.mark.parametrize("transport", ["zmq", "local"])
