@@ -14,7 +14,13 @@ class Parser(argparse.ArgumentParser):
     """argparse with a did-you-mean for a mistyped flag (Python 3.14's `suggest_on_error`, for flags too); the
     subcommands' parsers are of this class as well. An unknown flag is reported by the subcommand it was given to
     (argparse leaves that to the top parser, which knows every subcommand's flags), and suggestions come from that
-    subcommand's flags only; a positional argument typed as a flag (`--prompt`) says it is positional."""
+    subcommand's flags only; a positional argument typed as a flag (`--prompt`) says it is positional. No flag is
+    taken by a prefix of its name (argparse's default): `cache rm --al` removed every entry as `--all`; a prefix is
+    an unknown flag, with the did-you-mean."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def parse_args(self, args=None, namespace=None):  # type: ignore[override]
         parsed, extras = self.parse_known_args(args, namespace)

@@ -161,7 +161,7 @@ def test_serve_with_a_taken_native_port_fails_at_once() -> None:
     assert result.stderr.strip() == f"error: cannot bind the native port tcp://127.0.0.1:{port}: Address already in use"
 
 
-def test_version_and_did_you_mean(capsys) -> None:
+def test_version_and_did_you_mean(capsys, monkeypatch, tmp_path) -> None:
     from launch.cli import main, version
 
     with pytest.raises(SystemExit) as done:
@@ -190,6 +190,13 @@ def test_version_and_did_you_mean(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["cache", "ls", "--bogus"])
     assert "hybridrt cache ls: error: unrecognized arguments: --bogus" in capsys.readouterr().err
+    # a prefix of a flag is not that flag (argparse's default took `cache rm --al` for --all and emptied the cache)
+    monkeypatch.setenv("HYBRIDRT_CACHE_DIR", str(tmp_path))  # a cache of its own, should it be taken as --all
+    with pytest.raises(SystemExit) as done:
+        main(["cache", "rm", "--al"])
+    assert done.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("hybridrt cache rm: error: unrecognized arguments: --al (did you "
+                                                    "mean: --al -> --all?)")
 
 
 def test_generate_into_a_closed_pipe_exits_quietly(default_model_dir) -> None:
