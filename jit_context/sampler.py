@@ -7,9 +7,11 @@ the step free of host syncs: the ops run eagerly on the JIT context's stream (dy
 not captured), ordered after the executor's step by an IPC event, and only the token's asynchronous copy
 reaches the host.
 
-Order (as HF transformers' warpers and vLLM): repetition penalty, temperature, top-k, top-p on the
-top-k-renormalised distribution, min-p, then one draw. The kept set is built on a full sort of the
-vocabulary: simple and exact; a partial sort / radix select can replace it once it shows in profiles.
+Order (as vLLM): logit bias, repetition penalty (tokens of the prompt and the reply), frequency and presence
+penalties (tokens of the reply), temperature, top-k, top-p on the top-k-renormalised distribution, min-p, then one
+draw. Each of the first three costs nothing unless the request asks for it (a host-known flag). The kept set is
+built on a full sort of the vocabulary: simple and exact; a partial sort / radix select can replace it once it
+shows in profiles.
 """
 
 from __future__ import annotations
@@ -42,7 +44,12 @@ class Sampler:
         self._top_p = torch.ones(1, **f32)
         self._min_p = torch.zeros(1, **f32)
         self._repetition_penalty = torch.ones(1, **f32)
+        self._presence_penalty = torch.zeros(1, **f32)
+        self._frequency_penalty = torch.zeros(1, **f32)
         self._seen = torch.zeros(vocab_size, dtype=torch.bool, device=self.device)  # [V]
+        self._counts = torch.zeros(vocab_size, **f32)  # [V]: occurrences in the reply (presence / frequency)
+        self._one = torch.ones(1, **f32)  # [1]: what observe adds to a token's count
+        self._bias = torch.zeros(vocab_size, **f32)  # [V]: the request's logit bias, 0 elsewhere
         self._banned = torch.zeros(vocab_size, dtype=torch.bool, device=self.device)  # [V]: while _ban_left > 0
         self._ban_left = 0  # host count of the draws that may not pick a banned token (min_tokens)
         self._ranks = torch.arange(vocab_size, device=self.device)  # [V] int64, sorted positions
@@ -58,6 +65,8 @@ class Sampler:
             self._argmax = Argmax(self.device)
         self._all_greedy = True  # host copy of the request's greedy flag (set from params, never read back)
         self._penalize = False  # host copy: does the request use a repetition penalty?
+        self._counting = False  # host copy: a presence or frequency penalty?
+        self._biased = False  # host copy: a logit bias?
         self.seed: int | None = None  # the seed in use, drawn at random when the request gave none
 
     def start_request(self, params: SamplingParams, prompt_ids: list[int], end_ids: Iterable[int] = ()) -> None:
@@ -66,6 +75,7 @@ class Sampler:
         bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"prompt_ids must be in [0, {self.vocab_size}), got {bad[:4]}")
+        params.check_vocabulary(self.vocab_size)
         banned = sorted({t for t in end_ids if 0 <= t < self.vocab_size}) if params.min_tokens else []
         self._ban_left = params.min_tokens if banned else 0
         if banned:
@@ -81,6 +91,16 @@ class Sampler:
         self._top_p.fill_(params.top_p)
         self._min_p.fill_(params.min_p)
         self._repetition_penalty.fill_(params.repetition_penalty)
+        self._counting = params.counts_tokens
+        if self._counting:  # counts of the reply's tokens, none yet
+            self._presence_penalty.fill_(params.presence_penalty)
+            self._frequency_penalty.fill_(params.frequency_penalty)
+            self._counts.zero_()
+        self._biased = bool(params.logit_bias)
+        if self._biased:
+            ids, biases = zip(*params.logit_bias, strict=True)
+            self._bias.zero_()
+            self._bias[torch.tensor(ids, dtype=torch.int64)] = torch.tensor(biases, dtype=torch.float32)
         if self._penalize:  # only the penalty reads the marks: no copy up (and no wait on it) for the rest
             self._seen.zero_()
             if prompt_ids:
@@ -90,10 +110,12 @@ class Sampler:
         self._generator.manual_seed(self.seed)
 
     def observe(self, token: torch.Tensor) -> None:
-        """Mark a generated token ([1] int64, on the device) as seen for the repetition penalty (only a request
-        with one reads the marks: none is queued without)."""
+        """Mark a generated token ([1] int64, on the device) as seen for the repetition penalty and count it for the
+        presence and frequency penalties (only a request with one reads them: nothing is queued without)."""
         if self._penalize:
             self._seen.index_fill_(0, token.view(-1), True)
+        if self._counting:
+            self._counts.index_add_(0, token.view(-1), self._one)
 
     def sample(self, logits: torch.Tensor, out: torch.Tensor | None = None,
                host: torch.Tensor | None = None) -> torch.Tensor:
@@ -105,8 +127,12 @@ class Sampler:
         if logits.shape != (self.vocab_size,):
             raise ValueError(f"logits must have shape ({self.vocab_size},), got {tuple(logits.shape)}")
         x = logits.float()  # [V] f32
+        if self._biased:
+            x = x + self._bias
         if self._penalize:  # host-known per request: no penalty, no three passes over the vocabulary
             x = self._apply_repetition_penalty(x)
+        if self._counting:
+            x = self._apply_counts(x, self._counts)
         if self._ban_left > 0:  # min_tokens not reached: the reply can't end here
             self._ban_left -= 1
             x = x.masked_fill(self._banned, float("-inf"))
@@ -130,6 +156,10 @@ class Sampler:
         # HF/vLLM rule: dividing a negative logit would raise it, so negatives are multiplied.
         penalised = torch.where(x > 0, x / self._repetition_penalty, x * self._repetition_penalty)
         return torch.where(self._seen, penalised, x)  # [V]
+
+    def _apply_counts(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x [..., V] less frequency x counts and presence where a count is positive (OpenAI's and vLLM's rule)."""
+        return x - self._frequency_penalty * counts - self._presence_penalty * (counts > 0)
 
     def _draw(self, x: torch.Tensor) -> torch.Tensor:
         probs, order = torch.softmax(x, dim=-1).sort(descending=True)  # [V], [V] (rank -> token id)
@@ -161,9 +191,10 @@ class Sampler:
 
     @property
     def plain_greedy(self) -> bool:
-        """Greedy without a repetition penalty: the token is the argmax of the raw logits, which the executor can
-        take itself (a verify step's acceptance, `Verify.accept`; speculation waits until min_tokens, `banning`)."""
-        return self._all_greedy and not self._penalize
+        """Greedy without a penalty or a logit bias: the token is the argmax of the raw logits, which the executor
+        can take itself (a verify step's acceptance, `Verify.accept`; speculation waits until min_tokens,
+        `banning`)."""
+        return self._all_greedy and not (self._penalize or self._counting or self._biased)
 
     @property
     def banning(self) -> bool:
@@ -177,17 +208,23 @@ class Sampler:
 
     def penalized_rows(self, logits: torch.Tensor, proposals: torch.Tensor) -> torch.Tensor:
         """logits [R, V] of consecutive positions, proposals [R - 1] int64 (the tokens between them) -> [R, V]
-        float32 with the repetition penalty applied as a token-by-token run would: row j also counts
-        proposals[:j] as seen."""
+        float32 with the logit bias and the penalties applied as a token-by-token run would: row j also counts
+        proposals[:j] as seen (and once more each for the presence and frequency penalties)."""
         x = logits.float()
-        if not self._penalize:
+        if self._biased:
+            x = x + self._bias
+        if not (self._penalize or self._counting):
             return x
         rows, vocab = x.shape
         earlier = torch.ones(rows, rows - 1, device=x.device).tril_(-1)  # [R, R-1]: row j sees proposals[:j]
         marks = torch.zeros(rows, vocab, device=x.device).scatter_add_(1, proposals.view(1, -1).expand(rows, -1),
-                                                                        earlier)  # [R, V]
-        penalised = torch.where(x > 0, x / self._repetition_penalty, x * self._repetition_penalty)
-        return torch.where(self._seen | (marks > 0), penalised, x)
+                                                                        earlier)  # [R, V]: proposals[:j]'s counts
+        if self._penalize:
+            penalised = torch.where(x > 0, x / self._repetition_penalty, x * self._repetition_penalty)
+            x = torch.where(self._seen | (marks > 0), penalised, x)
+        if self._counting:
+            x = self._apply_counts(x, self._counts + marks)
+        return x
 
     def filtered_probs(self, x: torch.Tensor) -> torch.Tensor:
         """Penalized logits [R, V] -> [R, V] float32: the distribution `sample` draws from, per row (temperature,
@@ -198,10 +235,15 @@ class Sampler:
         return torch.zeros_like(kept).scatter_(-1, order, kept)
 
     def observe_ids(self, ids: list[int]) -> None:
-        """Mark tokens the host knows (accepted proposals) as seen; nothing to do without a penalty."""
-        if self._penalize and ids:
-            self._seen.index_fill_(0, torch.tensor(ids, dtype=torch.int64).to(self.device, non_blocking=True),
-                                   True)
+        """Mark tokens the host knows (accepted proposals) as seen and count them; nothing to do without a
+        penalty."""
+        if not ids or not (self._penalize or self._counting):
+            return
+        tokens = torch.tensor(ids, dtype=torch.int64).to(self.device, non_blocking=True)
+        if self._penalize:
+            self._seen.index_fill_(0, tokens, True)
+        if self._counting:
+            self._counts.index_add_(0, tokens, self._one.expand(len(ids)))
 
 
 def _mirror(token: torch.Tensor, host: torch.Tensor | None) -> torch.Tensor:
@@ -225,7 +267,8 @@ def warm_up(logits: torch.Tensor) -> None:
     token = torch.zeros(1, dtype=torch.int64, device=scratch.device)
     for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=0.0, repetition_penalty=1.1),
                    SamplingParams(temperature=0.7, top_k=40, top_p=0.9, min_p=0.05, seed=0,
-                                  repetition_penalty=1.1, min_tokens=2)):
+                                  repetition_penalty=1.1, min_tokens=2, presence_penalty=0.5, frequency_penalty=0.5,
+                                  logit_bias=((0, 1.0),))):
         sampler.start_request(params, [0], end_ids=[0])
         for out in (token, None):
             picked = sampler.sample(scratch, out=out)

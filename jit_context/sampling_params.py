@@ -13,6 +13,9 @@ QUOTE_CHARS = 200  # an error message quotes at most this much of a value a clie
 # when they are divided or multiplied by it (logits are O(1e2); float32 holds up to 3.4e38).
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-5, 1e5  # besides 0, greedy
 MIN_PENALTY, MAX_PENALTY = 1e-5, 1e5
+MAX_ADDITIVE_PENALTY = 2.0  # presence and frequency penalties: OpenAI's range, [-2, 2]
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for one token's bias, [-100, 100]
+MAX_BIASED_TOKENS = 1024
 MAX_SEED = 2**63 - 1
 
 
@@ -47,7 +50,12 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
     min_p: float = 0.0
-    repetition_penalty: float = 1.0
+    repetition_penalty: float = 1.0  # divides the logits of tokens in the prompt or the reply so far (1 = off)
+    # OpenAI's and vLLM's additive penalties over the reply's tokens so far (0 = off): presence subtracts once for
+    # each token that occurred, frequency once per occurrence
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), sorted by token id
     seed: int | None = None  # None: a fresh random seed per request
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
@@ -84,9 +92,15 @@ class SamplingParams:
         if not MIN_PENALTY <= penalty <= MAX_PENALTY:
             raise ValueError(f"repetition_penalty must be in [{MIN_PENALTY:g}, {MAX_PENALTY:g}] (1 = off), "
                              f"got {penalty:g}")
+        additive = {}
+        for name in ("presence_penalty", "frequency_penalty"):
+            additive[name] = _check_float(name, getattr(self, name))
+            if not -MAX_ADDITIVE_PENALTY <= additive[name] <= MAX_ADDITIVE_PENALTY:
+                raise ValueError(f"{name} must be in [-{MAX_ADDITIVE_PENALTY:g}, {MAX_ADDITIVE_PENALTY:g}] (0 = off), "
+                                 f"got {additive[name]:g}")
         # JSON clients send `0` for 0.0; store floats so equality and to_dict() don't depend on it.
         for name, value in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p),
-                            ("repetition_penalty", penalty)):
+                            ("repetition_penalty", penalty), *additive.items()):
             object.__setattr__(self, name, value)
 
     def _check_stops(self) -> None:
@@ -101,14 +115,49 @@ class SamplingParams:
             raise ValueError(f"stop_token_ids must be a tuple of ints, got {type(self.stop_token_ids).__name__}")
         for t in self.stop_token_ids:
             _check_int("stop_token_ids", t, 0, "entries >= 0")
+        self._check_logit_bias()
+
+    def _check_logit_bias(self) -> None:
+        if not isinstance(self.logit_bias, tuple):
+            raise ValueError(f"logit_bias must be a tuple of (token id, bias) pairs, "
+                             f"got {type(self.logit_bias).__name__}")
+        if len(self.logit_bias) > MAX_BIASED_TOKENS:
+            raise ValueError(f"logit_bias may hold at most {MAX_BIASED_TOKENS} tokens, got {len(self.logit_bias)}")
+        pairs = []
+        for pair in self.logit_bias:
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise ValueError(f"logit_bias must hold (token id, bias) pairs, got {quote(pair)}")
+            _check_int("logit_bias token ids", pair[0], 0, ">= 0")
+            bias = _check_float("logit_bias", pair[1])
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
+                                 f"got {bias:g} for token {pair[0]}")
+            pairs.append((pair[0], bias))
+        pairs.sort()
+        if any(a[0] == b[0] for a, b in zip(pairs, pairs[1:])):
+            raise ValueError("logit_bias names a token twice")
+        object.__setattr__(self, "logit_bias", tuple(pairs))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """ValueError unless every token that logit_bias names is in a vocabulary of vocab_size tokens."""
+        bad = [t for t, _ in self.logit_bias if t >= vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab_size}) (the vocabulary): {bad[:4]}")
+
+    @property
+    def counts_tokens(self) -> bool:
+        """Whether the presence or frequency penalty is on (the sampler then counts the reply's tokens)."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
     @classmethod
     def from_dict(cls, d: dict) -> SamplingParams:
-        """Build from a wire dict: unknown keys are an error, lists stand for tuples, `stop` may be one string."""
+        """Build from a wire dict: unknown keys are an error, lists stand for tuples, `stop` may be one string,
+        `logit_bias` a list of [token id, bias] pairs or a map from token ids (ints or decimal strings, as OpenAI's
+        JSON has them) to biases."""
         if not isinstance(d, dict):
             raise ValueError(f"sampling params must be a dict, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
@@ -121,6 +170,8 @@ class SamplingParams:
         for name in ("stop", "stop_token_ids"):
             if isinstance(kwargs.get(name), list):
                 kwargs[name] = tuple(kwargs[name])
+        if "logit_bias" in kwargs:
+            kwargs["logit_bias"] = _bias_pairs(kwargs["logit_bias"])
         return cls(**kwargs)
 
     def to_dict(self) -> dict:
@@ -128,4 +179,22 @@ class SamplingParams:
         d = dataclasses.asdict(self)
         d["stop"] = list(self.stop)
         d["stop_token_ids"] = list(self.stop_token_ids)
+        d["logit_bias"] = [list(pair) for pair in self.logit_bias]
         return d
+
+
+def _bias_pairs(value: Any) -> Any:
+    """A wire logit_bias -> (token id, bias) pairs; what is not one of its forms goes on to the checks as it is."""
+    if isinstance(value, dict):
+        pairs = []
+        for key, bias in value.items():
+            token = key
+            if isinstance(key, str):
+                if not key.isdigit() or not key.isascii():
+                    raise ValueError(f"logit_bias keys must be token ids, got {quote(key)}")
+                token = int(key)
+            pairs.append((token, bias))
+        return tuple(pairs)
+    if isinstance(value, list):
+        return tuple(tuple(pair) if isinstance(pair, list) else pair for pair in value)
+    return value

@@ -268,6 +268,7 @@ class JitServer:
     def _enqueue(self, identity: bytes, msg: GenerateRequest) -> None:
         try:
             params = SamplingParams.from_dict(msg.params)
+            params.check_vocabulary(self.side.vocab_size)  # here, as the prompt's ids: an Error before it queues
             ids = self.side.prompt_ids(PromptInput(msg.prompt, msg.messages, msg.token_ids, use_chat_template=False,
                                                      chat=msg.chat))
             (self.engine or self.generator).check_prompt(ids)

@@ -1,10 +1,11 @@
 """The OpenAI wire format of the HTTP API: request bodies (pydantic, unknown fields refused), their
 translation into the native protocol's prompt and sampling params, and the response, chunk and error bodies.
 
-Only what hybridrt can honour is accepted. Fields that clients send with neutral values (penalties of 0, an
-empty logit_bias, n=1, echo=false, ...) pass; any other value is an `Unsupported` error (HTTP 400) rather
-than being silently ignored. vLLM's extras (top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids,
-min_tokens; for chats add_generation_prompt, continue_final_message, chat_template_kwargs) pass through.
+Only what hybridrt can honour is accepted. Fields that clients send with neutral values (n=1, echo=false, no
+logprobs, ...) pass; any other value is an `Unsupported` error (HTTP 400) rather than being silently ignored.
+OpenAI's presence_penalty, frequency_penalty and logit_bias, and vLLM's extras (top_k, min_p, repetition_penalty,
+ignore_eos, stop_token_ids, min_tokens; for chats add_generation_prompt, continue_final_message,
+chat_template_kwargs) pass through to the sampling params, whose checks are the JIT context's.
 """
 
 from __future__ import annotations
@@ -71,11 +72,6 @@ class _SamplingRequest(BaseModel):
     def check_supported(self) -> None:
         if self.n not in (None, 1):
             raise Unsupported("n", "only n=1 is supported (one completion per request)")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0):
-                raise Unsupported(name, f"{name} is not supported (use repetition_penalty)")
-        if self.logit_bias:
-            raise Unsupported("logit_bias", "logit_bias is not supported")
 
     def sampling_params(self, max_tokens: int) -> dict[str, Any]:
         """The native params dict; None means the JIT context's default. Values are checked there."""
@@ -85,6 +81,8 @@ class _SamplingRequest(BaseModel):
             "top_p": self.top_p, "seed": self.seed, "min_p": self.min_p,
             "top_k": 0 if self.top_k == -1 else self.top_k,  # vLLM spells "off" -1, hybridrt 0
             "repetition_penalty": self.repetition_penalty, "ignore_eos": self.ignore_eos,
+            "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
+            "logit_bias": self.logit_bias or None,  # {"token id": bias}, as OpenAI's JSON has it
             "stop": [self.stop] if isinstance(self.stop, str) else self.stop,
             "stop_token_ids": self.stop_token_ids, "min_tokens": self.min_tokens,
         }

@@ -198,7 +198,15 @@ def add_sampling_flags(p: argparse.ArgumentParser, default_temperature: float) -
     g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 is off (default: 0)")
     g.add_argument("--min-p", type=float, default=0.0,
                    help="drop tokens under min-p times the top probability (default: 0, off)")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default: 1)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 1 discourages tokens of the prompt and the reply so far (default: 1, off)")
+    g.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="in [-2, 2], subtracted from the logit of each token the reply holds (default: 0, off)")
+    g.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="in [-2, 2], subtracted from a token's logit once per time the reply holds it "
+                        "(default: 0, off)")
+    g.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS",
+                   help="add BIAS (in [-100, 100]) to token ID's logit (repeatable); -100 all but bans it")
     g.add_argument("--seed", type=int, default=None, help="sampling seed, for reproducible sampling")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not included in output")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
@@ -238,8 +246,23 @@ def load_argv(load: LoadConfig) -> list[str]:
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                          seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
-                          min_tokens=args.min_tokens)
+                          presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                          logit_bias=logit_bias(args.logit_bias), seed=args.seed, stop=tuple(args.stop),
+                          ignore_eos=args.ignore_eos, min_tokens=args.min_tokens)
+
+
+def logit_bias(items: list[str]) -> tuple[tuple[int, float], ...]:
+    """--logit-bias ID=BIAS values -> (token id, bias) pairs; ValueError naming a malformed one."""
+    pairs = []
+    for item in items:
+        token, sep, bias = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            pairs.append((int(token), float(bias)))
+        except ValueError:
+            raise ValueError(f"--logit-bias takes ID=BIAS (e.g. 2=-100), got {item!r}") from None
+    return tuple(pairs)
 
 
 def chat_template(args: argparse.Namespace) -> str | None:

@@ -30,8 +30,8 @@ NASTY_VALUES: tuple = (None, True, False, 0, -1, 1, 2**63 - 1, -(2**63), 2**64 -
                        -math.inf, math.nan, 1e-320, -0.0, "", "x", "\U0001f600", "\x00", "é" * 1000, b"", b"\xff",
                        [], [1], {}, {"a": 1}, [[[[[]]]]], "a" * 200_000, list(range(5000)))
 ROLES = ("user", "assistant", "system", "tool", "robot", "", None, 5)
-PARAM_NAMES = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "stop",
-               "stop_token_ids", "ignore_eos", "bogus")
+PARAM_NAMES = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+               "frequency_penalty", "logit_bias", "seed", "stop", "stop_token_ids", "ignore_eos", "bogus")
 SAFE_MAX_TOKENS = 2  # a fuzzed request that happens to be valid generates at most this many tokens
 
 
@@ -159,7 +159,8 @@ def _http_body(rng: random.Random, path: str) -> dict:
     elif "tokenize" in path:
         body["prompt"] = rng.choice(["Hello", "日本" * 120_000, "\ud800", _json_value(rng)])
     for name in rng.sample(("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed",
-                            "stop", "stream", "n", "logprobs", "stream_options", "bogus"), rng.randrange(0, 4)):
+                            "stop", "stream", "n", "logprobs", "stream_options", "presence_penalty",
+                            "frequency_penalty", "logit_bias", "bogus"), rng.randrange(0, 4)):
         body[name] = _json_value(rng) if rng.random() < 0.7 else rng.choice([1e308, -1, 0.5, 2])
     body["max_tokens"] = rng.choice([1, 2, body.get("max_tokens", 1)])
     if isinstance(body["max_tokens"], int) and not isinstance(body["max_tokens"], bool) and body["max_tokens"] > 2:

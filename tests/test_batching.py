@@ -231,6 +231,8 @@ def test_greedy_sampled_penalized_and_min_tokens_requests_together_get_their_tok
               SamplingParams(max_tokens=8, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True),
               SamplingParams(max_tokens=7, temperature=0.0, repetition_penalty=1.5, ignore_eos=True),
               SamplingParams(**greedy(10)),
+              SamplingParams(max_tokens=9, temperature=0.0, presence_penalty=0.6, frequency_penalty=0.4,
+                             logit_bias=((5, 0.5), (9, -1.0)), ignore_eos=True),
               SamplingParams(max_tokens=6, temperature=0.0, min_tokens=4, stop_token_ids=(eos,)),
               SamplingParams(**greedy(5))]
     waiting = [(f"r{i}", [30 + i, 7, 60 + 2 * i][:1 + i % 3], p) for i, p in enumerate(params)]

@@ -30,7 +30,8 @@ def test_generate_ephemeral_pair_streams_the_in_process_text(default_model_dir, 
     template.write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}[assistant]")
     expected_prompt = len(Tokenizer.from_path(default_model_dir).encode("[user] What is 2+2?\n[assistant]"))
     flags = ["--device", "cpu", "--max-tokens", "12", "--ignore-eos", "--temperature", "0.7", "--top-p", "0.9",
-             "--top-k", "40", "--seed", "1", "--chat-template", str(template), "What is 2+2?"]
+             "--top-k", "40", "--seed", "1", "--presence-penalty", "0.5", "--frequency-penalty", "0.3",
+             "--logit-bias", "30=1.5", "--chat-template", str(template), "What is 2+2?"]
     assert main(["generate", "--in-process", "--json", "--quiet", *flags]) == 0
     expected = json.loads(capsys.readouterr().out)
     assert expected["prompt_tokens"] == expected_prompt and len(expected["token_ids"]) == 12
@@ -44,6 +45,14 @@ def test_generate_ephemeral_pair_streams_the_in_process_text(default_model_dir, 
     # the ephemeral server's ready line is serve's: what runs, where, in which formats
     assert re.search(r"hybridrt serving smollm2-135m-instruct on cpu \(ready in [0-9.]+ s\): dtype float32, weights "
                      r"float32, context \d+ tokens, KV cache [0-9.]+ MiB, one request at a time", out.stderr), out.stderr
+
+
+def test_logit_bias_flag_reaches_the_sampler(default_model_dir, capsys) -> None:
+    from launch.cli import main
+
+    flags = ["generate", "--in-process", "--json", "--quiet", "--device", "cpu", "--max-tokens", "3", "hi"]
+    assert main([*flags[:-1], "--logit-bias", "30=100", "--logit-bias", "31=-2", "hi"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == [30] * 3
 
 
 def test_generate_in_process_reports_load(default_model_dir) -> None:
@@ -78,6 +87,10 @@ def test_help_explains_every_flag(capsys) -> None:
     (["--in-process", "--model", "dummy:llama-2-7b", "--device", "cpu", "--max-context", "4000000"],
      "does not fit on cpu"),
     (["--chat-template", "hello"], "--chat-template: 'hello' is neither a file nor a Jinja template"),
+    (["--logit-bias", "30"], "--logit-bias takes ID=BIAS (e.g. 2=-100), got '30'"),
+    (["--logit-bias", "a=1"], "--logit-bias takes ID=BIAS"),
+    (["--presence-penalty", "3"], "presence_penalty must be in [-2, 2] (0 = off), got 3"),
+    (["--in-process", "--device", "cpu", "--logit-bias", "49152=1"], "logit_bias token ids must be in [0, 49152)"),
     (["--chat-template", "{% for %}"], "--chat-template: the template does not compile"),
 ])
 def test_bad_input_is_one_clear_line(args: list[str], message: str, hybridrt_cache, capsys) -> None:

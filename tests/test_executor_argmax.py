@@ -65,6 +65,8 @@ def test_stops_and_ends_are_the_sampler_s(runner) -> None:
 def test_only_plain_greedy_requests_leave_the_draw_to_the_executor(runner) -> None:
     for params in (SamplingParams(max_tokens=12, temperature=0.8, seed=3, ignore_eos=True),
                    SamplingParams(max_tokens=12, temperature=0.0, repetition_penalty=1.3, ignore_eos=True),
+                   SamplingParams(max_tokens=12, temperature=0.0, frequency_penalty=0.5, ignore_eos=True),
+                   SamplingParams(max_tokens=12, temperature=0.0, logit_bias=((3, 1.0),), ignore_eos=True),
                    SamplingParams(max_tokens=12, temperature=0.0, min_tokens=5)):  # EOS held off: the sampler bans it
         port = RecordingPort(runner)
         got = run(port, params, executor_argmax=True)

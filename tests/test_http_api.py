@@ -126,6 +126,24 @@ def test_chat_completion_streamed_and_not(server, model) -> None:
     assert chunks[-1].choices == [] and chunks[-1].usage == answer.usage
 
 
+def test_penalties_and_logit_bias_reach_the_sampler_as_the_native_client_s(server, model) -> None:
+    """OpenAI's presence_penalty, frequency_penalty and logit_bias: the same text as the native client's request
+    with the same params; a bias of 100 makes one token every greedy choice."""
+    api = openai_client(server)
+    extra = {"presence_penalty": 1.5, "frequency_penalty": 1.0, "logit_bias": {"28": -3.0, "30": 2.5}}
+    completion = api.completions.create(model=model, prompt=PROMPT, max_tokens=12, temperature=0, **extra)
+    native = native_finished(server.address, prompt=PROMPT, params={"max_tokens": 12, "temperature": 0.0, **extra})
+    plain = native_finished(server.address, prompt=PROMPT, params={"max_tokens": 12, "temperature": 0.0})
+    assert completion.choices[0].text == native.text and native.token_ids != plain.token_ids
+    forced = native_finished(server.address, prompt=PROMPT, params={"max_tokens": 4, "temperature": 0.0,
+                                                                    "logit_bias": {"30": 100}})
+    assert forced.token_ids == [30] * 4
+    chat = api.chat.completions.create(model=model, messages=QUESTION, max_tokens=3, temperature=0,
+                                       logit_bias={"30": 100})
+    assert chat.usage.completion_tokens == 3 and chat.choices[0].message.content == forced.text[:len(
+        chat.choices[0].message.content)]
+
+
 BAD_REQUESTS = [  # (endpoint, change to a good body, status, error param)
     ("completions", {"temperature": -1}, 400, None),
     ("completions", {"top_p": 2}, 400, None),
@@ -133,6 +151,9 @@ BAD_REQUESTS = [  # (endpoint, change to a good body, status, error param)
     ("completions", {"prompt": ""}, 400, None),
     ("completions", {"n": 2}, 400, "n"),
     ("completions", {"echo": True}, 400, "echo"),
+    ("completions", {"presence_penalty": 2.5}, 400, None),  # the JIT context's range check
+    ("completions", {"logit_bias": {"99999999": 5}}, 400, None),  # past the vocabulary
+    ("chat/completions", {"logit_bias": {"the": 5}}, 400, None),  # not a token id
     ("completions", {"prompt": ["a", "b"]}, 400, "prompt"),
     ("completions", {"model": "gpt-5"}, 404, "model"),
     ("chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 
 import msgpack
 import numpy as np
@@ -33,6 +34,13 @@ CPU = torch.device("cpu")
         ("stop_token_ids", (-1,)), ("stop_token_ids", (True,)), ("stop_token_ids", ("2",)), ("stop_token_ids", [2]),
         ("ignore_eos", 1), ("ignore_eos", "yes"),
         ("min_tokens", -1), ("min_tokens", 1.0), ("min_tokens", 257),  # 257 > the default max_tokens
+        ("presence_penalty", 2.01), ("presence_penalty", -2.5), ("presence_penalty", math.nan),
+        ("presence_penalty", True), ("frequency_penalty", 3.0), ("frequency_penalty", math.inf),
+        ("frequency_penalty", "0.5"),
+        ("logit_bias", ((1, 101.0),)), ("logit_bias", ((1, -100.5),)), ("logit_bias", ((-1, 1.0),)),
+        ("logit_bias", ((1, math.nan),)), ("logit_bias", ((True, 1.0),)), ("logit_bias", ((1, 1.0), (1, 2.0))),
+        ("logit_bias", ((1, 1.0, 2.0),)), ("logit_bias", {1: 1.0}),
+        ("logit_bias", tuple((i, 1.0) for i in range(1025))),
     ],
 )
 def test_params_reject_bad_field(field, bad):
@@ -66,12 +74,30 @@ def test_params_from_dict_accepts_lists_and_single_stop_string():
 
 def test_params_dict_round_trip_through_msgpack():
     p = SamplingParams(max_tokens=9, temperature=0.7, top_k=40, top_p=0.9, min_p=0.05, repetition_penalty=1.1,
+                       presence_penalty=-0.5, frequency_penalty=1.5, logit_bias=((9, -100.0), (2, 3.5)),
                        seed=123, stop=("###", "\n"), stop_token_ids=(5,), ignore_eos=True)
+    assert p.logit_bias == ((2, 3.5), (9, -100.0))  # sorted by token id
     d = p.to_dict()
     assert isinstance(d["stop"], list) and isinstance(d["stop_token_ids"], list)
+    assert d["logit_bias"] == [[2, 3.5], [9, -100.0]]
     assert SamplingParams.from_dict(d) == p
     assert SamplingParams.from_dict(msgpack.unpackb(msgpack.packb(d))) == p
     assert SamplingParams.from_dict(SamplingParams().to_dict()) == SamplingParams()
+
+
+def test_params_logit_bias_from_openai_s_map_of_token_id_strings():
+    """OpenAI's JSON keys the biases by token-id strings; integers as bias values are stored as floats; a key that
+    is not a token id is one clear error; the vocabulary is checked where it is known."""
+    p = SamplingParams.from_dict({"logit_bias": {"50256": -100, "7": 2}, "presence_penalty": 1, "frequency_penalty": 0})
+    assert p.logit_bias == ((7, 2.0), (50256, -100.0)) and p.presence_penalty == 1.0 and p.counts_tokens
+    assert not SamplingParams(frequency_penalty=0.0, presence_penalty=0.0).counts_tokens
+    assert SamplingParams(frequency_penalty=-2.0).counts_tokens
+    for key in ("a", "-3", "1.5", " 3", "\u0663"):  # the last: an Arabic-Indic digit, isdigit() but not a token id
+        with pytest.raises(ValueError, match="logit_bias keys must be token ids"):
+            SamplingParams.from_dict({"logit_bias": {key: 1.0}})
+    p.check_vocabulary(50257)
+    with pytest.raises(ValueError, match=r"logit_bias token ids must be in \[0, 50000\).*\[50256\]"):
+        p.check_vocabulary(50000)
 
 
 # ---------------------------------------------------------------- Sampler helpers
@@ -248,3 +274,66 @@ def test_min_tokens_holds_the_end_tokens_off_for_that_many_draws():
         assert not sampler.banning
         sampler.start_request(SamplingParams(temperature=temperature, min_tokens=2), [1])  # nothing to hold off
         assert not sampler.banning and sampler.sample(logits).item() == 2
+
+
+def reference_processed(logits: torch.Tensor, prompt: list[int], reply: list[int], repetition: float, presence: float,
+                        frequency: float, bias: dict[int, float]) -> torch.Tensor:
+    """float64 logits after the logit bias, the repetition penalty over prompt + reply, then the frequency and
+    presence penalties over the reply (vLLM's order and rules), written out per token."""
+    x = logits.double().tolist()
+    for t, b in bias.items():
+        x[t] += b
+    for t in set(prompt) | set(reply):
+        x[t] = x[t] / repetition if x[t] > 0 else x[t] * repetition
+    for t in set(reply):
+        x[t] -= frequency * reply.count(t) + presence
+    return torch.tensor(x, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("repetition,presence,frequency,bias", [
+    (1.0, 0.8, 0.0, {}), (1.0, 0.0, 0.6, {}), (1.0, -1.0, 0.4, {}), (1.0, 0.0, 0.0, {3: 2.5, 11: -4.0}),
+    (1.4, 0.5, 0.3, {0: 1.0, 29: -100.0}),
+])
+def test_penalties_and_bias_give_the_float64_reference_s_greedy_tokens(repetition, presence, frequency, bias):
+    """Fresh random logits each step: the greedy token is the argmax of the float64 reference over the prompt and the
+    tokens drawn so far, and the sampled path's penalized logits (filtered_probs over penalized_rows with no
+    proposals) match it within float32 rounding; a new request starts with no counts."""
+    vocab, prompt = 30, [1, 2, 3]
+    gen = torch.Generator().manual_seed(7)
+    params = SamplingParams(temperature=0.0, repetition_penalty=repetition, presence_penalty=presence,
+                            frequency_penalty=frequency, logit_bias=tuple(bias.items()))
+    sampler = make_sampler(vocab, prompt, **{f.name: getattr(params, f.name) for f in fields(params)})
+    assert not sampler.plain_greedy
+    reply: list[int] = []
+    for step in range(40):
+        logits = torch.randn(vocab, generator=gen) * 2
+        want = reference_processed(logits, prompt, reply, repetition, presence, frequency, bias)
+        rows = sampler.penalized_rows(logits.view(1, -1), torch.empty(0, dtype=torch.int64))
+        assert torch.allclose(rows[0].double(), want, rtol=1e-6, atol=1e-5), step
+        token = sampler.sample(logits)
+        assert int(token) == int(torch.argmax(want)), step
+        sampler.observe(token)
+        reply.append(int(token))
+    if presence or frequency:
+        assert len(set(reply)) > 1  # the penalties moved the argmax off a repeat at least once
+    sampler.start_request(SamplingParams(temperature=0.0), prompt)  # no penalty, no bias: the raw argmax
+    logits = torch.randn(vocab, generator=gen)
+    assert sampler.plain_greedy and int(sampler.sample(logits)) == int(torch.argmax(logits))
+
+
+def test_a_logit_bias_of_100_makes_a_token_the_greedy_choice_and_minus_100_bans_it():
+    logits = torch.tensor([5.0, 1.0, -3.0, 4.0])
+    assert int(make_sampler(4, temperature=0.0, logit_bias=((2, 100.0),)).sample(logits)) == 2
+    assert int(make_sampler(4, temperature=0.0, logit_bias=((0, -100.0),)).sample(logits)) == 3
+    counts = draw_counts(make_sampler(4, temperature=1.0, seed=1, logit_bias=((0, -100.0), (3, -100.0))), logits, 400)
+    assert counts[0] == counts[3] == 0 and counts[1] > 0
+
+
+def test_observe_ids_counts_every_occurrence_for_the_frequency_penalty():
+    """Accepted proposals (observe_ids, speculation) count as draws do: twice the same token, twice the penalty."""
+    logits = torch.tensor([3.0, 2.5, 0.0])
+    sampler = make_sampler(3, temperature=0.0, frequency_penalty=0.3)
+    sampler.observe_ids([0])
+    assert int(sampler.sample(logits)) == 0  # 2.7 against 2.5
+    sampler.observe_ids([0])
+    assert int(sampler.sample(logits)) == 1  # 2.4 against 2.5

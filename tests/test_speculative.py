@@ -130,20 +130,33 @@ def test_greedy_acceptance_keeps_the_prefix_that_matches_the_argmax() -> None:
         assert out[-1] == accepted and out[:accepted + 1] == tokens
 
 
-def test_penalized_rows_apply_the_penalty_as_a_token_by_token_run_would() -> None:
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.0, repetition_penalty=1.7),
+    SamplingParams(temperature=0.0, presence_penalty=0.9, frequency_penalty=0.4),
+    SamplingParams(temperature=0.0, repetition_penalty=1.3, frequency_penalty=-0.7, logit_bias=((4, 3.0), (0, -2.0))),
+], ids=["repetition", "presence-frequency", "all-with-bias"])
+def test_penalized_rows_apply_the_penalty_as_a_token_by_token_run_would(params: SamplingParams) -> None:
+    """Row j of a verify step's logits, processed as the sampler's own draw would process it after proposals[:j]
+    were drawn (a token proposed twice counts twice for the frequency penalty)."""
     vocab = 12
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(4, vocab, generator=gen) * 3
     proposals = [4, 7, 4]
-    params = SamplingParams(temperature=0.0, repetition_penalty=1.7)
     s = sampler_for(vocab, params, seen=[1, 2])
+    s.observe(torch.tensor([7]))  # a token of the reply before this step
     rows = s.penalized_rows(logits, torch.tensor(proposals))
-    ref = sampler_for(vocab, params, seen=[1, 2])
+    reply = [7]
     for j in range(4):
-        x = ref._apply_repetition_penalty(logits[j].clone())
-        assert torch.equal(rows[j], x), j
+        x = logits[j].double().tolist()
+        for t, b in params.logit_bias:
+            x[t] += b
+        for t in {1, 2, *reply}:
+            x[t] = x[t] / params.repetition_penalty if x[t] > 0 else x[t] * params.repetition_penalty
+        for t in set(reply):
+            x[t] -= params.frequency_penalty * reply.count(t) + params.presence_penalty
+        assert torch.allclose(rows[j].double(), torch.tensor(x, dtype=torch.float64), rtol=1e-6, atol=1e-5), j
         if j < 3:
-            ref.observe(torch.tensor([proposals[j]]))
+            reply.append(proposals[j])
 
 
 def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
@@ -390,7 +403,9 @@ def test_speculation_s_plain_steps_take_the_executor_s_tokens_only_for_plain_gre
     for params, argmax in ((SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True), True),
                            (SamplingParams(max_tokens=40, temperature=0.7, seed=5, ignore_eos=True), False),
                            (SamplingParams(max_tokens=40, temperature=0.0, repetition_penalty=1.3, ignore_eos=True),
-                            False)):
+                            False),
+                           (SamplingParams(max_tokens=40, temperature=0.0, presence_penalty=0.3, frequency_penalty=0.2,
+                                           logit_bias=((7, 1.0),), ignore_eos=True), False)):
         port = RecordingPort(runner)
         res = run(port, REPETITIVE, params, SpeculativeConfig("ngram", 3), ahead=2, executor_argmax=True)
         want = run(runner, REPETITIVE, params, SpeculativeConfig("ngram", 3), ahead=2, executor_argmax=False)
