@@ -144,8 +144,8 @@ def _holds_records(hint: Any) -> bool:
 
 def _from_wire(value: Any, hint: Any) -> Any:
     """Rebuild the records the annotation asks for; all other values pass through to validation."""
-    if not _holds_records(hint):  # ids, text, params: nothing to rebuild (and no walk over a long prompt's ids)
-        return value
+    if value is None or not _holds_records(hint):  # ids, text, params: nothing to rebuild (and no walk over a
+        return value  # long prompt's ids); None: an optional record field left out (a token without logprobs)
     if isinstance(hint, type) and issubclass(hint, Record):
         if not isinstance(value, dict):
             raise ValueError(f"{hint.__name__} must be a map, got {type(value).__name__}")

@@ -27,10 +27,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
-# Versions: 13: a Reset may come on the doorbell, step numbers increase across requests; 12: Decode.argmax/own_input and the token_ring buffer; 11: Ready.captures_pending; 10: Started.spin_ms; 9: DecodeBatch carries several prompt chunks; 8: GenerateRequest.warm_up; 7: DecodeBatch's prompt chunk (the mixed step); 6: KV slots (Ready.max_num_seqs, Prefill.slot,
-# DecodeBatch, the batch_logits buffer); 5: Verify.tokens/accept, StepDone.accepted, GenerateRequest.chat;
-# 4: Ready.doorbell; 3: Verify and the verify_logits buffer; 2: typed Ready buffers/events/tokenizer_path
-PROTOCOL_VERSION = 13
+# Versions: 14: TokenChunk.logprobs and Finished.logprobs (TokenLogprob); 13: a Reset may come on the doorbell, step
+# numbers increase across requests; 12: Decode.argmax/own_input and the token_ring buffer; 11: Ready.captures_pending;
+# 10: Started.spin_ms; 9: DecodeBatch carries several prompt chunks; 8: GenerateRequest.warm_up; 7: DecodeBatch's
+# prompt chunk (the mixed step); 6: KV slots (Ready.max_num_seqs, Prefill.slot, DecodeBatch, the batch_logits buffer);
+# 5: Verify.tokens/accept, StepDone.accepted, GenerateRequest.chat; 4: Ready.doorbell; 3: Verify and the verify_logits
+# buffer; 2: typed Ready buffers/events/tokenizer_path
+PROTOCOL_VERSION = 14
 MAX_ID_CHARS = 256
 MAX_SPECULATIVE_TOKENS = 8  # proposals a Verify step carries at most (its k + 1 tokens fill the verify buffers)
 MAX_NUM_SEQS = 64  # KV slots an executor may hold (sequences decoded together in one DecodeBatch step)
@@ -302,8 +305,8 @@ class Handshake(Message):
 class Ready(Message):
     """The executor's weights are on the device; `buffers` are its static step buffers, exported once, and
     `events` (GPU only) the IPC events that order steps and sampling. The answer to the JIT context's Handshake, sent
-    once, or twice when the executor answers while it still captures graphs (`captures_pending`). `facts` is informational only (load
-    time, graphs, memory: what `status` shows); nothing the protocol needs rides in it."""
+    once, or twice when the executor answers while it still captures graphs (`captures_pending`). `facts` is
+    informational only (load time, graphs, memory: what `status` shows); nothing the protocol needs rides in it."""
 
     TAG: ClassVar[int] = 2
     protocol_version: int
@@ -538,11 +541,30 @@ class GenerateRequest(Message):
 
 
 @dataclass(frozen=True)
+class TokenLogprob(Record):
+    """A generated token's log-probability under the model's distribution (its raw logits, before any penalty,
+    bias or temperature, as vLLM reports them), and the most likely tokens' (`SamplingParams.logprobs` of them,
+    most likely first). `text`: the token decoded alone."""
+
+    token: int
+    text: str
+    logprob: float
+    top_ids: list[int] = field(default_factory=list)
+    top_texts: list[str] = field(default_factory=list)
+    top_logprobs: list[float] = field(default_factory=list)
+
+    def _validate(self) -> None:
+        if not len(self.top_ids) == len(self.top_texts) == len(self.top_logprobs):
+            raise ValueError("TokenLogprob's top_ids, top_texts and top_logprobs must be as long")
+
+
+@dataclass(frozen=True)
 class TokenChunk(Message):
     TAG: ClassVar[int] = 21
     request_id: str
     text: str
     token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when the request asked for them
 
 
 @dataclass(frozen=True)
@@ -554,6 +576,7 @@ class Finished(Message):
     finish_reason: str  # one of FinishReason.ALL (a failed request gets an `Error` instead)
     usage: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when the request asked for them
 
     def _validate(self) -> None:
         if self.finish_reason not in FinishReason.ALL:

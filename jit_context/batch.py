@@ -385,7 +385,9 @@ class BatchEngine:
         tokens = next_token[first:first + len(slots)] if slots == list(range(first, first + len(slots))) \
             else next_token[slots]
         for lane, token in zip(lanes, tokens.tolist()):
-            events.append((lane.key, lane.out.add(token)))
+            sampler = self.slots[lane.slot].sampler
+            logprobs = None if sampler.logprobs_k is None else sampler.last_logprobs.tolist()  # (after the read)
+            events.append((lane.key, lane.out.add(token, logprobs)))
             if lane.out.finish is None:
                 continue
             events.extend((lane.key, item) for item in lane.out.close())

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from ipc.messages import FinishReason
+from ipc.messages import FinishReason, TokenLogprob
 from ipc.step_buffers import StepBuffers
 from jit_context.acceptance import warm_up
 from jit_context.detokenizer import IncrementalDetokenizer, StopStringMatcher
@@ -60,6 +60,7 @@ class Detokenizing(Protocol):
 class Chunk:
     text: str
     token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked for them
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ class GenerationResult:
     speculation: dict | None = None  # SpecStats.as_dict() when the request speculated
     cached_tokens: int = 0  # leading prompt tokens whose K/V the cache held from the last request (not prefilled)
     prefill_sent_ms: float = 0.0  # when the last prefill chunk was sent to the executor, from the request start
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked for them
 
     @property
     def completion_tokens(self) -> int:
@@ -269,7 +271,7 @@ class Generator:
         out = RequestOutput(self.tokenizer, self.eos_token_ids, self.port.max_context, params, prompt_ids, start)
         out.cached_tokens = cached
         out.prefill_sent_ms = sent_ms
-        if self.speculation.enabled:
+        if self.speculation.enabled and params.logprobs is None:  # (a verify step's rows carry no logprobs)
             loop = SpeculativeLoop(self, self.speculation, out, prompt_ids)
             yield from loop.run(start)
             out.speculation = loop.stats.as_dict()
@@ -288,7 +290,8 @@ class Generator:
                 host = reader.next_host()  # the token's pinned slot: the sampling writes it there too (GPU)
                 token = self.sampler.sample(buffers.logits, out=buffers.token, host=host)  # [1], on the device
                 self.sampler.observe(token)
-                reader.push(token, written=host is not None)
+                reader.push(token, written=host is not None,
+                            extra=None if params.logprobs is None else self.sampler.last_logprobs)
             last = k + 1 >= params.max_tokens or n + k + 1 >= self.port.max_context
             if not last:  # consumes next_token; enqueued before the host waits for a token
                 self.port.decode(n + k, argmax=executor_argmax, own_input=executor_argmax and k > 0)
@@ -296,7 +299,8 @@ class Generator:
             # `decode_ahead` - 1 steps back, so that many more steps stay queued while it waits, streams and sends.
             keep = 0 if k == 0 or last else self.ahead() - 1
             while reader.in_flight > keep and not out.finish:
-                yield out.add(self.read_token(follows=k > 0))
+                token_id = self.read_token(follows=k > 0)
+                yield out.add(token_id, reader.popped_extra)
             if out.finish:
                 break  # after a stop, the decodes in flight (at most decode_ahead) are discarded
         yield from self._finish(out, prompt_ids)
@@ -328,14 +332,23 @@ class RequestOutput:
         self.prefill_sent_ms = 0.0
         self.speculation: dict | None = None
         self.cached_tokens = 0
+        self.tokenizer = tokenizer
+        self.logprobs: list[TokenLogprob] | None = None if params.logprobs is None else []
 
-    def add(self, token_id: int) -> Chunk:
+    def add(self, token_id: int, logprob_values: list[float] | None = None) -> Chunk:
+        """`logprob_values`: the token's `Sampler.last_logprobs` as read, when the request asked for them."""
         self.times.append((time.perf_counter() - self.start) * 1e3)
         self.token_ids.append(token_id)
         p = self.params
+        logprobs = None
+        if self.logprobs is not None:
+            if logprob_values is None:
+                raise ValueError("a request that asked for logprobs got a token without them")
+            logprobs = [self._token_logprob(token_id, logprob_values)]
+            self.logprobs += logprobs
         if token_id in p.stop_token_ids or (token_id in self.eos and not p.ignore_eos):
             self.finish = FinishReason.STOP
-            return Chunk("", [token_id])
+            return Chunk("", [token_id], logprobs)
         if len(self.token_ids) >= p.max_tokens or self.prompt_len + len(self.token_ids) >= self.max_context:
             self.finish = FinishReason.LENGTH
         text = self.detok.add(token_id) if self.detok else ""
@@ -346,7 +359,18 @@ class RequestOutput:
         if hit_stop:
             self.finish = FinishReason.STOP
         self.parts.append(emit)
-        return Chunk(emit, [token_id])
+        return Chunk(emit, [token_id], logprobs)
+
+    def _token_logprob(self, token_id: int, values: list[float]) -> TokenLogprob:
+        """values: [log p(token), the top k log-probabilities, their ids] (`Sampler.last_logprobs`)."""
+        k = (len(values) - 1) // 2
+        top_ids = [int(t) for t in values[1 + k:]]
+        return TokenLogprob(token_id, self._text(token_id), values[0], top_ids, [self._text(t) for t in top_ids],
+                            values[1:1 + k])
+
+    def _text(self, token_id: int) -> str:
+        """A token decoded alone (special tokens kept), as OpenAI's logprobs name it; "" without a tokenizer."""
+        return self.tokenizer.decode([token_id], skip_special_tokens=False) if self.tokenizer else ""
 
     def close(self) -> Iterator[Chunk | GenerationResult]:
         tail = self.stops.feed(self.detok.flush())[0] + self.stops.flush() if self.detok else ""
@@ -355,7 +379,7 @@ class RequestOutput:
             yield Chunk(tail, [])
         yield GenerationResult("".join(self.parts), self.token_ids, self.finish, self.prompt_len, self.times[0],
                                _rate(self.times), self.times, self.prefill_enqueued_ms, self.speculation,
-                               self.cached_tokens, self.prefill_sent_ms)
+                               self.cached_tokens, self.prefill_sent_ms, self.logprobs)
 
 
 def _rate(times_ms: list[float]) -> float:

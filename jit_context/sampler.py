@@ -67,6 +67,10 @@ class Sampler:
         self._penalize = False  # host copy: does the request use a repetition penalty?
         self._counting = False  # host copy: a presence or frequency penalty?
         self._biased = False  # host copy: a logit bias?
+        self.logprobs_k: int | None = None  # host copy of params.logprobs: None, or how many top tokens to list
+        # [1 + 2k] float32: the drawn token's log-probability, the top k's, then their ids (exact in float32 below
+        # 2^24), written by each draw of a request that asks for them (`last_logprobs`)
+        self.last_logprobs = torch.zeros(1, **f32)
         self.seed: int | None = None  # the seed in use, drawn at random when the request gave none
 
     def start_request(self, params: SamplingParams, prompt_ids: list[int], end_ids: Iterable[int] = ()) -> None:
@@ -96,6 +100,9 @@ class Sampler:
             self._presence_penalty.fill_(params.presence_penalty)
             self._frequency_penalty.fill_(params.frequency_penalty)
             self._counts.zero_()
+        self.logprobs_k = None if params.logprobs is None else min(params.logprobs, self.vocab_size)
+        if self.logprobs_k is not None and self.last_logprobs.numel() != 1 + 2 * self.logprobs_k:
+            self.last_logprobs = torch.zeros(1 + 2 * self.logprobs_k, dtype=torch.float32, device=self.device)
         self._biased = bool(params.logit_bias)
         if self._biased:
             ids, biases = zip(*params.logit_bias, strict=True)
@@ -126,6 +133,14 @@ class Sampler:
             raise ValueError("sample: host needs out")
         if logits.shape != (self.vocab_size,):
             raise ValueError(f"logits must have shape ({self.vocab_size},), got {tuple(logits.shape)}")
+        if self.logprobs_k is not None:
+            raw = logits.float()  # [V] f32, before any bias, penalty or temperature (vLLM's raw logprobs)
+            token = self._pick(logits, out, host)
+            self._record_logprobs(raw, token)
+            return token
+        return self._pick(logits, out, host)
+
+    def _pick(self, logits: torch.Tensor, out: torch.Tensor | None, host: torch.Tensor | None) -> torch.Tensor:
         x = logits.float()  # [V] f32
         if self._biased:
             x = x + self._bias
@@ -151,6 +166,22 @@ class Sampler:
         if out is None:
             return token
         return _mirror(out.copy_(token), host)
+
+    def _record_logprobs(self, raw: torch.Tensor, token: torch.Tensor) -> None:
+        """last_logprobs <- [log p(token), the top k log-probabilities, their ids] of raw [V] (device work only)."""
+        lp = torch.log_softmax(raw, dim=-1)  # [V]
+        k = self.logprobs_k
+        self.last_logprobs[:1].copy_(lp.gather(0, token.view(1)))
+        if k:
+            values, ids = torch.topk(lp, k)  # [k] each, most likely first
+            self.last_logprobs[1:1 + k].copy_(values)
+            self.last_logprobs[1 + k:].copy_(ids)
+
+    @property
+    def plain(self) -> bool:
+        """Whether the draw is the argmax of the raw logits and nothing else is asked of it: no penalty, no bias,
+        no log-probabilities (greedy aside)."""
+        return not (self._penalize or self._counting or self._biased or self.logprobs_k is not None)
 
     def _apply_repetition_penalty(self, x: torch.Tensor) -> torch.Tensor:
         # HF/vLLM rule: dividing a negative logit would raise it, so negatives are multiplied.
@@ -194,7 +225,7 @@ class Sampler:
         """Greedy without a penalty or a logit bias: the token is the argmax of the raw logits, which the executor
         can take itself (a verify step's acceptance, `Verify.accept`; speculation waits until min_tokens,
         `banning`)."""
-        return self._all_greedy and not (self._penalize or self._counting or self._biased)
+        return self._all_greedy and self.plain
 
     @property
     def banning(self) -> bool:

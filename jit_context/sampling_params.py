@@ -16,6 +16,7 @@ MIN_PENALTY, MAX_PENALTY = 1e-5, 1e5
 MAX_ADDITIVE_PENALTY = 2.0  # presence and frequency penalties: OpenAI's range, [-2, 2]
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for one token's bias, [-100, 100]
 MAX_BIASED_TOKENS = 1024
+MAX_LOGPROBS = 20  # the most likely tokens a reply's token may list with its own log-probability (OpenAI's limit)
 MAX_SEED = 2**63 - 1
 
 
@@ -61,6 +62,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     min_tokens: int = 0  # EOS and stop_token_ids can't be drawn, nor stop strings end the reply, before this many
+    # each generated token's log-probability and those of this many most likely tokens (ipc.messages.TokenLogprob);
+    # None: none (0: the token's own only)
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         _check_int("max_tokens", self.max_tokens, 1, ">= 1")
@@ -76,6 +80,10 @@ class SamplingParams:
         self._check_stops()
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, 0, f"in [0, {MAX_LOGPROBS}] or None")
+            if self.logprobs > MAX_LOGPROBS:
+                raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}] or None, got {self.logprobs}")
 
     def _check_floats(self) -> None:
         temperature = _check_float("temperature", self.temperature)

@@ -389,7 +389,7 @@ class JitServer:
 
     def _stream(self, pending: Pending, item: Chunk) -> bool:
         """Send a generated chunk to its client, stamp its send and count its tokens; False if the client is gone."""
-        if not self._reply(pending.identity, TokenChunk(pending.request_id, item.text, item.token_ids)):
+        if not self._reply(pending.identity, TokenChunk(pending.request_id, item.text, item.token_ids, item.logprobs)):
             return False
         if item.token_ids:  # a detokenizer's tail carries none: one stamp per token_times_ms entry
             pending.sent.append(time.perf_counter())
@@ -419,7 +419,8 @@ class JitServer:
             timings["cached_prompt_tokens"] = result.cached_tokens  # prompt tokens not prefilled (prefix reuse)
         if result.speculation is not None:
             timings["speculation"] = result.speculation
-        return Finished(active.request_id, result.text, result.token_ids, result.finish_reason, usage, timings)
+        return Finished(active.request_id, result.text, result.token_ids, result.finish_reason, usage, timings,
+                        result.logprobs)
 
     def _finish_abort(self, reason: str) -> None:
         self.stream.close()

@@ -1,0 +1,124 @@
+"""A generated token's log-probability and the top tokens' (`SamplingParams.logprobs`): the sampler against a float64
+log-softmax of the raw logits, the batch-1 and batched generators against the model's own logits step by step, the
+wire form, and the OpenAI formats of both HTTP routes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from graph_executor.runner import ModelRunner
+from ipc import codec
+from ipc.messages import Finished, TokenChunk, TokenLogprob
+from jit_context.generator import Generator
+from jit_context.sampler import Sampler
+from jit_context.sampling_params import SamplingParams
+from tests.test_quant_model import run_steps
+from tests.test_robustness import tiny_runner
+
+PROMPT = [5, 9, 200, 17, 4]
+
+
+def reference(logits: torch.Tensor, token: int, k: int) -> tuple[float, list[int], list[float]]:
+    """float64 log-softmax of raw logits [V]: the token's log-probability, the top k ids and theirs."""
+    lp = torch.log_softmax(logits.double(), dim=-1)
+    values, ids = torch.sort(lp, descending=True)
+    return float(lp[token]), ids[:k].tolist(), values[:k].tolist()
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.0, logprobs=0), SamplingParams(temperature=0.0, logprobs=5),
+    SamplingParams(temperature=0.9, top_k=8, seed=3, logprobs=3),
+    # the raw distribution: a penalty or a bias moves the draw, not the reported log-probabilities
+    SamplingParams(temperature=0.0, logprobs=4, repetition_penalty=1.5, frequency_penalty=1.0,
+                   logit_bias=((11, 6.0),)),
+], ids=["greedy-0", "greedy-5", "sampled-3", "penalized-4"])
+def test_the_sampler_s_logprobs_are_the_raw_log_softmax_s(params: SamplingParams) -> None:
+    vocab, gen = 40, torch.Generator().manual_seed(2)
+    sampler = Sampler(vocab, torch.device("cpu"))
+    sampler.start_request(params, [1, 2])
+    assert not sampler.plain_greedy and sampler.logprobs_k == params.logprobs
+    for step in range(12):
+        logits = torch.randn(vocab, generator=gen) * 3
+        token = int(sampler.sample(logits))
+        sampler.observe(torch.tensor([token]))
+        values = sampler.last_logprobs.tolist()
+        k = params.logprobs
+        assert len(values) == 1 + 2 * k
+        want, ids, tops = reference(logits, token, k)
+        assert abs(values[0] - want) < 1e-5, step
+        assert [int(v) for v in values[1 + k:]] == ids and max(abs(a - b) for a, b in zip(values[1:1 + k], tops,
+                                                                                            strict=True)) < 1e-5 \
+            if k else True, step
+
+
+def test_the_generator_reports_each_token_s_logprobs_from_the_model_s_logits() -> None:
+    """Batch-1 (decode_ahead 2: tokens read while the next steps are queued), greedy: each token's log-probability and
+    its top 3 against a float64 log-softmax of the same model's logits at that step (teacher-forced on the tokens
+    drawn); chunks and the result carry the same entries, texts empty without a tokenizer."""
+    runner = tiny_runner(max_context=64)
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=3)
+    items = list(Generator(runner, None, frozenset({2}), decode_ahead=2).generate(PROMPT, params))
+    result = items[-1]
+    chunks = [item for item in items[:-1] if item.token_ids]
+    assert [c.logprobs[0] for c in chunks] == result.logprobs and len(result.logprobs) == 10
+    logits, _ = run_steps(tiny_runner(max_context=64), PROMPT, result.token_ids, 10)
+    for step, (entry, token) in enumerate(zip(result.logprobs, result.token_ids, strict=True)):
+        want, ids, tops = reference(logits[step], token, 3)
+        assert entry.token == token and entry.text == "" and entry.top_texts == ["", "", ""]
+        assert abs(entry.logprob - want) < 1e-4 and entry.top_ids == ids, step
+        assert max(abs(a - b) for a, b in zip(entry.top_logprobs, tops, strict=True)) < 1e-4, step
+        assert entry.top_ids[0] == token  # greedy: the token is the most likely
+    plain = list(Generator(runner, None, frozenset({2})).generate(PROMPT, SamplingParams(
+        max_tokens=10, temperature=0.0, ignore_eos=True)))[-1]
+    assert plain.token_ids == result.token_ids and plain.logprobs is None
+
+
+def test_logprobs_turn_speculation_off_for_the_request_with_the_same_tokens() -> None:
+    from jit_context.speculative_config import SpeculativeConfig
+
+    runner = tiny_runner(max_context=64)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=1)
+    spec = list(Generator(runner, None, frozenset({2}), speculation=SpeculativeConfig("ngram", 3))
+                .generate(PROMPT, params))[-1]
+    plain = list(Generator(runner, None, frozenset({2})).generate(PROMPT, params))[-1]
+    assert spec.token_ids == plain.token_ids and spec.logprobs == plain.logprobs and spec.speculation is None
+
+
+def test_batched_requests_report_the_logprobs_they_report_alone() -> None:
+    from graph_executor.loading.loader import _fill_random
+    from graph_executor.model import LlamaModel
+    from jit_context.batch import BatchEngine
+
+    base = tiny_runner().model
+    model = LlamaModel(base.config, 64, torch.device("cpu"), torch.float32, slots=3)
+    _fill_random(model, seed=3)
+    engine = BatchEngine(ModelRunner(model), None, frozenset({2}), 4)
+    requests = {"a": ([5, 9, 200], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=2)),
+                "b": ([7, 7, 8, 1], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)),
+                "c": ([40, 41], SamplingParams(max_tokens=7, temperature=0.8, seed=5, ignore_eos=True, logprobs=0))}
+    for key, (prompt, params) in requests.items():
+        engine.admit(key, prompt, params)
+    results = {}
+    while len(results) < len(requests):
+        for key, item in engine.step():
+            if hasattr(item, "finish_reason"):
+                results[key] = item
+    alone = Generator(tiny_runner(max_context=64), None, frozenset({2}))
+    for key, (prompt, params) in requests.items():
+        want = list(alone.generate(prompt, params))[-1]
+        assert results[key].token_ids == want.token_ids, key
+        if params.logprobs is None:
+            assert results[key].logprobs is None
+            continue
+        for got, ref in zip(results[key].logprobs, want.logprobs, strict=True):
+            assert got.token == ref.token and got.top_ids == ref.top_ids and abs(got.logprob - ref.logprob) < 1e-5
+
+
+def test_logprobs_travel_in_token_chunks_and_finished() -> None:
+    entry = TokenLogprob(12, " the", -0.25, [12, 7], [" the", " a"], [-0.25, -1.75])
+    for msg in (TokenChunk("r", " the", [12], [entry]), Finished("r", " the", [12], "length", {}, {}, [entry]),
+                TokenChunk("r", "x", [3])):
+        assert codec.decode(codec.encode(msg)) == msg
+    with pytest.raises(Exception, match="as long"):
+        codec.decode(codec.encode(TokenChunk("r", "", [1], [TokenLogprob(1, "", -1.0, [1, 2], [""], [-1.0])])))
