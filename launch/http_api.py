@@ -257,7 +257,7 @@ async def _respond(client: AsyncClient, body: CompletionRequest | ChatCompletion
     events = client.generate(**prompt, params=params, request_id=request_id, warm_up=warm_up)
     item = await _unless_disconnected(request, _until_finished(events))
     make = chat_body if chat else completion_body
-    return make(request_id, body.model, item.text, item.finish_reason, item.usage)
+    return make(request_id, body.model, item.text, item.finish_reason, item.usage, item.logprobs)
 
 
 async def _until_finished(events: Events) -> Finished:
@@ -316,13 +316,17 @@ async def _sse(events: Events, chunks: ChunkMaker) -> AsyncGenerator[str, None]:
         if (opening := chunks.first()) is not None:
             yield _event(opening)
         held = ""
+        waiting = None  # the logprobs of tokens whose text is held back: they ride the next chunk that goes out
         try:
             item = await anext(events)
             while not isinstance(item, Finished):
+                if item.logprobs:
+                    waiting = (waiting or []) + item.logprobs
                 if item.text:  # a token whose text is held back (partial UTF-8, possible stop) sends nothing
-                    yield _event(chunks.text(item.text))
+                    yield _event(chunks.text(item.text, waiting))
+                    waiting = None
                 item = await anext(events)
-            held += _event(chunks.final(item.finish_reason))
+            held += _event(chunks.final(item.finish_reason, waiting))
             if chunks.include_usage:
                 held += _event(chunks.usage(item.usage))
         except ServerError as e:  # headers are gone: the error becomes an event, as OpenAI does

@@ -1,9 +1,10 @@
 """The OpenAI wire format of the HTTP API: request bodies (pydantic, unknown fields refused), their
 translation into the native protocol's prompt and sampling params, and the response, chunk and error bodies.
 
-Only what hybridrt can honour is accepted. Fields that clients send with neutral values (n=1, echo=false, no
-logprobs, ...) pass; any other value is an `Unsupported` error (HTTP 400) rather than being silently ignored.
-OpenAI's presence_penalty, frequency_penalty and logit_bias, and vLLM's extras (top_k, min_p, repetition_penalty,
+Only what hybridrt can honour is accepted. Fields that clients send with neutral values (n=1, echo=false, ...)
+pass; any other value is an `Unsupported` error (HTTP 400) rather than being silently ignored.
+OpenAI's presence_penalty, frequency_penalty, logit_bias and logprobs (each generated token's and its top
+tokens', in the chat and the completions forms), and vLLM's extras (top_k, min_p, repetition_penalty,
 ignore_eos, stop_token_ids, min_tokens; for chats add_generation_prompt, continue_final_message,
 chat_template_kwargs) pass through to the sampling params, whose checks are the JIT context's.
 """
@@ -15,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ipc.messages import ChatOptions, FinishReason
+from ipc.messages import ChatOptions, FinishReason, TokenLogprob
 
 TokenId = Annotated[int, Field(ge=0)]
 # Native finish reason -> OpenAI's; "abort" has no OpenAI name and keeps vLLM's.
@@ -73,6 +74,10 @@ class _SamplingRequest(BaseModel):
         if self.n not in (None, 1):
             raise Unsupported("n", "only n=1 is supported (one completion per request)")
 
+    def logprobs_count(self) -> int | None:
+        """The native `logprobs`: how many top tokens each generated token lists (None: no logprobs)."""
+        return None
+
     def sampling_params(self, max_tokens: int) -> dict[str, Any]:
         """The native params dict; None means the JIT context's default. Values are checked there."""
         params: dict[str, Any] = {
@@ -85,6 +90,7 @@ class _SamplingRequest(BaseModel):
             "logit_bias": self.logit_bias or None,  # {"token id": bias}, as OpenAI's JSON has it
             "stop": [self.stop] if isinstance(self.stop, str) else self.stop,
             "stop_token_ids": self.stop_token_ids, "min_tokens": self.min_tokens,
+            "logprobs": self.logprobs_count(),
         }
         return {key: value for key, value in params.items() if value is not None}
 
@@ -104,12 +110,13 @@ class CompletionRequest(_SamplingRequest):
             raise Unsupported("prompt", "a list of prompts must hold exactly one string (batch-1 server)")
         if self.echo:
             raise Unsupported("echo", "echo is not supported")
-        if self.logprobs is not None:
-            raise Unsupported("logprobs", "logprobs are not supported")
         if self.best_of not in (None, 1):
             raise Unsupported("best_of", "only best_of=1 is supported")
         if self.suffix is not None:
             raise Unsupported("suffix", "suffix is not supported")
+
+    def logprobs_count(self) -> int | None:
+        return self.logprobs  # the legacy form: the number of top tokens (the chosen one is listed besides)
 
     def prompt_kwargs(self) -> dict[str, Any]:
         """AsyncClient.generate's prompt argument: raw text or token ids."""
@@ -158,8 +165,8 @@ class ChatCompletionRequest(_SamplingRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.logprobs or self.top_logprobs:
-            raise Unsupported("logprobs", "logprobs are not supported")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise Unsupported("top_logprobs", "top_logprobs needs logprobs: true")
         if self.response_format not in (None, {"type": "text"}):
             raise Unsupported("response_format", 'only response_format {"type": "text"} is supported')
         if self.tools:
@@ -168,6 +175,9 @@ class ChatCompletionRequest(_SamplingRequest):
             raise Unsupported("tool_choice", "tool calling is not supported")
         if self.store:
             raise Unsupported("store", "stored completions are not supported")
+
+    def logprobs_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -223,14 +233,42 @@ def models_body(model_name: str, max_context: int, created: int, weight_format: 
     return {"object": "list", "data": [model]}
 
 
-def completion_body(request_id: str, model: str, text: str, reason: str, usage: dict) -> dict:
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason(reason)}
+def chat_logprobs(entries: list[TokenLogprob] | None) -> dict | None:
+    """A chat choice's `logprobs`: {"content": [{token, logprob, bytes, top_logprobs: [...]}, ...]}."""
+    if entries is None:
+        return None
+    return {"content": [{"token": e.text, "logprob": e.logprob, "bytes": list(e.text.encode()),
+                         "top_logprobs": [{"token": text, "logprob": lp, "bytes": list(text.encode())}
+                                          for text, lp in zip(e.top_texts, e.top_logprobs, strict=True)]}
+                        for e in entries]}
+
+
+def completion_logprobs(entries: list[TokenLogprob] | None, offset: int = 0) -> dict | None:
+    """A completion choice's legacy `logprobs`: tokens, token_logprobs, top_logprobs (a map per token, the chosen
+    token in it too, as OpenAI and vLLM list it) and text_offset (each token's start in the text, from `offset`)."""
+    if entries is None:
+        return None
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e.text)
+    return {"tokens": [e.text for e in entries], "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{**dict(zip(e.top_texts, e.top_logprobs, strict=True)), e.text: e.logprob}
+                             for e in entries],
+            "text_offset": offsets}
+
+
+def completion_body(request_id: str, model: str, text: str, reason: str, usage: dict,
+                    logprobs: list[TokenLogprob] | None = None) -> dict:
+    choice = {"index": 0, "text": text, "logprobs": completion_logprobs(logprobs),
+              "finish_reason": finish_reason(reason)}
     return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
             "choices": [choice], "usage": usage}
 
 
-def chat_body(request_id: str, model: str, text: str, reason: str, usage: dict) -> dict:
-    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+def chat_body(request_id: str, model: str, text: str, reason: str, usage: dict,
+              logprobs: list[TokenLogprob] | None = None) -> dict:
+    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": chat_logprobs(logprobs),
               "finish_reason": finish_reason(reason)}
     return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [choice], "usage": usage}
@@ -244,6 +282,7 @@ class ChunkMaker:
                      "created": int(time.time()), "model": model}
         self.chat = chat
         self.include_usage = include_usage
+        self.offset = 0  # completions: where the next chunk's tokens start in the text (text_offset)
 
     def _chunk(self, choices: list[dict], usage: dict | None = None) -> dict:
         body = {**self.head, "choices": choices}
@@ -251,23 +290,27 @@ class ChunkMaker:
             body["usage"] = usage
         return body
 
-    def _choice(self, text: str | None, reason: str | None, role: bool = False) -> dict:
+    def _choice(self, text: str | None, reason: str | None, role: bool = False,
+                logprobs: list[TokenLogprob] | None = None) -> dict:
         if not self.chat:
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+            listed = completion_logprobs(logprobs, self.offset)
+            self.offset += sum(len(e.text) for e in logprobs or ())
+            return {"index": 0, "text": text or "", "logprobs": listed, "finish_reason": reason}
         delta: dict[str, str] = {"role": "assistant", "content": ""} if role else {}
         if text:
             delta["content"] = text
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+        return {"index": 0, "delta": delta, "logprobs": chat_logprobs(logprobs), "finish_reason": reason}
 
     def first(self) -> dict | None:
         """Chat streams open with the assistant role; completions have no opening chunk."""
         return self._chunk([self._choice(None, None, role=True)]) if self.chat else None
 
-    def text(self, text: str) -> dict:
-        return self._chunk([self._choice(text, None)])
+    def text(self, text: str, logprobs: list[TokenLogprob] | None = None) -> dict:
+        """A content chunk; `logprobs`: those of its tokens (and of tokens before it whose text was held back)."""
+        return self._chunk([self._choice(text, None, logprobs=logprobs)])
 
-    def final(self, native_reason: str) -> dict:
-        return self._chunk([self._choice(None, finish_reason(native_reason))])
+    def final(self, native_reason: str, logprobs: list[TokenLogprob] | None = None) -> dict:
+        return self._chunk([self._choice(None, finish_reason(native_reason), logprobs=logprobs)])
 
     def usage(self, usage: dict) -> dict:
         return self._chunk([], usage)

@@ -74,6 +74,22 @@ def test_the_generator_reports_each_token_s_logprobs_from_the_model_s_logits() -
     assert plain.token_ids == result.token_ids and plain.logprobs is None
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("ahead", [1, 3])
+def test_on_a_gpu_each_token_s_logprobs_ride_the_token_s_pinned_copy(ahead: int) -> None:
+    """On a GPU the log-probabilities go to pinned memory beside the token (TokenReader's extra values), copied before
+    the next steps overwrite Sampler.last_logprobs: with decode_ahead 3 the host reads token k while steps k+1..k+2
+    are queued, and each token still gets its own step's values (float64 reference of the same model's logits)."""
+    runner = tiny_runner(max_context=64, device="cuda")
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=4)
+    result = list(Generator(runner, None, frozenset({2}), decode_ahead=ahead).generate(PROMPT, params))[-1]
+    logits, _ = run_steps(tiny_runner(max_context=64, device="cuda"), PROMPT, result.token_ids, 12)
+    for step, (entry, token) in enumerate(zip(result.logprobs, result.token_ids, strict=True)):
+        want, ids, tops = reference(logits[step].cpu(), token, 4)
+        assert abs(entry.logprob - want) < 1e-4 and entry.top_ids == ids, step
+        assert max(abs(a - b) for a, b in zip(entry.top_logprobs, tops, strict=True)) < 1e-4, step
+
+
 def test_logprobs_turn_speculation_off_for_the_request_with_the_same_tokens() -> None:
     from jit_context.speculative_config import SpeculativeConfig
 
@@ -122,3 +138,56 @@ def test_logprobs_travel_in_token_chunks_and_finished() -> None:
         assert codec.decode(codec.encode(msg)) == msg
     with pytest.raises(Exception, match="as long"):
         codec.decode(codec.encode(TokenChunk("r", "", [1], [TokenLogprob(1, "", -1.0, [1, 2], [""], [-1.0])])))
+
+
+# -- over the native client and the OpenAI HTTP API, two real processes (the session's shared CPU server) -------
+
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_the_openai_chat_and_completion_forms_carry_the_native_logprobs(shared_server) -> None:
+    """Greedy, so the runs agree: the chat form (content entries with bytes and top_logprobs) and the legacy
+    completions form (tokens, token_logprobs, top_logprobs maps with the chosen token, text_offset) carry the native
+    client's Finished.logprobs for the same request, streamed or not; the token texts add up to the reply."""
+    import openai
+
+    from launch.client import Client
+
+    api = openai.OpenAI(base_url=f"{shared_server.http}/v1", api_key="unused", max_retries=0, timeout=60)
+    with Client(shared_server.address) as client:
+        model = client.status()["model"]
+        *_, native = client.generate(messages=QUESTION, params={"max_tokens": 6, "temperature": 0.0, "logprobs": 3})
+    assert len(native.logprobs) == len(native.token_ids) == 6
+    chat = api.chat.completions.create(model=model, messages=QUESTION, max_tokens=6, temperature=0, logprobs=True,
+                                       top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert "".join(e.token for e in content) == chat.choices[0].message.content == native.text
+    for entry, ref in zip(content, native.logprobs, strict=True):
+        assert entry.token == ref.text and abs(entry.logprob - ref.logprob) < 1e-4 and entry.logprob <= 0
+        assert entry.bytes == list(ref.text.encode()) and len(entry.top_logprobs) == 3
+        assert [t.token for t in entry.top_logprobs] == ref.top_texts and entry.top_logprobs[0].token == entry.token
+        assert all(a.logprob >= b.logprob for a, b in zip(entry.top_logprobs, entry.top_logprobs[1:]))
+    streamed = api.chat.completions.create(model=model, messages=QUESTION, max_tokens=6, temperature=0,
+                                           logprobs=True, stream=True)
+    entries = [e for c in streamed if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.token for e in entries] == [e.token for e in content] and all(e.top_logprobs == [] for e in entries)
+
+    prompt = "The capital of France is"
+    with Client(shared_server.address) as client:
+        *_, native = client.generate(prompt=prompt, params={"max_tokens": 5, "temperature": 0.0, "logprobs": 2})
+    done = api.completions.create(model=model, prompt=prompt, max_tokens=5, temperature=0, logprobs=2)
+    lp = done.choices[0].logprobs
+    assert "".join(lp.tokens) == done.choices[0].text == native.text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(5)]
+    assert all(abs(a - b.logprob) < 1e-4 for a, b in zip(lp.token_logprobs, native.logprobs, strict=True))
+    assert all(tok in top and len(top) in (2, 3) for tok, top in zip(lp.tokens, lp.top_logprobs, strict=True))
+    chunks = [c.choices[0] for c in api.completions.create(model=model, prompt=prompt, max_tokens=5, temperature=0,
+                                                          logprobs=2, stream=True)]
+    listed = [c.logprobs for c in chunks if c.logprobs]
+    assert sum((x.tokens for x in listed), []) == lp.tokens
+    assert sum((x.text_offset for x in listed), []) == lp.text_offset  # offsets run on across the chunks
+    with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
+        api.chat.completions.create(model=model, messages=QUESTION, max_tokens=2, top_logprobs=2)
+    with pytest.raises(openai.BadRequestError, match="logprobs must be in"):
+        api.completions.create(model=model, prompt=prompt, max_tokens=2, logprobs=21)

@@ -717,12 +717,18 @@ PY
               --tokens 16 --idle-spin-ms $spin > "$OUT/wayin_cs_$spin.md" 2>&1
             echo "client_spin, idle spin $spin: rc=$?"; sed -n 3,6p "$OUT/wayin_cs_$spin.md" | cut -d'|' -f2-7
           done ;;
+    jitfeatures) # the 44th session's sampling features on a GPU (built on the CPU machine): logprobs through the
+                 # token reader's pinned extra values, penalties and logit bias in the sampler, the cuda tests of
+                 # test_logprobs, test_sampling and test_executor_argmax, then test_http_api's served path (~2 min)
+          timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_logprobs.py tests/test_sampling.py \
+            tests/test_executor_argmax.py tests/test_batching.py > "$OUT/jitfeatures.log" 2>&1
+          echo "sampling features: rc=$? $(tail -1 "$OUT/jitfeatures.log")" ;;
     wayin7b) # wayin's TTFT split on the 7B shape (target 4's own model), this tree, the JIT context's idle spin 0
              # and 20 ms (~3 min)
           timeout 220 python3 -m bench.probes.e2e_probe --model dummy:llama-2-7b --prompts 10,100,500 --repeats 15 \
             --idle-spin-ms 0,20 > "$OUT/wayin_e2e_7b.md" 2>&1
           echo "e2e 7B shape: rc=$?"; tail -6 "$OUT/wayin_e2e_7b.md" | cut -d'|' -f2,3,5-9 ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200, rope, buckets, execargmax, residualearly, kvearly, kvearlyab, kvearly2, target1, smolreal, kvearlyint4, onebkve, pipeattn, gridpad, ctxtests, gateupsk, wayin, wayin7b)"
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200, rope, buckets, execargmax, residualearly, kvearly, kvearlyab, kvearly2, target1, smolreal, kvearlyint4, onebkve, pipeattn, gridpad, ctxtests, gateupsk, wayin, wayin7b, jitfeatures)"
        exit 2 ;;
   esac
 done
