@@ -5,10 +5,11 @@
 Each layer of a rank's step ends o_proj and down_proj with an all-reduce of the residual's update ([hidden] in the
 activation dtype); the logits' gather at the end costs about one more. What it takes is the collective's latency at
 that size, not bandwidth, so it is measured as the steps run it: on GPUs COUNT all-reduces captured in one CUDA graph
-over NCCL, one process per GPU, the replay timed with CUDA events; on the CPU (gloo, eager, a smoke path) with the
-host clock. Each rank runs in its own process (spawned), as the server's ranks do.
+over NCCL (or `--how peer`: the one-kernel all-reduce over peer memory, kernels/peer_allreduce.py, that
+`--tp-allreduce peer` gives the ranks), one process per GPU, the replay timed with CUDA events; on the CPU (gloo,
+eager, a smoke path) with the host clock. Each rank runs in its own process (spawned), as the server's ranks do.
 
-    python -m bench.allreduce --device cuda --ranks 2 --hidden 4096 --dtype float16
+    python -m bench.allreduce --device cuda --ranks 2 --hidden 4096 --dtype float16 [--how peer]
 """
 
 from __future__ import annotations
@@ -37,9 +38,11 @@ class AllReduceTiming:
         return asdict(self)
 
 
-def _rank(rank: int, ranks: int, port: int, device: str, hidden: int, dtype: str, results) -> None:
+def _rank(rank: int, ranks: int, port: int, device: str, hidden: int, dtype: str, results, how: str = "nccl") -> None:
     import torch
     import torch.distributed as dist
+
+    from graph_executor.tensor_parallel import TensorParallel
 
     gpu = device.startswith("cuda")
     init = f"tcp://127.0.0.1:{port}"
@@ -47,7 +50,7 @@ def _rank(rank: int, ranks: int, port: int, device: str, hidden: int, dtype: str
         first = torch.device(device).index or 0
         dev = torch.device(f"cuda:{first + rank}")
         torch.cuda.set_device(dev)
-        dist.init_process_group("nccl", init_method=init, rank=rank, world_size=ranks, device_id=dev)
+        dist.init_process_group("cpu:gloo,cuda:nccl", init_method=init, rank=rank, world_size=ranks, device_id=dev)
     else:
         dev = torch.device("cpu")
         torch.set_num_threads(1)
@@ -55,18 +58,23 @@ def _rank(rank: int, ranks: int, port: int, device: str, hidden: int, dtype: str
     try:
         x = torch.ones(hidden, dtype=getattr(torch, dtype), device=dev)
         dist.all_reduce(x)  # the communicator, before any capture
+        if how == "peer":
+            peer = TensorParallel(rank, ranks).with_peer_allreduce(hidden, x.dtype, dev).peer
+            reduce = peer
+        else:
+            reduce = dist.all_reduce
         times = []
         if gpu:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(3):
-                    dist.all_reduce(x)
+                    reduce(x)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, stream=stream):
                 for _ in range(COUNT):
-                    dist.all_reduce(x)
+                    reduce(x)
             graph.replay()
             torch.cuda.synchronize()
             for _ in range(REPEATS):
@@ -83,7 +91,7 @@ def _rank(rank: int, ranks: int, port: int, device: str, hidden: int, dtype: str
                 dist.barrier()
                 start = time.perf_counter()
                 for _ in range(COUNT):
-                    dist.all_reduce(x)
+                    reduce(x)
                 times.append((time.perf_counter() - start) / COUNT)
         if rank == 0:
             results.put(statistics.median(times))
@@ -91,17 +99,21 @@ def _rank(rank: int, ranks: int, port: int, device: str, hidden: int, dtype: str
         dist.destroy_process_group()
 
 
-def measure_allreduce(device: str, ranks: int, hidden: int, dtype: str, timeout_s: float = 300.0) -> AllReduceTiming:
+def measure_allreduce(device: str, ranks: int, hidden: int, dtype: str, timeout_s: float = 300.0,
+                      how: str = "nccl") -> AllReduceTiming:
     """One all-reduce of `hidden` elements of `dtype` between `ranks` processes (GPUs from `device`'s index, one
-    each; or gloo on the CPU). RuntimeError if a rank fails or it takes longer than timeout_s."""
+    each; or gloo on the CPU); `how`: "nccl" or "peer" (GPUs only). RuntimeError if a rank fails or it takes longer
+    than timeout_s."""
     if ranks < 2:
         raise ValueError(f"an all-reduce needs 2 ranks or more, got {ranks}")
+    if how not in ("nccl", "peer") or (how == "peer" and not device.startswith("cuda")):
+        raise ValueError(f"how must be nccl, or peer on GPUs, got {how!r} on {device}")
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")  # a CUDA context cannot be forked
     results = ctx.Queue()
     port = free_port()  # below the ephemeral range: an outgoing connection cannot take it before rank 0 binds
-    procs = [ctx.Process(target=_rank, args=(r, ranks, port, device, hidden, dtype, results), daemon=True)
+    procs = [ctx.Process(target=_rank, args=(r, ranks, port, device, hidden, dtype, results, how), daemon=True)
              for r in range(ranks)]
     for p in procs:
         p.start()
@@ -115,9 +127,10 @@ def measure_allreduce(device: str, ranks: int, hidden: int, dtype: str, timeout_
     if alive or failed or results.empty():
         raise RuntimeError(f"all-reduce measurement: ranks {failed or [procs.index(p) for p in alive]} "
                            f"{'timed out' if alive else 'failed'}")
-    how = (f"median of {REPEATS} graph replays of {COUNT} NCCL all-reduces" if device.startswith("cuda")
-           else f"median of {REPEATS} passes of {COUNT} gloo all-reduces (host clock)")
-    return AllReduceTiming(results.get(), ranks, hidden, dtype, how)
+    kind = "peer-memory" if how == "peer" else "NCCL"
+    said = (f"median of {REPEATS} graph replays of {COUNT} {kind} all-reduces" if device.startswith("cuda")
+            else f"median of {REPEATS} passes of {COUNT} gloo all-reduces (host clock)")
+    return AllReduceTiming(results.get(), ranks, hidden, dtype, said)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,8 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ranks", type=int, default=2, help="processes, one GPU each (default 2)")
     ap.add_argument("--hidden", type=int, default=4096, help="elements of one token's all-reduce (default 4096)")
     ap.add_argument("--dtype", default="float16", help="torch dtype name (default float16)")
+    ap.add_argument("--how", choices=("nccl", "peer"), default="nccl",
+                    help="NCCL's all-reduce, or the one kernel over peer memory (GPUs) (default nccl)")
     args = ap.parse_args(argv)
-    t = measure_allreduce(args.device, args.ranks, args.hidden, args.dtype)
+    t = measure_allreduce(args.device, args.ranks, args.hidden, args.dtype, how=args.how)
     print(f"{t.ranks} ranks, {t.hidden} x {t.dtype}: {t.seconds * 1e6:.2f} us per all-reduce ({t.how})")
     return 0
 

@@ -79,7 +79,9 @@ def measure(spec: BenchSpec) -> dict:
         from graph_executor.loading.config import ModelConfig
 
         hidden = ModelConfig.from_hf_dict(spec.model_config).hidden_size
-        measured["allreduce"] = measure_allreduce(spec.device, spec.tensor_parallel, hidden, spec.dtype).to_dict()
+        how = spec.tp_allreduce if spec.device.startswith("cuda") else "nccl"  # (the CPU's ranks use gloo)
+        measured["allreduce"] = measure_allreduce(spec.device, spec.tensor_parallel, hidden, spec.dtype,
+                                                  how=how).to_dict()
     return measured
 
 

@@ -70,6 +70,7 @@ class BenchOptions:
     draft_model: str | None = None
     max_num_seqs: int = 1
     tensor_parallel: int = 1
+    tp_allreduce: str = "nccl"
     prefix_reuse: bool = False
 
 
@@ -130,7 +131,7 @@ def resolve_spec(opts: BenchOptions) -> BenchSpec:
         dequantize=opts.dequantize, speculative=opts.speculative,
         num_speculative_tokens=opts.num_speculative_tokens, spec_tokens=opts.spec_tokens,
         draft_model=opts.draft_model if opts.speculative == "draft" else None, max_num_seqs=opts.max_num_seqs,
-        tensor_parallel=opts.tensor_parallel, prefix_reuse=opts.prefix_reuse,
+        tensor_parallel=opts.tensor_parallel, tp_allreduce=opts.tp_allreduce, prefix_reuse=opts.prefix_reuse,
     )
     limit, needed = cfg.max_position_embeddings, spec.needed_context
     if max(needed, opts.max_context or 0) > limit:

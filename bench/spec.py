@@ -124,6 +124,7 @@ class BenchSpec:
     draft_model: str | None = None  # the hybridrt engines' --draft-model (runs with --speculative draft)
     max_num_seqs: int = 1  # the hybridrt engine's server holds this many sequences (the concurrency workload)
     tensor_parallel: int = 1  # the hybridrt engines' server splits the model over this many executor ranks
+    tp_allreduce: str = "nccl"  # their ranks' decode all-reduces (LoadConfig.tp_allreduce)
     prefix_reuse: bool = False  # the hybridrt engine's server reuses the KV cache's prefix (the turns workload)
 
     def __post_init__(self) -> None:
@@ -159,7 +160,8 @@ class BenchSpec:
     @property
     def load_flags(self) -> dict:
         """The LoadConfig fields of the weight format, for the hybridrt engines."""
-        return {"quantize": self.quantize, "quantize_group": self.quantize_group, "dequantize": self.dequantize}
+        return {"quantize": self.quantize, "quantize_group": self.quantize_group, "dequantize": self.dequantize,
+                "tp_allreduce": self.tp_allreduce}
 
     @property
     def on_gpu(self) -> bool:

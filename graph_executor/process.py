@@ -21,6 +21,7 @@ import zmq
 from graph_executor.device import resolve_device
 from graph_executor.draft import check_draft
 from graph_executor.loading import cache
+from graph_executor.loading.load_config import TP_ALLREDUCE
 from graph_executor.loading.loader import (
     LOAD_FORMATS,
     LoadConfig,
@@ -55,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="ranks of a tensor-parallel executor (CPU: gloo; GPUs: one per rank, NCCL)")
     p.add_argument("--tp-rank", type=int, default=0, help="this process's rank (0 talks to the JIT context)")
     p.add_argument("--tp-port", type=int, default=0, help="the ranks' rendezvous port on 127.0.0.1")
+    p.add_argument("--tp-allreduce", choices=TP_ALLREDUCE, default="nccl",
+                   help="the decode step's all-reduces: NCCL's, or one kernel over the ranks' peer memory")
     p.add_argument("--max-num-seqs", type=int, default=1,
                    help="KV slots: sequences held and decoded together")
     p.add_argument("--fit-slots", action="store_true",
@@ -157,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                           max_context=args.max_context, seed=args.seed_weights, progress=not args.quiet,
                           quantize=args.quantize, quantize_group=args.quantize_group, dequantize=args.dequantize,
                           max_num_seqs=args.max_num_seqs, fit_slots=args.fit_slots,
-                          tensor_parallel=args.tensor_parallel, tp_rank=args.tp_rank)
+                          tensor_parallel=args.tensor_parallel, tp_rank=args.tp_rank, tp_allreduce=args.tp_allreduce)
         if args.max_num_seqs > 1 and args.draft_model:
             raise HybridrtError("--draft-model serves speculative decoding, which needs --max-num-seqs 1")
         if tp is not None:

@@ -7,12 +7,15 @@ the logits gathered. The embedding, the norms and the RoPE tables are whole on e
 ordinary `LlamaModel` of the rank's shapes (`local_config`) with `tp` set: `LlamaModel._run` adds the collectives.
 
 Torch's process group (gloo on the CPU, NCCL on GPUs) is the transport; `TensorParallel` holds no state of its own
-beyond the rank and size.
+beyond the rank and size, and, when asked (`--tp-allreduce peer`), the decode step's one-kernel all-reduce over the
+ranks' peer memory (kernels/peer_allreduce.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -20,11 +23,16 @@ import torch.distributed as dist
 from graph_executor.loading.config import ModelConfig
 from graph_executor.loading.shape_rules import check_split, part_config
 
+if TYPE_CHECKING:  # Triton's kernel: imported where a rank asks for it (a CPU install need not have Triton)
+    from graph_executor.kernels.peer_allreduce import PeerAllReduce
+
 
 @dataclass(frozen=True)
 class TensorParallel:
     rank: int
     size: int
+    # the decode step's all-reduces over peer memory (`with_peer_allreduce`); None: every all-reduce is NCCL's / gloo's
+    peer: PeerAllReduce | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.size < 1 or not 0 <= self.rank < self.size:
@@ -100,10 +108,35 @@ class TensorParallel:
             x.zero_()
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum x over the ranks, in place (each rank holds a partial product of the same shape)."""
+        """Sum x over the ranks, in place (each rank holds a partial product of the same shape): with a peer
+        all-reduce, one it takes (a decode step's vector) in its kernel, the rest through the process group."""
         if self.size > 1:
+            if self.peer is not None and self.peer.takes(x):
+                return self.peer(x)
             dist.all_reduce(x)
         return x
+
+    def with_peer_allreduce(self, capacity: int, dtype: torch.dtype, device: torch.device) -> TensorParallel:
+        """This rank with a peer all-reduce for vectors of up to `capacity` elements of `dtype`: every rank calls it
+        at the same point (the regions' handles are swapped over the process group). GPU ranks map each other's
+        memory through CUDA IPC; CPU ranks share files (the kernel then runs under Triton's interpreter: tests)."""
+        from graph_executor.kernels.peer_allreduce import CudaIpcMemory, PeerAllReduce, SharedFileMemory
+
+        memory = CudaIpcMemory(device) if device.type == "cuda" else SharedFileMemory()
+        return dataclasses.replace(self, peer=PeerAllReduce(self.rank, self.size, capacity, dtype, device,
+                                                            self.exchange, memory))
+
+    def exchange(self, handle: bytes) -> list[bytes]:
+        """Every rank's `handle` (<= 255 bytes: a peer memory region's name), in rank order, over the process group's
+        CPU side (gloo): once at start, outside any graph."""
+        if len(handle) > 255:
+            raise ValueError(f"a handle of at most 255 bytes, got {len(handle)}")
+        mine = torch.zeros(256, dtype=torch.uint8)
+        mine[0] = len(handle)
+        mine[1:1 + len(handle)] = torch.frombuffer(bytearray(handle), dtype=torch.uint8)
+        parts = [torch.zeros(256, dtype=torch.uint8) for _ in range(self.size)]
+        dist.all_gather(parts, mine)
+        return [bytes(p[1:1 + int(p[0])].tolist()) for p in parts]
 
     def gather_vocab(self, local: torch.Tensor) -> torch.Tensor:
         """[n, V / N] logits of this rank's vocabulary rows -> [n, V] on every rank."""

@@ -105,6 +105,9 @@ def _workload_flags(w) -> None:
                         "GPU each on a GPU; the in-process engine and the peers run only at 1); a comma list runs once "
                         "per value (like --quantize) into <out>/tp-N/ with a side-by-side tensor_parallel.md: decode "
                         "P50 against the floor and against the first value, TTFT per prompt length (default: 1)")
+    w.add_argument("--tp-allreduce", choices=("nccl", "peer"), default="nccl",
+                   help="the server engines' ranks sum a decode step's hidden vectors with NCCL or with one kernel "
+                        "over peer memory (as serve's --tp-allreduce) (default: nccl)")
     w.add_argument("--spec-tokens", type=int, default=128,
                    help="most tokens per prompt of the speculative workload (default: 128)")
     w.add_argument("--context-steps", type=int, default=None,
@@ -123,7 +126,8 @@ def options(args: argparse.Namespace):
         tokenizer=args.tokenizer, quantize_group=args.quantize_group, dequantize=args.dequantize,
         num_speculative_tokens=args.num_speculative_tokens, spec_tokens=args.spec_tokens,
         draft_model=args.draft_model, max_num_seqs=args.max_num_seqs,
-        tensor_parallel=rank_counts(args.tensor_parallel)[0], prefix_reuse=args.prefix_reuse)
+        tensor_parallel=rank_counts(args.tensor_parallel)[0], tp_allreduce=args.tp_allreduce,
+        prefix_reuse=args.prefix_reuse)
 
 
 def _names(text: str, known: tuple[str, ...], flag: str) -> list[str]:

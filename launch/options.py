@@ -129,6 +129,10 @@ def add_tensor_parallel_flag(p: argparse.ArgumentParser) -> None:
                         "On GPUs one rank per GPU (from the --device one), NCCL between them, each rank's steps in "
                         "CUDA graphs with the collectives inside (MPS off unless --mps on); on the CPU gloo. "
                         "--quantize quantizes each rank's part (default: 1)")
+    p.add_argument("--tp-allreduce", choices=("nccl", "peer"), default="nccl",
+                   help="how GPU ranks sum a decode step's hidden vectors: nccl (NCCL's all-reduce), or peer (one "
+                        "kernel that reads every rank's vector over NVLink through CUDA IPC, as vLLM's custom "
+                        "all-reduce; larger sums stay NCCL's). Measured: see bench/NOTES.md (default: nccl)")
 
 
 def tensor_parallel(args: argparse.Namespace) -> int:
@@ -220,7 +224,7 @@ def load_config(args: argparse.Namespace, max_num_seqs: int = 1) -> LoadConfig:
     return LoadConfig(model=args.model, load_format=args.load_format, device=args.device, dtype=args.dtype,
                       max_context=args.max_context, seed=args.seed_weights, progress=not args.quiet,
                       quantize=args.quantize, quantize_group=args.quantize_group, dequantize=args.dequantize,
-                      max_num_seqs=max_num_seqs,
+                      max_num_seqs=max_num_seqs, tp_allreduce=getattr(args, "tp_allreduce", "nccl"),
                       fit_slots=max_num_seqs > 1 and getattr(args, "max_num_seqs", None) is None)
 
 
@@ -238,6 +242,8 @@ def load_argv(load: LoadConfig) -> list[str]:
         argv += ["--max-num-seqs", str(load.max_num_seqs)]
     if load.fit_slots:
         argv.append("--fit-slots")
+    if load.tp_allreduce != "nccl":
+        argv += ["--tp-allreduce", load.tp_allreduce]
     if not load.progress:
         argv.append("--quiet")
     return argv

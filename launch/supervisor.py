@@ -201,6 +201,8 @@ class Supervisor:
                 check_reference(self.config.draft_model)
             gpu = gpu_requested(load.device)
             check_names(load.device, load.dtype, gpu)  # a device or dtype name no machine runs: one line now
+            if load.tp_allreduce == "peer" and not gpu and self.config.tensor_parallel > 1:
+                raise HybridrtError("--tp-allreduce peer needs GPU ranks (CPU ranks sum over gloo)")
         pipe_dir = self.runtime.subdir("mps-pipe")
         self._tell_reaper(f"mps {pipe_dir}")  # before it starts: it quits a daemon only where one answers there
         start = time.perf_counter()

@@ -104,6 +104,7 @@ def two_rank_runs(tmp_path_factory) -> dict[str, list[tuple[tuple, list[dict]]]]
         "mixed": (_fused_mixed_rank, [("qwen2-bias",)]),
         "batched": (_fused_rows_rank, [("qwen2-bias", False), ("llama-mha", False), ("llama-mha", True)]),
         "fused_decode": (_fused_rank, [("qwen2-bias",), ("gqa-replicated-kv",)]),
+        "fused_decode_peer": (_fused_rank, [("llama3-gqa", True)]),
         "reference": (_rank, [(name,) for name in CONFIGS]),
     }
     flat = [(key, fn, case) for key, (fn, cases) in plan.items() for case in cases]
@@ -149,15 +150,22 @@ def _rank(rank: int, size: int, port: int, results: str, name: str) -> None:
 FUSED_STEPS = 3
 
 
-def _fused_rank(rank: int, size: int, port: int, results: str, name: str) -> None:
+def _fused_rank(rank: int, size: int, port: int, results: str, name: str, peer: bool = False) -> None:
     """The GPU path's decode step (`FusedDecoder`, its Triton kernels under the interpreter here) on this rank's part,
-    after an eager prefill of the prompt on the ranks, against the whole model's eager decode."""
+    after an eager prefill of the prompt on the ranks, against the whole model's eager decode. `peer`: the ranks sum
+    the step's vectors with the one-kernel all-reduce over peer memory (shared files here, as --tp-allreduce peer
+    has GPU ranks do over CUDA IPC)."""
+    import torch.distributed as dist
+
     from graph_executor.fused_decoder import FusedDecoder
     from graph_executor.tensor_parallel import shard_model
 
     with _gloo_rank(rank, size, port):
         whole = _whole(CONFIGS[name])
-        part = shard_model(whole, TensorParallel(rank, size))
+        tp = TensorParallel(rank, size)
+        if peer:
+            tp = tp.with_peer_allreduce(CONFIGS[name].hidden_size, torch.float32, torch.device("cpu"))
+        part = shard_model(whole, tp)
         n = len(PROMPT)
         for model in (whole, part):  # both caches hold the prompt
             model(torch.tensor(PROMPT), torch.arange(n), torch.tensor([n - 1]), n)
@@ -170,7 +178,11 @@ def _fused_rank(rank: int, size: int, port: int, results: str, name: str) -> Non
             diffs.append(float((got - want).abs().max()))
             scale = max(scale, float(want.abs().max()))
             token = int(want.argmax())
-        torch.save({"diffs": diffs, "scale": scale}, f"{results}.{rank}")
+        calls = tp.peer.calls if peer else 0
+        if peer:
+            dist.barrier()  # both ranks past their last read of the other's region
+            tp.peer.close()
+        torch.save({"diffs": diffs, "scale": scale, "peer_calls": calls}, f"{results}.{rank}")
 
 
 def _fused_prefill_rank(rank: int, size: int, port: int, results: str, name: str) -> None:
@@ -297,6 +309,27 @@ def test_two_ranks_fused_decode_steps_give_the_whole_models_logits(two_rank_runs
     residual, lm_head's vocabulary rows gathered), with QKV bias and with replicated KV heads: each step's logits, on
     every rank, are the whole model's."""
     _match_the_whole_model(two_rank_runs["fused_decode"], FUSED_STEPS)
+
+
+def test_two_ranks_summing_over_peer_memory_give_the_whole_models_logits(two_rank_runs):
+    """The same with the decode step's all-reduces in the one-kernel all-reduce over the ranks' peer memory
+    (kernels/peer_allreduce.py; shared files and Triton's interpreter here): every residual sum went through it (two
+    a layer a step) and the logits are still the whole model's."""
+    _match_the_whole_model(two_rank_runs["fused_decode_peer"], FUSED_STEPS)
+    for _, ranks in two_rank_runs["fused_decode_peer"]:
+        assert [r["peer_calls"] for r in ranks] == [2 * CONFIGS["llama3-gqa"].num_layers * FUSED_STEPS] * 2
+
+
+def test_peer_allreduce_on_cpu_ranks_is_one_line_at_start():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "launch.cli", "generate", "--quiet", "--device", "cpu", "--model",
+                           "dummy:llama-2-7b", "--tensor-parallel", "2", "--tp-allreduce", "peer", "hi"],
+                          capture_output=True, text=True, timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and lines == ["error: --tp-allreduce peer needs GPU ranks (CPU ranks sum over gloo)"], \
+        proc.stderr
 
 
 def test_two_ranks_give_the_whole_models_logits(two_rank_runs):

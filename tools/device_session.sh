@@ -98,6 +98,13 @@ for step in "${steps[@]}"; do
            > "$OUT/tp2_tests.log" 2>&1
          echo "tp cuda tests: rc=$? $(tail -1 "$OUT/tp2_tests.log")"; grep -E "SKIP|FAIL|Error" "$OUT/tp2_tests.log" | head
          timeout 60 python3 -m bench.allreduce --device cuda --ranks 2 --hidden 4096 2>&1 | tail -1
+         # the one-kernel all-reduce over peer memory (44th session, CPU-tested; `peerar` checks it on one GPU first):
+         # its latency, then the 7B TP=2 decode with it (issue 15's 0.62x needs ~64 all-reduces at <= ~4 us)
+         timeout 60 python3 -m bench.allreduce --device cuda --ranks 2 --hidden 4096 --how peer 2>&1 | tail -1
+         timeout 150 python3 -m launch.cli bench --quiet --model dummy:llama-2-7b --engines hybridrt \
+           --workloads floors,decode --tensor-parallel 2 --tp-allreduce peer --out "$OUT/tp_7b_peer" \
+           > "$OUT/tp_7b_peer.log" 2>&1
+         echo "bench 7b tp 2, peer all-reduce: rc=$?"; grep -A4 "^| engine | P50" "$OUT/tp_7b_peer/results.md" 2>/dev/null | head -6
          timeout 200 python3 -m launch.cli bench --quiet --model dummy:llama-2-7b --engines hybridrt \
            --workloads floors,decode,ttft --prompt-lens 10,100,500 --tensor-parallel 1,2 --out "$OUT/tp_7b" \
            > "$OUT/tp_7b.log" 2>&1
@@ -717,6 +724,11 @@ PY
               --tokens 16 --idle-spin-ms $spin > "$OUT/wayin_cs_$spin.md" 2>&1
             echo "client_spin, idle spin $spin: rc=$?"; sed -n 3,6p "$OUT/wayin_cs_$spin.md" | cut -d'|' -f2-7
           done ;;
+    peerar) # issue 15's one-kernel all-reduce over peer memory on one GPU (44th session, CPU-tested under the
+            # interpreter only): two processes on one device through CUDA IPC (the kernel compiled for sm_90, the
+            # release / acquire flags across processes), then the TP cuda tests (~2 min)
+          timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_peer_allreduce.py > "$OUT/peerar.log" 2>&1
+          echo "peer all-reduce: rc=$? $(tail -1 "$OUT/peerar.log")" ;;
     jitfeatures) # the 44th session's sampling features on a GPU (built on the CPU machine): logprobs through the
                  # token reader's pinned extra values, penalties and logit bias in the sampler, the cuda tests of
                  # test_logprobs, test_sampling and test_executor_argmax, then test_http_api's served path (~2 min)
@@ -728,7 +740,7 @@ PY
           timeout 220 python3 -m bench.probes.e2e_probe --model dummy:llama-2-7b --prompts 10,100,500 --repeats 15 \
             --idle-spin-ms 0,20 > "$OUT/wayin_e2e_7b.md" 2>&1
           echo "e2e 7B shape: rc=$?"; tail -6 "$OUT/wayin_e2e_7b.md" | cut -d'|' -f2,3,5-9 ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200, rope, buckets, execargmax, residualearly, kvearly, kvearlyab, kvearly2, target1, smolreal, kvearlyint4, onebkve, pipeattn, gridpad, ctxtests, gateupsk, wayin, wayin7b, jitfeatures)"
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200, rope, buckets, execargmax, residualearly, kvearly, kvearlyab, kvearly2, target1, smolreal, kvearlyint4, onebkve, pipeattn, gridpad, ctxtests, gateupsk, wayin, wayin7b, jitfeatures, peerar)"
        exit 2 ;;
   esac
 done

@@ -30,7 +30,8 @@ def serve_argv(spec: BenchSpec, port: int, http_port: int) -> list[str]:
         "--max-context", str(spec.max_context), "--seed-weights", str(spec.seed), "--mps", spec.mps,
         "--ready-timeout", str(spec.timeout_s), "--speculative", spec.speculative,
         "--num-speculative-tokens", str(spec.num_speculative_tokens), "--max-num-seqs", str(spec.max_num_seqs),
-        "--tensor-parallel", str(spec.tensor_parallel), quiet=True, prefix_reuse=spec.prefix_reuse)
+        "--tensor-parallel", str(spec.tensor_parallel), "--tp-allreduce", spec.tp_allreduce, quiet=True,
+        prefix_reuse=spec.prefix_reuse)
     if spec.tokenizer:
         argv += ["--tokenizer", spec.tokenizer]
     if spec.quantize:

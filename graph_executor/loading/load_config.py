@@ -10,6 +10,7 @@ from graph_executor.quant.names import DEFAULT_GROUP, GROUPS, QUANTIZE_METHODS
 from ipc.messages import MAX_NUM_SEQS
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+TP_ALLREDUCE = ("nccl", "peer")  # --tp-allreduce
 DEFAULT_MAX_CONTEXT = 4096
 
 
@@ -33,6 +34,9 @@ class LoadConfig:
     fit_slots: bool = False
     tensor_parallel: int = 1  # ranks the model is split over (graph_executor/tensor_parallel.py)
     tp_rank: int = 0  # which rank's part this process loads
+    # how GPU ranks sum a decode step's hidden vectors: NCCL's all-reduce, or one kernel reading every rank's vector
+    # over peer memory (kernels/peer_allreduce.py; vectors of up to the hidden size, NCCL past that)
+    tp_allreduce: str = "nccl"
     # on a GPU, the packed slots quant/tiles.py names (int4's and int8's o_proj and down_proj) stored tile-major for
     # the decode GEMVs (measured on the 7B step, H200: int4 -2.7%, int8 -0.4%); False keeps every slot row-major
     tile_packed: bool = True
@@ -49,6 +53,8 @@ class LoadConfig:
                              f"got {self.quantize_group}")
         if self.quantize is not None and self.dequantize:
             raise ValueError("--quantize and --dequantize exclude each other")
+        if self.tp_allreduce not in TP_ALLREDUCE:
+            raise ValueError(f"--tp-allreduce must be one of {', '.join(TP_ALLREDUCE)}, got {self.tp_allreduce!r}")
         if self.tensor_parallel < 1 or not 0 <= self.tp_rank < self.tensor_parallel:
             raise ValueError(f"tensor-parallel rank {self.tp_rank} of {self.tensor_parallel} does not exist")
         if not 1 <= self.max_num_seqs <= MAX_NUM_SEQS:
