@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
-# Versions: 14: TokenChunk.logprobs and Finished.logprobs (TokenLogprob); 13: a Reset may come on the doorbell, step
+# Versions: 14: TokenChunk.logprobs (TokenLogprob); 13: a Reset may come on the doorbell, step
 # numbers increase across requests; 12: Decode.argmax/own_input and the token_ring buffer; 11: Ready.captures_pending;
 # 10: Started.spin_ms; 9: DecodeBatch carries several prompt chunks; 8: GenerateRequest.warm_up; 7: DecodeBatch's
 # prompt chunk (the mixed step); 6: KV slots (Ready.max_num_seqs, Prefill.slot, DecodeBatch, the batch_logits buffer);
@@ -564,7 +564,9 @@ class TokenChunk(Message):
     request_id: str
     text: str
     token_ids: list[int]
-    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when the request asked for them
+    # when the request asked for them, one per token of token_ids whose text is in the reply (a token that ends it,
+    # EOS or a stop token id, has none); only here, not again in Finished: a long reply's would pass the frame limit
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True)
@@ -576,7 +578,6 @@ class Finished(Message):
     finish_reason: str  # one of FinishReason.ALL (a failed request gets an `Error` instead)
     usage: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
-    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when the request asked for them
 
     def _validate(self) -> None:
         if self.finish_reason not in FinishReason.ALL:

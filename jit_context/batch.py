@@ -114,6 +114,7 @@ class BatchEngine:
         self.whole_prompt_when_idle = whole_prompt_when_idle
         self.port = port
         self.tokenizer = tokenizer
+        self.token_texts: dict[int, str] = {}  # tokens decoded alone (logprobs), for every request
         self.eos_token_ids = frozenset(eos_token_ids)
         self.prefill_chunk = prefill_chunk
         self.prefix_reuse = prefix_reuse
@@ -167,7 +168,8 @@ class BatchEngine:
         self._upload(slot, ids[cached:len(prompt_ids)], prompt_ids[cached:])
         state.sampler.start_request(params, prompt_ids, end_ids=end_ids(params, self.eos_token_ids))
         start = time.perf_counter() if start_time is None else start_time
-        out = RequestOutput(self.tokenizer, self.eos_token_ids, self.port.max_context, params, prompt_ids, start)
+        out = RequestOutput(self.tokenizer, self.eos_token_ids, self.port.max_context, params, prompt_ids, start,
+                            self.token_texts)
         out.cached_tokens = cached
         self._admitted += 1
         self.lanes[slot] = Lane(key, slot, list(prompt_ids), out, cached, self._admitted)

@@ -193,6 +193,7 @@ class Generator:
             warm_up(port.buffers.logits.shape[0], port.buffers.logits.device)
         self.port = port
         self.tokenizer = tokenizer
+        self.token_texts: dict[int, str] = {}  # tokens decoded alone (logprobs), for every request
         self.eos_token_ids = frozenset(eos_token_ids)
         self.sampler = Sampler(port.buffers.logits.shape[0], port.buffers.logits.device)
         warm_up_sampling(port.buffers.logits)  # the first request's sampling kernels load now, not in its TTFT
@@ -268,7 +269,8 @@ class Generator:
             yield PrefillSent()
         # overlaps with the executor launching the prefill
         self.sampler.start_request(params, prompt_ids, end_ids=end_ids(params, self.eos_token_ids))
-        out = RequestOutput(self.tokenizer, self.eos_token_ids, self.port.max_context, params, prompt_ids, start)
+        out = RequestOutput(self.tokenizer, self.eos_token_ids, self.port.max_context, params, prompt_ids, start,
+                            self.token_texts)
         out.cached_tokens = cached
         out.prefill_sent_ms = sent_ms
         if self.speculation.enabled and params.logprobs is None:  # (a verify step's rows carry no logprobs)
@@ -319,7 +321,10 @@ class RequestOutput:
     """The host side of one request: stop checks, detokenization, stop strings, timings."""
 
     def __init__(self, tokenizer: Detokenizing | None, eos_token_ids: frozenset[int], max_context: int,
-                 params: SamplingParams, prompt_ids: list[int], start: float) -> None:
+                 params: SamplingParams, prompt_ids: list[int], start: float,
+                 token_texts: dict[int, str] | None = None) -> None:
+        """`token_texts`: the tokens decoded alone so far (a generator's, shared by its requests: the logprobs'
+        top tokens repeat)."""
         self.params, self.eos, self.max_context = params, eos_token_ids, max_context
         self.prompt_len, self.start = len(prompt_ids), start
         self.detok = IncrementalDetokenizer(tokenizer, prompt_ids) if tokenizer else None
@@ -333,6 +338,7 @@ class RequestOutput:
         self.speculation: dict | None = None
         self.cached_tokens = 0
         self.tokenizer = tokenizer
+        self.token_texts = {} if token_texts is None else token_texts
         self.logprobs: list[TokenLogprob] | None = None if params.logprobs is None else []
 
     def add(self, token_id: int, logprob_values: list[float] | None = None) -> Chunk:
@@ -340,15 +346,15 @@ class RequestOutput:
         self.times.append((time.perf_counter() - self.start) * 1e3)
         self.token_ids.append(token_id)
         p = self.params
+        if token_id in p.stop_token_ids or (token_id in self.eos and not p.ignore_eos):
+            self.finish = FinishReason.STOP
+            return Chunk("", [token_id])  # not in the reply's text: no logprobs entry (as OpenAI lists them)
         logprobs = None
         if self.logprobs is not None:
             if logprob_values is None:
                 raise ValueError("a request that asked for logprobs got a token without them")
             logprobs = [self._token_logprob(token_id, logprob_values)]
             self.logprobs += logprobs
-        if token_id in p.stop_token_ids or (token_id in self.eos and not p.ignore_eos):
-            self.finish = FinishReason.STOP
-            return Chunk("", [token_id], logprobs)
         if len(self.token_ids) >= p.max_tokens or self.prompt_len + len(self.token_ids) >= self.max_context:
             self.finish = FinishReason.LENGTH
         text = self.detok.add(token_id) if self.detok else ""
@@ -370,7 +376,12 @@ class RequestOutput:
 
     def _text(self, token_id: int) -> str:
         """A token decoded alone (special tokens kept), as OpenAI's logprobs name it; "" without a tokenizer."""
-        return self.tokenizer.decode([token_id], skip_special_tokens=False) if self.tokenizer else ""
+        if self.tokenizer is None:
+            return ""
+        text = self.token_texts.get(token_id)
+        if text is None:
+            text = self.token_texts[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
 
     def close(self) -> Iterator[Chunk | GenerationResult]:
         tail = self.stops.feed(self.detok.flush())[0] + self.stops.flush() if self.detok else ""

@@ -23,6 +23,7 @@ import torch
 
 from jit_context.sampling_params import SamplingParams
 
+LOGPROB_FLOOR = -9999.0
 # Exponential(1) noise can round to 0 in float32; 0 would turn a masked token's 0/0 into NaN,
 # which argmax treats as the maximum.
 _MIN_NOISE = 1e-20
@@ -107,7 +108,9 @@ class Sampler:
         if self._biased:
             ids, biases = zip(*params.logit_bias, strict=True)
             self._bias.zero_()
-            self._bias[torch.tensor(ids, dtype=torch.int64)] = torch.tensor(biases, dtype=torch.float32)
+            # both on the device: index_put_ moves only a 0-dim CPU value to a CUDA tensor's device
+            self._bias[torch.tensor(ids, dtype=torch.int64, device=self.device)] = \
+                torch.tensor(biases, dtype=torch.float32, device=self.device)
         if self._penalize:  # only the penalty reads the marks: no copy up (and no wait on it) for the rest
             self._seen.zero_()
             if prompt_ids:
@@ -169,7 +172,8 @@ class Sampler:
 
     def _record_logprobs(self, raw: torch.Tensor, token: torch.Tensor) -> None:
         """last_logprobs <- [log p(token), the top k log-probabilities, their ids] of raw [V] (device work only)."""
-        lp = torch.log_softmax(raw, dim=-1)  # [V]
+        # [V]; a token the model rules out (-inf logit) reads -9999, as vLLM reports it: JSON has no infinities
+        lp = torch.log_softmax(raw, dim=-1).nan_to_num_(nan=LOGPROB_FLOOR, neginf=LOGPROB_FLOOR)
         k = self.logprobs_k
         self.last_logprobs[:1].copy_(lp.gather(0, token.view(1)))
         if k:

@@ -419,8 +419,7 @@ class JitServer:
             timings["cached_prompt_tokens"] = result.cached_tokens  # prompt tokens not prefilled (prefix reuse)
         if result.speculation is not None:
             timings["speculation"] = result.speculation
-        return Finished(active.request_id, result.text, result.token_ids, result.finish_reason, usage, timings,
-                        result.logprobs)
+        return Finished(active.request_id, result.text, result.token_ids, result.finish_reason, usage, timings)
 
     def _finish_abort(self, reason: str) -> None:
         self.stream.close()

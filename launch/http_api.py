@@ -255,15 +255,19 @@ async def _respond(client: AsyncClient, body: CompletionRequest | ChatCompletion
         chunks = ChunkMaker(request_id, body.model, chat, body.include_usage)
         return _ClosingStreamingResponse(_sse(events, chunks), events)
     events = client.generate(**prompt, params=params, request_id=request_id, warm_up=warm_up)
-    item = await _unless_disconnected(request, _until_finished(events))
+    logprobs = [] if params.get("logprobs") is not None else None
+    item = await _unless_disconnected(request, _until_finished(events, logprobs))
     make = chat_body if chat else completion_body
-    return make(request_id, body.model, item.text, item.finish_reason, item.usage, item.logprobs)
+    return make(request_id, body.model, item.text, item.finish_reason, item.usage, logprobs)
 
 
-async def _until_finished(events: Events) -> Finished:
+async def _until_finished(events: Events, logprobs: list | None = None) -> Finished:
+    """The request's Finished; `logprobs`: a list that collects its chunks' logprobs entries."""
     async with aclosing(events):  # closing sends CancelRequest if we stop early
         item = await _next_or_error(events)
         while not isinstance(item, Finished):
+            if logprobs is not None and getattr(item, "logprobs", None):
+                logprobs += item.logprobs
             item = await _next_or_error(events)
     return item
 

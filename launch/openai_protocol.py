@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ipc.messages import ChatOptions, FinishReason, TokenLogprob
+from jit_context.sampling_params import MAX_LOGPROBS
 
 TokenId = Annotated[int, Field(ge=0)]
 # Native finish reason -> OpenAI's; "abort" has no OpenAI name and keeps vLLM's.
@@ -167,6 +168,8 @@ class ChatCompletionRequest(_SamplingRequest):
         super().check_supported()
         if self.top_logprobs is not None and not self.logprobs:
             raise Unsupported("top_logprobs", "top_logprobs needs logprobs: true")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+            raise Unsupported("top_logprobs", f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {self.top_logprobs}")
         if self.response_format not in (None, {"type": "text"}):
             raise Unsupported("response_format", 'only response_format {"type": "text"} is supported')
         if self.tools:

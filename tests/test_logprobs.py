@@ -90,6 +90,23 @@ def test_on_a_gpu_each_token_s_logprobs_ride_the_token_s_pinned_copy(ahead: int)
         assert max(abs(a - b) for a, b in zip(entry.top_logprobs, tops, strict=True)) < 1e-4, step
 
 
+def test_a_token_that_ends_the_reply_has_no_entry() -> None:
+    """EOS (or a stop token id) ends the reply without text: as OpenAI lists them, the entries are the reply's text
+    tokens only, so their texts add up to it."""
+    runner = tiny_runner(max_context=64)
+    free = list(Generator(runner, None, frozenset()).generate(PROMPT, SamplingParams(
+        max_tokens=8, temperature=0.0, ignore_eos=True)))[-1].token_ids
+    end = free[3]
+    stop_at = free.index(end)
+    items = list(Generator(runner, None, frozenset({end})).generate(PROMPT, SamplingParams(
+        max_tokens=8, temperature=0.0, logprobs=1)))
+    result = items[-1]
+    assert result.token_ids == free[:stop_at + 1] and result.finish_reason == "stop"
+    assert [e.token for e in result.logprobs] == free[:stop_at]
+    last = [item for item in items[:-1] if item.token_ids][-1]
+    assert last.token_ids == [end] and last.logprobs is None
+
+
 def test_logprobs_turn_speculation_off_for_the_request_with_the_same_tokens() -> None:
     from jit_context.speculative_config import SpeculativeConfig
 
@@ -131,11 +148,13 @@ def test_batched_requests_report_the_logprobs_they_report_alone() -> None:
             assert got.token == ref.token and got.top_ids == ref.top_ids and abs(got.logprob - ref.logprob) < 1e-5
 
 
-def test_logprobs_travel_in_token_chunks_and_finished() -> None:
+def test_logprobs_travel_in_token_chunks() -> None:
+    """Each TokenChunk carries its tokens' entries; Finished none (a long reply's would pass the frame limit: ~480
+    bytes a token with 20 top tokens)."""
     entry = TokenLogprob(12, " the", -0.25, [12, 7], [" the", " a"], [-0.25, -1.75])
-    for msg in (TokenChunk("r", " the", [12], [entry]), Finished("r", " the", [12], "length", {}, {}, [entry]),
-                TokenChunk("r", "x", [3])):
+    for msg in (TokenChunk("r", " the", [12], [entry]), TokenChunk("r", "x", [3])):
         assert codec.decode(codec.encode(msg)) == msg
+    assert "logprobs" not in {f for f in Finished.__dataclass_fields__}
     with pytest.raises(Exception, match="as long"):
         codec.decode(codec.encode(TokenChunk("r", "", [1], [TokenLogprob(1, "", -1.0, [1, 2], [""], [-1.0])])))
 
@@ -155,15 +174,21 @@ def test_the_openai_chat_and_completion_forms_carry_the_native_logprobs(shared_s
     from launch.client import Client
 
     api = openai.OpenAI(base_url=f"{shared_server.http}/v1", api_key="unused", max_retries=0, timeout=60)
+    def native_run(**request):
+        with Client(shared_server.address) as client:
+            *chunks, finished = client.generate(**request)
+        return finished, [e for chunk in chunks for e in chunk.logprobs or ()]
+
     with Client(shared_server.address) as client:
         model = client.status()["model"]
-        *_, native = client.generate(messages=QUESTION, params={"max_tokens": 6, "temperature": 0.0, "logprobs": 3})
-    assert len(native.logprobs) == len(native.token_ids) == 6
+    native, native_logprobs = native_run(messages=QUESTION, params={"max_tokens": 6, "temperature": 0.0,
+                                                                    "logprobs": 3})
+    assert len(native_logprobs) == len(native.token_ids) == 6
     chat = api.chat.completions.create(model=model, messages=QUESTION, max_tokens=6, temperature=0, logprobs=True,
                                        top_logprobs=3)
     content = chat.choices[0].logprobs.content
     assert "".join(e.token for e in content) == chat.choices[0].message.content == native.text
-    for entry, ref in zip(content, native.logprobs, strict=True):
+    for entry, ref in zip(content, native_logprobs, strict=True):
         assert entry.token == ref.text and abs(entry.logprob - ref.logprob) < 1e-4 and entry.logprob <= 0
         assert entry.bytes == list(ref.text.encode()) and len(entry.top_logprobs) == 3
         assert [t.token for t in entry.top_logprobs] == ref.top_texts and entry.top_logprobs[0].token == entry.token
@@ -174,13 +199,12 @@ def test_the_openai_chat_and_completion_forms_carry_the_native_logprobs(shared_s
     assert [e.token for e in entries] == [e.token for e in content] and all(e.top_logprobs == [] for e in entries)
 
     prompt = "The capital of France is"
-    with Client(shared_server.address) as client:
-        *_, native = client.generate(prompt=prompt, params={"max_tokens": 5, "temperature": 0.0, "logprobs": 2})
+    native, native_logprobs = native_run(prompt=prompt, params={"max_tokens": 5, "temperature": 0.0, "logprobs": 2})
     done = api.completions.create(model=model, prompt=prompt, max_tokens=5, temperature=0, logprobs=2)
     lp = done.choices[0].logprobs
     assert "".join(lp.tokens) == done.choices[0].text == native.text
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(5)]
-    assert all(abs(a - b.logprob) < 1e-4 for a, b in zip(lp.token_logprobs, native.logprobs, strict=True))
+    assert all(abs(a - b.logprob) < 1e-4 for a, b in zip(lp.token_logprobs, native_logprobs, strict=True))
     assert all(tok in top and len(top) in (2, 3) for tok, top in zip(lp.tokens, lp.top_logprobs, strict=True))
     chunks = [c.choices[0] for c in api.completions.create(model=model, prompt=prompt, max_tokens=5, temperature=0,
                                                           logprobs=2, stream=True)]
@@ -191,3 +215,5 @@ def test_the_openai_chat_and_completion_forms_carry_the_native_logprobs(shared_s
         api.chat.completions.create(model=model, messages=QUESTION, max_tokens=2, top_logprobs=2)
     with pytest.raises(openai.BadRequestError, match="logprobs must be in"):
         api.completions.create(model=model, prompt=prompt, max_tokens=2, logprobs=21)
+    with pytest.raises(openai.BadRequestError, match=r"top_logprobs must be in \[0, 20\], got 21"):
+        api.chat.completions.create(model=model, messages=QUESTION, max_tokens=2, logprobs=True, top_logprobs=21)

@@ -329,6 +329,26 @@ def test_a_logit_bias_of_100_makes_a_token_the_greedy_choice_and_minus_100_bans_
     assert counts[0] == counts[3] == 0 and counts[1] > 0
 
 
+@pytest.mark.cuda
+def test_on_a_gpu_penalties_bias_and_logprobs_draw_as_on_the_cpu():
+    """The device tensors' writes (the logit bias's index_put_ from the host, the counts' index_add_) and the
+    draws on a GPU: the same greedy tokens and log-probabilities as the CPU sampler's over the same logits."""
+    vocab = 300
+    params = SamplingParams(temperature=0.0, repetition_penalty=1.2, presence_penalty=0.4, frequency_penalty=0.3,
+                            logit_bias=((5, 3.0), (299, -100.0)), logprobs=4)
+    samplers = {d: Sampler(vocab, torch.device(d)) for d in ("cpu", "cuda")}
+    for s in samplers.values():
+        s.start_request(params, [1, 2, 3])
+    gen = torch.Generator().manual_seed(4)
+    for step in range(20):
+        logits = torch.randn(vocab, generator=gen) * 2
+        tokens = {d: s.sample(logits.to(d)) for d, s in samplers.items()}
+        assert int(tokens["cpu"]) == int(tokens["cuda"]), step
+        assert torch.allclose(samplers["cpu"].last_logprobs, samplers["cuda"].last_logprobs.cpu(), atol=1e-5)
+        for d, s in samplers.items():
+            s.observe(tokens[d])
+
+
 def test_observe_ids_counts_every_occurrence_for_the_frequency_penalty():
     """Accepted proposals (observe_ids, speculation) count as draws do: twice the same token, twice the penalty."""
     logits = torch.tensor([3.0, 2.5, 0.0])
