@@ -278,7 +278,7 @@ class Sampler:
         if self._penalize:
             self._seen.index_fill_(0, tokens, True)
         if self._counting:
-            self._counts.index_add_(0, tokens, self._one.expand(len(ids)))
+            self._counts.index_add_(0, tokens, torch.ones(len(ids), dtype=torch.float32, device=self.device))
 
 
 def _mirror(token: torch.Tensor, host: torch.Tensor | None) -> torch.Tensor:
