@@ -302,8 +302,9 @@ def warm_up(logits: torch.Tensor) -> None:
     token = torch.zeros(1, dtype=torch.int64, device=scratch.device)
     for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=0.0, repetition_penalty=1.1),
                    SamplingParams(temperature=0.7, top_k=40, top_p=0.9, min_p=0.05, seed=0,
-                                  repetition_penalty=1.1, min_tokens=2, presence_penalty=0.5, frequency_penalty=0.5,
-                                  logit_bias=((0, 1.0),), logprobs=2)):
+                                  repetition_penalty=1.1, min_tokens=2)):
+        # (the presence / frequency penalties, logit bias and logprobs are left to their first request: not run on
+        # a card yet when added, they must not be able to stop a GPU server's start)
         sampler.start_request(params, [0], end_ids=[0])
         for out in (token, None):
             picked = sampler.sample(scratch, out=out)
