@@ -142,7 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--how", choices=("nccl", "peer"), default="nccl",
                     help="NCCL's all-reduce, or the one kernel over peer memory (GPUs) (default nccl)")
     args = ap.parse_args(argv)
-    t = measure_allreduce(args.device, args.ranks, args.hidden, args.dtype, how=args.how)
+    try:
+        t = measure_allreduce(args.device, args.ranks, args.hidden, args.dtype, how=args.how)
+    except (ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"{t.ranks} ranks, {t.hidden} x {t.dtype}: {t.seconds * 1e6:.2f} us per all-reduce ({t.how})")
     return 0
 
