@@ -8,6 +8,7 @@ this process (no sockets).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -39,6 +40,7 @@ class Outcome:
     tokens_per_s: float
     weight_format: str = ""
     speculation: dict | None = None  # what speculation did (acceptance rate, ...), None when off
+    logprobs: list | None = None  # TokenLogprob per token of the reply's text, with --logprobs
 
 
 def register(sub) -> None:
@@ -48,8 +50,11 @@ def register(sub) -> None:
     p.add_argument("prompt", metavar="PROMPT", help="the prompt text; - reads it from stdin")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object at the end (text, token_ids, finish_reason, prompt_tokens, "
-                        "ttft_ms, tokens_per_s, weight_format, speculation: its acceptance rate and counts) "
-                        "instead of streaming text")
+                        "ttft_ms, tokens_per_s, weight_format, speculation: its acceptance rate and counts; "
+                        "logprobs with --logprobs) instead of streaming text")
+    p.add_argument("--logprobs", type=int, default=None, metavar="N",
+                   help="with --json: each generated token's log-probability and its N most likely alternatives "
+                        "(0-20), under the model's raw distribution (as the API's logprobs)")
     p.add_argument("--no-chat-template", action="store_true", help="send the prompt as raw text")
     p.add_argument("--system", default=None, help="system message (chat models)")
     p.add_argument("--connect", metavar="ADDR", default=None, type=server_address,
@@ -68,6 +73,10 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     params = sampling_params(args)  # validate flags before the (slow) model load
+    if args.logprobs is not None:
+        if not args.json:
+            raise ValueError("--logprobs prints them in the --json object: give --json too")
+        params = replace(params, logprobs=args.logprobs)
     args.ranks = tensor_parallel(args)
     if args.ranks > 1 and (args.in_process or args.connect):
         raise ValueError("--tensor-parallel starts its own server's ranks: not with --in-process or --connect")
@@ -86,7 +95,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"text": outcome.text, "token_ids": outcome.token_ids,
                           "finish_reason": outcome.finish_reason, "prompt_tokens": outcome.prompt_tokens,
                           "ttft_ms": round(outcome.ttft_ms, 3), "tokens_per_s": round(outcome.tokens_per_s, 2),
-                          "weight_format": outcome.weight_format, "speculation": outcome.speculation}))
+                          "weight_format": outcome.weight_format, "speculation": outcome.speculation,
+                          **({"logprobs": [dataclasses.asdict(e) for e in outcome.logprobs]}
+                             if outcome.logprobs is not None else {})}))
     else:
         sys.stdout.write("\n")
     return 0
@@ -117,7 +128,7 @@ def run_in_process(args, prompt, messages, params, stream, template: str | None)
         else:
             stream(item.text)
     return Outcome(r.text, r.token_ids, r.finish_reason, r.prompt_tokens, r.ttft_ms, r.tokens_per_s,
-                   loaded.weight_format, r.speculation)
+                   loaded.weight_format, r.speculation, r.logprobs)
 
 
 def run_through_server(args, prompt, messages, params, stream, template: str | None) -> Outcome:
@@ -152,6 +163,7 @@ def run_through_server(args, prompt, messages, params, stream, template: str | N
 def stream_request(client, prompt, messages, params, stream) -> Outcome:
     start = time.perf_counter()
     first = None
+    logprobs = [] if params.logprobs is not None else None
     for msg in client.generate(prompt, messages=messages, params=params):
         if first is None:
             first = time.perf_counter()
@@ -159,6 +171,8 @@ def stream_request(client, prompt, messages, params, stream) -> Outcome:
             usage, timings = msg.usage, msg.timings
             return Outcome(msg.text, msg.token_ids, msg.finish_reason, usage.get("prompt_tokens", 0),
                            (first - start) * 1e3, timings.get("tokens_per_s", 0.0),
-                           speculation=timings.get("speculation"))
+                           speculation=timings.get("speculation"), logprobs=logprobs)
+        if logprobs is not None and msg.logprobs:
+            logprobs += msg.logprobs
         stream(msg.text)
     raise RuntimeError("the stream ended without a Finished message")
