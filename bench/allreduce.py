@@ -86,6 +86,7 @@ def _rank(rank: int, ranks: int, port: int, device: str, hidden: int, dtype: str
                 end.record()
                 torch.cuda.synchronize()
                 times.append(begin.elapsed_time(end) / 1e3 / COUNT)
+            dist.barrier(device_ids=[dev.index])  # no rank tears down while another's last kernel reads its slot
         else:
             for _ in range(REPEATS):
                 dist.barrier()

@@ -122,9 +122,24 @@ class TensorParallel:
         memory through CUDA IPC; CPU ranks share files (the kernel then runs under Triton's interpreter: tests)."""
         from graph_executor.kernels.peer_allreduce import CudaIpcMemory, PeerAllReduce, SharedFileMemory
 
+        if device.type == "cuda":
+            self._check_peer_access(device)
         memory = CudaIpcMemory(device) if device.type == "cuda" else SharedFileMemory()
         return dataclasses.replace(self, peer=PeerAllReduce(self.rank, self.size, capacity, dtype, device,
                                                             self.exchange, memory))
+
+    def _check_peer_access(self, device: torch.device) -> None:
+        """ValueError on every rank alike unless each rank's GPU can reach every other's memory directly (NVLink or
+        PCIe peer access; ranks on one GPU need none): the ranks agree before any of them maps a peer's region, so
+        that none waits in the kernel for a rank that refused."""
+        mine = device.index if device.index is not None else torch.cuda.current_device()
+        devices = [int(d) for d in self.exchange(str(mine).encode())]
+        blocked = [d for d in devices if d != mine and not torch.cuda.can_device_access_peer(mine, d)]
+        verdicts = self.exchange(b"," .join(str(d).encode() for d in blocked))
+        pairs = [(devices[r], int(d)) for r, v in enumerate(verdicts) for d in v.split(b",") if d]
+        if pairs:
+            raise ValueError(f"--tp-allreduce peer needs peer access between the GPUs; GPU {pairs[0][0]} cannot reach "
+                             f"GPU {pairs[0][1]}'s memory: use --tp-allreduce nccl")
 
     def exchange(self, handle: bytes) -> list[bytes]:
         """Every rank's `handle` (<= 255 bytes: a peer memory region's name), in rank order, over the process group's

@@ -27,7 +27,7 @@ def encode(msg: Message, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> bytes:
     cls = type(msg)
     if MESSAGE_TYPES.get(getattr(cls, "TAG", None)) is not cls:
         raise TypeError(f"not a registered message: {cls.__name__}")
-    if _has_records(cls) and _given(msg.__dict__, _record_fields(cls)):
+    if _has_records(cls) and any(getattr(msg, name) is not None for name in _record_fields(cls)):
         # only the fields that may hold a record are walked (not a long prompt's ids: ~0.1 ms)
         fields = {name: _to_wire(getattr(msg, name)) if _holds_records(hint) else getattr(msg, name)
                   for name, hint in field_types(cls).items()}

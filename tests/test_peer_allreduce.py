@@ -30,14 +30,12 @@ def _rank(rank: int, size: int, port: int, device: str, dtype_name: str, lengths
     try:
         import torch.distributed as dist
 
-        from graph_executor.kernels.peer_allreduce import CudaIpcMemory, PeerAllReduce, SharedFileMemory
         from graph_executor.tensor_parallel import TensorParallel
 
         dtype = getattr(torch, dtype_name)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
-        tp = TensorParallel(rank, size)
-        memory = SharedFileMemory() if device == "cpu" else CudaIpcMemory(torch.device(device))
-        ar = PeerAllReduce(rank, size, max(lengths), dtype, torch.device(device), tp.exchange, memory)
+        # as a rank's load does it (shared files on the CPU; on a GPU the peer-access check, then CUDA IPC)
+        ar = TensorParallel(rank, size).with_peer_allreduce(max(lengths), dtype, torch.device(device)).peer
         wrong = []
         for step, n in enumerate(lengths):
             x = vector(step, rank, n, dtype).to(device)
@@ -69,14 +67,19 @@ def run_ranks(size: int, device: str, dtype: torch.dtype, lengths: list[int]) ->
     assert got == {r: [] for r in range(size)}, got
 
 
+INTERPRETED = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="CPU ranks run the kernel under Triton's interpreter (a GPU compiles it)")
+
+
+@INTERPRETED
 @pytest.mark.parametrize("size,dtype", [(2, torch.float32), (3, torch.float16)])
 def test_ranks_in_processes_get_the_rank_ordered_sum_bit_for_bit(size: int, dtype: torch.dtype) -> None:
     """Several calls in a row (both slots reused, lengths that change and stay under the capacity), every rank the
     float32 sum in rank order, in x itself; the epoch counts the calls."""
-    assert os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
-    run_ranks(size, "cpu", dtype, [64, 64, 17, 64, 1, 33, 64])
+    run_ranks(size, "cpu", dtype, [64, 64, 17, 64, 1, 33, 63])
 
 
+@INTERPRETED
 def test_bad_use_is_refused() -> None:
     from graph_executor.kernels.peer_allreduce import PeerAllReduce, SharedFileMemory
 

@@ -726,8 +726,8 @@ PY
           done ;;
     peerar) # issue 15's one-kernel all-reduce over peer memory on one GPU (44th session, CPU-tested under the
             # interpreter only): two processes on one device through CUDA IPC (the kernel compiled for sm_90, the
-            # release / acquire flags across processes), then the TP cuda tests (~2 min)
-          timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_peer_allreduce.py > "$OUT/peerar.log" 2>&1
+            # release / acquire flags across processes) (~1 min)
+          timeout 120 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_peer_allreduce.py > "$OUT/peerar.log" 2>&1
           echo "peer all-reduce: rc=$? $(tail -1 "$OUT/peerar.log")" ;;
     jitfeatures) # the 44th session's sampling features on a GPU (built on the CPU machine): logprobs through the
                  # token reader's pinned extra values, penalties and logit bias in the sampler, the cuda tests of

@@ -7,8 +7,9 @@ kernel instead (~3-5 us at this size). This is that kernel, in Triton, captured 
 
 The protocol (one program per rank, every rank the same sequence of calls, as SPMD collectives are):
 - Each rank owns a data buffer [2, capacity] (two slots, used by the call's epoch parity) and a flag array
-  [MAX_RANKS] int32, both exported to the other ranks (CUDA IPC; on the CPU, shared-memory files: the protocol's
-  tests run the same kernel under Triton's interpreter in several processes).
+  [MAX_RANKS] int64 (64-bit epochs: 34k calls a second would wrap 32 bits in a day), both exported to the other
+  ranks (CUDA IPC; on the CPU, shared-memory files: the protocol's tests run the same kernel under Triton's
+  interpreter in several processes).
 - A call reads its rank's epoch (device memory: a graph replays the same arguments) and takes e = epoch + 1; it
   stores x into its own slot e % 2, then (after a barrier, with release semantics at system scope) writes e into
   every rank's flag for it; it waits (acquire) until every rank's flag in its own array reaches e; then it sums
@@ -36,8 +37,8 @@ MAX_RANKS = 8
 @triton.jit
 def _one_shot_kernel(x_ptr, n, epoch_ptr, rank, b0, b1, b2, b3, b4, b5, b6, b7, f0, f1, f2, f3, f4, f5, f6, f7,
                      CAP: tl.constexpr, N: tl.constexpr, BLOCK: tl.constexpr):
-    epoch = tl.load(epoch_ptr) + 1
-    slot = (epoch % 2) * CAP
+    epoch = tl.load(epoch_ptr) + 1  # int64: never wraps
+    slot = (epoch & 1) * CAP
     offs = tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
@@ -92,7 +93,7 @@ def _one_shot_kernel(x_ptr, n, epoch_ptr, rank, b0, b1, b2, b3, b4, b5, b6, b7, 
 
 @dataclass(frozen=True)
 class PeerRegion:
-    """One rank's exported memory: its data slots [2, capacity] and its flags [MAX_RANKS] int32, as tensors of this
+    """One rank's exported memory: its data slots [2, capacity] and its flags [MAX_RANKS] int64, as tensors of this
     process (its own, or mapped from the rank that owns them)."""
 
     data: torch.Tensor
@@ -111,7 +112,7 @@ class SharedFileMemory:
     def allocate(self, capacity: int, dtype: torch.dtype) -> tuple[PeerRegion, bytes]:
         stem = f"hybridrt-ar-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         paths = [self.folder / f"{stem}.data", self.folder / f"{stem}.flags"]
-        sizes = [2 * capacity * torch.empty((), dtype=dtype).element_size(), 4 * MAX_RANKS]
+        sizes = [2 * capacity * torch.empty((), dtype=dtype).element_size(), 8 * MAX_RANKS]
         for path, size in zip(paths, sizes, strict=True):
             path.write_bytes(b"\0" * size)
             self.owned.append(path)
@@ -122,7 +123,7 @@ class SharedFileMemory:
         if "/" in stem or not stem.startswith("hybridrt-ar-"):
             raise ValueError(f"not a peer all-reduce region: {stem!r}")
         data = torch.from_file(str(self.folder / f"{stem}.data"), shared=True, size=2 * capacity, dtype=dtype)
-        flags = torch.from_file(str(self.folder / f"{stem}.flags"), shared=True, size=MAX_RANKS, dtype=torch.int32)
+        flags = torch.from_file(str(self.folder / f"{stem}.flags"), shared=True, size=MAX_RANKS, dtype=torch.int64)
         return PeerRegion(data.view(2, capacity), flags)
 
     def close(self) -> None:
@@ -147,6 +148,8 @@ class CudaIpcMemory:
 
         buffer = cuda_ipc.allocate(self._nbytes(capacity, dtype), self._index())
         self.buffers.append(buffer)
+        # the zeroing (cudaMemset, on the legacy stream) done before any peer can see the handle and raise a flag
+        torch.cuda.synchronize(self._index())
         return self._region(buffer, capacity, dtype), cuda_ipc.ipc_handle(buffer)
 
     def open(self, handle: bytes, capacity: int, dtype: torch.dtype) -> PeerRegion:
@@ -158,12 +161,17 @@ class CudaIpcMemory:
 
     @staticmethod
     def _nbytes(capacity: int, dtype: torch.dtype) -> int:
-        return 2 * capacity * torch.empty((), dtype=dtype).element_size() + 4 * MAX_RANKS
+        return 2 * capacity * torch.empty((), dtype=dtype).element_size() + 8 * MAX_RANKS
 
     def _region(self, buffer, capacity: int, dtype: torch.dtype) -> PeerRegion:
-        raw = torch.as_tensor(buffer.as_cupy(), device=self.device)  # [nbytes] uint8, not owning the memory
-        data_bytes = 2 * capacity * torch.empty((), dtype=dtype).element_size()
-        return PeerRegion(raw[:data_bytes].view(dtype).view(2, capacity), raw[data_bytes:].view(torch.int32))
+        device = torch.device("cuda", self._index())
+        raw = torch.as_tensor(buffer.as_cupy(), device=device)  # [nbytes] uint8, not owning the memory
+        if raw.data_ptr() != buffer.ptr or raw.device != device:
+            # (a torch that took a peer GPU's mapping for that GPU's memory would have copied it: flags in a copy
+            # hang every rank)
+            raise RuntimeError(f"the peer region at {buffer.ptr:#x} was not mapped as a tensor in place on {device}")
+        data_bytes = 2 * capacity * torch.empty((), dtype=dtype).element_size()  # (a multiple of 8 for the flags)
+        return PeerRegion(raw[:data_bytes].view(dtype).view(2, capacity), raw[data_bytes:].view(torch.int64))
 
     def close(self) -> None:
         from ipc import cuda_ipc
@@ -188,12 +196,18 @@ class PeerAllReduce:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.rank, self.size, self.capacity, self.dtype = rank, size, capacity, dtype
         self.memory = memory
-        own, handle = memory.allocate(capacity, dtype)
-        handles = exchange(handle)
-        if len(handles) != size or handles[rank] != handle:
-            raise ValueError("the exchange must give every rank's handle in rank order")
-        self.regions = [own if r == rank else memory.open(h, capacity, dtype) for r, h in enumerate(handles)]
-        self.epoch = torch.zeros(1, dtype=torch.int32, device=device)  # [1]: calls made (this rank's, in memory)
+        capacity = -(-capacity // 4) * 4  # a multiple of 4: the int64 flags after [2, capacity] stay 8-byte aligned
+        self.capacity_padded = capacity
+        try:
+            own, handle = memory.allocate(capacity, dtype)
+            handles = exchange(handle)
+            if len(handles) != size or handles[rank] != handle:
+                raise ValueError("the exchange must give every rank's handle in rank order")
+            self.regions = [own if r == rank else memory.open(h, capacity, dtype) for r, h in enumerate(handles)]
+        except BaseException:
+            memory.close()
+            raise
+        self.epoch = torch.zeros(1, dtype=torch.int64, device=device)  # [1]: calls made (this rank's, in memory)
         self.calls = 0  # kernels launched (or captured into a graph) by this rank
         self.block = triton.next_power_of_2(capacity)
         self.warps = max(1, min(8, self.block // 256))
@@ -210,10 +224,12 @@ class PeerAllReduce:
         self.calls += 1
         padded = self.regions + [self.regions[0]] * (MAX_RANKS - self.size)
         _one_shot_kernel[(1,)](x, x.numel(), self.epoch, self.rank, *(r.data for r in padded),
-                               *(r.flags for r in padded), CAP=self.capacity, N=self.size, BLOCK=self.block,
+                               *(r.flags for r in padded), CAP=self.capacity_padded, N=self.size, BLOCK=self.block,
                                num_warps=self.warps)
         return x
 
     def close(self) -> None:
+        """Free and unmap the regions: for tests and probes, once every rank is past its last call (a barrier) and
+        no captured graph will replay a call; a server leaves them to its process's exit."""
         self.regions = []
         self.memory.close()

@@ -100,7 +100,10 @@ def load_model(cfg: LoadConfig) -> LoadedModel:
         if cfg.tp_allreduce == "peer":  # every rank here at once: the regions' handles are swapped
             if device.type != "cuda":
                 raise ModelLoadError("--tp-allreduce peer needs GPU ranks (CPU ranks sum over gloo)")
-            tp = tp.with_peer_allreduce(config.hidden_size, dtype, device)
+            try:
+                tp = tp.with_peer_allreduce(config.hidden_size, dtype, device)
+            except ValueError as e:
+                raise ModelLoadError(str(e)) from None
     slots = _fitting_slots(cfg, config, dtype, max_context, device, None if cfg.quantize else plan)
     lap("config" if converted is None else "config (default model conversion included)")
     model = LlamaModel(config, max_context, device, dtype, plan=None if cfg.quantize or device.type == "cpu"
