@@ -27,11 +27,10 @@ def encode(msg: Message, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> bytes:
     cls = type(msg)
     if MESSAGE_TYPES.get(getattr(cls, "TAG", None)) is not cls:
         raise TypeError(f"not a registered message: {cls.__name__}")
-    if _has_records(cls) and any(getattr(msg, name) is not None for name in _record_fields(cls)):
-        # only the fields that may hold a record are walked (not a long prompt's ids: ~0.1 ms)
+    if _has_records(cls):  # only the fields that may hold a record are walked (not a long prompt's ids: ~0.1 ms)
         fields = {name: _to_wire(getattr(msg, name)) if _holds_records(hint) else getattr(msg, name)
                   for name, hint in field_types(cls).items()}
-    else:  # the per-step messages (a TokenChunk without logprobs too): their fields are plain values already
+    else:  # the per-step messages: their fields are plain values already
         fields = {name: getattr(msg, name) for name in field_types(cls)}
     try:
         data = msgpack.packb([cls.TAG, fields], use_bin_type=True)
@@ -55,7 +54,7 @@ def decode(data: bytes, *, max_frame_bytes: int = MAX_FRAME_BYTES, trusted: bool
     cls = MESSAGE_TYPES.get(tag)
     if cls is None:
         raise ProtocolError("unknown_type", f"no message has tag {tag}")
-    if trusted and cls not in SESSION_MESSAGES and not _holds_given_records(cls, fields):
+    if trusted and cls not in SESSION_MESSAGES and not _has_records(cls):
         try:
             return cls(**fields)
         except TypeError as exc:  # unknown or missing fields
@@ -95,26 +94,13 @@ def _build(cls: type, fields: dict) -> Any:
     if missing:
         raise ProtocolError("bad_fields", f"{cls.__name__} is missing fields {missing}")
     try:
-        nested = _record_fields(cls) if _holds_given_records(cls, fields) else ()
+        nested = _record_fields(cls)
         built = cls(**({name: _from_wire(value, hints[name]) if name in nested else value
                         for name, value in fields.items()} if nested else fields))
         built.validate()
         return built
     except ValueError as exc:
         raise ProtocolError("bad_fields", str(exc)) from None
-
-
-def _holds_given_records(cls: type, fields: dict) -> bool:
-    """Whether any of `fields` that may hold a record holds a value (a TokenChunk's logprobs, mostly None)."""
-    return _given(fields, _record_fields(cls))
-
-
-def _given(values: dict, names: frozenset[str]) -> bool:
-    """Whether any of `names` has a value other than None in `values` (a loop: a generator costs ~0.3 us a token)."""
-    for name in names:
-        if values.get(name) is not None:
-            return True
-    return False
 
 
 @functools.cache
@@ -158,8 +144,8 @@ def _holds_records(hint: Any) -> bool:
 
 def _from_wire(value: Any, hint: Any) -> Any:
     """Rebuild the records the annotation asks for; all other values pass through to validation."""
-    if value is None or not _holds_records(hint):  # ids, text, params: nothing to rebuild (and no walk over a
-        return value  # long prompt's ids); None: an optional record field left out (a token without logprobs)
+    if not _holds_records(hint):  # ids, text, params: nothing to rebuild (and no walk over a long prompt's ids)
+        return value
     if isinstance(hint, type) and issubclass(hint, Record):
         if not isinstance(value, dict):
             raise ValueError(f"{hint.__name__} must be a map, got {type(value).__name__}")

@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
-# Versions: 14: TokenChunk.logprobs (TokenLogprob); 13: a Reset may come on the doorbell, step
+# Versions: 14: LogprobsChunk (TokenLogprob); 13: a Reset may come on the doorbell, step
 # numbers increase across requests; 12: Decode.argmax/own_input and the token_ring buffer; 11: Ready.captures_pending;
 # 10: Started.spin_ms; 9: DecodeBatch carries several prompt chunks; 8: GenerateRequest.warm_up; 7: DecodeBatch's
 # prompt chunk (the mixed step); 6: KV slots (Ready.max_num_seqs, Prefill.slot, DecodeBatch, the batch_logits buffer);
@@ -564,9 +564,17 @@ class TokenChunk(Message):
     request_id: str
     text: str
     token_ids: list[int]
-    # when the request asked for them, one per token of token_ids whose text is in the reply (a token that ends it,
-    # EOS or a stop token id, has none); only here, not again in Finished: a long reply's would pass the frame limit
-    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass(frozen=True)
+class LogprobsChunk(TokenChunk):
+    """A TokenChunk of a request that asked for logprobs (`SamplingParams.logprobs`): one entry per token of token_ids
+    whose text is in the reply (a token that ends it, EOS or a stop token id, has none). A kind of its own, so that
+    a plain chunk carries no field more (its encode and decode are the token path's), and only here, not again in
+    Finished: a long reply's entries would pass the frame limit."""
+
+    TAG: ClassVar[int] = 29
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -651,7 +659,7 @@ class Started(Message):
 ALL_MESSAGES: tuple[type[Message], ...] = (
     Handshake, Ready, Status, StatusReply, Ok, Error,
     Prefill, Decode, StepDone, Reset, Verify, DecodeBatch,
-    GenerateRequest, TokenChunk, Finished, CancelRequest,
+    GenerateRequest, TokenChunk, LogprobsChunk, Finished, CancelRequest,
     TokenizeRequest, TokenizeReply, DetokenizeRequest, DetokenizeReply, Started,
 )  # fmt: skip
 

@@ -35,6 +35,7 @@ from ipc.messages import (
     FinishReason,
     GenerateRequest,
     Handshake,
+    LogprobsChunk,
     Ready,
     Started,
     Status,
@@ -389,7 +390,9 @@ class JitServer:
 
     def _stream(self, pending: Pending, item: Chunk) -> bool:
         """Send a generated chunk to its client, stamp its send and count its tokens; False if the client is gone."""
-        if not self._reply(pending.identity, TokenChunk(pending.request_id, item.text, item.token_ids, item.logprobs)):
+        chunk = TokenChunk(pending.request_id, item.text, item.token_ids) if item.logprobs is None else \
+            LogprobsChunk(pending.request_id, item.text, item.token_ids, item.logprobs)
+        if not self._reply(pending.identity, chunk):
             return False
         if item.token_ids:  # a detokenizer's tail carries none: one stamp per token_times_ms entry
             pending.sent.append(time.perf_counter())

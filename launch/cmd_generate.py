@@ -172,7 +172,7 @@ def stream_request(client, prompt, messages, params, stream) -> Outcome:
             return Outcome(msg.text, msg.token_ids, msg.finish_reason, usage.get("prompt_tokens", 0),
                            (first - start) * 1e3, timings.get("tokens_per_s", 0.0),
                            speculation=timings.get("speculation"), logprobs=logprobs)
-        if logprobs is not None and msg.logprobs:
-            logprobs += msg.logprobs
+        if logprobs is not None:
+            logprobs += getattr(msg, "logprobs", [])  # a LogprobsChunk's
         stream(msg.text)
     raise RuntimeError("the stream ended without a Finished message")

@@ -324,7 +324,7 @@ async def _sse(events: Events, chunks: ChunkMaker) -> AsyncGenerator[str, None]:
         try:
             item = await anext(events)
             while not isinstance(item, Finished):
-                if item.logprobs:
+                if getattr(item, "logprobs", None):  # a LogprobsChunk
                     waiting = (waiting or []) + item.logprobs
                 if item.text:  # a token whose text is held back (partial UTF-8, possible stop) sends nothing
                     yield _event(chunks.text(item.text, waiting))

@@ -25,7 +25,7 @@ import zmq
 
 from jit_context.sampling_params import SamplingParams
 
-TAGS = (1, 2, 4, 5, 6, 7, 10, 11, 12, 13, 20, 21, 22, 23, 24, 25, 26, 27, 28)  # every message kind, client or not
+TAGS = (1, 2, 4, 5, 6, 7, 10, 11, 12, 13, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29)  # every message kind, client or not
 NASTY_VALUES: tuple = (None, True, False, 0, -1, 1, 2**63 - 1, -(2**63), 2**64 - 1, 1e308, -1e308, math.inf,
                        -math.inf, math.nan, 1e-320, -0.0, "", "x", "\U0001f600", "\x00", "é" * 1000, b"", b"\xff",
                        [], [1], {}, {"a": 1}, [[[[[]]]]], "a" * 200_000, list(range(5000)))

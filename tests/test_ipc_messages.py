@@ -62,6 +62,8 @@ SAMPLES = [
                       chat=m.ChatOptions(False, True, {"enable_thinking": False, "style": ["short"]})),
     m.GenerateRequest(request_id="c3", token_ids=[1, 2, 3]),
     m.TokenChunk(request_id="c1", text=" Paris", token_ids=[7042]),
+    m.LogprobsChunk(request_id="c1", text=" Paris", token_ids=[7042],
+                    logprobs=[m.TokenLogprob(7042, " Paris", -0.25, [7042, 12], [" Paris", " the"], [-0.25, -2.0])]),
     m.Finished(
         request_id="c1",
         text="Paris.",

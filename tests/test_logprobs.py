@@ -9,7 +9,7 @@ import torch
 
 from graph_executor.runner import ModelRunner
 from ipc import codec
-from ipc.messages import Finished, TokenChunk, TokenLogprob
+from ipc.messages import Finished, LogprobsChunk, TokenChunk, TokenLogprob
 from jit_context.generator import Generator
 from jit_context.sampler import Sampler
 from jit_context.sampling_params import SamplingParams
@@ -148,15 +148,17 @@ def test_batched_requests_report_the_logprobs_they_report_alone() -> None:
             assert got.token == ref.token and got.top_ids == ref.top_ids and abs(got.logprob - ref.logprob) < 1e-5
 
 
-def test_logprobs_travel_in_token_chunks() -> None:
-    """Each TokenChunk carries its tokens' entries; Finished none (a long reply's would pass the frame limit: ~480
-    bytes a token with 20 top tokens)."""
+def test_logprobs_travel_in_a_chunk_kind_of_their_own() -> None:
+    """A LogprobsChunk (a TokenChunk to every reader) carries its tokens' entries; a plain TokenChunk and Finished
+    carry no field for them (the token path's frames unchanged; a long reply's entries would pass the frame limit:
+    ~480 bytes a token with 20 top tokens)."""
     entry = TokenLogprob(12, " the", -0.25, [12, 7], [" the", " a"], [-0.25, -1.75])
-    for msg in (TokenChunk("r", " the", [12], [entry]), TokenChunk("r", "x", [3])):
-        assert codec.decode(codec.encode(msg)) == msg
-    assert "logprobs" not in {f for f in Finished.__dataclass_fields__}
+    with_entries = LogprobsChunk("r", " the", [12], [entry])
+    assert isinstance(with_entries, TokenChunk) and codec.decode(codec.encode(with_entries)) == with_entries
+    assert codec.decode(codec.encode(TokenChunk("r", "x", [3]))) == TokenChunk("r", "x", [3])
+    assert "logprobs" not in TokenChunk.__dataclass_fields__ and "logprobs" not in Finished.__dataclass_fields__
     with pytest.raises(Exception, match="as long"):
-        codec.decode(codec.encode(TokenChunk("r", "", [1], [TokenLogprob(1, "", -1.0, [1, 2], [""], [-1.0])])))
+        codec.decode(codec.encode(LogprobsChunk("r", "", [1], [TokenLogprob(1, "", -1.0, [1, 2], [""], [-1.0])])))
 
 
 # -- over the native client and the OpenAI HTTP API, two real processes (the session's shared CPU server) -------
@@ -177,7 +179,7 @@ def test_the_openai_chat_and_completion_forms_carry_the_native_logprobs(shared_s
     def native_run(**request):
         with Client(shared_server.address) as client:
             *chunks, finished = client.generate(**request)
-        return finished, [e for chunk in chunks for e in chunk.logprobs or ()]
+        return finished, [e for chunk in chunks for e in getattr(chunk, "logprobs", ())]
 
     with Client(shared_server.address) as client:
         model = client.status()["model"]
