@@ -45,10 +45,12 @@ from launch.openai_protocol import (
     ChatCompletionRequest,
     ChunkMaker,
     CompletionRequest,
+    Outcome,
     Unsupported,
     chat_body,
     completion_body,
     error_body,
+    merged_usage,
     models_body,
 )
 
@@ -246,6 +248,8 @@ async def _respond(client: AsyncClient, body: CompletionRequest | ChatCompletion
                    prompt: dict[str, Any], params: dict[str, Any], chat: bool, request: Request,
                    warm_up: bool = False) -> Any:
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    if body.choices > 1:
+        return await _respond_n(client, body, prompt, params, chat, request, request_id, warm_up)
     if body.stream:
         # Answer once the JIT context has accepted the request (Started, before its prefill): what it refuses is
         # still a 400, and the headers' write and the client's parse of them overlap the prefill instead of
@@ -258,7 +262,109 @@ async def _respond(client: AsyncClient, body: CompletionRequest | ChatCompletion
     logprobs = [] if params.get("logprobs") is not None else None
     item = await _unless_disconnected(request, _until_finished(events, logprobs))
     make = chat_body if chat else completion_body
-    return make(request_id, body.model, item.text, item.finish_reason, item.usage, logprobs)
+    return make(request_id, body.model, [Outcome(item.text, item.finish_reason, logprobs)], item.usage)
+
+
+async def _respond_n(client: AsyncClient, body: CompletionRequest | ChatCompletionRequest, prompt: dict[str, Any],
+                     params: dict[str, Any], chat: bool, request: Request, request_id: str, warm_up: bool) -> Any:
+    """`n` > 1: n native requests side by side (a batching server decodes them together; one slot queues them),
+    choice i from request i (its seed moved on by i). A failure of any is the request's error."""
+    n = body.choices
+    started = body.stream
+    streams = [client.generate(**prompt, params=body.choice_params(params, i), request_id=f"{request_id}-{i}",
+                               warm_up=warm_up, started=started) for i in range(n)]
+    if started:
+        try:  # the first accepted (Started) before the headers: what it refuses (the others' params but the seed
+            await _next_or_error(streams[0])  # are its own) is a 400; the others may wait for a slot meanwhile
+        except BaseException:
+            for events in streams:
+                await events.aclose()
+            raise
+        merged = _merged(streams)
+        return _ClosingStreamingResponse(_sse_n(merged, ChunkMaker(request_id, body.model, chat, body.include_usage),
+                                                n), _AllStreams(streams))
+    asked = params.get("logprobs") is not None
+    logprobs = [[] if asked else None for _ in range(n)]
+
+    async def all_finished() -> list[Finished]:
+        tasks = [asyncio.ensure_future(_until_finished(events, lp)) for events, lp in zip(streams, logprobs)]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:  # one failed, or the client left: the others are cancelled (their requests too)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    finished = await _unless_disconnected(request, all_finished())
+    make = chat_body if chat else completion_body
+    return make(request_id, body.model, [Outcome(f.text, f.finish_reason, lp) for f, lp in zip(finished, logprobs)],
+                merged_usage([f.usage for f in finished]))
+
+
+class _AllStreams:
+    """n requests' streams closed as one (`_ClosingStreamingResponse`): each unfinished request is cancelled, also
+    when the response's body never started."""
+
+    def __init__(self, streams: list[Events]) -> None:
+        self.streams = streams
+
+    async def aclose(self) -> None:
+        for events in self.streams:
+            await events.aclose()
+
+
+async def _merged(streams: list[Events]) -> AsyncGenerator[tuple[int, TokenChunk | Finished], None]:
+    """(choice index, message) of n requests' streams as each arrives, each stream's in its order, until every one
+    has its Finished; a stream that ends without one raises ApiError. Closing it closes every stream."""
+    pending: dict[asyncio.Future, int] = {}
+    try:
+        pending = {asyncio.ensure_future(anext(events)): i for i, events in enumerate(streams)}
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=pending.__getitem__):
+                i = pending.pop(task)
+                try:
+                    item = task.result()
+                except StopAsyncIteration:
+                    raise ApiError(500, ENDED_WITHOUT_RESULT, "server_error") from None
+                if not isinstance(item, Started):  # (the other choices' acceptance: nothing to send)
+                    yield i, item
+                if not isinstance(item, Finished):
+                    pending[asyncio.ensure_future(anext(streams[i]))] = i
+    finally:
+        for task in pending:
+            task.cancel()
+        for events in streams:
+            await events.aclose()  # sends CancelRequest to each unfinished request
+
+
+async def _sse_n(merged: AsyncGenerator[tuple[int, TokenChunk | Finished], None], chunks: ChunkMaker,
+                 n: int) -> AsyncGenerator[str, None]:
+    """`_sse` for n choices: each choice's role, deltas and finish reason with its index, as they come; the usage
+    of all of them at the end (if asked), then [DONE]."""
+    async with aclosing(merged):
+        for i in range(n):
+            if (opening := chunks.first(i)) is not None:
+                yield _event(opening)
+        waiting: dict[int, list] = {}
+        usages = []
+        try:
+            async for i, item in merged:
+                if getattr(item, "logprobs", None):
+                    waiting.setdefault(i, []).extend(item.logprobs)
+                if isinstance(item, Finished):
+                    usages.append(item.usage)
+                    yield _event(chunks.final(item.finish_reason, waiting.pop(i, None), index=i))
+                elif item.text:
+                    yield _event(chunks.text(item.text, waiting.pop(i, None), index=i))
+            tail = _event(chunks.usage(merged_usage(usages))) if chunks.include_usage else ""
+        except ServerError as e:
+            err = ApiError.from_server(e)
+            tail = _event(error_body(err.message, err.type, err.param, err.code))
+        except ApiError as err:
+            tail = _event(error_body(err.message, err.type, err.param, err.code))
+    yield tail + "data: [DONE]\n\n"
 
 
 async def _until_finished(events: Events, logprobs: list | None = None) -> Finished:
@@ -272,7 +378,7 @@ async def _until_finished(events: Events, logprobs: list | None = None) -> Finis
     return item
 
 
-async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, Finished]) -> Finished:
+async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, Any]) -> Any:
     """Run a non-streamed request, cancelling it (and so its generation) if the HTTP client hangs up.
 
     A task waits in the request's own `receive()` (past the body, it returns only once the client is gone: the

@@ -1,7 +1,7 @@
 """The OpenAI wire format of the HTTP API: request bodies (pydantic, unknown fields refused), their
 translation into the native protocol's prompt and sampling params, and the response, chunk and error bodies.
 
-Only what hybridrt can honour is accepted. Fields that clients send with neutral values (n=1, echo=false, ...)
+Only what hybridrt can honour is accepted. Fields that clients send with neutral values (echo=false, ...)
 pass; any other value is an `Unsupported` error (HTTP 400) rather than being silently ignored.
 OpenAI's presence_penalty, frequency_penalty, logit_bias and logprobs (each generated token's and its top
 tokens', in the chat and the completions forms), and vLLM's extras (top_k, min_p, repetition_penalty,
@@ -12,6 +12,7 @@ chat_template_kwargs) pass through to the sampling params, whose checks are the 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -20,6 +21,7 @@ from ipc.messages import ChatOptions, FinishReason, TokenLogprob
 from jit_context.sampling_params import MAX_LOGPROBS
 
 TokenId = Annotated[int, Field(ge=0)]
+MAX_N = 16  # completions per request (`n`): each its own native request, run side by side
 # Native finish reason -> OpenAI's; "abort" has no OpenAI name and keeps vLLM's.
 FINISH_REASONS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.ABORT: "abort"}
 
@@ -68,12 +70,23 @@ class _SamplingRequest(BaseModel):
     min_tokens: int | None = None
 
     @property
+    def choices(self) -> int:
+        return self.n or 1
+
+    def choice_params(self, params: dict[str, Any], index: int) -> dict[str, Any]:
+        """The native params of completion `index` of n: a given seed moves on by the index (so that sampled
+        choices differ and each stays reproducible), none stays none (each draws its own)."""
+        if index == 0 or params.get("seed") is None:
+            return params
+        return {**params, "seed": (params["seed"] + index) % (2**63)}
+
+    @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
     def check_supported(self) -> None:
-        if self.n not in (None, 1):
-            raise Unsupported("n", "only n=1 is supported (one completion per request)")
+        if self.n is not None and not 1 <= self.n <= MAX_N:
+            raise Unsupported("n", f"n must be in [1, {MAX_N}], got {self.n}")
 
     def logprobs_count(self) -> int | None:
         """The native `logprobs`: how many top tokens each generated token lists (None: no logprobs)."""
@@ -261,20 +274,34 @@ def completion_logprobs(entries: list[TokenLogprob] | None, offset: int = 0) -> 
             "text_offset": offsets}
 
 
-def completion_body(request_id: str, model: str, text: str, reason: str, usage: dict,
-                    logprobs: list[TokenLogprob] | None = None) -> dict:
-    choice = {"index": 0, "text": text, "logprobs": completion_logprobs(logprobs),
-              "finish_reason": finish_reason(reason)}
+@dataclass(frozen=True)
+class Outcome:
+    """One completion of a request (of its n): text, native finish reason, logprobs entries (None: not asked)."""
+
+    text: str
+    reason: str
+    logprobs: list[TokenLogprob] | None = None
+
+
+def merged_usage(usages: list[dict]) -> dict:
+    """The usage of a request's n completions: the prompt counted once, the completions' tokens summed."""
+    prompt = usages[0].get("prompt_tokens", 0)
+    completion = sum(u.get("completion_tokens", 0) for u in usages)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def completion_body(request_id: str, model: str, outcomes: list[Outcome], usage: dict) -> dict:
+    choices = [{"index": i, "text": o.text, "logprobs": completion_logprobs(o.logprobs),
+                "finish_reason": finish_reason(o.reason)} for i, o in enumerate(outcomes)]
     return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [choice], "usage": usage}
+            "choices": choices, "usage": usage}
 
 
-def chat_body(request_id: str, model: str, text: str, reason: str, usage: dict,
-              logprobs: list[TokenLogprob] | None = None) -> dict:
-    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": chat_logprobs(logprobs),
-              "finish_reason": finish_reason(reason)}
+def chat_body(request_id: str, model: str, outcomes: list[Outcome], usage: dict) -> dict:
+    choices = [{"index": i, "message": {"role": "assistant", "content": o.text}, "logprobs": chat_logprobs(o.logprobs),
+                "finish_reason": finish_reason(o.reason)} for i, o in enumerate(outcomes)]
     return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [choice], "usage": usage}
+            "choices": choices, "usage": usage}
 
 
 class ChunkMaker:
@@ -285,7 +312,7 @@ class ChunkMaker:
                      "created": int(time.time()), "model": model}
         self.chat = chat
         self.include_usage = include_usage
-        self.offset = 0  # completions: where the next chunk's tokens start in the text (text_offset)
+        self.offsets: dict[int, int] = {}  # completions: where each choice's next tokens start in its text
 
     def _chunk(self, choices: list[dict], usage: dict | None = None) -> dict:
         body = {**self.head, "choices": choices}
@@ -294,26 +321,27 @@ class ChunkMaker:
         return body
 
     def _choice(self, text: str | None, reason: str | None, role: bool = False,
-                logprobs: list[TokenLogprob] | None = None) -> dict:
+                logprobs: list[TokenLogprob] | None = None, index: int = 0) -> dict:
         if not self.chat:
-            listed = completion_logprobs(logprobs, self.offset)
-            self.offset += sum(len(e.text) for e in logprobs or ())
-            return {"index": 0, "text": text or "", "logprobs": listed, "finish_reason": reason}
+            offset = self.offsets.get(index, 0)
+            self.offsets[index] = offset + sum(len(e.text) for e in logprobs or ())
+            return {"index": index, "text": text or "", "logprobs": completion_logprobs(logprobs, offset),
+                    "finish_reason": reason}
         delta: dict[str, str] = {"role": "assistant", "content": ""} if role else {}
         if text:
             delta["content"] = text
-        return {"index": 0, "delta": delta, "logprobs": chat_logprobs(logprobs), "finish_reason": reason}
+        return {"index": index, "delta": delta, "logprobs": chat_logprobs(logprobs), "finish_reason": reason}
 
-    def first(self) -> dict | None:
-        """Chat streams open with the assistant role; completions have no opening chunk."""
-        return self._chunk([self._choice(None, None, role=True)]) if self.chat else None
+    def first(self, index: int = 0) -> dict | None:
+        """Chat streams open with the assistant role (one chunk per choice); completions have no opening chunk."""
+        return self._chunk([self._choice(None, None, role=True, index=index)]) if self.chat else None
 
-    def text(self, text: str, logprobs: list[TokenLogprob] | None = None) -> dict:
+    def text(self, text: str, logprobs: list[TokenLogprob] | None = None, index: int = 0) -> dict:
         """A content chunk; `logprobs`: those of its tokens (and of tokens before it whose text was held back)."""
-        return self._chunk([self._choice(text, None, logprobs=logprobs)])
+        return self._chunk([self._choice(text, None, logprobs=logprobs, index=index)])
 
-    def final(self, native_reason: str, logprobs: list[TokenLogprob] | None = None) -> dict:
-        return self._chunk([self._choice(None, finish_reason(native_reason), logprobs=logprobs)])
+    def final(self, native_reason: str, logprobs: list[TokenLogprob] | None = None, index: int = 0) -> dict:
+        return self._chunk([self._choice(None, finish_reason(native_reason), logprobs=logprobs, index=index)])
 
     def usage(self, usage: dict) -> dict:
         return self._chunk([], usage)

@@ -144,12 +144,43 @@ def test_penalties_and_logit_bias_reach_the_sampler_as_the_native_client_s(serve
         chat.choices[0].message.content)]
 
 
+def test_n_choices_are_n_native_requests_side_by_side(server, model) -> None:
+    """`n`: choice i is what the native client gets for the same request with the seed moved on by i; streamed, each
+    choice's deltas carry its index and add up to the same text; the prompt's tokens count once in the usage."""
+    api = openai_client(server)
+    done = api.chat.completions.create(model=model, messages=QUESTION, max_tokens=6, temperature=1.0, seed=11, n=3)
+    assert [c.index for c in done.choices] == [0, 1, 2]
+    natives = [native_finished(server.address, messages=QUESTION,
+                               params={"max_tokens": 6, "temperature": 1.0, "seed": 11 + i}) for i in range(3)]
+    assert [c.message.content for c in done.choices] == [f.text for f in natives]
+    assert len({c.message.content for c in done.choices}) > 1  # seeds that differ draw differently
+    assert done.usage.prompt_tokens == natives[0].usage["prompt_tokens"]
+    assert done.usage.completion_tokens == sum(f.usage["completion_tokens"] for f in natives)
+    streamed = api.chat.completions.create(model=model, messages=QUESTION, max_tokens=6, temperature=1.0, seed=11,
+                                           n=3, stream=True, stream_options={"include_usage": True})
+    texts, reasons, usage = {}, {}, None
+    for chunk in streamed:
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+            if choice.finish_reason:
+                reasons[choice.index] = choice.finish_reason
+    assert [texts[i] for i in range(3)] == [c.message.content for c in done.choices]
+    assert [reasons[i] for i in range(3)] == [c.finish_reason for c in done.choices] and usage == done.usage
+    greedy = api.completions.create(model=model, prompt=PROMPT, max_tokens=4, temperature=0, n=2, logprobs=1)
+    assert greedy.choices[0].text == greedy.choices[1].text and greedy.choices[1].logprobs.tokens
+    wait_idle(server.address)  # nothing of these left running
+
+
 BAD_REQUESTS = [  # (endpoint, change to a good body, status, error param)
     ("completions", {"temperature": -1}, 400, None),
     ("completions", {"top_p": 2}, 400, None),
     ("completions", {"stream_options": {"frobnicate": True}}, 400, "stream_options"),  # top level: ignored
     ("completions", {"prompt": ""}, 400, None),
-    ("completions", {"n": 2}, 400, "n"),
+    ("completions", {"n": 17}, 400, "n"),
+    ("chat/completions", {"n": 0}, 400, "n"),
+    ("chat/completions", {"n": 2, "temperature": -1}, 400, None),  # each of the n refused by the JIT context
+    ("chat/completions", {"n": 2, "temperature": -1, "stream": True}, 400, None),
     ("completions", {"echo": True}, 400, "echo"),
     ("completions", {"presence_penalty": 2.5}, 400, None),  # the JIT context's range check
     ("completions", {"logit_bias": {"99999999": 5}}, 400, None),  # past the vocabulary
@@ -227,13 +258,20 @@ def test_metrics_count_requests_and_tokens(server, model) -> None:
     assert httpx.get(f"{server.http}/version").json()["version"]
 
 
-def test_client_disconnect_cancels_generation(server, model) -> None:
+@pytest.mark.parametrize("n", [1, 2])
+def test_client_disconnect_cancels_generation(server, model, n) -> None:
+    """A streamed request's generation ends when its client hangs up; with n > 1 every choice's."""
     body = {"model": model, "prompt": "Once upon a time", "max_tokens": 3000, "ignore_eos": True,
-            "stream": True}
+            "stream": True, "n": n}
     with httpx.stream("POST", f"{server.http}/v1/completions", json=body, timeout=60) as reply:
         events = (line for line in reply.iter_lines() if line)
         assert all(next(events).startswith("data: {") for _ in range(3))  # tokens are flowing: now hang up
     wait_idle(server.address)
+    if n > 1:  # and a non-streamed one whose client gives up
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{server.http}/v1/completions", json={**body, "stream": False},
+                       timeout=httpx.Timeout(60, read=2.0))
+        wait_idle(server.address)
 
 
 def test_client_disconnect_cancels_non_streamed_generation(server, model) -> None:
