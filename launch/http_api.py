@@ -274,8 +274,10 @@ async def _respond_n(client: AsyncClient, body: CompletionRequest | ChatCompleti
     streams = [client.generate(**prompt, params=body.choice_params(params, i), request_id=f"{request_id}-{i}",
                                warm_up=warm_up, started=started) for i in range(n)]
     if started:
-        try:  # the first accepted (Started) before the headers: what it refuses (the others' params but the seed
-            await _next_or_error(streams[0])  # are its own) is a 400; the others may wait for a slot meanwhile
+        # the first accepted (Started) before the headers: what it refuses (the others' params but the seed are its
+        # own) is a 400; the others are sent when the body starts (a one-slot server queues them behind it)
+        try:
+            await _next_or_error(streams[0])
         except BaseException:
             for events in streams:
                 await events.aclose()
@@ -310,8 +312,14 @@ class _AllStreams:
         self.streams = streams
 
     async def aclose(self) -> None:
-        for events in self.streams:
-            await events.aclose()
+        errors = []
+        for events in self.streams:  # every one, whatever another's close raises
+            try:
+                await events.aclose()
+            except Exception as e:  # noqa: BLE001 - re-raised below, after the rest are closed
+                errors.append(e)
+        if errors:
+            raise errors[0]
 
 
 async def _merged(streams: list[Events]) -> AsyncGenerator[tuple[int, TokenChunk | Finished], None]:
@@ -333,10 +341,11 @@ async def _merged(streams: list[Events]) -> AsyncGenerator[tuple[int, TokenChunk
                 if not isinstance(item, Finished):
                     pending[asyncio.ensure_future(anext(streams[i]))] = i
     finally:
+        # the anext tasks in flight end first: a generator suspended in one cannot be closed ("already running")
         for task in pending:
             task.cancel()
-        for events in streams:
-            await events.aclose()  # sends CancelRequest to each unfinished request
+        await asyncio.gather(*pending, return_exceptions=True)
+        await _AllStreams(streams).aclose()  # sends CancelRequest to each unfinished request
 
 
 async def _sse_n(merged: AsyncGenerator[tuple[int, TokenChunk | Finished], None], chunks: ChunkMaker,
@@ -483,8 +492,10 @@ class _ClosingStreamingResponse(StreamingResponse):
         finally:
             state["done"] = True  # no await since the stream ended: the watcher cannot have cancelled after it
             watcher.cancel()
-            await self._body.aclose()
-            await self._events.aclose()  # sends CancelRequest if the request is unfinished
+            try:
+                await self._body.aclose()
+            finally:
+                await self._events.aclose()  # sends CancelRequest if the request is unfinished
 
 
 def _key_checker(api_key: str | None):

@@ -285,7 +285,7 @@ class Outcome:
 
 def merged_usage(usages: list[dict]) -> dict:
     """The usage of a request's n completions: the prompt counted once, the completions' tokens summed."""
-    prompt = usages[0].get("prompt_tokens", 0)
+    prompt = max(u.get("prompt_tokens", 0) for u in usages)  # (an aborted choice's usage is empty)
     completion = sum(u.get("completion_tokens", 0) for u in usages)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 

@@ -592,3 +592,45 @@ thread.join()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_merged_choices_close_every_stream_on_a_failure_or_a_hang_up() -> None:
+    """`n` > 1 streamed: a choice that fails mid-stream ends the response with the error event and [DONE], and every
+    choice's stream is closed (its request cancelled), also when the client hangs up while a choice's next message is
+    awaited (a generator suspended there could not be closed: "already running")."""
+    from ipc.messages import Started, TokenChunk
+    from launch.http_api import _merged, _sse_n
+    from launch.openai_protocol import ChunkMaker
+
+    closed: list[int] = []
+
+    async def stream(i: int, fail_after: int | None, slow: bool):
+        try:
+            yield Started(f"r{i}", 0.0, 0.0)
+            for k in range(4):
+                if fail_after is not None and k == fail_after:
+                    raise ServerError("executor_died", "the graph executor process died")
+                await asyncio.sleep(0.05 if slow else 0.001)
+                yield TokenChunk(f"r{i}", f"t{k}", [k])
+            yield Finished(f"r{i}", "t0t1t2t3", [0, 1, 2, 3], "length", {"prompt_tokens": 3, "completion_tokens": 4})
+        finally:
+            closed.append(i)
+
+    async def failing() -> str:
+        streams = [stream(0, None, True), stream(1, 2, False)]
+        body = _sse_n(_merged(streams), ChunkMaker("id", "m", chat=True, include_usage=True), 2)
+        return "".join([part async for part in body])
+
+    out = asyncio.run(failing())
+    assert '"code":"executor_died"' in out and out.endswith("data: [DONE]\n\n"), out
+    assert sorted(closed) == [0, 1]
+
+    async def hang_up() -> None:
+        streams = [stream(0, None, True), stream(1, None, True)]
+        body = _sse_n(_merged(streams), ChunkMaker("id", "m", chat=False, include_usage=False), 2)
+        await anext(body)  # a first chunk out, the next ones awaited: then the client is gone
+        await body.aclose()
+
+    closed.clear()
+    asyncio.run(hang_up())
+    assert sorted(closed) == [0, 1]
