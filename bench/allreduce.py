@@ -58,11 +58,8 @@ def _rank(rank: int, ranks: int, port: int, device: str, hidden: int, dtype: str
     try:
         x = torch.ones(hidden, dtype=getattr(torch, dtype), device=dev)
         dist.all_reduce(x)  # the communicator, before any capture
-        if how == "peer":
-            peer = TensorParallel(rank, ranks).with_peer_allreduce(hidden, x.dtype, dev).peer
-            reduce = peer
-        else:
-            reduce = dist.all_reduce
+        reduce = TensorParallel(rank, ranks).with_peer_allreduce(hidden, x.dtype, dev).peer if how == "peer" \
+            else dist.all_reduce
         times = []
         if gpu:
             stream = torch.cuda.Stream()

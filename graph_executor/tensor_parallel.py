@@ -135,7 +135,7 @@ class TensorParallel:
         mine = device.index if device.index is not None else torch.cuda.current_device()
         devices = [int(d) for d in self.exchange(str(mine).encode())]
         blocked = [d for d in devices if d != mine and not torch.cuda.can_device_access_peer(mine, d)]
-        verdicts = self.exchange(b"," .join(str(d).encode() for d in blocked))
+        verdicts = self.exchange(b",".join(str(d).encode() for d in blocked))
         pairs = [(devices[r], int(d)) for r, v in enumerate(verdicts) for d in v.split(b",") if d]
         if pairs:
             raise ValueError(f"--tp-allreduce peer needs peer access between the GPUs; GPU {pairs[0][0]} cannot reach "

@@ -35,55 +35,24 @@ MAX_RANKS = 8
 
 
 @triton.jit
-def _one_shot_kernel(x_ptr, n, epoch_ptr, rank, b0, b1, b2, b3, b4, b5, b6, b7, f0, f1, f2, f3, f4, f5, f6, f7,
-                     CAP: tl.constexpr, N: tl.constexpr, BLOCK: tl.constexpr):
+def _one_shot_kernel(x_ptr, n, epoch_ptr, b0, b1, b2, b3, b4, b5, b6, b7, f0, f1, f2, f3, f4, f5, f6, f7,
+                     RANK: tl.constexpr, CAP: tl.constexpr, N: tl.constexpr, BLOCK: tl.constexpr):
     epoch = tl.load(epoch_ptr) + 1  # int64: never wraps
     slot = (epoch & 1) * CAP
     offs = tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    # this rank's own slot, as one of b0..b7 (rank order)
-    mine = b0
-    if rank == 1:
-        mine = b1
-    if rank == 2:
-        mine = b2
-    if rank == 3:
-        mine = b3
-    if rank == 4:
-        mine = b4
-    if rank == 5:
-        mine = b5
-    if rank == 6:
-        mine = b6
-    if rank == 7:
-        mine = b7
-    tl.store(mine + slot + offs, x, mask=mask)
-    tl.debug_barrier()  # every thread's part of x stored before the flags say so
+    buffers = (b0, b1, b2, b3, b4, b5, b6, b7)  # every rank's slots, in rank order (RANK's own among them)
     flags = (f0, f1, f2, f3, f4, f5, f6, f7)
+    tl.store(buffers[RANK] + slot + offs, x, mask=mask)
+    tl.debug_barrier()  # every thread's part of x stored before the flags say so
     for r in tl.static_range(N):
-        tl.atomic_xchg(flags[r] + rank, epoch, sem="release", scope="sys")
-    mine_flags = f0
-    if rank == 1:
-        mine_flags = f1
-    if rank == 2:
-        mine_flags = f2
-    if rank == 3:
-        mine_flags = f3
-    if rank == 4:
-        mine_flags = f4
-    if rank == 5:
-        mine_flags = f5
-    if rank == 6:
-        mine_flags = f6
-    if rank == 7:
-        mine_flags = f7
+        tl.atomic_xchg(flags[r] + RANK, epoch, sem="release", scope="sys")
     for r in tl.static_range(N):
-        seen = tl.atomic_add(mine_flags + r, 0, sem="acquire", scope="sys")
+        seen = tl.atomic_add(flags[RANK] + r, 0, sem="acquire", scope="sys")
         while seen < epoch:
-            seen = tl.atomic_add(mine_flags + r, 0, sem="acquire", scope="sys")
+            seen = tl.atomic_add(flags[RANK] + r, 0, sem="acquire", scope="sys")
     tl.debug_barrier()
-    buffers = (b0, b1, b2, b3, b4, b5, b6, b7)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for r in tl.static_range(N):
         acc += tl.load(buffers[r] + slot + offs, mask=mask, other=0.0, volatile=True).to(tl.float32)
@@ -112,7 +81,7 @@ class SharedFileMemory:
     def allocate(self, capacity: int, dtype: torch.dtype) -> tuple[PeerRegion, bytes]:
         stem = f"hybridrt-ar-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         paths = [self.folder / f"{stem}.data", self.folder / f"{stem}.flags"]
-        sizes = [2 * capacity * torch.empty((), dtype=dtype).element_size(), 8 * MAX_RANKS]
+        sizes = [2 * capacity * dtype.itemsize, 8 * MAX_RANKS]
         for path, size in zip(paths, sizes, strict=True):
             path.write_bytes(b"\0" * size)
             self.owned.append(path)
@@ -161,7 +130,7 @@ class CudaIpcMemory:
 
     @staticmethod
     def _nbytes(capacity: int, dtype: torch.dtype) -> int:
-        return 2 * capacity * torch.empty((), dtype=dtype).element_size() + 8 * MAX_RANKS
+        return 2 * capacity * dtype.itemsize + 8 * MAX_RANKS
 
     def _region(self, buffer, capacity: int, dtype: torch.dtype) -> PeerRegion:
         device = torch.device("cuda", self._index())
@@ -170,7 +139,7 @@ class CudaIpcMemory:
             # (a torch that took a peer GPU's mapping for that GPU's memory would have copied it: flags in a copy
             # hang every rank)
             raise RuntimeError(f"the peer region at {buffer.ptr:#x} was not mapped as a tensor in place on {device}")
-        data_bytes = 2 * capacity * torch.empty((), dtype=dtype).element_size()  # (a multiple of 8 for the flags)
+        data_bytes = 2 * capacity * dtype.itemsize  # (a multiple of 8 for the flags)
         return PeerRegion(raw[:data_bytes].view(dtype).view(2, capacity), raw[data_bytes:].view(torch.int64))
 
     def close(self) -> None:
@@ -223,8 +192,9 @@ class PeerAllReduce:
                              f"got {x.dtype} {tuple(x.shape)}")
         self.calls += 1
         padded = self.regions + [self.regions[0]] * (MAX_RANKS - self.size)
-        _one_shot_kernel[(1,)](x, x.numel(), self.epoch, self.rank, *(r.data for r in padded),
-                               *(r.flags for r in padded), CAP=self.capacity_padded, N=self.size, BLOCK=self.block,
+        # (RANK a constant: each rank's process compiles its own variant, which indexes its own slots statically)
+        _one_shot_kernel[(1,)](x, x.numel(), self.epoch, *(r.data for r in padded), *(r.flags for r in padded),
+                               RANK=self.rank, CAP=self.capacity_padded, N=self.size, BLOCK=self.block,
                                num_warps=self.warps)
         return x
 
