@@ -136,15 +136,14 @@ class Sampler:
             raise ValueError("sample: host needs out")
         if logits.shape != (self.vocab_size,):
             raise ValueError(f"logits must have shape ({self.vocab_size},), got {tuple(logits.shape)}")
+        raw = logits.float()  # [V] f32, before any bias, penalty or temperature (vLLM's raw logprobs)
+        token = self._pick(raw, out, host)
         if self.logprobs_k is not None:
-            raw = logits.float()  # [V] f32, before any bias, penalty or temperature (vLLM's raw logprobs)
-            token = self._pick(logits, out, host)
             self._record_logprobs(raw, token)
-            return token
-        return self._pick(logits, out, host)
+        return token
 
-    def _pick(self, logits: torch.Tensor, out: torch.Tensor | None, host: torch.Tensor | None) -> torch.Tensor:
-        x = logits.float()  # [V] f32
+    def _pick(self, x: torch.Tensor, out: torch.Tensor | None, host: torch.Tensor | None) -> torch.Tensor:
+        """The token drawn from raw logits x [V] float32 (left as they are: each step below makes a new tensor)."""
         if self._biased:
             x = x + self._bias
         if self._penalize:  # host-known per request: no penalty, no three passes over the vocabulary
@@ -187,10 +186,11 @@ class Sampler:
         no log-probabilities (greedy aside)."""
         return not (self._penalize or self._counting or self._biased or self.logprobs_k is not None)
 
-    def _apply_repetition_penalty(self, x: torch.Tensor) -> torch.Tensor:
+    def _apply_repetition_penalty(self, x: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., V] with the penalty on the tokens `seen` marks (default: the prompt's and the reply's so far)."""
         # HF/vLLM rule: dividing a negative logit would raise it, so negatives are multiplied.
         penalised = torch.where(x > 0, x / self._repetition_penalty, x * self._repetition_penalty)
-        return torch.where(self._seen, penalised, x)  # [V]
+        return torch.where(self._seen if seen is None else seen, penalised, x)
 
     def _apply_counts(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [..., V] less frequency x counts and presence where a count is positive (OpenAI's and vLLM's rule)."""
@@ -255,8 +255,7 @@ class Sampler:
         marks = torch.zeros(rows, vocab, device=x.device).scatter_add_(1, proposals.view(1, -1).expand(rows, -1),
                                                                         earlier)  # [R, V]: proposals[:j]'s counts
         if self._penalize:
-            penalised = torch.where(x > 0, x / self._repetition_penalty, x * self._repetition_penalty)
-            x = torch.where(self._seen | (marks > 0), penalised, x)
+            x = self._apply_repetition_penalty(x, self._seen | (marks > 0))
         if self._counting:
             x = self._apply_counts(x, self._counts + marks)
         return x

@@ -78,6 +78,7 @@ class SamplingParams:
             if self.seed > MAX_SEED:
                 raise ValueError(f"seed must be in [0, {MAX_SEED}] or None, got {quote(self.seed)}")
         self._check_stops()
+        self._check_logit_bias()
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
         if self.logprobs is not None:
@@ -123,7 +124,6 @@ class SamplingParams:
             raise ValueError(f"stop_token_ids must be a tuple of ints, got {type(self.stop_token_ids).__name__}")
         for t in self.stop_token_ids:
             _check_int("stop_token_ids", t, 0, "entries >= 0")
-        self._check_logit_bias()
 
     def _check_logit_bias(self) -> None:
         if not isinstance(self.logit_bias, tuple):

@@ -22,10 +22,11 @@ class TokenReader:
         if self.cuda:
             self._host = torch.zeros(RING, dtype=torch.int64, pin_memory=True)  # [RING]
             self._events = [torch.cuda.Event() for _ in range(RING)]
-        self._values: deque[int] = deque()
-        if self.cuda:  # what a push may carry besides its token (a request's log-probabilities), pinned
+            # what a push may carry besides its token (a request's log-probabilities), pinned
             self._extra_host = torch.zeros(RING, EXTRA_WIDTH, dtype=torch.float32, pin_memory=True)  # [RING, W]
+        self._values: deque[int] = deque()
         self._extra: deque[int | list[float] | None] = deque()  # per push: its width (GPU) or values (CPU), or None
+        self.popped_extra: list[float] | None = None  # the extra values of the token `pop` returned last (None: none)
 
     def reset(self) -> None:
         """Forget tokens of a previous (e.g. cancelled) request."""
@@ -79,5 +80,3 @@ class TokenReader:
         width = self._extra.popleft()
         self.popped_extra = None if width is None else self._extra_host[slot, :width].tolist()
         return int(self._host[slot])
-
-    popped_extra: list[float] | None = None  # the extra values of the token `pop` returned last (None: none)
