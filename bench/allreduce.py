@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
+from graph_executor.loading.load_config import TP_ALLREDUCE
 from ipc.free_port import free_port
 
 COUNT = 64  # all-reduces per graph (per timed pass on the CPU)
@@ -104,7 +105,7 @@ def measure_allreduce(device: str, ranks: int, hidden: int, dtype: str, timeout_
     than timeout_s."""
     if ranks < 2:
         raise ValueError(f"an all-reduce needs 2 ranks or more, got {ranks}")
-    if how not in ("nccl", "peer") or (how == "peer" and not device.startswith("cuda")):
+    if how not in TP_ALLREDUCE or (how == "peer" and not device.startswith("cuda")):
         raise ValueError(f"how must be nccl, or peer on GPUs, got {how!r} on {device}")
     import torch.multiprocessing as mp
 
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ranks", type=int, default=2, help="processes, one GPU each (default 2)")
     ap.add_argument("--hidden", type=int, default=4096, help="elements of one token's all-reduce (default 4096)")
     ap.add_argument("--dtype", default="float16", help="torch dtype name (default float16)")
-    ap.add_argument("--how", choices=("nccl", "peer"), default="nccl",
+    ap.add_argument("--how", choices=TP_ALLREDUCE, default="nccl",
                     help="NCCL's all-reduce, or the one kernel over peer memory (GPUs) (default nccl)")
     args = ap.parse_args(argv)
     try:

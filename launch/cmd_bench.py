@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from bench.spec import DEFAULTS, ENGINE_HELP, MPS_MODES, QUANTIZE_METHODS, SPECULATIVE_METHODS, WORKLOAD_HELP
+from graph_executor.loading.load_config import TP_ALLREDUCE
 
 _GPU, _CPU = DEFAULTS["cuda"], DEFAULTS["cpu"]
 
@@ -105,7 +106,7 @@ def _workload_flags(w) -> None:
                         "GPU each on a GPU; the in-process engine and the peers run only at 1); a comma list runs once "
                         "per value (like --quantize) into <out>/tp-N/ with a side-by-side tensor_parallel.md: decode "
                         "P50 against the floor and against the first value, TTFT per prompt length (default: 1)")
-    w.add_argument("--tp-allreduce", choices=("nccl", "peer"), default="nccl",
+    w.add_argument("--tp-allreduce", choices=TP_ALLREDUCE, default="nccl",
                    help="the server engines' ranks sum a decode step's hidden vectors with NCCL or with one kernel "
                         "over peer memory (as serve's --tp-allreduce) (default: nccl)")
     w.add_argument("--spec-tokens", type=int, default=128,

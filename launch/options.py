@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from graph_executor.loading.default_model import DEFAULT_MODEL_NAME
-from graph_executor.loading.load_config import LOAD_FORMATS, LoadConfig
+from graph_executor.loading.load_config import LOAD_FORMATS, TP_ALLREDUCE, LoadConfig
 from graph_executor.quant.names import DEFAULT_GROUP, GROUPS, QUANTIZE_METHODS
 from ipc.messages import MAX_NUM_SEQS, MAX_SPECULATIVE_TOKENS
 from jit_context import DEFAULT_STEP_TIMEOUT_S
@@ -129,7 +129,7 @@ def add_tensor_parallel_flag(p: argparse.ArgumentParser) -> None:
                         "On GPUs one rank per GPU (from the --device one), NCCL between them, each rank's steps in "
                         "CUDA graphs with the collectives inside (MPS off unless --mps on); on the CPU gloo. "
                         "--quantize quantizes each rank's part (default: 1)")
-    p.add_argument("--tp-allreduce", choices=("nccl", "peer"), default="nccl",
+    p.add_argument("--tp-allreduce", choices=TP_ALLREDUCE, default="nccl",
                    help="how GPU ranks sum a decode step's hidden vectors: nccl (NCCL's all-reduce), or peer (one "
                         "kernel that reads every rank's vector over NVLink through CUDA IPC, as vLLM's custom "
                         "all-reduce; larger sums stay NCCL's). Measured: see bench/NOTES.md (default: nccl)")
