@@ -369,10 +369,9 @@ async def _sse_n(merged: AsyncGenerator[tuple[int, TokenChunk | Finished], None]
                     yield _event(chunks.text(item.text, waiting.pop(i, None), index=i))
             tail = _event(chunks.usage(merged_usage(usages))) if chunks.include_usage else ""
         except ServerError as e:
-            err = ApiError.from_server(e)
-            tail = _event(error_body(err.message, err.type, err.param, err.code))
+            tail = _error_event(ApiError.from_server(e))
         except ApiError as err:
-            tail = _event(error_body(err.message, err.type, err.param, err.code))
+            tail = _error_event(err)
     yield tail + "data: [DONE]\n\n"
 
 
@@ -449,11 +448,15 @@ async def _sse(events: Events, chunks: ChunkMaker) -> AsyncGenerator[str, None]:
             if chunks.include_usage:
                 held += _event(chunks.usage(item.usage))
         except ServerError as e:  # headers are gone: the error becomes an event, as OpenAI does
-            err = ApiError.from_server(e)
-            held += _event(error_body(err.message, err.type, err.param, err.code))
+            held += _error_event(ApiError.from_server(e))
         except StopAsyncIteration:
             held += _event(error_body(ENDED_WITHOUT_RESULT, "server_error", None, None))
     yield held + "data: [DONE]\n\n"
+
+
+def _error_event(err: ApiError) -> str:
+    """A stream's error event (its headers are gone), OpenAI's error body."""
+    return _event(error_body(err.message, err.type, err.param, err.code))
 
 
 def _event(data: dict) -> str:
