@@ -18,7 +18,7 @@ from graph_executor.loading.load_config import DEFAULT_MAX_CONTEXT, LOAD_FORMATS
 from graph_executor.loading.mapped_weights import map_slots
 from graph_executor.loading.model_source import DEFAULT, safetensors_files, source_of
 from graph_executor.loading.presets import preset
-from graph_executor.loading.shape_rules import QUANTIZE_GGUF
+from graph_executor.loading.shape_rules import QUANTIZE_GGUF, check_part_group
 from graph_executor.loading.tokenizer_location import GGUF_TOKENIZER_KIND, tokenizer_files_in
 from graph_executor.loading.weight_map import check_complete, copy_into, tie_lm_head, tp_part
 from graph_executor.memory import check_fits
@@ -92,11 +92,12 @@ def load_model(cfg: LoadConfig) -> LoadedModel:
             config = tp.local_config(config)  # this rank's heads, KV heads and MLP width
         except ValueError as e:
             raise ModelLoadError(str(e)) from None
-        if cfg.quantize:  # each rank quantizes its part: groups along K must divide the part's K (o_proj, down_proj)
+        if cfg.quantize:  # each rank quantizes its part
             try:
-                plan = quantize_plan(cfg.quantize, cfg.quantize_group, config)
+                check_part_group(cfg.quantize, cfg.quantize_group, config, tp.size)
             except ValueError as e:
-                raise ModelLoadError(f"{e} (each of the {tp.size} tensor-parallel ranks' part)") from None
+                raise ModelLoadError(str(e)) from None
+            plan = quantize_plan(cfg.quantize, cfg.quantize_group, config)
         if cfg.tp_allreduce == "peer":  # every rank here at once: the regions' handles are swapped
             if device.type != "cuda":
                 raise ModelLoadError("--tp-allreduce peer needs GPU ranks (CPU ranks sum over gloo)")

@@ -11,7 +11,7 @@ from pathlib import Path
 from graph_executor.loading import default_model
 from graph_executor.loading.config import ModelConfig
 from graph_executor.loading.presets import preset
-from graph_executor.loading.shape_rules import QUANTIZE_GGUF, check_group, part_config
+from graph_executor.loading.shape_rules import QUANTIZE_GGUF, check_group, check_part_group, part_config
 from ipc.errors import ModelLoadError
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name, as on the Hugging Face Hub
@@ -87,10 +87,7 @@ def check_reference(ref: str, load_format: str = "auto", quantize: str | None = 
             check_group(quantize, quantize_group, config)
         if tensor_parallel > 1:
             part = part_config(config, tensor_parallel)
-            if quantize:  # each rank quantizes its part: groups along K must divide the part's K
-                try:
-                    check_group(quantize, quantize_group, part)
-                except ValueError as e:
-                    raise ValueError(f"{e} (each of the {tensor_parallel} tensor-parallel ranks' part)") from None
+            if quantize:
+                check_part_group(quantize, quantize_group, part, tensor_parallel)
     except ValueError as e:
         raise ModelLoadError(str(e)) from None

@@ -48,3 +48,12 @@ def check_group(method: str, group: int, config: ModelConfig) -> None:
                     ("the intermediate size", config.intermediate_size)):
         if k % group:
             raise ValueError(f"--quantize-group {group} does not divide {what} ({k}) of this model")
+
+
+def check_part_group(method: str, group: int, part: ModelConfig, ranks: int) -> None:
+    """`check_group` for each tensor-parallel rank's part (`part_config`): each rank quantizes its own part, so its
+    groups along K must divide the part's K (o_proj's and down_proj's are split); the error says so."""
+    try:
+        check_group(method, group, part)
+    except ValueError as e:
+        raise ValueError(f"{e} (each of the {ranks} tensor-parallel ranks' part)") from None
