@@ -40,6 +40,7 @@ from jit_context.generator import (
     check_prompt,
     end_ids,
 )
+from jit_context.grammar_mask import Grammars, make_constraint
 from jit_context.kv_contents import KvContents
 from jit_context.sampler import Sampler
 from jit_context.sampling_params import SamplingParams
@@ -95,7 +96,8 @@ class SlotState:
 class BatchEngine:
     def __init__(self, port: BatchPort, tokenizer: Detokenizing | None, eos_token_ids: frozenset[int],
                  prefill_chunk: int, prefix_reuse: bool = False, whole_prompt_when_idle: bool = False,
-                 incoming: Callable[[float], None] | None = None, send_ahead_margin_s: float | None = None) -> None:
+                 incoming: Callable[[float], None] | None = None, send_ahead_margin_s: float | None = None,
+                 grammars: Grammars | None = None) -> None:
         """`prefill_chunk`: prompt tokens per step while other requests decode (their token gap is bounded by it).
         `whole_prompt_when_idle`: with nothing else decoding, a prompt is one step (a GPU, where the executor only
         enqueues it); else chunked then too (the CPU, where the JIT context waits for each chunk and answers its
@@ -108,12 +110,16 @@ class BatchEngine:
         flight is expected to end (the shortest of the last steps), watching for arrivals until then: a request that
         arrives while a step runs then joins the next one, not the one after (sent ahead at the step's start, the next
         decode would already be queued). The margin covers the send and the executor's launch, so the device stays
-        busy."""
+        busy.
+        `grammars`: the tokenizer's view for structured output (`SamplingParams.structured`; None: none is taken). A
+        lane's token is read (and its matcher moved on) before its next draw is queued, as every lane's is: the steps
+        sent ahead are drawn only after the tokens before them are read."""
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.whole_prompt_when_idle = whole_prompt_when_idle
         self.port = port
         self.tokenizer = tokenizer
+        self.grammars = grammars
         self.token_texts: dict[int, str] = {}  # tokens decoded alone (logprobs), for every request
         self.eos_token_ids = frozenset(eos_token_ids)
         self.prefill_chunk = prefill_chunk
@@ -160,13 +166,15 @@ class BatchEngine:
         """Give the request a free slot (ValueError when none is free or the prompt does not fit); its prefill
         starts at the next `step`. Returns the prompt tokens reused from the slot's cache."""
         self.check_prompt(prompt_ids)
+        constraint = make_constraint(self.grammars, params, self.port.buffers.logits.device)
         slot = self._pick_slot(prompt_ids)
         state = self.slots[slot]
         cached = state.contents.reusable(prompt_ids) if self.prefix_reuse else 0
         state.contents.forget()  # until this request ends normally
         ids = self.port.buffers.slot_ids(slot)  # [C]
         self._upload(slot, ids[cached:len(prompt_ids)], prompt_ids[cached:])
-        state.sampler.start_request(params, prompt_ids, end_ids=end_ids(params, self.eos_token_ids))
+        state.sampler.start_request(params, prompt_ids, end_ids=end_ids(params, self.eos_token_ids),
+                                    constraint=constraint)
         start = time.perf_counter() if start_time is None else start_time
         out = RequestOutput(self.tokenizer, self.eos_token_ids, self.port.max_context, params, prompt_ids, start,
                             self.token_texts)
@@ -391,6 +399,7 @@ class BatchEngine:
             logprobs = None if sampler.logprobs_k is None else sampler.last_logprobs.tolist()  # (after the read)
             events.append((lane.key, lane.out.add(token, logprobs)))
             if lane.out.finish is None:
+                sampler.accept(token)  # (a structured output's next mask, before its next draw)
                 continue
             events.extend((lane.key, item) for item in lane.out.close())
             # Every token but the last was the input of a step that ran: the slot holds the prompt and those.

@@ -201,6 +201,9 @@ class FastBackend:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=True).ids
 
+    def backend_json(self) -> str:
+        return self._tok.to_str()
+
     def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 

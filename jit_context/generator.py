@@ -18,6 +18,7 @@ from ipc.messages import FinishReason, TokenLogprob
 from ipc.step_buffers import StepBuffers
 from jit_context.acceptance import warm_up
 from jit_context.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from jit_context.grammar_mask import Constraint, Grammars, make_constraint
 from jit_context.kv_contents import KvContents
 from jit_context.sampler import Sampler
 from jit_context.sampler import warm_up as warm_up_sampling
@@ -157,7 +158,7 @@ class Generator:
     def __init__(self, port: ExecutorPort, tokenizer: Detokenizing | None, eos_token_ids: frozenset[int],
                  prefill_chunk: int | None = None, speculation: SpeculativeConfig | None = None,
                  prefix_reuse: bool = False, decode_ahead: int | str | None = None,
-                 executor_argmax: bool | None = None):
+                 executor_argmax: bool | None = None, grammars: Grammars | None = None):
         """`prefix_reuse`: a prompt that starts with the tokens the KV cache holds from the last request prefills
         only the rest (`KvContents`). Only where the executor's steps write nothing but the request's own
         positions: the CPU path (on a GPU, graph captures while idle run warm-up steps over the cache, and the
@@ -173,7 +174,10 @@ class Generator:
         after the first (and after each verify step) are taken by the executor after each decode (`Decode.argmax`)
         and copied out of the step buffers' token ring, so that on a GPU no sampling of ours sits between two steps
         and the executor waits for nothing of ours (`own_input`).
-        None: `default_executor_argmax` of the device."""
+        None: `default_executor_argmax` of the device.
+        `grammars`: the tokenizer's view for structured output (`SamplingParams.structured`; None: none is taken). A
+        request with one runs without speculation, and the host reads each token before the next draw is queued
+        (its mask depends on it) while the decode that consumes it runs: one step queued ahead, not decode_ahead."""
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1 or None, got {prefill_chunk}")
         device = port.buffers.input_ids.device
@@ -193,6 +197,7 @@ class Generator:
             warm_up(port.buffers.logits.shape[0], port.buffers.logits.device)
         self.port = port
         self.tokenizer = tokenizer
+        self.grammars = grammars
         self.token_texts: dict[int, str] = {}  # tokens decoded alone (logprobs), for every request
         self.eos_token_ids = frozenset(eos_token_ids)
         self.sampler = Sampler(port.buffers.logits.shape[0], port.buffers.logits.device)
@@ -237,6 +242,11 @@ class Generator:
     def check_prompt(self, prompt_ids: list[int]) -> None:
         check_prompt(prompt_ids, self.port.max_context)
 
+    def constraint(self, params: SamplingParams) -> Constraint | None:
+        """A request's structured output matcher and first mask (None without one). ValueError for a bad spec or
+        when this generator takes none (no tokenizer)."""
+        return make_constraint(self.grammars, params, self.port.buffers.logits.device)
+
     def generate(self, prompt_ids: list[int], params: SamplingParams, start_time: float | None = None,
                  yield_during_prefill: bool = False,
                  yield_when_sent: bool = False) -> Iterator[Chunk | PrefillProgress | PrefillSent | GenerationResult]:
@@ -267,13 +277,15 @@ class Generator:
         sent_ms = (time.perf_counter() - start) * 1e3
         if yield_when_sent:
             yield PrefillSent()
-        # overlaps with the executor launching the prefill
-        self.sampler.start_request(params, prompt_ids, end_ids=end_ids(params, self.eos_token_ids))
+        # overlaps with the executor launching the prefill (and so does the first mask of a structured output)
+        self.sampler.start_request(params, prompt_ids, end_ids=end_ids(params, self.eos_token_ids),
+                                   constraint=self.constraint(params))
         out = RequestOutput(self.tokenizer, self.eos_token_ids, self.port.max_context, params, prompt_ids, start,
                             self.token_texts)
         out.cached_tokens = cached
         out.prefill_sent_ms = sent_ms
-        if self.speculation.enabled and params.logprobs is None:  # (a verify step's rows carry no logprobs)
+        # (a verify step's rows carry no logprobs, and a structured output's mask is known one token ahead only)
+        if self.speculation.enabled and params.logprobs is None and params.structured is None:
             loop = SpeculativeLoop(self, self.speculation, out, prompt_ids)
             yield from loop.run(start)
             out.speculation = loop.stats.as_dict()
@@ -299,10 +311,14 @@ class Generator:
                 self.port.decode(n + k, argmax=executor_argmax, own_input=executor_argmax and k > 0)
             # The first token at once (TTFT), the last ones at the end; in between the host reads the token
             # `decode_ahead` - 1 steps back, so that many more steps stay queued while it waits, streams and sends.
-            keep = 0 if k == 0 or last else self.ahead() - 1
+            # A structured output's next draw needs this token on the host first (its mask).
+            keep = 0 if k == 0 or last or self.sampler.constrained else self.ahead() - 1
             while reader.in_flight > keep and not out.finish:
                 token_id = self.read_token(follows=k > 0)
-                yield out.add(token_id, reader.popped_extra)
+                chunk = out.add(token_id, reader.popped_extra)
+                if not out.finish:
+                    self.sampler.accept(token_id)
+                yield chunk
             if out.finish:
                 break  # after a stop, the decodes in flight (at most decode_ahead) are discarded
         yield from self._finish(out, prompt_ids)

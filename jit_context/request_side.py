@@ -13,6 +13,8 @@ from pathlib import Path
 from ipc.errors import HybridrtError
 from ipc.messages import ChatOptions
 from jit_context.generator import CPU_PREFILL_CHUNK, ExecutorPort, Generator
+from jit_context.grammar_mask import Grammars
+from jit_context.sampling_params import SamplingParams
 from jit_context.speculative_config import SpeculativeConfig
 from jit_context.tokenizer import Tokenizer
 
@@ -43,6 +45,7 @@ class RequestSide:
     tokenizer: Tokenizer | None
     eos_token_ids: frozenset[int]  # the model's and the tokenizer's end-of-turn tokens
     generator: Generator
+    grammars: Grammars | None = None  # structured output's view of the tokenizer (None without one)
 
     def prompt_ids(self, inp: PromptInput) -> list[int]:
         """ValueError for what the user got wrong (empty prompt, ids out of the vocabulary, no tokenizer)."""
@@ -60,6 +63,15 @@ class RequestSide:
         if inp.use_chat_template and self.tokenizer.has_chat_template:
             return self.tokenizer.apply_chat_template([{"role": "user", "content": inp.prompt}])
         return self.tokenizer.encode(inp.prompt)
+
+    def check_structured(self, params: SamplingParams) -> None:
+        """ValueError naming what is wrong with params.structured (a bad schema, regex or grammar; no tokenizer)."""
+        if params.structured is None:
+            return
+        if self.grammars is None:
+            raise ValueError(f"structured output needs a tokenizer; model {self.model_name} has none "
+                             f"(pass --tokenizer PATH)")
+        self.grammars.check(params.structured)
 
     def check_token_ids(self, token_ids: Iterable[int]) -> None:
         bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
@@ -91,6 +103,7 @@ def build_request_side(port: ExecutorPort, model_name: str, vocab_size: int, mod
     eos = frozenset(model_eos_ids) | (tokenizer.eos_token_ids if tokenizer else frozenset())
     on_cpu = port.buffers.logits.device.type == "cpu"
     drafting = speculation is not None and speculation.method == "draft"
+    grammars = None if tokenizer is None else Grammars(tokenizer.backend_json, vocab_size, eos)
     generator = Generator(port, tokenizer, eos, prefill_chunk=CPU_PREFILL_CHUNK if on_cpu else None,
-                          speculation=speculation, prefix_reuse=prefix_reuse and not drafting)
-    return RequestSide(model_name, vocab_size, tokenizer, eos, generator)
+                          speculation=speculation, prefix_reuse=prefix_reuse and not drafting, grammars=grammars)
+    return RequestSide(model_name, vocab_size, tokenizer, eos, generator, grammars)

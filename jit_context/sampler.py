@@ -21,6 +21,7 @@ from collections.abc import Iterable
 
 import torch
 
+from jit_context.grammar_mask import Constraint, mask_words
 from jit_context.sampling_params import SamplingParams
 
 LOGPROB_FLOOR = -9999.0
@@ -73,14 +74,27 @@ class Sampler:
         # 2^24), written by each draw of a request that asks for them (`last_logprobs`)
         self.last_logprobs = torch.zeros(1, **f32)
         self.seed: int | None = None  # the seed in use, drawn at random when the request gave none
+        self._constraint: Constraint | None = None  # the request's structured output (start_request)
+        self._mask_words: torch.Tensor | None = None  # [W] int32: its next draw's mask, on the device
+        self._bit_shifts = torch.arange(32, dtype=torch.int32, device=self.device)  # [32]
 
-    def start_request(self, params: SamplingParams, prompt_ids: list[int], end_ids: Iterable[int] = ()) -> None:
+    def start_request(self, params: SamplingParams, prompt_ids: list[int], end_ids: Iterable[int] = (),
+                      constraint: Constraint | None = None) -> None:
         """Write this request's parameters into the device tensors and mark the prompt tokens as seen. `end_ids`:
-        the tokens that end a reply (EOS, stop_token_ids), which the first params.min_tokens draws may not pick."""
+        the tokens that end a reply (EOS, stop_token_ids), which the first params.min_tokens draws may not pick.
+        `constraint`: the request's structured output (params.structured), whose mask each draw obeys; the host
+        moves it on with `accept` after reading each token, before the next draw is queued."""
         bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"prompt_ids must be in [0, {self.vocab_size}), got {bad[:4]}")
         params.check_vocabulary(self.vocab_size)
+        if (constraint is None) != (params.structured is None):
+            raise ValueError("start_request: a constraint goes with params.structured, and only with it")
+        self._constraint = constraint
+        if constraint is not None:
+            if self._mask_words is None:  # [W] int32 on the device, made at the first such request
+                self._mask_words = torch.zeros(mask_words(self.vocab_size), dtype=torch.int32, device=self.device)
+            self._upload_mask()
         banned = sorted({t for t in end_ids if 0 <= t < self.vocab_size}) if params.min_tokens else []
         self._ban_left = params.min_tokens if banned else 0
         if banned:
@@ -119,6 +133,29 @@ class Sampler:
         self.seed = params.seed if params.seed is not None else secrets.randbits(63)
         self._generator.manual_seed(self.seed)
 
+    def accept(self, token_id: int) -> None:
+        """The host read the drawn token token_id: with a constraint, move its matcher past it and queue its next
+        mask's copy up (the next draw is queued after this). Nothing without one."""
+        if self._constraint is not None:
+            self._constraint.advance(token_id)
+            self._upload_mask()
+
+    @property
+    def constrained(self) -> bool:
+        """Whether the request's draws obey a structured output's mask (the host must `accept` each token before
+        the next draw is queued)."""
+        return self._constraint is not None
+
+    def _upload_mask(self) -> None:
+        # Pinned host words on a GPU: an asynchronous copy on the stream, ordered before the draw that reads it. The
+        # host writes them again only after reading the token of that draw, so the copy has run by then.
+        self._mask_words.copy_(self._constraint.words, non_blocking=True)
+
+    def _allowed(self) -> torch.Tensor:
+        """[V] bool: the tokens the constraint's mask allows (bit t % 32 of word t // 32)."""
+        bits = (self._mask_words.view(-1, 1) >> self._bit_shifts) & 1  # [W, 32] int32
+        return bits.view(-1)[:self.vocab_size].bool()
+
     def observe(self, token: torch.Tensor) -> None:
         """Mark a generated token ([1] int64, on the device) as seen for the repetition penalty and count it for the
         presence and frequency penalties (only a request with one reads them: nothing is queued without)."""
@@ -144,6 +181,8 @@ class Sampler:
 
     def _pick(self, x: torch.Tensor, out: torch.Tensor | None, host: torch.Tensor | None) -> torch.Tensor:
         """The token drawn from raw logits x [V] float32 (left as they are: each step below makes a new tensor)."""
+        if self._constraint is not None:  # first, as vLLM applies its grammar's bitmask
+            x = x.masked_fill(~self._allowed(), float("-inf"))
         if self._biased:
             x = x + self._bias
         if self._penalize:  # host-known per request: no penalty, no three passes over the vocabulary
@@ -183,8 +222,9 @@ class Sampler:
     @property
     def plain(self) -> bool:
         """Whether the draw is the argmax of the raw logits and nothing else is asked of it: no penalty, no bias,
-        no log-probabilities (greedy aside)."""
-        return not (self._penalize or self._counting or self._biased or self.logprobs_k is not None)
+        no log-probabilities, no structured output (greedy aside)."""
+        return not (self._penalize or self._counting or self._biased or self.logprobs_k is not None
+                    or self._constraint is not None)
 
     def _apply_repetition_penalty(self, x: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
         """x [..., V] with the penalty on the tokens `seen` marks (default: the prompt's and the reply's so far)."""
@@ -245,6 +285,8 @@ class Sampler:
         """logits [R, V] of consecutive positions, proposals [R - 1] int64 (the tokens between them) -> [R, V]
         float32 with the logit bias and the penalties applied as a token-by-token run would: row j also counts
         proposals[:j] as seen (and once more each for the presence and frequency penalties)."""
+        if self._constraint is not None:  # (its mask is known one token ahead only; Generator keeps them apart)
+            raise ValueError("speculative verification does not take structured output")
         x = logits.float()
         if self._biased:
             x = x + self._bias

@@ -7,8 +7,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from jit_context.quoting import QUOTE_CHARS, quote  # noqa: F401 (QUOTE_CHARS: re-exported)
+from jit_context.structured_output import StructuredOutput
+
 MAX_STOP_STRINGS = 16
-QUOTE_CHARS = 200  # an error message quotes at most this much of a value a client sent
 # Sampling runs in float32 on the device: every parameter must stay finite there and keep the logits finite
 # when they are divided or multiplied by it (logits are O(1e2); float32 holds up to 3.4e38).
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-5, 1e5  # besides 0, greedy
@@ -18,12 +20,6 @@ MAX_LOGIT_BIAS = 100.0  # OpenAI's range for one token's bias, [-100, 100]
 MAX_BIASED_TOKENS = 1024
 MAX_LOGPROBS = 20  # the most likely tokens a reply's token may list with its own log-probability (OpenAI's limit)
 MAX_SEED = 2**63 - 1
-
-
-def quote(value: Any) -> str:
-    """repr of a client's value, cut to QUOTE_CHARS (a 400 KB value must not make a 400 KB error message)."""
-    text = repr(value)
-    return text if len(text) <= QUOTE_CHARS else f"{text[:QUOTE_CHARS]}... ({len(text)} characters)"
 
 
 def _check_int(name: str, value: Any, minimum: int, allowed: str) -> None:
@@ -65,6 +61,8 @@ class SamplingParams:
     # each generated token's log-probability and those of this many most likely tokens (ipc.messages.TokenLogprob);
     # None: none (0: the token's own only)
     logprobs: int | None = None
+    # the reply held to a JSON schema, a regex, a grammar, ... (a token mask each draw: jit_context.grammar_mask)
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         _check_int("max_tokens", self.max_tokens, 1, ">= 1")
@@ -85,6 +83,12 @@ class SamplingParams:
             _check_int("logprobs", self.logprobs, 0, f"in [0, {MAX_LOGPROBS}] or None")
             if self.logprobs > MAX_LOGPROBS:
                 raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}] or None, got {self.logprobs}")
+        if self.structured is not None:
+            if not isinstance(self.structured, StructuredOutput):
+                raise ValueError(f"structured must be a StructuredOutput or None, got {quote(self.structured)}")
+            if self.min_tokens:
+                # the grammar may allow only the end of the reply where min_tokens forbids it: nothing to draw
+                raise ValueError("min_tokens can't be combined with structured output")
 
     def _check_floats(self) -> None:
         temperature = _check_float("temperature", self.temperature)
@@ -165,7 +169,7 @@ class SamplingParams:
     def from_dict(cls, d: dict) -> SamplingParams:
         """Build from a wire dict: unknown keys are an error, lists stand for tuples, `stop` may be one string,
         `logit_bias` a list of [token id, bias] pairs or a map from token ids (ints or decimal strings, as OpenAI's
-        JSON has them) to biases."""
+        JSON has them) to biases, `structured` StructuredOutput's wire dict."""
         if not isinstance(d, dict):
             raise ValueError(f"sampling params must be a dict, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
@@ -180,6 +184,8 @@ class SamplingParams:
                 kwargs[name] = tuple(kwargs[name])
         if "logit_bias" in kwargs:
             kwargs["logit_bias"] = _bias_pairs(kwargs["logit_bias"])
+        if kwargs.get("structured") is not None:
+            kwargs["structured"] = StructuredOutput.from_dict(kwargs["structured"])
         return cls(**kwargs)
 
     def to_dict(self) -> dict:
@@ -188,6 +194,7 @@ class SamplingParams:
         d["stop"] = list(self.stop)
         d["stop_token_ids"] = list(self.stop_token_ids)
         d["logit_bias"] = [list(pair) for pair in self.logit_bias]
+        d["structured"] = None if self.structured is None else self.structured.to_dict()
         return d
 
 

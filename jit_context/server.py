@@ -121,7 +121,8 @@ class JitServer:
                                       CPU_PREFILL_CHUNK if on_cpu else GPU_BATCH_PREFILL_CHUNK,
                                       prefix_reuse=self.generator.kv is not None,
                                       whole_prompt_when_idle=not on_cpu, incoming=self._admit_arrivals,
-                                      send_ahead_margin_s=None if on_cpu else SEND_AHEAD_MARGIN_S)
+                                      send_ahead_margin_s=None if on_cpu else SEND_AHEAD_MARGIN_S,
+                                      grammars=side.grammars)
         self.running: list[Pending] = []  # the engine's requests, in admission order
         self._batches = 0  # busy periods of the engine (each is one request id on the executor)
         self._executor_facts_cache = ready.facts
@@ -270,6 +271,7 @@ class JitServer:
         try:
             params = SamplingParams.from_dict(msg.params)
             params.check_vocabulary(self.side.vocab_size)  # here, as the prompt's ids: an Error before it queues
+            self.side.check_structured(params)
             ids = self.side.prompt_ids(PromptInput(msg.prompt, msg.messages, msg.token_ids, use_chat_template=False,
                                                      chat=msg.chat))
             (self.engine or self.generator).check_prompt(ids)

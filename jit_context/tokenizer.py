@@ -12,6 +12,7 @@ Two backends behind one small surface, so that the rest of `jit_context` depends
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Protocol
@@ -60,6 +61,7 @@ class _Backend(Protocol):
     def get_vocab(self) -> dict[str, int]: ...
     def eos_token_id(self) -> int | None: ...
     def encode(self, text: str) -> list[int]: ...
+    def backend_json(self) -> str: ...
     def decode(self, ids: list[int], skip_special_tokens: bool) -> str: ...
     def apply_chat_template(self, messages: list[dict], chat_template: str | None, add_generation_prompt: bool,
                             continue_final_message: bool, template_kwargs: dict) -> list[int]: ...
@@ -106,6 +108,13 @@ class _HfBackend:
 
     def encode(self, text: str) -> list[int]:
         return list(self._hf.encode(text, add_special_tokens=True))
+
+    def backend_json(self) -> str:
+        # (a copy: transformers sets padding and truncation on its backend per call; the JSON must have neither)
+        backend = copy.copy(self._hf.backend_tokenizer)
+        backend.no_padding()
+        backend.no_truncation()
+        return backend.to_str()
 
     def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
         return self._hf.decode(ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
@@ -216,6 +225,11 @@ class Tokenizer:
             raise
         except Exception as e:  # jinja2 errors raised by the template itself (raise_exception, undefined names)
             raise ValueError(f"the chat template failed: {type(e).__name__}: {e}") from None
+
+    def backend_json(self) -> str:
+        """The tokenizers library's JSON of this tokenizer, added tokens included (what llguidance reads:
+        jit_context.grammar_mask)."""
+        return self._backend.backend_json()
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         # No space clean-up: it rewrites " ." across token boundaries, so streamed pieces would

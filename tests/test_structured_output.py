@@ -1,0 +1,234 @@
+"""Structured output (`SamplingParams.structured`): the form and its wire dict, the sampler's mask against a float64
+reference of the allowed argmax, and the batch-1 and batched generators over a model with SmolLM2's vocabulary
+against a teacher-forced replay of the same grammar: every token the one the grammar allows and the logits pick."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from jit_context.grammar_mask import Grammars, mask_words
+from jit_context.sampler import Sampler
+from jit_context.sampling_params import SamplingParams
+from jit_context.structured_output import MAX_SPEC_CHARS, StructuredOutput
+from jit_context.tokenizer import Tokenizer
+
+VOCAB = 49152  # SmolLM2's
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["answer", "count", "name"],
+          "properties": {"answer": {"enum": ["yes", "no"]}, "count": {"type": "integer", "minimum": 0, "maximum": 9},
+                         "name": {"type": "string", "maxLength": 12}}}
+# forms whose every match is short: a reply of random logits ends within a few dozen tokens
+SHORT = {"json": StructuredOutput(json=json.dumps(SCHEMA)), "choice": StructuredOutput(choice=("red", "green", "blue")),
+         "regex": StructuredOutput(regex=r"[a-z]{2,5}@(ab|cd)\.(com|org)"),
+         "grammar": StructuredOutput(grammar='root ::= "(" [0-9] ("+" [0-9]){0,3} ")"')}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model_dir) -> Tokenizer:
+    return Tokenizer.from_path(default_model_dir)
+
+
+@pytest.fixture(scope="module")
+def grammars(tokenizer) -> Grammars:
+    return Grammars(tokenizer.backend_json, VOCAB, tokenizer.eos_token_ids)
+
+
+def matches(spec: StructuredOutput, text: str) -> bool:
+    """Whether text is a whole match of spec (by Python's own reading of each form)."""
+    if spec.choice:
+        return text in spec.choice
+    if spec.regex is not None:
+        return re.fullmatch(spec.regex, text) is not None
+    if spec.grammar is not None:
+        return re.fullmatch(r"\([0-9](\+[0-9]){0,3}\)", text) is not None
+    value = json.loads(text)
+    if spec.json_object:
+        return isinstance(value, dict)
+    return (set(value) == {"answer", "count", "name"} and value["answer"] in ("yes", "no")
+            and isinstance(value["count"], int) and 0 <= value["count"] <= 9 and len(value["name"]) <= 12)
+
+
+def allowed(grammars: Grammars, spec: StructuredOutput, reply: list[int]) -> list[torch.Tensor]:
+    """The allowed tokens before each token of reply ([V] bool each), from a matcher of our own that consumes reply."""
+    constraint = grammars.constraint(spec, pin=False)
+    masks = []
+    for token in reply:
+        words = constraint.words.tolist()
+        masks.append(torch.tensor([bool(words[t // 32] >> (t % 32) & 1) for t in range(VOCAB)]))
+        constraint.advance(token)
+    return masks
+
+
+# -- the form ---------------------------------------------------------------------------------------------------------
+
+def test_the_wire_form_round_trips_and_bad_forms_name_the_problem() -> None:
+    for spec in SHORT.values():
+        params = SamplingParams(structured=spec)
+        assert SamplingParams.from_dict(json.loads(json.dumps(params.to_dict()))) == params
+    # a schema may come as an object, choice as a list (kept as JSON text and a tuple)
+    assert StructuredOutput.from_dict({"json": SCHEMA}) == StructuredOutput(json=json.dumps(SCHEMA))
+    assert StructuredOutput.from_dict({"choice": ["a", "b"], "regex": None}).choice == ("a", "b")
+    assert SamplingParams().to_dict()["structured"] is None
+    bad = {"exactly one": {}, "exactly one of json": {"regex": "a", "choice": ["b"]},
+           "unknown structured output keys": {"schema": {}}, "must be a JSON schema": {"json": "{x"},
+           "non-empty strings": {"choice": ["a", ""]}, "a non-empty string": {"regex": ""},
+           "must be a bool": {"json_object": "yes"}, "more than": {"grammar": "x" * (MAX_SPEC_CHARS + 1)}}
+    for message, wire in bad.items():
+        with pytest.raises(ValueError, match=message):
+            SamplingParams.from_dict({"structured": wire})
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(min_tokens=2, structured=SHORT["regex"])
+
+
+def test_llguidance_s_checks_name_what_is_wrong(grammars: Grammars) -> None:
+    for spec, message in [(StructuredOutput(regex="(unclosed"), "unclosed group"),
+                          (StructuredOutput(grammar="start: foo"), "unknown name"),
+                          (StructuredOutput(json='{"type": "bogus"}'), "bogus"),
+                          (StructuredOutput(grammar="x ::= \"y\""), "root")]:
+        with pytest.raises(ValueError, match=message):
+            grammars.check(spec)
+    for spec in SHORT.values():
+        grammars.check(spec)
+
+
+# -- the sampler ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("form", sorted(SHORT))
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_every_draw_is_an_allowed_token_and_greedy_the_allowed_argmax(grammars, tokenizer, form: str,
+                                                                      temperature: float) -> None:
+    """Random logits [V]: each draw obeys the mask (a matcher of our own, float64 argmax over what it allows for
+    greedy); the reply ends with EOS and is a whole match."""
+    spec = SHORT[form]
+    sampler = Sampler(VOCAB, torch.device("cpu"))
+    sampler.start_request(SamplingParams(temperature=temperature, seed=4, structured=spec), [1, 2],
+                          constraint=grammars.constraint(spec, pin=False))
+    assert sampler.constrained and not sampler.plain_greedy
+    gen = torch.Generator().manual_seed(7)
+    logits, reply = [], []
+    for _ in range(48):
+        logits.append(torch.randn(VOCAB, generator=gen) * 4)
+        reply.append(int(sampler.sample(logits[-1])))
+        if reply[-1] in tokenizer.eos_token_ids:
+            break
+        sampler.accept(reply[-1])
+    assert reply[-1] in tokenizer.eos_token_ids, tokenizer.decode(reply)
+    assert matches(spec, tokenizer.decode(reply[:-1])), tokenizer.decode(reply)
+    for step, (mask, token) in enumerate(zip(allowed(grammars, spec, reply), reply, strict=True)):
+        assert mask[token], step
+        if temperature == 0.0:
+            assert token == int(torch.where(mask, logits[step].double(), -torch.inf).argmax()), step
+
+
+def test_the_mask_reads_every_word_s_bits() -> None:
+    """The sampler's unpacking of llguidance's words (bit t % 32 of word t // 32) against a Python reading, on
+    random words over a vocabulary that is not a multiple of 32 (the last word's high bits are past it)."""
+
+    class Words:
+        def __init__(self, words: torch.Tensor) -> None:
+            self.words = words
+
+    vocab = 1000
+    words = torch.randint(-2**31, 2**31 - 1, (mask_words(vocab),), dtype=torch.int32,
+                          generator=torch.Generator().manual_seed(1))
+    sampler = Sampler(vocab, torch.device("cpu"))
+    sampler._mask_words = torch.zeros_like(words)
+    sampler._constraint = Words(words)
+    sampler._upload_mask()
+    got = sampler._allowed()
+    want = [bool(int(words[t // 32]) >> (t % 32) & 1) for t in range(vocab)]
+    assert got.tolist() == want
+
+
+# -- the generators ---------------------------------------------------------------------------------------------------
+
+def smol_vocab_runner(slots: int = 1):
+    """A 2-layer Llama with SmolLM2's vocabulary, random weights (its replies are the grammar's doing)."""
+    from graph_executor.loading.config import ModelConfig
+    from graph_executor.loading.loader import _fill_random
+    from graph_executor.model import LlamaModel
+    from graph_executor.runner import ModelRunner
+
+    cfg = ModelConfig("llama", VOCAB, 64, 128, 2, 4, 2, 16, 256, eos_token_ids=(2,))
+    model = LlamaModel(cfg, 128, torch.device("cpu"), torch.float32, slots=slots)
+    _fill_random(model, seed=3)
+    return ModelRunner(model)
+
+
+def replay_greedy(grammars, spec: StructuredOutput, prompt: list[int], reply: list[int]) -> None:
+    """Each token of a greedy reply is the argmax of the model's logits at its step (teacher-forced) over what the
+    grammar allows there."""
+    from tests.test_quant_model import run_steps
+
+    logits, _ = run_steps(smol_vocab_runner(), prompt, reply[:-1], len(reply) - 1)
+    for step, (mask, token) in enumerate(zip(allowed(grammars, spec, reply), reply, strict=True)):
+        assert token == int(torch.where(mask, logits[step].double(), -torch.inf).argmax()), step
+
+
+@pytest.mark.parametrize("form", ["json", "regex"])
+def test_the_generator_s_reply_is_the_grammar_s_greedy_reply_of_the_model(grammars, tokenizer, form: str) -> None:
+    """decode_ahead 2: the host would read token k only after step k + 1 is queued; a structured request reads each
+    token before the next draw (its mask), so every draw has its own step's mask. The reply is a whole match that
+    ends with EOS, and equals the teacher-forced replay."""
+    from jit_context.generator import Generator
+
+    spec, prompt = SHORT[form], tokenizer.encode("Answer in JSON:")
+    gen = Generator(smol_vocab_runner(), tokenizer, tokenizer.eos_token_ids, decode_ahead=2, grammars=grammars)
+    result = list(gen.generate(prompt, SamplingParams(max_tokens=48, temperature=0.0, structured=spec)))[-1]
+    assert result.finish_reason == "stop" and result.token_ids[-1] in tokenizer.eos_token_ids
+    assert matches(spec, result.text), result.text
+    replay_greedy(grammars, spec, prompt, result.token_ids)
+    # the same generator, the same prompt without the grammar: the model's own (unconstrained) reply differs
+    free = list(gen.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0)))[-1]
+    assert free.token_ids != result.token_ids[:len(free.token_ids)]
+
+
+def test_without_a_tokenizer_structured_output_is_refused() -> None:
+    from jit_context.generator import Generator
+
+    gen = Generator(smol_vocab_runner(), None, frozenset({2}))
+    with pytest.raises(ValueError, match="needs the model's tokenizer"):
+        list(gen.generate([5, 6], SamplingParams(max_tokens=4, structured=SHORT["choice"])))
+
+
+def test_speculation_is_off_for_a_structured_request(grammars, tokenizer) -> None:
+    from jit_context.generator import Generator
+    from jit_context.speculative_config import SpeculativeConfig
+
+    spec, prompt = SHORT["grammar"], tokenizer.encode("Sum:")
+    params = SamplingParams(max_tokens=24, temperature=0.0, structured=spec)
+    speculating = Generator(smol_vocab_runner(), tokenizer, tokenizer.eos_token_ids, grammars=grammars,
+                            speculation=SpeculativeConfig("ngram", 3))
+    result = list(speculating.generate(prompt, params))[-1]
+    assert result.speculation is None and matches(spec, result.text), result.text
+    replay_greedy(grammars, spec, prompt, result.token_ids)
+
+
+def test_batched_structured_requests_give_what_they_give_alone(grammars, tokenizer) -> None:
+    """Three slots: a JSON reply, a sampled regex reply and a plain one side by side, each as alone (the lanes'
+    tokens are read, and the matchers moved on, before the steps sent ahead are drawn)."""
+    from jit_context.batch import BatchEngine
+    from jit_context.generator import Generator
+
+    requests = {
+        "json": (tokenizer.encode("JSON:"), SamplingParams(max_tokens=40, temperature=0.0, structured=SHORT["json"])),
+        "regex": (tokenizer.encode("Mail:"), SamplingParams(max_tokens=40, temperature=0.9, seed=2,
+                                                           structured=SHORT["regex"])),
+        "plain": (tokenizer.encode("Hi"), SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)),
+    }
+    engine = BatchEngine(smol_vocab_runner(slots=3), tokenizer, tokenizer.eos_token_ids, 4, grammars=grammars)
+    for key, (prompt, params) in requests.items():
+        engine.admit(key, prompt, params)
+    results = {}
+    while len(results) < len(requests):
+        for key, item in engine.step():
+            if hasattr(item, "finish_reason"):
+                results[key] = item
+    alone = Generator(smol_vocab_runner(), tokenizer, tokenizer.eos_token_ids, grammars=grammars)
+    for key, (prompt, params) in requests.items():
+        assert results[key].token_ids == list(alone.generate(prompt, params))[-1].token_ids, key
+    for key in ("json", "regex"):
+        assert matches(SHORT[key], results[key].text), results[key].text
