@@ -72,22 +72,11 @@ class Grammars:
             self._tokenizer = LLTokenizer(self._json(), n_vocab=self.vocab_size, eos_token=self._eos or None)
         return self._tokenizer
 
-    @staticmethod
-    def check(spec: StructuredOutput) -> str:
-        """llguidance's grammar of spec; ValueError naming what is wrong with it (a bad schema, regex or rule)."""
-        from llguidance import LLMatcher
-
-        grammar = spec.grammar_text()
-        error = LLMatcher.validate_grammar(grammar)
-        if error:
-            raise ValueError(f"structured output {spec.form}: {error.strip()}")
-        return grammar
-
     def constraint(self, spec: StructuredOutput, pin: bool) -> Constraint:
         """A new request's matcher for spec and its first mask. ValueError for a bad spec."""
         from llguidance import LLMatcher
 
-        return Constraint(LLMatcher(self.tokenizer, self.check(spec), log_level=0), self.vocab_size, pin)
+        return Constraint(LLMatcher(self.tokenizer, spec.checked_grammar(), log_level=0), self.vocab_size, pin)
 
 
 def make_constraint(grammars: Grammars | None, params: SamplingParams, device: torch.device) -> Constraint | None:

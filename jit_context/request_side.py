@@ -71,7 +71,7 @@ class RequestSide:
         if self.grammars is None:
             raise ValueError(f"structured output needs a tokenizer; model {self.model_name} has none "
                              f"(pass --tokenizer PATH)")
-        self.grammars.check(params.structured)
+        params.structured.checked_grammar()
 
     def check_token_ids(self, token_ids: Iterable[int]) -> None:
         bad = [t for t in token_ids if not 0 <= t < self.vocab_size]

@@ -9,6 +9,7 @@ token. Checked here: the form; checked by llguidance when the JIT context admits
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,9 +72,20 @@ class StructuredOutput:
         """Which form this is (one of FORMS)."""
         return next(name for name in FORMS if getattr(self, name) not in (None, False, ()))
 
+    def checked_grammar(self) -> str:
+        """llguidance's grammar for this form, checked by llguidance (no tokenizer needed); ValueError naming what is
+        wrong with it (a bad schema, regex or rule)."""
+        from llguidance import LLMatcher
+
+        grammar = self.grammar_text()
+        error = LLMatcher.validate_grammar(grammar)
+        if error:
+            raise ValueError(f"structured output {self.form}: {_one_line(error)}")
+        return grammar
+
     def grammar_text(self) -> str:
-        """llguidance's grammar for this form (its JSON text). ValueError for what llguidance cannot read (a GBNF
-        grammar without a root rule); the rest of its checks run in `jit_context.grammar_mask.Grammars.check`."""
+        """llguidance's grammar for this form (its JSON text), unchecked but for what llguidance cannot read at all
+        (a GBNF grammar without a root rule): `checked_grammar` checks the rest."""
         from llguidance import LLMatcher, grammar_from
 
         if self.json is not None or self.json_object:
@@ -109,3 +121,10 @@ class StructuredOutput:
         """Wire form: the one form given, plain types."""
         value = getattr(self, self.form)
         return {self.form: list(value) if isinstance(value, tuple) else value}
+
+
+def _one_line(error: str) -> str:
+    """llguidance's error on one line: its lines joined, without the echo of the grammar's source and the caret
+    under it (the message names the place)."""
+    lines = [line.strip() for line in error.splitlines()]
+    return " ".join(line for line in lines if line and line != "^" and not re.match(r"\d+ \|", line))

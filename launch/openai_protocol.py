@@ -3,10 +3,12 @@ translation into the native protocol's prompt and sampling params, and the respo
 
 Only what hybridrt can honour is accepted. Fields that clients send with neutral values (echo=false, ...)
 pass; any other value is an `Unsupported` error (HTTP 400) rather than being silently ignored.
-OpenAI's presence_penalty, frequency_penalty, logit_bias and logprobs (each generated token's and its top
-tokens', in the chat and the completions forms), and vLLM's extras (top_k, min_p, repetition_penalty,
-ignore_eos, stop_token_ids, min_tokens; for chats add_generation_prompt, continue_final_message,
-chat_template_kwargs) pass through to the sampling params, whose checks are the JIT context's.
+OpenAI's presence_penalty, frequency_penalty, logit_bias, logprobs (each generated token's and its top
+tokens', in the chat and the completions forms) and response_format (structured output: a JSON schema or any JSON
+object; vLLM's structured_outputs and guided_json / regex / choice / grammar likewise), and vLLM's extras (top_k,
+min_p, repetition_penalty, ignore_eos, stop_token_ids, min_tokens; for chats add_generation_prompt,
+continue_final_message, chat_template_kwargs) pass through to the sampling params, whose checks are the JIT
+context's.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ipc.messages import ChatOptions, FinishReason, TokenLogprob
+from jit_context.quoting import quote
 from jit_context.sampling_params import MAX_LOGPROBS
 
 TokenId = Annotated[int, Field(ge=0)]
@@ -68,6 +71,15 @@ class _SamplingRequest(BaseModel):
     ignore_eos: bool | None = None
     stop_token_ids: list[TokenId] | None = None
     min_tokens: int | None = None
+    # Structured output: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields (one of
+    # them; `structured` reads them)
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None  # accepted and ignored: llguidance is the one backend
 
     @property
     def choices(self) -> int:
@@ -87,6 +99,25 @@ class _SamplingRequest(BaseModel):
     def check_supported(self) -> None:
         if self.n is not None and not 1 <= self.n <= MAX_N:
             raise Unsupported("n", f"n must be in [1, {MAX_N}], got {self.n}")
+        self.structured()
+
+    def structured(self) -> dict[str, Any] | None:
+        """The native `structured` params (StructuredOutput's wire dict) of whichever form the request uses; None for
+        none. Unsupported when it uses two, or a response_format type hybridrt does not know; the JIT context checks
+        the schema, regex or grammar itself."""
+        given: list[tuple[str, dict[str, Any]]] = []
+        if self.response_format not in (None, {"type": "text"}):
+            given.append(("response_format", _response_format(self.response_format)))
+        if self.structured_outputs is not None:
+            given.append(("structured_outputs", dict(self.structured_outputs)))
+        guided = {"json": self.guided_json, "regex": self.guided_regex, "choice": self.guided_choice,
+                  "grammar": self.guided_grammar}
+        for key, value in guided.items():
+            if value is not None:
+                given.append((f"guided_{key}", {key: value}))
+        if len(given) > 1:
+            raise Unsupported(given[1][0], f"give one structured output, not {' and '.join(n for n, _ in given)}")
+        return given[0][1] if given else None
 
     def logprobs_count(self) -> int | None:
         """The native `logprobs`: how many top tokens each generated token lists (None: no logprobs)."""
@@ -104,9 +135,25 @@ class _SamplingRequest(BaseModel):
             "logit_bias": self.logit_bias or None,  # {"token id": bias}, as OpenAI's JSON has it
             "stop": [self.stop] if isinstance(self.stop, str) else self.stop,
             "stop_token_ids": self.stop_token_ids, "min_tokens": self.min_tokens,
-            "logprobs": self.logprobs_count(),
+            "logprobs": self.logprobs_count(), "structured": self.structured(),
         }
         return {key: value for key, value in params.items() if value is not None}
+
+
+def _response_format(value: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's response_format -> the native structured output: json_object, or json_schema's schema."""
+    kind = value.get("type")
+    if kind == "json_object":
+        return {"json_object": True}
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise Unsupported("response_format", 'response_format {"type": "json_schema"} needs json_schema.schema, '
+                                                 "an object")
+        return {"json": schema}
+    raise Unsupported("response_format", 'response_format type must be "text", "json_object" or "json_schema", '
+                                         f"got {quote(kind)}")
 
 
 class CompletionRequest(_SamplingRequest):
@@ -166,7 +213,6 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = None
     # Sent by many SDKs and frameworks with their neutral values, which pass; anything else is refused.
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -183,8 +229,6 @@ class ChatCompletionRequest(_SamplingRequest):
             raise Unsupported("top_logprobs", "top_logprobs needs logprobs: true")
         if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
             raise Unsupported("top_logprobs", f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {self.top_logprobs}")
-        if self.response_format not in (None, {"type": "text"}):
-            raise Unsupported("response_format", 'only response_format {"type": "text"} is supported')
         if self.tools:
             raise Unsupported("tools", "tool calling is not supported")
         if self.tool_choice not in (None, "none", "auto"):  # with no tools, "auto" means no tool call

@@ -13,6 +13,7 @@ from jit_context import DEFAULT_STEP_TIMEOUT_S
 from jit_context.proposers import DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN
 from jit_context.sampling_params import SamplingParams
 from jit_context.speculative_config import DEFAULT_METHOD, METHODS, SpeculativeConfig
+from jit_context.structured_output import StructuredOutput
 from jit_context.tokenizer import check_chat_template
 
 
@@ -217,6 +218,17 @@ def add_sampling_flags(p: argparse.ArgumentParser, default_temperature: float) -
     g.add_argument("--min-tokens", type=int, default=0, metavar="N",
                    help="generate at least N tokens before an end-of-sequence token or a stop string may end the "
                         "reply (default: 0)")
+    s = p.add_argument_group("structured output (one of these: the reply is held to it, token by token)")
+    one = s.add_mutually_exclusive_group()
+    one.add_argument("--json-schema", metavar="SCHEMA",
+                     help="a JSON schema (a file, or the schema's JSON text) the reply must be an instance of")
+    one.add_argument("--json-object", action="store_true", help="the reply is a JSON object (any)")
+    one.add_argument("--regex", metavar="REGEX", help="the reply matches this regular expression (Rust regex syntax)")
+    one.add_argument("--choice", action="append", metavar="TEXT",
+                     help="the reply is exactly one of these strings (repeatable)")
+    one.add_argument("--grammar", metavar="GRAMMAR",
+                     help="a grammar the reply must match (a file, or its text): Lark as llguidance reads it, or "
+                          "llama.cpp's GBNF (rules with ::=)")
 
 
 def load_config(args: argparse.Namespace, max_num_seqs: int = 1) -> LoadConfig:
@@ -250,11 +262,45 @@ def load_argv(load: LoadConfig) -> list[str]:
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                          presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                          logit_bias=logit_bias(args.logit_bias), seed=args.seed, stop=tuple(args.stop),
-                          ignore_eos=args.ignore_eos, min_tokens=args.min_tokens)
+    """The sampling flags' params; ValueError naming what is wrong (a structured output's schema, regex or grammar
+    too: checked here, before any process starts)."""
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                           top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                           presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                           logit_bias=logit_bias(args.logit_bias), seed=args.seed, stop=tuple(args.stop),
+                           ignore_eos=args.ignore_eos, min_tokens=args.min_tokens, structured=structured(args))
+    if params.structured is not None:
+        params.structured.checked_grammar()
+    return params
+
+
+def structured(args: argparse.Namespace) -> StructuredOutput | None:
+    """The structured output flag given, if any; ValueError naming the flag for a file it cannot read or a schema
+    that is not JSON."""
+    if args.json_schema is not None:
+        return StructuredOutput(json=_text_or_file("--json-schema", args.json_schema, "{"))
+    if args.json_object:
+        return StructuredOutput(json_object=True)
+    if args.regex is not None:
+        return StructuredOutput(regex=args.regex)
+    if args.choice:
+        return StructuredOutput(choice=tuple(args.choice))
+    if args.grammar is not None:
+        return StructuredOutput(grammar=_text_or_file("--grammar", args.grammar, ":"))
+    return None
+
+
+def _text_or_file(flag: str, value: str, marker: str) -> str:
+    """A flag's text: the file it names, else the value itself when it looks like the text (holds `marker`)."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        try:
+            return path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{flag}: cannot read {path}: {e}") from None
+    if marker not in value:
+        raise ValueError(f"{flag}: {value!r} is neither a file nor the text itself")
+    return value
 
 
 def logit_bias(items: list[str]) -> tuple[tuple[int, float], ...]:

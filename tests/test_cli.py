@@ -69,6 +69,34 @@ def test_logit_bias_and_logprobs_flags_reach_the_sampler(default_model_dir, caps
     assert "--logprobs prints them in the --json object" in capsys.readouterr().err
 
 
+def test_structured_output_flags_hold_the_reply_and_bad_ones_fail_before_the_load(default_model_dir, tmp_path,
+                                                                                    capsys) -> None:
+    """--json-schema (a file), --choice and --grammar (GBNF text) in process: each reply a whole match; a bad regex,
+    a schema file that is not there and two forms at once are one-line errors before anything loads."""
+    from launch.cli import main
+
+    schema = tmp_path / "city.json"
+    schema.write_text(json.dumps({"type": "object", "additionalProperties": False, "required": ["city"],
+                                  "properties": {"city": {"type": "string", "maxLength": 20}}}))
+    flags = ["generate", "--in-process", "--json", "--quiet", "--device", "cpu", "--max-tokens", "30"]
+    question = "What is the capital of France? Answer in JSON."
+    assert main([*flags, "--json-schema", str(schema), question]) == 0
+    reply = json.loads(capsys.readouterr().out)
+    assert reply["finish_reason"] == "stop" and set(json.loads(reply["text"])) == {"city"}, reply["text"]
+    assert main([*flags, "--choice", "Paris", "--choice", "Rome", question]) == 0
+    assert json.loads(capsys.readouterr().out)["text"] in ("Paris", "Rome")
+    assert main([*flags, "--grammar", 'root ::= [0-9] [0-9]? " km"', "How far is Paris from Versailles?"]) == 0
+    assert re.fullmatch(r"[0-9][0-9]? km", json.loads(capsys.readouterr().out)["text"])
+    for bad, message in ((["--regex", "(unclosed"], "unclosed group"),
+                         (["--json-schema", str(tmp_path / "none.json")], "neither a file nor the text")):
+        assert main([*flags, *bad, "hi"]) == 1
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "loading" not in err, err
+    with pytest.raises(SystemExit):
+        main([*flags, "--regex", "a", "--json-object", "hi"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
 def test_generate_in_process_reports_load(default_model_dir) -> None:
     out = run_cli("generate", "--in-process", "--device", "cpu", "--max-tokens", "4", "Say hello.")
     assert out.returncode == 0, out.stderr

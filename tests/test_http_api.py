@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 from contextlib import aclosing
@@ -193,7 +194,14 @@ BAD_REQUESTS = [  # (endpoint, change to a good body, status, error param)
     ("chat/completions", {"temperature": -1, "stream": True}, 400, None),
     # refused by the JIT context (longer than the context): a streamed request is answered after its checks
     ("chat/completions", {"messages": [{"role": "user", "content": "word " * 5000}], "stream": True}, 400, None),
-    ("chat/completions", {"response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("chat/completions", {"response_format": {"type": "xml"}}, 400, "response_format"),
+    ("chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, 400,
+     "response_format"),
+    ("completions", {"guided_regex": "a+", "guided_choice": ["b"]}, 400, "guided_choice"),
+    # the JIT context's own checks: llguidance's reading of the schema, the regex
+    ("chat/completions", {"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "bogus"}}}}, 400, None),
+    ("completions", {"structured_outputs": {"regex": "(unclosed"}}, 400, None),
     ("chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
     ("chat/completions", {"tool_choice": "required"}, 400, "tool_choice"),
 ]
@@ -218,6 +226,41 @@ def test_bad_requests_are_openai_errors(server, model) -> None:
     chat = httpx.post(f"{server.http}/v1/chat/completions", json={**bodies["chat/completions"], **NEUTRAL_CHAT_FIELDS},
                       timeout=60)
     assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["content"], chat.text
+
+
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
+          "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer", "minimum": 0,
+                                                                            "maximum": 120}}}
+
+
+def test_structured_output_in_every_form_the_api_takes(server, model) -> None:
+    """response_format json_schema (streamed and not) and json_object, vLLM's guided_choice and structured_outputs'
+    regex on the completions route: each reply is a whole match, ends by EOS, and equals the native client's
+    request with the same `structured` params."""
+    api = openai_client(server)
+    ask = [{"role": "user", "content": "Give a person's name and age as JSON."}]
+    chat = api.chat.completions.create(model=model, messages=ask, max_tokens=60, temperature=0, response_format={
+        "type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}})
+    person = json.loads(chat.choices[0].message.content)
+    assert chat.choices[0].finish_reason == "stop" and set(person) == {"name", "age"}, person
+    assert isinstance(person["age"], int) and isinstance(person["name"], str)
+    native = native_finished(server.address, messages=ask,
+                             params={"max_tokens": 60, "temperature": 0.0, "structured": {"json": PERSON}})
+    assert native.text == chat.choices[0].message.content
+    streamed = api.chat.completions.create(model=model, messages=ask, max_tokens=60, temperature=0, stream=True,
+                                           response_format={"type": "json_schema",
+                                                            "json_schema": {"name": "person", "schema": PERSON}})
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == native.text
+    anything = api.chat.completions.create(model=model, messages=ask, max_tokens=80, temperature=0.7, seed=1,
+                                           response_format={"type": "json_object"})
+    if anything.choices[0].finish_reason == "stop":  # (an object may be longer than max_tokens)
+        assert isinstance(json.loads(anything.choices[0].message.content), dict)
+    picked = api.completions.create(model=model, prompt="Is the sky blue? Answer:", max_tokens=5, temperature=0,
+                                    extra_body={"guided_choice": ["yes", "no", "maybe"]})
+    assert picked.choices[0].text in ("yes", "no", "maybe") and picked.choices[0].finish_reason == "stop"
+    date = api.completions.create(model=model, prompt="The date today is", max_tokens=20, temperature=0,
+                                  extra_body={"structured_outputs": {"regex": r" \d{4}-\d{2}-\d{2}"}})
+    assert re.fullmatch(r" \d{4}-\d{2}-\d{2}", date.choices[0].text), date.choices[0].text
 
 
 def test_tokenize_and_detokenize_endpoints(server, model) -> None:

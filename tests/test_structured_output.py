@@ -83,15 +83,15 @@ def test_the_wire_form_round_trips_and_bad_forms_name_the_problem() -> None:
         SamplingParams(min_tokens=2, structured=SHORT["regex"])
 
 
-def test_llguidance_s_checks_name_what_is_wrong(grammars: Grammars) -> None:
+def test_llguidance_s_checks_name_what_is_wrong() -> None:
     for spec, message in [(StructuredOutput(regex="(unclosed"), "unclosed group"),
                           (StructuredOutput(grammar="start: foo"), "unknown name"),
                           (StructuredOutput(json='{"type": "bogus"}'), "bogus"),
                           (StructuredOutput(grammar="x ::= \"y\""), "root")]:
         with pytest.raises(ValueError, match=message):
-            grammars.check(spec)
+            spec.checked_grammar()
     for spec in SHORT.values():
-        grammars.check(spec)
+        spec.checked_grammar()
 
 
 # -- the sampler ------------------------------------------------------------------------------------------------------
@@ -145,7 +145,7 @@ def test_the_mask_reads_every_word_s_bits() -> None:
 
 # -- the generators ---------------------------------------------------------------------------------------------------
 
-def smol_vocab_runner(slots: int = 1):
+def smol_vocab_runner(slots: int = 1, device: str = "cpu"):
     """A 2-layer Llama with SmolLM2's vocabulary, random weights (its replies are the grammar's doing)."""
     from graph_executor.loading.config import ModelConfig
     from graph_executor.loading.loader import _fill_random
@@ -153,19 +153,19 @@ def smol_vocab_runner(slots: int = 1):
     from graph_executor.runner import ModelRunner
 
     cfg = ModelConfig("llama", VOCAB, 64, 128, 2, 4, 2, 16, 256, eos_token_ids=(2,))
-    model = LlamaModel(cfg, 128, torch.device("cpu"), torch.float32, slots=slots)
+    model = LlamaModel(cfg, 128, torch.device(device), torch.float32, slots=slots)
     _fill_random(model, seed=3)
     return ModelRunner(model)
 
 
-def replay_greedy(grammars, spec: StructuredOutput, prompt: list[int], reply: list[int]) -> None:
+def replay_greedy(grammars, spec: StructuredOutput, prompt: list[int], reply: list[int], device: str = "cpu") -> None:
     """Each token of a greedy reply is the argmax of the model's logits at its step (teacher-forced) over what the
     grammar allows there."""
     from tests.test_quant_model import run_steps
 
-    logits, _ = run_steps(smol_vocab_runner(), prompt, reply[:-1], len(reply) - 1)
+    logits, _ = run_steps(smol_vocab_runner(device=device), prompt, reply[:-1], len(reply) - 1)
     for step, (mask, token) in enumerate(zip(allowed(grammars, spec, reply), reply, strict=True)):
-        assert token == int(torch.where(mask, logits[step].double(), -torch.inf).argmax()), step
+        assert token == int(torch.where(mask, logits[step].cpu().double(), -torch.inf).argmax()), step
 
 
 @pytest.mark.parametrize("form", ["json", "regex"])
@@ -184,6 +184,24 @@ def test_the_generator_s_reply_is_the_grammar_s_greedy_reply_of_the_model(gramma
     # the same generator, the same prompt without the grammar: the model's own (unconstrained) reply differs
     free = list(gen.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0)))[-1]
     assert free.token_ids != result.token_ids[:len(free.token_ids)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("form", ["json", "grammar"])
+def test_on_a_gpu_each_draw_takes_its_own_mask(grammars, tokenizer, form: str) -> None:
+    """On a GPU the mask goes up from pinned memory on the sampling stream, and decode_ahead 3 would leave two steps
+    queued while the host reads a token: each draw must still obey its own step's mask (the greedy replay of the
+    same model on the card), and a sampled reply must be a whole match."""
+    from jit_context.generator import Generator
+
+    spec, prompt = SHORT[form], tokenizer.encode("Answer:")
+    gen = Generator(smol_vocab_runner(device="cuda"), tokenizer, tokenizer.eos_token_ids, decode_ahead=3,
+                    grammars=grammars)
+    greedy = list(gen.generate(prompt, SamplingParams(max_tokens=48, temperature=0.0, structured=spec)))[-1]
+    assert greedy.finish_reason == "stop" and matches(spec, greedy.text), greedy.text
+    replay_greedy(grammars, spec, prompt, greedy.token_ids, device="cuda")
+    sampled = list(gen.generate(prompt, SamplingParams(max_tokens=48, temperature=1.0, seed=3, structured=spec)))[-1]
+    assert sampled.finish_reason == "stop" and matches(spec, sampled.text), sampled.text
 
 
 def test_without_a_tokenizer_structured_output_is_refused() -> None:
