@@ -16,7 +16,7 @@ def test_the_public_import_names_the_client_api() -> None:
 
     assert hybridrt.Client is Client and hybridrt.AsyncClient is AsyncClient
     assert set(hybridrt.__all__) == {"AsyncClient", "ChatOptions", "Client", "Finished", "SamplingParams",
-                                     "ServerError", "TokenChunk"}
+                                     "ServerError", "StructuredOutput", "TokenChunk"}
 
 
 def test_the_readme_native_client_example_prints_the_reply_once(shared_server, capsys) -> None:

@@ -729,11 +729,14 @@ PY
             # release / acquire flags across processes) (~1 min)
           timeout 120 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_peer_allreduce.py > "$OUT/peerar.log" 2>&1
           echo "peer all-reduce: rc=$? $(tail -1 "$OUT/peerar.log")" ;;
-    jitfeatures) # the 44th session's sampling features on a GPU (built on the CPU machine): logprobs through the
-                 # token reader's pinned extra values, penalties and logit bias in the sampler, the cuda tests of
-                 # test_logprobs, test_sampling and test_executor_argmax, then test_http_api's served path (~2 min)
+    jitfeatures) # the 44th and 45th sessions' sampling features on a GPU (built on the CPU machine): logprobs through
+                 # the token reader's pinned extra values, penalties and logit bias in the sampler, structured output's
+                 # mask (pinned words copied up per draw; needs the llguidance wheel in .whl, manylinux_2_31: see
+                 # bench/NOTES.md's device recipe), the cuda tests of test_logprobs, test_sampling,
+                 # test_structured_output and test_executor_argmax, and test_batching (~2 min)
           timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_logprobs.py tests/test_sampling.py \
-            tests/test_executor_argmax.py tests/test_batching.py > "$OUT/jitfeatures.log" 2>&1
+            tests/test_structured_output.py tests/test_executor_argmax.py tests/test_batching.py \
+            > "$OUT/jitfeatures.log" 2>&1
           echo "sampling features: rc=$? $(tail -1 "$OUT/jitfeatures.log")" ;;
     wayin7b) # wayin's TTFT split on the 7B shape (target 4's own model), this tree, the JIT context's idle spin 0
              # and 20 ms (~3 min)
