@@ -45,8 +45,17 @@ from jit_context.kv_contents import KvContents
 from jit_context.sampler import Sampler
 from jit_context.sampling_params import SamplingParams
 
+
 # What `step` reports per request: a streamed token's text, a prefill's progress, or the request's end.
-Item = Chunk | PrefillProgress | GenerationResult
+@dataclass(frozen=True)
+class RequestFailed:
+    """A request ended by an error of its own (its structured output's matcher failed): its slot is free by then; the
+    other requests go on."""
+
+    message: str
+
+
+Item = Chunk | PrefillProgress | GenerationResult | RequestFailed
 
 
 class BatchPort(Protocol):
@@ -227,6 +236,7 @@ class BatchEngine:
             # a step sent ahead for requests that all ended: nothing left to read of it
             self._inflight, self._inflight_chunks = None, []
         state = self.slots[slot]
+        state.sampler.end_request()
         if keep is not None and self.prefix_reuse:
             state.contents.hold(keep)
         else:
@@ -399,7 +409,11 @@ class BatchEngine:
             logprobs = None if sampler.logprobs_k is None else sampler.last_logprobs.tolist()  # (after the read)
             events.append((lane.key, lane.out.add(token, logprobs)))
             if lane.out.finish is None:
-                sampler.accept(token)  # (a structured output's next mask, before its next draw)
+                try:
+                    sampler.accept(token)  # (a structured output's next mask, before its next draw)
+                except ValueError as e:  # its matcher failed: this request ends, the others go on
+                    events.append((lane.key, RequestFailed(str(e))))
+                    self._release(lane.slot, keep=None)
                 continue
             events.extend((lane.key, item) for item in lane.out.close())
             # Every token but the last was the input of a step that ran: the slot holds the prompt and those.

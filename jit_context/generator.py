@@ -326,6 +326,7 @@ class Generator:
     def _finish(self, out: RequestOutput, prompt_ids: list[int]) -> Iterator[Chunk | GenerationResult]:
         """The request's last chunk and result; then the KV cache is known to hold the prompt and every output token
         but the last (each of those was the input of a step that ran: a decode, or a verify that accepted it)."""
+        self.sampler.end_request()
         items = list(out.close())  # the held-back text, then the result: the request is complete here
         if self.kv is not None:  # before the result goes out: a caller may stop iterating when it has it
             self.kv.hold(prompt_ids + out.token_ids[:-1])

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from jit_context.sampling_params import SamplingParams
-from jit_context.structured_output import StructuredOutput
+from jit_context.structured_output import StructuredOutput, one_line
 
 
 def mask_words(vocab_size: int) -> int:
@@ -37,13 +37,15 @@ class Constraint:
     def _fill(self) -> None:
         self._matcher.unsafe_compute_mask_ptr(self.words.data_ptr(), self.words.numel() * 4)
         if self._matcher.is_error():
-            raise ValueError(f"structured output: {self._matcher.get_error()}")
+            raise ValueError(f"structured output: {one_line(self._matcher.get_error())}")
 
     def advance(self, token_id: int) -> None:
-        """Token token_id was drawn: move the matcher past it and compute the next mask. ValueError if the grammar
-        refuses it (only a draw that ignored the mask would: a bug)."""
+        """Token token_id was drawn: move the matcher past it and compute the next mask. ValueError if the matcher
+        fails: one of its limits (a grammar too ambiguous for the reply so far), or a token it refuses (only a draw
+        that ignored the mask would bring one: a bug)."""
         if not self._matcher.consume_token(token_id):
-            raise ValueError(f"structured output: the grammar refused token {token_id}: {self._matcher.get_error()}")
+            raise ValueError(f"structured output: the matcher stopped at token {token_id}: "
+                             f"{one_line(self._matcher.get_error())}")
         self._fill()  # (a whole match leaves the end-of-sequence tokens only)
 
     @property
@@ -55,13 +57,16 @@ class Constraint:
 class Grammars:
     """llguidance's view of one tokenizer's vocabulary, and the requests' matchers over it."""
 
-    def __init__(self, tokenizer_json: Callable[[], str], vocab_size: int, eos_token_ids: Iterable[int]) -> None:
+    def __init__(self, tokenizer_json: Callable[[], str], vocab_size: int, eos_token_ids: Iterable[int],
+                 limits: dict[str, int] | None = None) -> None:
         """`tokenizer_json`: gives the tokenizers library's JSON of the tokenizer (`Tokenizer.backend_json`), called
         at the first use; vocab_size: the model's logits (may exceed the tokenizer's); eos_token_ids: the tokens
-        that end a reply."""
+        that end a reply; `limits`: llguidance's parser limits (`LLParserLimits`' arguments) other than its
+        defaults, which bound the host time of one token's mask (its lexer ~15 ms, its parser ~2.5 ms)."""
         self._json = tokenizer_json
         self.vocab_size = vocab_size
         self._eos = sorted(set(eos_token_ids))
+        self._limits = dict(limits or {})
         self._tokenizer = None  # llguidance.LLTokenizer, built at first use
 
     @property
@@ -72,11 +77,29 @@ class Grammars:
             self._tokenizer = LLTokenizer(self._json(), n_vocab=self.vocab_size, eos_token=self._eos or None)
         return self._tokenizer
 
+    def _parser_limits(self):
+        from llguidance import LLParserLimits
+
+        return LLParserLimits(**self._limits, verbose_errors=False)  # (no dump of the parser's state)
+
+    def check(self, spec: StructuredOutput) -> str:
+        """llguidance's grammar of spec, checked against this vocabulary too (special tokens the grammar names,
+        token ranges); ValueError naming what is wrong. The first call builds llguidance's view of the vocabulary
+        (~0.2 s for SmolLM2's on the CPU machine)."""
+        from llguidance import LLMatcher
+
+        grammar = spec.checked_grammar()
+        error = LLMatcher.validate_grammar(grammar, self.tokenizer, limits=self._parser_limits())
+        if error:
+            raise ValueError(f"structured output {spec.form}: {one_line(error)}")
+        return grammar
+
     def constraint(self, spec: StructuredOutput, pin: bool) -> Constraint:
         """A new request's matcher for spec and its first mask. ValueError for a bad spec."""
         from llguidance import LLMatcher
 
-        return Constraint(LLMatcher(self.tokenizer, spec.checked_grammar(), log_level=0), self.vocab_size, pin)
+        return Constraint(LLMatcher(self.tokenizer, self.check(spec), log_level=0, limits=self._parser_limits()),
+                          self.vocab_size, pin)
 
 
 def make_constraint(grammars: Grammars | None, params: SamplingParams, device: torch.device) -> Constraint | None:

@@ -133,6 +133,10 @@ class Sampler:
         self.seed = params.seed if params.seed is not None else secrets.randbits(63)
         self._generator.manual_seed(self.seed)
 
+    def end_request(self) -> None:
+        """The request ended: let its matcher go (a large grammar's may hold much host memory)."""
+        self._constraint = None
+
     def accept(self, token_id: int) -> None:
         """The host read the drawn token token_id: with a constraint, move its matcher past it and queue its next
         mask's copy up (the next draw is queued after this). Nothing without one."""

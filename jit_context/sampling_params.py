@@ -89,6 +89,9 @@ class SamplingParams:
             if self.min_tokens:
                 # the grammar may allow only the end of the reply where min_tokens forbids it: nothing to draw
                 raise ValueError("min_tokens can't be combined with structured output")
+            if self.ignore_eos:
+                # a whole match allows the end-of-sequence tokens only: the reply would draw them until max_tokens
+                raise ValueError("ignore_eos can't be combined with structured output")
 
     def _check_floats(self) -> None:
         temperature = _check_float("temperature", self.temperature)

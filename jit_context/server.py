@@ -46,7 +46,7 @@ from ipc.messages import (
 )
 from ipc.reply_spin import server_spin_ms
 from ipc.startup import StartupPhases
-from jit_context.batch import BatchEngine
+from jit_context.batch import BatchEngine, RequestFailed
 from jit_context.generator import CPU_PREFILL_CHUNK, Chunk, GenerationResult, PrefillProgress, PrefillSent
 from jit_context.metrics import FAILED, ServingMetrics
 from jit_context.remote_executor import ExecutorDied, RemoteExecutor
@@ -509,6 +509,10 @@ class JitServer:
                 self.running.remove(pending)
                 self._report_end(pending, self._finished(pending, item))
                 gone.add(id(pending))
+            elif isinstance(item, RequestFailed):
+                self.running.remove(pending)
+                self._report_end(pending, Error("generation_failed", item.message, pending.request_id))
+                gone.add(id(pending))
             elif not self._stream(pending, item):
                 self._abort_running(pending, "client went away")  # nobody to stream to: free its slot
                 gone.add(id(pending))
@@ -522,7 +526,13 @@ class JitServer:
         if not self.running:  # a new busy period: one request id on the executor for its steps
             self._batches += 1
             self.executor.request_id = f"batch-{self._batches}"
-        self.engine.admit(pending, pending.prompt_ids, pending.params, start_time=pending.received)
+        try:
+            self.engine.admit(pending, pending.prompt_ids, pending.params, start_time=pending.received)
+        except (ValueError, HybridrtError) as e:  # this request's own (e.g. its grammar's matcher): it alone fails
+            self._report_end(pending, Error("invalid_request", str(e), pending.request_id))
+            if not self.running:
+                self._finish_on_executor()
+            return
         self.running.append(pending)
 
     def _abort_running(self, pending: Pending, reason: str) -> None:

@@ -50,9 +50,9 @@ class StructuredOutput:
         if self.json is not None:
             try:
                 schema = json.loads(self.json)
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:
                 raise ValueError(f"structured output json must be a JSON schema: {e}") from None
-            if not isinstance(schema, (dict, bool)):
+            if not isinstance(schema, dict):  # (true / false are schemas too, but not of a reply)
                 raise ValueError(f"structured output json must be a JSON schema (an object), got {quote(schema)}")
         self._check_choice()
 
@@ -77,15 +77,19 @@ class StructuredOutput:
         wrong with it (a bad schema, regex or rule)."""
         from llguidance import LLMatcher
 
-        grammar = self.grammar_text()
+        try:
+            grammar = self.grammar_text()
+        except (ValueError, RecursionError) as e:  # llguidance's own reading of a schema or a grammar
+            raise ValueError(f"structured output {self.form}: {one_line(str(e))}") from None
         error = LLMatcher.validate_grammar(grammar)
         if error:
-            raise ValueError(f"structured output {self.form}: {_one_line(error)}")
+            raise ValueError(f"structured output {self.form}: {one_line(error)}")
         return grammar
 
     def grammar_text(self) -> str:
         """llguidance's grammar for this form (its JSON text), unchecked but for what llguidance cannot read at all
-        (a GBNF grammar without a root rule): `checked_grammar` checks the rest."""
+        (a ValueError: a GBNF grammar without a root rule, a schema it cannot apply its options to);
+        `checked_grammar` checks the rest."""
         from llguidance import LLMatcher, grammar_from
 
         if self.json is not None or self.json_object:
@@ -96,10 +100,7 @@ class StructuredOutput:
             return grammar_from("regex", self.regex)
         if self.choice:
             return grammar_from("choice", json.dumps(list(self.choice), ensure_ascii=False))
-        try:
-            return grammar_from("grammar", self.grammar)
-        except ValueError as e:
-            raise ValueError(f"structured output grammar: {e}") from None
+        return grammar_from("grammar", self.grammar)
 
     @classmethod
     def from_dict(cls, d: Any) -> StructuredOutput:
@@ -112,7 +113,10 @@ class StructuredOutput:
             raise ValueError(f"unknown structured output keys: {quote(', '.join(unknown))} (known: {', '.join(FORMS)})")
         kwargs = {k: v for k, v in d.items() if v is not None}
         if isinstance(kwargs.get("json"), (dict, bool)):
-            kwargs["json"] = json.dumps(kwargs["json"])
+            try:
+                kwargs["json"] = json.dumps(kwargs["json"])
+            except (ValueError, RecursionError) as e:
+                raise ValueError(f"structured output json must be a JSON schema: {e}") from None
         if isinstance(kwargs.get("choice"), list):
             kwargs["choice"] = tuple(kwargs["choice"])
         return cls(**kwargs)
@@ -123,8 +127,9 @@ class StructuredOutput:
         return {self.form: list(value) if isinstance(value, tuple) else value}
 
 
-def _one_line(error: str) -> str:
-    """llguidance's error on one line: its lines joined, without the echo of the grammar's source and the caret
-    under it (the message names the place)."""
+def one_line(error: str) -> str:
+    """llguidance's error on one line: its lines joined, without the echo of the grammar's source, the caret under
+    it (the message names the place) and its <non-verbose/> tag."""
     lines = [line.strip() for line in error.splitlines()]
-    return " ".join(line for line in lines if line and line != "^" and not re.match(r"\d+ \|", line))
+    return " ".join(line for line in lines
+                    if line and line not in ("^", "<non-verbose/>") and not re.match(r"\d+ \|", line))

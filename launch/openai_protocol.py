@@ -106,8 +106,8 @@ class _SamplingRequest(BaseModel):
         none. Unsupported when it uses two, or a response_format type hybridrt does not know; the JIT context checks
         the schema, regex or grammar itself."""
         given: list[tuple[str, dict[str, Any]]] = []
-        if self.response_format not in (None, {"type": "text"}):
-            given.append(("response_format", _response_format(self.response_format)))
+        if self.response_format is not None and (form := _response_format(self.response_format)) is not None:
+            given.append(("response_format", form))
         if self.structured_outputs is not None:
             given.append(("structured_outputs", dict(self.structured_outputs)))
         guided = {"json": self.guided_json, "regex": self.guided_regex, "choice": self.guided_choice,
@@ -140,13 +140,24 @@ class _SamplingRequest(BaseModel):
         return {key: value for key, value in params.items() if value is not None}
 
 
-def _response_format(value: dict[str, Any]) -> dict[str, Any]:
-    """OpenAI's response_format -> the native structured output: json_object, or json_schema's schema."""
+def _response_format(value: dict[str, Any]) -> dict[str, Any] | None:
+    """OpenAI's response_format -> the native structured output: json_object, or json_schema's schema. Keys OpenAI
+    does not define are refused (a schema beside json_object is not applied, so it must not pass silently)."""
     kind = value.get("type")
+    allowed = {"text": {"type"}, "json_object": {"type"}, "json_schema": {"type", "json_schema"}}.get(kind)
+    if allowed is not None and set(value) - allowed:
+        raise Unsupported("response_format", f"response_format of type {kind!r} takes no "
+                                             f"{', '.join(sorted(map(str, set(value) - allowed)))}")
+    if kind == "text":
+        return None
     if kind == "json_object":
         return {"json_object": True}
     if kind == "json_schema":
         spec = value.get("json_schema")
+        extra = sorted(map(str, set(spec) - {"name", "description", "schema", "strict"})) if isinstance(spec, dict) \
+            else []
+        if extra:
+            raise Unsupported("response_format", f"response_format json_schema takes no {', '.join(extra)}")
         schema = spec.get("schema") if isinstance(spec, dict) else None
         if not isinstance(schema, dict):
             raise Unsupported("response_format", 'response_format {"type": "json_schema"} needs json_schema.schema, '

@@ -293,7 +293,11 @@ def structured(args: argparse.Namespace) -> StructuredOutput | None:
 def _text_or_file(flag: str, value: str, marker: str) -> str:
     """A flag's text: the file it names, else the value itself when it looks like the text (holds `marker`)."""
     path = Path(value).expanduser()
-    if path.is_file():
+    try:
+        is_file = path.is_file()
+    except OSError:  # text longer than a file name may be
+        is_file = False
+    if is_file:
         try:
             return path.read_text()
         except (OSError, UnicodeDecodeError) as e:

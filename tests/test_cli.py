@@ -83,6 +83,10 @@ def test_structured_output_flags_hold_the_reply_and_bad_ones_fail_before_the_loa
     assert main([*flags, "--json-schema", str(schema), question]) == 0
     reply = json.loads(capsys.readouterr().out)
     assert reply["finish_reason"] == "stop" and set(json.loads(reply["text"])) == {"city"}, reply["text"]
+    inline = json.dumps({"type": "object", "description": "x" * 300, "required": ["city"],
+                         "properties": {"city": {"type": "string", "maxLength": 20}}})  # longer than a file name
+    assert main([*flags, "--json-schema", inline, question]) == 0
+    assert "city" in json.loads(json.loads(capsys.readouterr().out)["text"])
     assert main([*flags, "--choice", "Paris", "--choice", "Rome", question]) == 0
     assert json.loads(capsys.readouterr().out)["text"] in ("Paris", "Rome")
     assert main([*flags, "--grammar", 'root ::= [0-9] [0-9]? " km"', "How far is Paris from Versailles?"]) == 0

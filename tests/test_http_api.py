@@ -195,6 +195,7 @@ BAD_REQUESTS = [  # (endpoint, change to a good body, status, error param)
     # refused by the JIT context (longer than the context): a streamed request is answered after its checks
     ("chat/completions", {"messages": [{"role": "user", "content": "word " * 5000}], "stream": True}, 400, None),
     ("chat/completions", {"response_format": {"type": "xml"}}, 400, "response_format"),
+    ("chat/completions", {"response_format": {"type": "json_object", "schema": {}}}, 400, "response_format"),
     ("chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, 400,
      "response_format"),
     ("completions", {"guided_regex": "a+", "guided_choice": ["b"]}, 400, "guided_choice"),

@@ -11,6 +11,7 @@ import re
 import pytest
 import torch
 
+from graph_executor.runner import ModelRunner
 from jit_context.grammar_mask import Grammars, mask_words
 from jit_context.sampler import Sampler
 from jit_context.sampling_params import SamplingParams
@@ -85,17 +86,37 @@ def test_the_wire_form_round_trips_and_bad_forms_name_the_problem() -> None:
             SamplingParams.from_dict({"structured": wire})
     with pytest.raises(ValueError, match="min_tokens"):
         SamplingParams(min_tokens=2, structured=SHORT["regex"])
+    with pytest.raises(ValueError, match="ignore_eos"):
+        SamplingParams(ignore_eos=True, structured=SHORT["regex"])
+    deep: dict = {}
+    inner = deep
+    for _ in range(5000):
+        inner["a"] = inner = {}
+    for wire in ({"json": deep}, {"json": "[" * 5000}, {"json": "true"}):  # RecursionError or not an object: a 400
+        with pytest.raises(ValueError, match="must be a JSON schema"):
+            StructuredOutput.from_dict(wire)
 
 
-def test_llguidance_s_checks_name_what_is_wrong() -> None:
+def test_llguidance_s_checks_name_what_is_wrong_on_one_line(grammars) -> None:
+    """Without a tokenizer (the launcher's check), then against the vocabulary (the JIT context's, at arrival): a
+    special token the vocabulary lacks, a token range past it."""
+    nested = '{"type": "object", "properties": {"a": ' + '{"type": "array", "items": ' * 300 + "{}" + "}" * 302
     for spec, message in [(StructuredOutput(regex="(unclosed"), "unclosed group"),
                           (StructuredOutput(grammar="start: foo"), "unknown name"),
                           (StructuredOutput(json='{"type": "bogus"}'), "bogus"),
-                          (StructuredOutput(grammar="x ::= \"y\""), "root")]:
-        with pytest.raises(ValueError, match=message):
+                          (StructuredOutput(json=nested), "recursion limit"),
+                          (StructuredOutput(grammar='x ::= "y"'), "root")]:
+        with pytest.raises(ValueError, match=message) as error:
             spec.checked_grammar()
+        assert "\n" not in str(error.value) and str(error.value).startswith(f"structured output {spec.form}: ")
     for spec in SHORT.values():
         spec.checked_grammar()
+        grammars.check(spec)
+    for grammar, message in [("start: <|nope|>", "unknown special token"), ("start: <[99999]>", "too large")]:
+        StructuredOutput(grammar=grammar).checked_grammar()  # (no vocabulary: it passes)
+        with pytest.raises(ValueError, match=message) as error:
+            grammars.check(StructuredOutput(grammar=grammar))
+        assert "\n" not in str(error.value)
 
 
 # -- the sampler ------------------------------------------------------------------------------------------------------
@@ -229,6 +250,34 @@ def test_speculation_is_off_for_a_structured_request(grammars, tokenizer) -> Non
     replay_greedy(grammars, spec, prompt, result.token_ids)
 
 
+def test_a_matcher_failing_mid_reply_ends_its_lane_alone(tokenizer) -> None:
+    """A grammar too ambiguous for llguidance's limits fails some tokens in (here a row limit of 40 items, met at
+    the 19th "a"): in the batch engine that request ends with its own RequestFailed, one line, its slot freed, and
+    the plain request beside it gets the tokens it gets alone; in the batch-1 loop the request's generation raises
+    the same ValueError (the server's Error for that request)."""
+    from jit_context.batch import BatchEngine, RequestFailed
+    from jit_context.generator import Generator
+
+    tight = Grammars(tokenizer.backend_json, VOCAB, tokenizer.eos_token_ids, limits={"max_items_in_row": 40})
+    ambiguous = SamplingParams(max_tokens=40, temperature=0.0,
+                               structured=StructuredOutput(grammar='start: s\ns: s s | "a"'))
+    plain = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    engine = BatchEngine(smol_vocab_runner(slots=2), tokenizer, tokenizer.eos_token_ids, 4, grammars=tight)
+    engine.admit("grammar", tokenizer.encode("a"), ambiguous)
+    engine.admit("plain", tokenizer.encode("Hi"), plain)
+    ends = {}
+    while len(ends) < 2:
+        for key, item in engine.step():
+            if isinstance(item, RequestFailed) or hasattr(item, "finish_reason"):
+                ends[key] = item
+    assert isinstance(ends["grammar"], RequestFailed) and "max is 40" in ends["grammar"].message
+    assert "\n" not in ends["grammar"].message and engine.running == 0
+    alone = Generator(smol_vocab_runner(), tokenizer, tokenizer.eos_token_ids, grammars=tight)
+    assert ends["plain"].token_ids == list(alone.generate(tokenizer.encode("Hi"), plain))[-1].token_ids
+    with pytest.raises(ValueError, match="max is 40"):
+        list(alone.generate(tokenizer.encode("a"), ambiguous))
+
+
 def test_batched_structured_requests_give_what_they_give_alone(grammars, tokenizer) -> None:
     """Three slots: a JSON reply, a sampled regex reply and a plain one side by side, each as alone (the lanes'
     tokens are read, and the matchers moved on, before the steps sent ahead are drawn)."""
@@ -254,3 +303,39 @@ def test_batched_structured_requests_give_what_they_give_alone(grammars, tokeniz
         assert results[key].token_ids == list(alone.generate(prompt, params))[-1].token_ids, key
     for key in ("json", "regex"):
         assert matches(SHORT[key], results[key].text), results[key].text
+
+
+def test_a_batching_server_refuses_a_bad_grammar_alone_and_serves_the_rest(default_model_dir, tokenizer) -> None:
+    """The JIT context's serving loop (in process, over the real executor on a thread, as test_jit_server's rig)
+    with two slots: a grammar naming a special token the vocabulary lacks is an invalid_request Error at arrival (one
+    line), while a JSON reply and a plain one run side by side and each equals its in-process generation."""
+    from graph_executor.loading.loader import LoadedModel, _fill_random
+    from graph_executor.model import LlamaModel
+    from ipc.messages import Error, Finished
+    from jit_context.generator import Generator
+    from tests.test_jit_server import TINY, Rig
+
+    model = LlamaModel(TINY, 64, torch.device("cpu"), torch.float32, slots=2)
+    _fill_random(model, seed=0)
+    rig = Rig(LoadedModel(model, "tiny", "dummy", default_model_dir, 0.0, False))
+    try:
+        assert rig.jit.engine is not None
+        peer = rig.peer()
+        json_params = {"max_tokens": 40, "temperature": 0.0, "structured": {"json": SCHEMA}}
+        plain_params = {"max_tokens": 12, "temperature": 0.0, "ignore_eos": True}
+        peer.generate("json", [5, 6, 7], params=json_params)
+        peer.generate("bad", [5, 6], params={"max_tokens": 5, "structured": {"grammar": "start: <|nope|>"}})
+        peer.generate("plain", [900, 901], params=plain_params)
+        rig.until(lambda: all(peer.final(r) is not None for r in ("json", "bad", "plain")))
+        bad = peer.final("bad")
+        assert isinstance(bad, Error) and bad.code == "invalid_request" and "unknown special token" in bad.message
+        assert "\n" not in bad.message
+        served = {r: peer.final(r) for r in ("json", "plain")}
+        assert all(isinstance(f, Finished) for f in served.values()), served
+        assert matches(SHORT["json"], served["json"].text), served["json"].text
+    finally:
+        rig.close()
+    alone = Generator(ModelRunner(model), tokenizer, frozenset(TINY.eos_token_ids) | tokenizer.eos_token_ids,
+                      grammars=Grammars(tokenizer.backend_json, VOCAB, tokenizer.eos_token_ids))
+    for key, prompt, params in (("json", [5, 6, 7], json_params), ("plain", [900, 901], plain_params)):
+        assert served[key].token_ids == list(alone.generate(prompt, SamplingParams.from_dict(params)))[-1].token_ids
