@@ -27,13 +27,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
-# Versions: 14: LogprobsChunk (TokenLogprob); 13: a Reset may come on the doorbell, step
-# numbers increase across requests; 12: Decode.argmax/own_input and the token_ring buffer; 11: Ready.captures_pending;
+# Versions: 15: ChatOptions.tools, tool_calls / tool messages; 14: LogprobsChunk (TokenLogprob); 13: a Reset may come
+# on the doorbell, step numbers increase across requests; 12: Decode.argmax/own_input and the token_ring buffer; 11: Ready.captures_pending;
 # 10: Started.spin_ms; 9: DecodeBatch carries several prompt chunks; 8: GenerateRequest.warm_up; 7: DecodeBatch's
 # prompt chunk (the mixed step); 6: KV slots (Ready.max_num_seqs, Prefill.slot, DecodeBatch, the batch_logits buffer);
 # 5: Verify.tokens/accept, StepDone.accepted, GenerateRequest.chat; 4: Ready.doorbell; 3: Verify and the verify_logits
 # buffer; 2: typed Ready buffers/events/tokenizer_path
-PROTOCOL_VERSION = 14
+PROTOCOL_VERSION = 15
 MAX_ID_CHARS = 256
 MAX_SPECULATIVE_TOKENS = 8  # proposals a Verify step carries at most (its k + 1 tokens fill the verify buffers)
 MAX_NUM_SEQS = 64  # KV slots an executor may hold (sequences decoded together in one DecodeBatch step)
@@ -255,13 +255,17 @@ RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "add_generation_prompt", "cont
 class ChatOptions(Record):
     """How chat messages become a prompt (vLLM's chat request extras): `add_generation_prompt` ends it with the
     assistant turn's opening; `continue_final_message` instead leaves the last (assistant) message open, so that
-    the reply continues it; `template_kwargs` are extra variables for the chat template (e.g. enable_thinking)."""
+    the reply continues it; `template_kwargs` are extra variables for the chat template (e.g. enable_thinking);
+    `tools` the tools it describes to the model."""
 
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     template_kwargs: dict = field(default_factory=dict)
+    tools: list | None = None  # OpenAI's `tools` entries, for the template to describe (its `tools` variable)
 
     def _validate(self) -> None:
+        if self.tools is not None and not all(isinstance(t, dict) for t in self.tools):
+            raise ValueError("chat tools must be a list of dicts (OpenAI's tools entries)")
         if self.add_generation_prompt and self.continue_final_message:
             raise ValueError("continue_final_message needs add_generation_prompt false (the reply continues the last "
                              "message instead of opening a new turn)")

@@ -3,7 +3,7 @@ imports at every JIT context start; jinja2 alone takes a tenth of that).
 
 Mirrors transformers 5.x `utils/chat_template_utils.py` (`_cached_compile_jinja_template`, `render_jinja_template`)
 and the template choice of `PreTrainedTokenizerBase.get_chat_template` (Apache-2.0, (c) The HuggingFace Team), for
-one conversation without tools, documents or assistant masks: what `Tokenizer.apply_chat_template` asks for. A
+one conversation with its tools (no documents or assistant masks): what `Tokenizer.apply_chat_template` asks for. A
 change there is a change here: tests/test_tokenizer.py compares the two on assorted templates.
 """
 
@@ -142,6 +142,20 @@ def select_chat_template(own: str | dict[str, str] | None, given: str | None) ->
                      "argument was passed!")
 
 
+# How a model writes a tool call, told by what its chat template shows it (the templates of Qwen2.5 / Hermes, of
+# Llama 3.1-3.3, of Mistral's instruct models): the tool-call parser of the HTTP API (launch.tool_calls) for
+# `tool_choice: "auto"`. A template that shows none of them gives no format: "auto" with tools is then refused.
+TOOL_CALL_MARKERS = (("hermes", "<tool_call>"), ("mistral", "[TOOL_CALLS]"), ("llama3_json", "<|python_tag|>"),
+                     ("llama3_json", '"parameters": dictionary of argument name'))
+
+
+def tool_call_format(template: str | None) -> str | None:
+    """The tool-call format a chat template teaches its model (TOOL_CALL_MARKERS), or None."""
+    if not template or "tools" not in template:
+        return None
+    return next((name for name, marker in TOOL_CALL_MARKERS if marker in template), None)
+
+
 def render_chat(template: str, messages: list[dict], add_generation_prompt: bool = False,
                 continue_final_message: bool | str = False, variables: dict[str, Any] | None = None) -> str:
     """`messages` through `template` as transformers' `apply_chat_template(..., tokenize=False)` renders them;
@@ -187,7 +201,8 @@ def render_chat(template: str, messages: list[dict], add_generation_prompt: bool
         else:
             for f in fields:
                 chat[-1][f] = chat[-1][f] + _CONTINUE_TAG
-    rendered = compiled.render(messages=chat, tools=None, documents=None,
+    tools = variables.pop("tools", None)  # (transformers' own argument: the tools' JSON schemas, as given)
+    rendered = compiled.render(messages=chat, tools=tools, documents=None,
                                add_generation_prompt=add_generation_prompt, **variables)
     if continue_final_message:
         if final_message.strip() not in rendered or _CONTINUE_TAG.strip() not in rendered:

@@ -57,7 +57,7 @@ class RequestSide:
         if inp.messages is not None:
             chat = inp.chat or ChatOptions()
             return self.tokenizer.apply_chat_template(inp.messages, chat.add_generation_prompt,
-                                                      chat.continue_final_message, chat.template_kwargs)
+                                                      chat.continue_final_message, chat.template_kwargs, chat.tools)
         if inp.prompt == "":
             raise ValueError("the prompt is empty")
         if inp.use_chat_template and self.tokenizer.has_chat_template:

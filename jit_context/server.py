@@ -250,6 +250,7 @@ class JitServer:
                 "device": self.ready.device, "dtype": self.ready.dtype, "queued": len(self.queue),
                 "tokenizer": self.tokenizer is not None,
                 "chat_template": bool(self.tokenizer and self.tokenizer.has_chat_template),
+                "tool_call_format": self.tokenizer.tool_call_format if self.tokenizer else None,
                 "active": running[0] if running else None, "running": running,
                 "max_num_seqs": self.ready.max_num_seqs, "executor": self._executor_facts(),
                 "jit_context_pid": os.getpid(), "local_stream": self.clients.local_path,

@@ -18,14 +18,15 @@ from pathlib import Path
 from typing import Protocol
 
 from ipc.errors import ModelLoadError
-from jit_context.chat_template import check_chat_template
+from jit_context.chat_template import check_chat_template, select_chat_template, tool_call_format
 from jit_context.fast_tokenizer import FastBackend, Unsupported
 
 __all__ = ["Tokenizer", "check_chat_template", "import_tokenizer_modules"]
 
 # End-of-turn / end-of-text tokens that chat models emit instead of (or besides) their configured eos.
 _EXTRA_EOS_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>")
-_ROLES = ("system", "user", "assistant")
+_ROLES = ("system", "user", "assistant", "tool")
+_MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id")
 
 # tokenizer_config.json classes that are transformers' generic fast tokenizer (TokenizersBackend is its name since
 # transformers 5): what the tokenizers library alone can load (`FastBackend`), and what AutoTokenizer would load.
@@ -131,17 +132,27 @@ class _HfBackend:
 
 
 def _check_messages(messages: list[dict]) -> None:
+    """Chat messages as OpenAI's chat API has them: a role and a string content; an assistant message may carry
+    tool_calls (its content then may be None), a tool message the tool_call_id it answers."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise ValueError(f"messages[{i}] must be a dict, got {type(m).__name__}")
-        extra = sorted(str(k) for k in m if k not in ("role", "content"))
+        extra = sorted(str(k) for k in m if k not in _MESSAGE_KEYS)
         if extra:
             raise ValueError(f"messages[{i}] has unknown keys: {', '.join(extra)}")
-        if m.get("role") not in _ROLES:
-            raise ValueError(f"messages[{i}].role must be one of {', '.join(_ROLES)}, got {m.get('role')!r}")
-        if not isinstance(m.get("content"), str):
+        role = m.get("role")
+        if role not in _ROLES:
+            raise ValueError(f"messages[{i}].role must be one of {', '.join(_ROLES)}, got {role!r}")
+        calls = m.get("tool_calls")
+        if calls is not None and (role != "assistant" or not isinstance(calls, list)
+                                  or not all(isinstance(c, dict) for c in calls)):
+            raise ValueError(f"messages[{i}].tool_calls must be a list of dicts, on an assistant message")
+        if (role == "tool") != isinstance(m.get("tool_call_id"), str) or (role != "tool" and "tool_call_id" in m):
+            raise ValueError(f"messages[{i}]: a message of role 'tool' needs the tool_call_id (a string) of the call "
+                             f"it answers, and only a tool message has one")
+        if not isinstance(m.get("content"), str) and not (calls and m.get("content") is None):
             raise ValueError(f"messages[{i}].content must be a string, got {type(m.get('content')).__name__}")
 
 
@@ -195,6 +206,15 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return bool(self._chat_template or self._backend.chat_template)
 
+    @property
+    def tool_call_format(self) -> str | None:
+        """How the chat template teaches the model to call a tool (`chat_template.tool_call_format`), or None."""
+        own = self._chat_template or self._backend.chat_template
+        try:
+            return tool_call_format(select_chat_template(own, None)) if own else None
+        except ValueError:  # several templates, none the default
+            return None
+
     def use_chat_template(self, template: str) -> None:
         """Format chat messages with `template` (Jinja, as in HF tokenizer configs) instead of the tokenizer's
         own; ValueError if it does not compile."""
@@ -208,10 +228,13 @@ class Tokenizer:
         return self._backend.encode(text)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            continue_final_message: bool = False, template_kwargs: dict | None = None) -> list[int]:
+                            continue_final_message: bool = False, template_kwargs: dict | None = None,
+                            tools: list[dict] | None = None) -> list[int]:
         """Chat messages -> prompt ids, by default ending with the assistant turn's opening; with
         `continue_final_message`, ending inside the last (assistant) message instead, so that a reply continues it.
-        `template_kwargs`: extra variables for the template (ipc.messages.ChatOptions checks their names)."""
+        `template_kwargs`: extra variables for the template (ipc.messages.ChatOptions checks their names); `tools`:
+        the tools the template describes to the model (OpenAI's `tools` entries; its `tools` variable, as
+        transformers passes them)."""
         _check_messages(messages)
         if not self.has_chat_template:
             raise ValueError("this tokenizer has no chat template; send a plain prompt instead")
@@ -220,7 +243,8 @@ class Tokenizer:
                              "continues it)")
         try:
             return self._backend.apply_chat_template(messages, self._chat_template, add_generation_prompt,
-                                                     continue_final_message, dict(template_kwargs or {}))
+                                                     continue_final_message,
+                                                     {**(template_kwargs or {}), **({"tools": tools} if tools else {})})
         except ValueError:
             raise
         except Exception as e:  # jinja2 errors raised by the template itself (raise_exception, undefined names)

@@ -195,7 +195,8 @@ def serve_http(args: argparse.Namespace, supervisor: Supervisor, facts: dict, st
 
     app = create_app(supervisor.address, args.served_model_name or facts["model"], api_key=args.api_key,
                      max_context=facts["max_context"],
-                     weight_format=facts.get("executor", {}).get("weight_format"), warm=True)
+                     weight_format=facts.get("executor", {}).get("weight_format"), warm=True,
+                     tool_call_format=facts.get("tool_call_format"))
     # Graceful shutdown waits for open streams; the watcher ends them first (below), the time-out is a backstop.
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.http_port, log_level="warning",
                                            timeout_graceful_shutdown=HTTP_SHUTDOWN_TIMEOUT_S))

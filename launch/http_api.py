@@ -53,6 +53,7 @@ from launch.openai_protocol import (
     merged_usage,
     models_body,
 )
+from launch.tool_calls import ToolPlan, ToolReply
 
 Events = AsyncGenerator[Started | TokenChunk | Finished, None]  # one request's messages, from AsyncClient.generate
 log = logging.getLogger("hybridrt.http")
@@ -102,8 +103,10 @@ class ApiError(Exception):
 
 def create_app(client_address: str, model_name: str, api_key: str | None, max_context: int,
                weight_format: str | None = None, warm: bool = False, client_spin_ms: float | None = None,
-               client_local: bool = True) -> FastAPI:
-    """The app for one served model; `client_address` is the JIT context's native (ZeroMQ) address. `warm`: send
+               client_local: bool = True, tool_call_format: str | None = None) -> FastAPI:
+    """The app for one served model; `client_address` is the JIT context's native (ZeroMQ) address.
+    `tool_call_format`: how the model writes a tool call (the JIT context's status; launch.tool_calls.FORMATS), for
+    `tool_choice: "auto"` (None: refused with tools). `warm`: send
     itself the start-up requests (`warm_up`) before serving (a JIT context must be there to answer them).
     `client_spin_ms`, `client_local`: its native client's spinning wait (`ipc.reply_spin`; None: the default) and
     whether it uses the JIT context's local stream (`ipc.local_stream`) where there is one (measured: -0.46-0.48 ms
@@ -162,7 +165,7 @@ def create_app(client_address: str, model_name: str, api_key: str | None, max_co
         except Unsupported as e:
             raise ApiError(400, str(e), param=e.param, code="unsupported") from None
         return await _respond(client, body, {"messages": messages, "chat": chat}, params, chat=True, request=request,
-                              warm_up=warming(request))
+                              warm_up=warming(request), tools=_tool_plan(body, tool_call_format))
 
     app.include_router(v1)
     # Valid generation requests skip FastAPI's routing and dependency layers (the same handlers; every error answer
@@ -173,6 +176,20 @@ def create_app(client_address: str, model_name: str, api_key: str | None, max_co
 
     add_extra_routes(app, client, model_name, _key_checker(api_key), _check_model)
     return app
+
+
+def _tool_plan(body: ChatCompletionRequest, fmt: str | None) -> ToolPlan | None:
+    """How the reply may call the request's tools (None: it may not); ApiError for "auto" where the model's chat
+    template teaches no tool-call format hybridrt reads."""
+    mode = body.tool_mode()
+    if mode is None:
+        return None
+    if mode == "auto" and fmt is None:
+        raise ApiError(400, 'tool_choice "auto" needs a chat template that teaches the model a tool-call format '
+                            "hybridrt reads (Hermes' <tool_call>, Llama 3's JSON, Mistral's [TOOL_CALLS]); this "
+                            'model\'s does not: give tool_choice "required" or a named function, or --chat-template',
+                       param="tool_choice", code="unsupported")
+    return ToolPlan(mode, fmt, frozenset(body.tool_names()), body.named_tool())
 
 
 def _check_model(model: str | None, model_name: str) -> None:
@@ -246,7 +263,7 @@ async def _call(app: FastAPI, path: str, fields: dict[str, Any], headers: dict[s
 
 async def _respond(client: AsyncClient, body: CompletionRequest | ChatCompletionRequest,
                    prompt: dict[str, Any], params: dict[str, Any], chat: bool, request: Request,
-                   warm_up: bool = False) -> Any:
+                   warm_up: bool = False, tools: ToolPlan | None = None) -> Any:
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     if body.choices > 1:
         return await _respond_n(client, body, prompt, params, chat, request, request_id, warm_up)
@@ -257,12 +274,17 @@ async def _respond(client: AsyncClient, body: CompletionRequest | ChatCompletion
         events = client.generate(**prompt, params=params, request_id=request_id, warm_up=warm_up, started=True)
         await _next_or_error(events)
         chunks = ChunkMaker(request_id, body.model, chat, body.include_usage)
-        return _ClosingStreamingResponse(_sse(events, chunks), events)
+        sse = _sse(events, chunks) if tools is None else _sse_tools(events, chunks, ToolReply(tools))
+        return _ClosingStreamingResponse(sse, events)
     events = client.generate(**prompt, params=params, request_id=request_id, warm_up=warm_up)
     logprobs = [] if params.get("logprobs") is not None else None
     item = await _unless_disconnected(request, _until_finished(events, logprobs))
     make = chat_body if chat else completion_body
-    return make(request_id, body.model, [Outcome(item.text, item.finish_reason, logprobs)], item.usage)
+    outcome = Outcome(item.text, item.finish_reason, logprobs)
+    if tools is not None:
+        content, calls = tools.parse(item.text)
+        outcome = Outcome(content or "", item.finish_reason, logprobs, calls or None, bool(calls) and tools.tool_reason)
+    return make(request_id, body.model, [outcome], item.usage)
 
 
 async def _respond_n(client: AsyncClient, body: CompletionRequest | ChatCompletionRequest, prompt: dict[str, Any],
@@ -448,6 +470,44 @@ async def _sse(events: Events, chunks: ChunkMaker) -> AsyncGenerator[str, None]:
             if chunks.include_usage:
                 held += _event(chunks.usage(item.usage))
         except ServerError as e:  # headers are gone: the error becomes an event, as OpenAI does
+            held += _error_event(ApiError.from_server(e))
+        except StopAsyncIteration:
+            held += _event(error_body(ENDED_WITHOUT_RESULT, "server_error", None, None))
+    yield held + "data: [DONE]\n\n"
+
+
+async def _sse_tools(events: Events, chunks: ChunkMaker, reply: ToolReply) -> AsyncGenerator[str, None]:
+    """`_sse` for a chat reply that may call tools: its text through `reply` (content deltas as they may go out,
+    tool-call deltas as the calls are known), then the finish reason ("tool_calls" where the model made the calls
+    it chose)."""
+    async with aclosing(events):
+        yield _event(chunks.first())
+        held = ""
+        waiting = None  # logprobs of tokens whose text has not gone out yet
+        try:
+            item = await anext(events)
+            while not isinstance(item, Finished):
+                if getattr(item, "logprobs", None):
+                    waiting = (waiting or []) + item.logprobs
+                if item.text:
+                    content, deltas = reply.feed(item.text)
+                    if content:
+                        yield _event(chunks.text(content, waiting))
+                        waiting = None
+                    if deltas:
+                        yield _event(chunks.tool_calls(deltas))
+                item = await anext(events)
+            content, deltas = reply.finish()
+            if content:
+                held += _event(chunks.text(content, waiting))
+                waiting = None
+            if deltas:
+                held += _event(chunks.tool_calls(deltas))
+            held += _event(chunks.final(item.finish_reason, waiting, tool_reason=bool(reply.calls)
+                                        and reply.plan.tool_reason))
+            if chunks.include_usage:
+                held += _event(chunks.usage(item.usage))
+        except ServerError as e:
             held += _error_event(ApiError.from_server(e))
         except StopAsyncIteration:
             held += _event(error_body(ENDED_WITHOUT_RESULT, "server_error", None, None))

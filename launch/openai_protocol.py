@@ -13,15 +13,17 @@ context's.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ipc.messages import ChatOptions, FinishReason, TokenLogprob
 from jit_context.quoting import quote
 from jit_context.sampling_params import MAX_LOGPROBS
+from launch.tool_calls import ToolCall, named_schema, required_schema
 
 TokenId = Annotated[int, Field(ge=0)]
 MAX_N = 16  # completions per request (`n`): each its own native request, run side by side
@@ -205,16 +207,81 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class MessageToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None  # None only on an assistant message with tool_calls
     name: str | None = None  # accepted and ignored: chat templates have no place for it
+    tool_calls: list[MessageToolCall] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
-    def native(self) -> dict[str, str]:
-        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        # OpenAI's newer name for the system role; chat templates know only "system"
-        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("tool_calls belong on an assistant message")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("a tool message needs the tool_call_id it answers, and only a tool message has one")
+        if self.content is None and not self.tool_calls:
+            raise ValueError("content may be null only on an assistant message with tool_calls")
+        return self
+
+    def native(self) -> dict[str, Any]:
+        """The native message: the system role for OpenAI's newer "developer"; tool calls with their arguments as
+        objects (what chat templates render: `arguments | tojson`, as vLLM passes them)."""
+        content = self.content if isinstance(self.content, str) or self.content is None else \
+            "".join(p.text for p in self.content)
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": content}
+        if self.tool_calls:
+            message["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": _loaded(c.function.arguments)}} for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+def _loaded(arguments: str) -> Any:
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments  # as it is: the template shows it as text
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -223,10 +290,10 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    # Sent by many SDKs and frameworks with their neutral values, which pass; anything else is refused.
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[ToolSpec] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    # Sent by many SDKs and frameworks with their neutral values, which pass; anything else is refused.
     store: bool | None = None
     metadata: dict[str, str] | None = None
     # vLLM's chat extras: how the messages become the prompt
@@ -235,17 +302,55 @@ class ChatCompletionRequest(_SamplingRequest):
     chat_template_kwargs: dict[str, Any] | None = None
 
     def check_supported(self) -> None:
+        self._check_tools()  # (first: the base's structured() reads the tool choice)
         super().check_supported()
         if self.top_logprobs is not None and not self.logprobs:
             raise Unsupported("top_logprobs", "top_logprobs needs logprobs: true")
         if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
             raise Unsupported("top_logprobs", f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {self.top_logprobs}")
-        if self.tools:
-            raise Unsupported("tools", "tool calling is not supported")
-        if self.tool_choice not in (None, "none", "auto"):  # with no tools, "auto" means no tool call
-            raise Unsupported("tool_choice", "tool calling is not supported")
         if self.store:
             raise Unsupported("store", "stored completions are not supported")
+
+    def _check_tools(self) -> None:
+        names = [t.function.name for t in self.tools or ()]
+        if len(set(names)) != len(names):
+            raise Unsupported("tools", "tools must have distinct function names")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise Unsupported("tool_choice", f"tool_choice names {quote(self.tool_choice.function.name)}, which is "
+                                             f"not one of the tools")
+        if self.tool_choice == "required" and not names:
+            raise Unsupported("tool_choice", 'tool_choice "required" needs tools')
+        if self.tool_mode() is not None and self.choices > 1:
+            raise Unsupported("n", "n > 1 with tool calls is not supported")
+
+    def tool_mode(self) -> str | None:
+        """How the reply may call tools (launch.tool_calls.MODES), or None: no tools, or tool_choice "none"."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or "auto"
+
+    def tool_names(self) -> set[str]:
+        return {t.function.name for t in self.tools or ()}
+
+    def named_tool(self) -> str | None:
+        return self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
+
+    def structured(self) -> dict[str, Any] | None:
+        """As the base's, and a tool choice that holds the reply (required, a named function) as its JSON form;
+        Unsupported beside another structured output."""
+        form = super().structured()
+        mode = self.tool_mode()
+        if mode not in ("required", "named"):
+            return form
+        if form is not None:
+            raise Unsupported("tool_choice", f"tool_choice {mode!r} holds the reply to its tools' form already: "
+                                             f"give no other structured output")
+        tools = [t.model_dump(exclude_none=True) for t in self.tools]
+        if mode == "named":
+            return {"json": named_schema(next(t for t in tools if t["function"]["name"] == self.named_tool()))}
+        return {"json": required_schema(tools, self.parallel_tool_calls is not False)}
 
     def logprobs_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
@@ -255,10 +360,12 @@ class ChatCompletionRequest(_SamplingRequest):
 
     def chat_options(self) -> ChatOptions | None:
         """The native protocol's chat template options (None: the defaults); Unsupported for a bad combination."""
-        if self.add_generation_prompt and not self.continue_final_message and not self.chat_template_kwargs:
+        if self.add_generation_prompt and not self.continue_final_message and not self.chat_template_kwargs \
+                and not self.tools:
             return None
+        tools = [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
         options = ChatOptions(self.add_generation_prompt, self.continue_final_message,
-                              dict(self.chat_template_kwargs or {}))
+                              dict(self.chat_template_kwargs or {}), tools)
         try:
             options.validate()
         except ValueError as e:
@@ -336,6 +443,8 @@ class Outcome:
     text: str
     reason: str
     logprobs: list[TokenLogprob] | None = None
+    tool_calls: list[ToolCall] | None = None  # a chat reply's calls (its text is then the content before them)
+    tool_reason: bool = False  # finish_reason "tool_calls" (calls the model chose to make, not a named function)
 
 
 def merged_usage(usages: list[dict]) -> dict:
@@ -353,10 +462,21 @@ def completion_body(request_id: str, model: str, outcomes: list[Outcome], usage:
 
 
 def chat_body(request_id: str, model: str, outcomes: list[Outcome], usage: dict) -> dict:
-    choices = [{"index": i, "message": {"role": "assistant", "content": o.text}, "logprobs": chat_logprobs(o.logprobs),
-                "finish_reason": finish_reason(o.reason)} for i, o in enumerate(outcomes)]
+    choices = [{"index": i, "message": _message(o), "logprobs": chat_logprobs(o.logprobs),
+                "finish_reason": _chat_reason(o.reason, o.tool_reason)} for i, o in enumerate(outcomes)]
     return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": choices, "usage": usage}
+
+
+def _message(o: Outcome) -> dict:
+    if not o.tool_calls:
+        return {"role": "assistant", "content": o.text}
+    return {"role": "assistant", "content": o.text or None, "tool_calls": [c.body() for c in o.tool_calls]}
+
+
+def _chat_reason(native: str, tool_reason: bool) -> str:
+    """OpenAI's finish reason of a chat reply: "tool_calls" where it ended by making the calls it chose."""
+    return "tool_calls" if tool_reason and native == FinishReason.STOP else finish_reason(native)
 
 
 class ChunkMaker:
@@ -395,8 +515,15 @@ class ChunkMaker:
         """A content chunk; `logprobs`: those of its tokens (and of tokens before it whose text was held back)."""
         return self._chunk([self._choice(text, None, logprobs=logprobs, index=index)])
 
-    def final(self, native_reason: str, logprobs: list[TokenLogprob] | None = None, index: int = 0) -> dict:
-        return self._chunk([self._choice(None, finish_reason(native_reason), logprobs=logprobs, index=index)])
+    def final(self, native_reason: str, logprobs: list[TokenLogprob] | None = None, index: int = 0,
+              tool_reason: bool = False) -> dict:
+        reason = _chat_reason(native_reason, tool_reason) if self.chat else finish_reason(native_reason)
+        return self._chunk([self._choice(None, reason, logprobs=logprobs, index=index)])
+
+    def tool_calls(self, deltas: list[dict], index: int = 0) -> dict:
+        """A chat chunk of tool-call deltas (launch.tool_calls.ToolReply's)."""
+        return self._chunk([{"index": index, "delta": {"tool_calls": deltas}, "logprobs": None,
+                             "finish_reason": None}])
 
     def usage(self, usage: dict) -> dict:
         return self._chunk([], usage)

@@ -203,8 +203,15 @@ BAD_REQUESTS = [  # (endpoint, change to a good body, status, error param)
     ("chat/completions", {"response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "bogus"}}}}, 400, None),
     ("completions", {"structured_outputs": {"regex": "(unclosed"}}, 400, None),
-    ("chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    ("chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}],
+                          "tool_choice": {"type": "function", "function": {"name": "g"}}}, 400, "tool_choice"),
     ("chat/completions", {"tool_choice": "required"}, 400, "tool_choice"),
+    ("chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required",
+                          "response_format": {"type": "json_object"}}, 400, "tool_choice"),
+    ("chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required",
+                          "n": 2}, 400, "n"),
+    # "auto" (the default with tools): the default model's template teaches no tool-call format
+    ("chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tool_choice"),
 ]
 NEUTRAL_CHAT_FIELDS = {"response_format": {"type": "text"}, "tools": [], "tool_choice": "none",
                        "parallel_tool_calls": True, "store": False, "metadata": {"k": "v"}, "n": 1,
@@ -262,6 +269,78 @@ def test_structured_output_in_every_form_the_api_takes(server, model) -> None:
     date = api.completions.create(model=model, prompt="The date today is", max_tokens=20, temperature=0,
                                   extra_body={"structured_outputs": {"regex": r" \d{4}-\d{2}-\d{2}"}})
     assert re.fullmatch(r" \d{4}-\d{2}-\d{2}", date.choices[0].text), date.choices[0].text
+
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city now",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city"],
+                   "properties": {"city": {"type": "string", "maxLength": 20}}}}},
+         {"type": "function", "function": {"name": "add", "parameters": {
+             "type": "object", "required": ["a", "b"], "additionalProperties": False,
+             "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}}]
+WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def test_tool_choice_required_and_named_hold_the_reply_to_the_tools(server, model) -> None:
+    """The default model's template teaches no tool-call format: a named function and "required" still give tool
+    calls (the reply held to their JSON form), streamed and not; "auto" is a 400 naming tool_choice; a tool's
+    result goes back as a tool message."""
+    api = openai_client(server)
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    reply = api.chat.completions.create(model=model, messages=WEATHER, tools=TOOLS, tool_choice=named, max_tokens=30,
+                                        temperature=0)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "stop" and choice.message.content is None  # (OpenAI's reason for a named one)
+    [call] = choice.message.tool_calls
+    assert call.function.name == "get_weather" and set(json.loads(call.function.arguments)) == {"city"}
+    stream = api.chat.completions.create(model=model, messages=WEATHER, tools=TOOLS, tool_choice=named, max_tokens=30,
+                                         temperature=0, stream=True)
+    deltas = [c.choices[0].delta for c in stream if c.choices]
+    pieces = [d.tool_calls[0] for d in deltas if d.tool_calls]
+    assert pieces[0].function.name == "get_weather" and pieces[0].id.startswith("call_")
+    assert "".join(p.function.arguments for p in pieces) == call.function.arguments
+    required = api.chat.completions.create(model=model, messages=WEATHER, tools=TOOLS, tool_choice="required",
+                                           parallel_tool_calls=False, max_tokens=40, temperature=0)
+    assert required.choices[0].finish_reason == "tool_calls"
+    [made] = required.choices[0].message.tool_calls
+    assert made.function.name in ("get_weather", "add") and isinstance(json.loads(made.function.arguments), dict)
+    with pytest.raises(openai.BadRequestError, match="tool-call format") as error:
+        api.chat.completions.create(model=model, messages=WEATHER, tools=TOOLS, max_tokens=5)
+    assert error.value.body["param"] == "tool_choice"
+    # (content "": this template shows every message's content, a None one would fail it)
+    follow = [*WEATHER, {"role": "assistant", "content": "", "tool_calls": [call.model_dump()]},
+              {"role": "tool", "tool_call_id": call.id, "content": "18 C and sunny"}]
+    # (this template shows a tool message as a turn of role "tool"; tool_choice "none" leaves the reply free)
+    answer = api.chat.completions.create(model=model, messages=follow, tools=TOOLS, tool_choice="none",
+                                         max_tokens=12, temperature=0)
+    assert answer.choices[0].message.content and answer.choices[0].message.tool_calls is None
+
+
+def test_tool_choice_auto_parses_the_model_s_format(server, model) -> None:
+    """An app that reads Hermes' <tool_call> format (as for a Qwen2.5 model) over the shared server: a reply held to
+    a tool call's text by a regex (the default model would not write one itself) comes back as its tool call,
+    finish_reason "tool_calls", streamed and not; a reply without one is content."""
+    from starlette.testclient import TestClient
+
+    call_text = r'<tool_call>\{"name": "get_weather", "arguments": \{"city": "(Paris|Rome)"\}\}</tool_call>'
+    body = {"model": model, "messages": WEATHER, "tools": TOOLS, "max_tokens": 40, "temperature": 0,
+            "structured_outputs": {"regex": call_text}}
+    with TestClient(create_app(server.address, model, None, 4096, tool_call_format="hermes")) as client:
+        whole = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+        assert whole["finish_reason"] == "tool_calls" and whole["message"]["content"] is None
+        [call] = whole["message"]["tool_calls"]
+        assert call["function"]["name"] == "get_weather" and call["type"] == "function"
+        assert json.loads(call["function"]["arguments"])["city"] in ("Paris", "Rome")
+        lines = client.post("/v1/chat/completions", json={**body, "stream": True}).text.split("\n\n")
+        events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        deltas = [e["choices"][0]["delta"] for e in events if e["choices"]]
+        streamed = [t for d in deltas for t in d.get("tool_calls", ())]
+        assert [t["function"] for t in streamed] == [call["function"]] and not any(d.get("content") for d in deltas)
+        assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+        plain = client.post("/v1/chat/completions", json={**body, "structured_outputs": {"regex": "Sunny, 18 C."}})
+        message = plain.json()["choices"][0]
+        assert message["message"] == {"role": "assistant", "content": "Sunny, 18 C."}
+        assert message["finish_reason"] == "stop"
 
 
 def test_tokenize_and_detokenize_endpoints(server, model) -> None:

@@ -356,3 +356,47 @@ def test_fast_save_round_trip_and_fallbacks(fast, default_model_dir, tmp_path) -
     (tmp_path / "saved" / "tokenizer.json").write_text("{not json")
     with pytest.raises(ModelLoadError, match="tokenizer.json"):
         Tokenizer.from_path(tmp_path / "saved")
+
+
+HERMES_TOOLS_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\nTools:\n<tools>{%- for tool in tools %}\n{{ tool | tojson }}{%- endfor %}\n"
+    "</tools>\nReturn <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call><|im_end|>\n{% endif %}"
+    "{%- for m in messages %}{%- if m.role == 'assistant' and m.tool_calls %}<|im_start|>assistant"
+    "{%- for tc in m.tool_calls %}\n<tool_call>{\"name\": \"{{ tc.function.name }}\", \"arguments\": "
+    "{{ tc.function.arguments | tojson }}}</tool_call>{%- endfor %}<|im_end|>\n"
+    "{% elif m.role == 'tool' %}<|im_start|>user\n<tool_response>{{ m.content }}</tool_response><|im_end|>\n"
+    "{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_tools_and_tool_messages_render_as_in_transformers(fast, reference) -> None:
+    """The `tools` variable (OpenAI's tool entries) and assistant tool calls / tool results, through the
+    tokenizers-only path and through transformers: the same ids; the template's tool-call format is found."""
+    from jit_context.chat_template import tool_call_format
+
+    ours, theirs = Tokenizer(fast._backend), Tokenizer(reference._backend)
+    for tok in (ours, theirs):
+        tok.use_chat_template(HERMES_TOOLS_TEMPLATE)
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                               "parameters": {"type": "object",
+                                                              "properties": {"city": {"type": "string"}}}}}]
+    messages = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "call_1", "type": "function",
+                     "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "18 C"}]
+    got = ours.apply_chat_template(messages, tools=tools)
+    assert got == theirs.apply_chat_template(messages, tools=tools)
+    text = ours.decode(got, skip_special_tokens=False)
+    assert '"name": "get_weather"' in text and '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}' \
+        in text and "<tool_response>18 C</tool_response>" in text
+    assert ours.apply_chat_template(messages[:1]) != ours.apply_chat_template(messages[:1], tools=tools)
+    assert ours.tool_call_format == "hermes" and fast.tool_call_format is None
+    assert tool_call_format("{% for t in tools %}{% endfor %}[TOOL_CALLS]") == "mistral"
+    assert tool_call_format("<|python_tag|> without the variable") is None
+    for bad, message in [({"role": "user", "content": None}, "content must be a string"),
+                         ({"role": "user", "content": "x", "tool_calls": []}, "on an assistant message"),
+                         ({"role": "assistant", "content": "x", "tool_call_id": "c"}, "only a tool message"),
+                         ({"role": "tool", "content": "x"}, "needs the tool_call_id")]:
+        with pytest.raises(ValueError, match=message):
+            ours.apply_chat_template([bad])
