@@ -119,13 +119,16 @@ def _environment():
     return env
 
 
-def select_chat_template(own: str | dict[str, str] | None, given: str | None) -> str:
+def select_chat_template(own: str | dict[str, str] | None, given: str | None, tools: bool = False) -> str:
     """The template to render: `given` (a template, or the name of one of the tokenizer's), else the tokenizer's
-    own, its "default" where it has several. ValueError where there is none (transformers' rule and words)."""
+    own, where it has several its "tool_use" one for a conversation with tools, else its "default". ValueError where
+    there is none (transformers' rule and words)."""
     if isinstance(own, dict):
         if given is not None and given in own:
             return own[given]
         if given is None:
+            if tools and "tool_use" in own:
+                return own["tool_use"]
             if "default" in own:
                 return own["default"]
             raise ValueError(
@@ -147,11 +150,15 @@ def select_chat_template(own: str | dict[str, str] | None, given: str | None) ->
 # `tool_choice: "auto"`. A template that shows none of them gives no format: "auto" with tools is then refused.
 TOOL_CALL_MARKERS = (("hermes", "<tool_call>"), ("mistral", "[TOOL_CALLS]"), ("llama3_json", "<|python_tag|>"),
                      ("llama3_json", '"parameters": dictionary of argument name'))
+# Other formats behind the same markers, which those parsers do not read: XML-style calls after <tool_call>
+# (Qwen3-Coder, GLM-4.5), Mistral's newer `[TOOL_CALLS]name[ARGS]{...}`.
+_OTHER_FORMATS = ("<function=", "<arg_key>", "[ARGS]")
 
 
 def tool_call_format(template: str | None) -> str | None:
-    """The tool-call format a chat template teaches its model (TOOL_CALL_MARKERS), or None."""
-    if not template or "tools" not in template:
+    """The tool-call format a chat template teaches its model (TOOL_CALL_MARKERS), or None (also for a template that
+    writes calls in another form behind the same marker)."""
+    if not template or "tools" not in template or any(other in template for other in _OTHER_FORMATS):
         return None
     return next((name for name, marker in TOOL_CALL_MARKERS if marker in template), None)
 

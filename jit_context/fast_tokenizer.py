@@ -209,7 +209,7 @@ class FastBackend:
 
     def apply_chat_template(self, messages: list[dict], chat_template: str | None, add_generation_prompt: bool,
                             continue_final_message: bool, template_kwargs: dict) -> list[int]:
-        template = select_chat_template(self.chat_template, chat_template)
+        template = select_chat_template(self.chat_template, chat_template, tools=bool(template_kwargs.get("tools")))
         text = render_chat(template, messages, add_generation_prompt, continue_final_message,
                            {**self._special_tokens_map, **template_kwargs})  # the caller's variables win
         return self._tok.encode(text, add_special_tokens=False).ids

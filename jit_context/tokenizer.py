@@ -210,8 +210,8 @@ class Tokenizer:
     def tool_call_format(self) -> str | None:
         """How the chat template teaches the model to call a tool (`chat_template.tool_call_format`), or None."""
         own = self._chat_template or self._backend.chat_template
-        try:
-            return tool_call_format(select_chat_template(own, None)) if own else None
+        try:  # (the template a conversation with tools renders: a tokenizer's "tool_use" one where it has it)
+            return tool_call_format(select_chat_template(own, None, tools=True)) if own else None
         except ValueError:  # several templates, none the default
             return None
 

@@ -32,6 +32,7 @@ from launch.options import (
     tensor_parallel,
 )
 from launch.supervisor import ChildDied, ServerConfig, StopRequested, Supervisor, gpu_requested
+from launch.tool_calls import FORMATS as TOOL_CALL_FORMATS
 
 HTTP_SHUTDOWN_TIMEOUT_S = 5.0
 
@@ -55,6 +56,11 @@ def register(sub) -> None:
     p.add_argument("--served-model-name", metavar="NAME", default=None,
                    help="the model id of the HTTP API (`model` in requests and responses, /v1/models) "
                         "(default: the --model value as given)")
+    p.add_argument("--tool-call-parser", choices=("auto", *TOOL_CALL_FORMATS, "none"), default="auto",
+                   help='how the HTTP API reads a reply\'s tool calls under tool_choice "auto": auto takes the format '
+                        "the chat template teaches (Hermes' <tool_call>, Llama 3's JSON, Mistral's [TOOL_CALLS]); "
+                        'none refuses "auto" with tools (a named function and "required" work with any model) '
+                        "(default: auto)")
     p.add_argument("--stats-interval", type=positive_seconds, default=STATS_INTERVAL_S, metavar="S",
                    help="seconds between the generation-throughput lines while requests run or wait (not with "
                         f"--quiet; vLLM's VLLM_LOG_STATS_INTERVAL) (default: {STATS_INTERVAL_S:g})")
@@ -146,6 +152,14 @@ def ready_line(facts: dict, seconds: float) -> str:
     return f"hybridrt serving {facts['model']} on {device} (ready in {seconds:.1f} s): {', '.join(details)}"
 
 
+def tool_call_format(parser: str, facts: dict) -> str | None:
+    """The HTTP API's tool-call format: --tool-call-parser's, or with "auto" the one the JIT context found in the
+    chat template (its status's `tool_call_format`); None for none."""
+    if parser == "auto":
+        return facts.get("tool_call_format")
+    return None if parser == "none" else parser
+
+
 def is_loopback(host: str) -> bool:
     """Whether `host` (an address or a name) only ever reaches this machine."""
     try:
@@ -196,7 +210,7 @@ def serve_http(args: argparse.Namespace, supervisor: Supervisor, facts: dict, st
     app = create_app(supervisor.address, args.served_model_name or facts["model"], api_key=args.api_key,
                      max_context=facts["max_context"],
                      weight_format=facts.get("executor", {}).get("weight_format"), warm=True,
-                     tool_call_format=facts.get("tool_call_format"))
+                     tool_call_format=tool_call_format(args.tool_call_parser, facts))
     # Graceful shutdown waits for open streams; the watcher ends them first (below), the time-out is a backstop.
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.http_port, log_level="warning",
                                            timeout_graceful_shutdown=HTTP_SHUTDOWN_TIMEOUT_S))

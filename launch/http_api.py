@@ -189,7 +189,7 @@ def _tool_plan(body: ChatCompletionRequest, fmt: str | None) -> ToolPlan | None:
                             "hybridrt reads (Hermes' <tool_call>, Llama 3's JSON, Mistral's [TOOL_CALLS]); this "
                             'model\'s does not: give tool_choice "required" or a named function, or --chat-template',
                        param="tool_choice", code="unsupported")
-    return ToolPlan(mode, fmt, frozenset(body.tool_names()), body.named_tool())
+    return ToolPlan(mode, fmt, frozenset(body.tool_names()), body.named_tool(), body.parallel_tool_calls is not False)
 
 
 def _check_model(model: str | None, model_name: str) -> None:

@@ -208,13 +208,14 @@ class TextPart(BaseModel):
 
 
 class FunctionCall(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # (extra keys ignored: the openai SDK's helpers send back what they added, e.g. `parsed_arguments`)
+    model_config = ConfigDict(extra="ignore")
     name: str
     arguments: str  # JSON text, as OpenAI sends it
 
 
 class MessageToolCall(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")  # (the SDK's stream helper adds `index`)
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
@@ -227,6 +228,13 @@ class ChatMessage(BaseModel):
     name: str | None = None  # accepted and ignored: chat templates have no place for it
     tool_calls: list[MessageToolCall] | None = None  # an assistant's calls
     tool_call_id: str | None = None  # a tool message: the call it answers
+    # What the openai SDK sends back with an assistant message it got (`messages.append(reply.message)`): accepted
+    # and not shown to the template; the ones that would mean something (audio, a legacy function call) only as null.
+    refusal: str | None = None
+    annotations: list[Any] | None = None
+    parsed: Any = None
+    audio: None = None
+    function_call: None = None
 
     @model_validator(mode="after")
     def _tool_fields(self) -> ChatMessage:
@@ -255,7 +263,7 @@ class ChatMessage(BaseModel):
 def _loaded(arguments: str) -> Any:
     try:
         return json.loads(arguments)
-    except ValueError:
+    except (ValueError, RecursionError):
         return arguments  # as it is: the template shows it as text
 
 
@@ -350,7 +358,10 @@ class ChatCompletionRequest(_SamplingRequest):
         tools = [t.model_dump(exclude_none=True) for t in self.tools]
         if mode == "named":
             return {"json": named_schema(next(t for t in tools if t["function"]["name"] == self.named_tool()))}
-        return {"json": required_schema(tools, self.parallel_tool_calls is not False)}
+        try:
+            return {"json": required_schema(tools, self.parallel_tool_calls is not False)}
+        except ValueError as e:
+            raise Unsupported("tools", str(e)) from None
 
     def logprobs_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
@@ -369,7 +380,8 @@ class ChatCompletionRequest(_SamplingRequest):
         try:
             options.validate()
         except ValueError as e:
-            param = "chat_template_kwargs" if "kwargs" in str(e) else "continue_final_message"
+            param = "chat_template_kwargs" if "kwargs" in str(e) else "tools" if "tools" in str(e) \
+                else "continue_final_message"
             raise Unsupported(param, str(e)) from None
         return options
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
+import string
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -41,17 +43,30 @@ class ToolCall:
         return {"index": index, **self.body()}
 
 
-def call_id() -> str:
+def call_id(fmt: str | None = None) -> str:
+    """A new call's id: OpenAI's form, or, for Mistral's format, 9 letters and digits (its templates refuse any
+    other id when the call comes back with its result, as vLLM's Mistral ids are)."""
+    if fmt == "mistral":
+        return "".join(secrets.choice(_ALNUM) for _ in range(9))
     return f"call_{uuid.uuid4().hex[:24]}"
+
+
+_ALNUM = string.ascii_letters + string.digits
 
 
 def required_schema(tools: list[dict], parallel: bool) -> dict:
     """`tool_choice: "required"`: a JSON array of calls, each one of the tools with its parameters (at most one call
-    without parallel tool calls)."""
-    calls = [{"type": "object", "additionalProperties": False, "required": ["name", "parameters"],
-              "properties": {"name": {"const": t["function"]["name"]}, "parameters": _parameters(t)}}
-             for t in tools]
-    schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+    without parallel tool calls). The tools' `$defs` move to the array's root, where their `#/$defs/...` references
+    point once the parameters are nested (vLLM's rule); ValueError for a name two tools define differently."""
+    calls, defs = [], {}
+    for t in tools:
+        parameters = dict(_parameters(t))
+        for name, definition in parameters.pop("$defs", {}).items():
+            if defs.setdefault(name, definition) != definition:
+                raise ValueError(f"tools define $defs {name!r} differently: give it one definition")
+        calls.append({"type": "object", "additionalProperties": False, "required": ["name", "parameters"],
+                      "properties": {"name": {"const": t["function"]["name"]}, "parameters": parameters}})
+    schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}, **({"$defs": defs} if defs else {})}
     return schema if parallel else {**schema, "maxItems": 1}
 
 
@@ -69,13 +84,17 @@ def _arguments(value: Any) -> str | None:
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
-    return json.dumps(value, ensure_ascii=False) if isinstance(value, dict) else None
+    try:
+        return json.dumps(value, ensure_ascii=False) if isinstance(value, dict) else None
+    except (ValueError, RecursionError):
+        return None
 
 
-def _calls(objects: list[Any], names: set[str], key: str) -> list[ToolCall] | None:
-    """Parsed call objects ({"name", key or "arguments"}) -> ToolCalls; None unless every one is a given tool's."""
+def _calls(objects: list[Any], names: set[str], key: str, fmt: str | None) -> list[ToolCall] | None:
+    """Parsed call objects ({"name", key or "arguments"}) -> ToolCalls (ids for `fmt`); None unless every one is a
+    given tool's."""
     calls = []
     for obj in objects:
         if not isinstance(obj, dict) or obj.get("name") not in names:
@@ -83,7 +102,7 @@ def _calls(objects: list[Any], names: set[str], key: str) -> list[ToolCall] | No
         arguments = _arguments(obj.get(key, obj.get("arguments", {})))
         if arguments is None:
             return None
-        calls.append(ToolCall(call_id(), obj["name"], arguments))
+        calls.append(ToolCall(call_id(fmt), obj["name"], arguments))
     return calls or None
 
 
@@ -97,37 +116,38 @@ def _json_values(text: str) -> list[Any] | None:
             return values
         try:
             value, at = decoder.raw_decode(text, at)
-        except ValueError:
+        except (ValueError, RecursionError):  # (a degenerate reply: thousands of brackets)
             return None
         values.append(value)
 
 
-def parse(text: str, mode: str, fmt: str | None, names: set[str], named: str | None = None
-          ) -> tuple[str | None, list[ToolCall]]:
-    """A whole reply -> (content, tool calls). `mode`: MODES; `fmt`: FORMATS (auto); `named`: the named function."""
+def parse(text: str, mode: str, fmt: str | None, names: set[str], named: str | None = None,
+          parallel: bool = True) -> tuple[str | None, list[ToolCall]]:
+    """A whole reply -> (content, tool calls). `mode`: MODES; `fmt`: FORMATS (auto's; the ids' form for any mode);
+    `named`: the named function; without `parallel` only the first call is kept (OpenAI's parallel_tool_calls)."""
     if mode == "named":
-        return None, [ToolCall(call_id(), named, text)]
+        return None, [ToolCall(call_id(fmt), named, text)]
     if mode == "required":
         values = _json_values(text)
-        calls = _calls(values[0], names, "parameters") if values and isinstance(values[0], list) else None
-        return (None, calls) if calls else (text, [])
+        calls = _calls(values[0], names, "parameters", fmt) if values and isinstance(values[0], list) else None
+        return (None, calls[:None if parallel else 1]) if calls else (text, [])
     start = _call_start(text, fmt)
     if start is None:
         return text, []
     rest = text[start:]
     if fmt == "hermes":
         objects = [_json_values(body) for body in _HERMES.findall(rest)]
-        calls = _calls([v[0] for v in objects if v and len(v) == 1], names, "arguments") \
+        calls = _calls([v[0] for v in objects if v and len(v) == 1], names, "arguments", fmt) \
             if objects and all(v and len(v) == 1 for v in objects) else None
     else:
         marker = _STARTS[fmt][0]
         values = _json_values(rest[len(marker):] if rest.startswith(marker) else rest)
         if fmt == "mistral":
             values = values[0] if values and len(values) == 1 and isinstance(values[0], list) else None
-        calls = _calls(values, names, "parameters" if fmt == "llama3_json" else "arguments") if values else None
+        calls = _calls(values, names, "parameters" if fmt == "llama3_json" else "arguments", fmt) if values else None
     if not calls:
         return text, []
-    return text[:start].strip() or None, calls
+    return text[:start].strip() or None, calls[:None if parallel else 1]
 
 
 def _call_start(text: str, fmt: str | None) -> int | None:
@@ -150,6 +170,7 @@ class ToolPlan:
     fmt: str | None
     names: frozenset[str]
     named: str | None = None
+    parallel: bool = True  # OpenAI's parallel_tool_calls: False keeps a reply's first call only
 
     def __post_init__(self) -> None:
         if self.mode not in MODES or (self.mode == "auto" and self.fmt not in FORMATS) \
@@ -158,7 +179,7 @@ class ToolPlan:
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         """A whole reply -> (content, tool calls)."""
-        return parse(text, self.mode, self.fmt, set(self.names), self.named)
+        return parse(text, self.mode, self.fmt, set(self.names), self.named, self.parallel)
 
     @property
     def tool_reason(self) -> bool:
@@ -178,13 +199,24 @@ class ToolReply:
         self.text = ""  # the reply so far
         self.sent = 0  # how much of it went out as content
         self.holding = plan.mode == "required"  # past the start of a call: the rest waits for the end
-        self.named_id = call_id() if plan.named else None
+        self.named_id = call_id(plan.fmt) if plan.named else None
         self.calls: list[ToolCall] = []  # once finished
 
     def feed(self, delta: str) -> tuple[str, list[dict]]:
         """A text delta of the reply -> (content to send now, tool-call deltas to send now)."""
         first = not self.text
         self.text += delta
+        if self.fmt == "hermes" and not self.holding and self.mode == "auto":
+            # only the new text (and a marker's start held back before it) can hold the marker: a search of the
+            # whole reply at every delta would cost the loop ~47 us a token by 32k tokens
+            at = self.text.find("<tool_call>", self.sent)
+            if at >= 0:
+                self.holding = True
+                content, self.sent = self.text[self.sent:at], at
+                return content, []
+            end = len(self.text) - _marker_prefix(self.text, "<tool_call>")
+            content, self.sent = self.text[self.sent:end], max(self.sent, end)
+            return content, []
         if self.mode == "named":
             head = {"id": self.named_id, "type": "function", "function": {"name": self.named, "arguments": delta}}
             return "", [{"index": 0, **head} if first else {"index": 0, "function": {"arguments": delta}}]
@@ -193,9 +225,7 @@ class ToolReply:
         end = len(self.text)
         start = _call_start(self.text, self.fmt)
         if start is not None:  # (before a Llama / Mistral call only whitespace: nothing to send)
-            self.holding, end = True, start if self.fmt == "hermes" else self.sent
-        elif self.fmt == "hermes":
-            end -= _marker_prefix(self.text, "<tool_call>")
+            self.holding, end = True, self.sent
         elif not self.text.strip() or any(m.startswith(self.text.lstrip()) for m in _STARTS[self.fmt]):
             end = self.sent  # only whitespace, or the start of a marker, so far: undecided
         content, self.sent = self.text[self.sent:end], max(self.sent, end)

@@ -307,6 +307,8 @@ def test_tool_choice_required_and_named_hold_the_reply_to_the_tools(server, mode
     with pytest.raises(openai.BadRequestError, match="tool-call format") as error:
         api.chat.completions.create(model=model, messages=WEATHER, tools=TOOLS, max_tokens=5)
     assert error.value.body["param"] == "tool_choice"
+    with Client(server.address) as client:
+        assert client.status()["tool_call_format"] is None  # (what serve's --tool-call-parser auto takes)
     # (content "": this template shows every message's content, a None one would fail it)
     follow = [*WEATHER, {"role": "assistant", "content": "", "tool_calls": [call.model_dump()]},
               {"role": "tool", "tool_call_id": call.id, "content": "18 C and sunny"}]

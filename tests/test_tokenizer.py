@@ -400,3 +400,24 @@ def test_tools_and_tool_messages_render_as_in_transformers(fast, reference) -> N
                          ({"role": "tool", "content": "x"}, "needs the tool_call_id")]:
         with pytest.raises(ValueError, match=message):
             ours.apply_chat_template([bad])
+
+
+def test_a_conversation_with_tools_renders_the_tool_use_template(default_model_dir, tmp_path) -> None:
+    """A tokenizer with "default" and "tool_use" templates: with tools both paths render "tool_use" (transformers'
+    choice), without them "default"; the tool-call format is the tool_use template's."""
+    def two_templates(config: dict, added: list[dict]) -> None:
+        config["chat_template"] = [{"name": "tool_use", "template": HERMES_TOOLS_TEMPLATE},
+                                   {"name": "default", "template": config["chat_template"]}]
+
+    _variant(default_model_dir, tmp_path / "tok", two_templates)
+    from transformers import AutoTokenizer
+
+    ours = Tokenizer.from_path(tmp_path / "tok")
+    theirs = Tokenizer(_HfBackend(AutoTokenizer.from_pretrained(str(tmp_path / "tok"))))
+    assert isinstance(ours._backend, FastBackend) and ours.tool_call_format == "hermes"
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    messages = [{"role": "user", "content": "hi"}]
+    with_tools = ours.apply_chat_template(messages, tools=tools)
+    assert with_tools == theirs.apply_chat_template(messages, tools=tools)
+    assert "<tools>" in ours.decode(with_tools, skip_special_tokens=False)
+    assert ours.apply_chat_template(messages) == theirs.apply_chat_template(messages) != with_tools

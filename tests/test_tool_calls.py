@@ -97,3 +97,74 @@ def test_the_forms_tool_choice_holds_a_reply_to() -> None:
     assert [c["properties"]["name"]["const"] for c in many["items"]["anyOf"]] == ["get_weather", "now"]
     for schema in (many, one, named_schema(tools[0])):  # llguidance reads each
         StructuredOutput(json=json.dumps(schema)).checked_grammar()
+
+
+def test_ids_parallel_calls_and_degenerate_replies() -> None:
+    """Mistral's format gets 9-character alphanumeric ids (its templates refuse others when a call comes back);
+    parallel_tool_calls false keeps the first call; a reply of thousands of brackets is content, not an error."""
+    text = '[{"name": "add", "arguments": {"a": 1}}, {"name": "get_weather", "arguments": {"city": "Paris"}}]'
+    _, calls = ToolPlan("auto", "mistral", NAMES).parse(text)
+    assert len(calls) == 2 and all(len(c.id) == 9 and c.id.isalnum() for c in calls)
+    _, [first] = ToolPlan("auto", "mistral", NAMES, parallel=False).parse(text)
+    assert first.name == "add"
+    assert ToolPlan("named", "mistral", NAMES, "add").parse("{}")[1][0].id.isalnum()
+    hermes = '<tool_call>{"name": "add", "arguments": {}}</tool_call><tool_call>{"name": "add", "arguments": {}}'
+    assert len(ToolPlan("auto", "hermes", NAMES).parse(hermes)[1]) == 2
+    assert len(ToolPlan("auto", "hermes", NAMES, parallel=False).parse(hermes)[1]) == 1
+    reply = ToolReply(ToolPlan("auto", "hermes", NAMES, parallel=False))
+    reply.feed(hermes)
+    assert len(reply.finish()[1]) == 1 and len(reply.calls) == 1
+    for fmt, degenerate in (("llama3_json", "{" * 5000), ("mistral", "[" * 5000),
+                            ("hermes", "<tool_call>" + "[" * 5000)):
+        assert ToolPlan("auto", fmt, NAMES).parse(degenerate) == (degenerate, [])
+
+
+def test_required_moves_the_tools_defs_to_the_root() -> None:
+    """Parameters with `$defs` (what openai.pydantic_function_tool writes for nested models): nested under the
+    array, their `#/$defs/...` references must still resolve, so the definitions move to the root; one name defined
+    two ways is refused."""
+    from jit_context.structured_output import StructuredOutput
+
+    place = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"where": {"$ref": "#/$defs/Place"}}, "required": ["where"],
+        "$defs": {"Place": place}}}}
+    other = {"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"p": {"$ref": "#/$defs/Place"}}, "$defs": {"Place": place}}}}
+    schema = required_schema([tool, other], parallel=True)
+    assert schema["$defs"] == {"Place": place}
+    assert all("$defs" not in c["properties"]["parameters"] for c in schema["items"]["anyOf"])
+    StructuredOutput(json=json.dumps(schema)).checked_grammar()
+    assert "$defs" in tool["function"]["parameters"]  # (the request's own tools are left as they are)
+    clash = {"type": "function", "function": {"name": "now", "parameters": {"$defs": {"Place": {"type": "string"}}}}}
+    with pytest.raises(ValueError, match="Place"):
+        required_schema([tool, clash], parallel=True)
+
+
+def test_the_sdk_s_own_assistant_message_comes_back() -> None:
+    """What `messages.append(reply.choices[0].message)` sends with the openai SDK's stream helper or parse():
+    refusal, annotations, audio, function_call and parsed (null), a tool call's index and parsed_arguments."""
+    from launch.openai_protocol import ChatCompletionRequest
+
+    echoed = {"role": "assistant", "content": None, "refusal": None, "annotations": [], "audio": None,
+              "function_call": None, "parsed": None,
+              "tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                              "function": {"name": "add", "arguments": '{"a": 1}', "parsed_arguments": {"a": 1}}}]}
+    body = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "1+1?"}, echoed,
+                                                      {"role": "tool", "tool_call_id": "call_1", "content": "2"}])
+    assert body.messages[1].native() == {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": {"a": 1}}}]}
+    with pytest.raises(ValueError):
+        ChatCompletionRequest(model="m", messages=[{**echoed, "function_call": {"name": "add", "arguments": "{}"}}])
+    deep = {**echoed, "tool_calls": [{"id": "c", "type": "function",
+                                      "function": {"name": "add", "arguments": "[" * 5000}}]}
+    assert ChatCompletionRequest(model="m", messages=[deep]).messages[0].native()["tool_calls"][0]["function"][
+        "arguments"] == "[" * 5000  # (not JSON: kept as text)
+
+
+def test_serve_s_tool_call_parser_flag() -> None:
+    from launch.cmd_serve import tool_call_format
+
+    found = {"tool_call_format": "hermes"}
+    assert tool_call_format("auto", found) == "hermes" and tool_call_format("auto", {}) is None
+    assert tool_call_format("llama3_json", found) == "llama3_json" and tool_call_format("none", found) is None
