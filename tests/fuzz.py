@@ -31,7 +31,15 @@ NASTY_VALUES: tuple = (None, True, False, 0, -1, 1, 2**63 - 1, -(2**63), 2**64 -
                        [], [1], {}, {"a": 1}, [[[[[]]]]], "a" * 200_000, list(range(5000)))
 ROLES = ("user", "assistant", "system", "tool", "robot", "", None, 5)
 PARAM_NAMES = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-               "frequency_penalty", "logit_bias", "seed", "stop", "stop_token_ids", "ignore_eos", "bogus")
+               "frequency_penalty", "logit_bias", "seed", "stop", "stop_token_ids", "ignore_eos", "structured", "bogus")
+# Structured outputs that compile (short matches: a valid request stays cheap) and ones that must be refused.
+STRUCTURED = ({"json_object": True}, {"regex": "[a-z]{1,3}"}, {"choice": ["a", "b"]}, {"grammar": "start: /[0-9]+/"},
+              {"json": {"type": "object", "properties": {"x": {"type": "integer"}}}}, {"grammar": 'root ::= "a"'},
+              {"regex": "(unclosed"}, {"grammar": "start: <|nope|>"}, {"json": {"type": "bogus"}}, {"json": True},
+              {"json": "[" * 3000}, {"choice": []}, {"regex": "a", "choice": ["b"]},
+              {"grammar": "start: s\ns: s s | \"a\""})
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+                                                                     "properties": {"a": {"type": "integer"}}}}}
 SAFE_MAX_TOKENS = 2  # a fuzzed request that happens to be valid generates at most this many tokens
 
 
@@ -62,6 +70,8 @@ def _value(rng: random.Random):
 
 def _params(rng: random.Random) -> dict:
     params = {name: _value(rng) for name in rng.sample(PARAM_NAMES, rng.randrange(0, 4))}
+    if "structured" in params and rng.random() < 0.7:
+        params["structured"] = rng.choice(STRUCTURED)
     if rng.random() < 0.5:  # plausible values, sometimes just out of range
         params["temperature"] = rng.choice([0, 0.7, 1e-6, 1e6, 1e308, -1.0, 2.0])
         params["repetition_penalty"] = rng.choice([1.0, 1.3, 0.0, 1e308, 1e-300])
@@ -151,7 +161,11 @@ def _http_body(rng: random.Random, path: str) -> dict:
     body: dict = {"model": rng.choice([None, "smollm2-135m-instruct", "other", "\ud800", 5])}
     if "chat" in path:
         body["messages"] = rng.choice([[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "\ud800"}],
-                                       [{"role": "robot", "content": 5}], [], "Hi", _json_value(rng)])
+                                       [{"role": "robot", "content": 5}], [], "Hi", _json_value(rng),
+                                       [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None,
+                                        "tool_calls": [{"id": "c", "type": "function", "function": {
+                                            "name": "f", "arguments": rng.choice(["{}", "{", "[" * 3000])}}]},
+                                        {"role": "tool", "tool_call_id": rng.choice(["c", None]), "content": "1"}]])
     elif "completions" in path:
         body["prompt"] = rng.choice(["Hi", "", ["Hi"], [1, 2, 3], [-1], "\ud800", _json_value(rng)])
     elif "detokenize" in path:
@@ -160,8 +174,22 @@ def _http_body(rng: random.Random, path: str) -> dict:
         body["prompt"] = rng.choice(["Hello", "日本" * 120_000, "\ud800", _json_value(rng)])
     for name in rng.sample(("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed",
                             "stop", "stream", "n", "logprobs", "stream_options", "presence_penalty",
-                            "frequency_penalty", "logit_bias", "bogus"), rng.randrange(0, 4)):
+                            "frequency_penalty", "logit_bias", "bogus", "response_format", "structured_outputs",
+                            "guided_json", "guided_regex", "guided_choice", "guided_grammar", "tools", "tool_choice",
+                            "parallel_tool_calls"), rng.randrange(0, 4)):
         body[name] = _json_value(rng) if rng.random() < 0.7 else rng.choice([1e308, -1, 0.5, 2])
+        if rng.random() < 0.6:  # plausible values of the structured output and tool fields
+            body[name] = {
+                "response_format": rng.choice([{"type": "json_object"}, {"type": "text"}, {"type": "xml"},
+                                               {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}},
+                                               {"type": "json_schema"}]),
+                "structured_outputs": rng.choice(STRUCTURED), "guided_json": rng.choice([{}, "{", {"type": 5}]),
+                "guided_regex": rng.choice(["[0-9]", "(", ""]), "guided_choice": rng.choice([["a"], [], [""]]),
+                "guided_grammar": rng.choice(["start: /a/", "x ::= y", ""]),
+                "tools": rng.choice([[TOOL], [TOOL, TOOL], [{"type": "function"}], []]),
+                "tool_choice": rng.choice(["auto", "none", "required", {"type": "function", "function": {"name": "f"}},
+                                           {"type": "function", "function": {"name": "g"}}]),
+            }.get(name, body[name])
     body["max_tokens"] = rng.choice([1, 2, body.get("max_tokens", 1)])
     if isinstance(body["max_tokens"], int) and not isinstance(body["max_tokens"], bool) and body["max_tokens"] > 2:
         body["max_tokens"] = 2

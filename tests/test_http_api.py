@@ -242,8 +242,8 @@ PERSON = {"type": "object", "additionalProperties": False, "required": ["name", 
 
 
 def test_structured_output_in_every_form_the_api_takes(server, model) -> None:
-    """response_format json_schema (streamed and not) and json_object, vLLM's guided_choice and structured_outputs'
-    regex on the completions route: each reply is a whole match, ends by EOS, and equals the native client's
+    """response_format json_schema and json_object, vLLM's guided_choice (streamed) and structured_outputs' regex on
+    the completions route: each reply is a whole match that ends by EOS; the schema's equals the native client's
     request with the same `structured` params."""
     api = openai_client(server)
     ask = [{"role": "user", "content": "Give a person's name and age as JSON."}]
@@ -255,17 +255,13 @@ def test_structured_output_in_every_form_the_api_takes(server, model) -> None:
     native = native_finished(server.address, messages=ask,
                              params={"max_tokens": 60, "temperature": 0.0, "structured": {"json": PERSON}})
     assert native.text == chat.choices[0].message.content
-    streamed = api.chat.completions.create(model=model, messages=ask, max_tokens=60, temperature=0, stream=True,
-                                           response_format={"type": "json_schema",
-                                                            "json_schema": {"name": "person", "schema": PERSON}})
-    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == native.text
-    anything = api.chat.completions.create(model=model, messages=ask, max_tokens=80, temperature=0.7, seed=1,
+    anything = api.chat.completions.create(model=model, messages=ask, max_tokens=6, temperature=0.7, seed=1,
                                            response_format={"type": "json_object"})
-    if anything.choices[0].finish_reason == "stop":  # (an object may be longer than max_tokens)
-        assert isinstance(json.loads(anything.choices[0].message.content), dict)
+    assert anything.choices[0].message.content.startswith("{")  # (6 tokens: the object's start)
     picked = api.completions.create(model=model, prompt="Is the sky blue? Answer:", max_tokens=5, temperature=0,
-                                    extra_body={"guided_choice": ["yes", "no", "maybe"]})
-    assert picked.choices[0].text in ("yes", "no", "maybe") and picked.choices[0].finish_reason == "stop"
+                                    extra_body={"guided_choice": ["yes", "no", "maybe"]}, stream=True)
+    chunks = [c.choices[0] for c in picked if c.choices]
+    assert "".join(c.text for c in chunks) in ("yes", "no", "maybe") and chunks[-1].finish_reason == "stop"
     date = api.completions.create(model=model, prompt="The date today is", max_tokens=20, temperature=0,
                                   extra_body={"structured_outputs": {"regex": r" \d{4}-\d{2}-\d{2}"}})
     assert re.fullmatch(r" \d{4}-\d{2}-\d{2}", date.choices[0].text), date.choices[0].text
