@@ -27,12 +27,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
-# Versions: 15: ChatOptions.tools, tool_calls / tool messages; 14: LogprobsChunk (TokenLogprob); 13: a Reset may come on
-# the doorbell, step numbers increase across requests; 12: Decode.argmax/own_input and the token_ring buffer; 11:
-# Ready.captures_pending; 10: Started.spin_ms; 9: DecodeBatch carries several prompt chunks; 8: GenerateRequest.warm_up;
-# 7: DecodeBatch's prompt chunk (the mixed step); 6: KV slots (Ready.max_num_seqs, Prefill.slot, DecodeBatch, the
-# batch_logits buffer); 5: Verify.tokens/accept, StepDone.accepted, GenerateRequest.chat; 4: Ready.doorbell; 3: Verify
-# and the verify_logits buffer; 2: typed Ready buffers/events/tokenizer_path
+# Versions: 15: ChatOptions.tools, TokenizeRequest.tools, tool_calls / tool messages; 14: LogprobsChunk (TokenLogprob);
+# 13: a Reset may come on the doorbell, step numbers increase across requests; 12: Decode.argmax/own_input and the
+# token_ring buffer; 11: Ready.captures_pending; 10: Started.spin_ms; 9: DecodeBatch carries several prompt chunks; 8:
+# GenerateRequest.warm_up; 7: DecodeBatch's prompt chunk (the mixed step); 6: KV slots (Ready.max_num_seqs,
+# Prefill.slot, DecodeBatch, the batch_logits buffer); 5: Verify.tokens/accept, StepDone.accepted, GenerateRequest.chat;
+# 4: Ready.doorbell; 3: Verify and the verify_logits buffer; 2: typed Ready buffers/events/tokenizer_path
 PROTOCOL_VERSION = 15
 MAX_ID_CHARS = 256
 MAX_SPECULATIVE_TOKENS = 8  # proposals a Verify step carries at most (its k + 1 tokens fill the verify buffers)
@@ -613,10 +613,13 @@ class TokenizeRequest(Message):
     messages: list[dict] | None = None
     add_generation_prompt: bool = True  # chat: end with the assistant turn's opening
     api_key: str | None = field(default=None, repr=False)  # the server's --api-key, if any (`AUTHENTICATED`)
+    tools: list | None = None  # chat: the tools the template describes (ChatOptions.tools)
 
     def _validate(self) -> None:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("TokenizeRequest needs exactly one of prompt, messages")
+        if self.tools is not None and (self.messages is None or not all(isinstance(t, dict) for t in self.tools)):
+            raise ValueError("TokenizeRequest.tools: a list of dicts, with messages only")
 
 
 @dataclass(frozen=True)

@@ -291,7 +291,7 @@ class JitServer:
                 self.side.check_token_ids(msg.token_ids)
                 return DetokenizeReply(msg.request_id, self.tokenizer.decode(msg.token_ids, skip_special_tokens=False))
             if msg.messages is not None:
-                ids = self.tokenizer.apply_chat_template(msg.messages, msg.add_generation_prompt)
+                ids = self.tokenizer.apply_chat_template(msg.messages, msg.add_generation_prompt, tools=msg.tools)
             else:
                 ids = self.tokenizer.encode(msg.prompt)
             return TokenizeReply(msg.request_id, ids, self.ready.max_context)

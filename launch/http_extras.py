@@ -44,8 +44,9 @@ def add_extra_routes(app: FastAPI, client: AsyncClient, model_name: str, key_che
             raise ApiError(400, "give exactly one of prompt, messages", param="prompt")
         messages = [m.native() for m in body.messages] if body.messages is not None else None
         try:
+            tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
             reply = await client.ask(TokenizeRequest(uuid.uuid4().hex, body.prompt, messages,
-                                                     body.add_generation_prompt, client.api_key))
+                                                     body.add_generation_prompt, client.api_key, tools))
         except ServerError as e:
             raise ApiError.from_server(e) from None
         return {"count": len(reply.token_ids), "max_model_len": reply.max_context, "tokens": reply.token_ids}

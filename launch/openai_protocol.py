@@ -399,6 +399,7 @@ class TokenizeBody(BaseModel):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_generation_prompt: bool = True
+    tools: list[ToolSpec] | None = None  # with messages: counted as the chat template describes them
 
 
 class DetokenizeBody(BaseModel):

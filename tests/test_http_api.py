@@ -349,6 +349,10 @@ def test_tokenize_and_detokenize_endpoints(server, model) -> None:
     got = httpx.post(f"{server.http}/tokenize", json={"model": model, "messages": QUESTION}, timeout=60)
     assert got.status_code == 200, got.text
     assert got.json() == {"count": len(expected), "max_model_len": max_context, "tokens": expected}
+    # tools reach the template (this one shows none of them: the same count; test_tool_calls has one that does)
+    with_tools = httpx.post(f"{server.http}/tokenize", json={"model": model, "messages": QUESTION, "tools": TOOLS},
+                            timeout=60)
+    assert with_tools.status_code == 200 and with_tools.json()["tokens"] == expected, with_tools.text
     text = httpx.post(f"{server.http}/detokenize", json={"tokens": expected}, timeout=60)
     assert text.status_code == 200 and "What is the capital of France?" in text.json()["prompt"], text.text
     for path, body, status in (("tokenize", {}, 400), ("tokenize", {"prompt": "a", "messages": QUESTION}, 400),
