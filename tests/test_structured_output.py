@@ -308,19 +308,27 @@ def test_batched_structured_requests_give_what_they_give_alone(grammars, tokeniz
 def test_a_batching_server_refuses_a_bad_grammar_alone_and_serves_the_rest(default_model_dir, tokenizer) -> None:
     """The JIT context's serving loop (in process, over the real executor on a thread, as test_jit_server's rig)
     with two slots: a grammar naming a special token the vocabulary lacks is an invalid_request Error at arrival (one
-    line), while a JSON reply and a plain one run side by side and each equals its in-process generation."""
+    line), while a JSON reply and a plain one run side by side and each equals its in-process generation. With a
+    Hermes-style --chat-template, its status names that tool-call format (what serve's --tool-call-parser auto
+    takes) and a TokenizeRequest with tools counts the prompt the template writes with them (/tokenize's)."""
     from graph_executor.loading.loader import LoadedModel, _fill_random
     from graph_executor.model import LlamaModel
-    from ipc.messages import Error, Finished
+    from ipc.messages import Error, Finished, TokenizeReply, TokenizeRequest
     from jit_context.generator import Generator
     from tests.test_jit_server import TINY, Rig
+    from tests.test_tokenizer import HERMES_TOOLS_TEMPLATE
 
     model = LlamaModel(TINY, 64, torch.device("cpu"), torch.float32, slots=2)
     _fill_random(model, seed=0)
-    rig = Rig(LoadedModel(model, "tiny", "dummy", default_model_dir, 0.0, False))
+    rig = Rig(LoadedModel(model, "tiny", "dummy", default_model_dir, 0.0, False),
+              jit_args=("--chat-template", HERMES_TOOLS_TEMPLATE))
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    chat = [{"role": "user", "content": "Weather in Paris?"}]
     try:
-        assert rig.jit.engine is not None
+        assert rig.jit.engine is not None and rig.jit.status()["tool_call_format"] == "hermes"
         peer = rig.peer()
+        peer.send(TokenizeRequest("plain-count", messages=chat))
+        peer.send(TokenizeRequest("tools-count", messages=chat, tools=tools))
         json_params = {"max_tokens": 40, "temperature": 0.0, "structured": {"json": SCHEMA}}
         plain_params = {"max_tokens": 12, "temperature": 0.0, "ignore_eos": True}
         peer.generate("json", [5, 6, 7], params=json_params)
@@ -333,8 +341,14 @@ def test_a_batching_server_refuses_a_bad_grammar_alone_and_serves_the_rest(defau
         served = {r: peer.final(r) for r in ("json", "plain")}
         assert all(isinstance(f, Finished) for f in served.values()), served
         assert matches(SHORT["json"], served["json"].text), served["json"].text
+        counts = {r.request_id: r.token_ids for r in peer.inbox if isinstance(r, TokenizeReply)}
     finally:
         rig.close()
+    templated = Tokenizer(tokenizer._backend)
+    templated.use_chat_template(HERMES_TOOLS_TEMPLATE)
+    assert counts["tools-count"] == templated.apply_chat_template(chat, tools=tools)
+    assert counts["plain-count"] == templated.apply_chat_template(chat)
+    assert len(counts["plain-count"]) < len(counts["tools-count"])
     alone = Generator(ModelRunner(model), tokenizer, frozenset(TINY.eos_token_ids) | tokenizer.eos_token_ids,
                       grammars=Grammars(tokenizer.backend_json, VOCAB, tokenizer.eos_token_ids))
     for key, prompt, params in (("json", [5, 6, 7], json_params), ("plain", [900, 901], plain_params)):

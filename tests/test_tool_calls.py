@@ -169,36 +169,3 @@ def test_serve_s_tool_call_parser_flag() -> None:
     assert tool_call_format("auto", found) == "hermes" and tool_call_format("auto", {}) is None
     assert tool_call_format("llama3_json", found) == "llama3_json" and tool_call_format("none", found) is None
 
-
-def test_the_jit_context_reports_its_template_s_format_and_counts_tools(default_model_dir) -> None:
-    """The JIT context's serving loop (test_jit_server's rig) with a Hermes-style --chat-template: its status names
-    the format (what serve's --tool-call-parser auto takes), and a TokenizeRequest with tools counts the prompt the
-    template writes with them (/tokenize's `tools`), the same ids as the tokenizer's own rendering."""
-    import torch
-
-    from graph_executor.loading.loader import LoadedModel, _fill_random
-    from graph_executor.model import LlamaModel
-    from ipc.messages import TokenizeReply, TokenizeRequest
-    from jit_context.tokenizer import Tokenizer
-    from tests.test_jit_server import TINY, Rig
-    from tests.test_tokenizer import HERMES_TOOLS_TEMPLATE
-
-    model = LlamaModel(TINY, 64, torch.device("cpu"), torch.float32)
-    _fill_random(model, seed=0)
-    rig = Rig(LoadedModel(model, "tiny", "dummy", default_model_dir, 0.0, False),
-              jit_args=("--chat-template", HERMES_TOOLS_TEMPLATE))
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
-    messages = [{"role": "user", "content": "Weather in Paris?"}]
-    try:
-        assert rig.jit.status()["tool_call_format"] == "hermes"
-        peer = rig.peer()
-        peer.send(TokenizeRequest("plain", messages=messages))
-        peer.send(TokenizeRequest("tools", messages=messages, tools=tools))
-        rig.until(lambda: len(peer.inbox) == 2)
-        replies = {r.request_id: r.token_ids for r in peer.inbox if isinstance(r, TokenizeReply)}
-    finally:
-        rig.close()
-    tok = Tokenizer.from_path(default_model_dir)
-    tok.use_chat_template(HERMES_TOOLS_TEMPLATE)
-    assert replies["tools"] == tok.apply_chat_template(messages, tools=tools)
-    assert replies["plain"] == tok.apply_chat_template(messages) and len(replies["plain"]) < len(replies["tools"])
