@@ -251,8 +251,10 @@ class ChatMessage(BaseModel):
 
     def native(self) -> dict[str, Any]:
         """The native message: the system role for OpenAI's newer "developer"; tool calls with their arguments as
-        objects (what chat templates render: `arguments | tojson`, as vLLM passes them)."""
-        content = self.content if isinstance(self.content, str) or self.content is None else \
+        objects (what chat templates render: `arguments | tojson`, as vLLM passes them); a null content as ""."""
+        # (a null content, an assistant's with tool calls, is "" as vLLM renders it for string-content templates:
+        # one that shows every message's content, as the default model's does, would fail on None)
+        content = self.content if isinstance(self.content, str) else "" if self.content is None else \
             "".join(p.text for p in self.content)
         message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": content}
         if self.tool_calls:

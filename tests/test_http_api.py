@@ -305,8 +305,8 @@ def test_tool_choice_required_and_named_hold_the_reply_to_the_tools(server, mode
     assert error.value.body["param"] == "tool_choice"
     with Client(server.address) as client:
         assert client.status()["tool_call_format"] is None  # (what serve's --tool-call-parser auto takes)
-    # (content "": this template shows every message's content, a None one would fail it)
-    follow = [*WEATHER, {"role": "assistant", "content": "", "tool_calls": [call.model_dump()]},
+    # (content null, as the SDK sends it back: rendered "", as vLLM does, which this template needs)
+    follow = [*WEATHER, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
               {"role": "tool", "tool_call_id": call.id, "content": "18 C and sunny"}]
     # (this template shows a tool message as a turn of role "tool"; tool_choice "none" leaves the reply free)
     answer = api.chat.completions.create(model=model, messages=follow, tools=TOOLS, tool_choice="none",

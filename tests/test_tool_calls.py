@@ -152,7 +152,7 @@ def test_the_sdk_s_own_assistant_message_comes_back() -> None:
                               "function": {"name": "add", "arguments": '{"a": 1}', "parsed_arguments": {"a": 1}}}]}
     body = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "1+1?"}, echoed,
                                                       {"role": "tool", "tool_call_id": "call_1", "content": "2"}])
-    assert body.messages[1].native() == {"role": "assistant", "content": None, "tool_calls": [
+    assert body.messages[1].native() == {"role": "assistant", "content": "", "tool_calls": [
         {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": {"a": 1}}}]}
     with pytest.raises(ValueError):
         ChatCompletionRequest(model="m", messages=[{**echoed, "function_call": {"name": "add", "arguments": "{}"}}])
