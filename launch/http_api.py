@@ -36,7 +36,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ipc.messages import Finished, Started, TokenChunk
+from ipc.messages import DetokenizeRequest, Finished, Started, TokenChunk
 from launch.async_client import AsyncClient
 from launch.client import ServerError
 from launch.http_extras import add_extra_routes
@@ -150,8 +150,10 @@ def create_app(client_address: str, model_name: str, api_key: str | None, max_co
         _check(body, model_name)
         warn_unknown(body, warned)
         params = body.sampling_params(max_context if body.max_tokens is None else body.max_tokens)
-        return await _respond(client, body, body.prompt_kwargs(), params, chat=False, request=request,
-                              warm_up=warming(request))
+        prompt = body.prompt_kwargs()
+        echo = await _prompt_text(client, prompt) if body.echo else None
+        return await _respond(client, body, prompt, params, chat=False, request=request, warm_up=warming(request),
+                              echo=echo)
 
     @v1.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
@@ -190,6 +192,17 @@ def _tool_plan(body: ChatCompletionRequest, fmt: str | None) -> ToolPlan | None:
                             'model\'s does not: give tool_choice "required" or a named function, or --chat-template',
                        param="tool_choice", code="unsupported")
     return ToolPlan(mode, fmt, frozenset(body.tool_names()), body.named_tool(), body.parallel_tool_calls is not False)
+
+
+async def _prompt_text(client: AsyncClient, prompt: dict[str, Any]) -> str:
+    """A completion's prompt as text (`echo`): the text given, or its token ids decoded (special tokens kept)."""
+    if "prompt" in prompt:
+        return prompt["prompt"]
+    try:
+        reply = await client.ask(DetokenizeRequest(uuid.uuid4().hex, prompt["token_ids"], client.api_key))
+    except ServerError as e:
+        raise ApiError.from_server(e) from None
+    return reply.text
 
 
 def _check_model(model: str | None, model_name: str) -> None:
@@ -263,10 +276,11 @@ async def _call(app: FastAPI, path: str, fields: dict[str, Any], headers: dict[s
 
 async def _respond(client: AsyncClient, body: CompletionRequest | ChatCompletionRequest,
                    prompt: dict[str, Any], params: dict[str, Any], chat: bool, request: Request,
-                   warm_up: bool = False, tools: ToolPlan | None = None) -> Any:
+                   warm_up: bool = False, tools: ToolPlan | None = None, echo: str | None = None) -> Any:
+    """`echo`: the prompt's text, which each completion's text starts with (completions' `echo`)."""
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     if body.choices > 1:
-        return await _respond_n(client, body, prompt, params, chat, request, request_id, warm_up)
+        return await _respond_n(client, body, prompt, params, chat, request, request_id, warm_up, echo)
     if body.stream:
         # Answer once the JIT context has accepted the request (Started, before its prefill): what it refuses is
         # still a 400, and the headers' write and the client's parse of them overlap the prefill instead of
@@ -274,13 +288,13 @@ async def _respond(client: AsyncClient, body: CompletionRequest | ChatCompletion
         events = client.generate(**prompt, params=params, request_id=request_id, warm_up=warm_up, started=True)
         await _next_or_error(events)
         chunks = ChunkMaker(request_id, body.model, chat, body.include_usage)
-        sse = _sse(events, chunks) if tools is None else _sse_tools(events, chunks, ToolReply(tools))
+        sse = _sse(events, chunks, echo) if tools is None else _sse_tools(events, chunks, ToolReply(tools))
         return _ClosingStreamingResponse(sse, events)
     events = client.generate(**prompt, params=params, request_id=request_id, warm_up=warm_up)
     logprobs = [] if params.get("logprobs") is not None else None
     item = await _unless_disconnected(request, _until_finished(events, logprobs))
     make = chat_body if chat else completion_body
-    outcome = Outcome(item.text, item.finish_reason, logprobs)
+    outcome = Outcome((echo or "") + item.text, item.finish_reason, logprobs)
     if tools is not None:
         content, calls = tools.parse(item.text)
         outcome = Outcome(content or "", item.finish_reason, logprobs, calls or None, bool(calls) and tools.tool_reason)
@@ -288,7 +302,8 @@ async def _respond(client: AsyncClient, body: CompletionRequest | ChatCompletion
 
 
 async def _respond_n(client: AsyncClient, body: CompletionRequest | ChatCompletionRequest, prompt: dict[str, Any],
-                     params: dict[str, Any], chat: bool, request: Request, request_id: str, warm_up: bool) -> Any:
+                     params: dict[str, Any], chat: bool, request: Request, request_id: str, warm_up: bool,
+                     echo: str | None = None) -> Any:
     """`n` > 1: n native requests side by side (a batching server decodes them together; one slot queues them),
     choice i from request i (its seed moved on by i). A failure of any is the request's error."""
     n = body.choices
@@ -306,7 +321,7 @@ async def _respond_n(client: AsyncClient, body: CompletionRequest | ChatCompleti
             raise
         merged = _merged(streams)
         return _ClosingStreamingResponse(_sse_n(merged, ChunkMaker(request_id, body.model, chat, body.include_usage),
-                                                n), _AllStreams(streams))
+                                                n, echo), _AllStreams(streams))
     asked = params.get("logprobs") is not None
     logprobs = [[] if asked else None for _ in range(n)]
 
@@ -322,8 +337,8 @@ async def _respond_n(client: AsyncClient, body: CompletionRequest | ChatCompleti
 
     finished = await _unless_disconnected(request, all_finished())
     make = chat_body if chat else completion_body
-    return make(request_id, body.model, [Outcome(f.text, f.finish_reason, lp) for f, lp in zip(finished, logprobs)],
-                merged_usage([f.usage for f in finished]))
+    outcomes = [Outcome((echo or "") + f.text, f.finish_reason, lp) for f, lp in zip(finished, logprobs)]
+    return make(request_id, body.model, outcomes, merged_usage([f.usage for f in finished]))
 
 
 class _AllStreams:
@@ -371,13 +386,15 @@ async def _merged(streams: list[Events]) -> AsyncGenerator[tuple[int, TokenChunk
 
 
 async def _sse_n(merged: AsyncGenerator[tuple[int, TokenChunk | Finished], None], chunks: ChunkMaker,
-                 n: int) -> AsyncGenerator[str, None]:
-    """`_sse` for n choices: each choice's role, deltas and finish reason with its index, as they come; the usage
-    of all of them at the end (if asked), then [DONE]."""
+                 n: int, echo: str | None = None) -> AsyncGenerator[str, None]:
+    """`_sse` for n choices: each choice's role (or echoed prompt), deltas and finish reason with its index, as they
+    come; the usage of all of them at the end (if asked), then [DONE]."""
     async with aclosing(merged):
         for i in range(n):
             if (opening := chunks.first(i)) is not None:
                 yield _event(opening)
+            if echo:
+                yield _event(chunks.text(echo, index=i))
         waiting: dict[int, list] = {}
         usages = []
         try:
@@ -448,13 +465,16 @@ async def _next_or_error(events: Events) -> Started | TokenChunk | Finished:
         raise ApiError(500, ENDED_WITHOUT_RESULT, "server_error") from None
 
 
-async def _sse(events: Events, chunks: ChunkMaker) -> AsyncGenerator[str, None]:
-    """Server-sent events in OpenAI's order: role, content deltas, finish reason, usage (if asked), [DONE]. The role
-    leaves with the headers, during the prefill; events that are ready together then leave in one write (the finish
-    reason, usage and [DONE]): each write is a send system call and a TCP segment on the client's way."""
+async def _sse(events: Events, chunks: ChunkMaker, echo: str | None = None) -> AsyncGenerator[str, None]:
+    """Server-sent events in OpenAI's order: role (or the echoed prompt: `echo`), content deltas, finish reason,
+    usage (if asked), [DONE]. The role leaves with the headers, during the prefill; events that are ready together
+    then leave in one write (the finish reason, usage and [DONE]): each write is a send system call and a TCP segment
+    on the client's way."""
     async with aclosing(events):
         if (opening := chunks.first()) is not None:
             yield _event(opening)
+        if echo:
+            yield _event(chunks.text(echo))
         held = ""
         waiting = None  # the logprobs of tokens whose text is held back: they ride the next chunk that goes out
         try:

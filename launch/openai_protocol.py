@@ -185,8 +185,9 @@ class CompletionRequest(_SamplingRequest):
         texts = isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str)
         if texts and len(self.prompt) != 1:
             raise Unsupported("prompt", "a list of prompts must hold exactly one string (batch-1 server)")
-        if self.echo:
-            raise Unsupported("echo", "echo is not supported")
+        if self.echo and self.logprobs is not None:
+            raise Unsupported("echo", "echo with logprobs needs the prompt's log-probabilities, which hybridrt does "
+                                      "not compute; echo alone is supported")
         if self.best_of not in (None, 1):
             raise Unsupported("best_of", "only best_of=1 is supported")
         if self.suffix is not None:

@@ -182,7 +182,7 @@ BAD_REQUESTS = [  # (endpoint, change to a good body, status, error param)
     ("chat/completions", {"n": 0}, 400, "n"),
     ("chat/completions", {"n": 2, "temperature": -1}, 400, None),  # each of the n refused by the JIT context
     ("chat/completions", {"n": 2, "temperature": -1, "stream": True}, 400, None),
-    ("completions", {"echo": True}, 400, "echo"),
+    ("completions", {"echo": True, "logprobs": 1}, 400, "echo"),
     ("completions", {"presence_penalty": 2.5}, 400, None),  # the JIT context's range check
     ("completions", {"logit_bias": {"99999999": 5}}, 400, None),  # past the vocabulary
     ("chat/completions", {"logit_bias": {"the": 5}}, 400, None),  # not a token id
@@ -339,6 +339,22 @@ def test_tool_choice_auto_parses_the_model_s_format(server, model) -> None:
         message = plain.json()["choices"][0]
         assert message["message"] == {"role": "assistant", "content": "Sunny, 18 C."}
         assert message["finish_reason"] == "stop"
+
+
+def test_echo_puts_the_prompt_before_each_completion(server, model) -> None:
+    """Completions' echo: the text starts with the prompt (a text prompt as given, token ids decoded), streamed and
+    not, for each of n choices; the rest is the completion without echo."""
+    api = openai_client(server)
+    plain = api.completions.create(model=model, prompt=PROMPT, max_tokens=3, temperature=0)
+    echoed = api.completions.create(model=model, prompt=PROMPT, max_tokens=3, temperature=0, echo=True)
+    assert echoed.choices[0].text == PROMPT + plain.choices[0].text
+    stream = api.completions.create(model=model, prompt=PROMPT, max_tokens=3, temperature=0, echo=True, stream=True)
+    texts = [c.choices[0].text for c in stream if c.choices]
+    assert texts[0] == PROMPT and "".join(texts) == echoed.choices[0].text
+    with Client(server.address) as client:
+        ids = client.tokenize(prompt=PROMPT)
+    by_ids = api.completions.create(model=model, prompt=ids, max_tokens=3, temperature=0, echo=True, n=2, seed=1)
+    assert [c.text for c in by_ids.choices] == [echoed.choices[0].text] * 2
 
 
 def test_tokenize_and_detokenize_endpoints(server, model) -> None:
