@@ -143,6 +143,12 @@ def create_app(client_address: str, model_name: str, api_key: str | None, max_co
     async def models() -> dict:
         return models_body(model_name, max_context, created, weight_format)
 
+    @v1.get("/models/{model:path}")
+    async def model(model: str) -> dict:
+        """OpenAI's model retrieval (`client.models.retrieve`): the served model's entry, or 404."""
+        _check_model(model, model_name)
+        return models_body(model_name, max_context, created, weight_format)["data"][0]
+
     warned: set[str] = set()  # unknown request fields already warned about (once per name per server)
 
     @v1.post("/completions")

@@ -76,6 +76,9 @@ def test_health_and_models(server, model) -> None:
     assert health.status_code == 200 and health.json() == {"status": "ok"}
     models = openai_client(server).models.list()
     assert [m.id for m in models.data] == [model]
+    assert openai_client(server).models.retrieve(model).id == model
+    with pytest.raises(openai.NotFoundError):
+        openai_client(server).models.retrieve("other")
 
 
 def test_health_is_503_without_a_jit_context() -> None:
