@@ -26,20 +26,21 @@ class IncrementalDetokenizer:
     """Per-request detokenizer: `add` each generated id, then `flush` once at the end.
 
     The pieces returned by `add` plus `flush()` concatenate to
-    `tokenizer.decode(generated_ids, skip_special_tokens=True)` for byte-level BPE tokenizers (Llama 3,
-    SmolLM2, GPT-2 family). For SentencePiece tokenizers the stream keeps the leading space of the first
+    `tokenizer.decode(generated_ids, skip_special_tokens=skip_special_tokens)` for byte-level BPE tokenizers
+    (Llama 3, SmolLM2, GPT-2 family). For SentencePiece tokenizers the stream keeps the leading space of the first
     generated word, which a standalone decode strips: the stream is the continuation of the prompt.
     """
 
-    def __init__(self, tokenizer: _Decoder, prompt_ids: list[int]) -> None:
+    def __init__(self, tokenizer: _Decoder, prompt_ids: list[int], skip_special_tokens: bool = True) -> None:
         self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
         context = list(prompt_ids[-_PROMPT_CONTEXT_TOKENS:])
         self._ids: list[int] = context  # context + generated ids
         self._prefix_offset = 0  # start of the window decoded each step
         self._read_offset = len(context)  # ids before this have been emitted as text
 
     def _decode(self, start: int, end: int | None = None) -> str:
-        return self._tokenizer.decode(self._ids[start:end], skip_special_tokens=True)
+        return self._tokenizer.decode(self._ids[start:end], skip_special_tokens=self._skip)
 
     def add(self, token_id: int) -> str:
         """Record one generated id; return the text it completes ('' while a character is still partial)."""

@@ -344,7 +344,7 @@ class RequestOutput:
         top tokens repeat)."""
         self.params, self.eos, self.max_context = params, eos_token_ids, max_context
         self.prompt_len, self.start = len(prompt_ids), start
-        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids) if tokenizer else None
+        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids, params.skip_special_tokens) if tokenizer else None
         self.stops = StopStringMatcher(params.stop)
         self.token_ids: list[int] = []
         self.times: list[float] = []

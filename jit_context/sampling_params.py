@@ -63,6 +63,8 @@ class SamplingParams:
     logprobs: int | None = None
     # the reply held to a JSON schema, a regex, a grammar, ... (a token mask each draw: jit_context.grammar_mask)
     structured: StructuredOutput | None = None
+    # the reply's text leaves special tokens out (vLLM's default); an end-of-sequence or stop token is never in it
+    skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         _check_int("max_tokens", self.max_tokens, 1, ">= 1")
@@ -77,8 +79,9 @@ class SamplingParams:
                 raise ValueError(f"seed must be in [0, {MAX_SEED}] or None, got {quote(self.seed)}")
         self._check_stops()
         self._check_logit_bias()
-        if not isinstance(self.ignore_eos, bool):
-            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        for name in ("ignore_eos", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {quote(getattr(self, name))}")
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, 0, f"in [0, {MAX_LOGPROBS}] or None")
             if self.logprobs > MAX_LOGPROBS:

@@ -172,8 +172,13 @@ def create_app(client_address: str, model_name: str, api_key: str | None, max_co
             chat = body.chat_options()
         except Unsupported as e:
             raise ApiError(400, str(e), param=e.param, code="unsupported") from None
+        tools = _tool_plan(body, tool_call_format)
+        if tools is not None and tools.mode == "auto" and body.skip_special_tokens is None:
+            # a model's tool-call markers may be special tokens (Llama's <|python_tag|>, Mistral's [TOOL_CALLS]):
+            # the parser reads the text with them, as vLLM's parsers ask
+            params["skip_special_tokens"] = False
         return await _respond(client, body, {"messages": messages, "chat": chat}, params, chat=True, request=request,
-                              warm_up=warming(request), tools=_tool_plan(body, tool_call_format))
+                              warm_up=warming(request), tools=tools)
 
     app.include_router(v1)
     # Valid generation requests skip FastAPI's routing and dependency layers (the same handlers; every error answer

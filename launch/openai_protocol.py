@@ -6,7 +6,7 @@ pass; any other value is an `Unsupported` error (HTTP 400) rather than being sil
 OpenAI's presence_penalty, frequency_penalty, logit_bias, logprobs (each generated token's and its top
 tokens', in the chat and the completions forms) and response_format (structured output: a JSON schema or any JSON
 object; vLLM's structured_outputs and guided_json / regex / choice / grammar likewise), and vLLM's extras (top_k,
-min_p, repetition_penalty, ignore_eos, stop_token_ids, min_tokens; for chats add_generation_prompt,
+min_p, repetition_penalty, ignore_eos, stop_token_ids, min_tokens, skip_special_tokens; for chats add_generation_prompt,
 continue_final_message, chat_template_kwargs) pass through to the sampling params, whose checks are the JIT
 context's.
 """
@@ -73,6 +73,7 @@ class _SamplingRequest(BaseModel):
     ignore_eos: bool | None = None
     stop_token_ids: list[TokenId] | None = None
     min_tokens: int | None = None
+    skip_special_tokens: bool | None = None
     # Structured output: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields (one of
     # them; `structured` reads them)
     response_format: dict[str, Any] | None = None
@@ -141,6 +142,7 @@ class _SamplingRequest(BaseModel):
             "stop": [self.stop] if isinstance(self.stop, str) else self.stop,
             "stop_token_ids": self.stop_token_ids, "min_tokens": self.min_tokens,
             "logprobs": self.logprobs_count(), "structured": self.structured(),
+            "skip_special_tokens": self.skip_special_tokens,
         }
         return {key: value for key, value in params.items() if value is not None}
 

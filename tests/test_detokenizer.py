@@ -48,6 +48,16 @@ def test_empty_prompt_and_special_tokens_skipped(tok):
     assert "".join(pieces) == tok.decode(ids) == "Hi there 😀"
 
 
+def test_special_tokens_kept_when_asked(tok, prompt_ids):
+    """skip_special_tokens False (vLLM's param; the tool-call parsers' way to see a marker that is a special
+    token): the pieces add up to the decode with them."""
+    ids = tok.encode("Hi") + [1] + tok.encode(" there") + [1]  # 1: <|im_start|>, a special token
+    detok = IncrementalDetokenizer(tok, prompt_ids, skip_special_tokens=False)
+    text = "".join(detok.add(t) for t in ids) + detok.flush()
+    assert text == tok.decode(ids, skip_special_tokens=False) and text.count("<|im_start|>") == 2
+    assert "<|im_start|>" not in "".join(IncrementalDetokenizer(tok, prompt_ids).add(t) for t in ids)
+
+
 def test_incomplete_character_is_released_by_flush(tok, prompt_ids):
     ids = tok.encode("a😀")[:-1]  # cut inside the emoji's bytes
     pieces = stream(tok, prompt_ids, ids)

@@ -142,6 +142,9 @@ def test_penalties_and_logit_bias_reach_the_sampler_as_the_native_client_s(serve
     forced = native_finished(server.address, prompt=PROMPT, params={"max_tokens": 4, "temperature": 0.0,
                                                                     "logit_bias": {"30": 100}})
     assert forced.token_ids == [30] * 4
+    special = api.completions.create(model=model, prompt=PROMPT, max_tokens=2, temperature=0,
+                                     logit_bias={"1": 100}, extra_body={"skip_special_tokens": False})
+    assert special.choices[0].text == "<|im_start|><|im_start|>"  # (vLLM's param; skipped by default)
     chat = api.chat.completions.create(model=model, messages=QUESTION, max_tokens=3, temperature=0,
                                        logit_bias={"30": 100})
     assert chat.usage.completion_tokens == 3 and chat.choices[0].message.content == forced.text[:len(
@@ -342,6 +345,12 @@ def test_tool_choice_auto_parses_the_model_s_format(server, model) -> None:
         message = plain.json()["choices"][0]
         assert message["message"] == {"role": "assistant", "content": "Sunny, 18 C."}
         assert message["finish_reason"] == "stop"
+        # "auto" reads the text with special tokens (a marker may be one); skip_special_tokens given wins
+        forced = {**body, "structured_outputs": None, "logit_bias": {"1": 100}, "max_tokens": 2}
+        marked = client.post("/v1/chat/completions", json=forced).json()["choices"][0]["message"]
+        assert marked["content"] == "<|im_start|><|im_start|>"
+        skipped = client.post("/v1/chat/completions", json={**forced, "skip_special_tokens": True}).json()
+        assert skipped["choices"][0]["message"]["content"] == ""
 
 
 def test_echo_puts_the_prompt_before_each_completion(server, model) -> None:
