@@ -741,12 +741,22 @@ PY
           timeout 100 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_structured_output.py \
             > "$OUT/structured.log" 2>&1
           echo "structured output on the card: rc=$? $(tail -1 "$OUT/structured.log")" ;;
+    structcost) # structured output's cost a token on the card (45th session, measured on the CPU only; predicted: a
+                # structured request loses decode_ahead 2, SmolLM2 ~2,300 against ~2,650 tokens/s): plain greedy
+                # against a regex that runs to max_tokens and a JSON string, SmolLM2's shape with its tokenizer, the
+                # batch-1 loop then the batch engine (needs the llguidance wheel; ~2 min)
+          for seqs in 1 4; do
+            timeout 100 python3 -m bench.probes.structured_cost --model dummy:smollm2-135m \
+              --tokenizer "$HYBRIDRT_TEST_TOKENIZER" --device cuda --requests 15 --max-num-seqs $seqs \
+              > "$OUT/structcost_$seqs.md" 2>&1
+            echo "structured output's cost, $seqs slots: rc=$?"; tail -5 "$OUT/structcost_$seqs.md"
+          done ;;
     wayin7b) # wayin's TTFT split on the 7B shape (target 4's own model), this tree, the JIT context's idle spin 0
              # and 20 ms (~3 min)
           timeout 220 python3 -m bench.probes.e2e_probe --model dummy:llama-2-7b --prompts 10,100,500 --repeats 15 \
             --idle-spin-ms 0,20 > "$OUT/wayin_e2e_7b.md" 2>&1
           echo "e2e 7B shape: rc=$?"; tail -6 "$OUT/wayin_e2e_7b.md" | cut -d'|' -f2,3,5-9 ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200, rope, buckets, execargmax, residualearly, kvearly, kvearlyab, kvearly2, target1, smolreal, kvearlyint4, onebkve, pipeattn, gridpad, ctxtests, gateupsk, wayin, wayin7b, jitfeatures, peerar)"
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200, rope, buckets, execargmax, residualearly, kvearly, kvearlyab, kvearly2, target1, smolreal, kvearlyint4, onebkve, pipeattn, gridpad, ctxtests, gateupsk, wayin, wayin7b, jitfeatures, peerar, structcost)"
        exit 2 ;;
   esac
 done
