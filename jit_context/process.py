@@ -255,8 +255,16 @@ def build_server(args: argparse.Namespace, ctx: zmq.Context, control: Channel,
     return server
 
 
+# Torch threads of this process's own ops (the sampling's, over the vocabulary). One: torch's default of one per core
+# made each parallel op leave its pool's threads spinning on cores the executor computes on (CPU machine, SmolLM2's
+# shape, two processes: a token 58 ms plain greedy, 64 with a repetition penalty or a structured output's mask, 69
+# sampled; with one thread 58 / 58 / 63, bench/NOTES.md 45th session). On a GPU these ops run on the device.
+JIT_TORCH_THREADS = 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    torch.set_num_threads(JIT_TORCH_THREADS)
     startup = StartupPhases("jit_context", quiet=args.quiet, spawned_at=args.spawned_at)
     signal.signal(signal.SIGTERM, _terminate)
     ctx = zmq.Context()
