@@ -148,7 +148,8 @@ class TensorParallel:
             raise ValueError(f"a handle of at most 255 bytes, got {len(handle)}")
         mine = torch.zeros(256, dtype=torch.uint8)
         mine[0] = len(handle)
-        mine[1:1 + len(handle)] = torch.frombuffer(bytearray(handle), dtype=torch.uint8)
+        if handle:  # (frombuffer refuses an empty buffer: the peer-access check sends b"" for "none blocked")
+            mine[1:1 + len(handle)] = torch.frombuffer(bytearray(handle), dtype=torch.uint8)
         parts = [torch.zeros(256, dtype=torch.uint8) for _ in range(self.size)]
         dist.all_gather(parts, mine)
         return [bytes(p[1:1 + int(p[0])].tolist()) for p in parts]

@@ -35,6 +35,8 @@ def _rank(rank: int, size: int, port: int, device: str, dtype_name: str, lengths
         dtype = getattr(torch, dtype_name)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
         # as a rank's load does it (shared files on the CPU; on a GPU the peer-access check, then CUDA IPC)
+        # (an empty handle passes too: the GPU's peer-access check sends b"" when no peer is blocked)
+        assert TensorParallel(rank, size).exchange(b"") == [b""] * size
         ar = TensorParallel(rank, size).with_peer_allreduce(max(lengths), dtype, torch.device(device)).peer
         wrong = []
         for step, n in enumerate(lengths):
