@@ -72,16 +72,17 @@ class StructuredOutput:
         """Which form this is (one of FORMS)."""
         return next(name for name in FORMS if getattr(self, name) not in (None, False, ()))
 
-    def checked_grammar(self) -> str:
-        """llguidance's grammar for this form, checked by llguidance (no tokenizer needed); ValueError naming what is
-        wrong with it (a bad schema, regex or rule)."""
+    def checked_grammar(self, tokenizer=None, limits=None) -> str:
+        """llguidance's grammar for this form, checked by llguidance: without a tokenizer (the launcher's check), or
+        against its vocabulary too (`tokenizer`, an LLTokenizer: special tokens the grammar names, token ranges;
+        `limits`: its LLParserLimits); ValueError naming what is wrong (a bad schema, regex or rule)."""
         from llguidance import LLMatcher
 
         try:
             grammar = self.grammar_text()
         except (ValueError, RecursionError) as e:  # llguidance's own reading of a schema or a grammar
             raise ValueError(f"structured output {self.form}: {one_line(str(e))}") from None
-        error = LLMatcher.validate_grammar(grammar)
+        error = LLMatcher.validate_grammar(grammar, tokenizer, limits=limits)
         if error:
             raise ValueError(f"structured output {self.form}: {one_line(error)}")
         return grammar

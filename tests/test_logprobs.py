@@ -13,6 +13,7 @@ from ipc.messages import Finished, LogprobsChunk, TokenChunk, TokenLogprob
 from jit_context.generator import Generator
 from jit_context.sampler import Sampler
 from jit_context.sampling_params import SamplingParams
+from tests.test_batching import _drain
 from tests.test_quant_model import run_steps
 from tests.test_robustness import tiny_runner
 
@@ -130,13 +131,7 @@ def test_batched_requests_report_the_logprobs_they_report_alone() -> None:
     requests = {"a": ([5, 9, 200], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=2)),
                 "b": ([7, 7, 8, 1], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)),
                 "c": ([40, 41], SamplingParams(max_tokens=7, temperature=0.8, seed=5, ignore_eos=True, logprobs=0))}
-    for key, (prompt, params) in requests.items():
-        engine.admit(key, prompt, params)
-    results = {}
-    while len(results) < len(requests):
-        for key, item in engine.step():
-            if hasattr(item, "finish_reason"):
-                results[key] = item
+    results, _ = _drain(engine, [(key, prompt, params) for key, (prompt, params) in requests.items()])
     alone = Generator(tiny_runner(max_context=64), None, frozenset({2}))
     for key, (prompt, params) in requests.items():
         want = list(alone.generate(prompt, params))[-1]

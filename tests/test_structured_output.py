@@ -17,6 +17,7 @@ from jit_context.sampler import Sampler
 from jit_context.sampling_params import SamplingParams
 from jit_context.structured_output import MAX_SPEC_CHARS, StructuredOutput
 from jit_context.tokenizer import Tokenizer
+from tests.test_batching import _drain
 
 VOCAB = 49152  # SmolLM2's
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["answer", "count", "name"],
@@ -263,13 +264,9 @@ def test_a_matcher_failing_mid_reply_ends_its_lane_alone(tokenizer) -> None:
                                structured=StructuredOutput(grammar='start: s\ns: s s | "a"'))
     plain = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
     engine = BatchEngine(smol_vocab_runner(slots=2), tokenizer, tokenizer.eos_token_ids, 4, grammars=tight)
-    engine.admit("grammar", tokenizer.encode("a"), ambiguous)
-    engine.admit("plain", tokenizer.encode("Hi"), plain)
-    ends = {}
-    while len(ends) < 2:
-        for key, item in engine.step():
-            if isinstance(item, RequestFailed) or hasattr(item, "finish_reason"):
-                ends[key] = item
+    ends, log = _drain(engine, [("grammar", tokenizer.encode("a"), ambiguous),
+                                ("plain", tokenizer.encode("Hi"), plain)])
+    ends.update((key, item) for step in log for key, item in step if isinstance(item, RequestFailed))
     assert isinstance(ends["grammar"], RequestFailed) and "max is 40" in ends["grammar"].message
     assert "\n" not in ends["grammar"].message and engine.running == 0
     alone = Generator(smol_vocab_runner(), tokenizer, tokenizer.eos_token_ids, grammars=tight)
@@ -291,13 +288,7 @@ def test_batched_structured_requests_give_what_they_give_alone(grammars, tokeniz
         "plain": (tokenizer.encode("Hi"), SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)),
     }
     engine = BatchEngine(smol_vocab_runner(slots=3), tokenizer, tokenizer.eos_token_ids, 4, grammars=grammars)
-    for key, (prompt, params) in requests.items():
-        engine.admit(key, prompt, params)
-    results = {}
-    while len(results) < len(requests):
-        for key, item in engine.step():
-            if hasattr(item, "finish_reason"):
-                results[key] = item
+    results, _ = _drain(engine, [(key, prompt, params) for key, (prompt, params) in requests.items()])
     alone = Generator(smol_vocab_runner(), tokenizer, tokenizer.eos_token_ids, grammars=grammars)
     for key, (prompt, params) in requests.items():
         assert results[key].token_ids == list(alone.generate(prompt, params))[-1].token_ids, key
