@@ -339,25 +339,36 @@ def warm_up(logits: torch.Tensor) -> None:
     kernels: CUDA loads a kernel's module at its first launch (~0.1-1 ms each, ~ms per path). A no-op on the CPU."""
     if logits.device.type != "cuda":
         return
+    run_every_path(logits)
+    torch.cuda.synchronize(logits.device)
+
+
+def run_every_path(logits: torch.Tensor) -> None:
+    """`warm_up`'s work on any device: each path's draws over a zero copy of `logits` [V] (the CPU tests run it)."""
     from jit_context.token_reader import TokenReader
 
     scratch = torch.zeros_like(logits)  # [V]
     sampler = Sampler(scratch.shape[0], scratch.device)
     reader = TokenReader(scratch.device)
     token = torch.zeros(1, dtype=torch.int64, device=scratch.device)
+    last = min(1, scratch.shape[0] - 1)
     for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=0.0, repetition_penalty=1.1),
                    SamplingParams(temperature=0.7, top_k=40, top_p=0.9, min_p=0.05, seed=0,
-                                  repetition_penalty=1.1, min_tokens=2)):
-        # (the presence / frequency penalties, logit bias and logprobs are left to their first request: not run on
-        # a card yet when added, they must not be able to stop a GPU server's start)
+                                  repetition_penalty=1.1, min_tokens=2),
+                   # the OpenAI API's penalties, logit bias and logprobs (their kernels: scatter, gather, topk,
+                   # log_softmax), greedy and sampled
+                   SamplingParams(temperature=0.0, presence_penalty=0.5, frequency_penalty=0.5,
+                                  logit_bias=((last, 1.0),), logprobs=2),
+                   SamplingParams(temperature=0.7, top_p=0.9, seed=0, presence_penalty=0.5, logit_bias=((last, -1.0),),
+                                  logprobs=0)):
         sampler.start_request(params, [0], end_ids=[0])
+        extra = sampler.last_logprobs if sampler.logprobs_k is not None else None
         for out in (token, None):
             picked = sampler.sample(scratch, out=out)
             sampler.observe(picked)
-            reader.push(picked)
+            reader.push(picked, extra=extra)
             reader.pop()
         host = reader.next_host()  # the decode loop's form: the token written to the host by the sampling
         sampler.observe(sampler.sample(scratch, out=token, host=host))
-        reader.push(token, written=True)
+        reader.push(token, written=True, extra=extra)
         reader.pop()
-    torch.cuda.synchronize(scratch.device)

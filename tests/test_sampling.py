@@ -357,3 +357,16 @@ def test_observe_ids_counts_every_occurrence_for_the_frequency_penalty():
     assert int(sampler.sample(logits)) == 0  # 2.7 against 2.5
     sampler.observe_ids([0])
     assert int(sampler.sample(logits)) == 1  # 2.4 against 2.5
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_the_start_up_warm_up_runs_every_sampling_path_including_the_api_extras(device):
+    """sampler.warm_up's paths (greedy, penalties, filters, the OpenAI penalties, logit bias and logprobs through
+    the token reader's extra values) run over a vocabulary and leave the executor's logits as they were."""
+    from jit_context import sampler as sampling
+
+    logits = torch.randn(70, device=device)  # [V]
+    before = logits.clone()
+    sampling.run_every_path(logits)
+    sampling.warm_up(logits)  # a no-op on the CPU; on a GPU the same paths, then a synchronize
+    assert torch.equal(logits, before)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from graph_executor.runner import ModelRunner
-from jit_context.grammar_mask import Grammars, mask_words
+from jit_context.grammar_mask import Constraint, Grammars, mask_words
 from jit_context.sampler import Sampler
 from jit_context.sampling_params import SamplingParams
 from jit_context.structured_output import MAX_SPEC_CHARS, StructuredOutput
@@ -58,8 +58,12 @@ def matches(spec: StructuredOutput, text: str) -> bool:
 
 
 def allowed(grammars: Grammars, spec: StructuredOutput, reply: list[int]) -> list[torch.Tensor]:
-    """The allowed tokens before each token of reply ([V] bool each), from a matcher of our own that consumes reply."""
-    constraint = grammars.constraint(spec, pin=False)
+    """The allowed tokens before each token of reply ([V] bool each), from a matcher of our own that consumes reply
+    (llguidance's, built here: not a copy of the one `grammars` keeps)."""
+    from llguidance import LLMatcher
+
+    constraint = Constraint(LLMatcher(grammars.tokenizer, spec.checked_grammar(grammars.tokenizer), log_level=0),
+                            VOCAB, pin=False)
     masks = []
     for token in reply:
         words = constraint.words.tolist()
@@ -147,6 +151,33 @@ def test_every_draw_is_an_allowed_token_and_greedy_the_allowed_argmax(grammars, 
         assert mask[token], step
         if temperature == 0.0:
             assert token == int(torch.where(mask, logits[step].double(), -torch.inf).argmax()), step
+
+
+def test_a_kept_form_s_matchers_are_independent_copies_and_the_cache_is_bounded(tokenizer) -> None:
+    """Requests with one form get copies of one pristine matcher: a copy moved on leaves the next copy at the
+    start, every copy's masks are a fresh matcher's, and only the last CACHED forms are kept."""
+    from jit_context import grammar_mask
+
+    kept = Grammars(tokenizer.backend_json, VOCAB, tokenizer.eos_token_ids)
+    spec = SHORT["json"]
+    reply = tokenizer.encode('{"answer":"no","count":3,"name":"Al"}')  # (SmolLM2 adds no BOS)
+    first = kept.constraint(spec, pin=False)
+    start = first.words.clone()
+    for token in reply[:5]:
+        first.advance(token)
+    assert not torch.equal(first.words, start)
+    second = kept.constraint(spec, pin=False)
+    assert kept.cached == 1 and torch.equal(second.words, start)
+    fresh = allowed(kept, spec, reply)
+    for step, token in enumerate(reply):
+        words = second.words.tolist()
+        assert torch.equal(torch.tensor([bool(words[t // 32] >> (t % 32) & 1) for t in range(VOCAB)]), fresh[step])
+        second.advance(token)
+    assert second.accepting
+    for n in range(grammar_mask.CACHED + 3):
+        kept.constraint(StructuredOutput(choice=(f"c{n}",)), pin=False)
+    assert kept.cached == grammar_mask.CACHED
+    assert torch.equal(kept.constraint(spec, pin=False).words, start)  # dropped, then built again
 
 
 def test_the_mask_reads_every_word_s_bits() -> None:
