@@ -168,10 +168,10 @@ def test_bad_input_is_refused_in_one_line() -> None:
 
 
 def test_the_decode_plan_is_the_one_measured_on_the_nearest_hidden_size_below() -> None:
-    """decode_plan.plan_for: 7B's plan (split-K down) from hidden 4096 up, 1B's (split-K qkv and down) from 2048,
-    SmolLM2's (split-K down; qkv, o and gate_up in one chunk of K) below; o_proj, gate_up and lm_head stay on gemv.py's
-    kernels everywhere (7B's and 1B's o reading its residual early); every split-K projection's partials are added by
-    the second kernel (measured)."""
+    """decode_plan.plan_for: 7B's plan (split-K down) from hidden 4096 up, 1B's (split-K qkv, gate_up and down) from
+    2048, SmolLM2's (split-K down; qkv, o and gate_up in one chunk of K) below; o_proj and lm_head stay on gemv.py's
+    kernels everywhere (7B's and 1B's o reading its residual early), gate_up but on 1B's; every split-K projection's
+    partials are added by the second kernel (measured)."""
     from graph_executor.kernels import decode_plan
     from graph_executor.kernels.gemv import GEMV_PLAN, GemvConfig
 
@@ -185,10 +185,10 @@ def test_the_decode_plan_is_the_one_measured_on_the_nearest_hidden_size_below() 
     assert seven.down == DenseSplitKConfig(16, 1024, 8, reduce_kernel=True) and isinstance(seven.qkv, GemvConfig)
     assert one.qkv == DenseSplitKConfig(16, 256, 4, reduce_kernel=True)
     assert one.down == DenseSplitKConfig(32, 512, 8, reduce_kernel=True)
+    assert one.gate_up == DenseSplitKConfig(16, 256, 4, reduce_kernel=True) and seven.gate_up == GEMV_PLAN.gate_up
     assert small.down == DenseSplitKConfig(32, 256, 8, reduce_kernel=True) and isinstance(small.qkv, GemvConfig)
     for plan in (seven, one):  # o_proj reads its residual right after its wait there (measured), not on SmolLM2
-        assert (plan.o, plan.gate_up, plan.lm_head) == (
-            dataclasses.replace(GEMV_PLAN.o, residual_early=True), GEMV_PLAN.gate_up, GEMV_PLAN.lm_head)
+        assert (plan.o, plan.lm_head) == (dataclasses.replace(GEMV_PLAN.o, residual_early=True), GEMV_PLAN.lm_head)
     assert (small.qkv, small.o, small.gate_up, small.lm_head) == (
         GemvConfig(16, 1024, 8), GemvConfig(2, 1024, 4), GemvConfig(8, 1024, 4), GEMV_PLAN.lm_head)
     with pytest.raises(ValueError, match="hidden_size"):
@@ -196,10 +196,10 @@ def test_the_decode_plan_is_the_one_measured_on_the_nearest_hidden_size_below() 
 
 
 def test_the_step_options_are_the_ones_measured_on_the_nearest_hidden_size_below(tmp_path) -> None:
-    """decode_plan.options_for: RoPE inside attention from 7B's hidden size up and below 1B's; the early weights and
-    the attention's in-kernel split combine and its keys and values loaded before its wait below 1B's only (measured
-    on the card: losses on 7B), and so are the decode graphs per context bucket; the early V loads nowhere;
-    FusedDecoder takes them unless told."""
+    """decode_plan.options_for: RoPE inside attention everywhere; the attention's keys and values loaded before its
+    wait below 7B's (measured on the card: a loss on 7B, a gain on 1B); the early weights and the attention's
+    in-kernel split combine below 1B's only, and so are the decode graphs per context bucket; the early V loads
+    nowhere; FusedDecoder takes them unless told."""
     import transformers
 
     from graph_executor.fused_decoder import FusedDecoder
@@ -208,7 +208,8 @@ def test_the_step_options_are_the_ones_measured_on_the_nearest_hidden_size_below
 
     seven, one, small = decode_plan.options_for(4096), decode_plan.options_for(2048), decode_plan.options_for(576)
     assert decode_plan.options_for(8192) == seven == decode_plan.StepOptions(fuse_rope=True, early_weights=False)
-    assert decode_plan.options_for(3584) == one == decode_plan.StepOptions(fuse_rope=False, early_weights=False)
+    assert decode_plan.options_for(3584) == one == decode_plan.StepOptions(fuse_rope=True, early_weights=False,
+                                                                           kv_early=True)
     assert decode_plan.options_for(1) == small == decode_plan.StepOptions(fuse_rope=True, early_weights=True,
                                                                           split_combine=True, defer_down=True,
                                                                           kv_early=True, context_graphs=True)

@@ -189,3 +189,28 @@ def test_the_residual_read_early_gives_the_same_bits(early) -> None:
         assert torch.equal(got, gemv.silu_gemv_residual(w, a, x.clone(), cfg=late)), (n, k)
         full = x.double() + w.double() @ (torch.nn.functional.silu(a[:k].double()) * a[k:].double())
         assert (got.double() - full).abs().max() <= 2e-3 * full.abs().max()
+
+
+def test_a_decode_step_with_gate_up_on_the_split_k_kernels_matches_the_plain_plan(tmp_path) -> None:
+    """gate_up on the split-K GEMVs (Llama-3.2-1B's measured plan), RMSNorm in its prologue, partials added by the
+    second kernel, SwiGLU in down's prologue: the same logits and cache as gate_up on gemv.py's kernels, within
+    float32 summation-order differences, with RoPE inside the attention and its keys and values loaded early (1B's
+    options) and outside."""
+    import transformers
+
+    from tests.test_model_equivalence import load_hf_model
+
+    model = load_hf_model(tmp_path, transformers.LlamaConfig, dict(num_key_value_heads=2, num_hidden_layers=3), 12,
+                          str(DEVICE), max_context=32)
+    prompt = torch.arange(1, 8, device=DEVICE)
+    model(prompt, torch.arange(7, device=DEVICE), torch.tensor([6], device=DEVICE), 7)
+    before = model.kv_cache.clone()
+    split = GemvPlan(gate_up=DenseSplitKConfig(16, 32, 2, reduce_kernel=True))  # gate_up's K on three slices
+    for options in (dict(fuse_rope=True, kv_early=True, early_weights=False), dict(fuse_rope=False)):
+        runs = {}
+        for plan in (GemvPlan(), split):
+            model.kv_cache.copy_(before)
+            runs[plan] = steps(model, dict(plan=plan, **options), 3, 7)
+        for a, b in zip(runs[GemvPlan()][0], runs[split][0], strict=True):
+            assert torch.isfinite(b).all() and (a - b).abs().max() <= 1e-5 * a.abs().max(), options
+        assert torch.allclose(runs[GemvPlan()][1], runs[split][1], rtol=0, atol=1e-5)

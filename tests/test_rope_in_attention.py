@@ -277,9 +277,9 @@ def test_a_decode_step_with_the_keys_and_values_loaded_early_gives_the_same_logi
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("preset", ["smollm2-135m", "llama-2-7b"])
+@pytest.mark.parametrize("preset", ["smollm2-135m", "llama-3.2-1b", "llama-2-7b"])
 def test_the_production_steps_in_float16_are_the_same_with_the_keys_and_values_loaded_early(preset) -> None:
-    """SmolLM2-135M's and LLaMA-2-7B's production plans and options (PDL on: the loads really precede the wait),
+    """SmolLM2-135M's, Llama-3.2-1B's and LLaMA-2-7B's production plans and options (PDL on: the loads really precede the wait),
     eager and as a CUDA graph, at a position inside a split and at a split's first position."""
     from graph_executor.loading.loader import LoadConfig, load_model
     from tests.test_pending_residual import graphed_logits, steps

@@ -756,7 +756,30 @@ PY
           timeout 220 python3 -m bench.probes.e2e_probe --model dummy:llama-2-7b --prompts 10,100,500 --repeats 15 \
             --idle-spin-ms 0,20 > "$OUT/wayin_e2e_7b.md" 2>&1
           echo "e2e 7B shape: rc=$?"; tail -6 "$OUT/wayin_e2e_7b.md" | cut -d'|' -f2,3,5-9 ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200, rope, buckets, execargmax, residualearly, kvearly, kvearlyab, kvearly2, target1, smolreal, kvearlyint4, onebkve, pipeattn, gridpad, ctxtests, gateupsk, wayin, wayin7b, jitfeatures, peerar, structcost)"
+    adopt1b) # issue 12 targets 1 / 2 (46th session): Llama-3.2-1B's gate_up on split-K 16x256 and RoPE inside with its
+             # keys and values loaded early, adopted from gateupsk / onebkve: their tests on the card, the 1B step
+             # (the new production step against the old plan and options, each half alone), then target1 on 1B (~4 min)
+          timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_pending_residual.py tests/test_gemv_dense_splitk.py \
+            tests/test_rope_in_attention.py -k "production or gate_up or pending or plan or options or splitk" \
+            > "$OUT/adopt1b_tests.log" 2>&1; echo "1B adoption tests: rc=$? $(tail -1 "$OUT/adopt1b_tests.log")"
+          timeout 150 python3 -m bench.probes.step_variants --models llama-3.2-1b --contexts 128,300,2000 --rounds 5 \
+            --variants "fused=0;rope=0,kve=0,gate_up=16x256x4x3,fused=0;rope=0,kve=0,fused=0;gate_up=16x256x4x3,fused=0;fused=0" \
+            > "$OUT/adopt1b_steps.md" 2>&1; echo "1B steps: rc=$?"; cat "$OUT/adopt1b_steps.md"
+          timeout 170 python3 -m launch.cli bench --quiet --model dummy:llama-3.2-1b --engines hybridrt,hybridrt-executor \
+            --workloads context,floors --contexts 128,512,2048 --max-context 4096 --out "$OUT/t1_llama-3.2-1b" \
+            > "$OUT/t1_llama-3.2-1b.log" 2>&1
+          echo "llama-3.2-1b: rc=$?"; grep -E "^\| (128|512|2048) \||P50 at context" "$OUT/t1_llama-3.2-1b/results.md" ;;
+    structab) # structured output's token gap (46th session: 0.72 ms against the 45th's 0.46 on the same probe): this
+              # tree (pristine matchers kept and copied) against a copy with the 45th session's grammar_mask.py
+              # (.ab_grammar_mask.py, carried), two alternating rounds, batch-1 (~2 min)
+          tree_copy /tmp/gm_old && cp .ab_grammar_mask.py /tmp/gm_old/jit_context/grammar_mask.py || exit 1
+          for i in 1 2; do for t in old new; do d=$PWD; [ $t = old ] && d=/tmp/gm_old
+            (cd "$d" && PYTHONPATH=/tmp/site:$d timeout 80 python3 -m bench.probes.structured_cost --model dummy:smollm2-135m \
+              --tokenizer "$HYBRIDRT_TEST_TOKENIZER" --device cuda --requests 15 --max-num-seqs 1 \
+              > "$OUT/structab_${t}_$i.md" 2>&1)
+            echo "structured cost, $t $i: rc=$?"; tail -3 "$OUT/structab_${t}_$i.md"
+          done; done ;;
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200, rope, buckets, execargmax, residualearly, kvearly, kvearlyab, kvearly2, target1, smolreal, kvearlyint4, onebkve, pipeattn, gridpad, ctxtests, gateupsk, wayin, wayin7b, jitfeatures, peerar, structcost, adopt1b, structab)"
        exit 2 ;;
   esac
 done

@@ -19,7 +19,8 @@ below are about K <= 1024.
 The step's two fusions (`StepOptions`, twentieth session, H200, `bench.probes.step_variants`, 5 alternating rounds,
 ms per step at context 300 / 2000; bench/results/2026-12-02-h200-stepfusions/):
 - RoPE + KV append inside the decode attention kernel: LLaMA-2-7B 3.801 -> 3.782 / 4.120 -> 4.075, SmolLM2-135M
-  0.613 -> 0.585 / 0.647 -> 0.639; Llama-3.2-1B 0.962 -> 0.973 / 1.018 -> 1.009 (mixed: left off there).
+  0.613 -> 0.585 / 0.647 -> 0.639; Llama-3.2-1B 0.962 -> 0.973 / 1.018 -> 1.009 (mixed: left off there until the
+  46th session, when with the keys and values loaded before the wait it measured -1.1..-4.3%: on since).
 - The GEMVs' weights loaded before their PDL wait: SmolLM2-135M 0.613 -> 0.552 / 0.647 -> 0.596 (both fusions: 0.528
   / 0.584), Llama-3.2-1B 0.962 -> 0.965 / 1.018 -> 1.025, LLaMA-2-7B 3.801 -> 3.943 / 4.120 -> 4.266. Where a
   kernel is short (latency-bound) its weights in flight during the previous kernel's tail are a gain; where each
@@ -69,7 +70,10 @@ O_RESIDUAL_EARLY = dataclasses.replace(GEMV_PLAN.o, residual_early=True)
 # (smallest hidden size, plan), largest first
 MEASURED_PLANS: tuple[tuple[int, GemvPlan], ...] = (
     (4096, dataclasses.replace(GEMV_PLAN, o=O_RESIDUAL_EARLY, down=DenseSplitKConfig(16, 1024, 8, reduce_kernel=True))),
+    # gate_up on split-K too (46th session, step_variants, 5 alternating rounds, context 300): 0.902 -> 0.871 ms
+    # (-3.4%; 32x256x8 0.873, 64x256x8 0.877, 16x512x4 0.883); on 7B 16x1024x8 -0.5%, on 8B +0.9%: 1B's size only
     (2048, dataclasses.replace(GEMV_PLAN, qkv=DenseSplitKConfig(16, 256, 4, reduce_kernel=True), o=O_RESIDUAL_EARLY,
+                               gate_up=DenseSplitKConfig(16, 256, 4, reduce_kernel=True),
                                down=DenseSplitKConfig(32, 512, 8, reduce_kernel=True))),
     # SmolLM2 before the thirty-ninth session, kept where K > 1024 would not fit one chunk of 1024 (unmeasured there)
     (1025, dataclasses.replace(GEMV_PLAN, o=O_RESIDUAL_EARLY, down=DenseSplitKConfig(32, 256, 8, reduce_kernel=True))),
@@ -117,8 +121,9 @@ class StepOptions:
     # 4096-position cache 0.427 / 0.423 -> 0.379 / 0.373 at context 300 and 0.490 / 0.492 -> 0.444 / 0.444 at 2000
     # (-12% / -9.5%); at a 512-position cache 0.405 -> 0.363 at 50, 0.403 -> 0.369 at 300. LLaMA-2-7B (before the
     # early exit of empty splits) +13% at 300 and 2000 on its 2 warps (the early tiles take 255 registers a thread,
-    # one 64-thread program an SM), +10% on 4: on below hidden 2048 only (1B keeps RoPE outside: not applicable), and
-    # there for heads of at most 64 (fused_decoder.KV_EARLY_MAX_HEAD_DIM: Qwen2-1.5B's 128 keeps it off, unmeasured)
+    # one 64-thread program an SM), +10% on 4: on below hidden 4096 only (1B with RoPE inside since the 46th session:
+    # see MEASURED_OPTIONS), and there for heads of at most 64 (fused_decoder.KV_EARLY_MAX_HEAD_DIM: Qwen2-1.5B's and
+    # Qwen2.5-7B's 128 keep it off, unmeasured)
     kv_early: bool = False
     # the graph runner captures a batch-1 decode graph per context bucket (graphs.DECODE_CONTEXT_MIN: from 512,
     # doubling, below the cache), each launching only the attention splits that can hold keys
@@ -138,7 +143,10 @@ DEFER_DOWN_MAX_FLOATS = 8192
 # (smallest hidden size, options), largest first: the measurements above
 MEASURED_OPTIONS: tuple[tuple[int, StepOptions], ...] = (
     (4096, StepOptions(fuse_rope=True, early_weights=False)),
-    (2048, StepOptions(fuse_rope=False, early_weights=False)),
+    # RoPE inside the attention with its keys and values loaded before the wait (46th session, H200, Llama-3.2-1B):
+    # the bench's decode at max context 4096, three alternating rounds, 0.90 -> 0.87 ms P50 (1,109 -> 1,150 tokens/s
+    # through two processes, each round); step_variants 7 rounds: -4.3% / -1.8% / -1.1% at context 128 / 300 / 2000
+    (2048, StepOptions(fuse_rope=True, early_weights=False, kv_early=True)),
     (0, StepOptions(fuse_rope=True, early_weights=True, split_combine=True, defer_down=True, kv_early=True,
                     context_graphs=True)),
 )
