@@ -76,7 +76,8 @@ class Grammars:
         self.vocab_size = vocab_size
         self._eos = sorted(set(eos_token_ids))
         self._limits = dict(limits or {})
-        self._tokenizer = None  # llguidance.LLTokenizer, built at first use
+        self._tokenizer = None  # llguidance.LLTokenizer, built at first use (or by `prepare_in_background`)
+        self._building = threading.Lock()  # one build: a request waits for the background one rather than repeat it
         # The last CACHED forms: their checked grammar text, and a matcher that never consumes a token (its first
         # mask computed), copied for each request. A lock: arrival checks and request starts may run on two threads.
         self._grammar: OrderedDict[StructuredOutput, str] = OrderedDict()
@@ -85,11 +86,32 @@ class Grammars:
 
     @property
     def tokenizer(self):
-        if self._tokenizer is None:
-            from llguidance import LLTokenizer
+        with self._building:
+            if self._tokenizer is None:
+                from llguidance import LLTokenizer
 
-            self._tokenizer = LLTokenizer(self._json(), n_vocab=self.vocab_size, eos_token=self._eos or None)
-        return self._tokenizer
+                self._tokenizer = LLTokenizer(self._json(), n_vocab=self.vocab_size, eos_token=self._eos or None)
+            return self._tokenizer
+
+    @property
+    def prepared(self) -> bool:
+        """Whether llguidance's view of the vocabulary is built."""
+        return self._tokenizer is not None
+
+    def prepare_in_background(self) -> threading.Thread:
+        """Build llguidance's view of the vocabulary on a daemon thread (the server's start: ~0.2 s for SmolLM2's on
+        the CPU machine, which the first structured request would otherwise pay in its TTFT, holding the serving
+        loop). A failure there is left to that request, which builds it again and reports it."""
+
+        def build() -> None:
+            try:
+                self.tokenizer
+            except Exception:  # (reported by the first request that needs it)
+                pass
+
+        thread = threading.Thread(target=build, name="grammar-vocabulary", daemon=True)
+        thread.start()
+        return thread
 
     def _parser_limits(self):
         from llguidance import LLParserLimits

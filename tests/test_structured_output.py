@@ -375,3 +375,17 @@ def test_a_batching_server_refuses_a_bad_grammar_alone_and_serves_the_rest(defau
                       grammars=Grammars(tokenizer.backend_json, VOCAB, tokenizer.eos_token_ids))
     for key, prompt, params in (("json", [5, 6, 7], json_params), ("plain", [900, 901], plain_params)):
         assert served[key].token_ids == list(alone.generate(prompt, SamplingParams.from_dict(params)))[-1].token_ids
+
+
+def test_the_vocabulary_built_in_the_background_is_the_one_requests_use(tokenizer) -> None:
+    """Grammars.prepare_in_background (a GPU server's start): the view is built once, on its thread; a request's
+    constraint then uses it (no second build), and its masks are those of a view built on first use."""
+    early = Grammars(tokenizer.backend_json, VOCAB, tokenizer.eos_token_ids)
+    assert not early.prepared
+    early.prepare_in_background().join(timeout=60)
+    assert early.prepared
+    built = early.tokenizer
+    lazy = Grammars(tokenizer.backend_json, VOCAB, tokenizer.eos_token_ids)
+    spec = SHORT["regex"]
+    assert torch.equal(early.constraint(spec, pin=False).words, lazy.constraint(spec, pin=False).words)
+    assert early.tokenizer is built and lazy.prepared
