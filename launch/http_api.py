@@ -299,7 +299,7 @@ async def _respond(client: AsyncClient, body: CompletionRequest | ChatCompletion
         events = client.generate(**prompt, params=params, request_id=request_id, warm_up=warm_up, started=True)
         await _next_or_error(events)
         chunks = ChunkMaker(request_id, body.model, chat, body.include_usage)
-        sse = _sse(events, chunks, echo) if tools is None else _sse_tools(events, chunks, ToolReply(tools))
+        sse = _sse(events, chunks, echo, None if tools is None else ToolReply(tools))
         return _ClosingStreamingResponse(sse, events)
     events = client.generate(**prompt, params=params, request_id=request_id, warm_up=warm_up)
     logprobs = [] if params.get("logprobs") is not None else None
@@ -476,11 +476,14 @@ async def _next_or_error(events: Events) -> Started | TokenChunk | Finished:
         raise ApiError(500, ENDED_WITHOUT_RESULT, "server_error") from None
 
 
-async def _sse(events: Events, chunks: ChunkMaker, echo: str | None = None) -> AsyncGenerator[str, None]:
+async def _sse(events: Events, chunks: ChunkMaker, echo: str | None = None,
+               reply: ToolReply | None = None) -> AsyncGenerator[str, None]:
     """Server-sent events in OpenAI's order: role (or the echoed prompt: `echo`), content deltas, finish reason,
     usage (if asked), [DONE]. The role leaves with the headers, during the prefill; events that are ready together
     then leave in one write (the finish reason, usage and [DONE]): each write is a send system call and a TCP segment
-    on the client's way."""
+    on the client's way. `reply`: a chat reply that may call tools, its text read through it (content deltas as they
+    may go out, tool-call deltas as the calls are known; the finish reason "tool_calls" where the model made the
+    calls it chose)."""
     async with aclosing(events):
         if (opening := chunks.first()) is not None:
             yield _event(opening)
@@ -494,51 +497,24 @@ async def _sse(events: Events, chunks: ChunkMaker, echo: str | None = None) -> A
                 if getattr(item, "logprobs", None):  # a LogprobsChunk
                     waiting = (waiting or []) + item.logprobs
                 if item.text:  # a token whose text is held back (partial UTF-8, possible stop) sends nothing
-                    yield _event(chunks.text(item.text, waiting))
-                    waiting = None
-                item = await anext(events)
-            held += _event(chunks.final(item.finish_reason, waiting))
-            if chunks.include_usage:
-                held += _event(chunks.usage(item.usage))
-        except ServerError as e:  # headers are gone: the error becomes an event, as OpenAI does
-            held += _error_event(ApiError.from_server(e))
-        except StopAsyncIteration:
-            held += _event(error_body(ENDED_WITHOUT_RESULT, "server_error", None, None))
-    yield held + "data: [DONE]\n\n"
-
-
-async def _sse_tools(events: Events, chunks: ChunkMaker, reply: ToolReply) -> AsyncGenerator[str, None]:
-    """`_sse` for a chat reply that may call tools: its text through `reply` (content deltas as they may go out,
-    tool-call deltas as the calls are known), then the finish reason ("tool_calls" where the model made the calls
-    it chose)."""
-    async with aclosing(events):
-        yield _event(chunks.first())
-        held = ""
-        waiting = None  # logprobs of tokens whose text has not gone out yet
-        try:
-            item = await anext(events)
-            while not isinstance(item, Finished):
-                if getattr(item, "logprobs", None):
-                    waiting = (waiting or []) + item.logprobs
-                if item.text:
-                    content, deltas = reply.feed(item.text)
+                    content, deltas = reply.feed(item.text) if reply is not None else (item.text, None)
                     if content:
                         yield _event(chunks.text(content, waiting))
                         waiting = None
                     if deltas:
                         yield _event(chunks.tool_calls(deltas))
                 item = await anext(events)
-            content, deltas = reply.finish()
+            content, deltas = reply.finish() if reply is not None else ("", None)
             if content:
                 held += _event(chunks.text(content, waiting))
                 waiting = None
             if deltas:
                 held += _event(chunks.tool_calls(deltas))
-            held += _event(chunks.final(item.finish_reason, waiting, tool_reason=bool(reply.calls)
-                                        and reply.plan.tool_reason))
+            tool_reason = reply is not None and bool(reply.calls) and reply.plan.tool_reason
+            held += _event(chunks.final(item.finish_reason, waiting, tool_reason=tool_reason))
             if chunks.include_usage:
                 held += _event(chunks.usage(item.usage))
-        except ServerError as e:
+        except ServerError as e:  # headers are gone: the error becomes an event, as OpenAI does
             held += _error_event(ApiError.from_server(e))
         except StopAsyncIteration:
             held += _event(error_body(ENDED_WITHOUT_RESULT, "server_error", None, None))
