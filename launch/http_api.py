@@ -291,7 +291,7 @@ async def _respond(client: AsyncClient, body: CompletionRequest | ChatCompletion
     """`echo`: the prompt's text, which each completion's text starts with (completions' `echo`)."""
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     if body.choices > 1:
-        return await _respond_n(client, body, prompt, params, chat, request, request_id, warm_up, echo)
+        return await _respond_n(client, body, prompt, params, chat, request, request_id, warm_up, echo, tools)
     if body.stream:
         # Answer once the JIT context has accepted the request (Started, before its prefill): what it refuses is
         # still a 400, and the headers' write and the client's parse of them overlap the prefill instead of
@@ -305,18 +305,15 @@ async def _respond(client: AsyncClient, body: CompletionRequest | ChatCompletion
     logprobs = [] if params.get("logprobs") is not None else None
     item = await _unless_disconnected(request, _until_finished(events, logprobs))
     make = chat_body if chat else completion_body
-    outcome = Outcome((echo or "") + item.text, item.finish_reason, logprobs)
-    if tools is not None:
-        content, calls = tools.parse(item.text)
-        outcome = Outcome(content or "", item.finish_reason, logprobs, calls or None, bool(calls) and tools.tool_reason)
-    return make(request_id, body.model, [outcome], item.usage)
+    return make(request_id, body.model, [_outcome(item, logprobs, echo, tools)], item.usage)
 
 
 async def _respond_n(client: AsyncClient, body: CompletionRequest | ChatCompletionRequest, prompt: dict[str, Any],
                      params: dict[str, Any], chat: bool, request: Request, request_id: str, warm_up: bool,
-                     echo: str | None = None) -> Any:
+                     echo: str | None = None, tools: ToolPlan | None = None) -> Any:
     """`n` > 1: n native requests side by side (a batching server decodes them together; one slot queues them),
-    choice i from request i (its seed moved on by i). A failure of any is the request's error."""
+    choice i from request i (its seed moved on by i). A failure of any is the request's error. `tools`: each
+    choice's reply read for tool calls on its own."""
     n = body.choices
     started = body.stream
     streams = [client.generate(**prompt, params=body.choice_params(params, i), request_id=f"{request_id}-{i}",
@@ -332,7 +329,7 @@ async def _respond_n(client: AsyncClient, body: CompletionRequest | ChatCompleti
             raise
         merged = _merged(streams)
         return _ClosingStreamingResponse(_sse_n(merged, ChunkMaker(request_id, body.model, chat, body.include_usage),
-                                                n, echo), _AllStreams(streams))
+                                                n, echo, tools), _AllStreams(streams))
     asked = params.get("logprobs") is not None
     logprobs = [[] if asked else None for _ in range(n)]
 
@@ -348,8 +345,16 @@ async def _respond_n(client: AsyncClient, body: CompletionRequest | ChatCompleti
 
     finished = await _unless_disconnected(request, all_finished())
     make = chat_body if chat else completion_body
-    outcomes = [Outcome((echo or "") + f.text, f.finish_reason, lp) for f, lp in zip(finished, logprobs)]
+    outcomes = [_outcome(f, lp, echo, tools) for f, lp in zip(finished, logprobs)]
     return make(request_id, body.model, outcomes, merged_usage([f.usage for f in finished]))
+
+
+def _outcome(item: Finished, logprobs: list | None, echo: str | None, tools: ToolPlan | None) -> Outcome:
+    """A non-streamed choice: its text (after the echoed prompt), or with tools its content and calls."""
+    if tools is None:
+        return Outcome((echo or "") + item.text, item.finish_reason, logprobs)
+    content, calls = tools.parse(item.text)
+    return Outcome(content or "", item.finish_reason, logprobs, calls or None, bool(calls) and tools.tool_reason)
 
 
 class _AllStreams:
@@ -397,9 +402,11 @@ async def _merged(streams: list[Events]) -> AsyncGenerator[tuple[int, TokenChunk
 
 
 async def _sse_n(merged: AsyncGenerator[tuple[int, TokenChunk | Finished], None], chunks: ChunkMaker,
-                 n: int, echo: str | None = None) -> AsyncGenerator[str, None]:
+                 n: int, echo: str | None = None, tools: ToolPlan | None = None) -> AsyncGenerator[str, None]:
     """`_sse` for n choices: each choice's role (or echoed prompt), deltas and finish reason with its index, as they
-    come; the usage of all of them at the end (if asked), then [DONE]."""
+    come; the usage of all of them at the end (if asked), then [DONE]. `tools`: each choice's text read through a
+    ToolReply of its own, as `_sse` does for one."""
+    replies = [ToolReply(tools) for _ in range(n)] if tools is not None else None
     async with aclosing(merged):
         for i in range(n):
             if (opening := chunks.first(i)) is not None:
@@ -414,9 +421,20 @@ async def _sse_n(merged: AsyncGenerator[tuple[int, TokenChunk | Finished], None]
                     waiting.setdefault(i, []).extend(item.logprobs)
                 if isinstance(item, Finished):
                     usages.append(item.usage)
-                    yield _event(chunks.final(item.finish_reason, waiting.pop(i, None), index=i))
+                    content, deltas = replies[i].finish() if replies is not None else ("", None)
+                    if content:
+                        yield _event(chunks.text(content, waiting.pop(i, None), index=i))
+                    if deltas:
+                        yield _event(chunks.tool_calls(deltas, index=i))
+                    tool_reason = replies is not None and bool(replies[i].calls) and replies[i].plan.tool_reason
+                    yield _event(chunks.final(item.finish_reason, waiting.pop(i, None), index=i,
+                                              tool_reason=tool_reason))
                 elif item.text:
-                    yield _event(chunks.text(item.text, waiting.pop(i, None), index=i))
+                    content, deltas = replies[i].feed(item.text) if replies is not None else (item.text, None)
+                    if content:
+                        yield _event(chunks.text(content, waiting.pop(i, None), index=i))
+                    if deltas:
+                        yield _event(chunks.tool_calls(deltas, index=i))
             tail = _event(chunks.usage(merged_usage(usages))) if chunks.include_usage else ""
         except ServerError as e:
             tail = _error_event(ApiError.from_server(e))

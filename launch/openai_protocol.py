@@ -338,8 +338,6 @@ class ChatCompletionRequest(_SamplingRequest):
                                              f"not one of the tools")
         if self.tool_choice == "required" and not names:
             raise Unsupported("tool_choice", 'tool_choice "required" needs tools')
-        if self.tool_mode() is not None and self.choices > 1:
-            raise Unsupported("n", "n > 1 with tool calls is not supported")
 
     def tool_mode(self) -> str | None:
         """How the reply may call tools (launch.tool_calls.MODES), or None: no tools, or tool_choice "none"."""

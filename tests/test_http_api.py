@@ -341,6 +341,19 @@ def test_tool_choice_auto_parses_the_model_s_format(server, model) -> None:
         streamed = [t for d in deltas for t in d.get("tool_calls", ())]
         assert [t["function"] for t in streamed] == [call["function"]] and not any(d.get("content") for d in deltas)
         assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+        # n choices: each read for its calls on its own, streamed and not
+        two = client.post("/v1/chat/completions", json={**body, "n": 2}).json()["choices"]
+        assert [c["index"] for c in two] == [0, 1] and all(
+            c["finish_reason"] == "tool_calls" and c["message"]["tool_calls"][0]["function"] == call["function"]
+            and c["message"]["content"] is None for c in two)
+        lines = client.post("/v1/chat/completions", json={**body, "n": 2, "stream": True}).text.split("\n\n")
+        per_choice: dict[int, list] = {0: [], 1: []}
+        for event in (json.loads(line[6:]) for line in lines if line.startswith("data: {")):
+            for c in event["choices"]:
+                per_choice[c["index"]].append(c)
+        for chunks in per_choice.values():
+            assert [t["function"] for c in chunks for t in c["delta"].get("tool_calls", ())] == [call["function"]]
+            assert chunks[-1]["finish_reason"] == "tool_calls" and not any(c["delta"].get("content") for c in chunks)
         plain = client.post("/v1/chat/completions", json={**body, "structured_outputs": {"regex": "Sunny, 18 C."}})
         message = plain.json()["choices"][0]
         assert message["message"] == {"role": "assistant", "content": "Sunny, 18 C."}
