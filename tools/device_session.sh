@@ -619,7 +619,7 @@ for step in "${steps[@]}"; do
           echo "kv_early steps 1B: rc=$?"; cat "$OUT/kve2_steps_1b.md" ;;
     target1) # issue 12 target 1's bench run: decode P50 against the floor at contexts 128 / 512 / 2048 on the 7B,
              # Llama-3-8B and Llama-3.2-1B shapes, two processes and the executor (~6 min)
-          for m in llama-2-7b llama-3-8b llama-3.2-1b; do
+          for m in ${T1_MODELS:-llama-2-7b llama-3-8b llama-3.2-1b}; do  # (T1_MODELS: a subset)
             timeout 170 python3 -m launch.cli bench --quiet --model "dummy:$m" --engines hybridrt,hybridrt-executor \
               --workloads context,floors --contexts 128,512,2048 --max-context 4096 --out "$OUT/t1_$m" > "$OUT/t1_$m.log" 2>&1
             echo "$m: rc=$?"; grep -E "^\| (128|512|2048) \||P50 at context" "$OUT/t1_$m/results.md"
