@@ -61,7 +61,8 @@ INT8_PLAN = SplitKPlan(  # the same kernels over int8 codes (int4_splitk.py --bi
     down=SplitKConfig(32, 256, 8, reduce_kernel=True),  # 2.80 (2.72)
     lm_head=SplitKConfig(32, 128, 4, reduce_kernel=True),
 )
-# the widest head for which the options' kv_early applies (measured a gain on SmolLM2's 64, a loss on 7B's 128)
+# the widest head for which the options' kv_early applies (measured a gain on SmolLM2's and Llama-3.2-1B's 64, a loss
+# on 7B's 128)
 KV_EARLY_MAX_HEAD_DIM = 64
 
 FP8_GEMV_PLAN = GemvPlan(  # FP8 codes through the fp16 GEMVs (the path before the split-K FP8 kernels)
@@ -136,7 +137,8 @@ class FusedDecoder:
             raise ValueError("kv_early takes the new K and V from registers: it needs fuse_rope (RoPE and the KV "
                              "append inside the attention kernel)")
         if kv_early is None:  # the options' where it applies (RoPE inside, splits of one block) and was measured: a
-            # head of 64 (SmolLM2). Heads of 128 hold twice the tiles' registers before the wait (7B lost 10-13%)
+            # head of 64 (SmolLM2, Llama-3.2-1B). Heads of 128 hold twice the tiles' registers before the wait (7B
+            # lost 10-13%)
             kv_early = options.kv_early and fuse_rope and one_block_splits(split_size) and \
                 cfg.head_dim <= KV_EARLY_MAX_HEAD_DIM
         # the step's GEMV slots in the order it reads them: per layer qkv, o, gate_up, down (LAYER_GEMVS); then lm_head

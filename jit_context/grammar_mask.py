@@ -121,7 +121,8 @@ class Grammars:
     def check(self, spec: StructuredOutput) -> str:
         """llguidance's grammar of spec, checked against this vocabulary too (special tokens the grammar names,
         token ranges); ValueError naming what is wrong (a bad spec is not kept: it is checked again each time). The
-        first call builds llguidance's view of the vocabulary (~0.2 s for SmolLM2's on the CPU machine)."""
+        first call builds llguidance's view of the vocabulary (~0.2 s for SmolLM2's on the CPU machine) unless
+        `prepare_in_background` has."""
         grammar = self._cached(self._grammar, spec)
         if grammar is None:
             grammar = spec.checked_grammar(self.tokenizer, self._parser_limits())
@@ -144,6 +145,11 @@ class Grammars:
     def cached(self) -> int:
         """How many forms have a pristine matcher kept (at most CACHED)."""
         return len(self._pristine)
+
+    def kept(self, spec: StructuredOutput) -> bool:
+        """Whether spec's pristine matcher is kept (without counting as a use)."""
+        with self._lock:
+            return spec in self._pristine
 
     def _cached(self, cache: OrderedDict, spec: StructuredOutput):
         with self._lock:

@@ -66,7 +66,8 @@ class RequestSide:
 
     def check_structured(self, params: SamplingParams) -> None:
         """ValueError naming what is wrong with params.structured (a bad schema, regex or grammar, a special token
-        the vocabulary lacks; no tokenizer). The first one builds llguidance's view of the vocabulary (~0.2 s)."""
+        the vocabulary lacks; no tokenizer). The first one builds llguidance's view of the vocabulary (~0.2 s) unless
+        a GPU server's start has (`Grammars.prepare_in_background`)."""
         if params.structured is None:
             return
         if self.grammars is None:

@@ -343,8 +343,9 @@ def warm_up(logits: torch.Tensor) -> None:
     torch.cuda.synchronize(logits.device)
 
 
-def run_every_path(logits: torch.Tensor) -> None:
-    """`warm_up`'s work on any device: each path's draws over a zero copy of `logits` [V] (the CPU tests run it)."""
+def run_every_path(logits: torch.Tensor) -> list[int]:
+    """`warm_up`'s work on any device: each path's draws over a zero copy of `logits` [V] (the CPU tests run it).
+    Returns the width of each token's extra values as read back (0: none), in draw order."""
     from jit_context.token_reader import TokenReader
 
     scratch = torch.zeros_like(logits)  # [V]
@@ -352,6 +353,7 @@ def run_every_path(logits: torch.Tensor) -> None:
     reader = TokenReader(scratch.device)
     token = torch.zeros(1, dtype=torch.int64, device=scratch.device)
     last = min(1, scratch.shape[0] - 1)
+    widths = []
     for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=0.0, repetition_penalty=1.1),
                    SamplingParams(temperature=0.7, top_k=40, top_p=0.9, min_p=0.05, seed=0,
                                   repetition_penalty=1.1, min_tokens=2),
@@ -368,7 +370,10 @@ def run_every_path(logits: torch.Tensor) -> None:
             sampler.observe(picked)
             reader.push(picked, extra=extra)
             reader.pop()
+            widths.append(len(reader.popped_extra or ()))
         host = reader.next_host()  # the decode loop's form: the token written to the host by the sampling
         sampler.observe(sampler.sample(scratch, out=token, host=host))
         reader.push(token, written=True, extra=extra)
         reader.pop()
+        widths.append(len(reader.popped_extra or ()))
+    return widths

@@ -205,7 +205,7 @@ def test_a_decode_step_with_gate_up_on_the_split_k_kernels_matches_the_plain_pla
     prompt = torch.arange(1, 8, device=DEVICE)
     model(prompt, torch.arange(7, device=DEVICE), torch.tensor([6], device=DEVICE), 7)
     before = model.kv_cache.clone()
-    split = GemvPlan(gate_up=DenseSplitKConfig(16, 32, 2, reduce_kernel=True))  # gate_up's K on three slices
+    split = GemvPlan(gate_up=DenseSplitKConfig(16, 32, 2, reduce_kernel=True))  # gate_up's K on two slices
     for options in (dict(fuse_rope=True, kv_early=True, early_weights=False), dict(fuse_rope=False)):
         runs = {}
         for plan in (GemvPlan(), split):

@@ -367,6 +367,7 @@ def test_the_start_up_warm_up_runs_every_sampling_path_including_the_api_extras(
 
     logits = torch.randn(70, device=device)  # [V]
     before = logits.clone()
-    sampling.run_every_path(logits)
+    # three draws a path; logprobs=2 reads back 1 + 2 x 2 values a token, logprobs=0 one
+    assert sampling.run_every_path(logits) == [0] * 9 + [5] * 3 + [1] * 3
     sampling.warm_up(logits)  # a no-op on the CPU; on a GPU the same paths, then a synchronize
     assert torch.equal(logits, before)

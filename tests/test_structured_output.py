@@ -174,10 +174,15 @@ def test_a_kept_form_s_matchers_are_independent_copies_and_the_cache_is_bounded(
         assert torch.equal(torch.tensor([bool(words[t // 32] >> (t % 32) & 1) for t in range(VOCAB)]), fresh[step])
         second.advance(token)
     assert second.accepting
-    for n in range(grammar_mask.CACHED + 3):
-        kept.constraint(StructuredOutput(choice=(f"c{n}",)), pin=False)
-    assert kept.cached == grammar_mask.CACHED
-    assert torch.equal(kept.constraint(spec, pin=False).words, start)  # dropped, then built again
+    others = [StructuredOutput(choice=(f"c{n}",)) for n in range(grammar_mask.CACHED)]
+    for n, other in enumerate(others):
+        kept.constraint(other, pin=False)
+        if n == 0:
+            kept.constraint(spec, pin=False)  # used again: now newer than others[0]
+    assert kept.cached == grammar_mask.CACHED  # spec's entry stayed (used recently), others[0]'s went first
+    assert kept.kept(spec) and not kept.kept(others[0]) and all(kept.kept(o) for o in others[1:])
+    assert torch.equal(kept.constraint(others[0], pin=False).words, kept.constraint(others[0], pin=False).words)
+    assert kept.kept(others[0]) and not kept.kept(spec)  # built again, dropping the least recently used
 
 
 def test_the_mask_reads_every_word_s_bits() -> None:

@@ -71,7 +71,8 @@ O_RESIDUAL_EARLY = dataclasses.replace(GEMV_PLAN.o, residual_early=True)
 MEASURED_PLANS: tuple[tuple[int, GemvPlan], ...] = (
     (4096, dataclasses.replace(GEMV_PLAN, o=O_RESIDUAL_EARLY, down=DenseSplitKConfig(16, 1024, 8, reduce_kernel=True))),
     # gate_up on split-K too (46th session, step_variants, 5 alternating rounds, context 300): 0.902 -> 0.871 ms
-    # (-3.4%; 32x256x8 0.873, 64x256x8 0.877, 16x512x4 0.883); on 7B 16x1024x8 -0.5%, on 8B +0.9%: 1B's size only
+    # (-3.4%; 32x256x8 0.873, 64x256x8 0.877, 16x512x4 0.883); on 7B 16x1024x8 -0.5%, on 8B +0.9%: not from 4096.
+    # Hidden 2049-4095 (Llama-3.2-3B's 3072, Qwen2.5-7B's 3584) take it, and 1B's options, unmeasured
     (2048, dataclasses.replace(GEMV_PLAN, qkv=DenseSplitKConfig(16, 256, 4, reduce_kernel=True), o=O_RESIDUAL_EARLY,
                                gate_up=DenseSplitKConfig(16, 256, 4, reduce_kernel=True),
                                down=DenseSplitKConfig(32, 512, 8, reduce_kernel=True))),
