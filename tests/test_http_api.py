@@ -214,8 +214,6 @@ BAD_REQUESTS = [  # (endpoint, change to a good body, status, error param)
     ("chat/completions", {"tool_choice": "required"}, 400, "tool_choice"),
     ("chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required",
                           "response_format": {"type": "json_object"}}, 400, "tool_choice"),
-    ("chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required",
-                          "n": 2}, 400, "n"),
     # "auto" (the default with tools): the default model's template teaches no tool-call format
     ("chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tool_choice"),
 ]
