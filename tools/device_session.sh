@@ -784,8 +784,8 @@ PY
           done; done ;;
     mini46) # adopt1b and structab in ~3 min, for a short budget: the 1B adoption's cuda tests, its step against the
             # old options (3 rounds, contexts 300 / 2000), one old / new round of the structured-output cost
-          timeout 120 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_pending_residual.py \
-            tests/test_gemv_dense_splitk.py tests/test_rope_in_attention.py -k "production or gate_up or plan" \
+          timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_pending_residual.py \
+            tests/test_gemv_dense_splitk.py tests/test_rope_in_attention.py -k "production or gate_up or plan or options" \
             > "$OUT/mini46_tests.log" 2>&1; echo "1B adoption cuda tests: rc=$? $(tail -1 "$OUT/mini46_tests.log")"
           timeout 80 python3 -m bench.probes.step_variants --models llama-3.2-1b --contexts 300,2000 --rounds 3 \
             --variants "fused=0;rope=0,kve=0,gate_up=16x256x4x3,fused=0;fused=0" \
