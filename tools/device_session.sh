@@ -782,6 +782,17 @@ PY
               > "$OUT/structab_${t}_$i.md" 2>&1)
             echo "structured cost, $t $i: rc=$?"; tail -3 "$OUT/structab_${t}_$i.md"
           done; done ;;
+    mini46b) # mini46 without its tests (~2 min)
+          timeout 80 python3 -m bench.probes.step_variants --models llama-3.2-1b --contexts 300,2000 --rounds 3 \
+            --variants "fused=0;rope=0,kve=0,gate_up=16x256x4x3,fused=0;fused=0" \
+            > "$OUT/mini46_steps.md" 2>&1; echo "1B steps: rc=$?"; tail -7 "$OUT/mini46_steps.md"
+          tree_copy /tmp/gm_old && cp .ab_grammar_mask.py /tmp/gm_old/jit_context/grammar_mask.py || exit 1
+          for t in old new; do d=$PWD; [ $t = old ] && d=/tmp/gm_old
+            (cd "$d" && PYTHONPATH=/tmp/site:$d timeout 50 python3 -m bench.probes.structured_cost --model dummy:smollm2-135m \
+              --tokenizer "$HYBRIDRT_TEST_TOKENIZER" --device cuda --requests 8 --max-num-seqs 1 \
+              > "$OUT/mini46_struct_$t.md" 2>&1)
+            echo "structured cost, $t: rc=$?"; tail -3 "$OUT/mini46_struct_$t.md"
+          done ;;
     mini46) # adopt1b and structab in ~3 min, for a short budget: the 1B adoption's cuda tests, its step against the
             # old options (3 rounds, contexts 300 / 2000), one old / new round of the structured-output cost
           timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_pending_residual.py \
@@ -797,7 +808,7 @@ PY
               > "$OUT/mini46_struct_$t.md" 2>&1)
             echo "structured cost, $t: rc=$?"; tail -3 "$OUT/mini46_struct_$t.md"
           done ;;
-    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200, rope, buckets, execargmax, residualearly, kvearly, kvearlyab, kvearly2, target1, smolreal, kvearlyint4, onebkve, pipeattn, gridpad, ctxtests, gateupsk, wayin, wayin7b, jitfeatures, peerar, structcost, adopt1b, structab, mini46)"
+    *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200, rope, buckets, execargmax, residualearly, kvearly, kvearlyab, kvearly2, target1, smolreal, kvearlyint4, onebkve, pipeattn, gridpad, ctxtests, gateupsk, wayin, wayin7b, jitfeatures, peerar, structcost, adopt1b, structab, mini46, mini46b)"
        exit 2 ;;
   esac
 done
