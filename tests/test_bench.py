@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +30,25 @@ def tiny_model(tmp_path_factory) -> str:
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model(tmp_path_factory, default_model_dir) -> str:
+    """tiny_model's shape with the default model's vocabulary, tokenizer and chat template: the chat workloads' text
+    paths (template, tokenizer, detokenizer) without SmolLM2's 135M parameters' CPU time."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-chat")
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(Path(default_model_dir) / name, folder / name)
     return str(folder)
 
 
@@ -254,11 +274,11 @@ def test_startup_section_reports_phases_and_the_first_requests() -> None:
     assert startup_section({"engines": {"hf-eager": {"startup": {}}}}) == []
 
 
-def test_chat_workload_through_the_native_client_and_the_http_api(default_model_dir, tmp_path) -> None:
+def test_chat_workload_through_the_native_client_and_the_http_api(tiny_chat_model, tmp_path) -> None:
     """The chat workload: text through the server's template and tokenizer, natively and through `hybridrt serve`'s
     HTTP API (its own process); the HTTP engine records the token-level workloads as skipped and the run goes on."""
     out = tmp_path / "chat"
-    assert run_bench("--device", "cpu", "--model", "smollm2-135m-instruct", "--engines", "hybridrt,hybridrt-http",
+    assert run_bench("--device", "cpu", "--model", tiny_chat_model, "--engines", "hybridrt,hybridrt-http",
                      "--workloads", "chat,ttft,startup", "--prompt-lens", "10", "--repeats", "1", "--quiet",
                      "--out", str(out)) == 0
     results = json.loads((out / "results.json").read_text())
@@ -299,7 +319,8 @@ def test_concurrency_and_turns_workloads_through_a_batching_server(tiny_model, t
     t = r["turns"]
     assert t["prefix_reuse"] and all(n >= 560 for n in t["cached_prompt_tokens"]) and t["ratio"] > 0
     md = (out / "results.md").read_text()
-    assert "## Concurrency (hybridrt, --max-num-seqs 2" in md and "## Second turn of a chat (hybridrt, prefix reuse on)" in md
+    assert "## Concurrency (hybridrt, --max-num-seqs 2" in md
+    assert "## Second turn of a chat (hybridrt, prefix reuse on)" in md
     assert "2 together: all, once all decode" in md
 
 
