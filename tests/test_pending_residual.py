@@ -214,3 +214,33 @@ def test_a_decode_step_with_gate_up_on_the_split_k_kernels_matches_the_plain_pla
         for a, b in zip(runs[GemvPlan()][0], runs[split][0], strict=True):
             assert torch.isfinite(b).all() and (a - b).abs().max() <= 1e-5 * a.abs().max(), options
         assert torch.allclose(runs[GemvPlan()][1], runs[split][1], rtol=0, atol=1e-5)
+
+
+def test_a_1b_wide_model_s_production_step_matches_the_reference_forward(tmp_path) -> None:
+    """A one-layer model of Llama-3.2-1B's hidden size (2048) and head size (64), with few heads, a narrow MLP and
+    vocabulary (the interpreter's time): FusedDecoder with no arguments takes 1B's measured plan and options (qkv
+    and gate_up on the split-K GEMVs, RoPE inside the attention with its keys and values loaded early), and its
+    logits and KV rows at a step match the reference forward's (float32)."""
+    import transformers
+
+    from graph_executor.fused_decoder import FusedDecoder
+    from graph_executor.kernels import decode_plan
+    from tests.test_model_equivalence import load_hf_model
+
+    model = load_hf_model(tmp_path, transformers.LlamaConfig, dict(
+        hidden_size=2048, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+        num_hidden_layers=1, vocab_size=256), 13, str(DEVICE), max_context=32)  # (4 heads of 64: fewer programs)
+    decoder = FusedDecoder(model)
+    assert isinstance(decoder.plan["gate_up"].dense, DenseSplitKConfig) and decoder.fuse_rope
+    assert decoder.attention.kv_early and decode_plan.options_for(2048).kv_early
+    prompt = torch.arange(1, 8, device=DEVICE)
+    model(prompt, torch.arange(7, device=DEVICE), torch.tensor([6], device=DEVICE), 7)
+    token, position = torch.tensor([5], device=DEVICE), torch.tensor([7], device=DEVICE)  # (one step: ~4 s here)
+    before = model.kv_cache.clone()
+    want = model(token, position, torch.tensor([0], device=DEVICE), 8)[0]  # [V]
+    wanted_cache = model.kv_cache.clone()
+    model.kv_cache.copy_(before)
+    got = torch.full_like(want, float("nan"))
+    decoder.step(token, position, got)
+    assert torch.isfinite(got).all() and (got - want).abs().max() <= 1e-4 * want.abs().max()
+    assert torch.allclose(model.kv_cache, wanted_cache, rtol=0, atol=1e-5)
