@@ -774,7 +774,8 @@ PY
           echo "llama-3.2-1b: rc=$?"; grep -E "^\| (128|512|2048) \||P50 at context" "$OUT/t1_llama-3.2-1b/results.md" ;;
     structab) # structured output's token gap (46th session: 0.72 ms against the 45th's 0.46 on the same probe): this
               # tree (pristine matchers kept and copied) against a copy with the 45th session's grammar_mask.py
-              # (.ab_grammar_mask.py, carried), two alternating rounds, batch-1 (~2 min)
+              # (.ab_grammar_mask.py, carried: `git show 7085152:jit_context/grammar_mask.py > .ab_grammar_mask.py`),
+              # two alternating rounds, batch-1 (~2 min)
           tree_copy /tmp/gm_old && cp .ab_grammar_mask.py /tmp/gm_old/jit_context/grammar_mask.py || exit 1
           for i in 1 2; do for t in old new; do d=$PWD; [ $t = old ] && d=/tmp/gm_old
             (cd "$d" && PYTHONPATH=/tmp/site:$d timeout 80 python3 -m bench.probes.structured_cost --model dummy:smollm2-135m \
