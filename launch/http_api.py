@@ -53,7 +53,7 @@ from launch.openai_protocol import (
     merged_usage,
     models_body,
 )
-from launch.tool_calls import ToolPlan, ToolReply
+from launch.tool_calls import PlainReply, ToolPlan, ToolReply
 
 Events = AsyncGenerator[Started | TokenChunk | Finished, None]  # one request's messages, from AsyncClient.generate
 log = logging.getLogger("hybridrt.http")
@@ -299,7 +299,7 @@ async def _respond(client: AsyncClient, body: CompletionRequest | ChatCompletion
         events = client.generate(**prompt, params=params, request_id=request_id, warm_up=warm_up, started=True)
         await _next_or_error(events)
         chunks = ChunkMaker(request_id, body.model, chat, body.include_usage)
-        sse = _sse(events, chunks, echo, None if tools is None else ToolReply(tools))
+        sse = _sse(events, chunks, echo, PlainReply() if tools is None else ToolReply(tools))
         return _ClosingStreamingResponse(sse, events)
     events = client.generate(**prompt, params=params, request_id=request_id, warm_up=warm_up)
     logprobs = [] if params.get("logprobs") is not None else None
@@ -406,7 +406,7 @@ async def _sse_n(merged: AsyncGenerator[tuple[int, TokenChunk | Finished], None]
     """`_sse` for n choices: each choice's role (or echoed prompt), deltas and finish reason with its index, as they
     come; the usage of all of them at the end (if asked), then [DONE]. `tools`: each choice's text read through a
     ToolReply of its own, as `_sse` does for one."""
-    replies = [ToolReply(tools) for _ in range(n)] if tools is not None else None
+    replies = [PlainReply() if tools is None else ToolReply(tools) for _ in range(n)]
     async with aclosing(merged):
         for i in range(n):
             if (opening := chunks.first(i)) is not None:
@@ -421,16 +421,15 @@ async def _sse_n(merged: AsyncGenerator[tuple[int, TokenChunk | Finished], None]
                     waiting.setdefault(i, []).extend(item.logprobs)
                 if isinstance(item, Finished):
                     usages.append(item.usage)
-                    content, deltas = replies[i].finish() if replies is not None else ("", None)
+                    content, deltas = replies[i].finish()
                     if content:
                         yield _event(chunks.text(content, waiting.pop(i, None), index=i))
                     if deltas:
                         yield _event(chunks.tool_calls(deltas, index=i))
-                    tool_reason = replies is not None and bool(replies[i].calls) and replies[i].plan.tool_reason
                     yield _event(chunks.final(item.finish_reason, waiting.pop(i, None), index=i,
-                                              tool_reason=tool_reason))
+                                              tool_reason=replies[i].tool_reason))
                 elif item.text:
-                    content, deltas = replies[i].feed(item.text) if replies is not None else (item.text, None)
+                    content, deltas = replies[i].feed(item.text)
                     if content:
                         yield _event(chunks.text(content, waiting.pop(i, None), index=i))
                     if deltas:
@@ -494,14 +493,14 @@ async def _next_or_error(events: Events) -> Started | TokenChunk | Finished:
         raise ApiError(500, ENDED_WITHOUT_RESULT, "server_error") from None
 
 
-async def _sse(events: Events, chunks: ChunkMaker, echo: str | None = None,
-               reply: ToolReply | None = None) -> AsyncGenerator[str, None]:
+async def _sse(events: Events, chunks: ChunkMaker, echo: str | None,
+               reply: ToolReply | PlainReply) -> AsyncGenerator[str, None]:
     """Server-sent events in OpenAI's order: role (or the echoed prompt: `echo`), content deltas, finish reason,
     usage (if asked), [DONE]. The role leaves with the headers, during the prefill; events that are ready together
     then leave in one write (the finish reason, usage and [DONE]): each write is a send system call and a TCP segment
-    on the client's way. `reply`: a chat reply that may call tools, its text read through it (content deltas as they
-    may go out, tool-call deltas as the calls are known; the finish reason "tool_calls" where the model made the
-    calls it chose)."""
+    on the client's way. `reply` reads the text: a PlainReply sends it as content; a ToolReply (a chat that may call
+    tools) sends content deltas as they may go out, tool-call deltas as the calls are known, and the finish reason
+    "tool_calls" where the model made the calls it chose."""
     async with aclosing(events):
         if (opening := chunks.first()) is not None:
             yield _event(opening)
@@ -515,21 +514,20 @@ async def _sse(events: Events, chunks: ChunkMaker, echo: str | None = None,
                 if getattr(item, "logprobs", None):  # a LogprobsChunk
                     waiting = (waiting or []) + item.logprobs
                 if item.text:  # a token whose text is held back (partial UTF-8, possible stop) sends nothing
-                    content, deltas = reply.feed(item.text) if reply is not None else (item.text, None)
+                    content, deltas = reply.feed(item.text)
                     if content:
                         yield _event(chunks.text(content, waiting))
                         waiting = None
                     if deltas:
                         yield _event(chunks.tool_calls(deltas))
                 item = await anext(events)
-            content, deltas = reply.finish() if reply is not None else ("", None)
+            content, deltas = reply.finish()
             if content:
                 held += _event(chunks.text(content, waiting))
                 waiting = None
             if deltas:
                 held += _event(chunks.tool_calls(deltas))
-            tool_reason = reply is not None and bool(reply.calls) and reply.plan.tool_reason
-            held += _event(chunks.final(item.finish_reason, waiting, tool_reason=tool_reason))
+            held += _event(chunks.final(item.finish_reason, waiting, tool_reason=reply.tool_reason))
             if chunks.include_usage:
                 held += _event(chunks.usage(item.usage))
         except ServerError as e:  # headers are gone: the error becomes an event, as OpenAI does

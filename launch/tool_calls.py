@@ -247,6 +247,23 @@ class ToolReply:
         left = self.text[self.sent:start].rstrip() if start is not None and start > self.sent else ""
         return left, [call.delta(i) for i, call in enumerate(calls)]
 
+    @property
+    def tool_reason(self) -> bool:
+        """Once finished: whether the reply ends with finish_reason "tool_calls" (it made calls, not a named one's)."""
+        return bool(self.calls) and self.plan.tool_reason
+
+
+class PlainReply:
+    """ToolReply's interface for a reply without tools: its text goes out as content as it comes."""
+
+    tool_reason = False
+
+    def feed(self, delta: str) -> tuple[str, list[dict]]:
+        return delta, []
+
+    def finish(self) -> tuple[str, list[dict]]:
+        return "", []
+
 
 def _marker_prefix(text: str, marker: str) -> int:
     """The length of text's longest suffix that is a proper prefix of marker (held back: it may become one)."""
