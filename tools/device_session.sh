@@ -62,6 +62,16 @@ first_requests() {  # NAME LIMIT_S: the bench's startup workload (SmolLM2 shape,
 tree_copy() {  # DIR: a copy of the runtime's packages in DIR (an A/B's other tree, patched by the caller)
   rm -rf "$1" && mkdir "$1" && cp -r graph_executor jit_context ipc launch bench hybridrt "$1"/
 }
+struct_ab() {  # PREFIX ROUNDS REQUESTS LIMIT_S: structured_cost (SmolLM2 shape, batch-1) from this tree and from a
+  # copy with the 45th session's grammar_mask.py (.ab_grammar_mask.py, carried: `git show
+  # 7085152:jit_context/grammar_mask.py > .ab_grammar_mask.py`), ROUNDS alternating rounds, into $OUT/PREFIX_<side>_<i>.md
+  tree_copy /tmp/gm_old && cp .ab_grammar_mask.py /tmp/gm_old/jit_context/grammar_mask.py || exit 1
+  for i in $(seq "$2"); do for t in old new; do d=$PWD; [ $t = old ] && d=/tmp/gm_old
+    (cd "$d" && PYTHONPATH=/tmp/site:$d timeout "$4" python3 -m bench.probes.structured_cost --model dummy:smollm2-135m \
+      --tokenizer "$HYBRIDRT_TEST_TOKENIZER" --device cuda --requests "$3" --max-num-seqs 1 > "$OUT/$1_${t}_$i.md" 2>&1)
+    echo "structured cost, $t $i: rc=$?"; tail -3 "$OUT/$1_${t}_$i.md"
+  done; done
+}
 decode_ab() {  # PREFIX SIDE DIR [PRESET [MAX_CONTEXT]]: the bench's decode (default SmolLM2's shapes at max context
   # 512), three alternating rounds of off and on, SIDE (off or on) run from the copy in DIR and the other from this
   # tree; two processes and the executor, into $OUT/PREFIX_<side>_<i>
@@ -773,42 +783,20 @@ PY
             > "$OUT/t1_llama-3.2-1b.log" 2>&1
           echo "llama-3.2-1b: rc=$?"; grep -E "^\| (128|512|2048) \||P50 at context" "$OUT/t1_llama-3.2-1b/results.md" ;;
     structab) # structured output's token gap (46th session: 0.72 ms against the 45th's 0.46 on the same probe): this
-              # tree (pristine matchers kept and copied) against a copy with the 45th session's grammar_mask.py
-              # (.ab_grammar_mask.py, carried: `git show 7085152:jit_context/grammar_mask.py > .ab_grammar_mask.py`),
-              # two alternating rounds, batch-1 (~2 min)
-          tree_copy /tmp/gm_old && cp .ab_grammar_mask.py /tmp/gm_old/jit_context/grammar_mask.py || exit 1
-          for i in 1 2; do for t in old new; do d=$PWD; [ $t = old ] && d=/tmp/gm_old
-            (cd "$d" && PYTHONPATH=/tmp/site:$d timeout 80 python3 -m bench.probes.structured_cost --model dummy:smollm2-135m \
-              --tokenizer "$HYBRIDRT_TEST_TOKENIZER" --device cuda --requests 15 --max-num-seqs 1 \
-              > "$OUT/structab_${t}_$i.md" 2>&1)
-            echo "structured cost, $t $i: rc=$?"; tail -3 "$OUT/structab_${t}_$i.md"
-          done; done ;;
-    mini46b) # mini46 without its tests (~2 min)
-          timeout 80 python3 -m bench.probes.step_variants --models llama-3.2-1b --contexts 300,2000 --rounds 3 \
-            --variants "fused=0;rope=0,kve=0,gate_up=16x256x4x3,fused=0;fused=0" \
-            > "$OUT/mini46_steps.md" 2>&1; echo "1B steps: rc=$?"; tail -7 "$OUT/mini46_steps.md"
-          tree_copy /tmp/gm_old && cp .ab_grammar_mask.py /tmp/gm_old/jit_context/grammar_mask.py || exit 1
-          for t in old new; do d=$PWD; [ $t = old ] && d=/tmp/gm_old
-            (cd "$d" && PYTHONPATH=/tmp/site:$d timeout 50 python3 -m bench.probes.structured_cost --model dummy:smollm2-135m \
-              --tokenizer "$HYBRIDRT_TEST_TOKENIZER" --device cuda --requests 8 --max-num-seqs 1 \
-              > "$OUT/mini46_struct_$t.md" 2>&1)
-            echo "structured cost, $t: rc=$?"; tail -3 "$OUT/mini46_struct_$t.md"
-          done ;;
-    mini46) # adopt1b and structab in ~3 min, for a short budget: the 1B adoption's cuda tests, its step against the
-            # old options (3 rounds, contexts 300 / 2000), one old / new round of the structured-output cost
+              # tree (pristine matchers kept and copied) against the 45th session's grammar_mask.py (struct_ab), two
+              # alternating rounds, batch-1 (~2 min)
+          struct_ab structab 2 15 80 ;;
+    mini46) # adopt1b and structab in ~3 min, for a short budget: the 1B adoption's tests on the card, then mini46b
           timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_pending_residual.py \
             tests/test_gemv_dense_splitk.py tests/test_rope_in_attention.py -k "production or gate_up or plan or options" \
             > "$OUT/mini46_tests.log" 2>&1; echo "1B adoption cuda tests: rc=$? $(tail -1 "$OUT/mini46_tests.log")"
+          ;&  # (on into mini46b)
+    mini46b) # mini46 without its tests (~2 min): the 1B step against the old options (3 rounds, contexts 300 / 2000),
+             # one old / new round of the structured-output cost
           timeout 80 python3 -m bench.probes.step_variants --models llama-3.2-1b --contexts 300,2000 --rounds 3 \
             --variants "fused=0;rope=0,kve=0,gate_up=16x256x4x3,fused=0;fused=0" \
             > "$OUT/mini46_steps.md" 2>&1; echo "1B steps: rc=$?"; tail -7 "$OUT/mini46_steps.md"
-          tree_copy /tmp/gm_old && cp .ab_grammar_mask.py /tmp/gm_old/jit_context/grammar_mask.py || exit 1
-          for t in old new; do d=$PWD; [ $t = old ] && d=/tmp/gm_old
-            (cd "$d" && PYTHONPATH=/tmp/site:$d timeout 60 python3 -m bench.probes.structured_cost --model dummy:smollm2-135m \
-              --tokenizer "$HYBRIDRT_TEST_TOKENIZER" --device cuda --requests 10 --max-num-seqs 1 \
-              > "$OUT/mini46_struct_$t.md" 2>&1)
-            echo "structured cost, $t: rc=$?"; tail -3 "$OUT/mini46_struct_$t.md"
-          done ;;
+          struct_ab mini46_struct 1 8 50 ;;
     *) echo "unknown step $step (tests, bench, probe, profile, quant, gemm, gemv, fp8, batching, batchbench, attention, neartie, http, startup, hops, spec, densesplitk, densesplitk1b, localstream, clientspin, httpab, stepfusions, stepdefaults, hfeager, prefetch, shortsteps, shortsteps2, shortrows, shortab, gguftests, verifyrows, ncu, packedplans, reducekernel, reduceprefill, vearly, adopt25, formats, gemmlarge, fp8mm, resweep, startup13, dqrows, dqadopt, ws, smem, stream, persistent, prefill200, rope, buckets, execargmax, residualearly, kvearly, kvearlyab, kvearly2, target1, smolreal, kvearlyint4, onebkve, pipeattn, gridpad, ctxtests, gateupsk, wayin, wayin7b, jitfeatures, peerar, structcost, adopt1b, structab, mini46, mini46b)"
        exit 2 ;;
   esac
