@@ -66,10 +66,15 @@ def allowed(grammars: Grammars, spec: StructuredOutput, reply: list[int]) -> lis
                             VOCAB, pin=False)
     masks = []
     for token in reply:
-        words = constraint.words.tolist()
-        masks.append(torch.tensor([bool(words[t // 32] >> (t % 32) & 1) for t in range(VOCAB)]))
+        masks.append(bits(constraint))
         constraint.advance(token)
     return masks
+
+
+def bits(constraint: Constraint) -> torch.Tensor:
+    """constraint's mask as [V] bool, read in Python (bit t % 32 of word t // 32)."""
+    words = constraint.words.tolist()
+    return torch.tensor([bool(words[t // 32] >> (t % 32) & 1) for t in range(VOCAB)])
 
 
 # -- the form ---------------------------------------------------------------------------------------------------------
@@ -170,8 +175,7 @@ def test_a_kept_form_s_matchers_are_independent_copies_and_the_cache_is_bounded(
     assert kept.cached == 1 and torch.equal(second.words, start)
     fresh = allowed(kept, spec, reply)
     for step, token in enumerate(reply):
-        words = second.words.tolist()
-        assert torch.equal(torch.tensor([bool(words[t // 32] >> (t % 32) & 1) for t in range(VOCAB)]), fresh[step])
+        assert torch.equal(bits(second), fresh[step])
         second.advance(token)
     assert second.accepting
     others = [StructuredOutput(choice=(f"c{n}",)) for n in range(grammar_mask.CACHED)]
