@@ -19,18 +19,23 @@ SMOKE = ["--device", "cpu", "--max-context", "256", "--prompt-lens", "10,25", "-
          "--decode-prompt-len", "8", "--contexts", "32,64", "--context-steps", "8", "--repeats", "1", "--quiet"]
 
 
+def save_tiny_llama(folder: Path, **overrides) -> str:
+    """A 2-layer Llama with random weights (seed 0) saved as an HF folder; `overrides`: LlamaConfig fields."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{**dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
+                            **overrides})
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> str:
     """A 2-layer Llama (HF folder, random weights): the harness's code paths at a fraction of a second per engine
     (dummy:smollm2-135m takes longer to fill with random weights than this whole run)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return str(folder)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +44,8 @@ def tiny_chat_model(tmp_path_factory, default_model_dir) -> str:
     paths (template, tokenizer, detokenizer) without SmolLM2's 135M parameters' CPU time."""
     import shutil
 
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     folder = tmp_path_factory.mktemp("tiny-chat")
-    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    save_tiny_llama(folder, vocab_size=49152, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(Path(default_model_dir) / name, folder / name)
     return str(folder)
