@@ -95,7 +95,9 @@ class ExecutorServer:
         self._argmax_step: tuple[str, int] | None = None
         self.last_command = time.monotonic()  # captures wait until the executor has been idle a while
         self.answered_early = False  # the Handshake was answered while start-up captures ran (Ready.captures_pending)
-        self.held: Message | None = None  # a command read while answering early, for `serve` (none is expected)
+        # a message read but not run yet (during the start-up captures, or by `rung_copy` behind the bell's
+        # command): `next_turn` hands it out first
+        self.held: Message | None = None
         # when the last Prefill was taken up and when its step had been launched (status facts: bench.probes.idle_gap
         # splits a request's way to its prefill with them)
         self.last_prefill: dict[str, float] = {}
@@ -144,8 +146,7 @@ class ExecutorServer:
     def serve(self) -> None:
         while True:
             try:
-                got = self.next_command() if self.held is None else (None, self.held)
-                self.held = None
+                got = self.next_turn()
             except ProtocolError as e:
                 if not self.reply(Error(e.code, str(e))):
                     return
@@ -162,6 +163,15 @@ class ExecutorServer:
             if answer is not None and not self.reply(answer):
                 self.say_peer_gone()
                 return
+
+    def next_turn(self) -> tuple[int | None, Message] | None:
+        """The next command to run: the held message first, else `next_command`. (`rung_copy` holds a message in
+        the very call that hands out the bell's command: `held` must not be cleared after that call, which lost a
+        Status sent right after a rung Reset until the JIT context's step time-out.)"""
+        if self.held is not None:
+            held, self.held = self.held, None
+            return None, held
+        return self.next_command()
 
     def next_command(self) -> tuple[int | None, Message] | None:
         """The next command and its doorbell seq (None: it came over ZeroMQ only), or None after an idle poll.

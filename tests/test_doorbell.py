@@ -433,3 +433,34 @@ def test_a_request_s_end_is_rung_and_waits_for_nothing(rig) -> None:
     _zmq_arrived(server)
     assert server.rung_copy(server.channel.recv(timeout_ms=0)) == (seq + 4, Reset("req-4"))
     assert server.held == step and server.doorbell.peek() is None
+    server.dispatch(seq + 4, Reset("req-4"))
+    assert server.next_turn() == (None, step) and server.held is None  # the held step comes next, once
+
+
+def test_a_status_read_behind_a_rung_reset_is_answered(rig) -> None:
+    """The 2026-12-05 CI failure: a client's status right after it left a request. The JIT context rings the Reset
+    and at once asks the executor's Status over ZeroMQ; an executor that reads the Status while the Reset is on the
+    bell untaken hands out the Reset and holds the Status. The serving loop's turns (`next_turn`) must then give the
+    Status (it was dropped, and the status waited for the step time-out, 60 s)."""
+    import os
+
+    from ipc.messages import Reset, Status, StatusReply
+    from jit_context.remote_executor import RemoteExecutor
+
+    server, control, jit = rig
+    remote = RemoteExecutor(control, server.shared, MAX_CONTEXT, os.getpid(), doorbell=jit)
+    server.busy = True
+    server.doorbell.listen_until(time.monotonic_ns() + 10**9)
+    remote.request_id = "req-1"
+    remote.finish_request()
+    control.send(Status())
+    _zmq_arrived(server)
+    seq, reset = server.rung_copy(server.channel.recv(timeout_ms=0))  # as next_command's poll between two takes
+    assert reset == Reset("req-1")
+    assert server.dispatch(seq, reset) is None and jit.answered(seq) == (OK, ()) and not server.busy
+    got = server.next_turn()
+    assert got == (None, Status())  # the held Status, then nothing more
+    assert server.next_turn() is None
+    assert server.reply(server.dispatch(*got))
+    reply = control.recv(timeout_ms=1000)
+    assert isinstance(reply, StatusReply) and reply.facts["source"] == "dummy"
