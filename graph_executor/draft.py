@@ -95,6 +95,10 @@ class DraftingRunner:
     def prefill(self, num_tokens: int, start_pos: int = 0, slot: int = 0) -> None:
         self.runner.prefill(num_tokens, start_pos, slot)
 
+    def score_prompt(self, num_tokens: int, start_pos: int, slot: int, logprobs: int, scored: int) -> list[float]:
+        """A prefill that also scores its first `scored` rows (`ipc.messages.ScorePrompt`); the values at once."""
+        return self.runner.score_prompt(num_tokens, start_pos, slot, logprobs, scored)
+
     def decode(self, position: int, argmax: bool = False, own_input: bool = False) -> None:
         self.runner.decode(position, argmax, own_input)
 

@@ -29,7 +29,15 @@ from graph_executor.greedy_accept import GreedyAcceptance
 from graph_executor.greedy_token import GreedyToken
 from graph_executor.kernels.decode_plan import options_for
 from graph_executor.model import LlamaModel
-from graph_executor.runner import check_batch, check_slot, check_span, check_tokens, check_verify, eager_prefill
+from graph_executor.runner import (
+    check_batch,
+    check_slot,
+    check_span,
+    check_tokens,
+    check_verify,
+    eager_prefill,
+    eager_score_prompt,
+)
 from ipc.messages import MAX_CHUNK_TOKENS, PromptChunk
 from ipc.step_buffers import MAX_VERIFY_TOKENS, StepBuffers
 
@@ -375,6 +383,12 @@ class GraphRunner:
             self.static.start.fill_(start_pos + offset)
             self.static.logits_index.fill_(n - 1)
             self._launch(f"extend_{bucket}", lambda: self._extend_body(bucket))
+
+    def score_prompt(self, num_tokens: int, start_pos: int, slot: int, logprobs: int, scored: int) -> list[float]:
+        """As ModelRunner.score_prompt: the reference step, eagerly (a prompt's log-probabilities are asked for once
+        per request and need every scored row's logits, which no captured graph makes); its K/V land in the cache
+        the graphs read, as a short prompt's eager prefill's do."""
+        return eager_score_prompt(self.model, self.buffers, num_tokens, start_pos, slot, logprobs, scored)
 
     def _bucket(self, kind: str, num_tokens: int, buckets: tuple[int, ...] | None = None) -> int:
         bucket = next(b for b in buckets or self.buckets if b >= num_tokens)

@@ -81,6 +81,58 @@ def eager_prefill(model: LlamaModel, buffers: StepBuffers, num_tokens: int, star
     buffers.logits.copy_(logits[0])
 
 
+# Scored rows whose float32 log-softmax is taken at once (a 128k vocabulary: 64 MB).
+SCORE_ROWS = 128
+
+
+def eager_score_prompt(model: LlamaModel, buffers: StepBuffers, num_tokens: int, start_pos: int, slot: int,
+                       logprobs: int, scored: int) -> list[float]:
+    """`eager_prefill` that also scores its first `scored` rows (`ipc.messages.ScorePrompt`): row i's log-probability
+    of the id at position start_pos + i + 1 of the slot's row of input_ids, and the `logprobs` most likely tokens',
+    from the raw logits in float32. Returns the values row after row, [logprob, top logprobs, top ids] (1 + 2k a row,
+    ids as floats); the last row's logits land in `logits`. ValueError for a span past the cache or a next id outside
+    the vocabulary."""
+    targets = check_score(model, buffers, num_tokens, start_pos, slot, scored)  # [scored]
+    device = buffers.input_ids.device
+    slot_ids = buffers.slot_ids(slot)  # [C]
+    values: list[torch.Tensor] = []  # [r, 1 + 2k] float32 per block of scored rows
+    logits = None
+    for chunk_start in range(0, num_tokens, PREFILL_CHUNK):
+        chunk_end = min(chunk_start + PREFILL_CHUNK, num_tokens)
+        rows = max(0, min(scored, chunk_end) - chunk_start)  # this chunk's scored rows: its first ones
+        ids = slot_ids[start_pos + chunk_start:start_pos + chunk_end]  # [t]
+        positions = torch.arange(start_pos + chunk_start, start_pos + chunk_end, device=device)  # [t]
+        index = torch.arange(rows, device=device)  # [rows], then the chunk's last row (the next token's logits)
+        index = torch.cat([index, torch.full((1,), chunk_end - chunk_start - 1, dtype=torch.int64, device=device)])
+        logits = model(ids, positions, index, start_pos + chunk_end, slot=slot)  # [rows + 1, V]
+        for r in range(0, rows, SCORE_ROWS):
+            block = torch.log_softmax(logits[r:min(r + SCORE_ROWS, rows)].float(), dim=-1)  # [b, V]
+            next_ids = targets[chunk_start + r:chunk_start + r + block.shape[0]]  # [b]
+            parts = [block.gather(1, next_ids[:, None])]  # [b, 1]
+            if logprobs:
+                top = block.topk(logprobs, dim=-1)  # most likely first
+                parts += [top.values, top.indices.float()]  # [b, k] each
+            values.append(torch.cat(parts, dim=1))
+    buffers.logits.copy_(logits[-1])
+    return torch.cat(values).flatten().tolist() if values else []
+
+
+def check_score(model: LlamaModel, buffers: StepBuffers, num_tokens: int, start_pos: int, slot: int,
+                scored: int) -> torch.Tensor:
+    """ValueError unless a ScorePrompt's span fits the cache and the ids it scores (each scored row's next one, up
+    to position start_pos + scored) are in the vocabulary; those ids, [scored] (a view of the slot's row)."""
+    check_slot(model.slots, slot)
+    check_span(model.max_context, start_pos, num_tokens)
+    if not 0 <= scored <= num_tokens or start_pos + scored >= model.max_context:
+        raise ValueError(f"scoring {scored} rows from position {start_pos} needs the ids up to position "
+                         f"{start_pos + scored} (a context of {model.max_context}, a step of {num_tokens} tokens)")
+    targets = buffers.slot_ids(slot)[start_pos + 1:start_pos + 1 + scored]
+    vocab = model.config.vocab_size
+    if scored and not 0 <= int(targets.min()) <= int(targets.max()) < vocab:
+        raise ValueError(f"the prompt ids to score must be in [0, {vocab}) (the vocabulary)")
+    return targets
+
+
 def check_slot(slots: int, slot: int) -> None:
     """ValueError unless `slot` is one of the executor's KV slots."""
     if not 0 <= slot < slots:
@@ -149,6 +201,10 @@ class ModelRunner:
         check_slot(self.model.slots, slot)
         check_span(self.max_context, start_pos, num_tokens)
         eager_prefill(self.model, self.buffers, num_tokens, start_pos, slot)
+
+    def score_prompt(self, num_tokens: int, start_pos: int, slot: int, logprobs: int, scored: int) -> list[float]:
+        """A prefill that also scores its first `scored` rows (`eager_score_prompt`, `ipc.messages.ScorePrompt`)."""
+        return eager_score_prompt(self.model, self.buffers, num_tokens, start_pos, slot, logprobs, scored)
 
     def wait_enqueued(self) -> None:
         """In-process steps are enqueued when prefill/decode return: nothing to wait for."""

@@ -34,6 +34,7 @@ from ipc.messages import (
     Prefill,
     Ready,
     Reset,
+    ScorePrompt,
     Status,
     StatusReply,
     StepDone,
@@ -271,6 +272,12 @@ class ExecutorServer:
                 # on perf_counter (CLOCK_MONOTONIC on Linux): the JIT context's timings use the same clock
                 self.last_prefill = {"handled_at_s": round(handled, 6), "launched_at_s": round(time.perf_counter(), 6)}
                 return StepDone(msg.request_id, msg.step)
+            if isinstance(msg, ScorePrompt):  # answered once it has run: the values are read back here
+                self.busy = True
+                with self.ordered():
+                    values = self.runner.score_prompt(msg.num_tokens, msg.start_pos, msg.slot, msg.logprobs,
+                                                      msg.scored)
+                return StepDone(msg.request_id, msg.step, logprobs=values)
             if isinstance(msg, DecodeBatch):
                 with self.ordered():
                     self.runner.decode_batch(msg.slots, msg.positions, msg.chunks)
@@ -373,7 +380,8 @@ class ExecutorServer:
             self.doorbell.close()
 
 
-STEPS = (Prefill, Decode, DecodeBatch, Verify)  # the commands that run a step (these and a Reset may be rung)
+# the commands that run a step (each but ScorePrompt may be rung, and a Reset)
+STEPS = (Prefill, Decode, DecodeBatch, Verify, ScorePrompt)
 
 
 def _step_key(msg: Message) -> tuple[str, int] | None:

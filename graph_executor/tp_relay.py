@@ -27,6 +27,7 @@ import torch.distributed as dist
 from graph_executor.runner import (
     ModelRunner,
     check_batch,
+    check_score,
     check_slot,
     check_span,
     check_verify,
@@ -38,7 +39,7 @@ from ipc.messages import PromptChunk
 from ipc.step_buffers import StepBuffers
 
 HEADER = 6  # int64 fields: kind, the kind's sizes (up to 3), the host payload's length, the ids' length
-PREFILL, DECODE, DECODE_BATCH, STOP, VERIFY, CAPTURE = 1, 2, 3, 4, 5, 6
+PREFILL, DECODE, DECODE_BATCH, STOP, VERIFY, CAPTURE, SCORE = 1, 2, 3, 4, 5, 6, 7
 
 
 class LeaderRunner:
@@ -67,6 +68,16 @@ class LeaderRunner:
         ids = self.buffers.slot_ids(slot)[start_pos:start_pos + num_tokens]
         self._relay(PREFILL, (num_tokens, start_pos, slot), ids=ids)
         self.inner.prefill(num_tokens, start_pos, slot)
+
+    def score_prompt(self, num_tokens: int, start_pos: int, slot: int, logprobs: int, scored: int) -> list[float]:
+        """ModelRunner.score_prompt, relayed: every rank runs the same forwards (their logits rows are gathered
+        across ranks), with the ids up to the last scored row's next one. Checked here, before the other ranks hear
+        of it (they would fail on the same ids)."""
+        check_score(self.model, self.buffers, num_tokens, start_pos, slot, scored)
+        span = min(max(num_tokens, scored + 1), self.max_context - start_pos)
+        ids = self.buffers.slot_ids(slot)[start_pos:start_pos + span]
+        self._relay(SCORE, (num_tokens, start_pos, slot), host=[logprobs, scored, span], ids=ids)
+        return self.inner.score_prompt(num_tokens, start_pos, slot, logprobs, scored)
 
     def decode(self, position: int, argmax: bool = False, own_input: bool = False) -> None:
         """`argmax`: rank 0 takes the greedy token (its gathered logits); the next step relays it as any input."""
@@ -141,6 +152,10 @@ def follow(model, tp: TensorParallel, graphs: bool = True) -> None:
             num_tokens, start_pos, slot = sizes[:3]
             dist.broadcast(buffers.slot_ids(slot)[start_pos:start_pos + num_tokens], src=0)
             runner.prefill(num_tokens, start_pos, slot)
+        elif kind == SCORE:
+            (num_tokens, start_pos, slot), (logprobs, scored, span) = sizes[:3], host.tolist()
+            dist.broadcast(buffers.slot_ids(slot)[start_pos:start_pos + span], src=0)
+            runner.score_prompt(num_tokens, start_pos, slot, logprobs, scored)  # (rank 0 answers with the values)
         elif kind == DECODE:
             dist.broadcast(buffers.token, src=0)
             runner.decode(sizes[0])

@@ -27,15 +27,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
-# Versions: 15: ChatOptions.tools, TokenizeRequest.tools, tool_calls / tool messages; 14: LogprobsChunk (TokenLogprob);
+# Versions: 16: ScorePrompt, StepDone.logprobs, PromptLogprobsChunk (prompt log-probabilities); 15: ChatOptions.tools,
+# TokenizeRequest.tools, tool_calls / tool messages; 14: LogprobsChunk (TokenLogprob);
 # 13: a Reset may come on the doorbell, step numbers increase across requests; 12: Decode.argmax/own_input and the
 # token_ring buffer; 11: Ready.captures_pending; 10: Started.spin_ms; 9: DecodeBatch carries several prompt chunks; 8:
 # GenerateRequest.warm_up; 7: DecodeBatch's prompt chunk (the mixed step); 6: KV slots (Ready.max_num_seqs,
 # Prefill.slot, DecodeBatch, the batch_logits buffer); 5: Verify.tokens/accept, StepDone.accepted, GenerateRequest.chat;
 # 4: Ready.doorbell; 3: Verify and the verify_logits buffer; 2: typed Ready buffers/events/tokenizer_path
-PROTOCOL_VERSION = 15
+PROTOCOL_VERSION = 16
 MAX_ID_CHARS = 256
 MAX_SPECULATIVE_TOKENS = 8  # proposals a Verify step carries at most (its k + 1 tokens fill the verify buffers)
+MAX_LOGPROBS = 20  # the most likely tokens a token (generated or of the prompt) may list with its own (OpenAI's limit)
+MAX_SCORED_ROWS = 1024  # prompt rows a ScorePrompt step scores at most (its StepDone stays far below a frame)
 MAX_NUM_SEQS = 64  # KV slots an executor may hold (sequences decoded together in one DecodeBatch step)
 MAX_CHUNK_TOKENS = 256  # prompt tokens a DecodeBatch may carry besides its decode rows (its chunks, all together)
 _MAX_NESTING = 32  # free-form dicts (facts, params, usage) nest this deep at most
@@ -499,15 +502,48 @@ class Verify(Message):
 
 
 @dataclass(frozen=True)
+class ScorePrompt(Message):
+    """A Prefill (positions [start_pos, start_pos + num_tokens) of slot `slot`, the last one's logits into `logits`)
+    that also scores its first `scored` rows: row i's log-probability of the prompt id at position start_pos + i + 1
+    (the next one, from the slot's row of input_ids) under the model's raw logits, and its `logprobs` most likely
+    tokens' (`SamplingParams.prompt_logprobs`). The executor answers once the step has run, with the values in
+    StepDone.logprobs. Never rung on the doorbell (the answer's values do not fit it); `scored` <= MAX_SCORED_ROWS keeps
+    the answer well inside a frame."""
+
+    TAG: ClassVar[int] = 17
+    request_id: str
+    step: int
+    num_tokens: int
+    start_pos: int
+    slot: int
+    logprobs: int
+    scored: int
+
+    def _validate(self) -> None:
+        _check_non_negative("ScorePrompt.step/start_pos/slot/logprobs", self.step, self.start_pos, self.slot,
+                            self.logprobs)
+        if self.num_tokens < 1:
+            raise ValueError(f"ScorePrompt.num_tokens must be >= 1, got {self.num_tokens}")
+        if not 0 <= self.scored <= min(self.num_tokens, MAX_SCORED_ROWS):
+            raise ValueError(f"ScorePrompt.scored must be in [0, min(num_tokens, {MAX_SCORED_ROWS})], got "
+                             f"{self.scored} of {self.num_tokens} tokens")
+        if self.logprobs > MAX_LOGPROBS:
+            raise ValueError(f"ScorePrompt.logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+
+
+@dataclass(frozen=True)
 class StepDone(Message):
     """The executor enqueued `step`: its logits are (or, ordered by an IPC event, will be) in their buffer. For a
     Verify with `accept`, the step has run and `accepted` is its result: the target's argmax per row [k + 1], then
-    the number of proposals kept (the first kept + 1 tokens are the output)."""
+    the number of proposals kept (the first kept + 1 tokens are the output). For a ScorePrompt, the step has run and
+    `logprobs` holds each scored row's values, row after row: the next id's log-probability, the k most likely
+    tokens' log-probabilities (most likely first), then their ids (1 + 2k values a row)."""
 
     TAG: ClassVar[int] = 12
     request_id: str
     step: int
     accepted: list[int] | None = None
+    logprobs: list[float] | None = None
 
 
 @dataclass(frozen=True)
@@ -579,6 +615,26 @@ class LogprobsChunk(TokenChunk):
 
     TAG: ClassVar[int] = 29
     logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PromptLogprobsChunk(TokenChunk):
+    """The prompt's log-probabilities (`SamplingParams.prompt_logprobs`), before the request's first token: the
+    entries of prompt positions [start, start + len(prompt_logprobs)), each the prompt token's log-probability given
+    the tokens before it (position 0 has none: the first chunk starts at 1). A long prompt comes in several chunks.
+    A TokenChunk with no text and no token ids, so that a reader of the token stream passes over it; not a
+    LogprobsChunk (its entries are not the reply's)."""
+
+    TAG: ClassVar[int] = 30
+    start: int = 1
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    def _validate(self) -> None:
+        if self.text or self.token_ids:
+            raise ValueError("PromptLogprobsChunk carries no text and no token ids")
+        if self.start < 1:
+            raise ValueError(f"PromptLogprobsChunk.start must be >= 1 (position 0 has no log-probability), got "
+                             f"{self.start}")
 
 
 @dataclass(frozen=True)
@@ -665,8 +721,8 @@ class Started(Message):
 
 ALL_MESSAGES: tuple[type[Message], ...] = (
     Handshake, Ready, Status, StatusReply, Ok, Error,
-    Prefill, Decode, StepDone, Reset, Verify, DecodeBatch,
-    GenerateRequest, TokenChunk, LogprobsChunk, Finished, CancelRequest,
+    Prefill, Decode, StepDone, Reset, Verify, DecodeBatch, ScorePrompt,
+    GenerateRequest, TokenChunk, LogprobsChunk, PromptLogprobsChunk, Finished, CancelRequest,
     TokenizeRequest, TokenizeReply, DetokenizeRequest, DetokenizeReply, Started,
 )  # fmt: skip
 

@@ -36,9 +36,11 @@ from jit_context.generator import (
     Detokenizing,
     GenerationResult,
     PrefillProgress,
+    PromptScores,
     RequestOutput,
     check_prompt,
     end_ids,
+    score_prompt,
 )
 from jit_context.grammar_mask import Grammars, make_constraint
 from jit_context.kv_contents import KvContents
@@ -46,7 +48,8 @@ from jit_context.sampler import Sampler
 from jit_context.sampling_params import SamplingParams
 
 
-# What `step` reports per request: a streamed token's text, a prefill's progress, or the request's end.
+# What `step` reports per request: a streamed token's text, a prefill's progress, a prompt's log-probabilities, or the
+# request's end.
 @dataclass(frozen=True)
 class RequestFailed:
     """A request ended by an error of its own (its structured output's matcher failed): its slot is free by then; the
@@ -55,7 +58,7 @@ class RequestFailed:
     message: str
 
 
-Item = Chunk | PrefillProgress | GenerationResult | RequestFailed
+Item = Chunk | PrefillProgress | PromptScores | GenerationResult | RequestFailed
 
 
 class BatchPort(Protocol):
@@ -70,6 +73,9 @@ class BatchPort(Protocol):
 
     def wait_enqueued(self) -> None: ...
 
+    def score_prompt(self, num_tokens: int, start_pos: int, slot: int, logprobs: int, scored: int) -> list[float]:
+        """`ExecutorPort.score_prompt` (only lanes with `SamplingParams.prompt_logprobs` call it)."""
+
 
 @dataclass
 class Lane:
@@ -81,6 +87,12 @@ class Lane:
     out: RequestOutput
     prefilled: int  # prompt positions whose K/V the slot holds (reused ones included)
     admitted: int  # admission order: the oldest prefilling request goes first
+
+    @property
+    def scores(self) -> bool:
+        """Its prompt's log-probabilities are asked for and not computed yet: its prompt runs in scoring steps of its
+        own (`score_prompt`), never as chunks riding a decode."""
+        return self.out.params.prompt_logprobs is not None and self.prefilled < len(self.prompt)
 
     @property
     def decoding(self) -> bool:
@@ -178,7 +190,8 @@ class BatchEngine:
         constraint = make_constraint(self.grammars, params, self.port.buffers.logits.device)
         slot = self._pick_slot(prompt_ids)
         state = self.slots[slot]
-        cached = state.contents.reusable(prompt_ids) if self.prefix_reuse else 0
+        # (a scored prompt runs from its first token)
+        cached = state.contents.reusable(prompt_ids) if self.prefix_reuse and params.prompt_logprobs is None else 0
         state.contents.forget()  # until this request ends normally
         ids = self.port.buffers.slot_ids(slot)  # [C]
         self._upload(slot, ids[cached:len(prompt_ids)], prompt_ids[cached:])
@@ -263,6 +276,10 @@ class BatchEngine:
             self._inflight, self._inflight_chunks = None, []
             self._finish_decode(sent, events, chunk_lanes, pipelined=not chunk_lanes)
             return events  # its tokens go out now
+        scoring = [lane for lane in self.lanes.values() if lane.scores]
+        if scoring:  # a step of its own, between two decodes (nothing is in flight here)
+            self._score(min(scoring, key=lambda lane: lane.admitted), events)
+            return events
         decoding = sorted((lane for lane in self.lanes.values() if lane.decoding), key=lambda lane: lane.slot)
         if decoding:
             lanes, chunks = self._next_chunks()
@@ -273,8 +290,8 @@ class BatchEngine:
         return events
 
     def _prefilling(self) -> list[Lane]:
-        """The requests with prompt tokens still to run, oldest first."""
-        return sorted((lane for lane in self.lanes.values() if lane.prefilled < len(lane.prompt)),
+        """The requests with prompt tokens still to run in chunks, oldest first (not those to score)."""
+        return sorted((lane for lane in self.lanes.values() if lane.prefilled < len(lane.prompt) and not lane.scores),
                       key=lambda lane: lane.admitted)
 
     def _oldest_prefilling(self) -> Lane | None:
@@ -306,6 +323,17 @@ class BatchEngine:
         self.port.prefill(count, lane.prefilled, lane.slot)
         self.port.wait_enqueued()
         lane.prefilled += count
+        if self._chunk_ran(lane, events):
+            self._draw([(lane, self.port.buffers.logits[None], 0)])
+            self._read([lane], events)
+
+    def _score(self, lane: Lane, events: list[tuple[Hashable, Item]]) -> None:
+        """A lane's whole prompt in scoring steps (`score_prompt`: each returns once it has run, with its entries),
+        then its first token, drawn from `logits`."""
+        params = lane.out.params
+        events.extend((lane.key, item) for item in score_prompt(self.port, lane.out, lane.prompt, lane.slot,
+                                                                 params.prompt_logprobs))
+        lane.prefilled = len(lane.prompt)
         if self._chunk_ran(lane, events):
             self._draw([(lane, self.port.buffers.logits[None], 0)])
             self._read([lane], events)

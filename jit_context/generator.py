@@ -14,7 +14,8 @@ from typing import Protocol
 
 import torch
 
-from ipc.messages import FinishReason, TokenLogprob
+from ipc.errors import HybridrtError
+from ipc.messages import MAX_SCORED_ROWS, FinishReason, TokenLogprob
 from ipc.step_buffers import StepBuffers
 from jit_context.acceptance import warm_up
 from jit_context.detokenizer import IncrementalDetokenizer, StopStringMatcher
@@ -35,6 +36,10 @@ class ExecutorPort(Protocol):
     max_context: int
 
     def prefill(self, num_tokens: int, start_pos: int = 0) -> None: ...
+
+    def score_prompt(self, num_tokens: int, start_pos: int, slot: int, logprobs: int, scored: int) -> list[float]:
+        """A prefill that also scores its first `scored` rows (`ipc.messages.ScorePrompt`); returns once it has run,
+        with the values. Only requests with `SamplingParams.prompt_logprobs` call it."""
 
     def decode(self, position: int, argmax: bool = False, own_input: bool = False) -> None:
         """`argmax`: the executor takes the greedy token after the step (`ipc.messages.Decode`), into next_token
@@ -74,6 +79,15 @@ class PrefillProgress:
 
 
 @dataclass(frozen=True)
+class PromptScores:
+    """The prompt's log-probabilities of positions [start, start + len(logprobs)) (`SamplingParams.prompt_logprobs`),
+    yielded as each scoring step returns, before the first token."""
+
+    start: int
+    logprobs: list[TokenLogprob]
+
+
+@dataclass(frozen=True)
 class PrefillSent:
     """Yielded once the prompt's last prefill chunk is sent (only when `generate(..., yield_when_sent=True)`), so the
     caller can tell its client the request started without delaying the send."""
@@ -93,6 +107,8 @@ class GenerationResult:
     cached_tokens: int = 0  # leading prompt tokens whose K/V the cache held from the last request (not prefilled)
     prefill_sent_ms: float = 0.0  # when the last prefill chunk was sent to the executor, from the request start
     logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked for them
+    # one per prompt token, None first (SamplingParams.prompt_logprobs; None when not asked for)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def completion_tokens(self) -> int:
@@ -261,27 +277,34 @@ class Generator:
         self.check_prompt(prompt_ids)
         n = len(prompt_ids)
         buffers = self.port.buffers
+        scoring = params.prompt_logprobs is not None
         cached = 0
         if self.kv is not None:
-            cached = self.kv.reusable(prompt_ids)
+            cached = 0 if scoring else self.kv.reusable(prompt_ids)  # a scored prompt runs from its first token
             self.kv.forget()  # until this request ends normally
         self.write_ids(prompt_ids[cached:], cached)
-        chunk = self.prefill_chunk or n
-        for chunk_start in range(cached, n - chunk, chunk):  # every chunk but the last
-            self.port.prefill(chunk, chunk_start)
-            self.port.wait_enqueued()
-            if yield_during_prefill:
-                yield PrefillProgress(chunk_start + chunk, n)
-        last_start = cached + (n - 1 - cached) // chunk * chunk
-        self.port.prefill(n - last_start, last_start)  # its logits are the first token's
+        out = RequestOutput(self.tokenizer, self.eos_token_ids, self.port.max_context, params, prompt_ids, start,
+                            self.token_texts)
+        if scoring:
+            for item in score_prompt(self.port, out, prompt_ids, 0, params.prompt_logprobs):
+                yield item
+                if yield_during_prefill and item.start + len(item.logprobs) < n - 1:
+                    yield PrefillProgress(item.start + len(item.logprobs), n)
+        else:
+            chunk = self.prefill_chunk or n
+            for chunk_start in range(cached, n - chunk, chunk):  # every chunk but the last
+                self.port.prefill(chunk, chunk_start)
+                self.port.wait_enqueued()
+                if yield_during_prefill:
+                    yield PrefillProgress(chunk_start + chunk, n)
+            last_start = cached + (n - 1 - cached) // chunk * chunk
+            self.port.prefill(n - last_start, last_start)  # its logits are the first token's
         sent_ms = (time.perf_counter() - start) * 1e3
         if yield_when_sent:
             yield PrefillSent()
         # overlaps with the executor launching the prefill (and so does the first mask of a structured output)
         self.sampler.start_request(params, prompt_ids, end_ids=end_ids(params, self.eos_token_ids),
                                    constraint=self.constraint(params))
-        out = RequestOutput(self.tokenizer, self.eos_token_ids, self.port.max_context, params, prompt_ids, start,
-                            self.token_texts)
         out.cached_tokens = cached
         out.prefill_sent_ms = sent_ms
         # (a verify step's rows carry no logprobs, and a structured output's mask is known one token ahead only)
@@ -334,6 +357,26 @@ class Generator:
 
 
 
+def score_prompt(port: ExecutorPort, out: RequestOutput, prompt_ids: list[int], slot: int,
+                 logprobs: int) -> Iterator[PromptScores]:
+    """Prefill slot `slot`'s whole prompt (its ids in place) in scoring steps of at most MAX_SCORED_ROWS rows
+    (`ExecutorPort.score_prompt`), every row scored but the last (whose next token is the reply's first); each step's
+    entries as it returns, also kept in `out.prompt_logprobs`. The last step's logits are the first token's."""
+    n = len(prompt_ids)
+    width = 1 + 2 * logprobs
+    for chunk_start in range(0, n, MAX_SCORED_ROWS):
+        count = min(MAX_SCORED_ROWS, n - chunk_start)
+        scored = count if chunk_start + count < n else count - 1
+        values = port.score_prompt(count, chunk_start, slot, logprobs, scored)
+        if len(values) != scored * width:
+            raise HybridrtError(f"executor: a prompt's scoring step gave {len(values)} values, not {scored * width}")
+        entries = [out.token_logprob(prompt_ids[chunk_start + i + 1], values[i * width:(i + 1) * width])
+                   for i in range(scored)]
+        out.prompt_logprobs += entries
+        if entries:
+            yield PromptScores(chunk_start + 1, entries)
+
+
 class RequestOutput:
     """The host side of one request: stop checks, detokenization, stop strings, timings."""
 
@@ -357,6 +400,8 @@ class RequestOutput:
         self.tokenizer = tokenizer
         self.token_texts = {} if token_texts is None else token_texts
         self.logprobs: list[TokenLogprob] | None = None if params.logprobs is None else []
+        # the prompt's entries (`score_prompt`), None first: position 0 follows nothing
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None if params.prompt_logprobs is None else [None]
 
     def add(self, token_id: int, logprob_values: list[float] | None = None) -> Chunk:
         """`logprob_values`: the token's `Sampler.last_logprobs` as read, when the request asked for them."""
@@ -370,7 +415,7 @@ class RequestOutput:
         if self.logprobs is not None:
             if logprob_values is None:
                 raise ValueError("a request that asked for logprobs got a token without them")
-            logprobs = [self._token_logprob(token_id, logprob_values)]
+            logprobs = [self.token_logprob(token_id, logprob_values)]
             self.logprobs += logprobs
         if len(self.token_ids) >= p.max_tokens or self.prompt_len + len(self.token_ids) >= self.max_context:
             self.finish = FinishReason.LENGTH
@@ -384,8 +429,9 @@ class RequestOutput:
         self.parts.append(emit)
         return Chunk(emit, [token_id], logprobs)
 
-    def _token_logprob(self, token_id: int, values: list[float]) -> TokenLogprob:
-        """values: [log p(token), the top k log-probabilities, their ids] (`Sampler.last_logprobs`)."""
+    def token_logprob(self, token_id: int, values: list[float]) -> TokenLogprob:
+        """values: [log p(token), the top k log-probabilities, their ids] (`Sampler.last_logprobs`, or a row of a
+        prompt's scoring step)."""
         k = (len(values) - 1) // 2
         top_ids = [int(t) for t in values[1 + k:]]
         return TokenLogprob(token_id, self._text(token_id), values[0], top_ids, [self._text(t) for t in top_ids],
@@ -407,7 +453,7 @@ class RequestOutput:
             yield Chunk(tail, [])
         yield GenerationResult("".join(self.parts), self.token_ids, self.finish, self.prompt_len, self.times[0],
                                _rate(self.times), self.times, self.prefill_enqueued_ms, self.speculation,
-                               self.cached_tokens, self.prefill_sent_ms, self.logprobs)
+                               self.cached_tokens, self.prefill_sent_ms, self.logprobs, self.prompt_logprobs)
 
 
 def _rate(times_ms: list[float]) -> float:

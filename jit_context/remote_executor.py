@@ -31,6 +31,7 @@ from ipc.messages import (
     Prefill,
     PromptChunk,
     Reset,
+    ScorePrompt,
     Status,
     StatusReply,
     StepDone,
@@ -133,6 +134,20 @@ class RemoteExecutor:
         if self.doorbell is not None and not self.doorbell.listening():
             self.doorbell.wake()
 
+    def score_prompt(self, num_tokens: int, start_pos: int, slot: int, logprobs: int, scored: int) -> list[float]:
+        """A prefill that also scores its first `scored` rows (`ipc.messages.ScorePrompt`): sent over ZeroMQ only
+        (its answer's values do not fit the doorbell); waits for the step to have run and returns the values."""
+        self.wait_enqueued()
+        self._step += 1
+        if self.events:
+            self.events.jit.record()  # the prompt's ids (our copy) come before the step
+        self._send_raw(ScorePrompt(self.request_id, self._step, num_tokens, start_pos, slot, logprobs, scored))
+        self._rung, self._outstanding = None, True
+        done = self._wait_step()
+        if done is None or done.logprobs is None:
+            raise HybridrtError("executor: a prompt's scoring step was answered without its values")
+        return done.logprobs
+
     def wait_enqueued(self) -> None:
         """Wait for the executor to have *enqueued* the last step (not run it); our stream then waits on its
         event, so sampling reads the step's logits. Nothing on the host waits for the device."""
@@ -140,13 +155,14 @@ class RemoteExecutor:
 
     def wait_accepted(self) -> list[int]:
         """The result of the last step, a verify with `accept`: the executor answers once it has run."""
-        accepted = self._wait_step()
-        if accepted is None:
+        done = self._wait_step()
+        if done is None or done.accepted is None:
             raise HybridrtError("executor: a verify step with acceptance was answered without its result")
-        return accepted
+        return done.accepted
 
-    def _wait_step(self) -> list[int] | None:
-        """Wait for the outstanding step's answer (if any); its acceptance result, if it carries one."""
+    def _wait_step(self) -> StepDone | None:
+        """Wait for the outstanding step's answer (if any): its StepDone (an accepting verify's result, a scoring
+        step's values)."""
         if not self._outstanding:
             return None
         self._outstanding = False  # answered, failed or timed out: never waited for again
@@ -155,7 +171,7 @@ class RemoteExecutor:
             done = self._await(self._is_step_done, f"step {self._step}")
         if self.events and done.accepted is None:  # an accepting step has run: nothing to order after
             torch.cuda.current_stream().wait_event(self.events.executor)
-        return done.accepted
+        return done
 
     def status(self) -> dict:
         """The executor's current facts (graphs captured and pending, memory); call between requests only.

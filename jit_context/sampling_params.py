@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ipc.messages import MAX_LOGPROBS
 from jit_context.quoting import QUOTE_CHARS, quote  # noqa: F401 (QUOTE_CHARS: re-exported)
 from jit_context.structured_output import StructuredOutput
 
@@ -18,7 +19,6 @@ MIN_PENALTY, MAX_PENALTY = 1e-5, 1e5
 MAX_ADDITIVE_PENALTY = 2.0  # presence and frequency penalties: OpenAI's range, [-2, 2]
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for one token's bias, [-100, 100]
 MAX_BIASED_TOKENS = 1024
-MAX_LOGPROBS = 20  # the most likely tokens a reply's token may list with its own log-probability (OpenAI's limit)
 MAX_SEED = 2**63 - 1
 
 
@@ -61,6 +61,10 @@ class SamplingParams:
     # each generated token's log-probability and those of this many most likely tokens (ipc.messages.TokenLogprob);
     # None: none (0: the token's own only)
     logprobs: int | None = None
+    # each prompt token's log-probability given the tokens before it (the first has none) and those of this many most
+    # likely tokens there (vLLM's prompt_logprobs; the completions API's echo with logprobs). None: not computed (the
+    # prefill then runs as a plain one, and may reuse the KV cache's prefix)
+    prompt_logprobs: int | None = None
     # the reply held to a JSON schema, a regex, a grammar, ... (a token mask each draw: jit_context.grammar_mask)
     structured: StructuredOutput | None = None
     # the reply's text leaves special tokens out (vLLM's default); an end-of-sequence or stop token is never in it
@@ -82,10 +86,12 @@ class SamplingParams:
         for name in ("ignore_eos", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {quote(getattr(self, name))}")
-        if self.logprobs is not None:
-            _check_int("logprobs", self.logprobs, 0, f"in [0, {MAX_LOGPROBS}] or None")
-            if self.logprobs > MAX_LOGPROBS:
-                raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}] or None, got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_int(name, value, 0, f"in [0, {MAX_LOGPROBS}] or None")
+                if value > MAX_LOGPROBS:
+                    raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}] or None, got {value}")
         if self.structured is not None:
             if not isinstance(self.structured, StructuredOutput):
                 raise ValueError(f"structured must be a StructuredOutput or None, got {quote(self.structured)}")

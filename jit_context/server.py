@@ -36,6 +36,7 @@ from ipc.messages import (
     GenerateRequest,
     Handshake,
     LogprobsChunk,
+    PromptLogprobsChunk,
     Ready,
     Started,
     Status,
@@ -47,7 +48,14 @@ from ipc.messages import (
 from ipc.reply_spin import server_spin_ms
 from ipc.startup import StartupPhases
 from jit_context.batch import BatchEngine, RequestFailed
-from jit_context.generator import CPU_PREFILL_CHUNK, Chunk, GenerationResult, PrefillProgress, PrefillSent
+from jit_context.generator import (
+    CPU_PREFILL_CHUNK,
+    Chunk,
+    GenerationResult,
+    PrefillProgress,
+    PrefillSent,
+    PromptScores,
+)
 from jit_context.metrics import FAILED, ServingMetrics
 from jit_context.remote_executor import ExecutorDied, RemoteExecutor
 from jit_context.request_log import RequestLog
@@ -70,6 +78,8 @@ def _error_code(e: BaseException) -> str:
 
 
 IDLE_POLL_MS = 50
+# A prompt's log-probabilities per PromptLogprobsChunk: 20 top tokens of long texts each stay well inside a frame
+PROMPT_ENTRIES_PER_CHUNK = 256
 GPU_BATCH_PREFILL_CHUNK = 256  # prompt tokens per step while other requests decode (GPU; the CPU's is its own)
 # How long before a batched decode step should end the next one is sent (GPU, a slot free): the send and the
 # executor's launch take ~0.1-0.2 ms (bench/NOTES.md, issue 12); the rest of the step is watched for arrivals.
@@ -391,8 +401,14 @@ class JitServer:
         elif not self._stream(active, item):
             self._finish_abort("client went away")  # nobody to stream to: free the executor
 
-    def _stream(self, pending: Pending, item: Chunk) -> bool:
-        """Send a generated chunk to its client, stamp its send and count its tokens; False if the client is gone."""
+    def _stream(self, pending: Pending, item: Chunk | PromptScores) -> bool:
+        """Send a generated chunk to its client, stamp its send and count its tokens (or a prompt's log-probabilities,
+        in frames of at most PROMPT_ENTRIES_PER_CHUNK entries); False if the client is gone."""
+        if isinstance(item, PromptScores):
+            entries = item.logprobs
+            return all(self._reply(pending.identity, PromptLogprobsChunk(
+                pending.request_id, "", [], item.start + i, entries[i:i + PROMPT_ENTRIES_PER_CHUNK]))
+                for i in range(0, len(entries), PROMPT_ENTRIES_PER_CHUNK))
         chunk = TokenChunk(pending.request_id, item.text, item.token_ids) if item.logprobs is None else \
             LogprobsChunk(pending.request_id, item.text, item.token_ids, item.logprobs)
         if not self._reply(pending.identity, chunk):
