@@ -628,6 +628,7 @@ class PromptLogprobsChunk(TokenChunk):
     TAG: ClassVar[int] = 30
     start: int = 1
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    first_text: str | None = None  # (the chunk at start 1) the prompt's first token decoded alone: it has no entry
 
     def _validate(self) -> None:
         if self.text or self.token_ids:

@@ -85,6 +85,7 @@ class PromptScores:
 
     start: int
     logprobs: list[TokenLogprob]
+    first_text: str | None = None  # (start 1) the prompt's first token decoded alone ("" without a tokenizer)
 
 
 @dataclass(frozen=True)
@@ -286,6 +287,8 @@ class Generator:
         out = RequestOutput(self.tokenizer, self.eos_token_ids, self.port.max_context, params, prompt_ids, start,
                             self.token_texts)
         if scoring:
+            if yield_when_sent:  # (its client is told before its scoring steps, which return once they have run)
+                yield PrefillSent()
             for item in score_prompt(self.port, out, prompt_ids, 0, params.prompt_logprobs):
                 yield item
                 if yield_during_prefill and item.start + len(item.logprobs) < n - 1:
@@ -300,7 +303,7 @@ class Generator:
             last_start = cached + (n - 1 - cached) // chunk * chunk
             self.port.prefill(n - last_start, last_start)  # its logits are the first token's
         sent_ms = (time.perf_counter() - start) * 1e3
-        if yield_when_sent:
+        if yield_when_sent and not scoring:
             yield PrefillSent()
         # overlaps with the executor launching the prefill (and so does the first mask of a structured output)
         self.sampler.start_request(params, prompt_ids, end_ids=end_ids(params, self.eos_token_ids),
@@ -373,8 +376,8 @@ def score_prompt(port: ExecutorPort, out: RequestOutput, prompt_ids: list[int], 
         entries = [out.token_logprob(prompt_ids[chunk_start + i + 1], values[i * width:(i + 1) * width])
                    for i in range(scored)]
         out.prompt_logprobs += entries
-        if entries:
-            yield PromptScores(chunk_start + 1, entries)
+        if entries or not chunk_start:  # the first always (its first_text), even for a prompt of one token
+            yield PromptScores(chunk_start + 1, entries, None if chunk_start else out.token_text(prompt_ids[0]))
 
 
 class RequestOutput:
@@ -434,10 +437,10 @@ class RequestOutput:
         prompt's scoring step)."""
         k = (len(values) - 1) // 2
         top_ids = [int(t) for t in values[1 + k:]]
-        return TokenLogprob(token_id, self._text(token_id), values[0], top_ids, [self._text(t) for t in top_ids],
+        return TokenLogprob(token_id, self.token_text(token_id), values[0], top_ids, [self.token_text(t) for t in top_ids],
                             values[1:1 + k])
 
-    def _text(self, token_id: int) -> str:
+    def token_text(self, token_id: int) -> str:
         """A token decoded alone (special tokens kept), as OpenAI's logprobs name it; "" without a tokenizer."""
         if self.tokenizer is None:
             return ""

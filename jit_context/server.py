@@ -407,8 +407,9 @@ class JitServer:
         if isinstance(item, PromptScores):
             entries = item.logprobs
             return all(self._reply(pending.identity, PromptLogprobsChunk(
-                pending.request_id, "", [], item.start + i, entries[i:i + PROMPT_ENTRIES_PER_CHUNK]))
-                for i in range(0, len(entries), PROMPT_ENTRIES_PER_CHUNK))
+                pending.request_id, "", [], item.start + i, entries[i:i + PROMPT_ENTRIES_PER_CHUNK],
+                item.first_text if i == 0 else None))
+                for i in range(0, max(len(entries), 1), PROMPT_ENTRIES_PER_CHUNK))
         chunk = TokenChunk(pending.request_id, item.text, item.token_ids) if item.logprobs is None else \
             LogprobsChunk(pending.request_id, item.text, item.token_ids, item.logprobs)
         if not self._reply(pending.identity, chunk):

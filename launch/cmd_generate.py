@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 
+from ipc.messages import PromptLogprobsChunk
 from launch.options import (
     add_api_key_flag,
     add_model_flags,
@@ -41,6 +42,7 @@ class Outcome:
     weight_format: str = ""
     speculation: dict | None = None  # what speculation did (acceptance rate, ...), None when off
     logprobs: list | None = None  # TokenLogprob per token of the reply's text, with --logprobs
+    prompt_logprobs: list | None = None  # None, then TokenLogprob per later prompt token, with --prompt-logprobs
 
 
 def register(sub) -> None:
@@ -51,10 +53,15 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true",
                    help="print one JSON object at the end (text, token_ids, finish_reason, prompt_tokens, "
                         "ttft_ms, tokens_per_s, weight_format, speculation: its acceptance rate and counts; "
-                        "logprobs with --logprobs) instead of streaming text")
+                        "logprobs with --logprobs, prompt_logprobs with --prompt-logprobs) instead of streaming "
+                        "text")
     p.add_argument("--logprobs", type=int, default=None, metavar="N",
                    help="with --json: each generated token's log-probability and its N most likely alternatives "
                         "(0-20), under the model's raw distribution (as the API's logprobs)")
+    p.add_argument("--prompt-logprobs", type=int, default=None, metavar="N",
+                   help="with --json: each prompt token's log-probability given the tokens before it (the first "
+                        "has none: null) and its N most likely alternatives there (0-20), under the model's raw "
+                        "distribution (vLLM's prompt_logprobs); the prompt then runs whole, without prefix reuse")
     p.add_argument("--no-chat-template", action="store_true", help="send the prompt as raw text")
     p.add_argument("--system", default=None, help="system message (chat models)")
     p.add_argument("--connect", metavar="ADDR", default=None, type=server_address,
@@ -77,6 +84,10 @@ def run(args: argparse.Namespace) -> int:
         if not args.json:
             raise ValueError("--logprobs prints them in the --json object: give --json too")
         params = replace(params, logprobs=args.logprobs)
+    if args.prompt_logprobs is not None:
+        if not args.json:
+            raise ValueError("--prompt-logprobs prints them in the --json object: give --json too")
+        params = replace(params, prompt_logprobs=args.prompt_logprobs)
     args.ranks = tensor_parallel(args)
     if args.ranks > 1 and (args.in_process or args.connect):
         raise ValueError("--tensor-parallel starts its own server's ranks: not with --in-process or --connect")
@@ -97,7 +108,9 @@ def run(args: argparse.Namespace) -> int:
                           "ttft_ms": round(outcome.ttft_ms, 3), "tokens_per_s": round(outcome.tokens_per_s, 2),
                           "weight_format": outcome.weight_format, "speculation": outcome.speculation,
                           **({"logprobs": [dataclasses.asdict(e) for e in outcome.logprobs]}
-                             if outcome.logprobs is not None else {})}))
+                             if outcome.logprobs is not None else {}),
+                          **({"prompt_logprobs": [e and dataclasses.asdict(e) for e in outcome.prompt_logprobs]}
+                             if outcome.prompt_logprobs is not None else {})}))
     else:
         sys.stdout.write("\n")
     return 0
@@ -125,10 +138,10 @@ def run_in_process(args, prompt, messages, params, stream, template: str | None)
     for item in engine.generator.generate(engine.prompt_ids(inp), params, start_time=start):
         if hasattr(item, "finish_reason"):
             r = item
-        else:
+        elif hasattr(item, "text"):  # (not the prompt's scores: they are in the result)
             stream(item.text)
     return Outcome(r.text, r.token_ids, r.finish_reason, r.prompt_tokens, r.ttft_ms, r.tokens_per_s,
-                   loaded.weight_format, r.speculation, r.logprobs)
+                   loaded.weight_format, r.speculation, r.logprobs, r.prompt_logprobs)
 
 
 def run_through_server(args, prompt, messages, params, stream, template: str | None) -> Outcome:
@@ -164,14 +177,18 @@ def stream_request(client, prompt, messages, params, stream) -> Outcome:
     start = time.perf_counter()
     first = None
     logprobs = [] if params.logprobs is not None else None
+    prompt_logprobs = [None] if params.prompt_logprobs is not None else None
     for msg in client.generate(prompt, messages=messages, params=params):
+        if isinstance(msg, PromptLogprobsChunk):
+            prompt_logprobs += msg.prompt_logprobs
+            continue
         if first is None:
             first = time.perf_counter()
         if hasattr(msg, "finish_reason"):
             usage, timings = msg.usage, msg.timings
             return Outcome(msg.text, msg.token_ids, msg.finish_reason, usage.get("prompt_tokens", 0),
                            (first - start) * 1e3, timings.get("tokens_per_s", 0.0),
-                           speculation=timings.get("speculation"), logprobs=logprobs)
+                           speculation=timings.get("speculation"), logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         if logprobs is not None:
             logprobs += getattr(msg, "logprobs", [])  # a LogprobsChunk's
         stream(msg.text)

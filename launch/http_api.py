@@ -29,6 +29,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
 from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -36,7 +37,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ipc.messages import DetokenizeRequest, Finished, Started, TokenChunk
+from ipc.messages import DetokenizeRequest, Finished, FinishReason, PromptLogprobsChunk, Started, TokenChunk
 from launch.async_client import AsyncClient
 from launch.client import ServerError
 from launch.http_extras import add_extra_routes
@@ -45,6 +46,7 @@ from launch.openai_protocol import (
     ChatCompletionRequest,
     ChunkMaker,
     CompletionRequest,
+    EchoedPrompt,
     Outcome,
     Unsupported,
     chat_body,
@@ -292,6 +294,7 @@ async def _respond(client: AsyncClient, body: CompletionRequest | ChatCompletion
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     if body.choices > 1:
         return await _respond_n(client, body, prompt, params, chat, request, request_id, warm_up, echo, tools)
+    shape = _Shape.of(body)
     if body.stream:
         # Answer once the JIT context has accepted the request (Started, before its prefill): what it refuses is
         # still a 400, and the headers' write and the client's parse of them overlap the prefill instead of
@@ -299,13 +302,39 @@ async def _respond(client: AsyncClient, body: CompletionRequest | ChatCompletion
         events = client.generate(**prompt, params=params, request_id=request_id, warm_up=warm_up, started=True)
         await _next_or_error(events)
         chunks = ChunkMaker(request_id, body.model, chat, body.include_usage)
-        sse = _sse(events, chunks, echo, PlainReply() if tools is None else ToolReply(tools))
+        sse = _sse(events, chunks, echo, PlainReply() if tools is None else ToolReply(tools), shape)
         return _ClosingStreamingResponse(sse, events)
     events = client.generate(**prompt, params=params, request_id=request_id, warm_up=warm_up)
     logprobs = [] if params.get("logprobs") is not None else None
-    item = await _unless_disconnected(request, _until_finished(events, logprobs))
+    scored = EchoedPrompt() if shape.scores_prompt else None
+    item = await _unless_disconnected(request, _until_finished(events, logprobs, scored))
     make = chat_body if chat else completion_body
-    return make(request_id, body.model, [_outcome(item, logprobs, echo, tools)], item.usage)
+    return make(request_id, body.model, [_outcome(item, logprobs, echo, tools, scored, shape)], shape.usage(item.usage))
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """What a completion's answer holds besides its text: the echoed prompt's log-probabilities (echo with logprobs),
+    and nothing generated (echo with max_tokens 0: the one token generated is dropped)."""
+
+    scores_prompt: bool = False
+    prompt_only: bool = False
+
+    @staticmethod
+    def of(body: CompletionRequest | ChatCompletionRequest) -> _Shape:
+        if not isinstance(body, CompletionRequest) or not body.echo:
+            return _PLAIN
+        return _Shape(body.scores_prompt, body.prompt_only)
+
+    def usage(self, usage: dict) -> dict:
+        """The usage of the answer: no completion tokens where nothing generated is in it."""
+        if not self.prompt_only or not usage:
+            return usage
+        prompt_tokens = usage.get("prompt_tokens", 0)
+        return {**usage, "completion_tokens": 0, "total_tokens": prompt_tokens}
+
+
+_PLAIN = _Shape()
 
 
 async def _respond_n(client: AsyncClient, body: CompletionRequest | ChatCompletionRequest, prompt: dict[str, Any],
@@ -332,9 +361,12 @@ async def _respond_n(client: AsyncClient, body: CompletionRequest | ChatCompleti
                                                 n, echo, tools), _AllStreams(streams))
     asked = params.get("logprobs") is not None
     logprobs = [[] if asked else None for _ in range(n)]
+    shape = _Shape.of(body)
+    scored = [EchoedPrompt() if shape.scores_prompt else None for _ in range(n)]
 
     async def all_finished() -> list[Finished]:
-        tasks = [asyncio.ensure_future(_until_finished(events, lp)) for events, lp in zip(streams, logprobs)]
+        tasks = [asyncio.ensure_future(_until_finished(events, lp, sp))
+                 for events, lp, sp in zip(streams, logprobs, scored)]
         try:
             return list(await asyncio.gather(*tasks))
         except BaseException:  # one failed, or the client left: the others are cancelled (their requests too)
@@ -345,14 +377,18 @@ async def _respond_n(client: AsyncClient, body: CompletionRequest | ChatCompleti
 
     finished = await _unless_disconnected(request, all_finished())
     make = chat_body if chat else completion_body
-    outcomes = [_outcome(f, lp, echo, tools) for f, lp in zip(finished, logprobs)]
-    return make(request_id, body.model, outcomes, merged_usage([f.usage for f in finished]))
+    outcomes = [_outcome(f, lp, echo, tools, sp, shape) for f, lp, sp in zip(finished, logprobs, scored)]
+    return make(request_id, body.model, outcomes, merged_usage([shape.usage(f.usage) for f in finished]))
 
 
-def _outcome(item: Finished, logprobs: list | None, echo: str | None, tools: ToolPlan | None) -> Outcome:
-    """A non-streamed choice: its text (after the echoed prompt), or with tools its content and calls."""
+def _outcome(item: Finished, logprobs: list | None, echo: str | None, tools: ToolPlan | None,
+             prompt: EchoedPrompt | None = None, shape: _Shape = _PLAIN) -> Outcome:
+    """A non-streamed choice: its text (after the echoed prompt, with its log-probabilities: `prompt`), or with tools
+    its content and calls. `shape.prompt_only`: the echoed prompt alone (the token generated is dropped)."""
+    if shape.prompt_only:
+        return Outcome(echo or "", FinishReason.LENGTH, None, prompt=prompt)
     if tools is None:
-        return Outcome((echo or "") + item.text, item.finish_reason, logprobs)
+        return Outcome((echo or "") + item.text, item.finish_reason, logprobs, prompt=prompt)
     content, calls = tools.parse(item.text)
     return Outcome(content or "", item.finish_reason, logprobs, calls or None, bool(calls) and tools.tool_reason)
 
@@ -442,13 +478,16 @@ async def _sse_n(merged: AsyncGenerator[tuple[int, TokenChunk | Finished], None]
     yield tail + "data: [DONE]\n\n"
 
 
-async def _until_finished(events: Events, logprobs: list | None = None) -> Finished:
-    """The request's Finished; `logprobs`: a list that collects its chunks' logprobs entries."""
+async def _until_finished(events: Events, logprobs: list | None = None, prompt: EchoedPrompt | None = None) -> Finished:
+    """The request's Finished; `logprobs`: a list that collects its chunks' logprobs entries; `prompt`: what collects
+    its prompt's (PromptLogprobsChunk)."""
     async with aclosing(events):  # closing sends CancelRequest if we stop early
         item = await _next_or_error(events)
         while not isinstance(item, Finished):
             if logprobs is not None and getattr(item, "logprobs", None):
                 logprobs += item.logprobs
+            elif prompt is not None and isinstance(item, PromptLogprobsChunk):
+                prompt.add(item)
             item = await _next_or_error(events)
     return item
 
@@ -494,22 +533,33 @@ async def _next_or_error(events: Events) -> Started | TokenChunk | Finished:
 
 
 async def _sse(events: Events, chunks: ChunkMaker, echo: str | None,
-               reply: ToolReply | PlainReply) -> AsyncGenerator[str, None]:
+               reply: ToolReply | PlainReply, shape: _Shape = _PLAIN) -> AsyncGenerator[str, None]:
     """Server-sent events in OpenAI's order: role (or the echoed prompt: `echo`), content deltas, finish reason,
     usage (if asked), [DONE]. The role leaves with the headers, during the prefill; events that are ready together
     then leave in one write (the finish reason, usage and [DONE]): each write is a send system call and a TCP segment
     on the client's way. `reply` reads the text: a PlainReply sends it as content; a ToolReply (a chat that may call
     tools) sends content deltas as they may go out, tool-call deltas as the calls are known, and the finish reason
-    "tool_calls" where the model made the calls it chose."""
+    "tool_calls" where the model made the calls it chose. `shape`: the echoed prompt comes once its log-probabilities
+    have (they come before any token); with nothing generated asked (prompt_only), the token generated is dropped."""
     async with aclosing(events):
         if (opening := chunks.first()) is not None:
             yield _event(opening)
-        if echo:
+        if echo and not shape.scores_prompt:
             yield _event(chunks.text(echo))
         held = ""
         waiting = None  # the logprobs of tokens whose text is held back: they ride the next chunk that goes out
         try:
             item = await anext(events)
+            if shape.scores_prompt:
+                prompt = EchoedPrompt()
+                while isinstance(item, PromptLogprobsChunk):
+                    prompt.add(item)
+                    item = await anext(events)
+                yield _event(chunks.echo(echo or "", prompt))
+            while shape.prompt_only and not isinstance(item, Finished):
+                item = await anext(events)
+            if shape.prompt_only:
+                item = Finished(item.request_id, "", [], FinishReason.LENGTH, shape.usage(item.usage), item.timings)
             while not isinstance(item, Finished):
                 if getattr(item, "logprobs", None):  # a LogprobsChunk
                     waiting = (waiting or []) + item.logprobs

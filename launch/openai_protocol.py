@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ipc.messages import ChatOptions, FinishReason, TokenLogprob
+from ipc.messages import ChatOptions, FinishReason, PromptLogprobsChunk, TokenLogprob
 from jit_context.quoting import quote
 from jit_context.sampling_params import MAX_LOGPROBS
 from launch.tool_calls import ToolCall, named_schema, required_schema
@@ -175,7 +175,7 @@ def _response_format(value: dict[str, Any]) -> dict[str, Any] | None:
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[TokenId] | list[str]
+    prompt: str | list[TokenId] | list[str] | list[list[TokenId]]
     max_tokens: int | None = 16  # OpenAI's default for completions
     echo: bool = False
     logprobs: int | None = None
@@ -184,12 +184,15 @@ class CompletionRequest(_SamplingRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
-        texts = isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str)
-        if texts and len(self.prompt) != 1:
-            raise Unsupported("prompt", "a list of prompts must hold exactly one string (batch-1 server)")
-        if self.echo and self.logprobs is not None:
-            raise Unsupported("echo", "echo with logprobs needs the prompt's log-probabilities, which hybridrt does "
-                                      "not compute; echo alone is supported")
+        several = isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], (str, list))
+        if several and len(self.prompt) != 1:
+            raise Unsupported("prompt", "a list of prompts must hold exactly one prompt (a string or a list of token "
+                                        "ids): send one request per prompt")
+        if self.max_tokens == 0 and not self.echo:
+            raise Unsupported("max_tokens", "max_tokens 0 is for echo (the prompt's text and, with logprobs, its "
+                                            "log-probabilities, nothing generated); give max_tokens >= 1")
+        if (self.scores_prompt or self.prompt_only) and self.stream and self.choices > 1:
+            raise Unsupported("n", "a streamed echo with logprobs or max_tokens 0 takes one choice (n = 1)")
         if self.best_of not in (None, 1):
             raise Unsupported("best_of", "only best_of=1 is supported")
         if self.suffix is not None:
@@ -198,12 +201,31 @@ class CompletionRequest(_SamplingRequest):
     def logprobs_count(self) -> int | None:
         return self.logprobs  # the legacy form: the number of top tokens (the chosen one is listed besides)
 
+    @property
+    def scores_prompt(self) -> bool:
+        """echo with logprobs: the prompt's tokens are listed with their log-probabilities before the completion's
+        (OpenAI's legacy completions; what lm-evaluation-harness's loglikelihood asks, with max_tokens 0 or 1)."""
+        return self.echo and self.logprobs is not None
+
+    @property
+    def prompt_only(self) -> bool:
+        """max_tokens 0 with echo (vLLM's form): the prompt alone is the answer; one token is generated and dropped."""
+        return self.echo and self.max_tokens == 0
+
+    def sampling_params(self, max_tokens: int) -> dict[str, Any]:
+        params = super().sampling_params(1 if self.prompt_only else max_tokens)
+        if self.scores_prompt:
+            params["prompt_logprobs"] = self.logprobs
+        return params
+
     def prompt_kwargs(self) -> dict[str, Any]:
         """AsyncClient.generate's prompt argument: raw text or token ids."""
         if isinstance(self.prompt, str):
             return {"prompt": self.prompt}
         if self.prompt and isinstance(self.prompt[0], str):
             return {"prompt": self.prompt[0]}
+        if self.prompt and isinstance(self.prompt[0], list):
+            return {"token_ids": list(self.prompt[0])}
         return {"token_ids": list(self.prompt)}
 
 
@@ -452,9 +474,49 @@ def completion_logprobs(entries: list[TokenLogprob] | None, offset: int = 0) -> 
         offsets.append(offset)
         offset += len(e.text)
     return {"tokens": [e.text for e in entries], "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{**dict(zip(e.top_texts, e.top_logprobs, strict=True)), e.text: e.logprob}
-                             for e in entries],
-            "text_offset": offsets}
+            "top_logprobs": [_top_map(e) for e in entries], "text_offset": offsets}
+
+
+def _top_map(e: TokenLogprob) -> dict[str, float]:
+    """A legacy top_logprobs entry: the top tokens' texts to their log-probabilities, the chosen token's too."""
+    return {**dict(zip(e.top_texts, e.top_logprobs, strict=True)), e.text: e.logprob}
+
+
+@dataclass
+class EchoedPrompt:
+    """A completion's echoed prompt's log-probabilities as they come (PromptLogprobsChunk): the first token's text (it
+    has no log-probability) and each later token's entry."""
+
+    first_text: str = ""
+    entries: list[TokenLogprob] = field(default_factory=list)
+
+    def add(self, chunk: PromptLogprobsChunk) -> None:
+        if chunk.first_text is not None:
+            self.first_text = chunk.first_text
+        self.entries += chunk.prompt_logprobs
+
+    def legacy(self) -> dict:
+        """The prompt's part of a legacy `logprobs`: its first token listed with null log-probabilities, as OpenAI
+        and vLLM list it."""
+        texts = [self.first_text] + [e.text for e in self.entries]
+        offsets = [sum(len(t) for t in texts[:i]) for i in range(len(texts))]
+        return {"tokens": texts, "token_logprobs": [None] + [e.logprob for e in self.entries],
+                "top_logprobs": [None] + [_top_map(e) for e in self.entries], "text_offset": offsets}
+
+    @property
+    def length(self) -> int:
+        """The characters its tokens' texts take (where the completion's offsets start)."""
+        return len(self.first_text) + sum(len(e.text) for e in self.entries)
+
+
+def echoed_logprobs(prompt: EchoedPrompt, generated: list[TokenLogprob] | None) -> dict:
+    """A completion choice's legacy `logprobs` with its echoed prompt's first, then its own tokens'."""
+    body = prompt.legacy()
+    if generated:
+        rest = completion_logprobs(generated, prompt.length)
+        for key in body:
+            body[key] += rest[key]
+    return body
 
 
 @dataclass(frozen=True)
@@ -466,6 +528,7 @@ class Outcome:
     logprobs: list[TokenLogprob] | None = None
     tool_calls: list[ToolCall] | None = None  # a chat reply's calls (its text is then the content before them)
     tool_reason: bool = False  # finish_reason "tool_calls" (calls the model chose to make, not a named function)
+    prompt: EchoedPrompt | None = None  # a completion's echoed prompt's log-probabilities (echo with logprobs)
 
 
 def merged_usage(usages: list[dict]) -> dict:
@@ -476,8 +539,10 @@ def merged_usage(usages: list[dict]) -> dict:
 
 
 def completion_body(request_id: str, model: str, outcomes: list[Outcome], usage: dict) -> dict:
-    choices = [{"index": i, "text": o.text, "logprobs": completion_logprobs(o.logprobs),
-                "finish_reason": finish_reason(o.reason)} for i, o in enumerate(outcomes)]
+    choices = [{"index": i, "text": o.text, "finish_reason": finish_reason(o.reason),
+                "logprobs": completion_logprobs(o.logprobs) if o.prompt is None else echoed_logprobs(o.prompt,
+                                                                                                      o.logprobs)}
+               for i, o in enumerate(outcomes)]
     return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
             "choices": choices, "usage": usage}
 
@@ -531,6 +596,11 @@ class ChunkMaker:
     def first(self, index: int = 0) -> dict | None:
         """Chat streams open with the assistant role (one chunk per choice); completions have no opening chunk."""
         return self._chunk([self._choice(None, None, role=True, index=index)]) if self.chat else None
+
+    def echo(self, text: str, prompt: EchoedPrompt) -> dict:
+        """A completion's echoed prompt with its tokens' log-probabilities (echo with logprobs, one choice)."""
+        self.offsets[0] = prompt.length
+        return self._chunk([{"index": 0, "text": text, "logprobs": prompt.legacy(), "finish_reason": None}])
 
     def text(self, text: str, logprobs: list[TokenLogprob] | None = None, index: int = 0) -> dict:
         """A content chunk; `logprobs`: those of its tokens (and of tokens before it whose text was held back)."""

@@ -48,25 +48,33 @@ def test_generate_ephemeral_pair_streams_the_in_process_text(default_model_dir, 
 
 
 def test_logit_bias_and_logprobs_flags_reach_the_sampler(default_model_dir, capsys) -> None:
-    """--logit-bias forces a token; --logprobs N puts each token's entry in the --json object, the same in process
-    and through the ephemeral pair of processes."""
+    """--logit-bias forces a token; --logprobs N puts each token's entry in the --json object, --prompt-logprobs N
+    each prompt token's, the same in process and through the ephemeral pair of processes."""
     from launch.cli import main
 
     flags = ["generate", "--in-process", "--json", "--quiet", "--device", "cpu", "--max-tokens", "3", "hi"]
     assert main([*flags[:-1], "--logit-bias", "30=100", "--logit-bias", "31=-2", "hi"]) == 0
     assert json.loads(capsys.readouterr().out)["token_ids"] == [30] * 3
-    assert main([*flags[:-1], "--logprobs", "2", "--ignore-eos", "hi"]) == 0
+    assert main([*flags[:-1], "--logprobs", "2", "--prompt-logprobs", "1", "--ignore-eos", "hi"]) == 0
     alone = json.loads(capsys.readouterr().out)
     entries = alone["logprobs"]
     assert [e["token"] for e in entries] == alone["token_ids"] and all(len(e["top_ids"]) == 2 for e in entries)
     assert "".join(e["text"] for e in entries) == alone["text"] and all(e["logprob"] <= 0 for e in entries)
+    prompt = alone["prompt_logprobs"]  # (the chat template's tokens: None for the first, one entry per later one)
+    assert prompt[0] is None and len(prompt) == alone["prompt_tokens"]
+    assert all(len(e["top_ids"]) == 1 for e in prompt[1:])
     pair = run_cli("generate", "--json", "--quiet", "--device", "cpu", "--max-tokens", "3", "--logprobs", "2",
-                   "--ignore-eos", "hi")
-    served = json.loads(pair.stdout)["logprobs"]
-    assert [e["top_ids"] for e in served] == [e["top_ids"] for e in entries]
-    assert all(abs(a["logprob"] - b["logprob"]) < 1e-4 for a, b in zip(served, entries, strict=True))
+                   "--prompt-logprobs", "1", "--ignore-eos", "hi")
+    served = json.loads(pair.stdout)
+    assert [e["top_ids"] for e in served["logprobs"]] == [e["top_ids"] for e in entries]
+    assert all(abs(a["logprob"] - b["logprob"]) < 1e-4 for a, b in zip(served["logprobs"], entries, strict=True))
+    assert served["prompt_logprobs"][0] is None and [e["token"] for e in served["prompt_logprobs"][1:]] \
+        == [e["token"] for e in prompt[1:]]
+    assert all(abs(a["logprob"] - b["logprob"]) < 1e-4 for a, b in zip(served["prompt_logprobs"][1:], prompt[1:]))
     assert main([*flags[:2], "--logprobs", "2", *flags[3:]]) == 1  # without --json
     assert "--logprobs prints them in the --json object" in capsys.readouterr().err
+    assert main([*flags[:2], "--prompt-logprobs", "2", *flags[3:]]) == 1
+    assert "--prompt-logprobs prints them in the --json object" in capsys.readouterr().err
 
 
 def test_structured_output_flags_hold_the_reply_and_bad_ones_fail_before_the_load(default_model_dir, tmp_path,

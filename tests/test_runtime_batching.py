@@ -88,6 +88,35 @@ def test_concurrent_requests_each_get_their_tokens_alone(batch_server, cpu_engin
     assert "hybridrt:num_requests_running" in text and 'hybridrt:request_success_total' in text
 
 
+def test_a_scored_prompt_beside_running_requests_gets_the_in_process_entries(batch_server, cpu_engine):
+    """Two processes, 4 slots: a prompt's log-probabilities (`prompt_logprobs`) asked while three other requests
+    decode: they come in PromptLogprobsChunk frames before its first token (the first with the first token's text),
+    and its entries and tokens are the in-process run's."""
+    from ipc.messages import PromptLogprobsChunk
+
+    scored = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, prompt_logprobs=2)
+    prompt = "The capital of Italy is Rome. The capital of Spain is"
+    others: dict[int, Finished] = {}
+    background = threading.Thread(target=lambda: others.update(_concurrently(batch_server.address, PROMPTS[:3],
+                                                                              _params)[0]))
+    background.start()
+    time.sleep(0.3)  # (they are running by then: a CPU step of SmolLM2 is tens of ms)
+    with Client(batch_server.address) as client:
+        items = list(client.generate(prompt, params=scored))
+    background.join()
+    ids = cpu_engine.tokenizer.encode(prompt)
+    *_, alone = cpu_engine.generator.generate(ids, scored)
+    chunks = [m for m in items if isinstance(m, PromptLogprobsChunk)]
+    assert chunks and chunks[0].start == 1 and chunks[0].first_text == cpu_engine.tokenizer.decode(ids[:1])
+    first_token = next(i for i, m in enumerate(items) if m.token_ids)
+    assert all(items.index(c) < first_token for c in chunks)
+    got = [e for c in chunks for e in c.prompt_logprobs]
+    want = alone.prompt_logprobs[1:]
+    assert [e.token for e in got] == ids[1:] and [e.top_ids for e in got] == [e.top_ids for e in want]
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(got, want, strict=True)) < 1e-4
+    assert items[-1].token_ids == alone.token_ids and len(others) == 3
+
+
 def test_a_follow_up_turn_reuses_its_slot(batch_server):
     turn = [{"role": "user", "content": "Name two planets."}]
     params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)

@@ -106,6 +106,7 @@ def two_rank_runs(tmp_path_factory) -> dict[str, list[tuple[tuple, list[dict]]]]
         "fused_decode": (_fused_rank, [("qwen2-bias",), ("gqa-replicated-kv",)]),
         "fused_decode_peer": (_fused_rank, [("llama3-gqa", True)]),
         "reference": (_rank, [(name,) for name in CONFIGS]),
+        "score": (_score_rank, [("llama3-gqa",)]),
     }
     flat = [(key, fn, case) for key, (fn, cases) in plan.items() for case in cases]
     results = str(tmp_path_factory.mktemp("two-ranks") / "result")
@@ -145,6 +146,47 @@ def _rank(rank: int, size: int, port: int, results: str, name: str) -> None:
         diff = max(float((g - w).abs().max()) for g, w in zip(got, want))
         scale = max(float(w.abs().max()) for w in want)
         torch.save({"diff": diff, "scale": scale, "steps": len(got)}, f"{results}.{rank}")
+
+
+def _score_rank(rank: int, size: int, port: int, results: str, name: str) -> None:
+    """A prompt's scoring step (ScorePrompt) relayed by rank 0's LeaderRunner to a following rank: rank 0's values
+    against the whole model's ModelRunner step, then a decode from the cache it wrote (every rank ran the forwards)."""
+    from graph_executor.runner import ModelRunner
+    from graph_executor.tensor_parallel import shard_model
+    from graph_executor.tp_relay import LeaderRunner, follow
+
+    with _gloo_rank(rank, size, port):
+        n = len(PROMPT)
+        whole = ModelRunner(_whole(CONFIGS[name]))
+        whole.buffers.input_ids[:n] = torch.tensor(PROMPT)
+        want = whole.score_prompt(n, 0, 0, 3, n - 1)
+        whole.buffers.token.fill_(11)
+        whole.decode(n)
+        part = shard_model(_whole(CONFIGS[name]), TensorParallel(rank, size))
+        if rank:
+            follow(part, TensorParallel(rank, size), graphs=False)
+            torch.save({"followed": True}, f"{results}.{rank}")
+            return
+        leader = LeaderRunner(ModelRunner(part), TensorParallel(rank, size))
+        leader.buffers.input_ids[:n] = torch.tensor(PROMPT)
+        got = leader.score_prompt(n, 0, 0, 3, n - 1)
+        leader.buffers.token.fill_(11)
+        leader.decode(n)
+        leader.stop()
+        torch.save({"values": (got, want), "decode": float((leader.buffers.logits - whole.buffers.logits).abs().max())},
+                   f"{results}.{rank}")
+
+
+def test_two_ranks_score_a_prompt_as_the_whole_model(two_rank_runs):
+    """ScorePrompt on two ranks (GQA, tied embeddings): rank 0's scores (each row's next-id log-probability, top 3
+    log-probabilities and ids) are the whole model's, and a decode after it sees the same cache."""
+    [(_, (leader, follower))] = two_rank_runs["score"]
+    got, want = leader["values"]
+    assert len(got) == len(want) == (len(PROMPT) - 1) * 7 and follower == {"followed": True}
+    for i in range(len(PROMPT) - 1):
+        g, w = got[i * 7:(i + 1) * 7], want[i * 7:(i + 1) * 7]
+        assert max(abs(a - b) for a, b in zip(g[:4], w[:4], strict=True)) < 1e-5 and g[4:] == w[4:], i
+    assert leader["decode"] < 1e-4
 
 
 FUSED_STEPS = 3
