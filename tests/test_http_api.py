@@ -188,7 +188,9 @@ BAD_REQUESTS = [  # (endpoint, change to a good body, status, error param)
     ("chat/completions", {"n": 0}, 400, "n"),
     ("chat/completions", {"n": 2, "temperature": -1}, 400, None),  # each of the n refused by the JIT context
     ("chat/completions", {"n": 2, "temperature": -1, "stream": True}, 400, None),
-    ("completions", {"echo": True, "logprobs": 1}, 400, "echo"),
+    ("completions", {"max_tokens": 0}, 400, "max_tokens"),  # 0 is for echo
+    ("completions", {"echo": True, "logprobs": 1, "stream": True, "n": 2}, 400, "n"),
+    ("completions", {"prompt": [[1, 2], [3]]}, 400, "prompt"),
     ("completions", {"presence_penalty": 2.5}, 400, None),  # the JIT context's range check
     ("completions", {"logit_bias": {"99999999": 5}}, 400, None),  # past the vocabulary
     ("chat/completions", {"logit_bias": {"the": 5}}, 400, None),  # not a token id

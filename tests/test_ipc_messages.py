@@ -55,6 +55,8 @@ SAMPLES = [
                   chunk_slots=[3, 1]),
     m.Verify(request_id="r1", step=3, position=21, num_tokens=5),
     m.StepDone(request_id="r1", step=2),
+    m.ScorePrompt(request_id="r1", step=4, num_tokens=40, start_pos=0, slot=1, logprobs=2, scored=39),
+    m.StepDone(request_id="r1", step=4, logprobs=[-1.5, -0.25, -1.5, 7.0, 12.0]),
     m.Reset(request_id="r1"),
     m.GenerateRequest(request_id="c1", prompt="Hello", params={"temperature": 0.7, "max_tokens": 64}),
     m.GenerateRequest(request_id="c2", messages=[{"role": "user", "content": "Hi"}]),
@@ -64,6 +66,8 @@ SAMPLES = [
     m.TokenChunk(request_id="c1", text=" Paris", token_ids=[7042]),
     m.LogprobsChunk(request_id="c1", text=" Paris", token_ids=[7042],
                     logprobs=[m.TokenLogprob(7042, " Paris", -0.25, [7042, 12], [" Paris", " the"], [-0.25, -2.0])]),
+    m.PromptLogprobsChunk(request_id="c1", text="", token_ids=[], start=1, first_text="The",
+                          prompt_logprobs=[m.TokenLogprob(3681, " capital", -4.5, [1070], [" first"], [-1.25])]),
     m.Finished(
         request_id="c1",
         text="Paris.",

@@ -228,3 +228,38 @@ def test_completions_echo_with_logprobs_lists_the_prompt_s_tokens_as_transformer
     assert tail == generated["logprobs"]["tokens"][n:] and rest[-1]["finish_reason"] == "length"
     assert bare["choices"][0]["text"] == text and bare["choices"][0]["logprobs"] is None
     assert refused.status_code == 400 and "max_tokens 0 is for echo" in refused.json()["error"]["message"]
+
+
+@pytest.mark.cuda
+def test_on_a_gpu_a_scored_prompt_runs_eagerly_and_the_graphs_decode_after_it() -> None:
+    """GraphRunner with its graphs captured (SmolLM2's shape, random weights, float32): the scoring step (the
+    reference forward, eagerly) against a float64 log-softmax of every row, and the decode graphs after it give the
+    tokens and logits they give after the prefill graph."""
+    from graph_executor.graphs import GraphRunner
+    from graph_executor.loading.loader import LoadConfig, load_model
+    from tests.test_gpu_path import relative_error, run_steps
+
+    cfg = LoadConfig(model="dummy:smollm2-135m", device="cuda", dtype="float32", max_context=1024, progress=False)
+    model = load_model(cfg).model
+    prompt = torch.randint(100, 40000, (300,), generator=torch.Generator().manual_seed(4)).tolist()
+    n, k = len(prompt), 3
+    want = reference_rows(model, prompt, k)
+    graphs = GraphRunner(model)
+    graphs.capture_all()
+    plain_logits, plain_tokens = run_steps(graphs, prompt, 12)
+    b = graphs.buffers
+    b.input_ids[:n] = torch.tensor(prompt, device="cuda")
+    values = graphs.score_prompt(n, 0, 0, k, n - 1)
+    width = 1 + 2 * k
+    for i, (logprob, ids, tops) in enumerate(want):
+        row = values[i * width:(i + 1) * width]
+        assert abs(row[0] - logprob) < 1e-3 and [int(v) for v in row[1 + k:]] == ids, i
+        assert max(abs(a - c) for a, c in zip(row[1:1 + k], tops, strict=True)) < 1e-3, i
+    logits, tokens = [b.logits.clone()], []
+    for i in range(12):
+        b.next_token.copy_(torch.argmax(b.logits).view(1))
+        tokens.append(int(b.next_token))
+        graphs.decode(n + i)
+        logits.append(b.logits.clone())
+    assert tokens == plain_tokens
+    assert max(relative_error(g, e) for g, e in zip(logits, plain_logits)) < 1e-3

@@ -769,6 +769,10 @@ PY
           timeout 220 python3 -m bench.probes.e2e_probe --model dummy:llama-2-7b --prompts 10,100,500 --repeats 15 \
             --idle-spin-ms 0,20 > "$OUT/wayin_e2e_7b.md" 2>&1
           echo "e2e 7B shape: rc=$?"; tail -6 "$OUT/wayin_e2e_7b.md" | cut -d'|' -f2,3,5-9 ;;
+    promptlp) # prompt log-probabilities (47th session, built on the CPU machine): the scoring step on GraphRunner
+              # and the decode graphs after it, the cuda tests of test_prompt_logprobs (~1 min)
+          timeout 120 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_prompt_logprobs.py \
+            > "$OUT/promptlp.log" 2>&1; echo "prompt logprobs cuda tests: rc=$? $(tail -1 "$OUT/promptlp.log")" ;;
     adopt1b) # issue 12 targets 1 / 2 (46th session): Llama-3.2-1B's gate_up on split-K 16x256 and RoPE inside with its
              # keys and values loaded early, adopted from gateupsk / onebkve: their tests on the card, the 1B step
              # (the new production step against the old plan and options, each half alone), then target1 on 1B (~4 min)
