@@ -1,7 +1,8 @@
 """A prompt's log-probabilities (`SamplingParams.prompt_logprobs`, the completions API's echo with logprobs): the
 executor's scoring step against a float64 log-softmax of every row, the batch-1 generator and the batch engine
-against the same, the wire forms and bad input; through the OpenAI API on the default model's real weights against
-transformers (tests/test_tensor_parallel.py runs the step on two ranks)."""
+against the same, the wire forms and bad input (tests/test_tensor_parallel.py runs the step on two ranks,
+tests/test_logprobs.py the OpenAI form on the shared server against transformers, tests/test_runtime_batching.py the
+batching server's)."""
 
 from __future__ import annotations
 
@@ -157,77 +158,6 @@ def test_the_batch_engine_scores_a_prompt_between_the_decodes_of_others() -> Non
     assert [(i.start, len(i.logprobs)) for i in items] == [(1, 22)]
     assert scored.token_ids == list(alone.generate(PROMPT[:23], scored_params))[-1].token_ids
     assert results["plain"].token_ids == list(alone.generate(PROMPT[:9], plain_params))[-1].token_ids
-
-
-@pytest.fixture(scope="module")
-def hf_smollm2(default_model_dir):
-    """The default model's weights in transformers (float32): the reference of the served prompt scores."""
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
-
-
-def _hf_rows(hf, ids: list[int], k: int) -> list[tuple[float, list[int], list[float]]]:
-    with torch.no_grad():
-        logits = hf(torch.tensor([ids])).logits[0]  # [n, V]
-    lp = torch.log_softmax(logits.double(), dim=-1)
-    rows = []
-    for i in range(len(ids) - 1):
-        top = torch.sort(lp[i], descending=True)
-        rows.append((float(lp[i, ids[i + 1]]), top.indices[:k].tolist(), top.values[:k].tolist()))
-    return rows
-
-
-def test_completions_echo_with_logprobs_lists_the_prompt_s_tokens_as_transformers_scores_them(shared_server,
-                                                                                               hf_smollm2) -> None:
-    """The served default model (two processes, real weights): lm-evaluation-harness's loglikelihood request (token
-    ids in a one-prompt list, echo, logprobs 1, max_tokens 1) and vLLM's max_tokens 0 form; the prompt's tokens with
-    their log-probabilities (the first null) against transformers' float64 log-softmax, text offsets that add up,
-    the generated token after them; streamed, the echoed prompt's event carries the same."""
-    import json
-
-    import httpx
-
-    url = f"{shared_server.http}/v1/completions"
-    text = "The capital of France is Paris. The capital of Italy is"
-    with httpx.Client(timeout=60) as http:
-        ids = http.post(f"{shared_server.http}/tokenize",
-                        json={"prompt": text}).json()["tokens"]
-        want = _hf_rows(hf_smollm2, ids, 2)
-        model = http.get(f"{shared_server.http}/v1/models").json()["data"][0]["id"]
-        one = http.post(url, json={"model": model, "prompt": [ids], "echo": True, "logprobs": 2, "max_tokens": 1,
-                                   "temperature": 0}).json()
-        zero = http.post(url, json={"model": model, "prompt": text, "echo": True, "logprobs": 2,
-                                    "max_tokens": 0}).json()
-        streamed = http.post(url, json={"model": model, "prompt": text, "echo": True, "logprobs": 2, "max_tokens": 1,
-                                        "temperature": 0, "stream": True}).text
-        bare = http.post(url, json={"model": model, "prompt": text, "echo": True, "max_tokens": 0}).json()
-        refused = http.post(url, json={"model": model, "prompt": text, "max_tokens": 0})
-    n = len(ids)
-    for body in (one, zero):
-        assert "choices" in body, body
-        lp = body["choices"][0]["logprobs"]
-        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
-        got = lp["token_logprobs"][1:n]
-        assert max(abs(g - w[0]) for g, w in zip(got, want, strict=True)) < 2e-3, body
-        for i, (tops, (logprob, _, best)) in enumerate(zip(lp["top_logprobs"][1:n], want, strict=True)):
-            assert abs(max(tops.values()) - max(best[0], logprob)) < 2e-3, i  # the top's (or the token's)
-            assert lp["tokens"][i + 1] in tops and len(tops) in (2, 3), i  # the top 2 and the token itself
-        assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(len(lp["tokens"]))]
-    assert zero["choices"][0]["text"] == text and len(zero["choices"][0]["logprobs"]["tokens"]) == n
-    assert zero["choices"][0]["finish_reason"] == "length" and zero["usage"]["completion_tokens"] == 0
-    assert zero["usage"]["prompt_tokens"] == n == zero["usage"]["total_tokens"]
-    generated = one["choices"][0]
-    assert len(generated["logprobs"]["tokens"]) == n + 1 and generated["logprobs"]["token_logprobs"][n] is not None
-    assert generated["text"] == text + generated["logprobs"]["tokens"][n] and one["usage"]["completion_tokens"] == 1
-    events = [json.loads(line[6:]) for line in streamed.splitlines() if line.startswith("data: {")]
-    echoed, rest = events[0]["choices"][0], [e["choices"][0] for e in events[1:]]
-    assert echoed["text"] == text and echoed["logprobs"] == zero["choices"][0]["logprobs"]
-    assert text + "".join(c["text"] for c in rest) == generated["text"]
-    tail = [t for c in rest if c["logprobs"] for t in c["logprobs"]["tokens"]]
-    assert tail == generated["logprobs"]["tokens"][n:] and rest[-1]["finish_reason"] == "length"
-    assert bare["choices"][0]["text"] == text and bare["choices"][0]["logprobs"] is None
-    assert refused.status_code == 400 and "max_tokens 0 is for echo" in refused.json()["error"]["message"]
 
 
 @pytest.mark.cuda
