@@ -89,13 +89,13 @@ def eager_score_prompt(model: LlamaModel, buffers: StepBuffers, num_tokens: int,
                        logprobs: int, scored: int) -> list[float]:
     """`eager_prefill` that also scores its first `scored` rows (`ipc.messages.ScorePrompt`): row i's log-probability
     of the id at position start_pos + i + 1 of the slot's row of input_ids, and the `logprobs` most likely tokens',
-    from the raw logits in float32. Returns the values row after row, [logprob, top logprobs, top ids] (1 + 2k a row,
-    ids as floats); the last row's logits land in `logits`. ValueError for a span past the cache or a next id outside
+    from the raw logits in float32. Returns the values row after row, [logprob, rank, top logprobs, top ids] (2 + 2k
+    a row; the rank 1 + the tokens more likely; ids as floats); the last row's logits land in `logits`. ValueError for a span past the cache or a next id outside
     the vocabulary."""
     targets = check_score(model, buffers, num_tokens, start_pos, slot, scored)  # [scored]
     device = buffers.input_ids.device
     slot_ids = buffers.slot_ids(slot)  # [C]
-    values: list[torch.Tensor] = []  # [r, 1 + 2k] float32 per block of scored rows
+    values: list[torch.Tensor] = []  # [r, 2 + 2k] float32 per block of scored rows
     logits = None
     for chunk_start in range(0, num_tokens, PREFILL_CHUNK):
         chunk_end = min(chunk_start + PREFILL_CHUNK, num_tokens)
@@ -108,7 +108,8 @@ def eager_score_prompt(model: LlamaModel, buffers: StepBuffers, num_tokens: int,
         for r in range(0, rows, SCORE_ROWS):
             block = torch.log_softmax(logits[r:min(r + SCORE_ROWS, rows)].float(), dim=-1)  # [b, V]
             next_ids = targets[chunk_start + r:chunk_start + r + block.shape[0]]  # [b]
-            parts = [block.gather(1, next_ids[:, None])]  # [b, 1]
+            chosen = block.gather(1, next_ids[:, None])  # [b, 1]
+            parts = [chosen, (block > chosen).sum(dim=1, keepdim=True).float() + 1]  # [b, 1] each: its rank
             if logprobs:
                 top = block.topk(logprobs, dim=-1)  # most likely first
                 parts += [top.values, top.indices.float()]  # [b, k] each

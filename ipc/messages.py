@@ -536,8 +536,8 @@ class StepDone(Message):
     """The executor enqueued `step`: its logits are (or, ordered by an IPC event, will be) in their buffer. For a
     Verify with `accept`, the step has run and `accepted` is its result: the target's argmax per row [k + 1], then
     the number of proposals kept (the first kept + 1 tokens are the output). For a ScorePrompt, the step has run and
-    `logprobs` holds each scored row's values, row after row: the next id's log-probability, the k most likely
-    tokens' log-probabilities (most likely first), then their ids (1 + 2k values a row)."""
+    `logprobs` holds each scored row's values, row after row: the next id's log-probability, its rank (1 + the tokens
+    more likely), the k most likely tokens' log-probabilities (most likely first), then their ids (2 + 2k a row)."""
 
     TAG: ClassVar[int] = 12
     request_id: str
@@ -592,6 +592,7 @@ class TokenLogprob(Record):
     top_ids: list[int] = field(default_factory=list)
     top_texts: list[str] = field(default_factory=list)
     top_logprobs: list[float] = field(default_factory=list)
+    rank: int | None = None  # (a prompt token's) 1 + the tokens more likely there; None where not computed
 
     def _validate(self) -> None:
         if not len(self.top_ids) == len(self.top_texts) == len(self.top_logprobs):

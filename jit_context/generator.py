@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -366,15 +366,16 @@ def score_prompt(port: ExecutorPort, out: RequestOutput, prompt_ids: list[int], 
     (`ExecutorPort.score_prompt`), every row scored but the last (whose next token is the reply's first); each step's
     entries as it returns, also kept in `out.prompt_logprobs`. The last step's logits are the first token's."""
     n = len(prompt_ids)
-    width = 1 + 2 * logprobs
+    width = 2 + 2 * logprobs  # ScorePrompt's row: logprob, rank, top logprobs, top ids
     for chunk_start in range(0, n, MAX_SCORED_ROWS):
         count = min(MAX_SCORED_ROWS, n - chunk_start)
         scored = count if chunk_start + count < n else count - 1
         values = port.score_prompt(count, chunk_start, slot, logprobs, scored)
         if len(values) != scored * width:
             raise HybridrtError(f"executor: a prompt's scoring step gave {len(values)} values, not {scored * width}")
-        entries = [out.token_logprob(prompt_ids[chunk_start + i + 1], values[i * width:(i + 1) * width])
-                   for i in range(scored)]
+        rows = [values[i * width:(i + 1) * width] for i in range(scored)]
+        entries = [replace(out.token_logprob(prompt_ids[chunk_start + i + 1], [row[0], *row[2:]]), rank=int(row[1]))
+                   for i, row in enumerate(rows)]
         out.prompt_logprobs += entries
         if entries or not chunk_start:  # the first always (its first_text), even for a prompt of one token
             yield PromptScores(chunk_start + 1, entries, None if chunk_start else out.token_text(prompt_ids[0]))

@@ -54,6 +54,7 @@ from launch.openai_protocol import (
     error_body,
     merged_usage,
     models_body,
+    vllm_prompt_logprobs,
 )
 from launch.tool_calls import PlainReply, ToolPlan, ToolReply
 
@@ -306,7 +307,7 @@ async def _respond(client: AsyncClient, body: CompletionRequest | ChatCompletion
         return _ClosingStreamingResponse(sse, events)
     events = client.generate(**prompt, params=params, request_id=request_id, warm_up=warm_up)
     logprobs = [] if params.get("logprobs") is not None else None
-    scored = EchoedPrompt() if shape.scores_prompt else None
+    scored = EchoedPrompt() if shape.collects else None
     item = await _unless_disconnected(request, _until_finished(events, logprobs, scored))
     make = chat_body if chat else completion_body
     return make(request_id, body.model, [_outcome(item, logprobs, echo, tools, scored, shape)], shape.usage(item.usage))
@@ -319,12 +320,20 @@ class _Shape:
 
     scores_prompt: bool = False
     prompt_only: bool = False
+    lists_prompt: bool = False  # vLLM's prompt_logprobs (never streamed)
 
     @staticmethod
     def of(body: CompletionRequest | ChatCompletionRequest) -> _Shape:
-        if not isinstance(body, CompletionRequest) or not body.echo:
+        if body.prompt_logprobs is None and not (isinstance(body, CompletionRequest) and body.echo):
             return _PLAIN
-        return _Shape(body.scores_prompt, body.prompt_only)
+        if not isinstance(body, CompletionRequest):
+            return _Shape(lists_prompt=True)
+        return _Shape(body.scores_prompt, body.prompt_only, body.lists_prompt)
+
+    @property
+    def collects(self) -> bool:
+        """Whether the prompt's log-probabilities are read from the stream."""
+        return self.scores_prompt or self.lists_prompt
 
     def usage(self, usage: dict) -> dict:
         """The usage of the answer: no completion tokens where nothing generated is in it."""
@@ -362,7 +371,7 @@ async def _respond_n(client: AsyncClient, body: CompletionRequest | ChatCompleti
     asked = params.get("logprobs") is not None
     logprobs = [[] if asked else None for _ in range(n)]
     shape = _Shape.of(body)
-    scored = [EchoedPrompt() if shape.scores_prompt else None for _ in range(n)]
+    scored = [EchoedPrompt() if shape.collects else None for _ in range(n)]
 
     async def all_finished() -> list[Finished]:
         tasks = [asyncio.ensure_future(_until_finished(events, lp, sp))
@@ -385,12 +394,15 @@ def _outcome(item: Finished, logprobs: list | None, echo: str | None, tools: Too
              prompt: EchoedPrompt | None = None, shape: _Shape = _PLAIN) -> Outcome:
     """A non-streamed choice: its text (after the echoed prompt, with its log-probabilities: `prompt`), or with tools
     its content and calls. `shape.prompt_only`: the echoed prompt alone (the token generated is dropped)."""
+    listed = vllm_prompt_logprobs(prompt) if shape.lists_prompt and prompt is not None else None
+    echoed = prompt if shape.scores_prompt else None
     if shape.prompt_only:
-        return Outcome(echo or "", FinishReason.LENGTH, None, prompt=prompt)
+        return Outcome(echo or "", FinishReason.LENGTH, None, prompt=echoed, prompt_logprobs=listed)
     if tools is None:
-        return Outcome((echo or "") + item.text, item.finish_reason, logprobs, prompt=prompt)
+        return Outcome((echo or "") + item.text, item.finish_reason, logprobs, prompt=echoed, prompt_logprobs=listed)
     content, calls = tools.parse(item.text)
-    return Outcome(content or "", item.finish_reason, logprobs, calls or None, bool(calls) and tools.tool_reason)
+    return Outcome(content or "", item.finish_reason, logprobs, calls or None, bool(calls) and tools.tool_reason,
+                   prompt_logprobs=listed)
 
 
 class _AllStreams:

@@ -74,6 +74,7 @@ class _SamplingRequest(BaseModel):
     stop_token_ids: list[TokenId] | None = None
     min_tokens: int | None = None
     skip_special_tokens: bool | None = None
+    prompt_logprobs: int | None = None  # vLLM's: each prompt token's log-probability and the N most likely there
     # Structured output: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields (one of
     # them; `structured` reads them)
     response_format: dict[str, Any] | None = None
@@ -102,6 +103,13 @@ class _SamplingRequest(BaseModel):
     def check_supported(self) -> None:
         if self.n is not None and not 1 <= self.n <= MAX_N:
             raise Unsupported("n", f"n must be in [1, {MAX_N}], got {self.n}")
+        if self.prompt_logprobs is not None:
+            if not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+                raise Unsupported("prompt_logprobs", f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got "
+                                                     f"{self.prompt_logprobs}")
+            if self.stream:
+                raise Unsupported("prompt_logprobs", "prompt_logprobs are not available with stream (as vLLM): a "
+                                                     "completion's echo with logprobs streams them")
         self.structured()
 
     def structured(self) -> dict[str, Any] | None:
@@ -142,7 +150,7 @@ class _SamplingRequest(BaseModel):
             "stop": [self.stop] if isinstance(self.stop, str) else self.stop,
             "stop_token_ids": self.stop_token_ids, "min_tokens": self.min_tokens,
             "logprobs": self.logprobs_count(), "structured": self.structured(),
-            "skip_special_tokens": self.skip_special_tokens,
+            "skip_special_tokens": self.skip_special_tokens, "prompt_logprobs": self.prompt_logprobs,
         }
         return {key: value for key, value in params.items() if value is not None}
 
@@ -191,6 +199,9 @@ class CompletionRequest(_SamplingRequest):
         if self.max_tokens == 0 and not self.echo:
             raise Unsupported("max_tokens", "max_tokens 0 is for echo (the prompt's text and, with logprobs, its "
                                             "log-probabilities, nothing generated); give max_tokens >= 1")
+        if self.scores_prompt and self.prompt_logprobs not in (None, self.logprobs):
+            raise Unsupported("prompt_logprobs", "with echo and logprobs the prompt's tokens list `logprobs` top "
+                                                 "tokens: give prompt_logprobs the same number, or leave it out")
         if (self.scores_prompt or self.prompt_only) and self.stream and self.choices > 1:
             raise Unsupported("n", "a streamed echo with logprobs or max_tokens 0 takes one choice (n = 1)")
         if self.best_of not in (None, 1):
@@ -217,6 +228,11 @@ class CompletionRequest(_SamplingRequest):
         if self.scores_prompt:
             params["prompt_logprobs"] = self.logprobs
         return params
+
+    @property
+    def lists_prompt(self) -> bool:
+        """Whether the answer carries vLLM's `prompt_logprobs` (the request's field of that name)."""
+        return self.prompt_logprobs is not None
 
     def prompt_kwargs(self) -> dict[str, Any]:
         """AsyncClient.generate's prompt argument: raw text or token ids."""
@@ -509,6 +525,18 @@ class EchoedPrompt:
         return len(self.first_text) + sum(len(e.text) for e in self.entries)
 
 
+def vllm_prompt_logprobs(prompt: EchoedPrompt) -> list[dict | None]:
+    """vLLM's `prompt_logprobs`: null for the first token, then per token a map from token ids (the prompt's token
+    first, then the most likely ones) to {logprob, rank, decoded_token}."""
+    body: list[dict | None] = [None]
+    for e in prompt.entries:
+        entry = {str(e.token): {"logprob": e.logprob, "rank": e.rank, "decoded_token": e.text}}
+        for rank, (token, text, logprob) in enumerate(zip(e.top_ids, e.top_texts, e.top_logprobs, strict=True), 1):
+            entry.setdefault(str(token), {"logprob": logprob, "rank": rank, "decoded_token": text})
+        body.append(entry)
+    return body
+
+
 def echoed_logprobs(prompt: EchoedPrompt, generated: list[TokenLogprob] | None) -> dict:
     """A completion choice's legacy `logprobs` with its echoed prompt's first, then its own tokens'."""
     body = prompt.legacy()
@@ -529,6 +557,7 @@ class Outcome:
     tool_calls: list[ToolCall] | None = None  # a chat reply's calls (its text is then the content before them)
     tool_reason: bool = False  # finish_reason "tool_calls" (calls the model chose to make, not a named function)
     prompt: EchoedPrompt | None = None  # a completion's echoed prompt's log-probabilities (echo with logprobs)
+    prompt_logprobs: list[dict | None] | None = None  # vLLM's form of them (the request's prompt_logprobs)
 
 
 def merged_usage(usages: list[dict]) -> dict:
@@ -543,6 +572,9 @@ def completion_body(request_id: str, model: str, outcomes: list[Outcome], usage:
                 "logprobs": completion_logprobs(o.logprobs) if o.prompt is None else echoed_logprobs(o.prompt,
                                                                                                       o.logprobs)}
                for i, o in enumerate(outcomes)]
+    for choice, o in zip(choices, outcomes):
+        if o.prompt_logprobs is not None:  # (vLLM's field, only where asked)
+            choice["prompt_logprobs"] = o.prompt_logprobs
     return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
             "choices": choices, "usage": usage}
 
@@ -550,8 +582,11 @@ def completion_body(request_id: str, model: str, outcomes: list[Outcome], usage:
 def chat_body(request_id: str, model: str, outcomes: list[Outcome], usage: dict) -> dict:
     choices = [{"index": i, "message": _message(o), "logprobs": chat_logprobs(o.logprobs),
                 "finish_reason": _chat_reason(o.reason, o.tool_reason)} for i, o in enumerate(outcomes)]
-    return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
+    body = {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": choices, "usage": usage}
+    if outcomes and outcomes[0].prompt_logprobs is not None:  # vLLM's, once for the response (one prompt)
+        body["prompt_logprobs"] = outcomes[0].prompt_logprobs
+    return body
 
 
 def _message(o: Outcome) -> dict:

@@ -289,3 +289,38 @@ def test_completions_echo_with_logprobs_lists_the_prompt_s_tokens_as_transformer
     assert tail == generated["logprobs"]["tokens"][n:] and rest[-1]["finish_reason"] == "length"
     assert bare["choices"][0]["text"] == text and bare["choices"][0]["logprobs"] is None
     assert refused.status_code == 400 and "max_tokens 0 is for echo" in refused.json()["error"]["message"]
+
+
+def test_vllm_s_prompt_logprobs_field_lists_each_prompt_token_with_its_rank(shared_server, hf_smollm2) -> None:
+    """vLLM's `prompt_logprobs` (completions: per choice; chats: once, at the top, over the templated prompt): null
+    first, then per token its id's log-probability and rank and the top ones' (ranks 1..k), against transformers;
+    refused streamed, out of range, or beside echo's logprobs with another count."""
+    import httpx
+
+    text = "Paris is the capital of"
+    with httpx.Client(timeout=60) as http:
+        model = http.get(f"{shared_server.http}/v1/models").json()["data"][0]["id"]
+        ids = http.post(f"{shared_server.http}/tokenize", json={"prompt": text}).json()["tokens"]
+        done = http.post(f"{shared_server.http}/v1/completions", json={
+            "model": model, "prompt": text, "max_tokens": 2, "temperature": 0, "prompt_logprobs": 2}).json()
+        messages = [{"role": "user", "content": "Hi"}]
+        chat_ids = http.post(f"{shared_server.http}/tokenize", json={"messages": messages}).json()["tokens"]
+        chat = http.post(f"{shared_server.http}/v1/chat/completions", json={
+            "model": model, "messages": messages, "max_tokens": 2, "temperature": 0, "prompt_logprobs": 0}).json()
+        bad = [http.post(f"{shared_server.http}/v1/completions", json={"model": model, "prompt": text, **change})
+               for change in ({"prompt_logprobs": 1, "stream": True}, {"prompt_logprobs": 21},
+                              {"echo": True, "logprobs": 2, "prompt_logprobs": 3})]
+    for got, prompt_ids, k in ((done["choices"][0]["prompt_logprobs"], ids, 2), (chat["prompt_logprobs"], chat_ids, 0)):
+        want = _hf_rows(hf_smollm2, prompt_ids, k)
+        assert got[0] is None and len(got) == len(prompt_ids)
+        for i, (entry, (logprob, top_ids, tops)) in enumerate(zip(got[1:], want, strict=True)):
+            mine = entry[str(prompt_ids[i + 1])]
+            assert abs(mine["logprob"] - logprob) < 2e-3 and mine["rank"] >= 1, i
+            assert mine["rank"] == 1 + sum(t > logprob + 1e-3 for t in tops) or mine["rank"] > k, i
+            for rank, (token, value) in enumerate(zip(top_ids, tops, strict=True), 1):
+                assert str(token) in entry and abs(entry[str(token)]["logprob"] - value) < 2e-3, i
+                assert entry[str(token)]["rank"] == rank or str(token) == str(prompt_ids[i + 1]), i
+            assert len(entry) in (k, k + 1), i
+    assert "logprobs" not in done["choices"][0] or done["choices"][0]["logprobs"] is None
+    assert [r.status_code for r in bad] == [400, 400, 400] and all(r.json()["error"]["param"] == "prompt_logprobs"
+                                                                   for r in bad)

@@ -29,23 +29,26 @@ from tests.test_robustness import tiny_runner
 PROMPT = torch.randint(3, 300, (41,), generator=torch.Generator().manual_seed(11)).tolist()
 
 
-def reference_rows(model, prompt: list[int], k: int) -> list[tuple[float, list[int], list[float]]]:
+def reference_rows(model, prompt: list[int], k: int) -> list[tuple[float, list[int], list[float], range]]:
     """Per prompt position i >= 1: float64 log-softmax of the model's logits after positions [0, i) (one forward
-    over the whole prompt, every row), the id at i's log-probability and the top k ids and theirs."""
+    over the whole prompt, every row), the id at i's log-probability, the top k ids and theirs, and the ranks it may
+    take (1 + the tokens more likely, those within 1e-6 of it either way)."""
     n = len(prompt)
     logits = model(torch.tensor(prompt), torch.arange(n), torch.arange(n), n)  # [n, V]
     lp = torch.log_softmax(logits.double(), dim=-1)
     rows = []
     for i in range(n - 1):
         top = torch.sort(lp[i], descending=True)
-        rows.append((float(lp[i, prompt[i + 1]]), top.indices[:k].tolist(), top.values[:k].tolist()))
+        mine = lp[i, prompt[i + 1]]
+        ranks = range(1 + int((lp[i] > mine + 1e-6).sum()), 2 + int((lp[i] > mine - 1e-6).sum()) - 1)
+        rows.append((float(mine), top.indices[:k].tolist(), top.values[:k].tolist(), ranks))
     return rows
 
 
 def assert_entries_match(entries: list[TokenLogprob], prompt: list[int], want, k: int, tol: float = 1e-5) -> None:
     assert len(entries) == len(want) == len(prompt) - 1
-    for i, (entry, (logprob, ids, tops)) in enumerate(zip(entries, want, strict=True)):
-        assert entry.token == prompt[i + 1], i
+    for i, (entry, (logprob, ids, tops, ranks)) in enumerate(zip(entries, want, strict=True)):
+        assert entry.token == prompt[i + 1] and entry.rank in ranks, (i, entry.rank, ranks)
         assert abs(entry.logprob - logprob) < tol, (i, entry.logprob, logprob)
         assert entry.top_ids == ids and len(entry.top_logprobs) == k, i
         assert all(abs(a - b) < tol for a, b in zip(entry.top_logprobs, tops, strict=True)), i
@@ -66,12 +69,13 @@ def test_a_scoring_step_is_a_prefill_that_scores_every_row(monkeypatch) -> None:
     runner = tiny_runner(max_context=64)
     runner.buffers.input_ids[:n] = torch.tensor(PROMPT)
     values = runner.score_prompt(n, 0, 0, k, n - 1)
-    width = 1 + 2 * k
+    width = 2 + 2 * k
     assert len(values) == (n - 1) * width
-    for i, (logprob, ids, tops) in enumerate(want):
+    for i, (logprob, ids, tops, ranks) in enumerate(want):
         row = values[i * width:(i + 1) * width]
-        assert abs(row[0] - logprob) < 1e-5 and [int(v) for v in row[1 + k:]] == ids, i
-        assert max(abs(a - b) for a, b in zip(row[1:1 + k], tops, strict=True)) < 1e-5, i
+        assert abs(row[0] - logprob) < 1e-5 and int(row[1]) in ranks and [int(v) for v in row[2 + k:]] == ids, i
+        assert max(abs(a - b) for a, b in zip(row[2:2 + k], tops, strict=True)) < 1e-5, i
+    assert max(w[3][0] for w in want) > 1  # (some prompt token is not its row's most likely)
     torch.testing.assert_close(runner.model.kv_caches[:, :, :, :, :n], plain.model.kv_caches[:, :, :, :, :n],
                                rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(runner.buffers.logits, plain.buffers.logits, rtol=1e-5, atol=1e-5)
@@ -80,7 +84,7 @@ def test_a_scoring_step_is_a_prefill_that_scores_every_row(monkeypatch) -> None:
     split.buffers.input_ids[:n] = torch.tensor(PROMPT)
     first = split.score_prompt(20, 0, 0, 0, 20)
     second = split.score_prompt(n - 20, 20, 0, 0, n - 21)
-    assert [round(v, 4) for v in first + second] == [round(w[0], 4) for w in want]
+    assert [round(v, 4) for v in (first + second)[::2]] == [round(w[0], 4) for w in want]
     torch.testing.assert_close(split.buffers.logits, plain.buffers.logits, rtol=1e-5, atol=1e-5)
 
 
@@ -180,11 +184,11 @@ def test_on_a_gpu_a_scored_prompt_runs_eagerly_and_the_graphs_decode_after_it() 
     b = graphs.buffers
     b.input_ids[:n] = torch.tensor(prompt, device="cuda")
     values = graphs.score_prompt(n, 0, 0, k, n - 1)
-    width = 1 + 2 * k
-    for i, (logprob, ids, tops) in enumerate(want):
+    width = 2 + 2 * k
+    for i, (logprob, ids, tops, _) in enumerate(want):
         row = values[i * width:(i + 1) * width]
-        assert abs(row[0] - logprob) < 1e-3 and [int(v) for v in row[1 + k:]] == ids, i
-        assert max(abs(a - c) for a, c in zip(row[1:1 + k], tops, strict=True)) < 1e-3, i
+        assert abs(row[0] - logprob) < 1e-3 and [int(v) for v in row[2 + k:]] == ids, i
+        assert max(abs(a - c) for a, c in zip(row[2:2 + k], tops, strict=True)) < 1e-3, i
     logits, tokens = [b.logits.clone()], []
     for i in range(12):
         b.next_token.copy_(torch.argmax(b.logits).view(1))

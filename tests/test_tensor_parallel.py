@@ -178,14 +178,15 @@ def _score_rank(rank: int, size: int, port: int, results: str, name: str) -> Non
 
 
 def test_two_ranks_score_a_prompt_as_the_whole_model(two_rank_runs):
-    """ScorePrompt on two ranks (GQA, tied embeddings): rank 0's scores (each row's next-id log-probability, top 3
-    log-probabilities and ids) are the whole model's, and a decode after it sees the same cache."""
+    """ScorePrompt on two ranks (GQA, tied embeddings): rank 0's scores (each row's next-id log-probability and rank,
+    top 3 log-probabilities and ids) are the whole model's, and a decode after it sees the same cache."""
     [(_, (leader, follower))] = two_rank_runs["score"]
     got, want = leader["values"]
-    assert len(got) == len(want) == (len(PROMPT) - 1) * 7 and follower == {"followed": True}
-    for i in range(len(PROMPT) - 1):
-        g, w = got[i * 7:(i + 1) * 7], want[i * 7:(i + 1) * 7]
-        assert max(abs(a - b) for a, b in zip(g[:4], w[:4], strict=True)) < 1e-5 and g[4:] == w[4:], i
+    assert len(got) == len(want) == (len(PROMPT) - 1) * 8 and follower == {"followed": True}
+    for i in range(len(PROMPT) - 1):  # a row: logprob, rank, 3 top logprobs, 3 ids
+        g, w = got[i * 8:(i + 1) * 8], want[i * 8:(i + 1) * 8]
+        assert abs(g[0] - w[0]) < 1e-5 and g[1] == w[1] and g[5:] == w[5:], i
+        assert max(abs(a - b) for a, b in zip(g[2:5], w[2:5], strict=True)) < 1e-5, i
     assert leader["decode"] < 1e-4
 
 
