@@ -145,11 +145,12 @@ class LlamaModel(nn.Module):
     @torch.inference_mode()
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, logits_index: torch.Tensor, kv_len: int,
-        slot: int = 0,
+        slot: int = 0, project: bool = True,
     ) -> torch.Tensor:
         """input_ids, positions: [T] int64, one sequence, in KV slot `slot`; logits_index: [n] int64 rows of the
         step to project to logits; kv_len: static bound on positions attended (>= max position + 1). Returns
-        logits [n, vocab]."""
+        logits [n, vocab]; with `project` False, those rows' final-normed hidden states [n, H] instead (for
+        `project_logits` to take a block at a time: a prompt's every row at a large vocabulary)."""
         mask = self._attention_mask(positions, kv_len)  # [T, kv_len] bool
         caches = self.kv_caches[slot]  # [L, 2, nkv, C, hd]
 
@@ -166,7 +167,7 @@ class LlamaModel(nn.Module):
             cache[0].index_copy_(1, positions, k.transpose(0, 1))
             cache[1].index_copy_(1, positions, v.transpose(0, 1))
 
-        return self._run(input_ids, positions, logits_index, attend, append)
+        return self._run(input_ids, positions, logits_index, attend, append, project)
 
     @torch.inference_mode()
     def forward_batch(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: list[int]) -> torch.Tensor:
@@ -198,7 +199,7 @@ class LlamaModel(nn.Module):
         return self._run(input_ids, positions, every_row, attend, append)
 
     def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, logits_index: torch.Tensor,
-             attend, append) -> torch.Tensor:
+             attend, append, project: bool = True) -> torch.Tensor:
         cfg = self.config
         x = rows.dequantize(rows.select_rows(self.embed_tokens, input_ids), self.dtype)  # [T, H]
         cos_sin = self.rope.index_select(0, positions)  # [T, 2, hd]
@@ -209,6 +210,11 @@ class LlamaModel(nn.Module):
             x = x + self._reduce(linear(attend(q, index), layer.o_proj, w8a8=self.fp8_activations))
             x = x + self._reduce(self._mlp(layer, rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)))
         x = rms_norm(x.index_select(0, logits_index), self.norm, cfg.rms_norm_eps)  # [n, H]
+        return self.project_logits(x) if project else x
+
+    @torch.inference_mode()
+    def project_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden rows [n, H] -> logits [n, vocab] (gathered over the tensor-parallel ranks)."""
         logits = linear(x, self.lm_head)  # [n, V] ([n, V / ranks] on a tensor-parallel rank)
         return logits if self.tp is None else self.tp.gather_vocab(logits)
 

@@ -81,7 +81,7 @@ def eager_prefill(model: LlamaModel, buffers: StepBuffers, num_tokens: int, star
     buffers.logits.copy_(logits[0])
 
 
-# Scored rows whose float32 log-softmax is taken at once (a 128k vocabulary: 64 MB).
+# Scored rows whose logits and float32 log-softmax are made at once (a 128k vocabulary: 64 MB).
 SCORE_ROWS = 128
 
 
@@ -90,13 +90,13 @@ def eager_score_prompt(model: LlamaModel, buffers: StepBuffers, num_tokens: int,
     """`eager_prefill` that also scores its first `scored` rows (`ipc.messages.ScorePrompt`): row i's log-probability
     of the id at position start_pos + i + 1 of the slot's row of input_ids, and the `logprobs` most likely tokens',
     from the raw logits in float32. Returns the values row after row, [logprob, rank, top logprobs, top ids] (2 + 2k
-    a row; the rank 1 + the tokens more likely; ids as floats); the last row's logits land in `logits`. ValueError for a span past the cache or a next id outside
-    the vocabulary."""
+    a row; the rank 1 + the tokens more likely; ids as floats); the last row's logits land in `logits`. ValueError for
+    a span past the cache or a next id outside the vocabulary."""
     targets = check_score(model, buffers, num_tokens, start_pos, slot, scored)  # [scored]
     device = buffers.input_ids.device
     slot_ids = buffers.slot_ids(slot)  # [C]
     values: list[torch.Tensor] = []  # [r, 2 + 2k] float32 per block of scored rows
-    logits = None
+    last = None  # [1, H]: the step's last row
     for chunk_start in range(0, num_tokens, PREFILL_CHUNK):
         chunk_end = min(chunk_start + PREFILL_CHUNK, num_tokens)
         rows = max(0, min(scored, chunk_end) - chunk_start)  # this chunk's scored rows: its first ones
@@ -104,9 +104,10 @@ def eager_score_prompt(model: LlamaModel, buffers: StepBuffers, num_tokens: int,
         positions = torch.arange(start_pos + chunk_start, start_pos + chunk_end, device=device)  # [t]
         index = torch.arange(rows, device=device)  # [rows], then the chunk's last row (the next token's logits)
         index = torch.cat([index, torch.full((1,), chunk_end - chunk_start - 1, dtype=torch.int64, device=device)])
-        logits = model(ids, positions, index, start_pos + chunk_end, slot=slot)  # [rows + 1, V]
-        for r in range(0, rows, SCORE_ROWS):
-            block = torch.log_softmax(logits[r:min(r + SCORE_ROWS, rows)].float(), dim=-1)  # [b, V]
+        hidden = model(ids, positions, index, start_pos + chunk_end, slot=slot, project=False)  # [rows + 1, H]
+        last = hidden[-1:]
+        for r in range(0, rows, SCORE_ROWS):  # the logits a block at a time: [rows, V] may not fit beside the model
+            block = torch.log_softmax(model.project_logits(hidden[r:min(r + SCORE_ROWS, rows)]).float(), dim=-1)
             next_ids = targets[chunk_start + r:chunk_start + r + block.shape[0]]  # [b]
             chosen = block.gather(1, next_ids[:, None])  # [b, 1]
             parts = [chosen, (block > chosen).sum(dim=1, keepdim=True).float() + 1]  # [b, 1] each: its rank
@@ -114,7 +115,7 @@ def eager_score_prompt(model: LlamaModel, buffers: StepBuffers, num_tokens: int,
                 top = block.topk(logprobs, dim=-1)  # most likely first
                 parts += [top.values, top.indices.float()]  # [b, k] each
             values.append(torch.cat(parts, dim=1))
-    buffers.logits.copy_(logits[-1])
+    buffers.logits.copy_(model.project_logits(last)[0])
     return torch.cat(values).flatten().tolist() if values else []
 
 

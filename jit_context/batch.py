@@ -29,7 +29,7 @@ from typing import Protocol
 
 import torch
 
-from ipc.messages import PromptChunk
+from ipc.messages import MAX_SCORED_ROWS, PromptChunk
 from ipc.step_buffers import StepBuffers
 from jit_context.generator import (
     Chunk,
@@ -40,7 +40,7 @@ from jit_context.generator import (
     RequestOutput,
     check_prompt,
     end_ids,
-    score_prompt,
+    score_step,
 )
 from jit_context.grammar_mask import Grammars, make_constraint
 from jit_context.kv_contents import KvContents
@@ -158,6 +158,7 @@ class BatchEngine:
         self._admitted = 0
         self._inflight: list[Lane] | None = None  # the lanes of a decode sent ahead (row b: lane b), if any
         self._inflight_chunks: list[Lane] = []  # the lanes whose prompt chunks ride it (chunk i: lane i)
+        self._scored_last = False  # the last step was a scoring step (the decodes go next)
         # Prompt ids go up through pinned memory without a wait: a blocking copy would hold the host until the
         # stream's queued work (the draws behind the step in flight) is done, and an admission during a step could
         # not send the next one ahead of the device. One row per slot: two admissions in one step never share one.
@@ -188,7 +189,7 @@ class BatchEngine:
         starts at the next `step`. Returns the prompt tokens reused from the slot's cache."""
         self.check_prompt(prompt_ids)
         constraint = make_constraint(self.grammars, params, self.port.buffers.logits.device)
-        slot = self._pick_slot(prompt_ids)
+        slot = self._pick_slot(prompt_ids, reuse=self.prefix_reuse and params.prompt_logprobs is None)
         state = self.slots[slot]
         # (a scored prompt runs from its first token)
         cached = state.contents.reusable(prompt_ids) if self.prefix_reuse and params.prompt_logprobs is None else 0
@@ -216,13 +217,13 @@ class BatchEngine:
         dest.copy_(staged, non_blocking=True)
         self._staged[slot].record()
 
-    def _pick_slot(self, prompt_ids: list[int]) -> int:
+    def _pick_slot(self, prompt_ids: list[int], reuse: bool) -> int:
+        """A free slot: with `reuse`, the longest reusable prefix first; then the slot left idle longest (its
+        contents are the least likely to be asked for again; a scored prompt, which reuses nothing, takes it too)."""
         free = [s for s in range(len(self.slots)) if s not in self.lanes]
         if not free:
             raise ValueError(f"all {len(self.slots)} KV slots are in use")
-        # The longest reusable prefix first, then the slot left idle longest (its contents are the least likely to
-        # be asked for again).
-        return max(free, key=lambda s: (self.slots[s].contents.reusable(prompt_ids) if self.prefix_reuse else 0,
+        return max(free, key=lambda s: (self.slots[s].contents.reusable(prompt_ids) if reuse else 0,
                                         -self.slots[s].last_used))
 
     def cancel(self, key: Hashable) -> bool:
@@ -276,11 +277,15 @@ class BatchEngine:
             self._inflight, self._inflight_chunks = None, []
             self._finish_decode(sent, events, chunk_lanes, pipelined=not chunk_lanes)
             return events  # its tokens go out now
+        decoding = sorted((lane for lane in self.lanes.values() if lane.decoding), key=lambda lane: lane.slot)
         scoring = [lane for lane in self.lanes.values() if lane.scores]
-        if scoring:  # a step of its own, between two decodes (nothing is in flight here)
+        # A scoring step is a step of its own (nothing is in flight here), taking turns with the decodes: the running
+        # streams wait one scoring step of at most prefill_chunk rows between two tokens.
+        if scoring and not (decoding and self._scored_last):
+            self._scored_last = True
             self._score(min(scoring, key=lambda lane: lane.admitted), events)
             return events
-        decoding = sorted((lane for lane in self.lanes.values() if lane.decoding), key=lambda lane: lane.slot)
+        self._scored_last = False
         if decoding:
             lanes, chunks = self._next_chunks()
             self.port.decode_batch([d.slot for d in decoding], [d.position for d in decoding], chunks)
@@ -328,12 +333,14 @@ class BatchEngine:
             self._read([lane], events)
 
     def _score(self, lane: Lane, events: list[tuple[Hashable, Item]]) -> None:
-        """A lane's whole prompt in scoring steps (`score_prompt`: each returns once it has run, with its entries),
-        then its first token, drawn from `logits`."""
-        params = lane.out.params
-        events.extend((lane.key, item) for item in score_prompt(self.port, lane.out, lane.prompt, lane.slot,
-                                                                 params.prompt_logprobs))
-        lane.prefilled = len(lane.prompt)
+        """The lane's next scoring step (`score_step`: it returns once it has run, with its entries) of at most
+        prefill_chunk rows; after the prompt's last, its first token, drawn from `logits`."""
+        count = min(self.prefill_chunk, MAX_SCORED_ROWS, len(lane.prompt) - lane.prefilled)
+        item = score_step(self.port, lane.out, lane.prompt, lane.slot, lane.out.params.prompt_logprobs, lane.prefilled,
+                          count)
+        if item is not None:
+            events.append((lane.key, item))
+        lane.prefilled += count
         if self._chunk_ran(lane, events):
             self._draw([(lane, self.port.buffers.logits[None], 0)])
             self._read([lane], events)

@@ -266,10 +266,13 @@ class Generator:
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, start_time: float | None = None,
                  yield_during_prefill: bool = False,
-                 yield_when_sent: bool = False) -> Iterator[Chunk | PrefillProgress | PrefillSent | GenerationResult]:
+                 yield_when_sent: bool = False,
+                 ) -> Iterator[Chunk | PrefillProgress | PrefillSent | PromptScores | GenerationResult]:
         """Yield one Chunk per generated token (its text may be empty while held back), then a GenerationResult;
         with `yield_during_prefill`, also a PrefillProgress after each prefill chunk but the last; with
-        `yield_when_sent`, a PrefillSent right after the last one is sent.
+        `yield_when_sent`, a PrefillSent right after the last one is sent (a scored prompt's: before its first scoring
+        step); with `SamplingParams.prompt_logprobs`, a PromptScores per scoring step (steps of `prefill_chunk` or
+        MAX_SCORED_ROWS rows) before the first token.
 
         The host reads token k (TokenReader, an asynchronous copy) only after the decode that consumes it is
         enqueued (and the next `decode_ahead` - 1 decodes), so the device never waits for the host; after a stop the
@@ -289,10 +292,13 @@ class Generator:
         if scoring:
             if yield_when_sent:  # (its client is told before its scoring steps, which return once they have run)
                 yield PrefillSent()
-            for item in score_prompt(self.port, out, prompt_ids, 0, params.prompt_logprobs):
-                yield item
-                if yield_during_prefill and item.start + len(item.logprobs) < n - 1:
-                    yield PrefillProgress(item.start + len(item.logprobs), n)
+            # each step's entries as it returns (the caller answers other clients in between)
+            step = min(self.prefill_chunk or MAX_SCORED_ROWS, MAX_SCORED_ROWS)
+            for chunk_start in range(0, n, step):
+                item = score_step(self.port, out, prompt_ids, 0, params.prompt_logprobs, chunk_start,
+                                  min(step, n - chunk_start))
+                if item is not None:
+                    yield item
         else:
             chunk = self.prefill_chunk or n
             for chunk_start in range(cached, n - chunk, chunk):  # every chunk but the last
@@ -360,25 +366,25 @@ class Generator:
 
 
 
-def score_prompt(port: ExecutorPort, out: RequestOutput, prompt_ids: list[int], slot: int,
-                 logprobs: int) -> Iterator[PromptScores]:
-    """Prefill slot `slot`'s whole prompt (its ids in place) in scoring steps of at most MAX_SCORED_ROWS rows
-    (`ExecutorPort.score_prompt`), every row scored but the last (whose next token is the reply's first); each step's
-    entries as it returns, also kept in `out.prompt_logprobs`. The last step's logits are the first token's."""
+def score_step(port: ExecutorPort, out: RequestOutput, prompt_ids: list[int], slot: int, logprobs: int, start: int,
+               count: int) -> PromptScores | None:
+    """One scoring step (`ExecutorPort.score_prompt`) of slot `slot`'s prompt positions [start, start + count) (its
+    ids in place): every row scored but the prompt's last (whose next token is the reply's first). Its entries, also
+    kept in `out.prompt_logprobs`; None for a later step with none. The prompt's last step leaves the first token's
+    logits."""
     n = len(prompt_ids)
     width = 2 + 2 * logprobs  # ScorePrompt's row: logprob, rank, top logprobs, top ids
-    for chunk_start in range(0, n, MAX_SCORED_ROWS):
-        count = min(MAX_SCORED_ROWS, n - chunk_start)
-        scored = count if chunk_start + count < n else count - 1
-        values = port.score_prompt(count, chunk_start, slot, logprobs, scored)
-        if len(values) != scored * width:
-            raise HybridrtError(f"executor: a prompt's scoring step gave {len(values)} values, not {scored * width}")
-        rows = [values[i * width:(i + 1) * width] for i in range(scored)]
-        entries = [replace(out.token_logprob(prompt_ids[chunk_start + i + 1], [row[0], *row[2:]]), rank=int(row[1]))
-                   for i, row in enumerate(rows)]
-        out.prompt_logprobs += entries
-        if entries or not chunk_start:  # the first always (its first_text), even for a prompt of one token
-            yield PromptScores(chunk_start + 1, entries, None if chunk_start else out.token_text(prompt_ids[0]))
+    scored = count if start + count < n else count - 1
+    values = port.score_prompt(count, start, slot, logprobs, scored)
+    if len(values) != scored * width:
+        raise HybridrtError(f"executor: a prompt's scoring step gave {len(values)} values, not {scored * width}")
+    rows = [values[i * width:(i + 1) * width] for i in range(scored)]
+    entries = [replace(out.token_logprob(prompt_ids[start + i + 1], [row[0], *row[2:]]), rank=int(row[1]))
+               for i, row in enumerate(rows)]
+    out.prompt_logprobs += entries
+    if not entries and start:
+        return None
+    return PromptScores(start + 1, entries, None if start else out.token_text(prompt_ids[0]))  # (the first: always)
 
 
 class RequestOutput:
@@ -438,8 +444,8 @@ class RequestOutput:
         prompt's scoring step)."""
         k = (len(values) - 1) // 2
         top_ids = [int(t) for t in values[1 + k:]]
-        return TokenLogprob(token_id, self.token_text(token_id), values[0], top_ids, [self.token_text(t) for t in top_ids],
-                            values[1:1 + k])
+        return TokenLogprob(token_id, self.token_text(token_id), values[0], top_ids,
+                            [self.token_text(t) for t in top_ids], values[1:1 + k])
 
     def token_text(self, token_id: int) -> str:
         """A token decoded alone (special tokens kept), as OpenAI's logprobs name it; "" without a tokenizer."""

@@ -335,6 +335,13 @@ class _Shape:
         """Whether the prompt's log-probabilities are read from the stream."""
         return self.scores_prompt or self.lists_prompt
 
+    def reason(self, native: str) -> str:
+        """The answer's finish reason: with nothing generated asked (prompt_only), "length" for a request that ran
+        (the token generated, and so its own reason, is dropped); else, and for an abort, the request's own."""
+        if self.prompt_only and native in (FinishReason.STOP, FinishReason.LENGTH):
+            return FinishReason.LENGTH
+        return native
+
     def usage(self, usage: dict) -> dict:
         """The usage of the answer: no completion tokens where nothing generated is in it."""
         if not self.prompt_only or not usage:
@@ -397,7 +404,7 @@ def _outcome(item: Finished, logprobs: list | None, echo: str | None, tools: Too
     listed = vllm_prompt_logprobs(prompt) if shape.lists_prompt and prompt is not None else None
     echoed = prompt if shape.scores_prompt else None
     if shape.prompt_only:
-        return Outcome(echo or "", FinishReason.LENGTH, None, prompt=echoed, prompt_logprobs=listed)
+        return Outcome(echo or "", shape.reason(item.finish_reason), None, prompt=echoed, prompt_logprobs=listed)
     if tools is None:
         return Outcome((echo or "") + item.text, item.finish_reason, logprobs, prompt=echoed, prompt_logprobs=listed)
     content, calls = tools.parse(item.text)
@@ -570,8 +577,9 @@ async def _sse(events: Events, chunks: ChunkMaker, echo: str | None,
                 yield _event(chunks.echo(echo or "", prompt))
             while shape.prompt_only and not isinstance(item, Finished):
                 item = await anext(events)
-            if shape.prompt_only:
-                item = Finished(item.request_id, "", [], FinishReason.LENGTH, shape.usage(item.usage), item.timings)
+            if shape.prompt_only:  # (the generated token's end is not the answer's; an abort stays one)
+                item = Finished(item.request_id, "", [], shape.reason(item.finish_reason), shape.usage(item.usage),
+                                item.timings)
             while not isinstance(item, Finished):
                 if getattr(item, "logprobs", None):  # a LogprobsChunk
                     waiting = (waiting or []) + item.logprobs

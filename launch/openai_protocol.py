@@ -13,6 +13,7 @@ context's.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from dataclasses import dataclass, field
@@ -515,7 +516,7 @@ class EchoedPrompt:
         """The prompt's part of a legacy `logprobs`: its first token listed with null log-probabilities, as OpenAI
         and vLLM list it."""
         texts = [self.first_text] + [e.text for e in self.entries]
-        offsets = [sum(len(t) for t in texts[:i]) for i in range(len(texts))]
+        offsets = list(itertools.accumulate((len(t) for t in texts[:-1]), initial=0))
         return {"tokens": texts, "token_logprobs": [None] + [e.logprob for e in self.entries],
                 "top_logprobs": [None] + [_top_map(e) for e in self.entries], "text_offset": offsets}
 

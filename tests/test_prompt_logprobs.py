@@ -118,19 +118,22 @@ def test_bad_scoring_steps_and_params_are_refused() -> None:
 
 
 def test_the_generator_scores_the_prompt_in_steps_and_its_tokens_stay_the_plain_ones(monkeypatch) -> None:
-    """Batch-1, steps of 16 rows: PromptScores per step (the first with the first token's text), progress between
-    them, the result's prompt_logprobs (None first) against the float64 reference; the tokens are the plain
-    request's, and prefix reuse does not skip a scored prompt's rows."""
-    monkeypatch.setattr(generator_module, "MAX_SCORED_ROWS", 16)
+    """Batch-1, steps of prefill_chunk (16) rows, or MAX_SCORED_ROWS without one: PromptScores per step (the first
+    with the first token's text), the result's prompt_logprobs (None first) against the float64 reference; the
+    tokens are the plain request's, and prefix reuse does not skip a scored prompt's rows."""
     k = 2
     want = reference_rows(tiny_runner(max_context=64).model, PROMPT, k)
-    gen = Generator(tiny_runner(max_context=64), None, frozenset({2}), prefix_reuse=True)
+    gen = Generator(tiny_runner(max_context=64), None, frozenset({2}), prefix_reuse=True, prefill_chunk=16)
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, prompt_logprobs=k)
     plain = list(gen.generate(PROMPT, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)))[-1]
     items = list(gen.generate(PROMPT, params, yield_during_prefill=True))
     scores = [i for i in items if isinstance(i, PromptScores)]
     assert [(s.start, len(s.logprobs), s.first_text) for s in scores] == [(1, 16, ""), (17, 16, None), (33, 8, None)]
-    assert [i.done for i in items if isinstance(i, PrefillProgress)] == [17, 33]
+    assert not any(isinstance(i, PrefillProgress) for i in items)  # (each step's scores hand the loop back)
+    monkeypatch.setattr(generator_module, "MAX_SCORED_ROWS", 32)
+    whole = Generator(tiny_runner(max_context=64), None, frozenset({2}))
+    assert [(i.start, len(i.logprobs)) for i in whole.generate(PROMPT, params) if isinstance(i, PromptScores)] \
+        == [(1, 32), (33, 8)]
     result = items[-1]
     assert result.prompt_logprobs[0] is None and result.cached_tokens == 0
     assert result.prompt_logprobs[1:] == [e for s in scores for e in s.logprobs]
@@ -142,9 +145,9 @@ def test_the_generator_scores_the_prompt_in_steps_and_its_tokens_stay_the_plain_
 
 
 def test_the_batch_engine_scores_a_prompt_between_the_decodes_of_others() -> None:
-    """Two slots, a plain request decoding, a scored one admitted mid-way: its prompt runs in a scoring step of its
-    own (no chunk of it rides a decode), its entries are the reference's, and both requests get their tokens
-    alone."""
+    """Two slots, a plain request decoding, a scored one admitted mid-way: its prompt runs in scoring steps of its
+    own of prefill_chunk rows (no chunk of it rides a decode), taking turns with the other's decodes; its entries are
+    the reference's, and both requests get their tokens alone."""
     k = 3
     want = reference_rows(_model(TINY, slots=1), PROMPT[:23], k)
     alone = Generator(ModelRunner(_model(TINY, slots=1)), None, frozenset(TINY.eos_token_ids))
@@ -159,7 +162,11 @@ def test_the_batch_engine_scores_a_prompt_between_the_decodes_of_others() -> Non
     scored = results["scored"]
     assert_entries_match(scored.prompt_logprobs[1:], PROMPT[:23], want, k)
     items = [item for step in log for key, item in step if key == "scored" and isinstance(item, PromptScores)]
-    assert [(i.start, len(i.logprobs)) for i in items] == [(1, 22)]
+    assert [(i.start, len(i.logprobs)) for i in items] == [(1, 4), (5, 4), (9, 4), (13, 4), (17, 4), (21, 2)]
+    kinds = [("score" if any(isinstance(i, PromptScores) for _, i in step) else
+              "token" if any(k == "plain" and getattr(i, "token_ids", None) for k, i in step) else "") for step in log]
+    scoring = kinds[kinds.index("score"):len(kinds) - kinds[::-1].index("score")]
+    assert scoring == ["score", "token"] * 5 + ["score"], kinds  # one scoring step, then a token of the other
     assert scored.token_ids == list(alone.generate(PROMPT[:23], scored_params))[-1].token_ids
     assert results["plain"].token_ids == list(alone.generate(PROMPT[:9], plain_params))[-1].token_ids
 
