@@ -418,15 +418,22 @@ class RequestOutput:
         self.times.append((time.perf_counter() - self.start) * 1e3)
         self.token_ids.append(token_id)
         p = self.params
-        if token_id in p.stop_token_ids or (token_id in self.eos and not p.ignore_eos):
+        ends = token_id in p.stop_token_ids or (token_id in self.eos and not p.ignore_eos)
+        if ends:
             self.finish = FinishReason.STOP
-            return Chunk("", [token_id])  # not in the reply's text: no logprobs entry (as OpenAI lists them)
+            # Not in the reply's text: no logprobs entry (as OpenAI lists a chat's), unless the prompt is scored too
+            # (echo with logprobs): lm-evaluation-harness reads prompt + generated entries there, whatever the
+            # generated token is, and would drop a prompt token's entry in place of a missing last one.
+            if self.prompt_logprobs is None or self.logprobs is None:
+                return Chunk("", [token_id])
         logprobs = None
         if self.logprobs is not None:
             if logprob_values is None:
                 raise ValueError("a request that asked for logprobs got a token without them")
             logprobs = [self.token_logprob(token_id, logprob_values)]
             self.logprobs += logprobs
+        if ends:
+            return Chunk("", [token_id], logprobs)
         if len(self.token_ids) >= p.max_tokens or self.prompt_len + len(self.token_ids) >= self.max_context:
             self.finish = FinishReason.LENGTH
         text = self.detok.add(token_id) if self.detok else ""

@@ -244,7 +244,8 @@ def test_completions_echo_with_logprobs_lists_the_prompt_s_tokens_as_transformer
     """The served default model (two processes, real weights): lm-evaluation-harness's loglikelihood request (token
     ids in a one-prompt list, echo, logprobs 1, max_tokens 1) and vLLM's max_tokens 0 form; the prompt's tokens with
     their log-probabilities (the first null) against transformers' float64 log-softmax, text offsets that add up,
-    the generated token after them; streamed, the echoed prompt's event carries the same."""
+    the generated token after them, also when it ends the reply (lm-eval drops the last entry as the generated
+    one); streamed, the echoed prompt's event carries the same."""
     import json
 
     import httpx
@@ -263,6 +264,9 @@ def test_completions_echo_with_logprobs_lists_the_prompt_s_tokens_as_transformer
         streamed = http.post(url, json={"model": model, "prompt": text, "echo": True, "logprobs": 2, "max_tokens": 1,
                                         "temperature": 0, "stream": True}).text
         bare = http.post(url, json={"model": model, "prompt": text, "echo": True, "max_tokens": 0}).json()
+        # the one generated token ends the reply (a stop token id, made certain by a bias): it is still listed
+        ended = http.post(url, json={"model": model, "prompt": [ids], "echo": True, "logprobs": 1, "max_tokens": 1,
+                                     "stop_token_ids": [42], "logit_bias": {"42": 100}}).json()
         refused = http.post(url, json={"model": model, "prompt": text, "max_tokens": 0})
     n = len(ids)
     for body in (one, zero):
@@ -288,6 +292,10 @@ def test_completions_echo_with_logprobs_lists_the_prompt_s_tokens_as_transformer
     tail = [t for c in rest if c["logprobs"] for t in c["logprobs"]["tokens"]]
     assert tail == generated["logprobs"]["tokens"][n:] and rest[-1]["finish_reason"] == "length"
     assert bare["choices"][0]["text"] == text and bare["choices"][0]["logprobs"] is None
+    last = ended["choices"][0]
+    assert last["finish_reason"] == "stop" and last["text"] == text and len(last["logprobs"]["tokens"]) == n + 1
+    assert last["logprobs"]["token_logprobs"][:n] == one["choices"][0]["logprobs"]["token_logprobs"][:n]
+    assert last["logprobs"]["token_logprobs"][n] is not None  # (its raw log-probability: the bias is not in it)
     assert refused.status_code == 400 and "max_tokens 0 is for echo" in refused.json()["error"]["message"]
 
 
