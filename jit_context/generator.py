@@ -287,9 +287,9 @@ class Generator:
             cached = 0 if scoring else self.kv.reusable(prompt_ids)  # a scored prompt runs from its first token
             self.kv.forget()  # until this request ends normally
         self.write_ids(prompt_ids[cached:], cached)
-        out = RequestOutput(self.tokenizer, self.eos_token_ids, self.port.max_context, params, prompt_ids, start,
-                            self.token_texts)
+        out = None  # (a plain request's is made after its prefill is sent: not on the way to the executor)
         if scoring:
+            out = self._output(params, prompt_ids, start)
             if yield_when_sent:  # (its client is told before its scoring steps, which return once they have run)
                 yield PrefillSent()
             # each step's entries as it returns (the caller answers other clients in between)
@@ -314,6 +314,8 @@ class Generator:
         # overlaps with the executor launching the prefill (and so does the first mask of a structured output)
         self.sampler.start_request(params, prompt_ids, end_ids=end_ids(params, self.eos_token_ids),
                                    constraint=self.constraint(params))
+        if out is None:
+            out = self._output(params, prompt_ids, start)
         out.cached_tokens = cached
         out.prefill_sent_ms = sent_ms
         # (a verify step's rows carry no logprobs, and a structured output's mask is known one token ahead only)
@@ -354,6 +356,10 @@ class Generator:
             if out.finish:
                 break  # after a stop, the decodes in flight (at most decode_ahead) are discarded
         yield from self._finish(out, prompt_ids)
+
+    def _output(self, params: SamplingParams, prompt_ids: list[int], start: float) -> RequestOutput:
+        return RequestOutput(self.tokenizer, self.eos_token_ids, self.port.max_context, params, prompt_ids, start,
+                             self.token_texts)
 
     def _finish(self, out: RequestOutput, prompt_ids: list[int]) -> Iterator[Chunk | GenerationResult]:
         """The request's last chunk and result; then the KV cache is known to hold the prompt and every output token
