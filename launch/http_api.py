@@ -30,6 +30,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -56,6 +57,7 @@ from launch.openai_protocol import (
     models_body,
     vllm_prompt_logprobs,
 )
+from launch.responses_api import ResponseBuilder, ResponsesRequest, response_events
 from launch.tool_calls import PlainReply, ToolPlan, ToolReply
 
 Events = AsyncGenerator[Started | TokenChunk | Finished, None]  # one request's messages, from AsyncClient.generate
@@ -183,6 +185,22 @@ def create_app(client_address: str, model_name: str, api_key: str | None, max_co
         return await _respond(client, body, {"messages": messages, "chat": chat}, params, chat=True, request=request,
                               warm_up=warming(request), tools=tools)
 
+    @v1.post("/responses")
+    async def responses(body: ResponsesRequest, request: Request) -> Any:
+        """OpenAI's Responses API over a chat (launch/responses_api.py)."""
+        _check(body, model_name)
+        warn_unknown(body, warned)
+        build = ResponseBuilder(body, body.model)
+        params = body.sampling_params(max_context)
+        if body.stream:  # answered once the JIT context has accepted it, as the chat route's stream
+            events = client.generate(messages=body.messages(), params=params, request_id=build.id, started=True)
+            await _next_or_error(events)
+            failed = partial(_response_error_event, build)
+            return _ClosingStreamingResponse(response_events(events, build, failed), events)
+        events = client.generate(messages=body.messages(), params=params, request_id=build.id)
+        item = await _unless_disconnected(request, _until_finished(events))
+        return build.body("completed", item.text, item)
+
     app.include_router(v1)
     # Valid generation requests skip FastAPI's routing and dependency layers (the same handlers; every error answer
     # stays FastAPI's): launch/http_fast_path.py
@@ -225,7 +243,7 @@ def _check_model(model: str | None, model_name: str) -> None:
                        param="model", code="model_not_found")
 
 
-def warn_unknown(body: CompletionRequest | ChatCompletionRequest, warned: set[str]) -> None:
+def warn_unknown(body: CompletionRequest | ChatCompletionRequest | ResponsesRequest, warned: set[str]) -> None:
     """Log the request's unknown fields (ignored, as vLLM does) once per name: `warned` holds those logged."""
     new = [name for name in body.unknown_fields() if name not in warned]
     if new:
@@ -233,7 +251,7 @@ def warn_unknown(body: CompletionRequest | ChatCompletionRequest, warned: set[st
         log.warning("ignoring unknown request field(s) %s (warned once per field)", ", ".join(new))
 
 
-def _check(body: CompletionRequest | ChatCompletionRequest, model_name: str) -> None:
+def _check(body: CompletionRequest | ChatCompletionRequest | ResponsesRequest, model_name: str) -> None:
     _check_model(body.model, model_name)
     try:
         body.check_supported()
@@ -605,6 +623,14 @@ async def _sse(events: Events, chunks: ChunkMaker, echo: str | None,
         except StopAsyncIteration:
             held += _event(error_body(ENDED_WITHOUT_RESULT, "server_error", None, None))
     yield held + "data: [DONE]\n\n"
+
+
+def _response_error_event(build: ResponseBuilder, e: Exception) -> str:
+    """A streamed response's error event (its headers are gone): the Responses API's form."""
+    err = ApiError.from_server(e) if isinstance(e, ServerError) else \
+        ApiError(500, ENDED_WITHOUT_RESULT if isinstance(e, StopAsyncIteration) else f"{type(e).__name__}: {e}",
+                 "server_error")
+    return build.event("error", code=err.code or err.type, message=err.message, param=err.param)
 
 
 def _error_event(err: ApiError) -> str:

@@ -800,3 +800,47 @@ def test_merged_choices_close_every_stream_on_a_failure_or_a_hang_up() -> None:
     closed.clear()
     asyncio.run(hang_up())
     assert sorted(closed) == [0, 1]
+
+
+def test_the_responses_api_answers_as_the_chat_route(server, model) -> None:
+    """OpenAI's Responses API through the openai SDK: `instructions` + `input` give the chat route's reply to a system
+    and a user message (greedy), with usage; a reply cut by max_output_tokens is "incomplete"; streamed, the events
+    come in OpenAI's order, their deltas make the text, and the SDK's stream helper gets the final response; a JSON
+    schema in text.format holds the reply; what it cannot honour is a 400 naming the field."""
+    api = openai_client(server)
+    system, user = "Answer in one short sentence.", "What is the capital of France?"
+    chat = api.chat.completions.create(model=model, max_tokens=24, temperature=0, messages=[
+        {"role": "system", "content": system}, {"role": "user", "content": user}])
+    reply = api.responses.create(model=model, instructions=system, input=user, max_output_tokens=24, temperature=0)
+    assert reply.output_text == chat.choices[0].message.content and reply.object == "response"
+    assert reply.status == ("completed" if chat.choices[0].finish_reason == "stop" else "incomplete")
+    assert reply.usage.input_tokens == chat.usage.prompt_tokens and reply.usage.output_tokens \
+        == chat.usage.completion_tokens and reply.output[0].role == "assistant" and reply.id.startswith("resp_")
+    cut = api.responses.create(model=model, input=[{"role": "user", "content": [{"type": "input_text", "text": user}]}],
+                               max_output_tokens=2, temperature=0)
+    assert cut.status == "incomplete" and cut.incomplete_details.reason == "max_output_tokens"
+    assert cut.usage.output_tokens == 2
+    kinds, deltas = [], []
+    for event in api.responses.create(model=model, input=user, max_output_tokens=6, temperature=0, stream=True):
+        kinds.append(event.type)
+        if event.type == "response.output_text.delta":
+            deltas.append(event.delta)
+        if event.type == "response.completed":
+            final = event.response
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.completed"] and set(kinds[4:-4]) == {"response.output_text.delta"}
+    assert "".join(deltas) == final.output_text and final.status == "incomplete"
+    with api.responses.stream(model=model, input=user, max_output_tokens=6, temperature=0) as stream:
+        assert stream.get_final_response().output_text == final.output_text
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"],
+              "additionalProperties": False}
+    held = api.responses.create(model=model, input=user, max_output_tokens=40, temperature=0, text={
+        "format": {"type": "json_schema", "name": "answer", "schema": schema}})
+    assert set(json.loads(held.output_text)) == {"city"}
+    for field, value in (("previous_response_id", "resp_1"), ("tools", [{"type": "function", "name": "f"}]),
+                         ("max_output_tokens", 0)):
+        with pytest.raises(openai.BadRequestError) as refused:
+            api.responses.create(model=model, input=user, **{field: value})
+        assert refused.value.body["param"] == field, refused.value.body
