@@ -31,7 +31,8 @@ NASTY_VALUES: tuple = (None, True, False, 0, -1, 1, 2**63 - 1, -(2**63), 2**64 -
                        [], [1], {}, {"a": 1}, [[[[[]]]]], "a" * 200_000, list(range(5000)))
 ROLES = ("user", "assistant", "system", "tool", "robot", "", None, 5)
 PARAM_NAMES = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-               "frequency_penalty", "logit_bias", "seed", "stop", "stop_token_ids", "ignore_eos", "structured", "bogus")
+               "frequency_penalty", "logit_bias", "seed", "stop", "stop_token_ids", "ignore_eos", "structured",
+               "prompt_logprobs", "logprobs", "bogus")
 # Structured outputs that compile (short matches: a valid request stays cheap) and ones that must be refused.
 STRUCTURED = ({"json_object": True}, {"regex": "[a-z]{1,3}"}, {"choice": ["a", "b"]}, {"grammar": "start: /[0-9]+/"},
               {"json": {"type": "object", "properties": {"x": {"type": "integer"}}}}, {"grammar": 'root ::= "a"'},
@@ -148,8 +149,8 @@ def native_case(rng: random.Random, index: int) -> Case:
     return Case(index, f"native-{kind}", frames=frames, vanish=rng.random() < 0.2)
 
 
-HTTP_PATHS = ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize", "/v1/models", "/health",
-              "/metrics", "/version", "/v1/nothing", "/v1/completions/", "//v1/completions")
+HTTP_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/tokenize", "/detokenize", "/v1/models",
+              "/health", "/metrics", "/version", "/v1/nothing", "/v1/completions/", "//v1/completions")
 
 
 def _json_value(rng: random.Random):
@@ -167,7 +168,20 @@ def _http_body(rng: random.Random, path: str) -> dict:
                                             "name": "f", "arguments": rng.choice(["{}", "{", "[" * 3000])}}]},
                                         {"role": "tool", "tool_call_id": rng.choice(["c", None]), "content": "1"}]])
     elif "completions" in path:
-        body["prompt"] = rng.choice(["Hi", "", ["Hi"], [1, 2, 3], [-1], "\ud800", _json_value(rng)])
+        body["prompt"] = rng.choice(["Hi", "", ["Hi"], [1, 2, 3], [-1], "\ud800", [[1, 2, 3]], [[1], [2]], [[]],
+                                     _json_value(rng)])
+    elif "responses" in path:
+        body["input"] = rng.choice(["Hi", "", [{"role": "user", "content": "Hi"}], [{"role": "tool", "content": "x"}],
+                                    [{"role": "user", "content": [{"type": "input_text", "text": "Hi"}]}],
+                                    [{"role": "user", "content": [{"type": "input_image"}]}], _json_value(rng)])
+        for name in rng.sample(("instructions", "max_output_tokens", "text", "previous_response_id", "tools",
+                                "store", "reasoning", "truncation", "stream"), rng.randrange(0, 3)):
+            body[name] = _json_value(rng) if rng.random() < 0.5 else {
+                "max_output_tokens": rng.choice([0, 1, 2]), "text": rng.choice(
+                    [{"format": {"type": "json_object"}}, {"format": {"type": "xml"}}, {"format": None}]),
+                "truncation": rng.choice(["auto", "disabled"]), "stream": True}.get(name, _json_value(rng))
+        if not isinstance(body.get("max_output_tokens"), int) or body["max_output_tokens"] > 2:
+            body["max_output_tokens"] = 2  # (a valid request stays cheap)
     elif "detokenize" in path:
         body["tokens"] = rng.choice([[1, 2], [10**9], [-1], list(range(250_000)), _json_value(rng)])
     elif "tokenize" in path:
@@ -176,7 +190,7 @@ def _http_body(rng: random.Random, path: str) -> dict:
                             "stop", "stream", "n", "logprobs", "stream_options", "presence_penalty",
                             "frequency_penalty", "logit_bias", "bogus", "response_format", "structured_outputs",
                             "guided_json", "guided_regex", "guided_choice", "guided_grammar", "tools", "tool_choice",
-                            "parallel_tool_calls"), rng.randrange(0, 4)):
+                            "parallel_tool_calls", "echo", "prompt_logprobs"), rng.randrange(0, 4)):
         body[name] = _json_value(rng) if rng.random() < 0.7 else rng.choice([1e308, -1, 0.5, 2])
         if rng.random() < 0.6:  # plausible values of the structured output and tool fields
             body[name] = {
