@@ -30,7 +30,6 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -71,7 +70,9 @@ WARM_UP_HEADER = "x-hybridrt-warm-up"  # its value: a per-app secret, so that no
 WARM_UP_REQUESTS = 2  # the second one still paid ~1-4 ms of first-time costs on the CPU machine
 WARM_UP_TIMEOUT_S = 30.0
 UNION_HINTS = {  # fields with several accepted forms: one clear line instead of an error per form
-    "prompt": "must be a string, a list holding one string, or a list of token ids (ints >= 0)",
+    "prompt": "must be a string, a list of token ids (ints >= 0), or a list holding one of those",
+    "input": 'must be a string or a list of messages ({"role": "user", "system", "developer" or "assistant", '
+             '"content": a string or input_text / output_text parts}; other item types are not supported)',
     "content": 'must be a string or a list of {"type": "text", "text": ...} parts (only text is supported)',
     "stop": "must be a string or a list of strings",
 }
@@ -195,11 +196,10 @@ def create_app(client_address: str, model_name: str, api_key: str | None, max_co
         if body.stream:  # answered once the JIT context has accepted it, as the chat route's stream
             events = client.generate(messages=body.messages(), params=params, request_id=build.id, started=True)
             await _next_or_error(events)
-            failed = partial(_response_error_event, build)
-            return _ClosingStreamingResponse(response_events(events, build, failed), events)
+            return _ClosingStreamingResponse(response_events(events, build, _response_error), events)
         events = client.generate(messages=body.messages(), params=params, request_id=build.id)
         item = await _unless_disconnected(request, _until_finished(events))
-        return build.body("completed", item.text, item)
+        return AsciiJSONResponse(build.body("completed", item.text, item))  # (it echoes what the client sent)
 
     app.include_router(v1)
     # Valid generation requests skip FastAPI's routing and dependency layers (the same handlers; every error answer
@@ -625,12 +625,12 @@ async def _sse(events: Events, chunks: ChunkMaker, echo: str | None,
     yield held + "data: [DONE]\n\n"
 
 
-def _response_error_event(build: ResponseBuilder, e: Exception) -> str:
-    """A streamed response's error event (its headers are gone): the Responses API's form."""
+def _response_error(e: Exception) -> tuple[str, str, str | None]:
+    """A streamed response's failure after its headers (code, message, param), as the chat route's stream says it."""
     err = ApiError.from_server(e) if isinstance(e, ServerError) else \
         ApiError(500, ENDED_WITHOUT_RESULT if isinstance(e, StopAsyncIteration) else f"{type(e).__name__}: {e}",
                  "server_error")
-    return build.event("error", code=err.code or err.type, message=err.message, param=err.param)
+    return err.code or err.type, err.message, err.param
 
 
 def _error_event(err: ApiError) -> str:

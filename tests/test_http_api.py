@@ -819,7 +819,24 @@ def test_the_responses_api_answers_as_the_chat_route(server, model) -> None:
     cut = api.responses.create(model=model, input=[{"role": "user", "content": [{"type": "input_text", "text": user}]}],
                                max_output_tokens=2, temperature=0)
     assert cut.status == "incomplete" and cut.incomplete_details.reason == "max_output_tokens"
-    assert cut.usage.output_tokens == 2
+    assert cut.usage.output_tokens == 2 and cut.output[0].status == "incomplete"
+    # the last reply given back as input (an output item, its parts with their annotations and logprobs), as a
+    # client keeping the conversation sends it: the same as the chat route's turn with that assistant message
+    given = [item.model_dump() for item in reply.output]
+    given[0]["content"][0]["logprobs"] = []
+    follow = [{"role": "user", "content": user}, *given, {"role": "user", "content": "And of Italy?"}]
+    again = api.responses.create(model=model, instructions=system, input=follow, max_output_tokens=8, temperature=0,
+                                 metadata={"who": "Zoë"})
+    turn = api.chat.completions.create(model=model, max_tokens=8, temperature=0, messages=[
+        {"role": "system", "content": system}, {"role": "user", "content": user},
+        {"role": "assistant", "content": reply.output_text}, {"role": "user", "content": "And of Italy?"}])
+    assert again.output_text == turn.choices[0].message.content and again.metadata == {"who": "Zoë"}
+    # echoed back: a lone surrogate (valid JSON, not UTF-8) must not break the answer, streamed or not
+    for stream in ("false", "true"):
+        raw = httpx.post(f"{server.http}/v1/responses", timeout=60, headers={"content-type": "application/json"},
+                         content=f'{{"model": "{model}", "input": "Hi", "max_output_tokens": 1, "stream": {stream}, '
+                                 f'"user": "\\ud800"}}'.encode())
+        assert raw.status_code == 200 and "\\ud800" in raw.text, raw.text
     kinds, deltas = [], []
     for event in api.responses.create(model=model, input=user, max_output_tokens=6, temperature=0, stream=True):
         kinds.append(event.type)
@@ -840,7 +857,8 @@ def test_the_responses_api_answers_as_the_chat_route(server, model) -> None:
         "format": {"type": "json_schema", "name": "answer", "schema": schema}})
     assert set(json.loads(held.output_text)) == {"city"}
     for field, value in (("previous_response_id", "resp_1"), ("tools", [{"type": "function", "name": "f"}]),
-                         ("max_output_tokens", 0)):
+                         ("max_output_tokens", 0), ("conversation", "conv_1"), ("text", {"format": "json"}),
+                         ("input", [{"type": "function_call_output", "call_id": "c", "output": "1"}])):
         with pytest.raises(openai.BadRequestError) as refused:
-            api.responses.create(model=model, input=user, **{field: value})
+            api.responses.create(model=model, **{"input": user, field: value})
         assert refused.value.body["param"] == field, refused.value.body
