@@ -188,18 +188,29 @@ def create_app(client_address: str, model_name: str, api_key: str | None, max_co
 
     @v1.post("/responses")
     async def responses(body: ResponsesRequest, request: Request) -> Any:
-        """OpenAI's Responses API over a chat (launch/responses_api.py)."""
-        _check(body, model_name)
+        """OpenAI's Responses API, answered as the chat it converts to (launch/responses_api.py)."""
+        _check_model(body.model, model_name)
         warn_unknown(body, warned)
+        try:
+            chat = body.chat_request()
+        except Unsupported as e:
+            raise ApiError(400, str(e), param=e.param, code="unsupported") from None
+        tools = _tool_plan(chat, tool_call_format)
+        params = chat.sampling_params(max_context if chat.max_tokens is None else chat.max_tokens)
+        if tools is not None and tools.mode == "auto":
+            params["skip_special_tokens"] = False  # (as the chat route: a model's call marker may be one)
+        prompt = {"messages": [m.native() for m in chat.messages], "chat": chat.chat_options()}
         build = ResponseBuilder(body, body.model)
-        params = body.sampling_params(max_context)
         if body.stream:  # answered once the JIT context has accepted it, as the chat route's stream
-            events = client.generate(messages=body.messages(), params=params, request_id=build.id, started=True)
+            events = client.generate(**prompt, params=params, request_id=build.id, started=True)
             await _next_or_error(events)
-            return _ClosingStreamingResponse(response_events(events, build, _response_error), events)
-        events = client.generate(messages=body.messages(), params=params, request_id=build.id)
+            reply = PlainReply() if tools is None else ToolReply(tools)
+            return _ClosingStreamingResponse(response_events(events, build, reply, _response_error), events)
+        events = client.generate(**prompt, params=params, request_id=build.id)
         item = await _unless_disconnected(request, _until_finished(events))
-        return AsciiJSONResponse(build.body("completed", item.text, item))  # (it echoes what the client sent)
+        content, calls = (item.text, []) if tools is None else tools.parse(item.text)
+        # (ASCII-escaped: it echoes what the client sent)
+        return AsciiJSONResponse(build.body("completed", item, content or "", calls or []))
 
     app.include_router(v1)
     # Valid generation requests skip FastAPI's routing and dependency layers (the same handlers; every error answer
@@ -251,7 +262,7 @@ def warn_unknown(body: CompletionRequest | ChatCompletionRequest | ResponsesRequ
         log.warning("ignoring unknown request field(s) %s (warned once per field)", ", ".join(new))
 
 
-def _check(body: CompletionRequest | ChatCompletionRequest | ResponsesRequest, model_name: str) -> None:
+def _check(body: CompletionRequest | ChatCompletionRequest, model_name: str) -> None:
     _check_model(body.model, model_name)
     try:
         body.check_supported()

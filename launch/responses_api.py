@@ -1,13 +1,16 @@
-"""OpenAI's Responses API (`POST /v1/responses`, the openai SDK's `client.responses.create`) over the same native
-requests as the chat route: its request model, the conversion to a chat and sampling params, and the response
-object and its stream of events (`response.created` ... `response.completed`), as vLLM serves them.
+"""OpenAI's Responses API (`POST /v1/responses`, the openai SDK's `client.responses.create`) over the chat route: the
+request model and its conversion to a chat completion request (which then runs as any chat, its tools parsed the
+same way), and the response object and its stream of events (`response.created` ... `response.completed`), as vLLM
+serves them.
 
-What it takes: `input` (a string, or messages: user / system / developer / assistant, their content a string or
-input_text / output_text parts), `instructions` (a system message first), `max_output_tokens`, `temperature`,
-`top_p`, `stream`, `text.format` (text, json_object, json_schema: structured output), `store` (nothing is stored:
-the response says `store: false`), `metadata` and `user` (echoed). Refused with a 400 naming the field:
-`previous_response_id` and `conversation` (nothing is stored to continue from), tools, reasoning effort,
-log-probabilities, other input item types (images, files, function calls: use /v1/chat/completions for tools).
+What it takes: `input` (a string, or items: messages (user / system / developer / assistant, their content a string
+or input_text / output_text parts), function calls and their outputs given back), `instructions` (a system message
+first), `max_output_tokens`, `temperature`, `top_p`, `stream`, `text.format` (text, json_object, json_schema:
+structured output), function `tools` with `tool_choice` (auto, required, none, a named function) and
+`parallel_tool_calls` (the reply's calls come as function_call output items), `store` (nothing is stored: the
+response says `store: false`), `metadata` and `user` (echoed). Refused with a 400 naming the field:
+`previous_response_id` and `conversation` (nothing is stored to continue from), tools other than functions,
+reasoning effort, log-probabilities, other input item types (images, files).
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ipc.messages import Finished, FinishReason, TokenChunk
-from launch.openai_protocol import Unsupported
+from launch.openai_protocol import ChatCompletionRequest, Unsupported
+from launch.tool_calls import PlainReply, ToolCall, ToolReply
 
 
 class InputText(BaseModel):
@@ -43,13 +47,51 @@ class InputMessage(BaseModel):
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
+class FunctionCallItem(BaseModel):
+    """A call the model made, given back in `input` (an earlier response's function_call output item)."""
+
+    model_config = ConfigDict(extra="ignore")  # (its id and status)
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+
+
+class FunctionCallOutputItem(BaseModel):
+    """A call's result, given back in `input`."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str
+
+
+class FunctionTool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class NamedFunctionChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    name: str
+
+
+# A chat request's field -> the Responses request's field that gave it (an error names what the client sent).
+CHAT_FIELDS = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text"}
+
+
 class ResponsesRequest(BaseModel):
     """What hybridrt takes of a Responses request (unknown fields are ignored and warned about once, as on the other
     routes; known ones it cannot honour are refused in `check_supported`)."""
 
     model_config = ConfigDict(extra="allow")
     model: str
-    input: str | list[InputMessage] = Field(min_length=1)
+    input: str | list[InputMessage | FunctionCallItem | FunctionCallOutputItem] = Field(min_length=1)
     instructions: str | None = None
     max_output_tokens: int | None = None
     temperature: float | None = None
@@ -60,8 +102,8 @@ class ResponsesRequest(BaseModel):
     user: str | None = None
     text: dict[str, Any] | None = None
     previous_response_id: str | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedFunctionChoice | None = None
     parallel_tool_calls: bool | None = None
     reasoning: dict[str, Any] | None = None
     truncation: str | None = None
@@ -80,10 +122,6 @@ class ResponsesRequest(BaseModel):
         if self.top_logprobs or "message.output_text.logprobs" in (self.include or ()):
             raise Unsupported("top_logprobs" if self.top_logprobs else "include",
                               "log-probabilities are not given on /v1/responses: use /v1/chat/completions")
-        if self.tools:
-            raise Unsupported("tools", "tools are not supported on /v1/responses: use /v1/chat/completions")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise Unsupported("tool_choice", "tool_choice needs tools, which /v1/responses does not take")
         if self.reasoning and self.reasoning.get("effort") is not None:
             raise Unsupported("reasoning", "reasoning effort is not supported")
         if self.truncation not in (None, "disabled"):
@@ -91,33 +129,63 @@ class ResponsesRequest(BaseModel):
                                             "a 400)")
         if self.max_output_tokens is not None and self.max_output_tokens < 1:
             raise Unsupported("max_output_tokens", f"max_output_tokens must be >= 1, got {self.max_output_tokens}")
-        self.structured()
 
-    def structured(self) -> dict[str, Any] | None:
-        """`text.format` as the native structured output (None for plain text)."""
+    def response_format(self) -> dict[str, Any] | None:
+        """`text.format` as the chat route's response_format (None for plain text)."""
         form = (self.text or {}).get("format")
         if form is not None and not isinstance(form, dict):
             raise Unsupported("text", "text.format must be an object")
         if form is None or form.get("type") == "text":
             return None
         if form.get("type") == "json_object":
-            return {"json_object": True}
+            return {"type": "json_object"}
         if form.get("type") == "json_schema" and isinstance(form.get("schema"), dict):
-            return {"json": form["schema"]}
+            return {"type": "json_schema", "json_schema": {k: v for k, v in form.items() if k != "type"}}
         raise Unsupported("text", 'text.format must be {"type": "text"}, {"type": "json_object"} or {"type": '
                                   '"json_schema", "name": ..., "schema": {...}}')
 
-    def messages(self) -> list[dict[str, str]]:
-        """The chat the template renders: the instructions as a system message, then the input."""
-        given = [{"role": "user", "content": self.input}] if isinstance(self.input, str) else \
-            [m.native() for m in self.input]
-        return ([{"role": "system", "content": self.instructions}] if self.instructions is not None else []) + given
+    def messages(self) -> list[dict[str, Any]]:
+        """The chat: the instructions as a system message, then the input's messages; function calls given back join
+        the assistant message before them (or make one), their outputs become tool messages."""
+        chat: list[dict[str, Any]] = [] if self.instructions is None else [
+            {"role": "system", "content": self.instructions}]
+        if isinstance(self.input, str):
+            return [*chat, {"role": "user", "content": self.input}]
+        for item in self.input:
+            if isinstance(item, FunctionCallItem):
+                call = {"id": item.call_id, "type": "function",
+                        "function": {"name": item.name, "arguments": item.arguments}}
+                if not (chat and chat[-1]["role"] == "assistant"):
+                    chat.append({"role": "assistant", "content": None})
+                chat[-1].setdefault("tool_calls", []).append(call)
+            elif isinstance(item, FunctionCallOutputItem):
+                chat.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+            else:
+                chat.append(item.native())
+        return chat
 
-    def sampling_params(self, max_context: int) -> dict[str, Any]:
-        params = {"max_tokens": self.max_output_tokens or max_context,
-                  "temperature": 1.0 if self.temperature is None else self.temperature, "top_p": self.top_p,
-                  "structured": self.structured()}
-        return {key: value for key, value in params.items() if value is not None}
+    def chat_request(self) -> ChatCompletionRequest:
+        """The chat completion request that answers this one; Unsupported naming this request's field."""
+        self.check_supported()
+        tools = [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
+                 for t in self.tools or ()]
+        choice = self.tool_choice
+        if isinstance(choice, NamedFunctionChoice):
+            choice = {"type": "function", "function": {"name": choice.name}}
+        fields = {"model": self.model, "messages": self.messages(), "max_tokens": self.max_output_tokens,
+                  "temperature": self.temperature, "top_p": self.top_p, "response_format": self.response_format(),
+                  "tools": tools or None, "tool_choice": choice, "parallel_tool_calls": self.parallel_tool_calls}
+        try:
+            chat = ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None})
+            chat.check_supported()
+        except ValidationError as e:
+            err = e.errors()[0]
+            field = str(err["loc"][0]) if err["loc"] else "input"
+            raise Unsupported(CHAT_FIELDS.get(field, field), f"{'.'.join(map(str, err['loc']))}: {err['msg']}") \
+                from None
+        except Unsupported as e:
+            raise Unsupported(CHAT_FIELDS.get(e.param, e.param), str(e)) from None
+        return chat
 
 
 @dataclass
@@ -131,17 +199,26 @@ class ResponseBuilder:
     created_at: int = field(default_factory=lambda: int(time.time()))
     sequence: int = 0
 
-    def body(self, status: str, text: str | None = None, finished: Finished | None = None) -> dict:
-        """The response object: in progress (no output yet), or its output message and usage once `finished`."""
+    def body(self, status: str, finished: Finished | None = None, text: str | None = None,
+             calls: list[ToolCall] = ()) -> dict:
+        """The response object: in progress or failed (no output), or, once `finished`, its output (the message
+        with `text`, unless the reply is calls alone, then a function_call item per call) and usage."""
         r = self.request
         incomplete = finished is not None and finished.finish_reason == FinishReason.LENGTH
-        output = [] if text is None else [self.message(text, "incomplete" if incomplete else "completed")]
+        output = []
+        if finished is not None:
+            if text or not calls:
+                output.append(self.message(text or "", "incomplete" if incomplete else "completed"))
+            output += [self.function_call(call) for call in calls]
         body = {"id": self.id, "object": "response", "created_at": self.created_at, "model": self.model,
                 "status": "incomplete" if incomplete else status, "error": None,
                 "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
                 "instructions": r.instructions, "max_output_tokens": r.max_output_tokens,
                 "temperature": 1.0 if r.temperature is None else r.temperature,
-                "top_p": 1.0 if r.top_p is None else r.top_p, "tools": [], "tool_choice": r.tool_choice or "auto",
+                "top_p": 1.0 if r.top_p is None else r.top_p,
+                "tools": [t.model_dump(exclude_none=True) for t in r.tools or ()],
+                "tool_choice": r.tool_choice.model_dump() if isinstance(r.tool_choice, NamedFunctionChoice)
+                else r.tool_choice or "auto",
                 "parallel_tool_calls": r.parallel_tool_calls is not False, "previous_response_id": None,
                 "reasoning": None, "store": False,
                 "text": {"format": (r.text or {}).get("format") or {"type": "text"}}, "truncation": "disabled",
@@ -166,6 +243,12 @@ class ResponseBuilder:
     def part(text: str) -> dict:
         return {"type": "output_text", "text": text, "annotations": []}
 
+    @staticmethod
+    def function_call(call: ToolCall, status: str = "completed") -> dict:
+        """A call of the reply as an output item (its call_id is what the call's output names when given back)."""
+        return {"type": "function_call", "id": f"fc_{call.id.removeprefix('call_')}", "call_id": call.id,
+                "name": call.name, "arguments": call.arguments if status == "completed" else "", "status": status}
+
     def event(self, kind: str, **fields: Any) -> str:
         """One server-sent event (`event:` line and data), numbered in order."""
         data = {"type": kind, "sequence_number": self.sequence, **fields}
@@ -174,23 +257,44 @@ class ResponseBuilder:
         return f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-async def response_events(events: AsyncIterator, build: ResponseBuilder,
+async def response_events(events: AsyncIterator, build: ResponseBuilder, reply: ToolReply | PlainReply,
                           describe: Callable[[Exception], tuple[str, str, str | None]]) -> AsyncGenerator[str, None]:
-    """A streamed response's events in OpenAI's order: created, in_progress, the message item and its text part
-    added, a text delta per chunk that carries text, the text, part and item done, then completed (its status
-    "incomplete" for a reply cut by max_output_tokens). A failure after the headers ends it with an error event and
-    response.failed: `describe(exc)` gives its (code, message, param)."""
-    item = {"output_index": 0, "item_id": build.message_id}
-    part = {**item, "content_index": 0}
+    """A streamed response's events in OpenAI's order: created, in_progress; the message item and its text part
+    added at the reply's first text, a text delta per piece of text `reply` lets out, the text, part and item done;
+    then a function_call item per call the reply made (added, its arguments' delta and done, done; `reply` reads
+    the calls, as the chat route's stream does); then completed (its status "incomplete" for a reply cut by
+    max_output_tokens). A reply with neither text nor calls still has its (empty) message. A failure after the
+    headers ends it with an error event and response.failed: `describe(exc)` gives its (code, message, param)."""
+    part = {"output_index": 0, "item_id": build.message_id, "content_index": 0}
     yield build.event("response.created", response=build.body("in_progress"))
     yield build.event("response.in_progress", response=build.body("in_progress"))
-    yield build.event("response.output_item.added", output_index=0, item=build.message("", "in_progress"))
-    yield build.event("response.content_part.added", **part, part=build.part(""))
+    texts: list[str] = []
+    calls: dict[int, dict] = {}  # the tool-call deltas, merged per index
+
+    def opening() -> list[str]:
+        return [build.event("response.output_item.added", output_index=0, item=build.message("", "in_progress")),
+                build.event("response.content_part.added", **part, part=build.part(""))]
+
     try:
         msg = await anext(events)
-        while not isinstance(msg, Finished):
-            if isinstance(msg, TokenChunk) and msg.text:
-                yield build.event("response.output_text.delta", **part, delta=msg.text, logprobs=[])
+        while True:
+            finished = isinstance(msg, Finished)
+            content, deltas = reply.finish() if finished else reply.feed(msg.text) if isinstance(msg, TokenChunk) \
+                else ("", [])
+            if content:
+                if not texts:
+                    for event in opening():
+                        yield event
+                texts.append(content)
+                yield build.event("response.output_text.delta", **part, delta=content, logprobs=[])
+            for delta in deltas:
+                merged = calls.setdefault(delta["index"], {"id": "", "name": "", "arguments": ""})
+                merged["id"] = delta.get("id") or merged["id"]
+                function = delta.get("function", {})
+                merged["name"] = function.get("name") or merged["name"]
+                merged["arguments"] += function.get("arguments") or ""
+            if finished:
+                break
             msg = await anext(events)
     except Exception as e:  # noqa: BLE001 - the headers are gone: the failure becomes an event
         code, message, param = describe(e)
@@ -199,11 +303,25 @@ async def response_events(events: AsyncIterator, build: ResponseBuilder,
         failed["error"] = {"code": code, "message": message}
         yield build.event("response.failed", response=failed)  # (a client waits for a final response event)
         return
-    text = msg.text  # (the deltas' text: the reply's whole)
-    done = build.body("completed", text, msg)
-    yield build.event("response.output_text.done", **part, text=text, logprobs=[])
-    yield build.event("response.content_part.done", **part, part=build.part(text))
-    yield build.event("response.output_item.done", output_index=0, item=done["output"][0])
+    made = [ToolCall(c["id"], c["name"], c["arguments"]) for _, c in sorted(calls.items())]
+    text = "".join(texts)
+    done = build.body("completed", msg, text, made)
+    if text or not made:
+        if not texts:
+            for event in opening():
+                yield event
+        yield build.event("response.output_text.done", **part, text=text, logprobs=[])
+        yield build.event("response.content_part.done", **part, part=build.part(text))
+        yield build.event("response.output_item.done", output_index=0, item=done["output"][0])
+    for index, call in enumerate(made, start=len(done["output"]) - len(made)):
+        item = build.function_call(call)
+        yield build.event("response.output_item.added", output_index=index,
+                          item=build.function_call(call, "in_progress"))
+        yield build.event("response.function_call_arguments.delta", output_index=index, item_id=item["id"],
+                          delta=call.arguments)
+        yield build.event("response.function_call_arguments.done", output_index=index, item_id=item["id"],
+                          arguments=call.arguments, name=call.name)
+        yield build.event("response.output_item.done", output_index=index, item=item)
     # (completed also for a reply cut by max_output_tokens, the response's status saying so: the openai SDK's stream
     # helper takes its final response from this event only, as vLLM sends it)
     yield build.event("response.completed", response=done)

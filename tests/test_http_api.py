@@ -856,9 +856,27 @@ def test_the_responses_api_answers_as_the_chat_route(server, model) -> None:
     held = api.responses.create(model=model, input=user, max_output_tokens=40, temperature=0, text={
         "format": {"type": "json_schema", "name": "answer", "schema": schema}})
     assert set(json.loads(held.output_text)) == {"city"}
-    for field, value in (("previous_response_id", "resp_1"), ("tools", [{"type": "function", "name": "f"}]),
+    # tools: "required" holds the reply to a call (the default model's template teaches no format for "auto"); the
+    # call and its output given back make the next turn; a named function's call streams as its item's events
+    tool = {"type": "function", "name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 10}}, "required": ["city"],
+        "additionalProperties": False}}
+    called = api.responses.create(model=model, input=user, tools=[tool], tool_choice="required", temperature=0,
+                                  max_output_tokens=40)
+    [call] = called.output
+    assert call.type == "function_call" and call.name == "get_weather" and set(json.loads(call.arguments)) == {"city"}
+    result = {"type": "function_call_output", "call_id": call.call_id, "output": "Sunny"}
+    answered = api.responses.create(model=model, tools=[tool], tool_choice="none", temperature=0, max_output_tokens=8,
+                                    input=[{"role": "user", "content": user}, call.model_dump(), result])
+    assert answered.output[0].type == "message" and answered.output_text
+    with api.responses.stream(model=model, input=user, tools=[tool], temperature=0, max_output_tokens=40,
+                              tool_choice={"type": "function", "name": "get_weather"}) as stream:
+        kinds = [event.type for event in stream]
+        assert stream.get_final_response().output[0].name == "get_weather"
+    assert "response.function_call_arguments.done" in kinds and "response.output_text.delta" not in kinds
+    for field, value in (("previous_response_id", "resp_1"), ("tools", [{"type": "web_search"}]),
                          ("max_output_tokens", 0), ("conversation", "conv_1"), ("text", {"format": "json"}),
-                         ("input", [{"type": "function_call_output", "call_id": "c", "output": "1"}])):
+                         ("input", [{"type": "reasoning", "id": "rs_1", "summary": []}])):
         with pytest.raises(openai.BadRequestError) as refused:
             api.responses.create(model=model, **{"input": user, field: value})
         assert refused.value.body["param"] == field, refused.value.body
