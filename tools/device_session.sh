@@ -66,6 +66,8 @@ struct_ab() {  # PREFIX ROUNDS REQUESTS LIMIT_S: structured_cost (SmolLM2 shape,
   # copy with the 45th session's grammar_mask.py (.ab_grammar_mask.py, carried: `git show
   # 7085152:jit_context/grammar_mask.py > .ab_grammar_mask.py`), ROUNDS alternating rounds, into $OUT/PREFIX_<side>_<i>.md
   tree_copy /tmp/gm_old && cp .ab_grammar_mask.py /tmp/gm_old/jit_context/grammar_mask.py || exit 1
+  # (the old file has no prepare_in_background: its side builds llguidance's vocabulary at first use, as then)
+  sed -i 's/^        side.grammars.prepare_in_background()$/        pass/' /tmp/gm_old/jit_context/process.py
   for i in $(seq "$2"); do for t in old new; do d=$PWD; [ $t = old ] && d=/tmp/gm_old
     (cd "$d" && PYTHONPATH=/tmp/site:$d timeout "$4" python3 -m bench.probes.structured_cost --model dummy:smollm2-135m \
       --tokenizer "$HYBRIDRT_TEST_TOKENIZER" --device cuda --requests "$3" --max-num-seqs 1 > "$OUT/$1_${t}_$i.md" 2>&1)
