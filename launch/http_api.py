@@ -162,10 +162,14 @@ def create_app(client_address: str, model_name: str, api_key: str | None, max_co
         _check(body, model_name)
         warn_unknown(body, warned)
         params = body.sampling_params(max_context if body.max_tokens is None else body.max_tokens)
-        prompt = body.prompt_kwargs()
-        echo = await _prompt_text(client, prompt) if body.echo else None
-        return await _respond(client, body, prompt, params, chat=False, request=request, warm_up=warming(request),
-                              echo=echo)
+        prompts = body.prompts()
+        echoes = [await _prompt_text(client, p) if body.echo else None for p in prompts]
+        if len(prompts) > 1:  # a batch of prompts: each one's n choices side by side, as n > 1
+            request_id = f"cmpl-{uuid.uuid4().hex}"
+            return await _respond_n(client, body, prompts, params, False, request, request_id, warming(request),
+                                    echoes)
+        return await _respond(client, body, prompts[0], params, chat=False, request=request, warm_up=warming(request),
+                              echo=echoes[0])
 
     @v1.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
@@ -323,7 +327,7 @@ async def _respond(client: AsyncClient, body: CompletionRequest | ChatCompletion
     """`echo`: the prompt's text, which each completion's text starts with (completions' `echo`)."""
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     if body.choices > 1:
-        return await _respond_n(client, body, prompt, params, chat, request, request_id, warm_up, echo, tools)
+        return await _respond_n(client, body, [prompt], params, chat, request, request_id, warm_up, [echo], tools)
     shape = _Shape.of(body)
     if body.stream:
         # Answer once the JIT context has accepted the request (Started, before its prefill): what it refuses is
@@ -382,16 +386,19 @@ class _Shape:
 _PLAIN = _Shape()
 
 
-async def _respond_n(client: AsyncClient, body: CompletionRequest | ChatCompletionRequest, prompt: dict[str, Any],
-                     params: dict[str, Any], chat: bool, request: Request, request_id: str, warm_up: bool,
-                     echo: str | None = None, tools: ToolPlan | None = None) -> Any:
-    """`n` > 1: n native requests side by side (a batching server decodes them together; one slot queues them),
-    choice i from request i (its seed moved on by i). A failure of any is the request's error. `tools`: each
-    choice's reply read for tool calls on its own."""
+async def _respond_n(client: AsyncClient, body: CompletionRequest | ChatCompletionRequest,
+                     prompts: list[dict[str, Any]], params: dict[str, Any], chat: bool, request: Request,
+                     request_id: str, warm_up: bool, echoes: list[str | None], tools: ToolPlan | None = None) -> Any:
+    """`n` > 1, or a completion's batch of prompts: n native requests per prompt side by side (a batching server
+    decodes them together; one slot queues them), choice p * n + i from prompt p's request i (its seed moved on by
+    i), with that prompt's echo (`echoes[p]`). A failure of any is the request's error. `tools`: each choice's reply
+    read for tool calls on its own."""
     n = body.choices
     started = body.stream
-    streams = [client.generate(**prompt, params=body.choice_params(params, i), request_id=f"{request_id}-{i}",
-                               warm_up=warm_up, started=started) for i in range(n)]
+    sources = [(p, i) for p in range(len(prompts)) for i in range(n)]  # choice index -> (prompt, its choice)
+    streams = [client.generate(**prompts[p], params=body.choice_params(params, i), request_id=f"{request_id}-{j}",
+                               warm_up=warm_up, started=started) for j, (p, i) in enumerate(sources)]
+    echo = [echoes[p] for p, _ in sources]  # per choice
     if started:
         # the first accepted (Started) before the headers: what it refuses (the others' params but the seed are its
         # own) is a 400; the others are sent when the body starts (a one-slot server queues them behind it)
@@ -403,11 +410,11 @@ async def _respond_n(client: AsyncClient, body: CompletionRequest | ChatCompleti
             raise
         merged = _merged(streams)
         return _ClosingStreamingResponse(_sse_n(merged, ChunkMaker(request_id, body.model, chat, body.include_usage),
-                                                n, echo, tools), _AllStreams(streams))
+                                                len(streams), echo, tools, per_prompt=n), _AllStreams(streams))
     asked = params.get("logprobs") is not None
-    logprobs = [[] if asked else None for _ in range(n)]
+    logprobs = [[] if asked else None for _ in streams]
     shape = _Shape.of(body)
-    scored = [EchoedPrompt() if shape.collects else None for _ in range(n)]
+    scored = [EchoedPrompt() if shape.collects else None for _ in streams]
 
     async def all_finished() -> list[Finished]:
         tasks = [asyncio.ensure_future(_until_finished(events, lp, sp))
@@ -422,8 +429,10 @@ async def _respond_n(client: AsyncClient, body: CompletionRequest | ChatCompleti
 
     finished = await _unless_disconnected(request, all_finished())
     make = chat_body if chat else completion_body
-    outcomes = [_outcome(f, lp, echo, tools, sp, shape) for f, lp, sp in zip(finished, logprobs, scored)]
-    return make(request_id, body.model, outcomes, merged_usage([shape.usage(f.usage) for f in finished]))
+    outcomes = [_outcome(f, lp, e, tools, sp, shape) for f, lp, e, sp in zip(finished, logprobs, echo, scored)]
+    usages = [shape.usage(f.usage) for f in finished]
+    return make(request_id, body.model, outcomes, merged_usage([usages[p * n:(p + 1) * n]
+                                                                for p in range(len(prompts))]))
 
 
 def _outcome(item: Finished, logprobs: list | None, echo: str | None, tools: ToolPlan | None,
@@ -486,25 +495,28 @@ async def _merged(streams: list[Events]) -> AsyncGenerator[tuple[int, TokenChunk
 
 
 async def _sse_n(merged: AsyncGenerator[tuple[int, TokenChunk | Finished], None], chunks: ChunkMaker,
-                 n: int, echo: str | None = None, tools: ToolPlan | None = None) -> AsyncGenerator[str, None]:
-    """`_sse` for n choices: each choice's role (or echoed prompt), deltas and finish reason with its index, as they
-    come; the usage of all of them at the end (if asked), then [DONE]. `tools`: each choice's text read through a
-    ToolReply of its own, as `_sse` does for one."""
+                 n: int, echo: list[str | None], tools: ToolPlan | None = None,
+                 per_prompt: int | None = None) -> AsyncGenerator[str, None]:
+    """`_sse` for n choices: each choice's role (or echoed prompt: `echo[i]`), deltas and finish reason with its
+    index, as they come; the usage of all of them at the end (if asked; choices [p * per_prompt, (p + 1) *
+    per_prompt) share prompt p), then [DONE]. `tools`: each choice's text read through a ToolReply of its own, as
+    `_sse` does for one."""
+    per_prompt = per_prompt or n
     replies = [PlainReply() if tools is None else ToolReply(tools) for _ in range(n)]
     async with aclosing(merged):
         for i in range(n):
             if (opening := chunks.first(i)) is not None:
                 yield _event(opening)
-            if echo:
-                yield _event(chunks.text(echo, index=i))
+            if echo[i]:
+                yield _event(chunks.text(echo[i], index=i))
         waiting: dict[int, list] = {}
-        usages = []
+        usages: dict[int, dict] = {}
         try:
             async for i, item in merged:
                 if getattr(item, "logprobs", None):
                     waiting.setdefault(i, []).extend(item.logprobs)
                 if isinstance(item, Finished):
-                    usages.append(item.usage)
+                    usages[i] = item.usage
                     content, deltas = replies[i].finish()
                     if content:
                         yield _event(chunks.text(content, waiting.pop(i, None), index=i))
@@ -518,7 +530,9 @@ async def _sse_n(merged: AsyncGenerator[tuple[int, TokenChunk | Finished], None]
                         yield _event(chunks.text(content, waiting.pop(i, None), index=i))
                     if deltas:
                         yield _event(chunks.tool_calls(deltas, index=i))
-            tail = _event(chunks.usage(merged_usage(usages))) if chunks.include_usage else ""
+            groups = [[usages[i] for i in range(p, min(p + per_prompt, n)) if i in usages]
+                      for p in range(0, n, per_prompt)]
+            tail = _event(chunks.usage(merged_usage([g for g in groups if g]))) if chunks.include_usage else ""
         except ServerError as e:
             tail = _error_event(ApiError.from_server(e))
         except ApiError as err:

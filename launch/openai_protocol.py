@@ -27,6 +27,7 @@ from jit_context.sampling_params import MAX_LOGPROBS
 from launch.tool_calls import ToolCall, named_schema, required_schema
 
 TokenId = Annotated[int, Field(ge=0)]
+MAX_BATCH_CHOICES = 64  # a completions request's prompts x n (each a native request side by side)
 MAX_N = 16  # completions per request (`n`): each its own native request, run side by side
 # Native finish reason -> OpenAI's; "abort" has no OpenAI name and keeps vLLM's.
 FINISH_REASONS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.ABORT: "abort"}
@@ -193,18 +194,19 @@ class CompletionRequest(_SamplingRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
-        several = isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], (str, list))
-        if several and len(self.prompt) != 1:
-            raise Unsupported("prompt", "a list of prompts must hold exactly one prompt (a string or a list of token "
-                                        "ids): send one request per prompt")
+        prompts = len(self.prompts())
+        if prompts * self.choices > MAX_BATCH_CHOICES:
+            raise Unsupported("prompt", f"a request makes at most {MAX_BATCH_CHOICES} completions (prompts x n), "
+                                        f"this one {prompts} x {self.choices}")
         if self.max_tokens == 0 and not self.echo:
             raise Unsupported("max_tokens", "max_tokens 0 is for echo (the prompt's text and, with logprobs, its "
                                             "log-probabilities, nothing generated); give max_tokens >= 1")
         if self.scores_prompt and self.prompt_logprobs not in (None, self.logprobs):
             raise Unsupported("prompt_logprobs", "with echo and logprobs the prompt's tokens list `logprobs` top "
                                                  "tokens: give prompt_logprobs the same number, or leave it out")
-        if (self.scores_prompt or self.prompt_only) and self.stream and self.choices > 1:
-            raise Unsupported("n", "a streamed echo with logprobs or max_tokens 0 takes one choice (n = 1)")
+        if (self.scores_prompt or self.prompt_only) and self.stream and prompts * self.choices > 1:
+            raise Unsupported("n" if self.choices > 1 else "prompt", "a streamed echo with logprobs or max_tokens 0 "
+                                                                     "takes one prompt and one choice (n = 1)")
         if self.best_of not in (None, 1):
             raise Unsupported("best_of", "only best_of=1 is supported")
         if self.suffix is not None:
@@ -235,15 +237,16 @@ class CompletionRequest(_SamplingRequest):
         """Whether the answer carries vLLM's `prompt_logprobs` (the request's field of that name)."""
         return self.prompt_logprobs is not None
 
-    def prompt_kwargs(self) -> dict[str, Any]:
-        """AsyncClient.generate's prompt argument: raw text or token ids."""
+    def prompts(self) -> list[dict[str, Any]]:
+        """AsyncClient.generate's prompt argument per prompt (raw text or token ids): one, or a batch's (a list of
+        strings or of token-id lists: its completions' choices then come prompt after prompt, n each)."""
         if isinstance(self.prompt, str):
-            return {"prompt": self.prompt}
+            return [{"prompt": self.prompt}]
         if self.prompt and isinstance(self.prompt[0], str):
-            return {"prompt": self.prompt[0]}
+            return [{"prompt": text} for text in self.prompt]
         if self.prompt and isinstance(self.prompt[0], list):
-            return {"token_ids": list(self.prompt[0])}
-        return {"token_ids": list(self.prompt)}
+            return [{"token_ids": list(ids)} for ids in self.prompt]
+        return [{"token_ids": list(self.prompt)}]
 
 
 class TextPart(BaseModel):
@@ -561,10 +564,12 @@ class Outcome:
     prompt_logprobs: list[dict | None] | None = None  # vLLM's form of them (the request's prompt_logprobs)
 
 
-def merged_usage(usages: list[dict]) -> dict:
-    """The usage of a request's n completions: the prompt counted once, the completions' tokens summed."""
-    prompt = max(u.get("prompt_tokens", 0) for u in usages)  # (an aborted choice's usage is empty)
-    completion = sum(u.get("completion_tokens", 0) for u in usages)
+def merged_usage(per_prompt: list[list[dict]]) -> dict:
+    """The usage of a request's completions, grouped by prompt (one prompt's n completions each): each prompt
+    counted once, the completions' tokens summed."""
+    # (an aborted choice's usage is empty)
+    prompt = sum(max(u.get("prompt_tokens", 0) for u in usages) for usages in per_prompt)
+    completion = sum(u.get("completion_tokens", 0) for usages in per_prompt for u in usages)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 

@@ -179,6 +179,33 @@ def test_n_choices_are_n_native_requests_side_by_side(server, model) -> None:
     wait_idle(server.address)  # nothing of these left running
 
 
+def test_a_batch_of_prompts_gives_each_prompt_s_choices_in_order(server, model) -> None:
+    """A completions request with several prompts (texts, or token-id lists: lm-evaluation-harness's batches): choice
+    p * n + i is prompt p's choice i, each what it gets alone (echoed with its own prompt), streamed and not; the
+    usage counts each prompt once; with echo and logprobs each choice lists its own prompt's tokens."""
+    api = openai_client(server)
+    prompts = ["The capital of France is", "Two plus two is", "Once upon a time"]
+    alone = [api.completions.create(model=model, prompt=p, max_tokens=3, temperature=0).choices[0].text
+             for p in prompts]
+    both = api.completions.create(model=model, prompt=prompts, max_tokens=3, temperature=0, n=2, echo=True)
+    assert [c.index for c in both.choices] == list(range(6))
+    assert [c.text for c in both.choices] == [p + a for p, a in zip(prompts, alone) for _ in range(2)]
+    with Client(server.address) as client:
+        ids = [client.tokenize(prompt=p) for p in prompts]
+    assert both.usage.prompt_tokens == sum(len(i) for i in ids) and both.usage.completion_tokens == 18
+    texts: dict[int, str] = {}
+    for chunk in api.completions.create(model=model, prompt=ids, max_tokens=3, temperature=0, stream=True,
+                                        stream_options={"include_usage": True}):
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+        usage = chunk.usage or None
+    assert [texts[i] for i in range(3)] == alone and usage.prompt_tokens == both.usage.prompt_tokens
+    scored = api.completions.create(model=model, prompt=ids[:2], max_tokens=1, temperature=0, echo=True, logprobs=1)
+    for choice, prompt_ids in zip(scored.choices, ids[:2], strict=True):
+        assert len(choice.logprobs.tokens) == len(prompt_ids) + 1 and choice.logprobs.token_logprobs[0] is None
+    wait_idle(server.address)
+
+
 BAD_REQUESTS = [  # (endpoint, change to a good body, status, error param)
     ("completions", {"temperature": -1}, 400, None),
     ("completions", {"top_p": 2}, 400, None),
@@ -190,11 +217,11 @@ BAD_REQUESTS = [  # (endpoint, change to a good body, status, error param)
     ("chat/completions", {"n": 2, "temperature": -1, "stream": True}, 400, None),
     ("completions", {"max_tokens": 0}, 400, "max_tokens"),  # 0 is for echo
     ("completions", {"echo": True, "logprobs": 1, "stream": True, "n": 2}, 400, "n"),
-    ("completions", {"prompt": [[1, 2], [3]]}, 400, "prompt"),
+    ("completions", {"prompt": [[1, 2], [3]], "echo": True, "logprobs": 1, "stream": True}, 400, "prompt"),
     ("completions", {"presence_penalty": 2.5}, 400, None),  # the JIT context's range check
     ("completions", {"logit_bias": {"99999999": 5}}, 400, None),  # past the vocabulary
     ("chat/completions", {"logit_bias": {"the": 5}}, 400, None),  # not a token id
-    ("completions", {"prompt": ["a", "b"]}, 400, "prompt"),
+    ("completions", {"prompt": ["a"] * 33, "n": 2}, 400, "prompt"),  # 66 completions: over 64
     ("completions", {"model": "gpt-5"}, 404, "model"),
     ("chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages"),
     ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
@@ -784,7 +811,7 @@ def test_merged_choices_close_every_stream_on_a_failure_or_a_hang_up() -> None:
 
     async def failing() -> str:
         streams = [stream(0, None, True), stream(1, 2, False)]
-        body = _sse_n(_merged(streams), ChunkMaker("id", "m", chat=True, include_usage=True), 2)
+        body = _sse_n(_merged(streams), ChunkMaker("id", "m", chat=True, include_usage=True), 2, [None, None])
         return "".join([part async for part in body])
 
     out = asyncio.run(failing())
@@ -793,7 +820,7 @@ def test_merged_choices_close_every_stream_on_a_failure_or_a_hang_up() -> None:
 
     async def hang_up() -> None:
         streams = [stream(0, None, True), stream(1, None, True)]
-        body = _sse_n(_merged(streams), ChunkMaker("id", "m", chat=False, include_usage=False), 2)
+        body = _sse_n(_merged(streams), ChunkMaker("id", "m", chat=False, include_usage=False), 2, [None, None])
         await anext(body)  # a first chunk out, the next ones awaited: then the client is gone
         await body.aclose()
 
