@@ -772,9 +772,14 @@ PY
             --idle-spin-ms 0,20 > "$OUT/wayin_e2e_7b.md" 2>&1
           echo "e2e 7B shape: rc=$?"; tail -6 "$OUT/wayin_e2e_7b.md" | cut -d'|' -f2,3,5-9 ;;
     promptlp) # prompt log-probabilities (47th session, built on the CPU machine): the scoring step on GraphRunner
-              # and the decode graphs after it, the cuda tests of test_prompt_logprobs (~1 min)
+              # and the decode graphs after it, the cuda tests of test_prompt_logprobs, then its cost (~3 min)
           timeout 120 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_prompt_logprobs.py \
-            > "$OUT/promptlp.log" 2>&1; echo "prompt logprobs cuda tests: rc=$? $(tail -1 "$OUT/promptlp.log")" ;;
+            > "$OUT/promptlp.log" 2>&1; echo "prompt logprobs cuda tests: rc=$? $(tail -1 "$OUT/promptlp.log")"
+          # what scoring costs against a plain prefill (one token generated), SmolLM2's and the 7B's shapes (~2 min)
+          for m in smollm2-135m llama-2-7b; do
+            timeout 150 python3 -m bench.probes.prompt_scoring --model "dummy:$m" --lengths 100,500,2000 --requests 5 \
+              > "$OUT/promptlp_$m.md" 2>&1; echo "prompt scoring $m: rc=$?"; tail -4 "$OUT/promptlp_$m.md"
+          done ;;
     adopt1b) # issue 12 targets 1 / 2 (46th session): Llama-3.2-1B's gate_up on split-K 16x256 and RoPE inside with its
              # keys and values loaded early, adopted from gateupsk / onebkve: their tests on the card, the 1B step
              # (the new production step against the old plan and options, each half alone), then target1 on 1B (~4 min)
