@@ -163,7 +163,8 @@ def create_app(client_address: str, model_name: str, api_key: str | None, max_co
         warn_unknown(body, warned)
         params = body.sampling_params(max_context if body.max_tokens is None else body.max_tokens)
         prompts = body.prompts()
-        echoes = [await _prompt_text(client, p) if body.echo else None for p in prompts]
+        echoes = list(await asyncio.gather(*(_prompt_text(client, p) for p in prompts))) if body.echo else \
+            [None] * len(prompts)
         if len(prompts) > 1:  # a batch of prompts: each one's n choices side by side, as n > 1
             request_id = f"cmpl-{uuid.uuid4().hex}"
             return await _respond_n(client, body, prompts, params, False, request, request_id, warming(request),
@@ -197,13 +198,14 @@ def create_app(client_address: str, model_name: str, api_key: str | None, max_co
         warn_unknown(body, warned)
         try:
             chat = body.chat_request()
+            options = chat.chat_options()
         except Unsupported as e:
             raise ApiError(400, str(e), param=e.param, code="unsupported") from None
         tools = _tool_plan(chat, tool_call_format)
         params = chat.sampling_params(max_context if chat.max_tokens is None else chat.max_tokens)
         if tools is not None and tools.mode == "auto":
             params["skip_special_tokens"] = False  # (as the chat route: a model's call marker may be one)
-        prompt = {"messages": [m.native() for m in chat.messages], "chat": chat.chat_options()}
+        prompt = {"messages": [m.native() for m in chat.messages], "chat": options}
         build = ResponseBuilder(body, body.model)
         if body.stream:  # answered once the JIT context has accepted it, as the chat route's stream
             events = client.generate(**prompt, params=params, request_id=build.id, started=True)
@@ -401,7 +403,8 @@ async def _respond_n(client: AsyncClient, body: CompletionRequest | ChatCompleti
     echo = [echoes[p] for p, _ in sources]  # per choice
     if started:
         # the first accepted (Started) before the headers: what it refuses (the others' params but the seed are its
-        # own) is a 400; the others are sent when the body starts (a one-slot server queues them behind it)
+        # own) is a 400; the others are sent when the body starts (a one-slot server queues them behind it). (In a
+        # batch of prompts another prompt's own fault, e.g. past the context, comes as an error event then.)
         try:
             await _next_or_error(streams[0])
         except BaseException:

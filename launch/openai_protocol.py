@@ -194,7 +194,10 @@ class CompletionRequest(_SamplingRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
-        prompts = len(self.prompts())
+        given = self.prompts()
+        prompts = len(given)
+        if prompts > 1 and any(not next(iter(p.values())) for p in given):  # (one alone: refused as ever, natively)
+            raise Unsupported("prompt", "every prompt of a batch must be non-empty")
         if prompts * self.choices > MAX_BATCH_CHOICES:
             raise Unsupported("prompt", f"a request makes at most {MAX_BATCH_CHOICES} completions (prompts x n), "
                                         f"this one {prompts} x {self.choices}")

@@ -63,7 +63,11 @@ class FunctionCallOutputItem(BaseModel):
     model_config = ConfigDict(extra="ignore")
     type: Literal["function_call_output"]
     call_id: str
-    output: str
+    output: str | list[InputText]  # (text parts: joined)
+
+    @property
+    def text(self) -> str:
+        return self.output if isinstance(self.output, str) else "".join(p.text for p in self.output)
 
 
 class FunctionTool(BaseModel):
@@ -159,7 +163,7 @@ class ResponsesRequest(BaseModel):
                     chat.append({"role": "assistant", "content": None})
                 chat[-1].setdefault("tool_calls", []).append(call)
             elif isinstance(item, FunctionCallOutputItem):
-                chat.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+                chat.append({"role": "tool", "tool_call_id": item.call_id, "content": item.text})
             else:
                 chat.append(item.native())
         return chat
@@ -270,6 +274,7 @@ async def response_events(events: AsyncIterator, build: ResponseBuilder, reply: 
     yield build.event("response.in_progress", response=build.body("in_progress"))
     texts: list[str] = []
     calls: dict[int, dict] = {}  # the tool-call deltas, merged per index
+    blank = ""  # leading whitespace, held back: before a call it is no message (as the whole reply's parse strips it)
 
     def opening() -> list[str]:
         return [build.event("response.output_item.added", output_index=0, item=build.message("", "in_progress")),
@@ -279,8 +284,12 @@ async def response_events(events: AsyncIterator, build: ResponseBuilder, reply: 
         msg = await anext(events)
         while True:
             finished = isinstance(msg, Finished)
-            content, deltas = reply.finish() if finished else reply.feed(msg.text) if isinstance(msg, TokenChunk) \
-                else ("", [])
+            content, deltas = reply.finish() if finished else reply.feed(msg.text) \
+                if isinstance(msg, TokenChunk) and msg.text else ("", [])
+            if content and not texts and not (blank + content).strip():
+                blank, content = blank + content, ""
+            elif content and not texts:
+                blank, content = "", blank + content
             if content:
                 if not texts:
                     for event in opening():
@@ -304,6 +313,11 @@ async def response_events(events: AsyncIterator, build: ResponseBuilder, reply: 
         yield build.event("response.failed", response=failed)  # (a client waits for a final response event)
         return
     made = [ToolCall(c["id"], c["name"], c["arguments"]) for _, c in sorted(calls.items())]
+    if blank and not made:  # a reply of whitespace alone: it is the message
+        for event in opening():
+            yield event
+        texts.append(blank)
+        yield build.event("response.output_text.delta", **part, delta=blank, logprobs=[])
     text = "".join(texts)
     done = build.body("completed", msg, text, made)
     if text or not made:

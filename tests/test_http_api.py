@@ -222,6 +222,7 @@ BAD_REQUESTS = [  # (endpoint, change to a good body, status, error param)
     ("completions", {"logit_bias": {"99999999": 5}}, 400, None),  # past the vocabulary
     ("chat/completions", {"logit_bias": {"the": 5}}, 400, None),  # not a token id
     ("completions", {"prompt": ["a"] * 33, "n": 2}, 400, "prompt"),  # 66 completions: over 64
+    ("completions", {"prompt": ["a", ""], "stream": True}, 400, "prompt"),  # each prompt checked before the stream
     ("completions", {"model": "gpt-5"}, 404, "model"),
     ("chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages"),
     ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,

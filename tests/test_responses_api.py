@@ -126,6 +126,15 @@ def test_a_stream_s_text_and_hermes_calls_become_items_in_order() -> None:
     empty = _stream(ResponseBuilder(ResponsesRequest(model="m", input="x"), "m"), PlainReply(),
                     Finished("r", "", [2], "stop", usage, {}))
     assert [o["content"][0]["text"] for o in empty[-1]["response"]["output"]] == [""]
+    # whitespace before a call is no message (the whole reply's parse strips it); a reply of whitespace alone is one
+    call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
+    spaced = _stream(ResponseBuilder(request, "m"), ToolReply(plan), TokenChunk("r", "\n", [1]),
+                     TokenChunk("r", call, [1]), Finished("r", "\n" + call, [1] * 9, "stop", usage, {}))
+    assert [o["type"] for o in spaced[-1]["response"]["output"]] == ["function_call"]
+    assert "response.output_text.delta" not in [e["type"] for e in spaced]
+    blank = _stream(ResponseBuilder(request, "m"), ToolReply(plan), TokenChunk("r", " \n", [1]),
+                    Finished("r", " \n", [1], "stop", usage, {}))
+    assert [o["content"][0]["text"] for o in blank[-1]["response"]["output"]] == [" \n"]
 
 
 def test_a_failure_mid_stream_ends_it_with_an_error_and_a_failed_response() -> None:
