@@ -74,7 +74,7 @@ class LeaderRunner:
         across ranks), with the ids up to the last scored row's next one. Checked here, before the other ranks hear
         of it (they would fail on the same ids)."""
         check_score(self.model, self.buffers, num_tokens, start_pos, slot, scored)
-        span = min(max(num_tokens, scored + 1), self.max_context - start_pos)
+        span = max(num_tokens, scored + 1)  # (within the cache: check_score)
         ids = self.buffers.slot_ids(slot)[start_pos:start_pos + span]
         self._relay(SCORE, (num_tokens, start_pos, slot), host=[logprobs, scored, span], ids=ids)
         return self.inner.score_prompt(num_tokens, start_pos, slot, logprobs, scored)

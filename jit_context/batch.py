@@ -189,10 +189,10 @@ class BatchEngine:
         starts at the next `step`. Returns the prompt tokens reused from the slot's cache."""
         self.check_prompt(prompt_ids)
         constraint = make_constraint(self.grammars, params, self.port.buffers.logits.device)
-        slot = self._pick_slot(prompt_ids, reuse=self.prefix_reuse and params.prompt_logprobs is None)
+        reuse = self.prefix_reuse and params.prompt_logprobs is None  # (a scored prompt runs from its first token)
+        slot = self._pick_slot(prompt_ids, reuse)
         state = self.slots[slot]
-        # (a scored prompt runs from its first token)
-        cached = state.contents.reusable(prompt_ids) if self.prefix_reuse and params.prompt_logprobs is None else 0
+        cached = state.contents.reusable(prompt_ids) if reuse else 0
         state.contents.forget()  # until this request ends normally
         ids = self.port.buffers.slot_ids(slot)  # [C]
         self._upload(slot, ids[cached:len(prompt_ids)], prompt_ids[cached:])

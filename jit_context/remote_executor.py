@@ -137,12 +137,8 @@ class RemoteExecutor:
     def score_prompt(self, num_tokens: int, start_pos: int, slot: int, logprobs: int, scored: int) -> list[float]:
         """A prefill that also scores its first `scored` rows (`ipc.messages.ScorePrompt`): sent over ZeroMQ only
         (its answer's values do not fit the doorbell); waits for the step to have run and returns the values."""
-        self.wait_enqueued()
-        self._step += 1
-        if self.events:
-            self.events.jit.record()  # the prompt's ids (our copy) come before the step
-        self._send_raw(ScorePrompt(self.request_id, self._step, num_tokens, start_pos, slot, logprobs, scored))
-        self._rung, self._outstanding = None, True
+        self._send_step(ScorePrompt(self.request_id, self._step + 1, num_tokens, start_pos, slot, logprobs, scored),
+                        ring=False)
         done = self._wait_step()
         if done is None or done.logprobs is None:
             raise HybridrtError("executor: a prompt's scoring step was answered without its values")
@@ -184,7 +180,9 @@ class RemoteExecutor:
         except ExecutorTimeout as e:
             return {"unresponsive": str(e)}
 
-    def _send_step(self, msg: Message) -> None:
+    def _send_step(self, msg: Message, ring: bool = True) -> None:
+        """Send the step `msg` (numbered self._step + 1), on the doorbell too unless `ring` is False (a ScorePrompt:
+        its answer's values do not fit the bell, so it comes over ZeroMQ, where it is sent only)."""
         self.wait_enqueued()
         self._step += 1
         self._spin_us = SPIN_US
@@ -192,7 +190,7 @@ class RemoteExecutor:
             self.events.jit.record()  # our writes (prompt ids, sampled token) come before the step
         # Ring first, then ask whether the executor still watches the bell: if it promised to for a while yet,
         # it sees the command before it could sleep, and the ZeroMQ copy is skipped (ipc/doorbell.py).
-        self._rung = self.doorbell.ring(msg) if self.doorbell is not None else None
+        self._rung = self.doorbell.ring(msg) if ring and self.doorbell is not None else None
         if self._rung is None or not self.doorbell.listening():
             if self._rung is not None:
                 self.doorbell.wake()  # a sleeping executor takes the rung command without waiting for the copy

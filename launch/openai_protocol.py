@@ -13,7 +13,6 @@ context's.
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 from dataclasses import dataclass, field
@@ -521,10 +520,9 @@ class EchoedPrompt:
     def legacy(self) -> dict:
         """The prompt's part of a legacy `logprobs`: its first token listed with null log-probabilities, as OpenAI
         and vLLM list it."""
-        texts = [self.first_text] + [e.text for e in self.entries]
-        offsets = list(itertools.accumulate((len(t) for t in texts[:-1]), initial=0))
-        return {"tokens": texts, "token_logprobs": [None] + [e.logprob for e in self.entries],
-                "top_logprobs": [None] + [_top_map(e) for e in self.entries], "text_offset": offsets}
+        rest = completion_logprobs(self.entries, len(self.first_text))
+        return {"tokens": [self.first_text, *rest["tokens"]], "token_logprobs": [None, *rest["token_logprobs"]],
+                "top_logprobs": [None, *rest["top_logprobs"]], "text_offset": [0, *rest["text_offset"]]}
 
     @property
     def length(self) -> int:
